@@ -1,0 +1,47 @@
+# dsjobs developer entry points. `make demo` and `make test` are the README's two commands.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install proto proto-check lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
+        up down demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+proto: install
+	bash hack/gen-proto.sh
+
+lint: install
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+
+typecheck: install
+	$(VENV)/bin/mypy operator/dsjobs
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+k8s-bins:
+	bash hack/k8s-bins.sh
+
+cluster-up: install k8s-bins
+	$(PY) -m dsjobs.devcluster up
+
+cluster-down: install
+	$(PY) -m dsjobs.devcluster down
+
+test-e2e: install k8s-bins
+	$(PY) -m pytest -q tests/e2e
+
+test: lint typecheck test-unit test-e2e
+
+clean:
+	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

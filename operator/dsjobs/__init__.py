@@ -1,0 +1,3 @@
+"""dsjobs: DataSphere-style project jobs on Kubernetes."""
+
+__version__ = "0.1.0"
