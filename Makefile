@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install proto proto-check lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
+.PHONY: install proto lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
         up down demo bench clean
 
 install: $(STAMP)
