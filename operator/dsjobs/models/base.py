@@ -1,0 +1,187 @@
+"""Shared pieces of the models: the base class, durations, quantities, the field helper."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+from dsjobs.models.limits import DURATION_PATTERN, INFINITE_TTL, QUANTITY_PATTERN
+
+
+class CRModel(BaseModel):
+    """Base of every model stored in a custom resource.
+
+    Python attributes are snake_case, the CR carries Kubernetes camelCase (the alias); both are
+    accepted on input. Unknown keys are rejected: the CRD is generated from these models, so an
+    unknown key is a bug (or a typo in a hand-written CR) rather than a newer field.
+    Values are only type-checked here; `dsjobs.validation` checks the rules and reports all
+    problems with their field paths.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="forbid",
+    )
+
+    def to_cr(self) -> dict[str, Any]:
+        """The JSON-ready dict that goes into the custom resource."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def field(description: str, default: Any = ..., **schema: Any) -> Any:
+    """A model field with its CRD description and extra (CRD-only) schema keywords.
+
+    The keywords (maxLength, pattern, maxItems, x-kubernetes-validations, ...) go into the
+    generated schema only; pydantic does not enforce them, the validator does.
+    """
+    if isinstance(default, list | dict):
+        factory = type(default)
+        return Field(default_factory=factory, description=description, json_schema_extra=schema or None)
+    return Field(default, description=description, json_schema_extra=schema or None)
+
+
+# --- durations --------------------------------------------------------------------------------
+
+_UNITS: dict[str, timedelta] = {
+    "d": timedelta(days=1),
+    "h": timedelta(hours=1),
+    "m": timedelta(minutes=1),
+    "s": timedelta(seconds=1),
+    "ms": timedelta(milliseconds=1),
+    "us": timedelta(microseconds=1),
+}
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|d|h|m|s)")
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse `14d`, `1h30m`, `1.5s`, `infinity` (or seconds as a number) into a timedelta.
+
+    `infinity` is `timedelta.max` (see limits.INFINITE_TTL).
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a string like '14d' or a number of seconds")
+    try:
+        return _parse_duration(value)
+    except OverflowError as exc:  # '99999999999d': pydantic reports ValueErrors, not overflows
+        raise ValueError("duration out of range") from exc
+
+
+def _parse_duration(value: object) -> timedelta:
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if not isinstance(value, str) or not _DURATION_RE.fullmatch(value):
+        raise ValueError("a duration must look like '14d', '1h30m', '90s', '500ms' or 'infinity'")
+    if value == "infinity":
+        return INFINITE_TTL
+    negative = value.startswith("-")
+    total = timedelta()
+    for number, unit in _DURATION_PART_RE.findall(value):
+        # Decimal keeps '1.5s' exact; timedelta rounds to microseconds anyway.
+        micros = Decimal(number) * Decimal(_UNITS[unit] // timedelta(microseconds=1))
+        total += timedelta(microseconds=int(micros))
+    return -total if negative else total
+
+
+def format_duration(value: timedelta) -> str:
+    """The canonical string of a duration: largest units first, `0s` for zero."""
+    if value == INFINITE_TTL:
+        return "infinity"
+    # Integer microseconds: `-timedelta.min` would overflow.
+    micros = value // timedelta(microseconds=1)
+    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
+    parts: list[str] = []
+    for unit in ("d", "h", "m", "s", "ms", "us"):
+        size = _UNITS[unit] // timedelta(microseconds=1)
+        count, micros = divmod(micros, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return sign + ("".join(parts) or "0s")
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "maxLength": 64}),
+]
+
+
+# --- Kubernetes quantities --------------------------------------------------------------------
+
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+_SUFFIXES: dict[str, Decimal] = {
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50),
+    "Ei": Decimal(2**60),
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+}
+
+
+def parse_quantity(value: str) -> Decimal:
+    """The numeric value of a Kubernetes quantity (`500m` -> 0.5, `32Gi` -> 34359738368)."""
+    if not _QUANTITY_RE.fullmatch(value):
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    match = re.fullmatch(r"([+-]?[0-9.]+)([eE][+-]?[0-9.]+|[KMGTPE]i|[numkMGTPE])?", value)
+    if match is None:  # pragma: no cover - QUANTITY_PATTERN already matched
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        if suffix[:1] in ("e", "E"):
+            return Decimal(number) * (Decimal(10) ** Decimal(suffix[1:]))
+        return Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation as exc:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}") from exc
+
+
+def _quantity_to_str(value: object) -> object:
+    # YAML turns `cpu: 4` into an int; Kubernetes accepts both, we keep the string form.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_to_str),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+def optional_pattern(pattern: str) -> str:
+    """`^X$` -> `^(X)?$`: the same rule, but the empty string (proto's "unset") also matches."""
+    if not (pattern.startswith("^") and pattern.endswith("$")):
+        raise ValueError(f"pattern must be anchored: {pattern}")
+    return f"^({pattern[1:-1]})?$"
+
+
+def cel(rule: str, message: str) -> dict[str, Any]:
+    """Schema keywords for one CEL rule (`x-kubernetes-validations`) checked by the API server."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}

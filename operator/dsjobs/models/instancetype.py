@@ -1,0 +1,70 @@
+"""InstanceType: the cluster-scoped catalog of machine shapes a job can ask for."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from dsjobs.models.base import CRModel, Quantity, field
+from dsjobs.models.limits import (
+    MAX_DESC_LENGTH,
+    MAX_SCHEDULE_TIMEOUT_SECONDS,
+    MIN_SCHEDULE_TIMEOUT_SECONDS,
+)
+
+LabelValue = Annotated[str, Field(json_schema_extra={"maxLength": 63})]
+
+
+class Toleration(CRModel):
+    """A Kubernetes toleration, copied as is into the job's pod."""
+
+    key: str = field("Taint key; empty with operator Exists tolerates every taint.", "", maxLength=316)
+    operator: Literal["Exists", "Equal"] | None = field("Exists or Equal (the default).", None)
+    value: str = field("Taint value for operator Equal.", "", maxLength=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = field(
+        "Taint effect to tolerate; all effects when unset.", None
+    )
+    toleration_seconds: int | None = field(
+        "For NoExecute: how long the pod stays bound after the taint appears.", None
+    )
+
+
+class ResourceRequirements(CRModel):
+    """Container resources, copied as is into the job's container."""
+
+    requests: dict[str, Quantity] = field(
+        "What the scheduler reserves, e.g. `cpu: 4`, `memory: 32Gi`, `nvidia.com/gpu: 1`.",
+        {},
+        maxProperties=32,
+    )
+    limits: dict[str, Quantity] = field(
+        "What the container may use. Extended resources (GPUs) must have limits equal to requests.",
+        {},
+        maxProperties=32,
+    )
+
+
+class InstanceTypeSpec(CRModel):
+    """A machine shape (the resource's name is the type name, e.g. `g2.1`)."""
+
+    vcpu: int = field("Number of vCPUs the type advertises.", minimum=1, maximum=4096)
+    memory: Quantity = field("RAM the type advertises, e.g. `32Gi`.")
+    gpus: int = field("Number of GPUs (or GPU partitions) the type advertises.", 0, minimum=0, maximum=64)
+    gpu_model: str = field("GPU model, e.g. `NVIDIA V100` or `NVIDIA A100 (1/8 MIG)`.", "", maxLength=256)
+    description: str = field("Human-readable description.", "", maxLength=MAX_DESC_LENGTH)
+    node_selector: dict[str, LabelValue] = field(
+        "Node labels the job's pod requires; empty for any node.", {}, maxProperties=32
+    )
+    tolerations: list[Toleration] = field("Taints the job's pod tolerates.", [], maxItems=32)
+    resources: ResourceRequirements = field("Requests and limits of the job's container.")
+    priority_class_name: str = field(
+        "PriorityClass of the job's pod; empty for the default.", "", maxLength=253
+    )
+    schedule_timeout_seconds: int = field(
+        "How long a job waits for this type to be scheduled before it falls back to its next type "
+        "(or fails when this is the last).",
+        300,
+        minimum=MIN_SCHEDULE_TIMEOUT_SECONDS,
+        maximum=MAX_SCHEDULE_TIMEOUT_SECONDS,
+    )

@@ -1,0 +1,82 @@
+"""Where a declared file lives inside the job's working directory.
+
+The official CLI lets a file with a `var` have any path (even absolute or with `..`): the path is the
+client's name for it and the job reaches it through `${var}`. A file without a var lives at its
+path, so that path must stay inside the working directory. These helpers are pure and shared by the
+validator (what is accepted) and the runner (where files go), so both agree.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Final, Protocol
+
+from dsjobs.models.limits import MAX_PATH_LENGTH, VAR_PATTERN
+
+# Files whose path cannot be used are placed under this directory of the working directory, one
+# sub-directory per var. Paths without a var may not point into it.
+VAR_FILES_DIR: Final = ".dsjobs-vars"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_VAR = re.compile(VAR_PATTERN)
+
+
+class HasPathAndVar(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def var(self) -> str: ...
+
+
+def path_problem(path: str) -> tuple[str, str] | None:
+    """(rule, message) saying why `path` cannot be a location inside the working directory, or None."""
+    if not path:
+        return "path-empty", "must not be empty"
+    if len(path) > MAX_PATH_LENGTH:
+        return "path-length", f"must be at most {MAX_PATH_LENGTH} characters"
+    if _CONTROL.search(path):
+        return "path-control-chars", "must not contain control characters"
+    if path.startswith("/"):
+        return "path-absolute", "must be relative to the working directory (or the file needs a var)"
+    if ".." in path.split("/"):
+        return "path-parent", "must not contain a '..' segment (or the file needs a var)"
+    normalized = posixpath.normpath(path)
+    if normalized == ".":
+        return (
+            "path-root",
+            "must name a file or directory inside the working directory, not the directory itself",
+        )
+    if normalized == VAR_FILES_DIR or normalized.startswith(VAR_FILES_DIR + "/"):
+        return "path-reserved", f"must not be inside {VAR_FILES_DIR}/ (reserved for files with a var)"
+    return None
+
+
+def is_safe_relative_path(path: str) -> bool:
+    """Whether `path` names a location strictly inside the working directory."""
+    return path_problem(path) is None
+
+
+def normalize_relative_path(path: str) -> str:
+    """`./data//x.csv/` -> `data/x.csv`; raises ValueError for a path that is not safe."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise ValueError(f"path {path!r} {problem[1]}")
+    return posixpath.normpath(path)
+
+
+def job_relative_path(desc: HasPathAndVar) -> str:
+    """Where a declared input or output lives, relative to the job's working directory.
+
+    A safe relative path is used as is (normalized), with or without a var, so a job that opens
+    `data/train.csv` finds it where the client had it. A file with a var and an unusable path goes
+    to `.dsjobs-vars/<var>/<last path segment>` (the segment keeps the file's extension).
+    Raises ValueError for a file without a var whose path is unsafe (the validator rejects those).
+    """
+    if is_safe_relative_path(desc.path) or not desc.var:
+        return normalize_relative_path(desc.path)
+    if not _VAR.fullmatch(desc.var):  # the var becomes a directory name: never trust it unchecked
+        raise ValueError(f"invalid var {desc.var!r}")
+    last = desc.path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    name = last if last not in ("", ".", "..") and is_safe_relative_path(last) else desc.var
+    return f"{VAR_FILES_DIR}/{desc.var}/{name}"

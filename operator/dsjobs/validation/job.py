@@ -1,0 +1,451 @@
+"""Rules of a ProjectJob spec. Pure: no cluster, no clock, no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from dsjobs.models import limits as L
+from dsjobs.models.files import File, FileDesc
+from dsjobs.models.paths import job_relative_path, path_problem
+from dsjobs.models.spec import (
+    DockerImageSpec,
+    Environment,
+    JobParameters,
+    OutputDatasetDesc,
+    ProjectJobSpec,
+    PythonEnv,
+)
+from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
+
+_SHA256 = re.compile(L.SHA256_PATTERN)
+_VAR = re.compile(L.VAR_PATTERN)
+_RESOURCE_ID = re.compile(L.RESOURCE_ID_PATTERN)
+_INSTANCE_TYPE = re.compile(L.INSTANCE_TYPE_NAME_PATTERN)
+_ENV_NAME = re.compile(L.ENV_VAR_NAME_PATTERN)
+_PYTHON_VERSION = re.compile(L.PYTHON_VERSION_PATTERN)
+_DOCKER_REFERENCE = re.compile(L.DOCKER_REFERENCE_PATTERN)
+_DOCKER_NAME_PREFIX = re.compile(r"^[^:@]*(?::[0-9]+/[^:@]*)?")
+_SECRET_NAME = re.compile(L.SECRET_NAME_PATTERN)
+_SECRET_KEY = re.compile(L.SECRET_KEY_PATTERN)
+_URL = re.compile(L.URL_PATTERN)
+_HOST_PORT = re.compile(L.HOST_PORT_PATTERN)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The CLI's own reference syntax: `${name}`, shortest match (a `}` ends the name).
+CMD_VAR_REFERENCE = re.compile(r"\$\{(.+?)\}")
+
+
+def parse_job_spec(
+    data: Mapping[str, Any], *, known_instance_types: Collection[str] | None = None
+) -> tuple[ProjectJobSpec | None, list[Problem]]:
+    """Read a CR's `spec` (camelCase or snake_case keys) and check it: (spec or None, all problems).
+
+    Type errors make the spec unreadable, so they come back alone; otherwise every rule is checked.
+    """
+    try:
+        spec = ProjectJobSpec.model_validate(data)
+    except ValidationError as exc:
+        return None, problems_from_validation_error(exc)
+    return spec, validate_job_spec(spec, known_instance_types=known_instance_types)
+
+
+def validate_job_spec(
+    spec: ProjectJobSpec, *, known_instance_types: Collection[str] | None = None
+) -> list[Problem]:
+    """Every problem of a job spec (empty when valid).
+
+    `known_instance_types`, when given, are the InstanceType names of the cluster: a job naming
+    another one is rejected. The API and the operator pass the catalog they see.
+    """
+    c = Collector()
+    c.pattern("project_id", spec.project_id, _RESOURCE_ID, "project-id", "a project id")
+    _text(c, "name", spec.name, L.MAX_NAME_LENGTH)
+    _text(c, "desc", spec.desc, L.MAX_DESC_LENGTH, allow_newlines=True)
+    c.max_length("config", spec.config, L.MAX_CONFIG_LENGTH)
+    c.max_length("created_by_id", spec.created_by_id, L.MAX_NAME_LENGTH)
+    c.max_length("parent_job_id", spec.parent_job_id, 253)
+    if spec.data_ttl != L.INFINITE_TTL and not (L.MIN_DATA_TTL <= spec.data_ttl <= L.MAX_DATA_TTL):
+        c.add("data_ttl", "data-ttl", "must be between 1h and 365d, or infinity")
+    if spec.cancel is not None:
+        _text(c, "cancel.reason", spec.cancel.reason, L.MAX_DESC_LENGTH, allow_newlines=True)
+    if spec.retry_policy is not None:
+        rp = spec.retry_policy
+        if not 1 <= rp.max_attempts <= L.MAX_ATTEMPTS:
+            c.add("retry_policy.max_attempts", "retry-attempts", f"must be between 1 and {L.MAX_ATTEMPTS}")
+        if not 0 <= rp.backoff_seconds <= L.MAX_BACKOFF_SECONDS:
+            c.add(
+                "retry_policy.backoff_seconds",
+                "retry-backoff",
+                f"must be between 0 and {L.MAX_BACKOFF_SECONDS}",
+            )
+        c.max_items("retry_policy.retry_on_exit_codes", rp.retry_on_exit_codes, 32)
+        for i, code in enumerate(rp.retry_on_exit_codes):
+            if not 1 <= code <= 255:
+                c.add(index("retry_policy.retry_on_exit_codes", i), "exit-code", "must be between 1 and 255")
+    c.problems += validate_job_parameters(spec.job_parameters, known_instance_types=known_instance_types)
+    size = len(json.dumps(spec.to_cr()).encode())
+    if size > L.MAX_SPEC_JSON_BYTES:
+        c.add("", "spec-size", f"the job is {size} bytes, at most {L.MAX_SPEC_JSON_BYTES} fit in a resource")
+    return c.problems
+
+
+def validate_job_parameters(
+    params: JobParameters,
+    *,
+    path: str = "job_parameters",
+    known_instance_types: Collection[str] | None = None,
+) -> list[Problem]:
+    """Every problem of JobParameters (also used for CloneProjectJob overrides after merging)."""
+    c = Collector()
+    _files(c, params, path)
+    _ids(c, at(path, "s3_mount_ids"), params.s3_mount_ids)
+    _ids(c, at(path, "dataset_ids"), params.dataset_ids)
+    _arguments(c, params, path)
+    _output_datasets(c, at(path, "output_datasets"), params.output_datasets)
+    _vars_unique(c, params, path)
+    _cmd(c, params, path)
+    if params.env is not None:
+        _environment(c, at(path, "env"), params.env)
+    _instance_types(c, params, path, known_instance_types)
+    ws = params.extended_working_storage
+    if ws is not None and not L.MIN_WORKING_STORAGE_GB <= ws.size_gb <= L.MAX_WORKING_STORAGE_GB:
+        c.add(
+            at(path, "extended_working_storage.size_gb"),
+            "working-storage-size",
+            f"must be between {L.MIN_WORKING_STORAGE_GB} and {L.MAX_WORKING_STORAGE_GB} GB",
+        )
+    gs = params.graceful_shutdown_parameters
+    if gs is not None:
+        gpath = at(path, "graceful_shutdown_parameters")
+        if gs.signal not in L.SHUTDOWN_SIGNALS.values():
+            allowed = ", ".join(
+                f"{n} ({s})" for s, n in sorted(L.SHUTDOWN_SIGNALS.items(), key=lambda kv: kv[1])
+            )
+            c.add(at(gpath, "signal"), "signal", f"must be one of {allowed}")
+        if gs.timeout is not None and not L.MIN_GRACEFUL_TIMEOUT <= gs.timeout <= L.MAX_GRACEFUL_TIMEOUT:
+            c.add(at(gpath, "timeout"), "graceful-timeout", "must be between 1s and 1h")
+    sp = params.spark_parameters
+    if sp is not None and sp.connector_id:
+        c.pattern(
+            at(path, "spark_parameters.connector_id"), sp.connector_id, _RESOURCE_ID, "resource-id", "an id"
+        )
+    return c.problems
+
+
+def _text(c: Collector, path: str, value: str, limit: int, *, allow_newlines: bool = False) -> None:
+    c.max_length(path, value, limit)
+    checked = value.replace("\n", "").replace("\t", "").replace("\r", "") if allow_newlines else value
+    if _CONTROL.search(checked):
+        c.add(path, "control-chars", "must not contain control characters")
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def _files(c: Collector, params: JobParameters, path: str) -> None:
+    inputs_path, outputs_path = at(path, "input_files"), at(path, "output_files")
+    c.max_items(inputs_path, params.input_files, L.MAX_LIST_ITEMS)
+    c.max_items(outputs_path, params.output_files, L.MAX_LIST_ITEMS)
+    uploads: list[tuple[str, File]] = []
+    input_places: dict[str, list[str]] = {}
+    for i, f in enumerate(params.input_files):
+        fpath = index(inputs_path, i)
+        if _desc(c, at(fpath, "desc"), f.desc):
+            input_places.setdefault(job_relative_path(f.desc), []).append(at(fpath, "desc.path"))
+        uploads.append((fpath, f))
+    output_places: dict[str, list[str]] = {}
+    for i, d in enumerate(params.output_files):
+        dpath = index(outputs_path, i)
+        if _desc(c, dpath, d):
+            output_places.setdefault(job_relative_path(d), []).append(at(dpath, "path"))
+    env = params.env
+    if env is not None and env.python_env is not None:
+        modules_path = at(path, "env.python_env.local_modules")
+        c.max_items(modules_path, env.python_env.local_modules, L.MAX_LIST_ITEMS)
+        for i, f in enumerate(env.python_env.local_modules):
+            mpath = index(modules_path, i)
+            _desc(c, at(mpath, "desc"), f.desc, location=False)
+            uploads.append((mpath, f))
+    _duplicates(c, input_places, "input-path-duplicate", "another input file already lives at {place!r}")
+    _duplicates(c, output_places, "output-path-duplicate", "another output file is already at {place!r}")
+    total = 0
+    for fpath, f in uploads:
+        total += max(f.size_bytes, 0)
+        if not _SHA256.fullmatch(f.sha256):
+            c.add(at(fpath, "sha256"), "sha256", "must be 64 lowercase hex digits")
+        if f.size_bytes < 0:
+            c.add(at(fpath, "size_bytes"), "size-negative", "must not be negative")
+        elif f.size_bytes > L.MAX_FILE_SIZE_BYTES:
+            c.add(
+                at(fpath, "size_bytes"), "size-max", f"a file may have at most {L.MAX_FILE_SIZE_BYTES} bytes"
+            )
+    if total > L.MAX_TOTAL_UPLOAD_BYTES:
+        c.add(
+            inputs_path,
+            "size-total",
+            f"input files and local modules total {total} bytes, at most {L.MAX_TOTAL_UPLOAD_BYTES} are allowed",
+        )
+
+
+def _desc(c: Collector, path: str, desc: FileDesc, *, location: bool = True) -> bool:
+    """Check a file description; whether it has a usable place in the working directory.
+
+    A file with a var may have any path (the CLI allows absolute paths and `..` then), but never
+    control characters or an unbounded length. Local modules (`location=False`) ignore their path.
+    """
+    ok = True
+    if desc.var:
+        if not _VAR.fullmatch(desc.var):
+            c.add(at(path, "var"), "var-syntax", f"{desc.var!r} is not a variable name ({L.VAR_PATTERN})")
+            ok = False
+        elif desc.var in L.RESERVED_CMD_VARS:
+            c.add(at(path, "var"), "var-reserved", f"{desc.var} is reserved")
+    if not location or desc.var:
+        problem = path_problem(desc.path)
+        if problem is not None and problem[0] in ("path-empty", "path-length", "path-control-chars"):
+            c.add(at(path, "path"), problem[0], problem[1])
+            ok = False
+        return ok
+    problem = path_problem(desc.path)
+    if problem is not None:
+        c.add(at(path, "path"), problem[0], problem[1])
+        return False
+    return ok
+
+
+def _duplicates(c: Collector, places: dict[str, list[str]], rule: str, message: str) -> None:
+    for place, paths in places.items():
+        for p in paths[1:]:
+            c.add(p, rule, message.format(place=place))
+
+
+# --- names and references ---------------------------------------------------------------------
+
+
+def _ids(c: Collector, path: str, ids: list[str]) -> None:
+    c.max_items(path, ids, L.MAX_LIST_ITEMS)
+    for i, rid in enumerate(ids):
+        c.pattern(
+            index(path, i), rid, _RESOURCE_ID, "resource-id", "a resource id (lowercase letters, digits, '-')"
+        )
+
+
+def _arguments(c: Collector, params: JobParameters, path: str) -> None:
+    apath = at(path, "arguments")
+    c.max_items(apath, params.arguments, L.MAX_LIST_ITEMS)
+    for i, arg in enumerate(params.arguments):
+        ipath = index(apath, i)
+        valid = c.pattern(
+            at(ipath, "name"), arg.name, _VAR, "var-syntax", f"a variable name ({L.VAR_PATTERN})"
+        )
+        if valid and arg.name in L.RESERVED_CMD_VARS:
+            c.add(at(ipath, "name"), "var-reserved", f"{arg.name} is reserved")
+        c.max_length(at(ipath, "value"), arg.value, L.MAX_CMD_LENGTH)
+
+
+def _output_datasets(c: Collector, path: str, datasets: list[OutputDatasetDesc]) -> None:
+    c.max_items(path, datasets, L.MAX_LIST_ITEMS)
+    names = Counter(ds.name for ds in datasets)
+    for i, ds in enumerate(datasets):
+        dpath = index(path, i)
+        if not ds.name:
+            c.add(at(dpath, "name"), "required", "must not be empty")
+        elif names[ds.name] > 1:
+            c.add(at(dpath, "name"), "dataset-name-unique", f"{ds.name!r} is used by another output dataset")
+        _text(c, at(dpath, "name"), ds.name, L.MAX_NAME_LENGTH)
+        _text(c, at(dpath, "description"), ds.description, L.MAX_DESC_LENGTH, allow_newlines=True)
+        valid = c.pattern(at(dpath, "var"), ds.var, _VAR, "var-syntax", f"a variable name ({L.VAR_PATTERN})")
+        if valid and ds.var in L.RESERVED_CMD_VARS:
+            c.add(at(dpath, "var"), "var-reserved", f"{ds.var} is reserved")
+        if not 0 <= ds.size_gb <= L.MAX_WORKING_STORAGE_GB:
+            c.add(at(dpath, "size_gb"), "dataset-size", f"must be between 0 and {L.MAX_WORKING_STORAGE_GB}")
+        c.max_items(at(dpath, "labels"), ds.labels, 64)
+        for k, v in ds.labels.items():
+            c.max_length(key(at(dpath, "labels"), k), k, 63, "label-key")
+            c.max_length(key(at(dpath, "labels"), k), v, 63)
+
+
+def declared_vars(params: JobParameters) -> dict[str, list[str]]:
+    """Every name `cmd` may reference as `${name}` -> the field paths that declare it (relative)."""
+    names: dict[str, list[str]] = {}
+
+    def declare(name: str, where: str) -> None:
+        if name:
+            names.setdefault(name, []).append(where)
+
+    for i, f in enumerate(params.input_files):
+        declare(f.desc.var, f"input_files[{i}].desc.var")
+    for i, d in enumerate(params.output_files):
+        declare(d.var, f"output_files[{i}].var")
+    for i, rid in enumerate(params.s3_mount_ids):
+        declare(rid, f"s3_mount_ids[{i}]")
+    for i, rid in enumerate(params.dataset_ids):
+        declare(rid, f"dataset_ids[{i}]")
+    for i, arg in enumerate(params.arguments):
+        declare(arg.name, f"arguments[{i}].name")
+    for i, ds in enumerate(params.output_datasets):
+        declare(ds.var, f"output_datasets[{i}].var")
+    if params.env is not None and params.env.python_env is not None:
+        for i, f in enumerate(params.env.python_env.local_modules):
+            declare(f.desc.var, f"env.python_env.local_modules[{i}].desc.var")
+    return names
+
+
+def _vars_unique(c: Collector, params: JobParameters, path: str) -> None:
+    for name, places in declared_vars(params).items():
+        for where in places[1:]:
+            c.add(at(path, where), "var-unique", f"{name!r} is already declared at {places[0]}")
+
+
+def _cmd(c: Collector, params: JobParameters, path: str) -> None:
+    cpath = at(path, "cmd")
+    if not params.cmd.strip():
+        c.add(cpath, "cmd-empty", "must not be empty")
+    c.max_length(cpath, params.cmd, L.MAX_CMD_LENGTH, "cmd-length")
+    if "\x00" in params.cmd:
+        c.add(cpath, "control-chars", "must not contain NUL")
+    declared = declared_vars(params)
+    for name in dict.fromkeys(CMD_VAR_REFERENCE.findall(params.cmd)):
+        if name == L.DS_PROJECT_HOME:
+            if not params.attach_project_disk:
+                c.add(cpath, "cmd-project-home", "uses ${DS_PROJECT_HOME} but attach_project_disk is false")
+        elif name not in declared:
+            c.add(
+                cpath,
+                "cmd-undeclared-var",
+                f"refers to ${{{name[:100]}}}, which no input, output, s3 mount, dataset or argument declares",
+            )
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def _environment(c: Collector, path: str, env: Environment) -> None:
+    vpath = at(path, "vars")
+    c.max_items(vpath, env.vars, L.MAX_ENV_VARS)
+    for name, value in env.vars.items():
+        npath = key(vpath, name)
+        if c.pattern(
+            npath, name, _ENV_NAME, "env-name", "an environment variable name (a C identifier)"
+        ) and (name in L.RESERVED_ENV_VARS or name.startswith(L.RESERVED_ENV_PREFIX)):
+            c.add(npath, "env-reserved", f"{name} is set by the server")
+        c.max_length(npath, value, L.MAX_ENV_VALUE_LENGTH, "env-value-length")
+        if "\x00" in value:
+            c.add(npath, "control-chars", "must not contain NUL")
+    if env.docker_image_resource_id is not None and env.docker_image_spec is not None:
+        c.add(path, "docker-oneof", "docker_image_resource_id and docker_image_spec are mutually exclusive")
+    if env.docker_image_resource_id is not None:
+        c.pattern(
+            at(path, "docker_image_resource_id"),
+            env.docker_image_resource_id,
+            _RESOURCE_ID,
+            "resource-id",
+            "an id",
+        )
+    if env.docker_image_spec is not None:
+        _docker(c, at(path, "docker_image_spec"), env.docker_image_spec)
+    if env.python_env is not None:
+        _python(c, at(path, "python_env"), env.python_env)
+
+
+def docker_reference_problem(reference: str) -> str | None:
+    """Why `reference` is not an image reference (distribution/reference grammar), or None."""
+    if not _DOCKER_REFERENCE.fullmatch(reference):
+        return "is not an image reference like registry.example.com/team/image:tag"
+    name = reference.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:  # strip the tag (a ':' before the last '/' is a registry port)
+        name = name[: len(name) - len(last)] + last.split(":", 1)[0]
+    if len(name) > L.MAX_DOCKER_NAME_LENGTH:
+        return f"has a repository name longer than {L.MAX_DOCKER_NAME_LENGTH} characters"
+    return None
+
+
+def _docker(c: Collector, path: str, spec: DockerImageSpec) -> None:
+    problem = docker_reference_problem(spec.image_url) if len(spec.image_url) <= 512 else "is too long"
+    if problem is not None:
+        c.add(at(path, "image_url"), "docker-image", f"{json.dumps(spec.image_url)[:200]} {problem}")
+    _text(c, at(path, "username"), spec.username, L.MAX_SHORT_STRING)
+    if spec.password_secret_ref is not None and spec.password_ds_secret_name is not None:
+        c.add(
+            path,
+            "docker-password-oneof",
+            "password_secret_ref and password_ds_secret_name are mutually exclusive",
+        )
+    ref = spec.password_secret_ref
+    if ref is not None:
+        c.pattern(
+            at(path, "password_secret_ref.name"), ref.name, _SECRET_NAME, "secret-name", "a Secret name"
+        )
+        c.pattern(at(path, "password_secret_ref.key"), ref.key, _SECRET_KEY, "secret-key", "a Secret key")
+    name = spec.password_ds_secret_name
+    if name is not None:
+        if not name:
+            c.add(at(path, "password_ds_secret_name"), "required", "must not be empty")
+        _text(c, at(path, "password_ds_secret_name"), name, 253)
+
+
+def _python(c: Collector, path: str, env: PythonEnv) -> None:
+    if env.python_version:
+        c.pattern(
+            at(path, "python_version"),
+            env.python_version,
+            _PYTHON_VERSION,
+            "python-version",
+            "like 3, 3.11 or 3.11.4",
+        )
+    c.max_length(at(path, "conda_yaml"), env.conda_yaml, L.MAX_CONFIG_LENGTH)
+    rpath = at(path, "requirements")
+    c.max_items(rpath, env.requirements, L.MAX_REQUIREMENTS)
+    for i, line in enumerate(env.requirements):
+        if not line.strip():
+            c.add(index(rpath, i), "requirement", "must not be empty")
+        _text(c, index(rpath, i), line, L.MAX_SHORT_STRING)
+    pip = env.pip_options
+    if pip is None:
+        return
+    ppath = at(path, "pip_options")
+    if pip.index_url:
+        _url(c, at(ppath, "index_url"), pip.index_url)
+    c.max_items(at(ppath, "extra_index_urls"), pip.extra_index_urls, L.MAX_LIST_ITEMS)
+    for i, url in enumerate(pip.extra_index_urls):
+        _url(c, index(at(ppath, "extra_index_urls"), i), url)
+    c.max_items(at(ppath, "trusted_hosts"), pip.trusted_hosts, L.MAX_LIST_ITEMS)
+    for i, host in enumerate(pip.trusted_hosts):
+        hpath = index(at(ppath, "trusted_hosts"), i)
+        if len(host) > 259:
+            c.add(hpath, "host", "is too long")
+        else:
+            c.pattern(hpath, host, _HOST_PORT, "host", "a host or host:port")
+
+
+def _url(c: Collector, path: str, url: str) -> None:
+    if len(url) > L.MAX_SHORT_STRING:
+        c.add(path, "url", f"must be at most {L.MAX_SHORT_STRING} characters")
+    else:
+        c.pattern(path, url, _URL, "url", "an http(s) URL")
+
+
+def _instance_types(c: Collector, params: JobParameters, path: str, known: Collection[str] | None) -> None:
+    tpath = at(path, "cloud_instance_types")
+    c.max_items(tpath, params.cloud_instance_types, L.MAX_LIST_ITEMS)
+    seen: set[str] = set()
+    for i, it in enumerate(params.cloud_instance_types):
+        npath = at(index(tpath, i), "name")
+        if len(it.name) > 63 or not _INSTANCE_TYPE.fullmatch(it.name):
+            c.add(
+                npath,
+                "instance-type-name",
+                f"{json.dumps(it.name)[:100]} is not an instance type name like c1.4",
+            )
+            continue
+        if it.name in seen:
+            c.add(npath, "instance-type-duplicate", f"{it.name} is listed twice")
+        seen.add(it.name)
+        if known is not None and it.name not in known:
+            c.add(npath, "instance-type-unknown", f"{it.name} is not an instance type of this cluster")

@@ -1,0 +1,199 @@
+"""Problem records, the collector, and turning pydantic errors into problems."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel, to_snake
+
+from dsjobs.models.base import CRModel
+
+_SEGMENT = re.compile(r"\[[^\]]*\]|[^.\[]+")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule.
+
+    `path` names the field with proto/Python names relative to the spec root, e.g.
+    `job_parameters.input_files[2].desc.path` (what the gRPC API reports); `cr_path` is the same
+    field as it is spelled in the custom resource (`spec.jobParameters.inputFiles[2].desc.path`
+    without the `spec.` prefix). `rule` is a stable short id (`path-parent`, `var-unique`, ...)
+    that tests and clients can match on.
+    """
+
+    path: str
+    rule: str
+    message: str
+
+    @property
+    def cr_path(self) -> str:
+        return "".join(
+            seg if seg.startswith("[") else ("." if i else "") + to_camel(seg)
+            for i, seg in enumerate(_SEGMENT.findall(self.path))
+        )
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def format_problems(problems: Iterable[Problem]) -> str:
+    """All problems, one per line (for status details and INVALID_ARGUMENT messages)."""
+    return "\n".join(str(p) for p in problems)
+
+
+@dataclass
+class Collector:
+    """Accumulates problems; every check adds to it rather than stopping at the first."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, path: str, rule: str, message: str) -> None:
+        self.problems.append(Problem(path, rule, message))
+
+    def max_items(self, path: str, items: Sequence[object] | Mapping[str, object], limit: int) -> None:
+        if len(items) > limit:
+            self.add(path, "max-items", f"must have at most {limit} entries, has {len(items)}")
+
+    def max_length(self, path: str, value: str, limit: int, rule: str = "max-length") -> None:
+        if len(value) > limit:
+            self.add(path, rule, f"must be at most {limit} characters, is {len(value)}")
+
+    def pattern(self, path: str, value: str, regex: re.Pattern[str], rule: str, what: str) -> bool:
+        if regex.fullmatch(value) is None:
+            self.add(path, rule, f"{json.dumps(value)[:200]} is not {what}")
+            return False
+        return True
+
+
+def at(path: str, name: str) -> str:
+    """`a.b` + `c` -> `a.b.c`."""
+    return f"{path}.{name}" if path else name
+
+
+def index(path: str, i: int) -> str:
+    return f"{path}[{i}]"
+
+
+def key(path: str, k: str) -> str:
+    return f"{path}[{json.dumps(k)}]"
+
+
+@cache
+def _alias_to_name() -> dict[str, str]:
+    names: dict[str, str] = {}
+    pending: list[type[BaseModel]] = [CRModel]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        for name, info in cls.model_fields.items():
+            names[info.alias or name] = name
+    return names
+
+
+def problems_from_validation_error(error: ValidationError, prefix: str = "") -> list[Problem]:
+    """Pydantic's type errors as problems, with snake_case paths (pydantic reports aliases)."""
+    aliases = _alias_to_name()
+    problems: list[Problem] = []
+    for err in error.errors(include_url=False):
+        path = prefix
+        loc = err["loc"]
+        for n, part in enumerate(loc):
+            if isinstance(part, int):
+                path = index(path, part)
+            elif part in aliases:
+                path = at(path, aliases[part])
+            elif err["type"] == "extra_forbidden" and n == len(loc) - 1:
+                path = at(path, to_snake(part))
+            else:  # a dict key (an env var name)
+                path = key(path, part)
+        rule = {"missing": "required", "extra_forbidden": "unknown-field"}.get(err["type"], "type")
+        problems.append(Problem(path, rule, _message(err)))
+    return problems
+
+
+def _message(err: Any) -> str:
+    if err["type"] == "missing":
+        return "is required"
+    if err["type"] == "extra_forbidden":
+        return "is not a known field"
+    return str(err["msg"])
+
+
+# Every rule id a Problem can carry, with what it checks (docs/projectjob.md lists the same).
+RULES: dict[str, str] = {
+    # generic
+    "required": "a required field is missing or empty",
+    "unknown-field": "a field the model does not have (e.g. password_plain_text)",
+    "type": "a value of the wrong type or format",
+    "max-items": "too many list or map entries (100 for files, ids, arguments, instance types)",
+    "max-length": "a string longer than its limit",
+    "control-chars": "control characters in a name, description, reason or cmd",
+    "spec-size": "the whole spec does not fit in a custom resource (1 MiB)",
+    # job
+    "project-id": "project id syntax",
+    "data-ttl": "data TTL between 1h and 365d, or infinity",
+    "retry-attempts": "retry policy attempts 1..10",
+    "retry-backoff": "retry policy backoff 0..3600 s",
+    "exit-code": "retryable exit codes 1..255",
+    "path-empty": "empty file path",
+    "path-length": "file path longer than 4096",
+    "path-control-chars": "control characters in a file path",
+    "path-absolute": "absolute path of a file without a var",
+    "path-parent": "'..' segment in the path of a file without a var",
+    "path-root": "a path that names the working directory itself",
+    "path-reserved": "a path inside .dsjobs-vars/",
+    "input-path-duplicate": "two inputs at the same place",
+    "output-path-duplicate": "two outputs at the same place",
+    "var-syntax": "variable name syntax ([0-9A-Za-z_-]{1,50})",
+    "var-reserved": "DS_PROJECT_HOME used as a variable",
+    "var-unique": "a name declared twice across inputs, outputs, s3 mounts, datasets, arguments",
+    "cmd-empty": "empty cmd",
+    "cmd-length": "cmd longer than 64 KiB",
+    "cmd-undeclared-var": "${NAME} in cmd that nothing declares",
+    "cmd-project-home": "${DS_PROJECT_HOME} without attach_project_disk",
+    "sha256": "sha256 of 64 lowercase hex digits",
+    "size-negative": "negative file size",
+    "size-max": "file above 5 GiB",
+    "size-total": "inputs and local modules above 10 GiB in total",
+    "resource-id": "s3 mount, dataset, docker image or connector id syntax",
+    "env-name": "environment variable name syntax",
+    "env-reserved": "environment variable the server sets",
+    "env-value-length": "environment variable value longer than 32 KiB",
+    "docker-oneof": "both docker_image_resource_id and docker_image_spec",
+    "docker-image": "docker image reference syntax",
+    "docker-password-oneof": "both password_secret_ref and password_ds_secret_name",
+    "secret-name": "Secret name syntax",
+    "secret-key": "Secret key syntax",
+    "python-version": "python version like 3, 3.11, 3.11.4",
+    "requirement": "empty requirement line",
+    "url": "pip index URL syntax",
+    "host": "pip trusted host syntax",
+    "instance-type-name": "instance type name syntax (<family>.<size>)",
+    "instance-type-duplicate": "an instance type listed twice",
+    "instance-type-unknown": "an instance type the cluster does not have",
+    "working-storage-size": "working storage 100..10240 GB",
+    "signal": "graceful shutdown signal 1, 2, 10, 12 or 15",
+    "graceful-timeout": "graceful shutdown timeout 1s..1h",
+    "dataset-name-unique": "two output datasets with one name",
+    "dataset-size": "output dataset size 0..10240 GB",
+    "label-key": "label or taint key syntax",
+    # instance type
+    "vcpu": "at least one vCPU",
+    "memory": "positive memory",
+    "gpus": "non-negative GPU count",
+    "quantity": "Kubernetes quantity syntax, not negative",
+    "label-value": "label or taint value syntax",
+    "toleration": "toleration consistency (operator, value, tolerationSeconds)",
+    "resource-name": "resource name syntax",
+    "request-above-limit": "a cpu/memory request above its limit",
+    "extended-resource": "an extended resource (GPU) whose request differs from its limit",
+    "priority-class": "priority class name syntax",
+    "schedule-timeout": "schedule timeout 1 s .. 7 days",
+}

@@ -1,0 +1,102 @@
+"""The default InstanceType catalog (deploy/base/instancetypes.yaml) and its local profile."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsjobs import instancetypes as it
+from dsjobs.models import InstanceTypeSpec, parse_quantity
+from dsjobs.validation import validate_instance_type
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Published shapes: (vCPU, GPUs, RAM GiB).
+PUBLISHED = {
+    "c1.4": (4, 0, 32),
+    "c1.8": (8, 0, 64),
+    "c1.32": (32, 0, 256),
+    "c1.80": (80, 0, 640),
+    "g1.1": (8, 1, 48),
+    "g1.2": (16, 2, 96),
+    "g1.4": (32, 4, 192),
+    "g2.mig": (4, 1, 32),
+    "g2.1": (28, 1, 119),
+    "g2.2": (56, 2, 238),
+    "g2.4": (112, 4, 476),
+    "g2.8": (224, 8, 952),
+}
+# The dev cluster's nodes (allocatable): CPU node and GPU node.
+CPU_NODE = {"cpu": Decimal(16), "memory": Decimal(64 * 2**30)}
+GPU_NODE = {"cpu": Decimal(32), "memory": Decimal(128 * 2**30), "nvidia.com/gpu": Decimal(8)}
+
+
+def test_committed_catalog_is_generated() -> None:
+    assert (REPO / "deploy/base/instancetypes.yaml").read_text() == it.render_catalog_yaml("base")
+    assert it.main(["--check"]) == 0
+
+
+def test_catalog_has_the_published_shapes() -> None:
+    docs = list(yaml.safe_load_all(it.render_catalog_yaml("base")))
+    assert [d["metadata"]["name"] for d in docs] == list(PUBLISHED)
+    for doc in docs:
+        spec = InstanceTypeSpec.model_validate(doc["spec"])
+        vcpu, gpus, ram = PUBLISHED[doc["metadata"]["name"]]
+        assert (spec.vcpu, spec.gpus, spec.memory) == (vcpu, gpus, f"{ram}Gi")
+        assert doc["apiVersion"] == "dsjobs.dev/v1alpha1" and doc["kind"] == "InstanceType"
+        assert validate_instance_type(doc["metadata"]["name"], spec) == []
+
+
+@pytest.mark.parametrize("profile", it.PROFILES)
+def test_placement(profile: it.Profile) -> None:
+    for entry in it.CATALOG:
+        spec = it.instance_type_spec(entry, profile)
+        if entry.name.startswith("c1."):
+            assert spec.node_selector == {} and spec.tolerations == []
+        else:
+            assert spec.node_selector == {"dsjobs.dev/node-pool": "gpu"}
+            assert [t.to_cr() for t in spec.tolerations] == [
+                {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+            ]
+            gpu = spec.resources.limits[entry.gpu_resource]
+            assert gpu == spec.resources.requests[entry.gpu_resource] == str(entry.gpus)
+    mig = it.instance_type_spec(next(e for e in it.CATALOG if e.name == "g2.mig"))
+    assert (
+        "nvidia.com/mig-1g.10gb" in mig.resources.requests and "nvidia.com/gpu" not in mig.resources.requests
+    )
+
+
+def test_base_profile_is_guaranteed() -> None:
+    for entry in it.CATALOG:
+        spec = it.instance_type_spec(entry)
+        assert spec.resources.requests == spec.resources.limits
+
+
+def _fits(spec: InstanceTypeSpec, node: dict[str, Decimal]) -> bool:
+    return all(
+        name in node and parse_quantity(value) <= node[name]
+        for name, value in spec.resources.requests.items()
+    )
+
+
+def test_the_demo_types_schedule_on_the_dev_cluster() -> None:
+    local = {e.name: it.instance_type_spec(e, "local") for e in it.CATALOG}
+    assert _fits(local["c1.4"], CPU_NODE)
+    assert _fits(local["g1.1"], GPU_NODE) and _fits(local["g2.1"], GPU_NODE)
+    # g1.1 and g2.1 side by side on the one GPU node
+    together = {
+        name: sum((parse_quantity(local[t].resources.requests[name]) for t in ("g1.1", "g2.1")), Decimal(0))
+        for name in ("cpu", "memory", "nvidia.com/gpu")
+    }
+    assert all(together[name] <= GPU_NODE[name] for name in together)
+    # limits still advertise the full shape
+    assert local["c1.4"].resources.limits == {"cpu": "4", "memory": "32Gi"}
+
+
+def test_local_profile_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert it.main(["--profile", "local"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert len(docs) == len(it.CATALOG)

@@ -1,0 +1,168 @@
+"""dsjobs.models: CR dumps, aliases, durations, quantities, file placement."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from dsjobs_strategies import full_instance_type, full_spec, full_status
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from dsjobs import models as m
+from dsjobs.models import limits as L
+
+
+def test_cr_dump_is_camel_case_without_nones_and_reads_back() -> None:
+    spec = full_spec()
+    doc = spec.to_cr()
+    assert doc == spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    assert "jobParameters" in doc and "job_parameters" not in doc
+    assert doc["jobParameters"]["inputFiles"][0] == {
+        "desc": {"path": "main.py", "var": "MAIN"},
+        "sha256": "0123456789abcdef" * 4,
+        "sizeBytes": 10,
+        "compressionType": "NONE",
+    }
+    assert doc["dataTtl"] == "14d"
+    assert doc["cancel"]["requestedAt"] == "2025-06-01T00:00:00Z"
+    assert m.ProjectJobSpec.model_validate(doc) == spec
+    status = full_status()
+    assert m.ProjectJobStatus.model_validate(status.to_cr()) == status
+    assert m.InstanceTypeSpec.model_validate(full_instance_type().to_cr()) == full_instance_type()
+
+
+def test_minimal_spec_and_defaults() -> None:
+    spec = m.ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": {"cmd": "true"}})
+    assert spec.data_ttl == timedelta(days=14)
+    assert spec.execute is False and spec.cancel is None and spec.retry_policy is None
+    assert spec.job_parameters.cloud_instance_types == []
+    assert "env" not in spec.to_cr()["jobParameters"]
+    assert m.ProjectJobStatus().to_cr() == {
+        "conditions": [],
+        "dataCleared": False,
+        "outputFiles": [],
+        "logFiles": [],
+        "diagnosticFiles": [],
+        "fileErrors": [],
+        "outputDatasets": [],
+        "statusDetails": "",
+        "attempt": 0,
+        "podName": "",
+        "instanceTypeIndex": 0,
+        "dataSizeBytes": 0,
+    }
+
+
+def test_snake_case_names_are_accepted_too() -> None:
+    spec = m.ProjectJobSpec.model_validate({"project_id": "p", "job_parameters": {"cmd": "true"}})
+    assert spec.project_id == "p"
+
+
+def test_a_plain_text_docker_password_cannot_be_stored() -> None:
+    assert "password_plain_text" not in m.DockerImageSpec.model_fields
+    with pytest.raises(ValidationError):
+        m.DockerImageSpec.model_validate({"imageUrl": "ubuntu", "passwordPlainText": "secret"})
+
+
+def test_timestamps_must_carry_a_zone() -> None:
+    with pytest.raises(ValidationError):
+        m.ProjectJobStatus(created_at=datetime(2025, 1, 1))
+    assert (
+        m.ProjectJobStatus(created_at=datetime(2025, 1, 1, tzinfo=UTC)).to_cr()["createdAt"]
+        == "2025-01-01T00:00:00Z"
+    )
+
+
+def test_phases() -> None:
+    assert [p.value for p in m.JobPhase] == [
+        "CREATING", "PREPARING", "EXECUTING", "UPLOADING_OUTPUT", "SUCCESS", "ERROR", "CANCELLING", "CANCELLED"
+    ]  # fmt: skip
+    assert {p for p in m.JobPhase if p.is_final} == {
+        m.JobPhase.SUCCESS,
+        m.JobPhase.ERROR,
+        m.JobPhase.CANCELLED,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "canonical"),
+    [
+        ("14d", timedelta(days=14), "14d"),
+        ("336h", timedelta(days=14), "14d"),
+        ("1h30m", timedelta(minutes=90), "1h30m"),
+        ("90s", timedelta(seconds=90), "1m30s"),
+        ("1.5s", timedelta(seconds=1.5), "1s500ms"),
+        ("250us", timedelta(microseconds=250), "250us"),
+        ("0s", timedelta(), "0s"),
+        ("-2h", timedelta(hours=-2), "-2h"),
+        ("infinity", L.INFINITE_TTL, "infinity"),
+        (3600, timedelta(hours=1), "1h"),
+    ],
+)
+def test_durations(text: str | int, value: timedelta, canonical: str) -> None:
+    assert m.parse_duration(text) == value
+    assert m.format_duration(value) == canonical
+
+
+@pytest.mark.parametrize("text", ["", "14", "1 h", "1y", "P14D", "inf", "1e3s", "99999999999d", True, None])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        m.parse_duration(text)
+
+
+@given(st.timedeltas())
+def test_duration_format_round_trips(value: timedelta) -> None:
+    assert m.parse_duration(m.format_duration(value)) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("500m", Decimal("0.5")), ("4", Decimal(4)), ("32Gi", Decimal(32 * 2**30)), ("1e3", Decimal(1000)),
+     ("1.5k", Decimal(1500)), ("2048Mi", Decimal(2**31))],
+)  # fmt: skip
+def test_quantities(text: str, value: Decimal) -> None:
+    assert m.parse_quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "1 Gi", "Gi", "1GB", "1.2.3"])
+def test_bad_quantities(text: str) -> None:
+    with pytest.raises(ValueError):
+        m.parse_quantity(text)
+
+
+def test_quantities_given_as_numbers_become_strings() -> None:
+    resources = m.ResourceRequirements.model_validate({"requests": {"cpu": 4, "memory": "1Gi"}})
+    assert resources.requests == {"cpu": "4", "memory": "1Gi"}
+
+
+@pytest.mark.parametrize(
+    ("path", "var", "place"),
+    [
+        ("main.py", "", "main.py"),
+        ("./data//train.csv", "", "data/train.csv"),
+        ("data/", "DATA", "data"),
+        ("/home/me/train.csv", "TRAIN", ".dsjobs-vars/TRAIN/train.csv"),
+        ("../up/model.pt", "M", ".dsjobs-vars/M/model.pt"),
+        ("/", "ROOT", ".dsjobs-vars/ROOT/ROOT"),
+        ("C:\\Users\\me\\x.csv", "X", "C:\\Users\\me\\x.csv"),
+        ("/tmp/x/..", "X", ".dsjobs-vars/X/X"),
+    ],
+)
+def test_job_relative_path(path: str, var: str, place: str) -> None:
+    assert m.job_relative_path(m.FileDesc(path=path, var=var)) == place
+
+
+@pytest.mark.parametrize(
+    ("path", "var"), [("/etc/passwd", ""), ("a/../b", ""), ("/x", "../../etc"), (".", "")]
+)
+def test_job_relative_path_refuses_unsafe_files(path: str, var: str) -> None:
+    with pytest.raises(ValueError):
+        m.job_relative_path(m.FileDesc(path=path, var=var))
+
+
+def test_data_ttl_infinity() -> None:
+    assert m.data_ttl_is_infinite(m.parse_duration("infinity"))
+    assert not m.data_ttl_is_infinite(timedelta(days=14))
