@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Build (once) the binaries the local dev cluster runs:
+#   kube-apiserver kube-controller-manager kube-scheduler kubectl  (k8s.io/kubernetes)
+#   etcd                                                           (go.etcd.io/etcd/server/v3)
+#   dsjobs-s3server                                                (hack/s3server, gofakes3)
+# from the Go module proxy, into a cache directory keyed by the versions:
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/dsjobs/k8s/<k8s>-etcd<etcd>/bin
+# A run that finds every binary already there does nothing and says so.
+#
+# Usage: hack/k8s-bins.sh [--print-dir | --dir-only | --check]
+#   (none)       build what is missing
+#   --print-dir  build what is missing, then print the bin dir as the last line of stdout
+#   --dir-only   print the bin dir that would be used; build nothing
+#   --check      exit 0 when every binary is present, 1 otherwise; build nothing
+#
+# KUBEBUILDER_ASSETS: when it names a directory holding kube-apiserver and etcd,
+# those are used (symlinked into a separate bin dir) and only the binaries it
+# lacks are built.
+#
+# Progress goes to stderr so that stdout stays machine-readable.
+set -euo pipefail
+
+K8S_VERSION=v1.37.2
+ETCD_VERSION=v3.6.16
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd dsjobs-s3server)
+
+HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/dsjobs/k8s"
+VERSION_DIR="$CACHE_ROOT/${K8S_VERSION}-etcd${ETCD_VERSION}"
+BUILD_BIN="$VERSION_DIR/bin"
+
+mode=build
+case "${1:-}" in
+  "") ;;
+  --print-dir) mode=print ;;
+  --dir-only) mode=dironly ;;
+  --check) mode=check ;;
+  -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "k8s-bins: unknown argument: $1 (try --help)" >&2; exit 2 ;;
+esac
+
+log() { printf 'k8s-bins: %s\n' "$*" >&2; }
+die() { printf 'k8s-bins: error: %s\n' "$*" >&2; exit 1; }
+
+# The s3server is our own code: rebuild it when its sources change, which a
+# version-keyed directory alone would not notice.
+s3_stamp() {
+  (cd "$HACK_DIR/s3server" && cat go.mod go.sum ./*.go 2>/dev/null || true) | sha256sum | cut -c1-16
+}
+
+# Where the cluster's binaries live: the build dir, or, with usable
+# KUBEBUILDER_ASSETS, a dir of symlinks keyed by that path.
+BIN_DIR="$BUILD_BIN"
+ASSETS=""
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+  if [[ -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" ]]; then
+    ASSETS="$(cd "$KUBEBUILDER_ASSETS" && pwd -P)"
+    BIN_DIR="$CACHE_ROOT/assets-$(printf '%s' "$ASSETS" | sha256sum | cut -c1-12)/bin"
+  else
+    log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks kube-apiserver or etcd; ignoring it"
+  fi
+fi
+
+present() { # name -> 0 when BIN_DIR has a usable copy
+  local name=$1
+  [[ -x "$BIN_DIR/$name" ]] || return 1
+  if [[ $name == dsjobs-s3server ]]; then
+    [[ -f "$BUILD_BIN/.dsjobs-s3server.stamp" && "$(cat "$BUILD_BIN/.dsjobs-s3server.stamp")" == "$(s3_stamp)" ]] || return 1
+  fi
+}
+
+missing=()
+for b in "${BINARIES[@]}"; do present "$b" || missing+=("$b"); done
+
+if [[ $mode == dironly ]]; then echo "$BIN_DIR"; exit 0; fi
+if [[ $mode == check ]]; then
+  if ((${#missing[@]})); then log "missing in $BIN_DIR: ${missing[*]}"; exit 1; fi
+  exit 0
+fi
+
+finish() {
+  if [[ $mode == print ]]; then echo "$BIN_DIR"; fi
+  exit 0
+}
+
+if ((${#missing[@]} == 0)); then
+  log "all binaries present in $BIN_DIR; nothing to do"
+  finish
+fi
+
+# ---- preflight ------------------------------------------------------------
+command -v go >/dev/null 2>&1 || die "cannot build ${missing[*]}: the Go toolchain is missing.
+  Install Go >= 1.26 (https://go.dev/dl/; distribution packages are often older) and put its bin dir on PATH,
+  or set KUBEBUILDER_ASSETS to a directory holding prebuilt kube-apiserver and etcd (the rest still needs Go)."
+go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
+if [[ "$go_minor" =~ ^[0-9]+$ ]] && ((go_minor < 26)); then
+  die "$(go env GOVERSION) is too old: k8s.io/kubernetes $K8S_VERSION needs go >= 1.26"
+fi
+command -v flock >/dev/null 2>&1 || die "flock is missing (apt-get install util-linux)"
+
+mkdir -p "$CACHE_ROOT" "$BUILD_BIN" "$BIN_DIR"
+# One build at a time per cache: two concurrent `make cluster-up`s must not
+# both spend 30 minutes compiling the same thing.
+exec 9>"$CACHE_ROOT/.build.lock"
+if ! flock -n 9; then
+  log "another build holds $CACHE_ROOT/.build.lock; waiting for it"
+  flock 9
+fi
+# Re-evaluate after the wait: the other build may have made everything.
+missing=()
+for b in "${BINARIES[@]}"; do present "$b" || missing+=("$b"); done
+if ((${#missing[@]} == 0)); then
+  log "all binaries present in $BIN_DIR; nothing to do"
+  finish
+fi
+
+TMP="$(mktemp -d "$CACHE_ROOT/.tmp-build.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+# Link KUBEBUILDER_ASSETS binaries first; only what is still absent is built.
+need_build=()
+for b in "${missing[@]}"; do
+  if [[ -n $ASSETS && -x "$ASSETS/$b" ]]; then
+    ln -sfn "$ASSETS/$b" "$BIN_DIR/$b"
+    log "using $ASSETS/$b"
+  elif [[ $BIN_DIR != "$BUILD_BIN" && -x "$BUILD_BIN/$b" ]] && [[ $b != dsjobs-s3server ]]; then
+    ln -sfn "$BUILD_BIN/$b" "$BIN_DIR/$b"
+    log "using previously built $BUILD_BIN/$b"
+  else
+    need_build+=("$b")
+  fi
+done
+want() { local x; for x in "${need_build[@]}"; do [[ $x == "$1" ]] && return 0; done; return 1; }
+
+export CGO_ENABLED=0 # static binaries, no C toolchain needed
+GOBUILD=(go build -trimpath -buildvcs=false)
+
+# install_bin name: move a freshly built binary into place atomically
+# (rename within one filesystem), so a reader never sees half a file.
+install_bin() {
+  mv -f "$TMP/$1" "$BUILD_BIN/$1"
+  if [[ $BIN_DIR != "$BUILD_BIN" ]]; then ln -sfn "$BUILD_BIN/$1" "$BIN_DIR/$1"; fi
+}
+
+elapsed() { echo "$(($(date +%s) - $1))s"; }
+total_start=$(date +%s)
+
+k8s_pkgs=()
+for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  want "$b" && k8s_pkgs+=("k8s.io/kubernetes/cmd/$b")
+done
+if ((${#k8s_pkgs[@]})); then
+  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  ldflags="-s -w"
+  # Same stamping as upstream hack/lib/version.sh, for both version packages
+  # (kubectl's client half reads client-go's, servers read component-base's).
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$build_date"
+  done
+  log "building ${k8s_pkgs[*]##*/} $K8S_VERSION (cold: ~10 min and ~5.5 GiB of Go caches on 2 cores; warm: ~15 s)"
+  t=$(date +%s)
+  (cd "$HACK_DIR/k8s" && "${GOBUILD[@]}" -ldflags "$ldflags" -o "$TMP/" "${k8s_pkgs[@]}") \
+    || die "building Kubernetes $K8S_VERSION failed (see the go output above). It needs network access to the Go module proxy on the first run, ~6 GiB in the Go build cache and go >= 1.26."
+  for p in "${k8s_pkgs[@]}"; do install_bin "${p##*/}"; done
+  log "built ${k8s_pkgs[*]##*/} in $(elapsed "$t")"
+fi
+
+if want etcd; then
+  log "building etcd $ETCD_VERSION"
+  t=$(date +%s)
+  (cd "$HACK_DIR/etcd" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$TMP/etcd" .) \
+    || die "building etcd $ETCD_VERSION failed (see the go output above)"
+  install_bin etcd
+  log "built etcd in $(elapsed "$t")"
+fi
+
+if want dsjobs-s3server; then
+  log "building dsjobs-s3server (gofakes3)"
+  t=$(date +%s)
+  (cd "$HACK_DIR/s3server" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$TMP/dsjobs-s3server" .) \
+    || die "building hack/s3server failed (see the go output above)"
+  install_bin dsjobs-s3server
+  s3_stamp >"$BUILD_BIN/.dsjobs-s3server.stamp"
+  log "built dsjobs-s3server in $(elapsed "$t")"
+fi
+
+log "done in $(elapsed "$total_start"): $BIN_DIR"
+finish

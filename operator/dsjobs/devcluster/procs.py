@@ -1,0 +1,232 @@
+"""Starting, recording and stopping the cluster's child processes.
+
+Every child runs in its own session (so it outlives `up` and a Ctrl-C in the
+user's terminal does not reach it) and is recorded in `pids.json` with its
+process group and kernel start time. `down` signals exactly those groups, and
+only when the start time still matches, so a recycled PID is never killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PIDS_FORMAT = 1
+
+
+@dataclass
+class Component:
+    """One recorded child process."""
+
+    name: str
+    pid: int
+    pgid: int
+    start_time: int  # /proc/<pid>/stat field 22, in clock ticks since boot
+    argv: list[str]
+    log: str
+    ports: dict[str, int] = field(default_factory=dict)
+    kind: str = "control-plane"  # control-plane | s3 | node
+
+
+@dataclass
+class Record:
+    """The content of pids.json: the processes plus how to reach the cluster."""
+
+    components: list[Component] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"format": PIDS_FORMAT, "components": [asdict(c) for c in self.components], "info": self.info},
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Record:
+        raw = json.loads(text)
+        if raw.get("format") != PIDS_FORMAT:
+            raise ValueError(f"unsupported pids.json format {raw.get('format')!r}")
+        return cls([Component(**c) for c in raw["components"]], dict(raw.get("info", {})))
+
+    def save(self, path: Path) -> None:
+        # Rewritten after every start, so a failed `up` still leaves a record
+        # that `down` can clean up from.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Record | None:
+        try:
+            return cls.from_json(path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def find(self, name: str) -> Component | None:
+        return next((c for c in self.components if c.name == name), None)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (field 3 onwards)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _reap(pid: int) -> None:
+    # When the caller of `up` is still alive (e.g. a test in the same
+    # process), exited children stay zombies until their parent reaps them.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def is_running(c: Component) -> bool:
+    """The recorded process exists, is the same process, and is not a zombie."""
+    _reap(c.pid)
+    fields = _stat_fields(c.pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return int(fields[19]) == c.start_time
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        fields = _stat_fields(pid)
+        if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(pid)
+    return members
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ports: Mapping[str, int] | None = None,
+    kind: str = "control-plane",
+) -> Component:
+    """Start a detached child with stdout+stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
+    st = start_time(proc.pid)
+    if st is None:  # exited within microseconds; keep a record anyway
+        st = -1
+    comp = Component(
+        name=name,
+        pid=proc.pid,
+        pgid=proc.pid,  # start_new_session makes it the group (and session) leader
+        start_time=st,
+        argv=list(argv),
+        log=str(log_path),
+        ports=dict(ports or {}),
+        kind=kind,
+    )
+    log.info("started %s pid=%d log=%s", name, proc.pid, log_path)
+    return comp
+
+
+def stop(components: Sequence[Component], timeout: float = 15.0) -> list[str]:
+    """SIGTERM each live component's process group, SIGKILL whatever is left
+    after `timeout`. Returns the names that were running."""
+    live = [c for c in components if is_running(c)]
+    for c in components:
+        if c not in live:
+            log.debug("%s (pid %d) is not running", c.name, c.pid)
+    for c in live:
+        log.info("stopping %s pid=%d", c.name, c.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(c.pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    pending = list(live)
+    while pending and time.monotonic() < deadline:
+        pending = [c for c in pending if is_running(c) or group_members(c.pgid)]
+        if pending:
+            time.sleep(0.1)
+    for c in pending:
+        log.warning("%s did not exit within %.0fs of SIGTERM; sending SIGKILL", c.name, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(c.pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while pending and time.monotonic() < deadline:
+        pending = [c for c in pending if is_running(c) or group_members(c.pgid)]
+        if pending:
+            time.sleep(0.05)
+    for c in pending:
+        log.error("%s (pid %d) survived SIGKILL", c.name, c.pid)
+    return [c.name for c in live]
+
+
+@contextlib.contextmanager
+def reserve_ports(count: int) -> Iterator[list[int]]:
+    """Pick `count` distinct free loopback ports.
+
+    The sockets stay bound while the caller builds its command lines, so the
+    kernel cannot hand the same port out twice; they are closed on exit, just
+    before the children bind them (a small, accepted race with strangers).
+    """
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        yield [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def tail(path: Path | str, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return "\n".join(data.splitlines()[-lines:])

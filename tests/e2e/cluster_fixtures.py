@@ -1,0 +1,132 @@
+"""Session fixtures for end-to-end tests: one cluster (+ S3) for the whole run.
+
+Import the fixtures into tests/e2e/conftest.py::
+
+    from cluster_fixtures import dev_cluster, dev_s3  # noqa: F401
+
+Modes:
+- default: the dev cluster in `$DSJOBS_E2E_DIR` (default `<repo>/.dev`, the one
+  `make cluster-up` starts). Brought up once per session when it is not
+  running, torn down at the end only if this session started it.
+- `DSJOBS_E2E_KUBECONFIG=<file>`: an existing cluster; nothing is started or
+  stopped. S3 then comes from `DSJOBS_E2E_S3_JSON=<s3.json>` or from the
+  `DSJOBS_S3_*` variables (see dsjobs.devcluster.s3); without either, S3 tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from dsjobs.devcluster import ClusterPaths, S3Config, node_agent_available, status
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+UP_TIMEOUT_S = 3600  # a cold binary build alone can take most of this
+NO_NODE_AGENT_REASON = "the node agent (dsjobs.devcluster.node) does not exist yet"
+
+
+@dataclass
+class ClusterHandle:
+    kubeconfig: Path
+    api_client: Any  # kubernetes.client.ApiClient
+    s3: S3Config | None
+    root: Path | None  # the dev cluster directory; None for an external cluster
+    started_here: bool  # this session brought it up (and will take it down)
+
+    @property
+    def local(self) -> bool:
+        return self.root is not None
+
+    def core(self) -> Any:
+        return k8s_client.CoreV1Api(self.api_client)
+
+
+def devcluster_cli(root: Path, *args: str, timeout: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """Run `python -m dsjobs.devcluster --dir root ...` as a separate process,
+    as a user would: the cluster's children then belong to nobody here."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsjobs.devcluster", "--dir", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
+def _s3_from_env() -> S3Config | None:
+    if path := os.environ.get("DSJOBS_E2E_S3_JSON"):
+        return S3Config.read(Path(path))
+    keys = ("DSJOBS_S3_ENDPOINT", "DSJOBS_S3_BUCKET", "DSJOBS_S3_ACCESS_KEY", "DSJOBS_S3_SECRET_KEY")
+    if all(os.environ.get(k) for k in keys):
+        return S3Config(
+            endpoint=os.environ["DSJOBS_S3_ENDPOINT"],
+            bucket=os.environ["DSJOBS_S3_BUCKET"],
+            access_key=os.environ["DSJOBS_S3_ACCESS_KEY"],
+            secret_key=os.environ["DSJOBS_S3_SECRET_KEY"],
+            region=os.environ.get("DSJOBS_S3_REGION", "us-east-1"),
+        )
+    return None
+
+
+@pytest.fixture(scope="session")
+def dev_cluster() -> Iterator[ClusterHandle]:
+    if external := os.environ.get("DSJOBS_E2E_KUBECONFIG"):
+        kc = Path(external)
+        yield ClusterHandle(
+            kc, k8s_config.new_client_from_config(config_file=str(kc)), _s3_from_env(), None, False
+        )
+        return
+
+    root = Path(os.environ.get("DSJOBS_E2E_DIR", REPO_ROOT / ".dev")).absolute()
+    paths = ClusterPaths.at(root)
+    was_running = status(paths).all_running
+    if not was_running:
+        args = ["up"] if node_agent_available() else ["up", "--no-nodes"]
+        proc = devcluster_cli(root, *args)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"dev cluster did not come up (exit {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False
+            )
+    api = k8s_config.new_client_from_config(config_file=str(paths.kubeconfig))
+    handle = ClusterHandle(paths.kubeconfig, api, S3Config.read(paths.s3_json), root, not was_running)
+    try:
+        yield handle
+    finally:
+        api.close()
+        if handle.started_here:
+            proc = devcluster_cli(root, "down", timeout=120)
+            if proc.returncode != 0:
+                print(f"dev cluster teardown failed:\n{proc.stderr}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def dev_s3(dev_cluster: ClusterHandle) -> S3Config:
+    if dev_cluster.s3 is None:
+        pytest.skip("no S3 endpoint configured for the external cluster (set DSJOBS_E2E_S3_JSON)")
+    return dev_cluster.s3
+
+
+def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    """Return check()'s first truthy result; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # transient API errors while the system converges
+            last_exc = e
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})", pytrace=False)
