@@ -1,0 +1,77 @@
+"""``python -m dsjobs.runner stage-in|ship|entry-script``.
+
+Reads the runner config (``$DSJOBS_RUNNER_CONFIG_FILE`` or ``$DSJOBS_RUNNER_CONFIG``) and the
+storage settings (``$DSJOBS_S3_*``). Exit codes: 0 done (ship: whatever the job's outcome; it is in
+the result), 1 the job cannot start (stage-in) or a runner failure, 2 usage/config errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.entry import render_entry_script
+from dsjobs.storage import Storage
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # boto's own chatter is noise at INFO.
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsjobs.runner")
+    parser.add_argument("command", choices=["stage-in", "ship", "entry-script"])
+    args = parser.parse_args(argv)
+    _setup_logging()
+    log = logging.getLogger("dsjobs.runner")
+    try:
+        config = RunnerConfig.load()
+    except Exception as exc:
+        log.error("invalid runner config error=%s", exc)
+        return 2
+    if args.command == "entry-script":
+        sys.stdout.write(render_entry_script(config))
+        return 0
+    try:
+        store = Storage.from_env()
+    except Exception as exc:
+        log.error("invalid storage settings error=%s", exc)
+        return 2
+    log.info(
+        "runner start command=%s project=%s job=%s attempt=%d",
+        args.command,
+        config.project_id,
+        config.job_id,
+        config.attempt,
+    )
+    if args.command == "stage-in":
+        from dsjobs.runner.stagein import run_stage_in
+
+        return 0 if run_stage_in(config, store) else 1
+
+    from dsjobs.runner.ship import Ship
+
+    ship = Ship(config, store)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        ship.request_stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    ship.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

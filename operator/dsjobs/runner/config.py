@@ -1,0 +1,402 @@
+"""`RunnerConfig`: everything the runner needs to know about one job run (its own contract).
+
+The operator builds it, serializes it with `RunnerConfig.to_json` into the key `runner.json` of a
+Secret (it carries the job's environment variables, which may hold project secrets) and the runner
+containers read it from ``$DSJOBS_RUNNER_CONFIG_FILE`` (the mounted Secret) or, for small configs
+and tests, from ``$DSJOBS_RUNNER_CONFIG`` (the JSON itself). See docs/runner.md.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dsjobs.storage import _check_id, check_sha256, normalize_relpath
+
+ENV_CONFIG = "DSJOBS_RUNNER_CONFIG"
+ENV_CONFIG_FILE = "DSJOBS_RUNNER_CONFIG_FILE"
+#: Set by the entry script for the program, as on DataSphere.
+ENV_PROGRESS_FILE = "JOB_PROGRESS_FILENAME"
+ENV_PROJECT_HOME = "DS_PROJECT_HOME"
+RESERVED_VARS = frozenset({ENV_PROJECT_HOME})
+#: Environment names the job may not set: ours, or the entry script's own namespace.
+RESERVED_ENV = frozenset({ENV_PROGRESS_FILE, ENV_PROJECT_HOME})
+#: The entry script's own shell variables use this prefix (dsjobs.models.limits reserves it too).
+RESERVED_ENV_PREFIX = "DSJOBS_"
+
+#: Signals DataSphere allows for graceful shutdown (numbers as on Linux).
+GRACEFUL_SIGNALS: Mapping[int, str] = {
+    int(signal.SIGHUP): "HUP",
+    int(signal.SIGINT): "INT",
+    int(signal.SIGUSR1): "USR1",
+    int(signal.SIGUSR2): "USR2",
+    int(signal.SIGTERM): "TERM",
+}
+
+_VAR_RE = re.compile(r"^[^\s{}$/]{1,100}$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PYVER_RE = re.compile(r"^3(\.\d+){0,2}$")
+
+
+class Compression(StrEnum):
+    NONE = "NONE"
+    ZIP = "ZIP"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_var(v: str | None) -> str | None:
+    if v is not None and not _VAR_RE.match(v):
+        raise ValueError(f"invalid variable name {v!r}")
+    return v
+
+
+class InputFile(_Model):
+    """A file placed at ``work_dir/path`` (ZIP: extracted into the parent of that path)."""
+
+    path: str
+    var: str | None = None
+    sha256: str
+    size_bytes: int = Field(ge=0)
+    compression: Compression = Compression.NONE
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return normalize_relpath(v)
+
+    @field_validator("var")
+    @classmethod
+    def _var(cls, v: str | None) -> str | None:
+        return _check_var(v)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        return check_sha256(v)
+
+
+class LocalModule(_Model):
+    """A zipped Python local module; extracted into its own directory put on PYTHONPATH.
+
+    Its ``path`` is whatever the client sent (a temp file name) and is not used for placement.
+    """
+
+    path: str = ""
+    var: str | None = None
+    sha256: str
+    size_bytes: int = Field(ge=0)
+    compression: Compression = Compression.ZIP
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str) -> str:
+        return check_sha256(v)
+
+
+class OutputFile(_Model):
+    """Collected from ``work_dir/path`` after the program exits.
+
+    ``path`` is where the job writes it (dsjobs.models.job_relative_path of the declared file);
+    ``desc_path`` is the path as the client declared it, reported back in the result (default:
+    ``path``).
+    """
+
+    path: str
+    var: str | None = None
+    desc_path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return normalize_relpath(v)
+
+    @field_validator("var")
+    @classmethod
+    def _var(cls, v: str | None) -> str | None:
+        return _check_var(v)
+
+
+class Mount(_Model):
+    """An S3 connector or dataset volume, referenced in ``cmd`` by ``${var}`` or ``${id}``."""
+
+    id: str
+    var: str | None = None
+    mount_path: str
+
+    @field_validator("mount_path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"mount path must be absolute without '..': {v!r}")
+        return posixpath.normpath(v)
+
+    @field_validator("var", "id")
+    @classmethod
+    def _var(cls, v: str | None) -> str | None:
+        return _check_var(v)
+
+
+class PipOptions(_Model):
+    index_url: str | None = None
+    extra_index_urls: list[str] = Field(default_factory=list)
+    trusted_hosts: list[str] = Field(default_factory=list)
+    no_deps: bool = False
+
+
+class PythonEnv(_Model):
+    python_version: str | None = None
+    requirements: list[str] = Field(default_factory=list)
+    pip: PipOptions = Field(default_factory=PipOptions)
+
+    @field_validator("python_version")
+    @classmethod
+    def _ver(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not _PYVER_RE.match(v):
+            raise ValueError(f"unsupported python version {v!r}")
+        return v or None
+
+    @field_validator("requirements")
+    @classmethod
+    def _reqs(cls, v: list[str]) -> list[str]:
+        for r in v:
+            # One requirement per line of requirements.txt: a newline would smuggle in options.
+            if "\n" in r or "\r" in r or "\x00" in r:
+                raise ValueError(f"invalid requirement {r!r}")
+        return [r.strip() for r in v if r.strip()]
+
+
+class GracefulShutdown(_Model):
+    signal: int = int(signal.SIGTERM)
+    timeout_seconds: float = Field(gt=0, le=24 * 3600)
+
+    @field_validator("signal")
+    @classmethod
+    def _sig(cls, v: int) -> int:
+        if v not in GRACEFUL_SIGNALS:
+            raise ValueError(f"signal {v} is not one of {sorted(GRACEFUL_SIGNALS)}")
+        return v
+
+    @property
+    def signal_name(self) -> str:
+        return GRACEFUL_SIGNALS[self.signal]
+
+
+class RunnerPaths(_Model):
+    """Fixed paths inside the pod. Tests point them at temp dirs."""
+
+    work_dir: str = "/job/work"
+    shared_dir: str = "/job/.dsjobs"
+
+    @field_validator("work_dir", "shared_dir")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"path must be absolute without '..': {v!r}")
+        return posixpath.normpath(v)
+
+
+class ShipSettings(_Model):
+    flush_interval_seconds: float = Field(default=0.5, gt=0, le=1.0)
+    #: An unterminated line is shipped as is after waiting this long for its newline.
+    partial_line_seconds: float = Field(default=1.0, ge=0)
+    #: The entry script beats every 2 s; silence this long (without an exit status) = lost.
+    heartbeat_timeout_seconds: float = Field(default=30.0, gt=2)
+    chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024)
+    upload_attempts: int = Field(default=5, ge=1)
+
+
+class RunnerConfig(_Model):
+    version: Literal[1] = 1
+    project_id: str
+    job_id: str
+    attempt: int = Field(default=0, ge=0)
+    cmd: str = Field(min_length=1)
+    inputs: list[InputFile] = Field(default_factory=list)
+    local_modules: list[LocalModule] = Field(default_factory=list)
+    outputs: list[OutputFile] = Field(default_factory=list)
+    arguments: dict[str, str] = Field(default_factory=dict)
+    s3_mounts: list[Mount] = Field(default_factory=list)
+    datasets: list[Mount] = Field(default_factory=list)
+    project_disk_path: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    python_env: PythonEnv | None = None
+    graceful_shutdown: GracefulShutdown | None = None
+    paths: RunnerPaths = Field(default_factory=RunnerPaths)
+    ship: ShipSettings = Field(default_factory=ShipSettings)
+
+    @field_validator("project_id")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        return _check_id("project", v)
+
+    @field_validator("job_id")
+    @classmethod
+    def _job(cls, v: str) -> str:
+        return _check_id("job", v)
+
+    @field_validator("project_disk_path")
+    @classmethod
+    def _disk(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or ".." in v.split("/")):
+            raise ValueError(f"project disk path must be absolute without '..': {v!r}")
+        return posixpath.normpath(v) if v else None
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _ENV_RE.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
+                raise ValueError(f"environment variable {name!r} is reserved")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {name!r} contains NUL")
+        return v
+
+    @field_validator("arguments")
+    @classmethod
+    def _args(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            _check_var(name)
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        names: list[str] = []
+        files: list[InputFile | OutputFile] = [*self.inputs, *self.outputs]
+        for f in files:
+            if f.var:
+                names.append(f.var)
+        for m in (*self.s3_mounts, *self.datasets):
+            names.append(m.id)
+            if m.var and m.var != m.id:
+                names.append(m.var)
+        names.extend(self.arguments)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variables must be unique: {', '.join(dup)}")
+        reserved = sorted(RESERVED_VARS.intersection(names))
+        if reserved:
+            raise ValueError(f"reserved variable names: {', '.join(reserved)}")
+        paths = [f.path for f in self.inputs] + [f.path for f in self.outputs]
+        dup_paths = sorted({p for p in paths if paths.count(p) > 1})
+        if dup_paths:
+            raise ValueError(f"input/output paths must be unique: {', '.join(dup_paths)}")
+        shared = self.paths.shared_dir
+        if shared == self.paths.work_dir or shared.startswith(self.paths.work_dir + "/"):
+            raise ValueError("the shared dir must not be inside the working dir")
+        for m in (*self.s3_mounts, *self.datasets):
+            if m.mount_path in {"/", self.paths.work_dir, shared} or m.mount_path.startswith(shared + "/"):
+                raise ValueError(f"mount path {m.mount_path} collides with the runner's directories")
+        return self
+
+    @property
+    def layout(self) -> SharedLayout:
+        return SharedLayout(Path(self.paths.shared_dir))
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.paths.work_dir)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunnerConfig:
+        return cls.model_validate_json(text)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None) -> RunnerConfig:
+        """From ``$DSJOBS_RUNNER_CONFIG_FILE`` (preferred) or ``$DSJOBS_RUNNER_CONFIG``."""
+        env = os.environ if environ is None else environ
+        path = env.get(ENV_CONFIG_FILE)
+        if path:
+            return cls.from_json(Path(path).read_bytes())
+        text = env.get(ENV_CONFIG)
+        if text:
+            return cls.from_json(text)
+        raise RuntimeError(f"no runner config: set {ENV_CONFIG_FILE} or {ENV_CONFIG}")
+
+
+@dataclass(frozen=True)
+class SharedLayout:
+    """Files in the shared volume (``paths.shared_dir``) that the runner's pieces exchange."""
+
+    root: Path
+
+    @property
+    def entry_script(self) -> Path:
+        return self.root / "entry.sh"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def stdout(self) -> Path:
+        return self.logs_dir / "stdout.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.logs_dir / "stderr.log"
+
+    @property
+    def system_log(self) -> Path:
+        return self.logs_dir / "system.log"
+
+    @property
+    def progress(self) -> Path:
+        return self.logs_dir / "job_progress.jsonl"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def status(self) -> Path:
+        return self.run_dir / "status"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.run_dir / "heartbeat"
+
+    @property
+    def started(self) -> Path:
+        return self.run_dir / "started"
+
+    @property
+    def python_dir(self) -> Path:
+        return self.root / "python"
+
+    @property
+    def site_dir(self) -> Path:
+        return self.python_dir / "site"
+
+    @property
+    def requirements(self) -> Path:
+        return self.python_dir / "requirements.txt"
+
+    def module_dir(self, index: int) -> Path:
+        return self.python_dir / "modules" / str(index)
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def create(self) -> None:
+        # World-writable: the user's container may run as any uid and must write logs/run/python.
+        for d in (self.root, self.logs_dir, self.run_dir, self.python_dir, self.site_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o777)

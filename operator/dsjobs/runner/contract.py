@@ -1,0 +1,223 @@
+"""PURE: the runner's part of a job pod. The operator calls `runner_pod_parts` and adds the rest.
+
+Pod shape (plain containers only: our process-based node runs init containers in order, then all
+containers concurrently, and native sidecars are not guaranteed there; on real Kubernetes plain
+containers work the same way with ``restartPolicy: Never``)::
+
+    initContainers: [stage-in]          runner image: inputs, modules, entry script
+    containers:     [job, ship]         job = user image running <shared>/entry.sh; ship = runner image
+    volumes:        dsjobs-shared (emptyDir), dsjobs-work (emptyDir or working storage),
+                    dsjobs-config (Secret with runner.json), mounts/datasets/project disk PVCs
+
+Storage credentials (the Secret ``storage_secret_name`` with keys ``DSJOBS_S3_*``) and the runner
+config reach only stage-in and ship; the job container gets neither (its environment is exported
+by the entry script, so env values - which may be project secrets - are not in the pod spec).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dsjobs.runner.config import ENV_CONFIG, ENV_CONFIG_FILE, RunnerConfig
+from dsjobs.storage import (
+    ENV_ACCESS_KEY,
+    ENV_BUCKET,
+    ENV_ENDPOINT,
+    ENV_PUBLIC_ENDPOINT,
+    ENV_REGION,
+    ENV_SECRET_KEY,
+)
+
+SHARED_VOLUME = "dsjobs-shared"
+WORK_VOLUME = "dsjobs-work"
+CONFIG_VOLUME = "dsjobs-config"
+CONFIG_MOUNT_PATH = "/job/.dsjobs-config"
+#: Key of the runner config in its Secret.
+CONFIG_KEY = "runner.json"
+STAGE_IN_CONTAINER = "stage-in"
+JOB_CONTAINER = "job"
+SHIP_CONTAINER = "ship"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+#: Time the ship sidecar gets after the program ended (outputs, logs) before the kubelet kills it.
+DEFAULT_SHIP_MARGIN_SECONDS = 300
+
+DEFAULT_RUNNER_RESOURCES: Mapping[str, Any] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"memory": "512Mi"},
+}
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunnerPodParts:
+    init_containers: list[Json]
+    #: The job container without resources (the operator adds them; ``image`` is already set).
+    main: Json
+    sidecars: list[Json]
+    volumes: list[Json]
+    termination_grace_period_seconds: int
+    restart_policy: str = "Never"
+
+    def pod_spec(self, *, main_resources: Mapping[str, Any] | None = None, **extra: Any) -> Json:
+        """Convenience: a complete pod spec (``extra`` adds e.g. nodeSelector, tolerations)."""
+        main = dict(self.main)
+        if main_resources:
+            main["resources"] = dict(main_resources)
+        spec: Json = {
+            "restartPolicy": self.restart_policy,
+            "terminationGracePeriodSeconds": self.termination_grace_period_seconds,
+            "initContainers": list(self.init_containers),
+            "containers": [main, *self.sidecars],
+            "volumes": list(self.volumes),
+        }
+        spec.update(extra)
+        return spec
+
+
+def _storage_env(secret: str) -> list[Json]:
+    env: list[Json] = []
+    for key in (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_REGION, ENV_PUBLIC_ENDPOINT):
+        ref: Json = {"name": secret, "key": key}
+        if key in (ENV_REGION, ENV_PUBLIC_ENDPOINT):
+            ref["optional"] = True
+        env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
+def runner_config_secret(
+    config: RunnerConfig, *, name: str, namespace: str, labels: Mapping[str, str] | None = None
+) -> Json:
+    """The Secret manifest carrying the runner config (create it before the pod)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
+        "type": "Opaque",
+        "stringData": {CONFIG_KEY: config.to_json()},
+    }
+
+
+def runner_pod_parts(
+    config: RunnerConfig,
+    *,
+    runner_image: str,
+    user_image: str,
+    storage_secret_name: str,
+    config_secret_name: str,
+    work_volume_source: Mapping[str, Any] | None = None,
+    mount_claims: Mapping[str, str] | None = None,
+    project_disk_claim: str | None = None,
+    runner_resources: Mapping[str, Any] | None = None,
+    image_pull_policy: str | None = None,
+    config_delivery: Literal["volume", "env"] = "volume",
+    ship_margin_seconds: int = DEFAULT_SHIP_MARGIN_SECONDS,
+) -> RunnerPodParts:
+    """Containers and volumes of a job pod for ``config``.
+
+    ``mount_claims`` maps each S3 mount / dataset id to its PVC name (the operator finds them by
+    label); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
+    ``work_volume_source`` is the working-storage volume source (default: an emptyDir).
+    """
+    claims = dict(mount_claims or {})
+    shared_dir = config.paths.shared_dir
+    work_dir = config.paths.work_dir
+    layout = config.layout
+
+    volumes: list[Json] = [
+        {"name": SHARED_VOLUME, "emptyDir": {}},
+        {"name": WORK_VOLUME, **(dict(work_volume_source) if work_volume_source else {"emptyDir": {}})},
+    ]
+    runner_env: list[Json] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *_storage_env(storage_secret_name)]
+    runner_mounts: list[Json] = [
+        {"name": SHARED_VOLUME, "mountPath": shared_dir},
+    ]
+    if config_delivery == "volume":
+        volumes.append(
+            {
+                "name": CONFIG_VOLUME,
+                "secret": {
+                    "secretName": config_secret_name,
+                    "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
+                },
+            }
+        )
+        runner_mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True})
+        runner_env.append({"name": ENV_CONFIG_FILE, "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"})
+    elif config_delivery == "env":
+        runner_env.append(
+            {
+                "name": ENV_CONFIG,
+                "valueFrom": {"secretKeyRef": {"name": config_secret_name, "key": CONFIG_KEY}},
+            }
+        )
+    else:
+        raise ValueError(f"unknown config delivery {config_delivery!r}")
+
+    main_mounts: list[Json] = [
+        {"name": SHARED_VOLUME, "mountPath": shared_dir},
+        {"name": WORK_VOLUME, "mountPath": work_dir},
+    ]
+    for kind, mounts, read_only in (("s3", config.s3_mounts, False), ("dataset", config.datasets, True)):
+        for i, m in enumerate(mounts):
+            claim = claims.get(m.id)
+            if not claim:
+                raise ValueError(f"no PersistentVolumeClaim given for {kind} {m.id!r}")
+            name = f"dsjobs-{kind}-{i}"
+            volumes.append(
+                {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+            )
+            main_mounts.append({"name": name, "mountPath": m.mount_path, "readOnly": read_only})
+    if config.project_disk_path:
+        if not project_disk_claim:
+            raise ValueError("the job attaches the project disk but no project disk claim was given")
+        volumes.append(
+            {"name": "dsjobs-project-disk", "persistentVolumeClaim": {"claimName": project_disk_claim}}
+        )
+        main_mounts.append({"name": "dsjobs-project-disk", "mountPath": config.project_disk_path})
+
+    resources = dict(runner_resources or DEFAULT_RUNNER_RESOURCES)
+
+    def runner_container(name: str, command: str, work_read_only: bool) -> Json:
+        c: Json = {
+            "name": name,
+            "image": runner_image,
+            "command": ["python", "-m", "dsjobs.runner", command],
+            "env": [dict(e) for e in runner_env],
+            "volumeMounts": [
+                *[dict(m) for m in runner_mounts],
+                {"name": WORK_VOLUME, "mountPath": work_dir, "readOnly": work_read_only},
+            ],
+            "resources": resources,
+            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "File",
+        }
+        if image_pull_policy:
+            c["imagePullPolicy"] = image_pull_policy
+        return c
+
+    main: Json = {
+        "name": JOB_CONTAINER,
+        "image": user_image,
+        "command": ["/bin/sh", str(layout.entry_script)],
+        "args": [],
+        "env": [],
+        "workingDir": work_dir,
+        "volumeMounts": main_mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if image_pull_policy:
+        main["imagePullPolicy"] = image_pull_policy
+
+    grace = config.graceful_shutdown
+    grace_seconds = (math.ceil(grace.timeout_seconds) if grace else 0) + ship_margin_seconds
+    return RunnerPodParts(
+        init_containers=[runner_container(STAGE_IN_CONTAINER, "stage-in", False)],
+        main=main,
+        sidecars=[runner_container(SHIP_CONTAINER, "ship", True)],
+        volumes=volumes,
+        termination_grace_period_seconds=grace_seconds,
+    )

@@ -1,0 +1,177 @@
+"""The runner's result: what the operator reads from the ship container's termination message.
+
+The full `RunnerResult` is always stored at ``result_key(project, job)`` (``result.json``). The
+termination message (capped at 4 KiB by Kubernetes) carries the same JSON when it fits, else a
+`ResultPointer`: the essentials plus where the full result is. `parse_termination_message`
+returns whichever it was; `load_result` fetches the stored one.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dsjobs.logrecords import Progress
+from dsjobs.runner.config import Compression
+from dsjobs.storage import ObjectStore, result_key
+
+#: Kubernetes truncates termination messages beyond this.
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+class RunnerStatus(StrEnum):
+    #: The program ran and exited (``return_code`` set; ``cancelled`` if it was cancelled).
+    EXITED = "EXITED"
+    #: The entry script failed before starting the program (python version, pip): see ``reason``.
+    SETUP_FAILED = "SETUP_FAILED"
+    #: Cancelled before the program started.
+    CANCELLED = "CANCELLED"
+    #: Inputs could not be staged (missing/corrupt input, unsafe zip): see ``reason``.
+    STAGE_IN_FAILED = "STAGE_IN_FAILED"
+    #: The job container ended without recording an exit status (killed outright, e.g. OOM):
+    #: the operator should take the exit code/reason from the job container's state.
+    LOST = "LOST"
+    #: The ship sidecar was told to stop before the job container ever started.
+    NOT_STARTED = "NOT_STARTED"
+
+
+class FileErrorType(StrEnum):
+    NOT_FOUND = "NOT_FOUND"
+    UPLOAD_FAILED = "UPLOAD_FAILED"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class OutputResult(_Model):
+    #: The declared path (``OutputFile.desc_path`` or ``path``) and var; ``index`` into the config's outputs.
+    path: str
+    var: str | None = None
+    index: int = 0
+    key: str
+    sha256: str
+    size_bytes: int
+    compression: Compression = Compression.NONE
+
+
+class FileError(_Model):
+    """Maps to DataSphere's FileUploadError: an output (path/var) or a log file (log_file_name)."""
+
+    type: FileErrorType
+    description: str
+    path: str | None = None
+    var: str | None = None
+    #: For outputs: the index into the config's outputs.
+    index: int | None = None
+    log_file_name: str | None = None
+
+
+class LogFileResult(_Model):
+    name: str
+    key: str
+    sha256: str
+    size_bytes: int
+
+
+class ProgressResult(_Model):
+    progress: int
+    message: str = ""
+    create_time: datetime | None = None
+
+    @classmethod
+    def of(cls, p: Progress | None) -> ProgressResult | None:
+        if p is None:
+            return None
+        return cls(progress=p.progress, message=p.message, create_time=p.create_time)
+
+
+class RunnerResult(_Model):
+    v: Literal[1] = 1
+    project_id: str
+    job_id: str
+    attempt: int = 0
+    status: RunnerStatus
+    return_code: int | None = None
+    cancelled: bool = False
+    reason: str = ""
+    outputs: list[OutputResult] = Field(default_factory=list)
+    file_errors: list[FileError] = Field(default_factory=list)
+    log_files: list[LogFileResult] = Field(default_factory=list)
+    progress: ProgressResult | None = None
+    #: Offset just past the last log record; ``logs_complete`` when the final marker was written.
+    log_end_offset: int | None = None
+    logs_complete: bool = False
+    finished_at: datetime | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class ResultPointer(_Model):
+    """What the termination message holds when the full result does not fit."""
+
+    v: Literal[1] = 1
+    truncated: Literal[True] = True
+    result_key: str
+    project_id: str
+    job_id: str
+    attempt: int = 0
+    status: RunnerStatus
+    return_code: int | None = None
+    cancelled: bool = False
+    reason: str = ""
+    outputs_count: int = 0
+    file_errors_count: int = 0
+
+
+def termination_message(result: RunnerResult, *, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
+    """The full result if it fits in ``limit`` bytes, else a pointer to the stored copy."""
+    full = result.to_json()
+    if len(full.encode()) <= limit:
+        return full
+    pointer = ResultPointer(
+        result_key=result_key(result.project_id, result.job_id),
+        project_id=result.project_id,
+        job_id=result.job_id,
+        attempt=result.attempt,
+        status=result.status,
+        return_code=result.return_code,
+        cancelled=result.cancelled,
+        reason=result.reason[:1024],
+        outputs_count=len(result.outputs),
+        file_errors_count=len(result.file_errors),
+    )
+    text = pointer.model_dump_json(exclude_none=True)
+    if len(text.encode()) > limit:  # only a pathological reason gets here: drop it
+        text = pointer.model_copy(update={"reason": ""}).model_dump_json(exclude_none=True)
+    return text
+
+
+def parse_termination_message(text: str) -> RunnerResult | ResultPointer:
+    """Parse the ship container's termination message. ValueError if it is not one of ours."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not a runner termination message: {exc}") from exc
+    try:
+        if isinstance(data, dict) and data.get("truncated"):
+            return ResultPointer.model_validate(data)
+        return RunnerResult.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"not a runner termination message: {exc}") from exc
+
+
+def store_result(store: ObjectStore, result: RunnerResult) -> str:
+    key = result_key(result.project_id, result.job_id)
+    store.put_bytes(key, result.to_json().encode(), content_type="application/json")
+    return key
+
+
+def load_result(store: ObjectStore, project: str, job: str) -> RunnerResult | None:
+    data = store.get_bytes(result_key(project, job))
+    return RunnerResult.model_validate_json(data) if data is not None else None

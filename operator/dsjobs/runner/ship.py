@@ -1,0 +1,537 @@
+"""The ship sidecar: logs to storage while the job runs, then outputs, result and final marker.
+
+While the job container runs, every ``flush_interval`` (<= 1 s) the shipper appends what is new in
+the shared volume's files as log records (chunk objects, see dsjobs.logrecords):
+
+    logs/stdout.log  -> OUT            logs/system.log        -> FILE ".system.log"
+    logs/stderr.log  -> ERR            logs/job_progress.jsonl -> FILE "job_progress.jsonl"
+
+Memory stays constant whatever the volume: a tick reads at most one chunk's worth per pass and
+the source files are the buffer. Each chunk header records the file positions it covers, so a
+restarted shipper (or stage-in, which ships its own messages first) continues exactly where the
+last chunk ended: no record lost, none repeated. A storage outage only delays shipping.
+
+The job is over when the entry script's status file appears (written after its output is fully
+in the files), or when its heartbeat stops for ``heartbeat_timeout`` (the container was killed
+outright: status LOST). Then: drain the logs, upload outputs (missing -> NOT_FOUND, failing
+after retries -> UPLOAD_FAILED, directories zipped), upload the raw log files, ship the last
+records, write the final marker, store ``result.json`` and write the termination message.
+
+If this sidecar itself dies midway, the chunks already written stay valid and readable, but no
+final marker or result is written: the operator sees the ship container terminated without a
+parsable termination message and must report the job failed with a log error (docs/runner.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dsjobs.logrecords import (
+    MAX_RECORD_CONTENT,
+    PROGRESS_LOG_PATH,
+    SYSTEM_LOG_PATH,
+    FinalMarker,
+    LogChunk,
+    LogRecord,
+    Progress,
+    Stream,
+    final_key,
+    find_next_seq,
+    log_file_key,
+    make_offset,
+    parse_progress_line,
+    read_chunk,
+    read_final,
+    read_progress,
+    split_records,
+    write_chunk,
+    write_final,
+    write_progress,
+)
+from dsjobs.runner.config import Compression, OutputFile, RunnerConfig
+from dsjobs.runner.result import (
+    FileError,
+    FileErrorType,
+    LogFileResult,
+    OutputResult,
+    ProgressResult,
+    RunnerResult,
+    RunnerStatus,
+    store_result,
+    termination_message,
+)
+from dsjobs.runner.syslog import SystemLog
+from dsjobs.runner.zipsafe import zip_directory
+from dsjobs.storage import ObjectStore, PreconditionFailedError, Storage, output_key
+
+log = logging.getLogger(__name__)
+
+ENV_TERMINATION_LOG = "DSJOBS_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+#: How long the final flush keeps retrying storage before reporting the logs incomplete.
+FINAL_FLUSH_SECONDS = 300.0
+#: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
+LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
+
+
+@dataclass
+class _Source:
+    key: str
+    path: Path
+    stream: Stream
+    file_path: str | None
+    #: Ship an unterminated line after ``partial_line_seconds`` (progress lines wait for "\n").
+    timed_partial: bool
+    pos: int = 0
+    partial_since: float | None = None
+
+
+@dataclass
+class _Pending:
+    records: list[LogRecord] = field(default_factory=list)
+    positions: dict[str, int] = field(default_factory=dict)
+    progress: Progress | None = None
+    partial: dict[str, float | None] = field(default_factory=dict)
+
+
+class LogShipper:
+    """Turns the shared volume's log files into chunks, strictly in order, one writer at a time."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        config: RunnerConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.project = config.project_id
+        self.job = config.job_id
+        self.clock = clock
+        self.sleep = sleep
+        self.wall_ns = wall_ns
+        layout = config.layout
+        self.sources = [
+            _Source("sys", layout.system_log, Stream.FILE, SYSTEM_LOG_PATH, True),
+            _Source("out", layout.stdout, Stream.OUT, None, True),
+            _Source("err", layout.stderr, Stream.ERR, None, True),
+            _Source("progress", layout.progress, Stream.FILE, PROGRESS_LOG_PATH, False),
+        ]
+        self.next_seq = 0
+        self.latest_progress: Progress | None = None
+        self._progress_unsaved = False
+        self.last_error: str = ""
+
+    @property
+    def end_offset(self) -> int:
+        return make_offset(self.next_seq, 0)
+
+    def resume(self) -> None:
+        """Continue after whatever this job's earlier writers stored."""
+        self.next_seq = find_next_seq(self.store, self.project, self.job)
+        if self.next_seq > 0:
+            last = read_chunk(self.store, self.project, self.job, self.next_seq - 1)
+            if last is not None and last.attempt == self.config.attempt:
+                # Same pod attempt (stage-in before us, or a restarted ship): same files.
+                for s in self.sources:
+                    s.pos = last.resume.get(s.key, 0)
+                self.latest_progress = read_progress(self.store, self.project, self.job)
+        final = read_final(self.store, self.project, self.job)
+        if final is not None and final.attempt < self.config.attempt:
+            # A new attempt extends the job's stream: readers must not see it as complete.
+            self.store.delete(final_key(self.project, self.job))
+
+    def _read(self, src: _Source, limit: int) -> bytes:
+        try:
+            with open(src.path, "rb") as f:
+                f.seek(src.pos)
+                return f.read(limit)
+        except FileNotFoundError:
+            return b""
+
+    def collect(self, *, final: bool) -> _Pending:
+        """Records for the next chunk (not yet committed: positions advance only once stored)."""
+        budget = self.config.ship.chunk_bytes
+        now = self.clock()
+        created = self.wall_ns()
+        pending = _Pending()
+        for src in self.sources:
+            pending.positions[src.key] = src.pos
+            pending.partial[src.key] = src.partial_since
+            if budget <= 0:
+                continue
+            data = self._read(src, max(budget, MAX_RECORD_CONTENT))
+            if not data:
+                pending.partial[src.key] = None
+                continue
+            waited = (
+                src.partial_since is not None
+                and now - src.partial_since >= self.config.ship.partial_line_seconds
+            )
+            flush = final or (src.timed_partial and waited)
+            contents, consumed = split_records(data, flush_partial=flush)
+            if consumed < len(data):
+                # An unterminated line waits; its clock restarts when it is a new line.
+                pending.partial[src.key] = (
+                    now if consumed > 0 or src.partial_since is None else src.partial_since
+                )
+            else:
+                pending.partial[src.key] = None
+            for c in contents:
+                pending.records.append(LogRecord(src.stream, c, created, src.file_path))
+                if src.key == "progress":
+                    for line in c.splitlines():
+                        p = parse_progress_line(line, default_time=datetime.fromtimestamp(created / 1e9, UTC))
+                        if p is not None:
+                            pending.progress = p
+            pending.positions[src.key] = src.pos + consumed
+            budget -= consumed
+        return pending
+
+    def _commit(self, pending: _Pending) -> None:
+        for src in self.sources:
+            src.pos = pending.positions[src.key]
+            src.partial_since = pending.partial[src.key]
+        if pending.progress is not None:
+            self.latest_progress = pending.progress
+            self._progress_unsaved = True
+
+    def _put_chunk(self, chunk: LogChunk, deadline: float | None) -> bool:
+        failures = 0
+        while True:
+            try:
+                write_chunk(self.store, self.project, self.job, chunk)
+                return True
+            except PreconditionFailedError:
+                raise  # someone else writes this job's logs: never overwrite their chunks
+            except Exception as exc:
+                failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if deadline is not None and self.clock() >= deadline:
+                    return False
+                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
+                log.warning("log chunk write failed seq=%d attempt=%d error=%s", chunk.seq, failures, exc)
+                self.sleep(delay)
+
+    def pump(self, *, final: bool = False, deadline: float | None = None) -> bool:
+        """Store everything that can be shipped now. False if storage failed past ``deadline``."""
+        while True:
+            pending = self.collect(final=final)
+            if not pending.records:
+                # Partial-line clocks still need to start even when nothing is shipped.
+                for src in self.sources:
+                    src.partial_since = pending.partial[src.key]
+                break
+            chunk = LogChunk(
+                seq=self.next_seq,
+                records=tuple(pending.records),
+                attempt=self.config.attempt,
+                resume=pending.positions,
+            )
+            if not self._put_chunk(chunk, deadline):
+                return False
+            self.next_seq += 1
+            self._commit(pending)
+        self._save_progress()
+        return True
+
+    def _save_progress(self) -> None:
+        if not self._progress_unsaved or self.latest_progress is None:
+            return
+        try:
+            write_progress(self.store, self.project, self.job, self.latest_progress)
+            self._progress_unsaved = False
+        except Exception as exc:  # retried on the next pump
+            log.warning("progress write failed error=%s", exc)
+
+    def finalize(self, reason: str, deadline: float | None = None) -> bool:
+        marker = FinalMarker(next_seq=self.next_seq, attempt=self.config.attempt, reason=reason)
+        while True:
+            try:
+                write_final(self.store, self.project, self.job, marker)
+                return True
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if deadline is None or self.clock() >= deadline:
+                    return False
+                self.sleep(2.0)
+
+
+@dataclass(frozen=True)
+class ProgramStatus:
+    status: RunnerStatus
+    return_code: int | None = None
+    cancelled: bool = False
+    reason: str = ""
+
+
+def read_status_file(path: Path) -> ProgramStatus | None:
+    """The entry script's status, or None while it is absent or still being written."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        k, sep, v = line.partition("=")
+        if sep:
+            fields[k] = v
+    if fields.get("end") != "1":
+        return None
+    phase = fields.get("phase", "")
+    cancelled = fields.get("cancelled") == "1"
+    reason = fields.get("reason", "")
+    if phase == "run":
+        try:
+            rc: int | None = int(fields.get("rc", ""))
+        except ValueError:
+            rc = None
+        return ProgramStatus(RunnerStatus.EXITED, rc, cancelled, reason)
+    if phase == "cancelled":
+        return ProgramStatus(RunnerStatus.CANCELLED, None, True, reason or "cancelled")
+    return ProgramStatus(RunnerStatus.SETUP_FAILED, None, cancelled, reason or "setup failed")
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _skip_reporter(syslog: Callable[[str], None], path: str) -> Callable[[str, str], None]:
+    def report(entry: str, why: str) -> None:
+        syslog(f"output {path}: skipped {entry} ({why})")
+
+    return report
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _upload_output(
+    config: RunnerConfig, store: Storage, index: int, out: OutputFile, syslog: Callable[[str], None]
+) -> OutputResult | FileError:
+    declared = out.desc_path or out.path
+
+    def fail(kind: FileErrorType, description: str) -> FileError:
+        syslog(f"output {declared}: {description}")
+        return FileError(type=kind, description=description, path=declared, var=out.var, index=index)
+
+    local = config.work_dir / out.path
+    key = output_key(config.project_id, config.job_id, out.path)
+    if not os.path.lexists(local):
+        return fail(FileErrorType.NOT_FOUND, f"output file {declared} was not created by the job")
+    real = os.path.realpath(local)
+    if not _inside(os.path.realpath(config.work_dir), real):
+        # A symlink out of the working dir could expose the runner's own files.
+        return fail(FileErrorType.UPLOAD_FAILED, "refused: it resolves outside the working directory")
+    tmp_zip = config.layout.tmp_dir / f"output-{index}.zip"
+    try:
+        if os.path.isdir(real):
+            n = zip_directory(real, tmp_zip, on_skip=_skip_reporter(syslog, declared))
+            res = store.upload_file(tmp_zip, key, content_type="application/zip")
+            compression = Compression.ZIP
+            syslog(f"output {declared}: directory of {n} files uploaded as zip ({human_size(res.size)})")
+        elif os.path.isfile(real):
+            res = store.upload_file(real, key)
+            compression = Compression.NONE
+            syslog(f"output {declared}: uploaded ({human_size(res.size)})")
+        else:
+            return fail(FileErrorType.UPLOAD_FAILED, "not a regular file or directory")
+    except Exception as exc:
+        return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {type(exc).__name__}: {exc}"[:1000])
+    finally:
+        tmp_zip.unlink(missing_ok=True)
+    return OutputResult(
+        path=declared,
+        var=out.var,
+        index=index,
+        key=key,
+        sha256=res.sha256,
+        size_bytes=res.size,
+        compression=compression,
+    )
+
+
+def upload_outputs(
+    config: RunnerConfig, store: Storage, syslog: Callable[[str], None]
+) -> tuple[list[OutputResult], list[FileError]]:
+    """Upload each declared output; missing ones are NOT_FOUND, failures UPLOAD_FAILED."""
+    outputs: list[OutputResult] = []
+    errors: list[FileError] = []
+    for i, out in enumerate(config.outputs):
+        r = _upload_output(config, store, i, out, syslog)
+        if isinstance(r, OutputResult):
+            outputs.append(r)
+        else:
+            errors.append(r)
+    return outputs, errors
+
+
+def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFileResult], list[FileError]]:
+    layout = config.layout
+    files: list[LogFileResult] = []
+    errors: list[FileError] = []
+    for name, path in zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True):
+        try:
+            if os.path.getsize(path) == 0:
+                continue
+        except OSError:
+            continue
+        key = log_file_key(config.project_id, config.job_id, name)
+        try:
+            res = store.upload_file(path, key, content_type="text/plain")
+        except Exception as exc:
+            errors.append(
+                FileError(
+                    type=FileErrorType.UPLOAD_FAILED,
+                    log_file_name=name,
+                    description=f"upload failed: {type(exc).__name__}: {exc}"[:1000],
+                )
+            )
+            continue
+        files.append(LogFileResult(name=name, key=key, sha256=res.sha256, size_bytes=res.size))
+    return files, errors
+
+
+def write_termination_message(text: str, path: str | None = None) -> None:
+    target = path or os.environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
+    try:
+        with open(target, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        log.warning("cannot write termination message path=%s error=%s", target, exc)
+
+
+class Ship:
+    """The sidecar's main loop. `request_stop` is what SIGTERM calls."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        store: Storage,
+        *,
+        termination_log: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.termination_log = termination_log
+        self.clock = clock
+        self.sleep = sleep
+        self.layout = config.layout
+        self.syslog = SystemLog(self.layout.system_log, "ship")
+        self.shipper = LogShipper(store, config, clock=clock, sleep=sleep)
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        # Pod deletion: if the job runs, its entry script got SIGTERM too and will finish (within
+        # its graceful timeout); we keep shipping until then. Before it starts, we stop now.
+        self.stop_requested = True
+
+    def wait_for_program(self) -> ProgramStatus:
+        settings = self.config.ship
+        beat: str | None = None
+        beat_changed: float | None = None
+        while True:
+            self.shipper.pump()
+            status = read_status_file(self.layout.status)
+            if status is not None:
+                return status
+            now = self.clock()
+            if self.layout.started.exists():
+                try:
+                    current: str | None = self.layout.heartbeat.read_text()
+                except OSError:
+                    current = None
+                if current != beat or beat_changed is None:
+                    beat, beat_changed = current, now
+                elif now - beat_changed > settings.heartbeat_timeout_seconds:
+                    # One last look: the status may have landed just now.
+                    status = read_status_file(self.layout.status)
+                    return status or ProgramStatus(
+                        RunnerStatus.LOST,
+                        None,
+                        self.stop_requested,
+                        "the job container stopped without recording an exit status "
+                        "(killed, e.g. out of memory?)",
+                    )
+            elif self.stop_requested:
+                return ProgramStatus(RunnerStatus.NOT_STARTED, None, True, "stopped before the job started")
+            self.sleep(settings.flush_interval_seconds)
+
+    def run(self) -> RunnerResult:
+        cfg = self.config
+        self.shipper.resume()
+        self.syslog("shipping logs")
+        status = self.wait_for_program()
+        if status.status == RunnerStatus.EXITED:
+            what = f"exit code {status.return_code}" + (" (cancelled)" if status.cancelled else "")
+        else:
+            what = f"{status.status.value}: {status.reason}"
+        self.syslog(f"job finished: {what}")
+        deadline = self.clock() + FINAL_FLUSH_SECONDS
+        self.shipper.pump(final=True, deadline=deadline)
+
+        outputs: list[OutputResult] = []
+        errors: list[FileError] = []
+        if status.status in (RunnerStatus.EXITED, RunnerStatus.LOST):
+            outputs, errors = upload_outputs(cfg, self.store, self.syslog)
+        log_files, log_errors = upload_log_files(cfg, self.store)
+        errors.extend(log_errors)
+        self.syslog(f"{len(outputs)} outputs uploaded, {len(errors)} file errors")
+
+        shipped = self.shipper.pump(final=True, deadline=deadline)
+        finalized = shipped and self.shipper.finalize(what, deadline=deadline)
+        if not finalized:
+            errors.append(
+                FileError(
+                    type=FileErrorType.UPLOAD_FAILED,
+                    log_file_name=SYSTEM_LOG_PATH,
+                    description=f"job logs could not be stored completely: {self.shipper.last_error}"[:1000],
+                )
+            )
+        result = RunnerResult(
+            project_id=cfg.project_id,
+            job_id=cfg.job_id,
+            attempt=cfg.attempt,
+            status=status.status,
+            return_code=status.return_code,
+            cancelled=status.cancelled,
+            reason=status.reason,
+            outputs=outputs,
+            file_errors=errors,
+            log_files=log_files,
+            progress=ProgressResult.of(self.shipper.latest_progress),
+            log_end_offset=self.shipper.end_offset,
+            logs_complete=finalized,
+            finished_at=datetime.now(UTC),
+        )
+        try:
+            store_result(self.store, result)
+        except Exception as exc:
+            log.warning("cannot store result.json error=%s", exc)
+        write_termination_message(termination_message(result), self.termination_log)
+        log.info(
+            "ship done status=%s rc=%s outputs=%d file_errors=%d log_end=%d",
+            result.status.value,
+            result.return_code,
+            len(outputs),
+            len(errors),
+            self.shipper.end_offset,
+        )
+        return result

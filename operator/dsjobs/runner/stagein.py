@@ -1,0 +1,180 @@
+"""Stage-in (the init container): inputs and local modules into place, then the entry script.
+
+- each input ``projects/<project>/inputs/<sha256>`` is streamed to ``<work_dir>/<path>`` with its
+  size and sha256 verified (the cache is content-addressed, but clients upload through presigned
+  URLs: the content is checked, not trusted); ZIP inputs are extracted (zip-slip safe) into the
+  parent of ``path``, the DataSphere CLI's layout;
+- local modules are extracted into ``<shared>/python/modules/<i>`` (put on PYTHONPATH);
+- the requirements file and ``<shared>/entry.sh`` are written.
+
+Its messages go to the system log and are shipped as log records right away, so a failed
+stage-in is visible to ReadLogs. On failure it also writes the final log marker, ``result.json``
+(status STAGE_IN_FAILED) and the termination message, and exits non-zero: the pod fails and the
+operator reads the init container's termination message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dsjobs.runner.config import Compression, InputFile, LocalModule, RunnerConfig
+from dsjobs.runner.entry import render_entry_script
+from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termination_message
+from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
+from dsjobs.runner.syslog import SystemLog
+from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
+from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key
+
+log = logging.getLogger(__name__)
+
+#: Parallel downloads: network-bound, and the init container gets little CPU.
+DOWNLOAD_WORKERS = 4
+
+
+class StageInError(Exception):
+    """A user-facing reason why the job cannot start."""
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p, leaving new directories world-writable (the job may run as any uid)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o777)
+
+
+def _describe(kind: str, f: InputFile | LocalModule) -> str:
+    return f"{kind} {f.path or f.var or f.sha256[:12]}"
+
+
+def _stage_file(
+    config: RunnerConfig,
+    store: Storage,
+    f: InputFile | LocalModule,
+    dest_root: Path,
+    target_name: str,
+    kind: str,
+) -> int:
+    key = input_key(config.project_id, f.sha256)
+    what = _describe(kind, f)
+    try:
+        if f.compression == Compression.ZIP:
+            tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
+            try:
+                store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256)
+                _make_dirs(dest_root)
+                return extract_zip(tmp, dest_root)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        dest = dest_root / target_name
+        _make_dirs(dest.parent)
+        store.download_file(key, dest, expected_size=f.size_bytes, expected_sha256=f.sha256)
+        os.chmod(dest, 0o666)
+        return 1
+    except ObjectNotFoundError as exc:
+        raise StageInError(f"{what}: not in storage (sha256 {f.sha256}); was it uploaded?") from exc
+    except IntegrityError as exc:
+        raise StageInError(f"{what}: stored content is corrupt: {exc}") from exc
+    except UnsafeZipError as exc:
+        raise StageInError(f"{what}: archive refused: {exc}") from exc
+
+
+def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> None:
+    work = config.work_dir
+    layout = config.layout
+    jobs: list[tuple[InputFile | LocalModule, Path, str, str]] = []
+    for inp in config.inputs:
+        rel = Path(inp.path)
+        if inp.compression == Compression.ZIP:
+            jobs.append((inp, work / rel.parent, "", "input"))
+        else:
+            jobs.append((inp, work / rel.parent, rel.name, "input"))
+    for i, mod in enumerate(config.local_modules):
+        name = os.path.basename(mod.path.replace("\\", "/")) or f"module_{i}.py"
+        jobs.append((mod, layout.module_dir(i), name, "local module"))
+
+    started = time.monotonic()
+    total = sum(f.size_bytes for f, *_ in jobs)
+    with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
+        futures = [
+            pool.submit(_stage_file, config, store, f, root, name, kind) for f, root, name, kind in jobs
+        ]
+        first_error: BaseException | None = None
+        for fut in futures:
+            exc = fut.exception()
+            if exc is not None and first_error is None:
+                first_error = exc
+                for other in futures:
+                    other.cancel()
+        if first_error is not None:
+            raise first_error
+    if jobs:
+        syslog(
+            f"staged {len(config.inputs)} inputs and {len(config.local_modules)} local modules "
+            f"({human_size(total)}) in {time.monotonic() - started:.1f}s"
+        )
+
+
+def prepare(config: RunnerConfig) -> None:
+    """Directories, requirements file and entry script (no storage access)."""
+    layout = config.layout
+    layout.create()
+    _make_dirs(config.work_dir)
+    for out in config.outputs:
+        # The job writes outputs in place; var-named ones live in directories it did not create.
+        _make_dirs((config.work_dir / out.path).parent)
+    if config.python_env is not None and config.python_env.requirements:
+        layout.requirements.write_text("\n".join(config.python_env.requirements) + "\n")
+    script = render_entry_script(config)
+    tmp = layout.entry_script.with_suffix(".tmp")
+    tmp.write_text(script)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, layout.entry_script)
+
+
+def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str | None = None) -> bool:
+    """Stage everything. Returns False (after reporting) when the job cannot start."""
+    layout = config.layout
+    layout.create()
+    syslog = SystemLog(layout.system_log, "stage-in")
+    shipper = LogShipper(store, config)
+    shipper.resume()
+    try:
+        prepare(config)
+        stage_inputs(config, store, syslog)
+        shipper.pump(final=True, deadline=time.monotonic() + 60)
+        return True
+    except Exception as exc:
+        reason = (
+            str(exc) if isinstance(exc, StageInError) else f"stage-in failed: {type(exc).__name__}: {exc}"
+        )
+        log.exception("stage-in failed")
+        syslog(reason)
+        deadline = time.monotonic() + 60
+        complete = shipper.pump(final=True, deadline=deadline) and shipper.finalize(reason, deadline=deadline)
+        result = RunnerResult(
+            project_id=config.project_id,
+            job_id=config.job_id,
+            attempt=config.attempt,
+            status=RunnerStatus.STAGE_IN_FAILED,
+            reason=reason[:2000],
+            log_end_offset=shipper.end_offset,
+            logs_complete=complete,
+            finished_at=datetime.now(UTC),
+        )
+        try:
+            store_result(store, result)
+        except Exception as store_exc:
+            log.warning("cannot store result.json error=%s", store_exc)
+        write_termination_message(termination_message(result), termination_log)
+        return False

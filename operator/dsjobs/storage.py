@@ -1,0 +1,686 @@
+"""Object storage for dsjobs: settings, the bucket's key layout, presigned URLs and transfers.
+
+One bucket holds everything (see docs/contracts.md):
+
+    projects/<project>/inputs/<sha256>                      content-addressed input cache
+    projects/<project>/jobs/<job>/outputs/<path>            declared outputs
+    projects/<project>/jobs/<job>/logs/...                  log records (dsjobs.logrecords)
+    projects/<project>/jobs/<job>/result.json               the runner's full result
+
+Why uploads never leave a half-written object that looks complete: S3 makes an object visible
+only when its PutObject request has been received in full, and a multipart object only when
+CompleteMultipartUpload succeeds. A transfer that fails midway either leaves the previous
+version of the key (or nothing) visible, or an invisible incomplete multipart upload that
+s3transfer aborts (and that a bucket lifecycle rule / ``delete_prefix`` cleans up if the process
+died). So we write straight to the final key; a temp-key-then-copy dance would only double the
+I/O. Downloads do need care on our side: they go to a temp file next to the destination and are
+renamed into place only after size and sha256 were verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+    SSLError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+ENV_ENDPOINT = "DSJOBS_S3_ENDPOINT"
+ENV_PUBLIC_ENDPOINT = "DSJOBS_S3_PUBLIC_ENDPOINT"
+ENV_BUCKET = "DSJOBS_S3_BUCKET"
+ENV_ACCESS_KEY = "DSJOBS_S3_ACCESS_KEY"
+ENV_SECRET_KEY = "DSJOBS_S3_SECRET_KEY"
+ENV_REGION = "DSJOBS_S3_REGION"
+#: Every variable `StorageSettings.from_env` reads; the runner's Secret carries these keys.
+STORAGE_ENV_VARS = (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_REGION, ENV_PUBLIC_ENDPOINT)
+
+DEFAULT_PRESIGN_EXPIRY = timedelta(minutes=15)
+MAX_PRESIGN_EXPIRY = timedelta(hours=1)
+
+_MiB = 1024 * 1024
+#: Streaming reads/writes move this much at a time: memory use does not grow with object size.
+IO_CHUNK = _MiB
+
+
+class StorageError(Exception):
+    """A storage operation failed (after retries where they make sense)."""
+
+
+class ObjectNotFoundError(StorageError):
+    """The key does not exist."""
+
+
+class IntegrityError(StorageError):
+    """Downloaded bytes do not match the expected size or sha256."""
+
+
+class StorageConfigError(StorageError):
+    """Storage settings are missing or invalid."""
+
+
+class UnsafePathError(ValueError):
+    """A user-supplied relative path is absolute, escapes its root or is otherwise unusable."""
+
+
+class StorageSettings(BaseModel):
+    """Where the bucket is and how to sign requests. Built from ``DSJOBS_S3_*`` variables."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint: str = Field(description="http(s)://host[:port] the cluster reaches the S3 server at")
+    bucket: str
+    access_key: str
+    secret_key: SecretStr
+    region: str = "us-east-1"
+    public_endpoint: str | None = Field(
+        default=None,
+        description="endpoint that clients outside the cluster use; presigned URLs are signed for it",
+    )
+
+    @field_validator("endpoint", "public_endpoint")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not re.match(r"^https?://[^/\s]+/?$", v):
+            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+        return v.rstrip("/")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageSettings:
+        env = os.environ if environ is None else environ
+        missing = [k for k in (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY) if not env.get(k)]
+        if missing:
+            raise StorageConfigError(f"storage settings missing: {', '.join(missing)}")
+        return cls(
+            endpoint=env[ENV_ENDPOINT],
+            bucket=env[ENV_BUCKET],
+            access_key=env[ENV_ACCESS_KEY],
+            secret_key=SecretStr(env[ENV_SECRET_KEY]),
+            region=env.get(ENV_REGION) or "us-east-1",
+            public_endpoint=env.get(ENV_PUBLIC_ENDPOINT) or None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Key layout (pure)
+# ---------------------------------------------------------------------------------------------
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_id(kind: str, value: str) -> str:
+    # Ids become key path segments: a "/" or ".." would let one project address another's data.
+    if not _ID_RE.match(value) or value in {".", ".."}:
+        raise ValueError(f"invalid {kind} id {value!r}")
+    return value
+
+
+def check_sha256(value: str) -> str:
+    if not _SHA256_RE.match(value):
+        raise ValueError(f"invalid sha256 {value!r}: expected 64 lowercase hex digits")
+    return value
+
+
+def normalize_relpath(path: str) -> str:
+    """Normalize a job-relative path ("a/./b" -> "a/b"); refuse absolute paths and any ``..``.
+
+    The result is safe to join under a root directory or a key prefix.
+    """
+    if not path or "\x00" in path:
+        raise UnsafePathError(f"empty or NUL-containing path {path!r}")
+    if path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", path):
+        raise UnsafePathError(f"absolute path {path!r} is not allowed")
+    parts = re.split(r"[/\\]", path)
+    if any(p == ".." for p in parts):
+        raise UnsafePathError(f"path {path!r} must not contain '..'")
+    norm = posixpath.normpath("/".join(p for p in parts if p not in {"", "."}) or ".")
+    if norm in {".", ""}:
+        raise UnsafePathError(f"path {path!r} names no file")
+    return norm
+
+
+def project_prefix(project: str) -> str:
+    return f"projects/{_check_id('project', project)}/"
+
+
+def input_key(project: str, sha256: str) -> str:
+    return f"{project_prefix(project)}inputs/{check_sha256(sha256)}"
+
+
+def job_prefix(project: str, job: str) -> str:
+    return f"{project_prefix(project)}jobs/{_check_id('job', job)}/"
+
+
+def output_prefix(project: str, job: str) -> str:
+    return f"{job_prefix(project, job)}outputs/"
+
+
+def output_key(project: str, job: str, path: str) -> str:
+    return output_prefix(project, job) + normalize_relpath(path)
+
+
+def log_prefix(project: str, job: str) -> str:
+    return f"{job_prefix(project, job)}logs/"
+
+
+def result_key(project: str, job: str) -> str:
+    return f"{job_prefix(project, job)}result.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry
+# ---------------------------------------------------------------------------------------------
+
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "BadGateway",
+        "GatewayTimeout",
+    }
+)
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: connection trouble, timeouts, 5xx, throttling."""
+    if isinstance(exc, SSLError):
+        return False  # a certificate problem does not go away by retrying
+    if isinstance(
+        exc,
+        (
+            BotoConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
+            ResponseStreamingError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
+        return True
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code", "") in _TRANSIENT_CODES or status in _TRANSIENT_STATUS
+    # s3transfer wraps the underlying error; judge by the cause.
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc and type(exc).__name__ == "S3UploadFailedError":
+        return is_transient(cause)
+    return False
+
+
+T = TypeVar("T")
+
+
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float = 20.0,
+    transient: Callable[[BaseException], bool] = is_transient,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying transient failures with jittered exponential backoff.
+
+    ``attempts <= 0`` retries forever (the log shipper uses that while the program runs: the data
+    is safe in files, so waiting out a storage outage loses nothing).
+    """
+    n = 0
+    while True:
+        n += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc) or (attempts > 0 and n >= attempts):
+                raise
+            delay = min(max_delay, base_delay * (2 ** (n - 1)))
+            delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
+            log.info("storage retry what=%s attempt=%d delay=%.2fs error=%s", what, n, delay, _short(exc))
+            sleep(delay)
+
+
+def _short(exc: BaseException) -> str:
+    s = f"{type(exc).__name__}: {exc}"
+    return s if len(s) <= 300 else s[:297] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    key: str
+    size: int
+    sha256: str
+
+
+class ObjectStore(Protocol):
+    """The small-object operations the log format needs; `Storage` implements it, tests fake it."""
+
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = ..., if_none_match: bool = ...
+    ) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes | None: ...
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class PreconditionFailedError(StorageError):
+    """A conditional write found the key already present."""
+
+
+class _HashingReader:
+    """Read-only, non-seekable view of a file that hashes what passes through.
+
+    Being non-seekable makes s3transfer read the stream strictly in order (bounded by
+    ``max_in_memory_upload_chunks`` parts in memory), so the hash is of the bytes uploaded.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self.hash.update(b)
+        self.size += len(b)
+        return b
+
+
+def _client_error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_not_found(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return _client_error_code(exc) in {"404", "NoSuchKey", "NotFound"} or status == 404
+
+
+class Storage:
+    """The bucket. Thread-safe (boto3 clients are); one instance per process is enough."""
+
+    def __init__(
+        self,
+        settings: StorageSettings,
+        *,
+        client: S3Client | None = None,
+        attempts: int = 5,
+        transfer_config: TransferConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self.attempts = attempts
+        self._client: S3Client = client or self._make_client(settings.endpoint)
+        self._presign_client: S3Client = (
+            self._make_client(settings.public_endpoint)
+            if settings.public_endpoint and client is None
+            else self._client
+        )
+        if transfer_config is None:
+            transfer_config = TransferConfig(
+                multipart_threshold=16 * _MiB,
+                multipart_chunksize=8 * _MiB,
+                max_concurrency=4,
+                use_threads=True,
+            )
+            # Caps memory for our non-seekable (hashing) upload streams: at most this many parts
+            # are buffered at once, whatever the file size.
+            transfer_config.max_in_memory_upload_chunks = 4
+        self._transfer_config = transfer_config
+        self._conditional_writes = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Storage:
+        return cls(StorageSettings.from_env(environ))
+
+    def _make_client(self, endpoint: str) -> S3Client:
+        cfg = BotoConfig(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": self.attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            # Only checksums the API demands: S3-compatible servers vary in what else they accept.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        client: S3Client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=self.settings.access_key,
+            aws_secret_access_key=self.settings.secret_key.get_secret_value(),
+            region_name=self.settings.region,
+            config=cfg,
+        )
+        return client
+
+    # -- presigned URLs -------------------------------------------------------------------------
+
+    @staticmethod
+    def _expiry_seconds(expires: timedelta) -> int:
+        if expires <= timedelta(0) or expires > MAX_PRESIGN_EXPIRY:
+            raise ValueError(f"presigned URL expiry must be in (0, {MAX_PRESIGN_EXPIRY}], got {expires}")
+        return int(expires.total_seconds())
+
+    def presign_put(self, key: str, *, expires: timedelta = DEFAULT_PRESIGN_EXPIRY) -> str:
+        """A URL that accepts one plain ``PUT`` of the object body (no extra headers needed)."""
+        return self._presign_client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key},
+            ExpiresIn=self._expiry_seconds(expires),
+        )
+
+    def presign_get(
+        self, key: str, *, expires: timedelta = DEFAULT_PRESIGN_EXPIRY, filename: str | None = None
+    ) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if filename:
+            safe = filename.replace('"', "").replace("\\", "")
+            params["ResponseContentDisposition"] = f'attachment; filename="{safe}"'
+        return self._presign_client.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=self._expiry_seconds(expires)
+        )
+
+    # -- small objects --------------------------------------------------------------------------
+
+    def head(self, key: str) -> ObjectInfo | None:
+        def call() -> ObjectInfo | None:
+            try:
+                r = self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+            return ObjectInfo(key=key, size=int(r["ContentLength"]), etag=str(r.get("ETag", "")))
+
+        return retry(call, what=f"head {key}", attempts=self.attempts)
+
+    def exists(self, key: str, *, size: int | None = None) -> bool:
+        """True if the key exists (and, when ``size`` is given, has exactly that many bytes).
+
+        The size check is what makes the content-addressed input cache safe to trust for
+        deduplication: a truncated or wrong-size upload is not "already there".
+        """
+        info = self.head(key)
+        return info is not None and (size is None or info.size == size)
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> None:
+        """PUT a small object. ``if_none_match`` refuses to replace an existing key.
+
+        A conditional PUT that is retried after a lost response finds its own object: that
+        counts as success when the stored bytes are ours, else PreconditionFailedError.
+        """
+        attempt = 0
+
+        def call() -> None:
+            nonlocal attempt
+            attempt += 1
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "Body": data,
+                "ContentType": content_type,
+            }
+            if if_none_match and self._conditional_writes:
+                kwargs["IfNoneMatch"] = "*"
+            try:
+                self._client.put_object(**kwargs)
+            except ClientError as exc:
+                code = _client_error_code(exc)
+                if code == "NotImplemented" and "IfNoneMatch" in kwargs:
+                    # Older S3-compatible servers: fall back to plain PUTs (single writer anyway).
+                    log.info("storage conditional writes unsupported; using plain PUT")
+                    self._conditional_writes = False
+                    self._client.put_object(**{k: v for k, v in kwargs.items() if k != "IfNoneMatch"})
+                    return
+                if code in {"PreconditionFailed", "412"}:
+                    if self.get_bytes(key) == data:
+                        return
+                    raise PreconditionFailedError(f"{key} already exists with other content") from exc
+                raise
+
+        retry(call, what=f"put {key}", attempts=self.attempts)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The whole object, or None if it does not exist. For small objects only."""
+
+        def call() -> bytes | None:
+            try:
+                r = self._client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+            return r["Body"].read()
+
+        return retry(call, what=f"get {key}", attempts=self.attempts)
+
+    def delete(self, key: str) -> None:
+        retry(
+            lambda: self._client.delete_object(Bucket=self.bucket, Key=key),
+            what=f"delete {key}",
+            attempts=self.attempts,
+        )
+
+    def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, in key order."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = retry(
+                lambda kw=kwargs: self._client.list_objects_v2(**kw),  # type: ignore[misc]
+                what=f"list {prefix}",
+                attempts=self.attempts,
+            )
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), etag=str(obj.get("ETag", "")))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (and abort its unfinished multipart uploads).
+
+        Returns the number of objects deleted.
+        """
+        if not prefix or not prefix.endswith("/"):
+            # A prefix like "projects/p1" would also match "projects/p10/...".
+            raise ValueError(f"prefix must be non-empty and end with '/': {prefix!r}")
+        batch: list[str] = []
+        deleted = 0
+
+        def flush() -> None:
+            nonlocal deleted
+            if not batch:
+                return
+            objs: list[Any] = [{"Key": k} for k in batch]
+            r = retry(
+                lambda: self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objs, "Quiet": True}
+                ),
+                what=f"delete {len(batch)} under {prefix}",
+                attempts=self.attempts,
+            )
+            errors = r.get("Errors", [])
+            if errors:
+                raise StorageError(f"delete under {prefix} failed for {len(errors)} keys: {errors[0]}")
+            deleted += len(batch)
+            batch.clear()
+
+        for obj in self.iter_objects(prefix):
+            batch.append(obj.key)
+            if len(batch) >= 1000:
+                flush()
+        flush()
+        self._abort_uploads(prefix)
+        return deleted
+
+    def _abort_uploads(self, prefix: str) -> None:
+        try:
+            r = self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+        except (ClientError, BotoCoreError) as exc:
+            log.info("storage list multipart uploads failed prefix=%s error=%s", prefix, _short(exc))
+            return
+        for u in r.get("Uploads", []):
+            if not u.get("Key", "").startswith(prefix):
+                continue
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+            except (ClientError, BotoCoreError) as exc:
+                log.info("storage abort upload failed key=%s error=%s", u.get("Key"), _short(exc))
+
+    # -- streaming transfers ---------------------------------------------------------------------
+
+    def upload_file(
+        self, path: str | os.PathLike[str], key: str, *, content_type: str = "application/octet-stream"
+    ) -> TransferResult:
+        """Stream a local file to ``key`` (multipart above 16 MiB), hashing it on the way.
+
+        Memory stays bounded by a few multipart parts regardless of file size. A failed attempt
+        restarts from the beginning of the file with a fresh hash.
+        """
+
+        def call() -> TransferResult:
+            with open(path, "rb") as f:
+                reader = _HashingReader(f)
+                self._client.upload_fileobj(
+                    reader,  # type: ignore[arg-type]
+                    self.bucket,
+                    key,
+                    ExtraArgs={"ContentType": content_type},
+                    Config=self._transfer_config,
+                )
+            return TransferResult(key=key, size=reader.size, sha256=reader.hash.hexdigest())
+
+        return retry(call, what=f"upload {key}", attempts=self.attempts)
+
+    def download_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> TransferResult:
+        """Stream ``key`` into ``dest`` with constant memory, verifying size and sha256.
+
+        Interrupted reads resume with a Range request (same ETag) rather than starting over.
+        ``dest`` appears only when the content is verified; nothing is left behind on failure.
+        """
+        dest_path = Path(dest)
+        tmp = dest_path.with_name(f".{dest_path.name}.dsjobs-partial")
+        h = hashlib.sha256()
+        written = 0
+        etag: str | None = None
+        failures = 0
+        try:
+            with open(tmp, "wb") as f:
+                while True:
+                    kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+                    if written:
+                        kwargs["Range"] = f"bytes={written}-"
+                    try:
+                        try:
+                            r = self._client.get_object(**kwargs)
+                        except ClientError as exc:
+                            if _is_not_found(exc):
+                                raise ObjectNotFoundError(f"object {key} not found") from exc
+                            if _client_error_code(exc) == "InvalidRange" and written:
+                                break  # everything was read before the connection dropped
+                            raise
+                        if etag is None:
+                            etag = str(r.get("ETag", ""))
+                        elif str(r.get("ETag", "")) != etag:
+                            # The object was replaced mid-download: start over on the new one.
+                            f.seek(0)
+                            f.truncate()
+                            h, written, etag = hashlib.sha256(), 0, None
+                            continue
+                        for chunk in r["Body"].iter_chunks(IO_CHUNK):
+                            f.write(chunk)
+                            h.update(chunk)
+                            written += len(chunk)
+                        break
+                    except ObjectNotFoundError:
+                        raise
+                    except Exception as exc:
+                        failures += 1
+                        if not is_transient(exc) or failures >= self.attempts:
+                            raise
+                        delay = min(20.0, 0.5 * 2 ** (failures - 1))
+                        log.info(
+                            "storage download resume key=%s at=%d attempt=%d error=%s",
+                            key,
+                            written,
+                            failures,
+                            _short(exc),
+                        )
+                        time.sleep(delay)
+            digest = h.hexdigest()
+            if expected_size is not None and written != expected_size:
+                raise IntegrityError(f"{key}: got {written} bytes, expected {expected_size}")
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise IntegrityError(f"{key}: sha256 {digest} does not match expected {expected_sha256}")
+            os.replace(tmp, dest_path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return TransferResult(key=key, size=written, sha256=digest)

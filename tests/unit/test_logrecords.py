@@ -1,0 +1,258 @@
+"""Stored log format: encode/decode, line splitting, resumable reading from any offset."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from runner_fakes import MemoryStore
+
+from dsjobs.logrecords import (
+    CHUNK_SLOT,
+    MAX_RECORD_CONTENT,
+    FinalMarker,
+    LogChunk,
+    LogFormatError,
+    LogRecord,
+    Progress,
+    Stream,
+    chunk_key,
+    decode_chunk,
+    encode_chunk,
+    end_offset,
+    find_next_seq,
+    make_offset,
+    parse_progress_line,
+    read_records,
+    split_offset,
+    split_records,
+    write_chunk,
+    write_final,
+)
+from dsjobs.storage import PreconditionFailedError
+
+P, J = "proj", "job"
+
+records_st = st.builds(
+    lambda kind, content, ns, path: LogRecord(kind, content, ns, path if kind == Stream.FILE else None),
+    st.sampled_from(list(Stream)),
+    st.binary(max_size=300),
+    st.integers(min_value=0, max_value=2**63),
+    st.sampled_from([".system.log", "job_progress.jsonl", "dir/файл.txt"]),
+)
+
+
+@given(st.lists(records_st, min_size=1, max_size=30), st.integers(0, 10**6), st.integers(0, 3))
+def test_chunk_encoding_round_trips(records: list[LogRecord], seq: int, attempt: int) -> None:
+    chunk = LogChunk(seq=seq, records=tuple(records), attempt=attempt, resume={"out": 5, "err": 0})
+    assert decode_chunk(encode_chunk(chunk)) == chunk
+
+
+@given(st.lists(records_st, min_size=1, max_size=5), st.data())
+def test_corrupt_chunks_are_rejected(records: list[LogRecord], data: st.DataObject) -> None:
+    blob = encode_chunk(LogChunk(seq=1, records=tuple(records)))
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(LogFormatError):
+        decode_chunk(blob[:cut])
+    with pytest.raises(LogFormatError):
+        decode_chunk(blob + b"x")
+
+
+def test_record_invariants() -> None:
+    with pytest.raises(ValueError):
+        LogRecord(Stream.FILE, b"x", 0)  # FILE needs a path
+    with pytest.raises(ValueError):
+        LogRecord(Stream.OUT, b"x", 0, "a.txt")
+    with pytest.raises(ValueError):
+        encode_chunk(LogChunk(seq=0, records=()))
+
+
+@given(st.integers(0, 2**40), st.integers(0, CHUNK_SLOT - 1))
+def test_offsets_are_ordered_and_invertible(seq: int, index: int) -> None:
+    off = make_offset(seq, index)
+    assert split_offset(off) == (seq, index)
+    assert off < make_offset(seq + 1, 0)
+    if index + 1 < CHUNK_SLOT:
+        assert off < make_offset(seq, index + 1)
+
+
+# --- splitting a byte stream into records -------------------------------------------------------
+
+
+stream_bytes = st.one_of(
+    st.binary(max_size=3000),
+    st.text(max_size=800).map(lambda s: s.encode()),
+    st.lists(
+        st.sampled_from([b"\n", b"abc", "привет".encode(), b"\xf0\x9f\x98\x80", b"x" * 70]), max_size=80
+    ).map(b"".join),
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(stream_bytes, st.lists(st.integers(1, 500), max_size=40), st.integers(8, 100))
+def test_splitting_arbitrary_reads_loses_and_repeats_nothing(
+    data: bytes, reads: list[int], max_content: int
+) -> None:
+    """However the stream arrives (arbitrary read sizes), the records concatenate to the stream."""
+    pos = 0  # consumed
+    avail = 0  # written so far
+    out: list[bytes] = []
+    for r in [*reads, len(data)]:
+        avail = min(len(data), avail + r)
+        contents, consumed = split_records(data[pos:avail], flush_partial=False, max_content=max_content)
+        assert b"".join(contents) == data[pos : pos + consumed]
+        out.extend(contents)
+        pos += consumed
+    contents, consumed = split_records(data[pos:], flush_partial=True, max_content=max_content)
+    out.extend(contents)
+    pos += consumed
+    assert pos == len(data)
+    assert b"".join(out) == data
+    assert all(0 < len(c) <= max_content for c in out)
+
+
+@given(st.text(max_size=600), st.integers(8, 64))
+def test_utf8_text_is_never_cut_inside_a_character(text: str, max_content: int) -> None:
+    data = text.encode()
+    contents, consumed = split_records(data, flush_partial=True, max_content=max_content)
+    assert consumed == len(data)
+    for c in contents:
+        c.decode()  # raises if a character was split
+
+
+def test_whole_lines_are_grouped_and_partial_lines_wait() -> None:
+    contents, consumed = split_records(b"a\nbb\nccc", flush_partial=False)
+    assert contents == [b"a\nbb\n"] and consumed == 5
+    contents, consumed = split_records(b"ccc", flush_partial=True)
+    assert contents == [b"ccc"] and consumed == 3
+    long = b"y" * (MAX_RECORD_CONTENT + 10)
+    contents, consumed = split_records(long, flush_partial=False)
+    assert contents == [b"y" * MAX_RECORD_CONTENT] and consumed == MAX_RECORD_CONTENT
+
+
+# --- reading back from storage ------------------------------------------------------------------
+
+
+def _store_stream(records: list[LogRecord], sizes: list[int], *, final: bool) -> tuple[MemoryStore, int]:
+    store = MemoryStore()
+    seq = 0
+    i = 0
+    for n in [*sizes, len(records)]:
+        if i >= len(records):
+            break
+        part = records[i : i + max(1, n)]
+        write_chunk(store, P, J, LogChunk(seq=seq, records=tuple(part)))
+        i += len(part)
+        seq += 1
+    if final:
+        write_final(store, P, J, FinalMarker(next_seq=seq))
+    return store, seq
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(records_st, max_size=60),
+    st.lists(st.integers(1, 12), max_size=20),
+    st.lists(st.integers(1, 9), min_size=1, max_size=30),
+    st.booleans(),
+)
+def test_reading_in_arbitrary_steps_returns_each_record_once_in_order(
+    records: list[LogRecord], chunk_sizes: list[int], limits: list[int], final: bool
+) -> None:
+    store, nchunks = _store_stream(records, chunk_sizes, final=final)
+    got: list[LogRecord] = []
+    offsets = [0]
+    offset = 0
+    complete = False
+    for step in range(len(records) + nchunks + 5):
+        res = read_records(store, P, J, offset, max_records=limits[step % len(limits)])
+        assert res.next_offset >= offset
+        got.extend(res.records)
+        offset = res.next_offset
+        offsets.append(offset)
+        complete = res.complete
+        if complete or (not res.records and res.next_offset == offsets[-2] and not final):
+            break
+    assert got == records
+    assert complete == final
+    assert offset == make_offset(nchunks, 0)
+    # Every offset handed out is a valid resume point: it yields exactly the remaining suffix.
+    for off in offsets:
+        rest = read_records(store, P, J, off, max_records=10**6).records
+        assert got[len(got) - len(rest) :] == rest
+
+
+def test_stream_filter_skips_but_advances() -> None:
+    recs = [
+        LogRecord(Stream.OUT, b"o1\n", 1),
+        LogRecord(Stream.FILE, b"sys\n", 2, ".system.log"),
+        LogRecord(Stream.ERR, b"e1\n", 3),
+    ]
+    store, n = _store_stream(recs, [2], final=True)
+    res = read_records(store, P, J, 0, streams={Stream.OUT, Stream.ERR})
+    assert [r.content for r in res.records] == [b"o1\n", b"e1\n"]
+    assert res.next_offset == make_offset(n, 0) and res.complete
+
+
+def test_complete_only_after_the_final_marker_and_the_last_record() -> None:
+    recs = [LogRecord(Stream.OUT, b"%d\n" % i, i) for i in range(5)]
+    store, n = _store_stream(recs, [2, 2], final=False)
+    res = read_records(store, P, J, 0)
+    assert len(res.records) == 5 and not res.complete
+    write_final(store, P, J, FinalMarker(next_seq=n))
+    assert read_records(store, P, J, 0, max_records=2).complete is False
+    again = read_records(store, P, J, res.next_offset)
+    assert again.records == [] and again.complete and again.next_offset == res.next_offset
+
+
+def test_negative_offset_means_from_now() -> None:
+    recs = [LogRecord(Stream.OUT, b"old\n", 1)] * 3
+    store, n = _store_stream(recs, [1], final=False)
+    res = read_records(store, P, J, -1)
+    assert res.records == [] and res.next_offset == make_offset(n, 0) and not res.complete
+    write_chunk(store, P, J, LogChunk(seq=n, records=(LogRecord(Stream.OUT, b"new\n", 9),)))
+    assert [r.content for r in read_records(store, P, J, res.next_offset).records] == [b"new\n"]
+
+
+def test_chunks_are_immutable() -> None:
+    store = MemoryStore()
+    write_chunk(store, P, J, LogChunk(seq=0, records=(LogRecord(Stream.OUT, b"a", 1),)))
+    write_chunk(
+        store, P, J, LogChunk(seq=0, records=(LogRecord(Stream.OUT, b"a", 1),))
+    )  # retried: same bytes
+    with pytest.raises(PreconditionFailedError):
+        write_chunk(store, P, J, LogChunk(seq=0, records=(LogRecord(Stream.OUT, b"b", 1),)))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9, 100, 1000])
+def test_find_next_seq_uses_logarithmic_probes(n: int) -> None:
+    store = MemoryStore()
+    for seq in range(n):
+        store.objects[chunk_key(P, J, seq)] = b"x"
+    store.requests = 0
+    assert find_next_seq(store, P, J) == n
+    assert store.requests <= 2 * max(1, n).bit_length() + 3
+    assert find_next_seq(store, P, J, hint=n // 2) == n
+    assert end_offset(store, P, J) == make_offset(n, 0)
+
+
+def test_progress_lines() -> None:
+    p = parse_progress_line(b'{"progress": 21, "message": "m", "create_time": "2025-06-01T11:00:12+00:00"}')
+    assert p is not None and p.progress == 21 and p.message == "m" and p.create_time is not None
+    assert p.create_time.isoformat() == "2025-06-01T11:00:12+00:00"
+    assert parse_progress_line(b'{"progress": 101}') is None
+    assert parse_progress_line(b'{"progress": true}') is None
+    assert parse_progress_line(b"not json") is None
+    assert parse_progress_line(b"[1]") is None
+    assert Progress.from_json({"progress": 5}) == Progress(5, "", None)
+
+
+def test_finalize_stream_closes_an_abandoned_stream() -> None:
+    from dsjobs.logrecords import finalize_stream, read_final
+
+    recs = [LogRecord(Stream.OUT, b"x\n", 1)] * 3
+    store, n = _store_stream(recs, [1], final=False)
+    marker = finalize_stream(store, P, J, reason="ship sidecar died")
+    assert marker.next_seq == n and read_final(store, P, J) == marker
+    res = read_records(store, P, J, 0)
+    assert len(res.records) == 3 and read_records(store, P, J, res.next_offset).complete

@@ -1,0 +1,66 @@
+"""RunnerConfig: validation, serialization, loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dsjobs.runner.config import RunnerConfig
+
+SHA = "ab" * 32
+
+
+def base(**kw: object) -> dict[str, object]:
+    return {"project_id": "p", "job_id": "j", "cmd": "true", **kw}
+
+
+def test_round_trip_through_json(tmp_path: Path) -> None:
+    cfg = RunnerConfig.model_validate(
+        base(
+            inputs=[{"path": "./a//b.txt", "var": "B", "sha256": SHA, "size_bytes": 3, "compression": "ZIP"}],
+            outputs=[{"path": "out", "desc_path": "/abs/out"}],
+            env={"A": "1"},
+            python_env={"python_version": "3.11", "requirements": ["x==1", " "], "pip": {"no_deps": True}},
+            graceful_shutdown={"signal": 10, "timeout_seconds": 5},
+        )
+    )
+    assert cfg.inputs[0].path == "a/b.txt"
+    assert cfg.python_env is not None and cfg.python_env.requirements == ["x==1"]
+    assert cfg.graceful_shutdown is not None and cfg.graceful_shutdown.signal_name == "USR1"
+    text = cfg.to_json()
+    assert RunnerConfig.from_json(text) == cfg
+    f = tmp_path / "runner.json"
+    f.write_text(text)
+    assert RunnerConfig.load({"DSJOBS_RUNNER_CONFIG_FILE": str(f)}) == cfg
+    assert RunnerConfig.load({"DSJOBS_RUNNER_CONFIG": text}) == cfg
+    with pytest.raises(RuntimeError):
+        RunnerConfig.load({})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"inputs": [{"path": "../x", "sha256": SHA, "size_bytes": 1}]},
+        {"inputs": [{"path": "/etc/passwd", "sha256": SHA, "size_bytes": 1}]},
+        {"inputs": [{"path": "x", "sha256": "nothex", "size_bytes": 1}]},
+        {"outputs": [{"path": "a"}, {"path": "./a"}]},
+        {"env": {"BAD-NAME": "x"}},
+        {"env": {"JOB_PROGRESS_FILENAME": "x"}},
+        {"env": {"DSJOBS_CMD": "x"}},
+        {"graceful_shutdown": {"signal": 9, "timeout_seconds": 1}},
+        {"graceful_shutdown": {"signal": 15, "timeout_seconds": 0}},
+        {"python_env": {"python_version": "2.7"}},
+        {"python_env": {"requirements": ["a\n--index-url http://evil"]}},
+        {"s3_mounts": [{"id": "c", "mount_path": "relative"}]},
+        {"s3_mounts": [{"id": "c", "mount_path": "/job/.dsjobs/x"}]},
+        {"paths": {"work_dir": "/job/work", "shared_dir": "/job/work/.dsjobs"}},
+        {"project_id": "../other"},
+        {"cmd": ""},
+        {"unknown_field": 1},
+    ],
+)
+def test_invalid_configs_are_refused(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        RunnerConfig.model_validate(base(**bad))

@@ -1,0 +1,123 @@
+"""runner_pod_parts: the pod contract the operator renders."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.contract import (
+    CONFIG_KEY,
+    SHARED_VOLUME,
+    WORK_VOLUME,
+    runner_config_secret,
+    runner_pod_parts,
+)
+
+
+def cfg(**kw: Any) -> RunnerConfig:
+    return RunnerConfig(project_id="p", job_id="j", cmd="python main.py", **kw)
+
+
+def parts(config: RunnerConfig, **kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "runner_image": "dsjobs-runner:1",
+        "user_image": "python:3.11",
+        "storage_secret_name": "store-secret",
+        "config_secret_name": "cfg-secret",
+    }
+    args.update(kw)
+    return runner_pod_parts(config, **args)
+
+
+def _secret_refs(container: dict[str, Any]) -> set[str]:
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e}
+    refs |= {f["secretRef"]["name"] for f in container.get("envFrom", []) if "secretRef" in f}
+    return refs
+
+
+def test_shape_and_credentials_only_in_runner_containers() -> None:
+    p = parts(cfg(graceful_shutdown={"signal": 10, "timeout_seconds": 30}))
+    spec = p.pod_spec(main_resources={"limits": {"cpu": "4"}}, nodeSelector={"a": "b"})
+    assert spec["restartPolicy"] == "Never"
+    assert [c["name"] for c in spec["initContainers"]] == ["stage-in"]
+    assert [c["name"] for c in spec["containers"]] == ["job", "ship"]
+    assert spec["nodeSelector"] == {"a": "b"}
+    job, ship = spec["containers"]
+    stage_in = spec["initContainers"][0]
+    assert job["image"] == "python:3.11" and job["command"] == ["/bin/sh", "/job/.dsjobs/entry.sh"]
+    assert job["resources"] == {"limits": {"cpu": "4"}}
+    assert job["workingDir"] == "/job/work"
+    assert _secret_refs(job) == set() and job["env"] == []
+    assert {m["name"] for m in job["volumeMounts"]} == {SHARED_VOLUME, WORK_VOLUME}
+    for c in (stage_in, ship):
+        assert c["image"] == "dsjobs-runner:1"
+        assert _secret_refs(c) == {"store-secret"}
+        assert {m["mountPath"] for m in c["volumeMounts"]} >= {
+            "/job/.dsjobs",
+            "/job/work",
+            "/job/.dsjobs-config",
+        }
+        assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert stage_in["command"][-1] == "stage-in" and ship["command"][-1] == "ship"
+    assert next(m for m in ship["volumeMounts"] if m["mountPath"] == "/job/work")["readOnly"] is True
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["dsjobs-config"]["secret"]["secretName"] == "cfg-secret"
+    assert vols[SHARED_VOLUME] == {"name": SHARED_VOLUME, "emptyDir": {}}
+    assert spec["terminationGracePeriodSeconds"] == 30 + 300
+    # Nothing in the job container's spec names the config secret either.
+    assert "cfg-secret" not in json.dumps(job) and "store-secret" not in json.dumps(job)
+
+
+def test_env_delivery_of_the_config() -> None:
+    p = parts(cfg(), config_delivery="env")
+    ship = p.sidecars[0]
+    env = {e["name"]: e for e in ship["env"]}
+    assert env["DSJOBS_RUNNER_CONFIG"]["valueFrom"]["secretKeyRef"] == {
+        "name": "cfg-secret",
+        "key": CONFIG_KEY,
+    }
+    assert all(v["name"] != "dsjobs-config" for v in p.volumes)
+
+
+def test_mounts_datasets_project_disk_and_working_storage() -> None:
+    c = cfg(
+        s3_mounts=[{"id": "conn1", "mount_path": "/job/s3/conn1"}],
+        datasets=[{"id": "ds1", "var": "D", "mount_path": "/job/datasets/ds1"}],
+        project_disk_path="/job/project",
+    )
+    work_src = {"ephemeral": {"volumeClaimTemplate": {"spec": {}}}}
+    p = parts(
+        c,
+        mount_claims={"conn1": "pvc-s3", "ds1": "pvc-ds"},
+        project_disk_claim="pvc-disk",
+        work_volume_source=work_src,
+    )
+    vols = {v["name"]: v for v in p.volumes}
+    assert vols["dsjobs-s3-0"]["persistentVolumeClaim"] == {"claimName": "pvc-s3", "readOnly": False}
+    assert vols["dsjobs-dataset-0"]["persistentVolumeClaim"] == {"claimName": "pvc-ds", "readOnly": True}
+    assert vols["dsjobs-project-disk"]["persistentVolumeClaim"]["claimName"] == "pvc-disk"
+    assert vols[WORK_VOLUME] == {"name": WORK_VOLUME, **work_src}
+    mounts = {m["mountPath"]: m for m in p.main["volumeMounts"]}
+    assert mounts["/job/datasets/ds1"]["readOnly"] is True
+    assert set(mounts) >= {"/job/s3/conn1", "/job/project"}
+    # The runner's own containers do not get the user's mounts.
+    assert all("/job/s3/conn1" not in json.dumps(c) for c in [*p.init_containers, *p.sidecars])
+    with pytest.raises(ValueError, match="conn1"):
+        parts(c, mount_claims={"ds1": "x"}, project_disk_claim="d")
+    with pytest.raises(ValueError, match="project disk"):
+        parts(c, mount_claims={"conn1": "a", "ds1": "b"})
+
+
+def test_config_secret_manifest() -> None:
+    c = cfg(env={"TOKEN": "s3cr3t"})
+    s = runner_config_secret(c, name="n", namespace="ns", labels={"a": "b"})
+    assert s["kind"] == "Secret" and s["metadata"] == {"name": "n", "namespace": "ns", "labels": {"a": "b"}}
+    assert RunnerConfig.from_json(s["stringData"][CONFIG_KEY]) == c
+
+
+def test_pure() -> None:
+    c = cfg()
+    assert parts(c) == parts(c)

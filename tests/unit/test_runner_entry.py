@@ -1,0 +1,386 @@
+"""The entry script, run for real under dash, busybox sh and bash in a temp dir.
+
+Needs the `dash` and `busybox` packages (Debian: `apt-get install dash busybox`); a shell that is
+missing is skipped with its name in the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.entry import CANCELLED_EXIT, SETUP_FAILED_EXIT, render_entry_script
+from dsjobs.runner.result import RunnerStatus
+from dsjobs.runner.ship import read_status_file
+
+SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
+
+
+def _have(shell: str) -> bool:
+    return shutil.which(SHELLS[shell][0]) is not None
+
+
+def _dash() -> list[str]:
+    path = shutil.which("dash")
+    if path is None:
+        pytest.skip("dash is not installed (apt-get install dash)")
+    return [path]
+
+
+@pytest.fixture(params=sorted(SHELLS))
+def shell(request: pytest.FixtureRequest) -> list[str]:
+    name: str = request.param
+    if not _have(name):
+        pytest.skip(f"{name} is not installed (apt-get install dash busybox)")
+    return SHELLS[name]
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: bytes  # the container log's stdout
+    stderr: bytes
+    elapsed: float
+    config: RunnerConfig
+
+    @property
+    def out_file(self) -> bytes:
+        return self.config.layout.stdout.read_bytes()
+
+    @property
+    def err_file(self) -> bytes:
+        return self.config.layout.stderr.read_bytes()
+
+    @property
+    def syslog(self) -> str:
+        return self.config.layout.system_log.read_text()
+
+
+def make_config(tmp: Path, cmd: str, **kw: Any) -> RunnerConfig:
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd=cmd,
+        paths={"work_dir": str(tmp / "work"), "shared_dir": str(tmp / "shared")},
+        **kw,
+    )
+    cfg.layout.create()
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    cfg.layout.entry_script.write_text(render_entry_script(cfg))
+    return cfg
+
+
+def run_entry(
+    shell: list[str],
+    cfg: RunnerConfig,
+    *,
+    env: dict[str, str] | None = None,
+    term_when: bytes | None = None,
+    timeout: float = 60,
+) -> Run:
+    """Run the script; with ``term_when``, send SIGTERM once the program printed that."""
+    out_path = cfg.layout.root.parent / "container.out"
+    err_path = cfg.layout.root.parent / "container.err"
+    start = time.monotonic()
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [*shell, str(cfg.layout.entry_script)],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=env if env is not None else dict(os.environ),
+        )
+        try:
+            if term_when is not None:
+                deadline = time.monotonic() + timeout
+                while term_when not in (
+                    cfg.layout.stdout.read_bytes() if cfg.layout.stdout.exists() else b""
+                ):
+                    assert proc.poll() is None, "the script ended before the program got ready"
+                    assert time.monotonic() < deadline, "the program never got ready"
+                    time.sleep(0.05)
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return Run(rc, out_path.read_bytes(), err_path.read_bytes(), time.monotonic() - start, cfg)
+
+
+def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_path: Path) -> None:
+    cmd = (
+        r"printf 'o1\n'; printf 'e1\n' >&2; printf 'o2 '; printf '\001\377'; printf 'e2-partial' >&2; exit 7"
+    )
+    r = run_entry(shell, make_config(tmp_path, cmd))
+    assert r.rc == 7
+    assert r.out_file == b"o1\no2 \x01\xff"
+    assert r.err_file == b"e1\ne2-partial"
+    # ... and to the container log, each stream on its own side.
+    assert r.stdout == b"o1\no2 \x01\xff"
+    assert r.stderr == b"e1\ne2-partial"
+    status = read_status_file(r.config.layout.status)
+    assert status is not None and status.status == RunnerStatus.EXITED
+    assert status.return_code == 7 and not status.cancelled
+    assert r.config.layout.started.exists() and r.config.layout.heartbeat.read_text().strip().isdigit()
+    assert "program exited with code 7" in r.syslog
+
+
+@pytest.mark.parametrize("code", [0, 1, 255])
+def test_exit_codes_propagate(code: int, tmp_path: Path) -> None:
+    r = run_entry(_dash(), make_config(tmp_path, f"exit {code}"))
+    assert r.rc == code
+    status = read_status_file(r.config.layout.status)
+    assert status is not None and status.return_code == code
+
+
+def test_environment_variables_progress_file_and_cmd_template(shell: list[str], tmp_path: Path) -> None:
+    cmd = (
+        'printf "%s|" "$GREETING" "${DATA}" "$(pwd)" "${NAME}" "$${NAME}"; '
+        'echo \'{"progress": 40, "message": "m"}\' >> "$JOB_PROGRESS_FILENAME"'
+    )
+    cfg = make_config(
+        tmp_path,
+        cmd,
+        env={"GREETING": 'it\'s "quoted" $HOME `x`\nline2', "NAME": "from-env"},
+        inputs=[{"path": "d/x.csv", "var": "DATA", "sha256": "0" * 64, "size_bytes": 0}],
+    )
+    r = run_entry(shell, cfg)
+    assert r.rc == 0
+    work = cfg.work_dir
+    assert r.out_file.decode() == f'it\'s "quoted" $HOME `x`\nline2|{work}/d/x.csv|{work}|from-env|from-env|'
+    assert cfg.layout.progress.read_text() == '{"progress": 40, "message": "m"}\n'
+
+
+def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) -> None:
+    cmd = "trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.1; done"
+    cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.rc == 5
+    assert r.out_file == b"ready\ngot-usr1\n"
+    assert r.elapsed < 8
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 5 and status.cancelled
+    assert "sending SIGUSR1" in r.syslog
+
+
+def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
+    # The 10 s of the DataSphere example once (dash); 2 s for the other shells to keep the suite fast.
+    timeout = 10 if shell[0] == "dash" else 2
+    cmd = "trap 'echo ignoring-usr1' USR1; echo ready; while :; do sleep 0.1; done"
+    cfg = make_config(
+        tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": timeout}
+    )
+    start = time.monotonic()
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.rc == 128 + signal.SIGKILL
+    assert b"ignoring-usr1" in r.out_file
+    assert timeout - 0.5 <= time.monotonic() - start < timeout + 6
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 137 and status.cancelled
+    assert f"timeout ({timeout}s) expired" in r.syslog
+
+
+def test_without_graceful_parameters_cancel_is_sigkill(shell: list[str], tmp_path: Path) -> None:
+    cmd = "trap 'echo term-trapped; exit 3' TERM; echo ready; while :; do sleep 0.1; done"
+    cfg = make_config(tmp_path, cmd)
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.rc == 137
+    assert b"term-trapped" not in r.out_file
+    assert r.elapsed < 8
+
+
+def test_sigint_as_graceful_signal_reaches_a_python_program(shell: list[str], tmp_path: Path) -> None:
+    # Background jobs of a non-interactive shell ignore SIGINT; the script must undo that.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "prog.py").write_text(
+        "import sys, time\n"
+        "try:\n"
+        "    print('ready', flush=True)\n"  # inside the try: the signal may come right after
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(9)\n"
+    )
+    cfg = make_config(
+        tmp_path,
+        f"{sys.executable} prog.py",
+        graceful_shutdown={"signal": int(signal.SIGINT), "timeout_seconds": 10},
+    )
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.rc == 9, r.syslog
+    assert r.out_file == b"ready\ninterrupted\n"
+
+
+def test_leftover_background_processes_do_not_hold_the_job(shell: list[str], tmp_path: Path) -> None:
+    r = run_entry(shell, make_config(tmp_path, "sleep 60 & echo started-bg; exit 4"))
+    assert r.rc == 4
+    assert r.out_file == b"started-bg\n"
+    assert r.elapsed < 8
+
+
+def _busybox_bin(tmp: Path, applets: list[str]) -> Path:
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed")
+    d = tmp / "bin"
+    d.mkdir()
+    for a in applets:
+        (d / a).symlink_to(busybox)
+    return d
+
+
+def test_busybox_only_image(tmp_path: Path) -> None:
+    """An alpine-like image: busybox applets only, no bash, no python, no GNU env."""
+    bindir = _busybox_bin(
+        tmp_path,
+        ["sh", "tee", "mkfifo", "setsid", "sleep", "date", "mv", "rm", "mkdir", "dirname", "env", "cat"],
+    )
+    cmd = "trap 'echo bye; exit 6' USR1; echo ready; echo oops >&2; while :; do sleep 0.1; done"
+    cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})
+    r = run_entry([str(bindir / "sh")], cfg, env={"PATH": str(bindir)}, term_when=b"ready")
+    assert r.rc == 6
+    assert r.out_file == b"ready\nbye\n" and r.stdout == b"ready\nbye\n"
+    # (The shell may add a note that its `sleep` child died of SIGUSR1: the whole group gets it.)
+    assert r.err_file.startswith(b"oops\n") and r.stderr == r.err_file
+
+
+def test_missing_tee_and_mkfifo_degrade_to_files_only(tmp_path: Path) -> None:
+    bindir = _busybox_bin(tmp_path, ["sleep", "date", "mv", "rm", "mkdir", "dirname"])
+    (bindir / "sh").symlink_to(_dash()[0])
+    r = run_entry(_dash(), make_config(tmp_path, "echo out; echo err >&2; exit 2"), env={"PATH": str(bindir)})
+    assert r.rc == 2
+    assert r.out_file == b"out\n" and r.err_file == b"err\n"
+    assert r.stdout == b""
+    assert "tee or mkfifo missing" in r.syslog
+
+
+def test_python_version_mismatch_is_a_setup_failure(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "echo never", python_env={"python_version": "3.1"})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = run_entry(_dash(), cfg, env=env)
+    assert r.rc == SETUP_FAILED_EXIT
+    assert not cfg.layout.stdout.exists()
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.SETUP_FAILED
+    assert "python 3.1 was requested" in status.reason
+    assert b"python 3.1 was requested" in r.stderr
+
+
+def _write_wheel(dest_dir: Path, name: str, version: str, module_source: str) -> Path:
+    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": module_source.encode(),
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: dsjobs-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = dest_dir / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return wheel
+
+
+def make_local_index(tmp: Path) -> str:
+    """A PEP 503 index on disk serving one tiny wheel; returns its file:// URL."""
+    pkg = tmp / "simple" / "tinypkg"
+    pkg.mkdir(parents=True)
+    wheel = _write_wheel(pkg, "tinypkg", "0.1", "VALUE = 42\n")
+    (pkg / "index.html").write_text(f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>\n')
+    return (tmp / "simple").as_uri()
+
+
+def test_python_env_installs_requirements_and_puts_local_modules_on_pythonpath(tmp_path: Path) -> None:
+    index = make_local_index(tmp_path)
+    cfg = make_config(
+        tmp_path,
+        'python3 -c "import tinypkg, helper; print(tinypkg.VALUE, helper.X)"',
+        python_env={
+            "python_version": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "requirements": ["tinypkg==0.1"],
+            "pip": {"index_url": index, "trusted_hosts": ["localhost"], "no_deps": True},
+        },
+        local_modules=[
+            {"path": "/tmp/whatever.zip", "var": "_LOCAL_MODULE_0", "sha256": "1" * 64, "size_bytes": 1}
+        ],
+    )
+    cfg.layout.requirements.write_text("tinypkg==0.1\n")
+    mod = cfg.layout.module_dir(0)
+    mod.mkdir(parents=True)
+    (mod / "helper.py").write_text("X = 'local'\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = run_entry(_dash(), cfg, env=env, timeout=120)
+    assert r.rc == 0, r.syslog
+    assert r.out_file == b"42 local\n"
+    assert "requirements installed" in r.syslog
+    assert (cfg.layout.site_dir / "tinypkg" / "__init__.py").exists()
+
+
+def test_cancel_before_the_program_starts(tmp_path: Path) -> None:
+    # pip "installs" for a while (a fake interpreter that sleeps), SIGTERM arrives meanwhile.
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    fake = bindir / "python3"
+    fake.write_text('#!/bin/sh\ncase "$*" in *pip*) echo pip-running; exec sleep 30 ;; esac\necho 3.11.0\n')
+    fake.chmod(0o755)
+    cfg = make_config(
+        tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
+    )
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*_dash(), str(cfg.layout.entry_script)], env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while b"pip-running" not in (
+        cfg.layout.system_log.read_bytes() if cfg.layout.system_log.exists() else b""
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == CANCELLED_EXIT
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.CANCELLED
+    assert not cfg.layout.stdout.exists() or b"program-ran" not in cfg.layout.stdout.read_bytes()
+
+
+def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tmp_path: Path) -> None:
+    """With pipes as the container log (as a runtime has), EOF must come when the script exits."""
+    cfg = make_config(tmp_path / "a", "echo hi; echo err >&2; exit 3")
+    start = time.monotonic()
+    done = subprocess.run([*shell, str(cfg.layout.entry_script)], capture_output=True, timeout=30)
+    assert done.returncode == 3 and done.stdout == b"hi\n" and done.stderr == b"err\n"
+    assert time.monotonic() - start < 9
+    # The cancel path starts a killer subshell: it must not hold the pipes either.
+    cmd = "trap 'exit 0' USR1; echo ready; while :; do sleep 0.1; done"
+    cfg2 = make_config(
+        tmp_path / "b", cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 30}
+    )
+    proc = subprocess.Popen(
+        [*shell, str(cfg2.layout.entry_script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 20
+    while b"ready" not in (cfg2.layout.stdout.read_bytes() if cfg2.layout.stdout.exists() else b""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and out == b"ready\n"
+    assert time.monotonic() - start < 9

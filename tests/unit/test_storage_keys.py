@@ -1,0 +1,168 @@
+"""Object key layout, path safety, settings, presigning and retry classification (no network)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from dsjobs.storage import (
+    Storage,
+    StorageConfigError,
+    StorageSettings,
+    UnsafePathError,
+    input_key,
+    is_transient,
+    job_prefix,
+    log_prefix,
+    normalize_relpath,
+    output_key,
+    result_key,
+    retry,
+)
+
+SHA = "a" * 64
+
+
+def test_layout_matches_contract() -> None:
+    assert input_key("p1", SHA) == f"projects/p1/inputs/{SHA}"
+    assert output_key("p1", "j1", "out/model.pt") == "projects/p1/jobs/j1/outputs/out/model.pt"
+    assert log_prefix("p1", "j1") == "projects/p1/jobs/j1/logs/"
+    assert result_key("p1", "j1") == "projects/p1/jobs/j1/result.json"
+    assert job_prefix("p1", "j1") == "projects/p1/jobs/j1/"
+
+
+@pytest.mark.parametrize("bad", ["", "..", ".", "a/b", "a b", "-x", "x" * 129, "p\x00"])
+def test_ids_that_could_escape_their_prefix_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        input_key(bad, SHA)
+    with pytest.raises(ValueError):
+        result_key("p", bad)
+
+
+@pytest.mark.parametrize("bad", ["A" * 64, "a" * 63, "g" * 64, ""])
+def test_input_key_needs_a_lowercase_sha256(bad: str) -> None:
+    with pytest.raises(ValueError):
+        input_key("p", bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "norm"),
+    [("a.txt", "a.txt"), ("./a/./b", "a/b"), ("a//b/", "a/b"), ("dir", "dir"), ("a\\b", "a/b")],
+)
+def test_relpaths_are_normalized(path: str, norm: str) -> None:
+    assert normalize_relpath(path) == norm
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "/etc/passwd", "\\x", "C:/x", "../x", "a/../../x", "a/..", ".", "./", "a\x00b"]
+)
+def test_unsafe_relpaths_are_refused(bad: str) -> None:
+    with pytest.raises(UnsafePathError):
+        normalize_relpath(bad)
+    with pytest.raises(UnsafePathError):
+        output_key("p", "j", bad)
+
+
+def test_settings_from_env_reports_every_missing_variable() -> None:
+    with pytest.raises(StorageConfigError) as e:
+        StorageSettings.from_env({"DSJOBS_S3_ENDPOINT": "http://h:1"})
+    assert "DSJOBS_S3_BUCKET" in str(e.value) and "DSJOBS_S3_SECRET_KEY" in str(e.value)
+
+
+def test_settings_from_env_and_secret_is_not_printed() -> None:
+    s = StorageSettings.from_env(
+        {
+            "DSJOBS_S3_ENDPOINT": "http://127.0.0.1:9000/",
+            "DSJOBS_S3_BUCKET": "b",
+            "DSJOBS_S3_ACCESS_KEY": "ak",
+            "DSJOBS_S3_SECRET_KEY": "very-secret",
+        }
+    )
+    assert s.endpoint == "http://127.0.0.1:9000" and s.region == "us-east-1" and s.public_endpoint is None
+    assert "very-secret" not in repr(s)
+
+
+def test_settings_reject_non_http_endpoints() -> None:
+    with pytest.raises(ValueError):
+        StorageSettings(endpoint="127.0.0.1:9000", bucket="b", access_key="a", secret_key="s")  # type: ignore[arg-type]
+
+
+def _storage(public: str | None = None) -> Storage:
+    return Storage(
+        StorageSettings(
+            endpoint="http://10.0.0.1:9000",
+            bucket="dsjobs",
+            access_key="ak",
+            secret_key="sk",  # type: ignore[arg-type]
+            public_endpoint=public,
+        )
+    )
+
+
+def test_presigned_urls_are_path_style_sigv4_with_default_expiry() -> None:
+    url = _storage().presign_put(input_key("p", SHA))
+    parts = urlsplit(url)
+    q = parse_qs(parts.query)
+    assert parts.netloc == "10.0.0.1:9000"
+    assert parts.path == f"/dsjobs/projects/p/inputs/{SHA}"
+    assert q["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert q["X-Amz-Expires"] == ["900"]
+    assert q["X-Amz-SignedHeaders"] == ["host"]  # a plain PUT with no extra headers works
+
+
+def test_presigned_urls_use_the_public_endpoint_and_cap_expiry() -> None:
+    s = _storage(public="https://s3.example.test")
+    url = s.presign_get("projects/p/jobs/j/result.json", expires=timedelta(hours=1), filename="r.json")
+    assert url.startswith("https://s3.example.test/dsjobs/projects/p/jobs/j/result.json?")
+    assert "response-content-disposition" in url
+    with pytest.raises(ValueError):
+        s.presign_get("k", expires=timedelta(hours=1, seconds=1))
+    with pytest.raises(ValueError):
+        s.presign_put("k", expires=timedelta(0))
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
+
+
+def test_transient_errors_are_told_apart() -> None:
+    assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert is_transient(ReadTimeoutError(endpoint_url="http://x"))
+    assert is_transient(_client_error("SlowDown", 503))
+    assert is_transient(_client_error("Whatever", 500))
+    assert not is_transient(_client_error("NoSuchKey", 404))
+    assert not is_transient(_client_error("AccessDenied", 403))
+    assert not is_transient(ValueError("x"))
+
+
+def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> None:
+    sleeps: list[float] = []
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("boom")
+        return "ok"
+
+    assert retry(flaky, what="t", attempts=5, sleep=sleeps.append) == "ok"
+    assert len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.5
+
+    def permanent() -> None:
+        raise _client_error("AccessDenied", 403)
+
+    with pytest.raises(ClientError):
+        retry(permanent, what="t", sleep=sleeps.append)
+    assert len(sleeps) == 2
+
+    def always() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        retry(always, what="t", attempts=3, sleep=sleeps.append)
+    assert len(sleeps) == 4
