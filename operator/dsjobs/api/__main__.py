@@ -1,0 +1,25 @@
+"""`python -m dsjobs.api [flags]`: run the gRPC API server (settings: docs/api.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from dsjobs.api.settings import SettingsError, from_args
+
+
+def main() -> int:
+    try:
+        settings = from_args()
+    except (SettingsError, OSError) as exc:
+        print(f"dsjobs.api: {exc}", file=sys.stderr)
+        return 2
+    from dsjobs.api.server import serve, setup_logging
+
+    setup_logging(settings)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""What the API looks up in the cluster on almost every call: projects, where a job lives, instance types.
+
+These are caches of cluster state, never state of their own: a miss always falls back to asking
+the cluster, so a replica that just started (or one that has not seen a new job yet) answers the
+same as any other.
+
+- `ProjectIndex`: project id -> namespace (namespaces labelled `dsjobs.dev/project-id`), refreshed
+  every 30 s and on a miss (at most once a second).
+- `JobIndex`: job id -> namespace, plus a cache of the jobs. Requests name a job by id only
+  (GetProjectJobRequest has no project), so the index follows a watch of all ProjectJobs; a miss
+  asks the cluster with a `metadata.name` field selector.
+- `InstanceTypeCatalog`: names of the cluster's InstanceTypes for validation, refreshed every 30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from dsjobs.api.errors import KubeError
+from dsjobs.api.kube import Kube, jobs_path, namespaces_path
+from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+PROJECT_LABEL = "dsjobs.dev/project-id"
+JOB_LABEL = "dsjobs.dev/job-id"
+PROJECT_NAME_ANNOTATION = "dsjobs.dev/project-name"
+PROJECT_DESCRIPTION_ANNOTATION = "dsjobs.dev/project-description"
+COMMUNITY_ANNOTATION = "dsjobs.dev/community-id"
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    project_id: str
+    namespace: str
+    obj: Mapping[str, Any]  # the Namespace
+
+
+class ProjectIndex:
+    def __init__(self, kube: Kube, *, max_age: float = 30.0, min_refresh_interval: float = 1.0) -> None:
+        self._kube = kube
+        self._by_id: dict[str, ProjectInfo] = {}
+        self._by_namespace: dict[str, str] = {}
+        self._loaded_at = float("-inf")
+        self._max_age = max_age
+        self._min_interval = min_refresh_interval
+        self._lock = asyncio.Lock()
+
+    async def _refresh(self, *, force: bool) -> None:
+        async with self._lock:
+            age = time.monotonic() - self._loaded_at
+            if age < self._min_interval or (not force and age < self._max_age):
+                return
+            result = await self._kube.request(
+                "GET", namespaces_path(), params={"labelSelector": PROJECT_LABEL}
+            )
+            by_id: dict[str, ProjectInfo] = {}
+            for ns in result.get("items") or []:
+                meta = ns.get("metadata") or {}
+                pid = (meta.get("labels") or {}).get(PROJECT_LABEL)
+                name = meta.get("name")
+                # Two namespaces claiming one project: the older one wins, deterministically.
+                if pid and name and (pid not in by_id or _older(ns, by_id[pid].obj)):
+                    by_id[pid] = ProjectInfo(pid, name, ns)
+            self._by_id = by_id
+            self._by_namespace = {p.namespace: p.project_id for p in by_id.values()}
+            self._loaded_at = time.monotonic()
+
+    async def get(self, project_id: str) -> ProjectInfo | None:
+        if time.monotonic() - self._loaded_at >= self._max_age:
+            await self._refresh(force=False)
+        info = self._by_id.get(project_id)
+        if info is None:
+            await self._refresh(force=True)
+            info = self._by_id.get(project_id)
+        return info
+
+    async def all(self) -> list[ProjectInfo]:
+        await self._refresh(force=False)
+        return sorted(self._by_id.values(), key=lambda p: p.project_id)
+
+    async def project_of_namespace(self, namespace: str) -> str | None:
+        if time.monotonic() - self._loaded_at >= self._max_age:
+            await self._refresh(force=False)
+        project_id = self._by_namespace.get(namespace)
+        if project_id is None:
+            await self._refresh(force=True)
+            project_id = self._by_namespace.get(namespace)
+        return project_id
+
+
+def _older(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
+    return (str(ma.get("creationTimestamp", "")), str(ma.get("name", ""))) < (
+        str(mb.get("creationTimestamp", "")),
+        str(mb.get("name", "")),
+    )
+
+
+class JobIndex:
+    """job id (ProjectJob name) -> namespace, and a cache of the jobs themselves.
+
+    Fed by one cluster-wide watch. Reads that may be a moment old (Get, OperationService.Get, a log
+    stream noticing that its job ended) are served from here when the watch is in sync; writes
+    always start from a fresh read, and what a write returns is put here at once, so a replica reads
+    its own writes. Objects are kept as JSON bytes (a few KiB each; 10k jobs stay in tens of MiB)
+    and parsed on use.
+    """
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+        self._where: dict[str, set[str]] = {}
+        self._objects: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-index")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def put(self, name: str, namespace: str) -> None:
+        self._where.setdefault(name, set()).add(namespace)
+
+    def remember(self, obj: Mapping[str, Any]) -> None:
+        """Cache an object read or written just now (unless the cache already has a newer one)."""
+        meta = obj.get("metadata") or {}
+        name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
+        if not name or not namespace:
+            return
+        version = _version(meta)
+        current = self._objects.get((namespace, name))
+        if current is None or version >= current[0]:
+            self._objects[(namespace, name)] = (version, json.dumps(obj, separators=(",", ":")).encode())
+        self.put(name, namespace)
+
+    def forget(self, name: str, namespace: str) -> None:
+        self._objects.pop((namespace, name), None)
+        spaces = self._where.get(name)
+        if spaces is not None:
+            spaces.discard(namespace)
+            if not spaces:
+                del self._where[name]
+
+    def cached(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The cached object, only while the watch is in sync (else the caller reads the cluster)."""
+        if not self.synced.is_set():
+            return None
+        item = self._objects.get((namespace, name))
+        return None if item is None else cast(dict[str, Any], json.loads(item[1]))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    async def locate(self, name: str) -> str | None:
+        spaces = self._where.get(name)
+        if spaces:
+            # Ids the API makes are unique; hand-applied jobs could share a name across projects.
+            return min(spaces)
+        result = await self._kube.request(
+            "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
+        )
+        items = result.get("items") or []
+        for item in items:
+            self.remember(item)
+        found = sorted(str((i.get("metadata") or {}).get("namespace", "")) for i in items)
+        return found[0] if found else None
+
+    async def _run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                version = await self._list()
+                self.synced.set()
+                delay = 1.0
+                await self._watch(version)
+            except asyncio.CancelledError:
+                raise
+            except KubeError as exc:
+                self.synced.clear()
+                if exc.status != 410:  # 410: our resourceVersion is too old; relist at once
+                    log.warning("job index: %s; retrying in %.0fs", exc, delay)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 30.0)
+            except Exception:
+                self.synced.clear()
+                log.exception("job index failed; retrying in %.0fs", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _list(self) -> str:
+        objects: dict[tuple[str, str], tuple[int, bytes]] = {}
+        where: dict[str, set[str]] = {}
+        cont = ""
+        while True:
+            params: dict[str, str | int] = {"limit": 500}
+            if cont:
+                params["continue"] = cont
+            result = await self._kube.request("GET", jobs_path(), params=params, timeout=120)
+            for item in result.get("items") or []:
+                meta = item.get("metadata") or {}
+                key = (str(meta.get("namespace")), str(meta.get("name")))
+                objects[key] = (_version(meta), json.dumps(item, separators=(",", ":")).encode())
+                where.setdefault(key[1], set()).add(key[0])
+            cont = str((result.get("metadata") or {}).get("continue") or "")
+            if not cont:
+                self._objects, self._where = objects, where
+                return str((result.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def _watch(self, version: str) -> None:
+        while True:
+            params: dict[str, str | int] = {
+                "resourceVersion": version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": 300,
+            }
+            async for event in self._kube.watch(jobs_path(), params=params):
+                kind = event.get("type")
+                obj = event.get("object") or {}
+                meta = obj.get("metadata") or {}
+                if kind == "ERROR":
+                    raise KubeError(
+                        int(obj.get("code") or 500), str(obj.get("reason", "")), str(obj.get("message", ""))
+                    )
+                version = str(meta.get("resourceVersion") or version)
+                if kind in ("ADDED", "MODIFIED"):
+                    self.remember(obj)
+                elif kind == "DELETED":
+                    self.forget(str(meta.get("name")), str(meta.get("namespace")))
+
+
+def _version(meta: Mapping[str, Any]) -> int:
+    # resourceVersions are opaque, but etcd-backed ones are increasing integers; anything else
+    # sorts as 0 and is simply replaced by the next write.
+    try:
+        return int(str(meta.get("resourceVersion", "0")))
+    except ValueError:
+        return 0
+
+
+class InstanceTypeCatalog:
+    def __init__(self, kube: Kube, *, max_age: float = 30.0) -> None:
+        self._kube = kube
+        self._names: frozenset[str] | None = None
+        self._loaded_at = float("-inf")
+        self._max_age = max_age
+
+    async def names(self) -> frozenset[str] | None:
+        """The InstanceType names, or None when they cannot be read (then validation skips the check)."""
+        if time.monotonic() - self._loaded_at < self._max_age:
+            return self._names
+        try:
+            result = await self._kube.request("GET", f"/apis/{GROUP}/{VERSION}/{INSTANCETYPE_PLURAL}")
+        except KubeError as exc:
+            log.warning("cannot list instance types: %s", exc)
+            return self._names
+        self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in result.get("items") or [])
+        self._loaded_at = time.monotonic()
+        return self._names

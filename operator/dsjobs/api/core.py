@@ -1,0 +1,305 @@
+"""What every RPC needs: who is calling, where the project or job is, reading and writing jobs, storage.
+
+The servicers (servicer.py) are thin layers over this; nothing here keeps state that the cluster
+or the object store does not also have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from pydantic import ValidationError
+
+from dsjobs import storage as st
+from dsjobs.api import errors
+from dsjobs.api.auth import Authenticator, Identity, Verb
+from dsjobs.api.cluster import (
+    JOB_LABEL,
+    PROJECT_LABEL,
+    InstanceTypeCatalog,
+    JobIndex,
+    ProjectIndex,
+    ProjectInfo,
+)
+from dsjobs.api.errors import KubeError
+from dsjobs.api.ids import is_job_id
+from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
+from dsjobs.api.metrics import KUBE_CALLS
+from dsjobs.api.operations import JobSnapshot
+from dsjobs.api.settings import Settings
+from dsjobs.models import File
+from dsjobs.models.limits import RESOURCE_ID_PATTERN
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_PROJECT_ID = re.compile(RESOURCE_ID_PATTERN)
+# Concurrent object-store calls of one request (HEADs of a job's inputs).
+_STORAGE_FANOUT = 16
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """One distinct input (by sha256) and what the store holds for it."""
+
+    path: str  # request field path of its first occurrence
+    file: File
+    stored_size: int | None  # None: not stored
+
+    @property
+    def present(self) -> bool:
+        return self.stored_size is not None and self.stored_size == self.file.size_bytes
+
+
+class Core:
+    def __init__(
+        self,
+        settings: Settings,
+        kube: Kube,
+        store: st.Storage,
+        auth: Authenticator,
+        projects: ProjectIndex,
+        jobs: JobIndex,
+        catalog: InstanceTypeCatalog,
+    ) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.store = store
+        self.auth = auth
+        self.projects = projects
+        self.jobs = jobs
+        self.catalog = catalog
+        self.draining = asyncio.Event()
+        # Storage calls are blocking (boto3): they get their own threads so that a slow object
+        # store never starves the default executor.
+        self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dsjobs-api-io")
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._io, lambda: fn(*args, **kwargs))
+        except st.StorageError as exc:
+            raise errors.unavailable(f"object storage failed: {exc}") from exc
+        except Exception as exc:
+            if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+                raise errors.unavailable(f"object storage is unavailable: {type(exc).__name__}") from exc
+            raise
+
+    # --- kubernetes ------------------------------------------------------------------------------
+
+    async def k8s(self, verb: str, what: str, call: Awaitable[JSON]) -> JSON:
+        """Run a Kubernetes call, timing it and turning failures into gRPC errors about `what`."""
+        with KUBE_CALLS.labels(verb).time():
+            try:
+                return await call
+            except KubeError as exc:
+                err = errors.from_kube(exc, what)
+                if err.code == grpc.StatusCode.INTERNAL:
+                    log.error("cluster call failed: %s %s: %s", verb, what, exc)
+                raise err from exc
+
+    # --- who and where ---------------------------------------------------------------------------
+
+    async def identity(self, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+        return await self.auth.authenticate(context.invocation_metadata())
+
+    async def project(self, project_id: str, field: str = "project_id") -> ProjectInfo:
+        if not project_id:
+            raise errors.invalid_argument("is required", field)
+        if len(project_id) > 63 or not _PROJECT_ID.fullmatch(project_id):
+            raise errors.invalid_argument(f"{project_id[:80]!r} is not a project id", field)
+        try:
+            info = await self.projects.get(project_id)
+        except KubeError as exc:
+            raise errors.from_kube(exc, f"project {project_id!r}") from exc
+        if info is None:
+            raise errors.not_found(f"project {project_id!r} not found")
+        return info
+
+    async def authorized_project(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        project_id: str,
+        verb: Verb,
+        field: str = "project_id",
+    ) -> tuple[Identity, ProjectInfo]:
+        identity = await self.identity(context)
+        info = await self.project(project_id, field)
+        await self.auth.authorize(identity, verb, info.namespace, info.project_id)
+        return identity, info
+
+    async def locate(self, job_id: str, field: str = "job_id") -> tuple[str, str]:
+        """(namespace, project id) of a job, or NOT_FOUND."""
+        if not job_id:
+            raise errors.invalid_argument("is required", field)
+        if len(job_id) > 63 or not is_job_id(job_id):
+            raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id", field)
+        try:
+            namespace = await self.jobs.locate(job_id)
+            project_id = await self.projects.project_of_namespace(namespace) if namespace else None
+        except KubeError as exc:
+            raise errors.from_kube(exc, f"job {job_id!r}") from exc
+        if namespace is None or project_id is None:
+            raise errors.not_found(f"job {job_id!r} not found")
+        return namespace, project_id
+
+    async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
+        """The job, from the watch cache unless `fresh` (writes always start from a fresh read)."""
+        if not fresh:
+            cached = self.jobs.cached(namespace, job_id)
+            if cached is not None:
+                return snapshot(cached)
+        try:
+            with KUBE_CALLS.labels("get").time():
+                obj = await self.kube.request("GET", jobs_path(namespace, job_id))
+        except KubeError as exc:
+            if exc.status == 404:
+                self.jobs.forget(job_id, namespace)
+                return None
+            raise errors.from_kube(exc, f"job {job_id!r}") from exc
+        self.jobs.remember(obj)
+        return snapshot(obj)
+
+    async def get_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot:
+        job = await self.read_job(namespace, job_id, fresh=fresh)
+        if job is None:
+            raise errors.not_found(f"job {job_id!r} not found")
+        return job
+
+    async def authorized_job(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        job_id: str,
+        verb: Verb,
+        field: str = "job_id",
+        *,
+        fresh: bool = False,
+    ) -> tuple[Identity, JobSnapshot]:
+        """Authenticate, find the job's project, authorize `verb` there, then read the job."""
+        identity = await self.identity(context)
+        namespace, project_id = await self.locate(job_id, field)
+        await self.auth.authorize(identity, verb, namespace, project_id)
+        return identity, await self.get_job(namespace, job_id, fresh=fresh)
+
+    async def patch_job(
+        self, job: JobSnapshot, patch: Mapping[str, Any], *, guard: bool = False
+    ) -> JobSnapshot:
+        """Merge-patch a job. `guard`: only if unchanged since it was read (else ABORTED)."""
+        body = dict(patch)
+        if guard:
+            meta = dict(body.get("metadata") or {})
+            meta["resourceVersion"] = job.resource_version
+            body["metadata"] = meta
+        obj = await self.k8s(
+            "patch",
+            f"job {job.name!r}",
+            self.kube.request(
+                "PATCH", jobs_path(job.namespace, job.name), body=body, content_type=MERGE_PATCH
+            ),
+        )
+        self.jobs.remember(obj)
+        return snapshot(obj)
+
+    async def list_jobs(
+        self, info: ProjectInfo, *, limit: int, continue_token: str = ""
+    ) -> tuple[list[Mapping[str, Any]], str]:
+        params: dict[str, str | int] = {"labelSelector": f"{PROJECT_LABEL}={info.project_id}", "limit": limit}
+        if continue_token:
+            params["continue"] = continue_token
+        result = await self.k8s(
+            "list",
+            f"jobs of project {info.project_id!r}",
+            self.kube.request("GET", jobs_path(info.namespace), params=params),
+        )
+        cont = str((result.get("metadata") or {}).get("continue") or "")
+        return list(result.get("items") or []), cont
+
+    async def all_jobs(self, info: ProjectInfo) -> list[JobSnapshot]:
+        out: list[JobSnapshot] = []
+        cont = ""
+        while True:
+            items, cont = await self.list_jobs(info, limit=500, continue_token=cont)
+            for item in items:
+                job = try_snapshot(item)
+                if job is not None:
+                    out.append(job)
+            if not cont:
+                return out
+
+    # --- storage ---------------------------------------------------------------------------------
+
+    async def check_inputs(self, project_id: str, files: Sequence[tuple[str, File]]) -> list[InputCheck]:
+        """HEAD each distinct input (by sha256) in the project's content-addressed store."""
+        first: dict[str, tuple[str, File]] = {}
+        for path, f in files:
+            first.setdefault(f.sha256, (path, f))
+        gate = asyncio.Semaphore(_STORAGE_FANOUT)
+
+        async def head(path: str, f: File) -> InputCheck:
+            async with gate:
+                info = await self.io(self.store.head, st.input_key(project_id, f.sha256))
+            return InputCheck(path, f, None if info is None else info.size)
+
+        return list(await asyncio.gather(*(head(p, f) for p, f in first.values())))
+
+    async def presign_put(self, keys: Iterable[str]) -> dict[str, str]:
+        ttl = self.settings.url_ttl
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        urls = await self.io(lambda: [self.store.presign_put(k, expires=ttl) for k in wanted])
+        return dict(zip(wanted, urls, strict=True))
+
+    async def presign_get(self, keys: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """`(key, download file name)` -> presigned GET URL."""
+        ttl = self.settings.url_ttl
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        urls = await self.io(
+            lambda: [self.store.presign_get(k, expires=ttl, filename=n or None) for k, n in wanted]
+        )
+        return {k: u for (k, _), u in zip(wanted, urls, strict=True)}
+
+
+def snapshot(obj: Mapping[str, Any]) -> JobSnapshot:
+    try:
+        return JobSnapshot.from_cr(obj)
+    except ValidationError as exc:
+        name = (obj.get("metadata") or {}).get("name", "?")
+        raise errors.failed_precondition(
+            f"job {name!r} cannot be read (its resource does not match the schema: "
+            f"{exc.error_count()} problems, first: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+        ) from exc
+
+
+def try_snapshot(obj: Mapping[str, Any]) -> JobSnapshot | None:
+    try:
+        return JobSnapshot.from_cr(obj)
+    except ValidationError:
+        log.warning("skipping unreadable job %s", (obj.get("metadata") or {}).get("name"))
+        return None
+
+
+def job_labels(project_id: str, job_id: str) -> dict[str, str]:
+    return {PROJECT_LABEL: project_id, JOB_LABEL: job_id, "app.kubernetes.io/created-by": "dsjobs-api"}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:40]

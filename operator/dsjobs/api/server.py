@@ -1,0 +1,336 @@
+"""The grpc.aio server: services, health, reflection, TLS, metrics, graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dsjobs import storage as st
+from dsjobs.api import auth as authmod
+from dsjobs.api import errors, metrics
+from dsjobs.api.cluster import InstanceTypeCatalog, JobIndex, ProjectIndex
+from dsjobs.api.core import Core
+from dsjobs.api.errors import ApiError, KubeError
+from dsjobs.api.kube import Kube, load_config
+from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
+from dsjobs.api.settings import Settings
+from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc
+from dsjobs.pb.yandex.cloud.operation import operation_service_pb2, operation_service_pb2_grpc
+
+log = logging.getLogger("dsjobs.api")
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # the stubs make it generic; the runtime class is not
+    Handler = grpc.RpcMethodHandler
+
+SERVICE_NAMES = (
+    project_job_service_pb2.DESCRIPTOR.services_by_name["ProjectJobService"].full_name,
+    operation_service_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
+    project_service_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name,
+)
+
+
+# --- errors, metrics and logging for every call ------------------------------------------------
+
+
+def _trailers(err: ApiError) -> tuple[tuple[str, bytes], ...]:
+    if not err.violations:
+        return ()
+    return (("grpc-status-details-bin", err.status_proto().SerializeToString()),)
+
+
+def _as_api_error(exc: BaseException, method: str) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, KubeError):
+        return errors.from_kube(exc, "the cluster")
+    if isinstance(exc, st.StorageError):
+        return errors.unavailable(f"object storage failed: {exc}")
+    incident = uuid.uuid4().hex[:12]
+    log.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
+    return errors.internal(f"internal error (incident {incident}); see the server log")
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Turns ApiError (and anything unexpected) into statuses; records metrics; logs failures."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is not None:
+            # The stubs type handlers as synchronous; on an aio server they are coroutine functions.
+            inner_unary: Any = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                metrics.INFLIGHT_UNARY.inc()
+                try:
+                    return await inner_unary(request, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException as exc:
+                    code = await _abort(context, method, exc)
+                finally:
+                    metrics.INFLIGHT_UNARY.dec()
+                    _record(method, code, context, start)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                gauge = metrics.INFLIGHT_STREAMS.labels(method)
+                gauge.inc()
+                try:
+                    async for response in inner_stream(request, context):
+                        yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except BaseException as exc:
+                    code = await _abort(context, method, exc)
+                finally:
+                    gauge.dec()
+                    _record(method, code, context, start)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client/bidi streaming: none of ours
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException
+) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted by itself
+        raise exc
+    err = _as_api_error(exc, method)
+    if err.code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed: %s", method, err.message)
+    elif err.code == grpc.StatusCode.UNAVAILABLE and not err.expected:
+        log.warning("%s unavailable: %s", method, err.message)
+    else:
+        log.debug("%s: %s %s", method, err.code.name, err.message)
+    await context.abort(err.code, err.message, trailing_metadata=_trailers(err))
+    return err.code  # pragma: no cover - abort raises
+
+
+def _record(
+    method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], start: float
+) -> None:
+    if code == grpc.StatusCode.OK:
+        actual = context.code()
+        if isinstance(actual, grpc.StatusCode):
+            code = actual
+    metrics.REQUESTS.labels(method, code.name).inc()
+    metrics.LATENCY.labels(method).observe(time.perf_counter() - start)
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for local development, with the structured fields appended."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        return f"{line} {fields}" if fields else line
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("dsjobs").setLevel(settings.log_level)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class ApiServer:
+    """Owns the gRPC server and the process-wide clients."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: grpc.aio.Server | None = None
+        self.port: int = 0
+        self.core: Core | None = None
+        self.health = health.aio.HealthServicer()
+        self._kube: Kube | None = None
+        self._jobs: JobIndex | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        kube_config, refresh = await asyncio.to_thread(load_config, s.kubeconfig or None)
+        kube = Kube(kube_config, refresh, timeout=s.kube_timeout)
+        await kube.start()
+        self._kube = kube
+        store = st.Storage.from_env()
+        if s.auth_mode == "static":
+            review_token, review_access = authmod.static_reviewers(
+                authmod.load_static_tokens(s.static_tokens)
+            )
+        else:
+            review_token, review_access = authmod.kubernetes_reviewers(kube, s.token_audiences)
+        authenticator = authmod.Authenticator(
+            review_token, review_access, ttl=s.auth_cache_ttl, negative_ttl=s.auth_negative_ttl
+        )
+        jobs = JobIndex(kube)
+        jobs.start()
+        self._jobs = jobs
+        core = Core(s, kube, store, authenticator, ProjectIndex(kube), jobs, InstanceTypeCatalog(kube))
+        self.core = core
+
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(
+            interceptors=[CallInterceptor()],
+            options=options,
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+        )
+        jobs_service = ProjectJobService(core)
+        project_job_service_pb2_grpc.add_ProjectJobServiceServicer_to_server(jobs_service, server)
+        operation_service_pb2_grpc.add_OperationServiceServicer_to_server(
+            OperationService(core, jobs_service), server
+        )
+        project_service_pb2_grpc.add_ProjectServiceServicer_to_server(ProjectService(core), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+        if s.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
+            )
+            self.port = server.add_secure_port(s.listen, creds)
+        else:
+            self.port = server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.listen}")
+        await server.start()
+        self.server = server
+        for name in (*SERVICE_NAMES, health.OVERALL_HEALTH):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        metrics.serve(s.metrics_listen)
+        log.info(
+            "serving",
+            extra={
+                "listen": s.listen,
+                "port": self.port,
+                "tls": bool(s.tls_cert),
+                "auth": s.auth_mode,
+                "metrics": s.metrics_listen,
+            },
+        )
+        if s.page_token_key_is_random:
+            log.warning(
+                "no DSJOBS_API_PAGE_TOKEN_KEY: page tokens are valid on this replica only (set one shared key)"
+            )
+
+    async def drain(self) -> None:
+        """Stop taking calls, end log streams (clients reconnect elsewhere), finish in-flight calls."""
+        if self.server is None:
+            return
+        log.info("draining", extra={"grace": self.settings.drain_timeout})
+        await self.health.enter_graceful_shutdown()
+        if self.core is not None:
+            self.core.draining.set()
+        await self.server.stop(self.settings.drain_timeout)
+        self.server = None
+
+    async def close(self) -> None:
+        await self.drain()
+        if self._jobs is not None:
+            await self._jobs.stop()
+        if self.core is not None:
+            self.core.close()
+        if self._kube is not None:
+            await self._kube.close()
+
+
+async def serve(settings: Settings) -> None:
+    api = ApiServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await api.start()
+    try:
+        await stop.wait()
+    finally:
+        await api.close()
+        log.info("stopped")

@@ -1,0 +1,893 @@
+"""The RPCs: ProjectJobService, OperationService, ProjectService.
+
+Each one authenticates, authorizes, validates, converts and writes the ProjectJob; the operator
+does the work. Errors are raised as `ApiError` and turned into statuses by the server's
+interceptor. Semantics and deviations from DataSphere: docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import ValidationError
+
+from dsjobs import convert, logrecords
+from dsjobs import storage as st
+from dsjobs.api import errors, ids, listfilter, operations, pagetoken
+from dsjobs.api.auth import Identity, Verb
+from dsjobs.api.cluster import (
+    COMMUNITY_ANNOTATION,
+    PROJECT_DESCRIPTION_ANNOTATION,
+    PROJECT_NAME_ANNOTATION,
+    ProjectInfo,
+)
+from dsjobs.api.core import Core, InputCheck, digest, job_labels, now, snapshot, try_snapshot
+from dsjobs.api.errors import ApiError, KubeError
+from dsjobs.api.kube import jobs_path, secrets_path
+from dsjobs.api.metrics import LOG_RECORDS_SENT
+from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
+from dsjobs.convert import params as params_conv
+from dsjobs.convert.common import ConversionError, file_to_proto
+from dsjobs.models import (
+    API_VERSION,
+    PROJECTJOB_KIND,
+    CancelRequest,
+    File,
+    JobParameters,
+    Progress,
+    ProjectJobSpec,
+    SecretKeyRef,
+    StoredFile,
+    format_duration,
+)
+from dsjobs.models.limits import MAX_DATA_TTL, MIN_DATA_TTL
+from dsjobs.pb.yandex.cloud.datasphere.v2 import project_pb2, project_service_pb2, project_service_pb2_grpc
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2_grpc
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
+from dsjobs.pb.yandex.cloud.operation import operation_pb2, operation_service_pb2, operation_service_pb2_grpc
+from dsjobs.validation import Problem, problems_from_validation_error, validate_job_spec
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+IDEMPOTENCY_KEY = "idempotency-key"
+REQUEST_DIGEST_ANNOTATION = "dsjobs.dev/request-digest"
+IDEMPOTENCY_ANNOTATION = "dsjobs.dev/idempotency-key-digest"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 100
+MAX_DOWNLOAD_FILES = 1000
+# A filtered List looks at this many Kubernetes pages at most before answering a short page.
+MAX_FILTER_ROUNDS = 10
+# How often a following log stream re-reads the job to notice that it ended.
+JOB_RECHECK_SECONDS = 1.0
+
+
+# --- conversions --------------------------------------------------------------------------------
+
+
+def job_proto(job: JobSnapshot) -> jobs_pb2.Job:
+    return convert.job_to_proto(job.name, job.spec, job.status, created_at=job.created_at)
+
+
+def job_metadata_proto(job: JobSnapshot) -> jobs_pb2.JobMetadata:
+    return convert.job_metadata_to_proto(job.name, job.spec, job.status, created_at=job.created_at)
+
+
+def _storage_file(f: File | StoredFile, url: str) -> jobs_pb2.StorageFile:
+    return jobs_pb2.StorageFile(file=file_to_proto(f), url=url)
+
+
+def _inputs(params: JobParameters, prefix: str = "job_parameters") -> list[tuple[str, File]]:
+    """Every file the client uploads: input files and Python local modules, with their field paths."""
+    files = [(f"{prefix}.input_files[{i}]", f) for i, f in enumerate(params.input_files)]
+    if params.env is not None and params.env.python_env is not None:
+        files += [
+            (f"{prefix}.env.python_env.local_modules[{i}]", f)
+            for i, f in enumerate(params.env.python_env.local_modules)
+        ]
+    return files
+
+
+def _missing_message(missing: Sequence[InputCheck]) -> str:
+    lines = []
+    for c in missing[:20]:
+        have = "not uploaded" if c.stored_size is None else f"stored with {c.stored_size} bytes"
+        lines.append(
+            f"{c.path} {c.file.desc.path!r} (sha256 {c.file.sha256[:12]}..., {c.file.size_bytes} bytes): {have}"
+        )
+    more = f"\n... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return (
+        "inputs are missing from storage; upload them to the URLs Create returned:\n"
+        + "\n".join(lines)
+        + more
+    )
+
+
+def _metadata_value(context: Context, key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k.lower() == key:
+            return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+    return ""
+
+
+def _check_duration(d: Duration, field: str) -> None:
+    """Only what the validator cannot see: a Duration outside protobuf's own range (no timedelta)."""
+    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000:
+        raise errors.invalid_argument("is not a valid duration", field)
+
+
+def _check_data_ttl(d: Duration | None, field: str) -> None:
+    if d is None:
+        return
+    _check_duration(d, field)
+    seconds = d.seconds + d.nanos / 1e9
+    if not MIN_DATA_TTL.total_seconds() <= seconds <= MAX_DATA_TTL.total_seconds():
+        raise errors.invalid_argument("must be between 1h and 365d (unset: keep forever)", field)
+
+
+def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
+    if isinstance(exc, ConversionError):
+        return errors.from_problems([Problem(exc.path, "value", str(exc).split(": ", 1)[-1])])
+    if isinstance(exc, ValidationError):
+        return errors.from_problems(problems_from_validation_error(exc, prefix or "job_parameters"))
+    raise exc
+
+
+# --- ProjectJobService --------------------------------------------------------------------------
+
+
+class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    # Create / Clone ----------------------------------------------------------------------------
+
+    async def Create(self, request: svc.CreateProjectJobRequest, context: Context) -> operation_pb2.Operation:
+        identity, info = await self.core.authorized_project(context, request.project_id, Verb.CREATE)
+        key, job_id = self._job_id(context, identity, info, "Create")
+        _check_duration(request.data_ttl, "data_ttl")
+        try:
+            spec = params_conv.spec_from_create_request(
+                request,
+                created_by_id=identity.username,
+                docker_password_secret_name=params_conv.docker_password_secret_name(job_id),
+            )
+        except (ConversionError, ValidationError) as exc:
+            raise _conversion_error(exc) from exc
+        password = params_conv.docker_password_from_proto(request.job_parameters)
+        # The request as digested for idempotency: without the password (never stored, even hashed).
+        stripped = svc.CreateProjectJobRequest()
+        stripped.CopyFrom(request)
+        stripped.job_parameters.env.docker_image_spec.ClearField("password_plain_text")
+        return await self._create(
+            identity,
+            info,
+            job_id,
+            key,
+            spec,
+            password,
+            OpKind.CREATE,
+            stripped.SerializeToString(deterministic=True),
+        )
+
+    async def Clone(self, request: svc.CloneProjectJobRequest, context: Context) -> operation_pb2.Operation:
+        identity, source = await self.core.authorized_job(
+            context, request.source_job_id, Verb.GET, "source_job_id"
+        )
+        info = await self.core.project(source.project_id)
+        await self.core.auth.authorize(identity, Verb.CREATE, info.namespace, info.project_id)
+        key, job_id = self._job_id(context, identity, info, "Clone")
+        _check_duration(request.data_ttl, "data_ttl")
+        secret_name = params_conv.docker_password_secret_name(job_id)
+        try:
+            spec = params_conv.spec_from_clone_request(
+                source.spec, request, created_by_id=identity.username, docker_password_secret_name=secret_name
+            )
+        except (ConversionError, ValidationError) as exc:
+            raise _conversion_error(exc, prefix="job_parameters_overrides") from exc
+        password = params_conv.docker_password_from_proto(request.job_parameters_overrides)
+        env = spec.job_parameters.env
+        ref = env.docker_image_spec.password_secret_ref if env and env.docker_image_spec else None
+        if (
+            ref is not None
+            and ref.name != secret_name
+            and env is not None
+            and env.docker_image_spec is not None
+        ):
+            # Inherited from the source: its Secret belongs to the source job (and goes with it), so
+            # the clone gets its own copy.
+            password = await self._read_password(source.namespace, ref)
+            env.docker_image_spec.password_secret_ref = SecretKeyRef(
+                name=secret_name, key=params_conv.DOCKER_PASSWORD_KEY
+            )
+        # Inputs the clone inherits must still be stored: the client only has files for its overrides.
+        new_shas = {f.sha256 for f in request.job_parameters_overrides.input_files}
+        inherited = [(p, f) for p, f in _inputs(spec.job_parameters) if f.sha256 not in new_shas]
+        missing = [c for c in await self.core.check_inputs(info.project_id, inherited) if not c.present]
+        if missing:
+            raise errors.failed_precondition(
+                f"source job {source.name!r} no longer has all its inputs stored (its data was deleted or "
+                "expired); create a new job instead.\n" + _missing_message(missing)
+            )
+        stripped = svc.CloneProjectJobRequest()
+        stripped.CopyFrom(request)
+        stripped.job_parameters_overrides.env.docker_image_spec.ClearField("password_plain_text")
+        return await self._create(
+            identity,
+            info,
+            job_id,
+            key,
+            spec,
+            password,
+            OpKind.CLONE,
+            stripped.SerializeToString(deterministic=True),
+        )
+
+    def _job_id(
+        self, context: Context, identity: Identity, info: ProjectInfo, method: str
+    ) -> tuple[str, str]:
+        """(Idempotency-Key, job id): the id is derived from the key when there is one."""
+        key = _metadata_value(context, IDEMPOTENCY_KEY)
+        if len(key) > ids.MAX_IDEMPOTENCY_KEY_LENGTH:
+            raise errors.invalid_argument(
+                f"must be at most {ids.MAX_IDEMPOTENCY_KEY_LENGTH} characters", "Idempotency-Key"
+            )
+        if key:
+            return key, ids.idempotent_job_id(info.project_id, identity.username, method, key)
+        return "", ids.new_job_id()
+
+    async def _read_password(self, namespace: str, ref: SecretKeyRef) -> str:
+        try:
+            secret = await self.core.kube.request("GET", secrets_path(namespace, ref.name))
+        except KubeError as exc:
+            if exc.status == 404:
+                raise errors.failed_precondition(
+                    f"the registry password Secret {ref.name!r} of the source job is gone; "
+                    "pass the docker image with its password in the overrides"
+                ) from exc
+            raise errors.from_kube(exc, f"secret {ref.name!r}") from exc
+        raw = (secret.get("data") or {}).get(ref.key)
+        if not raw:
+            raise errors.failed_precondition(f"the Secret {ref.name!r} has no key {ref.key!r}")
+        return base64.b64decode(raw).decode(errors="replace")
+
+    async def _create(
+        self,
+        identity: Identity,
+        info: ProjectInfo,
+        job_id: str,
+        key: str,
+        spec: ProjectJobSpec,
+        password: str | None,
+        kind: OpKind,
+        request_bytes: bytes,
+    ) -> operation_pb2.Operation:
+        problems = validate_job_spec(spec, known_instance_types=await self.core.catalog.names())
+        if problems:
+            raise errors.from_problems(
+                problems, prefix="job_parameters_overrides" if kind == OpKind.CLONE else ""
+            )
+        request_digest = digest(request_bytes)
+        annotations = {REQUEST_DIGEST_ANNOTATION: request_digest}
+        if key:
+            annotations[IDEMPOTENCY_ANNOTATION] = digest(key.encode())
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": PROJECTJOB_KIND,
+            "metadata": {
+                "name": job_id,
+                "namespace": info.namespace,
+                "labels": job_labels(info.project_id, job_id),
+                "annotations": annotations,
+            },
+            "spec": spec.to_cr(),
+        }
+        try:
+            obj = await self.core.kube.request("POST", jobs_path(info.namespace), body=body)
+            created = True
+        except KubeError as exc:
+            if exc.status != 409 or exc.reason != "AlreadyExists" or not key:
+                raise errors.from_kube(exc, f"job {job_id!r}") from exc
+            # A retry with the same Idempotency-Key: answer with the job the first call made.
+            obj = await self.core.k8s(
+                "get", f"job {job_id!r}", self.core.kube.request("GET", jobs_path(info.namespace, job_id))
+            )
+            existing = (obj.get("metadata") or {}).get("annotations") or {}
+            if existing.get(REQUEST_DIGEST_ANNOTATION) != request_digest:
+                raise ApiError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"Idempotency-Key {key[:80]!r} was already used for a different request (job {job_id!r}); "
+                    "use a new key for a new job",
+                ) from exc
+            created = False
+        job = snapshot(obj)
+        self.core.jobs.remember(obj)
+        if password is not None:
+            await self._store_password(job, password, rollback=created)
+        if created:
+            log.info(
+                "job created",
+                extra={
+                    "job": job.name,
+                    "project": job.project_id,
+                    "user": identity.username,
+                    "kind": kind.value,
+                },
+            )
+        return await self.create_operation(job, kind)
+
+    async def _store_password(self, job: JobSnapshot, password: str, *, rollback: bool) -> None:
+        name = params_conv.docker_password_secret_name(job.name)
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": job.namespace,
+                "labels": {
+                    **job_labels(job.project_id, job.name),
+                    "dsjobs.dev/secret-role": "registry-password",
+                },
+                "ownerReferences": [
+                    {
+                        "apiVersion": API_VERSION,
+                        "kind": PROJECTJOB_KIND,
+                        "name": job.name,
+                        "uid": job.uid,
+                        "controller": True,
+                        "blockOwnerDeletion": False,
+                    }
+                ],
+            },
+            "type": "Opaque",
+            "immutable": True,
+            "stringData": {params_conv.DOCKER_PASSWORD_KEY: password},
+        }
+        try:
+            await self.core.kube.request("POST", secrets_path(job.namespace), body=secret)
+        except KubeError as exc:
+            if exc.status == 409 and exc.reason == "AlreadyExists":
+                return
+            if rollback:
+                # Nothing half-created: without its password the job could never pull its image.
+                try:
+                    await self.core.kube.request(
+                        "DELETE",
+                        jobs_path(job.namespace, job.name),
+                        body={"preconditions": {"uid": job.uid}, "propagationPolicy": "Background"},
+                    )
+                    self.core.jobs.forget(job.name, job.namespace)
+                except KubeError:
+                    log.error("could not roll back job %s after its Secret failed", job.name, exc_info=True)
+            raise errors.from_kube(exc, f"registry password Secret of job {job.name!r}") from exc
+
+    async def create_operation(self, job: JobSnapshot, kind: OpKind) -> operation_pb2.Operation:
+        checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
+        missing = [c for c in checks if not c.present]
+        urls = await self.core.presign_put(st.input_key(job.project_id, c.file.sha256) for c in missing)
+        upload = [_storage_file(c.file, urls[st.input_key(job.project_id, c.file.sha256)]) for c in missing]
+        return operations.create_operation(job.ref(kind), job, upload)
+
+    # Execute ------------------------------------------------------------------------------------
+
+    async def Execute(
+        self, request: svc.ExecuteProjectJobRequest, context: Context
+    ) -> operation_pb2.Operation:
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
+        if job.deleting and not job.spec.execute:
+            raise errors.failed_precondition(f"job {job.name!r} is being deleted")
+        if not job.spec.execute and not job.is_final:
+            checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
+            missing = [c for c in checks if not c.present]
+            if missing:
+                raise errors.failed_precondition(_missing_message(missing))
+        for attempt in range(1, 4):
+            if job.spec.execute or job.is_final:
+                break
+            requested_at = now().isoformat().replace("+00:00", "Z")
+            try:
+                # Guarded by the resourceVersion: a concurrent Execute must not move the request time.
+                job = await self.core.patch_job(
+                    job,
+                    {
+                        "metadata": {"annotations": {EXECUTE_REQUESTED_AT: requested_at}},
+                        "spec": {"execute": True},
+                    },
+                    guard=True,
+                )
+                log.info("job execution requested", extra={"job": job.name, "user": identity.username})
+            except ApiError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == 3:
+                    raise
+                # Changed meanwhile (another Execute, the operator's status): look again.
+                job = await self.core.get_job(job.namespace, job.name, fresh=True)
+        # Already requested, running or finished: that execution's operation (the CLI's `attach`).
+        return await execute_operation(self.core, job)
+
+    # Cancel, Finalize, SetDataTtl ---------------------------------------------------------------
+
+    async def Cancel(self, request: svc.CancelProjectJobRequest, context: Context) -> empty_pb2.Empty:
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
+        if len(request.reason) > 4096:
+            raise errors.invalid_argument("must be at most 4096 characters", "reason")
+        await cancel_job(self.core, job, request.reason, request.graceful, identity)
+        return empty_pb2.Empty()
+
+    async def Finalize(
+        self, request: svc.FinalizeProjectJobRequest, context: Context
+    ) -> svc.FinalizeProjectJobResponse:
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
+        if not job.is_final:
+            raise errors.failed_precondition(
+                f"job {job.name!r} is {job.phase.value}; finalize it after it has finished"
+            )
+        if not job.spec.finalized:
+            await self.core.patch_job(job, {"spec": {"finalized": True}})
+            log.info("job finalized", extra={"job": job.name, "user": identity.username})
+        return svc.FinalizeProjectJobResponse(job_id=job.name)
+
+    async def SetDataTtl(
+        self, request: svc.SetProjectJobDataTtlRequest, context: Context
+    ) -> svc.SetProjectJobDataTtlResponse:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
+        _check_data_ttl(request.ttl if request.HasField("ttl") else None, "ttl")
+        # No ttl: keep forever (the CLI's `set-data-ttl --days infinity`).
+        ttl = params_conv.data_ttl_from_set_request(request)
+        if job.spec.data_ttl != ttl:
+            await self.core.patch_job(job, {"spec": {"dataTtl": format_duration(ttl)}})
+        return svc.SetProjectJobDataTtlResponse()
+
+    # Delete, DeleteData, DeleteAllData ----------------------------------------------------------
+
+    async def Delete(self, request: svc.DeleteProjectJobRequest, context: Context) -> operation_pb2.Operation:
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.DELETE, fresh=True)
+        if job.spec.execute and not job.is_final:
+            raise errors.failed_precondition(
+                f"job {job.name!r} is {job.phase.value}; cancel it and wait until it has stopped before deleting it"
+            )
+        ref = job.ref(OpKind.DELETE)
+        try:
+            await self.core.kube.request(
+                "DELETE",
+                jobs_path(job.namespace, job.name),
+                body={"preconditions": {"uid": job.uid}, "propagationPolicy": "Background"},
+            )
+        except KubeError as exc:
+            if exc.status not in (404, 409):
+                raise errors.from_kube(exc, f"job {job.name!r}") from exc
+        log.info("job deleted", extra={"job": job.name, "user": identity.username})
+        return operations.delete_operation(
+            ref, await self.core.read_job(job.namespace, job.name, fresh=True), now()
+        )
+
+    async def DeleteData(
+        self, request: svc.DeleteProjectJobDataRequest, context: Context
+    ) -> operation_pb2.Operation:
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
+        if job.spec.execute and not job.is_final:
+            raise errors.failed_precondition(
+                f"job {job.name!r} is {job.phase.value}; its data can be deleted once it has finished"
+            )
+        if not job.spec.clear_data:
+            job = await self.core.patch_job(job, {"spec": {"clearData": True}})
+            log.info("job data deletion requested", extra={"job": job.name, "user": identity.username})
+        return operations.delete_data_operation(job.ref(OpKind.DELETE_DATA), job, now())
+
+    async def DeleteAllData(
+        self, request: svc.DeleteAllProjectJobDataRequest, context: Context
+    ) -> operation_pb2.Operation:
+        identity, info = await self.core.authorized_project(context, request.project_id, Verb.UPDATE)
+        jobs = await self.core.all_jobs(info)
+        # Running jobs keep their data (it is being written); everything else is marked for deletion.
+        todo = [j for j in jobs if not j.spec.clear_data and (j.is_final or not j.spec.execute)]
+        gate = asyncio.Semaphore(16)
+
+        async def mark(j: JobSnapshot) -> None:
+            async with gate:
+                try:
+                    await self.core.patch_job(j, {"spec": {"clearData": True}})
+                except ApiError as exc:
+                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                        raise
+
+        await asyncio.gather(*(mark(j) for j in todo))
+        log.info(
+            "project data deletion requested",
+            extra={"project": info.project_id, "jobs": len(todo), "user": identity.username},
+        )
+        marked = {j.name for j in todo}
+        pending = sum(
+            1
+            for j in jobs
+            if (j.name in marked or operations.data_deletion_pending(j)) and not j.status.data_cleared
+        )
+        return operations.delete_all_data_operation(
+            OpRef(OpKind.DELETE_ALL_DATA, info.project_id), pending, now()
+        )
+
+    # Get, List ----------------------------------------------------------------------------------
+
+    async def Get(self, request: svc.GetProjectJobRequest, context: Context) -> jobs_pb2.Job:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        return job_proto(job)
+
+    async def List(self, request: svc.ListProjectJobRequest, context: Context) -> svc.ListProjectJobResponse:
+        _, info = await self.core.authorized_project(context, request.project_id, Verb.LIST)
+        if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
+            raise errors.invalid_argument(
+                f"must be between 0 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})", "page_size"
+            )
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        try:
+            flt = listfilter.parse(request.filter)
+        except listfilter.FilterError as exc:
+            raise errors.invalid_argument(str(exc), "filter") from exc
+        cont = ""
+        if request.page_token:
+            try:
+                cont = pagetoken.decode(
+                    request.page_token,
+                    self.core.settings.page_token_key,
+                    project_id=info.project_id,
+                    filter_expr=request.filter,
+                ).continue_token
+            except pagetoken.PageTokenError as exc:
+                raise errors.invalid_argument(str(exc), "page_token") from exc
+        out: list[jobs_pb2.Job] = []
+        rounds = 0
+        while True:
+            rounds += 1
+            # Asking for exactly what is still missing consumes every Kubernetes page whole, so the
+            # continue token alone says where the next page starts.
+            items, cont = await self.core.list_jobs(info, limit=size - len(out), continue_token=cont)
+            for item in items:
+                job = try_snapshot(item)
+                if job is not None and flt.matches(_filter_fields(job)):
+                    out.append(job_proto(job))
+            if not cont or len(out) >= size or rounds >= MAX_FILTER_ROUNDS:
+                break
+        token = ""
+        if cont:
+            token = pagetoken.encode(
+                pagetoken.PageState(info.project_id, pagetoken.filter_digest(request.filter), cont),
+                self.core.settings.page_token_key,
+            )
+        return svc.ListProjectJobResponse(jobs=out, next_page_token=token)
+
+    # Logs ---------------------------------------------------------------------------------------
+
+    async def ReadLogs(
+        self, request: svc.ReadProjectJobLogsRequest, context: Context
+    ) -> AsyncIterator[svc.ReadProjectJobLogsResponse]:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        async for records, offset in follow_logs(self.core, job, request.offset, None):
+            yield svc.ReadProjectJobLogsResponse(logs=[_log_message(r) for r in records], offset=offset)
+
+    async def ReadStdLogs(
+        self, request: svc.ReadProjectJobStdLogsRequest, context: Context
+    ) -> AsyncIterator[svc.ReadProjectJobStdLogsResponse]:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        streams = (logrecords.Stream.OUT, logrecords.Stream.ERR)
+        async for records, offset in follow_logs(self.core, job, request.offset, streams):
+            logs = [
+                svc.StdLog(
+                    content=r.content,
+                    type=svc.StdLog.Type.OUT if r.stream == logrecords.Stream.OUT else svc.StdLog.Type.ERR,
+                )
+                for r in records
+            ]
+            yield svc.ReadProjectJobStdLogsResponse(logs=logs, offset=offset)
+
+    # Downloads ----------------------------------------------------------------------------------
+
+    async def DownloadJobFiles(
+        self, request: svc.DownloadProjectJobFilesRequest, context: Context
+    ) -> svc.DownloadProjectJobFilesResponse:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        if not request.files:
+            raise errors.invalid_argument(
+                "name at least one file (the job's output_files, log_files or diagnostic_files)", "files"
+            )
+        if len(request.files) > MAX_DOWNLOAD_FILES:
+            raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
+        if job.status.data_cleared:
+            raise errors.failed_precondition(f"the data of job {job.name!r} was deleted")
+        stored = [*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files]
+        by_path: dict[str, Any] = {}
+        for f in stored:
+            by_path.setdefault(f.desc.path, f)
+        chosen = []
+        for i, wanted in enumerate(request.files):
+            found = by_path.get(wanted.desc.path)
+            if found is None or not found.key:
+                raise errors.not_found(
+                    f"files[{i}]: job {job.name!r} has no stored file {wanted.desc.path!r}"
+                )
+            chosen.append(found)
+        urls = await self.core.presign_get((f.key, f.desc.path.rsplit("/", 1)[-1]) for f in chosen)
+        return svc.DownloadProjectJobFilesResponse(
+            download_files=[_storage_file(f, urls[f.key]) for f in chosen]
+        )
+
+    async def DownloadStdLogs(
+        self, request: svc.DownloadProjectJobStdLogsRequest, context: Context
+    ) -> svc.DownloadProjectJobStdLogsResponse:
+        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        if job.status.data_cleared:
+            raise errors.failed_precondition(f"the data of job {job.name!r} was deleted")
+        keys = {
+            name: logrecords.log_file_key(job.project_id, job.name, name)
+            for name in ("stdout.txt", "stderr.txt")
+        }
+        present = await asyncio.gather(*(self.core.io(self.core.store.head, k) for k in keys.values()))
+        if not any(present):
+            if not job.is_final:
+                raise errors.failed_precondition(
+                    f"job {job.name!r} is {job.phase.value}: its stdout/stderr files are stored when it ends; "
+                    "use ReadLogs meanwhile"
+                )
+            raise errors.not_found(f"job {job.name!r} has no stored stdout/stderr")
+        urls = await self.core.presign_get(
+            (k, f"{job.name}-{n}") for (n, k), p in zip(keys.items(), present, strict=True) if p is not None
+        )
+        return svc.DownloadProjectJobStdLogsResponse(
+            stdout_url=urls.get(keys["stdout.txt"], ""), stderr_url=urls.get(keys["stderr.txt"], "")
+        )
+
+
+def _filter_fields(job: JobSnapshot) -> Mapping[str, str]:
+    return {
+        "id": job.name,
+        "name": job.spec.name,
+        "status": job.phase.value,
+        "created_by_id": job.spec.created_by_id,
+        "parent_job_id": job.spec.parent_job_id,
+    }
+
+
+# --- shared by ProjectJobService and OperationService ---------------------------------------------
+
+
+async def execute_operation(core: Core, job: JobSnapshot) -> operation_pb2.Operation:
+    keys = operations.output_keys(job)
+    names = {f.key: f.desc.path.rsplit("/", 1)[-1] for f in job.status.output_files}
+    urls = await core.presign_get((k, names.get(k, "")) for k in keys)
+    if job.status.progress is None and not job.is_final and job.spec.execute:
+        # The runner keeps the latest progress in storage; the operator copies it to the status
+        # now and then. Fresher here, for the CLI's job_progress.jsonl.
+        try:
+            progress = await core.io(logrecords.read_progress, core.store, job.project_id, job.name)
+        except (ApiError, ValueError):
+            progress = None
+        if progress is not None:
+            status = job.status.model_copy(
+                update={
+                    "progress": Progress(
+                        progress=progress.progress, message=progress.message, create_time=progress.create_time
+                    )
+                }
+            )
+            job = JobSnapshot(**{**job.__dict__, "status": status})
+    return operations.execute_operation(job, job_proto(job), job_metadata_proto(job), urls)
+
+
+async def cancel_job(
+    core: Core, job: JobSnapshot, reason: str, graceful: bool, identity: Identity
+) -> JobSnapshot:
+    """Request cancellation. Finished jobs are left alone; a second, forceful request escalates."""
+    if job.is_final:
+        return job
+    current = job.spec.cancel
+    if current is None:
+        request = CancelRequest(reason=reason, graceful=graceful, requested_at=now())
+        job = await core.patch_job(job, {"spec": {"cancel": request.to_cr()}})
+        log.info(
+            "job cancel requested", extra={"job": job.name, "user": identity.username, "graceful": graceful}
+        )
+    elif current.graceful and not graceful:
+        job = await core.patch_job(job, {"spec": {"cancel": {"graceful": False}}})
+        log.info("job cancel escalated", extra={"job": job.name, "user": identity.username})
+    return job
+
+
+async def follow_logs(
+    core: Core, job: JobSnapshot, offset: int, streams: Sequence[logrecords.Stream] | None
+) -> AsyncIterator[tuple[list[logrecords.LogRecord], int]]:
+    """Batches of records from `offset` (-1: from now) until the job has ended and all were sent."""
+    if offset < -1:
+        raise errors.invalid_argument(
+            "must be -1 (from now) or a non-negative offset from a previous response", "offset"
+        )
+    settings = core.settings
+    if offset == -1:
+        offset = (
+            await core.io(logrecords.read_records, core.store, job.project_id, job.name, -1)
+        ).next_offset
+        # Say at once where "now" is: a client that reconnects before any record arrives resumes
+        # from there instead of from a later "now" (which would skip what came in between).
+        yield [], offset
+    ended = job.is_final  # once the job has ended, one more empty read finishes the stream
+    checked = time.monotonic()
+    # Idle streams poll less often (up to 3x the base interval); new records reset the pace.
+    interval = settings.log_poll_interval
+    while True:
+        if core.draining.is_set():
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is restarting; reconnect with offset {offset}",
+                expected=True,
+            )
+        try:
+            result = await core.io(
+                logrecords.read_records,
+                core.store,
+                job.project_id,
+                job.name,
+                offset,
+                max_bytes=settings.max_response_bytes,
+                streams=streams,
+            )
+        except logrecords.LogFormatError as exc:
+            raise errors.internal(
+                f"the stored logs of job {job.name!r} are damaged at offset {offset}"
+            ) from exc
+        advanced = result.next_offset != offset
+        offset = result.next_offset
+        if result.records:
+            LOG_RECORDS_SENT.inc(len(result.records))
+            yield result.records, offset
+        if advanced:
+            interval = settings.log_poll_interval
+            continue
+        if ended or (result.complete and job.is_final):
+            return
+        if time.monotonic() - checked >= JOB_RECHECK_SECONDS:
+            checked = time.monotonic()
+            fresh = await core.read_job(job.namespace, job.name)
+            if fresh is None or fresh.uid != job.uid:
+                raise errors.not_found(f"job {job.name!r} was deleted")
+            job = fresh
+            if job.is_final:
+                ended = True
+                continue  # read once more: the last records may have landed with the final status
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(core.draining.wait(), interval)
+        interval = min(interval * 1.5, settings.log_poll_interval * 3)
+
+
+def _log_message(r: logrecords.LogRecord) -> svc.LogMessage:
+    ts = Timestamp()
+    ts.FromNanoseconds(r.created_ns)
+    msg = svc.LogMessage(content=r.content, created_at=ts)
+    if r.stream == logrecords.Stream.OUT:
+        msg.standard_stream = svc.StandardStream.OUT
+    elif r.stream == logrecords.Stream.ERR:
+        msg.standard_stream = svc.StandardStream.ERR
+    else:
+        msg.file_path = r.file_path or ""
+    return msg
+
+
+# --- OperationService ---------------------------------------------------------------------------
+
+
+class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
+    def __init__(self, core: Core, jobs: ProjectJobService) -> None:
+        self.core = core
+        self.jobs = jobs
+
+    async def _resolve(
+        self, operation_id: str, context: Context, verb: Verb
+    ) -> tuple[Identity, OpRef, ProjectInfo]:
+        identity = await self.core.identity(context)
+        if not operation_id:
+            raise errors.invalid_argument("is required", "operation_id")
+        try:
+            ref = operations.decode_op_id(operation_id)
+        except operations.OperationIdError as exc:
+            raise errors.not_found(f"operation {operation_id[:80]!r} not found") from exc
+        try:
+            info = await self.core.project(ref.project_id)
+        except ApiError as exc:
+            raise errors.not_found(f"operation {operation_id[:80]!r} not found") from exc
+        await self.core.auth.authorize(identity, verb, info.namespace, info.project_id)
+        return identity, ref, info
+
+    async def _operation(self, ref: OpRef, info: ProjectInfo, operation_id: str) -> operation_pb2.Operation:
+        if ref.kind == OpKind.DELETE_ALL_DATA:
+            jobs = await self.core.all_jobs(info)
+            pending = sum(1 for j in jobs if operations.data_deletion_pending(j))
+            return operations.delete_all_data_operation(ref, pending, now())
+        job = await self.core.read_job(info.namespace, ref.job_id)
+        if job is not None and ref.job_uid and job.uid != ref.job_uid:
+            job = None  # another job under the same name
+        if ref.kind == OpKind.DELETE:
+            return operations.delete_operation(ref, job, now())
+        if ref.kind == OpKind.DELETE_DATA:
+            return operations.delete_data_operation(ref, job, now())
+        if job is None:
+            raise errors.not_found(f"operation {operation_id[:80]!r} not found (its job was deleted)")
+        if ref.kind == OpKind.EXECUTE:
+            return await execute_operation(self.core, job)
+        return await self.jobs.create_operation(job, ref.kind)
+
+    async def Get(
+        self, request: operation_service_pb2.GetOperationRequest, context: Context
+    ) -> operation_pb2.Operation:
+        _, ref, info = await self._resolve(request.operation_id, context, Verb.GET)
+        return await self._operation(ref, info, request.operation_id)
+
+    async def Cancel(
+        self, request: operation_service_pb2.CancelOperationRequest, context: Context
+    ) -> operation_pb2.Operation:
+        identity, ref, info = await self._resolve(request.operation_id, context, Verb.UPDATE)
+        if ref.kind == OpKind.EXECUTE:
+            job = await self.core.read_job(info.namespace, ref.job_id, fresh=True)
+            if job is not None and (not ref.job_uid or job.uid == ref.job_uid):
+                await cancel_job(self.core, job, "operation cancelled", False, identity)
+        # Other operations finish on their own (creation is immediate, deletion cannot be undone).
+        return await self._operation(ref, info, request.operation_id)
+
+
+# --- ProjectService -----------------------------------------------------------------------------
+
+
+def project_proto(info: ProjectInfo, community_id: str) -> project_pb2.Project:
+    meta = info.obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    project = project_pb2.Project(
+        id=info.project_id,
+        name=annotations.get(PROJECT_NAME_ANNOTATION) or info.project_id,
+        description=annotations.get(PROJECT_DESCRIPTION_ANNOTATION, ""),
+        community_id=annotations.get(COMMUNITY_ANNOTATION) or community_id,
+    )
+    created = meta.get("creationTimestamp")
+    if created:
+        project.created_at.CopyFrom(operations.timestamp(operations.parse_time(created)))
+    return project
+
+
+class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    async def Get(
+        self, request: project_service_pb2.GetProjectRequest, context: Context
+    ) -> project_pb2.Project:
+        _, info = await self.core.authorized_project(context, request.project_id, Verb.GET)
+        return project_proto(info, self.core.settings.community_id)
+
+    async def List(
+        self, request: project_service_pb2.ListProjectsRequest, context: Context
+    ) -> project_service_pb2.ListProjectsResponse:
+        identity = await self.core.identity(context)
+        if not request.community_id:
+            raise errors.invalid_argument("is required", "community_id")
+        try:
+            projects = await self.core.projects.all()
+        except KubeError as exc:
+            raise errors.from_kube(exc, "projects") from exc
+        out = []
+        for info in projects:
+            proto = project_proto(info, self.core.settings.community_id)
+            if proto.community_id != request.community_id:
+                continue
+            if request.project_name_pattern and request.project_name_pattern not in proto.name:
+                continue
+            try:
+                await self.core.auth.authorize(identity, Verb.GET, info.namespace, info.project_id)
+            except ApiError:
+                continue  # only the projects the caller may see
+            out.append(proto)
+        return project_service_pb2.ListProjectsResponse(projects=out)

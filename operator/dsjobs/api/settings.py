@@ -1,0 +1,220 @@
+"""Settings of the API server: environment variables, overridable by command-line flags.
+
+Every setting, its variable and its default is listed in `SETTINGS` below and in docs/api.md.
+Object storage comes from the `DSJOBS_S3_*` variables (see `dsjobs.storage`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from dsjobs.models import parse_duration
+
+MAX_URL_TTL = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # attribute of Settings
+    env: str
+    default: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "DSJOBS_API_LISTEN", "0.0.0.0:9090", "gRPC address (host:port)"),
+    Setting(
+        "metrics_listen",
+        "DSJOBS_API_METRICS_LISTEN",
+        "0.0.0.0:9091",
+        "Prometheus /metrics address; empty disables",
+    ),
+    Setting("tls_cert", "DSJOBS_API_TLS_CERT", "", "PEM certificate chain; with the key enables TLS"),
+    Setting("tls_key", "DSJOBS_API_TLS_KEY", "", "PEM private key"),
+    Setting(
+        "kubeconfig", "DSJOBS_API_KUBECONFIG", "", "kubeconfig path; default: in-cluster, then $KUBECONFIG"
+    ),
+    Setting(
+        "auth_mode",
+        "DSJOBS_API_AUTH",
+        "kubernetes",
+        "`kubernetes` (TokenReview + SubjectAccessReview) or `static`",
+    ),
+    Setting(
+        "static_tokens",
+        "DSJOBS_API_STATIC_TOKENS",
+        "",
+        "static token file (implies auth=static; development only)",
+    ),
+    Setting("token_audiences", "DSJOBS_API_TOKEN_AUDIENCES", "", "comma-separated audiences for TokenReview"),
+    Setting("auth_cache_ttl", "DSJOBS_API_AUTH_CACHE_TTL", "10s", "how long allow decisions are cached"),
+    Setting("auth_negative_ttl", "DSJOBS_API_AUTH_NEGATIVE_TTL", "2s", "how long deny decisions are cached"),
+    Setting(
+        "page_token_key",
+        "DSJOBS_API_PAGE_TOKEN_KEY",
+        "",
+        "HMAC key for page tokens (shared by all replicas); default: random per process",
+    ),
+    Setting("page_token_key_file", "DSJOBS_API_PAGE_TOKEN_KEY_FILE", "", "file holding the page token key"),
+    Setting(
+        "url_ttl", "DSJOBS_API_URL_TTL", "15m", "validity of presigned download/upload URLs (at most 1h)"
+    ),
+    Setting("max_message_bytes", "DSJOBS_API_MAX_MESSAGE_BYTES", "4194304", "largest accepted request"),
+    Setting(
+        "max_response_bytes", "DSJOBS_API_MAX_RESPONSE_BYTES", "1048576", "log bytes per ReadLogs response"
+    ),
+    Setting(
+        "log_poll_interval", "DSJOBS_API_LOG_POLL", "300ms", "how often a following ReadLogs stream polls"
+    ),
+    Setting("drain_timeout", "DSJOBS_API_DRAIN_TIMEOUT", "20s", "grace for in-flight calls on SIGTERM"),
+    Setting(
+        "community_id", "DSJOBS_API_COMMUNITY_ID", "dsjobs", "community id reported by ProjectService.Get"
+    ),
+    Setting("kube_timeout", "DSJOBS_API_KUBE_TIMEOUT", "20s", "timeout of one Kubernetes API call"),
+    Setting(
+        "max_concurrent_rpcs",
+        "DSJOBS_API_MAX_CONCURRENT_RPCS",
+        "5000",
+        "calls served at once, open log streams included (0: no limit); more are RESOURCE_EXHAUSTED",
+    ),
+    Setting("log_level", "DSJOBS_API_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("log_format", "DSJOBS_API_LOG_FORMAT", "json", "`json` (one object per line) or `text`"),
+)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "0.0.0.0:9090"
+    metrics_listen: str = "0.0.0.0:9091"
+    tls_cert: str = ""
+    tls_key: str = ""
+    kubeconfig: str = ""
+    auth_mode: str = "kubernetes"
+    static_tokens: str = ""
+    token_audiences: tuple[str, ...] = ()
+    auth_cache_ttl: float = 10.0
+    auth_negative_ttl: float = 2.0
+    page_token_key: bytes = field(default=b"", repr=False)
+    page_token_key_is_random: bool = False
+    url_ttl: timedelta = timedelta(minutes=15)
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_response_bytes: int = 1024 * 1024
+    log_poll_interval: float = 0.3
+    drain_timeout: float = 20.0
+    community_id: str = "dsjobs"
+    kube_timeout: float = 20.0
+    max_concurrent_rpcs: int = 5000
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+
+def _seconds(name: str, text: str) -> float:
+    try:
+        value = parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc}") from exc
+    if value < 0:
+        raise SettingsError(f"{name}: must not be negative")
+    return value
+
+
+def _int(name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: not an integer: {text!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}")
+    return value
+
+
+def build(raw: Mapping[str, str]) -> Settings:
+    """Settings from raw string values (keyed by attribute name), checked."""
+    env = {s.name: s.env for s in SETTINGS}
+    value = {s.name: raw.get(s.name, s.default) for s in SETTINGS}
+
+    auth_mode = value["auth_mode"]
+    if value["static_tokens"]:
+        auth_mode = "static"
+    if auth_mode not in ("kubernetes", "static"):
+        raise SettingsError(f"{env['auth_mode']}: must be `kubernetes` or `static`, not {auth_mode!r}")
+    if auth_mode == "static" and not value["static_tokens"]:
+        raise SettingsError(f"static auth needs {env['static_tokens']} (a token file)")
+    if bool(value["tls_cert"]) != bool(value["tls_key"]):
+        raise SettingsError(f"TLS needs both {env['tls_cert']} and {env['tls_key']}")
+
+    key = value["page_token_key"].encode()
+    if value["page_token_key_file"]:
+        key = Path(value["page_token_key_file"]).read_bytes().strip()
+    random_key = not key
+    if random_key:
+        key = base64.b64encode(os.urandom(32))
+    if len(key) < 16:
+        raise SettingsError(f"{env['page_token_key']}: use at least 16 bytes")
+
+    url_ttl = timedelta(seconds=_seconds(env["url_ttl"], value["url_ttl"]))
+    if not timedelta(seconds=60) <= url_ttl <= MAX_URL_TTL:
+        raise SettingsError(f"{env['url_ttl']}: must be between 1m and 1h")
+    level = value["log_level"].upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"{env['log_level']}: must be DEBUG, INFO, WARNING or ERROR")
+    if value["log_format"] not in ("json", "text"):
+        raise SettingsError(f"{env['log_format']}: must be json or text")
+
+    return Settings(
+        listen=value["listen"],
+        metrics_listen=value["metrics_listen"],
+        tls_cert=value["tls_cert"],
+        tls_key=value["tls_key"],
+        kubeconfig=value["kubeconfig"],
+        auth_mode=auth_mode,
+        static_tokens=value["static_tokens"],
+        token_audiences=tuple(a.strip() for a in value["token_audiences"].split(",") if a.strip()),
+        auth_cache_ttl=_seconds(env["auth_cache_ttl"], value["auth_cache_ttl"]),
+        auth_negative_ttl=_seconds(env["auth_negative_ttl"], value["auth_negative_ttl"]),
+        page_token_key=key,
+        page_token_key_is_random=random_key,
+        url_ttl=url_ttl,
+        max_message_bytes=_int(env["max_message_bytes"], value["max_message_bytes"], 64 * 1024),
+        max_response_bytes=_int(env["max_response_bytes"], value["max_response_bytes"], 16 * 1024),
+        log_poll_interval=max(0.05, _seconds(env["log_poll_interval"], value["log_poll_interval"])),
+        drain_timeout=_seconds(env["drain_timeout"], value["drain_timeout"]),
+        community_id=value["community_id"],
+        kube_timeout=max(1.0, _seconds(env["kube_timeout"], value["kube_timeout"])),
+        max_concurrent_rpcs=_int(env["max_concurrent_rpcs"], value["max_concurrent_rpcs"], 0),
+        log_level=level,
+        log_format=value["log_format"],
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dsjobs.api",
+        description="dsjobs gRPC API. Every flag has an environment variable; flags win.",
+    )
+    for s in SETTINGS:
+        p.add_argument(
+            "--" + s.name.replace("_", "-"),
+            dest=s.name,
+            default=None,
+            help=f"{s.help} (${s.env}, default {s.default!r})",
+        )
+    return p
+
+
+def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    ns = parser().parse_args(argv)
+    raw = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    raw.update({s.name: getattr(ns, s.name) for s in SETTINGS if getattr(ns, s.name) is not None})
+    return build(raw)

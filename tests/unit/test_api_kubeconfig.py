@@ -1,0 +1,79 @@
+"""Where the API finds its own cluster credentials (no cluster needed)."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsjobs.api import kube
+
+
+def _write(tmp_path: Path, user: Mapping[str, object], cluster: Mapping[str, object] | None = None) -> Path:
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster or {"server": "https://10.0.0.1:6443/"}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_inline_certificates_become_private_files(tmp_path: Path) -> None:
+    data = {
+        "client-certificate-data": base64.b64encode(b"CERT").decode(),
+        "client-key-data": base64.b64encode(b"KEY").decode(),
+    }
+    cluster = {"server": "https://h:1", "certificate-authority-data": base64.b64encode(b"CA").decode()}
+    cfg, refresh = kube.load_config(str(_write(tmp_path, data, cluster)))
+    assert cfg.host == "https://h:1" and cfg.token is None and refresh is None
+    assert cfg.ca_file and Path(cfg.ca_file).read_bytes() == b"CA"
+    assert cfg.cert_file and Path(cfg.cert_file).read_bytes() == b"CERT"
+    assert cfg.key_file and Path(cfg.key_file).read_bytes() == b"KEY"
+
+
+def test_token_and_relative_files(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    cluster = {"server": "https://h:1", "certificate-authority": "ca.crt", "tls-server-name": "kubernetes"}
+    cfg, _ = kube.load_config(str(_write(tmp_path, {"token": "abc"}, cluster)))
+    assert cfg.token == "abc" and cfg.ca_file == str((tmp_path / "ca.crt").resolve())
+    assert cfg.server_name == "kubernetes" and cfg.verify
+
+
+def test_token_file_is_reread(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("one\n")
+    cfg, refresh = kube.load_config(str(_write(tmp_path, {"tokenFile": "token"})))
+    assert cfg.token == "one" and refresh is not None
+    (tmp_path / "token").write_text("two\n")
+    assert refresh(cfg).token == "two"
+
+
+def test_in_cluster_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "token").write_text("sa-token")
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    cfg, refresh = kube.load_config(None)
+    assert cfg.host == "https://[fd00::1]:443" and cfg.token == "sa-token"
+    assert cfg.ca_file == str(tmp_path / "ca.crt")
+    (tmp_path / "token").write_text("rotated")
+    assert refresh is not None and refresh(cfg).token == "rotated"
+
+
+def test_broken_kubeconfigs(tmp_path: Path) -> None:
+    with pytest.raises(kube.KubeConfigError, match="cannot read"):
+        kube.load_config(str(tmp_path / "missing"))
+    path = _write(tmp_path, {"token": "x"}, {"certificate-authority-data": ""})
+    with pytest.raises(kube.KubeConfigError, match="no server"):
+        kube.load_config(str(path))
+    path.write_text(yaml.safe_dump({"current-context": "nope", "contexts": []}))
+    with pytest.raises(kube.KubeConfigError, match="no context named 'nope'"):
+        kube.load_config(str(path))

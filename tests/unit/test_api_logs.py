@@ -1,0 +1,166 @@
+"""Following a job's logs: when the stream ends, offsets, draining (fake store and job, no cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from dsjobs import logrecords
+from dsjobs.api.core import Core
+from dsjobs.api.errors import ApiError
+from dsjobs.api.operations import JobSnapshot
+from dsjobs.api.servicer import follow_logs
+from dsjobs.api.settings import Settings
+from dsjobs.logrecords import FinalMarker, LogChunk, LogRecord, Stream
+from dsjobs.storage import ObjectInfo
+
+PROJECT, JOB = "p1", "j1"
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "", if_none_match: bool = False
+    ) -> None:
+        self.objects[key] = data
+
+    def get_bytes(self, key: str) -> bytes | None:
+        return self.objects.get(key)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        data = self.objects.get(key)
+        return None if data is None else ObjectInfo(key, len(data), "")
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def snapshot(phase: str | None, uid: str = "u1") -> JobSnapshot:
+    return JobSnapshot.from_cr(
+        {
+            "metadata": {
+                "name": JOB,
+                "namespace": "ns",
+                "uid": uid,
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+            },
+            "spec": {"projectId": PROJECT, "jobParameters": {"cmd": "x"}, "execute": True},
+            "status": {"phase": phase} if phase else {},
+        }
+    )
+
+
+class FakeCore:
+    def __init__(self, job: JobSnapshot | None) -> None:
+        self.settings = Settings(log_poll_interval=0.01, max_response_bytes=64 * 1024)
+        self.store = MemoryStore()
+        self.draining = asyncio.Event()
+        self.job = job
+
+    async def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
+        return self.job
+
+
+def write(core: FakeCore, seq: int, *texts: str) -> None:
+    records = tuple(LogRecord(Stream.OUT, t.encode(), time.time_ns()) for t in texts)
+    logrecords.write_chunk(core.store, PROJECT, JOB, LogChunk(seq, records))
+
+
+async def collect(
+    core: FakeCore, job: JobSnapshot, offset: int = 0, limit: float = 10
+) -> list[tuple[list[bytes], int]]:
+    out: list[tuple[list[bytes], int]] = []
+
+    async def run() -> None:
+        async for records, next_offset in follow_logs(cast(Core, core), job, offset, None):
+            out.append(([r.content for r in records], next_offset))
+
+    await asyncio.wait_for(run(), limit)
+    return out
+
+
+def test_finished_job_streams_everything_then_ends() -> None:
+    core = FakeCore(snapshot("SUCCESS"))
+    write(core, 0, "a\n", "b\n")
+    write(core, 1, "c\n")
+    logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(2))
+    got = asyncio.run(collect(core, snapshot("SUCCESS")))
+    assert [c for batch, _ in got for c in batch] == [b"a\n", b"b\n", b"c\n"]
+    assert got[-1][1] == logrecords.make_offset(2, 0)
+
+
+def test_follows_a_running_job_until_it_ends() -> None:
+    core = FakeCore(snapshot("EXECUTING"))
+    write(core, 0, "first\n")
+
+    async def scenario() -> list[tuple[list[bytes], int]]:
+        async def job_runs() -> None:
+            await asyncio.sleep(0.1)
+            write(core, 1, "second\n")
+            await asyncio.sleep(0.1)
+            logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(2))
+            core.job = snapshot("SUCCESS")
+
+        runner = asyncio.create_task(job_runs())
+        got = await collect(core, snapshot("EXECUTING"))
+        await runner
+        return got
+
+    got = asyncio.run(scenario())
+    assert [c for batch, _ in got for c in batch] == [b"first\n", b"second\n"]
+
+
+def test_a_job_that_ended_without_a_final_marker_still_ends_the_stream() -> None:
+    core = FakeCore(snapshot("ERROR"))
+    write(core, 0, "partial\n")
+    got = asyncio.run(collect(core, snapshot("EXECUTING")))  # the stream saw it running at first
+    assert [c for batch, _ in got for c in batch] == [b"partial\n"]
+
+
+def test_resuming_from_an_offset_repeats_nothing() -> None:
+    core = FakeCore(snapshot("SUCCESS"))
+    write(core, 0, "a\n", "b\n", "c\n")
+    logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(1))
+    got = asyncio.run(collect(core, snapshot("SUCCESS"), offset=logrecords.make_offset(0, 2)))
+    assert [c for batch, _ in got for c in batch] == [b"c\n"]
+
+
+def test_from_now_answers_the_current_offset_first() -> None:
+    core = FakeCore(snapshot("SUCCESS"))
+    write(core, 0, "old\n")
+    logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(1))
+    got = asyncio.run(collect(core, snapshot("SUCCESS"), offset=-1))
+    assert got == [([], logrecords.make_offset(1, 0))]
+
+
+def test_draining_ends_the_stream_with_unavailable_and_the_offset() -> None:
+    core = FakeCore(snapshot("EXECUTING"))
+    write(core, 0, "a\n")
+    core.draining.set()
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(collect(core, snapshot("EXECUTING"), offset=logrecords.make_offset(1, 0)))
+    assert exc.value.code == grpc.StatusCode.UNAVAILABLE and exc.value.expected
+    assert f"offset {logrecords.make_offset(1, 0)}" in exc.value.message
+
+
+def test_a_deleted_job_ends_the_stream_with_not_found() -> None:
+    core = FakeCore(None)
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(collect(core, snapshot("EXECUTING")))
+    assert exc.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_negative_offsets_other_than_minus_one_are_rejected() -> None:
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(collect(FakeCore(snapshot("SUCCESS")), snapshot("SUCCESS"), offset=-2))
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT

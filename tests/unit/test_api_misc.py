@@ -1,0 +1,101 @@
+"""List filters and settings of the API."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from dsjobs.api import listfilter, settings
+
+# --- filters ------------------------------------------------------------------------------------
+
+FIELDS = {"id": "j1", "name": "train", "status": "SUCCESS", "created_by_id": "alice", "parent_job_id": ""}
+
+
+@pytest.mark.parametrize(
+    ("text", "matches"),
+    [
+        ("", True),
+        ('status = "SUCCESS"', True),
+        ("status = success", True),
+        ("status != SUCCESS", False),
+        ('status IN ("ERROR", "SUCCESS")', True),
+        ("status NOT IN (ERROR, CANCELLED)", True),
+        ('status = "SUCCESS" AND created_by_id = "bob"', False),
+        ("name = 'train' and id = j1", True),
+        ('parent_job_id = ""', True),
+    ],
+)
+def test_filters(text: str, matches: bool) -> None:
+    assert listfilter.parse(text).matches(FIELDS) is matches
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("owner = x", "unknown field 'owner'"),
+        ("status = RUNNING", "unknown status"),
+        ("name =", "expected a value"),
+        ("name = a OR name = b", "expected AND"),
+        ("name IN (a, b", r"expected \)"),
+        ("name ~ a", "unexpected character"),
+        ("x" * 1001, "at most 1000"),
+    ],
+)
+def test_bad_filters(text: str, message: str) -> None:
+    with pytest.raises(listfilter.FilterError, match=message):
+        listfilter.parse(text)
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = settings.from_args([], environ={})
+    assert s.listen == "0.0.0.0:9090" and s.metrics_listen == "0.0.0.0:9091"
+    assert s.auth_mode == "kubernetes"
+    assert s.url_ttl == timedelta(minutes=15)
+    assert s.page_token_key_is_random and len(s.page_token_key) >= 16
+
+
+def test_flags_win_over_environment(tmp_path: pytest.TempPathFactory) -> None:
+    env = {
+        "DSJOBS_API_LISTEN": "127.0.0.1:1",
+        "DSJOBS_API_URL_TTL": "30m",
+        "DSJOBS_API_PAGE_TOKEN_KEY": "x" * 20,
+    }
+    s = settings.from_args(["--listen", "127.0.0.1:2"], environ=env)
+    assert s.listen == "127.0.0.1:2"
+    assert s.url_ttl == timedelta(minutes=30)
+    assert s.page_token_key == b"x" * 20 and not s.page_token_key_is_random
+
+
+def test_static_tokens_imply_static_auth() -> None:
+    s = settings.from_args([], environ={"DSJOBS_API_STATIC_TOKENS": "/tmp/tokens.yaml"})
+    assert s.auth_mode == "static"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DSJOBS_API_URL_TTL": "2h"}, "between 1m and 1h"),
+        ({"DSJOBS_API_URL_TTL": "soon"}, "DSJOBS_API_URL_TTL"),
+        ({"DSJOBS_API_AUTH": "none"}, "kubernetes"),
+        ({"DSJOBS_API_AUTH": "static"}, "token file"),
+        ({"DSJOBS_API_TLS_CERT": "c.pem"}, "both"),
+        ({"DSJOBS_API_PAGE_TOKEN_KEY": "short"}, "16 bytes"),
+        ({"DSJOBS_API_MAX_MESSAGE_BYTES": "ten"}, "not an integer"),
+        ({"DSJOBS_API_LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_settings(env: dict[str, str], message: str) -> None:
+    with pytest.raises(settings.SettingsError, match=message):
+        settings.from_args([], environ=env)
+
+
+def test_every_setting_has_a_field_or_feeds_one() -> None:
+    from dataclasses import fields
+
+    names = {f.name for f in fields(settings.Settings)}
+    assert {s.name for s in settings.SETTINGS} - names == {"page_token_key_file"}

@@ -1,0 +1,225 @@
+"""Operations derived from a ProjectJob, for every phase."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+
+from dsjobs.api import operations as ops
+from dsjobs.models import JobPhase
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
+
+T0 = datetime(2025, 6, 1, 11, 0, tzinfo=UTC)
+SHA = "ab" * 32
+
+
+def job(status: dict[str, Any] | None = None, **spec: Any) -> ops.JobSnapshot:
+    return ops.JobSnapshot.from_cr(
+        {
+            "metadata": {
+                "name": "j1",
+                "namespace": "ns1",
+                "uid": "uid-1",
+                "resourceVersion": "5",
+                "creationTimestamp": "2025-06-01T11:00:00Z",
+                "annotations": {ops.EXECUTE_REQUESTED_AT: "2025-06-01T11:00:05Z"},
+            },
+            "spec": {
+                "projectId": "p1",
+                "createdById": "alice",
+                "jobParameters": {"cmd": "python x.py"},
+                **spec,
+            },
+            "status": status or {},
+        }
+    )
+
+
+def execute_op(j: ops.JobSnapshot, urls: dict[str, str] | None = None) -> Any:
+    return ops.execute_operation(
+        j, jobs_pb2.Job(id=j.name, project_id="p1"), jobs_pb2.JobMetadata(id=j.name), urls or {}
+    )
+
+
+def test_create_operation_is_done_with_upload_urls() -> None:
+    j = job()
+    files = [
+        jobs_pb2.StorageFile(
+            file=jobs_pb2.File(desc=jobs_pb2.FileDesc(path="a.txt"), sha256=SHA), url="http://u"
+        )
+    ]
+    op = ops.create_operation(j.ref(ops.OpKind.CREATE), j, files)
+    assert op.done and not op.HasField("error")
+    assert ops.decode_op_id(op.id) == ops.OpRef(ops.OpKind.CREATE, "p1", "j1", "uid-1")
+    meta, resp = svc.CreateProjectJobMetadata(), svc.CreateProjectJobResponse()
+    assert op.metadata.Unpack(meta) and op.response.Unpack(resp)
+    assert (meta.project_id, meta.job_id) == ("p1", "j1")
+    assert resp.job_id == "j1" and [f.url for f in resp.upload_files] == ["http://u"]
+    assert op.created_by == "alice"
+
+
+def test_clone_operation_uses_clone_messages() -> None:
+    j = job()
+    op = ops.create_operation(j.ref(ops.OpKind.CLONE), j, [])
+    assert op.metadata.Is(svc.CloneProjectJobMetadata.DESCRIPTOR)
+    assert op.response.Is(svc.CloneProjectJobResponse.DESCRIPTOR)
+
+
+@pytest.mark.parametrize(
+    "phase",
+    [
+        None,
+        JobPhase.CREATING,
+        JobPhase.PREPARING,
+        JobPhase.EXECUTING,
+        JobPhase.UPLOADING_OUTPUT,
+        JobPhase.CANCELLING,
+    ],
+)
+def test_execute_operation_is_pending_until_final(phase: JobPhase | None) -> None:
+    status: dict[str, Any] = {"phase": phase.value} if phase else {}
+    status["progress"] = {"progress": 21, "message": "epoch 2", "createTime": "2025-06-01T11:00:12Z"}
+    op = execute_op(job(status, execute=True))
+    assert not op.done and not op.HasField("error") and not op.HasField("response")
+    meta = svc.ExecuteProjectJobMetadata()
+    assert op.metadata.Unpack(meta)
+    assert meta.job.id == "j1" and meta.job.project_id == "p1" and meta.metadata.id == "j1"
+    assert meta.progress.progress == 21 and meta.progress.message == "epoch 2"
+    assert op.created_at.ToDatetime(tzinfo=UTC) == datetime(2025, 6, 1, 11, 0, 5, tzinfo=UTC)
+    assert op.modified_at.ToDatetime(tzinfo=UTC) == datetime(2025, 6, 1, 11, 0, 12, tzinfo=UTC)
+
+
+def test_success_has_outputs_with_urls_and_errors() -> None:
+    status = {
+        "phase": "SUCCESS",
+        "returnCode": 0,
+        "outputFiles": [
+            {"desc": {"path": "out/a.txt", "var": "A"}, "sha256": SHA, "sizeBytes": 3, "key": "k/a"},
+            {"desc": {"path": "b.zip"}, "sizeBytes": 9, "compressionType": "ZIP", "key": "k/b"},
+        ],
+        "fileErrors": [
+            {"outputFileDesc": {"path": "missing.txt"}, "description": "not produced", "type": "NOT_FOUND"},
+            {"logFileName": "stdout.txt", "description": "upload failed", "type": "UPLOAD_FAILED"},
+        ],
+        "outputDatasets": [{"desc": {"name": "ds", "var": "DS", "sizeGb": 1}, "id": "ds1"}],
+    }
+    j = job(status, execute=True)
+    assert ops.output_keys(j) == ["k/a", "k/b"]
+    op = execute_op(j, {"k/a": "http://a", "k/b": "http://b"})
+    assert op.done and not op.HasField("error")
+    resp = svc.ExecuteProjectJobResponse()
+    assert op.response.Unpack(resp)
+    assert resp.result.return_code == 0
+    assert [(f.file.desc.path, f.url) for f in resp.output_files] == [
+        ("out/a.txt", "http://a"),
+        ("b.zip", "http://b"),
+    ]
+    assert resp.output_files[1].file.compression_type == jobs_pb2.FileCompressionType.ZIP
+    assert [e.output_file_desc.path for e in resp.output_files_errors] == ["missing.txt"]
+    assert resp.output_files_errors[0].type == jobs_pb2.FileUploadError.ErrorType.NOT_FOUND
+    assert [d.id for d in resp.output_datasets] == ["ds1"]
+
+
+def test_failed_program_is_a_successful_operation_with_its_return_code() -> None:
+    op = execute_op(job({"phase": "ERROR", "returnCode": 3, "statusDetails": "exit 3"}, execute=True))
+    assert op.done and not op.HasField("error")
+    resp = svc.ExecuteProjectJobResponse()
+    assert op.response.Unpack(resp)
+    assert resp.result.return_code == 3
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [
+        ("InvalidSpec", grpc.StatusCode.INVALID_ARGUMENT),
+        ("ImagePullBackOff", grpc.StatusCode.FAILED_PRECONDITION),
+        ("StageInFailed", grpc.StatusCode.FAILED_PRECONDITION),
+        ("SetupFailed", grpc.StatusCode.FAILED_PRECONDITION),
+        ("Unschedulable", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED),
+        ("Evicted", grpc.StatusCode.ABORTED),
+        ("SomeNewImageProblem", grpc.StatusCode.FAILED_PRECONDITION),
+        ("PodFailed", grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_job_that_could_not_run_ends_with_an_error(reason: str, code: grpc.StatusCode) -> None:
+    status = {
+        "phase": "ERROR",
+        "statusDetails": "could not pull image x",
+        # A return code does not make it a result: setup failures may carry one.
+        "returnCode": 1,
+        "conditions": [{"type": "Finished", "status": "False", "reason": reason}],
+    }
+    op = execute_op(job(status, execute=True))
+    assert op.done and op.HasField("error") and not op.HasField("response")
+    assert op.error.code == code.value[0]
+    assert op.error.message == "could not pull image x"
+
+
+@pytest.mark.parametrize("reason", ["NonZeroExit", "OOMKilled"])
+def test_program_failures_are_results(reason: str) -> None:
+    status = {
+        "phase": "ERROR",
+        "returnCode": 137,
+        "conditions": [{"type": "Finished", "status": "False", "reason": reason}],
+    }
+    resp = svc.ExecuteProjectJobResponse()
+    op = execute_op(job(status, execute=True))
+    assert op.done and op.response.Unpack(resp) and resp.result.return_code == 137
+
+
+def test_cancelled_job_ends_with_cancelled_error() -> None:
+    j = job({"phase": "CANCELLED"}, execute=True, cancel={"reason": "user pressed ctrl-c", "graceful": True})
+    op = execute_op(j)
+    assert op.done and op.error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert "user pressed ctrl-c" in op.error.message
+    assert ops.output_keys(j) == []
+
+
+def test_cleared_data_reports_outputs_as_errors() -> None:
+    status = {
+        "phase": "SUCCESS",
+        "returnCode": 0,
+        "dataCleared": True,
+        "outputFiles": [{"desc": {"path": "a.txt"}, "key": "k/a"}],
+    }
+    j = job(status, execute=True)
+    assert ops.output_keys(j) == []
+    resp = svc.ExecuteProjectJobResponse()
+    assert execute_op(j).response.Unpack(resp)
+    assert not resp.output_files
+    assert "deleted" in resp.output_files_errors[0].description
+
+
+def test_delete_operation_done_when_gone_or_replaced() -> None:
+    j = job()
+    ref = j.ref(ops.OpKind.DELETE)
+    assert not ops.delete_operation(ref, j, T0).done
+    assert ops.delete_operation(ref, None, T0).done
+    other = ops.JobSnapshot(**{**j.__dict__, "uid": "uid-2"})
+    op = ops.delete_operation(ref, other, T0)
+    assert op.done and op.response.Is(empty_pb2.Empty.DESCRIPTOR)
+
+
+def test_delete_data_operation_follows_data_cleared() -> None:
+    ref = job().ref(ops.OpKind.DELETE_DATA)
+    pending = job({"phase": "SUCCESS"}, clearData=True)
+    assert ops.data_deletion_pending(pending)
+    assert not ops.delete_data_operation(ref, pending, T0).done
+    cleared = job({"phase": "SUCCESS", "dataCleared": True}, clearData=True)
+    assert not ops.data_deletion_pending(cleared)
+    op = ops.delete_data_operation(ref, cleared, T0)
+    assert op.done and op.response.Is(svc.DeleteProjectJobDataResponse.DESCRIPTOR)
+    assert ops.delete_data_operation(ref, None, T0).done
+
+
+def test_delete_all_data_operation() -> None:
+    ref = ops.OpRef(ops.OpKind.DELETE_ALL_DATA, "p1")
+    assert not ops.delete_all_data_operation(ref, 2, T0).done
+    op = ops.delete_all_data_operation(ref, 0, T0)
+    assert op.done and op.metadata.Is(svc.DeleteAllProjectJobDataMetadata.DESCRIPTOR)
