@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install proto lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
-        up down demo bench clean
+        up down demo bench e2e-kind clean
 
 install: $(STAMP)
 
@@ -42,6 +42,21 @@ test-e2e: install k8s-bins
 	$(PY) -m pytest -q tests/e2e
 
 test: lint typecheck test-unit test-e2e
+
+up: install k8s-bins
+	bash hack/up.sh
+
+down: install
+	bash hack/down.sh
+
+demo: install k8s-bins
+	bash hack/demo.sh
+
+bench: install k8s-bins
+	bash hack/bench.sh
+
+e2e-kind: install
+	bash hack/e2e-kind.sh
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

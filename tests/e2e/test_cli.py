@@ -1,0 +1,425 @@
+"""The official DataSphere CLI against dsjobs, as a data scientist uses it.
+
+Every scenario runs `dsjobs datasphere ...` (the unmodified official CLI with its transport pointed at
+dsjobs) as a subprocess in a temporary directory holding a DataSphere `config.yaml`, against the
+stack of `stack_fixtures.dsjobs_stack`: the local cluster by default, any deployment (e.g. kind)
+with DSJOBS_E2E_KUBECONFIG + DSJOBS_E2E_ENV. Waits are polls with timeouts; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from stack_fixtures import REPO_ROOT, CliRun, StackEnv, first_json, poll
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+FINAL = {"SUCCESS", "ERROR", "CANCELLED"}
+
+
+def job_dir(base: Path, config: dict[str, Any], files: dict[str, str]) -> Path:
+    """A fresh directory with config.yaml and `files` (relative path -> text)."""
+    d = base / f"job-{uuid.uuid4().hex[:6]}"
+    d.mkdir(parents=True)
+    for rel, text in files.items():
+        p = d / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text).lstrip())
+    (d / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return d
+
+
+def execute(stack: StackEnv, d: Path, *extra: str) -> CliRun:
+    return stack.datasphere(
+        "project", "job", "execute", "-p", stack.project_id, "-c", "config.yaml", *extra, cwd=d
+    )
+
+
+def execute_async(stack: StackEnv, d: Path) -> str:
+    """`execute --async -o exec.json`: returns the job id once the job is started."""
+    run = execute(stack, d, "--async", "-o", "exec.json").ok()
+    data = json.loads((d / "exec.json").read_text())
+    entry = data[0] if isinstance(data, list) else data
+    job_id = str(entry.get("job_id") or run.job_id)
+    assert job_id, run.output
+    return job_id
+
+
+def status_of(stack: StackEnv, job_id: str, cwd: Path) -> str:
+    return str(stack.get_job(job_id, cwd)["status"])
+
+
+def wait_status(stack: StackEnv, job_id: str, cwd: Path, wanted: set[str], timeout: float = 300) -> str:
+    def check() -> str | None:
+        status = status_of(stack, job_id, cwd)
+        if status in wanted:
+            return status
+        if status in FINAL:  # pytest.fail is not an Exception: poll does not swallow it
+            pytest.fail(f"job {job_id} ended {status}, expected one of {sorted(wanted)}", pytrace=False)
+        return None
+
+    return str(poll(f"job {job_id} to be {'/'.join(sorted(wanted))}", check, timeout, interval=2))
+
+
+def job_pods(stack: StackEnv, job_id: str) -> list[dict[str, Any]]:
+    pods: list[dict[str, Any]] = stack.kubectl_json(
+        "get", "pods", "-n", stack.project_namespace, "-l", f"dsjobs.dev/job-id={job_id}"
+    )["items"]
+    return pods
+
+
+# ------------------------------------------------------------------ a finished job for several tests
+
+IO_MAIN = """
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    with open(args.input) as f:
+        data = f.read()
+    mode = os.environ.get("MODE", "none")
+    with open(args.output, "w") as f:
+        f.write(f"mode={mode}\\n" + data.upper())
+    print(f"processed {len(data)} bytes in mode {mode}", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def io_job(dsjobs_stack: StackEnv, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, CliRun]:
+    """A finished job with an input, an output and variables; shared by list/get/fork/download/ttl."""
+    config = {
+        "name": "e2e-io",
+        "desc": "inputs, outputs and variables",
+        "cmd": "python main.py --input ${DATA} --output ${RESULT}",
+        "inputs": ["main.py", {"data.txt": "DATA"}],
+        "outputs": [{"result.txt": "RESULT"}],
+    }
+    d = job_dir(tmp_path_factory.mktemp("io"), config, {"main.py": IO_MAIN, "data.txt": "hello dsjobs\n"})
+    run = execute(dsjobs_stack, d).ok()
+    return run.job_id, d, run
+
+
+def test_inputs_outputs_and_vars(io_job: tuple[str, Path, CliRun]) -> None:
+    _, d, run = io_job
+    assert (d / "result.txt").read_text() == "mode=none\nHELLO DSJOBS\n"
+    assert "processed 13 bytes in mode none" in run.output  # the program's stdout, streamed back
+
+
+def test_env_vars(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    config = {
+        "name": "e2e-env",
+        "cmd": "python main.py",
+        "env": {"vars": [{"GREETING": "hello from config"}, "FROM_LOCAL"]},
+        "inputs": ["main.py"],
+        "outputs": ["env.json"],
+    }
+    main = """
+        import json, os
+        values = {k: os.environ.get(k) for k in ("GREETING", "FROM_LOCAL")}
+        print("env:", values, flush=True)
+        with open("env.json", "w") as f:
+            json.dump(values, f)
+    """
+    d = job_dir(tmp_path, config, {"main.py": main})
+    # `- FROM_LOCAL` copies the variable from the submitting shell.
+    run = dsjobs_stack.datasphere(
+        "project", "job", "execute", "-p", dsjobs_stack.project_id, "-c", "config.yaml",
+        cwd=d, env=dsjobs_stack.env(FROM_LOCAL="copied from the laptop"),
+    ).ok()  # fmt: skip
+    assert json.loads((d / "env.json").read_text()) == {
+        "GREETING": "hello from config",
+        "FROM_LOCAL": "copied from the laptop",
+    }, run.output
+
+
+def test_directory_input(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    config = {
+        "name": "e2e-dir",
+        "cmd": "python main.py ${DATASET}",
+        "inputs": ["main.py", {"dataset": "DATASET"}],
+        "outputs": [{"listing.txt": "LISTING"}],
+    }
+    main = """
+        import os, sys
+        root = sys.argv[1]
+        lines = []
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    lines.append(f"{os.path.relpath(path, root)}={f.read().strip()}")
+        with open("listing.txt", "w") as f:
+            f.write("\\n".join(sorted(lines)) + "\\n")
+    """
+    files = {"main.py": main, "dataset/a.txt": "A", "dataset/sub/b.txt": "B", "dataset/sub/deeper/c.txt": "C"}
+    d = job_dir(tmp_path, config, files)
+    execute(dsjobs_stack, d).ok()
+    assert (d / "listing.txt").read_text().split() == ["a.txt=A", "sub/b.txt=B", "sub/deeper/c.txt=C"]
+
+
+def test_python_auto_with_local_modules_and_requirements(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    # `python: auto`: the CLI finds the local modules (a package and a module) and the pinned
+    # requirements of the local environment (six, installed here) and sends a python_env.
+    config = {
+        "name": "e2e-python-auto",
+        "cmd": "python main.py",
+        "env": {"python": "auto"},
+        "outputs": ["result.json"],
+    }
+    main = """
+        import json
+        import sys
+
+        import six
+        import shapes
+        from helpers.util import answer
+
+        if __name__ == "__main__":
+            result = {"six": six.__version__, "answer": answer(), "area": shapes.area(2), "python": sys.version[:4]}
+            print("result:", result, flush=True)
+            with open("result.json", "w") as f:
+                json.dump(result, f)
+    """
+    files = {
+        "main.py": main,
+        "helpers/__init__.py": "",
+        "helpers/util.py": "def answer():\n    return 42\n",
+        "shapes.py": "def area(r):\n    return 3 * r * r\n",
+    }
+    d = job_dir(tmp_path, config, files)
+    import six  # type: ignore[import-untyped]
+
+    run = execute(dsjobs_stack, d).ok()
+    result = json.loads((d / "result.json").read_text())
+    assert result["six"] == six.__version__, run.output
+    assert (result["answer"], result["area"]) == (42, 12)
+
+
+def test_demo_example_manual_python_env(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    """examples/demo (`make demo`): manual python env, a pip requirement absent from the image."""
+    d = tmp_path / "demo"
+    shutil.copytree(REPO_ROOT / "examples" / "demo", d)
+    run = execute(dsjobs_stack, d).ok()
+    report = (d / "report.md").read_text()
+    assert "## Top 8 words" in report and "| 1st | that | 3 |" in report, run.output
+    assert "Hello from a dsjobs job" in run.output  # env var, printed by the program
+
+
+def test_failing_program_propagates_return_code(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    config = {"name": "e2e-fail", "cmd": "python fail.py", "inputs": ["fail.py"]}
+    main = """
+        import sys
+        print("about to fail", file=sys.stderr, flush=True)
+        sys.exit(3)
+    """
+    d = job_dir(tmp_path, config, {"fail.py": main})
+    run = execute(dsjobs_stack, d)
+    assert run.returncode != 0, run.output
+    assert "Program returned code 3" in run.output
+    assert "about to fail" in run.output  # stderr streamed back
+    assert status_of(dsjobs_stack, run.job_id, d) == "ERROR"
+
+
+SLOW_MAIN = """
+    import sys, time
+    n = int(sys.argv[1])
+    for i in range(n):
+        print(f"tick {i}", flush=True)
+        time.sleep(1)
+    with open("slow.txt", "w") as f:
+        f.write(f"ticked {n}\\n")
+    print("slow job done", flush=True)
+"""
+
+
+def slow_job_dir(base: Path, seconds: int, **extra: Any) -> Path:
+    config = {
+        "name": f"e2e-slow-{seconds}",
+        "cmd": f"python slow.py {seconds}",
+        "inputs": ["slow.py"],
+        "outputs": ["slow.txt"],
+        **extra,
+    }
+    return job_dir(base, config, {"slow.py": SLOW_MAIN})
+
+
+def test_async_execute_then_attach(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    d = slow_job_dir(tmp_path, 20)
+    job_id = execute_async(dsjobs_stack, d)
+    assert status_of(dsjobs_stack, job_id, d) not in FINAL  # --async returned while the job runs
+    attach_dir = tmp_path / "attach"
+    attach_dir.mkdir()
+    run = dsjobs_stack.datasphere("project", "job", "attach", "--id", job_id, cwd=attach_dir).ok()
+    assert "slow job done" in run.output
+    assert (attach_dir / "slow.txt").read_text() == "ticked 20\n"  # attach downloads the outputs
+    assert status_of(dsjobs_stack, job_id, d) == "SUCCESS"
+
+
+def test_cancel(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    d = slow_job_dir(tmp_path, 600)
+    job_id = execute_async(dsjobs_stack, d)
+    wait_status(dsjobs_stack, job_id, d, {"EXECUTING"})
+    run = dsjobs_stack.datasphere("project", "job", "cancel", "--id", job_id, cwd=d).ok()
+    assert "job is canceled" in run.output
+    wait_status(dsjobs_stack, job_id, d, {"CANCELLED"}, timeout=120)
+    poll(f"the pods of job {job_id} to be gone", lambda: not job_pods(dsjobs_stack, job_id), 120)
+
+
+def test_list_and_get(dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path) -> None:
+    job_id, _, _ = io_job
+    run = dsjobs_stack.datasphere(
+        "project", "job", "list", "-p", dsjobs_stack.project_id, "--format", "json", cwd=tmp_path
+    ).ok()  # fmt: skip
+    listed = first_json(run.output)
+    listed = listed if isinstance(listed, list) else [listed]
+    mine = [j for j in listed if j["id"] == job_id]
+    assert len(mine) == 1, run.output
+    assert (mine[0]["name"], mine[0]["status"]) == ("e2e-io", "SUCCESS")
+
+    got = dsjobs_stack.get_job(job_id, tmp_path)
+    assert (got["id"], got["name"], got["desc"], got["status"]) == (
+        job_id,
+        "e2e-io",
+        "inputs, outputs and variables",
+        "SUCCESS",
+    )
+    assert got["created_at"] and got["finished_at"]
+    # and through kubectl, the same job as a ProjectJob
+    assert dsjobs_stack.job_object(job_id)["status"]["phase"] == "SUCCESS"
+
+
+def test_fork_with_overrides(
+    dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path
+) -> None:
+    job_id, _, _ = io_job
+    (tmp_path / "other.txt").write_text("forked input\n")
+    run = dsjobs_stack.datasphere(
+        "project", "job", "fork", "--id", job_id,
+        "--var", "DATA=other.txt", "--var", "RESULT=forked.txt",
+        "--env-var", "MODE=forked", "--name", "e2e-forked",
+        cwd=tmp_path,
+    ).ok()  # fmt: skip
+    fork_id = run.job_id
+    assert fork_id != job_id
+    assert (tmp_path / "forked.txt").read_text() == "mode=forked\nFORKED INPUT\n"
+    got = dsjobs_stack.get_job(fork_id, tmp_path)
+    assert (got["name"], got["status"]) == ("e2e-forked", "SUCCESS")
+
+
+def test_download_files_with_logs(
+    dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path
+) -> None:
+    job_id, _, _ = io_job
+    run = dsjobs_stack.datasphere(
+        "project", "job", "download-files", "--id", job_id, "--with-logs", "--output-dir", "dl", cwd=tmp_path
+    ).ok()  # fmt: skip
+    files = {
+        p.relative_to(tmp_path / "dl").as_posix(): p for p in (tmp_path / "dl").rglob("*") if p.is_file()
+    }
+    assert "result.txt" in files, (sorted(files), run.output)
+    assert files["result.txt"].read_text() == "mode=none\nHELLO DSJOBS\n"
+    logs = [p for name, p in files.items() if name != "result.txt"]
+    assert logs, f"no log files downloaded: {sorted(files)}"
+    assert any("processed 13 bytes" in p.read_text(errors="replace") for p in logs), sorted(files)
+
+
+def test_set_data_ttl(dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path) -> None:
+    job_id, _, _ = io_job
+    run = dsjobs_stack.datasphere(
+        "project", "job", "set-data-ttl", "--id", job_id, "--days", "30", cwd=tmp_path
+    )
+    assert "data ttl updated" in run.ok().output
+    expires = datetime.fromisoformat(str(dsjobs_stack.get_job(job_id, tmp_path)["data_expired_at"]))
+    expires = expires if expires.tzinfo else expires.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    assert now + timedelta(days=29) < expires < now + timedelta(days=31), expires
+
+    dsjobs_stack.datasphere(
+        "project", "job", "set-data-ttl", "--id", job_id, "--days", "infinity", cwd=tmp_path
+    ).ok()
+    assert dsjobs_stack.get_job(job_id, tmp_path)["data_expired_at"] == "Never"
+
+
+def test_gpu_instance_type_lands_on_gpu_node(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    gpu_nodes = dsjobs_stack.kubectl("get", "nodes", "-l", "dsjobs.dev/node-pool=gpu", "-o", "name").split()
+    if not gpu_nodes:
+        pytest.skip("no node labelled dsjobs.dev/node-pool=gpu in this cluster")
+    d = slow_job_dir(tmp_path, 15, **{"cloud-instance-types": ["g2.1"]})
+    job_id = execute_async(dsjobs_stack, d)
+
+    def scheduled() -> dict[str, Any] | None:
+        pods = [p for p in job_pods(dsjobs_stack, job_id) if p["spec"].get("nodeName")]
+        return pods[0] if pods else None
+
+    pod = poll(f"a scheduled pod of job {job_id}", scheduled, 180)
+    assert f"node/{pod['spec']['nodeName']}" in gpu_nodes
+    gpu_limits = [
+        c["resources"]["limits"]["nvidia.com/gpu"]
+        for c in pod["spec"]["containers"] + pod["spec"].get("initContainers", [])
+        if "nvidia.com/gpu" in (c.get("resources") or {}).get("limits", {})
+    ]
+    assert gpu_limits == ["1"], pod["spec"]
+    tolerated = {(t.get("key"), t.get("effect")) for t in pod["spec"].get("tolerations", [])}
+    assert ("nvidia.com/gpu", "NoSchedule") in tolerated
+    wait_status(dsjobs_stack, job_id, d, {"SUCCESS"})
+
+
+def test_kubectl_apply_example_projectjob(dsjobs_stack: StackEnv) -> None:
+    examples = sorted((REPO_ROOT / "deploy" / "examples").glob("*.yaml"))
+    docs = [doc for p in examples for doc in yaml.safe_load_all(p.read_text()) if doc]
+    jobs = [doc for doc in docs if doc.get("kind") == "ProjectJob" and not doc["spec"].get("inputs")]
+    if not jobs:
+        pytest.fail(f"no ProjectJob without inputs in deploy/examples ({[p.name for p in examples]})")
+    job = jobs[0]
+    name = f"e2e-example-{uuid.uuid4().hex[:6]}"
+    job["metadata"] = {**job.get("metadata", {}), "name": name, "namespace": dsjobs_stack.project_namespace}
+    job["metadata"].pop("generateName", None)
+    dsjobs_stack.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+    dsjobs_stack.kubectl(
+        "wait", f"projectjob/{name}", "-n", dsjobs_stack.project_namespace,
+        "--for=jsonpath={.status.phase}=SUCCESS", "--timeout=300s", timeout=330,
+    )  # fmt: skip
+    listed = dsjobs_stack.kubectl("get", "pj", "-n", dsjobs_stack.project_namespace)
+    assert name in listed
+    described = dsjobs_stack.kubectl("describe", "pj", name, "-n", dsjobs_stack.project_namespace)
+    events = described.split("Events:", 1)[-1]
+    assert "Events:" in described and "<none>" not in events.splitlines()[0], described
+    assert len([line for line in events.splitlines() if line.strip()]) >= 3, (
+        described
+    )  # header, rule, >= 1 event
+
+
+def test_operator_and_api_restart_mid_job(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    d = slow_job_dir(tmp_path, 45)
+    job_id = execute_async(dsjobs_stack, d)
+    wait_status(dsjobs_stack, job_id, d, {"EXECUTING"})
+    ns = dsjobs_stack.system_namespace
+    deployments = dsjobs_stack.kubectl("get", "deployments", "-n", ns, "-o", "name").split()
+    assert deployments
+    for dep in deployments:
+        dsjobs_stack.kubectl("rollout", "restart", dep, "-n", ns)
+    for dep in deployments:
+        dsjobs_stack.kubectl("rollout", "status", dep, "-n", ns, "--timeout=300s", timeout=330)
+    # The job went on meanwhile; the restarted API serves it and the restarted operator finishes it.
+    attach_dir = tmp_path / "attach"
+    attach_dir.mkdir()
+
+    def attach() -> CliRun | None:
+        run = dsjobs_stack.datasphere("project", "job", "attach", "--id", job_id, cwd=attach_dir)
+        return run if run.returncode == 0 else None
+
+    run = poll("attach to succeed after the restart", attach, 600, interval=3)
+    assert (attach_dir / "slow.txt").read_text() == "ticked 45\n", run.output
+    assert status_of(dsjobs_stack, job_id, d) == "SUCCESS"
+    assert dsjobs_stack.job_object(job_id)["status"]["phase"] == "SUCCESS"

@@ -1,0 +1,264 @@
+"""The deploy manifests and the Dockerfile, checked without Docker.
+
+- every manifest of both overlays passes `kubectl apply --dry-run=server` against the dev cluster's
+  real API server (admission, schema and CRD validation; Pod Security warnings count as failures);
+- our own pods have probes, resource requests and a restricted securityContext;
+- the development overlays' InstanceTypes are the catalog's `local` profile;
+- the settings ConfigMaps only hold variables the operator or the API read;
+- the Dockerfile is multi-stage, pins its base images, downloads nothing by hand, runs as non-root.
+
+The kind path (`make e2e-kind`) is what builds the image and runs these manifests in real containers.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cluster_fixtures import REPO_ROOT, ClusterHandle
+
+from dsjobs import localstack
+from dsjobs.api.settings import SETTINGS as API_SETTINGS
+from dsjobs.controller.settings import SETTINGS_DOC as OPERATOR_SETTINGS
+from dsjobs.instancetypes import CATALOG, instance_type_spec
+
+OVERLAYS = {name: REPO_ROOT / "deploy" / "overlays" / name for name in ("local", "kind")}
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+SYSTEM_NAMESPACE = "dsjobs-system"
+
+
+def kubectl_binary() -> str:
+    return localstack.find_kubectl()
+
+
+def render(overlay: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [kubectl_binary(), "kustomize", str(overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [o for o in yaml.safe_load_all(proc.stdout) if o]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o.get("kind") == kind]
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    name = str(request.param)
+    return name, render(OVERLAYS[name])
+
+
+# ------------------------------------------------------------------ against the API server
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_overlay_passes_server_side_dry_run(dev_cluster: ClusterHandle, name: str) -> None:
+    kubectl = localstack.Kubectl(kubectl_binary(), dev_cluster.kubeconfig)
+    objects = render(OVERLAYS[name])
+    # A server-side dry run checks objects against what exists: the CRDs must be established and
+    # the namespaces must exist for real (both are exactly what the overlay itself would create).
+    crds = of_kind(objects, "CustomResourceDefinition")
+    kubectl.apply(crds)
+    kubectl.run(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        *[f"crd/{c['metadata']['name']}" for c in crds],
+    )
+    kubectl.apply(of_kind(objects, "Namespace"))
+
+    proc = subprocess.run(
+        kubectl.argv("apply", "--dry-run=server", "-k", str(OVERLAYS[name])),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, f"dry run of deploy/overlays/{name} failed:\n{proc.stderr}"
+    # Pod Security admission warns about Deployments whose pods the namespace would reject.
+    assert "would violate PodSecurity" not in proc.stderr, proc.stderr
+    applied = [line for line in proc.stdout.splitlines() if "(server dry run)" in line]
+    assert len(applied) == len(objects), proc.stdout
+
+
+# ------------------------------------------------------------------ static checks
+
+
+def our_workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in of_kind(objects, "Deployment") if o["metadata"].get("namespace") == SYSTEM_NAMESPACE]
+
+
+def serves(dep: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
+    """Whether a Service selects the Deployment's pods (then readiness decides its endpoints)."""
+    labels = dep["spec"]["template"]["metadata"].get("labels") or {}
+    for svc in of_kind(objects, "Service"):
+        selector = svc["spec"].get("selector") or {}
+        same_ns = svc["metadata"].get("namespace") == dep["metadata"].get("namespace")
+        if same_ns and selector and all(labels.get(k) == v for k, v in selector.items()):
+            return True
+    return False
+
+
+def test_our_pods_have_probes_requests_and_restricted_security(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, objects = overlay
+    workloads = our_workloads(objects)
+    assert len(workloads) >= 2, f"{name}: expected the operator and the API Deployments"
+    problems: list[str] = []
+    for dep in workloads:
+        where = f"{name}: deployment/{dep['metadata']['name']}"
+        pod = dep["spec"]["template"]["spec"]
+        psc = pod.get("securityContext") or {}
+        for c in pod["containers"]:
+            csc = c.get("securityContext") or {}
+            cw = f"{where} container {c['name']}"
+            if "livenessProbe" not in c:
+                problems.append(f"{cw}: no livenessProbe")
+            if serves(dep, objects) and "readinessProbe" not in c:
+                problems.append(f"{cw}: backs a Service but has no readinessProbe")
+            requests = (c.get("resources") or {}).get("requests") or {}
+            if not {"cpu", "memory"} <= set(requests):
+                problems.append(f"{cw}: resources.requests needs cpu and memory, has {requests}")
+            if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+                problems.append(f"{cw}: runAsNonRoot is not true")
+            if csc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{cw}: readOnlyRootFilesystem is not true")
+            if csc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cw}: allowPrivilegeEscalation is not false")
+            if "ALL" not in ((csc.get("capabilities") or {}).get("drop") or []):
+                problems.append(f"{cw}: capabilities do not drop ALL")
+            seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+            if seccomp != "RuntimeDefault":
+                problems.append(f"{cw}: seccompProfile is {seccomp!r}, not RuntimeDefault")
+    assert not problems, "\n".join(problems)
+
+
+def test_development_instance_types_are_the_local_profile(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = overlay
+    rendered = {o["metadata"]["name"]: o["spec"] for o in of_kind(objects, "InstanceType")}
+    expected = {e.name: instance_type_spec(e, "local").to_cr() for e in CATALOG}
+    assert sorted(rendered) == sorted(expected)
+    for it, spec in expected.items():
+        assert yaml.safe_load(yaml.safe_dump(rendered[it])) == yaml.safe_load(yaml.safe_dump(spec)), (
+            f"{name}: InstanceType {it} differs from `python -m dsjobs.instancetypes --profile local`; "
+            "regenerate deploy/components/dev-instancetypes/instancetypes-requests.yaml"
+        )
+
+
+def test_settings_hold_only_known_variables(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = overlay
+    known = {s.env for s in API_SETTINGS} | set(OPERATOR_SETTINGS)
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    unknown = sorted(set(settings.get("data") or {}) - known)
+    assert not unknown, f"{name}: dsjobs-settings holds variables nobody reads: {unknown}"
+
+
+def test_local_overlay_facts() -> None:
+    facts = localstack.overlay_facts(render(OVERLAYS["local"]))
+    host, _, port = facts.api_endpoint.partition(":")
+    assert host == "127.0.0.1" and port.isdigit()
+    assert (facts.project_id, facts.project_namespace) == ("demo", "dsjobs-demo")
+    objects = render(OVERLAYS["local"])
+    # The template Secret is left out: `make up` makes the real one from .dev/s3.env.
+    assert not of_kind(objects, "Secret")
+    for dep in our_workloads(objects):
+        assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_kind_overlay_runs_the_loaded_image() -> None:
+    objects = render(OVERLAYS["kind"])
+    images = {
+        c["image"]
+        for d in of_kind(objects, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {"dsjobs:dev"}, images
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    assert settings["data"]["DSJOBS_RUNNER_IMAGE"] == "dsjobs:dev"
+    (secret,) = of_kind(objects, "Secret")
+    assert secret["stringData"]["DSJOBS_S3_PUBLIC_ENDPOINT"] == "http://127.0.0.1:30900"
+    kind_config = yaml.safe_load((OVERLAYS["kind"] / "kind-config.yaml").read_text())
+    mapped = {m["containerPort"] for n in kind_config["nodes"] for m in n.get("extraPortMappings", [])}
+    node_ports = {
+        p["nodePort"] for s in of_kind(objects, "Service") for p in s["spec"]["ports"] if "nodePort" in p
+    }
+    assert node_ports <= mapped and 30900 in node_ports, (node_ports, mapped)
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        out.append((instr.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_pins_bases_downloads_nothing_and_runs_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    args = {}
+    for instr, rest in instructions:
+        if instr == "ARG" and "=" in rest:
+            key, _, value = rest.partition("=")
+            args[key] = value
+    stages = [rest for instr, rest in instructions if instr == "FROM"]
+    assert len(stages) >= 2, "expected a multi-stage build"
+    stage_names = set()
+    for stage in stages:
+        image, *alias = stage.split()
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        if alias:
+            stage_names.add(alias[-1])
+        if image in stage_names:
+            continue
+        pinned = "@sha256:" in image or re.search(r":\d+\.\d+\.\d+[\w.-]*$", image)
+        assert pinned, f"base image {image} is not pinned to a digest or an exact version"
+    for instr, rest in instructions:
+        if instr == "RUN":
+            assert not re.search(r"\b(curl|wget)\b", rest), f"RUN downloads by hand: {rest}"
+        if instr == "ADD":
+            assert not re.search(r"https?://", rest), f"ADD from a URL: {rest}"
+    final_stage = [i for i, (instr, _) in enumerate(instructions) if instr == "FROM"][-1]
+    users = [rest for instr, rest in instructions[final_stage:] if instr == "USER"]
+    assert users, "the final stage sets no USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: use a numeric non-root uid"
+
+
+def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
+    for instr, rest in dockerfile_instructions():
+        if instr != "COPY" or rest.startswith("--from"):
+            continue
+        *sources, _dest = rest.split()
+        for src in sources:
+            matches = list(REPO_ROOT.glob(src.rstrip("/")))
+            assert matches, f"COPY {src}: nothing in the repository matches"
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore, ".dockerignore should start from nothing and allow what the build needs"
+
+
+def test_configuration_reference_lists_every_variable() -> None:
+    from dsjobs.storage import STORAGE_ENV_VARS
+
+    text = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    variables = {s.env for s in API_SETTINGS} | set(OPERATOR_SETTINGS) | set(STORAGE_ENV_VARS)
+    missing = sorted(v for v in variables if f"`{v}`" not in text)
+    assert not missing, f"docs/configuration.md does not document {missing}"
