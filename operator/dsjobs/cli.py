@@ -10,7 +10,6 @@ This module must never import `dsjobs.pb`: the official client registers the sam
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
@@ -116,38 +115,67 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsjobs", description="dsjobs command-line tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ds = sub.add_parser(
-        "datasphere",
-        help="run the official DataSphere CLI against a dsjobs endpoint",
-        description="Runs the official `datasphere` CLI with its transport pointed at dsjobs. "
-        "Everything after the options is passed to it unchanged.",
-    )
-    ds.add_argument("--endpoint", help=f"host:port of the dsjobs gRPC API (default ${ENV_ENDPOINT})")
-    ds.add_argument("--token", help=f"bearer token (default ${ENV_TOKEN})")
-    ds.add_argument("--ca", dest="ca_file", help=f"CA bundle for TLS (default ${ENV_CA}; none = plaintext)")
-    ds.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the official CLI")
-    return parser
+OUR_OPTIONS = {"--endpoint": "endpoint", "--token": "token", "--ca": "ca_file"}
+USAGE = f"""usage: dsjobs datasphere [--endpoint HOST:PORT] [--token TOKEN] [--ca FILE] ARGS...
+
+Runs the official `datasphere` CLI with its transport pointed at dsjobs. Our options come first;
+everything after them, including the official CLI's own global options (-t, -l, --log-dir, ...),
+is passed to it unchanged.
+
+  --endpoint   host:port of the dsjobs gRPC API (default ${ENV_ENDPOINT}, then .dev/env)
+  --token      bearer token (default ${ENV_TOKEN})
+  --ca         CA bundle for TLS (default ${ENV_CA}; none = plaintext)
+"""
+
+
+def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Takes our leading options; the rest belongs to the official CLI.
+
+    argparse cannot do this: its REMAINDER refuses to start with an option such as `-l DEBUG`,
+    which is how the official CLI's global options are written.
+    """
+    ours: dict[str, str] = {}
+    rest = list(argv)
+    while rest:
+        head = rest[0]
+        name, eq, value = head.partition("=")
+        if name not in OUR_OPTIONS:
+            break
+        if eq:
+            rest = rest[1:]
+        elif len(rest) >= 2:
+            value, rest = rest[1], rest[2:]
+        else:
+            raise CliError(f"option {name} needs a value")
+        ours[OUR_OPTIONS[name]] = value
+    return ours, rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: dsjobs datasphere ...   (run `dsjobs datasphere --help`)")
+        return 0 if args else 2
+    if args[0] != "datasphere":
+        print(f"dsjobs: unknown command {args[0]!r}; the command is `datasphere`", file=sys.stderr)
+        return 2
+    if args[1:2] in (["-h"], ["--help"]) or len(args) == 1:
+        print(USAGE)
+        return 0 if len(args) > 1 else 2
     environ = dict(os.environ)
     try:
+        ours, rest = split_args(args[1:])
         target = resolve_target(
-            endpoint=ns.endpoint,
-            token=ns.token,
-            ca_file=ns.ca_file,
+            endpoint=ours.get("endpoint"),
+            token=ours.get("token"),
+            ca_file=ours.get("ca_file"),
             environ=environ,
             env_file_text=_read_env_file(environ),
         )
     except CliError as exc:
         print(f"dsjobs: {exc}", file=sys.stderr)
         return 2
-    return run_datasphere(target, ns.args)
+    return run_datasphere(target, rest)
 
 
 if __name__ == "__main__":

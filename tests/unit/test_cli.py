@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dsjobs.cli import CliError, Target, parse_env_file, resolve_target
+from dsjobs.cli import CliError, Target, parse_env_file, resolve_target, split_args
 
 
 def test_env_file_parsing_handles_export_quotes_and_comments() -> None:
@@ -66,3 +66,47 @@ def test_official_cli_help_runs_through_the_launcher() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "execute" in proc.stdout and "attach" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "ours", "rest"),
+    [
+        (["-l", "DEBUG", "project", "job", "list"], {}, ["-l", "DEBUG", "project", "job", "list"]),
+        (
+            ["--endpoint", "h:1", "--token=t", "-t", "x", "project"],
+            {"endpoint": "h:1", "token": "t"},
+            ["-t", "x", "project"],
+        ),
+        (["--ca", "/c", "project", "--endpoint", "z"], {"ca_file": "/c"}, ["project", "--endpoint", "z"]),
+    ],
+)
+def test_our_options_are_taken_only_from_the_front(
+    argv: list[str], ours: dict[str, str], rest: list[str]
+) -> None:
+    assert split_args(argv) == (ours, rest)
+
+
+def test_option_without_value_is_an_error() -> None:
+    with pytest.raises(CliError, match="--token needs a value"):
+        split_args(["--token"])
+
+
+def test_official_global_options_reach_the_official_cli() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsjobs.cli",
+            "datasphere",
+            "--endpoint",
+            "127.0.0.1:1",
+            "-l",
+            "DEBUG",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "project" in proc.stdout
