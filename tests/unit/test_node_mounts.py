@@ -17,6 +17,7 @@ from dsjobs.devcluster.node.mounts import (
     materialize_volume,
     render_launch_script,
     resolve_executable,
+    stage_dir,
 )
 from dsjobs.devcluster.node.podspec import ContainerPlan, FileContent, Mount, SetupError, VolumePlan
 
@@ -57,7 +58,8 @@ def test_script_binds_then_remounts_readonly_then_execs() -> None:
     binds = [i for i, line in enumerate(lines) if "--rbind" in line]
     remount = next(i for i, line in enumerate(lines) if "remount,bind,ro" in line)
     assert binds == sorted(binds) and remount > max(binds)
-    assert "/bin/mount --rbind '/s/a b' /data" in script
+    assert "/bin/mount --rbind '/s/a b' /run/dsjobs-stage/0" in script
+    assert "/bin/mount --rbind /run/dsjobs-stage/0 /data" in script
     assert "/bin/mount -o remount,bind,ro /data" in script
     assert "cd /data/work" in lines
     assert lines[-1] == 'exec "$@"'
@@ -146,3 +148,27 @@ def test_launch_really_mounts_privately(tmp_path: Path) -> None:
     # Nothing leaked into the host's mount table; the targets stay as empty placeholders.
     assert list(target.iterdir()) == []
     assert msg_target.read_text() == ""
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare(CLONE_NEWNS)")
+def test_a_target_covering_a_later_source_does_not_hide_it(tmp_path: Path) -> None:
+    # An emptyDir mounted over the directory that holds the node's state (e.g. /tmp) must not hide
+    # the sources of the container's other mounts, such as its termination-log file.
+    state = tmp_path / "state"
+    (state / "empty").mkdir(parents=True)
+    term = state / "term"
+    term.write_text("")
+    covering = Mount(str(state / "empty"), str(tmp_path), False)
+    msg_target = tmp_path.parent / f"{tmp_path.name}-termination-log"
+    msg = Mount(str(term), str(msg_target), False)
+    script_cmd = f"echo done > {msg_target}"
+    argv = launch_argv(plan((covering, msg), ("sh", "-c", script_cmd)), Tools.discover())
+    subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert term.read_text() == "done\n"
+
+
+def test_staging_directory_avoids_every_target() -> None:
+    assert stage_dir((Mount("/a", "/tmp", False),)) == "/run/dsjobs-stage"
+    assert stage_dir((Mount("/a", "/run", False),)) == "/var/lib/dsjobs-stage"
+    with pytest.raises(ValueError, match="covered"):
+        stage_dir((Mount("/a", "/", False),))

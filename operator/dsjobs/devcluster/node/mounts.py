@@ -75,21 +75,51 @@ def _check(tools: Tools) -> None:
         )
 
 
+STAGE_CANDIDATES = ("/run/dsjobs-stage", "/var/lib/dsjobs-stage", "/mnt/dsjobs-stage", "/.dsjobs-stage")
+
+
+def stage_dir(mounts: tuple[Mount, ...]) -> str:
+    """A staging directory that no target covers, so staged sources stay reachable."""
+
+    def covered(path: str) -> bool:
+        return any(
+            m.target == "/" or path == m.target or path.startswith(m.target.rstrip("/") + "/") for m in mounts
+        )
+
+    for candidate in STAGE_CANDIDATES:
+        if not covered(candidate):
+            return candidate
+    raise ValueError("every staging directory candidate is covered by a volume mount")
+
+
 def render_launch_script(
     mounts: tuple[Mount, ...], working_dir: str | None, tools: Tools, run_as: tuple[int, int] | None
 ) -> str:
-    """The /bin/sh program run inside the new mount namespace before exec'ing the container's argv."""
+    """The /bin/sh program run inside the new mount namespace before exec'ing the container's argv.
+
+    Two phases: every source is first bound into a private tmpfs, then the staged copies are bound
+    onto their targets. Binding sources directly would break when a target covers a later source
+    (an emptyDir at /tmp hides a node state dir under /tmp, and with it the termination-log file).
+    """
     q = shlex.quote
     lines = ["set -e"]
-    for m in mounts:
-        src, dst = q(m.source), q(m.target)
+    stage = stage_dir(mounts) if mounts else ""
+    if mounts:
+        lines.append(f"{tools.mkdir} -p {q(stage)}")
+        lines.append(f"{tools.mount} -t tmpfs -o mode=0700,size=1m dsjobs-stage {q(stage)}")
+    for i, m in enumerate(mounts):
+        src, staged = q(m.source), q(f"{stage}/{i}")
+        lines.append(f"if [ -d {src} ]; then {tools.mkdir} {staged}; else : > {staged}; fi")
+        lines.append(f"{tools.mount} --rbind {src} {staged}")
+    for i, m in enumerate(mounts):
+        staged, dst = q(f"{stage}/{i}"), q(m.target)
         parent = q(posixpath.dirname(m.target) or "/")
         # Directory or file target, decided at run time by what the source is.
         lines.append(
-            f"if [ -d {src} ]; then {tools.mkdir} -p {dst}; "
+            f"if [ -d {staged} ]; then {tools.mkdir} -p {dst}; "
             f"else {tools.mkdir} -p {parent}; [ -e {dst} ] || : > {dst}; fi"
         )
-        lines.append(f"{tools.mount} --rbind {src} {dst}")
+        lines.append(f"{tools.mount} --rbind {staged} {dst}")
     # Read-only remounts last: a read-only parent must not stop the creation of a child's target.
     for m in mounts:
         if m.read_only:
