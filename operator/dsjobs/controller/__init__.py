@@ -1,0 +1,6 @@
+"""The dsjobs operator: ProjectJob -> Pod (`python -m dsjobs.controller`).
+
+Pure core: `render` (the pod), `status` (the status from the pod), `plan` (one reconcile step),
+`secrets`, `cleanup`; Kopf glue: `handlers`, `kube`; entry point: `__main__`. See docs/operator.md.
+This package's `__init__` imports nothing, so the pure modules load without Kopf.
+"""

@@ -1,0 +1,743 @@
+"""Kopf glue: watch ProjectJobs and their pods, fetch what the pure core needs, write what it says.
+
+Shape (docs/operator.md explains the choices):
+
+- Kopf *watching* handlers (`@kopf.on.event`) for ProjectJobs and for pods labelled
+  `dsjobs.dev/job-id` (server-side label selector), plus indexes of pods (as small PodViews) and of
+  InstanceTypes. No change-detection handlers: those would make Kopf write its own progress and
+  diff-base annotations on every job. All durable state is the job's status, written by us with
+  optimistic concurrency (resourceVersion); Kopf's handler progress is never needed.
+- Every event for a job, or for one of its pods, runs `reconcile(job)`: under a per-job lock it
+  plans (pure, plan.py), performs the planned actions, and patches the status when it changed.
+- Timers (instance-type fallback, image pull timeout, retry backoff, pod retention, data TTL)
+  are `requeue_after` values re-derived from timestamps on every reconcile, kept as asyncio
+  TimerHandles (no task or thread per job). A restart loses nothing: Kopf lists every job and
+  pod at start, and the first reconcile derives the timers again.
+- Indexes are fully populated before any handler runs (Kopf guarantees it), so a restarted
+  operator sees the pods it created before it was killed and adopts instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import kopf
+
+from dsjobs.controller import metrics
+from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
+from dsjobs.controller.kube import JOBS_PATH, Conflict, Invalid, Kube, core_path, job_path, merge_diff
+from dsjobs.controller.names import (
+    FINALIZER,
+    JOB_LABEL,
+    PROJECT_SECRETS_NAME,
+    SECRET_ROLE_LABEL,
+    registry_secret_name,
+)
+from dsjobs.controller.plan import (
+    AddFinalizer,
+    ClearData,
+    CreatePod,
+    DeletePod,
+    DeleteSecrets,
+    JobView,
+    Plan,
+    RemoveFinalizer,
+    plan,
+)
+from dsjobs.controller.podview import PodView
+from dsjobs.controller.render import (
+    JobRef,
+    PvcView,
+    needs_registry_secret,
+    pvc_selectors,
+    render_pod,
+    resolve_volumes,
+    runner_config,
+    runner_secret,
+    user_image,
+)
+from dsjobs.controller.secrets import registry_secret, secret_value
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.status import JobEvent, StatusUpdate, fail
+from dsjobs.models import (
+    GROUP,
+    INSTANCETYPE_PLURAL,
+    PROJECTJOB_PLURAL,
+    VERSION,
+    InstanceTypeSpec,
+    ProjectJobSpec,
+)
+from dsjobs.runner.contract import SHIP_CONTAINER
+from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message
+
+log = logging.getLogger("dsjobs.controller")
+
+Key = tuple[str, str]  # (namespace, job name)
+# A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
+MAX_STEPS: Final = 8
+MAX_ERROR_BACKOFF: Final = 60.0
+DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
+STORAGE_ENV: Final = (
+    "DSJOBS_S3_ENDPOINT",
+    "DSJOBS_S3_BUCKET",
+    "DSJOBS_S3_ACCESS_KEY",
+    "DSJOBS_S3_SECRET_KEY",
+    "DSJOBS_S3_REGION",
+    "DSJOBS_S3_PUBLIC_ENDPOINT",
+)
+
+
+def jlog(level: int, key: tuple[str, str], message: str, *args: object) -> None:
+    """A log line about one job: `namespace/name: message` plus the two as structured fields."""
+    log.log(level, "%s/%s: " + message, key[0], key[1], *args, extra={"namespace": key[0], "job": key[1]})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rv(body: Mapping[str, Any]) -> int:
+    """resourceVersion as a number (etcd revisions); -1 when it is not one (then: newest wins)."""
+    value = str((body.get("metadata") or {}).get("resourceVersion", ""))
+    return int(value) if value.isdigit() else -1
+
+
+def _key(body: Mapping[str, Any]) -> Key:
+    meta = body.get("metadata") or {}
+    return str(meta.get("namespace", "")), str(meta.get("name", ""))
+
+
+class Operator:
+    """The operator's in-memory state: caches and timers only; the truth is in the cluster."""
+
+    def __init__(self, settings: OperatorSettings, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.settings = settings
+        self.kube: Kube | None = None
+        self.storage_env = {k: env[k] for k in STORAGE_ENV if env.get(k)}
+        self._storage: Any = None
+        self._pods: Any = None  # kopf.Index[(ns, job), PodView]
+        self._catalog: Any = None  # kopf.Index[name, InstanceTypeSpec]
+        # Latest known bodies of jobs that are active (or have pods): pod events and timers need
+        # them without a GET. Finished jobs without pods are dropped (memory at 10k jobs).
+        self._jobs: dict[Key, dict[str, Any]] = {}
+        # Pods just created by us, until the watch delivers them to the index.
+        self._fresh: dict[Key, PodView] = {}
+        # Pods we asked to delete, until the watch shows them deleting: no second DELETE meanwhile.
+        self._deleted: dict[Key, set[str]] = defaultdict(set)
+        # Last states of pods whose deletion we saw, until a reconcile consumed them.
+        self._gone: dict[Key, dict[str, PodView]] = defaultdict(dict)
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._lock_users: dict[Key, int] = defaultdict(int)
+        self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._errors: dict[Key, int] = {}
+        # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
+        # one reads the latest state), so it is dropped. Coalesces bursts of pod events.
+        self._waiting: set[Key] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        # When the operator first saw a job's execute request (monotonic), for the pod creation
+        # latency metric; only for jobs without a pod yet.
+        self._seen: dict[Key, float] = {}
+        self.phases = metrics.PhaseBook()
+        self.input_refs = InputRefs()
+
+    # --- Kopf entry points -------------------------------------------------------------------
+
+    def bind(self, kube: Kube, pods: Any, catalog: Any) -> None:
+        self.kube, self._pods, self._catalog = kube, pods, catalog
+
+    async def on_job_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        key = _key(body)
+        if event_type == "DELETED":
+            self.input_refs.discard(key)
+            self._forget(key)
+            return
+        status = body.get("status") or {}
+        if status.get("phase"):
+            self.phases.set(key, status["phase"])
+        if not status.get("attempt") and (body.get("spec") or {}).get("execute") and key not in self._seen:
+            self._seen[key] = time.monotonic()
+        self._remember(body)
+        await self.reconcile(key)
+
+    async def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(JOB_LABEL)
+        if not job:
+            return
+        key: Key = (str(meta.get("namespace", "")), str(job))
+        if event_type == "DELETED":
+            view = PodView.from_pod(body, gone=True)
+            self._gone[key][view.name] = view
+        await self.reconcile(key)
+
+    # --- reconcile ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, key: Key) -> AsyncIterator[None]:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        self._lock_users[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[key] -= 1
+            if self._lock_users[key] <= 0:
+                self._lock_users.pop(key, None)
+                self._locks.pop(key, None)
+
+    async def reconcile(self, key: Key) -> None:
+        if key in self._waiting:
+            return
+        self._waiting.add(key)
+        async with self._locked(key):
+            self._waiting.discard(key)
+            try:
+                requeue = await self._reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                count = self._errors.get(key, 0) + 1
+                self._errors[key] = count
+                delay = min(MAX_ERROR_BACKOFF, 0.5 * 2 ** (count - 1))
+                metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
+                jlog(logging.WARNING, key, "reconcile failed, retrying in %.1fs: %r", delay, exc)
+                self._schedule(key, timedelta(seconds=delay))
+                return
+            self._errors.pop(key, None)
+            self._schedule(key, requeue)
+
+    async def _reconcile(self, key: Key) -> timedelta | None:
+        assert self.kube is not None
+        requeue: timedelta | None = None
+        for _step in range(MAX_STEPS):
+            metrics.RECONCILES.inc()
+            body = self._jobs.get(key) or await self._fetch_job(key)
+            if body is None:
+                self._forget(key)
+                return None
+            job = JobView.from_body(body)
+            pods = await self._pods_of(key, job)
+            result = await self._result_of(job, pods)
+            now = _now()
+            step = plan(job, pods, await self._catalog_for(job), result, now, self.settings)
+            body, status, events = await self._act(job, body, step, now)
+            if body is None:  # the finalizer was removed: the job is gone
+                self._forget(key)
+                return None
+            requeue = step.requeue_after
+            if status.to_cr() == job.status.to_cr() and not job.status_problem:
+                self._gone.pop(key, None)
+                self._post(body, events)
+                self._evict(key, body, pods)
+                return requeue
+            written = await self._write_status(key, job, body, status)
+            if written is None:
+                continue  # conflict: somebody else changed the job, plan again on the fresh object
+            self._after_write(key, job, written, events)
+            self._gone.pop(key, None)
+            if step.actions:
+                self._evict(key, written, pods)
+                return requeue
+            # A status-only step (e.g. a new attempt decided): plan again to act on it.
+        jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
+        return timedelta(seconds=5)
+
+    async def _fetch_job(self, key: Key) -> dict[str, Any] | None:
+        assert self.kube is not None
+        body = await self.kube.get(PROJECTJOB_PLURAL, job_path(*key))
+        if body is not None:
+            self._remember(body)
+        return body
+
+    def _remember(self, body: dict[str, Any]) -> None:
+        key = _key(body)
+        old = self._jobs.get(key)
+        if old is not None and 0 <= _rv(body) < _rv(old):
+            return  # a stale watch event after our own newer write
+        self._jobs[key] = body
+
+    def _evict(self, key: Key, body: Mapping[str, Any], pods: Sequence[PodView]) -> None:
+        """Keep a job's body only while its pods may send events about it (started, not finished).
+
+        Jobs waiting for execute and finished jobs without pods are only ever touched by their
+        own watch events, which carry the body; a timer that fires for one GETs it. This is what
+        keeps the operator's memory flat in the number of jobs (10k jobs, ~10 KiB each).
+        """
+        status = body.get("status") or {}
+        idle = status.get("phase") in (None, "CREATING", "SUCCESS", "ERROR", "CANCELLED")
+        if idle and not any(not p.gone for p in pods) and key not in self._fresh:
+            self._jobs.pop(key, None)
+            if status.get("phase") != "CREATING":
+                self._seen.pop(key, None)
+
+    def _forget(self, key: Key) -> None:
+        self._jobs.pop(key, None)
+        self._seen.pop(key, None)
+        self._deleted.pop(key, None)
+        self._fresh.pop(key, None)
+        self._gone.pop(key, None)
+        self._errors.pop(key, None)
+        self.phases.forget(key)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer[1].cancel()
+
+    def _instance_types(self) -> dict[str, InstanceTypeSpec]:
+        catalog: dict[str, InstanceTypeSpec] = {}
+        if self._catalog is not None:
+            for name in self._catalog:
+                for spec in self._catalog[name]:
+                    if spec is not None:
+                        catalog[name] = spec
+        return catalog
+
+    async def _catalog_for(self, job: JobView) -> dict[str, InstanceTypeSpec]:
+        """The InstanceType catalog; for a job about to start, types the index does not know yet
+        are fetched (an InstanceType created just before the job must not fail it)."""
+        assert self.kube is not None
+        catalog = self._instance_types()
+        if job.status.attempt or (job.status.phase is not None and job.status.phase.is_final):
+            return catalog
+        params = job.spec.get("jobParameters") or {}
+        wanted = [t.get("name") for t in params.get("cloudInstanceTypes") or () if isinstance(t, dict)]
+        for name in wanted:
+            if isinstance(name, str) and name and name not in catalog and "/" not in name:
+                raw = await self.kube.get(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}/{name}")
+                if raw is not None:
+                    try:
+                        catalog[name] = InstanceTypeSpec.model_validate(raw.get("spec") or {})
+                    except ValueError:
+                        continue
+        return catalog
+
+    async def _pods_of(self, key: Key, job: JobView) -> list[PodView]:
+        """The job's pods: the index, our fresh creations, pods seen deleted; and when the status
+        names a pod none of those know, the API server's word on it (one GET)."""
+        assert self.kube is not None
+        pods: dict[str, PodView] = {}
+        if self._pods is not None and key in self._pods:
+            pods = {p.name: p for p in self._pods[key]}
+        fresh = self._fresh.get(key)
+        if fresh is not None:
+            if fresh.name in pods:
+                self._fresh.pop(key, None)
+            else:
+                pods.setdefault(fresh.name, fresh)
+        for name, view in self._gone.get(key, {}).items():
+            if name not in pods or pods[name].gone:
+                pods[name] = view
+        requested = self._deleted.get(key)
+        if requested:
+            # Forget deletions the watch has caught up with (the pod shows it, or is gone).
+            requested.intersection_update(n for n, p in pods.items() if not p.deleting and not p.gone)
+            if not requested:
+                self._deleted.pop(key, None)
+        wanted = job.status.pod_name
+        final = job.status.phase is not None and job.status.phase.is_final
+        if wanted and wanted not in pods and not final and not job.deleting:
+            raw = await self.kube.get("pods", core_path(job.namespace, "pods", wanted))
+            if raw is not None:
+                pods[wanted] = PodView.from_pod(raw)
+            else:
+                pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
+        return list(pods.values())
+
+    async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
+        """The runner's result from the current pod's ship container (or result.json if it overflowed)."""
+        if job.status.phase is not None and job.status.phase.is_final:
+            return None
+        pod = next((p for p in pods if p.name == job.status.pod_name), None)
+        ship = pod.container(SHIP_CONTAINER) if pod is not None else None
+        if ship is None or ship.state != "terminated" or not ship.message:
+            return None
+        try:
+            result = parse_termination_message(ship.message)
+        except ValueError:
+            jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
+            return None
+        if isinstance(result, ResultPointer):
+            storage = self._storage_client()
+            if storage is not None:
+                from dsjobs.runner.result import load_result
+
+                try:
+                    spec_project = str(job.spec.get("projectId", ""))
+                    full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
+                except Exception as exc:  # the pointer's essentials still give the outcome
+                    jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
+                    full = None
+                if full is not None and full.attempt == result.attempt:
+                    return full
+        return result
+
+    def _storage_client(self) -> Any:
+        if self._storage is None and self.storage_env.get("DSJOBS_S3_ENDPOINT"):
+            from dsjobs.storage import Storage
+
+            self._storage = Storage.from_env(self.storage_env)
+        return self._storage
+
+    # --- actions -----------------------------------------------------------------------------
+
+    async def _act(
+        self, job: JobView, body: dict[str, Any], step: Plan, now: datetime
+    ) -> tuple[dict[str, Any] | None, Any, list[JobEvent]]:
+        """Perform the plan's actions in order. Returns the (possibly updated) body, the status to
+        write (the plan's, or an ERROR when a pod could not be made) and the events to post."""
+        assert self.kube is not None
+        status = step.status
+        events = list(step.events)
+        for action in step.actions:
+            if isinstance(action, AddFinalizer):
+                finalizers = [*job.finalizers, FINALIZER]
+                body = await self.kube.merge_patch(
+                    PROJECTJOB_PLURAL,
+                    job_path(job.namespace, job.name),
+                    {"metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version}},
+                )
+                self._remember(body)
+                job = JobView.from_body(body)
+            elif isinstance(action, CreatePod):
+                assert step.spec is not None
+                failure = await self._create_pod(job, step.spec, action, status, now)
+                if failure is not None:
+                    return body, failure.status, [*events, *failure.events]
+            elif isinstance(action, DeletePod):
+                key = (job.namespace, job.name)
+                if action.name in self._deleted.get(key, ()):
+                    continue  # asked already; the watch has not shown it yet
+                uid = next((p.uid for p in self._index_pods(key) if p.name == action.name), "")
+                path = core_path(job.namespace, "pods", action.name)
+                if await self.kube.delete("pods", path, grace_seconds=action.grace_seconds, uid=uid):
+                    self._deleted[key].add(action.name)
+                    jlog(logging.INFO, key, "deleted pod %s (%s)", action.name, action.why)
+            elif isinstance(action, DeleteSecrets):
+                await self.kube.delete_collection(
+                    "secrets",
+                    core_path(job.namespace, "secrets"),
+                    f"{JOB_LABEL}={job.name},{SECRET_ROLE_LABEL}",
+                )
+            elif isinstance(action, ClearData):
+                await self._clear_data(job)
+            elif isinstance(action, RemoveFinalizer):
+                finalizers = [f for f in job.finalizers if f != FINALIZER]
+                try:
+                    await self.kube.merge_patch(
+                        PROJECTJOB_PLURAL,
+                        job_path(job.namespace, job.name),
+                        {"metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version}},
+                    )
+                except Conflict:
+                    self._jobs.pop((job.namespace, job.name), None)
+                    raise
+                return None, status, events
+        return body, status, events
+
+    def _index_pods(self, key: Key) -> list[PodView]:
+        if self._pods is not None and key in self._pods:
+            return list(self._pods[key])
+        return []
+
+    async def _create_pod(
+        self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
+    ) -> StatusUpdate | None:
+        """Fetch what the pod needs, render it (pure) and create it. A StatusUpdate (ERROR naming
+        the cause) when the job cannot run: missing volume, unknown image, registry credentials."""
+        assert self.kube is not None
+        ns = job.namespace
+        instance_type = self._instance_types().get(action.instance_type)
+        if instance_type is None:
+            return fail(
+                spec, status, "UnknownInstanceType", f"unknown instance type: {action.instance_type}", now
+            )
+
+        pvcs: list[PvcView] = []
+        for selector in pvc_selectors(spec):
+            items = await self.kube.list(
+                "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), selector
+            )
+            pvcs.extend(PvcView.from_pvc(p) for p in items)
+        volumes, missing = resolve_volumes(spec, pvcs)
+        if missing:
+            return fail(spec, status, "MissingVolume", "missing " + "; ".join(missing), now)
+
+        docker_images: dict[str, str] = {}
+        env = spec.job_parameters.env
+        if env is not None and env.docker_image_resource_id:
+            cm = await self.kube.get("configmaps", core_path(ns, "configmaps", DOCKER_IMAGES_CONFIGMAP))
+            docker_images = dict((cm or {}).get("data") or {})
+        image = user_image(spec, self.settings, docker_images)
+        if image is None:
+            rid = env.docker_image_resource_id if env is not None else ""
+            return fail(
+                spec,
+                status,
+                "UnknownDockerImage",
+                f"docker image resource {rid!r} is not defined (ConfigMap {DOCKER_IMAGES_CONFIGMAP}, key {rid})",
+                now,
+            )
+
+        ref = JobRef(job.name, ns, job.uid, spec.project_id)
+        registry: str | None = None
+        if needs_registry_secret(spec):
+            assert env is not None and env.docker_image_spec is not None
+            password, problem = await self._registry_password(ns, spec)
+            if password is None:
+                return fail(spec, status, "RegistryCredentials", problem, now)
+            registry = registry_secret_name(job.name)
+            await self.kube.create(
+                "secrets",
+                core_path(ns, "secrets"),
+                registry_secret(
+                    name=registry,
+                    namespace=ns,
+                    labels=ref.labels(),
+                    owner=ref.owner(),
+                    image_url=env.docker_image_spec.image_url,
+                    username=env.docker_image_spec.username,
+                    password=password,
+                ),
+            )
+        try:
+            config = runner_config(ref, spec, action.attempt)
+        except ValueError as exc:
+            return fail(spec, status, "InvalidSpec", f"the job cannot be run: {exc}", now)
+        await self.kube.create(
+            "secrets",
+            core_path(ns, "secrets"),
+            runner_secret(ref, config, self.storage_env, attempt=action.attempt),
+        )
+        pod = render_pod(
+            ref,
+            spec,
+            attempt=action.attempt,
+            instance_type_name=action.instance_type,
+            instance_type_index=action.type_index,
+            instance_type=instance_type,
+            settings=self.settings,
+            volumes=volumes,
+            image=image,
+            registry_secret=registry,
+        )
+        try:
+            created = await self.kube.create("pods", core_path(ns, "pods"), pod)
+        except Invalid as exc:
+            return fail(spec, status, "PodRejected", f"the job's pod was rejected: {exc}", now)
+        if created is not None:
+            self._fresh[(ns, job.name)] = PodView.from_pod(created)
+            seen = self._seen.pop((ns, job.name), None)
+            if seen is not None and action.attempt == 1:
+                metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
+            jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
+        return None
+
+    async def _registry_password(self, namespace: str, spec: ProjectJobSpec) -> tuple[str | None, str]:
+        assert self.kube is not None
+        env = spec.job_parameters.env
+        image = env.docker_image_spec if env is not None else None
+        assert image is not None
+        if image.password_secret_ref is not None:
+            name, key = image.password_secret_ref.name, image.password_secret_ref.key
+        else:
+            name, key = PROJECT_SECRETS_NAME, str(image.password_ds_secret_name)
+        secret = await self.kube.get("secrets", core_path(namespace, "secrets", name))
+        if secret is None:
+            return None, f"registry password: Secret {name!r} not found in namespace {namespace}"
+        value = secret_value(secret, key)
+        if value is None:
+            return None, f"registry password: Secret {name!r} has no key {key!r}"
+        return value, ""
+
+    async def _clear_data(self, job: JobView) -> None:
+        assert self.kube is not None
+        try:
+            spec = ProjectJobSpec.model_validate(job.spec)
+        except ValueError:
+            jlog(logging.WARNING, (job.namespace, job.name), "unreadable spec: no stored data deleted")
+            return
+        hashes = self.input_refs.unused((job.namespace, job.name), spec.project_id, input_hashes(spec))
+        await delete_job_data(self._storage_client(), spec.project_id, job.name, hashes)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    async def _write_status(
+        self, key: Key, job: JobView, body: dict[str, Any], status: Any
+    ) -> dict[str, Any] | None:
+        """Patch the status (merge patch of the difference) guarded by resourceVersion.
+        None on a conflict (the cached body is dropped so that the next step reads afresh)."""
+        assert self.kube is not None
+        new = status.to_cr()
+        patch = merge_diff(body.get("status") or {}, new)
+        meta = body.get("metadata") or {}
+        payload = {
+            "metadata": {"resourceVersion": meta.get("resourceVersion", job.resource_version)},
+            "status": patch,
+        }
+        try:
+            written = await self.kube.merge_patch(
+                PROJECTJOB_PLURAL, job_path(*key, subresource="status"), payload
+            )
+        except Conflict:
+            self._jobs.pop(key, None)
+            return None
+        metrics.STATUS_WRITES.inc()
+        self._remember(written)
+        return written
+
+    def _after_write(
+        self, key: Key, job: JobView, written: Mapping[str, Any], events: list[JobEvent]
+    ) -> None:
+        old = job.status
+        new_status = written.get("status") or {}
+        new_phase = str(new_status.get("phase") or "")
+        old_phase = old.phase.value if old.phase is not None else ""
+        if new_phase and new_phase != old_phase:
+            metrics.TRANSITIONS.labels(from_phase=old_phase or "NONE", to_phase=new_phase).inc()
+            self.phases.set(key, new_phase)
+            jlog(logging.INFO, key, "%s -> %s", old_phase or "new", new_phase)
+        try:
+            from dsjobs.models import ProjectJobStatus
+
+            fresh = ProjectJobStatus.model_validate(new_status)
+        except ValueError:
+            fresh = None
+        if fresh is not None:
+            if fresh.started_at and fresh.started_at != old.started_at and fresh.created_at:
+                metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - fresh.created_at).total_seconds()))
+            if fresh.finished_at and not old.finished_at and fresh.started_at:
+                metrics.RUN_TIME.observe(max(0.0, (fresh.finished_at - fresh.started_at).total_seconds()))
+        self._post(written, events)
+
+    def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent]) -> None:
+        for event in events:
+            try:
+                kopf.event(dict(body), type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
+            except LookupError:  # outside Kopf's context (tests): nothing to post to
+                log.debug("event not posted: %s %s", event.reason, event.message)
+
+    # --- timers ------------------------------------------------------------------------------
+
+    def _schedule(self, key: Key, delay: timedelta | None) -> None:
+        if delay is None:
+            return
+        seconds = min(max(delay.total_seconds(), 0.0), self.settings.max_requeue_seconds)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + seconds
+        existing = self._timers.get(key)
+        if existing is not None:
+            if existing[0] <= due + 0.05:
+                return  # an earlier wake-up is already set; it re-derives the rest
+            existing[1].cancel()
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            # The context of the handler that scheduled us (Kopf's auth vault, event queue)
+            # is copied into the callback, and from it into the task.
+            task = asyncio.ensure_future(self.reconcile(key))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        self._timers[key] = (due, loop.call_later(seconds + 0.05, fire))
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
+    """$KUBECONFIG when set (development, tests), else the pod's service account, else ~/.kube/config.
+
+    Kopf's own service-account login assumes `https://kubernetes.default.svc`; we use
+    KUBERNETES_SERVICE_HOST/PORT like every in-cluster client (they also work where cluster DNS or
+    Service routing does not, e.g. on the local process nodes).
+    """
+    if os.environ.get("KUBECONFIG"):
+        info: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(**kwargs)
+        return info
+    info = kopf.login_with_service_account(**kwargs)
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    if info is not None and host:
+        host = f"[{host}]" if ":" in host else host
+        info = dataclasses.replace(info, server=f"https://{host}:{port}")
+    if info is None:
+        info = kopf.login_with_kubeconfig(**kwargs)
+    return info
+
+
+def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
+    """Register the operator's handlers on a Kopf registry."""
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.reporting_component = op.settings.event_component
+        settings.posting.level = logging.INFO
+        # Server-side filtering: only our pods come over the wire (and into memory).
+        settings.watching.label_selectors["pods"] = JOB_LABEL
+        # Reconnect watches regularly and detect dead connections (API server restarts).
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 10
+        # No CRD/namespace observation: fewer RBAC rights; the resources exist before we start.
+        settings.scanning.disabled = True
+        # Memory: list in chunks, and let Kopf's per-object workers (each holding the last body
+        # it saw) exit soon after their last event. A restart with 10k jobs then peaks at ~100 MB
+        # instead of ~290 MB (the whole list parsed at once, every body held for 5 s).
+        settings.watching.chunk_size = op.settings.watch_chunk_size or None
+        settings.queueing.idle_timeout = op.settings.worker_idle_seconds
+        metrics.serve(op.settings.metrics_port)
+        op.kube = Kube(settings)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return login_info(kwargs)
+
+    @kopf.index("pods", id="pods_by_job", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    def pods_by_job(
+        body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+    ) -> dict[Key, PodView]:
+        return {(namespace or "", labels[JOB_LABEL]): PodView.from_pod(body)}
+
+    @kopf.index(GROUP, VERSION, INSTANCETYPE_PLURAL, id="instance_types", registry=registry)
+    def instance_types(name: str, spec: kopf.Spec, **_: Any) -> dict[str, InstanceTypeSpec | None]:
+        try:
+            return {name: InstanceTypeSpec.model_validate(dict(spec))}
+        except ValueError as exc:
+            log.warning("InstanceType %s is invalid and ignored: %s", name, exc)
+            return {name: None}
+
+    def bind(kwargs: Mapping[str, Any]) -> None:
+        # Kopf passes indexes as keyword arguments named after their functions; they are live
+        # objects, so binding them once per call costs nothing.
+        if op.kube is None:
+            raise RuntimeError("the operator is not configured yet")
+        op.bind(op.kube, kwargs["pods_by_job"], kwargs["instance_types"])
+
+    @kopf.index(GROUP, VERSION, PROJECTJOB_PLURAL, id="input_refs", registry=registry)
+    def input_refs(body: kopf.Body, namespace: str | None, name: str | None, **_: Any) -> None:
+        # An index function for its timing, not its storage (it returns nothing, Kopf keeps
+        # nothing): Kopf runs it for every listed job before any handler, so the reference
+        # counts are complete before the first deletion is decided after a restart.
+        op.input_refs.update((namespace or "", name or ""), body)
+
+    @kopf.on.event(GROUP, VERSION, PROJECTJOB_PLURAL, registry=registry)
+    async def job_event(event: kopf.RawEvent, **kwargs: Any) -> None:
+        bind(kwargs)
+        await op.on_job_event(event.get("type"), dict(event["object"]))
+
+    @kopf.on.event("pods", labels={JOB_LABEL: kopf.PRESENT}, registry=registry)
+    async def pod_event(event: kopf.RawEvent, **kwargs: Any) -> None:
+        bind(kwargs)
+        await op.on_pod_event(event.get("type"), event["object"])

@@ -1,0 +1,183 @@
+"""The operator's Kubernetes API calls: one client (Kopf's own authenticated aiohttp session).
+
+Why Kopf's client and not the `kubernetes` package: Kopf already holds an authenticated,
+re-authenticating session for its watches; a second client would mean a second connection pool,
+a second credential loader and ~40 MB more RSS (the generated models). The functions below are
+the only place that touches Kopf's (internal, version-pinned) client API, so a Kopf upgrade that
+moves it changes this file only. Every call is timed into `dsjobs_api_request_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, Final
+
+from kopf._cogs.clients import api as kopf_api
+from kopf._cogs.clients import errors as kopf_errors
+from kopf._cogs.configs.configuration import OperatorSettings as KopfSettings
+
+from dsjobs.controller import metrics
+from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
+
+log = logging.getLogger("dsjobs.controller.kube")
+
+APIError = kopf_errors.APIError
+NotFound = kopf_errors.APINotFoundError
+Conflict = kopf_errors.APIConflictError
+Invalid = kopf_errors.APIUnprocessableEntityError
+ClientError = kopf_errors.APIClientError
+
+# Our calls fail fast and let the reconcile retry with its own backoff (the per-job lock must
+# not be held for Kopf's default ~1 minute of retries).
+_BACKOFFS: Final = (0.2, 0.5, 1.0)
+MERGE_PATCH: Final = {"Content-Type": "application/merge-patch+json"}
+
+JOBS_PATH: Final = f"/apis/{GROUP}/{VERSION}"
+
+
+def job_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    path = f"{JOBS_PATH}/namespaces/{namespace}/{PROJECTJOB_PLURAL}"
+    if name is not None:
+        path += f"/{name}"
+    if subresource is not None:
+        path += f"/{subresource}"
+    return path
+
+
+def core_path(namespace: str, plural: str, name: str | None = None) -> str:
+    path = f"/api/v1/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name is not None else path
+
+
+def with_query(path: str, **params: str) -> str:
+    present = {k: v for k, v in params.items() if v}
+    return f"{path}?{urllib.parse.urlencode(present)}" if present else path
+
+
+class Kube:
+    """Thin async verbs over Kopf's session; needs Kopf's settings (timeouts, auth vault)."""
+
+    def __init__(self, settings: KopfSettings) -> None:
+        self.settings = settings
+
+    async def _call(
+        self,
+        verb: str,
+        resource: str,
+        path: str,
+        payload: object | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        started = time.perf_counter()
+        code = "ok"
+        try:
+            response = await kopf_api.request(
+                verb,
+                path,
+                payload=payload,
+                headers=dict(headers) if headers else None,
+                settings=self.settings,
+                backoffs=_BACKOFFS,
+                logger=log,
+            )
+            async with response:
+                return await response.json()
+        except APIError as exc:
+            code = str(exc.status)
+            raise
+        except Exception:
+            code = "error"
+            raise
+        finally:
+            metrics.API_LATENCY.labels(verb=verb, resource=resource, code=code).observe(
+                time.perf_counter() - started
+            )
+
+    async def get(self, resource: str, path: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            result: dict[str, Any] = await self._call("get", resource, path)
+        except NotFound:
+            return None
+        return result
+
+    async def list(self, resource: str, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page = await self._call(
+                "get",
+                resource,
+                with_query(path, labelSelector=label_selector, limit="500", **{"continue": token}),
+            )
+            items.extend(page.get("items") or ())
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return items
+
+    async def create(self, resource: str, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create-if-absent: None when it already exists (409 is success for a deterministic name)."""
+        try:
+            result: dict[str, Any] = await self._call("post", resource, path, payload=body)
+        except Conflict:
+            return None
+        return result
+
+    async def delete(
+        self,
+        resource: str,
+        path: str,
+        *,
+        grace_seconds: int | None = None,
+        uid: str = "",
+    ) -> bool:
+        """Delete; False when it was already gone (or replaced by an object with another uid)."""
+        options: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "propagationPolicy": "Background",
+        }
+        if grace_seconds is not None:
+            options["gracePeriodSeconds"] = grace_seconds
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            await self._call("delete", resource, path, payload=options)
+        except NotFound:
+            return False
+        except Conflict:  # uid precondition failed: a different object now has that name
+            return False
+        return True
+
+    async def delete_collection(self, resource: str, path: str, label_selector: str) -> None:
+        await self._call("delete", resource, with_query(path, labelSelector=label_selector))
+
+    async def merge_patch(self, resource: str, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """RFC 7386 merge patch; include metadata.resourceVersion for optimistic concurrency."""
+        result: dict[str, Any] = await self._call("patch", resource, path, payload=patch, headers=MERGE_PATCH)
+        return result
+
+
+def merge_diff(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch that turns `old` into `new` (None/null removes a key).
+
+    Lists are replaced as a whole (that is what merge patch does with them).
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = (
+                merge_diff(old[key], value)
+                if isinstance(value, dict) and isinstance(old[key], dict)
+                else value
+            )
+    return patch

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the operator (served on DSJOBS_METRICS_PORT, path /metrics)."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_PHASES = (
+    "CREATING",
+    "PREPARING",
+    "EXECUTING",
+    "UPLOADING_OUTPUT",
+    "SUCCESS",
+    "ERROR",
+    "CANCELLING",
+    "CANCELLED",
+)
+
+JOBS = Gauge("dsjobs_jobs", "ProjectJobs the operator sees, by phase.", ["phase"])
+TRANSITIONS = Counter(
+    "dsjobs_job_transitions_total", "Phase transitions written by the operator.", ["from_phase", "to_phase"]
+)
+QUEUE_TIME = Histogram(
+    "dsjobs_job_queue_seconds",
+    "From the ProjectJob's creation to its program starting.",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600),
+)
+RUN_TIME = Histogram(
+    "dsjobs_job_run_seconds",
+    "From the program starting to the job's final phase.",
+    buckets=(1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600),
+)
+POD_CREATE_LATENCY = Histogram(
+    "dsjobs_pod_create_seconds",
+    "From the operator seeing a job's execute request to the job's first pod being created.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE_ERRORS = Counter(
+    "dsjobs_reconcile_errors_total", "Reconciles that failed and were retried.", ["kind"]
+)
+RECONCILES = Counter("dsjobs_reconciles_total", "Reconcile steps run.")
+API_LATENCY = Histogram(
+    "dsjobs_api_request_seconds",
+    "Kubernetes API calls made by the operator (excluding Kopf's own watches).",
+    ["verb", "resource", "code"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+STATUS_WRITES = Counter(
+    "dsjobs_status_writes_total", "Status patches written (only when the status changed)."
+)
+
+
+class PhaseBook:
+    """The phase of every job the operator has seen, for the `dsjobs_jobs` gauge (O(1) updates)."""
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str], str] = {}
+        self._counts: Tally[str] = Tally()
+        for phase in _PHASES:
+            JOBS.labels(phase=phase).set(0)
+
+    def set(self, key: tuple[str, str], phase: str) -> None:
+        old = self._phases.get(key)
+        if old == phase:
+            return
+        if old is not None:
+            self._counts[old] -= 1
+            JOBS.labels(phase=old).set(self._counts[old])
+        self._phases[key] = phase
+        self._counts[phase] += 1
+        JOBS.labels(phase=phase).set(self._counts[phase])
+
+    def forget(self, key: tuple[str, str]) -> None:
+        old = self._phases.pop(key, None)
+        if old is not None:
+            self._counts[old] -= 1
+            JOBS.labels(phase=old).set(self._counts[old])
+
+    def keys(self) -> Iterable[tuple[str, str]]:
+        return self._phases.keys()
+
+
+def serve(port: int) -> None:
+    """Start the /metrics endpoint (one small daemon thread of prometheus_client)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,53 @@
+"""Names, labels and annotations of the objects the operator creates (docs/contracts.md)."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+PROJECT_LABEL: Final = "dsjobs.dev/project-id"
+JOB_LABEL: Final = "dsjobs.dev/job-id"
+ATTEMPT_LABEL: Final = "dsjobs.dev/attempt"
+INSTANCE_TYPE_LABEL: Final = "dsjobs.dev/instance-type"
+INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "dsjobs-operator"
+# Marks the Secrets the operator made for a job, so that cleanup never touches the user's own.
+SECRET_ROLE_LABEL: Final = "dsjobs.dev/secret-role"
+
+S3_MOUNT_LABEL: Final = "dsjobs.dev/s3-mount-id"
+DATASET_LABEL: Final = "dsjobs.dev/dataset-id"
+PROJECT_DISK_LABEL: Final = "dsjobs.dev/project-disk"
+
+# Our finalizer: stored data outlives the ProjectJob unless somebody deletes it first.
+FINALIZER: Final = "dsjobs.dev/cleanup"
+# Project secrets: one Secret per project namespace, one key per secret (env var name = key).
+PROJECT_SECRETS_NAME: Final = "dsjobs-project-secrets"
+
+_MAX_NAME = 253
+
+
+def _fit(base: str, suffix: str, limit: int = _MAX_NAME) -> str:
+    """`base + suffix`, shortening base with a hash when the result would exceed the limit."""
+    if len(base) + len(suffix) <= limit:
+        return base + suffix
+    digest = hashlib.sha256(base.encode()).hexdigest()[:10]
+    keep = limit - len(suffix) - len(digest) - 1
+    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
+
+
+def pod_name(job: str, attempt: int) -> str:
+    """Deterministic: the same job and attempt always name the same pod (create-if-absent)."""
+    return _fit(job, f"-a{attempt}")
+
+
+def registry_secret_name(job: str) -> str:
+    return _fit(job, "-registry")
+
+
+def runner_secret_name(job: str) -> str:
+    return _fit(job, "-runner")
+
+
+def job_labels(project_id: str, job: str) -> dict[str, str]:
+    return {PROJECT_LABEL: project_id, JOB_LABEL: job, MANAGED_BY_LABEL: MANAGED_BY}

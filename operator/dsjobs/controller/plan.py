@@ -1,0 +1,515 @@
+"""One reconcile step of a ProjectJob, as a pure function of what the operator observed.
+
+    plan(job, pods, catalog, result, now, settings) -> Plan(status, actions, events, requeue_after)
+
+The glue (handlers.py) performs the actions in order, then writes `status` if it changed; after a
+step without actions (a status-only step, e.g. "attempt 2 goes to the next instance type") it
+plans again, so an intent is recorded before it is acted on. That ordering makes a SIGKILL at any
+moment safe:
+
+- a pod is created *before* the status names it; a pod found in the cluster but not in the status
+  is adopted (its attempt label says which), so a crash in between duplicates nothing;
+- a new attempt (fallback, retry) is written to the status *before* its pod is created, and the
+  previous attempt's pod must be gone before the new one is created: never two at once;
+- a final status (with the runner's result) is written *before* the pod is deleted;
+- stored data is deleted *before* `dataCleared` is set; the finalizer is removed last.
+
+Timers are derived from timestamps in the cluster (pod creation, condition transition times,
+finishedAt, dataExpiresAt) and come back as `requeue_after`, so they survive restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from dsjobs.controller.names import FINALIZER, pod_name
+from dsjobs.controller.podview import PodView, parse_time
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.status import (
+    ATTEMPT_CONDITIONS,
+    COND_DATA_CLEARED,
+    COND_FINALIZED,
+    COND_RETRYING,
+    JobEvent,
+    Outcome,
+    StatusUpdate,
+    compute_status,
+    data_expiry,
+    drop_conditions,
+    fail,
+    finish,
+    get_condition,
+    graceful_timeout,
+    set_condition,
+    with_phase,
+)
+from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models.limits import DEFAULT_INSTANCE_TYPE
+from dsjobs.runner.result import ResultPointer, RunnerResult
+from dsjobs.validation import Problem, format_problems, parse_job_spec
+
+# The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
+MAX_JOB_NAME: Final = 63
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The parts of a ProjectJob object the plan reads."""
+
+    name: str
+    namespace: str
+    uid: str
+    resource_version: str
+    generation: int
+    created_at: datetime | None
+    deleting: bool
+    finalizers: tuple[str, ...]
+    spec: Mapping[str, Any]
+    status: ProjectJobStatus
+    # Set when the stored status could not be read (hand-edited): the plan starts from scratch.
+    status_problem: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> JobView:
+        meta = body.get("metadata") or {}
+        problem = ""
+        try:
+            status = ProjectJobStatus.model_validate(body.get("status") or {})
+        except ValidationError as exc:
+            status, problem = ProjectJobStatus(), f"unreadable status ({exc.error_count()} problems)"
+        return cls(
+            name=str(meta.get("name", "")),
+            namespace=str(meta.get("namespace", "")),
+            uid=str(meta.get("uid", "")),
+            resource_version=str(meta.get("resourceVersion", "")),
+            generation=int(meta.get("generation") or 0),
+            created_at=parse_time(meta.get("creationTimestamp")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            finalizers=tuple(meta.get("finalizers") or ()),
+            spec=body.get("spec") or {},
+            status=status,
+            status_problem=problem,
+        )
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreatePod:
+    """Render and create (if absent) the pod of `attempt` on the instance type at `type_index`."""
+
+    attempt: int
+    type_index: int
+    instance_type: str
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    grace_seconds: int
+    why: str
+
+
+@dataclass(frozen=True)
+class DeleteSecrets:
+    """Delete the Secrets the operator made for the job (registry credentials, runner configs)."""
+
+
+@dataclass(frozen=True)
+class ClearData:
+    """Delete the job's stored data (and the inputs no other job of the project references)."""
+
+
+@dataclass(frozen=True)
+class AddFinalizer:
+    """Add dsjobs.dev/cleanup (the API adds it at creation; `kubectl apply` users do not)."""
+
+
+@dataclass(frozen=True)
+class RemoveFinalizer:
+    """Let a deleted job go: everything it owned is cleaned up."""
+
+
+Action = CreatePod | DeletePod | DeleteSecrets | ClearData | AddFinalizer | RemoveFinalizer
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: ProjectJobStatus
+    actions: tuple[Action, ...] = ()
+    events: tuple[JobEvent, ...] = ()
+    requeue_after: timedelta | None = None
+    # The parsed spec, for the glue (rendering the pod); None when it is unreadable.
+    spec: ProjectJobSpec | None = field(default=None, compare=False)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def instance_type_names(spec: ProjectJobSpec) -> list[str]:
+    """The job's instance types by priority; empty in the spec means the default type."""
+    return [t.name for t in spec.job_parameters.cloud_instance_types] or [DEFAULT_INSTANCE_TYPE]
+
+
+def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> int:
+    """Pod deletion grace period for a cancel.
+
+    The runner's entry script handles SIGTERM itself: with graceful-shutdown parameters it sends
+    the configured signal and SIGKILLs the program after the timeout; without them it SIGKILLs the
+    program at once. So the grace is the job's timeout plus a margin for the ship container's last
+    upload. A non-graceful cancel of a job that has graceful-shutdown parameters gets 1 s: the
+    kubelet then kills everything almost at once (SIGKILL semantics). Never 0: that would make the
+    API server drop the pod object before the kubelet has stopped anything (a force delete).
+    """
+    has_params = spec.job_parameters.graceful_shutdown_parameters is not None
+    graceful = spec.cancel is not None and spec.cancel.graceful
+    if has_params and not graceful:
+        return 1
+    seconds = int(-(-graceful_timeout(spec).total_seconds() // 1)) if has_params else 0
+    return seconds + settings.shutdown_grace_margin_seconds
+
+
+def deletion_grace(pod: PodView) -> int:
+    """Grace for deleting a pod whose program needs no time: 0 is safe only for unscheduled pods."""
+    return 0 if not pod.scheduled else 1
+
+
+def _min_delay(*delays: timedelta | None) -> timedelta | None:
+    present = [d for d in delays if d is not None]
+    return max(min(present), timedelta()) if present else None
+
+
+def _adopt(status: ProjectJobStatus, pods: Sequence[PodView], names: list[str]) -> ProjectJobStatus:
+    """Take over the newest pod when the status lags behind the cluster (a crash after create)."""
+    newest = max((p for p in pods if not p.gone), key=lambda p: p.attempt, default=None)
+    if newest is None or newest.attempt < status.attempt:
+        return status
+    if newest.attempt == status.attempt and status.pod_name == newest.name:
+        return status
+    index = (
+        newest.instance_type_index
+        if 0 <= newest.instance_type_index < len(names)
+        else status.instance_type_index
+    )
+    return status.model_copy(
+        update={
+            "attempt": newest.attempt,
+            "pod_name": newest.name,
+            "instance_type_index": index,
+            "actual_cloud_instance_type": newest.instance_type or names[min(index, len(names) - 1)],
+        }
+    )
+
+
+def _spec_problem_update(
+    status: ProjectJobStatus, spec: ProjectJobSpec | None, problems: list[Problem], now: datetime
+) -> StatusUpdate:
+    unknown = [p for p in problems if p.rule == "instance-type-unknown"]
+    if unknown and len(unknown) == len(problems):
+        names = ", ".join(p.message.split(" ", 1)[0] for p in unknown)
+        return fail(
+            spec,
+            status,
+            "UnknownInstanceType",
+            f"unknown instance type {names}: " + format_problems(problems),
+            now,
+        )
+    return fail(spec, status, "InvalidSpec", "invalid job: " + format_problems(problems), now)
+
+
+def _plan_of(
+    update: StatusUpdate, actions: list[Action], events: list[JobEvent], spec: ProjectJobSpec | None
+) -> Plan:
+    return Plan(update.status, tuple(actions), (*events, *update.events), update.requeue_after, spec=spec)
+
+
+# --- the plan --------------------------------------------------------------------------------
+
+
+def plan(
+    job: JobView,
+    pods: Sequence[PodView],
+    catalog: Mapping[str, InstanceTypeSpec],
+    result: RunnerResult | ResultPointer | None,
+    now: datetime,
+    settings: OperatorSettings,
+) -> Plan:
+    """The next step for one job.
+
+    `pods` are all pods labelled with the job (any attempt), plus (with `gone=True`) pods whose
+    deletion the operator saw or confirmed. `catalog` is the cluster's InstanceTypes. `result` is
+    the runner's result of the current attempt when its ship container has ended.
+    """
+    if job.deleting:
+        return _plan_delete(job, pods)
+
+    actions: list[Action] = [] if FINALIZER in job.finalizers else [AddFinalizer()]
+    events: list[JobEvent] = []
+    status = job.status
+    if status.phase is None:
+        status = status.model_copy(update={"phase": JobPhase.CREATING, "created_at": job.created_at or now})
+        events.append(JobEvent("Normal", "Created", "new -> CREATING"))
+    if status.observed_generation != job.generation:
+        status = status.model_copy(update={"observed_generation": job.generation})
+    phase = status.phase
+    assert phase is not None
+    started = status.attempt > 0 or any(not p.gone for p in pods)
+
+    problems: list[Problem] = []
+    spec: ProjectJobSpec | None
+    if not started and not phase.is_final:
+        # The whole validation, with the cluster's catalog, before the first pod only: the catalog
+        # may change under a running job without making it invalid.
+        spec, problems = parse_job_spec(job.spec, known_instance_types=set(catalog))
+    else:
+        try:
+            spec = ProjectJobSpec.model_validate(job.spec)
+        except ValidationError as exc:
+            spec, problems = None, [Problem("", "unreadable", str(exc))]
+    if spec is None:
+        if phase.is_final:
+            return Plan(status, tuple(actions), tuple(events))
+        return _plan_of(_spec_problem_update(status, None, problems, now), actions, events, None)
+
+    if phase.is_final:
+        return _plan_final(spec, status, pods, now, settings, actions, events)
+
+    names = instance_type_names(spec)
+    status = _adopt(status, pods, names)
+
+    if status.attempt == 0:
+        return _plan_start(job, spec, status, problems, names, now, actions, events)
+
+    current_name = pod_name(job.name, status.attempt)
+    superseded = [p for p in pods if p.name != current_name and not p.gone]
+    actions.extend(
+        DeletePod(p.name, deletion_grace(p), "superseded by a newer attempt")
+        for p in superseded
+        if not p.deleting
+    )
+
+    if status.pod_name != current_name:
+        return _plan_next_attempt(
+            spec, status, current_name, superseded, names, catalog, now, actions, events
+        )
+
+    current = next((p for p in pods if p.name == current_name), None)
+    if current is None:
+        # The status names a pod the cluster does not have (the glue confirmed it): it was
+        # deleted before the operator saw it end.
+        current = PodView(name=current_name, attempt=status.attempt, gone=True)
+
+    if spec.cancel is not None and status.phase != JobPhase.CANCELLING:
+        if current.gone:
+            # Cancelled and the pod is gone: whatever removed it, the user wanted it stopped.
+            status = status.model_copy(update={"phase": JobPhase.CANCELLING})
+        elif not current.terminal:
+            if not current.deleting:
+                actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
+            reason = f": {spec.cancel.reason}" if spec.cancel.reason else ""
+            status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
+            return Plan(status, tuple(actions), tuple(events), spec=spec)
+        # A pod that already ended: the cancel is a no-op, the job's real outcome is reported.
+    elif status.phase == JobPhase.CANCELLING and not current.terminal and not current.deleting:
+        # The delete was decided but may not have happened (a crash in between): issue it again.
+        actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
+
+    index = min(status.instance_type_index, len(names) - 1)
+    update = compute_status(spec, status, current, result, now, settings, instance_type=names[index])
+    events.extend(update.events)
+    status = update.status
+    requeue = update.requeue_after
+
+    if update.retry:
+        backoff = spec.retry_policy.backoff_seconds if spec.retry_policy is not None else 0
+        retrying = get_condition(status, COND_RETRYING)
+        why = retrying.message if retrying is not None else "failed"
+        status = status.model_copy(update={"attempt": status.attempt + 1, "pod_name": ""})
+        details = (
+            f"attempt {status.attempt - 1} failed ({why}); attempt {status.attempt} starts in {backoff}s"
+        )
+        status = with_phase(status, JobPhase.PREPARING, details, events)
+        return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+    if (
+        status.phase == JobPhase.PREPARING
+        and not current.scheduled
+        and not current.gone
+        and not current.deleting
+    ):
+        type_spec = catalog.get(names[index])
+        budget = timedelta(seconds=type_spec.schedule_timeout_seconds if type_spec is not None else 300)
+        waited = now - (current.created_at or now)
+        if waited < budget:
+            requeue = _min_delay(requeue, budget - waited)
+        elif index + 1 < len(names):
+            following = names[index + 1]
+            message = (
+                f"no capacity for instance type {names[index]} within {int(budget.total_seconds())}s; "
+                f"falling back to {following}"
+            )
+            events.append(JobEvent("Warning", "FallingBack", message))
+            status = status.model_copy(
+                update={
+                    "attempt": status.attempt + 1,
+                    "instance_type_index": index + 1,
+                    "pod_name": "",
+                    "actual_cloud_instance_type": following,
+                }
+            )
+            return Plan(
+                with_phase(status, JobPhase.PREPARING, message, events),
+                tuple(actions),
+                tuple(events),
+                spec=spec,
+            )
+        elif len(names) > 1:
+            # Every type was tried: keep waiting on the last one, and say so.
+            details = (
+                f"no capacity for any of the instance types {', '.join(names)}; "
+                f"still waiting for {names[index]}: {status.status_details}"
+            )
+            status = status.model_copy(update={"status_details": details})
+    return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
+
+
+def _plan_start(
+    job: JobView,
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    problems: list[Problem],
+    names: list[str],
+    now: datetime,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> Plan:
+    """A job without any pod yet: wait for execute, cancel, fail validation, or create attempt 1."""
+    if spec.cancel is not None:
+        # A job cancelled before it started never starts.
+        outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled before it started")
+        return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
+    if not spec.execute:
+        return Plan(status, tuple(actions), tuple(events), spec=spec)
+    if problems:
+        return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
+    if len(job.name) > MAX_JOB_NAME:
+        message = f"the job's name is longer than {MAX_JOB_NAME} characters (it is a label value of its pods)"
+        return _plan_of(fail(spec, status, "InvalidSpec", message, now), actions, events, spec)
+    name = pod_name(job.name, 1)
+    status = status.model_copy(
+        update={
+            "attempt": 1,
+            "pod_name": name,
+            "instance_type_index": 0,
+            "actual_cloud_instance_type": names[0],
+        }
+    )
+    status = with_phase(
+        status, JobPhase.PREPARING, f"creating pod {name} for instance type {names[0]}", events
+    )
+    actions.append(CreatePod(1, 0, names[0]))
+    return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _plan_next_attempt(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    current_name: str,
+    superseded: Sequence[PodView],
+    names: list[str],
+    catalog: Mapping[str, InstanceTypeSpec],
+    now: datetime,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> Plan:
+    """A new attempt was decided (fallback or retry) and its pod is not created yet."""
+    if spec.cancel is not None:
+        outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled")
+        return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
+    if superseded:
+        # Never two attempts at once: the previous pod's deletion (an event) brings us back.
+        return Plan(status, tuple(actions), tuple(events), spec=spec)
+    retrying = get_condition(status, COND_RETRYING)
+    if retrying is not None and retrying.last_transition_time is not None and spec.retry_policy is not None:
+        due = retrying.last_transition_time + timedelta(seconds=spec.retry_policy.backoff_seconds)
+        if now < due:
+            return Plan(status, tuple(actions), tuple(events), requeue_after=due - now, spec=spec)
+    index = min(status.instance_type_index, len(names) - 1)
+    if names[index] not in catalog:
+        update = fail(spec, status, "UnknownInstanceType", f"unknown instance type {names[index]}", now)
+        return _plan_of(update, actions, events, spec)
+    status = drop_conditions(status, COND_RETRYING, *ATTEMPT_CONDITIONS).model_copy(
+        update={
+            "pod_name": current_name,
+            "actual_cloud_instance_type": names[index],
+            "started_at": None,
+            "return_code": None,
+        }
+    )
+    details = f"creating pod {current_name} (attempt {status.attempt}) for instance type {names[index]}"
+    status = with_phase(status, JobPhase.PREPARING, details, events)
+    actions.append(CreatePod(status.attempt, index, names[index]))
+    return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _plan_final(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    pods: Sequence[PodView],
+    now: datetime,
+    settings: OperatorSettings,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> Plan:
+    """A finished job: remove its pod (after the retention), finalize, clear data at its TTL."""
+    requeue: timedelta | None = None
+    # The TTL may have changed (SetDataTtl): the expiry is always re-derived from finishedAt.
+    expires = data_expiry(spec, status.finished_at)
+    if expires != status.data_expires_at:
+        status = status.model_copy(update={"data_expires_at": expires})
+
+    alive = [p for p in pods if not p.gone and not p.deleting]
+    if alive:
+        keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+        if spec.finalized or now >= keep_until:
+            actions.extend(DeletePod(p.name, deletion_grace(p), "the job has finished") for p in alive)
+            actions.append(DeleteSecrets())
+        else:
+            requeue = keep_until - now
+    if spec.finalized and get_condition(status, COND_FINALIZED) is None:
+        if not alive:
+            actions.append(DeleteSecrets())
+        status = set_condition(status, COND_FINALIZED, "True", "Finalized", "pod and secrets removed", now)
+        events.append(JobEvent("Normal", "Finalized", "the job's pod and secrets were removed"))
+
+    if not status.data_cleared:
+        if spec.clear_data or (expires is not None and now >= expires):
+            why = "requested" if spec.clear_data else "data TTL expired"
+            actions.append(ClearData())
+            status = status.model_copy(update={"data_cleared": True})
+            status = set_condition(
+                status, COND_DATA_CLEARED, "True", "DataCleared", f"stored data deleted ({why})", now
+            )
+            events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
+        elif expires is not None:
+            requeue = _min_delay(requeue, expires - now)
+    return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
+
+
+def _plan_delete(job: JobView, pods: Sequence[PodView]) -> Plan:
+    """The ProjectJob is being deleted: remove its pods, secrets and stored data, then let it go."""
+    if FINALIZER not in job.finalizers:
+        return Plan(job.status)
+    actions: list[Action] = [
+        DeletePod(p.name, deletion_grace(p), "the job is deleted")
+        for p in pods
+        if not p.gone and not p.deleting
+    ]
+    actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
+    return Plan(job.status, tuple(actions))

@@ -1,0 +1,174 @@
+"""A job pod as the operator needs to see it: a small, frozen summary of the Pod object.
+
+The operator keeps these (not whole Pods) in its in-memory pod index: a Pod with its managed
+fields is ~10 KiB of dicts, a PodView a few hundred bytes. Everything the status function reads
+about a pod is here, so the status function can be tested with hand-made pods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from dsjobs.controller.names import ATTEMPT_LABEL, INSTANCE_TYPE_INDEX_ANNOTATION, INSTANCE_TYPE_LABEL
+
+ContainerState = Literal["waiting", "running", "terminated"]
+
+
+def parse_time(value: object) -> datetime | None:
+    """An RFC 3339 timestamp from the API (`2025-06-01T11:00:12Z`), or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    """The state of one container (init, sidecar or main)."""
+
+    name: str
+    state: ContainerState
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    signal: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> ContainerView:
+        name = str(status.get("name", ""))
+        state = status.get("state") or {}
+        if "terminated" in state:
+            term = state["terminated"] or {}
+            return cls(
+                name=name,
+                state="terminated",
+                reason=str(term.get("reason") or ""),
+                # The termination message carries the runner's result: keep it whole (<= 4 KiB).
+                message=str(term.get("message") or ""),
+                exit_code=int(term.get("exitCode", 0)),
+                signal=term.get("signal"),
+                started_at=parse_time(term.get("startedAt")),
+                finished_at=parse_time(term.get("finishedAt")),
+            )
+        if "running" in state:
+            return cls(
+                name=name, state="running", started_at=parse_time((state["running"] or {}).get("startedAt"))
+            )
+        waiting = state.get("waiting") or {}
+        return cls(
+            name=name,
+            state="waiting",
+            reason=str(waiting.get("reason") or ""),
+            message=str(waiting.get("message") or "")[:1024],
+        )
+
+
+@dataclass(frozen=True)
+class PodCondition:
+    status: str
+    reason: str = ""
+    message: str = ""
+    last_transition_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator knows about one pod of a job."""
+
+    name: str
+    uid: str = ""
+    attempt: int = 1
+    instance_type: str = ""
+    instance_type_index: int = 0
+    created_at: datetime | None = None
+    deleting: bool = False
+    # True when the watch said DELETED: this is the pod's last state, the object is gone.
+    gone: bool = False
+    phase: str = "Pending"
+    reason: str = ""
+    message: str = ""
+    node_name: str = ""
+    conditions: tuple[tuple[str, PodCondition], ...] = ()
+    init_containers: tuple[ContainerView, ...] = ()
+    containers: tuple[ContainerView, ...] = ()
+    # (container name, image) of every container, to name the image that cannot be pulled.
+    images: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_pod(cls, pod: Mapping[str, Any], *, gone: bool = False) -> PodView:
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        labels = meta.get("labels") or {}
+        annotations = meta.get("annotations") or {}
+        conditions = tuple(
+            (
+                str(c.get("type", "")),
+                PodCondition(
+                    status=str(c.get("status", "Unknown")),
+                    reason=str(c.get("reason") or ""),
+                    message=str(c.get("message") or "")[:1024],
+                    last_transition_time=parse_time(c.get("lastTransitionTime")),
+                ),
+            )
+            for c in status.get("conditions") or ()
+        )
+        return cls(
+            name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+            attempt=_int(labels.get(ATTEMPT_LABEL), 1),
+            instance_type=str(labels.get(INSTANCE_TYPE_LABEL, "")),
+            instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
+            created_at=parse_time(meta.get("creationTimestamp")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            gone=gone,
+            phase=str(status.get("phase") or "Pending"),
+            reason=str(status.get("reason") or ""),
+            message=str(status.get("message") or "")[:1024],
+            node_name=str(spec.get("nodeName") or ""),
+            conditions=conditions,
+            init_containers=tuple(
+                ContainerView.from_status(c) for c in status.get("initContainerStatuses") or ()
+            ),
+            containers=tuple(ContainerView.from_status(c) for c in status.get("containerStatuses") or ()),
+            images=tuple(
+                (str(c.get("name", "")), str(c.get("image", "")))
+                for c in (*(spec.get("initContainers") or ()), *(spec.get("containers") or ()))
+            ),
+        )
+
+    def condition(self, type_: str) -> PodCondition | None:
+        for name, cond in self.conditions:
+            if name == type_:
+                return cond
+        return None
+
+    def container(self, name: str) -> ContainerView | None:
+        for c in (*self.init_containers, *self.containers):
+            if c.name == name:
+                return c
+        return None
+
+    @property
+    def terminal(self) -> bool:
+        """The pod will not run anything any more."""
+        return self.phase in ("Succeeded", "Failed") or self.gone
+
+    @property
+    def scheduled(self) -> bool:
+        return bool(self.node_name)
+
+
+def _int(value: object, default: int) -> int:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,364 @@
+"""PURE: the job's Pod and Secrets from the ProjectJob, its InstanceType and the operator settings.
+
+    render_pod(job, spec, attempt=..., instance_type=..., settings=..., volumes=..., ...) -> dict
+
+The runner's containers and volumes come from `dsjobs.runner.contract.runner_pod_parts`; this
+module adds what is the operator's: identity (deterministic name, labels, owner reference), the
+instance type (nodeSelector, tolerations, resources, priority class), the user's image and
+registry credentials, the PVCs of the project disk / S3 mounts / datasets, and the working
+storage. Golden files in tests/unit/golden/pods/ pin the output per feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from dsjobs.controller.names import (
+    ATTEMPT_LABEL,
+    DATASET_LABEL,
+    INSTANCE_TYPE_INDEX_ANNOTATION,
+    INSTANCE_TYPE_LABEL,
+    PROJECT_DISK_LABEL,
+    PROJECT_SECRETS_NAME,
+    S3_MOUNT_LABEL,
+    job_labels,
+    pod_name,
+    registry_secret_name,
+    runner_secret_name,
+)
+from dsjobs.controller.secrets import owned_secret
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.models import API_VERSION, PROJECTJOB_KIND, InstanceTypeSpec, ProjectJobSpec, job_relative_path
+from dsjobs.runner.config import (
+    Compression,
+    GracefulShutdown,
+    InputFile,
+    LocalModule,
+    Mount,
+    OutputFile,
+    PipOptions,
+    PythonEnv,
+    RunnerConfig,
+)
+from dsjobs.runner.contract import CONFIG_KEY, runner_pod_parts
+
+# Where the job sees its mounts (DataSphere mounts S3 connectors at /job/s3/<id>).
+S3_MOUNT_ROOT: Final = "/job/s3"
+DATASET_ROOT: Final = "/job/datasets"
+PROJECT_DISK_PATH: Final = "/job/project"
+WORK_VOLUME_SOURCE_EMPTY: Final[Mapping[str, Any]] = {"emptyDir": {}}
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """Identity of the ProjectJob the objects belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+    project_id: str
+
+    def owner(self) -> dict[str, Any]:
+        # controller=true: `kubectl get pods` shows the job as owner; blockOwnerDeletion keeps the
+        # job around (foreground deletion) until the pod is gone.
+        return {
+            "apiVersion": API_VERSION,
+            "kind": PROJECTJOB_KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def labels(self) -> dict[str, str]:
+        return job_labels(self.project_id, self.name)
+
+
+@dataclass(frozen=True)
+class PvcView:
+    """A PersistentVolumeClaim of the project namespace, as far as volume lookup needs it."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    deleting: bool = False
+
+    @classmethod
+    def from_pvc(cls, pvc: Mapping[str, Any]) -> PvcView:
+        meta = pvc.get("metadata") or {}
+        return cls(
+            str(meta.get("name", "")), dict(meta.get("labels") or {}), bool(meta.get("deletionTimestamp"))
+        )
+
+
+@dataclass(frozen=True)
+class Volumes:
+    """Which PVC backs each S3 mount, dataset and the project disk."""
+
+    mount_claims: Mapping[str, str] = field(default_factory=dict)
+    project_disk_claim: str | None = None
+
+
+def pvc_selectors(spec: ProjectJobSpec) -> list[str]:
+    """Label selectors that find every PVC the job needs (one LIST each, only for what it uses)."""
+    params = spec.job_parameters
+    selectors = []
+    if params.s3_mount_ids:
+        selectors.append(f"{S3_MOUNT_LABEL} in ({','.join(sorted(set(params.s3_mount_ids)))})")
+    if params.dataset_ids:
+        selectors.append(f"{DATASET_LABEL} in ({','.join(sorted(set(params.dataset_ids)))})")
+    if params.attach_project_disk:
+        selectors.append(f"{PROJECT_DISK_LABEL}=true")
+    return selectors
+
+
+def resolve_volumes(spec: ProjectJobSpec, pvcs: Sequence[PvcView]) -> tuple[Volumes, list[str]]:
+    """Match the job's mounts to PVCs by label: (volumes, what is missing - named for the user).
+
+    Several PVCs with the same label: the first by name wins (deterministic across restarts).
+    """
+    usable = sorted((p for p in pvcs if not p.deleting), key=lambda p: p.name)
+    missing: list[str] = []
+    claims: dict[str, str] = {}
+
+    def find(label: str, value: str) -> str | None:
+        return next((p.name for p in usable if p.labels.get(label) == value), None)
+
+    params = spec.job_parameters
+    for kind, label, ids in (
+        ("S3 mount", S3_MOUNT_LABEL, params.s3_mount_ids),
+        ("dataset", DATASET_LABEL, params.dataset_ids),
+    ):
+        for id_ in ids:
+            claim = find(label, id_)
+            if claim is None:
+                missing.append(f"{kind} {id_!r} (no PersistentVolumeClaim labelled {label}={id_})")
+            else:
+                claims[id_] = claim
+    disk: str | None = None
+    if params.attach_project_disk:
+        disk = find(PROJECT_DISK_LABEL, "true")
+        if disk is None:
+            missing.append(f"project disk (no PersistentVolumeClaim labelled {PROJECT_DISK_LABEL}=true)")
+    return Volumes(claims, disk), missing
+
+
+def user_image(
+    spec: ProjectJobSpec, settings: OperatorSettings, docker_images: Mapping[str, str]
+) -> str | None:
+    """The job container's image; None when a docker image resource id is unknown.
+
+    Order: docker image by URL, project docker image resource (ConfigMap `dsjobs-docker-images`,
+    key = resource id), the default Python image for the job's python_version.
+    """
+    env = spec.job_parameters.env
+    if env is not None and env.docker_image_spec is not None:
+        return env.docker_image_spec.image_url
+    if env is not None and env.docker_image_resource_id:
+        return docker_images.get(env.docker_image_resource_id)
+    version = env.python_env.python_version if env is not None and env.python_env is not None else ""
+    return settings.python_image_for(version)
+
+
+def needs_registry_secret(spec: ProjectJobSpec) -> bool:
+    env = spec.job_parameters.env
+    image = env.docker_image_spec if env is not None else None
+    return image is not None and (
+        image.password_secret_ref is not None or bool(image.password_ds_secret_name)
+    )
+
+
+def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConfig:
+    """The runner's input for one attempt (dsjobs.runner.config)."""
+    params = spec.job_parameters
+    env = params.env
+    python_env: PythonEnv | None = None
+    local_modules: list[LocalModule] = []
+    if env is not None and env.python_env is not None:
+        pe = env.python_env
+        pip = pe.pip_options
+        python_env = PythonEnv(
+            python_version=pe.python_version or None,
+            requirements=list(pe.requirements),
+            pip=PipOptions(
+                index_url=pip.index_url or None,
+                extra_index_urls=list(pip.extra_index_urls),
+                trusted_hosts=list(pip.trusted_hosts),
+                no_deps=pip.no_deps,
+            )
+            if pip is not None
+            else PipOptions(),
+        )
+        local_modules = [
+            LocalModule(
+                path=m.desc.path,
+                var=m.desc.var or None,
+                sha256=m.sha256,
+                size_bytes=m.size_bytes,
+                compression=Compression(m.compression_type.value),
+            )
+            for m in pe.local_modules
+        ]
+    graceful: GracefulShutdown | None = None
+    gsp = params.graceful_shutdown_parameters
+    if gsp is not None:
+        timeout = gsp.timeout.total_seconds() if gsp.timeout is not None else 30.0
+        graceful = GracefulShutdown(signal=gsp.signal or 15, timeout_seconds=timeout)
+    return RunnerConfig(
+        project_id=spec.project_id,
+        job_id=job.name,
+        attempt=attempt,
+        cmd=params.cmd,
+        inputs=[
+            InputFile(
+                path=job_relative_path(f.desc),
+                var=f.desc.var or None,
+                sha256=f.sha256,
+                size_bytes=f.size_bytes,
+                compression=Compression(f.compression_type.value),
+            )
+            for f in params.input_files
+        ],
+        local_modules=local_modules,
+        outputs=[OutputFile(path=job_relative_path(d), var=d.var or None) for d in params.output_files],
+        arguments={a.name: a.value for a in params.arguments},
+        s3_mounts=[Mount(id=i, mount_path=f"{S3_MOUNT_ROOT}/{i}") for i in params.s3_mount_ids],
+        datasets=[Mount(id=i, mount_path=f"{DATASET_ROOT}/{i}") for i in params.dataset_ids],
+        project_disk_path=PROJECT_DISK_PATH if params.attach_project_disk else None,
+        env=dict(env.vars) if env is not None else {},
+        python_env=python_env,
+        graceful_shutdown=graceful,
+    )
+
+
+def runner_secret(
+    job: JobRef, config: RunnerConfig, storage_env: Mapping[str, str], *, attempt: int
+) -> dict[str, Any]:
+    """One Secret per job for the runner: its config (`runner.json`, holds the job's env, which may
+    carry project secrets) and the storage credentials (DSJOBS_S3_*), because a pod can only
+    reference Secrets of its own namespace. Only the runner's containers mount it."""
+    return owned_secret(
+        # One per attempt: a Secret is immutable and the config names the attempt.
+        name=runner_secret_name(pod_name(job.name, attempt)),
+        namespace=job.namespace,
+        labels=job.labels(),
+        owner=job.owner(),
+        role="runner",
+        secret_type="Opaque",
+        string_data={CONFIG_KEY: config.to_json(), **storage_env},
+    )
+
+
+def working_storage_source(
+    spec: ProjectJobSpec, job: JobRef, settings: OperatorSettings
+) -> Mapping[str, Any]:
+    """A generic ephemeral volume (a PVC living and dying with the pod) for extended working
+    storage; a scratch emptyDir otherwise."""
+    storage = spec.job_parameters.extended_working_storage
+    if storage is None:
+        return WORK_VOLUME_SOURCE_EMPTY
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": f"{storage.size_gb}Gi"}},
+    }
+    if settings.working_storage_class:
+        claim_spec["storageClassName"] = settings.working_storage_class
+    return {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": job.labels()}, "spec": claim_spec}}}
+
+
+def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if instance_type.resources.requests:
+        resources["requests"] = dict(instance_type.resources.requests)
+    if instance_type.resources.limits:
+        resources["limits"] = dict(instance_type.resources.limits)
+    return resources
+
+
+def render_pod(
+    job: JobRef,
+    spec: ProjectJobSpec,
+    *,
+    attempt: int,
+    instance_type_name: str,
+    instance_type_index: int,
+    instance_type: InstanceTypeSpec,
+    settings: OperatorSettings,
+    volumes: Volumes,
+    image: str,
+    registry_secret: str | None = None,
+) -> dict[str, Any]:
+    """The pod of one attempt. Pure: same inputs, same pod (byte for byte, see the golden tests)."""
+    config = runner_config(job, spec, attempt)
+    secret = runner_secret_name(pod_name(job.name, attempt))
+    parts = runner_pod_parts(
+        config,
+        runner_image=settings.runner_image,
+        user_image=image,
+        storage_secret_name=secret,
+        config_secret_name=secret,
+        work_volume_source=working_storage_source(spec, job, settings),
+        mount_claims=volumes.mount_claims,
+        project_disk_claim=volumes.project_disk_claim,
+        runner_resources={
+            "requests": {"cpu": settings.runner_cpu_request, "memory": settings.runner_memory_request},
+            "limits": {"memory": settings.runner_memory_limit},
+        },
+    )
+    main = dict(parts.main)
+    main["resources"] = _resources(instance_type)
+    # Project secrets become environment variables of the job (as on DataSphere); optional, so a
+    # project without secrets needs no Secret. The runner's containers never see them.
+    main["envFrom"] = [{"secretRef": {"name": PROJECT_SECRETS_NAME, "optional": True}}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": parts.restart_policy,
+        "automountServiceAccountToken": False,
+        # Service links put one variable per Service of the namespace into every container.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": parts.termination_grace_period_seconds,
+        "initContainers": list(parts.init_containers),
+        "containers": [main, *parts.sidecars],
+        "volumes": list(parts.volumes),
+    }
+    if instance_type.node_selector:
+        pod_spec["nodeSelector"] = dict(instance_type.node_selector)
+    if instance_type.tolerations:
+        pod_spec["tolerations"] = [t.to_cr() for t in instance_type.tolerations]
+    if instance_type.priority_class_name:
+        pod_spec["priorityClassName"] = instance_type.priority_class_name
+    if registry_secret:
+        pod_spec["imagePullSecrets"] = [{"name": registry_secret}]
+    labels = {
+        **job.labels(),
+        ATTEMPT_LABEL: str(attempt),
+        INSTANCE_TYPE_LABEL: instance_type_name,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(job.name, attempt),
+            "namespace": job.namespace,
+            "labels": labels,
+            "annotations": {INSTANCE_TYPE_INDEX_ANNOTATION: str(instance_type_index)},
+            "ownerReferences": [job.owner()],
+        },
+        "spec": pod_spec,
+    }
+
+
+__all__ = [
+    "JobRef",
+    "PvcView",
+    "Volumes",
+    "needs_registry_secret",
+    "pvc_selectors",
+    "registry_secret_name",
+    "render_pod",
+    "resolve_volumes",
+    "runner_config",
+    "runner_secret",
+    "user_image",
+    "working_storage_source",
+]

@@ -1,0 +1,94 @@
+"""Secrets the operator renders for a job (pure): registry credentials and the runner's config.
+
+The ProjectJob never holds a password: the API moves a DockerImageSpec's plain-text password
+into a Secret and leaves `passwordSecretRef`; `passwordDsSecretName` names a project secret. The
+operator reads that value and renders a `kubernetes.io/dockerconfigjson` Secret owned by the job,
+which the pod uses as its imagePullSecret.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from dsjobs.controller.names import SECRET_ROLE_LABEL
+
+DOCKER_HUB: Final = "https://index.docker.io/v1/"
+
+
+def registry_of(image_url: str) -> str:
+    """The registry an image reference is pulled from (docker's own rule for the first component)."""
+    first, sep, _rest = image_url.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DOCKER_HUB
+
+
+def dockerconfigjson(image_url: str, username: str, password: str) -> str:
+    """The `.dockerconfigjson` document for one registry login."""
+    auth = base64.b64encode(f"{username}:{password}".encode()).decode()
+    entry = {"username": username, "password": password, "auth": auth}
+    return json.dumps({"auths": {registry_of(image_url): entry}}, sort_keys=True)
+
+
+def owned_secret(
+    *,
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    owner: Mapping[str, Any],
+    role: str,
+    secret_type: str,
+    string_data: Mapping[str, str],
+) -> dict[str, Any]:
+    """A Secret owned by the job (garbage-collected with it), labelled with its role."""
+    data = {key: base64.b64encode(value.encode()).decode() for key, value in string_data.items()}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {**labels, SECRET_ROLE_LABEL: role},
+            "ownerReferences": [dict(owner)],
+        },
+        "type": secret_type,
+        "immutable": True,
+        "data": data,
+    }
+
+
+def registry_secret(
+    *,
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    owner: Mapping[str, Any],
+    image_url: str,
+    username: str,
+    password: str,
+) -> dict[str, Any]:
+    """The job's imagePullSecret."""
+    return owned_secret(
+        name=name,
+        namespace=namespace,
+        labels=labels,
+        owner=owner,
+        role="registry",
+        secret_type="kubernetes.io/dockerconfigjson",
+        string_data={".dockerconfigjson": dockerconfigjson(image_url, username, password)},
+    )
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
+    """A key of a Secret object as text (None when absent or not UTF-8)."""
+    raw = (secret.get("data") or {}).get(key)
+    if raw is None:
+        text = (secret.get("stringData") or {}).get(key)
+        return str(text) if text is not None else None
+    try:
+        return base64.b64decode(raw).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,162 @@
+"""Operator settings: read once from the environment, then passed to the pure core as a value.
+
+Every knob is an environment variable `DSJOBS_*` with a documented default (the table in
+docs/operator.md is generated from `SETTINGS_DOC` below, so the two cannot drift apart).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+DEFAULT_RUNNER_IMAGE: Final = "ghcr.io/dsjobs/dsjobs:0.1.0"
+# `{version}` is replaced with the job's python_version (or DEFAULT_PYTHON_VERSION).
+DEFAULT_PYTHON_IMAGE: Final = "python:{version}-slim"
+DEFAULT_PYTHON_VERSION: Final = "3.11"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator's behaviour depends on besides the cluster's state."""
+
+    runner_image: str = DEFAULT_RUNNER_IMAGE
+    python_image: str = DEFAULT_PYTHON_IMAGE
+    default_python_version: str = DEFAULT_PYTHON_VERSION
+    # Empty: the whole cluster (ClusterRole). Otherwise only these namespaces are served.
+    namespaces: tuple[str, ...] = ()
+    # StorageClass of extended working storage (generic ephemeral volumes); empty = cluster default.
+    working_storage_class: str = ""
+    # A job whose image cannot be pulled for this long fails (InvalidImageName fails at once).
+    image_pull_timeout_seconds: float = 120.0
+    # Extra grace on top of the job's graceful-shutdown timeout so that the ship sidecar can upload
+    # the last logs and outputs after the runner has stopped the program.
+    shutdown_grace_margin_seconds: int = 15
+    # How long a finished job's pod is kept (for `kubectl logs`) before it is deleted. 0 = at once.
+    finished_pod_retention_seconds: float = 0.0
+    # Requests of the runner's own containers (stage-in, ship); the job's container gets the
+    # instance type's resources.
+    runner_cpu_request: str = "50m"
+    runner_memory_request: str = "64Mi"
+    runner_memory_limit: str = "512Mi"
+    metrics_port: int = 9090
+    # 0 disables the liveness endpoint (kopf's /healthz).
+    liveness_port: int = 8080
+    # Upper bound of one requeue wait, so that a long timer (e.g. a 14-day data TTL) is re-derived
+    # from the status now and then instead of trusting one long in-memory sleep.
+    max_requeue_seconds: float = 3600.0
+    # Page size of the initial listing of jobs and pods (0: one request for everything).
+    watch_chunk_size: int = 100
+    # How long Kopf keeps an idle per-object worker (and the last body it saw) alive.
+    worker_idle_seconds: float = 1.0
+    # Kubernetes Event reporter name (shows in `kubectl describe pj` as "From").
+    event_component: str = "dsjobs-operator"
+
+    def python_image_for(self, version: str) -> str:
+        """The default runtime image of a job with a Python env (and of jobs without any image)."""
+        return self.python_image.replace("{version}", version or self.default_python_version)
+
+
+# env name -> (attribute, documentation). Order = order in docs/operator.md.
+SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
+    "DSJOBS_RUNNER_IMAGE": ("runner_image", "Image of the runner's stage-in and ship containers."),
+    "DSJOBS_PYTHON_IMAGE": (
+        "python_image",
+        "Image of jobs without a docker image; `{version}` becomes the job's python_version.",
+    ),
+    "DSJOBS_DEFAULT_PYTHON_VERSION": (
+        "default_python_version",
+        "Python version used for `{version}` when the job names none.",
+    ),
+    "DSJOBS_NAMESPACES": (
+        "namespaces",
+        "Comma-separated namespaces to serve; empty serves the whole cluster.",
+    ),
+    "DSJOBS_WORKING_STORAGE_CLASS": (
+        "working_storage_class",
+        "StorageClass of extended working storage volumes; empty uses the cluster default.",
+    ),
+    "DSJOBS_IMAGE_PULL_TIMEOUT": (
+        "image_pull_timeout_seconds",
+        "Seconds a job may keep failing to pull an image (ErrImagePull/ImagePullBackOff) before it "
+        "fails; InvalidImageName fails at once.",
+    ),
+    "DSJOBS_SHUTDOWN_GRACE_MARGIN": (
+        "shutdown_grace_margin_seconds",
+        "Seconds added to a graceful cancel's timeout for the final log/output upload.",
+    ),
+    "DSJOBS_FINISHED_POD_RETENTION": (
+        "finished_pod_retention_seconds",
+        "Seconds a finished job's pod is kept for inspection (Finalize removes it at once); 0 deletes it "
+        "as soon as the result is recorded.",
+    ),
+    "DSJOBS_RUNNER_CPU_REQUEST": ("runner_cpu_request", "CPU request of each runner container."),
+    "DSJOBS_RUNNER_MEMORY_REQUEST": ("runner_memory_request", "Memory request of each runner container."),
+    "DSJOBS_RUNNER_MEMORY_LIMIT": ("runner_memory_limit", "Memory limit of each runner container."),
+    "DSJOBS_METRICS_PORT": ("metrics_port", "Port of the Prometheus metrics endpoint; 0 disables it."),
+    "DSJOBS_LIVENESS_PORT": ("liveness_port", "Port of the liveness endpoint `/healthz`; 0 disables it."),
+    "DSJOBS_MAX_REQUEUE": (
+        "max_requeue_seconds",
+        "Longest single wait of a timer before the job is looked at again.",
+    ),
+    "DSJOBS_EVENT_COMPONENT": ("event_component", "Reporting component of the Kubernetes Events."),
+    "DSJOBS_WATCH_CHUNK_SIZE": (
+        "watch_chunk_size",
+        "Page size of the initial listing of ProjectJobs and pods; 0 lists everything in one response "
+        "(more memory at start-up).",
+    ),
+    "DSJOBS_WORKER_IDLE_TIMEOUT": (
+        "worker_idle_seconds",
+        "Seconds an idle per-object worker (and the object it last saw) is kept; lower saves memory.",
+    ),
+}
+
+
+def _convert(name: str, raw: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            value = float(raw)
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r}: {exc}") from exc
+    return raw.strip()
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """The settings, with every `DSJOBS_*` variable of SETTINGS_DOC that is set and non-empty."""
+    env = os.environ if environ is None else environ
+    defaults = OperatorSettings()
+    values: dict[str, object] = {}
+    for name, (attr, _doc) in SETTINGS_DOC.items():
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        values[attr] = _convert(name, raw, getattr(defaults, attr))
+    settings = OperatorSettings(**values)  # type: ignore[arg-type]
+    if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
+        raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")
+    return settings
+
+
+def settings_table() -> str:
+    """The Markdown table of docs/operator.md's settings reference."""
+    defaults = OperatorSettings()
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, (attr, doc) in SETTINGS_DOC.items():
+        value = getattr(defaults, attr)
+        shown = ",".join(value) if isinstance(value, tuple) else str(value)
+        rows.append(f"| `{name}` | `{shown}` | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,557 @@
+"""The job's status as a pure function of what the operator observes.
+
+    compute_status(spec, status, pod, result, now, settings) -> StatusUpdate(status, events, ...)
+
+`pod` is the current attempt's pod (a PodView; a PodView with `gone=True` when the pod vanished),
+`result` the runner's result from the ship container's termination message (or result.json
+when it did not fit). Nothing here talks to Kubernetes: plan.py turns the verdicts into actions,
+handlers.py writes the status when (and only when) it differs from what the object holds.
+
+Phase mapping (docs/operator.md has the full table):
+
+    pod not scheduled / pulling images / staging inputs          PREPARING
+    job container running                                        EXECUTING
+    job container ended, ship container still uploading          UPLOADING_OUTPUT
+    pod ended, return code 0                                     SUCCESS
+    pod ended otherwise: non-zero code, OOMKilled, evicted,
+      node lost, deadline exceeded, stage-in/setup failed        ERROR (or a retry, see RetryPolicy)
+    image cannot be pulled for image_pull_timeout                ERROR (InvalidImageName: at once)
+    cancel requested while the pod runs                          CANCELLING -> CANCELLED
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final, Literal
+
+from dsjobs.controller.podview import ContainerView, PodView
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.models import (
+    CompressionType,
+    Condition,
+    FileDesc,
+    FileError,
+    FileErrorType,
+    JobPhase,
+    Progress,
+    ProjectJobSpec,
+    ProjectJobStatus,
+    StoredFile,
+    data_ttl_is_infinite,
+    job_relative_path,
+)
+from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT, MAX_DESC_LENGTH, MAX_STRING
+from dsjobs.runner.contract import JOB_CONTAINER, STAGE_IN_CONTAINER
+from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus
+
+# Condition types the operator maintains (docs/operator.md).
+COND_SCHEDULED: Final = "Scheduled"
+COND_CONTAINERS_CREATED: Final = "ContainersCreated"
+COND_STARTED: Final = "Started"
+COND_FINISHED: Final = "Finished"
+COND_RETRYING: Final = "Retrying"
+COND_FINALIZED: Final = "Finalized"
+COND_DATA_CLEARED: Final = "DataCleared"
+# Conditions describing one attempt: dropped when the next attempt starts.
+ATTEMPT_CONDITIONS: Final = (COND_SCHEDULED, COND_CONTAINERS_CREATED, COND_STARTED)
+
+# Waiting reasons that mean "this container cannot start". Fatal ones can never recover; the
+# others fail the job when they last longer than the image pull timeout (the kubelet retries).
+FATAL_WAITING: Final = frozenset({"InvalidImageName", "ErrImageNeverPull"})
+FAILING_WAITING: Final = frozenset(
+    {
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "RegistryUnavailable",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+        "PreCreateHookError",
+        "PreStartHookError",
+    }
+)
+IMAGE_PULL_REASONS: Final = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "RegistryUnavailable", *FATAL_WAITING}
+)
+
+# pod.status.reason of pods that failed for reasons outside the job (kubelet, controllers).
+_POD_REASONS: Final[dict[str, tuple[str, str]]] = {
+    "Evicted": ("Evicted", "the pod was evicted from its node"),
+    "DeadlineExceeded": ("DeadlineExceeded", "the pod ran past its active deadline"),
+    "NodeLost": ("NodeLost", "the pod's node was lost"),
+    "Shutdown": ("NodeShutdown", "the pod's node shut down"),
+    "Terminated": ("NodeShutdown", "the pod was terminated by its node"),
+    "UnexpectedAdmissionError": ("AdmissionFailed", "the node refused the pod"),
+    "Preempting": ("Preempted", "the pod was preempted"),
+}
+# Reasons of the DisruptionTarget pod condition (Kubernetes >= 1.26).
+_DISRUPTION_REASONS: Final[dict[str, tuple[str, str]]] = {
+    "DeletionByTaintManager": (
+        "NodeLost",
+        "the pod's node became unreachable and the pod was evicted from it",
+    ),
+    "DeletionByPodGC": ("NodeLost", "the pod's node is gone"),
+    "EvictionByEvictionAPI": ("Evicted", "the pod was evicted (eviction API)"),
+    "PreemptionByScheduler": ("Preempted", "the pod was preempted by a higher-priority pod"),
+    "TerminationByKubelet": ("Evicted", "the node's kubelet evicted the pod (node pressure or shutdown)"),
+}
+
+
+class FailureKind(StrEnum):
+    """What ended an attempt that did not succeed: decides whether a retry may help."""
+
+    PROGRAM = "Program"  # the program failed: retried only for the policy's exit codes
+    INFRASTRUCTURE = "Infrastructure"  # evicted, node lost, pod deleted: retried while attempts remain
+    PERMANENT = "Permanent"  # stage-in, setup: never retried
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A Kubernetes Event to post on the ProjectJob (`kubectl describe pj` tells the story)."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended."""
+
+    phase: JobPhase  # SUCCESS, ERROR or CANCELLED
+    reason: str
+    message: str
+    return_code: int | None = None
+    failure: FailureKind | None = None
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """The new status, the events telling what happened, and when to look again."""
+
+    status: ProjectJobStatus
+    events: tuple[JobEvent, ...] = ()
+    # The attempt failed in a way the retry policy covers: plan.py starts the next attempt.
+    retry: bool = False
+    requeue_after: timedelta | None = None
+
+
+# --- status helpers (models are treated as immutable: every helper returns a new status) -------
+
+
+def clip(text: str, limit: int = MAX_STRING) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def get_condition(status: ProjectJobStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def set_condition(
+    status: ProjectJobStatus,
+    type_: str,
+    value: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: datetime,
+) -> ProjectJobStatus:
+    """Kubernetes condition semantics: lastTransitionTime moves only when the value changes."""
+    old = get_condition(status, type_)
+    since = old.last_transition_time if old is not None and old.status == value else now
+    new = Condition(
+        type=type_, status=value, reason=reason, message=clip(message, 32768), last_transition_time=since
+    )
+    if old == new:
+        return status
+    others = [c for c in status.conditions if c.type != type_]
+    return status.model_copy(update={"conditions": [*others, new]})
+
+
+def drop_conditions(status: ProjectJobStatus, *types: str) -> ProjectJobStatus:
+    kept = [c for c in status.conditions if c.type not in types]
+    if len(kept) == len(status.conditions):
+        return status
+    return status.model_copy(update={"conditions": kept})
+
+
+def data_expiry(spec: ProjectJobSpec, finished_at: datetime | None) -> datetime | None:
+    """finishedAt + dataTtl; None while the job is not finished or when the TTL is infinite."""
+    if finished_at is None or data_ttl_is_infinite(spec.data_ttl):
+        return None
+    try:
+        return finished_at + spec.data_ttl
+    except OverflowError:  # a TTL too long for a datetime is as good as infinite
+        return None
+
+
+_PHASE_REASONS: Final[dict[JobPhase, str]] = {
+    JobPhase.CREATING: "Created",
+    JobPhase.PREPARING: "Preparing",
+    JobPhase.EXECUTING: "Executing",
+    JobPhase.UPLOADING_OUTPUT: "UploadingOutput",
+    JobPhase.SUCCESS: "Succeeded",
+    JobPhase.ERROR: "Failed",
+    JobPhase.CANCELLING: "Cancelling",
+    JobPhase.CANCELLED: "Cancelled",
+}
+
+
+def with_phase(
+    status: ProjectJobStatus, phase: JobPhase, details: str, events: list[JobEvent]
+) -> ProjectJobStatus:
+    """Set phase and details; a phase change is recorded as an event."""
+    if status.phase != phase:
+        text = f"{status.phase.value if status.phase else 'new'} -> {phase.value}" + (
+            f": {details}" if details else ""
+        )
+        events.append(
+            JobEvent(
+                "Warning" if phase == JobPhase.ERROR else "Normal", _PHASE_REASONS[phase], clip(text, 1024)
+            )
+        )
+    return status.model_copy(update={"phase": phase, "status_details": clip(details)})
+
+
+def finish(
+    spec: ProjectJobSpec | None,
+    status: ProjectJobStatus,
+    outcome: Outcome,
+    now: datetime,
+    events: list[JobEvent],
+) -> ProjectJobStatus:
+    """Move to a final phase: finishedAt, data expiry, return code, the Finished condition."""
+    status = with_phase(status, outcome.phase, outcome.message, events)
+    finished_at = status.finished_at or now
+    update: dict[str, object] = {
+        "finished_at": finished_at,
+        "data_expires_at": data_expiry(spec, finished_at) if spec is not None else None,
+    }
+    if outcome.return_code is not None:
+        update["return_code"] = outcome.return_code
+    status = drop_conditions(status.model_copy(update=update), COND_RETRYING)
+    value: Literal["True", "False"] = "True" if outcome.phase == JobPhase.SUCCESS else "False"
+    return set_condition(status, COND_FINISHED, value, outcome.reason, outcome.message or outcome.reason, now)
+
+
+def fail(
+    spec: ProjectJobSpec | None, status: ProjectJobStatus, reason: str, message: str, now: datetime
+) -> StatusUpdate:
+    """ERROR with a message naming the cause (invalid spec, missing volume, unknown type...)."""
+    events: list[JobEvent] = []
+    new = finish(spec, status, Outcome(JobPhase.ERROR, reason, message), now, events)
+    return StatusUpdate(new, tuple(events))
+
+
+def graceful_timeout(spec: ProjectJobSpec) -> timedelta:
+    """The job's graceful-shutdown timeout; zero without graceful-shutdown parameters."""
+    params = spec.job_parameters.graceful_shutdown_parameters
+    if params is None:
+        return timedelta()
+    return params.timeout if params.timeout is not None else DEFAULT_GRACEFUL_TIMEOUT
+
+
+def failed_attempts(status: ProjectJobStatus) -> int:
+    """Attempts before the current one that ended in a failure.
+
+    Every new pod increments `attempt`; an instance-type fallback also increments
+    `instance_type_index`; so the remaining increments are retries after failures.
+    """
+    return max(0, status.attempt - 1 - status.instance_type_index)
+
+
+# --- reading the pod ---------------------------------------------------------------------------
+
+
+def disruption_of(pod: PodView) -> tuple[str, str] | None:
+    """(reason, message) when Kubernetes itself ended (or is ending) the pod."""
+    cond = pod.condition("DisruptionTarget")
+    if cond is not None and cond.status == "True":
+        reason, text = _DISRUPTION_REASONS.get(cond.reason, ("Disrupted", "the pod was disrupted"))
+        return reason, f"{text}: {cond.message}" if cond.message else text
+    if pod.reason in _POD_REASONS:
+        reason, text = _POD_REASONS[pod.reason]
+        return reason, f"{text}: {pod.message}" if pod.message else text
+    return None
+
+
+def _stuck_container(pod: PodView) -> ContainerView | None:
+    """The first container that cannot start (image pull, container config errors)."""
+    for c in (*pod.init_containers, *pod.containers):
+        if c.state == "waiting" and (c.reason in FAILING_WAITING or c.reason in FATAL_WAITING):
+            return c
+    return None
+
+
+def _exit_text(code: int) -> str:
+    if code > 128:
+        return f"Program returned code {code} (killed by signal {code - 128})"
+    return f"Program returned code {code}"
+
+
+def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, cancelling: bool) -> Outcome:
+    """How an attempt whose pod ended (or vanished) came out. Checked in order of precedence."""
+    job = pod.container(JOB_CONTAINER)
+    stage_in = pod.container(STAGE_IN_CONTAINER)
+    exit_code = job.exit_code if job is not None and job.state == "terminated" else None
+    code = result.return_code if result is not None and result.return_code is not None else exit_code
+
+    if cancelling or (result is not None and (result.cancelled or result.status == RunnerStatus.CANCELLED)):
+        return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=code)
+    if job is not None and job.state == "terminated" and job.reason == "OOMKilled":
+        return Outcome(
+            JobPhase.ERROR,
+            "OOMKilled",
+            "the job ran out of memory (OOMKilled); choose an instance type with more RAM",
+            return_code=code if code is not None else 137,
+            failure=FailureKind.PROGRAM,
+        )
+    if result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
+        return Outcome(
+            JobPhase.ERROR,
+            "StageInFailed",
+            f"staging inputs failed: {result.reason}",
+            failure=FailureKind.PERMANENT,
+        )
+    if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
+        detail = stage_in.message or stage_in.reason or f"exit code {stage_in.exit_code}"
+        return Outcome(
+            JobPhase.ERROR, "StageInFailed", f"staging inputs failed: {detail}", failure=FailureKind.PERMANENT
+        )
+    if result is not None and result.status == RunnerStatus.SETUP_FAILED:
+        return Outcome(
+            JobPhase.ERROR,
+            "SetupFailed",
+            f"the job's environment could not be set up: {result.reason}",
+            return_code=code,
+            failure=FailureKind.PERMANENT,
+        )
+    if code is not None and result is not None and result.status == RunnerStatus.EXITED:
+        return _exit_outcome(code)
+    disruption = disruption_of(pod)
+    if disruption is not None:
+        return Outcome(
+            JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=FailureKind.INFRASTRUCTURE
+        )
+    if pod.gone and exit_code is None:
+        return Outcome(
+            JobPhase.ERROR,
+            "PodDeleted",
+            f"the job's pod {pod.name} was deleted before the job finished",
+            return_code=code,
+            failure=FailureKind.INFRASTRUCTURE,
+        )
+    if code is not None:
+        # No (readable) runner result: the job container's exit code is all there is.
+        return _exit_outcome(code)
+    message = pod.message or pod.reason or "the pod ended before the job's program ran"
+    return Outcome(
+        JobPhase.ERROR, "PodFailed", f"pod {pod.name} failed: {message}", failure=FailureKind.INFRASTRUCTURE
+    )
+
+
+def _exit_outcome(code: int) -> Outcome:
+    if code == 0:
+        return Outcome(JobPhase.SUCCESS, "Succeeded", "", return_code=0)
+    return Outcome(
+        JobPhase.ERROR, "NonZeroExit", _exit_text(code), return_code=code, failure=FailureKind.PROGRAM
+    )
+
+
+def may_retry(spec: ProjectJobSpec, status: ProjectJobStatus, outcome: Outcome) -> bool:
+    """Whether the retry policy gives this failed attempt another go."""
+    policy = spec.retry_policy
+    if policy is None or outcome.failure is None or spec.cancel is not None:
+        return False
+    if failed_attempts(status) + 1 >= policy.max_attempts:
+        return False
+    if outcome.failure == FailureKind.INFRASTRUCTURE:
+        return True
+    return outcome.failure == FailureKind.PROGRAM and outcome.return_code in policy.retry_on_exit_codes
+
+
+def _declared(spec: ProjectJobSpec) -> dict[str, FileDesc]:
+    """Declared outputs by their location in the working directory (what the runner reports)."""
+    found: dict[str, FileDesc] = {}
+    for desc in spec.job_parameters.output_files:
+        try:
+            found[job_relative_path(desc)] = desc
+        except ValueError:
+            continue
+    return found
+
+
+def apply_result(
+    spec: ProjectJobSpec, status: ProjectJobStatus, result: RunnerResult | ResultPointer | None
+) -> ProjectJobStatus:
+    """Outputs, logs, file errors and progress from the runner's full result.
+
+    Outputs are recorded under the desc the job declared (path as the client wrote it), which is
+    what the API hands back to the CLI to place downloaded files.
+    """
+    if not isinstance(result, RunnerResult):
+        return status
+    declared = _declared(spec)
+
+    def desc_of(path: str, var: str | None) -> FileDesc:
+        return declared.get(path) or FileDesc(path=path, var=var or "")
+
+    outputs = [
+        StoredFile(
+            desc=desc_of(o.path, o.var),
+            sha256=o.sha256,
+            size_bytes=o.size_bytes,
+            compression_type=CompressionType(o.compression.value),
+            key=o.key,
+        )
+        for o in result.outputs
+    ]
+    logs = [
+        StoredFile(desc=FileDesc(path=f.name), sha256=f.sha256, size_bytes=f.size_bytes, key=f.key)
+        for f in result.log_files
+    ]
+    errors = [
+        FileError(
+            output_file_desc=desc_of(e.path, e.var) if e.path else None,
+            log_file_name=None if e.path else (e.log_file_name or ""),
+            description=clip(e.description, MAX_DESC_LENGTH),
+            type=FileErrorType(e.type.value),
+        )
+        for e in result.file_errors
+    ]
+    update: dict[str, object] = {"output_files": outputs, "log_files": logs, "file_errors": errors}
+    if result.progress is not None:
+        update["progress"] = Progress(
+            progress=max(0, min(100, result.progress.progress)),
+            message=clip(result.progress.message, MAX_DESC_LENGTH),
+            create_time=result.progress.create_time,
+        )
+    return status.model_copy(update=update)
+
+
+def _waiting_details(pod: PodView, instance_type: str) -> str:
+    """What a pod that has not started the job is waiting for."""
+    if pod.phase == "Unknown":
+        return f"the node {pod.node_name} of pod {pod.name} is not responding"
+    if not pod.scheduled:
+        cond = pod.condition("PodScheduled")
+        if cond is not None and cond.status == "False" and cond.reason:
+            return f"waiting for capacity for instance type {instance_type}: {cond.message or cond.reason}"
+        return f"waiting for a node for instance type {instance_type}"
+    stage_in = pod.container(STAGE_IN_CONTAINER)
+    if stage_in is not None and stage_in.state == "running":
+        return f"staging inputs on node {pod.node_name}"
+    for c in (*pod.init_containers, *pod.containers):
+        if c.state == "waiting" and c.reason and c.reason not in ("PodInitializing", "ContainerCreating"):
+            return f"container {c.name}: {c.reason}" + (f": {c.message}" if c.message else "")
+    return f"starting on node {pod.node_name}"
+
+
+def _observe_scheduling(
+    status: ProjectJobStatus, pod: PodView, now: datetime, events: list[JobEvent]
+) -> ProjectJobStatus:
+    if pod.scheduled:
+        return set_condition(status, COND_SCHEDULED, "True", "Scheduled", f"on node {pod.node_name}", now)
+    cond = pod.condition("PodScheduled")
+    reason = cond.reason if cond is not None and cond.reason else "Pending"
+    message = cond.message if cond is not None else ""
+    old = get_condition(status, COND_SCHEDULED)
+    if reason == "Unschedulable" and (old is None or old.reason != reason):
+        events.append(JobEvent("Warning", "Unschedulable", clip(message or "no node fits the pod", 1024)))
+    return set_condition(status, COND_SCHEDULED, "False", reason, message, now)
+
+
+def compute_status(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    pod: PodView,
+    result: RunnerResult | ResultPointer | None,
+    now: datetime,
+    settings: OperatorSettings,
+    *,
+    instance_type: str = "",
+) -> StatusUpdate:
+    """The status after observing the current attempt's pod.
+
+    Only the pod-driven part of the lifecycle; starting attempts, cancel requests, fallbacks and
+    data are plan.py's. `status` belongs to a job whose current attempt's pod was created.
+    """
+    events: list[JobEvent] = []
+    if status.phase is not None and status.phase.is_final:
+        return StatusUpdate(status)
+    cancelling = status.phase == JobPhase.CANCELLING
+    status = _observe_scheduling(status, pod, now, events)
+
+    job = pod.container(JOB_CONTAINER)
+    if job is not None and job.started_at is not None:
+        if status.started_at != job.started_at:
+            status = status.model_copy(update={"started_at": job.started_at})
+        status = set_condition(status, COND_STARTED, "True", "Started", "the job's program started", now)
+
+    disruption = disruption_of(pod)
+    # A pod evicted from an unreachable node never reports an end: its node is gone.
+    node_lost = pod.deleting and disruption is not None and disruption[0] == "NodeLost"
+    if pod.terminal or node_lost:
+        outcome = outcome_of(pod, result, cancelling=cancelling)
+        status = apply_result(spec, status, result)
+        if outcome.phase == JobPhase.ERROR and may_retry(spec, status, outcome):
+            status = drop_conditions(status, COND_RETRYING).model_copy(
+                update={"return_code": outcome.return_code}
+            )
+            status = set_condition(status, COND_RETRYING, "True", outcome.reason, outcome.message, now)
+            events.append(
+                JobEvent(
+                    "Warning", "AttemptFailed", clip(f"attempt {status.attempt}: {outcome.message}", 1024)
+                )
+            )
+            return StatusUpdate(status, tuple(events), retry=True)
+        return StatusUpdate(finish(spec, status, outcome, now, events), tuple(events))
+
+    if cancelling:
+        details = "cancelling" + (
+            f": {spec.cancel.reason}" if spec.cancel is not None and spec.cancel.reason else ""
+        )
+        if spec.cancel is not None and spec.cancel.graceful and graceful_timeout(spec):
+            details += f" (graceful shutdown, up to {int(graceful_timeout(spec).total_seconds())}s)"
+        return StatusUpdate(with_phase(status, JobPhase.CANCELLING, details, events), tuple(events))
+
+    stuck = _stuck_container(pod)
+    if stuck is not None:
+        image = dict(pod.images).get(stuck.name, "")
+        what = f"container {stuck.name}" + (f" (image {image})" if image else "")
+        message = f"{what}: {stuck.reason}" + (f": {stuck.message}" if stuck.message else "")
+        if stuck.reason in FATAL_WAITING:
+            return fail(spec, status, stuck.reason, message, now)
+        before = get_condition(status, COND_CONTAINERS_CREATED)
+        status = set_condition(status, COND_CONTAINERS_CREATED, "False", stuck.reason, message, now)
+        since = get_condition(status, COND_CONTAINERS_CREATED)
+        assert since is not None and since.last_transition_time is not None
+        if before is None or before.status != "False":
+            events.append(JobEvent("Warning", stuck.reason, clip(message, 1024)))
+        limit = timedelta(seconds=settings.image_pull_timeout_seconds)
+        if now - since.last_transition_time >= limit:
+            kind = (
+                "the image could not be pulled"
+                if stuck.reason in IMAGE_PULL_REASONS
+                else "a container could not start"
+            )
+            return fail(
+                spec, status, stuck.reason, f"{kind} for {int(limit.total_seconds())}s: {message}", now
+            )
+        new = with_phase(status, JobPhase.PREPARING, message, events)
+        return StatusUpdate(new, tuple(events), requeue_after=since.last_transition_time + limit - now)
+    if any(c.state != "waiting" for c in (*pod.init_containers, *pod.containers)):
+        status = set_condition(status, COND_CONTAINERS_CREATED, "True", "Created", "", now)
+
+    if job is not None and job.state == "running":
+        details = f"running on node {pod.node_name}" + (f"; {disruption[1]}" if disruption else "")
+        return StatusUpdate(with_phase(status, JobPhase.EXECUTING, details, events), tuple(events))
+    if job is not None and job.state == "terminated":
+        status = status.model_copy(update={"return_code": job.exit_code})
+        details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
+        return StatusUpdate(with_phase(status, JobPhase.UPLOADING_OUTPUT, details, events), tuple(events))
+    details = (
+        disruption[1] if disruption is not None else _waiting_details(pod, instance_type or pod.instance_type)
+    )
+    return StatusUpdate(with_phase(status, JobPhase.PREPARING, details, events), tuple(events))

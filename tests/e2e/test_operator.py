@@ -1,0 +1,278 @@
+"""The operator against the local cluster: ProjectJob -> Pod -> status, and everything around it.
+
+Each test polls with generous timeouts (never asserts on durations). The operator runs as a
+subprocess for this module's own project namespace (operator_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import pytest
+from cluster_fixtures import REPO_ROOT, poll
+from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
+
+from dsjobs.devcluster import S3Config
+from dsjobs.logrecords import read_progress
+from dsjobs.storage import Storage, input_key, job_prefix
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = REPO_ROOT / "deploy" / "examples"
+H = OperatorHarness
+
+
+@pytest.fixture(scope="module")
+def h(operator_harness: H) -> H:  # noqa: F811 - the fixture imported above, registered here
+    """The operator for this module (a conftest may register `operator_harness` as well)."""
+    return operator_harness
+
+
+@pytest.fixture(scope="module")
+def storage(dev_s3: S3Config) -> Storage:
+    return Storage.from_env(dev_s3.env())
+
+
+def _objects(storage: Storage, prefix: str) -> list[str]:
+    return [o.key for o in storage.iter_objects(prefix)]
+
+
+def _reasons(h: H, job: str) -> list[str]:
+    return [e.reason for e in h.events(job)]
+
+
+# --- running jobs ---------------------------------------------------------------------------------
+
+
+def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) -> None:
+    h.kubectl("apply", "-n", h.namespace, "-f", str(EXAMPLES / "basic.yaml"))
+    status = h.wait_phase("hello", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    assert status["returnCode"] == 0 and status["actualCloudInstanceType"] == "c1.4"
+    row = h.kubectl("get", "pj", "hello", "-n", h.namespace, "--no-headers").split()
+    assert row[:4] == ["hello", "SUCCESS", "c1.4", "0"], row
+    (output,) = status["outputFiles"]
+    assert output["desc"]["path"] == "result.txt"
+    assert storage.get_bytes(output["key"]) == b"Hello, world\n"
+    assert {"Preparing", "Executing", "Succeeded"} <= set(_reasons(h, "hello"))
+    (pod,) = h.pods("hello")
+    assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
+    assert pod.metadata.owner_references[0].kind == "ProjectJob"
+    assert pod.metadata.labels["dsjobs.dev/attempt"] == "1"
+
+
+def test_gpu_job_gets_the_catalog_placement_and_runs_on_the_gpu_node(h: H) -> None:
+    h.kubectl("apply", "-n", h.namespace, "-f", str(EXAMPLES / "gpu.yaml"))
+    status = h.wait_phase("gpu-hello", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    (pod,) = h.pods("gpu-hello")
+    assert pod.spec.node_name == "gpu-0"
+    assert pod.spec.node_selector == {"dsjobs.dev/node-pool": "gpu"}
+    assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.spec.tolerations)
+    job = pod.spec.containers[0]
+    assert job.resources.limits["nvidia.com/gpu"] == "1"
+
+
+def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
+    huge = f"x9.e2e{uuid.uuid4().hex[:6]}"
+    h.custom.create_cluster_custom_object(
+        "dsjobs.dev",
+        "v1alpha1",
+        "instancetypes",
+        {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "InstanceType",
+            "metadata": {"name": huge},
+            "spec": {
+                "vcpu": 8,
+                "memory": "8Gi",
+                "gpus": 64,
+                "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "resources": {
+                    "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "64"},
+                    "limits": {"memory": "8Gi", "nvidia.com/gpu": "64"},
+                },
+                "scheduleTimeoutSeconds": 3,
+            },
+        },
+    )
+    try:
+        h.create_job("fallback", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": huge}, {"name": "g1.1"}]})
+        status = h.wait_phase("fallback", "SUCCESS", "ERROR", timeout=180)
+        assert status["phase"] == "SUCCESS", status
+        assert status["actualCloudInstanceType"] == "g1.1"
+        assert (status["attempt"], status["instanceTypeIndex"]) == (2, 1)
+        assert "FallingBack" in _reasons(h, "fallback")
+        pods = {p.metadata.name: p for p in h.pods("fallback")}
+        assert list(pods) == ["fallback-a2"] and pods["fallback-a2"].spec.node_name == "gpu-0"
+    finally:
+        h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", huge)
+
+
+def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
+    h.create_job("exit-3", {"cmd": 'python -c "import sys; print(42); sys.exit(3)"'})
+    status = h.wait_phase("exit-3", "SUCCESS", "ERROR")
+    assert status["phase"] == "ERROR" and status["returnCode"] == 3
+    assert "Program returned code 3" in status["statusDetails"]
+    assert any(f["desc"]["path"] == "stdout.txt" for f in status["logFiles"])
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "cause"),
+    [
+        ("bad-type", {"cmd": "true", "cloudInstanceTypes": [{"name": "z9.nope"}]}, "z9.nope"),
+        ("bad-mount", {"cmd": "ls ${nope-bucket}", "s3MountIds": ["nope-bucket"]}, "S3 mount 'nope-bucket'"),
+        ("bad-dataset", {"cmd": "ls ${nope-data}", "datasetIds": ["nope-data"]}, "dataset 'nope-data'"),
+        ("bad-image", {"cmd": "true", "env": {"dockerImageResourceId": "no-such-image"}}, "'no-such-image'"),
+    ],
+)
+def test_jobs_that_cannot_run_fail_naming_the_cause(
+    h: H, name: str, params: dict[str, Any], cause: str
+) -> None:
+    h.create_job(name, params)
+    status = h.wait_phase(name, "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR" and cause in status["statusDetails"], status
+    assert not h.pods(name)
+    assert "Failed" in _reasons(h, name)
+
+
+def test_image_that_cannot_be_pulled_fails(h: H) -> None:
+    image = {"dockerImageSpec": {"imageUrl": "registry.invalid/nope/img:1"}}
+    h.create_job("no-pull", {"cmd": "true", "env": image})
+    status = h.wait_phase("no-pull", "ERROR", "EXECUTING", "UPLOADING_OUTPUT", "SUCCESS", timeout=120)
+    if status["phase"] != "ERROR":
+        pytest.skip("this cluster's nodes run any image (the process node pulls nothing)")
+    assert "registry.invalid/nope/img:1" in status["statusDetails"]
+
+
+# --- cancel ---------------------------------------------------------------------------------------
+
+_SIGNALLED = (
+    "import json, os, signal, sys, time\n"
+    "def stop(*_):\n"
+    "    print('got SIGUSR1', flush=True)\n"
+    "    sys.exit(0)\n"
+    "signal.signal(signal.SIGUSR1, stop)\n"
+    "open(os.environ['JOB_PROGRESS_FILENAME'], 'a').write(json.dumps({'progress': 1, 'message': 'ready'}) + chr(10))\n"
+    "[time.sleep(0.2) for _ in range(3000)]\n"
+)
+
+
+def test_graceful_cancel_delivers_the_signal_then_cancels(h: H, storage: Storage) -> None:
+    h.create_job(
+        "cancel-me",
+        {
+            "cmd": "python ${PROG}",
+            "gracefulShutdownParameters": {"signal": 10, "timeout": "20s"},
+            **_program_input(storage, "PROG", _SIGNALLED),
+        },
+    )
+    h.wait_phase("cancel-me", "EXECUTING", timeout=120)
+    poll("the program to be ready", lambda: read_progress(storage, PROJECT_ID, "cancel-me"), 60)
+    h.patch_spec("cancel-me", {"cancel": {"reason": "e2e", "graceful": True}})
+    status = h.wait_phase("cancel-me", "CANCELLED", "SUCCESS", "ERROR", timeout=20 + 10 + 60)
+    assert status["phase"] == "CANCELLED", status
+    assert "Cancelling" in _reasons(h, "cancel-me")
+    stdout = next(f for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert b"got SIGUSR1" in (storage.get_bytes(stdout["key"]) or b"")
+    # Cancelling a finished job changes nothing.
+    h.patch_spec("cancel-me", {"cancel": {"reason": "again", "graceful": False}})
+    assert h.wait_phase("cancel-me", "CANCELLED")["finishedAt"] == status["finishedAt"]
+
+
+def test_job_cancelled_before_it_started_never_starts(h: H) -> None:
+    h.create_job("never", {"cmd": "echo never"}, execute=False)
+    h.wait_phase("never", "CREATING")
+    h.patch_spec("never", {"cancel": {"reason": "changed my mind"}})
+    h.wait_phase("never", "CANCELLED")
+    h.patch_spec("never", {"execute": True})
+    poll("the operator to see execute", lambda: h.status("never").get("observedGeneration") == 3, 30)
+    assert h.status("never")["phase"] == "CANCELLED" and not h.pods("never")
+
+
+# --- robustness -----------------------------------------------------------------------------------
+
+
+def test_operator_killed_after_pod_creation_and_mid_run(h: H) -> None:
+    watch = h.watch_pods("kill-me")
+    try:
+        h.create_job("kill-me", {"cmd": 'python -c "import time; time.sleep(6); print(1)"'})
+        assert watch.first_added.wait(60), "no pod was created"
+        h.kill()  # SIGKILL right after the pod appeared: the status may not name it yet
+        h.start()
+        h.wait_phase("kill-me", "EXECUTING", "SUCCESS", timeout=120)
+        h.kill()  # and again while the program runs
+        h.start()
+        status = h.wait_phase("kill-me", "SUCCESS", "ERROR", timeout=120)
+    finally:
+        watch.stop()
+    assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
+    assert status["attempt"] == 1
+    assert list(watch.added.values()) == ["kill-me-a1"], watch.added  # exactly one pod ever existed
+
+
+def test_delete_removes_pods_secrets_and_stored_data(h: H, storage: Storage) -> None:
+    data = f"shared input {uuid.uuid4()}\n".encode()
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    params = {
+        "cmd": "cat data.txt > copy.txt",
+        "inputFiles": [{"desc": {"path": "data.txt"}, "sha256": sha, "sizeBytes": len(data)}],
+        "outputFiles": [{"path": "copy.txt"}],
+    }
+    h.create_job("del-a", params)
+    h.create_job("del-b", params, execute=False)  # references the same input
+    status = h.wait_phase("del-a", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    assert storage.get_bytes(status["outputFiles"][0]["key"]) == data
+    assert h.pods("del-a")
+    selector = "dsjobs.dev/job-id=del-a"
+    assert h.core.list_namespaced_secret(h.namespace, label_selector=selector).items
+
+    h.custom.delete_namespaced_custom_object("dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "del-a")
+    poll("del-a to be gone", lambda: h.job("del-a") is None, 60)
+    poll("del-a's pods to be gone", lambda: not h.pods("del-a"), 60)
+    assert not h.core.list_namespaced_secret(h.namespace, label_selector=selector).items
+    assert not _objects(storage, job_prefix(PROJECT_ID, "del-a"))
+    assert storage.get_bytes(input_key(PROJECT_ID, sha)) == data  # del-b still uses it
+
+    h.custom.delete_namespaced_custom_object("dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "del-b")
+    poll("del-b to be gone", lambda: h.job("del-b") is None, 60)
+    assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
+
+
+def test_data_ttl_expiry_clears_the_data(h: H, storage: Storage) -> None:
+    h.create_job("ttl", {"cmd": "echo data > out.txt", "outputFiles": [{"path": "out.txt"}]}, dataTtl="1h")
+    status = h.wait_phase("ttl", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS" and not status.get("dataCleared")
+    assert _objects(storage, job_prefix(PROJECT_ID, "ttl"))
+    # The test plays the clock: the job "finished" two hours ago, so its 1h TTL has passed. The
+    # operator derives the expiry from finishedAt whenever it looks at the job.
+    patch = {"status": {"finishedAt": "2000-01-01T00:00:00Z"}}
+    h.custom.patch_namespaced_custom_object_status(
+        "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "ttl", patch
+    )
+    poll("the data to be cleared", lambda: h.status("ttl").get("dataCleared"), 60)
+    assert h.status("ttl")["dataExpiresAt"].startswith("2000-01-01T01:00:00")
+    assert not _objects(storage, job_prefix(PROJECT_ID, "ttl"))
+    assert "DataCleared" in _reasons(h, "ttl")
+
+
+def test_metrics_count_jobs_by_phase(h: H) -> None:
+    text = h.metrics()
+    assert 'dsjobs_jobs{phase="SUCCESS"}' in text
+    assert "dsjobs_job_transitions_total" in text and "dsjobs_api_request_seconds" in text
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _program_input(storage: Storage, var: str, code: str) -> dict[str, Any]:
+    """Upload a Python program as a job input (content-addressed) and declare it with `var`."""
+    data = code.encode()
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    return {"inputFiles": [{"desc": {"path": "prog.py", "var": var}, "sha256": sha, "sizeBytes": len(data)}]}

@@ -1,0 +1,724 @@
+"""The job lifecycle as pure functions: plan() and compute_status(), one table row per state.
+
+Every phase and every non-happy state: unschedulable, instance-type fallback, image pull errors
+with the timeout, OOMKilled, evicted / DisruptionTarget, node lost, deadline exceeded, pod
+deleted, non-zero exit, stage-in failure, cancel (before start, running, finished), retry,
+finalize, data TTL, deletion, and adoption after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from dsjobs.controller.names import FINALIZER
+from dsjobs.controller.plan import (
+    AddFinalizer,
+    ClearData,
+    CreatePod,
+    DeletePod,
+    DeleteSecrets,
+    JobView,
+    Plan,
+    RemoveFinalizer,
+    cancel_grace_seconds,
+    plan,
+)
+from dsjobs.controller.podview import PodView
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.status import get_condition
+from dsjobs.instancetypes import CATALOG, instance_type_spec
+from dsjobs.models import JobPhase, ProjectJobSpec
+from dsjobs.runner.result import (
+    FileError,
+    FileErrorType,
+    LogFileResult,
+    OutputResult,
+    ResultPointer,
+    RunnerResult,
+    RunnerStatus,
+)
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
+CREATED = NOW - timedelta(minutes=1)
+SETTINGS = OperatorSettings(image_pull_timeout_seconds=60, shutdown_grace_margin_seconds=15)
+TYPES = {e.name: instance_type_spec(e, "local") for e in CATALOG}  # schedule timeout: 60 s
+SHA = "c" * 64
+
+
+def ts(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- builders ----------------------------------------------------------------------------------
+
+
+def job(
+    *,
+    params: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
+    finalizers: tuple[str, ...] = (FINALIZER,),
+    deleting: bool = False,
+    name: str = "job-1",
+    **spec: Any,
+) -> JobView:
+    body: dict[str, Any] = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {
+            "name": name,
+            "namespace": "project-a",
+            "uid": "uid-1",
+            "resourceVersion": "100",
+            "generation": 1,
+            "creationTimestamp": ts(CREATED),
+            "finalizers": list(finalizers),
+        },
+        "spec": {
+            "projectId": "proj-a",
+            "execute": True,
+            "jobParameters": {"cmd": "python main.py", **(params or {})},
+            **spec,
+        },
+        "status": status or {},
+    }
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = ts(NOW)
+    return JobView.from_body(body)
+
+
+def started(
+    phase: str = "PREPARING", attempt: int = 1, index: int = 0, type_name: str = "c1.4", **extra: Any
+) -> dict[str, Any]:
+    """The status of a job whose attempt's pod was created."""
+    return {
+        "phase": phase,
+        "createdAt": ts(CREATED),
+        "attempt": attempt,
+        "podName": f"job-1-a{attempt}",
+        "instanceTypeIndex": index,
+        "actualCloudInstanceType": type_name,
+        "observedGeneration": 1,
+        **extra,
+    }
+
+
+def waiting(name: str, reason: str = "ContainerCreating", message: str = "") -> dict[str, Any]:
+    return {"name": name, "state": {"waiting": {"reason": reason, "message": message}}}
+
+
+def running(name: str, started_at: datetime = NOW - timedelta(seconds=20)) -> dict[str, Any]:
+    return {"name": name, "state": {"running": {"startedAt": ts(started_at)}}}
+
+
+def terminated(name: str, code: int = 0, reason: str = "Completed", message: str = "") -> dict[str, Any]:
+    return {
+        "name": name,
+        "state": {
+            "terminated": {
+                "exitCode": code,
+                "reason": reason,
+                "message": message,
+                "startedAt": ts(NOW - timedelta(seconds=20)),
+                "finishedAt": ts(NOW - timedelta(seconds=2)),
+            }
+        },
+    }
+
+
+def result(code: int | None = 0, status: RunnerStatus = RunnerStatus.EXITED, **extra: Any) -> RunnerResult:
+    return RunnerResult(
+        project_id="proj-a", job_id="job-1", attempt=1, status=status, return_code=code, **extra
+    )
+
+
+def pod(
+    *,
+    attempt: int = 1,
+    phase: str = "Pending",
+    node: str = "",
+    conditions: list[dict[str, Any]] | None = None,
+    init: list[dict[str, Any]] | None = None,
+    containers: list[dict[str, Any]] | None = None,
+    reason: str = "",
+    message: str = "",
+    deleting: bool = False,
+    gone: bool = False,
+    created: datetime = NOW - timedelta(seconds=5),
+    type_name: str = "c1.4",
+    index: int = 0,
+) -> PodView:
+    meta: dict[str, Any] = {
+        "name": f"job-1-a{attempt}",
+        "uid": f"pod-uid-{attempt}",
+        "creationTimestamp": ts(created),
+        "labels": {
+            "dsjobs.dev/job-id": "job-1",
+            "dsjobs.dev/attempt": str(attempt),
+            "dsjobs.dev/instance-type": type_name,
+        },
+        "annotations": {"dsjobs.dev/instance-type-index": str(index)},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = ts(NOW)
+    body = {
+        "metadata": meta,
+        "spec": {
+            "nodeName": node,
+            "initContainers": [{"name": "stage-in", "image": "runner:1"}],
+            "containers": [
+                {"name": "job", "image": "python:3.11-slim"},
+                {"name": "ship", "image": "runner:1"},
+            ],
+        },
+        "status": {
+            "phase": phase,
+            "reason": reason,
+            "message": message,
+            "conditions": conditions or [],
+            "initContainerStatuses": init or [],
+            "containerStatuses": containers or [],
+        },
+    }
+    return PodView.from_pod(body, gone=gone)
+
+
+def unschedulable(created: datetime, attempt: int = 1, type_name: str = "c1.4", index: int = 0) -> PodView:
+    return pod(
+        attempt=attempt,
+        created=created,
+        type_name=type_name,
+        index=index,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+
+
+def executing_pod() -> PodView:
+    return pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[running("job"), running("ship")],
+    )
+
+
+def ended_pod(
+    code: int = 0, *, job_reason: str = "Completed", phase: str | None = None, res: RunnerResult | None = None
+) -> PodView:
+    ship_message = (res or result(code)).to_json()
+    return pod(
+        phase=phase or ("Succeeded" if code == 0 else "Failed"),
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", code, job_reason), terminated("ship", 0, message=ship_message)],
+    )
+
+
+def step(
+    j: JobView,
+    pods: list[PodView] | None = None,
+    res: RunnerResult | ResultPointer | None = None,
+    now: datetime = NOW,
+    settings: OperatorSettings = SETTINGS,
+) -> Plan:
+    return plan(j, pods or [], TYPES, res, now, settings)
+
+
+def kinds(p: Plan) -> list[str]:
+    return [type(a).__name__ for a in p.actions]
+
+
+# --- start ---------------------------------------------------------------------------------------
+
+
+def test_new_job_without_execute_waits_in_creating() -> None:
+    p = step(job(execute=False, finalizers=()))
+    assert p.status.phase == JobPhase.CREATING
+    assert p.status.created_at == CREATED
+    assert p.actions == (AddFinalizer(),)
+    assert [e.reason for e in p.events] == ["Created"]
+
+
+def test_execute_creates_attempt_one_on_the_first_type() -> None:
+    p = step(job(params={"cloudInstanceTypes": [{"name": "g1.1"}, {"name": "c1.4"}]}))
+    assert p.actions == (CreatePod(1, 0, "g1.1"),)
+    assert p.status.phase == JobPhase.PREPARING
+    assert (p.status.attempt, p.status.pod_name, p.status.actual_cloud_instance_type) == (
+        1,
+        "job-1-a1",
+        "g1.1",
+    )
+
+
+def test_default_instance_type_is_c1_4() -> None:
+    assert step(job()).actions == (CreatePod(1, 0, "c1.4"),)
+
+
+@pytest.mark.parametrize(
+    ("params", "reason", "needle"),
+    [
+        ({"cloudInstanceTypes": [{"name": "z9.9"}]}, "UnknownInstanceType", "z9.9"),
+        ({"cmd": "python main.py ${NOPE}"}, "InvalidSpec", "NOPE"),
+    ],
+)
+def test_invalid_jobs_fail_with_the_cause_named(params: dict[str, Any], reason: str, needle: str) -> None:
+    p = step(job(params=params))
+    assert p.status.phase == JobPhase.ERROR
+    assert needle in p.status.status_details
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == reason
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+    assert p.status.finished_at == NOW
+
+
+def test_unreadable_spec_fails() -> None:
+    j = job()
+    body_spec = dict(j.spec)
+    body_spec["jobParameters"] = {"cmd": 5}
+    bad = JobView(**{**j.__dict__, "spec": body_spec})
+    p = step(bad)
+    assert p.status.phase == JobPhase.ERROR and "invalid job" in p.status.status_details
+
+
+def test_too_long_name_fails() -> None:
+    p = step(job(name="j" * 64))
+    assert p.status.phase == JobPhase.ERROR and "63" in p.status.status_details
+
+
+def test_cancel_before_start_never_starts() -> None:
+    for execute in (False, True):
+        p = step(job(execute=execute, cancel={"reason": "changed my mind"}))
+        assert p.status.phase == JobPhase.CANCELLED
+        assert not p.actions
+
+
+def test_crash_after_pod_creation_adopts_the_pod() -> None:
+    # The status write after creating the pod was lost: the pod is found and adopted, not duplicated.
+    p = step(job(status={"phase": "CREATING", "createdAt": ts(CREATED)}), [pod()])
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+    assert (p.status.attempt, p.status.pod_name) == (1, "job-1-a1")
+
+
+def test_plan_is_idempotent() -> None:
+    j = job(status=started("EXECUTING"))
+    first = step(j, [executing_pod()])
+    again = step(JobView(**{**j.__dict__, "status": first.status}), [executing_pod()])
+    assert again.status == first.status and not again.actions and not again.events
+
+
+# --- preparing: scheduling, fallback, images ------------------------------------------------------
+
+
+def test_unschedulable_waits_with_the_scheduler_message() -> None:
+    p = step(job(status=started()), [unschedulable(NOW - timedelta(seconds=10))])
+    assert p.status.phase == JobPhase.PREPARING
+    assert "Insufficient nvidia.com/gpu" in p.status.status_details
+    assert p.requeue_after == timedelta(seconds=50)  # the type's 60 s budget
+    scheduled = get_condition(p.status, "Scheduled")
+    assert scheduled is not None and scheduled.status == "False" and scheduled.reason == "Unschedulable"
+    assert "Unschedulable" in [e.reason for e in p.events]
+
+
+def test_fallback_to_the_second_type_after_the_budget() -> None:
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(type_name="g2.8"))
+    old = unschedulable(NOW - timedelta(seconds=61), type_name="g2.8")
+    # 1: the intent is recorded first (status only).
+    p1 = step(j, [old])
+    assert not p1.actions
+    assert (p1.status.attempt, p1.status.instance_type_index, p1.status.pod_name) == (2, 1, "")
+    assert p1.status.actual_cloud_instance_type == "g1.1"
+    assert "FallingBack" in [e.reason for e in p1.events]
+    # 2: the old pod is deleted; the new one waits until it is gone (never two at once).
+    j2 = JobView(**{**j.__dict__, "status": p1.status})
+    p2 = step(j2, [old])
+    assert p2.actions == (DeletePod("job-1-a1", 0, "superseded by a newer attempt"),)
+    # 3: the old pod is gone: attempt 2 is created on g1.1.
+    p3 = step(j2, [pod(gone=True, type_name="g2.8")])
+    assert p3.actions == (CreatePod(2, 1, "g1.1"),)
+    assert p3.status.pod_name == "job-1-a2" and p3.status.actual_cloud_instance_type == "g1.1"
+
+
+def test_last_type_keeps_waiting_and_says_so() -> None:
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(attempt=2, index=1, type_name="g1.1"))
+    p = step(j, [unschedulable(NOW - timedelta(hours=1), attempt=2, type_name="g1.1", index=1)])
+    assert p.status.phase == JobPhase.PREPARING and not p.actions
+    assert "no capacity for any of the instance types g2.8, g1.1" in p.status.status_details
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff"])
+def test_image_pull_errors_fail_after_the_timeout(reason: str) -> None:
+    bad = pod(
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[waiting("job", reason, 'pull access denied for "nope/img"'), running("ship")],
+    )
+    p1 = step(job(status=started()), [bad])
+    assert p1.status.phase == JobPhase.PREPARING
+    assert "python:3.11-slim" in p1.status.status_details
+    assert p1.requeue_after == timedelta(seconds=60)
+    assert reason in [e.reason for e in p1.events]
+    # 61 s later it is still failing: ERROR naming the image.
+    j2 = job(status=p1.status.to_cr())
+    p2 = step(j2, [bad], now=NOW + timedelta(seconds=61))
+    assert p2.status.phase == JobPhase.ERROR
+    assert (
+        "could not be pulled" in p2.status.status_details and "python:3.11-slim" in p2.status.status_details
+    )
+
+
+def test_invalid_image_name_fails_at_once() -> None:
+    bad = pod(node="cpu-0", init=[waiting("stage-in", "InvalidImageName", "bad ref")])
+    p = step(job(status=started()), [bad])
+    assert p.status.phase == JobPhase.ERROR and "InvalidImageName" in p.status.status_details
+
+
+def test_staging_inputs_is_preparing() -> None:
+    p = step(job(status=started()), [pod(node="cpu-0", init=[running("stage-in")])])
+    assert p.status.phase == JobPhase.PREPARING and "staging inputs" in p.status.status_details
+
+
+# --- running and ending ---------------------------------------------------------------------------
+
+
+def test_running_is_executing_with_start_time() -> None:
+    p = step(job(status=started()), [executing_pod()])
+    assert p.status.phase == JobPhase.EXECUTING
+    assert p.status.started_at == NOW - timedelta(seconds=20)
+    assert "Executing" in [e.reason for e in p.events]
+
+
+def test_program_ended_ship_running_is_uploading_output() -> None:
+    up = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 3), running("ship")],
+    )
+    p = step(job(status=started("EXECUTING")), [up])
+    assert p.status.phase == JobPhase.UPLOADING_OUTPUT and p.status.return_code == 3
+
+
+def test_success_records_outputs_logs_and_expiry() -> None:
+    res = result(
+        0,
+        outputs=[
+            OutputResult(
+                path="out/r.txt", key="projects/proj-a/jobs/job-1/outputs/out/r.txt", sha256=SHA, size_bytes=5
+            )
+        ],
+        log_files=[LogFileResult(name="stdout.txt", key="k/stdout.txt", sha256=SHA, size_bytes=9)],
+        file_errors=[FileError(type=FileErrorType.NOT_FOUND, description="missing", path="gone.txt")],
+    )
+    j = job(
+        params={"outputFiles": [{"path": "./out/r.txt"}, {"path": "gone.txt"}]},
+        status=started("EXECUTING"),
+        dataTtl="2d",
+    )
+    p = step(j, [ended_pod(0, res=res)], res=res)
+    s = p.status
+    assert s.phase == JobPhase.SUCCESS and s.return_code == 0
+    assert s.output_files[0].desc.path == "./out/r.txt"  # as the client declared it
+    assert s.output_files[0].key.endswith("out/r.txt") and s.output_files[0].sha256 == SHA
+    assert s.log_files[0].desc.path == "stdout.txt"
+    assert (
+        s.file_errors[0].output_file_desc is not None and s.file_errors[0].output_file_desc.path == "gone.txt"
+    )
+    assert s.finished_at == NOW and s.data_expires_at == NOW + timedelta(days=2)
+    assert "Succeeded" in [e.reason for e in p.events]
+
+
+def test_infinite_ttl_never_expires() -> None:
+    p = step(job(status=started("EXECUTING"), dataTtl="infinity"), [ended_pod(0)], res=result(0))
+    assert p.status.phase == JobPhase.SUCCESS and p.status.data_expires_at is None
+
+
+@dataclass
+class Ending:
+    name: str
+    pod: PodView
+    res: RunnerResult | ResultPointer | None
+    reason: str
+    code: int | None
+    needle: str
+    phase: JobPhase = JobPhase.ERROR
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ENDINGS = [
+    Ending(
+        "non-zero exit", ended_pod(3, res=result(3)), result(3), "NonZeroExit", 3, "Program returned code 3"
+    ),
+    Ending("killed by signal", ended_pod(137, res=result(137)), result(137), "NonZeroExit", 137, "signal 9"),
+    Ending(
+        "oom killed",
+        ended_pod(137, job_reason="OOMKilled", res=result(None, RunnerStatus.LOST)),
+        result(None, RunnerStatus.LOST),
+        "OOMKilled",
+        137,
+        "out of memory",
+    ),
+    Ending(
+        "evicted",
+        pod(phase="Failed", node="cpu-0", reason="Evicted", message="The node was low on resource: memory."),
+        None,
+        "Evicted",
+        None,
+        "low on resource",
+    ),
+    Ending(
+        "disruption target",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            conditions=[
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "drain",
+                }
+            ],
+        ),
+        None,
+        "Evicted",
+        None,
+        "eviction API",
+    ),
+    Ending(
+        "node lost",
+        pod(
+            phase="Running",
+            node="cpu-0",
+            deleting=True,
+            containers=[running("job"), running("ship")],
+            conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}],
+        ),
+        None,
+        "NodeLost",
+        None,
+        "unreachable",
+    ),
+    Ending(
+        "deadline exceeded",
+        pod(phase="Failed", node="cpu-0", reason="DeadlineExceeded", message="Pod was active too long"),
+        None,
+        "DeadlineExceeded",
+        None,
+        "active deadline",
+    ),
+    Ending("pod deleted", pod(gone=True), None, "PodDeleted", None, "was deleted"),
+    Ending(
+        "stage-in failed",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in", 1, "Error", "input x.csv: sha256 mismatch")],
+        ),
+        None,
+        "StageInFailed",
+        None,
+        "sha256 mismatch",
+    ),
+    Ending(
+        "setup failed",
+        ended_pod(120, res=result(120, RunnerStatus.SETUP_FAILED, reason="pip install failed")),
+        result(120, RunnerStatus.SETUP_FAILED, reason="pip install failed"),
+        "SetupFailed",
+        120,
+        "pip install failed",
+    ),
+    Ending(
+        "truncated result",
+        ended_pod(0),
+        ResultPointer(
+            result_key="k", project_id="proj-a", job_id="job-1", status=RunnerStatus.EXITED, return_code=0
+        ),
+        "Succeeded",
+        0,
+        "",
+        phase=JobPhase.SUCCESS,
+    ),
+    Ending("no runner result", ended_pod(0), None, "Succeeded", 0, "", phase=JobPhase.SUCCESS),
+]
+
+
+@pytest.mark.parametrize("ending", ENDINGS, ids=lambda e: e.name)
+def test_endings(ending: Ending) -> None:
+    p = step(job(status=started("EXECUTING")), [ending.pod], res=ending.res)
+    assert p.status.phase == ending.phase
+    assert p.status.return_code == ending.code
+    assert ending.needle in p.status.status_details
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == ending.reason
+    assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
+
+
+def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
+    p = step(j, [ended_pod(0)])
+    assert p.actions == (DeletePod("job-1-a1", 1, "the job has finished"), DeleteSecrets())
+    retained = step(j, [ended_pod(0)], settings=OperatorSettings(finished_pod_retention_seconds=600))
+    assert not retained.actions and retained.requeue_after == timedelta(minutes=10)
+
+
+# --- cancel ---------------------------------------------------------------------------------------
+
+
+def test_graceful_cancel_deletes_the_pod_with_the_job_timeout() -> None:
+    params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "10s"}}
+    j = job(params=params, status=started("EXECUTING"), cancel={"reason": "stop", "graceful": True})
+    p = step(j, [executing_pod()])
+    assert p.actions == (DeletePod("job-1-a1", 25, "cancelled"),)
+    assert p.status.phase == JobPhase.CANCELLING and "stop" in p.status.status_details
+    # While the pod shuts down: CANCELLING; no second delete.
+    j2 = JobView(**{**j.__dict__, "status": p.status})
+    shutting = pod(phase="Running", node="cpu-0", deleting=True, containers=[running("job"), running("ship")])
+    p2 = step(j2, [shutting])
+    assert p2.status.phase == JobPhase.CANCELLING and not p2.actions
+    # The pod is gone: CANCELLED.
+    p3 = step(j2, [pod(gone=True, node="cpu-0")])
+    assert p3.status.phase == JobPhase.CANCELLED and p3.status.finished_at == NOW
+
+
+def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:
+    j = job(status=started("CANCELLING"), cancel={"graceful": False})
+    res = result(143, cancelled=True)
+    p = step(j, [ended_pod(143, res=res)], res=res)
+    assert p.status.phase == JobPhase.CANCELLED and p.status.return_code == 143
+
+
+@pytest.mark.parametrize(
+    ("params", "graceful", "grace"),
+    [
+        ({}, False, 15),  # no graceful parameters: the runner kills at once; ship gets the margin
+        ({}, True, 15),
+        ({"gracefulShutdownParameters": {"timeout": "10s"}}, True, 25),
+        ({"gracefulShutdownParameters": {}}, True, 45),  # default timeout 30 s
+        ({"gracefulShutdownParameters": {"timeout": "10s"}}, False, 1),  # SIGKILL semantics
+    ],
+)
+def test_cancel_grace(params: dict[str, Any], graceful: bool, grace: int) -> None:
+    spec = ProjectJobSpec.model_validate(
+        {"projectId": "p", "jobParameters": {"cmd": "x", **params}, "cancel": {"graceful": graceful}}
+    )
+    assert cancel_grace_seconds(spec, SETTINGS) == grace
+
+
+def test_cancelling_a_finished_job_is_a_no_op() -> None:
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0), cancel={"reason": "late"})
+    p = step(j)
+    assert p.status.phase == JobPhase.SUCCESS and not p.actions and not p.events
+
+
+def test_cancel_after_the_program_ended_reports_the_real_outcome() -> None:
+    j = job(status=started("EXECUTING"), cancel={"reason": "late"})
+    p = step(j, [ended_pod(0)], res=result(0))
+    assert p.status.phase == JobPhase.SUCCESS
+    assert not any(isinstance(a, DeletePod) and a.why == "cancelled" for a in p.actions)
+
+
+def test_cancelling_reissues_a_lost_delete() -> None:
+    j = job(status=started("CANCELLING"), cancel={"graceful": False})
+    p = step(j, [executing_pod()])
+    assert p.actions == (DeletePod("job-1-a1", 15, "cancelled"),)
+
+
+# --- retry ----------------------------------------------------------------------------------------
+
+
+def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
+    policy = {"maxAttempts": 2, "backoffSeconds": 30}
+    j = job(status=started("EXECUTING"), retryPolicy=policy)
+    evicted = pod(phase="Failed", node="cpu-0", reason="Evicted", message="disk pressure")
+    p1 = step(j, [evicted])
+    assert p1.status.phase == JobPhase.PREPARING and not p1.actions
+    assert (p1.status.attempt, p1.status.pod_name) == (2, "")
+    assert "AttemptFailed" in [e.reason for e in p1.events]
+    j2 = JobView(**{**j.__dict__, "status": p1.status})
+    p2 = step(j2, [evicted])
+    assert p2.actions == (DeletePod("job-1-a1", 1, "superseded by a newer attempt"),)
+    p3 = step(j2, [pod(gone=True)], now=NOW + timedelta(seconds=10))
+    assert not p3.actions and p3.requeue_after == timedelta(seconds=20)
+    p4 = step(j2, [pod(gone=True)], now=NOW + timedelta(seconds=31))
+    assert p4.actions == (CreatePod(2, 0, "c1.4"),)
+    assert get_condition(p4.status, "Retrying") is None
+    # The second failure exhausts the attempts: ERROR.
+    j3 = JobView(**{**j.__dict__, "status": p4.status})
+    p5 = step(j3, [pod(attempt=2, phase="Failed", node="cpu-0", reason="Evicted")])
+    assert p5.status.phase == JobPhase.ERROR
+
+
+def test_program_failures_retry_only_for_listed_codes() -> None:
+    policy = {"maxAttempts": 3, "retryOnExitCodes": [75]}
+    assert (
+        step(
+            job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(1, res=result(1))], res=result(1)
+        ).status.phase
+        == JobPhase.ERROR
+    )
+    p = step(
+        job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(75, res=result(75))], res=result(75)
+    )
+    assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2
+
+
+# --- finished jobs: finalize, data ------------------------------------------------------------------
+
+
+def test_data_ttl_expiry_clears_data() -> None:
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(hours=2))), dataTtl="1h")
+    p = step(j)
+    assert p.actions == (ClearData(),)
+    assert p.status.data_cleared and "DataCleared" in [e.reason for e in p.events]
+    early = step(job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(minutes=20))), dataTtl="1h"))
+    assert not early.actions and early.requeue_after == timedelta(minutes=40)
+    assert early.status.data_expires_at == NOW + timedelta(minutes=40)
+
+
+def test_changed_ttl_moves_the_expiry() -> None:
+    status = started("ERROR", finishedAt=ts(NOW), dataExpiresAt=ts(NOW + timedelta(days=14)))
+    p = step(job(status=status, dataTtl="3d"))
+    assert p.status.data_expires_at == NOW + timedelta(days=3)
+
+
+def test_clear_data_request() -> None:
+    p = step(job(status=started("ERROR", finishedAt=ts(NOW)), clearData=True))
+    assert p.actions == (ClearData(),) and p.status.data_cleared
+    again = step(job(status=p.status.to_cr(), clearData=True))
+    assert not again.actions
+
+
+def test_finalize_removes_pod_and_secrets_once() -> None:
+    status = started("SUCCESS", finishedAt=ts(NOW))
+    p = step(
+        job(status=status, finalized=True),
+        [ended_pod(0)],
+        settings=OperatorSettings(finished_pod_retention_seconds=3600),
+    )
+    assert kinds(p) == ["DeletePod", "DeleteSecrets"]
+    assert get_condition(p.status, "Finalized") is not None
+    again = step(job(status=p.status.to_cr(), finalized=True))
+    assert not again.actions
+
+
+def test_deletion_cleans_up_then_lets_go() -> None:
+    p = step(job(status=started("EXECUTING"), deleting=True), [executing_pod()])
+    assert p.actions == (
+        DeletePod("job-1-a1", 1, "the job is deleted"),
+        DeleteSecrets(),
+        ClearData(),
+        RemoveFinalizer(),
+    )
+    assert not step(job(deleting=True, finalizers=())).actions

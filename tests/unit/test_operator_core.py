@@ -1,0 +1,184 @@
+"""The operator's small pure pieces: settings, merge patches, input cleanup, pod summaries, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from dsjobs.controller import metrics
+from dsjobs.controller.cleanup import InputRefs, input_hashes
+from dsjobs.controller.kube import merge_diff
+from dsjobs.controller.podview import PodView
+from dsjobs.controller.settings import (
+    SETTINGS_DOC,
+    OperatorSettings,
+    SettingsError,
+    settings_from_env,
+    settings_table,
+)
+from dsjobs.models import ProjectJobSpec
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def test_settings_defaults_and_env() -> None:
+    assert settings_from_env({}) == OperatorSettings()
+    s = settings_from_env(
+        {
+            "DSJOBS_RUNNER_IMAGE": "r:1",
+            "DSJOBS_NAMESPACES": "p1, p2,",
+            "DSJOBS_IMAGE_PULL_TIMEOUT": "15",
+            "DSJOBS_METRICS_PORT": "0",
+            "DSJOBS_PYTHON_IMAGE": "reg/py:{version}",
+        }
+    )
+    assert (s.runner_image, s.namespaces, s.image_pull_timeout_seconds, s.metrics_port) == (
+        "r:1",
+        ("p1", "p2"),
+        15.0,
+        0,
+    )
+    assert s.python_image_for("3.12") == "reg/py:3.12" and s.python_image_for("") == "reg/py:3.11"
+    with pytest.raises(SettingsError):
+        settings_from_env({"DSJOBS_METRICS_PORT": "many"})
+    with pytest.raises(SettingsError):
+        settings_from_env({"DSJOBS_IMAGE_PULL_TIMEOUT": "-1"})
+
+
+def test_every_documented_setting_is_a_field() -> None:
+    names = {f.name for f in dataclasses.fields(OperatorSettings)}
+    assert {attr for attr, _ in SETTINGS_DOC.values()} <= names
+    table = settings_table()
+    assert all(f"`{env}`" in table for env in SETTINGS_DOC)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({}, {"a": 1}, {"a": 1}),
+        ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+        ({"a": {"x": 1, "y": 2}}, {"a": {"x": 1}}, {"a": {"y": None}}),
+        ({"l": [1, 2]}, {"l": [1]}, {"l": [1]}),
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": {"x": 1}}, {"a": 5}, {"a": 5}),
+    ],
+)
+def test_merge_diff(old: dict[str, Any], new: dict[str, Any], patch: dict[str, Any]) -> None:
+    assert merge_diff(old, new) == patch
+    assert _apply(old, patch) == new
+
+
+def _apply(target: Any, patch: Any) -> Any:
+    """RFC 7386, to check that the diff really produces `new`."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _apply(result.get(key), value)
+    return result
+
+
+def _job(
+    name: str,
+    shas: list[str],
+    *,
+    project: str = "p",
+    cleared: bool = False,
+    deleting: bool = False,
+    modules: list[str] | None = None,
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "cmd": "x",
+        "inputFiles": [{"desc": {"path": f"f{i}"}, "sha256": s} for i, s in enumerate(shas)],
+    }
+    if modules:
+        local = [{"desc": {"path": "m.zip"}, "sha256": s, "compressionType": "ZIP"} for s in modules]
+        params["env"] = {"pythonEnv": {"localModules": local}}
+    meta: dict[str, Any] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "spec": {"projectId": project, "jobParameters": params},
+        "status": {"dataCleared": cleared},
+    }
+
+
+def test_inputs_are_deleted_only_when_no_live_job_of_the_project_uses_them() -> None:
+    mine = _job("me", [A, B, C], modules=[C])
+    spec = ProjectJobSpec.model_validate(mine["spec"])
+    assert input_hashes(spec) == {A, B, C}
+    refs = InputRefs()
+    others = [
+        mine,
+        _job("uses-a", [A]),
+        _job("cleared-uses-b", [B], cleared=True),
+        _job("deleting-uses-c", [C], deleting=True),
+        _job("other-project-uses-b", [B], project="q"),
+    ]
+    for body in others:
+        refs.update(("ns", body["metadata"]["name"]), body)
+    assert refs.unused(("ns", "me"), "p", input_hashes(spec)) == [B, C]
+    refs.update(("ns", "module-user"), _job("module-user", [], modules=[C]))
+    assert refs.unused(("ns", "me"), "p", input_hashes(spec)) == [B]
+    # A job that stops using an input (deleted, data cleared) releases it.
+    refs.update(("ns", "module-user"), _job("module-user", [], modules=[C], deleting=True))
+    refs.discard(("ns", "uses-a"))
+    assert refs.unused(("ns", "me"), "p", input_hashes(spec)) == [A, B, C]
+    # Updates are idempotent: the same body twice counts once.
+    refs.update(("ns", "twice"), _job("twice", [A]))
+    refs.update(("ns", "twice"), _job("twice", [A]))
+    refs.discard(("ns", "twice"))
+    assert refs.unused(("ns", "me"), "p", [A]) == [A]
+
+
+def test_podview_reads_what_the_status_function_needs() -> None:
+    view = PodView.from_pod(
+        {
+            "metadata": {
+                "name": "j-a2",
+                "uid": "u",
+                "creationTimestamp": "2025-06-01T11:00:00Z",
+                "labels": {"dsjobs.dev/attempt": "2", "dsjobs.dev/instance-type": "g1.1"},
+                "annotations": {"dsjobs.dev/instance-type-index": "1"},
+            },
+            "spec": {"nodeName": "gpu-0", "containers": [{"name": "job", "image": "img:1"}]},
+            "status": {
+                "phase": "Running",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [
+                    {"name": "job", "state": {"running": {"startedAt": "2025-06-01T11:00:05Z"}}},
+                    {"name": "ship", "state": {"terminated": {"exitCode": 0, "message": "{}"}}},
+                ],
+            },
+        }
+    )
+    assert (view.attempt, view.instance_type, view.instance_type_index, view.node_name) == (
+        2,
+        "g1.1",
+        1,
+        "gpu-0",
+    )
+    assert view.scheduled and not view.terminal and not view.deleting
+    job = view.container("job")
+    assert job is not None and job.state == "running" and job.started_at is not None
+    ship = view.container("ship")
+    assert ship is not None and ship.exit_code == 0 and ship.message == "{}"
+    assert dict(view.images) == {"job": "img:1"}
+    assert PodView.from_pod({"metadata": {"name": "x"}}, gone=True).terminal
+
+
+def test_phase_book_counts() -> None:
+    book = metrics.PhaseBook()
+    book.set(("ns", "a"), "PREPARING")
+    book.set(("ns", "b"), "PREPARING")
+    book.set(("ns", "a"), "SUCCESS")
+    assert metrics.JOBS.labels(phase="PREPARING")._value.get() == 1
+    assert metrics.JOBS.labels(phase="SUCCESS")._value.get() == 1
+    book.forget(("ns", "a"))
+    assert metrics.JOBS.labels(phase="SUCCESS")._value.get() == 0

@@ -1,0 +1,324 @@
+"""render_pod: one golden pod per feature, plus the properties every pod must have.
+
+Regenerate the golden files after an intended change:
+
+    DSJOBS_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_render_pod.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dsjobs.controller.names import ATTEMPT_LABEL, JOB_LABEL, PROJECT_LABEL, pod_name
+from dsjobs.controller.render import (
+    JobRef,
+    PvcView,
+    Volumes,
+    pvc_selectors,
+    render_pod,
+    resolve_volumes,
+    runner_config,
+    runner_secret,
+    user_image,
+)
+from dsjobs.controller.secrets import dockerconfigjson, registry_of, registry_secret, secret_value
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.instancetypes import CATALOG, instance_type_spec
+from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
+
+GOLDEN = Path(__file__).parent / "golden" / "pods"
+UPDATE = os.environ.get("DSJOBS_UPDATE_GOLDEN") == "1"
+SHA = "a" * 64
+SHA2 = "b" * 64
+SETTINGS = OperatorSettings(working_storage_class="fast-ssd")
+JOB = JobRef(
+    name="job-1", namespace="project-a", uid="6f1c2b1e-0000-4000-8000-000000000001", project_id="proj-a"
+)
+TYPES = {e.name: instance_type_spec(e, "base") for e in CATALOG}
+
+
+def spec(**params: Any) -> ProjectJobSpec:
+    return ProjectJobSpec.model_validate(
+        {"projectId": "proj-a", "execute": True, "jobParameters": {"cmd": "python main.py", **params}}
+    )
+
+
+def pod_for(
+    job_spec: ProjectJobSpec,
+    *,
+    type_name: str = "c1.4",
+    attempt: int = 1,
+    index: int = 0,
+    volumes: Volumes | None = None,
+    image: str | None = None,
+    registry: str | None = None,
+) -> dict[str, Any]:
+    return render_pod(
+        JOB,
+        job_spec,
+        attempt=attempt,
+        instance_type_name=type_name,
+        instance_type_index=index,
+        instance_type=TYPES[type_name],
+        settings=SETTINGS,
+        volumes=volumes or Volumes(),
+        image=image or user_image(job_spec, SETTINGS, {}) or "",
+        registry_secret=registry,
+    )
+
+
+def _features() -> dict[str, dict[str, Any]]:
+    return {
+        "basic_cpu": pod_for(
+            spec(
+                inputFiles=[{"desc": {"path": "main.py"}, "sha256": SHA, "sizeBytes": 10}],
+                outputFiles=[{"path": "out/result.txt"}],
+                env={"vars": {"MODE": "fast"}},
+                arguments=[{"name": "EPOCHS", "value": "3"}],
+            )
+        ),
+        "gpu_type": pod_for(
+            spec(cloudInstanceTypes=[{"name": "g1.1"}]),
+            type_name="g1.1",
+        ),
+        "fallback_second_type": pod_for(
+            spec(cloudInstanceTypes=[{"name": "g2.8"}, {"name": "g1.1"}]),
+            type_name="g1.1",
+            attempt=2,
+            index=1,
+        ),
+        "project_disk": pod_for(
+            spec(attachProjectDisk=True, cmd="ls ${DS_PROJECT_HOME}"),
+            volumes=Volumes(project_disk_claim="project-disk"),
+        ),
+        "s3_mount": pod_for(
+            spec(s3MountIds=["bucket-1"], cmd="ls ${bucket-1}"),
+            volumes=Volumes(mount_claims={"bucket-1": "s3-bucket-1"}),
+        ),
+        "dataset": pod_for(
+            spec(datasetIds=["ds-1"], cmd="ls ${ds-1}"),
+            volumes=Volumes(mount_claims={"ds-1": "dataset-ds-1"}),
+        ),
+        "working_storage": pod_for(spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})),
+        "docker_creds": pod_for(
+            spec(
+                env={
+                    "dockerImageSpec": {
+                        "imageUrl": "cr.example.com/team/trainer:1.2",
+                        "username": "robot",
+                        "passwordSecretRef": {"name": "job-1-registry-password", "key": "password"},
+                    }
+                }
+            ),
+            registry="job-1-registry",
+        ),
+        "python_env": pod_for(
+            spec(
+                env={
+                    "pythonEnv": {
+                        "pythonVersion": "3.12",
+                        "requirements": ["numpy==2.1.0"],
+                        "localModules": [
+                            {
+                                "desc": {"path": "/tmp/mod.zip", "var": "_LOCAL_MODULE_0"},
+                                "sha256": SHA2,
+                                "compressionType": "ZIP",
+                            }
+                        ],
+                        "pipOptions": {"indexUrl": "https://pypi.example.com/simple", "noDeps": True},
+                    }
+                }
+            )
+        ),
+        "graceful_shutdown": pod_for(spec(gracefulShutdownParameters={"signal": 10, "timeout": "20s"})),
+    }
+
+
+def _dump(obj: Any) -> str:
+    # Through JSON: no YAML anchors for the dicts the runner contract shares between containers.
+    return yaml.safe_dump(json.loads(json.dumps(obj)), sort_keys=False, width=120)
+
+
+FEATURES = _features()
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_golden(feature: str) -> None:
+    path = GOLDEN / f"{feature}.yaml"
+    text = _dump(FEATURES[feature])
+    if UPDATE or not path.exists():
+        if not UPDATE:
+            pytest.fail(f"{path} is missing: run with DSJOBS_UPDATE_GOLDEN=1")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text(), f"{feature}: pod differs from {path} (DSJOBS_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_no_stale_golden_files() -> None:
+    assert sorted(p.stem for p in GOLDEN.glob("*.yaml")) == sorted(FEATURES)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_every_pod_has_identity_and_safety(feature: str) -> None:
+    pod = FEATURES[feature]
+    meta, pod_spec = pod["metadata"], pod["spec"]
+    attempt = meta["labels"][ATTEMPT_LABEL]
+    assert meta["name"] == f"job-1-a{attempt}"
+    assert meta["labels"][JOB_LABEL] == "job-1"
+    assert meta["labels"][PROJECT_LABEL] == "proj-a"
+    (owner,) = meta["ownerReferences"]
+    assert owner["kind"] == "ProjectJob" and owner["uid"] == JOB.uid and owner["controller"] is True
+    assert pod_spec["restartPolicy"] == "Never"
+    assert pod_spec["automountServiceAccountToken"] is False
+    names = [c["name"] for c in pod_spec["initContainers"]] + [c["name"] for c in pod_spec["containers"]]
+    assert names == ["stage-in", "job", "ship"]
+    job = pod_spec["containers"][0]
+    # Storage credentials and the runner config never reach the user's container.
+    assert not any("DSJOBS_S3" in json.dumps(e) for e in job.get("env", []))
+    assert all(m["name"] != "dsjobs-config" for m in job["volumeMounts"])
+
+
+def test_render_is_deterministic() -> None:
+    assert _dump(_features()) == _dump(FEATURES)
+
+
+def test_gpu_pod_gets_the_catalog_placement() -> None:
+    pod = FEATURES["gpu_type"]
+    assert pod["spec"]["nodeSelector"] == {"dsjobs.dev/node-pool": "gpu"}
+    assert pod["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+    ]
+    job = pod["spec"]["containers"][0]
+    assert job["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert pod["metadata"]["labels"]["dsjobs.dev/instance-type"] == "g1.1"
+
+
+def test_priority_class_comes_from_the_type() -> None:
+    it = TYPES["c1.4"].model_copy(update={"priority_class_name": "batch-low"})
+    pod = render_pod(
+        JOB, spec(), attempt=1, instance_type_name="c1.4", instance_type_index=0, instance_type=it,
+        settings=SETTINGS, volumes=Volumes(), image="python:3.11-slim",
+    )  # fmt: skip
+    assert pod["spec"]["priorityClassName"] == "batch-low"
+
+
+def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
+    work = next(v for v in FEATURES["working_storage"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
+    claim = work["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "200Gi"
+    assert claim["storageClassName"] == "fast-ssd"
+    basic = next(v for v in FEATURES["basic_cpu"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
+    assert basic == {"name": "dsjobs-work", "emptyDir": {}}
+
+
+def test_dataset_is_read_only_and_s3_mount_is_writable() -> None:
+    ds = FEATURES["dataset"]["spec"]
+    vol = next(v for v in ds["volumes"] if "persistentVolumeClaim" in v)
+    assert vol["persistentVolumeClaim"] == {"claimName": "dataset-ds-1", "readOnly": True}
+    mount = next(m for m in ds["containers"][0]["volumeMounts"] if m["name"] == vol["name"])
+    assert mount["mountPath"] == "/job/datasets/ds-1" and mount["readOnly"] is True
+    s3 = FEATURES["s3_mount"]["spec"]
+    mount = next(m for m in s3["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/job/s3/"))
+    assert mount["mountPath"] == "/job/s3/bucket-1" and not mount.get("readOnly")
+
+
+def test_images() -> None:
+    assert FEATURES["python_env"]["spec"]["containers"][0]["image"] == "python:3.12-slim"
+    assert FEATURES["basic_cpu"]["spec"]["containers"][0]["image"] == "python:3.11-slim"
+    assert FEATURES["docker_creds"]["spec"]["containers"][0]["image"] == "cr.example.com/team/trainer:1.2"
+    assert FEATURES["docker_creds"]["spec"]["imagePullSecrets"] == [{"name": "job-1-registry"}]
+    by_resource = spec(env={"dockerImageResourceId": "img-1"})
+    assert user_image(by_resource, SETTINGS, {"img-1": "cr.example.com/x:1"}) == "cr.example.com/x:1"
+    assert user_image(by_resource, SETTINGS, {}) is None
+
+
+def test_resolve_volumes_by_label() -> None:
+    job_spec = spec(s3MountIds=["b1"], datasetIds=["d1", "d2"], attachProjectDisk=True, cmd="true")
+    assert pvc_selectors(job_spec) == [
+        "dsjobs.dev/s3-mount-id in (b1)",
+        "dsjobs.dev/dataset-id in (d1,d2)",
+        "dsjobs.dev/project-disk=true",
+    ]
+    pvcs = [
+        PvcView("z-s3", {"dsjobs.dev/s3-mount-id": "b1"}),
+        PvcView("a-s3", {"dsjobs.dev/s3-mount-id": "b1"}),
+        PvcView("old-d1", {"dsjobs.dev/dataset-id": "d1"}, deleting=True),
+        PvcView("disk", {"dsjobs.dev/project-disk": "true"}),
+    ]
+    volumes, missing = resolve_volumes(job_spec, pvcs)
+    assert volumes.mount_claims == {"b1": "a-s3"}  # first by name, deleting ones skipped
+    assert volumes.project_disk_claim == "disk"
+    assert missing == [
+        "dataset 'd1' (no PersistentVolumeClaim labelled dsjobs.dev/dataset-id=d1)",
+        "dataset 'd2' (no PersistentVolumeClaim labelled dsjobs.dev/dataset-id=d2)",
+    ]
+
+
+def test_runner_config_places_var_files_and_mounts() -> None:
+    job_spec = spec(
+        inputFiles=[{"desc": {"path": "/home/me/data.csv", "var": "DATA"}, "sha256": SHA, "sizeBytes": 3}],
+        outputFiles=[{"path": "res.txt", "var": "OUT"}],
+        s3MountIds=["b1"],
+        gracefulShutdownParameters={"signal": 12, "timeout": "7s"},
+        cmd="python run.py ${DATA} ${OUT} ${b1}",
+    )
+    config = runner_config(JOB, job_spec, attempt=3)
+    assert config.attempt == 3 and config.job_id == "job-1" and config.project_id == "proj-a"
+    assert config.inputs[0].path == ".dsjobs-vars/DATA/data.csv"
+    assert config.outputs[0].path == "res.txt"
+    assert config.s3_mounts[0].mount_path == "/job/s3/b1"
+    assert config.graceful_shutdown is not None
+    assert (config.graceful_shutdown.signal, config.graceful_shutdown.timeout_seconds) == (12, 7.0)
+
+
+def test_runner_secret_holds_config_and_storage_only_for_the_runner() -> None:
+    config = runner_config(JOB, spec(), attempt=2)
+    secret = runner_secret(JOB, config, {"DSJOBS_S3_ENDPOINT": "http://s3:9000"}, attempt=2)
+    assert secret["metadata"]["name"] == "job-1-a2-runner"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == JOB.uid
+    assert secret_value(secret, "DSJOBS_S3_ENDPOINT") == "http://s3:9000"
+    assert json.loads(secret_value(secret, "runner.json") or "")["attempt"] == 2
+    pod = pod_for(spec(), attempt=2)
+    assert pod["spec"]["volumes"][-1]["secret"]["secretName"] == "job-1-a2-runner"
+
+
+def test_registry_secret_is_a_dockerconfigjson_owned_by_the_job() -> None:
+    secret = registry_secret(
+        name="job-1-registry",
+        namespace="project-a",
+        labels=JOB.labels(),
+        owner=JOB.owner(),
+        image_url="cr.example.com:5000/team/img:1",
+        username="robot",
+        password="s3cret",
+    )
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    doc = json.loads(secret_value(secret, ".dockerconfigjson") or "")
+    entry = doc["auths"]["cr.example.com:5000"]
+    assert entry["username"] == "robot" and entry["password"] == "s3cret"
+    assert entry["auth"] == "cm9ib3Q6czNjcmV0"  # base64("robot:s3cret")
+    assert registry_of("python:3.11") == "https://index.docker.io/v1/"
+    assert registry_of("library/python") == "https://index.docker.io/v1/"
+    assert registry_of("localhost/img") == "localhost"
+    assert json.loads(dockerconfigjson("ghcr.io/a/b", "u", "p"))["auths"]["ghcr.io"]["username"] == "u"
+
+
+def test_long_names_still_give_valid_object_names() -> None:
+    name = pod_name("j" * 250, 10)
+    assert len(name) <= 253 and name.endswith("-a10")
+    assert pod_name("j" * 250, 10) == name != pod_name("j" * 249 + "k", 10)
+    assert pod_name("job-1", 2) == "job-1-a2"
+
+
+def test_catalog_types_render() -> None:
+    for name, it in TYPES.items():
+        assert isinstance(it, InstanceTypeSpec)
+        pod = pod_for(spec(cloudInstanceTypes=[{"name": name}]), type_name=name)
+        assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == str(it.vcpu)
