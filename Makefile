@@ -20,8 +20,8 @@ proto: install
 	bash hack/gen-proto.sh
 
 lint: install
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
 
 typecheck: install
 	$(VENV)/bin/mypy operator/dsjobs
@@ -53,7 +53,7 @@ demo: install k8s-bins
 	bash hack/demo.sh
 
 bench: install k8s-bins
-	bash hack/bench.sh
+	bash hack/bench.sh $(BENCH)
 
 e2e-kind: install
 	bash hack/e2e-kind.sh
