@@ -102,11 +102,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
+                except grpc.aio.AbortError:  # the handler aborted by itself
+                    code = _code_of(context)
+                    raise
                 except BaseException as exc:
-                    code = await _abort(context, method, exc)
+                    err = _as_api_error(exc, method)
+                    # Known before aborting: abort raises, and context.code() is not reliable then.
+                    code = err.code
+                    await _abort(context, method, err)
                 finally:
                     metrics.INFLIGHT_UNARY.dec()
-                    _record(method, code, context, start)
+                    _record(method, code, start)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -127,11 +133,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
+                except grpc.aio.AbortError:
+                    code = _code_of(context)
+                    raise
                 except BaseException as exc:
-                    code = await _abort(context, method, exc)
+                    err = _as_api_error(exc, method)
+                    code = err.code
+                    await _abort(context, method, err)
                 finally:
                     gauge.dec()
-                    _record(method, code, context, start)
+                    _record(method, code, start)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -141,12 +152,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return handler  # client/bidi streaming: none of ours
 
 
-async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], method: str, exc: BaseException
-) -> grpc.StatusCode:
-    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted by itself
-        raise exc
-    err = _as_api_error(exc, method)
+def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    actual = context.code()
+    return actual if isinstance(actual, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, err: ApiError) -> None:
     if err.code == grpc.StatusCode.INTERNAL:
         log.error("%s failed: %s", method, err.message)
     elif err.code == grpc.StatusCode.UNAVAILABLE and not err.expected:
@@ -154,16 +165,9 @@ async def _abort(
     else:
         log.debug("%s: %s %s", method, err.code.name, err.message)
     await context.abort(err.code, err.message, trailing_metadata=_trailers(err))
-    return err.code  # pragma: no cover - abort raises
 
 
-def _record(
-    method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext[Any, Any], start: float
-) -> None:
-    if code == grpc.StatusCode.OK:
-        actual = context.code()
-        if isinstance(actual, grpc.StatusCode):
-            code = actual
+def _record(method: str, code: grpc.StatusCode, start: float) -> None:
     metrics.REQUESTS.labels(method, code.name).inc()
     metrics.LATENCY.labels(method).observe(time.perf_counter() - start)
 
