@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter as Tally
 from collections.abc import Iterable
 
@@ -82,7 +83,16 @@ class PhaseBook:
         return self._phases.keys()
 
 
-def serve(port: int) -> None:
-    """Start the /metrics endpoint (one small daemon thread of prometheus_client)."""
-    if port:
+def serve(port: int) -> bool:
+    """Start the /metrics endpoint (one small daemon thread of prometheus_client).
+
+    A port that cannot be bound is logged, not fatal: jobs matter more than their metrics.
+    """
+    if not port:
+        return False
+    try:
         start_http_server(port)
+    except OSError as exc:
+        logging.getLogger("dsjobs.controller").error("metrics endpoint on port %d not started: %s", port, exc)
+        return False
+    return True
