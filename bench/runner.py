@@ -104,6 +104,8 @@ def run(ctx: Context) -> Section:
         cfg.layout.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.layout.started.write_text("")
         cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+        # Outside a pod: keep the termination message off the host's /dev.
+        renv = {**renv, "DSJOBS_TERMINATION_LOG": str(work.parent / "termination-log")}
         results["ship"].append(run_measured([VENV_PYTHON, "-m", "dsjobs.runner", "ship"], renv))
         uploaded = {o.key: o.size for o in store.iter_objects(output_prefix(project, cfg.job_id))}
         if size not in uploaded.values():
