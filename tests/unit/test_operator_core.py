@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -182,3 +183,10 @@ def test_phase_book_counts() -> None:
     assert metrics.JOBS.labels(phase="SUCCESS")._value.get() == 1
     book.forget(("ns", "a"))
     assert metrics.JOBS.labels(phase="SUCCESS")._value.get() == 0
+
+
+def test_docs_list_every_setting_with_its_default() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    start = doc.index("\n", doc.index("<!-- settings:begin")) + 1
+    end = doc.index("<!-- settings:end -->")
+    assert doc[start:end].strip() == settings_table(), "regenerate the table in docs/operator.md"

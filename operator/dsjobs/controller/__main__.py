@@ -9,6 +9,7 @@ in-cluster service account or $KUBECONFIG (Kopf's own loaders).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = settings_from_env()
     namespaces = tuple(args.namespace) or settings.namespaces
+    # The operator's own LISTs (start-up caches, input references) follow the same scope as Kopf.
+    settings = dataclasses.replace(settings, namespaces=namespaces)
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,

@@ -9,10 +9,11 @@ moves it changes this file only. Every call is timed into `dsjobs_api_request_se
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from kopf._cogs.clients import api as kopf_api
@@ -60,8 +61,14 @@ def with_query(path: str, **params: str) -> str:
 class Kube:
     """Thin async verbs over Kopf's session; needs Kopf's settings (timeouts, auth vault)."""
 
-    def __init__(self, settings: KopfSettings) -> None:
+    def __init__(self, settings: KopfSettings, concurrency: int = 64) -> None:
         self.settings = settings
+        # A burst (500 new jobs, a project's 10k jobs deleted at once) must not become thousands
+        # of requests in flight: the API server would answer 429 and the memory would spike.
+        self._slots = asyncio.Semaphore(concurrency)
+        # Creations (the pod of a new job and its Secrets) have their own slots: a burst of
+        # status writes must not delay the next job's pod.
+        self._create_slots = asyncio.Semaphore(concurrency)
 
     async def _call(
         self,
@@ -70,6 +77,17 @@ class Kube:
         path: str,
         payload: object | None = None,
         headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        async with self._create_slots if verb == "post" else self._slots:
+            return await self._timed(verb, resource, path, payload, headers)
+
+    async def _timed(
+        self,
+        verb: str,
+        resource: str,
+        path: str,
+        payload: object | None,
+        headers: Mapping[str, str] | None,
     ) -> Any:
         started = time.perf_counter()
         code = "ok"
@@ -104,19 +122,26 @@ class Kube:
             return None
         return result
 
-    async def list(self, resource: str, path: str, label_selector: str = "") -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+    async def pages(
+        self, resource: str, path: str, label_selector: str = "", page_size: int = 500
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """A LIST page by page (constant memory for big lists)."""
         token = ""
         while True:
-            page = await self._call(
-                "get",
-                resource,
-                with_query(path, labelSelector=label_selector, limit="500", **{"continue": token}),
+            query = with_query(
+                path, labelSelector=label_selector, limit=str(page_size), **{"continue": token}
             )
-            items.extend(page.get("items") or ())
+            page = await self._call("get", resource, query)
+            yield list(page.get("items") or ())
             token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
-                return items
+                return
+
+    async def list(self, resource: str, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        async for page in self.pages(resource, path, label_selector):
+            items.extend(page)
+        return items
 
     async def create(self, resource: str, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create-if-absent: None when it already exists (409 is success for a deterministic name)."""

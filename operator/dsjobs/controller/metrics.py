@@ -51,6 +51,10 @@ API_LATENCY = Histogram(
 STATUS_WRITES = Counter(
     "dsjobs_status_writes_total", "Status patches written (only when the status changed)."
 )
+STATUS_CONFLICTS = Counter(
+    "dsjobs_status_conflicts_total",
+    "Status patches refused because the job changed meanwhile (then re-planned).",
+)
 
 
 class PhaseBook:

@@ -47,9 +47,12 @@ class OperatorSettings:
     metrics_port: int = 9090
     # 0 disables the liveness endpoint (kopf's /healthz).
     liveness_port: int = 8080
-    # Upper bound of one requeue wait, so that a long timer (e.g. a 14-day data TTL) is re-derived
-    # from the status now and then instead of trusting one long in-memory sleep.
-    max_requeue_seconds: float = 3600.0
+    # Upper bound of one timer, so that a long one (e.g. a 14-day data TTL) is re-derived from the
+    # status now and then (wall-clock changes) rather than trusted as one long monotonic sleep. Each
+    # wake-up of a finished job costs one GET, so not too often: 10k jobs / 6 h = 0.5 GET/s.
+    max_requeue_seconds: float = 21600.0
+    # Kubernetes API calls of the operator in flight at once (Kopf's watches not counted).
+    api_concurrency: int = 64
     # Page size of the initial listing of jobs and pods (0: one request for everything).
     watch_chunk_size: int = 100
     # How long Kopf keeps an idle per-object worker (and the last body it saw) alive.
@@ -105,6 +108,10 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Longest single wait of a timer before the job is looked at again.",
     ),
     "DSJOBS_EVENT_COMPONENT": ("event_component", "Reporting component of the Kubernetes Events."),
+    "DSJOBS_API_CONCURRENCY": (
+        "api_concurrency",
+        "Kubernetes API requests the operator keeps in flight at most (bursts queue behind them).",
+    ),
     "DSJOBS_WATCH_CHUNK_SIZE": (
         "watch_chunk_size",
         "Page size of the initial listing of ProjectJobs and pods; 0 lists everything in one response "
