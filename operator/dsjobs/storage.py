@@ -20,20 +20,23 @@ renamed into place only after size and sha256 were verified.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import posixpath
+import queue
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -48,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,18 @@ MAX_PRESIGN_EXPIRY = timedelta(hours=1)
 _MiB = 1024 * 1024
 #: Streaming reads/writes move this much at a time: memory use does not grow with object size.
 IO_CHUNK = _MiB
+#: Uploads above this size go multipart.
+MULTIPART_THRESHOLD = 16 * _MiB
+#: S3 allows 10,000 parts per upload and at least 5 MiB per part (but the last).
+MAX_PARTS = 10_000
+MIN_PART_SIZE = 8 * _MiB
+
+
+def part_size_for(size: int, minimum: int = MIN_PART_SIZE) -> int:
+    """The multipart part size for an object of `size` bytes: `minimum`, or larger (whole MiB)
+    when that many parts would exceed S3's 10,000-part limit."""
+    needed = -(-size // MAX_PARTS)
+    return max(minimum, -(-needed // _MiB) * _MiB)
 
 
 class StorageError(Exception):
@@ -317,25 +333,6 @@ class PreconditionFailedError(StorageError):
     """A conditional write found the key already present."""
 
 
-class _HashingReader:
-    """Read-only, non-seekable view of a file that hashes what passes through.
-
-    Being non-seekable makes s3transfer read the stream strictly in order (bounded by
-    ``max_in_memory_upload_chunks`` parts in memory), so the hash is of the bytes uploaded.
-    """
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f = f
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._f.read(n)
-        self.hash.update(b)
-        self.size += len(b)
-        return b
-
-
 def _client_error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -354,7 +351,8 @@ class Storage:
         *,
         client: S3Client | None = None,
         attempts: int = 5,
-        transfer_config: TransferConfig | None = None,
+        upload_concurrency: int = 2,
+        part_size: int = MIN_PART_SIZE,
     ) -> None:
         self.settings = settings
         self.bucket = settings.bucket
@@ -365,17 +363,10 @@ class Storage:
             if settings.public_endpoint and client is None
             else self._client
         )
-        if transfer_config is None:
-            transfer_config = TransferConfig(
-                multipart_threshold=16 * _MiB,
-                multipart_chunksize=8 * _MiB,
-                max_concurrency=4,
-                use_threads=True,
-            )
-            # Caps memory for our non-seekable (hashing) upload streams: at most this many parts
-            # are buffered at once, whatever the file size.
-            transfer_config.max_in_memory_upload_chunks = 4
-        self._transfer_config = transfer_config
+        # Parts in flight per upload: with the one being read, memory is (this + 1) x part size.
+        # Two keep a local S3 busy at the raw client's throughput (docs/benchmarks.md).
+        self.upload_concurrency = max(1, upload_concurrency)
+        self.part_size = max(5 * _MiB, part_size)
         self._conditional_writes = True
 
     @classmethod
@@ -594,23 +585,87 @@ class Storage:
     ) -> TransferResult:
         """Stream a local file to ``key`` (multipart above 16 MiB), hashing it on the way.
 
-        Memory stays bounded by a few multipart parts regardless of file size. A failed attempt
-        restarts from the beginning of the file with a fresh hash.
+        The file is read once, in order, and the sha256 is of exactly the bytes sent. Memory is
+        bounded by ``upload_concurrency + 1`` parts whatever the file size. A failed attempt aborts
+        its multipart upload (nothing half-written becomes visible) and restarts from the beginning.
         """
 
         def call() -> TransferResult:
             with open(path, "rb") as f:
-                reader = _HashingReader(f)
-                self._client.upload_fileobj(
-                    reader,  # type: ignore[arg-type]
-                    self.bucket,
-                    key,
-                    ExtraArgs={"ContentType": content_type},
-                    Config=self._transfer_config,
-                )
-            return TransferResult(key=key, size=reader.size, sha256=reader.hash.hexdigest())
+                size = os.fstat(f.fileno()).st_size
+                if size <= MULTIPART_THRESHOLD:
+                    data = f.read()
+                    self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+                    return TransferResult(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+                return self._multipart_upload(f, key, content_type, size)
 
         return retry(call, what=f"upload {key}", attempts=self.attempts)
+
+    def _multipart_upload(
+        self, f: io.BufferedReader, key: str, content_type: str, size: int
+    ) -> TransferResult:
+        part_size = part_size_for(size, self.part_size)
+        upload_id = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=content_type
+        )["UploadId"]
+        h = hashlib.sha256()
+        total = 0
+        etags: list[CompletedPartTypeDef] = []
+        # A fixed set of part buffers, refilled in place: memory stays at (concurrency + 1) parts
+        # and no 8 MiB block is allocated (and page-faulted in) per part.
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(self.upload_concurrency + 1):
+            free.put(bytearray(part_size))
+
+        def put(number: int, buf: bytearray, n: int) -> CompletedPartTypeDef:
+            try:
+                body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
+                r = self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,  # type: ignore[arg-type]  # botocore takes bytearray too
+                )
+                return {"PartNumber": number, "ETag": r["ETag"]}
+            finally:
+                free.put(buf)
+
+        try:
+            with ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload") as pool:
+                inflight: deque[Future[CompletedPartTypeDef]] = deque()
+                try:
+                    number = 0
+                    while True:
+                        buf = free.get()  # waits while every buffer is in an upload
+                        n = f.readinto(buf)
+                        if not n:
+                            break
+                        h.update(memoryview(buf)[:n])
+                        total += n
+                        number += 1
+                        if number > MAX_PARTS:
+                            raise ValueError(f"{key}: the file grew past {MAX_PARTS} parts while uploading")
+                        inflight.append(pool.submit(put, number, buf, n))
+                        while inflight and inflight[0].done():
+                            etags.append(inflight.popleft().result())  # a failed part stops us here
+                    while inflight:
+                        etags.append(inflight.popleft().result())
+                except BaseException:
+                    for pending in inflight:
+                        pending.cancel()
+                    raise
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
+            )
+        except BaseException:
+            # After the pool has drained: no part lands after the abort.
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except (ClientError, BotoCoreError) as exc:
+                log.info("storage abort upload failed key=%s error=%s", key, _short(exc))
+            raise
+        return TransferResult(key=key, size=total, sha256=h.hexdigest())
 
     def download_file(
         self,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runner_s3 import S3Target, put_input, runner_s3, zip_like_cli  # noqa: F401
@@ -47,6 +49,35 @@ def test_streaming_upload_and_verified_download(runner_s3: S3Target, tmp_path: P
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
     with pytest.raises(ObjectNotFoundError):
         st.download_file(key + "-nope", tmp_path / "nope")
+
+
+class _FailingRaw(io.RawIOBase):
+    """A file whose read fails after `limit` bytes, as a disk error would."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.left <= 0:
+            raise OSError(5, "Input/output error")
+        n = min(len(b), self.left)
+        b[:n] = b"x" * n
+        self.left -= n
+        return n
+
+
+def test_failed_multipart_upload_is_aborted_and_leaves_nothing(runner_s3: S3Target) -> None:  # noqa: F811
+    st = runner_s3.storage
+    key = output_key(runner_s3.project, runner_s3.job, "f/broken.bin")
+    size = 40 * 1024 * 1024
+    with pytest.raises(OSError, match="Input/output error"):
+        st._multipart_upload(io.BufferedReader(_FailingRaw(size // 2)), key, "application/octet-stream", size)
+    assert not st.exists(key)
+    pending = st._client.list_multipart_uploads(Bucket=st.bucket, Prefix=key).get("Uploads", [])
+    assert [u for u in pending if u.get("Key") == key] == []
 
 
 def test_presigned_put_and_get_work_with_plain_http(runner_s3: S3Target) -> None:  # noqa: F811

@@ -166,3 +166,17 @@ def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> Non
     with pytest.raises(ConnectionError):
         retry(always, what="t", attempts=3, sleep=sleeps.append)
     assert len(sleeps) == 4
+
+
+def test_part_size_stays_within_s3_part_limits() -> None:
+    from dsjobs.storage import MAX_PARTS, MIN_PART_SIZE, part_size_for
+
+    mib = 1024 * 1024
+    assert part_size_for(0) == MIN_PART_SIZE
+    assert part_size_for(1024 * mib) == MIN_PART_SIZE
+    assert part_size_for(MAX_PARTS * MIN_PART_SIZE) == MIN_PART_SIZE
+    for size in (MAX_PARTS * MIN_PART_SIZE + 1, 100 * 1024 * mib, 5 * 1024**4):
+        part = part_size_for(size)
+        assert part % mib == 0 and part > MIN_PART_SIZE
+        assert -(-size // part) <= MAX_PARTS
+    assert part_size_for(10 * mib, minimum=5 * mib) == 5 * mib
