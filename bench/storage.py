@@ -165,7 +165,7 @@ def run(ctx: Context) -> Section:
             ratio = b.seconds / d.seconds
             peak = max(r.peak_rss_mib for r in results[("dsjobs", op)])
             all_runs = ", ".join(secs(r.seconds) for r in results[("dsjobs", op)])
-            what = "`Storage.upload_file` (sha256 while sending; 8 MiB parts, 4 threads)"
+            what = "`Storage.upload_file` (sha256 while sending; 8 MiB parts, 2 upload threads, 3 reused buffers)"
             if op == "download":
                 what = "`Storage.download_file` (sha256 + size verified, atomic rename)"
             sec.add(
