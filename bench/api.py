@@ -278,10 +278,11 @@ def bench_get(ctx: Context, sec: Section, api: ApiProcess, ids: list[str]) -> No
         Figure(
             f"Get at {GET_RPS} requests/s, open loop, {seconds} s",
             latency_summary(lat),
-            "",
+            "p99 ≤ 10 ms",
             str(load),
             f"offered {achieved:.0f}/s; {failures} errors; API CPU {cpu / seconds:.2f} cores; "
             "latency from the scheduled send time; the client shares the 2 cores",
+            ok=not failures and percentile(lat, 99) <= 0.010,
         )
     )
 
@@ -328,9 +329,10 @@ def bench_list(ctx: Context, sec: Section, api: ApiProcess, kube: Kube) -> None:
         Figure(
             f"List, page of 50, paging through {count} jobs (twice, one client)",
             latency_summary(lat),
-            "",
+            "p99 ≤ 50 ms",
             str(load),
             f"{pages} pages; each page is a Kubernetes list with limit/continue",
+            ok=percentile(lat, 99) <= 0.050,
         )
     )
 
@@ -387,9 +389,10 @@ def bench_logs(ctx: Context, sec: Section, api: ApiProcess, kube: Kube) -> None:
             Figure(
                 f"log line latency, print → ReadLogs (following), {len(lat)} of {lines} lines",
                 f"p50 {ms(percentile(lat, 50))}, p95 {ms(percentile(lat, 95))}, max {ms(max(lat))}",
-                "",
+                "p95 ≤ 1 s",
                 str(load),
                 "one line per 100 ms; includes the runner's ship interval and the API's log poll (300 ms)",
+                ok=len(lat) == lines and percentile(lat, 95) <= 1.0,
             )
         )
     finally:
