@@ -375,7 +375,7 @@ def test_gpu_instance_type_lands_on_gpu_node(dsjobs_stack: StackEnv, tmp_path: P
     wait_status(dsjobs_stack, job_id, d, {"SUCCESS"})
 
 
-def test_kubectl_apply_example_projectjob(dsjobs_stack: StackEnv) -> None:
+def test_kubectl_apply_example_projectjob(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     examples = sorted((REPO_ROOT / "deploy" / "examples").glob("*.yaml"))
     docs = [doc for p in examples for doc in yaml.safe_load_all(p.read_text()) if doc]
     jobs = [doc for doc in docs if doc.get("kind") == "ProjectJob" and not doc["spec"].get("inputs")]
@@ -385,6 +385,8 @@ def test_kubectl_apply_example_projectjob(dsjobs_stack: StackEnv) -> None:
     name = f"e2e-example-{uuid.uuid4().hex[:6]}"
     job["metadata"] = {**job.get("metadata", {}), "name": name, "namespace": dsjobs_stack.project_namespace}
     job["metadata"].pop("generateName", None)
+    job["metadata"].pop("labels", None)  # as a user would write it: the operator adds them
+    job["spec"]["projectId"] = dsjobs_stack.project_id
     dsjobs_stack.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
     dsjobs_stack.kubectl(
         "wait", f"projectjob/{name}", "-n", dsjobs_stack.project_namespace,
@@ -398,6 +400,15 @@ def test_kubectl_apply_example_projectjob(dsjobs_stack: StackEnv) -> None:
     assert len([line for line in events.splitlines() if line.strip()]) >= 3, (
         described
     )  # header, rule, >= 1 event
+    # The operator labelled it like the API's jobs, so the API lists it with the project's jobs.
+    labels = dsjobs_stack.job_object(name)["metadata"]["labels"]
+    assert labels["dsjobs.dev/project-id"] == dsjobs_stack.project_id and labels["dsjobs.dev/job-id"] == name
+    run = dsjobs_stack.datasphere(
+        "project", "job", "list", "-p", dsjobs_stack.project_id, "--format", "json", cwd=tmp_path
+    ).ok()  # fmt: skip
+    listed = first_json(run.output)
+    listed = listed if isinstance(listed, list) else [listed]
+    assert [j["status"] for j in listed if j["id"] == name] == ["SUCCESS"], run.output
 
 
 def test_operator_and_api_restart_mid_job(dsjobs_stack: StackEnv, tmp_path: Path) -> None:

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from dsjobs.controller.names import FINALIZER
+from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL
 from dsjobs.controller.plan import (
-    AddFinalizer,
     ClearData,
     CreatePod,
     DeletePod,
     DeleteSecrets,
+    EnsureMetadata,
     JobView,
     Plan,
     RemoveFinalizer,
@@ -63,6 +63,7 @@ def job(
     finalizers: tuple[str, ...] = (FINALIZER,),
     deleting: bool = False,
     name: str = "job-1",
+    labels: dict[str, str] | None = None,
     **spec: Any,
 ) -> JobView:
     body: dict[str, Any] = {
@@ -76,6 +77,7 @@ def job(
             "generation": 1,
             "creationTimestamp": ts(CREATED),
             "finalizers": list(finalizers),
+            "labels": dict(labels) if labels is not None else {PROJECT_LABEL: "proj-a", JOB_LABEL: name},
         },
         "spec": {
             "projectId": "proj-a",
@@ -245,8 +247,20 @@ def test_new_job_without_execute_waits_in_creating() -> None:
     p = step(job(execute=False, finalizers=()))
     assert p.status.phase == JobPhase.CREATING
     assert p.status.created_at == CREATED
-    assert p.actions == (AddFinalizer(),)
+    assert p.actions == (EnsureMetadata(finalizer=True),)
     assert [e.reason for e in p.events] == ["Created"]
+
+
+def test_a_job_applied_without_labels_gets_them_with_the_finalizer() -> None:
+    p = step(job(execute=False, finalizers=(), labels={"team": "x"}))
+    assert p.actions == (
+        EnsureMetadata(finalizer=True, labels=((JOB_LABEL, "job-1"), (PROJECT_LABEL, "proj-a"))),
+    )
+    # A wrong project label is corrected (the spec is the truth); a finalizer already there stays.
+    p = step(job(execute=False, labels={PROJECT_LABEL: "other", JOB_LABEL: "job-1"}))
+    assert p.actions == (EnsureMetadata(finalizer=False, labels=((PROJECT_LABEL, "proj-a"),)),)
+    # Labels in place, finalizer in place: nothing to add.
+    assert step(job(execute=False)).actions == ()
 
 
 def test_execute_creates_attempt_one_on_the_first_type() -> None:

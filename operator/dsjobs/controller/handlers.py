@@ -45,11 +45,11 @@ from dsjobs.controller.names import (
     registry_secret_name,
 )
 from dsjobs.controller.plan import (
-    AddFinalizer,
     ClearData,
     CreatePod,
     DeletePod,
     DeleteSecrets,
+    EnsureMetadata,
     JobView,
     Plan,
     RemoveFinalizer,
@@ -455,12 +455,14 @@ class Operator:
         status = step.status
         events = list(step.events)
         for action in step.actions:
-            if isinstance(action, AddFinalizer):
-                finalizers = [*job.finalizers, FINALIZER]
+            if isinstance(action, EnsureMetadata):
+                meta: dict[str, Any] = {"resourceVersion": job.resource_version}
+                if action.finalizer:
+                    meta["finalizers"] = [*job.finalizers, FINALIZER]
+                if action.labels:
+                    meta["labels"] = dict(action.labels)
                 body = await self.kube.merge_patch(
-                    PROJECTJOB_PLURAL,
-                    job_path(job.namespace, job.name),
-                    {"metadata": {"finalizers": finalizers, "resourceVersion": job.resource_version}},
+                    PROJECTJOB_PLURAL, job_path(job.namespace, job.name), {"metadata": meta}
                 )
                 self._remember(body)
                 self._own[(job.namespace, job.name)] = revision(body)

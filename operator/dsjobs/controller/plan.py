@@ -20,6 +20,7 @@ finishedAt, dataExpiresAt) and come back as `requeue_after`, so they survive res
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +28,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dsjobs.controller.names import FINALIZER, pod_name
+from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, pod_name
 from dsjobs.controller.podview import PodView, parse_time
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
@@ -73,6 +74,7 @@ class JobView:
     status: ProjectJobStatus
     # Set when the stored status could not be read (hand-edited): the plan starts from scratch.
     status_problem: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -94,7 +96,25 @@ class JobView:
             spec=body.get("spec") or {},
             status=status,
             status_problem=problem,
+            labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
         )
+
+
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+
+def missing_labels(job: JobView) -> tuple[tuple[str, str], ...]:
+    """The project and job labels a job lacks (or carries with another value than its spec's).
+
+    They are how the API finds a project's jobs (List selects by the project label); a job
+    applied with kubectl would otherwise run but never be listed.
+    """
+    wanted = {JOB_LABEL: job.name, PROJECT_LABEL: job.spec.get("projectId")}
+    return tuple(
+        (key, value)
+        for key, value in sorted(wanted.items())
+        if isinstance(value, str) and value and _LABEL_VALUE.match(value) and job.labels.get(key) != value
+    )
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -127,8 +147,12 @@ class ClearData:
 
 
 @dataclass(frozen=True)
-class AddFinalizer:
-    """Add dsjobs.dev/cleanup (the API adds it at creation; `kubectl apply` users do not)."""
+class EnsureMetadata:
+    """Give a job what the API sets at creation and `kubectl apply` users usually do not: the
+    dsjobs.dev/cleanup finalizer, and the project and job labels the API lists jobs by."""
+
+    finalizer: bool = True
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,7 +160,7 @@ class RemoveFinalizer:
     """Let a deleted job go: everything it owned is cleaned up."""
 
 
-Action = CreatePod | DeletePod | DeleteSecrets | ClearData | AddFinalizer | RemoveFinalizer
+Action = CreatePod | DeletePod | DeleteSecrets | ClearData | EnsureMetadata | RemoveFinalizer
 
 
 @dataclass(frozen=True)
@@ -249,7 +273,10 @@ def plan(
     if job.deleting:
         return _plan_delete(job, pods)
 
-    actions: list[Action] = [] if FINALIZER in job.finalizers else [AddFinalizer()]
+    labels = missing_labels(job)
+    actions: list[Action] = []
+    if FINALIZER not in job.finalizers or labels:
+        actions.append(EnsureMetadata(finalizer=FINALIZER not in job.finalizers, labels=labels))
     events: list[JobEvent] = []
     status = job.status
     if status.phase is None:
