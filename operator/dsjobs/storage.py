@@ -594,9 +594,18 @@ class Storage:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size <= MULTIPART_THRESHOLD:
-                    data = f.read()
-                    self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-                    return TransferResult(key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+                    # Bounded even if the file grew since fstat: then it goes multipart after all.
+                    data = f.read(MULTIPART_THRESHOLD + 1)
+                    if len(data) <= MULTIPART_THRESHOLD:
+                        self._client.put_object(
+                            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+                        )
+                        return TransferResult(
+                            key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+                        )
+                    del data
+                    f.seek(0)
+                    size = os.fstat(f.fileno()).st_size
                 return self._multipart_upload(f, key, content_type, size)
 
         return retry(call, what=f"upload {key}", attempts=self.attempts)
