@@ -63,7 +63,7 @@ class InstanceTypeSpec(CRModel):
     )
     schedule_timeout_seconds: int = field(
         "How long a job waits for this type to be scheduled before it falls back to its next type "
-        "(or fails when this is the last).",
+        "(on the last type it keeps waiting, with a status detail saying so).",
         300,
         minimum=MIN_SCHEDULE_TIMEOUT_SECONDS,
         maximum=MAX_SCHEDULE_TIMEOUT_SECONDS,
