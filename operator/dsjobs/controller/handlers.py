@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -201,7 +201,7 @@ class Operator:
             if self._warm.is_set():
                 return
             assert self.kube is not None
-            for path in self._scoped_paths("pods"):
+            for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
                 async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
                     self.pods.seed(page)
             self.pods.seeded()
@@ -210,10 +210,11 @@ class Operator:
             log.info("caches warm: %d job pods, %d instance types", len(self.pods), len(types))
             self._warm.set()
 
-    def _scoped_paths(self, plural: str) -> list[str]:
+    def _scoped_paths(self, cluster_wide: str, in_namespace: Callable[[str], str]) -> list[str]:
+        """Where to LIST: the operator's namespaces, or the whole cluster when it has none."""
         if not self.settings.namespaces:
-            return [f"/api/v1/{plural}"]
-        return [core_path(ns, plural) for ns in self.settings.namespaces]
+            return [cluster_wide]
+        return [in_namespace(ns) for ns in self.settings.namespaces]
 
     async def _warm_input_refs(self) -> None:
         """Before the first input deletion: every job's inputs, from one paginated LIST.
@@ -230,11 +231,7 @@ class Operator:
         async with self._refs_warming:  # one LIST, however many deletions are waiting for it
             if self._refs_warm:
                 return
-            if self.settings.namespaces:
-                paths = [job_path(ns) for ns in self.settings.namespaces]
-            else:
-                paths = [f"{JOBS_PATH}/{PROJECTJOB_PLURAL}"]
-            for path in paths:
+            for path in self._scoped_paths(f"{JOBS_PATH}/{PROJECTJOB_PLURAL}", job_path):
                 async for page in self.kube.pages(PROJECTJOB_PLURAL, path):
                     for body in page:
                         self.input_refs.update(_key(body), body)

@@ -50,7 +50,7 @@ from dsjobs.controller.status import (
     with_phase,
 )
 from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec, ProjectJobStatus
-from dsjobs.models.limits import DEFAULT_INSTANCE_TYPE
+from dsjobs.models.limits import DEFAULT_INSTANCE_TYPE, LABEL_VALUE_PATTERN
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, format_problems, parse_job_spec
 
@@ -100,7 +100,7 @@ class JobView:
         )
 
 
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 
 def missing_labels(job: JobView) -> tuple[tuple[str, str], ...]:

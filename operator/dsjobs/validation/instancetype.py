@@ -21,7 +21,7 @@ _QUALIFIED = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(L.LABEL_VALUE_PATTERN)
 # Resources Kubernetes lets a container overcommit (requests below limits); any other (extended)
 # resource, such as nvidia.com/gpu, must have requests equal to limits.
 _OVERCOMMITTABLE = ("cpu", "memory", "ephemeral-storage")
