@@ -892,57 +892,6 @@ def test_drain_ends_log_streams_with_unavailable(api_env: ApiEnv) -> None:
         assert time.monotonic() - started < 30
 
 
-def test_full_flow_with_the_operator(dsjobs_stack: Any) -> None:
-    """Our minimal client through a real job: the deployed stack (API + operator + runner + nodes)."""
-    stack = dsjobs_stack
-    if stack.ca_file:
-        from pathlib import Path
-
-        creds = grpc.ssl_channel_credentials(Path(stack.ca_file).read_bytes())
-        channel = grpc.secure_channel(stack.endpoint, creds)
-    else:
-        channel = grpc.insecure_channel(stack.endpoint)
-    c = Client(channel, (("authorization", f"Bearer {stack.token}"),))
-    tag = str(time.time_ns())
-    inputs = {
-        "main.py": (
-            "import sys, time\n"
-            "for i in range(3):\n"
-            "    print(f'line {i}', flush=True)\n"
-            "    time.sleep(0.3)\n"
-            "print('to stderr', file=sys.stderr, flush=True)\n"
-            "open(sys.argv[1], 'w').write('42\\n')\n"
-            f"# {tag}\n"
-        ).encode()
-    }
-    job_params = params(
-        inputs, cmd="python main.py ${OUT}", output_files=[jobs_pb2.FileDesc(path="result.txt", var="OUT")]
-    )
-    _, resp = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}")
-    assert [f.file.desc.path for f in resp.upload_files] == ["main.py"]
-    c.upload(resp, inputs)
-    op = c.execute(resp.job_id)
-    received: list[svc.LogMessage] = []
-    for r in c.jobs.ReadLogs(svc.ReadProjectJobLogsRequest(job_id=resp.job_id), metadata=c.md, timeout=600):
-        received.extend(r.logs)
-    stdout = b"".join(
-        m.content for m in received if m.HasField("standard_stream") and m.standard_stream == svc.OUT
-    )
-    stderr = b"".join(
-        m.content for m in received if m.HasField("standard_stream") and m.standard_stream == svc.ERR
-    )
-    assert stdout == b"line 0\nline 1\nline 2\n" and stderr == b"to stderr\n"
-    final = c.wait_op(op.id, timeout=600)
-    assert not final.HasField("error"), final.error
-    result = svc.ExecuteProjectJobResponse()
-    assert final.response.Unpack(result) and result.result.return_code == 0
-    assert [f.file.desc.path for f in result.output_files] == ["result.txt"]
-    assert requests.get(result.output_files[0].url, timeout=30).content == b"42\n"
-    _, again = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}-2")
-    assert not again.upload_files
-    channel.close()
-
-
 # --- the official CLI against the API (the test plays the operator) -------------------------------
 
 
@@ -1073,3 +1022,59 @@ def test_tls(api_env: ApiEnv, tmp_path: Any) -> None:
         )
         assert project.id == api_env.project_a.project_id
     assert replica.stop() == 0
+
+
+# --- the deployed stack (last in this module) -----------------------------------------------------
+# The stack's operator watches the whole cluster and stays up for the session: started any earlier,
+# it would also run the jobs that the tests above play the operator for (two writers of one job).
+
+
+def test_full_flow_with_the_operator(dsjobs_stack: Any) -> None:
+    """Our minimal client through a real job: the deployed stack (API + operator + runner + nodes)."""
+    stack = dsjobs_stack
+    if stack.ca_file:
+        from pathlib import Path
+
+        creds = grpc.ssl_channel_credentials(Path(stack.ca_file).read_bytes())
+        channel = grpc.secure_channel(stack.endpoint, creds)
+    else:
+        channel = grpc.insecure_channel(stack.endpoint)
+    c = Client(channel, (("authorization", f"Bearer {stack.token}"),))
+    tag = str(time.time_ns())
+    inputs = {
+        "main.py": (
+            "import sys, time\n"
+            "for i in range(3):\n"
+            "    print(f'line {i}', flush=True)\n"
+            "    time.sleep(0.3)\n"
+            "print('to stderr', file=sys.stderr, flush=True)\n"
+            "open(sys.argv[1], 'w').write('42\\n')\n"
+            f"# {tag}\n"
+        ).encode()
+    }
+    job_params = params(
+        inputs, cmd="python main.py ${OUT}", output_files=[jobs_pb2.FileDesc(path="result.txt", var="OUT")]
+    )
+    _, resp = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}")
+    assert [f.file.desc.path for f in resp.upload_files] == ["main.py"]
+    c.upload(resp, inputs)
+    op = c.execute(resp.job_id)
+    received: list[svc.LogMessage] = []
+    for r in c.jobs.ReadLogs(svc.ReadProjectJobLogsRequest(job_id=resp.job_id), metadata=c.md, timeout=600):
+        received.extend(r.logs)
+    stdout = b"".join(
+        m.content for m in received if m.HasField("standard_stream") and m.standard_stream == svc.OUT
+    )
+    stderr = b"".join(
+        m.content for m in received if m.HasField("standard_stream") and m.standard_stream == svc.ERR
+    )
+    assert stdout == b"line 0\nline 1\nline 2\n" and stderr == b"to stderr\n"
+    final = c.wait_op(op.id, timeout=600)
+    assert not final.HasField("error"), final.error
+    result = svc.ExecuteProjectJobResponse()
+    assert final.response.Unpack(result) and result.result.return_code == 0
+    assert [f.file.desc.path for f in result.output_files] == ["result.txt"]
+    assert requests.get(result.output_files[0].url, timeout=30).content == b"42\n"
+    _, again = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}-2")
+    assert not again.upload_files
+    channel.close()

@@ -11,8 +11,10 @@ import grpc
 import pytest
 
 from dsjobs import logrecords
+from dsjobs.api.cluster import JobIndex
 from dsjobs.api.core import Core
 from dsjobs.api.errors import ApiError
+from dsjobs.api.kube import Kube
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.servicer import follow_logs
 from dsjobs.api.settings import Settings
@@ -42,19 +44,22 @@ class MemoryStore:
         self.objects.pop(key, None)
 
 
+def job_object(phase: str | None, uid: str = "u1", version: int = 1) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": JOB,
+            "namespace": "ns",
+            "uid": uid,
+            "resourceVersion": str(version),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+        },
+        "spec": {"projectId": PROJECT, "jobParameters": {"cmd": "x"}, "execute": True},
+        "status": {"phase": phase} if phase else {},
+    }
+
+
 def snapshot(phase: str | None, uid: str = "u1") -> JobSnapshot:
-    return JobSnapshot.from_cr(
-        {
-            "metadata": {
-                "name": JOB,
-                "namespace": "ns",
-                "uid": uid,
-                "creationTimestamp": "2025-01-01T00:00:00Z",
-            },
-            "spec": {"projectId": PROJECT, "jobParameters": {"cmd": "x"}, "execute": True},
-            "status": {"phase": phase} if phase else {},
-        }
-    )
+    return JobSnapshot.from_cr(job_object(phase, uid))
 
 
 class FakeCore:
@@ -63,6 +68,11 @@ class FakeCore:
         self.store = MemoryStore()
         self.draining = asyncio.Event()
         self.job = job
+        # The real index (its watch is not started: tests feed it what a watch would deliver).
+        self.jobs = JobIndex(cast(Kube, None))
+
+    def job_changed(self, namespace: str, job_id: str) -> asyncio.Event:
+        return self.jobs.next_change(namespace, job_id)
 
     async def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
@@ -164,3 +174,47 @@ def test_negative_offsets_other_than_minus_one_are_rejected() -> None:
     with pytest.raises(ApiError) as exc:
         asyncio.run(collect(FakeCore(snapshot("SUCCESS")), snapshot("SUCCESS"), offset=-2))
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_change_of_the_job_wakes_an_idle_stream_at_once() -> None:
+    """The last records are read when the job ends, not a poll interval later (the CLI stops then)."""
+    core = FakeCore(snapshot("EXECUTING"))
+    core.settings = Settings(log_poll_interval=60.0, max_response_bytes=64 * 1024)
+    write(core, 0, "first\n")
+
+    async def scenario() -> list[tuple[list[bytes], int]]:
+        async def job_ends() -> None:
+            await asyncio.sleep(0.2)  # the stream has read "first" and waits for up to 60 s
+            write(core, 1, "last\n")
+            logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(2))
+            core.job = snapshot("SUCCESS")
+            core.jobs.remember(job_object("SUCCESS", version=2))  # what the job watch delivers
+
+        ender = asyncio.create_task(job_ends())
+        got = await collect(core, snapshot("EXECUTING"), limit=20)
+        await ender
+        return got
+
+    got = asyncio.run(scenario())
+    assert [c for batch, _ in got for c in batch] == [b"first\n", b"last\n"]
+
+
+def test_job_index_change_events() -> None:
+    async def scenario() -> None:
+        index = JobIndex(cast(Kube, None))
+        index.remember(job_object("EXECUTING", version=5))
+        changed = index.next_change("ns", JOB)
+        assert index.next_change("ns", JOB) is changed  # streams of one job share it
+        index.remember(job_object("EXECUTING", version=5))  # the same version again: no change
+        index.remember(job_object("EXECUTING", version=4))  # an older one: no change
+        assert not changed.is_set()
+        index.remember(job_object("SUCCESS", version=6))
+        assert changed.is_set()
+        again = index.next_change("ns", JOB)
+        assert again is not changed and not again.is_set()
+        index.forget(JOB, "ns")
+        assert again.is_set()
+        index.next_change("ns", "other")
+        assert len(index._changes) == 0  # nobody holds it: no entry stays behind
+
+    asyncio.run(scenario())

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -143,6 +144,11 @@ class JobIndex:
         self._objects: dict[tuple[str, str], tuple[int, bytes]] = {}
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # One event per job someone waits on (log streams); set and dropped at the job's next change,
+        # or dropped with the last stream that held it.
+        self._changes: weakref.WeakValueDictionary[tuple[str, str], asyncio.Event] = (
+            weakref.WeakValueDictionary()
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="job-index")
@@ -155,6 +161,18 @@ class JobIndex:
     def put(self, name: str, namespace: str) -> None:
         self._where.setdefault(name, set()).add(namespace)
 
+    def next_change(self, namespace: str, name: str) -> asyncio.Event:
+        """An event set when the job is next seen changed (or deleted); get it before reading the job."""
+        event = self._changes.get((namespace, name))
+        if event is None:
+            event = self._changes[(namespace, name)] = asyncio.Event()
+        return event
+
+    def _changed(self, namespace: str, name: str) -> None:
+        event = self._changes.pop((namespace, name), None)
+        if event is not None:
+            event.set()
+
     def remember(self, obj: Mapping[str, Any]) -> None:
         """Cache an object read or written just now (unless the cache already has a newer one)."""
         meta = obj.get("metadata") or {}
@@ -163,11 +181,14 @@ class JobIndex:
             return
         version = _version(meta)
         current = self._objects.get((namespace, name))
+        if current is None or version > current[0]:
+            self._changed(namespace, name)
         if current is None or version >= current[0]:
             self._objects[(namespace, name)] = (version, json.dumps(obj, separators=(",", ":")).encode())
         self.put(name, namespace)
 
     def forget(self, name: str, namespace: str) -> None:
+        self._changed(namespace, name)
         self._objects.pop((namespace, name), None)
         spaces = self._where.get(name)
         if spaces is not None:
@@ -238,6 +259,10 @@ class JobIndex:
             cont = str((result.get("metadata") or {}).get("continue") or "")
             if not cont:
                 self._objects, self._where = objects, where
+                # What changed while the watch was down is unknown: every waiter looks again.
+                changes, self._changes = self._changes, weakref.WeakValueDictionary()
+                for event in list(changes.values()):
+                    event.set()
                 return str((result.get("metadata") or {}).get("resourceVersion") or "")
 
     async def _watch(self, version: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -718,6 +717,10 @@ async def follow_logs(
         # from there instead of from a later "now" (which would skip what came in between).
         yield [], offset
     ended = job.is_final  # once the job has ended, one more empty read finishes the stream
+    # A change of the job (a new phase, the end) wakes the stream at once: the runner stores the
+    # last records before the job ends, and the official CLI stops reading logs as soon as it sees
+    # the operation done, so the stream must not sit out a poll interval then.
+    changed = core.job_changed(job.namespace, job.name)
     checked = time.monotonic()
     # Idle streams poll less often (up to 3x the base interval); new records reset the pace.
     interval = settings.log_poll_interval
@@ -752,7 +755,8 @@ async def follow_logs(
             continue
         if ended or (result.complete and job.is_final):
             return
-        if time.monotonic() - checked >= JOB_RECHECK_SECONDS:
+        if changed.is_set() or time.monotonic() - checked >= JOB_RECHECK_SECONDS:
+            changed = core.job_changed(job.namespace, job.name)
             checked = time.monotonic()
             fresh = await core.read_job(job.namespace, job.name)
             if fresh is None or fresh.uid != job.uid:
@@ -761,9 +765,18 @@ async def follow_logs(
             if job.is_final:
                 ended = True
                 continue  # read once more: the last records may have landed with the final status
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(core.draining.wait(), interval)
+        await _first_of(interval, core.draining, changed)
         interval = min(interval * 1.5, settings.log_poll_interval * 3)
+
+
+async def _first_of(timeout: float, *events: asyncio.Event) -> None:
+    """Wait until one of `events` is set, at most `timeout` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _log_message(r: logrecords.LogRecord) -> svc.LogMessage:
