@@ -56,7 +56,10 @@ def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) ->
     (output,) = status["outputFiles"]
     assert output["desc"]["path"] == "result.txt"
     assert storage.get_bytes(output["key"]) == b"Hello, world\n"
-    assert {"Preparing", "Executing", "Succeeded"} <= set(_reasons(h, "hello"))
+    # `kubectl describe pj` tells the story; changes seen in one step share one event.
+    story = " | ".join(e.message or "" for e in h.events("hello"))
+    assert all(f"-> {p}" in story for p in ("CREATING", "PREPARING", "EXECUTING", "SUCCESS")), story
+    assert {"Preparing", "Succeeded"} <= set(_reasons(h, "hello"))
     (pod,) = h.pods("hello")
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
     assert pod.metadata.owner_references[0].kind == "ProjectJob"

@@ -736,3 +736,34 @@ def test_deletion_cleans_up_then_lets_go() -> None:
         RemoveFinalizer(),
     )
     assert not step(job(deleting=True, finalizers=())).actions
+
+
+def test_phase_changes_of_one_step_become_one_event() -> None:
+    from dsjobs.controller.status import JobEvent, coalesce_transitions
+
+    events = [
+        JobEvent("Normal", "Created", "new -> CREATING"),
+        JobEvent("Normal", "Preparing", "CREATING -> PREPARING: creating pod j-1 for instance type c1.4"),
+    ]
+    assert coalesce_transitions(events) == [
+        JobEvent(
+            "Normal", "Preparing", "new -> CREATING -> PREPARING: creating pod j-1 for instance type c1.4"
+        )
+    ]
+    finished = [
+        JobEvent("Normal", "Executing", "PREPARING -> EXECUTING: running"),
+        JobEvent("Normal", "UploadingOutput", "EXECUTING -> UPLOADING_OUTPUT: uploading"),
+        JobEvent("Warning", "Failed", "UPLOADING_OUTPUT -> ERROR: exit code 3"),
+    ]
+    assert coalesce_transitions(finished) == [
+        JobEvent("Warning", "Failed", "PREPARING -> EXECUTING -> UPLOADING_OUTPUT -> ERROR: exit code 3")
+    ]
+    # Other events, and changes that do not chain, stay as they are.
+    other = [
+        JobEvent("Normal", "Created", "new -> CREATING"),
+        JobEvent("Warning", "Unschedulable", "0/3 nodes are available"),
+        JobEvent("Normal", "Preparing", "CREATING -> PREPARING"),
+        JobEvent("Normal", "Cancelled", "EXECUTING -> CANCELLED"),
+    ]
+    assert coalesce_transitions(other) == other
+    assert coalesce_transitions([]) == []

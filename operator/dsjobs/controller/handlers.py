@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import kopf
 
-from dsjobs.controller import metrics
+from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
 from dsjobs.controller.kube import JOBS_PATH, Conflict, Invalid, Kube, core_path, job_path, merge_diff
@@ -69,7 +69,7 @@ from dsjobs.controller.render import (
 )
 from dsjobs.controller.secrets import registry_secret, secret_value
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import JobEvent, StatusUpdate, fail
+from dsjobs.controller.status import JobEvent, StatusUpdate, coalesce_transitions, fail
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -675,7 +675,7 @@ class Operator:
         self._post(written, events)
 
     def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent]) -> None:
-        for event in events:
+        for event in coalesce_transitions(events):
             try:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
             except LookupError:  # outside Kopf's context (tests): nothing to post to
@@ -748,6 +748,7 @@ def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
 
 def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
     """Register the operator's handlers on a Kopf registry."""
+    fastjson.install()
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

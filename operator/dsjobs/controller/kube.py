@@ -20,7 +20,7 @@ from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.configs.configuration import OperatorSettings as KopfSettings
 
-from dsjobs.controller import metrics
+from dsjobs.controller import fastjson, metrics
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
 
 log = logging.getLogger("dsjobs.controller.kube")
@@ -102,7 +102,8 @@ class Kube:
                 logger=log,
             )
             async with response:
-                return await response.json()
+                body = await response.read()
+                return fastjson.loads(body) if body.strip() else None
         except APIError as exc:
             code = str(exc.status)
             raise

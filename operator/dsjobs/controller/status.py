@@ -21,6 +21,7 @@ Phase mapping (docs/operator.md has the full table):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -212,6 +213,31 @@ def with_phase(
             )
         )
     return status.model_copy(update={"phase": phase, "status_details": clip(details)})
+
+
+def coalesce_transitions(events: Sequence[JobEvent]) -> list[JobEvent]:
+    """One event for a chain of phase changes made in one step ("new -> CREATING -> PREPARING: ...").
+
+    Each Event is a write to the API server; a new job passes CREATING and PREPARING in its first
+    step, a short one EXECUTING, UPLOADING_OUTPUT and SUCCESS in one. The chain keeps the story and
+    the last change's reason (and Warning type if any link was one).
+    """
+    reasons = set(_PHASE_REASONS.values())
+    out: list[JobEvent] = []
+    for event in events:
+        prev = out[-1] if out else None
+        if prev is not None and prev.reason in reasons and event.reason in reasons:
+            head, _, _ = prev.message.partition(": ")
+            last_phase = head.rpartition(" -> ")[2]
+            if event.message.startswith(f"{last_phase} -> "):
+                kind: Literal["Normal", "Warning"] = (
+                    "Warning" if "Warning" in (prev.type, event.type) else "Normal"
+                )
+                message = head + event.message[len(last_phase) :]
+                out[-1] = JobEvent(kind, event.reason, clip(message, 1024))
+                continue
+        out.append(event)
+    return out
 
 
 def finish(
