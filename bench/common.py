@@ -76,6 +76,31 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_quiet(idle: float = 0.7, window: float = 2.0, timeout: float = 180.0) -> tuple[float, float]:
+    """Wait until the CPUs were at least `idle` idle over the last `window` seconds.
+
+    A benchmark that starts right after another one would otherwise measure the tail of its work
+    (pods terminating, cleanups, the API server catching up) instead of its own subject. Gives up
+    after `timeout`. Returns (seconds waited, idle fraction of the last window).
+    """
+    t0 = time.monotonic()
+    while True:
+        i0, a0 = _cpu_times()
+        time.sleep(window)
+        i1, a1 = _cpu_times()
+        frac = (i1 - i0) / max(1, a1 - a0)
+        waited = time.monotonic() - t0
+        if frac >= idle or waited >= timeout:
+            return waited, frac
+
+
 @dataclass
 class LoadSpan:
     """The 1-minute load average when a measurement started and ended.

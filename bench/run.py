@@ -32,6 +32,7 @@ from common import (
     machine_info,
     machine_line,
     update_doc,
+    wait_quiet,
 )
 
 #: Order of the sections in docs/benchmarks.md, and of the runs.
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 if name != "cluster":  # the cluster benchmark times its own up/down
                     cluster.ensure_up()
+                    waited, idle = wait_quiet()  # not the tail of the previous benchmark's work
+                    print(f"   machine {idle:.0%} idle after {waited:.0f} s", file=sys.stderr, flush=True)
                 sec: Section = mod.run(ctx)
             except Exception as e:
                 traceback.print_exc()
