@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench: run the benchmarks in bench/ on a dev cluster of their own and record the figures.
 #
-#   hack/bench.sh                          # all: cluster storage controller api runner (~20 min)
+#   hack/bench.sh                          # all: cluster storage controller api runner (~12-20 min)
 #   hack/bench.sh cluster storage          # a subset
 #   hack/bench.sh --quick                  # small counts: checks the harness, writes no docs
 #   hack/bench.sh --no-docs --keep-cluster # print only; leave the bench cluster running
