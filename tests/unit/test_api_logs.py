@@ -71,9 +71,6 @@ class FakeCore:
         # The real index (its watch is not started: tests feed it what a watch would deliver).
         self.jobs = JobIndex(cast(Kube, None))
 
-    def job_changed(self, namespace: str, job_id: str) -> asyncio.Event:
-        return self.jobs.next_change(namespace, job_id)
-
     async def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 

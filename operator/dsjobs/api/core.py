@@ -172,10 +172,6 @@ class Core:
         self.jobs.remember(obj)
         return snapshot(obj)
 
-    def job_changed(self, namespace: str, job_id: str) -> asyncio.Event:
-        """Set when the job is next seen changed: get it before reading the job, then wait on it."""
-        return self.jobs.next_change(namespace, job_id)
-
     async def get_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot:
         job = await self.read_job(namespace, job_id, fresh=fresh)
         if job is None:

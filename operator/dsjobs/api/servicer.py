@@ -720,7 +720,7 @@ async def follow_logs(
     # A change of the job (a new phase, the end) wakes the stream at once: the runner stores the
     # last records before the job ends, and the official CLI stops reading logs as soon as it sees
     # the operation done, so the stream must not sit out a poll interval then.
-    changed = core.job_changed(job.namespace, job.name)
+    changed = core.jobs.next_change(job.namespace, job.name)
     checked = time.monotonic()
     # Idle streams poll less often (up to 3x the base interval); new records reset the pace.
     interval = settings.log_poll_interval
@@ -756,7 +756,7 @@ async def follow_logs(
         if ended or (result.complete and job.is_final):
             return
         if changed.is_set() or time.monotonic() - checked >= JOB_RECHECK_SECONDS:
-            changed = core.job_changed(job.namespace, job.name)
+            changed = core.jobs.next_change(job.namespace, job.name)
             checked = time.monotonic()
             fresh = await core.read_job(job.namespace, job.name)
             if fresh is None or fresh.uid != job.uid:

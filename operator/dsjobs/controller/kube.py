@@ -103,7 +103,7 @@ class Kube:
             )
             async with response:
                 body = await response.read()
-                return fastjson.loads(body) if body.strip() else None
+                return None if not body or body.isspace() else fastjson.loads(body)
         except APIError as exc:
             code = str(exc.status)
             raise
