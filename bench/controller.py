@@ -54,6 +54,7 @@ TITLE = "Operator (`bench/controller.py`)"
 GROUP_VERSION = "dsjobs.dev/v1alpha1"
 JOB_LABEL = "dsjobs.dev/job-id"
 PROJECT_LABEL = "dsjobs.dev/project-id"
+FINALIZER = "dsjobs.dev/cleanup"
 FINAL = ("SUCCESS", "ERROR", "CANCELLED")
 INSTANCE_TYPE = "c1.4"
 # What the local catalog's c1.4 requests (limits / 16): bare pods pack onto cpu-0 like job pods.
@@ -80,8 +81,13 @@ def job_body(name: str, project: str, *, execute: bool, cmd: str = CMD, itype: s
     return {
         "apiVersion": GROUP_VERSION,
         "kind": "ProjectJob",
-        # The labels the API puts on the jobs it makes: its List selects by the project label.
-        "metadata": {"name": name, "labels": {PROJECT_LABEL: project, JOB_LABEL: name}},
+        # What the API puts on the jobs it makes: the labels its List selects by, and the
+        # operator's finalizer (a job applied without them costs the operator one more write).
+        "metadata": {
+            "name": name,
+            "labels": {PROJECT_LABEL: project, JOB_LABEL: name},
+            "finalizers": [FINALIZER],
+        },
         "spec": {
             "projectId": project,
             "name": name,

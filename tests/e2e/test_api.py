@@ -688,6 +688,12 @@ def test_delete_data_and_delete(api_env: ApiEnv) -> None:
     )
     assert e.code == Code.FAILED_PRECONDITION
     dop = c.jobs.Delete(svc.DeleteProjectJobRequest(job_id=job_id), metadata=c.md)
+    # The API made the job with the operator's finalizer: the deletion waits for its cleanup.
+    held = api_env.job_object(project, job_id) or {}
+    assert held["metadata"]["finalizers"] == ["dsjobs.dev/cleanup"]
+    assert held["metadata"].get("deletionTimestamp")
+    assert not other.op(dop.id).done
+    api_env.release(project, job_id)
     assert other.wait_op(dop.id).done
     assert api_env.job_object(project, job_id) is None
     assert rpc_error(lambda: c.get(job_id)).code == Code.NOT_FOUND

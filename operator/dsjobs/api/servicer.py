@@ -35,6 +35,7 @@ from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
+from dsjobs.controller.names import FINALIZER
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto
 from dsjobs.models import (
@@ -289,6 +290,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 "namespace": info.namespace,
                 "labels": job_labels(info.project_id, job_id),
                 "annotations": annotations,
+                # Set here rather than by the operator: the job's inputs are uploaded before any
+                # operator acts on it, so a deletion in between would leave them behind; and it
+                # saves the operator one write (and its watch echo) per job.
+                "finalizers": [FINALIZER],
             },
             "spec": spec.to_cr(),
         }
