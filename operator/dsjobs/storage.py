@@ -63,6 +63,9 @@ ENV_SECRET_KEY = "DSJOBS_S3_SECRET_KEY"
 ENV_REGION = "DSJOBS_S3_REGION"
 #: Every variable `StorageSettings.from_env` reads; the runner's Secret carries these keys.
 STORAGE_ENV_VARS = (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY, ENV_REGION, ENV_PUBLIC_ENDPOINT)
+#: A directory with one file per `STORAGE_ENV_VARS` name (a mounted Secret): read for the
+#: variables the environment does not set.
+ENV_FILES_DIR = "DSJOBS_S3_FILES_DIR"
 
 DEFAULT_PRESIGN_EXPIRY = timedelta(minutes=15)
 MAX_PRESIGN_EXPIRY = timedelta(hours=1)
@@ -131,6 +134,9 @@ class StorageSettings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageSettings:
         env = os.environ if environ is None else environ
+        folder = env.get(ENV_FILES_DIR)
+        if folder:
+            env = {**_files_env(Path(folder)), **env}
         missing = [k for k in (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY) if not env.get(k)]
         if missing:
             raise StorageConfigError(f"storage settings missing: {', '.join(missing)}")
@@ -142,6 +148,19 @@ class StorageSettings(BaseModel):
             region=env.get(ENV_REGION) or "us-east-1",
             public_endpoint=env.get(ENV_PUBLIC_ENDPOINT) or None,
         )
+
+
+def _files_env(folder: Path) -> dict[str, str]:
+    """The storage variables stored as files in `folder` (a Secret volume: key = file name)."""
+    found: dict[str, str] = {}
+    for key in STORAGE_ENV_VARS:
+        try:
+            found[key] = (folder / key).read_text()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageConfigError(f"storage setting {key}: cannot read {folder / key}: {exc}") from exc
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,33 @@ def test_env_delivery_of_the_config() -> None:
     assert all(v["name"] != "dsjobs-config" for v in p.volumes)
 
 
+def test_files_delivery_of_the_storage_settings() -> None:
+    # The operator's shape: one Secret with the config and the DSJOBS_S3_* keys, mounted whole.
+    p = parts(cfg(), storage_secret_name="cfg-secret", storage_delivery="files")
+    config_volume = next(v for v in p.volumes if v["name"] == "dsjobs-config")
+    assert config_volume["secret"] == {"secretName": "cfg-secret"}  # every key, not only runner.json
+    for c in (*p.init_containers, *p.sidecars):
+        env = {e["name"]: e for e in c["env"]}
+        assert env["DSJOBS_S3_FILES_DIR"] == {"name": "DSJOBS_S3_FILES_DIR", "value": "/job/.dsjobs-config"}
+        assert not any("valueFrom" in e for e in c["env"])  # no credentials in the environment
+        assert {"name": "dsjobs-config", "mountPath": "/job/.dsjobs-config", "readOnly": True} in c[
+            "volumeMounts"
+        ]
+    assert "cfg-secret" not in json.dumps(p.main)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"storage_secret_name": "store-secret"},
+        {"storage_secret_name": "cfg-secret", "config_delivery": "env"},
+    ],
+)
+def test_files_delivery_needs_the_config_volume_to_hold_the_settings(kw: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="storage_delivery='files' needs"):
+        parts(cfg(), storage_delivery="files", **kw)
+
+
 def test_mounts_datasets_project_disk_and_working_storage() -> None:
     c = cfg(
         s3_mounts=[{"id": "conn1", "mount_path": "/job/s3/conn1"}],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -83,6 +84,28 @@ def test_settings_from_env_and_secret_is_not_printed() -> None:
     )
     assert s.endpoint == "http://127.0.0.1:9000" and s.region == "us-east-1" and s.public_endpoint is None
     assert "very-secret" not in repr(s)
+
+
+def test_settings_from_files_of_a_mounted_secret(tmp_path: Path) -> None:
+    for key, value in {
+        "DSJOBS_S3_ENDPOINT": "http://s3.local:9000",
+        "DSJOBS_S3_BUCKET": "from-file",
+        "DSJOBS_S3_ACCESS_KEY": "ak",
+        "DSJOBS_S3_SECRET_KEY": "sk",
+        "runner.json": "{}",  # other keys of the Secret are not settings
+    }.items():
+        (tmp_path / key).write_text(value)
+    s = StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path), "DSJOBS_S3_BUCKET": "from-env"})
+    assert (s.endpoint, s.bucket, s.access_key, s.secret_key.get_secret_value()) == (
+        "http://s3.local:9000",
+        "from-env",  # the environment wins over a file
+        "ak",
+        "sk",
+    )
+    assert s.region == "us-east-1" and s.public_endpoint is None  # optional keys may be absent
+    (tmp_path / "DSJOBS_S3_SECRET_KEY").unlink()
+    with pytest.raises(StorageConfigError, match="DSJOBS_S3_SECRET_KEY"):
+        StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path)})
 
 
 def test_settings_reject_non_http_endpoints() -> None:

@@ -298,6 +298,7 @@ def render_pod(
         user_image=image,
         storage_secret_name=secret,
         config_secret_name=secret,
+        storage_delivery="files",
         work_volume_source=working_storage_source(spec, job, settings),
         mount_claims=volumes.mount_claims,
         project_disk_claim=volumes.project_disk_claim,

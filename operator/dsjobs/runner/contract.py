@@ -9,8 +9,9 @@ containers work the same way with ``restartPolicy: Never``)::
     volumes:        dsjobs-shared (emptyDir), dsjobs-work (emptyDir or working storage),
                     dsjobs-config (Secret with runner.json), mounts/datasets/project disk PVCs
 
-Storage credentials (the Secret ``storage_secret_name`` with keys ``DSJOBS_S3_*``) and the runner
-config reach only stage-in and ship; the job container gets neither (its environment is exported
+Storage credentials (the Secret ``storage_secret_name`` with keys ``DSJOBS_S3_*``, as variables
+or, with ``storage_delivery="files"``, as files of the config volume) and the runner config reach
+only stage-in and ship; the job container gets neither (its environment is exported
 by the entry script, so env values - which may be project secrets - are not in the pod spec).
 """
 
@@ -26,6 +27,7 @@ from dsjobs.storage import (
     ENV_ACCESS_KEY,
     ENV_BUCKET,
     ENV_ENDPOINT,
+    ENV_FILES_DIR,
     ENV_PUBLIC_ENDPOINT,
     ENV_REGION,
     ENV_SECRET_KEY,
@@ -114,6 +116,7 @@ def runner_pod_parts(
     runner_resources: Mapping[str, Any] | None = None,
     image_pull_policy: str | None = None,
     config_delivery: Literal["volume", "env"] = "volume",
+    storage_delivery: Literal["env", "files"] = "env",
     ship_margin_seconds: int = DEFAULT_SHIP_MARGIN_SECONDS,
 ) -> RunnerPodParts:
     """Containers and volumes of a job pod for ``config``.
@@ -121,7 +124,19 @@ def runner_pod_parts(
     ``mount_claims`` maps each S3 mount / dataset id to its PVC name (the operator finds them by
     label); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
     ``work_volume_source`` is the working-storage volume source (default: an emptyDir).
+    ``storage_delivery="files"``: the storage settings are keys of the config Secret (the same
+    Secret, delivered as a volume) and the runner reads them from the mounted files: six
+    ``secretKeyRef`` variables less per runner container, a pod a third smaller for the API
+    server, the scheduler and every pod watcher, and no credentials in the runner's environment.
     """
+    if storage_delivery == "files" and (
+        config_delivery != "volume" or storage_secret_name != config_secret_name
+    ):
+        raise ValueError(
+            "storage_delivery='files' needs config_delivery='volume' and the storage settings in the "
+            f"config Secret (storage_secret_name {storage_secret_name!r} != config_secret_name "
+            f"{config_secret_name!r})"
+        )
     claims = dict(mount_claims or {})
     shared_dir = config.paths.shared_dir
     work_dir = config.paths.work_dir
@@ -131,20 +146,19 @@ def runner_pod_parts(
         {"name": SHARED_VOLUME, "emptyDir": {}},
         {"name": WORK_VOLUME, **(dict(work_volume_source) if work_volume_source else {"emptyDir": {}})},
     ]
-    runner_env: list[Json] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *_storage_env(storage_secret_name)]
+    runner_env: list[Json] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if storage_delivery == "files":
+        runner_env.append({"name": ENV_FILES_DIR, "value": CONFIG_MOUNT_PATH})
+    else:
+        runner_env.extend(_storage_env(storage_secret_name))
     runner_mounts: list[Json] = [
         {"name": SHARED_VOLUME, "mountPath": shared_dir},
     ]
     if config_delivery == "volume":
-        volumes.append(
-            {
-                "name": CONFIG_VOLUME,
-                "secret": {
-                    "secretName": config_secret_name,
-                    "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
-                },
-            }
-        )
+        source: Json = {"secretName": config_secret_name}
+        if storage_delivery != "files":
+            source["items"] = [{"key": CONFIG_KEY, "path": CONFIG_KEY}]
+        volumes.append({"name": CONFIG_VOLUME, "secret": source})
         runner_mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True})
         runner_env.append({"name": ENV_CONFIG_FILE, "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"})
     elif config_delivery == "env":
