@@ -8,6 +8,7 @@ finalize, data TTL, deletion, and adoption after a crash.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,10 +27,11 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
+    write_delay,
 )
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import get_condition
+from dsjobs.controller.status import get_condition, with_passed_phases
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import JobPhase, ProjectJobSpec
 from dsjobs.runner.result import (
@@ -274,6 +276,30 @@ def test_execute_creates_attempt_one_on_the_first_type() -> None:
     )
 
 
+@pytest.mark.parametrize("second_attempt", [False, True])
+def test_the_status_written_with_a_new_pod_is_what_its_added_event_gives(second_attempt: bool) -> None:
+    # One status write per attempt started, not two: the pod's own ADDED event (pending, no node)
+    # changes nothing in the status written after creating it.
+    if second_attempt:
+        types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+        status = {**started(attempt=2, index=1, type_name="g1.1"), "podName": ""}
+        pods = [pod(gone=True, type_name="g2.8")]
+    else:
+        types, status, pods = {}, {}, []
+    j = job(params=types, status=status)
+    p = step(j, pods)
+    assert kinds(p) == ["CreatePod"]
+    attempt = p.status.attempt
+    assert "waiting for a node for instance type" in p.status.status_details
+    scheduled = get_condition(p.status, "Scheduled")
+    assert scheduled is not None and (scheduled.status, scheduled.reason) == ("False", "Pending")
+    if not second_attempt:  # the story keeps the step (a fallback told it in its own event)
+        assert "creating pod job-1-a1" in " ".join(e.message for e in p.events)
+    created = pod(attempt=attempt, created=NOW, type_name=p.status.actual_cloud_instance_type)
+    echo = step(job(params=types, status=p.status.to_cr()), [*pods, created])
+    assert echo.status == p.status and not echo.actions and not echo.events
+
+
 def test_default_instance_type_is_c1_4() -> None:
     assert step(job()).actions == (CreatePod(1, 0, "c1.4"),)
 
@@ -411,6 +437,35 @@ def test_running_is_executing_with_start_time() -> None:
     assert p.status.phase == JobPhase.EXECUTING
     assert p.status.started_at == NOW - timedelta(seconds=20)
     assert "Executing" in [e.reason for e in p.events]
+
+
+def test_observations_of_the_pod_are_paced_outcomes_and_requests_are_not() -> None:
+    j = job(status=started())
+    running = step(j, [executing_pod()])
+    assert running.status.phase == JobPhase.EXECUTING and not running.actions
+    # Written 0.3 s ago: held back for the rest of the second; never written: at once.
+    assert write_delay(j, running, running.status, 0.3, 1.0) == timedelta(seconds=0.7)
+    assert write_delay(j, running, running.status, None, 1.0) is None
+    assert write_delay(j, running, running.status, 1.0, 1.0) is None
+    assert write_delay(j, running, running.status, 0.3, 0) is None  # pacing off
+    # Nothing is lost by holding it back: the next step plans from the same stored status (the
+    # start time comes from the pod), and its Event tells the phases seen in between.
+    done = step(j, [ended_pod(0)])
+    assert done.status.phase == JobPhase.SUCCESS and done.status.started_at == running.status.started_at
+    assert write_delay(j, done, done.status, 0.3, 1.0) is None  # the outcome: at once
+    (told,) = with_passed_phases(done.events, ["EXECUTING", "UPLOADING_OUTPUT"])
+    assert told.reason == "Succeeded"
+    assert told.message.startswith("PREPARING -> EXECUTING -> UPLOADING_OUTPUT -> SUCCESS"), told
+    assert with_passed_phases(done.events, ["SUCCESS"]) == list(done.events)  # no phase twice
+    # A step that acts, a new attempt and a cancel are written at once.
+    assert write_delay(job(), step(job()), step(job()).status, 0.3, 1.0) is None  # creates the pod
+    cancelled = job(status=started("EXECUTING"), cancel={"reason": "stop"})
+    c = step(cancelled, [executing_pod()])
+    assert write_delay(cancelled, c, c.status, 0.3, 1.0) is None
+    retry = dataclasses.replace(
+        running, status=running.status.model_copy(update={"attempt": 2, "pod_name": ""})
+    )
+    assert write_delay(j, retry, retry.status, 0.3, 1.0) is None
 
 
 def test_program_ended_ship_running_is_uploading_output() -> None:

@@ -54,6 +54,7 @@ from dsjobs.controller.plan import (
     Plan,
     RemoveFinalizer,
     plan,
+    write_delay,
 )
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.render import (
@@ -69,7 +70,13 @@ from dsjobs.controller.render import (
 )
 from dsjobs.controller.secrets import registry_secret, secret_value
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import JobEvent, StatusUpdate, coalesce_transitions, fail
+from dsjobs.controller.status import (
+    JobEvent,
+    StatusUpdate,
+    coalesce_transitions,
+    fail,
+    with_passed_phases,
+)
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -148,6 +155,10 @@ class Operator:
         self._tasks: set[asyncio.Future[None]] = set()
         # The resourceVersion of our last write to each job, to recognise its watch echo.
         self._own: dict[Key, int] = {}
+        # When (loop time) each job's status was last written, to pace observation-only writes,
+        # and the phases seen in held-back steps since (told in the next write's Event).
+        self._written_at: dict[Key, float] = {}
+        self._passed: dict[Key, list[str]] = {}
         # When the operator first saw a job's execute request (monotonic), for the pod creation
         # latency metric; only for jobs without a pod yet.
         self._seen: dict[Key, float] = {}
@@ -300,6 +311,16 @@ class Operator:
                 self._post(body, events)
                 self._evict(key, body, pods)
                 return requeue
+            wait = self._pace(key, job, step, status)
+            if wait is not None:
+                # Written later from the state then; the Events of this step are derived from the
+                # stored status again, and the phases passed meanwhile are told in them.
+                metrics.STATUS_WRITES_PACED.inc()
+                if status.phase is not None and status.phase != job.status.phase:
+                    passed = self._passed.setdefault(key, [])
+                    if status.phase.value not in passed:
+                        passed.append(status.phase.value)
+                return wait if requeue is None else min(requeue, wait)
             written = await self._write_status(key, job, body, status)
             if written is None:
                 continue  # conflict: somebody else changed the job, plan again on the fresh object
@@ -311,6 +332,11 @@ class Operator:
             # A status-only step (e.g. a new attempt decided): plan again to act on it.
         jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
         return timedelta(seconds=5)
+
+    def _pace(self, key: Key, job: JobView, step: Plan, status: ProjectJobStatus) -> timedelta | None:
+        last = self._written_at.get(key)
+        since = None if last is None else asyncio.get_running_loop().time() - last
+        return write_delay(job, step, status, since, self.settings.status_write_interval_seconds)
 
     async def _fetch_job(self, key: Key) -> dict[str, Any] | None:
         assert self.kube is not None
@@ -338,12 +364,16 @@ class Operator:
         if idle and not any(not p.gone for p in pods) and key not in self._fresh:
             self._jobs.pop(key, None)
             self._own.pop(key, None)
+            self._written_at.pop(key, None)
+            self._passed.pop(key, None)
             if status.get("phase") != "CREATING":
                 self._seen.pop(key, None)
 
     def _forget(self, key: Key) -> None:
         self._jobs.pop(key, None)
         self._own.pop(key, None)
+        self._written_at.pop(key, None)
+        self._passed.pop(key, None)
         self._seen.pop(key, None)
         self._deleted.pop(key, None)
         self._fresh.pop(key, None)
@@ -648,6 +678,7 @@ class Operator:
             self._jobs.pop(key, None)
             return None
         metrics.STATUS_WRITES.inc()
+        self._written_at[key] = asyncio.get_running_loop().time()
         self._remember(written)
         self._own[key] = revision(written)
         return written
@@ -672,7 +703,7 @@ class Operator:
                 metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - fresh.created_at).total_seconds()))
             if fresh.finished_at and not old.finished_at and fresh.started_at:
                 metrics.RUN_TIME.observe(max(0.0, (fresh.finished_at - fresh.started_at).total_seconds()))
-        self._post(written, events)
+        self._post(written, with_passed_phases(events, self._passed.pop(key, ())))
 
     def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent]) -> None:
         for event in coalesce_transitions(events):

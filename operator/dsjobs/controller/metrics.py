@@ -51,6 +51,10 @@ API_LATENCY = Histogram(
 STATUS_WRITES = Counter(
     "dsjobs_status_writes_total", "Status patches written (only when the status changed)."
 )
+STATUS_WRITES_PACED = Counter(
+    "dsjobs_status_writes_paced_total",
+    "Status changes held back because the job's status was written less than the pacing interval ago.",
+)
 STATUS_CONFLICTS = Counter(
     "dsjobs_status_conflicts_total",
     "Status patches refused because the job changed meanwhile (then re-planned).",

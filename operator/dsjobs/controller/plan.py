@@ -311,7 +311,7 @@ def plan(
     status = _adopt(status, pods, names)
 
     if status.attempt == 0:
-        return _plan_start(job, spec, status, problems, names, now, actions, events)
+        return _plan_start(job, spec, status, problems, names, now, actions, events, settings)
 
     current_name = pod_name(job.name, status.attempt)
     superseded = [p for p in pods if p.name != current_name and not p.gone]
@@ -323,7 +323,7 @@ def plan(
 
     if status.pod_name != current_name:
         return _plan_next_attempt(
-            spec, status, current_name, superseded, names, catalog, now, actions, events
+            spec, status, current_name, superseded, names, catalog, now, actions, events, settings
         )
 
     current = next((p for p in pods if p.name == current_name), None)
@@ -415,6 +415,7 @@ def _plan_start(
     now: datetime,
     actions: list[Action],
     events: list[JobEvent],
+    settings: OperatorSettings,
 ) -> Plan:
     """A job without any pod yet: wait for execute, cancel, fail validation, or create attempt 1."""
     if spec.cancel is not None:
@@ -441,6 +442,7 @@ def _plan_start(
         status, JobPhase.PREPARING, f"creating pod {name} for instance type {names[0]}", events
     )
     actions.append(CreatePod(1, 0, names[0]))
+    status = _as_created(spec, status, PodView(name=name, attempt=1, instance_type=names[0]), now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
 
 
@@ -454,6 +456,7 @@ def _plan_next_attempt(
     now: datetime,
     actions: list[Action],
     events: list[JobEvent],
+    settings: OperatorSettings,
 ) -> Plan:
     """A new attempt was decided (fallback or retry) and its pod is not created yet."""
     if spec.cancel is not None:
@@ -482,7 +485,22 @@ def _plan_next_attempt(
     details = f"creating pod {current_name} (attempt {status.attempt}) for instance type {names[index]}"
     status = with_phase(status, JobPhase.PREPARING, details, events)
     actions.append(CreatePod(status.attempt, index, names[index]))
+    fresh = PodView(
+        name=current_name, attempt=status.attempt, instance_type=names[index], instance_type_index=index
+    )
+    status = _as_created(spec, status, fresh, now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _as_created(
+    spec: ProjectJobSpec, status: ProjectJobStatus, fresh: PodView, now: datetime, settings: OperatorSettings
+) -> ProjectJobStatus:
+    """The status as it will be once the planned pod exists (pending, no node yet).
+
+    The glue writes the status after creating the pod; writing what the pod's own ADDED event
+    would make of it saves a second status write (and its watch echo) per attempt.
+    """
+    return compute_status(spec, status, fresh, None, now, settings, instance_type=fresh.instance_type).status
 
 
 def _plan_final(
@@ -540,3 +558,27 @@ def _plan_delete(job: JobView, pods: Sequence[PodView]) -> Plan:
     ]
     actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
+
+
+def write_delay(
+    job: JobView, step: Plan, status: ProjectJobStatus, since_last_write: float | None, interval: float
+) -> timedelta | None:
+    """How long to hold back writing `status` (the plan's) over the job's, or None: write now.
+
+    Only what the pod reports on its way (scheduled, staging, executing, uploading) is paced, to
+    one write per `interval` seconds per job: a trivial job passes four phases in a second, and
+    every write costs the API server a write, an etcd commit and a watch event to every watcher.
+    The status written later is computed then (its Event tells every phase passed since). A step
+    that acted, a new attempt, a cancel, a deletion and a final phase are written at once, and so
+    is the first change after a quiet `interval`.
+    """
+    if interval <= 0 or since_last_write is None or since_last_write >= interval:
+        return None
+    if step.actions or job.deleting or job.spec.get("cancel"):
+        return None
+    phase = status.phase
+    if phase is None or phase.is_final or phase == JobPhase.CANCELLING:
+        return None
+    if (status.attempt, status.pod_name) != (job.status.attempt, job.status.pod_name):
+        return None
+    return timedelta(seconds=interval - since_last_write)

@@ -51,6 +51,9 @@ class OperatorSettings:
     # status now and then (wall-clock changes) rather than trusted as one long monotonic sleep. Each
     # wake-up of a finished job costs one GET, so not too often: 10k jobs / 6 h = 0.5 GET/s.
     max_requeue_seconds: float = 21600.0
+    # At most one status write per job per this many seconds for steps that only observe the pod
+    # (no action, no final phase, no new attempt, no cancel); the latest status wins. 0: no pacing.
+    status_write_interval_seconds: float = 1.0
     # Kubernetes API calls of the operator in flight at once (Kopf's watches not counted).
     api_concurrency: int = 64
     # Page size of the initial listing of jobs and pods (0: one request for everything).
@@ -108,6 +111,12 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Longest single wait of a timer before the job is looked at again.",
     ),
     "DSJOBS_EVENT_COMPONENT": ("event_component", "Reporting component of the Kubernetes Events."),
+    "DSJOBS_STATUS_WRITE_INTERVAL": (
+        "status_write_interval_seconds",
+        "Seconds between two status writes of one job for what the pod reports on its way (scheduled, "
+        "staging, executing, uploading); the latest state wins, the Event tells every phase passed. "
+        "Actions, new attempts, cancels and final phases are written at once. 0 writes every change.",
+    ),
     "DSJOBS_API_CONCURRENCY": (
         "api_concurrency",
         "Kubernetes API requests the operator keeps in flight at most (bursts queue behind them).",

@@ -240,6 +240,29 @@ def coalesce_transitions(events: Sequence[JobEvent]) -> list[JobEvent]:
     return out
 
 
+def with_passed_phases(events: Sequence[JobEvent], passed: Sequence[str]) -> list[JobEvent]:
+    """Tell in the step's phase-change Event the phases the job passed since the stored status.
+
+    `passed` are phases seen in steps whose status write was held back (write_delay): they were
+    never written, but `kubectl describe pj` should still tell them ("PREPARING -> EXECUTING ->
+    UPLOADING_OUTPUT -> SUCCESS").
+    """
+    out = coalesce_transitions(events)
+    if not passed:
+        return out
+    reasons = set(_PHASE_REASONS.values())
+    for i, event in enumerate(out):
+        if event.reason in reasons:
+            head, sep, details = event.message.partition(": ")
+            chain = head.split(" -> ")
+            middle = [p for p in passed if p not in chain]
+            if middle:
+                message = " -> ".join([chain[0], *middle, *chain[1:]]) + sep + details
+                out[i] = JobEvent(event.type, event.reason, clip(message, 1024))
+            break
+    return out
+
+
 def finish(
     spec: ProjectJobSpec | None,
     status: ProjectJobStatus,
