@@ -27,6 +27,7 @@ import posixpath
 import queue
 import random
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -36,8 +37,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import boto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -376,12 +375,12 @@ class Storage:
         self.settings = settings
         self.bucket = settings.bucket
         self.attempts = attempts
-        self._client: S3Client = client or self._make_client(settings.endpoint)
-        self._presign_client: S3Client = (
-            self._make_client(settings.public_endpoint)
-            if settings.public_endpoint and client is None
-            else self._client
-        )
+        # Clients are made on first use: importing boto3 and building a client costs ~0.2 s of
+        # CPU, which a runner process that never touches storage (stage-in of a job without
+        # inputs) should not pay.
+        self._given = client
+        self._clients: dict[str, S3Client] = {}
+        self._clients_lock = threading.Lock()
         # Parts in flight per upload: with the one being read, memory is (this + 1) x part size.
         # Two keep a local S3 busy at the raw client's throughput (docs/benchmarks.md).
         self.upload_concurrency = max(1, upload_concurrency)
@@ -392,7 +391,29 @@ class Storage:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Storage:
         return cls(StorageSettings.from_env(environ))
 
+    @property
+    def _client(self) -> S3Client:
+        return self._given if self._given is not None else self._lazy_client(self.settings.endpoint)
+
+    @property
+    def _presign_client(self) -> S3Client:
+        if self._given is not None or not self.settings.public_endpoint:
+            return self._client
+        return self._lazy_client(self.settings.public_endpoint)
+
+    def _lazy_client(self, endpoint: str) -> S3Client:
+        client = self._clients.get(endpoint)
+        if client is None:
+            with self._clients_lock:
+                client = self._clients.get(endpoint)
+                if client is None:
+                    client = self._clients[endpoint] = self._make_client(endpoint)
+        return client
+
     def _make_client(self, endpoint: str) -> S3Client:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
         cfg = BotoConfig(
             signature_version="s3v4",
             s3={"addressing_style": "path"},

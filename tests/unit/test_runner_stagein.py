@@ -1,4 +1,4 @@
-"""Stage-in's storage-free part: directories, requirements file, entry script."""
+"""Stage-in's storage-free part: directories, requirements file, entry script; no storage without inputs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 import stat
 from pathlib import Path
 
+from runner_fakes import MemoryStore
+
 from dsjobs.runner.config import RunnerConfig
-from dsjobs.runner.stagein import prepare
+from dsjobs.runner.stagein import prepare, run_stage_in
 
 
 def test_prepare_lays_out_the_shared_volume(tmp_path: Path) -> None:
@@ -36,3 +38,15 @@ def test_prepare_lays_out_the_shared_volume(tmp_path: Path) -> None:
     ):
         assert d.is_dir() and stat.S_IMODE(d.stat().st_mode) == 0o777, d
     prepare(cfg)  # idempotent (a restarted init container)
+
+
+def test_a_job_without_inputs_stages_in_without_any_storage_request(tmp_path: Path) -> None:
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="echo ok",
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    store = MemoryStore()
+    assert run_stage_in(cfg, store)  # type: ignore[arg-type]
+    assert store.requests == 0 and cfg.layout.entry_script.is_file()

@@ -148,8 +148,15 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
     layout.create()
     syslog = SystemLog(layout.system_log, "stage-in")
     shipper = LogShipper(store, config)
-    shipper.resume()
+    resumed = False
     try:
+        if not (config.inputs or config.local_modules):
+            # Nothing to fetch and nothing said: no storage request at all (the ship sidecar
+            # ships the logs from the start); a failure below still reports through storage.
+            prepare(config)
+            return True
+        shipper.resume()
+        resumed = True
         prepare(config)
         stage_inputs(config, store, syslog)
         shipper.pump(final=True, deadline=time.monotonic() + 60)
@@ -160,6 +167,11 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
         )
         log.exception("stage-in failed")
         syslog(reason)
+        if not resumed:
+            try:
+                shipper.resume()
+            except Exception as resume_exc:
+                log.warning("cannot read the job's stored logs error=%s", resume_exc)
         deadline = time.monotonic() + 60
         complete = shipper.pump(final=True, deadline=deadline) and shipper.finalize(reason, deadline=deadline)
         result = RunnerResult(
