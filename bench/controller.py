@@ -105,14 +105,23 @@ def ensure_dsjobs_setup(ctx: Context) -> None:
 
     c = ctx.cluster
     c.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "crds"))
-    c.kubectl(
-        "wait", "--for=condition=Established", "crd/projectjobs.dsjobs.dev", "crd/instancetypes.dsjobs.dev"
-    )
-    c.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=render_catalog_yaml("local"))
-    # A new CRD's storage answers 429 "(re)initializing" for a moment after Established; a watcher
-    # starting then backs off for a second, which would show up in the first latency figure.
     kube = c.kube()
 
+    def established() -> bool:
+        # Polled rather than `kubectl wait`, which fails outright while a just-created CRD has no
+        # status conditions yet.
+        for name in ("projectjobs.dsjobs.dev", "instancetypes.dsjobs.dev"):
+            crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            if not any(x.get("type") == "Established" and x.get("status") == "True" for x in conditions):
+                return False
+        return True
+
+    wait_for("CRDs established", established, 60, 0.2)
+    c.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=render_catalog_yaml("local"))
+
+    # A new CRD's storage answers 429 "(re)initializing" for a moment after Established; a watcher
+    # starting then backs off for a second, which would show up in the first latency figure.
     def settled() -> bool:
         ok = kube.raw("GET", "/apis/dsjobs.dev/v1alpha1/projectjobs?limit=1")[0] == 200
         time.sleep(1)  # twice in a row, a second apart: the storage may be rebuilt once more
