@@ -60,7 +60,7 @@ def worker(impl: str, op: str, path: str, key: str, size: int, sha256: str) -> N
     elif impl == "dsjobs":
         from dsjobs.storage import Storage
 
-        store = Storage.from_env()
+        store = Storage.from_env().connect()  # as boto3's client above: made before the clock
         t0 = time.monotonic()
         if op == "upload":
             store.upload_file(path, key)

@@ -391,6 +391,12 @@ class Storage:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Storage:
         return cls(StorageSettings.from_env(environ))
 
+    def connect(self) -> Storage:
+        """Make the S3 clients now instead of on first use (a server's first request should not
+        pay for importing boto3)."""
+        _ = self._client, self._presign_client
+        return self
+
     @property
     def _client(self) -> S3Client:
         return self._given if self._given is not None else self._lazy_client(self.settings.endpoint)

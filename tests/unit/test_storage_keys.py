@@ -125,6 +125,15 @@ def _storage(public: str | None = None) -> Storage:
     )
 
 
+def test_clients_are_made_on_first_use_or_on_connect() -> None:
+    # A runner process that never touches storage must not pay for importing boto3.
+    lazy, eager = _storage("http://public:9000"), _storage("http://public:9000").connect()
+    assert not lazy._clients
+    assert set(eager._clients) == {"http://10.0.0.1:9000", "http://public:9000"}
+    lazy.presign_get("projects/p/x")
+    assert set(lazy._clients) == {"http://public:9000"}
+
+
 def test_presigned_urls_are_path_style_sigv4_with_default_expiry() -> None:
     url = _storage().presign_put(input_key("p", SHA))
     parts = urlsplit(url)

@@ -247,7 +247,7 @@ class ApiServer:
         kube = Kube(kube_config, refresh, timeout=s.kube_timeout)
         await kube.start()
         self._kube = kube
-        store = st.Storage.from_env()
+        store = await asyncio.to_thread(lambda: st.Storage.from_env().connect())
         if s.auth_mode == "static":
             review_token, review_access = authmod.static_reviewers(
                 authmod.load_static_tokens(s.static_tokens)
