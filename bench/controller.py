@@ -30,6 +30,7 @@ from common import (
     REPO_ROOT,
     VENV_PYTHON,
     Context,
+    CpuBreakdown,
     Figure,
     Kube,
     LoadSpan,
@@ -37,6 +38,7 @@ from common import (
     Section,
     Tracker,
     Watch,
+    cpu_note,
     delta,
     latency_summary,
     module_missing,
@@ -250,9 +252,11 @@ def bench_bare_pods(ctx: Context, sec: Section, kube: Kube, n: int) -> tuple[flo
     try:
         before = write_requests(kube.metrics_text())
         load = LoadSpan()
+        cpu = CpuBreakdown()
         b = parallel_create(kube, path, bodies, CLIENTS)
         tracker.wait("done", b.created, 60 + n)
         load.stop()
+        by_kind = cpu.stop()
         writes = delta(write_requests(kube.metrics_text()), before)
         done = tracker.seen["done"]
         total = max(done[k] for k in b.created) - b.t0
@@ -263,7 +267,8 @@ def bench_bare_pods(ctx: Context, sec: Section, kube: Kube, n: int) -> tuple[flo
                 secs(total),
                 "",
                 str(load),
-                f"the floor for the jobs' figure below; API writes per pod {_writes_note(writes, n)}"
+                f"the floor for the jobs' figure below; API writes per pod {_writes_note(writes, n)}; "
+                + cpu_note(by_kind, n).replace("per job", "per pod")
                 + (f"; {failed} failed" if failed else ""),
             )
         )
@@ -291,11 +296,13 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
         before = write_requests(kube.metrics_text())
         cpu0 = op.cpu()
         load = LoadSpan()
+        breakdown = CpuBreakdown()
         bodies = [job_body(f"p{i:04d}", ns, execute=True, itype=NOWHERE_TYPE) for i in range(n)]
         b = parallel_create(kube, jobs_path(ns), bodies, CLIENTS)
         pods.wait("created", b.created, 120 + n / 5)
         load.stop()
         time.sleep(2)  # the status writes that follow each pod creation
+        by_kind = breakdown.stop()
         writes = delta(write_requests(kube.metrics_text()), before)
         cpu = op.cpu() - cpu0
         to_pod = [pods.seen["created"][k] - t for k, t in b.created.items()]
@@ -309,7 +316,8 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
                 str(load),
                 f"the operator alone (no job process runs): CRs created at {b.rate:.0f}/s, last pod "
                 f"{secs(last)} after the first CR ({n / last:.0f} jobs/s); operator CPU "
-                f"{1000 * cpu / n:.0f} ms per job; API writes per job up to here {_writes_note(writes, n)}",
+                f"{1000 * cpu / n:.0f} ms per job; API writes per job up to here {_writes_note(writes, n)}; "
+                f"{cpu_note(by_kind, n)} (the 8 creating clients are the bench)",
             )
         )
     finally:
@@ -343,6 +351,7 @@ def bench_jobs(ctx: Context, sec: Section, kube: Kube, n: int, bare: tuple[float
         before = write_requests(kube.metrics_text())
         cpu0 = op.cpu()
         load = LoadSpan()
+        breakdown = CpuBreakdown()
         b = parallel_create(
             kube, jobs_path(ns), [job_body(f"j{i:04d}", ns, execute=True) for i in range(n)], CLIENTS
         )
@@ -351,6 +360,7 @@ def bench_jobs(ctx: Context, sec: Section, kube: Kube, n: int, bare: tuple[float
         all_pods = max(pods.seen["created"][k] for k in b.created) - b.t0
         jobs.wait("final", b.created, 300 + 5 * n)
         load.stop()
+        by_kind = breakdown.stop()
         final = jobs.seen["final"]
         total = max(final[k] for k in b.created) - b.t0
         # Finished pods are deleted by the operator (retention 0): those writes belong to the job.
@@ -376,7 +386,7 @@ def bench_jobs(ctx: Context, sec: Section, kube: Kube, n: int, bare: tuple[float
                 secs(total) + vs,
                 "",
                 str(load),
-                f"operator CPU {cpu:.0f} s, RSS {rss:.0f} MiB (peak {hwm:.0f} MiB)"
+                f"operator CPU {cpu:.0f} s, RSS {rss:.0f} MiB (peak {hwm:.0f} MiB); {cpu_note(by_kind, n)}"
                 + (f"; {errors} not SUCCESS" if errors else ""),
             )
         )
@@ -457,7 +467,9 @@ def run(ctx: Context) -> Section:
         kube.close()
     sec.notes.append(
         "Job pods run the runner's stage-in and ship containers (Python) around the command; on "
-        "this machine their CPU, not the operator, bounds the time to all SUCCESS."
+        "this machine their CPU, not the operator, bounds the time to all SUCCESS (the CPU per job "
+        "beside it is sampled from /proc by kind of process; `other` is what no sample could name: "
+        "the job's shell commands, short-lived processes, the kernel)."
     )
     sec.notes.append(
         "With jobs running, CR → Pod and the CR create rate measure CPU starvation of everything on "
