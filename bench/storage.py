@@ -126,8 +126,9 @@ def run(ctx: Context) -> Section:
     results: dict[tuple[str, str], list[Run]] = {}
     load = LoadSpan()
     for rep in range(reps):
-        # Interleaved, so that both see the same (shared, drifting) machine load.
-        for impl in impls:
+        # Interleaved, so that both see the same (shared, drifting) machine load, and in turns
+        # first: the first transfer of a run finds the machine freshest.
+        for impl in impls if rep % 2 == 0 else impls[::-1]:
             key = f"{prefix}/{impl}-{rep}"
             results.setdefault((impl, "upload"), []).append(
                 _spawn(env, impl, "upload", str(blob), key, str(size), sha)
@@ -140,6 +141,9 @@ def run(ctx: Context) -> Section:
             dest.unlink()
             if got != size:
                 raise RuntimeError(f"{impl} download wrote {got} bytes, expected {size}")
+            # Gone before the next transfer: otherwise each one also competes with the write-back
+            # of the gigabytes stored before it, and later runs are slower whoever makes them.
+            _cleanup(env, key, exact=True)
     load.stop()
 
     label = f"{size // MiB} MiB"
@@ -198,10 +202,14 @@ def run(ctx: Context) -> Section:
     return sec
 
 
-def _cleanup(env: dict[str, str], prefix: str) -> None:
+def _cleanup(env: dict[str, str], prefix: str, *, exact: bool = False) -> None:
+    """Delete the objects under `prefix/` (or the one key `prefix` when exact)."""
     os.environ.update({k: v for k, v in env.items() if k.startswith("DSJOBS_S3_")})
     client = _boto3_client()
     bucket = env["DSJOBS_S3_BUCKET"]
+    if exact:
+        client.delete_object(Bucket=bucket, Key=prefix)  # type: ignore[attr-defined]
+        return
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/")  # type: ignore[attr-defined]
     for obj in listed.get("Contents", []):
         client.delete_object(Bucket=bucket, Key=obj["Key"])  # type: ignore[attr-defined]

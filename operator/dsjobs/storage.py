@@ -360,6 +360,52 @@ def _is_not_found(exc: ClientError) -> bool:
     return _client_error_code(exc) in {"404", "NoSuchKey", "NotFound"} or status == 404
 
 
+class _OrderedWriter:
+    """Writes chunks to a file in order, in a thread of its own: a download then reads and hashes
+    the next chunk while the last one is written (both release the GIL), instead of doing the
+    three one after the other. At most `depth` chunks wait, so memory stays constant."""
+
+    def __init__(self, f: Any, depth: int = 4) -> None:
+        self._f = f
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dsjobs-download-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self._error is None:  # after a failure, chunks are only taken (no deadlock)
+                    self._f.write(chunk)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, chunk: bytes) -> None:
+        self._check()
+        self._queue.put(chunk)
+
+    def flush(self) -> None:
+        """Wait until every chunk given so far is written (raises the writer's error)."""
+        self._queue.join()
+        self._check()
+
+    def __enter__(self) -> _OrderedWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 class Storage:
     """The bucket. Thread-safe (boto3 clients are); one instance per process is enough."""
 
@@ -742,7 +788,7 @@ class Storage:
         etag: str | None = None
         failures = 0
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f, _OrderedWriter(f) as sink:
                 while True:
                     kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
                     if written:
@@ -760,12 +806,13 @@ class Storage:
                             etag = str(r.get("ETag", ""))
                         elif str(r.get("ETag", "")) != etag:
                             # The object was replaced mid-download: start over on the new one.
+                            sink.flush()
                             f.seek(0)
                             f.truncate()
                             h, written, etag = hashlib.sha256(), 0, None
                             continue
                         for chunk in r["Body"].iter_chunks(IO_CHUNK):
-                            f.write(chunk)
+                            sink.write(chunk)  # written by the sink's thread while we hash
                             h.update(chunk)
                             written += len(chunk)
                         break
@@ -784,6 +831,7 @@ class Storage:
                             _short(exc),
                         )
                         time.sleep(delay)
+                sink.flush()
             digest = h.hexdigest()
             if expected_size is not None and written != expected_size:
                 raise IntegrityError(f"{key}: got {written} bytes, expected {expected_size}")

@@ -212,3 +212,26 @@ def test_part_size_stays_within_s3_part_limits() -> None:
         assert part % mib == 0 and part > MIN_PART_SIZE
         assert -(-size // part) <= MAX_PARTS
     assert part_size_for(10 * mib, minimum=5 * mib) == 5 * mib
+
+
+def test_download_writer_keeps_order_and_reports_a_failed_write(tmp_path: Path) -> None:
+    from dsjobs.storage import _OrderedWriter
+
+    chunks = [bytes([i]) * (1000 + i) for i in range(50)]
+    with open(tmp_path / "f", "wb") as f, _OrderedWriter(f, depth=2) as sink:
+        for c in chunks:
+            sink.write(c)
+        sink.flush()
+        assert f.tell() == sum(map(len, chunks))  # all written once flush returns
+    assert (tmp_path / "f").read_bytes() == b"".join(chunks)
+
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+    with _OrderedWriter(Full(), depth=1) as sink:
+        sink.write(b"x")
+        with pytest.raises(OSError, match="No space"):
+            for _ in range(10):  # later writes are taken, never block, and raise the error
+                sink.write(b"y")
+            sink.flush()
