@@ -126,7 +126,7 @@ def _storage(public: str | None = None) -> Storage:
 
 
 def test_clients_are_made_on_first_use_or_on_connect() -> None:
-    # A runner process that never touches storage must not pay for importing boto3.
+    # A runner process that never touches storage must not pay for importing botocore.
     lazy, eager = _storage("http://public:9000"), _storage("http://public:9000").connect()
     assert not lazy._clients
     assert set(eager._clients) == {"http://10.0.0.1:9000", "http://public:9000"}
