@@ -132,6 +132,19 @@ class Kubectl:
         return self.run("apply", "-f", "-", stdin=dump_yaml(objects))
 
 
+def _wait_established(kubectl: Kubectl, names: Sequence[str], timeout: float = 60) -> None:
+    """Poll until every CRD is Established. (`kubectl wait` fails outright, not waits, while a
+    just-created CRD has no status conditions yet.)"""
+    query = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+    deadline = time.monotonic() + timeout
+    while True:
+        if all(kubectl.run("get", name, "-o", query).strip() == "True" for name in names):
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"CRDs not Established after {timeout:.0f}s: {', '.join(names)}")
+        time.sleep(0.2)
+
+
 def dump_yaml(objects: Sequence[Obj]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False)
 
@@ -368,8 +381,7 @@ def up(
     crds = _named(objects, "CustomResourceDefinition")
     with progress.step(f"CRDs ({', '.join(c['metadata']['name'] for c in crds)})"):
         kubectl.apply(crds)
-        names = [f"crd/{c['metadata']['name']}" for c in crds]
-        kubectl.run("wait", "--for=condition=Established", "--timeout=60s", *names, timeout=90)
+        _wait_established(kubectl, [f"crd/{c['metadata']['name']}" for c in crds])
 
     secret = storage_secret(S3Config.read(paths.s3_json), facts.system_namespace)
     digest = config_hash(facts, secret, code_digest())
