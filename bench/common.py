@@ -257,15 +257,15 @@ class CpuBreakdown:
         return by_kind
 
 
-def cpu_note(by_kind: dict[str, float], n: int) -> str:
-    """'CPU per job 1.2 s: runner 610 ms, API server 140 ms, ...' (largest first)."""
+def cpu_note(by_kind: dict[str, float], n: int, unit: str = "job") -> str:
+    """'CPU per job 1200 ms (runner 610 ms, API server 140 ms, ...)' (largest first)."""
     total = sum(by_kind.values())
     parts = ", ".join(
         f"{k} {1000 * v / n:.0f} ms"
         for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
         if 1000 * v / n >= 1
     )
-    return f"CPU per job {1000 * total / n:.0f} ms ({parts})"
+    return f"CPU per {unit} {1000 * total / n:.0f} ms ({parts})"
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -268,7 +268,7 @@ def bench_bare_pods(ctx: Context, sec: Section, kube: Kube, n: int) -> tuple[flo
                 "",
                 str(load),
                 f"the floor for the jobs' figure below; API writes per pod {_writes_note(writes, n)}; "
-                + cpu_note(by_kind, n).replace("per job", "per pod")
+                + cpu_note(by_kind, n, "pod")
                 + (f"; {failed} failed" if failed else ""),
             )
         )

@@ -70,13 +70,7 @@ from dsjobs.controller.render import (
 )
 from dsjobs.controller.secrets import registry_secret, secret_value
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import (
-    JobEvent,
-    StatusUpdate,
-    coalesce_transitions,
-    fail,
-    with_passed_phases,
-)
+from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -703,10 +697,11 @@ class Operator:
                 metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - fresh.created_at).total_seconds()))
             if fresh.finished_at and not old.finished_at and fresh.started_at:
                 metrics.RUN_TIME.observe(max(0.0, (fresh.finished_at - fresh.started_at).total_seconds()))
-        self._post(written, with_passed_phases(events, self._passed.pop(key, ())))
+        self._post(written, events, self._passed.pop(key, ()))
 
-    def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent]) -> None:
-        for event in coalesce_transitions(events):
+    def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent], passed: Sequence[str] = ()) -> None:
+        """Post the step's Events: phase changes as one chain, with the phases passed unwritten."""
+        for event in with_passed_phases(events, passed):
             try:
                 kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
             except LookupError:  # outside Kopf's context (tests): nothing to post to

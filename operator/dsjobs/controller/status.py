@@ -241,7 +241,8 @@ def coalesce_transitions(events: Sequence[JobEvent]) -> list[JobEvent]:
 
 
 def with_passed_phases(events: Sequence[JobEvent], passed: Sequence[str]) -> list[JobEvent]:
-    """Tell in the step's phase-change Event the phases the job passed since the stored status.
+    """The step's Events with phase changes coalesced, the chain also telling the phases the job
+    passed since the stored status.
 
     `passed` are phases seen in steps whose status write was held back (write_delay): they were
     never written, but `kubectl describe pj` should still tell them ("PREPARING -> EXECUTING ->
