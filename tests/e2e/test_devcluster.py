@@ -307,6 +307,14 @@ def test_topology_file_overrides_default(tmp_path: Path) -> None:
     bad.write_text("nodes: [{name: a, taints: ['no-effect']}]\n")
     with pytest.raises(ValueError, match="taints"):
         load_topology(bad)
+    bad.write_text("nodes: [{name: a, memory: 64GB}]\n")
+    with pytest.raises(ValueError, match=r"nodes\[0\]\.memory: not a Kubernetes quantity: '64GB'"):
+        load_topology(bad)
+    bad.write_text("nodes: [{name: a, cpu: 0}]\n")
+    with pytest.raises(ValueError, match=r"nodes\[0\]\.cpu: must be positive"):
+        load_topology(bad)
+    bad.write_text("nodes: [{name: a, cpu: 1500m}]\n")
+    assert load_topology(bad)[0].cpu == "1500m"
 
 
 def test_default_topology_gpu_node() -> None:

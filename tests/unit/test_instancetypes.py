@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dsjobs import instancetypes as it
+from dsjobs.devcluster.topology import default_topology
 from dsjobs.models import InstanceTypeSpec, parse_quantity
 from dsjobs.validation import validate_instance_type
 
@@ -29,9 +30,14 @@ PUBLISHED = {
     "g2.4": (112, 4, 476),
     "g2.8": (224, 8, 952),
 }
-# The dev cluster's nodes (allocatable): CPU node and GPU node.
-CPU_NODE = {"cpu": Decimal(16), "memory": Decimal(64 * 2**30)}
-GPU_NODE = {"cpu": Decimal(32), "memory": Decimal(128 * 2**30), "nvidia.com/gpu": Decimal(8)}
+# The dev cluster's nodes, as its topology declares them: CPU node and GPU node.
+_NODES = {n.name: n for n in default_topology()}
+CPU_NODE = {"cpu": parse_quantity(_NODES["cpu-0"].cpu), "memory": parse_quantity(_NODES["cpu-0"].memory)}
+GPU_NODE = {
+    "cpu": parse_quantity(_NODES["gpu-0"].cpu),
+    "memory": parse_quantity(_NODES["gpu-0"].memory),
+    "nvidia.com/gpu": Fraction(_NODES["gpu-0"].gpus),
+}
 
 
 def test_committed_catalog_is_generated() -> None:
@@ -75,7 +81,7 @@ def test_base_profile_is_guaranteed() -> None:
         assert spec.resources.requests == spec.resources.limits
 
 
-def _fits(spec: InstanceTypeSpec, node: dict[str, Decimal]) -> bool:
+def _fits(spec: InstanceTypeSpec, node: dict[str, Fraction]) -> bool:
     return all(
         name in node and parse_quantity(value) <= node[name]
         for name, value in spec.resources.requests.items()
@@ -88,7 +94,7 @@ def test_the_demo_types_schedule_on_the_dev_cluster() -> None:
     assert _fits(local["g1.1"], GPU_NODE) and _fits(local["g2.1"], GPU_NODE)
     # g1.1 and g2.1 side by side on the one GPU node
     together = {
-        name: sum((parse_quantity(local[t].resources.requests[name]) for t in ("g1.1", "g2.1")), Decimal(0))
+        name: sum((parse_quantity(local[t].resources.requests[name]) for t in ("g1.1", "g2.1")), Fraction(0))
         for name in ("cpu", "memory", "nvidia.com/gpu")
     }
     assert all(together[name] <= GPU_NODE[name] for name in together)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from dsjobs_strategies import full_instance_type, full_spec, full_status
@@ -120,16 +120,17 @@ def test_duration_format_round_trips(value: timedelta) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("500m", Decimal("0.5")), ("4", Decimal(4)), ("32Gi", Decimal(32 * 2**30)), ("1e3", Decimal(1000)),
-     ("1.5k", Decimal(1500)), ("2048Mi", Decimal(2**31))],
+    [("500m", Fraction(1, 2)), ("4", Fraction(4)), ("32Gi", Fraction(32 * 2**30)), ("1e3", Fraction(1000)),
+     ("1.5k", Fraction(1500)), ("2048Mi", Fraction(2**31)), ("2E-1", Fraction(1, 5)), (".5", Fraction(1, 2)),
+     (8, Fraction(8))],
 )  # fmt: skip
-def test_quantities(text: str, value: Decimal) -> None:
+def test_quantities(text: str | int, value: Fraction) -> None:
     assert m.parse_quantity(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "1 Gi", "Gi", "1GB", "1.2.3"])
+@pytest.mark.parametrize("text", ["", "1 Gi", " 1", "Gi", "1GB", "1.2.3", "1e1.5", "--1", ".", "1Zi", True])
 def test_bad_quantities(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
         m.parse_quantity(text)
 
 

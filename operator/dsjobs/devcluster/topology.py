@@ -25,11 +25,12 @@ from typing import Any
 
 import yaml
 
+from dsjobs.quantity import QuantityError, parse_quantity
+
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _TAINT = re.compile(
     r"^(?P<key>[^=:]+)(=(?P<value>[^:]*))?:(?P<effect>NoSchedule|PreferNoSchedule|NoExecute)$"
 )
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,12 @@ def _node_from(raw: Any, index: int) -> NodeSpec:
         raise TopologyError(f"{where}: name must be a DNS label, got {name!r}")
     cpu, memory = str(raw.get("cpu", "16")), str(raw.get("memory", "64Gi"))
     for key, val in (("cpu", cpu), ("memory", memory)):
-        if not _QUANTITY.match(val):
-            raise TopologyError(f"{where}.{key}: not a Kubernetes quantity: {val!r}")
+        try:
+            positive = parse_quantity(val) > 0
+        except QuantityError:
+            raise TopologyError(f"{where}.{key}: not a Kubernetes quantity: {val!r}") from None
+        if not positive:
+            raise TopologyError(f"{where}.{key}: must be positive, got {val!r}")
     pods, gpus = raw.get("pods", 110), raw.get("gpus", 0)
     if not isinstance(pods, int) or pods < 1:
         raise TopologyError(f"{where}.pods: expected a positive integer")

@@ -5,7 +5,7 @@ custom resource; `Model.model_validate(cr_dict)` reads one back. The CRDs in `cr
 from these classes (`python -m dsjobs.crdgen`), and `dsjobs.validation` checks their values.
 """
 
-from dsjobs.models.base import CRModel, Duration, Quantity, format_duration, parse_duration, parse_quantity
+from dsjobs.models.base import CRModel, Duration, Quantity, format_duration, parse_duration
 from dsjobs.models.files import CompressionType, File, FileDesc
 from dsjobs.models.instancetype import InstanceTypeSpec, ResourceRequirements, Toleration
 from dsjobs.models.paths import is_safe_relative_path, job_relative_path, normalize_relative_path
@@ -39,6 +39,7 @@ from dsjobs.models.status import (
     ProjectJobStatus,
     StoredFile,
 )
+from dsjobs.quantity import parse_quantity
 
 GROUP = "dsjobs.dev"
 VERSION = "v1alpha1"

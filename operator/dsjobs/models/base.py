@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from dsjobs.models.limits import DURATION_PATTERN, INFINITE_TTL, QUANTITY_PATTERN
+from dsjobs.models.limits import DURATION_PATTERN, INFINITE_TTL
+from dsjobs.quantity import QUANTITY_PATTERN
 
 
 class CRModel(BaseModel):
@@ -117,42 +118,6 @@ Duration = Annotated[
 
 
 # --- Kubernetes quantities --------------------------------------------------------------------
-
-_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
-_SUFFIXES: dict[str, Decimal] = {
-    "Ki": Decimal(2**10),
-    "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30),
-    "Ti": Decimal(2**40),
-    "Pi": Decimal(2**50),
-    "Ei": Decimal(2**60),
-    "n": Decimal("1e-9"),
-    "u": Decimal("1e-6"),
-    "m": Decimal("1e-3"),
-    "": Decimal(1),
-    "k": Decimal(10**3),
-    "M": Decimal(10**6),
-    "G": Decimal(10**9),
-    "T": Decimal(10**12),
-    "P": Decimal(10**15),
-    "E": Decimal(10**18),
-}
-
-
-def parse_quantity(value: str) -> Decimal:
-    """The numeric value of a Kubernetes quantity (`500m` -> 0.5, `32Gi` -> 34359738368)."""
-    if not _QUANTITY_RE.fullmatch(value):
-        raise ValueError(f"not a Kubernetes quantity: {value!r}")
-    match = re.fullmatch(r"([+-]?[0-9.]+)([eE][+-]?[0-9.]+|[KMGTPE]i|[numkMGTPE])?", value)
-    if match is None:  # pragma: no cover - QUANTITY_PATTERN already matched
-        raise ValueError(f"not a Kubernetes quantity: {value!r}")
-    number, suffix = match.group(1), match.group(2) or ""
-    try:
-        if suffix[:1] in ("e", "E"):
-            return Decimal(number) * (Decimal(10) ** Decimal(suffix[1:]))
-        return Decimal(number) * _SUFFIXES[suffix]
-    except InvalidOperation as exc:
-        raise ValueError(f"not a Kubernetes quantity: {value!r}") from exc
 
 
 def _quantity_to_str(value: object) -> object:

@@ -84,7 +84,6 @@ NO_CONTROL_CHARS_PATTERN: Final = r"^[^\x00-\x1f\x7f]*$"
 SECRET_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # DNS subdomain
 SECRET_KEY_PATTERN: Final = r"^[-._a-zA-Z0-9]{1,253}$"
 LABEL_VALUE_PATTERN: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"  # may be empty
-QUANTITY_PATTERN: Final = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # Durations are written like Go's time.Duration plus a `d` (day) unit, or `infinity`.
 DURATION_PATTERN: Final = r"^(infinity|-?([0-9]+(\.[0-9]+)?(d|h|m|s|ms|us))+)$"
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 from pydantic import ValidationError
 
 from dsjobs.models import limits as L
-from dsjobs.models.base import parse_quantity
 from dsjobs.models.instancetype import InstanceTypeSpec
+from dsjobs.quantity import parse_quantity
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
 
 _NAME = re.compile(L.INSTANCE_TYPE_NAME_PATTERN)
@@ -89,7 +89,7 @@ def validate_instance_type(name: str, spec: InstanceTypeSpec) -> list[Problem]:
     return c.problems
 
 
-def _quantity(c: Collector, path: str, value: str) -> Decimal | None:
+def _quantity(c: Collector, path: str, value: str) -> Fraction | None:
     try:
         return parse_quantity(value)
     except ValueError:
@@ -98,7 +98,7 @@ def _quantity(c: Collector, path: str, value: str) -> Decimal | None:
 
 
 def _resources(c: Collector, spec: InstanceTypeSpec) -> None:
-    parsed: dict[str, dict[str, Decimal]] = {}
+    parsed: dict[str, dict[str, Fraction]] = {}
     for kind in ("requests", "limits"):
         values: dict[str, str] = getattr(spec.resources, kind)
         kpath = at("resources", kind)
