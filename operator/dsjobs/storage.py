@@ -19,7 +19,9 @@ renamed into place only after size and sha256 were verified.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -47,6 +49,8 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from dsjobs.s3http import Credentials, S3Http, S3HttpError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -266,6 +270,10 @@ def is_transient(exc: BaseException) -> bool:
         ),
     ):
         return True
+    if isinstance(exc, S3HttpError):
+        return exc.code in _TRANSIENT_CODES or exc.status in _TRANSIENT_STATUS
+    if isinstance(exc, http.client.HTTPException):
+        return True  # a response cut short or garbled (IncompleteRead, RemoteDisconnected, ...)
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -351,15 +359,6 @@ class PreconditionFailedError(StorageError):
     """A conditional write found the key already present."""
 
 
-def _client_error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _is_not_found(exc: ClientError) -> bool:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-    return _client_error_code(exc) in {"404", "NoSuchKey", "NotFound"} or status == 404
-
-
 class _OrderedWriter:
     """Writes chunks to a file in order, in a thread of its own: a download then reads and hashes
     the next chunk while the last one is written (both release the GIL), instead of doing the
@@ -413,7 +412,6 @@ class Storage:
         self,
         settings: StorageSettings,
         *,
-        client: S3Client | None = None,
         attempts: int = 5,
         upload_concurrency: int = 2,
         part_size: int = MIN_PART_SIZE,
@@ -422,9 +420,8 @@ class Storage:
         self.bucket = settings.bucket
         self.attempts = attempts
         # Clients are made on first use: importing botocore and building a client costs ~0.2 s
-        # of CPU, which a runner process that never touches storage (stage-in of a job without
-        # inputs) should not pay.
-        self._given = client
+        # of CPU, which a runner process should pay only when it needs botocore (multipart,
+        # listings, batch deletes, presigning); one-object calls go through `_http`.
         self._clients: dict[str, S3Client] = {}
         self._clients_lock = threading.Lock()
         # Parts in flight per upload: with the one being read, memory is (this + 1) x part size.
@@ -440,18 +437,26 @@ class Storage:
     def connect(self) -> Storage:
         """Make the S3 clients now instead of on first use (a server's first request should not
         pay for importing botocore)."""
-        _ = self._client, self._presign_client
+        _ = self._client, self._presign_client, self._http
         return self
 
     @property
     def _client(self) -> S3Client:
-        return self._given if self._given is not None else self._lazy_client(self.settings.endpoint)
+        return self._lazy_client(self.settings.endpoint)
 
     @property
     def _presign_client(self) -> S3Client:
-        if self._given is not None or not self.settings.public_endpoint:
+        if not self.settings.public_endpoint:
             return self._client
         return self._lazy_client(self.settings.public_endpoint)
+
+    @functools.cached_property
+    def _http(self) -> S3Http:
+        """One-request calls (head, get, put, delete, single-part upload, download)."""
+        s = self.settings
+        return S3Http(
+            s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key.get_secret_value(), s.region)
+        )
 
     def _lazy_client(self, endpoint: str) -> S3Client:
         client = self._clients.get(endpoint)
@@ -520,12 +525,14 @@ class Storage:
     def head(self, key: str) -> ObjectInfo | None:
         def call() -> ObjectInfo | None:
             try:
-                r = self._client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if _is_not_found(exc):
+                r = self._http.request("HEAD", key)
+            except S3HttpError as exc:
+                if exc.status == 404:
                     return None
                 raise
-            return ObjectInfo(key=key, size=int(r["ContentLength"]), etag=str(r.get("ETag", "")))
+            return ObjectInfo(
+                key=key, size=int(r.headers.get("content-length", 0)), etag=r.headers.get("etag", "")
+            )
 
         return retry(call, what=f"head {key}", attempts=self.attempts)
 
@@ -556,25 +563,19 @@ class Storage:
         def call() -> None:
             nonlocal attempt
             attempt += 1
-            kwargs: dict[str, Any] = {
-                "Bucket": self.bucket,
-                "Key": key,
-                "Body": data,
-                "ContentType": content_type,
-            }
+            headers = {"content-type": content_type}
             if if_none_match and self._conditional_writes:
-                kwargs["IfNoneMatch"] = "*"
+                headers["if-none-match"] = "*"
             try:
-                self._client.put_object(**kwargs)
-            except ClientError as exc:
-                code = _client_error_code(exc)
-                if code == "NotImplemented" and "IfNoneMatch" in kwargs:
+                self._http.request("PUT", key, body=data, headers=headers)
+            except S3HttpError as exc:
+                if exc.code == "NotImplemented" and "if-none-match" in headers:
                     # Older S3-compatible servers: fall back to plain PUTs (single writer anyway).
                     log.info("storage conditional writes unsupported; using plain PUT")
                     self._conditional_writes = False
-                    self._client.put_object(**{k: v for k, v in kwargs.items() if k != "IfNoneMatch"})
+                    self._http.request("PUT", key, body=data, headers={"content-type": content_type})
                     return
-                if code in {"PreconditionFailed", "412"}:
+                if exc.status == 412 or exc.code == "PreconditionFailed":
                     if self.get_bytes(key) == data:
                         return
                     raise PreconditionFailedError(f"{key} already exists with other content") from exc
@@ -587,21 +588,23 @@ class Storage:
 
         def call() -> bytes | None:
             try:
-                r = self._client.get_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if _is_not_found(exc):
+                return self._http.request("GET", key).body
+            except S3HttpError as exc:
+                if exc.status == 404:
                     return None
                 raise
-            return r["Body"].read()
 
         return retry(call, what=f"get {key}", attempts=self.attempts)
 
     def delete(self, key: str) -> None:
-        retry(
-            lambda: self._client.delete_object(Bucket=self.bucket, Key=key),
-            what=f"delete {key}",
-            attempts=self.attempts,
-        )
+        def call() -> None:
+            try:
+                self._http.request("DELETE", key)
+            except S3HttpError as exc:
+                if exc.status != 404:  # some servers say so for a key that is already gone
+                    raise
+
+        retry(call, what=f"delete {key}", attempts=self.attempts)
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""
@@ -691,12 +694,11 @@ class Storage:
                     # Bounded even if the file grew since fstat: then it goes multipart after all.
                     data = f.read(MULTIPART_THRESHOLD + 1)
                     if len(data) <= MULTIPART_THRESHOLD:
-                        self._client.put_object(
-                            Bucket=self.bucket, Key=key, Body=data, ContentType=content_type
+                        digest = hashlib.sha256(data).hexdigest()
+                        self._http.request(
+                            "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
                         )
-                        return TransferResult(
-                            key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest()
-                        )
+                        return TransferResult(key=key, size=len(data), sha256=digest)
                     del data
                     f.seek(0)
                     size = os.fstat(f.fileno()).st_size
@@ -792,28 +794,27 @@ class Storage:
         try:
             with open(tmp, "wb") as f, _OrderedWriter(f) as sink:
                 while True:
-                    kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
-                    if written:
-                        kwargs["Range"] = f"bytes={written}-"
+                    headers = {"range": f"bytes={written}-"} if written else None
                     try:
                         try:
-                            r = self._client.get_object(**kwargs)
-                        except ClientError as exc:
-                            if _is_not_found(exc):
+                            r = self._http.open_get(key, headers)
+                        except S3HttpError as exc:
+                            if exc.status == 404:
                                 raise ObjectNotFoundError(f"object {key} not found") from exc
-                            if _client_error_code(exc) == "InvalidRange" and written:
+                            if exc.code == "InvalidRange" and written:
                                 break  # everything was read before the connection dropped
                             raise
                         if etag is None:
-                            etag = str(r.get("ETag", ""))
-                        elif str(r.get("ETag", "")) != etag:
+                            etag = r.headers.get("etag", "")
+                        elif r.headers.get("etag", "") != etag:
                             # The object was replaced mid-download: start over on the new one.
+                            r.close()
                             sink.flush()
                             f.seek(0)
                             f.truncate()
                             h, written, etag = hashlib.sha256(), 0, None
                             continue
-                        for chunk in r["Body"].iter_chunks(IO_CHUNK):
+                        for chunk in r.iter_chunks(IO_CHUNK):
                             sink.write(chunk)  # written by the sink's thread while we hash
                             h.update(chunk)
                             written += len(chunk)

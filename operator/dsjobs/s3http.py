@@ -1,0 +1,269 @@
+"""One-request S3 object calls (HEAD, GET, PUT, DELETE of one key) over http.client, SigV4-signed.
+
+Why not botocore for these: importing botocore's client and building it from its S3 model costs
+~0.16 s of CPU, and every job's runner processes paid it for a handful of small requests (log
+chunks, result, markers), which then cost ~4 ms each through botocore against ~0.3 ms here.
+Multipart transfers, listings, batch deletes and presigned URLs stay with botocore
+(`dsjobs.storage` decides which path a call takes).
+
+`sign_v4` is pure (tested against botocore's signer); `S3Http` is the thin client around it:
+path-style addressing, one keep-alive connection per thread, errors as `S3HttpError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import os
+import re
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+ALGORITHM = "AWS4-HMAC-SHA256"
+#: Seconds to wait for a connection or for the next bytes of a response.
+TIMEOUT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def canonical_uri(path: str) -> str:
+    """RFC 3986 encoding of each path segment, as S3 signs it (no double encoding)."""
+    return urllib.parse.quote(path, safe="/~")
+
+
+def canonical_query(query: Mapping[str, str]) -> str:
+    pairs = sorted(
+        (urllib.parse.quote(k, safe="-_.~"), urllib.parse.quote(v, safe="-_.~")) for k, v in query.items()
+    )
+    return "&".join(f"{k}={v}" for k, v in pairs)
+
+
+def sign_v4(
+    method: str,
+    path: str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    payload_sha256: str,
+    creds: Credentials,
+    now: datetime,
+) -> dict[str, str]:
+    """The request's headers plus ``x-amz-date``, ``x-amz-content-sha256`` and ``Authorization``.
+
+    ``headers`` must hold ``host``; every header given is signed. Pure: the same inputs give the
+    same signature (AWS Signature Version 4, header form, service ``s3``).
+    """
+    amz_date = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    out = {k.lower(): " ".join(str(v).split()) for k, v in headers.items()}
+    out["x-amz-date"] = amz_date
+    out["x-amz-content-sha256"] = payload_sha256
+    signed = sorted(out)
+    canonical = "\n".join(
+        [
+            method,
+            canonical_uri(path),
+            canonical_query(query),
+            "".join(f"{k}:{out[k]}\n" for k in signed),
+            ";".join(signed),
+            payload_sha256,
+        ]
+    )
+    scope = f"{day}/{creds.region}/s3/aws4_request"
+    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{creds.secret_key}".encode(), day), creds.region), "s3"), "aws4_request"
+    )
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    out["authorization"] = (
+        f"{ALGORITHM} Credential={creds.access_key}/{scope}, SignedHeaders={';'.join(signed)}, Signature={signature}"
+    )
+    return out
+
+
+class S3HttpError(Exception):
+    """An S3 error response: HTTP status plus the error code from its XML body (or the status)."""
+
+    def __init__(self, status: int, code: str, message: str, key: str) -> None:
+        super().__init__(
+            f"{code} ({status}) for {key}: {message}" if message else f"{code} ({status}) for {key}"
+        )
+        self.status = status
+        self.code = code
+        self.key = key
+
+
+_XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
+
+
+def error_from(status: int, body: bytes, key: str) -> S3HttpError:
+    fields = dict(_XML_FIELD.findall(body[:4096].decode("utf-8", "replace")))
+    return S3HttpError(status, fields.get("Code") or str(status), fields.get("Message", ""), key)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class S3Http:
+    """Signed single requests to one bucket. Thread-safe: each thread keeps its own connection."""
+
+    def __init__(self, endpoint: str, bucket: str, creds: Credentials) -> None:
+        url = urllib.parse.urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"expected http(s)://host[:port], got {endpoint!r}")
+        self.https = url.scheme == "https"
+        self.hostname = url.hostname
+        self.port = url.port or (443 if self.https else 80)
+        default_port = 443 if self.https else 80
+        self.host = url.netloc if url.port not in (None, default_port) else url.hostname
+        self.bucket = bucket
+        self.creds = creds
+        self._local = threading.local()
+        self._ssl: ssl.SSLContext | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # The same CA bundle botocore would use for the bucket's other calls.
+            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+        return self._ssl
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, True
+        if self.https:
+            conn = http.client.HTTPSConnection(
+                self.hostname, self.port, timeout=TIMEOUT_SECONDS, context=self._ssl_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT_SECONDS)
+        self._local.conn = conn
+        return conn, False
+
+    def _drop_connection(self) -> None:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        self._drop_connection()
+
+    def request(
+        self,
+        method: str,
+        key: str,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        body_sha256: str | None = None,
+    ) -> Response:
+        """Send one signed request and read the whole answer; error statuses raise S3HttpError."""
+        resp = self._send(method, key, body, headers, body_sha256)
+        try:
+            data = resp.read()  # HEAD: b"", and it frees the connection
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._finish(resp)
+        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+
+    def open_get(self, key: str, headers: Mapping[str, str] | None = None) -> StreamResponse:
+        """A GET whose body is then read in chunks (`StreamResponse.iter_chunks`)."""
+        resp = self._send("GET", key, b"", headers, None)
+        return StreamResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp, self)
+
+    def _send(
+        self,
+        method: str,
+        key: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        body_sha256: str | None,
+    ) -> http.client.HTTPResponse:
+        """A kept-alive connection the server has meanwhile closed is replaced and the request
+        sent once more (every call made here is idempotent)."""
+        path = f"/{self.bucket}/{key}"
+        hdrs = {"host": self.host, **(headers or {})}
+        if body or method in ("PUT", "POST"):
+            hdrs["content-length"] = str(len(body))
+        signed = sign_v4(
+            method,
+            path,
+            {},
+            hdrs,
+            body_sha256 or (hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256),
+            self.creds,
+            datetime.now(UTC),
+        )
+        target = canonical_uri(path)
+        while True:
+            conn, reused = self._connection()
+            try:
+                conn.request(method, target, body=body or None, headers=signed)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._drop_connection()
+                if reused:
+                    continue
+                raise
+            except BaseException:
+                self._drop_connection()
+                raise
+            break
+        if resp.status >= 300:
+            try:
+                data = resp.read()  # HEAD: b"", and it frees the connection
+            except BaseException:
+                self._drop_connection()
+                raise
+            self._finish(resp)
+            raise error_from(resp.status, data, key)
+        return resp
+
+    def _finish(self, resp: http.client.HTTPResponse) -> None:
+        if resp.will_close:
+            self._drop_connection()
+
+
+class StreamResponse:
+    """A GET's answer whose body is read in chunks; stopping early drops the connection."""
+
+    def __init__(
+        self, status: int, headers: Mapping[str, str], resp: http.client.HTTPResponse, owner: S3Http
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._resp = resp
+        self._owner = owner
+
+    def iter_chunks(self, size: int) -> Iterator[bytes]:
+        try:
+            while chunk := self._resp.read(size):
+                yield chunk
+        except BaseException:  # also GeneratorExit: the rest of the body is still on the wire
+            self._owner._drop_connection()
+            raise
+        self._owner._finish(self._resp)
+
+    def close(self) -> None:
+        if not self._resp.isclosed():
+            self._owner._drop_connection()

@@ -1,0 +1,221 @@
+"""SigV4 signing (pure) and the one-request S3 client, against a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import botocore.auth
+import botocore.awsrequest
+import botocore.credentials
+import pytest
+
+from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError, canonical_uri, sign_v4
+
+# The worked examples of Amazon S3's "Signature Calculations for the Authorization Header" page.
+AWS_EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1")
+EXAMPLE_TIME = datetime(2013, 5, 24, tzinfo=UTC)
+
+
+def test_get_object_example_from_the_s3_documentation() -> None:
+    h = sign_v4(
+        "GET",
+        "/test.txt",
+        {},
+        {"Host": "examplebucket.s3.amazonaws.com", "Range": "bytes=0-9"},
+        EMPTY_SHA256,
+        AWS_EXAMPLE,
+        EXAMPLE_TIME,
+    )
+    assert h["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert h["x-amz-date"] == "20130524T000000Z"
+
+
+def test_put_object_example_from_the_s3_documentation() -> None:
+    body = b"Welcome to Amazon S3."
+    h = sign_v4(
+        "PUT",
+        "/test$file.text",
+        {},
+        {
+            "Host": "examplebucket.s3.amazonaws.com",
+            "Date": "Fri, 24 May 2013 00:00:00 GMT",
+            "x-amz-storage-class": "REDUCED_REDUNDANCY",
+        },
+        hashlib.sha256(body).hexdigest(),
+        AWS_EXAMPLE,
+        EXAMPLE_TIME,
+    )
+    assert h["authorization"].endswith(
+        "SignedHeaders=date;host;x-amz-content-sha256;x-amz-date;x-amz-storage-class, "
+        "Signature=98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "headers", "body"),
+    [
+        (
+            "PUT",
+            "projects/p/jobs/j/logs/00000001",
+            {"Content-Type": "application/octet-stream"},
+            b"\x00chunk",
+        ),
+        ("PUT", "projects/p/jobs/j/outputs/dir with space/ü+x=1&y.txt", {"If-None-Match": "*"}, b"x"),
+        ("GET", "projects/p/jobs/j/result.json", {}, b""),
+        ("HEAD", "projects/p/inputs/" + "a" * 64, {}, b""),
+        ("DELETE", "projects/p/jobs/j/logs/final~1", {}, b""),
+    ],
+)
+def test_signatures_agree_with_botocores_signer(
+    method: str, key: str, headers: dict[str, str], body: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = datetime(2026, 11, 29, 3, 4, 5, tzinfo=UTC)
+    creds = Credentials("DSJOBSTEST", "s3cr3t/key+with=chars", "ru-central1")
+    host = "127.0.0.1:9000"
+    payload = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    ours = sign_v4(method, f"/bucket/{key}", {}, {"host": host, **headers}, payload, creds, now)
+
+    req = botocore.awsrequest.AWSRequest(
+        method=method,
+        url=f"http://{host}{canonical_uri('/bucket/' + key)}",
+        headers={**headers, "X-Amz-Content-SHA256": payload},
+        data=body,
+    )
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))
+    botocore.auth.S3SigV4Auth(
+        botocore.credentials.Credentials(creds.access_key, creds.secret_key), "s3", creds.region
+    ).add_auth(req)
+    assert ours["authorization"] == req.headers["Authorization"]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    objects: ClassVar[dict[str, bytes]] = {}
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        self.seen.append(
+            {
+                "method": self.command,
+                "path": self.path,
+                "port": self.client_address[1],
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+            }
+        )
+        if "Authorization" not in self.headers:
+            self._reply(403, b"<Error><Code>AccessDenied</Code><Message>no auth</Message></Error>")
+            return
+        obj = self.objects.get(self.path)
+        if self.command == "PUT":
+            if self.headers.get("If-None-Match") == "*" and obj is not None:
+                self._reply(412, b"<Error><Code>PreconditionFailed</Code><Message>exists</Message></Error>")
+                return
+            self.objects[self.path] = body
+            self._reply(200, headers={"ETag": '"e"'})
+        elif self.command == "DELETE":
+            self.objects.pop(self.path, None)
+            self._reply(204)
+        elif obj is None:
+            self._reply(
+                404, b"<Error><Code>NoSuchKey</Code><Message>The key does not exist</Message></Error>"
+            )
+        else:
+            self._reply(200, obj, {"ETag": '"e"'})
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = _handle
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    _Handler.objects = {}
+    _Handler.seen = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_requests_round_trip_and_keep_one_connection(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    key = "projects/p/jobs/j/a b+c.txt"
+    s3.request("PUT", key, body=b"hello", headers={"content-type": "text/plain"})
+    assert _Handler.objects["/bkt/projects/p/jobs/j/a%20b%2Bc.txt"] == b"hello"
+    assert s3.request("GET", key).body == b"hello"
+    head = s3.request("HEAD", key)
+    assert head.headers["content-length"] == "5" and head.body == b""
+    assert b"".join(s3.open_get(key).iter_chunks(2)) == b"hello"
+    s3.request("DELETE", key)
+    with pytest.raises(S3HttpError) as err:
+        s3.request("GET", key)
+    assert (err.value.status, err.value.code) == (404, "NoSuchKey")
+    assert "The key does not exist" in str(err.value) and key in str(err.value)
+    put = _Handler.seen[0]["headers"]
+    assert put["x-amz-content-sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert "content-type" in put["authorization"]
+    # One connection for all of it: the server saw one client port.
+    assert len({r["port"] for r in _Handler.seen}) == 1
+    assert {r["headers"]["host"] for r in _Handler.seen} == {server.removeprefix("http://")}
+
+
+def test_conditional_put_and_errors_without_a_body(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    s3.request("PUT", "k", body=b"1", headers={"if-none-match": "*"})
+    with pytest.raises(S3HttpError) as err:
+        s3.request("PUT", "k", body=b"2", headers={"if-none-match": "*"})
+    assert (err.value.status, err.value.code) == (412, "PreconditionFailed")
+    with pytest.raises(S3HttpError) as err:
+        s3.request("HEAD", "missing")
+    assert (err.value.status, err.value.code) == (404, "404")
+    # The connection is still good after errors.
+    assert s3.request("GET", "k").body == b"1"
+    assert len({r["port"] for r in _Handler.seen}) == 1
+
+
+def test_a_connection_closed_by_the_server_is_replaced(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    s3.request("PUT", "k", body=b"1")
+    conn = s3._local.conn
+    assert conn is not None and conn.sock is not None
+    conn.sock.close()  # as if the server had dropped the idle keep-alive connection
+    conn.sock = None
+    assert s3.request("GET", "k").body == b"1"
+
+
+def test_stopping_a_download_early_drops_the_connection(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    s3.request("PUT", "big", body=b"x" * 100_000)
+    chunks = s3.open_get("big").iter_chunks(1000)
+    assert next(chunks) == b"x" * 1000
+    chunks.close()
+    assert getattr(s3._local, "conn", None) is None
+    assert len(s3.request("GET", "big").body) == 100_000
+
+
+def test_endpoint_must_be_http_url() -> None:
+    with pytest.raises(ValueError, match="http"):
+        S3Http("ftp://x", "b", Credentials("a", "b", "r"))
