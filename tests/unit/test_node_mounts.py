@@ -58,11 +58,36 @@ def test_script_binds_then_remounts_readonly_then_execs() -> None:
     binds = [i for i, line in enumerate(lines) if "--rbind" in line]
     remount = next(i for i, line in enumerate(lines) if "remount,bind,ro" in line)
     assert binds == sorted(binds) and remount > max(binds)
-    assert "/bin/mount --rbind '/s/a b' /run/dsjobs-stage/0" in script
-    assert "/bin/mount --rbind /run/dsjobs-stage/0 /data" in script
+    # No target covers a source: each source is bound straight onto its target, in order.
+    assert "dsjobs-stage" not in script
+    assert "/bin/mount --rbind '/s/a b' /data" in script
+    assert "/bin/mount --rbind /s/cfg /data/cfg" in script
     assert "/bin/mount -o remount,bind,ro /data" in script
+    # Targets are made only when missing (the checks are shell builtins, not processes).
+    assert "if [ -d '/s/a b' ]; then [ -d /data ] || /bin/mkdir -p /data; " in script
+    assert "[ -d /data/work ] || /bin/mkdir -p /data/work" in lines
     assert "cd /data/work" in lines
     assert lines[-1] == 'exec "$@"'
+
+
+def test_script_stages_the_sources_when_a_target_covers_one() -> None:
+    mounts = (
+        Mount("/node/state/empty", "/node", False),
+        Mount("/node/state/term", "/dev/termination-log", False),
+    )
+    script = render_launch_script(mounts, None, TOOLS, None)
+    assert "/bin/mount -t tmpfs -o mode=0700,size=1m dsjobs-stage /run/dsjobs-stage" in script
+    assert "/bin/mount --rbind /node/state/term /run/dsjobs-stage/1" in script
+    assert "/bin/mount --rbind /run/dsjobs-stage/1 /dev/termination-log" in script
+    # Every source is staged before the first target is bound.
+    lines = script.splitlines()
+    staged = [
+        i for i, line in enumerate(lines) if line.endswith(("/run/dsjobs-stage/0", "/run/dsjobs-stage/1"))
+    ]
+    first_target = next(
+        i for i, line in enumerate(lines) if line.endswith("--rbind /run/dsjobs-stage/0 /node")
+    )
+    assert max(staged) < first_target
 
 
 def test_script_run_as_user() -> None:

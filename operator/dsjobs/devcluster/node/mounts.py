@@ -4,7 +4,8 @@ Each container process is started as
 
     unshare --mount --propagation private -- /bin/sh -c <script> dsjobs-container <argv...>
 
-where the script bind-mounts every volume at its mountPath, remounts the read-only ones,
+where the script bind-mounts every volume at its mountPath (through a private tmpfs when a
+target would hide a source), remounts the read-only ones,
 changes to the working directory and `exec`s the argv. The mounts exist only in the
 container's namespace, so two containers can mount different things at the same path
 (e.g. their own `/dev/termination-log`), and nothing leaks to the host's mount table.
@@ -78,16 +79,14 @@ def _check(tools: Tools) -> None:
 STAGE_CANDIDATES = ("/run/dsjobs-stage", "/var/lib/dsjobs-stage", "/mnt/dsjobs-stage", "/.dsjobs-stage")
 
 
+def _covers(target: str, path: str) -> bool:
+    return target == "/" or path == target or path.startswith(target.rstrip("/") + "/")
+
+
 def stage_dir(mounts: tuple[Mount, ...]) -> str:
     """A staging directory that no target covers, so staged sources stay reachable."""
-
-    def covered(path: str) -> bool:
-        return any(
-            m.target == "/" or path == m.target or path.startswith(m.target.rstrip("/") + "/") for m in mounts
-        )
-
     for candidate in STAGE_CANDIDATES:
-        if not covered(candidate):
+        if not any(_covers(m.target, candidate) for m in mounts):
             return candidate
     raise ValueError("every staging directory candidate is covered by a volume mount")
 
@@ -97,35 +96,40 @@ def render_launch_script(
 ) -> str:
     """The /bin/sh program run inside the new mount namespace before exec'ing the container's argv.
 
-    Two phases: every source is first bound into a private tmpfs, then the staged copies are bound
-    onto their targets. Binding sources directly would break when a target covers a later source
-    (an emptyDir at /tmp hides a node state dir under /tmp, and with it the termination-log file).
+    Each source is bound onto its target, in order. When a target covers a source (an emptyDir at
+    /tmp hides a node state dir under /tmp, and with it the termination-log file), every source is
+    first bound into a private tmpfs and the staged copies are then bound onto their targets.
+    Directory or file target is decided at run time by what the source is. Targets usually exist
+    already (they stay on the host as placeholders), so they are made only when missing: every
+    process started here is CPU that each container start pays.
     """
     q = shlex.quote
     lines = ["set -e"]
-    stage = stage_dir(mounts) if mounts else ""
-    if mounts:
+    staged = any(_covers(t.target, m.source) for t in mounts for m in mounts)
+    sources = [m.source for m in mounts]
+    if staged:
+        stage = stage_dir(mounts)
         lines.append(f"{tools.mkdir} -p {q(stage)}")
         lines.append(f"{tools.mount} -t tmpfs -o mode=0700,size=1m dsjobs-stage {q(stage)}")
-    for i, m in enumerate(mounts):
-        src, staged = q(m.source), q(f"{stage}/{i}")
-        lines.append(f"if [ -d {src} ]; then {tools.mkdir} {staged}; else : > {staged}; fi")
-        lines.append(f"{tools.mount} --rbind {src} {staged}")
-    for i, m in enumerate(mounts):
-        staged, dst = q(f"{stage}/{i}"), q(m.target)
+        for i, m in enumerate(mounts):
+            src, copy = q(m.source), q(f"{stage}/{i}")
+            lines.append(f"if [ -d {src} ]; then {tools.mkdir} {copy}; else : > {copy}; fi")
+            lines.append(f"{tools.mount} --rbind {src} {copy}")
+        sources = [f"{stage}/{i}" for i in range(len(mounts))]
+    for source, m in zip(sources, mounts, strict=True):
+        src, dst = q(source), q(m.target)
         parent = q(posixpath.dirname(m.target) or "/")
-        # Directory or file target, decided at run time by what the source is.
         lines.append(
-            f"if [ -d {staged} ]; then {tools.mkdir} -p {dst}; "
-            f"else {tools.mkdir} -p {parent}; [ -e {dst} ] || : > {dst}; fi"
+            f"if [ -d {src} ]; then [ -d {dst} ] || {tools.mkdir} -p {dst}; "
+            f"elif [ ! -e {dst} ]; then {tools.mkdir} -p {parent}; : > {dst}; fi"
         )
-        lines.append(f"{tools.mount} --rbind {staged} {dst}")
+        lines.append(f"{tools.mount} --rbind {src} {dst}")
     # Read-only remounts last: a read-only parent must not stop the creation of a child's target.
     for m in mounts:
         if m.read_only:
             lines.append(f"{tools.mount} -o remount,bind,ro {q(m.target)}")
     if working_dir:
-        lines.append(f"{tools.mkdir} -p {q(working_dir)}")
+        lines.append(f"[ -d {q(working_dir)} ] || {tools.mkdir} -p {q(working_dir)}")
         lines.append(f"cd {q(working_dir)}")
     if run_as is not None and tools.setpriv:
         uid, gid = run_as
