@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,11 +13,18 @@ import pytest
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.contract import (
     CONFIG_KEY,
+    CONFIG_MOUNT_PATH,
+    ENTRY_KEY,
     SHARED_VOLUME,
     WORK_VOLUME,
+    config_secret_data,
     runner_config_secret,
     runner_pod_parts,
+    shell_stage_in,
+    stages_in_python,
 )
+from dsjobs.runner.entry import render_entry_script
+from dsjobs.runner.stagein import prepare
 
 
 def cfg(**kw: Any) -> RunnerConfig:
@@ -61,7 +71,8 @@ def test_shape_and_credentials_only_in_runner_containers() -> None:
             "/job/.dsjobs-config",
         }
         assert c["terminationMessagePath"] == "/dev/termination-log"
-    assert stage_in["command"][-1] == "stage-in" and ship["command"][-1] == "ship"
+    # Nothing to fetch: stage-in is a shell script (see test_shell_stage_in_...).
+    assert stage_in["command"][:2] == ["/bin/sh", "-c"] and ship["command"][-1] == "ship"
     assert next(m for m in ship["volumeMounts"] if m["mountPath"] == "/job/work")["readOnly"] is True
     vols = {v["name"]: v for v in spec["volumes"]}
     assert vols["dsjobs-config"]["secret"]["secretName"] == "cfg-secret"
@@ -148,3 +159,76 @@ def test_config_secret_manifest() -> None:
 def test_pure() -> None:
     c = cfg()
     assert parts(c) == parts(c)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"inputs": [{"path": "a.csv", "sha256": "a" * 64, "size_bytes": 1}]},
+        {"local_modules": [{"path": "m.py", "sha256": "b" * 64, "size_bytes": 1}]},
+        {"python_env": {"requirements": ["numpy"]}},
+    ],
+)
+def test_stage_in_is_the_python_runner_when_there_is_something_to_fetch(kw: dict[str, Any]) -> None:
+    config = cfg(**kw)
+    assert stages_in_python(config)
+    stage_in = parts(config).init_containers[0]
+    assert stage_in["command"] == ["python", "-m", "dsjobs.runner", "stage-in"]
+    assert stage_in["terminationMessagePolicy"] == "File"
+    assert ENTRY_KEY not in config_secret_data(config)
+
+
+def test_without_anything_to_fetch_the_entry_script_travels_in_the_config_secret() -> None:
+    config = cfg(env={"TOKEN": "s3cret"})
+    assert not stages_in_python(config)
+    data = config_secret_data(config)
+    assert data == {CONFIG_KEY: config.to_json(), ENTRY_KEY: render_entry_script(config)}
+    p = parts(config)
+    # The entry script holds the env values: a Secret key, never the pod spec.
+    assert "s3cret" in data[ENTRY_KEY] and "s3cret" not in json.dumps(p.pod_spec())
+    stage_in = p.init_containers[0]
+    assert stage_in["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # With only some keys of the Secret mounted, the entry script is one of them.
+    config_volume = next(v for v in p.volumes if v["name"] == "dsjobs-config")
+    assert config_volume["secret"]["items"] == [
+        {"key": CONFIG_KEY, "path": CONFIG_KEY},
+        {"key": ENTRY_KEY, "path": ENTRY_KEY},
+    ]
+    # The config as an env variable has no file to copy: then stage-in stays in Python.
+    assert parts(config, config_delivery="env").init_containers[0]["command"][-1] == "stage-in"
+
+
+def test_shell_stage_in_makes_what_the_python_stage_in_makes(tmp_path: Path) -> None:
+    def config_in(root: Path) -> RunnerConfig:
+        return cfg(
+            paths={"work_dir": str(root / "work"), "shared_dir": str(root / "shared")},
+            outputs=[{"path": "out/deep/result.csv"}, {"path": "top.txt"}],
+        )
+
+    py_root, sh_root = tmp_path / "py", tmp_path / "sh"
+    prepare(config_in(py_root))
+    config = config_in(sh_root)
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / ENTRY_KEY).write_text(config_secret_data(config)[ENTRY_KEY])
+    script = shell_stage_in(config).replace(CONFIG_MOUNT_PATH, str(secret_dir))
+    subprocess.run(["/bin/sh", "-c", script], check=True, capture_output=True)
+
+    def tree(root: Path) -> dict[str, tuple[str, int]]:
+        out = {}
+        for p in sorted(root.rglob("*")):
+            mode = stat.S_IMODE(p.stat().st_mode)
+            text = p.read_text().replace(str(root), "<root>") if p.is_file() else ""
+            out[str(p.relative_to(root))] = (text, mode)
+        return out
+
+    assert tree(sh_root) == tree(py_root)
+    assert tree(sh_root)["shared/entry.sh"][1] == 0o755
+    assert tree(sh_root)["work/out/deep"][1] == 0o777
+
+
+def test_a_failing_shell_stage_in_says_why_on_stderr(tmp_path: Path) -> None:
+    config = cfg(paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")})
+    script = shell_stage_in(config).replace(CONFIG_MOUNT_PATH, str(tmp_path / "missing"))
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True)
+    assert done.returncode != 0 and "entry.sh" in done.stderr

@@ -42,7 +42,7 @@ from dsjobs.runner.config import (
     PythonEnv,
     RunnerConfig,
 )
-from dsjobs.runner.contract import CONFIG_KEY, runner_pod_parts
+from dsjobs.runner.contract import config_secret_data, runner_pod_parts
 
 # Where the job sees its mounts (DataSphere mounts S3 connectors at /job/s3/<id>).
 S3_MOUNT_ROOT: Final = "/job/s3"
@@ -246,7 +246,7 @@ def runner_secret(
         owner=job.owner(),
         role="runner",
         secret_type="Opaque",
-        string_data={CONFIG_KEY: config.to_json(), **storage_env},
+        string_data={**config_secret_data(config), **storage_env},
     )
 
 

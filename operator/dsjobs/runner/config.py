@@ -310,6 +310,12 @@ class RunnerConfig(_Model):
     def work_dir(self) -> Path:
         return Path(self.paths.work_dir)
 
+    def work_dirs(self) -> list[Path]:
+        """The directories stage-in makes in the working dir: the dir itself and the parents of the
+        declared outputs (the job writes outputs in place; var-named ones live in directories it did
+        not create). New ones are world-writable, like the layout's."""
+        return [self.work_dir, *((self.work_dir / out.path).parent for out in self.outputs)]
+
     def to_json(self) -> str:
         return self.model_dump_json(exclude_defaults=True)
 
@@ -395,8 +401,13 @@ class SharedLayout:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        """What stage-in makes, world-writable: the user's container may run as any uid and must
+        write logs/run/python."""
+        return (self.root, self.logs_dir, self.run_dir, self.python_dir, self.site_dir, self.tmp_dir)
+
     def create(self) -> None:
-        # World-writable: the user's container may run as any uid and must write logs/run/python.
-        for d in (self.root, self.logs_dir, self.run_dir, self.python_dir, self.site_dir, self.tmp_dir):
+        for d in self.dirs:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o777)

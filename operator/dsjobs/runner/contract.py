@@ -4,7 +4,8 @@ Pod shape (plain containers only: our process-based node runs init containers in
 containers concurrently, and native sidecars are not guaranteed there; on real Kubernetes plain
 containers work the same way with ``restartPolicy: Never``)::
 
-    initContainers: [stage-in]          runner image: inputs, modules, entry script
+    initContainers: [stage-in]          runner image: inputs, modules, entry script (Python), or
+                                        for a job with nothing to fetch, dirs + entry script (sh)
     containers:     [job, ship]         job = user image running <shared>/entry.sh; ship = runner image
     volumes:        dsjobs-shared (emptyDir), dsjobs-work (emptyDir or working storage),
                     dsjobs-config (Secret with runner.json), mounts/datasets/project disk PVCs
@@ -18,11 +19,13 @@ by the entry script, so env values - which may be project secrets - are not in t
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from dsjobs.runner.config import ENV_CONFIG, ENV_CONFIG_FILE, RunnerConfig
+from dsjobs.runner.entry import render_entry_script
 from dsjobs.storage import (
     ENV_ACCESS_KEY,
     ENV_BUCKET,
@@ -39,6 +42,8 @@ CONFIG_VOLUME = "dsjobs-config"
 CONFIG_MOUNT_PATH = "/job/.dsjobs-config"
 #: Key of the runner config in its Secret.
 CONFIG_KEY = "runner.json"
+#: Key of the rendered entry script in the same Secret, for a stage-in without Python.
+ENTRY_KEY = "entry.sh"
 STAGE_IN_CONTAINER = "stage-in"
 JOB_CONTAINER = "job"
 SHIP_CONTAINER = "ship"
@@ -90,6 +95,39 @@ def _storage_env(secret: str) -> list[Json]:
     return env
 
 
+def stages_in_python(config: RunnerConfig) -> bool:
+    """Whether stage-in needs the Python runner: inputs or local modules to fetch, requirements to
+    write. Without them it is a POSIX sh script (`shell_stage_in`): one Python start with its
+    imports (~0.15 s of CPU) less per job, for what is a few directories and a file copy."""
+    python_env = config.python_env
+    return bool(config.inputs or config.local_modules or (python_env is not None and python_env.requirements))
+
+
+def shell_stage_in(config: RunnerConfig) -> str:
+    """What `stagein.prepare` does, as sh: the directories (new ones world-writable, as the job may
+    run as any uid) and the entry script, rendered by the operator into the config Secret."""
+    q = shlex.quote
+    layout_dirs = " ".join(q(str(d)) for d in config.layout.dirs)
+    work_dirs = " ".join(q(str(d)) for d in config.work_dirs())
+    entry = q(f"{CONFIG_MOUNT_PATH}/{ENTRY_KEY}")
+    return (
+        "set -e\n"
+        "umask 0\n"
+        f"mkdir -p {layout_dirs} {work_dirs}\n"
+        f"chmod 0777 {layout_dirs}\n"
+        f"install -m 0755 {entry} {q(str(config.layout.entry_script))}\n"
+    )
+
+
+def config_secret_data(config: RunnerConfig) -> dict[str, str]:
+    """The runner's keys of its config Secret: the config, and the entry script when stage-in is a
+    shell script (it holds the job's env values, which may be secrets: a Secret, not the pod spec)."""
+    data = {CONFIG_KEY: config.to_json()}
+    if not stages_in_python(config):
+        data[ENTRY_KEY] = render_entry_script(config)
+    return data
+
+
 def runner_config_secret(
     config: RunnerConfig, *, name: str, namespace: str, labels: Mapping[str, str] | None = None
 ) -> Json:
@@ -99,7 +137,7 @@ def runner_config_secret(
         "kind": "Secret",
         "metadata": {"name": name, "namespace": namespace, "labels": dict(labels or {})},
         "type": "Opaque",
-        "stringData": {CONFIG_KEY: config.to_json()},
+        "stringData": config_secret_data(config),
     }
 
 
@@ -138,6 +176,7 @@ def runner_pod_parts(
             f"{config_secret_name!r})"
         )
     claims = dict(mount_claims or {})
+    shell_stage = config_delivery == "volume" and not stages_in_python(config)
     shared_dir = config.paths.shared_dir
     work_dir = config.paths.work_dir
     layout = config.layout
@@ -157,7 +196,9 @@ def runner_pod_parts(
     if config_delivery == "volume":
         source: Json = {"secretName": config_secret_name}
         if storage_delivery != "files":
-            source["items"] = [{"key": CONFIG_KEY, "path": CONFIG_KEY}]
+            source["items"] = [
+                {"key": k, "path": k} for k in (CONFIG_KEY, ENTRY_KEY)[: 2 if shell_stage else 1]
+            ]
         volumes.append({"name": CONFIG_VOLUME, "secret": source})
         runner_mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True})
         runner_env.append({"name": ENV_CONFIG_FILE, "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"})
@@ -226,10 +267,15 @@ def runner_pod_parts(
     if image_pull_policy:
         main["imagePullPolicy"] = image_pull_policy
 
+    stage_in = runner_container(STAGE_IN_CONTAINER, "stage-in", False)
+    if shell_stage:
+        stage_in["command"] = ["/bin/sh", "-c", shell_stage_in(config)]
+        # Its errors (mkdir, install) are on stderr: they become the termination message.
+        stage_in["terminationMessagePolicy"] = "FallbackToLogsOnError"
     grace = config.graceful_shutdown
     grace_seconds = (math.ceil(grace.timeout_seconds) if grace else 0) + ship_margin_seconds
     return RunnerPodParts(
-        init_containers=[runner_container(STAGE_IN_CONTAINER, "stage-in", False)],
+        init_containers=[stage_in],
         main=main,
         sidecars=[runner_container(SHIP_CONTAINER, "ship", True)],
         volumes=volumes,

@@ -1,5 +1,8 @@
 """Stage-in (the init container): inputs and local modules into place, then the entry script.
 
+Only for jobs that have something to fetch or write (`contract.stages_in_python`); for the others
+the init container is a POSIX sh script doing what `prepare` does (`contract.shell_stage_in`).
+
 - each input ``projects/<project>/inputs/<sha256>`` is streamed to ``<work_dir>/<path>`` with its
   size and sha256 verified (the cache is content-addressed, but clients upload through presigned
   URLs: the content is checked, not trusted); ZIP inputs are extracted (zip-slip safe) into the
@@ -129,10 +132,8 @@ def prepare(config: RunnerConfig) -> None:
     """Directories, requirements file and entry script (no storage access)."""
     layout = config.layout
     layout.create()
-    _make_dirs(config.work_dir)
-    for out in config.outputs:
-        # The job writes outputs in place; var-named ones live in directories it did not create.
-        _make_dirs((config.work_dir / out.path).parent)
+    for d in config.work_dirs():
+        _make_dirs(d)
     if config.python_env is not None and config.python_env.requirements:
         layout.requirements.write_text("\n".join(config.python_env.requirements) + "\n")
     script = render_entry_script(config)
