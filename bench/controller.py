@@ -43,6 +43,7 @@ from common import (
     latency_summary,
     module_missing,
     parallel_create,
+    percentile,
     proc_cpu_seconds,
     proc_memory_mib,
     secs,
@@ -58,6 +59,10 @@ JOB_LABEL = "dsjobs.dev/job-id"
 PROJECT_LABEL = "dsjobs.dev/project-id"
 FINALIZER = "dsjobs.dev/cleanup"
 FINAL = ("SUCCESS", "ERROR", "CANCELLED")
+# The operator issue's targets (shown with ✓/✗; never asserted).
+CR_TO_POD_TARGET = (0.100, 0.500)  # p50, p99 seconds
+RATIO_TARGET = 1.5  # all SUCCESS / the same number of bare pods
+RSS_TARGET_MB = 150  # at 10k ProjectJobs
 INSTANCE_TYPE = "c1.4"
 # What the local catalog's c1.4 requests (limits / 16): bare pods pack onto cpu-0 like job pods.
 C14_REQUESTS = {"cpu": "250m", "memory": "2Gi"}
@@ -312,12 +317,14 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
                 f"{n} ProjectJobs created at once ({CLIENTS} clients), pods cannot schedule: "
                 "CR created → Pod created",
                 latency_summary(to_pod),
-                "",
+                f"p50 ≤ {CR_TO_POD_TARGET[0] * 1000:.0f} ms, p99 ≤ {CR_TO_POD_TARGET[1] * 1000:.0f} ms",
                 str(load),
                 f"the operator alone (no job process runs): CRs created at {b.rate:.0f}/s, last pod "
                 f"{secs(last)} after the first CR ({n / last:.0f} jobs/s); operator CPU "
                 f"{1000 * cpu / n:.0f} ms per job; API writes per job up to here {_writes_note(writes, n)}; "
                 f"{cpu_note(by_kind, n)} (the 8 creating clients are the bench)",
+                ok=percentile(to_pod, 50) <= CR_TO_POD_TARGET[0]
+                and percentile(to_pod, 99) <= CR_TO_POD_TARGET[1],
             )
         )
     finally:
@@ -384,10 +391,11 @@ def bench_jobs(ctx: Context, sec: Section, kube: Kube, n: int, bare: tuple[float
             Figure(
                 f"{n} ProjectJobs: all SUCCESS",
                 secs(total) + vs,
-                "",
+                f"≤ {RATIO_TARGET}x bare pods" if bare else "",
                 str(load),
                 f"operator CPU {cpu:.0f} s, RSS {rss:.0f} MiB (peak {hwm:.0f} MiB); {cpu_note(by_kind, n)}"
                 + (f"; {errors} not SUCCESS" if errors else ""),
+                ok=total / bare[0] <= RATIO_TARGET if bare else None,
             )
         )
         per_job = sum(v for k, v in writes.items() if k != "leases") / n
@@ -436,11 +444,12 @@ def bench_rss(ctx: Context, sec: Section, kube: Kube) -> None:
                 Figure(
                     f"operator RSS with {total} ProjectJobs (no execute, no pods)",
                     f"{rss:.0f} MiB (peak {hwm:.0f} MiB)",
-                    "",
+                    f"≤ {RSS_TARGET_MB} MB" if total >= 10000 else "",
                     str(load),
                     f"idle before any job: {idle:.0f} MiB. {len(bodies)} more CRs created by {CLIENTS} clients; "
                     f"the operator had given all a finalizer and status {secs(all_seen)} after the first "
                     f"({len(bodies) / all_seen:.0f} jobs/s), using {1000 * cpu / len(bodies):.1f} ms CPU per job",
+                    ok=hwm * 1024 * 1024 <= RSS_TARGET_MB * 1000 * 1000 if total >= 10000 else None,
                 )
             )
         ctx.shared[SHARED_10K] = (ns, ns, made)
