@@ -475,10 +475,11 @@ def run(ctx: Context) -> Section:
     finally:
         kube.close()
     sec.notes.append(
-        "Job pods run the runner's stage-in and ship containers (Python) around the command; on "
-        "this machine their CPU, not the operator, bounds the time to all SUCCESS (the CPU per job "
-        "beside it is sampled from /proc by kind of process; `other` is what no sample could name: "
-        "the job's shell commands, short-lived processes, the kernel)."
+        "Job pods run the runner around the command: stage-in (here a shell script: these jobs have "
+        "nothing to fetch) and the ship sidecar (Python, most of its CPU its imports); on this machine "
+        "the job pods' CPU, not the operator, bounds the time to all SUCCESS (the CPU per job beside it "
+        "is sampled from /proc by kind of process; `other` is what no sample could name: the job's "
+        "shell commands, short-lived processes, the kernel)."
     )
     sec.notes.append(
         "With jobs running, CR → Pod and the CR create rate measure CPU starvation of everything on "
