@@ -17,6 +17,7 @@ import hmac
 import http.client
 import os
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -26,7 +27,8 @@ from datetime import UTC, datetime
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 ALGORITHM = "AWS4-HMAC-SHA256"
-#: Seconds to wait for a connection or for the next bytes of a response.
+#: Seconds to wait for a TCP connection, and then for the next bytes of a response.
+CONNECT_TIMEOUT_SECONDS = 10.0
 TIMEOUT_SECONDS = 60.0
 
 
@@ -95,6 +97,16 @@ def sign_v4(
     return out
 
 
+def connect(
+    address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
+) -> socket.socket:
+    """A connection that gives up after CONNECT_TIMEOUT_SECONDS and then reads with ``timeout``:
+    an unreachable endpoint fails fast, a slow response still has its minute."""
+    sock = socket.create_connection(address, CONNECT_TIMEOUT_SECONDS, source_address)
+    sock.settimeout(timeout)
+    return sock
+
+
 class S3HttpError(Exception):
     """An S3 error response: HTTP status plus the error code from its XML body (or the status)."""
 
@@ -155,6 +167,7 @@ class S3Http:
             )
         else:
             conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT_SECONDS)
+        conn._create_connection = connect  # type: ignore[attr-defined]  # http.client's own hook
         self._local.conn = conn
         return conn, False
 

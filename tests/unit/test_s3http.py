@@ -14,7 +14,16 @@ import botocore.awsrequest
 import botocore.credentials
 import pytest
 
-from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError, canonical_uri, sign_v4
+from dsjobs.s3http import (
+    EMPTY_SHA256,
+    TIMEOUT_SECONDS,
+    Credentials,
+    S3Http,
+    S3HttpError,
+    canonical_uri,
+    connect,
+    sign_v4,
+)
 
 # The worked examples of Amazon S3's "Signature Calculations for the Authorization Header" page.
 AWS_EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1")
@@ -214,6 +223,20 @@ def test_stopping_a_download_early_drops_the_connection(server: str) -> None:
     chunks.close()
     assert getattr(s3._local, "conn", None) is None
     assert len(s3.request("GET", "big").body) == 100_000
+
+
+def test_connections_wait_10_s_to_connect_and_60_s_for_answers(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    s3.request("PUT", "k", body=b"1")
+    conn = s3._local.conn
+    assert conn._create_connection is connect
+    assert conn.sock.gettimeout() == TIMEOUT_SECONDS
+    host, port = server.removeprefix("http://").split(":")
+    sock = connect((host, int(port)), 7.0)
+    try:
+        assert sock.gettimeout() == 7.0
+    finally:
+        sock.close()
 
 
 def test_endpoint_must_be_http_url() -> None:
