@@ -272,6 +272,9 @@ class StreamResponse:
         try:
             while chunk := self._resp.read(size):
                 yield chunk
+            if self._resp.length:
+                # http.client's read(amt) ends quietly when the server closes early.
+                raise http.client.IncompleteRead(b"", self._resp.length)
         except BaseException:  # also GeneratorExit: the rest of the body is still on the wire
             self._owner._drop_connection()
             raise

@@ -7,12 +7,15 @@ One bucket holds everything (see docs/contracts.md):
     projects/<project>/jobs/<job>/logs/...                  log records (dsjobs.logrecords)
     projects/<project>/jobs/<job>/result.json               the runner's full result
 
+One-object calls are single signed requests (`dsjobs.s3http`); multipart uploads, listings, batch
+deletes and presigned URLs go through botocore.
+
 Why uploads never leave a half-written object that looks complete: S3 makes an object visible
 only when its PutObject request has been received in full, and a multipart object only when
 CompleteMultipartUpload succeeds. A transfer that fails midway either leaves the previous
 version of the key (or nothing) visible, or an invisible incomplete multipart upload that
-s3transfer aborts (and that a bucket lifecycle rule / ``delete_prefix`` cleans up if the process
-died). So we write straight to the final key; a temp-key-then-copy dance would only double the
+`_multipart_upload` aborts (and that a bucket lifecycle rule / ``delete_prefix`` cleans up if the
+process died). So we write straight to the final key; a temp-key-then-copy dance would only double the
 I/O. Downloads do need care on our side: they go to a temp file next to the destination and are
 renamed into place only after size and sha256 were verified.
 """
@@ -406,7 +409,8 @@ class _OrderedWriter:
 
 
 class Storage:
-    """The bucket. Thread-safe (boto3 clients are); one instance per process is enough."""
+    """The bucket. Thread-safe (botocore clients are, and `S3Http` keeps a connection per thread);
+    one instance per process is enough."""
 
     def __init__(
         self,

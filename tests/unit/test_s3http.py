@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import http.server
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import pytest
+from pydantic import SecretStr
 
 from dsjobs.s3http import (
     EMPTY_SHA256,
@@ -24,6 +27,7 @@ from dsjobs.s3http import (
     connect,
     sign_v4,
 )
+from dsjobs.storage import Storage, StorageSettings
 
 # The worked examples of Amazon S3's "Signature Calculations for the Authorization Header" page.
 AWS_EXAMPLE = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "us-east-1")
@@ -138,6 +142,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reply(403, b"<Error><Code>AccessDenied</Code><Message>no auth</Message></Error>")
             return
         obj = self.objects.get(self.path)
+        if (
+            self.command == "GET"
+            and obj is not None
+            and self.path.endswith("/cut")
+            and "Range" not in self.headers
+        ):
+            # Half of the body, then the connection drops.
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(obj)))
+            self.send_header("ETag", '"e"')
+            self.end_headers()
+            self.wfile.write(obj[: len(obj) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if self.command == "GET" and obj is not None and "Range" in self.headers:
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            self._reply(206, obj[start:], {"ETag": '"e"'})
+            return
         if self.command == "PUT":
             if self.headers.get("If-None-Match") == "*" and obj is not None:
                 self._reply(412, b"<Error><Code>PreconditionFailed</Code><Message>exists</Message></Error>")
@@ -237,6 +260,25 @@ def test_connections_wait_10_s_to_connect_and_60_s_for_answers(server: str) -> N
         assert sock.gettimeout() == 7.0
     finally:
         sock.close()
+
+
+def test_a_body_cut_short_is_an_error_and_storage_resumes_the_download(server: str, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 400
+    _Handler.objects["/bkt/in/cut"] = data
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    with pytest.raises(http.client.IncompleteRead):
+        b"".join(s3.open_get("in/cut").iter_chunks(4096))
+    store = Storage(
+        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key=SecretStr("SK")),
+        attempts=3,
+    )
+    res = store.download_file(
+        "in/cut", tmp_path / "out", expected_size=len(data), expected_sha256=hashlib.sha256(data).hexdigest()
+    )
+    assert (tmp_path / "out").read_bytes() == data and res.size == len(data)
+    assert [r["headers"].get("range") for r in _Handler.seen if r["path"] == "/bkt/in/cut"][-1] == (
+        f"bytes={len(data) // 2}-"
+    )
 
 
 def test_endpoint_must_be_http_url() -> None:
