@@ -191,12 +191,7 @@ class S3Http:
     ) -> Response:
         """Send one signed request and read the whole answer; error statuses raise S3HttpError."""
         resp = self._send(method, key, body, headers, body_sha256)
-        try:
-            data = resp.read()  # HEAD: b"", and it frees the connection
-        except BaseException:
-            self._drop_connection()
-            raise
-        self._finish(resp)
+        data = self._read_all(resp)
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
 
     def open_get(self, key: str, headers: Mapping[str, str] | None = None) -> StreamResponse:
@@ -243,14 +238,17 @@ class S3Http:
                 raise
             break
         if resp.status >= 300:
-            try:
-                data = resp.read()  # HEAD: b"", and it frees the connection
-            except BaseException:
-                self._drop_connection()
-                raise
-            self._finish(resp)
-            raise error_from(resp.status, data, key)
+            raise error_from(resp.status, self._read_all(resp), key)
         return resp
+
+    def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
+        try:
+            data = resp.read()  # HEAD: b"", and it frees the connection
+        except BaseException:
+            self._drop_connection()
+            raise
+        self._finish(resp)
+        return data
 
     def _finish(self, resp: http.client.HTTPResponse) -> None:
         if resp.will_close:

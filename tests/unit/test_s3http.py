@@ -23,6 +23,7 @@ from dsjobs.s3http import (
     Credentials,
     S3Http,
     S3HttpError,
+    canonical_query,
     canonical_uri,
     connect,
     sign_v4,
@@ -106,6 +107,23 @@ def test_signatures_agree_with_botocores_signer(
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))
     botocore.auth.S3SigV4Auth(
         botocore.credentials.Credentials(creds.access_key, creds.secret_key), "s3", creds.region
+    ).add_auth(req)
+    assert ours["authorization"] == req.headers["Authorization"]
+
+
+def test_query_parameters_are_signed_as_botocore_signs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = datetime(2026, 11, 29, 3, 4, 5, tzinfo=UTC)
+    creds = Credentials("DSJOBSTEST", "secret", "us-east-1")
+    query = {"prefix": "projects/p/jobs/j/logs/", "list-type": "2", "continuation-token": "a b+c="}
+    ours = sign_v4("GET", "/bucket", query, {"host": "s3.local"}, EMPTY_SHA256, creds, now)
+    req = botocore.awsrequest.AWSRequest(
+        method="GET",
+        url="http://s3.local/bucket?" + canonical_query(query),
+        headers={"X-Amz-Content-SHA256": EMPTY_SHA256},
+    )
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))
+    botocore.auth.S3SigV4Auth(
+        botocore.credentials.Credentials("DSJOBSTEST", "secret"), "s3", "us-east-1"
     ).add_auth(req)
     assert ours["authorization"] == req.headers["Authorization"]
 
