@@ -183,7 +183,7 @@ CPU_KINDS: tuple[tuple[str, str], ...] = (
     ("s3server", "S3 server"),
     ("dsjobs.devcluster.node", "node agents"),
     ("dsjobs.controller", "operator"),
-    ("dsjobs.runner", "runner (stage-in, ship)"),
+    ("dsjobs.runner", "runner (Python)"),
 )
 
 

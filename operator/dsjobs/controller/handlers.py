@@ -356,18 +356,19 @@ class Operator:
         status = body.get("status") or {}
         idle = status.get("phase") in (None, "CREATING", "SUCCESS", "ERROR", "CANCELLED")
         if idle and not any(not p.gone for p in pods) and key not in self._fresh:
-            self._jobs.pop(key, None)
-            self._own.pop(key, None)
-            self._written_at.pop(key, None)
-            self._passed.pop(key, None)
+            self._drop_body(key)
             if status.get("phase") != "CREATING":
                 self._seen.pop(key, None)
 
-    def _forget(self, key: Key) -> None:
+    def _drop_body(self, key: Key) -> None:
+        """The job's body and what goes with our writes of it (echo revision, pacing)."""
         self._jobs.pop(key, None)
         self._own.pop(key, None)
         self._written_at.pop(key, None)
         self._passed.pop(key, None)
+
+    def _forget(self, key: Key) -> None:
+        self._drop_body(key)
         self._seen.pop(key, None)
         self._deleted.pop(key, None)
         self._fresh.pop(key, None)

@@ -196,9 +196,8 @@ def runner_pod_parts(
     if config_delivery == "volume":
         source: Json = {"secretName": config_secret_name}
         if storage_delivery != "files":
-            source["items"] = [
-                {"key": k, "path": k} for k in (CONFIG_KEY, ENTRY_KEY)[: 2 if shell_stage else 1]
-            ]
+            keys = [CONFIG_KEY, ENTRY_KEY] if shell_stage else [CONFIG_KEY]
+            source["items"] = [{"key": k, "path": k} for k in keys]
         volumes.append({"name": CONFIG_VOLUME, "secret": source})
         runner_mounts.append({"name": CONFIG_VOLUME, "mountPath": CONFIG_MOUNT_PATH, "readOnly": True})
         runner_env.append({"name": ENV_CONFIG_FILE, "value": f"{CONFIG_MOUNT_PATH}/{CONFIG_KEY}"})
