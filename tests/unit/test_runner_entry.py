@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from dsjobs.runner.config import RunnerConfig
-from dsjobs.runner.entry import CANCELLED_EXIT, SETUP_FAILED_EXIT, render_entry_script
+from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
 from dsjobs.runner.result import RunnerStatus
 from dsjobs.runner.ship import read_status_file
 
@@ -174,6 +175,33 @@ def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) 
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.return_code == 5 and status.cancelled
     assert "sending SIGUSR1" in r.syslog
+
+
+@pytest.mark.parametrize("own_group", [True, False], ids=["setsid", "no-setsid"])
+def test_the_program_is_signalled_once(shell: list[str], own_group: bool, tmp_path: Path) -> None:
+    # A second copy of the graceful signal would interrupt the program's own shutdown (a Python
+    # program given SIGINT twice: a KeyboardInterrupt inside its handler). busybox's `kill`
+    # signals the group and then fails on `--`, which once made the script send it again.
+    # Counting copies in the program races (pending signals merge), so each `kill` is recorded.
+    log = tmp_path / "kills"
+    target = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=own_group
+    )
+    try:
+        script = (
+            KILL_HELPERS
+            + f"DSJOBS_SETSID={int(own_group)}\n"
+            + f'kill() {{ echo "kill $*" >>{shlex.quote(str(log))}; command kill "$@"; }}\n'
+            + f"dsjobs_kill USR1 {target.pid}\n"
+        )
+        subprocess.run([*shell, "-c", script], check=True, timeout=10)
+        assert target.wait(timeout=10) == -signal.SIGUSR1
+    finally:
+        target.kill()
+        target.wait()
+    form = f"-{target.pid}" if own_group else str(target.pid)
+    [line] = log.read_text().splitlines()
+    assert line.startswith("kill -s USR1") and line.endswith(f" {form}"), line
 
 
 def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
