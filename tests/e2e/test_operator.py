@@ -196,6 +196,28 @@ def test_job_cancelled_before_it_started_never_starts(h: H) -> None:
     assert h.status("never")["phase"] == "CANCELLED" and not h.pods("never")
 
 
+def test_a_pod_deleted_by_someone_else_fails_the_attempt_it_is_no_cancel(h: H) -> None:
+    # The runner sees SIGTERM just as on a cancel; without a cancel request it is a disruption:
+    # ERROR naming the pod, and with a retry policy a fresh attempt.
+    for name, extra in (("deleted", {}), ("deleted-retry", {"retryPolicy": {"maxAttempts": 2}})):
+        h.create_job(name, {"cmd": "sleep 600"}, **extra)
+    for name in ("deleted", "deleted-retry"):
+        h.wait_phase(name, "EXECUTING", timeout=120)
+        h.kubectl("delete", "pod", "-n", h.namespace, f"{name}-a1", "--wait=false")
+    status = h.wait_phase("deleted", "ERROR", "CANCELLED", "SUCCESS", timeout=120)
+    assert status["phase"] == "ERROR", status
+    assert "deleted-a1" in status["statusDetails"] and "before the job finished" in status["statusDetails"]
+    poll(
+        "attempt 2 of deleted-retry",
+        lambda: (s := h.status("deleted-retry")).get("attempt") == 2 and s.get("phase") == "EXECUTING",
+        120,
+    )
+    failed = next(e for e in h.events("deleted-retry") if e.reason == "AttemptFailed")
+    assert "deleted-retry-a1" in failed.message, failed.message
+    h.patch_spec("deleted-retry", {"cancel": {"reason": "e2e done"}})
+    assert h.wait_phase("deleted-retry", "CANCELLED", "ERROR", timeout=120)["phase"] == "CANCELLED"
+
+
 # --- robustness -----------------------------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from dsjobs.controller.plan import (
 )
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import get_condition, with_passed_phases
+from dsjobs.controller.status import coalesce_transitions, get_condition, with_passed_phases
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import JobPhase, ProjectJobSpec
 from dsjobs.runner.result import (
@@ -513,6 +513,9 @@ def test_infinite_ttl_never_expires() -> None:
     assert p.status.phase == JobPhase.SUCCESS and p.status.data_expires_at is None
 
 
+_STOPPED = result(143, cancelled=True)
+
+
 @dataclass
 class Ending:
     name: str
@@ -620,6 +623,87 @@ ENDINGS = [
         phase=JobPhase.SUCCESS,
     ),
     Ending("no runner result", ended_pod(0), None, "Succeeded", 0, "", phase=JobPhase.SUCCESS),
+    # The runner reports `cancelled` whenever its container got SIGTERM; without a cancel request
+    # that was Kubernetes (a drain, an eviction, a preemption) or somebody deleting the pod.
+    Ending(
+        "evicted while running (the runner saw SIGTERM)",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in")],
+            containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
+            conditions=[
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "drain",
+                }
+            ],
+        ),
+        _STOPPED,
+        "Evicted",
+        143,
+        "eviction API",
+    ),
+    Ending(
+        "pod deleted while running (the runner saw SIGTERM)",
+        pod(
+            gone=True,
+            phase="Running",
+            node="cpu-0",
+            init=[terminated("stage-in")],
+            containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
+        ),
+        _STOPPED,
+        "PodDeleted",
+        143,
+        "was deleted before the job finished",
+    ),
+    Ending(
+        "pod stopped, not cancelled (the runner saw SIGTERM)",
+        ended_pod(143, res=_STOPPED),
+        _STOPPED,
+        "PodStopped",
+        143,
+        "not cancelled",
+    ),
+    Ending(
+        "ship container died (no runner result)",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in")],
+            containers=[terminated("job", 0), terminated("ship", 137, "OOMKilled")],
+        ),
+        None,
+        "RunnerFailed",
+        0,
+        "ship container failed (OOMKilled, exit code 137) without reporting",
+    ),
+    Ending(
+        "stage-in failed with a runner result as its message",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[
+                terminated(
+                    "stage-in",
+                    1,
+                    "Error",
+                    result(
+                        None, RunnerStatus.STAGE_IN_FAILED, reason="input data.csv: sha256 mismatch"
+                    ).to_json(),
+                )
+            ],
+            containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+        ),
+        None,
+        "StageInFailed",
+        None,
+        "staging inputs failed: input data.csv: sha256 mismatch",
+        extra={"exact": True},
+    ),
 ]
 
 
@@ -629,6 +713,8 @@ def test_endings(ending: Ending) -> None:
     assert p.status.phase == ending.phase
     assert p.status.return_code == ending.code
     assert ending.needle in p.status.status_details
+    if ending.extra.get("exact"):
+        assert p.status.status_details == ending.needle
     finished = get_condition(p.status, "Finished")
     assert finished is not None and finished.reason == ending.reason
     assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
@@ -698,6 +784,44 @@ def test_cancel_after_the_program_ended_reports_the_real_outcome() -> None:
     assert not any(isinstance(a, DeletePod) and a.why == "cancelled" for a in p.actions)
 
 
+def test_a_cancel_while_the_outputs_upload_leaves_the_pod_alone() -> None:
+    params = {"gracefulShutdownParameters": {"timeout": "10s"}}
+    uploading = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 0), running("ship")],
+    )
+    for phase in ("UPLOADING_OUTPUT", "CANCELLING"):  # CANCELLING: a delete decided, then a crash
+        j = job(params=params, status=started(phase), cancel={"graceful": False})
+        p = step(j, [uploading])
+        assert not any(isinstance(a, DeletePod) for a in p.actions), phase
+    # ... and the job ends with the program's outcome, even when CANCELLING was written already.
+    done = ended_pod(0)
+    p = step(job(status=started("CANCELLING"), cancel={"graceful": False}), [done], res=result(0))
+    assert p.status.phase == JobPhase.SUCCESS and p.status.return_code == 0
+
+
+def test_a_cancel_the_operator_did_not_write_down_still_ends_cancelled() -> None:
+    # Crash after the pod's deletion, before CANCELLING was written: the runner says cancelled.
+    j = job(status=started("EXECUTING"), cancel={"reason": "stop"})
+    p = step(j, [ended_pod(143, res=_STOPPED)], res=_STOPPED)
+    assert p.status.phase == JobPhase.CANCELLED and p.status.return_code == 143
+
+
+def test_a_cancelled_job_whose_pod_is_gone_tells_each_phase_and_drops_its_secrets() -> None:
+    j = job(status=started("EXECUTING"), cancel={"reason": "stop"})
+    p = step(j, [pod(gone=True, node="cpu-0")])
+    assert p.status.phase == JobPhase.CANCELLED
+    assert [e.message for e in coalesce_transitions(p.events)] == [
+        "EXECUTING -> CANCELLING -> CANCELLED: the job was cancelled"
+    ]
+    assert DeleteSecrets() in p.actions
+    # A job that ends while its pod is still there deletes the Secrets with the pod (later).
+    ended = step(job(status=started("EXECUTING")), [ended_pod(0)], res=result(0))
+    assert ended.status.phase == JobPhase.SUCCESS and not ended.actions
+
+
 def test_cancelling_reissues_a_lost_delete() -> None:
     j = job(status=started("CANCELLING"), cancel={"graceful": False})
     p = step(j, [executing_pod()])
@@ -727,6 +851,19 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     j3 = JobView(**{**j.__dict__, "status": p4.status})
     p5 = step(j3, [pod(attempt=2, phase="Failed", node="cpu-0", reason="Evicted")])
     assert p5.status.phase == JobPhase.ERROR
+
+
+def test_a_drained_node_retries_the_job_instead_of_cancelling_it() -> None:
+    j = job(status=started("EXECUTING"), retryPolicy={"maxAttempts": 3})
+    drained = pod(
+        phase="Failed",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+    )
+    p = step(j, [drained], res=_STOPPED)
+    assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2
 
 
 def test_program_failures_retry_only_for_listed_codes() -> None:

@@ -260,6 +260,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "NodeShutdown": grpc.StatusCode.ABORTED,
     "Disrupted": grpc.StatusCode.ABORTED,
     "PodDeleted": grpc.StatusCode.ABORTED,
+    "PodStopped": grpc.StatusCode.ABORTED,
 }
 # Reasons not in the table (container waiting reasons, future ones): by what they mention.
 _FAILURE_HINTS: tuple[tuple[str, grpc.StatusCode], ...] = (

@@ -53,6 +53,7 @@ from dsjobs.controller.plan import (
     JobView,
     Plan,
     RemoveFinalizer,
+    current_pod_name,
     plan,
     write_delay,
 )
@@ -401,15 +402,17 @@ class Operator:
     async def _pods_of(self, key: Key, job: JobView) -> list[PodView]:
         """The job's pods: the cache, our fresh creations, pods seen deleted; and when the status
         names a pod none of those know, the API server's word on it (one GET)."""
-        assert self.kube is not None
         pods: dict[str, PodView] = {p.name: p for p in self.pods.get(key)}
+        gone = self._gone.get(key, {})
         fresh = self._fresh.get(key)
         if fresh is not None:
-            if fresh.name in pods:
+            if fresh.name in pods or fresh.name in gone:
+                # The watch has shown the pod (its deletion counts: a DELETED event can be the
+                # first the cache hears of a pod it never saw added).
                 self._fresh.pop(key, None)
             else:
-                pods.setdefault(fresh.name, fresh)
-        for name, view in self._gone.get(key, {}).items():
+                pods[fresh.name] = fresh
+        for name, view in gone.items():
             if name not in pods or pods[name].gone:
                 pods[name] = view
         requested = self._deleted.get(key)
@@ -424,6 +427,7 @@ class Operator:
         wanted = job.status.pod_name
         final = job.status.phase is not None and job.status.phase.is_final
         if wanted and wanted not in pods and not final and not job.deleting:
+            assert self.kube is not None
             raw = await self.kube.get("pods", core_path(job.namespace, "pods", wanted))
             if raw is not None:
                 pods[wanted] = PodView.from_pod(raw)
@@ -435,7 +439,8 @@ class Operator:
         """The runner's result from the current pod's ship container (or result.json if it overflowed)."""
         if job.status.phase is not None and job.status.phase.is_final:
             return None
-        pod = next((p for p in pods if p.name == job.status.pod_name), None)
+        name = current_pod_name(job.status, pods)
+        pod = next((p for p in pods if p.name == name), None)
         ship = pod.container(SHIP_CONTAINER) if pod is not None else None
         if ship is None or ship.state != "terminated" or not ship.message:
             return None
@@ -612,6 +617,10 @@ class Operator:
             )
             created: dict[str, Any] | None = results[1]
         except Invalid as exc:
+            # The Secrets went out with the pod: without the pod nothing would ever delete them.
+            await self.kube.delete_collection(
+                "secrets", core_path(ns, "secrets"), f"{JOB_LABEL}={job.name},{SECRET_ROLE_LABEL}"
+            )
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {exc}", now)
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)

@@ -209,10 +209,25 @@ def _min_delay(*delays: timedelta | None) -> timedelta | None:
     return max(min(present), timedelta()) if present else None
 
 
-def _adopt(status: ProjectJobStatus, pods: Sequence[PodView], names: list[str]) -> ProjectJobStatus:
-    """Take over the newest pod when the status lags behind the cluster (a crash after create)."""
+def adoptable(status: ProjectJobStatus, pods: Sequence[PodView]) -> PodView | None:
+    """The newest pod when it is newer than (or the same attempt as) what the status names: the
+    status lags behind the cluster after a crash between a pod's creation and the status write."""
     newest = max((p for p in pods if not p.gone), key=lambda p: p.attempt, default=None)
     if newest is None or newest.attempt < status.attempt:
+        return None
+    return newest
+
+
+def current_pod_name(status: ProjectJobStatus, pods: Sequence[PodView]) -> str:
+    """The pod of the job's current attempt, as the plan will see it (after adoption)."""
+    newest = adoptable(status, pods)
+    return newest.name if newest is not None else status.pod_name
+
+
+def _adopt(status: ProjectJobStatus, pods: Sequence[PodView], names: list[str]) -> ProjectJobStatus:
+    """Take over the newest pod when the status lags behind the cluster (a crash after create)."""
+    newest = adoptable(status, pods)
+    if newest is None:
         return status
     if newest.attempt == status.attempt and status.pod_name == newest.name:
         return status
@@ -333,17 +348,23 @@ def plan(
         current = PodView(name=current_name, attempt=status.attempt, gone=True)
 
     if spec.cancel is not None and status.phase != JobPhase.CANCELLING:
+        reason = f": {spec.cancel.reason}" if spec.cancel.reason else ""
         if current.gone:
             # Cancelled and the pod is gone: whatever removed it, the user wanted it stopped.
-            status = status.model_copy(update={"phase": JobPhase.CANCELLING})
-        elif not current.terminal:
+            status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
+        elif not current.terminal and not current.program_ended:
             if not current.deleting:
                 actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
-            reason = f": {spec.cancel.reason}" if spec.cancel.reason else ""
             status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
             return Plan(status, tuple(actions), tuple(events), spec=spec)
-        # A pod that already ended: the cancel is a no-op, the job's real outcome is reported.
-    elif status.phase == JobPhase.CANCELLING and not current.terminal and not current.deleting:
+        # The program already ended (its outputs may be uploading): the cancel is a no-op, the
+        # job's real outcome is reported.
+    elif (
+        status.phase == JobPhase.CANCELLING
+        and not current.terminal
+        and not current.deleting
+        and not current.program_ended
+    ):
         # The delete was decided but may not have happened (a crash in between): issue it again.
         actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
 
@@ -352,6 +373,10 @@ def plan(
     events.extend(update.events)
     status = update.status
     requeue = update.requeue_after
+    if status.phase is not None and status.phase.is_final and not any(p.alive for p in pods):
+        # The job ended with no pod left to delete (cancelled, deleted, node lost): its Secrets
+        # go now, as they would with the pod (_plan_final), not when the job is deleted.
+        actions.append(DeleteSecrets())
 
     if update.retry:
         backoff = spec.retry_policy.backoff_seconds if spec.retry_policy is not None else 0
@@ -519,7 +544,7 @@ def _plan_final(
     if expires != status.data_expires_at:
         status = status.model_copy(update={"data_expires_at": expires})
 
-    alive = [p for p in pods if not p.gone and not p.deleting]
+    alive = [p for p in pods if p.alive]
     if alive:
         keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
         if spec.finalized or now >= keep_until:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from dsjobs.controller.names import ATTEMPT_LABEL, INSTANCE_TYPE_INDEX_ANNOTATION, INSTANCE_TYPE_LABEL
+from dsjobs.runner.contract import JOB_CONTAINER
 
 ContainerState = Literal["waiting", "running", "terminated"]
 
@@ -161,6 +162,17 @@ class PodView:
     def terminal(self) -> bool:
         """The pod will not run anything any more."""
         return self.phase in ("Succeeded", "Failed") or self.gone
+
+    @property
+    def alive(self) -> bool:
+        """Still there and not being deleted: somebody has to delete it."""
+        return not self.gone and not self.deleting
+
+    @property
+    def program_ended(self) -> bool:
+        """The job's program has exited (its outputs may still be uploading)."""
+        job = self.container(JOB_CONTAINER)
+        return job is not None and job.state == "terminated"
 
     @property
     def scheduled(self) -> bool:

@@ -44,8 +44,8 @@ from dsjobs.models import (
     job_relative_path,
 )
 from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT, MAX_DESC_LENGTH, MAX_STRING
-from dsjobs.runner.contract import JOB_CONTAINER, STAGE_IN_CONTAINER
-from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus
+from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER
+from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus, parse_termination_message
 
 # Condition types the operator maintains (docs/operator.md).
 COND_SCHEDULED: Final = "Scheduled"
@@ -341,13 +341,27 @@ def _exit_text(code: int) -> str:
 
 
 def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, cancelling: bool) -> Outcome:
-    """How an attempt whose pod ended (or vanished) came out. Checked in order of precedence."""
+    """How an attempt whose pod ended (or vanished) came out. Checked in order of precedence.
+
+    `cancelling`: the user asked for a cancel. The runner reports `cancelled` whenever its
+    container was told to stop (SIGTERM), which is also what an eviction, a preemption, a node
+    drain or `kubectl delete pod` do: without a cancel request that is a disruption, not a cancel.
+    """
     job = pod.container(JOB_CONTAINER)
     stage_in = pod.container(STAGE_IN_CONTAINER)
+    ship = pod.container(SHIP_CONTAINER)
     exit_code = job.exit_code if job is not None and job.state == "terminated" else None
     code = result.return_code if result is not None and result.return_code is not None else exit_code
+    stopped = result is not None and (result.cancelled or result.status == RunnerStatus.CANCELLED)
+    # The program ended by itself before the cancel reached it: the cancel was a no-op.
+    ended_first = (
+        result is not None
+        and result.status == RunnerStatus.EXITED
+        and not result.cancelled
+        and code is not None
+    )
 
-    if cancelling or (result is not None and (result.cancelled or result.status == RunnerStatus.CANCELLED)):
+    if cancelling and not ended_first:
         return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=code)
     if job is not None and job.state == "terminated" and job.reason == "OOMKilled":
         return Outcome(
@@ -365,9 +379,11 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             failure=FailureKind.PERMANENT,
         )
     if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
-        detail = stage_in.message or stage_in.reason or f"exit code {stage_in.exit_code}"
         return Outcome(
-            JobPhase.ERROR, "StageInFailed", f"staging inputs failed: {detail}", failure=FailureKind.PERMANENT
+            JobPhase.ERROR,
+            "StageInFailed",
+            f"staging inputs failed: {_stage_in_failure(stage_in)}",
+            failure=FailureKind.PERMANENT,
         )
     if result is not None and result.status == RunnerStatus.SETUP_FAILED:
         return Outcome(
@@ -377,18 +393,41 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             return_code=code,
             failure=FailureKind.PERMANENT,
         )
-    if code is not None and result is not None and result.status == RunnerStatus.EXITED:
+    if code is not None and result is not None and result.status == RunnerStatus.EXITED and not stopped:
         return _exit_outcome(code)
     disruption = disruption_of(pod)
     if disruption is not None:
         return Outcome(
             JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=FailureKind.INFRASTRUCTURE
         )
-    if pod.gone and exit_code is None:
+    if pod.gone and (exit_code is None or stopped):
         return Outcome(
             JobPhase.ERROR,
             "PodDeleted",
             f"the job's pod {pod.name} was deleted before the job finished",
+            return_code=code,
+            failure=FailureKind.INFRASTRUCTURE,
+        )
+    if stopped:
+        return Outcome(
+            JobPhase.ERROR,
+            "PodStopped",
+            f"the job's pod {pod.name} was stopped before the job finished (deleted or evicted, "
+            "not cancelled)",
+            return_code=code,
+            failure=FailureKind.INFRASTRUCTURE,
+        )
+    if result is None and ship is not None and ship.state == "terminated" and not ship.message:
+        # The ship sidecar reports every attempt that it saw through; no report means it died (e.g.
+        # its own OOM kill) and the outputs and logs were not (all) uploaded.
+        how = ship.reason or "ended"
+        how += f", exit code {ship.exit_code}" if ship.exit_code is not None else ""
+        program = f"; {_exit_text(code)}" if code is not None else ""
+        return Outcome(
+            JobPhase.ERROR,
+            "RunnerFailed",
+            f"the runner's ship container failed ({how}) without reporting the job's outputs and "
+            f"logs{program}",
             return_code=code,
             failure=FailureKind.INFRASTRUCTURE,
         )
@@ -399,6 +438,20 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     return Outcome(
         JobPhase.ERROR, "PodFailed", f"pod {pod.name} failed: {message}", failure=FailureKind.INFRASTRUCTURE
     )
+
+
+def _stage_in_failure(container: ContainerView) -> str:
+    """What a failed stage-in said: the reason of its runner result (the Python stage-in), else its
+    termination message as is (the shell stage-in's stderr), else how it ended."""
+    text = container.message or ""
+    if text.lstrip().startswith("{"):
+        try:
+            parsed = parse_termination_message(text)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.reason:
+            return parsed.reason
+    return text.strip() or container.reason or f"exit code {container.exit_code}"
 
 
 def _exit_outcome(code: int) -> Outcome:
@@ -543,7 +596,8 @@ def compute_status(
     # A pod evicted from an unreachable node never reports an end: its node is gone.
     node_lost = pod.deleting and disruption is not None and disruption[0] == "NodeLost"
     if pod.terminal or node_lost:
-        outcome = outcome_of(pod, result, cancelling=cancelling)
+        # A cancel the operator had no time to write down still makes a stopped program CANCELLED.
+        outcome = outcome_of(pod, result, cancelling=cancelling or spec.cancel is not None)
         status = apply_result(spec, status, result)
         if outcome.phase == JobPhase.ERROR and may_retry(spec, status, outcome):
             status = drop_conditions(status, COND_RETRYING).model_copy(

@@ -1,0 +1,46 @@
+"""The operator glue's own bookkeeping (handlers.Operator) between watch events and the plan.
+
+No Kubernetes calls happen on these paths: the operator's caches are filled by hand as its watch
+handlers would fill them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from test_job_status import NOW, SETTINGS, SHA, job, pod, result, started, step, terminated
+
+from dsjobs.controller.handlers import Operator
+from dsjobs.models import JobPhase
+from dsjobs.runner.result import OutputResult
+
+KEY = ("project-a", "job-1")
+
+
+def test_a_pod_deleted_before_the_cache_saw_it_is_seen_gone() -> None:
+    # Created by us, then deleted: the watch's ADDED and DELETED came before any reconcile read
+    # the cache, so the create response (`_fresh`) is all the operator had of it.
+    op = Operator(SETTINGS, environ={})
+    op._fresh[KEY] = pod(created=NOW)
+    op._gone[KEY]["job-1-a1"] = pod(gone=True)
+    j = job(status=started("PREPARING"))
+    pods = asyncio.run(op._pods_of(KEY, j))
+    assert [(p.name, p.gone) for p in pods] == [("job-1-a1", True)]
+    assert KEY not in op._fresh
+    assert step(j, pods).status.phase == JobPhase.ERROR
+
+
+def test_an_adopted_pod_gives_its_runner_result() -> None:
+    # Killed after creating the pod, before writing the status; restarted after the job ended.
+    res = result(0, outputs=[OutputResult(path="out.txt", key="k/out.txt", sha256=SHA, size_bytes=1)])
+    ended = pod(
+        phase="Succeeded",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 0), terminated("ship", 0, message=res.to_json())],
+    )
+    j = job(params={"outputFiles": [{"path": "out.txt"}]}, status={"phase": "CREATING"})
+    got = asyncio.run(Operator(SETTINGS, environ={})._result_of(j, [ended]))
+    assert got == res
+    s = step(j, [ended], res=got).status
+    assert s.phase == JobPhase.SUCCESS and [o.desc.path for o in s.output_files] == ["out.txt"]
