@@ -269,6 +269,44 @@ def test_delete_removes_pods_secrets_and_stored_data(h: H, storage: Storage) -> 
     assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
 
 
+def test_finalize_keeps_the_api_password_secret_and_clear_data_works_unexecuted(
+    h: H, storage: Storage
+) -> None:
+    # The API keeps a plain-text registry password in `<job>-docker-password` (role
+    # registry-password) for Clone to copy; the operator's cleanup removes only its own Secrets.
+    job = "pw-job"
+    password = f"{job}-docker-password"
+    labels = {"dsjobs.dev/job-id": job, "dsjobs.dev/secret-role": "registry-password"}
+    h.core.create_namespaced_secret(
+        h.namespace,
+        {"metadata": {"name": password, "labels": labels}, "stringData": {"password": "hunter2"}},
+    )
+    image = {"imageUrl": "registry.example.com/team/img:1", "username": "bot"}
+    image["passwordSecretRef"] = {"name": password, "key": "password"}  # type: ignore[assignment]
+    h.create_job(job, {"cmd": "true", "env": {"dockerImageSpec": image}})
+    assert h.wait_phase(job, "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+
+    def secrets() -> set[str]:
+        items = h.core.list_namespaced_secret(h.namespace, label_selector=f"dsjobs.dev/job-id={job}").items
+        return {s.metadata.name for s in items}
+
+    assert secrets() == {password, f"{job}-a1-runner", f"{job}-registry"}
+    h.patch_spec(job, {"finalized": True})
+    poll("the operator's Secrets to go", lambda: secrets() == {password}, 60)
+
+    # DeleteData of a job that was never executed: its input goes, dataCleared says so.
+    data = f"never used {uuid.uuid4()}\n".encode()
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    inputs = [{"desc": {"path": "data.txt"}, "sha256": sha, "sizeBytes": len(data)}]
+    h.create_job("unrun", {"cmd": "cat data.txt", "inputFiles": inputs}, execute=False)
+    h.wait_phase("unrun", "CREATING")
+    h.patch_spec("unrun", {"clearData": True})
+    poll("unrun's data to be cleared", lambda: h.status("unrun").get("dataCleared"), 60)
+    assert h.status("unrun")["phase"] == "CREATING"
+    assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
+
+
 def test_data_ttl_expiry_clears_the_data(h: H, storage: Storage) -> None:
     h.create_job("ttl", {"cmd": "echo data > out.txt", "outputFiles": [{"path": "out.txt"}]}, dataTtl="1h")
     status = h.wait_phase("ttl", "SUCCESS", "ERROR")

@@ -906,6 +906,14 @@ def test_clear_data_request() -> None:
     assert not again.actions
 
 
+def test_clear_data_of_a_job_that_never_ran() -> None:
+    # DeleteData / DeleteAllData mark jobs that were created (inputs uploaded) but never executed.
+    j = job(execute=False, status={"phase": "CREATING", "createdAt": ts(CREATED)}, clearData=True)
+    p = step(j)
+    assert p.actions == (ClearData(),) and p.status.data_cleared and p.status.phase == JobPhase.CREATING
+    assert not step(job(execute=False, status=p.status.to_cr(), clearData=True)).actions
+
+
 def test_finalize_removes_pod_and_secrets_once() -> None:
     status = started("SUCCESS", finishedAt=ts(NOW))
     p = step(

@@ -41,7 +41,7 @@ from dsjobs.controller.names import (
     FINALIZER,
     JOB_LABEL,
     PROJECT_SECRETS_NAME,
-    SECRET_ROLE_LABEL,
+    operator_secrets_selector,
     registry_secret_name,
 )
 from dsjobs.controller.plan import (
@@ -512,7 +512,7 @@ class Operator:
                 await self.kube.delete_collection(
                     "secrets",
                     core_path(job.namespace, "secrets"),
-                    f"{JOB_LABEL}={job.name},{SECRET_ROLE_LABEL}",
+                    operator_secrets_selector(job.name),
                 )
             elif isinstance(action, ClearData):
                 await self._clear_data(job)
@@ -619,7 +619,7 @@ class Operator:
         except Invalid as exc:
             # The Secrets went out with the pod: without the pod nothing would ever delete them.
             await self.kube.delete_collection(
-                "secrets", core_path(ns, "secrets"), f"{JOB_LABEL}={job.name},{SECRET_ROLE_LABEL}"
+                "secrets", core_path(ns, "secrets"), operator_secrets_selector(job.name)
             )
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {exc}", now)
         if created is not None:

@@ -12,8 +12,12 @@ INSTANCE_TYPE_LABEL: Final = "dsjobs.dev/instance-type"
 INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dsjobs-operator"
-# Marks the Secrets the operator made for a job, so that cleanup never touches the user's own.
+# Marks the Secrets made for a job, so that cleanup never touches the user's own.
 SECRET_ROLE_LABEL: Final = "dsjobs.dev/secret-role"
+# The roles of the operator's own Secrets. The API's `registry-password` Secret (a plain-text
+# registry password) is not one: Clone copies it from a finished job; it goes with the job.
+RUNNER_SECRET_ROLE: Final = "runner"
+REGISTRY_SECRET_ROLE: Final = "registry"
 
 S3_MOUNT_LABEL: Final = "dsjobs.dev/s3-mount-id"
 DATASET_LABEL: Final = "dsjobs.dev/dataset-id"
@@ -51,3 +55,8 @@ def runner_secret_name(job: str) -> str:
 
 def job_labels(project_id: str, job: str) -> dict[str, str]:
     return {PROJECT_LABEL: project_id, JOB_LABEL: job, MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def operator_secrets_selector(job: str) -> str:
+    """The label selector of the Secrets the operator made for a job (its cleanup deletes them)."""
+    return f"{JOB_LABEL}={job},{SECRET_ROLE_LABEL} in ({RUNNER_SECRET_ROLE},{REGISTRY_SECRET_ROLE})"

@@ -448,6 +448,10 @@ def _plan_start(
         outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled before it started")
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
+        if spec.clear_data and not status.data_cleared:
+            # DeleteData / DeleteAllData on a job that never ran: its uploaded inputs go (those
+            # no other job uses), and the operation is done when dataCleared says so.
+            status = _clear_data(status, "requested", now, actions, events)
         return Plan(status, tuple(actions), tuple(events), spec=spec)
     if problems:
         return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
@@ -561,15 +565,22 @@ def _plan_final(
     if not status.data_cleared:
         if spec.clear_data or (expires is not None and now >= expires):
             why = "requested" if spec.clear_data else "data TTL expired"
-            actions.append(ClearData())
-            status = status.model_copy(update={"data_cleared": True})
-            status = set_condition(
-                status, COND_DATA_CLEARED, "True", "DataCleared", f"stored data deleted ({why})", now
-            )
-            events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
+            status = _clear_data(status, why, now, actions, events)
         elif expires is not None:
             requeue = _min_delay(requeue, expires - now)
     return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
+
+
+def _clear_data(
+    status: ProjectJobStatus, why: str, now: datetime, actions: list[Action], events: list[JobEvent]
+) -> ProjectJobStatus:
+    actions.append(ClearData())
+    status = status.model_copy(update={"data_cleared": True})
+    status = set_condition(
+        status, COND_DATA_CLEARED, "True", "DataCleared", f"stored data deleted ({why})", now
+    )
+    events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
+    return status
 
 
 def _plan_delete(job: JobView, pods: Sequence[PodView]) -> Plan:

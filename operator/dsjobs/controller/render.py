@@ -22,6 +22,7 @@ from dsjobs.controller.names import (
     INSTANCE_TYPE_LABEL,
     PROJECT_DISK_LABEL,
     PROJECT_SECRETS_NAME,
+    RUNNER_SECRET_ROLE,
     S3_MOUNT_LABEL,
     job_labels,
     pod_name,
@@ -244,7 +245,7 @@ def runner_secret(
         namespace=job.namespace,
         labels=job.labels(),
         owner=job.owner(),
-        role="runner",
+        role=RUNNER_SECRET_ROLE,
         secret_type="Opaque",
         string_data={**config_secret_data(config), **storage_env},
     )

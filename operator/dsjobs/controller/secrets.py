@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dsjobs.controller.names import SECRET_ROLE_LABEL
+from dsjobs.controller.names import REGISTRY_SECRET_ROLE, SECRET_ROLE_LABEL
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -76,7 +76,7 @@ def registry_secret(
         namespace=namespace,
         labels=labels,
         owner=owner,
-        role="registry",
+        role=REGISTRY_SECRET_ROLE,
         secret_type="kubernetes.io/dockerconfigjson",
         string_data={".dockerconfigjson": dockerconfigjson(image_url, username, password)},
     )
