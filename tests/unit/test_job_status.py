@@ -928,12 +928,22 @@ def test_finalize_removes_pod_and_secrets_once() -> None:
 
 
 def test_deletion_cleans_up_then_lets_go() -> None:
-    p = step(job(status=started("EXECUTING"), deleting=True), [executing_pod()])
-    assert p.actions == (
-        DeletePod("job-1-a1", 1, "the job is deleted"),
-        DeleteSecrets(),
-        ClearData(),
-        RemoveFinalizer(),
+    deleted = job(status=started("EXECUTING"), deleting=True)
+    # The pod first: its ship may still upload logs while it shuts down.
+    p = step(deleted, [executing_pod()])
+    assert p.actions == (DeletePod("job-1-a1", 1, "the job is deleted"),)
+    assert p.requeue_after == timedelta(seconds=30)
+    shutting = dataclasses.replace(executing_pod(), deleting=True)
+    p = step(deleted, [shutting], now=NOW + timedelta(seconds=10))
+    assert not p.actions and p.requeue_after == timedelta(seconds=20)
+    # Gone (or still terminating after 30 s, e.g. on a lost node): secrets, data, finalizer.
+    rest = (DeleteSecrets(), ClearData(), RemoveFinalizer())
+    assert step(deleted, [pod(gone=True, node="cpu-0")]).actions == rest
+    assert step(deleted, [shutting], now=NOW + timedelta(seconds=30)).actions == rest
+    # A pod that never reached a node ran nothing: no wait.
+    assert step(deleted, [unschedulable(NOW)]).actions == (
+        DeletePod("job-1-a1", 0, "the job is deleted"),
+        *rest,
     )
     assert not step(job(deleting=True, finalizers=())).actions
 

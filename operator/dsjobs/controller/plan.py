@@ -56,6 +56,8 @@ from dsjobs.validation import Problem, format_problems, parse_job_spec
 
 # The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
 MAX_JOB_NAME: Final = 63
+# How long a deleted job waits for its pods to be gone before its stored data is deleted.
+DELETE_POD_WAIT: Final = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class JobView:
     # Set when the stored status could not be read (hand-edited): the plan starts from scratch.
     status_problem: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    deleted_at: datetime | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -97,6 +100,7 @@ class JobView:
             status=status,
             status_problem=problem,
             labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+            deleted_at=parse_time(meta.get("deletionTimestamp")),
         )
 
 
@@ -286,7 +290,7 @@ def plan(
     the runner's result of the current attempt when its ship container has ended.
     """
     if job.deleting:
-        return _plan_delete(job, pods)
+        return _plan_delete(job, pods, now)
 
     labels = missing_labels(job)
     actions: list[Action] = []
@@ -583,15 +587,23 @@ def _clear_data(
     return status
 
 
-def _plan_delete(job: JobView, pods: Sequence[PodView]) -> Plan:
-    """The ProjectJob is being deleted: remove its pods, secrets and stored data, then let it go."""
+def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
+    """The ProjectJob is being deleted: remove its pods, then its secrets and stored data, then
+    let it go.
+
+    The stored data goes once the pods that ran on a node are gone: a ship container shutting
+    down uploads its last logs, which would otherwise land under a prefix already deleted (and
+    nobody would delete them). A pod stuck terminating (its node lost) is waited for at most
+    DELETE_POD_WAIT.
+    """
     if FINALIZER not in job.finalizers:
         return Plan(job.status)
     actions: list[Action] = [
-        DeletePod(p.name, deletion_grace(p), "the job is deleted")
-        for p in pods
-        if not p.gone and not p.deleting
+        DeletePod(p.name, deletion_grace(p), "the job is deleted") for p in pods if p.alive
     ]
+    waited = now - (job.deleted_at or now)
+    if any(not p.gone and p.scheduled for p in pods) and waited < DELETE_POD_WAIT:
+        return Plan(job.status, tuple(actions), requeue_after=DELETE_POD_WAIT - waited)
     actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
 
