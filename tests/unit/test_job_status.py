@@ -720,6 +720,25 @@ def test_endings(ending: Ending) -> None:
     assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
 
 
+def test_a_job_container_that_could_not_run_fails_the_job() -> None:
+    # No /bin/sh in the image: the entry script never runs, so the ship sidecar would wait forever.
+    message = 'exec: "/bin/sh": stat /bin/sh: no such file or directory'
+    stuck = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 128, "StartError", message), running("ship")],
+    )
+    p = step(job(status=started("EXECUTING")), [stuck])
+    assert p.status.phase == JobPhase.ERROR
+    assert p.status.status_details == f"container job (image python:3.11-slim) could not run: {message}"
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == "StartError"
+    # The pod goes with the final status (retention 0), ship and all.
+    j = job(status=p.status.to_cr())
+    assert any(isinstance(a, DeletePod) for a in step(j, [stuck], settings=OperatorSettings()).actions)
+
+
 def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
     j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
     p = step(j, [ended_pod(0)])

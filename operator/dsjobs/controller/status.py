@@ -73,6 +73,10 @@ FAILING_WAITING: Final = frozenset(
         "PreStartHookError",
     }
 )
+# Reasons of a container that ended without its command ever running (e.g. an image without
+# /bin/sh for the entry script). The ship sidecar waits for the entry script to start, so such a
+# pod would never end by itself.
+NEVER_RAN: Final = frozenset({"StartError", "ContainerCannotRun"})
 IMAGE_PULL_REASONS: Final = frozenset(
     {"ErrImagePull", "ImagePullBackOff", "RegistryUnavailable", *FATAL_WAITING}
 )
@@ -651,6 +655,10 @@ def compute_status(
     if job is not None and job.state == "running":
         details = f"running on node {pod.node_name}" + (f"; {disruption[1]}" if disruption else "")
         return StatusUpdate(with_phase(status, JobPhase.EXECUTING, details, events), tuple(events))
+    if job is not None and job.state == "terminated" and job.reason in NEVER_RAN:
+        image = dict(pod.images).get(job.name, "")
+        what = f"container {job.name}" + (f" (image {image})" if image else "")
+        return fail(spec, status, job.reason, f"{what} could not run: {job.message or job.reason}", now)
     if job is not None and job.state == "terminated":
         status = status.model_copy(update={"return_code": job.exit_code})
         details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
