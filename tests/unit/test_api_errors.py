@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, cast
+
 import grpc
 import pytest
-from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from dsjobs.api import errors
 from dsjobs.api.errors import KubeError
+from dsjobs.api.server import CallInterceptor
 from dsjobs.validation import Problem
 
 
@@ -88,5 +92,76 @@ def test_kube_error_from_status_body() -> None:
     assert KubeError.from_body(502, b"<html>bad gateway</html>").message.startswith("<html>")
 
 
-def test_messages_are_bounded() -> None:
-    assert len(errors.invalid_argument("x" * 100_000).message) <= errors.MAX_MESSAGE_LENGTH
+# --- the status fits in the trailers -------------------------------------------------------------
+
+
+def long_problems(count: int, text: str) -> list[Problem]:
+    return [
+        Problem(f"job_parameters.input_files[{i}].desc.path", "path", f"{text!r} is taken")
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("text", ["data/part.csv", "ü" * 40, "😀" * 300, "%\n" * 200])
+def test_problem_listings_fit_in_the_trailers(text: str) -> None:
+    err = errors.from_problems(long_problems(500, text))
+    assert err.wire_bytes() <= errors.MAX_STATUS_BYTES
+    lines = err.message.splitlines()
+    listed = len(lines) - 2  # the head and the "... and N more" line
+    assert listed >= 1 and len(err.violations) == listed
+    assert lines[-1] == f"... and {500 - listed} more problems"
+    bad = error_details_pb2.BadRequest()
+    assert err.status_proto().details[0].Unpack(bad) and len(bad.field_violations) == listed
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        errors.invalid_argument("ü" * 100_000, "f"),
+        errors.failed_precondition("x\n" * 100_000),
+        errors.from_kube(
+            KubeError(
+                422,
+                "Invalid",
+                "😀" * 5000,
+                [{"field": f"spec.f{i}", "message": "é" * 300} for i in range(999)],
+            ),
+            "job x",
+        ),
+        errors.from_problems([Problem("p" * 10_000, "rule", "ü" * 10_000)]),
+    ],
+)
+def test_every_status_is_bounded(err: errors.ApiError) -> None:
+    assert err.wire_bytes() <= errors.MAX_STATUS_BYTES
+    assert err.message.endswith("(truncated)") or err.violations
+
+
+def test_a_client_gets_the_listing_not_resource_exhausted() -> None:
+    """Through a real server and channel: clients refuse trailers over 8 KiB."""
+    problems = long_problems(100, "ü" * 40)
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        raise errors.from_problems(problems)
+
+    async def run() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server(interceptors=[CallInterceptor()])
+        generic = grpc.method_handlers_generic_handler(
+            "t.T", {"M": grpc.unary_unary_rpc_method_handler(handler)}
+        )
+        server.add_generic_rpc_handlers((generic,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary("/t.T/M")(cast(Any, b""))
+                return info.value
+        finally:
+            await server.stop(None)
+
+    err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert (err.details() or "").startswith("invalid request: 100 problems:")
+    details = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    bad = error_details_pb2.BadRequest()
+    assert status_pb2.Status.FromString(details).details[0].Unpack(bad) and bad.field_violations

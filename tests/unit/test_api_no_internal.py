@@ -7,6 +7,7 @@ get there.
 
 from __future__ import annotations
 
+from google.protobuf.duration_pb2 import Duration
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -43,15 +44,19 @@ env = st.builds(
     text,
     st.lists(text, max_size=3),
 )
+# Any Duration the wire can carry (proto int64 seconds, int32 nanos), not only valid ones.
+durations = st.builds(
+    lambda s, n: Duration(seconds=s, nanos=n), big_int, st.integers(min_value=-(2**31), max_value=2**31 - 1)
+)
 params = st.builds(
-    lambda inputs, outputs, cmd, e, types, storage, sig, args: jobs_pb2.JobParameters(
+    lambda inputs, outputs, cmd, e, types, storage, sig, timeout, args: jobs_pb2.JobParameters(
         input_files=inputs,
         output_files=outputs,
         cmd=cmd,
         env=e,
         cloud_instance_types=[jobs_pb2.CloudInstanceType(name=t) for t in types],
         extended_working_storage=jobs_pb2.ExtendedWorkingStorage(type=storage[0], size_gb=storage[1]),
-        graceful_shutdown_parameters=jobs_pb2.GracefulShutdownParameters(signal=sig),
+        graceful_shutdown_parameters=jobs_pb2.GracefulShutdownParameters(signal=sig, timeout=timeout),
         arguments=[jobs_pb2.Argument(name=n, value=v) for n, v in args],
     ),
     st.lists(files, max_size=3),
@@ -61,17 +66,17 @@ params = st.builds(
     st.lists(text, max_size=2),
     st.tuples(st.integers(0, 5), big_int),
     big_int,
+    durations,
     st.lists(st.tuples(text, text), max_size=3),
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(params, text, text, st.integers(min_value=-(10**11), max_value=10**11))
+@given(params, text, text, durations)
 def test_create_requests_only_ever_produce_problems(
-    p: jobs_pb2.JobParameters, name: str, project: str, ttl_seconds: int
+    p: jobs_pb2.JobParameters, name: str, project: str, ttl: Duration
 ) -> None:
-    req = svc.CreateProjectJobRequest(project_id=project, job_parameters=p, name=name)
-    req.data_ttl.seconds = ttl_seconds
+    req = svc.CreateProjectJobRequest(project_id=project, job_parameters=p, name=name, data_ttl=ttl)
     try:
         spec = params_conv.spec_from_create_request(
             req, created_by_id="alice", docker_password_secret_name="j-docker-password"

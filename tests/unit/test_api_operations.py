@@ -143,8 +143,11 @@ def test_failed_program_is_a_successful_operation_with_its_return_code() -> None
         ("Unschedulable", grpc.StatusCode.RESOURCE_EXHAUSTED),
         ("DeadlineExceeded", grpc.StatusCode.DEADLINE_EXCEEDED),
         ("Evicted", grpc.StatusCode.ABORTED),
+        ("PodStopped", grpc.StatusCode.ABORTED),
+        ("StartError", grpc.StatusCode.FAILED_PRECONDITION),
         ("SomeNewImageProblem", grpc.StatusCode.FAILED_PRECONDITION),
         ("PodFailed", grpc.StatusCode.INTERNAL),
+        ("RunnerFailed", grpc.StatusCode.INTERNAL),
     ],
 )
 def test_job_that_could_not_run_ends_with_an_error(reason: str, code: grpc.StatusCode) -> None:

@@ -65,6 +65,31 @@ def test_unknown_enum_numbers_are_conversion_errors() -> None:
         c.job_parameters_from_proto(pb)
 
 
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(10**14, 0), (-(10**14), 0), (315_576_000_001, 0), (1, 1_000_000_000), (2**63 - 1, 0)],
+)
+def test_durations_beyond_protobufs_range_are_conversion_errors(seconds: int, nanos: int) -> None:
+    """timedelta overflows past ~2.7 million years: an error naming the field, never OverflowError."""
+    pb = jobs_pb2.JobParameters(cmd="x")
+    pb.graceful_shutdown_parameters.timeout.seconds = seconds
+    pb.graceful_shutdown_parameters.timeout.nanos = nanos
+    with pytest.raises(c.ConversionError) as err:
+        c.job_parameters_from_proto(pb, path="job_parameters_overrides")
+    assert err.value.path == "job_parameters_overrides.graceful_shutdown_parameters.timeout"
+    assert "315576000000" in str(err.value)
+    req = svc.CreateProjectJobRequest(job_parameters=jobs_pb2.JobParameters(cmd="x"))
+    req.data_ttl.seconds = seconds
+    req.data_ttl.nanos = nanos
+    with pytest.raises(c.ConversionError) as err:
+        c.spec_from_create_request(req)
+    assert err.value.path == "data_ttl"
+
+
+def test_durations_at_protobufs_limit_convert() -> None:
+    assert c.from_duration(Duration(seconds=315_576_000_000, nanos=999_999_999)) > timedelta(days=3_652_000)
+
+
 def test_defaults_for_proto_zero_values() -> None:
     pb = jobs_pb2.JobParameters(cmd="x")
     pb.graceful_shutdown_parameters.SetInParent()

@@ -1,15 +1,16 @@
 """Errors the API answers with, and how other failures map onto gRPC status codes.
 
 Servicer code raises `ApiError`; the interceptor turns it into the call's status (with a
-`google.rpc.Status` in the `grpc-status-details-bin` trailer when there are field violations).
-Every message names what the client can fix: the field and the rule, or the object. INTERNAL is
-reserved for our own bugs and misconfiguration; nothing a client sends can produce it.
+`google.rpc.Status` in the `grpc-status-details-bin` trailer when there are field violations),
+bounded so that it always fits in the trailers (MAX_STATUS_BYTES). Every message names what the
+client can fix: the field and the rule, or the object. INTERNAL is reserved for our own bugs and
+misconfiguration; nothing a client sends can produce it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,19 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 
 from dsjobs.validation.problems import Problem
 
-# One INVALID_ARGUMENT message lists every problem; this many at most, so that a request with
-# thousands of broken entries still gets an answer that fits in the trailers.
+# A status travels in the HTTP/2 trailers, twice when it has field violations: `grpc-message`
+# (percent-encoded UTF-8) and `grpc-status-details-bin` (base64 of a google.rpc.Status repeating the
+# message). Clients refuse trailers over 8 KiB (RESOURCE_EXHAUSTED "received metadata size exceeds",
+# hiding the real answer), so both together stay within this, well under it.
+MAX_STATUS_BYTES = 4 * 1024
+# One INVALID_ARGUMENT lists the problems that fit in MAX_STATUS_BYTES, this many at most.
 MAX_LISTED_PROBLEMS = 50
-MAX_MESSAGE_LENGTH = 16 * 1024
+# Per violation, so that one long path or message cannot crowd out all the others.
+MAX_FIELD_BYTES = 256
+MAX_DESCRIPTION_BYTES = 512
+_TRUNCATED = " ... (truncated)"
+# Room for the "... and N more problems" line, whose N grows when a listing stops early.
+_TAIL_RESERVE = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class ApiError(Exception):
     expected: bool = False
 
     def __post_init__(self) -> None:
+        # Every status is bounded where it is made, whoever made it: see MAX_STATUS_BYTES.
+        self.message, self.violations = _fit(self.code, self.message, self.violations)
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -48,72 +60,130 @@ class ApiError(Exception):
 
     def status_proto(self) -> status_pb2.Status:
         """The `google.rpc.Status` equivalent (also used for an operation's `error`)."""
-        status = status_pb2.Status(code=self.code.value[0], message=self.message)
-        if self.violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.violations
-                ]
-            )
-            status.details.add().Pack(bad)
-        return status
+        return _status_proto(self.code, self.message, self.violations)
+
+    def wire_bytes(self) -> int:
+        """What this status takes in the trailers (values only; see MAX_STATUS_BYTES)."""
+        return _status_wire_bytes(self.code, self.message, self.violations)
 
 
-def _truncate(message: str) -> str:
-    if len(message) <= MAX_MESSAGE_LENGTH:
-        return message
-    return message[: MAX_MESSAGE_LENGTH - 20] + " ... (truncated)"
+def _status_proto(
+    code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation]
+) -> status_pb2.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in violations
+            ]
+        )
+        status.details.add().Pack(bad)
+    return status
+
+
+def _message_wire_bytes(text: str) -> int:
+    """Length of `text` as a grpc-message: UTF-8, every byte outside printable ASCII (and %) as %XX."""
+    data = text.encode(errors="replace")
+    return len(data) + 2 * sum(1 for b in data if b < 0x20 or b > 0x7E or b == 0x25)
+
+
+def _status_wire_bytes(code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation]) -> int:
+    size = _message_wire_bytes(message)
+    if violations:
+        details = len(_status_proto(code, message, violations).SerializeToString())
+        size += 4 * -(-details // 3)  # base64, padded
+    return size
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, cut so that it takes at most `limit` bytes as a grpc-message."""
+    if len(text) * 12 <= limit or _message_wire_bytes(text) <= limit:  # 12: a 4-byte character
+        return text
+    budget = limit - len(_TRUNCATED)
+    end = used = 0
+    for ch in text:
+        used += _message_wire_bytes(ch)
+        if used > budget:
+            break
+        end += 1
+    return text[:end] + _TRUNCATED
+
+
+def _fit(
+    code: grpc.StatusCode, message: str, violations: Sequence[FieldViolation]
+) -> tuple[str, list[FieldViolation]]:
+    """The message clipped and as many violations as fit in MAX_STATUS_BYTES (the message first:
+    it is what clients show; it names the fields too)."""
+    message = _clip(message, MAX_STATUS_BYTES)
+    kept = [
+        FieldViolation(_clip(v.field, MAX_FIELD_BYTES), _clip(v.description, MAX_DESCRIPTION_BYTES))
+        for v in violations[:MAX_LISTED_PROBLEMS]
+    ]
+    while kept and _status_wire_bytes(code, message, kept) > MAX_STATUS_BYTES:
+        kept.pop()
+    return message, kept
 
 
 def invalid_argument(message: str, field_name: str = "") -> ApiError:
     violations = [FieldViolation(field_name, message)] if field_name else []
     text = f"{field_name}: {message}" if field_name else message
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, _truncate(text), violations)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, text, violations)
 
 
 def not_found(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.NOT_FOUND, _truncate(message))
+    return ApiError(grpc.StatusCode.NOT_FOUND, message)
 
 
 def failed_precondition(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, _truncate(message))
+    return ApiError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 def unauthenticated(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.UNAUTHENTICATED, _truncate(message))
+    return ApiError(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 def permission_denied(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.PERMISSION_DENIED, _truncate(message))
+    return ApiError(grpc.StatusCode.PERMISSION_DENIED, message)
 
 
 def unavailable(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.UNAVAILABLE, _truncate(message))
+    return ApiError(grpc.StatusCode.UNAVAILABLE, message)
 
 
 def internal(message: str) -> ApiError:
-    return ApiError(grpc.StatusCode.INTERNAL, _truncate(message))
+    return ApiError(grpc.StatusCode.INTERNAL, message)
 
 
 def from_problems(problems: Iterable[Problem], prefix: str = "") -> ApiError:
     """All validation problems in one INVALID_ARGUMENT: `field: message [rule]`, one per line.
 
-    `prefix` places spec-relative paths in the request (e.g. `job_parameters` -> `job_parameters`
-    stays as is for Create; Clone reports `job_parameters_overrides...`).
+    As many as fit in MAX_STATUS_BYTES are listed, in the message and as field violations alike;
+    a last line counts the others. `prefix` places spec-relative paths in the request
+    (`job_parameters...` stays as is for Create; Clone reports `job_parameters_overrides...`).
     """
     listed = list(problems)
-    violations: list[FieldViolation] = []
-    lines: list[str] = []
-    for p in listed[:MAX_LISTED_PROBLEMS]:
-        path = _request_path(prefix, p.path)
-        violations.append(FieldViolation(path, f"{p.message} [{p.rule}]"))
-        lines.append(f"{path}: {p.message} [{p.rule}]" if path else f"{p.message} [{p.rule}]")
-    if len(listed) > MAX_LISTED_PROBLEMS:
-        lines.append(f"... and {len(listed) - MAX_LISTED_PROBLEMS} more problems")
     count = len(listed)
     head = f"invalid request: {count} problem{'s' if count != 1 else ''}:"
-    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, _truncate("\n".join([head, *lines])), violations)
+    lines: list[str] = []
+    violations: list[FieldViolation] = []
+    for p in listed[:MAX_LISTED_PROBLEMS]:
+        path = _clip(_request_path(prefix, p.path), MAX_FIELD_BYTES)
+        violation = FieldViolation(path, _clip(f"{p.message} [{p.rule}]", MAX_DESCRIPTION_BYTES))
+        line = f"{path}: {violation.description}" if path else violation.description
+        message = _listing(head, [*lines, line], count)
+        size = _status_wire_bytes(grpc.StatusCode.INVALID_ARGUMENT, message, [*violations, violation])
+        if lines and size > MAX_STATUS_BYTES - _TAIL_RESERVE:
+            break  # the first one always goes in: clipped, it fits
+        lines.append(line)
+        violations.append(violation)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, _listing(head, lines, count), violations)
+
+
+def _listing(head: str, lines: Sequence[str], count: int) -> str:
+    rest = count - len(lines)
+    tail = [f"... and {rest} more problem{'s' if rest != 1 else ''}"] if rest else []
+    return "\n".join([head, *lines, *tail])
 
 
 def _request_path(prefix: str, path: str) -> str:
@@ -180,7 +250,7 @@ def from_kube(error: KubeError, what: str) -> ApiError:
         ]
         return ApiError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            _truncate(f"{what} rejected by the cluster: {error.message}"),
+            f"{what} rejected by the cluster: {error.message}",
             violations,
         )
     if s == 403 and "being terminated" in error.message:

@@ -252,6 +252,8 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "ImagePullBackOff": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryUnavailable": grpc.StatusCode.UNAVAILABLE,
     "CreateContainerConfigError": grpc.StatusCode.FAILED_PRECONDITION,
+    "StartError": grpc.StatusCode.FAILED_PRECONDITION,
+    "ContainerCannotRun": grpc.StatusCode.FAILED_PRECONDITION,
     "Unschedulable": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "Evicted": grpc.StatusCode.ABORTED,

@@ -12,6 +12,7 @@ import base64
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -37,7 +38,7 @@ from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import FINALIZER
 from dsjobs.convert import params as params_conv
-from dsjobs.convert.common import ConversionError, file_to_proto
+from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
 from dsjobs.models import (
     API_VERSION,
     PROJECTJOB_KIND,
@@ -121,19 +122,45 @@ def _metadata_value(context: Context, key: str) -> str:
     return ""
 
 
-def _check_duration(d: Duration, field: str) -> None:
-    """Only what the validator cannot see: a Duration outside protobuf's own range (no timedelta)."""
-    if abs(d.seconds) > 315_576_000_000 or abs(d.nanos) >= 1_000_000_000:
-        raise errors.invalid_argument("is not a valid duration", field)
-
-
 def _check_data_ttl(d: Duration | None, field: str) -> None:
     if d is None:
         return
-    _check_duration(d, field)
-    seconds = d.seconds + d.nanos / 1e9
-    if not MIN_DATA_TTL.total_seconds() <= seconds <= MAX_DATA_TTL.total_seconds():
+    try:
+        ttl = from_duration(d, field)
+    except ConversionError as exc:
+        raise _conversion_error(exc) from exc
+    if not MIN_DATA_TTL <= ttl <= MAX_DATA_TTL:
         raise errors.invalid_argument("must be between 1h and 365d (unset: keep forever)", field)
+
+
+def _fingerprint(request: svc.CreateProjectJobRequest | svc.CloneProjectJobRequest) -> str:
+    """The digest a retry with the same Idempotency-Key must match: the request without its
+    registry password (never stored, not even hashed)."""
+    copy = type(request).FromString(request.SerializeToString())
+    params = (
+        copy.job_parameters
+        if isinstance(copy, svc.CreateProjectJobRequest)
+        else copy.job_parameters_overrides
+    )
+    # Only a docker_image_spec has a password; touching that field otherwise would select it in
+    # the oneof and drop docker_image_resource_id from the digest.
+    if params.env.WhichOneof("docker_image") == "docker_image_spec":
+        params.env.docker_image_spec.ClearField("password_plain_text")
+    return digest(copy.SerializeToString(deterministic=True))
+
+
+def _adopt_password_ref(spec: ProjectJobSpec, secret_name: str) -> SecretKeyRef | None:
+    """Point a clone's registry password at its own Secret; the source's ref if it inherited one.
+
+    The source's Secret belongs to the source job (and goes with it), so the clone stores a copy.
+    """
+    env = spec.job_parameters.env
+    docker = env.docker_image_spec if env is not None else None
+    ref = docker.password_secret_ref if docker is not None else None
+    if docker is None or ref is None or ref.name == secret_name:
+        return None  # no password in a Secret, or the overrides' own plain-text one
+    docker.password_secret_ref = SecretKeyRef(name=secret_name, key=params_conv.DOCKER_PASSWORD_KEY)
+    return ref
 
 
 def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
@@ -142,6 +169,19 @@ def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
     if isinstance(exc, ValidationError):
         return errors.from_problems(problems_from_validation_error(exc, prefix or "job_parameters"))
     raise exc
+
+
+@dataclass(frozen=True)
+class _NewJob:
+    """What Create and Clone work out before they write the ProjectJob."""
+
+    job_id: str
+    key: str  # the Idempotency-Key; "" without one
+    spec: ProjectJobSpec
+    password: str | None  # a plain-text registry password, for the job's Secret
+    kind: OpKind
+    fingerprint: str  # see _fingerprint
+    checks: Sequence[InputCheck]  # the job's inputs in the store
 
 
 # --- ProjectJobService --------------------------------------------------------------------------
@@ -156,7 +196,6 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     async def Create(self, request: svc.CreateProjectJobRequest, context: Context) -> operation_pb2.Operation:
         identity, info = await self.core.authorized_project(context, request.project_id, Verb.CREATE)
         key, job_id = self._job_id(context, identity, info, "Create")
-        _check_duration(request.data_ttl, "data_ttl")
         try:
             spec = params_conv.spec_from_create_request(
                 request,
@@ -165,21 +204,18 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             )
         except (ConversionError, ValidationError) as exc:
             raise _conversion_error(exc) from exc
-        password = params_conv.docker_password_from_proto(request.job_parameters)
-        # The request as digested for idempotency: without the password (never stored, even hashed).
-        stripped = svc.CreateProjectJobRequest()
-        stripped.CopyFrom(request)
-        stripped.job_parameters.env.docker_image_spec.ClearField("password_plain_text")
-        return await self._create(
-            identity,
-            info,
-            job_id,
-            key,
-            spec,
-            password,
-            OpKind.CREATE,
-            stripped.SerializeToString(deterministic=True),
+        await self._validate(spec, OpKind.CREATE)
+        checks = await self.core.check_inputs(info.project_id, _inputs(spec.job_parameters))
+        new = _NewJob(
+            job_id=job_id,
+            key=key,
+            spec=spec,
+            password=params_conv.docker_password_from_proto(request.job_parameters),
+            kind=OpKind.CREATE,
+            fingerprint=_fingerprint(request),
+            checks=checks,
         )
+        return await self._create(identity, info, new)
 
     async def Clone(self, request: svc.CloneProjectJobRequest, context: Context) -> operation_pb2.Operation:
         identity, source = await self.core.authorized_job(
@@ -188,7 +224,6 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         info = await self.core.project(source.project_id)
         await self.core.auth.authorize(identity, Verb.CREATE, info.namespace, info.project_id)
         key, job_id = self._job_id(context, identity, info, "Clone")
-        _check_duration(request.data_ttl, "data_ttl")
         secret_name = params_conv.docker_password_secret_name(job_id)
         try:
             spec = params_conv.spec_from_clone_request(
@@ -196,43 +231,30 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             )
         except (ConversionError, ValidationError) as exc:
             raise _conversion_error(exc, prefix="job_parameters_overrides") from exc
+        inherited = _adopt_password_ref(spec, secret_name)
+        await self._validate(spec, OpKind.CLONE)
         password = params_conv.docker_password_from_proto(request.job_parameters_overrides)
-        env = spec.job_parameters.env
-        ref = env.docker_image_spec.password_secret_ref if env and env.docker_image_spec else None
-        if (
-            ref is not None
-            and ref.name != secret_name
-            and env is not None
-            and env.docker_image_spec is not None
-        ):
-            # Inherited from the source: its Secret belongs to the source job (and goes with it), so
-            # the clone gets its own copy.
-            password = await self._read_password(source.namespace, ref)
-            env.docker_image_spec.password_secret_ref = SecretKeyRef(
-                name=secret_name, key=params_conv.DOCKER_PASSWORD_KEY
-            )
+        if inherited is not None:
+            password = await self._read_password(source.namespace, inherited)
+        checks = await self.core.check_inputs(info.project_id, _inputs(spec.job_parameters))
         # Inputs the clone inherits must still be stored: the client only has files for its overrides.
         new_shas = {f.sha256 for f in request.job_parameters_overrides.input_files}
-        inherited = [(p, f) for p, f in _inputs(spec.job_parameters) if f.sha256 not in new_shas]
-        missing = [c for c in await self.core.check_inputs(info.project_id, inherited) if not c.present]
-        if missing:
+        gone = [c for c in checks if not c.present and c.file.sha256 not in new_shas]
+        if gone:
             raise errors.failed_precondition(
                 f"source job {source.name!r} no longer has all its inputs stored (its data was deleted or "
-                "expired); create a new job instead.\n" + _missing_message(missing)
+                "expired); create a new job instead.\n" + _missing_message(gone)
             )
-        stripped = svc.CloneProjectJobRequest()
-        stripped.CopyFrom(request)
-        stripped.job_parameters_overrides.env.docker_image_spec.ClearField("password_plain_text")
-        return await self._create(
-            identity,
-            info,
-            job_id,
-            key,
-            spec,
-            password,
-            OpKind.CLONE,
-            stripped.SerializeToString(deterministic=True),
+        new = _NewJob(
+            job_id=job_id,
+            key=key,
+            spec=spec,
+            password=password,
+            kind=OpKind.CLONE,
+            fingerprint=_fingerprint(request),
+            checks=checks,
         )
+        return await self._create(identity, info, new)
 
     def _job_id(
         self, context: Context, identity: Identity, info: ProjectInfo, method: str
@@ -246,6 +268,13 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if key:
             return key, ids.idempotent_job_id(info.project_id, identity.username, method, key)
         return "", ids.new_job_id()
+
+    async def _validate(self, spec: ProjectJobSpec, kind: OpKind) -> None:
+        problems = validate_job_spec(spec, known_instance_types=await self.core.catalog.names())
+        if problems:
+            raise errors.from_problems(
+                problems, prefix="job_parameters_overrides" if kind == OpKind.CLONE else ""
+            )
 
     async def _read_password(self, namespace: str, ref: SecretKeyRef) -> str:
         try:
@@ -262,63 +291,22 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             raise errors.failed_precondition(f"the Secret {ref.name!r} has no key {ref.key!r}")
         return base64.b64decode(raw).decode(errors="replace")
 
-    async def _create(
-        self,
-        identity: Identity,
-        info: ProjectInfo,
-        job_id: str,
-        key: str,
-        spec: ProjectJobSpec,
-        password: str | None,
-        kind: OpKind,
-        request_bytes: bytes,
-    ) -> operation_pb2.Operation:
-        problems = validate_job_spec(spec, known_instance_types=await self.core.catalog.names())
-        if problems:
-            raise errors.from_problems(
-                problems, prefix="job_parameters_overrides" if kind == OpKind.CLONE else ""
-            )
-        request_digest = digest(request_bytes)
-        annotations = {REQUEST_DIGEST_ANNOTATION: request_digest}
-        if key:
-            annotations[IDEMPOTENCY_ANNOTATION] = digest(key.encode())
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": PROJECTJOB_KIND,
-            "metadata": {
-                "name": job_id,
-                "namespace": info.namespace,
-                "labels": job_labels(info.project_id, job_id),
-                "annotations": annotations,
-                # Set here rather than by the operator: the job's inputs are uploaded before any
-                # operator acts on it, so a deletion in between would leave them behind; and it
-                # saves the operator one write (and its watch echo) per job.
-                "finalizers": [FINALIZER],
-            },
-            "spec": spec.to_cr(),
-        }
+    async def _create(self, identity: Identity, info: ProjectInfo, new: _NewJob) -> operation_pb2.Operation:
+        # What can fail without leaving anything behind goes first.
+        uploads = await self._upload_files(info.project_id, new.checks)
+        obj, created = await self._post_job(info, new)
         try:
-            obj = await self.core.kube.request("POST", jobs_path(info.namespace), body=body)
-            created = True
-        except KubeError as exc:
-            if exc.status != 409 or exc.reason != "AlreadyExists" or not key:
-                raise errors.from_kube(exc, f"job {job_id!r}") from exc
-            # A retry with the same Idempotency-Key: answer with the job the first call made.
-            obj = await self.core.k8s(
-                "get", f"job {job_id!r}", self.core.kube.request("GET", jobs_path(info.namespace, job_id))
-            )
-            existing = (obj.get("metadata") or {}).get("annotations") or {}
-            if existing.get(REQUEST_DIGEST_ANNOTATION) != request_digest:
-                raise ApiError(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"Idempotency-Key {key[:80]!r} was already used for a different request (job {job_id!r}); "
-                    "use a new key for a new job",
-                ) from exc
-            created = False
-        job = snapshot(obj)
-        self.core.jobs.remember(obj)
-        if password is not None:
-            await self._store_password(job, password, rollback=created)
+            job = snapshot(obj)
+            self.core.jobs.remember(obj)
+            if new.password is not None:
+                await self._store_password(job, new.password, created=created)
+            operation = operations.create_operation(job.ref(new.kind), job, uploads)
+        except BaseException:
+            if created:
+                # Nothing half-created: the caller learns no job id, and the official CLI retries
+                # UNAVAILABLE without an Idempotency-Key, which would leave one job per attempt.
+                await self._discard(obj)
+            raise
         if created:
             log.info(
                 "job created",
@@ -326,12 +314,74 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     "job": job.name,
                     "project": job.project_id,
                     "user": identity.username,
-                    "kind": kind.value,
+                    "kind": new.kind.value,
                 },
             )
-        return await self.create_operation(job, kind)
+        return operation
 
-    async def _store_password(self, job: JobSnapshot, password: str, *, rollback: bool) -> None:
+    async def _post_job(self, info: ProjectInfo, new: _NewJob) -> tuple[Mapping[str, Any], bool]:
+        """(the ProjectJob, whether this call created it): a retry with the same Idempotency-Key
+        gets the job the first call made."""
+        annotations = {REQUEST_DIGEST_ANNOTATION: new.fingerprint}
+        if new.key:
+            annotations[IDEMPOTENCY_ANNOTATION] = digest(new.key.encode())
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": PROJECTJOB_KIND,
+            "metadata": {
+                "name": new.job_id,
+                "namespace": info.namespace,
+                "labels": job_labels(info.project_id, new.job_id),
+                "annotations": annotations,
+                # Set here rather than by the operator: the job's inputs are uploaded before any
+                # operator acts on it, so a deletion in between would leave them behind; and it
+                # saves the operator one write (and its watch echo) per job.
+                "finalizers": [FINALIZER],
+            },
+            "spec": new.spec.to_cr(),
+        }
+        try:
+            return await self.core.kube.request("POST", jobs_path(info.namespace), body=body), True
+        except KubeError as exc:
+            if exc.status != 409 or exc.reason != "AlreadyExists" or not new.key:
+                raise errors.from_kube(exc, f"job {new.job_id!r}") from exc
+            conflict = exc
+        obj = await self.core.k8s(
+            "get",
+            f"job {new.job_id!r}",
+            self.core.kube.request("GET", jobs_path(info.namespace, new.job_id)),
+        )
+        meta = obj.get("metadata") or {}
+        if (meta.get("annotations") or {}).get(REQUEST_DIGEST_ANNOTATION) != new.fingerprint:
+            raise ApiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"Idempotency-Key {new.key[:80]!r} was already used for a different request "
+                f"(job {new.job_id!r}); use a new key for a new job",
+            ) from conflict
+        if meta.get("deletionTimestamp"):
+            # An earlier attempt failed and removed its job; it is gone once the operator let go.
+            raise errors.unavailable(
+                f"job {new.job_id!r} of this Idempotency-Key is being removed after a failed attempt; "
+                "retry the call"
+            ) from conflict
+        return obj, False
+
+    async def _discard(self, obj: Mapping[str, Any]) -> None:
+        """Delete a job this call created and could not finish (only that one: uid precondition)."""
+        meta = obj.get("metadata") or {}
+        name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
+        try:
+            await self.core.kube.request(
+                "DELETE",
+                jobs_path(namespace, name),
+                body={"preconditions": {"uid": meta.get("uid")}, "propagationPolicy": "Background"},
+            )
+        except KubeError as exc:
+            if exc.status not in (404, 409):  # gone already, or no longer ours
+                log.error("could not remove job %s after its creation failed", name, exc_info=True)
+        self.core.jobs.forget(name, namespace)
+
+    async def _store_password(self, job: JobSnapshot, password: str, *, created: bool) -> None:
         name = params_conv.docker_password_secret_name(job.name)
         secret = {
             "apiVersion": "v1",
@@ -362,26 +412,29 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             await self.core.kube.request("POST", secrets_path(job.namespace), body=secret)
         except KubeError as exc:
             if exc.status == 409 and exc.reason == "AlreadyExists":
-                return
-            if rollback:
-                # Nothing half-created: without its password the job could never pull its image.
-                try:
-                    await self.core.kube.request(
-                        "DELETE",
-                        jobs_path(job.namespace, job.name),
-                        body={"preconditions": {"uid": job.uid}, "propagationPolicy": "Background"},
-                    )
-                    self.core.jobs.forget(job.name, job.namespace)
-                except KubeError:
-                    log.error("could not roll back job %s after its Secret failed", job.name, exc_info=True)
+                if not created:
+                    return  # the first call with this Idempotency-Key stored it
+                # Left by an earlier attempt whose job was removed; Kubernetes' garbage collector
+                # deletes it (its owner is gone). Taking it over could keep an older password.
+                raise errors.unavailable(
+                    f"the registry password Secret of job {job.name!r} from an earlier attempt is "
+                    "still being removed; retry the call"
+                ) from exc
             raise errors.from_kube(exc, f"registry password Secret of job {job.name!r}") from exc
+
+    async def _upload_files(
+        self, project_id: str, checks: Sequence[InputCheck]
+    ) -> list[jobs_pb2.StorageFile]:
+        """A presigned PUT URL for every input the store does not hold with its declared size."""
+        missing = [c for c in checks if not c.present]
+        keys = {c.file.sha256: st.input_key(project_id, c.file.sha256) for c in missing}
+        urls = await self.core.presign_put(keys.values())
+        return [_storage_file(c.file, urls[keys[c.file.sha256]]) for c in missing]
 
     async def create_operation(self, job: JobSnapshot, kind: OpKind) -> operation_pb2.Operation:
         checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
-        missing = [c for c in checks if not c.present]
-        urls = await self.core.presign_put(st.input_key(job.project_id, c.file.sha256) for c in missing)
-        upload = [_storage_file(c.file, urls[st.input_key(job.project_id, c.file.sha256)]) for c in missing]
-        return operations.create_operation(job.ref(kind), job, upload)
+        uploads = await self._upload_files(job.project_id, checks)
+        return operations.create_operation(job.ref(kind), job, uploads)
 
     # Execute ------------------------------------------------------------------------------------
 
@@ -600,9 +653,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     ) -> svc.DownloadProjectJobFilesResponse:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         if not request.files:
-            raise errors.invalid_argument(
-                "name at least one file (the job's output_files, log_files or diagnostic_files)", "files"
-            )
+            # The CLI's download-files asks for the job's output_files, none for a job without outputs.
+            return svc.DownloadProjectJobFilesResponse()
         if len(request.files) > MAX_DOWNLOAD_FILES:
             raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
         if job.status.data_cleared:
@@ -818,6 +870,10 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         try:
             info = await self.core.project(ref.project_id)
         except ApiError as exc:
+            # No such project (or not even a project id): no such operation. Anything else, e.g. an
+            # unreachable cluster, keeps its code: the CLI retries UNAVAILABLE, not NOT_FOUND.
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                raise
             raise errors.not_found(f"operation {operation_id[:80]!r} not found") from exc
         await self.core.auth.authorize(identity, verb, info.namespace, info.project_id)
         return identity, ref, info

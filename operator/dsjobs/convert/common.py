@@ -35,7 +35,19 @@ def duration(value: timedelta) -> Duration:
     return d
 
 
-def from_duration(d: Duration) -> timedelta:
+# google.protobuf.Duration's own range (about 10,000 years); beyond it timedelta may overflow.
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_DURATION_NANOS = 999_999_999
+
+
+def from_duration(d: Duration, path: str = "duration") -> timedelta:
+    """The timedelta of a Duration; ConversionError at `path` outside the Duration range."""
+    if abs(d.seconds) > MAX_DURATION_SECONDS or abs(d.nanos) > MAX_DURATION_NANOS:
+        raise ConversionError(
+            path,
+            f"is not a valid Duration: seconds must be within ±{MAX_DURATION_SECONDS} (10000 years) "
+            f"and nanos within ±{MAX_DURATION_NANOS}",
+        )
     return d.ToTimedelta()
 
 

@@ -165,7 +165,9 @@ def job_parameters_from_proto(
         arguments=[Argument(name=a.name, value=a.value) for a in pb.arguments],
         output_datasets=[output_dataset_desc_from_proto(d) for d in pb.output_datasets],
         graceful_shutdown_parameters=GracefulShutdownParameters(
-            timeout=from_duration(pb.graceful_shutdown_parameters.timeout)
+            timeout=from_duration(
+                pb.graceful_shutdown_parameters.timeout, f"{path}.graceful_shutdown_parameters.timeout"
+            )
             if pb.graceful_shutdown_parameters.HasField("timeout")
             else None,
             # 0 is proto's "unset": the documented default is SIGTERM.
@@ -269,7 +271,7 @@ def spec_from_create_request(
         name=req.name,
         desc=req.desc,
         config=req.config,
-        data_ttl=from_duration(req.data_ttl) if req.HasField("data_ttl") else L.DEFAULT_DATA_TTL,
+        data_ttl=from_duration(req.data_ttl, "data_ttl") if req.HasField("data_ttl") else L.DEFAULT_DATA_TTL,
         created_by_id=created_by_id,
         job_parameters=job_parameters_from_proto(
             req.job_parameters, docker_password_secret_name=docker_password_secret_name
@@ -304,7 +306,7 @@ def spec_from_clone_request(
         name=req.name or source.name,
         desc=req.desc or source.desc,
         config=source.config,
-        data_ttl=from_duration(req.data_ttl) if req.HasField("data_ttl") else source.data_ttl,
+        data_ttl=from_duration(req.data_ttl, "data_ttl") if req.HasField("data_ttl") else source.data_ttl,
         created_by_id=created_by_id,
         parent_job_id=req.source_job_id,
         job_parameters=params,
@@ -343,4 +345,4 @@ def merge_clone_overrides(source: JobParameters, overrides: JobParameters) -> Jo
 
 def data_ttl_from_set_request(req: project_job_service_pb2.SetProjectJobDataTtlRequest) -> timedelta:
     """SetProjectJobDataTtl: no ttl means keep forever (the CLI's `--days infinity`)."""
-    return from_duration(req.ttl) if req.HasField("ttl") else L.INFINITE_TTL
+    return from_duration(req.ttl, "ttl") if req.HasField("ttl") else L.INFINITE_TTL
