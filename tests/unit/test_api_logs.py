@@ -215,3 +215,18 @@ def test_job_index_change_events() -> None:
         assert len(index._changes) == 0  # nobody holds it: no entry stays behind
 
     asyncio.run(scenario())
+
+
+def test_a_read_older_than_the_deletion_does_not_bring_a_job_back() -> None:
+    async def scenario() -> None:
+        index = JobIndex(cast(Kube, None))
+        index.synced.set()
+        index.remember(job_object("EXECUTING", version=5))
+        index.forget(JOB, "ns", deleted_version=7)  # the watch's DELETED event
+        index.remember(job_object("EXECUTING", version=6))  # a GET answered after it
+        assert index.cached("ns", JOB) is None
+        index.remember(job_object("CREATING", version=9))  # a new job of the same name
+        cached = index.cached("ns", JOB)
+        assert cached is not None and cached["metadata"]["resourceVersion"] == "9"
+
+    asyncio.run(scenario())

@@ -20,6 +20,7 @@ import logging
 import random
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -35,6 +36,8 @@ JOB_LABEL = "dsjobs.dev/job-id"
 PROJECT_NAME_ANNOTATION = "dsjobs.dev/project-name"
 PROJECT_DESCRIPTION_ANNOTATION = "dsjobs.dev/project-description"
 COMMUNITY_ANNOTATION = "dsjobs.dev/community-id"
+# Deleted jobs remembered to keep late reads from bringing them back (a few MiB at most).
+MAX_TOMBSTONES = 10_000
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,9 @@ class JobIndex:
         self._kube = kube
         self._where: dict[str, set[str]] = {}
         self._objects: dict[tuple[str, str], tuple[int, bytes]] = {}
+        # Deleted jobs by the resourceVersion of their deletion: a read that began before the
+        # deletion and answers after the watch told it must not bring the job back.
+        self._deleted: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One event per job someone waits on (log streams); set and dropped at the job's next change,
@@ -180,6 +186,11 @@ class JobIndex:
         if not name or not namespace:
             return
         version = _version(meta)
+        tombstone = self._deleted.get((namespace, name))
+        if tombstone is not None:
+            if version <= tombstone:
+                return
+            del self._deleted[(namespace, name)]  # a new job of the same name
         current = self._objects.get((namespace, name))
         if current is None or version > current[0]:
             self._changed(namespace, name)
@@ -187,7 +198,13 @@ class JobIndex:
             self._objects[(namespace, name)] = (version, json.dumps(obj, separators=(",", ":")).encode())
         self.put(name, namespace)
 
-    def forget(self, name: str, namespace: str) -> None:
+    def forget(self, name: str, namespace: str, deleted_version: int = 0) -> None:
+        """Drop a job; `deleted_version` (of the watch's DELETED event) keeps older reads out."""
+        if deleted_version:
+            self._deleted[(namespace, name)] = deleted_version
+            self._deleted.move_to_end((namespace, name))
+            while len(self._deleted) > MAX_TOMBSTONES:
+                self._deleted.popitem(last=False)
         self._changed(namespace, name)
         self._objects.pop((namespace, name), None)
         spaces = self._where.get(name)
@@ -284,7 +301,7 @@ class JobIndex:
                 if kind in ("ADDED", "MODIFIED"):
                     self.remember(obj)
                 elif kind == "DELETED":
-                    self.forget(str(meta.get("name")), str(meta.get("namespace")))
+                    self.forget(str(meta.get("name")), str(meta.get("namespace")), _version(meta))
 
 
 def _version(meta: Mapping[str, Any]) -> int:
