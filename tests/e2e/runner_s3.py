@@ -1,8 +1,8 @@
 """Fixtures and helpers of the runner's storage-backed tests (not a test module).
 
 The S3 endpoint comes from ``DSJOBS_S3_ENDPOINT`` / ``_BUCKET`` / ``_ACCESS_KEY`` / ``_SECRET_KEY``
-(``_REGION`` optional) in the environment, else from ``.dev/s3.env`` (written by
-``python -m dsjobs.devcluster up``); without either the tests are skipped.
+(``_REGION`` optional) in the environment, else from the session's local cluster (``dev_s3``), so
+these tests run whatever order the modules run in.
 """
 
 from __future__ import annotations
@@ -20,31 +20,13 @@ import pytest
 
 from dsjobs.storage import Storage, StorageSettings, input_key, job_prefix
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-S3_ENV_FILE = REPO_ROOT / ".dev" / "s3.env"
 _KEYS = ("DSJOBS_S3_ENDPOINT", "DSJOBS_S3_BUCKET", "DSJOBS_S3_ACCESS_KEY", "DSJOBS_S3_SECRET_KEY")
 
 
-def _env_file(path: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ").strip()
-        k, sep, v = line.partition("=")
-        if sep:
-            out[k.strip()] = v.strip().strip("'\"")
-    return out
-
-
 def s3_env() -> dict[str, str] | None:
+    """An S3 endpoint given in the environment, if any."""
     if all(os.environ.get(k) for k in _KEYS):
         return {k: v for k, v in os.environ.items() if k.startswith("DSJOBS_S3_")}
-    if S3_ENV_FILE.exists():
-        env = _env_file(S3_ENV_FILE)
-        if all(env.get(k) for k in _KEYS):
-            return {k: v for k, v in env.items() if k.startswith("DSJOBS_S3_")}
     return None
 
 
@@ -57,18 +39,11 @@ class S3Target:
 
 
 @pytest.fixture
-def runner_s3() -> Iterator[S3Target]:
+def runner_s3(request: pytest.FixtureRequest) -> Iterator[S3Target]:
     env = s3_env()
     if env is None:
-        pytest.skip(
-            "no S3 server: set DSJOBS_S3_ENDPOINT/_BUCKET/_ACCESS_KEY/_SECRET_KEY or run "
-            "`python -m dsjobs.devcluster up` (writes .dev/s3.env)"
-        )
+        env = dict(request.getfixturevalue("dev_s3").env())
     storage = Storage(StorageSettings.from_env(env))
-    try:
-        storage.head("projects/dsjobs-e2e-probe")
-    except Exception as exc:
-        pytest.skip(f"S3 server at {env['DSJOBS_S3_ENDPOINT']} is not reachable: {exc}")
     # Fresh ids per test: runs never see each other's objects.
     target = S3Target(storage, env, f"e2e-{uuid.uuid4().hex[:10]}", f"job-{uuid.uuid4().hex[:10]}")
     try:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from dsjobs.storage import ObjectInfo, PreconditionFailedError
+from dsjobs.storage import ObjectInfo, PreconditionFailedError, TransferResult
 
 
 class MemoryStore:
@@ -48,3 +52,38 @@ class MemoryStore:
         with self._lock:
             self.requests += 1
             self.objects.pop(key, None)
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """Run the block with this process umask (a container's usual one is 022)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+class FileStore(MemoryStore):
+    """MemoryStore plus the file transfers of dsjobs.storage.Storage (what stage-in and ship use)."""
+
+    def upload_file(
+        self, path: str | os.PathLike[str], key: str, *, content_type: str = "application/octet-stream"
+    ) -> TransferResult:
+        with open(path, "rb") as f:
+            data = f.read()
+        self.put_bytes(key, data, content_type=content_type)
+        return TransferResult(key, len(data), hashlib.sha256(data).hexdigest())
+
+    def download_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> TransferResult:
+        data = self.objects[key]
+        with open(dest, "wb") as f:
+            f.write(data)
+        return TransferResult(key, len(data), hashlib.sha256(data).hexdigest())

@@ -46,6 +46,12 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
         {"inputs": [{"path": "/etc/passwd", "sha256": SHA, "size_bytes": 1}]},
         {"inputs": [{"path": "x", "sha256": "nothex", "size_bytes": 1}]},
         {"outputs": [{"path": "a"}, {"path": "./a"}]},
+        {
+            "inputs": [
+                {"path": "a", "sha256": SHA, "size_bytes": 1},
+                {"path": "./a", "sha256": SHA, "size_bytes": 1},
+            ]
+        },
         {"env": {"BAD-NAME": "x"}},
         {"env": {"JOB_PROGRESS_FILENAME": "x"}},
         {"env": {"DSJOBS_CMD": "x"}},
@@ -64,3 +70,11 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
 def test_invalid_configs_are_refused(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         RunnerConfig.model_validate(base(**bad))
+
+
+def test_an_output_may_be_written_where_an_input_was_placed() -> None:
+    # A job that reads model.pt and writes it back (resume training) is legitimate.
+    cfg = RunnerConfig.model_validate(
+        base(inputs=[{"path": "model.pt", "sha256": SHA, "size_bytes": 1}], outputs=[{"path": "./model.pt"}])
+    )
+    assert cfg.inputs[0].path == cfg.outputs[0].path == "model.pt"

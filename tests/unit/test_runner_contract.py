@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runner_fakes import umask
 
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.contract import (
@@ -206,7 +207,8 @@ def test_shell_stage_in_makes_what_the_python_stage_in_makes(tmp_path: Path) -> 
         )
 
     py_root, sh_root = tmp_path / "py", tmp_path / "sh"
-    prepare(config_in(py_root))
+    with umask(0o022):  # a container's usual umask: the Python stage-in must not depend on it
+        prepare(config_in(py_root))
     config = config_in(sh_root)
     secret_dir = tmp_path / "secret"
     secret_dir.mkdir()
@@ -225,6 +227,8 @@ def test_shell_stage_in_makes_what_the_python_stage_in_makes(tmp_path: Path) -> 
     assert tree(sh_root) == tree(py_root)
     assert tree(sh_root)["shared/entry.sh"][1] == 0o755
     assert tree(sh_root)["work/out/deep"][1] == 0o777
+    # Appended to by the runner's uid and the job's.
+    assert tree(sh_root)["shared/logs/system.log"] == ("", 0o666)
 
 
 def test_a_failing_shell_stage_in_says_why_on_stderr(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -21,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runner_fakes import umask
 
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
 from dsjobs.runner.result import RunnerStatus
 from dsjobs.runner.ship import read_status_file
+from dsjobs.runner.stagein import prepare
+from dsjobs.runner.syslog import SystemLog
 
 SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
 
@@ -412,3 +417,74 @@ def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tm
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0 and out == b"ready\n"
     assert time.monotonic() - start < 9
+
+
+def _fake_python(tmp: Path) -> dict[str, str]:
+    """PATH with a python3 that reports 3.11.0 and "installs" requirements at once."""
+    bindir = tmp / "fakepy"
+    bindir.mkdir()
+    fake = bindir / "python3"
+    fake.write_text('#!/bin/sh\ncase "$*" in *pip*) echo pip-ran; exit 0 ;; esac\necho 3.11.0\n')
+    fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def test_a_system_log_that_cannot_be_opened_costs_its_lines_not_the_job(
+    shell: list[str], tmp_path: Path
+) -> None:
+    # Made by another uid without write permission for ours; a directory is unwritable even
+    # for root. The python check and pip redirect into it too.
+    cfg = make_config(tmp_path, "echo ok", python_env={"python_version": "3.11", "requirements": ["x"]})
+    cfg.layout.system_log.mkdir()
+    r = run_entry(shell, cfg, env=_fake_python(tmp_path))
+    assert r.rc == 0, r.stderr
+    assert r.out_file == b"ok\n"
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.EXITED
+    assert b"system.log" not in r.stderr
+
+
+def test_a_system_log_the_entry_script_creates_is_appendable_by_any_uid(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "echo ok")
+    r = run_entry(["sh", "-c", 'umask 022; exec "$0" "$1"', _dash()[0]], cfg)
+    assert r.rc == 0
+    assert stat.S_IMODE(cfg.layout.system_log.stat().st_mode) == 0o666
+    assert "entry: started" in r.syslog
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_job_running_as_another_uid_appends_to_the_stage_in_s_system_log() -> None:
+    # pytest's tmp dirs are 0700 (root only): this one must be reachable by uid 1000.
+    root = Path(tempfile.mkdtemp(prefix="dsjobs-uid-"))
+    try:
+        os.chmod(root, 0o755)
+        cfg = RunnerConfig(
+            project_id="p",
+            job_id="j",
+            cmd="echo ok",
+            python_env={"python_version": "3.11"},
+            paths={"work_dir": str(root / "work"), "shared_dir": str(root / "shared")},
+        )
+        with umask(0o022):  # stage-in as the runner's uid
+            prepare(cfg)
+            SystemLog(cfg.layout.system_log, "stage-in")("staged")
+        env = _fake_python(root)
+        os.chmod(root / "fakepy", 0o755)
+        done = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=1000",
+                "--regid=1000",
+                "--clear-groups",
+                *_dash(),
+                str(cfg.layout.entry_script),
+            ],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        log = cfg.layout.system_log.read_text()
+        assert "stage-in: staged" in log and "entry: program exited with code 0" in log
+    finally:
+        shutil.rmtree(root)

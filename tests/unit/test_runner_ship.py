@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import tracemalloc
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from runner_fakes import MemoryStore
+from runner_fakes import FileStore, MemoryStore
 
-from dsjobs.logrecords import Stream, read_final, read_progress, read_records
+from dsjobs.logrecords import SYSTEM_LOG_PATH, Stream, read_final, read_progress, read_records
 from dsjobs.runner.config import RunnerConfig
-from dsjobs.runner.result import RunnerStatus
-from dsjobs.runner.ship import LogShipper, Ship, read_status_file
+from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus
+from dsjobs.runner.ship import (
+    FINAL_FLUSH_SECONDS,
+    MAX_ENTRY_ERRORS,
+    PERMANENT_ERROR_TRIES,
+    LogShipper,
+    Ship,
+    read_status_file,
+    upload_outputs,
+)
+from dsjobs.runner.syslog import SystemLog
+from dsjobs.s3http import S3HttpError
 from dsjobs.storage import ObjectInfo
 
 
@@ -249,3 +264,193 @@ def test_a_running_job_is_waited_for_even_after_stop(tmp_path: Path) -> None:
     ship.sleep = sleep
     st = ship.wait_for_program()
     assert st.status == RunnerStatus.EXITED and st.return_code == 0 and st.cancelled
+
+
+def zip_names(store: FileStore, key: str) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(store.objects[key])) as zf:
+        return sorted(zf.namelist())
+
+
+def test_entries_a_directory_output_lacks_are_file_errors_of_that_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "results", "var": "RES", "desc_path": "/home/u/results"}])
+    res = cfg.work_dir / "results"
+    (res / "locked").mkdir(parents=True)
+    (res / "a.txt").write_text("a")
+    (res / "locked" / "b.txt").write_text("b")
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:  # as for ship's uid on a directory the job made 0700
+        if os.fspath(path) == str(res / "locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    store = FileStore()
+    lines: list[str] = []
+    outputs, errors = upload_outputs(cfg, store, lines.append)  # type: ignore[arg-type]
+    [out] = outputs
+    assert zip_names(store, out.key) == ["results/a.txt"]
+    [err] = errors
+    assert (err.type, err.path, err.var, err.index) == (
+        FileErrorType.UPLOAD_FAILED,
+        "/home/u/results",
+        "RES",
+        0,
+    )
+    assert "results/locked" in err.description and "Permission denied" in err.description
+    assert any("results/locked not uploaded" in line for line in lines)
+
+
+def test_an_unreadable_output_directory_fails_instead_of_uploading_an_empty_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "ckpt"}])
+    (cfg.work_dir / "ckpt").mkdir()
+    (cfg.work_dir / "ckpt" / "c.txt").write_text("c")
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(cfg.work_dir / "ckpt"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
+    assert outputs == []
+    [err] = errors
+    assert (
+        err.type == FileErrorType.UPLOAD_FAILED
+        and err.path == "ckpt"
+        and "Permission denied" in err.description
+    )
+    assert store.objects == {}
+
+
+def test_many_lost_entries_are_named_up_to_a_cap_then_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "results"}])
+    res = cfg.work_dir / "results"
+    res.mkdir()
+    for i in range(MAX_ENTRY_ERRORS + 5):
+        (res / f"f{i:02}.txt").write_text("x")
+    real_open = os.open
+
+    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if os.fspath(path).startswith(str(res) + "/f"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert len(outputs) == 1
+    assert len(errors) == MAX_ENTRY_ERRORS + 1
+    assert errors[-1].description.startswith("5 more entries")
+
+
+def test_a_symlinked_output_directory_is_zipped_under_its_declared_name(tmp_path: Path) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "results"}])
+    run = cfg.work_dir / "runs" / "run-7"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text("{}")
+    (cfg.work_dir / "results").symlink_to("runs/run-7")  # the job: ln -s runs/run-7 results
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
+    assert errors == []
+    assert zip_names(store, outputs[0].key) == ["results/metrics.json"]
+
+
+def test_a_file_named_in_another_encoding_does_not_fail_its_directory(tmp_path: Path) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "results"}])
+    res = cfg.work_dir / "results"
+    res.mkdir()
+    (res / "good.txt").write_text("ok")
+    with open(os.fsencode(res) + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name")
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, SystemLog(cfg.layout.system_log, "ship"))  # type: ignore[arg-type]
+    assert zip_names(store, outputs[0].key) == ["results/good.txt"]
+    [err] = errors
+    assert "results/caf\\xe9.txt" in err.description and "UTF-8" in err.description
+    # The result still serializes (a raw surrogate would not), and the system log got the line.
+    result = RunnerResult(
+        project_id="p", job_id="j", status=RunnerStatus.EXITED, outputs=outputs, file_errors=errors
+    )
+    assert "caf" in result.to_json()
+    assert "results/caf\\xe9.txt not uploaded" in cfg.layout.system_log.read_text()
+
+
+class DeniedStore(FileStore):
+    """Storage that refuses every write for good (403: revoked key, quota)."""
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> None:
+        self.requests += 1
+        raise S3HttpError(403, "AccessDenied", "Access Denied", key)
+
+
+class Stuck(Exception):
+    """The simulated clock ran past any sensible end: what used to be an endless retry."""
+
+
+def ended_program(tmp: Path) -> RunnerConfig:
+    cfg = config(tmp)
+    cfg.layout.stdout.write_text("hello\n")
+    cfg.layout.started.write_text("1")
+    cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+    return cfg
+
+
+def bounded(clock: Clock, limit: float) -> Callable[[float], None]:
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if clock.t > 1000.0 + limit:
+            raise Stuck(f"still going after {limit}s")
+
+    return sleep
+
+
+def test_storage_refusing_the_logs_for_good_ends_the_ship_with_the_failure_recorded(tmp_path: Path) -> None:
+    cfg = ended_program(tmp_path)
+    store = DeniedStore()
+    clock = Clock()
+    term = tmp_path / "term"
+    ship = Ship(cfg, store, termination_log=str(term), clock=clock, sleep=bounded(clock, 3600))  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.status == RunnerStatus.EXITED and result.return_code == 0
+    assert not result.logs_complete
+    [log_error] = [e for e in result.file_errors if e.log_file_name == SYSTEM_LOG_PATH]
+    assert "AccessDenied" in log_error.description
+    assert term.exists()
+    # A few tries of the chunk, then the raw log files and result.json once each: no endless loop.
+    assert store.requests <= PERMANENT_ERROR_TRIES + 5
+    assert clock.t - 1000.0 < 60
+
+
+def test_the_program_end_is_noticed_while_storage_is_down(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    cfg.layout.stdout.write_text("hello\n")
+    cfg.layout.started.write_text("1")
+    store = FileStore()
+    store.fail_puts = 10**9  # a transient outage that outlasts the job
+    clock = Clock()
+    ticks = iter(range(10**6))
+
+    def sleep(s: float) -> None:
+        bounded(clock, 3 * FINAL_FLUSH_SECONDS)(s)
+        n = next(ticks)
+        cfg.layout.heartbeat.write_text(str(n))
+        if n == 200:
+            cfg.layout.status.write_text("rc=4\nphase=run\ncancelled=0\nreason=\nend=1\n")
+
+    ship = Ship(cfg, store, termination_log=str(tmp_path / "term"), clock=clock, sleep=sleep)  # type: ignore[arg-type]
+    status = ship.wait_for_program()
+    assert status.status == RunnerStatus.EXITED and status.return_code == 4
+    # Backoff spans the polls: a storage that is down is not asked every flush interval.
+    assert store.requests < 20
+    ended = clock.t
+    result = ship.run()  # the final flush keeps trying up to its deadline, not past it
+    assert not result.logs_complete
+    assert FINAL_FLUSH_SECONDS - 30 <= clock.t - ended <= FINAL_FLUSH_SECONDS

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+from runner_fakes import umask
 
 from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip, zip_directory
 
@@ -116,3 +119,141 @@ def test_directory_zip_round_trips_and_skips_symlinks(tmp_path: Path) -> None:
     assert (back / "outdir" / "a.txt").read_text() == "A"
     assert os.access(back / "outdir" / "sub" / "b.sh", os.X_OK)
     assert (back / "outdir" / "empty").is_dir()
+
+
+def deny(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> None:
+    """Reading these paths fails as for a uid without permission (root, running the tests,
+    is not stopped by modes)."""
+    denied = {os.fspath(p) for p in paths}
+    real_scandir, real_open = os.scandir, os.open
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if os.fspath(path) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+def directory(root: Path) -> Path:
+    src = root / "outdir"
+    (src / "sub").mkdir(parents=True)
+    (src / "locked").mkdir()
+    (src / "a.txt").write_text("A")
+    (src / "secret.txt").write_text("S")
+    (src / "sub" / "b.txt").write_text("B")
+    (src / "locked" / "c.txt").write_text("C")
+    return src
+
+
+def test_unreadable_entries_are_reported_and_the_rest_is_zipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = directory(tmp_path)
+    deny(monkeypatch, src / "locked", src / "secret.txt")
+    errors: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    dest = tmp_path / "out.zip"
+    n = zip_directory(
+        src,
+        dest,
+        on_skip=lambda p, why: skipped.append((p, why)),
+        on_error=lambda p, why: errors.append((p, why)),
+    )
+    assert n == 2
+    with zipfile.ZipFile(dest) as zf:
+        assert set(zf.namelist()) == {"outdir/a.txt", "outdir/sub/b.txt"}
+    assert sorted(errors) == [
+        ("outdir/locked", "unreadable directory: Permission denied"),
+        ("outdir/secret.txt", "unreadable: Permission denied"),
+    ]
+    assert skipped == []
+
+
+def test_without_an_error_callback_unreadable_entries_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = directory(tmp_path)
+    deny(monkeypatch, src / "locked")
+    with pytest.raises(PermissionError):
+        zip_directory(src, tmp_path / "out.zip")
+
+
+def test_an_unreadable_directory_is_an_error_not_an_empty_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = directory(tmp_path)
+    deny(monkeypatch, src)
+    with pytest.raises(PermissionError):
+        zip_directory(src, tmp_path / "out.zip", on_error=lambda p, why: None)
+
+
+def test_entries_are_named_after_arcname(tmp_path: Path) -> None:
+    # An output "results" that is a symlink to runs/run-7: zipped from the target, named as declared.
+    src = tmp_path / "runs" / "run-7"
+    src.mkdir(parents=True)
+    (src / "metrics.json").write_text("{}")
+    dest = tmp_path / "out.zip"
+    assert zip_directory(src, dest, arcname="results") == 1
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.namelist() == ["results/metrics.json"]
+
+
+def test_a_name_that_is_not_utf8_is_reported_and_the_rest_is_zipped(tmp_path: Path) -> None:
+    src = tmp_path / "outdir"
+    src.mkdir()
+    (src / "good.txt").write_text("ok")
+    raw = os.fsencode(src)
+    with open(raw + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name")
+    os.mkdir(raw + b"/d\xff")
+    with open(raw + b"/d\xff/inside.txt", "wb") as f:
+        f.write(b"x")
+    errors: list[tuple[str, str]] = []
+    dest = tmp_path / "out.zip"
+    assert zip_directory(src, dest, on_error=lambda p, why: errors.append((p, why))) == 1
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.namelist() == ["outdir/good.txt"]
+    assert sorted(errors) == [
+        ("outdir/caf\\xe9.txt", "name is not valid UTF-8"),
+        ("outdir/d\\xff", "name is not valid UTF-8"),
+    ]
+    # The names handed out are printable text (they end up in JSON and the system log).
+    assert all(p.encode() for p, _ in errors)
+
+
+def test_a_fifo_is_skipped_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    src = tmp_path / "outdir"
+    src.mkdir()
+    os.mkfifo(src / "pipe")
+    (src / "a.txt").write_text("A")
+    skipped: list[tuple[str, str]] = []
+    done: list[int] = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            zip_directory(src, tmp_path / "out.zip", on_skip=lambda p, why: skipped.append((p, why)))
+        ),
+        daemon=True,  # a regression blocks in open(): do not hold the test run
+    )
+    worker.start()
+    worker.join(10)
+    assert done == [1], "zipping blocked on the FIFO"
+    assert skipped == [("outdir/pipe", "not a regular file")]
+
+
+def test_directories_made_by_extraction_are_writable_by_any_uid(tmp_path: Path) -> None:
+    # What the DataSphere CLI zips: files only, no directory entries; the job (any uid) writes
+    # next to its inputs, e.g. a cache file in data/.
+    z = make_zip(tmp_path / "in.zip", [("data/train.csv", b"x\n"), ("data/sub/val.csv", b"y\n"), ("e/", b"")])
+    root = tmp_path / "work"
+    with umask(0o022):
+        assert extract_zip(z, root) == 2
+    for d in (root, root / "data", root / "data" / "sub", root / "e"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o777, d
+    assert stat.S_IMODE((root / "data" / "train.csv").stat().st_mode) == 0o666

@@ -47,6 +47,12 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PYVER_RE = re.compile(r"^3(\.\d+){0,2}$")
 
 
+def _check_unique_paths(kind: str, paths: list[str]) -> None:
+    dup = sorted({p for p in paths if paths.count(p) > 1})
+    if dup:
+        raise ValueError(f"{kind} paths must be unique: {', '.join(dup)}")
+
+
 class Compression(StrEnum):
     NONE = "NONE"
     ZIP = "ZIP"
@@ -290,10 +296,10 @@ class RunnerConfig(_Model):
         reserved = sorted(RESERVED_VARS.intersection(names))
         if reserved:
             raise ValueError(f"reserved variable names: {', '.join(reserved)}")
-        paths = [f.path for f in self.inputs] + [f.path for f in self.outputs]
-        dup_paths = sorted({p for p in paths if paths.count(p) > 1})
-        if dup_paths:
-            raise ValueError(f"input/output paths must be unique: {', '.join(dup_paths)}")
+        # An output may be an input's path (a job that reads model.pt and writes it back): stage-in
+        # puts the input there, ship collects whatever is there at the end.
+        _check_unique_paths("input", [f.path for f in self.inputs])
+        _check_unique_paths("output", [f.path for f in self.outputs])
         shared = self.paths.shared_dir
         if shared == self.paths.work_dir or shared.startswith(self.paths.work_dir + "/"):
             raise ValueError("the shared dir must not be inside the working dir")
@@ -406,6 +412,13 @@ class SharedLayout:
         """What stage-in makes, world-writable: the user's container may run as any uid and must
         write logs/run/python."""
         return (self.root, self.logs_dir, self.run_dir, self.python_dir, self.site_dir, self.tmp_dir)
+
+    @property
+    def shared_files(self) -> tuple[Path, ...]:
+        """The log files that more than one uid appends to (stage-in and ship as the runner's uid,
+        the entry script as the job's): stage-in creates them 0666, or the first writer would
+        lock the others out with its umask."""
+        return (self.system_log,)
 
     def create(self) -> None:
         for d in self.dirs:

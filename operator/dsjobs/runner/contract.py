@@ -105,16 +105,20 @@ def stages_in_python(config: RunnerConfig) -> bool:
 
 def shell_stage_in(config: RunnerConfig) -> str:
     """What `stagein.prepare` does, as sh: the directories (new ones world-writable, as the job may
-    run as any uid) and the entry script, rendered by the operator into the config Secret."""
+    run as any uid), the shared log files (0666) and the entry script, rendered by the operator
+    into the config Secret."""
     q = shlex.quote
     layout_dirs = " ".join(q(str(d)) for d in config.layout.dirs)
     work_dirs = " ".join(q(str(d)) for d in config.work_dirs())
+    shared_files = " ".join(q(str(f)) for f in config.layout.shared_files)
     entry = q(f"{CONFIG_MOUNT_PATH}/{ENTRY_KEY}")
     return (
         "set -e\n"
         "umask 0\n"
         f"mkdir -p {layout_dirs} {work_dirs}\n"
         f"chmod 0777 {layout_dirs}\n"
+        # umask 0: a file created here is 0666, one that exists keeps its mode (as in Python).
+        f'for f in {shared_files}; do : >>"$f"; done\n'
         f"install -m 0755 {entry} {q(str(config.layout.entry_script))}\n"
     )
 

@@ -19,6 +19,9 @@ The script (written by stage-in to ``<shared>/entry.sh``, run as ``/bin/sh <shar
    then, so a reader that sees the status knows the log files are complete - and exits with the
    program's code (``SETUP_FAILED_EXIT`` when setup failed, 143 when cancelled before start).
 
+A system log this uid cannot append to (made by another uid without write permission) costs its
+lines, not the job: they go to /dev/null.
+
 Missing tools degrade, never fail: no ``tee``/``mkfifo`` -> output goes to the files only; no
 ``setsid`` -> signals go to the program's process only; no ``env --default-signal`` -> the
 program inherits an ignored SIGINT (non-interactive shells ignore it in background jobs), which
@@ -87,9 +90,11 @@ DSJOBS_HB_PID=''
 DSJOBS_TEES=''
 DSJOBS_PY=''
 DSJOBS_SETSID=0
+DSJOBS_SYSLOG_TO=$DSJOBS_SYSLOG
 
 dsjobs_log() {
-  printf '%s entry: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)" "$*" >>"$DSJOBS_SYSLOG" 2>/dev/null
+  # The group's 2>/dev/null applies first: a log that cannot be opened costs the line, silently.
+  { printf '%s entry: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)" "$*" >>"$DSJOBS_SYSLOG_TO"; } 2>/dev/null
 }
 
 """
@@ -181,6 +186,9 @@ dsjobs_heartbeat() {
 
 trap dsjobs_on_signal TERM INT HUP
 mkdir -p "$DSJOBS_RUN" "$(dirname "$DSJOBS_SYSLOG")" 2>/dev/null
+# The system log is shared with the runner's uid: stage-in made it 0666; made here, umask 0 keeps
+# it so. If this uid cannot append to it, its lines are lost (to /dev/null), never the job.
+if ! ( umask 0; : >>"$DSJOBS_SYSLOG" ) 2>/dev/null; then DSJOBS_SYSLOG_TO=/dev/null; fi
 echo "$$" >"$DSJOBS_STARTED"
 # Helpers run as subshells that drop our stdout/stderr first: a shell running a *function* with
 # redirections keeps a saved copy of the original descriptors, which would hold the container's
@@ -197,14 +205,14 @@ for dsjobs_c in python3 python; do
   if command -v "$dsjobs_c" >/dev/null 2>&1; then DSJOBS_PY=$dsjobs_c; break; fi
 done
 [ -n "$DSJOBS_PY" ] || dsjobs_setup_failed "the job has a Python environment but the image has no python3"
-DSJOBS_PYVER=$("$DSJOBS_PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>>"$DSJOBS_SYSLOG") \
+DSJOBS_PYVER=$("$DSJOBS_PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>>"$DSJOBS_SYSLOG_TO") \
   || dsjobs_setup_failed "cannot run $DSJOBS_PY"
 """
 
 _PIP_RUN = r"""
 dsjobs_log "installing requirements: $DSJOBS_PY $DSJOBS_PIP_ARGS"
 DSJOBS_PHASE=pip
-"$DSJOBS_PY" "$@" </dev/null >>"$DSJOBS_SYSLOG" 2>&1 &
+"$DSJOBS_PY" "$@" </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
 DSJOBS_PID=$!
 dsjobs_wait
 DSJOBS_PID=''

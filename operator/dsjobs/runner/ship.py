@@ -9,13 +9,17 @@ the shared volume's files as log records (chunk objects, see dsjobs.logrecords):
 Memory stays constant whatever the volume: a tick reads at most one chunk's worth per pass and
 the source files are the buffer. Each chunk header records the file positions it covers, so a
 restarted shipper (or stage-in, which ships its own messages first) continues exactly where the
-last chunk ended: no record lost, none repeated. A storage outage only delays shipping.
+last chunk ended: no record lost, none repeated. A storage outage only delays shipping (with a
+backoff that never keeps the job's end from being noticed); storage that refuses the writes
+(access denied: not transient) is given up after `PERMANENT_ERROR_TRIES`, and the result then
+records the logs as incomplete.
 
 The job is over when the entry script's status file appears (written after its output is fully
 in the files), or when its heartbeat stops for ``heartbeat_timeout`` (the container was killed
 outright: status LOST). Then: drain the logs, upload outputs (missing -> NOT_FOUND, failing
-after retries -> UPLOAD_FAILED, directories zipped), upload the raw log files, ship the last
-records, write the final marker, store ``result.json`` and write the termination message.
+after retries -> UPLOAD_FAILED, directories zipped, each entry a zip lacks -> UPLOAD_FAILED),
+upload the raw log files, ship the last records, write the final marker, store ``result.json``
+and write the termination message.
 
 If this sidecar itself dies midway, the chunks already written stay valid and readable, but no
 final marker or result is written: the operator sees the ship container terminated without a
@@ -25,12 +29,13 @@ parsable termination message and must report the job failed with a log error (do
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from dsjobs.logrecords import (
     MAX_RECORD_CONTENT,
@@ -68,7 +73,7 @@ from dsjobs.runner.result import (
 )
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.runner.zipsafe import zip_directory
-from dsjobs.storage import ObjectStore, PreconditionFailedError, Storage, output_key
+from dsjobs.storage import ObjectStore, PreconditionFailedError, Storage, is_transient, output_key
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,9 @@ ENV_TERMINATION_LOG = "DSJOBS_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 #: How long the final flush keeps retrying storage before reporting the logs incomplete.
 FINAL_FLUSH_SECONDS = 300.0
+#: Tries of a log write that storage refuses (not a transient error: access denied, no such
+#: bucket) before the logs are reported incomplete instead of retried forever.
+PERMANENT_ERROR_TRIES = 3
 #: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
 LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
 
@@ -130,6 +138,12 @@ class LogShipper:
         self.latest_progress: Progress | None = None
         self._progress_unsaved = False
         self.last_error: str = ""
+        #: Consecutive failed writes, and when the next may be tried (backoff).
+        self._failures = 0
+        self._retry_at = -math.inf
+        #: Consecutive writes storage refused (not transient); at PERMANENT_ERROR_TRIES it gives up.
+        self._refusals = 0
+        self.gave_up = False
 
     @property
     def end_offset(self) -> int:
@@ -206,24 +220,60 @@ class LogShipper:
             self._progress_unsaved = True
 
     def _put_chunk(self, chunk: LogChunk, deadline: float | None) -> bool:
-        failures = 0
-        while True:
+        return self._write(
+            lambda: write_chunk(self.store, self.project, self.job, chunk), f"log chunk {chunk.seq}", deadline
+        )
+
+    def _write(self, write: Callable[[], None], what: str, deadline: float | None) -> bool:
+        """Retry ``write`` until it succeeds; False as soon as the next try would come after
+        ``deadline`` (None: no deadline), or once storage has refused the job's writes for good.
+
+        The backoff carries over between calls: a caller polling with a short deadline (the
+        program still runs) neither hammers a storage that is down nor waits on it.
+        """
+        while not self.gave_up:
+            if not self._wait_for_retry(deadline):
+                return False
             try:
-                write_chunk(self.store, self.project, self.job, chunk)
-                return True
+                write()
             except PreconditionFailedError:
                 raise  # someone else writes this job's logs: never overwrite their chunks
             except Exception as exc:
-                failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if deadline is not None and self.clock() >= deadline:
-                    return False
-                delay = min(30.0, 0.5 * 2 ** min(failures, 6))
-                log.warning("log chunk write failed seq=%d attempt=%d error=%s", chunk.seq, failures, exc)
-                self.sleep(delay)
+                self._failed(what, exc)
+                continue
+            self._failures = self._refusals = 0
+            return True
+        return False
+
+    def _wait_for_retry(self, deadline: float | None) -> bool:
+        wait = self._retry_at - self.clock()
+        if wait <= 0:
+            return True
+        if deadline is not None and self._retry_at > deadline:
+            return False
+        self.sleep(wait)
+        return True
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if not is_transient(exc):
+            # Access denied, no such bucket, quota: waiting does not fix it, and retrying
+            # forever would keep the pod from ever ending.
+            self._refusals += 1
+            if self._refusals >= PERMANENT_ERROR_TRIES:
+                self.gave_up = True
+                log.error("storage refuses the job's logs, giving up what=%s error=%s", what, exc)
+                return
+        delay = min(30.0, 0.5 * 2 ** min(self._failures, 6))
+        self._retry_at = self.clock() + delay
+        log.warning(
+            "log write failed what=%s attempt=%d retry_in=%.1fs error=%s", what, self._failures, delay, exc
+        )
 
     def pump(self, *, final: bool = False, deadline: float | None = None) -> bool:
-        """Store everything that can be shipped now. False if storage failed past ``deadline``."""
+        """Store everything that can be shipped now. False if storage failed past ``deadline`` or
+        refused the writes for good (`gave_up`)."""
         while True:
             pending = self.collect(final=final)
             if not pending.records:
@@ -254,16 +304,13 @@ class LogShipper:
             log.warning("progress write failed error=%s", exc)
 
     def finalize(self, reason: str, deadline: float | None = None) -> bool:
+        """Write the final marker; without a deadline, one try."""
         marker = FinalMarker(next_seq=self.next_seq, attempt=self.config.attempt, reason=reason)
-        while True:
-            try:
-                write_final(self.store, self.project, self.job, marker)
-                return True
-            except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if deadline is None or self.clock() >= deadline:
-                    return False
-                self.sleep(2.0)
+        return self._write(
+            lambda: write_final(self.store, self.project, self.job, marker),
+            "final marker",
+            self.clock() if deadline is None else deadline,
+        )
 
 
 @dataclass(frozen=True)
@@ -317,14 +364,63 @@ def _skip_reporter(syslog: Callable[[str], None], path: str) -> Callable[[str, s
     return report
 
 
+#: Entries of one directory output that the result names one by one; beyond them it counts (the
+#: system log names them all): a termination message is 4 KiB.
+MAX_ENTRY_ERRORS = 20
+
+
+@dataclass
+class _LostEntries:
+    """Entries of a directory output that its zip lacks (unreadable, name not UTF-8): data the
+    job wrote and the user does not get, so each is a file error of that output."""
+
+    declared: str
+    var: str | None
+    index: int
+    syslog: Callable[[str], None]
+    named: list[str] = field(default_factory=list)
+    more: int = 0
+
+    def __call__(self, entry: str, why: str) -> None:
+        self.syslog(f"output {self.declared}: {entry} not uploaded ({why})")
+        if len(self.named) < MAX_ENTRY_ERRORS:
+            self.named.append(f"{entry} is not in the uploaded zip ({why})")
+        else:
+            self.more += 1
+
+    @property
+    def count(self) -> int:
+        return len(self.named) + self.more
+
+    def file_errors(self) -> list[FileError]:
+        texts = list(self.named)
+        if self.more:
+            texts.append(f"{self.more} more entries are not in the uploaded zip (see .system.log)")
+        return [
+            FileError(
+                type=FileErrorType.UPLOAD_FAILED,
+                description=text[:1000],
+                path=self.declared,
+                var=self.var,
+                index=self.index,
+            )
+            for text in texts
+        ]
+
+
 def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
 def _upload_output(
-    config: RunnerConfig, store: Storage, index: int, out: OutputFile, syslog: Callable[[str], None]
+    config: RunnerConfig,
+    store: Storage,
+    index: int,
+    out: OutputFile,
+    syslog: Callable[[str], None],
+    lost: _LostEntries,
 ) -> OutputResult | FileError:
-    declared = out.desc_path or out.path
+    declared = lost.declared
 
     def fail(kind: FileErrorType, description: str) -> FileError:
         syslog(f"output {declared}: {description}")
@@ -341,10 +437,21 @@ def _upload_output(
     tmp_zip = config.layout.tmp_dir / f"output-{index}.zip"
     try:
         if os.path.isdir(real):
-            n = zip_directory(real, tmp_zip, on_skip=_skip_reporter(syslog, declared))
+            # Entries are named after the declared path, not after what a symlink points to:
+            # the client extracts them where it expects <basename>/.
+            n = zip_directory(
+                real,
+                tmp_zip,
+                arcname=PurePosixPath(out.path).name,
+                on_skip=_skip_reporter(syslog, declared),
+                on_error=lost,
+            )
             res = store.upload_file(tmp_zip, key, content_type="application/zip")
             compression = Compression.ZIP
-            syslog(f"output {declared}: directory of {n} files uploaded as zip ({human_size(res.size)})")
+            left_out = f"; left out: {lost.count}" if lost.count else ""
+            syslog(
+                f"output {declared}: directory of {n} files uploaded as zip ({human_size(res.size)}){left_out}"
+            )
         elif os.path.isfile(real):
             res = store.upload_file(real, key)
             compression = Compression.NONE
@@ -369,13 +476,16 @@ def _upload_output(
 def upload_outputs(
     config: RunnerConfig, store: Storage, syslog: Callable[[str], None]
 ) -> tuple[list[OutputResult], list[FileError]]:
-    """Upload each declared output; missing ones are NOT_FOUND, failures UPLOAD_FAILED."""
+    """Upload each declared output; missing ones are NOT_FOUND, failures UPLOAD_FAILED, as are the
+    entries a directory's zip lacks (the rest of the directory is uploaded)."""
     outputs: list[OutputResult] = []
     errors: list[FileError] = []
     for i, out in enumerate(config.outputs):
-        r = _upload_output(config, store, i, out, syslog)
+        lost = _LostEntries(out.desc_path or out.path, out.var, i, syslog)
+        r = _upload_output(config, store, i, out, syslog, lost)
         if isinstance(r, OutputResult):
             outputs.append(r)
+            errors.extend(lost.file_errors())
         else:
             errors.append(r)
     return outputs, errors
@@ -448,7 +558,8 @@ class Ship:
         beat: str | None = None
         beat_changed: float | None = None
         while True:
-            self.shipper.pump()
+            # Only the writes due now: while storage fails, the program's end must still be seen.
+            self.shipper.pump(deadline=self.clock())
             status = read_status_file(self.layout.status)
             if status is not None:
                 return status

@@ -29,8 +29,8 @@ from dsjobs.runner.config import Compression, InputFile, LocalModule, RunnerConf
 from dsjobs.runner.entry import render_entry_script
 from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termination_message
 from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
-from dsjobs.runner.syslog import SystemLog
-from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
+from dsjobs.runner.syslog import SystemLog, create_shared
+from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip, make_dirs
 from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,6 @@ DOWNLOAD_WORKERS = 4
 
 class StageInError(Exception):
     """A user-facing reason why the job cannot start."""
-
-
-def _make_dirs(path: Path) -> None:
-    """mkdir -p, leaving new directories world-writable (the job may run as any uid)."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir(exist_ok=True)
-        os.chmod(d, 0o777)
 
 
 def _describe(kind: str, f: InputFile | LocalModule) -> str:
@@ -74,13 +62,13 @@ def _stage_file(
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
             try:
                 store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256)
-                _make_dirs(dest_root)
+                make_dirs(dest_root)
                 return extract_zip(tmp, dest_root)
             finally:
                 if tmp.exists():
                     tmp.unlink()
         dest = dest_root / target_name
-        _make_dirs(dest.parent)
+        make_dirs(dest.parent)
         store.download_file(key, dest, expected_size=f.size_bytes, expected_sha256=f.sha256)
         os.chmod(dest, 0o666)
         return 1
@@ -129,11 +117,13 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
 
 
 def prepare(config: RunnerConfig) -> None:
-    """Directories, requirements file and entry script (no storage access)."""
+    """Directories, shared log files, requirements file and entry script (no storage access)."""
     layout = config.layout
     layout.create()
+    for f in layout.shared_files:
+        create_shared(f)
     for d in config.work_dirs():
-        _make_dirs(d)
+        make_dirs(d)
     if config.python_env is not None and config.python_env.requirements:
         layout.requirements.write_text("\n".join(config.python_env.requirements) + "\n")
     script = render_entry_script(config)

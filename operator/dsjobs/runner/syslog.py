@@ -7,6 +7,39 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+#: Mode of the log files that several uids append to: stage-in and ship run as the runner
+#: image's uid, the entry script as whatever uid the job image has.
+SHARED_FILE_MODE = 0o666
+
+
+def open_shared(path: Path) -> int:
+    """An O_APPEND descriptor of ``path``; a file this call creates is made 0666.
+
+    O_CREAT's mode is cut by the umask (0644 with the usual 022), which would lock out the other
+    uids, so a created file gets fchmod. O_EXCL tells whether this call created it: a file
+    someone else made is never chmod'ed (it is not ours to change, and fchmod would fail).
+    """
+    flags = os.O_WRONLY | os.O_APPEND
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        pass
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, SHARED_FILE_MODE)
+    except FileExistsError:
+        return os.open(path, flags)  # another writer created it meanwhile
+    try:
+        os.fchmod(fd, SHARED_FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def create_shared(path: Path) -> None:
+    """Create ``path`` (when missing) so that any uid can append to it."""
+    os.close(open_shared(path))
+
 
 class SystemLog:
     """One line per message, ``<UTC time> <component>: <message>``, appended with O_APPEND.
@@ -25,9 +58,11 @@ class SystemLog:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         line = f"{stamp} {self.component}: {message}".replace("\n", " ") + "\n"
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            fd = open_shared(self.path)
             try:
-                os.write(fd, line.encode())
+                # A message may carry a file name that is not UTF-8 (surrogate escapes): the line
+                # is still written, the name escaped.
+                os.write(fd, line.encode(errors="backslashreplace"))
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -19,6 +19,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _COPY_CHUNK = 1024 * 1024
 
@@ -54,6 +55,19 @@ def _inside(root_real: str, path: str) -> bool:
     return path == root_real or path.startswith(root_real + os.sep)
 
 
+def make_dirs(path: Path) -> None:
+    """mkdir -p, leaving the directories it creates world-writable: the job may run as any uid
+    and must be able to write into its inputs' directories, as into the other shared ones."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o777)
+
+
 def check_zip(zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, list[str]]]:
     """Validate every entry; return (entry, path parts) pairs in archive order."""
     checked = []
@@ -80,7 +94,7 @@ def extract_zip(
 ) -> int:
     """Extract ``archive`` under ``root`` (created if needed). Returns the number of files written."""
     root_path = Path(root)
-    root_path.mkdir(parents=True, exist_ok=True)
+    make_dirs(root_path)
     root_real = os.path.realpath(root_path)
     written = 0
     files = 0
@@ -93,10 +107,10 @@ def extract_zip(
             if not _inside(root_real, parent_real):
                 raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
             if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
+                make_dirs(target)
                 os.chmod(target, 0o777)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             if target.is_symlink():
                 raise UnsafeZipError(f"entry {info.filename!r} would write through a symlink")
             with zf.open(info) as src, open(target, "wb") as dst:
@@ -111,54 +125,135 @@ def extract_zip(
     return files
 
 
+#: ``callback(entry, reason)``: an entry of a directory being zipped, named as in the archive.
+EntryCallback = Callable[[str, str], None]
+
+
+def _display(name: str) -> str:
+    """A path as text that always encodes: bytes that are not UTF-8 become ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    # os.walk gives names that are not UTF-8 as surrogate escapes, which a zip name cannot hold.
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _DirectoryZipper:
+    """One `zip_directory` call: walks ``src``, stores what it can, reports what it leaves out."""
+
+    def __init__(
+        self,
+        zf: zipfile.ZipFile,
+        src: str,
+        base: str,
+        on_skip: EntryCallback | None,
+        on_error: EntryCallback | None,
+    ) -> None:
+        self.zf = zf
+        self.src = src
+        self.base = base
+        self.on_skip = on_skip
+        self.on_error = on_error
+        self.count = 0
+
+    def run(self) -> int:
+        for dirpath, dirnames, filenames in os.walk(self.src, onerror=self._walk_error):
+            arc_dir = self._arc(dirpath)
+            self._prune(dirpath, arc_dir, dirnames)
+            if not filenames and not dirnames:
+                self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
+            for name in sorted(filenames):
+                self._add_file(os.path.join(dirpath, name), f"{arc_dir}/{name}")
+        return self.count
+
+    def _arc(self, path: str) -> str:
+        rel = os.path.relpath(path, self.src)
+        return self.base if rel == "." else f"{self.base}/{rel.replace(os.sep, '/')}"
+
+    def _skip(self, arc: str, why: str) -> None:
+        if self.on_skip:
+            self.on_skip(_display(arc), why)
+
+    def _fail(self, arc: str, why: str, exc: Exception) -> None:
+        """An entry the archive lacks: data lost, so it is an error, not a skip."""
+        if self.on_error is None:
+            raise exc
+        self.on_error(_display(arc), why)
+
+    def _walk_error(self, exc: OSError) -> None:
+        if exc.filename is None or exc.filename == self.src:
+            raise exc  # the directory itself: nothing to zip, the whole output fails
+        self._fail(self._arc(os.fsdecode(exc.filename)), f"unreadable directory: {exc.strerror}", exc)
+
+    def _prune(self, dirpath: str, arc_dir: str, dirnames: list[str]) -> None:
+        for d in list(dirnames):
+            arc = f"{arc_dir}/{d}"
+            if os.path.islink(os.path.join(dirpath, d)):
+                dirnames.remove(d)
+                self._skip(arc, "symlink")
+            elif not _is_utf8(d):
+                dirnames.remove(d)
+                self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
+
+    def _add_file(self, full: str, arc: str) -> None:
+        if not _is_utf8(arc):
+            self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
+            return
+        try:
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if os.path.islink(full):
+                self._skip(arc, "symlink")
+            else:
+                self._fail(arc, f"unreadable: {exc.strerror}", exc)
+            return
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                self._skip(arc, "not a regular file")
+                return
+            self._store(f, st, arc)
+        self.count += 1
+
+    def _store(self, f: BinaryIO, st: os.stat_result, arc: str) -> None:
+        # Built from fstat of the opened fd, not from the path (which could change).
+        mtime = time.localtime(max(st.st_mtime, 315532800))[:6]  # zip dates start in 1980
+        info = zipfile.ZipInfo(arc, date_time=mtime)
+        info.external_attr = (st.st_mode & 0xFFFF) << 16
+        info.file_size = st.st_size
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with self.zf.open(info, "w", force_zip64=st.st_size > 2**31) as out:
+            shutil.copyfileobj(f, out, _COPY_CHUNK)
+
+
+def _bad_name(arc: str) -> ValueError:
+    return ValueError(f"entry {_display(arc)!r}: name is not valid UTF-8")
+
+
 def zip_directory(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
     *,
-    on_skip: Callable[[str, str], None] | None = None,
+    arcname: str | None = None,
+    on_skip: EntryCallback | None = None,
+    on_error: EntryCallback | None = None,
 ) -> int:
-    """Zip directory ``src`` into ``dest`` with entries ``<basename(src)>/...``.
+    """Zip directory ``src`` into ``dest`` with entries ``<arcname>/...``; returns the files stored.
 
-    Symlinks are skipped, never followed (``on_skip(relpath, reason)`` is told): a job must not be
-    able to make the runner package files from outside its working directory. Returns the number
-    of files stored.
+    ``arcname`` defaults to the basename of ``src``; give the declared name when ``src`` is what a
+    symlink resolved to. Symlinks and special files are skipped, never followed (``on_skip`` is
+    told): a job must not be able to make the runner package files from outside its working
+    directory. Entries that cannot be stored (unreadable files or subdirectories, names that are
+    not UTF-8) are left out and told to ``on_error``, the rest is zipped; without ``on_error``
+    they raise. An unreadable ``src`` raises OSError. Callbacks get entry names as printable text.
     """
-    src_path = Path(src)
-    base = src_path.name
-    count = 0
+    src_path = os.fspath(src)
+    base = arcname or os.path.basename(src_path)
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1, allowZip64=True) as zf:
-        for dirpath, dirnames, filenames in os.walk(src_path, followlinks=False):
-            rel_dir = os.path.relpath(dirpath, src_path)
-            arc_dir = base if rel_dir == "." else f"{base}/{rel_dir.replace(os.sep, '/')}"
-            for d in list(dirnames):
-                if os.path.islink(os.path.join(dirpath, d)):
-                    dirnames.remove(d)
-                    if on_skip:
-                        on_skip(f"{arc_dir}/{d}", "symlink")
-            if not filenames and not dirnames:
-                zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
-            for name in sorted(filenames):
-                full = os.path.join(dirpath, name)
-                arc = f"{arc_dir}/{name}"
-                try:
-                    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-                except OSError as exc:
-                    if on_skip:
-                        on_skip(arc, "symlink" if os.path.islink(full) else f"unreadable: {exc.strerror}")
-                    continue
-                with os.fdopen(fd, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    if not stat.S_ISREG(st.st_mode):
-                        if on_skip:
-                            on_skip(arc, "not a regular file")
-                        continue
-                    # Built from fstat of the opened fd, not from the path (which could change).
-                    mtime = time.localtime(max(st.st_mtime, 315532800))[:6]  # zip dates start in 1980
-                    info = zipfile.ZipInfo(arc, date_time=mtime)
-                    info.external_attr = (st.st_mode & 0xFFFF) << 16
-                    info.file_size = st.st_size
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    with zf.open(info, "w", force_zip64=st.st_size > 2**31) as out:
-                        shutil.copyfileobj(f, out, _COPY_CHUNK)
-                count += 1
-    return count
+        return _DirectoryZipper(zf, src_path, base, on_skip, on_error).run()
