@@ -1,4 +1,9 @@
 # dsjobs developer entry points. `make demo` and `make test` are the README's two commands.
+#
+# PYTHON is the interpreter that creates the venv (`make demo PYTHON=python3.11`), VENV where it
+# lives; everything then runs with the venv's python, PY. The hack/ scripts get PY explicitly as
+# VENV_PYTHON (gen-proto.sh as PYTHON, its own interface): make exports PYTHON set on its command
+# line to every recipe, so a script must never take PYTHON for the venv's python.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 proto: install
-	bash hack/gen-proto.sh
+	PYTHON=$(PY) bash hack/gen-proto.sh
 
 lint: install
 	$(VENV)/bin/ruff check operator tests bench
@@ -44,19 +49,19 @@ test-e2e: install k8s-bins
 test: lint typecheck test-unit test-e2e
 
 up: install k8s-bins
-	bash hack/up.sh
+	VENV_PYTHON=$(PY) bash hack/up.sh
 
 down: install
-	bash hack/down.sh
+	VENV_PYTHON=$(PY) bash hack/down.sh
 
 demo: install k8s-bins
-	bash hack/demo.sh
+	VENV_PYTHON=$(PY) bash hack/demo.sh
 
 bench: install k8s-bins
-	bash hack/bench.sh $(BENCH)
+	VENV_PYTHON=$(PY) bash hack/bench.sh $(BENCH)
 
 e2e-kind: install
-	bash hack/e2e-kind.sh
+	VENV_PYTHON=$(PY) bash hack/e2e-kind.sh
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@
 # BENCH_STORAGE_REPS (2), BENCH_RUNNER_REPS (2). Timings are never asserted: see docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${BENCH_PYTHON:-.venv/bin/python}"
+PY="${BENCH_PYTHON:-${VENV_PYTHON:-.venv/bin/python}}" # VENV_PYTHON: what `make bench` passes
 # The control-plane binaries are built once (minutes when cold); that is no part of any figure.
 bash hack/k8s-bins.sh >&2
 exec "$PY" bench/run.py "$@"

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 CLUSTER=${KIND_CLUSTER:-dsjobs}
 IMAGE=${DSJOBS_IMAGE:-dsjobs:dev}
-PY=${PYTHON:-.venv/bin/python}
+PY=${VENV_PYTHON:-.venv/bin/python} # the venv's python (make passes it)
 OVERLAY=deploy/overlays/kind
 STATE=.dev/kind
 SYSTEM_NS=dsjobs-system

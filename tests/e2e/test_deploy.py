@@ -23,6 +23,7 @@ from cluster_fixtures import REPO_ROOT, ClusterHandle
 
 from dsjobs import localstack
 from dsjobs.api.settings import SETTINGS as API_SETTINGS
+from dsjobs.controller.settings import DEFAULT_RUNNER_IMAGE
 from dsjobs.controller.settings import SETTINGS_DOC as OPERATOR_SETTINGS
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 
@@ -174,6 +175,35 @@ def test_local_overlay_facts() -> None:
     assert not of_kind(objects, "Secret")
     for dep in our_workloads(objects):
         assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    # Host network: the operator's metrics and liveness endpoints on loopback, like the API's.
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    assert settings["data"]["DSJOBS_BIND_ADDRESS"] == "127.0.0.1"
+
+
+def test_base_uses_one_image_reference() -> None:
+    objects = render(REPO_ROOT / "deploy" / "base")
+    images = {
+        c["image"]
+        for d in of_kind(objects, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    assert images == {settings["data"]["DSJOBS_RUNNER_IMAGE"]} == {DEFAULT_RUNNER_IMAGE}, images
+
+
+def test_base_rbac_grants_what_the_code_needs() -> None:
+    objects = render(REPO_ROOT / "deploy" / "base")
+    roles = {o["metadata"]["name"]: o["rules"] for o in of_kind(objects, "ClusterRole")}
+
+    def verbs(role: str, resource: str) -> set[str]:
+        return {v for r in roles[role] if resource in r["resources"] for v in r["verbs"]}
+
+    # The API only lists namespaces (projects) and InstanceTypes (validation): no `get`.
+    assert verbs("dsjobs-api", "namespaces") == {"list"}
+    assert verbs("dsjobs-api", "instancetypes") == {"list"}
+    # The job's pods and Secrets do not block their owner's deletion, so no finalizers right.
+    assert verbs("dsjobs-operator", "projectjobs/finalizers") == set()
+    assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
 
 
 def test_kind_overlay_runs_the_loaded_image() -> None:

@@ -1,9 +1,13 @@
-"""The `dsjobs datasphere` launcher: where it points the official CLI."""
+"""The `dsjobs datasphere` launcher: where it points the official CLI; and the make entry points
+(`make demo`, `make up`, ...) that start the local stack the launcher talks to."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +114,59 @@ def test_official_global_options_reach_the_official_cli() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "project" in proc.stdout
+
+
+# ------------------------------------------------------------------ make and hack/ entry points
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize(
+    ("target", "command"),
+    [
+        ("up", "VENV_PYTHON={py} bash hack/up.sh"),
+        ("down", "VENV_PYTHON={py} bash hack/down.sh"),
+        ("demo", "VENV_PYTHON={py} bash hack/demo.sh"),
+        ("bench", "VENV_PYTHON={py} bash hack/bench.sh"),
+        ("e2e-kind", "VENV_PYTHON={py} bash hack/e2e-kind.sh"),
+        ("proto", "PYTHON={py} bash hack/gen-proto.sh"),
+    ],
+)
+def test_make_hands_the_venvs_python_to_the_scripts(target: str, command: str, tmp_path: Path) -> None:
+    # PYTHON (the interpreter that creates the venv) and VENV set on make's command line: make
+    # exports PYTHON to every recipe, so the scripts must get the venv's python under their own name.
+    venv = tmp_path / "venv"
+    proc = subprocess.run(
+        ["make", "-n", "-C", str(REPO), target, "PYTHON=python3.11", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"python3.11 -m venv {venv}" in proc.stdout
+    assert command.format(py=venv / "bin" / "python") in [line.strip() for line in proc.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("script", ["up", "down", "demo"])
+def test_local_stack_scripts_run_the_venvs_python_not_python(script: str, tmp_path: Path) -> None:
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "ran $*"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, VENV_PYTHON=str(stub), PYTHON="/nonexistent/python3.11")
+    proc = subprocess.run(
+        ["bash", str(REPO / "hack" / f"{script}.sh"), "--flag"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"ran -m dsjobs.localstack {script} --flag"
+
+
+def test_no_hack_script_takes_python_for_the_venvs() -> None:
+    # gen-proto.sh alone reads PYTHON: its documented interface (the drift test sets it), and
+    # `make proto` sets it explicitly.
+    readers = sorted(p.name for p in (REPO / "hack").glob("*.sh") if "${PYTHON:-" in p.read_text())
+    assert readers == ["gen-proto.sh"], readers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,79 @@ def test_phase_book_counts() -> None:
     assert metrics.JOBS.labels(phase="SUCCESS")._value.get() == 0
 
 
-def test_docs_list_every_setting_with_its_default() -> None:
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+@pytest.mark.parametrize("page", ["operator.md", "configuration.md"])
+def test_docs_list_every_setting_with_its_default(page: str) -> None:
+    doc = (DOCS / page).read_text()
     start = doc.index("\n", doc.index("<!-- settings:begin")) + 1
     end = doc.index("<!-- settings:end -->")
-    assert doc[start:end].strip() == settings_table(), "regenerate the table in docs/operator.md"
+    assert doc[start:end].strip() == settings_table(), f"regenerate the table in docs/{page}"
+
+
+def _documented_defaults(text: str) -> dict[str, str]:
+    """`VARIABLE` -> its default cell, of every table row of one variable whose default is a literal
+    (in backticks) or empty; rows like `DSJOBS_S3_PUBLIC_ENDPOINT` | `DSJOBS_S3_ENDPOINT` name
+    another variable and are not literals."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not re.fullmatch(r"`[A-Z0-9_]+`", cells[0]):
+            continue
+        default = cells[1]
+        if default == "" or re.fullmatch(r"`[^`]*`", default):
+            found[cells[0].strip("`")] = default.strip("`")
+    return found
+
+
+def test_configuration_reference_gives_the_codes_defaults() -> None:
+    from dsjobs.api.settings import SETTINGS as API_SETTINGS
+    from dsjobs.storage import ENV_REGION, StorageSettings
+
+    documented = _documented_defaults((DOCS / "configuration.md").read_text())
+    api = {s.env: s.default for s in API_SETTINGS}
+    assert set(api) <= set(documented), (
+        f"API settings missing in docs/configuration.md: {set(api) - set(documented)}"
+    )
+    wrong = {env: (documented[env], default) for env, default in api.items() if documented[env] != default}
+    assert not wrong, f"docs/configuration.md vs dsjobs.api.settings (documented, code): {wrong}"
+    defaults = OperatorSettings()
+    for env, (attr, _doc) in SETTINGS_DOC.items():
+        value = getattr(defaults, attr)
+        assert documented.get(env) == (",".join(value) if isinstance(value, tuple) else str(value)), env
+    storage = StorageSettings.from_env(
+        {
+            "DSJOBS_S3_ENDPOINT": "http://s3:9000",
+            "DSJOBS_S3_BUCKET": "b",
+            "DSJOBS_S3_ACCESS_KEY": "a",
+            "DSJOBS_S3_SECRET_KEY": "s",
+        }
+    )
+    assert documented[ENV_REGION] == storage.region
+
+
+def test_bind_address_of_metrics_and_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsjobs.controller.__main__ import liveness_endpoint
+
+    assert OperatorSettings().bind_address == "0.0.0.0"
+    assert settings_from_env({"DSJOBS_BIND_ADDRESS": "127.0.0.1"}).bind_address == "127.0.0.1"
+    assert liveness_endpoint(OperatorSettings()) == "http://0.0.0.0:8080/healthz"
+    assert liveness_endpoint(OperatorSettings(bind_address="127.0.0.1", liveness_port=17080)) == (
+        "http://127.0.0.1:17080/healthz"
+    )
+    assert liveness_endpoint(OperatorSettings(bind_address="::")) == "http://[::]:8080/healthz"
+    assert liveness_endpoint(OperatorSettings(liveness_port=0)) is None
+
+    bound: list[tuple[int, str]] = []
+    monkeypatch.setattr(metrics, "start_http_server", lambda port, addr: bound.append((port, addr)))
+    assert metrics.serve(9090) and bound[-1] == (9090, "0.0.0.0")
+    assert metrics.serve(17081, "127.0.0.1") and bound[-1] == (17081, "127.0.0.1")
+    assert metrics.serve(17081, "::1") and bound[-1] == (17081, "::1")
+    assert not metrics.serve(0) and len(bound) == 3
+
+    def refuse(port: int, addr: str) -> None:
+        raise OSError("address in use")
+
+    monkeypatch.setattr(metrics, "start_http_server", refuse)
+    assert not metrics.serve(9090)

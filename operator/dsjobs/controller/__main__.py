@@ -12,6 +12,10 @@ import argparse
 import dataclasses
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dsjobs.controller.settings import OperatorSettings
 
 
 def _keep_kubernetes_client_out() -> None:
@@ -25,6 +29,16 @@ def _keep_kubernetes_client_out() -> None:
     for name in ("kubernetes", "kubernetes_asyncio", "pykube"):
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]
+
+
+def liveness_endpoint(settings: OperatorSettings) -> str | None:
+    """Kopf's liveness URL: /healthz on DSJOBS_BIND_ADDRESS:DSJOBS_LIVENESS_PORT (None: disabled)."""
+    if not settings.liveness_port:
+        return None
+    host = settings.bind_address
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address in a URL
+    return f"http://{host}:{settings.liveness_port}/healthz"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
     register(registry, Operator(settings))
-    liveness = f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
     kopf.run(
         registry=registry,
         standalone=True,  # one replica (Recreate strategy): no peering objects needed
         clusterwide=not namespaces,
         namespaces=list(namespaces),
-        liveness_endpoint=liveness,
+        liveness_endpoint=liveness_endpoint(settings),
     )
     return 0
 

@@ -806,7 +806,7 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         # instead of ~235 MB (the whole list parsed at once).
         settings.watching.chunk_size = op.settings.watch_chunk_size or None
         settings.queueing.idle_timeout = op.settings.worker_idle_seconds
-        metrics.serve(op.settings.metrics_port)
+        metrics.serve(op.settings.metrics_port, op.settings.bind_address)
         op.kube = Kube(settings, concurrency=op.settings.api_concurrency)
 
     @kopf.on.login(registry=registry)

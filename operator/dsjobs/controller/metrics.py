@@ -91,16 +91,19 @@ class PhaseBook:
         return self._phases.keys()
 
 
-def serve(port: int) -> bool:
-    """Start the /metrics endpoint (one small daemon thread of prometheus_client).
+def serve(port: int, host: str = "0.0.0.0") -> bool:
+    """Start the /metrics endpoint (one small daemon thread of prometheus_client) on `host`
+    (DSJOBS_BIND_ADDRESS).
 
     A port that cannot be bound is logged, not fatal: jobs matter more than their metrics.
     """
     if not port:
         return False
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
-        logging.getLogger("dsjobs.controller").error("metrics endpoint on port %d not started: %s", port, exc)
+        logging.getLogger("dsjobs.controller").error(
+            "metrics endpoint on %s port %d not started: %s", host, port, exc
+        )
         return False
     return True

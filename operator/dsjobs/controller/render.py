@@ -62,15 +62,16 @@ class JobRef:
     project_id: str
 
     def owner(self) -> dict[str, Any]:
-        # controller=true: `kubectl get pods` shows the job as owner; blockOwnerDeletion keeps the
-        # job around (foreground deletion) until the pod is gone.
+        # controller=true: `kubectl get pods` shows the job as owner. blockOwnerDeletion=false: the
+        # finalizer keeps the job until its pods and Secrets are gone anyway, and true would need
+        # projectjobs/finalizers update where OwnerReferencesPermissionEnforcement is on.
         return {
             "apiVersion": API_VERSION,
             "kind": PROJECTJOB_KIND,
             "name": self.name,
             "uid": self.uid,
             "controller": True,
-            "blockOwnerDeletion": True,
+            "blockOwnerDeletion": False,
         }
 
     def labels(self) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Operator settings: read once from the environment, then passed to the pure core as a value.
 
-Every knob is an environment variable `DSJOBS_*` with a documented default (the table in
-docs/operator.md is generated from `SETTINGS_DOC` below, so the two cannot drift apart).
+Every knob is an environment variable `DSJOBS_*` with a documented default (the tables in
+docs/operator.md and docs/configuration.md are `settings_table()` of `SETTINGS_DOC` below; a unit
+test compares, so they cannot drift apart).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class OperatorSettings:
     metrics_port: int = 9090
     # 0 disables the liveness endpoint (kopf's /healthz).
     liveness_port: int = 8080
+    # Address of the metrics and liveness endpoints: every interface in a pod; loopback where pods
+    # share the host's network (the local stack).
+    bind_address: str = "0.0.0.0"
     # Upper bound of one timer, so that a long one (e.g. a 14-day data TTL) is re-derived from the
     # status now and then (wall-clock changes) rather than trusted as one long monotonic sleep. Each
     # wake-up of a finished job costs one GET, so not too often: 10k jobs / 6 h = 0.5 GET/s.
@@ -68,7 +72,7 @@ class OperatorSettings:
         return self.python_image.replace("{version}", version or self.default_python_version)
 
 
-# env name -> (attribute, documentation). Order = order in docs/operator.md.
+# env name -> (attribute, documentation). Order = order in docs/operator.md and docs/configuration.md.
 SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_RUNNER_IMAGE": ("runner_image", "Image of the runner's stage-in and ship containers."),
     "DSJOBS_PYTHON_IMAGE": (
@@ -106,6 +110,12 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_RUNNER_MEMORY_LIMIT": ("runner_memory_limit", "Memory limit of each runner container."),
     "DSJOBS_METRICS_PORT": ("metrics_port", "Port of the Prometheus metrics endpoint; 0 disables it."),
     "DSJOBS_LIVENESS_PORT": ("liveness_port", "Port of the liveness endpoint `/healthz`; 0 disables it."),
+    "DSJOBS_BIND_ADDRESS": (
+        "bind_address",
+        "Address the metrics and liveness endpoints listen on: `0.0.0.0` every IPv4 interface, an IPv6 "
+        "address such as `::` on IPv6 clusters, `127.0.0.1` loopback only (the local overlay: its pods share "
+        "the host's network).",
+    ),
     "DSJOBS_MAX_REQUEUE": (
         "max_requeue_seconds",
         "Longest single wait of a timer before the job is looked at again.",
@@ -174,5 +184,5 @@ def settings_table() -> str:
     for name, (attr, doc) in SETTINGS_DOC.items():
         value = getattr(defaults, attr)
         shown = ",".join(value) if isinstance(value, tuple) else str(value)
-        rows.append(f"| `{name}` | `{shown}` | {doc} |")
+        rows.append(f"| `{name}` | {f'`{shown}`' if shown else ''} | {doc} |")
     return "\n".join(rows)
