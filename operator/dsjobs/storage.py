@@ -28,7 +28,6 @@ import http.client
 import io
 import logging
 import os
-import posixpath
 import queue
 import random
 import re
@@ -54,6 +53,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from dsjobs.s3http import Credentials, S3Http, S3HttpError
+from dsjobs.syntax import escape_problem, join_segments
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -191,19 +191,18 @@ def check_sha256(value: str) -> str:
 
 
 def normalize_relpath(path: str) -> str:
-    """Normalize a job-relative path ("a/./b" -> "a/b"); refuse absolute paths and any ``..``.
+    """Normalize a job-relative path ("a/./b" -> "a/b", "a\\b" -> "a/b"); refuse absolute paths and ``..``.
 
-    The result is safe to join under a root directory or a key prefix.
+    The rule (both separators, `C:` is absolute) is the validator's: dsjobs.syntax. The result
+    is safe to join under a root directory or a key prefix.
     """
     if not path or "\x00" in path:
         raise UnsafePathError(f"empty or NUL-containing path {path!r}")
-    if path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", path):
-        raise UnsafePathError(f"absolute path {path!r} is not allowed")
-    parts = re.split(r"[/\\]", path)
-    if any(p == ".." for p in parts):
-        raise UnsafePathError(f"path {path!r} must not contain '..'")
-    norm = posixpath.normpath("/".join(p for p in parts if p not in {"", "."}) or ".")
-    if norm in {".", ""}:
+    problem = escape_problem(path)
+    if problem is not None:
+        raise UnsafePathError(f"path {path!r} {problem[1]}")
+    norm = join_segments(path)
+    if norm == ".":
         raise UnsafePathError(f"path {path!r} names no file")
     return norm
 

@@ -217,7 +217,7 @@ def full_spec() -> m.ProjectJobSpec:
             output_files=[m.FileDesc(path="out/result.txt", var="RESULT")],
             s3_mount_ids=["s3conn1"],
             dataset_ids=["dataset1"],
-            cmd="python ${MAIN} --out ${RESULT} --s3 ${s3conn1} --ds ${dataset1} --lr ${LR} --d ${OUTDS}",
+            cmd="python ${MAIN} --out ${RESULT} --s3 ${s3conn1} --ds ${dataset1} --lr ${LR}",
             env=m.Environment(
                 vars={"FOO": "bar"},
                 docker_image_spec=m.DockerImageSpec(

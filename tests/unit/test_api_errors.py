@@ -35,11 +35,14 @@ def test_all_problems_in_one_invalid_argument() -> None:
     assert [v.field for v in bad.field_violations] == [p.path for p in problems]
 
 
-def test_clone_problems_name_the_override_field() -> None:
+def test_clone_problems_say_they_are_the_merged_jobs() -> None:
     err = errors.from_problems(
-        [Problem("job_parameters.env.vars", "x", "bad")], prefix="job_parameters_overrides"
+        [Problem("job_parameters.input_files[1].sha256", "x", "bad")], errors.CLONE_SUBJECT
     )
-    assert "job_parameters_overrides.env.vars: bad [x]" in err.message
+    head, line = err.message.splitlines()
+    assert head == f"invalid request: 1 problem in {errors.CLONE_SUBJECT}:"
+    assert line == "job_parameters.input_files[1].sha256: bad [x]"
+    assert [v.field for v in err.violations] == ["job_parameters.input_files[1].sha256"]
 
 
 def test_many_problems_are_capped() -> None:

@@ -325,6 +325,31 @@ def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
     assert secret["stringData"] == {"password": "s3cret"}
 
 
+def test_clone_problems_name_the_merged_jobs_fields() -> None:
+    """The overrides' input lands at index 1 of the merged inputs; the bad type is the source's."""
+    params = {
+        "cmd": "python ${A} ${B}",
+        "inputFiles": [
+            {"desc": {"path": "a.py", "var": "A"}, "sha256": SHA, "sizeBytes": 1},
+            {"desc": {"path": "b.csv", "var": "B"}, "sha256": SHA, "sizeBytes": 1},
+        ],
+        "cloudInstanceTypes": [{"name": "g1.1"}],  # not in FakeCatalog any more
+    }
+    core = FakeCore(stored=[SHA], job=source_job(params))
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    req.job_parameters_overrides.input_files.add(
+        desc=jobs_pb2.FileDesc(path="b.csv", var="B"), sha256="BAD", size_bytes=1
+    )
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
+    head, *lines = err.message.splitlines()
+    assert head == f"invalid request: 2 problems in {errors.CLONE_SUBJECT}:"
+    assert [v.field for v in err.violations] == [
+        "job_parameters.input_files[1].sha256",
+        "job_parameters.cloud_instance_types[0].name",
+    ]
+    assert "job_parameters_overrides" not in "".join(lines)
+
+
 def test_clone_of_a_source_with_deleted_inputs_writes_nothing() -> None:
     core = FakeCore(job=source_job(SOURCE_PARAMS))
     err = failing(

@@ -321,6 +321,25 @@ def test_invalid_jobs_fail_with_the_cause_named(params: dict[str, Any], reason: 
     assert p.status.finished_at == NOW
 
 
+def test_invalid_spec_details_name_the_resource_field_and_the_rule() -> None:
+    p = step(job(params={"outputFiles": [{"path": "../o"}]}))
+    assert p.status.status_details.startswith(
+        "invalid job: spec.jobParameters.outputFiles[0].path: must not contain a '..' segment"
+    )
+    assert p.status.status_details.endswith("[path-parent]")
+
+
+def test_a_cluster_without_the_default_type_rejects_a_job_with_no_instance_types() -> None:
+    no_c1_4 = {name: spec for name, spec in TYPES.items() if name != "c1.4"}
+    p = plan(job(), [], no_c1_4, None, NOW, SETTINGS)
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == "UnknownInstanceType"
+    assert (
+        "unknown instance type c1.4: spec.jobParameters.cloudInstanceTypes: c1.4" in p.status.status_details
+    )
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+
+
 def test_unreadable_spec_fails() -> None:
     j = job()
     body_spec = dict(j.spec)

@@ -148,8 +148,14 @@ def test_quantities_given_as_numbers_become_strings() -> None:
         ("/home/me/train.csv", "TRAIN", ".dsjobs-vars/TRAIN/train.csv"),
         ("../up/model.pt", "M", ".dsjobs-vars/M/model.pt"),
         ("/", "ROOT", ".dsjobs-vars/ROOT/ROOT"),
-        ("C:\\Users\\me\\x.csv", "X", "C:\\Users\\me\\x.csv"),
         ("/tmp/x/..", "X", ".dsjobs-vars/X/X"),
+        # a Windows client's paths: '\\' separates too, a drive is absolute (as in the runner)
+        ("C:\\Users\\me\\x.csv", "X", ".dsjobs-vars/X/x.csv"),
+        ("C:x.csv", "X", ".dsjobs-vars/X/x.csv"),
+        ("..\\data\\x.csv", "X", ".dsjobs-vars/X/x.csv"),
+        ("my\\file.csv", "", "my/file.csv"),
+        (".\\data\\\\x.csv\\", "X", "data/x.csv"),
+        ("\\\\server\\share\\", "X", ".dsjobs-vars/X/share"),
     ],
 )
 def test_job_relative_path(path: str, var: str, place: str) -> None:
@@ -157,8 +163,10 @@ def test_job_relative_path(path: str, var: str, place: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "var"), [("/etc/passwd", ""), ("a/../b", ""), ("/x", "../../etc"), (".", "")]
-)
+    ("path", "var"),
+    [("/etc/passwd", ""), ("a/../b", ""), ("/x", "../../etc"), (".", ""), ("a\\..\\..\\x", ""), ("C:\\x", ""),
+     ("D:x", ""), ("\\x", "")],
+)  # fmt: skip
 def test_job_relative_path_refuses_unsafe_files(path: str, var: str) -> None:
     with pytest.raises(ValueError):
         m.job_relative_path(m.FileDesc(path=path, var=var))

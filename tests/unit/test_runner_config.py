@@ -78,3 +78,17 @@ def test_an_output_may_be_written_where_an_input_was_placed() -> None:
         base(inputs=[{"path": "model.pt", "sha256": SHA, "size_bytes": 1}], outputs=[{"path": "./model.pt"}])
     )
     assert cfg.inputs[0].path == cfg.outputs[0].path == "model.pt"
+
+
+def test_the_runner_does_not_import_the_job_models() -> None:
+    # Every job pod starts the runner twice (stage-in, ship): importing the ProjectJob models would
+    # cost each ~20 ms of CPU (docs/benchmarks.md). Shared rules live in dsjobs.syntax instead.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dsjobs.runner.__main__\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dsjobs.models', 'dsjobs.validation'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -58,7 +58,21 @@ def test_relpaths_are_normalized(path: str, norm: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "/etc/passwd", "\\x", "C:/x", "../x", "a/../../x", "a/..", ".", "./", "a\x00b"]
+    "bad",
+    [
+        "",
+        "/etc/passwd",
+        "\\x",
+        "C:/x",
+        "./C:x",
+        "../x",
+        "a/../../x",
+        "a\\..\\..\\x",
+        "a/..",
+        ".",
+        "./",
+        "a\x00b",
+    ],
 )
 def test_unsafe_relpaths_are_refused(bad: str) -> None:
     with pytest.raises(UnsafePathError):

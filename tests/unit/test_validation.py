@@ -16,10 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsjobs import models as m
+from dsjobs.controller.render import JobRef, runner_config
 from dsjobs.models import limits as L
+from dsjobs.runner.cmd import render_config_cmd, unknown_variables
 from dsjobs.validation import (
     RULES,
     Problem,
+    cmd_references,
     format_problems,
     parse_instance_type,
     parse_job_spec,
@@ -154,6 +157,31 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{IN1}.desc.path", ".."),
         set_at(f"{IN1}.desc.path", "..."),
     ),
+    # a Windows client's paths: '\\' separates segments too, a drive makes a path absolute
+    (
+        "path-absolute",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", "C:\\Users\\me\\data"),
+        set_at(f"{IN1}.desc.path", "Users\\me\\data"),
+    ),
+    (
+        "path-absolute",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", "\\data"),
+        set_at(f"{IN1}.desc.path", "data\\"),
+    ),
+    (
+        "path-parent",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", "a\\..\\..\\b"),
+        set_at(f"{IN1}.desc.path", "a\\..b\\c.."),
+    ),
+    (
+        "path-reserved",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", ".dsjobs-vars\\x"),
+        set_at(f"{IN1}.desc.path", ".dsjobs-vars.x"),
+    ),
     (
         "path-root",
         "job_parameters.input_files[1].desc.path",
@@ -202,6 +230,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "job_parameters.input_files[1].desc.path",
         set_at(f"{IN1}.desc.path", "./main.py"),
         set_at(f"{IN1}.desc.path", "main2.py"),
+    ),
+    (
+        "input-path-duplicate",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", ".\\main.py"),
+        set_at(f"{IN1}.desc.path", "main\\py"),
     ),
     (
         "output-path-duplicate",
@@ -283,6 +317,27 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "job_parameters.cmd",
         set_at(CMD, "echo ${HOME}"),
         set_at(CMD, "echo $HOME ${MAIN}"),
+    ),
+    # `$${...}` is the escape for the shell: nothing inside it is a reference
+    ("cmd-undeclared-var", "job_parameters.cmd", set_at(CMD, "echo ${X:-1}"), set_at(CMD, "echo $${X:-1}")),
+    (
+        "cmd-undeclared-var",
+        "job_parameters.cmd",
+        set_at(CMD, "echo ${HOME} $${MAIN}"),
+        set_at(CMD, "echo $${HOME} $${MAIN} ${MAIN}"),
+    ),
+    # output dataset and local module vars are declared but have no value in cmd
+    (
+        "cmd-var-unsupported",
+        "job_parameters.cmd",
+        set_at(CMD, "python main.py --out ${OUTDS}"),
+        set_at(CMD, "python main.py --out $${OUTDS}"),
+    ),
+    (
+        "cmd-var-unsupported",
+        "job_parameters.cmd",
+        set_at(CMD, "ls ${_LOCAL_MODULE_0}"),
+        set_at(CMD, "ls ${MAIN}"),
     ),
     (
         "cmd-project-home",
@@ -602,6 +657,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{ENV}.vars", {f"V{i}": "x" * 30000 for i in range(40)}),
         set_at(f"{ENV}.vars", {f"V{i}": "x" * 30000 for i in range(30)}),
     ),
+    (  # measured in UTF-8, as etcd stores it: 2 bytes per Cyrillic letter (not 6 as a JSON escape)
+        "spec-size",
+        "",
+        set_at(f"{ENV}.vars", {f"V{i}": "ж" * 15000 for i in range(40)}),
+        set_at(f"{ENV}.vars", {f"V{i}": "ж" * 15000 for i in range(30)}),
+    ),
     ("required", "job_parameters.cmd", set_at(CMD, DELETE), set_at(CMD, "x")),
     (
         "unknown-field",
@@ -675,7 +736,12 @@ def test_problem_paths_and_formatting() -> None:
         == 'jobParameters.env.vars["MY_VAR"]'
     )
     assert str(p) == "job_parameters.input_files[2].desc.path: bad"
-    assert format_problems([p, Problem("", "spec-size", "too big")]) == f"{p}\ntoo big"
+    problems = [p, Problem("", "spec-size", "too big")]
+    assert format_problems(problems) == f"{p} [path-parent]\ntoo big [spec-size]"
+    # the operator's status speaks the resource's language (kubectl users see camelCase fields)
+    assert format_problems(problems, cr=True) == (
+        "spec.jobParameters.inputFiles[2].desc.path: bad [path-parent]\ntoo big [spec-size]"
+    )
 
 
 def test_var_paths_may_be_absolute_like_the_cli_allows() -> None:
@@ -983,8 +1049,9 @@ def test_generated_valid_specs_are_accepted(spec: m.ProjectJobSpec) -> None:
 path_text = st.one_of(
     st.text(max_size=40),
     st.lists(
-        st.sampled_from(["a", ".", "..", "", "b.c", "...", "/", "\\", ".dsjobs-vars", "x\x00"]), max_size=6
-    ).map("/".join),
+        st.sampled_from(["a", ".", "..", "", "b.c", "...", "/", "\\", ".dsjobs-vars", "x\x00", "C:", "c:x"]),
+        max_size=6,
+    ).flatmap(lambda segments: st.sampled_from(["/", "\\"]).map(lambda sep: sep.join(segments))),
 )
 
 
@@ -1006,6 +1073,74 @@ def test_no_accepted_path_escapes_the_working_directory(path: str, var: str) -> 
         full = os.path.normpath(os.path.join(root, candidate))
         assert full.startswith(root + "/"), (path, var, full)
         assert posixpath.commonpath([root, full]) == root
+
+
+@settings(max_examples=500, deadline=None)
+@given(path_text, st.sampled_from(["", "V"]), path_text)
+def test_the_runner_takes_every_path_the_validator_accepts(path: str, var: str, other: str) -> None:
+    """One rule for separators and absolute paths: nothing validated fails in runner_config."""
+    doc = {
+        "projectId": "proj1",
+        "execute": True,
+        "jobParameters": {
+            "cmd": "ls ${V}" if var else "ls",
+            "inputFiles": [
+                {"desc": {"path": path, "var": var}, "sha256": SHA},
+                {"desc": {"path": other}, "sha256": SHA},
+            ],
+            "outputFiles": [{"path": other, "var": ""}],
+        },
+    }
+    spec, problems = parse_job_spec(doc)
+    if spec is None or problems:
+        return
+    config = runner_config(JobRef("job-1", "ns", "uid", "proj1"), spec, 0)
+    params = spec.job_parameters
+    assert [f.path for f in config.inputs] == [m.job_relative_path(f.desc) for f in params.input_files]
+    assert [f.path for f in config.outputs] == [m.job_relative_path(d) for d in params.output_files]
+
+
+@pytest.mark.parametrize(
+    ("path", "place"),
+    [("C:\\Users\\me\\train.csv", ".dsjobs-vars/V/train.csv"), ("..\\data\\train.csv", ".dsjobs-vars/V/train.csv"),
+     ("/home/me/train.csv", ".dsjobs-vars/V/train.csv"), ("data\\train.csv", "data/train.csv")],
+)  # fmt: skip
+def test_windows_paths_with_a_var_run_like_posix_ones(path: str, place: str) -> None:
+    doc = {
+        "projectId": "proj1",
+        "jobParameters": {
+            "cmd": "python ${V}",
+            "inputFiles": [{"desc": {"path": path, "var": "V"}, "sha256": SHA}],
+        },
+    }
+    spec, problems = parse_job_spec(doc)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "proj1"), spec, 0)
+    assert render_config_cmd(config) == f"python /job/work/{place}"
+
+
+def test_the_escape_passes_validation_and_reaches_the_shell_unsubstituted() -> None:
+    cmd = "echo $${HOME} $${X:-1} ${A} $${A}"
+    doc = {"projectId": "proj1", "jobParameters": {"cmd": cmd, "arguments": [{"name": "A", "value": "1"}]}}
+    spec, problems = parse_job_spec(doc)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "proj1"), spec, 0)
+    assert render_config_cmd(config) == "echo ${HOME} ${X:-1} 1 ${A}"
+
+
+@pytest.mark.parametrize("cmd", ["${A} $${B} ${C:-1} $$${D} ${E${F}} ${} ${G", "x $${A}${B}"])
+def test_the_validator_sees_the_references_the_runner_substitutes(cmd: str) -> None:
+    assert cmd_references(cmd) == unknown_variables(cmd, {})
+
+
+def test_an_empty_instance_type_list_is_checked_as_the_default_type() -> None:
+    doc = {"projectId": "proj1", "jobParameters": {"cmd": "ls"}}
+    _, problems = parse_job_spec(doc, known_instance_types={"g1.1"})
+    assert [(p.path, p.rule) for p in problems] == [
+        ("job_parameters.cloud_instance_types", "instance-type-unknown")
+    ]
+    assert problems[0].message.startswith("c1.4 is not an instance type of this cluster")
+    assert parse_job_spec(doc, known_instance_types={"c1.4"})[1] == []
 
 
 def test_every_rule_is_documented() -> None:

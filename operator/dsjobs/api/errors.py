@@ -155,21 +155,32 @@ def internal(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, message)
 
 
-def from_problems(problems: Iterable[Problem], prefix: str = "") -> ApiError:
+# What Clone's problems are about: it validates the job it would create, whose lists (inputs,
+# outputs, arguments, ...) are the source job's with the overrides merged in, so their indices are
+# not those of the request's job_parameters_overrides.
+CLONE_SUBJECT = (
+    "the cloned job (the source job's spec with job_parameters_overrides merged in; "
+    "job_parameters... names its merged parameters)"
+)
+
+
+def from_problems(problems: Iterable[Problem], subject: str = "") -> ApiError:
     """All validation problems in one INVALID_ARGUMENT: `field: message [rule]`, one per line.
 
     As many as fit in MAX_STATUS_BYTES are listed, in the message and as field violations alike;
-    a last line counts the others. `prefix` places spec-relative paths in the request
-    (`job_parameters...` stays as is for Create; Clone reports `job_parameters_overrides...`).
+    a last line counts the others. Fields are spec paths (`job_parameters...`, as in Create's
+    request); `subject` says what they belong to when that is not the request itself (Clone:
+    CLONE_SUBJECT).
     """
     listed = list(problems)
     count = len(listed)
-    head = f"invalid request: {count} problem{'s' if count != 1 else ''}:"
+    about = f" in {subject}" if subject else ""
+    head = f"invalid request: {count} problem{'s' if count != 1 else ''}{about}:"
     lines: list[str] = []
     violations: list[FieldViolation] = []
     for p in listed[:MAX_LISTED_PROBLEMS]:
-        path = _clip(_request_path(prefix, p.path), MAX_FIELD_BYTES)
-        violation = FieldViolation(path, _clip(f"{p.message} [{p.rule}]", MAX_DESCRIPTION_BYTES))
+        path = _clip(p.path, MAX_FIELD_BYTES)
+        violation = FieldViolation(path, _clip(p.description, MAX_DESCRIPTION_BYTES))
         line = f"{path}: {violation.description}" if path else violation.description
         message = _listing(head, [*lines, line], count)
         size = _status_wire_bytes(grpc.StatusCode.INVALID_ARGUMENT, message, [*violations, violation])
@@ -184,14 +195,6 @@ def _listing(head: str, lines: Sequence[str], count: int) -> str:
     rest = count - len(lines)
     tail = [f"... and {rest} more problem{'s' if rest != 1 else ''}"] if rest else []
     return "\n".join([head, *lines, *tail])
-
-
-def _request_path(prefix: str, path: str) -> str:
-    if not prefix:
-        return path
-    if path == "job_parameters" or path.startswith(("job_parameters.", "job_parameters[")):
-        return prefix + path[len("job_parameters") :]
-    return path
 
 
 # --- Kubernetes API errors --------------------------------------------------------------------

@@ -272,9 +272,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     async def _validate(self, spec: ProjectJobSpec, kind: OpKind) -> None:
         problems = validate_job_spec(spec, known_instance_types=await self.core.catalog.names())
         if problems:
-            raise errors.from_problems(
-                problems, prefix="job_parameters_overrides" if kind == OpKind.CLONE else ""
-            )
+            raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")
 
     async def _read_password(self, namespace: str, ref: SecretKeyRef) -> str:
         try:

@@ -50,7 +50,7 @@ from dsjobs.controller.status import (
     with_phase,
 )
 from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec, ProjectJobStatus
-from dsjobs.models.limits import DEFAULT_INSTANCE_TYPE, LABEL_VALUE_PATTERN
+from dsjobs.models.limits import LABEL_VALUE_PATTERN
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, format_problems, parse_job_spec
 
@@ -180,11 +180,6 @@ class Plan:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def instance_type_names(spec: ProjectJobSpec) -> list[str]:
-    """The job's instance types by priority; empty in the spec means the default type."""
-    return [t.name for t in spec.job_parameters.cloud_instance_types] or [DEFAULT_INSTANCE_TYPE]
-
-
 def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> int:
     """Pod deletion grace period for a cancel.
 
@@ -260,10 +255,10 @@ def _spec_problem_update(
             spec,
             status,
             "UnknownInstanceType",
-            f"unknown instance type {names}: " + format_problems(problems),
+            f"unknown instance type {names}: " + format_problems(problems, cr=True),
             now,
         )
-    return fail(spec, status, "InvalidSpec", "invalid job: " + format_problems(problems), now)
+    return fail(spec, status, "InvalidSpec", "invalid job: " + format_problems(problems, cr=True), now)
 
 
 def _plan_of(
@@ -326,7 +321,7 @@ def plan(
     if phase.is_final:
         return _plan_final(spec, status, pods, now, settings, actions, events)
 
-    names = instance_type_names(spec)
+    names = spec.job_parameters.instance_type_names()
     status = _adopt(status, pods, names)
 
     if status.attempt == 0:

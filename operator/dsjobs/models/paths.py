@@ -3,16 +3,21 @@
 The official CLI lets a file with a `var` have any path (even absolute or with `..`): the path is the
 client's name for it and the job reaches it through `${var}`. A file without a var lives at its
 path, so that path must stay inside the working directory. These helpers are pure and shared by the
-validator (what is accepted) and the runner (where files go), so both agree.
+validator (what is accepted) and the runner (where files go, `dsjobs.storage.normalize_relpath`),
+so both agree.
+
+The CLI sends paths as the user wrote them, on any OS: a Windows user's `data\\train.csv` or
+`C:\\Users\\me\\train.csv`. So `/` and `\\` both separate segments, and a path is absolute when it
+starts with either or with a drive (`C:`). `data\\train.csv` therefore lives at `data/train.csv`.
 """
 
 from __future__ import annotations
 
-import posixpath
 import re
 from typing import Final, Protocol
 
 from dsjobs.models.limits import MAX_PATH_LENGTH, VAR_PATTERN
+from dsjobs.syntax import escape_problem, join_segments, named_segments, strip_drive
 
 # Files whose path cannot be used are placed under this directory of the working directory, one
 # sub-directory per var. Paths without a var may not point into it.
@@ -37,11 +42,10 @@ def path_problem(path: str) -> tuple[str, str] | None:
         return "path-length", f"must be at most {MAX_PATH_LENGTH} characters"
     if _CONTROL.search(path):
         return "path-control-chars", "must not contain control characters"
-    if path.startswith("/"):
-        return "path-absolute", "must be relative to the working directory (or the file needs a var)"
-    if ".." in path.split("/"):
-        return "path-parent", "must not contain a '..' segment (or the file needs a var)"
-    normalized = posixpath.normpath(path)
+    escape = escape_problem(path)
+    if escape is not None:
+        return escape[0], f"{escape[1]}, or the file needs a var"
+    normalized = join_segments(path)
     if normalized == ".":
         return (
             "path-root",
@@ -58,11 +62,11 @@ def is_safe_relative_path(path: str) -> bool:
 
 
 def normalize_relative_path(path: str) -> str:
-    """`./data//x.csv/` -> `data/x.csv`; raises ValueError for a path that is not safe."""
+    """`./data//x.csv/` (or `.\\data\\x.csv`) -> `data/x.csv`; raises ValueError for an unsafe path."""
     problem = path_problem(path)
     if problem is not None:
         raise ValueError(f"path {path!r} {problem[1]}")
-    return posixpath.normpath(path)
+    return join_segments(path)
 
 
 def job_relative_path(desc: HasPathAndVar) -> str:
@@ -70,13 +74,17 @@ def job_relative_path(desc: HasPathAndVar) -> str:
 
     A safe relative path is used as is (normalized), with or without a var, so a job that opens
     `data/train.csv` finds it where the client had it. A file with a var and an unusable path goes
-    to `.dsjobs-vars/<var>/<last path segment>` (the segment keeps the file's extension).
+    to `.dsjobs-vars/<var>/<last path segment>` (the segment keeps the file's extension):
+    `/home/me/train.csv` and `C:\\Users\\me\\train.csv` alike.
     Raises ValueError for a file without a var whose path is unsafe (the validator rejects those).
     """
     if is_safe_relative_path(desc.path) or not desc.var:
         return normalize_relative_path(desc.path)
     if not _VAR.fullmatch(desc.var):  # the var becomes a directory name: never trust it unchecked
         raise ValueError(f"invalid var {desc.var!r}")
-    last = desc.path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-    name = last if last not in ("", ".", "..") and is_safe_relative_path(last) else desc.var
+    segments = named_segments(desc.path)
+    if segments:
+        segments[0] = strip_drive(segments[0])
+    last = segments[-1] if segments else ""
+    name = last if is_safe_relative_path(last) else desc.var
     return f"{VAR_FILES_DIR}/{desc.var}/{name}"

@@ -12,6 +12,7 @@ from dsjobs.models.base import CRModel, Duration, cel, field, optional_pattern
 from dsjobs.models.files import File, FileDesc
 from dsjobs.models.limits import (
     DEFAULT_DATA_TTL,
+    DEFAULT_INSTANCE_TYPE,
     DEFAULT_SHUTDOWN_SIGNAL,
     DOCKER_REFERENCE_PATTERN,
     HOST_PORT_PATTERN,
@@ -286,6 +287,10 @@ class JobParameters(CRModel):
         "Signal and timeout for cancellation; without it a cancelled job is killed at once.", None
     )
     spark_parameters: SparkParameters | None = field("Spark connector.", None)
+
+    def instance_type_names(self) -> list[str]:
+        """The instance types by priority; an empty list means the default type (c1.4)."""
+        return [t.name for t in self.cloud_instance_types] or [DEFAULT_INSTANCE_TYPE]
 
 
 class CancelRequest(CRModel):

@@ -9,10 +9,11 @@
 - ``DS_PROJECT_HOME``: the project disk's mount path (only when the project disk is attached).
 
 Values are inserted verbatim, without shell quoting (as on DataSphere): write ``"${VAR}"`` in
-``cmd`` if a path may contain spaces. Anything else is left for the shell: an unknown ``${NAME}``
-stays as written, so the shell expands it from the environment (e.g. ``${HOME}`` or a job env
-var), as do ``$NAME`` and ``$$``. To pass ``${NAME}`` to the shell even though NAME is a job
-variable, write ``$${NAME}``: that one escape becomes ``${NAME}``.
+``cmd`` if a path may contain spaces. ``$${...}`` is the one escape: it becomes ``${...}`` for the
+shell (``$${HOME}``, ``$${X:-1}``). ``$NAME``, ``$$`` and the rest of the shell's syntax are left
+alone. The validator (dsjobs.validation) accepts a ``${NAME}`` only for the names above, with the
+same pattern (dsjobs.syntax.CMD_REFERENCE_PATTERN); should an unknown one reach the runner
+anyway, it is left as written.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import re
 from collections.abc import Mapping
 
 from dsjobs.runner.config import ENV_PROJECT_HOME, InputFile, OutputFile, RunnerConfig
+from dsjobs.syntax import CMD_REFERENCE_PATTERN
 
-_TEMPLATE_RE = re.compile(r"\$(\$?)\{([^{}]*)\}")
+_TEMPLATE_RE = re.compile(CMD_REFERENCE_PATTERN)
 
 
 def cmd_variables(config: RunnerConfig) -> dict[str, str]:

@@ -6,7 +6,7 @@ Pure functions returning *all* problems at once, each naming its field path and 
     problems = validate_job_spec(spec)                 # a ProjectJobSpec already in hand
     problems = validate_job_parameters(params)         # e.g. after merging Clone overrides
     spec, problems = parse_instance_type(name, cr["spec"])
-    message = format_problems(problems)
+    message = format_problems(problems)                # `field: message [rule]` per line
 
 Rules and limits are documented in docs/projectjob.md; the numbers live in dsjobs.models.limits.
 """
@@ -14,6 +14,7 @@ Rules and limits are documented in docs/projectjob.md; the numbers live in dsjob
 from dsjobs.validation.instancetype import parse_instance_type, validate_instance_type
 from dsjobs.validation.job import (
     CMD_VAR_REFERENCE,
+    cmd_references,
     declared_vars,
     docker_reference_problem,
     parse_job_spec,
@@ -26,6 +27,7 @@ __all__ = [
     "CMD_VAR_REFERENCE",
     "RULES",
     "Problem",
+    "cmd_references",
     "declared_vars",
     "docker_reference_problem",
     "format_problems",

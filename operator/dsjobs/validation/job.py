@@ -21,6 +21,7 @@ from dsjobs.models.spec import (
     ProjectJobSpec,
     PythonEnv,
 )
+from dsjobs.syntax import CMD_REFERENCE_PATTERN
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
 
 _SHA256 = re.compile(L.SHA256_PATTERN)
@@ -36,8 +37,14 @@ _SECRET_KEY = re.compile(L.SECRET_KEY_PATTERN)
 _URL = re.compile(L.URL_PATTERN)
 _HOST_PORT = re.compile(L.HOST_PORT_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# The CLI's own reference syntax: `${name}`, shortest match (a `}` ends the name).
-CMD_VAR_REFERENCE = re.compile(r"\$\{(.+?)\}")
+# `${NAME}` in cmd; `$${...}` is the escape the runner passes to the shell (see cmd_references).
+CMD_VAR_REFERENCE = re.compile(CMD_REFERENCE_PATTERN)
+# Declarations whose var the runner has no value for: this server creates no output datasets, and
+# local modules are put on PYTHONPATH (the CLI's `_LOCAL_MODULE_<i>` is not a cmd variable there).
+_NOT_CMD_VARS = {
+    "output_datasets[": "this server creates no output datasets, so their vars have no value in cmd",
+    "env.python_env.local_modules[": "local modules are put on PYTHONPATH; their vars have no value in cmd",
+}
 
 
 def parse_job_spec(
@@ -88,7 +95,7 @@ def validate_job_spec(
             if not 1 <= code <= 255:
                 c.add(index("retry_policy.retry_on_exit_codes", i), "exit-code", "must be between 1 and 255")
     c.problems += validate_job_parameters(spec.job_parameters, known_instance_types=known_instance_types)
-    size = len(json.dumps(spec.to_cr()).encode())
+    size = len(json.dumps(spec.to_cr(), ensure_ascii=False).encode())  # what etcd stores: UTF-8
     if size > L.MAX_SPEC_JSON_BYTES:
         c.add("", "spec-size", f"the job is {size} bytes, at most {L.MAX_SPEC_JSON_BYTES} fit in a resource")
     return c.problems
@@ -302,6 +309,11 @@ def _vars_unique(c: Collector, params: JobParameters, path: str) -> None:
             c.add(at(path, where), "var-unique", f"{name!r} is already declared at {places[0]}")
 
 
+def cmd_references(cmd: str) -> list[str]:
+    """The names `cmd` refers to as `${NAME}`, in order, once each; escapes (`$${...}`) are skipped."""
+    return list(dict.fromkeys(m.group(2) for m in CMD_VAR_REFERENCE.finditer(cmd) if not m.group(1)))
+
+
 def _cmd(c: Collector, params: JobParameters, path: str) -> None:
     cpath = at(path, "cmd")
     if not params.cmd.strip():
@@ -310,16 +322,27 @@ def _cmd(c: Collector, params: JobParameters, path: str) -> None:
     if "\x00" in params.cmd:
         c.add(cpath, "control-chars", "must not contain NUL")
     declared = declared_vars(params)
-    for name in dict.fromkeys(CMD_VAR_REFERENCE.findall(params.cmd)):
+    for name in cmd_references(params.cmd):
+        ref = f"${{{name[:100]}}}"
+        places = declared.get(name, [])
         if name == L.DS_PROJECT_HOME:
             if not params.attach_project_disk:
                 c.add(cpath, "cmd-project-home", "uses ${DS_PROJECT_HOME} but attach_project_disk is false")
-        elif name not in declared:
+        elif not places:
             c.add(
                 cpath,
                 "cmd-undeclared-var",
-                f"refers to ${{{name[:100]}}}, which no input, output, s3 mount, dataset or argument declares",
+                f"refers to {ref}, which no input, output, s3 mount, dataset or argument declares "
+                f"(to leave it to the shell, write ${ref})",
             )
+        elif all(_no_cmd_value(where) for where in places):
+            why = _no_cmd_value(places[0])
+            c.add(cpath, "cmd-var-unsupported", f"refers to {ref}, the var of {at(path, places[0])}: {why}")
+
+
+def _no_cmd_value(where: str) -> str | None:
+    """Why the var declared at `where` (relative to JobParameters) has no value in cmd, or None."""
+    return next((why for prefix, why in _NOT_CMD_VARS.items() if where.startswith(prefix)), None)
 
 
 # --- environment ------------------------------------------------------------------------------
@@ -434,6 +457,11 @@ def _url(c: Collector, path: str, url: str) -> None:
 def _instance_types(c: Collector, params: JobParameters, path: str, known: Collection[str] | None) -> None:
     tpath = at(path, "cloud_instance_types")
     c.max_items(tpath, params.cloud_instance_types, L.MAX_LIST_ITEMS)
+    if known is not None and not params.cloud_instance_types:
+        (default,) = params.instance_type_names()
+        if default not in known:
+            message = f"{default} is not an instance type of this cluster (an empty list means {default})"
+            c.add(tpath, "instance-type-unknown", message)
     seen: set[str] = set()
     for i, it in enumerate(params.cloud_instance_types):
         npath = at(index(tpath, i), "name")

@@ -39,13 +39,27 @@ class Problem:
             for i, seg in enumerate(_SEGMENT.findall(self.path))
         )
 
+    @property
+    def description(self) -> str:
+        """`message [rule]`: what a client is told about the field (API and operator alike)."""
+        return f"{self.message} [{self.rule}]"
+
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-def format_problems(problems: Iterable[Problem]) -> str:
-    """All problems, one per line (for status details and INVALID_ARGUMENT messages)."""
-    return "\n".join(str(p) for p in problems)
+def format_problems(problems: Iterable[Problem], *, cr: bool = False) -> str:
+    """All problems, one per line: `field: message [rule]`.
+
+    Fields have proto names (`job_parameters.output_files[0].path`), or with `cr=True` the custom
+    resource's spelling (`spec.jobParameters.outputFiles[0].path`: what kubectl users see, for the
+    operator's status). A problem of the whole spec has no field.
+    """
+    lines = []
+    for p in problems:
+        field_name = ("spec." + p.cr_path if cr else p.path) if p.path else ""
+        lines.append(f"{field_name}: {p.description}" if field_name else p.description)
+    return "\n".join(lines)
 
 
 @dataclass
@@ -145,8 +159,8 @@ RULES: dict[str, str] = {
     "path-empty": "empty file path",
     "path-length": "file path longer than 4096",
     "path-control-chars": "control characters in a file path",
-    "path-absolute": "absolute path of a file without a var",
-    "path-parent": "'..' segment in the path of a file without a var",
+    "path-absolute": "absolute path (leading '/' or '\\', or a drive like C:) of a file without a var",
+    "path-parent": "'..' segment ('/' and '\\' separate) in the path of a file without a var",
     "path-root": "a path that names the working directory itself",
     "path-reserved": "a path inside .dsjobs-vars/",
     "input-path-duplicate": "two inputs at the same place",
@@ -156,7 +170,8 @@ RULES: dict[str, str] = {
     "var-unique": "a name declared twice across inputs, outputs, s3 mounts, datasets, arguments",
     "cmd-empty": "empty cmd",
     "cmd-length": "cmd longer than 64 KiB",
-    "cmd-undeclared-var": "${NAME} in cmd that nothing declares",
+    "cmd-undeclared-var": "${NAME} in cmd that nothing declares (write $${NAME} for the shell)",
+    "cmd-var-unsupported": "${NAME} in cmd naming an output dataset's or a local module's var (no value)",
     "cmd-project-home": "${DS_PROJECT_HOME} without attach_project_disk",
     "sha256": "sha256 of 64 lowercase hex digits",
     "size-negative": "negative file size",
