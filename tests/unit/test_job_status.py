@@ -39,6 +39,7 @@ from dsjobs.runner.result import (
     FileErrorType,
     LogFileResult,
     OutputResult,
+    ProgressResult,
     ResultPointer,
     RunnerResult,
     RunnerStatus,
@@ -889,6 +890,17 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     j3 = JobView(**{**j.__dict__, "status": p4.status})
     p5 = step(j3, [pod(attempt=2, phase="Failed", node="cpu-0", reason="Evicted")])
     assert p5.status.phase == JobPhase.ERROR
+
+
+def test_a_new_attempt_does_not_show_the_last_ones_progress() -> None:
+    policy = {"maxAttempts": 2, "retryOnExitCodes": [3]}
+    res = result(3, progress=ProgressResult(progress=90, message="epoch 9/10"))
+    p1 = step(job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(3, res=res)], res=res)
+    assert p1.status.attempt == 2 and p1.status.progress is not None
+    j2 = job(status=p1.status.to_cr(), retryPolicy=policy)
+    p2 = step(j2, [pod(gone=True)], now=NOW + timedelta(minutes=10))  # after the backoff
+    assert p2.actions == (CreatePod(2, 0, "c1.4"),)
+    assert p2.status.progress is None and p2.status.return_code is None
 
 
 def test_a_drained_node_retries_the_job_instead_of_cancelling_it() -> None:

@@ -508,6 +508,9 @@ def _plan_next_attempt(
             "actual_cloud_instance_type": names[index],
             "started_at": None,
             "return_code": None,
+            # The previous attempt's progress is not this one's (the API shows the status's
+            # progress in the Execute operation's metadata once it is set).
+            "progress": None,
         }
     )
     details = f"creating pod {current_name} (attempt {status.attempt}) for instance type {names[index]}"
