@@ -29,7 +29,7 @@ class CliError(Exception):
 @dataclass(frozen=True)
 class Target:
     endpoint: str
-    token: str | None
+    token: str
     ca_file: str | None
 
 
@@ -60,19 +60,40 @@ def resolve_target(
     environ: dict[str, str],
     env_file_text: str | None,
 ) -> Target:
-    """Flags win over environment variables, which win over the `.dev/env` file of a local stack."""
+    """The endpoint: the flag, else the environment variable, else the `.dev/env` file of a local stack.
+
+    The token and CA come from the same place as the endpoint. Given explicitly (flag, else
+    environment variable) they go with any endpoint; the file's token and CA go only with the file's
+    own endpoint, so a local stack's token is never sent to an endpoint named elsewhere. A token is
+    required: without one the official CLI would run its own Yandex Cloud auth chain and send the
+    user's real credentials to our endpoint.
+    """
     file_values = parse_env_file(env_file_text) if env_file_text else {}
-
-    def pick(flag: str | None, name: str) -> str | None:
-        return flag or environ.get(name) or file_values.get(name) or None
-
-    resolved = pick(endpoint, ENV_ENDPOINT)
+    explicit = endpoint or environ.get(ENV_ENDPOINT)
+    resolved = explicit or file_values.get(ENV_ENDPOINT)
     if not resolved:
         raise CliError(
             f"no dsjobs endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} "
             "(`make up` writes it to .dev/env)"
         )
-    return Target(endpoint=resolved, token=pick(token, ENV_TOKEN), ca_file=pick(ca_file, ENV_CA))
+    source = {} if explicit else file_values
+
+    def pick(flag: str | None, name: str) -> str | None:
+        return flag or environ.get(name) or source.get(name) or None
+
+    resolved_token = pick(token, ENV_TOKEN)
+    if not resolved_token:
+        hint = ""
+        if explicit and file_values.get(ENV_TOKEN):
+            hint = (
+                f"; the token in the env file goes only with the endpoint there"
+                f" ({file_values.get(ENV_ENDPOINT) or 'none'})"
+            )
+        raise CliError(
+            f"no dsjobs token for {resolved}: pass --token TOKEN or set {ENV_TOKEN}{hint} "
+            "(the official CLI's own Yandex Cloud credentials are never sent to dsjobs)"
+        )
+    return Target(endpoint=resolved, token=resolved_token, ca_file=pick(ca_file, ENV_CA))
 
 
 def _read_env_file(environ: dict[str, str]) -> str | None:
@@ -83,9 +104,26 @@ def _read_env_file(environ: dict[str, str]) -> str | None:
         return None
 
 
+# What the official CLI consults besides YC_IAM_TOKEN to get credentials (datasphere/auth.py,
+# datasphere/main.py): OAuth tokens it exchanges at the real IAM, the order of its auth methods (the
+# metadata server, `yc` and its profile come after them), and SERVER_ENV, which picks other
+# endpoints, other protos and, for DEV, no authorization at all.
+NEUTRALIZED_ENV = ("YC_TOKEN", "YC_OAUTH_TOKEN", "YC_AUTH", "SERVER_ENV")
+
+
+def _pin_credentials(token: str) -> None:
+    """Makes the official CLI send `token` and nothing else: never a Yandex Cloud credential."""
+    for name in NEUTRALIZED_ENV:
+        os.environ.pop(name, None)
+    # The official CLI uses YC_IAM_TOKEN as the bearer token as is, before any other auth method.
+    os.environ["YC_IAM_TOKEN"] = token
+
+
 def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     """Runs the official CLI in this process against `target`. Returns its exit status."""
+    _pin_credentials(target.token)  # before the import: datasphere.api reads SERVER_ENV
     import grpc
+    from datasphere import auth as ds_auth
     from datasphere import channel as ds_channel
     from datasphere import main as ds_main
 
@@ -102,10 +140,14 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
             return grpc.secure_channel(target.endpoint, creds, options=options)
         return grpc.insecure_channel(target.endpoint, options=options)
 
+    def _create_iam_token(oauth_token: str | None, yc_profile: str | None = None) -> object:
+        # The one source of the `authorization` header (auth.get_md): our token, whatever `-t`,
+        # `--profile` or the environment say. 0 s: asked again on every call, nothing cached.
+        return ds_auth.IssuedIamToken(value=target.token, expires_after_seconds=0)
+
     ds_channel._get_channel = _get_channel
-    if target.token:
-        # The official CLI uses YC_IAM_TOKEN as the bearer token as is.
-        os.environ["YC_IAM_TOKEN"] = target.token
+    ds_auth.create_iam_token = _create_iam_token
+    ds_auth.iam_token_expires_at = None
     sys.argv = ["datasphere", *argv]
     try:
         ds_main.main()
@@ -123,8 +165,11 @@ everything after them, including the official CLI's own global options (-t, -l, 
 is passed to it unchanged.
 
   --endpoint   host:port of the dsjobs gRPC API (default ${ENV_ENDPOINT}, then .dev/env)
-  --token      bearer token (default ${ENV_TOKEN})
+  --token      bearer token (default ${ENV_TOKEN}; required)
   --ca         CA bundle for TLS (default ${ENV_CA}; none = plaintext)
+
+The token and CA of .dev/env are used only with the endpoint of .dev/env. The official CLI's own
+credentials (YC_IAM_TOKEN, YC_TOKEN, -t, --profile, yc, the metadata server) are never used.
 """
 
 

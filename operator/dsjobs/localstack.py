@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from dsjobs.devcluster import ClusterPaths, S3Config, bins
+from dsjobs.devcluster.files import write_private
 from dsjobs.devcluster.procs import Record
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -272,12 +273,6 @@ def env_file_text(values: Mapping[str, str]) -> str:
     lines = ["# written by `make up` (python -m dsjobs.localstack up); source it: . .dev/env"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
-
-
-def write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
 
 
 # ------------------------------------------------------------------ up

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dsjobs import cli
 from dsjobs.cli import CliError, Target, parse_env_file, resolve_target, split_args
+from dsjobs.devcluster import S3Config
+from dsjobs.localstack import env_file_text, write_private
 
 
 def test_env_file_parsing_handles_export_quotes_and_comments() -> None:
@@ -30,7 +34,7 @@ def test_env_file_parsing_handles_export_quotes_and_comments() -> None:
 def test_flag_beats_environment_beats_env_file(
     flag: str | None, environ: dict[str, str], file_text: str, expected: str
 ) -> None:
-    target = resolve_target(endpoint=flag, token=None, ca_file=None, environ=environ, env_file_text=file_text)
+    target = resolve_target(endpoint=flag, token="t", ca_file=None, environ=environ, env_file_text=file_text)
     assert target.endpoint == expected
 
 
@@ -50,6 +54,73 @@ def test_missing_endpoint_is_a_clear_error() -> None:
         resolve_target(endpoint=None, token=None, ca_file=None, environ={}, env_file_text=None)
 
 
+LOCAL_STACK_FILE = (
+    "export DSJOBS_ENDPOINT=127.0.0.1:17090\nexport DSJOBS_TOKEN=local\nexport DSJOBS_CA=/local-ca.pem\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("flag", "environ"),
+    [("elsewhere:443", {}), (None, {"DSJOBS_ENDPOINT": "elsewhere:443"})],
+)
+def test_env_file_token_never_goes_to_an_endpoint_named_elsewhere(
+    flag: str | None, environ: dict[str, str]
+) -> None:
+    with pytest.raises(
+        CliError, match=r"--token.*DSJOBS_TOKEN.*goes only with the endpoint there \(127.0.0.1:17090\)"
+    ):
+        resolve_target(
+            endpoint=flag, token=None, ca_file=None, environ=environ, env_file_text=LOCAL_STACK_FILE
+        )
+
+
+def test_env_file_ca_stays_with_the_env_file_endpoint() -> None:
+    target = resolve_target(
+        endpoint="elsewhere:443", token="t", ca_file=None, environ={}, env_file_text=LOCAL_STACK_FILE
+    )
+    assert target == Target(endpoint="elsewhere:443", token="t", ca_file=None)
+
+
+def test_env_file_token_and_ca_go_with_its_own_endpoint() -> None:
+    target = resolve_target(
+        endpoint=None, token=None, ca_file=None, environ={}, env_file_text=LOCAL_STACK_FILE
+    )
+    assert target == Target(endpoint="127.0.0.1:17090", token="local", ca_file="/local-ca.pem")
+
+
+def test_explicit_token_and_ca_go_with_any_endpoint() -> None:
+    environ = {"DSJOBS_TOKEN": "env-token", "DSJOBS_CA": "/env-ca.pem"}
+    target = resolve_target(
+        endpoint="elsewhere:443", token=None, ca_file=None, environ=environ, env_file_text=LOCAL_STACK_FILE
+    )
+    assert target == Target(endpoint="elsewhere:443", token="env-token", ca_file="/env-ca.pem")
+    target = resolve_target(
+        endpoint=None, token="flag-token", ca_file=None, environ=environ, env_file_text=LOCAL_STACK_FILE
+    )
+    assert target == Target(endpoint="127.0.0.1:17090", token="flag-token", ca_file="/env-ca.pem")
+
+
+def test_missing_token_is_a_clear_error() -> None:
+    with pytest.raises(CliError, match=r"no dsjobs token for h:1: pass --token TOKEN or set DSJOBS_TOKEN"):
+        resolve_target(endpoint="h:1", token=None, ca_file=None, environ={}, env_file_text=None)
+
+
+def test_missing_token_exits_2_before_the_official_cli_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("DSJOBS_TOKEN", raising=False)
+    monkeypatch.delenv("DSJOBS_ENDPOINT", raising=False)
+    monkeypatch.setenv("DSJOBS_ENV_FILE", "/nonexistent/env")
+    monkeypatch.setenv("YC_IAM_TOKEN", "t1.REAL")
+
+    def must_not_run(target: Target, argv: object) -> int:
+        raise AssertionError(f"the official CLI ran with {target}")
+
+    monkeypatch.setattr(cli, "run_datasphere", must_not_run)
+    assert cli.main(["datasphere", "--endpoint", "h:1", "project", "job", "list", "-p", "p1"]) == 2
+    assert "--token" in capsys.readouterr().err
+
+
 def test_official_cli_help_runs_through_the_launcher() -> None:
     # A subprocess: the official client's descriptors must not share a process with ours.
     proc = subprocess.run(
@@ -60,6 +131,8 @@ def test_official_cli_help_runs_through_the_launcher() -> None:
             "datasphere",
             "--endpoint",
             "127.0.0.1:1",
+            "--token",
+            "t",
             "project",
             "job",
             "--help",
@@ -104,6 +177,8 @@ def test_official_global_options_reach_the_official_cli() -> None:
             "datasphere",
             "--endpoint",
             "127.0.0.1:1",
+            "--token",
+            "t",
             "-l",
             "DEBUG",
             "--help",
@@ -170,3 +245,33 @@ def test_no_hack_script_takes_python_for_the_venvs() -> None:
     # `make proto` sets it explicitly.
     readers = sorted(p.name for p in (REPO / "hack").glob("*.sh") if "${PYTHON:-" in p.read_text())
     assert readers == ["gen-proto.sh"], readers
+
+
+# ------------------------------------------------------------------ files with secrets the local stack writes
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_env_file_becomes_private_even_when_it_existed_world_readable(tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("old\n")
+    env_file.chmod(0o644)
+    write_private(env_file, env_file_text({"DSJOBS_TOKEN": "secret"}))
+    assert _mode(env_file) == 0o600
+    assert env_file.read_text().endswith("export DSJOBS_TOKEN=secret\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env"]  # no temp file left behind
+
+
+def test_s3_settings_become_private_even_when_they_existed_world_readable(tmp_path: Path) -> None:
+    env_path, json_path = tmp_path / "s3.env", tmp_path / "s3.json"
+    for path in (env_path, json_path):
+        path.write_text("old\n")
+        path.chmod(0o644)
+    config = S3Config.generate(9000)
+    config.write(env_path, json_path)
+    assert (_mode(env_path), _mode(json_path)) == (0o600, 0o600)
+    assert S3Config.read(json_path) == config
+    assert f"DSJOBS_S3_SECRET_KEY={config.secret_key}\n" in env_path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3.env", "s3.json"]

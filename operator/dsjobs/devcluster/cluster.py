@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dsjobs.devcluster import bins, health, kubeconfig, procs
+from dsjobs.devcluster.files import write_private
 from dsjobs.devcluster.paths import ClusterPaths
 from dsjobs.devcluster.pki import (
     APISERVER_DNS_NAMES,
@@ -244,9 +245,7 @@ def _make_pki(paths: ClusterPaths, nodes: Sequence[NodeSpec]) -> _Pki:
             ips=("127.0.0.1",),
         )
     # Static token file: token,user,uid,"groups"
-    fd = os.open(paths.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f'{pki.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
+    write_private(paths.token_file, f'{pki.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
     return pki
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dsjobs.devcluster.files import write_private
 from dsjobs.devcluster.pki import CertPair
 
 CLUSTER_NAME = "dsjobs-dev"
@@ -69,9 +69,4 @@ def render(
 
 def write(path: Path, config: dict[str, Any]) -> None:
     """Write atomically and private (it holds a client key)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    os.replace(tmp, path)
+    write_private(path, yaml.safe_dump(config, sort_keys=False))

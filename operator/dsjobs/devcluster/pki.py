@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dsjobs.devcluster.files import write_private
 
 VALIDITY = dt.timedelta(days=365)
 # Backdated so that a cert is valid at once even with a little clock skew.
@@ -43,14 +44,6 @@ class CertPair:
 
     def read_key(self) -> bytes:
         return self.key.read_bytes()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Keys are created 0600 from the start, never world-readable for a moment.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -113,7 +106,7 @@ class CertificateAuthority:
         )
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(directory / "ca.key", _key_pem(key))
+        write_private(directory / "ca.key", _key_pem(key))
         return cls(directory, cert, key)
 
     def issue(
@@ -170,7 +163,7 @@ class CertificateAuthority:
         cert = builder.sign(self.key, hashes.SHA256())
         pair = CertPair(self.directory / f"{name}.crt", self.directory / f"{name}.key")
         pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_private(pair.key, _key_pem(key))
+        write_private(pair.key, _key_pem(key))
         return pair
 
 
@@ -185,5 +178,5 @@ def write_service_account_keys(directory: Path) -> CertPair:
     )
     pair = CertPair(directory / "sa.pub", directory / "sa.key")
     pair.cert.write_bytes(pub)
-    _write_private(pair.key, _key_pem(key))
+    write_private(pair.key, _key_pem(key))
     return pair

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from dsjobs.devcluster.files import write_private
 
 DEFAULT_BUCKET = "dsjobs"
 REGION = "us-east-1"
@@ -50,9 +51,7 @@ class S3Config:
             (env_path, "".join(f"{k}={v}\n" for k, v in self.env().items())),
             (json_path, json.dumps(asdict(self), indent=2) + "\n"),
         ):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            write_private(path, text)
 
     @classmethod
     def read(cls, json_path: Path) -> S3Config:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import yaml
 
+from dsjobs.devcluster.files import write_private
+
 Obj = dict[str, Any]
 
 JSON = "application/json"
@@ -100,9 +102,7 @@ def load_kubeconfig(path: str, data_dir: str) -> KubeConfig:
     def materialize(field: str, data_field: str, section: Obj, name: str) -> str | None:
         if section.get(data_field):
             p = os.path.join(data_dir, name)
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(base64.b64decode(section[data_field]))
+            write_private(p, base64.b64decode(section[data_field]))
             return p
         if section.get(field):
             return (

@@ -1,0 +1,141 @@
+"""`dsjobs datasphere` sends the dsjobs token and nothing else: never the user's Yandex Cloud
+credentials, which the official CLI would otherwise pick up on its own (YC_IAM_TOKEN, YC_TOKEN,
+YC_OAUTH_TOKEN, `-t`, `--profile`, `yc`, the metadata server).
+
+The official CLI runs in a subprocess (its descriptors must not share a process with ours); a fake
+gRPC server in this process records the `authorization` header of every call it gets.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+REAL_IAM = "t1.REAL-YANDEX-CLOUD-IAM-TOKEN"
+REAL_OAUTH = "y0_REAL-YANDEX-OAUTH-TOKEN"
+
+
+@dataclass
+class Spy:
+    endpoint: str
+    calls: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+class _Handler(grpc.GenericRpcHandler):
+    def __init__(self, spy: Spy) -> None:
+        self.spy = spy
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        metadata = dict(details.invocation_metadata)
+        auth = metadata.get("authorization")
+        self.spy.calls.append((details.method, auth if isinstance(auth, str) else None))
+
+        def reject(request: bytes, context: grpc.ServicerContext) -> bytes:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "spy")
+
+        handler: Callable[[bytes, grpc.ServicerContext], bytes] = reject
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+
+@pytest.fixture
+def spy() -> Iterator[Spy]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    spy = Spy(endpoint=f"127.0.0.1:{port}")
+    server.add_generic_rpc_handlers((_Handler(spy),))
+    server.start()
+    try:
+        yield spy
+    finally:
+        server.stop(None)
+
+
+def run_cli(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DSJOBS_", "YC_"))}
+    base.update(
+        DSJOBS_ENV_FILE=str(tmp_path / "no-env-file"),
+        no_proxy="127.0.0.1,localhost",
+        NO_PROXY="127.0.0.1,localhost",
+        YC_IAM_TOKEN=REAL_IAM,
+        YC_TOKEN=REAL_OAUTH,
+        YC_OAUTH_TOKEN=REAL_OAUTH,
+    )
+    base.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "dsjobs.cli", "datasphere", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=base,
+        cwd=tmp_path,
+    )
+
+
+LIST = ("project", "job", "list", "-p", "p1")
+
+
+def test_without_a_dsjobs_token_nothing_is_sent(spy: Spy, tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "--endpoint", spy.endpoint, "--log-dir", str(tmp_path / "logs"), *LIST, env={})
+    assert proc.returncode == 2, proc.stderr
+    assert "--token" in proc.stderr and "DSJOBS_TOKEN" in proc.stderr
+    assert spy.calls == []
+
+
+@pytest.mark.parametrize(
+    ("env", "official_args"),
+    [
+        ({}, ()),
+        ({"YC_AUTH": "oauth,md,yc"}, ("-t", REAL_OAUTH, "--profile", "work")),
+        # DEV: the official CLI would send no authorization at all (and use other protos).
+        ({"SERVER_ENV": "DEV"}, ()),
+    ],
+)
+def test_only_the_dsjobs_token_is_sent(
+    spy: Spy, tmp_path: Path, env: dict[str, str], official_args: tuple[str, ...]
+) -> None:
+    proc = run_cli(
+        tmp_path,
+        "--endpoint",
+        spy.endpoint,
+        "--token",
+        "dsjobs-token",
+        *official_args,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *LIST,
+        env=env,
+    )
+    assert proc.returncode != 0  # the spy rejects every call
+    assert spy.calls, proc.stderr
+    assert {auth for _, auth in spy.calls} == {"Bearer dsjobs-token"}
+    assert {method for method, _ in spy.calls} == {"/yandex.cloud.datasphere.v2.jobs.ProjectJobService/List"}
+
+
+def test_env_file_token_goes_only_to_the_env_file_endpoint(spy: Spy, tmp_path: Path) -> None:
+    env_file = tmp_path / "env"
+    env_file.write_text("export DSJOBS_ENDPOINT=127.0.0.1:1\nexport DSJOBS_TOKEN=local-stack-token\n")
+    proc = run_cli(
+        tmp_path,
+        "--endpoint",
+        spy.endpoint,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *LIST,
+        env={"DSJOBS_ENV_FILE": str(env_file)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--token" in proc.stderr
+    assert spy.calls == []
+
+    env_file.write_text(f"export DSJOBS_ENDPOINT={spy.endpoint}\nexport DSJOBS_TOKEN=local-stack-token\n")
+    run_cli(tmp_path, "--log-dir", str(tmp_path / "logs"), *LIST, env={"DSJOBS_ENV_FILE": str(env_file)})
+    assert {auth for _, auth in spy.calls} == {"Bearer local-stack-token"}
