@@ -7,11 +7,15 @@ Layout under ``projects/<project>/jobs/<job>/logs/``::
     progress.json         latest job progress (overwritten; convenience for the API)
     files/<name>          raw log files uploaded at the end (stdout.txt, stderr.txt, system.log)
 
+``progress.json`` and ``files/`` are the current attempt's: a new attempt's first writer deletes
+the previous attempt's (and its final marker) before it writes (dsjobs.runner.ship).
+
 A record is one piece of one stream: program stdout (OUT), stderr (ERR) or a named file
 (FILE, ``file_path`` e.g. ``.system.log`` or ``job_progress.jsonl``), with its creation time and
 raw bytes. Records hold whole lines when possible (several lines may share one record); a line
 longer than `MAX_RECORD_CONTENT`, or a partial line that stayed unterminated for a while, is cut
-- so the concatenated contents of a stream's records are exactly the bytes the program wrote.
+(never inside a UTF-8 character, but at the stream's very end) - so the concatenated contents of
+a stream's records are exactly the bytes the program wrote.
 
 Offsets (the int64 of the API's ReadLogs/ReadStdLogs) address records directly::
 
@@ -184,18 +188,47 @@ def _utf8_cut(data: bytes, limit: int) -> int:
     return cut if cut > 0 and (data[cut] & 0xC0) != 0x80 else limit
 
 
+def _incomplete_utf8_tail(data: bytes) -> int:
+    """How many trailing bytes (0-3) begin a UTF-8 character whose other bytes are not there (yet).
+
+    Bytes that are not UTF-8 (a stray continuation byte, 0xF8-0xFF) count as complete: only the
+    start of a valid multi-byte sequence is worth waiting for.
+    """
+    n = len(data)
+    i = n - 1
+    while i >= 0 and n - i <= 3 and (data[i] & 0xC0) == 0x80:
+        i -= 1
+    if i < 0:
+        return 0
+    lead = data[i]
+    if lead & 0xE0 == 0xC0:
+        need = 2
+    elif lead & 0xF0 == 0xE0:
+        need = 3
+    elif lead & 0xF8 == 0xF0:
+        need = 4
+    else:
+        return 0
+    have = n - i
+    return have if have < need else 0
+
+
 def split_records(
-    data: bytes, *, flush_partial: bool, max_content: int = MAX_RECORD_CONTENT
+    data: bytes, *, flush_partial: bool, eof: bool = False, max_content: int = MAX_RECORD_CONTENT
 ) -> tuple[list[bytes], int]:
     """Cut a stream's unread bytes into record contents. Returns (contents, bytes consumed).
 
     Complete lines are grouped into records of at most ``max_content`` bytes; a longer line is
-    cut. An unterminated tail is kept back (consumed = less than len(data)) unless
-    ``flush_partial`` is set or it alone fills a record. Concatenating the contents always gives
-    ``data[:consumed]``.
+    cut at a UTF-8 character boundary. An unterminated tail is kept back (consumed = less than
+    len(data)) unless ``flush_partial`` is set or it alone fills a record; even then a character
+    whose bytes are not all there yet (1-3 bytes at the very end) waits for the rest, as the
+    next read continues from it. ``eof`` says ``data`` ends where the stream ends for good (the
+    program is done): everything is consumed, an incomplete last character as written.
+    Concatenating the contents always gives ``data[:consumed]``.
     """
     if max_content < 4:
         raise ValueError("max_content too small")
+    flush = flush_partial or eof
     out: list[bytes] = []
     end = data.rfind(b"\n") + 1  # 0 when there is no complete line
     pos = 0
@@ -213,13 +246,17 @@ def split_records(
     # Unterminated tail.
     while pos < len(data):
         rest = len(data) - pos
-        if rest < max_content and not flush_partial:
+        if rest < max_content and not flush:
             break
-        cut = (
-            pos + _utf8_cut(data[pos : pos + max_content + 1], max_content)
-            if rest > max_content
-            else len(data)
-        )
+        if rest > max_content:
+            cut = pos + _utf8_cut(data[pos : pos + max_content + 1], max_content)
+        elif eof:
+            cut = len(data)
+        else:
+            # The tail ends where the bytes read so far do: a character may go on past them.
+            cut = len(data) - _incomplete_utf8_tail(data[max(pos, len(data) - 4) :])
+            if cut == pos:
+                break
         out.append(data[pos:cut])
         pos = cut
     return out, pos

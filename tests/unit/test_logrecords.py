@@ -88,27 +88,61 @@ stream_bytes = st.one_of(
 )
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow])
-@given(stream_bytes, st.lists(st.integers(1, 500), max_size=40), st.integers(8, 100))
-def test_splitting_arbitrary_reads_loses_and_repeats_nothing(
-    data: bytes, reads: list[int], max_content: int
-) -> None:
-    """However the stream arrives (arbitrary read sizes), the records concatenate to the stream."""
+def _split_as_it_arrives(
+    data: bytes, reads: list[tuple[int, bool]], max_content: int
+) -> tuple[list[bytes], int]:
+    """Records of a stream that arrives in reads of these sizes, each with or without a flush of
+    the unterminated tail (a timed partial line), then the final flush at its end."""
     pos = 0  # consumed
     avail = 0  # written so far
     out: list[bytes] = []
-    for r in [*reads, len(data)]:
+    for r, flush in [*reads, (len(data), False)]:
         avail = min(len(data), avail + r)
-        contents, consumed = split_records(data[pos:avail], flush_partial=False, max_content=max_content)
+        contents, consumed = split_records(data[pos:avail], flush_partial=flush, max_content=max_content)
         assert b"".join(contents) == data[pos : pos + consumed]
         out.extend(contents)
         pos += consumed
-    contents, consumed = split_records(data[pos:], flush_partial=True, max_content=max_content)
+    contents, consumed = split_records(data[pos:], flush_partial=True, eof=True, max_content=max_content)
+    assert b"".join(contents) == data[pos:]
     out.extend(contents)
-    pos += consumed
-    assert pos == len(data)
+    return out, pos + consumed
+
+
+reads_st = st.lists(st.tuples(st.integers(1, 500), st.booleans()), max_size=40)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(stream_bytes, reads_st, st.integers(8, 100))
+def test_splitting_arbitrary_reads_loses_and_repeats_nothing(
+    data: bytes, reads: list[tuple[int, bool]], max_content: int
+) -> None:
+    """However the stream arrives (arbitrary read sizes, partial flushes between), the records
+    concatenate to the stream."""
+    out, consumed = _split_as_it_arrives(data, reads, max_content)
+    assert consumed == len(data)
     assert b"".join(out) == data
     assert all(0 < len(c) <= max_content for c in out)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.text(max_size=800),
+        st.lists(st.sampled_from(["\n", "a", "я", "日", "😀"]), max_size=300).map("".join),
+    ),
+    st.lists(st.tuples(st.integers(1, 50), st.booleans()), max_size=60),
+    st.integers(4, 40),
+)
+def test_partial_flushes_never_cut_a_utf8_character(
+    text: str, reads: list[tuple[int, bool]], max_content: int
+) -> None:
+    """A read (or a flushed partial line) ending inside a character ships no half of it."""
+    data = text.encode()
+    out, consumed = _split_as_it_arrives(data, reads, max_content)
+    assert consumed == len(data) and b"".join(out) == data
+    assert all(0 < len(c) <= max_content for c in out)
+    for c in out:
+        c.decode()  # raises if a character was split
 
 
 @given(st.text(max_size=600), st.integers(8, 64))
@@ -118,6 +152,31 @@ def test_utf8_text_is_never_cut_inside_a_character(text: str, max_content: int) 
     assert consumed == len(data)
     for c in contents:
         c.decode()  # raises if a character was split
+
+
+def test_a_flushed_partial_line_holds_back_an_incomplete_character() -> None:
+    data = "обучение\n".encode()
+    # A block-buffered write that ends inside a 2-byte character: its first byte waits for the second.
+    assert split_records(data[:9], flush_partial=True) == (["обуч".encode()], 8)
+    assert split_records(data[8:9], flush_partial=True) == ([], 0)
+    # At the stream's end it is what the program wrote: shipped as is.
+    assert split_records(data[8:9], flush_partial=True, eof=True) == ([b"\xd0"], 1)
+    # Up to 3 bytes wait; bytes that cannot start a character do not.
+    smile = "😀".encode()
+    for n in (1, 2, 3):
+        assert split_records(b"ab" + smile[:n], flush_partial=True) == ([b"ab"], 2)
+    assert split_records(b"ab\x80", flush_partial=True) == ([b"ab\x80"], 3)
+    assert split_records(b"ab\xff", flush_partial=True) == ([b"ab\xff"], 3)
+
+
+def test_a_tail_that_fills_a_record_is_cut_at_a_character_boundary() -> None:
+    # Exactly max_content bytes read, the last one starting a 2-byte character.
+    data = b"a" * 7 + "я".encode()[:1]
+    assert split_records(data, flush_partial=False, max_content=8) == ([b"a" * 7], 7)
+    assert split_records(data, flush_partial=True, max_content=8) == ([b"a" * 7], 7)
+    assert split_records(data, flush_partial=True, eof=True, max_content=8) == ([data], 8)
+    tail = "日本語".encode()[:8]  # two characters and 2 bytes of the third
+    assert split_records(tail, flush_partial=False, max_content=8) == ([tail[:6]], 6)
 
 
 def test_whole_lines_are_grouped_and_partial_lines_wait() -> None:

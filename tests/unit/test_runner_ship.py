@@ -14,7 +14,20 @@ from typing import Any
 import pytest
 from runner_fakes import FileStore, MemoryStore
 
-from dsjobs.logrecords import SYSTEM_LOG_PATH, Stream, read_final, read_progress, read_records
+from dsjobs.logrecords import (
+    SYSTEM_LOG_PATH,
+    LogChunk,
+    LogRecord,
+    Stream,
+    chunk_key,
+    decode_chunk,
+    log_file_key,
+    progress_key,
+    read_final,
+    read_progress,
+    read_records,
+    write_chunk,
+)
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus
 from dsjobs.runner.ship import (
@@ -24,11 +37,12 @@ from dsjobs.runner.ship import (
     LogShipper,
     Ship,
     read_status_file,
+    upload_log_files,
     upload_outputs,
 )
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.s3http import S3HttpError
-from dsjobs.storage import ObjectInfo
+from dsjobs.storage import ObjectInfo, PreconditionFailedError
 
 
 class Clock:
@@ -173,6 +187,127 @@ def test_a_new_attempt_reopens_a_finalized_stream(tmp_path: Path) -> None:
     append(cfg1.layout.stdout, b"attempt1\n")
     s1.pump(final=True)
     assert [c for _, _, c in all_records(store)] == [b"attempt0\n", b"attempt1\n"]
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_read_cut_off_by_the_chunk_budget_ships_no_cut_line(tmp_path: Path, final: bool) -> None:
+    """Catching up on a backlog reads one chunk's worth at a time: the read's tail is no partial
+    line, whether the flush is the final one or a timed one."""
+    cfg = config(tmp_path, ship={"chunk_bytes": 1024, "partial_line_seconds": 1.0})
+    clock = Clock()
+    s = LogShipper(MemoryStore(), cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    line = ("日本語のログ " * 10 + "\n").encode()  # 191 bytes: 64 KiB reads end inside characters
+    if not final:
+        append(cfg.layout.stdout, b"Epoch 1 ")  # an unterminated line, waiting long enough
+        assert s.pump()
+        clock.t += 1.5
+    append(cfg.layout.stdout, b"done\n" + line * 1500)
+    assert s.pump(final=final)
+    outs = [c for k, _, c in all_records(s.store) if k == Stream.OUT]
+    assert len(outs) > 4
+    assert b"".join(outs) == cfg.layout.stdout.read_bytes()
+    for c in outs:
+        assert c.endswith(b"\n")
+        c.decode()
+
+
+def test_a_partial_line_ending_inside_a_character_waits_for_the_rest(tmp_path: Path) -> None:
+    cfg = config(tmp_path, ship={"partial_line_seconds": 1.0})
+    clock = Clock()
+    s = LogShipper(MemoryStore(), cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    data = "обучение: эпоха 1\n".encode()
+    append(cfg.layout.stdout, data[:9])  # a block-buffered write ends inside a character
+    s.pump()
+    clock.t += 1.1
+    s.pump()
+    append(cfg.layout.stdout, data[9:])
+    s.pump()
+    assert [c for _, _, c in all_records(s.store)] == ["обуч".encode(), "ение: эпоха 1\n".encode()]
+    # At the end, what the program wrote is shipped as is.
+    append(cfg.layout.stdout, data[:1])
+    assert s.pump(final=True)
+    assert all_records(s.store)[-1] == (Stream.OUT, None, data[:1])
+
+
+class LostResponseStore(MemoryStore):
+    """Stores the next chunk but reports a timeout, as when the PUT's response is lost."""
+
+    lose = 1
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> None:
+        super().put_bytes(key, data, **kw)
+        if self.lose and "/chunks/" in key:
+            self.lose -= 1
+            raise TimeoutError("read timed out")
+
+
+def test_a_chunk_stored_despite_a_failed_put_is_not_rebuilt_differently(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    clock = Clock()
+    store = LostResponseStore()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    append(cfg.layout.stdout, b"line 1\n")
+    assert not s.pump(deadline=clock.t)  # stored, but reported failed; the retry is not due yet
+    clock.t += 2
+    append(cfg.layout.stdout, b"line 2\n")
+    assert s.pump(deadline=clock.t)  # sends chunk 0's very bytes again, then the new line
+    assert s.pump(final=True) and s.finalize("done")
+    assert [c for _, _, c in all_records(store)] == [b"line 1\n", b"line 2\n"]
+    assert s.next_seq == 2
+
+
+def test_another_writers_chunk_is_never_overwritten(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    s = LogShipper(store, cfg)
+    s.resume()
+    theirs = LogChunk(seq=0, records=(LogRecord(Stream.OUT, b"theirs\n", 1),))
+    write_chunk(store, "p", "j", theirs)
+    append(cfg.layout.stdout, b"mine\n")
+    with pytest.raises(PreconditionFailedError):
+        s.pump()
+    assert decode_chunk(store.objects[chunk_key("p", "j", 0)]) == theirs
+
+
+def attempt_files(store: FileStore) -> dict[str, bytes]:
+    prefix = log_file_key("p", "j", "x")[: -len("x")]
+    return {k[len(prefix) :]: v for k, v in store.objects.items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("finalized", [True, False])
+def test_a_new_attempt_starts_without_the_last_attempts_log_files_and_progress(
+    tmp_path: Path, finalized: bool
+) -> None:
+    store = FileStore()
+    cfg1 = config(tmp_path / "a1", attempt=1)
+    s1 = LogShipper(store, cfg1)
+    s1.resume()
+    append(cfg1.layout.stdout, b"attempt1 out\n")
+    append(cfg1.layout.stderr, b"attempt1: CUDA error\n")
+    append(cfg1.layout.progress, b'{"progress": 90, "message": "epoch 9/10"}\n')
+    assert s1.pump(final=True)
+    upload_log_files(cfg1, store)  # type: ignore[arg-type]
+    if finalized:  # else its ship died before the final marker
+        assert s1.finalize("exit code 75")
+    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt"}
+    # A restarted ship of the same attempt keeps them.
+    LogShipper(store, cfg1).resume()
+    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt"}
+
+    cfg2 = config(tmp_path / "a2", attempt=2)
+    s2 = LogShipper(store, cfg2)
+    s2.resume()
+    assert attempt_files(store) == {}
+    assert progress_key("p", "j") not in store.objects
+    assert read_final(store, "p", "j") is None
+    append(cfg2.layout.stdout, b"attempt2 out\n")  # succeeds, nothing on stderr
+    assert s2.pump(final=True)
+    files, errors = upload_log_files(cfg2, store)  # type: ignore[arg-type]
+    assert errors == [] and [f.name for f in files] == ["stdout.txt"]
+    assert attempt_files(store) == {"stdout.txt": b"attempt2 out\n"}
 
 
 class CountingStore(MemoryStore):

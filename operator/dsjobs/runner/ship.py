@@ -7,12 +7,13 @@ the shared volume's files as log records (chunk objects, see dsjobs.logrecords):
     logs/stderr.log  -> ERR            logs/job_progress.jsonl -> FILE "job_progress.jsonl"
 
 Memory stays constant whatever the volume: a tick reads at most one chunk's worth per pass and
-the source files are the buffer. Each chunk header records the file positions it covers, so a
-restarted shipper (or stage-in, which ships its own messages first) continues exactly where the
-last chunk ended: no record lost, none repeated. A storage outage only delays shipping (with a
-backoff that never keeps the job's end from being noticed); storage that refuses the writes
-(access denied: not transient) is given up after `PERMANENT_ERROR_TRIES`, and the result then
-records the logs as incomplete.
+the source files are the buffer (a read cut off there never flushes its unterminated tail: the
+next pass continues from it). A chunk is built once and retried with the same bytes until stored.
+Each chunk header records the file positions it covers, so a restarted shipper (or stage-in,
+which ships its own messages first) continues exactly where the last chunk ended: no record
+lost, none repeated. A storage outage only delays shipping (with a backoff that never keeps the
+job's end from being noticed); storage that refuses the writes (access denied: not transient) is
+given up after `PERMANENT_ERROR_TRIES`, and the result then records the logs as incomplete.
 
 The job is over when the entry script's status file appears (written after its output is fully
 in the files), or when its heartbeat stops for ``heartbeat_timeout`` (the container was killed
@@ -51,6 +52,7 @@ from dsjobs.logrecords import (
     log_file_key,
     make_offset,
     parse_progress_line,
+    progress_key,
     read_chunk,
     read_final,
     read_progress,
@@ -144,33 +146,49 @@ class LogShipper:
         #: Consecutive writes storage refused (not transient); at PERMANENT_ERROR_TRIES it gives up.
         self._refusals = 0
         self.gave_up = False
+        #: The chunk being written and what it commits: until it is stored, every try sends these
+        #: very bytes (a PUT that landed but reported failure then counts as stored).
+        self._unsent: tuple[LogChunk, _Pending] | None = None
 
     @property
     def end_offset(self) -> int:
         return make_offset(self.next_seq, 0)
 
     def resume(self) -> None:
-        """Continue after whatever this job's earlier writers stored."""
-        self.next_seq = find_next_seq(self.store, self.project, self.job)
-        if self.next_seq > 0:
-            last = read_chunk(self.store, self.project, self.job, self.next_seq - 1)
-            if last is not None and last.attempt == self.config.attempt:
-                # Same pod attempt (stage-in before us, or a restarted ship): same files.
-                for s in self.sources:
-                    s.pos = last.resume.get(s.key, 0)
-                self.latest_progress = read_progress(self.store, self.project, self.job)
-        final = read_final(self.store, self.project, self.job)
-        if final is not None and final.attempt < self.config.attempt:
-            # A new attempt extends the job's stream: readers must not see it as complete.
-            self.store.delete(final_key(self.project, self.job))
+        """Continue after whatever this job's earlier writers stored.
 
-    def _read(self, src: _Source, limit: int) -> bytes:
+        The first writer of a new attempt (its stage-in, else its ship) removes what describes the
+        previous attempt alone: its raw log files, progress.json and the final marker. The final
+        marker goes last and this attempt's first chunk comes after, so a writer that dies midway
+        leaves the sign of an earlier attempt in place and the next try clears again.
+        """
+        attempt = self.config.attempt
+        self.next_seq = find_next_seq(self.store, self.project, self.job)
+        last = read_chunk(self.store, self.project, self.job, self.next_seq - 1) if self.next_seq else None
+        if last is not None and last.attempt == attempt:
+            # Same pod attempt (stage-in before us, or a restarted ship): same files.
+            for s in self.sources:
+                s.pos = last.resume.get(s.key, 0)
+            self.latest_progress = read_progress(self.store, self.project, self.job)
+        final = read_final(self.store, self.project, self.job)
+        if (last is not None and last.attempt < attempt) or (final is not None and final.attempt < attempt):
+            # DownloadStdLogs and the API's progress would otherwise show the last attempt's.
+            for name in LOG_FILE_NAMES:
+                self.store.delete(log_file_key(self.project, self.job, name))
+            self.store.delete(progress_key(self.project, self.job))
+            if final is not None:
+                # A new attempt extends the job's stream: readers must not see it as complete.
+                self.store.delete(final_key(self.project, self.job))
+
+    def _read(self, src: _Source, limit: int) -> tuple[bytes, bool]:
+        """Up to ``limit`` bytes from the source's position, and whether they reach its end."""
         try:
             with open(src.path, "rb") as f:
                 f.seek(src.pos)
-                return f.read(limit)
+                data = f.read(limit)
+                return data, len(data) < limit or f.tell() >= os.fstat(f.fileno()).st_size
         except FileNotFoundError:
-            return b""
+            return b"", True
 
     def collect(self, *, final: bool) -> _Pending:
         """Records for the next chunk (not yet committed: positions advance only once stored)."""
@@ -183,7 +201,7 @@ class LogShipper:
             pending.partial[src.key] = src.partial_since
             if budget <= 0:
                 continue
-            data = self._read(src, max(budget, MAX_RECORD_CONTENT))
+            data, at_end = self._read(src, max(budget, MAX_RECORD_CONTENT))
             if not data:
                 pending.partial[src.key] = None
                 continue
@@ -191,8 +209,10 @@ class LogShipper:
                 src.partial_since is not None
                 and now - src.partial_since >= self.config.ship.partial_line_seconds
             )
-            flush = final or (src.timed_partial and waited)
-            contents, consumed = split_records(data, flush_partial=flush)
+            # A read cut off by the budget ends wherever: its tail is no partial line, the next
+            # pass goes on from it.
+            flush = at_end and (final or (src.timed_partial and waited))
+            contents, consumed = split_records(data, flush_partial=flush, eof=at_end and final)
             if consumed < len(data):
                 # An unterminated line waits; its clock restarts when it is a new line.
                 pending.partial[src.key] = (
@@ -275,20 +295,24 @@ class LogShipper:
         """Store everything that can be shipped now. False if storage failed past ``deadline`` or
         refused the writes for good (`gave_up`)."""
         while True:
-            pending = self.collect(final=final)
-            if not pending.records:
-                # Partial-line clocks still need to start even when nothing is shipped.
-                for src in self.sources:
-                    src.partial_since = pending.partial[src.key]
-                break
-            chunk = LogChunk(
-                seq=self.next_seq,
-                records=tuple(pending.records),
-                attempt=self.config.attempt,
-                resume=pending.positions,
-            )
+            if self._unsent is None:
+                pending = self.collect(final=final)
+                if not pending.records:
+                    # Partial-line clocks still need to start even when nothing is shipped.
+                    for src in self.sources:
+                        src.partial_since = pending.partial[src.key]
+                    break
+                chunk = LogChunk(
+                    seq=self.next_seq,
+                    records=tuple(pending.records),
+                    attempt=self.config.attempt,
+                    resume=pending.positions,
+                )
+                self._unsent = (chunk, pending)
+            chunk, pending = self._unsent
             if not self._put_chunk(chunk, deadline):
                 return False
+            self._unsent = None
             self.next_seq += 1
             self._commit(pending)
         self._save_progress()
@@ -492,6 +516,8 @@ def upload_outputs(
 
 
 def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFileResult], list[FileError]]:
+    """Upload the non-empty raw log files. An empty one gets no object (DownloadStdLogs leaves its
+    URL out; NOT_FOUND when both are empty); an earlier attempt's is gone (`LogShipper.resume`)."""
     layout = config.layout
     files: list[LogFileResult] = []
     errors: list[FileError] = []
