@@ -22,6 +22,7 @@ renamed into place only after size and sha256 were verified.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.client
@@ -31,6 +32,8 @@ import os
 import queue
 import random
 import re
+import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -245,7 +248,6 @@ _TRANSIENT_CODES = frozenset(
         "ServiceUnavailable",
         "SlowDown",
         "RequestTimeout",
-        "RequestTimeTooSkewed",
         "Throttling",
         "ThrottlingException",
         "RequestLimitExceeded",
@@ -253,13 +255,66 @@ _TRANSIENT_CODES = frozenset(
         "GatewayTimeout",
     }
 )
+# Not transient: RequestTimeTooSkewed (403). A retry is signed with the same clock, so it is refused
+# the same way; only fixing the node's clock helps.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Network trouble as an OSError without a class of its own (EHOSTUNREACH, ENETUNREACH, ...).
+#: botocore retries any OSError of a connection (urllib3 wraps them); among ours an OSError can also
+#: be local (no such file, disk full), so only these errnos count.
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENETUNREACH",
+        "EHOSTUNREACH",
+        "ENETDOWN",
+        "EHOSTDOWN",
+        "ENETRESET",
+        "ECONNABORTED",
+        "ECONNRESET",
+        "ECONNREFUSED",
+        "ETIMEDOUT",
+        "EPIPE",
+        "EADDRNOTAVAIL",
+    )
+    if hasattr(errno, name)
+)
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    """True if `exc`, or an error it wraps, is a failed certificate verification (or hostname
+    check). botocore's SSLError keeps urllib3's error in ``kwargs["error"]``, which keeps ssl's."""
+    todo: list[object] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError) or type(e).__name__ == "CertificateError":
+            return True
+        text = str(e)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return True
+        kwargs = getattr(e, "kwargs", None)
+        todo += [e.__cause__, e.__context__, *e.args, *(kwargs.values() if isinstance(kwargs, dict) else ())]
+    return False
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: connection trouble, timeouts, 5xx, throttling."""
-    if isinstance(exc, SSLError):
-        return False  # a certificate problem does not go away by retrying
+    """True for failures worth retrying: connection trouble, timeouts, 5xx, throttling.
+
+    The same failure counts the same whether it came through botocore or `dsjobs.s3http`: a DNS
+    lookup that failed, an unreachable network or host, a TLS connection cut short are retried
+    (botocore retries them as connection errors); a certificate that fails verification is not.
+    """
+    if isinstance(exc, (SSLError, ssl.SSLError)):
+        # A TLS connection cut short (EOF, reset, bad record) is network trouble; a certificate
+        # problem does not go away by retrying.
+        return not _certificate_failure(exc)
+    if isinstance(exc, socket.gaierror):
+        return True  # name resolution: botocore's EndpointConnectionError
+    if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
+        return True
     if isinstance(
         exc,
         (
@@ -298,7 +353,7 @@ def retry(
     base_delay: float = 0.5,
     max_delay: float = 20.0,
     transient: Callable[[BaseException], bool] = is_transient,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying transient failures with jittered exponential backoff.
 
@@ -316,7 +371,7 @@ def retry(
             delay = min(max_delay, base_delay * (2 ** (n - 1)))
             delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
             log.info("storage retry what=%s attempt=%d delay=%.2fs error=%s", what, n, delay, _short(exc))
-            sleep(delay)
+            (sleep or time.sleep)(delay)
 
 
 def _short(exc: BaseException) -> str:
@@ -479,7 +534,9 @@ class Storage:
         cfg = BotoConfig(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
-            retries={"max_attempts": self.attempts, "mode": "standard"},
+            # One try per call: `retry` wraps every call this client makes (its retries inside ours
+            # sent 30 requests per listing to a server asking us to slow down).
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
             # Only checksums the API demands: S3-compatible servers vary in what else they accept.
@@ -666,7 +723,11 @@ class Storage:
 
     def _abort_uploads(self, prefix: str) -> None:
         try:
-            r = self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+            r = retry(
+                lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix),
+                what=f"list uploads {prefix}",
+                attempts=self.attempts,
+            )
         except (ClientError, BotoCoreError) as exc:
             log.info("storage list multipart uploads failed prefix=%s error=%s", prefix, _short(exc))
             return
@@ -674,9 +735,16 @@ class Storage:
             if not u.get("Key", "").startswith(prefix):
                 continue
             try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+                self._abort_upload(u["Key"], u["UploadId"])
             except (ClientError, BotoCoreError) as exc:
                 log.info("storage abort upload failed key=%s error=%s", u.get("Key"), _short(exc))
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        retry(
+            lambda: self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
+            what=f"abort upload {key}",
+            attempts=self.attempts,
+        )
 
     # -- streaming transfers ---------------------------------------------------------------------
 
@@ -686,36 +754,41 @@ class Storage:
         """Stream a local file to ``key`` (multipart above 16 MiB), hashing it on the way.
 
         The file is read once, in order, and the sha256 is of exactly the bytes sent. Memory is
-        bounded by ``upload_concurrency + 1`` parts whatever the file size. A failed attempt aborts
-        its multipart upload (nothing half-written becomes visible) and restarts from the beginning.
+        bounded by ``upload_concurrency + 1`` parts whatever the file size. Each request is retried
+        by itself (a part that fails is sent again, not the whole file); an upload that still fails
+        is aborted (nothing half-written becomes visible).
         """
-
-        def call() -> TransferResult:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size <= MULTIPART_THRESHOLD:
-                    # Bounded even if the file grew since fstat: then it goes multipart after all.
-                    data = f.read(MULTIPART_THRESHOLD + 1)
-                    if len(data) <= MULTIPART_THRESHOLD:
-                        digest = hashlib.sha256(data).hexdigest()
-                        self._http.request(
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= MULTIPART_THRESHOLD:
+                # Bounded even if the file grew since fstat: then it goes multipart after all.
+                data = f.read(MULTIPART_THRESHOLD + 1)
+                if len(data) <= MULTIPART_THRESHOLD:
+                    digest = hashlib.sha256(data).hexdigest()
+                    retry(
+                        lambda: self._http.request(
                             "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
-                        )
-                        return TransferResult(key=key, size=len(data), sha256=digest)
-                    del data
-                    f.seek(0)
-                    size = os.fstat(f.fileno()).st_size
-                return self._multipart_upload(f, key, content_type, size)
-
-        return retry(call, what=f"upload {key}", attempts=self.attempts)
+                        ),
+                        what=f"upload {key}",
+                        attempts=self.attempts,
+                    )
+                    return TransferResult(key=key, size=len(data), sha256=digest)
+                del data
+                f.seek(0)
+                size = os.fstat(f.fileno()).st_size
+            return self._multipart_upload(f, key, content_type, size)
 
     def _multipart_upload(
         self, f: io.BufferedReader, key: str, content_type: str, size: int
     ) -> TransferResult:
         part_size = part_size_for(size, self.part_size)
-        upload_id = self._client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ContentType=content_type
-        )["UploadId"]
+        upload_id = retry(
+            lambda: self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType=content_type
+            )["UploadId"],
+            what=f"start upload {key}",
+            attempts=self.attempts,
+        )
         h = hashlib.sha256()
         total = 0
         etags: list[CompletedPartTypeDef] = []
@@ -728,12 +801,16 @@ class Storage:
         def put(number: int, buf: bytearray, n: int) -> CompletedPartTypeDef:
             try:
                 body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
-                r = self._client.upload_part(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,  # type: ignore[arg-type]  # botocore takes bytearray too
+                r = retry(
+                    lambda: self._client.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,  # type: ignore[arg-type]  # botocore takes bytearray too
+                    ),
+                    what=f"upload {key} part {number}",
+                    attempts=self.attempts,
                 )
                 return {"PartNumber": number, "ETag": r["ETag"]}
             finally:
@@ -763,13 +840,17 @@ class Storage:
                     for pending in inflight:
                         pending.cancel()
                     raise
-            self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
+            retry(
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
+                ),
+                what=f"complete upload {key}",
+                attempts=self.attempts,
             )
         except BaseException:
             # After the pool has drained: no part lands after the abort.
             try:
-                self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                self._abort_upload(key, upload_id)
             except (ClientError, BotoCoreError) as exc:
                 log.info("storage abort upload failed key=%s error=%s", key, _short(exc))
             raise
@@ -785,38 +866,63 @@ class Storage:
     ) -> TransferResult:
         """Stream ``key`` into ``dest`` with constant memory, verifying size and sha256.
 
-        Interrupted reads resume with a Range request (same ETag) rather than starting over.
-        ``dest`` appears only when the content is verified; nothing is left behind on failure.
+        Interrupted reads resume with a Range request, and the answer is used only if it continues
+        the same object where we stopped (206, Content-Range from the bytes we have, same ETag);
+        otherwise (object replaced, Range ignored) the download starts over, at most ``attempts``
+        times. ``dest`` appears only when the content is verified; nothing is left behind on failure.
         """
         dest_path = Path(dest)
         tmp = dest_path.with_name(f".{dest_path.name}.dsjobs-partial")
         h = hashlib.sha256()
         written = 0
-        etag: str | None = None
+        etag = ""
         failures = 0
+        restarts = 0
         try:
             with open(tmp, "wb") as f, _OrderedWriter(f) as sink:
+
+                def start_over(why: str) -> None:
+                    nonlocal h, written, restarts
+                    restarts += 1
+                    if restarts > self.attempts:
+                        raise StorageError(f"{key}: download started over {self.attempts} times, last: {why}")
+                    log.info("storage download restart key=%s at=%d reason=%s", key, written, why)
+                    sink.flush()
+                    f.seek(0)
+                    f.truncate()
+                    h, written = hashlib.sha256(), 0
+
                 while True:
-                    headers = {"range": f"bytes={written}-"} if written else None
+                    resuming = written > 0
+                    headers = {"range": f"bytes={written}-"} if resuming else None
                     try:
                         try:
                             r = self._http.open_get(key, headers)
                         except S3HttpError as exc:
                             if exc.status == 404:
                                 raise ObjectNotFoundError(f"object {key} not found") from exc
-                            if exc.code == "InvalidRange" and written:
-                                break  # everything was read before the connection dropped
+                            if resuming and (exc.status == 416 or exc.code == "InvalidRange"):
+                                # Nothing past our bytes: done if the object is still the one we
+                                # read them from, and exactly that long.
+                                if self._has_size_and_etag(key, written, etag):
+                                    break
+                                start_over("range not satisfiable and the object changed")
+                                continue
                             raise
-                        if etag is None:
+                        if resuming:
+                            why = _resume_problem(r.status, r.headers, written, etag)
+                            if why is not None:
+                                try:
+                                    start_over(why)
+                                except BaseException:
+                                    r.close()
+                                    raise
+                                if r.status != 200:
+                                    r.close()
+                                    continue
+                                # A 200 is the whole current object: read it from its first byte.
+                        if not written:
                             etag = r.headers.get("etag", "")
-                        elif r.headers.get("etag", "") != etag:
-                            # The object was replaced mid-download: start over on the new one.
-                            r.close()
-                            sink.flush()
-                            f.seek(0)
-                            f.truncate()
-                            h, written, etag = hashlib.sha256(), 0, None
-                            continue
                         for chunk in r.iter_chunks(IO_CHUNK):
                             sink.write(chunk)  # written by the sink's thread while we hash
                             h.update(chunk)
@@ -848,3 +954,29 @@ class Storage:
             if tmp.exists():
                 tmp.unlink()
         return TransferResult(key=key, size=written, sha256=digest)
+
+    def _has_size_and_etag(self, key: str, size: int, etag: str) -> bool:
+        """One HEAD (the download's own loop retries): is ``key`` ``size`` bytes with this ETag?"""
+        try:
+            r = self._http.request("HEAD", key)
+        except S3HttpError as exc:
+            if exc.status == 404:
+                raise ObjectNotFoundError(f"object {key} not found") from exc
+            raise
+        return r.headers.get("content-length") == str(size) and r.headers.get("etag", "") == etag
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", re.IGNORECASE)
+
+
+def _resume_problem(status: int, headers: Mapping[str, str], written: int, etag: str) -> str | None:
+    """Why the answer to ``Range: bytes=<written>-`` does not continue what we have (None: it does)."""
+    if status != 206:
+        return f"the Range request was answered with {status}, not 206"
+    if headers.get("etag", "") != etag:
+        return f"the object changed (ETag {etag} -> {headers.get('etag', '')})"
+    cr = headers.get("content-range", "")
+    m = _CONTENT_RANGE.match(cr.strip())
+    if m is None or int(m.group(1)) != written:
+        return f"Content-Range {cr!r} does not start at byte {written}"
+    return None

@@ -12,7 +12,7 @@ from runner_fakes import FileStore, MemoryStore, umask
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.ship import upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
-from dsjobs.storage import input_key
+from dsjobs.storage import IntegrityError, ObjectInfo, ObjectNotFoundError, TransferResult, input_key
 
 
 def test_prepare_lays_out_the_shared_volume(tmp_path: Path) -> None:
@@ -95,3 +95,108 @@ def test_an_input_rewritten_in_place_is_staged_then_collected_as_the_output(tmp_
     outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
     assert errors == [] and [o.path for o in outputs] == ["ckpt/model.pt"]
     assert store.objects[outputs[0].key] == b"weights v2"
+
+
+class CheckingStore(FileStore):
+    """FileStore whose downloads verify size and sha256 as Storage.download_file does; the next
+    `damaged` reads have their first byte flipped on the way."""
+
+    damaged = 0
+
+    def download_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        *,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+    ) -> TransferResult:
+        with self._lock:
+            self.requests += 1
+            data = self.objects.get(key)
+            if data is not None and self.damaged:
+                self.damaged -= 1
+                data = bytes([data[0] ^ 1]) + data[1:]
+        if data is None:
+            raise ObjectNotFoundError(key)
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_size is not None and len(data) != expected_size:
+            raise IntegrityError(f"{key}: got {len(data)} bytes, expected {expected_size}")
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise IntegrityError(f"{key}: sha256 {digest} does not match expected {expected_sha256}")
+        Path(dest).write_bytes(data)
+        return TransferResult(key, len(data), digest)
+
+
+GOOD = b"id,value\n1,10\n"
+EDITED = b"id,value\n1,99\n"  # the same size: Create's check by size lets it pass
+
+
+def _stage_one_input(tmp_path: Path, store: CheckingStore, name: str) -> tuple[bool, str]:
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id=name,
+        cmd="python main.py",
+        inputs=[
+            {"path": "data/table.csv", "sha256": hashlib.sha256(GOOD).hexdigest(), "size_bytes": len(GOOD)}
+        ],
+        paths={"work_dir": str(tmp_path / name / "work"), "shared_dir": str(tmp_path / name / "shared")},
+    )
+    term = tmp_path / name / "term"
+    ok = run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    return ok, term.read_text() if term.exists() else ""
+
+
+def test_an_input_stored_with_other_bytes_than_its_hash_is_deleted_so_it_is_uploaded_again(
+    tmp_path: Path,
+) -> None:
+    # The CLI hashed the file, the user edited it in place, the CLI uploaded the edit: the key says
+    # GOOD, the bytes are EDITED. Kept, it failed every later job (Create asks for no upload).
+    key = input_key("p", hashlib.sha256(GOOD).hexdigest())
+    store = CheckingStore()
+    store.objects[key] = EDITED
+    ok, term = _stage_one_input(tmp_path, store, "j1")
+    assert not ok
+    assert "data/table.csv" in term and "corrupt" in term and "uploads it again" in term
+    assert key not in store.objects
+    # The next job's Create finds no input, asks for the upload, and the job stages it.
+    store.objects[key] = GOOD
+    assert _stage_one_input(tmp_path, store, "j2")[0]
+    assert (tmp_path / "j2" / "work" / "data" / "table.csv").read_bytes() == GOOD
+
+
+def test_an_input_is_kept_when_only_the_read_was_damaged(tmp_path: Path) -> None:
+    key = input_key("p", hashlib.sha256(GOOD).hexdigest())
+    store = CheckingStore()
+    store.objects[key] = GOOD
+    store.damaged = 1  # stage-in's read is damaged on the way; the check's read is fine
+    ok, term = _stage_one_input(tmp_path, store, "j1")
+    assert not ok and "corrupt" in term and "uploads it again" not in term
+    assert store.objects[key] == GOOD
+
+
+class ReplacedWhileChecked(CheckingStore):
+    """A correct upload of the input lands between the check's two HEADs."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.input_heads = 0
+
+    def head(self, key: str) -> ObjectInfo | None:
+        if key == self.key:
+            self.input_heads += 1
+            if self.input_heads == 2:
+                self.objects[key] = GOOD
+        info = super().head(key)
+        # S3's ETag of a single-part object is the MD5 of its bytes (MemoryStore has none).
+        return info and ObjectInfo(info.key, info.size, hashlib.md5(self.objects[key]).hexdigest())
+
+
+def test_an_input_replaced_while_it_is_checked_is_kept(tmp_path: Path) -> None:
+    key = input_key("p", hashlib.sha256(GOOD).hexdigest())
+    store = ReplacedWhileChecked(key)
+    store.objects[key] = EDITED
+    ok, term = _stage_one_input(tmp_path, store, "j1")
+    assert not ok and "corrupt" in term and "uploads it again" not in term
+    assert store.objects[key] == GOOD and store.input_heads == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import botocore.credentials
 import pytest
 from pydantic import SecretStr
 
+from dsjobs import storage
 from dsjobs.s3http import (
     EMPTY_SHA256,
     TIMEOUT_SECONDS,
@@ -177,7 +179,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if self.command == "GET" and obj is not None and "Range" in self.headers:
             start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            self._reply(206, obj[start:], {"ETag": '"e"'})
+            self._reply(
+                206, obj[start:], {"ETag": '"e"', "Content-Range": f"bytes {start}-{len(obj) - 1}/{len(obj)}"}
+            )
             return
         if self.command == "PUT":
             if self.headers.get("If-None-Match") == "*" and obj is not None:
@@ -297,6 +301,34 @@ def test_a_body_cut_short_is_an_error_and_storage_resumes_the_download(server: s
     assert [r["headers"].get("range") for r in _Handler.seen if r["path"] == "/bkt/in/cut"][-1] == (
         f"bytes={len(data) // 2}-"
     )
+
+
+def test_a_temporary_dns_failure_is_retried_as_botocore_would(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EAI_AGAIN from the resolver (CoreDNS restarting) used to fail the call at once.
+    _Handler.objects["/bkt/in/x"] = b"data"
+    real = socket.getaddrinfo
+    failures = {"left": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", flaky)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    store = Storage(
+        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key=SecretStr("SK")),
+        attempts=3,
+    )
+    failures["left"] = 1
+    info = store.head("in/x")
+    assert info is not None and info.size == 4
+    store._http.close()
+    failures["left"] = 1
+    assert store.download_file("in/x", tmp_path / "x", expected_size=4).size == 4
 
 
 def test_endpoint_must_be_http_url() -> None:

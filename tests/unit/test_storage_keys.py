@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError, SSLError
+from urllib3.exceptions import SSLError as URLLib3SSLError
 
+from dsjobs.s3http import S3HttpError
 from dsjobs.storage import (
     Storage,
     StorageConfigError,
@@ -184,6 +189,45 @@ def test_transient_errors_are_told_apart() -> None:
     assert not is_transient(_client_error("NoSuchKey", 404))
     assert not is_transient(_client_error("AccessDenied", 403))
     assert not is_transient(ValueError("x"))
+
+
+def _cert_failure() -> ssl.SSLCertVerificationError:
+    return ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        OSError(errno.ENETUNREACH, "Network is unreachable"),
+        OSError(errno.ETIMEDOUT, "Connection timed out"),
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
+        ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac"),
+        SSLError(endpoint_url="https://x", error=URLLib3SSLError(ssl.SSLEOFError(8, "EOF"))),
+    ],
+    ids=repr,
+)
+def test_network_trouble_on_the_direct_path_is_transient_as_through_botocore(exc: BaseException) -> None:
+    # botocore retries these as connection errors; s3http's calls used to fail on the first one.
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        _cert_failure(),
+        SSLError(endpoint_url="https://x", error=URLLib3SSLError(_cert_failure())),
+        S3HttpError(403, "RequestTimeTooSkewed", "clock", "k"),  # a retry has the same clock
+        _client_error("RequestTimeTooSkewed", 403),
+        OSError(errno.ENOSPC, "No space left on device"),  # local: a download's disk
+        FileNotFoundError(errno.ENOENT, "No such file"),
+    ],
+    ids=repr,
+)
+def test_certificates_clock_skew_and_local_errors_are_permanent(exc: BaseException) -> None:
+    assert not is_transient(exc)
 
 
 def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> None:

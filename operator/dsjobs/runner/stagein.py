@@ -6,7 +6,8 @@ the init container is a POSIX sh script doing what `prepare` does (`contract.she
 - each input ``projects/<project>/inputs/<sha256>`` is streamed to ``<work_dir>/<path>`` with its
   size and sha256 verified (the cache is content-addressed, but clients upload through presigned
   URLs: the content is checked, not trusted); ZIP inputs are extracted (zip-slip safe) into the
-  parent of ``path``, the DataSphere CLI's layout;
+  parent of ``path``, the DataSphere CLI's layout. A stored input whose bytes do not hash to its
+  key (read twice to be sure) is deleted, so that the next job with that file uploads it again;
 - local modules are extracted into ``<shared>/python/modules/<i>`` (put on PYTHONPATH);
 - the requirements file and ``<shared>/entry.sh`` are written.
 
@@ -75,9 +76,48 @@ def _stage_file(
     except ObjectNotFoundError as exc:
         raise StageInError(f"{what}: not in storage (sha256 {f.sha256}); was it uploaded?") from exc
     except IntegrityError as exc:
+        if _discard_mismatched(config, store, key, f):
+            raise StageInError(
+                f"{what}: stored content is corrupt: {exc}; removed it from storage, "
+                "so the next job created with this file uploads it again"
+            ) from exc
         raise StageInError(f"{what}: stored content is corrupt: {exc}") from exc
     except UnsafeZipError as exc:
         raise StageInError(f"{what}: archive refused: {exc}") from exc
+
+
+def _discard_mismatched(config: RunnerConfig, store: Storage, key: str, f: InputFile | LocalModule) -> bool:
+    """After a failed integrity check: delete the stored input if its bytes really do not hash to
+    its key. True if it was deleted.
+
+    A client may upload other bytes than it hashed (a file edited in place, same size, between
+    hashing and upload). Create trusts the cache by key and size, so it would never ask for that
+    file again and every job using it would fail until the data expires. One more read tells a
+    bad object from bytes damaged on the way (then it stays); it is deleted only if it is still
+    the object we read (same ETag).
+    """
+    tmp = config.layout.tmp_dir / f"verify-{f.sha256}-{os.getpid()}-{id(f)}"
+    try:
+        before = store.head(key)
+        if before is None:
+            return False
+        stored = store.download_file(key, tmp)
+        if stored.sha256 == f.sha256:
+            log.warning("stored input is intact on a second read key=%s", key)
+            return False
+        after = store.head(key)
+        if after is None or after.etag != before.etag:
+            return False  # replaced meanwhile: not the object we found wrong
+        store.delete(key)
+        log.warning(
+            "deleted stored input whose content does not match its key key=%s sha256=%s", key, stored.sha256
+        )
+        return True
+    except Exception as exc:
+        log.warning("cannot check the stored input key=%s error=%s", key, exc)
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> None:

@@ -1,0 +1,296 @@
+"""Storage's retries and resumed downloads against a local HTTP server answering as S3 would."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import http.server
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from botocore.exceptions import ClientError
+from pydantic import SecretStr
+
+from dsjobs import storage
+from dsjobs.s3http import S3HttpError
+from dsjobs.storage import Storage, StorageSettings
+
+MiB = 1024 * 1024
+
+
+class Request(http.server.BaseHTTPRequestHandler):
+    """One request: the fake's `answer` replies with `reply`."""
+
+    protocol_version = "HTTP/1.1"
+    body: bytes
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def reply(
+        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, cut: int | None = None
+    ) -> None:
+        """Answer; ``cut``: send only that many body bytes, then drop the connection."""
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body if cut is None else body[:cut])
+            self.wfile.flush()
+        if cut is not None:
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def error(self, status: int, code: str) -> None:
+        self.reply(status, f"<Error><Code>{code}</Code><Message>m</Message></Error>".encode())
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(n) if n else b""
+        fake: FakeS3 = self.server.fake  # type: ignore[attr-defined]
+        with fake.lock:
+            fake.seen.append((self.command, self.path, self.headers.get("Range"), len(self.body)))
+        fake.answer(self)
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _handle
+
+
+@dataclass
+class FakeS3:
+    url: str
+    answer: Callable[[Request], None] = lambda r: r.error(500, "NotScripted")
+    seen: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, method: str, contains: str = "") -> int:
+        with self.lock:
+            return sum(1 for m, p, _, _ in self.seen if m == method and contains in p)
+
+    def part_puts(self, number: int) -> int:
+        with self.lock:
+            return sum(1 for m, p, _, _ in self.seen if m == "PUT" and _part(p) == number)
+
+    def store(self, **kwargs: int) -> Storage:
+        return Storage(
+            StorageSettings(endpoint=self.url, bucket="b", access_key="AK", secret_key=SecretStr("SK")),
+            **kwargs,
+        )
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeS3]:
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)  # backoff without waiting
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Request)
+    fake = FakeS3(f"http://127.0.0.1:{srv.server_address[1]}")
+    srv.fake = fake  # type: ignore[attr-defined]
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield fake
+    srv.shutdown()
+    srv.server_close()
+
+
+# -- one retry layer ---------------------------------------------------------------------------
+
+
+def test_a_throttling_server_gets_attempts_requests_per_call_not_attempts_squared(s3: FakeS3) -> None:
+    # botocore retried inside our retry(): 4 x 3 = 12 listings here (30 with the default 5).
+    s3.answer = lambda r: r.error(503, "SlowDown")
+    store = s3.store(attempts=3)
+    with pytest.raises(ClientError):
+        list(store.iter_objects("projects/p/"))
+    assert s3.count("GET") == 3
+    s3.seen.clear()
+    with pytest.raises(ClientError):
+        store.delete_prefix("projects/p/")
+    assert s3.count("GET") == 3
+    s3.seen.clear()
+    with pytest.raises(S3HttpError):
+        store.head("projects/p/k")
+    assert s3.count("HEAD") == 3
+
+
+def test_clock_skew_is_not_retried(s3: FakeS3) -> None:
+    # A retry is signed with the same wrong clock: refused the same way.
+    s3.answer = lambda r: r.error(403, "RequestTimeTooSkewed")
+    with pytest.raises(S3HttpError, match="RequestTimeTooSkewed"):
+        s3.store(attempts=3).put_bytes("projects/p/jobs/j/result.json", b"{}")
+    assert s3.count("PUT") == 1
+
+
+def _part(path: str) -> int | None:
+    numbers = parse_qs(urlsplit(path).query).get("partNumber")
+    return int(numbers[0]) if numbers else None
+
+
+def _multipart(fail_part: int, failures: int) -> Callable[[Request], None]:
+    """S3's multipart calls; part `fail_part` answers 503 its first `failures` times."""
+    left = {"n": failures}
+
+    def answer(r: Request) -> None:
+        if r.command == "POST" and r.path.endswith("?uploads"):
+            r.reply(
+                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+            )
+        elif r.command == "PUT" and "partNumber=" in r.path:
+            if _part(r.path) == fail_part and left["n"] > 0:
+                left["n"] -= 1
+                r.error(503, "SlowDown")
+            else:
+                r.reply(200, headers={"ETag": '"p"'})
+        elif r.command == "POST" and "uploadId=u1" in r.path:
+            r.reply(200, b'<CompleteMultipartUploadResult><ETag>"x"</ETag></CompleteMultipartUploadResult>')
+        elif r.command == "DELETE":
+            r.reply(204)
+        else:
+            r.error(400, "Unexpected")
+
+    return answer
+
+
+@pytest.fixture
+def big_file(tmp_path: Path) -> Path:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"x" * (16 * MiB + 1))  # multipart: 5 + 5 + 5 + 1 MiB parts
+    return path
+
+
+def test_a_failing_part_is_retried_by_itself(s3: FakeS3, big_file: Path) -> None:
+    s3.answer = _multipart(fail_part=2, failures=2)
+    res = s3.store(attempts=3, part_size=5 * MiB).upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
+    assert res.size == big_file.stat().st_size
+    assert s3.count("POST", "?uploads") == 1
+    assert [s3.part_puts(n) for n in (1, 2, 3, 4)] == [1, 3, 1, 1]
+    sent = sum(n for m, p, _, n in s3.seen if m == "PUT")
+    assert sent == res.size + 2 * 5 * MiB  # the file once, plus part 2 twice more
+
+
+def test_a_part_that_keeps_failing_aborts_the_upload_without_starting_over(
+    s3: FakeS3, big_file: Path
+) -> None:
+    # It used to restart the whole upload `attempts` times, each with botocore's retries of the part.
+    s3.answer = _multipart(fail_part=2, failures=1000)
+    with pytest.raises(ClientError, match="SlowDown"):
+        s3.store(attempts=3, part_size=5 * MiB).upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
+    assert s3.count("POST", "?uploads") == 1
+    assert s3.part_puts(2) == 3
+    assert s3.count("DELETE", "uploadId=u1") == 1
+
+
+# -- resumed downloads -------------------------------------------------------------------------
+
+V1 = bytes(range(256)) * 16  # 4096 bytes
+V2 = b"B" * 3000
+
+
+def _download(store: Storage, tmp_path: Path) -> bytes:
+    res = store.download_file("k", tmp_path / "out")
+    data = (tmp_path / "out").read_bytes()
+    assert res.size == len(data) and res.sha256 == hashlib.sha256(data).hexdigest()
+    return data
+
+
+def _ranged(obj: bytes, etag: str, r: Request) -> None:
+    start = int((r.headers["Range"] or "").removeprefix("bytes=").rstrip("-"))
+    if start >= len(obj):
+        r.reply(416, b"<Error><Code>InvalidRange</Code></Error>", {"ETag": etag})
+    else:
+        r.reply(206, obj[start:], {"ETag": etag, "Content-Range": f"bytes {start}-{len(obj) - 1}/{len(obj)}"})
+
+
+def test_a_resumed_download_continues_where_it_stopped(s3: FakeS3, tmp_path: Path) -> None:
+    def answer(r: Request) -> None:
+        if "Range" in r.headers:
+            _ranged(V1, '"v1"', r)
+        else:
+            r.reply(200, V1, {"ETag": '"v1"'}, cut=1000)
+
+    s3.answer = answer
+    assert _download(s3.store(attempts=3), tmp_path) == V1
+    assert [rng for m, _, rng, _ in s3.seen if m == "GET"] == [None, "bytes=1000-"]
+
+
+def test_a_server_ignoring_range_is_not_appended(s3: FakeS3, tmp_path: Path) -> None:
+    # The 200's full body was appended to the first 1000 bytes: 5096 bytes came out.
+    def answer(r: Request) -> None:
+        r.reply(200, V1, {"ETag": '"v1"'}, cut=None if "Range" in r.headers else 1000)
+
+    s3.answer = answer
+    assert _download(s3.store(attempts=3), tmp_path) == V1
+
+
+def test_a_range_answer_starting_elsewhere_is_not_appended(s3: FakeS3, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def answer(r: Request) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            r.reply(200, V1, {"ETag": '"v1"'}, cut=1000)
+        elif "Range" in r.headers:  # a broken proxy: the whole object as a 206
+            r.reply(206, V1, {"ETag": '"v1"', "Content-Range": f"bytes 0-{len(V1) - 1}/{len(V1)}"})
+        else:
+            r.reply(200, V1, {"ETag": '"v1"'})
+
+    s3.answer = answer
+    assert _download(s3.store(attempts=3), tmp_path) == V1
+
+
+def test_invalid_range_after_the_object_was_replaced_starts_over(s3: FakeS3, tmp_path: Path) -> None:
+    # V1 was cut at 3000 bytes, then replaced by the 3000-byte V2: "bytes=3000-" is unsatisfiable,
+    # which used to end the download with V1's first 3000 bytes.
+    calls = {"n": 0}
+
+    def answer(r: Request) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            r.reply(200, V1, {"ETag": '"v1"'}, cut=3000)
+        elif "Range" in r.headers:
+            _ranged(V2, '"v2"', r)
+        else:
+            r.reply(200, V2, {"ETag": '"v2"'})
+
+    s3.answer = answer
+    assert _download(s3.store(attempts=3), tmp_path) == V2
+    assert s3.count("HEAD") == 1
+
+
+def test_invalid_range_with_every_byte_read_ends_the_download(s3: FakeS3, tmp_path: Path) -> None:
+    # The connection dropped after the last byte (the length promised one more): nothing is left.
+    calls = {"n": 0}
+
+    def answer(r: Request) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            r.reply(200, V1 + b"!", {"ETag": '"v1"'}, cut=len(V1))
+        elif "Range" in r.headers:
+            _ranged(V1, '"v1"', r)
+        else:
+            r.reply(200, V1, {"ETag": '"v1"'})
+
+    s3.answer = answer
+    assert _download(s3.store(attempts=3), tmp_path) == V1
+    assert [m for m, *_ in s3.seen] == ["GET", "GET", "HEAD"]
+
+
+def test_an_object_that_keeps_changing_fails_the_download_in_bounded_time(s3: FakeS3, tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def answer(r: Request) -> None:
+        calls["n"] += 1
+        etag = f'"v{calls["n"]}"'
+        if "Range" in r.headers:
+            _ranged(V1, etag, r)
+        else:
+            r.reply(200, V1, {"ETag": etag}, cut=1000)
+
+    s3.answer = answer
+    with pytest.raises(http.client.IncompleteRead):  # every start over needs a dropped read first
+        s3.store(attempts=3).download_file("k", tmp_path / "out")
+    assert s3.count("GET") == 5 and not (tmp_path / "out").exists()
