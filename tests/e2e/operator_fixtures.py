@@ -185,6 +185,7 @@ class OperatorHarness:
         return k8s_client.CustomObjectsApi(self.cluster.api_client)
 
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
+        """kubectl's stdout; with check=False its stdout and stderr (what a refusal says)."""
         proc = subprocess.run(
             [self.kubectl_bin, f"--kubeconfig={self.cluster.kubeconfig}", *args],
             input=stdin,
@@ -195,7 +196,7 @@ class OperatorHarness:
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc.stdout
+        return proc.stdout if check else proc.stdout + proc.stderr
 
     def create_job(self, name: str, params: dict[str, Any], **spec: Any) -> dict[str, Any]:
         body = {

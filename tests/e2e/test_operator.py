@@ -7,6 +7,7 @@ subprocess for this module's own project namespace (operator_fixtures.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -39,6 +40,13 @@ def _objects(storage: Storage, prefix: str) -> list[str]:
     return [o.key for o in storage.iter_objects(prefix)]
 
 
+def apply_example(h: H, name: str) -> None:
+    """`kubectl apply` of deploy/examples/<name> in this module's project namespace (the examples
+    name the demo project, and a ProjectJob must name its namespace's project)."""
+    example = (EXAMPLES / name).read_text().replace("projectId: demo", f"projectId: {PROJECT_ID}")
+    h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=example)
+
+
 def _reasons(h: H, job: str) -> list[str]:
     return [e.reason for e in h.events(job)]
 
@@ -47,7 +55,7 @@ def _reasons(h: H, job: str) -> list[str]:
 
 
 def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) -> None:
-    h.kubectl("apply", "-n", h.namespace, "-f", str(EXAMPLES / "basic.yaml"))
+    apply_example(h, "basic.yaml")
     status = h.wait_phase("hello", "SUCCESS", "ERROR")
     assert status["phase"] == "SUCCESS", status
     assert status["returnCode"] == 0 and status["actualCloudInstanceType"] == "c1.4"
@@ -67,7 +75,7 @@ def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) ->
 
 
 def test_gpu_job_gets_the_catalog_placement_and_runs_on_the_gpu_node(h: H) -> None:
-    h.kubectl("apply", "-n", h.namespace, "-f", str(EXAMPLES / "gpu.yaml"))
+    apply_example(h, "gpu.yaml")
     status = h.wait_phase("gpu-hello", "SUCCESS", "ERROR")
     assert status["phase"] == "SUCCESS", status
     (pod,) = h.pods("gpu-hello")
@@ -216,6 +224,33 @@ def test_a_pod_deleted_by_someone_else_fails_the_attempt_it_is_no_cancel(h: H) -
     assert "deleted-retry-a1" in failed.message, failed.message
     h.patch_spec("deleted-retry", {"cancel": {"reason": "e2e done"}})
     assert h.wait_phase("deleted-retry", "CANCELLED", "ERROR", timeout=120)["phase"] == "CANCELLED"
+
+
+def test_a_job_must_name_its_namespaces_project(h: H) -> None:
+    # Its data lives under projects/<projectId>/: naming another project would reach that
+    # project's data. The admission policy refuses it, and projectId cannot change later.
+    body = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {"name": "elsewhere"},
+        "spec": {"projectId": "someone-else", "jobParameters": {"cmd": "true"}},
+    }
+    out = h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=json.dumps(body), check=False)
+    assert "spec.projectId: someone-else is not the project of namespace" in out, out
+    assert h.job("elsewhere") is None
+    h.create_job("stays", {"cmd": "true"}, execute=False)
+    out = h.kubectl(
+        "patch",
+        "pj",
+        "stays",
+        "-n",
+        h.namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"projectId":"other"}}',
+        check=False,
+    )
+    assert "projectId is immutable" in out, out
 
 
 # --- robustness -----------------------------------------------------------------------------------

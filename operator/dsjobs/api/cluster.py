@@ -223,19 +223,21 @@ class JobIndex:
     def __len__(self) -> int:
         return len(self._where)
 
-    async def locate(self, name: str) -> str | None:
+    async def locate(self, name: str) -> list[str]:
+        """The namespaces that have a job of this name (sorted; usually one).
+
+        Ids the API makes are unique; hand-applied jobs may share a name across namespaces, so the
+        caller picks among them (Core.authorized_job: the one of a project it may use)."""
         spaces = self._where.get(name)
         if spaces:
-            # Ids the API makes are unique; hand-applied jobs could share a name across projects.
-            return min(spaces)
+            return sorted(spaces)
         result = await self._kube.request(
             "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
         )
         items = result.get("items") or []
         for item in items:
             self.remember(item)
-        found = sorted(str((i.get("metadata") or {}).get("namespace", "")) for i in items)
-        return found[0] if found else None
+        return sorted({str((i.get("metadata") or {}).get("namespace", "")) for i in items})
 
     async def _run(self) -> None:
         delay = 1.0

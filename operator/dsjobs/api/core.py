@@ -30,7 +30,7 @@ from dsjobs.api.cluster import (
     ProjectIndex,
     ProjectInfo,
 )
-from dsjobs.api.errors import KubeError
+from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.ids import is_job_id
 from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
 from dsjobs.api.metrics import KUBE_CALLS
@@ -140,20 +140,23 @@ class Core:
         await self.auth.authorize(identity, verb, info.namespace, info.project_id)
         return identity, info
 
-    async def locate(self, job_id: str, field: str = "job_id") -> tuple[str, str]:
-        """(namespace, project id) of a job, or NOT_FOUND."""
+    async def locate(self, job_id: str, field: str = "job_id") -> list[tuple[str, str]]:
+        """(namespace, project id) of each project namespace with a job of this id, or NOT_FOUND."""
         if not job_id:
             raise errors.invalid_argument("is required", field)
         if len(job_id) > 63 or not is_job_id(job_id):
             raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id", field)
+        found: list[tuple[str, str]] = []
         try:
-            namespace = await self.jobs.locate(job_id)
-            project_id = await self.projects.project_of_namespace(namespace) if namespace else None
+            for namespace in await self.jobs.locate(job_id):
+                project_id = await self.projects.project_of_namespace(namespace)
+                if project_id is not None:
+                    found.append((namespace, project_id))
         except KubeError as exc:
             raise errors.from_kube(exc, f"job {job_id!r}") from exc
-        if namespace is None or project_id is None:
+        if not found:
             raise errors.not_found(f"job {job_id!r} not found")
-        return namespace, project_id
+        return found
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
         """The job, from the watch cache unless `fresh` (writes always start from a fresh read)."""
@@ -187,11 +190,29 @@ class Core:
         *,
         fresh: bool = False,
     ) -> tuple[Identity, JobSnapshot]:
-        """Authenticate, find the job's project, authorize `verb` there, then read the job."""
+        """Authenticate, find the job's project, authorize `verb` there, then read the job.
+
+        A job is its namespace's project's only when its spec says that project too: its data lives
+        under the spec's project, so a job naming another project is no job of this one (the
+        admission policy refuses such jobs; this holds where it is not installed). Should several
+        namespaces have a job of this id, the first of a project the caller may use is the one.
+        """
         identity = await self.identity(context)
-        namespace, project_id = await self.locate(job_id, field)
-        await self.auth.authorize(identity, verb, namespace, project_id)
-        return identity, await self.get_job(namespace, job_id, fresh=fresh)
+        denied: ApiError | None = None
+        for namespace, project_id in await self.locate(job_id, field):
+            try:
+                await self.auth.authorize(identity, verb, namespace, project_id)
+            except ApiError as exc:
+                if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                denied = denied or exc
+                continue
+            job = await self.read_job(namespace, job_id, fresh=fresh)
+            if job is not None and job.project_id == project_id:
+                return identity, job
+        if denied is not None:
+            raise denied
+        raise errors.not_found(f"job {job_id!r} not found")
 
     async def patch_job(
         self, job: JobSnapshot, patch: Mapping[str, Any], *, guard: bool = False

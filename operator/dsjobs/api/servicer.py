@@ -881,9 +881,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
             jobs = await self.core.all_jobs(info)
             pending = sum(1 for j in jobs if operations.data_deletion_pending(j))
             return operations.delete_all_data_operation(ref, pending, now())
-        job = await self.core.read_job(info.namespace, ref.job_id)
-        if job is not None and ref.job_uid and job.uid != ref.job_uid:
-            job = None  # another job under the same name
+        job = _of_operation(await self.core.read_job(info.namespace, ref.job_id), ref, info)
         if ref.kind == OpKind.DELETE:
             return operations.delete_operation(ref, job, now())
         if ref.kind == OpKind.DELETE_DATA:
@@ -905,11 +903,19 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
     ) -> operation_pb2.Operation:
         identity, ref, info = await self._resolve(request.operation_id, context, Verb.UPDATE)
         if ref.kind == OpKind.EXECUTE:
-            job = await self.core.read_job(info.namespace, ref.job_id, fresh=True)
-            if job is not None and (not ref.job_uid or job.uid == ref.job_uid):
+            job = _of_operation(await self.core.read_job(info.namespace, ref.job_id, fresh=True), ref, info)
+            if job is not None:
                 await cancel_job(self.core, job, "operation cancelled", False, identity)
         # Other operations finish on their own (creation is immediate, deletion cannot be undone).
         return await self._operation(ref, info, request.operation_id)
+
+
+def _of_operation(job: JobSnapshot | None, ref: OpRef, info: ProjectInfo) -> JobSnapshot | None:
+    """The operation's job, or None: another job under the same name (uid), or a job in the
+    project's namespace whose spec names another project (see Core.authorized_job)."""
+    if job is None or (ref.job_uid and job.uid != ref.job_uid) or job.project_id != info.project_id:
+        return None
+    return job
 
 
 # --- ProjectService -----------------------------------------------------------------------------

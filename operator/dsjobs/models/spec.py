@@ -323,9 +323,11 @@ class ProjectJobSpec(CRModel):
     """Desired state of a ProjectJob. The resource's name is the job id."""
 
     project_id: str = field(
-        "Project the job belongs to (the namespace's `dsjobs.dev/project-id` label).",
+        "Project the job belongs to: the `dsjobs.dev/project-id` label of the job's namespace "
+        "(the admission policy projectjobs-in-their-project checks it). Immutable.",
         maxLength=63,
         pattern=RESOURCE_ID_PATTERN,
+        **cel("self == oldSelf", "projectId is immutable"),
     )
     name: str = field("Job name.", "", maxLength=MAX_NAME_LENGTH)
     desc: str = field("Job description.", "", maxLength=MAX_DESC_LENGTH)

@@ -1,0 +1,130 @@
+"""A job belongs to its namespace's project: the API never serves another project's data through it.
+
+A project user may create a ProjectJob by hand (kubectl) in their own namespace; its
+spec.projectId names the storage prefix of its data. One naming another project (with the same
+id as a job there) must not open that project's logs, files or input cache. The admission policy
+refuses such jobs (crds/projectjobs-in-their-project.yaml); these tests cover the API where it is
+not installed. Real Core, Authenticator and indexes; a fake cluster and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import grpc
+import pytest
+from test_api_logs import MemoryStore
+
+from dsjobs.api import auth
+from dsjobs.api.cluster import InstanceTypeCatalog, JobIndex, ProjectIndex
+from dsjobs.api.core import Core
+from dsjobs.api.errors import ApiError, KubeError
+from dsjobs.api.kube import Kube, jobs_path, namespaces_path
+from dsjobs.api.operations import OpKind, OpRef
+from dsjobs.api.servicer import OperationService, ProjectJobService
+from dsjobs.api.settings import Settings
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
+from dsjobs.pb.yandex.cloud.operation import operation_service_pb2 as opsvc
+
+JOB = "0abcdefghijklmnopqrs"
+NAMESPACES = {"team-a": "pa", "team-b": "pb"}
+# Who may do anything where: mallory in team-a only, bob in team-b only, carol in both.
+RIGHTS = {("mallory", "team-a"), ("bob", "team-b"), ("carol", "team-a"), ("carol", "team-b")}
+
+
+def job(namespace: str, project: str, uid: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": JOB,
+            "namespace": namespace,
+            "uid": uid,
+            "resourceVersion": "5",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"dsjobs.dev/project-id": project},
+        },
+        "spec": {"projectId": project, "jobParameters": {"cmd": "python train.py"}},
+        "status": {"phase": "CREATING"},
+    }
+
+
+class FakeKube:
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.jobs = jobs
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if path == namespaces_path():
+            items = [
+                {"metadata": {"name": n, "labels": {"dsjobs.dev/project-id": p}}}
+                for n, p in NAMESPACES.items()
+            ]
+            return {"items": items}
+        params = kwargs.get("params") or {}
+        if path == jobs_path() and "fieldSelector" in params:
+            return {"items": list(self.jobs)}
+        for j in self.jobs:
+            if path == jobs_path(j["metadata"]["namespace"], JOB):
+                return j
+        raise KubeError(404, "NotFound", path)
+
+
+class Ctx:
+    def __init__(self, user: str) -> None:
+        self.user = user
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.user}")]
+
+
+def services(jobs: list[dict[str, Any]]) -> tuple[ProjectJobService, OperationService]:
+    async def review_token(token: str) -> auth.Identity:
+        return auth.Identity(token)
+
+    async def review_access(
+        who: auth.Identity, verb: auth.Verb, namespace: str, project: str
+    ) -> auth.Decision:
+        allowed = (who.username, namespace) in RIGHTS
+        return auth.Decision(allowed, "" if allowed else "no RBAC rule")
+
+    kube = cast(Kube, FakeKube(jobs))
+    core = Core(
+        Settings(),
+        kube,
+        MemoryStore(),
+        auth.Authenticator(review_token, review_access),
+        ProjectIndex(kube),
+        JobIndex(kube),
+        InstanceTypeCatalog(kube),
+    )
+    jobs_service = ProjectJobService(core)
+    return jobs_service, OperationService(core, jobs_service)
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(ApiError) as info:
+        asyncio.run(call)
+    return info.value.code
+
+
+def test_a_job_naming_another_project_is_no_job_of_its_namespace() -> None:
+    # mallory's hand-made job in her namespace says it is project pb's: nothing of pb through it.
+    jobs, ops = services([job("team-a", "pb", "uid-mallory")])
+    ctx = cast(Any, Ctx("mallory"))
+    assert code_of(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), ctx)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(jobs.DownloadStdLogs(svc.DownloadProjectJobStdLogsRequest(job_id=JOB), ctx)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    op_id = OpRef(OpKind.CREATE, "pa", JOB, "uid-mallory").encode()
+    assert code_of(ops.Get(opsvc.GetOperationRequest(operation_id=op_id), ctx)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_job_id_in_two_namespaces_is_the_one_the_caller_may_use() -> None:
+    jobs, _ = services([job("team-a", "pa", "uid-a"), job("team-b", "pb", "uid-b")])
+    got = asyncio.run(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("bob"))))
+    assert got.project_id == "pb"  # not team-a's, which sorts first
+    got = asyncio.run(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("mallory"))))
+    assert got.project_id == "pa"
+    # Nobody's: the first refusal is the answer.
+    assert code_of(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("eve")))) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
