@@ -7,6 +7,7 @@ handlers would fill them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, started, step, terminated
 
@@ -44,3 +45,25 @@ def test_an_adopted_pod_gives_its_runner_result() -> None:
     assert got == res
     s = step(j, [ended], res=got).status
     assert s.phase == JobPhase.SUCCESS and [o.desc.path for o in s.output_files] == ["out.txt"]
+
+
+def test_the_error_backoff_doubles_up_to_a_minute_and_never_overflows() -> None:
+    from dsjobs.controller.handlers import MAX_ERROR_BACKOFF, error_backoff
+
+    assert [error_backoff(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert error_backoff(8) == MAX_ERROR_BACKOFF == error_backoff(1025) == error_backoff(10**6)
+
+
+def test_a_reconcile_cancelled_while_waiting_for_the_lock_drops_no_later_trigger() -> None:
+    async def scenario() -> None:
+        op = Operator(SETTINGS, environ={})
+        async with op._locked(KEY):  # another reconcile of the job is running
+            waiting = asyncio.ensure_future(op.reconcile(KEY))
+            await asyncio.sleep(0)
+            assert KEY in op._waiting
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        assert KEY not in op._waiting  # else every later event of the job would be dropped
+
+    asyncio.run(scenario())

@@ -36,7 +36,16 @@ import kopf
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
-from dsjobs.controller.kube import JOBS_PATH, Conflict, Invalid, Kube, core_path, job_path, merge_diff
+from dsjobs.controller.kube import (
+    JOBS_PATH,
+    Conflict,
+    Invalid,
+    Kube,
+    NotFound,
+    core_path,
+    job_path,
+    merge_diff,
+)
 from dsjobs.controller.names import (
     FINALIZER,
     JOB_LABEL,
@@ -99,6 +108,12 @@ STORAGE_ENV: Final = (
     "DSJOBS_S3_REGION",
     "DSJOBS_S3_PUBLIC_ENDPOINT",
 )
+
+
+def error_backoff(failures: int) -> float:
+    """Seconds before retrying a job whose reconcile failed `failures` times in a row: 0.5, 1, 2, ...
+    up to MAX_ERROR_BACKOFF (the exponent is bounded: 2**1024 is no float)."""
+    return min(MAX_ERROR_BACKOFF, 0.5 * 2.0 ** min(failures - 1, 16))
 
 
 def jlog(level: int, key: tuple[str, str], message: str, *args: object) -> None:
@@ -264,22 +279,36 @@ class Operator:
         if key in self._waiting:
             return
         self._waiting.add(key)
-        async with self._locked(key):
-            self._waiting.discard(key)
-            try:
-                requeue = await self._reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                count = self._errors.get(key, 0) + 1
-                self._errors[key] = count
-                delay = min(MAX_ERROR_BACKOFF, 0.5 * 2 ** (count - 1))
-                metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
-                jlog(logging.WARNING, key, "reconcile failed, retrying in %.1fs: %r", delay, exc)
-                self._schedule(key, timedelta(seconds=delay))
+        locked = False
+        try:
+            async with self._locked(key):
+                locked = True
+                self._waiting.discard(key)
+                await self._reconcile_locked(key)
+        finally:
+            if not locked:  # cancelled while waiting: later triggers must not be dropped
+                self._waiting.discard(key)
+
+    async def _reconcile_locked(self, key: Key) -> None:
+        try:
+            requeue = await self._reconcile(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, NotFound) and await self._job_gone(key):
+                # The job was deleted meanwhile (without our finalizer, or it was already let go):
+                # nothing to retry, and nothing of it to keep.
+                self._forget(key)
                 return
-            self._errors.pop(key, None)
-            self._schedule(key, requeue)
+            count = self._errors.get(key, 0) + 1
+            self._errors[key] = count
+            delay = error_backoff(count)
+            metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
+            jlog(logging.WARNING, key, "reconcile failed, retrying in %.1fs: %r", delay, exc)
+            self._schedule(key, timedelta(seconds=delay))
+            return
+        self._errors.pop(key, None)
+        self._schedule(key, requeue)
 
     async def _reconcile(self, key: Key) -> timedelta | None:
         assert self.kube is not None
@@ -327,6 +356,13 @@ class Operator:
             # A status-only step (e.g. a new attempt decided): plan again to act on it.
         jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
         return timedelta(seconds=5)
+
+    async def _job_gone(self, key: Key) -> bool:
+        """True when the API server says the job does not exist (any doubt: False)."""
+        try:
+            return await self._fetch_job(key) is None
+        except Exception:
+            return False
 
     def _pace(self, key: Key, job: JobView, step: Plan, status: ProjectJobStatus) -> timedelta | None:
         last = self._written_at.get(key)
