@@ -329,6 +329,18 @@ def test_finalize_keeps_the_api_password_secret_and_clear_data_works_unexecuted(
     h.patch_spec(job, {"finalized": True})
     poll("the operator's Secrets to go", lambda: secrets() == {password}, 60)
 
+    # A passwordSecretRef must name a registry password Secret: the operator reads Secrets the
+    # project's users may not (a runner Secret holds the storage credentials) and would hand the
+    # value to a registry of the user's choice.
+    h.core.create_namespaced_secret(
+        h.namespace, {"metadata": {"name": "not-a-password"}, "stringData": {"key": "storage secret"}}
+    )
+    stolen = {**image, "passwordSecretRef": {"name": "not-a-password", "key": "key"}}
+    h.create_job("steal", {"cmd": "true", "env": {"dockerImageSpec": stolen}})
+    status = h.wait_phase("steal", "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR", status
+    assert "is not labelled dsjobs.dev/secret-role=registry-password" in status["statusDetails"], status
+
     # DeleteData of a job that was never executed: its input goes, dataCleared says so.
     data = f"never used {uuid.uuid4()}\n".encode()
     sha = hashlib.sha256(data).hexdigest()

@@ -262,3 +262,17 @@ def test_bind_address_of_metrics_and_liveness(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(metrics, "start_http_server", refuse)
     assert not metrics.serve(9090)
+
+
+def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
+    from dsjobs.controller.secrets import registry_password_source_problem
+
+    labelled = {"metadata": {"labels": {"dsjobs.dev/secret-role": "registry-password"}}}
+    runner = {"metadata": {"labels": {"dsjobs.dev/secret-role": "runner"}}}
+    assert registry_password_source_problem(labelled, by_ref=True) == ""
+    assert "not labelled dsjobs.dev/secret-role=registry-password" in registry_password_source_problem(
+        runner, by_ref=True
+    )
+    assert registry_password_source_problem({}, by_ref=True)
+    # passwordDsSecretName: a key of the project secrets, which the job's environment gets anyway.
+    assert registry_password_source_problem({}, by_ref=False) == ""

@@ -36,7 +36,7 @@ from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
-from dsjobs.controller.names import FINALIZER
+from dsjobs.controller.names import FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
 from dsjobs.models import (
@@ -389,7 +389,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 "namespace": job.namespace,
                 "labels": {
                     **job_labels(job.project_id, job.name),
-                    "dsjobs.dev/secret-role": "registry-password",
+                    SECRET_ROLE_LABEL: REGISTRY_PASSWORD_ROLE,
                 },
                 "ownerReferences": [
                     {

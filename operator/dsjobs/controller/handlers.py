@@ -78,7 +78,7 @@ from dsjobs.controller.render import (
     runner_secret,
     user_image,
 )
-from dsjobs.controller.secrets import registry_secret, secret_value
+from dsjobs.controller.secrets import registry_password_source_problem, registry_secret, secret_value
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
 from dsjobs.models import (
@@ -678,6 +678,9 @@ class Operator:
         secret = await self.kube.get("secrets", core_path(namespace, "secrets", name))
         if secret is None:
             return None, f"registry password: Secret {name!r} not found in namespace {namespace}"
+        problem = registry_password_source_problem(secret, by_ref=image.password_secret_ref is not None)
+        if problem:
+            return None, f"registry password: Secret {name!r} {problem}"
         value = secret_value(secret, key)
         if value is None:
             return None, f"registry password: Secret {name!r} has no key {key!r}"

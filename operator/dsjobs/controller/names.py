@@ -18,6 +18,9 @@ SECRET_ROLE_LABEL: Final = "dsjobs.dev/secret-role"
 # registry password) is not one: Clone copies it from a finished job; it goes with the job.
 RUNNER_SECRET_ROLE: Final = "runner"
 REGISTRY_SECRET_ROLE: Final = "registry"
+# Secrets that hold a registry password (the API's <job>-docker-password; a kubectl user labels
+# their own): the only ones a dockerImageSpec.passwordSecretRef may name.
+REGISTRY_PASSWORD_ROLE: Final = "registry-password"
 
 S3_MOUNT_LABEL: Final = "dsjobs.dev/s3-mount-id"
 DATASET_LABEL: Final = "dsjobs.dev/dataset-id"

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dsjobs.controller.names import REGISTRY_SECRET_ROLE, SECRET_ROLE_LABEL
+from dsjobs.controller.names import REGISTRY_PASSWORD_ROLE, REGISTRY_SECRET_ROLE, SECRET_ROLE_LABEL
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -92,3 +92,21 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
         return base64.b64decode(raw).decode()
     except (ValueError, UnicodeDecodeError):
         return None
+
+
+def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool) -> str:
+    """Why the operator must not send this Secret's value to a registry, or "".
+
+    The operator reads Secrets that project users may not: a passwordSecretRef to any Secret of
+    the namespace (say a runner Secret with the storage credentials) and an image URL of the user's
+    choice would make the kubelet hand that value to the user's registry. So a passwordSecretRef
+    must name a Secret labelled as a registry password (the API labels the ones it makes; a
+    kubectl user labels their own). passwordDsSecretName reads the project secrets, which the
+    job's environment gets anyway.
+    """
+    if not by_ref:
+        return ""
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    if labels.get(SECRET_ROLE_LABEL) != REGISTRY_PASSWORD_ROLE:
+        return f"is not labelled {SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} (only such Secrets are used as passwords)"
+    return ""
