@@ -580,6 +580,10 @@ class Storage:
             "get_object", Params=params, ExpiresIn=self._expiry_seconds(expires)
         )
 
+    def _retry(self, fn: Callable[[], T], *, what: str) -> T:
+        """`retry` with this store's attempts: the one retry layer of every request it makes."""
+        return retry(fn, what=what, attempts=self.attempts)
+
     # -- small objects --------------------------------------------------------------------------
 
     def head(self, key: str) -> ObjectInfo | None:
@@ -594,7 +598,7 @@ class Storage:
                 key=key, size=int(r.headers.get("content-length", 0)), etag=r.headers.get("etag", "")
             )
 
-        return retry(call, what=f"head {key}", attempts=self.attempts)
+        return self._retry(call, what=f"head {key}")
 
     def exists(self, key: str, *, size: int | None = None) -> bool:
         """True if the key exists (and, when ``size`` is given, has exactly that many bytes).
@@ -641,7 +645,7 @@ class Storage:
                     raise PreconditionFailedError(f"{key} already exists with other content") from exc
                 raise
 
-        retry(call, what=f"put {key}", attempts=self.attempts)
+        self._retry(call, what=f"put {key}")
 
     def get_bytes(self, key: str) -> bytes | None:
         """The whole object, or None if it does not exist. For small objects only."""
@@ -654,7 +658,7 @@ class Storage:
                     return None
                 raise
 
-        return retry(call, what=f"get {key}", attempts=self.attempts)
+        return self._retry(call, what=f"get {key}")
 
     def delete(self, key: str) -> None:
         def call() -> None:
@@ -664,7 +668,7 @@ class Storage:
                 if exc.status != 404:  # some servers say so for a key that is already gone
                     raise
 
-        retry(call, what=f"delete {key}", attempts=self.attempts)
+        self._retry(call, what=f"delete {key}")
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""
@@ -673,10 +677,9 @@ class Storage:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
             if token:
                 kwargs["ContinuationToken"] = token
-            page = retry(
+            page = self._retry(
                 lambda kw=kwargs: self._client.list_objects_v2(**kw),  # type: ignore[misc]
                 what=f"list {prefix}",
-                attempts=self.attempts,
             )
             for obj in page.get("Contents", []):
                 yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), etag=str(obj.get("ETag", "")))
@@ -700,12 +703,11 @@ class Storage:
             if not batch:
                 return
             objs: list[Any] = [{"Key": k} for k in batch]
-            r = retry(
+            r = self._retry(
                 lambda: self._client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": objs, "Quiet": True}
                 ),
                 what=f"delete {len(batch)} under {prefix}",
-                attempts=self.attempts,
             )
             errors = r.get("Errors", [])
             if errors:
@@ -723,10 +725,9 @@ class Storage:
 
     def _abort_uploads(self, prefix: str) -> None:
         try:
-            r = retry(
+            r = self._retry(
                 lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix),
                 what=f"list uploads {prefix}",
-                attempts=self.attempts,
             )
         except (ClientError, BotoCoreError) as exc:
             log.info("storage list multipart uploads failed prefix=%s error=%s", prefix, _short(exc))
@@ -740,10 +741,9 @@ class Storage:
                 log.info("storage abort upload failed key=%s error=%s", u.get("Key"), _short(exc))
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
-        retry(
+        self._retry(
             lambda: self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id),
             what=f"abort upload {key}",
-            attempts=self.attempts,
         )
 
     # -- streaming transfers ---------------------------------------------------------------------
@@ -765,12 +765,11 @@ class Storage:
                 data = f.read(MULTIPART_THRESHOLD + 1)
                 if len(data) <= MULTIPART_THRESHOLD:
                     digest = hashlib.sha256(data).hexdigest()
-                    retry(
+                    self._retry(
                         lambda: self._http.request(
                             "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
                         ),
                         what=f"upload {key}",
-                        attempts=self.attempts,
                     )
                     return TransferResult(key=key, size=len(data), sha256=digest)
                 del data
@@ -782,12 +781,11 @@ class Storage:
         self, f: io.BufferedReader, key: str, content_type: str, size: int
     ) -> TransferResult:
         part_size = part_size_for(size, self.part_size)
-        upload_id = retry(
+        upload_id = self._retry(
             lambda: self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, ContentType=content_type
             )["UploadId"],
             what=f"start upload {key}",
-            attempts=self.attempts,
         )
         h = hashlib.sha256()
         total = 0
@@ -801,7 +799,7 @@ class Storage:
         def put(number: int, buf: bytearray, n: int) -> CompletedPartTypeDef:
             try:
                 body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
-                r = retry(
+                r = self._retry(
                     lambda: self._client.upload_part(
                         Bucket=self.bucket,
                         Key=key,
@@ -810,7 +808,6 @@ class Storage:
                         Body=body,  # type: ignore[arg-type]  # botocore takes bytearray too
                     ),
                     what=f"upload {key} part {number}",
-                    attempts=self.attempts,
                 )
                 return {"PartNumber": number, "ETag": r["ETag"]}
             finally:
@@ -840,12 +837,11 @@ class Storage:
                     for pending in inflight:
                         pending.cancel()
                     raise
-            retry(
+            self._retry(
                 lambda: self._client.complete_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
                 ),
                 what=f"complete upload {key}",
-                attempts=self.attempts,
             )
         except BaseException:
             # After the pool has drained: no part lands after the abort.
@@ -956,14 +952,11 @@ class Storage:
         return TransferResult(key=key, size=written, sha256=digest)
 
     def _has_size_and_etag(self, key: str, size: int, etag: str) -> bool:
-        """One HEAD (the download's own loop retries): is ``key`` ``size`` bytes with this ETag?"""
-        try:
-            r = self._http.request("HEAD", key)
-        except S3HttpError as exc:
-            if exc.status == 404:
-                raise ObjectNotFoundError(f"object {key} not found") from exc
-            raise
-        return r.headers.get("content-length") == str(size) and r.headers.get("etag", "") == etag
+        """Is ``key`` ``size`` bytes with this ETag?"""
+        info = self.head(key)
+        if info is None:
+            raise ObjectNotFoundError(f"object {key} not found")
+        return info.size == size and info.etag == etag
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", re.IGNORECASE)

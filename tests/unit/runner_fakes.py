@@ -8,7 +8,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dsjobs.storage import ObjectInfo, PreconditionFailedError, TransferResult
+from dsjobs.storage import (
+    IntegrityError,
+    ObjectInfo,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    TransferResult,
+)
 
 
 class MemoryStore:
@@ -83,7 +89,21 @@ class FileStore(MemoryStore):
         expected_size: int | None = None,
         expected_sha256: str | None = None,
     ) -> TransferResult:
-        data = self.objects[key]
+        """As Storage.download_file: ObjectNotFoundError, size and sha256 verified before `dest`."""
+        data = self._read(key)
+        if data is None:
+            raise ObjectNotFoundError(key)
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_size is not None and len(data) != expected_size:
+            raise IntegrityError(f"{key}: got {len(data)} bytes, expected {expected_size}")
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise IntegrityError(f"{key}: sha256 {digest} does not match expected {expected_sha256}")
         with open(dest, "wb") as f:
             f.write(data)
-        return TransferResult(key, len(data), hashlib.sha256(data).hexdigest())
+        return TransferResult(key, len(data), digest)
+
+    def _read(self, key: str) -> bytes | None:
+        """The bytes a download receives (a subclass may damage them on the way)."""
+        with self._lock:
+            self.requests += 1
+            return self.objects.get(key)

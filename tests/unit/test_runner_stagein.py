@@ -12,7 +12,7 @@ from runner_fakes import FileStore, MemoryStore, umask
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.ship import upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
-from dsjobs.storage import IntegrityError, ObjectInfo, ObjectNotFoundError, TransferResult, input_key
+from dsjobs.storage import ObjectInfo, input_key
 
 
 def test_prepare_lays_out_the_shared_volume(tmp_path: Path) -> None:
@@ -98,34 +98,18 @@ def test_an_input_rewritten_in_place_is_staged_then_collected_as_the_output(tmp_
 
 
 class CheckingStore(FileStore):
-    """FileStore whose downloads verify size and sha256 as Storage.download_file does; the next
-    `damaged` reads have their first byte flipped on the way."""
+    """FileStore (downloads verified as Storage.download_file does) whose next `damaged` reads have
+    their first byte flipped on the way."""
 
     damaged = 0
 
-    def download_file(
-        self,
-        key: str,
-        dest: str | os.PathLike[str],
-        *,
-        expected_size: int | None = None,
-        expected_sha256: str | None = None,
-    ) -> TransferResult:
+    def _read(self, key: str) -> bytes | None:
+        data = super()._read(key)
         with self._lock:
-            self.requests += 1
-            data = self.objects.get(key)
             if data is not None and self.damaged:
                 self.damaged -= 1
                 data = bytes([data[0] ^ 1]) + data[1:]
-        if data is None:
-            raise ObjectNotFoundError(key)
-        digest = hashlib.sha256(data).hexdigest()
-        if expected_size is not None and len(data) != expected_size:
-            raise IntegrityError(f"{key}: got {len(data)} bytes, expected {expected_size}")
-        if expected_sha256 is not None and digest != expected_sha256:
-            raise IntegrityError(f"{key}: sha256 {digest} does not match expected {expected_sha256}")
-        Path(dest).write_bytes(data)
-        return TransferResult(key, len(data), digest)
+        return data
 
 
 GOOD = b"id,value\n1,10\n"

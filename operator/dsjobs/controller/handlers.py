@@ -545,11 +545,7 @@ class Operator:
                     self._deleted[key].add(action.name)
                     jlog(logging.INFO, key, "deleted pod %s (%s)", action.name, action.why)
             elif isinstance(action, DeleteSecrets):
-                await self.kube.delete_collection(
-                    "secrets",
-                    core_path(job.namespace, "secrets"),
-                    operator_secrets_selector(job.name),
-                )
+                await self._delete_secrets(job)
             elif isinstance(action, ClearData):
                 await self._clear_data(job)
             elif isinstance(action, RemoveFinalizer):
@@ -654,9 +650,7 @@ class Operator:
             created: dict[str, Any] | None = results[1]
         except Invalid as exc:
             # The Secrets went out with the pod: without the pod nothing would ever delete them.
-            await self.kube.delete_collection(
-                "secrets", core_path(ns, "secrets"), operator_secrets_selector(job.name)
-            )
+            await self._delete_secrets(job)
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {exc}", now)
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)
@@ -665,6 +659,13 @@ class Operator:
                 metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
             jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
         return None
+
+    async def _delete_secrets(self, job: JobView) -> None:
+        """The Secrets the operator made for the job (runner config, registry), in one call."""
+        assert self.kube is not None
+        await self.kube.delete_collection(
+            "secrets", core_path(job.namespace, "secrets"), operator_secrets_selector(job.name)
+        )
 
     async def _registry_password(self, namespace: str, spec: ProjectJobSpec) -> tuple[str | None, str]:
         assert self.kube is not None
