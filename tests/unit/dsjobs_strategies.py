@@ -26,7 +26,11 @@ sha256s = st.text("0123456789abcdef", min_size=64, max_size=64)
 resource_ids = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 instance_type_names = st.from_regex(r"\A[a-z][a-z0-9]{0,3}\.[a-z0-9]{1,4}\Z")
 env_names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,12}\Z").filter(
-    lambda n: n not in L.RESERVED_ENV_VARS and not n.startswith(L.RESERVED_ENV_PREFIX)
+    lambda n: (
+        n not in L.RESERVED_ENV_VARS
+        and n not in L.SHELL_READONLY_ENV_VARS
+        and not n.startswith(L.RESERVED_ENV_PREFIX)
+    )
 )
 printable = st.text(
     st.characters(min_codepoint=32, max_codepoint=0x2FF, exclude_characters="\x7f"), max_size=30

@@ -92,3 +92,13 @@ def test_the_runner_does_not_import_the_job_models() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_runner_refuses_the_env_names_the_api_refuses() -> None:
+    # The runner cannot import dsjobs.models (above), so the two sets are kept equal here.
+    from dsjobs.models import limits
+    from dsjobs.runner import config
+
+    assert config.RESERVED_ENV == limits.RESERVED_ENV_VARS
+    assert config.RESERVED_ENV_PREFIX == limits.RESERVED_ENV_PREFIX
+    assert config.SHELL_READONLY_ENV == limits.SHELL_READONLY_ENV_VARS

@@ -170,6 +170,37 @@ def test_environment_variables_progress_file_and_cmd_template(shell: list[str], 
     assert cfg.layout.progress.read_text() == '{"progress": 40, "message": "m"}\n'
 
 
+def test_the_job_s_environment_is_the_program_s_not_the_script_s(shell: list[str], tmp_path: Path) -> None:
+    """A job's PATH without the image's tools, or its own IFS, reaches the program as given and
+    leaves the script's machinery alone: the launcher, the tees, the graceful-shutdown timer."""
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    # (The program's shell resets IFS when it starts, as any shell does: only PATH is seen there.)
+    cmd = (
+        "trap 'echo got-usr1; exit 5' USR1; printf '%s|\\n' \"$PATH\"; echo ready; "
+        f"while :; do {sleep} 0.1; done"
+    )
+    cfg = make_config(
+        tmp_path,
+        cmd,
+        env={"PATH": str(tmp_path / "nothing-here"), "IFS": ":"},
+        graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10},
+    )
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.rc == 5, (r.stderr, r.syslog)
+    expected = f"{tmp_path / 'nothing-here'}|\nready\ngot-usr1\n".encode()
+    assert r.out_file == expected
+    assert r.stdout == expected  # the tee ran: the container log has it too
+    assert "tee or mkfifo missing" not in r.syslog
+
+
+@pytest.mark.parametrize("name", ["UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO"])
+def test_names_a_shell_keeps_readonly_are_refused(name: str, tmp_path: Path) -> None:
+    # bash (also as /bin/sh) will not let a script set them: in POSIX mode that ends the script.
+    with pytest.raises(ValueError, match=f"{name}.*readonly"):
+        make_config(tmp_path, "true", env={name: "1"})
+
+
 def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) -> None:
     cmd = "trap 'echo got-usr1; exit 5' USR1; echo ready; while :; do sleep 0.1; done"
     cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})

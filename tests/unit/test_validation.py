@@ -466,6 +466,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{ENV}.vars", {"DSJOBSX": "v"}),
     ),
     (
+        "env-readonly",
+        'job_parameters.env.vars["UID"]',
+        set_at(f"{ENV}.vars", {"UID": "v"}),
+        set_at(f"{ENV}.vars", {"UID_": "v"}),
+    ),
+    (
         "env-value-length",
         'job_parameters.env.vars["A"]',
         set_at(f"{ENV}.vars", {"A": "x" * (L.MAX_ENV_VALUE_LENGTH + 1)}),

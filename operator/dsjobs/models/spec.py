@@ -152,7 +152,8 @@ class Environment(CRModel):
 
     vars: dict[str, EnvValue] = field(
         "Environment variables. Names are C identifiers; DS_PROJECT_HOME, JOB_PROGRESS_FILENAME and "
-        "names starting with DSJOBS_ are set by the server and may not be given.",
+        "names starting with DSJOBS_ are set by the server and may not be given, nor names bash keeps "
+        "readonly (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO).",
         {},
         maxProperties=MAX_ENV_VARS,
     )

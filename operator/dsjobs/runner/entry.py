@@ -4,7 +4,10 @@ The script (written by stage-in to ``<shared>/entry.sh``, run as ``/bin/sh <shar
 
 1. records that it started and keeps a heartbeat file ticking (so the ship sidecar can tell a
    running program from a container that was killed outright, e.g. by the OOM killer);
-2. enters the working directory, exports the job's environment;
+2. enters the working directory; the job's environment (its variables, JOB_PROGRESS_FILENAME,
+   DS_PROJECT_HOME) is exported only in the subshells that become the program, its Python lookup
+   and pip, so a job's own PATH or IFS cannot take the script's tools away (the launcher, tee,
+   the graceful-shutdown timer are found on the image's PATH);
 3. only when the job has a Python environment: checks the image interpreter's version, pip-installs
    the requirements into a job-local target dir, and puts local modules + that dir on PYTHONPATH;
 4. runs ``cmd`` under ``bash -c`` (``sh -c`` when the image has no bash) in its own session
@@ -200,19 +203,18 @@ cd "$DSJOBS_WORK" || dsjobs_setup_failed "cannot enter the working directory $DS
 """
 )
 
+# The interpreter is looked up and run with the job's environment (its PATH, PYTHONHOME...).
 _PYTHON_FIND = r"""
-for dsjobs_c in python3 python; do
-  if command -v "$dsjobs_c" >/dev/null 2>&1; then DSJOBS_PY=$dsjobs_c; break; fi
-done
+DSJOBS_PY=$(dsjobs_job_env; for dsjobs_c in python3 python; do command -v "$dsjobs_c" && break; done) 2>/dev/null
 [ -n "$DSJOBS_PY" ] || dsjobs_setup_failed "the job has a Python environment but the image has no python3"
-DSJOBS_PYVER=$("$DSJOBS_PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>>"$DSJOBS_SYSLOG_TO") \
+DSJOBS_PYVER=$(dsjobs_job_env; exec "$DSJOBS_PY" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>>"$DSJOBS_SYSLOG_TO") \
   || dsjobs_setup_failed "cannot run $DSJOBS_PY"
 """
 
 _PIP_RUN = r"""
 dsjobs_log "installing requirements: $DSJOBS_PY $DSJOBS_PIP_ARGS"
 DSJOBS_PHASE=pip
-"$DSJOBS_PY" "$@" </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
+( dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
 DSJOBS_PID=$!
 dsjobs_wait
 DSJOBS_PID=''
@@ -241,20 +243,22 @@ else
   dsjobs_log "tee or mkfifo missing: program output goes to the log files only"
 fi
 
-if command -v bash >/dev/null 2>&1; then DSJOBS_SHELL=bash; else DSJOBS_SHELL=sh; fi
+# The launcher's tools are found on the image's PATH, before the job's own PATH applies.
+DSJOBS_SHELL=$(command -v bash || command -v sh) 2>/dev/null || DSJOBS_SHELL=/bin/sh
 set -- "$DSJOBS_SHELL" -c "$DSJOBS_CMD"
-if env --default-signal=INT,QUIT true >/dev/null 2>&1; then
-  set -- env --default-signal=INT,QUIT "$@"
+DSJOBS_ENV_BIN=$(command -v env) 2>/dev/null || DSJOBS_ENV_BIN=''
+if [ -n "$DSJOBS_ENV_BIN" ] && "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT true >/dev/null 2>&1; then
+  set -- "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT "$@"
 elif [ "$DSJOBS_GRACE_SIG" = INT ]; then
-  if [ -z "$DSJOBS_PY" ] && command -v python3 >/dev/null 2>&1; then DSJOBS_PY=python3; fi
+  if [ -z "$DSJOBS_PY" ]; then DSJOBS_PY=$(command -v python3) 2>/dev/null || DSJOBS_PY=''; fi
   if [ -n "$DSJOBS_PY" ]; then
     set -- "$DSJOBS_PY" -c "$DSJOBS_TRAMPOLINE" "$@"
   else
     dsjobs_log "warning: cannot reset SIGINT for the program (no env --default-signal, no python3)"
   fi
 fi
-if command -v setsid >/dev/null 2>&1; then
-  set -- setsid "$@"
+if DSJOBS_SETSID_BIN=$(command -v setsid) 2>/dev/null; then
+  set -- "$DSJOBS_SETSID_BIN" "$@"
   DSJOBS_SETSID=1
 fi
 
@@ -264,7 +268,7 @@ if [ "$DSJOBS_CANCEL" = 1 ]; then
   dsjobs_exit '' cancelled "cancelled before the program started" "$DSJOBS_CANCELLED_EXIT"
 fi
 DSJOBS_PHASE=run
-"$@" </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" &
+( dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" &
 DSJOBS_PID=$!
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
 dsjobs_wait
@@ -353,13 +357,17 @@ def render_entry_script(config: RunnerConfig) -> str:
         _assign("DSJOBS_TRAMPOLINE", _PY_TRAMPOLINE),
         _assign("DSJOBS_CMD", render_config_cmd(config)),
         _PROLOGUE.split("\nset -u\n", 1)[1],
-        "# The job's environment.",
+        "# The job's environment: applied only in the subshells that become the program, its",
+        "# Python lookup and pip. The script's own tools keep the image's PATH and the shell's IFS.",
+        "dsjobs_job_env() {",
     ]
     for name, value in config.env.items():
-        lines.append(f"export {name}={_q(value)}")
-    lines.append(f"export {ENV_PROGRESS_FILE}={_q(str(layout.progress))}")
+        lines.append(f"  export {name}={_q(value)}")
+    lines.append(f"  export {ENV_PROGRESS_FILE}={_q(str(layout.progress))}")
     if config.project_disk_path:
-        lines.append(f"export {ENV_PROJECT_HOME}={_q(config.project_disk_path)}")
+        lines.append(f"  export {ENV_PROJECT_HOME}={_q(config.project_disk_path)}")
+    lines.append("}")
+    program_env: list[str] = []
 
     env = config.python_env
     if env is not None:
@@ -378,11 +386,16 @@ def render_entry_script(config: RunnerConfig) -> str:
     if env is not None and env.requirements:
         pypath.append(str(layout.site_dir))
     if pypath:
-        lines.append(
-            "PYTHONPATH=" + ":".join(_q(p) for p in pypath) + "${PYTHONPATH:+:$PYTHONPATH}\nexport PYTHONPATH"
-        )
+        program_env.append("PYTHONPATH=" + ":".join(_q(p) for p in pypath) + "${PYTHONPATH:+:$PYTHONPATH}")
+        program_env.append("export PYTHONPATH")
     if env is not None and env.requirements:
-        lines.append(f'PATH={_q(str(layout.site_dir / "bin"))}:"${{PATH:-/usr/local/bin:/usr/bin:/bin}}"')
-        lines.append("export PATH")
+        program_env.append(
+            f'PATH={_q(str(layout.site_dir / "bin"))}:"${{PATH:-/usr/local/bin:/usr/bin:/bin}}"'
+        )
+        program_env.append("export PATH")
+    lines.append("\n# What the job's Python environment adds for the program, over the job's environment.")
+    lines.append("dsjobs_program_env() {")
+    lines.extend(f"  {line}" for line in program_env or [":"])
+    lines.append("}")
     lines.append(_RUN.rstrip("\n"))
     return "\n".join(lines) + "\n"
