@@ -470,6 +470,21 @@ def test_execute_needs_every_input_uploaded(api_env: ApiEnv) -> None:
     assert obj is not None and obj["spec"]["execute"] is True
 
 
+def test_a_job_whose_data_was_deleted_before_execution_cannot_be_executed(api_env: ApiEnv) -> None:
+    # DeleteData, or the data TTL of a job left unexecuted, deleted its inputs (those no other job
+    # shares: the rest may still be present, so the upload check alone would let it run).
+    c = client(api_env)
+    inputs = unique_inputs()
+    _, resp = c.create(api_env.project_a.project_id, params(inputs))
+    c.upload(resp, inputs)
+    api_env.patch_status(api_env.project_a, resp.job_id, {"phase": "CREATING", "dataCleared": True})
+    e = rpc_error(lambda: c.execute(resp.job_id))
+    assert e.code == Code.FAILED_PRECONDITION
+    assert resp.job_id in e.details and "deleted before it was executed" in e.details
+    obj = api_env.job_object(api_env.project_a, resp.job_id)
+    assert obj is not None and not obj["spec"].get("execute")
+
+
 def test_full_flow_with_our_client(api_env: ApiEnv) -> None:
     """Create -> PUT -> Execute -> ReadLogs -> operation done -> GET outputs; polled on the other replica."""
     project = api_env.project_a

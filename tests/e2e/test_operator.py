@@ -370,6 +370,26 @@ def test_data_ttl_expiry_clears_the_data(h: H, storage: Storage) -> None:
     assert not _objects(storage, job_prefix(PROJECT_ID, "ttl"))
     assert "DataCleared" in _reasons(h, "ttl")
 
+    # A job left unexecuted (the CLI stopped during its upload): its inputs expire createdAt + TTL.
+    data = f"abandoned {uuid.uuid4()}\n".encode()
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    inputs = [{"desc": {"path": "data.txt"}, "sha256": sha, "sizeBytes": len(data)}]
+    h.create_job("left", {"cmd": "cat data.txt", "inputFiles": inputs}, execute=False, dataTtl="1h")
+    assert h.wait_phase("left", "CREATING").get("dataExpiresAt")
+    patch = {"status": {"createdAt": "2000-01-01T00:00:00Z"}}
+    h.custom.patch_namespaced_custom_object_status(
+        "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "left", patch
+    )
+    poll("the unexecuted job's data to be cleared", lambda: h.status("left").get("dataCleared"), 60)
+    assert h.status("left")["dataExpiresAt"].startswith("2000-01-01T01:00:00")
+    assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
+    # Executed after that (kubectl; the API refuses): it fails naming why, and makes no pod.
+    h.patch_spec("left", {"execute": True})
+    status = h.wait_phase("left", "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR" and "deleted before it was executed" in status["statusDetails"]
+    assert not h.core.list_namespaced_pod(h.namespace, label_selector="dsjobs.dev/job-id=left").items
+
 
 def test_metrics_count_jobs_by_phase(h: H) -> None:
     text = h.metrics()

@@ -964,6 +964,40 @@ def test_clear_data_of_a_job_that_never_ran() -> None:
     assert not step(job(execute=False, status=p.status.to_cr(), clearData=True)).actions
 
 
+def test_the_inputs_of_a_job_never_executed_expire_with_its_data_ttl() -> None:
+    # A job abandoned after Create (the CLI stopped while uploading) keeps its inputs no longer
+    # than a finished job would: createdAt + dataTtl.
+    created = NOW - timedelta(minutes=20)
+    waiting = step(job(execute=False, status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl="1h"))
+    assert not waiting.actions and waiting.requeue_after == timedelta(minutes=40)
+    assert waiting.status.data_expires_at == created + timedelta(hours=1)
+    expired = step(
+        job(execute=False, status=waiting.status.to_cr(), dataTtl="1h"), now=created + timedelta(hours=1)
+    )
+    assert expired.actions == (ClearData(),) and expired.status.data_cleared
+    assert expired.status.phase == JobPhase.CREATING
+    assert "data TTL expired before the job was executed" in expired.events[-1].message
+    assert not step(job(execute=False, status=expired.status.to_cr(), dataTtl="1h")).actions
+
+
+def test_execution_drops_the_expiry_of_the_job_s_unexecuted_data() -> None:
+    status = {
+        "phase": "CREATING",
+        "createdAt": ts(CREATED),
+        "dataExpiresAt": ts(CREATED + timedelta(days=14)),
+    }
+    p = step(job(status=status))
+    assert p.status.phase == JobPhase.PREPARING and p.status.data_expires_at is None
+
+
+def test_a_job_whose_data_was_deleted_before_it_ran_does_not_run() -> None:
+    cleared = {"phase": "CREATING", "createdAt": ts(CREATED), "dataCleared": True}
+    p = step(job(status=cleared))
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+    assert p.status.phase == JobPhase.ERROR
+    assert "was deleted before it was executed" in p.status.status_details
+
+
 def test_finalize_removes_pod_and_secrets_once() -> None:
     status = started("SUCCESS", finishedAt=ts(NOW))
     p = step(

@@ -442,6 +442,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
         if job.deleting and not job.spec.execute:
             raise errors.failed_precondition(f"job {job.name!r} is being deleted")
+        if not job.spec.execute and not job.is_final and (job.status.data_cleared or job.spec.clear_data):
+            raise errors.failed_precondition(
+                f"the data of job {job.name!r} was deleted before it was executed "
+                "(DeleteData or its data TTL); clone it to run it"
+            )
         if not job.spec.execute and not job.is_final:
             checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
             missing = [c for c in checks if not c.present]

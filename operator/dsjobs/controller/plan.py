@@ -447,11 +447,10 @@ def _plan_start(
         outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled before it started")
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
-        if spec.clear_data and not status.data_cleared:
-            # DeleteData / DeleteAllData on a job that never ran: its uploaded inputs go (those
-            # no other job uses), and the operation is done when dataCleared says so.
-            status = _clear_data(status, "requested", now, actions, events)
-        return Plan(status, tuple(actions), tuple(events), spec=spec)
+        return _plan_unexecuted(spec, status, now, actions, events)
+    if status.data_cleared:
+        message = "the job's stored data was deleted before it was executed (DeleteData or its data TTL)"
+        return _plan_of(fail(spec, status, "DataCleared", message, now), actions, events, spec)
     if problems:
         return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
     if len(job.name) > MAX_JOB_NAME:
@@ -464,6 +463,8 @@ def _plan_start(
             "pod_name": name,
             "instance_type_index": 0,
             "actual_cloud_instance_type": names[0],
+            # Derived from finishedAt again when the job ends; nothing expires while it runs.
+            "data_expires_at": None,
         }
     )
     status = with_phase(
@@ -472,6 +473,31 @@ def _plan_start(
     actions.append(CreatePod(1, 0, names[0]))
     status = _as_created(spec, status, PodView(name=name, attempt=1, instance_type=names[0]), now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _plan_unexecuted(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    now: datetime,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> Plan:
+    """A job created but not executed (yet): its uploaded inputs live as long as a finished job's
+    data would, counted from its creation, so a job abandoned during upload leaves nothing behind
+    for ever. DeleteData / DeleteAllData clear them at once."""
+    requeue: timedelta | None = None
+    if not status.data_cleared:
+        expires = data_expiry(spec, status.created_at)
+        if expires != status.data_expires_at:
+            status = status.model_copy(update={"data_expires_at": expires})
+        if spec.clear_data:
+            # The operation is done when dataCleared says so.
+            status = _clear_data(status, "requested", now, actions, events)
+        elif expires is not None and now >= expires:
+            status = _clear_data(status, "data TTL expired before the job was executed", now, actions, events)
+        elif expires is not None:
+            requeue = expires - now
+    return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
 
 
 def _plan_next_attempt(

@@ -181,12 +181,13 @@ def drop_conditions(status: ProjectJobStatus, *types: str) -> ProjectJobStatus:
     return status.model_copy(update={"conditions": kept})
 
 
-def data_expiry(spec: ProjectJobSpec, finished_at: datetime | None) -> datetime | None:
-    """finishedAt + dataTtl; None while the job is not finished or when the TTL is infinite."""
-    if finished_at is None or data_ttl_is_infinite(spec.data_ttl):
+def data_expiry(spec: ProjectJobSpec, since: datetime | None) -> datetime | None:
+    """`since` + dataTtl, `since` being finishedAt (or createdAt for a job never executed); None
+    without it (a running job) or when the TTL is infinite."""
+    if since is None or data_ttl_is_infinite(spec.data_ttl):
         return None
     try:
-        return finished_at + spec.data_ttl
+        return since + spec.data_ttl
     except OverflowError:  # a TTL too long for a datetime is as good as infinite
         return None
 

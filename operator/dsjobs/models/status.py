@@ -131,7 +131,9 @@ class ProjectJobStatus(CRModel):
     started_at: AwareDatetime | None = field("When the job's process started (the current attempt).", None)
     finished_at: AwareDatetime | None = field("When the job reached a final phase.", None)
     data_expires_at: AwareDatetime | None = field(
-        "When the job's data will be deleted (finishedAt + spec.dataTtl); unset for an infinite TTL.", None
+        "When the job's data will be deleted: finishedAt + spec.dataTtl (createdAt + spec.dataTtl for a "
+        "job not executed); unset for an infinite TTL and while the job runs.",
+        None,
     )
     data_cleared: bool = field("The job's stored data has been deleted.", False)
     return_code: int | None = field("Exit code of the job's process.", None)
