@@ -244,6 +244,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "UnknownInstanceType": grpc.StatusCode.FAILED_PRECONDITION,
     "MissingVolume": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryCredentials": grpc.StatusCode.FAILED_PRECONDITION,
+    "DataCleared": grpc.StatusCode.FAILED_PRECONDITION,
     "StageInFailed": grpc.StatusCode.FAILED_PRECONDITION,
     "SetupFailed": grpc.StatusCode.FAILED_PRECONDITION,
     "InvalidImageName": grpc.StatusCode.FAILED_PRECONDITION,
