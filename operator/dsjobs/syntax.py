@@ -15,6 +15,9 @@ import re
 from typing import Final
 
 CMD_REFERENCE_PATTERN: Final = r"\$(\$?)\{([^{}]*)\}"
+#: RE2 (for the CRD's CEL rules) matching exactly the paths `escape_problem` refuses: a leading
+#: separator, a drive as the first named segment, or a `..` segment.
+ESCAPING_PATH_PATTERN: Final = r"^[/\\]|^(\.?[/\\])*[A-Za-z]:|(^|[/\\])\.\.([/\\]|$)"
 
 _SEPARATOR = re.compile(r"[/\\]")
 _DRIVE = re.compile(r"^[A-Za-z]:")

@@ -253,6 +253,26 @@ def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     assert "projectId is immutable" in out, out
 
 
+def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> None:
+    # The CRD's rule is the validator's: '\\' separates segments too, and a drive is absolute.
+    for i, path in enumerate(["..\\x", "C:\\data.csv", "../x"]):
+        name = f"escapes-{i}"
+        body = {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "ProjectJob",
+            "metadata": {"name": name},
+            "spec": {
+                "projectId": PROJECT_ID,
+                "jobParameters": {"cmd": "true", "outputFiles": [{"path": path}]},
+            },
+        }
+        out = h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=json.dumps(body), check=False)
+        assert "must be relative to the working directory" in out, out
+        assert h.job(name) is None
+    h.create_job("stays-inside", {"cmd": "true", "outputFiles": [{"path": "out\\..x"}]}, execute=False)
+    assert h.job("stays-inside") is not None
+
+
 # --- robustness -----------------------------------------------------------------------------------
 
 

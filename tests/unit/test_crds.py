@@ -14,10 +14,12 @@ import pytest
 import yaml
 from dsjobs_strategies import full_instance_type, full_spec, full_spec_alternatives, full_status, job_specs
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from dsjobs import crdgen
 from dsjobs import models as m
+from dsjobs.syntax import ESCAPING_PATH_PATTERN, escape_problem
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,8 +176,9 @@ def test_cel_rules_are_where_they_belong() -> None:
     }
     assert any("dockerImageResourceId" in r for r in rules[".spec.jobParameters.env"])
     assert any("passwordSecretRef" in r for r in rules[".spec.jobParameters.env.dockerImageSpec"])
-    assert any("startsWith('/')" in r for r in rules[".spec.jobParameters.inputFiles"])
-    assert any("startsWith('/')" in r for r in rules[".spec.jobParameters.outputFiles"])
+    relative = f"matches(r'{ESCAPING_PATH_PATTERN}')"
+    assert any(relative in r for r in rules[".spec.jobParameters.inputFiles"])
+    assert any(relative in r for r in rules[".spec.jobParameters.outputFiles"])
     assert rules[".spec.execute"] == ["self || !oldSelf"]
     assert any("logFileName" in r for r in rules[".status.fileErrors[]"])
     assert crdgen.INSTANCETYPE_NAME_RULE in [r["rule"] for r in root_schema(IT)["x-kubernetes-validations"]]
@@ -271,3 +274,43 @@ def test_what_the_validator_accepts_the_crd_accepts(spec: m.ProjectJobSpec) -> N
 
 
 PJ_SCHEMA = root_schema(PJ)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a/b", "a\\b", "..x", "x..", "a/..b", ".C:", "a/C:", "./a", ".", "C", "ab:", "x/./y"],
+)
+def test_the_crd_path_rule_lets_relative_paths_through(path: str) -> None:
+    assert escape_problem(path) is None
+    assert re.search(ESCAPING_PATH_PATTERN, path) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/a",
+        "\\a",
+        "..",
+        "../a",
+        "a/..",
+        "a/../b",
+        "..\\a",
+        "a\\..",
+        "a\\..\\b",
+        "C:",
+        "a:b",
+        "c:\\x",
+        "./C:x",
+        ".\\/D:",
+    ],
+)
+def test_the_crd_path_rule_refuses_what_the_validator_refuses(path: str) -> None:
+    assert escape_problem(path) is not None
+    assert re.search(ESCAPING_PATH_PATTERN, path) is not None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="/\\.Ca:x", max_size=8))
+def test_the_crd_path_rule_and_the_validator_agree(path: str) -> None:
+    # The CEL rule (RE2) is the validator's rule for kubectl users: the same paths, both ways.
+    assert (re.search(ESCAPING_PATH_PATTERN, path) is not None) == (escape_problem(path) is not None)

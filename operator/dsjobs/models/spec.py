@@ -40,6 +40,7 @@ from dsjobs.models.limits import (
     URL_PATTERN,
     VAR_PATTERN,
 )
+from dsjobs.syntax import ESCAPING_PATH_PATTERN
 
 ResourceId = Annotated[str, Field(json_schema_extra={"pattern": RESOURCE_ID_PATTERN, "maxLength": 63})]
 Url = Annotated[str, Field(json_schema_extra={"pattern": URL_PATTERN, "maxLength": MAX_SHORT_STRING})]
@@ -52,15 +53,16 @@ LabelValue = Annotated[str, Field(json_schema_extra={"maxLength": 63})]
 
 # CEL for what the schema alone cannot say: a path without a var is where the file lives, so it
 # must stay inside the working directory. `dsjobs.validation` says the same with field paths.
-_RELATIVE = (
-    "(!{p}.startsWith('/') && {p} != '..' && !{p}.startsWith('../') "
-    "&& !{p}.endsWith('/..') && !{p}.contains('/../'))"
-)
+# (A CEL raw string: the RE2 pattern's backslashes stay as they are.)
+_RELATIVE = "!{p}.matches(r'" + ESCAPING_PATH_PATTERN + "')"
 _INPUT_PATHS_RULE = (
     "self.all(f, (has(f.desc.var) && f.desc.var != '') || " + _RELATIVE.format(p="f.desc.path") + ")"
 )
 _OUTPUT_PATHS_RULE = "self.all(d, (has(d.var) && d.var != '') || " + _RELATIVE.format(p="d.path") + ")"
-_PATHS_MESSAGE = "a path without var must be relative to the working directory, without '..' segments"
+_PATHS_MESSAGE = (
+    "a path without var must be relative to the working directory: no leading '/' or '\\', no drive "
+    "like 'C:', no '..' segment ('/' and '\\' both separate segments)"
+)
 
 
 class SecretKeyRef(CRModel):
