@@ -521,6 +521,40 @@ def test_active_deadline_exceeded(dev_cluster: ClusterHandle, ns: str) -> None: 
     assert "terminated" in main_state(done)["state"]
 
 
+def test_empty_dir_over_its_size_limit_evicts_the_pod(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
+    # The kubelet's local storage isolation: the volume holds more than its sizeLimit -> evicted.
+    core = dev_cluster.core()
+    mounts = {"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+    writes = "open('/scratch/big', 'wb').write(b'x' * ({mib} << 20)); print('written'); import time; time.sleep({nap})"
+    core.create_namespaced_pod(
+        ns,
+        pod_manifest(
+            "fits",
+            writes.format(mib=1, nap=5),
+            container=mounts,
+            volumes=[{"name": "scratch", "emptyDir": {"sizeLimit": "4Mi"}}],
+        ),
+    )
+    core.create_namespaced_pod(
+        ns,
+        pod_manifest(
+            "too-big",
+            writes.format(mib=8, nap=600),
+            grace=30,
+            container=mounts,
+            volumes=[{"name": "scratch", "emptyDir": {"sizeLimit": "4Mi"}}],
+        ),
+    )
+    done = wait_phase(core, ns, "too-big", ("Failed", "Succeeded"), timeout=60)
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["reason"] == "Evicted"
+    assert done["status"]["message"] == 'Usage of EmptyDir volume "scratch" exceeds the limit "4Mi". '
+    assert "terminated" in main_state(done)["state"]
+    events = core.list_namespaced_event(ns, field_selector="involvedObject.name=too-big").items
+    assert any(e.reason == "Evicted" and e.type == "Warning" for e in events)
+    assert wait_phase(core, ns, "fits", ("Failed", "Succeeded"), timeout=60)["status"]["phase"] == "Succeeded"
+
+
 # ------------------------------------------------------------------ deletion
 
 

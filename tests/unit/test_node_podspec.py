@@ -438,3 +438,21 @@ def test_termination_grace() -> None:
     pod["metadata"].update(deletionTimestamp="2024-01-01T00:00:00Z", deletionGracePeriodSeconds=2)
     assert podspec.termination_grace_seconds(pod) == 2
     assert podspec.termination_grace_seconds(make_pod([])) == 30
+
+
+def test_empty_dir_limits_are_the_positive_size_limits() -> None:
+    from fractions import Fraction
+
+    from dsjobs.devcluster.node.podspec import empty_dir_limits
+
+    pod = {
+        "spec": {
+            "volumes": [
+                {"name": "work", "emptyDir": {"sizeLimit": "20Gi"}},
+                {"name": "shared", "emptyDir": {}},
+                {"name": "zero", "emptyDir": {"sizeLimit": "0"}},
+                {"name": "conf", "configMap": {"name": "c"}},
+            ]
+        }
+    }
+    assert empty_dir_limits(pod) == {"work": (Fraction(20 << 30), "20Gi")}

@@ -593,6 +593,26 @@ def _downward_files(pod: Obj, items: list[Obj], default_mode: int, node: NodeCon
     return files
 
 
+#: The kubelet's message for a pod evicted because an emptyDir outgrew its sizeLimit.
+EMPTY_DIR_EVICTION_MESSAGE = 'Usage of EmptyDir volume "{name}" exceeds the limit "{limit}". '
+
+
+def empty_dir_limits(pod: Obj) -> dict[str, tuple[Fraction, str]]:
+    """The emptyDir volumes with a positive sizeLimit: name -> (bytes, the limit as written)."""
+    limits: dict[str, tuple[Fraction, str]] = {}
+    for vol in pod.get("spec", {}).get("volumes") or []:
+        size = (vol.get("emptyDir") or {}).get("sizeLimit")
+        if size is None:
+            continue
+        try:
+            value = parse_quantity(size)
+        except QuantityError:
+            continue  # the API server validates it; nothing to enforce otherwise
+        if value > 0:
+            limits[str(vol.get("name", ""))] = (value, str(size))
+    return limits
+
+
 def volume_dir(pod_dir: str, name: str) -> str:
     return posixpath.join(pod_dir, "volumes", name)
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -64,6 +65,31 @@ class AgentContext(Protocol):
     ) -> None: ...
 
 
+def dir_usage(path: str) -> int:
+    """Bytes a directory tree occupies on disk, as `du` counts them (each inode once, symlinks
+    not followed); entries that vanish meanwhile are skipped."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.lstat(current)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                with os.scandir(current) as entries:
+                    stack.extend(e.path for e in entries)
+            except OSError:
+                continue
+    return total
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -81,8 +107,16 @@ def pod_ref(pod: Obj) -> str:
 
 @dataclass
 class StopRequest:
-    reason: str  # "Deleted" | "DeadlineExceeded" | "NodeShutdown" | "Gone"
+    reason: str  # "Deleted" | "DeadlineExceeded" | "NodeShutdown" | "Gone" | "Evicted"
     deadline: float
+    message: str = ""
+
+
+#: How often the kubelet-like local storage check runs (the kubelet's housekeeping is 10 s; the
+#: dev cluster checks sooner so that tests need not wait).
+STORAGE_CHECK_SECONDS = 2.0
+#: The kubelet evicts a pod over a local storage limit with this grace period.
+EVICTION_GRACE_SECONDS = 1
 
 
 class PodWorker:
@@ -146,6 +180,7 @@ class PodWorker:
         self._persist()
         self._spawn(self._writer())
         self._spawn(self._deadline_watch())
+        self._spawn(self._storage_watch())
         self._spawn(self._lifecycle())
         self._changed()
 
@@ -218,11 +253,11 @@ class PodWorker:
         if not self.finished.is_set():
             self.request_stop("Gone", 0)
 
-    def request_stop(self, reason: str, grace: float) -> None:
+    def request_stop(self, reason: str, grace: float, message: str = "") -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, grace)
         if self.stop is None:
-            self.stop = StopRequest(reason, deadline)
+            self.stop = StopRequest(reason, deadline, message)
             self._stop_event.set()
             if self.procs:
                 log.info(
@@ -884,6 +919,24 @@ class PodWorker:
                 return
             await self._pod_changed.wait(min(remaining, 3600))
 
+    async def _storage_watch(self) -> None:
+        """The kubelet's local storage isolation for emptyDir volumes with a sizeLimit: a pod whose
+        volume holds more is evicted (Failed, reason Evicted, the kubelet's message)."""
+        limits = podspec.empty_dir_limits(self.pod)
+        if not limits:
+            return
+        while not self.finished.is_set() and self.stop is None:
+            await asyncio.sleep(STORAGE_CHECK_SECONDS)
+            if self.finished.is_set() or self.stop is not None:
+                return
+            for name, (limit, text) in limits.items():
+                used = await asyncio.to_thread(dir_usage, podspec.volume_dir(self.dir, name))
+                if used > limit:
+                    message = podspec.EMPTY_DIR_EVICTION_MESSAGE.format(name=name, limit=text)
+                    self.ctx.record_event(self.pod, "Warning", "Evicted", message)
+                    self.request_stop("Evicted", EVICTION_GRACE_SECONDS, message)
+                    return
+
     async def _finish(self) -> None:
         if self._kill_task is not None:
             await self._kill_task
@@ -894,6 +947,10 @@ class PodWorker:
                 self.snap.terminal_phase = "Failed"
                 self.snap.reason = "DeadlineExceeded"
                 self.snap.message = "Pod was active on the node longer than the specified deadline"
+            elif stop.reason == "Evicted":
+                self.snap.terminal_phase = "Failed"
+                self.snap.reason = "Evicted"
+                self.snap.message = stop.message
             elif stop.reason == "NodeShutdown":
                 if ran:
                     self.snap.terminal_phase = "Failed"
