@@ -28,6 +28,8 @@ from dsjobs.models import API_VERSION, INSTANCETYPE_KIND, InstanceTypeSpec, Reso
 Profile = Literal["base", "local"]
 PROFILES: Final[tuple[Profile, ...]] = ("base", "local")
 LOCAL_REQUEST_DIVISOR: Final = 16
+# DataSphere: "without working-storage the working directory is on the system disk (~20 GB)".
+SYSTEM_DISK: Final = "20Gi"
 
 NODE_POOL_LABEL: Final = "dsjobs.dev/node-pool"
 GPU_POOL: Final = "gpu"
@@ -100,6 +102,7 @@ def instance_type_spec(entry: CatalogEntry, profile: Profile = "base") -> Instan
         tolerations=[GPU_TAINT] if entry.is_gpu else [],
         resources=ResourceRequirements(requests=requests, limits=limits),
         schedule_timeout_seconds=60 if profile == "local" else 300,
+        working_dir_size_limit=SYSTEM_DISK,
     )
 
 

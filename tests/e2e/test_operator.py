@@ -123,6 +123,43 @@ def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
         h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", huge)
 
 
+def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
+    # The instance type's system disk bounds the scratch working directory; the node evicts the
+    # pod that writes more, and the job says why (not a disruption: no retry).
+    small = f"d1.e2e{uuid.uuid4().hex[:6]}"
+    h.custom.create_cluster_custom_object(
+        "dsjobs.dev",
+        "v1alpha1",
+        "instancetypes",
+        {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "InstanceType",
+            "metadata": {"name": small},
+            "spec": {
+                "vcpu": 1,
+                "memory": "1Gi",
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+                "workingDirSizeLimit": "4Mi",
+            },
+        },
+    )
+    try:
+        cmd = "head -c 16777216 /dev/zero > big.bin && echo written && sleep 600"
+        h.create_job(
+            "disk-full",
+            {"cmd": cmd, "cloudInstanceTypes": [{"name": small}]},
+            retryPolicy={"maxAttempts": 3},
+        )
+        status = h.wait_phase("disk-full", "ERROR", "SUCCESS", timeout=120)
+        assert status["phase"] == "ERROR", status
+        assert "outgrew its 4Mi limit" in status["statusDetails"], status
+        assert status["attempt"] == 1
+        finished = next(c for c in status["conditions"] if c["type"] == "Finished")
+        assert finished["reason"] == "WorkingDirFull"
+    finally:
+        h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", small)
+
+
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     h.create_job("exit-3", {"cmd": 'python -c "import sys; print(42); sys.exit(3)"'})
     status = h.wait_phase("exit-3", "SUCCESS", "ERROR")

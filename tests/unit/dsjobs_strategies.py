@@ -381,6 +381,7 @@ def full_instance_type() -> m.InstanceTypeSpec:
         ),
         priority_class_name="batch",
         schedule_timeout_seconds=300,
+        working_dir_size_limit="20Gi",
     )
 
 

@@ -570,6 +570,23 @@ ENDINGS = [
         "low on resource",
     ),
     Ending(
+        "working dir full",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            reason="Evicted",
+            message='Usage of EmptyDir volume "dsjobs-work" exceeds the limit "20Gi". ',
+            containers=[
+                terminated("job", 137),
+                terminated("ship", 0, message=result(137, cancelled=True).to_json()),
+            ],
+        ),
+        result(137, cancelled=True),
+        "WorkingDirFull",
+        137,
+        "outgrew its 20Gi limit",
+    ),
+    Ending(
         "disruption target",
         pod(
             phase="Failed",
@@ -890,6 +907,20 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     j3 = JobView(**{**j.__dict__, "status": p4.status})
     p5 = step(j3, [pod(attempt=2, phase="Failed", node="cpu-0", reason="Evicted")])
     assert p5.status.phase == JobPhase.ERROR
+
+
+def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
+    # Evicted for its own writes, not for a disruption: another attempt would do the same.
+    j = job(status=started("EXECUTING"), retryPolicy={"maxAttempts": 3})
+    full = pod(
+        phase="Failed",
+        node="cpu-0",
+        reason="Evicted",
+        message='Usage of EmptyDir volume "dsjobs-work" exceeds the limit "4Mi". ',
+    )
+    p = step(j, [full])
+    assert p.status.phase == JobPhase.ERROR and p.status.attempt == 1
+    assert "working-storage" in p.status.status_details
 
 
 def test_a_new_attempt_does_not_show_the_last_ones_progress() -> None:

@@ -26,6 +26,7 @@ from dsjobs.controller.render import (
     runner_config,
     runner_secret,
     user_image,
+    working_storage_source,
 )
 from dsjobs.controller.secrets import dockerconfigjson, registry_of, registry_secret, secret_value
 from dsjobs.controller.settings import OperatorSettings
@@ -214,8 +215,11 @@ def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     claim = work["ephemeral"]["volumeClaimTemplate"]["spec"]
     assert claim["resources"]["requests"]["storage"] == "200Gi"
     assert claim["storageClassName"] == "fast-ssd"
+    # Without it: a scratch emptyDir as big as the type's system disk (DataSphere's ~20 GB).
     basic = next(v for v in FEATURES["basic_cpu"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
-    assert basic == {"name": "dsjobs-work", "emptyDir": {}}
+    assert basic == {"name": "dsjobs-work", "emptyDir": {"sizeLimit": "20Gi"}}
+    unlimited = TYPES["c1.4"].model_copy(update={"working_dir_size_limit": None})
+    assert working_storage_source(spec(), JOB, SETTINGS, unlimited) == {"emptyDir": {}}
 
 
 def test_dataset_is_read_only_and_s3_mount_is_writable() -> None:

@@ -829,6 +829,13 @@ IT_RULES: list[tuple[str, str, str, Mutation, Mutation]] = [
     ("memory", "memory", "g1.1", set_at("memory", "0"), set_at("memory", 1024)),
     ("gpus", "gpus", "g1.1", set_at("gpus", -1), set_at("gpus", 0)),
     (
+        "working-dir-size",
+        "working_dir_size_limit",
+        "g1.1",
+        set_at("workingDirSizeLimit", "0"),
+        set_at("workingDirSizeLimit", "20Gi"),
+    ),
+    (
         "label-key",
         'node_selector["bad key"]',
         "g1.1",

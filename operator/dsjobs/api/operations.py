@@ -256,6 +256,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "StartError": grpc.StatusCode.FAILED_PRECONDITION,
     "ContainerCannotRun": grpc.StatusCode.FAILED_PRECONDITION,
     "Unschedulable": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "WorkingDirFull": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "Evicted": grpc.StatusCode.ABORTED,
     "Preempted": grpc.StatusCode.ABORTED,

@@ -253,12 +253,14 @@ def runner_secret(
 
 
 def working_storage_source(
-    spec: ProjectJobSpec, job: JobRef, settings: OperatorSettings
+    spec: ProjectJobSpec, job: JobRef, settings: OperatorSettings, instance_type: InstanceTypeSpec
 ) -> Mapping[str, Any]:
     """A generic ephemeral volume (a PVC living and dying with the pod) for extended working
-    storage; a scratch emptyDir otherwise."""
+    storage; otherwise a scratch emptyDir as big as the instance type's system disk."""
     storage = spec.job_parameters.extended_working_storage
     if storage is None:
+        if instance_type.working_dir_size_limit is not None:
+            return {"emptyDir": {"sizeLimit": instance_type.working_dir_size_limit}}
         return WORK_VOLUME_SOURCE_EMPTY
     claim_spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
@@ -301,7 +303,7 @@ def render_pod(
         storage_secret_name=secret,
         config_secret_name=secret,
         storage_delivery="files",
-        work_volume_source=working_storage_source(spec, job, settings),
+        work_volume_source=working_storage_source(spec, job, settings, instance_type),
         mount_claims=volumes.mount_claims,
         project_disk_claim=volumes.project_disk_claim,
         runner_resources={

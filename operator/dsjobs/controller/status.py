@@ -21,6 +21,7 @@ Phase mapping (docs/operator.md has the full table):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,7 +45,7 @@ from dsjobs.models import (
     job_relative_path,
 )
 from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT, MAX_DESC_LENGTH, MAX_STRING
-from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER
+from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER, WORK_VOLUME
 from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus, parse_termination_message
 
 # Condition types the operator maintains (docs/operator.md).
@@ -331,6 +332,19 @@ def disruption_of(pod: PodView) -> tuple[str, str] | None:
     return None
 
 
+# The kubelet's message when an emptyDir outgrows its sizeLimit (pkg/kubelet/eviction).
+_EMPTY_DIR_EVICTION = re.compile(r'Usage of EmptyDir volume "([^"]*)" exceeds the limit "([^"]*)"')
+
+
+def working_dir_limit_exceeded(pod: PodView) -> str | None:
+    """The limit, when the kubelet evicted the pod because the job's scratch working directory
+    outgrew it: the job's own doing, not a disruption."""
+    if pod.reason != "Evicted":
+        return None
+    match = _EMPTY_DIR_EVICTION.search(pod.message or "")
+    return match.group(2) if match is not None and match.group(1) == WORK_VOLUME else None
+
+
 def _stuck_container(pod: PodView) -> ContainerView | None:
     """The first container that cannot start (image pull, container config errors)."""
     for c in (*pod.init_containers, *pod.containers):
@@ -400,6 +414,16 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         )
     if code is not None and result is not None and result.status == RunnerStatus.EXITED and not stopped:
         return _exit_outcome(code)
+    limit = working_dir_limit_exceeded(pod)
+    if limit is not None:
+        return Outcome(
+            JobPhase.ERROR,
+            "WorkingDirFull",
+            f"the job's working directory outgrew its {limit} limit (the instance type's system disk) "
+            "and the pod was evicted; declare working-storage for more room",
+            return_code=code,
+            failure=FailureKind.PERMANENT,
+        )
     disruption = disruption_of(pod)
     if disruption is not None:
         return Outcome(

@@ -68,3 +68,9 @@ class InstanceTypeSpec(CRModel):
         minimum=MIN_SCHEDULE_TIMEOUT_SECONDS,
         maximum=MAX_SCHEDULE_TIMEOUT_SECONDS,
     )
+    working_dir_size_limit: Quantity | None = field(
+        "The type's system disk for a job without extendedWorkingStorage (DataSphere: about 20 GB): "
+        "the sizeLimit of the job's scratch working directory, e.g. `20Gi`; the kubelet evicts a "
+        "pod that writes more, and the job ends ERROR (WorkingDirFull). Unset: no limit.",
+        None,
+    )

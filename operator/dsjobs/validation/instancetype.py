@@ -86,6 +86,12 @@ def validate_instance_type(name: str, spec: InstanceTypeSpec) -> list[Problem]:
             "schedule-timeout",
             f"must be between {L.MIN_SCHEDULE_TIMEOUT_SECONDS} and {L.MAX_SCHEDULE_TIMEOUT_SECONDS}",
         )
+    if spec.working_dir_size_limit is not None:
+        size = _quantity(c, "working_dir_size_limit", spec.working_dir_size_limit)
+        if size is not None and size <= 0:
+            c.add(
+                "working_dir_size_limit", "working-dir-size", "must be positive (leave it unset for no limit)"
+            )
     return c.problems
 
 

@@ -191,6 +191,7 @@ RULES: dict[str, str] = {
     "requirement": "empty requirement line",
     "url": "pip index URL syntax",
     "host": "pip trusted host syntax",
+    "working-dir-size": "instance type working dir size limit not positive",
     "instance-type-name": "instance type name syntax (<family>.<size>)",
     "instance-type-duplicate": "an instance type listed twice",
     "instance-type-unknown": "an instance type the cluster does not have",
