@@ -9,7 +9,26 @@
 //     multipart parts kept on disk, so 1 GiB objects never sit in RAM.
 //
 // Credentials come from the environment (DSJOBS_S3_ACCESS_KEY,
-// DSJOBS_S3_SECRET_KEY) rather than flags, to keep them out of `ps`.
+// DSJOBS_S3_SECRET_KEY) rather than flags, to keep them out of `ps`. That main
+// key pair may do anything.
+//
+// DSJOBS_S3_SCOPED_KEYS_FILE (optional) names a JSON file of scoped keys: extra
+// key pairs that may only touch objects under one key prefix, e.g. to give a
+// project's job runner credentials limited to projects/<project-id>/:
+//
+//	[{"accessKey": "...", "secretKey": "...", "prefix": "projects/p1/"}, ...]
+//
+// A scoped key may read, write and delete objects whose keys start with its
+// prefix (including multipart uploads and copies from under the prefix), and
+// list objects or multipart uploads with a prefix query parameter that starts
+// with it; nothing else (no ListBuckets, bucket HEAD/create/delete or
+// multi-object delete). The prefix applies in every bucket. The file need not
+// exist at start and may be replaced while the server runs (write a temp file,
+// then rename it over): it is looked at again at most once a second and
+// re-read when it changed. A missing file means no scoped keys; a malformed one
+// is logged and the keys read before stay in force. Entries with an empty
+// prefix or the main access key are ignored (and logged). With -no-auth the
+// file is not used.
 package main
 
 import (
@@ -30,6 +49,9 @@ import (
 	"github.com/johannesboyne/gofakes3"
 	"github.com/johannesboyne/gofakes3/backend/s3afero"
 )
+
+// scopedKeysInterval is how often, at most, the scoped keys file is looked at.
+const scopedKeysInterval = time.Second
 
 func main() {
 	if err := run(); err != nil {
@@ -97,8 +119,18 @@ func run() error {
 	)
 	var handler http.Handler = faker.Server()
 	handler = dechunk(handler)
+	scopedPath := os.Getenv("DSJOBS_S3_SCOPED_KEYS_FILE")
+	if *noAuth && scopedPath != "" {
+		log.Printf("dsjobs-s3server: -no-auth: DSJOBS_S3_SCOPED_KEYS_FILE is not used")
+	}
 	if !*noAuth {
-		handler = verifySigV4(creds, handler)
+		var scoped scopedKeyLookup // nil interface, not a nil *scopedKeysFile
+		if scopedPath != "" {
+			scoped = newScopedKeysFile(scopedPath, creds.AccessKey, scopedKeysInterval, func(format string, args ...any) {
+				log.Printf("dsjobs-s3server: "+format, args...)
+			})
+		}
+		handler = verifySigV4(creds, scoped, handler)
 	}
 	handler = readyz(handler)
 	if !*quiet {

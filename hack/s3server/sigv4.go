@@ -14,10 +14,23 @@ import (
 	"time"
 )
 
-// Credentials is the single key pair the dev S3 accepts.
+// Credentials is the main key pair of the dev S3: it may do anything.
 type Credentials struct {
 	AccessKey string
 	SecretKey string
+}
+
+// ScopedKey is an extra key pair that may only touch objects whose keys start
+// with Prefix (in any bucket); see authorizeScoped for what that allows.
+type ScopedKey struct {
+	AccessKey string `json:"accessKey"`
+	SecretKey string `json:"secretKey"`
+	Prefix    string `json:"prefix"`
+}
+
+// scopedKeyLookup finds the scoped key with the given access key id.
+type scopedKeyLookup interface {
+	lookup(accessKey string) (ScopedKey, bool)
 }
 
 const (
@@ -50,13 +63,14 @@ func denied(code, format string, args ...any) *authError {
 	return &authError{status: http.StatusForbidden, Code: code, Message: fmt.Sprintf(format, args...)}
 }
 
-// verifySigV4 rejects any request that is not signed with creds. Only the
-// signature over the request line and signed headers is checked; payload
-// hashes are taken as declared (real S3 checks them, but a dev server gains
-// nothing from re-hashing gigabytes).
-func verifySigV4(creds Credentials, next http.Handler) http.Handler {
+// verifySigV4 rejects any request that is not signed with creds or with one
+// of the scoped keys (scoped may be nil: none), and requests of a scoped key
+// outside its prefix. Only the signature over the request line and signed
+// headers is checked; payload hashes are taken as declared (real S3 checks
+// them, but a dev server gains nothing from re-hashing gigabytes).
+func verifySigV4(creds Credentials, scoped scopedKeyLookup, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if err := checkSigV4(creds, r, time.Now()); err != nil {
+		if err := checkAuth(creds, scoped, r, time.Now()); err != nil {
 			err.write(w)
 			return
 		}
@@ -74,7 +88,14 @@ type sigParams struct {
 	payloadHash   string
 }
 
+// checkSigV4 verifies a request against the main key pair only.
 func checkSigV4(creds Credentials, r *http.Request, now time.Time) *authError {
+	return checkAuth(creds, nil, r, now)
+}
+
+// checkAuth verifies the signature of r, made with the main key pair or with
+// a scoped key, and for a scoped key then whether r stays inside its prefix.
+func checkAuth(creds Credentials, scoped scopedKeyLookup, r *http.Request, now time.Time) *authError {
 	q := r.URL.Query()
 	var (
 		p       *sigParams
@@ -91,17 +112,154 @@ func checkSigV4(creds Credentials, r *http.Request, now time.Time) *authError {
 	if err != nil {
 		return err
 	}
+	// The main key is looked at first, so it keeps full access whatever the
+	// scoped keys file says.
+	secret := creds.SecretKey
+	var limited *ScopedKey
 	if p.accessKey != creds.AccessKey {
-		return denied("InvalidAccessKeyId", "the AWS access key Id you provided does not exist in our records")
+		k, ok := ScopedKey{}, false
+		if scoped != nil {
+			k, ok = scoped.lookup(p.accessKey)
+		}
+		if !ok {
+			return denied("InvalidAccessKeyId", "the AWS access key Id you provided does not exist in our records")
+		}
+		secret, limited = k.SecretKey, &k
 	}
 	canonical := canonicalRequest(r, p, presign)
 	sts := strings.Join([]string{sigAlgorithm, p.amzDate, p.scope, sha256Hex([]byte(canonical))}, "\n")
-	want := hex.EncodeToString(hmacSHA256(signingKey(creds.SecretKey, p.scope), []byte(sts)))
+	want := hex.EncodeToString(hmacSHA256(signingKey(secret, p.scope), []byte(sts)))
 	if !hmac.Equal([]byte(want), []byte(p.signature)) {
 		return denied("SignatureDoesNotMatch",
 			"the request signature we calculated does not match the signature you provided; canonical request:\n%s", canonical)
 	}
+	if limited != nil {
+		return authorizeScoped(*limited, r)
+	}
 	return nil
+}
+
+// authorizeScoped decides whether a request signed with a scoped key stays
+// inside key.Prefix. It mirrors gofakes3's routing (routing.go of the pinned
+// v1.2.0: path-style /<bucket>/<object>, the object being everything after the
+// first slash of the decoded path, and operations picked by query parameters
+// in this order), so that what is checked is what gofakes3 will act on:
+//
+//   - an operation on one object (GET, HEAD, PUT, DELETE, multipart initiate,
+//     upload part, complete, abort, list parts, versions of an object): the
+//     object key must start with the prefix; a copy (x-amz-copy-source) must
+//     also read from a key under the prefix;
+//   - a listing (ListObjects/V2, ListObjectVersions, ListMultipartUploads):
+//     its prefix query parameter must start with the prefix;
+//   - anything else (ListBuckets, bucket HEAD/PUT/DELETE, multi-object delete,
+//     browser POST uploads, bucket location/versioning) is denied.
+//
+// A bucket, object key, listing prefix or copy source that has an empty bucket
+// or a "." or ".." segment is denied too: the filesystem backend cleans paths,
+// so such a key could land outside the prefix.
+func authorizeScoped(key ScopedKey, r *http.Request) *authError {
+	deny := func(why string) *authError {
+		return denied("AccessDenied", "access key %s may only access objects under the prefix %q: %s",
+			key.AccessKey, key.Prefix, why)
+	}
+	inScope := func(k string) bool {
+		return strings.HasPrefix(k, key.Prefix) && !hasDotSegment(k)
+	}
+	bucket, object, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	if bucket == "" || bucket == "." || bucket == ".." {
+		return deny("the request is not about one bucket")
+	}
+	q := r.URL.Query()
+	objectOp := func() *authError {
+		if object == "" {
+			return deny("the request is not about one object")
+		}
+		if !inScope(object) {
+			return deny(fmt.Sprintf("object key %q is outside", object))
+		}
+		if src := r.Header.Get("X-Amz-Copy-Source"); src != "" {
+			srcBucket, srcKey, ok := copySource(src)
+			if !ok || srcBucket == "" || srcBucket == "." || srcBucket == ".." || !inScope(srcKey) {
+				return deny(fmt.Sprintf("copy source %q is outside", src))
+			}
+		}
+		return nil
+	}
+	listing := func() *authError {
+		if r.Method != http.MethodGet {
+			return deny("only GET may list")
+		}
+		if _, ok := q["prefix"]; !ok {
+			return deny("a listing needs a prefix query parameter")
+		}
+		if prefix := q.Get("prefix"); !inScope(prefix) {
+			return deny(fmt.Sprintf("listing prefix %q is outside", prefix))
+		}
+		return nil
+	}
+	_, uploads := q["uploads"]
+	_, versions := q["versions"]
+	_, versioning := q["versioning"]
+	switch {
+	case q.Get("uploadId") != "": // UploadPart, CompleteMultipartUpload, ListParts, Abort
+		return objectOp()
+	case uploads:
+		if r.Method == http.MethodGet { // ListMultipartUploads, whatever the path says
+			return listing()
+		}
+		return objectOp() // CreateMultipartUpload
+	case versioning:
+		return deny("bucket versioning is not an object operation")
+	case versions: // ListObjectVersions
+		return listing()
+	case q.Get("versionId") != "" && q.Get("versionId") != "null": // one version of an object
+		return objectOp()
+	case object != "":
+		return objectOp()
+	default: // bucket level
+		if _, location := q["location"]; r.Method == http.MethodGet && !location {
+			return listing()
+		}
+		return deny(r.Method + " on a bucket is not an object operation")
+	}
+}
+
+// copySource splits an x-amz-copy-source header the way gofakes3's copyObject
+// does: "bucket/key" or "/bucket/key", the key URL-encoded and optionally
+// followed by "?versionId=...", or the whole value URL-encoded.
+func copySource(src string) (bucket, key string, ok bool) {
+	parts := strings.SplitN(strings.TrimPrefix(src, "/"), "/", 2)
+	decoded := false
+	if len(parts) < 2 {
+		d, err := url.QueryUnescape(src)
+		if err != nil {
+			return "", "", false
+		}
+		parts = strings.SplitN(strings.TrimPrefix(d, "/"), "/", 2)
+		decoded = true
+	}
+	if len(parts) < 2 {
+		return "", "", false
+	}
+	key = strings.SplitN(parts[1], "?", 2)[0]
+	if !decoded {
+		var err error
+		if key, err = url.QueryUnescape(key); err != nil {
+			return "", "", false
+		}
+	}
+	return parts[0], key, true
+}
+
+// hasDotSegment reports whether the slash-separated s has a "." or ".."
+// segment.
+func hasDotSegment(s string) bool {
+	for _, seg := range strings.Split(s, "/") {
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
 }
 
 func presignParams(q url.Values, now time.Time) (*sigParams, *authError) {

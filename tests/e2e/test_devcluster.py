@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ import pytest
 import requests
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from cluster_fixtures import NO_NODE_AGENT_REASON, ClusterHandle, devcluster_cli, poll
+from botocore.exceptions import ClientError
+from cluster_fixtures import NO_NODE_AGENT_REASON, REPO_ROOT, ClusterHandle, devcluster_cli, poll
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
@@ -207,6 +210,53 @@ def test_s3_rejects_bad_or_missing_signatures(dev_s3: S3Config) -> None:
     with pytest.raises(Exception, match="SignatureDoesNotMatch"):
         wrong.get_object(Bucket=dev_s3.bucket, Key=key)
     s3.delete_object(Bucket=dev_s3.bucket, Key=key)
+
+
+def test_s3server_go_unit_tests() -> None:
+    # The S3 server's own tests (SigV4, scoped keys): Go is a build requirement of the local
+    # cluster, and its module cache is warm from building the server.
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("go is not installed")
+    proc = subprocess.run(
+        [go, "test", "-count=1", "./..."],
+        cwd=REPO_ROOT / "hack" / "s3server",
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_s3_scoped_key_reaches_its_prefix_only(dev_cluster: ClusterHandle, dev_s3: S3Config) -> None:
+    if dev_cluster.root is None:
+        pytest.skip("needs the local cluster's own S3 server")
+    from dsjobs.devcluster.s3 import scoped_key
+
+    paths = ClusterPaths.at(dev_cluster.root)
+    prefix = f"projects/e2e-{uuid.uuid4().hex[:8]}/"
+    key = scoped_key(paths.s3_scoped_keys, prefix)
+    assert scoped_key(paths.s3_scoped_keys, prefix) == key  # one pair per prefix
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=dev_s3.endpoint,
+        aws_access_key_id=key.access_key,
+        aws_secret_access_key=key.secret_key,
+        region_name=dev_s3.region,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+    def put(k: str) -> None:
+        s3.put_object(Bucket=dev_s3.bucket, Key=k, Body=b"x")
+
+    # The server re-reads the file at most once a second.
+    poll("the new scoped key to be accepted", lambda: put(prefix + "a") or True, 10, 0.3)
+    assert s3.get_object(Bucket=dev_s3.bucket, Key=prefix + "a")["Body"].read() == b"x"
+    for outside in ("projects/other/a", prefix.rstrip("/") + "x/a", prefix + "../b"):
+        with pytest.raises(ClientError) as err:
+            put(outside)
+        assert err.value.response["Error"]["Code"] == "AccessDenied"
 
 
 def test_s3_multipart_upload(dev_s3: S3Config, tmp_path: Path) -> None:

@@ -381,7 +381,12 @@ def _start_all(launch: _Launch, bin_dir: Path, topology: Sequence[NodeSpec], tim
         ],
         ports={"http": s3_port},
         kind="s3",
-        env={**os.environ, "DSJOBS_S3_ACCESS_KEY": s3.access_key, "DSJOBS_S3_SECRET_KEY": s3.secret_key},
+        env={
+            **os.environ,
+            "DSJOBS_S3_ACCESS_KEY": s3.access_key,
+            "DSJOBS_S3_SECRET_KEY": s3.secret_key,
+            "DSJOBS_S3_SCOPED_KEYS_FILE": str(paths.s3_scoped_keys),
+        },
     )
 
     etcd_url = f"http://127.0.0.1:{etcd_port}"

@@ -34,6 +34,11 @@ class ClusterPaths:
         return self.root / "s3.json"
 
     @property
+    def s3_scoped_keys(self) -> Path:
+        """Key pairs the S3 server accepts for one prefix only (re-read when it changes)."""
+        return self.root / "s3-scoped-keys.json"
+
+    @property
     def last_logs(self) -> Path:
         """Logs of the last cluster, kept by `down` for post-mortems."""
         return self.root / "last-logs"

@@ -56,3 +56,25 @@ class S3Config:
     @classmethod
     def read(cls, json_path: Path) -> S3Config:
         return cls(**json.loads(json_path.read_text()))
+
+
+@dataclass(frozen=True)
+class ScopedKey:
+    """A key pair the dev S3 server accepts only for objects under `prefix`."""
+
+    access_key: str
+    secret_key: str
+    prefix: str
+
+
+def scoped_key(path: Path, prefix: str) -> ScopedKey:
+    """The key pair of `prefix` in the server's scoped keys file, made (and the file rewritten
+    atomically, 0600) when it has none yet; the server picks the change up by itself."""
+    entries: list[dict[str, str]] = json.loads(path.read_text()) if path.exists() else []
+    for e in entries:
+        if e.get("prefix") == prefix:
+            return ScopedKey(e["accessKey"], e["secretKey"], prefix)
+    key = ScopedKey("DSJOBSP" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30), prefix)
+    entries.append({"accessKey": key.access_key, "secretKey": key.secret_key, "prefix": prefix})
+    write_private(path, json.dumps(entries, indent=2) + "\n")
+    return key
