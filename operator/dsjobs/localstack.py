@@ -41,9 +41,12 @@ from typing import Any
 
 import yaml
 
+from dsjobs.controller.names import PROJECT_STORAGE_SECRET_NAME
 from dsjobs.devcluster import ClusterPaths, S3Config, bins
 from dsjobs.devcluster.files import write_private
 from dsjobs.devcluster.procs import Record
+from dsjobs.devcluster.s3 import ScopedKey, scoped_key
+from dsjobs.storage import project_prefix
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_OVERLAY = REPO_ROOT / "deploy" / "overlays" / "local"
@@ -51,6 +54,7 @@ DEMO_DIR = REPO_ROOT / "examples" / "demo"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 STORAGE_SECRET = "dsjobs-storage"
+STORAGE_CREDENTIALS_ENV = "DSJOBS_STORAGE_CREDENTIALS"
 SETTINGS_CONFIGMAP = "dsjobs-settings"
 PROJECT_LABEL = "dsjobs.dev/project-id"
 #: Marks the ServiceAccount of the overlay's demo project that `up` makes a token for.
@@ -244,6 +248,22 @@ def storage_secret(s3: S3Config, namespace: str) -> Obj:
     }
 
 
+def project_storage_secret(key: ScopedKey, namespace: str) -> Obj:
+    """The project's own storage key pair, for an operator with DSJOBS_STORAGE_CREDENTIALS=project
+    (what an admin provisions per project namespace; docs/admin.md)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": PROJECT_STORAGE_SECRET_NAME,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "dsjobs"},
+        },
+        "type": "Opaque",
+        "stringData": {"accessKey": key.access_key, "secretKey": key.secret_key},
+    }
+
+
 def code_digest(package: Path = PACKAGE_DIR) -> str:
     """A digest of the dsjobs sources: on the local cluster the host filesystem is the image, so
     changed code needs new pods just as a new image would."""
@@ -379,6 +399,12 @@ def up(
         _wait_established(kubectl, [f"crd/{c['metadata']['name']}" for c in crds])
 
     secret = storage_secret(S3Config.read(paths.s3_json), facts.system_namespace)
+    project_secrets: list[Obj] = []
+    if facts.settings.get(STORAGE_CREDENTIALS_ENV) == "project":
+        # The dev S3 server accepts this pair for the project's prefix only, as an admin's own
+        # object store would after they scoped a user to it.
+        key = scoped_key(paths.s3_scoped_keys, project_prefix(facts.project_id))
+        project_secrets.append(project_storage_secret(key, facts.project_namespace))
     digest = config_hash(facts, secret, code_digest())
     rest = [o for o in objects if o.get("kind") != "CustomResourceDefinition"]
     # Namespaces first, then the Secret the Deployments load, then everything else.
@@ -389,7 +415,7 @@ def up(
     with progress.step(
         f"dsjobs from {overlay.relative_to(REPO_ROOT) if overlay.is_relative_to(REPO_ROOT) else overlay}"
     ):
-        kubectl.apply([*namespaces, secret, *others])
+        kubectl.apply([*namespaces, secret, *project_secrets, *others])
 
     with progress.step(f"waiting for {', '.join(facts.deployments)} to be ready"):
         for name in facts.deployments:

@@ -8,6 +8,7 @@ with DSJOBS_E2E_KUBECONFIG + DSJOBS_E2E_ENV. Waits are polls with timeouts; noth
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import textwrap
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cluster_fixtures import ClusterHandle
 from stack_fixtures import REPO_ROOT, CliRun, StackEnv, first_json, poll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -266,14 +268,82 @@ def test_async_execute_then_attach(dsjobs_stack: StackEnv, tmp_path: Path) -> No
     assert status_of(dsjobs_stack, job_id, d) == "SUCCESS"
 
 
+def _secret_data(stack: StackEnv, name: str) -> dict[str, str]:
+    secret = stack.kubectl_json("get", "secret", name, "-n", stack.project_namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
 def test_cancel(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     d = slow_job_dir(tmp_path, 600)
     job_id = execute_async(dsjobs_stack, d)
     wait_status(dsjobs_stack, job_id, d, {"EXECUTING"})
+    if dsjobs_stack.local:
+        # The local overlay runs the operator with DSJOBS_STORAGE_CREDENTIALS=project: the job's
+        # runner holds the project's own key pair, not the operator's bucket-wide one.
+        project_key = _secret_data(dsjobs_stack, "dsjobs-project-storage")
+        runner = _secret_data(dsjobs_stack, f"{job_id}-a1-runner")
+        assert runner["DSJOBS_S3_ACCESS_KEY"] == project_key["accessKey"]
+        assert runner["DSJOBS_S3_SECRET_KEY"] == project_key["secretKey"]
     run = dsjobs_stack.datasphere("project", "job", "cancel", "--id", job_id, cwd=d).ok()
     assert "job is canceled" in run.output
     wait_status(dsjobs_stack, job_id, d, {"CANCELLED"}, timeout=120)
     poll(f"the pods of job {job_id} to be gone", lambda: not job_pods(dsjobs_stack, job_id), 120)
+
+
+def test_the_project_storage_key_reaches_its_own_prefix_only(
+    dsjobs_stack: StackEnv, dev_cluster: ClusterHandle
+) -> None:
+    if not dsjobs_stack.local:
+        pytest.skip("the local stack provisions the project's storage key pair")
+    from dsjobs.storage import Storage, StorageSettings
+
+    key = _secret_data(dsjobs_stack, "dsjobs-project-storage")
+    env = {
+        **dev_cluster.s3.env(),
+        "DSJOBS_S3_ACCESS_KEY": key["accessKey"],
+        "DSJOBS_S3_SECRET_KEY": key["secretKey"],
+    }
+    assert key["accessKey"] != dev_cluster.s3.access_key
+    scoped = Storage(StorageSettings.from_env(env))
+    own = f"projects/{dsjobs_stack.project_id}/e2e-scope-{uuid.uuid4().hex[:8]}"
+    scoped.put_bytes(own, b"mine")
+    assert scoped.get_bytes(own) == b"mine"
+    scoped.delete(own)
+    for other in ("projects/someone-else/inputs/x", f"projects/{dsjobs_stack.project_id}x/y", "top-level"):
+        with pytest.raises(Exception, match="AccessDenied"):
+            scoped.put_bytes(other, b"not mine")
+
+
+def test_a_project_without_its_storage_key_gets_a_clear_error(dsjobs_stack: StackEnv) -> None:
+    if not dsjobs_stack.local:
+        pytest.skip("the local stack runs the operator with DSJOBS_STORAGE_CREDENTIALS=project")
+    project = f"nokey-{uuid.uuid4().hex[:6]}"
+    ns = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": project, "labels": {"dsjobs.dev/project-id": project}},
+    }
+    job = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {"name": "needs-key", "namespace": project},
+        "spec": {"projectId": project, "execute": True, "jobParameters": {"cmd": "true"}},
+    }
+    dsjobs_stack.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(ns))
+    try:
+        dsjobs_stack.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+        dsjobs_stack.kubectl(
+            "wait", "projectjob/needs-key", "-n", project,
+            "--for=jsonpath={.status.phase}=ERROR", "--timeout=120s", timeout=150,
+        )  # fmt: skip
+        details = dsjobs_stack.kubectl(
+            "get", "pj", "needs-key", "-n", project, "-o", "jsonpath={.status.statusDetails}"
+        )  # fmt: skip
+        assert f"Secret 'dsjobs-project-storage' in namespace {project} not found" in details, details
+        pods = dsjobs_stack.kubectl("get", "pods", "-n", project, "-o", "name")
+        assert not pods.strip()
+    finally:
+        dsjobs_stack.kubectl("delete", "namespace", project, "--wait=false", check=False)
 
 
 def test_list_and_get(dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path) -> None:

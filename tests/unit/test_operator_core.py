@@ -47,6 +47,11 @@ def test_settings_defaults_and_env() -> None:
         settings_from_env({"DSJOBS_METRICS_PORT": "many"})
     with pytest.raises(SettingsError):
         settings_from_env({"DSJOBS_IMAGE_PULL_TIMEOUT": "-1"})
+    assert settings_from_env({"DSJOBS_STORAGE_CREDENTIALS": "project"}).storage_credentials == "project"
+    with pytest.raises(
+        SettingsError, match="DSJOBS_STORAGE_CREDENTIALS='projects': must be one of operator, project"
+    ):
+        settings_from_env({"DSJOBS_STORAGE_CREDENTIALS": "projects"})
 
 
 def test_every_documented_setting_is_a_field() -> None:

@@ -28,7 +28,13 @@ from dsjobs.controller.render import (
     user_image,
     working_storage_source,
 )
-from dsjobs.controller.secrets import dockerconfigjson, registry_of, registry_secret, secret_value
+from dsjobs.controller.secrets import (
+    dockerconfigjson,
+    project_storage_env,
+    registry_of,
+    registry_secret,
+    secret_value,
+)
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
@@ -312,6 +318,28 @@ def test_registry_secret_is_a_dockerconfigjson_owned_by_the_job() -> None:
     assert registry_of("library/python") == "https://index.docker.io/v1/"
     assert registry_of("localhost/img") == "localhost"
     assert json.loads(dockerconfigjson("ghcr.io/a/b", "u", "p"))["auths"]["ghcr.io"]["username"] == "u"
+
+
+def test_project_storage_credentials_replace_only_the_key_pair() -> None:
+    operator_env = {
+        "DSJOBS_S3_ENDPOINT": "http://s3:9000",
+        "DSJOBS_S3_BUCKET": "dsjobs",
+        "DSJOBS_S3_ACCESS_KEY": "BUCKET-WIDE",
+        "DSJOBS_S3_SECRET_KEY": "bucket-wide-secret",
+    }
+    project = {"data": {"accessKey": "UFJPSkVDVA==", "secretKey": "cy1zZWNyZXQ="}}  # PROJECT, s-secret
+    env, problem = project_storage_env(operator_env, project)
+    assert problem == "" and env == {
+        "DSJOBS_S3_ENDPOINT": "http://s3:9000",
+        "DSJOBS_S3_BUCKET": "dsjobs",
+        "DSJOBS_S3_ACCESS_KEY": "PROJECT",
+        "DSJOBS_S3_SECRET_KEY": "s-secret",
+    }
+    assert project_storage_env(operator_env, {"stringData": {"accessKey": "A"}}) == (
+        None,
+        "has no 'secretKey'",
+    )
+    assert project_storage_env(operator_env, {}) == (None, "has no 'accessKey' and no 'secretKey'")
 
 
 def test_long_names_still_give_valid_object_names() -> None:

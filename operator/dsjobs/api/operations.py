@@ -245,6 +245,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "MissingVolume": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryCredentials": grpc.StatusCode.FAILED_PRECONDITION,
     "DataCleared": grpc.StatusCode.FAILED_PRECONDITION,
+    "StorageCredentials": grpc.StatusCode.FAILED_PRECONDITION,
     "StageInFailed": grpc.StatusCode.FAILED_PRECONDITION,
     "SetupFailed": grpc.StatusCode.FAILED_PRECONDITION,
     "InvalidImageName": grpc.StatusCode.FAILED_PRECONDITION,

@@ -50,6 +50,7 @@ from dsjobs.controller.names import (
     FINALIZER,
     JOB_LABEL,
     PROJECT_SECRETS_NAME,
+    PROJECT_STORAGE_SECRET_NAME,
     operator_secrets_selector,
     registry_secret_name,
 )
@@ -78,7 +79,12 @@ from dsjobs.controller.render import (
     runner_secret,
     user_image,
 )
-from dsjobs.controller.secrets import registry_password_source_problem, registry_secret, secret_value
+from dsjobs.controller.secrets import (
+    project_storage_env,
+    registry_password_source_problem,
+    registry_secret,
+    secret_value,
+)
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
 from dsjobs.models import (
@@ -626,7 +632,23 @@ class Operator:
             config = runner_config(ref, spec, action.attempt)
         except ValueError as exc:
             return fail(spec, status, "InvalidSpec", f"the job cannot be run: {exc}", now)
-        secret = runner_secret(ref, config, self.storage_env, attempt=action.attempt)
+        storage_env: Mapping[str, str] = self.storage_env
+        if self.settings.storage_credentials == "project":
+            found = await self.kube.get("secrets", core_path(ns, "secrets", PROJECT_STORAGE_SECRET_NAME))
+            scoped, problem = (
+                project_storage_env(self.storage_env, found) if found is not None else (None, "not found")
+            )
+            if scoped is None:
+                return fail(
+                    spec,
+                    status,
+                    "StorageCredentials",
+                    f"project storage credentials: Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {ns} "
+                    f"{problem} (the operator runs with DSJOBS_STORAGE_CREDENTIALS=project)",
+                    now,
+                )
+            storage_env = scoped
+        secret = runner_secret(ref, config, storage_env, attempt=action.attempt)
         pod = render_pod(
             ref,
             spec,

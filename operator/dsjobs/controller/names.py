@@ -30,6 +30,9 @@ PROJECT_DISK_LABEL: Final = "dsjobs.dev/project-disk"
 FINALIZER: Final = "dsjobs.dev/cleanup"
 # Project secrets: one Secret per project namespace, one key per secret (env var name = key).
 PROJECT_SECRETS_NAME: Final = "dsjobs-project-secrets"
+# Project storage credentials (DSJOBS_STORAGE_CREDENTIALS=project): keys accessKey, secretKey, for
+# an object store user the admin limited to the project's prefix projects/<project-id>/.
+PROJECT_STORAGE_SECRET_NAME: Final = "dsjobs-project-storage"
 
 _MAX_NAME = 253
 

@@ -94,6 +94,19 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
         return None
 
 
+def project_storage_env(
+    storage_env: Mapping[str, str], secret: Mapping[str, Any]
+) -> tuple[dict[str, str] | None, str]:
+    """The runner's storage settings with the project's own key pair from its `dsjobs-project-storage`
+    Secret (endpoint, bucket and region stay the operator's), or (None, what is wrong)."""
+    access, secret_key = secret_value(secret, "accessKey"), secret_value(secret, "secretKey")
+    missing = [k for k, v in (("accessKey", access), ("secretKey", secret_key)) if not v]
+    if missing:
+        return None, "has no " + " and no ".join(repr(k) for k in missing)
+    assert access is not None and secret_key is not None
+    return {**storage_env, "DSJOBS_S3_ACCESS_KEY": access, "DSJOBS_S3_SECRET_KEY": secret_key}, ""
+
+
 def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool) -> str:
     """Why the operator must not send this Secret's value to a registry, or "".
 

@@ -18,6 +18,9 @@ DEFAULT_PYTHON_IMAGE: Final = "python:{version}-slim"
 DEFAULT_PYTHON_VERSION: Final = "3.11"
 
 
+STORAGE_CREDENTIAL_SOURCES: Final = ("operator", "project")
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value the operator cannot use."""
 
@@ -66,6 +69,9 @@ class OperatorSettings:
     worker_idle_seconds: float = 1.0
     # Kubernetes Event reporter name (shows in `kubectl describe pj` as "From").
     event_component: str = "dsjobs-operator"
+    # Whose storage credentials the job's runner gets: `operator` (the operator's own, bucket-wide)
+    # or `project` (the project namespace's dsjobs-project-storage Secret, limited to the project's prefix).
+    storage_credentials: str = "operator"
 
     def python_image_for(self, version: str) -> str:
         """The default runtime image of a job with a Python env (and of jobs without any image)."""
@@ -136,6 +142,13 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Page size of the initial listing of ProjectJobs and pods; 0 lists everything in one response "
         "(more memory at start-up).",
     ),
+    "DSJOBS_STORAGE_CREDENTIALS": (
+        "storage_credentials",
+        "Storage credentials of the job's runner: `operator` copies the operator's own (bucket-wide) into "
+        "each job's runner Secret; `project` takes `accessKey`/`secretKey` of the Secret `dsjobs-project-storage` "
+        "in the job's namespace (credentials the admin limited to `projects/<project-id>/`), and a job "
+        "whose namespace has none ends ERROR (`StorageCredentials`).",
+    ),
     "DSJOBS_WORKER_IDLE_TIMEOUT": (
         "worker_idle_seconds",
         "Seconds an idle per-object worker (and the object it last saw) is kept; lower saves memory.",
@@ -172,6 +185,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             continue
         values[attr] = _convert(name, raw, getattr(defaults, attr))
     settings = OperatorSettings(**values)  # type: ignore[arg-type]
+    if settings.storage_credentials not in STORAGE_CREDENTIAL_SOURCES:
+        raise SettingsError(
+            f"DSJOBS_STORAGE_CREDENTIALS={settings.storage_credentials!r}: must be one of "
+            + ", ".join(STORAGE_CREDENTIAL_SOURCES)
+        )
     if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
         raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")
     return settings
