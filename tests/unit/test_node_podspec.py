@@ -441,10 +441,6 @@ def test_termination_grace() -> None:
 
 
 def test_empty_dir_limits_are_the_positive_size_limits() -> None:
-    from fractions import Fraction
-
-    from dsjobs.devcluster.node.podspec import empty_dir_limits
-
     pod = {
         "spec": {
             "volumes": [
@@ -455,4 +451,4 @@ def test_empty_dir_limits_are_the_positive_size_limits() -> None:
             ]
         }
     }
-    assert empty_dir_limits(pod) == {"work": (Fraction(20 << 30), "20Gi")}
+    assert podspec.empty_dir_limits(pod) == {"work": (Fraction(20 << 30), "20Gi")}
