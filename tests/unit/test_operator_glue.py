@@ -67,3 +67,41 @@ def test_a_reconcile_cancelled_while_waiting_for_the_lock_drops_no_later_trigger
         assert KEY not in op._waiting  # else every later event of the job would be dropped
 
     asyncio.run(scenario())
+
+
+def test_a_timer_keeps_nothing_of_the_handler_that_set_it() -> None:
+    # A timer set inside a Kopf handler copied the handler's context, and with it Kopf's cause and
+    # so the job's whole body: 10k waiting jobs with data expiry timers held ~16 KiB each. Only
+    # the operator-wide parts of the context (auth vault, event queue) may go with a timer.
+    import contextvars
+    import gc
+    import weakref
+    from datetime import timedelta
+
+    cause_var: contextvars.ContextVar[object] = contextvars.ContextVar("cause_var")
+    vault_var: contextvars.ContextVar[object] = contextvars.ContextVar("vault_var")
+
+    class Body:
+        pass
+
+    async def scenario() -> None:
+        op = Operator(SETTINGS, environ={})
+        vault = Body()
+        vault_var.set(vault)
+        body = Body()
+        gone = weakref.ref(body)
+        token = cause_var.set(body)
+        op._schedule(("ns", "job-1"), timedelta(hours=1))
+        cause_var.reset(token)
+        del body
+        gc.collect()
+        assert gone() is None, "the timer keeps the handler's cause (the job's body) alive"
+        handle = op._timers[("ns", "job-1")][1]
+        assert handle._context.run(vault_var.get) is vault  # type: ignore[attr-defined]
+        op._schedule(("ns", "job-2"), timedelta(hours=1))
+        other = op._timers[("ns", "job-2")][1]
+        assert other._context is handle._context  # type: ignore[attr-defined]  # one for all timers
+        handle.cancel()
+        other.cancel()
+
+    asyncio.run(scenario())

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -164,6 +165,7 @@ class Operator:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._lock_users: dict[Key, int] = defaultdict(int)
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._operator_context: contextvars.Context | None = None
         self._errors: dict[Key, int] = {}
         # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
         # one reads the latest state), so it is dropped. Coalesces bursts of pod events.
@@ -798,13 +800,51 @@ class Operator:
 
         def fire() -> None:
             self._timers.pop(key, None)
-            # The context of the handler that scheduled us (Kopf's auth vault, event queue)
-            # is copied into the callback, and from it into the task.
+            # The callback's context goes on into the task.
             task = asyncio.ensure_future(self.reconcile(key))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        self._timers[key] = (due, loop.call_later(seconds + 0.05, fire))
+        self._timers[key] = (due, loop.call_later(seconds + 0.05, fire, context=self._timer_context()))
+
+    def _timer_context(self) -> contextvars.Context:
+        """One context for all timers (half a timer's memory): built once Kopf's operator-wide
+        variables are there, which they are in every handler and every timer's task."""
+        if self._operator_context is not None:
+            return self._operator_context
+        ctx = operator_context()
+        if any(var.name == _VAULT_VAR for var in ctx):
+            self._operator_context = ctx
+        return ctx
+
+
+# Kopf's context variables of one handler invocation. The cause holds the event's whole body.
+_HANDLER_VARS: Final = frozenset(
+    {
+        "cause_var",
+        "handler_var",
+        "subregistry_var",
+        "subexecuted_var",
+        "sublifecycle_var",
+        "subsettings_var",
+        "subrefs_var",
+    }
+)
+
+
+# Kopf's auth vault: present once Kopf runs the operator.
+_VAULT_VAR: Final = "vault_var"
+
+
+def operator_context() -> contextvars.Context:
+    """The current context without Kopf's per-handler variables: what a timer needs (the auth
+    vault and event queue, operator-wide) and nothing that would keep the job's body alive for as
+    long as the timer waits (14 days of data TTL, for 10k jobs)."""
+    ctx = contextvars.Context()
+    for var, value in contextvars.copy_context().items():
+        if var.name not in _HANDLER_VARS:
+            ctx.run(var.set, value)
+    return ctx
 
 
 # --- registration ------------------------------------------------------------------------------
