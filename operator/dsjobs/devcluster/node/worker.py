@@ -113,8 +113,8 @@ class StopRequest:
 
 
 #: How often the kubelet-like local storage check runs (the kubelet's housekeeping is 10 s; the
-#: dev cluster checks sooner so that tests need not wait).
-STORAGE_CHECK_SECONDS = 2.0
+#: dev cluster checks sooner so that tests wait less, not so often that it costs every pod much CPU).
+STORAGE_CHECK_SECONDS = 5.0
 #: The kubelet evicts a pod over a local storage limit with this grace period.
 EVICTION_GRACE_SECONDS = 1
 
