@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
+import subprocess
 import textwrap
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -266,6 +268,55 @@ def test_async_execute_then_attach(dsjobs_stack: StackEnv, tmp_path: Path) -> No
     assert "slow job done" in run.output
     assert (attach_dir / "slow.txt").read_text() == "ticked 20\n"  # attach downloads the outputs
     assert status_of(dsjobs_stack, job_id, d) == "SUCCESS"
+
+
+GRACEFUL_MAIN = """
+    import signal, sys, time
+    def bye(signum, frame):
+        print(f"got signal {signum}", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGUSR1, bye)
+    for i in range(600):
+        print(f"tick {i}", flush=True)
+        time.sleep(1)
+"""
+
+
+def test_ctrl_c_during_execute_cancels_gracefully(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    # The official CLI on Ctrl-C asks "cancel job?"; yes -> Cancel(graceful=True) for a job with
+    # graceful-shutdown parameters, then it follows the job until it ends.
+    config = {
+        "name": "e2e-ctrl-c",
+        "cmd": "python main.py",
+        "inputs": ["main.py"],
+        "graceful-shutdown": {"signal": "SIGUSR1", "timeout": "30s"},
+    }
+    d = job_dir(tmp_path, config, {"main.py": GRACEFUL_MAIN})
+    log = d / "cli.log"
+    argv = dsjobs_stack._argv(
+        ["project", "job", "execute", "-p", dsjobs_stack.project_id, "-c", "config.yaml"]
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=d, env=dsjobs_stack.env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE
+        )
+    try:
+        poll("the job's output in the CLI", lambda: "tick 2" in log.read_text(errors="replace"), 180, 0.3)
+        proc.send_signal(signal.SIGINT)
+        poll("the CLI's question", lambda: "cancel job?" in log.read_text(errors="replace"), 30, 0.2)
+        assert proc.stdin is not None
+        proc.stdin.write(b"y\n")
+        proc.stdin.flush()
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text(errors="replace")
+    assert "job is canceled" in output, output
+    assert "got signal 10" in output, output  # the program's graceful signal, SIGUSR1
+    assert "status=CANCELLED" in output, output
+    job_id = CliRun(argv, proc.returncode, output).job_id
+    assert status_of(dsjobs_stack, job_id, d) == "CANCELLED"
 
 
 def _secret_data(stack: StackEnv, name: str) -> dict[str, str]:
