@@ -152,7 +152,7 @@ def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
         )
         status = h.wait_phase("disk-full", "ERROR", "SUCCESS", timeout=120)
         assert status["phase"] == "ERROR", status
-        assert "working directory outgrew the 4Mi limit" in status["statusDetails"], status
+        assert "outgrew its 4Mi limit" in status["statusDetails"], status
         assert status["attempt"] == 1
         finished = next(c for c in status["conditions"] if c["type"] == "Finished")
         assert finished["reason"] == "WorkingDirFull"
