@@ -1027,6 +1027,25 @@ def test_a_job_whose_data_was_deleted_before_it_ran_does_not_run() -> None:
     assert not any(isinstance(a, CreatePod) for a in p.actions)
     assert p.status.phase == JobPhase.ERROR
     assert "was deleted before it was executed" in p.status.status_details
+    assert p.status.data_expires_at is None  # nothing left to expire
+
+
+@pytest.mark.parametrize(
+    ("extra", "created", "why"),
+    [
+        # DeleteData and Execute crossed: the clearing is still to be done.
+        ({"clearData": True}, CREATED, "DeleteData"),
+        # Executed after its data expired but before the operator cleared it.
+        ({"dataTtl": "1h"}, NOW - timedelta(hours=2), "data TTL expired before the job was executed"),
+    ],
+)
+def test_a_job_executed_as_its_data_goes_does_not_run(
+    extra: dict[str, Any], created: datetime, why: str
+) -> None:
+    p = step(job(status={"phase": "CREATING", "createdAt": ts(created)}, **extra))
+    assert p.actions == (ClearData(),)
+    assert p.status.phase == JobPhase.ERROR and p.status.data_cleared
+    assert why in p.status.status_details
 
 
 def test_finalize_removes_pod_and_secrets_once() -> None:

@@ -440,21 +440,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.ExecuteProjectJobRequest, context: Context
     ) -> operation_pb2.Operation:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
-        if job.deleting and not job.spec.execute:
-            raise errors.failed_precondition(f"job {job.name!r} is being deleted")
-        if not job.spec.execute and not job.is_final and (job.status.data_cleared or job.spec.clear_data):
-            raise errors.failed_precondition(
-                f"the data of job {job.name!r} was deleted before it was executed "
-                "(DeleteData or its data TTL); clone it to run it"
-            )
-        if not job.spec.execute and not job.is_final:
-            checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
-            missing = [c for c in checks if not c.present]
-            if missing:
-                raise errors.failed_precondition(_missing_message(missing))
         for attempt in range(1, 4):
             if job.spec.execute or job.is_final:
                 break
+            # Checked again after every re-read: a DeleteData may have landed meanwhile.
+            await self._check_executable(job)
             requested_at = now().isoformat().replace("+00:00", "Z")
             try:
                 # Guarded by the resourceVersion: a concurrent Execute must not move the request time.
@@ -474,6 +464,22 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 job = await self.core.get_job(job.namespace, job.name, fresh=True)
         # Already requested, running or finished: that execution's operation (the CLI's `attach`).
         return await execute_operation(self.core, job)
+
+    async def _check_executable(self, job: JobSnapshot) -> None:
+        """FAILED_PRECONDITION when a job not yet executed cannot be: being deleted, its data
+        deleted (or expiring: createdAt + dataTtl), or an input not uploaded."""
+        if job.deleting:
+            raise errors.failed_precondition(f"job {job.name!r} is being deleted")
+        expires = job.status.data_expires_at
+        if job.status.data_cleared or job.spec.clear_data or (expires is not None and expires <= now()):
+            raise errors.failed_precondition(
+                f"the data of job {job.name!r} was deleted before it was executed (DeleteData or its "
+                "data TTL, counted from its creation); create the job again (or clone it with new inputs)"
+            )
+        checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
+        missing = [c for c in checks if not c.present]
+        if missing:
+            raise errors.failed_precondition(_missing_message(missing))
 
     # Cancel, Finalize, SetDataTtl ---------------------------------------------------------------
 

@@ -448,9 +448,20 @@ def _plan_start(
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
         return _plan_unexecuted(spec, status, now, actions, events)
-    if status.data_cleared:
-        message = "the job's stored data was deleted before it was executed (DeleteData or its data TTL)"
-        return _plan_of(fail(spec, status, "DataCleared", message, now), actions, events, spec)
+    why = _data_gone_before_start(spec, status, now)
+    if why is not None:
+        # Also when the clearing and the execute request crossed (the API refuses an Execute of
+        # such a job, kubectl does not): the job must not run without its inputs.
+        if not status.data_cleared:
+            status = _clear_data(status, why, now, actions, events)
+        message = (
+            f"the job's stored data was deleted before it was executed ({why}); create the job again "
+            "(or clone it with new inputs)"
+        )
+        update = fail(spec, status, "DataCleared", message, now)
+        # The data is gone already: no expiry to show.
+        cleared = update.status.model_copy(update={"data_expires_at": status.data_expires_at})
+        return _plan_of(StatusUpdate(cleared, update.events), actions, events, spec)
     if problems:
         return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
     if len(job.name) > MAX_JOB_NAME:
@@ -473,6 +484,18 @@ def _plan_start(
     actions.append(CreatePod(1, 0, names[0]))
     status = _as_created(spec, status, PodView(name=name, attempt=1, instance_type=names[0]), now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _data_gone_before_start(spec: ProjectJobSpec, status: ProjectJobStatus, now: datetime) -> str | None:
+    """Why a job about to start has (or is to have) no stored data, or None."""
+    if status.data_cleared:
+        return "DeleteData or its data TTL"
+    if spec.clear_data:
+        return "DeleteData"
+    expires = data_expiry(spec, status.created_at)
+    if expires is not None and now >= expires:
+        return "data TTL expired before the job was executed"
+    return None
 
 
 def _plan_unexecuted(

@@ -336,8 +336,8 @@ class ProjectJobSpec(CRModel):
     desc: str = field("Job description.", "", maxLength=MAX_DESC_LENGTH)
     config: str = field("The job's config YAML as the user wrote it.", "", maxLength=MAX_CONFIG_LENGTH)
     data_ttl: Duration = field(
-        "How long the job's data (inputs, outputs, logs) is kept after it ends, e.g. `14d` (default), "
-        "`36h`; `infinity` keeps it forever. 1h to 365d.",
+        "How long the job's data (inputs, outputs, logs) is kept after it ends (a job never executed: "
+        "after its creation), e.g. `14d` (default), `36h`; `infinity` keeps it forever. 1h to 365d.",
         DEFAULT_DATA_TTL,
     )
     created_by_id: str = field("Id of the subject that created the job.", "", maxLength=MAX_NAME_LENGTH)
