@@ -28,7 +28,7 @@ instance_type_names = st.from_regex(r"\A[a-z][a-z0-9]{0,3}\.[a-z0-9]{1,4}\Z")
 env_names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,12}\Z").filter(
     lambda n: (
         n not in L.RESERVED_ENV_VARS
-        and n not in L.SHELL_READONLY_ENV_VARS
+        and n not in L.SHELL_SPECIAL_ENV_VARS
         and not n.startswith(L.RESERVED_ENV_PREFIX)
     )
 )

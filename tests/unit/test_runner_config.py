@@ -101,4 +101,4 @@ def test_the_runner_refuses_the_env_names_the_api_refuses() -> None:
 
     assert config.RESERVED_ENV == limits.RESERVED_ENV_VARS
     assert config.RESERVED_ENV_PREFIX == limits.RESERVED_ENV_PREFIX
-    assert config.SHELL_READONLY_ENV == limits.SHELL_READONLY_ENV_VARS
+    assert config.SHELL_SPECIAL_ENV == limits.SHELL_SPECIAL_ENV_VARS

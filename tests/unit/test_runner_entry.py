@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from runner_fakes import umask
 
-from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.config import SHELL_SPECIAL_ENV, RunnerConfig
 from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
 from dsjobs.runner.result import RunnerStatus
 from dsjobs.runner.ship import read_status_file
@@ -194,11 +194,22 @@ def test_the_job_s_environment_is_the_program_s_not_the_script_s(shell: list[str
     assert "tee or mkfifo missing" not in r.syslog
 
 
-@pytest.mark.parametrize("name", ["UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "BASH_VERSINFO"])
-def test_names_a_shell_keeps_readonly_are_refused(name: str, tmp_path: Path) -> None:
-    # bash (also as /bin/sh) will not let a script set them: in POSIX mode that ends the script.
-    with pytest.raises(ValueError, match=f"{name}.*readonly"):
+@pytest.mark.parametrize("name", sorted(SHELL_SPECIAL_ENV))
+def test_the_shell_s_own_variables_are_refused(name: str, tmp_path: Path) -> None:
+    # bash (also as /bin/sh) keeps some readonly; others are numeric (`OPTIND=abc` fails in dash,
+    # `RANDOM=abc` under set -u in bash). Either ends the shell that runs the program.
+    with pytest.raises(ValueError, match=f"{name}.*the shell's own"):
         make_config(tmp_path, "true", env={name: "1"})
+
+
+@pytest.mark.parametrize("name", ["OPTIND", "RANDOM", "UID"])
+def test_exporting_a_shell_variable_would_break_the_program_s_shell(shell: list[str], name: str) -> None:
+    # Why the names above are refused: as the entry script's subshell would export them.
+    script = f"set -u; ( export {name}=abc; exec echo ran ) 2>/dev/null || echo broken"
+    out = subprocess.run([*shell, "-c", script], capture_output=True, text=True, check=False).stdout
+    if out.strip() == "ran":
+        pytest.skip(f"{shell[0]} takes {name}=abc")  # dash and busybox have no RANDOM/UID of their own
+    assert out.strip() == "broken"
 
 
 def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) -> None:

@@ -466,7 +466,7 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{ENV}.vars", {"DSJOBSX": "v"}),
     ),
     (
-        "env-readonly",
+        "env-shell",
         'job_parameters.env.vars["UID"]',
         set_at(f"{ENV}.vars", {"UID": "v"}),
         set_at(f"{ENV}.vars", {"UID_": "v"}),

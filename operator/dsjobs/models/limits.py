@@ -67,8 +67,21 @@ RESERVED_CMD_VARS: Final = frozenset({DS_PROJECT_HOME})
 # Environment variables the runner sets itself; a job may not override them.
 RESERVED_ENV_VARS: Final = frozenset({DS_PROJECT_HOME, JOB_PROGRESS_FILENAME})
 RESERVED_ENV_PREFIX: Final = "DSJOBS_"
-# bash (the job's shell, also as /bin/sh) keeps these readonly: a job cannot set them.
-SHELL_READONLY_ENV_VARS: Final = frozenset({"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"})
+# The shell's own variables (readonly in bash, or arithmetic in dash/bash): a job cannot set them.
+SHELL_SPECIAL_ENV_VARS: Final = frozenset(
+    {
+        "BASHOPTS",
+        "BASH_VERSINFO",
+        "EUID",
+        "HISTCMD",
+        "OPTIND",
+        "PPID",
+        "RANDOM",
+        "SHELLOPTS",
+        "SRANDOM",
+        "UID",
+    }
+)
 # The CLI names zipped Python local modules `_LOCAL_MODULE_<i>`; their paths are temporary
 # file names on the client and carry no meaning.
 LOCAL_MODULE_VAR_PREFIX: Final = "_LOCAL_MODULE_"

@@ -154,8 +154,8 @@ class Environment(CRModel):
 
     vars: dict[str, EnvValue] = field(
         "Environment variables. Names are C identifiers; DS_PROJECT_HOME, JOB_PROGRESS_FILENAME and "
-        "names starting with DSJOBS_ are set by the server and may not be given, nor names bash keeps "
-        "readonly (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO).",
+        "names starting with DSJOBS_ are set by the server and may not be given, nor the shell's own "
+        "variables (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO, OPTIND, RANDOM, SRANDOM, HISTCMD).",
         {},
         maxProperties=MAX_ENV_VARS,
     )

@@ -32,8 +32,22 @@ RESERVED_VARS = frozenset({ENV_PROJECT_HOME})
 RESERVED_ENV = frozenset({ENV_PROGRESS_FILE, ENV_PROJECT_HOME})
 #: The entry script's own shell variables use this prefix (dsjobs.models.limits reserves it too).
 RESERVED_ENV_PREFIX = "DSJOBS_"
-#: bash (also as /bin/sh) keeps these readonly: exporting one ends a POSIX-mode script.
-SHELL_READONLY_ENV = frozenset({"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"})
+#: Shell variables a script cannot export as given: readonly in bash (also as /bin/sh), or
+#: arithmetic in dash/bash (a non-number fails). Exporting one ends the shell that runs the program.
+SHELL_SPECIAL_ENV = frozenset(
+    {
+        "BASHOPTS",
+        "BASH_VERSINFO",
+        "EUID",
+        "HISTCMD",
+        "OPTIND",
+        "PPID",
+        "RANDOM",
+        "SHELLOPTS",
+        "SRANDOM",
+        "UID",
+    }
+)
 
 #: Signals DataSphere allows for graceful shutdown (numbers as on Linux).
 GRACEFUL_SIGNALS: Mapping[int, str] = {
@@ -269,8 +283,8 @@ class RunnerConfig(_Model):
                 raise ValueError(f"environment variable name {name!r} is not a valid shell name")
             if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
                 raise ValueError(f"environment variable {name!r} is reserved")
-            if name in SHELL_READONLY_ENV:
-                raise ValueError(f"environment variable {name!r} is readonly in bash and cannot be set")
+            if name in SHELL_SPECIAL_ENV:
+                raise ValueError(f"environment variable {name!r} is the shell's own (readonly or numeric)")
             if "\x00" in value:
                 raise ValueError(f"environment variable {name!r} contains NUL")
         return v

@@ -250,7 +250,8 @@ DSJOBS_ENV_BIN=$(command -v env) 2>/dev/null || DSJOBS_ENV_BIN=''
 if [ -n "$DSJOBS_ENV_BIN" ] && "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT true >/dev/null 2>&1; then
   set -- "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT "$@"
 elif [ "$DSJOBS_GRACE_SIG" = INT ]; then
-  if [ -z "$DSJOBS_PY" ]; then DSJOBS_PY=$(command -v python3) 2>/dev/null || DSJOBS_PY=''; fi
+  # The trampoline runs with the job's environment (PYTHONHOME...): found with it too.
+  if [ -z "$DSJOBS_PY" ]; then DSJOBS_PY=$(dsjobs_job_env; command -v python3) 2>/dev/null || DSJOBS_PY=''; fi
   if [ -n "$DSJOBS_PY" ]; then
     set -- "$DSJOBS_PY" -c "$DSJOBS_TRAMPOLINE" "$@"
   else

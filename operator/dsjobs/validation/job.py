@@ -357,8 +357,12 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
             npath, name, _ENV_NAME, "env-name", "an environment variable name (a C identifier)"
         ) and (name in L.RESERVED_ENV_VARS or name.startswith(L.RESERVED_ENV_PREFIX)):
             c.add(npath, "env-reserved", f"{name} is set by the server")
-        elif name in L.SHELL_READONLY_ENV_VARS:
-            c.add(npath, "env-readonly", f"{name} is readonly in bash (the job's shell) and cannot be set")
+        elif name in L.SHELL_SPECIAL_ENV_VARS:
+            c.add(
+                npath,
+                "env-shell",
+                f"{name} is the job shell's own variable (readonly or numeric) and cannot be set",
+            )
         c.max_length(npath, value, L.MAX_ENV_VALUE_LENGTH, "env-value-length")
         if "\x00" in value:
             c.add(npath, "control-chars", "must not contain NUL")

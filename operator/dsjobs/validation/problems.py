@@ -180,7 +180,7 @@ RULES: dict[str, str] = {
     "resource-id": "s3 mount, dataset, docker image or connector id syntax",
     "env-name": "environment variable name syntax",
     "env-reserved": "environment variable the server sets",
-    "env-readonly": "environment variable bash keeps readonly (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO)",
+    "env-shell": "the shell's own variable (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO, OPTIND, RANDOM, SRANDOM, HISTCMD)",
     "env-value-length": "environment variable value longer than 32 KiB",
     "docker-oneof": "both docker_image_resource_id and docker_image_spec",
     "docker-image": "docker image reference syntax",
