@@ -343,6 +343,14 @@ def test_project_storage_credentials_replace_only_the_key_pair() -> None:
         "has no 'secretKey'",
     )
     assert project_storage_env(operator_env, {}) == (None, "has no 'accessKey' and no 'secretKey'")
+    newline = {"stringData": {"accessKey": "A\n", "secretKey": " s "}}
+    env, _ = project_storage_env(operator_env, newline)
+    assert env is not None and (env["DSJOBS_S3_ACCESS_KEY"], env["DSJOBS_S3_SECRET_KEY"]) == ("A", "s")
+    inner = {"stringData": {"accessKey": "A B", "secretKey": "s"}}
+    assert project_storage_env(operator_env, inner) == (
+        None,
+        "has a 'accessKey' with whitespace or control characters",
+    )
 
 
 def test_long_names_still_give_valid_object_names() -> None:

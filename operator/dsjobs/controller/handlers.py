@@ -609,6 +609,23 @@ class Operator:
                 now,
             )
 
+        # Before any Secret is made: a failure here leaves nothing behind.
+        storage_env: Mapping[str, str] = self.storage_env
+        if self.settings.storage_credentials == "project":
+            found = await self.kube.get("secrets", core_path(ns, "secrets", PROJECT_STORAGE_SECRET_NAME))
+            scoped, problem = (
+                project_storage_env(self.storage_env, found) if found is not None else (None, "not found")
+            )
+            if scoped is None:
+                return fail(
+                    spec,
+                    status,
+                    "StorageCredentials",
+                    f"project storage credentials: Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {ns} "
+                    f"{problem} (the operator runs with DSJOBS_STORAGE_CREDENTIALS=project)",
+                    now,
+                )
+            storage_env = scoped
         ref = JobRef(job.name, ns, job.uid, spec.project_id)
         registry: str | None = None
         if needs_registry_secret(spec):
@@ -634,22 +651,6 @@ class Operator:
             config = runner_config(ref, spec, action.attempt)
         except ValueError as exc:
             return fail(spec, status, "InvalidSpec", f"the job cannot be run: {exc}", now)
-        storage_env: Mapping[str, str] = self.storage_env
-        if self.settings.storage_credentials == "project":
-            found = await self.kube.get("secrets", core_path(ns, "secrets", PROJECT_STORAGE_SECRET_NAME))
-            scoped, problem = (
-                project_storage_env(self.storage_env, found) if found is not None else (None, "not found")
-            )
-            if scoped is None:
-                return fail(
-                    spec,
-                    status,
-                    "StorageCredentials",
-                    f"project storage credentials: Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {ns} "
-                    f"{problem} (the operator runs with DSJOBS_STORAGE_CREDENTIALS=project)",
-                    now,
-                )
-            storage_env = scoped
         secret = runner_secret(ref, config, storage_env, attempt=action.attempt)
         pod = render_pod(
             ref,

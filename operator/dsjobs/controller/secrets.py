@@ -99,12 +99,23 @@ def project_storage_env(
 ) -> tuple[dict[str, str] | None, str]:
     """The runner's storage settings with the project's own key pair from its `dsjobs-project-storage`
     Secret (endpoint, bucket and region stay the operator's), or (None, what is wrong)."""
-    access, secret_key = secret_value(secret, "accessKey"), secret_value(secret, "secretKey")
-    missing = [k for k, v in (("accessKey", access), ("secretKey", secret_key)) if not v]
+    values: dict[str, str] = {}
+    missing: list[str] = []
+    for key in ("accessKey", "secretKey"):
+        # `kubectl create secret --from-file` keeps the file's last newline: not part of a key.
+        value = (secret_value(secret, key) or "").strip()
+        if not value:
+            missing.append(repr(key))
+        elif any(c.isspace() or not c.isprintable() for c in value):
+            return None, f"has a {key!r} with whitespace or control characters"
+        values[key] = value
     if missing:
-        return None, "has no " + " and no ".join(repr(k) for k in missing)
-    assert access is not None and secret_key is not None
-    return {**storage_env, "DSJOBS_S3_ACCESS_KEY": access, "DSJOBS_S3_SECRET_KEY": secret_key}, ""
+        return None, "has no " + " and no ".join(missing)
+    return {
+        **storage_env,
+        "DSJOBS_S3_ACCESS_KEY": values["accessKey"],
+        "DSJOBS_S3_SECRET_KEY": values["secretKey"],
+    }, ""
 
 
 def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool) -> str:
