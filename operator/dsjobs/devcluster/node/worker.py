@@ -115,6 +115,7 @@ class StopRequest:
 #: How often the kubelet-like local storage check runs (the kubelet's housekeeping is 10 s; the
 #: dev cluster checks sooner so that tests wait less, not so often that it costs every pod much CPU).
 STORAGE_CHECK_SECONDS = 5.0
+STORAGE_CHECK_BACKOFF = 10.0
 #: The kubelet evicts a pod over a local storage limit with this grace period.
 EVICTION_GRACE_SECONDS = 1
 
@@ -925,12 +926,18 @@ class PodWorker:
         limits = podspec.empty_dir_limits(self.pod)
         if not limits:
             return
+        loop = asyncio.get_running_loop()
+        pause = STORAGE_CHECK_SECONDS
         while not self.finished.is_set() and self.stop is None:
-            await asyncio.sleep(STORAGE_CHECK_SECONDS)
+            await asyncio.sleep(pause)
             if self.finished.is_set() or self.stop is not None:
                 return
+            began = loop.time()
             for name, (limit, text) in limits.items():
                 used = await asyncio.to_thread(dir_usage, podspec.volume_dir(self.dir, name))
+                # Trees that take long to walk (many files) are walked less often: about a tenth
+                # of the time at most goes to it (the kubelet walks volumes once a minute).
+                pause = max(STORAGE_CHECK_SECONDS, STORAGE_CHECK_BACKOFF * (loop.time() - began))
                 if used > limit:
                     message = podspec.EMPTY_DIR_EVICTION_MESSAGE.format(name=name, limit=text)
                     self.ctx.record_event(self.pod, "Warning", "Evicted", message)
