@@ -41,7 +41,12 @@ from typing import Any
 
 import yaml
 
-from dsjobs.controller.names import PROJECT_STORAGE_SECRET_NAME
+from dsjobs.controller.names import (
+    PROJECT_STORAGE_ACCESS_KEY,
+    PROJECT_STORAGE_SECRET_KEY,
+    PROJECT_STORAGE_SECRET_NAME,
+)
+from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.devcluster import ClusterPaths, S3Config, bins
 from dsjobs.devcluster.files import write_private
 from dsjobs.devcluster.procs import Record
@@ -54,7 +59,6 @@ DEMO_DIR = REPO_ROOT / "examples" / "demo"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 STORAGE_SECRET = "dsjobs-storage"
-STORAGE_CREDENTIALS_ENV = "DSJOBS_STORAGE_CREDENTIALS"
 SETTINGS_CONFIGMAP = "dsjobs-settings"
 PROJECT_LABEL = "dsjobs.dev/project-id"
 #: Marks the ServiceAccount of the overlay's demo project that `up` makes a token for.
@@ -232,36 +236,28 @@ def overlay_facts(objects: Sequence[Obj]) -> OverlayFacts:
     )
 
 
-def storage_secret(s3: S3Config, namespace: str) -> Obj:
-    """The storage credentials Secret (keys as in deploy/base/storage-credentials.yaml)."""
-    data = {k: v for k, v in s3.env().items() if k.startswith("DSJOBS_S3_")}
+def _secret(name: str, namespace: str, string_data: Mapping[str, str]) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {
-            "name": STORAGE_SECRET,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "dsjobs"},
-        },
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "dsjobs"}},
         "type": "Opaque",
-        "stringData": data,
+        "stringData": dict(string_data),
     }
+
+
+def storage_secret(s3: S3Config, namespace: str) -> Obj:
+    """The storage credentials Secret (keys as in deploy/base/storage-credentials.yaml)."""
+    return _secret(
+        STORAGE_SECRET, namespace, {k: v for k, v in s3.env().items() if k.startswith("DSJOBS_S3_")}
+    )
 
 
 def project_storage_secret(key: ScopedKey, namespace: str) -> Obj:
     """The project's own storage key pair, for an operator with DSJOBS_STORAGE_CREDENTIALS=project
     (what an admin provisions per project namespace; docs/admin.md)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": PROJECT_STORAGE_SECRET_NAME,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "dsjobs"},
-        },
-        "type": "Opaque",
-        "stringData": {"accessKey": key.access_key, "secretKey": key.secret_key},
-    }
+    data = {PROJECT_STORAGE_ACCESS_KEY: key.access_key, PROJECT_STORAGE_SECRET_KEY: key.secret_key}
+    return _secret(PROJECT_STORAGE_SECRET_NAME, namespace, data)
 
 
 def code_digest(package: Path = PACKAGE_DIR) -> str:
@@ -400,7 +396,7 @@ def up(
 
     secret = storage_secret(S3Config.read(paths.s3_json), facts.system_namespace)
     project_secrets: list[Obj] = []
-    if facts.settings.get(STORAGE_CREDENTIALS_ENV) == "project":
+    if facts.settings.get(STORAGE_CREDENTIALS_ENV) == PROJECT_CREDENTIALS:
         # The dev S3 server accepts this pair for the project's prefix only, as an admin's own
         # object store would after they scoped a user to it.
         key = scoped_key(paths.s3_scoped_keys, project_prefix(facts.project_id))

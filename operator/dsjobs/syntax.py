@@ -4,6 +4,8 @@ the runner's processes use it without importing the models (~20 ms of CPU each).
 - Paths as the client sent them, on any OS: `/` and `\\` both separate segments, and a path is
   absolute when it starts with either or with a drive (`C:`). Used by dsjobs.models.paths (what
   the validator accepts) and dsjobs.storage.normalize_relpath (where the runner puts files).
+- Environment names the job's shell keeps to itself (SHELL_SPECIAL_ENV): refused by
+  dsjobs.validation and by the runner config.
 - References in `cmd`: `${NAME}` (NAME without braces) refers to a job variable; `$${...}` is the
   escape that reaches the shell as `${...}` (group 1 is the extra `$`, group 2 the name). Checked
   by dsjobs.validation, substituted by dsjobs.runner.cmd.
@@ -14,6 +16,22 @@ from __future__ import annotations
 import re
 from typing import Final
 
+#: Shell variables a script cannot export as given: readonly in bash (also as /bin/sh), or
+#: arithmetic in dash/bash (a non-number fails). Exporting one ends the shell that runs the program.
+SHELL_SPECIAL_ENV: Final = frozenset(
+    {
+        "BASHOPTS",
+        "BASH_VERSINFO",
+        "EUID",
+        "HISTCMD",
+        "OPTIND",
+        "PPID",
+        "RANDOM",
+        "SHELLOPTS",
+        "SRANDOM",
+        "UID",
+    }
+)
 CMD_REFERENCE_PATTERN: Final = r"\$(\$?)\{([^{}]*)\}"
 #: RE2 (for the CRD's CEL rules) matching exactly the paths `escape_problem` refuses: a leading
 #: separator, a drive as the first named segment, or a `..` segment.

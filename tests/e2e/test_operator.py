@@ -6,9 +6,11 @@ subprocess for this module's own project namespace (operator_fixtures.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -86,31 +88,37 @@ def test_gpu_job_gets_the_catalog_placement_and_runs_on_the_gpu_node(h: H) -> No
     assert job.resources.limits["nvidia.com/gpu"] == "1"
 
 
-def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
-    huge = f"x9.e2e{uuid.uuid4().hex[:6]}"
-    h.custom.create_cluster_custom_object(
-        "dsjobs.dev",
-        "v1alpha1",
-        "instancetypes",
-        {
-            "apiVersion": "dsjobs.dev/v1alpha1",
-            "kind": "InstanceType",
-            "metadata": {"name": huge},
-            "spec": {
-                "vcpu": 8,
-                "memory": "8Gi",
-                "gpus": 64,
-                "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "resources": {
-                    "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "64"},
-                    "limits": {"memory": "8Gi", "nvidia.com/gpu": "64"},
-                },
-                "scheduleTimeoutSeconds": 3,
-            },
-        },
-    )
+@contextlib.contextmanager
+def _instance_type(h: H, family: str, spec: dict[str, Any]) -> Iterator[str]:
+    """A cluster InstanceType of the test's own (uniquely named), deleted afterwards."""
+    name = f"{family}.e2e{uuid.uuid4().hex[:6]}"
+    body = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "InstanceType",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    h.custom.create_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", body)
     try:
+        yield name
+    finally:
+        h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", name)
+
+
+def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
+    huge_spec = {
+        "vcpu": 8,
+        "memory": "8Gi",
+        "gpus": 64,
+        "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "resources": {
+            "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "64"},
+            "limits": {"memory": "8Gi", "nvidia.com/gpu": "64"},
+        },
+        "scheduleTimeoutSeconds": 3,
+    }
+    with _instance_type(h, "x9", huge_spec) as huge:
         h.create_job("fallback", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": huge}, {"name": "g1.1"}]})
         status = h.wait_phase("fallback", "SUCCESS", "ERROR", timeout=180)
         assert status["phase"] == "SUCCESS", status
@@ -119,31 +127,18 @@ def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
         assert "FallingBack" in _reasons(h, "fallback")
         pods = {p.metadata.name: p for p in h.pods("fallback")}
         assert list(pods) == ["fallback-a2"] and pods["fallback-a2"].spec.node_name == "gpu-0"
-    finally:
-        h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", huge)
 
 
 def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
     # The instance type's system disk bounds the scratch working directory; the node evicts the
     # pod that writes more, and the job says why (not a disruption: no retry).
-    small = f"d1.e2e{uuid.uuid4().hex[:6]}"
-    h.custom.create_cluster_custom_object(
-        "dsjobs.dev",
-        "v1alpha1",
-        "instancetypes",
-        {
-            "apiVersion": "dsjobs.dev/v1alpha1",
-            "kind": "InstanceType",
-            "metadata": {"name": small},
-            "spec": {
-                "vcpu": 1,
-                "memory": "1Gi",
-                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
-                "workingDirSizeLimit": "4Mi",
-            },
-        },
-    )
-    try:
+    small_spec = {
+        "vcpu": 1,
+        "memory": "1Gi",
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+        "workingDirSizeLimit": "4Mi",
+    }
+    with _instance_type(h, "d1", small_spec) as small:
         cmd = "head -c 16777216 /dev/zero > big.bin && echo written && sleep 600"
         h.create_job(
             "disk-full",
@@ -156,8 +151,6 @@ def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
         assert status["attempt"] == 1
         finished = next(c for c in status["conditions"] if c["type"] == "Finished")
         assert finished["reason"] == "WorkingDirFull"
-    finally:
-        h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", small)
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

@@ -86,7 +86,7 @@ from dsjobs.controller.secrets import (
     registry_secret,
     secret_value,
 )
-from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
 from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
 from dsjobs.models import (
     GROUP,
@@ -611,18 +611,16 @@ class Operator:
 
         # Before any Secret is made: a failure here leaves nothing behind.
         storage_env: Mapping[str, str] = self.storage_env
-        if self.settings.storage_credentials == "project":
+        if self.settings.storage_credentials == PROJECT_CREDENTIALS:
             found = await self.kube.get("secrets", core_path(ns, "secrets", PROJECT_STORAGE_SECRET_NAME))
-            scoped, problem = (
-                project_storage_env(self.storage_env, found) if found is not None else (None, "not found")
-            )
+            scoped, problem = project_storage_env(self.storage_env, found)
             if scoped is None:
                 return fail(
                     spec,
                     status,
                     "StorageCredentials",
                     f"project storage credentials: Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {ns} "
-                    f"{problem} (the operator runs with DSJOBS_STORAGE_CREDENTIALS=project)",
+                    f"{problem} (the operator runs with {STORAGE_CREDENTIALS_ENV}={PROJECT_CREDENTIALS})",
                     now,
                 )
             storage_env = scoped

@@ -33,6 +33,8 @@ PROJECT_SECRETS_NAME: Final = "dsjobs-project-secrets"
 # Project storage credentials (DSJOBS_STORAGE_CREDENTIALS=project): keys accessKey, secretKey, for
 # an object store user the admin limited to the project's prefix projects/<project-id>/.
 PROJECT_STORAGE_SECRET_NAME: Final = "dsjobs-project-storage"
+PROJECT_STORAGE_ACCESS_KEY: Final = "accessKey"
+PROJECT_STORAGE_SECRET_KEY: Final = "secretKey"
 
 _MAX_NAME = 253
 

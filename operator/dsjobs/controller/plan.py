@@ -508,18 +508,10 @@ def _plan_unexecuted(
     """A job created but not executed (yet): its uploaded inputs live as long as a finished job's
     data would, counted from its creation, so a job abandoned during upload leaves nothing behind
     for ever. DeleteData / DeleteAllData clear them at once."""
-    requeue: timedelta | None = None
-    if not status.data_cleared:
-        expires = data_expiry(spec, status.created_at)
-        if expires != status.data_expires_at:
-            status = status.model_copy(update={"data_expires_at": expires})
-        if spec.clear_data:
-            # The operation is done when dataCleared says so.
-            status = _clear_data(status, "requested", now, actions, events)
-        elif expires is not None and now >= expires:
-            status = _clear_data(status, "data TTL expired before the job was executed", now, actions, events)
-        elif expires is not None:
-            requeue = expires - now
+    # DeleteData's operation is done when dataCleared says so.
+    status, requeue = _data_lifetime(
+        spec, status, status.created_at, "data TTL expired before the job was executed", now, actions, events
+    )
     return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
 
 
@@ -594,11 +586,6 @@ def _plan_final(
 ) -> Plan:
     """A finished job: remove its pod (after the retention), finalize, clear data at its TTL."""
     requeue: timedelta | None = None
-    # The TTL may have changed (SetDataTtl): the expiry is always re-derived from finishedAt.
-    expires = data_expiry(spec, status.finished_at)
-    if expires != status.data_expires_at:
-        status = status.model_copy(update={"data_expires_at": expires})
-
     alive = [p for p in pods if p.alive]
     if alive:
         keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
@@ -613,13 +600,35 @@ def _plan_final(
         status = set_condition(status, COND_FINALIZED, "True", "Finalized", "pod and secrets removed", now)
         events.append(JobEvent("Normal", "Finalized", "the job's pod and secrets were removed"))
 
-    if not status.data_cleared:
-        if spec.clear_data or (expires is not None and now >= expires):
-            why = "requested" if spec.clear_data else "data TTL expired"
-            status = _clear_data(status, why, now, actions, events)
-        elif expires is not None:
-            requeue = _min_delay(requeue, expires - now)
-    return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
+    status, expiry_wait = _data_lifetime(
+        spec, status, status.finished_at, "data TTL expired", now, actions, events
+    )
+    return Plan(
+        status, tuple(actions), tuple(events), requeue_after=_min_delay(requeue, expiry_wait), spec=spec
+    )
+
+
+def _data_lifetime(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    since: datetime | None,
+    expired: str,
+    now: datetime,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> tuple[ProjectJobStatus, timedelta | None]:
+    """The stored data's expiry, re-derived from `since` (SetDataTtl may have changed the TTL),
+    and its clearing when requested or expired (`expired` says why then); the wait until the
+    expiry. Data already cleared has nothing left to expire."""
+    if status.data_cleared:
+        return status, None
+    expires = data_expiry(spec, since)
+    if expires != status.data_expires_at:
+        status = status.model_copy(update={"data_expires_at": expires})
+    if spec.clear_data or (expires is not None and now >= expires):
+        why = "requested" if spec.clear_data else expired
+        return _clear_data(status, why, now, actions, events), None
+    return status, (expires - now if expires is not None else None)
 
 
 def _clear_data(

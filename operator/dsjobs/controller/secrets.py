@@ -13,7 +13,13 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dsjobs.controller.names import REGISTRY_PASSWORD_ROLE, REGISTRY_SECRET_ROLE, SECRET_ROLE_LABEL
+from dsjobs.controller.names import (
+    PROJECT_STORAGE_ACCESS_KEY,
+    PROJECT_STORAGE_SECRET_KEY,
+    REGISTRY_PASSWORD_ROLE,
+    REGISTRY_SECRET_ROLE,
+    SECRET_ROLE_LABEL,
+)
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -95,13 +101,15 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
 
 
 def project_storage_env(
-    storage_env: Mapping[str, str], secret: Mapping[str, Any]
+    storage_env: Mapping[str, str], secret: Mapping[str, Any] | None
 ) -> tuple[dict[str, str] | None, str]:
     """The runner's storage settings with the project's own key pair from its `dsjobs-project-storage`
     Secret (endpoint, bucket and region stay the operator's), or (None, what is wrong)."""
+    if secret is None:
+        return None, "not found"
     values: dict[str, str] = {}
     missing: list[str] = []
-    for key in ("accessKey", "secretKey"):
+    for key in (PROJECT_STORAGE_ACCESS_KEY, PROJECT_STORAGE_SECRET_KEY):
         # `kubectl create secret --from-file` keeps the file's last newline: not part of a key.
         value = (secret_value(secret, key) or "").strip()
         if not value:
@@ -113,8 +121,8 @@ def project_storage_env(
         return None, "has no " + " and no ".join(missing)
     return {
         **storage_env,
-        "DSJOBS_S3_ACCESS_KEY": values["accessKey"],
-        "DSJOBS_S3_SECRET_KEY": values["secretKey"],
+        "DSJOBS_S3_ACCESS_KEY": values[PROJECT_STORAGE_ACCESS_KEY],
+        "DSJOBS_S3_SECRET_KEY": values[PROJECT_STORAGE_SECRET_KEY],
     }, ""
 
 

@@ -18,7 +18,9 @@ DEFAULT_PYTHON_IMAGE: Final = "python:{version}-slim"
 DEFAULT_PYTHON_VERSION: Final = "3.11"
 
 
-STORAGE_CREDENTIAL_SOURCES: Final = ("operator", "project")
+STORAGE_CREDENTIALS_ENV: Final = "DSJOBS_STORAGE_CREDENTIALS"
+PROJECT_CREDENTIALS: Final = "project"
+STORAGE_CREDENTIAL_SOURCES: Final = ("operator", PROJECT_CREDENTIALS)
 
 
 class SettingsError(ValueError):
@@ -142,7 +144,7 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Page size of the initial listing of ProjectJobs and pods; 0 lists everything in one response "
         "(more memory at start-up).",
     ),
-    "DSJOBS_STORAGE_CREDENTIALS": (
+    STORAGE_CREDENTIALS_ENV: (
         "storage_credentials",
         "Storage credentials of the job's runner: `operator` copies the operator's own (bucket-wide) into "
         "each job's runner Secret; `project` takes `accessKey`/`secretKey` of the Secret `dsjobs-project-storage` "
@@ -187,7 +189,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
     settings = OperatorSettings(**values)  # type: ignore[arg-type]
     if settings.storage_credentials not in STORAGE_CREDENTIAL_SOURCES:
         raise SettingsError(
-            f"DSJOBS_STORAGE_CREDENTIALS={settings.storage_credentials!r}: must be one of "
+            f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
             + ", ".join(STORAGE_CREDENTIAL_SOURCES)
         )
     if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:

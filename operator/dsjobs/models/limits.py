@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Final
 
+from dsjobs.syntax import SHELL_SPECIAL_ENV
+
 # --- sizes and counts -------------------------------------------------------------------------
 MAX_LIST_ITEMS: Final = 100  # CLI: inputs, outputs, s3 mounts, datasets
 MAX_FILE_SIZE_BYTES: Final = 5 * (1 << 30)  # CLI: one upload
@@ -68,20 +70,7 @@ RESERVED_CMD_VARS: Final = frozenset({DS_PROJECT_HOME})
 RESERVED_ENV_VARS: Final = frozenset({DS_PROJECT_HOME, JOB_PROGRESS_FILENAME})
 RESERVED_ENV_PREFIX: Final = "DSJOBS_"
 # The shell's own variables (readonly in bash, or arithmetic in dash/bash): a job cannot set them.
-SHELL_SPECIAL_ENV_VARS: Final = frozenset(
-    {
-        "BASHOPTS",
-        "BASH_VERSINFO",
-        "EUID",
-        "HISTCMD",
-        "OPTIND",
-        "PPID",
-        "RANDOM",
-        "SHELLOPTS",
-        "SRANDOM",
-        "UID",
-    }
-)
+SHELL_SPECIAL_ENV_VARS: Final = SHELL_SPECIAL_ENV
 # The CLI names zipped Python local modules `_LOCAL_MODULE_<i>`; their paths are temporary
 # file names on the client and carry no meaning.
 LOCAL_MODULE_VAR_PREFIX: Final = "_LOCAL_MODULE_"

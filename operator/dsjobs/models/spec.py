@@ -40,7 +40,7 @@ from dsjobs.models.limits import (
     URL_PATTERN,
     VAR_PATTERN,
 )
-from dsjobs.syntax import ESCAPING_PATH_PATTERN
+from dsjobs.syntax import ESCAPING_PATH_PATTERN, SHELL_SPECIAL_ENV
 
 ResourceId = Annotated[str, Field(json_schema_extra={"pattern": RESOURCE_ID_PATTERN, "maxLength": 63})]
 Url = Annotated[str, Field(json_schema_extra={"pattern": URL_PATTERN, "maxLength": MAX_SHORT_STRING})]
@@ -155,7 +155,7 @@ class Environment(CRModel):
     vars: dict[str, EnvValue] = field(
         "Environment variables. Names are C identifiers; DS_PROJECT_HOME, JOB_PROGRESS_FILENAME and "
         "names starting with DSJOBS_ are set by the server and may not be given, nor the shell's own "
-        "variables (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO, OPTIND, RANDOM, SRANDOM, HISTCMD).",
+        f"variables ({', '.join(sorted(SHELL_SPECIAL_ENV))}).",
         {},
         maxProperties=MAX_ENV_VARS,
     )

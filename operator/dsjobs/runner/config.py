@@ -21,6 +21,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dsjobs.storage import _check_id, check_sha256, normalize_relpath
+from dsjobs.syntax import SHELL_SPECIAL_ENV
 
 ENV_CONFIG = "DSJOBS_RUNNER_CONFIG"
 ENV_CONFIG_FILE = "DSJOBS_RUNNER_CONFIG_FILE"
@@ -32,22 +33,6 @@ RESERVED_VARS = frozenset({ENV_PROJECT_HOME})
 RESERVED_ENV = frozenset({ENV_PROGRESS_FILE, ENV_PROJECT_HOME})
 #: The entry script's own shell variables use this prefix (dsjobs.models.limits reserves it too).
 RESERVED_ENV_PREFIX = "DSJOBS_"
-#: Shell variables a script cannot export as given: readonly in bash (also as /bin/sh), or
-#: arithmetic in dash/bash (a non-number fails). Exporting one ends the shell that runs the program.
-SHELL_SPECIAL_ENV = frozenset(
-    {
-        "BASHOPTS",
-        "BASH_VERSINFO",
-        "EUID",
-        "HISTCMD",
-        "OPTIND",
-        "PPID",
-        "RANDOM",
-        "SHELLOPTS",
-        "SRANDOM",
-        "UID",
-    }
-)
 
 #: Signals DataSphere allows for graceful shutdown (numbers as on Linux).
 GRACEFUL_SIGNALS: Mapping[int, str] = {

@@ -63,8 +63,7 @@ def _stage_file(
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
             try:
                 store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256)
-                make_dirs(dest_root)
-                return extract_zip(tmp, dest_root)
+                return extract_zip(tmp, dest_root)  # makes dest_root
             finally:
                 if tmp.exists():
                     tmp.unlink()

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel, to_snake
 
 from dsjobs.models.base import CRModel
+from dsjobs.syntax import SHELL_SPECIAL_ENV
 
 _SEGMENT = re.compile(r"\[[^\]]*\]|[^.\[]+")
 
@@ -180,7 +181,7 @@ RULES: dict[str, str] = {
     "resource-id": "s3 mount, dataset, docker image or connector id syntax",
     "env-name": "environment variable name syntax",
     "env-reserved": "environment variable the server sets",
-    "env-shell": "the shell's own variable (UID, EUID, PPID, SHELLOPTS, BASHOPTS, BASH_VERSINFO, OPTIND, RANDOM, SRANDOM, HISTCMD)",
+    "env-shell": f"the shell's own variable ({', '.join(sorted(SHELL_SPECIAL_ENV))})",
     "env-value-length": "environment variable value longer than 32 KiB",
     "docker-oneof": "both docker_image_resource_id and docker_image_spec",
     "docker-image": "docker image reference syntax",
