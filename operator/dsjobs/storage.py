@@ -22,6 +22,7 @@ renamed into place only after size and sha256 were verified.
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
 import hashlib
@@ -492,6 +493,13 @@ class Storage:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Storage:
         return cls(StorageSettings.from_env(environ))
 
+    def with_attempts(self, attempts: int) -> Storage:
+        """The same bucket and clients, making ``attempts`` tries per request: for a caller that
+        retries on its own (two nested retry loops would multiply each other's waits)."""
+        other = copy.copy(self)
+        other.attempts = attempts
+        return other
+
     def connect(self) -> Storage:
         """Make the S3 clients now instead of on first use (a server's first request should not
         pay for importing botocore)."""
@@ -960,6 +968,11 @@ class Storage:
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", re.IGNORECASE)
+
+
+def single_try(store: ObjectStore) -> ObjectStore:
+    """``store`` trying each request once, where it retries at all (`Storage`; test fakes do not)."""
+    return store.with_attempts(1) if isinstance(store, Storage) else store
 
 
 def _resume_problem(status: int, headers: Mapping[str, str], written: int, etag: str) -> str | None:

@@ -172,6 +172,36 @@ def test_storage_outages_delay_but_do_not_lose_or_repeat(tmp_path: Path) -> None
     assert [c for _, _, c in all_records(store)] == [b"a\n", b"b\n", b"c\n"]
 
 
+class ProgressOutage(MemoryStore):
+    """Refuses the job's progress.json its next `failures` times (transient)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> None:
+        if key == progress_key("p", "j") and self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("injected progress failure")
+        super().put_bytes(key, data, **kw)
+
+
+def test_a_failed_progress_write_waits_for_the_next_pump_but_the_last_is_retried(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = ProgressOutage(failures=1)
+    clock = Clock()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    append(cfg.layout.progress, b'{"progress": 40, "message": "a"}\n')
+    assert s.pump(deadline=clock.t)  # the program runs: no waiting on the progress
+    assert read_progress(store, "p", "j") is None and clock.slept == []
+    store.failures = 2
+    assert s.pump(final=True, deadline=clock.t + 60)  # the last pump: retried with backoff
+    saved = read_progress(store, "p", "j")
+    assert saved is not None and saved.progress == 40
+    assert len(clock.slept) == 2
+
+
 def test_a_new_attempt_reopens_a_finalized_stream(tmp_path: Path) -> None:
     store = MemoryStore()
     cfg0 = config(tmp_path / "a0")

@@ -17,6 +17,8 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from dsjobs import storage
+from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.ship import LogShipper
 from dsjobs.s3http import S3HttpError
 from dsjobs.storage import Storage, StorageSettings
 
@@ -123,6 +125,35 @@ def test_clock_skew_is_not_retried(s3: FakeS3) -> None:
     with pytest.raises(S3HttpError, match="RequestTimeTooSkewed"):
         s3.store(attempts=3).put_bytes("projects/p/jobs/j/result.json", b"{}")
     assert s3.count("PUT") == 1
+
+
+def test_the_log_shipper_is_the_one_retry_layer_of_its_writes(s3: FakeS3, tmp_path: Path) -> None:
+    # The shipper backs off between its own tries; were each try also Storage's 5 attempts, a
+    # "due now" pump while the program runs would block for seconds on a storage outage, and the
+    # waits would multiply.
+    s3.answer = lambda r: r.error(503, "SlowDown")
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="x",
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    cfg.layout.create()
+    cfg.layout.stdout.write_bytes(b"line\n")
+    now = [1000.0]
+    shipper = LogShipper(s3.store(attempts=5), cfg, clock=lambda: now[0], sleep=lambda s: None)
+    assert not shipper.pump(deadline=now[0])
+    assert s3.count("PUT") == 1
+    assert not shipper.finalize("done")
+    assert s3.count("PUT") == 1  # still backing off: not even one more try
+    # The final marker is a single try too, once the backoff has passed.
+    now[0] += 60
+    assert not shipper.finalize("done")
+    assert s3.count("PUT") == 2
+    # Reads keep Storage's retries: nothing else retries them.
+    with pytest.raises(S3HttpError):
+        shipper.resume()
+    assert s3.count("HEAD") == 5
 
 
 def _part(path: str) -> int | None:

@@ -75,7 +75,14 @@ from dsjobs.runner.result import (
 )
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.runner.zipsafe import zip_directory
-from dsjobs.storage import ObjectStore, PreconditionFailedError, Storage, is_transient, output_key
+from dsjobs.storage import (
+    ObjectStore,
+    PreconditionFailedError,
+    Storage,
+    is_transient,
+    output_key,
+    single_try,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +130,9 @@ class LogShipper:
         wall_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.store = store
+        #: For the writes `_write` retries with its own backoff, and the progress (retried on the
+        #: next pump): one request per try, so that a try due now never waits on storage.
+        self._once = single_try(store)
         self.config = config
         self.project = config.project_id
         self.job = config.job_id
@@ -241,7 +251,7 @@ class LogShipper:
 
     def _put_chunk(self, chunk: LogChunk, deadline: float | None) -> bool:
         return self._write(
-            lambda: write_chunk(self.store, self.project, self.job, chunk), f"log chunk {chunk.seq}", deadline
+            lambda: write_chunk(self._once, self.project, self.job, chunk), f"log chunk {chunk.seq}", deadline
         )
 
     def _write(self, write: Callable[[], None], what: str, deadline: float | None) -> bool:
@@ -315,14 +325,23 @@ class LogShipper:
             self._unsent = None
             self.next_seq += 1
             self._commit(pending)
-        self._save_progress()
+        self._save_progress(final=final, deadline=deadline)
         return True
 
-    def _save_progress(self) -> None:
-        if not self._progress_unsaved or self.latest_progress is None:
+    def _save_progress(self, *, final: bool, deadline: float | None) -> None:
+        """The latest progress; one try while more pumps follow, else retried until ``deadline``
+        (the logs are shipped whether or not it is saved)."""
+        progress = self.latest_progress
+        if not self._progress_unsaved or progress is None:
+            return
+        if final:
+            saved = self._write(
+                lambda: write_progress(self._once, self.project, self.job, progress), "progress", deadline
+            )
+            self._progress_unsaved = not saved
             return
         try:
-            write_progress(self.store, self.project, self.job, self.latest_progress)
+            write_progress(self._once, self.project, self.job, progress)
             self._progress_unsaved = False
         except Exception as exc:  # retried on the next pump
             log.warning("progress write failed error=%s", exc)
@@ -331,7 +350,7 @@ class LogShipper:
         """Write the final marker; without a deadline, one try."""
         marker = FinalMarker(next_seq=self.next_seq, attempt=self.config.attempt, reason=reason)
         return self._write(
-            lambda: write_final(self.store, self.project, self.job, marker),
+            lambda: write_final(self._once, self.project, self.job, marker),
             "final marker",
             self.clock() if deadline is None else deadline,
         )
