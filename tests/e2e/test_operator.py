@@ -17,7 +17,7 @@ import pytest
 from cluster_fixtures import REPO_ROOT, poll
 from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
 
-from dsjobs.devcluster import S3Config
+from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.logrecords import read_progress
 from dsjobs.storage import Storage, input_key, job_prefix
 
@@ -322,6 +322,23 @@ def test_operator_killed_after_pod_creation_and_mid_run(h: H) -> None:
     assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
     assert status["attempt"] == 1
     assert list(watch.added.values()) == ["kill-me-a1"], watch.added  # exactly one pod ever existed
+
+
+def test_watches_recover_from_an_api_server_restart(h: H) -> None:
+    if h.cluster.root is None:
+        pytest.skip("restarts the local cluster's API server")
+    h.create_job("outage", {"cmd": 'python -c "import time; time.sleep(5); print(1)"'})
+    h.wait_phase("outage", "EXECUTING", "SUCCESS", "ERROR")
+    # The program ends while the API server is down (the restart takes longer than 5 s): the
+    # operator's watches must come back and see what happened meanwhile.
+    restart(ClusterPaths.at(h.cluster.root), "kube-apiserver")
+    status = h.wait_phase("outage", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
+    assert status["attempt"] == 1
+    assert [p.metadata.name for p in h.pods("outage")] == ["outage-a1"]  # no second pod after re-listing
+    # A job made after the restart is seen too (the job watch is back, not only the pod watch).
+    h.create_job("after-outage", {"cmd": "true"})
+    assert h.wait_phase("after-outage", "SUCCESS", "ERROR", timeout=120)["phase"] == "SUCCESS"
 
 
 def test_delete_removes_pods_secrets_and_stored_data(h: H, storage: Storage) -> None:

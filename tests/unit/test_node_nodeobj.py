@@ -16,6 +16,7 @@ from dsjobs.devcluster.node.nodeobj import (
     node_status,
     parse_label,
     parse_taint,
+    ready_condition_status,
 )
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -104,6 +105,18 @@ def test_node_conditions_keep_transition_times() -> None:
         "stopped",
         "2026-01-02T03:06:05Z",
     )
+
+
+def test_ready_condition_status_tells_when_the_node_controller_took_over() -> None:
+    ours = {"status": {"conditions": node_conditions(True, T0, [])}}
+    assert ready_condition_status(ours) == "True"
+    # What the node lifecycle controller writes when the heartbeats stopped coming.
+    unknown = {
+        "status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}
+    }
+    assert ready_condition_status(unknown) == "Unknown"
+    assert ready_condition_status({"status": {}}) is None
+    assert ready_condition_status({}) is None
 
 
 def test_lease_object() -> None:

@@ -1,12 +1,20 @@
 """A real local Kubernetes control plane for tests and the demo.
 
-`python -m dsjobs.devcluster up|down|status [--dir .dev]` runs etcd,
+`python -m dsjobs.devcluster up|down|status|restart [--dir .dev]` runs etcd,
 kube-apiserver, kube-controller-manager and kube-scheduler (built from source
 by hack/k8s-bins.sh), an S3 server, and one process-based node agent
 (`dsjobs.devcluster.node`) per node of the topology.
 """
 
-from dsjobs.devcluster.cluster import ClusterError, ClusterState, down, node_agent_available, status, up
+from dsjobs.devcluster.cluster import (
+    ClusterError,
+    ClusterState,
+    down,
+    node_agent_available,
+    restart,
+    status,
+    up,
+)
 from dsjobs.devcluster.paths import ClusterPaths
 from dsjobs.devcluster.s3 import S3Config
 from dsjobs.devcluster.topology import NodeSpec, default_topology, load_topology
@@ -21,6 +29,7 @@ __all__ = [
     "down",
     "load_topology",
     "node_agent_available",
+    "restart",
     "status",
     "up",
 ]

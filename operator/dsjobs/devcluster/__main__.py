@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from dsjobs.devcluster import bins
-from dsjobs.devcluster.cluster import ClusterError, ClusterState, down, status, up
+from dsjobs.devcluster.cluster import ClusterError, ClusterState, down, restart, status, up
 from dsjobs.devcluster.paths import ClusterPaths
 from dsjobs.devcluster.topology import TopologyError, load_topology
 
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="stop the cluster and delete its data (logs go to <dir>/last-logs)")
     d.add_argument("--timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
     sub.add_parser("status", help="show components and node readiness")
+    r = sub.add_parser("restart", help="stop one control-plane process and start it again (an outage)")
+    r.add_argument("component", help="e.g. kube-apiserver, etcd, kube-scheduler")
     b = sub.add_parser("bin-dir", help="print the directory of the binaries (builds missing ones)")
     b.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
     return p
@@ -92,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _print_status(paths, status(paths))
+        if args.command == "restart":
+            comp = restart(paths, args.component)
+            print(f"restarted {comp.name} (pid {comp.pid}); the API server is ready")
+            return 0
         if args.command == "bin-dir":
             print(bins.ensure_bin_dir(build=not args.no_build))
             return 0

@@ -589,6 +589,26 @@ def _teardown(paths: ClusterPaths, record: Record, timeout: float = 15.0) -> lis
     return stopped
 
 
+def restart(paths: ClusterPaths, name: str, timeout: float = 120.0) -> Component:
+    """Stop one control-plane process and start it again as it was (same argv and ports), then
+    wait until the API server is ready: an outage to test clients and controllers against."""
+    with _dir_lock(paths):
+        record = Record.load(paths.pids)
+        if record is None:
+            raise ClusterError(f"no cluster in {paths.root}")
+        old = record.find(name)
+        if old is None or old.kind != "control-plane":
+            names = ", ".join(c.name for c in record.components if c.kind == "control-plane")
+            raise ClusterError(f"{name!r} is not a control-plane process of this cluster (one of: {names})")
+        procs.stop([old], timeout=5.0)  # the API server drains its watches for longer
+        record.components.remove(old)
+        launch = _Launch(paths, record)
+        new = launch.spawn(old.name, old.argv, ports=dict(old.ports), kind=old.kind)
+        api = str(record.info.get("apiserver", ""))
+        launch.wait(new, "kube-apiserver /readyz", health.url_ok(f"{api}/readyz", _admin_ctx(paths)), timeout)
+        return new
+
+
 def down(paths: ClusterPaths, timeout: float = 15.0) -> list[str] | None:
     """Stop every recorded process and delete the cluster's data.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from .nodeobj import (
     node_object,
     node_status,
     parse_taint,
+    ready_condition_status,
 )
 from .podspec import NodeContext, Obj, termination_grace_seconds
 from .quantity import parse_quantity
@@ -59,6 +61,7 @@ log = logging.getLogger("dsjobs.node")
 LEASE_DURATION = 40
 LEASE_RENEW_INTERVAL = 10.0
 NODE_STATUS_INTERVAL = 60.0
+NODE_STATUS_CHECK = 10.0
 
 
 @dataclass
@@ -155,6 +158,8 @@ class Agent:
         self.node_conditions: list[Obj] = []
         self.node_info: dict[str, str] = {}
         self.stopping = asyncio.Event()
+        #: When the Node status was last posted (monotonic); see `node_status_loop`.
+        self.status_posted_at = -math.inf
         self.ready_event = asyncio.Event()
         self._bg: set[asyncio.Task[Any]] = set()
 
@@ -293,13 +298,25 @@ class Agent:
             content_type=STRATEGIC_PATCH,
         )
         self.node_conditions = status["conditions"]
+        self.status_posted_at = time.monotonic()
 
     async def node_status_loop(self) -> None:
+        """Post the status every NODE_STATUS_INTERVAL, and sooner when the Node's Ready condition
+        is not ours: after an API server outage the node controller may have marked it Unknown
+        (checked every NODE_STATUS_CHECK, like the kubelet's 10 s node status update frequency)."""
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), NODE_STATUS_INTERVAL)
+                await asyncio.wait_for(self.stopping.wait(), NODE_STATUS_CHECK)
             if self.stopping.is_set():
                 return
+            if time.monotonic() - self.status_posted_at < NODE_STATUS_INTERVAL:
+                try:
+                    node = await self.api.get_or_none(f"/api/v1/nodes/{self.cfg.name}")
+                except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    log.debug("node status check failed", extra={"kv": {"error": str(exc)}})
+                    continue
+                if node is not None and ready_condition_status(node) == "True":
+                    continue
             try:
                 await self.patch_node_status(ready=True)
             except ApiError as exc:

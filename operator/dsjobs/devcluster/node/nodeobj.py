@@ -190,6 +190,14 @@ def node_conditions(
     return out
 
 
+def ready_condition_status(node: Obj) -> str | None:
+    """The status ("True", "False", "Unknown") of a Node object's Ready condition, if it has one."""
+    for c in (node.get("status") or {}).get("conditions") or ():
+        if c.get("type") == "Ready":
+            return str(c.get("status"))
+    return None
+
+
 def node_status(
     spec: NodeSpec, info: Mapping[str, str], ready: bool, now: datetime, previous: list[Obj]
 ) -> Obj:
