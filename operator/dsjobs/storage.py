@@ -43,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar, cast
 
 from botocore.exceptions import (
     BotoCoreError,
@@ -785,9 +785,59 @@ class Storage:
                 size = os.fstat(f.fileno()).st_size
             return self._multipart_upload(f, key, content_type, size)
 
-    def _multipart_upload(
-        self, f: io.BufferedReader, key: str, content_type: str, size: int
+    def upload_stream(
+        self,
+        key: str,
+        produce: Callable[[BinaryIO], None],
+        *,
+        content_type: str = "application/octet-stream",
+        size_hint: int = 0,
     ) -> TransferResult:
+        """Upload what ``produce`` writes to the file it is given (a zip made on the fly), with no
+        local copy: the bytes go through a pipe from a producer thread to the upload.
+
+        Up to 16 MiB goes as one PUT, more as a multipart upload in full parts (``size_hint``, an
+        upper estimate of the size, picks the part size as `upload_file` would). Memory and retries
+        are `upload_file`'s. Nothing is stored unless ``produce`` returned: its exception is raised
+        here (a multipart upload is aborted), and a failed upload stops it (its writes raise
+        BrokenPipeError).
+        """
+        read_fd, write_fd = os.pipe()
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with os.fdopen(write_fd, "wb", buffering=IO_CHUNK) as out:
+                    produce(out)
+            except BaseException as exc:
+                failures.append(exc)
+
+        producer = threading.Thread(target=run, name="dsjobs-upload-producer", daemon=True)
+        with io.FileIO(read_fd, "rb") as pipe:
+            producer.start()
+            try:
+                source = _Produced(pipe, producer, failures)
+                head = bytearray(MULTIPART_THRESHOLD + 1)
+                n = source.readinto(head)
+                if n <= MULTIPART_THRESHOLD:
+                    source.readinto(bytearray(1))  # the end: raises the producer's failure
+                    data = bytes(memoryview(head)[:n])
+                    del head
+                    digest = hashlib.sha256(data).hexdigest()
+                    self._retry(
+                        lambda: self._http.request(
+                            "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
+                        ),
+                        what=f"upload {key}",
+                    )
+                    return TransferResult(key=key, size=len(data), sha256=digest)
+                source.unread(memoryview(head)[:n])
+                return self._multipart_upload(source, key, content_type, max(size_hint, n))
+            finally:
+                pipe.close()  # a producer still writing gets BrokenPipeError
+                producer.join()
+
+    def _multipart_upload(self, f: _Readable, key: str, content_type: str, size: int) -> TransferResult:
         part_size = part_size_for(size, self.part_size)
         upload_id = self._retry(
             lambda: self._client.create_multipart_upload(
@@ -968,6 +1018,44 @@ class Storage:
 
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", re.IGNORECASE)
+
+
+class _Readable(Protocol):
+    def readinto(self, buf: bytearray, /) -> int: ...
+
+
+class _Produced:
+    """The reading end of `Storage.upload_stream`'s pipe. Every read fills the buffer but at the
+    end (multipart parts must be full), and the end is only reported once the producer has
+    returned; its failure is raised instead."""
+
+    def __init__(self, pipe: io.RawIOBase, producer: threading.Thread, failures: list[BaseException]) -> None:
+        self._pipe = pipe
+        self._producer = producer
+        self._failures = failures
+        self._head = memoryview(b"")
+
+    def unread(self, data: memoryview) -> None:
+        """Read ``data`` again first (bytes already taken from the pipe)."""
+        self._head = data
+
+    def readinto(self, buf: bytearray, /) -> int:
+        view = memoryview(buf)
+        n = 0
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+        while n < len(view):
+            got = self._pipe.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        if n == 0:
+            self._producer.join()
+            if self._failures:
+                raise self._failures[0]
+        return n
 
 
 def single_try(store: ObjectStore) -> ObjectStore:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -213,6 +214,102 @@ def test_a_part_that_keeps_failing_aborts_the_upload_without_starting_over(
     assert s3.count("POST", "?uploads") == 1
     assert s3.part_puts(2) == 3
     assert s3.count("DELETE", "uploadId=u1") == 1
+
+
+# -- streamed uploads --------------------------------------------------------------------------
+
+
+def _stream_answer(got: dict[str, Any], fail_part: int | None = None) -> Callable[[Request], None]:
+    """S3 for `upload_stream`: keeps a plain PUT's body and the assembled parts of a multipart one."""
+    parts: dict[int, bytes] = {}
+
+    def answer(r: Request) -> None:
+        if r.command == "POST" and r.path.endswith("?uploads"):
+            r.reply(
+                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+            )
+        elif r.command == "PUT" and "partNumber=" in r.path:
+            number = _part(r.path)
+            assert number is not None
+            if number == fail_part:
+                r.error(503, "SlowDown")
+                return
+            parts[number] = r.body
+            r.reply(200, headers={"ETag": f'"p{number}"'})
+        elif r.command == "PUT":
+            got["put"] = r.body
+            r.reply(200)
+        elif r.command == "POST" and "uploadId=u1" in r.path:
+            got["multipart"] = b"".join(parts[n] for n in sorted(parts))
+            got["part_sizes"] = [len(parts[n]) for n in sorted(parts)]
+            r.reply(200, b'<CompleteMultipartUploadResult><ETag>"x"</ETag></CompleteMultipartUploadResult>')
+        elif r.command == "DELETE":
+            got["aborted"] = True
+            r.reply(204)
+        else:
+            r.error(400, "Unexpected")
+
+    return answer
+
+
+def _writer(data: bytes, piece: int = 100_000, fail_after: bool = False) -> Callable[[BinaryIO], None]:
+    def produce(out: BinaryIO) -> None:
+        for i in range(0, len(data), piece):
+            out.write(data[i : i + piece])
+        if fail_after:
+            raise ValueError("the producer failed")
+
+    return produce
+
+
+def test_a_small_stream_is_one_put(s3: FakeS3) -> None:
+    got: dict[str, Any] = {}
+    s3.answer = _stream_answer(got)
+    data = bytes(range(256)) * 40
+    res = s3.store().upload_stream("projects/p/o.zip", _writer(data, piece=1000), size_hint=len(data))
+    assert got == {"put": data}
+    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_a_big_stream_goes_multipart_in_full_parts(s3: FakeS3) -> None:
+    got: dict[str, Any] = {}
+    s3.answer = _stream_answer(got)
+    data = hashlib.sha256(b"seed").digest() * (17 * MiB // 32 + 5)
+    res = s3.store(part_size=5 * MiB).upload_stream("projects/p/o.zip", _writer(data), size_hint=len(data))
+    assert got["multipart"] == data and "put" not in got and "aborted" not in got
+    assert got["part_sizes"] == [5 * MiB, 5 * MiB, 5 * MiB, len(data) - 15 * MiB]  # S3: >= 5 MiB but the last
+    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("size", [1000, 20 * MiB])
+def test_a_failing_producer_stores_nothing(s3: FakeS3, size: int) -> None:
+    # A zip that failed halfway must not become an output that looks whole.
+    got: dict[str, Any] = {}
+    s3.answer = _stream_answer(got)
+    with pytest.raises(ValueError, match="the producer failed"):
+        s3.store(part_size=5 * MiB).upload_stream("projects/p/o.zip", _writer(b"z" * size, fail_after=True))
+    assert "put" not in got and "multipart" not in got
+    assert got.get("aborted", False) == (size > 16 * MiB)
+
+
+def test_a_failed_upload_stops_the_producer(s3: FakeS3) -> None:
+    got: dict[str, Any] = {}
+    s3.answer = _stream_answer(got, fail_part=2)
+    ended: list[BaseException | None] = []
+
+    def endless(out: BinaryIO) -> None:
+        try:
+            for _ in range(4096):  # 4 GiB: far more than the upload takes before it fails
+                out.write(b"y" * MiB)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    with pytest.raises(ClientError, match="SlowDown"):
+        s3.store(attempts=2, part_size=5 * MiB).upload_stream("projects/p/o.zip", endless)
+    assert got.get("aborted") is True
+    assert len(ended) == 1 and isinstance(ended[0], BrokenPipeError)  # not left writing into nothing
 
 
 # -- resumed downloads -------------------------------------------------------------------------

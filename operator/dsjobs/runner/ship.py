@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from dsjobs.logrecords import (
     MAX_RECORD_CONTENT,
@@ -455,6 +456,21 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
+def _zip_bound(directory: str) -> int:
+    """More than a zip of ``directory`` can take (its files' sizes plus headers; deflate grows
+    nothing by more than a little): the streamed upload's part size comes from it."""
+    total = 0
+    for root, dirs, files in os.walk(directory):
+        for name in (*dirs, *files):
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            # Headers: local, data descriptor and central directory entries with zip64 extras.
+            total += st.st_size + st.st_size // 1024 + 2 * len(os.path.join(root, name)) + 200
+    return total + 1024
+
+
 def _upload_output(
     config: RunnerConfig,
     store: Storage,
@@ -477,19 +493,29 @@ def _upload_output(
     if not _inside(os.path.realpath(config.work_dir), real):
         # A symlink out of the working dir could expose the runner's own files.
         return fail(FileErrorType.UPLOAD_FAILED, "refused: it resolves outside the working directory")
-    tmp_zip = config.layout.tmp_dir / f"output-{index}.zip"
     try:
         if os.path.isdir(real):
-            # Entries are named after the declared path, not after what a symlink points to:
-            # the client extracts them where it expects <basename>/.
-            n = zip_directory(
-                real,
-                tmp_zip,
-                arcname=PurePosixPath(out.path).name,
-                on_skip=_skip_reporter(syslog, declared),
-                on_error=lost,
+            zipped: list[int] = []
+
+            def produce(dest: BinaryIO) -> None:
+                # Entries are named after the declared path, not after what a symlink points to:
+                # the client extracts them where it expects <basename>/.
+                zipped.append(
+                    zip_directory(
+                        real,
+                        dest,
+                        arcname=PurePosixPath(out.path).name,
+                        on_skip=_skip_reporter(syslog, declared),
+                        on_error=lost,
+                    )
+                )
+
+            # Zipped straight into the upload: a directory as big as the working dir's limit
+            # needs no second copy on the node's disk.
+            res = store.upload_stream(
+                key, produce, content_type="application/zip", size_hint=_zip_bound(real)
             )
-            res = store.upload_file(tmp_zip, key, content_type="application/zip")
+            n = zipped[0]
             compression = Compression.ZIP
             left_out = f"; left out: {lost.count}" if lost.count else ""
             syslog(
@@ -503,8 +529,6 @@ def _upload_output(
             return fail(FileErrorType.UPLOAD_FAILED, "not a regular file or directory")
     except Exception as exc:
         return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {type(exc).__name__}: {exc}"[:1000])
-    finally:
-        tmp_zip.unlink(missing_ok=True)
     return OutputResult(
         path=declared,
         var=out.var,

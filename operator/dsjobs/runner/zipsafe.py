@@ -238,13 +238,14 @@ def _bad_name(arc: str) -> ValueError:
 
 def zip_directory(
     src: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | BinaryIO,
     *,
     arcname: str | None = None,
     on_skip: EntryCallback | None = None,
     on_error: EntryCallback | None = None,
 ) -> int:
-    """Zip directory ``src`` into ``dest`` with entries ``<arcname>/...``; returns the files stored.
+    """Zip directory ``src`` into ``dest`` (a path, or a file that need not be seekable: a pipe)
+    with entries ``<arcname>/...``; returns the files stored.
 
     ``arcname`` defaults to the basename of ``src``; give the declared name when ``src`` is what a
     symlink resolved to. Symlinks and special files are skipped, never followed (``on_skip`` is
