@@ -147,10 +147,19 @@ def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
         )
         status = h.wait_phase("disk-full", "ERROR", "SUCCESS", timeout=120)
         assert status["phase"] == "ERROR", status
-        assert "outgrew its 4Mi limit" in status["statusDetails"], status
+        assert "working directory outgrew the 4Mi limit" in status["statusDetails"], status
         assert status["attempt"] == 1
         finished = next(c for c in status["conditions"] if c["type"] == "Finished")
         assert finished["reason"] == "WorkingDirFull"
+        # The logs (and pip packages) are on the system disk too: a job printing without end
+        # cannot fill its node's disk either.
+        h.create_job(
+            "logs-full",
+            {"cmd": "yes 0123456789 | head -c 16777216; sleep 600", "cloudInstanceTypes": [{"name": small}]},
+        )
+        status = h.wait_phase("logs-full", "ERROR", "SUCCESS", timeout=120)
+        assert status["phase"] == "ERROR", status
+        assert "logs and Python packages outgrew the 4Mi limit" in status["statusDetails"], status
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

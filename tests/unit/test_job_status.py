@@ -584,7 +584,7 @@ ENDINGS = [
         result(137, cancelled=True),
         "WorkingDirFull",
         137,
-        "outgrew its 20Gi limit",
+        "working directory outgrew the 20Gi limit",
     ),
     Ending(
         "disruption target",
@@ -921,6 +921,17 @@ def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     p = step(j, [full])
     assert p.status.phase == JobPhase.ERROR and p.status.attempt == 1
     assert "working-storage" in p.status.status_details
+    logs = dataclasses.replace(
+        full, message='Usage of EmptyDir volume "dsjobs-shared" exceeds the limit "4Mi". '
+    )
+    p = step(j, [logs])
+    assert p.status.phase == JobPhase.ERROR and "logs and Python packages outgrew" in p.status.status_details
+    assert (
+        "print less" in p.status.status_details and "declare working-storage" not in p.status.status_details
+    )
+    # Any other emptyDir of the pod is not the job's system disk: a disruption as before.
+    other = dataclasses.replace(full, message='Usage of EmptyDir volume "x" exceeds the limit "4Mi". ')
+    assert step(j, [other]).status.attempt == 2
 
 
 def test_a_new_attempt_does_not_show_the_last_ones_progress() -> None:

@@ -224,9 +224,11 @@ def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     # Without it: a scratch emptyDir as big as the type's system disk (DataSphere's ~20 GB).
     basic = next(v for v in FEATURES["basic_cpu"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
     assert basic == {"name": "dsjobs-work", "emptyDir": {"sizeLimit": "20Gi"}}
-    # Not the shared volume: the ship zips output directories there, of any size.
-    shared = next(v for v in FEATURES["basic_cpu"]["spec"]["volumes"] if v["name"] == "dsjobs-shared")
-    assert shared == {"name": "dsjobs-shared", "emptyDir": {}}
+    # The runner's shared volume (logs, pip packages) is on the system disk too, also with
+    # working storage; output directories are zipped straight into their upload, not into it.
+    for feature in ("basic_cpu", "working_storage"):
+        shared = next(v for v in FEATURES[feature]["spec"]["volumes"] if v["name"] == "dsjobs-shared")
+        assert shared == {"name": "dsjobs-shared", "emptyDir": {"sizeLimit": "20Gi"}}
     unlimited = TYPES["c1.4"].model_copy(update={"working_dir_size_limit": None})
     assert working_storage_source(spec(), JOB, SETTINGS, unlimited) == {"emptyDir": {}}
 

@@ -304,6 +304,8 @@ def render_pod(
         config_secret_name=secret,
         storage_delivery="files",
         work_volume_source=working_storage_source(spec, job, settings, instance_type),
+        # The logs and pip-installed packages are on the system disk too.
+        shared_size_limit=instance_type.working_dir_size_limit,
         mount_claims=volumes.mount_claims,
         project_disk_claim=volumes.project_disk_claim,
         runner_resources={

@@ -45,7 +45,13 @@ from dsjobs.models import (
     job_relative_path,
 )
 from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT, MAX_DESC_LENGTH, MAX_STRING
-from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER, WORK_VOLUME
+from dsjobs.runner.contract import (
+    JOB_CONTAINER,
+    SHARED_VOLUME,
+    SHIP_CONTAINER,
+    STAGE_IN_CONTAINER,
+    WORK_VOLUME,
+)
 from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus, parse_termination_message
 
 # Condition types the operator maintains (docs/operator.md).
@@ -336,13 +342,27 @@ def disruption_of(pod: PodView) -> tuple[str, str] | None:
 _EMPTY_DIR_EVICTION = re.compile(r'Usage of EmptyDir volume "([^"]*)" exceeds the limit "([^"]*)"')
 
 
-def working_dir_limit_exceeded(pod: PodView) -> str | None:
-    """The limit, when the kubelet evicted the pod because the job's scratch working directory
-    outgrew it: the job's own doing, not a disruption."""
+#: What each volume on the system disk holds, and what gives a job more room.
+_SYSTEM_DISK_VOLUMES: Final[dict[str, tuple[str, str]]] = {
+    WORK_VOLUME: ("working directory", "declare working-storage for more room"),
+    SHARED_VOLUME: (
+        "logs and Python packages",
+        "the limit is the same with working-storage: print less, or install fewer packages",
+    ),
+}
+
+
+def system_disk_exceeded(pod: PodView) -> tuple[str, str, str] | None:
+    """(what, limit, advice) when the kubelet evicted the pod because the job's scratch working directory,
+    or its logs and pip-installed packages, outgrew the instance type's system disk: the job's own
+    doing, not a disruption."""
     if pod.reason != "Evicted":
         return None
     match = _EMPTY_DIR_EVICTION.search(pod.message or "")
-    return match.group(2) if match is not None and match.group(1) == WORK_VOLUME else None
+    if match is None or match.group(1) not in _SYSTEM_DISK_VOLUMES:
+        return None
+    what, advice = _SYSTEM_DISK_VOLUMES[match.group(1)]
+    return what, match.group(2), advice
 
 
 def _stuck_container(pod: PodView) -> ContainerView | None:
@@ -414,13 +434,14 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         )
     if code is not None and result is not None and result.status == RunnerStatus.EXITED and not stopped:
         return _exit_outcome(code)
-    limit = working_dir_limit_exceeded(pod)
-    if limit is not None:
+    full = system_disk_exceeded(pod)
+    if full is not None:
+        what, limit, advice = full
         return Outcome(
             JobPhase.ERROR,
             "WorkingDirFull",
-            f"the job's working directory outgrew its {limit} limit (the instance type's system disk) "
-            "and the pod was evicted; declare working-storage for more room",
+            f"the job's {what} outgrew the {limit} limit (the instance type's system disk) and the "
+            f"pod was evicted; {advice}",
             return_code=code,
             failure=FailureKind.PERMANENT,
         )

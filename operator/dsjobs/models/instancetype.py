@@ -69,8 +69,9 @@ class InstanceTypeSpec(CRModel):
         maximum=MAX_SCHEDULE_TIMEOUT_SECONDS,
     )
     working_dir_size_limit: Quantity | None = field(
-        "The type's system disk for a job without extendedWorkingStorage (DataSphere: about 20 GB): "
-        "the sizeLimit of the job's scratch working directory, e.g. `20Gi`; the kubelet evicts a "
-        "pod that writes more, and the job ends ERROR (WorkingDirFull). Unset: no limit.",
+        "The type's system disk (DataSphere: about 20 GB), e.g. `20Gi`: the sizeLimit of the job's "
+        "scratch working directory (without extendedWorkingStorage) and of the runner's shared "
+        "volume (logs, pip-installed packages); the kubelet evicts a pod that writes more, and the "
+        "job ends ERROR (WorkingDirFull). Unset: no limit.",
         None,
     )

@@ -153,6 +153,7 @@ def runner_pod_parts(
     storage_secret_name: str,
     config_secret_name: str,
     work_volume_source: Mapping[str, Any] | None = None,
+    shared_size_limit: str | None = None,
     mount_claims: Mapping[str, str] | None = None,
     project_disk_claim: str | None = None,
     runner_resources: Mapping[str, Any] | None = None,
@@ -166,6 +167,8 @@ def runner_pod_parts(
     ``mount_claims`` maps each S3 mount / dataset id to its PVC name (the operator finds them by
     label); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
     ``work_volume_source`` is the working-storage volume source (default: an emptyDir).
+    ``shared_size_limit`` bounds the shared volume (logs, pip-installed packages) as an emptyDir
+    ``sizeLimit``.
     ``storage_delivery="files"``: the storage settings are keys of the config Secret (the same
     Secret, delivered as a volume) and the runner reads them from the mounted files: six
     ``secretKeyRef`` variables less per runner container, a pod a third smaller for the API
@@ -186,7 +189,7 @@ def runner_pod_parts(
     layout = config.layout
 
     volumes: list[Json] = [
-        {"name": SHARED_VOLUME, "emptyDir": {}},
+        {"name": SHARED_VOLUME, "emptyDir": {"sizeLimit": shared_size_limit} if shared_size_limit else {}},
         {"name": WORK_VOLUME, **(dict(work_volume_source) if work_volume_source else {"emptyDir": {}})},
     ]
     runner_env: list[Json] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
