@@ -796,9 +796,10 @@ class Storage:
         """Upload what ``produce`` writes to the file it is given (a zip made on the fly), with no
         local copy: the bytes go through a pipe from a producer thread to the upload.
 
-        Up to 16 MiB goes as one PUT, more as a multipart upload in full parts (``size_hint``, an
-        upper estimate of the size, picks the part size as `upload_file` would). Memory and retries
-        are `upload_file`'s. Nothing is stored unless ``produce`` returned: its exception is raised
+        ``size_hint`` is an upper estimate of the size (0: unknown). Above 16 MiB the upload is
+        multipart in full parts, of the size `upload_file` would take for that size; else up to
+        16 MiB are read ahead, and go as one PUT if that was all. Memory and retries are
+        `upload_file`'s. Nothing is stored unless ``produce`` returned: its exception is raised
         here (a multipart upload is aborted), and a failed upload stops it (its writes raise
         BrokenPipeError).
         """
@@ -817,6 +818,9 @@ class Storage:
             producer.start()
             try:
                 source = _Produced(pipe, producer, failures)
+                if size_hint > MULTIPART_THRESHOLD:
+                    return self._multipart_upload(source, key, content_type, size_hint)
+                # Small or unknown: read ahead to find out.
                 head = bytearray(MULTIPART_THRESHOLD + 1)
                 n = source.readinto(head)
                 if n <= MULTIPART_THRESHOLD:
@@ -832,6 +836,7 @@ class Storage:
                     )
                     return TransferResult(key=key, size=len(data), sha256=digest)
                 source.unread(memoryview(head)[:n])
+                del head  # the source lets go of it once read: memory stays upload_file's
                 return self._multipart_upload(source, key, content_type, max(size_hint, n))
             finally:
                 pipe.close()  # a producer still writing gets BrokenPipeError
@@ -1045,7 +1050,8 @@ class _Produced:
         if self._head:
             n = min(len(view), len(self._head))
             view[:n] = self._head[:n]
-            self._head = self._head[n:]
+            # An empty slice would still hold the whole buffer.
+            self._head = self._head[n:] if n < len(self._head) else memoryview(b"")
         while n < len(view):
             got = self._pipe.readinto(view[n:])
             if not got:

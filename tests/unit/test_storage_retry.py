@@ -271,11 +271,13 @@ def test_a_small_stream_is_one_put(s3: FakeS3) -> None:
     assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
 
-def test_a_big_stream_goes_multipart_in_full_parts(s3: FakeS3) -> None:
+@pytest.mark.parametrize("hinted", [True, False])  # False: read ahead, then it turns out big
+def test_a_big_stream_goes_multipart_in_full_parts(s3: FakeS3, hinted: bool) -> None:
     got: dict[str, Any] = {}
     s3.answer = _stream_answer(got)
     data = hashlib.sha256(b"seed").digest() * (17 * MiB // 32 + 5)
-    res = s3.store(part_size=5 * MiB).upload_stream("projects/p/o.zip", _writer(data), size_hint=len(data))
+    hint = len(data) if hinted else 0
+    res = s3.store(part_size=5 * MiB).upload_stream("projects/p/o.zip", _writer(data), size_hint=hint)
     assert got["multipart"] == data and "put" not in got and "aborted" not in got
     assert got["part_sizes"] == [5 * MiB, 5 * MiB, 5 * MiB, len(data) - 15 * MiB]  # S3: >= 5 MiB but the last
     assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
