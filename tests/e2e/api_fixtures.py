@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from cluster_fixtures import REPO_ROOT, ClusterHandle
+from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
@@ -327,6 +327,16 @@ def start_api(
 
 @pytest.fixture(scope="session")
 def api_env(
+    dev_cluster: ClusterHandle, dev_s3: S3Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiEnv]:
+    # These tests play the operator's part (phases, logs): a deployed one (`make up`, `make demo`)
+    # would run their jobs for real. The deployed-stack tests deploy it again (kubectl apply
+    # restores its replicas).
+    with deployed_operator_paused(dev_cluster):
+        yield from _api_env(dev_cluster, dev_s3, tmp_path_factory)
+
+
+def _api_env(
     dev_cluster: ClusterHandle, dev_s3: S3Config, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ApiEnv]:
     api_client = dev_cluster.api_client

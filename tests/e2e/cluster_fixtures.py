@@ -15,6 +15,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, node_agent_available, status
 
@@ -130,3 +132,41 @@ def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 
             last_exc = e
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})", pytrace=False)
+
+
+SYSTEM_NAMESPACE = os.environ.get("DSJOBS_E2E_SYSTEM_NAMESPACE", "dsjobs-system")
+DEPLOYED_OPERATOR = "dsjobs-operator"
+
+
+@contextlib.contextmanager
+def deployed_operator_paused(cluster: ClusterHandle) -> Iterator[None]:
+    """Scale a deployed operator (left by `make up` or `make demo`) to zero meanwhile, and back.
+
+    Tests that play the operator's part, or run an operator of their own, must not share their
+    jobs with it: it serves every namespace. Nothing to do when none is deployed.
+    """
+    apps = k8s_client.AppsV1Api(cluster.api_client)
+    try:
+        replicas = int(
+            apps.read_namespaced_deployment(DEPLOYED_OPERATOR, SYSTEM_NAMESPACE).spec.replicas or 0
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        replicas = 0
+    if replicas:
+        apps.patch_namespaced_deployment_scale(DEPLOYED_OPERATOR, SYSTEM_NAMESPACE, {"spec": {"replicas": 0}})
+        selector = "app.kubernetes.io/name=dsjobs-operator"
+        core = k8s_client.CoreV1Api(cluster.api_client)
+        poll(
+            "the deployed operator to stop",
+            lambda: not core.list_namespaced_pod(SYSTEM_NAMESPACE, label_selector=selector).items,
+            120,
+        )
+    try:
+        yield
+    finally:
+        if replicas:
+            apps.patch_namespaced_deployment_scale(
+                DEPLOYED_OPERATOR, SYSTEM_NAMESPACE, {"spec": {"replicas": replicas}}
+            )

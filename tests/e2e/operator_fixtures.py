@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixtures import REPO_ROOT, ClusterHandle, poll
+from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused, poll
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
@@ -38,8 +38,6 @@ from dsjobs import localstack
 from dsjobs.instancetypes import render_catalog_yaml
 
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
-SYSTEM_NAMESPACE = os.environ.get("DSJOBS_E2E_SYSTEM_NAMESPACE", "dsjobs-system")
-DEPLOYED_OPERATOR = "dsjobs-operator"
 PROJECT_ID = "e2e-op"
 START_TIMEOUT_S = 60
 
@@ -266,27 +264,6 @@ def _apply_setup(kubectl: Callable[..., str]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=render_catalog_yaml("local"))
 
 
-def _pause_deployed_operator(harness: OperatorHarness) -> int:
-    """Scale a deployed operator to zero; return its replicas to restore (0: none deployed)."""
-    apps = k8s_client.AppsV1Api(harness.cluster.api_client)
-    try:
-        dep = apps.read_namespaced_deployment(DEPLOYED_OPERATOR, SYSTEM_NAMESPACE)
-    except ApiException as exc:
-        if exc.status == 404:
-            return 0
-        raise
-    replicas = int(dep.spec.replicas or 0)
-    if replicas:
-        apps.patch_namespaced_deployment_scale(DEPLOYED_OPERATOR, SYSTEM_NAMESPACE, {"spec": {"replicas": 0}})
-        selector = "app.kubernetes.io/name=dsjobs-operator"
-        poll(
-            "the deployed operator to stop",
-            lambda: not harness.core.list_namespaced_pod(SYSTEM_NAMESPACE, label_selector=selector).items,
-            120,
-        )
-    return replicas
-
-
 @pytest.fixture(scope="module")
 def operator_harness(
     dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
@@ -312,7 +289,11 @@ def operator_harness(
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
     )
     _apply_setup(harness.kubectl)
-    restore = _pause_deployed_operator(harness)
+    with deployed_operator_paused(dev_cluster):
+        yield from _run_harness(harness, namespace)
+
+
+def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorHarness]:
     harness.core.create_namespace(
         {"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": PROJECT_ID}}}
     )
@@ -342,8 +323,3 @@ def operator_harness(
         finally:
             harness.stop()
             harness.core.delete_namespace(namespace)
-            if restore:
-                apps = k8s_client.AppsV1Api(dev_cluster.api_client)
-                apps.patch_namespaced_deployment_scale(
-                    DEPLOYED_OPERATOR, SYSTEM_NAMESPACE, {"spec": {"replicas": restore}}
-                )

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixtures import REPO_ROOT, ClusterHandle
+from cluster_fixtures import REPO_ROOT, SYSTEM_NAMESPACE, ClusterHandle
 
 from dsjobs.cli import parse_env_file
 
 PROJECT_LABEL = "dsjobs.dev/project-id"
-SYSTEM_NAMESPACE = os.environ.get("DSJOBS_E2E_SYSTEM_NAMESPACE", "dsjobs-system")
 DEPLOY_TIMEOUT_S = 600
 # One CLI call: the official CLI polls operations every 5 s, a job pip-installs its requirements.
 CLI_TIMEOUT_S = 420
