@@ -772,18 +772,22 @@ class Storage:
                 # Bounded even if the file grew since fstat: then it goes multipart after all.
                 data = f.read(MULTIPART_THRESHOLD + 1)
                 if len(data) <= MULTIPART_THRESHOLD:
-                    digest = hashlib.sha256(data).hexdigest()
-                    self._retry(
-                        lambda: self._http.request(
-                            "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
-                        ),
-                        what=f"upload {key}",
-                    )
-                    return TransferResult(key=key, size=len(data), sha256=digest)
+                    return self._put_whole(key, data, content_type)
                 del data
                 f.seek(0)
                 size = os.fstat(f.fileno()).st_size
             return self._multipart_upload(f, key, content_type, size)
+
+    def _put_whole(self, key: str, data: bytes, content_type: str) -> TransferResult:
+        """One PUT of a small upload (`upload_file`, `upload_stream`), hashed as sent."""
+        digest = hashlib.sha256(data).hexdigest()
+        self._retry(
+            lambda: self._http.request(
+                "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
+            ),
+            what=f"upload {key}",
+        )
+        return TransferResult(key=key, size=len(data), sha256=digest)
 
     def upload_stream(
         self,
@@ -827,14 +831,7 @@ class Storage:
                     source.readinto(bytearray(1))  # the end: raises the producer's failure
                     data = bytes(memoryview(head)[:n])
                     del head
-                    digest = hashlib.sha256(data).hexdigest()
-                    self._retry(
-                        lambda: self._http.request(
-                            "PUT", key, body=data, headers={"content-type": content_type}, body_sha256=digest
-                        ),
-                        what=f"upload {key}",
-                    )
-                    return TransferResult(key=key, size=len(data), sha256=digest)
+                    return self._put_whole(key, data, content_type)
                 source.unread(memoryview(head)[:n])
                 del head  # the source lets go of it once read: memory stays upload_file's
                 return self._multipart_upload(source, key, content_type, max(size_hint, n))

@@ -8,8 +8,10 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 
+from dsjobs.runner.config import RunnerConfig
 from dsjobs.storage import (
     IntegrityError,
     ObjectInfo,
@@ -138,3 +140,17 @@ class FileStore(MemoryStore):
         with self._lock:
             self.requests += 1
             return self.objects.get(key)
+
+
+def config(tmp: Path, **kw: object) -> RunnerConfig:
+    """A runner config with its working and shared dirs under ``tmp``, both made."""
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="x",
+        paths={"work_dir": str(tmp / "work"), "shared_dir": str(tmp / "shared")},
+        **kw,  # type: ignore[arg-type]
+    )
+    cfg.layout.create()
+    cfg.work_dir.mkdir(exist_ok=True)
+    return cfg

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_fakes import FileStore, MemoryStore
+from runner_fakes import FileStore, MemoryStore, config
 
 from dsjobs.logrecords import (
     SYSTEM_LOG_PATH,
@@ -56,19 +56,6 @@ class Clock:
     def sleep(self, s: float) -> None:
         self.slept.append(s)
         self.t += s
-
-
-def config(tmp: Path, **kw: object) -> RunnerConfig:
-    cfg = RunnerConfig(
-        project_id="p",
-        job_id="j",
-        cmd="x",
-        paths={"work_dir": str(tmp / "work"), "shared_dir": str(tmp / "shared")},
-        **kw,  # type: ignore[arg-type]
-    )
-    cfg.layout.create()
-    cfg.work_dir.mkdir(exist_ok=True)
-    return cfg
 
 
 def append(path: Path, data: bytes) -> None:

@@ -16,9 +16,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from botocore.exceptions import ClientError
 from pydantic import SecretStr
+from runner_fakes import config
 
 from dsjobs import storage
-from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.ship import LogShipper
 from dsjobs.s3http import S3HttpError
 from dsjobs.storage import Storage, StorageSettings
@@ -133,13 +133,7 @@ def test_the_log_shipper_is_the_one_retry_layer_of_its_writes(s3: FakeS3, tmp_pa
     # "due now" pump while the program runs would block for seconds on a storage outage, and the
     # waits would multiply.
     s3.answer = lambda r: r.error(503, "SlowDown")
-    cfg = RunnerConfig(
-        project_id="p",
-        job_id="j",
-        cmd="x",
-        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
-    )
-    cfg.layout.create()
+    cfg = config(tmp_path)
     cfg.layout.stdout.write_bytes(b"line\n")
     now = [1000.0]
     shipper = LogShipper(s3.store(attempts=5), cfg, clock=lambda: now[0], sleep=lambda s: None)
