@@ -133,9 +133,7 @@ def run(ctx: Context) -> Section:
             )
         )
         # A directory output: zipped straight into its upload (no local zip).
-        dcfg = cfg.model_copy(
-            update={"job_id": f"{job}{rep}d", "inputs": [], "outputs": [OutputFile(path="outdir")]}
-        )
+        dcfg = cfg.replace(job_id=f"{job}{rep}d", inputs=[], outputs=[OutputFile(path="outdir")])
         (work / "outdir").mkdir()
         os.link(blob, work / "outdir" / "blob.bin")
         denv = {**renv, "DSJOBS_RUNNER_CONFIG": dcfg.to_json()}

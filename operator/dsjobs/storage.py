@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar, cast
@@ -54,8 +54,8 @@ from botocore.exceptions import (
     SSLError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from dsjobs.records import Record, rule
 from dsjobs.s3http import Credentials, S3Http, S3HttpError
 from dsjobs.syntax import escape_problem, join_segments
 
@@ -117,29 +117,26 @@ class UnsafePathError(ValueError):
     """A user-supplied relative path is absolute, escapes its root or is otherwise unusable."""
 
 
-class StorageSettings(BaseModel):
+def _check_http_url(v: str) -> str | None:
+    if v == "":
+        return None
+    if not re.match(r"^https?://[^/\s]+/?$", v):
+        raise ValueError(f"expected http(s)://host[:port], got {v!r}")
+    return v.rstrip("/")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSettings(Record):
     """Where the bucket is and how to sign requests. Built from ``DSJOBS_S3_*`` variables."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    endpoint: str = Field(description="http(s)://host[:port] the cluster reaches the S3 server at")
+    #: http(s)://host[:port] the cluster reaches the S3 server at.
+    endpoint: str = field(metadata=rule(check=_check_http_url))
     bucket: str
     access_key: str
-    secret_key: SecretStr
+    secret_key: str = field(repr=False)
     region: str = "us-east-1"
-    public_endpoint: str | None = Field(
-        default=None,
-        description="endpoint that clients outside the cluster use; presigned URLs are signed for it",
-    )
-
-    @field_validator("endpoint", "public_endpoint")
-    @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        if v is None or v == "":
-            return None
-        if not re.match(r"^https?://[^/\s]+/?$", v):
-            raise ValueError(f"expected http(s)://host[:port], got {v!r}")
-        return v.rstrip("/")
+    #: The endpoint that clients outside the cluster use; presigned URLs are signed for it.
+    public_endpoint: str | None = field(default=None, metadata=rule(check=_check_http_url))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageSettings:
@@ -154,7 +151,7 @@ class StorageSettings(BaseModel):
             endpoint=env[ENV_ENDPOINT],
             bucket=env[ENV_BUCKET],
             access_key=env[ENV_ACCESS_KEY],
-            secret_key=SecretStr(env[ENV_SECRET_KEY]),
+            secret_key=env[ENV_SECRET_KEY],
             region=env.get(ENV_REGION) or "us-east-1",
             public_endpoint=env.get(ENV_PUBLIC_ENDPOINT) or None,
         )
@@ -520,9 +517,7 @@ class Storage:
     def _http(self) -> S3Http:
         """One-request calls (head, get, put, delete, single-part upload, download)."""
         s = self.settings
-        return S3Http(
-            s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key.get_secret_value(), s.region)
-        )
+        return S3Http(s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region))
 
     def _lazy_client(self, endpoint: str) -> S3Client:
         client = self._clients.get(endpoint)
@@ -555,7 +550,7 @@ class Storage:
             "s3",
             endpoint_url=endpoint,
             aws_access_key_id=self.settings.access_key,
-            aws_secret_access_key=self.settings.secret_key.get_secret_value(),
+            aws_secret_access_key=self.settings.secret_key,
             region_name=self.settings.region,
             config=cfg,
         )

@@ -73,10 +73,10 @@ def test_the_limit_is_exact() -> None:
     # Grow the reason one byte at a time across the limit: whole up to 4096 bytes, pointer after.
     base = result(0)
     room = TERMINATION_MESSAGE_LIMIT - len(base.to_json().encode())
-    fits = base.model_copy(update={"reason": "x" * room})
+    fits = base.replace(reason="x" * room)
     assert len(fits.to_json().encode()) == TERMINATION_MESSAGE_LIMIT
     assert parse_termination_message(termination_message(fits)) == fits
-    over = base.model_copy(update={"reason": "x" * (room + 1)})
+    over = base.replace(reason="x" * (room + 1))
     assert isinstance(parse_termination_message(termination_message(over)), ResultPointer)
 
 

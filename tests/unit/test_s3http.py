@@ -16,7 +16,6 @@ import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import pytest
-from pydantic import SecretStr
 
 from dsjobs import storage
 from dsjobs.s3http import (
@@ -291,7 +290,7 @@ def test_a_body_cut_short_is_an_error_and_storage_resumes_the_download(server: s
     with pytest.raises(http.client.IncompleteRead):
         b"".join(s3.open_get("in/cut").iter_chunks(4096))
     store = Storage(
-        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key=SecretStr("SK")),
+        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key="SK"),
         attempts=3,
     )
     res = store.download_file(
@@ -320,7 +319,7 @@ def test_a_temporary_dns_failure_is_retried_as_botocore_would(
     monkeypatch.setattr(socket, "getaddrinfo", flaky)
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     store = Storage(
-        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key=SecretStr("SK")),
+        StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key="SK"),
         attempts=3,
     )
     failures["left"] = 1

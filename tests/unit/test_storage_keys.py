@@ -115,7 +115,7 @@ def test_settings_from_files_of_a_mounted_secret(tmp_path: Path) -> None:
     }.items():
         (tmp_path / key).write_text(value)
     s = StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path), "DSJOBS_S3_BUCKET": "from-env"})
-    assert (s.endpoint, s.bucket, s.access_key, s.secret_key.get_secret_value()) == (
+    assert (s.endpoint, s.bucket, s.access_key, s.secret_key) == (
         "http://s3.local:9000",
         "from-env",  # the environment wins over a file
         "ak",
@@ -129,7 +129,7 @@ def test_settings_from_files_of_a_mounted_secret(tmp_path: Path) -> None:
 
 def test_settings_reject_non_http_endpoints() -> None:
     with pytest.raises(ValueError):
-        StorageSettings(endpoint="127.0.0.1:9000", bucket="b", access_key="a", secret_key="s")  # type: ignore[arg-type]
+        StorageSettings(endpoint="127.0.0.1:9000", bucket="b", access_key="a", secret_key="s")
 
 
 def _storage(public: str | None = None) -> Storage:
@@ -138,7 +138,7 @@ def _storage(public: str | None = None) -> Storage:
             endpoint="http://10.0.0.1:9000",
             bucket="dsjobs",
             access_key="ak",
-            secret_key="sk",  # type: ignore[arg-type]
+            secret_key="sk",
             public_endpoint=public,
         )
     )

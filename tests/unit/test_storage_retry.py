@@ -15,7 +15,6 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from botocore.exceptions import ClientError
-from pydantic import SecretStr
 from runner_fakes import config
 
 from dsjobs import storage
@@ -82,7 +81,7 @@ class FakeS3:
 
     def store(self, **kwargs: int) -> Storage:
         return Storage(
-            StorageSettings(endpoint=self.url, bucket="b", access_key="AK", secret_key=SecretStr("SK")),
+            StorageSettings(endpoint=self.url, bucket="b", access_key="AK", secret_key="SK"),
             **kwargs,
         )
 

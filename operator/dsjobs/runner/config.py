@@ -12,14 +12,13 @@ import os
 import posixpath
 import re
 import signal
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, Self
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
+from dsjobs.records import Record, rule
 from dsjobs.storage import _check_id, check_sha256, normalize_relpath
 from dsjobs.syntax import SHELL_SPECIAL_ENV
 
@@ -59,42 +58,34 @@ class Compression(StrEnum):
     ZIP = "ZIP"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_var(v: str | None) -> str | None:
-    if v is not None and not _VAR_RE.match(v):
+def _check_var(v: str) -> str:
+    if not _VAR_RE.match(v):
         raise ValueError(f"invalid variable name {v!r}")
     return v
 
 
-class InputFile(_Model):
+def _check_abs(kind: str) -> Callable[[str], str]:
+    def check(v: str) -> str:
+        if not v.startswith("/") or ".." in v.split("/"):
+            raise ValueError(f"{kind} must be absolute without '..': {v!r}")
+        return posixpath.normpath(v)
+
+    return check
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputFile(Record):
     """A file placed at ``work_dir/path`` (ZIP: extracted into the parent of that path)."""
 
-    path: str
-    var: str | None = None
-    sha256: str
-    size_bytes: int = Field(ge=0)
+    path: str = field(metadata=rule(check=normalize_relpath))
+    var: str | None = field(default=None, metadata=rule(check=_check_var))
+    sha256: str = field(metadata=rule(check=check_sha256))
+    size_bytes: int = field(metadata=rule(ge=0))
     compression: Compression = Compression.NONE
 
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return normalize_relpath(v)
 
-    @field_validator("var")
-    @classmethod
-    def _var(cls, v: str | None) -> str | None:
-        return _check_var(v)
-
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str) -> str:
-        return check_sha256(v)
-
-
-class LocalModule(_Model):
+@dataclass(frozen=True, kw_only=True)
+class LocalModule(Record):
     """A zipped Python local module; extracted into its own directory put on PYTHONPATH.
 
     Its ``path`` is whatever the client sent (a temp file name) and is not used for placement.
@@ -102,17 +93,13 @@ class LocalModule(_Model):
 
     path: str = ""
     var: str | None = None
-    sha256: str
-    size_bytes: int = Field(ge=0)
+    sha256: str = field(metadata=rule(check=check_sha256))
+    size_bytes: int = field(metadata=rule(ge=0))
     compression: Compression = Compression.ZIP
 
-    @field_validator("sha256")
-    @classmethod
-    def _sha(cls, v: str) -> str:
-        return check_sha256(v)
 
-
-class OutputFile(_Model):
+@dataclass(frozen=True, kw_only=True)
+class OutputFile(Record):
     """Collected from ``work_dir/path`` after the program exits.
 
     ``path`` is where the job writes it (dsjobs.models.job_relative_path of the declared file);
@@ -120,169 +107,124 @@ class OutputFile(_Model):
     ``path``).
     """
 
-    path: str
-    var: str | None = None
+    path: str = field(metadata=rule(check=normalize_relpath))
+    var: str | None = field(default=None, metadata=rule(check=_check_var))
     desc_path: str | None = None
 
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return normalize_relpath(v)
 
-    @field_validator("var")
-    @classmethod
-    def _var(cls, v: str | None) -> str | None:
-        return _check_var(v)
-
-
-class Mount(_Model):
+@dataclass(frozen=True, kw_only=True)
+class Mount(Record):
     """An S3 connector or dataset volume, referenced in ``cmd`` by ``${var}`` or ``${id}``."""
 
-    id: str
-    var: str | None = None
-    mount_path: str
-
-    @field_validator("mount_path")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        if not v.startswith("/") or ".." in v.split("/"):
-            raise ValueError(f"mount path must be absolute without '..': {v!r}")
-        return posixpath.normpath(v)
-
-    @field_validator("var", "id")
-    @classmethod
-    def _var(cls, v: str | None) -> str | None:
-        return _check_var(v)
+    id: str = field(metadata=rule(check=_check_var))
+    var: str | None = field(default=None, metadata=rule(check=_check_var))
+    mount_path: str = field(metadata=rule(check=_check_abs("mount path")))
 
 
-class PipOptions(_Model):
+@dataclass(frozen=True, kw_only=True)
+class PipOptions(Record):
     index_url: str | None = None
-    extra_index_urls: list[str] = Field(default_factory=list)
-    trusted_hosts: list[str] = Field(default_factory=list)
+    extra_index_urls: list[str] = field(default_factory=list)
+    trusted_hosts: list[str] = field(default_factory=list)
     no_deps: bool = False
 
 
-class PythonEnv(_Model):
-    python_version: str | None = None
-    requirements: list[str] = Field(default_factory=list)
-    pip: PipOptions = Field(default_factory=PipOptions)
-
-    @field_validator("python_version")
-    @classmethod
-    def _ver(cls, v: str | None) -> str | None:
-        if v is not None and v != "" and not _PYVER_RE.match(v):
-            raise ValueError(f"unsupported python version {v!r}")
-        return v or None
-
-    @field_validator("requirements")
-    @classmethod
-    def _reqs(cls, v: list[str]) -> list[str]:
-        for r in v:
-            # One requirement per line of requirements.txt: a newline would smuggle in options.
-            if "\n" in r or "\r" in r or "\x00" in r:
-                raise ValueError(f"invalid requirement {r!r}")
-        return [r.strip() for r in v if r.strip()]
+def _check_python_version(v: str) -> str | None:
+    if v != "" and not _PYVER_RE.match(v):
+        raise ValueError(f"unsupported python version {v!r}")
+    return v or None
 
 
-class GracefulShutdown(_Model):
-    signal: int = int(signal.SIGTERM)
-    timeout_seconds: float = Field(gt=0, le=24 * 3600)
+def _check_requirements(v: list[str]) -> list[str]:
+    for r in v:
+        # One requirement per line of requirements.txt: a newline would smuggle in options.
+        if "\n" in r or "\r" in r or "\x00" in r:
+            raise ValueError(f"invalid requirement {r!r}")
+    return [r.strip() for r in v if r.strip()]
 
-    @field_validator("signal")
-    @classmethod
-    def _sig(cls, v: int) -> int:
-        if v not in GRACEFUL_SIGNALS:
-            raise ValueError(f"signal {v} is not one of {sorted(GRACEFUL_SIGNALS)}")
-        return v
+
+@dataclass(frozen=True, kw_only=True)
+class PythonEnv(Record):
+    python_version: str | None = field(default=None, metadata=rule(check=_check_python_version))
+    requirements: list[str] = field(default_factory=list, metadata=rule(check=_check_requirements))
+    pip: PipOptions = field(default_factory=PipOptions)
+
+
+def _check_signal(v: int) -> int:
+    if v not in GRACEFUL_SIGNALS:
+        raise ValueError(f"signal {v} is not one of {sorted(GRACEFUL_SIGNALS)}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class GracefulShutdown(Record):
+    signal: int = field(default=int(signal.SIGTERM), metadata=rule(check=_check_signal))
+    timeout_seconds: float = field(metadata=rule(gt=0, le=24 * 3600))
 
     @property
     def signal_name(self) -> str:
         return GRACEFUL_SIGNALS[self.signal]
 
 
-class RunnerPaths(_Model):
+@dataclass(frozen=True, kw_only=True)
+class RunnerPaths(Record):
     """Fixed paths inside the pod. Tests point them at temp dirs."""
 
-    work_dir: str = "/job/work"
-    shared_dir: str = "/job/.dsjobs"
-
-    @field_validator("work_dir", "shared_dir")
-    @classmethod
-    def _abs(cls, v: str) -> str:
-        if not v.startswith("/") or ".." in v.split("/"):
-            raise ValueError(f"path must be absolute without '..': {v!r}")
-        return posixpath.normpath(v)
+    work_dir: str = field(default="/job/work", metadata=rule(check=_check_abs("path")))
+    shared_dir: str = field(default="/job/.dsjobs", metadata=rule(check=_check_abs("path")))
 
 
-class ShipSettings(_Model):
-    flush_interval_seconds: float = Field(default=0.5, gt=0, le=1.0)
+@dataclass(frozen=True, kw_only=True)
+class ShipSettings(Record):
+    flush_interval_seconds: float = field(default=0.5, metadata=rule(gt=0, le=1.0))
     #: An unterminated line is shipped as is after waiting this long for its newline.
-    partial_line_seconds: float = Field(default=1.0, ge=0)
+    partial_line_seconds: float = field(default=1.0, metadata=rule(ge=0))
     #: The entry script beats every 2 s; silence this long (without an exit status) = lost.
-    heartbeat_timeout_seconds: float = Field(default=30.0, gt=2)
-    chunk_bytes: int = Field(default=1024 * 1024, ge=1024, le=16 * 1024 * 1024)
-    upload_attempts: int = Field(default=5, ge=1)
+    heartbeat_timeout_seconds: float = field(default=30.0, metadata=rule(gt=2))
+    chunk_bytes: int = field(default=1024 * 1024, metadata=rule(ge=1024, le=16 * 1024 * 1024))
+    upload_attempts: int = field(default=5, metadata=rule(ge=1))
 
 
-class RunnerConfig(_Model):
+def _check_env(v: dict[str, str]) -> dict[str, str]:
+    for name, value in v.items():
+        if not _ENV_RE.match(name):
+            raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+        if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"environment variable {name!r} is reserved")
+        if name in SHELL_SPECIAL_ENV:
+            raise ValueError(f"environment variable {name!r} is the shell's own (readonly or numeric)")
+        if "\x00" in value:
+            raise ValueError(f"environment variable {name!r} contains NUL")
+    return v
+
+
+def _check_arguments(v: dict[str, str]) -> dict[str, str]:
+    for name in v:
+        _check_var(name)
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig(Record):
     version: Literal[1] = 1
-    project_id: str
-    job_id: str
-    attempt: int = Field(default=0, ge=0)
-    cmd: str = Field(min_length=1)
-    inputs: list[InputFile] = Field(default_factory=list)
-    local_modules: list[LocalModule] = Field(default_factory=list)
-    outputs: list[OutputFile] = Field(default_factory=list)
-    arguments: dict[str, str] = Field(default_factory=dict)
-    s3_mounts: list[Mount] = Field(default_factory=list)
-    datasets: list[Mount] = Field(default_factory=list)
-    project_disk_path: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    project_id: str = field(metadata=rule(check=lambda v: _check_id("project", v)))
+    job_id: str = field(metadata=rule(check=lambda v: _check_id("job", v)))
+    attempt: int = field(default=0, metadata=rule(ge=0))
+    cmd: str = field(metadata=rule(min_length=1))
+    inputs: list[InputFile] = field(default_factory=list)
+    local_modules: list[LocalModule] = field(default_factory=list)
+    outputs: list[OutputFile] = field(default_factory=list)
+    arguments: dict[str, str] = field(default_factory=dict, metadata=rule(check=_check_arguments))
+    s3_mounts: list[Mount] = field(default_factory=list)
+    datasets: list[Mount] = field(default_factory=list)
+    project_disk_path: str | None = field(default=None, metadata=rule(check=_check_abs("project disk path")))
+    env: dict[str, str] = field(default_factory=dict, metadata=rule(check=_check_env))
     python_env: PythonEnv | None = None
     graceful_shutdown: GracefulShutdown | None = None
-    paths: RunnerPaths = Field(default_factory=RunnerPaths)
-    ship: ShipSettings = Field(default_factory=ShipSettings)
+    paths: RunnerPaths = field(default_factory=RunnerPaths)
+    ship: ShipSettings = field(default_factory=ShipSettings)
 
-    @field_validator("project_id")
-    @classmethod
-    def _project(cls, v: str) -> str:
-        return _check_id("project", v)
-
-    @field_validator("job_id")
-    @classmethod
-    def _job(cls, v: str) -> str:
-        return _check_id("job", v)
-
-    @field_validator("project_disk_path")
-    @classmethod
-    def _disk(cls, v: str | None) -> str | None:
-        if v is not None and (not v.startswith("/") or ".." in v.split("/")):
-            raise ValueError(f"project disk path must be absolute without '..': {v!r}")
-        return posixpath.normpath(v) if v else None
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, value in v.items():
-            if not _ENV_RE.match(name):
-                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
-            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIX):
-                raise ValueError(f"environment variable {name!r} is reserved")
-            if name in SHELL_SPECIAL_ENV:
-                raise ValueError(f"environment variable {name!r} is the shell's own (readonly or numeric)")
-            if "\x00" in value:
-                raise ValueError(f"environment variable {name!r} contains NUL")
-        return v
-
-    @field_validator("arguments")
-    @classmethod
-    def _args(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
-            _check_var(name)
-        return v
-
-    @model_validator(mode="after")
-    def _unique(self) -> Self:
+    def _validate(self) -> None:
         names: list[str] = []
         files: list[InputFile | OutputFile] = [*self.inputs, *self.outputs]
         for f in files:
@@ -309,7 +251,6 @@ class RunnerConfig(_Model):
         for m in (*self.s3_mounts, *self.datasets):
             if m.mount_path in {"/", self.paths.work_dir, shared} or m.mount_path.startswith(shared + "/"):
                 raise ValueError(f"mount path {m.mount_path} collides with the runner's directories")
-        return self
 
     @property
     def layout(self) -> SharedLayout:
@@ -325,12 +266,9 @@ class RunnerConfig(_Model):
         not create). New ones are world-writable, like the layout's."""
         return [self.work_dir, *((self.work_dir / out.path).parent for out in self.outputs)]
 
-    def to_json(self) -> str:
-        return self.model_dump_json(exclude_defaults=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> RunnerConfig:
-        return cls.model_validate_json(text)
+    def to_json(self, *, exclude_defaults: bool = True, exclude_none: bool = False) -> str:
+        """Compact: a field at its default is left out (the runner reads it back as the default)."""
+        return super().to_json(exclude_defaults=exclude_defaults, exclude_none=exclude_none)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> RunnerConfig:

@@ -9,13 +9,13 @@ returns whichever it was; `load_result` fetches the stored one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import ClassVar, Literal
 
 from dsjobs.logrecords import Progress
+from dsjobs.records import Record
 from dsjobs.runner.config import Compression
 from dsjobs.storage import ObjectStore, result_key
 
@@ -44,10 +44,13 @@ class FileErrorType(StrEnum):
     UPLOAD_FAILED = "UPLOAD_FAILED"
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class _Model(Record):
+    # A newer runner may report more than this operator knows.
+    extra_forbidden: ClassVar[bool] = False
 
 
+@dataclass(frozen=True, kw_only=True)
 class OutputResult(_Model):
     #: The declared path (``OutputFile.desc_path`` or ``path``) and var; ``index`` into the config's outputs.
     path: str
@@ -59,6 +62,7 @@ class OutputResult(_Model):
     compression: Compression = Compression.NONE
 
 
+@dataclass(frozen=True, kw_only=True)
 class FileError(_Model):
     """Maps to DataSphere's FileUploadError: an output (path/var) or a log file (log_file_name)."""
 
@@ -71,6 +75,7 @@ class FileError(_Model):
     log_file_name: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
 class LogFileResult(_Model):
     name: str
     key: str
@@ -78,6 +83,7 @@ class LogFileResult(_Model):
     size_bytes: int
 
 
+@dataclass(frozen=True, kw_only=True)
 class ProgressResult(_Model):
     progress: int
     message: str = ""
@@ -90,6 +96,7 @@ class ProgressResult(_Model):
         return cls(progress=p.progress, message=p.message, create_time=p.create_time)
 
 
+@dataclass(frozen=True, kw_only=True)
 class RunnerResult(_Model):
     v: Literal[1] = 1
     project_id: str
@@ -99,19 +106,20 @@ class RunnerResult(_Model):
     return_code: int | None = None
     cancelled: bool = False
     reason: str = ""
-    outputs: list[OutputResult] = Field(default_factory=list)
-    file_errors: list[FileError] = Field(default_factory=list)
-    log_files: list[LogFileResult] = Field(default_factory=list)
+    outputs: list[OutputResult] = field(default_factory=list)
+    file_errors: list[FileError] = field(default_factory=list)
+    log_files: list[LogFileResult] = field(default_factory=list)
     progress: ProgressResult | None = None
     #: Offset just past the last log record; ``logs_complete`` when the final marker was written.
     log_end_offset: int | None = None
     logs_complete: bool = False
     finished_at: datetime | None = None
 
-    def to_json(self) -> str:
-        return self.model_dump_json(exclude_none=True)
+    def to_json(self, *, exclude_defaults: bool = False, exclude_none: bool = True) -> str:
+        return super().to_json(exclude_defaults=exclude_defaults, exclude_none=exclude_none)
 
 
+@dataclass(frozen=True, kw_only=True)
 class ResultPointer(_Model):
     """What the termination message holds when the full result does not fit."""
 
@@ -146,9 +154,9 @@ def termination_message(result: RunnerResult, *, limit: int = TERMINATION_MESSAG
         outputs_count=len(result.outputs),
         file_errors_count=len(result.file_errors),
     )
-    text = pointer.model_dump_json(exclude_none=True)
+    text = pointer.to_json(exclude_none=True)
     if len(text.encode()) > limit:  # only a pathological reason gets here: drop it
-        text = pointer.model_copy(update={"reason": ""}).model_dump_json(exclude_none=True)
+        text = pointer.replace(reason="").to_json(exclude_none=True)
     return text
 
 
@@ -160,9 +168,9 @@ def parse_termination_message(text: str) -> RunnerResult | ResultPointer:
         raise ValueError(f"not a runner termination message: {exc}") from exc
     try:
         if isinstance(data, dict) and data.get("truncated"):
-            return ResultPointer.model_validate(data)
-        return RunnerResult.model_validate(data)
-    except ValidationError as exc:
+            return ResultPointer.from_dict(data)
+        return RunnerResult.from_dict(data)
+    except ValueError as exc:
         raise ValueError(f"not a runner termination message: {exc}") from exc
 
 
@@ -174,4 +182,4 @@ def store_result(store: ObjectStore, result: RunnerResult) -> str:
 
 def load_result(store: ObjectStore, project: str, job: str) -> RunnerResult | None:
     data = store.get_bytes(result_key(project, job))
-    return RunnerResult.model_validate_json(data) if data is not None else None
+    return RunnerResult.from_json(data) if data is not None else None
