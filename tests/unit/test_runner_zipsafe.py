@@ -6,13 +6,14 @@ import os
 import stat
 import threading
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_fakes import umask
+from runner_fakes import Unseekable, umask
 
-from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip, zip_directory
+from dsjobs.runner.zipsafe import COMPRESS_SAMPLE_BYTES, UnsafeZipError, extract_zip, zip_directory
 
 
 def make_zip(path: Path, entries: list[tuple[str, bytes] | zipfile.ZipInfo]) -> Path:
@@ -119,6 +120,44 @@ def test_directory_zip_round_trips_and_skips_symlinks(tmp_path: Path) -> None:
     assert (back / "outdir" / "a.txt").read_text() == "A"
     assert os.access(back / "outdir" / "sub" / "b.sh", os.X_OK)
     assert (back / "outdir" / "empty").is_dir()
+
+
+def test_data_deflate_cannot_shrink_is_stored_the_rest_deflated_fast(tmp_path: Path) -> None:
+    """Deflating random or already compressed data (checkpoints, images) costs ~20 s per GiB and
+    saves nothing: each file's head decides. Level 1: the output is read once, soon after."""
+    src = tmp_path / "outdir"
+    src.mkdir()
+    text = b"".join(b"epoch %d loss %.6f\n" % (i, 1 / (i + 1)) for i in range(200_000))
+    noise = os.urandom(3 * COMPRESS_SAMPLE_BYTES)
+    (src / "metrics.log").write_bytes(text)
+    (src / "weights.bin").write_bytes(noise)
+    (src / "small-noise.bin").write_bytes(noise[:100])
+    (src / "empty").write_bytes(b"")
+    sink = Unseekable()  # a pipe into the upload, as the ship zips
+    assert zip_directory(src, sink) == 4
+    (tmp_path / "cli").mkdir()
+    zpath = tmp_path / "cli" / "out.zip"
+    zpath.write_bytes(sink.data)
+    with zipfile.ZipFile(zpath) as zf:
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+        assert kinds == {
+            "outdir/metrics.log": zipfile.ZIP_DEFLATED,
+            "outdir/weights.bin": zipfile.ZIP_STORED,
+            "outdir/small-noise.bin": zipfile.ZIP_STORED,
+            "outdir/empty": zipfile.ZIP_STORED,
+        }
+        deflated = zf.getinfo("outdir/metrics.log").compress_size
+        assert zf.read("outdir/metrics.log") == text and zf.read("outdir/weights.bin") == noise
+        assert zf.testzip() is None
+    # Level 1, not zlib's default 6 (which Python's ZipFile.open uses for a ZipInfo of our own).
+    level1 = zlib.compressobj(1, zlib.DEFLATED, -15)
+    assert deflated == len(level1.compress(text) + level1.flush())
+    # The CLI's own unpacking (datasphere 0.10.0 files._unzip; importing it here would clash with
+    # our generated protobuf modules).
+    with zipfile.ZipFile(zpath, "r") as zf:
+        zf.extractall(zpath.parent)
+    assert (tmp_path / "cli" / "outdir" / "weights.bin").read_bytes() == noise
+    assert (tmp_path / "cli" / "outdir" / "metrics.log").read_bytes() == text
 
 
 def deny(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> None:
