@@ -79,15 +79,17 @@ def test_an_output_may_be_written_where_an_input_was_placed() -> None:
     assert cfg.inputs[0].path == cfg.outputs[0].path == "model.pt"
 
 
-def test_the_runner_does_not_import_the_job_models() -> None:
+def test_the_runner_does_not_import_the_job_models_or_pydantic() -> None:
     # Every job pod starts the runner twice (stage-in, ship): importing the ProjectJob models would
-    # cost each ~20 ms of CPU (docs/benchmarks.md). Shared rules live in dsjobs.syntax instead.
+    # cost each ~20 ms of CPU (docs/benchmarks.md), pydantic itself ~80 ms (hence dsjobs.records),
+    # boto3's client ~160 ms (hence dsjobs.s3http). Shared rules live in dsjobs.syntax instead.
     import subprocess
     import sys
 
     code = (
-        "import sys, dsjobs.runner.__main__\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('dsjobs.models', 'dsjobs.validation'))))"
+        "import sys, dsjobs.runner.__main__, dsjobs.runner.ship, dsjobs.runner.stagein\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dsjobs.models', 'dsjobs.validation'))"
+        " or m.split('.')[0] in ('pydantic', 'boto3', 's3transfer')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
