@@ -17,9 +17,12 @@ writes `<dir>/env`:
     export DSJOBS_TOKEN=...        # a ServiceAccount token the API accepts for the demo project
     export DSJOBS_PROJECT_ID=...
 
-Pods of the local cluster are host processes on the host network, so the overlay gives the API a
-fixed loopback port; everything else (names, namespaces, the project id) is read from the rendered
-overlay, which stays the single source of truth.
+Pods of the local cluster are host processes on the host network, so the overlay gives the API
+and the operator loopback ports. `up` keeps them when they are free and otherwise gives this
+cluster others (recorded in the cluster's directory until `down`), so stacks of two checkouts on
+one machine (a CI clone beside a working copy) never share a port. Everything else (names,
+namespaces, the project id) is read from the rendered overlay, which stays the single source of
+truth.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +74,9 @@ CONFIG_HASH_ANNOTATION = "dsjobs.dev/config-hash"
 TOKEN_DURATION = "24h"
 API_ENV = "DSJOBS_API_LISTEN"
 LIVENESS_ENV = "DSJOBS_LIVENESS_PORT"
+#: Settings that hold a loopback port of the stack's processes ("host:port" or a port number).
+PORT_SETTINGS = (API_ENV, "DSJOBS_API_METRICS_LISTEN", "DSJOBS_METRICS_PORT", LIVENESS_ENV)
+PROMETHEUS_PORT_ANNOTATION = "prometheus.io/port"
 
 Obj = dict[str, Any]
 
@@ -236,6 +243,107 @@ def overlay_facts(objects: Sequence[Obj]) -> OverlayFacts:
     )
 
 
+# ------------------------------------------------------------------ ports
+
+
+def setting_port(value: str) -> int:
+    """The port of a "host:port" or "port" setting."""
+    port = value.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise StackError(f"{value!r} is not a port or host:port")
+    return int(port)
+
+
+def overlay_ports(settings: Mapping[str, str]) -> dict[str, int]:
+    """The ports the overlay's settings ask for, by setting name."""
+    return {name: setting_port(settings[name]) for name in PORT_SETTINGS if settings.get(name)}
+
+
+def choose_ports(
+    wanted: Mapping[str, int],
+    recorded: Mapping[str, int] | None,
+    is_free: Callable[[int], bool],
+    any_free: Callable[[], int],
+) -> dict[str, int]:
+    """This cluster's ports: those recorded by an earlier `up` of it; else each wanted port that is
+    free, and for a taken one a port the system hands out (never one wanted or chosen already)."""
+    if recorded is not None and set(recorded) == set(wanted):
+        return dict(recorded)
+    chosen: dict[str, int] = {}
+    for name, port in wanted.items():
+        if port not in chosen.values() and is_free(port):
+            chosen[name] = port
+            continue
+        other = any_free()
+        while other in chosen.values() or other in wanted.values():
+            other = any_free()
+        chosen[name] = other
+    return chosen
+
+
+def loopback_port_free(port: int) -> bool:
+    # No SO_REUSEADDR/SO_REUSEPORT: a port any listener holds counts as taken.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def any_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stack_ports(paths: ClusterPaths, settings: Mapping[str, str]) -> dict[str, int]:
+    """The ports of this cluster's stack, chosen on its first `up` and kept until `down`."""
+    wanted = overlay_ports(settings)
+    recorded: dict[str, int] | None = None
+    with suppress(FileNotFoundError, ValueError):
+        data = json.loads(paths.stack_ports.read_text())
+        if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+            recorded = {str(k): v for k, v in data.items()}
+    ports = choose_ports(wanted, recorded, loopback_port_free, any_loopback_port)
+    if ports != recorded:
+        write_private(paths.stack_ports, json.dumps(ports, sort_keys=True) + "\n")
+    return ports
+
+
+def with_ports(objects: Sequence[Obj], ports: Mapping[str, int]) -> list[Obj]:
+    """The overlay with its loopback ports replaced (pure): the settings' values (their host kept)
+    and, in the Deployments of the settings' namespace, every containerPort, probe port and
+    prometheus.io/port annotation that named the old port."""
+    (cm,) = [o for o in _named(objects, "ConfigMap") if o["metadata"]["name"] == SETTINGS_CONFIGMAP]
+    data = dict(cm.get("data") or {})
+    moved = {old: ports[name] for name, old in overlay_ports(data).items() if name in ports}
+    for name, port in ports.items():
+        host, sep, _ = str(data[name]).rpartition(":")
+        data[name] = f"{host}{sep}{port}"
+    namespace = cm["metadata"]["namespace"]
+
+    def swap(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: swap(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v, key) for v in node]
+        if key in ("containerPort", "port") and isinstance(node, int) and node in moved:
+            return moved[node]
+        if key == PROMETHEUS_PORT_ANNOTATION and isinstance(node, str) and node.isdigit():
+            return str(moved.get(int(node), node))
+        return node
+
+    out: list[Obj] = []
+    for o in objects:
+        if o is cm:
+            o = {**o, "data": data}
+        elif o.get("kind") == "Deployment" and o["metadata"].get("namespace") == namespace:
+            o = swap(o)
+        out.append(o)
+    return out
+
+
 def _secret(name: str, namespace: str, string_data: Mapping[str, str]) -> Obj:
     return {
         "apiVersion": "v1",
@@ -388,6 +496,7 @@ def up(
     kubectl = Kubectl(find_kubectl(paths), paths.kubeconfig)
 
     objects = render(kubectl, overlay)
+    objects = with_ports(objects, stack_ports(paths, overlay_facts(objects).settings))
     facts = overlay_facts(objects)
     crds = _named(objects, "CustomResourceDefinition")
     with progress.step(f"CRDs ({', '.join(c['metadata']['name'] for c in crds)})"):

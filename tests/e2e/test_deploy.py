@@ -180,6 +180,22 @@ def test_local_overlay_facts() -> None:
     assert settings["data"]["DSJOBS_BIND_ADDRESS"] == "127.0.0.1"
 
 
+def test_local_overlay_ports_all_move_together() -> None:
+    """`make up` gives a second stack on the machine other ports: nothing may keep an old one."""
+    objects = render(OVERLAYS["local"])
+    facts = localstack.overlay_facts(objects)
+    old = localstack.overlay_ports(facts.settings)
+    assert set(old) == set(localstack.PORT_SETTINGS)
+    new = {name: 40000 + i for i, name in enumerate(sorted(old))}
+    moved = localstack.with_ports(objects, new)
+    ours = [o for o in moved if o["metadata"].get("namespace") == facts.system_namespace]
+    text = yaml.safe_dump_all(ours)
+    assert not [p for p in old.values() if re.search(rf"\b{p}\b", text)], text
+    moved_facts = localstack.overlay_facts(moved)
+    assert moved_facts.api_endpoint == f"127.0.0.1:{new['DSJOBS_API_LISTEN']}"
+    assert localstack.overlay_ports(moved_facts.settings) == new
+
+
 def test_base_uses_one_image_reference() -> None:
     objects = render(REPO_ROOT / "deploy" / "base")
     images = {

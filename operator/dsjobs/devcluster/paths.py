@@ -49,6 +49,11 @@ class ClusterPaths:
         return self.root / "cluster"
 
     @property
+    def stack_ports(self) -> Path:
+        """The loopback ports `make up` gave this cluster's dsjobs processes (gone with the cluster)."""
+        return self.cluster / "stack-ports.json"
+
+    @property
     def pids(self) -> Path:
         return self.cluster / "pids.json"
 

@@ -1,0 +1,128 @@
+"""The local stack's loopback ports: kept when free, moved when taken, rewritten everywhere."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dsjobs.localstack import (
+    PORT_SETTINGS,
+    StackError,
+    any_loopback_port,
+    choose_ports,
+    loopback_port_free,
+    overlay_ports,
+    with_ports,
+)
+
+WANTED = {"DSJOBS_API_LISTEN": 17090, "DSJOBS_METRICS_PORT": 17081}
+
+
+def handed_out(*ports: int) -> Iterator[int]:
+    yield from ports
+
+
+def no_port() -> int:
+    raise AssertionError("no port should have been asked for")
+
+
+def test_free_wanted_ports_are_kept() -> None:
+    assert choose_ports(WANTED, None, lambda p: True, no_port) == WANTED
+
+
+def test_a_taken_port_is_replaced_by_one_nobody_wants() -> None:
+    system = handed_out(17081, 17090, 40001)  # the system may hand out a wanted port: skipped
+    chosen = choose_ports(WANTED, None, lambda p: p != 17090, lambda: next(system))
+    assert chosen == {"DSJOBS_API_LISTEN": 40001, "DSJOBS_METRICS_PORT": 17081}
+
+
+def test_recorded_ports_win_while_the_cluster_lives() -> None:
+    recorded = {"DSJOBS_API_LISTEN": 40001, "DSJOBS_METRICS_PORT": 40002}
+    # Our own stack holds them now: that must not move them (no rollout on a second `up`).
+    assert choose_ports(WANTED, recorded, lambda p: False, no_port) == recorded
+    # A record of other settings (an older overlay) is chosen afresh.
+    assert choose_ports(WANTED, {"X": 1}, lambda p: True, no_port) == WANTED
+
+
+def test_port_probe_sees_a_listener() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert not loopback_port_free(port)
+    assert loopback_port_free(any_loopback_port())
+
+
+def overlay() -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "ConfigMap",
+            "metadata": {"name": "dsjobs-settings", "namespace": "dsjobs-system"},
+            "data": {
+                "DSJOBS_API_LISTEN": "127.0.0.1:17090",
+                "DSJOBS_API_METRICS_LISTEN": "127.0.0.1:17091",
+                "DSJOBS_METRICS_PORT": "17081",
+                "DSJOBS_LIVENESS_PORT": "17080",
+                "DSJOBS_BIND_ADDRESS": "127.0.0.1",
+            },
+        },
+        {
+            "kind": "Deployment",
+            "metadata": {"name": "dsjobs-api", "namespace": "dsjobs-system"},
+            "spec": {
+                "template": {
+                    "metadata": {"annotations": {"prometheus.io/port": "17091"}},
+                    "spec": {
+                        "containers": [
+                            {
+                                "ports": [{"name": "grpc", "containerPort": 17090}],
+                                "readinessProbe": {"grpc": {"port": 17090}},
+                                "livenessProbe": {"httpGet": {"port": "health"}},
+                            }
+                        ]
+                    },
+                }
+            },
+        },
+        # Not ours to move: another namespace's Deployment, a Service.
+        {
+            "kind": "Deployment",
+            "metadata": {"name": "x", "namespace": "other"},
+            "spec": {"containerPort": 17090},
+        },
+        {"kind": "Service", "metadata": {"name": "s", "namespace": "dsjobs-system"}, "spec": {"port": 17090}},
+    ]
+
+
+def test_with_ports_rewrites_settings_ports_probes_and_annotations() -> None:
+    objects = overlay()
+    before = json.dumps(objects)
+    ports = {"DSJOBS_API_LISTEN": 40090, "DSJOBS_API_METRICS_LISTEN": 40091, "DSJOBS_METRICS_PORT": 40081}
+    cm, api, other, service = with_ports(objects, ports)
+    assert json.dumps(objects) == before  # pure
+    assert cm["data"] == {
+        "DSJOBS_API_LISTEN": "127.0.0.1:40090",
+        "DSJOBS_API_METRICS_LISTEN": "127.0.0.1:40091",
+        "DSJOBS_METRICS_PORT": "40081",
+        "DSJOBS_LIVENESS_PORT": "17080",  # not asked to move
+        "DSJOBS_BIND_ADDRESS": "127.0.0.1",
+    }
+    template = api["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "40091"
+    (container,) = template["spec"]["containers"]
+    assert container["ports"][0]["containerPort"] == 40090
+    assert container["readinessProbe"]["grpc"]["port"] == 40090
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"
+    assert (other, service) == (objects[2], objects[3])
+    assert overlay_ports(cm["data"]) == {**ports, "DSJOBS_LIVENESS_PORT": 17080}
+    assert set(overlay_ports(cm["data"])) == set(PORT_SETTINGS)
+
+
+def test_a_port_setting_that_is_not_a_port_is_refused() -> None:
+    with pytest.raises(StackError, match=re.escape("'127.0.0.1:http' is not a port or host:port")):
+        overlay_ports({"DSJOBS_API_LISTEN": "127.0.0.1:http"})
