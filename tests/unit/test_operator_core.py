@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
 import dataclasses
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +14,7 @@ import pytest
 
 from dsjobs.controller import metrics
 from dsjobs.controller.cleanup import InputRefs, input_hashes
-from dsjobs.controller.kube import merge_diff
+from dsjobs.controller.kube import TLS_READ_BUFFER, merge_diff, shrink_tls_read_buffers
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.settings import (
     SETTINGS_DOC,
@@ -281,3 +284,24 @@ def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
     assert registry_password_source_problem({}, by_ref=True)
     # passwordDsSecretName: a key of the project secrets, which the job's environment gets anyway.
     assert registry_password_source_problem({}, by_ref=False) == ""
+
+
+def test_tls_connections_get_the_smaller_read_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's RSS figure rests on this: each TLS connection's buffer is the knob's size.
+    Fails if a Python upgrade moves the buffer elsewhere (the saving would silently go)."""
+    monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", asyncio.sslproto.SSLProtocol.max_size)
+    loop = asyncio.new_event_loop()
+    try:
+        context = ssl.create_default_context()
+
+        def buffer() -> int:
+            proto = asyncio.sslproto.SSLProtocol(
+                loop, asyncio.Protocol(), context, None, server_hostname="kubernetes"
+            )
+            return len(proto._ssl_buffer)
+
+        assert buffer() == 256 * 1024
+        shrink_tls_read_buffers()
+        assert buffer() == TLS_READ_BUFFER == 64 * 1024
+    finally:
+        loop.close()

@@ -46,6 +46,7 @@ from dsjobs.controller.kube import (
     core_path,
     job_path,
     merge_diff,
+    shrink_tls_read_buffers,
 )
 from dsjobs.controller.names import (
     FINALIZER,
@@ -889,6 +890,7 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        shrink_tls_read_buffers()
         settings.posting.reporting_component = op.settings.event_component
         settings.posting.level = logging.INFO
         # Server-side filtering: only our pods come over the wire (and into memory).
