@@ -95,9 +95,7 @@ class FileStore(MemoryStore):
         self, path: str | os.PathLike[str], key: str, *, content_type: str = "application/octet-stream"
     ) -> TransferResult:
         with open(path, "rb") as f:
-            data = f.read()
-        self.put_bytes(key, data, content_type=content_type)
-        return TransferResult(key, len(data), hashlib.sha256(data).hexdigest())
+            return self._stored(key, f.read(), content_type)
 
     def upload_stream(
         self,
@@ -110,7 +108,9 @@ class FileStore(MemoryStore):
         """As Storage.upload_stream: the producer writes to a file it cannot seek (a pipe there)."""
         out = Unseekable()
         produce(out)  # type: ignore[arg-type]  # a raw binary stream, as the pipe's
-        data = bytes(out.data)
+        return self._stored(key, bytes(out.data), content_type)
+
+    def _stored(self, key: str, data: bytes, content_type: str) -> TransferResult:
         self.put_bytes(key, data, content_type=content_type)
         return TransferResult(key, len(data), hashlib.sha256(data).hexdigest())
 

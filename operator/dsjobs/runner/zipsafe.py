@@ -282,7 +282,6 @@ def zip_directory(
     """
     src_path = os.fspath(src)
     base = arcname or os.path.basename(src_path)
-    with zipfile.ZipFile(
-        dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_LEVEL, allowZip64=True
-    ) as zf:
+    # No archive-wide compression: each entry's ZipInfo carries its own (`_DirectoryZipper._store`).
+    with zipfile.ZipFile(dest, "w", allowZip64=True) as zf:
         return _DirectoryZipper(zf, src_path, base, on_skip, on_error).run()
