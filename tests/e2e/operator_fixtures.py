@@ -35,6 +35,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 from dsjobs import localstack
+from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.instancetypes import render_catalog_yaml
 
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
@@ -280,6 +281,7 @@ def operator_harness(
         "DSJOBS_IMAGE_PULL_TIMEOUT": "15",
         "DSJOBS_RUNNER_IMAGE": "dsjobs:e2e",
         "DSJOBS_SHUTDOWN_GRACE_MARGIN": "10",
+        "DSJOBS_WORKING_STORAGE_CLASS": LOCAL_STORAGE_CLASS,
     }
     harness = OperatorHarness(
         cluster=dev_cluster,

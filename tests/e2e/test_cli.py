@@ -147,6 +147,30 @@ def test_env_vars(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     }, run.output
 
 
+def test_working_storage(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    # `working-storage` becomes a volume of the cluster's working storage class (the local
+    # overlay: the dev cluster's hostPath provisioner), mounted as the working directory.
+    config = {
+        "name": "e2e-working-storage",
+        "cmd": "python main.py",
+        "inputs": ["main.py"],
+        "outputs": ["where.txt"],
+        "working-storage": {"type": "SSD", "size": "100Gb"},
+    }
+    main = """
+        import os
+        cwd = os.getcwd()
+        mount = next(line.split() for line in open("/proc/self/mountinfo") if line.split()[4] == cwd)
+        with open("where.txt", "w") as f:
+            print(cwd, mount[3], file=f)
+    """
+    d = job_dir(tmp_path, config, {"main.py": main})
+    run = execute(dsjobs_stack, d).ok()
+    cwd, source = (d / "where.txt").read_text().split()
+    assert cwd == "/job/work", run.output
+    assert "/hostpath_pv/" in source, run.output  # a bind mount of the provisioned directory
+
+
 def test_directory_input(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     config = {
         "name": "e2e-dir",

@@ -11,14 +11,18 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cluster_fixtures import REPO_ROOT, poll
+from kubernetes.client.exceptions import ApiException
 from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
 
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
+from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.logrecords import read_progress
+from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.storage import Storage, input_key, job_prefix
 
 pytestmark = pytest.mark.e2e
@@ -160,6 +164,37 @@ def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
         status = h.wait_phase("logs-full", "ERROR", "SUCCESS", timeout=120)
         assert status["phase"] == "ERROR", status
         assert "logs and Python packages outgrew the 4Mi limit" in status["statusDetails"], status
+
+
+def test_extended_working_storage_is_a_volume_of_its_own_that_goes_with_the_pod(h: H) -> None:
+    # working-storage -> a generic ephemeral volume of DSJOBS_WORKING_STORAGE_CLASS (here the dev
+    # cluster's hostPath provisioner): the program's working directory is that volume.
+    cmd = "pwd && echo kept > data.txt"
+    h.create_job("big-work", {"cmd": cmd, "extendedWorkingStorage": {"type": "SSD", "sizeGb": 200}})
+    status = h.wait_phase("big-work", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    (pod,) = h.pods("big-work")  # kept for inspection (DSJOBS_FINISHED_POD_RETENTION)
+    claim = h.core.read_namespaced_persistent_volume_claim(f"{pod.metadata.name}-{WORK_VOLUME}", h.namespace)
+    assert claim.spec.storage_class_name == LOCAL_STORAGE_CLASS
+    assert claim.spec.resources.requests["storage"] == "200Gi"
+    (owner,) = claim.metadata.owner_references
+    assert (owner.kind, owner.uid, owner.controller) == ("Pod", pod.metadata.uid, True)
+    volume = h.core.read_persistent_volume(claim.spec.volume_name)
+    directory = Path(volume.spec.host_path.path)
+    assert (directory / "data.txt").read_text() == "kept\n"
+    # Deleting the job deletes its pod; the claim goes with the pod, the volume with the claim.
+    h.custom.delete_namespaced_custom_object("dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "big-work")
+
+    def volume_gone() -> bool:
+        try:
+            h.core.read_persistent_volume(claim.spec.volume_name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return not directory.exists()
+            raise
+        return False
+
+    poll("the working storage volume and its directory deleted", volume_gone, 120)
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

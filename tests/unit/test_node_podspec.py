@@ -426,6 +426,43 @@ def test_pvc_hostpath_and_unsupported_volumes() -> None:
         plan_volumes(nfs, Fetched(), "/s", NODE)
 
 
+EPHEMERAL = {
+    "name": "work",
+    "ephemeral": {"volumeClaimTemplate": {"spec": {"resources": {"requests": {"storage": "100Gi"}}}}},
+}
+
+
+def test_generic_ephemeral_volume_is_the_claim_named_after_pod_and_volume() -> None:
+    pod = make_pod([], volumes=[EPHEMERAL])
+    claim = f"{pod['metadata']['name']}-work"
+    req = requirements(pod)
+    assert (req.pvcs, req.ephemeral_pvcs) == ({claim}, {claim})
+    (vol,) = plan_volumes(pod, Fetched(pvc_paths={claim: "/tmp/hostpath_pv/1"}), "/s", NODE)
+    assert (vol.name, vol.kind, vol.host_path, vol.read_only) == (
+        "work",
+        "persistentVolumeClaim",
+        "/tmp/hostpath_pv/1",
+        False,
+    )
+    with pytest.raises(
+        SetupError, match=f'ephemeral volume "work": persistentvolumeclaim "{claim}" is not bound'
+    ):
+        plan_volumes(pod, Fetched(), "/s", NODE)
+
+
+def test_an_ephemeral_volume_claim_must_be_controlled_by_the_pod() -> None:
+    def pvc(*refs: dict[str, Any]) -> dict[str, Any]:
+        return {"metadata": {"name": "p-work", "ownerReferences": list(refs)}}
+
+    mine = {"kind": "Pod", "name": "p", "uid": "u1", "controller": True}
+    assert podspec.ephemeral_claim_problem(pvc(mine), "ns", "p", "u1") is None
+    expected = "PVC ns/p-work was not created for pod ns/p (pod is not owner)"
+    assert podspec.ephemeral_claim_problem(pvc(), "ns", "p", "u1") == expected
+    # An earlier pod of the same name, or a mere (non-controller) reference, is not this pod.
+    assert podspec.ephemeral_claim_problem(pvc({**mine, "uid": "u0"}), "ns", "p", "u1") == expected
+    assert podspec.ephemeral_claim_problem(pvc({**mine, "controller": False}), "ns", "p", "u1") == expected
+
+
 def test_pv_host_path() -> None:
     assert podspec.pv_host_path({"spec": {"local": {"path": "/mnt/a"}}}) == "/mnt/a"
     assert podspec.pv_host_path({"spec": {"hostPath": {"path": "/mnt/b"}}}) == "/mnt/b"

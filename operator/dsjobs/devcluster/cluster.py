@@ -54,6 +54,19 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 NODE_MONITOR_GRACE_PERIOD = "20s"
 ADMIN_USER = "dsjobs-admin"
 NODE_AGENT_MODULE = "dsjobs.devcluster.node"
+# Dynamic provisioning for the process nodes: the controller-manager's built-in hostPath
+# provisioner (--enable-hostpath-provisioner) makes a directory under /tmp/hostpath_pv per claim and
+# removes it with the claim. Every node shares the host's filesystem, so any node can mount it.
+# Not the default class: claims without a class keep binding to pre-made PVs without one.
+LOCAL_STORAGE_CLASS = "local-hostpath"
+LOCAL_STORAGE_CLASS_MANIFEST: dict[str, Any] = {
+    "apiVersion": "storage.k8s.io/v1",
+    "kind": "StorageClass",
+    "metadata": {"name": LOCAL_STORAGE_CLASS},
+    "provisioner": "kubernetes.io/host-path",
+    "reclaimPolicy": "Delete",
+    "volumeBindingMode": "Immediate",
+}
 
 # Stop order for `down`: node agents first (they may still talk to the
 # apiserver while cleaning up), then the controllers, the apiserver, etcd.
@@ -459,6 +472,7 @@ def _start_all(launch: _Launch, bin_dir: Path, topology: Sequence[NodeSpec], tim
     launch.wait(etcd, "etcd /health", health.url_ok(f"{etcd_url}/health"), 30)
     admin_ctx = _admin_ctx(paths)
     launch.wait(apiserver, "kube-apiserver /readyz", health.url_ok(f"{api}/readyz", admin_ctx), timeout)
+    health.create(f"{api}/apis/storage.k8s.io/v1/storageclasses", LOCAL_STORAGE_CLASS_MANIFEST, admin_ctx)
 
     common = ["--bind-address=127.0.0.1", "--leader-elect=false", "--profiling=false"]
     kcm = launch.spawn(
@@ -479,6 +493,7 @@ def _start_all(launch: _Launch, bin_dir: Path, topology: Sequence[NodeSpec], tim
             f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD}",
             "--node-monitor-period=2s",
             "--cluster-name=dsjobs-dev",
+            "--enable-hostpath-provisioner",
             *common,
         ],
         ports={"https": kcm_port},

@@ -47,6 +47,19 @@ def get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tu
         return 0, b""
 
 
+def create(url: str, body: Any, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
+    """POST a JSON object; one that exists already (409) counts as created."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code != 409:
+            raise RuntimeError(f"POST {url}: HTTP {e.code}: {e.read()[:300]!r}") from e
+
+
 def get_json(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> Any:
     status, body = get(url, ctx, timeout)
     if status != 200:

@@ -90,6 +90,8 @@ class Requirements:
     configmaps: set[str] = field(default_factory=set)
     secrets: set[str] = field(default_factory=set)
     pvcs: set[str] = field(default_factory=set)
+    #: Claims of generic ephemeral volumes: each must be controlled by the pod (as the kubelet checks).
+    ephemeral_pvcs: set[str] = field(default_factory=set)
     tokens: list[TokenRequirement] = field(default_factory=list)
 
 
@@ -226,6 +228,10 @@ def requirements(pod: Obj) -> Requirements:
             req.secrets.add(vol["secret"].get("secretName", ""))
         elif "persistentVolumeClaim" in vol:
             req.pvcs.add(vol["persistentVolumeClaim"].get("claimName", ""))
+        elif "ephemeral" in vol:
+            claim = ephemeral_claim_name(pod, name)
+            req.pvcs.add(claim)
+            req.ephemeral_pvcs.add(claim)
         elif "projected" in vol:
             for idx, src in enumerate(vol["projected"].get("sources") or []):
                 if "configMap" in src:
@@ -262,6 +268,23 @@ def requirements(pod: Obj) -> Requirements:
 
 def token_key(volume: str, source_index: int) -> str:
     return f"{volume}/{source_index}"
+
+
+def ephemeral_claim_name(pod: Obj, volume: str) -> str:
+    """The PVC the ephemeral volume controller makes for a pod's generic ephemeral volume."""
+    return f"{pod.get('metadata', {}).get('name', '')}-{volume}"
+
+
+def ephemeral_claim_problem(pvc: Obj, pod_namespace: str, pod_name: str, pod_uid: str) -> str | None:
+    """Why a generic ephemeral volume's claim may not be used by the pod (the kubelet's check: the
+    claim must be controlled by this very pod, not a same-named claim made by someone else)."""
+    for ref in pvc.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == "Pod" and ref.get("uid") == pod_uid:
+            return None
+    claim = pvc.get("metadata", {}).get("name", "")
+    return (
+        f"PVC {pod_namespace}/{claim} was not created for pod {pod_namespace}/{pod_name} (pod is not owner)"
+    )
 
 
 def pv_host_path(pv: Obj) -> str | None:
@@ -677,6 +700,15 @@ def plan_volumes(pod: Obj, fetched: Fetched, pod_dir: str, node: NodeContext) ->
                     f'persistentvolumeclaim "{claim}" is not bound to a local or hostPath volume',
                 )
             plans.append(VolumePlan(name, "persistentVolumeClaim", path, read_only=bool(src.get("readOnly"))))
+        elif "ephemeral" in vol:
+            claim = ephemeral_claim_name(pod, name)
+            path = fetched.pvc_paths.get(claim)
+            if not path:
+                raise SetupError(
+                    "FailedMount",
+                    f'ephemeral volume "{name}": persistentvolumeclaim "{claim}" is not bound to a local or hostPath volume',
+                )
+            plans.append(VolumePlan(name, "persistentVolumeClaim", path))
         else:
             kinds = sorted(k for k in vol if k != "name")
             raise SetupError(

@@ -533,6 +533,10 @@ class PodWorker:
             pvc = await api.get_or_none(f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{claim}")
             if pvc is None:
                 raise SetupError("FailedMount", f'persistentvolumeclaim "{claim}" not found')
+            if claim in req.ephemeral_pvcs:
+                problem = podspec.ephemeral_claim_problem(pvc, ns, self.name, self.uid)
+                if problem is not None:
+                    raise SetupError("FailedMount", problem)
             volume = pvc.get("spec", {}).get("volumeName")
             if not volume or pvc.get("status", {}).get("phase") != "Bound":
                 raise SetupError("FailedMount", f'persistentvolumeclaim "{claim}" is not bound')
