@@ -197,6 +197,57 @@ def test_extended_working_storage_is_a_volume_of_its_own_that_goes_with_the_pod(
     poll("the working storage volume and its directory deleted", volume_gone, 120)
 
 
+def _claim(h: H, name: str, labels: dict[str, str]) -> Path:
+    """A provisioned PVC (the dev cluster's hostPath class) labelled for jobs: its directory."""
+    h.core.create_namespaced_persistent_volume_claim(
+        h.namespace,
+        {
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": LOCAL_STORAGE_CLASS,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+
+    def bound_volume() -> str | None:
+        claim = h.core.read_namespaced_persistent_volume_claim(name, h.namespace)
+        return str(claim.spec.volume_name) if claim.status.phase == "Bound" else None
+
+    volume = poll(f"PVC {name} bound", bound_volume, 60)
+    return Path(h.core.read_persistent_volume(volume).spec.host_path.path)
+
+
+def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, storage: Storage) -> None:
+    bucket = _claim(h, "mount-bucket", {"dsjobs.dev/s3-mount-id": "bt1bucket"})
+    dataset = _claim(h, "dataset-images", {"dsjobs.dev/dataset-id": "images"})
+    disk = _claim(h, "project-disk", {"dsjobs.dev/project-disk": "true"})
+    (bucket / "in.txt").write_text("from the bucket\n")
+    (dataset / "data.csv").write_text("x,y\n")
+    cmd = (
+        "cat ${bt1bucket}/in.txt ${images}/data.csv"
+        " && echo from the job > ${bt1bucket}/out.txt"
+        " && echo kept > $DS_PROJECT_HOME/notes.txt"
+        " && (touch ${images}/nope 2>/dev/null && echo dataset writable || echo dataset read-only)"
+        " && echo at ${bt1bucket} ${images} ${DS_PROJECT_HOME}"
+    )
+    params = {"cmd": cmd, "s3MountIds": ["bt1bucket"], "datasetIds": ["images"], "attachProjectDisk": True}
+    h.create_job("mounts", params)
+    status = h.wait_phase("mounts", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert storage.get_bytes(stdout).decode().splitlines() == [
+        "from the bucket",
+        "x,y",
+        "dataset read-only",
+        "at /job/s3/bt1bucket /job/datasets/images /job/project",
+    ]
+    assert (bucket / "out.txt").read_text() == "from the job\n"
+    assert (disk / "notes.txt").read_text() == "kept\n"
+    assert not (dataset / "nope").exists()
+
+
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     h.create_job("exit-3", {"cmd": 'python -c "import sys; print(42); sys.exit(3)"'})
     status = h.wait_phase("exit-3", "SUCCESS", "ERROR")
