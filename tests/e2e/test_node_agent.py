@@ -37,6 +37,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, node_agent_available
+from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
 
 pytestmark = [
@@ -423,6 +424,39 @@ def test_pvc_bound_to_host_path_pv(dev_cluster: ClusterHandle, ns: str, tmp_path
         assert (disk / "new.txt").read_text() == "from the pod"
     finally:
         core.delete_persistent_volume(pv_name)
+
+
+def test_generic_ephemeral_volume_is_provisioned_and_goes_with_the_pod(
+    dev_cluster: ClusterHandle,  # noqa: F811
+    ns: str,
+) -> None:
+    # The ephemeral volume controller makes the claim <pod>-<volume>, the controller-manager's
+    # hostPath provisioner a PV for it (class local-hostpath), the node mounts it.
+    core = dev_cluster.core()
+    template = {
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": LOCAL_STORAGE_CLASS,
+            "resources": {"requests": {"storage": "5Gi"}},
+        }
+    }
+    core.create_namespaced_pod(
+        ns,
+        pod_manifest(
+            "scratch-user",
+            "import os; open('/scratch/f.txt', 'w').write('on the volume'); print(sorted(os.listdir('/scratch')))",
+            container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+            volumes=[{"name": "scratch", "ephemeral": {"volumeClaimTemplate": template}}],
+        ),
+    )
+    done = wait_phase(core, ns, "scratch-user", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", pod_log(core, ns, "scratch-user")
+    assert pod_log(core, ns, "scratch-user") == "['f.txt']\n"
+    claim = core.read_namespaced_persistent_volume_claim("scratch-user-scratch", ns)
+    directory = Path(core.read_persistent_volume(claim.spec.volume_name).spec.host_path.path)
+    assert (directory / "f.txt").read_text() == "on the volume"
+    core.delete_namespaced_pod("scratch-user", ns)
+    poll("the claim's directory removed with the pod", lambda: not directory.exists(), 120)
 
 
 def test_native_sidecar_is_stopped_when_main_completes(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
