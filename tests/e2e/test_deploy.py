@@ -220,6 +220,8 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     # The job's pods and Secrets do not block their owner's deletion, so no finalizers right.
     assert verbs("dsjobs-operator", "projectjobs/finalizers") == set()
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
+    # Cluster-scoped: checked for a job with working storage before its pod.
+    assert verbs("dsjobs-operator", "storageclasses") == {"list"}
 
 
 def test_kind_overlay_runs_the_loaded_image() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from cluster_fixtures import REPO_ROOT, poll
+from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
 
@@ -195,6 +196,26 @@ def test_extended_working_storage_is_a_volume_of_its_own_that_goes_with_the_pod(
         return False
 
     poll("the working storage volume and its directory deleted", volume_gone, 120)
+
+
+def test_working_storage_of_a_class_that_does_not_exist_is_an_error(h: H) -> None:
+    # The operator's DSJOBS_WORKING_STORAGE_CLASS is the dev cluster's class; without it no claim
+    # of the job's could ever bind, and the job says so instead of waiting in PREPARING.
+    storage = k8s_client.StorageV1Api(h.cluster.api_client)
+    klass = storage.read_storage_class(LOCAL_STORAGE_CLASS)
+    storage.delete_storage_class(LOCAL_STORAGE_CLASS)
+    try:
+        h.create_job("no-class", {"cmd": "true", "extendedWorkingStorage": {"type": "SSD", "sizeGb": 100}})
+        status = h.wait_phase("no-class", "ERROR", "SUCCESS", "EXECUTING")
+    finally:
+        klass.metadata = k8s_client.V1ObjectMeta(name=LOCAL_STORAGE_CLASS)
+        storage.create_storage_class(klass)
+    assert status["phase"] == "ERROR", status
+    assert status["statusDetails"] == (
+        f"working storage: StorageClass '{LOCAL_STORAGE_CLASS}' (DSJOBS_WORKING_STORAGE_CLASS) does not exist"
+    ), status
+    assert not h.pods("no-class")
+    assert "Failed" in _reasons(h, "no-class")
 
 
 def _claim(h: H, name: str, labels: dict[str, str]) -> Path:

@@ -26,6 +26,7 @@ from dsjobs.controller.render import (
     runner_config,
     runner_secret,
     user_image,
+    working_storage_class_problem,
     working_storage_source,
 )
 from dsjobs.controller.secrets import (
@@ -231,6 +232,37 @@ def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
         assert shared == {"name": "dsjobs-shared", "emptyDir": {"sizeLimit": "20Gi"}}
     unlimited = TYPES["c1.4"].model_copy(update={"working_dir_size_limit": None})
     assert working_storage_source(spec(), JOB, SETTINGS, unlimited) == {"emptyDir": {}}
+
+
+def _storage_class(name: str, default: str | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if default is not None:
+        meta["annotations"] = {default: "true"}
+    return {"metadata": meta, "provisioner": "example.com/csi"}
+
+
+def test_working_storage_needs_its_class_or_a_default_one() -> None:
+    fast, slow = _storage_class("fast-ssd"), _storage_class("slow")
+    assert working_storage_class_problem("fast-ssd", [slow, fast]) is None
+    assert working_storage_class_problem("nvme", [slow, fast]) == (
+        "working storage: StorageClass 'nvme' (DSJOBS_WORKING_STORAGE_CLASS) does not exist"
+    )
+    # Unset: the cluster's default class provisions the claim (either annotation, as the
+    # DefaultStorageClass admission plugin reads them).
+    for annotation in (
+        "storageclass.kubernetes.io/is-default-class",
+        "storageclass.beta.kubernetes.io/is-default-class",
+    ):
+        assert working_storage_class_problem("", [slow, _storage_class("std", annotation)]) is None
+    no_default = (
+        "working storage: the cluster has no default StorageClass and DSJOBS_WORKING_STORAGE_CLASS names none"
+    )
+    assert working_storage_class_problem("", [slow, fast]) == no_default
+    assert working_storage_class_problem("", []) == no_default
+    not_default = {
+        "metadata": {"name": "x", "annotations": {"storageclass.kubernetes.io/is-default-class": "false"}}
+    }
+    assert working_storage_class_problem("", [not_default]) == no_default
 
 
 def test_dataset_is_read_only_and_s3_mount_is_writable() -> None:

@@ -80,6 +80,7 @@ from dsjobs.controller.render import (
     runner_config,
     runner_secret,
     user_image,
+    working_storage_class_problem,
 )
 from dsjobs.controller.secrets import (
     project_storage_env,
@@ -108,6 +109,7 @@ Key = tuple[str, str]  # (namespace, job name)
 MAX_STEPS: Final = 8
 MAX_ERROR_BACKOFF: Final = 60.0
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
+STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
     "DSJOBS_S3_ENDPOINT",
     "DSJOBS_S3_BUCKET",
@@ -609,6 +611,12 @@ class Operator:
                 f"docker image resource {rid!r} is not defined (ConfigMap {DOCKER_IMAGES_CONFIGMAP}, key {rid})",
                 now,
             )
+
+        if spec.job_parameters.extended_working_storage is not None:
+            classes = await self.kube.list("storageclasses", STORAGE_CLASSES_PATH)
+            problem = working_storage_class_problem(self.settings.working_storage_class, classes)
+            if problem is not None:
+                return fail(spec, status, "WorkingStorageClass", problem, now)
 
         # Before any Secret is made: a failure here leaves nothing behind.
         storage_env: Mapping[str, str] = self.storage_env

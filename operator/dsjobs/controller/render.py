@@ -271,6 +271,31 @@ def working_storage_source(
     return {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": job.labels()}, "spec": claim_spec}}}
 
 
+DEFAULT_CLASS_ANNOTATIONS: Final = (
+    "storageclass.kubernetes.io/is-default-class",
+    "storageclass.beta.kubernetes.io/is-default-class",
+)
+
+
+def working_storage_class_problem(configured: str, classes: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why no volume could ever be provisioned for a job's working storage, or None.
+
+    Without it such a job would wait in PREPARING for good: its claim stays unbound and the
+    scheduler only says "unbound immediate PersistentVolumeClaims".
+    """
+    if configured:
+        if any((c.get("metadata") or {}).get("name") == configured for c in classes):
+            return None
+        return f"working storage: StorageClass {configured!r} (DSJOBS_WORKING_STORAGE_CLASS) does not exist"
+    for c in classes:
+        annotations = (c.get("metadata") or {}).get("annotations") or {}
+        if any(annotations.get(a) == "true" for a in DEFAULT_CLASS_ANNOTATIONS):
+            return None
+    return (
+        "working storage: the cluster has no default StorageClass and DSJOBS_WORKING_STORAGE_CLASS names none"
+    )
+
+
 def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
     resources: dict[str, Any] = {}
     if instance_type.resources.requests:
