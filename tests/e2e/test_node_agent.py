@@ -432,6 +432,8 @@ def test_generic_ephemeral_volume_is_provisioned_and_goes_with_the_pod(
 ) -> None:
     # The ephemeral volume controller makes the claim <pod>-<volume>, the controller-manager's
     # hostPath provisioner a PV for it (class local-hostpath), the node mounts it.
+    if dev_cluster.root is None:
+        pytest.skip("uses the local cluster's hostPath class")
     core = dev_cluster.core()
     template = {
         "spec": {
