@@ -202,7 +202,10 @@ class CpuBreakdown:
         self._last: dict[int, float] = {}
         self._interval = interval
         self._stop = threading.Event()
+        self._times0 = _cpu_times()
         self._total0 = self._machine()
+        #: Share of the machine's CPU time that was busy over the measurement (set by stop()).
+        self.busy = 0.0
         self._sample(base=True)
         self._thread = threading.Thread(target=self._run, name="cpu-breakdown", daemon=True)
         self._thread.start()
@@ -254,6 +257,9 @@ class CpuBreakdown:
             kind = self._names[pid]
             by_kind[kind] = by_kind.get(kind, 0.0) + max(0.0, cpu - self._base.get(pid, 0.0))
         by_kind["other"] = max(0.0, self._machine() - self._total0 - sum(by_kind.values()))
+        idle, total = _cpu_times()
+        elapsed = total - self._times0[1]
+        self.busy = (elapsed - (idle - self._times0[0])) / elapsed if elapsed > 0 else 0.0
         return by_kind
 
 
