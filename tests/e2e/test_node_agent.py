@@ -38,6 +38,7 @@ from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, node_agent_available
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
+from dsjobs.devcluster.node.cgroup import MemoryCgroups
 from dsjobs.devcluster.procs import Record
 
 pytestmark = [
@@ -459,6 +460,33 @@ def test_generic_ephemeral_volume_is_provisioned_and_goes_with_the_pod(
     assert (directory / "f.txt").read_text() == "on the volume"
     core.delete_namespaced_pod("scratch-user", ns)
     poll("the claim's directory removed with the pod", lambda: not directory.exists(), 120)
+
+
+def memory_limits_enforced(dev_cluster: ClusterHandle) -> bool:  # noqa: F811
+    """The local nodes put containers in memory cgroups where the host allows (node/cgroup.py)."""
+    probe = MemoryCgroups.discover("probe", str(dev_cluster.root)) if dev_cluster.root is not None else None
+    if probe is not None:
+        probe.close()
+    return probe is not None
+
+
+def test_a_container_over_its_memory_limit_is_oom_killed(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
+    if not memory_limits_enforced(dev_cluster):
+        pytest.skip("this host gives the node agent no memory cgroups: limits are recorded only")
+    core = dev_cluster.core()
+    grow = "import time; chunks = []\nwhile True: chunks.append(bytearray(16 * 2**20)); time.sleep(0.01)"
+    limits = {"resources": {"limits": {"memory": "64Mi"}}}
+    core.create_namespaced_pod(ns, pod_manifest("hungry", grow, container=limits))
+    # Within its limit a container runs as before (the agent's Python alone needs ~10 MiB).
+    fits = "x = bytearray(16 * 2**20); print('fits', len(x))"
+    core.create_namespaced_pod(ns, pod_manifest("modest", fits, container=limits))
+    done = wait_phase(core, ns, "hungry", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Failed"
+    terminated = main_state(done)["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137), terminated
+    modest = wait_phase(core, ns, "modest", ("Succeeded", "Failed"))
+    assert modest["status"]["phase"] == "Succeeded", pod_log(core, ns, "modest")
+    assert main_state(modest)["state"]["terminated"]["reason"] == "Completed"
 
 
 def test_native_sidecar_is_stopped_when_main_completes(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811

@@ -22,6 +22,7 @@ from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # n
 
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
+from dsjobs.devcluster.node.cgroup import MemoryCgroups
 from dsjobs.logrecords import read_progress
 from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.storage import Storage, input_key, job_prefix
@@ -275,6 +276,29 @@ def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, s
     assert (bucket / "out.txt").read_text() == "from the job\n"
     assert (disk / "notes.txt").read_text() == "kept\n"
     assert not (dataset / "nope").exists()
+
+
+def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
+    # The instance type's memory limit is the job container's; the local nodes enforce it with a
+    # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.
+    probe = MemoryCgroups.discover("probe", str(h.cluster.root)) if h.cluster.root is not None else None
+    if probe is None:
+        pytest.skip("this host gives the node agent no memory cgroups: limits are recorded only")
+    probe.close()
+    small_spec = {
+        "vcpu": 1,
+        "memory": "64Mi",
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "64Mi"}},
+    }
+    with _instance_type(h, "m1", small_spec) as small:
+        grow = "python -c 'chunks = []\nwhile True: chunks.append(bytearray(16 * 2**20))'"
+        h.create_job("oom", {"cmd": grow, "cloudInstanceTypes": [{"name": small}]})
+        status = h.wait_phase("oom", "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR", status
+    assert status["returnCode"] == 137, status
+    assert "ran out of memory (OOMKilled)" in status["statusDetails"], status
+    finished = next(c for c in status["conditions"] if c["type"] == "Finished")
+    assert finished["reason"] == "OOMKilled"
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

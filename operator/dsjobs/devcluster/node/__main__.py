@@ -60,6 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         action="store_true",
         help="apply securityContext runAsUser/runAsGroup with setpriv (default: recorded only)",
     )
+    p.add_argument(
+        "--no-memory-limits",
+        action="store_true",
+        help="record limits.memory only (default: a memory cgroup per container where the host allows)",
+    )
     p.add_argument("--log-level", default="INFO")
     ns = p.parse_args(argv)
     try:
@@ -90,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> AgentConfig:
         shutdown_grace=ns.shutdown_grace,
         events=not ns.no_events,
         enforce_run_as_user=ns.enforce_run_as_user,
+        memory_limits=not ns.no_memory_limits,
     )
 
 

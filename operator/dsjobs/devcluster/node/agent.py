@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 
+from .cgroup import MemoryCgroups
 from .gpu import GpuAllocator
 from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient, WatchExpired, load_kubeconfig
 from .logs_server import make_app, server_ssl_context, start_server
@@ -86,6 +87,8 @@ class AgentConfig:
     shutdown_grace: float = 5.0
     events: bool = True
     enforce_run_as_user: bool = False
+    #: limits.memory as a memory cgroup per container where the host allows (cgroup.py).
+    memory_limits: bool = True
 
 
 def _read(path: str) -> str:
@@ -112,6 +115,7 @@ class Agent:
         self.tools = Tools.discover()
         self.gpus = GpuAllocator(cfg.gpus)
         self.gpu_released = Notifier()
+        self.memory = MemoryCgroups.discover(cfg.name, self.state_dir) if cfg.memory_limits else None
         self.restart_backoff = cfg.restart_backoff
         self.max_restart_backoff = cfg.max_restart_backoff
         if cfg.ephemeral_storage:
@@ -522,6 +526,7 @@ class Agent:
                         "node": self.cfg.name,
                         "port": self.cfg.port,
                         "gpus": self.cfg.gpus,
+                        "memory_limits": "enforced" if self.memory is not None else "recorded",
                         "state_dir": self.state_dir,
                     }
                 },
@@ -545,6 +550,8 @@ class Agent:
                 await w.close()
             for t in list(self._bg):
                 t.cancel()
+            if self.memory is not None:
+                self.memory.close()
             await runner.cleanup()
             await self.api.close()
 

@@ -92,7 +92,11 @@ def stage_dir(mounts: tuple[Mount, ...]) -> str:
 
 
 def render_launch_script(
-    mounts: tuple[Mount, ...], working_dir: str | None, tools: Tools, run_as: tuple[int, int] | None
+    mounts: tuple[Mount, ...],
+    working_dir: str | None,
+    tools: Tools,
+    run_as: tuple[int, int] | None,
+    cgroup_procs: str | None = None,
 ) -> str:
     """The /bin/sh program run inside the new mount namespace before exec'ing the container's argv.
 
@@ -102,9 +106,14 @@ def render_launch_script(
     Directory or file target is decided at run time by what the source is. Targets usually exist
     already (they stay on the host as placeholders), so they are made only when missing: every
     process started here is CPU that each container start pays.
+
+    With `cgroup_procs` (the `cgroup.procs` file of the container's memory cgroup) the shell moves
+    itself into that cgroup first, so everything the container runs is under its memory limit.
     """
     q = shlex.quote
     lines = ["set -e"]
+    if cgroup_procs:
+        lines.append(f"echo $$ > {q(cgroup_procs)}")
     staged = any(_covers(t.target, m.source) for t in mounts for m in mounts)
     sources = [m.source for m in mounts]
     if staged:
@@ -139,11 +148,11 @@ def render_launch_script(
     return "\n".join(lines) + "\n"
 
 
-def launch_argv(plan: ContainerPlan, tools: Tools) -> list[str]:
+def launch_argv(plan: ContainerPlan, tools: Tools, cgroup_procs: str | None = None) -> list[str]:
     run_as: tuple[int, int] | None = None
     if plan.run_as_user is not None:
         run_as = (plan.run_as_user, plan.run_as_group if plan.run_as_group is not None else plan.run_as_user)
-    script = render_launch_script(plan.mounts, plan.working_dir, tools, run_as)
+    script = render_launch_script(plan.mounts, plan.working_dir, tools, run_as, cgroup_procs)
     return [
         tools.unshare,
         "--mount",

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from . import podspec
+from .cgroup import MemoryCgroups, cgroup_name, memory_limit_bytes
 from .gpu import GpuAllocator, visible_devices_env
 from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient
 from .logs import last_lines_text
@@ -56,6 +57,8 @@ class AgentContext(Protocol):
     tools: Tools
     gpus: GpuAllocator
     gpu_released: Notifier
+    #: Memory cgroups for containers' limits.memory; None: limits are recorded only.
+    memory: MemoryCgroups | None
     state_dir: str
     restart_backoff: float
     max_restart_backoff: float
@@ -853,11 +856,16 @@ class PodWorker:
         log_file = self.log_path(name)
         if os.path.exists(log_file):
             os.replace(log_file, self.log_path(name, previous=True))
-        argv = launch_argv(plan, self.ctx.tools)
+        cgroups: MemoryCgroups | None = self.ctx.memory
+        limit = memory_limit_bytes(plan.resources)
+        cgroup = cgroups.create(cgroup_name(self.uid, name), limit) if cgroups and limit else None
+        argv = launch_argv(plan, self.ctx.tools, cgroup)
         try:
             proc = ContainerProcess.spawn(argv, env, log_file, self.log_notifiers[name])
         except OSError as exc:
             self._release_gpus(name)
+            if cgroup is not None:
+                MemoryCgroups.remove(cgroup)
             return self._start_error(snap, f"starting the process: {exc}")
         started_at = now()
         self.procs[name] = proc
@@ -882,6 +890,9 @@ class PodWorker:
         self._release_gpus(name)
         self._proc_exit.notify()
         finished_at = now()
+        oom_killed = cgroup is not None and MemoryCgroups.oom_killed(cgroup)
+        if cgroup is not None:
+            self._spawn(_remove_cgroup(cgroup))
         try:
             with open(term_file, "rb") as fh:
                 raw = fh.read(8192)
@@ -892,7 +903,8 @@ class PodWorker:
             tail = tail_for_message(last_lines_text(log_file, FALLBACK_LOG_LINES))
         term = Terminated(
             exit_code=status.exit_code,
-            reason="Completed" if status.exit_code == 0 else "Error",
+            # As a container runtime reports it: any OOM kill in the container's cgroup.
+            reason="OOMKilled" if oom_killed else "Completed" if status.exit_code == 0 else "Error",
             finished_at=finished_at,
             started_at=started_at,
             message=termination_message(raw, tail, plan.termination_message_policy, status.exit_code),
@@ -1026,6 +1038,15 @@ class PodWorker:
 
     def remove_dir(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def _remove_cgroup(procs: str, attempts: int = 20) -> None:
+    """A container's cgroup, once the processes of its group (killed at its exit) are gone."""
+    for _ in range(attempts):
+        if MemoryCgroups.remove(procs):
+            return
+        await asyncio.sleep(0.5)
+    log.info("memory cgroup %s still busy (a process of the container escaped its group)", procs)
 
 
 def read_state(path: str) -> Obj | None:

@@ -1,0 +1,44 @@
+"""The node agent's memory cgroups: the pure parts (the kernel's part runs in tests/e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsjobs.devcluster.node.cgroup import cgroup_name, memory_limit_bytes, node_cgroup_name, parse_oom_kills
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ({"limits": {"memory": "64Mi"}}, 64 * 2**20),
+        ({"limits": {"memory": "1G"}}, 10**9),
+        ({"limits": {"memory": "1.5Ki"}}, 1536),
+        ({"limits": {"memory": "100m"}}, 1),  # a fraction of a byte rounds up, as the kubelet does
+        ({"limits": {"cpu": "1"}, "requests": {"memory": "1Gi"}}, None),  # a request limits nothing
+        ({}, None),
+        ({"limits": {"memory": "0"}}, None),
+        ({"limits": {"memory": "lots"}}, None),
+    ],
+)
+def test_memory_limit_bytes(resources: dict[str, dict[str, str]], expected: int | None) -> None:
+    assert memory_limit_bytes(resources) == expected
+
+
+def test_parse_oom_kills() -> None:
+    assert parse_oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n") == 2
+    assert parse_oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n") == 0
+    # Kernels before 4.13 have no counter: no OOM kill can be told.
+    assert parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n") == 0
+    assert parse_oom_kills("") == 0
+
+
+def test_names() -> None:
+    assert cgroup_name("3f0c-11", "job") == "3f0c-11-job"
+    assert cgroup_name("u/1", "a b") == "u_1-a_b"
+    a, b = (
+        node_cgroup_name("cpu-0", "/work/main/.dev/nodes/cpu-0"),
+        node_cgroup_name("cpu-0", "/tmp/ci/.dev/nodes/cpu-0"),
+    )
+    # Two clusters on one machine both have a node cpu-0: their parents differ.
+    assert a.startswith("dsjobs-node-cpu-0-") and b.startswith("dsjobs-node-cpu-0-") and a != b
+    assert node_cgroup_name("cpu-0", "/work/main/.dev/nodes/cpu-0") == a
