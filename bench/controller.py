@@ -235,7 +235,7 @@ def _writes_note(writes: dict[str, float], n: int) -> str:
 
 
 def bench_bare_pods(ctx: Context, sec: Section, kube: Kube, n: int) -> BareRun:
-    """N bare pods with the job's command and requests; returns (seconds to all Succeeded, writes/pod)."""
+    """N bare pods with the job's command and requests: what the jobs' run is compared with."""
     ns = f"bench-bare-{suffix()}"
     kube.create_namespace(ns)
     path = f"/api/v1/namespaces/{ns}/pods"

@@ -33,8 +33,9 @@ def test_parse_oom_kills() -> None:
 
 
 def test_names() -> None:
-    assert cgroup_name("3f0c-11", "job") == "3f0c-11-job"
-    assert cgroup_name("u/1", "a b") == "u_1-a_b"
+    assert cgroup_name("3f0c-11", "job", 0) == "3f0c-11-job-0"
+    assert cgroup_name("3f0c-11", "job", 1) == "3f0c-11-job-1"  # a restarted instance: a new cgroup
+    assert cgroup_name("u/1", "a b", 0) == "u_1-a_b-0"
     a, b = (
         node_cgroup_name("cpu-0", "/work/main/.dev/nodes/cpu-0"),
         node_cgroup_name("cpu-0", "/tmp/ci/.dev/nodes/cpu-0"),

@@ -4,12 +4,13 @@ A kubelet puts each container in a cgroup whose memory limit is the container's
 `resources.limits.memory`; the kernel's OOM killer ends a container that outgrows it and the
 runtime reports the container as terminated with reason `OOMKilled`. The node agent does the same
 where the cgroup v1 memory controller is mounted and writable (as root on a host with v1 or
-hybrid cgroups): `<mount>/dsjobs-node-<node>-<id>/<pod uid>-<container>`, `memory.limit_in_bytes`, and
-the cgroup's OOM kill count read from `memory.oom_control` when the container exits. Elsewhere
-(cgroup v2 only, no root) limits stay recorded only, as before (docs/local-cluster.md).
+hybrid cgroups): `<mount>/dsjobs-node-<node>-<id>/<pod uid>-<container>-<restart count>` with
+`memory.limit_in_bytes`, and the cgroup's OOM kill count read from `memory.oom_control` when the
+container exits. Elsewhere (cgroup v2 only, no root) limits stay recorded only, as before
+(docs/local-cluster.md).
 
-`parse_oom_kills`, `memory_limit_bytes`, `node_cgroup_name` and `cgroup_name` are pure; `MemoryCgroups` touches the
-cgroup filesystem.
+`parse_oom_kills`, `memory_limit_bytes`, `node_cgroup_name` and `cgroup_name` are pure;
+`MemoryCgroups` touches the cgroup filesystem.
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def node_cgroup_name(node: str, state_dir: str) -> str:
     return f"dsjobs-node-{_UNSAFE.sub('_', node)}-{digest}"
 
 
-def cgroup_name(pod_uid: str, container: str) -> str:
-    """One directory name per container of a pod (names are DNS labels, uids UUIDs: both safe)."""
-    return _UNSAFE.sub("_", f"{pod_uid}-{container}")
+def cgroup_name(pod_uid: str, container: str, instance: int) -> str:
+    """One directory per instance of a container (a restarted one must not inherit the previous
+    instance's OOM kill count, nor wait for its cgroup to empty)."""
+    return _UNSAFE.sub("_", f"{pod_uid}-{container}-{instance}")
 
 
 @dataclass(frozen=True)

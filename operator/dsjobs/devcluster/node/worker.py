@@ -858,7 +858,11 @@ class PodWorker:
             os.replace(log_file, self.log_path(name, previous=True))
         cgroups: MemoryCgroups | None = self.ctx.memory
         limit = memory_limit_bytes(plan.resources)
-        cgroup = cgroups.create(cgroup_name(self.uid, name), limit) if cgroups and limit else None
+        cgroup = (
+            cgroups.create(cgroup_name(self.uid, name, snap.restart_count), limit)
+            if cgroups and limit
+            else None
+        )
         argv = launch_argv(plan, self.ctx.tools, cgroup)
         try:
             proc = ContainerProcess.spawn(argv, env, log_file, self.log_notifiers[name])
