@@ -21,9 +21,11 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from cluster_fixtures import NO_NODE_AGENT_REASON, REPO_ROOT, ClusterHandle, devcluster_cli, poll
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, default_topology, load_topology, node_agent_available
+from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.devcluster.procs import Record, group_members, is_running
 
@@ -309,9 +311,12 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
         ports = [p for c in record.components for p in c.ports.values()]
         assert all(is_running(c) for c in record.components)
         assert any(_listening(p) for p in ports)
+        # A claim of the local class still bound at `down`: its directory goes with the cluster.
+        volume = _provisioned_volume(root)
     finally:
         down = devcluster_cli(root, "down", timeout=120)
     assert down.returncode == 0, down.stderr
+    assert not volume.exists(), f"{volume} left behind"
 
     for c in record.components:
         assert not is_running(c), f"{c.name} (pid {c.pid}) still running"
@@ -325,6 +330,34 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
     again = devcluster_cli(root, "status", timeout=60)
     assert again.returncode == 3
     assert "no cluster" in again.stdout
+
+
+def _provisioned_volume(root: Path) -> Path:
+    """A PVC of the local class, bound: its directory (with a file in it)."""
+    api = k8s_config.new_client_from_config(config_file=str(root / "kubeconfig"))
+    try:
+        core = k8s.CoreV1Api(api)
+        poll("default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"), 60)
+        claim = {
+            "metadata": {"name": "left-at-down"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": LOCAL_STORAGE_CLASS,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        core.create_namespaced_persistent_volume_claim("default", claim)
+
+        def bound() -> str | None:
+            pvc = core.read_namespaced_persistent_volume_claim("left-at-down", "default")
+            return str(pvc.spec.volume_name) if pvc.status.phase == "Bound" else None
+
+        path = Path(core.read_persistent_volume(poll("PVC bound", bound, 60)).spec.host_path.path)
+    finally:
+        api.close()
+    assert path.is_dir()
+    (path / "data.bin").write_bytes(b"x" * 1024)
+    return path
 
 
 # ------------------------------------------------------------------ pure helpers

@@ -59,6 +59,7 @@ NODE_AGENT_MODULE = "dsjobs.devcluster.node"
 # removes it with the claim. Every node shares the host's filesystem, so any node can mount it.
 # Not the default class: claims without a class keep binding to pre-made PVs without one.
 LOCAL_STORAGE_CLASS = "local-hostpath"
+HOSTPATH_PV_DIR = "/tmp/hostpath_pv"  # fixed by the provisioner (k8s.io/kubernetes pkg/volume/hostpath)
 LOCAL_STORAGE_CLASS_MANIFEST: dict[str, Any] = {
     "apiVersion": "storage.k8s.io/v1",
     "kind": "StorageClass",
@@ -586,7 +587,35 @@ def _wait_nodes_ready(launch: _Launch, api: str, node_procs: Sequence[Component]
 # ---------------------------------------------------------------- down
 
 
+def provisioned_dirs(persistent_volumes: Sequence[dict[str, Any]]) -> list[str]:
+    """Directories the hostPath provisioner made for PVs of the local class (what `down` removes
+    along with the cluster: nothing else deletes them once the controller-manager is gone)."""
+    dirs = []
+    for pv in persistent_volumes:
+        spec = pv.get("spec") or {}
+        path = str((spec.get("hostPath") or {}).get("path") or "")
+        # Only what the provisioner makes: one level below its directory, nothing like `..`.
+        ours = spec.get("storageClassName") == LOCAL_STORAGE_CLASS
+        if ours and os.path.normpath(path) == path and os.path.dirname(path) == HOSTPATH_PV_DIR:
+            dirs.append(path)
+    return dirs
+
+
+def _live_provisioned_dirs(paths: ClusterPaths, record: Record) -> list[str]:
+    api = record.info.get("apiserver")
+    if not api or not (paths.pki / "admin.crt").exists():
+        return []
+    code, body = health.get(f"{api}/api/v1/persistentvolumes", _admin_ctx(paths))
+    if code != 200:
+        return []
+    try:
+        return provisioned_dirs(json.loads(body).get("items") or [])
+    except ValueError:
+        return []
+
+
 def _teardown(paths: ClusterPaths, record: Record, timeout: float = 15.0) -> list[str]:
+    volumes = _live_provisioned_dirs(paths, record)
     stopped: list[str] = []
     remaining = list(record.components)
     for wave in STOP_WAVES:
@@ -599,6 +628,8 @@ def _teardown(paths: ClusterPaths, record: Record, timeout: float = 15.0) -> lis
         shutil.move(str(paths.logs), str(paths.last_logs))
     shutil.rmtree(paths.cluster, ignore_errors=True)
     shutil.rmtree(paths.nodes, ignore_errors=True)
+    for volume in volumes:
+        shutil.rmtree(volume, ignore_errors=True)
     for f in (paths.kubeconfig, paths.s3_env, paths.s3_json):
         f.unlink(missing_ok=True)
     return stopped
