@@ -389,6 +389,28 @@ def test_unschedulable_waits_with_the_scheduler_message() -> None:
     assert "Unschedulable" in [e.reason for e in p.events]
 
 
+def test_a_pod_waiting_for_its_volumes_says_so_not_capacity() -> None:
+    waiting = pod(
+        created=NOW - timedelta(seconds=10),
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
+            }
+        ],
+    )
+    p = step(job(status=started()), [waiting])
+    assert p.status.phase == JobPhase.PREPARING
+    assert p.status.status_details == (
+        "waiting for the job's volumes (instance type c1.4): "
+        "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    )
+    gpu = step(job(status=started()), [unschedulable(NOW - timedelta(seconds=10))])
+    assert gpu.status.status_details.startswith("waiting for capacity for instance type c1.4: ")
+
+
 def test_fallback_to_the_second_type_after_the_budget() -> None:
     types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
     j = job(params=types, status=started(type_name="g2.8"))

@@ -590,7 +590,11 @@ def _waiting_details(pod: PodView, instance_type: str) -> str:
     if not pod.scheduled:
         cond = pod.condition("PodScheduled")
         if cond is not None and cond.status == "False" and cond.reason:
-            return f"waiting for capacity for instance type {instance_type}: {cond.message or cond.reason}"
+            message = cond.message or cond.reason
+            if "persistentvolume" in message.lower().replace(" ", ""):
+                # Not a matter of capacity: a claim (working storage, a mount) is not bound yet.
+                return f"waiting for the job's volumes (instance type {instance_type}): {message}"
+            return f"waiting for capacity for instance type {instance_type}: {message}"
         return f"waiting for a node for instance type {instance_type}"
     stage_in = pod.container(STAGE_IN_CONTAINER)
     if stage_in is not None and stage_in.state == "running":
