@@ -53,7 +53,7 @@ from dsjobs.controller.names import (
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.devcluster import ClusterPaths, S3Config, bins
 from dsjobs.devcluster.files import write_private
-from dsjobs.devcluster.procs import Record
+from dsjobs.devcluster.procs import Record, reserve_ports
 from dsjobs.devcluster.s3 import ScopedKey, scoped_key
 from dsjobs.storage import project_prefix
 
@@ -292,9 +292,8 @@ def loopback_port_free(port: int) -> bool:
 
 
 def any_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    with reserve_ports(1) as (port,):
+        return port
 
 
 def stack_ports(paths: ClusterPaths, settings: Mapping[str, str]) -> dict[str, int]:

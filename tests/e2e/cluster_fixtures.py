@@ -31,6 +31,8 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, node_agent_available, status
+from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
+from dsjobs.devcluster.node.cgroup import MemoryCgroups
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 3600  # a cold binary build alone can take most of this
@@ -132,6 +134,43 @@ def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 
             last_exc = e
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})", pytrace=False)
+
+
+def claim_directory(core: Any, namespace: str, claim: str, timeout: float = 60) -> Path:
+    """The host directory behind a claim once it is bound (a hostPath or local PV)."""
+
+    def bound_volume() -> str | None:
+        pvc = core.read_namespaced_persistent_volume_claim(claim, namespace)
+        return str(pvc.spec.volume_name) if pvc.status.phase == "Bound" else None
+
+    spec = core.read_persistent_volume(poll(f"PVC {claim} bound", bound_volume, timeout)).spec
+    return Path((spec.host_path or spec.local).path)
+
+
+def local_claim(
+    core: Any, namespace: str, name: str, labels: dict[str, str] | None = None, access: str = "ReadWriteOnce"
+) -> Path:
+    """A claim of the local cluster's hostPath class, bound: its directory on this machine."""
+    body = {
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {
+            "accessModes": [access],
+            "storageClassName": LOCAL_STORAGE_CLASS,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    core.create_namespaced_persistent_volume_claim(namespace, body)
+    return claim_directory(core, namespace, name)
+
+
+def memory_limits_enforced(cluster: ClusterHandle) -> bool:
+    """The local nodes put containers in memory cgroups where this host allows (node/cgroup.py)."""
+    if cluster.root is None:
+        return False
+    probe = MemoryCgroups.discover("probe", str(cluster.root))
+    if probe is not None:
+        probe.close()
+    return probe is not None
 
 
 SYSTEM_NAMESPACE = os.environ.get("DSJOBS_E2E_SYSTEM_NAMESPACE", "dsjobs-system")

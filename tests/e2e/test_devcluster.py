@@ -19,13 +19,12 @@ import requests
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from cluster_fixtures import NO_NODE_AGENT_REASON, REPO_ROOT, ClusterHandle, devcluster_cli, poll
+from cluster_fixtures import NO_NODE_AGENT_REASON, REPO_ROOT, ClusterHandle, devcluster_cli, local_claim, poll
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, default_topology, load_topology, node_agent_available
-from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.devcluster.procs import Record, group_members, is_running
 
@@ -338,21 +337,7 @@ def _provisioned_volume(root: Path) -> Path:
     try:
         core = k8s.CoreV1Api(api)
         poll("default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"), 60)
-        claim = {
-            "metadata": {"name": "left-at-down"},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": LOCAL_STORAGE_CLASS,
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        }
-        core.create_namespaced_persistent_volume_claim("default", claim)
-
-        def bound() -> str | None:
-            pvc = core.read_namespaced_persistent_volume_claim("left-at-down", "default")
-            return str(pvc.spec.volume_name) if pvc.status.phase == "Bound" else None
-
-        path = Path(core.read_persistent_volume(poll("PVC bound", bound, 60)).spec.host_path.path)
+        path = local_claim(core, "default", "left-at-down")
     finally:
         api.close()
     assert path.is_dir()

@@ -31,14 +31,20 @@ from typing import Any, cast
 
 import pytest
 import yaml
-from cluster_fixtures import REPO_ROOT, ClusterHandle, dev_cluster, poll  # noqa: F401
+from cluster_fixtures import (  # noqa: F401
+    REPO_ROOT,
+    ClusterHandle,
+    claim_directory,
+    dev_cluster,
+    memory_limits_enforced,
+    poll,
+)
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, node_agent_available
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
-from dsjobs.devcluster.node.cgroup import MemoryCgroups
 from dsjobs.devcluster.procs import Record
 
 pytestmark = [
@@ -455,19 +461,10 @@ def test_generic_ephemeral_volume_is_provisioned_and_goes_with_the_pod(
     done = wait_phase(core, ns, "scratch-user", ("Succeeded", "Failed"))
     assert done["status"]["phase"] == "Succeeded", pod_log(core, ns, "scratch-user")
     assert pod_log(core, ns, "scratch-user") == "['f.txt']\n"
-    claim = core.read_namespaced_persistent_volume_claim("scratch-user-scratch", ns)
-    directory = Path(core.read_persistent_volume(claim.spec.volume_name).spec.host_path.path)
+    directory = claim_directory(core, ns, "scratch-user-scratch")
     assert (directory / "f.txt").read_text() == "on the volume"
     core.delete_namespaced_pod("scratch-user", ns)
     poll("the claim's directory removed with the pod", lambda: not directory.exists(), 120)
-
-
-def memory_limits_enforced(dev_cluster: ClusterHandle) -> bool:  # noqa: F811
-    """The local nodes put containers in memory cgroups where the host allows (node/cgroup.py)."""
-    probe = MemoryCgroups.discover("probe", str(dev_cluster.root)) if dev_cluster.root is not None else None
-    if probe is not None:
-        probe.close()
-    return probe is not None
 
 
 def test_a_container_over_its_memory_limit_is_oom_killed(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811

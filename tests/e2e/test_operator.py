@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster_fixtures import REPO_ROOT, poll
+from cluster_fixtures import REPO_ROOT, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
 
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
-from dsjobs.devcluster.node.cgroup import MemoryCgroups
 from dsjobs.logrecords import read_progress
 from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.storage import Storage, input_key, job_prefix
@@ -225,34 +224,18 @@ def test_working_storage_of_a_class_that_does_not_exist_is_an_error(h: H) -> Non
     assert "Failed" in _reasons(h, "no-class")
 
 
-def _claim(h: H, name: str, labels: dict[str, str]) -> Path:
-    """A provisioned PVC (the dev cluster's hostPath class) labelled for jobs: its directory."""
-    h.core.create_namespaced_persistent_volume_claim(
-        h.namespace,
-        {
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": LOCAL_STORAGE_CLASS,
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-
-    def bound_volume() -> str | None:
-        claim = h.core.read_namespaced_persistent_volume_claim(name, h.namespace)
-        return str(claim.spec.volume_name) if claim.status.phase == "Bound" else None
-
-    volume = poll(f"PVC {name} bound", bound_volume, 60)
-    return Path(h.core.read_persistent_volume(volume).spec.host_path.path)
-
-
 def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)
-    bucket = _claim(h, "mount-bucket", {"dsjobs.dev/s3-mount-id": "bt1bucket"})
-    dataset = _claim(h, "dataset-images", {"dsjobs.dev/dataset-id": "images"})
-    disk = _claim(h, "project-disk", {"dsjobs.dev/project-disk": "true"})
+    bucket = local_claim(
+        h.core, h.namespace, "mount-bucket", {"dsjobs.dev/s3-mount-id": "bt1bucket"}, "ReadWriteMany"
+    )
+    dataset = local_claim(
+        h.core, h.namespace, "dataset-images", {"dsjobs.dev/dataset-id": "images"}, "ReadWriteMany"
+    )
+    disk = local_claim(
+        h.core, h.namespace, "project-disk", {"dsjobs.dev/project-disk": "true"}, "ReadWriteMany"
+    )
     (bucket / "in.txt").write_text("from the bucket\n")
     (dataset / "data.csv").write_text("x,y\n")
     cmd = (
@@ -281,10 +264,8 @@ def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, s
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     # The instance type's memory limit is the job container's; the local nodes enforce it with a
     # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.
-    probe = MemoryCgroups.discover("probe", str(h.cluster.root)) if h.cluster.root is not None else None
-    if probe is None:
+    if not memory_limits_enforced(h.cluster):
         pytest.skip("this host gives the node agent no memory cgroups: limits are recorded only")
-    probe.close()
     small_spec = {
         "vcpu": 1,
         "memory": "64Mi",

@@ -690,25 +690,19 @@ def plan_volumes(pod: Obj, fetched: Fetched, pod_dir: str, node: NodeContext) ->
             plans.append(VolumePlan(name, "downwardAPI", vdir, read_only=True, files=tuple(dfiles)))
         elif "projected" in vol:
             plans.append(_plan_projected(pod, name, vol["projected"], vdir, fetched, node))
-        elif "persistentVolumeClaim" in vol:
-            src = vol["persistentVolumeClaim"]
-            claim = src.get("claimName", "")
+        elif "persistentVolumeClaim" in vol or "ephemeral" in vol:
+            # A generic ephemeral volume is its claim <pod>-<volume>, mounted like any other.
+            src = vol.get("persistentVolumeClaim") or {}
+            ephemeral = "ephemeral" in vol
+            claim = ephemeral_claim_name(pod, name) if ephemeral else src.get("claimName", "")
             path = fetched.pvc_paths.get(claim)
             if not path:
+                which = f'ephemeral volume "{name}": ' if ephemeral else ""
                 raise SetupError(
                     "FailedMount",
-                    f'persistentvolumeclaim "{claim}" is not bound to a local or hostPath volume',
+                    f'{which}persistentvolumeclaim "{claim}" is not bound to a local or hostPath volume',
                 )
             plans.append(VolumePlan(name, "persistentVolumeClaim", path, read_only=bool(src.get("readOnly"))))
-        elif "ephemeral" in vol:
-            claim = ephemeral_claim_name(pod, name)
-            path = fetched.pvc_paths.get(claim)
-            if not path:
-                raise SetupError(
-                    "FailedMount",
-                    f'ephemeral volume "{name}": persistentvolumeclaim "{claim}" is not bound to a local or hostPath volume',
-                )
-            plans.append(VolumePlan(name, "persistentVolumeClaim", path))
         else:
             kinds = sorted(k for k in vol if k != "name")
             raise SetupError(
