@@ -56,7 +56,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from dsjobs.records import Record, rule
-from dsjobs.s3http import Credentials, S3Http, S3HttpError
+from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError
 from dsjobs.syntax import escape_problem, join_segments
 
 if TYPE_CHECKING:
@@ -214,6 +214,16 @@ def project_prefix(project: str) -> str:
 
 def input_key(project: str, sha256: str) -> str:
     return f"{project_prefix(project)}inputs/{check_sha256(sha256)}"
+
+
+def is_stored_input(sha256: str, size_bytes: int) -> bool:
+    """Whether an input's content lives in the store (under `input_key`).
+
+    The empty file's does not: its hash says all there is, so nobody uploads or downloads it.
+    Clients could not upload it anyway: `requests` (the official CLI's) sends a zero-byte body
+    chunked, which S3 refuses with 411 Length Required.
+    """
+    return not (size_bytes == 0 and sha256 == EMPTY_SHA256)
 
 
 def job_prefix(project: str, job: str) -> str:

@@ -173,11 +173,13 @@ def test_working_storage(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     assert "/hostpath_pv/" in source, run.output  # a bind mount of the provisioned directory
 
 
-def test_directory_input(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+def test_directory_and_empty_inputs(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    # empty.txt: the CLI's PUT of zero bytes goes chunked, which S3 refuses (411); the empty file
+    # is never stored, so Create does not ask for it.
     config = {
         "name": "e2e-dir",
         "cmd": "python main.py ${DATASET}",
-        "inputs": ["main.py", {"dataset": "DATASET"}],
+        "inputs": ["main.py", "empty.txt", {"dataset": "DATASET"}],
         "outputs": [{"listing.txt": "LISTING"}],
     }
     main = """
@@ -189,13 +191,21 @@ def test_directory_input(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
                 path = os.path.join(dirpath, name)
                 with open(path) as f:
                     lines.append(f"{os.path.relpath(path, root)}={f.read().strip()}")
+        lines.append(f"empty.txt={os.path.getsize('empty.txt')}")
         with open("listing.txt", "w") as f:
             f.write("\\n".join(sorted(lines)) + "\\n")
     """
-    files = {"main.py": main, "dataset/a.txt": "A", "dataset/sub/b.txt": "B", "dataset/sub/deeper/c.txt": "C"}
+    files = {
+        "main.py": main,
+        "empty.txt": "",
+        "dataset/a.txt": "A",
+        "dataset/sub/b.txt": "B",
+        "dataset/sub/deeper/c.txt": "C",
+    }
     d = job_dir(tmp_path, config, files)
     execute(dsjobs_stack, d).ok()
-    assert (d / "listing.txt").read_text().split() == ["a.txt=A", "sub/b.txt=B", "sub/deeper/c.txt=C"]
+    listing = (d / "listing.txt").read_text().split()
+    assert listing == ["a.txt=A", "empty.txt=0", "sub/b.txt=B", "sub/deeper/c.txt=C"]
 
 
 def test_python_auto_with_local_modules_and_requirements(dsjobs_stack: StackEnv, tmp_path: Path) -> None:

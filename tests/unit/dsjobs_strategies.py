@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dsjobs import models as m
 from dsjobs.models import limits as L
+from dsjobs.s3http import EMPTY_SHA256
 
 SHA = "0123456789abcdef" * 4
 
@@ -23,6 +24,16 @@ _SEGMENT = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_si
 
 safe_paths = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join).filter(m.is_safe_relative_path)
 sha256s = st.text("0123456789abcdef", min_size=64, max_size=64)
+# The empty file has one hash and is never a ZIP (validation's sha256-size and zip-empty).
+contents = st.one_of(
+    st.builds(
+        dict,
+        sha256=sha256s.filter(lambda h: h != EMPTY_SHA256),
+        size_bytes=st.integers(1, L.MAX_FILE_SIZE_BYTES // 4),
+        compression_type=st.sampled_from(m.CompressionType),
+    ),
+    st.just({"sha256": EMPTY_SHA256, "size_bytes": 0, "compression_type": m.CompressionType.NONE}),
+)
 resource_ids = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z")
 instance_type_names = st.from_regex(r"\A[a-z][a-z0-9]{0,3}\.[a-z0-9]{1,4}\Z")
 env_names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,12}\Z").filter(
@@ -56,12 +67,7 @@ def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobPar
     n_in = draw(st.integers(0, 3))
     in_paths = draw(st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_in, max_size=n_in))
     inputs = [
-        m.File(
-            desc=m.FileDesc(path=p, var=next(pool) if draw(st.booleans()) else ""),
-            sha256=draw(sha256s),
-            size_bytes=draw(st.integers(0, L.MAX_FILE_SIZE_BYTES // 4)),
-            compression_type=draw(st.sampled_from(m.CompressionType)),
-        )
+        m.File(desc=m.FileDesc(path=p, var=next(pool) if draw(st.booleans()) else ""), **draw(contents))
         for p in in_paths
     ]
     n_out = draw(st.integers(0, 3))

@@ -12,6 +12,7 @@ from runner_fakes import FileStore, MemoryStore, umask
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.ship import upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
+from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.storage import ObjectInfo, input_key
 
 
@@ -95,6 +96,28 @@ def test_an_input_rewritten_in_place_is_staged_then_collected_as_the_output(tmp_
     outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
     assert errors == [] and [o.path for o in outputs] == ["ckpt/model.pt"]
     assert store.objects[outputs[0].key] == b"weights v2"
+
+
+def test_the_empty_file_is_created_not_fetched(tmp_path: Path) -> None:
+    # Never stored (storage.is_stored_input): Create does not ask the client to upload it.
+    data = b"x"
+    store = FileStore()
+    store.objects[input_key("p", hashlib.sha256(data).hexdigest())] = data
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="python main.py",
+        inputs=[
+            {"path": "data/empty.csv", "sha256": EMPTY_SHA256, "size_bytes": 0},
+            {"path": "x.txt", "var": "X", "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": 1},
+        ],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    assert run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
+    empty = cfg.work_dir / "data" / "empty.csv"
+    assert empty.read_bytes() == b"" and stat.S_IMODE(empty.stat().st_mode) == 0o666
+    assert (cfg.work_dir / "x.txt").read_bytes() == data
+    assert input_key("p", EMPTY_SHA256) not in store.objects
 
 
 class CheckingStore(FileStore):

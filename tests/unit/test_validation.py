@@ -19,6 +19,7 @@ from dsjobs import models as m
 from dsjobs.controller.render import JobRef, runner_config
 from dsjobs.models import limits as L
 from dsjobs.runner.cmd import render_config_cmd, unknown_variables
+from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.validation import (
     RULES,
     Problem,
@@ -363,7 +364,33 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "size-negative",
         "job_parameters.input_files[0].size_bytes",
         set_at(f"{IN0}.sizeBytes", -1),
+        set_at(f"{IN0}.sizeBytes", 1),
+    ),
+    (
+        "sha256-size",
+        "job_parameters.input_files[0].sha256",
         set_at(f"{IN0}.sizeBytes", 0),
+        steps(set_at(f"{IN0}.sizeBytes", 0), set_at(f"{IN0}.sha256", EMPTY_SHA256)),
+    ),
+    (
+        "sha256-size",
+        "job_parameters.env.python_env.local_modules[0].sha256",
+        set_at(f"{PY}.localModules[0].sha256", EMPTY_SHA256),
+        set_at(f"{PY}.localModules[0].sha256", SHA),
+    ),
+    (
+        "zip-empty",
+        "job_parameters.input_files[0].compression_type",
+        steps(
+            set_at(f"{IN0}.sizeBytes", 0),
+            set_at(f"{IN0}.sha256", EMPTY_SHA256),
+            set_at(f"{IN0}.compressionType", "ZIP"),
+        ),
+        steps(
+            set_at(f"{IN0}.sizeBytes", 0),
+            set_at(f"{IN0}.sha256", EMPTY_SHA256),
+            set_at(f"{IN0}.compressionType", "NONE"),
+        ),
     ),
     (
         "size-max",
@@ -387,13 +414,15 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         steps(
             NO_VAR_CMD,
             set_at(
-                "jobParameters.inputFiles", [{"desc": {"path": f"f{i}"}, "sha256": SHA} for i in range(101)]
+                "jobParameters.inputFiles",
+                [{"desc": {"path": f"f{i}"}, "sha256": SHA, "sizeBytes": 1} for i in range(101)],
             ),
         ),
         steps(
             NO_VAR_CMD,
             set_at(
-                "jobParameters.inputFiles", [{"desc": {"path": f"f{i}"}, "sha256": SHA} for i in range(100)]
+                "jobParameters.inputFiles",
+                [{"desc": {"path": f"f{i}"}, "sha256": SHA, "sizeBytes": 1} for i in range(100)],
             ),
         ),
     ),
@@ -1074,7 +1103,7 @@ def test_no_accepted_path_escapes_the_working_directory(path: str, var: str) -> 
     root = "/job/work"
     doc = base_doc()
     doc["jobParameters"]["cmd"] = "true"
-    doc["jobParameters"]["inputFiles"] = [{"desc": {"path": path, "var": var}, "sha256": SHA}]
+    doc["jobParameters"]["inputFiles"] = [{"desc": {"path": path, "var": var}, "sha256": SHA, "sizeBytes": 1}]
     doc["jobParameters"]["outputFiles"] = [{"path": path + "_out" if path else "", "var": ""}]
     spec, problems = parse_job_spec(doc)
     path_rules = {p.rule for p in problems if p.path.startswith("job_parameters.input_files[0]")}
@@ -1098,8 +1127,8 @@ def test_the_runner_takes_every_path_the_validator_accepts(path: str, var: str, 
         "jobParameters": {
             "cmd": "ls ${V}" if var else "ls",
             "inputFiles": [
-                {"desc": {"path": path, "var": var}, "sha256": SHA},
-                {"desc": {"path": other}, "sha256": SHA},
+                {"desc": {"path": path, "var": var}, "sha256": SHA, "sizeBytes": 1},
+                {"desc": {"path": other}, "sha256": SHA, "sizeBytes": 1},
             ],
             "outputFiles": [{"path": other, "var": ""}],
         },
@@ -1123,7 +1152,7 @@ def test_windows_paths_with_a_var_run_like_posix_ones(path: str, place: str) -> 
         "projectId": "proj1",
         "jobParameters": {
             "cmd": "python ${V}",
-            "inputFiles": [{"desc": {"path": path, "var": "V"}, "sha256": SHA}],
+            "inputFiles": [{"desc": {"path": path, "var": "V"}, "sha256": SHA, "sizeBytes": 1}],
         },
     }
     spec, problems = parse_job_spec(doc)

@@ -262,13 +262,16 @@ class Core:
     # --- storage ---------------------------------------------------------------------------------
 
     async def check_inputs(self, project_id: str, files: Sequence[tuple[str, File]]) -> list[InputCheck]:
-        """HEAD each distinct input (by sha256) in the project's content-addressed store."""
+        """HEAD each distinct input (by sha256) in the project's content-addressed store; the
+        empty file is never stored, so it is always there."""
         first: dict[str, tuple[str, File]] = {}
         for path, f in files:
             first.setdefault(f.sha256, (path, f))
         gate = asyncio.Semaphore(_STORAGE_FANOUT)
 
         async def head(path: str, f: File) -> InputCheck:
+            if not st.is_stored_input(f.sha256, f.size_bytes):
+                return InputCheck(path, f, 0)
             async with gate:
                 info = await self.io(self.store.head, st.input_key(project_id, f.sha256))
             return InputCheck(path, f, None if info is None else info.size)

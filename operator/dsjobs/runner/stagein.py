@@ -7,7 +7,8 @@ the init container is a POSIX sh script doing what `prepare` does (`contract.she
   size and sha256 verified (the cache is content-addressed, but clients upload through presigned
   URLs: the content is checked, not trusted); ZIP inputs are extracted (zip-slip safe) into the
   parent of ``path``, the DataSphere CLI's layout. A stored input whose bytes do not hash to its
-  key (read twice to be sure) is deleted, so that the next job with that file uploads it again;
+  key (read twice to be sure) is deleted, so that the next job with that file uploads it again.
+  The empty file is never stored (`is_stored_input`): it is created here;
 - local modules are extracted into ``<shared>/python/modules/<i>`` (put on PYTHONPATH);
 - the requirements file and ``<shared>/entry.sh`` are written.
 
@@ -32,7 +33,7 @@ from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termi
 from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
 from dsjobs.runner.syslog import SystemLog, create_shared
 from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip, make_dirs
-from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key
+from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key, is_stored_input
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ def _stage_file(
 ) -> int:
     key = input_key(config.project_id, f.sha256)
     what = _describe(kind, f)
+    if not is_stored_input(f.sha256, f.size_bytes):
+        # The empty file: nothing to fetch (an empty ZIP, which Create refuses, unpacks to nothing).
+        make_dirs(dest_root)
+        if f.compression == Compression.ZIP:
+            return 0
+        dest = dest_root / target_name
+        make_dirs(dest.parent)
+        with open(dest, "wb"):
+            pass
+        os.chmod(dest, 0o666)
+        return 1
     try:
         if f.compression == Compression.ZIP:
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"

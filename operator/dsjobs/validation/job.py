@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dsjobs.models import limits as L
-from dsjobs.models.files import File, FileDesc
+from dsjobs.models.files import CompressionType, File, FileDesc
 from dsjobs.models.paths import job_relative_path, path_problem
 from dsjobs.models.spec import (
     DockerImageSpec,
@@ -21,6 +21,7 @@ from dsjobs.models.spec import (
     ProjectJobSpec,
     PythonEnv,
 )
+from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.syntax import CMD_REFERENCE_PATTERN
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
 
@@ -185,6 +186,17 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
         total += max(f.size_bytes, 0)
         if not _SHA256.fullmatch(f.sha256):
             c.add(at(fpath, "sha256"), "sha256", "must be 64 lowercase hex digits")
+        elif (f.size_bytes == 0) != (f.sha256 == EMPTY_SHA256):
+            # Contradictory: the store could never hold what is described (the empty file is
+            # never stored, see storage.is_stored_input).
+            c.add(
+                at(fpath, "sha256"),
+                "sha256-size",
+                f"{EMPTY_SHA256} is the sha256 of the empty file, and only of it; "
+                f"size_bytes {f.size_bytes} disagrees",
+            )
+        elif f.size_bytes == 0 and f.compression_type == CompressionType.ZIP:
+            c.add(at(fpath, "compression_type"), "zip-empty", "an empty file is not a ZIP archive")
         if f.size_bytes < 0:
             c.add(at(fpath, "size_bytes"), "size-negative", "must not be negative")
         elif f.size_bytes > L.MAX_FILE_SIZE_BYTES:

@@ -175,6 +175,8 @@ RULES: dict[str, str] = {
     "cmd-var-unsupported": "${NAME} in cmd naming an output dataset's or a local module's var (no value)",
     "cmd-project-home": "${DS_PROJECT_HOME} without attach_project_disk",
     "sha256": "sha256 of 64 lowercase hex digits",
+    "sha256-size": "the empty file's sha256 with a size other than 0, or size 0 with another sha256",
+    "zip-empty": "a ZIP input or local module of 0 bytes",
     "size-negative": "negative file size",
     "size-max": "file above 5 GiB",
     "size-total": "inputs and local modules above 10 GiB in total",
