@@ -57,6 +57,7 @@ class PodWatch:
     namespace: str
     selector: str
     added: dict[str, str] = field(default_factory=dict)  # uid -> name
+    history: list[tuple[str, str]] = field(default_factory=list)  # (ADDED | DELETED, name), in order
     first_added: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -77,9 +78,13 @@ class PodWatch:
                 for event in w.stream(self.core.list_namespaced_pod, self.namespace, **kwargs):
                     obj = event["object"]
                     version = obj.metadata.resource_version or version
-                    if event["type"] == "ADDED":
-                        self.added[obj.metadata.uid] = obj.metadata.name
+                    uid, name = obj.metadata.uid, obj.metadata.name
+                    if event["type"] == "ADDED" and uid not in self.added:
+                        self.added[uid] = name
+                        self.history.append(("ADDED", name))
                         self.first_added.set()
+                    elif event["type"] == "DELETED" and ("DELETED", name) not in self.history:
+                        self.history.append(("DELETED", name))
                     if self._stop.is_set():
                         break
             except ApiException as exc:

@@ -290,6 +290,27 @@ def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     assert any(f["desc"]["path"] == "stdout.txt" for f in status["logFiles"])
 
 
+def test_a_retried_exit_code_gets_a_fresh_attempt_after_the_backoff(h: H) -> None:
+    # The local node sets HOSTNAME to the pod's name, as a container runtime does: -a<attempt>.
+    cmd = "sh -c 'case $HOSTNAME in *-a1) echo first; exit 3;; esac; echo again'"
+    policy = {"maxAttempts": 3, "backoffSeconds": 2, "retryOnExitCodes": [3]}
+    watch = h.watch_pods("retried")
+    try:
+        h.create_job("retried", {"cmd": cmd}, retryPolicy=policy)
+        h.create_job("not-retried", {"cmd": "sh -c 'exit 4'"}, retryPolicy=policy)
+        status = h.wait_phase("retried", "SUCCESS", "ERROR", timeout=180)
+    finally:
+        watch.stop()
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 2 and status["returnCode"] == 0, status
+    failed = [e for e in h.events("retried") if e.reason == "AttemptFailed"]
+    assert [e.message for e in failed] == ["attempt 1: Program returned code 3"], failed
+    # A fresh pod per attempt, never two at once: the first is gone before the second exists.
+    assert watch.history[:3] == [("ADDED", "retried-a1"), ("DELETED", "retried-a1"), ("ADDED", "retried-a2")]
+    # 4 is not in retryOnExitCodes: one attempt, ERROR with its code.
+    status = h.wait_phase("not-retried", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "ERROR" and status["returnCode"] == 4 and status.get("attempt", 1) == 1, status
+
+
 @pytest.mark.parametrize(
     ("name", "params", "cause"),
     [
