@@ -116,6 +116,11 @@ class OperatorHarness:
 
     # ---- the operator process
 
+    @property
+    def spare_namespace(self) -> str:
+        """A second namespace the operator serves: a test creates (and deletes) it itself."""
+        return f"{self.namespace}-spare"
+
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "the operator is running"
         self.liveness_port, self.metrics_port = _free_port(), _free_port()
@@ -134,6 +139,8 @@ class OperatorHarness:
                     "dsjobs.controller",
                     "--namespace",
                     self.namespace,
+                    "--namespace",
+                    self.spare_namespace,
                     "--log-format",
                     "text",
                 ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -489,6 +490,48 @@ def test_watches_recover_from_an_api_server_restart(h: H) -> None:
     # A job made after the restart is seen too (the job watch is back, not only the pod watch).
     h.create_job("after-outage", {"cmd": "true"})
     assert h.wait_phase("after-outage", "SUCCESS", "ERROR", timeout=120)["phase"] == "SUCCESS"
+
+
+def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
+    # The namespace controller kills the pod and deletes the job; the finalizer still cleans up.
+    # Events about it are refused (403: the namespace is being terminated): dropped quietly,
+    # not retried for a minute with an ERROR line per attempt (Kopf's poster did that).
+    namespace = h.spare_namespace
+    h.core.create_namespace(
+        {"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": PROJECT_ID}}}
+    )
+    poll("the default ServiceAccount", lambda: h.core.list_namespaced_service_account(namespace).items, 60)
+    body = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {"name": "doomed"},
+        "spec": {"projectId": PROJECT_ID, "execute": True, "jobParameters": {"cmd": "sleep 600"}},
+    }
+    h.custom.create_namespaced_custom_object("dsjobs.dev", "v1alpha1", namespace, "projectjobs", body)
+
+    def phase() -> str:
+        obj = h.custom.get_namespaced_custom_object(
+            "dsjobs.dev", "v1alpha1", namespace, "projectjobs", "doomed"
+        )
+        return str((obj.get("status") or {}).get("phase"))
+
+    poll("the job running", lambda: phase() == "EXECUTING", 120)
+    log_before = len(h.log())
+    h.core.delete_namespace(namespace)
+
+    def gone() -> bool:
+        try:
+            h.core.read_namespace(namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    poll("the namespace gone", gone, 120)
+    log = h.log()[log_before:]
+    assert f"stored objects of job {PROJECT_ID}/doomed" in log, log[-3000:]
+    assert f"deleted 0 stored objects of job {PROJECT_ID}/doomed" not in log  # it had logs to delete
+    loud = [line for line in log.splitlines() if re.search(r"\[(ERROR|WARNING) *\]", line)]
+    assert not loud, loud[:3]
 
 
 def test_delete_removes_pods_secrets_and_stored_data(h: H, storage: Storage) -> None:

@@ -37,6 +37,7 @@ import kopf
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
+from dsjobs.controller.events import EventPoster
 from dsjobs.controller.kube import (
     JOBS_PATH,
     Conflict,
@@ -147,6 +148,7 @@ class Operator:
         env = os.environ if environ is None else environ
         self.settings = settings
         self.kube: Kube | None = None
+        self.events: EventPoster | None = None
         self.storage_env = {k: env[k] for k in STORAGE_ENV if env.get(k)}
         self._storage: Any = None
         self.pods = PodCache()
@@ -784,10 +786,10 @@ class Operator:
     def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent], passed: Sequence[str] = ()) -> None:
         """Post the step's Events: phase changes as one chain, with the phases passed unwritten."""
         for event in with_passed_phases(events, passed):
-            try:
-                kopf.event(body, type=event.type, reason=event.reason, message=event.message)  # type: ignore[arg-type]
-            except LookupError:  # outside Kopf's context (tests): nothing to post to
+            if self.events is None:  # not started by Kopf (tests): nothing to post to
                 log.debug("event not posted: %s %s", event.reason, event.message)
+            else:
+                self.events.post(body, event)
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -899,8 +901,8 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         shrink_tls_read_buffers()
-        settings.posting.reporting_component = op.settings.event_component
-        settings.posting.level = logging.INFO
+        # Our Events go through events.EventPoster; Kopf posts none of its own.
+        settings.posting.enabled = False
         # Server-side filtering: only our pods come over the wire (and into memory).
         settings.watching.label_selectors["pods"] = JOB_LABEL
         # Reconnect watches regularly and detect dead connections (API server restarts).
@@ -919,6 +921,12 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         settings.queueing.idle_timeout = op.settings.worker_idle_seconds
         metrics.serve(op.settings.metrics_port, op.settings.bind_address)
         op.kube = Kube(settings, concurrency=op.settings.api_concurrency)
+        op.events = EventPoster(op.kube, op.settings.event_component)
+
+    @kopf.on.cleanup(registry=registry)
+    async def flush_events(**_: Any) -> None:
+        if op.events is not None:
+            await op.events.drain(timeout=5)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

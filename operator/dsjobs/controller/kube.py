@@ -27,6 +27,7 @@ log = logging.getLogger("dsjobs.controller.kube")
 
 APIError = kopf_errors.APIError
 NotFound = kopf_errors.APINotFoundError
+Forbidden = kopf_errors.APIForbiddenError
 Conflict = kopf_errors.APIConflictError
 Invalid = kopf_errors.APIUnprocessableEntityError
 ClientError = kopf_errors.APIClientError
@@ -73,6 +74,16 @@ def with_query(path: str, **params: str) -> str:
     return f"{path}?{urllib.parse.urlencode(present)}" if present else path
 
 
+class _DebugOnlyAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every record at DEBUG, whatever level the caller (Kopf's request loop) chose."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_DEBUG_ONLY: Final = _DebugOnlyAdapter(log, {})
+
+
 class Kube:
     """Thin async verbs over Kopf's session; needs Kopf's settings (timeouts, auth vault)."""
 
@@ -103,6 +114,9 @@ class Kube:
         path: str,
         payload: object | None,
         headers: Mapping[str, str] | None,
+        *,
+        backoffs: tuple[float, ...] = _BACKOFFS,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
     ) -> Any:
         started = time.perf_counter()
         code = "ok"
@@ -113,8 +127,8 @@ class Kube:
                 payload=payload,
                 headers=dict(headers) if headers else None,
                 settings=self.settings,
-                backoffs=_BACKOFFS,
-                logger=log,
+                backoffs=backoffs,
+                logger=logger,
             )
             async with response:
                 body = await response.read()
@@ -195,6 +209,12 @@ class Kube:
 
     async def delete_collection(self, resource: str, path: str, label_selector: str) -> None:
         await self._call("delete", resource, with_query(path, labelSelector=label_selector))
+
+    async def create_event(self, path: str, body: Mapping[str, Any]) -> None:
+        """POST an Event once: the caller (events.EventPoster) decides about retries and logging,
+        so Kopf's per-attempt ERROR lines are debug lines here."""
+        async with self._slots:
+            await self._timed("post", "events", path, body, None, backoffs=(), logger=_DEBUG_ONLY)
 
     async def merge_patch(self, resource: str, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """RFC 7386 merge patch; include metadata.resourceVersion for optimistic concurrency."""

@@ -1,0 +1,172 @@
+"""Kubernetes Events about ProjectJobs: built by a pure function, posted one at a time in the
+background.
+
+Why not `kopf.event`: Kopf retries a refused Event for about a minute and logs an ERROR for every
+attempt. A namespace being deleted refuses every new object (403, "being terminated"), so deleting
+a project with running jobs filled the operator's log with errors about Events nobody could ever
+read. Here that refusal is expected and dropped quietly; other failures are retried a few times
+and then dropped with one warning (Events are helpful, never needed).
+
+Names follow client-go's `<object>.<unix nanoseconds, hex>`: a job's Events list in the order they
+happened. `kubectl describe` sorts them by lastTimestamp, which has whole seconds, and keeps the
+list order within a second, so "Cancelling" no longer shows after "Cancelled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import aiohttp
+
+from dsjobs.controller.kube import APIError, ClientError, Conflict, Forbidden, Kube, NotFound, core_path
+from dsjobs.controller.status import JobEvent
+
+log = logging.getLogger("dsjobs.controller.events")
+
+#: Seconds between attempts at an Event the API server failed to take (5xx, timeout, no connection).
+RETRY_DELAYS: Final = (1.0, 2.0, 4.0)
+#: Events waiting to be posted; beyond it new ones are dropped (an API server down for long).
+MAX_PENDING: Final = 10_000
+MAX_MESSAGE_LENGTH: Final = 1024
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """At most `limit` characters: the head and the tail, joined by '...'."""
+    if len(message) <= limit:
+        return message
+    head = (limit - 3) // 2
+    return f"{message[:head]}...{message[len(message) - (limit - 3 - head) :]}"
+
+
+def event_body(obj: Mapping[str, Any], event: JobEvent, *, component: str, now: datetime) -> dict[str, Any]:
+    """The core/v1 Event for `event` about the object `obj` (a ProjectJob body)."""
+    meta = obj.get("metadata") or {}
+    name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
+    stamp = now.astimezone(UTC)
+    nanos = int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1000
+    seconds = stamp.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{name}.{nanos:x}", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": str(obj.get("apiVersion", "")),
+            "kind": str(obj.get("kind", "")),
+            "name": name,
+            "namespace": namespace,
+            "uid": str(meta.get("uid", "")),
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": clip_message(event.message),
+        "source": {"component": component},  # the From column of `kubectl describe`
+        "reportingComponent": component,
+        "reportingInstance": component,
+        "action": event.reason,
+        "firstTimestamp": seconds,
+        "lastTimestamp": seconds,
+        "count": 1,
+        "eventTime": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+    }
+
+
+def namespace_terminating(exc: APIError) -> bool:
+    """The API server's refusal of any new object in a namespace being deleted."""
+    return isinstance(exc, Forbidden) and "being terminated" in (exc.message or str(exc))
+
+
+@dataclass(frozen=True)
+class _Pending:
+    body: dict[str, Any]
+    job: str  # namespace/name, for the log
+
+
+class EventPoster:
+    """Posts Events in the order they were queued, one at a time: a burst of new jobs must not turn
+    into a burst of Event writes competing with their pods (Kopf's poster is serial too)."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        component: str,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+    ) -> None:
+        self.kube = kube
+        self.component = component
+        self._clock = clock
+        self._sleep = sleep
+        self._retry_delays = tuple(retry_delays)
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(MAX_PENDING)
+        self._task: asyncio.Task[None] | None = None
+        self._last = datetime.min.replace(tzinfo=UTC)
+
+    def post(self, obj: Mapping[str, Any], event: JobEvent) -> None:
+        # Strictly increasing: the time names the Event, and a step may post several at once.
+        now = max(self._clock(), self._last + timedelta(microseconds=1))
+        self._last = now
+        body = event_body(obj, event, component=self.component, now=now)
+        meta = body["metadata"]
+        pending = _Pending(body, f"{meta['namespace']}/{body['involvedObject']['name']}")
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            log.warning("event dropped, %d waiting: %s %s", MAX_PENDING, pending.job, event.reason)
+            return
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="dsjobs-events")
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) for the queued Events to be posted, then stop."""
+        task = self._task
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.info("%d events not posted at shutdown", self._queue.qsize())
+        task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            pending = await self._queue.get()
+            try:
+                await self._post_one(pending)
+            except Exception:  # never let one Event stop the poster
+                log.exception("event not posted: %s", pending.job)
+            finally:
+                self._queue.task_done()
+
+    async def _post_one(self, pending: _Pending) -> None:
+        body = pending.body
+        path = core_path(body["metadata"]["namespace"], "events")
+        for attempt, delay in enumerate((*self._retry_delays, None), start=1):
+            try:
+                await self.kube.create_event(path, body)
+                return
+            except Conflict:  # an earlier attempt did get through (its answer was lost)
+                return
+            except APIError as exc:
+                if namespace_terminating(exc) or isinstance(exc, NotFound):
+                    # The namespace is going (or gone): nobody will ever read it.
+                    log.debug("event dropped, namespace going: %s %s", pending.job, body["reason"])
+                    return
+                why = f"{exc.status} {exc.message or exc!r}"
+                if isinstance(exc, ClientError) or delay is None:
+                    log.warning("event not posted: %s %s: %s", pending.job, body["reason"], why)
+                    return
+                failure = why
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if delay is None:
+                    log.warning("event not posted: %s %s: %r", pending.job, body["reason"], exc)
+                    return
+                failure = repr(exc)
+            log.debug("event attempt %d failed, retrying in %ss: %s", attempt, delay, failure)
+            await self._sleep(delay)

@@ -1,0 +1,177 @@
+"""Events about ProjectJobs: the body (pure) and the poster's order, retries and quiet drops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from kopf._cogs.clients import errors as kopf_errors
+
+from dsjobs.controller.events import EventPoster, clip_message, event_body, namespace_terminating
+from dsjobs.controller.status import JobEvent
+
+JOB = {
+    "apiVersion": "dsjobs.dev/v1alpha1",
+    "kind": "ProjectJob",
+    "metadata": {"name": "j1", "namespace": "team-a", "uid": "u-1", "resourceVersion": "7"},
+    "spec": {"projectId": "team-a"},
+}
+T0 = datetime(2026, 11, 29, 12, 0, 1, 250000, tzinfo=UTC)
+
+
+def test_event_body() -> None:
+    body = event_body(JOB, JobEvent("Normal", "Executing", "PREPARING -> EXECUTING"), component="ops", now=T0)
+    assert body == {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"j1.{1795953601250000000:x}", "namespace": "team-a"},
+        "involvedObject": {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "ProjectJob",
+            "name": "j1",
+            "namespace": "team-a",
+            "uid": "u-1",
+        },
+        "type": "Normal",
+        "reason": "Executing",
+        "message": "PREPARING -> EXECUTING",
+        "source": {"component": "ops"},
+        "reportingComponent": "ops",
+        "reportingInstance": "ops",
+        "action": "Executing",
+        "firstTimestamp": "2026-11-29T12:00:01Z",
+        "lastTimestamp": "2026-11-29T12:00:01Z",
+        "count": 1,
+        "eventTime": "2026-11-29T12:00:01.250000Z",
+    }
+
+
+def test_names_sort_in_the_order_of_time() -> None:
+    # Fixed-width hex of nanoseconds: the list order (by name) is the order of events.
+    names = [
+        event_body(JOB, JobEvent("Normal", "R", "m"), component="c", now=T0 + timedelta(microseconds=us))[
+            "metadata"
+        ]["name"]
+        for us in (0, 1, 999_999, 10**7)
+    ]
+    assert names == sorted(names) and len(set(names)) == 4
+
+
+def test_clip_message_keeps_head_and_tail() -> None:
+    assert clip_message("x" * 1024) == "x" * 1024
+    clipped = clip_message("a" * 600 + "b" * 600)
+    assert len(clipped) == 1024 and clipped.startswith("a" * 510) and clipped.endswith("b" * 511)
+    assert "..." in clipped
+
+
+def _forbidden(message: str) -> kopf_errors.APIForbiddenError:
+    payload: Any = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": message}
+    return kopf_errors.APIForbiddenError(payload, status=403, headers={})
+
+
+def test_namespace_terminating() -> None:
+    terminating = (
+        'events "j1.1" is forbidden: unable to create new content in namespace team-a because it is '
+        "being terminated"
+    )
+    assert namespace_terminating(_forbidden(terminating))
+    assert not namespace_terminating(_forbidden('events is forbidden: User "x" cannot create'))
+
+
+class RecordingKube:
+    """Stands in for Kube.create_event: records what reaches it, raising the scripted errors first."""
+
+    def __init__(self, failures: dict[str, list[BaseException]]) -> None:
+        self.failures = failures
+        self.posted: list[str] = []
+        self.attempts: list[str] = []
+
+    async def create_event(self, path: str, body: dict[str, Any]) -> None:
+        reason = body["reason"]
+        self.attempts.append(reason)
+        pending = self.failures.get(reason) or []
+        if pending:
+            raise pending.pop(0)
+        self.posted.append(reason)
+
+
+def _server_error() -> kopf_errors.APIServerError:
+    return kopf_errors.APIServerError({"message": "etcd leader changed"}, status=500, headers={})  # type: ignore[typeddict-item]
+
+
+def test_poster_keeps_order_retries_server_errors_and_drops_refusals_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    terminating = _forbidden(
+        "unable to create new content in namespace team-a because it is being terminated"
+    )
+    kube = RecordingKube(
+        {
+            "Retried": [_server_error(), TimeoutError()],
+            "Terminating": [terminating],
+            "Refused": [_forbidden('events is forbidden: User "x" cannot create')],
+            "Lost": [_server_error()] * 3,
+            "Twice": [
+                kopf_errors.APIConflictError({"message": "already exists"}, status=409, headers={})  # type: ignore[typeddict-item]
+            ],
+        }
+    )
+    reasons = ["First", "Retried", "Terminating", "Refused", "Lost", "Twice", "Last"]
+    clock = iter([T0] * len(reasons))  # one clock value for all: names must still differ
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async def run() -> list[str]:
+        poster = EventPoster(
+            kube,  # type: ignore[arg-type]
+            "ops",
+            clock=lambda: next(clock),
+            sleep=no_sleep,
+            retry_delays=(0.1, 0.1),
+        )
+        names = []
+        for reason in reasons:
+            poster.post(JOB, JobEvent("Normal", reason, "m"))
+            names.append(poster._queue._queue[-1].body["metadata"]["name"])  # type: ignore[attr-defined]
+        await poster.drain(timeout=5)
+        return names
+
+    with caplog.at_level("DEBUG", logger="dsjobs.controller.events"):
+        names = asyncio.run(run())
+    assert names == sorted(names) and len(set(names)) == len(names)
+    assert kube.posted == ["First", "Retried", "Last"]  # Twice: the 409 means an earlier try landed
+    assert kube.attempts.count("Retried") == 3 and kube.attempts.count("Lost") == 3
+    assert kube.attempts.count("Terminating") == 1 and kube.attempts.count("Refused") == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2, warned
+    assert "Refused" in warned[0] and "403" in warned[0]
+    assert "Lost" in warned[1] and "500" in warned[1]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_kube_create_event_quiets_kopf_s_attempt_log() -> None:
+    # Kopf's request loop logs each failed attempt at ERROR through the logger it is given.
+    from dsjobs.controller import kube as kube_module
+
+    adapter = kube_module._DEBUG_ONLY
+    records: list[int] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.levelno)
+
+    handler = Catch(level=logging.DEBUG)
+    base = logging.getLogger("dsjobs.controller.kube")
+    base.addHandler(handler)
+    old = base.level
+    base.setLevel(logging.DEBUG)
+    try:
+        adapter.error("Request attempt #1/1 failed; escalating")
+    finally:
+        base.removeHandler(handler)
+        base.setLevel(old)
+    assert records == [logging.DEBUG]
