@@ -78,7 +78,7 @@ STORAGE_ENV_VARS = (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY, EN
 ENV_FILES_DIR = "DSJOBS_S3_FILES_DIR"
 
 DEFAULT_PRESIGN_EXPIRY = timedelta(minutes=15)
-MAX_PRESIGN_EXPIRY = timedelta(hours=1)
+MAX_PRESIGN_EXPIRY = timedelta(days=7)  # S3's own limit for X-Amz-Expires
 
 _MiB = 1024 * 1024
 #: Streaming reads/writes move this much at a time: memory use does not grow with object size.

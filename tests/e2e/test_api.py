@@ -408,6 +408,14 @@ def test_create_dedups_uploads_across_jobs(api_env: ApiEnv) -> None:
     store.put_bytes(input_key(api_env.project_a.project_id, sha(inputs["main.py"])), b"truncated")
     _, third = c.create(api_env.project_a.project_id, params(inputs))
     assert [f.file.desc.path for f in third.upload_files] == ["main.py"]
+    # The CLI uploads one file after another: the URLs outlive all of them on a slow link.
+    big = params(inputs)
+    big.input_files.append(
+        jobs_pb2.File(desc=jobs_pb2.FileDesc(path="big.bin"), sha256="f" * 64, size_bytes=3 << 30)
+    )
+    _, fourth = c.create(api_env.project_a.project_id, big)
+    assert {f.file.desc.path for f in fourth.upload_files} == {"main.py", "big.bin"}
+    assert all("X-Amz-Expires=3972&" in f.url for f in fourth.upload_files)  # 900 s + 3 GiB at 1 MiB/s
 
 
 def test_idempotency_key_yields_exactly_one_job(api_env: ApiEnv) -> None:

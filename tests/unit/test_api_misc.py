@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from dsjobs.api import listfilter, settings
+from dsjobs.api.core import transfer_ttl
 
 # --- filters ------------------------------------------------------------------------------------
 
@@ -99,3 +100,11 @@ def test_every_setting_has_a_field_or_feeds_one() -> None:
 
     names = {f.name for f in fields(settings.Settings)}
     assert {s.name for s in settings.SETTINGS} - names == {"page_token_key_file"}
+
+
+def test_transfer_ttl_covers_all_files_on_a_slow_link() -> None:
+    base = timedelta(minutes=15)
+    assert transfer_ttl(base, 0) == base
+    assert transfer_ttl(base, 10 << 30) == base + timedelta(seconds=10240)  # 10 GiB at 1 MiB/s
+    assert transfer_ttl(base, 1 << 50) == timedelta(hours=12)
+    assert transfer_ttl(timedelta(hours=1), 1) > timedelta(hours=1)

@@ -116,6 +116,7 @@ class FakeCore:
         self.presign_error = presign_error
         self.project_error = project_error
         self.job = job
+        self.put_totals: list[int] = []
 
     async def identity(self, context: Any) -> Identity:
         return Identity("alice")
@@ -150,9 +151,10 @@ class FakeCore:
             InputCheck(p, f, f.size_bytes if f.sha256 in self.stored else None) for p, f in first.values()
         ]
 
-    async def presign_put(self, keys: Iterable[str]) -> dict[str, str]:
+    async def presign_put(self, keys: Iterable[str], total_bytes: int) -> dict[str, str]:
         if self.presign_error is not None:
             raise self.presign_error
+        self.put_totals.append(total_bytes)
         return {k: f"https://store/{k}" for k in keys}
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
@@ -365,6 +367,7 @@ def test_create_answers_upload_urls_for_missing_inputs_only() -> None:
     resp = svc.CreateProjectJobResponse()
     assert op.response.Unpack(resp)
     assert [f.url for f in resp.upload_files] == [f"https://store/{st.input_key(PROJECT, SHA)}"]
+    assert core.put_totals == [10]  # the URLs live long enough for all the uploads (transfer_ttl)
     assert resp.job_id in core.kube.jobs()
     core.stored.add(SHA)
     assert not svc.CreateProjectJobResponse.FromString(

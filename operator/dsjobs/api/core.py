@@ -13,8 +13,8 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypeVar
 
 import grpc
 from pydantic import ValidationError
@@ -58,6 +58,23 @@ class InputCheck:
     @property
     def present(self) -> bool:
         return self.stored_size is not None and self.stored_size == self.file.size_bytes
+
+
+#: The slowest link a transfer is planned for: 1 MiB/s (8 Mbit/s). See `transfer_ttl`.
+SLOW_LINK_BYTES_PER_SECOND: Final = 1 << 20
+MAX_TRANSFER_TTL: Final = timedelta(hours=12)
+
+
+def transfer_ttl(base: timedelta, total_bytes: int) -> timedelta:
+    """Validity of the URLs of one answer: `base` (DSJOBS_API_URL_TTL) plus the time all of its
+    files take on a slow link.
+
+    The official CLI moves the files one after another, and a URL must still be valid when its
+    transfer starts: with 15 minutes flat, the last inputs of a 10 GiB job on an 80 Mbit/s link
+    were refused (403) after the first ones had taken 15 minutes.
+    """
+    extra = timedelta(seconds=max(total_bytes, 0) / SLOW_LINK_BYTES_PER_SECOND)
+    return min(base + extra, max(base, MAX_TRANSFER_TTL))
 
 
 class Core:
@@ -278,17 +295,18 @@ class Core:
 
         return list(await asyncio.gather(*(head(p, f) for p, f in first.values())))
 
-    async def presign_put(self, keys: Iterable[str]) -> dict[str, str]:
-        ttl = self.settings.url_ttl
+    async def presign_put(self, keys: Iterable[str], total_bytes: int) -> dict[str, str]:
+        """Upload URLs for `keys`, `total_bytes` in all (see `transfer_ttl`)."""
+        ttl = transfer_ttl(self.settings.url_ttl, total_bytes)
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}
         urls = await self.io(lambda: [self.store.presign_put(k, expires=ttl) for k in wanted])
         return dict(zip(wanted, urls, strict=True))
 
-    async def presign_get(self, keys: Iterable[tuple[str, str]]) -> dict[str, str]:
-        """`(key, download file name)` -> presigned GET URL."""
-        ttl = self.settings.url_ttl
+    async def presign_get(self, keys: Iterable[tuple[str, str]], total_bytes: int) -> dict[str, str]:
+        """`(key, download file name)` -> presigned GET URL; `total_bytes` in all (see `transfer_ttl`)."""
+        ttl = transfer_ttl(self.settings.url_ttl, total_bytes)
         wanted = list(dict.fromkeys(keys))
         if not wanted:
             return {}

@@ -63,7 +63,11 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("page_token_key_file", "DSJOBS_API_PAGE_TOKEN_KEY_FILE", "", "file holding the page token key"),
     Setting(
-        "url_ttl", "DSJOBS_API_URL_TTL", "15m", "validity of presigned download/upload URLs (at most 1h)"
+        "url_ttl",
+        "DSJOBS_API_URL_TTL",
+        "15m",
+        "validity of presigned download/upload URLs (at most 1h); each answer adds the time its files "
+        "take at 1 MiB/s (12h in all at most)",
     ),
     Setting("max_message_bytes", "DSJOBS_API_MAX_MESSAGE_BYTES", "4194304", "largest accepted request"),
     Setting(
