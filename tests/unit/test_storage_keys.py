@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import socket
 import ssl
 from datetime import timedelta
@@ -20,6 +21,7 @@ from dsjobs.storage import (
     StorageSettings,
     UnsafePathError,
     input_key,
+    is_stored_input,
     is_transient,
     job_prefix,
     log_prefix,
@@ -293,3 +295,11 @@ def test_download_writer_keeps_order_and_reports_a_failed_write(tmp_path: Path) 
             for _ in range(10):  # later writes are taken, never block, and raise the error
                 sink.write(b"y")
             sink.flush()
+
+
+def test_only_the_empty_file_is_not_stored() -> None:
+    empty = hashlib.sha256(b"").hexdigest()
+    assert not is_stored_input(empty, 0)
+    assert is_stored_input(empty, 1)  # contradictory (validation refuses it): fetched, and checked
+    assert is_stored_input("a" * 64, 0)
+    assert is_stored_input("a" * 64, 10)
