@@ -1182,7 +1182,20 @@ def test_an_empty_instance_type_list_is_checked_as_the_default_type() -> None:
         ("job_parameters.cloud_instance_types", "instance-type-unknown")
     ]
     assert problems[0].message.startswith("c1.4 is not an instance type of this cluster")
+    assert problems[0].message.endswith("; it has g1.1")
     assert parse_job_spec(doc, known_instance_types={"c1.4"})[1] == []
+
+
+def test_an_unknown_instance_type_is_told_what_the_cluster_has() -> None:
+    doc = {"projectId": "proj1", "jobParameters": {"cmd": "ls", "cloudInstanceTypes": [{"name": "z9.x"}]}}
+    many = {f"c{i}.4" for i in range(30)}
+    [problem] = parse_job_spec(doc, known_instance_types=many)[1]
+    assert problem.message.startswith(
+        "z9.x is not an instance type of this cluster; it has c0.4, c1.4, c10.4"
+    )
+    assert problem.message.endswith(" and 10 more")
+    [problem] = parse_job_spec(doc, known_instance_types=set())[1]
+    assert problem.message.endswith("it has none (ask your admin for an InstanceType catalog)")
 
 
 def test_every_rule_is_documented() -> None:

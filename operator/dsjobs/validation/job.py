@@ -472,13 +472,25 @@ def _url(c: Collector, path: str, url: str) -> None:
         c.pattern(path, url, _URL, "url", "an http(s) URL")
 
 
+def _known_types(known: Collection[str], most: int = 20) -> str:
+    """What the cluster offers, for the message (a catalog may be long)."""
+    if not known:
+        return "it has none (ask your admin for an InstanceType catalog)"
+    names = sorted(known)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"it has {', '.join(names[:most])}{more}"
+
+
 def _instance_types(c: Collector, params: JobParameters, path: str, known: Collection[str] | None) -> None:
     tpath = at(path, "cloud_instance_types")
     c.max_items(tpath, params.cloud_instance_types, L.MAX_LIST_ITEMS)
     if known is not None and not params.cloud_instance_types:
         (default,) = params.instance_type_names()
         if default not in known:
-            message = f"{default} is not an instance type of this cluster (an empty list means {default})"
+            message = (
+                f"{default} is not an instance type of this cluster (an empty list means {default}); "
+                f"{_known_types(known)}"
+            )
             c.add(tpath, "instance-type-unknown", message)
     seen: set[str] = set()
     for i, it in enumerate(params.cloud_instance_types):
@@ -494,4 +506,8 @@ def _instance_types(c: Collector, params: JobParameters, path: str, known: Colle
             c.add(npath, "instance-type-duplicate", f"{it.name} is listed twice")
         seen.add(it.name)
         if known is not None and it.name not in known:
-            c.add(npath, "instance-type-unknown", f"{it.name} is not an instance type of this cluster")
+            c.add(
+                npath,
+                "instance-type-unknown",
+                f"{it.name} is not an instance type of this cluster; {_known_types(known)}",
+            )
