@@ -65,7 +65,6 @@ def _stage_file(
         if f.compression == Compression.ZIP:
             return 0
         dest = dest_root / target_name
-        make_dirs(dest.parent)
         with open(dest, "wb"):
             pass
         os.chmod(dest, 0o666)
