@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import os
 import shlex
@@ -63,6 +64,8 @@ DEMO_DIR = REPO_ROOT / "examples" / "demo"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 STORAGE_SECRET = "dsjobs-storage"
+API_SECRET = "dsjobs-api"
+PAGE_TOKEN_KEY_ENV = "DSJOBS_API_PAGE_TOKEN_KEY"
 SETTINGS_CONFIGMAP = "dsjobs-settings"
 PROJECT_LABEL = "dsjobs.dev/project-id"
 #: Marks the ServiceAccount of the overlay's demo project that `up` makes a token for.
@@ -360,6 +363,14 @@ def storage_secret(s3: S3Config, namespace: str) -> Obj:
     )
 
 
+def api_secret(s3: S3Config, namespace: str) -> Obj:
+    """The API's optional Secret (deploy/base/api-deployment.yaml) with a page-token key, as an
+    admin would create it. Derived from the cluster's S3 secret: the same on every `make up` of a
+    cluster (no restart of the API for nothing), another for the next cluster."""
+    key = hmac.new(s3.secret_key.encode(), b"dsjobs page tokens", hashlib.sha256).hexdigest()
+    return _secret(API_SECRET, namespace, {PAGE_TOKEN_KEY_ENV: key})
+
+
 def project_storage_secret(key: ScopedKey, namespace: str) -> Obj:
     """The project's own storage key pair, for an operator with DSJOBS_STORAGE_CREDENTIALS=project
     (what an admin provisions per project namespace; docs/admin.md)."""
@@ -502,16 +513,17 @@ def up(
         kubectl.apply(crds)
         _wait_established(kubectl, [f"crd/{c['metadata']['name']}" for c in crds])
 
-    secret = storage_secret(S3Config.read(paths.s3_json), facts.system_namespace)
-    project_secrets: list[Obj] = []
+    s3 = S3Config.read(paths.s3_json)
+    secret = storage_secret(s3, facts.system_namespace)
+    extra_secrets: list[Obj] = [api_secret(s3, facts.system_namespace)]
     if facts.settings.get(STORAGE_CREDENTIALS_ENV) == PROJECT_CREDENTIALS:
         # The dev S3 server accepts this pair for the project's prefix only, as an admin's own
         # object store would after they scoped a user to it.
         key = scoped_key(paths.s3_scoped_keys, project_prefix(facts.project_id))
-        project_secrets.append(project_storage_secret(key, facts.project_namespace))
+        extra_secrets.append(project_storage_secret(key, facts.project_namespace))
     digest = config_hash(facts, secret, code_digest())
     rest = [o for o in objects if o.get("kind") != "CustomResourceDefinition"]
-    # Namespaces first, then the Secret the Deployments load, then everything else.
+    # Namespaces first, then the Secrets the Deployments load, then everything else.
     namespaces = _named(rest, "Namespace")
     others = with_config_hash(
         [o for o in rest if o.get("kind") != "Namespace"], facts.system_namespace, digest
@@ -519,7 +531,7 @@ def up(
     with progress.step(
         f"dsjobs from {overlay.relative_to(REPO_ROOT) if overlay.is_relative_to(REPO_ROOT) else overlay}"
     ):
-        kubectl.apply([*namespaces, secret, *project_secrets, *others])
+        kubectl.apply([*namespaces, secret, *extra_secrets, *others])
 
     with progress.step(f"waiting for {', '.join(facts.deployments)} to be ready"):
         for name in facts.deployments:
