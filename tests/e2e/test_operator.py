@@ -312,6 +312,18 @@ def test_a_retried_exit_code_gets_a_fresh_attempt_after_the_backoff(h: H) -> Non
     assert status["phase"] == "ERROR" and status["returnCode"] == 4 and status.get("attempt", 1) == 1, status
 
 
+def test_a_megabyte_of_env_vars_fits(h: H) -> None:
+    # The runner Secret holds the values once (entry script), not also in the config.
+    h.create_job("big-env", {"cmd": "sh -c 'test $${#V30} -eq 32768'", "env": {"vars": big_env("x")}})
+    status = h.wait_phase("big-env", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
+
+
+def big_env(char: str) -> dict[str, str]:
+    """31 values of 32 KiB (the most one may have): about 1 MB."""
+    return {f"V{i}": char * 32768 for i in range(31)}
+
+
 @pytest.mark.parametrize(
     ("name", "params", "cause"),
     [
@@ -319,6 +331,12 @@ def test_a_retried_exit_code_gets_a_fresh_attempt_after_the_backoff(h: H) -> Non
         ("bad-mount", {"cmd": "ls ${nope-bucket}", "s3MountIds": ["nope-bucket"]}, "S3 mount 'nope-bucket'"),
         ("bad-dataset", {"cmd": "ls ${nope-data}", "datasetIds": ["nope-data"]}, "dataset 'nope-data'"),
         ("bad-image", {"cmd": "true", "env": {"dockerImageResourceId": "no-such-image"}}, "'no-such-image'"),
+        # Under the spec's 1 MiB, but each ' is 5 bytes of shell quoting in the entry script.
+        (
+            "too-large",
+            {"cmd": "true", "env": {"vars": big_env("'")}},
+            "more than the 1048576 a Secret may hold",
+        ),
     ],
 )
 def test_jobs_that_cannot_run_fail_naming_the_cause(

@@ -25,6 +25,7 @@ from dsjobs.controller.render import (
     resolve_volumes,
     runner_config,
     runner_secret,
+    secret_size_problem,
     user_image,
     working_storage_class_problem,
     working_storage_source,
@@ -334,6 +335,19 @@ def test_runner_secret_holds_config_and_storage_only_for_the_runner() -> None:
     assert json.loads(secret_value(secret, "runner.json") or "")["attempt"] == 2
     pod = pod_for(spec(), attempt=2)
     assert pod["spec"]["volumes"][-1]["secret"]["secretName"] == "job-1-a2-runner"
+
+
+def test_a_runner_secret_over_1_mib_is_refused_naming_the_env() -> None:
+    # The API accepts specs up to 1 MiB; the entry script's shell quoting of env values can make
+    # more of them (each ' becomes '\''), and the API server would refuse the Secret.
+    job = spec(cmd="true", env={"vars": {f"V{i}": "'" * 32768 for i in range(31)}})
+    config = runner_config(JOB, job, attempt=1)
+    problem = secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config)
+    assert problem is not None and "more than the 1048576 a Secret may hold" in problem
+    assert "environment variables (with the project's secrets) take 1015891 bytes" in problem
+    fits = spec(cmd="true", env={"vars": {f"V{i}": "x" * 32768 for i in range(31)}})
+    config = runner_config(JOB, fits, attempt=1)
+    assert secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config) is None
 
 
 def test_registry_secret_is_a_dockerconfigjson_owned_by_the_job() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,14 @@ def test_config_secret_manifest() -> None:
     c = cfg(env={"TOKEN": "s3cr3t"})
     s = runner_config_secret(c, name="n", namespace="ns", labels={"a": "b"})
     assert s["kind"] == "Secret" and s["metadata"] == {"name": "n", "namespace": "ns", "labels": {"a": "b"}}
-    assert RunnerConfig.from_json(s["stringData"][CONFIG_KEY]) == c
+    # A shell stage-in: the env values travel in the entry script only.
+    assert RunnerConfig.from_json(s["stringData"][CONFIG_KEY]) == replace(c, env={})
+    assert "s3cr3t" in s["stringData"][ENTRY_KEY]
+    fetching = cfg(env={"TOKEN": "s3cr3t"}, python_env={"requirements": ["numpy"]})
+    s = runner_config_secret(fetching, name="n", namespace="ns")
+    assert (
+        RunnerConfig.from_json(s["stringData"][CONFIG_KEY]) == fetching and ENTRY_KEY not in s["stringData"]
+    )
 
 
 def test_pure() -> None:
@@ -183,10 +191,12 @@ def test_without_anything_to_fetch_the_entry_script_travels_in_the_config_secret
     config = cfg(env={"TOKEN": "s3cret"})
     assert not stages_in_python(config)
     data = config_secret_data(config)
-    assert data == {CONFIG_KEY: config.to_json(), ENTRY_KEY: render_entry_script(config)}
+    assert data.keys() == {CONFIG_KEY, ENTRY_KEY} and data[ENTRY_KEY] == render_entry_script(config)
     p = parts(config)
-    # The entry script holds the env values: a Secret key, never the pod spec.
+    # The entry script holds the env values: a Secret key, never the pod spec; and only once in
+    # the Secret (its 1 MiB).
     assert "s3cret" in data[ENTRY_KEY] and "s3cret" not in json.dumps(p.pod_spec())
+    assert "s3cret" not in data[CONFIG_KEY] and RunnerConfig.from_json(data[CONFIG_KEY]).env == {}
     stage_in = p.init_containers[0]
     assert stage_in["terminationMessagePolicy"] == "FallbackToLogsOnError"
     # With only some keys of the Secret mounted, the entry script is one of them.

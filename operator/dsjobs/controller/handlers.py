@@ -80,6 +80,7 @@ from dsjobs.controller.render import (
     resolve_volumes,
     runner_config,
     runner_secret,
+    secret_size_problem,
     user_image,
     working_storage_class_problem,
 )
@@ -661,6 +662,9 @@ class Operator:
         except ValueError as exc:
             return fail(spec, status, "InvalidSpec", f"the job cannot be run: {exc}", now)
         secret = runner_secret(ref, config, storage_env, attempt=action.attempt)
+        too_large = secret_size_problem(secret, config)
+        if too_large is not None:
+            return fail(spec, status, "ConfigTooLarge", too_large, now)
         pod = render_pod(
             ref,
             spec,
@@ -685,7 +689,8 @@ class Operator:
         except Invalid as exc:
             # The Secrets went out with the pod: without the pod nothing would ever delete them.
             await self._delete_secrets(job)
-            return fail(spec, status, "PodRejected", f"the job's pod was rejected: {exc}", now)
+            why = exc.message or str(exc)
+            return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)
             seen = self._seen.pop((ns, job.name), None)

@@ -11,6 +11,7 @@ storage. Golden files in tests/unit/golden/pods/ pin the output per feature.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -249,6 +250,23 @@ def runner_secret(
         role=RUNNER_SECRET_ROLE,
         secret_type="Opaque",
         string_data={**config_secret_data(config), **storage_env},
+    )
+
+
+#: What the API server accepts in one Secret's data: keys and values together.
+MAX_SECRET_DATA_BYTES: Final = 1 << 20
+
+
+def secret_size_problem(secret: Mapping[str, Any], config: RunnerConfig) -> str | None:
+    """Why the runner Secret cannot be created (its data over 1 MiB), naming what fills it."""
+    size = sum(len(k.encode()) + len(base64.b64decode(v)) for k, v in (secret.get("data") or {}).items())
+    size += sum(len(k.encode()) + len(str(v).encode()) for k, v in (secret.get("stringData") or {}).items())
+    if size <= MAX_SECRET_DATA_BYTES:
+        return None
+    env = sum(len(k.encode()) + len(v.encode()) for k, v in config.env.items())
+    return (
+        f"the job's runner config needs {size} bytes, more than the {MAX_SECRET_DATA_BYTES} a Secret "
+        f"may hold; its environment variables (with the project's secrets) take {env} bytes"
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from dsjobs.runner.config import ENV_CONFIG, ENV_CONFIG_FILE, RunnerConfig
@@ -126,10 +126,11 @@ def shell_stage_in(config: RunnerConfig) -> str:
 def config_secret_data(config: RunnerConfig) -> dict[str, str]:
     """The runner's keys of its config Secret: the config, and the entry script when stage-in is a
     shell script (it holds the job's env values, which may be secrets: a Secret, not the pod spec)."""
-    data = {CONFIG_KEY: config.to_json()}
-    if not stages_in_python(config):
-        data[ENTRY_KEY] = render_entry_script(config)
-    return data
+    if stages_in_python(config):
+        return {CONFIG_KEY: config.to_json()}
+    # The entry script carries the env values; in the config too they would take their room in
+    # the Secret (1 MiB in all) twice. Nothing but the entry script's rendering reads them.
+    return {CONFIG_KEY: replace(config, env={}).to_json(), ENTRY_KEY: render_entry_script(config)}
 
 
 def runner_config_secret(
