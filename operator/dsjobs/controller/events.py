@@ -4,7 +4,7 @@ background.
 Why not `kopf.event`: Kopf retries a refused Event for about a minute and logs an ERROR for every
 attempt. A namespace being deleted refuses every new object (403, "being terminated"), so deleting
 a project with running jobs filled the operator's log with errors about Events nobody could ever
-read. Here that refusal is expected and dropped quietly; other failures are retried a few times
+read. Here that refusal is expected and dropped quietly; other failures are retried for about 30 s
 and then dropped with one warning (Events are helpful, never needed).
 
 Names follow client-go's `<object>.<unix nanoseconds, hex>`: a job's Events list in the order they
@@ -28,8 +28,9 @@ from dsjobs.controller.status import JobEvent
 
 log = logging.getLogger("dsjobs.controller.events")
 
-#: Seconds between attempts at an Event the API server failed to take (5xx, timeout, no connection).
-RETRY_DELAYS: Final = (1.0, 2.0, 4.0)
+#: Seconds between attempts at an Event the API server failed to take (5xx, timeout, no connection):
+#: about 30 s in all, an API server's restart. The Events queued meanwhile wait their turn.
+RETRY_DELAYS: Final = (1.0, 2.0, 4.0, 8.0, 16.0)
 #: Events waiting to be posted; beyond it new ones are dropped (an API server down for long).
 MAX_PENDING: Final = 10_000
 MAX_MESSAGE_LENGTH: Final = 1024
