@@ -9,7 +9,8 @@ and then dropped with one warning (Events are helpful, never needed).
 
 Names follow client-go's `<object>.<unix nanoseconds, hex>`: a job's Events list in the order they
 happened. `kubectl describe` sorts them by lastTimestamp, which has whole seconds, and keeps the
-list order within a second, so "Cancelling" no longer shows after "Cancelled".
+list order within a second (Go's sort is an insertion sort up to 12 items), so "Cancelling" no
+longer shows after "Cancelled".
 """
 
 from __future__ import annotations
