@@ -133,10 +133,7 @@ def test_poster_keeps_order_retries_server_errors_and_drops_refusals_quietly(
             sleep=no_sleep,
             retry_delays=(0.1, 0.1),
         )
-        names = []
-        for reason in reasons:
-            poster.post(JOB, JobEvent("Normal", reason, "m"))
-            names.append(poster._queue._queue[-1].body["metadata"]["name"])  # type: ignore[attr-defined]
+        names = [poster.post(JOB, JobEvent("Normal", reason, "m")) for reason in reasons]
         await poster.drain(timeout=5)
         return names
 

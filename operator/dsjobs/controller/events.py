@@ -110,7 +110,8 @@ class EventPoster:
         self._task: asyncio.Task[None] | None = None
         self._last = datetime.min.replace(tzinfo=UTC)
 
-    def post(self, obj: Mapping[str, Any], event: JobEvent) -> None:
+    def post(self, obj: Mapping[str, Any], event: JobEvent) -> str:
+        """Queue the Event; its name."""
         # Strictly increasing: the time names the Event, and a step may post several at once.
         now = max(self._clock(), self._last + timedelta(microseconds=1))
         self._last = now
@@ -121,9 +122,10 @@ class EventPoster:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
             log.warning("event dropped, %d waiting: %s %s", MAX_PENDING, pending.job, event.reason)
-            return
+            return str(meta["name"])
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="dsjobs-events")
+        return str(meta["name"])
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most `timeout` seconds) for the queued Events to be posted, then stop."""
