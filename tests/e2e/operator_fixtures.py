@@ -13,6 +13,7 @@ The operator can be SIGKILLed and restarted (`kill()`, `start()`); its log is ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -325,16 +326,21 @@ def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorH
             # Delete the jobs while the operator runs, so that their finalizers are honoured.
             if harness.proc is None or harness.proc.poll() is not None:
                 harness.start()
-            harness.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            served = (namespace, harness.spare_namespace)  # a failed test may leave the spare one
+            for ns in served:
+                harness.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
             poll(
                 "the test jobs to be deleted",
                 lambda: (
-                    not harness.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
-                        "items"
-                    ]
+                    not any(
+                        harness.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+                        for ns in served
+                    )
                 ),
                 120,
             )
         finally:
             harness.stop()
             harness.core.delete_namespace(namespace)
+            with contextlib.suppress(ApiException):
+                harness.core.delete_namespace(harness.spare_namespace)
