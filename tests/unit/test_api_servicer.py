@@ -151,11 +151,12 @@ class FakeCore:
             InputCheck(p, f, f.size_bytes if f.sha256 in self.stored else None) for p, f in first.values()
         ]
 
-    async def presign_put(self, keys: Iterable[str], total_bytes: int) -> dict[str, str]:
+    async def presign_put(self, files: Iterable[tuple[str, int]]) -> dict[str, str]:
         if self.presign_error is not None:
             raise self.presign_error
-        self.put_totals.append(total_bytes)
-        return {k: f"https://store/{k}" for k in keys}
+        wanted = dict(files)
+        self.put_totals.append(sum(wanted.values()))
+        return {k: f"https://store/{k}" for k in wanted}
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
         return self.job

@@ -295,25 +295,28 @@ class Core:
 
         return list(await asyncio.gather(*(head(p, f) for p, f in first.values())))
 
-    async def presign_put(self, keys: Iterable[str], total_bytes: int) -> dict[str, str]:
-        """Upload URLs for `keys`, `total_bytes` in all (see `transfer_ttl`)."""
-        ttl = transfer_ttl(self.settings.url_ttl, total_bytes)
-        wanted = list(dict.fromkeys(keys))
+    async def presign_put(self, files: Iterable[tuple[str, int]]) -> dict[str, str]:
+        """`(key, size)` -> presigned PUT URL, valid long enough for all of them (`transfer_ttl`)."""
+        wanted = dict(files)
         if not wanted:
             return {}
+        ttl = transfer_ttl(self.settings.url_ttl, sum(wanted.values()))
         urls = await self.io(lambda: [self.store.presign_put(k, expires=ttl) for k in wanted])
         return dict(zip(wanted, urls, strict=True))
 
-    async def presign_get(self, keys: Iterable[tuple[str, str]], total_bytes: int) -> dict[str, str]:
-        """`(key, download file name)` -> presigned GET URL; `total_bytes` in all (see `transfer_ttl`)."""
-        ttl = transfer_ttl(self.settings.url_ttl, total_bytes)
-        wanted = list(dict.fromkeys(keys))
+    async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:
+        """`(key, download file name, size)` -> presigned GET URL, valid long enough for all of
+        them (`transfer_ttl`)."""
+        wanted = {k: (name, size) for k, name, size in files}
         if not wanted:
             return {}
+        ttl = transfer_ttl(self.settings.url_ttl, sum(size for _, size in wanted.values()))
         urls = await self.io(
-            lambda: [self.store.presign_get(k, expires=ttl, filename=n or None) for k, n in wanted]
+            lambda: [
+                self.store.presign_get(k, expires=ttl, filename=n or None) for k, (n, _) in wanted.items()
+            ]
         )
-        return {k: u for (k, _), u in zip(wanted, urls, strict=True)}
+        return dict(zip(wanted, urls, strict=True))
 
 
 def snapshot(obj: Mapping[str, Any]) -> JobSnapshot:

@@ -426,8 +426,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         """A presigned PUT URL for every input the store does not hold with its declared size."""
         missing = [c for c in checks if not c.present]
         keys = {c.file.sha256: st.input_key(project_id, c.file.sha256) for c in missing}
-        total = sum(c.file.size_bytes for c in missing)  # one per sha256 already
-        urls = await self.core.presign_put(keys.values(), total)
+        urls = await self.core.presign_put((keys[c.file.sha256], c.file.size_bytes) for c in missing)
         return [_storage_file(c.file, urls[keys[c.file.sha256]]) for c in missing]
 
     async def create_operation(self, job: JobSnapshot, kind: OpKind) -> operation_pb2.Operation:
@@ -682,7 +681,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 )
             chosen.append(found)
         urls = await self.core.presign_get(
-            ((f.key, f.desc.path.rsplit("/", 1)[-1]) for f in chosen), sum(f.size_bytes for f in chosen)
+            (f.key, f.desc.path.rsplit("/", 1)[-1], f.size_bytes) for f in chosen
         )
         return svc.DownloadProjectJobFilesResponse(
             download_files=[_storage_file(f, urls[f.key]) for f in chosen]
@@ -707,12 +706,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 )
             raise errors.not_found(f"job {job.name!r} has no stored stdout/stderr")
         urls = await self.core.presign_get(
-            (
-                (k, f"{job.name}-{n}")
-                for (n, k), p in zip(keys.items(), present, strict=True)
-                if p is not None
-            ),
-            sum(p.size for p in present if p is not None),
+            (k, f"{job.name}-{n}", p.size)
+            for (n, k), p in zip(keys.items(), present, strict=True)
+            if p is not None
         )
         return svc.DownloadProjectJobStdLogsResponse(
             stdout_url=urls.get(keys["stdout.txt"], ""), stderr_url=urls.get(keys["stderr.txt"], "")
@@ -733,11 +729,10 @@ def _filter_fields(job: JobSnapshot) -> Mapping[str, str]:
 
 
 async def execute_operation(core: Core, job: JobSnapshot) -> operation_pb2.Operation:
-    keys = operations.output_keys(job)
-    names = {f.key: f.desc.path.rsplit("/", 1)[-1] for f in job.status.output_files}
-    wanted = set(keys)
-    size = sum(f.size_bytes for f in job.status.output_files if f.key in wanted)
-    urls = await core.presign_get(((k, names.get(k, "")) for k in keys), size)
+    by_key = {f.key: f for f in job.status.output_files}
+    urls = await core.presign_get(
+        (k, by_key[k].desc.path.rsplit("/", 1)[-1], by_key[k].size_bytes) for k in operations.output_keys(job)
+    )
     if job.status.progress is None and not job.is_final and job.spec.execute:
         # The runner keeps the latest progress in storage; the operator copies it to the status
         # now and then. Fresher here, for the CLI's job_progress.jsonl.
