@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,35 @@ def test_working_storage(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     cwd, source = (d / "where.txt").read_text().split()
     assert cwd == "/job/work", run.output
     assert "/hostpath_pv/" in source, run.output  # a bind mount of the provisioned directory
+
+
+def test_output_datasets_are_created_and_mounted_by_later_jobs(
+    dsjobs_stack: StackEnv, tmp_path: Path
+) -> None:
+    if not dsjobs_stack.local:
+        pytest.skip("the local overlay's working storage class (a directory of this machine)")
+    writer = {
+        "name": "e2e-dataset-writer",
+        "cmd": "sh -c 'echo made by the writer > ${WEIGHTS}/w.txt'",
+        "output-datasets": [{"name": "weights", "var": "WEIGHTS", "size": "1Gb", "labels": {"team": "cv"}}],
+    }
+    run = execute(dsjobs_stack, job_dir(tmp_path / "writer", writer, {})).ok()
+    found = re.search(r"\* (\S+) \(weights\) size: 1 Gb", run.output)
+    assert found and "Created datasets:" in run.output, run.output
+    dataset_id = found.group(1)
+    claim = f"dsjobs-dataset-{dataset_id}"
+    try:
+        reader = {
+            "name": "e2e-dataset-reader",
+            "cmd": "sh -c 'cat ${WEIGHTS}/w.txt > seen.txt'",
+            "datasets": [{dataset_id: "WEIGHTS"}],
+            "outputs": ["seen.txt"],
+        }
+        d = job_dir(tmp_path / "reader", reader, {})
+        run = execute(dsjobs_stack, d).ok()
+        assert (d / "seen.txt").read_text() == "made by the writer\n", run.output
+    finally:
+        dsjobs_stack.kubectl("delete", "pvc", claim, "-n", dsjobs_stack.project_namespace, "--wait=false")
 
 
 def test_directory_and_empty_inputs(dsjobs_stack: StackEnv, tmp_path: Path) -> None:

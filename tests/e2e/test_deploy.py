@@ -222,6 +222,14 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
     # Cluster-scoped: checked for a job with working storage before its pod.
     assert verbs("dsjobs-operator", "storageclasses") == {"list"}
+    # Claims: found by label (mounts), made and published (output datasets), unpublished ones
+    # deleted by label; never a single get or delete of somebody's claim.
+    assert verbs("dsjobs-operator", "persistentvolumeclaims") == {
+        "list",
+        "create",
+        "patch",
+        "deletecollection",
+    }
 
 
 def test_kind_overlay_runs_the_loaded_image() -> None:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,6 +261,73 @@ def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, s
     assert (bucket / "out.txt").read_text() == "from the job\n"
     assert (disk / "notes.txt").read_text() == "kept\n"
     assert not (dataset / "nope").exists()
+
+
+def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Storage) -> None:
+    if h.cluster.root is None:
+        pytest.skip(LOCAL_CLASS_ONLY)
+    # A job writes to ${MODELS}; when it succeeds that claim is the dataset of its status's id,
+    # which later jobs mount read-only by id, and which stays when the job is deleted.
+    ods = [{"name": "models", "description": "weights", "var": "MODELS", "sizeGb": 1}]
+    h.create_job(
+        "ods-writer", {"cmd": "echo weights > ${MODELS}/w.txt && echo at ${MODELS}", "outputDatasets": ods}
+    )
+    status = h.wait_phase("ods-writer", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    ((dataset,),) = [status["outputDatasets"]]
+    dataset_id = dataset["id"]
+    assert dataset["desc"] == {**ods[0], "labels": {}}
+    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert storage.get_bytes(stdout).decode() == "at /job/output-datasets/MODELS\n"
+    claim_name = f"dsjobs-dataset-{dataset_id}"
+    try:
+        claim = h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace)
+        assert claim.metadata.labels["dsjobs.dev/dataset-id"] == dataset_id
+        assert not claim.metadata.owner_references
+        assert claim.metadata.annotations["dsjobs.dev/dataset-name"] == "models"
+        assert "DatasetsCreated" in _reasons(h, "ods-writer")
+
+        h.create_job("ods-reader", {"cmd": f"cat ${{{dataset_id}}}/w.txt", "datasetIds": [dataset_id]})
+        status = h.wait_phase("ods-reader", "SUCCESS", "ERROR")
+        assert status["phase"] == "SUCCESS", status
+        stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+        assert storage.get_bytes(stdout).decode() == "weights\n"
+
+        h.custom.delete_namespaced_custom_object(
+            "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "ods-writer"
+        )
+        poll("the writer job gone", lambda: h.job("ods-writer") is None, 60)
+        time.sleep(2)  # the garbage collector would act on an owner reference at once
+        assert (
+            h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace).metadata.uid
+            == claim.metadata.uid
+        )
+
+        # A job that does not succeed leaves no claim behind, and no dataset in its status.
+        failing = {"cmd": "echo half > ${MODELS}/w.txt; exit 3", "outputDatasets": ods}
+        h.create_job("ods-failed", failing)
+        status = h.wait_phase("ods-failed", "ERROR", "SUCCESS")
+        assert status["phase"] == "ERROR" and not status.get("outputDatasets"), status
+
+        def claims_of_failed() -> list[Any]:
+            return h.core.list_namespaced_persistent_volume_claim(
+                h.namespace, label_selector="dsjobs.dev/job-id=ods-failed"
+            ).items
+
+        # Deleted, which completes once the pod that mounted it is gone (pvc-protection; the
+        # harness keeps finished pods for 10 minutes).
+        (pod,) = h.pods("ods-failed")
+        claimed = [
+            v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim
+        ]
+        assert [c.metadata.name for c in claims_of_failed()] == claimed, claimed
+        poll(
+            "the failed job's dataset claim deleted",
+            lambda: all(c.metadata.deletion_timestamp for c in claims_of_failed()),
+            60,
+        )
+    finally:
+        h.core.delete_namespaced_persistent_volume_claim(claim_name, h.namespace)
 
 
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:

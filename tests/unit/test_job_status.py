@@ -15,15 +15,17 @@ from typing import Any
 
 import pytest
 
-from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL
+from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, output_dataset_id
 from dsjobs.controller.plan import (
     ClearData,
     CreatePod,
+    DeleteDatasetClaims,
     DeletePod,
     DeleteSecrets,
     EnsureMetadata,
     JobView,
     Plan,
+    PublishDatasets,
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
@@ -804,6 +806,57 @@ def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
     assert p.actions == (DeletePod("job-1-a1", 1, "the job has finished"), DeleteSecrets())
     retained = step(j, [ended_pod(0)], settings=OperatorSettings(finished_pod_retention_seconds=600))
     assert not retained.actions and retained.requeue_after == timedelta(minutes=10)
+
+
+OUTPUT_DATASETS = {
+    "cmd": "python main.py ${MODELS}",
+    "outputDatasets": [{"name": "models", "description": "weights", "var": "MODELS", "sizeGb": 2}],
+}
+
+
+def test_a_successful_job_publishes_its_output_datasets_before_it_says_so() -> None:
+    j = job(params=OUTPUT_DATASETS, status=started("EXECUTING"))
+    p = step(j, [ended_pod(0)], res=result(0))
+    dataset_id = output_dataset_id("uid-1", "MODELS")
+    assert p.status.phase == JobPhase.SUCCESS
+    assert [(d.id, d.desc.name, d.desc.size_gb) for d in p.status.output_datasets] == [
+        (dataset_id, "models", 2)
+    ]
+    assert p.actions == (PublishDatasets((dataset_id,)),)
+    told = next(e for e in p.events if e.reason == "DatasetsCreated")
+    assert told.message == f"created datasets {dataset_id} (models)"
+    # Written: the next steps neither publish again nor drop the record.
+    done = step(job(params=OUTPUT_DATASETS, status=p.status.to_cr()), [ended_pod(0)])
+    assert not any(isinstance(a, PublishDatasets | DeleteDatasetClaims) for a in done.actions)
+    assert done.status.output_datasets == p.status.output_datasets
+    # Not written (a crash, a conflict): the same step again.
+    assert step(j, [ended_pod(0)], res=result(0)).actions == p.actions
+
+
+@pytest.mark.parametrize(
+    ("pods", "res", "extra", "phase"),
+    [
+        ([ended_pod(1)], result(1), {}, JobPhase.ERROR),
+        ([executing_pod()], None, {"cancel": {"reason": "stop"}}, JobPhase.CANCELLING),
+        ([], None, {"cancel": {"reason": "stop"}}, JobPhase.CANCELLED),
+    ],
+    ids=["error", "cancelling", "cancelled"],
+)
+def test_a_job_that_does_not_succeed_deletes_its_dataset_claims_once_final(
+    pods: list[PodView], res: RunnerResult | None, extra: dict[str, Any], phase: JobPhase
+) -> None:
+    j = job(params=OUTPUT_DATASETS, status=started("EXECUTING"), **extra)
+    p = step(j, pods, res=res)
+    assert p.status.phase == phase and p.status.output_datasets == []
+    assert (DeleteDatasetClaims() in p.actions) == phase.is_final
+    assert not any(isinstance(a, PublishDatasets) for a in p.actions)
+
+
+def test_jobs_without_output_datasets_or_without_a_pod_touch_no_claims() -> None:
+    plain = step(job(status=started("EXECUTING")), [ended_pod(0)], res=result(0))
+    assert plain.status.phase == JobPhase.SUCCESS and not plain.actions and not plain.status.output_datasets
+    never_ran = step(job(params=OUTPUT_DATASETS, cancel={"reason": "no"}))
+    assert never_ran.status.phase == JobPhase.CANCELLED and not never_ran.actions
 
 
 # --- cancel ---------------------------------------------------------------------------------------

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from dsjobs.controller.names import ATTEMPT_LABEL, JOB_LABEL, PROJECT_LABEL, pod_name
+from dsjobs.controller.names import (
+    ATTEMPT_LABEL,
+    DATASET_LABEL,
+    JOB_LABEL,
+    OUTPUT_DATASET_LABEL,
+    PROJECT_LABEL,
+    output_dataset_id,
+    pod_name,
+)
 from dsjobs.controller.render import (
     JobRef,
     PvcView,
     Volumes,
+    output_dataset_claims,
+    published_dataset_patch,
     pvc_selectors,
     render_pod,
     resolve_volumes,
@@ -40,6 +51,7 @@ from dsjobs.controller.secrets import (
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
+from dsjobs.models.limits import RESOURCE_ID_PATTERN
 
 GOLDEN = Path(__file__).parent / "golden" / "pods"
 UPDATE = os.environ.get("DSJOBS_UPDATE_GOLDEN") == "1"
@@ -115,6 +127,12 @@ def _features() -> dict[str, dict[str, Any]]:
             volumes=Volumes(mount_claims={"ds-1": "dataset-ds-1"}),
         ),
         "working_storage": pod_for(spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})),
+        "output_dataset": pod_for(
+            spec(
+                cmd="python main.py --save ${MODELS}",
+                outputDatasets=[{"name": "models", "var": "MODELS", "sizeGb": 20}],
+            )
+        ),
         "docker_creds": pod_for(
             spec(
                 env={
@@ -275,6 +293,53 @@ def test_dataset_is_read_only_and_s3_mount_is_writable() -> None:
     s3 = FEATURES["s3_mount"]["spec"]
     mount = next(m for m in s3["containers"][0]["volumeMounts"] if m["mountPath"].startswith("/job/s3/"))
     assert mount["mountPath"] == "/job/s3/bucket-1" and not mount.get("readOnly")
+
+
+def test_output_datasets_are_writable_claims_owned_by_the_job_until_published() -> None:
+    job_spec = spec(
+        cmd="python main.py ${A} ${B}",
+        outputDatasets=[
+            {"name": "Models", "description": "weights", "labels": {"team": "cv"}, "var": "A", "sizeGb": 20},
+            # The official CLI sends "500Mb" as 0 GiB.
+            {"name": "tiny", "var": "B", "sizeGb": 0},
+        ],
+    )
+    claims = output_dataset_claims(JOB, job_spec, SETTINGS)
+    ids = [output_dataset_id(JOB.uid, v) for v in ("A", "B")]
+    assert len(set(ids)) == 2 and all(len(i) == 20 and re.fullmatch(RESOURCE_ID_PATTERN, i) for i in ids)
+    assert [c["metadata"]["name"] for c in claims] == [f"dsjobs-dataset-{i}" for i in ids]
+    first = claims[0]
+    assert first["metadata"]["ownerReferences"] == [JOB.owner()]
+    assert first["metadata"]["labels"] == {**JOB.labels(), OUTPUT_DATASET_LABEL: "true"}
+    assert DATASET_LABEL not in first["metadata"]["labels"]  # nobody mounts it before it is published
+    assert first["metadata"]["annotations"] == {
+        "dsjobs.dev/dataset-name": "Models",
+        "dsjobs.dev/dataset-description": "weights",
+        "dsjobs.dev/dataset-labels": '{"team": "cv"}',
+    }
+    assert first["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "20Gi"}},
+        "storageClassName": "fast-ssd",
+    }
+    assert claims[1]["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert published_dataset_patch(ids[0]) == {
+        "metadata": {"labels": {DATASET_LABEL: ids[0]}, "ownerReferences": None}
+    }
+    # Another job object (even under the same name) makes other datasets.
+    assert output_dataset_id("another-uid", "A") not in ids
+
+    pod = pod_for(job_spec)["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    for var, dataset_id in zip(("A", "B"), ids, strict=True):
+        mount = mounts[f"/job/output-datasets/{var}"]
+        assert not mount.get("readOnly")
+        assert vols[mount["name"]]["persistentVolumeClaim"] == {
+            "claimName": f"dsjobs-dataset-{dataset_id}",
+            "readOnly": False,
+        }
+    assert output_dataset_claims(JOB, spec(), SETTINGS) == []
 
 
 def test_images() -> None:

@@ -327,13 +327,7 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(CMD, "echo ${HOME} $${MAIN}"),
         set_at(CMD, "echo $${HOME} $${MAIN} ${MAIN}"),
     ),
-    # output dataset and local module vars are declared but have no value in cmd
-    (
-        "cmd-var-unsupported",
-        "job_parameters.cmd",
-        set_at(CMD, "python main.py --out ${OUTDS}"),
-        set_at(CMD, "python main.py --out $${OUTDS}"),
-    ),
+    # local module vars are declared but have no value in cmd (output dataset vars do: see below)
     (
         "cmd-var-unsupported",
         "job_parameters.cmd",
@@ -1168,6 +1162,20 @@ def test_the_escape_passes_validation_and_reaches_the_shell_unsubstituted() -> N
     assert problems == [] and spec is not None
     config = runner_config(JobRef("job-1", "ns", "uid", "proj1"), spec, 0)
     assert render_config_cmd(config) == "echo ${HOME} ${X:-1} 1 ${A}"
+
+
+def test_an_output_dataset_var_is_the_directory_the_job_writes_the_dataset_to() -> None:
+    doc = {
+        "projectId": "proj1",
+        "jobParameters": {
+            "cmd": "python train.py --save ${MODELS}",
+            "outputDatasets": [{"name": "models", "var": "MODELS", "sizeGb": 2}],
+        },
+    }
+    spec, problems = parse_job_spec(doc)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "proj1"), spec, 0)
+    assert render_config_cmd(config) == "python train.py --save /job/output-datasets/MODELS"
 
 
 @pytest.mark.parametrize("cmd", ["${A} $${B} ${C:-1} $$${D} ${E${F}} ${} ${G", "x $${A}${B}"])

@@ -55,16 +55,20 @@ from dsjobs.controller.names import (
     PROJECT_SECRETS_NAME,
     PROJECT_STORAGE_SECRET_NAME,
     operator_secrets_selector,
+    output_dataset_claim_name,
+    pending_output_datasets_selector,
     registry_secret_name,
 )
 from dsjobs.controller.plan import (
     ClearData,
     CreatePod,
+    DeleteDatasetClaims,
     DeletePod,
     DeleteSecrets,
     EnsureMetadata,
     JobView,
     Plan,
+    PublishDatasets,
     RemoveFinalizer,
     current_pod_name,
     plan,
@@ -75,6 +79,8 @@ from dsjobs.controller.render import (
     JobRef,
     PvcView,
     needs_registry_secret,
+    output_dataset_claims,
+    published_dataset_patch,
     pvc_selectors,
     render_pod,
     resolve_volumes,
@@ -560,6 +566,31 @@ class Operator:
                     jlog(logging.INFO, key, "deleted pod %s (%s)", action.name, action.why)
             elif isinstance(action, DeleteSecrets):
                 await self._delete_secrets(job)
+            elif isinstance(action, PublishDatasets):
+                for dataset_id in action.dataset_ids:
+                    path = core_path(
+                        job.namespace, "persistentvolumeclaims", output_dataset_claim_name(dataset_id)
+                    )
+                    try:
+                        await self.kube.merge_patch(
+                            "persistentvolumeclaims", path, published_dataset_patch(dataset_id)
+                        )
+                    except NotFound:
+                        # Only somebody deleting the operator's claim gets here; the job still ran.
+                        jlog(
+                            logging.WARNING,
+                            (job.namespace, job.name),
+                            "dataset claim of %s is gone",
+                            dataset_id,
+                        )
+                jlog(
+                    logging.INFO,
+                    (job.namespace, job.name),
+                    "published datasets %s",
+                    ", ".join(action.dataset_ids),
+                )
+            elif isinstance(action, DeleteDatasetClaims):
+                await self._delete_dataset_claims(job)
             elif isinstance(action, ClearData):
                 await self._clear_data(job)
             elif isinstance(action, RemoveFinalizer):
@@ -615,7 +646,7 @@ class Operator:
                 now,
             )
 
-        if spec.job_parameters.extended_working_storage is not None:
+        if spec.job_parameters.extended_working_storage is not None or spec.job_parameters.output_datasets:
             classes = await self.kube.list("storageclasses", STORAGE_CLASSES_PATH)
             problem = working_storage_class_problem(self.settings.working_storage_class, classes)
             if problem is not None:
@@ -678,6 +709,16 @@ class Operator:
             registry_secret=registry,
         )
         try:
+            for claim in output_dataset_claims(ref, spec, self.settings):
+                # Before the pod that mounts them; every attempt writes to the same ones.
+                await self.kube.create(
+                    "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), claim
+                )
+        except Invalid as exc:
+            await self._delete_dataset_claims(job)
+            why = exc.message or str(exc)
+            return fail(spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now)
+        try:
             # The Secret and the pod go out together: one round trip less between the execute
             # request and the pod. The pod is bound by the scheduler before a kubelet looks for
             # the Secret; should the kubelet still be first, it retries the mount.
@@ -689,6 +730,8 @@ class Operator:
         except Invalid as exc:
             # The Secrets went out with the pod: without the pod nothing would ever delete them.
             await self._delete_secrets(job)
+            if spec.job_parameters.output_datasets:
+                await self._delete_dataset_claims(job)
             why = exc.message or str(exc)
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
         if created is not None:
@@ -704,6 +747,14 @@ class Operator:
         assert self.kube is not None
         await self.kube.delete_collection(
             "secrets", core_path(job.namespace, "secrets"), operator_secrets_selector(job.name)
+        )
+
+    async def _delete_dataset_claims(self, job: JobView) -> None:
+        assert self.kube is not None
+        await self.kube.delete_collection(
+            "persistentvolumeclaims",
+            core_path(job.namespace, "persistentvolumeclaims"),
+            pending_output_datasets_selector(job.name),
         )
 
     async def _registry_password(self, namespace: str, spec: ProjectJobSpec) -> tuple[str | None, str]:

@@ -25,6 +25,13 @@ REGISTRY_PASSWORD_ROLE: Final = "registry-password"
 S3_MOUNT_LABEL: Final = "dsjobs.dev/s3-mount-id"
 DATASET_LABEL: Final = "dsjobs.dev/dataset-id"
 PROJECT_DISK_LABEL: Final = "dsjobs.dev/project-disk"
+# On the claims a job writes its output datasets to. While the job runs they belong to it (owner
+# reference, no dataset-id label: nobody else can mount a half-written dataset); when it succeeds
+# they get the dataset-id label and lose the owner reference, so they outlive the job.
+OUTPUT_DATASET_LABEL: Final = "dsjobs.dev/output-dataset"
+DATASET_NAME_ANNOTATION: Final = "dsjobs.dev/dataset-name"
+DATASET_DESCRIPTION_ANNOTATION: Final = "dsjobs.dev/dataset-description"
+DATASET_LABELS_ANNOTATION: Final = "dsjobs.dev/dataset-labels"
 
 # Our finalizer: stored data outlives the ProjectJob unless somebody deletes it first.
 FINALIZER: Final = "dsjobs.dev/cleanup"
@@ -59,6 +66,22 @@ def registry_secret_name(job: str) -> str:
 
 def runner_secret_name(job: str) -> str:
     return _fit(job, "-runner")
+
+
+def output_dataset_id(job_uid: str, var: str) -> str:
+    """The id of the dataset a job creates from its output dataset `var`: 20 characters like
+    DataSphere's ids, unique per job object (a job created again under the same name makes new
+    datasets, never writes into the old ones)."""
+    return "ds" + hashlib.sha256(f"{job_uid}/{var}".encode()).hexdigest()[:18]
+
+
+def output_dataset_claim_name(dataset_id: str) -> str:
+    return f"dsjobs-dataset-{dataset_id}"
+
+
+def pending_output_datasets_selector(job: str) -> str:
+    """The claims of a job's output datasets that were not published (the job did not succeed)."""
+    return f"{JOB_LABEL}={job},{OUTPUT_DATASET_LABEL},!{DATASET_LABEL}"
 
 
 def job_labels(project_id: str, job: str) -> dict[str, str]:

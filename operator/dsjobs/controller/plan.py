@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, pod_name
+from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, output_dataset_id, pod_name
 from dsjobs.controller.podview import PodView, parse_time
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
@@ -49,7 +49,7 @@ from dsjobs.controller.status import (
     set_condition,
     with_phase,
 )
-from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models import InstanceTypeSpec, JobPhase, OutputDataset, ProjectJobSpec, ProjectJobStatus
 from dsjobs.models.limits import LABEL_VALUE_PATTERN
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, format_problems, parse_job_spec
@@ -164,7 +164,28 @@ class RemoveFinalizer:
     """Let a deleted job go: everything it owned is cleaned up."""
 
 
-Action = CreatePod | DeletePod | DeleteSecrets | ClearData | EnsureMetadata | RemoveFinalizer
+@dataclass(frozen=True)
+class PublishDatasets:
+    """The job succeeded: its output datasets' claims become datasets (by these ids) that outlive it."""
+
+    dataset_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeleteDatasetClaims:
+    """The job ended without success: the claims of its output datasets go (unpublished ones only)."""
+
+
+Action = (
+    CreatePod
+    | DeletePod
+    | DeleteSecrets
+    | ClearData
+    | EnsureMetadata
+    | RemoveFinalizer
+    | PublishDatasets
+    | DeleteDatasetClaims
+)
 
 
 @dataclass(frozen=True)
@@ -284,6 +305,44 @@ def plan(
     deletion the operator saw or confirmed. `catalog` is the cluster's InstanceTypes. `result` is
     the runner's result of the current attempt when its ship container has ended.
     """
+    return _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings))
+
+
+def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
+    """On the step that ends a job with output datasets: publish them (SUCCESS) or delete their
+    claims. The action comes before the final status is written, so a crash in between repeats it
+    (both are idempotent) and a job never says SUCCESS with datasets that do not exist."""
+    spec, phase = step.spec, step.status.phase
+    if spec is None or not spec.job_parameters.output_datasets or job.deleting:
+        return step
+    if phase is None or not phase.is_final or (job.status.phase is not None and job.status.phase.is_final):
+        return step
+    if phase != JobPhase.SUCCESS:
+        # Claims are made with the first pod: a job that never had one has none.
+        if step.status.attempt == 0:
+            return step
+        return replace(step, actions=(*step.actions, DeleteDatasetClaims()))
+    created = [
+        OutputDataset(desc=d, id=output_dataset_id(job.uid, d.var))
+        for d in spec.job_parameters.output_datasets
+    ]
+    names = ", ".join(f"{d.id} ({d.desc.name})" for d in created)
+    return replace(
+        step,
+        status=step.status.model_copy(update={"output_datasets": created}),
+        actions=(*step.actions, PublishDatasets(tuple(d.id for d in created))),
+        events=(*step.events, JobEvent("Normal", "DatasetsCreated", f"created datasets {names}")),
+    )
+
+
+def _plan(
+    job: JobView,
+    pods: Sequence[PodView],
+    catalog: Mapping[str, InstanceTypeSpec],
+    result: RunnerResult | ResultPointer | None,
+    now: datetime,
+    settings: OperatorSettings,
+) -> Plan:
     if job.deleting:
         return _plan_delete(job, pods, now)
 

@@ -11,20 +11,27 @@ storage. Golden files in tests/unit/golden/pods/ pin the output per feature.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from dsjobs.controller.names import (
     ATTEMPT_LABEL,
+    DATASET_DESCRIPTION_ANNOTATION,
     DATASET_LABEL,
+    DATASET_LABELS_ANNOTATION,
+    DATASET_NAME_ANNOTATION,
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
+    OUTPUT_DATASET_LABEL,
     PROJECT_DISK_LABEL,
     PROJECT_SECRETS_NAME,
     RUNNER_SECRET_ROLE,
     S3_MOUNT_LABEL,
     job_labels,
+    output_dataset_claim_name,
+    output_dataset_id,
     pod_name,
     registry_secret_name,
     runner_secret_name,
@@ -48,6 +55,8 @@ from dsjobs.runner.contract import config_secret_data, runner_pod_parts
 # Where the job sees its mounts (DataSphere mounts S3 connectors at /job/s3/<id>).
 S3_MOUNT_ROOT: Final = "/job/s3"
 DATASET_ROOT: Final = "/job/datasets"
+# Where the job writes the datasets it creates (`${VAR}` of each output dataset).
+OUTPUT_DATASET_ROOT: Final = "/job/output-datasets"
 PROJECT_DISK_PATH: Final = "/job/project"
 WORK_VOLUME_SOURCE_EMPTY: Final[Mapping[str, Any]] = {"emptyDir": {}}
 
@@ -227,6 +236,12 @@ def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConf
         arguments={a.name: a.value for a in params.arguments},
         s3_mounts=[Mount(id=i, mount_path=f"{S3_MOUNT_ROOT}/{i}") for i in params.s3_mount_ids],
         datasets=[Mount(id=i, mount_path=f"{DATASET_ROOT}/{i}") for i in params.dataset_ids],
+        output_datasets=[
+            Mount(
+                id=output_dataset_id(job.uid, d.var), var=d.var, mount_path=f"{OUTPUT_DATASET_ROOT}/{d.var}"
+            )
+            for d in params.output_datasets
+        ],
         project_disk_path=PROJECT_DISK_PATH if params.attach_project_disk else None,
         env=dict(env.vars) if env is not None else {},
         python_env=python_env,
@@ -267,6 +282,52 @@ def secret_size_problem(secret: Mapping[str, Any], config: RunnerConfig) -> str 
         f"the job's runner config needs {size} bytes, more than the {MAX_SECRET_DATA_BYTES} a Secret "
         f"may hold; its environment variables (with the project's secrets) take {env} bytes"
     )
+
+
+def output_dataset_claims(
+    job: JobRef, spec: ProjectJobSpec, settings: OperatorSettings
+) -> list[dict[str, Any]]:
+    """The claims the job writes its output datasets to, made before its first pod.
+
+    Owned by the job and without the dataset-id label until the job succeeds (then the operator
+    publishes them: the label on, the owner reference off). The dataset's name, description and
+    labels ride along as annotations: DataSphere's labels need not be valid Kubernetes labels.
+    """
+    claims: list[dict[str, Any]] = []
+    for d in spec.job_parameters.output_datasets:
+        dataset_id = output_dataset_id(job.uid, d.var)
+        claim_spec: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            # The official CLI rounds the size down to whole GiB: "500Mb" arrives as 0.
+            "resources": {"requests": {"storage": f"{max(d.size_gb, 1)}Gi"}},
+        }
+        if settings.working_storage_class:
+            claim_spec["storageClassName"] = settings.working_storage_class
+        annotations = {DATASET_NAME_ANNOTATION: d.name}
+        if d.description:
+            annotations[DATASET_DESCRIPTION_ANNOTATION] = d.description
+        if d.labels:
+            annotations[DATASET_LABELS_ANNOTATION] = json.dumps(dict(sorted(d.labels.items())))
+        claims.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {
+                    "name": output_dataset_claim_name(dataset_id),
+                    "namespace": job.namespace,
+                    "labels": {**job.labels(), OUTPUT_DATASET_LABEL: "true"},
+                    "annotations": annotations,
+                    "ownerReferences": [job.owner()],
+                },
+                "spec": claim_spec,
+            }
+        )
+    return claims
+
+
+def published_dataset_patch(dataset_id: str) -> dict[str, Any]:
+    """Turns an output dataset's claim into a dataset other jobs find by id (merge patch)."""
+    return {"metadata": {"labels": {DATASET_LABEL: dataset_id}, "ownerReferences": None}}
 
 
 def working_storage_source(
@@ -348,7 +409,10 @@ def render_pod(
         work_volume_source=working_storage_source(spec, job, settings, instance_type),
         # The logs and pip-installed packages are on the system disk too.
         shared_size_limit=instance_type.working_dir_size_limit,
-        mount_claims=volumes.mount_claims,
+        mount_claims={
+            **volumes.mount_claims,
+            **{m.id: output_dataset_claim_name(m.id) for m in config.output_datasets},
+        },
         project_disk_claim=volumes.project_disk_claim,
         runner_resources={
             "requests": {"cpu": settings.runner_cpu_request, "memory": settings.runner_memory_request},
@@ -402,6 +466,8 @@ __all__ = [
     "PvcView",
     "Volumes",
     "needs_registry_secret",
+    "output_dataset_claims",
+    "published_dataset_patch",
     "pvc_selectors",
     "registry_secret_name",
     "render_pod",

@@ -39,6 +39,10 @@ def cmd_variables(config: RunnerConfig) -> dict[str, str]:
         values[m.id] = m.mount_path
         if m.var:
             values[m.var] = m.mount_path
+    for m in config.output_datasets:
+        # Its id is made by the operator: the job knows it by its var only.
+        if m.var:
+            values[m.var] = m.mount_path
     values.update(config.arguments)
     if config.project_disk_path:
         values[ENV_PROJECT_HOME] = config.project_disk_path

@@ -114,7 +114,8 @@ class OutputFile(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class Mount(Record):
-    """An S3 connector or dataset volume, referenced in ``cmd`` by ``${var}`` or ``${id}``."""
+    """An S3 connector or dataset volume, referenced in ``cmd`` by ``${var}`` or ``${id}``; an
+    output dataset (a volume the job writes a new dataset to), by its ``${var}`` only."""
 
     id: str = field(metadata=rule(check=_check_var))
     var: str | None = field(default=None, metadata=rule(check=_check_var))
@@ -217,6 +218,7 @@ class RunnerConfig(Record):
     arguments: dict[str, str] = field(default_factory=dict, metadata=rule(check=_check_arguments))
     s3_mounts: list[Mount] = field(default_factory=list)
     datasets: list[Mount] = field(default_factory=list)
+    output_datasets: list[Mount] = field(default_factory=list)
     project_disk_path: str | None = field(default=None, metadata=rule(check=_check_abs("project disk path")))
     env: dict[str, str] = field(default_factory=dict, metadata=rule(check=_check_env))
     python_env: PythonEnv | None = None
@@ -234,6 +236,10 @@ class RunnerConfig(Record):
             names.append(m.id)
             if m.var and m.var != m.id:
                 names.append(m.var)
+        for m in self.output_datasets:
+            if not m.var:
+                raise ValueError(f"output dataset {m.id} has no var")
+            names.append(m.var)
         names.extend(self.arguments)
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -248,7 +254,7 @@ class RunnerConfig(Record):
         shared = self.paths.shared_dir
         if shared == self.paths.work_dir or shared.startswith(self.paths.work_dir + "/"):
             raise ValueError("the shared dir must not be inside the working dir")
-        for m in (*self.s3_mounts, *self.datasets):
+        for m in (*self.s3_mounts, *self.datasets, *self.output_datasets):
             if m.mount_path in {"/", self.paths.work_dir, shared} or m.mount_path.startswith(shared + "/"):
                 raise ValueError(f"mount path {m.mount_path} collides with the runner's directories")
 

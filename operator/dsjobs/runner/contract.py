@@ -165,8 +165,8 @@ def runner_pod_parts(
 ) -> RunnerPodParts:
     """Containers and volumes of a job pod for ``config``.
 
-    ``mount_claims`` maps each S3 mount / dataset id to its PVC name (the operator finds them by
-    label); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
+    ``mount_claims`` maps each S3 mount / dataset / output dataset id to its PVC name (the
+    operator finds the first two by label and makes the last); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
     ``work_volume_source`` is the working-storage volume source (default: an emptyDir).
     ``shared_size_limit`` bounds the shared volume (logs, pip-installed packages) as an emptyDir
     ``sizeLimit``.
@@ -223,7 +223,11 @@ def runner_pod_parts(
         {"name": SHARED_VOLUME, "mountPath": shared_dir},
         {"name": WORK_VOLUME, "mountPath": work_dir},
     ]
-    for kind, mounts, read_only in (("s3", config.s3_mounts, False), ("dataset", config.datasets, True)):
+    for kind, mounts, read_only in (
+        ("s3", config.s3_mounts, False),
+        ("dataset", config.datasets, True),
+        ("output-dataset", config.output_datasets, False),
+    ):
         for i, m in enumerate(mounts):
             claim = claims.get(m.id)
             if not claim:

@@ -40,10 +40,9 @@ _HOST_PORT = re.compile(L.HOST_PORT_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # `${NAME}` in cmd; `$${...}` is the escape the runner passes to the shell (see cmd_references).
 CMD_VAR_REFERENCE = re.compile(CMD_REFERENCE_PATTERN)
-# Declarations whose var the runner has no value for: this server creates no output datasets, and
-# local modules are put on PYTHONPATH (the CLI's `_LOCAL_MODULE_<i>` is not a cmd variable there).
+# Declarations whose var the runner has no value for: local modules are put on PYTHONPATH (the
+# CLI's `_LOCAL_MODULE_<i>` is not a cmd variable there).
 _NOT_CMD_VARS = {
-    "output_datasets[": "this server creates no output datasets, so their vars have no value in cmd",
     "env.python_env.local_modules[": "local modules are put on PYTHONPATH; their vars have no value in cmd",
 }
 
