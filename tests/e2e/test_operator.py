@@ -330,6 +330,49 @@ def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Sto
         h.core.delete_namespaced_persistent_volume_claim(claim_name, h.namespace)
 
 
+def test_a_spark_connector_is_the_config_datasphere_spark_reads(h: H, storage: Storage) -> None:
+    # The connector's Secret (an admin's, like the mounts' claims) reaches the job where the
+    # official client's `datasphere.spark.connect_to_spark()` looks: $JOB_DATAPROC_CONNECTION_CONFIG.
+    config = {
+        "master_node_host": "spark-connect.spark:15002",
+        "connection_mode": "SPARK_CONNECT",
+        "session_params": {"spark.executor.memory": "2g"},
+    }
+    secret = k8s_client.V1Secret(
+        metadata=k8s_client.V1ObjectMeta(name="dsjobs-spark-bt1spark"),
+        string_data={"config.json": json.dumps(config)},
+    )
+    h.core.create_namespaced_secret(h.namespace, secret)
+    try:
+        read = (
+            "python -c 'import os; from datasphere.spark import load_spark_config as l; "
+            'c = l(os.environ["JOB_DATAPROC_CONNECTION_CONFIG"]); '
+            "print(c.master_node_host, c.connection_mode.name, c.session_params)'"
+        )
+        h.create_job("spark", {"cmd": read, "sparkParameters": {"connectorId": "bt1spark"}})
+        status = h.wait_phase("spark", "SUCCESS", "ERROR")
+        assert status["phase"] == "SUCCESS", status
+        stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+        assert storage.get_bytes(stdout).decode() == (
+            "spark-connect.spark:15002 CONNECT {'spark.executor.memory': '2g'}\n"
+        )
+        # A connector whose config the client could not read fails the job before it starts.
+        bad = {**config, "connection_mode": "YARN"}
+        h.core.patch_namespaced_secret(
+            "dsjobs-spark-bt1spark", h.namespace, {"stringData": {"config.json": json.dumps(bad)}}
+        )
+        h.create_job("spark-bad", {"cmd": "true", "sparkParameters": {"connectorId": "bt1spark"}})
+        status = h.wait_phase("spark-bad", "ERROR", "SUCCESS")
+        assert status["phase"] == "ERROR", status
+        assert (
+            "connection_mode must be one of SPARK_CONNECT, SPARK_CONTEXT, SPARK_LOCAL"
+            in status["statusDetails"]
+        )
+        assert not h.pods("spark-bad")
+    finally:
+        h.core.delete_namespaced_secret("dsjobs-spark-bt1spark", h.namespace)
+
+
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     # The instance type's memory limit is the job container's; the local nodes enforce it with a
     # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.
@@ -399,6 +442,11 @@ def big_env(char: str) -> dict[str, str]:
         ("bad-mount", {"cmd": "ls ${nope-bucket}", "s3MountIds": ["nope-bucket"]}, "S3 mount 'nope-bucket'"),
         ("bad-dataset", {"cmd": "ls ${nope-data}", "datasetIds": ["nope-data"]}, "dataset 'nope-data'"),
         ("bad-image", {"cmd": "true", "env": {"dockerImageResourceId": "no-such-image"}}, "'no-such-image'"),
+        (
+            "bad-spark",
+            {"cmd": "true", "sparkParameters": {"connectorId": "nope-spark"}},
+            "Spark connector 'nope-spark': Secret 'dsjobs-spark-nope-spark' does not exist",
+        ),
         # Under the spec's 1 MiB, but each ' is 5 bytes of shell quoting in the entry script.
         (
             "too-large",

@@ -147,6 +147,7 @@ def test_failed_program_is_a_successful_operation_with_its_return_code() -> None
         ("StartError", grpc.StatusCode.FAILED_PRECONDITION),
         ("DataCleared", grpc.StatusCode.FAILED_PRECONDITION),
         ("StorageCredentials", grpc.StatusCode.FAILED_PRECONDITION),
+        ("SparkConnector", grpc.StatusCode.FAILED_PRECONDITION),
         ("WorkingDirFull", grpc.StatusCode.RESOURCE_EXHAUSTED),
         ("SomeNewImageProblem", grpc.StatusCode.FAILED_PRECONDITION),
         ("PodFailed", grpc.StatusCode.INTERNAL),

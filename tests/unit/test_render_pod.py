@@ -7,6 +7,7 @@ Regenerate the golden files after an intended change:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from dsjobs.controller.secrets import (
     registry_of,
     registry_secret,
     secret_value,
+    spark_connector_problem,
 )
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.instancetypes import CATALOG, instance_type_spec
@@ -79,6 +81,7 @@ def pod_for(
     volumes: Volumes | None = None,
     image: str | None = None,
     registry: str | None = None,
+    spark: str | None = None,
 ) -> dict[str, Any]:
     return render_pod(
         JOB,
@@ -91,6 +94,7 @@ def pod_for(
         volumes=volumes or Volumes(),
         image=image or user_image(job_spec, SETTINGS, {}) or "",
         registry_secret=registry,
+        spark_secret=spark,
     )
 
 
@@ -162,6 +166,9 @@ def _features() -> dict[str, dict[str, Any]]:
                     }
                 }
             )
+        ),
+        "spark_connector": pod_for(
+            spec(sparkParameters={"connectorId": "bt1spark"}), spark="dsjobs-spark-bt1spark"
         ),
         "graceful_shutdown": pod_for(spec(gracefulShutdownParameters={"signal": 10, "timeout": "20s"})),
     }
@@ -340,6 +347,55 @@ def test_output_datasets_are_writable_claims_owned_by_the_job_until_published() 
             "readOnly": False,
         }
     assert output_dataset_claims(JOB, spec(), SETTINGS) == []
+
+
+def test_a_spark_connector_is_a_config_file_named_by_the_env_the_client_reads() -> None:
+    pod = FEATURES["spark_connector"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "dsjobs-spark"]
+    assert volume["secret"] == {
+        "secretName": "dsjobs-spark-bt1spark",
+        "items": [{"key": "config.json", "path": "config.json"}],
+    }
+    main = pod["containers"][0]
+    assert {"name": "dsjobs-spark", "mountPath": "/job/.spark", "readOnly": True} in main["volumeMounts"]
+    assert {"name": "JOB_DATAPROC_CONNECTION_CONFIG", "value": "/job/.spark/config.json"} in main["env"]
+    # Only the job's container: the runner's never see it.
+    for c in [*pod["initContainers"], *pod["containers"][1:]]:
+        assert all(m["name"] != "dsjobs-spark" for m in c["volumeMounts"])
+    assert all(v["name"] != "dsjobs-spark" for v in FEATURES["basic_cpu"]["spec"]["volumes"])
+
+
+def _spark_secret(config: Any) -> dict[str, Any]:
+    text = config if isinstance(config, str) else json.dumps(config)
+    return {"data": {"config.json": base64.b64encode(text.encode()).decode()}}
+
+
+GOOD_SPARK = {"master_node_host": "h:15002", "connection_mode": "SPARK_CONNECT", "session_params": {"a": "b"}}
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        (_spark_secret(GOOD_SPARK), None),
+        (_spark_secret({**GOOD_SPARK, "session_params": {}}), None),
+        (None, "does not exist"),
+        ({"data": {}}, "has no key 'config.json'"),
+        (_spark_secret("{nope"), "key 'config.json' is not JSON"),
+        (_spark_secret([1]), "key 'config.json' must be a JSON object"),
+        (_spark_secret({**GOOD_SPARK, "master_node_host": 1}), "master_node_host must be a string"),
+        (_spark_secret({**GOOD_SPARK, "connection_mode": "YARN"}), "connection_mode must be one of"),
+        (
+            _spark_secret({**GOOD_SPARK, "session_params": {"a": 1}}),
+            "session_params must be an object of strings",
+        ),
+        (_spark_secret({k: v for k, v in GOOD_SPARK.items() if k != "session_params"}), "session_params"),
+    ],
+)
+def test_a_spark_connector_is_checked_as_the_official_client_reads_it(
+    secret: dict[str, Any] | None, problem: str | None
+) -> None:
+    found = spark_connector_problem(secret)
+    assert (found is None) if problem is None else (found is not None and problem in found), found
 
 
 def test_images() -> None:

@@ -243,6 +243,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "InvalidSpec": grpc.StatusCode.INVALID_ARGUMENT,
     "UnknownInstanceType": grpc.StatusCode.FAILED_PRECONDITION,
     "MissingVolume": grpc.StatusCode.FAILED_PRECONDITION,
+    "SparkConnector": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryCredentials": grpc.StatusCode.FAILED_PRECONDITION,
     "DataCleared": grpc.StatusCode.FAILED_PRECONDITION,
     "StorageCredentials": grpc.StatusCode.FAILED_PRECONDITION,

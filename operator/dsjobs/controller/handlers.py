@@ -58,6 +58,7 @@ from dsjobs.controller.names import (
     output_dataset_claim_name,
     pending_output_datasets_selector,
     registry_secret_name,
+    spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
     ClearData,
@@ -95,6 +96,7 @@ from dsjobs.controller.secrets import (
     registry_password_source_problem,
     registry_secret,
     secret_value,
+    spark_connector_problem,
 )
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
 from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
@@ -646,6 +648,20 @@ class Operator:
                 now,
             )
 
+        spark: str | None = None
+        sp = spec.job_parameters.spark_parameters
+        if sp is not None and sp.connector_id:
+            spark = spark_connector_secret_name(sp.connector_id)
+            problem = spark_connector_problem(await self.kube.get("secrets", core_path(ns, "secrets", spark)))
+            if problem is not None:
+                return fail(
+                    spec,
+                    status,
+                    "SparkConnector",
+                    f"Spark connector {sp.connector_id!r}: Secret {spark!r} {problem}",
+                    now,
+                )
+
         if spec.job_parameters.extended_working_storage is not None or spec.job_parameters.output_datasets:
             classes = await self.kube.list("storageclasses", STORAGE_CLASSES_PATH)
             problem = working_storage_class_problem(self.settings.working_storage_class, classes)
@@ -707,6 +723,7 @@ class Operator:
             volumes=volumes,
             image=image,
             registry_secret=registry,
+            spark_secret=spark,
         )
         try:
             for claim in output_dataset_claims(ref, spec, self.settings):

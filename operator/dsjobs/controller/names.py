@@ -79,6 +79,12 @@ def output_dataset_claim_name(dataset_id: str) -> str:
     return f"dsjobs-dataset-{dataset_id}"
 
 
+def spark_connector_secret_name(connector_id: str) -> str:
+    """The Secret of a project's Spark connector (key `config.json`): a fixed name, so the operator
+    needs only `get` on Secrets, never `list` (which would read every Secret of the cluster)."""
+    return f"dsjobs-spark-{connector_id}"
+
+
 def pending_output_datasets_selector(job: str) -> str:
     """The claims of a job's output datasets that were not published (the job did not succeed)."""
     return f"{JOB_LABEL}={job},{OUTPUT_DATASET_LABEL},!{DATASET_LABEL}"

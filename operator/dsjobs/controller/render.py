@@ -36,7 +36,7 @@ from dsjobs.controller.names import (
     registry_secret_name,
     runner_secret_name,
 )
-from dsjobs.controller.secrets import owned_secret
+from dsjobs.controller.secrets import SPARK_CONFIG_KEY, owned_secret
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import API_VERSION, PROJECTJOB_KIND, InstanceTypeSpec, ProjectJobSpec, job_relative_path
 from dsjobs.runner.config import (
@@ -58,6 +58,10 @@ DATASET_ROOT: Final = "/job/datasets"
 # Where the job writes the datasets it creates (`${VAR}` of each output dataset).
 OUTPUT_DATASET_ROOT: Final = "/job/output-datasets"
 PROJECT_DISK_PATH: Final = "/job/project"
+# A Spark connector's config, where `datasphere.spark.connect_to_spark()` finds it.
+SPARK_CONFIG_DIR: Final = "/job/.spark"
+SPARK_CONFIG_ENV: Final = "JOB_DATAPROC_CONNECTION_CONFIG"
+SPARK_VOLUME: Final = "dsjobs-spark"
 WORK_VOLUME_SOURCE_EMPTY: Final[Mapping[str, Any]] = {"emptyDir": {}}
 
 
@@ -395,6 +399,7 @@ def render_pod(
     volumes: Volumes,
     image: str,
     registry_secret: str | None = None,
+    spark_secret: str | None = None,
 ) -> dict[str, Any]:
     """The pod of one attempt. Pure: same inputs, same pod (byte for byte, see the golden tests)."""
     config = runner_config(job, spec, attempt)
@@ -424,6 +429,25 @@ def render_pod(
     # Project secrets become environment variables of the job (as on DataSphere); optional, so a
     # project without secrets needs no Secret. The runner's containers never see them.
     main["envFrom"] = [{"secretRef": {"name": PROJECT_SECRETS_NAME, "optional": True}}]
+    pod_volumes = list(parts.volumes)
+    if spark_secret:
+        pod_volumes.append(
+            {
+                "name": SPARK_VOLUME,
+                "secret": {
+                    "secretName": spark_secret,
+                    "items": [{"key": SPARK_CONFIG_KEY, "path": SPARK_CONFIG_KEY}],
+                },
+            }
+        )
+        main["volumeMounts"] = [
+            *main["volumeMounts"],
+            {"name": SPARK_VOLUME, "mountPath": SPARK_CONFIG_DIR, "readOnly": True},
+        ]
+        main["env"] = [
+            *main["env"],
+            {"name": SPARK_CONFIG_ENV, "value": f"{SPARK_CONFIG_DIR}/{SPARK_CONFIG_KEY}"},
+        ]
     pod_spec: dict[str, Any] = {
         "restartPolicy": parts.restart_policy,
         "automountServiceAccountToken": False,
@@ -432,7 +456,7 @@ def render_pod(
         "terminationGracePeriodSeconds": parts.termination_grace_period_seconds,
         "initContainers": list(parts.init_containers),
         "containers": [main, *parts.sidecars],
-        "volumes": list(parts.volumes),
+        "volumes": pod_volumes,
     }
     if instance_type.node_selector:
         pod_spec["nodeSelector"] = dict(instance_type.node_selector)

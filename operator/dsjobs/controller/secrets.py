@@ -100,6 +100,38 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
         return None
 
 
+#: The key of a Spark connector's Secret: the connection config the official `datasphere.spark`
+#: module reads (`connect_to_spark()`, from $JOB_DATAPROC_CONNECTION_CONFIG).
+SPARK_CONFIG_KEY: Final = "config.json"
+SPARK_CONNECTION_MODES: Final = ("SPARK_CONNECT", "SPARK_CONTEXT", "SPARK_LOCAL")
+
+
+def spark_connector_problem(secret: Mapping[str, Any] | None) -> str | None:
+    """Why a Spark connector's Secret cannot serve a job, or None; checked as `datasphere.spark`
+    reads it, so a job fails before it starts rather than at `connect_to_spark()`."""
+    if secret is None:
+        return "does not exist"
+    text = secret_value(secret, SPARK_CONFIG_KEY)
+    if text is None:
+        return f"has no key {SPARK_CONFIG_KEY!r}"
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        return f"key {SPARK_CONFIG_KEY!r} is not JSON ({exc})"
+    if not isinstance(config, dict):
+        return f"key {SPARK_CONFIG_KEY!r} must be a JSON object"
+    if not isinstance(config.get("master_node_host"), str):
+        return f"key {SPARK_CONFIG_KEY!r}: master_node_host must be a string"
+    if config.get("connection_mode") not in SPARK_CONNECTION_MODES:
+        return f"key {SPARK_CONFIG_KEY!r}: connection_mode must be one of {', '.join(SPARK_CONNECTION_MODES)}"
+    params = config.get("session_params")
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in params.items()
+    ):
+        return f"key {SPARK_CONFIG_KEY!r}: session_params must be an object of strings"
+    return None
+
+
 def project_storage_env(
     storage_env: Mapping[str, str], secret: Mapping[str, Any] | None
 ) -> tuple[dict[str, str] | None, str]:
