@@ -552,6 +552,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         ),
     ),
     (
+        "conda-yaml",
+        "job_parameters.env.python_env.conda_yaml",
+        set_at(f"{PY}.condaYaml", "dependencies: [cudatoolkit=11.8]"),
+        set_at(f"{PY}.condaYaml", "dependencies: [pip, {pip: [numpy]}]"),
+    ),
+    (
         "python-version",
         "job_parameters.env.python_env.python_version",
         set_at(f"{PY}.pythonVersion", "2.7"),

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from dsjobs.condaenv import read_conda_env
 from dsjobs.controller.names import (
     ATTEMPT_LABEL,
     DATASET_DESCRIPTION_ANNOTATION,
@@ -39,6 +40,7 @@ from dsjobs.controller.names import (
 from dsjobs.controller.secrets import SPARK_CONFIG_KEY, owned_secret
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import API_VERSION, PROJECTJOB_KIND, InstanceTypeSpec, ProjectJobSpec, job_relative_path
+from dsjobs.models import PythonEnv as PythonEnvSpec
 from dsjobs.runner.config import (
     Compression,
     GracefulShutdown,
@@ -172,8 +174,15 @@ def user_image(
         return env.docker_image_spec.image_url
     if env is not None and env.docker_image_resource_id:
         return docker_images.get(env.docker_image_resource_id)
-    version = env.python_env.python_version if env is not None and env.python_env is not None else ""
+    version = python_wanted(env.python_env)[0] if env is not None and env.python_env is not None else ""
     return settings.python_image_for(version)
+
+
+def python_wanted(pe: PythonEnvSpec) -> tuple[str, list[str]]:
+    """The Python version and pip requirements a job's Python env asks for: its own fields, with
+    what its conda_yaml adds (validation refused what pip cannot install)."""
+    conda = read_conda_env(pe.conda_yaml)
+    return pe.python_version or conda.python_version, [*pe.requirements, *conda.pip]
 
 
 def needs_registry_secret(spec: ProjectJobSpec) -> bool:
@@ -193,9 +202,10 @@ def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConf
     if env is not None and env.python_env is not None:
         pe = env.python_env
         pip = pe.pip_options
+        version, requirements = python_wanted(pe)
         python_env = PythonEnv(
-            python_version=pe.python_version or None,
-            requirements=list(pe.requirements),
+            python_version=version or None,
+            requirements=requirements,
             pip=PipOptions(
                 index_url=pip.index_url or None,
                 extra_index_urls=list(pip.extra_index_urls),

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dsjobs.condaenv import read_conda_env
 from dsjobs.models import limits as L
 from dsjobs.models.files import CompressionType, File, FileDesc
 from dsjobs.models.paths import job_relative_path, path_problem
@@ -439,7 +440,24 @@ def _python(c: Collector, path: str, env: PythonEnv) -> None:
             "python-version",
             "like 3, 3.11 or 3.11.4",
         )
-    c.max_length(at(path, "conda_yaml"), env.conda_yaml, L.MAX_CONFIG_LENGTH)
+    cpath = at(path, "conda_yaml")
+    c.max_length(cpath, env.conda_yaml, L.MAX_CONFIG_LENGTH)
+    if len(env.conda_yaml) <= L.MAX_CONFIG_LENGTH:
+        conda = read_conda_env(env.conda_yaml)
+        for problem in conda.problems:
+            c.add(cpath, "conda-yaml", problem)
+        if (
+            conda.python_version
+            and env.python_version
+            and not _same_python(conda.python_version, env.python_version)
+        ):
+            c.add(
+                cpath,
+                "conda-yaml",
+                f"python={conda.python_version} contradicts python_version {env.python_version}",
+            )
+        for line in conda.pip:
+            _text(c, cpath, line, L.MAX_SHORT_STRING)
     rpath = at(path, "requirements")
     c.max_items(rpath, env.requirements, L.MAX_REQUIREMENTS)
     for i, line in enumerate(env.requirements):
@@ -462,6 +480,12 @@ def _python(c: Collector, path: str, env: PythonEnv) -> None:
             c.add(hpath, "host", "is too long")
         else:
             c.pattern(hpath, host, _HOST_PORT, "host", "a host or host:port")
+
+
+def _same_python(a: str, b: str) -> bool:
+    """Whether two versions can name one interpreter (3.11 and 3.11.4 can, 3.11 and 3.12 cannot)."""
+    pa, pb = a.split("."), b.split(".")
+    return pa[: len(pb)] == pb[: len(pa)]
 
 
 def _url(c: Collector, path: str, url: str) -> None:

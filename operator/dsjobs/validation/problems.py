@@ -191,6 +191,7 @@ RULES: dict[str, str] = {
     "secret-name": "Secret name syntax",
     "secret-key": "Secret key syntax",
     "python-version": "python version like 3, 3.11, 3.11.4",
+    "conda-yaml": "conda_yaml may pin python and list pip packages only",
     "requirement": "empty requirement line",
     "url": "pip index URL syntax",
     "host": "pip trusted host syntax",

@@ -1,0 +1,91 @@
+"""conda_yaml -> what a pip-only runner installs (dsjobs.condaenv), and the pod it gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsjobs.condaenv import CondaEnv, read_conda_env
+from dsjobs.controller.render import JobRef, runner_config, user_image
+from dsjobs.controller.settings import OperatorSettings
+from dsjobs.models import ProjectJobSpec
+from dsjobs.validation import parse_job_spec
+
+# What older DataSphere clients built from the local environment.
+CLIENT_ENV = """
+name: default
+channels:
+  - defaults
+dependencies:
+  - python=3.10.9
+  - pip
+  - pip:
+    - numpy==1.26.4
+    - tqdm
+"""
+
+
+def test_the_clients_environment_file_is_a_python_version_and_pip_packages() -> None:
+    assert read_conda_env(CLIENT_ENV) == CondaEnv("3.10.9", ["numpy==1.26.4", "tqdm"], [])
+    assert read_conda_env("") == CondaEnv()
+    assert read_conda_env("dependencies: []") == CondaEnv()
+
+
+@pytest.mark.parametrize(
+    ("spec", "version"),
+    [
+        ("python", ""),
+        ("python=3.11", "3.11"),
+        ("python==3.11.4", "3.11.4"),
+        ("python=3.12.*", "3.12"),
+        ("python 3.9", "3.9"),
+    ],
+)
+def test_one_python_version_in_conda_spellings(spec: str, version: str) -> None:
+    assert read_conda_env(f"dependencies: [{spec!r}]") == CondaEnv(version, [], [])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("dependencies: [cudatoolkit=11.8]", "'cudatoolkit=11.8' is a conda package"),
+        ("dependencies: ['python>=3.9']", "name one Python version"),
+        ("dependencies: [{pip: [1]}]", "dependencies[0].pip must be a list of requirements"),
+        ("dependencies: [{conda-forge: x}]", "dependencies[0] must be a package or a pip: list"),
+        ("dependencies: x", "dependencies must be a list"),
+        ("variables: {A: b}", "'variables' is not supported"),
+        ("[1, 2]", "must be a mapping"),
+        ("a: [", "is not YAML"),
+    ],
+)
+def test_what_pip_cannot_install_is_named(text: str, problem: str) -> None:
+    problems = read_conda_env(text).problems
+    assert len(problems) == 1 and problem in problems[0], problems
+
+
+def _spec(**python_env: object) -> tuple[ProjectJobSpec | None, list[str]]:
+    doc = {"projectId": "p1", "jobParameters": {"cmd": "python main.py", "env": {"pythonEnv": python_env}}}
+    spec, problems = parse_job_spec(doc)
+    return spec, [f"{p.path} [{p.rule}] {p.message}" for p in problems]
+
+
+def test_the_validator_names_the_conda_entries_and_a_contradicting_version() -> None:
+    _, problems = _spec(condaYaml="dependencies: [python=3.10, gdal]")
+    assert problems == [
+        "job_parameters.env.python_env.conda_yaml [conda-yaml] dependencies[1] 'gdal' is a conda package: "
+        "this server installs with pip only; list it under pip: (or in requirements)"
+    ]
+    _, problems = _spec(condaYaml="dependencies: [python=3.10]", pythonVersion="3.11")
+    assert problems == [
+        "job_parameters.env.python_env.conda_yaml [conda-yaml] python=3.10 contradicts python_version 3.11"
+    ]
+    assert _spec(condaYaml="dependencies: [python=3.11.4]", pythonVersion="3.11")[1] == []
+
+
+def test_the_pod_gets_the_conda_python_and_its_pip_packages_after_the_requirements() -> None:
+    spec, problems = _spec(condaYaml=CLIENT_ENV, requirements=["six==1.16.0"])
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
+    assert config.python_env is not None
+    assert config.python_env.python_version == "3.10.9"
+    assert config.python_env.requirements == ["six==1.16.0", "numpy==1.26.4", "tqdm"]
+    assert user_image(spec, OperatorSettings(), {}) == "python:3.10.9-slim"
