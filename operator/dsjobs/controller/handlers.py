@@ -569,28 +569,7 @@ class Operator:
             elif isinstance(action, DeleteSecrets):
                 await self._delete_secrets(job)
             elif isinstance(action, PublishDatasets):
-                for dataset_id in action.dataset_ids:
-                    path = core_path(
-                        job.namespace, "persistentvolumeclaims", output_dataset_claim_name(dataset_id)
-                    )
-                    try:
-                        await self.kube.merge_patch(
-                            "persistentvolumeclaims", path, published_dataset_patch(dataset_id)
-                        )
-                    except NotFound:
-                        # Only somebody deleting the operator's claim gets here; the job still ran.
-                        jlog(
-                            logging.WARNING,
-                            (job.namespace, job.name),
-                            "dataset claim of %s is gone",
-                            dataset_id,
-                        )
-                jlog(
-                    logging.INFO,
-                    (job.namespace, job.name),
-                    "published datasets %s",
-                    ", ".join(action.dataset_ids),
-                )
+                await self._publish_datasets(job, action.dataset_ids)
             elif isinstance(action, DeleteDatasetClaims):
                 await self._delete_dataset_claims(job)
             elif isinstance(action, ClearData):
@@ -765,6 +744,22 @@ class Operator:
         await self.kube.delete_collection(
             "secrets", core_path(job.namespace, "secrets"), operator_secrets_selector(job.name)
         )
+
+    async def _publish_datasets(self, job: JobView, dataset_ids: Sequence[str]) -> None:
+        """Label each output dataset's claim with its id and drop the job's ownership (idempotent)."""
+        assert self.kube is not None
+        key = (job.namespace, job.name)
+        for dataset_id in dataset_ids:
+            path = core_path(job.namespace, "persistentvolumeclaims", output_dataset_claim_name(dataset_id))
+            try:
+                await self.kube.merge_patch(
+                    "persistentvolumeclaims", path, published_dataset_patch(dataset_id)
+                )
+            except NotFound:
+                # Only somebody deleting the operator's claim gets here; the job still ran.
+                jlog(logging.WARNING, key, "the claim of dataset %s is gone: not published", dataset_id)
+            else:
+                jlog(logging.INFO, key, "published dataset %s", dataset_id)
 
     async def _delete_dataset_claims(self, job: JobView) -> None:
         assert self.kube is not None
