@@ -266,45 +266,42 @@ def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, s
 def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)
-    # A job writes to ${MODELS}; when it succeeds that claim is the dataset of its status's id,
-    # which later jobs mount read-only by id, and which stays when the job is deleted.
-    ods = [{"name": "models", "description": "weights", "var": "MODELS", "sizeGb": 1}]
-    h.create_job(
-        "ods-writer", {"cmd": "echo weights > ${MODELS}/w.txt && echo at ${MODELS}", "outputDatasets": ods}
-    )
-    status = h.wait_phase("ods-writer", "SUCCESS", "ERROR")
+    # The example writes to ${MODELS}; when it succeeds that claim is the dataset of its status's
+    # id, which later jobs mount read-only by id, and which stays when the job is deleted.
+    apply_example(h, "dataset.yaml")
+    status = h.wait_phase("make-dataset", "SUCCESS", "ERROR")
     assert status["phase"] == "SUCCESS", status
     ((dataset,),) = [status["outputDatasets"]]
     dataset_id = dataset["id"]
-    assert dataset["desc"] == {**ods[0], "labels": {}}
-    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
-    assert storage.get_bytes(stdout).decode() == "at /job/output-datasets/MODELS\n"
+    ods = {"name": "models", "description": "weights of the example model", "var": "MODELS", "sizeGb": 1}
+    assert dataset["desc"] == {**ods, "labels": {}}
     claim_name = f"dsjobs-dataset-{dataset_id}"
     try:
         claim = h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace)
         assert claim.metadata.labels["dsjobs.dev/dataset-id"] == dataset_id
         assert not claim.metadata.owner_references
         assert claim.metadata.annotations["dsjobs.dev/dataset-name"] == "models"
-        assert "DatasetsCreated" in _reasons(h, "ods-writer")
+        assert "DatasetsCreated" in _reasons(h, "make-dataset")
 
-        h.create_job("ods-reader", {"cmd": f"cat ${{{dataset_id}}}/w.txt", "datasetIds": [dataset_id]})
+        read = (
+            f"cat ${{{dataset_id}}}/weights.txt && (touch ${{{dataset_id}}}/x 2>/dev/null || echo read-only)"
+        )
+        h.create_job("ods-reader", {"cmd": read, "datasetIds": [dataset_id]})
         status = h.wait_phase("ods-reader", "SUCCESS", "ERROR")
         assert status["phase"] == "SUCCESS", status
         stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
-        assert storage.get_bytes(stdout).decode() == "weights\n"
+        assert storage.get_bytes(stdout).decode() == "0.1 0.2 0.3\nread-only\n"
 
         h.custom.delete_namespaced_custom_object(
-            "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "ods-writer"
+            "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "make-dataset"
         )
-        poll("the writer job gone", lambda: h.job("ods-writer") is None, 60)
+        poll("the writer job gone", lambda: h.job("make-dataset") is None, 60)
         time.sleep(2)  # the garbage collector would act on an owner reference at once
-        assert (
-            h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace).metadata.uid
-            == claim.metadata.uid
-        )
+        kept = h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace)
+        assert kept.metadata.uid == claim.metadata.uid and not kept.metadata.deletion_timestamp
 
         # A job that does not succeed leaves no claim behind, and no dataset in its status.
-        failing = {"cmd": "echo half > ${MODELS}/w.txt; exit 3", "outputDatasets": ods}
+        failing = {"cmd": "echo half > ${MODELS}/w.txt; exit 3", "outputDatasets": [ods]}
         h.create_job("ods-failed", failing)
         status = h.wait_phase("ods-failed", "ERROR", "SUCCESS")
         assert status["phase"] == "ERROR" and not status.get("outputDatasets"), status
