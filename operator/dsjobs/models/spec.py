@@ -211,7 +211,9 @@ class OutputDatasetDesc(CRModel):
     name: str = field("Dataset name, unique within the job.", maxLength=MAX_NAME_LENGTH, minLength=1)
     description: str = field("Dataset description.", "", maxLength=MAX_DESC_LENGTH)
     labels: dict[str, LabelValue] = field("Dataset labels.", {}, maxProperties=64)
-    size_gb: int = field("Dataset size in GB.", 0, minimum=0, maximum=MAX_WORKING_STORAGE_GB)
+    size_gb: int = field(
+        "Dataset size in GiB (the claim asks for at least 1).", 0, minimum=0, maximum=MAX_WORKING_STORAGE_GB
+    )
     var: str = field(
         "Variable `cmd` uses as `${var}` for the dataset's directory.", maxLength=50, pattern=VAR_PATTERN
     )
@@ -235,7 +237,10 @@ class SparkParameters(CRModel):
     """Spark connector of the job (proto SparkParameters)."""
 
     connector_id: str = field(
-        "Id of the Spark connector.", "", maxLength=63, pattern=optional_pattern(RESOURCE_ID_PATTERN)
+        "Id of the Spark connector: the Secret `dsjobs-spark-<id>` of the namespace holds its config.",
+        "",
+        maxLength=63,
+        pattern=optional_pattern(RESOURCE_ID_PATTERN),
     )
 
 
@@ -285,7 +290,11 @@ class JobParameters(CRModel):
         "Working directory on a dedicated volume instead of the node's disk.", None
     )
     arguments: list[Argument] = field("Named values substituted into `cmd`.", [], maxItems=MAX_LIST_ITEMS)
-    output_datasets: list[OutputDatasetDesc] = field("Datasets the job creates.", [], maxItems=MAX_LIST_ITEMS)
+    output_datasets: list[OutputDatasetDesc] = field(
+        "Datasets the job creates: it writes each to `${var}`; they are published when it succeeds.",
+        [],
+        maxItems=MAX_LIST_ITEMS,
+    )
     graceful_shutdown_parameters: GracefulShutdownParameters | None = field(
         "Signal and timeout for cancellation; without it a cancelled job is killed at once.", None
     )
