@@ -22,6 +22,7 @@ renamed into place only after size and sha256 were verified.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import functools
@@ -762,16 +763,25 @@ class Storage:
     # -- streaming transfers ---------------------------------------------------------------------
 
     def upload_file(
-        self, path: str | os.PathLike[str], key: str, *, content_type: str = "application/octet-stream"
+        self,
+        path: str | os.PathLike[str] | io.BufferedReader,
+        key: str,
+        *,
+        content_type: str = "application/octet-stream",
     ) -> TransferResult:
         """Stream a local file to ``key`` (multipart above 16 MiB), hashing it on the way.
 
-        The file is read once, in order, and the sha256 is of exactly the bytes sent. Memory is
-        bounded by ``upload_concurrency + 1`` parts whatever the file size. Each request is retried
-        by itself (a part that fails is sent again, not the whole file); an upload that still fails
-        is aborted (nothing half-written becomes visible).
+        ``path`` may be a file opened for reading at its start (the runner opens what the job could
+        have replaced by a symlink itself); it is not closed. The file is read once, in order, and
+        the sha256 is of exactly the bytes sent. Memory is bounded by ``upload_concurrency + 1``
+        parts whatever the file size. Each request is retried by itself (a part that fails is sent
+        again, not the whole file); an upload that still fails is aborted (nothing half-written
+        becomes visible).
         """
-        with open(path, "rb") as f:
+        opened = (
+            contextlib.nullcontext(path) if not isinstance(path, (str, os.PathLike)) else open(path, "rb")  # noqa: SIM115 - the with below closes it
+        )
+        with opened as f:
             size = os.fstat(f.fileno()).st_size
             if size <= MULTIPART_THRESHOLD:
                 # Bounded even if the file grew since fstat: then it goes multipart after all.

@@ -370,6 +370,34 @@ def test_a_spark_connector_is_the_config_datasphere_spark_reads(h: H, storage: S
         h.core.delete_namespaced_secret("dsjobs-spark-bt1spark", h.namespace)
 
 
+def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: Storage) -> None:
+    # The ship container mounts the runner's Secret (the storage key). A job that replaces its log
+    # files by symlinks to that Secret's files must get none of it into its logs or outputs.
+    secret = h.env["DSJOBS_S3_SECRET_KEY"].encode()
+    config = "/job/.dsjobs-config"
+    cmd = (
+        "echo before"
+        " && cd /job/.dsjobs/logs"
+        f" && rm -f stderr.log && ln -s {config}/DSJOBS_S3_SECRET_KEY stderr.log"
+        f" && rm -f job_progress.jsonl && ln -s {config}/runner.json job_progress.jsonl"
+        f" && rm -f system.log && ln -s {config}/DSJOBS_S3_SECRET_KEY system.log"
+        f" && ln -s {config}/DSJOBS_S3_SECRET_KEY /job/work/out.txt"
+        " && sleep 3 && echo after"
+    )
+    h.create_job("no-leak", {"cmd": cmd, "outputFiles": [{"path": "out.txt"}]})
+    status = h.wait_phase("no-leak", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    keys = _objects(storage, job_prefix(PROJECT_ID, "no-leak"))
+    assert keys, status
+    for key in keys:
+        assert secret not in (storage.get_bytes(key) or b""), key
+    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert storage.get_bytes(stdout) == b"before\nafter\n"
+    assert not status.get("outputFiles"), status
+    errors = {e.get("outputFileDesc", {}).get("path") or e.get("logFileName") for e in status["fileErrors"]}
+    assert {"out.txt", "stderr.txt"} <= errors, status["fileErrors"]
+
+
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     # The instance type's memory limit is the job container's; the local nodes enforce it with a
     # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.

@@ -92,8 +92,14 @@ class FileStore(MemoryStore):
     """MemoryStore plus the file transfers of dsjobs.storage.Storage (what stage-in and ship use)."""
 
     def upload_file(
-        self, path: str | os.PathLike[str], key: str, *, content_type: str = "application/octet-stream"
+        self,
+        path: str | os.PathLike[str] | io.BufferedReader,
+        key: str,
+        *,
+        content_type: str = "application/octet-stream",
     ) -> TransferResult:
+        if not isinstance(path, (str, os.PathLike)):
+            return self._stored(key, path.read(), content_type)
         with open(path, "rb") as f:
             return self._stored(key, f.read(), content_type)
 

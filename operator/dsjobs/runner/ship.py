@@ -74,6 +74,7 @@ from dsjobs.runner.result import (
     store_result,
     termination_message,
 )
+from dsjobs.runner.safeio import RefusedFile, open_beneath
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.runner.zipsafe import zip_directory
 from dsjobs.storage import (
@@ -108,6 +109,8 @@ class _Source:
     timed_partial: bool
     pos: int = 0
     partial_since: float | None = None
+    #: The job replaced the file by a symlink or a special file: it is not read (told once).
+    refused: bool = False
 
 
 @dataclass
@@ -193,13 +196,20 @@ class LogShipper:
 
     def _read(self, src: _Source, limit: int) -> tuple[bytes, bool]:
         """Up to ``limit`` bytes from the source's position, and whether they reach its end."""
+        shared = self.config.paths.shared_dir
         try:
-            with open(src.path, "rb") as f:
-                f.seek(src.pos)
-                data = f.read(limit)
-                return data, len(data) < limit or f.tell() >= os.fstat(f.fileno()).st_size
+            fd = open_beneath(shared, os.path.relpath(src.path, shared))
         except FileNotFoundError:
             return b"", True
+        except RefusedFile as exc:
+            if not src.refused:
+                src.refused = True
+                log.warning("log file not shipped path=%s error=%s", src.path, exc)
+            return b"", True
+        with os.fdopen(fd, "rb") as f:
+            f.seek(src.pos)
+            data = f.read(limit)
+            return data, len(data) < limit or f.tell() >= os.fstat(f.fileno()).st_size
 
     def collect(self, *, final: bool) -> _Pending:
         """Records for the next chunk (not yet committed: positions advance only once stored)."""
@@ -490,7 +500,8 @@ def _upload_output(
     if not os.path.lexists(local):
         return fail(FileErrorType.NOT_FOUND, f"output file {declared} was not created by the job")
     real = os.path.realpath(local)
-    if not _inside(os.path.realpath(config.work_dir), real):
+    work = os.path.realpath(config.work_dir)
+    if not _inside(work, real):
         # A symlink out of the working dir could expose the runner's own files.
         return fail(FileErrorType.UPLOAD_FAILED, "refused: it resolves outside the working directory")
     try:
@@ -521,8 +532,15 @@ def _upload_output(
             syslog(
                 f"output {declared}: directory of {n} files uploaded as zip ({human_size(res.size)}){left_out}"
             )
-        elif os.path.isfile(real):
-            res = store.upload_file(real, key)
+        elif os.path.isfile(real) and real != work:
+            # Opened again below the working dir without following links: the check above and
+            # the read are then of one file, whatever the job's leftovers do in between.
+            try:
+                fd = open_beneath(work, os.path.relpath(real, work))
+            except RefusedFile as exc:
+                return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror or exc}")
+            with os.fdopen(fd, "rb") as f:
+                res = store.upload_file(f, key)
             compression = Compression.NONE
             syslog(f"output {declared}: uploaded ({human_size(res.size)})")
         else:
@@ -564,15 +582,27 @@ def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFile
     layout = config.layout
     files: list[LogFileResult] = []
     errors: list[FileError] = []
+    shared = config.paths.shared_dir
     for name, path in zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True):
-        try:
-            if os.path.getsize(path) == 0:
-                continue
-        except OSError:
-            continue
         key = log_file_key(config.project_id, config.job_id, name)
         try:
-            res = store.upload_file(path, key, content_type="text/plain")
+            fd = open_beneath(shared, os.path.relpath(path, shared))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            errors.append(
+                FileError(
+                    type=FileErrorType.UPLOAD_FAILED,
+                    log_file_name=name,
+                    description=f"not uploaded: {exc.strerror or exc}",
+                )
+            )
+            continue
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    continue
+                res = store.upload_file(f, key, content_type="text/plain")
         except Exception as exc:
             errors.append(
                 FileError(

@@ -19,7 +19,9 @@ def open_shared(path: Path) -> int:
     uids, so a created file gets fchmod. O_EXCL tells whether this call created it: a file
     someone else made is never chmod'ed (it is not ours to change, and fchmod would fail).
     """
-    flags = os.O_WRONLY | os.O_APPEND
+    # O_NOFOLLOW: the job can replace the file by a symlink; the runner's containers must not
+    # append to whatever it points to in theirs.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
     try:
         return os.open(path, flags)
     except FileNotFoundError:

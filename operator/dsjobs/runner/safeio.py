@@ -1,0 +1,60 @@
+"""Opening files the job could have tampered with, without following its symlinks.
+
+The shared volume (logs, progress) and the working directory are writable by the job while the
+ship container reads them, and the ship container also mounts the runner's config Secret (the
+storage credentials). A job that replaced `logs/stderr.log` by a symlink to that Secret's file
+would have the ship container upload the credentials as its log. So every path below such a root
+is opened one component at a time with O_NOFOLLOW (a path-based check then open would race with
+the job), and only a regular file is read (O_NONBLOCK: a FIFO would otherwise block the open).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+class RefusedFile(OSError):
+    """The path is a symlink, a special file or leaves its root: not read."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_beneath(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> int:
+    """A read-only fd of the regular file `root/rel`; no symlink below `root` is followed.
+
+    FileNotFoundError when something on the way is missing; RefusedFile when a component is a
+    symlink, the file is not a regular file, or `rel` is not a plain relative path.
+    """
+    parts = os.fspath(rel).split("/")
+    if not parts or any(p in ("", ".", "..") for p in parts) or os.path.isabs(os.fspath(rel)):
+        raise RefusedFile(errno.EINVAL, f"not a plain relative path: {os.fspath(rel)!r}")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Each step closes the directory it opened from, whatever happens.
+    for part in parts[:-1]:
+        fd = _step(fd, part, _DIR_FLAGS)
+    fd = _step(fd, parts[-1], _FILE_FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RefusedFile(errno.EINVAL, f"{os.fspath(rel)} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _step(dir_fd: int, name: str, flags: int) -> int:
+    """Open `name` in `dir_fd` and close `dir_fd` (it is replaced by the returned fd)."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        # ELOOP: the component is a symlink (O_NOFOLLOW); ENOTDIR: a symlink or file where a
+        # directory should be.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RefusedFile(exc.errno, f"{name} is a symlink or not a directory") from exc
+        raise
+    finally:
+        os.close(dir_fd)
