@@ -12,7 +12,7 @@ from test_runner_ship import all_records, append
 from dsjobs.logrecords import log_file_key
 from dsjobs.runner.config import OutputFile
 from dsjobs.runner.safeio import RefusedFile, open_beneath
-from dsjobs.runner.ship import LogShipper, upload_log_files, upload_outputs
+from dsjobs.runner.ship import LogShipper, read_status_file, upload_log_files, upload_outputs
 from dsjobs.runner.syslog import SystemLog
 
 SECRET = b"the-runner's-storage-key"
@@ -98,3 +98,16 @@ def test_the_runner_does_not_append_its_system_log_through_a_symlink(tmp_path: P
     (tmp_path / "system.log").symlink_to(target)
     SystemLog(tmp_path / "system.log", "ship")("hello")
     assert target.read_bytes() == b""
+
+
+def test_the_program_status_is_not_read_through_a_symlink(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    forged = tmp_path / "forged"
+    forged.write_text("end=1\nphase=run\nrc=0\n")
+    cfg.layout.status.parent.mkdir(parents=True, exist_ok=True)
+    cfg.layout.status.symlink_to(forged)
+    assert read_status_file(cfg.layout.status, cfg.paths.shared_dir) is None
+    cfg.layout.status.unlink()
+    cfg.layout.status.write_text("end=1\nphase=run\nrc=3\n")
+    status = read_status_file(cfg.layout.status, cfg.paths.shared_dir)
+    assert status is not None and status.return_code == 3

@@ -58,3 +58,16 @@ def _step(dir_fd: int, name: str, flags: int) -> int:
         raise
     finally:
         os.close(dir_fd)
+
+
+def read_beneath(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], limit: int = 1 << 16
+) -> str | None:
+    """The text (at most `limit` bytes) of the regular file `path` below `root`, opened as
+    `open_beneath` does; None when it is missing or refused (the job put something else there)."""
+    try:
+        fd = open_beneath(root, os.path.relpath(path, root))
+    except (FileNotFoundError, RefusedFile):
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit).decode(errors="replace")

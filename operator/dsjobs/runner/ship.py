@@ -74,7 +74,7 @@ from dsjobs.runner.result import (
     store_result,
     termination_message,
 )
-from dsjobs.runner.safeio import RefusedFile, open_beneath
+from dsjobs.runner.safeio import RefusedFile, open_beneath, read_beneath
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.runner.zipsafe import zip_directory
 from dsjobs.storage import (
@@ -375,11 +375,11 @@ class ProgramStatus:
     reason: str = ""
 
 
-def read_status_file(path: Path) -> ProgramStatus | None:
-    """The entry script's status, or None while it is absent or still being written."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
+def read_status_file(path: Path, root: str | None = None) -> ProgramStatus | None:
+    """The entry script's status, or None while it is absent or still being written. Read below
+    `root` (the shared dir; default: the file's directory) without following symlinks."""
+    text = read_beneath(root or str(path.parent), path)
+    if text is None:
         return None
     fields: dict[str, str] = {}
     for line in text.splitlines():
@@ -659,20 +659,17 @@ class Ship:
         while True:
             # Only the writes due now: while storage fails, the program's end must still be seen.
             self.shipper.pump(deadline=self.clock())
-            status = read_status_file(self.layout.status)
+            status = read_status_file(self.layout.status, self.config.paths.shared_dir)
             if status is not None:
                 return status
             now = self.clock()
             if self.layout.started.exists():
-                try:
-                    current: str | None = self.layout.heartbeat.read_text()
-                except OSError:
-                    current = None
+                current = read_beneath(self.config.paths.shared_dir, self.layout.heartbeat)
                 if current != beat or beat_changed is None:
                     beat, beat_changed = current, now
                 elif now - beat_changed > settings.heartbeat_timeout_seconds:
                     # One last look: the status may have landed just now.
-                    status = read_status_file(self.layout.status)
+                    status = read_status_file(self.layout.status, self.config.paths.shared_dir)
                     return status or ProgramStatus(
                         RunnerStatus.LOST,
                         None,
