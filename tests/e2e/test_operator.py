@@ -398,6 +398,42 @@ def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: St
     assert {"out.txt", "stderr.txt"} <= errors, status["fileErrors"]
 
 
+def test_a_job_over_the_namespaces_pod_quota_waits_and_says_why(h: H) -> None:
+    # A ResourceQuota refuses the pod (403): the job waits in PREPARING naming the quota, as a
+    # Kubernetes Job would, and runs once there is room; one cancelled meanwhile never starts.
+    quota = k8s_client.V1ResourceQuota(
+        metadata=k8s_client.V1ObjectMeta(name="no-pods"),
+        spec=k8s_client.V1ResourceQuotaSpec(hard={"pods": "0"}),
+    )
+    h.core.create_namespaced_resource_quota(h.namespace, quota)
+    try:
+        h.create_job("over-quota", {"cmd": "echo ran"})
+        h.create_job("over-quota-cancelled", {"cmd": "echo ran"})
+
+        def waiting(name: str) -> dict[str, Any] | None:
+            status = h.status(name)
+            return status if "exceeded quota: no-pods" in status.get("statusDetails", "") else None
+
+        for name in ("over-quota", "over-quota-cancelled"):
+            status = poll(f"{name} waiting for quota", lambda name=name: waiting(name), 60)
+            assert status["phase"] == "PREPARING", status
+            assert status["statusDetails"].startswith("waiting to create the job's pod: "), status
+            assert "FailedCreate" in _reasons(h, name)
+            assert not h.pods(name)
+            secrets = h.core.list_namespaced_secret(
+                h.namespace, label_selector=f"dsjobs.dev/job-id={name}"
+            ).items
+            assert not secrets, [x.metadata.name for x in secrets]
+        h.patch_spec("over-quota-cancelled", {"cancel": {"reason": "no room"}})
+        status = h.wait_phase("over-quota-cancelled", "CANCELLED", "SUCCESS", "ERROR")
+        assert status["phase"] == "CANCELLED", status
+    finally:
+        h.core.delete_namespaced_resource_quota("no-pods", h.namespace)
+    status = h.wait_phase("over-quota", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS", status
+    assert not h.pods("over-quota-cancelled")
+
+
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     # The instance type's memory limit is the job container's; the local nodes enforce it with a
     # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.

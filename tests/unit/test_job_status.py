@@ -29,6 +29,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
+    waiting_to_create,
     write_delay,
 )
 from dsjobs.controller.podview import PodView
@@ -852,11 +853,41 @@ def test_a_job_that_does_not_succeed_deletes_its_dataset_claims_once_final(
     assert not any(isinstance(a, PublishDatasets) for a in p.actions)
 
 
-def test_jobs_without_output_datasets_or_without_a_pod_touch_no_claims() -> None:
+def test_jobs_without_output_datasets_touch_no_claims() -> None:
     plain = step(job(status=started("EXECUTING")), [ended_pod(0)], res=result(0))
     assert plain.status.phase == JobPhase.SUCCESS and not plain.actions and not plain.status.output_datasets
+    # A job cancelled before any pod ran may have claims: made for a pod the API server refused.
     never_ran = step(job(params=OUTPUT_DATASETS, cancel={"reason": "no"}))
-    assert never_ran.status.phase == JobPhase.CANCELLED and not never_ran.actions
+    assert never_ran.status.phase == JobPhase.CANCELLED and never_ran.actions == (DeleteDatasetClaims(),)
+
+
+QUOTA = 'pods "job-1-a1" is forbidden: exceeded quota: q1, requested: pods=1, used: pods=4, limited: pods=4'
+
+
+def test_a_refused_pod_leaves_the_attempt_as_it_was_and_says_why() -> None:
+    new = job()
+    waiting = waiting_to_create(new, QUOTA, NOW)
+    s = waiting.status
+    assert (s.phase, s.attempt, s.pod_name, s.created_at) == (JobPhase.PREPARING, 0, "", CREATED)
+    assert s.status_details == f"waiting to create the job's pod: {QUOTA}"
+    assert [(e.type, e.reason) for e in waiting.events] == [
+        ("Normal", "Created"),
+        ("Normal", "Preparing"),
+        ("Warning", "FailedCreate"),
+    ]
+    # Planned again from that status: the same pod is attempted, nothing is adopted or lost.
+    again = step(job(status=s.to_cr()))
+    assert again.actions == (CreatePod(1, 0, "c1.4"),)
+    # The same refusal once more: no new Event, no change to write.
+    same = waiting_to_create(job(status=s.to_cr()), QUOTA, NOW)
+    assert same.status == s and not same.events
+    # A retry's attempt stays the retry's (its pod name is not written until the pod exists).
+    retry = job(status=started("PREPARING", attempt=2, podName=""))
+    assert waiting_to_create(retry, QUOTA, NOW).status.attempt == 2
+    assert waiting_to_create(retry, QUOTA, NOW).status.pod_name == ""
+    # Cancelled while it waits: it never starts.
+    cancelled = step(job(status=s.to_cr(), cancel={"reason": "no quota"}))
+    assert cancelled.status.phase == JobPhase.CANCELLED and not cancelled.actions
 
 
 # --- cancel ---------------------------------------------------------------------------------------

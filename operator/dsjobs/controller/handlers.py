@@ -41,6 +41,7 @@ from dsjobs.controller.events import EventPoster
 from dsjobs.controller.kube import (
     JOBS_PATH,
     Conflict,
+    Forbidden,
     Invalid,
     Kube,
     NotFound,
@@ -73,6 +74,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     current_pod_name,
     plan,
+    waiting_to_create,
     write_delay,
 )
 from dsjobs.controller.podview import PodView
@@ -130,6 +132,13 @@ STORAGE_ENV: Final = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """The API server forbade creating the job's pod (or a claim of it) for now; its message."""
+
+    why: str
+
+
 def error_backoff(failures: int) -> float:
     """Seconds before retrying a job whose reconcile failed `failures` times in a row: 0.5, 1, 2, ...
     up to MAX_ERROR_BACKOFF (the exponent is bounded: 2**1024 is no float)."""
@@ -181,6 +190,8 @@ class Operator:
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._operator_context: contextvars.Context | None = None
         self._errors: dict[Key, int] = {}
+        #: Pod creations the API server forbade in a row, per job (their retry backoff).
+        self._refused: dict[Key, int] = {}
         # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
         # one reads the latest state), so it is dropped. Coalesces bursts of pod events.
         self._waiting: set[Key] = set()
@@ -347,11 +358,10 @@ class Operator:
             result = await self._result_of(job, pods)
             now = _now()
             step = plan(job, pods, await self._catalog_for(job), result, now, self.settings)
-            body, status, events = await self._act(job, body, step, now)
+            body, status, events, requeue = await self._act(job, body, step, now)
             if body is None:  # the finalizer was removed: the job is gone
                 self._forget(key)
                 return None
-            requeue = step.requeue_after
             if status.to_cr() == job.status.to_cr() and not job.status_problem:
                 self._gone.pop(key, None)
                 self._post(body, events)
@@ -433,6 +443,7 @@ class Operator:
         self._fresh.pop(key, None)
         self._gone.pop(key, None)
         self._errors.pop(key, None)
+        self._refused.pop(key, None)
         self.phases.forget(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -533,9 +544,10 @@ class Operator:
 
     async def _act(
         self, job: JobView, body: dict[str, Any], step: Plan, now: datetime
-    ) -> tuple[dict[str, Any] | None, Any, list[JobEvent]]:
+    ) -> tuple[dict[str, Any] | None, Any, list[JobEvent], timedelta | None]:
         """Perform the plan's actions in order. Returns the (possibly updated) body, the status to
-        write (the plan's, or an ERROR when a pod could not be made) and the events to post."""
+        write (the plan's, an ERROR when a pod could not be made, or PREPARING while the API server
+        refuses it for now), the events to post and when to plan again."""
         assert self.kube is not None
         status = step.status
         events = list(step.events)
@@ -555,8 +567,19 @@ class Operator:
             elif isinstance(action, CreatePod):
                 assert step.spec is not None
                 failure = await self._create_pod(job, step.spec, action, status, now)
+                key = (job.namespace, job.name)
+                if isinstance(failure, Refused):
+                    count = self._refused.get(key, 0) + 1
+                    self._refused[key] = count
+                    delay = error_backoff(count)
+                    # Told once; the status and an Event tell the user.
+                    level = logging.INFO if count == 1 else logging.DEBUG
+                    jlog(level, key, "pod refused, trying again in %.1fs: %s", delay, failure.why)
+                    waiting = waiting_to_create(job, failure.why, now)
+                    return body, waiting.status, list(waiting.events), timedelta(seconds=delay)
+                self._refused.pop(key, None)
                 if failure is not None:
-                    return body, failure.status, [*events, *failure.events]
+                    return body, failure.status, [*events, *failure.events], step.requeue_after
             elif isinstance(action, DeletePod):
                 key = (job.namespace, job.name)
                 if action.name in self._deleted.get(key, ()):
@@ -585,14 +608,16 @@ class Operator:
                 except Conflict:
                     self._jobs.pop((job.namespace, job.name), None)
                     raise
-                return None, status, events
-        return body, status, events
+                return None, status, events, step.requeue_after
+        return body, status, events, step.requeue_after
 
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
-    ) -> StatusUpdate | None:
+    ) -> StatusUpdate | Refused | None:
         """Fetch what the pod needs, render it (pure) and create it. A StatusUpdate (ERROR naming
-        the cause) when the job cannot run: missing volume, unknown image, registry credentials."""
+        the cause) when the job cannot run: missing volume, unknown image, registry credentials.
+        Refused when the API server forbids the pod or a claim for now (quota, admission, RBAC):
+        the Secrets made for it are deleted again, the job waits and tries again."""
         assert self.kube is not None
         ns = job.namespace
         instance_type = (await self._catalog_for(job)).get(action.instance_type)
@@ -710,6 +735,11 @@ class Operator:
                 await self.kube.create(
                     "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), claim
                 )
+        except Forbidden as exc:
+            # The registry Secret may exist already; the claims made stay for the next try (a
+            # job that ends without its pod deletes them).
+            await self._delete_secrets(job)
+            return Refused(exc.message or str(exc))
         except Invalid as exc:
             await self._delete_dataset_claims(job)
             why = exc.message or str(exc)
@@ -723,6 +753,9 @@ class Operator:
                 self.kube.create("pods", core_path(ns, "pods"), pod),
             )
             created: dict[str, Any] | None = results[1]
+        except Forbidden as exc:
+            await self._delete_secrets(job)
+            return Refused(exc.message or str(exc))
         except Invalid as exc:
             # The Secrets went out with the pod: without the pod nothing would ever delete them.
             await self._delete_secrets(job)

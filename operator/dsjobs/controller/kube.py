@@ -103,9 +103,10 @@ class Kube:
         path: str,
         payload: object | None = None,
         headers: Mapping[str, str] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
     ) -> Any:
         async with self._create_slots if verb == "post" else self._slots:
-            return await self._timed(verb, resource, path, payload, headers)
+            return await self._timed(verb, resource, path, payload, headers, logger=logger)
 
     async def _timed(
         self,
@@ -174,9 +175,14 @@ class Kube:
         return items
 
     async def create(self, resource: str, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
-        """Create-if-absent: None when it already exists (409 is success for a deterministic name)."""
+        """Create-if-absent: None when it already exists (409 is success for a deterministic name).
+
+        Kopf's per-attempt lines are debug lines here: a refusal (a quota's 403) is the caller's to
+        tell, once, and a failure after the retries comes back as the reconcile's own warning."""
         try:
-            result: dict[str, Any] = await self._call("post", resource, path, payload=body)
+            result: dict[str, Any] = await self._call(
+                "post", resource, path, payload=body, logger=_DEBUG_ONLY
+            )
         except Conflict:
             return None
         return result

@@ -39,6 +39,7 @@ from dsjobs.controller.status import (
     JobEvent,
     Outcome,
     StatusUpdate,
+    clip,
     compute_status,
     data_expiry,
     drop_conditions,
@@ -318,9 +319,7 @@ def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
     if phase is None or not phase.is_final or (job.status.phase is not None and job.status.phase.is_final):
         return step
     if phase != JobPhase.SUCCESS:
-        # Claims are made with the first pod: a job that never had one has none.
-        if step.status.attempt == 0:
-            return step
+        # Also for a job that never had a pod: its claims may exist (a pod the API server refused).
         return replace(step, actions=(*step.actions, DeleteDatasetClaims()))
     created = [
         OutputDataset(desc=d, id=output_dataset_id(job.uid, d.var))
@@ -721,6 +720,29 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
         return Plan(job.status, tuple(actions), requeue_after=DELETE_POD_WAIT - waited)
     actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
+
+
+def waiting_to_create(job: JobView, why: str, now: datetime) -> StatusUpdate:
+    """The status of a job whose pod the API server refused for now (a ResourceQuota, an admission
+    webhook's denial, missing RBAC): retried with backoff, as the Job controller does.
+
+    The attempt stays as the job's status has it: the planned pod does not exist, so the status
+    must not name it (the plan would take it for a pod deleted before it was seen). PREPARING with
+    the API server's message; a Warning Event `FailedCreate` when the message is new.
+    """
+    status = job.status
+    events: list[JobEvent] = []
+    if status.phase is None:
+        status = status.model_copy(update={"phase": JobPhase.CREATING, "created_at": job.created_at or now})
+        events.append(JobEvent("Normal", "Created", "new -> CREATING"))
+    details = clip(f"waiting to create the job's pod: {why}")
+    told = status.status_details == details
+    status = with_phase(status, JobPhase.PREPARING, details, events)
+    if not told:
+        events.append(JobEvent("Warning", "FailedCreate", clip(why, 1024)))
+    if status.observed_generation != job.generation:
+        status = status.model_copy(update={"observed_generation": job.generation})
+    return StatusUpdate(status, tuple(events))
 
 
 def write_delay(
