@@ -398,40 +398,44 @@ def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: St
     assert {"out.txt", "stderr.txt"} <= errors, status["fileErrors"]
 
 
-def test_a_job_over_the_namespaces_pod_quota_waits_and_says_why(h: H) -> None:
-    # A ResourceQuota refuses the pod (403): the job waits in PREPARING naming the quota, as a
-    # Kubernetes Job would, and runs once there is room; one cancelled meanwhile never starts.
+@pytest.mark.parametrize("kind", ["pods", "secrets"])
+def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> None:
+    # A ResourceQuota refuses the pod or its Secret (403): the job waits in PREPARING naming the
+    # quota, as a Kubernetes Job would, with nothing half-made left, and runs once there is room;
+    # one cancelled meanwhile never starts.
     quota = k8s_client.V1ResourceQuota(
-        metadata=k8s_client.V1ObjectMeta(name="no-pods"),
-        spec=k8s_client.V1ResourceQuotaSpec(hard={"pods": "0"}),
+        metadata=k8s_client.V1ObjectMeta(name="no-room"),
+        spec=k8s_client.V1ResourceQuotaSpec(hard={kind: "0"}),
     )
     h.core.create_namespaced_resource_quota(h.namespace, quota)
+    job, cancelled = f"over-{kind}-quota", f"over-{kind}-quota-cancelled"
     try:
-        h.create_job("over-quota", {"cmd": "echo ran"})
-        h.create_job("over-quota-cancelled", {"cmd": "echo ran"})
+        h.create_job(job, {"cmd": "echo ran"})
+        h.create_job(cancelled, {"cmd": "echo ran"})
 
         def waiting(name: str) -> dict[str, Any] | None:
             status = h.status(name)
-            return status if "exceeded quota: no-pods" in status.get("statusDetails", "") else None
+            return status if "exceeded quota: no-room" in status.get("statusDetails", "") else None
 
-        for name in ("over-quota", "over-quota-cancelled"):
+        for name in (job, cancelled):
             status = poll(f"{name} waiting for quota", lambda name=name: waiting(name), 60)
             assert status["phase"] == "PREPARING", status
             assert status["statusDetails"].startswith("waiting to create the job's pod: "), status
             assert "FailedCreate" in _reasons(h, name)
-            assert not h.pods(name)
+            poll(f"no pod of {name}", lambda name=name: not h.pods(name), 30)
             secrets = h.core.list_namespaced_secret(
                 h.namespace, label_selector=f"dsjobs.dev/job-id={name}"
             ).items
             assert not secrets, [x.metadata.name for x in secrets]
-        h.patch_spec("over-quota-cancelled", {"cancel": {"reason": "no room"}})
-        status = h.wait_phase("over-quota-cancelled", "CANCELLED", "SUCCESS", "ERROR")
+        h.patch_spec(cancelled, {"cancel": {"reason": "no room"}})
+        status = h.wait_phase(cancelled, "CANCELLED", "SUCCESS", "ERROR")
         assert status["phase"] == "CANCELLED", status
     finally:
-        h.core.delete_namespaced_resource_quota("no-pods", h.namespace)
-    status = h.wait_phase("over-quota", "SUCCESS", "ERROR", timeout=120)
+        h.core.delete_namespaced_resource_quota("no-room", h.namespace)
+    status = h.wait_phase(job, "SUCCESS", "ERROR", timeout=120)
     assert status["phase"] == "SUCCESS", status
-    assert not h.pods("over-quota-cancelled")
+    assert status["attempt"] == 1, status
+    assert not h.pods(cancelled)
 
 
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:

@@ -744,24 +744,19 @@ class Operator:
             await self._delete_dataset_claims(job)
             why = exc.message or str(exc)
             return fail(spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now)
+        # The Secret before the pod: a pod whose Secret was refused (a quota on Secrets) would wait
+        # for it for ever, and deleting it again would reuse its name for the next try.
         try:
-            # The Secret and the pod go out together: one round trip less between the execute
-            # request and the pod. The pod is bound by the scheduler before a kubelet looks for
-            # the Secret; should the kubelet still be first, it retries the mount.
-            results = await asyncio.gather(
-                self.kube.create("secrets", core_path(ns, "secrets"), secret),
-                self.kube.create("pods", core_path(ns, "pods"), pod),
-            )
-            created: dict[str, Any] | None = results[1]
-        except Forbidden as exc:
+            await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+            created = await self.kube.create("pods", core_path(ns, "pods"), pod)
+        except (Forbidden, Invalid) as exc:
+            # Without the pod nothing would ever delete the Secrets made for it.
             await self._delete_secrets(job)
-            return Refused(exc.message or str(exc))
-        except Invalid as exc:
-            # The Secrets went out with the pod: without the pod nothing would ever delete them.
-            await self._delete_secrets(job)
+            why = exc.message or str(exc)
+            if isinstance(exc, Forbidden):
+                return Refused(why)
             if spec.job_parameters.output_datasets:
                 await self._delete_dataset_claims(job)
-            why = exc.message or str(exc)
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)
