@@ -695,19 +695,22 @@ class Operator:
             if password is None:
                 return fail(spec, status, "RegistryCredentials", problem, now)
             registry = registry_secret_name(job.name)
-            await self.kube.create(
-                "secrets",
-                core_path(ns, "secrets"),
-                registry_secret(
-                    name=registry,
-                    namespace=ns,
-                    labels=ref.labels(),
-                    owner=ref.owner(),
-                    image_url=env.docker_image_spec.image_url,
-                    username=env.docker_image_spec.username,
-                    password=password,
-                ),
-            )
+            try:
+                await self.kube.create(
+                    "secrets",
+                    core_path(ns, "secrets"),
+                    registry_secret(
+                        name=registry,
+                        namespace=ns,
+                        labels=ref.labels(),
+                        owner=ref.owner(),
+                        image_url=env.docker_image_spec.image_url,
+                        username=env.docker_image_spec.username,
+                        password=password,
+                    ),
+                )
+            except Forbidden as exc:
+                return Refused(exc.message or str(exc))
         try:
             config = runner_config(ref, spec, action.attempt)
         except ValueError as exc:
