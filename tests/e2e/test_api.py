@@ -21,6 +21,7 @@ import grpc
 import pytest
 import requests
 from api_fixtures import ApiEnv, Project
+from cluster_fixtures import poll
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -385,6 +386,34 @@ def test_create_reports_every_problem_and_leaves_nothing_behind(api_env: ApiEnv)
     assert not [
         s for s in secrets if s.metadata.name.endswith("-docker-password") and not _owner_exists(api_env, s)
     ]
+
+
+def test_a_project_over_its_job_quota_gets_resource_exhausted(api_env: ApiEnv) -> None:
+    # An admin's ResourceQuota on ProjectJobs: Create says so (not an internal error), creates
+    # nothing, and works again once there is room.
+    c = client(api_env)
+    ns = api_env.project_a.namespace
+    quota = {
+        "metadata": {"name": "job-count"},
+        "spec": {"hard": {"count/projectjobs.dsjobs.dev": "0"}},
+    }
+    api_env.core().create_namespaced_resource_quota(ns, quota)
+    try:
+        before = len(api_env.job_objects(api_env.project_a))
+
+        def refused() -> Any:
+            try:
+                c.create(api_env.project_a.project_id, params(), data_ttl=Duration(seconds=3600))
+            except grpc.RpcError as exc:
+                return exc
+            return None  # the quota controller had not counted yet: try again
+
+        e = poll("Create refused by the quota", refused, 30)
+        assert e.code() == Code.RESOURCE_EXHAUSTED, e
+        assert "refused by the project's quota" in e.details() and "exceeded quota: job-count" in e.details()
+        assert len(api_env.job_objects(api_env.project_a)) == before
+    finally:
+        api_env.core().delete_namespaced_resource_quota("job-count", ns)
 
 
 def _owner_exists(env: ApiEnv, secret: Any) -> bool:

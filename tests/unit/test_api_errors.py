@@ -67,6 +67,19 @@ def test_many_problems_are_capped() -> None:
             grpc.StatusCode.FAILED_PRECONDITION,
         ),
         (413, "RequestEntityTooLarge", "", grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (
+            403,
+            "Forbidden",
+            'projectjobs.dsjobs.dev "x" is forbidden: exceeded quota: jobs, requested: '
+            "count/projectjobs.dsjobs.dev=1, used: count/projectjobs.dsjobs.dev=10, limited: count/projectjobs.dsjobs.dev=10",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            403,
+            "Forbidden",
+            'admission webhook "validate.kyverno.svc" denied the request: jobs need a cost-center label',
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
         (429, "TooManyRequests", "", grpc.StatusCode.UNAVAILABLE),
         (500, "InternalError", "etcd", grpc.StatusCode.UNAVAILABLE),
         (503, "ServiceUnavailable", "", grpc.StatusCode.UNAVAILABLE),

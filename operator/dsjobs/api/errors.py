@@ -258,6 +258,14 @@ def from_kube(error: KubeError, what: str) -> ApiError:
         )
     if s == 403 and "being terminated" in error.message:
         return failed_precondition(f"{what}: the project is being deleted")
+    if s == 403 and "exceeded quota" in error.message:
+        # A ResourceQuota of the project (e.g. count/projectjobs.dsjobs.dev): the user's to know.
+        return ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} refused by the project's quota: {error.message}"
+        )
+    if s == 403 and "denied the request" in error.message:
+        # An admission webhook's policy (Gatekeeper, Kyverno...): its message says what to change.
+        return failed_precondition(f"{what} refused by the cluster's policy: {error.message}")
     if s == 413:
         return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} is too large to store")
     if s == 429:
