@@ -30,6 +30,20 @@ NotFound = kopf_errors.APINotFoundError
 Forbidden = kopf_errors.APIForbiddenError
 Conflict = kopf_errors.APIConflictError
 Invalid = kopf_errors.APIUnprocessableEntityError
+
+
+class BadRequest(kopf_errors.APIUnprocessableEntityError):
+    """A 400: some admission webhooks deny with it. It is an Invalid for the callers: the object as
+    sent will never be accepted (a 422 says the same)."""
+
+
+def translated(exc: APIError) -> APIError:
+    """The error the callers catch: Kopf raises a plain APIClientError for a 400."""
+    if type(exc) is kopf_errors.APIClientError and exc.status == 400:
+        # APIError keeps a Status body as (message, body) in args, a text as (text,).
+        payload = exc.args[-1] if exc.args else None
+        return BadRequest(payload, status=400, headers=exc.headers)
+    return exc
 ClientError = kopf_errors.APIClientError
 
 # Our calls fail fast and let the reconcile retry with its own backoff (the per-job lock must
@@ -136,6 +150,9 @@ class Kube:
                 return None if not body or body.isspace() else fastjson.loads(body)
         except APIError as exc:
             code = str(exc.status)
+            better = translated(exc)
+            if better is not exc:
+                raise better from exc
             raise
         except Exception:
             code = "error"
