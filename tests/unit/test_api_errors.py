@@ -77,6 +77,12 @@ def test_many_problems_are_capped() -> None:
         (
             403,
             "Forbidden",
+            'projectjobs.dsjobs.dev "x" is forbidden: status unknown for quota: jobs, resource: count/x',
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        (
+            403,
+            "Forbidden",
             'admission webhook "validate.kyverno.svc" denied the request: jobs need a cost-center label',
             grpc.StatusCode.FAILED_PRECONDITION,
         ),

@@ -18,6 +18,10 @@ T0 = datetime(2025, 6, 1, 11, 0, tzinfo=UTC)
 SHA = "ab" * 32
 
 
+# Keys the operator records are below the job's prefix (dsjobs.storage.job_prefix).
+OWN = "projects/p1/jobs/j1/outputs/"
+
+
 def job(status: dict[str, Any] | None = None, **spec: Any) -> ops.JobSnapshot:
     return ops.JobSnapshot.from_cr(
         {
@@ -99,8 +103,8 @@ def test_success_has_outputs_with_urls_and_errors() -> None:
         "phase": "SUCCESS",
         "returnCode": 0,
         "outputFiles": [
-            {"desc": {"path": "out/a.txt", "var": "A"}, "sha256": SHA, "sizeBytes": 3, "key": "k/a"},
-            {"desc": {"path": "b.zip"}, "sizeBytes": 9, "compressionType": "ZIP", "key": "k/b"},
+            {"desc": {"path": "out/a.txt", "var": "A"}, "sha256": SHA, "sizeBytes": 3, "key": f"{OWN}a"},
+            {"desc": {"path": "b.zip"}, "sizeBytes": 9, "compressionType": "ZIP", "key": f"{OWN}b"},
         ],
         "fileErrors": [
             {"outputFileDesc": {"path": "missing.txt"}, "description": "not produced", "type": "NOT_FOUND"},
@@ -109,8 +113,8 @@ def test_success_has_outputs_with_urls_and_errors() -> None:
         "outputDatasets": [{"desc": {"name": "ds", "var": "DS", "sizeGb": 1}, "id": "ds1"}],
     }
     j = job(status, execute=True)
-    assert ops.output_keys(j) == ["k/a", "k/b"]
-    op = execute_op(j, {"k/a": "http://a", "k/b": "http://b"})
+    assert ops.output_keys(j) == [f"{OWN}a", f"{OWN}b"]
+    op = execute_op(j, {f"{OWN}a": "http://a", f"{OWN}b": "http://b"})
     assert op.done and not op.HasField("error")
     resp = svc.ExecuteProjectJobResponse()
     assert op.response.Unpack(resp)
@@ -123,6 +127,20 @@ def test_success_has_outputs_with_urls_and_errors() -> None:
     assert [e.output_file_desc.path for e in resp.output_files_errors] == ["missing.txt"]
     assert resp.output_files_errors[0].type == jobs_pb2.FileUploadError.ErrorType.NOT_FOUND
     assert [d.id for d in resp.output_datasets] == ["ds1"]
+
+
+def test_only_keys_below_the_job_s_own_prefix_are_presigned() -> None:
+    # A status naming another job's or project's objects (edited by someone allowed to) must not
+    # make the API hand out URLs for them.
+    files = [
+        {"desc": {"path": "mine.txt"}, "key": f"{OWN}mine.txt"},
+        {"desc": {"path": "theirs.txt"}, "key": "projects/p2/jobs/j9/outputs/theirs.txt"},
+        {"desc": {"path": "sibling.txt"}, "key": "projects/p1/jobs/j10/outputs/sibling.txt"},
+        {"desc": {"path": "nothing.txt"}, "key": ""},
+    ]
+    j = job({"phase": "SUCCESS", "returnCode": 0, "outputFiles": files}, execute=True)
+    assert ops.output_keys(j) == [f"{OWN}mine.txt"]
+    assert [ops.is_own_key(j, f["key"]) for f in files] == [True, False, False, False]
 
 
 def test_failed_program_is_a_successful_operation_with_its_return_code() -> None:

@@ -258,6 +258,9 @@ def from_kube(error: KubeError, what: str) -> ApiError:
         )
     if s == 403 and "being terminated" in error.message:
         return failed_precondition(f"{what}: the project is being deleted")
+    if s == 403 and "status unknown for quota" in error.message:
+        # A quota just created: admission refuses until its controller has counted (seconds).
+        return unavailable(f"{what}: the project's quota is being counted; retry ({error.message})")
     if s == 403 and "exceeded quota" in error.message:
         # A ResourceQuota of the project (e.g. count/projectjobs.dsjobs.dev): the user's to know.
         return ApiError(

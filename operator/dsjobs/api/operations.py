@@ -33,6 +33,7 @@ from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStat
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_pb2
+from dsjobs.storage import job_prefix
 
 _PREFIX = "op1"
 _SEP = "|"
@@ -430,7 +431,17 @@ def output_keys(job: JobSnapshot) -> list[str]:
     outcome = execution_outcome(job)
     if not outcome.done or outcome.error is not None or job.status.data_cleared:
         return []
-    return [f.key for f in job.status.output_files if f.key]
+    return [f.key for f in job.status.output_files if is_own_key(job, f.key)]
+
+
+def is_own_key(job: JobSnapshot, key: str) -> bool:
+    """Whether `key` is below the job's own prefix. The API presigns no other: the status is the
+    operator's to write, but a key there naming another job's or project's object (a status
+    edited by someone allowed to) would hand out data its caller may not read."""
+    try:
+        return bool(key) and key.startswith(job_prefix(job.project_id, job.name))
+    except ValueError:  # a project or job id no key can have
+        return False
 
 
 # --- Delete, DeleteData, DeleteAllData ---------------------------------------------------------

@@ -668,7 +668,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
         if job.status.data_cleared:
             raise errors.failed_precondition(f"the data of job {job.name!r} was deleted")
-        stored = [*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files]
+        stored = [
+            f
+            for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
+            if operations.is_own_key(job, f.key)
+        ]
         by_path: dict[str, Any] = {}
         for f in stored:
             by_path.setdefault(f.desc.path, f)

@@ -44,6 +44,8 @@ def translated(exc: APIError) -> APIError:
         payload = exc.args[-1] if exc.args else None
         return BadRequest(payload, status=400, headers=exc.headers)
     return exc
+
+
 ClientError = kopf_errors.APIClientError
 
 # Our calls fail fast and let the reconcile retry with its own backoff (the per-job lock must

@@ -493,6 +493,9 @@ def _start_all(launch: _Launch, bin_dir: Path, topology: Sequence[NodeSpec], tim
             f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
             f"--node-monitor-grace-period={NODE_MONITOR_GRACE_PERIOD}",
             "--node-monitor-period=2s",
+            # A quota made before its resource's monitor existed (a CRD discovered within 30 s of
+            # start) is counted at the next full resync: 5 min by default, 15 s here.
+            "--resource-quota-sync-period=15s",
             "--cluster-name=dsjobs-dev",
             "--enable-hostpath-provisioner",
             *common,
