@@ -50,7 +50,7 @@ from dsjobs.controller.secrets import (
     secret_value,
     spark_connector_problem,
 )
-from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.settings import OperatorSettings, SettingsError, settings_from_env
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
 from dsjobs.models.limits import RESOURCE_ID_PATTERN
@@ -347,6 +347,35 @@ def test_output_datasets_are_writable_claims_owned_by_the_job_until_published() 
             "readOnly": False,
         }
     assert output_dataset_claims(JOB, spec(), SETTINGS) == []
+
+
+def test_volume_fs_group_is_set_only_for_pods_with_volumes_dsjobs_provisions() -> None:
+    settings = OperatorSettings(working_storage_class="fast-ssd", volume_fs_group=10001)
+
+    def context(job_spec: ProjectJobSpec, with_settings: OperatorSettings) -> Any:
+        pod = render_pod(
+            JOB,
+            job_spec,
+            attempt=1,
+            instance_type_name="c1.4",
+            instance_type_index=0,
+            instance_type=TYPES["c1.4"],
+            settings=with_settings,
+            volumes=Volumes(),
+            image="python:3.11-slim",
+        )
+        return pod["spec"].get("securityContext")
+
+    wanted = {"fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}
+    storage = spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})
+    datasets = spec(cmd="ls ${D}", outputDatasets=[{"name": "d", "var": "D", "sizeGb": 1}])
+    assert context(storage, settings) == wanted
+    assert context(datasets, settings) == wanted
+    assert context(spec(), settings) is None  # an emptyDir is 0777 already
+    assert context(storage, SETTINGS) is None  # off by default
+    with pytest.raises(SettingsError, match="DSJOBS_VOLUME_FS_GROUP"):
+        settings_from_env({"DSJOBS_VOLUME_FS_GROUP": "-1"})
+    assert settings_from_env({"DSJOBS_VOLUME_FS_GROUP": "10001"}).volume_fs_group == 10001
 
 
 def test_a_spark_connector_is_a_config_file_named_by_the_env_the_client_reads() -> None:

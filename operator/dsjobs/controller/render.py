@@ -468,6 +468,13 @@ def render_pod(
         "containers": [main, *parts.sidecars],
         "volumes": pod_volumes,
     }
+    params = spec.job_parameters
+    if settings.volume_fs_group and (params.extended_working_storage is not None or params.output_datasets):
+        # The volumes dsjobs provisions start empty, their root as the StorageClass made it.
+        pod_spec["securityContext"] = {
+            "fsGroup": settings.volume_fs_group,
+            "fsGroupChangePolicy": "OnRootMismatch",
+        }
     if instance_type.node_selector:
         pod_spec["nodeSelector"] = dict(instance_type.node_selector)
     if instance_type.tolerations:

@@ -38,6 +38,9 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     # StorageClass of extended working storage (generic ephemeral volumes); empty = cluster default.
     working_storage_class: str = ""
+    # The pod's fsGroup for jobs with working storage or output datasets (0: none): the GID that
+    # lets the runner (uid/gid 10001) and the job write to a new volume whose root is root's.
+    volume_fs_group: int = 0
     # A job whose image cannot be pulled for this long fails (InvalidImageName fails at once).
     image_pull_timeout_seconds: float = 120.0
     # Extra grace on top of the job's graceful-shutdown timeout so that the ship sidecar can upload
@@ -98,6 +101,13 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_WORKING_STORAGE_CLASS": (
         "working_storage_class",
         "StorageClass of extended working storage volumes; empty uses the cluster default.",
+    ),
+    "DSJOBS_VOLUME_FS_GROUP": (
+        "volume_fs_group",
+        "GID set as the pod's `fsGroup` (`fsGroupChangePolicy: OnRootMismatch`) for jobs with working "
+        "storage or output datasets, for StorageClasses whose new volumes have a root only root may "
+        "write (block-storage CSI); 10001 is the runner image's group. 0 sets none. The kubelet applies "
+        "it to every volume of such a pod whose driver manages ownership, an attached project disk too.",
     ),
     "DSJOBS_IMAGE_PULL_TIMEOUT": (
         "image_pull_timeout_seconds",
@@ -192,6 +202,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
             + ", ".join(STORAGE_CREDENTIAL_SOURCES)
         )
+    if settings.volume_fs_group < 0:
+        raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
     if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
         raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")
     return settings
