@@ -283,6 +283,18 @@ def _spec_problem_update(
     return fail(spec, status, "InvalidSpec", "invalid job: " + format_problems(problems, cr=True), now)
 
 
+def _observed(job: JobView, now: datetime, events: list[JobEvent]) -> ProjectJobStatus:
+    """The job's status with what every step records first: CREATING for a new job (with its
+    Event) and the generation seen."""
+    status = job.status
+    if status.phase is None:
+        status = status.model_copy(update={"phase": JobPhase.CREATING, "created_at": job.created_at or now})
+        events.append(JobEvent("Normal", "Created", "new -> CREATING"))
+    if status.observed_generation != job.generation:
+        status = status.model_copy(update={"observed_generation": job.generation})
+    return status
+
+
 def _plan_of(
     update: StatusUpdate, actions: list[Action], events: list[JobEvent], spec: ProjectJobSpec | None
 ) -> Plan:
@@ -350,12 +362,7 @@ def _plan(
     if FINALIZER not in job.finalizers or labels:
         actions.append(EnsureMetadata(finalizer=FINALIZER not in job.finalizers, labels=labels))
     events: list[JobEvent] = []
-    status = job.status
-    if status.phase is None:
-        status = status.model_copy(update={"phase": JobPhase.CREATING, "created_at": job.created_at or now})
-        events.append(JobEvent("Normal", "Created", "new -> CREATING"))
-    if status.observed_generation != job.generation:
-        status = status.model_copy(update={"observed_generation": job.generation})
+    status = _observed(job, now, events)
     phase = status.phase
     assert phase is not None
     started = status.attempt > 0 or any(not p.gone for p in pods)
@@ -730,18 +737,13 @@ def waiting_to_create(job: JobView, why: str, now: datetime) -> StatusUpdate:
     must not name it (the plan would take it for a pod deleted before it was seen). PREPARING with
     the API server's message; a Warning Event `FailedCreate` when the message is new.
     """
-    status = job.status
     events: list[JobEvent] = []
-    if status.phase is None:
-        status = status.model_copy(update={"phase": JobPhase.CREATING, "created_at": job.created_at or now})
-        events.append(JobEvent("Normal", "Created", "new -> CREATING"))
+    status = _observed(job, now, events)
     details = clip(f"waiting to create the job's pod: {why}")
     told = status.status_details == details
     status = with_phase(status, JobPhase.PREPARING, details, events)
     if not told:
         events.append(JobEvent("Warning", "FailedCreate", clip(why, 1024)))
-    if status.observed_generation != job.generation:
-        status = status.model_copy(update={"observed_generation": job.generation})
     return StatusUpdate(status, tuple(events))
 
 

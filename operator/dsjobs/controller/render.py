@@ -310,13 +310,8 @@ def output_dataset_claims(
     claims: list[dict[str, Any]] = []
     for d in spec.job_parameters.output_datasets:
         dataset_id = output_dataset_id(job.uid, d.var)
-        claim_spec: dict[str, Any] = {
-            "accessModes": ["ReadWriteOnce"],
-            # The official CLI rounds the size down to whole GiB: "500Mb" arrives as 0.
-            "resources": {"requests": {"storage": f"{max(d.size_gb, 1)}Gi"}},
-        }
-        if settings.working_storage_class:
-            claim_spec["storageClassName"] = settings.working_storage_class
+        # The official CLI rounds the size down to whole GiB: "500Mb" arrives as 0.
+        claim_spec = _claim_spec(max(d.size_gb, 1), settings)
         annotations = {DATASET_NAME_ANNOTATION: d.name}
         if d.description:
             annotations[DATASET_DESCRIPTION_ANNOTATION] = d.description
@@ -354,13 +349,19 @@ def working_storage_source(
         if instance_type.working_dir_size_limit is not None:
             return {"emptyDir": {"sizeLimit": instance_type.working_dir_size_limit}}
         return WORK_VOLUME_SOURCE_EMPTY
-    claim_spec: dict[str, Any] = {
+    claim_spec = _claim_spec(storage.size_gb, settings)
+    return {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": job.labels()}, "spec": claim_spec}}}
+
+
+def _claim_spec(size_gb: int, settings: OperatorSettings) -> dict[str, Any]:
+    """A claim of a volume dsjobs provisions (working storage, output datasets)."""
+    spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": f"{storage.size_gb}Gi"}},
+        "resources": {"requests": {"storage": f"{size_gb}Gi"}},
     }
     if settings.working_storage_class:
-        claim_spec["storageClassName"] = settings.working_storage_class
-    return {"ephemeral": {"volumeClaimTemplate": {"metadata": {"labels": job.labels()}, "spec": claim_spec}}}
+        spec["storageClassName"] = settings.working_storage_class
+    return spec
 
 
 DEFAULT_CLASS_ANNOTATIONS: Final = (

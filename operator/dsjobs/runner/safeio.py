@@ -23,15 +23,19 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def open_beneath(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> int:
-    """A read-only fd of the regular file `root/rel`; no symlink below `root` is followed.
+def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
+    """A read-only fd of the regular file `path` below `root` (absolute, or relative to `root`);
+    no symlink below `root` is followed.
 
     FileNotFoundError when something on the way is missing; RefusedFile when a component is a
-    symlink, the file is not a regular file, or `rel` is not a plain relative path.
+    symlink, the file is not a regular file, or `path` is not plainly below `root`.
     """
-    parts = os.fspath(rel).split("/")
-    if not parts or any(p in ("", ".", "..") for p in parts) or os.path.isabs(os.fspath(rel)):
-        raise RefusedFile(errno.EINVAL, f"not a plain relative path: {os.fspath(rel)!r}")
+    rel = os.fspath(path)
+    if os.path.isabs(rel):
+        rel = os.path.relpath(rel, root)
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     # Each step closes the directory it opened from, whatever happens.
     for part in parts[:-1]:
@@ -39,7 +43,7 @@ def open_beneath(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> i
     fd = _step(fd, parts[-1], _FILE_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RefusedFile(errno.EINVAL, f"{os.fspath(rel)} is not a regular file")
+            raise RefusedFile(errno.EINVAL, f"{rel} is not a regular file")
     except BaseException:
         os.close(fd)
         raise
@@ -66,7 +70,7 @@ def read_beneath(
     """The text (at most `limit` bytes) of the regular file `path` below `root`, opened as
     `open_beneath` does; None when it is missing or refused (the job put something else there)."""
     try:
-        fd = open_beneath(root, os.path.relpath(path, root))
+        fd = open_beneath(root, path)
     except (FileNotFoundError, RefusedFile):
         return None
     with os.fdopen(fd, "rb") as f:

@@ -198,7 +198,7 @@ class LogShipper:
         """Up to ``limit`` bytes from the source's position, and whether they reach its end."""
         shared = self.config.paths.shared_dir
         try:
-            fd = open_beneath(shared, os.path.relpath(src.path, shared))
+            fd = open_beneath(shared, src.path)
         except FileNotFoundError:
             return b"", True
         except RefusedFile as exc:
@@ -536,7 +536,7 @@ def _upload_output(
             # Opened again below the working dir without following links: the check above and
             # the read are then of one file, whatever the job's leftovers do in between.
             try:
-                fd = open_beneath(work, os.path.relpath(real, work))
+                fd = open_beneath(work, real)
             except RefusedFile as exc:
                 return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror or exc}")
             with os.fdopen(fd, "rb") as f:
@@ -586,7 +586,7 @@ def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFile
     for name, path in zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True):
         key = log_file_key(config.project_id, config.job_id, name)
         try:
-            fd = open_beneath(shared, os.path.relpath(path, shared))
+            fd = open_beneath(shared, path)
         except FileNotFoundError:
             continue
         except OSError as exc:
