@@ -62,6 +62,12 @@ def _reasons(h: H, job: str) -> list[str]:
     return [e.reason for e in h.events(job)]
 
 
+def _told(h: H, job: str, reason: str) -> bool:
+    """Whether the job got an Event of `reason`, waiting a little: the operator posts its Events
+    one at a time in the background, after the status that they tell."""
+    return bool(poll(f"a {reason} Event of {job}", lambda: reason in _reasons(h, job), 15))
+
+
 # --- running jobs ---------------------------------------------------------------------------------
 
 
@@ -281,7 +287,7 @@ def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Sto
         assert claim.metadata.labels["dsjobs.dev/dataset-id"] == dataset_id
         assert not claim.metadata.owner_references
         assert claim.metadata.annotations["dsjobs.dev/dataset-name"] == "models"
-        assert "DatasetsCreated" in _reasons(h, "make-dataset")
+        assert _told(h, "make-dataset", "DatasetsCreated")
 
         read = (
             f"cat ${{{dataset_id}}}/weights.txt && (touch ${{{dataset_id}}}/x 2>/dev/null || echo read-only)"
@@ -378,9 +384,10 @@ def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: St
     cmd = (
         "echo before"
         " && cd /job/.dsjobs/logs"
-        f" && rm -f stderr.log && ln -s {config}/DSJOBS_S3_SECRET_KEY stderr.log"
-        f" && rm -f job_progress.jsonl && ln -s {config}/runner.json job_progress.jsonl"
-        f" && rm -f system.log && ln -s {config}/DSJOBS_S3_SECRET_KEY system.log"
+        # -f: the runner may create a file again between a rm and the ln (its system log lines).
+        f" && ln -sf {config}/DSJOBS_S3_SECRET_KEY stderr.log"
+        f" && ln -sf {config}/runner.json job_progress.jsonl"
+        f" && ln -sf {config}/DSJOBS_S3_SECRET_KEY system.log"
         f" && ln -s {config}/DSJOBS_S3_SECRET_KEY /job/work/out.txt"
         " && sleep 3 && echo after"
     )
@@ -421,7 +428,7 @@ def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> Non
             status = poll(f"{name} waiting for quota", lambda name=name: waiting(name), 60)
             assert status["phase"] == "PREPARING", status
             assert status["statusDetails"].startswith("waiting to create the job's pod: "), status
-            assert "FailedCreate" in _reasons(h, name)
+            assert _told(h, name, "FailedCreate")
             poll(f"no pod of {name}", lambda name=name: not h.pods(name), 30)
             secrets = h.core.list_namespaced_secret(
                 h.namespace, label_selector=f"dsjobs.dev/job-id={name}"
