@@ -804,9 +804,18 @@ def test_a_job_container_that_could_not_run_fails_the_job() -> None:
 def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
     j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
     p = step(j, [ended_pod(0)])
-    assert p.actions == (DeletePod("job-1-a1", 1, "the job has finished"), DeleteSecrets())
+    assert p.actions == (DeleteSecrets(), DeletePod("job-1-a1", 1, "the job has finished"))
     retained = step(j, [ended_pod(0)], settings=OperatorSettings(finished_pod_retention_seconds=600))
     assert not retained.actions and retained.requeue_after == timedelta(minutes=10)
+
+
+def test_final_job_secrets_go_before_the_pod_so_a_crash_between_leaves_no_secret() -> None:
+    # An operator killed after the first action: what the next plan sees must still lead to both.
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
+    assert kinds(step(j, [ended_pod(0)])) == ["DeleteSecrets", "DeletePod"]  # Secrets gone, pod not
+    # The other way round the pod would be gone and, the status being final, nothing would plan
+    # the Secrets' deletion again.
+    assert not step(j, []).actions
 
 
 OUTPUT_DATASETS = {
@@ -1172,7 +1181,7 @@ def test_finalize_removes_pod_and_secrets_once() -> None:
         [ended_pod(0)],
         settings=OperatorSettings(finished_pod_retention_seconds=3600),
     )
-    assert kinds(p) == ["DeletePod", "DeleteSecrets"]
+    assert kinds(p) == ["DeleteSecrets", "DeletePod"]
     assert get_condition(p.status, "Finalized") is not None
     again = step(job(status=p.status.to_cr(), finalized=True))
     assert not again.actions

@@ -655,8 +655,10 @@ def _plan_final(
     if alive:
         keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
         if spec.finalized or now >= keep_until:
-            actions.extend(DeletePod(p.name, deletion_grace(p), "the job has finished") for p in alive)
+            # The Secrets first: the status is final already, so once the pod is gone no later
+            # plan would delete them, and an operator killed between the two would leave them.
             actions.append(DeleteSecrets())
+            actions.extend(DeletePod(p.name, deletion_grace(p), "the job has finished") for p in alive)
         else:
             requeue = keep_until - now
     if spec.finalized and get_condition(status, COND_FINALIZED) is None:
