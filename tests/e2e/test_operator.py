@@ -9,19 +9,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
 import re
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from cluster_fixtures import REPO_ROOT, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
-from operator_fixtures import PROJECT_ID, OperatorHarness, operator_harness  # noqa: F401
+from operator_fixtures import (  # noqa: F401
+    GROUP,
+    PLURAL,
+    PROJECT_ID,
+    VERSION,
+    OperatorHarness,
+    PodWatch,
+    operator_harness,
+)
 
+from dsjobs.controller.names import JOB_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.logrecords import read_progress
@@ -679,6 +689,106 @@ def test_operator_killed_after_pod_creation_and_mid_run(h: H) -> None:
     assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
     assert status["attempt"] == 1
     assert list(watch.added.values()) == ["kill-me-a1"], watch.added  # exactly one pod ever existed
+
+
+class ChaosJob(NamedTuple):
+    name: str
+    cmd: str
+    fate: str = ""  # "cancel" or "delete", a few seconds in
+    phase: str = ""  # expected at the end (none for a deleted job)
+    code: int | None = None
+    attempts: int = 1
+    retry: dict[str, Any] | None = None
+
+
+RETRY_ON_3 = {"maxAttempts": 2, "backoffSeconds": 1, "retryOnExitCodes": [3]}
+CHAOS_JOBS = [
+    *[
+        ChaosJob(f"chaos-ok{i}", f"echo ok {i} > ${{OUT}}; sleep {i}", phase="SUCCESS", code=0)
+        for i in range(4)
+    ],
+    *[
+        ChaosJob(f"chaos-retry{i}", f"sleep {i}; exit 3", phase="ERROR", code=3, attempts=2, retry=RETRY_ON_3)
+        for i in range(3)
+    ],
+    *[ChaosJob(f"chaos-cancel{i}", "sleep 120", "cancel", "CANCELLED") for i in range(2)],
+    *[ChaosJob(f"chaos-delete{i}", f"echo x > ${{OUT}}; sleep {30 * i}", "delete") for i in range(2)],
+]
+
+
+def _chaos_fate(h: H, name: str, fate: str) -> None:
+    if fate == "cancel":
+        h.patch_spec(name, {"cancel": {"reason": "chaos", "graceful": False}})
+    else:
+        h.custom.delete_namespaced_custom_object(GROUP, VERSION, h.namespace, PLURAL, name)
+
+
+def test_operator_killed_over_and_over_while_jobs_run_loses_and_leaves_nothing(
+    h: H, storage: Storage
+) -> None:
+    """SIGKILL the operator every second or two while jobs start, end, retry, are cancelled and
+    deleted: every job still ends as it should, with one pod per attempt, and no pod, Secret or
+    stored object of a deleted job is left. Where a kill lands varies from run to run; the unit
+    test test_an_operator_killed_between_two_actions_plans_the_rest_again covers every point
+    between two actions."""
+    names = {j.name for j in CHAOS_JOBS}
+    watch = PodWatch(h.core, h.namespace, JOB_LABEL).start()
+    rng = random.Random(7)
+    env = h.env
+    # Finished pods go at once, their Secrets with them (the harness keeps them for the tests).
+    h.env = {**env, "DSJOBS_FINISHED_POD_RETENTION": "0"}
+    try:
+        for j in CHAOS_JOBS:
+            extra = {"retryPolicy": j.retry} if j.retry else {}
+            h.create_job(j.name, {"cmd": j.cmd, "outputFiles": [{"path": "out.txt", "var": "OUT"}]}, **extra)
+        fates = sorted((rng.uniform(2, 8), j.name, j.fate) for j in CHAOS_JOBS if j.fate)
+        started = time.monotonic()
+        for _ in range(8):
+            time.sleep(rng.uniform(0.3, 1.5))
+            h.kill()
+            while fates and time.monotonic() - started >= fates[0][0]:  # while the operator is down
+                _chaos_fate(h, *fates.pop(0)[1:])
+            time.sleep(rng.uniform(0.1, 1.0))
+            h.start()
+        for _at, name, fate in fates:
+            _chaos_fate(h, name, fate)
+        for j in CHAOS_JOBS:
+            if j.fate == "delete":
+                poll(f"{j.name} deleted", lambda name=j.name: h.job(name) is None, 120)
+                continue
+            status = h.wait_phase(j.name, j.phase, timeout=180)
+            assert j.code is None or status.get("returnCode") == j.code, (j.name, status)
+            assert status["attempt"] == j.attempts, (j.name, status)
+            if j.phase == "SUCCESS":
+                (output,) = status["outputFiles"]
+                assert storage.get_bytes(output["key"]).startswith(b"ok"), (j.name, status)
+
+        left: list[str] = []
+
+        def nothing_left() -> bool:
+            pods = h.core.list_namespaced_pod(h.namespace, label_selector=JOB_LABEL).items
+            secrets = h.core.list_namespaced_secret(h.namespace, label_selector=JOB_LABEL).items
+            left[:] = [o.metadata.name for o in [*pods, *secrets] if o.metadata.labels[JOB_LABEL] in names]
+            return not left
+
+        deadline = time.monotonic() + 60
+        while not nothing_left() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, f"left behind: {left}"
+    finally:
+        watch.stop()
+        h.env = env
+        if h.proc is not None and h.proc.poll() is None:
+            h.kill()
+        h.start()
+    ever = [name for name in watch.added.values() if name.startswith("chaos-")]
+    assert len(ever) == len(set(ever)), f"a pod name was created twice: {sorted(ever)}"
+    for j in CHAOS_JOBS:
+        if j.fate == "":
+            mine = sorted(p for p in ever if p.rsplit("-a", 1)[0] == j.name)
+            assert mine == [f"{j.name}-a{i}" for i in range(1, j.attempts + 1)], (j.name, sorted(ever))
+        if j.fate == "delete":
+            assert not _objects(storage, job_prefix(PROJECT_ID, j.name)), j.name
 
 
 def test_watches_recover_from_an_api_server_restart(h: H) -> None:

@@ -809,13 +809,46 @@ def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
     assert not retained.actions and retained.requeue_after == timedelta(minutes=10)
 
 
-def test_final_job_secrets_go_before_the_pod_so_a_crash_between_leaves_no_secret() -> None:
-    # An operator killed after the first action: what the next plan sees must still lead to both.
-    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
-    assert kinds(step(j, [ended_pod(0)])) == ["DeleteSecrets", "DeletePod"]  # Secrets gone, pod not
-    # The other way round the pod would be gone and, the status being final, nothing would plan
-    # the Secrets' deletion again.
-    assert not step(j, []).actions
+CLEANUP = (DeletePod, DeleteSecrets, DeleteDatasetClaims, ClearData, RemoveFinalizer)
+NO_RETENTION = OperatorSettings(finished_pod_retention_seconds=0)
+
+
+def _crash_scenarios() -> dict[str, tuple[JobView, list[PodView], OperatorSettings]]:
+    success = started("SUCCESS", finishedAt=ts(NOW), returnCode=0)
+    deleted = job(status=started("EXECUTING"), deleting=True)
+    return {
+        "finished, pod retention over": (job(status=success), [ended_pod(0)], NO_RETENTION),
+        "failed, pod retention over": (
+            job(status=started("ERROR", finishedAt=ts(NOW), returnCode=3)),
+            [ended_pod(3)],
+            NO_RETENTION,
+        ),
+        "finalized": (
+            job(status=success, finalized=True),
+            [ended_pod(0)],
+            OperatorSettings(finished_pod_retention_seconds=3600),
+        ),
+        "deleted, pod gone": (deleted, [pod(gone=True, node="cpu-0")], SETTINGS),
+        "deleted, pod never ran": (deleted, [unschedulable(NOW)], SETTINGS),
+    }
+
+
+@pytest.mark.parametrize("scenario", list(_crash_scenarios()))
+def test_an_operator_killed_between_two_actions_plans_the_rest_again(scenario: str) -> None:
+    """Killing the operator at any moment leaves nothing behind: after any prefix of a step's
+    actions (and no status write), the next plan still holds the cleanup actions not yet done.
+    (A finished job's pod deleted before its Secrets once left the Secrets: with the pod gone and
+    the status final, no later plan deleted them.)"""
+    j, pods, settings = _crash_scenarios()[scenario]
+    p = step(j, pods, settings=settings)
+    assert any(isinstance(a, CLEANUP) for a in p.actions), p.actions
+    for done in range(1, len(p.actions)):
+        deleted = {a.name for a in p.actions[:done] if isinstance(a, DeletePod)}
+        # A deleted pod that had ended (or never ran) is gone at once; the status is the same.
+        left = [v for v in pods if v.name not in deleted]
+        again = step(j, left, settings=settings)
+        missing = [a for a in p.actions[done:] if isinstance(a, CLEANUP) and a not in again.actions]
+        assert not missing, f"killed after {p.actions[:done]}: never again {missing}"
 
 
 OUTPUT_DATASETS = {
