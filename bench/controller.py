@@ -44,6 +44,7 @@ from common import (
     latency_summary,
     module_missing,
     parallel_create,
+    parse_prom,
     percentile,
     proc_cpu_seconds,
     proc_memory_mib,
@@ -168,6 +169,7 @@ class OperatorProcess:
         self.log = ctx.work / f"operator-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.liveness = free_port()
+        self.metrics_port = free_port()
 
     def start(self) -> OperatorProcess:
         env = {
@@ -175,7 +177,7 @@ class OperatorProcess:
             **self.ctx.cluster.s3_env(),
             "KUBECONFIG": str(self.ctx.cluster.kubeconfig),
             "DSJOBS_LIVENESS_PORT": str(self.liveness),
-            "DSJOBS_METRICS_PORT": str(free_port()),
+            "DSJOBS_METRICS_PORT": str(self.metrics_port),
             # The process node ignores images; the name only has to be valid.
             "DSJOBS_RUNNER_IMAGE": "dsjobs:bench",
         }
@@ -216,6 +218,23 @@ class OperatorProcess:
 
     def cpu(self) -> float:
         return proc_cpu_seconds(self.pid)
+
+    def histograms(self) -> dict[str, tuple[float, float]]:
+        """(sum, count) of the operator's pod-creation latency and of its create requests by
+        resource, from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, tuple[float, float]] = {}
+        for name, want in (
+            ("seen", {}),
+            ("secrets", {"verb": "post", "resource": "secrets"}),
+            ("pods", {"verb": "post", "resource": "pods"}),
+        ):
+            metric = "dsjobs_pod_create_seconds" if name == "seen" else "dsjobs_api_request_seconds"
+            total = [v for labels, v in parse_prom(text, metric + "_sum") if want.items() <= labels.items()]
+            count = [v for labels, v in parse_prom(text, metric + "_count") if want.items() <= labels.items()]
+            out[name] = (sum(total), sum(count))
+        return out
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -311,6 +330,7 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
     pw = Watch(kube, f"/api/v1/namespaces/{ns}/pods", pods.on_event).start()
     try:
         before = write_requests(kube.metrics_text())
+        hist0 = op.histograms()
         cpu0 = op.cpu()
         load = LoadSpan()
         breakdown = CpuBreakdown()
@@ -322,6 +342,7 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
         by_kind = breakdown.stop()
         writes = delta(write_requests(kube.metrics_text()), before)
         cpu = op.cpu() - cpu0
+        inside = _inside_note(hist0, op.histograms())
         to_pod = [pods.seen["created"][k] - t for k, t in b.created.items()]
         last = max(pods.seen["created"][k] for k in b.created) - b.t0
         sec.add(
@@ -334,14 +355,14 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
                 f"the operator alone (no job process runs): CRs created at {b.rate:.0f}/s, last pod "
                 f"{secs(last)} after the first CR ({n / last:.0f} jobs/s); operator CPU "
                 f"{1000 * cpu / n:.0f} ms per job; API writes per job up to here {_writes_note(writes, n)}; "
-                f"{cpu_note(by_kind, n)} (the 8 creating clients are the bench)",
+                f"{cpu_note(by_kind, n)} (the 8 creating clients are the bench); {inside}",
                 ok=percentile(to_pod, 50) <= CR_TO_POD_TARGET[0]
                 and percentile(to_pod, 99) <= CR_TO_POD_TARGET[1],
             )
         )
         # After the burst, not before: its jobs' deletion would still be settling at the burst.
         _delete_jobs(kube, ns)
-        _one_at_a_time(sec, kube, ns, pods, max(10, n // 10))
+        _one_at_a_time(sec, kube, op, ns, pods, max(10, n // 10))
     finally:
         pw.stop()
         _delete_jobs(kube, ns)
@@ -349,10 +370,26 @@ def bench_operator_alone(ctx: Context, sec: Section, kube: Kube, n: int) -> None
         kube.delete_namespace(ns)
 
 
-def _one_at_a_time(sec: Section, kube: Kube, ns: str, pods: Tracker, n: int) -> None:
+def _inside_note(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str:
+    """Where the time goes, from the operator's own histograms (means: sum / count)."""
+
+    def mean(name: str) -> str:
+        total, count = (a - b for a, b in zip(after[name], before[name], strict=True))
+        return f"{1000 * total / count:.0f} ms" if count else "n/a"
+
+    return (
+        f"mean from the operator's watch event to its pod created {mean('seen')}, of which the API "
+        f"server's answer to creating the runner Secret {mean('secrets')} and the pod {mean('pods')} "
+        "(one after the other); the rest of CR → Pod is the watch events' way to the operator and back "
+        "to the bench"
+    )
+
+
+def _one_at_a_time(sec: Section, kube: Kube, op: OperatorProcess, ns: str, pods: Tracker, n: int) -> None:
     """CR -> Pod with nothing queued: the operator's latency itself, to which a burst adds its
     queueing."""
     load = LoadSpan()
+    hist0 = op.histograms()
     to_pod: list[float] = []
     for i in range(n):
         name = f"s{i:04d}"
@@ -369,7 +406,7 @@ def _one_at_a_time(sec: Section, kube: Kube, ns: str, pods: Tracker, n: int) -> 
             "",
             str(load),
             "the operator alone, each job created once the previous one's pod was seen: no queue; "
-            "from the create response to the pod's watch event at the bench",
+            f"from the create response to the pod's watch event at the bench; {_inside_note(hist0, op.histograms())}",
         )
     )
 
