@@ -650,6 +650,23 @@ def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     assert "projectId is immutable" in out, out
 
 
+def test_job_parameters_are_fixed_once_executed(h: H) -> None:
+    def patch(spec: dict[str, Any]) -> str:
+        body = json.dumps({"spec": spec})
+        return h.kubectl("patch", "pj", "fixed", "-n", h.namespace, "--type=merge", "-p", body, check=False)
+
+    h.create_job("fixed", {"cmd": "sleep 30"}, execute=False)
+    assert "patched" in patch({"jobParameters": {"cmd": "sleep 20"}})  # not executed yet: still a draft
+    assert "patched" in patch({"execute": True})
+    out = patch({"jobParameters": {"cmd": "echo other"}})
+    assert "jobParameters cannot change once execute is true" in out, out
+    assert "patched" in patch({"dataTtl": "2d"})  # the rest of the spec is not the job's program
+    job = h.job("fixed")
+    assert job is not None and job["spec"]["jobParameters"]["cmd"] == "sleep 20"
+    assert "patched" in patch({"cancel": {"reason": "done"}})
+    assert h.wait_phase("fixed", "CANCELLED")["phase"] == "CANCELLED"
+
+
 def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> None:
     # The CRD's rule is the validator's: '\\' separates segments too, and a drive is absolute.
     for i, path in enumerate(["..\\x", "C:\\data.csv", "../x"]):

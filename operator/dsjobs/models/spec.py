@@ -334,6 +334,15 @@ class RetryPolicy(CRModel):
 class ProjectJobSpec(CRModel):
     """Desired state of a ProjectJob. The resource's name is the job id."""
 
+    # As a Job's pod template: a retry or a fallback pod must run what the first one ran, and the
+    # operator counts references to the inputs (shared by sha256) from what the job was executed with.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            "!has(oldSelf.execute) || !oldSelf.execute || self.jobParameters == oldSelf.jobParameters",
+            "jobParameters cannot change once execute is true (create a new job or clone this one)",
+        )
+    )
+
     project_id: str = field(
         "Project the job belongs to: the `dsjobs.dev/project-id` label of the job's namespace "
         "(the admission policy projectjobs-in-their-project checks it). Immutable.",
