@@ -275,7 +275,9 @@ class Operator:
 
         The job watch feeds the references from then on; until the operator has seen every job it
         must not decide that an input is unused. Jobs seen by the LIST and by events in any order
-        can only be over-counted (a job's inputs never change; deletion is one-way): safe.
+        can only be over-counted (an executed job's inputs cannot change, a CEL rule of the CRD;
+        deletion is one-way): safe. Only a draft edited by kubectl meanwhile could be counted with
+        its old inputs; Execute checks that the inputs exist.
         """
         if self._refs_warm:
             return
