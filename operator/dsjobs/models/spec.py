@@ -360,7 +360,9 @@ class ProjectJobSpec(CRModel):
     )
     created_by_id: str = field("Id of the subject that created the job.", "", maxLength=MAX_NAME_LENGTH)
     parent_job_id: str = field("Job this one was cloned from (CloneProjectJob).", "", maxLength=253)
-    job_parameters: JobParameters = field("What to run and with what.")
+    job_parameters: JobParameters = field(
+        "What to run and with what. Fixed once execute is true (a new job or a clone runs something else)."
+    )
     execute: bool = field(
         "Run the job. The API creates jobs with false until the client has uploaded the inputs "
         "(ExecuteProjectJob sets it); set it to true when applying a ProjectJob by hand. It cannot be reset.",
