@@ -158,6 +158,7 @@ def pod(
     created: datetime = NOW - timedelta(seconds=5),
     type_name: str = "c1.4",
     index: int = 0,
+    tolerations: list[dict[str, Any]] | None = None,
 ) -> PodView:
     meta: dict[str, Any] = {
         "name": f"job-1-a{attempt}",
@@ -181,6 +182,7 @@ def pod(
                 {"name": "job", "image": "python:3.11-slim"},
                 {"name": "ship", "image": "runner:1"},
             ],
+            "tolerations": tolerations or [],
         },
         "status": {
             "phase": phase,
@@ -482,6 +484,112 @@ def test_running_is_executing_with_start_time() -> None:
     assert p.status.phase == JobPhase.EXECUTING
     assert p.status.started_at == NOW - timedelta(seconds=20)
     assert "Executing" in [e.reason for e in p.events]
+
+
+# What the API server adds to every pod (DefaultTolerationSeconds).
+DEFAULT_TOLERATIONS = [
+    {
+        "key": "node.kubernetes.io/not-ready",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+    {
+        "key": "node.kubernetes.io/unreachable",
+        "operator": "Exists",
+        "effect": "NoExecute",
+        "tolerationSeconds": 300,
+    },
+]
+
+
+def running_on_a_silent_node(
+    ready: str = "False", tolerations: list[dict[str, Any]] | None = None
+) -> PodView:
+    """A running pod as the node lifecycle controller leaves it when the node stops reporting:
+    Ready False, ContainersReady still True (the kubelet's last word)."""
+    return pod(
+        phase="Running",
+        node="gpu-0",
+        init=[terminated("stage-in")],
+        containers=[running("job"), running("ship")],
+        conditions=[
+            {
+                "type": "ContainersReady",
+                "status": "True",
+                "lastTransitionTime": ts(NOW - timedelta(seconds=20)),
+            },
+            {"type": "Ready", "status": ready, "lastTransitionTime": ts(NOW - timedelta(seconds=5))},
+        ],
+        tolerations=DEFAULT_TOLERATIONS if tolerations is None else tolerations,
+    )
+
+
+def test_a_running_job_whose_node_stops_reporting_says_so_once_and_again_when_it_is_back() -> None:
+    p = step(job(status=started("EXECUTING")), [running_on_a_silent_node()])
+    assert p.status.phase == JobPhase.EXECUTING and not p.actions
+    told = (
+        "node gpu-0 stopped reporting at 2025-06-01T11:59:55Z; Kubernetes evicts the pod 300s after that "
+        "unless the node comes back; the program may still be running there"
+    )
+    assert p.status.status_details == f"running on node gpu-0; {told}"
+    cond = get_condition(p.status, "NodeReachable")
+    assert cond is not None and (cond.status, cond.reason, cond.message) == ("False", "NodeNotReady", told)
+    assert [(e.type, e.reason, e.message) for e in p.events] == [("Warning", "NodeNotReady", told)]
+    # Observed again (later reconciles): the same status, no second Event.
+    again = step(job(status=p.status.to_cr()), [running_on_a_silent_node()], now=NOW + timedelta(seconds=30))
+    assert again.status.to_cr() == p.status.to_cr() and not again.events
+    # The node is back: told, and the details are the plain ones again.
+    back = step(job(status=p.status.to_cr()), [running_on_a_silent_node(ready="True")])
+    cond = get_condition(back.status, "NodeReachable")
+    assert cond is not None and (cond.status, cond.reason) == ("True", "NodeReady")
+    assert back.status.status_details == "running on node gpu-0"
+    assert [(e.type, e.reason) for e in back.events] == [("Normal", "NodeReady")]
+    # A job whose node never went silent has no such condition at all.
+    assert (
+        get_condition(step(job(status=started("EXECUTING")), [executing_pod()]).status, "NodeReachable")
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("tolerations", "then"),
+    [
+        ([], "Kubernetes evicts the pod;"),
+        ([{"operator": "Exists"}], "the pod stays bound to it (it tolerates an unreachable node for ever);"),
+        (
+            [
+                {
+                    "key": "node.kubernetes.io/unreachable",
+                    "operator": "Exists",
+                    "effect": "NoExecute",
+                    "tolerationSeconds": 60,
+                }
+            ],
+            "Kubernetes evicts the pod 60s after that unless the node comes back;",
+        ),
+    ],
+)
+def test_a_silent_node_is_told_with_the_pods_own_toleration(
+    tolerations: list[dict[str, Any]], then: str
+) -> None:
+    p = step(job(status=started("EXECUTING")), [running_on_a_silent_node(tolerations=tolerations)])
+    assert then in p.status.status_details
+
+
+def test_a_pod_not_ready_for_its_own_reasons_is_no_silent_node() -> None:
+    # Before its containers run (or after the program ended) Ready and ContainersReady are both False.
+    starting = pod(
+        phase="Pending",
+        node="cpu-0",
+        init=[running("stage-in")],
+        conditions=[
+            {"type": "ContainersReady", "status": "False"},
+            {"type": "Ready", "status": "False"},
+        ],
+    )
+    assert not starting.node_not_ready
+    assert get_condition(step(job(status=started()), [starting]).status, "NodeReachable") is None
 
 
 def test_observations_of_the_pod_are_paced_outcomes_and_requests_are_not() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from dsjobs.controller.names import ATTEMPT_LABEL, INSTANCE_TYPE_INDEX_ANNOTATION, INSTANCE_TYPE_LABEL
 from dsjobs.runner.contract import JOB_CONTAINER
@@ -102,6 +102,10 @@ class PodView:
     containers: tuple[ContainerView, ...] = ()
     # (container name, image) of every container, to name the image that cannot be pulled.
     images: tuple[tuple[str, str], ...] = ()
+    # How long the pod stays bound to a node that stopped reporting (its NoExecute toleration of
+    # node.kubernetes.io/unreachable; the API server adds 300 s by default). None: no such
+    # toleration (evicted at once); TOLERATED_FOREVER: a toleration without seconds.
+    unreachable_toleration_seconds: int | None = None
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any], *, gone: bool = False) -> PodView:
@@ -144,6 +148,7 @@ class PodView:
                 (str(c.get("name", "")), str(c.get("image", "")))
                 for c in (*(spec.get("initContainers") or ()), *(spec.get("containers") or ()))
             ),
+            unreachable_toleration_seconds=_unreachable_toleration(spec.get("tolerations") or ()),
         )
 
     def condition(self, type_: str) -> PodCondition | None:
@@ -177,6 +182,38 @@ class PodView:
     @property
     def scheduled(self) -> bool:
         return bool(self.node_name)
+
+    @property
+    def node_not_ready(self) -> bool:
+        """The pod's node stopped reporting (the pod may still run there, unseen).
+
+        The kubelet sets Ready and ContainersReady together; only the node lifecycle controller
+        (MarkPodsNotReady, once the node is NotReady) makes Ready False and leaves ContainersReady
+        True. So this is seen while every container runs; during stage-in or upload it looks like
+        a pod that is not ready yet."""
+        if self.terminal or self.deleting:
+            return False
+        ready, containers = self.condition("Ready"), self.condition("ContainersReady")
+        return (
+            ready is not None
+            and containers is not None
+            and ready.status != "True"
+            and containers.status == "True"
+        )
+
+
+UNREACHABLE_TAINT: Final = "node.kubernetes.io/unreachable"
+TOLERATED_FOREVER: Final = -1
+
+
+def _unreachable_toleration(tolerations: Any) -> int | None:
+    for t in tolerations:
+        if not isinstance(t, Mapping) or t.get("effect") not in ("NoExecute", "", None):
+            continue
+        if t.get("key") == UNREACHABLE_TAINT or (not t.get("key") and t.get("operator") == "Exists"):
+            seconds = t.get("tolerationSeconds")
+            return TOLERATED_FOREVER if seconds is None else max(0, _int(seconds, 0))
+    return None
 
 
 def _int(value: object, default: int) -> int:

@@ -24,11 +24,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final, Literal
 
-from dsjobs.controller.podview import ContainerView, PodView
+from dsjobs.controller.podview import TOLERATED_FOREVER, ContainerView, PodView
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import (
     CompressionType,
@@ -62,8 +62,9 @@ COND_FINISHED: Final = "Finished"
 COND_RETRYING: Final = "Retrying"
 COND_FINALIZED: Final = "Finalized"
 COND_DATA_CLEARED: Final = "DataCleared"
+COND_NODE_REACHABLE: Final = "NodeReachable"
 # Conditions describing one attempt: dropped when the next attempt starts.
-ATTEMPT_CONDITIONS: Final = (COND_SCHEDULED, COND_CONTAINERS_CREATED, COND_STARTED)
+ATTEMPT_CONDITIONS: Final = (COND_SCHEDULED, COND_CONTAINERS_CREATED, COND_STARTED, COND_NODE_REACHABLE)
 
 # Waiting reasons that mean "this container cannot start". Fatal ones can never recover; the
 # others fail the job when they last longer than the image pull timeout (the kubelet retries).
@@ -619,6 +620,37 @@ def _observe_scheduling(
     return set_condition(status, COND_SCHEDULED, "False", reason, message, now)
 
 
+def _observe_node(
+    status: ProjectJobStatus, pod: PodView, now: datetime, events: list[JobEvent]
+) -> ProjectJobStatus:
+    """NodeReachable False while the running pod's node has stopped reporting (told once), True
+    again when it reports; absent while nothing happened. Until Kubernetes evicts the pod (then
+    the attempt is NodeLost), nobody can tell whether the program still runs there."""
+    old = get_condition(status, COND_NODE_REACHABLE)
+    if pod.node_not_ready:
+        ready = pod.condition("Ready")
+        since = ready.last_transition_time if ready is not None else None
+        when = f" at {since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}" if since is not None else ""
+        grace = pod.unreachable_toleration_seconds
+        if grace is None:
+            then = "Kubernetes evicts the pod"
+        elif grace == TOLERATED_FOREVER:
+            then = "the pod stays bound to it (it tolerates an unreachable node for ever)"
+        else:
+            then = f"Kubernetes evicts the pod {grace}s after that unless the node comes back"
+        message = (
+            f"node {pod.node_name} stopped reporting{when}; {then}; the program may still be running there"
+        )
+        if old is None or old.status != "False":
+            events.append(JobEvent("Warning", "NodeNotReady", clip(message, 1024)))
+        return set_condition(status, COND_NODE_REACHABLE, "False", "NodeNotReady", message, now)
+    if old is not None and old.status == "False":
+        message = f"node {pod.node_name} reports again"
+        events.append(JobEvent("Normal", "NodeReady", message))
+        return set_condition(status, COND_NODE_REACHABLE, "True", "NodeReady", message, now)
+    return status
+
+
 def compute_status(
     spec: ProjectJobSpec,
     status: ProjectJobStatus,
@@ -704,6 +736,10 @@ def compute_status(
 
     if job is not None and job.state == "running":
         details = f"running on node {pod.node_name}" + (f"; {disruption[1]}" if disruption else "")
+        status = _observe_node(status, pod, now, events)
+        silent = get_condition(status, COND_NODE_REACHABLE)
+        if silent is not None and silent.status == "False":
+            details = f"{details}; {silent.message}"
         return StatusUpdate(with_phase(status, JobPhase.EXECUTING, details, events), tuple(events))
     if job is not None and job.state == "terminated" and job.reason in NEVER_RAN:
         image = dict(pod.images).get(job.name, "")
