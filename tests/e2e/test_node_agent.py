@@ -43,6 +43,7 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
 
+from dsjobs.controller.podview import PodView
 from dsjobs.devcluster import ClusterPaths, node_agent_available
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
@@ -1007,6 +1008,45 @@ def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
     for name in ("finished", "lost"):
         core.delete_namespaced_pod(name, ns)
         wait_gone(core, ns, name, 60)
+
+
+def test_a_running_pod_of_a_silent_node_is_not_ready_with_its_containers_ready(
+    dev_cluster: ClusterHandle,  # noqa: F811
+    ns: str,
+    own_node: OwnNode,
+    tmp_path: Path,
+) -> None:
+    """The mark the operator reads as "the node stopped reporting" (PodView.node_not_ready): the
+    node lifecycle controller turns a running pod's Ready False and leaves ContainersReady True."""
+    core = dev_cluster.core()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    body = pod_manifest(
+        "silent",
+        "import os, time\nopen('/marks/pid', 'w').write(str(os.getpid()))\ntime.sleep(600)",
+        container={"volumeMounts": [{"name": "marks", "mountPath": "/marks"}]},
+        volumes=[{"name": "marks", "hostPath": {"path": str(marks), "type": "Directory"}}],
+        nodeName=own_node.name,
+    )
+    core.create_namespaced_pod(ns, body)
+    wait_phase(core, ns, "silent", ("Running",))
+    pid = int(poll("pid of the pod", lambda: (marks / "pid").exists() and (marks / "pid").read_text(), 30))
+    assert not PodView.from_pod(read_pod(core, ns, "silent") or {}).node_not_ready
+    try:
+        own_node.signal(signal.SIGKILL)  # the node goes silent; its process lives on
+
+        def marked() -> bool:
+            pod = read_pod(core, ns, "silent")
+            return pod is not None and PodView.from_pod(pod).node_not_ready
+
+        poll("the pod marked not ready, its containers still ready", marked, 180, 1.0)
+    finally:
+        own_node.start()
+        poll("Ready after restart", lambda: _node_ready(core, own_node.name) is True, 60, 0.2)
+    wait_phase(core, ns, "silent", ("Failed",), timeout=60)  # the restarted agent lost it
+    poll("the orphaned process is gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+    core.delete_namespaced_pod("silent", ns)
+    wait_gone(core, ns, "silent", 60)
 
 
 def _zombie(pid: int) -> bool:
