@@ -24,7 +24,16 @@ from typing import Any, Final
 
 import aiohttp
 
-from dsjobs.controller.kube import APIError, ClientError, Conflict, Forbidden, Kube, NotFound, core_path
+from dsjobs.controller.kube import (
+    APIError,
+    ClientError,
+    Conflict,
+    Forbidden,
+    Kube,
+    NotFound,
+    core_path,
+    message_of,
+)
 from dsjobs.controller.status import JobEvent
 
 log = logging.getLogger("dsjobs.controller.events")
@@ -79,7 +88,7 @@ def event_body(obj: Mapping[str, Any], event: JobEvent, *, component: str, now: 
 
 def namespace_terminating(exc: APIError) -> bool:
     """The API server's refusal of any new object in a namespace being deleted."""
-    return isinstance(exc, Forbidden) and "being terminated" in (exc.message or str(exc))
+    return isinstance(exc, Forbidden) and "being terminated" in message_of(exc)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from dsjobs.controller.kube import (
     core_path,
     job_path,
     merge_diff,
+    message_of,
     shrink_tls_read_buffers,
 )
 from dsjobs.controller.names import (
@@ -712,7 +713,7 @@ class Operator:
                     ),
                 )
             except Forbidden as exc:
-                return Refused(exc.message or str(exc))
+                return Refused(message_of(exc))
         try:
             config = runner_config(ref, spec, action.attempt)
         except ValueError as exc:
@@ -744,10 +745,10 @@ class Operator:
             # The registry Secret may exist already; the claims made stay for the next try (a
             # job that ends without its pod deletes them).
             await self._delete_secrets(job)
-            return Refused(exc.message or str(exc))
+            return Refused(message_of(exc))
         except Invalid as exc:
             await self._delete_dataset_claims(job)
-            why = exc.message or str(exc)
+            why = message_of(exc)
             return fail(spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now)
         # The Secret before the pod: a pod whose Secret was refused (a quota on Secrets) would wait
         # for it for ever, and deleting it again would reuse its name for the next try.
@@ -757,7 +758,7 @@ class Operator:
         except (Forbidden, Invalid) as exc:
             # Without the pod nothing would ever delete the Secrets made for it.
             await self._delete_secrets(job)
-            why = exc.message or str(exc)
+            why = message_of(exc)
             if isinstance(exc, Forbidden):
                 return Refused(why)
             if spec.job_parameters.output_datasets:

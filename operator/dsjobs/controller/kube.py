@@ -48,6 +48,12 @@ def translated(exc: APIError) -> APIError:
 
 ClientError = kopf_errors.APIClientError
 
+
+def message_of(exc: APIError) -> str:
+    """What the API server said: its Status message, else the error as text."""
+    return exc.message or str(exc)
+
+
 # Our calls fail fast and let the reconcile retry with its own backoff (the per-job lock must
 # not be held for Kopf's default ~1 minute of retries).
 _BACKOFFS: Final = (0.2, 0.5, 1.0)
