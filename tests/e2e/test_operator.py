@@ -547,6 +547,28 @@ def test_jobs_that_cannot_run_fail_naming_the_cause(
     assert "Failed" in _reasons(h, name)
 
 
+def test_a_job_that_cannot_run_leaves_no_registry_secret(h: H) -> None:
+    # The registry Secret is made after the checks: a failed job without a pod has nothing that
+    # would delete it later.
+    job = "too-large-pw"
+    password = f"{job}-docker-password"
+    labels = {"dsjobs.dev/job-id": job, "dsjobs.dev/secret-role": "registry-password"}
+    h.core.create_namespaced_secret(
+        h.namespace,
+        {"metadata": {"name": password, "labels": labels}, "stringData": {"password": "hunter2"}},
+    )
+    image = {
+        "imageUrl": "registry.example.com/team/img:1",
+        "username": "bot",
+        "passwordSecretRef": {"name": password, "key": "password"},
+    }
+    h.create_job(job, {"cmd": "true", "env": {"dockerImageSpec": image, "vars": big_env("'")}})
+    status = h.wait_phase(job, "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR" and "more than the 1048576" in status["statusDetails"], status
+    items = h.core.list_namespaced_secret(h.namespace, label_selector=f"dsjobs.dev/job-id={job}").items
+    assert {s.metadata.name for s in items} == {password}
+
+
 def test_image_that_cannot_be_pulled_fails(h: H) -> None:
     image = {"dockerImageSpec": {"imageUrl": "registry.invalid/nope/img:1"}}
     h.create_job("no-pull", {"cmd": "true", "env": image})

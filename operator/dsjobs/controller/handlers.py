@@ -692,28 +692,22 @@ class Operator:
             storage_env = scoped
         ref = JobRef(job.name, ns, job.uid, spec.project_id)
         registry: str | None = None
+        registry_body: dict[str, Any] | None = None
         if needs_registry_secret(spec):
             assert env is not None and env.docker_image_spec is not None
             password, problem = await self._registry_password(ns, spec)
             if password is None:
                 return fail(spec, status, "RegistryCredentials", problem, now)
             registry = registry_secret_name(job.name)
-            try:
-                await self.kube.create(
-                    "secrets",
-                    core_path(ns, "secrets"),
-                    registry_secret(
-                        name=registry,
-                        namespace=ns,
-                        labels=ref.labels(),
-                        owner=ref.owner(),
-                        image_url=env.docker_image_spec.image_url,
-                        username=env.docker_image_spec.username,
-                        password=password,
-                    ),
-                )
-            except Forbidden as exc:
-                return Refused(message_of(exc))
+            registry_body = registry_secret(
+                name=registry,
+                namespace=ns,
+                labels=ref.labels(),
+                owner=ref.owner(),
+                image_url=env.docker_image_spec.image_url,
+                username=env.docker_image_spec.username,
+                password=password,
+            )
         try:
             config = runner_config(ref, spec, action.attempt)
         except ValueError as exc:
@@ -735,6 +729,13 @@ class Operator:
             registry_secret=registry,
             spark_secret=spark,
         )
+        # Made only now: a job that fails one of the checks above leaves no Secret behind (a
+        # failed job without a pod has nothing that would delete it).
+        if registry_body is not None:
+            try:
+                await self.kube.create("secrets", core_path(ns, "secrets"), registry_body)
+            except Forbidden as exc:
+                return Refused(message_of(exc))
         try:
             for claim in output_dataset_claims(ref, spec, self.settings):
                 # Before the pod that mounts them; every attempt writes to the same ones.
@@ -747,6 +748,7 @@ class Operator:
             await self._delete_secrets(job)
             return Refused(message_of(exc))
         except Invalid as exc:
+            await self._delete_secrets(job)
             await self._delete_dataset_claims(job)
             why = message_of(exc)
             return fail(spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now)
