@@ -20,11 +20,12 @@ import api_fixtures
 import grpc
 import pytest
 import requests
-from api_fixtures import ApiEnv, Project
+from api_fixtures import GROUP, PLURAL, VERSION, ApiEnv, Project
 from cluster_fixtures import poll
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from kubernetes.client.exceptions import ApiException
 
 from dsjobs import logrecords
 from dsjobs.logrecords import FinalMarker, LogChunk, LogRecord, Stream
@@ -397,6 +398,25 @@ def test_a_project_over_its_job_quota_gets_resource_exhausted(api_env: ApiEnv) -
     quota = {"metadata": {"name": "job-count"}, "spec": {"hard": {"count/projectjobs.dsjobs.dev": "0"}}}
     api_env.core().create_namespaced_resource_quota(ns, quota)
     try:
+        # Quota admission reads quotas from an informer (and caches a namespace without any for a
+        # while): wait until it applies this one, probing with a dry run that stores nothing.
+        probe = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ProjectJob",
+            "metadata": {"generateName": "quota-probe-"},
+            "spec": {"projectId": api_env.project_a.project_id, "jobParameters": {"cmd": "true"}},
+        }
+
+        def quota_applies() -> bool:
+            try:
+                api_env.custom().create_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, probe, dry_run="All"
+                )
+            except ApiException as exc:
+                return exc.status == 403
+            return False
+
+        poll("quota admission to apply the new quota", quota_applies, 60)
         before = len(api_env.job_objects(api_env.project_a))
         e = rpc_error(
             lambda: c.create(api_env.project_a.project_id, params(), data_ttl=Duration(seconds=3600))
