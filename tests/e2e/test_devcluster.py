@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
@@ -25,6 +26,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, default_topology, load_topology, node_agent_available
+from dsjobs.devcluster.node.cgroup import V1_MEMORY_MOUNT, node_cgroup_name
 from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.devcluster.procs import Record, group_members, is_running
 
@@ -312,10 +314,20 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
         assert any(_listening(p) for p in ports)
         # A claim of the local class still bound at `down`: its directory goes with the cluster.
         volume = _provisioned_volume(root)
+        orphan = _container_of_a_killed_agent(root, record, tmp_path) if node_agent_available() else None
     finally:
         down = devcluster_cli(root, "down", timeout=120)
     assert down.returncode == 0, down.stderr
     assert not volume.exists(), f"{volume} left behind"
+    if orphan is not None:
+        assert not _alive(orphan), f"container process {orphan} of a killed node agent left running"
+        paths = ClusterPaths.at(root)
+        cgroups = [
+            V1_MEMORY_MOUNT + "/" + node_cgroup_name(n, str(paths.node_state(n)))
+            for n in record.info["nodes"]
+        ]
+        left = [c for c in cgroups if Path(c).exists()]
+        assert not left, f"memory cgroups left: {left}"
 
     for c in record.components:
         assert not is_running(c), f"{c.name} (pid {c.pid}) still running"
@@ -329,6 +341,55 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
     again = devcluster_cli(root, "status", timeout=60)
     assert again.returncode == 3
     assert "no cluster" in again.stdout
+
+
+def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> int:
+    """A running pod's process whose node agent was SIGKILLed: it lives on, as a dead kubelet's
+    containers do, until something ends it. Its pid."""
+    node = str(record.info["nodes"][0])
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    api = k8s_config.new_client_from_config(config_file=str(root / "kubeconfig"))
+    try:
+        core = k8s.CoreV1Api(api)
+        poll("default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"), 60)
+        script = "import os, time\nopen('/marks/pid', 'w').write(str(os.getpid()))\ntime.sleep(600)"
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "outlives-its-agent"},
+            "spec": {
+                "nodeName": node,
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "python:3.11",
+                        "command": ["python", "-c", script],
+                        "volumeMounts": [{"name": "marks", "mountPath": "/marks"}],
+                    }
+                ],
+                "volumes": [{"name": "marks", "hostPath": {"path": str(marks), "type": "Directory"}}],
+            },
+        }
+        core.create_namespaced_pod("default", body)
+        pid = int(poll("the pod's pid", lambda: (marks / "pid").exists() and (marks / "pid").read_text(), 90))
+    finally:
+        api.close()
+    agent = record.find(f"node-{node}")
+    assert agent is not None
+    os.kill(agent.pid, signal.SIGKILL)
+    poll("the agent gone", lambda: not is_running(agent), 30)
+    assert _alive(pid)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _provisioned_volume(root: Path) -> Path:

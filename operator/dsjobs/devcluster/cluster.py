@@ -33,6 +33,7 @@ from typing import Any
 
 from dsjobs.devcluster import bins, health, kubeconfig, procs
 from dsjobs.devcluster.files import write_private
+from dsjobs.devcluster.node.leftovers import end_leftovers
 from dsjobs.devcluster.paths import ClusterPaths
 from dsjobs.devcluster.pki import (
     APISERVER_DNS_NAMES,
@@ -334,7 +335,9 @@ def _up_locked(
     except bins.BinariesError as e:
         raise ClusterError(str(e)) from e
 
-    # No record means no process of ours: whatever is left is stale data.
+    # No record means no process of ours: whatever is left is stale data (and maybe the containers
+    # of agents that were killed).
+    _end_node_leftovers(paths)
     for stale in (paths.cluster, paths.nodes):
         shutil.rmtree(stale, ignore_errors=True)
     for d in (paths.cluster, paths.logs, paths.pki, paths.kubeconfigs):
@@ -626,6 +629,7 @@ def _teardown(paths: ClusterPaths, record: Record, timeout: float = 15.0) -> lis
         remaining = [c for c in remaining if c not in batch]
         stopped += procs.stop(batch, timeout)
     stopped += procs.stop(remaining, timeout)  # anything a future version adds
+    _end_node_leftovers(paths)
     if paths.logs.is_dir():
         shutil.rmtree(paths.last_logs, ignore_errors=True)
         shutil.move(str(paths.logs), str(paths.last_logs))
@@ -636,6 +640,15 @@ def _teardown(paths: ClusterPaths, record: Record, timeout: float = 15.0) -> lis
     for f in (paths.kubeconfig, paths.s3_env, paths.s3_json):
         f.unlink(missing_ok=True)
     return stopped
+
+
+def _end_node_leftovers(paths: ClusterPaths) -> None:
+    """Containers of node agents that died before `down` (a SIGKILLed agent leaves them running,
+    as a dead kubelet does): kill them and remove their memory cgroups."""
+    with contextlib.suppress(OSError):
+        for state in paths.nodes.iterdir():
+            if state.is_dir():
+                end_leftovers(state.name, str(state))
 
 
 def restart(paths: ClusterPaths, name: str, timeout: float = 120.0) -> Component:

@@ -29,6 +29,7 @@ import aiohttp
 from .cgroup import MemoryCgroups
 from .gpu import GpuAllocator
 from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient, WatchExpired, load_kubeconfig
+from .leftovers import kill_recorded_processes, read_state
 from .logs_server import make_app, server_ssl_context, start_server
 from .mounts import Tools
 from .nodeobj import (
@@ -48,14 +49,7 @@ from .nodeobj import (
 from .podspec import NodeContext, Obj, termination_grace_seconds
 from .quantity import parse_quantity
 from .runtime import Notifier
-from .worker import (
-    PodWorker,
-    api_shows_started,
-    kill_recorded_processes,
-    pod_ref,
-    read_state,
-    state_shows_started,
-)
+from .worker import PodWorker, api_shows_started, pod_ref, state_shows_started
 
 log = logging.getLogger("dsjobs.node")
 

@@ -31,7 +31,7 @@ from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient
 from .logs import last_lines_text
 from .mounts import Tools, launch_argv, materialize_volume, resolve_executable
 from .podspec import ContainerPlan, Fetched, NodeContext, Obj, SetupError, VolumePlan
-from .runtime import ContainerProcess, Notifier, kill_group, proc_start_ticks
+from .runtime import ContainerProcess, Notifier, proc_start_ticks
 from .status import (
     FALLBACK_LOG_LINES,
     ContainerSnapshot,
@@ -1051,30 +1051,6 @@ async def _remove_cgroup(procs: str, attempts: int = 20) -> None:
             return
         await asyncio.sleep(0.5)
     log.info("memory cgroup %s still busy (a process of the container escaped its group)", procs)
-
-
-def read_state(path: str) -> Obj | None:
-    try:
-        with open(path) as fh:
-            data: Obj = json.load(fh)
-            return data
-    except (OSError, ValueError):
-        return None
-
-
-def kill_recorded_processes(state: Obj | None) -> int:
-    """Kill process groups a previous agent left behind (only if the pid is still that process)."""
-    killed = 0
-    for rec in ((state or {}).get("containers") or {}).values():
-        pid, ticks = rec.get("pid"), rec.get("start_ticks")
-        if (
-            pid
-            and ticks is not None
-            and proc_start_ticks(int(pid)) == int(ticks)
-            and kill_group(int(pid), signal.SIGKILL)
-        ):
-            killed += 1
-    return killed
 
 
 def state_shows_started(state: Obj | None) -> bool:

@@ -1,0 +1,62 @@
+"""What a node agent that died without stopping its pods leaves on the host, and ending it.
+
+A SIGKILLed agent cannot stop its containers: their process groups live on, as a dead kubelet's
+containers do, and so do their memory cgroups. An agent restarted on the same state directory ends
+them (`agent.on_pod`, `_cleanup_orphan_dirs`); the cluster's `down` ends them when none comes back,
+so a test run or a demo leaves no process behind. Only groups whose leader is still the process the
+agent recorded (pid and start time) are killed: a reused pid is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+
+from .cgroup import V1_MEMORY_MOUNT, MemoryCgroups, node_cgroup_name
+from .podspec import Obj
+from .runtime import kill_group, proc_start_ticks
+
+
+def read_state(path: str) -> Obj | None:
+    try:
+        with open(path) as fh:
+            data: Obj = json.load(fh)
+            return data
+    except (OSError, ValueError):
+        return None
+
+
+def kill_recorded_processes(state: Obj | None) -> int:
+    """Kill process groups a previous agent left behind (only if the pid is still that process)."""
+    killed = 0
+    for rec in ((state or {}).get("containers") or {}).values():
+        pid, ticks = rec.get("pid"), rec.get("start_ticks")
+        if (
+            pid
+            and ticks is not None
+            and proc_start_ticks(int(pid)) == int(ticks)
+            and kill_group(int(pid), signal.SIGKILL)
+        ):
+            killed += 1
+    return killed
+
+
+def end_leftovers(node: str, state_dir: str, timeout: float = 10.0, mount: str = V1_MEMORY_MOUNT) -> int:
+    """Kill the container process groups recorded under `state_dir` and remove the node's memory
+    cgroups (they empty once the killed processes are reaped). Returns the groups killed."""
+    pods = os.path.join(state_dir, "pods")
+    killed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(pods):
+            killed += kill_recorded_processes(read_state(os.path.join(entry.path, "state.json")))
+    root = os.path.join(mount, node_cgroup_name(node, state_dir))
+    deadline = time.monotonic() + timeout
+    while os.path.isdir(root):
+        MemoryCgroups(root).close()
+        if not os.path.isdir(root) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return killed
