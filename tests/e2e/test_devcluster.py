@@ -26,7 +26,7 @@ from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths, S3Config, default_topology, load_topology, node_agent_available
-from dsjobs.devcluster.node.cgroup import V1_MEMORY_MOUNT, node_cgroup_name
+from dsjobs.devcluster.node.cgroup import V1_MEMORY_MOUNT, MemoryCgroups, node_cgroup_name
 from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.devcluster.procs import Record, group_members, is_running
 
@@ -344,8 +344,9 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> int:
-    """A running pod's process whose node agent was SIGKILLed: it lives on, as a dead kubelet's
-    containers do, until something ends it. Its pid."""
+    """A running pod's program whose node agent was SIGKILLed: it lives on, as a dead kubelet's
+    containers do, until something ends it. It left the container's process group (setsid, as
+    the runner starts a job's program); the container's memory cgroup still holds it. Its pid."""
     node = str(record.info["nodes"][0])
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -354,6 +355,17 @@ def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> 
         core = k8s.CoreV1Api(api)
         poll("default ServiceAccount", lambda: core.read_namespaced_service_account("default", "default"), 60)
         script = "import os, time\nopen('/marks/pid', 'w').write(str(os.getpid()))\ntime.sleep(600)"
+        container: dict[str, Any] = {}
+        probe = MemoryCgroups.discover("probe", str(root))
+        if probe is not None:  # the nodes put containers in memory cgroups (node/cgroup.py)
+            probe.close()
+            script = (
+                "import subprocess, time\n"
+                "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+                "open('/marks/pid', 'w').write(str(p.pid))\n"
+                "time.sleep(600)"
+            )
+            container["resources"] = {"limits": {"memory": "256Mi"}}
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -367,6 +379,7 @@ def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> 
                         "image": "python:3.11",
                         "command": ["python", "-c", script],
                         "volumeMounts": [{"name": "marks", "mountPath": "/marks"}],
+                        **container,
                     }
                 ],
                 "volumes": [{"name": "marks", "hostPath": {"path": str(marks), "type": "Directory"}}],

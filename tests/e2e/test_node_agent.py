@@ -974,12 +974,19 @@ def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
         container=mount,
         **vol,
     )
-    lost = pod_manifest(
-        "lost",
-        "import os, time\nopen('/marks/lost-pid', 'w').write(str(os.getpid()))\ntime.sleep(600)",
-        container=mount,
-        **vol,
-    )
+    lost_script = "import os, time\nopen('/marks/lost-pid', 'w').write(str(os.getpid()))\ntime.sleep(600)"
+    lost_container: Obj = dict(mount)
+    if memory_limits_enforced(dev_cluster):
+        # Its program leaves the container's process group (setsid, as the runner starts a job's
+        # program): only the container's memory cgroup still holds it.
+        lost_script = (
+            "import subprocess, time\n"
+            "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            "open('/marks/lost-pid', 'w').write(str(p.pid))\n"
+            "time.sleep(600)"
+        )
+        lost_container["resources"] = {"limits": {"memory": "256Mi"}}
+    lost = pod_manifest("lost", lost_script, container=lost_container, **vol)
     core.create_namespaced_pod(ns, finished)
     core.create_namespaced_pod(ns, lost)
     wait_phase(core, ns, "finished", ("Succeeded",))

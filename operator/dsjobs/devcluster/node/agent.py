@@ -387,7 +387,7 @@ class Agent:
             if phase in ("Succeeded", "Failed"):
                 worker.start_passive(state)
             elif state_shows_started(state) or api_shows_started(pod):
-                killed = kill_recorded_processes(state)
+                killed = kill_recorded_processes(state, self.memory.root if self.memory else None)
                 if killed:
                     log.info(
                         "killed processes left by a previous agent",
@@ -436,7 +436,9 @@ class Agent:
             if uid in live_uids:
                 continue
             path = os.path.join(root, entry)
-            kill_recorded_processes(read_state(os.path.join(path, "state.json")))
+            kill_recorded_processes(
+                read_state(os.path.join(path, "state.json")), self.memory.root if self.memory else None
+            )
             shutil.rmtree(path, ignore_errors=True)
 
     async def watch_pods(self) -> None:
