@@ -210,10 +210,15 @@ def instancetype_crd() -> dict[str, Any]:
         structural_schema(InstanceTypeSpec),
         None,
     )
+    # Declared so that the rule can name the field (Kubernetes lets a CRD say this much of metadata).
+    name = {"description": "The instance type's name, e.g. g2.1.", "type": "string", "maxLength": 253}
+    root["properties"]["metadata"] = {"type": "object", "properties": {"name": name}}
     root["x-kubernetes-validations"] = [
         {
             "rule": INSTANCETYPE_NAME_RULE,
             "message": "an instance type name looks like c1.4 or g2.mig: <family>.<size>",
+            "fieldPath": ".metadata.name",
+            "reason": "FieldValueInvalid",
         }
     ]
     columns: list[dict[str, Any]] = [

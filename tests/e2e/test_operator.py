@@ -709,6 +709,17 @@ def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> Non
     assert h.job("stays-inside") is not None
 
 
+def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:
+    body = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "InstanceType",
+        "metadata": {"name": "g1.1-quick"},
+        "spec": {"vcpu": 1, "memory": "1Gi", "resources": {}},
+    }
+    out = h.kubectl("apply", "-f", "-", stdin=json.dumps(body), check=False)
+    assert "metadata.name: Invalid value: an instance type name looks like c1.4 or g2.mig" in out, out
+
+
 # --- robustness -----------------------------------------------------------------------------------
 
 
