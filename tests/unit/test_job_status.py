@@ -1165,6 +1165,40 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     assert p5.status.phase == JobPhase.ERROR
 
 
+def test_a_retry_waits_for_a_pod_left_on_a_lost_node_and_says_why() -> None:
+    policy = {"maxAttempts": 2, "backoffSeconds": 5}
+    j = job(status=started("EXECUTING"), retryPolicy=policy)
+    lost = pod(
+        phase="Running",
+        node="gpu-0",
+        deleting=True,  # evicted, but its node cannot confirm: it stays until the node is back or gone
+        containers=[running("job"), running("ship")],
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}],
+    )
+    p1 = step(j, [lost])
+    assert (p1.status.attempt, p1.status.phase) == (2, JobPhase.PREPARING)
+    assert p1.status.status_details.endswith("attempt 2 starts in 5s")
+    j2 = JobView(**{**j.__dict__, "status": p1.status})
+    # Within the backoff nothing changes: the next look is when it ends.
+    early = step(j2, [lost], now=NOW + timedelta(seconds=2))
+    assert early.status == p1.status and not early.actions and early.requeue_after == timedelta(seconds=3)
+    # After it the job says what it waits for, once; it never starts a second attempt beside it.
+    p2 = step(j2, [lost], now=NOW + timedelta(seconds=6))
+    assert not p2.actions and p2.status.pod_name == ""
+    assert p2.status.status_details == (
+        "attempt 2 starts once pod job-1-a1 of attempt 1 is gone (never two attempts at once); its node "
+        "gpu-0 stopped reporting and the program may still run there, so the pod goes only when the "
+        "node reports again or leaves the cluster"
+    )
+    assert [(e.type, e.reason) for e in p2.events] == [("Warning", "WaitingForLostNode")]
+    j3 = JobView(**{**j.__dict__, "status": p2.status})
+    again = step(j3, [lost], now=NOW + timedelta(minutes=30))
+    assert again.status == p2.status and not again.events and not again.actions
+    # The node leaves the cluster (PodGC deletes the pod): attempt 2 starts.
+    p3 = step(j3, [pod(gone=True)], now=NOW + timedelta(minutes=31))
+    assert p3.actions == (CreatePod(2, 0, "c1.4"),)
+
+
 def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     # Evicted for its own writes, not for a disruption: another attempt would do the same.
     j = job(status=started("EXECUTING"), retryPolicy={"maxAttempts": 3})

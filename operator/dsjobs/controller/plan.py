@@ -42,6 +42,7 @@ from dsjobs.controller.status import (
     clip,
     compute_status,
     data_expiry,
+    disruption_of,
     drop_conditions,
     fail,
     finish,
@@ -580,6 +581,21 @@ def _plan_unexecuted(
     return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
 
 
+def _waiting_for_lost_node(attempt: int, superseded: Sequence[PodView]) -> str | None:
+    """Why attempt `attempt` has not started, when a previous attempt's pod lingers on a node that
+    stopped reporting: Kubernetes cannot end it there, and it may still run (or come back)."""
+    for previous in sorted(superseded, key=lambda p: p.attempt):
+        lost = disruption_of(previous)
+        if lost is not None and lost[0] == "NodeLost" and previous.node_name:
+            return (
+                f"attempt {attempt} starts once pod {previous.name} of attempt {previous.attempt} is "
+                f"gone (never two attempts at once); its node {previous.node_name} stopped reporting "
+                "and the program may still run there, so the pod goes only when the node reports "
+                "again or leaves the cluster"
+            )
+    return None
+
+
 def _plan_next_attempt(
     spec: ProjectJobSpec,
     status: ProjectJobStatus,
@@ -596,14 +612,18 @@ def _plan_next_attempt(
     if spec.cancel is not None:
         outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled")
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
-    if superseded:
-        # Never two attempts at once: the previous pod's deletion (an event) brings us back.
-        return Plan(status, tuple(actions), tuple(events), spec=spec)
     retrying = get_condition(status, COND_RETRYING)
     if retrying is not None and retrying.last_transition_time is not None and spec.retry_policy is not None:
         due = retrying.last_transition_time + timedelta(seconds=spec.retry_policy.backoff_seconds)
         if now < due:
             return Plan(status, tuple(actions), tuple(events), requeue_after=due - now, spec=spec)
+    if superseded:
+        # Never two attempts at once: the previous pod's deletion (an event) brings us back.
+        details = _waiting_for_lost_node(status.attempt, superseded)
+        if details is not None and details != status.status_details:
+            events.append(JobEvent("Warning", "WaitingForLostNode", clip(details, 1024)))
+            status = with_phase(status, JobPhase.PREPARING, details, events)
+        return Plan(status, tuple(actions), tuple(events), spec=spec)
     index = min(status.instance_type_index, len(names) - 1)
     if names[index] not in catalog:
         update = fail(spec, status, "UnknownInstanceType", f"unknown instance type {names[index]}", now)
