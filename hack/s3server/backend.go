@@ -4,8 +4,10 @@ import (
 	"crypto/md5"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
+	"log"
 	"os"
 	"path/filepath"
 	"sort"
@@ -26,9 +28,14 @@ import (
 //   - It implements gofakes3.MultipartBackend with parts on disk; gofakes3's
 //     built-in uploader keeps every part in memory and then concatenates them
 //     into one more in-memory copy (2x the object size in RAM).
+//   - Multipart uploads survive a restart of the server, as they do on S3: each
+//     lives in <multipart>/mpu-<id>/ with its upload.json and one file per
+//     part, and newBackend reads them back (a restart mid-upload must not turn
+//     the next UploadPart into NoSuchUpload).
 type backend struct {
 	gofakes3.Backend
-	spool string
+	spool     string
+	multipart string
 
 	mu      sync.Mutex
 	uploads map[gofakes3.UploadID]*upload
@@ -55,8 +62,83 @@ type partInfo struct {
 	modified time.Time
 }
 
-func newBackend(inner gofakes3.Backend, spool string) *backend {
-	return &backend{Backend: inner, spool: spool, uploads: map[gofakes3.UploadID]*upload{}}
+const uploadFile = "upload.json"
+
+// newBackend serves inner, spooling to spool and keeping multipart uploads
+// under multipart, where it finds the uploads a previous run left unfinished.
+func newBackend(inner gofakes3.Backend, spool, multipart string) (*backend, error) {
+	b := &backend{Backend: inner, spool: spool, multipart: multipart, uploads: map[gofakes3.UploadID]*upload{}}
+	entries, err := os.ReadDir(multipart)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		id, ok := strings.CutPrefix(e.Name(), "mpu-")
+		dir := filepath.Join(multipart, e.Name())
+		if !ok || !e.IsDir() {
+			continue
+		}
+		u, err := loadUpload(dir)
+		if err != nil {
+			// Killed while creating it: its id never reached the client.
+			log.Printf("dsjobs-s3server: dropping multipart upload %s: %v", id, err)
+			_ = os.RemoveAll(dir)
+			continue
+		}
+		b.uploads[gofakes3.UploadID(id)] = u
+	}
+	return b, nil
+}
+
+func loadUpload(dir string) (*upload, error) {
+	raw, err := os.ReadFile(filepath.Join(dir, uploadFile))
+	if err != nil {
+		return nil, err
+	}
+	u := &upload{dir: dir, parts: map[int]partInfo{}}
+	if err := json.Unmarshal(raw, u); err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		path := filepath.Join(dir, e.Name())
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			_ = os.Remove(path) // a part whose upload was cut: S3 never saw it either
+			continue
+		}
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		info, err := partOf(path)
+		if err != nil {
+			return nil, err
+		}
+		u.parts[n] = info
+	}
+	return u, nil
+}
+
+// partOf reads a stored part back: its ETag is the MD5 of its bytes.
+func partOf(path string) (partInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return partInfo{}, err
+	}
+	defer f.Close()
+	h := md5.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return partInfo{}, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return partInfo{}, err
+	}
+	return partInfo{etag: `"` + hex.EncodeToString(h.Sum(nil)) + `"`, size: n, modified: st.ModTime().UTC()}, nil
 }
 
 func randomID() string {
@@ -97,17 +179,34 @@ func (b *backend) PutObject(bucket, object string, meta map[string]string, input
 
 func (b *backend) CreateMultipartUpload(bucket, object string, meta map[string]string) (gofakes3.UploadID, error) {
 	id := gofakes3.UploadID(randomID())
-	dir := filepath.Join(b.spool, "mpu-"+string(id))
+	dir := filepath.Join(b.multipart, "mpu-"+string(id))
 	if err := os.Mkdir(dir, 0o700); err != nil {
+		return "", err
+	}
+	u := &upload{
+		Bucket: bucket, Object: object, Meta: meta, Initiated: time.Now().UTC(),
+		dir: dir, parts: map[int]partInfo{},
+	}
+	if err := writeFileAtomic(filepath.Join(dir, uploadFile), u); err != nil {
+		_ = os.RemoveAll(dir)
 		return "", err
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.uploads[id] = &upload{
-		Bucket: bucket, Object: object, Meta: meta, Initiated: time.Now().UTC(),
-		dir: dir, parts: map[int]partInfo{},
-	}
+	b.uploads[id] = u
 	return id, nil
+}
+
+func writeFileAtomic(path string, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, raw, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 func (b *backend) get(bucket, object string, id gofakes3.UploadID) (*upload, error) {

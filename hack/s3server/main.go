@@ -6,7 +6,8 @@
 //     the wrong key, host or expiry fails here as it would on real S3;
 //   - aws-chunked request bodies decoded before gofakes3 sees them;
 //   - uploads spooled to disk outside the backend's global lock, and
-//     multipart parts kept on disk, so 1 GiB objects never sit in RAM.
+//     multipart parts kept on disk, so 1 GiB objects never sit in RAM;
+//   - unfinished multipart uploads that survive a restart, as on S3.
 //
 // Credentials come from the environment (DSJOBS_S3_ACCESS_KEY,
 // DSJOBS_S3_SECRET_KEY) rather than flags, to keep them out of `ps`. That main
@@ -99,7 +100,16 @@ func run() error {
 	if err := os.MkdirAll(spoolDir, 0o700); err != nil {
 		return err
 	}
-	backend := newBackend(inner, spoolDir)
+	// Unfinished multipart uploads are not garbage: S3 keeps them until they are
+	// completed or aborted, and clients go on with them after an outage.
+	multipartDir := filepath.Join(absRoot, "multipart")
+	if err := os.MkdirAll(multipartDir, 0o700); err != nil {
+		return err
+	}
+	backend, err := newBackend(inner, spoolDir, multipartDir)
+	if err != nil {
+		return fmt.Errorf("multipart uploads: %w", err)
+	}
 
 	for _, b := range strings.Split(*buckets, ",") {
 		b = strings.TrimSpace(b)

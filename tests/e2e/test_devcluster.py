@@ -25,7 +25,14 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
-from dsjobs.devcluster import ClusterPaths, S3Config, default_topology, load_topology, node_agent_available
+from dsjobs.devcluster import (
+    ClusterPaths,
+    S3Config,
+    default_topology,
+    load_topology,
+    node_agent_available,
+    restart,
+)
 from dsjobs.devcluster.node.cgroup import V1_MEMORY_MOUNT, MemoryCgroups, node_cgroup_name
 from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.devcluster.procs import Record, group_members, is_running
@@ -273,6 +280,30 @@ def test_s3_multipart_upload(dev_s3: S3Config, tmp_path: Path) -> None:
     assert head["ContentLength"] == 17 * MiB
     body = s3.get_object(Bucket=dev_s3.bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == digest
+    s3.delete_object(Bucket=dev_s3.bucket, Key=key)
+
+
+def test_s3_multipart_upload_survives_a_server_restart(dev_cluster: ClusterHandle, dev_s3: S3Config) -> None:
+    """As on S3, an unfinished multipart upload outlives an outage: the parts sent before it stay,
+    and the client goes on with the same upload id."""
+    if dev_cluster.root is None:
+        pytest.skip("restarts the local cluster's S3 server")
+    s3 = s3_client(dev_s3)
+    key = f"e2e/{uuid.uuid4().hex}/resumed.bin"
+    first, second = os.urandom(5 * MiB), os.urandom(MiB)
+    upload = s3.create_multipart_upload(Bucket=dev_s3.bucket, Key=key)["UploadId"]
+    etag1 = s3.upload_part(Bucket=dev_s3.bucket, Key=key, UploadId=upload, PartNumber=1, Body=first)["ETag"]
+
+    restart(ClusterPaths.at(dev_cluster.root), "s3")
+
+    etag2 = s3.upload_part(Bucket=dev_s3.bucket, Key=key, UploadId=upload, PartNumber=2, Body=second)["ETag"]
+    listed = s3.list_parts(Bucket=dev_s3.bucket, Key=key, UploadId=upload)["Parts"]
+    assert [(p["PartNumber"], p["ETag"]) for p in listed] == [(1, etag1), (2, etag2)]
+    parts = [{"PartNumber": 1, "ETag": etag1}, {"PartNumber": 2, "ETag": etag2}]
+    s3.complete_multipart_upload(
+        Bucket=dev_s3.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+    )
+    assert s3.get_object(Bucket=dev_s3.bucket, Key=key)["Body"].read() == first + second
     s3.delete_object(Bucket=dev_s3.bucket, Key=key)
 
 

@@ -858,6 +858,42 @@ def test_watches_recover_from_an_api_server_restart(h: H) -> None:
     assert h.wait_phase("after-outage", "SUCCESS", "ERROR", timeout=120)["phase"] == "SUCCESS"
 
 
+def test_a_job_rides_out_object_store_restarts(h: H, storage: Storage) -> None:
+    """The runner ships logs and uploads outputs through S3 outages (it retries; the dev server
+    keeps unfinished multipart uploads, as S3 does): nothing is lost, nothing fails."""
+    if h.cluster.root is None:
+        pytest.skip("restarts the local cluster's S3 server")
+    size = 40 * 2**20  # multipart: above the runner's 16 MiB single-request limit
+    cmd = (
+        'python -c "import random, sys, time; random.seed(7); '
+        "[print('line', i, flush=True) or print('err', i, file=sys.stderr, flush=True) or time.sleep(0.1)"
+        " for i in range(40)]; "
+        f"open(sys.argv[1], 'wb').write(random.randbytes({size}))\" ${{OUT}}"
+    )
+    h.create_job("s3-outage", {"cmd": cmd, "outputFiles": [{"path": "big.bin", "var": "OUT"}]})
+    h.wait_phase("s3-outage", "EXECUTING", "SUCCESS", "ERROR")
+    paths = ClusterPaths.at(h.cluster.root)
+    restarts = 0
+    # Again and again until the job ends: some restarts land in log shipping, some in the upload.
+    while (h.status("s3-outage").get("phase") or "") not in ("SUCCESS", "ERROR") and restarts < 40:
+        restart(paths, "s3")
+        restarts += 1
+        time.sleep(0.5)
+    status = h.wait_phase("s3-outage", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
+    assert not status["fileErrors"], status["fileErrors"]
+    assert restarts >= 3, restarts
+    (output,) = status["outputFiles"]
+    random.seed(7)
+    assert (
+        hashlib.sha256(storage.get_bytes(output["key"])).hexdigest()
+        == hashlib.sha256(random.randbytes(size)).hexdigest()
+    )
+    logs = {f["desc"]["path"]: storage.get_bytes(f["key"]).decode() for f in status["logFiles"]}
+    assert logs["stdout.txt"].splitlines() == [f"line {i}" for i in range(40)]
+    assert logs["stderr.txt"].splitlines() == [f"err {i}" for i in range(40)]
+
+
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
     # The namespace controller kills the pod and deletes the job; the finalizer still cleans up.
     # Events about it are refused (403: the namespace is being terminated): dropped quietly,

@@ -31,8 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("down", help="stop the cluster and delete its data (logs go to <dir>/last-logs)")
     d.add_argument("--timeout", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
     sub.add_parser("status", help="show components and node readiness")
-    r = sub.add_parser("restart", help="stop one control-plane process and start it again (an outage)")
-    r.add_argument("component", help="e.g. kube-apiserver, etcd, kube-scheduler")
+    r = sub.add_parser(
+        "restart", help="stop one control-plane process or the S3 server and start it again (an outage)"
+    )
+    r.add_argument("component", help="e.g. kube-apiserver, etcd, kube-scheduler, s3")
     b = sub.add_parser("bin-dir", help="print the directory of the binaries (builds missing ones)")
     b.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
     return p
@@ -96,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _print_status(paths, status(paths))
         if args.command == "restart":
             comp = restart(paths, args.component)
-            print(f"restarted {comp.name} (pid {comp.pid}); the API server is ready")
+            ready = "S3" if comp.kind == "s3" else "the API server"
+            print(f"restarted {comp.name} (pid {comp.pid}); {ready} is ready")
             return 0
         if args.command == "bin-dir":
             print(bins.ensure_bin_dir(build=not args.no_build))

@@ -398,12 +398,7 @@ def _start_all(launch: _Launch, bin_dir: Path, topology: Sequence[NodeSpec], tim
         ],
         ports={"http": s3_port},
         kind="s3",
-        env={
-            **os.environ,
-            "DSJOBS_S3_ACCESS_KEY": s3.access_key,
-            "DSJOBS_S3_SECRET_KEY": s3.secret_key,
-            "DSJOBS_S3_SCOPED_KEYS_FILE": str(paths.s3_scoped_keys),
-        },
+        env=_s3_env(paths, s3),
     )
 
     etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -651,20 +646,40 @@ def _end_node_leftovers(paths: ClusterPaths) -> None:
                 end_leftovers(state.name, str(state))
 
 
+def _s3_env(paths: ClusterPaths, s3: S3Config) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DSJOBS_S3_ACCESS_KEY": s3.access_key,
+        "DSJOBS_S3_SECRET_KEY": s3.secret_key,
+        "DSJOBS_S3_SCOPED_KEYS_FILE": str(paths.s3_scoped_keys),
+    }
+
+
+RESTARTABLE_KINDS = ("control-plane", "s3")
+
+
 def restart(paths: ClusterPaths, name: str, timeout: float = 120.0) -> Component:
-    """Stop one control-plane process and start it again as it was (same argv and ports), then
-    wait until the API server is ready: an outage to test clients and controllers against."""
+    """Stop one control-plane process (or the S3 server) and start it again as it was (same argv
+    and ports), then wait until the API server (or S3) is ready: an outage to test clients and
+    controllers against."""
     with _dir_lock(paths):
         record = Record.load(paths.pids)
         if record is None:
             raise ClusterError(f"no cluster in {paths.root}")
         old = record.find(name)
-        if old is None or old.kind != "control-plane":
-            names = ", ".join(c.name for c in record.components if c.kind == "control-plane")
-            raise ClusterError(f"{name!r} is not a control-plane process of this cluster (one of: {names})")
+        if old is None or old.kind not in RESTARTABLE_KINDS:
+            names = ", ".join(c.name for c in record.components if c.kind in RESTARTABLE_KINDS)
+            raise ClusterError(f"{name!r} cannot be restarted here (one of: {names})")
         procs.stop([old], timeout=5.0)  # the API server drains its watches for longer
         record.components.remove(old)
         launch = _Launch(paths, record)
+        if old.kind == "s3":
+            s3 = S3Config.read(paths.s3_json)
+            new = launch.spawn(
+                old.name, old.argv, ports=dict(old.ports), kind=old.kind, env=_s3_env(paths, s3)
+            )
+            launch.wait(new, "s3 /-/ready", health.url_ok(f"{s3.endpoint}/-/ready"), timeout)
+            return new
         new = launch.spawn(old.name, old.argv, ports=dict(old.ports), kind=old.kind)
         api = str(record.info.get("apiserver", ""))
         launch.wait(new, "kube-apiserver /readyz", health.url_ok(f"{api}/readyz", _admin_ctx(paths)), timeout)
