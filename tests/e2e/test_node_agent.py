@@ -487,6 +487,40 @@ def test_a_container_over_its_memory_limit_is_oom_killed(dev_cluster: ClusterHan
     assert main_state(modest)["state"]["terminated"]["reason"] == "Completed"
 
 
+def test_a_daemon_that_left_the_group_ends_with_its_container(
+    dev_cluster: ClusterHandle,  # noqa: F811
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    """As the end of a container's PID namespace would: the agent kills what is left in the
+    container's memory cgroup when its main process exits, a setsid'd daemon too."""
+    if not memory_limits_enforced(dev_cluster):
+        pytest.skip("this host gives the node agent no memory cgroups: a daemon escapes")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    core = dev_cluster.core()
+    script = (
+        "import subprocess\n"
+        "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        "open('/marks/pid', 'w').write(str(p.pid))"
+    )
+    body = pod_manifest(
+        "daemonizes",
+        script,
+        container={
+            "resources": {"limits": {"memory": "256Mi"}},
+            "volumeMounts": [{"name": "marks", "mountPath": "/marks"}],
+        },
+        volumes=[{"name": "marks", "hostPath": {"path": str(marks), "type": "Directory"}}],
+    )
+    core.create_namespaced_pod(ns, body)
+    done = wait_phase(core, ns, "daemonizes", ("Succeeded", "Failed"))
+    assert done["status"]["phase"] == "Succeeded", pod_log(core, ns, "daemonizes")
+    pid = int((marks / "pid").read_text())
+    poll("the daemon gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+    core.delete_namespaced_pod("daemonizes", ns)
+
+
 def test_native_sidecar_is_stopped_when_main_completes(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
     core = dev_cluster.core()
     body = pod_manifest(

@@ -28,6 +28,7 @@ from . import podspec
 from .cgroup import MemoryCgroups, cgroup_name, memory_limit_bytes
 from .gpu import GpuAllocator, visible_devices_env
 from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient
+from .leftovers import kill_cgroup
 from .logs import last_lines_text
 from .mounts import Tools, launch_argv, materialize_volume, resolve_executable
 from .podspec import ContainerPlan, Fetched, NodeContext, Obj, SetupError, VolumePlan
@@ -1045,12 +1046,14 @@ class PodWorker:
 
 
 async def _remove_cgroup(procs: str, attempts: int = 20) -> None:
-    """A container's cgroup, once the processes of its group (killed at its exit) are gone."""
+    """A container's cgroup, once its processes are gone: its group was killed at its exit, and
+    what left the group (setsid) is killed here, as the end of a container's PID namespace would."""
     for _ in range(attempts):
+        kill_cgroup(os.path.dirname(procs))
         if MemoryCgroups.remove(procs):
             return
         await asyncio.sleep(0.5)
-    log.info("memory cgroup %s still busy (a process of the container escaped its group)", procs)
+    log.info("memory cgroup %s still busy (a process of it could not be killed)", procs)
 
 
 def state_shows_started(state: Obj | None) -> bool:
