@@ -54,15 +54,21 @@ def test_recorded_groups_are_killed_and_a_reused_pid_is_spared(tmp_path: Path) -
             _end(p)
 
 
+def _node(tmp_path: Path, name: str) -> tuple[Path, Path, Path]:
+    """A node's state directory, the stand-in cgroup mount and the node's cgroup root in it."""
+    state = tmp_path / "nodes" / name
+    state.mkdir(parents=True)
+    mount = tmp_path / "memory"
+    return state, mount, mount / node_cgroup_name(name, str(state))
+
+
 def _escapee() -> subprocess.Popen[bytes]:
     # In a session of its own, as the runner starts the job's program: no group kill reaches it.
     return subprocess.Popen(["sleep", "600"], start_new_session=True)
 
 
 def test_a_program_that_left_the_group_is_found_in_the_container_cgroup(tmp_path: Path) -> None:
-    state = tmp_path / "nodes" / "gpu-0"
-    mount = tmp_path / "memory"
-    root = mount / node_cgroup_name("gpu-0", str(state))
+    state, mount, root = _node(tmp_path, "gpu-0")
     leader, program, other = _group_of_two(), _escapee(), _escapee()
     try:
         record = {"pid": leader.pid, "start_ticks": proc_start_ticks(leader.pid), "restart_count": 1}
@@ -88,10 +94,8 @@ def test_a_program_that_left_the_group_is_found_in_the_container_cgroup(tmp_path
 
 
 def test_down_kills_whatever_is_in_the_node_cgroups(tmp_path: Path) -> None:
-    state = tmp_path / "nodes" / "cpu-0"
-    state.mkdir(parents=True)
-    mount = tmp_path / "memory"
-    instance = mount / node_cgroup_name("cpu-0", str(state)) / "uid9-job-0"
+    state, mount, root = _node(tmp_path, "cpu-0")
+    instance = root / "uid9-job-0"
     instance.mkdir(parents=True)
     program = _escapee()
     try:
@@ -103,10 +107,7 @@ def test_down_kills_whatever_is_in_the_node_cgroups(tmp_path: Path) -> None:
 
 
 def test_the_node_memory_cgroups_go_once_empty(tmp_path: Path) -> None:
-    state = tmp_path / "nodes" / "gpu-0"
-    state.mkdir(parents=True)
-    mount = tmp_path / "memory"
-    root = mount / node_cgroup_name("gpu-0", str(state))
+    state, mount, root = _node(tmp_path, "gpu-0")
     (root / "uid1-job-0").mkdir(parents=True)
     (root / "uid2-job-0").mkdir()
     other = mount / node_cgroup_name("gpu-0", str(tmp_path / "another-clone"))
@@ -118,12 +119,10 @@ def test_the_node_memory_cgroups_go_once_empty(tmp_path: Path) -> None:
 
 
 def test_a_cgroup_that_stays_busy_is_left_after_the_timeout(tmp_path: Path) -> None:
-    state = tmp_path / "nodes" / "cpu-1"
-    state.mkdir(parents=True)
-    mount = tmp_path / "memory"
-    busy = mount / node_cgroup_name("cpu-1", str(state)) / "uid1-job-0"
+    state, mount, root = _node(tmp_path, "cpu-1")
+    busy = root / "uid1-job-0"
     busy.mkdir(parents=True)
-    (busy / "cgroup.procs").write_text("4242\n")  # a process that escaped its group
+    (busy / "tasks").write_text("")  # rmdir fails, as on a cgroup whose process cannot be killed
 
     end_leftovers("cpu-1", str(state), timeout=0.3, mount=str(mount))
     assert busy.is_dir()
