@@ -17,10 +17,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,7 +28,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import yaml
 from cluster_fixtures import (  # noqa: F401
     REPO_ROOT,
     ClusterHandle,
@@ -42,6 +39,7 @@ from cluster_fixtures import (  # noqa: F401
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.rest import ApiException
+from node_fixtures import OwnNode, node_ready, own_node  # noqa: F401
 
 from dsjobs.controller.podview import PodView
 from dsjobs.devcluster import ClusterPaths, node_agent_available
@@ -825,112 +823,6 @@ def test_bound_pod_to_running_latency(dev_cluster: ClusterHandle, ns: str) -> No
 # ------------------------------------------------------------------ an agent of our own
 
 
-@dataclass
-class OwnNode:
-    """An extra node agent this module starts, stops and restarts at will."""
-
-    name: str
-    argv: list[str]
-    state_dir: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "operator")}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env, start_new_session=True)
-        log.close()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=60)
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def own_node(dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnNode]:  # noqa: F811
-    if dev_cluster.root is None:
-        pytest.skip("needs the local dev cluster's CA to make a node certificate")
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509 import load_pem_x509_certificate
-
-    from dsjobs.devcluster import kubeconfig as kc
-    from dsjobs.devcluster.pki import CertificateAuthority
-
-    pki = ClusterPaths.at(dev_cluster.root).pki
-    work = tmp_path_factory.mktemp("own-node")
-    ca_cert = load_pem_x509_certificate((pki / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    ca = CertificateAuthority(work, ca_cert, cast(ec.EllipticCurvePrivateKey, ca_key))
-    name = f"e2e-{uuid.uuid4().hex[:6]}"
-    client = ca.issue("client", f"system:node:{name}", orgs=("system:nodes",), client=True)
-    serving = ca.issue("serving", f"system:node:{name}", server=True, dns_names=(name,), ips=("127.0.0.1",))
-    server = yaml.safe_load(dev_cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
-    kubeconfig = work / "node.kubeconfig"
-    kc.write(kubeconfig, kc.render(server, (pki / "ca.crt").read_bytes(), f"system:node:{name}", client))
-    node = OwnNode(
-        name=name,
-        argv=[
-            sys.executable,
-            "-m",
-            "dsjobs.devcluster.node",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--name",
-            name,
-            "--state-dir",
-            str(work / "state"),
-            "--port",
-            str(_free_port()),
-            "--tls-cert",
-            str(serving.cert),
-            "--tls-key",
-            str(serving.key),
-            "--cpu",
-            "2",
-            "--memory",
-            "4Gi",
-            # Nothing else lands here: the tests bind their pods with spec.nodeName.
-            "--taint",
-            "dsjobs.dev/e2e-only=true:NoSchedule",
-            "--shutdown-grace",
-            "3",
-        ],
-        state_dir=work / "state",
-        log_path=work / "agent.log",
-    )
-    node.start()
-    core = dev_cluster.core()
-    try:
-        poll(f"node {name} Ready", lambda: _node_ready(core, name) is True, 60)
-        yield node
-    finally:
-        if node.proc is not None:
-            node.signal(signal.SIGTERM)
-        with contextlib.suppress(ApiException):
-            core.delete_node(name)
-
-
-def _node_ready(core: Any, name: str) -> bool | None:
-    try:
-        node = core.read_node(name)
-    except ApiException:
-        return None
-    ready = next((c for c in node.status.conditions or [] if c.type == "Ready"), None)
-    return None if ready is None else ready.status == "True"
-
-
 def _ready_reason(core: Any, name: str) -> tuple[str, str]:
     node = core.read_node(name)
     ready = next(c for c in node.status.conditions if c.type == "Ready")
@@ -940,13 +832,13 @@ def _ready_reason(core: Any, name: str) -> tuple[str, str]:
 def _restart(node: OwnNode, core: Any, sig: int) -> None:
     node.signal(sig)
     node.start()
-    poll(f"node {node.name} Ready again", lambda: _node_ready(core, node.name) is True, 60)
+    poll(f"node {node.name} Ready again", lambda: node_ready(core, node.name) is True, 60)
 
 
 def test_stopping_agent_makes_node_not_ready(
     dev_cluster: ClusterHandle,  # noqa: F811
     ns: str,
-    own_node: OwnNode,
+    own_node: OwnNode,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     core = dev_cluster.core()
@@ -962,7 +854,7 @@ def test_stopping_agent_makes_node_not_ready(
     _wait_log(core, ns, "on-shutdown", "ready")
 
     own_node.signal(signal.SIGTERM)
-    poll("NotReady after SIGTERM", lambda: _node_ready(core, own_node.name) is False, 60)
+    poll("NotReady after SIGTERM", lambda: node_ready(core, own_node.name) is False, 60)
     assert _ready_reason(core, own_node.name) == ("False", "KubeletNotReady")
     # The agent stopped its pod gracefully and said so.
     assert (marks / "term").read_text() == "got TERM\n"
@@ -971,7 +863,7 @@ def test_stopping_agent_makes_node_not_ready(
     assert main_state(stopped)["state"]["terminated"]["exitCode"] == 0
 
     own_node.start()
-    poll("Ready after restart", lambda: _node_ready(core, own_node.name) is True, 60, 0.2)
+    poll("Ready after restart", lambda: node_ready(core, own_node.name) is True, 60, 0.2)
     # A killed agent cannot say goodbye: the node lifecycle controller notices the stale Lease.
     own_node.signal(signal.SIGKILL)
     poll(
@@ -981,7 +873,7 @@ def test_stopping_agent_makes_node_not_ready(
         1.0,
     )
     own_node.start()
-    poll("Ready after restart", lambda: _node_ready(core, own_node.name) is True, 60, 0.2)
+    poll("Ready after restart", lambda: node_ready(core, own_node.name) is True, 60, 0.2)
     still = read_pod(core, ns, "on-shutdown")
     assert still is not None and still["status"]["reason"] == "Terminated"
     core.delete_namespaced_pod("on-shutdown", ns)
@@ -991,7 +883,7 @@ def test_stopping_agent_makes_node_not_ready(
 def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
     dev_cluster: ClusterHandle,  # noqa: F811
     ns: str,
-    own_node: OwnNode,
+    own_node: OwnNode,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     core = dev_cluster.core()
@@ -1054,7 +946,7 @@ def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
 def test_a_running_pod_of_a_silent_node_is_not_ready_with_its_containers_ready(
     dev_cluster: ClusterHandle,  # noqa: F811
     ns: str,
-    own_node: OwnNode,
+    own_node: OwnNode,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """The mark the operator reads as "the node stopped reporting" (PodView.node_not_ready): the
@@ -1083,7 +975,7 @@ def test_a_running_pod_of_a_silent_node_is_not_ready_with_its_containers_ready(
         poll("the pod marked not ready, its containers still ready", marked, 180, 1.0)
     finally:
         own_node.start()
-        poll("Ready after restart", lambda: _node_ready(core, own_node.name) is True, 60, 0.2)
+        poll("Ready after restart", lambda: node_ready(core, own_node.name) is True, 60, 0.2)
     wait_phase(core, ns, "silent", ("Failed",), timeout=60)  # the restarted agent lost it
     poll("the orphaned process is gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
     core.delete_namespaced_pod("silent", ns)
@@ -1096,7 +988,7 @@ def _zombie(pid: int) -> bool:
     return True
 
 
-def test_node_restriction_allows_everything_the_agent_does(own_node: OwnNode) -> None:
+def test_node_restriction_allows_everything_the_agent_does(own_node: OwnNode) -> None:  # noqa: F811
     """Nothing the agent did in this module was refused by the Node authorizer/NodeRestriction."""
     log = own_node.log()
     assert "Forbidden" not in log and "forbidden" not in log, log

@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from cluster_fixtures import REPO_ROOT, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
+from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node  # noqa: F401
 from operator_fixtures import (  # noqa: F401
     GROUP,
     PLURAL,
@@ -892,6 +894,53 @@ def test_a_job_rides_out_object_store_restarts(h: H, storage: Storage) -> None:
     logs = {f["desc"]["path"]: storage.get_bytes(f["key"]).decode() for f in status["logFiles"]}
     assert logs["stdout.txt"].splitlines() == [f"line {i}" for i in range(40)]
     assert logs["stderr.txt"].splitlines() == [f"err {i}" for i in range(40)]
+
+
+def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(h: H, own_node: OwnNode) -> None:  # noqa: F811
+    """NodeLost against the real node lifecycle controller: the pod of a node that stopped reporting
+    is evicted after the InstanceType's unreachable toleration (3 s here, not the default 300 s),
+    the job retries, and the next attempt waits, saying so, until the old pod is gone: the program
+    may still run on that node. The node comes back and attempt 2 runs."""
+    silent = [
+        {
+            "key": f"node.kubernetes.io/{taint}",
+            "operator": "Exists",
+            "effect": "NoExecute",
+            "tolerationSeconds": 3,
+        }
+        for taint in ("unreachable", "not-ready")
+    ]
+    spec = {
+        "vcpu": 1,
+        "memory": "1Gi",
+        "nodeSelector": {"kubernetes.io/hostname": own_node.name},
+        "tolerations": [E2E_ONLY_TAINT, *silent],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+    }
+    with _instance_type(h, "n9", spec) as type_name:
+        params = {"cmd": "sleep 10", "cloudInstanceTypes": [{"name": type_name}]}
+        h.create_job("lost-node", params, retryPolicy={"maxAttempts": 2, "backoffSeconds": 0})
+        h.wait_phase("lost-node", "EXECUTING", "SUCCESS", "ERROR")
+        try:
+            own_node.signal(signal.SIGKILL)  # the node goes silent; its program lives on
+            waiting = (
+                "attempt 2 starts once pod lost-node-a1 of attempt 1 is gone (never two attempts at once)"
+            )
+            status = poll(
+                "the job waiting for the lost node",
+                lambda: (st := h.status("lost-node")).get("statusDetails", "").startswith(waiting) and st,
+                180,
+                1.0,
+            )
+            assert status["phase"] == "PREPARING" and status["attempt"] == 2, status
+            assert f"its node {own_node.name} stopped reporting" in status["statusDetails"]
+            assert _told(h, "lost-node", "WaitingForLostNode") and _told(h, "lost-node", "AttemptFailed")
+            assert [p.metadata.name for p in h.pods("lost-node")] == ["lost-node-a1"]  # never two at once
+        finally:
+            own_node.start()
+        poll("the node Ready again", lambda: node_ready(h.core, own_node.name) is True, 60)
+        status = h.wait_phase("lost-node", "SUCCESS", "ERROR", timeout=180)
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
 
 
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
