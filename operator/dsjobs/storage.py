@@ -359,23 +359,32 @@ def retry(
     *,
     what: str,
     attempts: int = 5,
+    patience: float = 0.0,
     base_delay: float = 0.5,
     max_delay: float = 20.0,
     transient: Callable[[BaseException], bool] = is_transient,
     sleep: Callable[[float], None] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds, retrying transient failures with jittered exponential backoff.
 
-    ``attempts <= 0`` retries forever (the log shipper uses that while the program runs: the data
-    is safe in files, so waiting out a storage outage loses nothing).
+    It gives up after ``attempts`` tries, but not before ``patience`` seconds have passed since the
+    first failure: a job's runner waits out a storage outage of minutes rather than lose the job's
+    inputs or outputs to it. ``attempts <= 0`` retries forever (the log shipper uses that while the
+    program runs: the data is safe in files, so waiting out a storage outage loses nothing).
     """
     n = 0
+    first_failure: float | None = None
     while True:
         n += 1
         try:
             return fn()
         except Exception as exc:
-            if not transient(exc) or (attempts > 0 and n >= attempts):
+            if not transient(exc):
+                raise
+            now = (clock or time.monotonic)()
+            first_failure = now if first_failure is None else first_failure
+            if attempts > 0 and n >= attempts and now - first_failure >= patience:
                 raise
             delay = min(max_delay, base_delay * (2 ** (n - 1)))
             delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
@@ -480,12 +489,14 @@ class Storage:
         settings: StorageSettings,
         *,
         attempts: int = 5,
+        patience: float = 0.0,
         upload_concurrency: int = 2,
         part_size: int = MIN_PART_SIZE,
     ) -> None:
         self.settings = settings
         self.bucket = settings.bucket
         self.attempts = attempts
+        self.patience = patience
         # Clients are made on first use: importing botocore and building a client costs ~0.2 s
         # of CPU, which a runner process should pay only when it needs botocore (multipart,
         # listings, batch deletes, presigning); one-object calls go through `_http`.
@@ -501,11 +512,13 @@ class Storage:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Storage:
         return cls(StorageSettings.from_env(environ))
 
-    def with_attempts(self, attempts: int) -> Storage:
-        """The same bucket and clients, making ``attempts`` tries per request: for a caller that
+    def with_attempts(self, attempts: int, patience: float = 0.0) -> Storage:
+        """The same bucket and clients, making ``attempts`` tries per request and riding out
+        ``patience`` seconds of failures (`retry`). One try and no patience for a caller that
         retries on its own (two nested retry loops would multiply each other's waits)."""
         other = copy.copy(self)
         other.attempts = attempts
+        other.patience = patience
         return other
 
     def connect(self) -> Storage:
@@ -596,7 +609,7 @@ class Storage:
 
     def _retry(self, fn: Callable[[], T], *, what: str) -> T:
         """`retry` with this store's attempts: the one retry layer of every request it makes."""
-        return retry(fn, what=what, attempts=self.attempts)
+        return retry(fn, what=what, attempts=self.attempts, patience=self.patience)
 
     # -- small objects --------------------------------------------------------------------------
 
@@ -948,6 +961,7 @@ class Storage:
         written = 0
         etag = ""
         failures = 0
+        first_failure = 0.0
         restarts = 0
         try:
             with open(tmp, "wb") as f, _OrderedWriter(f) as sink:
@@ -1003,7 +1017,10 @@ class Storage:
                         raise
                     except Exception as exc:
                         failures += 1
-                        if not is_transient(exc) or failures >= self.attempts:
+                        if failures == 1:
+                            first_failure = time.monotonic()
+                        outlasted = time.monotonic() - first_failure >= self.patience
+                        if not is_transient(exc) or (failures >= self.attempts and outlasted):
                             raise
                         delay = min(20.0, 0.5 * 2 ** (failures - 1))
                         log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import signal
@@ -36,6 +37,7 @@ from operator_fixtures import (  # noqa: F401
 from dsjobs.controller.names import JOB_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
+from dsjobs.devcluster.procs import Record
 from dsjobs.logrecords import read_progress
 from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.storage import Storage, input_key, job_prefix
@@ -894,6 +896,37 @@ def test_a_job_rides_out_object_store_restarts(h: H, storage: Storage) -> None:
     logs = {f["desc"]["path"]: storage.get_bytes(f["key"]).decode() for f in status["logFiles"]}
     assert logs["stdout.txt"].splitlines() == [f"line {i}" for i in range(40)]
     assert logs["stderr.txt"].splitlines() == [f"err {i}" for i in range(40)]
+
+
+def test_a_job_waits_out_an_object_store_outage_in_its_stage_in(h: H, storage: Storage) -> None:
+    """S3 down (connection refused) for longer than a few retries take: the runner waits it out
+    (STORAGE_PATIENCE_SECONDS) instead of failing the job."""
+    if h.cluster.root is None:
+        pytest.skip("stops the local cluster's S3 server")
+    data = random.randbytes(2**20)
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    paths = ClusterPaths.at(h.cluster.root)
+    record = Record.load(paths.pids)
+    server = record.find("s3") if record is not None else None
+    assert server is not None
+    os.kill(server.pid, signal.SIGKILL)
+    try:
+        inputs = [{"desc": {"path": "in.bin", "var": "IN"}, "sha256": sha, "sizeBytes": len(data)}]
+        h.create_job("s3-down", {"cmd": "sha256sum ${IN}", "inputFiles": inputs})
+        poll(
+            "the stage-in running",
+            lambda: "staging inputs" in h.status("s3-down").get("statusDetails", ""),
+            120,
+        )
+        time.sleep(15)  # the outage: five tries took under 8 s
+        assert h.status("s3-down")["phase"] == "PREPARING"
+    finally:
+        restart(paths, "s3")
+    status = h.wait_phase("s3-down", "SUCCESS", "ERROR", timeout=180)
+    assert status["phase"] == "SUCCESS", status
+    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert storage.get_bytes(stdout).decode().startswith(sha)
 
 
 def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(h: H, own_node: OwnNode) -> None:  # noqa: F811

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import socket
 import ssl
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -258,6 +259,46 @@ def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> Non
     with pytest.raises(ConnectionError):
         retry(always, what="t", attempts=3, sleep=sleeps.append)
     assert len(sleeps) == 4
+
+
+def test_retry_with_patience_rides_out_an_outage_longer_than_its_attempts() -> None:
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    def down_for(seconds: float) -> Callable[[], str]:
+        start = now[0]
+
+        def call() -> str:
+            if now[0] - start < seconds:
+                raise ConnectionError("refused")
+            return "ok"
+
+        return call
+
+    def clock() -> float:
+        return now[0]
+
+    # 3 attempts alone give up within a few seconds; patience waits out a 100 s outage.
+    with pytest.raises(ConnectionError):
+        retry(down_for(100), what="t", attempts=3, sleep=sleep, clock=clock)
+    assert now[0] < 3
+    assert retry(down_for(100), what="t", attempts=3, patience=300, sleep=sleep, clock=clock) == "ok"
+    # An outage longer than the patience still fails, soon after the patience ran out.
+    start = now[0]
+    with pytest.raises(ConnectionError):
+        retry(down_for(1000), what="t", attempts=3, patience=60, sleep=sleep, clock=clock)
+    assert 60 <= now[0] - start <= 60 + 20  # the last wait is at most max_delay
+
+    # Permanent errors are not waited on.
+    def denied() -> None:
+        raise _client_error("AccessDenied", 403)
+
+    start = now[0]
+    with pytest.raises(ClientError):
+        retry(denied, what="t", patience=300, sleep=sleep, clock=clock)
+    assert now[0] == start
 
 
 def test_part_size_stays_within_s3_part_limits() -> None:

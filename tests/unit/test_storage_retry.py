@@ -7,6 +7,8 @@ import http.client
 import http.server
 import socket
 import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +150,68 @@ def test_the_log_shipper_is_the_one_retry_layer_of_its_writes(s3: FakeS3, tmp_pa
     with pytest.raises(S3HttpError):
         shipper.resume()
     assert s3.count("HEAD") == 5
+
+
+def test_a_patient_store_waits_out_an_outage_in_requests_and_downloads(
+    s3: FakeS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a job's runner uses (STORAGE_PATIENCE_SECONDS): a storage outage of minutes is waited
+    # out instead of failing the job's staging or costing it an output.
+    now = [0.0]
+    fake_time = types.SimpleNamespace(
+        **{
+            **{n: getattr(time, n) for n in dir(time) if not n.startswith("_")},
+            "monotonic": lambda: now[0],
+            "sleep": lambda seconds: now.__setitem__(0, now[0] + seconds),
+        }
+    )
+    monkeypatch.setattr(storage, "time", fake_time)
+    body = b"input bytes"
+
+    def answer(r: Request) -> None:
+        if now[0] < 90:  # down for 90 s
+            r.error(503, "ServiceUnavailable")
+        elif r.command == "HEAD":
+            r.reply(200, headers={"ETag": '"e"', "Content-Length": str(len(body))})
+        else:
+            r.reply(200, body, {"ETag": '"e"'})
+
+    s3.answer = answer
+    with pytest.raises(S3HttpError):
+        s3.store(attempts=3).get_bytes("projects/p/k")
+    assert now[0] < 90
+    assert s3.store(attempts=3, patience=300).get_bytes("projects/p/k") == body
+    now[0] = 0.0
+    with pytest.raises(S3HttpError):
+        s3.store(attempts=3).download_file("projects/p/k", tmp_path / "a")
+    now[0] = 0.0
+    got = s3.store(attempts=3, patience=300).download_file("projects/p/k", tmp_path / "b")
+    assert got.size == len(body) and (tmp_path / "b").read_bytes() == body
+    # A caller with its own retry loop gets one try, without the patience.
+    now[0] = 0.0
+    once = storage.single_try(s3.store(attempts=3, patience=300))
+    s3.seen.clear()
+    with pytest.raises(S3HttpError):
+        once.get_bytes("projects/p/k")
+    assert s3.count("GET") == 1
+
+
+def test_the_runner_uses_a_patient_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dsjobs.runner import __main__ as runner_main
+
+    assert runner_main.STORAGE_PATIENCE_SECONDS >= 60
+    made: list[Storage] = []
+    monkeypatch.setattr(runner_main.RunnerConfig, "load", staticmethod(lambda: config(tmp_path)))
+    monkeypatch.setattr(
+        "dsjobs.runner.stagein.run_stage_in", lambda config, store: made.append(store) or True
+    )
+    monkeypatch.setenv("DSJOBS_S3_ENDPOINT", "http://127.0.0.1:1")
+    monkeypatch.setenv("DSJOBS_S3_BUCKET", "b")
+    monkeypatch.setenv("DSJOBS_S3_ACCESS_KEY", "AK")
+    monkeypatch.setenv("DSJOBS_S3_SECRET_KEY", "SK")
+    assert runner_main.main(["stage-in"]) == 0
+    (store,) = made
+    assert store.patience == runner_main.STORAGE_PATIENCE_SECONDS
 
 
 def _part(path: str) -> int | None:

@@ -15,7 +15,12 @@ from types import FrameType
 
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.entry import render_entry_script
-from dsjobs.storage import Storage
+from dsjobs.storage import Storage, StorageSettings
+
+#: How long the runner's requests ride out an object-storage outage before a job's staging or
+#: upload fails: minutes of a restart or a network blip must not cost a job its inputs or the
+#: outputs of hours of work.
+STORAGE_PATIENCE_SECONDS = 300.0
 
 
 def _setup_logging() -> None:
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(render_entry_script(config))
         return 0
     try:
-        store = Storage.from_env()
+        store = Storage(StorageSettings.from_env(), patience=STORAGE_PATIENCE_SECONDS)
     except Exception as exc:
         log.error("invalid storage settings error=%s", exc)
         return 2
