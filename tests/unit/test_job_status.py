@@ -436,6 +436,22 @@ def test_fallback_to_the_second_type_after_the_budget() -> None:
     assert p3.status.pod_name == "job-1-a2" and p3.status.actual_cloud_instance_type == "g1.1"
 
 
+def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:
+    # The scheduler is down (or still working through a backlog): the pod has waited past the
+    # budget, but nobody found that the type has no capacity.
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(type_name="g2.8"))
+    unseen = pod(created=NOW - timedelta(hours=1), type_name="g2.8")
+    p = step(j, [unseen])
+    assert (p.status.attempt, p.status.instance_type_index) == (1, 0) and not p.actions
+    assert "FallingBack" not in [e.reason for e in p.events]
+    assert "no capacity" not in p.status.status_details
+    # The scheduler's verdict comes (a pod update): the budget is long spent, so it falls back now.
+    p2 = step(j, [unschedulable(NOW - timedelta(hours=1), type_name="g2.8")])
+    assert (p2.status.attempt, p2.status.instance_type_index) == (2, 1)
+    assert "FallingBack" in [e.reason for e in p2.events]
+
+
 def test_last_type_keeps_waiting_and_says_so() -> None:
     types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
     j = job(params=types, status=started(attempt=2, index=1, type_name="g1.1"))

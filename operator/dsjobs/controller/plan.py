@@ -465,6 +465,11 @@ def _plan(
         waited = now - (current.created_at or now)
         if waited < budget:
             requeue = _min_delay(requeue, budget - waited)
+        elif not current.unschedulable:
+            # The scheduler has not found the pod unschedulable (it is down, or still working
+            # through a backlog): a lack of capacity is not known, so no fallback. Its verdict
+            # comes as a pod update, which brings the job back here.
+            pass
         elif index + 1 < len(names):
             following = names[index + 1]
             message = (

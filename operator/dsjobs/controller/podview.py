@@ -184,6 +184,17 @@ class PodView:
         return bool(self.node_name)
 
     @property
+    def unschedulable(self) -> bool:
+        """The scheduler tried the pod and found no node for it (not merely: not scheduled yet)."""
+        cond = self.condition("PodScheduled")
+        return (
+            not self.scheduled
+            and cond is not None
+            and cond.status == "False"
+            and cond.reason == "Unschedulable"
+        )
+
+    @property
     def node_not_ready(self) -> bool:
         """The pod's node stopped reporting (the pod may still run there, unseen).
 
