@@ -9,9 +9,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
+from dsjobs import storage as st
 from dsjobs.api import errors
+from dsjobs.api.core import storage_error
 from dsjobs.api.errors import KubeError
 from dsjobs.api.server import CallInterceptor
+from dsjobs.s3http import S3HttpError
 from dsjobs.validation import Problem
 
 
@@ -187,3 +190,30 @@ def test_a_client_gets_the_listing_not_resource_exhausted() -> None:
     details = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
     bad = error_details_pb2.BadRequest()
     assert status_pb2.Status.FromString(details).details[0].Unpack(bad) and bad.field_violations
+
+
+@pytest.mark.parametrize(
+    ("exc", "told"),
+    [
+        # What the store raises once its retries gave up on an outage: clients retry UNAVAILABLE.
+        (
+            ConnectionRefusedError(111, "Connection refused"),
+            "ConnectionRefusedError: [Errno 111] Connection refused",
+        ),
+        (TimeoutError("timed out"), "TimeoutError: timed out"),
+        (S3HttpError(503, "SlowDown", "reduce your request rate", "projects/p/k"), "S3HttpError"),
+        (st.StorageError("download started over 5 times"), "object storage failed: download started over"),
+    ],
+    ids=repr,
+)
+def test_an_object_store_outage_is_unavailable_not_internal(exc: Exception, told: str) -> None:
+    err = storage_error(exc)
+    assert err is not None and err.code == grpc.StatusCode.UNAVAILABLE
+    assert told in err.message and "object storage" in err.message
+
+
+def test_other_failures_are_not_taken_for_storage_outages() -> None:
+    assert (
+        storage_error(S3HttpError(403, "AccessDenied", "denied", "projects/p/k")) is None
+    )  # misconfigured: INTERNAL
+    assert storage_error(ValueError("a bug")) is None

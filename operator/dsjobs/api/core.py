@@ -77,6 +77,21 @@ def transfer_ttl(base: timedelta, total_bytes: int) -> timedelta:
     return min(base + extra, max(base, MAX_TRANSFER_TTL))
 
 
+def storage_error(exc: BaseException) -> ApiError | None:
+    """What a client is told when object storage failed a call (None: not storage's failure).
+
+    UNAVAILABLE, which clients retry: the store's own retries gave up on an outage (connection
+    refused, timeouts, 5xx), or the store failed in a way it names. botocore's messages can carry
+    the internal endpoint, so only their type is told."""
+    if isinstance(exc, st.StorageError):
+        return errors.unavailable(f"object storage failed: {exc}")
+    if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+        return errors.unavailable(f"object storage is unavailable: {type(exc).__name__}")
+    if st.is_transient(exc):
+        return errors.unavailable(f"object storage is unavailable: {type(exc).__name__}: {exc}"[:300])
+    return None
+
+
 class Core:
     def __init__(
         self,
@@ -107,12 +122,11 @@ class Core:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._io, lambda: fn(*args, **kwargs))
-        except st.StorageError as exc:
-            raise errors.unavailable(f"object storage failed: {exc}") from exc
         except Exception as exc:
-            if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
-                raise errors.unavailable(f"object storage is unavailable: {type(exc).__name__}") from exc
-            raise
+            err = storage_error(exc)
+            if err is None:
+                raise
+            raise err from exc  # the call's failure is logged once, where it is answered
 
     # --- kubernetes ------------------------------------------------------------------------------
 
