@@ -386,7 +386,7 @@ def retry(
             first_failure = now if first_failure is None else first_failure
             if attempts > 0 and n >= attempts and now - first_failure >= patience:
                 raise
-            delay = min(max_delay, base_delay * (2 ** (n - 1)))
+            delay = min(max_delay, base_delay * 2.0 ** min(n - 1, 32))  # a long outage: no overflow
             delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
             log.info("storage retry what=%s attempt=%d delay=%.2fs error=%s", what, n, delay, _short(exc))
             (sleep or time.sleep)(delay)
@@ -1022,7 +1022,7 @@ class Storage:
                         outlasted = time.monotonic() - first_failure >= self.patience
                         if not is_transient(exc) or (failures >= self.attempts and outlasted):
                             raise
-                        delay = min(20.0, 0.5 * 2 ** (failures - 1))
+                        delay = min(20.0, 0.5 * 2.0 ** min(failures - 1, 32))
                         log.info(
                             "storage download resume key=%s at=%d attempt=%d error=%s",
                             key,

@@ -344,3 +344,18 @@ def test_only_the_empty_file_is_not_stored() -> None:
     assert is_stored_input(empty, 1)  # contradictory (validation refuses it): fetched, and checked
     assert is_stored_input("a" * 64, 0)
     assert is_stored_input("a" * 64, 10)
+
+
+def test_a_retry_that_goes_on_for_hours_keeps_its_delay_bounded() -> None:
+    # attempts <= 0 retries for ever: the exponent of the backoff must not overflow a float.
+    sleeps: list[float] = []
+    calls = {"n": 0}
+
+    def down_for_a_long_time() -> str:
+        calls["n"] += 1
+        if calls["n"] < 2000:
+            raise ConnectionError("refused")
+        return "back"
+
+    assert retry(down_for_a_long_time, what="t", attempts=0, sleep=sleeps.append) == "back"
+    assert len(sleeps) == 1999 and max(sleeps) <= 20.0
