@@ -121,6 +121,27 @@ def dev_s3(dev_cluster: ClusterHandle) -> S3Config:
     return dev_cluster.s3
 
 
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed orphan waits to be reaped as one)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def daemon_script(pid_file: str, *, then_sleep: bool) -> str:
+    """A pod's Python program that starts `sleep 600` in a session of its own (setsid, as the
+    runner starts a job's program, out of the container's process group), writes its pid to
+    `pid_file`, then sleeps too or exits."""
+    script = (
+        "import subprocess, time\n"
+        "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+        f"open({pid_file!r}, 'w').write(str(p.pid))"
+    )
+    return script + ("\ntime.sleep(600)" if then_sleep else "")
+
+
 def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
     """Return check()'s first truthy result; fail with `what` after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,16 @@ import requests
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from cluster_fixtures import NO_NODE_AGENT_REASON, REPO_ROOT, ClusterHandle, devcluster_cli, local_claim, poll
+from cluster_fixtures import (
+    NO_NODE_AGENT_REASON,
+    REPO_ROOT,
+    ClusterHandle,
+    daemon_script,
+    devcluster_cli,
+    local_claim,
+    poll,
+    process_alive,
+)
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
@@ -351,7 +360,7 @@ def test_up_down_leaves_nothing_behind(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not volume.exists(), f"{volume} left behind"
     if orphan is not None:
-        assert not _alive(orphan), f"container process {orphan} of a killed node agent left running"
+        assert not process_alive(orphan), f"container process {orphan} of a killed node agent left running"
         paths = ClusterPaths.at(root)
         cgroups = [
             V1_MEMORY_MOUNT + "/" + node_cgroup_name(n, str(paths.node_state(n)))
@@ -390,12 +399,7 @@ def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> 
         probe = MemoryCgroups.discover("probe", str(root))
         if probe is not None:  # the nodes put containers in memory cgroups (node/cgroup.py)
             probe.close()
-            script = (
-                "import subprocess, time\n"
-                "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-                "open('/marks/pid', 'w').write(str(p.pid))\n"
-                "time.sleep(600)"
-            )
+            script = daemon_script("/marks/pid", then_sleep=True)
             container["resources"] = {"limits": {"memory": "256Mi"}}
         body = {
             "apiVersion": "v1",
@@ -424,16 +428,8 @@ def _container_of_a_killed_agent(root: Path, record: Record, tmp_path: Path) -> 
     assert agent is not None
     os.kill(agent.pid, signal.SIGKILL)
     poll("the agent gone", lambda: not is_running(agent), 30)
-    assert _alive(pid)
+    assert process_alive(pid)
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _provisioned_volume(root: Path) -> Path:

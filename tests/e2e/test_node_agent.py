@@ -12,7 +12,6 @@ period was honoured), never as "fast enough".
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,9 +31,11 @@ from cluster_fixtures import (  # noqa: F401
     REPO_ROOT,
     ClusterHandle,
     claim_directory,
+    daemon_script,
     dev_cluster,
     memory_limits_enforced,
     poll,
+    process_alive,
 )
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
@@ -497,14 +498,9 @@ def test_a_daemon_that_left_the_group_ends_with_its_container(
     marks = tmp_path / "marks"
     marks.mkdir()
     core = dev_cluster.core()
-    script = (
-        "import subprocess\n"
-        "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-        "open('/marks/pid', 'w').write(str(p.pid))"
-    )
     body = pod_manifest(
         "daemonizes",
-        script,
+        daemon_script("/marks/pid", then_sleep=False),
         container={
             "resources": {"limits": {"memory": "256Mi"}},
             "volumeMounts": [{"name": "marks", "mountPath": "/marks"}],
@@ -515,7 +511,7 @@ def test_a_daemon_that_left_the_group_ends_with_its_container(
     done = wait_phase(core, ns, "daemonizes", ("Succeeded", "Failed"))
     assert done["status"]["phase"] == "Succeeded", pod_log(core, ns, "daemonizes")
     pid = int((marks / "pid").read_text())
-    poll("the daemon gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+    poll("the daemon gone", lambda: not process_alive(pid), 30)
     core.delete_namespaced_pod("daemonizes", ns)
 
 
@@ -905,12 +901,7 @@ def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
     if memory_limits_enforced(dev_cluster):
         # Its program leaves the container's process group (setsid, as the runner starts a job's
         # program): only the container's memory cgroup still holds it.
-        lost_script = (
-            "import subprocess, time\n"
-            "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
-            "open('/marks/lost-pid', 'w').write(str(p.pid))\n"
-            "time.sleep(600)"
-        )
+        lost_script = daemon_script("/marks/lost-pid", then_sleep=True)
         lost_container["resources"] = {"limits": {"memory": "256Mi"}}
     lost = pod_manifest("lost", lost_script, container=lost_container, **vol)
     core.create_namespaced_pod(ns, finished)
@@ -931,7 +922,7 @@ def test_restarted_agent_keeps_finished_pods_and_fails_lost_ones(
     assert failed["status"]["reason"] == "NodeAgentRestarted", failed["status"]
     term = main_state(failed)["state"]["terminated"]
     assert term["reason"] == "ContainerStatusUnknown"
-    poll("the orphaned process is gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+    poll("the orphaned process is gone", lambda: not process_alive(pid), 30)
     kept = read_pod(core, ns, "finished")
     assert kept is not None and kept["status"]["phase"] == "Succeeded"
     assert main_state(kept)["state"]["terminated"]["exitCode"] == 0
@@ -977,15 +968,9 @@ def test_a_running_pod_of_a_silent_node_is_not_ready_with_its_containers_ready(
         own_node.start()
         poll("Ready after restart", lambda: node_ready(core, own_node.name) is True, 60, 0.2)
     wait_phase(core, ns, "silent", ("Failed",), timeout=60)  # the restarted agent lost it
-    poll("the orphaned process is gone", lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30)
+    poll("the orphaned process is gone", lambda: not process_alive(pid), 30)
     core.delete_namespaced_pod("silent", ns)
     wait_gone(core, ns, "silent", 60)
-
-
-def _zombie(pid: int) -> bool:
-    with contextlib.suppress(OSError):
-        return " Z " in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
-    return True
 
 
 def test_node_restriction_allows_everything_the_agent_does(own_node: OwnNode) -> None:  # noqa: F811

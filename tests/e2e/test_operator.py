@@ -551,21 +551,28 @@ def test_jobs_that_cannot_run_fail_naming_the_cause(
     assert "Failed" in _reasons(h, name)
 
 
-def test_a_job_that_cannot_run_leaves_no_registry_secret(h: H) -> None:
-    # The registry Secret is made after the checks: a failed job without a pod has nothing that
-    # would delete it later.
-    job = "too-large-pw"
+def _image_with_api_password(h: H, job: str) -> dict[str, Any]:
+    """A dockerImageSpec whose password is in a Secret as the API leaves it (`<job>-docker-password`,
+    role registry-password)."""
     password = f"{job}-docker-password"
     labels = {"dsjobs.dev/job-id": job, "dsjobs.dev/secret-role": "registry-password"}
     h.core.create_namespaced_secret(
         h.namespace,
         {"metadata": {"name": password, "labels": labels}, "stringData": {"password": "hunter2"}},
     )
-    image = {
+    return {
         "imageUrl": "registry.example.com/team/img:1",
         "username": "bot",
         "passwordSecretRef": {"name": password, "key": "password"},
     }
+
+
+def test_a_job_that_cannot_run_leaves_no_registry_secret(h: H) -> None:
+    # The registry Secret is made after the checks: a failed job without a pod has nothing that
+    # would delete it later.
+    job = "too-large-pw"
+    image = _image_with_api_password(h, job)
+    password = image["passwordSecretRef"]["name"]
     h.create_job(job, {"cmd": "true", "env": {"dockerImageSpec": image, "vars": big_env("'")}})
     status = h.wait_phase(job, "ERROR", "SUCCESS")
     assert status["phase"] == "ERROR" and "more than the 1048576" in status["statusDetails"], status
@@ -1062,14 +1069,8 @@ def test_finalize_keeps_the_api_password_secret_and_clear_data_works_unexecuted(
     # The API keeps a plain-text registry password in `<job>-docker-password` (role
     # registry-password) for Clone to copy; the operator's cleanup removes only its own Secrets.
     job = "pw-job"
-    password = f"{job}-docker-password"
-    labels = {"dsjobs.dev/job-id": job, "dsjobs.dev/secret-role": "registry-password"}
-    h.core.create_namespaced_secret(
-        h.namespace,
-        {"metadata": {"name": password, "labels": labels}, "stringData": {"password": "hunter2"}},
-    )
-    image = {"imageUrl": "registry.example.com/team/img:1", "username": "bot"}
-    image["passwordSecretRef"] = {"name": password, "key": "password"}  # type: ignore[assignment]
+    image = _image_with_api_password(h, job)
+    password = image["passwordSecretRef"]["name"]
     h.create_job(job, {"cmd": "true", "env": {"dockerImageSpec": image}})
     assert h.wait_phase(job, "SUCCESS", "ERROR")["phase"] == "SUCCESS"
 

@@ -233,17 +233,22 @@ def test_certificates_clock_skew_and_local_errors_are_permanent(exc: BaseExcepti
     assert not is_transient(exc)
 
 
-def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> None:
-    sleeps: list[float] = []
+def _failing(times: int) -> Callable[[], str]:
+    """A call refused (connection refused) its first `times` times, then answering "ok"."""
     calls = {"n": 0}
 
-    def flaky() -> str:
+    def call() -> str:
         calls["n"] += 1
-        if calls["n"] < 3:
-            raise ConnectionError("boom")
+        if calls["n"] <= times:
+            raise ConnectionError("refused")
         return "ok"
 
-    assert retry(flaky, what="t", attempts=5, sleep=sleeps.append) == "ok"
+    return call
+
+
+def test_retry_backs_off_then_succeeds_and_gives_up_on_permanent_errors() -> None:
+    sleeps: list[float] = []
+    assert retry(_failing(2), what="t", attempts=5, sleep=sleeps.append) == "ok"
     assert len(sleeps) == 2 and sleeps[1] > sleeps[0] * 0.5
 
     def permanent() -> None:
@@ -349,13 +354,5 @@ def test_only_the_empty_file_is_not_stored() -> None:
 def test_a_retry_that_goes_on_for_hours_keeps_its_delay_bounded() -> None:
     # attempts <= 0 retries for ever: the exponent of the backoff must not overflow a float.
     sleeps: list[float] = []
-    calls = {"n": 0}
-
-    def down_for_a_long_time() -> str:
-        calls["n"] += 1
-        if calls["n"] < 2000:
-            raise ConnectionError("refused")
-        return "back"
-
-    assert retry(down_for_a_long_time, what="t", attempts=0, sleep=sleeps.append) == "back"
+    assert retry(_failing(1999), what="t", attempts=0, sleep=sleeps.append) == "ok"
     assert len(sleeps) == 1999 and max(sleeps) <= 20.0

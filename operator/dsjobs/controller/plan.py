@@ -42,8 +42,8 @@ from dsjobs.controller.status import (
     clip,
     compute_status,
     data_expiry,
-    disruption_of,
     drop_conditions,
+    evicted_from_lost_node,
     fail,
     finish,
     get_condition,
@@ -590,8 +590,7 @@ def _waiting_for_lost_node(attempt: int, superseded: Sequence[PodView]) -> str |
     """Why attempt `attempt` has not started, when a previous attempt's pod lingers on a node that
     stopped reporting: Kubernetes cannot end it there, and it may still run (or come back)."""
     for previous in sorted(superseded, key=lambda p: p.attempt):
-        lost = disruption_of(previous)
-        if lost is not None and lost[0] == "NodeLost" and previous.node_name:
+        if evicted_from_lost_node(previous):
             return (
                 f"attempt {attempt} starts once pod {previous.name} of attempt {previous.attempt} is "
                 f"gone (never two attempts at once); its node {previous.node_name} stopped reporting "

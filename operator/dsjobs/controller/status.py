@@ -339,6 +339,13 @@ def disruption_of(pod: PodView) -> tuple[str, str] | None:
     return None
 
 
+def evicted_from_lost_node(pod: PodView) -> bool:
+    """Kubernetes evicted the pod from a node that stopped reporting: no end will ever be reported
+    (the node is gone), and the pod stays until the node reports again or leaves the cluster."""
+    disruption = disruption_of(pod)
+    return pod.deleting and disruption is not None and disruption[0] == "NodeLost"
+
+
 # The kubelet's message when an emptyDir outgrows its sizeLimit (pkg/kubelet/eviction).
 _EMPTY_DIR_EVICTION = re.compile(r'Usage of EmptyDir volume "([^"]*)" exceeds the limit "([^"]*)"')
 
@@ -615,7 +622,7 @@ def _observe_scheduling(
     reason = cond.reason if cond is not None and cond.reason else "Pending"
     message = cond.message if cond is not None else ""
     old = get_condition(status, COND_SCHEDULED)
-    if reason == "Unschedulable" and (old is None or old.reason != reason):
+    if pod.unschedulable and (old is None or old.reason != reason):
         events.append(JobEvent("Warning", "Unschedulable", clip(message or "no node fits the pod", 1024)))
     return set_condition(status, COND_SCHEDULED, "False", reason, message, now)
 
@@ -679,9 +686,7 @@ def compute_status(
         status = set_condition(status, COND_STARTED, "True", "Started", "the job's program started", now)
 
     disruption = disruption_of(pod)
-    # A pod evicted from an unreachable node never reports an end: its node is gone.
-    node_lost = pod.deleting and disruption is not None and disruption[0] == "NodeLost"
-    if pod.terminal or node_lost:
+    if pod.terminal or evicted_from_lost_node(pod):
         # A cancel the operator had no time to write down still makes a stopped program CANCELLED.
         outcome = outcome_of(pod, result, cancelling=cancelling or spec.cancel is not None)
         status = apply_result(spec, status, result)

@@ -673,16 +673,15 @@ def restart(paths: ClusterPaths, name: str, timeout: float = 120.0) -> Component
         procs.stop([old], timeout=5.0)  # the API server drains its watches for longer
         record.components.remove(old)
         launch = _Launch(paths, record)
+        env: dict[str, str] | None = None
         if old.kind == "s3":
             s3 = S3Config.read(paths.s3_json)
-            new = launch.spawn(
-                old.name, old.argv, ports=dict(old.ports), kind=old.kind, env=_s3_env(paths, s3)
-            )
-            launch.wait(new, "s3 /-/ready", health.url_ok(f"{s3.endpoint}/-/ready"), timeout)
-            return new
-        new = launch.spawn(old.name, old.argv, ports=dict(old.ports), kind=old.kind)
-        api = str(record.info.get("apiserver", ""))
-        launch.wait(new, "kube-apiserver /readyz", health.url_ok(f"{api}/readyz", _admin_ctx(paths)), timeout)
+            env, what, ready = _s3_env(paths, s3), "s3 /-/ready", health.url_ok(f"{s3.endpoint}/-/ready")
+        else:
+            api = str(record.info.get("apiserver", ""))
+            what, ready = "kube-apiserver /readyz", health.url_ok(f"{api}/readyz", _admin_ctx(paths))
+        new = launch.spawn(old.name, old.argv, ports=dict(old.ports), kind=old.kind, env=env)
+        launch.wait(new, what, ready, timeout)
         return new
 
 
