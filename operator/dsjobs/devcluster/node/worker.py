@@ -156,6 +156,7 @@ class PodWorker:
         self._sidecars_stopping = False
         self._sidecars_stop_event = asyncio.Event()
         self._dirty = asyncio.Event()
+        self._persist_failing = False
         self._written = Notifier()
         self._last_written: Obj | None = None
         self._rejected: Obj | None = None
@@ -409,11 +410,24 @@ class PodWorker:
             "message": self.snap.message,
             "containers": containers,
         }
-        os.makedirs(self.dir, exist_ok=True)
         tmp = self._state_path() + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self._state_path())
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(tmp, "w") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, self._state_path())
+        except OSError as exc:
+            # The state is a checkpoint for an agent restart; the pod's life goes on without it,
+            # as the kubelet's does when its disk is full (a job filled it, most likely).
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._persist_failing:
+                log.warning(
+                    "pod %s/%s: cannot save its state on the node: %s", self.namespace, self.name, exc
+                )
+            self._persist_failing = True
+            return
+        self._persist_failing = False
 
     def _restore(self, state: Obj | None) -> None:
         """Rebuild the snapshot from state.json, or from the API's status if there is none."""
