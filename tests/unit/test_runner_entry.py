@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,3 +531,38 @@ def test_a_job_running_as_another_uid_appends_to_the_stage_in_s_system_log() -> 
         assert "stage-in: staged" in log and "entry: program exited with code 0" in log
     finally:
         shutil.rmtree(root)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs: a disk a program can fill (needs root, as mounting does)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_program_that_fills_the_disk_still_gets_its_exit_status_recorded(
+    shell: list[str], small_disk: Path
+) -> None:
+    # The program takes every free block (and keeps them); the status file was given its room
+    # at the start and is written over it, and the heartbeat is rewritten in place.
+    cmd = "echo before; head -c 4194304 /dev/zero > fill; exit 3"
+    cfg = make_config(small_disk, cmd)
+    r = run_entry(shell, cfg)
+    assert r.rc == 3
+    assert r.out_file == b"before\n"
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.EXITED, cfg.layout.status.read_bytes()[:200]
+    assert status.return_code == 3
+    assert os.statvfs(small_disk).f_bavail == 0  # still full: nothing was freed for the status
+    assert r.config.layout.heartbeat.read_text().strip().isdigit()

@@ -103,11 +103,18 @@ dsjobs_log() {
 """
     + KILL_HELPERS
     + r"""
+dsjobs_status_text() {
+  printf 'rc=%s\nphase=%s\ncancelled=%s\nreason=%s\nend=1\n' "$1" "$2" "$DSJOBS_CANCEL" "$3"
+}
+
 dsjobs_status() {
-  # Written only when all output is in the log files; `end=1` marks a complete file.
-  printf 'rc=%s\nphase=%s\ncancelled=%s\nreason=%s\nend=1\n' "$1" "$2" "$DSJOBS_CANCEL" "$3" \
-    >"$DSJOBS_STATUS.tmp" 2>/dev/null && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS" 2>/dev/null \
-    || printf 'rc=%s\nphase=%s\ncancelled=%s\nreason=%s\nend=1\n' "$1" "$2" "$DSJOBS_CANCEL" "$3" >"$DSJOBS_STATUS"
+  # Written only when all output is in the log files; `end=1` marks a complete file. First over
+  # the room taken at the start (1<> neither truncates nor needs new blocks: a program that filled
+  # the disk does not cost the job its exit status), else afresh.
+  { [ -s "$DSJOBS_STATUS.tmp" ] && dsjobs_status_text "$@" 1<>"$DSJOBS_STATUS.tmp" \
+    && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS"; } 2>/dev/null \
+    || { dsjobs_status_text "$@" >"$DSJOBS_STATUS.tmp" && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS"; } 2>/dev/null \
+    || dsjobs_status_text "$@" >"$DSJOBS_STATUS"
 }
 
 # dsjobs_exit RC PHASE REASON EXIT_CODE
@@ -182,7 +189,8 @@ dsjobs_heartbeat() {
   dsjobs_n=0
   while kill -0 "$1" 2>/dev/null; do
     dsjobs_n=$((dsjobs_n + 1))
-    echo "$dsjobs_n" >"$DSJOBS_HB"
+    # Fixed width, in place: the same blocks every beat, even on a full disk.
+    printf '%012d\n' "$dsjobs_n" 1<>"$DSJOBS_HB"
     sleep "$DSJOBS_HB_SECONDS"
   done
 }
@@ -192,6 +200,8 @@ mkdir -p "$DSJOBS_RUN" "$(dirname "$DSJOBS_SYSLOG")" 2>/dev/null
 # The system log is shared with the runner's uid: stage-in made it 0666; made here, umask 0 keeps
 # it so. If this uid cannot append to it, its lines are lost (to /dev/null), never the job.
 if ! ( umask 0; : >>"$DSJOBS_SYSLOG" ) 2>/dev/null; then DSJOBS_SYSLOG_TO=/dev/null; fi
+# Room for the status file, taken now (see dsjobs_status): lines without '=' are not read.
+printf '%4095s\n' '' >"$DSJOBS_STATUS.tmp" 2>/dev/null
 echo "$$" >"$DSJOBS_STARTED"
 # Helpers run as subshells that drop our stdout/stderr first: a shell running a *function* with
 # redirections keeps a saved copy of the original descriptors, which would hold the container's
