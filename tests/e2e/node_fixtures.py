@@ -2,12 +2,15 @@
 tests that take a node down leave the shared nodes up.
 
     from node_fixtures import OwnNode, node_ready, own_node  # noqa: F401
+
+`small_disk_node` is another such node, with its state on a disk small enough for a job to fill.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +66,38 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def own_node(dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnNode]:
+    work = tmp_path_factory.mktemp("own-node")
+    with running_node(dev_cluster, work, work / "state") as node:
+        yield node
+
+
+@pytest.fixture(scope="module")
+def small_disk_node(
+    dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OwnNode]:
+    """An own node whose state dir (its pods' volumes, container logs, termination messages) is
+    a 48 MiB tmpfs: a disk a job can fill."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs")
+    work = tmp_path_factory.mktemp("small-disk-node")
+    disk = work / "state"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        with running_node(dev_cluster, work, disk) as node:
+            yield node
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@contextlib.contextmanager
+def running_node(dev_cluster: ClusterHandle, work: Path, state_dir: Path) -> Iterator[OwnNode]:
+    """A node agent with its certificates in `work` and its state in `state_dir`, Ready; stopped
+    and its Node deleted afterwards."""
     if dev_cluster.root is None:
         pytest.skip("needs the local dev cluster's CA to make a node certificate")
     from cryptography.hazmat.primitives import serialization
@@ -73,7 +108,6 @@ def own_node(dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactor
     from dsjobs.devcluster.pki import CertificateAuthority
 
     pki = ClusterPaths.at(dev_cluster.root).pki
-    work = tmp_path_factory.mktemp("own-node")
     ca_cert = load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     ca = CertificateAuthority(work, ca_cert, cast(ec.EllipticCurvePrivateKey, ca_key))
@@ -94,7 +128,7 @@ def own_node(dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactor
             "--name",
             name,
             "--state-dir",
-            str(work / "state"),
+            str(state_dir),
             "--port",
             str(free_port()),
             "--tls-cert",
@@ -111,7 +145,7 @@ def own_node(dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactor
             "--shutdown-grace",
             "3",
         ],
-        state_dir=work / "state",
+        state_dir=state_dir,
         log_path=work / "agent.log",
     )
     node.start()

@@ -23,7 +23,7 @@ import pytest
 from cluster_fixtures import REPO_ROOT, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
-from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node  # noqa: F401
+from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node, small_disk_node  # noqa: F401
 from operator_fixtures import (  # noqa: F401
     GROUP,
     PLURAL,
@@ -989,6 +989,46 @@ def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
         poll("the node Ready again", lambda: node_ready(h.core, own_node.name) is True, 60)
         status = h.wait_phase("lost-node", "SUCCESS", "ERROR", timeout=180)
     assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
+
+
+def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_and_logs(
+    h: H,
+    small_disk_node: OwnNode,  # noqa: F811
+    storage: Storage,
+) -> None:
+    """The program writes until the disk is full and exits 3. Nothing below it may fail for want
+    of room: the node's own bookkeeping (the agent, as a kubelet, carries on), the entry script's
+    status (its room taken at the start), the ship's termination message (lost: the operator
+    reads result.json instead). The job ends as its program did, with its outputs and logs."""
+    spec = {
+        "vcpu": 1,
+        "memory": "1Gi",
+        "nodeSelector": {"kubernetes.io/hostname": small_disk_node.name},
+        "tolerations": [E2E_ONLY_TAINT],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+    }
+    with _instance_type(h, "d9", spec) as type_name:
+        params = {
+            "cmd": "echo before; head -c 100000000 /dev/zero > fill.bin; exit 3",
+            "outputFiles": [{"path": "fill.bin"}],
+            "cloudInstanceTypes": [{"name": type_name}],
+        }
+        h.create_job("disk-full", params)
+        try:
+            status = h.wait_phase("disk-full", "SUCCESS", "ERROR", timeout=180)
+            assert status["phase"] == "ERROR" and status["returnCode"] == 3, status
+            assert status["statusDetails"] == "Program returned code 3", status
+            assert "cannot save its state on the node" in small_disk_node.log()  # the disk was full
+            (output,) = status["outputFiles"]
+            size = int(output.get("sizeBytes") or 0)
+            assert 16 * 2**20 < size < 48 * 2**20, output  # as much as fitted
+            assert storage.get_bytes(output["key"]) == b"\0" * size
+            logs = {f["desc"]["path"]: f["key"] for f in status["logFiles"]}
+            assert storage.get_bytes(logs["stdout.txt"]) == b"before\n"
+        finally:
+            # The pod's volumes go with it: the node's disk is free again for other tests.
+            h.custom.delete_namespaced_custom_object(GROUP, "v1alpha1", h.namespace, PLURAL, "disk-full")
+            poll("the pod gone", lambda: not h.pods("disk-full"), 60)
 
 
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:

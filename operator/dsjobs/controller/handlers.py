@@ -508,33 +508,43 @@ class Operator:
         return list(pods.values())
 
     async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
-        """The runner's result from the current pod's ship container (or result.json if it overflowed)."""
+        """The runner's result from the current pod's ship container (or result.json if it overflowed,
+        or if the message was lost)."""
         if job.status.phase is not None and job.status.phase.is_final:
             return None
         name = current_pod_name(job.status, pods)
         pod = next((p for p in pods if p.name == name), None)
         ship = pod.container(SHIP_CONTAINER) if pod is not None else None
-        if ship is None or ship.state != "terminated" or not ship.message:
+        if pod is None or ship is None or ship.state != "terminated":
             return None
+        if not ship.message:
+            # The ship stores result.json before it writes its termination message, which a full
+            # disk on the node (the job filled it, most likely) can swallow: the outputs and logs
+            # need not be lost with it. Asked once the pod has ended: its outcome is then decided.
+            return await self._stored_result(job, pod.attempt) if pod.terminal else None
         try:
             result = parse_termination_message(ship.message)
         except ValueError:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
             return None
         if isinstance(result, ResultPointer):
-            storage = self._storage_client()
-            if storage is not None:
-                from dsjobs.runner.result import load_result
-
-                try:
-                    spec_project = str(job.spec.get("projectId", ""))
-                    full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
-                except Exception as exc:  # the pointer's essentials still give the outcome
-                    jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
-                    full = None
-                if full is not None and full.attempt == result.attempt:
-                    return full
+            return await self._stored_result(job, result.attempt) or result
         return result
+
+    async def _stored_result(self, job: JobView, attempt: int) -> RunnerResult | None:
+        """The attempt's result.json, or None (no storage configured, not stored, or unreadable)."""
+        storage = self._storage_client()
+        if storage is None:
+            return None
+        from dsjobs.runner.result import load_result
+
+        try:
+            spec_project = str(job.spec.get("projectId", ""))
+            full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
+        except Exception as exc:  # the caller has what it needs to decide without it
+            jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
+            return None
+        return full if full is not None and full.attempt == attempt else None
 
     def _storage_client(self) -> Any:
         if self._storage is None and self.storage_env.get("DSJOBS_S3_ENDPOINT"):
