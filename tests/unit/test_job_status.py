@@ -1428,3 +1428,22 @@ def test_phase_changes_of_one_step_become_one_event() -> None:
     ]
     assert coalesce_transitions(other) == other
     assert coalesce_transitions([]) == []
+
+
+def test_a_job_container_with_an_oversized_environment_names_the_project_secrets() -> None:
+    # A project secret over 128 KiB (the job's own variables are capped at 32 KiB): exec fails
+    # with E2BIG, which says nothing of which variable.
+    message = 'exec: "/bin/sh": argument list too long: unknown'
+    stuck = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 128, "StartError", message), running("ship")],
+    )
+    p = step(job(status=started("EXECUTING")), [stuck])
+    assert p.status.phase == JobPhase.ERROR
+    assert p.status.status_details.startswith(
+        f"container job (image python:3.11-slim) could not run: {message}; "
+    )
+    assert "128 KiB per variable" in p.status.status_details
+    assert "Secret dsjobs-project-secrets" in p.status.status_details

@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final, Literal
 
+from dsjobs.controller.names import PROJECT_SECRETS_NAME
 from dsjobs.controller.podview import TOLERATED_FOREVER, ContainerView, PodView
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import (
@@ -337,6 +338,18 @@ def disruption_of(pod: PodView) -> tuple[str, str] | None:
         reason, text = _POD_REASONS[pod.reason]
         return reason, f"{text}: {pod.message}" if pod.message else text
     return None
+
+
+def _never_ran_text(job: ContainerView) -> str:
+    text = job.message or job.reason
+    if "argument list too long" in text.lower():
+        # E2BIG at exec: the container's environment holds a value over Linux's MAX_ARG_STRLEN. The
+        # job's own variables are capped well below it; the project secrets (envFrom) are not.
+        text += (
+            f"; an environment variable is longer than Linux allows (128 KiB per variable): check the"
+            f" values of the project secrets (Secret {PROJECT_SECRETS_NAME})"
+        )
+    return text
 
 
 def evicted_from_lost_node(pod: PodView) -> bool:
@@ -749,7 +762,7 @@ def compute_status(
     if job is not None and job.state == "terminated" and job.reason in NEVER_RAN:
         image = dict(pod.images).get(job.name, "")
         what = f"container {job.name}" + (f" (image {image})" if image else "")
-        return fail(spec, status, job.reason, f"{what} could not run: {job.message or job.reason}", now)
+        return fail(spec, status, job.reason, f"{what} could not run: {_never_ran_text(job)}", now)
     if job is not None and job.state == "terminated":
         status = status.model_copy(update={"return_code": job.exit_code})
         details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
