@@ -936,6 +936,51 @@ def test_a_job_waits_out_an_object_store_outage_in_its_stage_in(h: H, storage: S
     assert storage.get_bytes(stdout).decode().startswith(sha)
 
 
+def test_a_finished_job_s_result_waits_out_an_object_store_outage(h: H, storage: Storage) -> None:
+    """A result too big for the ship's termination message (24 outputs) is in result.json only.
+    The object store is down when the operator comes to read it: the job's end waits for it
+    (RESULT_PATIENCE) instead of ending SUCCESS without its outputs and logs, for good."""
+    if h.cluster.root is None:
+        pytest.skip("stops the local cluster's S3 server")
+    names = [f"output-file-number-{i:02d}-of-this-job.txt" for i in range(24)]
+    cmd = "sleep 2; for f in " + " ".join(names) + '; do echo "$f" > "$f"; done'
+    h.create_job("big-result", {"cmd": cmd, "outputFiles": [{"path": n} for n in names]})
+    h.wait_phase("big-result", "EXECUTING", "SUCCESS", "ERROR")
+    paths = ClusterPaths.at(h.cluster.root)
+    h.kill()  # the pod ends unseen
+    try:
+        poll(
+            "the pod Succeeded", lambda: [p.status.phase for p in h.pods("big-result")] == ["Succeeded"], 120
+        )
+        record = Record.load(paths.pids)
+        server = record.find("s3") if record is not None else None
+        assert server is not None
+        os.kill(server.pid, signal.SIGKILL)
+        try:
+            h.start()
+            final = ("SUCCESS", "ERROR")
+            poll(
+                "the operator to come to the job's result",
+                lambda: (
+                    "result.json cannot be read now" in h.log() or h.status("big-result")["phase"] in final
+                ),
+                120,
+            )
+            status = h.status("big-result")
+            assert status["phase"] not in final, status  # it would end without its outputs, for good
+        finally:
+            restart(paths, "s3")
+    finally:
+        if h.proc is None or h.proc.poll() is not None:
+            h.start()
+    status = h.wait_phase("big-result", "SUCCESS", "ERROR", timeout=180)
+    assert status["phase"] == "SUCCESS", status
+    assert sorted(o["desc"]["path"] for o in status["outputFiles"]) == names
+    assert {f["desc"]["path"] for f in status["logFiles"]} >= {"system.log"}
+    first = next(o for o in status["outputFiles"] if o["desc"]["path"] == names[0])
+    assert storage.get_bytes(first["key"]) == f"{names[0]}\n".encode()
+
+
 def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
     h: H,
     own_node: OwnNode,  # noqa: F811

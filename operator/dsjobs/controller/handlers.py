@@ -78,7 +78,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodView
+from dsjobs.controller.podview import ContainerView, PodView
 from dsjobs.controller.render import (
     JobRef,
     PvcView,
@@ -120,6 +120,9 @@ log = logging.getLogger("dsjobs.controller")
 Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
+#: How long after the ship ended an unreadable result.json (object store down) holds the job's
+#: end back; then the job ends without the outputs and logs that only result.json records.
+RESULT_PATIENCE: Final = timedelta(minutes=10)
 MAX_ERROR_BACKOFF: Final = 60.0
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
@@ -138,6 +141,10 @@ class Refused:
     """The API server forbade creating the job's pod (or a claim of it) for now; its message."""
 
     why: str
+
+
+class ResultUnavailable(Exception):
+    """The runner's result.json could not be read for now (the object store is down)."""
 
 
 def error_backoff(failures: int) -> float:
@@ -521,27 +528,35 @@ class Operator:
             # The ship stores result.json before it writes its termination message, which a full
             # disk on the node (the job filled it, most likely) can swallow: the outputs and logs
             # need not be lost with it. Asked once the pod has ended: its outcome is then decided.
-            return await self._stored_result(job, pod.attempt) if pod.terminal else None
+            return await self._stored_result(job, pod.attempt, ship) if pod.terminal else None
         try:
             result = parse_termination_message(ship.message)
         except ValueError:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
             return None
         if isinstance(result, ResultPointer):
-            return await self._stored_result(job, result.attempt) or result
+            return await self._stored_result(job, result.attempt, ship) or result
         return result
 
-    async def _stored_result(self, job: JobView, attempt: int) -> RunnerResult | None:
-        """The attempt's result.json, or None (no storage configured, not stored, or unreadable)."""
+    async def _stored_result(self, job: JobView, attempt: int, ship: ContainerView) -> RunnerResult | None:
+        """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
+
+        Without it the job's outputs and logs go unrecorded for good (the final status is not
+        planned again), so an outage of the object store is waited out, for a while: the
+        reconcile fails and is retried with backoff."""
         storage = self._storage_client()
         if storage is None:
             return None
         from dsjobs.runner.result import load_result
+        from dsjobs.storage import is_transient
 
         try:
             spec_project = str(job.spec.get("projectId", ""))
             full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
-        except Exception as exc:  # the caller has what it needs to decide without it
+        except Exception as exc:
+            ended = ship.finished_at
+            if is_transient(exc) and ended is not None and _now() - ended < RESULT_PATIENCE:
+                raise ResultUnavailable(f"the runner's result.json cannot be read now: {exc!r}") from exc
             jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
             return None
         return full if full is not None and full.attempt == attempt else None
