@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from runner_fakes import FileStore, MemoryStore, umask
 
 from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.result import RunnerStatus, parse_termination_message
 from dsjobs.runner.ship import upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
 from dsjobs.s3http import EMPTY_SHA256
@@ -207,3 +210,29 @@ def test_an_input_replaced_while_it_is_checked_is_kept(tmp_path: Path) -> None:
     ok, term = _stage_one_input(tmp_path, store, "j1")
     assert not ok and "corrupt" in term and "uploads it again" not in term
     assert store.objects[key] == GOOD and store.input_heads == 2
+
+
+class FullDiskStore(FileStore):
+    """FileStore whose downloads find the disk full."""
+
+    def download_file(self, key: str, dest: str | os.PathLike[str], **kw: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest))
+
+
+def test_inputs_that_do_not_fit_on_the_job_s_disk_say_so_and_what_gives_more_room(tmp_path: Path) -> None:
+    big = 60 * 2**20
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="python main.py",
+        inputs=[{"path": "data/big.bin", "var": "BIG", "sha256": "a" * 64, "size_bytes": big}],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    term = tmp_path / "term"
+    assert not run_stage_in(cfg, FullDiskStore(), termination_log=str(term))  # type: ignore[arg-type]
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED
+    assert result.reason == (
+        "no space left on the job's disk for its inputs (60.0 MiB in all; full while staging input "
+        "data/big.bin): declare working-storage, or a larger one, for more room"
+    )

@@ -20,6 +20,7 @@ operator reads the init container's termination message.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -43,6 +44,10 @@ DOWNLOAD_WORKERS = 4
 
 class StageInError(Exception):
     """A user-facing reason why the job cannot start."""
+
+
+class NoSpaceError(StageInError):
+    """The job's disk filled up while this input was staged."""
 
 
 def _describe(kind: str, f: InputFile | LocalModule) -> str:
@@ -94,6 +99,10 @@ def _stage_file(
         raise StageInError(f"{what}: stored content is corrupt: {exc}") from exc
     except UnsafeZipError as exc:
         raise StageInError(f"{what}: archive refused: {exc}") from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise NoSpaceError(what) from exc
+        raise
 
 
 def _discard_mismatched(config: RunnerConfig, store: Storage, key: str, f: InputFile | LocalModule) -> bool:
@@ -157,6 +166,11 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
                 first_error = exc
                 for other in futures:
                     other.cancel()
+        if isinstance(first_error, NoSpaceError):
+            raise StageInError(
+                f"no space left on the job's disk for its inputs ({human_size(total)} in all; full while "
+                f"staging {first_error}): declare working-storage, or a larger one, for more room"
+            ) from first_error
         if first_error is not None:
             raise first_error
     if jobs:
