@@ -683,6 +683,22 @@ def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     assert "projectId is immutable" in out, out
 
 
+def test_who_created_a_job_and_its_parent_cannot_change_once_set(h: H) -> None:
+    def patch(spec: dict[str, Any]) -> str:
+        body = json.dumps({"spec": spec})
+        return h.kubectl("patch", "pj", "facts", "-n", h.namespace, "--type=merge", "-p", body, check=False)
+
+    h.create_job("facts", {"cmd": "true"}, execute=False, createdById="alice", parentJobId="origin")
+    for field, value in (("createdById", "mallory"), ("createdById", None), ("parentJobId", "other")):
+        out = patch({field: value})
+        assert f"spec.{field}: Invalid value" in out and f"{field} cannot change once set" in out, out
+    assert "patched" in patch({"createdById": "alice", "desc": "the same facts"})
+    h.create_job("no-facts", {"cmd": "true"}, execute=False)  # kubectl users may leave them out
+    h.patch_spec("no-facts", {"parentJobId": "facts"})
+    job = h.job("facts")
+    assert job is not None and (job["spec"]["createdById"], job["spec"]["parentJobId"]) == ("alice", "origin")
+
+
 def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     def patch(spec: dict[str, Any]) -> str:
         body = json.dumps({"spec": spec})
@@ -1058,9 +1074,9 @@ def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_an
             "outputFiles": [{"path": "fill.bin"}],
             "cloudInstanceTypes": [{"name": type_name}],
         }
-        h.create_job("disk-full", params)
+        h.create_job("node-disk-full", params)
         try:
-            status = h.wait_phase("disk-full", "SUCCESS", "ERROR", timeout=180)
+            status = h.wait_phase("node-disk-full", "SUCCESS", "ERROR", timeout=180)
             assert status["phase"] == "ERROR" and status["returnCode"] == 3, status
             assert status["statusDetails"] == "Program returned code 3", status
             assert "cannot save its state on the node" in small_disk_node.log()  # the disk was full
@@ -1072,8 +1088,8 @@ def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_an
             assert storage.get_bytes(logs["stdout.txt"]) == b"before\n"
         finally:
             # The pod's volumes go with it: the node's disk is free again for other tests.
-            h.custom.delete_namespaced_custom_object(GROUP, "v1alpha1", h.namespace, PLURAL, "disk-full")
-            poll("the pod gone", lambda: not h.pods("disk-full"), 60)
+            h.custom.delete_namespaced_custom_object(GROUP, "v1alpha1", h.namespace, PLURAL, "node-disk-full")
+            poll("the pod gone", lambda: not h.pods("node-disk-full"), 60)
 
 
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
