@@ -99,7 +99,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             # extra="forbid"; structural schemas may not say so, the API server prunes unknown fields.
             continue
         elif key == "x-kubernetes-validations":
-            out[key] = [{"rule": rule["rule"], "message": rule["message"]} for rule in value]
+            out[key] = [{k: rule[k] for k in ("rule", "message", "fieldPath") if k in rule} for rule in value]
         elif key == "required":
             if value:
                 out[key] = list(value)

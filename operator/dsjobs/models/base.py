@@ -147,6 +147,17 @@ def optional_pattern(pattern: str) -> str:
     return f"^({pattern[1:-1]})?$"
 
 
-def cel(rule: str, message: str) -> dict[str, Any]:
-    """Schema keywords for one CEL rule (`x-kubernetes-validations`) checked by the API server."""
-    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+def cel(rule: str, message: str, *more: dict[str, str]) -> dict[str, Any]:
+    """Schema keywords for CEL rules (`x-kubernetes-validations`) checked by the API server: one
+    rule and its message, then more rules as whole entries (e.g. `kept_once_set`)."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message}, *more]}
+
+
+def kept_once_set(name: str) -> dict[str, str]:
+    """A rule for an object: its optional field `name` keeps its value once it has one (neither
+    changed nor removed: a rule on the field itself would not see it removed)."""
+    return {
+        "rule": f"!has(oldSelf.{name}) || (has(self.{name}) && self.{name} == oldSelf.{name})",
+        "message": f"{name} cannot change once set",
+        "fieldPath": f".{name}",
+    }

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, ConfigDict, Field
 
-from dsjobs.models.base import CRModel, Duration, cel, field, optional_pattern
+from dsjobs.models.base import CRModel, Duration, cel, field, kept_once_set, optional_pattern
 from dsjobs.models.files import File, FileDesc
 from dsjobs.models.limits import (
     DEFAULT_DATA_TTL,
@@ -340,6 +340,9 @@ class ProjectJobSpec(CRModel):
         json_schema_extra=cel(
             "!has(oldSelf.execute) || !oldSelf.execute || self.jobParameters == oldSelf.jobParameters",
             "jobParameters cannot change once execute is true (create a new job or clone this one)",
+            # Who created the job and what it was cloned from are facts, not settings.
+            kept_once_set("createdById"),
+            kept_once_set("parentJobId"),
         )
     )
 
@@ -358,8 +361,12 @@ class ProjectJobSpec(CRModel):
         "after its creation), e.g. `14d` (default), `36h`; `infinity` keeps it forever. 1h to 365d.",
         DEFAULT_DATA_TTL,
     )
-    created_by_id: str = field("Id of the subject that created the job.", "", maxLength=MAX_NAME_LENGTH)
-    parent_job_id: str = field("Job this one was cloned from (CloneProjectJob).", "", maxLength=253)
+    created_by_id: str = field(
+        "Id of the subject that created the job. Cannot change once set.", "", maxLength=MAX_NAME_LENGTH
+    )
+    parent_job_id: str = field(
+        "Job this one was cloned from (CloneProjectJob). Cannot change once set.", "", maxLength=253
+    )
     job_parameters: JobParameters = field(
         "What to run and with what. Fixed once execute is true (a new job or a clone runs something else)."
     )
