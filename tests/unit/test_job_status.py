@@ -906,16 +906,21 @@ def test_endings(ending: Ending) -> None:
     assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
 
 
-def test_a_job_container_that_could_not_run_fails_the_job() -> None:
-    # No /bin/sh in the image: the entry script never runs, so the ship sidecar would wait forever.
-    message = 'exec: "/bin/sh": stat /bin/sh: no such file or directory'
+def _never_ran(message: str) -> tuple[PodView, Plan]:
+    """A pod whose job container ended StartError with `message`: the pod and the plan for it."""
     stuck = pod(
         phase="Running",
         node="cpu-0",
         init=[terminated("stage-in")],
         containers=[terminated("job", 128, "StartError", message), running("ship")],
     )
-    p = step(job(status=started("EXECUTING")), [stuck])
+    return stuck, step(job(status=started("EXECUTING")), [stuck])
+
+
+def test_a_job_container_that_could_not_run_fails_the_job() -> None:
+    # No /bin/sh in the image: the entry script never runs, so the ship sidecar would wait forever.
+    message = 'exec: "/bin/sh": stat /bin/sh: no such file or directory'
+    stuck, p = _never_ran(message)
     assert p.status.phase == JobPhase.ERROR
     assert p.status.status_details == f"container job (image python:3.11-slim) could not run: {message}"
     finished = get_condition(p.status, "Finished")
@@ -923,6 +928,17 @@ def test_a_job_container_that_could_not_run_fails_the_job() -> None:
     # The pod goes with the final status (retention 0), ship and all.
     j = job(status=p.status.to_cr())
     assert any(isinstance(a, DeletePod) for a in step(j, [stuck], settings=OperatorSettings()).actions)
+
+
+def test_a_job_container_with_an_oversized_environment_names_the_project_secrets() -> None:
+    # A project secret over 128 KiB (the job's own variables are capped at 32 KiB): exec fails
+    # with E2BIG, which says nothing of which variable.
+    message = 'exec: "/bin/sh": argument list too long: unknown'
+    _, p = _never_ran(message)
+    assert p.status.phase == JobPhase.ERROR
+    details = p.status.status_details
+    assert details.startswith(f"container job (image python:3.11-slim) could not run: {message}; ")
+    assert "128 KiB per variable" in details and "Secret dsjobs-project-secrets" in details
 
 
 def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
@@ -1428,22 +1444,3 @@ def test_phase_changes_of_one_step_become_one_event() -> None:
     ]
     assert coalesce_transitions(other) == other
     assert coalesce_transitions([]) == []
-
-
-def test_a_job_container_with_an_oversized_environment_names_the_project_secrets() -> None:
-    # A project secret over 128 KiB (the job's own variables are capped at 32 KiB): exec fails
-    # with E2BIG, which says nothing of which variable.
-    message = 'exec: "/bin/sh": argument list too long: unknown'
-    stuck = pod(
-        phase="Running",
-        node="cpu-0",
-        init=[terminated("stage-in")],
-        containers=[terminated("job", 128, "StartError", message), running("ship")],
-    )
-    p = step(job(status=started("EXECUTING")), [stuck])
-    assert p.status.phase == JobPhase.ERROR
-    assert p.status.status_details.startswith(
-        f"container job (image python:3.11-slim) could not run: {message}; "
-    )
-    assert "128 KiB per variable" in p.status.status_details
-    assert "Secret dsjobs-project-secrets" in p.status.status_details
