@@ -172,3 +172,24 @@ def test_kube_create_event_quiets_kopf_s_attempt_log() -> None:
         base.removeHandler(handler)
         base.setLevel(old)
     assert records == [logging.DEBUG]
+
+
+@pytest.mark.parametrize(
+    ("message", "level"),
+    [
+        (
+            "Request attempt #1/9 failed; will retry: GET https://x/watch -> APITooManyRequestsError(...)",
+            "WARNING",
+        ),
+        ("Request attempt 2 failed; will retry: GET https://x -> ClientConnectorError(...)", "WARNING"),
+        ("Request attempt #3/9 failed; TCP closed; will re-authenticate: GET https://x", "WARNING"),
+        ("Request attempt #9/9 failed; escalating: GET https://x -> ClientConnectorError(...)", "ERROR"),
+        ("Handler 'job_event' failed with an exception. Will ignore.", "ERROR"),
+    ],
+)
+def test_an_attempt_kopf_retries_is_logged_as_a_warning(message: str, level: str) -> None:
+    from dsjobs.controller.kube import RetriedAttemptsAreWarnings
+
+    record = logging.LogRecord("kopf._cogs.clients.watching", logging.ERROR, __file__, 1, message, (), None)
+    assert RetriedAttemptsAreWarnings().filter(record)
+    assert record.levelname == level and record.levelno == logging.getLevelName(level)

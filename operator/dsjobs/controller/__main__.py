@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    from dsjobs.controller.kube import RetriedAttemptsAreWarnings
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RetriedAttemptsAreWarnings())
     if not args.verbose:
         # Kopf logs every handler call at INFO ("Handler ... succeeded"): per event, per job.
         logging.getLogger("kopf").setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -104,6 +105,22 @@ class _DebugOnlyAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 _DEBUG_ONLY: Final = _DebugOnlyAdapter(log, {})
+
+# Kopf's request loop logs at ERROR an attempt it is about to make again: an API server restart
+# (its watches reconnect) or a 429 right after its start meant a handful of ERROR lines for what
+# healed itself. Its last attempt ("escalating") stays an ERROR.
+_RETRIED_ATTEMPT: Final = re.compile(
+    r"^Request attempt #?\d+(/\d+)? failed; (will retry|TCP closed; will re-authenticate|SSL closed; will re-authenticate)"
+)
+
+
+class RetriedAttemptsAreWarnings(logging.Filter):
+    """For log handlers: an attempt of Kopf's request loop that it retries is a WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and _RETRIED_ATTEMPT.match(record.getMessage()):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
 
 
 class Kube:
