@@ -34,7 +34,13 @@ from dsjobs.controller.plan import (
 )
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.settings import OperatorSettings
-from dsjobs.controller.status import coalesce_transitions, get_condition, with_passed_phases
+from dsjobs.controller.status import (
+    STORAGE_CHECK_AFTER,
+    coalesce_transitions,
+    get_condition,
+    storage_bound_since,
+    with_passed_phases,
+)
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import JobPhase, ProjectJobSpec
 from dsjobs.runner.result import (
@@ -489,7 +495,42 @@ def test_invalid_image_name_fails_at_once() -> None:
 
 def test_staging_inputs_is_preparing() -> None:
     p = step(job(status=started()), [pod(node="cpu-0", init=[running("stage-in")])])
-    assert p.status.phase == JobPhase.PREPARING and "staging inputs" in p.status.status_details
+    assert p.status.phase == JobPhase.PREPARING and p.status.status_details == "staging inputs on node cpu-0"
+    # Planned again now and then: the operator checks the object store while the runner waits on it.
+    assert p.requeue_after == STORAGE_CHECK_AFTER
+
+
+def test_a_storage_problem_seen_by_the_operator_is_told_while_the_runner_moves_files() -> None:
+    problem = "ConnectionRefusedError: [Errno 111] Connection refused"
+    staging = pod(node="cpu-0", init=[running("stage-in")])
+    p = plan(job(status=started()), [staging], TYPES, None, NOW, SETTINGS, storage_problem=problem)
+    assert p.status.status_details == (
+        f"staging inputs on node cpu-0; the object store does not answer the operator either ({problem}): "
+        "the runner keeps trying for up to 5 minutes"
+    )
+    uploading = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job"), running("ship")],
+    )
+    p = plan(
+        job(status=started("EXECUTING")), [uploading], TYPES, None, NOW, SETTINGS, storage_problem=problem
+    )
+    assert p.status.phase == JobPhase.UPLOADING_OUTPUT
+    assert p.status.status_details.startswith("the program exited with code 0; uploading outputs and logs; ")
+    assert problem in p.status.status_details and p.requeue_after == STORAGE_CHECK_AFTER
+
+
+def test_what_waits_on_the_object_store() -> None:
+    assert storage_bound_since(pod(init=[running("stage-in")])) == NOW - timedelta(seconds=20)
+    uploading = pod(init=[terminated("stage-in")], containers=[terminated("job"), running("ship")])
+    assert storage_bound_since(uploading) == NOW - timedelta(seconds=2)  # the program's end
+    assert (
+        storage_bound_since(pod(init=[terminated("stage-in")], containers=[running("job"), running("ship")]))
+        is None
+    )
+    assert storage_bound_since(pod(containers=[terminated("job"), terminated("ship")])) is None
 
 
 # --- running and ending ---------------------------------------------------------------------------

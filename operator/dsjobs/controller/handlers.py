@@ -102,7 +102,14 @@ from dsjobs.controller.secrets import (
     spark_connector_problem,
 )
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
-from dsjobs.controller.status import JobEvent, StatusUpdate, fail, with_passed_phases
+from dsjobs.controller.status import (
+    STORAGE_CHECK_AFTER,
+    JobEvent,
+    StatusUpdate,
+    fail,
+    storage_bound_since,
+    with_passed_phases,
+)
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -124,6 +131,8 @@ MAX_STEPS: Final = 8
 #: end back; then the job ends without the outputs and logs that only result.json records.
 RESULT_PATIENCE: Final = timedelta(minutes=10)
 MAX_ERROR_BACKOFF: Final = 60.0
+#: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
+STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
@@ -177,6 +186,10 @@ class Operator:
         self.events: EventPoster | None = None
         self.storage_env = {k: env[k] for k in STORAGE_ENV if env.get(k)}
         self._storage: Any = None
+        # The last check of the object store (loop time, problem or None) and its lock: one check
+        # at a time, shared by every job that waits on it.
+        self._storage_check: tuple[float, str | None] | None = None
+        self._storage_check_lock: asyncio.Lock | None = None
         self.pods = PodCache()
         self.instance_types = InstanceTypeCache()
         # Set once the pods and InstanceTypes that existed at start are in the caches.
@@ -367,7 +380,9 @@ class Operator:
             pods = await self._pods_of(key, job)
             result = await self._result_of(job, pods)
             now = _now()
-            step = plan(job, pods, await self._catalog_for(job), result, now, self.settings)
+            problem = await self._storage_problem(job, pods, now)
+            catalog = await self._catalog_for(job)
+            step = plan(job, pods, catalog, result, now, self.settings, storage_problem=problem)
             body, status, events, requeue = await self._act(job, body, step, now)
             if body is None:  # the finalizer was removed: the job is gone
                 self._forget(key)
@@ -560,6 +575,38 @@ class Operator:
             jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
             return None
         return full if full is not None and full.attempt == attempt else None
+
+    async def _storage_problem(self, job: JobView, pods: Sequence[PodView], now: datetime) -> str | None:
+        """What is wrong with the object store, checked by the operator itself, once the current
+        pod's runner has been moving files for a while (`storage_bound_since`): its own retries
+        are invisible from outside the pod. None when the store answers or nothing waits on it."""
+        if job.status.phase is not None and job.status.phase.is_final:
+            return None
+        name = current_pod_name(job.status, pods)
+        pod = next((p for p in pods if p.name == name), None)
+        since = storage_bound_since(pod) if pod is not None else None
+        storage = self._storage_client()
+        if since is None or now - since < STORAGE_CHECK_AFTER or storage is None:
+            return None
+        if self._storage_check_lock is None:
+            self._storage_check_lock = asyncio.Lock()
+        async with self._storage_check_lock:
+            loop = asyncio.get_running_loop()
+            last = self._storage_check
+            if last is not None and loop.time() - last[0] < STORAGE_CHECK_AFTER.total_seconds():
+                return last[1]
+            try:
+                await asyncio.to_thread(storage.with_attempts(1).head, STORAGE_CHECK_KEY)
+                problem = None
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"[:300]
+            if problem != (last[1] if last is not None else None):
+                if problem is None:
+                    log.info("the object store answers again")
+                else:
+                    log.warning("the object store does not answer: %s", problem)
+            self._storage_check = (loop.time(), problem)
+            return problem
 
     def _storage_client(self) -> Any:
         if self._storage is None and self.storage_env.get("DSJOBS_S3_ENDPOINT"):

@@ -312,14 +312,18 @@ def plan(
     result: RunnerResult | ResultPointer | None,
     now: datetime,
     settings: OperatorSettings,
+    *,
+    storage_problem: str | None = None,
 ) -> Plan:
     """The next step for one job.
 
     `pods` are all pods labelled with the job (any attempt), plus (with `gone=True`) pods whose
     deletion the operator saw or confirmed. `catalog` is the cluster's InstanceTypes. `result` is
     the runner's result of the current attempt when its ship container has ended.
+    `storage_problem`: what the operator's own check of the object store said (see
+    `status.storage_bound_since`), for the status details.
     """
-    return _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings))
+    return _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings, storage_problem))
 
 
 def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
@@ -354,6 +358,7 @@ def _plan(
     result: RunnerResult | ResultPointer | None,
     now: datetime,
     settings: OperatorSettings,
+    storage_problem: str | None,
 ) -> Plan:
     if job.deleting:
         return _plan_delete(job, pods, now)
@@ -434,7 +439,16 @@ def _plan(
         actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
 
     index = min(status.instance_type_index, len(names) - 1)
-    update = compute_status(spec, status, current, result, now, settings, instance_type=names[index])
+    update = compute_status(
+        spec,
+        status,
+        current,
+        result,
+        now,
+        settings,
+        instance_type=names[index],
+        storage_problem=storage_problem,
+    )
     events.extend(update.events)
     status = update.status
     requeue = update.requeue_after

@@ -51,6 +51,7 @@ from dsjobs.runner.contract import (
     SHARED_VOLUME,
     SHIP_CONTAINER,
     STAGE_IN_CONTAINER,
+    STORAGE_PATIENCE_SECONDS,
     WORK_VOLUME,
 )
 from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus, parse_termination_message
@@ -604,7 +605,33 @@ def apply_result(
     return status.model_copy(update=update)
 
 
-def _waiting_details(pod: PodView, instance_type: str) -> str:
+#: After this long staging inputs or uploading results, the operator checks the object store
+#: itself (and again every so often): the runner's retries are invisible from outside the pod.
+STORAGE_CHECK_AFTER: Final = timedelta(seconds=10)
+
+
+def storage_bound_since(pod: PodView) -> datetime | None:
+    """Since when the pod's runner has been moving the job's files: the stage-in running, or the
+    ship uploading after the program ended. None when it is not."""
+    stage_in = pod.container(STAGE_IN_CONTAINER)
+    if stage_in is not None and stage_in.state == "running":
+        return stage_in.started_at
+    job, ship = pod.container(JOB_CONTAINER), pod.container(SHIP_CONTAINER)
+    if job is not None and job.state == "terminated" and ship is not None and ship.state == "running":
+        return job.finished_at
+    return None
+
+
+def _storage_hint(storage_problem: str | None) -> str:
+    if not storage_problem:
+        return ""
+    return (
+        f"; the object store does not answer the operator either ({storage_problem}): the runner keeps "
+        f"trying for up to {int(STORAGE_PATIENCE_SECONDS) // 60} minutes"
+    )
+
+
+def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | None = None) -> str:
     """What a pod that has not started the job is waiting for."""
     if pod.phase == "Unknown":
         return f"the node {pod.node_name} of pod {pod.name} is not responding"
@@ -619,7 +646,7 @@ def _waiting_details(pod: PodView, instance_type: str) -> str:
         return f"waiting for a node for instance type {instance_type}"
     stage_in = pod.container(STAGE_IN_CONTAINER)
     if stage_in is not None and stage_in.state == "running":
-        return f"staging inputs on node {pod.node_name}"
+        return f"staging inputs on node {pod.node_name}{_storage_hint(storage_problem)}"
     for c in (*pod.init_containers, *pod.containers):
         if c.state == "waiting" and c.reason and c.reason not in ("PodInitializing", "ContainerCreating"):
             return f"container {c.name}: {c.reason}" + (f": {c.message}" if c.message else "")
@@ -680,11 +707,14 @@ def compute_status(
     settings: OperatorSettings,
     *,
     instance_type: str = "",
+    storage_problem: str | None = None,
 ) -> StatusUpdate:
     """The status after observing the current attempt's pod.
 
     Only the pod-driven part of the lifecycle; starting attempts, cancel requests, fallbacks and
     data are plan.py's. `status` belongs to a job whose current attempt's pod was created.
+    `storage_problem`: what the operator's own check of the object store said, while the pod's
+    runner moves the job's files (`storage_bound_since`); the details pass it on.
     """
     events: list[JobEvent] = []
     if status.phase is not None and status.phase.is_final:
@@ -763,11 +793,20 @@ def compute_status(
         image = dict(pod.images).get(job.name, "")
         what = f"container {job.name}" + (f" (image {image})" if image else "")
         return fail(spec, status, job.reason, f"{what} could not run: {_never_ran_text(job)}", now)
+    # While the runner moves files, plan again now and then: the operator's check of the object
+    # store is what tells a stalled transfer from a slow one.
+    check = STORAGE_CHECK_AFTER if storage_bound_since(pod) is not None else None
     if job is not None and job.state == "terminated":
         status = status.model_copy(update={"return_code": job.exit_code})
         details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
-        return StatusUpdate(with_phase(status, JobPhase.UPLOADING_OUTPUT, details, events), tuple(events))
+        details += _storage_hint(storage_problem)
+        new = with_phase(status, JobPhase.UPLOADING_OUTPUT, details, events)
+        return StatusUpdate(new, tuple(events), requeue_after=check)
     details = (
-        disruption[1] if disruption is not None else _waiting_details(pod, instance_type or pod.instance_type)
+        disruption[1]
+        if disruption is not None
+        else _waiting_details(pod, instance_type or pod.instance_type, storage_problem)
     )
-    return StatusUpdate(with_phase(status, JobPhase.PREPARING, details, events), tuple(events))
+    return StatusUpdate(
+        with_phase(status, JobPhase.PREPARING, details, events), tuple(events), requeue_after=check
+    )

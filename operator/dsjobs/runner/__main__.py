@@ -14,13 +14,9 @@ import sys
 from types import FrameType
 
 from dsjobs.runner.config import RunnerConfig
+from dsjobs.runner.contract import STORAGE_PATIENCE_SECONDS
 from dsjobs.runner.entry import render_entry_script
 from dsjobs.storage import Storage, StorageSettings
-
-#: How long the runner's requests ride out an object-storage outage before a job's staging or
-#: upload fails: minutes of a restart or a network blip must not cost a job its inputs or the
-#: outputs of hours of work.
-STORAGE_PATIENCE_SECONDS = 300.0
 
 
 def _setup_logging() -> None:

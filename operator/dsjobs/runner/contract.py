@@ -48,6 +48,10 @@ STAGE_IN_CONTAINER = "stage-in"
 JOB_CONTAINER = "job"
 SHIP_CONTAINER = "ship"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+#: How long the runner's requests ride out an object-storage outage before a job's staging or
+#: upload fails: minutes of a restart or a network blip must not cost a job its inputs or the
+#: outputs of hours of work.
+STORAGE_PATIENCE_SECONDS = 300.0
 #: Time the ship sidecar gets after the program ended (outputs, logs) before the kubelet kills it.
 DEFAULT_SHIP_MARGIN_SECONDS = 300
 
