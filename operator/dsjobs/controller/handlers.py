@@ -588,6 +588,8 @@ class Operator:
         storage = self._storage_client()
         if since is None or now - since < STORAGE_CHECK_AFTER or storage is None:
             return None
+        from dsjobs.storage import is_transient
+
         if self._storage_check_lock is None:
             self._storage_check_lock = asyncio.Lock()
         async with self._storage_check_lock:
@@ -595,11 +597,14 @@ class Operator:
             last = self._storage_check
             if last is not None and loop.time() - last[0] < STORAGE_CHECK_AFTER.total_seconds():
                 return last[1]
+            problem = None
             try:
                 await asyncio.to_thread(storage.with_attempts(1).head, STORAGE_CHECK_KEY)
-                problem = None
             except Exception as exc:
-                problem = f"{type(exc).__name__}: {exc}"[:300]
+                # Only "does not answer" (connection trouble, timeouts, 5xx) is the runner's
+                # trouble too; a refusal of the operator's own request says nothing of the job's.
+                if is_transient(exc):
+                    problem = f"{type(exc).__name__}: {exc}"[:300]
             if problem != (last[1] if last is not None else None):
                 if problem is None:
                     log.info("the object store answers again")
