@@ -373,23 +373,58 @@ def retry(
     inputs or outputs to it. ``attempts <= 0`` retries forever (the log shipper uses that while the
     program runs: the data is safe in files, so waiting out a storage outage loses nothing).
     """
-    n = 0
-    first_failure: float | None = None
+    backoff = Backoff(attempts, patience, base_delay=base_delay, max_delay=max_delay, clock=clock)
     while True:
-        n += 1
         try:
             return fn()
         except Exception as exc:
-            if not transient(exc):
+            delay = backoff.failed() if transient(exc) else None
+            if delay is None:
                 raise
-            now = (clock or time.monotonic)()
-            first_failure = now if first_failure is None else first_failure
-            if attempts > 0 and n >= attempts and now - first_failure >= patience:
-                raise
-            delay = min(max_delay, base_delay * 2.0 ** min(n - 1, 32))  # a long outage: no overflow
             delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
-            log.info("storage retry what=%s attempt=%d delay=%.2fs error=%s", what, n, delay, _short(exc))
+            log.info(
+                "storage retry what=%s attempt=%d delay=%.2fs error=%s",
+                what,
+                backoff.failures,
+                delay,
+                _short(exc),
+            )
             (sleep or time.sleep)(delay)
+
+
+class Backoff:
+    """The retry rule of one request: give up after ``attempts`` failed tries (never when
+    ``attempts <= 0``), but not before ``patience`` seconds have passed since the first failure;
+    wait ``base_delay`` doubling up to ``max_delay`` between tries."""
+
+    def __init__(
+        self,
+        attempts: int,
+        patience: float = 0.0,
+        *,
+        base_delay: float = 0.5,
+        max_delay: float = 20.0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.attempts, self.patience = attempts, patience
+        self.base_delay, self.max_delay = base_delay, max_delay
+        self.clock = clock or time.monotonic
+        self.failures = 0
+        self._first_failure: float | None = None
+
+    def failed(self) -> float | None:
+        """Count a transient failure: the delay before the next try, or None to give up."""
+        self.failures += 1
+        now = self.clock()
+        if self._first_failure is None:
+            self._first_failure = now
+        if (
+            self.attempts > 0
+            and self.failures >= self.attempts
+            and now - self._first_failure >= self.patience
+        ):
+            return None
+        return min(self.max_delay, self.base_delay * 2.0 ** min(self.failures - 1, 32))  # no overflow
 
 
 def _short(exc: BaseException) -> str:
@@ -960,8 +995,7 @@ class Storage:
         h = hashlib.sha256()
         written = 0
         etag = ""
-        failures = 0
-        first_failure = 0.0
+        backoff = Backoff(self.attempts, self.patience)
         restarts = 0
         try:
             with open(tmp, "wb") as f, _OrderedWriter(f) as sink:
@@ -1016,18 +1050,14 @@ class Storage:
                     except ObjectNotFoundError:
                         raise
                     except Exception as exc:
-                        failures += 1
-                        if failures == 1:
-                            first_failure = time.monotonic()
-                        outlasted = time.monotonic() - first_failure >= self.patience
-                        if not is_transient(exc) or (failures >= self.attempts and outlasted):
+                        delay = backoff.failed() if is_transient(exc) else None
+                        if delay is None:
                             raise
-                        delay = min(20.0, 0.5 * 2.0 ** min(failures - 1, 32))
                         log.info(
                             "storage download resume key=%s at=%d attempt=%d error=%s",
                             key,
                             written,
-                            failures,
+                            backoff.failures,
                             _short(exc),
                         )
                         time.sleep(delay)

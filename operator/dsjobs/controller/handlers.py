@@ -171,6 +171,14 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _current_pod(job: JobView, pods: Sequence[PodView]) -> PodView | None:
+    """The current attempt's pod of a job that has not ended (None: ended, or no such pod)."""
+    if job.status.phase is not None and job.status.phase.is_final:
+        return None
+    name = current_pod_name(job.status, pods)
+    return next((p for p in pods if p.name == name), None)
+
+
 def _key(body: Mapping[str, Any]) -> Key:
     meta = body.get("metadata") or {}
     return str(meta.get("namespace", "")), str(meta.get("name", ""))
@@ -532,10 +540,7 @@ class Operator:
     async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
         or if the message was lost)."""
-        if job.status.phase is not None and job.status.phase.is_final:
-            return None
-        name = current_pod_name(job.status, pods)
-        pod = next((p for p in pods if p.name == name), None)
+        pod = _current_pod(job, pods)
         ship = pod.container(SHIP_CONTAINER) if pod is not None else None
         if pod is None or ship is None or ship.state != "terminated":
             return None
@@ -580,13 +585,12 @@ class Operator:
         """What is wrong with the object store, checked by the operator itself, once the current
         pod's runner has been moving files for a while (`storage_bound_since`): its own retries
         are invisible from outside the pod. None when the store answers or nothing waits on it."""
-        if job.status.phase is not None and job.status.phase.is_final:
-            return None
-        name = current_pod_name(job.status, pods)
-        pod = next((p for p in pods if p.name == name), None)
+        pod = _current_pod(job, pods)
         since = storage_bound_since(pod) if pod is not None else None
+        if since is None or now - since < STORAGE_CHECK_AFTER:
+            return None
         storage = self._storage_client()
-        if since is None or now - since < STORAGE_CHECK_AFTER or storage is None:
+        if storage is None:
             return None
         from dsjobs.storage import is_transient
 
