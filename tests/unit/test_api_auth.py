@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from dsjobs.api import auth
-from dsjobs.api.errors import ApiError
+from dsjobs.api.errors import ApiError, KubeError
 
 ALICE = auth.Identity("alice", uid="u1", groups=("devs",))
 
@@ -198,6 +198,39 @@ def test_identity_from_token_review_status() -> None:
     assert ident.username == "system:serviceaccount:p1:ci"
     assert ident.groups == ("system:serviceaccounts",)
     assert ident.extra == (("authentication.kubernetes.io/pod-name", ("x",)),)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "says"),
+    [
+        (
+            KubeError(0, "Unavailable", "no answer in time"),
+            grpc.StatusCode.UNAVAILABLE,
+            "cannot verify the token (TokenReview) now: the cluster does not answer (no answer in time); retry",
+        ),
+        (
+            KubeError(503, "ServiceUnavailable", "etcd is down"),
+            grpc.StatusCode.UNAVAILABLE,
+            "cannot verify the token (TokenReview) now: the cluster does not answer (etcd is down); retry",
+        ),
+        (
+            KubeError(429, "TooManyRequests", ""),
+            grpc.StatusCode.UNAVAILABLE,
+            "cannot verify the token (TokenReview) now: the cluster does not answer (TooManyRequests); retry",
+        ),
+        (
+            KubeError(403, "Forbidden", 'cannot create resource "tokenreviews"'),
+            grpc.StatusCode.INTERNAL,
+            "cannot verify the token (TokenReview): the cluster refused the API's request "
+            '(403 Forbidden: cannot create resource "tokenreviews"); check the API\'s RBAC',
+        ),
+    ],
+)
+def test_a_review_the_cluster_does_not_answer_says_so(
+    error: KubeError, code: grpc.StatusCode, says: str
+) -> None:
+    err = auth.review_failed(error, "verify the token (TokenReview)")
+    assert (err.code, err.message) == (code, says)
 
 
 STATIC = """

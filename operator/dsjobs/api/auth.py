@@ -214,9 +214,7 @@ def kubernetes_reviewers(kube: Kube, audiences: Sequence[str] = ()) -> tuple[Tok
         try:
             result = await kube.request("POST", TOKEN_REVIEWS, body=body)
         except errors.KubeError as exc:
-            raise errors.unavailable(
-                f"cannot verify the token now ({exc.status} {exc.reason}); retry"
-            ) from exc
+            raise review_failed(exc, "verify the token (TokenReview)") from exc
         return identity_from_review(result.get("status") or {})
 
     async def review_access(identity: Identity, verb: Verb, namespace: str, project_id: str) -> Decision:
@@ -239,14 +237,27 @@ def kubernetes_reviewers(kube: Kube, audiences: Sequence[str] = ()) -> tuple[Tok
         try:
             result = await kube.request("POST", SUBJECT_ACCESS_REVIEWS, body=body)
         except errors.KubeError as exc:
-            raise errors.unavailable(
-                f"cannot check permissions now ({exc.status} {exc.reason}); retry"
-            ) from exc
+            raise review_failed(exc, "check permissions (SubjectAccessReview)") from exc
         status = result.get("status") or {}
         allowed = bool(status.get("allowed")) and not status.get("denied")
         return Decision(allowed, "" if allowed else str(status.get("reason") or "no RBAC rule allows it"))
 
     return review_token, review_access
+
+
+def review_failed(error: errors.KubeError, doing: str) -> errors.ApiError:
+    """The gRPC error for a token or access review the cluster did not answer.
+
+    An outage or overload heals by itself (UNAVAILABLE: the official CLI retries it); the cluster
+    refusing the API's own review is a deployment problem (its RBAC), which no retry mends.
+    """
+    detail = error.message or error.reason or f"HTTP {error.status}"
+    if error.status in (0, 429, 500, 502, 503, 504) or error.reason == "Timeout":
+        return errors.unavailable(f"cannot {doing} now: the cluster does not answer ({detail}); retry")
+    return errors.internal(
+        f"cannot {doing}: the cluster refused the API's request ({error.status} {error.reason}: {detail}); "
+        "check the API's RBAC"
+    )
 
 
 def identity_from_review(status: Mapping[str, Any]) -> Identity | None:

@@ -247,7 +247,7 @@ class Kube:
                     raise KubeError.from_body(resp.status, raw)
                 return cast(JSON, json.loads(raw)) if raw else {}
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise KubeError(0, "Unavailable", f"{type(exc).__name__}: {exc}") from exc
+            raise _no_answer(exc) from exc
 
     async def watch(
         self, path: str, *, params: Mapping[str, str | int], accept: str = "application/json"
@@ -272,7 +272,14 @@ class Kube:
                     if line.strip():
                         yield cast(JSON, json.loads(line))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise KubeError(0, "Unavailable", f"{type(exc).__name__}: {exc}") from exc
+            raise _no_answer(exc) from exc
+
+
+def _no_answer(exc: BaseException) -> KubeError:
+    # A timeout's text is empty: its type is then all there is to tell.
+    text = str(exc).strip()
+    what = "no answer in time" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return KubeError(0, "Unavailable", f"{what}: {text}" if text else what)
 
 
 # --- paths --------------------------------------------------------------------------------------
