@@ -451,7 +451,12 @@ def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:
     p = step(j, [unseen])
     assert (p.status.attempt, p.status.instance_type_index) == (1, 0) and not p.actions
     assert "FallingBack" not in [e.reason for e in p.events]
-    assert "no capacity" not in p.status.status_details
+    assert p.status.status_details == (
+        "waiting for a node for instance type g2.8: no scheduler has placed or refused pod job-1-a1 "
+        "in 60s (is kube-scheduler running, or working through a backlog?)"
+    )
+    within = step(j, [pod(created=NOW - timedelta(seconds=59), type_name="g2.8")])
+    assert within.status.status_details == "waiting for a node for instance type g2.8"
     # The scheduler's verdict comes (a pod update): the budget is long spent, so it falls back now.
     p2 = step(j, [unschedulable(NOW - timedelta(hours=1), type_name="g2.8")])
     assert (p2.status.attempt, p2.status.instance_type_index) == (2, 1)

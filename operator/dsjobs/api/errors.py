@@ -210,7 +210,9 @@ class KubeError(Exception):
     causes: list[Mapping[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        super().__init__(f"{self.status} {self.reason}: {self.message}")
+        # Status 0 is no HTTP answer at all (a connection or timeout error): no number to show.
+        head = f"{self.status} {self.reason}" if self.status else self.reason
+        super().__init__(f"{head}: {self.message}")
 
     @classmethod
     def from_body(cls, status: int, body: bytes | str) -> KubeError:

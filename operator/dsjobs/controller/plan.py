@@ -483,7 +483,13 @@ def _plan(
             # The scheduler has not found the pod unschedulable (it is down, or still working
             # through a backlog): a lack of capacity is not known, so no fallback. Its verdict
             # comes as a pod update, which brings the job back here.
-            pass
+            if current.condition("PodScheduled") is None:
+                details = (
+                    f"{status.status_details}: no scheduler has placed or refused pod {current.name} "
+                    f"in {int(budget.total_seconds())}s (is kube-scheduler running, or working "
+                    "through a backlog?)"
+                )
+                status = status.model_copy(update={"status_details": details})
         elif index + 1 < len(names):
             following = names[index + 1]
             message = (
