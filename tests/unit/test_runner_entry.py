@@ -472,6 +472,34 @@ def _fake_python(tmp: Path) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
 
 
+def test_a_failed_pip_install_tells_pip_s_first_error_line(shell: list[str], tmp_path: Path) -> None:
+    bindir = tmp_path / "fakepy"
+    bindir.mkdir()
+    fake = bindir / "python3"
+    pip = (
+        "echo 'Looking in indexes: https://pypi.org/simple'; "
+        "echo 'ERROR: Could not find a version that satisfies the requirement nope==1 (from versions: none)' >&2; "
+        "echo 'ERROR: No matching distribution found for nope==1' >&2; exit 1"
+    )
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *pip*) {pip} ;; esac\necho 3.11.0\n')
+    fake.chmod(0o755)
+    cfg = make_config(
+        tmp_path, "echo ran", python_env={"python_version": "3.11", "requirements": ["nope==1"]}
+    )
+    # An ERROR line written before pip ran is not pip's.
+    cfg.layout.system_log.parent.mkdir(parents=True, exist_ok=True)
+    cfg.layout.system_log.write_text("ERROR: something before pip\n")
+    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.rc == SETUP_FAILED_EXIT, r.syslog
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.SETUP_FAILED
+    assert status.reason == (
+        "pip install failed with exit code 1: ERROR: Could not find a version that satisfies the "
+        "requirement nope==1 (from versions: none) (details in .system.log)"
+    )
+    assert not cfg.layout.stdout.exists() or b"ran" not in r.out_file
+
+
 def test_a_system_log_that_cannot_be_opened_costs_its_lines_not_the_job(
     shell: list[str], tmp_path: Path
 ) -> None:

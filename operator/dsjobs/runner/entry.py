@@ -223,6 +223,8 @@ DSJOBS_PYVER=$(dsjobs_job_env; exec "$DSJOBS_PY" -c 'import sys; print("%d.%d.%d
 
 _PIP_RUN = r"""
 dsjobs_log "installing requirements: $DSJOBS_PY $DSJOBS_PIP_ARGS"
+# Where pip's lines start in the system log: its first error line is told in the job's status.
+dsjobs_pip_from=$( { wc -c <"$DSJOBS_SYSLOG_TO"; } 2>/dev/null) || dsjobs_pip_from=''
 DSJOBS_PHASE=pip
 ( dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
 DSJOBS_PID=$!
@@ -230,7 +232,16 @@ dsjobs_wait
 DSJOBS_PID=''
 DSJOBS_PHASE=setup
 if [ "$DSJOBS_CANCEL" = 1 ]; then dsjobs_exit '' cancelled "cancelled during setup" "$DSJOBS_CANCELLED_EXIT"; fi
-[ "$DSJOBS_RC" = 0 ] || dsjobs_setup_failed "pip install failed with exit code $DSJOBS_RC (details in .system.log)"
+if [ "$DSJOBS_RC" != 0 ]; then
+  # pip's own words (e.g. "ERROR: No matching distribution found for x==1"), where the tools exist.
+  dsjobs_pip_error=''
+  case $dsjobs_pip_from in
+    '' | *[!0-9\ ]*) ;;
+    *) dsjobs_pip_error=$(tail -c +"$((dsjobs_pip_from + 1))" "$DSJOBS_SYSLOG_TO" 2>/dev/null \
+      | grep '^ERROR: ' 2>/dev/null | head -n 1 | cut -c 1-500 2>/dev/null) || dsjobs_pip_error='' ;;
+  esac
+  dsjobs_setup_failed "pip install failed with exit code $DSJOBS_RC${dsjobs_pip_error:+: $dsjobs_pip_error} (details in .system.log)"
+fi
 dsjobs_log "requirements installed"
 """
 
