@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -284,6 +285,40 @@ def test_demo_example_manual_python_env(dsjobs_stack: StackEnv, tmp_path: Path) 
     report = (d / "report.md").read_text()
     assert "## Top 8 words" in report and "| 1st | that | 3 |" in report, run.output
     assert "Hello from a dsjobs job" in run.output  # env var, printed by the program
+
+
+def test_a_failed_pip_install_fails_the_job_in_pip_s_own_words(
+    dsjobs_stack: StackEnv, tmp_path: Path
+) -> None:
+    # An index nobody serves: pip gives up after its retries, without the network.
+    config = {
+        "name": "e2e-pip-fails",
+        "cmd": "python main.py",
+        "env": {
+            "python": {
+                "type": "manual",
+                "version": f"{sys.version_info.major}.{sys.version_info.minor}",
+                "requirements-file": "requirements.txt",
+                "pip": {"index-url": "http://127.0.0.1:9/simple"},
+            }
+        },
+    }
+    main = """
+        if __name__ == "__main__":
+            print("the program ran", flush=True)
+    """
+    d = job_dir(tmp_path, config, {"main.py": main, "requirements.txt": "nope-dsjobs==1\n"})
+    run = execute(dsjobs_stack, d)
+    assert run.returncode != 0, run.output
+    assert (
+        "the job's environment could not be set up: pip install failed with exit code 1: "
+        "ERROR: Could not find a version that satisfies the requirement nope-dsjobs==1"
+    ) in run.output
+    assert "the program ran" not in run.output
+    job = dsjobs_stack.job_object(run.job_id)
+    assert job["status"]["phase"] == "ERROR"
+    # The program never ran: no return code of its own (the runner's exit code is not one).
+    assert job["status"].get("returnCode") is None, job["status"]
 
 
 def test_failing_program_propagates_return_code(dsjobs_stack: StackEnv, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from dsjobs.controller.status import (
 )
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import JobPhase, ProjectJobSpec
+from dsjobs.runner.entry import SETUP_FAILED_EXIT
 from dsjobs.runner.result import (
     FileError,
     FileErrorType,
@@ -694,6 +695,25 @@ def test_program_ended_ship_running_is_uploading_output() -> None:
     assert p.status.phase == JobPhase.UPLOADING_OUTPUT and p.status.return_code == 3
 
 
+def test_a_failed_setup_leaves_no_return_code_though_the_container_exited() -> None:
+    # While the ship uploads, the job container's exit code is all there is: the runner's own
+    # 120 when the setup failed, which the result then says is no return code of the program.
+    up = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", SETUP_FAILED_EXIT), running("ship")],
+    )
+    uploading = step(job(status=started("EXECUTING")), [up]).status
+    assert uploading.return_code == SETUP_FAILED_EXIT
+    res = result(None, RunnerStatus.SETUP_FAILED, reason="pip install failed with exit code 1")
+    p = step(job(status=uploading), [ended_pod(SETUP_FAILED_EXIT, res=res)], res)
+    assert p.status.phase == JobPhase.ERROR and p.status.return_code is None
+    assert p.status.status_details == (
+        "the job's environment could not be set up: pip install failed with exit code 1"
+    )
+
+
 def test_success_records_outputs_logs_and_expiry() -> None:
     res = result(
         0,
@@ -840,7 +860,7 @@ ENDINGS = [
         ended_pod(120, res=result(120, RunnerStatus.SETUP_FAILED, reason="pip install failed")),
         result(120, RunnerStatus.SETUP_FAILED, reason="pip install failed"),
         "SetupFailed",
-        120,
+        None,
         "pip install failed",
     ),
     Ending(

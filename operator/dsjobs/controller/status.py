@@ -140,6 +140,9 @@ class Outcome:
     message: str
     return_code: int | None = None
     failure: FailureKind | None = None
+    #: False when the job's container ended before the program (its setup failed): the exit code
+    #: seen while the ship uploaded was the runner's, and is no return code of the job.
+    program_ran: bool = True
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def finish(
         "finished_at": finished_at,
         "data_expires_at": data_expiry(spec, finished_at) if spec is not None else None,
     }
-    if outcome.return_code is not None:
+    if outcome.return_code is not None or not outcome.program_ran:
         update["return_code"] = outcome.return_code
     status = drop_conditions(status.model_copy(update=update), COND_RETRYING)
     value: Literal["True", "False"] = "True" if outcome.phase == JobPhase.SUCCESS else "False"
@@ -451,7 +454,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             JobPhase.ERROR,
             "SetupFailed",
             f"the job's environment could not be set up: {result.reason}",
-            return_code=code,
+            program_ran=False,
             failure=FailureKind.PERMANENT,
         )
     if code is not None and result is not None and result.status == RunnerStatus.EXITED and not stopped:
