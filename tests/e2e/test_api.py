@@ -1164,6 +1164,11 @@ def test_full_flow_with_the_operator(dsjobs_stack: Any) -> None:
     assert final.response.Unpack(result) and result.result.return_code == 0
     assert [f.file.desc.path for f in result.output_files] == ["result.txt"]
     assert requests.get(result.output_files[0].url, timeout=30).content == b"42\n"
+    # What the job holds in the object store: its input, its output and its logs.
+    job = c.get(resp.job_id)
+    files = (*job.output_files, *job.log_files, *job.diagnostic_files)
+    assert job.log_files and job.output_files[0].size_bytes == 3
+    assert job.data_size_bytes == len(inputs["main.py"]) + sum(f.size_bytes for f in files), job
     _, again = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}-2")
     assert not again.upload_files
     channel.close()

@@ -743,6 +743,33 @@ def test_success_records_outputs_logs_and_expiry() -> None:
     assert "Succeeded" in [e.reason for e in p.events]
 
 
+def test_the_stored_data_size_counts_inputs_outputs_and_logs_until_cleared() -> None:
+    other = "b" * 64
+    inputs = {
+        "inputFiles": [
+            {"desc": {"path": "a.csv"}, "sha256": SHA, "sizeBytes": 100},
+            # The same content twice is one object in the project's cache.
+            {"desc": {"path": "copy-of-a.csv"}, "sha256": SHA, "sizeBytes": 100},
+        ],
+        "env": {
+            "pythonEnv": {"localModules": [{"desc": {"path": "m.zip"}, "sha256": other, "sizeBytes": 20}]}
+        },
+        "outputFiles": [{"path": "r.txt"}],
+    }
+    # An unexecuted job holds its uploaded inputs.
+    created = step(job(execute=False, params=inputs, status={"phase": "CREATING", "createdAt": ts(CREATED)}))
+    assert created.status.data_size_bytes == 120
+    res = result(
+        0,
+        outputs=[OutputResult(path="r.txt", key="k/r.txt", sha256=SHA, size_bytes=5)],
+        log_files=[LogFileResult(name="stdout.txt", key="k/stdout.txt", sha256=SHA, size_bytes=9)],
+    )
+    done = step(job(params=inputs, status=started("EXECUTING")), [ended_pod(0, res=res)], res=res)
+    assert done.status.phase == JobPhase.SUCCESS and done.status.data_size_bytes == 134
+    cleared = step(job(params=inputs, status=done.status.to_cr(), clearData=True))
+    assert cleared.status.data_cleared and cleared.status.data_size_bytes == 0
+
+
 def test_infinite_ttl_never_expires() -> None:
     p = step(job(status=started("EXECUTING"), dataTtl="infinity"), [ended_pod(0)], res=result(0))
     assert p.status.phase == JobPhase.SUCCESS and p.status.data_expires_at is None

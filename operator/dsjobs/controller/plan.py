@@ -49,6 +49,7 @@ from dsjobs.controller.status import (
     get_condition,
     graceful_timeout,
     set_condition,
+    stored_data_size,
     with_phase,
 )
 from dsjobs.models import InstanceTypeSpec, JobPhase, OutputDataset, ProjectJobSpec, ProjectJobStatus
@@ -323,7 +324,13 @@ def plan(
     `storage_problem`: what the operator's own check of the object store said (see
     `status.storage_bound_since`), for the status details.
     """
-    return _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings, storage_problem))
+    step = _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings, storage_problem))
+    if step.spec is None:
+        return step
+    size = stored_data_size(step.spec, step.status)
+    if size == step.status.data_size_bytes:
+        return step
+    return replace(step, status=step.status.model_copy(update={"data_size_bytes": size}))
 
 
 def _settle_output_datasets(job: JobView, step: Plan) -> Plan:

@@ -608,6 +608,20 @@ def apply_result(
     return status.model_copy(update=update)
 
 
+def stored_data_size(spec: ProjectJobSpec, status: ProjectJobStatus) -> int:
+    """Bytes the object store holds for the job (proto Job.data_size_bytes): its inputs and local
+    modules (each content once; the project's cache may share them with other jobs), outputs, logs
+    and diagnostic files. Nothing once its data is cleared."""
+    if status.data_cleared:
+        return 0
+    params = spec.job_parameters
+    inputs = {f.sha256: f.size_bytes for f in params.input_files}
+    if params.env is not None and params.env.python_env is not None:
+        inputs |= {m.sha256: m.size_bytes for m in params.env.python_env.local_modules}
+    stored = (*status.output_files, *status.log_files, *status.diagnostic_files)
+    return sum(inputs.values()) + sum(f.size_bytes for f in stored)
+
+
 #: After this long staging inputs or uploading results, the operator checks the object store
 #: itself (and again every so often): the runner's retries are invisible from outside the pod.
 STORAGE_CHECK_AFTER: Final = timedelta(seconds=10)
