@@ -1067,6 +1067,58 @@ def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
     assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
 
 
+def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_it(
+    h: H,
+    own_node: OwnNode,  # noqa: F811
+) -> None:
+    """A ProjectJob deleted while its node is silent lets go after DELETE_POD_WAIT, its pod left
+    terminating there. A new job of the same name (kubectl users reuse names) finds a pod with
+    its labels and its first pod's name: it must neither take that pod for its own (and end with
+    its fate) nor run beside it under that name. It waits, saying why, and runs once it is gone."""
+    spec = {
+        "vcpu": 1,
+        "memory": "1Gi",
+        "nodeSelector": {"kubernetes.io/hostname": own_node.name},
+        "tolerations": [E2E_ONLY_TAINT],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+    }
+    with _instance_type(h, "r9", spec) as type_name:
+        types = [{"name": type_name}]
+        h.create_job("reborn", {"cmd": "sleep 300", "cloudInstanceTypes": types})
+        assert h.wait_phase("reborn", "EXECUTING", "SUCCESS", "ERROR")["phase"] == "EXECUTING"
+        first = h.job("reborn")
+        assert first is not None
+        try:
+            own_node.signal(signal.SIGKILL)  # the node goes silent; its pod cannot end
+            h.custom.delete_namespaced_custom_object(
+                "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "reborn"
+            )
+            poll("the first job gone", lambda: h.job("reborn") is None, 120)
+            (left,) = h.pods("reborn")
+            assert left.metadata.name == "reborn-a1" and left.metadata.deletion_timestamp is not None
+            h.create_job("reborn", {"cmd": "echo second life", "cloudInstanceTypes": types})
+            waiting = (
+                f"waiting to create the job's pod: pod reborn-a1 on node {own_node.name}, left by an "
+                "earlier ProjectJob of the same name, still exists (being deleted)"
+            )
+            status = poll(
+                "the second job waiting for the first one's pod",
+                lambda: (st := h.status("reborn")).get("statusDetails", "").startswith(waiting) and st,
+                60,
+                1.0,
+            )
+            assert status["phase"] == "PREPARING" and not status.get("podName"), status
+            assert _told(h, "reborn", "FailedCreate")
+            assert [p.metadata.owner_references[0].uid for p in h.pods("reborn")] == [
+                first["metadata"]["uid"]
+            ]
+        finally:
+            own_node.start()
+        poll("the node Ready again", lambda: node_ready(h.core, own_node.name) is True, 60)
+        status = h.wait_phase("reborn", "SUCCESS", "ERROR", timeout=180)
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 1, status
+
+
 def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_and_logs(
     h: H,
     small_disk_node: OwnNode,  # noqa: F811

@@ -183,6 +183,20 @@ def test_podview_reads_what_the_status_function_needs() -> None:
     assert PodView.from_pod({"metadata": {"name": "x"}}, gone=True).terminal
 
 
+def test_a_pod_belongs_to_the_project_job_that_controls_it() -> None:
+    def pod(*refs: dict[str, object]) -> PodView:
+        return PodView.from_pod({"metadata": {"name": "j-a1", "ownerReferences": list(refs)}})
+
+    ours = pod({"kind": "ProjectJob", "uid": "now", "controller": True})
+    assert ours.owner_uid == "now" and ours.owned_by("now")
+    # Left by an earlier ProjectJob of the same name: same labels, same pod name, another uid.
+    earlier = pod({"kind": "ProjectJob", "uid": "before", "controller": True})
+    assert not earlier.owned_by("now")
+    # No controller: nobody's but the job's whose labels it carries (orphaned by kubectl).
+    assert pod().owned_by("now") and pod({"kind": "ProjectJob", "uid": "before"}).owned_by("now")
+    assert earlier.owned_by("")  # a job whose uid is not known takes what it finds
+
+
 def test_phase_book_counts() -> None:
     book = metrics.PhaseBook()
     book.set(("ns", "a"), "PREPARING")

@@ -59,6 +59,7 @@ from dsjobs.controller.names import (
     operator_secrets_selector,
     output_dataset_claim_name,
     pending_output_datasets_selector,
+    pod_name,
     registry_secret_name,
     spark_connector_secret_name,
 )
@@ -177,6 +178,16 @@ def _current_pod(job: JobView, pods: Sequence[PodView]) -> PodView | None:
         return None
     name = current_pod_name(job.status, pods)
     return next((p for p in pods if p.name == name), None)
+
+
+def _name_taken(pod: PodView) -> str:
+    """Why the pod of a job cannot be made while an earlier ProjectJob's pod holds its name."""
+    where = f" on node {pod.node_name}" if pod.node_name else ""
+    state = "being deleted" if pod.deleting else "not deleted yet"
+    return (
+        f"pod {pod.name}{where}, left by an earlier ProjectJob of the same name, still exists "
+        f"({state}); this job's pod takes its name once it is gone"
+    )
 
 
 def _key(body: Mapping[str, Any]) -> Key:
@@ -504,8 +515,11 @@ class Operator:
     async def _pods_of(self, key: Key, job: JobView) -> list[PodView]:
         """The job's pods: the cache, our fresh creations, pods seen deleted; and when the status
         names a pod none of those know, the API server's word on it (one GET)."""
-        pods: dict[str, PodView] = {p.name: p for p in self.pods.get(key)}
-        gone = self._gone.get(key, {})
+        # Pods left by an earlier ProjectJob of the same name (deleted while its pod was stuck
+        # on a lost node) are not this job's: never adopted, never its outcome (_create_pod
+        # waits for them to go when they hold the name of the pod to create).
+        pods: dict[str, PodView] = {p.name: p for p in self.pods.get(key) if p.owned_by(job.uid)}
+        gone = {n: v for n, v in self._gone.get(key, {}).items() if v.owned_by(job.uid)}
         fresh = self._fresh.get(key)
         if fresh is not None:
             if fresh.name in pods or fresh.name in gone:
@@ -531,7 +545,7 @@ class Operator:
         if wanted and wanted not in pods and not final and not job.deleting:
             assert self.kube is not None
             raw = await self.kube.get("pods", core_path(job.namespace, "pods", wanted))
-            if raw is not None:
+            if raw is not None and PodView.from_pod(raw).owned_by(job.uid):
                 pods[wanted] = PodView.from_pod(raw)
             else:
                 pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
@@ -704,6 +718,12 @@ class Operator:
         the Secrets made for it are deleted again, the job waits and tries again."""
         assert self.kube is not None
         ns = job.namespace
+        name = pod_name(job.name, action.attempt)
+        earlier = next(
+            (p for p in self.pods.get((ns, job.name)) if p.name == name and not p.owned_by(job.uid)), None
+        )
+        if earlier is not None:
+            return Refused(_name_taken(earlier))
         instance_type = (await self._catalog_for(job)).get(action.instance_type)
         if instance_type is None:
             return fail(
@@ -847,6 +867,14 @@ class Operator:
             if spec.job_parameters.output_datasets:
                 await self._delete_dataset_claims(job)
             return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
+        if created is None:
+            # It exists: ours from before a crash, or one an earlier ProjectJob of the same name
+            # left that the cache has not shown yet.
+            raw = await self.kube.get("pods", core_path(ns, "pods", name))
+            holder = PodView.from_pod(raw) if raw is not None else None
+            if holder is not None and not holder.owned_by(job.uid):
+                await self._delete_secrets(job)
+                return Refused(_name_taken(holder))
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)
             seen = self._seen.pop((ns, job.name), None)

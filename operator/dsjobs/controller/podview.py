@@ -86,6 +86,8 @@ class PodView:
 
     name: str
     uid: str = ""
+    # The uid of the ProjectJob that owns the pod (its controller ownerReference); "" if none.
+    owner_uid: str = ""
     attempt: int = 1
     instance_type: str = ""
     instance_type_index: int = 0
@@ -129,6 +131,7 @@ class PodView:
         return cls(
             name=str(meta.get("name", "")),
             uid=str(meta.get("uid", "")),
+            owner_uid=_controller_uid(meta.get("ownerReferences") or ()),
             attempt=_int(labels.get(ATTEMPT_LABEL), 1),
             instance_type=str(labels.get(INSTANCE_TYPE_LABEL, "")),
             instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
@@ -150,6 +153,12 @@ class PodView:
             ),
             unreachable_toleration_seconds=_unreachable_toleration(spec.get("tolerations") or ()),
         )
+
+    def owned_by(self, job_uid: str) -> bool:
+        """A pod of the ProjectJob with this uid, not one left by an earlier ProjectJob of the
+        same name: those carry the same labels and pod names until they are gone. A pod without
+        an owner (or a job whose uid is not known) is taken as the job's."""
+        return not self.owner_uid or not job_uid or self.owner_uid == job_uid
 
     def condition(self, type_: str) -> PodCondition | None:
         for name, cond in self.conditions:
@@ -232,3 +241,10 @@ def _int(value: object, default: int) -> int:
         return int(str(value))
     except (TypeError, ValueError):
         return default
+
+
+def _controller_uid(refs: Any) -> str:
+    for ref in refs:
+        if isinstance(ref, Mapping) and ref.get("controller"):
+            return str(ref.get("uid") or "")
+    return ""
