@@ -188,15 +188,17 @@ class S3Http:
         body: bytes = b"",
         headers: Mapping[str, str] | None = None,
         body_sha256: str | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> Response:
-        """Send one signed request and read the whole answer; error statuses raise S3HttpError."""
-        resp = self._send(method, key, body, headers, body_sha256)
+        """Send one signed request and read the whole answer; error statuses raise S3HttpError.
+        `key` "" with a `query` is a request to the bucket itself (e.g. a listing)."""
+        resp = self._send(method, key, body, headers, body_sha256, query)
         data = self._read_all(resp)
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
 
     def open_get(self, key: str, headers: Mapping[str, str] | None = None) -> StreamResponse:
         """A GET whose body is then read in chunks (`StreamResponse.iter_chunks`)."""
-        resp = self._send("GET", key, b"", headers, None)
+        resp = self._send("GET", key, b"", headers, None, None)
         return StreamResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp, self)
 
     def _send(
@@ -206,6 +208,7 @@ class S3Http:
         body: bytes,
         headers: Mapping[str, str] | None,
         body_sha256: str | None,
+        query: Mapping[str, str] | None,
     ) -> http.client.HTTPResponse:
         """A kept-alive connection the server has meanwhile closed is replaced and the request
         sent once more (every call made here is idempotent)."""
@@ -216,13 +219,13 @@ class S3Http:
         signed = sign_v4(
             method,
             path,
-            {},
+            query or {},
             hdrs,
             body_sha256 or (hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256),
             self.creds,
             datetime.now(UTC),
         )
-        target = canonical_uri(path)
+        target = canonical_uri(path) + (f"?{canonical_query(query)}" if query else "")
         while True:
             conn, reused = self._connection()
             try:
@@ -253,6 +256,18 @@ class S3Http:
     def _finish(self, resp: http.client.HTTPResponse) -> None:
         if resp.will_close:
             self._drop_connection()
+
+
+_XML_KEY = re.compile(r"<Key>([^<]*)</Key>")
+
+
+def listed_keys(body: bytes) -> list[str]:
+    """The object keys of a ListObjectsV2 answer (XML-escaped text unescaped)."""
+    from xml.sax.saxutils import unescape
+
+    return [
+        unescape(k, {"&quot;": '"', "&apos;": "'"}) for k in _XML_KEY.findall(body.decode("utf-8", "replace"))
+    ]
 
 
 class StreamResponse:

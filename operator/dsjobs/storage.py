@@ -551,6 +551,7 @@ class Storage:
         """The same bucket and clients, making ``attempts`` tries per request and riding out
         ``patience`` seconds of failures (`retry`). One try and no patience for a caller that
         retries on its own (two nested retry loops would multiply each other's waits)."""
+        _ = self._http  # made here, or each copy would make (and connect) its own
         other = copy.copy(self)
         other.attempts = attempts
         other.patience = patience
@@ -731,6 +732,16 @@ class Storage:
                     raise
 
         self._retry(call, what=f"delete {key}")
+
+    def first_keys(self, prefix: str, limit: int = 1) -> list[str]:
+        """Up to `limit` keys under `prefix`, in key order: one request, without botocore."""
+        from dsjobs.s3http import listed_keys
+
+        query = {"list-type": "2", "prefix": prefix, "max-keys": str(limit)}
+        return self._retry(
+            lambda: listed_keys(self._http.request("GET", "", query=query).body)[:limit],
+            what=f"list {prefix}",
+        )
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""

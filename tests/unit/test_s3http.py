@@ -27,6 +27,7 @@ from dsjobs.s3http import (
     canonical_query,
     canonical_uri,
     connect,
+    listed_keys,
     sign_v4,
 )
 from dsjobs.storage import Storage, StorageSettings
@@ -233,6 +234,23 @@ def test_requests_round_trip_and_keep_one_connection(server: str) -> None:
     # One connection for all of it: the server saw one client port.
     assert len({r["port"] for r in _Handler.seen}) == 1
     assert {r["headers"]["host"] for r in _Handler.seen} == {server.removeprefix("http://")}
+
+
+def test_a_bucket_request_carries_its_signed_query(server: str) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
+    with pytest.raises(S3HttpError):  # the fake server has no listing: 404 for any bucket GET
+        s3.request("GET", "", query={"list-type": "2", "prefix": "projects/p/jobs/a b/", "max-keys": "1"})
+    assert _Handler.seen[0]["path"] == "/bkt/?list-type=2&max-keys=1&prefix=projects%2Fp%2Fjobs%2Fa%20b%2F"
+
+
+def test_listed_keys_reads_a_list_objects_v2_answer() -> None:
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>2</KeyCount>'
+        b"<Contents><Key>projects/p/jobs/j/logs/a&amp;b</Key><Size>3</Size></Contents>"
+        b"<Contents><Key>projects/p/jobs/j/result.json</Key><Size>9</Size></Contents></ListBucketResult>"
+    )
+    assert listed_keys(body) == ["projects/p/jobs/j/logs/a&b", "projects/p/jobs/j/result.json"]
+    assert listed_keys(b"<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>") == []
 
 
 def test_conditional_put_and_errors_without_a_body(server: str) -> None:
