@@ -38,7 +38,7 @@ from dsjobs.controller.names import JOB_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
-from dsjobs.logrecords import read_progress
+from dsjobs.logrecords import Stream, decode_chunk, read_progress
 from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.storage import Storage, input_key, job_prefix
 
@@ -1070,11 +1070,14 @@ def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
 def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_it(
     h: H,
     own_node: OwnNode,  # noqa: F811
+    storage: Storage,
 ) -> None:
     """A ProjectJob deleted while its node is silent lets go after DELETE_POD_WAIT, its pod left
     terminating there. A new job of the same name (kubectl users reuse names) finds a pod with
     its labels and its first pod's name: it must neither take that pod for its own (and end with
-    its fate) nor run beside it under that name. It waits, saying why, and runs once it is gone."""
+    its fate) nor run beside it under that name. It waits, saying why, and runs once it is gone.
+    The old pod's runner went on shipping logs after its job's data was deleted: the new job
+    starts from a clean prefix, its logs its own."""
     spec = {
         "vcpu": 1,
         "memory": "1Gi",
@@ -1084,16 +1087,25 @@ def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_i
     }
     with _instance_type(h, "r9", spec) as type_name:
         types = [{"name": type_name}]
-        h.create_job("reborn", {"cmd": "sleep 300", "cloudInstanceTypes": types})
+        first_life = "while :; do echo first life; sleep 0.5; done"
+        h.create_job("reborn", {"cmd": first_life, "cloudInstanceTypes": types})
         assert h.wait_phase("reborn", "EXECUTING", "SUCCESS", "ERROR")["phase"] == "EXECUTING"
         first = h.job("reborn")
         assert first is not None
+        agent = own_node.proc
+        assert agent is not None
         try:
-            own_node.signal(signal.SIGKILL)  # the node goes silent; its pod cannot end
+            # The node goes silent (as behind a network partition): its pod cannot end, and its
+            # runner goes on shipping the program's output.
+            agent.send_signal(signal.SIGSTOP)
             h.custom.delete_namespaced_custom_object(
                 "dsjobs.dev", "v1alpha1", h.namespace, "projectjobs", "reborn"
             )
             poll("the first job gone", lambda: h.job("reborn") is None, 120)
+            prefix = job_prefix(PROJECT_ID, "reborn")
+            poll(
+                "the old pod's logs after its job's data was deleted", lambda: storage.first_keys(prefix), 30
+            )
             (left,) = h.pods("reborn")
             assert left.metadata.name == "reborn-a1" and left.metadata.deletion_timestamp is not None
             h.create_job("reborn", {"cmd": "echo second life", "cloudInstanceTypes": types})
@@ -1113,10 +1125,16 @@ def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_i
                 first["metadata"]["uid"]
             ]
         finally:
-            own_node.start()
+            agent.send_signal(signal.SIGCONT)
         poll("the node Ready again", lambda: node_ready(h.core, own_node.name) is True, 60)
         status = h.wait_phase("reborn", "SUCCESS", "ERROR", timeout=180)
     assert status["phase"] == "SUCCESS" and status["attempt"] == 1, status
+    stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+    assert storage.get_bytes(stdout) == b"second life\n"
+    chunks = [o.key for o in storage.iter_objects(prefix) if "/logs/chunks/" in o.key]
+    records = [r for key in chunks for r in decode_chunk(storage.get_bytes(key) or b"").records]
+    assert b"".join(r.content for r in records if r.stream == Stream.OUT) == b"second life\n"
+    assert b"first life" not in b"".join(r.content for r in records)
 
 
 def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_and_logs(

@@ -830,6 +830,8 @@ class Operator:
             registry_secret=registry,
             spark_secret=spark,
         )
+        if action.attempt == 1:
+            await self._clear_leftovers(job, spec.project_id)
         # Made only now: a job that fails one of the checks above leaves no Secret behind (a
         # failed job without a pod has nothing that would delete it).
         if registry_body is not None:
@@ -882,6 +884,34 @@ class Operator:
                 metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
             jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
         return None
+
+    async def _clear_leftovers(self, job: JobView, project_id: str) -> None:
+        """Objects under a job's prefix before its first pod exists were left by an earlier
+        ProjectJob of the same name: its pod, stuck on a lost node when that job was deleted,
+        wrote them after that job's data was deleted. This job's runner would take them for its
+        own (continue the log stream after them, read that result.json), so they go first.
+        Best effort: a store that does not answer now is the stage-in's to wait out."""
+        storage = self._storage_client()
+        if storage is None:
+            return
+        from dsjobs.storage import job_prefix
+
+        key = (job.namespace, job.name)
+        prefix = job_prefix(project_id, job.name)
+        try:
+            if not await asyncio.to_thread(storage.with_attempts(1).first_keys, prefix):
+                return
+            deleted = await asyncio.to_thread(storage.delete_prefix, prefix)
+        except Exception as exc:
+            jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
+            return
+        jlog(
+            logging.INFO,
+            key,
+            "deleted %d stored objects an earlier ProjectJob of the same name left under %s",
+            deleted,
+            prefix,
+        )
 
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""
