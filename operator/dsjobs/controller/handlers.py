@@ -59,7 +59,6 @@ from dsjobs.controller.names import (
     operator_secrets_selector,
     output_dataset_claim_name,
     pending_output_datasets_selector,
-    pod_name,
     registry_secret_name,
     spark_connector_secret_name,
 )
@@ -180,13 +179,13 @@ def _current_pod(job: JobView, pods: Sequence[PodView]) -> PodView | None:
     return next((p for p in pods if p.name == name), None)
 
 
-def _name_taken(pod: PodView) -> str:
-    """Why the pod of a job cannot be made while an earlier ProjectJob's pod holds its name."""
+def _earlier_pod(pod: PodView) -> str:
+    """Why a job's pod is not made while a pod of an earlier ProjectJob of its name exists."""
     where = f" on node {pod.node_name}" if pod.node_name else ""
     state = "being deleted" if pod.deleting else "not deleted yet"
     return (
         f"pod {pod.name}{where}, left by an earlier ProjectJob of the same name, still exists "
-        f"({state}); this job's pod takes its name once it is gone"
+        f"({state}); this job's pod starts once it is gone (they would share names and stored data)"
     )
 
 
@@ -718,12 +717,11 @@ class Operator:
         the Secrets made for it are deleted again, the job waits and tries again."""
         assert self.kube is not None
         ns = job.namespace
-        name = pod_name(job.name, action.attempt)
-        earlier = next(
-            (p for p in self.pods.get((ns, job.name)) if p.name == name and not p.owned_by(job.uid)), None
-        )
+        # Any pod an earlier ProjectJob of this name left: it holds this job's pod names and
+        # writes under this job's prefix in the object store.
+        earlier = next((p for p in self.pods.get((ns, job.name)) if not p.owned_by(job.uid)), None)
         if earlier is not None:
-            return Refused(_name_taken(earlier))
+            return Refused(_earlier_pod(earlier))
         instance_type = (await self._catalog_for(job)).get(action.instance_type)
         if instance_type is None:
             return fail(
@@ -830,8 +828,36 @@ class Operator:
             registry_secret=registry,
             spark_secret=spark,
         )
-        if action.attempt == 1:
-            await self._clear_leftovers(job, spec.project_id)
+        # Meanwhile, not before: it is a request to the object store on every job's way to its pod.
+        clearing = (
+            asyncio.ensure_future(self._clear_leftovers(job, spec.project_id))
+            if action.attempt == 1
+            else None
+        )
+        try:
+            return await self._make_pod(
+                job, spec, action, status, now, ref, secret, pod, registry_body, clearing
+            )
+        finally:
+            if clearing is not None:
+                await clearing
+
+    async def _make_pod(
+        self,
+        job: JobView,
+        spec: ProjectJobSpec,
+        action: CreatePod,
+        status: Any,
+        now: datetime,
+        ref: JobRef,
+        secret: dict[str, Any],
+        pod: dict[str, Any],
+        registry_body: dict[str, Any] | None,
+        clearing: asyncio.Future[None] | None,
+    ) -> StatusUpdate | Refused | None:
+        """_create_pod's writes: the Secrets and claims, then the pod once `clearing` is done."""
+        assert self.kube is not None
+        ns = job.namespace
         # Made only now: a job that fails one of the checks above leaves no Secret behind (a
         # failed job without a pod has nothing that would delete it).
         if registry_body is not None:
@@ -859,6 +885,8 @@ class Operator:
         # for it for ever, and deleting it again would reuse its name for the next try.
         try:
             await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+            if clearing is not None:
+                await clearing
             created = await self.kube.create("pods", core_path(ns, "pods"), pod)
         except (Forbidden, Invalid) as exc:
             # Without the pod nothing would ever delete the Secrets made for it.
@@ -872,11 +900,12 @@ class Operator:
         if created is None:
             # It exists: ours from before a crash, or one an earlier ProjectJob of the same name
             # left that the cache has not shown yet.
+            name = pod["metadata"]["name"]
             raw = await self.kube.get("pods", core_path(ns, "pods", name))
             holder = PodView.from_pod(raw) if raw is not None else None
             if holder is not None and not holder.owned_by(job.uid):
                 await self._delete_secrets(job)
-                return Refused(_name_taken(holder))
+                return Refused(_earlier_pod(holder))
         if created is not None:
             self._fresh[(ns, job.name)] = PodView.from_pod(created)
             seen = self._seen.pop((ns, job.name), None)
