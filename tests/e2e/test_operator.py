@@ -76,6 +76,25 @@ def _reasons(h: H, job: str) -> list[str]:
     return [e.reason for e in h.events(job)]
 
 
+def _pinned_type(node: str, *tolerations: dict[str, Any]) -> dict[str, Any]:
+    """An InstanceType spec whose pods land on one node of a test's own, with small requests."""
+    return {
+        "vcpu": 1,
+        "memory": "1Gi",
+        "nodeSelector": {"kubernetes.io/hostname": node},
+        "tolerations": [E2E_ONLY_TAINT, *tolerations],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+    }
+
+
+def _details_starting(h: H, job: str, text: str, what: str, timeout: float) -> dict[str, Any]:
+    """The job's status once its details start with `text`."""
+    found = poll(
+        what, lambda: (st := h.status(job)).get("statusDetails", "").startswith(text) and st, timeout, 1.0
+    )
+    return dict(found)
+
+
 def _told(h: H, job: str, reason: str) -> bool:
     """Whether the job got an Event of `reason`, waiting a little: the operator posts its Events
     one at a time in the background, after the status that they tell."""
@@ -1030,13 +1049,7 @@ def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
         }
         for taint in ("unreachable", "not-ready")
     ]
-    spec = {
-        "vcpu": 1,
-        "memory": "1Gi",
-        "nodeSelector": {"kubernetes.io/hostname": own_node.name},
-        "tolerations": [E2E_ONLY_TAINT, *silent],
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
-    }
+    spec = _pinned_type(own_node.name, *silent)
     with _instance_type(h, "n9", spec) as type_name:
         # Process nodes share the host's files: attempt 1 runs until its node's agent is back (and
         # ends it), attempt 2 finds the mark and is done at once.
@@ -1050,12 +1063,7 @@ def test_a_retry_waits_for_the_pod_of_a_lost_node_and_says_why(
             waiting = (
                 "attempt 2 starts once pod lost-node-a1 of attempt 1 is gone (never two attempts at once)"
             )
-            status = poll(
-                "the job waiting for the lost node",
-                lambda: (st := h.status("lost-node")).get("statusDetails", "").startswith(waiting) and st,
-                180,
-                1.0,
-            )
+            status = _details_starting(h, "lost-node", waiting, "the job waiting for the lost node", 180)
             assert status["phase"] == "PREPARING" and status["attempt"] == 2, status
             assert f"its node {own_node.name} stopped reporting" in status["statusDetails"]
             assert _told(h, "lost-node", "WaitingForLostNode") and _told(h, "lost-node", "AttemptFailed")
@@ -1078,13 +1086,7 @@ def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_i
     its fate) nor run beside it under that name. It waits, saying why, and runs once it is gone.
     The old pod's runner went on shipping logs after its job's data was deleted: the new job
     starts from a clean prefix, its logs its own."""
-    spec = {
-        "vcpu": 1,
-        "memory": "1Gi",
-        "nodeSelector": {"kubernetes.io/hostname": own_node.name},
-        "tolerations": [E2E_ONLY_TAINT],
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
-    }
+    spec = _pinned_type(own_node.name)
     with _instance_type(h, "r9", spec) as type_name:
         types = [{"name": type_name}]
         first_life = "while :; do echo first life; sleep 0.5; done"
@@ -1113,11 +1115,8 @@ def test_a_job_named_like_a_deleted_one_waits_for_its_pod_and_takes_nothing_of_i
                 f"waiting to create the job's pod: pod reborn-a1 on node {own_node.name}, left by an "
                 "earlier ProjectJob of the same name, still exists (being deleted)"
             )
-            status = poll(
-                "the second job waiting for the first one's pod",
-                lambda: (st := h.status("reborn")).get("statusDetails", "").startswith(waiting) and st,
-                60,
-                1.0,
+            status = _details_starting(
+                h, "reborn", waiting, "the second job waiting for the first one's pod", 60
             )
             assert status["phase"] == "PREPARING" and not status.get("podName"), status
             assert _told(h, "reborn", "FailedCreate")
@@ -1146,13 +1145,7 @@ def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_an
     of room: the node's own bookkeeping (the agent, as a kubelet, carries on), the entry script's
     status (its room taken at the start), the ship's termination message (lost: the operator
     reads result.json instead). The job ends as its program did, with its outputs and logs."""
-    spec = {
-        "vcpu": 1,
-        "memory": "1Gi",
-        "nodeSelector": {"kubernetes.io/hostname": small_disk_node.name},
-        "tolerations": [E2E_ONLY_TAINT],
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
-    }
+    spec = _pinned_type(small_disk_node.name)
     with _instance_type(h, "d9", spec) as type_name:
         params = {
             "cmd": "echo before; head -c 100000000 /dev/zero > fill.bin; exit 3",
