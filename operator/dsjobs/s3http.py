@@ -100,9 +100,11 @@ def sign_v4(
 def connect(
     address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
 ) -> socket.socket:
-    """A connection that gives up after CONNECT_TIMEOUT_SECONDS and then reads with ``timeout``:
-    an unreachable endpoint fails fast, a slow response still has its minute."""
-    sock = socket.create_connection(address, CONNECT_TIMEOUT_SECONDS, source_address)
+    """A connection that gives up after CONNECT_TIMEOUT_SECONDS (or ``timeout``, if shorter) and
+    then reads with ``timeout``: an unreachable endpoint fails fast, a slow response still has its
+    minute."""
+    connect_timeout = min(CONNECT_TIMEOUT_SECONDS, timeout) if timeout else CONNECT_TIMEOUT_SECONDS
+    sock = socket.create_connection(address, connect_timeout, source_address)
     sock.settimeout(timeout)
     return sock
 
@@ -137,7 +139,9 @@ class Response:
 class S3Http:
     """Signed single requests to one bucket. Thread-safe: each thread keeps its own connection."""
 
-    def __init__(self, endpoint: str, bucket: str, creds: Credentials) -> None:
+    def __init__(
+        self, endpoint: str, bucket: str, creds: Credentials, *, timeout: float = TIMEOUT_SECONDS
+    ) -> None:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"expected http(s)://host[:port], got {endpoint!r}")
@@ -148,6 +152,7 @@ class S3Http:
         self.host = url.netloc if url.port not in (None, default_port) else url.hostname
         self.bucket = bucket
         self.creds = creds
+        self.timeout = timeout
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
 
@@ -163,10 +168,10 @@ class S3Http:
             return conn, True
         if self.https:
             conn = http.client.HTTPSConnection(
-                self.hostname, self.port, timeout=TIMEOUT_SECONDS, context=self._ssl_context()
+                self.hostname, self.port, timeout=self.timeout, context=self._ssl_context()
             )
         else:
-            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=TIMEOUT_SECONDS)
+            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=self.timeout)
         conn._create_connection = connect  # type: ignore[attr-defined]  # http.client's own hook
         self._local.conn = conn
         return conn, False

@@ -733,15 +733,26 @@ class Storage:
 
         self._retry(call, what=f"delete {key}")
 
-    def first_keys(self, prefix: str, limit: int = 1) -> list[str]:
-        """Up to `limit` keys under `prefix`, in key order: one request, without botocore."""
+    def first_keys(self, prefix: str, limit: int = 1, *, timeout: float | None = None) -> list[str]:
+        """Up to `limit` keys under `prefix`, in key order: one request, without botocore.
+        `timeout`: seconds to connect and then for each read, when a minute is too long to wait."""
         from dsjobs.s3http import listed_keys
 
+        http_ = self._http
+        if timeout is not None:
+            s = self.settings
+            http_ = S3Http(
+                s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region), timeout=timeout
+            )
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(limit)}
-        return self._retry(
-            lambda: listed_keys(self._http.request("GET", "", query=query).body)[:limit],
-            what=f"list {prefix}",
-        )
+        try:
+            return self._retry(
+                lambda: listed_keys(http_.request("GET", "", query=query).body)[:limit],
+                what=f"list {prefix}",
+            )
+        finally:
+            if http_ is not self._http:
+                http_.close()
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""

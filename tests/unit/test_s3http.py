@@ -19,6 +19,7 @@ import pytest
 
 from dsjobs import storage
 from dsjobs.s3http import (
+    CONNECT_TIMEOUT_SECONDS,
     EMPTY_SHA256,
     TIMEOUT_SECONDS,
     Credentials,
@@ -275,6 +276,24 @@ def test_a_connection_closed_by_the_server_is_replaced(server: str) -> None:
     conn.sock.close()  # as if the server had dropped the idle keep-alive connection
     conn.sock = None
     assert s3.request("GET", "k").body == b"1"
+
+
+def test_a_client_can_wait_less_than_a_minute(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"), timeout=3.0)
+    s3.request("PUT", "k", body=b"1")
+    assert s3._local.conn.sock.gettimeout() == 3.0
+    # Connecting gives up after the shorter of the two (an endpoint that drops packets).
+    asked: list[float | None] = []
+
+    def create_connection(address: object, timeout: float | None, source: object = None) -> socket.socket:
+        asked.append(timeout)
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    for timeout in (3.0, 60.0):
+        with pytest.raises(OSError):
+            connect(("192.0.2.1", 9), timeout)
+    assert asked == [3.0, CONNECT_TIMEOUT_SECONDS]
 
 
 def test_stopping_a_download_early_drops_the_connection(server: str) -> None:

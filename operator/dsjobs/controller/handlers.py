@@ -131,6 +131,9 @@ MAX_STEPS: Final = 8
 #: end back; then the job ends without the outputs and logs that only result.json records.
 RESULT_PATIENCE: Final = timedelta(minutes=10)
 MAX_ERROR_BACKOFF: Final = 60.0
+#: Seconds the check for what an earlier job of the same name left may take: it is on every
+#: job's way to its first pod, and a store that hangs must not hold them all back.
+LEFTOVER_CHECK_TIMEOUT: Final = 3.0
 #: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
 STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
@@ -207,6 +210,7 @@ class Operator:
         # The last check of the object store (loop time, problem or None) and its lock: one check
         # at a time, shared by every job that waits on it.
         self._storage_check: tuple[float, str | None] | None = None
+        self._leftover_checks_off_until = 0.0
         self._storage_check_lock: asyncio.Lock | None = None
         self.pods = PodCache()
         self.instance_types = InstanceTypeCache()
@@ -927,8 +931,22 @@ class Operator:
 
         key = (job.namespace, job.name)
         prefix = job_prefix(project_id, job.name)
+
+        def check() -> list[str]:
+            # Decided when the thread gets to it: checks queued behind one that found the store
+            # not answering are skipped, not each waited out.
+            if time.monotonic() < self._leftover_checks_off_until:
+                return []
+            try:
+                return list(storage.with_attempts(1).first_keys(prefix, timeout=LEFTOVER_CHECK_TIMEOUT))
+            except Exception:
+                # A store that does not answer now would make every job wait out the timeout:
+                # the checks pause for a while (the jobs' runners wait for the store anyway).
+                self._leftover_checks_off_until = time.monotonic() + LEFTOVER_CHECK_TIMEOUT * 10
+                raise
+
         try:
-            if not await asyncio.to_thread(storage.with_attempts(1).first_keys, prefix):
+            if not await asyncio.to_thread(check):
                 return
             deleted = await asyncio.to_thread(storage.delete_prefix, prefix)
         except Exception as exc:
