@@ -557,6 +557,16 @@ class Storage:
         other.patience = patience
         return other
 
+    def with_timeout(self, seconds: float) -> Storage:
+        """The same bucket, whose one-request calls wait `seconds` to connect and then for each
+        read, instead of a minute: for a caller that answers someone who waits."""
+        other = copy.copy(self)
+        s = self.settings
+        other.__dict__["_http"] = S3Http(
+            s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region), timeout=seconds
+        )
+        return other
+
     def connect(self) -> Storage:
         """Make the S3 clients now instead of on first use (a server's first request should not
         pay for importing botocore)."""
@@ -733,26 +743,15 @@ class Storage:
 
         self._retry(call, what=f"delete {key}")
 
-    def first_keys(self, prefix: str, limit: int = 1, *, timeout: float | None = None) -> list[str]:
-        """Up to `limit` keys under `prefix`, in key order: one request, without botocore.
-        `timeout`: seconds to connect and then for each read, when a minute is too long to wait."""
+    def first_keys(self, prefix: str, limit: int = 1) -> list[str]:
+        """Up to `limit` keys under `prefix`, in key order: one request, without botocore."""
         from dsjobs.s3http import listed_keys
 
-        http_ = self._http
-        if timeout is not None:
-            s = self.settings
-            http_ = S3Http(
-                s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region), timeout=timeout
-            )
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(limit)}
-        try:
-            return self._retry(
-                lambda: listed_keys(http_.request("GET", "", query=query).body)[:limit],
-                what=f"list {prefix}",
-            )
-        finally:
-            if http_ is not self._http:
-                http_.close()
+        return self._retry(
+            lambda: listed_keys(self._http.request("GET", "", query=query).body)[:limit],
+            what=f"list {prefix}",
+        )
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""

@@ -296,6 +296,15 @@ def test_a_client_can_wait_less_than_a_minute(server: str, monkeypatch: pytest.M
     assert asked == [3.0, CONNECT_TIMEOUT_SECONDS]
 
 
+def test_a_store_with_a_timeout_of_its_own_keeps_it_through_its_copies(server: str) -> None:
+    store = Storage(StorageSettings(endpoint=server, bucket="bkt", access_key="AK", secret_key="SK"))
+    quick = store.with_timeout(3.0).with_attempts(1)
+    assert quick._http.timeout == 3.0 and quick.attempts == 1
+    assert store._http.timeout == TIMEOUT_SECONDS and store._http is not quick._http
+    quick.put_bytes("k", b"1")
+    assert store.get_bytes("k") == b"1"
+
+
 def test_stopping_a_download_early_drops_the_connection(server: str) -> None:
     s3 = S3Http(server, "bkt", Credentials("AK", "SK", "us-east-1"))
     s3.request("PUT", "big", body=b"x" * 100_000)

@@ -23,7 +23,7 @@ from dsjobs import storage as st
 from dsjobs.api import auth as authmod
 from dsjobs.api import errors, metrics
 from dsjobs.api.cluster import InstanceTypeCatalog, JobIndex, ProjectIndex
-from dsjobs.api.core import Core
+from dsjobs.api.core import STORAGE_ATTEMPTS, STORAGE_TIMEOUT_SECONDS, Core
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import Kube, load_config
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
@@ -247,7 +247,14 @@ class ApiServer:
         kube = Kube(kube_config, refresh, timeout=s.kube_timeout)
         await kube.start()
         self._kube = kube
-        store = await asyncio.to_thread(lambda: st.Storage.from_env().connect())
+        store = await asyncio.to_thread(
+            lambda: (
+                st.Storage.from_env()
+                .with_timeout(STORAGE_TIMEOUT_SECONDS)
+                .with_attempts(STORAGE_ATTEMPTS)
+                .connect()
+            )
+        )
         if s.auth_mode == "static":
             review_token, review_access = authmod.static_reviewers(
                 authmod.load_static_tokens(s.static_tokens)

@@ -211,6 +211,7 @@ class Operator:
         # at a time, shared by every job that waits on it.
         self._storage_check: tuple[float, str | None] | None = None
         self._leftover_checks_off_until = 0.0
+        self._quick_storage: Any = None  # the store with short waits, for the leftover check
         self._storage_check_lock: asyncio.Lock | None = None
         self.pods = PodCache()
         self.instance_types = InstanceTypeCache()
@@ -924,9 +925,12 @@ class Operator:
         wrote them after that job's data was deleted. This job's runner would take them for its
         own (continue the log stream after them, read that result.json), so they go first.
         Best effort: a store that does not answer now is the stage-in's to wait out."""
-        storage = self._storage_client()
-        if storage is None:
+        full = self._storage_client()
+        if full is None:
             return
+        if self._quick_storage is None:
+            self._quick_storage = full.with_timeout(LEFTOVER_CHECK_TIMEOUT).with_attempts(1)
+        storage = self._quick_storage
         from dsjobs.storage import job_prefix
 
         key = (job.namespace, job.name)
@@ -938,7 +942,7 @@ class Operator:
             if time.monotonic() < self._leftover_checks_off_until:
                 return []
             try:
-                return list(storage.with_attempts(1).first_keys(prefix, timeout=LEFTOVER_CHECK_TIMEOUT))
+                return list(storage.first_keys(prefix))
             except Exception:
                 # A store that does not answer now would make every job wait out the timeout:
                 # the checks pause for a while (the jobs' runners wait for the store anyway).
@@ -948,7 +952,7 @@ class Operator:
         try:
             if not await asyncio.to_thread(check):
                 return
-            deleted = await asyncio.to_thread(storage.delete_prefix, prefix)
+            deleted = await asyncio.to_thread(full.delete_prefix, prefix)
         except Exception as exc:
             jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
             return
