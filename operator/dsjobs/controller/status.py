@@ -743,7 +743,14 @@ def compute_status(
     if job is not None and job.started_at is not None:
         if status.started_at != job.started_at:
             status = status.model_copy(update={"started_at": job.started_at})
-        status = set_condition(status, COND_STARTED, "True", "Started", "the job's program started", now)
+        status = set_condition(
+            status,
+            COND_STARTED,
+            "True",
+            "Started",
+            "the job's container started (its setup, then its program)",
+            now,
+        )
 
     disruption = disruption_of(pod)
     if pod.terminal or evicted_from_lost_node(pod):
