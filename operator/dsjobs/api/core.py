@@ -60,12 +60,12 @@ class InputCheck:
         return self.stored_size is not None and self.stored_size == self.file.size_bytes
 
 
-#: The slowest link a transfer is planned for: 1 MiB/s (8 Mbit/s). See `transfer_ttl`.
 #: How long one object-store request of the API may wait (to connect, then for each read), and
 #: how many tries it makes: a client waits for the answer, and a store that hangs must give an
 #: UNAVAILABLE within about half a minute, not the minute per try of a background transfer.
 STORAGE_TIMEOUT_SECONDS: Final = 10.0
 STORAGE_ATTEMPTS: Final = 3
+#: The slowest link a transfer is planned for: 1 MiB/s (8 Mbit/s). See `transfer_ttl`.
 SLOW_LINK_BYTES_PER_SECOND: Final = 1 << 20
 MAX_TRANSFER_TTL: Final = timedelta(hours=12)
 
