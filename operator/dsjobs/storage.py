@@ -57,7 +57,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from dsjobs.records import Record, rule
-from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError
+from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError, listed_keys
+from dsjobs.s3http import TIMEOUT_SECONDS as S3HTTP_TIMEOUT
 from dsjobs.syntax import escape_problem, join_segments
 
 if TYPE_CHECKING:
@@ -561,10 +562,7 @@ class Storage:
         """The same bucket, whose one-request calls wait `seconds` to connect and then for each
         read, instead of a minute: for a caller that answers someone who waits."""
         other = copy.copy(self)
-        s = self.settings
-        other.__dict__["_http"] = S3Http(
-            s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region), timeout=seconds
-        )
+        other.__dict__["_http"] = self._new_http(seconds)
         return other
 
     def connect(self) -> Storage:
@@ -585,9 +583,14 @@ class Storage:
 
     @functools.cached_property
     def _http(self) -> S3Http:
-        """One-request calls (head, get, put, delete, single-part upload, download)."""
+        """One-request calls (head, get, put, delete, list a few, single-part upload, download)."""
+        return self._new_http(S3HTTP_TIMEOUT)
+
+    def _new_http(self, timeout: float) -> S3Http:
         s = self.settings
-        return S3Http(s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region))
+        return S3Http(
+            s.endpoint, s.bucket, Credentials(s.access_key, s.secret_key, s.region), timeout=timeout
+        )
 
     def _lazy_client(self, endpoint: str) -> S3Client:
         client = self._clients.get(endpoint)
@@ -745,8 +748,6 @@ class Storage:
 
     def first_keys(self, prefix: str, limit: int = 1) -> list[str]:
         """Up to `limit` keys under `prefix`, in key order: one request, without botocore."""
-        from dsjobs.s3http import listed_keys
-
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(limit)}
         return self._retry(
             lambda: listed_keys(self._http.request("GET", "", query=query).body)[:limit],
