@@ -549,8 +549,9 @@ class Operator:
         if wanted and wanted not in pods and not final and not job.deleting:
             assert self.kube is not None
             raw = await self.kube.get("pods", core_path(job.namespace, "pods", wanted))
-            if raw is not None and PodView.from_pod(raw).owned_by(job.uid):
-                pods[wanted] = PodView.from_pod(raw)
+            found = PodView.from_pod(raw) if raw is not None else None
+            if found is not None and found.owned_by(job.uid):
+                pods[wanted] = found
             else:
                 pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
         return list(pods.values())
@@ -840,84 +841,66 @@ class Operator:
             else None
         )
         try:
-            return await self._make_pod(
-                job, spec, action, status, now, ref, secret, pod, registry_body, clearing
-            )
+            # Made only now: a job that fails one of the checks above leaves no Secret behind (a
+            # failed job without a pod has nothing that would delete it).
+            if registry_body is not None:
+                try:
+                    await self.kube.create("secrets", core_path(ns, "secrets"), registry_body)
+                except Forbidden as exc:
+                    return Refused(message_of(exc))
+            try:
+                for claim in output_dataset_claims(ref, spec, self.settings):
+                    # Before the pod that mounts them; every attempt writes to the same ones.
+                    await self.kube.create(
+                        "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), claim
+                    )
+            except Forbidden as exc:
+                # The registry Secret may exist already; the claims made stay for the next try (a
+                # job that ends without its pod deletes them).
+                await self._delete_secrets(job)
+                return Refused(message_of(exc))
+            except Invalid as exc:
+                await self._delete_secrets(job)
+                await self._delete_dataset_claims(job)
+                why = message_of(exc)
+                return fail(
+                    spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now
+                )
+            # The Secret before the pod: a pod whose Secret was refused (a quota on Secrets) would wait
+            # for it for ever, and deleting it again would reuse its name for the next try.
+            try:
+                await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+                if clearing is not None:
+                    await clearing
+                created = await self.kube.create("pods", core_path(ns, "pods"), pod)
+            except (Forbidden, Invalid) as exc:
+                # Without the pod nothing would ever delete the Secrets made for it.
+                await self._delete_secrets(job)
+                why = message_of(exc)
+                if isinstance(exc, Forbidden):
+                    return Refused(why)
+                if spec.job_parameters.output_datasets:
+                    await self._delete_dataset_claims(job)
+                return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
+            if created is None:
+                # It exists: ours from before a crash, or one an earlier ProjectJob of the same name
+                # left that the cache has not shown yet.
+                name = pod["metadata"]["name"]
+                raw = await self.kube.get("pods", core_path(ns, "pods", name))
+                holder = PodView.from_pod(raw) if raw is not None else None
+                if holder is not None and not holder.owned_by(job.uid):
+                    await self._delete_secrets(job)
+                    return Refused(_earlier_pod(holder))
+            else:
+                self._fresh[(ns, job.name)] = PodView.from_pod(created)
+                seen = self._seen.pop((ns, job.name), None)
+                if seen is not None and action.attempt == 1:
+                    metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
+                jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
+            return None
         finally:
             if clearing is not None:
                 await clearing
-
-    async def _make_pod(
-        self,
-        job: JobView,
-        spec: ProjectJobSpec,
-        action: CreatePod,
-        status: Any,
-        now: datetime,
-        ref: JobRef,
-        secret: dict[str, Any],
-        pod: dict[str, Any],
-        registry_body: dict[str, Any] | None,
-        clearing: asyncio.Future[None] | None,
-    ) -> StatusUpdate | Refused | None:
-        """_create_pod's writes: the Secrets and claims, then the pod once `clearing` is done."""
-        assert self.kube is not None
-        ns = job.namespace
-        # Made only now: a job that fails one of the checks above leaves no Secret behind (a
-        # failed job without a pod has nothing that would delete it).
-        if registry_body is not None:
-            try:
-                await self.kube.create("secrets", core_path(ns, "secrets"), registry_body)
-            except Forbidden as exc:
-                return Refused(message_of(exc))
-        try:
-            for claim in output_dataset_claims(ref, spec, self.settings):
-                # Before the pod that mounts them; every attempt writes to the same ones.
-                await self.kube.create(
-                    "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), claim
-                )
-        except Forbidden as exc:
-            # The registry Secret may exist already; the claims made stay for the next try (a
-            # job that ends without its pod deletes them).
-            await self._delete_secrets(job)
-            return Refused(message_of(exc))
-        except Invalid as exc:
-            await self._delete_secrets(job)
-            await self._delete_dataset_claims(job)
-            why = message_of(exc)
-            return fail(spec, status, "PodRejected", f"an output dataset's claim was rejected: {why}", now)
-        # The Secret before the pod: a pod whose Secret was refused (a quota on Secrets) would wait
-        # for it for ever, and deleting it again would reuse its name for the next try.
-        try:
-            await self.kube.create("secrets", core_path(ns, "secrets"), secret)
-            if clearing is not None:
-                await clearing
-            created = await self.kube.create("pods", core_path(ns, "pods"), pod)
-        except (Forbidden, Invalid) as exc:
-            # Without the pod nothing would ever delete the Secrets made for it.
-            await self._delete_secrets(job)
-            why = message_of(exc)
-            if isinstance(exc, Forbidden):
-                return Refused(why)
-            if spec.job_parameters.output_datasets:
-                await self._delete_dataset_claims(job)
-            return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
-        if created is None:
-            # It exists: ours from before a crash, or one an earlier ProjectJob of the same name
-            # left that the cache has not shown yet.
-            name = pod["metadata"]["name"]
-            raw = await self.kube.get("pods", core_path(ns, "pods", name))
-            holder = PodView.from_pod(raw) if raw is not None else None
-            if holder is not None and not holder.owned_by(job.uid):
-                await self._delete_secrets(job)
-                return Refused(_earlier_pod(holder))
-        if created is not None:
-            self._fresh[(ns, job.name)] = PodView.from_pod(created)
-            seen = self._seen.pop((ns, job.name), None)
-            if seen is not None and action.attempt == 1:
-                metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
-            jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
-        return None
 
     async def _clear_leftovers(self, job: JobView, project_id: str) -> None:
         """Objects under a job's prefix before its first pod exists were left by an earlier
