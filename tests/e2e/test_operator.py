@@ -177,6 +177,43 @@ def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
         assert list(pods) == ["fallback-a2"] and pods["fallback-a2"].spec.node_name == "gpu-0"
 
 
+def test_falls_back_when_the_project_s_quota_refuses_the_first_type(h: H) -> None:
+    # A project out of GPUs by its ResourceQuota: the GPU type's pod is refused (403), not
+    # unschedulable. Past the type's budget the job goes on to the next type, as DataSphere runs a
+    # job on the first type of its list that it can have.
+    gpu_spec = {
+        "vcpu": 8,
+        "memory": "1Gi",
+        "gpus": 1,
+        "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "1Gi", "nvidia.com/gpu": "1"},
+        },
+        "scheduleTimeoutSeconds": 3,
+    }
+    quota = k8s_client.V1ResourceQuota(
+        metadata=k8s_client.V1ObjectMeta(name="no-gpus"),
+        spec=k8s_client.V1ResourceQuotaSpec(hard={"requests.nvidia.com/gpu": "0"}),
+    )
+    h.core.create_namespaced_resource_quota(h.namespace, quota)
+    try:
+        with _instance_type(h, "q1", gpu_spec) as gpu:
+            types = [{"name": gpu}, {"name": "c1.4"}]
+            h.create_job("quota-fallback", {"cmd": "echo ok", "cloudInstanceTypes": types})
+            status = h.wait_phase("quota-fallback", "SUCCESS", "ERROR", timeout=120)
+    finally:
+        h.core.delete_namespaced_resource_quota("no-gpus", h.namespace)
+    assert status["phase"] == "SUCCESS", status
+    assert (status["actualCloudInstanceType"], status["instanceTypeIndex"]) == ("c1.4", 1), status
+    # The refused pod never existed: the attempt that ran is the first.
+    assert status["attempt"] == 1, status
+    assert {"FailedCreate", "FallingBack"} <= set(_reasons(h, "quota-fallback"))
+    pods = {p.metadata.name: p for p in h.pods("quota-fallback")}
+    assert list(pods) == ["quota-fallback-a1"] and pods["quota-fallback-a1"].spec.node_name == "cpu-0"
+
+
 def test_a_job_that_fills_its_working_dir_ends_working_dir_full(h: H) -> None:
     # The instance type's system disk bounds the scratch working directory; the node evicts the
     # pod that writes more, and the job says why (not a disruption: no retry).

@@ -1165,6 +1165,96 @@ def test_a_refused_pod_leaves_the_attempt_as_it_was_and_says_why() -> None:
     assert cancelled.status.phase == JobPhase.CANCELLED and not cancelled.actions
 
 
+PRIORITY = 'pods "job-1-a1" is forbidden: no PriorityClass with name gpu-nodes was found'
+TWO_TYPES = {"cloudInstanceTypes": [{"name": "g1.1"}, {"name": "c1.4"}]}
+
+
+def test_a_type_whose_pod_is_refused_past_its_budget_falls_back_to_the_next() -> None:
+    # A refusal may be the instance type's (a GPU quota, a PriorityClass the cluster lacks): like
+    # a type with no room, it is given its schedule timeout, then the next type is tried.
+    budget = timedelta(seconds=60)
+    names = ["g1.1", "c1.4"]
+    first = CreatePod(1, 0, "g1.1")
+    w = waiting_to_create(job(params=TWO_TYPES), PRIORITY, NOW, first, names, budget)
+    s = w.status
+    assert (s.phase, s.attempt, s.instance_type_index) == (JobPhase.PREPARING, 0, 0)
+    assert s.status_details == f"waiting to create the job's pod: {PRIORITY}"
+    cond = next(c for c in s.conditions if c.type == "Scheduled")
+    assert (cond.status, cond.reason, cond.message, cond.last_transition_time) == (
+        "False",
+        "FailedCreate",
+        PRIORITY,
+        NOW,
+    )
+    assert w.requeue_after == budget  # the glue's backoff is cut to it
+    # Refused again within the budget: the clock is the condition's, kept.
+    later = NOW + timedelta(seconds=59)
+    w = waiting_to_create(job(params=TWO_TYPES, status=s.to_cr()), PRIORITY, later, first, names, budget)
+    assert w.status.instance_type_index == 0 and w.requeue_after == timedelta(seconds=1)
+    assert not w.events
+    # The budget is spent: the next type, written before its pod is made (the same attempt: the
+    # refused pod never existed), planned again at once.
+    spent = NOW + budget
+    w = waiting_to_create(job(params=TWO_TYPES, status=s.to_cr()), PRIORITY, spent, first, names, budget)
+    f = w.status
+    assert (f.phase, f.attempt, f.pod_name, f.instance_type_index, f.actual_cloud_instance_type) == (
+        JobPhase.PREPARING,
+        1,
+        "",
+        1,
+        "c1.4",
+    )
+    assert f.data_expires_at is None and w.requeue_after == timedelta(0)
+    assert not any(c.type == "Scheduled" for c in f.conditions)  # the next type's clock is its own
+    assert f.status_details == (
+        f"instance type g1.1 cannot be used: its pod was refused for 60s ({PRIORITY}); falling back to c1.4"
+    )
+    assert [(e.type, e.reason) for e in w.events] == [("Warning", "FallingBack")]
+    nxt = step(job(params=TWO_TYPES, status=f.to_cr()), now=spent)
+    assert nxt.actions == (CreatePod(1, 1, "c1.4"),)
+    assert nxt.status.pod_name == "job-1-a1" and nxt.status.actual_cloud_instance_type == "c1.4"
+    # The last type refused: it keeps waiting (no budget left to count down), saying why.
+    w = waiting_to_create(
+        job(params=TWO_TYPES, status=f.to_cr()), QUOTA, spent, CreatePod(1, 1, "c1.4"), names, budget
+    )
+    assert w.status.instance_type_index == 1 and w.requeue_after is None
+    assert w.status.status_details == f"waiting to create the job's pod: {QUOTA}"
+    cond = next(c for c in w.status.conditions if c.type == "Scheduled")
+    assert cond.last_transition_time == spent
+
+
+def test_a_refusal_that_is_not_the_pod_s_never_falls_back() -> None:
+    # A quota on Secrets, the wait for an earlier job's pod: no other type would change them.
+    s = job(params=TWO_TYPES, status=started("PREPARING", attempt=1, podName=""))
+    w = waiting_to_create(s, QUOTA, NOW + timedelta(days=1))
+    assert w.status.instance_type_index == 0 and w.requeue_after is None
+    assert not any(c.type == "Scheduled" for c in w.status.conditions)
+
+
+def test_a_retry_s_refusal_starts_its_own_clock() -> None:
+    # The previous attempt's pod was never scheduled (Scheduled False for long): that is not this
+    # attempt's refusal time.
+    old = {
+        "type": "Scheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/2 nodes are available",
+        "lastTransitionTime": ts(NOW - timedelta(hours=1)),
+    }
+    s = started("PREPARING", attempt=2, podName="", conditions=[old])
+    w = waiting_to_create(
+        job(params=TWO_TYPES, status=s),
+        PRIORITY,
+        NOW,
+        CreatePod(2, 0, "g1.1"),
+        ["g1.1", "c1.4"],
+        timedelta(seconds=60),
+    )
+    assert w.status.instance_type_index == 0 and w.requeue_after == timedelta(seconds=60)
+    cond = next(c for c in w.status.conditions if c.type == "Scheduled")
+    assert (cond.reason, cond.last_transition_time) == ("FailedCreate", NOW)
+
+
 # --- cancel ---------------------------------------------------------------------------------------
 
 

@@ -153,6 +153,8 @@ class Refused:
     """The API server forbade creating the job's pod (or a claim of it) for now; its message."""
 
     why: str
+    # The pod itself was refused (not a Secret or claim of it): maybe by its instance type.
+    pod: bool = False
 
 
 class ResultUnavailable(Exception):
@@ -672,14 +674,25 @@ class Operator:
                 failure = await self._create_pod(job, step.spec, action, status, now)
                 key = (job.namespace, job.name)
                 if isinstance(failure, Refused):
+                    waiting = await self._refused_pod(job, step.spec, action, failure, now)
+                    if waiting.status.instance_type_index != action.type_index:
+                        self._refused.pop(key, None)  # the next type's pod is tried at once
+                        return body, waiting.status, list(waiting.events), waiting.requeue_after
                     count = self._refused.get(key, 0) + 1
                     self._refused[key] = count
-                    delay = error_backoff(count)
+                    delay = timedelta(seconds=error_backoff(count))
+                    if waiting.requeue_after is not None:
+                        delay = min(delay, waiting.requeue_after)  # the type's budget runs out
                     # Told once; the status and an Event tell the user.
                     level = logging.INFO if count == 1 else logging.DEBUG
-                    jlog(level, key, "pod refused, trying again in %.1fs: %s", delay, failure.why)
-                    waiting = waiting_to_create(job, failure.why, now)
-                    return body, waiting.status, list(waiting.events), timedelta(seconds=delay)
+                    jlog(
+                        level,
+                        key,
+                        "pod refused, trying again in %.1fs: %s",
+                        delay.total_seconds(),
+                        failure.why,
+                    )
+                    return body, waiting.status, list(waiting.events), delay
                 self._refused.pop(key, None)
                 if failure is not None:
                     return body, failure.status, [*events, *failure.events], step.requeue_after
@@ -713,6 +726,17 @@ class Operator:
                     raise
                 return None, status, events, step.requeue_after
         return body, status, events, step.requeue_after
+
+    async def _refused_pod(
+        self, job: JobView, spec: ProjectJobSpec, action: CreatePod, refused: Refused, now: datetime
+    ) -> StatusUpdate:
+        """The job's status while its pod is refused; past the type's budget, the next type."""
+        if not refused.pod:
+            return waiting_to_create(job, refused.why, now)
+        type_spec = (await self._catalog_for(job)).get(action.instance_type)
+        budget = timedelta(seconds=type_spec.schedule_timeout_seconds) if type_spec is not None else None
+        names = spec.job_parameters.instance_type_names()
+        return waiting_to_create(job, refused.why, now, action, names, budget)
 
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
@@ -868,17 +892,19 @@ class Operator:
                 )
             # The Secret before the pod: a pod whose Secret was refused (a quota on Secrets) would wait
             # for it for ever, and deleting it again would reuse its name for the next try.
+            creating_pod = False
             try:
                 await self.kube.create("secrets", core_path(ns, "secrets"), secret)
                 if clearing is not None:
                     await clearing
+                creating_pod = True
                 created = await self.kube.create("pods", core_path(ns, "pods"), pod)
             except (Forbidden, Invalid) as exc:
                 # Without the pod nothing would ever delete the Secrets made for it.
                 await self._delete_secrets(job)
                 why = message_of(exc)
                 if isinstance(exc, Forbidden):
-                    return Refused(why)
+                    return Refused(why, pod=creating_pod)
                 if spec.job_parameters.output_datasets:
                     await self._delete_dataset_claims(job)
                 return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)

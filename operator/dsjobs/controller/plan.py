@@ -36,6 +36,7 @@ from dsjobs.controller.status import (
     COND_DATA_CLEARED,
     COND_FINALIZED,
     COND_RETRYING,
+    COND_SCHEDULED,
     JobEvent,
     Outcome,
     StatusUpdate,
@@ -782,22 +783,70 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
     return Plan(job.status, tuple(actions))
 
 
-def waiting_to_create(job: JobView, why: str, now: datetime) -> StatusUpdate:
+# The Scheduled condition's reason while the API server refuses the attempt's pod.
+REFUSED_REASON: Final = "FailedCreate"
+
+
+def waiting_to_create(
+    job: JobView,
+    why: str,
+    now: datetime,
+    refused: CreatePod | None = None,
+    names: Sequence[str] = (),
+    budget: timedelta | None = None,
+) -> StatusUpdate:
     """The status of a job whose pod the API server refused for now (a ResourceQuota, an admission
     webhook's denial, missing RBAC): retried with backoff, as the Job controller does.
 
     The attempt stays as the job's status has it: the planned pod does not exist, so the status
     must not name it (the plan would take it for a pod deleted before it was seen). PREPARING with
     the API server's message; a Warning Event `FailedCreate` when the message is new.
+
+    `refused` is the pod's own CreatePod when the pod itself was refused (not a Secret or claim of
+    it, not the wait for an earlier job's pod): a refusal may be its instance type's (a quota on
+    GPUs, a missing PriorityClass, a policy on the node pool), so once the type's `budget` is
+    spent the job falls back to the next of `names`, as it does when no node has room. The
+    Scheduled condition (False, FailedCreate) keeps when the refusals began; `requeue_after` is
+    when the budget runs out.
     """
     events: list[JobEvent] = []
     status = _observed(job, now, events)
     details = clip(f"waiting to create the job's pod: {why}")
     told = status.status_details == details
+    requeue: timedelta | None = None
+    if refused is not None:
+        old = get_condition(status, COND_SCHEDULED)
+        if old is None or old.status != "False" or old.reason != REFUSED_REASON:
+            # Another attempt's condition (or none): this type's refusals begin now.
+            status = drop_conditions(status, COND_SCHEDULED)
+        status = set_condition(status, COND_SCHEDULED, "False", REFUSED_REASON, why, now)
+        cond = get_condition(status, COND_SCHEDULED)
+        since = cond.last_transition_time if cond is not None and cond.last_transition_time else now
+        following = refused.type_index + 1
+        if budget is not None and following < len(names):
+            if now - since >= budget:
+                message = (
+                    f"instance type {refused.instance_type} cannot be used: its pod was refused for "
+                    f"{int(budget.total_seconds())}s ({why}); falling back to {names[following]}"
+                )
+                events.append(JobEvent("Warning", "FallingBack", clip(message, 1024)))
+                status = drop_conditions(status, *ATTEMPT_CONDITIONS).model_copy(
+                    update={
+                        "attempt": refused.attempt,
+                        "instance_type_index": following,
+                        "pod_name": "",
+                        "actual_cloud_instance_type": names[following],
+                        # As _plan_start has it (the first attempt's status was never written).
+                        "data_expires_at": None,
+                    }
+                )
+                status = with_phase(status, JobPhase.PREPARING, message, events)
+                return StatusUpdate(status, tuple(events), requeue_after=timedelta(0))
+            requeue = budget - (now - since)
     status = with_phase(status, JobPhase.PREPARING, details, events)
     if not told:
         events.append(JobEvent("Warning", "FailedCreate", clip(why, 1024)))
-    return StatusUpdate(status, tuple(events))
+    return StatusUpdate(status, tuple(events), requeue_after=requeue)
 
 
 def write_delay(
