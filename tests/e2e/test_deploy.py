@@ -165,6 +165,31 @@ def test_settings_hold_only_known_variables(overlay: tuple[str, list[dict[str, A
     assert not unknown, f"{name}: dsjobs-settings holds variables nobody reads: {unknown}"
 
 
+def test_disruption_budgets_let_every_overlay_drain_a_node(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    # `kubectl drain` evicts through the PDBs: one that keeps as many pods as the overlay runs
+    # blocks the drain for ever (the local overlay runs one API replica).
+    name, objects = overlay
+    workloads = {d["metadata"]["name"]: d for d in our_workloads(objects)}
+    budgets = of_kind(objects, "PodDisruptionBudget")
+    assert budgets, f"deploy/overlays/{name} has no PodDisruptionBudget"
+    for pdb in budgets:
+        selected = [
+            d
+            for d in workloads.values()
+            if pdb["spec"]["selector"]["matchLabels"].items()
+            <= (d["spec"]["template"]["metadata"].get("labels") or {}).items()
+        ]
+        assert selected, pdb
+        for dep in selected:
+            replicas = dep["spec"].get("replicas", 1)
+            spec = pdb["spec"]
+            if "minAvailable" in spec:
+                allowed = replicas - int(spec["minAvailable"])
+            else:
+                allowed = int(spec["maxUnavailable"])
+            assert allowed >= 1, (name, pdb["metadata"]["name"], replicas, spec)
+
+
 def test_local_overlay_facts() -> None:
     facts = localstack.overlay_facts(render(OVERLAYS["local"]))
     host, _, port = facts.api_endpoint.partition(":")
