@@ -712,6 +712,28 @@ def test_a_pod_deleted_by_someone_else_fails_the_attempt_it_is_no_cancel(h: H) -
     assert h.wait_phase("deleted-retry", "CANCELLED", "ERROR", timeout=120)["phase"] == "CANCELLED"
 
 
+def test_a_pod_deleted_while_the_operator_is_away_keeps_the_job_s_logs(h: H) -> None:
+    # A drain evicts the operator with the job's pod; the new operator finds the pod gone. The
+    # runner stored its result on its way out: the job's logs and return code are recorded.
+    h.create_job("gone-away", {"cmd": "echo before the end; sleep 600"})
+    h.wait_phase("gone-away", "EXECUTING", timeout=120)
+    h.kill()
+    try:
+        h.kubectl("delete", "pod", "-n", h.namespace, "gone-away-a1", "--wait=true", "--timeout=60s")
+    finally:
+        h.start()
+    status = h.wait_phase("gone-away", "ERROR", "CANCELLED", "SUCCESS", timeout=120)
+    assert status["phase"] == "ERROR", status
+    assert "gone-away-a1 was deleted before the job finished" in status["statusDetails"], status
+    # No graceful-shutdown section: the runner, told to stop, killed the program (SIGKILL).
+    assert status["returnCode"] == 137, status
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Finished"]["reason"] == "PodDeleted", conditions
+    assert conditions["Scheduled"]["status"] == "True", conditions  # where it ran stays told
+    logs = {f["desc"]["path"]: f for f in status["logFiles"]}
+    assert logs["stdout.txt"]["sizeBytes"] == len("before the end\n"), logs
+
+
 def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     # Its data lives under projects/<projectId>/: naming another project would reach that
     # project's data. The admission policy refuses it, and projectId cannot change later.

@@ -999,6 +999,21 @@ def test_endings(ending: Ending) -> None:
     assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
 
 
+def test_a_pod_known_only_to_be_gone_keeps_where_it_ran() -> None:
+    # The operator was away when it went: nothing says where it ran but the status itself.
+    scheduled = {
+        "type": "Scheduled",
+        "status": "True",
+        "reason": "Scheduled",
+        "message": "on node cpu-0",
+        "lastTransitionTime": ts(CREATED),
+    }
+    p = step(job(status=started("EXECUTING", conditions=[scheduled])), [pod(gone=True)], res=_STOPPED)
+    assert p.status.phase == JobPhase.ERROR and p.status.return_code == _STOPPED.return_code
+    kept = get_condition(p.status, "Scheduled")
+    assert kept is not None and (kept.status, kept.message) == ("True", "on node cpu-0")
+
+
 def _never_ran(message: str) -> tuple[PodView, Plan]:
     """A pod whose job container ended StartError with `message`: the pod and the plan for it."""
     stuck = pod(

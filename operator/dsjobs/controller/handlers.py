@@ -78,7 +78,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import ContainerView, PodView
+from dsjobs.controller.podview import PodView
 from dsjobs.controller.render import (
     JobRef,
     PvcView,
@@ -562,29 +562,36 @@ class Operator:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
         or if the message was lost)."""
         pod = _current_pod(job, pods)
-        ship = pod.container(SHIP_CONTAINER) if pod is not None else None
-        if pod is None or ship is None or ship.state != "terminated":
+        if pod is None:
+            return None
+        ship = pod.container(SHIP_CONTAINER)
+        if pod.gone and (ship is None or ship.state != "terminated"):
+            # The pod went before the operator saw it end (a drain evicted it with the operator,
+            # someone deleted it): its runner, told to stop, stored result.json on its way out,
+            # with the job's logs and outputs. Not waited for: nothing says when it ended.
+            return await self._stored_result(job, pod.attempt, None)
+        if ship is None or ship.state != "terminated":
             return None
         if not ship.message:
             # The ship stores result.json before it writes its termination message, which a full
             # disk on the node (the job filled it, most likely) can swallow: the outputs and logs
             # need not be lost with it. Asked once the pod has ended: its outcome is then decided.
-            return await self._stored_result(job, pod.attempt, ship) if pod.terminal else None
+            return await self._stored_result(job, pod.attempt, ship.finished_at) if pod.terminal else None
         try:
             result = parse_termination_message(ship.message)
         except ValueError:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
             return None
         if isinstance(result, ResultPointer):
-            return await self._stored_result(job, result.attempt, ship) or result
+            return await self._stored_result(job, result.attempt, ship.finished_at) or result
         return result
 
-    async def _stored_result(self, job: JobView, attempt: int, ship: ContainerView) -> RunnerResult | None:
+    async def _stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
         """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
 
         Without it the job's outputs and logs go unrecorded for good (the final status is not
-        planned again), so an outage of the object store is waited out, for a while: the
-        reconcile fails and is retried with backoff."""
+        planned again), so an outage of the object store is waited out for a while after the
+        ship container `ended`: the reconcile fails and is retried with backoff."""
         storage = self._storage_client()
         if storage is None:
             return None
@@ -595,7 +602,6 @@ class Operator:
             spec_project = str(job.spec.get("projectId", ""))
             full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
         except Exception as exc:
-            ended = ship.finished_at
             if is_transient(exc) and ended is not None and _now() - ended < RESULT_PATIENCE:
                 raise ResultUnavailable(f"the runner's result.json cannot be read now: {exc!r}") from exc
             jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)

@@ -673,6 +673,8 @@ def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | No
 def _observe_scheduling(
     status: ProjectJobStatus, pod: PodView, now: datetime, events: list[JobEvent]
 ) -> ProjectJobStatus:
+    if pod.gone and not pod.scheduled:
+        return status  # a pod known only to be gone says nothing of where it ran
     if pod.scheduled:
         return set_condition(status, COND_SCHEDULED, "True", "Scheduled", f"on node {pod.node_name}", now)
     cond = pod.condition("PodScheduled")
