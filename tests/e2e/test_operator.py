@@ -153,20 +153,24 @@ def _instance_type(h: H, family: str, spec: dict[str, Any]) -> Iterator[str]:
         h.custom.delete_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", name)
 
 
-def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
-    huge_spec = {
+def _gpu_type(gpus: int) -> dict[str, Any]:
+    """An InstanceType spec of `gpus` GPUs on the GPU node pool, given 3 s to find room."""
+    return {
         "vcpu": 8,
-        "memory": "8Gi",
-        "gpus": 64,
+        "memory": "1Gi",
+        "gpus": gpus,
         "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "resources": {
-            "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "64"},
-            "limits": {"memory": "8Gi", "nvidia.com/gpu": "64"},
+            "requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": str(gpus)},
+            "limits": {"memory": "1Gi", "nvidia.com/gpu": str(gpus)},
         },
         "scheduleTimeoutSeconds": 3,
     }
-    with _instance_type(h, "x9", huge_spec) as huge:
+
+
+def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
+    with _instance_type(h, "x9", _gpu_type(64)) as huge:
         h.create_job("fallback", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": huge}, {"name": "g1.1"}]})
         status = h.wait_phase("fallback", "SUCCESS", "ERROR", timeout=180)
         assert status["phase"] == "SUCCESS", status
@@ -181,25 +185,13 @@ def test_falls_back_when_the_project_s_quota_refuses_the_first_type(h: H) -> Non
     # A project out of GPUs by its ResourceQuota: the GPU type's pod is refused (403), not
     # unschedulable. Past the type's budget the job goes on to the next type, as DataSphere runs a
     # job on the first type of its list that it can have.
-    gpu_spec = {
-        "vcpu": 8,
-        "memory": "1Gi",
-        "gpus": 1,
-        "nodeSelector": {"dsjobs.dev/node-pool": "gpu"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "resources": {
-            "requests": {"cpu": "100m", "memory": "64Mi", "nvidia.com/gpu": "1"},
-            "limits": {"memory": "1Gi", "nvidia.com/gpu": "1"},
-        },
-        "scheduleTimeoutSeconds": 3,
-    }
     quota = k8s_client.V1ResourceQuota(
         metadata=k8s_client.V1ObjectMeta(name="no-gpus"),
         spec=k8s_client.V1ResourceQuotaSpec(hard={"requests.nvidia.com/gpu": "0"}),
     )
     h.core.create_namespaced_resource_quota(h.namespace, quota)
     try:
-        with _instance_type(h, "q1", gpu_spec) as gpu:
+        with _instance_type(h, "q1", _gpu_type(1)) as gpu:
             types = [{"name": gpu}, {"name": "c1.4"}]
             h.create_job("quota-fallback", {"cmd": "echo ok", "cloudInstanceTypes": types})
             status = h.wait_phase("quota-fallback", "SUCCESS", "ERROR", timeout=120)
