@@ -615,6 +615,25 @@ def test_a_running_job_whose_node_stops_reporting_says_so_once_and_again_when_it
     )
 
 
+def test_a_cancel_waiting_for_a_silent_node_says_so() -> None:
+    # The pod is being deleted, its node silent: the program's end cannot be confirmed until the
+    # node reports or Kubernetes evicts the pod (then the job is CANCELLED).
+    deleting = dataclasses.replace(running_on_a_silent_node(), deleting=True)
+    j = job(status=started("CANCELLING"), cancel={"reason": "stop"})
+    p = step(j, [deleting])
+    assert p.status.phase == JobPhase.CANCELLING and not p.actions
+    assert p.status.status_details.startswith("cancelling: stop; node gpu-0 stopped reporting at ")
+    cond = get_condition(p.status, "NodeReachable")
+    assert cond is not None and cond.status == "False"
+    # Nor is a deleted pod's node said to be back while it is silent (a pod deleted by someone).
+    silent = step(job(status=started("EXECUTING")), [running_on_a_silent_node()]).status
+    running = step(job(status=silent.to_cr()), [deleting])
+    assert running.status.phase == JobPhase.EXECUTING
+    assert not any(e.reason == "NodeReady" for e in running.events)
+    cond = get_condition(running.status, "NodeReachable")
+    assert cond is not None and cond.status == "False"
+
+
 @pytest.mark.parametrize(
     ("tolerations", "then"),
     [

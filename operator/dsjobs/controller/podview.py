@@ -210,8 +210,9 @@ class PodView:
         The kubelet sets Ready and ContainersReady together; only the node lifecycle controller
         (MarkPodsNotReady, once the node is NotReady) makes Ready False and leaves ContainersReady
         True. So this is seen while every container runs; during stage-in or upload it looks like
-        a pod that is not ready yet."""
-        if self.terminal or self.deleting:
+        a pod that is not ready yet. Also while the pod is being deleted: a kubelet that stops its
+        containers reports both False, a silent one nothing."""
+        if self.terminal:
             return False
         ready, containers = self.condition("Ready"), self.condition("ContainersReady")
         return (

@@ -717,6 +717,12 @@ def _observe_node(
     return status
 
 
+def _silent_node_details(status: ProjectJobStatus) -> str:
+    """ "; <what NodeReachable=False says>" while the pod's node is silent, else ""."""
+    silent = get_condition(status, COND_NODE_REACHABLE)
+    return f"; {silent.message}" if silent is not None and silent.status == "False" else ""
+
+
 def compute_status(
     spec: ProjectJobSpec,
     status: ProjectJobStatus,
@@ -778,6 +784,9 @@ def compute_status(
         )
         if spec.cancel is not None and spec.cancel.graceful and graceful_timeout(spec):
             details += f" (graceful shutdown, up to {int(graceful_timeout(spec).total_seconds())}s)"
+        # A silent node cannot confirm the program's end: the cancel waits for its eviction.
+        status = _observe_node(status, pod, now, events)
+        details += _silent_node_details(status)
         return StatusUpdate(with_phase(status, JobPhase.CANCELLING, details, events), tuple(events))
 
     stuck = _stuck_container(pod)
@@ -811,9 +820,7 @@ def compute_status(
     if job is not None and job.state == "running":
         details = f"running on node {pod.node_name}" + (f"; {disruption[1]}" if disruption else "")
         status = _observe_node(status, pod, now, events)
-        silent = get_condition(status, COND_NODE_REACHABLE)
-        if silent is not None and silent.status == "False":
-            details = f"{details}; {silent.message}"
+        details += _silent_node_details(status)
         return StatusUpdate(with_phase(status, JobPhase.EXECUTING, details, events), tuple(events))
     if job is not None and job.state == "terminated" and job.reason in NEVER_RAN:
         image = dict(pod.images).get(job.name, "")
