@@ -29,6 +29,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
+    refusal_hint,
     waiting_to_create,
     write_delay,
 )
@@ -1255,6 +1256,19 @@ def test_a_type_whose_pod_is_refused_past_its_budget_falls_back_to_the_next() ->
     assert w.status.status_details == f"waiting to create the job's pod: {QUOTA}"
     cond = next(c for c in w.status.conditions if c.type == "Scheduled")
     assert cond.last_transition_time == spent
+
+
+def test_a_quota_that_wants_limits_set_is_told_where_they_come_from() -> None:
+    runner_only = 'pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: ship,stage-in'
+    hinted = refusal_hint(runner_only)
+    assert hinted.startswith(runner_only + " (the runner's containers take theirs from the operator's")
+    assert "DSJOBS_RUNNER_CPU_LIMIT" in hinted and "InstanceType" not in hinted
+    both = (
+        'pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: ship,stage-in; '
+        "requests.nvidia.com/gpu for: job"
+    )
+    assert refusal_hint(both).endswith("; the job's container takes its InstanceType's spec.resources)")
+    assert refusal_hint(QUOTA) == QUOTA  # over the quota: nothing to set
 
 
 def test_a_refusal_that_is_not_the_pod_s_never_falls_back() -> None:

@@ -57,6 +57,27 @@ def test_settings_defaults_and_env() -> None:
         settings_from_env({"DSJOBS_STORAGE_CREDENTIALS": "projects"})
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DSJOBS_RUNNER_CPU_LIMIT": "half"}, "DSJOBS_RUNNER_CPU_LIMIT='half': not a Kubernetes quantity"),
+        ({"DSJOBS_RUNNER_MEMORY_REQUEST": "64MB!"}, "DSJOBS_RUNNER_MEMORY_REQUEST='64MB!': not a Kubernetes"),
+        (
+            {"DSJOBS_RUNNER_CPU_LIMIT": "10m"},
+            r"DSJOBS_RUNNER_CPU_LIMIT='10m': must not be less than DSJOBS_RUNNER_CPU_REQUEST \(50m\)",
+        ),
+        (
+            {"DSJOBS_RUNNER_MEMORY_LIMIT": "1Gi", "DSJOBS_RUNNER_MEMORY_REQUEST": "2Gi"},
+            r"DSJOBS_RUNNER_MEMORY_LIMIT='1Gi': must not be less than DSJOBS_RUNNER_MEMORY_REQUEST \(2Gi\)",
+        ),
+    ],
+)
+def test_runner_resources_are_quantities_a_pod_accepts(env: dict[str, str], message: str) -> None:
+    # Checked at start-up: a bad one would make every job's pod Invalid.
+    with pytest.raises(SettingsError, match=message):
+        settings_from_env(env)
+
+
 def test_every_documented_setting_is_a_field() -> None:
     names = {f.name for f in dataclasses.fields(OperatorSettings)}
     assert {attr for attr, _ in SETTINGS_DOC.values()} <= names

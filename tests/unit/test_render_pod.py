@@ -243,6 +243,20 @@ def test_priority_class_comes_from_the_type() -> None:
     assert pod["spec"]["priorityClassName"] == "batch-low"
 
 
+def test_runner_containers_get_a_cpu_limit_only_when_one_is_set() -> None:
+    def runner_limits(settings: OperatorSettings) -> list[dict[str, str]]:
+        pod = render_pod(
+            JOB, spec(), attempt=1, instance_type_name="c1.4", instance_type_index=0,
+            instance_type=TYPES["c1.4"], settings=settings, volumes=Volumes(), image="python:3.11-slim",
+        )  # fmt: skip
+        containers = [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]
+        return [c["resources"]["limits"] for c in containers if c["name"] != "job"]
+
+    assert runner_limits(SETTINGS) == [{"memory": "512Mi"}] * 2  # CPU limits throttle uploads
+    limited = settings_from_env({"DSJOBS_RUNNER_CPU_LIMIT": "500m"})
+    assert runner_limits(limited) == [{"memory": "512Mi", "cpu": "500m"}] * 2
+
+
 def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     work = next(v for v in FEATURES["working_storage"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
     claim = work["ephemeral"]["volumeClaimTemplate"]["spec"]

@@ -75,6 +75,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     current_pod_name,
     plan,
+    refusal_hint,
     waiting_to_create,
     write_delay,
 )
@@ -910,7 +911,7 @@ class Operator:
                 await self._delete_secrets(job)
                 why = message_of(exc)
                 if isinstance(exc, Forbidden):
-                    return Refused(why, pod=creating_pod)
+                    return Refused(refusal_hint(why), pod=creating_pod)
                 if spec.job_parameters.output_datasets:
                     await self._delete_dataset_claims(job)
                 return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)

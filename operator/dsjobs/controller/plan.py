@@ -55,6 +55,7 @@ from dsjobs.controller.status import (
 )
 from dsjobs.models import InstanceTypeSpec, JobPhase, OutputDataset, ProjectJobSpec, ProjectJobStatus
 from dsjobs.models.limits import LABEL_VALUE_PATTERN
+from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, format_problems, parse_job_spec
 
@@ -781,6 +782,27 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
         return Plan(job.status, tuple(actions), requeue_after=DELETE_POD_WAIT - waited)
     actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
+
+
+# ResourceQuota admission: "must specify limits.cpu for: ship,stage-in; limits.memory for: job".
+_MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
+
+
+def refusal_hint(why: str) -> str:
+    """The API server's refusal of a pod, with where the resources a ResourceQuota wants set come
+    from (the user cannot change them; the admin can, and should know where)."""
+    if "must specify" not in why:
+        return why
+    named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+    hints = []
+    if named & {STAGE_IN_CONTAINER, SHIP_CONTAINER}:
+        hints.append(
+            "the runner's containers take theirs from the operator's settings DSJOBS_RUNNER_CPU_REQUEST, "
+            "DSJOBS_RUNNER_CPU_LIMIT, DSJOBS_RUNNER_MEMORY_REQUEST, DSJOBS_RUNNER_MEMORY_LIMIT"
+        )
+    if JOB_CONTAINER in named:
+        hints.append("the job's container takes its InstanceType's spec.resources")
+    return f"{why} ({'; '.join(hints)})" if hints else why
 
 
 # The Scheduled condition's reason while the API server refuses the attempt's pod.

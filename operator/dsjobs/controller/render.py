@@ -432,7 +432,10 @@ def render_pod(
         project_disk_claim=volumes.project_disk_claim,
         runner_resources={
             "requests": {"cpu": settings.runner_cpu_request, "memory": settings.runner_memory_request},
-            "limits": {"memory": settings.runner_memory_limit},
+            "limits": {
+                "memory": settings.runner_memory_limit,
+                **({"cpu": settings.runner_cpu_limit} if settings.runner_cpu_limit else {}),
+            },
         },
     )
     main = dict(parts.main)

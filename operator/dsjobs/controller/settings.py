@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Final
+
+from dsjobs.quantity import parse_quantity
 
 DEFAULT_RUNNER_IMAGE: Final = "ghcr.io/dsjobs/dsjobs:0.1.0"
 # `{version}` is replaced with the job's python_version (or DEFAULT_PYTHON_VERSION).
@@ -53,6 +56,8 @@ class OperatorSettings:
     runner_cpu_request: str = "50m"
     runner_memory_request: str = "64Mi"
     runner_memory_limit: str = "512Mi"
+    # Empty: none (CPU limits throttle uploads); a namespace ResourceQuota on limits.cpu needs one.
+    runner_cpu_limit: str = ""
     metrics_port: int = 9090
     # 0 disables the liveness endpoint (kopf's /healthz).
     liveness_port: int = 8080
@@ -126,6 +131,11 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_RUNNER_CPU_REQUEST": ("runner_cpu_request", "CPU request of each runner container."),
     "DSJOBS_RUNNER_MEMORY_REQUEST": ("runner_memory_request", "Memory request of each runner container."),
     "DSJOBS_RUNNER_MEMORY_LIMIT": ("runner_memory_limit", "Memory limit of each runner container."),
+    "DSJOBS_RUNNER_CPU_LIMIT": (
+        "runner_cpu_limit",
+        "CPU limit of each runner container; empty for none. Set it where a ResourceQuota on `limits.cpu` "
+        'refuses pods whose containers lack one ("must specify limits.cpu for: ship,stage-in").',
+    ),
     "DSJOBS_METRICS_PORT": ("metrics_port", "Port of the Prometheus metrics endpoint; 0 disables it."),
     "DSJOBS_LIVENESS_PORT": ("liveness_port", "Port of the liveness endpoint `/healthz`; 0 disables it."),
     "DSJOBS_BIND_ADDRESS": (
@@ -168,6 +178,15 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
 }
 
 
+# The runner containers' resources: Kubernetes quantities (a bad one would fail every job's pod).
+RUNNER_RESOURCES: Final = {
+    "DSJOBS_RUNNER_CPU_REQUEST": "runner_cpu_request",
+    "DSJOBS_RUNNER_MEMORY_REQUEST": "runner_memory_request",
+    "DSJOBS_RUNNER_MEMORY_LIMIT": "runner_memory_limit",
+    "DSJOBS_RUNNER_CPU_LIMIT": "runner_cpu_limit",
+}
+
+
 def _convert(name: str, raw: str, default: object) -> object:
     try:
         if isinstance(default, bool):
@@ -204,6 +223,24 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         )
     if settings.volume_fs_group < 0:
         raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
+    amounts: dict[str, Fraction] = {}
+    for name, attr in RUNNER_RESOURCES.items():
+        value = getattr(settings, attr)
+        if value == "" and attr == "runner_cpu_limit":
+            continue
+        try:
+            amounts[name] = parse_quantity(value)
+        except ValueError as exc:
+            raise SettingsError(f"{name}={value!r}: {exc}") from exc
+    for request, limit in (
+        ("DSJOBS_RUNNER_CPU_REQUEST", "DSJOBS_RUNNER_CPU_LIMIT"),
+        ("DSJOBS_RUNNER_MEMORY_REQUEST", "DSJOBS_RUNNER_MEMORY_LIMIT"),
+    ):
+        if limit in amounts and amounts[limit] < amounts[request]:
+            raise SettingsError(
+                f"{limit}={getattr(settings, RUNNER_RESOURCES[limit])!r}: must not be "
+                f"less than {request} ({getattr(settings, RUNNER_RESOURCES[request])})"
+            )
     if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
         raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")
     return settings
