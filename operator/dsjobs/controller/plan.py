@@ -789,11 +789,16 @@ _MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
 
 
 def refusal_hint(why: str) -> str:
-    """The API server's refusal of a pod, with where the resources a ResourceQuota wants set come
-    from (the user cannot change them; the admin can, and should know where)."""
-    if "must specify" not in why:
+    """The API server's refusal of a pod, with where the resources a ResourceQuota wants set (or a
+    LimitRange bounds) come from: the user cannot change them; the admin can, and should know where."""
+    if "per Container" in why:
+        # A LimitRange's bounds ("minimum cpu usage per Container is 100m, but request is 50m"):
+        # the message names no container.
+        named = {STAGE_IN_CONTAINER, SHIP_CONTAINER, JOB_CONTAINER}
+    elif "must specify" in why:
+        named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+    else:
         return why
-    named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
     hints = []
     if named & {STAGE_IN_CONTAINER, SHIP_CONTAINER}:
         hints.append(
