@@ -310,9 +310,9 @@ def operator_harness(
 
 
 def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorHarness]:
-    harness.core.create_namespace(
-        {"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": PROJECT_ID}}}
-    )
+    # Job pods meet the baseline Pod Security Standard: every job of these tests proves it.
+    labels = {"dsjobs.dev/project-id": PROJECT_ID, "pod-security.kubernetes.io/enforce": "baseline"}
+    harness.core.create_namespace({"metadata": {"name": namespace, "labels": labels}})
     poll(
         "the namespace's default ServiceAccount",
         lambda: harness.core.list_namespaced_service_account(namespace).items,

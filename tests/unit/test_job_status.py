@@ -1269,6 +1269,11 @@ def test_a_quota_that_wants_limits_set_is_told_where_they_come_from() -> None:
     )
     assert refusal_hint(both).endswith("; the job's container takes its InstanceType's spec.resources)")
     assert refusal_hint(QUOTA) == QUOTA  # over the quota: nothing to set
+    restricted = (
+        'pods "x-a1" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true '
+        '(pod or container "job" must set securityContext.runAsNonRoot=true)'
+    )
+    assert refusal_hint(restricted).endswith("pod-security.kubernetes.io/enforce=baseline)")
     limit_range = 'pods "x-a1" is forbidden: minimum cpu usage per Container is 100m, but request is 50m'
     told = refusal_hint(limit_range)
     assert "DSJOBS_RUNNER_CPU_REQUEST" in told and "InstanceType's spec.resources" in told

@@ -212,6 +212,14 @@ def test_every_pod_has_identity_and_safety(feature: str) -> None:
     assert pod_spec["automountServiceAccountToken"] is False
     names = [c["name"] for c in pod_spec["initContainers"]] + [c["name"] for c in pod_spec["containers"]]
     assert names == ["stage-in", "job", "ship"]
+    # The runner's containers (they hold the storage credentials) as the restricted standard asks.
+    for c in [*pod_spec["initContainers"], *pod_spec["containers"][1:]]:
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }, c["name"]
     job = pod_spec["containers"][0]
     # Storage credentials and the runner config never reach the user's container.
     assert not any("DSJOBS_S3" in json.dumps(e) for e in job.get("env", []))

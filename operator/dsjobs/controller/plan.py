@@ -791,6 +791,12 @@ _MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
 def refusal_hint(why: str) -> str:
     """The API server's refusal of a pod, with where the resources a ResourceQuota wants set (or a
     LimitRange bounds) come from: the user cannot change them; the admin can, and should know where."""
+    if "violates PodSecurity" in why:
+        return (
+            f"{why} (job pods meet the baseline Pod Security Standard, not restricted: the job's "
+            "container runs as its image's user; label the project namespace "
+            "pod-security.kubernetes.io/enforce=baseline)"
+        )
     if "per Container" in why:
         # A LimitRange's bounds ("minimum cpu usage per Container is 100m, but request is 50m"):
         # the message names no container.
