@@ -30,6 +30,7 @@ from dsjobs.controller.plan import (
     cancel_grace_seconds,
     plan,
     refusal_hint,
+    refused_by_type,
     waiting_to_create,
     write_delay,
 )
@@ -1277,6 +1278,15 @@ def test_a_quota_that_wants_limits_set_is_told_where_they_come_from() -> None:
     limit_range = 'pods "x-a1" is forbidden: minimum cpu usage per Container is 100m, but request is 50m'
     told = refusal_hint(limit_range)
     assert "DSJOBS_RUNNER_CPU_REQUEST" in told and "InstanceType's spec.resources" in told
+
+
+def test_only_a_refusal_another_type_could_change_falls_back() -> None:
+    assert not refused_by_type(QUOTA)  # the project's pod count: every type's pod is one
+    both = QUOTA.replace("requested: pods=1,", "requested: pods=1,requests.nvidia.com/gpu=1,")
+    assert refused_by_type(both)
+    assert refused_by_type(PRIORITY)
+    assert refused_by_type('pods "x" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
+                           "used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2")  # fmt: skip
 
 
 def test_a_refusal_that_is_not_the_pod_s_never_falls_back() -> None:

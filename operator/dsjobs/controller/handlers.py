@@ -76,6 +76,7 @@ from dsjobs.controller.plan import (
     current_pod_name,
     plan,
     refusal_hint,
+    refused_by_type,
     waiting_to_create,
     write_delay,
 )
@@ -738,7 +739,7 @@ class Operator:
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, refused: Refused, now: datetime
     ) -> StatusUpdate:
         """The job's status while its pod is refused; past the type's budget, the next type."""
-        if not refused.pod:
+        if not refused.pod or not refused_by_type(refused.why):
             return waiting_to_create(job, refused.why, now)
         type_spec = (await self._catalog_for(job)).get(action.instance_type)
         budget = timedelta(seconds=type_spec.schedule_timeout_seconds) if type_spec is not None else None

@@ -816,6 +816,22 @@ def refusal_hint(why: str) -> str:
     return f"{why} ({'; '.join(hints)})" if hints else why
 
 
+# ResourceQuota admission: "exceeded quota: q1, requested: pods=1, used: pods=4, limited: pods=4".
+_EXCEEDED: Final = re.compile(r"exceeded quota: [^,]+, requested: (.*?), used: ")
+_POD_COUNTS: Final = frozenset({"pods", "count/pods"})
+
+
+def refused_by_type(why: str) -> bool:
+    """Whether another instance type could change the API server's refusal of a pod: not when a
+    quota counts the project's pods (every type's pod is one), else maybe (a quota on GPUs or
+    CPUs, a PriorityClass, a LimitRange, an admission policy on the type's node pool)."""
+    match = _EXCEEDED.search(why)
+    if match is None:
+        return True
+    requested = {part.partition("=")[0].strip() for part in match.group(1).split(",")}
+    return not requested <= _POD_COUNTS
+
+
 # The Scheduled condition's reason while the API server refuses the attempt's pod.
 REFUSED_REASON: Final = "FailedCreate"
 
