@@ -1285,6 +1285,11 @@ def test_only_a_refusal_another_type_could_change_falls_back() -> None:
     both = QUOTA.replace("requested: pods=1,", "requested: pods=1,requests.nvidia.com/gpu=1,")
     assert refused_by_type(both)
     assert refused_by_type(PRIORITY)
+    rbac = (
+        'pods is forbidden: User "system:serviceaccount:dsjobs-system:dsjobs-operator" cannot create '
+        'resource "pods" in API group "" in the namespace "project-a"'
+    )
+    assert not refused_by_type(rbac)
     assert refused_by_type('pods "x" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
                            "used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2")  # fmt: skip
 

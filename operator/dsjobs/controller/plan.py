@@ -823,8 +823,11 @@ _POD_COUNTS: Final = frozenset({"pods", "count/pods"})
 
 def refused_by_type(why: str) -> bool:
     """Whether another instance type could change the API server's refusal of a pod: not when a
-    quota counts the project's pods (every type's pod is one), else maybe (a quota on GPUs or
-    CPUs, a PriorityClass, a LimitRange, an admission policy on the type's node pool)."""
+    quota counts the project's pods (every type's pod is one) or the operator may not create pods;
+    else maybe (a quota on GPUs or CPUs, a PriorityClass, a LimitRange, an admission policy on the
+    type's node pool)."""
+    if "cannot create resource" in why:
+        return False  # the operator's RBAC: no pod of any type
     match = _EXCEEDED.search(why)
     if match is None:
         return True
