@@ -29,8 +29,6 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
-    refusal_hint,
-    refused_by_type,
     waiting_to_create,
     write_delay,
 )
@@ -1257,41 +1255,6 @@ def test_a_type_whose_pod_is_refused_past_its_budget_falls_back_to_the_next() ->
     assert w.status.status_details == f"waiting to create the job's pod: {QUOTA}"
     cond = next(c for c in w.status.conditions if c.type == "Scheduled")
     assert cond.last_transition_time == spent
-
-
-def test_a_quota_that_wants_limits_set_is_told_where_they_come_from() -> None:
-    runner_only = 'pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: ship,stage-in'
-    hinted = refusal_hint(runner_only)
-    assert hinted.startswith(runner_only + " (the runner's containers take theirs from the operator's")
-    assert "DSJOBS_RUNNER_CPU_LIMIT" in hinted and "InstanceType" not in hinted
-    both = (
-        'pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: ship,stage-in; '
-        "requests.nvidia.com/gpu for: job"
-    )
-    assert refusal_hint(both).endswith("; the job's container takes its InstanceType's spec.resources)")
-    assert refusal_hint(QUOTA) == QUOTA  # over the quota: nothing to set
-    restricted = (
-        'pods "x-a1" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true '
-        '(pod or container "job" must set securityContext.runAsNonRoot=true)'
-    )
-    assert refusal_hint(restricted).endswith("pod-security.kubernetes.io/enforce=baseline)")
-    limit_range = 'pods "x-a1" is forbidden: minimum cpu usage per Container is 100m, but request is 50m'
-    told = refusal_hint(limit_range)
-    assert "DSJOBS_RUNNER_CPU_REQUEST" in told and "InstanceType's spec.resources" in told
-
-
-def test_only_a_refusal_another_type_could_change_falls_back() -> None:
-    assert not refused_by_type(QUOTA)  # the project's pod count: every type's pod is one
-    both = QUOTA.replace("requested: pods=1,", "requested: pods=1,requests.nvidia.com/gpu=1,")
-    assert refused_by_type(both)
-    assert refused_by_type(PRIORITY)
-    rbac = (
-        'pods is forbidden: User "system:serviceaccount:dsjobs-system:dsjobs-operator" cannot create '
-        'resource "pods" in API group "" in the namespace "project-a"'
-    )
-    assert not refused_by_type(rbac)
-    assert refused_by_type('pods "x" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
-                           "used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2")  # fmt: skip
 
 
 def test_a_refusal_that_is_not_the_pod_s_never_falls_back() -> None:

@@ -75,12 +75,11 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     current_pod_name,
     plan,
-    refusal_hint,
-    refused_by_type,
     waiting_to_create,
     write_delay,
 )
 from dsjobs.controller.podview import PodView
+from dsjobs.controller.refusals import refusal_hint, refused_by_type
 from dsjobs.controller.render import (
     JobRef,
     PvcView,

@@ -55,7 +55,6 @@ from dsjobs.controller.status import (
 )
 from dsjobs.models import InstanceTypeSpec, JobPhase, OutputDataset, ProjectJobSpec, ProjectJobStatus
 from dsjobs.models.limits import LABEL_VALUE_PATTERN
-from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, format_problems, parse_job_spec
 
@@ -782,57 +781,6 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
         return Plan(job.status, tuple(actions), requeue_after=DELETE_POD_WAIT - waited)
     actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
-
-
-# ResourceQuota admission: "must specify limits.cpu for: ship,stage-in; limits.memory for: job".
-_MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
-
-
-def refusal_hint(why: str) -> str:
-    """The API server's refusal of a pod, with where the resources a ResourceQuota wants set (or a
-    LimitRange bounds) come from: the user cannot change them; the admin can, and should know where."""
-    if "violates PodSecurity" in why:
-        return (
-            f"{why} (job pods meet the baseline Pod Security Standard, not restricted: the job's "
-            "container runs as its image's user; label the project namespace "
-            "pod-security.kubernetes.io/enforce=baseline)"
-        )
-    if "per Container" in why:
-        # A LimitRange's bounds ("minimum cpu usage per Container is 100m, but request is 50m"):
-        # the message names no container.
-        named = {STAGE_IN_CONTAINER, SHIP_CONTAINER, JOB_CONTAINER}
-    elif "must specify" in why:
-        named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
-    else:
-        return why
-    hints = []
-    if named & {STAGE_IN_CONTAINER, SHIP_CONTAINER}:
-        hints.append(
-            "the runner's containers take theirs from the operator's settings DSJOBS_RUNNER_CPU_REQUEST, "
-            "DSJOBS_RUNNER_CPU_LIMIT, DSJOBS_RUNNER_MEMORY_REQUEST, DSJOBS_RUNNER_MEMORY_LIMIT"
-        )
-    if JOB_CONTAINER in named:
-        hints.append("the job's container takes its InstanceType's spec.resources")
-    return f"{why} ({'; '.join(hints)})" if hints else why
-
-
-# ResourceQuota admission: "exceeded quota: q1, requested: pods=1, used: pods=4, limited: pods=4".
-_EXCEEDED: Final = re.compile(r"exceeded quota: [^,]+, requested: (.*?), used: ")
-_POD_COUNTS: Final = frozenset({"pods", "count/pods"})
-
-
-def refused_by_type(why: str) -> bool:
-    """Whether another instance type could change the API server's refusal of a pod: not when a
-    quota counts the project's pods (every type's pod is one) or the operator may not create pods;
-    else maybe (a quota on GPUs or CPUs, a PriorityClass, a LimitRange, an admission policy on the
-    type's node pool)."""
-    if "cannot create resource" in why:
-        return False  # the operator's RBAC: no pod of any type
-    match = _EXCEEDED.search(why)
-    if match is None:
-        return True
-    requested = {part.partition("=")[0].strip() for part in match.group(1).split(",")}
-    return not requested <= _POD_COUNTS
 
 
 # The Scheduled condition's reason while the API server refuses the attempt's pod.
