@@ -38,6 +38,8 @@ from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
 from dsjobs.controller.events import EventPoster
+from dsjobs.controller.joblog import jlog, log
+from dsjobs.controller.jobstore import JobStore
 from dsjobs.controller.kube import (
     JOBS_PATH,
     Conflict,
@@ -104,11 +106,9 @@ from dsjobs.controller.secrets import (
 )
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
 from dsjobs.controller.status import (
-    STORAGE_CHECK_AFTER,
     JobEvent,
     StatusUpdate,
     fail,
-    storage_bound_since,
     with_passed_phases,
 )
 from dsjobs.models import (
@@ -123,20 +123,10 @@ from dsjobs.models import (
 from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message
 
-log = logging.getLogger("dsjobs.controller")
-
 Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
-#: How long after the ship ended an unreadable result.json (object store down) holds the job's
-#: end back; then the job ends without the outputs and logs that only result.json records.
-RESULT_PATIENCE: Final = timedelta(minutes=10)
 MAX_ERROR_BACKOFF: Final = 60.0
-#: Seconds the check for what an earlier job of the same name left may take: it is on every
-#: job's way to its first pod, and a store that hangs must not hold them all back.
-LEFTOVER_CHECK_TIMEOUT: Final = 3.0
-#: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
-STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
@@ -158,19 +148,10 @@ class Refused:
     pod: bool = False
 
 
-class ResultUnavailable(Exception):
-    """The runner's result.json could not be read for now (the object store is down)."""
-
-
 def error_backoff(failures: int) -> float:
     """Seconds before retrying a job whose reconcile failed `failures` times in a row: 0.5, 1, 2, ...
     up to MAX_ERROR_BACKOFF (the exponent is bounded: 2**1024 is no float)."""
     return min(MAX_ERROR_BACKOFF, 0.5 * 2.0 ** min(failures - 1, 16))
-
-
-def jlog(level: int, key: tuple[str, str], message: str, *args: object) -> None:
-    """A log line about one job: `namespace/name: message` plus the two as structured fields."""
-    log.log(level, "%s/%s: " + message, key[0], key[1], *args, extra={"namespace": key[0], "job": key[1]})
 
 
 def _now() -> datetime:
@@ -209,13 +190,7 @@ class Operator:
         self.kube: Kube | None = None
         self.events: EventPoster | None = None
         self.storage_env = {k: env[k] for k in STORAGE_ENV if env.get(k)}
-        self._storage: Any = None
-        # The last check of the object store (loop time, problem or None) and its lock: one check
-        # at a time, shared by every job that waits on it.
-        self._storage_check: tuple[float, str | None] | None = None
-        self._leftover_checks_off_until = 0.0
-        self._quick_storage: Any = None  # the store with short waits, for the leftover check
-        self._storage_check_lock: asyncio.Lock | None = None
+        self.store = JobStore(self.storage_env)
         self.pods = PodCache()
         self.instance_types = InstanceTypeCache()
         # Set once the pods and InstanceTypes that existed at start are in the caches.
@@ -406,7 +381,7 @@ class Operator:
             pods = await self._pods_of(key, job)
             result = await self._result_of(job, pods)
             now = _now()
-            problem = await self._storage_problem(job, pods, now)
+            problem = await self.store.problem(_current_pod(job, pods), now)
             catalog = await self._catalog_for(job)
             step = plan(job, pods, catalog, result, now, self.settings, storage_problem=problem)
             body, status, events, requeue = await self._act(job, body, step, now)
@@ -570,87 +545,24 @@ class Operator:
             # The pod went before the operator saw it end (a drain evicted it with the operator,
             # someone deleted it): its runner, told to stop, stored result.json on its way out,
             # with the job's logs and outputs. Not waited for: nothing says when it ended.
-            return await self._stored_result(job, pod.attempt, None)
+            return await self.store.stored_result(job, pod.attempt, None)
         if ship is None or ship.state != "terminated":
             return None
         if not ship.message:
             # The ship stores result.json before it writes its termination message, which a full
             # disk on the node (the job filled it, most likely) can swallow: the outputs and logs
             # need not be lost with it. Asked once the pod has ended: its outcome is then decided.
-            return await self._stored_result(job, pod.attempt, ship.finished_at) if pod.terminal else None
+            return (
+                await self.store.stored_result(job, pod.attempt, ship.finished_at) if pod.terminal else None
+            )
         try:
             result = parse_termination_message(ship.message)
         except ValueError:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
             return None
         if isinstance(result, ResultPointer):
-            return await self._stored_result(job, result.attempt, ship.finished_at) or result
+            return await self.store.stored_result(job, result.attempt, ship.finished_at) or result
         return result
-
-    async def _stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
-        """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
-
-        Without it the job's outputs and logs go unrecorded for good (the final status is not
-        planned again), so an outage of the object store is waited out for a while after the
-        ship container `ended`: the reconcile fails and is retried with backoff."""
-        storage = self._storage_client()
-        if storage is None:
-            return None
-        from dsjobs.runner.result import load_result
-        from dsjobs.storage import is_transient
-
-        try:
-            spec_project = str(job.spec.get("projectId", ""))
-            full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
-        except Exception as exc:
-            if is_transient(exc) and ended is not None and _now() - ended < RESULT_PATIENCE:
-                raise ResultUnavailable(f"the runner's result.json cannot be read now: {exc!r}") from exc
-            jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
-            return None
-        return full if full is not None and full.attempt == attempt else None
-
-    async def _storage_problem(self, job: JobView, pods: Sequence[PodView], now: datetime) -> str | None:
-        """What is wrong with the object store, checked by the operator itself, once the current
-        pod's runner has been moving files for a while (`storage_bound_since`): its own retries
-        are invisible from outside the pod. None when the store answers or nothing waits on it."""
-        pod = _current_pod(job, pods)
-        since = storage_bound_since(pod) if pod is not None else None
-        if since is None or now - since < STORAGE_CHECK_AFTER:
-            return None
-        storage = self._storage_client()
-        if storage is None:
-            return None
-        from dsjobs.storage import is_transient
-
-        if self._storage_check_lock is None:
-            self._storage_check_lock = asyncio.Lock()
-        async with self._storage_check_lock:
-            loop = asyncio.get_running_loop()
-            last = self._storage_check
-            if last is not None and loop.time() - last[0] < STORAGE_CHECK_AFTER.total_seconds():
-                return last[1]
-            problem = None
-            try:
-                await asyncio.to_thread(storage.with_attempts(1).head, STORAGE_CHECK_KEY)
-            except Exception as exc:
-                # Only "does not answer" (connection trouble, timeouts, 5xx) is the runner's
-                # trouble too; a refusal of the operator's own request says nothing of the job's.
-                if is_transient(exc):
-                    problem = f"{type(exc).__name__}: {exc}"[:300]
-            if problem != (last[1] if last is not None else None):
-                if problem is None:
-                    log.info("the object store answers again")
-                else:
-                    log.warning("the object store does not answer: %s", problem)
-            self._storage_check = (loop.time(), problem)
-            return problem
-
-    def _storage_client(self) -> Any:
-        if self._storage is None and self.storage_env.get("DSJOBS_S3_ENDPOINT"):
-            from dsjobs.storage import Storage
-
-            self._storage = Storage.from_env(self.storage_env)
-        return self._storage
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -867,7 +779,7 @@ class Operator:
         )
         # Meanwhile, not before: it is a request to the object store on every job's way to its pod.
         clearing = (
-            asyncio.ensure_future(self._clear_leftovers(job, spec.project_id))
+            asyncio.ensure_future(self.store.clear_leftovers(job, spec.project_id))
             if action.attempt == 1
             else None
         )
@@ -935,51 +847,6 @@ class Operator:
             if clearing is not None:
                 await clearing
 
-    async def _clear_leftovers(self, job: JobView, project_id: str) -> None:
-        """Objects under a job's prefix before its first pod exists were left by an earlier
-        ProjectJob of the same name: its pod, stuck on a lost node when that job was deleted,
-        wrote them after that job's data was deleted. This job's runner would take them for its
-        own (continue the log stream after them, read that result.json), so they go first.
-        Best effort: a store that does not answer now is the stage-in's to wait out."""
-        full = self._storage_client()
-        if full is None:
-            return
-        if self._quick_storage is None:
-            self._quick_storage = full.with_timeout(LEFTOVER_CHECK_TIMEOUT).with_attempts(1)
-        storage = self._quick_storage
-        from dsjobs.storage import job_prefix
-
-        key = (job.namespace, job.name)
-        prefix = job_prefix(project_id, job.name)
-
-        def check() -> list[str]:
-            # Decided when the thread gets to it: checks queued behind one that found the store
-            # not answering are skipped, not each waited out.
-            if time.monotonic() < self._leftover_checks_off_until:
-                return []
-            try:
-                return list(storage.first_keys(prefix))
-            except Exception:
-                # A store that does not answer now would make every job wait out the timeout:
-                # the checks pause for a while (the jobs' runners wait for the store anyway).
-                self._leftover_checks_off_until = time.monotonic() + LEFTOVER_CHECK_TIMEOUT * 10
-                raise
-
-        try:
-            if not await asyncio.to_thread(check):
-                return
-            deleted = await asyncio.to_thread(full.delete_prefix, prefix)
-        except Exception as exc:
-            jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
-            return
-        jlog(
-            logging.INFO,
-            key,
-            "deleted %d stored objects an earlier ProjectJob of the same name left under %s",
-            deleted,
-            prefix,
-        )
-
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""
         assert self.kube is not None
@@ -1040,7 +907,7 @@ class Operator:
             return
         await self._warm_input_refs()
         hashes = self.input_refs.unused((job.namespace, job.name), spec.project_id, input_hashes(spec))
-        await delete_job_data(self._storage_client(), spec.project_id, job.name, hashes)
+        await delete_job_data(self.store.client(), spec.project_id, job.name, hashes)
 
     # --- writing -----------------------------------------------------------------------------
 

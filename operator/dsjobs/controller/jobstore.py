@@ -1,0 +1,159 @@
+"""The operator's own use of the object store, beside what the jobs' runners move.
+
+It reads a job's result.json when the pod could not report it (a full disk, an overflowing
+termination message, a pod gone while the operator was away), checks whether the store answers
+when a runner seems stuck on it, and clears what an earlier ProjectJob of the same name left under
+a job's prefix. Every call runs in a worker thread: the store's client blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from dsjobs.controller.joblog import jlog, log
+from dsjobs.controller.plan import JobView
+from dsjobs.controller.podview import PodView
+from dsjobs.controller.status import STORAGE_CHECK_AFTER, storage_bound_since
+from dsjobs.runner.result import RunnerResult
+
+#: How long after the ship ended an unreadable result.json (object store down) holds the job's
+#: end back; then the job ends without the outputs and logs that only result.json records.
+RESULT_PATIENCE: Final = timedelta(minutes=10)
+#: Seconds the check for what an earlier job of the same name left may take: it is on every
+#: job's way to its first pod, and a store that hangs must not hold them all back.
+LEFTOVER_CHECK_TIMEOUT: Final = 3.0
+#: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
+STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
+
+
+class ResultUnavailable(Exception):
+    """The runner's result.json could not be read for now (the object store is down)."""
+
+
+class JobStore:
+    """The object store as the operator uses it; None of it without DSJOBS_S3_ENDPOINT."""
+
+    def __init__(self, storage_env: Mapping[str, str]) -> None:
+        self.env = dict(storage_env)
+        self._storage: Any = None
+        self._quick_storage: Any = None  # the store with short waits, for the leftover check
+        # The last check of the object store (loop time, problem or None) and its lock: one check
+        # at a time, shared by every job that waits on it.
+        self._check: tuple[float, str | None] | None = None
+        self._check_lock: asyncio.Lock | None = None
+        self._leftover_checks_off_until = 0.0
+
+    def client(self) -> Any:
+        """The store's client (dsjobs.storage.Storage), made on first use; None without one."""
+        if self._storage is None and self.env.get("DSJOBS_S3_ENDPOINT"):
+            from dsjobs.storage import Storage
+
+            self._storage = Storage.from_env(self.env)
+        return self._storage
+
+    async def stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
+        """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
+
+        Without it the job's outputs and logs go unrecorded for good (the final status is not
+        planned again), so an outage of the object store is waited out for a while after the
+        ship container `ended`: ResultUnavailable, and the reconcile is retried with backoff."""
+        storage = self.client()
+        if storage is None:
+            return None
+        from dsjobs.runner.result import load_result
+        from dsjobs.storage import is_transient
+
+        try:
+            spec_project = str(job.spec.get("projectId", ""))
+            full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
+        except Exception as exc:
+            if is_transient(exc) and ended is not None and datetime.now(UTC) - ended < RESULT_PATIENCE:
+                raise ResultUnavailable(f"the runner's result.json cannot be read now: {exc!r}") from exc
+            jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
+            return None
+        return full if full is not None and full.attempt == attempt else None
+
+    async def problem(self, pod: PodView | None, now: datetime) -> str | None:
+        """What is wrong with the object store, checked by the operator itself, once the current
+        pod's runner has been moving files for a while (`storage_bound_since`): its own retries
+        are invisible from outside the pod. None when the store answers or nothing waits on it."""
+        since = storage_bound_since(pod) if pod is not None else None
+        if since is None or now - since < STORAGE_CHECK_AFTER:
+            return None
+        storage = self.client()
+        if storage is None:
+            return None
+        from dsjobs.storage import is_transient
+
+        if self._check_lock is None:
+            self._check_lock = asyncio.Lock()
+        async with self._check_lock:
+            loop = asyncio.get_running_loop()
+            last = self._check
+            if last is not None and loop.time() - last[0] < STORAGE_CHECK_AFTER.total_seconds():
+                return last[1]
+            problem = None
+            try:
+                await asyncio.to_thread(storage.with_attempts(1).head, STORAGE_CHECK_KEY)
+            except Exception as exc:
+                # Only "does not answer" (connection trouble, timeouts, 5xx) is the runner's
+                # trouble too; a refusal of the operator's own request says nothing of the job's.
+                if is_transient(exc):
+                    problem = f"{type(exc).__name__}: {exc}"[:300]
+            if problem != (last[1] if last is not None else None):
+                if problem is None:
+                    log.info("the object store answers again")
+                else:
+                    log.warning("the object store does not answer: %s", problem)
+            self._check = (loop.time(), problem)
+            return problem
+
+    async def clear_leftovers(self, job: JobView, project_id: str) -> None:
+        """Objects under a job's prefix before its first pod exists were left by an earlier
+        ProjectJob of the same name: its pod, stuck on a lost node when that job was deleted,
+        wrote them after that job's data was deleted. This job's runner would take them for its
+        own (continue the log stream after them, read that result.json), so they go first.
+        Best effort: a store that does not answer now is the stage-in's to wait out."""
+        full = self.client()
+        if full is None:
+            return
+        if self._quick_storage is None:
+            self._quick_storage = full.with_timeout(LEFTOVER_CHECK_TIMEOUT).with_attempts(1)
+        storage = self._quick_storage
+        from dsjobs.storage import job_prefix
+
+        key = (job.namespace, job.name)
+        prefix = job_prefix(project_id, job.name)
+
+        def check() -> list[str]:
+            # Decided when the thread gets to it: checks queued behind one that found the store
+            # not answering are skipped, not each waited out.
+            if time.monotonic() < self._leftover_checks_off_until:
+                return []
+            try:
+                return list(storage.first_keys(prefix))
+            except Exception:
+                # A store that does not answer now would make every job wait out the timeout:
+                # the checks pause for a while (the jobs' runners wait for the store anyway).
+                self._leftover_checks_off_until = time.monotonic() + LEFTOVER_CHECK_TIMEOUT * 10
+                raise
+
+        try:
+            if not await asyncio.to_thread(check):
+                return
+            deleted = await asyncio.to_thread(full.delete_prefix, prefix)
+        except Exception as exc:
+            jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
+            return
+        jlog(
+            logging.INFO,
+            key,
+            "deleted %d stored objects an earlier ProjectJob of the same name left under %s",
+            deleted,
+            prefix,
+        )
