@@ -507,6 +507,35 @@ def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> Non
     assert not h.pods(cancelled)
 
 
+def test_a_working_storage_claim_a_quota_refuses_is_told_and_made_once_there_is_room(h: H) -> None:
+    if h.cluster.root is None:
+        pytest.skip(LOCAL_CLASS_ONLY)
+    # The ephemeral volume controller, not the operator, makes the claim; the quota's refusal is
+    # only in its Event on the pod, which the details now quote (the scheduler says only that it
+    # waits for the claim).
+    quota = k8s_client.V1ResourceQuota(
+        metadata=k8s_client.V1ObjectMeta(name="no-claims"),
+        spec=k8s_client.V1ResourceQuotaSpec(hard={"persistentvolumeclaims": "0"}),
+    )
+    h.core.create_namespaced_resource_quota(h.namespace, quota)
+    try:
+        storage = {"type": "SSD", "sizeGb": 100}
+        h.create_job("claim-quota", {"cmd": "echo ran", "extendedWorkingStorage": storage})
+        told = "its claim cannot be made: ephemeral volume dsjobs-work: create PVC claim-quota-a1-dsjobs-work"
+
+        def refused() -> dict[str, Any] | None:
+            status = h.status("claim-quota")
+            return status if told in status.get("statusDetails", "") else None
+
+        status = poll("the claim's refusal in the details", refused, 90)
+        assert status["phase"] == "PREPARING", status
+        assert "exceeded quota: no-claims" in status["statusDetails"], status
+    finally:
+        h.core.delete_namespaced_resource_quota("no-claims", h.namespace)
+    status = h.wait_phase("claim-quota", "SUCCESS", "ERROR", timeout=180)
+    assert status["phase"] == "SUCCESS", status
+
+
 def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     # The instance type's memory limit is the job container's; the local nodes enforce it with a
     # memory cgroup where the host allows, and the kernel's OOM kill is the job's ERROR.

@@ -32,7 +32,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodView
+from dsjobs.controller.podview import PodView, latest_event_message
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     STORAGE_CHECK_AFTER,
@@ -421,6 +421,41 @@ def test_a_pod_waiting_for_its_volumes_says_so_not_capacity() -> None:
     )
     gpu = step(job(status=started()), [unschedulable(NOW - timedelta(seconds=10))])
     assert gpu.status.status_details.startswith("waiting for capacity for instance type c1.4: ")
+
+
+def test_a_claim_the_ephemeral_volume_controller_cannot_make_is_told_why() -> None:
+    # The scheduler only says it waits for the controller; the controller's FailedBinding Event
+    # (looked up by the glue) says why the claim never comes.
+    waiting = pod(
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/2 nodes are available: waiting for ephemeral volume controller to create the "
+                'persistentvolumeclaim "job-1-a1-dsjobs-work". not found',
+            }
+        ],
+    )
+    assert waiting.waits_for_ephemeral_claim and not pod().waits_for_ephemeral_claim
+    events = [
+        {"message": "old", "lastTimestamp": "2025-06-01T11:59:00Z"},
+        {"message": QUOTA_ON_CLAIMS, "lastTimestamp": "2025-06-01T11:59:50Z"},
+        {"message": "no time"},
+    ]
+    told = dataclasses.replace(waiting, claim_problem=latest_event_message(events))
+    p = step(job(status=started()), [told])
+    assert p.status.status_details == (
+        f"waiting for the job's volumes (instance type c1.4): its claim cannot be made: {QUOTA_ON_CLAIMS}"
+    )
+    assert latest_event_message([]) == ""
+
+
+QUOTA_ON_CLAIMS = (
+    'ephemeral volume dsjobs-work: create PVC job-1-a1-dsjobs-work: persistentvolumeclaims "job-1-a1-dsjobs-work" '
+    "is forbidden: exceeded quota: no-pvc, requested: persistentvolumeclaims=1, used: persistentvolumeclaims=0, "
+    "limited: persistentvolumeclaims=0"
+)
 
 
 def test_fallback_to_the_second_type_after_the_budget() -> None:

@@ -42,6 +42,7 @@ from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.jobstore import JobStore
 from dsjobs.controller.kube import (
     JOBS_PATH,
+    APIError,
     Conflict,
     Forbidden,
     Invalid,
@@ -52,6 +53,7 @@ from dsjobs.controller.kube import (
     merge_diff,
     message_of,
     shrink_tls_read_buffers,
+    with_query,
 )
 from dsjobs.controller.names import (
     FINALIZER,
@@ -80,7 +82,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodView
+from dsjobs.controller.podview import PodView, latest_event_message
 from dsjobs.controller.refusals import refusal_hint, refused_by_type
 from dsjobs.controller.render import (
     JobRef,
@@ -378,7 +380,7 @@ class Operator:
                 self._forget(key)
                 return None
             job = JobView.from_body(body)
-            pods = await self._pods_of(key, job)
+            pods = await self._with_claim_problem(job, await self._pods_of(key, job))
             result = await self._result_of(job, pods)
             now = _now()
             problem = await self.store.problem(_current_pod(job, pods), now)
@@ -533,6 +535,30 @@ class Operator:
             else:
                 pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
         return list(pods.values())
+
+    async def _with_claim_problem(self, job: JobView, pods: list[PodView]) -> list[PodView]:
+        """The pods, the current one with why its ephemeral claim is not made while the scheduler
+        waits for it: only the controller's Event on the pod says (one LIST, in that state only)."""
+        pod = _current_pod(job, pods)
+        if pod is None or not pod.uid or not pod.waits_for_ephemeral_claim:
+            return pods
+        assert self.kube is not None
+        selector = f"involvedObject.uid={pod.uid},reason=FailedBinding"
+        try:
+            found = await self.kube.get(
+                "events", with_query(core_path(job.namespace, "events"), fieldSelector=selector)
+            )
+        except APIError as exc:  # an aid to the details only
+            jlog(
+                logging.DEBUG,
+                (job.namespace, job.name),
+                "could not list the events of pod %s: %r",
+                pod.name,
+                exc,
+            )
+            return pods
+        problem = latest_event_message((found or {}).get("items") or ())
+        return [dataclasses.replace(p, claim_problem=problem) if p is pod else p for p in pods]
 
     async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,

@@ -7,7 +7,7 @@ about a pod is here, so the status function can be tested with hand-made pods.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -108,6 +108,9 @@ class PodView:
     # node.kubernetes.io/unreachable; the API server adds 300 s by default). None: no such
     # toleration (evicted at once); TOLERATED_FOREVER: a toleration without seconds.
     unreachable_toleration_seconds: int | None = None
+    # Why the ephemeral volume controller cannot make the pod's claim (its latest FailedBinding
+    # Event: a quota on claims or storage, say): the glue looks it up while the pod waits for it.
+    claim_problem: str = ""
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any], *, gone: bool = False) -> PodView:
@@ -193,6 +196,18 @@ class PodView:
         return bool(self.node_name)
 
     @property
+    def waits_for_ephemeral_claim(self) -> bool:
+        """The scheduler waits for the ephemeral volume controller to make one of its claims."""
+        cond = self.condition("PodScheduled")
+        return (
+            not self.scheduled
+            and not self.gone
+            and cond is not None
+            and cond.status == "False"
+            and "waiting for ephemeral volume controller" in cond.message
+        )
+
+    @property
     def unschedulable(self) -> bool:
         """The scheduler tried the pod and found no node for it (not merely: not scheduled yet)."""
         cond = self.condition("PodScheduled")
@@ -249,3 +264,15 @@ def _controller_uid(refs: Any) -> str:
         if isinstance(ref, Mapping) and ref.get("controller"):
             return str(ref.get("uid") or "")
     return ""
+
+
+def latest_event_message(events: Sequence[Mapping[str, Any]]) -> str:
+    """The message of the most recent of some core/v1 Events (by last, then first, time), or ""."""
+
+    def when(e: Mapping[str, Any]) -> str:
+        # RFC 3339 in UTC: the strings sort as the times do.
+        meta = e.get("metadata") or {}
+        return str(e.get("lastTimestamp") or e.get("eventTime") or meta.get("creationTimestamp") or "")
+
+    latest = max(events, key=when, default=None)
+    return str(latest.get("message") or "") if latest is not None else ""

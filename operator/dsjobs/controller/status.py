@@ -658,6 +658,9 @@ def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | No
             message = cond.message or cond.reason
             if "persistentvolume" in message.lower().replace(" ", ""):
                 # Not a matter of capacity: a claim (working storage, a mount) is not bound yet.
+                if pod.claim_problem:
+                    # The scheduler only says it waits for the claim; this is why it never comes.
+                    message = f"its claim cannot be made: {pod.claim_problem}"
                 return f"waiting for the job's volumes (instance type {instance_type}): {message}"
             return f"waiting for capacity for instance type {instance_type}: {message}"
         return f"waiting for a node for instance type {instance_type}"
