@@ -247,7 +247,7 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
     # Cluster-scoped: checked for a job with working storage before its pod.
     assert verbs("dsjobs-operator", "storageclasses") == {"list"}
-    # Events: posted about jobs; a waiting pod's FailedBinding ones listed (its working storage).
+    # Events: posted about jobs; a waiting pod's Warning ones listed (claims, mounts).
     assert verbs("dsjobs-operator", "events") == {"create", "list"}
     # Claims: found by label (mounts), made and published (output datasets), unpublished ones
     # deleted by label; never a single get or delete of somebody's claim.

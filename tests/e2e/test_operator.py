@@ -331,6 +331,58 @@ def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, s
     assert not (dataset / "nope").exists()
 
 
+def test_a_mount_the_node_cannot_set_up_is_told_from_the_pods_events(h: H) -> None:
+    # An S3 mount whose claim is bound to a volume the node cannot mount (a CSI driver it lacks):
+    # a kubelet leaves the containers "ContainerCreating" and tells only in FailedMount Events.
+    pv = f"e2e-no-driver-{uuid.uuid4().hex[:6]}"
+    h.core.create_persistent_volume(
+        {
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "csi": {"driver": "s3.csi.example.test", "volumeHandle": pv},
+                "persistentVolumeReclaimPolicy": "Retain",
+            },
+        }
+    )
+    try:
+        claim = {
+            "metadata": {"name": "no-driver", "labels": {"dsjobs.dev/s3-mount-id": "nodriver"}},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        h.core.create_namespaced_persistent_volume_claim(h.namespace, claim)
+        h.create_job("no-driver", {"cmd": "ls ${nodriver}", "s3MountIds": ["nodriver"]})
+
+        def failed_mount() -> str | None:
+            events = h.core.list_namespaced_event(
+                h.namespace, field_selector="involvedObject.name=no-driver-a1,reason=FailedMount"
+            ).items
+            return events[-1].message if events else None
+
+        message = poll("the node's FailedMount Event", failed_mount, 60)
+
+        def told() -> dict[str, Any] | None:
+            status = h.status("no-driver")
+            return status if status.get("statusDetails", "").endswith(f": {message}") else None
+
+        status = poll("the FailedMount in the details", told, 90)
+        assert status["phase"] == "PREPARING", status
+        assert status["statusDetails"].startswith("starting on node "), status
+        h.patch_spec("no-driver", {"cancel": {"reason": "e2e done"}})
+        assert h.wait_phase("no-driver", "CANCELLED", "ERROR", timeout=120)["phase"] == "CANCELLED"
+    finally:
+        with contextlib.suppress(ApiException):
+            h.core.delete_namespaced_persistent_volume_claim("no-driver", h.namespace)
+        with contextlib.suppress(ApiException):
+            h.core.delete_persistent_volume(pv)
+
+
 def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)

@@ -438,17 +438,43 @@ def test_a_claim_the_ephemeral_volume_controller_cannot_make_is_told_why() -> No
         ],
     )
     assert waiting.waits_for_ephemeral_claim and not pod().waits_for_ephemeral_claim
+    assert waiting.events_to_ask(NOW) == "reason=FailedBinding"
     events = [
         {"message": "old", "lastTimestamp": "2025-06-01T11:59:00Z"},
         {"message": QUOTA_ON_CLAIMS, "lastTimestamp": "2025-06-01T11:59:50Z"},
         {"message": "no time"},
     ]
-    told = dataclasses.replace(waiting, claim_problem=latest_event_message(events))
+    told = dataclasses.replace(waiting, warning=latest_event_message(events))
     p = step(job(status=started()), [told])
     assert p.status.status_details == (
         f"waiting for the job's volumes (instance type c1.4): its claim cannot be made: {QUOTA_ON_CLAIMS}"
     )
     assert latest_event_message([]) == ""
+    assert p.requeue_after is not None and p.requeue_after <= timedelta(seconds=20)  # asked again
+
+
+def test_a_pod_whose_node_cannot_set_it_up_is_told_why_from_its_events() -> None:
+    # Scheduled, no container started: a kubelet names no reason while it mounts the volumes.
+    scheduled_at = NOW - timedelta(seconds=30)
+    cond = {"type": "PodScheduled", "status": "True", "lastTransitionTime": ts(scheduled_at)}
+    creating = [waiting("stage-in", "PodInitializing")]
+    mounting = pod(phase="Pending", node="cpu-0", conditions=[cond], init=creating)
+    assert mounting.events_to_ask(NOW) == "type=Warning,reason!=FailedScheduling"
+    assert mounting.events_to_ask(scheduled_at + timedelta(seconds=5)) is None  # give it time
+    mount_failed = 'MountVolume.SetUp failed for volume "s3-data": driver name ru.yandex.s3.csi not found'
+    told = dataclasses.replace(mounting, warning=mount_failed)
+    p = step(job(status=started()), [told])
+    assert p.status.status_details == f"starting on node cpu-0: {mount_failed}"
+    assert p.requeue_after == timedelta(seconds=20)
+    # Started: nothing to ask (a warning looked up before is not shown either).
+    running_pod = executing_pod()
+    assert running_pod.events_to_ask(NOW) is None
+    assert (
+        "MountVolume"
+        not in step(
+            job(status=started()), [dataclasses.replace(running_pod, warning=mount_failed)]
+        ).status.status_details
+    )
 
 
 QUOTA_ON_CLAIMS = (

@@ -380,9 +380,9 @@ class Operator:
                 self._forget(key)
                 return None
             job = JobView.from_body(body)
-            pods = await self._with_claim_problem(job, await self._pods_of(key, job))
-            result = await self._result_of(job, pods)
             now = _now()
+            pods = await self._with_warning(job, await self._pods_of(key, job), now)
+            result = await self._result_of(job, pods)
             problem = await self.store.problem(_current_pod(job, pods), now)
             catalog = await self._catalog_for(job)
             step = plan(job, pods, catalog, result, now, self.settings, storage_problem=problem)
@@ -536,18 +536,19 @@ class Operator:
                 pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
         return list(pods.values())
 
-    async def _with_claim_problem(self, job: JobView, pods: list[PodView]) -> list[PodView]:
-        """The pods, the current one with why its ephemeral claim is not made while the scheduler
-        waits for it: only the controller's Event on the pod says (one LIST, in that state only)."""
+    async def _with_warning(self, job: JobView, pods: list[PodView], now: datetime) -> list[PodView]:
+        """The pods, the current one with its newest Warning Event while it waits on what only
+        Events tell (PodView.events_to_ask): one LIST of its Events, in those states only."""
         pod = _current_pod(job, pods)
-        if pod is None or not pod.uid or not pod.waits_for_ephemeral_claim:
+        selector = pod.events_to_ask(now) if pod is not None and pod.uid else None
+        if pod is None or selector is None:
             return pods
         assert self.kube is not None
-        selector = f"involvedObject.uid={pod.uid},reason=FailedBinding"
+        query = with_query(
+            core_path(job.namespace, "events"), fieldSelector=f"involvedObject.uid={pod.uid},{selector}"
+        )
         try:
-            found = await self.kube.get(
-                "events", with_query(core_path(job.namespace, "events"), fieldSelector=selector)
-            )
+            found = await self.kube.get("events", query)
         except APIError as exc:  # an aid to the details only
             jlog(
                 logging.DEBUG,
@@ -557,8 +558,8 @@ class Operator:
                 exc,
             )
             return pods
-        problem = latest_event_message((found or {}).get("items") or ())
-        return [dataclasses.replace(p, claim_problem=problem) if p is pod else p for p in pods]
+        warning = latest_event_message((found or {}).get("items") or ())
+        return [dataclasses.replace(p, warning=warning) if p is pod else p for p in pods]
 
     async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,

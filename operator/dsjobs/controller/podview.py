@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 from dsjobs.controller.names import ATTEMPT_LABEL, INSTANCE_TYPE_INDEX_ANNOTATION, INSTANCE_TYPE_LABEL
@@ -80,6 +80,12 @@ class PodCondition:
     last_transition_time: datetime | None = None
 
 
+#: Waiting reasons of containers whose pod is still being set up (volumes, sandbox).
+SETTING_UP: Final = frozenset({"", "ContainerCreating", "PodInitializing"})
+#: How long a scheduled pod may take to start its first container before its Events are asked why.
+SETUP_PATIENCE: Final = timedelta(seconds=20)
+
+
 @dataclass(frozen=True)
 class PodView:
     """What the operator knows about one pod of a job."""
@@ -108,9 +114,10 @@ class PodView:
     # node.kubernetes.io/unreachable; the API server adds 300 s by default). None: no such
     # toleration (evicted at once); TOLERATED_FOREVER: a toleration without seconds.
     unreachable_toleration_seconds: int | None = None
-    # Why the ephemeral volume controller cannot make the pod's claim (its latest FailedBinding
-    # Event: a quota on claims or storage, say): the glue looks it up while the pod waits for it.
-    claim_problem: str = ""
+    # The newest Warning Event about the pod, looked up by the glue while the pod waits on what
+    # only Events tell (events_to_ask): the ephemeral volume controller's FailedBinding (a quota
+    # on claims), the kubelet's FailedMount (a volume it cannot mount).
+    warning: str = ""
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any], *, gone: bool = False) -> PodView:
@@ -206,6 +213,26 @@ class PodView:
             and cond.status == "False"
             and "waiting for ephemeral volume controller" in cond.message
         )
+
+    def events_to_ask(self, now: datetime) -> str | None:
+        """The field selector of the Events that tell why the pod waits, when only they can: it
+        waits for its ephemeral claim, or it was scheduled SETUP_PATIENCE ago and no container
+        has started (a kubelet puts no reason on its containers while it mounts volumes)."""
+        if self.gone or self.deleting or self.terminal:
+            return None
+        if self.waits_for_ephemeral_claim:
+            return "reason=FailedBinding"
+        scheduled = self.condition("PodScheduled")
+        since = scheduled.last_transition_time if scheduled is not None else None
+        if self.setting_up and since is not None and now - since >= SETUP_PATIENCE:
+            return "type=Warning,reason!=FailedScheduling"
+        return None
+
+    @property
+    def setting_up(self) -> bool:
+        """Scheduled, and no container has started yet: the node mounts volumes, makes the sandbox."""
+        containers = (*self.init_containers, *self.containers)
+        return self.scheduled and all(c.state == "waiting" and c.reason in SETTING_UP for c in containers)
 
     @property
     def unschedulable(self) -> bool:

@@ -29,7 +29,7 @@ from enum import StrEnum
 from typing import Final, Literal
 
 from dsjobs.controller.names import PROJECT_SECRETS_NAME
-from dsjobs.controller.podview import TOLERATED_FOREVER, ContainerView, PodView
+from dsjobs.controller.podview import SETUP_PATIENCE, TOLERATED_FOREVER, ContainerView, PodView
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import (
     CompressionType,
@@ -658,9 +658,9 @@ def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | No
             message = cond.message or cond.reason
             if "persistentvolume" in message.lower().replace(" ", ""):
                 # Not a matter of capacity: a claim (working storage, a mount) is not bound yet.
-                if pod.claim_problem:
+                if pod.warning and pod.waits_for_ephemeral_claim:
                     # The scheduler only says it waits for the claim; this is why it never comes.
-                    message = f"its claim cannot be made: {pod.claim_problem}"
+                    message = f"its claim cannot be made: {pod.warning}"
                 return f"waiting for the job's volumes (instance type {instance_type}): {message}"
             return f"waiting for capacity for instance type {instance_type}: {message}"
         return f"waiting for a node for instance type {instance_type}"
@@ -670,6 +670,9 @@ def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | No
     for c in (*pod.init_containers, *pod.containers):
         if c.state == "waiting" and c.reason and c.reason not in ("PodInitializing", "ContainerCreating"):
             return f"container {c.name}: {c.reason}" + (f": {c.message}" if c.message else "")
+    if pod.warning and pod.setting_up:
+        # A kubelet names no reason on the containers while it mounts volumes; its Events do.
+        return f"starting on node {pod.node_name}: {pod.warning}"
     return f"starting on node {pod.node_name}"
 
 
@@ -830,8 +833,11 @@ def compute_status(
         what = f"container {job.name}" + (f" (image {image})" if image else "")
         return fail(spec, status, job.reason, f"{what} could not run: {_never_ran_text(job)}", now)
     # While the runner moves files, plan again now and then: the operator's check of the object
-    # store is what tells a stalled transfer from a slow one.
+    # store is what tells a stalled transfer from a slow one. So too while the pod waits on what
+    # only its Events tell (the glue asks them).
     check = STORAGE_CHECK_AFTER if storage_bound_since(pod) is not None else None
+    if pod.setting_up or pod.waits_for_ephemeral_claim:
+        check = SETUP_PATIENCE
     if job is not None and job.state == "terminated":
         status = status.model_copy(update={"return_code": job.exit_code})
         details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
