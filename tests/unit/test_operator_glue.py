@@ -11,7 +11,7 @@ import contextlib
 
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, started, step, terminated
 
-from dsjobs.controller.handlers import Operator
+from dsjobs.controller.handlers import Operator, _current_pod
 from dsjobs.models import JobPhase
 from dsjobs.runner.result import OutputResult
 
@@ -41,7 +41,7 @@ def test_an_adopted_pod_gives_its_runner_result() -> None:
         containers=[terminated("job", 0), terminated("ship", 0, message=res.to_json())],
     )
     j = job(params={"outputFiles": [{"path": "out.txt"}]}, status={"phase": "CREATING"})
-    got = asyncio.run(Operator(SETTINGS, environ={})._result_of(j, [ended]))
+    got = asyncio.run(Operator(SETTINGS, environ={})._result_of(j, _current_pod(j, [ended])))
     assert got == res
     s = step(j, [ended], res=got).status
     assert s.phase == JobPhase.SUCCESS and [o.desc.path for o in s.output_files] == ["out.txt"]

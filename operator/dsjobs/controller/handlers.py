@@ -382,8 +382,9 @@ class Operator:
             job = JobView.from_body(body)
             now = _now()
             pods = await self._with_warning(job, await self._pods_of(key, job), now)
-            result = await self._result_of(job, pods)
-            problem = await self.store.problem(_current_pod(job, pods), now)
+            current = _current_pod(job, pods)
+            result = await self._result_of(job, current)
+            problem = await self.store.problem(current, now)
             catalog = await self._catalog_for(job)
             step = plan(job, pods, catalog, result, now, self.settings, storage_problem=problem)
             body, status, events, requeue = await self._act(job, body, step, now)
@@ -561,10 +562,9 @@ class Operator:
         warning = latest_event_message((found or {}).get("items") or ())
         return [dataclasses.replace(p, warning=warning) if p is pod else p for p in pods]
 
-    async def _result_of(self, job: JobView, pods: Sequence[PodView]) -> RunnerResult | ResultPointer | None:
+    async def _result_of(self, job: JobView, pod: PodView | None) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
         or if the message was lost)."""
-        pod = _current_pod(job, pods)
         if pod is None:
             return None
         ship = pod.container(SHIP_CONTAINER)

@@ -218,15 +218,21 @@ class PodView:
         """The field selector of the Events that tell why the pod waits, when only they can: it
         waits for its ephemeral claim, or it was scheduled SETUP_PATIENCE ago and no container
         has started (a kubelet puts no reason on its containers while it mounts volumes)."""
-        if self.gone or self.deleting or self.terminal:
+        if not self.waits_on_events or self.deleting or self.terminal:
             return None
         if self.waits_for_ephemeral_claim:
             return "reason=FailedBinding"
         scheduled = self.condition("PodScheduled")
         since = scheduled.last_transition_time if scheduled is not None else None
-        if self.setting_up and since is not None and now - since >= SETUP_PATIENCE:
+        if since is not None and now - since >= SETUP_PATIENCE:
             return "type=Warning,reason!=FailedScheduling"
         return None
+
+    @property
+    def waits_on_events(self) -> bool:
+        """Waiting in a state whose cause only the pod's Events may tell: for its ephemeral claim,
+        or scheduled with no container started yet."""
+        return not self.gone and (self.waits_for_ephemeral_claim or self.setting_up)
 
     @property
     def setting_up(self) -> bool:

@@ -178,13 +178,12 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
 }
 
 
-# The runner containers' resources: Kubernetes quantities (a bad one would fail every job's pod).
-RUNNER_RESOURCES: Final = {
-    "DSJOBS_RUNNER_CPU_REQUEST": "runner_cpu_request",
-    "DSJOBS_RUNNER_MEMORY_REQUEST": "runner_memory_request",
-    "DSJOBS_RUNNER_MEMORY_LIMIT": "runner_memory_limit",
-    "DSJOBS_RUNNER_CPU_LIMIT": "runner_cpu_limit",
-}
+# The runner containers' resources (SETTINGS_DOC names their fields): Kubernetes quantities, a
+# bad one would fail every job's pod; (request, limit) pairs.
+RUNNER_RESOURCES: Final = (
+    ("DSJOBS_RUNNER_CPU_REQUEST", "DSJOBS_RUNNER_CPU_LIMIT"),
+    ("DSJOBS_RUNNER_MEMORY_REQUEST", "DSJOBS_RUNNER_MEMORY_LIMIT"),
+)
 
 
 def _convert(name: str, raw: str, default: object) -> object:
@@ -223,23 +222,20 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         )
     if settings.volume_fs_group < 0:
         raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
-    amounts: dict[str, Fraction] = {}
-    for name, attr in RUNNER_RESOURCES.items():
-        value = getattr(settings, attr)
-        if value == "" and attr == "runner_cpu_limit":
-            continue
-        try:
-            amounts[name] = parse_quantity(value)
-        except ValueError as exc:
-            raise SettingsError(f"{name}={value!r}: {exc}") from exc
-    for request, limit in (
-        ("DSJOBS_RUNNER_CPU_REQUEST", "DSJOBS_RUNNER_CPU_LIMIT"),
-        ("DSJOBS_RUNNER_MEMORY_REQUEST", "DSJOBS_RUNNER_MEMORY_LIMIT"),
-    ):
+    for request, limit in RUNNER_RESOURCES:
+        amounts: dict[str, Fraction] = {}
+        for name in (request, limit):
+            value = getattr(settings, SETTINGS_DOC[name][0])
+            if value == "" and name == limit:
+                continue  # no limit (only the CPU limit defaults to none)
+            try:
+                amounts[name] = parse_quantity(value)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={value!r}: {exc}") from exc
         if limit in amounts and amounts[limit] < amounts[request]:
             raise SettingsError(
-                f"{limit}={getattr(settings, RUNNER_RESOURCES[limit])!r}: must not be "
-                f"less than {request} ({getattr(settings, RUNNER_RESOURCES[request])})"
+                f"{limit}={getattr(settings, SETTINGS_DOC[limit][0])!r}: must not be "
+                f"less than {request} ({getattr(settings, SETTINGS_DOC[request][0])})"
             )
     if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
         raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")

@@ -836,7 +836,7 @@ def compute_status(
     # store is what tells a stalled transfer from a slow one. So too while the pod waits on what
     # only its Events tell (the glue asks them).
     check = STORAGE_CHECK_AFTER if storage_bound_since(pod) is not None else None
-    if pod.setting_up or pod.waits_for_ephemeral_claim:
+    if pod.waits_on_events:
         check = SETUP_PATIENCE
     if job is not None and job.state == "terminated":
         status = status.model_copy(update={"return_code": job.exit_code})
