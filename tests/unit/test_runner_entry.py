@@ -584,7 +584,10 @@ def test_a_program_that_fills_the_disk_still_gets_its_exit_status_recorded(
 ) -> None:
     # The program takes every free block (and keeps them); the status file was given its room
     # at the start and is written over it, and the heartbeat is rewritten in place.
-    cmd = "echo before; head -c 4194304 /dev/zero > fill; exit 3"
+    # The tee appends "before" to the log file on its own time: the fill waits for it, or the
+    # line could find the disk full already.
+    out = make_config(small_disk, "true").layout.stdout
+    cmd = f"echo before; until [ -s {out} ]; do sleep 0.05; done; head -c 4194304 /dev/zero > fill; exit 3"
     cfg = make_config(small_disk, cmd)
     r = run_entry(shell, cfg)
     assert r.rc == 3
