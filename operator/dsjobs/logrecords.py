@@ -50,6 +50,8 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: File paths of the system files DataSphere clients know.
 SYSTEM_LOG_PATH = ".system.log"
 PROGRESS_LOG_PATH = "job_progress.jsonl"
+DOCKER_STATS_LOG_PATH = ".docker_stats.tsv"
+GPU_STATS_LOG_PATH = ".gpu_stats.tsv"
 
 _MAGIC = b"DSJLOG\x01\n"
 _REC = struct.Struct(">BQHI")  # stream, created_ns, len(file_path), len(content)

@@ -38,8 +38,9 @@ from dsjobs.controller.names import JOB_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
-from dsjobs.logrecords import Stream, decode_chunk, read_progress
+from dsjobs.logrecords import DOCKER_STATS_LOG_PATH, Stream, decode_chunk, read_progress, read_records
 from dsjobs.runner.contract import WORK_VOLUME
+from dsjobs.runner.entry import DOCKER_STATS_HEADER
 from dsjobs.storage import Storage, input_key, job_prefix
 
 pytestmark = pytest.mark.e2e
@@ -607,6 +608,26 @@ def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     assert "ran out of memory (OOMKilled)" in status["statusDetails"], status
     finished = next(c for c in status["conditions"] if c["type"] == "Finished")
     assert finished["reason"] == "OOMKilled"
+
+
+def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) -> None:
+    # The entry script samples its container's cgroup; the ship sidecar sends the lines as the
+    # `.docker_stats.tsv` records the official CLI writes to its docker_stats.tsv.
+    if not memory_limits_enforced(h.cluster):
+        pytest.skip("this host gives the node agent no memory cgroups: no container cgroup to read")
+    hold = "python -c 'import time; x = bytearray(200 * 2**20); time.sleep(3)'"
+    h.create_job("stats", {"cmd": hold})
+    status = h.wait_phase("stats", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    records = read_records(storage, PROJECT_ID, "stats", 0, max_records=10**6).records
+    text = b"".join(r.content for r in records if r.file_path == DOCKER_STATS_LOG_PATH).decode()
+    header, *lines = text.splitlines()
+    assert header.split("\t") == list(DOCKER_STATS_HEADER)
+    rows = [dict(zip(DOCKER_STATS_HEADER, line.split("\t"), strict=True)) for line in lines]
+    assert len(rows) >= 2, text  # the first sample at the start, the script's own at the end
+    # The instance type's memory limit is the container's.
+    assert {r["memory_limit_bytes"] for r in rows} == {str(32 * 2**30)}, text
+    assert int(rows[-1]["memory_peak_bytes"]) >= 200 * 2**20, text
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

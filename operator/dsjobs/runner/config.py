@@ -320,6 +320,14 @@ class SharedLayout:
         return self.logs_dir / "job_progress.jsonl"
 
     @property
+    def docker_stats(self) -> Path:
+        return self.logs_dir / "docker_stats.tsv"
+
+    @property
+    def gpu_stats(self) -> Path:
+        return self.logs_dir / "gpu_stats.tsv"
+
+    @property
     def run_dir(self) -> Path:
         return self.root / "run"
 
@@ -334,6 +342,11 @@ class SharedLayout:
     @property
     def started(self) -> Path:
         return self.run_dir / "started"
+
+    @property
+    def stats_prev(self) -> Path:
+        """The entry script's previous CPU sample (usage, time), for the next one's percentage."""
+        return self.run_dir / "stats.prev"
 
     @property
     def python_dir(self) -> Path:

@@ -47,6 +47,30 @@ CANCELLED_EXIT = 143
 HEARTBEAT_SECONDS = 2
 #: After the program exits, how long leftovers holding its output pipes may delay the end.
 TEE_DRAIN_SECONDS = 10
+#: Seconds between two samples of the container's resource usage (docker_stats.tsv, gpu_stats.tsv).
+STATS_SECONDS = 10
+#: The header line of docker_stats.tsv (docs/runner.md#resource-usage).
+DOCKER_STATS_HEADER = (
+    "time",
+    "cpu_percent",
+    "cpu_seconds",
+    "memory_bytes",
+    "memory_limit_bytes",
+    "memory_percent",
+    "memory_peak_bytes",
+    "pids",
+)
+#: What `nvidia-smi --query-gpu` is asked for, in gpu_stats.tsv's columns after `time`.
+GPU_STATS_QUERY = (
+    "index",
+    "name",
+    "utilization.gpu",
+    "utilization.memory",
+    "memory.used",
+    "memory.total",
+    "temperature.gpu",
+    "power.draw",
+)
 
 _PIP_BASE = "-m pip install --no-input --disable-pip-version-check --no-cache-dir --no-warn-script-location"
 
@@ -77,6 +101,208 @@ dsjobs_kill() {
 }
 """
 
+# The resource-usage sampler (docs/runner.md#resource-usage). Its comments stay here, not in
+# every job's runner Secret: the rendered script drops its comment lines (`_without_comments`).
+_SAMPLER_SOURCE = r"""
+# Resource usage (docs/runner.md#resource-usage): this container's cgroup, read with the shell's
+# own `read` (no process per file), a TSV line every DSJOBS_STATS_SECONDS to docker_stats.tsv, and
+# the image's nvidia-smi to gpu_stats.tsv. A subshell of its own, so that a hanging nvidia-smi never
+# stops the heartbeat. Where this container has no cgroup of its own to read (a hierarchy's root
+# would be the whole machine's usage), its columns stay empty, or no file at all.
+dsjobs_isnum() { case $1 in '' | *[!0-9]*) return 1 ;; esac; }
+
+# dsjobs_read FILE: its first line in dsjobs_v ('' when unreadable).
+dsjobs_read() { dsjobs_v=''; { read -r dsjobs_v <"$1"; } 2>/dev/null || :; }
+
+# dsjobs_key FILE KEY: the value of KEY in a "key value" file (cpu.stat, memory.stat).
+dsjobs_key() {
+  dsjobs_v=''
+  { while read -r dsjobs_k dsjobs_x; do
+      if [ "$dsjobs_k" = "$2" ]; then dsjobs_v=$dsjobs_x; break; fi
+    done <"$1"; } 2>/dev/null || :
+}
+
+# dsjobs_cgdir HIERARCHY PATH FILE: the directory holding FILE in dsjobs_v: the cgroup at its path
+# (the host's cgroup namespace), else the mount itself (a private namespace, or docker's v1 view).
+dsjobs_cgdir() {
+  for dsjobs_v in "$DSJOBS_CGROUP_FS$1${2%/}" "$DSJOBS_CGROUP_FS$1"; do
+    [ -f "$dsjobs_v/$3" ] && return 0
+  done
+  dsjobs_v=''
+  return 1
+}
+
+dsjobs_cgroups() {
+  DSJOBS_CG_V=''; DSJOBS_CG_MEM=''; DSJOBS_CG_CPU=''; DSJOBS_CG_PIDS=''
+  [ -r "$DSJOBS_PROC/self/cgroup" ] || return 0
+  if [ -f "$DSJOBS_CGROUP_FS/cgroup.controllers" ]; then
+    DSJOBS_CG_V=2
+    while IFS=: read -r dsjobs_h dsjobs_c dsjobs_p; do
+      # The host's root cgroup has no memory.current: only a container's own is found.
+      if [ "$dsjobs_h" = 0 ] && dsjobs_cgdir '' "$dsjobs_p" memory.current; then
+        DSJOBS_CG_MEM=$dsjobs_v; DSJOBS_CG_CPU=$dsjobs_v; DSJOBS_CG_PIDS=$dsjobs_v
+      fi
+    done <"$DSJOBS_PROC/self/cgroup"
+  else
+    DSJOBS_CG_V=1
+    while IFS=: read -r dsjobs_h dsjobs_c dsjobs_p; do
+      # At a hierarchy's root (no cgroup of the container's own): the whole machine; not read.
+      [ "$dsjobs_p" != / ] || continue
+      case ",$dsjobs_c," in
+        *,memory,*) dsjobs_cgdir "/$dsjobs_c" "$dsjobs_p" memory.usage_in_bytes && DSJOBS_CG_MEM=$dsjobs_v ;;
+      esac
+      case ",$dsjobs_c," in
+        *,cpuacct,*) dsjobs_cgdir "/$dsjobs_c" "$dsjobs_p" cpuacct.usage && DSJOBS_CG_CPU=$dsjobs_v ;;
+      esac
+      case ",$dsjobs_c," in
+        *,pids,*) dsjobs_cgdir "/$dsjobs_c" "$dsjobs_p" pids.current && DSJOBS_CG_PIDS=$dsjobs_v ;;
+      esac
+    done <"$DSJOBS_PROC/self/cgroup"
+  fi
+}
+
+# Centiseconds since boot in dsjobs_cs, from /proc/uptime ("12345.67 ..."); '' when unreadable.
+dsjobs_uptime() {
+  dsjobs_read "$DSJOBS_PROC/uptime"
+  dsjobs_u=${dsjobs_v%% *}
+  dsjobs_i=${dsjobs_u%.*}
+  dsjobs_f=${dsjobs_u#"$dsjobs_i"}
+  dsjobs_f=${dsjobs_f#.}00
+  dsjobs_f=${dsjobs_f%"${dsjobs_f#??}"}
+  dsjobs_f=${dsjobs_f#0}
+  dsjobs_cs=''
+  if dsjobs_isnum "$dsjobs_i" && dsjobs_isnum "$dsjobs_f"; then dsjobs_cs=$((dsjobs_i * 100 + dsjobs_f)); fi
+}
+
+# dsjobs_tenths N: N tenths as "I.F" in dsjobs_v.
+dsjobs_tenths() { dsjobs_v="$(($1 / 10)).$(($1 % 10))"; }
+
+dsjobs_docker_stats() {
+  dsjobs_t=$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null) || dsjobs_t=''
+  dsjobs_uptime
+  dsjobs_cpu_pct=''; dsjobs_cpu_s=''; dsjobs_us=''
+  if [ -n "$DSJOBS_CG_CPU" ]; then
+    if [ "$DSJOBS_CG_V" = 2 ]; then
+      dsjobs_key "$DSJOBS_CG_CPU/cpu.stat" usage_usec
+      dsjobs_us=$dsjobs_v
+    else
+      dsjobs_read "$DSJOBS_CG_CPU/cpuacct.usage"
+      if dsjobs_isnum "$dsjobs_v"; then dsjobs_us=$((dsjobs_v / 1000)); fi
+    fi
+  fi
+  if dsjobs_isnum "$dsjobs_us"; then
+    dsjobs_ms=$((dsjobs_us / 1000 % 1000))
+    case $dsjobs_ms in ?) dsjobs_ms=00$dsjobs_ms ;; ??) dsjobs_ms=0$dsjobs_ms ;; esac
+    dsjobs_cpu_s="$((dsjobs_us / 1000000)).$dsjobs_ms"
+    # The previous sample's usage and time, kept in a file: the last sample is taken by the
+    # script itself, after the sampler is gone.
+    dsjobs_read "$DSJOBS_STATS_PREV"
+    dsjobs_pu=${dsjobs_v% *}
+    dsjobs_pc=${dsjobs_v#* }
+    if dsjobs_isnum "$dsjobs_pu" && dsjobs_isnum "$dsjobs_pc" && dsjobs_isnum "$dsjobs_cs" \
+      && [ "$dsjobs_cs" -gt "$dsjobs_pc" ] && [ "$dsjobs_us" -ge "$dsjobs_pu" ]; then
+      dsjobs_tenths $(((dsjobs_us - dsjobs_pu) / ((dsjobs_cs - dsjobs_pc) * 10)))
+      dsjobs_cpu_pct=$dsjobs_v
+    fi
+    if dsjobs_isnum "$dsjobs_cs"; then
+      { printf '%s %s\n' "$dsjobs_us" "$dsjobs_cs" >"$DSJOBS_STATS_PREV"; } 2>/dev/null || :
+    fi
+  fi
+  dsjobs_mem=''; dsjobs_cache=''; dsjobs_lim=''; dsjobs_mem_pct=''; dsjobs_peak=''; dsjobs_pids=''
+  if [ -n "$DSJOBS_CG_MEM" ]; then
+    if [ "$DSJOBS_CG_V" = 2 ]; then
+      dsjobs_read "$DSJOBS_CG_MEM/memory.current"; dsjobs_mem=$dsjobs_v
+      dsjobs_key "$DSJOBS_CG_MEM/memory.stat" inactive_file; dsjobs_cache=$dsjobs_v
+      dsjobs_read "$DSJOBS_CG_MEM/memory.max"; dsjobs_lim=$dsjobs_v
+      dsjobs_read "$DSJOBS_CG_MEM/memory.peak"; dsjobs_peak=$dsjobs_v
+    else
+      dsjobs_read "$DSJOBS_CG_MEM/memory.usage_in_bytes"; dsjobs_mem=$dsjobs_v
+      dsjobs_key "$DSJOBS_CG_MEM/memory.stat" total_inactive_file; dsjobs_cache=$dsjobs_v
+      dsjobs_read "$DSJOBS_CG_MEM/memory.limit_in_bytes"; dsjobs_lim=$dsjobs_v
+      dsjobs_read "$DSJOBS_CG_MEM/memory.max_usage_in_bytes"; dsjobs_peak=$dsjobs_v
+    fi
+    dsjobs_isnum "$dsjobs_mem" || dsjobs_mem=''
+    dsjobs_isnum "$dsjobs_peak" || dsjobs_peak=''
+    # As `docker stats`: without the page cache the kernel reclaims first (inactive files).
+    if [ -n "$dsjobs_mem" ] && dsjobs_isnum "$dsjobs_cache" && [ "$dsjobs_cache" -le "$dsjobs_mem" ]; then
+      dsjobs_mem=$((dsjobs_mem - dsjobs_cache))
+    fi
+    # No limit: "max" (v2), or about 2^63 (v1).
+    if ! dsjobs_isnum "$dsjobs_lim" || [ "${#dsjobs_lim}" -gt 18 ] || [ "$dsjobs_lim" = 0 ]; then dsjobs_lim=''; fi
+    if [ -n "$dsjobs_mem" ] && [ -n "$dsjobs_lim" ]; then
+      dsjobs_tenths $((dsjobs_mem * 1000 / dsjobs_lim))
+      dsjobs_mem_pct=$dsjobs_v
+    fi
+  fi
+  if [ -n "$DSJOBS_CG_PIDS" ]; then
+    dsjobs_read "$DSJOBS_CG_PIDS/pids.current"
+    if dsjobs_isnum "$dsjobs_v"; then dsjobs_pids=$dsjobs_v; fi
+  fi
+  # One printf, one write: a sampler killed meanwhile leaves no half line.
+  { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dsjobs_t" "$dsjobs_cpu_pct" "$dsjobs_cpu_s" \
+    "$dsjobs_mem" "$dsjobs_lim" "$dsjobs_mem_pct" "$dsjobs_peak" "$dsjobs_pids" >>"$DSJOBS_DOCKER_STATS"; } 2>/dev/null || :
+}
+
+# nvidia-smi's CSV ("0, NVIDIA A100, 97, ...") as TSV lines after the time.
+dsjobs_gpu_stats() {
+  dsjobs_t=$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null) || dsjobs_t=''
+  { "$DSJOBS_NVSMI" --query-gpu="$DSJOBS_GPU_QUERY" --format=csv,noheader,nounits </dev/null 2>/dev/null \
+    | while IFS= read -r dsjobs_l; do
+        dsjobs_o=$dsjobs_t
+        while :; do
+          case $dsjobs_l in
+            *', '*) dsjobs_o="$dsjobs_o$DSJOBS_TAB${dsjobs_l%%, *}"; dsjobs_l=${dsjobs_l#*, } ;;
+            *) dsjobs_o="$dsjobs_o$DSJOBS_TAB$dsjobs_l"; break ;;
+          esac
+        done
+        printf '%s\n' "$dsjobs_o"
+      done >>"$DSJOBS_GPU_STATS"; } 2>/dev/null || :
+}
+
+dsjobs_sampler() {
+  trap '' TERM INT HUP
+  dsjobs_cgroups
+  DSJOBS_NVSMI=$(command -v nvidia-smi) 2>/dev/null || DSJOBS_NVSMI=''
+  if [ -n "$DSJOBS_CG_MEM$DSJOBS_CG_CPU" ]; then
+    dsjobs_log "resource usage every ${DSJOBS_STATS_SECONDS}s to docker_stats.tsv (cgroup v$DSJOBS_CG_V: memory ${DSJOBS_CG_MEM:-unknown}, cpu ${DSJOBS_CG_CPU:-unknown})"
+    { printf '%s\n' "$DSJOBS_DOCKER_STATS_HEADER" >>"$DSJOBS_DOCKER_STATS"; } 2>/dev/null || :
+  else
+    dsjobs_log "resource usage: this container has no cgroup of its own to read: no docker_stats.tsv"
+  fi
+  DSJOBS_TAB=$(printf '\t')
+  if [ -n "$DSJOBS_NVSMI" ]; then
+    dsjobs_log "GPU usage every ${DSJOBS_STATS_SECONDS}s to gpu_stats.tsv ($DSJOBS_NVSMI)"
+    { printf '%s\n' "$DSJOBS_GPU_STATS_HEADER" >>"$DSJOBS_GPU_STATS"; } 2>/dev/null || :
+  fi
+  [ -n "$DSJOBS_CG_MEM$DSJOBS_CG_CPU$DSJOBS_NVSMI" ] || return 0
+  while kill -0 "$1" 2>/dev/null; do
+    if [ -n "$DSJOBS_CG_MEM$DSJOBS_CG_CPU" ]; then dsjobs_docker_stats; fi
+    if [ -n "$DSJOBS_NVSMI" ]; then dsjobs_gpu_stats; fi
+    sleep "$DSJOBS_STATS_SECONDS"
+  done
+}
+
+# The sampler's last line is the script's own, once the program is over (the totals and the peak).
+dsjobs_stop_sampler() {
+  [ -n "$DSJOBS_STATS_PID" ] || return 0
+  kill -s KILL "$DSJOBS_STATS_PID" 2>/dev/null
+  wait "$DSJOBS_STATS_PID" 2>/dev/null
+  DSJOBS_STATS_PID=''
+  if [ -s "$DSJOBS_DOCKER_STATS" ]; then
+    ( exec </dev/null >/dev/null 2>&1; dsjobs_cgroups; dsjobs_docker_stats )
+  fi
+}
+
+"""
+
+
+def _without_comments(script: str) -> str:
+    """Shell source without its comment-only lines (none of them is inside a quoted string)."""
+    return "".join(line for line in script.splitlines(keepends=True) if not line.lstrip().startswith("#"))
+
+
+_SAMPLER = _without_comments(_SAMPLER_SOURCE)
+
 _PROLOGUE = (
     r"""#!/bin/sh
 # dsjobs job entry script, generated by dsjobs.runner.entry - do not edit.
@@ -90,6 +316,7 @@ DSJOBS_CANCEL=0
 DSJOBS_SIGNALLED=0
 DSJOBS_KILLER=''
 DSJOBS_HB_PID=''
+DSJOBS_STATS_PID=''
 DSJOBS_TEES=''
 DSJOBS_PY=''
 DSJOBS_SETSID=0
@@ -119,6 +346,8 @@ dsjobs_status() {
 
 # dsjobs_exit RC PHASE REASON EXIT_CODE
 dsjobs_exit() {
+  # Before the status: the ship sidecar reads the logs to their end once it sees the status.
+  dsjobs_stop_sampler
   dsjobs_status "$1" "$2" "$3"
   # SIGKILL: the heartbeat ignores cancel signals.
   if [ -n "$DSJOBS_HB_PID" ]; then kill -s KILL "$DSJOBS_HB_PID" 2>/dev/null; fi
@@ -195,7 +424,9 @@ dsjobs_heartbeat() {
   done
 }
 
-trap dsjobs_on_signal TERM INT HUP
+"""
+    + _SAMPLER
+    + r"""trap dsjobs_on_signal TERM INT HUP
 mkdir -p "$DSJOBS_RUN" "$(dirname "$DSJOBS_SYSLOG")" 2>/dev/null
 # The system log is shared with the runner's uid: stage-in made it 0666; made here, umask 0 keeps
 # it so. If this uid cannot append to it, its lines are lost (to /dev/null), never the job.
@@ -208,6 +439,8 @@ echo "$$" >"$DSJOBS_STARTED"
 # output pipes open after this script has exited.
 ( exec </dev/null >/dev/null 2>&1; dsjobs_heartbeat "$$" ) &
 DSJOBS_HB_PID=$!
+( exec </dev/null >/dev/null 2>&1; dsjobs_sampler "$$" ) &
+DSJOBS_STATS_PID=$!
 dsjobs_log "started"
 cd "$DSJOBS_WORK" || dsjobs_setup_failed "cannot enter the working directory $DSJOBS_WORK"
 """
@@ -353,7 +586,15 @@ def pip_arguments(config: RunnerConfig) -> list[str]:
     return args
 
 
-def render_entry_script(config: RunnerConfig) -> str:
+def render_entry_script(
+    config: RunnerConfig,
+    *,
+    cgroup_fs: str = "/sys/fs/cgroup",
+    proc: str = "/proc",
+    stats_seconds: int = STATS_SECONDS,
+) -> str:
+    """The job container's script. `cgroup_fs` and `proc` are where it reads its resource usage
+    (tests point them at fakes)."""
     layout = config.layout
     grace = config.graceful_shutdown
     lines = [
@@ -371,6 +612,15 @@ def render_entry_script(config: RunnerConfig) -> str:
         _assign("DSJOBS_HB", str(layout.heartbeat)),
         _assign("DSJOBS_STARTED", str(layout.started)),
         _assign("DSJOBS_HB_SECONDS", HEARTBEAT_SECONDS),
+        _assign("DSJOBS_DOCKER_STATS", str(layout.docker_stats)),
+        _assign("DSJOBS_GPU_STATS", str(layout.gpu_stats)),
+        _assign("DSJOBS_STATS_PREV", str(layout.stats_prev)),
+        _assign("DSJOBS_STATS_SECONDS", stats_seconds),
+        _assign("DSJOBS_DOCKER_STATS_HEADER", "\t".join(DOCKER_STATS_HEADER)),
+        _assign("DSJOBS_GPU_STATS_HEADER", "\t".join(("time", *GPU_STATS_QUERY))),
+        _assign("DSJOBS_GPU_QUERY", ",".join(GPU_STATS_QUERY)),
+        _assign("DSJOBS_CGROUP_FS", cgroup_fs),
+        _assign("DSJOBS_PROC", proc),
         _assign("DSJOBS_TEE_DRAIN", TEE_DRAIN_SECONDS),
         _assign("DSJOBS_SETUP_FAILED_EXIT", SETUP_FAILED_EXIT),
         _assign("DSJOBS_CANCELLED_EXIT", CANCELLED_EXIT),

@@ -5,6 +5,7 @@ the shared volume's files as log records (chunk objects, see dsjobs.logrecords):
 
     logs/stdout.log  -> OUT            logs/system.log        -> FILE ".system.log"
     logs/stderr.log  -> ERR            logs/job_progress.jsonl -> FILE "job_progress.jsonl"
+    logs/docker_stats.tsv -> FILE ".docker_stats.tsv"   logs/gpu_stats.tsv -> FILE ".gpu_stats.tsv"
 
 Memory stays constant whatever the volume: a tick reads at most one chunk's worth per pass and
 the source files are the buffer (a read cut off there never flushes its unterminated tail: the
@@ -40,6 +41,8 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from dsjobs.logrecords import (
+    DOCKER_STATS_LOG_PATH,
+    GPU_STATS_LOG_PATH,
     MAX_RECORD_CONTENT,
     PROGRESS_LOG_PATH,
     SYSTEM_LOG_PATH,
@@ -149,6 +152,8 @@ class LogShipper:
             _Source("out", layout.stdout, Stream.OUT, None, True),
             _Source("err", layout.stderr, Stream.ERR, None, True),
             _Source("progress", layout.progress, Stream.FILE, PROGRESS_LOG_PATH, False),
+            _Source("docker_stats", layout.docker_stats, Stream.FILE, DOCKER_STATS_LOG_PATH, False),
+            _Source("gpu_stats", layout.gpu_stats, Stream.FILE, GPU_STATS_LOG_PATH, False),
         ]
         self.next_seq = 0
         self.latest_progress: Progress | None = None
