@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_fixtures import ClusterHandle
+from cluster_fixtures import ClusterHandle, memory_limits_enforced
 from stack_fixtures import REPO_ROOT, CliRun, StackEnv, first_json, poll
+
+from dsjobs.runner.entry import DOCKER_STATS_HEADER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -554,6 +556,23 @@ def test_download_files_with_logs(
     logs = [p for name, p in files.items() if name != "result.txt"]
     assert logs, f"no log files downloaded: {sorted(files)}"
     assert any("processed 13 bytes" in p.read_text(errors="replace") for p in logs), sorted(files)
+
+
+def test_download_files_with_diagnostics(
+    dsjobs_stack: StackEnv, dev_cluster: ClusterHandle, io_job: tuple[str, Path, CliRun], tmp_path: Path
+) -> None:
+    # The job's resource-usage samples (docs/runner.md#resource-usage) are its diagnostic files.
+    if not dsjobs_stack.local or not memory_limits_enforced(dev_cluster):
+        pytest.skip("the local nodes give containers no memory cgroups here: no samples to keep")
+    job_id, _, _ = io_job
+    run = dsjobs_stack.datasphere(
+        "project", "job", "download-files", "--id", job_id, "--with-diagnostics", "--output-dir", "dg", cwd=tmp_path
+    ).ok()  # fmt: skip
+    stats = tmp_path / "dg" / "docker_stats.tsv"
+    assert stats.is_file(), run.output
+    header, *rows = stats.read_text().splitlines()
+    assert header.split("\t") == list(DOCKER_STATS_HEADER)
+    assert rows and all(int(row.split("\t")[6]) > 0 for row in rows), rows  # memory_peak_bytes
 
 
 def test_set_data_ttl(dsjobs_stack: StackEnv, io_job: tuple[str, Path, CliRun], tmp_path: Path) -> None:

@@ -628,6 +628,10 @@ def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) ->
     # The instance type's memory limit is the container's.
     assert {r["memory_limit_bytes"] for r in rows} == {str(32 * 2**30)}, text
     assert int(rows[-1]["memory_peak_bytes"]) >= 200 * 2**20, text
+    # The same lines are kept as the job's diagnostic file (`download-files --with-diagnostics`).
+    (kept,) = status["diagnosticFiles"]
+    assert kept["desc"]["path"] == "docker_stats.tsv"
+    assert storage.get_bytes(kept["key"]) == text.encode()
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

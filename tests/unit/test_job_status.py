@@ -803,6 +803,9 @@ def test_success_records_outputs_logs_and_expiry() -> None:
             )
         ],
         log_files=[LogFileResult(name="stdout.txt", key="k/stdout.txt", sha256=SHA, size_bytes=9)],
+        diagnostic_files=[
+            LogFileResult(name="docker_stats.tsv", key="k/docker_stats.tsv", sha256=SHA, size_bytes=7)
+        ],
         file_errors=[FileError(type=FileErrorType.NOT_FOUND, description="missing", path="gone.txt")],
     )
     j = job(
@@ -816,6 +819,9 @@ def test_success_records_outputs_logs_and_expiry() -> None:
     assert s.output_files[0].desc.path == "./out/r.txt"  # as the client declared it
     assert s.output_files[0].key.endswith("out/r.txt") and s.output_files[0].sha256 == SHA
     assert s.log_files[0].desc.path == "stdout.txt"
+    assert [(f.desc.path, f.key, f.size_bytes) for f in s.diagnostic_files] == [
+        ("docker_stats.tsv", "k/docker_stats.tsv", 7)
+    ]
     assert (
         s.file_errors[0].output_file_desc is not None and s.file_errors[0].output_file_desc.path == "gone.txt"
     )

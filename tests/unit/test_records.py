@@ -151,7 +151,9 @@ def test_datetimes_are_written_as_pydantic_wrote_them() -> None:
 
 
 def test_runner_result_json_is_unchanged_from_the_pydantic_models() -> None:
-    """Operators and runners of the pydantic era read and write exactly this (captured from it)."""
+    """Operators and runners of the pydantic era read and write exactly this (captured from it),
+    plus `diagnostic_files`, added since (an older operator ignores it, as it ignores any field
+    a newer runner adds)."""
     result = RunnerResult.from_dict(
         {
             "project_id": "p",
@@ -173,7 +175,7 @@ def test_runner_result_json_is_unchanged_from_the_pydantic_models() -> None:
         '{"v":1,"project_id":"p","job_id":"j","attempt":1,"status":"EXITED","return_code":3,'
         '"cancelled":false,"reason":"r\u00e9","outputs":[{"path":"a","index":0,"key":"k","sha256":"s",'
         '"size_bytes":1,"compression":"NONE"}],"file_errors":[{"type":"NOT_FOUND","description":"d",'
-        '"path":"x"}],"log_files":[],"progress":{"progress":5,"message":"m",'
+        '"path":"x"}],"log_files":[],"diagnostic_files":[],"progress":{"progress":5,"message":"m",'
         '"create_time":"2026-01-02T03:04:05.000678Z"},"log_end_offset":7,"logs_complete":true,'
         '"finished_at":"2026-01-02T00:00:00Z"}'
     )

@@ -37,6 +37,7 @@ from dsjobs.runner.ship import (
     LogShipper,
     Ship,
     read_status_file,
+    upload_diagnostic_files,
     upload_log_files,
     upload_outputs,
 )
@@ -305,14 +306,16 @@ def test_a_new_attempt_starts_without_the_last_attempts_log_files_and_progress(
     append(cfg1.layout.stdout, b"attempt1 out\n")
     append(cfg1.layout.stderr, b"attempt1: CUDA error\n")
     append(cfg1.layout.progress, b'{"progress": 90, "message": "epoch 9/10"}\n')
+    append(cfg1.layout.docker_stats, b"time\tcpu_percent\n")
     assert s1.pump(final=True)
     upload_log_files(cfg1, store)  # type: ignore[arg-type]
+    upload_diagnostic_files(cfg1, store)  # type: ignore[arg-type]
     if finalized:  # else its ship died before the final marker
         assert s1.finalize("exit code 75")
-    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt"}
+    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt", "docker_stats.tsv"}
     # A restarted ship of the same attempt keeps them.
     LogShipper(store, cfg1).resume()
-    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt"}
+    assert set(attempt_files(store)) == {"stdout.txt", "stderr.txt", "docker_stats.tsv"}
 
     cfg2 = config(tmp_path / "a2", attempt=2)
     s2 = LogShipper(store, cfg2)

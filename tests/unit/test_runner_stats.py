@@ -15,13 +15,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from runner_fakes import MemoryStore
+from runner_fakes import FileStore, MemoryStore
 from runner_fakes import config as ship_config
 
 from dsjobs.logrecords import DOCKER_STATS_LOG_PATH, GPU_STATS_LOG_PATH, Stream, read_records
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.entry import DOCKER_STATS_HEADER, GPU_STATS_QUERY, render_entry_script
-from dsjobs.runner.ship import LogShipper
+from dsjobs.runner.result import FileErrorType
+from dsjobs.runner.ship import LogShipper, upload_diagnostic_files
 
 SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
 
@@ -222,3 +223,26 @@ def test_the_ship_sidecar_sends_both_files_as_the_cli_s_system_logs(tmp_path: Pa
         DOCKER_STATS_LOG_PATH: b"time\tcpu_percent\n2026-11-30T00:00:00Z\t12.5\n2026-11-30T00:00:10Z",
         GPU_STATS_LOG_PATH: b"time\tindex\n2026-11-30T00:00:00Z\t0\n",
     }
+
+
+def test_both_files_are_kept_as_the_job_s_diagnostic_files(tmp_path: Path) -> None:
+    cfg = ship_config(tmp_path)
+    store = FileStore()
+    cfg.layout.docker_stats.write_bytes(b"time\tcpu_percent\n2026-11-30T00:00:00Z\t12.5\n")
+    cfg.layout.gpu_stats.write_bytes(b"")  # empty: no object, as for log files
+    files, errors = upload_diagnostic_files(cfg, store)  # type: ignore[arg-type]
+    assert errors == []
+    assert [(f.name, f.size_bytes) for f in files] == [
+        ("docker_stats.tsv", cfg.layout.docker_stats.stat().st_size)
+    ]
+    assert store.objects[files[0].key] == cfg.layout.docker_stats.read_bytes()
+    assert files[0].key == "projects/p/jobs/j/logs/files/docker_stats.tsv"
+    # A job that replaced one by a symlink (to the runner's credentials, say) gets it refused.
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    cfg.layout.gpu_stats.unlink()
+    cfg.layout.gpu_stats.symlink_to(secret)
+    files, errors = upload_diagnostic_files(cfg, store)  # type: ignore[arg-type]
+    assert [f.name for f in files] == ["docker_stats.tsv"]
+    assert [(e.type, e.log_file_name) for e in errors] == [(FileErrorType.UPLOAD_FAILED, "gpu_stats.tsv")]
+    assert b"key" not in b"".join(store.objects.values())

@@ -54,7 +54,13 @@ from dsjobs.runner.contract import (
     STORAGE_PATIENCE_SECONDS,
     WORK_VOLUME,
 )
-from dsjobs.runner.result import ResultPointer, RunnerResult, RunnerStatus, parse_termination_message
+from dsjobs.runner.result import (
+    LogFileResult,
+    ResultPointer,
+    RunnerResult,
+    RunnerStatus,
+    parse_termination_message,
+)
 
 # Condition types the operator maintains (docs/operator.md).
 COND_SCHEDULED: Final = "Scheduled"
@@ -585,10 +591,14 @@ def apply_result(
         )
         for o in result.outputs
     ]
-    logs = [
-        StoredFile(desc=FileDesc(path=f.name), sha256=f.sha256, size_bytes=f.size_bytes, key=f.key)
-        for f in result.log_files
-    ]
+
+    def stored(files: list[LogFileResult]) -> list[StoredFile]:
+        return [
+            StoredFile(desc=FileDesc(path=f.name), sha256=f.sha256, size_bytes=f.size_bytes, key=f.key)
+            for f in files
+        ]
+
+    logs, diagnostics = stored(result.log_files), stored(result.diagnostic_files)
     errors = [
         FileError(
             output_file_desc=desc_of(e.path, e.var) if e.path else None,
@@ -598,7 +608,12 @@ def apply_result(
         )
         for e in result.file_errors
     ]
-    update: dict[str, object] = {"output_files": outputs, "log_files": logs, "file_errors": errors}
+    update: dict[str, object] = {
+        "output_files": outputs,
+        "log_files": logs,
+        "diagnostic_files": diagnostics,
+        "file_errors": errors,
+    }
     if result.progress is not None:
         update["progress"] = Progress(
             progress=max(0, min(100, result.progress.progress)),

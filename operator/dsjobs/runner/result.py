@@ -109,6 +109,8 @@ class RunnerResult(_Model):
     outputs: list[OutputResult] = field(default_factory=list)
     file_errors: list[FileError] = field(default_factory=list)
     log_files: list[LogFileResult] = field(default_factory=list)
+    #: The resource-usage samples (docker_stats.tsv, gpu_stats.tsv), as the job's diagnostic files.
+    diagnostic_files: list[LogFileResult] = field(default_factory=list)
     progress: ProgressResult | None = None
     #: Offset just past the last log record; ``logs_complete`` when the final marker was written.
     log_end_offset: int | None = None

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -100,6 +100,9 @@ FINAL_FLUSH_SECONDS = 300.0
 PERMANENT_ERROR_TRIES = 3
 #: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
 LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
+#: The entry script's resource-usage samples, kept as the job's diagnostic files (the official
+#: CLI's `download-files --with-diagnostics`).
+DIAGNOSTIC_FILE_NAMES = ("docker_stats.tsv", "gpu_stats.tsv")
 
 
 @dataclass
@@ -192,7 +195,7 @@ class LogShipper:
         final = read_final(self.store, self.project, self.job)
         if (last is not None and last.attempt < attempt) or (final is not None and final.attempt < attempt):
             # DownloadStdLogs and the API's progress would otherwise show the last attempt's.
-            for name in LOG_FILE_NAMES:
+            for name in (*LOG_FILE_NAMES, *DIAGNOSTIC_FILE_NAMES):
                 self.store.delete(log_file_key(self.project, self.job, name))
             self.store.delete(progress_key(self.project, self.job))
             if final is not None:
@@ -585,10 +588,30 @@ def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFile
     """Upload the non-empty raw log files. An empty one gets no object (DownloadStdLogs leaves its
     URL out; NOT_FOUND when both are empty); an earlier attempt's is gone (`LogShipper.resume`)."""
     layout = config.layout
-    files: list[LogFileResult] = []
+    return _upload_raw_files(
+        config, store, zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True)
+    )
+
+
+def upload_diagnostic_files(
+    config: RunnerConfig, store: Storage
+) -> tuple[list[LogFileResult], list[FileError]]:
+    """Upload the resource-usage samples the entry script wrote (docker_stats.tsv, gpu_stats.tsv)."""
+    layout = config.layout
+    return _upload_raw_files(
+        config, store, zip(DIAGNOSTIC_FILE_NAMES, (layout.docker_stats, layout.gpu_stats), strict=True)
+    )
+
+
+def _upload_raw_files(
+    config: RunnerConfig, store: Storage, files: Iterable[tuple[str, Path]]
+) -> tuple[list[LogFileResult], list[FileError]]:
+    """Each non-empty file under the job's `logs/files/<name>`; the job may have replaced one by
+    a symlink or a special file, which is not read (an UPLOAD_FAILED error)."""
+    stored: list[LogFileResult] = []
     errors: list[FileError] = []
     shared = config.paths.shared_dir
-    for name, path in zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True):
+    for name, path in files:
         key = log_file_key(config.project_id, config.job_id, name)
         try:
             fd = open_beneath(shared, path)
@@ -617,8 +640,8 @@ def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFile
                 )
             )
             continue
-        files.append(LogFileResult(name=name, key=key, sha256=res.sha256, size_bytes=res.size))
-    return files, errors
+        stored.append(LogFileResult(name=name, key=key, sha256=res.sha256, size_bytes=res.size))
+    return stored, errors
 
 
 def write_termination_message(text: str, path: str | None = None) -> None:
@@ -705,6 +728,8 @@ class Ship:
             outputs, errors = upload_outputs(cfg, self.store, self.syslog)
         log_files, log_errors = upload_log_files(cfg, self.store)
         errors.extend(log_errors)
+        diagnostic_files, diagnostic_errors = upload_diagnostic_files(cfg, self.store)
+        errors.extend(diagnostic_errors)
         self.syslog(f"{len(outputs)} outputs uploaded, {len(errors)} file errors")
 
         shipped = self.shipper.pump(final=True, deadline=deadline)
@@ -728,6 +753,7 @@ class Ship:
             outputs=outputs,
             file_errors=errors,
             log_files=log_files,
+            diagnostic_files=diagnostic_files,
             progress=ProgressResult.of(self.shipper.latest_progress),
             log_end_offset=self.shipper.end_offset,
             logs_complete=finalized,
