@@ -148,12 +148,12 @@ class FileStore(MemoryStore):
             return self.objects.get(key)
 
 
-def config(tmp: Path, **kw: object) -> RunnerConfig:
+def config(tmp: Path, cmd: str = "x", **kw: object) -> RunnerConfig:
     """A runner config with its working and shared dirs under ``tmp``, both made."""
     cfg = RunnerConfig(
         project_id="p",
         job_id="j",
-        cmd="x",
+        cmd=cmd,
         paths={"work_dir": str(tmp / "work"), "shared_dir": str(tmp / "shared")},
         **kw,  # type: ignore[arg-type]
     )

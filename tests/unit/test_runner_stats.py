@@ -59,14 +59,7 @@ class Fakes:
 
 
 def _config(tmp: Path, cmd: str, fakes: Fakes) -> RunnerConfig:
-    cfg = RunnerConfig(
-        project_id="p",
-        job_id="j",
-        cmd=cmd,
-        paths={"work_dir": str(tmp / "work"), "shared_dir": str(tmp / "shared")},
-    )
-    cfg.layout.create()
-    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ship_config(tmp, cmd=cmd)
     script = render_entry_script(cfg, cgroup_fs=str(fakes.fs), proc=str(fakes.proc), stats_seconds=1)
     cfg.layout.entry_script.write_text(script)
     return cfg
