@@ -3,12 +3,14 @@
     from api_fixtures import api_env  # noqa: F401   (in a test module)
 
 `api_env` (session) prepares the cluster as the API needs it (CRDs, the InstanceType catalog, the
-user ClusterRoles of deploy/base/api-rbac.yaml), makes two project namespaces and three users
+user ClusterRoles of deploy/base/api-rbac.yaml), makes two project namespaces and five users
 (ServiceAccounts with TokenRequest tokens, which TokenReview accepts):
 
 - `alice`: `dsjobs-project-user` in project A and B,
 - `viewer`: `dsjobs-project-viewer` in project A,
 - `outsider`: no binding at all,
+- `editor` and `nsviewer`: Kubernetes' built-in `edit` and `view` in project A (which the user
+  ClusterRoles are aggregated into),
 
 and starts two API replicas (`python -m dsjobs.api`, Kubernetes auth mode, one shared page-token
 key). The replicas run with a ServiceAccount bound to the `dsjobs-api` ClusterRole of
@@ -378,12 +380,15 @@ def _api_env(
         api_kubeconfig = _api_kubeconfig(
             dev_cluster, _token(api_client, system, "dsjobs-api"), workdir / "api.kubeconfig"
         )
-        for user in ("alice", "viewer", "outsider"):
+        users = ("alice", "viewer", "outsider", "editor", "nsviewer")
+        for user in users:
             _service_account(api_client, system, user)
         _bind(api_client, a.namespace, "dsjobs-project-user", system, "alice")
         _bind(api_client, b.namespace, "dsjobs-project-user", system, "alice")
         _bind(api_client, a.namespace, "dsjobs-project-viewer", system, "viewer")
-        tokens = {user: _token(api_client, system, user) for user in ("alice", "viewer", "outsider")}
+        _bind(api_client, a.namespace, "edit", system, "editor")
+        _bind(api_client, a.namespace, "view", system, "nsviewer")
+        tokens = {user: _token(api_client, system, user) for user in users}
         env = ApiEnv(
             cluster=dev_cluster,
             s3=dev_s3,

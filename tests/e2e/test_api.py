@@ -327,6 +327,44 @@ def test_every_rpc_needs_permission_in_the_project(api_env: ApiEnv, auth_job: tu
         ).jobs
 
 
+def test_the_built_in_edit_and_view_roles_include_the_project_roles(api_env: ApiEnv) -> None:
+    """deploy/base/api-rbac.yaml aggregates dsjobs-project-user into `edit` and dsjobs-project-viewer
+    into `view`: a namespace's editors run jobs and its viewers read them with no binding of the
+    dsjobs roles (the cluster's aggregation controller fills the built-in roles in moments)."""
+    project = api_env.project_a.project_id
+    inputs = unique_inputs()
+    with api_env.api.channel() as ch:
+        editor = Client(ch, api_env.md("editor"))
+        nsviewer = Client(ch, api_env.md("nsviewer"))
+
+        def create_as_editor() -> str | None:
+            try:
+                return editor.create(project, params(inputs))[1].job_id
+            except grpc.RpcError as exc:
+                if exc.code() != Code.PERMISSION_DENIED:  # type: ignore[attr-defined]
+                    raise
+                return None  # the aggregation (or the API's 2 s cache of a denial) lags
+
+        job_id: str = poll("`edit` to include dsjobs-project-user", create_as_editor, 60)
+        assert editor.get(job_id).created_by_id.endswith(":editor")  # a ServiceAccount of the test
+        assert poll("`view` to include dsjobs-project-viewer", lambda: _get_or_none(nsviewer, job_id), 60)
+        e = rpc_error(lambda: nsviewer.create(project, params(inputs)))
+        assert e.code == Code.PERMISSION_DENIED and "nsviewer" in e.details
+        e = rpc_error(
+            lambda: nsviewer.jobs.Cancel(svc.CancelProjectJobRequest(job_id=job_id), metadata=nsviewer.md)
+        )
+        assert e.code == Code.PERMISSION_DENIED
+
+
+def _get_or_none(c: Client, job_id: str) -> jobs_pb2.Job | None:
+    try:
+        return c.get(job_id)
+    except grpc.RpcError as exc:
+        if exc.code() != Code.PERMISSION_DENIED:  # type: ignore[attr-defined]
+            raise
+        return None
+
+
 def test_unknown_project_and_job(api_env: ApiEnv) -> None:
     c = client(api_env)
     e = rpc_error(lambda: c.create("no-such-project", params()))
