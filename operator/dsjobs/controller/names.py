@@ -10,6 +10,8 @@ JOB_LABEL: Final = "dsjobs.dev/job-id"
 ATTEMPT_LABEL: Final = "dsjobs.dev/attempt"
 INSTANCE_TYPE_LABEL: Final = "dsjobs.dev/instance-type"
 INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
+#: kubectl's choice of container for `logs` and `exec` when none is named.
+DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dsjobs-operator"
 # Marks the Secrets made for a job, so that cleanup never touches the user's own.

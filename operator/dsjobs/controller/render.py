@@ -23,6 +23,7 @@ from dsjobs.controller.names import (
     DATASET_LABEL,
     DATASET_LABELS_ANNOTATION,
     DATASET_NAME_ANNOTATION,
+    DEFAULT_CONTAINER_ANNOTATION,
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
     OUTPUT_DATASET_LABEL,
@@ -52,7 +53,7 @@ from dsjobs.runner.config import (
     PythonEnv,
     RunnerConfig,
 )
-from dsjobs.runner.contract import config_secret_data, runner_pod_parts
+from dsjobs.runner.contract import JOB_CONTAINER, config_secret_data, runner_pod_parts
 
 # Where the job sees its mounts (DataSphere mounts S3 connectors at /job/s3/<id>).
 S3_MOUNT_ROOT: Final = "/job/s3"
@@ -499,7 +500,12 @@ def render_pod(
             "name": pod_name(job.name, attempt),
             "namespace": job.namespace,
             "labels": labels,
-            "annotations": {INSTANCE_TYPE_INDEX_ANNOTATION: str(instance_type_index)},
+            "annotations": {
+                INSTANCE_TYPE_INDEX_ANNOTATION: str(instance_type_index),
+                # `kubectl logs` / `exec` on the pod mean the user's program, not the runner's
+                # containers (and say nothing about having picked it).
+                DEFAULT_CONTAINER_ANNOTATION: JOB_CONTAINER,
+            },
             "ownerReferences": [job.owner()],
         },
         "spec": pod_spec,
