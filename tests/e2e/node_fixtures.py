@@ -105,6 +105,7 @@ def running_node(dev_cluster: ClusterHandle, work: Path, state_dir: Path) -> Ite
     from cryptography.x509 import load_pem_x509_certificate
 
     from dsjobs.devcluster import kubeconfig as kc
+    from dsjobs.devcluster.node.leftovers import end_leftovers
     from dsjobs.devcluster.pki import CertificateAuthority
 
     pki = ClusterPaths.at(dev_cluster.root).pki
@@ -156,6 +157,9 @@ def running_node(dev_cluster: ClusterHandle, work: Path, state_dir: Path) -> Ite
     finally:
         if node.proc is not None:
             node.signal(signal.SIGTERM)
+        # A test that killed the agent outright left its containers' processes and memory cgroups
+        # (no later agent of this name cleans them, as `devcluster down` does for its nodes).
+        end_leftovers(name, str(state_dir))
         with contextlib.suppress(ApiException):
             core.delete_node(name)
 
