@@ -194,6 +194,16 @@ def memory_limits_enforced(cluster: ClusterHandle) -> bool:
     return probe is not None
 
 
+def cpu_accounted(cluster: ClusterHandle) -> bool:
+    """The local nodes also give each container a cpuacct cgroup where this host allows."""
+    if cluster.root is None:
+        return False
+    probe = MemoryCgroups.discover("probe", str(cluster.root))
+    if probe is not None:
+        probe.close()
+    return probe is not None and probe.cpu_root is not None
+
+
 SYSTEM_NAMESPACE = os.environ.get("DSJOBS_E2E_SYSTEM_NAMESPACE", "dsjobs-system")
 DEPLOYED_OPERATOR = "dsjobs-operator"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from cluster_fixtures import REPO_ROOT, local_claim, memory_limits_enforced, poll
+from cluster_fixtures import REPO_ROOT, cpu_accounted, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node, small_disk_node  # noqa: F401
@@ -615,7 +615,11 @@ def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) ->
     # `.docker_stats.tsv` records the official CLI writes to its docker_stats.tsv.
     if not memory_limits_enforced(h.cluster):
         pytest.skip("this host gives the node agent no memory cgroups: no container cgroup to read")
-    hold = "python -c 'import time; x = bytearray(200 * 2**20); time.sleep(3)'"
+    # 200 MiB held, and about two seconds of CPU.
+    hold = (
+        "python -c 'import time; x = bytearray(200 * 2**20); t = time.process_time()\n"
+        "while time.process_time() - t < 2: pass'"
+    )
     h.create_job("stats", {"cmd": hold})
     status = h.wait_phase("stats", "SUCCESS", "ERROR")
     assert status["phase"] == "SUCCESS", status
@@ -628,6 +632,9 @@ def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) ->
     # The instance type's memory limit is the container's.
     assert {r["memory_limit_bytes"] for r in rows} == {str(32 * 2**30)}, text
     assert int(rows[-1]["memory_peak_bytes"]) >= 200 * 2**20, text
+    if cpu_accounted(h.cluster):  # a cpuacct cgroup of the container's own (node/cgroup.py)
+        assert float(rows[-1]["cpu_seconds"]) >= 2, text
+        assert rows[-1]["cpu_percent"], text  # since the first sample
     # The same lines are kept as the job's diagnostic file (`download-files --with-diagnostics`).
     (kept,) = status["diagnosticFiles"]
     assert kept["desc"]["path"] == "docker_stats.tsv"

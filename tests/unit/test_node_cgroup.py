@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dsjobs.devcluster.node.cgroup import cgroup_name, memory_limit_bytes, node_cgroup_name, parse_oom_kills
+from dsjobs.devcluster.node.cgroup import (
+    MemoryCgroups,
+    cgroup_name,
+    memory_limit_bytes,
+    node_cgroup_name,
+    parse_oom_kills,
+)
 
 
 @pytest.mark.parametrize(
@@ -43,3 +51,42 @@ def test_names() -> None:
     # Two clusters on one machine both have a node cpu-0: their parents differ.
     assert a.startswith("dsjobs-node-cpu-0-") and b.startswith("dsjobs-node-cpu-0-") and a != b
     assert node_cgroup_name("cpu-0", "/work/main/.dev/nodes/cpu-0") == a
+
+
+def _fake_mounts(tmp: Path) -> tuple[Path, Path]:
+    """Directories standing in for the v1 memory and cpuacct mounts (rmdir of an empty directory
+    is what the kernel's cgroupfs does with an empty cgroup)."""
+    memory, cpu = tmp / "memory", tmp / "cpuacct"
+    memory.mkdir()
+    (memory / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    cpu.mkdir()
+    (cpu / "cpuacct.usage").write_text("0\n")
+    return memory, cpu
+
+
+def test_a_container_gets_a_cpuacct_cgroup_beside_its_memory_cgroup(tmp_path: Path) -> None:
+    memory, cpu = _fake_mounts(tmp_path)
+    cgroups = MemoryCgroups.discover("cpu-0", "/state", mount=str(memory), cpu_mount=str(cpu))
+    assert cgroups is not None and cgroups.cpu_root == str(cpu / node_cgroup_name("cpu-0", "/state"))
+    procs = cgroups.create("u1-job-0", 2**30)
+    assert procs == str(memory / node_cgroup_name("cpu-0", "/state") / "u1-job-0" / "cgroup.procs")
+    assert (Path(procs).parent / "memory.limit_in_bytes").read_text() == str(2**30)
+    joins = cgroups.companions(procs)
+    assert joins == [procs, str(Path(cgroups.cpu_root) / "u1-job-0" / "cgroup.procs")]
+    # The kernel's cgroupfs removes a cgroup with its files; a plain directory needs them gone.
+    (Path(procs).parent / "memory.limit_in_bytes").unlink()
+    assert cgroups.remove_instance(procs)
+    assert not Path(procs).parent.exists() and not (Path(cgroups.cpu_root) / "u1-job-0").exists()
+    cgroups.close()
+    assert list(memory.iterdir()) == [memory / "memory.limit_in_bytes"]
+    assert list(cpu.iterdir()) == [cpu / "cpuacct.usage"]
+
+
+def test_without_cpuacct_a_container_joins_its_memory_cgroup_only(tmp_path: Path) -> None:
+    memory, _ = _fake_mounts(tmp_path)
+    cgroups = MemoryCgroups.discover("cpu-0", "/state", mount=str(memory), cpu_mount=str(tmp_path / "none"))
+    assert cgroups is not None and cgroups.cpu_root is None
+    procs = cgroups.create("u1-job-0", 2**30)
+    assert procs is not None and cgroups.companions(procs) == [procs]
+    (Path(procs).parent / "memory.limit_in_bytes").unlink()
+    assert cgroups.remove_instance(procs)

@@ -95,12 +95,15 @@ def test_script_run_as_user() -> None:
     assert script.splitlines()[-1] == 'exec /usr/bin/setpriv --reuid=1000 --regid=1000 --clear-groups -- "$@"'
 
 
-def test_script_joins_the_memory_cgroup_before_anything_else_runs() -> None:
-    # The mounts, the chdir and the program all run under the container's limit; the join comes
-    # before setpriv drops root (writing cgroup.procs needs it).
+def test_script_joins_its_cgroups_before_anything_else_runs() -> None:
+    # The mounts, the chdir and the program all run under the container's limit and count as its
+    # CPU time; the joins come before setpriv drops root (writing cgroup.procs needs it).
     procs = "/sys/fs/cgroup/memory/dsjobs-node-x/u1-main/cgroup.procs"
-    lines = render_launch_script((Mount("/s", "/d", True),), "/d", TOOLS, (1000, 1000), procs).splitlines()
-    assert lines[:2] == ["set -e", f"echo $$ > {procs}"]
+    cpu = "/sys/fs/cgroup/cpuacct/dsjobs-node-x/u1-main/cgroup.procs"
+    lines = render_launch_script(
+        (Mount("/s", "/d", True),), "/d", TOOLS, (1000, 1000), [procs, cpu]
+    ).splitlines()
+    assert lines[:3] == ["set -e", f"echo $$ > {procs}", f"echo $$ > {cpu}"]
     assert lines[-1].startswith("exec /usr/bin/setpriv")
     assert "cgroup.procs" not in render_launch_script((), None, TOOLS, None)
 

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from .cgroup import V1_MEMORY_MOUNT, MemoryCgroups, cgroup_name, node_cgroup_name
+from .cgroup import V1_CPUACCT_MOUNT, V1_MEMORY_MOUNT, MemoryCgroups, cgroup_name, node_cgroup_name
 from .podspec import Obj
 from .runtime import kill_group, proc_start_ticks
 
@@ -66,24 +66,33 @@ def kill_recorded_processes(state: Obj | None, cgroups: str | None = None) -> in
     return killed
 
 
-def end_leftovers(node: str, state_dir: str, timeout: float = 10.0, mount: str = V1_MEMORY_MOUNT) -> int:
+def end_leftovers(
+    node: str,
+    state_dir: str,
+    timeout: float = 10.0,
+    mount: str = V1_MEMORY_MOUNT,
+    cpu_mount: str = V1_CPUACCT_MOUNT,
+) -> int:
     """Kill the container process groups recorded under `state_dir` and every process in the
-    node's memory cgroups, then remove those cgroups (they empty once the killed processes are
-    reaped). Returns the containers that had something to kill."""
+    node's memory cgroups, then remove those cgroups and their cpuacct companions (they empty
+    once the killed processes are reaped). Returns the containers that had something to kill."""
     pods = os.path.join(state_dir, "pods")
     killed = 0
     with contextlib.suppress(OSError):
         for entry in os.scandir(pods):
             killed += kill_recorded_processes(read_state(os.path.join(entry.path, "state.json")))
-    root = os.path.join(mount, node_cgroup_name(node, state_dir))
+    name = node_cgroup_name(node, state_dir)
+    root = os.path.join(mount, name)
     with contextlib.suppress(OSError):
         for entry in os.scandir(root):
             if entry.is_dir(follow_symlinks=False):
                 killed += kill_cgroup(entry.path) > 0
+    roots = (root, os.path.join(cpu_mount, name))
+    cgroups = MemoryCgroups(*roots)
     deadline = time.monotonic() + timeout
-    while os.path.isdir(root):
-        MemoryCgroups(root).close()
-        if not os.path.isdir(root) or time.monotonic() > deadline:
+    while True:
+        cgroups.close()
+        if not any(os.path.isdir(r) for r in roots) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     return killed

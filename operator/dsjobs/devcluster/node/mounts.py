@@ -26,6 +26,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .podspec import ContainerPlan, Mount, SetupError, VolumePlan
@@ -96,7 +97,7 @@ def render_launch_script(
     working_dir: str | None,
     tools: Tools,
     run_as: tuple[int, int] | None,
-    cgroup_procs: str | None = None,
+    cgroup_procs: Sequence[str] = (),
 ) -> str:
     """The /bin/sh program run inside the new mount namespace before exec'ing the container's argv.
 
@@ -107,13 +108,14 @@ def render_launch_script(
     already (they stay on the host as placeholders), so they are made only when missing: every
     process started here is CPU that each container start pays.
 
-    With `cgroup_procs` (the `cgroup.procs` file of the container's memory cgroup) the shell moves
-    itself into that cgroup first, so everything the container runs is under its memory limit.
+    With `cgroup_procs` (the `cgroup.procs` files of the container's memory cgroup and its cpuacct
+    companion) the shell moves itself into those cgroups first, so everything the container runs is
+    under its memory limit and counted as its CPU time.
     """
     q = shlex.quote
     lines = ["set -e"]
-    if cgroup_procs:
-        lines.append(f"echo $$ > {q(cgroup_procs)}")
+    for procs in cgroup_procs:
+        lines.append(f"echo $$ > {q(procs)}")
     staged = any(_covers(t.target, m.source) for t in mounts for m in mounts)
     sources = [m.source for m in mounts]
     if staged:
@@ -148,7 +150,7 @@ def render_launch_script(
     return "\n".join(lines) + "\n"
 
 
-def launch_argv(plan: ContainerPlan, tools: Tools, cgroup_procs: str | None = None) -> list[str]:
+def launch_argv(plan: ContainerPlan, tools: Tools, cgroup_procs: Sequence[str] = ()) -> list[str]:
     run_as: tuple[int, int] | None = None
     if plan.run_as_user is not None:
         run_as = (plan.run_as_user, plan.run_as_group if plan.run_as_group is not None else plan.run_as_user)

@@ -878,13 +878,14 @@ class PodWorker:
             if cgroups and limit
             else None
         )
-        argv = launch_argv(plan, self.ctx.tools, cgroup)
+        joins = cgroups.companions(cgroup) if cgroups is not None and cgroup is not None else []
+        argv = launch_argv(plan, self.ctx.tools, joins)
         try:
             proc = ContainerProcess.spawn(argv, env, log_file, self.log_notifiers[name])
         except OSError as exc:
             self._release_gpus(name)
-            if cgroup is not None:
-                MemoryCgroups.remove(cgroup)
+            if cgroups is not None and cgroup is not None:
+                cgroups.remove_instance(cgroup)
             return self._start_error(snap, f"starting the process: {exc}")
         started_at = now()
         self.procs[name] = proc
@@ -910,8 +911,8 @@ class PodWorker:
         self._proc_exit.notify()
         finished_at = now()
         oom_killed = cgroup is not None and MemoryCgroups.oom_killed(cgroup)
-        if cgroup is not None:
-            self._spawn(_remove_cgroup(cgroup))
+        if cgroups is not None and cgroup is not None:
+            self._spawn(_remove_cgroup(cgroups, cgroup))
         try:
             with open(term_file, "rb") as fh:
                 raw = fh.read(8192)
@@ -1059,12 +1060,12 @@ class PodWorker:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def _remove_cgroup(procs: str, attempts: int = 20) -> None:
-    """A container's cgroup, once its processes are gone: its group was killed at its exit, and
+async def _remove_cgroup(cgroups: MemoryCgroups, procs: str, attempts: int = 20) -> None:
+    """A container's cgroups, once its processes are gone: its group was killed at its exit, and
     what left the group (setsid) is killed here, as the end of a container's PID namespace would."""
     for _ in range(attempts):
         kill_cgroup(os.path.dirname(procs))
-        if MemoryCgroups.remove(procs):
+        if cgroups.remove_instance(procs):
             return
         await asyncio.sleep(0.5)
     log.info("memory cgroup %s still busy (a process of it could not be killed)", procs)
