@@ -608,6 +608,8 @@ def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
     assert "ran out of memory (OOMKilled)" in status["statusDetails"], status
     finished = next(c for c in status["conditions"] if c["type"] == "Finished")
     assert finished["reason"] == "OOMKilled"
+    # What it used before the kill is kept (docs/runner.md#resource-usage).
+    assert [f["desc"]["path"] for f in status["diagnosticFiles"]] == ["docker_stats.tsv"], status
 
 
 def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) -> None:
