@@ -444,12 +444,15 @@ def test_a_claim_the_ephemeral_volume_controller_cannot_make_is_told_why() -> No
         {"message": QUOTA_ON_CLAIMS, "lastTimestamp": "2025-06-01T11:59:50Z"},
         {"message": "no time"},
     ]
-    told = dataclasses.replace(waiting, warning=latest_event_message(events))
+    told = dataclasses.replace(waiting, warning=latest_event_message(events, NOW))
     p = step(job(status=started()), [told])
     assert p.status.status_details == (
         f"waiting for the job's volumes (instance type c1.4): its claim cannot be made: {QUOTA_ON_CLAIMS}"
     )
-    assert latest_event_message([]) == ""
+    assert latest_event_message([], NOW) == ""
+    # A trouble last seen long ago (the kubelet repeats one that lasts) tells nothing now.
+    assert latest_event_message(events, NOW + timedelta(minutes=4)) == QUOTA_ON_CLAIMS
+    assert latest_event_message(events, NOW + timedelta(minutes=6)) == ""
     assert p.requeue_after is not None and p.requeue_after <= timedelta(seconds=20)  # asked again
 
 

@@ -559,7 +559,7 @@ class Operator:
                 exc,
             )
             return pods
-        warning = latest_event_message((found or {}).get("items") or ())
+        warning = latest_event_message((found or {}).get("items") or (), now)
         return [dataclasses.replace(p, warning=warning) if p is pod else p for p in pods]
 
     async def _result_of(self, job: JobView, pod: PodView | None) -> RunnerResult | ResultPointer | None:

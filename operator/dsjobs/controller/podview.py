@@ -299,8 +299,15 @@ def _controller_uid(refs: Any) -> str:
     return ""
 
 
-def latest_event_message(events: Sequence[Mapping[str, Any]]) -> str:
-    """The message of the most recent of some core/v1 Events (by last, then first, time), or ""."""
+#: A Warning Event last seen longer ago than this no longer tells why the pod waits: a kubelet
+#: retries a failing mount at least every ~2 minutes (its backoff's cap), each time bumping the
+#: Event's lastTimestamp; an older one is a trouble that went (a mount that failed once).
+EVENT_FRESHNESS: Final = timedelta(minutes=5)
+
+
+def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime) -> str:
+    """The message of the most recent of some core/v1 Events (by last, then first, time), or ""
+    when there is none, or it was last seen more than EVENT_FRESHNESS before `now`."""
 
     def when(e: Mapping[str, Any]) -> str:
         # RFC 3339 in UTC: the strings sort as the times do.
@@ -308,4 +315,9 @@ def latest_event_message(events: Sequence[Mapping[str, Any]]) -> str:
         return str(e.get("lastTimestamp") or e.get("eventTime") or meta.get("creationTimestamp") or "")
 
     latest = max(events, key=when, default=None)
-    return str(latest.get("message") or "") if latest is not None else ""
+    if latest is None:
+        return ""
+    seen = parse_time(when(latest))
+    if seen is not None and now - seen > EVENT_FRESHNESS:
+        return ""
+    return str(latest.get("message") or "")
