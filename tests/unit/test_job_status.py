@@ -1600,6 +1600,29 @@ def test_changed_ttl_moves_the_expiry() -> None:
     assert p.status.data_expires_at == NOW + timedelta(days=3)
 
 
+@pytest.mark.parametrize("ttl", ["-1d", "1m", "400d"])
+def test_a_ttl_out_of_range_set_after_the_start_deletes_nothing(ttl: str) -> None:
+    # kubectl edits of a finished job are not validated by the API: a typo must not delete data.
+    expiry = NOW + timedelta(days=14)
+    status = started("SUCCESS", finishedAt=ts(NOW - timedelta(hours=2)), dataExpiresAt=ts(expiry))
+    p = step(job(status=status, dataTtl=ttl))
+    assert not p.actions and not p.status.data_cleared
+    assert p.status.data_expires_at == expiry  # the last valid TTL's
+    (cond,) = [c for c in p.status.conditions if c.type == "DataTtlValid"]
+    assert (cond.status, cond.reason) == ("False", "InvalidDataTtl")
+    assert cond.message == (
+        f"spec.dataTtl {ttl} is not used: it must be between 1h and 365d, or infinity [data-ttl]; "
+        "the data expires at 2025-06-15T12:00:00Z as before"
+    )
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "InvalidDataTtl")]
+    again = step(job(status=p.status.to_cr(), dataTtl=ttl))
+    assert not again.events and again.status == p.status  # told once
+    # A valid TTL again: used, and the condition goes.
+    fixed = step(job(status=p.status.to_cr(), dataTtl="3d"))
+    assert fixed.status.data_expires_at == NOW - timedelta(hours=2) + timedelta(days=3)
+    assert not [c for c in fixed.status.conditions if c.type == "DataTtlValid"]
+
+
 def test_clear_data_request() -> None:
     p = step(job(status=started("ERROR", finishedAt=ts(NOW)), clearData=True))
     assert p.actions == (ClearData(),) and p.status.data_cleared

@@ -34,6 +34,7 @@ from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     ATTEMPT_CONDITIONS,
     COND_DATA_CLEARED,
+    COND_DATA_TTL_VALID,
     COND_FINALIZED,
     COND_RETRYING,
     COND_SCHEDULED,
@@ -53,10 +54,18 @@ from dsjobs.controller.status import (
     stored_data_size,
     with_phase,
 )
-from dsjobs.models import InstanceTypeSpec, JobPhase, OutputDataset, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models import (
+    InstanceTypeSpec,
+    JobPhase,
+    OutputDataset,
+    ProjectJobSpec,
+    ProjectJobStatus,
+    format_duration,
+)
 from dsjobs.models.limits import LABEL_VALUE_PATTERN
+from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
-from dsjobs.validation import Problem, format_problems, parse_job_spec
+from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
 
 # The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
 MAX_JOB_NAME: Final = 63
@@ -741,7 +750,24 @@ def _data_lifetime(
     expiry. Data already cleared has nothing left to expire."""
     if status.data_cleared:
         return status, None
-    expires = data_expiry(spec, since)
+    problem = data_ttl_problem(spec.data_ttl)
+    if problem is None:
+        expires = data_expiry(spec, since)
+        status = drop_conditions(status, COND_DATA_TTL_VALID)
+    else:
+        # Only a kubectl edit after the job started gets here (the API and the first plan refuse
+        # such a TTL): it is not used, so that a typo ("-1d", "1m") deletes no data. The expiry
+        # stays the last valid TTL's (unset while none was derived yet), and the job says why.
+        expires = status.data_expires_at
+        message = f"spec.dataTtl {format_duration(spec.data_ttl)} is not used: it {problem} [data-ttl]; " + (
+            f"the data expires at {format_datetime(expires)} as before"
+            if expires
+            else "the data does not expire"
+        )
+        previous = get_condition(status, COND_DATA_TTL_VALID)
+        if previous is None or previous.message != message:
+            events.append(JobEvent("Warning", "InvalidDataTtl", message))
+        status = set_condition(status, COND_DATA_TTL_VALID, "False", "InvalidDataTtl", message, now)
     if expires != status.data_expires_at:
         status = status.model_copy(update={"data_expires_at": expires})
     if spec.clear_data or (expires is not None and now >= expires):

@@ -71,6 +71,8 @@ COND_RETRYING: Final = "Retrying"
 COND_FINALIZED: Final = "Finalized"
 COND_DATA_CLEARED: Final = "DataCleared"
 COND_NODE_REACHABLE: Final = "NodeReachable"
+#: False while spec.dataTtl holds a TTL out of its range (set with kubectl after the job started).
+COND_DATA_TTL_VALID: Final = "DataTtlValid"
 # Conditions describing one attempt: dropped when the next attempt starts.
 ATTEMPT_CONDITIONS: Final = (COND_SCHEDULED, COND_CONTAINERS_CREATED, COND_STARTED, COND_NODE_REACHABLE)
 

@@ -15,6 +15,7 @@ from dsjobs.validation.instancetype import parse_instance_type, validate_instanc
 from dsjobs.validation.job import (
     CMD_VAR_REFERENCE,
     cmd_references,
+    data_ttl_problem,
     declared_vars,
     docker_reference_problem,
     parse_job_spec,
@@ -28,6 +29,7 @@ __all__ = [
     "RULES",
     "Problem",
     "cmd_references",
+    "data_ttl_problem",
     "declared_vars",
     "docker_reference_problem",
     "format_problems",

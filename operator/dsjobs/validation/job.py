@@ -6,6 +6,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Collection, Mapping
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -62,6 +63,14 @@ def parse_job_spec(
     return spec, validate_job_spec(spec, known_instance_types=known_instance_types)
 
 
+def data_ttl_problem(ttl: timedelta) -> str | None:
+    """What is wrong with a data TTL (None: nothing). The operator checks a TTL changed after
+    the job started with it too: a kubectl edit is not validated otherwise."""
+    if ttl != L.INFINITE_TTL and not (L.MIN_DATA_TTL <= ttl <= L.MAX_DATA_TTL):
+        return "must be between 1h and 365d, or infinity"
+    return None
+
+
 def validate_job_spec(
     spec: ProjectJobSpec, *, known_instance_types: Collection[str] | None = None
 ) -> list[Problem]:
@@ -77,8 +86,9 @@ def validate_job_spec(
     c.max_length("config", spec.config, L.MAX_CONFIG_LENGTH)
     c.max_length("created_by_id", spec.created_by_id, L.MAX_NAME_LENGTH)
     c.max_length("parent_job_id", spec.parent_job_id, 253)
-    if spec.data_ttl != L.INFINITE_TTL and not (L.MIN_DATA_TTL <= spec.data_ttl <= L.MAX_DATA_TTL):
-        c.add("data_ttl", "data-ttl", "must be between 1h and 365d, or infinity")
+    ttl_problem = data_ttl_problem(spec.data_ttl)
+    if ttl_problem is not None:
+        c.add("data_ttl", "data-ttl", ttl_problem)
     if spec.cancel is not None:
         _text(c, "cancel.reason", spec.cancel.reason, L.MAX_DESC_LENGTH, allow_newlines=True)
     if spec.retry_policy is not None:
