@@ -755,9 +755,10 @@ def _data_lifetime(
         expires = data_expiry(spec, since)
         status = drop_conditions(status, COND_DATA_TTL_VALID)
     else:
-        # Only a kubectl edit after the job started gets here (the API and the first plan refuse
-        # such a TTL): it is not used, so that a typo ("-1d", "1m") deletes no data. The expiry
-        # stays the last valid TTL's (unset while none was derived yet), and the job says why.
+        # Only kubectl gets such a TTL here (the API refuses it, and so does the first plan of an
+        # execution): an edit after the start, or a job not executed yet. It is not used, so that
+        # a typo ("-1d", "1m") deletes no data: the expiry stays the last valid TTL's (unset while
+        # none was derived yet), and the job says why.
         expires = status.data_expires_at
         message = f"spec.dataTtl {format_duration(spec.data_ttl)} is not used: it {problem} [data-ttl]; " + (
             f"the data expires at {format_datetime(expires)} as before"
