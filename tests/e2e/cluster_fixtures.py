@@ -184,23 +184,25 @@ def local_claim(
     return claim_directory(core, namespace, name)
 
 
-def memory_limits_enforced(cluster: ClusterHandle) -> bool:
-    """The local nodes put containers in memory cgroups where this host allows (node/cgroup.py)."""
+def _node_cgroups(cluster: ClusterHandle) -> MemoryCgroups | None:
+    """What cgroups the local nodes can give containers on this host (node/cgroup.py): a probe
+    made and removed again."""
     if cluster.root is None:
-        return False
+        return None
     probe = MemoryCgroups.discover("probe", str(cluster.root))
     if probe is not None:
         probe.close()
-    return probe is not None
+    return probe
+
+
+def memory_limits_enforced(cluster: ClusterHandle) -> bool:
+    """The local nodes put containers in memory cgroups where this host allows."""
+    return _node_cgroups(cluster) is not None
 
 
 def cpu_accounted(cluster: ClusterHandle) -> bool:
     """The local nodes also give each container a cpuacct cgroup where this host allows."""
-    if cluster.root is None:
-        return False
-    probe = MemoryCgroups.discover("probe", str(cluster.root))
-    if probe is not None:
-        probe.close()
+    probe = _node_cgroups(cluster)
     return probe is not None and probe.cpu_root is not None
 
 
