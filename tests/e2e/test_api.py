@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import api_fixtures
 import grpc
@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 api_env = api_fixtures.api_env  # the session fixture, used by name below
 
 Code = grpc.StatusCode
+T = TypeVar("T")
 POLL_TIMEOUT_S = 60
 
 
@@ -337,17 +338,19 @@ def test_the_built_in_edit_and_view_roles_include_the_project_roles(api_env: Api
         editor = Client(ch, api_env.md("editor"))
         nsviewer = Client(ch, api_env.md("nsviewer"))
 
-        def create_as_editor() -> str | None:
-            try:
-                return editor.create(project, params(inputs))[1].job_id
-            except grpc.RpcError as exc:
-                if exc.code() != Code.PERMISSION_DENIED:  # type: ignore[attr-defined]
-                    raise
-                return None  # the aggregation (or the API's 2 s cache of a denial) lags
-
-        job_id: str = poll("`edit` to include dsjobs-project-user", create_as_editor, 60)
+        # PERMISSION_DENIED until the aggregation (or the API's 2 s cache of a denial) catches up.
+        created = poll(
+            "`edit` to include dsjobs-project-user",
+            lambda: _unless_denied(lambda: editor.create(project, params(inputs))),
+            60,
+        )
+        job_id = created[1].job_id
         assert editor.get(job_id).created_by_id.endswith(":editor")  # a ServiceAccount of the test
-        assert poll("`view` to include dsjobs-project-viewer", lambda: _get_or_none(nsviewer, job_id), 60)
+        assert poll(
+            "`view` to include dsjobs-project-viewer",
+            lambda: _unless_denied(lambda: nsviewer.get(job_id)),
+            60,
+        )
         e = rpc_error(lambda: nsviewer.create(project, params(inputs)))
         assert e.code == Code.PERMISSION_DENIED and "nsviewer" in e.details
         e = rpc_error(
@@ -356,9 +359,10 @@ def test_the_built_in_edit_and_view_roles_include_the_project_roles(api_env: Api
         assert e.code == Code.PERMISSION_DENIED
 
 
-def _get_or_none(c: Client, job_id: str) -> jobs_pb2.Job | None:
+def _unless_denied(call: Callable[[], T]) -> T | None:
+    """The call's answer, or None when it was PERMISSION_DENIED."""
     try:
-        return c.get(job_id)
+        return call()
     except grpc.RpcError as exc:
         if exc.code() != Code.PERMISSION_DENIED:  # type: ignore[attr-defined]
             raise

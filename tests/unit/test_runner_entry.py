@@ -33,26 +33,12 @@ from dsjobs.runner.ship import read_status_file
 from dsjobs.runner.stagein import prepare
 from dsjobs.runner.syslog import SystemLog
 
-SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
-
-
-def _have(shell: str) -> bool:
-    return shutil.which(SHELLS[shell][0]) is not None
-
 
 def _dash() -> list[str]:
     path = shutil.which("dash")
     if path is None:
         pytest.skip("dash is not installed (apt-get install dash)")
     return [path]
-
-
-@pytest.fixture(params=sorted(SHELLS))
-def shell(request: pytest.FixtureRequest) -> list[str]:
-    name: str = request.param
-    if not _have(name):
-        pytest.skip(f"{name} is not installed (apt-get install dash busybox)")
-    return SHELLS[name]
 
 
 @dataclass

@@ -10,11 +10,9 @@ gpu_stats.tsv.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from runner_fakes import FileStore, MemoryStore
 from runner_fakes import config as ship_config
 
@@ -23,16 +21,6 @@ from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.entry import DOCKER_STATS_HEADER, GPU_STATS_QUERY, render_entry_script
 from dsjobs.runner.result import FileErrorType
 from dsjobs.runner.ship import LogShipper, upload_diagnostic_files
-
-SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
-
-
-@pytest.fixture(params=sorted(SHELLS))
-def shell(request: pytest.FixtureRequest) -> list[str]:
-    name: str = request.param
-    if shutil.which(SHELLS[name][0]) is None:
-        pytest.skip(f"{name} is not installed (apt-get install dash busybox)")
-    return SHELLS[name]
 
 
 def _write(path: Path, text: str) -> None:

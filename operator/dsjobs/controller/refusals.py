@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from dsjobs.controller.settings import RUNNER_RESOURCES
 from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTAINER
 
 # ResourceQuota admission: "must specify limits.cpu for: ship,stage-in; limits.memory for: job".
@@ -34,10 +35,8 @@ def refusal_hint(why: str) -> str:
         return why
     hints = []
     if named & {STAGE_IN_CONTAINER, SHIP_CONTAINER}:
-        hints.append(
-            "the runner's containers take theirs from the operator's settings DSJOBS_RUNNER_CPU_REQUEST, "
-            "DSJOBS_RUNNER_CPU_LIMIT, DSJOBS_RUNNER_MEMORY_REQUEST, DSJOBS_RUNNER_MEMORY_LIMIT"
-        )
+        settings = ", ".join(name for pair in RUNNER_RESOURCES for name in pair)
+        hints.append(f"the runner's containers take theirs from the operator's settings {settings}")
     if JOB_CONTAINER in named:
         hints.append("the job's container takes its InstanceType's spec.resources")
     return f"{why} ({'; '.join(hints)})" if hints else why

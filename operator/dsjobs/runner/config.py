@@ -328,6 +328,12 @@ class SharedLayout:
         return self.logs_dir / "gpu_stats.tsv"
 
     @property
+    def diagnostic_files(self) -> tuple[Path, ...]:
+        """The entry script's resource-usage samples: stored under their own names as the job's
+        diagnostic files (the official CLI's `download-files --with-diagnostics`)."""
+        return (self.docker_stats, self.gpu_stats)
+
+    @property
     def run_dir(self) -> Path:
         return self.root / "run"
 

@@ -177,8 +177,10 @@ dsjobs_uptime() {
 # dsjobs_tenths N: N tenths as "I.F" in dsjobs_v.
 dsjobs_tenths() { dsjobs_v="$(($1 / 10)).$(($1 % 10))"; }
 
+# dsjobs_now: the sample's time in dsjobs_t (one `date` per sample, shared by both files).
+dsjobs_now() { dsjobs_t=$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null) || dsjobs_t=''; }
+
 dsjobs_docker_stats() {
-  dsjobs_t=$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null) || dsjobs_t=''
   dsjobs_uptime
   dsjobs_cpu_pct=''; dsjobs_cpu_s=''; dsjobs_us=''
   if [ -n "$DSJOBS_CG_CPU" ]; then
@@ -245,7 +247,6 @@ dsjobs_docker_stats() {
 
 # nvidia-smi's CSV ("0, NVIDIA A100, 97, ...") as TSV lines after the time.
 dsjobs_gpu_stats() {
-  dsjobs_t=$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null) || dsjobs_t=''
   { "$DSJOBS_NVSMI" --query-gpu="$DSJOBS_GPU_QUERY" --format=csv,noheader,nounits </dev/null 2>/dev/null \
     | while IFS= read -r dsjobs_l; do
         dsjobs_o=$dsjobs_t
@@ -276,6 +277,7 @@ dsjobs_sampler() {
   fi
   [ -n "$DSJOBS_CG_MEM$DSJOBS_CG_CPU$DSJOBS_NVSMI" ] || return 0
   while kill -0 "$1" 2>/dev/null; do
+    dsjobs_now
     if [ -n "$DSJOBS_CG_MEM$DSJOBS_CG_CPU" ]; then dsjobs_docker_stats; fi
     if [ -n "$DSJOBS_NVSMI" ]; then dsjobs_gpu_stats; fi
     sleep "$DSJOBS_STATS_SECONDS"
@@ -289,7 +291,7 @@ dsjobs_stop_sampler() {
   wait "$DSJOBS_STATS_PID" 2>/dev/null
   DSJOBS_STATS_PID=''
   if [ -s "$DSJOBS_DOCKER_STATS" ]; then
-    ( exec </dev/null >/dev/null 2>&1; dsjobs_cgroups; dsjobs_docker_stats )
+    ( exec </dev/null >/dev/null 2>&1; dsjobs_cgroups; dsjobs_now; dsjobs_docker_stats )
   fi
 }
 

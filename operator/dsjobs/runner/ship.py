@@ -100,9 +100,6 @@ FINAL_FLUSH_SECONDS = 300.0
 PERMANENT_ERROR_TRIES = 3
 #: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
 LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
-#: The entry script's resource-usage samples, kept as the job's diagnostic files (the official
-#: CLI's `download-files --with-diagnostics`).
-DIAGNOSTIC_FILE_NAMES = ("docker_stats.tsv", "gpu_stats.tsv")
 
 
 @dataclass
@@ -195,7 +192,7 @@ class LogShipper:
         final = read_final(self.store, self.project, self.job)
         if (last is not None and last.attempt < attempt) or (final is not None and final.attempt < attempt):
             # DownloadStdLogs and the API's progress would otherwise show the last attempt's.
-            for name in (*LOG_FILE_NAMES, *DIAGNOSTIC_FILE_NAMES):
+            for name in (*LOG_FILE_NAMES, *(f.name for f in self.config.layout.diagnostic_files)):
                 self.store.delete(log_file_key(self.project, self.job, name))
             self.store.delete(progress_key(self.project, self.job))
             if final is not None:
@@ -597,10 +594,7 @@ def upload_diagnostic_files(
     config: RunnerConfig, store: Storage
 ) -> tuple[list[LogFileResult], list[FileError]]:
     """Upload the resource-usage samples the entry script wrote (docker_stats.tsv, gpu_stats.tsv)."""
-    layout = config.layout
-    return _upload_raw_files(
-        config, store, zip(DIAGNOSTIC_FILE_NAMES, (layout.docker_stats, layout.gpu_stats), strict=True)
-    )
+    return _upload_raw_files(config, store, ((f.name, f) for f in config.layout.diagnostic_files))
 
 
 def _upload_raw_files(

@@ -137,19 +137,22 @@ class MemoryCgroups:
     def companions(self, procs: str) -> list[str]:
         """The `cgroup.procs` files a container joins: its memory cgroup's, and its cpuacct one's
         where that exists."""
-        found = [procs]
-        if self.cpu_root is not None:
-            cpu = os.path.join(self.cpu_root, os.path.basename(os.path.dirname(procs)))
-            if os.path.isdir(cpu):
-                found.append(os.path.join(cpu, "cgroup.procs"))
-        return found
+        cpu = self._cpu_companion(procs)
+        return [procs, os.path.join(cpu, "cgroup.procs")] if cpu and os.path.isdir(cpu) else [procs]
 
     def remove_instance(self, procs: str) -> bool:
         """Remove a container's cgroups (they must hold no process any more). True when gone."""
         gone = self.remove(procs)
-        if self.cpu_root is not None:
-            gone = self.remove(os.path.join(self.cpu_root, os.path.basename(os.path.dirname(procs)))) and gone
+        cpu = self._cpu_companion(procs)
+        if cpu is not None:
+            gone = self.remove(cpu) and gone  # both, whatever the first gave
         return gone
+
+    def _cpu_companion(self, procs: str) -> str | None:
+        """The cpuacct cgroup of the container whose memory cgroup holds `procs` (None: no cpuacct)."""
+        if self.cpu_root is None:
+            return None
+        return os.path.join(self.cpu_root, os.path.basename(os.path.dirname(procs)))
 
     @staticmethod
     def oom_killed(procs: str) -> bool:

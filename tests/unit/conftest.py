@@ -1,0 +1,19 @@
+"""Fixtures shared by the unit test modules."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+#: The shells the job's entry script must run under (Debian packages `dash` and `busybox`; bash).
+SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}
+
+
+@pytest.fixture(params=sorted(SHELLS))
+def shell(request: pytest.FixtureRequest) -> list[str]:
+    """Each of SHELLS in turn; a missing one is skipped with its name in the reason."""
+    name: str = request.param
+    if shutil.which(SHELLS[name][0]) is None:
+        pytest.skip(f"{name} is not installed (apt-get install dash busybox)")
+    return SHELLS[name]
