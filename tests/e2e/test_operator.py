@@ -895,6 +895,8 @@ def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     out = patch({"jobParameters": {"cmd": "echo other"}})
     assert "jobParameters cannot change once execute is true" in out, out
     assert "patched" in patch({"dataTtl": "2d"})  # the rest of the spec is not the job's program
+    out = patch({"dataTtl": "-1d"})
+    assert 'spec.dataTtl: Invalid value: "-1d"' in out, out
     job = h.job("fixed")
     assert job is not None and job["spec"]["jobParameters"]["cmd"] == "sleep 20"
     assert "patched" in patch({"cancel": {"reason": "done"}})

@@ -207,8 +207,12 @@ def test_the_schema_rejects_what_it_should() -> None:
     doc["jobParameters"]["s3MountIds"] = ["x"] * 101
     doc["jobParameters"]["cloudInstanceTypes"] = [{"name": "C1"}]
     doc["jobParameters"]["env"]["dockerImageSpec"]["passwordPlainText"] = "secret"
+    # A sign would let `kubectl patch` set a TTL that the API server keeps and no rule allows.
+    doc["dataTtl"] = "-1d"
+    doc["jobParameters"]["gracefulShutdownParameters"]["timeout"] = "-5s"
     errors = schema_errors(pj, _object("ProjectJob", doc))
-    assert len(errors) == 5, errors
+    assert len(errors) == 7, errors
+    assert any(e.startswith(".spec.dataTtl: '-1d'") for e in errors), errors
 
 
 def _model_paths(model: type[BaseModel], prefix: str = "") -> set[str]:

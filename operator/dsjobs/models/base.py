@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from dsjobs.models.limits import DURATION_PATTERN, INFINITE_TTL
+from dsjobs.models.limits import DURATION_PARTS, DURATION_PATTERN, INFINITE_TTL
 from dsjobs.quantity import QUANTITY_PATTERN
 
 
@@ -58,7 +58,9 @@ _UNITS: dict[str, timedelta] = {
     "ms": timedelta(milliseconds=1),
     "us": timedelta(microseconds=1),
 }
-_DURATION_RE = re.compile(DURATION_PATTERN)
+# Reading still takes a sign: an object stored before the CRD refused one must parse, so that
+# the operator can tell what is wrong with it instead of failing on the whole object.
+_DURATION_RE = re.compile(rf"^(infinity|-?{DURATION_PARTS})$")
 _DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|d|h|m|s)")
 
 

@@ -88,8 +88,11 @@ NO_CONTROL_CHARS_PATTERN: Final = r"^[^\x00-\x1f\x7f]*$"
 SECRET_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # DNS subdomain
 SECRET_KEY_PATTERN: Final = r"^[-._a-zA-Z0-9]{1,253}$"
 LABEL_VALUE_PATTERN: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"  # may be empty
-# Durations are written like Go's time.Duration plus a `d` (day) unit, or `infinity`.
-DURATION_PATTERN: Final = r"^(infinity|-?([0-9]+(\.[0-9]+)?(d|h|m|s|ms|us))+)$"
+# Durations are written like Go's time.Duration plus a `d` (day) unit, or `infinity`. No sign:
+# neither a data TTL nor a shutdown timeout means anything below zero, and the API server should
+# refuse `-1d` at `kubectl apply` rather than leave it to the operator.
+DURATION_PARTS: Final = r"([0-9]+(\.[0-9]+)?(d|h|m|s|ms|us))+"
+DURATION_PATTERN: Final = rf"^(infinity|{DURATION_PARTS})$"
 
 # Docker image reference, the distribution/reference grammar (`\w` spelled out: Python's is Unicode).
 _ALNUM = r"[a-z0-9]+"
