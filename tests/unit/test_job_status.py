@@ -29,6 +29,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
+    schedule_budget,
     waiting_to_create,
     write_delay,
 )
@@ -42,7 +43,7 @@ from dsjobs.controller.status import (
     with_passed_phases,
 )
 from dsjobs.instancetypes import CATALOG, instance_type_spec
-from dsjobs.models import JobPhase, ProjectJobSpec
+from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec
 from dsjobs.runner.entry import SETUP_FAILED_EXIT
 from dsjobs.runner.result import (
     FileError,
@@ -1325,6 +1326,14 @@ def test_a_type_whose_pod_is_refused_past_its_budget_falls_back_to_the_next() ->
     assert w.status.status_details == f"waiting to create the job's pod: {QUOTA}"
     cond = next(c for c in w.status.conditions if c.type == "Scheduled")
     assert cond.last_transition_time == spent
+
+
+def test_a_type_gone_from_the_catalog_still_has_a_budget() -> None:
+    # Deleted while its pod waits (refused or unschedulable): the field's default, as for a type
+    # created without one, so the job still moves on to its next type.
+    default = InstanceTypeSpec.model_fields["schedule_timeout_seconds"].default
+    assert schedule_budget(None) == timedelta(seconds=default) == timedelta(seconds=300)
+    assert schedule_budget(TYPES["c1.4"]) == timedelta(seconds=60)
 
 
 def test_a_refusal_that_is_not_the_pod_s_never_falls_back() -> None:

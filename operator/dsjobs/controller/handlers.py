@@ -79,6 +79,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     current_pod_name,
     plan,
+    schedule_budget,
     waiting_to_create,
     write_delay,
 )
@@ -679,8 +680,7 @@ class Operator:
         """The job's status while its pod is refused; past the type's budget, the next type."""
         if not refused.pod or not refused_by_type(refused.why):
             return waiting_to_create(job, refused.why, now)
-        type_spec = (await self._catalog_for(job)).get(action.instance_type)
-        budget = timedelta(seconds=type_spec.schedule_timeout_seconds) if type_spec is not None else None
+        budget = schedule_budget((await self._catalog_for(job)).get(action.instance_type))
         names = spec.job_parameters.instance_type_names()
         return waiting_to_create(job, refused.why, now, action, names, budget)
 

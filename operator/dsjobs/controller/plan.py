@@ -491,8 +491,7 @@ def _plan(
         and not current.gone
         and not current.deleting
     ):
-        type_spec = catalog.get(names[index])
-        budget = timedelta(seconds=type_spec.schedule_timeout_seconds if type_spec is not None else 300)
+        budget = schedule_budget(catalog.get(names[index]))
         waited = now - (current.created_at or now)
         if waited < budget:
             requeue = _min_delay(requeue, budget - waited)
@@ -812,6 +811,18 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
 
 # The Scheduled condition's reason while the API server refuses the attempt's pod.
 REFUSED_REASON: Final = "FailedCreate"
+
+
+def schedule_budget(type_spec: InstanceTypeSpec | None) -> timedelta:
+    """How long a pod of this type may wait before the job falls back to its next type.
+
+    A type deleted from the catalog while its pod waits keeps the field's default, so the job
+    still moves on rather than waiting for a type that no longer exists.
+    """
+    if type_spec is None:
+        default = InstanceTypeSpec.model_fields["schedule_timeout_seconds"].default
+        return timedelta(seconds=default)
+    return timedelta(seconds=type_spec.schedule_timeout_seconds)
 
 
 def waiting_to_create(
