@@ -1422,6 +1422,24 @@ def test_cancel_after_the_program_ended_reports_the_real_outcome() -> None:
     p = step(j, [ended_pod(0)], res=result(0))
     assert p.status.phase == JobPhase.SUCCESS
     assert not any(isinstance(a, DeletePod) and a.why == "cancelled" for a in p.actions)
+    # `kubectl describe` says why a cancelled job did not end CANCELLED, once: the next step
+    # (the job already SUCCESS) posts nothing.
+    late = [e for e in p.events if e.reason == "CancelTooLate"]
+    assert [(e.type, e.message) for e in late] == [
+        (
+            "Normal",
+            "the cancel came after the program had exited with code 0: "
+            "its outputs and logs were kept and the job ended SUCCESS",
+        )
+    ]
+    again = step(job(status=p.status.to_cr(), cancel={"reason": "late"}), [ended_pod(0)], res=result(0))
+    assert not [e for e in again.events if e.reason == "CancelTooLate"]
+    failed = step(j, [ended_pod(3)], res=result(3))
+    assert failed.status.phase == JobPhase.ERROR
+    assert [e.message for e in failed.events if e.reason == "CancelTooLate"] == [
+        "the cancel came after the program had exited with code 3: "
+        "its outputs and logs were kept and the job ended ERROR"
+    ]
 
 
 def test_a_cancel_while_the_outputs_upload_leaves_the_pod_alone() -> None:
@@ -1440,6 +1458,7 @@ def test_a_cancel_while_the_outputs_upload_leaves_the_pod_alone() -> None:
     done = ended_pod(0)
     p = step(job(status=started("CANCELLING"), cancel={"graceful": False}), [done], res=result(0))
     assert p.status.phase == JobPhase.SUCCESS and p.status.return_code == 0
+    assert [e.reason for e in p.events if e.reason == "CancelTooLate"] == ["CancelTooLate"]
 
 
 def test_a_cancel_the_operator_did_not_write_down_still_ends_cancelled() -> None:

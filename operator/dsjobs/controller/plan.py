@@ -214,6 +214,17 @@ class Plan:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+_OUTCOMES_OF_PROGRAM: Final = (JobPhase.SUCCESS, JobPhase.ERROR)
+
+
+def _cancel_too_late(status: ProjectJobStatus) -> str:
+    code = "" if status.return_code is None else f" with code {status.return_code}"
+    return (
+        f"the cancel came after the program had exited{code}: its outputs and logs were kept "
+        f"and the job ended {status.phase.value if status.phase else ''}"
+    )
+
+
 def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> int:
     """Pod deletion grace period for a cancel.
 
@@ -456,6 +467,7 @@ def _plan(
         actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
 
     index = min(status.instance_type_index, len(names) - 1)
+    phase_before = status.phase
     update = compute_status(
         spec,
         status,
@@ -468,6 +480,9 @@ def _plan(
     )
     events.extend(update.events)
     status = update.status
+    if spec.cancel is not None and status.phase != phase_before and status.phase in _OUTCOMES_OF_PROGRAM:
+        # The user asked for a stop and got another outcome: say why, once (a job ends once).
+        events.append(JobEvent("Normal", "CancelTooLate", _cancel_too_late(status)))
     requeue = update.requeue_after
     if status.phase is not None and status.phase.is_final and not any(p.alive for p in pods):
         # The job ended with no pod left to delete (cancelled, deleted, node lost): its Secrets
