@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar, cast
 
@@ -443,6 +443,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: datetime | None = None  # LastModified, where a listing tells it
 
 
 @dataclass(frozen=True)
@@ -766,7 +767,12 @@ class Storage:
                 what=f"list {prefix}",
             )
             for obj in page.get("Contents", []):
-                yield ObjectInfo(key=obj["Key"], size=int(obj["Size"]), etag=str(obj.get("ETag", "")))
+                yield ObjectInfo(
+                    key=obj["Key"],
+                    size=int(obj["Size"]),
+                    etag=str(obj.get("ETag", "")),
+                    modified=obj.get("LastModified"),
+                )
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

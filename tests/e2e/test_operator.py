@@ -13,6 +13,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -1489,6 +1491,70 @@ def test_data_ttl_expiry_clears_the_data(h: H, storage: Storage) -> None:
     status = h.wait_phase("left", "ERROR", "SUCCESS")
     assert status["phase"] == "ERROR" and "deleted before it was executed" in status["statusDetails"]
     assert not h.core.list_namespaced_pod(h.namespace, label_selector="dsjobs.dev/job-id=left").items
+
+
+def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_command(
+    h: H, storage: Storage
+) -> None:
+    # A ProjectJob whose finalizer a user removed while the operator was away: its data stays,
+    # and only `python -m dsjobs.orphans` finds it. The command spares what live jobs own.
+    data, shared = f"orphan {uuid.uuid4()}\n".encode(), f"shared {uuid.uuid4()}\n".encode()
+    sha, shared_sha = hashlib.sha256(data).hexdigest(), hashlib.sha256(shared).hexdigest()
+    storage.put_bytes(input_key(PROJECT_ID, sha), data)
+    storage.put_bytes(input_key(PROJECT_ID, shared_sha), shared)
+
+    def inputs(*pairs: tuple[str, bytes]) -> list[dict[str, Any]]:
+        return [
+            {"desc": {"path": f"in{i}.txt"}, "sha256": s, "sizeBytes": len(d)}
+            for i, (s, d) in enumerate(pairs)
+        ]
+
+    outputs = {"cmd": "cat in*.txt > out.txt", "outputFiles": [{"path": "out.txt"}]}
+    h.create_job("orphaned", {**outputs, "inputFiles": inputs((sha, data), (shared_sha, shared))})
+    h.create_job("kept", {**outputs, "inputFiles": inputs((shared_sha, shared))})
+    for name in ("orphaned", "kept"):
+        assert h.wait_phase(name, "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+    h.kill()
+    try:
+        h.custom.patch_namespaced_custom_object(
+            "dsjobs.dev",
+            "v1alpha1",
+            h.namespace,
+            "projectjobs",
+            "orphaned",
+            {"metadata": {"finalizers": None}},
+        )
+        h.kubectl("delete", "pj", "-n", h.namespace, "orphaned", "--wait=true", "--timeout=60s")
+    finally:
+        h.start()
+    assert _objects(storage, job_prefix(PROJECT_ID, "orphaned"))  # left behind
+
+    def orphans(*args: str) -> str:
+        command = [sys.executable, "-m", "dsjobs.orphans", "--project", PROJECT_ID, *args]
+        done = subprocess.run(command, env=h.env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def listed(out: str) -> set[str]:
+        return {line.split()[1] for line in out.splitlines() if line.startswith(("job ", "input "))}
+
+    # (Other runs on this bucket may have left orphans of this project id: only ours are checked.)
+    ours = {input_key(PROJECT_ID, sha), job_prefix(PROJECT_ID, "orphaned")}
+    assert not listed(orphans()) & ours  # all written within the default grace (1d)
+    out = orphans("--grace", "0s")
+    assert (
+        listed(out) & (ours | {job_prefix(PROJECT_ID, "kept"), input_key(PROJECT_ID, shared_sha)}) == ours
+    ), out
+    assert f"{job_prefix(PROJECT_ID, 'orphaned')}  " in out and "(no ProjectJob)" in out, out
+    assert "(no ProjectJob uses it)" in out, out
+    assert _objects(storage, job_prefix(PROJECT_ID, "orphaned"))  # listing deletes nothing
+
+    assert "deleted" in orphans("--grace", "0s", "--delete")
+    assert not _objects(storage, job_prefix(PROJECT_ID, "orphaned"))
+    assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
+    assert storage.get_bytes(input_key(PROJECT_ID, shared_sha)) == shared  # "kept" uses it
+    assert _objects(storage, job_prefix(PROJECT_ID, "kept"))
+    assert "0 orphaned" in orphans("--grace", "0s")
 
 
 def test_metrics_count_jobs_by_phase(h: H) -> None:

@@ -1,0 +1,290 @@
+"""Stored data that no ProjectJob owns any more: listed, and deleted on request.
+
+    python -m dsjobs.orphans [--project P ...] [--grace 1d] [--delete]
+
+The operator deletes a job's data when the job is deleted (its finalizer) and when its data TTL
+passes. It never learns of a ProjectJob whose finalizer was removed by hand, as happens when a
+namespace is deleted after dsjobs was uninstalled: that job's prefix stays in the bucket. Telling
+such data apart needs every ProjectJob of the cluster and the whole bucket, and deciding that data
+belongs to nobody is the admin's call (a bucket may be shared with another cluster's dsjobs), so
+this is a command the admin runs, with the operator's storage settings (`DSJOBS_S3_*`) and a
+kubeconfig that may list ProjectJobs cluster-wide. It lists by default; `--delete` deletes.
+
+What counts as orphaned (decided by `find_orphans`, pure):
+- `projects/<p>/jobs/<job>/...`: no ProjectJob of project <p> named <job> exists;
+- `projects/<p>/inputs/<sha256>`: no ProjectJob of project <p> whose data is not cleared uses it;
+- and nothing under it was written within the grace period (default 1 day), so that data of a job
+  being created or written by a pod this cluster does not know of is left alone.
+Keys of any other shape are never touched. Right before deleting, the ProjectJobs are listed
+again and whatever a job now owns is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from dsjobs.controller.cleanup import raw_input_hashes
+from dsjobs.controller.names import PROJECT_LABEL
+from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION, format_duration, parse_duration
+from dsjobs.models.limits import INFINITE_TTL
+
+if TYPE_CHECKING:
+    from dsjobs.storage import Storage
+
+DEFAULT_GRACE: Final = timedelta(days=1)
+PROJECTS_PREFIX: Final = "projects/"
+_PAGE: Final = 500
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class Owners:
+    """What the cluster's ProjectJobs own: job prefixes by (project, job), inputs by (project, sha256)."""
+
+    jobs: frozenset[tuple[str, str]] = frozenset()
+    inputs: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Orphan:
+    kind: Literal["job", "input"]
+    project: str
+    key: str  # a job's prefix (ending in '/') or an input's key
+    objects: int
+    size: int
+    newest: datetime
+
+
+@dataclass
+class _Group:
+    kind: Literal["job", "input"]
+    project: str
+    key: str
+    objects: int = 0
+    size: int = 0
+    newest: datetime = field(default_factory=lambda: datetime.min.replace(tzinfo=UTC))
+
+
+def owners_of(bodies: Iterable[Mapping[str, Any]]) -> Owners:
+    """The Owners of these ProjectJob bodies. Every job owns its prefix (one being deleted cleans
+    up after itself); its inputs count while its data is not cleared, as for the operator's own
+    deletions."""
+    jobs: set[tuple[str, str]] = set()
+    inputs: set[tuple[str, str]] = set()
+    for body in bodies:
+        project = str((body.get("spec") or {}).get("projectId") or "")
+        name = str((body.get("metadata") or {}).get("name") or "")
+        if not project or not name:
+            continue
+        jobs.add((project, name))
+        if not (body.get("status") or {}).get("dataCleared"):
+            inputs |= {(project, sha) for sha in raw_input_hashes(body)}
+    return Owners(frozenset(jobs), frozenset(inputs))
+
+
+def _group_of(key: str) -> tuple[Literal["job", "input"], str, str, str] | None:
+    """(kind, project, name, group key) of a key in dsjobs' layout; None for any other key."""
+    parts = key.split("/")
+    if len(parts) < 4 or parts[0] != "projects" or not parts[1] or not parts[3]:
+        return None
+    if parts[2] == "jobs" and len(parts) >= 5:
+        return "job", parts[1], parts[3], "/".join(parts[:4]) + "/"
+    if parts[2] == "inputs" and len(parts) == 4:
+        return "input", parts[1], parts[3], key
+    return None
+
+
+def find_orphans(
+    objects: Iterable[StoredObject],
+    owners: Owners,
+    *,
+    now: datetime,
+    grace: timedelta,
+    projects: frozenset[str] | None = None,
+) -> list[Orphan]:
+    """The job prefixes and cached inputs nobody owns, untouched for `grace`, in key order.
+    `projects` limits the search to those projects."""
+    groups: dict[str, _Group] = {}
+    for obj in objects:
+        found = _group_of(obj.key)
+        if found is None:
+            continue
+        kind, project, name, key = found
+        if projects is not None and project not in projects:
+            continue
+        owned = (project, name) in (owners.jobs if kind == "job" else owners.inputs)
+        if owned:
+            continue
+        group = groups.setdefault(key, _Group(kind, project, key))
+        group.objects += 1
+        group.size += obj.size
+        group.newest = max(group.newest, obj.modified)
+    cutoff = now - grace
+    return [
+        Orphan(g.kind, g.project, g.key, g.objects, g.size, g.newest)
+        for _, g in sorted(groups.items())
+        if g.newest <= cutoff
+    ]
+
+
+def still_orphaned(orphans: Iterable[Orphan], owners: Owners) -> list[Orphan]:
+    """Those of `orphans` that `owners` (listed afresh) still does not own."""
+    kept = []
+    for o in orphans:
+        name = o.key.rstrip("/").rsplit("/", 1)[-1]
+        if (o.project, name) not in (owners.jobs if o.kind == "job" else owners.inputs):
+            kept.append(o)
+    return kept
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def describe(orphan: Orphan, projects_with_namespace: frozenset[str] | None) -> str:
+    what = "no ProjectJob" if orphan.kind == "job" else "no ProjectJob uses it"
+    if projects_with_namespace is not None and orphan.project not in projects_with_namespace:
+        what += f"; no namespace is labelled {PROJECT_LABEL}={orphan.project}"
+    objects = f"{orphan.objects} object{'s' if orphan.objects != 1 else ''}"
+    newest = orphan.newest.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{orphan.kind:5}  {orphan.key}  {objects}, {_size(orphan.size)}, last written {newest} ({what})"
+
+
+# --- the cluster and the store ------------------------------------------------------------------
+
+
+def _api_client() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def list_projectjobs(api: Any) -> list[dict[str, Any]]:
+    """Every ProjectJob of the cluster (paged)."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+    bodies: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        kwargs: dict[str, Any] = {"limit": _PAGE}
+        if token:
+            kwargs["_continue"] = token
+        page = custom.list_cluster_custom_object(GROUP, VERSION, PROJECTJOB_PLURAL, **kwargs)
+        bodies.extend(page.get("items") or [])
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return bodies
+
+
+def projects_with_namespace(api: Any) -> frozenset[str] | None:
+    """Project ids of the cluster's project namespaces; None when the caller may not list them."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        items = client.CoreV1Api(api).list_namespace(label_selector=PROJECT_LABEL).items
+    except ApiException as exc:
+        if exc.status == 403:
+            return None
+        raise
+    return frozenset(str((ns.metadata.labels or {}).get(PROJECT_LABEL, "")) for ns in items)
+
+
+def stored_objects(storage: Storage, projects: frozenset[str] | None) -> Iterator[StoredObject]:
+    from dsjobs.storage import project_prefix
+
+    prefixes = [project_prefix(p) for p in sorted(projects)] if projects is not None else [PROJECTS_PREFIX]
+    for prefix in prefixes:
+        for info in storage.iter_objects(prefix):
+            if info.modified is None:
+                raise RuntimeError(f"the object store listed {info.key} without its LastModified")
+            yield StoredObject(info.key, info.size, info.modified)
+
+
+def delete(storage: Storage, orphan: Orphan) -> int:
+    if orphan.kind == "job":
+        return storage.delete_prefix(orphan.key)
+    storage.delete(orphan.key)
+    return 1
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsjobs.orphans",
+        description="List (and with --delete, delete) stored data that no ProjectJob of the cluster "
+        "owns: job prefixes of deleted jobs whose cleanup never ran, cached inputs no job uses. "
+        "Storage settings from DSJOBS_S3_*; the cluster from KUBECONFIG (or in-cluster).",
+    )
+    parser.add_argument(
+        "--project", action="append", default=[], help="only this project (repeatable); default: all"
+    )
+    parser.add_argument(
+        "--grace",
+        default=format_duration(DEFAULT_GRACE),
+        help="leave data written within this long alone (default %(default)s; e.g. 12h, 0s)",
+    )
+    parser.add_argument("--delete", action="store_true", help="delete what is listed")
+    args = parser.parse_args(argv)
+    try:
+        grace = parse_duration(args.grace)
+    except ValueError as exc:
+        parser.error(f"--grace: {exc}")
+    if not timedelta(0) <= grace < INFINITE_TTL:
+        parser.error("--grace: must be a duration of 0s or more (not infinity)")
+    args.grace = grace
+    return args
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    from dsjobs.storage import Storage, StorageConfigError
+
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    projects = frozenset(args.project) if args.project else None
+    try:
+        storage = Storage.from_env(dict(os.environ if environ is None else environ))
+    except StorageConfigError as exc:
+        print(f"dsjobs.orphans: {exc}", file=sys.stderr)
+        return 2
+    api = _api_client()
+    owners = owners_of(list_projectjobs(api))
+    orphans = find_orphans(
+        stored_objects(storage, projects), owners, now=datetime.now(UTC), grace=args.grace, projects=projects
+    )
+    labelled = projects_with_namespace(api)
+    for orphan in orphans:
+        print(describe(orphan, labelled))
+    total = sum(o.size for o in orphans)
+    print(f"{len(orphans)} orphaned ({_size(total)}) in bucket {storage.bucket}")
+    if not args.delete or not orphans:
+        return 0
+    # A job created since the first listing may own some of them now.
+    orphans = still_orphaned(orphans, owners_of(list_projectjobs(api)))
+    deleted = sum(delete(storage, o) for o in orphans)
+    print(f"deleted {deleted} objects of {len(orphans)} orphaned")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

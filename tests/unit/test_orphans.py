@@ -1,0 +1,124 @@
+"""What `python -m dsjobs.orphans` takes for data nobody owns (the pure part)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from dsjobs.orphans import Orphan, Owners, StoredObject, describe, find_orphans, owners_of, still_orphaned
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+OLD = NOW - timedelta(days=2)
+SHA_A, SHA_B, SHA_C = "a" * 64, "b" * 64, "c" * 64
+
+
+def body(project: str, name: str, *shas: str, cleared: bool = False, modules: tuple[str, ...] = ()) -> Any:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "projectId": project,
+            "jobParameters": {
+                "inputFiles": [{"desc": {"path": f"f{i}"}, "sha256": s} for i, s in enumerate(shas)],
+                "env": {
+                    "pythonEnv": {"localModules": [{"desc": {"path": "m"}, "sha256": m} for m in modules]}
+                },
+            },
+        },
+        "status": {"dataCleared": True} if cleared else {},
+    }
+
+
+def obj(key: str, size: int = 10, when: datetime = OLD) -> StoredObject:
+    return StoredObject(key, size, when)
+
+
+def test_owners_are_every_job_and_the_inputs_of_jobs_with_data() -> None:
+    owners = owners_of(
+        [
+            body("p", "one", SHA_A, modules=(SHA_C,)),
+            body("p", "gone", SHA_B, cleared=True),  # cleared: its inputs are nobody's through it
+            body("q", "one", SHA_B),
+            {"metadata": {"name": "no-spec"}},
+        ]
+    )
+    assert owners.jobs == {("p", "one"), ("p", "gone"), ("q", "one")}
+    assert owners.inputs == {("p", SHA_A), ("p", SHA_C), ("q", SHA_B)}
+
+
+def test_unowned_job_prefixes_and_inputs_are_orphans_grouped_and_in_key_order() -> None:
+    owners = owners_of([body("p", "live", SHA_A)])
+    objects = [
+        obj("projects/p/jobs/live/result.json"),
+        obj("projects/p/jobs/dead/logs/chunks/000000000000", 100),
+        obj("projects/p/jobs/dead/outputs/out.txt", 5, OLD + timedelta(hours=1)),
+        obj(f"projects/p/inputs/{SHA_A}"),
+        obj(f"projects/p/inputs/{SHA_B}", 7),
+        obj(f"projects/q/inputs/{SHA_A}", 3),  # owned in p, not in q
+    ]
+    assert find_orphans(objects, owners, now=NOW, grace=timedelta(days=1)) == [
+        Orphan("input", "p", f"projects/p/inputs/{SHA_B}", 1, 7, OLD),
+        Orphan("job", "p", "projects/p/jobs/dead/", 2, 105, OLD + timedelta(hours=1)),
+        Orphan("input", "q", f"projects/q/inputs/{SHA_A}", 1, 3, OLD),
+    ]
+
+
+def test_data_written_within_the_grace_is_left_alone() -> None:
+    # One recent object keeps the whole prefix: the job may be writing to it.
+    objects = [
+        obj("projects/p/jobs/dead/logs/chunks/000000000000"),
+        obj("projects/p/jobs/dead/outputs/out.txt", when=NOW - timedelta(minutes=5)),
+        obj(f"projects/p/inputs/{SHA_B}", when=NOW - timedelta(hours=23)),
+    ]
+    assert find_orphans(objects, Owners(), now=NOW, grace=timedelta(days=1)) == []
+    assert [o.key for o in find_orphans(objects, Owners(), now=NOW, grace=timedelta(0))] == [
+        f"projects/p/inputs/{SHA_B}",
+        "projects/p/jobs/dead/",
+    ]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "health/check",
+        "projects/p/other/thing",
+        "projects/p/jobs/dead",  # not under a job's prefix
+        "projects/p/jobs//x",
+        "projects//jobs/x/y",
+        f"projects/p/inputs/{SHA_A}/nested",
+        "projects/p/inputs/",
+    ],
+)
+def test_keys_outside_dsjobs_layout_are_never_touched(key: str) -> None:
+    assert find_orphans([obj(key)], Owners(), now=NOW, grace=timedelta(0)) == []
+
+
+def test_projects_limit_the_search() -> None:
+    objects = [obj("projects/p/jobs/a/x"), obj("projects/q/jobs/b/x")]
+    found = find_orphans(objects, Owners(), now=NOW, grace=timedelta(0), projects=frozenset({"q"}))
+    assert [o.key for o in found] == ["projects/q/jobs/b/"]
+
+
+def test_what_a_job_created_since_owns_is_kept() -> None:
+    found = find_orphans(
+        [obj("projects/p/jobs/dead/x"), obj("projects/p/jobs/new/x"), obj(f"projects/p/inputs/{SHA_A}")],
+        Owners(),
+        now=NOW,
+        grace=timedelta(0),
+    )
+    fresh = owners_of([body("p", "new", SHA_A)])
+    assert [o.key for o in still_orphaned(found, fresh)] == ["projects/p/jobs/dead/"]
+
+
+def test_the_listing_says_why() -> None:
+    orphan = Orphan("job", "p", "projects/p/jobs/dead/", 2, 3 * 1024 * 1024, OLD)
+    assert describe(orphan, frozenset({"p"})) == (
+        "job    projects/p/jobs/dead/  2 objects, 3.0 MiB, last written 2026-11-28T12:00:00Z (no ProjectJob)"
+    )
+    lone = Orphan("input", "gone", f"projects/gone/inputs/{SHA_A}", 1, 12, OLD)
+    assert describe(lone, frozenset({"p"})).endswith(
+        "1 object, 12 B, last written 2026-11-28T12:00:00Z "
+        "(no ProjectJob uses it; no namespace is labelled dsjobs.dev/project-id=gone)"
+    )
+    assert describe(lone, None).endswith("(no ProjectJob uses it)")  # namespaces not listable
