@@ -188,6 +188,8 @@ def projectjob_crd() -> dict[str, Any]:
         {"name": "Job name", "type": "string", "jsonPath": ".spec.name", "priority": 1},
         {"name": "Project", "type": "string", "jsonPath": ".spec.projectId", "priority": 1},
         _age(),
+        # Why a job waits or failed, in `kubectl get pj -o wide` (long: after Age, as pods' IP/node).
+        {"name": "Details", "type": "string", "jsonPath": ".status.statusDetails", "priority": 1},
     ]
     return _crd(
         kind=PROJECTJOB_KIND,

@@ -157,6 +157,7 @@ def test_crd_names_versions_columns() -> None:
     assert columns["Instance type"] == ".status.actualCloudInstanceType"
     assert columns["Return code"] == ".status.returnCode"
     assert columns["Age"] == ".metadata.creationTimestamp"
+    assert columns["Details"] == ".status.statusDetails"
     assert it["spec"]["scope"] == "Cluster" and it["spec"]["names"]["shortNames"] == ["dsit"]
     assert it["spec"]["names"]["categories"] == ["dsjobs"]
     # every printer column points at a field of the schema
