@@ -223,6 +223,11 @@ def stored_objects(storage: Storage, projects: frozenset[str] | None) -> Iterato
             yield StoredObject(info.key, info.size, info.modified)
 
 
+def _short(exc: Exception) -> str:
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    return f"{status} {reason}" if status else str(exc)
+
+
 def delete(storage: Storage, orphan: Orphan) -> int:
     if orphan.kind == "job":
         return storage.delete_prefix(orphan.key)
@@ -254,6 +259,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not timedelta(0) <= grace < INFINITE_TTL:
         parser.error("--grace: must be a duration of 0s or more (not infinity)")
     args.grace = grace
+    from dsjobs.storage import project_prefix
+
+    for project in args.project:
+        try:
+            project_prefix(project)
+        except ValueError as exc:
+            parser.error(f"--project: {exc}")
     return args
 
 
@@ -267,12 +279,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except StorageConfigError as exc:
         print(f"dsjobs.orphans: {exc}", file=sys.stderr)
         return 2
-    api = _api_client()
-    owners = owners_of(list_projectjobs(api))
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config import ConfigException
+
+    try:
+        api = _api_client()
+        owners = owners_of(list_projectjobs(api))
+        labelled = projects_with_namespace(api)
+    except (ConfigException, ApiException) as exc:
+        # Without every ProjectJob of the cluster nothing can be called orphaned.
+        print(f"dsjobs.orphans: cannot list the cluster's ProjectJobs: {_short(exc)}", file=sys.stderr)
+        return 2
     orphans = find_orphans(
         stored_objects(storage, projects), owners, now=datetime.now(UTC), grace=args.grace, projects=projects
     )
-    labelled = projects_with_namespace(api)
     for orphan in orphans:
         print(describe(orphan, labelled))
     total = sum(o.size for o in orphans)
