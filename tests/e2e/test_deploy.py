@@ -257,6 +257,21 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
         "patch",
         "deletecollection",
     }
+    # Leader election: the settings' Lease, and only it may be read and renewed.
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    namespace, lease = settings["data"]["DSJOBS_LEADER_LEASE"].split("/")
+    (role,) = [o for o in of_kind(objects, "Role") if o["metadata"]["name"] == "dsjobs-operator-leader"]
+    assert role["metadata"]["namespace"] == namespace
+    assert [(r["resources"], r.get("resourceNames"), sorted(r["verbs"])) for r in role["rules"]] == [
+        (["leases"], [lease], ["get", "update"]),
+        (["leases"], None, ["create"]),
+    ]
+    (binding,) = [
+        o for o in of_kind(objects, "RoleBinding") if o["roleRef"]["name"] == "dsjobs-operator-leader"
+    ]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "dsjobs-operator", "namespace": namespace}
+    ]
 
 
 def test_kind_overlay_runs_the_loaded_image() -> None:

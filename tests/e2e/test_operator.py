@@ -7,6 +7,7 @@ subprocess for this module's own project namespace (operator_fixtures.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +38,7 @@ from operator_fixtures import (  # noqa: F401
     operator_harness,
 )
 
+from dsjobs.controller.leader import micro_time
 from dsjobs.controller.names import JOB_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
@@ -1055,6 +1058,60 @@ def test_operator_killed_over_and_over_while_jobs_run_loses_and_leaves_nothing(
             assert mine == [f"{j.name}-a{i}" for i in range(1, j.attempts + 1)], (j.name, sorted(ever))
         if j.fate == "delete":
             assert not _objects(storage, job_prefix(PROJECT_ID, j.name)), j.name
+
+
+def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_path: Path) -> None:
+    # Two operators elect a leader on a Lease: the standby does nothing until the leader is
+    # SIGKILLed, takes over once the Lease has gone unrenewed for its duration, and on SIGTERM
+    # hands it back.
+    lease = "e2e-leader"
+    env = {**h.env, "DSJOBS_LEADER_LEASE": f"{h.namespace}/{lease}", "DSJOBS_LEADER_LEASE_SECONDS": "4"}
+    replicas = [dataclasses.replace(h, env=env, log_path=tmp_path / f"{n}.log", proc=None) for n in "ab"]
+
+    def holder() -> dict[str, Any]:
+        spec = (
+            k8s_client.CoordinationV1Api(h.cluster.api_client).read_namespaced_lease(lease, h.namespace).spec
+        )
+        return {"holderIdentity": spec.holder_identity or "", "leaseTransitions": spec.lease_transitions}
+
+    h.kill()
+    try:
+        a, b = replicas
+        a.start()
+        poll("replica a to lead", lambda: "leading: holding lease" in a.log(), 30)
+        b.start()  # alive while it stands by: /healthz is served before Kopf runs
+        poll("replica b to stand by", lambda: "standing by: lease" in b.log(), 30)
+        leader = holder()["holderIdentity"]
+        assert leader in a.log() and leader not in b.log().split("standing by")[0], leader
+
+        h.create_job("led-1", {"cmd": "echo one"})
+        assert h.wait_phase("led-1", "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+        assert "led-1" not in b.log()  # the standby ran no handler
+
+        a.kill()
+        h.create_job("led-2", {"cmd": "echo two"})
+        assert h.wait_phase("led-2", "SUCCESS", "ERROR", timeout=120)["phase"] == "SUCCESS"
+        spec = holder()
+        assert spec["holderIdentity"] != leader and spec["holderIdentity"] in b.log(), spec
+        assert spec["leaseTransitions"] == 1, spec
+
+        # Someone else holds the Lease now (a replica that took it while this one was stalled):
+        # the leader stops acting at once, by exiting.
+        coordination = k8s_client.CoordinationV1Api(h.cluster.api_client)
+        stolen = {"spec": {"holderIdentity": "thief", "renewTime": micro_time(datetime.now(UTC))}}
+        coordination.patch_namespaced_lease(lease, h.namespace, stolen)
+        assert b.proc is not None and b.proc.wait(timeout=30) == 1
+        assert "lost the leadership: the lease is held by thief; exiting" in b.log()
+
+        a.start()  # the thief never renews: a takes over once its Lease has stood still
+        poll("replica a to lead again", lambda: "(transition 2)" in a.log(), 30)
+        a.stop()  # graceful: the Lease is released for the next replica
+        assert holder()["holderIdentity"] == "", holder()
+        assert "released lease" in a.log()
+    finally:
+        for replica in replicas:
+            replica.stop()
+        h.start()
 
 
 def test_watches_recover_from_an_api_server_restart(h: H) -> None:

@@ -11,10 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+LEADER_LOG = logging.getLogger("dsjobs.controller.leader")
 
 if TYPE_CHECKING:
+    from dsjobs.controller.leader import LeaderElector
     from dsjobs.controller.settings import OperatorSettings
 
 
@@ -78,14 +83,74 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
     register(registry, Operator(settings))
-    kopf.run(
-        registry=registry,
-        standalone=True,  # one replica (Recreate strategy): no peering objects needed
-        clusterwide=not namespaces,
-        namespaces=list(namespaces),
-        liveness_endpoint=liveness_endpoint(settings),
-    )
+    if settings.leader_lease:
+        # Until Kopf installs its own handler, SIGTERM (a rollout) must still end in the release
+        # below, not in the default instant death that leaves the Lease to expire.
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    elector = _elector(settings) if settings.leader_lease else None
+    try:
+        if elector is not None:
+            _lead(elector, settings)
+        kopf.run(
+            registry=registry,
+            standalone=True,  # our own Lease elects the one replica that runs Kopf: no peering
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            liveness_endpoint=liveness_endpoint(settings),
+        )
+    finally:
+        if elector is not None:
+            elector.release()
     return 0
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _elector(settings: OperatorSettings) -> LeaderElector:
+    import kopf
+
+    from dsjobs.controller.handlers import login_info
+    from dsjobs.controller.leader import (
+        LeaderElector,
+        LeaseClient,
+        connection_from,
+        identity,
+        parse_lease_ref,
+    )
+
+    namespace, name = parse_lease_ref(settings.leader_lease)
+    kopf_settings = kopf.OperatorSettings()
+
+    def login() -> Any:
+        return connection_from(login_info({"settings": kopf_settings, "logger": LEADER_LOG}))
+
+    client = LeaseClient(login, namespace, name, timeout=max(settings.leader_lease_seconds / 5, 1.0))
+    return LeaderElector(client, identity(), settings.leader_lease_seconds)
+
+
+def _lead(elector: LeaderElector, settings: OperatorSettings) -> None:
+    """Wait until this replica holds the Lease (serving /healthz meanwhile), then keep it in a
+    thread that ends the process the moment it cannot."""
+    from dsjobs.controller.leader import StandbyLiveness
+
+    standby = (
+        StandbyLiveness(settings.bind_address, settings.liveness_port) if settings.liveness_port else None
+    )
+    try:
+        elector.acquire()
+    finally:
+        if standby is not None:
+            standby.close()
+
+    def lost(why: str) -> None:
+        # Another replica may take the Lease soon: stop acting now, not after a graceful shutdown.
+        LEADER_LOG.error("lost the leadership: %s; exiting", why)
+        logging.shutdown()
+        os._exit(1)
+
+    elector.keep(lost)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,10 @@ class OperatorSettings:
     # Whose storage credentials the job's runner gets: `operator` (the operator's own, bucket-wide)
     # or `project` (the project namespace's dsjobs-project-storage Secret, limited to the project's prefix).
     storage_credentials: str = "operator"
+    # `<namespace>/<name>` of the Lease replicas elect their leader on; empty: no election (one
+    # replica, or a process run by hand or by the tests).
+    leader_lease: str = ""
+    leader_lease_seconds: int = 15
 
     def python_image_for(self, version: str) -> str:
         """The default runtime image of a job with a Python env (and of jobs without any image)."""
@@ -171,6 +175,18 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "in the job's namespace (credentials the admin limited to `projects/<project-id>/`), and a job "
         "whose namespace has none ends ERROR (`StorageCredentials`).",
     ),
+    "DSJOBS_LEADER_LEASE": (
+        "leader_lease",
+        "`<namespace>/<name>` of a coordination.k8s.io Lease: replicas elect one leader on it and the "
+        "others stand by (the base deployment: `dsjobs-system/dsjobs-operator`, 2 replicas). Empty: no "
+        "election, for a single process.",
+    ),
+    "DSJOBS_LEADER_LEASE_SECONDS": (
+        "leader_lease_seconds",
+        "How long a leader's Lease lasts without renewal: a standby takes over that long after the "
+        "leader stopped renewing (a released Lease at once); the leader renews every 2/15 of it and "
+        "exits when it could not for 2/3 of it.",
+    ),
     "DSJOBS_WORKER_IDLE_TIMEOUT": (
         "worker_idle_seconds",
         "Seconds an idle per-object worker (and the object it last saw) is kept; lower saves memory.",
@@ -220,6 +236,15 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
             + ", ".join(STORAGE_CREDENTIAL_SOURCES)
         )
+    if settings.leader_lease:
+        from dsjobs.controller.leader import parse_lease_ref
+
+        try:
+            parse_lease_ref(settings.leader_lease)
+        except ValueError as exc:
+            raise SettingsError(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}") from exc
+    if settings.leader_lease_seconds < 3:
+        raise SettingsError(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
     if settings.volume_fs_group < 0:
         raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
     for request, limit in RUNNER_RESOURCES:

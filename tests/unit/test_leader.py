@@ -1,0 +1,87 @@
+"""Leader election: the decision taken on each read of the Lease (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dsjobs.controller.leader import LeaseRecord, Observed, micro_time, parse_lease_ref, plan_lease, released
+from dsjobs.controller.settings import SettingsError, settings_from_env
+
+NOW = datetime(2026, 11, 30, 9, 0, 0, 123456, tzinfo=UTC)
+STAMP = "2026-11-30T09:00:00.123456Z"
+
+
+def other(renewed: str = "2026-11-30T08:59:59.000000Z", holder: str = "b") -> LeaseRecord:
+    return LeaseRecord(holder, 15, "2026-11-30T08:00:00.000000Z", renewed, 3, "41")
+
+
+def test_micro_time_is_the_lease_s_format() -> None:
+    assert micro_time(NOW) == STAMP
+    assert micro_time(NOW.astimezone(tz=None)) == STAMP
+
+
+def test_no_lease_is_created_held_by_me() -> None:
+    step = plan_lease(None, None, me="a", now=NOW, mono=100.0, duration_seconds=15)
+    assert step.create and step.record == LeaseRecord("a", 15, STAMP, STAMP, 0)
+
+
+def test_my_lease_is_renewed_keeping_its_acquire_time() -> None:
+    mine = LeaseRecord("a", 15, "2026-11-30T08:00:00.000000Z", "2026-11-30T08:59:58.000000Z", 2, "7")
+    step = plan_lease(mine, None, me="a", now=NOW, mono=100.0, duration_seconds=15)
+    assert not step.create
+    assert step.record == LeaseRecord("a", 15, "2026-11-30T08:00:00.000000Z", STAMP, 2, "7")
+
+
+def test_another_s_lease_is_waited_for_until_it_stood_still_for_its_duration() -> None:
+    # First sight: the clock starts now, whatever renewTime says (clocks of replicas may differ).
+    step = plan_lease(other(), None, me="a", now=NOW, mono=100.0, duration_seconds=15)
+    assert step.record is None and step.wait_seconds == 15 and step.observed == Observed(other(), 100.0)
+    # Seen again unchanged 10 s later: 5 s to go.
+    step = plan_lease(other(), step.observed, me="a", now=NOW, mono=110.0, duration_seconds=15)
+    assert step.record is None and step.wait_seconds == 5 and step.observed == Observed(other(), 100.0)
+    # Renewed meanwhile (a new record): the clock starts again.
+    renewed = other("2026-11-30T09:00:09.000000Z")
+    step = plan_lease(renewed, step.observed, me="a", now=NOW, mono=112.0, duration_seconds=15)
+    assert step.record is None and step.observed == Observed(renewed, 112.0)
+    # Unchanged for the Lease's own duration: taken, one more transition.
+    step = plan_lease(renewed, step.observed, me="a", now=NOW, mono=127.0, duration_seconds=15)
+    assert step.record == LeaseRecord("a", 15, STAMP, STAMP, 4, "41") and not step.create
+
+
+def test_only_the_record_counts_as_a_change_not_its_resource_version() -> None:
+    seen = Observed(other(), 100.0)
+    moved = LeaseRecord(**{**other().__dict__, "resource_version": "99"})
+    step = plan_lease(moved, seen, me="a", now=NOW, mono=116.0, duration_seconds=15)
+    assert step.record is not None and step.record.holder == "a"
+
+
+def test_the_holder_s_duration_counts_not_mine() -> None:
+    long_held = LeaseRecord("b", 60, "", "2026-11-30T08:59:59.000000Z", 0, "1")
+    step = plan_lease(long_held, Observed(long_held, 100.0), me="a", now=NOW, mono=130.0, duration_seconds=15)
+    assert step.record is None and step.wait_seconds == 30
+
+
+def test_a_released_lease_is_taken_at_once() -> None:
+    free = released(other(), NOW - timedelta(seconds=1))
+    assert (free.holder, free.duration_seconds, free.transitions) == ("", 1, 3)
+    step = plan_lease(free, None, me="a", now=NOW, mono=100.0, duration_seconds=15)
+    assert step.record == LeaseRecord("a", 15, STAMP, STAMP, 4, "41")
+
+
+def test_a_lease_ref_is_namespace_slash_name() -> None:
+    assert parse_lease_ref("dsjobs-system/dsjobs-operator") == ("dsjobs-system", "dsjobs-operator")
+    for bad in ("dsjobs-operator", "/x", "ns/", "a/b/c"):
+        with pytest.raises(ValueError, match="<namespace>/<name>"):
+            parse_lease_ref(bad)
+
+
+def test_lease_settings_are_checked() -> None:
+    settings = settings_from_env({"DSJOBS_LEADER_LEASE": "ns/l", "DSJOBS_LEADER_LEASE_SECONDS": "6"})
+    assert (settings.leader_lease, settings.leader_lease_seconds) == ("ns/l", 6)
+    assert settings_from_env({}).leader_lease == ""  # no election unless asked for
+    with pytest.raises(SettingsError, match="DSJOBS_LEADER_LEASE='l': must be <namespace>/<name>"):
+        settings_from_env({"DSJOBS_LEADER_LEASE": "l"})
+    with pytest.raises(SettingsError, match="DSJOBS_LEADER_LEASE_SECONDS=2: must be 3 or more"):
+        settings_from_env({"DSJOBS_LEADER_LEASE": "ns/l", "DSJOBS_LEADER_LEASE_SECONDS": "2"})
