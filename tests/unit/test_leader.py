@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import kopf
 import pytest
 
-from dsjobs.controller.leader import LeaseRecord, Observed, micro_time, parse_lease_ref, plan_lease, released
+from dsjobs.controller.leader import (
+    LeaseRecord,
+    Observed,
+    connection_from,
+    micro_time,
+    parse_lease_ref,
+    plan_lease,
+    released,
+)
 from dsjobs.controller.settings import SettingsError, settings_from_env
+from dsjobs.devcluster.pki import CertificateAuthority
 
 NOW = datetime(2026, 11, 30, 9, 0, 0, 123456, tzinfo=UTC)
 STAMP = "2026-11-30T09:00:00.123456Z"
@@ -85,3 +98,27 @@ def test_lease_settings_are_checked() -> None:
         settings_from_env({"DSJOBS_LEADER_LEASE": "l"})
     with pytest.raises(SettingsError, match="DSJOBS_LEADER_LEASE_SECONDS=2: must be 3 or more"):
         settings_from_env({"DSJOBS_LEADER_LEASE": "ns/l", "DSJOBS_LEADER_LEASE_SECONDS": "2"})
+
+
+def test_a_connection_from_inline_kubeconfig_data_leaves_no_files(tmp_path: Path) -> None:
+    # A kubeconfig's *-data fields are base64; the ssl module loads files: made, read, removed.
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    client = ca.issue("client", "someone", client=True)
+
+    def b64(path: Path) -> str:
+        return base64.b64encode(path.read_bytes()).decode()
+
+    info = kopf.ConnectionInfo(
+        server="https://10.0.0.1:6443",
+        ca_data=b64(ca.cert_path),
+        certificate_data=b64(client.cert),
+        private_key_data=b64(client.key),
+    )
+    before = set(Path(tempfile.gettempdir()).glob("dsjobs-lease-*"))
+    conn = connection_from(info)
+    assert set(Path(tempfile.gettempdir()).glob("dsjobs-lease-*")) == before
+    assert (conn.host, conn.port, "Authorization" in conn.headers) == ("10.0.0.1", 6443, False)
+    assert conn.context is not None and conn.context.get_ca_certs()
+
+    token = connection_from(kopf.ConnectionInfo(server="http://127.0.0.1:8080", token="t0k"))
+    assert (token.context, token.port, token.headers["Authorization"]) == (None, 8080, "Bearer t0k")

@@ -187,15 +187,29 @@ def connection_from(info: Any) -> Connection:
     context: ssl.SSLContext | None = None
     if secure:
         context = ssl.create_default_context()
-        if info.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        elif info.ca_path or info.ca_data:
-            context.load_verify_locations(cafile=info.ca_path or _data_file(info.ca_data))
-        cert = info.certificate_path or (_data_file(info.certificate_data) if info.certificate_data else None)
-        key = info.private_key_path or (_data_file(info.private_key_data) if info.private_key_data else None)
-        if cert:
-            context.load_cert_chain(cert, key)
+        # Inline kubeconfig data goes through files the ssl module can load; they are read at
+        # once and removed (a login every minute would otherwise pile them up in /tmp).
+        made: list[str] = []
+
+        def path_of(path: Any, data: Any) -> str | None:
+            if path:
+                return str(path)
+            if data:
+                made.append(_data_file(data))
+                return made[-1]
+            return None
+
+        try:
+            if info.insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            elif ca := path_of(info.ca_path, info.ca_data):
+                context.load_verify_locations(cafile=ca)
+            if cert := path_of(info.certificate_path, info.certificate_data):
+                context.load_cert_chain(cert, path_of(info.private_key_path, info.private_key_data))
+        finally:
+            for path in made:
+                os.unlink(path)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if info.token:
         headers["Authorization"] = f"Bearer {info.token}"
@@ -311,14 +325,17 @@ class LeaderElector:
 
     def acquire(self) -> None:
         """Block until this replica holds the Lease."""
-        waiting_for = ""
+        waiting_for, failing = "", ""
         while not self._stop.is_set():
             try:
                 wait = self.try_once()
+                failing = ""
             except LeaseConflict:
                 wait = self.retry_seconds
             except Exception as exc:
-                log.warning("leader election: %s", exc)
+                if str(exc) != failing:  # once per new message: a missing RoleBinding repeats
+                    log.warning("leader election: %s", exc)
+                    failing = str(exc)
                 wait = self.retry_seconds
             if wait == 0.0 and self._held is not None:
                 log.info(
