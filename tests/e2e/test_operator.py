@@ -1081,6 +1081,7 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
         poll("replica a to lead", lambda: "leading: holding lease" in a.log(), 30)
         b.start()  # alive while it stands by: /healthz is served before Kopf runs
         poll("replica b to stand by", lambda: "standing by: lease" in b.log(), 30)
+        assert "dsjobs_leader 0.0" in b.metrics() and "dsjobs_leader 1.0" in a.metrics()
         leader = holder()["holderIdentity"]
         assert leader in a.log() and leader not in b.log().split("standing by")[0], leader
 
@@ -1094,6 +1095,7 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
         spec = holder()
         assert spec["holderIdentity"] != leader and spec["holderIdentity"] in b.log(), spec
         assert spec["leaseTransitions"] == 1, spec
+        assert "dsjobs_leader 1.0" in b.metrics()
 
         # Someone else holds the Lease now (a replica that took it while this one was stalled):
         # the leader stops acting at once, by exiting.

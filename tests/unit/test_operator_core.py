@@ -295,16 +295,23 @@ def test_bind_address_of_metrics_and_liveness(monkeypatch: pytest.MonkeyPatch) -
 
     bound: list[tuple[int, str]] = []
     monkeypatch.setattr(metrics, "start_http_server", lambda port, addr: bound.append((port, addr)))
-    assert metrics.serve(9090) and bound[-1] == (9090, "0.0.0.0")
-    assert metrics.serve(17081, "127.0.0.1") and bound[-1] == (17081, "127.0.0.1")
-    assert metrics.serve(17081, "::1") and bound[-1] == (17081, "::1")
-    assert not metrics.serve(0) and len(bound) == 3
+
+    def serve_anew(port: int, *host: str) -> bool:
+        monkeypatch.setattr(metrics, "_serving", False)  # as in a fresh process
+        return metrics.serve(port, *host)
+
+    assert serve_anew(9090) and bound[-1] == (9090, "0.0.0.0")
+    assert serve_anew(17081, "127.0.0.1") and bound[-1] == (17081, "127.0.0.1")
+    assert serve_anew(17081, "::1") and bound[-1] == (17081, "::1")
+    # Started by a standby, it is not bound again when the replica leads.
+    assert metrics.serve(17081, "::1") and len(bound) == 3
+    assert not serve_anew(0) and len(bound) == 3
 
     def refuse(port: int, addr: str) -> None:
         raise OSError("address in use")
 
     monkeypatch.setattr(metrics, "start_http_server", refuse)
-    assert not metrics.serve(9090)
+    assert not serve_anew(9090)
 
 
 def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:

@@ -133,8 +133,12 @@ def _elector(settings: OperatorSettings) -> LeaderElector:
 def _lead(elector: LeaderElector, settings: OperatorSettings) -> None:
     """Wait until this replica holds the Lease (serving /healthz meanwhile), then keep it in a
     thread that ends the process the moment it cannot."""
+    from dsjobs.controller import metrics
     from dsjobs.controller.leader import StandbyLiveness
 
+    # A standby is scraped too (the pods are annotated for it): its metrics say it stands by.
+    metrics.LEADER.set(0)
+    metrics.serve(settings.metrics_port, settings.bind_address)
     standby = (
         StandbyLiveness(settings.bind_address, settings.liveness_port) if settings.liveness_port else None
     )

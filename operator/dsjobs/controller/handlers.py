@@ -1124,6 +1124,7 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         settings.watching.chunk_size = op.settings.watch_chunk_size or None
         settings.queueing.idle_timeout = op.settings.worker_idle_seconds
         metrics.serve(op.settings.metrics_port, op.settings.bind_address)
+        metrics.LEADER.set(1)
         op.kube = Kube(settings, concurrency=op.settings.api_concurrency)
         op.events = EventPoster(op.kube, op.settings.event_component)
 

@@ -20,6 +20,10 @@ _PHASES = (
 )
 
 JOBS = Gauge("dsjobs_jobs", "ProjectJobs the operator sees, by phase.", ["phase"])
+LEADER = Gauge(
+    "dsjobs_leader",
+    "1 while this replica runs the operator (holds the leader Lease, or elects none), 0 standing by.",
+)
 TRANSITIONS = Counter(
     "dsjobs_job_transitions_total", "Phase transitions written by the operator.", ["from_phase", "to_phase"]
 )
@@ -91,14 +95,20 @@ class PhaseBook:
         return self._phases.keys()
 
 
+_serving = False
+
+
 def serve(port: int, host: str = "0.0.0.0") -> bool:
     """Start the /metrics endpoint (one small daemon thread of prometheus_client) on `host`
     (DSJOBS_BIND_ADDRESS).
 
     A port that cannot be bound is logged, not fatal: jobs matter more than their metrics.
     """
+    global _serving
     if not port:
         return False
+    if _serving:  # a standby started it before it led
+        return True
     try:
         start_http_server(port, addr=host)
     except OSError as exc:
@@ -106,4 +116,5 @@ def serve(port: int, host: str = "0.0.0.0") -> bool:
             "metrics endpoint on %s port %d not started: %s", host, port, exc
         )
         return False
+    _serving = True
     return True
