@@ -25,7 +25,7 @@ import argparse
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -49,6 +49,9 @@ class StoredObject:
     modified: datetime
 
 
+Kind = Literal["job", "input"]
+
+
 @dataclass(frozen=True)
 class Owners:
     """What the cluster's ProjectJobs own: job prefixes by (project, job), inputs by (project, sha256)."""
@@ -56,25 +59,23 @@ class Owners:
     jobs: frozenset[tuple[str, str]] = frozenset()
     inputs: frozenset[tuple[str, str]] = frozenset()
 
+    def own(self, kind: Kind, project: str, name: str) -> bool:
+        return (project, name) in (self.jobs if kind == "job" else self.inputs)
+
 
 @dataclass(frozen=True)
 class Orphan:
-    kind: Literal["job", "input"]
+    kind: Kind
     project: str
     key: str  # a job's prefix (ending in '/') or an input's key
     objects: int
     size: int
     newest: datetime
 
-
-@dataclass
-class _Group:
-    kind: Literal["job", "input"]
-    project: str
-    key: str
-    objects: int = 0
-    size: int = 0
-    newest: datetime = field(default_factory=lambda: datetime.min.replace(tzinfo=UTC))
+    @property
+    def name(self) -> str:
+        """The job's name or the input's sha256: the key's last segment."""
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
 
 
 def owners_of(bodies: Iterable[Mapping[str, Any]]) -> Owners:
@@ -94,7 +95,7 @@ def owners_of(bodies: Iterable[Mapping[str, Any]]) -> Owners:
     return Owners(frozenset(jobs), frozenset(inputs))
 
 
-def _group_of(key: str) -> tuple[Literal["job", "input"], str, str, str] | None:
+def _group_of(key: str) -> tuple[Kind, str, str, str] | None:
     """(kind, project, name, group key) of a key in dsjobs' layout; None for any other key."""
     parts = key.split("/")
     if len(parts) < 4 or parts[0] != "projects" or not parts[1] or not parts[3]:
@@ -116,37 +117,32 @@ def find_orphans(
 ) -> list[Orphan]:
     """The job prefixes and cached inputs nobody owns, untouched for `grace`, in key order.
     `projects` limits the search to those projects."""
-    groups: dict[str, _Group] = {}
+    groups: dict[str, Orphan] = {}
     for obj in objects:
         found = _group_of(obj.key)
         if found is None:
             continue
         kind, project, name, key = found
-        if projects is not None and project not in projects:
+        if (projects is not None and project not in projects) or owners.own(kind, project, name):
             continue
-        owned = (project, name) in (owners.jobs if kind == "job" else owners.inputs)
-        if owned:
-            continue
-        group = groups.setdefault(key, _Group(kind, project, key))
-        group.objects += 1
-        group.size += obj.size
-        group.newest = max(group.newest, obj.modified)
+        seen = groups.get(key)
+        groups[key] = (
+            Orphan(kind, project, key, 1, obj.size, obj.modified)
+            if seen is None
+            else replace(
+                seen,
+                objects=seen.objects + 1,
+                size=seen.size + obj.size,
+                newest=max(seen.newest, obj.modified),
+            )
+        )
     cutoff = now - grace
-    return [
-        Orphan(g.kind, g.project, g.key, g.objects, g.size, g.newest)
-        for _, g in sorted(groups.items())
-        if g.newest <= cutoff
-    ]
+    return [o for _, o in sorted(groups.items()) if o.newest <= cutoff]
 
 
 def still_orphaned(orphans: Iterable[Orphan], owners: Owners) -> list[Orphan]:
     """Those of `orphans` that `owners` (listed afresh) still does not own."""
-    kept = []
-    for o in orphans:
-        name = o.key.rstrip("/").rsplit("/", 1)[-1]
-        if (o.project, name) not in (owners.jobs if o.kind == "job" else owners.inputs):
-            kept.append(o)
-    return kept
+    return [o for o in orphans if not owners.own(o.kind, o.project, o.name)]
 
 
 def _size(n: int) -> str:

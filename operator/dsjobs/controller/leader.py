@@ -172,12 +172,9 @@ class Connection:
     headers: Mapping[str, str]
 
 
-def _data_file(data: bytes | str) -> str:
-    raw = data if isinstance(data, bytes) else base64.b64decode(data)
-    fd, path = tempfile.mkstemp(prefix="dsjobs-lease-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(raw)
-    return path
+def _pem(data: bytes | str) -> bytes:
+    """A kubeconfig's inline `*-data` value (base64 text; Kopf may pass it decoded as bytes)."""
+    return data if isinstance(data, bytes) else base64.b64decode(data)
 
 
 def connection_from(info: Any) -> Connection:
@@ -187,29 +184,32 @@ def connection_from(info: Any) -> Connection:
     context: ssl.SSLContext | None = None
     if secure:
         context = ssl.create_default_context()
-        # Inline kubeconfig data goes through files the ssl module can load; they are read at
-        # once and removed (a login every minute would otherwise pile them up in /tmp).
+        if info.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        elif info.ca_path:
+            context.load_verify_locations(cafile=str(info.ca_path))
+        elif info.ca_data:
+            context.load_verify_locations(cadata=_pem(info.ca_data).decode())
+        # The ssl module loads a client certificate and key from files only: inline ones go
+        # through files read at once and removed (a login every minute would pile them up).
         made: list[str] = []
 
         def path_of(path: Any, data: Any) -> str | None:
-            if path:
-                return str(path)
-            if data:
-                made.append(_data_file(data))
-                return made[-1]
-            return None
+            if path or not data:
+                return str(path) if path else None
+            fd, made_path = tempfile.mkstemp(prefix="dsjobs-lease-")
+            made.append(made_path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_pem(data))
+            return made_path
 
         try:
-            if info.insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            elif ca := path_of(info.ca_path, info.ca_data):
-                context.load_verify_locations(cafile=ca)
             if cert := path_of(info.certificate_path, info.certificate_data):
                 context.load_cert_chain(cert, path_of(info.private_key_path, info.private_key_data))
         finally:
-            for path in made:
-                os.unlink(path)
+            for made_path in made:
+                os.unlink(made_path)
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if info.token:
         headers["Authorization"] = f"Bearer {info.token}"
