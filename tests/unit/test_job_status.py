@@ -9,7 +9,7 @@ finalize, data TTL, deletion, and adoption after a crash.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -501,7 +501,7 @@ def test_fallback_to_the_second_type_after_the_budget() -> None:
     # 2: the old pod is deleted; the new one waits until it is gone (never two at once).
     j2 = JobView(**{**j.__dict__, "status": p1.status})
     p2 = step(j2, [old])
-    assert p2.actions == (DeletePod("job-1-a1", 0, "superseded by a newer attempt"),)
+    assert p2.actions == (DeletePod("job-1-a1", 1, "superseded by a newer attempt"),)
     # 3: the old pod is gone: attempt 2 is created on g1.1.
     p3 = step(j2, [pod(gone=True, type_name="g2.8")])
     assert p3.actions == (CreatePod(2, 1, "g1.1"),)
@@ -1147,6 +1147,36 @@ def test_final_job_deletes_its_pod_after_the_status_is_written() -> None:
     assert not retained.actions and retained.requeue_after == timedelta(minutes=10)
 
 
+def test_a_kept_pod_removed_by_someone_else_takes_its_secrets_along() -> None:
+    retention = OperatorSettings(finished_pod_retention_seconds=3600)
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0))
+    removed = step(j, [pod(gone=True, node="cpu-0")], now=NOW + timedelta(minutes=5), settings=retention)
+    assert removed.actions == (DeleteSecrets(),)
+    # The operator's own deletions (retention over, Finalize) already deleted them: not again.
+    assert not step(
+        j, [pod(gone=True, node="cpu-0")], now=NOW + timedelta(hours=2), settings=retention
+    ).actions
+    finalized = job(
+        status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0, conditions=[]), finalized=True
+    )
+    done = step(finalized, [ended_pod(0)], settings=retention)
+    assert DeleteSecrets() in done.actions
+    again = step(job(status=done.status.to_cr(), finalized=True), [pod(gone=True)], settings=retention)
+    assert not again.actions
+
+
+def test_a_cancel_during_a_retry_s_backoff_deletes_the_secrets_of_the_failed_attempt() -> None:
+    policy = {"maxAttempts": 3, "backoffSeconds": 60, "retryOnExitCodes": [3]}
+    failed = step(job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(3)], res=result(3))
+    assert (failed.status.phase, failed.status.attempt) == (JobPhase.PREPARING, 2)
+    waiting = job(status=failed.status.to_cr(), retryPolicy=policy, cancel={"reason": "stop"})
+    cancelled = step(waiting, [pod(gone=True)], now=NOW + timedelta(seconds=10))
+    assert cancelled.status.phase == JobPhase.CANCELLED and cancelled.actions == (DeleteSecrets(),)
+    assert not step(
+        job(status=cancelled.status.to_cr(), retryPolicy=policy, cancel={"reason": "stop"})
+    ).actions
+
+
 CLEANUP = (DeletePod, DeleteSecrets, DeleteDatasetClaims, ClearData, RemoveFinalizer)
 NO_RETENTION = OperatorSettings(finished_pod_retention_seconds=0)
 
@@ -1268,6 +1298,26 @@ def test_a_refused_pod_leaves_the_attempt_as_it_was_and_says_why() -> None:
     # Cancelled while it waits: it never starts.
     cancelled = step(job(status=s.to_cr(), cancel={"reason": "no quota"}))
     assert cancelled.status.phase == JobPhase.CANCELLED and not cancelled.actions
+
+
+def test_a_job_waiting_for_its_pod_longer_than_its_data_ttl_keeps_its_data() -> None:
+    # Executed at once (Create + Execute) while the project's pod quota is full: the wait is not
+    # the abandoned-upload case, whose inputs expire from the creation.
+    created = {
+        "phase": "CREATING",
+        "createdAt": ts(CREATED),
+        "dataExpiresAt": ts(CREATED + timedelta(hours=1)),
+    }
+    waiting = waiting_to_create(job(status=created, dataTtl="1h"), QUOTA, NOW)
+    assert waiting.status.phase == JobPhase.PREPARING and waiting.status.data_expires_at is None
+    later = step(job(status=waiting.status.to_cr(), dataTtl="1h"), now=CREATED + timedelta(hours=5))
+    assert later.actions == (CreatePod(1, 0, "c1.4"),) and not later.status.data_cleared
+    # DeleteData while it waits still stops it: the data is gone then.
+    cleared = step(job(status=waiting.status.to_cr(), dataTtl="1h", clearData=True))
+    assert cleared.status.phase == JobPhase.ERROR and ClearData() in cleared.actions
+    # Not executed before its TTL ran out: the inputs are gone, it does not start.
+    late = step(job(status=created, dataTtl="1h"), now=CREATED + timedelta(hours=1))
+    assert late.status.phase == JobPhase.ERROR and "data TTL expired" in late.status.status_details
 
 
 PRIORITY = 'pods "job-1-a1" is forbidden: no PriorityClass with name gpu-nodes was found'
@@ -1609,6 +1659,23 @@ def test_program_failures_retry_only_for_listed_codes() -> None:
     assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2
 
 
+def test_max_attempts_counts_program_runs_also_after_a_fallback_from_a_refused_pod() -> None:
+    # g1.1's pod was refused past its budget: the job moved to c1.4 still at attempt 1 (that pod
+    # never existed), so the attempt number no longer tells how many runs failed.
+    policy = {"maxAttempts": 2, "backoffSeconds": 0, "retryOnExitCodes": [3]}
+    on_c14 = started("EXECUTING", attempt=1, index=1, type_name="c1.4")
+    first = step(job(params=TWO_TYPES, status=on_c14, retryPolicy=policy), [ended_pod(3)], res=result(3))
+    assert (first.status.phase, first.status.attempt, first.status.retried_failures) == (
+        JobPhase.PREPARING,
+        2,
+        1,
+    )
+    second = {**started("EXECUTING", attempt=2, index=1, type_name="c1.4"), "retriedFailures": 1}
+    pod2 = replace(ended_pod(3), name="job-1-a2", attempt=2)
+    last = step(job(params=TWO_TYPES, status=second, retryPolicy=policy), [pod2], res=result(3))
+    assert last.status.phase == JobPhase.ERROR and last.status.return_code == 3
+
+
 # --- finished jobs: finalize, data ------------------------------------------------------------------
 
 
@@ -1649,6 +1716,21 @@ def test_a_ttl_out_of_range_set_after_the_start_deletes_nothing(ttl: str) -> Non
     fixed = step(job(status=p.status.to_cr(), dataTtl="3d"))
     assert fixed.status.data_expires_at == NOW - timedelta(hours=2) + timedelta(days=3)
     assert not [c for c in fixed.status.conditions if c.type == "DataTtlValid"]
+
+
+@pytest.mark.parametrize("ttl", ["-1d", "0s", "1m"])
+def test_a_ttl_out_of_range_set_while_the_job_runs_deletes_nothing_when_it_ends(ttl: str) -> None:
+    # The typo came before the end: the job's end must not turn it into an expiry either.
+    p = step(job(status=started("EXECUTING"), dataTtl=ttl), [ended_pod(0)], res=result(0))
+    assert p.status.phase == JobPhase.SUCCESS and p.status.data_expires_at is None
+    for later in (timedelta(0), timedelta(minutes=2), timedelta(days=400)):
+        after = step(job(status=p.status.to_cr(), dataTtl=ttl), now=NOW + later)
+        assert not after.actions and not after.status.data_cleared
+        assert after.status.data_expires_at is None
+        (cond,) = [c for c in after.status.conditions if c.type == "DataTtlValid"]
+        assert cond.message.endswith("[data-ttl]; the data does not expire")
+    fixed = step(job(status=p.status.to_cr(), dataTtl="3d"))
+    assert fixed.status.data_expires_at == p.status.finished_at + timedelta(days=3)
 
 
 def test_clear_data_request() -> None:
@@ -1747,7 +1829,7 @@ def test_deletion_cleans_up_then_lets_go() -> None:
     assert step(deleted, [shutting], now=NOW + timedelta(seconds=30)).actions == rest
     # A pod that never reached a node ran nothing: no wait.
     assert step(deleted, [unschedulable(NOW)]).actions == (
-        DeletePod("job-1-a1", 0, "the job is deleted"),
+        DeletePod("job-1-a1", 1, "the job is deleted"),
         *rest,
     )
     assert not step(job(deleting=True, finalizers=())).actions

@@ -52,6 +52,7 @@ def test_minimal_spec_and_defaults() -> None:
         "attempt": 0,
         "podName": "",
         "instanceTypeIndex": 0,
+        "retriedFailures": 0,
         "dataSizeBytes": 0,
     }
 

@@ -642,6 +642,13 @@ class Operator:
                     return body, waiting.status, list(waiting.events), delay
                 self._refused.pop(key, None)
                 if failure is not None:
+                    if failure.status.phase is not None and failure.status.phase.is_final:
+                        # An attempt after the first may fail before its pod (a mount gone, the
+                        # registry Secret deleted): the earlier attempt's Secrets and claims stay
+                        # otherwise, as no plan of a final job without pods deletes them.
+                        await self._delete_secrets(job)
+                        if step.spec.job_parameters.output_datasets:
+                            await self._delete_dataset_claims(job)
                     return body, failure.status, [*events, *failure.events], step.requeue_after
             elif isinstance(action, DeletePod):
                 key = (job.namespace, job.name)

@@ -243,9 +243,10 @@ def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> in
     return seconds + settings.shutdown_grace_margin_seconds
 
 
-def deletion_grace(pod: PodView) -> int:
-    """Grace for deleting a pod whose program needs no time: 0 is safe only for unscheduled pods."""
-    return 0 if not pod.scheduled else 1
+#: Grace for deleting a pod whose program needs no time. Never 0, a force delete: the API server
+#: deletes a pod not bound to a node at once anyway, while one the scheduler bound since the
+#: operator's cache saw it would vanish with its program still running (two attempts at once).
+DELETION_GRACE_SECONDS: Final = 1
 
 
 def _min_delay(*delays: timedelta | None) -> timedelta | None:
@@ -345,13 +346,28 @@ def plan(
     `storage_problem`: what the operator's own check of the object store said (see
     `status.storage_bound_since`), for the status details.
     """
-    step = _settle_output_datasets(job, _plan(job, pods, catalog, result, now, settings, storage_problem))
+    step = _plan(job, pods, catalog, result, now, settings, storage_problem)
+    step = _settle_output_datasets(job, _secrets_of_an_ended_job(job, pods, step))
     if step.spec is None:
         return step
     size = stored_data_size(step.spec, step.status)
     if size == step.status.data_size_bytes:
         return step
     return replace(step, status=step.status.model_copy(update={"data_size_bytes": size}))
+
+
+def _secrets_of_an_ended_job(job: JobView, pods: Sequence[PodView], step: Plan) -> Plan:
+    """On the step that ends a job with no pod left (cancelled, a pod deleted by someone else, a
+    node lost, a cancel during a retry's backoff): delete its Secrets now, as they would go with
+    the pod (_plan_final); no later step would, as a final job with no pod deletes nothing."""
+    phase = step.status.phase
+    if job.deleting or phase is None or not phase.is_final or step.status.attempt == 0:
+        return step  # (before attempt 1 no Secret is left: a refused pod's are deleted with it)
+    if (job.status.phase is not None and job.status.phase.is_final) or any(p.alive for p in pods):
+        return step
+    if DeleteSecrets() in step.actions:
+        return step
+    return replace(step, actions=(*step.actions, DeleteSecrets()))
 
 
 def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
@@ -429,7 +445,7 @@ def _plan(
     current_name = pod_name(job.name, status.attempt)
     superseded = [p for p in pods if p.name != current_name and not p.gone]
     actions.extend(
-        DeletePod(p.name, deletion_grace(p), "superseded by a newer attempt")
+        DeletePod(p.name, DELETION_GRACE_SECONDS, "superseded by a newer attempt")
         for p in superseded
         if not p.deleting
     )
@@ -484,16 +500,19 @@ def _plan(
         # The user asked for a stop and got another outcome: say why, once (a job ends once).
         events.append(JobEvent("Normal", "CancelTooLate", _cancel_too_late(status)))
     requeue = update.requeue_after
-    if status.phase is not None and status.phase.is_final and not any(p.alive for p in pods):
-        # The job ended with no pod left to delete (cancelled, deleted, node lost): its Secrets
-        # go now, as they would with the pod (_plan_final), not when the job is deleted.
-        actions.append(DeleteSecrets())
 
     if update.retry:
         backoff = spec.retry_policy.backoff_seconds if spec.retry_policy is not None else 0
         retrying = get_condition(status, COND_RETRYING)
         why = retrying.message if retrying is not None else "failed"
-        status = status.model_copy(update={"attempt": status.attempt + 1, "pod_name": ""})
+        # Counted, not derived from the attempt: a fallback from a refused pod keeps its attempt.
+        status = status.model_copy(
+            update={
+                "attempt": status.attempt + 1,
+                "pod_name": "",
+                "retried_failures": status.retried_failures + 1,
+            }
+        )
         details = (
             f"attempt {status.attempt - 1} failed ({why}); attempt {status.attempt} starts in {backoff}s"
         )
@@ -614,6 +633,10 @@ def _data_gone_before_start(spec: ProjectJobSpec, status: ProjectJobStatus, now:
         return "DeleteData or its data TTL"
     if spec.clear_data:
         return "DeleteData"
+    if status.phase == JobPhase.PREPARING:
+        # Executed while its data was there, and waiting for its pod (a quota, an earlier pod of
+        # its name): an executed job's data expires from its end, not its creation.
+        return None
     expires = data_expiry(spec, status.created_at)
     if expires is not None and now >= expires:
         return "data TTL expired before the job was executed"
@@ -733,9 +756,17 @@ def _plan_final(
             # The Secrets first: the status is final already, so once the pod is gone no later
             # plan would delete them, and an operator killed between the two would leave them.
             actions.append(DeleteSecrets())
-            actions.extend(DeletePod(p.name, deletion_grace(p), "the job has finished") for p in alive)
+            actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job has finished") for p in alive)
         else:
             requeue = keep_until - now
+    elif (
+        not spec.finalized
+        and any(p.gone for p in pods)
+        and now < (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+    ):
+        # The kept pod was removed by someone else (kubectl, the pod GC, a node removed): its
+        # Secrets go as they would have with it. Seen while the operator remembers the deletion.
+        actions.append(DeleteSecrets())
     if spec.finalized and get_condition(status, COND_FINALIZED) is None:
         if not alive:
             actions.append(DeleteSecrets())
@@ -815,7 +846,7 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
     if FINALIZER not in job.finalizers:
         return Plan(job.status)
     actions: list[Action] = [
-        DeletePod(p.name, deletion_grace(p), "the job is deleted") for p in pods if p.alive
+        DeletePod(p.name, DELETION_GRACE_SECONDS, "the job is deleted") for p in pods if p.alive
     ]
     waited = now - (job.deleted_at or now)
     if any(not p.gone and p.scheduled for p in pods) and waited < DELETE_POD_WAIT:
@@ -896,7 +927,10 @@ def waiting_to_create(
                 status = with_phase(status, JobPhase.PREPARING, message, events)
                 return StatusUpdate(status, tuple(events), requeue_after=timedelta(0))
             requeue = budget - (now - since)
-    status = with_phase(status, JobPhase.PREPARING, details, events)
+    # Nothing expires while the job waits, as while it runs (an unexecuted job's expiry goes).
+    status = with_phase(
+        status.model_copy(update={"data_expires_at": None}), JobPhase.PREPARING, details, events
+    )
     if not told:
         events.append(JobEvent("Warning", "FailedCreate", clip(why, 1024)))
     return StatusUpdate(status, tuple(events), requeue_after=requeue)

@@ -61,6 +61,7 @@ from dsjobs.runner.result import (
     RunnerStatus,
     parse_termination_message,
 )
+from dsjobs.validation import data_ttl_problem
 
 # Condition types the operator maintains (docs/operator.md).
 COND_SCHEDULED: Final = "Scheduled"
@@ -300,10 +301,13 @@ def finish(
     """Move to a final phase: finishedAt, data expiry, return code, the Finished condition."""
     status = with_phase(status, outcome.phase, outcome.message, events)
     finished_at = status.finished_at or now
-    update: dict[str, object] = {
-        "finished_at": finished_at,
-        "data_expires_at": data_expiry(spec, finished_at) if spec is not None else None,
-    }
+    update: dict[str, object] = {"finished_at": finished_at}
+    if spec is None:
+        update["data_expires_at"] = None
+    elif data_ttl_problem(spec.data_ttl) is None:
+        update["data_expires_at"] = data_expiry(spec, finished_at)
+    # else a TTL out of range (a kubectl edit after the start) is not used: the expiry stays the
+    # last valid one (none for a job that ran), and the final plan says why (_data_lifetime).
     if outcome.return_code is not None or not outcome.program_ran:
         update["return_code"] = outcome.return_code
     status = drop_conditions(status.model_copy(update=update), COND_RETRYING)
@@ -326,15 +330,6 @@ def graceful_timeout(spec: ProjectJobSpec) -> timedelta:
     if params is None:
         return timedelta()
     return params.timeout if params.timeout is not None else DEFAULT_GRACEFUL_TIMEOUT
-
-
-def failed_attempts(status: ProjectJobStatus) -> int:
-    """Attempts before the current one that ended in a failure.
-
-    Every new pod increments `attempt`; an instance-type fallback also increments
-    `instance_type_index`; so the remaining increments are retries after failures.
-    """
-    return max(0, status.attempt - 1 - status.instance_type_index)
 
 
 # --- reading the pod ---------------------------------------------------------------------------
@@ -550,7 +545,7 @@ def may_retry(spec: ProjectJobSpec, status: ProjectJobStatus, outcome: Outcome) 
     policy = spec.retry_policy
     if policy is None or outcome.failure is None or spec.cancel is not None:
         return False
-    if failed_attempts(status) + 1 >= policy.max_attempts:
+    if status.retried_failures + 1 >= policy.max_attempts:
         return False
     if outcome.failure == FailureKind.INFRASTRUCTURE:
         return True

@@ -156,5 +156,6 @@ class ProjectJobStatus(CRModel):
     instance_type_index: int = field(
         "Index into spec.jobParameters.cloudInstanceTypes of the type being tried.", 0, minimum=0
     )
+    retried_failures: int = field("Failed attempts that spec.retryPolicy gave another one.", 0, minimum=0)
     observed_generation: int | None = field("The spec generation this status reflects.", None, minimum=0)
     data_size_bytes: int = field("Total size of the job's stored data.", 0, minimum=0)
