@@ -10,6 +10,13 @@ import pytest
 from google.protobuf import empty_pb2
 
 from dsjobs.api import operations as ops
+from dsjobs.controller.status import (
+    _DISRUPTION_REASONS,
+    _POD_REASONS,
+    FAILING_WAITING,
+    FATAL_WAITING,
+    NEVER_RAN,
+)
 from dsjobs.models import JobPhase
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
@@ -184,6 +191,31 @@ def test_job_that_could_not_run_ends_with_an_error(reason: str, code: grpc.Statu
     assert op.done and op.HasField("error") and not op.HasField("response")
     assert op.error.code == code.value[0]
     assert op.error.message == "could not pull image x"
+
+
+# Reasons the operator ends a job with that the job, its image or the cluster's setup causes:
+# INTERNAL is for dsjobs' own failures (RunnerFailed, PodFailed).
+_NOT_OURS = sorted(
+    {
+        *FAILING_WAITING,
+        *FATAL_WAITING,
+        *NEVER_RAN,
+        *(reason for reason, _ in _POD_REASONS.values()),
+        *(reason for reason, _ in _DISRUPTION_REASONS.values()),
+        "ConfigTooLarge",
+        "InvalidSpec",
+        "MissingVolume",
+        "PodRejected",
+        "RegistryCredentials",
+        "UnknownInstanceType",
+        "WorkingStorageClass",
+    }
+)
+
+
+@pytest.mark.parametrize("reason", _NOT_OURS)
+def test_failures_the_job_or_the_cluster_causes_are_not_internal(reason: str) -> None:
+    assert ops.failure_code(reason) != grpc.StatusCode.INTERNAL
 
 
 @pytest.mark.parametrize("reason", ["NonZeroExit", "OOMKilled"])

@@ -256,6 +256,15 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "ImagePullBackOff": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryUnavailable": grpc.StatusCode.UNAVAILABLE,
     "CreateContainerConfigError": grpc.StatusCode.FAILED_PRECONDITION,
+    # The image's or the job's (an entrypoint the runtime cannot start, a hook of the image).
+    "CreateContainerError": grpc.StatusCode.FAILED_PRECONDITION,
+    "RunContainerError": grpc.StatusCode.FAILED_PRECONDITION,
+    "PreCreateHookError": grpc.StatusCode.FAILED_PRECONDITION,
+    "PreStartHookError": grpc.StatusCode.FAILED_PRECONDITION,
+    # The cluster's policy or setup refused what the job needs: its admins can act on the message.
+    "PodRejected": grpc.StatusCode.FAILED_PRECONDITION,
+    "WorkingStorageClass": grpc.StatusCode.FAILED_PRECONDITION,
+    "AdmissionFailed": grpc.StatusCode.ABORTED,
     "StartError": grpc.StatusCode.FAILED_PRECONDITION,
     "ContainerCannotRun": grpc.StatusCode.FAILED_PRECONDITION,
     "Unschedulable": grpc.StatusCode.RESOURCE_EXHAUSTED,
