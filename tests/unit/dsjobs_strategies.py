@@ -16,6 +16,9 @@ from dsjobs.models import limits as L
 from dsjobs.s3http import EMPTY_SHA256
 
 SHA = "0123456789abcdef" * 4
+# Other contents of full_spec (one content has one size).
+SHA_DATA = "fedcba9876543210" * 4
+SHA_MODULE = "00112233445566778899aabbccddeeff" * 2
 
 _VAR_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 _SEGMENT = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_size=12).filter(
@@ -24,12 +27,22 @@ _SEGMENT = st.text("abcdefghijklmnopqrstuvwxyz0123456789_.-", min_size=1, max_si
 
 safe_paths = st.lists(_SEGMENT, min_size=1, max_size=4).map("/".join).filter(m.is_safe_relative_path)
 sha256s = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+def _size_of(sha256: str) -> int:
+    """One content has one size (validation's sha256-sizes): the size follows from the hash."""
+    return 1 + int(sha256, 16) % (L.MAX_FILE_SIZE_BYTES // 4)
+
+
 # The empty file has one hash and is never a ZIP (validation's sha256-size and zip-empty).
 contents = st.one_of(
     st.builds(
-        dict,
+        lambda sha256, compression_type: {
+            "sha256": sha256,
+            "size_bytes": _size_of(sha256),
+            "compression_type": compression_type,
+        },
         sha256=sha256s.filter(lambda h: h != EMPTY_SHA256),
-        size_bytes=st.integers(1, L.MAX_FILE_SIZE_BYTES // 4),
         compression_type=st.sampled_from(m.CompressionType),
     ),
     st.just({"sha256": EMPTY_SHA256, "size_bytes": 0, "compression_type": m.CompressionType.NONE}),
@@ -106,8 +119,8 @@ def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobPar
                 local_modules=[
                     m.File(
                         desc=m.FileDesc(path="/tmp/tmpabc123", var="_LOCAL_MODULE_0"),
-                        sha256=draw(sha256s),
-                        size_bytes=10,
+                        sha256=(module_sha := draw(sha256s.filter(lambda h: h != EMPTY_SHA256))),
+                        size_bytes=_size_of(module_sha),
                         compression_type=m.CompressionType.ZIP,
                     )
                 ]
@@ -219,7 +232,7 @@ def full_spec() -> m.ProjectJobSpec:
                 m.File(desc=m.FileDesc(path="main.py", var="MAIN"), sha256=SHA, size_bytes=10),
                 m.File(
                     desc=m.FileDesc(path="data"),
-                    sha256=SHA,
+                    sha256=SHA_DATA,
                     size_bytes=20,
                     compression_type=m.CompressionType.ZIP,
                 ),
@@ -240,7 +253,7 @@ def full_spec() -> m.ProjectJobSpec:
                     local_modules=[
                         m.File(
                             desc=m.FileDesc(path="/tmp/tmpx", var="_LOCAL_MODULE_0"),
-                            sha256=SHA,
+                            sha256=SHA_MODULE,
                             size_bytes=5,
                             compression_type=m.CompressionType.ZIP,
                         )

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dsjobs_strategies import SHA, full_instance_type, full_spec, full_spec_alternatives, job_specs
+from dsjobs_strategies import (
+    SHA,
+    SHA_MODULE,
+    full_instance_type,
+    full_spec,
+    full_spec_alternatives,
+    job_specs,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -352,7 +359,7 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "sha256",
         "job_parameters.env.python_env.local_modules[0].sha256",
         set_at(f"{PY}.localModules[0].sha256", ""),
-        set_at(f"{PY}.localModules[0].sha256", SHA),
+        set_at(f"{PY}.localModules[0].sha256", SHA_MODULE),
     ),
     (
         "size-negative",
@@ -370,7 +377,7 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "sha256-size",
         "job_parameters.env.python_env.local_modules[0].sha256",
         set_at(f"{PY}.localModules[0].sha256", EMPTY_SHA256),
-        set_at(f"{PY}.localModules[0].sha256", SHA),
+        set_at(f"{PY}.localModules[0].sha256", SHA_MODULE),
     ),
     (
         "zip-empty",
@@ -385,6 +392,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
             set_at(f"{IN0}.sha256", EMPTY_SHA256),
             set_at(f"{IN0}.compressionType", "NONE"),
         ),
+    ),
+    (
+        "sha256-sizes",
+        "job_parameters.input_files[1].size_bytes",
+        set_at(f"{IN1}.sha256", SHA),
+        steps(set_at(f"{IN1}.sha256", SHA), set_at(f"{IN1}.sizeBytes", 10)),
     ),
     (
         "size-max",

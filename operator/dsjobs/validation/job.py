@@ -192,8 +192,19 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
     _duplicates(c, input_places, "input-path-duplicate", "another input file already lives at {place!r}")
     _duplicates(c, output_places, "output-path-duplicate", "another output file is already at {place!r}")
     total = 0
+    # One content has one size: the store holds one object per sha256, checked against the size
+    # of whichever declaration came first.
+    sizes: dict[str, tuple[str, int]] = {}
     for fpath, f in uploads:
         total += max(f.size_bytes, 0)
+        first = sizes.setdefault(f.sha256, (fpath, f.size_bytes))
+        if first[1] != f.size_bytes:
+            c.add(
+                at(fpath, "size_bytes"),
+                "sha256-sizes",
+                f"{f.size_bytes} disagrees with {at(first[0], 'size_bytes')} ({first[1]}) for the same "
+                f"sha256 {f.sha256}: one content has one size",
+            )
         if not _SHA256.fullmatch(f.sha256):
             c.add(at(fpath, "sha256"), "sha256", "must be 64 lowercase hex digits")
         elif (f.size_bytes == 0) != (f.sha256 == EMPTY_SHA256):
