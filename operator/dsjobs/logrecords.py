@@ -290,24 +290,34 @@ class Progress:
         msg = d.get("message", "")
         if not isinstance(msg, str):
             return None
-        when = default_time
         raw = d.get("create_time")
-        if isinstance(raw, str):
-            try:
-                when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-                if when.tzinfo is None:
-                    when = when.replace(tzinfo=UTC)
-            except ValueError:
-                when = default_time
-        return cls(progress=int(p), message=msg[:1024], create_time=when)
+        when = _utc_time(raw) if isinstance(raw, str) else None
+        return cls(progress=int(p), message=msg[:1024], create_time=when or default_time)
+
+
+def _utc_time(text: str) -> datetime | None:
+    """The ISO time ``text`` in UTC (naive = UTC); None when it is no time or has no UTC value.
+
+    A time whose offset takes it past year 1 or 9999 in UTC ("0001-01-01T00:00:00+05:00") is
+    valid ISO but outside what a protobuf Timestamp (and datetime) holds: kept as written, it
+    would break every API answer that carries the job's progress.
+    """
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
 
 
 def parse_progress_line(line: bytes, *, default_time: datetime | None = None) -> Progress | None:
+    """The progress of one line of the job's progress file; None when it holds none."""
     try:
         d = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+        return Progress.from_json(d, default_time=default_time) if isinstance(d, dict) else None
+    except Exception:
+        # The job writes these lines: whatever they hold (nesting deep enough for a
+        # RecursionError, numbers too long to convert) is "no progress", never a stopped shipper.
         return None
-    return Progress.from_json(d, default_time=default_time) if isinstance(d, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------

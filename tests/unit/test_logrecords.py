@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -304,6 +306,34 @@ def test_progress_lines() -> None:
     assert parse_progress_line(b"not json") is None
     assert parse_progress_line(b"[1]") is None
     assert Progress.from_json({"progress": 5}) == Progress(5, "", None)
+
+
+def test_a_progress_line_nested_too_deep_for_the_parser_is_no_progress() -> None:
+    assert parse_progress_line(b"[" * 100_000 + b"]" * 100_000) is None
+    assert parse_progress_line(b'{"progress": 5, "message": ' + b"[" * 100_000 + b"}") is None
+
+
+DEFAULT_TIME = datetime(2025, 6, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2025-06-01T14:00:12+03:00", datetime(2025, 6, 1, 11, 0, 12, tzinfo=UTC)),
+        ("2025-06-01T11:00:12Z", datetime(2025, 6, 1, 11, 0, 12, tzinfo=UTC)),
+        ("2025-06-01T11:00:12", datetime(2025, 6, 1, 11, 0, 12, tzinfo=UTC)),  # naive: UTC
+        ("0001-01-01T05:00:00+05:00", datetime(1, 1, 1, tzinfo=UTC)),
+        # Valid ISO, but before year 1 / after 9999 in UTC: no Timestamp holds them.
+        ("0001-01-01T00:00:00+05:00", DEFAULT_TIME),
+        ("9999-12-31T23:00:00-05:00", DEFAULT_TIME),
+        ("yesterday", DEFAULT_TIME),
+    ],
+)
+def test_a_progress_time_is_kept_in_utc_or_replaced_when_it_has_none(raw: str, expected: datetime) -> None:
+    line = f'{{"progress": 50, "message": "m", "create_time": "{raw}"}}'.encode()
+    p = parse_progress_line(line, default_time=DEFAULT_TIME)
+    assert p is not None and p.create_time == expected
+    assert p.create_time.utcoffset() is not None and not p.create_time.utcoffset()
 
 
 def test_finalize_stream_closes_an_abandoned_stream() -> None:

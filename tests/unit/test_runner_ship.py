@@ -609,3 +609,251 @@ def test_the_program_end_is_noticed_while_storage_is_down(tmp_path: Path) -> Non
     result = ship.run()  # the final flush keeps trying up to its deadline, not past it
     assert not result.logs_complete
     assert FINAL_FLUSH_SECONDS - 30 <= clock.t - ended <= FINAL_FLUSH_SECONDS
+
+
+def progress_records(store: MemoryStore) -> list[bytes]:
+    return [c for _, fp, c in all_records(store) if fp == "job_progress.jsonl"]
+
+
+def finish_after(cfg: RunnerConfig, clock: Clock, ticks: int) -> Callable[[float], None]:
+    """A sleep for Ship: the job beats, and ends (rc 0) after ``ticks`` polls."""
+    beats = iter(range(10**6))
+
+    def sleep(s: float) -> None:
+        bounded(clock, 3600)(s)
+        n = next(beats)
+        cfg.layout.heartbeat.write_text(str(n))
+        if n == ticks:
+            cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+
+    return sleep
+
+
+def test_a_log_file_ship_may_not_read_is_skipped_and_told_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job ran with umask 077, or wrote its progress via mkstemp + rename (0600), and ship
+    # runs as another uid: the progress file cannot be opened. (Simulated: the tests may run as
+    # root, which reads any mode.)
+    cfg = config(tmp_path)
+    cfg.layout.started.write_text("1")
+    cfg.layout.stdout.write_bytes(b"hello\n")
+    cfg.layout.progress.write_bytes(b'{"progress": 5}\n')
+    real_open = os.open
+
+    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if os.path.basename(os.fspath(path)) == "job_progress.jsonl":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", open_)
+    store = FileStore()
+    clock = Clock()
+    term = tmp_path / "term"
+    ship = Ship(cfg, store, termination_log=str(term), clock=clock, sleep=finish_after(cfg, clock, 5))  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.status == RunnerStatus.EXITED and result.logs_complete and term.exists()
+    assert (Stream.OUT, None, b"hello\n") in all_records(store)
+    assert progress_records(store) == [] and result.progress is None
+    told = [line for line in cfg.layout.system_log.read_text().splitlines() if "not shipped" in line]
+    assert len(told) == 1
+    assert "logs/job_progress.jsonl is not shipped: Permission denied" in told[0]
+
+
+class Flaky:
+    """Makes a LogShipper's `collect` raise its first ``times`` calls (an unforeseen bug)."""
+
+    def __init__(self, shipper: LogShipper, times: int) -> None:
+        self.collect = shipper.collect
+        self.times = times
+        self.calls = 0
+
+    def __call__(self, *, final: bool) -> Any:
+        self.calls += 1
+        if self.calls <= self.times:
+            raise RuntimeError("unforeseen")
+        return self.collect(final=final)
+
+
+@pytest.mark.parametrize("times", [3, 10**9])
+def test_an_unexpected_error_in_the_log_shipping_never_costs_the_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int
+) -> None:
+    cfg = config(tmp_path)
+    cfg.layout.started.write_text("1")
+    cfg.layout.stdout.write_bytes(b"hello\n")
+    store = FileStore()
+    clock = Clock()
+    term = tmp_path / "term"
+    ship = Ship(cfg, store, termination_log=str(term), clock=clock, sleep=finish_after(cfg, clock, 10))  # type: ignore[arg-type]
+    flaky = Flaky(ship.shipper, times)
+    monkeypatch.setattr(ship.shipper, "collect", flaky)
+    result = ship.run()
+    assert term.exists() and result.status == RunnerStatus.EXITED and result.return_code == 0
+    told = [line for line in cfg.layout.system_log.read_text().splitlines() if "log shipping failed" in line]
+    assert len(told) == 1 and "RuntimeError: unforeseen" in told[0]
+    if times == 3:  # a passing failure: retried, nothing lost
+        assert result.logs_complete and (Stream.OUT, None, b"hello\n") in all_records(store)
+    else:
+        assert not result.logs_complete
+        [log_error] = [e for e in result.file_errors if e.log_file_name == SYSTEM_LOG_PATH]
+        assert "RuntimeError: unforeseen" in log_error.description
+
+
+def test_a_deeply_nested_progress_line_is_shipped_as_a_record_only(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    deep = b"[" * 100_000 + b"]" * 100_000 + b"\n"
+    append(cfg.layout.progress, b'{"progress": 7}\n' + deep)
+    s = LogShipper(MemoryStore(), cfg)
+    s.resume()
+    assert s.pump(final=True)
+    assert b"".join(progress_records(s.store)) == cfg.layout.progress.read_bytes()
+    assert s.latest_progress is not None and s.latest_progress.progress == 7
+
+
+class SlowOutputs(FileStore):
+    """Uploading an output takes ``seconds`` of the clock (a big checkpoint); the next log chunk
+    PUT after it fails once (a transient blip)."""
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
+        self.blip = False
+
+    def upload_file(self, path: Any, key: str, **kw: Any) -> Any:
+        res = super().upload_file(path, key, **kw)
+        if "/outputs/" in key:
+            self.clock.t += self.seconds
+            self.blip = True
+        return res
+
+    def put_bytes(self, key: str, data: bytes, **kw: Any) -> None:
+        if self.blip and "/logs/chunks/" in key:
+            self.blip = False
+            raise ConnectionError("one transient blip")
+        super().put_bytes(key, data, **kw)
+
+
+def test_a_long_output_upload_leaves_the_final_flush_its_window(tmp_path: Path) -> None:
+    cfg = config(tmp_path, outputs=[{"path": "model.pt"}])
+    (cfg.work_dir / "model.pt").write_bytes(b"weights")
+    cfg.layout.started.write_text("1")
+    cfg.layout.stdout.write_bytes(b"training done\n")
+    cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+    clock = Clock()
+    store = SlowOutputs(clock, FINAL_FLUSH_SECONDS + 100)
+    ship = Ship(cfg, store, termination_log=str(tmp_path / "term"), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.logs_complete and result.file_errors == [] and len(result.outputs) == 1
+    final = read_final(store, "p", "j")
+    assert final is not None and final.next_seq == ship.shipper.next_seq
+
+
+def write_snapshot(path: Path, progress: int, message: str) -> None:
+    """What a job that keeps only its latest progress does: the file rewritten in place."""
+    with open(path, "w") as f:
+        f.write(json.dumps({"progress": progress, "message": message}) + "\n")
+
+
+def test_a_progress_file_rewritten_in_place_is_shipped_snapshot_by_snapshot(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    s = LogShipper(store, cfg)
+    s.resume()
+    # As long as the last, longer, shorter: each a whole new snapshot.
+    snapshots = [(10, "epoch 1"), (20, "epoch 2"), (30, "finishing up the run"), (99, "done")]
+    for progress, message in snapshots:
+        write_snapshot(cfg.layout.progress, progress, message)
+        assert s.pump()
+        saved = read_progress(store, "p", "j")
+        assert saved is not None and (saved.progress, saved.message) == (progress, message)
+    assert s.pump(final=True)
+    assert [json.loads(c) for c in progress_records(store)] == [
+        {"progress": p, "message": m} for p, m in snapshots
+    ]
+
+
+def test_a_progress_file_appended_to_via_renames_is_not_shipped_twice(tmp_path: Path) -> None:
+    # An atomic appender: each update writes the old lines plus a new one to a temp file and
+    # renames it over the progress file (a new inode that continues the old content).
+    cfg = config(tmp_path)
+    s = LogShipper(MemoryStore(), cfg)
+    s.resume()
+    lines = [json.dumps({"progress": p}).encode() + b"\n" for p in (10, 20, 30)]
+    for n in range(1, len(lines) + 1):
+        tmp = cfg.layout.progress.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(lines[:n]))
+        os.replace(tmp, cfg.layout.progress)
+        assert s.pump()
+    os.utime(cfg.layout.progress, (0, 0))  # a touch changes no byte: nothing to ship again
+    assert s.pump(final=True)
+    assert progress_records(s.store) == lines
+    assert s.latest_progress is not None and s.latest_progress.progress == 30
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_log_file_cut_short_or_replaced_is_shipped_again_from_its_start(
+    tmp_path: Path, replace: bool
+) -> None:
+    cfg = config(tmp_path)
+    s = LogShipper(MemoryStore(), cfg)
+    s.resume()
+    append(cfg.layout.stdout, b"first\nsecond\n")
+    assert s.pump()
+    if replace:  # another file of more bytes takes the name: the position is not one in it
+        new = cfg.layout.stdout.with_suffix(".new")
+        new.write_bytes(b"a new file, longer\n")
+        os.replace(new, cfg.layout.stdout)
+    else:
+        cfg.layout.stdout.write_bytes(b"cut\n")
+    assert s.pump(final=True)
+    outs = [c for k, _, c in all_records(s.store) if k == Stream.OUT]
+    assert outs == [b"first\nsecond\n", cfg.layout.stdout.read_bytes()]
+
+
+class DownAtStart(FileStore):
+    """Storage whose HEADs fail (the ship's resume) ``failures`` times, with ``exc``."""
+
+    def __init__(self, failures: int, exc: Exception) -> None:
+        super().__init__()
+        self.failures = failures
+        self.exc = exc
+
+    def head(self, key: str) -> ObjectInfo | None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.exc
+        return super().head(key)
+
+
+def test_storage_refusing_the_ships_resume_ends_it_with_the_failure_recorded(tmp_path: Path) -> None:
+    cfg = ended_program(tmp_path)
+    store = DownAtStart(10**9, S3HttpError(403, "AccessDenied", "Access Denied", "k"))
+    clock = Clock()
+    term = tmp_path / "term"
+    ship = Ship(cfg, store, termination_log=str(term), clock=clock, sleep=bounded(clock, 3600))  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.status == RunnerStatus.EXITED and result.return_code == 0 and term.exists()
+    assert not result.logs_complete
+    [log_error] = [e for e in result.file_errors if e.log_file_name == SYSTEM_LOG_PATH]
+    assert "AccessDenied" in log_error.description
+    assert not any("/chunks/" in k for k in store.objects)  # nothing written blind
+    assert clock.t - 1000.0 < 60
+
+
+def test_a_storage_outage_at_the_ships_start_only_delays_the_logs(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    store = DownAtStart(4, ConnectionError("connection refused"))
+    # Stage-in shipped first: the ship must continue after its chunk, never write over it.
+    write_chunk(store, "p", "j", LogChunk(0, (LogRecord(Stream.FILE, b"staged\n", 1, SYSTEM_LOG_PATH),)))
+    cfg.layout.started.write_text("1")
+    cfg.layout.stdout.write_bytes(b"hello\n")
+    clock = Clock()
+    sleep = finish_after(cfg, clock, 60)
+    ship = Ship(cfg, store, termination_log=str(tmp_path / "term"), clock=clock, sleep=sleep)  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.logs_complete and result.file_errors == []
+    records = all_records(store)
+    assert records[0] == (Stream.FILE, SYSTEM_LOG_PATH, b"staged\n")
+    assert (Stream.OUT, None, b"hello\n") in records

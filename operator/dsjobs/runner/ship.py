@@ -100,6 +100,9 @@ FINAL_FLUSH_SECONDS = 300.0
 PERMANENT_ERROR_TRIES = 3
 #: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
 LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
+#: How many of the last bytes shipped from the progress file are compared with the file before
+#: each read (`_Source.rewritable`): a one-line snapshot rewritten in place is all in it.
+REWRITE_CHECK_BYTES = 4096
 
 
 @dataclass
@@ -110,10 +113,20 @@ class _Source:
     file_path: str | None
     #: Ship an unterminated line after ``partial_line_seconds`` (progress lines wait for "\n").
     timed_partial: bool
+    #: The job's own file, which users also rewrite instead of appending to (one snapshot per
+    #: update, in place or by an atomic rename): `tail` tells a rewrite from an append.
+    rewritable: bool = False
     pos: int = 0
     partial_since: float | None = None
-    #: The job replaced the file by a symlink or a special file: it is not read (told once).
+    #: The file `pos` is a position in (None: not known yet, e.g. after `LogShipper.resume`).
+    ino: int | None = None
+    #: The last bytes shipped before `pos` (up to REWRITE_CHECK_BYTES; rewritable sources only).
+    tail: bytes | None = None
+    #: The file cannot be read (a symlink or special file the job put there, or a mode that
+    #: keeps ship's uid out): it is not shipped, and that is told once.
     refused: bool = False
+    #: A rewrite was told (ship's own log, once: a snapshot writer rewrites on every update).
+    rewrite_told: bool = False
 
 
 @dataclass
@@ -122,6 +135,25 @@ class _Pending:
     positions: dict[str, int] = field(default_factory=dict)
     progress: Progress | None = None
     partial: dict[str, float | None] = field(default_factory=dict)
+    inodes: dict[str, int | None] = field(default_factory=dict)
+    tails: dict[str, bytes | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What `LogShipper._read` got from a source: ``data`` from ``start`` (the source's position,
+    or 0 when the file was rewritten), and the file's state there."""
+
+    data: bytes
+    at_end: bool
+    start: int
+    ino: int | None
+    tail: bytes | None
+    rewritten: bool = False
+
+    @classmethod
+    def nothing(cls, src: _Source) -> _Read:
+        return cls(b"", True, src.pos, src.ino, src.tail)
 
 
 class LogShipper:
@@ -135,6 +167,7 @@ class LogShipper:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         wall_ns: Callable[[], int] = time.time_ns,
+        syslog: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         #: For the writes `_write` retries with its own backoff, and the progress (retried on the
@@ -146,16 +179,20 @@ class LogShipper:
         self.clock = clock
         self.sleep = sleep
         self.wall_ns = wall_ns
+        #: Where a file that is not shipped is told to the user (the job's system log).
+        self.syslog = syslog
         layout = config.layout
         self.sources = [
             _Source("sys", layout.system_log, Stream.FILE, SYSTEM_LOG_PATH, True),
             _Source("out", layout.stdout, Stream.OUT, None, True),
             _Source("err", layout.stderr, Stream.ERR, None, True),
-            _Source("progress", layout.progress, Stream.FILE, PROGRESS_LOG_PATH, False),
+            _Source("progress", layout.progress, Stream.FILE, PROGRESS_LOG_PATH, False, rewritable=True),
             _Source("docker_stats", layout.docker_stats, Stream.FILE, DOCKER_STATS_LOG_PATH, False),
             _Source("gpu_stats", layout.gpu_stats, Stream.FILE, GPU_STATS_LOG_PATH, False),
         ]
         self.next_seq = 0
+        #: `resume` succeeded: chunks may be written from `next_seq` on.
+        self.resumed = False
         self.latest_progress: Progress | None = None
         self._progress_unsaved = False
         self.last_error: str = ""
@@ -181,40 +218,106 @@ class LogShipper:
         marker goes last and this attempt's first chunk comes after, so a writer that dies midway
         leaves the sign of an earlier attempt in place and the next try clears again.
         """
+        self._resume(self.store)
+
+    def _resume(self, store: ObjectStore) -> None:
         attempt = self.config.attempt
-        self.next_seq = find_next_seq(self.store, self.project, self.job)
-        last = read_chunk(self.store, self.project, self.job, self.next_seq - 1) if self.next_seq else None
+        self.next_seq = find_next_seq(store, self.project, self.job)
+        last = read_chunk(store, self.project, self.job, self.next_seq - 1) if self.next_seq else None
         if last is not None and last.attempt == attempt:
             # Same pod attempt (stage-in before us, or a restarted ship): same files.
             for s in self.sources:
                 s.pos = last.resume.get(s.key, 0)
-            self.latest_progress = read_progress(self.store, self.project, self.job)
-        final = read_final(self.store, self.project, self.job)
+            self.latest_progress = read_progress(store, self.project, self.job)
+        final = read_final(store, self.project, self.job)
         if (last is not None and last.attempt < attempt) or (final is not None and final.attempt < attempt):
             # DownloadStdLogs and the API's progress would otherwise show the last attempt's.
             for name in (*LOG_FILE_NAMES, *(f.name for f in self.config.layout.diagnostic_files)):
-                self.store.delete(log_file_key(self.project, self.job, name))
-            self.store.delete(progress_key(self.project, self.job))
+                store.delete(log_file_key(self.project, self.job, name))
+            store.delete(progress_key(self.project, self.job))
             if final is not None:
                 # A new attempt extends the job's stream: readers must not see it as complete.
-                self.store.delete(final_key(self.project, self.job))
+                store.delete(final_key(self.project, self.job))
+        self.resumed = True
 
-    def _read(self, src: _Source, limit: int) -> tuple[bytes, bool]:
-        """Up to ``limit`` bytes from the source's position, and whether they reach its end."""
-        shared = self.config.paths.shared_dir
+    def ship(self, *, final: bool = False, deadline: float | None = None) -> bool:
+        """`pump`, once `resume` has succeeded. Storage that is down when the ship starts, or
+        refuses its reads (403), must not cost the job its result: `resume` is retried like a
+        chunk write (one try per call when due, backoff between calls; refused for good ->
+        `gave_up`), and nothing is written before it succeeds."""
+        if not self.resumed and not self._write(lambda: self._resume(self._once), "resume", deadline):
+            return False
+        return self.pump(final=final, deadline=deadline)
+
+    def _read(self, src: _Source, limit: int) -> _Read:
+        """Up to ``limit`` bytes from the source's position (from 0 when the file was rewritten).
+
+        A file ship cannot read is skipped, told once: a symlink or special file the job put
+        there (RefusedFile), or a mode that keeps ship's uid out (PermissionError: the job's
+        umask 077, or a progress file written via mkstemp + rename, which is 0600).
+        """
         try:
-            fd = open_beneath(shared, src.path)
+            fd = open_beneath(self.config.paths.shared_dir, src.path)
         except FileNotFoundError:
-            return b"", True
-        except RefusedFile as exc:
-            if not src.refused:
-                src.refused = True
-                log.warning("log file not shipped path=%s error=%s", src.path, exc)
-            return b"", True
-        with os.fdopen(fd, "rb") as f:
-            f.seek(src.pos)
-            data = f.read(limit)
-            return data, len(data) < limit or f.tell() >= os.fstat(f.fileno()).st_size
+            return _Read.nothing(src)
+        except OSError as exc:
+            self._unreadable(src, exc)
+            return _Read.nothing(src)
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return self._read_open(src, f, limit)
+        except OSError as exc:
+            self._unreadable(src, exc)
+            return _Read.nothing(src)
+
+    def _read_open(self, src: _Source, f: BinaryIO, limit: int) -> _Read:
+        st = os.fstat(f.fileno())
+        start = src.pos
+        # An unknown tail (after `resume`) is not checked, but grows into a known one.
+        tail = (src.tail or b"") if src.rewritable else None
+        rewritten = self._rewritten(src, f, st)
+        if rewritten:
+            start, tail = 0, (b"" if src.rewritable else None)
+            if not src.rewrite_told:
+                src.rewrite_told = True
+                log.info("log file rewritten, shipped again from its start path=%s", src.path)
+        f.seek(start)
+        data = f.read(limit)
+        at_end = len(data) < limit or f.tell() >= os.fstat(f.fileno()).st_size
+        return _Read(data, at_end, start, st.st_ino, tail, rewritten)
+
+    def _rewritten(self, src: _Source, f: BinaryIO, st: os.stat_result) -> bool:
+        """Whether the file's bytes before the source's position are no longer those shipped.
+
+        The runner's own files (stdout, stderr, system log, samples) are only appended to: this
+        is a file cut shorter or replaced (another inode) by the job, and never happens otherwise.
+        The progress file is the job's, and users rewrite it: in place with each update's
+        snapshot (same inode; as long as, longer or shorter than before) or via a rename. Neither
+        its size nor its inode nor its mtime tells that from an append (an atomic appender's new
+        inode continues the old content; a touch changes no byte), so the last bytes shipped are
+        compared: changed -> the whole file is shipped again; unchanged -> what follows them is
+        new, whoever wrote it. A change only before the last REWRITE_CHECK_BYTES goes unseen.
+        """
+        if st.st_size < src.pos:
+            return True
+        if not src.rewritable:
+            return src.ino is not None and st.st_ino != src.ino
+        if not src.tail:
+            return False  # nothing shipped, or not known since `resume`
+        f.seek(src.pos - len(src.tail))
+        return f.read(len(src.tail)) != src.tail
+
+    def _unreadable(self, src: _Source, exc: OSError) -> None:
+        if src.refused:
+            return
+        src.refused = True
+        log.warning("log file not shipped path=%s error=%s", src.path, exc)
+        if self.syslog is not None:
+            why = exc.strerror or str(exc)
+            if isinstance(exc, PermissionError):
+                why += " (it is read by another user than the job's: it must be readable by all)"
+            name = os.path.relpath(src.path, self.config.paths.shared_dir)
+            self.syslog(f"{name} is not shipped: {why}")
 
     def collect(self, *, final: bool) -> _Pending:
         """Records for the next chunk (not yet committed: positions advance only once stored)."""
@@ -225,27 +328,31 @@ class LogShipper:
         for src in self.sources:
             pending.positions[src.key] = src.pos
             pending.partial[src.key] = src.partial_since
+            pending.inodes[src.key] = src.ino
+            pending.tails[src.key] = src.tail
             if budget <= 0:
                 continue
-            data, at_end = self._read(src, max(budget, MAX_RECORD_CONTENT))
+            read = self._read(src, max(budget, MAX_RECORD_CONTENT))
+            data = read.data
+            pending.positions[src.key] = read.start
+            pending.inodes[src.key] = read.ino
+            pending.tails[src.key] = read.tail
             if not data:
                 pending.partial[src.key] = None
                 continue
-            waited = (
-                src.partial_since is not None
-                and now - src.partial_since >= self.config.ship.partial_line_seconds
-            )
+            since = None if read.rewritten else src.partial_since
+            waited = since is not None and now - since >= self.config.ship.partial_line_seconds
             # A read cut off by the budget ends wherever: its tail is no partial line, the next
             # pass goes on from it.
-            flush = at_end and (final or (src.timed_partial and waited))
-            contents, consumed = split_records(data, flush_partial=flush, eof=at_end and final)
+            flush = read.at_end and (final or (src.timed_partial and waited))
+            contents, consumed = split_records(data, flush_partial=flush, eof=read.at_end and final)
             if consumed < len(data):
                 # An unterminated line waits; its clock restarts when it is a new line.
-                pending.partial[src.key] = (
-                    now if consumed > 0 or src.partial_since is None else src.partial_since
-                )
+                pending.partial[src.key] = now if consumed > 0 or since is None else since
             else:
                 pending.partial[src.key] = None
+            if read.tail is not None:
+                pending.tails[src.key] = (read.tail + data[:consumed])[-REWRITE_CHECK_BYTES:]
             for c in contents:
                 pending.records.append(LogRecord(src.stream, c, created, src.file_path))
                 if src.key == "progress":
@@ -253,7 +360,7 @@ class LogShipper:
                         p = parse_progress_line(line, default_time=datetime.fromtimestamp(created / 1e9, UTC))
                         if p is not None:
                             pending.progress = p
-            pending.positions[src.key] = src.pos + consumed
+            pending.positions[src.key] = read.start + consumed
             budget -= consumed
         return pending
 
@@ -261,6 +368,8 @@ class LogShipper:
         for src in self.sources:
             src.pos = pending.positions[src.key]
             src.partial_since = pending.partial[src.key]
+            src.ino = pending.inodes[src.key]
+            src.tail = pending.tails[src.key]
         if pending.progress is not None:
             self.latest_progress = pending.progress
             self._progress_unsaved = True
@@ -666,13 +775,35 @@ class Ship:
         self.sleep = sleep
         self.layout = config.layout
         self.syslog = SystemLog(self.layout.system_log, "ship")
-        self.shipper = LogShipper(store, config, clock=clock, sleep=sleep)
+        self.shipper = LogShipper(store, config, clock=clock, sleep=sleep, syslog=self.syslog)
         self.stop_requested = False
+        #: The kind of the last unexpected error of the log shipping (told once per kind).
+        self._ship_error: str | None = None
 
     def request_stop(self) -> None:
         # Pod deletion: if the job runs, its entry script got SIGTERM too and will finish (within
         # its graceful timeout); we keep shipping until then. Before it starts, we stop now.
         self.stop_requested = True
+
+    def ship_logs(self, *, final: bool, deadline: float) -> bool:
+        """`LogShipper.ship`; False also when it fails unexpectedly (a bug, a file it trips
+        over): that may cost logs, which the result then reports, but never the job's result
+        and termination message. The positions advance only with stored chunks, so the next
+        call tries again from where the stored logs end."""
+        try:
+            return self.shipper.ship(final=final, deadline=deadline)
+        except PreconditionFailedError:
+            raise  # someone else writes this job's logs: stop before touching them
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self.shipper.last_error = error
+            if type(exc).__name__ != self._ship_error:
+                # Once per kind (not per message, which may vary): while the program runs this
+                # is tried every flush interval, and the system log is shipped too.
+                log.exception("log shipping failed")
+                self.syslog(f"log shipping failed: {error}"[:1000])
+            self._ship_error = type(exc).__name__
+            return False
 
     def wait_for_program(self) -> ProgramStatus:
         settings = self.config.ship
@@ -680,7 +811,7 @@ class Ship:
         beat_changed: float | None = None
         while True:
             # Only the writes due now: while storage fails, the program's end must still be seen.
-            self.shipper.pump(deadline=self.clock())
+            self.ship_logs(final=False, deadline=self.clock())
             status = read_status_file(self.layout.status, self.config.paths.shared_dir)
             if status is not None:
                 return status
@@ -705,7 +836,7 @@ class Ship:
 
     def run(self) -> RunnerResult:
         cfg = self.config
-        self.shipper.resume()
+        # The shipper resumes (after stage-in's chunks) on its first call, in the wait below.
         self.syslog("shipping logs")
         status = self.wait_for_program()
         if status.status == RunnerStatus.EXITED:
@@ -713,8 +844,9 @@ class Ship:
         else:
             what = f"{status.status.value}: {status.reason}"
         self.syslog(f"job finished: {what}")
-        deadline = self.clock() + FINAL_FLUSH_SECONDS
-        self.shipper.pump(final=True, deadline=deadline)
+        drain_deadline = self.clock() + FINAL_FLUSH_SECONDS
+        self.ship_logs(final=True, deadline=drain_deadline)
+        uploads_started = self.clock()
 
         outputs: list[OutputResult] = []
         errors: list[FileError] = []
@@ -726,7 +858,12 @@ class Ship:
         errors.extend(diagnostic_errors)
         self.syslog(f"{len(outputs)} outputs uploaded, {len(errors)} file errors")
 
-        shipped = self.shipper.pump(final=True, deadline=deadline)
+        # The uploads' own time (a checkpoint of many GiB takes longer than the whole window, with
+        # storage working all along) is no time waited for the logs: the last flush and the final
+        # marker get what the drain left of the window, from now. Not a whole new window: when
+        # storage was down for the drain, the pod's end must not wait for it twice.
+        deadline = self.clock() + (drain_deadline - uploads_started)
+        shipped = self.ship_logs(final=True, deadline=deadline)
         finalized = shipped and self.shipper.finalize(what, deadline=deadline)
         if not finalized:
             errors.append(
