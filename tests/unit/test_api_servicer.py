@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+import logging
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -32,8 +33,22 @@ INFO = ProjectInfo(PROJECT, NAMESPACE, {})
 Failure = Callable[[str, str], BaseException | None]
 
 
+def merged(target: Any, patch: Any) -> Any:
+    """A JSON merge patch (RFC 7386) applied to a copy of `target`."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merged(out.get(k), v)
+    return out
+
+
 class FakeKube:
-    """Jobs and Secrets by path; `fail(method, path)` may return an exception to raise instead."""
+    """Jobs and Secrets by path; `fail(method, path)` may return an exception to raise instead.
+    PATCH (merge) and DELETE honour a resourceVersion (and DELETE a uid) as the API server does."""
 
     def __init__(self, fail: Failure | None = None) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
@@ -63,11 +78,25 @@ class FakeKube:
             return obj
         if method == "GET" and path in self.objects:
             return self.objects[path]
+        if method == "PATCH" and path in self.objects:
+            wanted = (body.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != self.objects[path]["metadata"]["resourceVersion"]:
+                raise KubeError(409, "Conflict", "the object has been modified")
+            return self.write(path, body)
         if method == "DELETE" and path in self.objects:
-            if body["preconditions"]["uid"] != self.objects[path]["metadata"]["uid"]:
-                raise KubeError(409, "Conflict", "uid precondition failed")
+            meta = self.objects[path]["metadata"]
+            for key, wanted in body["preconditions"].items():
+                if wanted is not None and wanted != meta[key]:
+                    raise KubeError(409, "Conflict", f"{key} precondition failed")
             return self.objects.pop(path)
         raise KubeError(404, "NotFound", f"{path} not found")
+
+    def write(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `patch` into a stored object as a new resourceVersion (also another writer's)."""
+        obj: dict[str, Any] = merged(self.objects[path], patch)
+        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        self.objects[path] = obj
+        return obj
 
     def jobs(self) -> list[str]:
         prefix = jobs_path(NAMESPACE) + "/"
@@ -134,8 +163,9 @@ class FakeCore:
     async def authorized_job(
         self, context: Any, job_id: str, verb: Verb, field: str = "job_id", *, fresh: bool = False
     ) -> tuple[Identity, JobSnapshot]:
-        assert self.job is not None
-        return Identity("alice"), self.job
+        job = await self.read_job(NAMESPACE, job_id, fresh=fresh)
+        assert job is not None
+        return Identity("alice"), job
 
     async def k8s(self, verb: str, what: str, call: Coroutine[Any, Any, Any]) -> Any:
         try:
@@ -159,7 +189,23 @@ class FakeCore:
         return {k: f"https://store/{k}" for k in wanted}
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
-        return self.job
+        """`job` if given, else the FakeKube's."""
+        if self.job is not None:
+            return self.job
+        obj = self.kube.objects.get(jobs_path(namespace, job_id))
+        return None if obj is None else JobSnapshot.from_cr(obj)
+
+    async def get_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot:
+        return await Core.get_job(cast(Core, self), namespace, job_id, fresh=fresh)
+
+    async def patch_job(
+        self, job: JobSnapshot, patch: Mapping[str, Any], *, guard: bool = False
+    ) -> JobSnapshot:
+        return await Core.patch_job(cast(Core, self), job, patch, guard=guard)
+
+    async def all_jobs(self, info: ProjectInfo) -> list[JobSnapshot]:
+        prefix = jobs_path(info.namespace) + "/"
+        return [JobSnapshot.from_cr(o) for k, o in self.kube.objects.items() if k.startswith(prefix)]
 
 
 class FakeContext:
@@ -265,6 +311,142 @@ def test_retry_while_the_failed_attempts_job_is_being_removed_is_unavailable() -
         grpc.StatusCode.UNAVAILABLE, service(core).Create(create_request(), ctx(idempotency_key="k1"))
     )
     assert "being removed" in err.message
+
+
+class LostPostKube(FakeKube):
+    """Stores the first job POST, then fails it with `error` as if its answer were lost; with
+    `error` None it stalls there (never answers) until the call is cancelled."""
+
+    def __init__(self, error: BaseException | None, fail: Failure | None = None) -> None:
+        super().__init__(fail)
+        self.error = error
+        self.posted = asyncio.Event()
+        self.lost = False
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        obj = await super().request(method, path, body, **kw)
+        if method == "POST" and path == jobs_path(NAMESPACE) and not self.lost:
+            self.lost = True
+            self.posted.set()
+            if self.error is None:
+                await asyncio.Event().wait()
+            raise self.error
+        return obj
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        KubeError(0, "Unavailable", "no answer in time"),
+        KubeError(0, "Unavailable", "ServerDisconnectedError"),
+        KubeError(504, "Timeout", "request did not complete within the allowed duration"),
+        KubeError(500, "InternalError", "etcdserver: request timed out"),
+    ],
+)
+def test_create_removes_its_job_when_the_answer_to_its_post_is_lost(error: KubeError) -> None:
+    """The official CLI retries UNAVAILABLE with a new random id: a stored job would stay CREATING."""
+    kube = LostPostKube(error)
+    core = FakeCore(kube)
+    failing(grpc.StatusCode.UNAVAILABLE, service(core).Create(create_request(), ctx()))
+    assert kube.jobs() == []
+    [(_, _, delete)] = [c for c in kube.calls if c[0] == "DELETE"]
+    # Only the job as read (not executed by someone who found it in a List meanwhile).
+    assert delete["preconditions"] == {"uid": "uid-1", "resourceVersion": "1"}
+
+
+def test_create_whose_post_is_refused_deletes_nothing() -> None:
+    core = FakeCore(FakeKube(lambda m, p: KubeError(429, "TooManyRequests", "") if m == "POST" else None))
+    failing(grpc.StatusCode.UNAVAILABLE, service(core).Create(create_request(), ctx()))
+    assert core.kube.methods() == ["POST"]
+
+
+def test_create_cancelled_while_its_post_is_in_flight_removes_the_job() -> None:
+    async def scenario() -> LostPostKube:
+        kube = LostPostKube(None)
+        task = asyncio.ensure_future(service(FakeCore(kube)).Create(create_request(), ctx()))
+        await kube.posted.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return kube
+
+    assert asyncio.run(scenario()).jobs() == []
+
+
+class SlowGetKube(LostPostKube):
+    """As LostPostKube, and the cleanup's read of the job waits for `go`."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.reading, self.go = asyncio.Event(), asyncio.Event()
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if method == "GET":
+            self.reading.set()
+            await self.go.wait()
+        return await super().request(method, path, body, **kw)
+
+
+async def settled() -> None:
+    """Let every other task of the loop run to its end."""
+    while len(asyncio.all_tasks()) > 1:
+        await asyncio.sleep(0)
+
+
+def test_removal_of_an_unanswered_job_outlives_a_second_cancellation() -> None:
+    async def scenario() -> SlowGetKube:
+        kube = SlowGetKube()
+        task = asyncio.ensure_future(service(FakeCore(kube)).Create(create_request(), ctx()))
+        await kube.posted.wait()
+        task.cancel()
+        reading = asyncio.ensure_future(kube.reading.wait())
+        await asyncio.wait([reading, task], return_when=asyncio.FIRST_COMPLETED)
+        assert kube.reading.is_set(), "no attempt to remove the job"
+        task.cancel()  # e.g. the server drains: the call ends, its cleanup goes on
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        kube.go.set()
+        await settled()
+        return kube
+
+    assert asyncio.run(scenario()).jobs() == []
+
+
+def test_keyed_create_whose_post_answer_is_lost_leaves_the_job_to_its_retry() -> None:
+    kube = LostPostKube(KubeError(0, "Unavailable", "no answer in time"))
+    core = FakeCore(kube)
+    failing(grpc.StatusCode.UNAVAILABLE, service(core).Create(create_request(), ctx(idempotency_key="k1")))
+    assert "DELETE" not in kube.methods()
+    call(service(core).Create(create_request(), ctx(idempotency_key="k1")))
+    assert len(kube.jobs()) == 1
+
+
+def test_unanswered_job_that_was_executed_meanwhile_is_kept() -> None:
+    """Listed, so someone may have found and executed it: only a job as read is deleted."""
+
+    class ExecutedBeforeTheDelete(LostPostKube):
+        async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            if method == "DELETE":
+                self.write(path, {"spec": {"execute": True}})
+            return await super().request(method, path, body, **kw)
+
+    kube = ExecutedBeforeTheDelete(KubeError(0, "Unavailable", "no answer in time"))
+    failing(grpc.StatusCode.UNAVAILABLE, service(FakeCore(kube)).Create(create_request(), ctx()))
+    assert len(kube.jobs()) == 1
+    assert kube.methods() == ["POST", "GET", "DELETE", "GET"]  # re-read after the conflict
+
+
+def test_failed_removal_of_an_unanswered_job_is_logged_with_the_job(caplog: pytest.LogCaptureFixture) -> None:
+    unavailable = KubeError(503, "ServiceUnavailable", "etcd")
+    kube = LostPostKube(
+        KubeError(0, "Unavailable", "no answer in time"),
+        lambda m, p: unavailable if m == "DELETE" else None,
+    )
+    with caplog.at_level(logging.ERROR, logger="dsjobs.api.servicer"):
+        failing(grpc.StatusCode.UNAVAILABLE, service(FakeCore(kube)).Create(create_request(), ctx()))
+    [job_id] = kube.jobs()
+    [record] = caplog.records
+    assert job_id in record.getMessage() and getattr(record, "job", None) == job_id
 
 
 def source_job(params: dict[str, Any]) -> JobSnapshot:
@@ -393,6 +575,130 @@ def test_same_key_differing_only_in_the_password_is_the_same_request() -> None:
     first = call(service(core).Create(with_password("a"), ctx(idempotency_key="k1")))
     again = call(service(core).Create(with_password("b"), ctx(idempotency_key="k1")))
     assert first.id == again.id and len(core.kube.jobs()) == 1
+
+
+class SlowSecretKube(FakeKube):
+    """The first Secret POST (the creating call's) waits until `go` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting, self.go = asyncio.Event(), asyncio.Event()
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if method == "POST" and path == secrets_path(NAMESPACE) and not self.waiting.is_set():
+            self.waiting.set()
+            await self.go.wait()
+        return await super().request(method, path, body, **kw)
+
+
+def test_concurrent_keyed_creates_with_a_password_both_get_the_job() -> None:
+    """The second call stores the Secret first: the first must take it for its sibling's, not for a
+    leftover of an earlier attempt (which would remove the job the second call answered)."""
+
+    async def scenario() -> tuple[Any, Any, SlowSecretKube]:
+        kube = SlowSecretKube()
+        jobs = service(FakeCore(kube))
+        first = asyncio.ensure_future(jobs.Create(with_password("pw"), ctx(idempotency_key="k1")))
+        await kube.waiting.wait()  # the first call made the job and is storing its Secret
+        second = await jobs.Create(with_password("pw"), ctx(idempotency_key="k1"))
+        kube.go.set()
+        return await first, second, kube
+
+    first, second, kube = asyncio.run(scenario())
+    assert first.id == second.id
+    [job_id] = kube.jobs()
+    secret = kube.objects[secrets_path(NAMESPACE, f"{job_id}-docker-password")]
+    assert (
+        secret["metadata"]["ownerReferences"][0]["uid"]
+        == kube.objects[jobs_path(NAMESPACE, job_id)]["metadata"]["uid"]
+    )
+    assert "DELETE" not in kube.methods()
+
+
+# --- writes guarded against a concurrent Execute --------------------------------------------
+
+
+def stored_job(kube: FakeKube, name: str, *, execute: bool = False, phase: str = "CREATING") -> None:
+    kube.objects[jobs_path(NAMESPACE, name)] = {
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "uid": f"u-{name}",
+            "resourceVersion": "5",
+            "creationTimestamp": "2025-06-01T00:00:00Z",
+        },
+        "spec": {"projectId": PROJECT, "execute": execute, "jobParameters": SOURCE_PARAMS},
+        "status": {"phase": phase},
+    }
+
+
+class RacingKube(FakeKube):
+    """Another replica writes `change` into a job just before this call's first `method` of it."""
+
+    def __init__(self, method: str, change: Mapping[str, Any], names: Iterable[str]) -> None:
+        super().__init__()
+        self.method, self.change = method, change
+        self.pending = {jobs_path(NAMESPACE, n) for n in names}
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if method == self.method and path in self.pending:
+            self.pending.discard(path)
+            self.write(path, self.change)
+        return await super().request(method, path, body, **kw)
+
+
+EXECUTED = {"spec": {"execute": True}}
+
+
+def test_delete_refuses_a_job_executed_after_its_check() -> None:
+    kube = RacingKube("DELETE", EXECUTED, ["j1"])
+    stored_job(kube, "j1")
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(FakeCore(kube)).Delete(svc.DeleteProjectJobRequest(job_id="j1"), ctx()),
+    )
+    assert "j1" in err.message and "cancel it" in err.message
+    assert kube.jobs() == ["j1"]
+
+
+def test_delete_of_a_job_changed_otherwise_meanwhile_deletes_it() -> None:
+    kube = RacingKube("DELETE", {"status": {"statusDetails": "waiting"}}, ["j1"])
+    stored_job(kube, "j1")
+    op = call(service(FakeCore(kube)).Delete(svc.DeleteProjectJobRequest(job_id="j1"), ctx()))
+    assert op.done and kube.jobs() == []
+    preconditions = [body["preconditions"] for method, _, body in kube.calls if method == "DELETE"]
+    assert preconditions == [{"uid": "u-j1", "resourceVersion": "5"}, {"uid": "u-j1", "resourceVersion": "6"}]
+
+
+def test_delete_data_refuses_a_job_executed_after_its_check() -> None:
+    kube = RacingKube("PATCH", EXECUTED, ["j1"])
+    stored_job(kube, "j1")
+    failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(FakeCore(kube)).DeleteData(svc.DeleteProjectJobDataRequest(job_id="j1"), ctx()),
+    )
+    assert "clearData" not in kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]
+
+
+def test_delete_data_of_a_job_changed_otherwise_meanwhile_marks_it() -> None:
+    kube = RacingKube("PATCH", {"status": {"statusDetails": "waiting"}}, ["j1"])
+    stored_job(kube, "j1")
+    op = call(service(FakeCore(kube)).DeleteData(svc.DeleteProjectJobDataRequest(job_id="j1"), ctx()))
+    assert not op.done and kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["clearData"] is True
+
+
+def test_delete_all_data_leaves_a_job_executed_meanwhile_alone() -> None:
+    kube = RacingKube("PATCH", EXECUTED, ["j1"])
+    stored_job(kube, "j1")
+    stored_job(kube, "j2")
+    stored_job(kube, "j3", execute=True, phase="EXECUTING")
+    op = call(
+        service(FakeCore(kube)).DeleteAllData(svc.DeleteAllProjectJobDataRequest(project_id=PROJECT), ctx())
+    )
+    spec = {name: kube.objects[jobs_path(NAMESPACE, name)]["spec"] for name in ("j1", "j2", "j3")}
+    assert [n for n, s in spec.items() if s.get("clearData")] == ["j2"]
+    metadata = svc.DeleteAllProjectJobDataMetadata()
+    assert op.metadata.Unpack(metadata) and not op.done
 
 
 # --- Duration overflow -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,13 @@ def _adopt_password_ref(spec: ProjectJobSpec, secret_name: str) -> SecretKeyRef 
     return ref
 
 
+def _outcome_unknown(exc: KubeError) -> bool:
+    """Whether a write that failed so may have been stored all the same: no answer at all (a
+    timeout, a reset connection: status 0) or a server-side failure that can come after the
+    write reached etcd (5xx, a 504 or `Timeout` of the API server). Other answers are refusals."""
+    return exc.status == 0 or exc.status >= 500 or exc.reason == "Timeout"
+
+
 def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
     if isinstance(exc, ConversionError):
         return errors.from_problems([Problem(exc.path, "value", str(exc).split(": ", 1)[-1])])
@@ -190,6 +197,8 @@ class _NewJob:
 class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
+        # Cleanups that outlive a cancelled call (see _shielded): referenced until they end.
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     # Create / Clone ----------------------------------------------------------------------------
 
@@ -303,7 +312,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             if created:
                 # Nothing half-created: the caller learns no job id, and the official CLI retries
                 # UNAVAILABLE without an Idempotency-Key, which would leave one job per attempt.
-                await self._discard(obj)
+                await self._shielded(self._discard(obj))
             raise
         if created:
             log.info(
@@ -340,7 +349,14 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         }
         try:
             return await self.core.kube.request("POST", jobs_path(info.namespace), body=body), True
+        except asyncio.CancelledError:
+            # The POST may have reached the cluster before the call was cancelled.
+            if not new.key:
+                await self._shielded(self._remove_unanswered(info.namespace, new))
+            raise
         except KubeError as exc:
+            if not new.key and _outcome_unknown(exc):
+                await self._shielded(self._remove_unanswered(info.namespace, new))
             if exc.status != 409 or exc.reason != "AlreadyExists" or not new.key:
                 raise errors.from_kube(exc, f"job {new.job_id!r}") from exc
             conflict = exc
@@ -363,6 +379,64 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 "retry the call"
             ) from conflict
         return obj, False
+
+    async def _shielded(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        """Run `cleanup` to its end even if this call is cancelled meanwhile (the client gave up,
+        the server drains): the call then stops waiting for it, the cleanup goes on."""
+        task = asyncio.ensure_future(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _remove_unanswered(self, namespace: str, new: _NewJob) -> None:
+        """Delete the job a POST without an answer may have stored (best effort; see _outcome_unknown).
+
+        Only for calls without an Idempotency-Key: their retries get new random ids, so the job
+        would stay CREATING for ever (listed, counted against the project's quota), while a keyed
+        retry finds its job. A random id is this call's alone; but the job is listed, so someone
+        may have executed it meanwhile: it is deleted only as read here, not executed (uid and
+        resourceVersion preconditions; on a conflict it is read again).
+        """
+        path = jobs_path(namespace, new.job_id)
+        what = f"job {new.job_id!r}, whose creation got no answer,"
+        for _ in range(3):
+            try:
+                obj = await self.core.kube.request("GET", path)
+                meta = obj.get("metadata") or {}
+                ours = (meta.get("annotations") or {}).get(REQUEST_DIGEST_ANNOTATION) == new.fingerprint
+                if not ours or (obj.get("spec") or {}).get("execute") or meta.get("deletionTimestamp"):
+                    return  # not this call's job, executed by someone who found it, or going already
+                await self.core.kube.request(
+                    "DELETE",
+                    path,
+                    body={
+                        "preconditions": {
+                            "uid": meta.get("uid"),
+                            "resourceVersion": meta.get("resourceVersion"),
+                        },
+                        "propagationPolicy": "Background",
+                    },
+                )
+            except KubeError as exc:
+                if exc.status == 404:
+                    return  # never stored, or gone already
+                if exc.status == 409:
+                    continue  # changed since it was read (the operator's first status): look again
+                log.error(
+                    "could not remove %s: it stays CREATING until deleted (its inputs go at its data TTL)",
+                    what,
+                    extra={"job": new.job_id},
+                    exc_info=True,
+                )
+                return
+            log.info("job removed after its creation got no answer", extra={"job": new.job_id})
+            self.core.jobs.forget(new.job_id, namespace)
+            return
+        log.error(
+            "could not remove %s: it kept changing; it stays CREATING until deleted",
+            what,
+            extra={"job": new.job_id},
+        )
 
     async def _discard(self, obj: Mapping[str, Any]) -> None:
         """Delete a job this call created and could not finish (only that one: uid precondition)."""
@@ -410,8 +484,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             await self.core.kube.request("POST", secrets_path(job.namespace), body=secret)
         except KubeError as exc:
             if exc.status == 409 and exc.reason == "AlreadyExists":
-                if not created:
-                    return  # the first call with this Idempotency-Key stored it
+                if not created or await self._owns_secret(job, name):
+                    return  # a call with this Idempotency-Key that found the job stored it
                 # Left by an earlier attempt whose job was removed; Kubernetes' garbage collector
                 # deletes it (its owner is gone). Taking it over could keep an older password.
                 raise errors.unavailable(
@@ -419,6 +493,27 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     "still being removed; retry the call"
                 ) from exc
             raise errors.from_kube(exc, f"registry password Secret of job {job.name!r}") from exc
+
+    async def _owns_secret(self, job: JobSnapshot, name: str) -> bool:
+        """Whether the Secret `name` is this very job's (its owner's uid), not an earlier job's.
+
+        A concurrent call with the same Idempotency-Key finds this job, and may store the Secret
+        before this call does. Its content needs no check: such a call matched the job's request
+        digest, so it is the same request; the password is the one thing that may differ, and the
+        digest leaves it out on purpose (a retry with another password is the same request, and
+        the immutable Secret keeps the first one stored, as it does for retries one after another).
+        """
+        what = f"registry password Secret of job {job.name!r}"
+        try:
+            secret = await self.core.k8s(
+                "get", what, self.core.kube.request("GET", secrets_path(job.namespace, name))
+            )
+        except ApiError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return False  # an earlier attempt's, removed just now: the retry stores this one
+            raise
+        owners = (secret.get("metadata") or {}).get("ownerReferences") or []
+        return any(isinstance(o, Mapping) and o.get("uid") == job.uid for o in owners)
 
     async def _upload_files(
         self, project_id: str, checks: Sequence[InputCheck]
@@ -518,20 +613,38 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
 
     async def Delete(self, request: svc.DeleteProjectJobRequest, context: Context) -> operation_pb2.Operation:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.DELETE, fresh=True)
-        if job.spec.execute and not job.is_final:
-            raise errors.failed_precondition(
-                f"job {job.name!r} is {job.phase.value}; cancel it and wait until it has stopped before deleting it"
-            )
         ref = job.ref(OpKind.DELETE)
-        try:
-            await self.core.kube.request(
-                "DELETE",
-                jobs_path(job.namespace, job.name),
-                body={"preconditions": {"uid": job.uid}, "propagationPolicy": "Background"},
-            )
-        except KubeError as exc:
-            if exc.status not in (404, 409):
-                raise errors.from_kube(exc, f"job {job.name!r}") from exc
+        for attempt in range(1, 4):
+            # Checked again after every re-read: an Execute may have landed meanwhile.
+            if job.spec.execute and not job.is_final:
+                raise errors.failed_precondition(
+                    f"job {job.name!r} is {job.phase.value}; cancel it and wait until it has stopped "
+                    "before deleting it"
+                )
+            if job.deleting:
+                break  # deleted already, going once the operator has removed its data
+            try:
+                # Only the job as checked (uid and resourceVersion): an Execute landing after the
+                # check (another replica) must not get a job deleted that was just asked to run.
+                await self.core.kube.request(
+                    "DELETE",
+                    jobs_path(job.namespace, job.name),
+                    body={
+                        "preconditions": {"uid": job.uid, "resourceVersion": job.resource_version},
+                        "propagationPolicy": "Background",
+                    },
+                )
+                break
+            except KubeError as exc:
+                if exc.status == 404:
+                    break  # gone already
+                if exc.status != 409 or attempt == 3:
+                    raise errors.from_kube(exc, f"job {job.name!r}") from exc
+            # Changed meanwhile (an Execute, the operator's status): look again.
+            fresh = await self.core.read_job(job.namespace, job.name, fresh=True)
+            if fresh is None or fresh.uid != job.uid:
+                break  # gone already (a new job of this name is not the one asked for)
+            job = fresh
         log.info("job deleted", extra={"job": job.name, "user": identity.username})
         return operations.delete_operation(
             ref, await self.core.read_job(job.namespace, job.name, fresh=True), now()
@@ -541,14 +654,38 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DeleteProjectJobDataRequest, context: Context
     ) -> operation_pb2.Operation:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
-        if job.spec.execute and not job.is_final:
-            raise errors.failed_precondition(
-                f"job {job.name!r} is {job.phase.value}; its data can be deleted once it has finished"
-            )
-        if not job.spec.clear_data:
-            job = await self.core.patch_job(job, {"spec": {"clearData": True}})
+        job, marked = await self._mark_data_deletion(job)
+        if marked:
             log.info("job data deletion requested", extra={"job": job.name, "user": identity.username})
         return operations.delete_data_operation(job.ref(OpKind.DELETE_DATA), job, now())
+
+    async def _mark_data_deletion(self, job: JobSnapshot) -> tuple[JobSnapshot, bool]:
+        """Set spec.clearData on a finished or never-executed job: (the job, whether this call set it).
+
+        Guarded by the resourceVersion: an Execute landing after the check (another replica) must
+        not find clearData set on the job it just started (the operator would fail it DataCleared).
+        On a conflict the job is read and checked again. FAILED_PRECONDITION for a job asked to
+        run; NOT_FOUND for one that is gone.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            if job.spec.execute and not job.is_final:
+                raise errors.failed_precondition(
+                    f"job {job.name!r} is {job.phase.value}; its data can be deleted once it has finished"
+                )
+            if job.spec.clear_data:
+                return job, False
+            try:
+                return await self.core.patch_job(job, {"spec": {"clearData": True}}, guard=True), True
+            except ApiError as exc:
+                if exc.code != grpc.StatusCode.ABORTED or attempt == 3:
+                    raise
+            # Changed meanwhile (an Execute, the operator's status): look again.
+            fresh = await self.core.get_job(job.namespace, job.name, fresh=True)
+            if fresh.uid != job.uid:
+                raise errors.not_found(f"job {job.name!r} was deleted")
+            job = fresh
 
     async def DeleteAllData(
         self, request: svc.DeleteAllProjectJobDataRequest, context: Context
@@ -559,24 +696,26 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         todo = [j for j in jobs if not j.spec.clear_data and (j.is_final or not j.spec.execute)]
         gate = asyncio.Semaphore(16)
 
-        async def mark(j: JobSnapshot) -> None:
+        async def mark(j: JobSnapshot) -> bool:
+            """Whether `j`'s data deletion is pending now (each job guarded on its own)."""
             async with gate:
                 try:
-                    await self.core.patch_job(j, {"spec": {"clearData": True}})
+                    marked, _ = await self._mark_data_deletion(j)
                 except ApiError as exc:
-                    if exc.code != grpc.StatusCode.NOT_FOUND:
+                    # Gone, or asked to run since the listing: a running job keeps its data.
+                    if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                         raise
+                    return False
+                return not marked.status.data_cleared
 
-        await asyncio.gather(*(mark(j) for j in todo))
+        results = await asyncio.gather(*(mark(j) for j in todo))
         log.info(
             "project data deletion requested",
             extra={"project": info.project_id, "jobs": len(todo), "user": identity.username},
         )
-        marked = {j.name for j in todo}
-        pending = sum(
-            1
-            for j in jobs
-            if (j.name in marked or operations.data_deletion_pending(j)) and not j.status.data_cleared
+        listed = {j.name for j in todo}
+        pending = sum(results) + sum(
+            1 for j in jobs if j.name not in listed and operations.data_deletion_pending(j)
         )
         return operations.delete_all_data_operation(
             OpRef(OpKind.DELETE_ALL_DATA, info.project_id), pending, now()
