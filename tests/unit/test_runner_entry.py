@@ -422,6 +422,112 @@ def test_cancel_before_the_program_starts(tmp_path: Path) -> None:
     assert not cfg.layout.stdout.exists() or b"program-ran" not in cfg.layout.stdout.read_bytes()
 
 
+def test_a_cancel_during_the_python_check_starts_no_pip(shell: list[str], tmp_path: Path) -> None:
+    # The version probe signals the script (its parent) itself: the cancel lands before pip, in
+    # a window where no process is there to stop. pip (a long install, maybe) must not start.
+    bindir = tmp_path / "fakepy"
+    bindir.mkdir()
+    pip_ran = tmp_path / "pip-ran"
+    fake = bindir / "python3"
+    fake.write_text(
+        f'#!/bin/sh\ncase "$*" in *pip*) : >{shlex.quote(str(pip_ran))}; exit 0 ;; esac\n'
+        'kill -s TERM "$PPID"\necho 3.11.0\n'
+    )
+    fake.chmod(0o755)
+    cfg = make_config(
+        tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
+    )
+    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.rc == CANCELLED_EXIT, r.syslog
+    assert not pip_ran.exists(), r.syslog
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.CANCELLED
+    assert status.reason == "cancelled during setup"
+    assert "cancelled before pip started" in r.syslog
+    assert not cfg.layout.stdout.exists() or b"program-ran" not in r.out_file
+
+
+def _cancel_around_start(cfg: RunnerConfig, launch: str, where: str) -> Path:
+    """Rewrite the entry script: a SIGTERM to itself just before or just after the `DSJOBS_PID=$!`
+    that follows the line starting with ``launch`` (a trap runs between two commands, so there),
+    and every signal `dsjobs_kill` delivers recorded as "SIGNAL PID" lines in the returned file."""
+    kills = cfg.layout.root.parent / "kills"
+    lines = cfg.layout.entry_script.read_text().splitlines(keepends=True)
+    [at] = [i for i, line in enumerate(lines) if line.startswith(launch)]
+    assert lines[at + 1] == "DSJOBS_PID=$!\n"
+    lines.insert(at + 1 if where == "before" else at + 2, 'command kill -s TERM "$$"\n')
+    script = "".join(lines).replace("dsjobs_kill() {", "dsjobs_real_kill() {", 1)
+    # Only the cancel's deliveries: not a kill whose target is gone (or that has none), nor the
+    # SIGKILL to what is left of the program's session once its exit status was taken.
+    record = (
+        'dsjobs_kill() { dsjobs_real_kill "$@" || return; '
+        '[ -z "$2" ] || [ -n "${DSJOBS_PROG_RC+taken}" ] || '
+        f'echo "$1 $2" >>{shlex.quote(str(kills))}; }}\n'
+    )
+    script = script.replace("\nset -u\n", "\nset -u\n" + record, 1)
+    cfg.layout.entry_script.write_text(script)
+    return kills
+
+
+_PIP_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY"'
+_PROGRAM_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec'
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_cancel_while_pip_starts_stops_it_once(shell: list[str], where: str, tmp_path: Path) -> None:
+    # "before": the signal found no pip to stop (DSJOBS_PID still empty) and was only noted;
+    # "after": the trap stopped pip itself, and the pending check must not send it again.
+    # A TERM sent while the script's subshell still had the script's trap was once dropped there
+    # (dash, busybox): pip then ran to its end.
+    bindir = tmp_path / "fakepy"
+    bindir.mkdir()
+    finished = tmp_path / "pip-finished"
+    pip = f"trap 'kill $! 2>/dev/null; exit 143' TERM; sleep 30 & wait $!; : >{shlex.quote(str(finished))}"
+    fake = bindir / "python3"
+    fake.write_text(f'#!/bin/sh\ncase "$*" in *pip*) {pip} ;; esac\necho 3.11.0\n')
+    fake.chmod(0o755)
+    cfg = make_config(
+        tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
+    )
+    kills = _cancel_around_start(cfg, _PIP_LAUNCH, where)
+    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.rc == CANCELLED_EXIT, r.syslog
+    assert not finished.exists(), r.syslog
+    [line] = kills.read_text().splitlines() if kills.exists() else [""]
+    assert line.startswith("TERM "), r.syslog
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.CANCELLED
+    assert status.reason == "cancelled during setup"
+    assert not cfg.layout.stdout.exists() or b"program-ran" not in r.out_file
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("graceful", [False, True], ids=["sigkill", "graceful"])
+def test_a_cancel_while_the_program_starts_reaches_it_once(
+    shell: list[str], graceful: bool, where: str, tmp_path: Path
+) -> None:
+    # The program gets what a later cancel would have given it (SIGKILL at once, or the graceful
+    # signal), exactly once, and the job is reported as a cancelled run.
+    cmd = "trap 'echo got-usr1; exit 5' USR1; while :; do sleep 0.1; done; echo finished-normally"
+    cfg = make_config(
+        tmp_path,
+        cmd,
+        graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 30} if graceful else None,
+    )
+    kills = _cancel_around_start(cfg, _PROGRAM_LAUNCH, where)
+    r = run_entry(shell, cfg)
+    pid = r.syslog.split("program started (pid ", 1)[1].split(",", 1)[0]
+    sent = "USR1" if graceful else "KILL"
+    assert kills.exists() and kills.read_text() == f"{sent} {pid}\n", r.syslog
+    # The graceful signal may come before the program's shell has set its trap.
+    assert r.rc in ((5, 128 + signal.SIGUSR1) if graceful else (128 + signal.SIGKILL,)), r.syslog
+    assert not cfg.layout.stdout.exists() or b"finished-normally" not in r.out_file
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.status == RunnerStatus.EXITED
+    assert status.cancelled and status.return_code == r.rc
+    assert r.syslog.count("cancel: ") == 1
+
+
 def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tmp_path: Path) -> None:
     """With pipes as the container log (as a runtime has), EOF must come when the script exits."""
     cfg = make_config(tmp_path / "a", "echo hi; echo err >&2; exit 3")

@@ -316,6 +316,7 @@ DSJOBS_RC=0
 DSJOBS_PHASE=setup
 DSJOBS_CANCEL=0
 DSJOBS_SIGNALLED=0
+DSJOBS_FORKED=''
 DSJOBS_KILLER=''
 DSJOBS_HB_PID=''
 DSJOBS_STATS_PID=''
@@ -380,15 +381,20 @@ dsjobs_start_killer() {
   DSJOBS_KILLER=$!
 }
 
+# The cancel signals' trap; also called right after pip or the program is started, for a signal
+# that came before `DSJOBS_PID=$!` and so found nothing to stop (dsjobs_deliver_pending).
 dsjobs_on_signal() {
   DSJOBS_CANCEL=1
   [ -n "$DSJOBS_PID" ] || return 0
+  # Once per started process, though this may run twice for it (the trap, then the pending
+  # check; or a second signal): the ticket is taken and compared in one command, and a trap runs
+  # only between commands, so exactly one of the runs finds 1.
+  [ "$((DSJOBS_SIGNALLED += 1))" = 1 ] || return 0
+  dsjobs_await_fork
   if [ "$DSJOBS_PHASE" != run ]; then
     dsjobs_kill TERM "$DSJOBS_PID"
     return 0
   fi
-  [ "$DSJOBS_SIGNALLED" = 0 ] || return 0
-  DSJOBS_SIGNALLED=1
   if [ -n "$DSJOBS_GRACE_SIG" ]; then
     dsjobs_log "cancel: sending SIG$DSJOBS_GRACE_SIG to the program, SIGKILL in ${DSJOBS_GRACE_TIMEOUT}s"
     dsjobs_kill "$DSJOBS_GRACE_SIG" "$DSJOBS_PID"
@@ -397,6 +403,25 @@ dsjobs_on_signal() {
     dsjobs_log "cancel: no graceful shutdown configured: sending SIGKILL to the program"
     dsjobs_kill KILL "$DSJOBS_PID"
   fi
+}
+
+# Before a cancel goes to $DSJOBS_PID: a subshell forked a moment ago still has this script's trap
+# until it resets it (dash and busybox do so just after fork, and drop a signal caught meanwhile),
+# and it has not opened the program's output FIFOs yet (killed before that, it would leave the tees
+# waiting for a writer until the drain deadline). Its first command, after both, leaves the file
+# $DSJOBS_FORKED: wait for that, for its end, or - a file it could not make - about 5 s.
+dsjobs_await_fork() {
+  dsjobs_n=0
+  while [ ! -e "$DSJOBS_FORKED" ] && [ "$dsjobs_n" -lt 50 ] && kill -0 "$DSJOBS_PID" 2>/dev/null; do
+    sleep 0.1 2>/dev/null || sleep 1
+    dsjobs_n=$((dsjobs_n + 1))
+  done
+}
+
+# Right after `DSJOBS_PID=$!`: a cancel that came while the process was being started found no
+# DSJOBS_PID and only set DSJOBS_CANCEL; the process gets now what the trap would have sent it.
+dsjobs_deliver_pending() {
+  if [ "$DSJOBS_CANCEL" = 1 ]; then dsjobs_on_signal; fi
 }
 
 # Waits for $DSJOBS_PID, sets DSJOBS_RC. A trapped signal interrupts `wait` (status > 128) while the
@@ -457,14 +482,25 @@ DSJOBS_PYVER=$(dsjobs_job_env; exec "$DSJOBS_PY" -c 'import sys; print("%d.%d.%d
 """
 
 _PIP_RUN = r"""
+# A cancel during the python checks (a trap runs once the probe's output is read): no pip at all.
+if [ "$DSJOBS_CANCEL" = 1 ]; then
+  dsjobs_log "cancelled before pip started"
+  dsjobs_exit '' cancelled "cancelled during setup" "$DSJOBS_CANCELLED_EXIT"
+fi
 dsjobs_log "installing requirements: $DSJOBS_PY $DSJOBS_PIP_ARGS"
 # Where pip's lines start in the system log: its first error line is told in the job's status.
 dsjobs_pip_from=$( { wc -c <"$DSJOBS_SYSLOG_TO"; } 2>/dev/null) || dsjobs_pip_from=''
 DSJOBS_PHASE=pip
-( dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
+DSJOBS_FORKED=$DSJOBS_RUN/pip.forked
+rm -f "$DSJOBS_FORKED" 2>/dev/null
+# (`true`, not `:`: a failed redirection of a special builtin ends a dash subshell.)
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
 DSJOBS_PID=$!
+dsjobs_deliver_pending
 dsjobs_wait
 DSJOBS_PID=''
+# The program, started next, gets a ticket of its own (dsjobs_on_signal).
+DSJOBS_SIGNALLED=0
 DSJOBS_PHASE=setup
 if [ "$DSJOBS_CANCEL" = 1 ]; then dsjobs_exit '' cancelled "cancelled during setup" "$DSJOBS_CANCELLED_EXIT"; fi
 if [ "$DSJOBS_RC" != 0 ]; then
@@ -525,8 +561,11 @@ if [ "$DSJOBS_CANCEL" = 1 ]; then
   dsjobs_exit '' cancelled "cancelled before the program started" "$DSJOBS_CANCELLED_EXIT"
 fi
 DSJOBS_PHASE=run
-( dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" &
+DSJOBS_FORKED=$DSJOBS_RUN/program.forked
+rm -f "$DSJOBS_FORKED" 2>/dev/null
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" &
 DSJOBS_PID=$!
+dsjobs_deliver_pending
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
 dsjobs_wait
 DSJOBS_PROG_RC=$DSJOBS_RC
