@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from runner_fakes import FileStore, MemoryStore, umask
+from test_runner_zipsafe import understated_zip
 
+from dsjobs.runner import stagein
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.result import RunnerStatus, parse_termination_message
-from dsjobs.runner.ship import upload_outputs
+from dsjobs.runner.ship import human_size, upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
 from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.storage import ObjectInfo, input_key
@@ -236,3 +241,64 @@ def test_inputs_that_do_not_fit_on_the_job_s_disk_say_so_and_what_gives_more_roo
         "no space left on the job's disk for its inputs (60.0 MiB in all; full while staging input "
         "data/big.bin): declare working-storage, or a larger one, for more room"
     )
+
+
+def _zip_input(tmp_path: Path, data: bytes) -> tuple[RunnerConfig, FileStore]:
+    """A job whose one input is the zipped directory ``data`` (``data.zip`` as the CLI names it)."""
+    sha = hashlib.sha256(data).hexdigest()
+    store = FileStore()
+    store.objects[input_key("p", sha)] = data
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="python main.py",
+        inputs=[{"path": "data.zip", "sha256": sha, "size_bytes": len(data), "compression": "ZIP"}],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    return cfg, store
+
+
+def test_a_zip_input_that_unpacks_beyond_the_free_space_is_refused_before_it_is_extracted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An emptyDir's sizeLimit is enforced by eviction, later: 8 KiB of zip unpacking to 8 MiB must
+    # be measured against the room first, as a plain input's size is by the disk itself.
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data/zeros.bin", b"\x00" * 8 * 2**20)
+    cfg, store = _zip_input(tmp_path, buf.getvalue())
+    rooms: list[Path] = []
+
+    def one_mib_free(path: Path) -> int:
+        rooms.append(path)
+        return 2**20
+
+    monkeypatch.setattr(stagein, "free_bytes", one_mib_free)
+    term = tmp_path / "term"
+    assert not run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    assert rooms == [cfg.work_dir]  # where it unpacks: the parent of its path
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED
+    assert result.reason == (
+        f"no space left on the job's disk for its inputs ({human_size(len(buf.getvalue()))} in all; input "
+        "data.zip unpacks to 8.0 MiB, 1.0 MiB free): declare working-storage, or a larger one, for more room"
+    )
+    assert not (cfg.work_dir / "data").exists()
+
+
+def test_a_zip_input_holding_more_than_it_declares_stops_there_and_is_named(tmp_path: Path) -> None:
+    bomb = understated_zip(tmp_path / "bomb.zip", "data/zeros.bin", b"\x00" * 3_000_000, 1000)
+    cfg, store = _zip_input(tmp_path, bomb.read_bytes())
+    term = tmp_path / "term"
+    assert not run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED
+    assert result.reason.startswith(
+        "input data.zip: archive refused: entry 'data/zeros.bin': damaged archive: "
+    ), result.reason
+    assert (cfg.work_dir / "data" / "zeros.bin").stat().st_size <= 1000
+
+
+def test_the_free_space_is_the_file_system_s(tmp_path: Path) -> None:
+    st = os.statvfs(tmp_path)
+    assert stagein.free_bytes(tmp_path) == st.f_bavail * st.f_frsize

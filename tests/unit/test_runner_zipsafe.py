@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import threading
 import zipfile
 import zlib
@@ -13,7 +14,13 @@ from typing import Any
 import pytest
 from runner_fakes import Unseekable, umask
 
-from dsjobs.runner.zipsafe import COMPRESS_SAMPLE_BYTES, UnsafeZipError, extract_zip, zip_directory
+from dsjobs.runner.zipsafe import (
+    COMPRESS_SAMPLE_BYTES,
+    UnsafeZipError,
+    declared_size,
+    extract_zip,
+    zip_directory,
+)
 
 
 def make_zip(path: Path, entries: list[tuple[str, bytes] | zipfile.ZipInfo]) -> Path:
@@ -93,6 +100,54 @@ def test_bombs_are_capped_by_bytes_actually_written(tmp_path: Path) -> None:
         zf.writestr("big", b"\x00" * 2_000_000)
     with pytest.raises(UnsafeZipError, match="expands"):
         extract_zip(z, tmp_path / "root", max_total_bytes=1_000_000)
+
+
+def understated_zip(path: Path, name: str, data: bytes, declared: int) -> Path:
+    """A zip whose one entry holds ``data`` but declares ``declared`` bytes, in its local header
+    and in the central directory (a zip bomb lies in both)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(name, data)
+    raw = bytearray(path.read_bytes())
+    real, lie = struct.pack("<I", len(data)), struct.pack("<I", declared)
+    # The uncompressed size: at offset 22 of the local file header, 24 of the central entry.
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.find(signature) + offset
+        assert raw[at : at + 4] == real
+        raw[at : at + 4] = lie
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_an_archive_declaring_more_than_the_cap_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    z = tmp_path / "a.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data/", b"")
+        zf.writestr("data/small.txt", b"x" * 1000)
+        zf.writestr("data/big.bin", b"\x00" * 2_000_000)
+    assert declared_size(z) == 2_001_000
+    root = tmp_path / "root"
+    with pytest.raises(UnsafeZipError, match="expands to 2001000 bytes, beyond the cap of 1000000"):
+        extract_zip(z, root, max_total_bytes=1_000_000)
+    assert not (root / "data").exists()
+    assert extract_zip(z, tmp_path / "fits", max_total_bytes=2_001_000) == 2
+
+
+def test_an_archive_holding_more_than_it_declares_writes_no_more_than_it_declares(tmp_path: Path) -> None:
+    z = understated_zip(tmp_path / "bomb.zip", "data/zeros.bin", b"\x00" * 3_000_000, 1000)
+    assert declared_size(z) == 1000
+    root = tmp_path / "root"
+    with pytest.raises(UnsafeZipError, match=r"entry 'data/zeros\.bin': damaged archive"):
+        extract_zip(z, root, max_total_bytes=1000)
+    assert (root / "data" / "zeros.bin").stat().st_size <= 1000
+
+
+def test_a_file_that_is_not_a_zip_is_refused_as_such(tmp_path: Path) -> None:
+    z = tmp_path / "not.zip"
+    z.write_bytes(b"plain text, no archive")
+    with pytest.raises(UnsafeZipError, match="not a valid zip archive"):
+        declared_size(z)
+    with pytest.raises(UnsafeZipError, match="not a valid zip archive"):
+        extract_zip(z, tmp_path / "root")
 
 
 def test_directory_zip_round_trips_and_skips_symlinks(tmp_path: Path) -> None:

@@ -6,8 +6,11 @@ the init container is a POSIX sh script doing what `prepare` does (`contract.she
 - each input ``projects/<project>/inputs/<sha256>`` is streamed to ``<work_dir>/<path>`` with its
   size and sha256 verified (the cache is content-addressed, but clients upload through presigned
   URLs: the content is checked, not trusted); ZIP inputs are extracted (zip-slip safe) into the
-  parent of ``path``, the DataSphere CLI's layout. A stored input whose bytes do not hash to its
-  key (read twice to be sure) is deleted, so that the next job with that file uploads it again.
+  parent of ``path``, the DataSphere CLI's layout, once the sizes their entries declare are known
+  to fit in the free space there, and never beyond those sizes (an emptyDir's sizeLimit is only
+  enforced by eviction, later: a zip bomb would first fill the node's disk). A stored input whose
+  bytes do not hash to its key (read twice to be sure) is deleted, so that the next job with that
+  file uploads it again.
   The empty file is never stored (`is_stored_input`): it is created here;
 - local modules are extracted into ``<shared>/python/modules/<i>`` (put on PYTHONPATH);
 - the requirements file and ``<shared>/entry.sh`` are written.
@@ -33,7 +36,7 @@ from dsjobs.runner.entry import render_entry_script
 from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termination_message
 from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
 from dsjobs.runner.syslog import SystemLog, create_shared
-from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip, make_dirs
+from dsjobs.runner.zipsafe import UnsafeZipError, declared_size, extract_zip, make_dirs
 from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key, is_stored_input
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,31 @@ class StageInError(Exception):
 
 
 class NoSpaceError(StageInError):
-    """The job's disk filled up while this input was staged."""
+    """The job's disk filled up while this input was staged, or (an archive) lacks the room for what
+    it unpacks to. ``str()`` names the input; ``detail``, when set, says why it does not fit."""
+
+    def __init__(self, what: str, detail: str = "") -> None:
+        super().__init__(what)
+        self.detail = detail
+
+
+def free_bytes(path: Path) -> int:
+    """The bytes an unprivileged writer may still put on ``path``'s file system."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _extract_archive(archive: Path, dest_root: Path, what: str) -> int:
+    """Extract a downloaded ZIP input into ``dest_root``; returns the files written.
+
+    Refused before anything is written when its entries declare more than the free space, and
+    capped at what they declare: an archive whose data holds more stops there."""
+    make_dirs(dest_root)
+    declared = declared_size(archive)
+    free = free_bytes(dest_root)
+    if declared > free:
+        raise NoSpaceError(what, f"{what} unpacks to {human_size(declared)}, {human_size(free)} free")
+    return extract_zip(archive, dest_root, max_total_bytes=declared)
 
 
 def _describe(kind: str, f: InputFile | LocalModule) -> str:
@@ -79,7 +106,7 @@ def _stage_file(
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
             try:
                 store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256)
-                return extract_zip(tmp, dest_root)  # makes dest_root
+                return _extract_archive(tmp, dest_root, what)
             finally:
                 if tmp.exists():
                     tmp.unlink()
@@ -167,9 +194,10 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
                 for other in futures:
                     other.cancel()
         if isinstance(first_error, NoSpaceError):
+            where = first_error.detail or f"full while staging {first_error}"
             raise StageInError(
-                f"no space left on the job's disk for its inputs ({human_size(total)} in all; full while "
-                f"staging {first_error}): declare working-storage, or a larger one, for more room"
+                f"no space left on the job's disk for its inputs ({human_size(total)} in all; {where}): "
+                "declare working-storage, or a larger one, for more room"
             ) from first_error
         if first_error is not None:
             raise first_error

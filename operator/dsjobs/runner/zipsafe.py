@@ -3,7 +3,9 @@
 Refused (the whole archive, before anything is written): absolute names, drive letters, any
 ``..`` component, symlink and other special-file entries, and names that resolve outside the
 root through an existing symlink. Extraction streams each member (constant memory) and can cap
-the total bytes actually written (zip bombs lie about sizes in their headers).
+the total bytes written: an archive that declares more than the cap is refused before anything is
+written, and one whose entries hold more than they declare (a zip bomb lying in its headers) is
+stopped at the cap. `declared_size` tells what an archive needs on disk before it is extracted.
 
 Layout convention (the DataSphere CLI's): an archive of directory ``a/b/data`` holds entries
 ``data/...``, i.e. paths relative to the directory's parent; so it is extracted into the parent.
@@ -94,42 +96,87 @@ def check_zip(zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, list[str]]]:
     return checked
 
 
+#: What a damaged or lying archive raises while it is read (a CRC that does not match, an entry
+#: whose data ends early or does not inflate).
+_BAD_DATA = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+def _declared(entries: list[zipfile.ZipInfo]) -> int:
+    return sum(info.file_size for info in entries if not info.is_dir())
+
+
+def declared_size(archive: str | os.PathLike[str]) -> int:
+    """The bytes ``archive`` says it unpacks to: its entries' sizes in the central directory.
+    UnsafeZipError if it is not a zip archive."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return _declared(zf.infolist())
+    except zipfile.BadZipFile as exc:
+        raise UnsafeZipError(f"not a valid zip archive: {exc}") from exc
+
+
 def extract_zip(
     archive: str | os.PathLike[str],
     root: str | os.PathLike[str],
     *,
     max_total_bytes: int | None = None,
 ) -> int:
-    """Extract ``archive`` under ``root`` (created if needed). Returns the number of files written."""
+    """Extract ``archive`` under ``root`` (created if needed). Returns the number of files written.
+
+    With ``max_total_bytes``: an archive whose entries declare more is refused before anything is
+    written, and no more than that is ever written (UnsafeZipError naming the entry). A damaged
+    archive raises UnsafeZipError naming the entry too."""
     root_path = Path(root)
     make_dirs(root_path)
     root_real = os.path.realpath(root_path)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise UnsafeZipError(f"not a valid zip archive: {exc}") from exc
+    with zf:
+        entries = check_zip(zf)
+        declared = _declared([info for info, _ in entries])
+        if max_total_bytes is not None and declared > max_total_bytes:
+            raise UnsafeZipError(f"archive expands to {declared} bytes, beyond the cap of {max_total_bytes}")
+        return _extract_entries(zf, entries, root_real, max_total_bytes)
+
+
+def _extract_entries(
+    zf: zipfile.ZipFile,
+    entries: list[tuple[zipfile.ZipInfo, list[str]]],
+    root_real: str,
+    max_total_bytes: int | None,
+) -> int:
     written = 0
     files = 0
-    with zipfile.ZipFile(archive) as zf:
-        entries = check_zip(zf)
-        for info, parts in entries:
-            target = Path(root_real, *parts)
-            # Parents may already exist (other inputs): they must not lead out of the root.
-            parent_real = os.path.realpath(target.parent if not info.is_dir() else target)
-            if not _inside(root_real, parent_real):
-                raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
-            if info.is_dir():
-                make_dirs(target)
-                os.chmod(target, 0o777)
-                continue
-            make_dirs(target.parent)
-            if target.is_symlink():
-                raise UnsafeZipError(f"entry {info.filename!r} would write through a symlink")
+    for info, parts in entries:
+        target = Path(root_real, *parts)
+        # Parents may already exist (other inputs): they must not lead out of the root.
+        parent_real = os.path.realpath(target.parent if not info.is_dir() else target)
+        if not _inside(root_real, parent_real):
+            raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
+        if info.is_dir():
+            make_dirs(target)
+            os.chmod(target, 0o777)
+            continue
+        make_dirs(target.parent)
+        if target.is_symlink():
+            raise UnsafeZipError(f"entry {info.filename!r} would write through a symlink")
+        try:
             with zf.open(info) as src, open(target, "wb") as dst:
                 while chunk := src.read(_COPY_CHUNK):
                     written += len(chunk)
+                    # Checked before the write: not a byte past the cap reaches the disk.
                     if max_total_bytes is not None and written > max_total_bytes:
-                        raise UnsafeZipError(f"archive expands beyond {max_total_bytes} bytes")
+                        raise UnsafeZipError(
+                            f"entry {info.filename!r}: archive expands beyond {max_total_bytes} bytes"
+                        )
                     dst.write(chunk)
-            mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
-            os.chmod(target, 0o777 if mode & 0o111 else 0o666)
-            files += 1
+        except _BAD_DATA as exc:
+            raise UnsafeZipError(f"entry {info.filename!r}: damaged archive: {exc}") from exc
+        mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
+        os.chmod(target, 0o777 if mode & 0o111 else 0o666)
+        files += 1
     return files
 
 
