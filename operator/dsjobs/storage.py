@@ -38,6 +38,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -517,6 +518,21 @@ class _OrderedWriter:
         self._thread.join()
 
 
+def content_disposition(filename: str) -> str:
+    """`attachment` naming the file, in a header value S3 accepts.
+
+    S3 refuses a GET whose response-content-disposition holds characters outside ISO-8859-1
+    (400 InvalidArgument): `filename` is an ASCII stand-in, and a name that is not ASCII goes in
+    RFC 6266's `filename*` (UTF-8, percent-encoded), which browsers and curl prefer.
+    """
+    name = "".join(ch for ch in filename if ch.isprintable() and ch not in '"\\')
+    plain = "".join(ch if ch.isascii() else "_" for ch in name).strip() or "download"
+    value = f'attachment; filename="{plain}"'
+    if name and plain != name:
+        value += "; filename*=UTF-8''" + urllib.parse.quote(name, safe="")
+    return value
+
+
 class Storage:
     """The bucket. Thread-safe (botocore clients are, and `S3Http` keeps a connection per thread);
     one instance per process is enough."""
@@ -651,8 +667,7 @@ class Storage:
     ) -> str:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if filename:
-            safe = filename.replace('"', "").replace("\\", "")
-            params["ResponseContentDisposition"] = f'attachment; filename="{safe}"'
+            params["ResponseContentDisposition"] = content_disposition(filename)
         return self._presign_client.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=self._expiry_seconds(expires)
         )

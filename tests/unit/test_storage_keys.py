@@ -21,6 +21,7 @@ from dsjobs.storage import (
     StorageConfigError,
     StorageSettings,
     UnsafePathError,
+    content_disposition,
     input_key,
     is_stored_input,
     is_transient,
@@ -165,6 +166,26 @@ def test_presigned_urls_are_path_style_sigv4_with_default_expiry() -> None:
     assert q["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
     assert q["X-Amz-Expires"] == ["900"]
     assert q["X-Amz-SignedHeaders"] == ["host"]  # a plain PUT with no extra headers works
+
+
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("r.json", 'attachment; filename="r.json"'),
+        ('a"b\\c.txt', 'attachment; filename="abc.txt"'),
+        ('""', 'attachment; filename="download"'),
+        (
+            "результаты.csv",
+            'attachment; filename="__________.csv"; '
+            "filename*=UTF-8''%D1%80%D0%B5%D0%B7%D1%83%D0%BB%D1%8C%D1%82%D0%B0%D1%82%D1%8B.csv",
+        ),
+        ("模型 v1.pt", "attachment; filename=\"__ v1.pt\"; filename*=UTF-8''%E6%A8%A1%E5%9E%8B%20v1.pt"),
+    ],
+)
+def test_a_download_s_name_is_a_header_value_s3_accepts(name: str, header: str) -> None:
+    # S3 answers 400 to a response-content-disposition outside ISO-8859-1: the URL would not work.
+    assert content_disposition(name) == header
+    header.encode("ascii")
 
 
 def test_presigned_urls_use_the_public_endpoint_and_cap_expiry() -> None:
