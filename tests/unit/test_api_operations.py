@@ -253,6 +253,17 @@ def test_cleared_data_reports_outputs_as_errors() -> None:
     assert "deleted" in resp.output_files_errors[0].description
 
 
+def test_data_being_deleted_gets_no_urls() -> None:
+    # DeleteData or the TTL asked for, the operator not done yet: a URL would 404 by its use.
+    status = {"phase": "SUCCESS", "returnCode": 0, "outputFiles": [{"desc": {"path": "a.txt"}, "key": "k/a"}]}
+    j = job(status, execute=True, clearData=True)
+    assert ops.data_unavailable(j) and ops.output_keys(j) == []
+    resp = svc.ExecuteProjectJobResponse()
+    assert execute_op(j).response.Unpack(resp)
+    assert not resp.output_files
+    assert resp.output_files_errors[0].description.startswith("the job's data is being deleted")
+
+
 def test_delete_operation_done_when_gone_or_replaced() -> None:
     j = job()
     ref = j.ref(ops.OpKind.DELETE)

@@ -365,11 +365,14 @@ def execute_response(
     for stored in status.output_files:
         url = output_urls.get(stored.key, "")
         if not url:
-            if status.data_cleared:
+            if data_unavailable(job):
                 response.output_files_errors.append(
                     jobs_pb2.FileUploadError(
                         output_file_desc=jobs_pb2.FileDesc(path=stored.desc.path, var=stored.desc.var),
-                        description="the job's data was deleted; this output can no longer be downloaded",
+                        description=(
+                            f"the job's data {'was' if status.data_cleared else 'is being'} deleted; "
+                            "this output can no longer be downloaded"
+                        ),
                         type=jobs_pb2.FileUploadError.ErrorType.NOT_FOUND,
                     )
                 )
@@ -438,7 +441,7 @@ def execute_operation(
 def output_keys(job: JobSnapshot) -> list[str]:
     """Object keys an Execute operation's response needs GET URLs for (empty until it is done)."""
     outcome = execution_outcome(job)
-    if not outcome.done or outcome.error is not None or job.status.data_cleared:
+    if not outcome.done or outcome.error is not None or data_unavailable(job):
         return []
     return [f.key for f in job.status.output_files if is_own_key(job, f.key)]
 
@@ -501,3 +504,9 @@ def delete_all_data_operation(ref: OpRef, pending_jobs: int, now: datetime) -> o
 
 def data_deletion_pending(job: JobSnapshot) -> bool:
     return job.spec.clear_data and not job.status.data_cleared
+
+
+def data_unavailable(job: JobSnapshot) -> bool:
+    """The job's stored data is deleted, or being deleted (DeleteData, its TTL): no URL for it
+    would still work by the time it is used."""
+    return job.status.data_cleared or job.spec.clear_data

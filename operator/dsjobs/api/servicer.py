@@ -805,8 +805,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             return svc.DownloadProjectJobFilesResponse()
         if len(request.files) > MAX_DOWNLOAD_FILES:
             raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
-        if job.status.data_cleared:
-            raise errors.failed_precondition(f"the data of job {job.name!r} was deleted")
+        if operations.data_unavailable(job):
+            raise errors.failed_precondition(
+                f"the data of job {job.name!r} {'was' if job.status.data_cleared else 'is being'} deleted"
+            )
         stored = [
             f
             for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
@@ -834,8 +836,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DownloadProjectJobStdLogsRequest, context: Context
     ) -> svc.DownloadProjectJobStdLogsResponse:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
-        if job.status.data_cleared:
-            raise errors.failed_precondition(f"the data of job {job.name!r} was deleted")
+        if operations.data_unavailable(job):
+            raise errors.failed_precondition(
+                f"the data of job {job.name!r} {'was' if job.status.data_cleared else 'is being'} deleted"
+            )
         keys = {
             name: logrecords.log_file_key(job.project_id, job.name, name)
             for name in ("stdout.txt", "stderr.txt")
