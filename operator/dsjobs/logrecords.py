@@ -470,8 +470,11 @@ def read_records(
     max_records: int = 1000,
     max_bytes: int = 1024 * 1024,
     streams: Collection[Stream] | None = None,
+    max_chunks: int = 16,
 ) -> ReadResult:
-    """Records from ``offset`` on, at most ``max_records`` / about ``max_bytes`` of content.
+    """Records from ``offset`` on, at most ``max_records`` / about ``max_bytes`` of content, from
+    at most ``max_chunks`` chunks (a filter may skip whole chunks: the caller gets a turn, e.g.
+    to notice a drain, and continues from ``next_offset``).
 
     ``next_offset`` is where to continue; ``complete`` is True once the writer's final marker says
     nothing more will come and everything up to it was returned. A negative offset means "from
@@ -485,7 +488,7 @@ def read_records(
     seq, index = split_offset(offset)
     out: list[LogRecord] = []
     size = 0
-    while True:
+    for _ in range(max_chunks):
         chunk = read_chunk(store, project, job, seq)
         if chunk is None:
             final = read_final(store, project, job)
@@ -504,3 +507,4 @@ def read_records(
         seq, index = seq + 1, 0
         if len(out) >= max_records or size >= max_bytes:
             return ReadResult(out, make_offset(seq, 0), False)
+    return ReadResult(out, make_offset(seq, 0), False)

@@ -255,6 +255,23 @@ def test_stream_filter_skips_but_advances() -> None:
     assert res.next_offset == make_offset(n, 0) and res.complete
 
 
+def test_a_filtered_read_scans_a_bounded_number_of_chunks_and_goes_on_from_there() -> None:
+    # A job writing gigabytes to a log file and one line to stdout: ReadStdLogs must not walk
+    # the whole stream in one call (an I/O thread it cannot give back, a drain it cannot see).
+    recs = [LogRecord(Stream.FILE, b"f%d\n" % i, i, "train.log") for i in range(40)]
+    recs.append(LogRecord(Stream.OUT, b"done\n", 40))
+    store, n = _store_stream(recs, [1] * 40, final=True)
+    res = read_records(store, P, J, 0, streams={Stream.OUT, Stream.ERR}, max_chunks=16)
+    assert not res.records and not res.complete and res.next_offset == make_offset(16, 0)
+    offset, calls = res.next_offset, 1
+    while not res.complete:
+        res = read_records(store, P, J, offset, streams={Stream.OUT, Stream.ERR}, max_chunks=16)
+        offset, calls = res.next_offset, calls + 1
+        if res.records:
+            assert [r.content for r in res.records] == [b"done\n"]
+    assert calls == 3 and offset == make_offset(n, 0)
+
+
 def test_complete_only_after_the_final_marker_and_the_last_record() -> None:
     recs = [LogRecord(Stream.OUT, b"%d\n" % i, i) for i in range(5)]
     store, n = _store_stream(recs, [2, 2], final=False)
