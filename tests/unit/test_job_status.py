@@ -1621,15 +1621,21 @@ def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     assert step(j, [other]).status.attempt == 2
 
 
-def test_a_new_attempt_does_not_show_the_last_ones_progress() -> None:
+def test_a_new_attempt_does_not_show_the_last_ones_progress_and_files() -> None:
     policy = {"maxAttempts": 2, "retryOnExitCodes": [3]}
-    res = result(3, progress=ProgressResult(progress=90, message="epoch 9/10"))
+    res = result(
+        3,
+        progress=ProgressResult(progress=90, message="epoch 9/10"),
+        outputs=[OutputResult(path="r.txt", key="k/r.txt", sha256=SHA, size_bytes=5)],
+    )
     p1 = step(job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(3, res=res)], res=res)
-    assert p1.status.attempt == 2 and p1.status.progress is not None
+    assert p1.status.attempt == 2 and p1.status.progress is not None and p1.status.output_files
     j2 = job(status=p1.status.to_cr(), retryPolicy=policy)
     p2 = step(j2, [pod(gone=True)], now=NOW + timedelta(minutes=10))  # after the backoff
     assert p2.actions == (CreatePod(2, 0, "c1.4"),)
     assert p2.status.progress is None and p2.status.return_code is None
+    # Its files neither: the new attempt overwrites the outputs and deletes the raw logs.
+    assert not (p2.status.output_files or p2.status.log_files or p2.status.file_errors)
 
 
 def test_a_drained_node_retries_the_job_instead_of_cancelling_it() -> None:

@@ -715,6 +715,12 @@ def _plan_next_attempt(
             # The previous attempt's progress is not this one's (the API shows the status's
             # progress in the Execute operation's metadata once it is set).
             "progress": None,
+            # Nor are its files: this attempt's writer deletes its raw logs and overwrites its
+            # outputs, so the API would hand out URLs to missing or other bytes.
+            "output_files": [],
+            "log_files": [],
+            "diagnostic_files": [],
+            "file_errors": [],
         }
     )
     details = f"creating pod {current_name} (attempt {status.attempt}) for instance type {names[index]}"
