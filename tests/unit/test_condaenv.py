@@ -89,3 +89,21 @@ def test_the_pod_gets_the_conda_python_and_its_pip_packages_after_the_requiremen
     assert config.python_env.python_version == "3.10.9"
     assert config.python_env.requirements == ["six==1.16.0", "numpy==1.26.4", "tqdm"]
     assert user_image(spec, OperatorSettings(), {}) == "python:3.10.9-slim"
+
+
+@pytest.mark.parametrize("pip_options", [None, {"indexUrl": "https://pypi.example.com/simple"}])
+def test_a_no_deps_line_of_the_cli_s_requirements_file_becomes_pip_s_option(pip_options: object) -> None:
+    # The official CLI sends a requirements file's option lines as requirements; pip refuses
+    # --no-deps inside a requirements file ("no such option"), the others it takes there.
+    extra = {"pipOptions": pip_options} if pip_options else {}
+    wanted = ["six==1.16.0", "--no-deps", "--extra-index-url https://x.example.com/simple"]
+    spec, problems = _spec(requirements=wanted, **extra)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
+    assert config.python_env is not None
+    assert config.python_env.requirements == ["six==1.16.0", "--extra-index-url https://x.example.com/simple"]
+    assert config.python_env.pip.no_deps
+    without = _spec(requirements=["six==1.16.0"])[0]
+    assert without is not None
+    no_flag = runner_config(JobRef("job-1", "ns", "uid", "p1"), without, 1).python_env
+    assert no_flag is not None and not no_flag.pip.no_deps

@@ -179,6 +179,10 @@ def user_image(
     return settings.python_image_for(version)
 
 
+#: A requirements-file line the official CLI sends as a requirement (see runner_config).
+NO_DEPS_LINE: Final = "--no-deps"
+
+
 def python_wanted(pe: PythonEnvSpec) -> tuple[str, list[str]]:
     """The Python version and pip requirements a job's Python env asks for: its own fields, with
     what its conda_yaml adds (validation refused what pip cannot install)."""
@@ -203,7 +207,12 @@ def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConf
     if env is not None and env.python_env is not None:
         pe = env.python_env
         pip = pe.pip_options
-        version, requirements = python_wanted(pe)
+        version, wanted = python_wanted(pe)
+        # The official CLI passes a requirements file's `--no-deps` line through as a requirement
+        # (its other option lines, --extra-index-url and --trusted-host, pip takes in the file);
+        # pip refuses that one there, so it becomes the option.
+        requirements = [r for r in wanted if r.strip() != NO_DEPS_LINE]
+        no_deps = (pip is not None and pip.no_deps) or len(requirements) != len(wanted)
         python_env = PythonEnv(
             python_version=version or None,
             requirements=requirements,
@@ -211,10 +220,10 @@ def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConf
                 index_url=pip.index_url or None,
                 extra_index_urls=list(pip.extra_index_urls),
                 trusted_hosts=list(pip.trusted_hosts),
-                no_deps=pip.no_deps,
+                no_deps=no_deps,
             )
             if pip is not None
-            else PipOptions(),
+            else PipOptions(no_deps=no_deps),
         )
         local_modules = [
             LocalModule(
