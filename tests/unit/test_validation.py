@@ -394,6 +394,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         ),
     ),
     (
+        "zip-unnamed-dir",
+        "job_parameters.input_files[1].desc.path",
+        steps(set_at(f"{IN1}.desc", {"path": ".", "var": "ROOT"}), set_at(CMD, "ls ${ROOT}")),
+        steps(set_at(f"{IN1}.desc", {"path": "../myproject", "var": "ROOT"}), set_at(CMD, "ls ${ROOT}")),
+    ),
+    (
         "sha256-sizes",
         "job_parameters.input_files[1].size_bytes",
         set_at(f"{IN1}.sha256", SHA),

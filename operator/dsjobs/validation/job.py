@@ -24,7 +24,7 @@ from dsjobs.models.spec import (
     PythonEnv,
 )
 from dsjobs.s3http import EMPTY_SHA256
-from dsjobs.syntax import CMD_REFERENCE_PATTERN
+from dsjobs.syntax import CMD_REFERENCE_PATTERN, named_segments
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
 
 _SHA256 = re.compile(L.SHA256_PATTERN)
@@ -175,6 +175,14 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
         fpath = index(inputs_path, i)
         if _desc(c, at(fpath, "desc"), f.desc):
             input_places.setdefault(job_relative_path(f.desc), []).append(at(fpath, "desc.path"))
+        if f.compression_type == CompressionType.ZIP and f.desc.var and _unnamed_directory(f.desc.path):
+            c.add(
+                at(fpath, "desc.path"),
+                "zip-unnamed-dir",
+                f"directory {f.desc.path!r} has no name of its own: the CLI zips its files relative to "
+                "it (or outside it, for '..'), so they would not be where the var points; give the "
+                "directory by a path ending in its name, e.g. '../myproject'",
+            )
         uploads.append((fpath, f))
     output_places: dict[str, list[str]] = {}
     for i, d in enumerate(params.output_files):
@@ -230,6 +238,13 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             "size-total",
             f"input files and local modules total {total} bytes, at most {L.MAX_TOTAL_UPLOAD_BYTES} are allowed",
         )
+
+
+def _unnamed_directory(path: str) -> bool:
+    """A path whose last segment names no directory (`.`, `..`, `/`): the official CLI zips such
+    a directory's entries relative to its parent, which is itself (`.`) or above it (`..`)."""
+    segments = named_segments(path)
+    return not segments or segments[-1] == ".."
 
 
 def _desc(c: Collector, path: str, desc: FileDesc, *, location: bool = True) -> bool:

@@ -177,6 +177,7 @@ RULES: dict[str, str] = {
     "sha256": "sha256 of 64 lowercase hex digits",
     "sha256-size": "the empty file's sha256 with a size other than 0, or size 0 with another sha256",
     "sha256-sizes": "files with one sha256 declared with different sizes",
+    "zip-unnamed-dir": "a directory input with a var whose path ends in no name of its own (`.`, `..`)",
     "zip-empty": "a ZIP input or local module of 0 bytes",
     "size-negative": "negative file size",
     "size-max": "file above 5 GiB",
