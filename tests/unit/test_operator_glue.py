@@ -105,3 +105,23 @@ def test_a_timer_keeps_nothing_of_the_handler_that_set_it() -> None:
         other.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_written_step_forgets_only_the_pod_deletions_it_planned_with() -> None:
+    # A pod's DELETED (its last state: the cache has dropped it) came while a step of the same
+    # job was writing its status: that step never saw it, the next one must.
+    op = Operator(SETTINGS, environ={})
+    planned = pod(gone=True)
+    op._gone[KEY]["job-1-a1"] = planned
+    seen = dict(op._gone[KEY])
+    later = pod(attempt=2, gone=True)
+    op._gone[KEY]["job-1-a2"] = later
+    op._done_with_gone(KEY, seen)
+    assert op._gone[KEY] == {"job-1-a2": later}
+    # The same pod told again meanwhile (a newer last state) is kept too.
+    again = pod(gone=True, phase="Succeeded")
+    op._gone[KEY]["job-1-a1"] = again
+    op._done_with_gone(KEY, {"job-1-a1": planned, "job-1-a2": later})
+    assert op._gone[KEY] == {"job-1-a1": again}
+    op._done_with_gone(KEY, {"job-1-a1": again})
+    assert KEY not in op._gone

@@ -13,7 +13,8 @@ while the LIST was in flight are remembered (tombstones) so that the LIST does n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import dataclasses
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -84,6 +85,28 @@ class PodCache:
 
     def seeded(self) -> None:
         self._tombstones = None
+
+    def snapshot(self) -> dict[tuple[Key, str], tuple[int, PodView]]:
+        """Every cached pod's entry, for `vanished` after a LIST."""
+        return {(key, name): entry for key, pods in self._by_job.items() for name, entry in pods.items()}
+
+    def vanished(
+        self, before: Mapping[tuple[Key, str], tuple[int, PodView]], listed_uids: Collection[str]
+    ) -> list[tuple[Key, PodView]]:
+        """Drop the pods cached `before` a LIST that it did not return and that no event touched
+        since: deleted while the watch was away. A watch that resumes with 410 Gone is re-listed
+        by Kopf, which tells what exists, not what went; without this, such a pod would stay
+        "running" here for ever and its job with it. Returns them (gone=True)."""
+        out: list[tuple[Key, PodView]] = []
+        for (key, name), entry in before.items():
+            pods = self._by_job.get(key)
+            if entry[1].uid in listed_uids or pods is None or pods.get(name) is not entry:
+                continue
+            del pods[name]
+            if not pods:
+                del self._by_job[key]
+            out.append((key, dataclasses.replace(entry[1], gone=True)))
+        return out
 
     def get(self, key: Key) -> list[PodView]:
         return [view for _, view in (self._by_job.get(key) or {}).values()]

@@ -130,6 +130,9 @@ Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
 MAX_ERROR_BACKOFF: Final = 60.0
+#: How often the job pods are listed against the cache (Operator.resync_pods): one paginated LIST
+#: of the pods that exist (those of running jobs), for the rare deletion no watch event told.
+POD_RESYNC_SECONDS: Final = 600.0
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
@@ -210,6 +213,7 @@ class Operator:
         self._deleted: dict[Key, set[str]] = defaultdict(set)
         # Last states of pods whose deletion we saw, until a reconcile consumed them.
         self._gone: dict[Key, dict[str, PodView]] = defaultdict(dict)
+        self.resync: asyncio.Future[None] | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
         self._lock_users: dict[Key, int] = defaultdict(int)
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
@@ -288,6 +292,35 @@ class Operator:
             self.instance_types.seed(types)
             log.info("caches warm: %d job pods, %d instance types", len(self.pods), len(types))
             self._warm.set()
+
+    async def resync_pods(self) -> int:
+        """One LIST of the job pods against the cache: a pod deleted while the pod watch was
+        away (a resume with 410 Gone makes Kopf list again, which tells no deletion) is handled
+        as its DELETED event would have been. Returns how many were found so."""
+        assert self.kube is not None
+        await self.warm_up()
+        before = self.pods.snapshot()
+        listed: set[str] = set()
+        for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
+            async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
+                listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
+        vanished = self.pods.vanished(before, listed)
+        for key, view in vanished:
+            jlog(logging.INFO, key, "pod %s was deleted while the pod watch was away", view.name)
+            self._gone[key][view.name] = view
+        for key in {key for key, _ in vanished}:
+            await self.reconcile(key)
+        return len(vanished)
+
+    async def resync_pods_forever(self, interval: float = POD_RESYNC_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.resync_pods()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next period tries again; the watch is the main source
+                log.warning("pod resync failed", exc_info=True)
 
     def _scoped_paths(self, cluster_wide: str, in_namespace: Callable[[str], str]) -> list[str]:
         """Where to LIST: the operator's namespaces, or the whole cluster when it has none."""
@@ -382,6 +415,9 @@ class Operator:
                 return None
             job = JobView.from_body(body)
             now = _now()
+            # The deletions this step plans with: only these are done with once it is written (a
+            # pod deleted meanwhile is the next step's, its last state is nowhere else).
+            seen_gone = dict(self._gone.get(key, {}))
             pods = await self._with_warning(job, await self._pods_of(key, job), now)
             current = _current_pod(job, pods)
             result = await self._result_of(job, current)
@@ -393,7 +429,7 @@ class Operator:
                 self._forget(key)
                 return None
             if status.to_cr() == job.status.to_cr() and not job.status_problem:
-                self._gone.pop(key, None)
+                self._done_with_gone(key, seen_gone)
                 self._post(body, events)
                 self._evict(key, body, pods)
                 return requeue
@@ -411,13 +447,24 @@ class Operator:
             if written is None:
                 continue  # conflict: somebody else changed the job, plan again on the fresh object
             self._after_write(key, job, written, events)
-            self._gone.pop(key, None)
+            self._done_with_gone(key, seen_gone)
             if step.actions:
                 self._evict(key, written, pods)
                 return requeue
             # A status-only step (e.g. a new attempt decided): plan again to act on it.
         jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
         return timedelta(seconds=5)
+
+    def _done_with_gone(self, key: Key, used: Mapping[str, PodView]) -> None:
+        """Forget the pod deletions a written step planned with, not those that came since."""
+        gone = self._gone.get(key)
+        if gone is None:
+            return
+        for name, view in used.items():
+            if gone.get(name) is view:
+                del gone[name]
+        if not gone:
+            self._gone.pop(key, None)
 
     async def _job_gone(self, key: Key) -> bool:
         """True when the API server says the job does not exist (any doubt: False)."""
@@ -1134,9 +1181,12 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         metrics.LEADER.set(1)
         op.kube = Kube(settings, concurrency=op.settings.api_concurrency)
         op.events = EventPoster(op.kube, op.settings.event_component)
+        op.resync = asyncio.ensure_future(op.resync_pods_forever())
 
     @kopf.on.cleanup(registry=registry)
     async def flush_events(**_: Any) -> None:
+        if op.resync is not None:
+            op.resync.cancel()
         if op.events is not None:
             await op.events.drain(timeout=5)
 

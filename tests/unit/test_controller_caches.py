@@ -1,0 +1,50 @@
+"""The operator's pod cache (dsjobs.controller.caches) against what a LIST returns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsjobs.controller.caches import PodCache
+from dsjobs.controller.names import JOB_LABEL
+
+NS = "project-a"
+
+
+def body(name: str, uid: str, rev: int, job: str = "job-1", phase: str = "Running") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": uid,
+            "resourceVersion": str(rev),
+            "labels": {JOB_LABEL: job},
+        },
+        "status": {"phase": phase},
+    }
+
+
+def test_a_pod_deleted_while_the_watch_was_away_is_dropped_after_a_list() -> None:
+    cache = PodCache()
+    cache.seeded()
+    cache.apply(body("job-1-a1", "u1", 10), deleted=False)
+    cache.apply(body("job-2-a1", "u2", 11, job="job-2"), deleted=False)
+    before = cache.snapshot()
+    # The LIST (no DELETED event came for job-1-a1: the watch resumed with 410 Gone).
+    gone = cache.vanished(before, {"u2"})
+    assert [(key, view.name, view.gone) for key, view in gone] == [((NS, "job-1"), "job-1-a1", True)]
+    assert cache.get((NS, "job-1")) == [] and [p.name for p in cache.get((NS, "job-2"))] == ["job-2-a1"]
+    assert cache.vanished(cache.snapshot(), {"u2"}) == []  # told once
+
+
+def test_what_an_event_changed_during_the_list_is_the_event_s() -> None:
+    cache = PodCache()
+    cache.seeded()
+    cache.apply(body("job-1-a1", "u1", 10), deleted=False)
+    before = cache.snapshot()
+    # While the LIST ran: the pod was updated (newer than what the LIST could have missed), and
+    # a new pod was created after the LIST was served.
+    cache.apply(body("job-1-a1", "u1", 12, phase="Succeeded"), deleted=False)
+    cache.apply(body("job-3-a1", "u3", 13, job="job-3"), deleted=False)
+    assert cache.vanished(before, set()) == []
+    assert cache.get((NS, "job-1"))[0].phase == "Succeeded"
+    assert [p.name for p in cache.get((NS, "job-3"))] == ["job-3-a1"]
