@@ -67,6 +67,14 @@ def test_settings_defaults_and_env() -> None:
             r"DSJOBS_RUNNER_CPU_LIMIT='10m': must not be less than DSJOBS_RUNNER_CPU_REQUEST \(50m\)",
         ),
         (
+            {"DSJOBS_RUNNER_IMAGE_PULL_POLICY": "always"},
+            "DSJOBS_RUNNER_IMAGE_PULL_POLICY='always': must be one of Always, IfNotPresent, Never",
+        ),
+        (
+            {"DSJOBS_RUNNER_IMAGE_PULL_SECRET": "Registry_Key"},
+            r"DSJOBS_RUNNER_IMAGE_PULL_SECRET='Registry_Key': not a Secret name \(DNS-1123 subdomain\)",
+        ),
+        (
             {"DSJOBS_RUNNER_MEMORY_LIMIT": "1Gi", "DSJOBS_RUNNER_MEMORY_REQUEST": "2Gi"},
             r"DSJOBS_RUNNER_MEMORY_LIMIT='1Gi': must not be less than DSJOBS_RUNNER_MEMORY_REQUEST \(2Gi\)",
         ),

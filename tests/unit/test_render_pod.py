@@ -265,6 +265,30 @@ def test_runner_containers_get_a_cpu_limit_only_when_one_is_set() -> None:
     assert runner_limits(limited) == [{"memory": "512Mi", "cpu": "500m"}] * 2
 
 
+@pytest.mark.parametrize("registry", [None, "job-1-registry"])
+def test_a_private_runner_image_gets_its_pull_secret_and_policy_on_the_runner_containers_only(
+    registry: str | None,
+) -> None:
+    settings = settings_from_env(
+        {"DSJOBS_RUNNER_IMAGE_PULL_SECRET": "runner-pull", "DSJOBS_RUNNER_IMAGE_PULL_POLICY": "Always"}
+    )
+    pod = render_pod(
+        JOB, spec(), attempt=1, instance_type_name="c1.4", instance_type_index=0,
+        instance_type=TYPES["c1.4"], settings=settings, volumes=Volumes(), image="python:3.11-slim",
+        registry_secret=registry,
+    )  # fmt: skip
+    # With a job image's own secret too: one list, as ServiceAccount admission adds none then.
+    assert pod["spec"]["imagePullSecrets"] == [{"name": n} for n in (registry, "runner-pull") if n]
+    containers = [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]
+    policies = {c["name"]: c.get("imagePullPolicy") for c in containers}
+    assert policies == {"stage-in": "Always", "ship": "Always", "job": None}
+    plain = pod_for(spec())
+    assert "imagePullSecrets" not in plain["spec"]
+    assert all(
+        "imagePullPolicy" not in c for c in [*plain["spec"]["initContainers"], *plain["spec"]["containers"]]
+    )
+
+
 def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     work = next(v for v in FEATURES["working_storage"]["spec"]["volumes"] if v["name"] == "dsjobs-work")
     claim = work["ephemeral"]["volumeClaimTemplate"]["spec"]

@@ -1179,7 +1179,7 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         settings.queueing.idle_timeout = op.settings.worker_idle_seconds
         metrics.serve(op.settings.metrics_port, op.settings.bind_address)
         metrics.LEADER.set(1)
-        op.kube = Kube(settings, concurrency=op.settings.api_concurrency)
+        op.kube = Kube(settings, concurrency=op.settings.kube_concurrency)
         op.events = EventPoster(op.kube, op.settings.event_component)
         op.resync = asyncio.ensure_future(op.resync_pods_forever())
 

@@ -428,6 +428,7 @@ def render_pod(
     parts = runner_pod_parts(
         config,
         runner_image=settings.runner_image,
+        runner_image_pull_policy=settings.runner_image_pull_policy or None,
         user_image=image,
         storage_secret_name=secret,
         config_secret_name=secret,
@@ -495,8 +496,11 @@ def render_pod(
         pod_spec["tolerations"] = [t.to_cr() for t in instance_type.tolerations]
     if instance_type.priority_class_name:
         pod_spec["priorityClassName"] = instance_type.priority_class_name
-    if registry_secret:
-        pod_spec["imagePullSecrets"] = [{"name": registry_secret}]
+    # The job image's own credentials, and the runner image's (a private registry); with any of
+    # them the ServiceAccount's pull secrets are not added (its admission adds them to none).
+    pull_secrets = [s for s in (registry_secret, settings.runner_image_pull_secret) if s]
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in pull_secrets]
     labels = {
         **job.labels(),
         ATTEMPT_LABEL: str(attempt),

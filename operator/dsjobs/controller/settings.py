@@ -8,6 +8,7 @@ test compares, so they cannot drift apart).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,6 +27,10 @@ PROJECT_CREDENTIALS: Final = "project"
 STORAGE_CREDENTIAL_SOURCES: Final = ("operator", PROJECT_CREDENTIALS)
 
 
+RUNNER_PULL_POLICIES: Final = ("", "Always", "IfNotPresent", "Never")
+_DNS_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value the operator cannot use."""
 
@@ -35,6 +40,10 @@ class OperatorSettings:
     """What the operator's behaviour depends on besides the cluster's state."""
 
     runner_image: str = DEFAULT_RUNNER_IMAGE
+    # A private registry's pull Secret (in each project namespace) and the pull policy of the
+    # runner's containers; empty: none, and Kubernetes' default policy.
+    runner_image_pull_secret: str = ""
+    runner_image_pull_policy: str = ""
     python_image: str = DEFAULT_PYTHON_IMAGE
     default_python_version: str = DEFAULT_PYTHON_VERSION
     # Empty: the whole cluster (ClusterRole). Otherwise only these namespaces are served.
@@ -72,7 +81,7 @@ class OperatorSettings:
     # (no action, no final phase, no new attempt, no cancel); the latest status wins. 0: no pacing.
     status_write_interval_seconds: float = 1.0
     # Kubernetes API calls of the operator in flight at once (Kopf's watches not counted).
-    api_concurrency: int = 64
+    kube_concurrency: int = 64
     # Page size of the initial listing of jobs and pods (0: one request for everything).
     watch_chunk_size: int = 100
     # How long Kopf keeps an idle per-object worker (and the last body it saw) alive.
@@ -95,6 +104,17 @@ class OperatorSettings:
 # env name -> (attribute, documentation). Order = order in docs/operator.md and docs/configuration.md.
 SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_RUNNER_IMAGE": ("runner_image", "Image of the runner's stage-in and ship containers."),
+    "DSJOBS_RUNNER_IMAGE_PULL_SECRET": (
+        "runner_image_pull_secret",
+        "Name of a `kubernetes.io/dockerconfigjson` Secret that pulls the runner image from a private "
+        "registry; it must exist in every project namespace (job pods list it in imagePullSecrets). "
+        "Empty: none.",
+    ),
+    "DSJOBS_RUNNER_IMAGE_PULL_POLICY": (
+        "runner_image_pull_policy",
+        "imagePullPolicy of the runner's containers: `Always`, `IfNotPresent` or `Never`; empty: "
+        "Kubernetes' default (`Always` for a `:latest` or untagged image, else `IfNotPresent`).",
+    ),
     "DSJOBS_PYTHON_IMAGE": (
         "python_image",
         "Image of jobs without a docker image; `{version}` becomes the job's python_version.",
@@ -159,8 +179,8 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "staging, executing, uploading); the latest state wins, the Event tells every phase passed. "
         "Actions, new attempts, cancels and final phases are written at once. 0 writes every change.",
     ),
-    "DSJOBS_API_CONCURRENCY": (
-        "api_concurrency",
+    "DSJOBS_KUBE_CONCURRENCY": (
+        "kube_concurrency",
         "Kubernetes API requests the operator keeps in flight at most (bursts queue behind them).",
     ),
     "DSJOBS_WATCH_CHUNK_SIZE": (
@@ -245,6 +265,16 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             raise SettingsError(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}") from exc
     if settings.leader_lease_seconds < 3:
         raise SettingsError(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
+    if settings.runner_image_pull_policy not in RUNNER_PULL_POLICIES:
+        raise SettingsError(
+            f"DSJOBS_RUNNER_IMAGE_PULL_POLICY={settings.runner_image_pull_policy!r}: must be one of "
+            + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
+        )
+    secret = settings.runner_image_pull_secret
+    if secret and not _DNS_SUBDOMAIN.fullmatch(secret):
+        raise SettingsError(
+            f"DSJOBS_RUNNER_IMAGE_PULL_SECRET={secret!r}: not a Secret name (DNS-1123 subdomain)"
+        )
     if settings.volume_fs_group < 0:
         raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
     for request, limit in RUNNER_RESOURCES:

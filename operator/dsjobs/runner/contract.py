@@ -162,7 +162,7 @@ def runner_pod_parts(
     mount_claims: Mapping[str, str] | None = None,
     project_disk_claim: str | None = None,
     runner_resources: Mapping[str, Any] | None = None,
-    image_pull_policy: str | None = None,
+    runner_image_pull_policy: str | None = None,
     config_delivery: Literal["volume", "env"] = "volume",
     storage_delivery: Literal["env", "files"] = "env",
     ship_margin_seconds: int = DEFAULT_SHIP_MARGIN_SECONDS,
@@ -273,8 +273,8 @@ def runner_pod_parts(
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
         }
-        if image_pull_policy:
-            c["imagePullPolicy"] = image_pull_policy
+        if runner_image_pull_policy:
+            c["imagePullPolicy"] = runner_image_pull_policy
         return c
 
     main: Json = {
@@ -287,8 +287,6 @@ def runner_pod_parts(
         "volumeMounts": main_mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if image_pull_policy:
-        main["imagePullPolicy"] = image_pull_policy
 
     stage_in = runner_container(STAGE_IN_CONTAINER, "stage-in", False)
     if shell_stage:
