@@ -289,6 +289,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     orphans = find_orphans(
         stored_objects(storage, projects), owners, now=datetime.now(UTC), grace=args.grace, projects=projects
     )
+    if labelled is None and orphans:
+        # describe() then cannot say which projects lost their namespace: say why it does not.
+        print(
+            "dsjobs.orphans: namespaces cannot be listed (403): whether a project still has a "
+            "namespace is not shown",
+            file=sys.stderr,
+        )
     for orphan in orphans:
         print(describe(orphan, labelled))
     total = sum(o.size for o in orphans)
