@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dsjobs.controller import metrics
-from dsjobs.controller.cleanup import InputRefs, input_hashes
+from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
 from dsjobs.controller.kube import TLS_READ_BUFFER, merge_diff, shrink_tls_read_buffers
 from dsjobs.controller.podview import PodView
 from dsjobs.controller.settings import (
@@ -174,6 +174,54 @@ def test_inputs_are_deleted_only_when_no_live_job_of_the_project_uses_them() -> 
     refs.update(("ns", "twice"), _job("twice", [A]))
     refs.discard(("ns", "twice"))
     assert refs.unused(("ns", "me"), "p", [A]) == [A]
+
+
+def test_jobs_cleared_together_do_not_keep_a_shared_input_for_each_other() -> None:
+    # DeleteAllData, or two TTLs at once: each job's clear saw the other as a user of A, and once
+    # both were cleared nothing referenced A any more to delete it.
+    refs = InputRefs()
+    for name in ("x", "y"):
+        body = _job(name, [A])
+        body["spec"]["clearData"] = True
+        refs.update(("ns", name), body)
+    assert refs.unused(("ns", "x"), "p", [A]) == [A]
+
+
+def test_the_inputs_to_delete_are_decided_once_the_job_s_prefix_is_gone() -> None:
+    # Deleting a prefix of thousands of log chunks takes a while (and queues behind other
+    # clears): a job seen meanwhile that uses one of the inputs must keep it.
+    refs = InputRefs()
+    refs.update(("ns", "me"), _job("me", [A, B]))
+    deleted: list[str] = []
+
+    class Store:
+        def delete_prefix(self, prefix: str) -> int:
+            deleted.append(prefix)
+            refs.update(("ns", "new"), _job("new", [A]))  # created while the prefix went
+            return 3
+
+        def delete(self, key: str) -> None:
+            deleted.append(key)
+
+    unused = lambda: refs.unused(("ns", "me"), "p", [A, B])  # noqa: E731
+    asyncio.run(delete_job_data(Store(), "p", "me", unused))  # type: ignore[arg-type]
+    assert deleted == ["projects/p/jobs/me/", f"projects/p/inputs/{B}"]
+
+
+def test_the_start_up_list_never_overrides_what_the_watch_told_since() -> None:
+    # The LIST is one snapshot, its pages applied while the watch goes on: a job re-created
+    # under its name (using A) or deleted meanwhile keeps what the watch said.
+    refs = InputRefs()
+    refs.update(("ns", "n"), _job("n", [A]))  # the new job "n"
+    refs.discard(("ns", "gone"))  # deleted while the LIST paged
+    refs.seed(("ns", "n"), _job("n", [B]))  # the old "n" of the snapshot
+    refs.seed(("ns", "gone"), _job("gone", [C]))
+    refs.seed(("ns", "listed-only"), _job("listed-only", [B]))
+    refs.seeded()
+    assert refs.unused(("ns", "me"), "p", [A, B, C]) == [C]
+    # After the LIST, the watch alone tells.
+    refs.update(("ns", "later"), _job("later", [C]))
+    assert refs.unused(("ns", "me"), "p", [A, B, C]) == []
 
 
 def test_podview_reads_what_the_status_function_needs() -> None:

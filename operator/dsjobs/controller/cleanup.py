@@ -3,7 +3,8 @@
 A job's data is its prefix `projects/<project>/jobs/<job>/` (outputs, logs, result.json) plus its
 inputs in the project's content-addressed cache `projects/<project>/inputs/<sha256>`. The cache
 is shared: an input is deleted only when no other ProjectJob of the project that still has its
-data references the same sha256 (a job being deleted, or whose data is cleared, does not count).
+data references the same sha256 (a job being deleted, or whose data is cleared or asked to be,
+does not count).
 
 Known race, documented in docs/operator.md: a job created just before the deletion but not yet
 seen by the operator may find an input gone that the API told its client not to upload; its
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dsjobs.models import ProjectJobSpec
@@ -56,26 +57,54 @@ class InputRefs:
     def __init__(self) -> None:
         self._jobs: dict[tuple[str, str], tuple[int, ...]] = {}
         self._counts: dict[int, int] = {}
+        # Jobs the watch told about before the start-up LIST was applied (None once it was): the
+        # LIST is older than what the watch said of them, deleted ones included.
+        self._watched: set[tuple[str, str]] | None = set()
 
     @staticmethod
     def _token(project: str, sha: str) -> int:
         return hash((project, sha))
 
     def update(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
-        """Record (or replace) what one job uses, from its latest body."""
+        """Record (or replace) what one job uses, from its latest body (a watch event)."""
+        if self._watched is not None:
+            self._watched.add(key)
+        self._apply(key, body)
+
+    def seed(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
+        """What the start-up LIST says of a job, unless the watch has told since (newer)."""
+        if self._watched is None or key not in self._watched:
+            self._apply(key, body)
+
+    def seeded(self) -> None:
+        self._watched = None
+
+    def _apply(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        live = not meta.get("deletionTimestamp") and not (body.get("status") or {}).get("dataCleared")
+        # A job being deleted, with its data cleared, or asked to clear it (it can never run
+        # again: Execute is refused, the operator fails it DataCleared) uses nothing: jobs that
+        # share an input and are cleared together must not keep it for each other.
+        live = (
+            not meta.get("deletionTimestamp")
+            and not (body.get("status") or {}).get("dataCleared")
+            and not (body.get("spec") or {}).get("clearData")
+        )
         project = str((body.get("spec") or {}).get("projectId", ""))
         tokens = tuple(sorted({self._token(project, sha) for sha in raw_input_hashes(body)})) if live else ()
         if self._jobs.get(key, ()) == tokens:
             return
-        self.discard(key)
+        self._drop(key)
         if tokens:
             self._jobs[key] = tokens
             for token in tokens:
                 self._counts[token] = self._counts.get(token, 0) + 1
 
     def discard(self, key: tuple[str, str]) -> None:
+        if self._watched is not None:
+            self._watched.add(key)
+        self._drop(key)
+
+    def _drop(self, key: tuple[str, str]) -> None:
         for token in self._jobs.pop(key, ()):
             left = self._counts.get(token, 0) - 1
             if left > 0:
@@ -94,22 +123,30 @@ class InputRefs:
         return sorted(result)
 
 
-def _delete_sync(storage: Storage, project: str, job: str, hashes: list[str]) -> int:
-    from dsjobs.storage import input_key, job_prefix
+def _delete_inputs(storage: Storage, project: str, hashes: list[str]) -> int:
+    from dsjobs.storage import input_key
 
-    deleted = storage.delete_prefix(job_prefix(project, job))
     for sha in hashes:
         storage.delete(input_key(project, sha))
-        deleted += 1
-    return deleted
+    return len(hashes)
 
 
-async def delete_job_data(storage: Storage | None, project: str, job: str, hashes: list[str]) -> None:
-    """Delete the job's prefix and the given inputs; a no-op (logged) without storage settings."""
+async def delete_job_data(
+    storage: Storage | None, project: str, job: str, unused: Callable[[], list[str]]
+) -> None:
+    """Delete the job's prefix, then the inputs `unused()` names when the prefix is gone; a no-op
+    (logged) without storage settings.
+
+    `unused` is asked on the event loop after the prefix (thousands of log chunks, a queue of
+    clears before it, S3 slowing it down) is deleted: a job seen meanwhile that uses an input
+    keeps it. Only a job not yet seen by the operator can miss (module docstring)."""
+    from dsjobs.storage import job_prefix
+
     if storage is None:
         log.warning("no object storage configured (DSJOBS_S3_*): not deleting data of %s/%s", project, job)
         return
-    count = await asyncio.to_thread(_delete_sync, storage, project, job, hashes)
+    count = await asyncio.to_thread(storage.delete_prefix, job_prefix(project, job))
+    count += await asyncio.to_thread(_delete_inputs, storage, project, unused())
     log.info(
         "deleted %d stored objects of job %s/%s", count, project, job, extra={"project": project, "job": job}
     )

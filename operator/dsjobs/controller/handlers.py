@@ -348,7 +348,8 @@ class Operator:
             for path in self._scoped_paths(f"{JOBS_PATH}/{PROJECTJOB_PLURAL}", job_path):
                 async for page in self.kube.pages(PROJECTJOB_PLURAL, path):
                     for body in page:
-                        self.input_refs.update(_key(body), body)
+                        self.input_refs.seed(_key(body), body)
+            self.input_refs.seeded()
             self._refs_warm = True
 
     # --- reconcile ---------------------------------------------------------------------------
@@ -987,8 +988,13 @@ class Operator:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable spec: no stored data deleted")
             return
         await self._warm_input_refs()
-        hashes = self.input_refs.unused((job.namespace, job.name), spec.project_id, input_hashes(spec))
-        await delete_job_data(self.store.client(), spec.project_id, job.name, hashes)
+        key, wanted = (job.namespace, job.name), input_hashes(spec)
+        await delete_job_data(
+            self.store.client(),
+            spec.project_id,
+            job.name,
+            lambda: self.input_refs.unused(key, spec.project_id, wanted),
+        )
 
     # --- writing -----------------------------------------------------------------------------
 
