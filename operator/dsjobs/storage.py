@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -516,6 +516,16 @@ class _OrderedWriter:
     def __exit__(self, *exc: object) -> None:
         self._queue.put(None)
         self._thread.join()
+
+
+def multipart_etag(parts: Sequence[Mapping[str, Any]]) -> str | None:
+    """The ETag S3 gives an object completed from these parts: the MD5 of their MD5s, "-<count>";
+    None when a part's ETag is no MD5 (a store that makes its own: nothing to compare)."""
+    try:
+        digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+    except ValueError:
+        return None
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
 
 
 def content_disposition(filename: str) -> str:
@@ -1003,12 +1013,7 @@ class Storage:
                     for pending in inflight:
                         pending.cancel()
                     raise
-            self._retry(
-                lambda: self._client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
-                ),
-                what=f"complete upload {key}",
-            )
+            self._complete_upload(key, upload_id, etags, total)
         except BaseException:
             # After the pool has drained: no part lands after the abort.
             try:
@@ -1017,6 +1022,31 @@ class Storage:
                 log.info("storage abort upload failed key=%s error=%s", key, _short(exc))
             raise
         return TransferResult(key=key, size=total, sha256=h.hexdigest())
+
+    def _complete_upload(
+        self, key: str, upload_id: str, parts: list[CompletedPartTypeDef], size: int
+    ) -> None:
+        """CompleteMultipartUpload, retried. A retry after an answer that was lost (the upload
+        completed, the response timed out) finds the upload gone (NoSuchUpload): the object is
+        then checked to be this very upload (its size, and the multipart ETag its parts make)."""
+        try:
+            self._retry(
+                lambda: self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+                what=f"complete upload {key}",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            stored, expected = self.head(key), multipart_etag(parts)
+            if (
+                stored is None
+                or expected is None
+                or (stored.size, stored.etag.strip('"')) != (size, expected)
+            ):
+                raise
+            log.info("storage upload completed although its answer was lost key=%s", key)
 
     def download_file(
         self,
@@ -1086,6 +1116,10 @@ class Storage:
                         if not written:
                             etag = r.headers.get("etag", "")
                         for chunk in r.iter_chunks(IO_CHUNK):
+                            if expected_size is not None and written + len(chunk) > expected_size:
+                                # Replaced by a larger object: not a byte more onto the job's disk.
+                                r.close()
+                                raise IntegrityError(f"{key}: more than the expected {expected_size} bytes")
                             sink.write(chunk)  # written by the sink's thread while we hash
                             h.update(chunk)
                             written += len(chunk)

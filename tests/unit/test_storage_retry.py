@@ -22,7 +22,7 @@ from runner_fakes import config
 from dsjobs import storage
 from dsjobs.runner.ship import LogShipper
 from dsjobs.s3http import S3HttpError
-from dsjobs.storage import Storage, StorageSettings
+from dsjobs.storage import IntegrityError, Storage, StorageSettings
 
 MiB = 1024 * 1024
 
@@ -273,6 +273,54 @@ def test_a_part_that_keeps_failing_aborts_the_upload_without_starting_over(
     assert s3.count("DELETE", "uploadId=u1") == 1
 
 
+@pytest.mark.parametrize("ours", [True, False])
+def test_a_completed_upload_whose_answer_was_lost_is_told_by_its_etag(
+    s3: FakeS3, big_file: Path, ours: bool
+) -> None:
+    # The store completed the object, the answer was lost; the retry finds the upload gone
+    # (NoSuchUpload). Only an object made of exactly these parts counts as this upload.
+    size = big_file.stat().st_size
+    digests = [hashlib.md5(bytes([n]) * 7).hexdigest() for n in range(1, 5)]
+    made = hashlib.md5(b"".join(bytes.fromhex(d) for d in digests)).hexdigest() + "-4"
+    state = {"completed": False}
+
+    def answer(r: Request) -> None:
+        if r.command == "POST" and r.path.endswith("?uploads"):
+            r.reply(
+                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+            )
+        elif r.command == "PUT" and "partNumber=" in r.path:
+            number = _part(r.path)
+            assert number is not None
+            r.reply(200, headers={"ETag": f'"{digests[number - 1]}"'})
+        elif r.command == "POST" and "uploadId=u1" in r.path:
+            if state["completed"]:
+                r.error(404, "NoSuchUpload")
+            else:
+                state["completed"] = True
+                r.close_connection = True
+                r.connection.shutdown(socket.SHUT_RDWR)
+        elif r.command == "HEAD":
+            etag = made if ours else "0" * 32 + "-4"  # another upload's object of that key and size
+            r.send_response(200)  # not `reply`: its Content-Length is the (empty) body's
+            r.send_header("ETag", f'"{etag}"')
+            r.send_header("Content-Length", str(size))
+            r.end_headers()
+        elif r.command == "DELETE":
+            r.error(404, "NoSuchUpload")
+        else:
+            r.error(400, "Unexpected")
+
+    s3.answer = answer
+    store = s3.store(attempts=3, part_size=5 * MiB)
+    if ours:
+        assert store.upload_file(big_file, "projects/p/jobs/j/outputs/big.bin").size == size
+    else:
+        with pytest.raises(ClientError, match="NoSuchUpload"):
+            store.upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
+    assert state["completed"]
+
+
 # -- streamed uploads --------------------------------------------------------------------------
 
 
@@ -390,6 +438,16 @@ def _ranged(obj: bytes, etag: str, r: Request) -> None:
         r.reply(416, b"<Error><Code>InvalidRange</Code></Error>", {"ETag": etag})
     else:
         r.reply(206, obj[start:], {"ETag": etag, "Content-Range": f"bytes {start}-{len(obj) - 1}/{len(obj)}"})
+
+
+def test_a_download_stops_at_the_declared_size(s3: FakeS3, tmp_path: Path) -> None:
+    # An input overwritten after Execute by a larger upload (a stale presigned PUT): stage-in must
+    # not stream it all onto the job's disk before finding out.
+    body = b"y" * (4 * MiB)
+    s3.answer = lambda r: r.reply(200, body, {"ETag": '"e"'})
+    with pytest.raises(IntegrityError, match="more than the expected 1000 bytes"):
+        s3.store().download_file("projects/p/inputs/x", tmp_path / "x", expected_size=1000)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_resumed_download_continues_where_it_stopped(s3: FakeS3, tmp_path: Path) -> None:
