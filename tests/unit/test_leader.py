@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import base64
+import json
 import tempfile
+import threading
+import time
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import kopf
 import pytest
 
 from dsjobs.controller.leader import (
+    Connection,
+    LeaderElector,
+    LeaseClient,
     LeaseRecord,
     Observed,
     connection_from,
@@ -122,3 +130,74 @@ def test_a_connection_from_inline_kubeconfig_data_leaves_no_files(tmp_path: Path
 
     token = connection_from(kopf.ConnectionInfo(server="http://127.0.0.1:8080", token="t0k"))
     assert (token.context, token.port, token.headers["Authorization"]) == (None, 8080, "Bearer t0k")
+    assert token.prefix == ""
+    # A proxy's server URL (Rancher's) keeps its path before the API's.
+    proxied = connection_from(
+        kopf.ConnectionInfo(server="http://127.0.0.1:8080/k8s/clusters/c-x/", token="t")
+    )
+    assert proxied.prefix == "/k8s/clusters/c-x"
+
+
+class _StallingApiServer(BaseHTTPRequestHandler):
+    """A Lease API whose GET answers slowly and whose PUT hangs once `stall` is set."""
+
+    state: ClassVar[dict[str, Any]] = {}
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def _lease(self) -> bytes:
+        rv = self.state["rv"]
+        return json.dumps(
+            {
+                "metadata": {"name": "l", "namespace": "ns", "resourceVersion": str(rv)},
+                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 9, "renewTime": f"t{rv}"},
+            }
+        ).encode()
+
+    def _send(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.state["stall"].is_set():
+            time.sleep(1.7)  # just within the client's timeout
+        self._send(self._lease())
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.state["stall"].is_set():
+            time.sleep(30)
+            return
+        self.state["rv"] += 1
+        self.state["committed"] = time.monotonic()
+        self._send(self._lease())
+
+
+def test_a_leader_stops_before_a_standby_may_take_over_even_while_a_renewal_hangs() -> None:
+    # A renewal that started just before the deadline and hangs (no answer, the client's timeout
+    # applies per socket step) must not keep the leader running past the Lease: a watchdog ends
+    # it at the renew deadline, counted from the start of the last attempt that was committed.
+    stall = threading.Event()
+    _StallingApiServer.state = {"rv": 1, "stall": stall, "committed": time.monotonic()}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StallingApiServer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        conn = Connection("127.0.0.1", server.server_address[1], None, {"Content-Type": "application/json"})
+        elector = LeaderElector(LeaseClient(lambda: conn, "ns", "l", timeout=1.8), "me", 9)
+        assert elector.try_once() == 0.0
+        lost: list[tuple[float, str]] = []
+        done = threading.Event()
+        elector.keep(lambda why: (lost.append((time.monotonic(), why)), done.set()))
+        time.sleep(1.5)  # a renewal or two
+        stall.set()
+        assert done.wait(20)
+        at, why = lost[0]
+        # A standby that saw the last committed renewal may take over 9 s later.
+        assert at - _StallingApiServer.state["committed"] < 9, why
+        assert why.startswith("could not renew the lease for 6s")
+    finally:
+        server.shutdown()

@@ -170,6 +170,8 @@ class Connection:
     port: int
     context: ssl.SSLContext | None
     headers: Mapping[str, str]
+    #: The server URL's own path (a proxy's, e.g. Rancher's /k8s/clusters/<id>), before the API's.
+    prefix: str = ""
 
 
 def _pem(data: bytes | str) -> bytes:
@@ -214,7 +216,7 @@ def connection_from(info: Any) -> Connection:
     if info.token:
         headers["Authorization"] = f"Bearer {info.token}"
     port = url.port or (443 if secure else 80)
-    return Connection(url.hostname or "localhost", port, context, headers)
+    return Connection(url.hostname or "localhost", port, context, headers, url.path.rstrip("/"))
 
 
 class LeaseClient:
@@ -242,7 +244,7 @@ class LeaseClient:
             http_conn = http.client.HTTPConnection(c.host, c.port, timeout=self.timeout)
         try:
             payload = json.dumps(body).encode() if body is not None else None
-            http_conn.request(method, path, body=payload, headers=dict(c.headers))
+            http_conn.request(method, c.prefix + path, body=payload, headers=dict(c.headers))
             response = http_conn.getresponse()
             data = response.read()
         finally:
@@ -305,6 +307,10 @@ class LeaderElector:
         self._held: LeaseRecord | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # When the attempt that last held or renewed the Lease began (monotonic): the API server
+        # may have committed it from then on, so a standby's clock may start there.
+        self._renewed_at = 0.0
+        self._renew_error = ""
 
     def try_once(self) -> float:
         """One attempt to hold (or keep) the Lease: 0 when held, else seconds to wait."""
@@ -327,6 +333,7 @@ class LeaderElector:
         """Block until this replica holds the Lease."""
         waiting_for, failing = "", ""
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 wait = self.try_once()
                 failing = ""
@@ -338,6 +345,7 @@ class LeaderElector:
                     failing = str(exc)
                 wait = self.retry_seconds
             if wait == 0.0 and self._held is not None:
+                self._renewed_at = started
                 log.info(
                     "leading: holding lease %s/%s as %s (transition %d)",
                     self.client.namespace,
@@ -355,28 +363,47 @@ class LeaderElector:
             self._stop.wait(wait)
 
     def keep(self, on_lost: Callable[[str], None]) -> None:
-        """Renew the Lease in a thread; `on_lost(why)` once it cannot (it must stop this replica)."""
+        """Renew the Lease in a thread; `on_lost(why)` once it cannot (it must stop this replica).
 
-        def run() -> None:
-            last_renewal = time.monotonic()
+        The renew deadline is kept by a watchdog of its own, not by the renewals: a request may
+        hang past it (a slow API server, a lost connection; client-go cancels the request there),
+        and by the time a standby may take over this replica must have stopped."""
+        told = threading.Lock()
+
+        def lose(why: str) -> None:
+            if told.acquire(blocking=False):
+                on_lost(why)
+
+        def renew() -> None:
             while not self._stop.wait(self.retry_seconds):
+                started = time.monotonic()
                 try:
                     if self.try_once() == 0.0:
-                        last_renewal = time.monotonic()
+                        self._renewed_at = max(self._renewed_at, started)
                         continue
                     holder = self._observed.record.holder if self._observed is not None else "?"
-                    on_lost(f"the lease is held by {holder}")
+                    lose(f"the lease is held by {holder}")
                     return
                 except LeaseConflict as exc:
-                    why = str(exc)
+                    self._renew_error = str(exc)
                 except Exception as exc:
-                    why = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() - last_renewal >= self.renew_deadline:
-                    on_lost(f"could not renew the lease for {self.renew_deadline:.0f}s ({why})")
+                    self._renew_error = f"{type(exc).__name__}: {exc}"
+
+        def watchdog() -> None:
+            while True:
+                left = self._renewed_at + self.renew_deadline - time.monotonic()
+                if left <= 0:
+                    why = self._renew_error or "no answer in time"
+                    lose(f"could not renew the lease for {self.renew_deadline:.0f}s ({why})")
+                    return
+                if self._stop.wait(left):
                     return
 
-        self._thread = threading.Thread(target=run, name="lease renewal", daemon=True)
+        if not self._renewed_at:
+            self._renewed_at = time.monotonic()  # held without acquire() (tests)
+        self._thread = threading.Thread(target=renew, name="lease renewal", daemon=True)
         self._thread.start()
+        threading.Thread(target=watchdog, name="lease deadline", daemon=True).start()
 
     def release(self) -> None:
         """Stop renewing and hand the Lease back (best effort: else it expires)."""
