@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -96,14 +97,21 @@ def owners_of(bodies: Iterable[Mapping[str, Any]]) -> Owners:
 
 
 def _group_of(key: str) -> tuple[Kind, str, str, str] | None:
-    """(kind, project, name, group key) of a key in dsjobs' layout; None for any other key."""
+    """(kind, project, name, group key) of a key in dsjobs' layout (ids and sha256s as dsjobs
+    makes them); None for any other key."""
+    from dsjobs.storage import check_id, check_sha256
+
     parts = key.split("/")
-    if len(parts) < 4 or parts[0] != "projects" or not parts[1] or not parts[3]:
+    if len(parts) < 4 or parts[0] != "projects":
         return None
-    if parts[2] == "jobs" and len(parts) >= 5:
-        return "job", parts[1], parts[3], "/".join(parts[:4]) + "/"
-    if parts[2] == "inputs" and len(parts) == 4:
-        return "input", parts[1], parts[3], key
+    try:
+        check_id("project", parts[1])
+        if parts[2] == "jobs" and len(parts) >= 5:
+            return "job", parts[1], check_id("job", parts[3]), "/".join(parts[:4]) + "/"
+        if parts[2] == "inputs" and len(parts) == 4:
+            return "input", parts[1], check_sha256(parts[3]), key
+    except ValueError:
+        return None
     return None
 
 
@@ -225,10 +233,36 @@ def _short(exc: Exception) -> str:
 
 
 def delete(storage: Storage, orphan: Orphan) -> int:
+    """Delete what was judged: a job prefix's objects written by the newest one listed (a job of
+    that name created since writes newer ones), an input's key."""
     if orphan.kind == "job":
-        return storage.delete_prefix(orphan.key)
+        return storage.delete_prefix(orphan.key, written_until=orphan.newest)
     storage.delete(orphan.key)
     return 1
+
+
+#: How old the owners' listing may be when an orphan is deleted: the API may have created a job
+#: that reuses a cached input (no upload, so the input's LastModified stays old) meanwhile.
+RECHECK_SECONDS: Final = 30.0
+
+
+def delete_all(
+    storage: Storage,
+    orphans: Sequence[Orphan],
+    list_owners: Callable[[], Owners],
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[int, int]:
+    """Delete the orphans still owned by nobody, the owners listed again every RECHECK_SECONDS;
+    (objects deleted, orphans deleted)."""
+    owners, listed = list_owners(), clock()
+    objects = count = 0
+    for orphan in orphans:
+        if clock() - listed > RECHECK_SECONDS:
+            owners, listed = list_owners(), clock()
+        if still_orphaned([orphan], owners):
+            objects += delete(storage, orphan)
+            count += 1
+    return objects, count
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -302,10 +336,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     print(f"{len(orphans)} orphaned ({_size(total)}) in bucket {storage.bucket}")
     if not args.delete or not orphans:
         return 0
-    # A job created since the first listing may own some of them now.
-    orphans = still_orphaned(orphans, owners_of(list_projectjobs(api)))
-    deleted = sum(delete(storage, o) for o in orphans)
-    print(f"deleted {deleted} objects of {len(orphans)} orphaned")
+    # A job created since the first listing may own some of them now, or while they go.
+    deleted, count = delete_all(storage, orphans, lambda: owners_of(list_projectjobs(api)))
+    print(f"deleted {deleted} objects of {count} orphaned")
     return 0
 
 

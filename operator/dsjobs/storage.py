@@ -181,7 +181,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _check_id(kind: str, value: str) -> str:
+def check_id(kind: str, value: str) -> str:
     # Ids become key path segments: a "/" or ".." would let one project address another's data.
     if not _ID_RE.match(value) or value in {".", ".."}:
         raise ValueError(f"invalid {kind} id {value!r}")
@@ -212,7 +212,7 @@ def normalize_relpath(path: str) -> str:
 
 
 def project_prefix(project: str) -> str:
-    return f"projects/{_check_id('project', project)}/"
+    return f"projects/{check_id('project', project)}/"
 
 
 def input_key(project: str, sha256: str) -> str:
@@ -230,7 +230,7 @@ def is_stored_input(sha256: str, size_bytes: int) -> bool:
 
 
 def job_prefix(project: str, job: str) -> str:
-    return f"{project_prefix(project)}jobs/{_check_id('job', job)}/"
+    return f"{project_prefix(project)}jobs/{check_id('job', job)}/"
 
 
 def output_prefix(project: str, job: str) -> str:
@@ -802,8 +802,9 @@ class Storage:
             if not page.get("IsTruncated") or not token:
                 return
 
-    def delete_prefix(self, prefix: str) -> int:
-        """Delete every object under ``prefix`` (and abort its unfinished multipart uploads).
+    def delete_prefix(self, prefix: str, *, written_until: datetime | None = None) -> int:
+        """Delete every object under ``prefix`` (and abort its unfinished multipart uploads);
+        with ``written_until``, only those last written (uploads started) by then.
 
         Returns the number of objects deleted.
         """
@@ -831,14 +832,16 @@ class Storage:
             batch.clear()
 
         for obj in self.iter_objects(prefix):
+            if written_until is not None and (obj.modified is None or obj.modified > written_until):
+                continue
             batch.append(obj.key)
             if len(batch) >= 1000:
                 flush()
         flush()
-        self._abort_uploads(prefix)
+        self._abort_uploads(prefix, started_until=written_until)
         return deleted
 
-    def _abort_uploads(self, prefix: str) -> None:
+    def _abort_uploads(self, prefix: str, *, started_until: datetime | None = None) -> None:
         try:
             r = self._retry(
                 lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix),
@@ -849,6 +852,9 @@ class Storage:
             return
         for u in r.get("Uploads", []):
             if not u.get("Key", "").startswith(prefix):
+                continue
+            started = u.get("Initiated")
+            if started_until is not None and (not isinstance(started, datetime) or started > started_until):
                 continue
             try:
                 self._abort_upload(u["Key"], u["UploadId"])

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from dsjobs.orphans import Orphan, Owners, StoredObject, describe, find_orphans, owners_of, still_orphaned
+from dsjobs.orphans import (
+    Orphan,
+    Owners,
+    StoredObject,
+    delete_all,
+    describe,
+    find_orphans,
+    owners_of,
+    still_orphaned,
+)
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 OLD = NOW - timedelta(days=2)
@@ -88,6 +97,9 @@ def test_data_written_within_the_grace_is_left_alone() -> None:
         "projects//jobs/x/y",
         f"projects/p/inputs/{SHA_A}/nested",
         "projects/p/inputs/",
+        "projects/p/inputs/README.txt",  # no sha256
+        "projects/p/jobs/not a job id/x",
+        "projects/../jobs/x/y",
     ],
 )
 def test_keys_outside_dsjobs_layout_are_never_touched(key: str) -> None:
@@ -122,3 +134,39 @@ def test_the_listing_says_why() -> None:
         "(no ProjectJob uses it; no namespace is labelled dsjobs.dev/project-id=gone)"
     )
     assert describe(lone, None).endswith("(no ProjectJob uses it)")  # namespaces not listable
+
+
+class _Store:
+    """What `delete_all` asks of the object store, recorded; each call takes 40 s."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, datetime | None]] = []
+        self.now = 0.0
+
+    def delete_prefix(self, prefix: str, *, written_until: datetime | None = None) -> int:
+        self.calls.append(("prefix", prefix, written_until))
+        self.now += 40
+        return 2
+
+    def delete(self, key: str) -> None:
+        self.calls.append(("key", key, None))
+        self.now += 40
+
+
+def test_deleting_re_lists_the_owners_as_it_goes_and_keeps_what_was_written_since() -> None:
+    found = find_orphans(
+        [obj("projects/p/jobs/dead/x"), obj(f"projects/p/inputs/{SHA_A}"), obj(f"projects/p/inputs/{SHA_B}")],
+        Owners(),
+        now=NOW,
+        grace=timedelta(0),
+    )
+    # A job reusing SHA_B (no upload: its LastModified stays old) is created while A goes.
+    listings = [Owners(), owners_of([body("p", "new", SHA_B)])]
+    store = _Store()
+    deleted = delete_all(store, found, lambda: listings.pop(0), clock=lambda: store.now)  # type: ignore[arg-type]
+    # The job prefix only up to what was judged: a job of that name created since writes newer.
+    assert store.calls == [
+        ("key", f"projects/p/inputs/{SHA_A}", None),
+        ("prefix", "projects/p/jobs/dead/", OLD),
+    ]
+    assert deleted == (3, 2)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from dsjobs.records import Record, rule
-from dsjobs.storage import _check_id, check_sha256, normalize_relpath
+from dsjobs.storage import check_id, check_sha256, normalize_relpath
 from dsjobs.syntax import SHELL_SPECIAL_ENV
 
 ENV_CONFIG = "DSJOBS_RUNNER_CONFIG"
@@ -208,8 +208,8 @@ def _check_arguments(v: dict[str, str]) -> dict[str, str]:
 @dataclass(frozen=True, kw_only=True)
 class RunnerConfig(Record):
     version: Literal[1] = 1
-    project_id: str = field(metadata=rule(check=lambda v: _check_id("project", v)))
-    job_id: str = field(metadata=rule(check=lambda v: _check_id("job", v)))
+    project_id: str = field(metadata=rule(check=lambda v: check_id("project", v)))
+    job_id: str = field(metadata=rule(check=lambda v: check_id("job", v)))
     attempt: int = field(default=0, metadata=rule(ge=0))
     cmd: str = field(metadata=rule(min_length=1))
     inputs: list[InputFile] = field(default_factory=list)
