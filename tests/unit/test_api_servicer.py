@@ -497,9 +497,7 @@ def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
         }
     }
     kube = FakeKube(secret_fails(KubeError(500, "InternalError", "etcd")))
-    kube.objects[secrets_path(NAMESPACE, "src1-docker-password")] = {
-        "data": {"password": base64.b64encode(b"s3cret").decode()}
-    }
+    kube.objects[secrets_path(NAMESPACE, "src1-docker-password")] = password_secret("u-src")
     core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}))
     failing(
         grpc.StatusCode.UNAVAILABLE,
@@ -508,6 +506,45 @@ def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
     assert kube.jobs() == []
     [(_, _, secret)] = [c for c in kube.calls if c[0] == "POST" and c[1] == secrets_path(NAMESPACE)]
     assert secret["stringData"] == {"password": "s3cret"}
+
+
+def password_secret(owner_uid: str | None, *, labelled: bool = True) -> dict[str, Any]:
+    """A Secret holding "s3cret", as the API stores a job's registry password (owned by the job)."""
+    meta: dict[str, Any] = {"labels": {"dsjobs.dev/secret-role": "registry-password"} if labelled else {}}
+    if owner_uid is not None:
+        meta["ownerReferences"] = [{"kind": "ProjectJob", "name": "someone", "uid": owner_uid}]
+    return {"metadata": meta, "data": {"password": base64.b64encode(b"s3cret").decode()}}
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        (password_secret(None, labelled=False), "is not labelled dsjobs.dev/secret-role=registry-password"),
+        (password_secret("u-other"), "holds the registry password of ProjectJob 'someone'"),
+    ],
+)
+def test_clone_copies_no_secret_the_operator_would_not_send_to_the_source_job_s_registry(
+    secret: dict[str, Any], problem: str
+) -> None:
+    # A source job applied with kubectl may name any Secret of the namespace (the storage keys,
+    # another member's registry password) with an image URL of its author's: the API, which may
+    # read every Secret, must not copy it into a clone's labelled one.
+    docker = {
+        "dockerImageSpec": {
+            "imageUrl": "attacker.example.com/x:1",
+            "username": "u",
+            "passwordSecretRef": {"name": "db-credentials", "key": "password"},
+        }
+    }
+    kube = FakeKube()
+    kube.objects[secrets_path(NAMESPACE, "db-credentials")] = secret
+    core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}))
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()),
+    )
+    assert problem in err.message and "pass the docker image with its password" in err.message
+    assert kube.jobs() == [] and not [c for c in kube.calls if c[0] == "POST"]
 
 
 def test_clone_problems_name_the_merged_jobs_fields() -> None:

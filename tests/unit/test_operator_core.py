@@ -373,15 +373,25 @@ def test_bind_address_of_metrics_and_liveness(monkeypatch: pytest.MonkeyPatch) -
 def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
     from dsjobs.controller.secrets import registry_password_source_problem
 
-    labelled = {"metadata": {"labels": {"dsjobs.dev/secret-role": "registry-password"}}}
+    labels = {"dsjobs.dev/secret-role": "registry-password"}
+    labelled = {"metadata": {"labels": labels}}
     runner = {"metadata": {"labels": {"dsjobs.dev/secret-role": "runner"}}}
-    assert registry_password_source_problem(labelled, by_ref=True) == ""
+    assert registry_password_source_problem(labelled, by_ref=True, job_uid="u1") == ""
     assert "not labelled dsjobs.dev/secret-role=registry-password" in registry_password_source_problem(
-        runner, by_ref=True
+        runner, by_ref=True, job_uid="u1"
     )
-    assert registry_password_source_problem({}, by_ref=True)
+    assert registry_password_source_problem({}, by_ref=True, job_uid="u1")
+    # The API stores a job's password in a Secret the job owns: it serves that job only (another
+    # member of the project could send it to a registry of theirs).
+    owned = {
+        "metadata": {"labels": labels, "ownerReferences": [{"kind": "ProjectJob", "name": "b", "uid": "u2"}]}
+    }
+    assert registry_password_source_problem(owned, by_ref=True, job_uid="u2") == ""
+    assert registry_password_source_problem(owned, by_ref=True, job_uid="u1") == (
+        "holds the registry password of ProjectJob 'b' (such a Secret serves its own job only)"
+    )
     # passwordDsSecretName: a key of the project secrets, which the job's environment gets anyway.
-    assert registry_password_source_problem({}, by_ref=False) == ""
+    assert registry_password_source_problem({}, by_ref=False, job_uid="u1") == ""
 
 
 def test_tls_connections_get_the_smaller_read_buffer(monkeypatch: pytest.MonkeyPatch) -> None:

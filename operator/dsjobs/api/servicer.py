@@ -37,6 +37,7 @@ from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
+from dsjobs.controller.secrets import registry_password_source_problem
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
 from dsjobs.models import (
@@ -244,7 +245,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         await self._validate(spec, OpKind.CLONE)
         password = params_conv.docker_password_from_proto(request.job_parameters_overrides)
         if inherited is not None:
-            password = await self._read_password(source.namespace, inherited)
+            password = await self._read_password(source, inherited)
         checks = await self.core.check_inputs(info.project_id, _inputs(spec.job_parameters))
         # Inputs the clone inherits must still be stored: the client only has files for its overrides.
         new_shas = {f.sha256 for f in request.job_parameters_overrides.input_files}
@@ -283,19 +284,27 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if problems:
             raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")
 
-    async def _read_password(self, namespace: str, ref: SecretKeyRef) -> str:
+    async def _read_password(self, source: JobSnapshot, ref: SecretKeyRef) -> str:
+        """The source job's registry password, for the clone's own Secret: only from a Secret the
+        operator would send to that job's registry itself (the API reads Secrets its callers may
+        not: a source job applied with kubectl may name any Secret of the namespace)."""
+        fix = "pass the docker image with its password in the overrides"
         try:
-            secret = await self.core.kube.request("GET", secrets_path(namespace, ref.name))
+            secret = await self.core.kube.request("GET", secrets_path(source.namespace, ref.name))
         except KubeError as exc:
             if exc.status == 404:
                 raise errors.failed_precondition(
-                    f"the registry password Secret {ref.name!r} of the source job is gone; "
-                    "pass the docker image with its password in the overrides"
+                    f"the registry password Secret {ref.name!r} of the source job is gone; {fix}"
                 ) from exc
             raise errors.from_kube(exc, f"secret {ref.name!r}") from exc
+        problem = registry_password_source_problem(secret, by_ref=True, job_uid=source.uid)
+        if problem:
+            raise errors.failed_precondition(
+                f"the registry password Secret {ref.name!r} of the source job {problem}; {fix}"
+            )
         raw = (secret.get("data") or {}).get(ref.key)
         if not raw:
-            raise errors.failed_precondition(f"the Secret {ref.name!r} has no key {ref.key!r}")
+            raise errors.failed_precondition(f"the Secret {ref.name!r} has no key {ref.key!r}; {fix}")
         return base64.b64decode(raw).decode(errors="replace")
 
     async def _create(self, identity: Identity, info: ProjectInfo, new: _NewJob) -> operation_pb2.Operation:

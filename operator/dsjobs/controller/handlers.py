@@ -825,7 +825,7 @@ class Operator:
         registry_body: dict[str, Any] | None = None
         if needs_registry_secret(spec):
             assert env is not None and env.docker_image_spec is not None
-            password, problem = await self._registry_password(ns, spec)
+            password, problem = await self._registry_password(ns, spec, job.uid)
             if password is None:
                 return fail(spec, status, "RegistryCredentials", problem, now)
             registry = registry_secret_name(job.name)
@@ -960,7 +960,9 @@ class Operator:
             pending_output_datasets_selector(job.name),
         )
 
-    async def _registry_password(self, namespace: str, spec: ProjectJobSpec) -> tuple[str | None, str]:
+    async def _registry_password(
+        self, namespace: str, spec: ProjectJobSpec, job_uid: str
+    ) -> tuple[str | None, str]:
         assert self.kube is not None
         env = spec.job_parameters.env
         image = env.docker_image_spec if env is not None else None
@@ -972,7 +974,9 @@ class Operator:
         secret = await self.kube.get("secrets", core_path(namespace, "secrets", name))
         if secret is None:
             return None, f"registry password: Secret {name!r} not found in namespace {namespace}"
-        problem = registry_password_source_problem(secret, by_ref=image.password_secret_ref is not None)
+        problem = registry_password_source_problem(
+            secret, by_ref=image.password_secret_ref is not None, job_uid=job_uid
+        )
         if problem:
             return None, f"registry password: Secret {name!r} {problem}"
         value = secret_value(secret, key)

@@ -158,19 +158,30 @@ def project_storage_env(
     }, ""
 
 
-def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool) -> str:
-    """Why the operator must not send this Secret's value to a registry, or "".
+def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool, job_uid: str) -> str:
+    """Why this Secret's value must not go to the registry of job `job_uid`'s image, or "".
 
-    The operator reads Secrets that project users may not: a passwordSecretRef to any Secret of
-    the namespace (say a runner Secret with the storage credentials) and an image URL of the user's
-    choice would make the kubelet hand that value to the user's registry. So a passwordSecretRef
-    must name a Secret labelled as a registry password (the API labels the ones it makes; a
-    kubectl user labels their own). passwordDsSecretName reads the project secrets, which the
+    The operator and the API read Secrets that project users may not: a passwordSecretRef to any
+    Secret of the namespace (say a runner Secret with the storage credentials) and an image URL of
+    the user's choice would make the kubelet hand that value to the user's registry. So a
+    passwordSecretRef must name a Secret labelled as a registry password (the API labels the ones
+    it makes; a kubectl user labels their own), and one a ProjectJob owns (the API's, holding that
+    job's user's password) serves that job only: another member of the project could otherwise
+    send it to a registry of theirs. passwordDsSecretName reads the project secrets, which the
     job's environment gets anyway.
     """
     if not by_ref:
         return ""
-    labels = (secret.get("metadata") or {}).get("labels") or {}
+    meta = secret.get("metadata") or {}
+    labels = meta.get("labels") or {}
     if labels.get(SECRET_ROLE_LABEL) != REGISTRY_PASSWORD_ROLE:
         return f"is not labelled {SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} (only such Secrets are used as passwords)"
+    jobs = [
+        o
+        for o in meta.get("ownerReferences") or ()
+        if isinstance(o, Mapping) and o.get("kind") == "ProjectJob"
+    ]
+    if jobs and all(o.get("uid") != job_uid for o in jobs):
+        names = ", ".join(repr(str(o.get("name", ""))) for o in jobs)
+        return f"holds the registry password of ProjectJob {names} (such a Secret serves its own job only)"
     return ""
