@@ -20,6 +20,7 @@ from dsjobs.controller.names import (
     REGISTRY_SECRET_ROLE,
     SECRET_ROLE_LABEL,
 )
+from dsjobs.models import PROJECTJOB_KIND
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -179,7 +180,7 @@ def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool,
     jobs = [
         o
         for o in meta.get("ownerReferences") or ()
-        if isinstance(o, Mapping) and o.get("kind") == "ProjectJob"
+        if isinstance(o, Mapping) and o.get("kind") == PROJECTJOB_KIND
     ]
     if jobs and all(o.get("uid") != job_uid for o in jobs):
         names = ", ".join(repr(str(o.get("name", ""))) for o in jobs)
