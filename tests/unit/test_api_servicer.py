@@ -784,6 +784,31 @@ def get_operation(core: FakeCore) -> Any:
     return ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op_id), ctx())
 
 
+class ViewerAuth:
+    """A caller allowed `get` only (the viewer role); records what is asked."""
+
+    def __init__(self) -> None:
+        self.verbs: list[Verb] = []
+
+    async def authorize(self, identity: Any, verb: Verb, namespace: str, project_id: str) -> None:
+        self.verbs.append(verb)
+        if verb != Verb.GET:
+            raise errors.permission_denied(f"may not {verb} jobs of project {project_id!r}")
+
+
+@pytest.mark.parametrize("viewer", [True, False])
+def test_a_create_operation_s_upload_urls_go_only_to_those_who_may_create_jobs(viewer: bool) -> None:
+    # Presigned PUTs into the project's input store: a viewer reading the operation gets none.
+    core = FakeCore(job=source_job(SOURCE_PARAMS))  # nothing stored: main.py is to be uploaded
+    if viewer:
+        core.auth = ViewerAuth()
+    resp = svc.CreateProjectJobResponse()
+    assert call(get_operation(core)).response.Unpack(resp)
+    assert bool(resp.upload_files) is not viewer
+    if viewer:
+        assert core.auth.verbs == [Verb.GET, Verb.CREATE]
+
+
 def test_operation_of_an_unreachable_project_stays_unavailable() -> None:
     core = FakeCore(
         project_error=errors.unavailable("the cluster is unavailable"), job=source_job(SOURCE_PARAMS)

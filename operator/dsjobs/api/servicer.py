@@ -533,9 +533,15 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         urls = await self.core.presign_put((keys[c.file.sha256], c.file.size_bytes) for c in missing)
         return [_storage_file(c.file, urls[keys[c.file.sha256]]) for c in missing]
 
-    async def create_operation(self, job: JobSnapshot, kind: OpKind) -> operation_pb2.Operation:
-        checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
-        uploads = await self._upload_files(job.project_id, checks)
+    async def create_operation(
+        self, job: JobSnapshot, kind: OpKind, *, with_uploads: bool = True
+    ) -> operation_pb2.Operation:
+        """The Create/Clone operation; its upload URLs (presigned PUTs into the project's input
+        store) only `with_uploads`, for a caller who may create jobs."""
+        uploads: list[jobs_pb2.StorageFile] = []
+        if with_uploads:
+            checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
+            uploads = await self._upload_files(job.project_id, checks)
         return operations.create_operation(job.ref(kind), job, uploads)
 
     # Execute ------------------------------------------------------------------------------------
@@ -1048,7 +1054,9 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         await self.core.auth.authorize(identity, verb, info.namespace, info.project_id)
         return identity, ref, info
 
-    async def _operation(self, ref: OpRef, info: ProjectInfo, operation_id: str) -> operation_pb2.Operation:
+    async def _operation(
+        self, ref: OpRef, info: ProjectInfo, operation_id: str, identity: Identity
+    ) -> operation_pb2.Operation:
         if ref.kind == OpKind.DELETE_ALL_DATA:
             jobs = await self.core.all_jobs(info)
             pending = sum(1 for j in jobs if operations.data_deletion_pending(j))
@@ -1062,13 +1070,22 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
             raise errors.not_found(f"operation {operation_id[:80]!r} not found (its job was deleted)")
         if ref.kind == OpKind.EXECUTE:
             return await execute_operation(self.core, job)
-        return await self.jobs.create_operation(job, ref.kind)
+        # Upload URLs write into the project's input store: for those who may create jobs, not
+        # for a viewer reading the operation.
+        try:
+            await self.core.auth.authorize(identity, Verb.CREATE, info.namespace, info.project_id)
+            may_upload = True
+        except ApiError as exc:
+            if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            may_upload = False
+        return await self.jobs.create_operation(job, ref.kind, with_uploads=may_upload)
 
     async def Get(
         self, request: operation_service_pb2.GetOperationRequest, context: Context
     ) -> operation_pb2.Operation:
-        _, ref, info = await self._resolve(request.operation_id, context, Verb.GET)
-        return await self._operation(ref, info, request.operation_id)
+        identity, ref, info = await self._resolve(request.operation_id, context, Verb.GET)
+        return await self._operation(ref, info, request.operation_id, identity)
 
     async def Cancel(
         self, request: operation_service_pb2.CancelOperationRequest, context: Context
@@ -1079,7 +1096,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
             if job is not None:
                 await cancel_job(self.core, job, "operation cancelled", False, identity)
         # Other operations finish on their own (creation is immediate, deletion cannot be undone).
-        return await self._operation(ref, info, request.operation_id)
+        return await self._operation(ref, info, request.operation_id, identity)
 
 
 def _of_operation(job: JobSnapshot | None, ref: OpRef, info: ProjectInfo) -> JobSnapshot | None:
