@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from dsjobs import logrecords
+from dsjobs.api import errors, servicer
 from dsjobs.api.cluster import JobIndex
 from dsjobs.api.core import Core
 from dsjobs.api.errors import ApiError
@@ -230,3 +231,29 @@ def test_a_read_older_than_the_deletion_does_not_bring_a_job_back() -> None:
         assert cached is not None and cached["metadata"]["resourceVersion"] == "9"
 
     asyncio.run(scenario())
+
+
+def test_a_stream_ends_once_its_caller_may_no_longer_read_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stream may follow a job for days: a RoleBinding removed, a token expired, must end it,
+    # also while records keep coming (a busy stream never idles into the job re-check).
+    monkeypatch.setattr(servicer, "JOB_RECHECK_SECONDS", 0.0)
+    core = FakeCore(snapshot("EXECUTING"))
+    allowed = {"yes": True, "asked": 0}
+
+    async def still_allowed() -> None:
+        allowed["asked"] += 1
+        if not allowed["yes"]:
+            raise errors.permission_denied("may not get jobs of project 'p1'")
+
+    async def scenario() -> int:
+        got = 0
+        write(core, 0, "line 0\n")
+        with pytest.raises(ApiError) as caught:
+            async for records, _ in follow_logs(cast(Core, core), core.job, 0, None, still_allowed):  # type: ignore[arg-type]
+                got += len(records)
+                allowed["yes"] = False  # revoked after the first batch, while the job writes on
+                write(core, got, f"line {got}\n")
+        assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+        return got
+
+    assert asyncio.run(scenario()) == 1

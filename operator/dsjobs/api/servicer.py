@@ -11,7 +11,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -791,7 +791,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.ReadProjectJobLogsRequest, context: Context
     ) -> AsyncIterator[svc.ReadProjectJobLogsResponse]:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
-        async for records, offset in follow_logs(self.core, job, request.offset, None):
+        allowed = self._still_allowed(context, job)
+        async for records, offset in follow_logs(self.core, job, request.offset, None, allowed):
             yield svc.ReadProjectJobLogsResponse(logs=[_log_message(r) for r in records], offset=offset)
 
     async def ReadStdLogs(
@@ -799,7 +800,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     ) -> AsyncIterator[svc.ReadProjectJobStdLogsResponse]:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         streams = (logrecords.Stream.OUT, logrecords.Stream.ERR)
-        async for records, offset in follow_logs(self.core, job, request.offset, streams):
+        allowed = self._still_allowed(context, job)
+        async for records, offset in follow_logs(self.core, job, request.offset, streams, allowed):
             logs = [
                 svc.StdLog(
                     content=r.content,
@@ -808,6 +810,16 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 for r in records
             ]
             yield svc.ReadProjectJobStdLogsResponse(logs=logs, offset=offset)
+
+    def _still_allowed(self, context: Context, job: JobSnapshot) -> Callable[[], Awaitable[None]]:
+        """A stream's check that its caller may still read the job: a stream may follow a job for
+        days, past the caller's token or RoleBinding (the auth caches keep decisions 10 s)."""
+
+        async def check() -> None:
+            identity = await self.core.identity(context)
+            await self.core.auth.authorize(identity, Verb.GET, job.namespace, job.project_id)
+
+        return check
 
     # Downloads ----------------------------------------------------------------------------------
 
@@ -934,9 +946,15 @@ async def cancel_job(
 
 
 async def follow_logs(
-    core: Core, job: JobSnapshot, offset: int, streams: Sequence[logrecords.Stream] | None
+    core: Core,
+    job: JobSnapshot,
+    offset: int,
+    streams: Sequence[logrecords.Stream] | None,
+    still_allowed: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[list[logrecords.LogRecord], int]]:
-    """Batches of records from `offset` (-1: from now) until the job has ended and all were sent."""
+    """Batches of records from `offset` (-1: from now) until the job has ended and all were sent.
+    `still_allowed` is asked every JOB_RECHECK_SECONDS, records flowing or not (it raises when the
+    caller may no longer read the job)."""
     if offset < -1:
         raise errors.invalid_argument(
             "must be -1 (from now) or a non-negative offset from a previous response", "offset"
@@ -957,7 +975,11 @@ async def follow_logs(
     checked = time.monotonic()
     # Idle streams poll less often (up to 3x the base interval); new records reset the pace.
     interval = settings.log_poll_interval
+    allowed_at = time.monotonic()
     while True:
+        if still_allowed is not None and time.monotonic() - allowed_at >= JOB_RECHECK_SECONDS:
+            await still_allowed()
+            allowed_at = time.monotonic()
         if core.draining.is_set():
             raise ApiError(
                 grpc.StatusCode.UNAVAILABLE,
