@@ -10,6 +10,7 @@ This module must never import `dsjobs.pb`: the official client registers the sam
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
@@ -82,6 +83,15 @@ def resolve_target(
         return flag or environ.get(name) or source.get(name) or None
 
     resolved_token = pick(token, ENV_TOKEN)
+    explicit_token = token or environ.get(ENV_TOKEN)
+    if not explicit and explicit_token and not _is_loopback(resolved):
+        # The file is read from the current directory: one in a checkout of someone else's must
+        # not send the user's own token to a host it names.
+        raise CliError(
+            f"the token from --token or {ENV_TOKEN} is not sent to {resolved}, which only the env "
+            f"file names ({environ.get(ENV_FILE, '.dev/env')}): pass --endpoint HOST:PORT or set "
+            f"{ENV_ENDPOINT} too"
+        )
     if not resolved_token:
         hint = ""
         if explicit and file_values.get(ENV_TOKEN):
@@ -94,6 +104,17 @@ def resolve_target(
             "(the official CLI's own Yandex Cloud credentials are never sent to dsjobs)"
         )
     return Target(endpoint=resolved, token=resolved_token, ca_file=pick(ca_file, ENV_CA))
+
+
+def _is_loopback(endpoint: str) -> bool:
+    """Whether HOST:PORT names this machine (a local stack's endpoint, as `make up` writes it)."""
+    host = endpoint.rsplit(":", 1)[0].strip("[]") if ":" in endpoint else endpoint
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_env_file(environ: dict[str, str]) -> str | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -26,9 +27,9 @@ def test_env_file_parsing_handles_export_quotes_and_comments() -> None:
 @pytest.mark.parametrize(
     ("flag", "environ", "file_text", "expected"),
     [
-        ("h:1", {"DSJOBS_ENDPOINT": "h:2"}, "DSJOBS_ENDPOINT=h:3", "h:1"),
-        (None, {"DSJOBS_ENDPOINT": "h:2"}, "DSJOBS_ENDPOINT=h:3", "h:2"),
-        (None, {}, "DSJOBS_ENDPOINT=h:3", "h:3"),
+        ("h:1", {"DSJOBS_ENDPOINT": "h:2"}, "DSJOBS_ENDPOINT=127.0.0.1:3", "h:1"),
+        (None, {"DSJOBS_ENDPOINT": "h:2"}, "DSJOBS_ENDPOINT=127.0.0.1:3", "h:2"),
+        (None, {}, "DSJOBS_ENDPOINT=127.0.0.1:3", "127.0.0.1:3"),
     ],
 )
 def test_flag_beats_environment_beats_env_file(
@@ -98,6 +99,34 @@ def test_explicit_token_and_ca_go_with_any_endpoint() -> None:
         endpoint=None, token="flag-token", ca_file=None, environ=environ, env_file_text=LOCAL_STACK_FILE
     )
     assert target == Target(endpoint="127.0.0.1:17090", token="flag-token", ca_file="/env-ca.pem")
+
+
+@pytest.mark.parametrize("endpoint", ["evil.example.com:9090", "10.0.0.5:443", "[2001:db8::1]:443"])
+def test_an_explicit_token_is_not_sent_to_a_remote_endpoint_only_the_env_file_names(endpoint: str) -> None:
+    # The file is read from the current directory: a checkout of someone else's could name any host.
+    text = f"export DSJOBS_ENDPOINT={endpoint}\n"
+    with pytest.raises(CliError, match=rf"not sent to {re.escape(endpoint)}, which only the env file names"):
+        resolve_target(
+            endpoint=None, token=None, ca_file=None, environ={"DSJOBS_TOKEN": "real"}, env_file_text=text
+        )
+    # Its own token goes there; with the endpoint given explicitly too, so does the user's.
+    own = resolve_target(
+        endpoint=None, token=None, ca_file=None, environ={}, env_file_text=text + "DSJOBS_TOKEN=f\n"
+    )
+    assert own.token == "f"
+    mine = resolve_target(endpoint=endpoint, token="real", ca_file=None, environ={}, env_file_text=text)
+    assert (mine.endpoint, mine.token) == (endpoint, "real")
+    for local in ("127.0.0.1:17090", "localhost:1", "[::1]:9"):
+        assert (
+            resolve_target(
+                endpoint=None,
+                token="real",
+                ca_file=None,
+                environ={},
+                env_file_text=f"DSJOBS_ENDPOINT={local}\n",
+            ).token
+            == "real"
+        )
 
 
 def test_missing_token_is_a_clear_error() -> None:
