@@ -899,6 +899,10 @@ def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     assert "patched" in patch({"execute": True})
     out = patch({"jobParameters": {"cmd": "echo other"}})
     assert "jobParameters cannot change once execute is true" in out, out
+    # Nor by removing execute first (a rule on the field itself does not see it removed): a plain
+    # `kubectl apply` of a manifest without it would do that.
+    out = patch({"execute": None})
+    assert "spec.execute: Invalid value" in out and "cannot be reset or removed once true" in out, out
     assert "patched" in patch({"dataTtl": "2d"})  # the rest of the spec is not the job's program
     out = patch({"dataTtl": "-1d"})
     assert 'spec.dataTtl: Invalid value: "-1d"' in out, out

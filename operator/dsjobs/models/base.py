@@ -155,6 +155,17 @@ def cel(rule: str, message: str, *more: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": [{"rule": rule, "message": message}, *more]}
 
 
+def never_reset(name: str) -> dict[str, str]:
+    """A rule for an object: its optional boolean field `name`, once true, stays true (neither
+    set false nor removed: a rule on the field itself would not see it removed, and a removed
+    `execute` would lift every rule that depends on it)."""
+    return {
+        "rule": f"!has(oldSelf.{name}) || !oldSelf.{name} || (has(self.{name}) && self.{name})",
+        "message": f"{name} cannot be reset or removed once true",
+        "fieldPath": f".{name}",
+    }
+
+
 def kept_once_set(name: str) -> dict[str, str]:
     """A rule for an object: its optional field `name` keeps its value once it has one (neither
     changed nor removed: a rule on the field itself would not see it removed)."""

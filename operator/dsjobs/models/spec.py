@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AwareDatetime, ConfigDict, Field
 
-from dsjobs.models.base import CRModel, Duration, cel, field, kept_once_set, optional_pattern
+from dsjobs.models.base import CRModel, Duration, cel, field, kept_once_set, never_reset, optional_pattern
 from dsjobs.models.files import File, FileDesc
 from dsjobs.models.limits import (
     DEFAULT_DATA_TTL,
@@ -343,6 +343,9 @@ class ProjectJobSpec(CRModel):
             # Who created the job and what it was cloned from are facts, not settings.
             kept_once_set("createdById"),
             kept_once_set("parentJobId"),
+            never_reset("execute"),
+            never_reset("clearData"),
+            never_reset("finalized"),
         )
     )
 
@@ -374,13 +377,11 @@ class ProjectJobSpec(CRModel):
         "Run the job. The API creates jobs with false until the client has uploaded the inputs "
         "(ExecuteProjectJob sets it); set it to true when applying a ProjectJob by hand. It cannot be reset.",
         False,
-        **cel("self || !oldSelf", "execute cannot be reset"),
     )
     cancel: CancelRequest | None = field("Set to cancel the job.", None)
     clear_data: bool = field(
         "Delete the job's stored data now (DeleteProjectJobData); status.dataCleared tells when done.",
         False,
-        **cel("self || !oldSelf", "clearData cannot be reset"),
     )
     finalized: bool = field(
         "The client has fetched the finished job's results (FinalizeProjectJob, a dsjobs extension): the "
@@ -388,7 +389,6 @@ class ProjectJobSpec(CRModel):
         "data expiry. Stored data stays until the data TTL. Only meaningful once the job has finished; it "
         "cannot be reset.",
         False,
-        **cel("self || !oldSelf", "finalized cannot be reset"),
     )
     retry_policy: RetryPolicy | None = field("Extension: retry after failures. One attempt when unset.", None)
 
