@@ -363,6 +363,16 @@ def test_unreadable_spec_fails() -> None:
     assert p.status.phase == JobPhase.ERROR and "invalid job" in p.status.status_details
 
 
+def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> None:
+    # An edit after the start past what the CRD checks (a cancel.requestedAt the CRD's date-time
+    # format lets through): the job ends naming the field, and its pod does not run on untracked.
+    j = job(status=started("EXECUTING"), cancel={"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"})
+    p = step(j, [pod(phase="Running", node="cpu-0")])
+    assert p.status.phase == JobPhase.ERROR
+    assert "spec.cancel.requestedAt: " in p.status.status_details and "\n" not in p.status.status_details
+    assert p.actions == (DeletePod("job-1-a1", 15, "the job's spec cannot be read"),)
+
+
 def test_too_long_name_fails() -> None:
     p = step(job(name="j" * 64))
     assert p.status.phase == JobPhase.ERROR and "63" in p.status.status_details

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from dsjobs.models import ProjectJobSpec
+from dsjobs.models.limits import RESOURCE_ID_PATTERN, SHA256_PATTERN
 
 if TYPE_CHECKING:  # boto3 is imported only when data is actually deleted (memory, start-up time)
     from dsjobs.storage import Storage
@@ -42,6 +44,15 @@ def raw_input_hashes(body: Mapping[str, Any]) -> set[str]:
     python_env = (params.get("env") or {}).get("pythonEnv") or {}
     found |= {str(m.get("sha256")) for m in python_env.get("localModules") or () if isinstance(m, dict)}
     return found
+
+
+def stored_data_of(spec: Mapping[str, Any]) -> tuple[str, set[str]] | None:
+    """(project, input sha256s) of a raw spec, for deleting its data even when the models cannot
+    read the rest of it (an edit after the start); None without a valid projectId."""
+    project = str(spec.get("projectId") or "")
+    if not re.fullmatch(RESOURCE_ID_PATTERN, project):
+        return None
+    return project, {sha for sha in raw_input_hashes({"spec": spec}) if re.fullmatch(SHA256_PATTERN, sha)}
 
 
 class InputRefs:

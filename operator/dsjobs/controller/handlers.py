@@ -36,7 +36,7 @@ import kopf
 
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
-from dsjobs.controller.cleanup import InputRefs, delete_job_data, input_hashes
+from dsjobs.controller.cleanup import InputRefs, delete_job_data, stored_data_of
 from dsjobs.controller.events import EventPoster
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.jobstore import JobStore
@@ -986,18 +986,17 @@ class Operator:
 
     async def _clear_data(self, job: JobView) -> None:
         assert self.kube is not None
-        try:
-            spec = ProjectJobSpec.model_validate(job.spec)
-        except ValueError:
-            jlog(logging.WARNING, (job.namespace, job.name), "unreadable spec: no stored data deleted")
+        # From the raw spec: a spec the models cannot read (an edit after the start) must not
+        # keep a deleted job's data for ever; the project and the inputs are all that is needed.
+        found = stored_data_of(job.spec)
+        if found is None:
+            jlog(logging.WARNING, (job.namespace, job.name), "no valid projectId: no stored data deleted")
             return
+        project, wanted = found
         await self._warm_input_refs()
-        key, wanted = (job.namespace, job.name), input_hashes(spec)
+        key = (job.namespace, job.name)
         await delete_job_data(
-            self.store.client(),
-            spec.project_id,
-            job.name,
-            lambda: self.input_refs.unused(key, spec.project_id, wanted),
+            self.store.client(), project, job.name, lambda: self.input_refs.unused(key, project, wanted)
         )
 
     # --- writing -----------------------------------------------------------------------------

@@ -427,10 +427,16 @@ def _plan(
         try:
             spec = ProjectJobSpec.model_validate(job.spec)
         except ValidationError as exc:
-            spec, problems = None, [Problem("", "unreadable", str(exc))]
+            spec, problems = None, [_unreadable(exc)]
     if spec is None:
         if phase.is_final:
             return Plan(status, tuple(actions), tuple(events))
+        # A started job's pod would run on untracked: it goes, with the time to ship its logs.
+        actions.extend(
+            DeletePod(p.name, settings.shutdown_grace_margin_seconds, "the job's spec cannot be read")
+            for p in pods
+            if p.alive and not p.deleting
+        )
         return _plan_of(_spec_problem_update(status, None, problems, now), actions, events, None)
 
     if phase.is_final:
@@ -838,6 +844,16 @@ def _clear_data(
     )
     events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
     return status
+
+
+def _unreadable(exc: ValidationError) -> Problem:
+    """A spec the models cannot read (edited after the start, past what the CRD checks): each
+    error on one line naming its field, not pydantic's dump."""
+    where = "; ".join(
+        f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else f"spec: {e['msg']}"
+        for e in exc.errors(include_url=False)
+    )
+    return Problem("", "unreadable", f"the spec cannot be read: {where}")
 
 
 def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:

@@ -67,7 +67,10 @@ _DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|d|h|m|s)")
 def parse_duration(value: object) -> timedelta:
     """Parse `14d`, `1h30m`, `1.5s`, `infinity` (or seconds as a number) into a timedelta.
 
-    `infinity` is `timedelta.max` (see limits.INFINITE_TTL).
+    `infinity` is `timedelta.max` (see limits.INFINITE_TTL). A duration too long for a timedelta
+    ('99999999999d', which the CRD's pattern lets through) is the longest finite one (the shortest negative one): a value the
+    range checks then refuse, naming the field, where an error here would make the whole spec
+    unreadable (a started job's TTL typo would end it; see docs/operator.md).
     """
     if isinstance(value, timedelta):
         return value
@@ -75,8 +78,9 @@ def parse_duration(value: object) -> timedelta:
         raise ValueError("a duration must be a string like '14d' or a number of seconds")
     try:
         return _parse_duration(value)
-    except OverflowError as exc:  # '99999999999d': pydantic reports ValueErrors, not overflows
-        raise ValueError("duration out of range") from exc
+    except OverflowError:
+        negative = value.startswith("-") if isinstance(value, str) else float(value) < 0  # type: ignore[arg-type]
+        return timedelta.min if negative else INFINITE_TTL - timedelta(microseconds=1)
 
 
 def _parse_duration(value: object) -> timedelta:
