@@ -226,8 +226,8 @@ class GracefulShutdownParameters(CRModel):
         "Time between the signal and SIGKILL (e.g. `30s`); the server's default (30s) when unset.", None
     )
     signal: int = field(
-        "Signal number sent first: 15 SIGTERM (default), 2 SIGINT, 1 SIGHUP, 10 SIGUSR1, 12 SIGUSR2. "
-        "Proto's 0 is read as SIGTERM.",
+        "Signal number sent first: 15 SIGTERM (default), 2 SIGINT, 1 SIGHUP, 10 SIGUSR1, 12 SIGUSR2 "
+        "(the API reads the proto's unset 0 as SIGTERM).",
         DEFAULT_SHUTDOWN_SIGNAL,
         enum=sorted(SHUTDOWN_SIGNALS.values()),
     )
