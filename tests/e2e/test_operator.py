@@ -537,6 +537,25 @@ def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> Non
     h.core.create_namespaced_resource_quota(h.namespace, quota)
     job, cancelled = f"over-{kind}-quota", f"over-{kind}-quota-cancelled"
     try:
+        # Quota admission reads quotas from an informer (and caches a namespace without any for a
+        # while): until it applies this one, a job created now simply runs. Probe with dry runs.
+        def quota_applies() -> bool:
+            meta = k8s_client.V1ObjectMeta(generate_name="quota-probe-")
+            try:
+                if kind == "secrets":
+                    h.core.create_namespaced_secret(
+                        h.namespace, k8s_client.V1Secret(metadata=meta), dry_run="All"
+                    )
+                else:
+                    spec = k8s_client.V1PodSpec(containers=[k8s_client.V1Container(name="c", image="x")])
+                    h.core.create_namespaced_pod(
+                        h.namespace, k8s_client.V1Pod(metadata=meta, spec=spec), dry_run="All"
+                    )
+            except ApiException as exc:
+                return exc.status == 403 and "exceeded quota: no-room" in str(exc.body)
+            return False
+
+        poll(f"quota admission to apply the {kind} quota", quota_applies, 60)
         h.create_job(job, {"cmd": "echo ran"})
         h.create_job(cancelled, {"cmd": "echo ran"})
 
