@@ -951,6 +951,22 @@ def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> Non
     assert h.job("stays-inside") is not None
 
 
+def test_kubectl_apply_refuses_a_job_name_longer_than_a_label_value(h: H) -> None:
+    body = {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {"name": "j" * 64},
+        "spec": {
+            "projectId": PROJECT_ID,
+            "jobParameters": {"cmd": "true"},
+            "retryPolicy": {"retryOnExitCodes": [0]},
+        },
+    }
+    out = h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=json.dumps(body), check=False)
+    assert "metadata.name: Invalid value" in out and "at most 63 characters" in out, out
+    assert "spec.retryPolicy.retryOnExitCodes[0]: Invalid value: 0" in out, out
+
+
 def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:
     body = {
         "apiVersion": "dsjobs.dev/v1alpha1",

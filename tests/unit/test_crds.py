@@ -188,6 +188,14 @@ def test_cel_rules_are_where_they_belong() -> None:
         )
     assert any("logFileName" in r for r in rules[".status.fileErrors[]"])
     assert crdgen.INSTANCETYPE_NAME_RULE in [r["rule"] for r in root_schema(IT)["x-kubernetes-validations"]]
+    # A job name is a label value of its pods: refused at apply, not only by the operator.
+    assert [r["rule"] for r in root_schema(PJ)["x-kubernetes-validations"]] == [
+        "size(self.metadata.name) <= 63"
+    ]
+    codes = root_schema(PJ)["properties"]["spec"]["properties"]["retryPolicy"]["properties"][
+        "retryOnExitCodes"
+    ]
+    assert (codes["items"]["minimum"], codes["items"]["maximum"]) == (1, 255)
 
 
 def _object(kind: str, spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -248,7 +256,7 @@ def _type_paths(annotation: Any, path: str) -> set[str]:
 def test_every_model_field_is_in_the_schema_and_vice_versa() -> None:
     pj_paths = {p for p, _ in walk(root_schema(PJ))}
     model = _model_paths(m.ProjectJobSpec, ".spec") | _model_paths(m.ProjectJobStatus, ".status")
-    assert pj_paths - {"", ".apiVersion", ".kind", ".metadata", ".spec", ".status"} == model
+    assert pj_paths - {"", ".apiVersion", ".kind", ".metadata", ".metadata.name", ".spec", ".status"} == model
     it_paths = {p for p, _ in walk(root_schema(IT))}
     assert it_paths - {"", ".apiVersion", ".kind", ".metadata", ".metadata.name", ".spec"} == _model_paths(
         m.InstanceTypeSpec, ".spec"

@@ -62,13 +62,12 @@ from dsjobs.models import (
     ProjectJobStatus,
     format_duration,
 )
-from dsjobs.models.limits import LABEL_VALUE_PATTERN
+from dsjobs.models.limits import LABEL_VALUE_PATTERN, MAX_JOB_NAME
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
 
 # The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
-MAX_JOB_NAME: Final = 63
 # How long a deleted job waits for its pods to be gone before its stored data is deleted.
 DELETE_POD_WAIT: Final = timedelta(seconds=30)
 

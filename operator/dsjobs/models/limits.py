@@ -110,3 +110,5 @@ DOCKER_REFERENCE_PATTERN: Final = (
 MAX_DOCKER_NAME_LENGTH: Final = 255  # distribution/reference NameTotalLengthMax
 URL_PATTERN: Final = r"^https?://[^\s/]+(/\S*)?$"
 HOST_PORT_PATTERN: Final = r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})(:[0-9]{1,5})?$"
+#: A ProjectJob's name (its id) is a label value of its pods and Secrets.
+MAX_JOB_NAME: Final = 63

@@ -328,6 +328,8 @@ class RetryPolicy(CRModel):
         "(pod evicted, node lost) are always retried while attempts remain.",
         [],
         maxItems=32,
+        # Checked at apply too: the policy may be edited after the start, when no validation runs.
+        items={"type": "integer", "minimum": 1, "maximum": 255},
     )
 
 
