@@ -214,6 +214,10 @@ def test_the_runner_uses_a_patient_store(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert store.patience == runner_main.STORAGE_PATIENCE_SECONDS
 
 
+#: CreateMultipartUpload's answer in these fakes: upload id u1.
+INITIATED = b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+
+
 def _part(path: str) -> int | None:
     numbers = parse_qs(urlsplit(path).query).get("partNumber")
     return int(numbers[0]) if numbers else None
@@ -225,9 +229,7 @@ def _multipart(fail_part: int, failures: int) -> Callable[[Request], None]:
 
     def answer(r: Request) -> None:
         if r.command == "POST" and r.path.endswith("?uploads"):
-            r.reply(
-                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
-            )
+            r.reply(200, INITIATED)
         elif r.command == "PUT" and "partNumber=" in r.path:
             if _part(r.path) == fail_part and left["n"] > 0:
                 left["n"] -= 1
@@ -286,9 +288,7 @@ def test_a_completed_upload_whose_answer_was_lost_is_told_by_its_etag(
 
     def answer(r: Request) -> None:
         if r.command == "POST" and r.path.endswith("?uploads"):
-            r.reply(
-                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
-            )
+            r.reply(200, INITIATED)
         elif r.command == "PUT" and "partNumber=" in r.path:
             number = _part(r.path)
             assert number is not None
@@ -330,9 +330,7 @@ def _stream_answer(got: dict[str, Any], fail_part: int | None = None) -> Callabl
 
     def answer(r: Request) -> None:
         if r.command == "POST" and r.path.endswith("?uploads"):
-            r.reply(
-                200, b"<InitiateMultipartUploadResult><UploadId>u1</UploadId></InitiateMultipartUploadResult>"
-            )
+            r.reply(200, INITIATED)
         elif r.command == "PUT" and "partNumber=" in r.path:
             number = _part(r.path)
             assert number is not None

@@ -415,16 +415,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 ours = (meta.get("annotations") or {}).get(REQUEST_DIGEST_ANNOTATION) == new.fingerprint
                 if not ours or (obj.get("spec") or {}).get("execute") or meta.get("deletionTimestamp"):
                     return  # not this call's job, executed by someone who found it, or going already
-                await self.core.kube.request(
-                    "DELETE",
-                    path,
-                    body={
-                        "preconditions": {
-                            "uid": meta.get("uid"),
-                            "resourceVersion": meta.get("resourceVersion"),
-                        },
-                        "propagationPolicy": "Background",
-                    },
+                await self._delete_job(
+                    namespace,
+                    new.job_id,
+                    {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
                 )
             except KubeError as exc:
                 if exc.status == 404:
@@ -447,16 +441,20 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             extra={"job": new.job_id},
         )
 
+    async def _delete_job(self, namespace: str, name: str, preconditions: Mapping[str, Any]) -> None:
+        """DELETE one ProjectJob only as the caller saw it (uid, and resourceVersion when given)."""
+        await self.core.kube.request(
+            "DELETE",
+            jobs_path(namespace, name),
+            body={"preconditions": dict(preconditions), "propagationPolicy": "Background"},
+        )
+
     async def _discard(self, obj: Mapping[str, Any]) -> None:
         """Delete a job this call created and could not finish (only that one: uid precondition)."""
         meta = obj.get("metadata") or {}
         name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
         try:
-            await self.core.kube.request(
-                "DELETE",
-                jobs_path(namespace, name),
-                body={"preconditions": {"uid": meta.get("uid")}, "propagationPolicy": "Background"},
-            )
+            await self._delete_job(namespace, name, {"uid": meta.get("uid")})
         except KubeError as exc:
             if exc.status not in (404, 409):  # gone already, or no longer ours
                 log.error("could not remove job %s after its creation failed", name, exc_info=True)
@@ -641,13 +639,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             try:
                 # Only the job as checked (uid and resourceVersion): an Execute landing after the
                 # check (another replica) must not get a job deleted that was just asked to run.
-                await self.core.kube.request(
-                    "DELETE",
-                    jobs_path(job.namespace, job.name),
-                    body={
-                        "preconditions": {"uid": job.uid, "resourceVersion": job.resource_version},
-                        "propagationPolicy": "Background",
-                    },
+                await self._delete_job(
+                    job.namespace, job.name, {"uid": job.uid, "resourceVersion": job.resource_version}
                 )
                 break
             except KubeError as exc:

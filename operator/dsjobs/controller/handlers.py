@@ -284,9 +284,8 @@ class Operator:
             if self._warm.is_set():
                 return
             assert self.kube is not None
-            for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
-                async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
-                    self.pods.seed(page)
+            async for page in self._job_pod_pages():
+                self.pods.seed(page)
             self.pods.seeded()
             types = await self.kube.list(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}")
             self.instance_types.seed(types)
@@ -301,9 +300,8 @@ class Operator:
         await self.warm_up()
         before = self.pods.snapshot()
         listed: set[str] = set()
-        for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
-            async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
-                listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
+        async for page in self._job_pod_pages():
+            listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
         vanished = self.pods.vanished(before, listed)
         for key, view in vanished:
             jlog(logging.INFO, key, "pod %s was deleted while the pod watch was away", view.name)
@@ -321,6 +319,13 @@ class Operator:
                 raise
             except Exception:  # the next period tries again; the watch is the main source
                 log.warning("pod resync failed", exc_info=True)
+
+    async def _job_pod_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every job pod the operator serves, a LIST page at a time."""
+        assert self.kube is not None
+        for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
+            async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
+                yield page
 
     def _scoped_paths(self, cluster_wide: str, in_namespace: Callable[[str], str]) -> list[str]:
         """Where to LIST: the operator's namespaces, or the whole cluster when it has none."""
