@@ -28,6 +28,7 @@ from dsjobs.logrecords import (
     read_records,
     write_chunk,
 )
+from dsjobs.runner import safeio
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus
 from dsjobs.runner.ship import (
@@ -391,6 +392,30 @@ def test_a_silent_heartbeat_means_the_job_container_was_lost(tmp_path: Path) -> 
     st = ship.wait_for_program()
     assert st.status == RunnerStatus.LOST and st.return_code is None
     assert 10 <= sum(clock.slept) <= 12
+
+
+def test_status_and_heartbeat_the_job_made_unreadable_end_lost_instead_of_crashing_the_ship(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for ship's uid after the job chmods the entry script's files (they are written 0666).
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    clock = Clock()
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    cfg.layout.started.write_text("1")
+    cfg.layout.heartbeat.write_text("7")
+    cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nend=1\n")
+    real_open = safeio.open_beneath
+    locked = {str(cfg.layout.status), str(cfg.layout.heartbeat)}
+
+    def open_beneath(root: Any, path: Any) -> int:
+        if os.fspath(path) in locked:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(root, path)
+
+    monkeypatch.setattr(safeio, "open_beneath", open_beneath)
+    assert read_status_file(cfg.layout.status, cfg.paths.shared_dir) is None
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.LOST and st.return_code is None
 
 
 def test_stop_before_the_job_started(tmp_path: Path) -> None:

@@ -68,10 +68,11 @@ def read_beneath(
     root: str | os.PathLike[str], path: str | os.PathLike[str], limit: int = 1 << 16
 ) -> str | None:
     """The text (at most `limit` bytes) of the regular file `path` below `root`, opened as
-    `open_beneath` does; None when it is missing or refused (the job put something else there)."""
+    `open_beneath` does; None when it is missing, refused (the job put something else there) or
+    kept from this uid (the job changed its mode: then it reads as not written yet)."""
     try:
         fd = open_beneath(root, path)
-    except (FileNotFoundError, RefusedFile):
+    except (FileNotFoundError, RefusedFile, PermissionError):
         return None
     with os.fdopen(fd, "rb") as f:
         return f.read(limit).decode(errors="replace")
