@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import hmac
 import json
 import os
 import shlex
@@ -46,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from dsjobs.api.settings import derived_page_token_key
 from dsjobs.controller.names import (
     PROJECT_STORAGE_ACCESS_KEY,
     PROJECT_STORAGE_SECRET_KEY,
@@ -367,7 +367,7 @@ def api_secret(s3: S3Config, namespace: str) -> Obj:
     """The API's optional Secret (deploy/base/api-deployment.yaml) with a page-token key, as an
     admin would create it. Derived from the cluster's S3 secret: the same on every `make up` of a
     cluster (no restart of the API for nothing), another for the next cluster."""
-    key = hmac.new(s3.secret_key.encode(), b"dsjobs page tokens", hashlib.sha256).hexdigest()
+    key = derived_page_token_key(s3.secret_key).decode()
     return _secret(API_SECRET, namespace, {PAGE_TOKEN_KEY_ENV: key})
 
 

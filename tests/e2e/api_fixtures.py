@@ -97,7 +97,6 @@ class ApiEnv:
     project_b: Project
     tokens: dict[str, str]  # user -> bearer token
     workdir: Path
-    page_token_key: str
     api_kubeconfig: Path
     _started: list[ApiProcess] = field(default_factory=list)
 
@@ -293,7 +292,6 @@ def start_api(
             "DSJOBS_API_LISTEN": f"127.0.0.1:{port}",
             "DSJOBS_API_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
             "DSJOBS_API_KUBECONFIG": str(env.api_kubeconfig),
-            "DSJOBS_API_PAGE_TOKEN_KEY": env.page_token_key,
             "DSJOBS_API_LOG_LEVEL": "DEBUG",
             "DSJOBS_API_LOG_POLL": "100ms",
             "DSJOBS_API_DRAIN_TIMEOUT": "5s",
@@ -397,7 +395,6 @@ def _api_env(
             project_b=b,
             tokens=tokens,
             workdir=workdir,
-            page_token_key=secrets.token_urlsafe(32),
             api_kubeconfig=api_kubeconfig,
         )
         env.replicas = [env.start_replica("r1"), env.start_replica("r2")]

@@ -859,7 +859,8 @@ def test_list_pages_filters_and_tokens(api_env: ApiEnv) -> None:
     token = ""
     pages = 0
     while True:
-        # Alternate replicas: the page token is valid on every one of them.
+        # Alternate replicas: the page token is valid on every one of them (the fixture sets no
+        # DSJOBS_API_PAGE_TOKEN_KEY: each derives the same key from the storage key).
         stub = (c if pages % 2 == 0 else other).jobs
         page = stub.List(
             svc.ListProjectJobRequest(project_id=project.project_id, page_size=3, page_token=token),

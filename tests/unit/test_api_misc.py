@@ -60,6 +60,14 @@ def test_defaults() -> None:
     assert s.page_token_key_is_random and len(s.page_token_key) >= 16
 
 
+def test_replicas_without_a_key_derive_the_same_one_from_the_storage_key() -> None:
+    # Page 2 of a List may be asked of another replica: all must sign alike.
+    a = settings.derived_page_token_key("storage-secret")
+    assert a == settings.derived_page_token_key("storage-secret") and len(a) >= 16
+    assert a != settings.derived_page_token_key("another-storage-secret")
+    assert b"storage-secret" not in a
+
+
 def test_flags_win_over_environment(tmp_path: pytest.TempPathFactory) -> None:
     env = {
         "DSJOBS_API_LISTEN": "127.0.0.1:1",

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from dsjobs.api.core import STORAGE_ATTEMPTS, STORAGE_TIMEOUT_SECONDS, Core
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import Kube, load_config
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
-from dsjobs.api.settings import Settings
+from dsjobs.api.settings import Settings, derived_page_token_key
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.operation import operation_service_pb2, operation_service_pb2_grpc
@@ -255,6 +256,12 @@ class ApiServer:
                 .connect()
             )
         )
+        if s.page_token_key_is_random:
+            s = self.settings = replace(
+                s,
+                page_token_key=derived_page_token_key(store.settings.secret_key),
+                page_token_key_is_random=False,
+            )
         if s.auth_mode == "static":
             review_token, review_access = authmod.static_reviewers(
                 authmod.load_static_tokens(s.static_tokens)
@@ -325,10 +332,6 @@ class ApiServer:
                 "metrics": s.metrics_listen,
             },
         )
-        if s.page_token_key_is_random:
-            log.warning(
-                "no DSJOBS_API_PAGE_TOKEN_KEY: page tokens are valid on this replica only (set one shared key)"
-            )
 
     async def drain(self) -> None:
         """Stop taking calls, end log streams (clients reconnect elsewhere), finish in-flight calls."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +61,8 @@ SETTINGS: tuple[Setting, ...] = (
         "page_token_key",
         "DSJOBS_API_PAGE_TOKEN_KEY",
         "",
-        "HMAC key for page tokens (shared by all replicas); default: random per process",
+        "HMAC key for page tokens (the same on all replicas); default: derived from the storage "
+        "secret key (DSJOBS_S3_SECRET_KEY), which all replicas share",
     ),
     Setting("page_token_key_file", "DSJOBS_API_PAGE_TOKEN_KEY_FILE", "", "file holding the page token key"),
     Setting(
@@ -92,6 +95,13 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def derived_page_token_key(storage_secret_key: str) -> bytes:
+    """The page-token key of replicas given none: one every replica computes alike from the
+    storage secret they share (a List's next page may be asked of another replica), and that
+    tells nothing about that secret."""
+    return hmac.new(storage_secret_key.encode(), b"dsjobs page tokens", hashlib.sha256).hexdigest().encode()
+
+
 class SettingsError(ValueError):
     pass
 
@@ -109,6 +119,7 @@ class Settings:
     auth_cache_ttl: float = 10.0
     auth_negative_ttl: float = 2.0
     page_token_key: bytes = field(default=b"", repr=False)
+    # None given: the server replaces the random one by derived_page_token_key.
     page_token_key_is_random: bool = False
     url_ttl: timedelta = timedelta(minutes=15)
     max_message_bytes: int = 4 * 1024 * 1024
