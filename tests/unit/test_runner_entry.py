@@ -397,6 +397,28 @@ def test_python_env_installs_requirements_and_puts_local_modules_on_pythonpath(t
     assert (cfg.layout.site_dir / "tinypkg" / "__init__.py").exists()
 
 
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("https://user:s3cr3t@pypi.example/simple", "https://user:****@pypi.example/simple"),
+        ("https://tok3n@pypi.example/simple", "https://****@pypi.example/simple"),
+        ("https://user:@pypi.example/simple", "https://user:****@pypi.example/simple"),
+        ("https://pypi.example/simple", "https://pypi.example/simple"),
+    ],
+)
+def test_the_system_log_hides_the_passwords_of_index_urls(tmp_path: Path, url: str, logged: str) -> None:
+    cfg = make_config(
+        tmp_path,
+        "true",
+        python_env={"requirements": ["x"], "pip": {"index_url": url, "extra_index_urls": [url]}},
+    )
+    script = render_entry_script(cfg)
+    [line] = [s for s in script.splitlines() if s.startswith("DSJOBS_PIP_ARGS=")]
+    assert f"--index-url {logged} --extra-index-url {logged}" in line
+    assert "s3cr3t" not in line and "tok3n" not in line
+    assert url in script  # pip itself gets the real URL
+
+
 def test_cancel_before_the_program_starts(tmp_path: Path) -> None:
     # pip "installs" for a while (a fake interpreter that sleeps), SIGTERM arrives meanwhile.
     bindir = tmp_path / "fakebin"

@@ -34,6 +34,7 @@ matters only for a graceful signal of SIGINT, handled then through the image's p
 from __future__ import annotations
 
 import math
+import re
 import shlex
 
 from dsjobs.runner.cmd import render_config_cmd
@@ -609,6 +610,16 @@ def _version_case(version: str) -> str:
     )
 
 
+#: The user-info part of a URL (`user:password@`, `token@`).
+_URL_USERINFO = re.compile(r"(?<=://)([^/@\s:]*)(:[^/@\s]*)?@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """`text` with the secrets of URLs hidden as pip hides them in its own log (`user:****@`, a
+    lone user being a token: `****@`): the system log is kept as one of the job's log files."""
+    return _URL_USERINFO.sub(lambda m: f"{m[1]}:****@" if m[2] is not None else "****@", text)
+
+
 def pip_arguments(config: RunnerConfig) -> list[str]:
     """The argv after the interpreter for installing the job's requirements."""
     env = config.python_env
@@ -693,7 +704,7 @@ def render_entry_script(
         if env.requirements:
             args = pip_arguments(config)
             lines.append("set -- " + " ".join(_q(a) for a in args))
-            lines.append(_assign("DSJOBS_PIP_ARGS", " ".join(args)))
+            lines.append(_assign("DSJOBS_PIP_ARGS", redact_url_credentials(" ".join(args))))
             lines.append(_PIP_RUN.strip("\n"))
     pypath = [str(layout.module_dir(i)) for i in range(len(config.local_modules))]
     if env is not None and env.requirements:
