@@ -20,6 +20,8 @@ import yaml
 # `python`, `python=3.11`, `python==3.11.4`, `python=3.11.*`, `python 3.11` (conda's match specs
 # for one version; ranges such as `python>=3.9` name none).
 _PYTHON: Final = re.compile(r"^python(?:\s*(?:==?|\s)\s*(3(?:\.[0-9]{1,3}){0,2})(?:\.\*)?)?$")
+# A match spec's package name (before any version, build or bracket part).
+_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]*")
 # Keys of an environment file that say nothing about what to install.
 _IGNORED_KEYS: Final = frozenset({"name", "channels", "prefix"})
 
@@ -63,13 +65,14 @@ def read_conda_env(text: str) -> CondaEnv:
             problems.append(f"{where} must be a package or a pip: list")
             continue
         spec = dep.strip()
+        name = _NAME.match(spec)[0]  # type: ignore[index]  # matches every string
         python = _PYTHON.match(spec)
         if python:
             if python.group(1):
                 version = python.group(1)
-        elif spec.startswith("python"):
+        elif name == "python":
             problems.append(f"{where} {spec!r}: name one Python version, like python=3.11")
-        elif spec.split("=")[0].strip() != "pip":
+        elif name != "pip":
             problems.append(
                 f"{where} {spec!r} is a conda package: this server installs with pip only; "
                 "list it under pip: (or in requirements)"

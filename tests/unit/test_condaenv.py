@@ -30,6 +30,12 @@ def test_the_clients_environment_file_is_a_python_version_and_pip_packages() -> 
     assert read_conda_env("dependencies: []") == CondaEnv()
 
 
+@pytest.mark.parametrize("spec", ["pip", "pip=23", "pip>=23", "pip >=23", "pip==23.3.1"])
+def test_pip_itself_in_any_spelling_is_no_problem(spec: str) -> None:
+    # The image's Python brings pip; the version asked for does not matter to a pip install.
+    assert read_conda_env(f"dependencies: [{spec!r}]") == CondaEnv()
+
+
 @pytest.mark.parametrize(
     ("spec", "version"),
     [
@@ -48,6 +54,8 @@ def test_one_python_version_in_conda_spellings(spec: str, version: str) -> None:
     ("text", "problem"),
     [
         ("dependencies: [cudatoolkit=11.8]", "'cudatoolkit=11.8' is a conda package"),
+        ("dependencies: [python-dateutil]", "'python-dateutil' is a conda package"),
+        ("dependencies: [pipx]", "'pipx' is a conda package"),
         ("dependencies: ['python>=3.9']", "name one Python version"),
         ("dependencies: [{pip: [1]}]", "dependencies[0].pip must be a list of requirements"),
         ("dependencies: [{conda-forge: x}]", "dependencies[0] must be a package or a pip: list"),
@@ -79,6 +87,24 @@ def test_the_validator_names_the_conda_entries_and_a_contradicting_version() -> 
         "job_parameters.env.python_env.conda_yaml [conda-yaml] python=3.10 contradicts python_version 3.11"
     ]
     assert _spec(condaYaml="dependencies: [python=3.11.4]", pythonVersion="3.11")[1] == []
+
+
+@pytest.mark.parametrize(
+    ("python_version", "conda", "image"),
+    [
+        ("3", "3.11", "python:3.11-slim"),
+        ("3.11", "3.11.4", "python:3.11.4-slim"),
+        ("3.11.4", "3.11", "python:3.11.4-slim"),
+    ],
+)
+def test_of_two_agreeing_versions_the_more_precise_one_is_run(
+    python_version: str, conda: str, image: str
+) -> None:
+    spec, problems = _spec(condaYaml=f"dependencies: [python={conda}]", pythonVersion=python_version)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
+    assert config.python_env is not None and config.python_env.python_version == image[7:-5]
+    assert user_image(spec, OperatorSettings(), {}) == image
 
 
 def test_the_pod_gets_the_conda_python_and_its_pip_packages_after_the_requirements() -> None:

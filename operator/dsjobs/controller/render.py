@@ -185,9 +185,11 @@ NO_DEPS_LINE: Final = "--no-deps"
 
 def python_wanted(pe: PythonEnvSpec) -> tuple[str, list[str]]:
     """The Python version and pip requirements a job's Python env asks for: its own fields, with
-    what its conda_yaml adds (validation refused what pip cannot install)."""
+    what its conda_yaml adds (validation refused what pip cannot install). Of two versions (validation
+    made them agree: 3.11 and 3.11.4) the more precise one: the other does not refuse what it does."""
     conda = read_conda_env(pe.conda_yaml)
-    return pe.python_version or conda.python_version, [*pe.requirements, *conda.pip]
+    version = max(pe.python_version, conda.python_version, key=lambda v: len(v.split(".")) if v else 0)
+    return version, [*pe.requirements, *conda.pip]
 
 
 def needs_registry_secret(spec: ProjectJobSpec) -> bool:
