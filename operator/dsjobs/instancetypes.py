@@ -5,12 +5,14 @@
     python -m dsjobs.instancetypes --profile local  # print the dev-cluster catalog (kubectl apply -f -)
 
 Two profiles from one table:
-- `base` (deploy/base/instancetypes.yaml): requests equal limits, so a job gets the whole machine shape
-  it asked for (Guaranteed QoS), as on DataSphere.
+- `base` (deploy/base/instancetypes.yaml): requests equal limits, so a job's container gets the whole
+  machine shape it asked for, as on DataSphere. (The pod's QoS class is Burstable all the same: the
+  runner's containers have a small request and no CPU limit, DSJOBS_RUNNER_*.)
 - `local`: the same shapes with cpu and memory *requests* divided by 16 (limits unchanged, GPUs
   unchanged since extended resources need requests == limits), so the dev cluster's CPU node
   (16 CPU / 64Gi) runs several c1.4 jobs and its GPU node (32 CPU / 128Gi / 8 GPU) runs g1.1 and g2.1
-  side by side. Jobs still see the advertised shape as their limits.
+  side by side. Jobs still see the advertised shape as their limits. g2.mig asks for one whole
+  nvidia.com/gpu there (the dev GPU node has no MIG slices).
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def instance_type_spec(entry: CatalogEntry, profile: Profile = "base") -> Instan
         requests["cpu"] = f"{entry.vcpu * 1000 // LOCAL_REQUEST_DIVISOR}m"
         requests["memory"] = f"{entry.memory_gib * 1024 // LOCAL_REQUEST_DIVISOR}Mi"
     if entry.is_gpu:
-        limits[entry.gpu_resource] = requests[entry.gpu_resource] = str(entry.gpus)
+        # The dev cluster's GPU node has whole fake GPUs, no MIG slices: g2.mig takes one there.
+        resource = GPU_RESOURCE if profile == "local" else entry.gpu_resource
+        limits[resource] = requests[resource] = str(entry.gpus)
     return InstanceTypeSpec(
         vcpu=entry.vcpu,
         memory=f"{entry.memory_gib}Gi",
@@ -131,7 +135,8 @@ _HEADER = """\
 # strategy, override it to request nvidia.com/gpu on the MIG-partitioned nodes.
 """
 _PROFILE_TEXT: Final[dict[Profile, str]] = {
-    "base": "requests equal limits (the job gets the whole shape, Guaranteed QoS).",
+    "base": "requests equal limits (the job's container gets the whole shape; the pod is Burstable, "
+    "as the runner's containers request less than their limits).",
     "local": f"cpu/memory requests are limits / {LOCAL_REQUEST_DIVISOR} so the dev cluster can pack jobs.",
 }
 

@@ -67,15 +67,18 @@ def test_placement(profile: it.Profile) -> None:
             assert [t.to_cr() for t in spec.tolerations] == [
                 {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
             ]
-            gpu = spec.resources.limits[entry.gpu_resource]
-            assert gpu == spec.resources.requests[entry.gpu_resource] == str(entry.gpus)
-    mig = it.instance_type_spec(next(e for e in it.CATALOG if e.name == "g2.mig"))
-    assert (
-        "nvidia.com/mig-1g.10gb" in mig.resources.requests and "nvidia.com/gpu" not in mig.resources.requests
-    )
+            resource = "nvidia.com/gpu" if profile == "local" else entry.gpu_resource
+            gpu = spec.resources.limits[resource]
+            assert gpu == spec.resources.requests[resource] == str(entry.gpus)
+    mig = it.instance_type_spec(next(e for e in it.CATALOG if e.name == "g2.mig"), profile)
+    slice_, whole = "nvidia.com/mig-1g.10gb", "nvidia.com/gpu"
+    if profile == "base":
+        assert slice_ in mig.resources.requests and whole not in mig.resources.requests
+    else:  # the dev GPU node has no MIG slices
+        assert whole in mig.resources.requests and slice_ not in mig.resources.requests
 
 
-def test_base_profile_is_guaranteed() -> None:
+def test_base_profile_gives_the_job_container_the_whole_shape() -> None:
     for entry in it.CATALOG:
         spec = it.instance_type_spec(entry)
         assert spec.resources.requests == spec.resources.limits
@@ -92,6 +95,9 @@ def test_the_demo_types_schedule_on_the_dev_cluster() -> None:
     local = {e.name: it.instance_type_spec(e, "local") for e in it.CATALOG}
     assert _fits(local["c1.4"], CPU_NODE)
     assert _fits(local["g1.1"], GPU_NODE) and _fits(local["g2.1"], GPU_NODE)
+    assert all(
+        _fits(local[name], GPU_NODE) for name in local if name.startswith("g") and local[name].gpus == 1
+    )
     # g1.1 and g2.1 side by side on the one GPU node
     together = {
         name: sum((parse_quantity(local[t].resources.requests[name]) for t in ("g1.1", "g2.1")), Fraction(0))
