@@ -19,6 +19,7 @@ from dsjobs.controller.leader import (
     Connection,
     LeaderElector,
     LeaseClient,
+    LeaseConflict,
     LeaseRecord,
     Observed,
     connection_from,
@@ -201,3 +202,35 @@ def test_a_leader_stops_before_a_standby_may_take_over_even_while_a_renewal_hang
         assert why.startswith("could not renew the lease for 6s")
     finally:
         server.shutdown()
+
+
+class _RacingLeaseClient:
+    """A Lease another write (this replica's renewal still in flight) changes under the first
+    release attempt."""
+
+    namespace, name, timeout = "ns", "dsjobs-operator", 1.0
+
+    def __init__(self) -> None:
+        self.record = LeaseRecord("a", 15, STAMP, STAMP, 1, "7")
+        self.writes: list[LeaseRecord] = []
+
+    def get(self) -> LeaseRecord:
+        return self.record
+
+    def write(self, record: LeaseRecord, *, create: bool) -> LeaseRecord:
+        if not self.writes:
+            self.writes.append(record)
+            self.record = LeaseRecord("a", 15, STAMP, STAMP, 1, "8")  # the renewal landed first
+            raise LeaseConflict("the object has been modified")
+        assert record.resource_version == self.record.resource_version
+        self.writes.append(record)
+        self.record = record
+        return record
+
+
+def test_a_release_crossed_by_a_renewal_reads_again_and_releases() -> None:
+    client = _RacingLeaseClient()
+    elector = LeaderElector(client, "a", 15)  # type: ignore[arg-type]
+    elector._held = client.record
+    elector.release()
+    assert len(client.writes) == 2 and client.record.holder == ""

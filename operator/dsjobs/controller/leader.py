@@ -412,13 +412,20 @@ class LeaderElector:
             self._thread.join(timeout=self.retry_seconds + self.client.timeout)
         if self._held is None:
             return
-        try:
-            current = self.client.get()
-            if current is not None and current.holder == self.me:
-                self.client.write(released(current, datetime.now(UTC)), create=False)
-                log.info("released lease %s/%s", self.client.namespace, self.client.name)
-        except Exception as exc:
-            log.warning("could not release the lease (it expires by itself): %s", exc)
+        for _ in range(3):
+            try:
+                current = self.client.get()
+                if current is not None and current.holder == self.me:
+                    self.client.write(released(current, datetime.now(UTC)), create=False)
+                    log.info("released lease %s/%s", self.client.namespace, self.client.name)
+                return
+            except LeaseConflict:
+                # A renewal still in flight (its thread outlived the join) wrote first: read again.
+                continue
+            except Exception as exc:
+                log.warning("could not release the lease (it expires by itself): %s", exc)
+                return
+        log.warning("could not release the lease (it expires by itself): it kept changing")
 
 
 class _Healthy(BaseHTTPRequestHandler):
