@@ -4,7 +4,8 @@ Why Kopf's client and not the `kubernetes` package: Kopf already holds an authen
 re-authenticating session for its watches; a second client would mean a second connection pool,
 a second credential loader and ~40 MB more RSS (the generated models). The functions below are
 the only place that touches Kopf's (internal, version-pinned) client API, so a Kopf upgrade that
-moves it changes this file only. Every call is timed into `dsjobs_api_request_seconds`.
+moves it changes this file only. Every HTTP attempt is timed into `dsjobs_api_request_seconds`
+(the retries are ours: `Kube._timed`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
+import aiohttp
 from kopf._cogs.clients import api as kopf_api
 from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.configs.configuration import OperatorSettings as KopfSettings
@@ -59,6 +61,42 @@ def message_of(exc: APIError) -> str:
 # not be held for Kopf's default ~1 minute of retries).
 _BACKOFFS: Final = (0.2, 0.5, 1.0)
 MERGE_PATCH: Final = {"Content-Type": "application/merge-patch+json"}
+#: What is tried again: an API server restarting or overloaded, a connection lost or timed out.
+#: A 403 (a quota, an admission webhook, RBAC), 409 or 422 is an answer: the caller decides.
+_TRANSIENT_API_ERRORS: Final = (kopf_errors.APIServerError, kopf_errors.APITooManyRequestsError)
+_TRANSIENT_ERRORS: Final = (aiohttp.ClientConnectionError, TimeoutError)
+#: The longest Retry-After of a 429 obeyed (the per-job lock is held meanwhile).
+MAX_RETRY_AFTER: Final = 5.0
+
+
+def retry_after(exc: APIError) -> float:
+    """Seconds a 429 asks to wait (its Retry-After header, or the Status's retryAfterSeconds), at
+    most MAX_RETRY_AFTER; 0 for any other error."""
+    if not isinstance(exc, kopf_errors.APITooManyRequestsError):
+        return 0.0
+    details = exc.details
+    wanted: object = (exc.headers or {}).get("Retry-After") or (
+        details.get("retryAfterSeconds") if details is not None else None
+    )
+    try:
+        seconds = float(str(wanted)) if wanted is not None else 0.0
+    except (TypeError, ValueError):  # an HTTP date: not worth parsing for a short retry
+        return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _escalating(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    attempt: int,
+    attempts: int,
+    verb: str,
+    path: str,
+    exc: Exception,
+) -> None:
+    logger.error(
+        "Request attempt #%d/%d failed; escalating: %s %s -> %r", attempt, attempts, verb.upper(), path, exc
+    )
+
 
 JOBS_PATH: Final = f"/apis/{GROUP}/{VERSION}"
 #: Bytes asyncio reads per TLS connection at a time (its default: 256 KiB).
@@ -158,34 +196,66 @@ class Kube:
         backoffs: tuple[float, ...] = _BACKOFFS,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
     ) -> Any:
-        started = time.perf_counter()
-        code = "ok"
-        try:
-            response = await kopf_api.request(
-                verb,
-                path,
-                payload=payload,
-                headers=dict(headers) if headers else None,
-                settings=self.settings,
-                backoffs=backoffs,
-                logger=logger,
-            )
-            async with response:
-                body = await response.read()
-                return None if not body or body.isspace() else fastjson.loads(body)
-        except APIError as exc:
-            code = str(exc.status)
-            better = translated(exc)
-            if better is not exc:
-                raise better from exc
-            raise
-        except Exception:
+        """The call, tried again after each of `backoffs` when the failure was transient.
+
+        The retries are ours, not Kopf's: Kopf's loop retries a 403 too (a quota's refusal of a pod
+        was four POSTs and 1.7 s before the caller heard of it), and timed as one call its sleeps
+        made `dsjobs_api_request_seconds` a measure of the backoffs. Each attempt is one observation
+        with its own code."""
+        attempts = len(backoffs) + 1
+        for attempt, backoff in enumerate((*backoffs, None), start=1):
+            started = time.perf_counter()
             code = "error"
-            raise
-        finally:
-            metrics.API_LATENCY.labels(verb=verb, resource=resource, code=code).observe(
-                time.perf_counter() - started
+            try:
+                try:
+                    # One attempt in Kopf (which still re-authenticates on a 401); its lines are
+                    # debug lines, ours below tell the retries at the caller's level.
+                    response = await kopf_api.request(
+                        verb,
+                        path,
+                        payload=payload,
+                        headers=dict(headers) if headers else None,
+                        settings=self.settings,
+                        backoffs=(),
+                        logger=_DEBUG_ONLY,
+                    )
+                except APIError as exc:
+                    code = str(exc.status)
+                    if backoff is None or not isinstance(exc, _TRANSIENT_API_ERRORS):
+                        if isinstance(exc, _TRANSIENT_API_ERRORS):
+                            _escalating(logger, attempt, attempts, verb, path, exc)
+                        better = translated(exc)
+                        if better is not exc:
+                            raise better from exc
+                        raise
+                    failure: Exception = exc
+                    delay = max(backoff, retry_after(exc))
+                except _TRANSIENT_ERRORS as exc:
+                    if backoff is None:
+                        _escalating(logger, attempt, attempts, verb, path, exc)
+                        raise
+                    failure, delay = exc, backoff
+                else:
+                    # A failure while reading the answer is not retried: the request was taken.
+                    async with response:
+                        body = await response.read()
+                    code = "ok"
+                    return None if not body or body.isspace() else fastjson.loads(body)
+            finally:
+                metrics.API_LATENCY.labels(verb=verb, resource=resource, code=code).observe(
+                    time.perf_counter() - started
+                )
+            logger.warning(
+                "Request attempt #%d/%d failed; will retry in %ss: %s %s -> %r",
+                attempt,
+                attempts,
+                delay,
+                verb.upper(),
+                path,
+                failure,
             )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def get(self, resource: str, path: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
@@ -219,7 +289,7 @@ class Kube:
     async def create(self, resource: str, path: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """Create-if-absent: None when it already exists (409 is success for a deterministic name).
 
-        Kopf's per-attempt lines are debug lines here: a refusal (a quota's 403) is the caller's to
+        The per-attempt lines are debug lines here: a refusal (a quota's 403) is the caller's to
         tell, once, and a failure after the retries comes back as the reconcile's own warning."""
         try:
             result: dict[str, Any] = await self._call(
@@ -260,7 +330,7 @@ class Kube:
 
     async def create_event(self, path: str, body: Mapping[str, Any]) -> None:
         """POST an Event once: the caller (events.EventPoster) decides about retries and logging,
-        so Kopf's per-attempt ERROR lines are debug lines here."""
+        so the attempt's lines are debug lines here."""
         async with self._slots:
             await self._timed("post", "events", path, body, None, backoffs=(), logger=_DEBUG_ONLY)
 
