@@ -193,3 +193,33 @@ def test_an_attempt_kopf_retries_is_logged_as_a_warning(message: str, level: str
     record = logging.LogRecord("kopf._cogs.clients.watching", logging.ERROR, __file__, 1, message, (), None)
     assert RetriedAttemptsAreWarnings().filter(record)
     assert record.levelname == level and record.levelno == logging.getLevelName(level)
+
+
+def _quota(used: str, quota: str = "q") -> str:
+    return (
+        f'pods "job-1-a1" is forbidden: exceeded quota: {quota}, requested: cpu=4,memory=1Gi, '
+        f"used: cpu={used},memory=512Mi, limited: cpu=8,memory=8Gi"
+    )
+
+
+def test_a_quota_refusal_is_one_failedcreate_event_whatever_the_usage_does() -> None:
+    # Other jobs' pods come and go between the retries: the quota's usage in the message changes
+    # (~60 times an hour), the refusal does not.
+    from test_job_status import NOW, job, started
+
+    from dsjobs.controller.plan import waiting_to_create
+
+    status = started("PREPARING", attempt=0, podName="")
+    told: list[str] = []
+    for why in (_quota("8"), _quota("6"), _quota("7500m"), _quota("6")):
+        update = waiting_to_create(job(status=status), why, NOW)
+        told += [e.message for e in update.events if e.reason == "FailedCreate"]
+        status = update.status.to_cr()
+        # The details show the latest usage.
+        assert update.status.status_details == f"waiting to create the job's pod: {why}"
+    assert told == [_quota("8")]  # the first, with its numbers
+    # Another quota, or another reason, is a new refusal.
+    for why in (_quota("6", quota="gpus"), 'pods "job-1-a1" is forbidden: violates PodSecurity "baseline"'):
+        update = waiting_to_create(job(status=status), why, NOW)
+        assert [e.message for e in update.events if e.reason == "FailedCreate"] == [why]
+        status = update.status.to_cr()

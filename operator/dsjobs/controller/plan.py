@@ -879,6 +879,17 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
 # The Scheduled condition's reason while the API server refuses the attempt's pod.
 REFUSED_REASON: Final = "FailedCreate"
 
+# A ResourceQuota's refusal ends in the namespace's live usage ("exceeded quota: q, requested:
+# cpu=4, used: cpu=8, limited: cpu=8"): it changes whenever another pod comes or goes.
+_QUOTA_USAGE: Final = re.compile(r"(exceeded quota: [^,]*), requested: .*", re.DOTALL)
+
+
+def same_refusal(old: str, new: str) -> bool:
+    """Whether two refusals are the same one told again: the same text but for a quota's usage.
+
+    A job waiting on a quota for hours got a FailedCreate Event per usage change (~60 an hour)."""
+    return old == new or _QUOTA_USAGE.sub(r"\1", old) == _QUOTA_USAGE.sub(r"\1", new)
+
 
 def schedule_budget(type_spec: InstanceTypeSpec | None) -> timedelta:
     """How long a pod of this type may wait before the job falls back to its next type.
@@ -905,7 +916,8 @@ def waiting_to_create(
 
     The attempt stays as the job's status has it: the planned pod does not exist, so the status
     must not name it (the plan would take it for a pod deleted before it was seen). PREPARING with
-    the API server's message; a Warning Event `FailedCreate` when the message is new.
+    the API server's message; a Warning Event `FailedCreate` when the refusal is new (a quota's
+    usage changing is not: `same_refusal`).
 
     `refused` is the pod's own CreatePod when the pod itself was refused (not a Secret or claim of
     it, not the wait for an earlier job's pod): a refusal may be its instance type's (a quota on
@@ -917,7 +929,8 @@ def waiting_to_create(
     events: list[JobEvent] = []
     status = _observed(job, now, events)
     details = clip(f"waiting to create the job's pod: {why}")
-    told = status.status_details == details
+    # The details show the latest message; the Event tells the refusal once.
+    told = same_refusal(status.status_details, details)
     requeue: timedelta | None = None
     if refused is not None:
         old = get_condition(status, COND_SCHEDULED)
