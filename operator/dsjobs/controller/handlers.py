@@ -37,7 +37,7 @@ import kopf
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, stored_data_of
-from dsjobs.controller.events import EventPoster
+from dsjobs.controller.events import EventPoster, phase_hops
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.jobstore import JobStore
 from dsjobs.controller.kube import (
@@ -1041,7 +1041,6 @@ class Operator:
         new_phase = str(new_status.get("phase") or "")
         old_phase = old.phase.value if old.phase is not None else ""
         if new_phase and new_phase != old_phase:
-            metrics.TRANSITIONS.labels(from_phase=old_phase or "NONE", to_phase=new_phase).inc()
             self.phases.set(key, new_phase)
             jlog(logging.INFO, key, "%s -> %s", old_phase or "new", new_phase)
         try:
@@ -1049,15 +1048,24 @@ class Operator:
         except ValueError:
             fresh = None
         if fresh is not None:
-            if fresh.started_at and fresh.started_at != old.started_at and fresh.created_at:
+            # Once per job: a retry's attempt starts afresh (startedAt reset), and its wait would
+            # count the failed attempt's run and the backoff. Before any retried failure no earlier
+            # attempt can have started (a fallback to another type comes before any start).
+            first_start = old.started_at is None and fresh.retried_failures == 0
+            if fresh.started_at and first_start and fresh.created_at:
                 metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - fresh.created_at).total_seconds()))
             if fresh.finished_at and not old.finished_at and fresh.started_at:
                 metrics.RUN_TIME.observe(max(0.0, (fresh.finished_at - fresh.started_at).total_seconds()))
         self._post(written, events, self._passed.pop(key, ()))
 
     def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent], passed: Sequence[str] = ()) -> None:
-        """Post the step's Events: phase changes as one chain, with the phases passed unwritten."""
-        for event in with_passed_phases(events, passed):
+        """Post the step's Events: phase changes as one chain, with the phases passed unwritten.
+        The transitions counter counts the hops of these very Events: it and `kubectl describe`
+        tell the same."""
+        told = with_passed_phases(events, passed)
+        for before, after in phase_hops(told):
+            metrics.TRANSITIONS.labels(from_phase=before, to_phase=after).inc()
+        for event in told:
             if self.events is None:  # not started by Kopf (tests): nothing to post to
                 log.debug("event not posted: %s %s", event.reason, event.message)
             else:

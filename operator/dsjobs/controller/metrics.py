@@ -25,11 +25,15 @@ LEADER = Gauge(
     "1 while this replica runs the operator (holds the leader Lease, or elects none), 0 standing by.",
 )
 TRANSITIONS = Counter(
-    "dsjobs_job_transitions_total", "Phase transitions written by the operator.", ["from_phase", "to_phase"]
+    "dsjobs_job_transitions_total",
+    "Phase changes of jobs, every hop their Events tell (from_phase NONE: a new job's first), those "
+    "passed between two paced status writes included.",
+    ["from_phase", "to_phase"],
 )
 QUEUE_TIME = Histogram(
     "dsjobs_job_queue_seconds",
-    "From the ProjectJob's creation to its program starting.",
+    "From the ProjectJob's creation to the first start of its job container, once per job: a retried "
+    "job's later attempts are not counted, nor is a job whose first attempt failed before starting.",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600),
 )
 RUN_TIME = Histogram(
