@@ -36,6 +36,8 @@ from dsjobs.devcluster.node.cgroup import MemoryCgroups
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 3600  # a cold binary build alone can take most of this
+CLI_STOP_TIMEOUT_S = 120  # an interrupted `up` stops its processes in waves of up to 15 s each
+HEALTHY_TIMEOUT_S = 60
 NO_NODE_AGENT_REASON = "the node agent (dsjobs.devcluster.node) does not exist yet"
 
 
@@ -58,14 +60,22 @@ class ClusterHandle:
 def devcluster_cli(root: Path, *args: str, timeout: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     """Run `python -m dsjobs.devcluster --dir root ...` as a separate process,
     as a user would: the cluster's children then belong to nobody here."""
-    return subprocess.run(
-        [sys.executable, "-m", "dsjobs.devcluster", "--dir", str(root), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO_ROOT,
-        check=False,
-    )
+    argv = [sys.executable, "-m", "dsjobs.devcluster", "--dir", str(root), *args]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            # SIGTERM, not subprocess.run's SIGKILL: an interrupted `up` then stops the processes it
+            # started (in sessions of their own) instead of leaving half a cluster running.
+            proc.terminate()
+            try:
+                proc.communicate(timeout=CLI_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def _s3_from_env() -> S3Config | None:
@@ -94,6 +104,7 @@ def dev_cluster() -> Iterator[ClusterHandle]:
 
     root = Path(os.environ.get("DSJOBS_E2E_DIR", REPO_ROOT / ".dev")).absolute()
     paths = ClusterPaths.at(root)
+    # Only a cluster whose `up` finished counts: what a killed `up` left is replaced by `up`.
     was_running = status(paths).all_running
     if not was_running:
         args = ["up"] if node_agent_available() else ["up", "--no-nodes"]
@@ -105,6 +116,7 @@ def dev_cluster() -> Iterator[ClusterHandle]:
     api = k8s_config.new_client_from_config(config_file=str(paths.kubeconfig))
     handle = ClusterHandle(paths.kubeconfig, api, S3Config.read(paths.s3_json), root, not was_running)
     try:
+        _require_healthy(paths)
         yield handle
     finally:
         api.close()
@@ -112,6 +124,25 @@ def dev_cluster() -> Iterator[ClusterHandle]:
             proc = devcluster_cli(root, "down", timeout=120)
             if proc.returncode != 0:
                 print(f"dev cluster teardown failed:\n{proc.stderr}", file=sys.stderr)
+
+
+def _require_healthy(paths: ClusterPaths) -> None:
+    """Every process of a complete cluster runs, the API server is ready and its nodes are Ready:
+    a cluster short of any of these would fail tests far from the cause."""
+    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
+    while not (st := status(paths)).healthy:
+        if time.monotonic() > deadline:
+            dead = [c.name for c in st.components if not c.running]
+            ready = {n.name for n in st.nodes if n.ready}
+            waiting = sorted(set(st.info.get("nodes", [])) - ready)
+            pytest.fail(
+                f"the dev cluster in {paths.root} is not healthy after {HEALTHY_TIMEOUT_S}s (complete: "
+                f"{st.complete}, not running: {dead}, apiserver ready: {st.apiserver_ready}, nodes not "
+                f"Ready: {waiting}); see `python -m dsjobs.devcluster status --dir {paths.root}`, "
+                "and `down` it to let the next run start a fresh one",
+                pytrace=False,
+            )
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from dsjobs.devcluster import bins
 from dsjobs.devcluster.cluster import ClusterError, ClusterState, down, restart, status, up
@@ -40,12 +42,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def unwind_on_sigterm(*, finish: bool = False) -> None:
+    """Let SIGTERM (a CI job's timeout, `kill`) unwind like Ctrl-C, so that `up` stops what it
+    started: the cluster's processes run in sessions of their own, which a kill of our process
+    group does not reach. With `finish` (for `down`), SIGTERM does not cut the teardown short.
+    A further SIGTERM while unwinding is ignored for the same reason (SIGKILL still ends us)."""
+    fired = False
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        nonlocal fired
+        if finish or fired:
+            logging.getLogger(__name__).warning("SIGTERM: finishing the teardown first")
+            return
+        fired = True
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _print_status(paths: ClusterPaths, st: ClusterState) -> int:
     if not st.recorded:
         print(f"no cluster in {paths.root}")
         return EXIT_NOT_RUNNING
     api = st.info.get("apiserver", "?")
     print(f"cluster   {paths.root}")
+    if not st.complete:
+        print("INCOMPLETE: `up` is still starting it, or was killed (the next `up` starts it anew)")
     print(f"apiserver {api}  {'ready' if st.apiserver_ready else 'NOT READY'}  {st.version}")
     print(f"kubeconfig {paths.kubeconfig}")
     print(f"s3        {st.info.get('s3', '?')}  (settings: {paths.s3_env})")
@@ -72,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="devcluster: %(message)s", stream=sys.stderr)
     paths = ClusterPaths.at(args.dir)
+    unwind_on_sigterm(finish=args.command == "down")
     try:
         if args.command == "up":
             nodes = load_topology(args.topology) if args.topology else None

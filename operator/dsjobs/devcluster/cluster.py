@@ -70,6 +70,11 @@ LOCAL_STORAGE_CLASS_MANIFEST: dict[str, Any] = {
     "volumeBindingMode": "Immediate",
 }
 
+# pids.json is saved after every spawn so that `down` finds everything, so a record by itself does
+# not say that `up` finished; this info key does: False from the first spawn, True at the end.
+COMPLETE_KEY = "complete"
+CONTROL_PLANE = ("s3", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+
 # Stop order for `down`: node agents first (they may still talk to the
 # apiserver while cleaning up), then the controllers, the apiserver, etcd.
 STOP_WAVES = (
@@ -92,6 +97,17 @@ def node_agent_available() -> bool:
 
 
 # ---------------------------------------------------------------- state
+
+
+def record_complete(record: Record) -> bool:
+    """`up` got through its start sequence; otherwise the record is what an interrupted `up` left."""
+    mark = record.info.get(COMPLETE_KEY)
+    if mark is not None:
+        return mark is True
+    # Records from before the mark: complete when every process `up` starts is listed, so that a
+    # cluster started by an older checkout is not torn down for nothing.
+    names = {c.name for c in record.components}
+    return {*CONTROL_PLANE, *(f"node-{n}" for n in record.info.get("nodes", []))} <= names
 
 
 @dataclass
@@ -120,10 +136,11 @@ class ClusterState:
     version: str = ""
     nodes: list[NodeState] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False  # see record_complete
 
     @property
     def all_running(self) -> bool:
-        return self.recorded and all(c.running for c in self.components)
+        return self.complete and all(c.running for c in self.components)
 
     @property
     def healthy(self) -> bool:
@@ -162,7 +179,7 @@ def status(paths: ClusterPaths) -> ClusterState:
     rec = Record.load(paths.pids)
     if rec is None:
         return ClusterState(recorded=False)
-    state = ClusterState(recorded=True, info=rec.info)
+    state = ClusterState(recorded=True, info=rec.info, complete=record_complete(rec))
     for c in rec.components:
         state.components.append(ComponentState(c.name, c.kind, c.pid, procs.is_running(c), c.ports))
     api = rec.info.get("apiserver")
@@ -314,6 +331,12 @@ def _up_locked(
     paths: ClusterPaths, nodes: Sequence[NodeSpec] | None, with_nodes: bool, timeout: float, build: bool
 ) -> tuple[Record, bool]:
     existing = Record.load(paths.pids)
+    if existing is not None and not record_complete(existing):
+        # An `up` killed half-way (SIGKILL, OOM, a timeout) left these: reusing them would give a
+        # cluster without a scheduler or nodes for good, so they go and the cluster starts anew.
+        log.warning("the last `up` in %s did not finish; stopping what it started", paths.root)
+        _teardown(paths, existing)
+        existing = None
     if existing is not None:
         dead = [c.name for c in existing.components if not procs.is_running(c)]
         if not dead:
@@ -345,17 +368,25 @@ def _up_locked(
     os.chmod(paths.cluster, 0o700)
 
     record = Record(
-        info={"root": str(paths.root), "bin_dir": str(bin_dir), "nodes": [n.name for n in topology]}
+        info={
+            "root": str(paths.root),
+            "bin_dir": str(bin_dir),
+            "nodes": [n.name for n in topology],
+            COMPLETE_KEY: False,
+        }
     )
     launch = _Launch(paths, record)
     t0 = time.monotonic()
     try:
         _start_all(launch, bin_dir, topology, timeout)
+        record.info[COMPLETE_KEY] = True
+        record.save(paths.pids)
     except BaseException as e:
         # Leave nothing half-started behind; keep the logs for the post-mortem.
         log.info("up failed; stopping what was started")
         _teardown(paths, record)
-        if isinstance(e, ClusterError | KeyboardInterrupt):
+        # SystemExit (SIGTERM) and KeyboardInterrupt keep their meaning for the caller.
+        if isinstance(e, ClusterError) or not isinstance(e, Exception):
             raise
         raise ClusterError(f"up failed: {e}") from e
     log.info("cluster up in %.1fs", time.monotonic() - t0)
