@@ -18,9 +18,10 @@ writes `<dir>/env`:
     export DSJOBS_PROJECT_ID=...
 
 Pods of the local cluster are host processes on the host network, so the overlay gives the API
-and the operator loopback ports. `up` keeps them when they are free and otherwise gives this
-cluster others (recorded in the cluster's directory until `down`), so stacks of two checkouts on
-one machine (a CI clone beside a working copy) never share a port. Everything else (names,
+and the operator loopback ports. `up` keeps them when they are free and no other live stack of
+this user has chosen them, and otherwise gives this cluster others (recorded in the cluster's
+directory until `down`, and the cluster listed in `~/.cache/dsjobs/stack-clusters.json`), so
+stacks of two checkouts on one machine (a CI clone beside a working copy) never share a port. Everything else (names,
 namespaces, the project id) is read from the rendered overlay, which stays the single source of
 truth.
 """
@@ -28,6 +29,7 @@ truth.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -37,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,7 @@ from dsjobs.controller.names import (
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.devcluster import ClusterPaths, S3Config, bins
 from dsjobs.devcluster.files import write_private
-from dsjobs.devcluster.procs import Record, reserve_ports
+from dsjobs.devcluster.procs import Record, is_running, reserve_ports
 from dsjobs.devcluster.s3 import ScopedKey, scoped_key
 from dsjobs.storage import project_prefix
 
@@ -80,6 +82,9 @@ LIVENESS_ENV = "DSJOBS_LIVENESS_PORT"
 #: Settings that hold a loopback port of the stack's processes ("host:port" or a port number).
 PORT_SETTINGS = (API_ENV, "DSJOBS_API_METRICS_LISTEN", "DSJOBS_METRICS_PORT", LIVENESS_ENV)
 PROMETHEUS_PORT_ANNOTATION = "prometheus.io/port"
+#: In port_registry_dir(): the roots of the dev clusters whose stacks chose ports, and its lock.
+PORTS_REGISTRY = "stack-clusters.json"
+PORTS_LOCK = "stack-ports.lock"
 
 Obj = dict[str, Any]
 
@@ -267,21 +272,26 @@ def choose_ports(
     recorded: Mapping[str, int] | None,
     is_free: Callable[[int], bool],
     any_free: Callable[[], int],
+    held: Collection[int] = (),
 ) -> dict[str, int]:
-    """This cluster's ports: those recorded by an earlier `up` of it; else each wanted port that is
-    free, and for a taken one a port the system hands out (never one wanted or chosen already)."""
-    if recorded is not None and set(recorded) == set(wanted):
-        return dict(recorded)
+    """This cluster's ports: those recorded by an earlier `up` of it, but for any that another live
+    cluster holds (`held`); else each wanted port that is free and not held, and otherwise a port
+    the system hands out (never one wanted, held or chosen already)."""
     chosen: dict[str, int] = {}
+    if recorded is not None and set(recorded) == set(wanted):
+        # Not probed: our own stack may be listening on them, which must not move them.
+        chosen = {name: port for name, port in recorded.items() if port not in held}
     for name, port in wanted.items():
-        if port not in chosen.values() and is_free(port):
+        if name in chosen:
+            continue
+        if port not in held and port not in chosen.values() and is_free(port):
             chosen[name] = port
             continue
         other = any_free()
-        while other in chosen.values() or other in wanted.values():
+        while other in chosen.values() or other in wanted.values() or other in held:
             other = any_free()
         chosen[name] = other
-    return chosen
+    return {name: chosen[name] for name in wanted}
 
 
 def loopback_port_free(port: int) -> bool:
@@ -299,17 +309,83 @@ def any_loopback_port() -> int:
         return port
 
 
-def stack_ports(paths: ClusterPaths, settings: Mapping[str, str]) -> dict[str, int]:
-    """The ports of this cluster's stack, chosen on its first `up` and kept until `down`."""
-    wanted = overlay_ports(settings)
-    recorded: dict[str, int] | None = None
-    with suppress(FileNotFoundError, ValueError):
-        data = json.loads(paths.stack_ports.read_text())
+def port_registry_dir() -> Path:
+    """Where the stacks of every checkout of this user note their ports (beside the binaries)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsjobs"
+
+
+def recorded_ports(path: Path) -> dict[str, int] | None:
+    with suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
         if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
-            recorded = {str(k): v for k, v in data.items()}
-    ports = choose_ports(wanted, recorded, loopback_port_free, any_loopback_port)
-    if ports != recorded:
-        write_private(paths.stack_ports, json.dumps(ports, sort_keys=True) + "\n")
+            return {str(k): v for k, v in data.items()}
+    return None
+
+
+def cluster_alive(paths: ClusterPaths) -> bool:
+    """A process of the dev cluster in `paths` still runs: a cluster that is down, deleted or
+    crashed (even with its directory left behind) holds no ports."""
+    try:
+        record = Record.load(paths.pids)
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return record is not None and any(is_running(c) for c in record.components)
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if we die holding it
+        yield
+    finally:
+        os.close(fd)
+
+
+def recorded_roots(path: Path) -> list[str]:
+    with suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        if isinstance(data, list):
+            return sorted(str(r) for r in data)
+    return []
+
+
+def held_ports(roots: Sequence[str]) -> dict[str, set[int]]:
+    """The ports each listed cluster that is alive recorded for its stack."""
+    held: dict[str, set[int]] = {}
+    for root in roots:
+        other = ClusterPaths.at(root)
+        if cluster_alive(other) and (theirs := recorded_ports(other.stack_ports)) is not None:
+            held[root] = set(theirs.values())
+    return held
+
+
+def stack_ports(
+    paths: ClusterPaths, settings: Mapping[str, str], registry: Path | None = None
+) -> dict[str, int]:
+    """The ports of this cluster's stack, chosen on its first `up` and kept until `down`.
+
+    The pods bind them minutes after the choice, so "free now" does not keep another checkout's
+    stack (CI beside a developer's `make demo`) off them. So every stack lists its cluster in
+    `registry`, and the choice is made under a lock there, avoiding the ports of the listed
+    clusters that are alive; one that is down or gone is dropped from the list.
+    """
+    registry = registry or port_registry_dir()
+    me = os.path.realpath(paths.root)
+    wanted = overlay_ports(settings)
+    with _exclusive(registry / PORTS_LOCK):
+        listed = recorded_roots(registry / PORTS_REGISTRY)
+        others = held_ports([root for root in listed if root != me])
+        recorded = recorded_ports(paths.stack_ports)
+        held = set().union(*others.values())
+        ports = choose_ports(wanted, recorded, loopback_port_free, any_loopback_port, held)
+        if ports != recorded:
+            write_private(paths.stack_ports, json.dumps(ports, sort_keys=True) + "\n")
+        if (now := sorted([me, *others])) != listed:
+            tmp = registry / f"{PORTS_REGISTRY}.tmp"
+            tmp.write_text(json.dumps(now, indent=1) + "\n")
+            os.replace(tmp, registry / PORTS_REGISTRY)
     return ports
 
 

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dsjobs.devcluster import ClusterPaths
+from dsjobs.devcluster.procs import Component, Record, reserve_ports, start_time
 from dsjobs.localstack import (
     PORT_SETTINGS,
+    PORTS_REGISTRY,
     StackError,
     any_loopback_port,
     choose_ports,
     loopback_port_free,
     overlay_ports,
+    stack_ports,
     with_ports,
 )
 
@@ -47,6 +54,75 @@ def test_recorded_ports_win_while_the_cluster_lives() -> None:
     assert choose_ports(WANTED, recorded, lambda p: False, no_port) == recorded
     # A record of other settings (an older overlay) is chosen afresh.
     assert choose_ports(WANTED, {"X": 1}, lambda p: True, no_port) == WANTED
+
+
+def test_ports_another_live_cluster_holds_are_never_chosen() -> None:
+    # Free now (their pods have not bound them yet), but another stack chose them.
+    system = handed_out(17090, 40001, 40002)
+    chosen = choose_ports(WANTED, None, lambda p: True, lambda: next(system), held={17090, 40001})
+    assert chosen == {"DSJOBS_API_LISTEN": 40002, "DSJOBS_METRICS_PORT": 17081}
+    # Our own record gives way for a held port only; the rest stays put (no rollout for them).
+    recorded = {"DSJOBS_API_LISTEN": 40001, "DSJOBS_METRICS_PORT": 40002}
+    chosen = choose_ports(WANTED, recorded, lambda p: p != 17090, lambda: 40003, held={40001})
+    assert chosen == {"DSJOBS_API_LISTEN": 40003, "DSJOBS_METRICS_PORT": 40002}
+
+
+def cluster(root: Path, *, alive: bool = True) -> ClusterPaths:
+    """A dev cluster whose one recorded process is this test (or a process that is gone)."""
+    paths = ClusterPaths.at(root)
+    pid = os.getpid()
+    started = start_time(pid) if alive else -1
+    assert started is not None
+    Record([Component("etcd", pid, pid, started, ["etcd"], str(paths.log("etcd")))]).save(paths.pids)
+    return paths
+
+
+@pytest.fixture
+def settings() -> dict[str, str]:
+    """The overlay's four port settings, on ports free on this machine."""
+    with reserve_ports(len(PORT_SETTINGS)) as ports:
+        return {name: f"127.0.0.1:{port}" for name, port in zip(PORT_SETTINGS, ports, strict=True)}
+
+
+def test_two_live_clusters_never_share_a_port(tmp_path: Path, settings: dict[str, str]) -> None:
+    registry = tmp_path / "cache"
+    a, b = cluster(tmp_path / "a"), cluster(tmp_path / "b")
+    ports_a = stack_ports(a, settings, registry)  # A's pods bind them only minutes later
+    ports_b = stack_ports(b, settings, registry)
+    assert ports_a == overlay_ports(settings)
+    assert not set(ports_a.values()) & set(ports_b.values())
+    assert stack_ports(a, settings, registry) == ports_a  # kept on A's next `up`
+    assert json.loads((registry / PORTS_REGISTRY).read_text()) == sorted(
+        os.path.realpath(p.root) for p in (a, b)
+    )
+
+
+def test_a_saved_port_another_live_cluster_holds_is_chosen_again(
+    tmp_path: Path, settings: dict[str, str]
+) -> None:
+    registry = tmp_path / "cache"
+    a, b = cluster(tmp_path / "a"), cluster(tmp_path / "b")
+    ports_a = stack_ports(a, settings, registry)
+    b.stack_ports.write_text(json.dumps(ports_a))  # saved while A's choice was not visible
+    ports_b = stack_ports(b, settings, registry)
+    assert not set(ports_a.values()) & set(ports_b.values())
+    assert json.loads(b.stack_ports.read_text()) == ports_b
+
+
+@pytest.mark.parametrize("gone", ["down", "crashed", "deleted"])
+def test_a_cluster_that_is_gone_holds_no_ports(tmp_path: Path, settings: dict[str, str], gone: str) -> None:
+    registry = tmp_path / "cache"
+    a = cluster(tmp_path / "a")
+    stack_ports(a, settings, registry)
+    if gone == "down":
+        shutil.rmtree(a.cluster)
+    elif gone == "crashed":  # its processes died with it; the directory stays
+        cluster(a.root, alive=False)
+    else:
+        shutil.rmtree(a.root)
+    c = cluster(tmp_path / "c")
+    assert stack_ports(c, settings, registry) == overlay_ports(settings)
+    assert json.loads((registry / PORTS_REGISTRY).read_text()) == [os.path.realpath(c.root)]
 
 
 def test_port_probe_sees_a_listener() -> None:
