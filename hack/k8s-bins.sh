@@ -3,9 +3,13 @@
 #   kube-apiserver kube-controller-manager kube-scheduler kubectl  (k8s.io/kubernetes)
 #   etcd                                                           (go.etcd.io/etcd/server/v3)
 #   dsjobs-s3server                                                (hack/s3server, gofakes3)
-# from the Go module proxy, into a cache directory keyed by the versions:
-#   ${XDG_CACHE_HOME:-$HOME/.cache}/dsjobs/k8s/<k8s>-etcd<etcd>/bin
-# A run that finds every binary already there does nothing and says so.
+# from the Go module proxy, into a cache directory keyed by what they are built from:
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/dsjobs/k8s/<k8s>-etcd<etcd>-<key>/
+#     bin/              Kubernetes and etcd
+#     s3-<stamp>/bin/   the bin dir a cluster runs: links to those, and dsjobs-s3server
+# <key> hashes the versions, hack/{k8s,etcd}/go.{mod,sum}, the build flags and `go env`;
+# <stamp> hashes the sources of hack/s3server. A run that finds every binary already there
+# does nothing and says so.
 #
 # Usage: hack/k8s-bins.sh [--print-dir | --dir-only | --check]
 #   (none)       build what is missing
@@ -26,8 +30,11 @@ BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd dsj
 
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/dsjobs/k8s"
-VERSION_DIR="$CACHE_ROOT/${K8S_VERSION}-etcd${ETCD_VERSION}"
-BUILD_BIN="$VERSION_DIR/bin"
+# Build flags (part of the cache key below; the build date stamped into Kubernetes is not).
+CGO=0 # static binaries, no C toolchain needed
+GOBUILD=(go build -trimpath -buildvcs=false)
+STRIP_LDFLAGS="-s -w"
+K8S_VERSION_PKGS=(k8s.io/component-base/version k8s.io/client-go/pkg/version)
 
 mode=build
 case "${1:-}" in
@@ -35,38 +42,63 @@ case "${1:-}" in
   --print-dir) mode=print ;;
   --dir-only) mode=dironly ;;
   --check) mode=check ;;
-  -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "k8s-bins: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
 log() { printf 'k8s-bins: %s\n' "$*" >&2; }
 die() { printf 'k8s-bins: error: %s\n' "$*" >&2; exit 1; }
 
-# The s3server is our own code: rebuild it when its sources change, which a
-# version-keyed directory alone would not notice.
+# The Go that builds: the one on PATH if new enough, else a pinned one fetched once from the Go
+# module proxy. Found before the cache key, which names it.
+if go_bin="$(bash "$HACK_DIR/go-toolchain.sh")"; then
+  PATH="$go_bin:$PATH"
+fi
+
+# Checkouts share the cache, and their binaries are built from more than the two versions: a
+# branch that changes a go.mod/go.sum (a require or replace line), a build flag or the Go toolchain
+# must get binaries of its own rather than use, or overwrite, main's.
+build_key() {
+  {
+    printf '%s\n' "$K8S_VERSION" "$ETCD_VERSION" "CGO_ENABLED=$CGO" "${GOBUILD[*]}" "$STRIP_LDFLAGS" \
+      "${K8S_VERSION_PKGS[*]}"
+    if command -v go >/dev/null 2>&1; then
+      (cd "$HACK_DIR/k8s" && go env GOVERSION GOOS GOARCH GOFLAGS GOEXPERIMENT) || echo "go env failed"
+    else
+      echo "no go" # the build then stops at the preflight; the key only has to be stable
+    fi
+    for f in k8s/go.mod k8s/go.sum etcd/go.mod etcd/go.sum; do
+      printf '== %s\n' "$f"
+      cat "$HACK_DIR/$f" 2>/dev/null || echo "missing"
+    done
+  } | sha256sum | cut -c1-12
+}
+
+# The s3server is our own code and changes between checkouts: each version of its sources gets
+# a bin dir of its own, so a checkout's rebuild never replaces the binary another one's cluster
+# runs (or restarts).
 s3_stamp() {
   (cd "$HACK_DIR/s3server" && cat go.mod go.sum ./*.go 2>/dev/null || true) | sha256sum | cut -c1-16
 }
 
-# Where the cluster's binaries live: the build dir, or, with usable
-# KUBEBUILDER_ASSETS, a dir of symlinks keyed by that path.
-BIN_DIR="$BUILD_BIN"
+VERSION_DIR="$CACHE_ROOT/${K8S_VERSION}-etcd${ETCD_VERSION}-$(build_key)"
+BUILD_BIN="$VERSION_DIR/bin"
+VIEW="s3-$(s3_stamp)"
 ASSETS=""
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   if [[ -x "$KUBEBUILDER_ASSETS/kube-apiserver" && -x "$KUBEBUILDER_ASSETS/etcd" ]]; then
     ASSETS="$(cd "$KUBEBUILDER_ASSETS" && pwd -P)"
-    BIN_DIR="$CACHE_ROOT/assets-$(printf '%s' "$ASSETS" | sha256sum | cut -c1-12)/bin"
+    VIEW="assets-$(printf '%s' "$ASSETS" | sha256sum | cut -c1-12)-$VIEW"
   else
     log "KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS lacks kube-apiserver or etcd; ignoring it"
   fi
 fi
+# What the cluster runs: links to the binaries of BUILD_BIN (or KUBEBUILDER_ASSETS), and the
+# s3server itself.
+BIN_DIR="$VERSION_DIR/$VIEW/bin"
 
 present() { # name -> 0 when BIN_DIR has a usable copy
-  local name=$1
-  [[ -x "$BIN_DIR/$name" ]] || return 1
-  if [[ $name == dsjobs-s3server ]]; then
-    [[ -f "$BUILD_BIN/.dsjobs-s3server.stamp" && "$(cat "$BUILD_BIN/.dsjobs-s3server.stamp")" == "$(s3_stamp)" ]] || return 1
-  fi
+  [[ -x "$BIN_DIR/$1" ]]
 }
 
 missing=()
@@ -89,7 +121,7 @@ if ((${#missing[@]} == 0)); then
 fi
 
 # ---- preflight ------------------------------------------------------------
-command -v go >/dev/null 2>&1 || die "cannot build ${missing[*]}: the Go toolchain is missing.
+command -v go >/dev/null 2>&1 || die "cannot build ${missing[*]}: no Go toolchain (hack/go-toolchain.sh could not fetch one, above).
   Install Go >= 1.26 (https://go.dev/dl/; distribution packages are often older) and put its bin dir on PATH,
   or set KUBEBUILDER_ASSETS to a directory holding prebuilt kube-apiserver and etcd (the rest still needs Go)."
 go_minor="$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')"
@@ -117,29 +149,31 @@ fi
 TMP="$(mktemp -d "$CACHE_ROOT/.tmp-build.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-# Link KUBEBUILDER_ASSETS binaries first; only what is still absent is built.
+# Link KUBEBUILDER_ASSETS binaries first, then those built before; only what is still absent
+# is built.
 need_build=()
 for b in "${missing[@]}"; do
-  if [[ -n $ASSETS && -x "$ASSETS/$b" ]]; then
+  if [[ $b == dsjobs-s3server ]]; then
+    need_build+=("$b")
+  elif [[ -n $ASSETS && -x "$ASSETS/$b" ]]; then
     ln -sfn "$ASSETS/$b" "$BIN_DIR/$b"
     log "using $ASSETS/$b"
-  elif [[ $BIN_DIR != "$BUILD_BIN" && -x "$BUILD_BIN/$b" ]] && [[ $b != dsjobs-s3server ]]; then
+  elif [[ -x "$BUILD_BIN/$b" ]]; then
     ln -sfn "$BUILD_BIN/$b" "$BIN_DIR/$b"
-    log "using previously built $BUILD_BIN/$b"
   else
     need_build+=("$b")
   fi
 done
 want() { local x; for x in "${need_build[@]}"; do [[ $x == "$1" ]] && return 0; done; return 1; }
 
-export CGO_ENABLED=0 # static binaries, no C toolchain needed
-GOBUILD=(go build -trimpath -buildvcs=false)
+export CGO_ENABLED=$CGO
 
-# install_bin name: move a freshly built binary into place atomically
+# install_bin name [dir]: move a freshly built binary into place atomically
 # (rename within one filesystem), so a reader never sees half a file.
 install_bin() {
-  mv -f "$TMP/$1" "$BUILD_BIN/$1"
-  if [[ $BIN_DIR != "$BUILD_BIN" ]]; then ln -sfn "$BUILD_BIN/$1" "$BIN_DIR/$1"; fi
+  local dir=${2:-$BUILD_BIN}
+  mv -f "$TMP/$1" "$dir/$1"
+  if [[ $dir != "$BIN_DIR" ]]; then ln -sfn "$dir/$1" "$BIN_DIR/$1"; fi
 }
 
 elapsed() { echo "$(($(date +%s) - $1))s"; }
@@ -152,10 +186,10 @@ done
 if ((${#k8s_pkgs[@]})); then
   minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   build_date="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  ldflags="-s -w"
+  ldflags="$STRIP_LDFLAGS"
   # Same stamping as upstream hack/lib/version.sh, for both version packages
   # (kubectl's client half reads client-go's, servers read component-base's).
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  for pkg in "${K8S_VERSION_PKGS[@]}"; do
     ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$build_date"
   done
@@ -170,7 +204,7 @@ fi
 if want etcd; then
   log "building etcd $ETCD_VERSION"
   t=$(date +%s)
-  (cd "$HACK_DIR/etcd" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$TMP/etcd" .) \
+  (cd "$HACK_DIR/etcd" && "${GOBUILD[@]}" -ldflags "$STRIP_LDFLAGS" -o "$TMP/etcd" .) \
     || die "building etcd $ETCD_VERSION failed (see the go output above)"
   install_bin etcd
   log "built etcd in $(elapsed "$t")"
@@ -179,10 +213,9 @@ fi
 if want dsjobs-s3server; then
   log "building dsjobs-s3server (gofakes3)"
   t=$(date +%s)
-  (cd "$HACK_DIR/s3server" && "${GOBUILD[@]}" -ldflags "-s -w" -o "$TMP/dsjobs-s3server" .) \
+  (cd "$HACK_DIR/s3server" && "${GOBUILD[@]}" -ldflags "$STRIP_LDFLAGS" -o "$TMP/dsjobs-s3server" .) \
     || die "building hack/s3server failed (see the go output above)"
-  install_bin dsjobs-s3server
-  s3_stamp >"$BUILD_BIN/.dsjobs-s3server.stamp"
+  install_bin dsjobs-s3server "$BIN_DIR"
   log "built dsjobs-s3server in $(elapsed "$t")"
 fi
 

@@ -1,7 +1,9 @@
 """Finding (and, when missing, building) the control-plane binaries.
 
-The binaries come from `hack/k8s-bins.sh`, which builds them once into a
-version-keyed cache directory. `DSJOBS_K8S_BIN_DIR` overrides the lookup.
+The binaries come from `hack/k8s-bins.sh`, which builds them once into a cache
+directory keyed by what they are built from. Only the script computes that key:
+it is asked for the directory (--dir-only, --print-dir), so the two cannot
+disagree. `DSJOBS_K8S_BIN_DIR` overrides the lookup.
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""hack/k8s-bins.sh's cache layout: checkouts that build different binaries never share (or
+overwrite) them. A stand-in `go` on PATH makes each "build" a one-line script, so nothing is
+compiled and no real cache is touched."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+FAKE_GO = r"""#!/usr/bin/env bash
+if [[ $1 == env ]]; then
+  printf '%s\n' go1.26.8 linux amd64 "${GOFLAGS:-}" ""
+  exit 0
+fi
+[[ $1 == build ]] || exit 3
+echo "$PWD" >>"$GO_BUILDS"
+out=""; pkgs=()
+shift
+while (($#)); do
+  case $1 in -o) out=$2; shift 2 ;; -ldflags) shift 2 ;; -*) shift ;; *) pkgs+=("$1"); shift ;; esac
+done
+if [[ $out == */ ]]; then
+  for p in "${pkgs[@]}"; do printf '#!/bin/sh\necho %s\n' "$PWD" >"$out${p##*/}"; chmod +x "$out${p##*/}"; done
+else
+  printf '#!/bin/sh\necho %s\n' "$PWD" >"$out"; chmod +x "$out"
+fi
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    if shutil.which("flock") is None or shutil.which("sha256sum") is None:
+        pytest.skip("needs flock and sha256sum (util-linux, coreutils)")
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "go").write_text(FAKE_GO)
+    (stub / "go").chmod(0o755)
+    return {
+        "PATH": f"{stub}:/usr/bin:/bin",
+        "HOME": str(tmp_path / "home"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "GO_BUILDS": str(tmp_path / "builds.log"),
+    }
+
+
+def checkout(tmp_path: Path, name: str) -> Path:
+    """The part of a checkout the script reads."""
+    hack = tmp_path / name / "hack"
+    hack.mkdir(parents=True)
+    shutil.copy(REPO / "hack" / "k8s-bins.sh", hack)
+    for module in ("k8s", "etcd", "s3server"):
+        shutil.copytree(REPO / "hack" / module, hack / module)
+    return hack
+
+
+def bins(hack: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(hack / "k8s-bins.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def bin_dir(hack: Path, env: dict[str, str]) -> Path:
+    return Path(bins(hack, env, "--dir-only").stdout.strip())
+
+
+def test_the_dir_is_keyed_on_module_files_build_flags_and_toolchain(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    main, same = checkout(tmp_path, "main"), checkout(tmp_path, "same")
+    assert bin_dir(main, env) == bin_dir(same, env)
+    branch = checkout(tmp_path, "branch")
+    with open(branch / "k8s" / "go.mod", "a") as f:
+        f.write("replace golang.org/x/net => golang.org/x/net v0.99.0\n")
+    etcd = checkout(tmp_path, "etcd")
+    (etcd / "etcd" / "go.sum").write_text(
+        (etcd / "etcd" / "go.sum").read_text() + "example.com/x v1.0.0 h1:x=\n"
+    )
+    dirs = {bin_dir(h, env).parents[1] for h in (main, branch, etcd)}
+    dirs.add(bin_dir(main, {**env, "GOFLAGS": "-mod=mod"}).parents[1])
+    assert len(dirs) == 4, dirs
+
+
+def test_an_s3server_of_other_sources_never_replaces_one_in_use(tmp_path: Path, env: dict[str, str]) -> None:
+    a, b = checkout(tmp_path, "a"), checkout(tmp_path, "b")
+    with open(b / "s3server" / "main.go", "a") as f:
+        f.write("// a local change\n")
+    built_a = bins(a, env, "--print-dir")
+    assert built_a.returncode == 0, built_a.stderr
+    dir_a = Path(built_a.stdout.splitlines()[-1])
+    s3_a = (dir_a / "dsjobs-s3server").read_text()
+
+    built_b = bins(b, env, "--print-dir")
+    assert built_b.returncode == 0, built_b.stderr
+    dir_b = Path(built_b.stdout.splitlines()[-1])
+
+    assert dir_b != dir_a and dir_b.parents[1] == dir_a.parents[1]  # same Kubernetes, own s3server
+    assert (dir_a / "dsjobs-s3server").read_text() == s3_a
+    assert bins(a, env, "--check").returncode == 0  # A's cluster finds its binaries as they were
+    assert bins(b, env, "--check").returncode == 0
+    builds = Path(env["GO_BUILDS"]).read_text().splitlines()
+    # Kubernetes and etcd once; each checkout's s3server once
+    assert sorted(Path(b).name for b in builds) == ["etcd", "k8s", "s3server", "s3server"]
+    assert os.path.realpath(dir_b / "kube-apiserver") == os.path.realpath(dir_a / "kube-apiserver")
+
+
+def _stub_go(bindir: Path, version: str) -> None:
+    bindir.mkdir(parents=True)
+    (bindir / "go").write_text(f"#!/bin/sh\necho {version}\n")
+    (bindir / "go").chmod(0o755)
+
+
+def test_a_new_enough_go_on_path_is_used_as_it_is(tmp_path: Path) -> None:
+    _stub_go(tmp_path / "bin", "go1.27.1")
+    env = {
+        "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        ["bash", str(REPO / "hack/go-toolchain.sh")], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == str(tmp_path / "bin") and not (tmp_path / "cache").exists()
+
+
+def test_an_old_go_gets_the_pinned_one_and_a_download_with_another_sha256_is_refused(tmp_path: Path) -> None:
+    # A proxy answering with other bytes than the pinned toolchain zip (a local HTTP server).
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"not the toolchain"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _stub_go(tmp_path / "bin", "go1.19.8")
+        env = {
+            "HOME": str(tmp_path),
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),
+            "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+            "GOPROXY": f"http://127.0.0.1:{server.server_address[1]},direct",
+        }
+        out = subprocess.run(
+            ["bash", str(REPO / "hack/go-toolchain.sh")], env=env, capture_output=True, text=True, check=False
+        )
+    finally:
+        server.shutdown()
+    assert out.returncode == 1, out.stderr
+    assert "go1.19.8 is older than go1.26" in out.stderr and "not the pinned" in out.stderr
+    assert os.listdir(tmp_path / "cache/dsjobs/go") == [".lock"]  # nothing half-unpacked is kept
