@@ -12,6 +12,7 @@ from dsjobs.devcluster.node.status import (
     Terminated,
     compute_status,
     pod_phase,
+    reported_view,
     status_patch,
     tail_for_message,
     termination_message,
@@ -172,9 +173,25 @@ def test_transition_time_changes_only_on_status_change() -> None:
     assert cond(later, "PodScheduled")["lastTransitionTime"] == "2026-01-02T03:04:05Z"
 
 
-def test_status_patch_is_a_plain_status_stanza() -> None:
+def test_status_patch_is_the_status_stanza_with_the_uid_as_precondition() -> None:
     st = compute_status(POD, snap(main=[running("a")]), T1)
-    assert status_patch(st) == {"status": st}
+    assert status_patch(st, "u") == {"metadata": {"uid": "u"}, "status": st}
+
+
+def test_reported_view_survives_the_api_round_trip_and_sees_others_writes() -> None:
+    st = compute_status(POD, snap(main=[running("a")], sandbox_ready=True), T0)
+    echo = dict(st, conditions=[{k: v for k, v in c.items() if v is not None} for c in st["conditions"]])
+    # A later transition time, a gate's condition and the phase are not what tells them apart.
+    echo["conditions"] = [dict(c, lastTransitionTime="2030-01-01T00:00:00Z") for c in echo["conditions"]]
+    echo["conditions"].append({"type": "example.com/gate", "status": "False"})
+    echo["phase"] = "Failed"
+    assert reported_view(echo) == reported_view(st)
+    marked = dict(
+        echo, conditions=[dict(c, status="False") if c["type"] == "Ready" else c for c in echo["conditions"]]
+    )
+    assert reported_view(marked) != reported_view(st)
+    restarted = dict(st, containerStatuses=[dict(st["containerStatuses"][0], restartCount=1)])
+    assert reported_view(restarted) != reported_view(st)
 
 
 def test_termination_message_rules() -> None:

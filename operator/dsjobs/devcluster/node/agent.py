@@ -404,7 +404,7 @@ class Agent:
         worker = self.workers.get(uid)
         if worker is None:
             return
-        worker.api_deleted()
+        worker.api_deleted(pod)
 
         async def cleanup() -> None:
             await worker.finished.wait()

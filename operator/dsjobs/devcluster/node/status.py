@@ -200,6 +200,10 @@ def readiness_gates_ok(pod: Obj, previous: Mapping[str, Obj]) -> tuple[bool, str
     return True, None
 
 
+#: The condition types `conditions` computes: the node's own (others', e.g. readiness gates, are not).
+NODE_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodScheduled")
+
+
 def conditions(pod: Obj, snap: PodSnapshot, previous: Mapping[str, Obj], now: datetime) -> list[Obj]:
     gen = pod.get("metadata", {}).get("generation")
     phase = pod_phase(snap)
@@ -313,14 +317,43 @@ def compute_status(
     return status
 
 
-def status_patch(status: Obj) -> Obj:
-    """A strategic merge patch writing `status`.
+def reported_view(status: Mapping[str, Any]) -> Obj:
+    """What a status says in the fields the node owns, in a form that survives the API
+    server's round trip (nulls it drops, timestamps that only record when).
+
+    The kubelet compares the same (isPodStatusByKubeletEqual: its conditions by status,
+    reason and message) to notice that someone else rewrote them. Phase is left out: a
+    terminal phase set by another writer (pod GC) cannot be undone, and must not be fought.
+    """
+    conds = {
+        str(c.get("type")): (c.get("status"), c.get("reason") or None, c.get("message") or None)
+        for c in status.get("conditions") or []
+        if c.get("type") in NODE_CONDITIONS
+    }
+    containers = [
+        (
+            key,
+            s.get("name"),
+            bool(s.get("ready")),
+            int(s.get("restartCount") or 0),
+            sorted(s.get("state") or {}),
+        )
+        for key in ("initContainerStatuses", "containerStatuses")
+        for s in status.get(key) or []
+    ]
+    return {"conditions": conds, "containers": containers}
+
+
+def status_patch(status: Obj, uid: str) -> Obj:
+    """A strategic merge patch writing `status` to the pod instance `uid`.
 
     Conditions merge by type, so others' conditions (e.g. DisruptionTarget) survive; every
     condition we send carries `reason`/`message` (null when unset) so a stale reason from a
     previous state is cleared. The container status lists are atomic: replaced whole.
+    `metadata.uid` is a precondition, as in the kubelet's patch: pod names are reused, and a
+    late write meant for a deleted pod must be refused rather than land on its successor.
     """
-    return {"status": status}
+    return {"metadata": {"uid": uid}, "status": status}
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A `PodWorker` is a handful of asyncio tasks (the lifecycle, a status writer, a d
 watch, a token refresher); container processes are `runtime.ContainerProcess`es.
 The lifecycle mutates a `status.PodSnapshot`; every mutation marks the status dirty, and
 the writer patches `pods/status` only when the computed status differs from what it
-last wrote (coalescing bursts into one write).
+last wrote (coalescing bursts into one write), or when someone else has since rewritten
+the node's fields in the API's copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import signal
 import stat
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +43,7 @@ from .status import (
     Terminated,
     compute_status,
     parse_rfc3339,
+    reported_view,
     status_patch,
     tail_for_message,
     termination_message,
@@ -122,6 +125,20 @@ STORAGE_CHECK_SECONDS = 5.0
 STORAGE_CHECK_BACKOFF = 10.0
 #: The kubelet evicts a pod over a local storage limit with this grace period.
 EVICTION_GRACE_SECONDS = 1
+#: The shortest grace period a pod's containers get, whatever asked for less: the kubelet's pod
+#: worker ends calculateEffectiveGracePeriod (pkg/kubelet/pod_workers.go) with "no matter what,
+#: we always supply a grace period of 1", and passes the result to killContainer as an override
+#: (which wins over killContainer's own minimumGracePeriodInSeconds = 2). A force deletion
+#: (grace 0) thus still gives SIGTERM handlers a second.
+MIN_GRACE_SECONDS = 1
+#: Re-sending a status that someone else overwrote is spaced by this much, as the kubelet's status
+#: manager re-checks the API's copy on its periodic sync (10 s): a writer that insists on another
+#: value (the node lifecycle controller, while it thinks the node is down) gets no tight loop.
+RECONCILE_SECONDS = 10.0
+#: How many of its own writes a worker remembers, to know late echoes of them from others' writes.
+REPORTED_HISTORY = 16
+#: Cap of the back-off between attempts of the final DELETE.
+DELETE_RETRY_MAX_SECONDS = 10.0
 
 
 class PodWorker:
@@ -159,6 +176,9 @@ class PodWorker:
         self._persist_failing = False
         self._written = Notifier()
         self._last_written: Obj | None = None
+        self._reported: deque[Obj] = deque(maxlen=REPORTED_HISTORY)
+        self._reconciled_at = float("-inf")
+        self._reconcile_timer: asyncio.TimerHandle | None = None
         self._rejected: Obj | None = None
         self._writing = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -253,15 +273,21 @@ class PodWorker:
             # Readiness gates and generation live in the pod: recompute (no write if unchanged).
             self._changed()
 
-    def api_deleted(self) -> None:
-        """The API object is gone (e.g. force deletion): stop writing, kill now."""
+    def api_deleted(self, pod: Obj | None = None) -> None:
+        """The API object is gone (e.g. force deletion): stop writing, stop the containers.
+
+        `pod` is the object as last seen (the watch's DELETED event carries it). Its deletion
+        grace period applies, else the spec's, as the kubelet's pod worker computes it for a
+        pod removed from the API: a force deletion is written with deletionGracePeriodSeconds 0
+        before the object goes, and becomes MIN_GRACE_SECONDS.
+        """
         self.gone = True
         if not self.finished.is_set():
-            self.request_stop("Gone", 0)
+            self.request_stop("Gone", podspec.termination_grace_seconds(pod or self.pod))
 
     def request_stop(self, reason: str, grace: float, message: str = "") -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, grace)
+        deadline = loop.time() + max(MIN_GRACE_SECONDS, grace)
         if self.stop is None:
             self.stop = StopRequest(reason, deadline, message)
             self._stop_event.set()
@@ -293,6 +319,9 @@ class PodWorker:
             )
 
     async def close(self) -> None:
+        if self._reconcile_timer is not None:
+            self._reconcile_timer.cancel()
+            self._reconcile_timer = None
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -323,7 +352,8 @@ class PodWorker:
                 self._written.notify()
                 continue
             status = self.current_status()
-            if status == self._last_written:
+            reconcile = status == self._last_written
+            if reconcile and not self._api_differs():
                 self._written.notify()
                 continue
             self._writing = True
@@ -331,13 +361,23 @@ class PodWorker:
                 await self.ctx.api.request(
                     "PATCH",
                     f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status",
-                    body=status_patch(status),
+                    body=status_patch(status, self.uid),
                     content_type=STRATEGIC_PATCH,
                 )
                 self._last_written = status
+                self._reported.append(reported_view(status))
+                if reconcile:
+                    self._reconciled_at = asyncio.get_running_loop().time()
                 delay = 0.2
             except ApiError as exc:
                 if exc.status == 404:
+                    self.gone = True
+                elif exc.status in (409, 422) and await self._replaced():
+                    # The uid in the patch refused it: the name belongs to a new pod now.
+                    log.info(
+                        "pod replaced by another of the same name, no more status writes",
+                        extra={"kv": {"pod": pod_ref(self.pod), "uid": self.uid}},
+                    )
                     self.gone = True
                 elif 400 <= exc.status < 500 and exc.status not in (409, 429):
                     # Invalid or forbidden: retrying the same status cannot help; the next
@@ -363,6 +403,34 @@ class PodWorker:
             finally:
                 self._writing = False
             self._written.notify()
+
+    def _api_differs(self) -> bool:
+        """Whether the API's copy of the pod shows, in the fields the node owns, something this
+        worker never wrote: someone else rewrote them (the node lifecycle controller marks the
+        pods of a node it thinks down Ready=False). The kubelet's status manager then sends its
+        own status again (needsReconcile); late echoes of this worker's earlier writes are no
+        reason to. At most once per RECONCILE_SECONDS; a later one is scheduled."""
+        if reported_view(self.pod.get("status") or {}) in self._reported:
+            return False
+        loop = asyncio.get_running_loop()
+        wait = self._reconciled_at + RECONCILE_SECONDS - loop.time()
+        if wait <= 0:
+            return True
+        if self._reconcile_timer is None:
+            self._reconcile_timer = loop.call_later(wait, self._reconcile_due)
+        return False
+
+    def _reconcile_due(self) -> None:
+        self._reconcile_timer = None
+        self._changed()
+
+    async def _replaced(self) -> bool:
+        """Whether the API's pod of this name is another instance than this worker's, or none."""
+        try:
+            pod = await self.ctx.api.get_or_none(f"/api/v1/namespaces/{self.namespace}/pods/{self.name}")
+        except (ApiError, aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return pod is None or pod.get("metadata", {}).get("uid") != self.uid
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait until the current status has been written (or the pod is gone)."""
@@ -682,6 +750,9 @@ class PodWorker:
             if self.stop is not None:
                 return
             if term is None or term.exit_code != 0:
+                # The pod has failed; as the kubelet kills every container of a terminal pod,
+                # the sidecars started before this init container must not outlive it.
+                await self._stop_sidecars()
                 self.snap.terminal_phase = "Failed"
                 return
         if self.stop is not None:
@@ -1038,17 +1109,27 @@ class PodWorker:
             "gracePeriodSeconds": 0,
             "preconditions": {"uid": self.uid},
         }
-        try:
-            await self.ctx.api.request(
-                "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
+        # Retried until it is done: no other event may come to try again (the kubelet's status
+        # manager re-tries on every periodic sync). 404/409: the pod, or this instance of it, is gone.
+        delay = 0.5
+        while not self.gone:
+            try:
+                await self.ctx.api.request(
+                    "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
+                )
+                return
+            except ApiError as exc:
+                if exc.status in (404, 409):
+                    return
+                error = str(exc)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                error = str(exc) or type(exc).__name__
+            log.warning(
+                "pod delete failed, retrying",
+                extra={"kv": {"pod": pod_ref(self.pod), "error": error, "retry_in": delay}},
             )
-        except ApiError as exc:
-            if exc.status not in (404, 409):
-                self._delete_requested = False
-                log.warning("pod delete failed", extra={"kv": {"pod": pod_ref(self.pod), "error": str(exc)}})
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._delete_requested = False
-            log.warning("pod delete failed", extra={"kv": {"pod": pod_ref(self.pod), "error": str(exc)}})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, DELETE_RETRY_MAX_SECONDS)
 
     # ------------------------------------------------------------------ logs support
 
