@@ -22,6 +22,11 @@ JOB = {
 T0 = datetime(2026, 11, 29, 12, 0, 1, 250000, tzinfo=UTC)
 
 
+def test_an_event_names_the_replica_that_reported_it() -> None:
+    body = event_body(JOB, JobEvent("Normal", "R", "m"), component="ops", now=T0, instance="ops-7d9f-x2")
+    assert (body["reportingComponent"], body["reportingInstance"]) == ("ops", "ops-7d9f-x2")
+
+
 def test_event_body() -> None:
     body = event_body(JOB, JobEvent("Normal", "Executing", "PREPARING -> EXECUTING"), component="ops", now=T0)
     assert body == {

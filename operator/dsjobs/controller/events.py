@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,7 +57,9 @@ def clip_message(message: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
     return f"{message[:head]}...{message[len(message) - (limit - 3 - head) :]}"
 
 
-def event_body(obj: Mapping[str, Any], event: JobEvent, *, component: str, now: datetime) -> dict[str, Any]:
+def event_body(
+    obj: Mapping[str, Any], event: JobEvent, *, component: str, now: datetime, instance: str = ""
+) -> dict[str, Any]:
     """The core/v1 Event for `event` about the object `obj` (a ProjectJob body)."""
     meta = obj.get("metadata") or {}
     name, namespace = str(meta.get("name", "")), str(meta.get("namespace", ""))
@@ -79,7 +82,8 @@ def event_body(obj: Mapping[str, Any], event: JobEvent, *, component: str, now: 
         "message": clip_message(event.message),
         "source": {"component": component},  # the From column of `kubectl describe`
         "reportingComponent": component,
-        "reportingInstance": component,
+        # Which replica: after a leader change both have written the job's Events.
+        "reportingInstance": instance or component,
         "action": event.reason,
         "firstTimestamp": seconds,
         "lastTimestamp": seconds,
@@ -134,6 +138,7 @@ class EventPoster:
     ) -> None:
         self.kube = kube
         self.component = component
+        self.instance = socket.gethostname()
         self._clock = clock
         self._sleep = sleep
         self._retry_delays = tuple(retry_delays)
@@ -146,7 +151,7 @@ class EventPoster:
         # Strictly increasing: the time names the Event, and a step may post several at once.
         now = max(self._clock(), self._last + timedelta(microseconds=1))
         self._last = now
-        body = event_body(obj, event, component=self.component, now=now)
+        body = event_body(obj, event, component=self.component, now=now, instance=self.instance)
         meta = body["metadata"]
         pending = _Pending(body, f"{meta['namespace']}/{body['involvedObject']['name']}")
         try:
