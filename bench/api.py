@@ -1,6 +1,6 @@
 """API figures (issue 6): `python -m dsjobs.api` against the bench cluster.
 
-    .venv/bin/python bench/api.py [--dir /tmp/dsjobs-bench] [--quick]
+    .venv/bin/python bench/api.py [--dir DIR] [--quick]
 
 - Create+Execute jobs/s: 8 client threads, each Create then Execute (no operator for this
   project: the figure is the API's and the API server's, not the jobs');

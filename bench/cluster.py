@@ -1,6 +1,6 @@
 """Local cluster figures (issue 3): devcluster up/down, pod latency and API server throughput.
 
-    .venv/bin/python bench/cluster.py [--dir /tmp/dsjobs-bench] [--quick]
+    .venv/bin/python bench/cluster.py [--dir DIR] [--quick]
 
 - warm `devcluster up` (binaries built), twice, with a timed `down` in between;
 - bound pod (spec.nodeName preset) create -> Running seen by a watch: one at a time, then a burst;

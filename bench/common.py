@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -33,7 +34,11 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = sys.executable
 DOC_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-DEFAULT_DIR = Path(os.environ.get("DSJOBS_BENCH_DIR", "/tmp/dsjobs-bench"))
+# One per checkout: two checkouts' benchmarks on one machine must not take down each other's cluster.
+DEFAULT_DIR = Path(
+    os.environ.get("DSJOBS_BENCH_DIR")
+    or f"/tmp/dsjobs-bench-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:8]}"
+)
 
 Obj = dict[str, Any]
 
@@ -376,7 +381,7 @@ RESULTS_HEADING = "## `make bench` results"
 _RESULTS_INTRO = """\
 Written by `make bench` (`hack/bench.sh [cluster storage controller api runner]`; the scripts are in
 `bench/`, each also runs alone: `.venv/bin/python bench/<name>.py`). The benchmarks bring up a dev
-cluster of their own in `$DSJOBS_BENCH_DIR` (default `/tmp/dsjobs-bench`) and take it down at the
+cluster of their own in `$DSJOBS_BENCH_DIR` (default `/tmp/dsjobs-bench-<hash of the checkout's path>`) and take it down at the
 end. Each rerun of a benchmark replaces its own section between the `bench:<name>` markers below;
 benchmarks that were not rerun keep their earlier figures and dates. Knobs: `BENCH_OPERATOR_JOBS`
 (500), `BENCH_STORAGE_REPS` (2), `BENCH_RUNNER_REPS` (2); `--quick` checks the harness with small

@@ -1,6 +1,6 @@
 """Operator figures (issue 4): `python -m dsjobs.controller` against the bench cluster.
 
-    .venv/bin/python bench/controller.py [--dir /tmp/dsjobs-bench] [--quick]
+    .venv/bin/python bench/controller.py [--dir DIR] [--quick]
 
 - N ProjectJobs created at once by 8 clients on an InstanceType no node matches: CR created ->
   Pod created (watch) p50/p99 with nothing else competing for the CPU (the operator's own pace);

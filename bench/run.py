@@ -6,7 +6,7 @@
 Every benchmark whose prerequisites exist runs (the others print `skipped: <why>`), each prints a
 markdown table, and docs/benchmarks.md gets that table between its `bench:<name>` markers (a rerun
 replaces the figures instead of piling them up). One dev cluster in `--dir` (default
-/tmp/dsjobs-bench, never the `.dev` other sessions use) serves them all; it is taken down at the end
+/tmp/dsjobs-bench-<hash of the checkout's path>, never the `.dev` other sessions use) serves them all; it is taken down at the end
 unless --keep-cluster.
 """
 

@@ -1,6 +1,6 @@
 """Runner figures (issue 5): stage-in and stage-out of 1 GiB, against plain boto3.
 
-    .venv/bin/python bench/runner.py [--dir /tmp/dsjobs-bench] [--quick]
+    .venv/bin/python bench/runner.py [--dir DIR] [--quick]
 
 `python -m dsjobs.runner stage-in` (one 1 GiB input) and `python -m dsjobs.runner ship` (one 1 GiB
 output, then a directory holding it; the program is already over: its status file is written before ship starts) run as the

@@ -1,6 +1,6 @@
 """Object storage figures (issue 5 baseline): 1 GiB through the local S3 server.
 
-    .venv/bin/python bench/storage.py [--dir /tmp/dsjobs-bench] [--quick]
+    .venv/bin/python bench/storage.py [--dir DIR] [--quick]
 
 Plain boto3 (`upload_file`, multipart with boto3's default TransferConfig; `download_file`) is the
 baseline; `dsjobs.storage.Storage.upload_file` / `download_file` (what the runner's stage-in and

@@ -8,7 +8,7 @@
 #
 # Each benchmark prints a markdown table and replaces its own section of docs/benchmarks.md
 # (between `<!-- bench:<name>:begin/end -->` markers); benchmarks whose code is missing say
-# `skipped: <module> missing`. The cluster lives in $DSJOBS_BENCH_DIR (default /tmp/dsjobs-bench),
+# `skipped: <module> missing`. The cluster lives in $DSJOBS_BENCH_DIR (default /tmp/dsjobs-bench-<hash of the checkout's path>),
 # never in .dev, so a developer's cluster is left alone. Knobs: BENCH_OPERATOR_JOBS (500),
 # BENCH_STORAGE_REPS (2), BENCH_RUNNER_REPS (2). Timings are never asserted: see docs/benchmarks.md.
 set -euo pipefail
