@@ -226,6 +226,27 @@ def test_final_delete_stops_on_a_replaced_pod(tmp_path: Path) -> None:
     run(main())
 
 
+def test_final_delete_refused_for_good_is_not_retried_until_the_next_update(tmp_path: Path) -> None:
+    async def main() -> None:
+        ctx = Ctx(tmp_path)
+        api: FakeApi = ctx.api
+        api.fail["DELETE"] = [ApiError(403, "forbidden", "DELETE", "/") for _ in range(5)]
+        pod = make_pod(containers=[container("main", "true")], grace=1)
+        w = PodWorker(ctx, pod)
+        w.start()
+        try:
+            await asyncio.wait_for(w.finished.wait(), 10)
+            w.update(deleted(pod, 1))
+            await asyncio.sleep(1.5)
+            assert api.count("DELETE") == 1  # a 403 is an answer: no retry loop
+            w.update(deleted(pod, 1))  # the pod's next update tries again
+            await wait_for(lambda: api.count("DELETE") == 2, 3)
+        finally:
+            await shut(w)
+
+    run(main())
+
+
 def test_force_deletion_still_gives_sigterm_a_second(tmp_path: Path) -> None:
     async def main() -> None:
         ctx = Ctx(tmp_path)
@@ -319,6 +340,25 @@ def test_status_conflict_on_the_same_pod_is_retried(tmp_path: Path) -> None:
         try:
             await wait_for(lambda: api.count("PATCH") >= 2, 5)
             assert not w.gone
+        finally:
+            await shut(w)
+
+    run(main())
+
+
+def test_a_pod_update_before_the_first_echo_sends_no_second_write(tmp_path: Path) -> None:
+    async def main() -> None:
+        ctx = Ctx(tmp_path)
+        api: FakeApi = ctx.api
+        w = PodWorker(ctx, make_pod(containers=[container("main", "exec sleep 30")]))
+        w.start()
+        try:
+            await wait_for(lambda: "main" in w.procs)
+            await w.flush(5)
+            patches = api.count("PATCH")
+            w._changed()  # an unrelated update; the API's copy still has the pod's first status
+            await asyncio.sleep(0.3)
+            assert api.count("PATCH") == patches
         finally:
             await shut(w)
 

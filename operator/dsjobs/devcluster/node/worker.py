@@ -177,6 +177,9 @@ class PodWorker:
         self._written = Notifier()
         self._last_written: Obj | None = None
         self._reported: deque[Obj] = deque(maxlen=REPORTED_HISTORY)
+        # The status the pod came with is no one else's rewrite: until the watch echoes this
+        # worker's first write, the API's copy still shows it.
+        self._reported.append(reported_view(pod.get("status") or {}))
         self._reconciled_at = float("-inf")
         self._reconcile_timer: asyncio.TimerHandle | None = None
         self._rejected: Obj | None = None
@@ -1120,6 +1123,15 @@ class PodWorker:
                 return
             except ApiError as exc:
                 if exc.status in (404, 409):
+                    return
+                if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                    # An answer, not an outage (RBAC, admission): trying again changes nothing. The
+                    # pod's next update tries again, as before.
+                    log.error(
+                        "pod delete refused",
+                        extra={"kv": {"pod": pod_ref(self.pod), "status": exc.status, "error": str(exc)}},
+                    )
+                    self._delete_requested = False
                     return
                 error = str(exc)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
