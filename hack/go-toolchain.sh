@@ -8,8 +8,11 @@
 # and Debian's golang-go is too old to switch toolchains on its own. Its sha256 is pinned here
 # rather than checked against sum.golang.org, which such a machine may not reach.
 #
-# Usage: PATH="$(bash hack/go-toolchain.sh):$PATH"
+# Usage: PATH="$(bash hack/go-toolchain.sh [--no-fetch]):$PATH"
+#   --no-fetch  only a Go already here (on PATH, or fetched before); exit 1 without one
 set -euo pipefail
+fetch=1
+[[ "${1:-}" == --no-fetch ]] && fetch=0
 
 GO_MIN_MINOR=26
 GO_VERSION=1.26.8
@@ -45,6 +48,7 @@ if [[ -x "$dest/bin/go" ]]; then
   exit 0
 fi
 
+((fetch)) || exit 1
 command -v python3 >/dev/null 2>&1 || die "python3 is needed to unpack Go (apt-get install python3)"
 mkdir -p "$root"
 # Two checkouts fetching at once: one fetches, the other finds it done.

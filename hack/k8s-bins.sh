@@ -50,8 +50,10 @@ log() { printf 'k8s-bins: %s\n' "$*" >&2; }
 die() { printf 'k8s-bins: error: %s\n' "$*" >&2; exit 1; }
 
 # The Go that builds: the one on PATH if new enough, else a pinned one fetched once from the Go
-# module proxy. Found before the cache key, which names it.
-if go_bin="$(bash "$HACK_DIR/go-toolchain.sh")"; then
+# module proxy. Found before the cache key, which names it. Modes that build nothing fetch nothing.
+no_fetch=()
+[[ $mode == build ]] || no_fetch=(--no-fetch)
+if go_bin="$(bash "$HACK_DIR/go-toolchain.sh" "${no_fetch[@]}")"; then
   PATH="$go_bin:$PATH"
 fi
 

@@ -112,6 +112,34 @@ def test_a_failed_start_sequence_leaves_no_record(
     assert not procs.is_running(spawned[0])
 
 
+def test_a_sigterm_during_the_teardown_of_a_failed_up_waits_for_its_end(
+    tmp_path: Path, spawned: list[Component], fake_start: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def start_all(launch: Any, *_: Any) -> None:
+        spawned.append(launch.spawn("etcd", ["sleep", "300"], ports={}))
+        spawned.append(launch.spawn("kube-apiserver", ["sleep", "300"], ports={}))
+        raise cluster.ClusterError("kube-apiserver not ready")
+
+    real_teardown = cluster._teardown
+
+    def teardown(paths: ClusterPaths, record: Record) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # CI's timeout, right when the teardown begins
+        real_teardown(paths, record)
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # as `python -m dsjobs.devcluster` handles it
+
+    monkeypatch.setattr(cluster, "_start_all", start_all)
+    monkeypatch.setattr(cluster, "_teardown", teardown)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with pytest.raises(SystemExit):  # delivered, once the teardown is done
+            up(ClusterPaths.at(tmp_path / "dev"), with_nodes=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not any(procs.is_running(c) for c in spawned)
+
+
 def fake_binaries(directory: Path) -> Path:
     directory.mkdir()
     for name in cluster.bins.REQUIRED:

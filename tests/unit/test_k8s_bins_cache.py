@@ -161,3 +161,17 @@ def test_an_old_go_gets_the_pinned_one_and_a_download_with_another_sha256_is_ref
     assert out.returncode == 1, out.stderr
     assert "go1.19.8 is older than go1.26" in out.stderr and "not the pinned" in out.stderr
     assert os.listdir(tmp_path / "cache/dsjobs/go") == [".lock"]  # nothing half-unpacked is kept
+
+
+def test_no_fetch_takes_only_a_go_already_here(tmp_path: Path) -> None:
+    # k8s-bins.sh --dir-only/--check build nothing, so they must fetch nothing either.
+    _stub_go(tmp_path / "bin", "go1.19.8")
+    env = {
+        "HOME": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        ["bash", str(REPO / "hack/go-toolchain.sh"), "--no-fetch"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 1 and out.stdout == "" and not (tmp_path / "cache").exists()

@@ -23,8 +23,10 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +99,23 @@ def node_agent_available() -> bool:
 
 
 # ---------------------------------------------------------------- state
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """A teardown under way is finished first: a SIGTERM (a CI timeout) raising in the middle of it
+    would leave the rest running in sessions of their own. Delivered once the teardown is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if pending:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def record_complete(record: Record) -> bool:
@@ -384,7 +403,8 @@ def _up_locked(
     except BaseException as e:
         # Leave nothing half-started behind; keep the logs for the post-mortem.
         log.info("up failed; stopping what was started")
-        _teardown(paths, record)
+        with _sigterm_deferred():
+            _teardown(paths, record)
         # SystemExit (SIGTERM) and KeyboardInterrupt keep their meaning for the caller.
         if isinstance(e, ClusterError) or not isinstance(e, Exception):
             raise
