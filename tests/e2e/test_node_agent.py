@@ -856,6 +856,8 @@ def test_stopping_agent_makes_node_not_ready(
     assert (marks / "term").read_text() == "got TERM\n"
     stopped = wait_phase(core, ns, "on-shutdown", ("Failed",), timeout=10)
     assert stopped["status"]["reason"] == "Terminated"
+    [disruption] = [c for c in stopped["status"]["conditions"] if c["type"] == "DisruptionTarget"]
+    assert (disruption["status"], disruption["reason"]) == ("True", "TerminationByKubelet")
     assert main_state(stopped)["state"]["terminated"]["exitCode"] == 0
 
     own_node.start()

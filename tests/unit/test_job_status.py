@@ -948,6 +948,34 @@ ENDINGS = [
         "eviction API",
     ),
     Ending(
+        "node shutdown",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            reason="Terminated",
+            message="Pod was terminated in response to imminent node shutdown.",
+            conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}],
+        ),
+        None,
+        "NodeShutdown",
+        None,
+        "imminent node shutdown",
+    ),
+    Ending(
+        "node-pressure eviction",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            reason="Evicted",
+            message="The node was low on resource: memory.",
+            conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}],
+        ),
+        None,
+        "Evicted",
+        None,
+        "low on resource",
+    ),
+    Ending(
         "node lost",
         pod(
             phase="Running",

@@ -133,6 +133,20 @@ def test_failed_pod_with_reason_and_restart_history() -> None:
     assert cs["state"]["terminated"]["exitCode"] == 3
 
 
+def test_a_node_shutdown_is_a_disruption_as_the_kubelet_reports_it() -> None:
+    why = "Pod was terminated in response to imminent node shutdown."
+    st = compute_status(
+        POD, snap(main=[done("a", 0)], terminal_phase="Failed", reason="Terminated", message=why), T1
+    )
+    assert (st["phase"], st["reason"]) == ("Failed", "Terminated")
+    target = cond(st, "DisruptionTarget")
+    assert (target["status"], target["reason"], target["message"]) == ("True", "TerminationByKubelet", why)
+    other = compute_status(
+        POD, snap(main=[done("a", 3)], terminal_phase="Failed", reason="DeadlineExceeded"), T1
+    )
+    assert all(c["type"] != "DisruptionTarget" for c in other["conditions"])
+
+
 def test_crash_loop_back_off_is_running_phase() -> None:
     c = waiting("a", reason="CrashLoopBackOff")
     c.restart_count = 1

@@ -339,6 +339,10 @@ def disruption_of(pod: PodView) -> tuple[str, str] | None:
     """(reason, message) when Kubernetes itself ended (or is ending) the pod."""
     cond = pod.condition("DisruptionTarget")
     if cond is not None and cond.status == "True":
+        if cond.reason == "TerminationByKubelet" and pod.reason in _POD_REASONS:
+            # The kubelet says which (a node shutdown: Terminated; node pressure: Evicted).
+            reason, text = _POD_REASONS[pod.reason]
+            return reason, f"{text}: {pod.message}" if pod.message else text
         reason, text = _DISRUPTION_REASONS.get(cond.reason, ("Disrupted", "the pod was disrupted"))
         return reason, f"{text}: {cond.message}" if cond.message else text
     if pod.reason in _POD_REASONS:

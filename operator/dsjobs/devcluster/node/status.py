@@ -200,6 +200,9 @@ def readiness_gates_ok(pod: Obj, previous: Mapping[str, Obj]) -> tuple[bool, str
     return True, None
 
 
+#: pod.status.reason of the pods a node shutdown stopped (the kubelet's nodeShutdownReason).
+NODE_SHUTDOWN_REASON = "Terminated"
+
 #: The condition types `conditions` computes: the node's own (others', e.g. readiness gates, are not).
 NODE_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready", "PodScheduled")
 
@@ -249,6 +252,11 @@ def conditions(pod: Obj, snap: PodSnapshot, previous: Mapping[str, Obj], now: da
     # Bound pods already carry PodScheduled=True from the binding; one created with
     # spec.nodeName set never saw the scheduler. The kubelet reports it either way.
     out.append(_condition("PodScheduled", True, previous, now, gen))
+    if phase == "Failed" and snap.reason == NODE_SHUTDOWN_REASON:
+        # As the kubelet's node shutdown manager: the pod did not fail by itself.
+        out.append(
+            _condition("DisruptionTarget", True, previous, now, gen, "TerminationByKubelet", snap.message)
+        )
     return out
 
 

@@ -37,6 +37,7 @@ from .podspec import ContainerPlan, Fetched, NodeContext, Obj, SetupError, Volum
 from .runtime import ContainerProcess, Notifier, proc_start_ticks
 from .status import (
     FALLBACK_LOG_LINES,
+    NODE_SHUTDOWN_REASON,
     ContainerSnapshot,
     Kind,
     PodSnapshot,
@@ -1059,7 +1060,6 @@ class PodWorker:
             await self._kill_task
         stop = self.stop
         if stop is not None and not self.snap.terminal_phase:
-            ran = any(c.ever_ran() for c in self.snap.all())
             if stop.reason == "DeadlineExceeded":
                 self.snap.terminal_phase = "Failed"
                 self.snap.reason = "DeadlineExceeded"
@@ -1069,10 +1069,11 @@ class PodWorker:
                 self.snap.reason = "Evicted"
                 self.snap.message = stop.message
             elif stop.reason == "NodeShutdown":
-                if ran:
-                    self.snap.terminal_phase = "Failed"
-                    self.snap.reason = "Terminated"
-                    self.snap.message = "Pod was terminated in response to imminent node shutdown."
+                # Every pod the kubelet's shutdown manager stops fails, started or not
+                # (nodeshutdown_manager_linux.go), with DisruptionTarget (status.conditions).
+                self.snap.terminal_phase = "Failed"
+                self.snap.reason = NODE_SHUTDOWN_REASON
+                self.snap.message = "Pod was terminated in response to imminent node shutdown."
             elif stop.reason in ("Deleted", "Gone"):
                 ok = bool(self.snap.main) and all(c.succeeded() for c in self.snap.main)
                 self.snap.terminal_phase = "Succeeded" if ok else "Failed"
