@@ -544,7 +544,9 @@ def test_last_type_keeps_waiting_and_says_so() -> None:
     j = job(params=types, status=started(attempt=2, index=1, type_name="g1.1"))
     p = step(j, [unschedulable(NOW - timedelta(hours=1), attempt=2, type_name="g1.1", index=1)])
     assert p.status.phase == JobPhase.PREPARING and not p.actions
-    assert "no capacity for any of the instance types g2.8, g1.1" in p.status.status_details
+    assert p.status.status_details.startswith(
+        "no capacity for any of the instance types g2.8, g1.1; still waiting for capacity for instance type g1.1: "
+    )
 
 
 @pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff"])

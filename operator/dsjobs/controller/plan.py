@@ -567,10 +567,13 @@ def _plan(
                 spec=spec,
             )
         elif len(names) > 1:
-            # Every type was tried: keep waiting on the last one, and say so.
-            details = (
-                f"no capacity for any of the instance types {', '.join(names)}; "
-                f"still waiting for {names[index]}: {status.status_details}"
+            # Every type was tried: keep waiting on the last one, and say so. The details already
+            # name the last type ("waiting for capacity for instance type g1.1: <scheduler>").
+            waiting = status.status_details
+            details = f"no capacity for any of the instance types {', '.join(names)}; " + (
+                f"still {waiting}"
+                if waiting.startswith("waiting ")
+                else f"still waiting for {names[index]}: {waiting}"
             )
             status = status.model_copy(update={"status_details": details})
     return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
