@@ -38,8 +38,11 @@ def read_conda_env(text: str) -> CondaEnv:
         return CondaEnv()
     try:
         doc: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        return CondaEnv(problems=[f"is not YAML ({str(exc).splitlines()[0]})"])
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors raise plain errors for a date like 2001-02-30, `!!float abc` or
+        # a value nested too deep: input to refuse like any other that is not YAML.
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return CondaEnv(problems=[f"is not YAML ({first})"])
     if not isinstance(doc, dict):
         return CondaEnv(problems=["must be a mapping (an environment.yml)"])
     problems = [

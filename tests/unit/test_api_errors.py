@@ -14,6 +14,7 @@ from dsjobs.api import errors
 from dsjobs.api.core import storage_error
 from dsjobs.api.errors import KubeError
 from dsjobs.api.server import CallInterceptor
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.s3http import S3HttpError
 from dsjobs.validation import Problem
 
@@ -190,6 +191,35 @@ def test_a_client_gets_the_listing_not_resource_exhausted() -> None:
     details = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
     bad = error_details_pb2.BadRequest()
     assert status_pb2.Status.FromString(details).details[0].Unpack(bad) and bad.field_violations
+
+
+def test_a_request_that_is_no_message_of_its_type_is_invalid_argument() -> None:
+    """Invalid UTF-8 in a string field: grpc answered UNKNOWN naming a Python exception."""
+
+    async def handler(
+        request: svc.GetProjectJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        return b""
+
+    async def run() -> grpc.aio.AioRpcError:
+        server = grpc.aio.server(interceptors=[CallInterceptor()])
+        method = grpc.unary_unary_rpc_method_handler(
+            handler, request_deserializer=svc.GetProjectJobRequest.FromString, response_serializer=bytes
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"Get": method}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary("/t.T/Get")(cast(Any, bytes.fromhex("0a02c328")))
+                return info.value
+        finally:
+            await server.stop(None)
+
+    err = asyncio.run(run())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert (err.details() or "").startswith("the request is not a valid Get request")
 
 
 @pytest.mark.parametrize(

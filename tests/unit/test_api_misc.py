@@ -40,6 +40,7 @@ def test_filters(text: str, matches: bool) -> None:
         ("name =", "expected a value"),
         ("name = a OR name = b", "expected AND"),
         ("name IN (a, b", r"expected \)"),
+        ('name IN ("a" "," "b")', r"expected \)"),  # a quoted comma is a value, not a separator
         ("name ~ a", "unexpected character"),
         ("x" * 1001, "at most 1000"),
     ],

@@ -291,3 +291,15 @@ def test_delete_all_data_operation() -> None:
     assert not ops.delete_all_data_operation(ref, 2, T0).done
     op = ops.delete_all_data_operation(ref, 0, T0)
     assert op.done and op.metadata.Is(svc.DeleteAllProjectJobDataMetadata.DESCRIPTOR)
+
+
+def test_an_execute_time_utc_cannot_hold_is_ignored_not_an_internal_error() -> None:
+    # Anyone who may annotate the job can write one; the operation then counts from creation.
+    j = job()
+    j.annotations[ops.EXECUTE_REQUESTED_AT] = "0001-01-01T00:00:00+00:01"
+    assert j.execute_requested_at is None
+    op = execute_op(j)
+    assert op.created_at.ToDatetime(tzinfo=UTC) == datetime(2025, 6, 1, 11, 0, tzinfo=UTC)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.parse_time("9999-12-31T23:59:59-00:01")
+    assert ops.parse_time("2025-06-01T12:00:00+01:00") == datetime(2025, 6, 1, 11, 0, tzinfo=UTC)

@@ -826,3 +826,38 @@ def test_operation_of_an_unreachable_project_stays_unavailable() -> None:
 def test_operation_of_an_unknown_project_is_not_found(error: ApiError) -> None:
     core = FakeCore(project_error=error, job=source_job(SOURCE_PARAMS))
     failing(grpc.StatusCode.NOT_FOUND, get_operation(core))
+
+
+@pytest.mark.parametrize(
+    ("reason", "rule"),
+    [("stop\x00\x1b[2J", "control-chars"), ("x" * 4097, "max-length")],
+    ids=["control", "long"],
+)
+def test_cancel_refuses_a_reason_the_spec_would_refuse(reason: str, rule: str) -> None:
+    # It is written to spec.cancel.reason and shown in the status details (escape sequences would
+    # reach every terminal that prints them).
+    kube = FakeKube()
+    path = jobs_path(NAMESPACE, "j1")
+    kube.objects[path] = {
+        "metadata": {
+            "name": "j1",
+            "namespace": NAMESPACE,
+            "uid": "u1",
+            "resourceVersion": "1",
+            "creationTimestamp": "2025-06-01T00:00:00Z",
+        },
+        "spec": {"projectId": PROJECT, "execute": True, "jobParameters": {"cmd": "python x.py"}},
+        "status": {"phase": "PREPARING"},
+    }
+    with pytest.raises(ApiError) as info:
+        asyncio.run(
+            service(FakeCore(kube)).Cancel(svc.CancelProjectJobRequest(job_id="j1", reason=reason), ctx())
+        )
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "reason:" in info.value.message and f"[{rule}]" in info.value.message
+    assert "cancel" not in kube.objects[path]["spec"]
+    multi_line = "stopped by the scheduler\nsee ticket 42"
+    asyncio.run(
+        service(FakeCore(kube)).Cancel(svc.CancelProjectJobRequest(job_id="j1", reason=multi_line), ctx())
+    )
+    assert kube.objects[path]["spec"]["cancel"]["reason"] == multi_line

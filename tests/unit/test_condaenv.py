@@ -63,6 +63,11 @@ def test_one_python_version_in_conda_spellings(spec: str, version: str) -> None:
         ("variables: {A: b}", "'variables' is not supported"),
         ("[1, 2]", "must be a mapping"),
         ("a: [", "is not YAML"),
+        # PyYAML's constructors raise plain errors for these (once an INTERNAL of the API).
+        ("a: 2001-02-30", "is not YAML (day is out of range for month)"),
+        ("x: !!float abc", "is not YAML"),
+        ("x: !!timestamp 'zz'", "is not YAML"),
+        ("[" * 1000, "is not YAML"),
     ],
 )
 def test_what_pip_cannot_install_is_named(text: str, problem: str) -> None:

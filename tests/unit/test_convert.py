@@ -446,3 +446,15 @@ def test_job_from_resource() -> None:
     assert job.id == "job1" and job.status == jobs_pb2.CREATING and c.from_timestamp(job.created_at) == T0
     obj["status"] = full_status().to_cr()
     assert c.job_from_resource(obj) == c.job_to_proto("job1", full_spec(), full_status())
+
+
+def test_times_and_durations_beyond_what_protobuf_holds_saturate() -> None:
+    # A status time the CRD's date-time format accepts but UTC cannot hold, and a graceful-shutdown
+    # timeout of `infinity`: Get/List answered INTERNAL, or a Duration no client could print.
+    early = datetime.fromisoformat("0001-01-01T00:00:00+00:01")
+    assert c.common.timestamp(early).ToDatetime() == datetime(1, 1, 1)
+    late = datetime.fromisoformat("9999-12-31T23:59:59-00:01")
+    assert c.common.timestamp(late).ToDatetime() == datetime(9999, 12, 31, 23, 59, 59, 999999)
+    assert c.common.duration(timedelta.max).seconds == c.common.MAX_DURATION_SECONDS
+    assert c.common.duration(timedelta(days=-(10**8))).seconds == -c.common.MAX_DURATION_SECONDS
+    assert c.common.duration(timedelta(seconds=90)).seconds == 90

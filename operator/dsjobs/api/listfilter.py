@@ -119,7 +119,7 @@ def parse(text: str) -> Filter:
             expect("word", "IN")
             expect("op", "(")
             values = {value()}
-            while i < len(toks) and toks[i][1] == ",":
+            while i < len(toks) and toks[i][:2] == ("op", ","):
                 i += 1
                 values.add(value())
             expect("op", ")")

@@ -162,8 +162,13 @@ class JobSnapshot:
 
 
 def parse_time(text: str) -> datetime:
+    """A time of an annotation, in UTC. ValueError also when UTC cannot hold it
+    (0001-01-01T00:00:00+00:01: anyone who may annotate the job can write one)."""
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError as exc:
+        raise ValueError(f"{text!r} is out of range") from exc
 
 
 def timestamp(value: datetime) -> Timestamp:

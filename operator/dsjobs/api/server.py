@@ -12,11 +12,12 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -68,6 +69,33 @@ def _as_api_error(exc: BaseException, method: str) -> ApiError:
     return errors.internal(f"internal error (incident {incident}); see the server log")
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes are no message of its type (invalid UTF-8 in a string field, a cut
+    message): grpc would answer UNKNOWN naming a Python exception; the handler says what it is."""
+
+    why: str
+
+
+def _decoding(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        kind = method.rsplit("/", 1)[-1]
+        raise errors.invalid_argument(f"the request is not a valid {kind} request: {request.why}")
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Turns ApiError (and anything unexpected) into statuses; records metrics; logs failures."""
 
@@ -100,6 +128,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 metrics.INFLIGHT_UNARY.inc()
                 try:
+                    _check_decoded(request, method)
                     return await inner_unary(request, context)
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
@@ -118,7 +147,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoding(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -130,6 +159,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 gauge = metrics.INFLIGHT_STREAMS.labels(method)
                 gauge.inc()
                 try:
+                    _check_decoded(request, method)
                     async for response in inner_stream(request, context):
                         yield response
                 except asyncio.CancelledError:
@@ -148,7 +178,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoding(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # client/bidi streaming: none of ours

@@ -57,7 +57,12 @@ from dsjobs.pb.yandex.cloud.datasphere.v2 import project_pb2, project_service_pb
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_pb2, operation_service_pb2, operation_service_pb2_grpc
-from dsjobs.validation import Problem, problems_from_validation_error, validate_job_spec
+from dsjobs.validation import (
+    Problem,
+    cancel_reason_problems,
+    problems_from_validation_error,
+    validate_job_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -593,8 +598,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
 
     async def Cancel(self, request: svc.CancelProjectJobRequest, context: Context) -> empty_pb2.Empty:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.UPDATE, fresh=True)
-        if len(request.reason) > 4096:
-            raise errors.invalid_argument("must be at most 4096 characters", "reason")
+        if problems := cancel_reason_problems(request.reason):
+            raise errors.from_problems(problems)
         await cancel_job(self.core, job, request.reason, request.graceful, identity)
         return empty_pb2.Empty()
 

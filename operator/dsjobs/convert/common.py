@@ -21,7 +21,13 @@ class ConversionError(ValueError):
 
 def timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
-    ts.FromDatetime(value)  # aware datetimes are converted to UTC
+    try:
+        ts.FromDatetime(value)  # aware datetimes are converted to UTC
+    except (OverflowError, ValueError):
+        # A status time the CRD's date-time format lets through whose UTC is beyond year 1..9999
+        # (0001-01-01T00:00:00+00:01): the nearest time a Timestamp holds, not a failed Get/List.
+        limit = datetime.min if value.year < 5000 else datetime.max
+        ts.FromDatetime(limit.replace(tzinfo=UTC))
     return ts
 
 
@@ -29,9 +35,15 @@ def from_timestamp(ts: Timestamp) -> datetime:
     return ts.ToDatetime(tzinfo=UTC)
 
 
+#: google.protobuf.Duration's range: +-10000 years.
+MAX_DURATION_SECONDS = 315_576_000_000
+
+
 def duration(value: timedelta) -> Duration:
+    """`value` as a Duration, saturated at its range (a CR's `infinity` or `100000000d`)."""
     d = Duration()
-    d.FromTimedelta(value)
+    limit = timedelta(seconds=MAX_DURATION_SECONDS)
+    d.FromTimedelta(max(-limit, min(limit, value)))
     return d
 
 

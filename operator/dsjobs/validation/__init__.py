@@ -14,6 +14,7 @@ Rules and limits are documented in docs/projectjob.md; the numbers live in dsjob
 from dsjobs.validation.instancetype import parse_instance_type, validate_instance_type
 from dsjobs.validation.job import (
     CMD_VAR_REFERENCE,
+    cancel_reason_problems,
     cmd_references,
     data_ttl_problem,
     declared_vars,
@@ -28,6 +29,7 @@ __all__ = [
     "CMD_VAR_REFERENCE",
     "RULES",
     "Problem",
+    "cancel_reason_problems",
     "cmd_references",
     "data_ttl_problem",
     "declared_vars",

@@ -71,6 +71,13 @@ def data_ttl_problem(ttl: timedelta) -> str | None:
     return None
 
 
+def cancel_reason_problems(reason: str) -> list[Problem]:
+    """The rules of spec.cancel.reason, for the API's Cancel (which writes it there)."""
+    c = Collector()
+    _text(c, "reason", reason, L.MAX_DESC_LENGTH, allow_newlines=True)
+    return c.problems
+
+
 def validate_job_spec(
     spec: ProjectJobSpec, *, known_instance_types: Collection[str] | None = None
 ) -> list[Problem]:
