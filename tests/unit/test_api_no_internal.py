@@ -32,17 +32,24 @@ files = st.builds(
     big_int,
     st.integers(min_value=0, max_value=9),
 )
+# conda_yaml: YAML text, including what PyYAML's constructors reject with plain errors.
+conda_yaml = st.one_of(
+    text,
+    st.sampled_from(["a: 2001-02-30", "x: !!float abc", "x: !!int '0x'", "x: !!timestamp 'zz'", "[" * 1000]),
+    st.builds(lambda k, v: f"{k}: {v}", text, text),
+)
 env = st.builds(
-    lambda vars_, image, password, version, reqs: jobs_pb2.Environment(
+    lambda vars_, image, password, version, reqs, conda: jobs_pb2.Environment(
         vars=vars_,
         docker_image_spec=jobs_pb2.DockerImageSpec(image_url=image, password_plain_text=password),
-        python_env=jobs_pb2.PythonEnv(python_version=version, requirements=reqs),
+        python_env=jobs_pb2.PythonEnv(python_version=version, requirements=reqs, conda_yaml=conda),
     ),
     st.dictionaries(text, text, max_size=4),
     text,
     text,
     text,
     st.lists(text, max_size=3),
+    conda_yaml,
 )
 # Any Duration the wire can carry (proto int64 seconds, int32 nanos), not only valid ones.
 durations = st.builds(
