@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import signal
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,6 +134,17 @@ async def wait_for(cond: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def started(ctx: Ctx, pod: Obj, pids: list[int] | None = None) -> AsyncIterator[PodWorker]:
+    """A started worker for the pod, shut (with what it left behind) whatever the test did."""
+    w = PodWorker(ctx, pod)
+    w.start()
+    try:
+        yield w
+    finally:
+        await shut(w, pids or [])
+
+
 async def shut(w: PodWorker, pids: list[int] = []) -> None:  # noqa: B006 - read only
     """End the pod and anything it left behind, so that a failing test leaks no process."""
     if not w.finished.is_set():
@@ -166,19 +178,17 @@ def test_failed_init_container_stops_the_native_sidecars(tmp_path: Path) -> None
             ],
             containers=[container("main", "true")],
         )
-        w = PodWorker(ctx, pod)
-        w.start()
-        await wait_for(lambda: "side" in w.procs)
-        side = pid_of(w, "side")
-        try:
+        leftovers: list[int] = []  # killed at the end if the test fails
+        async with started(ctx, pod, leftovers) as w:
+            await wait_for(lambda: "side" in w.procs)
+            side = pid_of(w, "side")
+            leftovers.append(side)
             await asyncio.wait_for(w.finished.wait(), 15)
             assert w.snap.terminal_phase == "Failed"
             assert not w.procs
             assert not alive(side)
             snap = w.snap.get("side")
             assert snap is not None and snap.state == "terminated"
-        finally:
-            await shut(w, [side])
 
     run(main())
 
@@ -189,10 +199,8 @@ def test_final_delete_is_retried_until_it_succeeds(tmp_path: Path) -> None:
         api: FakeApi = ctx.api
         api.fail["DELETE"] = [OSError("connection refused"), ApiError(503, "unavailable", "DELETE", "/")]
         pod = make_pod(containers=[container("main", "exec sleep 30")], grace=1)
-        w = PodWorker(ctx, pod)
-        w.start()
-        await wait_for(lambda: "main" in w.procs)
-        try:
+        async with started(ctx, pod) as w:
+            await wait_for(lambda: "main" in w.procs)
             w.update(deleted(pod, 1))
             await asyncio.wait_for(w.finished.wait(), 10)
             await wait_for(lambda: api.count("DELETE") == 3, 5)
@@ -201,8 +209,6 @@ def test_final_delete_is_retried_until_it_succeeds(tmp_path: Path) -> None:
             body = next(b for m, _, b in api.calls if m == "DELETE")
             assert body["gracePeriodSeconds"] == 0
             assert body["preconditions"] == {"uid": pod["metadata"]["uid"]}
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -213,15 +219,11 @@ def test_final_delete_stops_on_a_replaced_pod(tmp_path: Path) -> None:
         api: FakeApi = ctx.api
         api.fail["DELETE"] = [ApiError(409, {"reason": "Conflict"}, "DELETE", "/")]
         pod = make_pod(containers=[container("main", "true")])
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod) as w:
             await asyncio.wait_for(w.finished.wait(), 10)
             w.update(deleted(pod, 2))
             await asyncio.sleep(1.0)
             assert api.count("DELETE") == 1
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -232,17 +234,13 @@ def test_final_delete_refused_for_good_is_not_retried_until_the_next_update(tmp_
         api: FakeApi = ctx.api
         api.fail["DELETE"] = [ApiError(403, "forbidden", "DELETE", "/") for _ in range(5)]
         pod = make_pod(containers=[container("main", "true")], grace=1)
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod) as w:
             await asyncio.wait_for(w.finished.wait(), 10)
             w.update(deleted(pod, 1))
             await asyncio.sleep(1.5)
             assert api.count("DELETE") == 1  # a 403 is an answer: no retry loop
             w.update(deleted(pod, 1))  # the pod's next update tries again
             await wait_for(lambda: api.count("DELETE") == 2, 3)
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -252,18 +250,14 @@ def test_force_deletion_still_gives_sigterm_a_second(tmp_path: Path) -> None:
         ctx = Ctx(tmp_path)
         script = "trap 'sleep 0.3; exit 0' TERM; while :; do sleep 0.05; done"
         pod = make_pod(containers=[container("main", script)], grace=30)
-        w = PodWorker(ctx, pod)
-        w.start()
-        await wait_for(lambda: "main" in w.procs)
-        await asyncio.sleep(0.2)
-        try:
+        async with started(ctx, pod) as w:
+            await wait_for(lambda: "main" in w.procs)
+            await asyncio.sleep(0.2)
             # The DELETED event of `kubectl delete --force --grace-period=0`.
             w.api_deleted(deleted(pod, 0))
             await asyncio.wait_for(w.finished.wait(), 10)
             term = w.snap.main[0].terminated
             assert term is not None and term.exit_code == 0
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -295,14 +289,10 @@ def test_status_patch_names_the_pod_instance(tmp_path: Path) -> None:
         ctx = Ctx(tmp_path)
         api: FakeApi = ctx.api
         pod = make_pod(containers=[container("main", "exec sleep 30")])
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod):
             await wait_for(lambda: api.count("PATCH") > 0)
             body = next(b for m, _, b in api.calls if m == "PATCH")
             assert body["metadata"] == {"uid": pod["metadata"]["uid"]}
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -315,15 +305,11 @@ def test_status_write_refused_for_a_recreated_pod_ends_the_writes(tmp_path: Path
         api.fail["PATCH"] = [ApiError(code, {"reason": "Conflict"}, "PATCH", "/")]
         api.pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "the-new-pod"}}
         pod = make_pod(containers=[container("main", "exec sleep 30")])
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod) as w:
             await wait_for(lambda: w.gone, 5)
             patches = api.count("PATCH")
             await asyncio.sleep(0.5)  # the container started meanwhile: more to write, were it ours
             assert api.count("PATCH") == patches == 1
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -335,13 +321,9 @@ def test_status_conflict_on_the_same_pod_is_retried(tmp_path: Path) -> None:
         api.fail["PATCH"] = [ApiError(409, {"reason": "Conflict"}, "PATCH", "/")]
         pod = make_pod(containers=[container("main", "exec sleep 30")])
         api.pod = pod
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod) as w:
             await wait_for(lambda: api.count("PATCH") >= 2, 5)
             assert not w.gone
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -350,17 +332,13 @@ def test_a_pod_update_before_the_first_echo_sends_no_second_write(tmp_path: Path
     async def main() -> None:
         ctx = Ctx(tmp_path)
         api: FakeApi = ctx.api
-        w = PodWorker(ctx, make_pod(containers=[container("main", "exec sleep 30")]))
-        w.start()
-        try:
+        async with started(ctx, make_pod(containers=[container("main", "exec sleep 30")])) as w:
             await wait_for(lambda: "main" in w.procs)
             await w.flush(5)
             patches = api.count("PATCH")
             w._changed()  # an unrelated update; the API's copy still has the pod's first status
             await asyncio.sleep(0.3)
             assert api.count("PATCH") == patches
-        finally:
-            await shut(w)
 
     run(main())
 
@@ -374,9 +352,7 @@ def test_ready_overwritten_by_another_writer_is_reported_again(
         ctx = Ctx(tmp_path)
         api: FakeApi = ctx.api
         pod = make_pod(containers=[container("main", "exec sleep 30")])
-        w = PodWorker(ctx, pod)
-        w.start()
-        try:
+        async with started(ctx, pod) as w:
             await wait_for(lambda: "main" in w.procs)
             await w.flush(5)
             written = w.current_status()
@@ -408,7 +384,5 @@ def test_ready_overwritten_by_another_writer_is_reported_again(
             await asyncio.sleep(0.2)
             assert api.count("PATCH") == patches + 1
             await wait_for(lambda: api.count("PATCH") == patches + 2, 3)
-        finally:
-            await shut(w)
 
     run(main())
