@@ -20,12 +20,14 @@ from dsjobs.api.core import Core, InputCheck
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
-from dsjobs.api.servicer import OperationService, ProjectJobService
+from dsjobs.api.servicer import OperationService, ProjectJobService, _conversion_error
 from dsjobs.api.settings import Settings
+from dsjobs.convert.common import ConversionError
 from dsjobs.models import File
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_service_pb2
+from dsjobs.validation import RULES
 
 PROJECT, NAMESPACE = "p1", "ns-p1"
 SHA = "ab" * 32
@@ -861,3 +863,12 @@ def test_cancel_refuses_a_reason_the_spec_would_refuse(reason: str, rule: str) -
         service(FakeCore(kube)).Cancel(svc.CancelProjectJobRequest(job_id="j1", reason=multi_line), ctx())
     )
     assert kube.objects[path]["spec"]["cancel"]["reason"] == multi_line
+
+
+def test_a_proto_value_with_no_model_equivalent_is_refused_with_a_documented_rule() -> None:
+    err = _conversion_error(
+        ConversionError("job_parameters.graceful_shutdown_parameters.timeout", "out of range")
+    )
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job_parameters.graceful_shutdown_parameters.timeout: out of range [type]" in err.message
+    assert "type" in RULES

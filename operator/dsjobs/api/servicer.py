@@ -178,7 +178,7 @@ def _outcome_unknown(exc: KubeError) -> bool:
 
 def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
     if isinstance(exc, ConversionError):
-        return errors.from_problems([Problem(exc.path, "value", str(exc).split(": ", 1)[-1])])
+        return errors.from_problems([Problem(exc.path, "type", str(exc).split(": ", 1)[-1])])
     if isinstance(exc, ValidationError):
         return errors.from_problems(problems_from_validation_error(exc, prefix or "job_parameters"))
     raise exc
