@@ -10,10 +10,9 @@ from typing import Any
 from test_job_status import CREATED, NOW, SETTINGS, job, pod, started, step, ts
 
 from dsjobs.controller import metrics
-from dsjobs.controller.events import phase_hops
 from dsjobs.controller.handlers import Operator
 from dsjobs.controller.plan import CreatePod
-from dsjobs.controller.status import JobEvent
+from dsjobs.controller.status import JobEvent, phase_hops
 from dsjobs.models import JobPhase
 
 KEY = ("project-a", "job-1")

@@ -111,22 +111,28 @@ def test_an_s3server_of_other_sources_never_replaces_one_in_use(tmp_path: Path, 
     assert os.path.realpath(dir_b / "kube-apiserver") == os.path.realpath(dir_a / "kube-apiserver")
 
 
-def _stub_go(bindir: Path, version: str) -> None:
+def go_toolchain(
+    tmp_path: Path, go_version: str, *args: str, extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """hack/go-toolchain.sh with a stand-in `go` of `go_version` on PATH and a scratch cache."""
+    bindir = tmp_path / "bin"
     bindir.mkdir(parents=True)
-    (bindir / "go").write_text(f"#!/bin/sh\necho {version}\n")
+    (bindir / "go").write_text(f"#!/bin/sh\necho {go_version}\n")
     (bindir / "go").chmod(0o755)
-
-
-def test_a_new_enough_go_on_path_is_used_as_it_is(tmp_path: Path) -> None:
-    _stub_go(tmp_path / "bin", "go1.27.1")
     env = {
         "HOME": str(tmp_path),
         "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        **(extra or {}),
     }
-    out = subprocess.run(
-        ["bash", str(REPO / "hack/go-toolchain.sh")], env=env, capture_output=True, text=True, check=True
+    return subprocess.run(
+        ["bash", str(REPO / "hack/go-toolchain.sh"), *args], env=env, capture_output=True, text=True
     )
+
+
+def test_a_new_enough_go_on_path_is_used_as_it_is(tmp_path: Path) -> None:
+    out = go_toolchain(tmp_path, "go1.27.1")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "bin") and not (tmp_path / "cache").exists()
 
 
@@ -146,16 +152,8 @@ def test_an_old_go_gets_the_pinned_one_and_a_download_with_another_sha256_is_ref
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        _stub_go(tmp_path / "bin", "go1.19.8")
-        env = {
-            "HOME": str(tmp_path),
-            "XDG_CACHE_HOME": str(tmp_path / "cache"),
-            "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
-            "GOPROXY": f"http://127.0.0.1:{server.server_address[1]},direct",
-        }
-        out = subprocess.run(
-            ["bash", str(REPO / "hack/go-toolchain.sh")], env=env, capture_output=True, text=True, check=False
-        )
+        proxy = f"http://127.0.0.1:{server.server_address[1]},direct"
+        out = go_toolchain(tmp_path, "go1.19.8", extra={"GOPROXY": proxy})
     finally:
         server.shutdown()
     assert out.returncode == 1, out.stderr
@@ -165,13 +163,5 @@ def test_an_old_go_gets_the_pinned_one_and_a_download_with_another_sha256_is_ref
 
 def test_no_fetch_takes_only_a_go_already_here(tmp_path: Path) -> None:
     # k8s-bins.sh --dir-only/--check build nothing, so they must fetch nothing either.
-    _stub_go(tmp_path / "bin", "go1.19.8")
-    env = {
-        "HOME": str(tmp_path),
-        "XDG_CACHE_HOME": str(tmp_path / "cache"),
-        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
-    }
-    out = subprocess.run(
-        ["bash", str(REPO / "hack/go-toolchain.sh"), "--no-fetch"], env=env, capture_output=True, text=True
-    )
+    out = go_toolchain(tmp_path, "go1.19.8", "--no-fetch")
     assert out.returncode == 1 and out.stdout == "" and not (tmp_path / "cache").exists()

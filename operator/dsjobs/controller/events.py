@@ -21,7 +21,6 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
 from typing import Any, Final
 
 import aiohttp
@@ -37,7 +36,6 @@ from dsjobs.controller.kube import (
     message_of,
 )
 from dsjobs.controller.status import JobEvent
-from dsjobs.models import JobPhase
 
 log = logging.getLogger("dsjobs.controller.events")
 
@@ -90,26 +88,6 @@ def event_body(
         "count": 1,
         "eventTime": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
     }
-
-
-_PHASES: Final = frozenset(phase.value for phase in JobPhase)
-_CHAIN_STARTS: Final = _PHASES | {"new"}
-
-
-def phase_hops(events: Sequence[JobEvent]) -> list[tuple[str, str]]:
-    """Every phase change the Events tell, in order: ("NONE", "CREATING"), ("CREATING",
-    "PREPARING") for "new -> CREATING -> PREPARING: ...".
-
-    `dsjobs_job_transitions_total` counts these, so that it tells what `kubectl describe` does,
-    the phases a step passed and those the write pacing held back included."""
-    hops: list[tuple[str, str]] = []
-    for event in events:
-        links = event.message.partition(": ")[0].split(" -> ")
-        if len(links) < 2 or links[0] not in _CHAIN_STARTS or not _PHASES.issuperset(links[1:]):
-            continue
-        links[0] = "NONE" if links[0] == "new" else links[0]
-        hops += pairwise(links)
-    return hops
 
 
 def namespace_terminating(exc: APIError) -> bool:

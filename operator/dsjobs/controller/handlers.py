@@ -37,7 +37,7 @@ import kopf
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, stored_data_of
-from dsjobs.controller.events import EventPoster, phase_hops
+from dsjobs.controller.events import EventPoster
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.jobstore import JobStore
 from dsjobs.controller.kube import (
@@ -112,6 +112,7 @@ from dsjobs.controller.status import (
     JobEvent,
     StatusUpdate,
     fail,
+    phase_hops,
     with_passed_phases,
 )
 from dsjobs.models import (

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from itertools import pairwise
 from typing import Final, Literal
 
 from dsjobs.controller.names import PROJECT_SECRETS_NAME
@@ -224,6 +225,8 @@ _PHASE_REASONS: Final[dict[JobPhase, str]] = {
     JobPhase.CANCELLING: "Cancelling",
     JobPhase.CANCELLED: "Cancelled",
 }
+#: The reasons of phase-change Events, whose messages are chains ("new -> CREATING -> PREPARING: ...").
+_PHASE_EVENT_REASONS: Final = frozenset(_PHASE_REASONS.values())
 
 
 def with_phase(
@@ -249,7 +252,7 @@ def coalesce_transitions(events: Sequence[JobEvent]) -> list[JobEvent]:
     step, a short one EXECUTING, UPLOADING_OUTPUT and SUCCESS in one. The chain keeps the story and
     the last change's reason (and Warning type if any link was one).
     """
-    reasons = set(_PHASE_REASONS.values())
+    reasons = _PHASE_EVENT_REASONS
     out: list[JobEvent] = []
     for event in events:
         prev = out[-1] if out else None
@@ -278,9 +281,8 @@ def with_passed_phases(events: Sequence[JobEvent], passed: Sequence[str]) -> lis
     out = coalesce_transitions(events)
     if not passed:
         return out
-    reasons = set(_PHASE_REASONS.values())
     for i, event in enumerate(out):
-        if event.reason in reasons:
+        if event.reason in _PHASE_EVENT_REASONS:
             head, sep, details = event.message.partition(": ")
             chain = head.split(" -> ")
             middle = [p for p in passed if p not in chain]
@@ -289,6 +291,21 @@ def with_passed_phases(events: Sequence[JobEvent], passed: Sequence[str]) -> lis
                 out[i] = JobEvent(event.type, event.reason, clip(message, 1024))
             break
     return out
+
+
+def phase_hops(events: Sequence[JobEvent]) -> list[tuple[str, str]]:
+    """Every phase change the Events tell, in order: ("NONE", "CREATING"), ("CREATING",
+    "PREPARING") for "new -> CREATING -> PREPARING: ...".
+
+    `dsjobs_job_transitions_total` counts these, so that it tells what `kubectl describe` does,
+    the phases a step passed and those the write pacing held back included."""
+    hops: list[tuple[str, str]] = []
+    for event in events:
+        if event.reason in _PHASE_EVENT_REASONS:
+            chain = event.message.partition(": ")[0].split(" -> ")
+            chain[0] = "NONE" if chain[0] == "new" else chain[0]
+            hops += pairwise(chain)
+    return hops
 
 
 def finish(
