@@ -872,3 +872,24 @@ def test_a_proto_value_with_no_model_equivalent_is_refused_with_a_documented_rul
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "job_parameters.graceful_shutdown_parameters.timeout: out of range [type]" in err.message
     assert "type" in RULES
+
+
+def test_create_refuses_an_oversized_list_by_its_count_alone() -> None:
+    core = FakeCore()
+    req = create_request()
+    req.job_parameters.cloud_instance_types.extend([jobs_pb2.CloudInstanceType(name="c1.4")] * 200_000)
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Create(req, ctx()))
+    assert err.message.splitlines() == [
+        "invalid request: 1 problem:",
+        "job_parameters.cloud_instance_types: must have at most 100 entries, has 200001 [max-items]",
+    ]
+    assert "POST" not in core.kube.methods() and core.kube.jobs() == []
+
+
+def test_clone_refuses_oversized_overrides_by_the_requests_field() -> None:
+    core = FakeCore(stored=[SHA], job=source_job({"cmd": "python main.py"}))
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    req.job_parameters_overrides.env.vars.update({f"V{i}": "x" for i in range(300)})
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
+    assert [v.field for v in err.violations] == ["job_parameters_overrides.env.vars"]
+    assert "POST" not in core.kube.methods()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dsjobs_strategies import SHA, full_spec, full_status, job_parameters
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from dsjobs import convert as c
 from dsjobs import models as m
+from dsjobs.convert import listsizes
 from dsjobs.models import limits as L
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
@@ -458,3 +460,70 @@ def test_times_and_durations_beyond_what_protobuf_holds_saturate() -> None:
     assert c.common.duration(timedelta.max).seconds == c.common.MAX_DURATION_SECONDS
     assert c.common.duration(timedelta(days=-(10**8))).seconds == -c.common.MAX_DURATION_SECONDS
     assert c.common.duration(timedelta(seconds=90)).seconds == 90
+
+
+# --- list sizes, checked on the message before it is converted -----------------------------------
+
+
+def _repeated_fields(descriptor: Any, path: str = "") -> list[str]:
+    found = []
+    for f in descriptor.fields:
+        sub = f"{path}.{f.name}" if path else f.name
+        entry = f.message_type
+        is_map = entry is not None and entry.GetOptions().map_entry
+        if f.is_repeated:
+            found.append(sub)
+        if entry is not None and not is_map and not entry.full_name.startswith("google."):
+            found += _repeated_fields(entry, sub)
+    return found
+
+
+def _fill(params: jobs_pb2.JobParameters, path: str, count: int) -> None:
+    """`count` more entries in the list or map at `path` (a list of messages on the way has one)."""
+    *parents, last = path.split(".")
+    message: Any = params
+    for name in parents:
+        message = getattr(message, name)
+        if hasattr(message, "add"):  # a list of messages
+            message = message[0] if len(message) else message.add()
+    target = getattr(message, last)
+    for i in range(len(target), len(target) + count):
+        if hasattr(target, "add"):
+            target.add()
+        elif hasattr(target, "append"):
+            target.append(f"e{i}")
+        else:
+            target[f"k{i}"] = "v"
+
+
+def test_list_limits_cover_every_list_of_the_proto() -> None:
+    limits = listsizes.list_limits()
+    assert sorted(_repeated_fields(jobs_pb2.JobParameters.DESCRIPTOR)) == sorted(limits)
+    assert limits["env.python_env.requirements"] == L.MAX_REQUIREMENTS
+    assert limits["env.vars"] == L.MAX_ENV_VARS
+
+
+@pytest.mark.parametrize("path", sorted(_repeated_fields(jobs_pb2.JobParameters.DESCRIPTOR)))
+def test_an_oversized_list_is_refused_as_validation_refuses_it(path: str) -> None:
+    limit = listsizes.list_limits()[path]
+    req = svc.CreateProjectJobRequest(
+        project_id="p", name="n", job_parameters=jobs_pb2.JobParameters(cmd="x")
+    )
+    _fill(req.job_parameters, path, limit)
+    assert listsizes.oversized_lists(req.job_parameters, "job_parameters") == []
+    _fill(req.job_parameters, path, 1)
+    early = listsizes.oversized_lists(req.job_parameters, "job_parameters")
+    where = "job_parameters." + path.replace("output_datasets.", "output_datasets[0].")
+    assert [(p.path, p.rule, p.message) for p in early] == [
+        (where, "max-items", f"must have at most {limit} entries, has {limit + 1}")
+    ]
+    spec = c.spec_from_create_request(req, created_by_id="u", docker_password_secret_name="s")
+    assert early[0] in validate_job_spec(spec)
+
+
+def test_the_entries_of_an_oversized_list_are_not_looked_at() -> None:
+    params = jobs_pb2.JobParameters(cmd="x")
+    for i in range(1000):
+        params.output_datasets.add(name=f"d{i}", labels={f"k{j}": "v" for j in range(65)})
+    problems = listsizes.oversized_lists(params, "job_parameters_overrides")
+    assert [p.path for p in problems] == ["job_parameters_overrides.output_datasets"]

@@ -40,6 +40,7 @@ from dsjobs.controller.names import FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_RO
 from dsjobs.controller.secrets import registry_password_source_problem
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
+from dsjobs.convert.listsizes import oversized_lists
 from dsjobs.models import (
     API_VERSION,
     PROJECTJOB_KIND,
@@ -184,6 +185,13 @@ def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
     raise exc
 
 
+def _check_list_sizes(params: jobs_pb2.JobParameters, path: str) -> None:
+    # Before the conversion: its cost grows with the entries of lists the count alone refuses.
+    problems = oversized_lists(params, path)
+    if problems:
+        raise errors.from_problems(problems)
+
+
 @dataclass(frozen=True)
 class _NewJob:
     """What Create and Clone work out before they write the ProjectJob."""
@@ -211,6 +219,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     async def Create(self, request: svc.CreateProjectJobRequest, context: Context) -> operation_pb2.Operation:
         identity, info = await self.core.authorized_project(context, request.project_id, Verb.CREATE)
         key, job_id = self._job_id(context, identity, info, "Create")
+        _check_list_sizes(request.job_parameters, "job_parameters")
         try:
             spec = params_conv.spec_from_create_request(
                 request,
@@ -239,6 +248,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         info = await self.core.project(source.project_id)
         await self.core.auth.authorize(identity, Verb.CREATE, info.namespace, info.project_id)
         key, job_id = self._job_id(context, identity, info, "Clone")
+        _check_list_sizes(request.job_parameters_overrides, "job_parameters_overrides")
         secret_name = params_conv.docker_password_secret_name(job_id)
         try:
             spec = params_conv.spec_from_clone_request(
