@@ -41,6 +41,7 @@ from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from dsjobs import localstack
 from dsjobs.devcluster import S3Config
 
 API_STARTUP_TIMEOUT_S = 60
@@ -185,6 +186,9 @@ def _apply_instance_types(api_client: Any) -> None:
         except ApiException as exc:
             if exc.status != 409:
                 raise
+
+
+ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
 
 
 def _apply_rbac(api_client: Any) -> dict[str, Any]:
@@ -344,6 +348,9 @@ def _api_env(
     _apply_crds(api_client)
     _apply_instance_types(api_client)
     docs = _apply_rbac(api_client)
+    # The API's ServiceAccount is held to what deploy/base/admission.yaml lets it do, as deployed.
+    kubectl = localstack.Kubectl(localstack.find_kubectl(), dev_cluster.kubeconfig)
+    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])
     suffix = secrets.token_hex(3)
     a = Project(f"apitest-{suffix}-a", f"apitest-{suffix}-a")
     b = Project(f"apitest-{suffix}-b", f"apitest-{suffix}-b")

@@ -12,8 +12,13 @@ The kind path (`make e2e-kind`) is what builds the image and runs these manifest
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +95,146 @@ def test_overlay_passes_server_side_dry_run(dev_cluster: ClusterHandle, name: st
     assert "would violate PodSecurity" not in proc.stderr, proc.stderr
     applied = [line for line in proc.stdout.splitlines() if "(server dry run)" in line]
     assert len(applied) == len(objects), proc.stdout
+
+
+ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
+GOLDEN_PODS = REPO_ROOT / "tests" / "unit" / "golden" / "pods"
+
+
+@dataclass(frozen=True)
+class Admission:
+    kubectl: localstack.Kubectl
+    project: str  # a namespace labelled dsjobs.dev/project-id
+    plain: str  # one that is not
+
+    def as_sa(self, name: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """kubectl as ServiceAccount `name` (of some namespace), authorized as an admin: what
+        RBAC lets it do is not the question here, only what the policy lets through."""
+        user = f"system:serviceaccount:{self.plain}:{name}"
+        return subprocess.run(
+            self.kubectl.argv(f"--as={user}", "--as-group=system:masters", *args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def create(self, name: str, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return self.as_sa(name, "create", "--dry-run=server", "-f", "-", stdin=json.dumps(obj))
+
+
+def _secret(namespace: str, secret_type: str = "Opaque", **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s1", "namespace": namespace, "annotations": annotations},
+        "type": secret_type,
+        "stringData": {"k": "v"},
+    }
+
+
+def _golden_pod(name: str, namespace: str) -> dict[str, Any]:
+    pod: dict[str, Any] = yaml.safe_load((GOLDEN_PODS / name).read_text())
+    pod["metadata"]["namespace"] = namespace
+    pod["metadata"].pop("ownerReferences", None)  # the golden job does not exist here
+    pod["spec"].pop("priorityClassName", None)  # nor the catalog's PriorityClasses
+    return pod
+
+
+@pytest.fixture(scope="module")
+def admission(dev_cluster: ClusterHandle) -> Iterator[Admission]:
+    kubectl = localstack.Kubectl(kubectl_binary(), dev_cluster.kubeconfig)
+    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])
+    suffix = secrets.token_hex(3)
+    env = Admission(kubectl, f"admission-{suffix}-p", f"admission-{suffix}-x")
+    kubectl.apply(
+        [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": env.plain}},
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": env.project, "labels": {"dsjobs.dev/project-id": env.project}},
+            },
+        ]
+    )
+    # The API server takes a policy in a moment after it was written.
+    deadline = time.monotonic() + 60
+    while env.create("dsjobs-api", _secret(env.plain)).returncode == 0:
+        assert time.monotonic() < deadline, "the policy never took effect"
+        time.sleep(0.5)
+    try:
+        yield env
+    finally:
+        kubectl.run("delete", "namespace", env.plain, env.project, "--wait=false", check=False)
+
+
+@pytest.mark.e2e
+def test_dsjobs_accounts_make_only_their_own_kinds_of_secrets(admission: Admission) -> None:
+    for sa in ("dsjobs-api", "dsjobs-operator"):
+        for kind in ("Opaque", "kubernetes.io/dockerconfigjson"):
+            body = _secret(admission.project, kind)
+            if kind != "Opaque":
+                body["stringData"] = {".dockerconfigjson": '{"auths": {}}'}
+            proc = admission.create(sa, body)
+            assert proc.returncode == 0, proc.stderr
+        token = _secret(admission.project, "kubernetes.io/service-account-token")
+        token["metadata"]["annotations"] = {"kubernetes.io/service-account.name": "default"}
+        proc = admission.create(sa, token)
+        assert proc.returncode != 0
+        assert "creates Secrets of type Opaque or kubernetes.io/dockerconfigjson only" in proc.stderr
+        proc = admission.create(sa, _secret(admission.plain))
+        assert proc.returncode != 0
+        assert f"{admission.plain} is not one" in proc.stderr and "only in project namespaces" in proc.stderr
+    # Other identities are not this policy's business (an admin here).
+    admin = admission.kubectl.run(
+        "create", "--dry-run=server", "-f", "-", stdin=json.dumps(_secret(admission.plain)), check=False
+    )
+    assert "created (server dry run)" in admin
+
+
+@pytest.mark.e2e
+def test_every_rendered_job_pod_passes_and_host_access_does_not(admission: Admission) -> None:
+    goldens = sorted(p.name for p in GOLDEN_PODS.glob("*.yaml"))
+    assert len(goldens) >= 10
+    for name in goldens:
+        proc = admission.create("dsjobs-operator", _golden_pod(name, admission.project))
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+    def refused(change: Callable[[dict[str, Any]], None], namespace: str = admission.project) -> str:
+        pod = _golden_pod("basic_cpu.yaml", namespace)
+        change(pod["spec"])
+        proc = admission.create("dsjobs-operator", pod)
+        assert proc.returncode != 0, pod["spec"]
+        return proc.stderr
+
+    assert "only in project namespaces" in refused(lambda s: None, admission.plain)
+    token = "automountServiceAccountToken: false and no hostPath or serviceAccountToken volume"
+    assert token in refused(lambda s: s.pop("automountServiceAccountToken"))
+    assert token in refused(lambda s: s.update(automountServiceAccountToken=True))
+    assert token in refused(lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}))
+    projected = {"sources": [{"serviceAccountToken": {"path": "t"}}]}
+    assert token in refused(lambda s: s["volumes"].append({"name": "t", "projected": projected}))
+    host = "must not use the host's network, PID or IPC namespace, privileged containers"
+    assert host in refused(lambda s: s.update(hostPID=True))
+    assert host in refused(lambda s: s.update(hostNetwork=True))
+    assert host in refused(lambda s: s["containers"][0].update(securityContext={"privileged": True}))
+    add = {"capabilities": {"add": ["SYS_ADMIN"]}}
+    assert host in refused(lambda s: s["initContainers"][0].update(securityContext=add))
+
+
+@pytest.mark.e2e
+def test_dsjobs_accounts_delete_only_in_project_namespaces(admission: Admission) -> None:
+    for ns in (admission.plain, admission.project):
+        admission.kubectl.apply([_secret(ns)])
+    proc = admission.as_sa(
+        "dsjobs-operator", "-n", admission.plain, "delete", "--dry-run=server", "secret", "s1"
+    )
+    assert proc.returncode != 0 and "only in project namespaces" in proc.stderr, proc.stderr
+    proc = admission.as_sa(
+        "dsjobs-operator", "-n", admission.project, "delete", "--dry-run=server", "secret", "s1"
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 # ------------------------------------------------------------------ static checks
