@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
@@ -10,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from dsjobs import storage as st
-from dsjobs.api import errors
+from dsjobs.api import errors, metrics
 from dsjobs.api.core import storage_error
 from dsjobs.api.errors import KubeError
 from dsjobs.api.server import CallInterceptor
@@ -247,3 +250,55 @@ def test_other_failures_are_not_taken_for_storage_outages() -> None:
         storage_error(S3HttpError(403, "AccessDenied", "denied", "projects/p/k")) is None
     )  # misconfigured: INTERNAL
     assert storage_error(ValueError("a bug")) is None
+
+
+def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stream was suspended sending a response when the client went away: the wrapper got
+    GeneratorExit, took it for a failure (an ERROR with an incident, INTERNAL in the metrics) and
+    aborted a call that was gone. The handler's own generator is closed at once."""
+    closed: list[str] = []
+
+    async def handler(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x" * (1 << 20)  # more than flow control lets through unread
+        finally:
+            closed.append("closed")
+
+    def requests(code: str) -> float:
+        return sum(
+            s.value
+            for m in metrics.REQUESTS.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels == {"method": "/t.T/S", "code": code}
+        )
+
+    async def run() -> None:
+        server = grpc.aio.server(interceptors=[CallInterceptor()])
+        method = grpc.unary_stream_rpc_method_handler(handler)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"S": method}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            for _ in range(3):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    call = channel.unary_stream("/t.T/S")(cast(Any, b""))
+                    await call.read()
+                    await asyncio.sleep(0.2)  # the server is now waiting to send
+                    call.cancel()
+                await asyncio.sleep(0.2)
+            gc.collect()
+            await asyncio.sleep(0.3)
+        finally:
+            await server.stop(None)
+
+    before = requests("CANCELLED"), requests("INTERNAL")
+    with caplog.at_level(logging.INFO, logger="dsjobs"):
+        asyncio.run(run())
+    assert (requests("CANCELLED") - before[0], requests("INTERNAL") - before[1]) == (3, 0)
+    assert closed == ["closed"] * 3
+    assert not [r for r in caplog.records if r.name.startswith("dsjobs") and r.levelno >= logging.WARNING]

@@ -160,9 +160,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 gauge.inc()
                 try:
                     _check_decoded(request, method)
-                    async for response in inner_stream(request, context):
-                        yield response
-                except asyncio.CancelledError:
+                    # Closed as soon as this one is (not when it is collected): its waits and reads end.
+                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                except (asyncio.CancelledError, GeneratorExit):
+                    # GeneratorExit: the client went away while a response was being sent, and the
+                    # call is closed; nothing can be sent on it any more.
                     code = grpc.StatusCode.CANCELLED
                     raise
                 except grpc.aio.AbortError:
