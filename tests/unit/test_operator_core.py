@@ -187,6 +187,31 @@ def test_jobs_cleared_together_do_not_keep_a_shared_input_for_each_other() -> No
     assert refs.unused(("ns", "x"), "p", [A]) == [A]
 
 
+def test_jobs_whose_ttls_run_out_together_do_not_keep_a_shared_input_for_each_other() -> None:
+    # Both clears started (after an operator restart, all expired jobs at once) before either's
+    # dataCleared came back through the watch: each saw the other as a user of A, and once both
+    # were cleared nothing referenced A any more to delete it.
+    refs = InputRefs()
+    bodies = {name: _job(name, [A]) for name in ("x", "y")}
+    for name, body in bodies.items():
+        body["metadata"]["uid"] = f"uid-{name}"
+        refs.update(("ns", name), body)
+    refs.clearing(("ns", "x"), "uid-x")
+    refs.clearing(("ns", "y"), "uid-y")
+    refs.update(("ns", "x"), bodies["x"])  # a watch event from before the clear is not a user
+    assert refs.unused(("ns", "x"), "p", [A]) == [A]
+    assert refs.unused(("ns", "y"), "p", [A]) == [A]
+    # A job made again under the name (another uid) uses its inputs, as does one after a discard.
+    again = _job("x", [A])
+    again["metadata"]["uid"] = "uid-x2"
+    refs.update(("ns", "x"), again)
+    assert refs.unused(("ns", "y"), "p", [A]) == []
+    refs.discard(("ns", "y"))
+    refs.update(("ns", "y"), bodies["y"])
+    refs.discard(("ns", "x"))
+    assert refs.unused(("ns", "z"), "p", [A]) == []
+
+
 def test_the_inputs_to_delete_are_decided_once_the_job_s_prefix_is_gone() -> None:
     # Deleting a prefix of thousands of log chunks takes a while (and queues behind other
     # clears): a job seen meanwhile that uses one of the inputs must keep it.

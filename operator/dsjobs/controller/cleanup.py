@@ -71,6 +71,8 @@ class InputRefs:
         # Jobs the watch told about before the start-up LIST was applied (None once it was): the
         # LIST is older than what the watch said of them, deleted ones included.
         self._watched: set[tuple[str, str]] | None = set()
+        # Jobs whose data is being cleared, by uid (a job re-created under the name is another).
+        self._clearing: dict[tuple[str, str], str] = {}
 
     @staticmethod
     def _token(project: str, sha: str) -> int:
@@ -92,11 +94,13 @@ class InputRefs:
 
     def _apply(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        # A job being deleted, with its data cleared, or asked to clear it (it can never run
-        # again: Execute is refused, the operator fails it DataCleared) uses nothing: jobs that
-        # share an input and are cleared together must not keep it for each other.
+        # A job being deleted, with its data cleared, asked to clear it or clearing it (its TTL
+        # ran out) uses nothing: it can never run again (Execute is refused, the operator fails
+        # it DataCleared), and jobs that share an input and are cleared together must not keep
+        # it for each other.
         live = (
             not meta.get("deletionTimestamp")
+            and not (key in self._clearing and self._clearing[key] == meta.get("uid", ""))
             and not (body.get("status") or {}).get("dataCleared")
             and not (body.get("spec") or {}).get("clearData")
         )
@@ -110,9 +114,17 @@ class InputRefs:
             for token in tokens:
                 self._counts[token] = self._counts.get(token, 0) + 1
 
+    def clearing(self, key: tuple[str, str], uid: str) -> None:
+        """The job's data is being cleared: it uses nothing from now on, before its
+        `dataCleared` comes back through the watch (two jobs whose TTLs run out together would
+        each see the other as a user of their shared input, and keep it for ever)."""
+        self._clearing[key] = uid
+        self._drop(key)
+
     def discard(self, key: tuple[str, str]) -> None:
         if self._watched is not None:
             self._watched.add(key)
+        self._clearing.pop(key, None)
         self._drop(key)
 
     def _drop(self, key: tuple[str, str]) -> None:

@@ -1001,6 +1001,7 @@ class Operator:
         project, wanted = found
         await self._warm_input_refs()
         key = (job.namespace, job.name)
+        self.input_refs.clearing(key, job.uid)
         await delete_job_data(
             self.store.client(), project, job.name, lambda: self.input_refs.unused(key, project, wanted)
         )
