@@ -31,6 +31,7 @@ read-modify-write anywhere and S3's read-after-write consistency is all that is 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -262,6 +263,45 @@ def split_records(
         out.append(data[pos:cut])
         pos = cut
     return out, pos
+
+
+# At most this many messages are made of one record that is not all UTF-8 (`utf8_pieces`).
+MAX_PIECES = 32
+
+
+def utf8_pieces(content: bytes) -> list[bytes]:
+    """A record's content cut where UTF-8 lines meet lines that are not, for clients that decode
+    each message whole: the official CLI prints a message it cannot decode as one
+    `[non-utf8 sequence] b'...'` line, so one stray byte would garble every line that shares its
+    record (up to 64 KiB of output). Runs of valid lines stay together, as do runs of invalid ones;
+    past `MAX_PIECES` the rest is one piece. The pieces join back to `content` exactly."""
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        return [content]
+    pieces: list[bytes] = []
+    run: list[bytes] = []
+    run_valid: bool | None = None
+    lines = [line for line in re.split(rb"(?<=\n)", content) if line]
+    for n, line in enumerate(lines):
+        if len(pieces) == MAX_PIECES - 1:
+            run.extend(lines[n:])
+            break
+        try:
+            line.decode("utf-8")
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        if run and valid != run_valid:
+            pieces.append(b"".join(run))
+            run = []
+        run.append(line)
+        run_valid = valid
+    if run:
+        pieces.append(b"".join(run))
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from runner_fakes import MemoryStore
 
 from dsjobs.logrecords import (
     CHUNK_SLOT,
+    MAX_PIECES,
     MAX_RECORD_CONTENT,
     FinalMarker,
     LogChunk,
@@ -28,6 +29,7 @@ from dsjobs.logrecords import (
     read_records,
     split_offset,
     split_records,
+    utf8_pieces,
     write_chunk,
     write_final,
 )
@@ -362,3 +364,64 @@ def test_finalize_stream_closes_an_abandoned_stream() -> None:
     assert marker.next_seq == n and read_final(store, P, J) == marker
     res = read_records(store, P, J, 0)
     assert len(res.records) == 3 and read_records(store, P, J, res.next_offset).complete
+
+
+# --- records for clients that decode each message whole ------------------------------------------
+
+
+def _cli_lines(pieces: list[bytes]) -> list[str]:
+    """What the official CLI 0.10.0 prints for messages of these contents (Client._write_log)."""
+    out: list[str] = []
+    for content in pieces:
+        try:
+            out += content.decode("utf8").strip().split("\n")
+        except UnicodeError:
+            out.append(f"[non-utf8 sequence] {content!r}")
+    return out
+
+
+def test_one_stray_byte_garbles_only_its_own_line() -> None:
+    out = b"epoch 1 loss 0.9\nbad byte here: \xff\nepoch 2 loss 0.5\nepoch 3 loss 0.2\n"
+    (record,), _ = split_records(out, flush_partial=False)
+    assert record == out  # one record: what the CLI got as one message
+    pieces = utf8_pieces(record)
+    assert pieces == [
+        b"epoch 1 loss 0.9\n",
+        b"bad byte here: \xff\n",
+        b"epoch 2 loss 0.5\nepoch 3 loss 0.2\n",
+    ]
+    assert _cli_lines(pieces) == [
+        "epoch 1 loss 0.9",
+        "[non-utf8 sequence] b'bad byte here: \\xff\\n'",
+        "epoch 2 loss 0.5",
+        "epoch 3 loss 0.2",
+    ]
+    assert utf8_pieces("ünïcode\nlines\n".encode()) == ["ünïcode\nlines\n".encode()]
+    assert utf8_pieces(b"") == [b""]
+
+
+def test_a_record_makes_at_most_max_pieces_messages() -> None:
+    record = b"ok\n\xff\n" * 1000
+    pieces = utf8_pieces(record)
+    assert len(pieces) == MAX_PIECES and b"".join(pieces) == record
+    assert pieces[: MAX_PIECES - 1] == [b"ok\n", b"\xff\n"] * 15 + [b"ok\n"]
+
+
+@given(st.lists(st.sampled_from([b"a", b"\n", b"\xff", "é".encode(), b"\xc3", b"\r"]), max_size=200))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_pieces_join_back_and_each_decodes_or_holds_no_valid_line(parts: list[bytes]) -> None:
+    content = b"".join(parts)
+    pieces = utf8_pieces(content)
+    assert b"".join(pieces) == content and all(pieces[:-1]) and len(pieces) <= MAX_PIECES
+    for piece in pieces:
+        lines = [line for line in piece.split(b"\n") if line]
+        valid = [_decodes(line) for line in lines]
+        assert all(valid) or not any(valid) or len(pieces) == MAX_PIECES
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -801,7 +801,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         allowed = self._still_allowed(context, job)
         async for records, offset in follow_logs(self.core, job, request.offset, None, allowed):
-            yield svc.ReadProjectJobLogsResponse(logs=[_log_message(r) for r in records], offset=offset)
+            logs = [_log_message(r, piece) for r in records for piece in logrecords.utf8_pieces(r.content)]
+            yield svc.ReadProjectJobLogsResponse(logs=logs, offset=offset)
 
     async def ReadStdLogs(
         self, request: svc.ReadProjectJobStdLogsRequest, context: Context
@@ -812,10 +813,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         async for records, offset in follow_logs(self.core, job, request.offset, streams, allowed):
             logs = [
                 svc.StdLog(
-                    content=r.content,
+                    content=piece,
                     type=svc.StdLog.Type.OUT if r.stream == logrecords.Stream.OUT else svc.StdLog.Type.ERR,
                 )
                 for r in records
+                for piece in logrecords.utf8_pieces(r.content)
             ]
             yield svc.ReadProjectJobStdLogsResponse(logs=logs, offset=offset)
 
@@ -1042,10 +1044,11 @@ async def _first_of(timeout: float, *events: asyncio.Event) -> None:
             w.cancel()
 
 
-def _log_message(r: logrecords.LogRecord) -> svc.LogMessage:
+def _log_message(r: logrecords.LogRecord, content: bytes) -> svc.LogMessage:
+    """The record (`content`: all of its content or a piece of it) as a LogMessage."""
     ts = Timestamp()
     ts.FromNanoseconds(r.created_ns)
-    msg = svc.LogMessage(content=r.content, created_at=ts)
+    msg = svc.LogMessage(content=content, created_at=ts)
     if r.stream == logrecords.Stream.OUT:
         msg.standard_stream = svc.StandardStream.OUT
     elif r.stream == logrecords.Stream.ERR:
