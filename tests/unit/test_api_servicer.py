@@ -190,6 +190,9 @@ class FakeCore:
         self.put_totals.append(sum(wanted.values()))
         return {k: f"https://store/{k}" for k in wanted}
 
+    async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:
+        return {key: f"https://store/{key}?name={name}" for key, name, _ in files}
+
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
         """`job` if given, else the FakeKube's."""
         if self.job is not None:
@@ -451,7 +454,7 @@ def test_failed_removal_of_an_unanswered_job_is_logged_with_the_job(caplog: pyte
     assert job_id in record.getMessage() and getattr(record, "job", None) == job_id
 
 
-def source_job(params: dict[str, Any]) -> JobSnapshot:
+def source_job(params: dict[str, Any], status: dict[str, Any] | None = None) -> JobSnapshot:
     return JobSnapshot.from_cr(
         {
             "metadata": {
@@ -462,7 +465,7 @@ def source_job(params: dict[str, Any]) -> JobSnapshot:
                 "creationTimestamp": "2025-06-01T00:00:00Z",
             },
             "spec": {"projectId": PROJECT, "execute": True, "jobParameters": params},
-            "status": {"phase": "SUCCESS"},
+            "status": status or {"phase": "SUCCESS"},
         }
     )
 
@@ -775,6 +778,54 @@ def test_download_of_no_files_is_an_empty_answer() -> None:
     core = FakeCore(job=source_job(SOURCE_PARAMS))
     resp = call(service(core).DownloadJobFiles(svc.DownloadProjectJobFilesRequest(job_id="src1"), ctx()))
     assert resp == svc.DownloadProjectJobFilesResponse()
+
+
+def test_an_output_with_a_log_s_path_does_not_hide_the_log() -> None:
+    prefix = f"projects/{PROJECT}/jobs/src1"
+    out_sha, log_sha = "0a" * 32, "0b" * 32
+    stored = {
+        "phase": "SUCCESS",
+        "outputFiles": [
+            {
+                "desc": {"path": "stdout.txt"},
+                "sha256": out_sha,
+                "sizeBytes": 3,
+                "key": f"{prefix}/outputs/stdout.txt",
+            }
+        ],
+        "logFiles": [
+            {
+                "desc": {"path": "stdout.txt"},
+                "sha256": log_sha,
+                "sizeBytes": 5,
+                "key": f"{prefix}/logs/files/stdout.txt",
+            }
+        ],
+    }
+    job = source_job(SOURCE_PARAMS, stored)
+    wanted = [
+        jobs_pb2.File(desc=jobs_pb2.FileDesc(path="stdout.txt"), sha256=out_sha),
+        jobs_pb2.File(desc=jobs_pb2.FileDesc(path="stdout.txt"), sha256=log_sha),
+        jobs_pb2.File(desc=jobs_pb2.FileDesc(path="stdout.txt")),  # without content: the first stored
+    ]
+    req = svc.DownloadProjectJobFilesRequest(job_id="src1", files=wanted)
+    resp = call(service(FakeCore(job=job)).DownloadJobFiles(req, ctx()))
+    assert [f.url.split("?")[0] for f in resp.download_files] == [
+        f"https://store/{prefix}/outputs/stdout.txt",
+        f"https://store/{prefix}/logs/files/stdout.txt",
+        f"https://store/{prefix}/outputs/stdout.txt",
+    ]
+
+
+def test_std_logs_of_a_job_not_ended_are_not_an_earlier_attempt_s() -> None:
+    job = source_job(SOURCE_PARAMS, {"phase": "EXECUTING"})
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(FakeCore(job=job)).DownloadStdLogs(
+            svc.DownloadProjectJobStdLogsRequest(job_id="src1"), ctx()
+        ),
+    )
+    assert "stored when it ends; use ReadLogs meanwhile" in err.message
 
 
 # --- operations --------------------------------------------------------------------------------

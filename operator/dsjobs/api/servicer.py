@@ -851,12 +851,16 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
             if operations.is_own_key(job, f.key)
         ]
+        # By path and content first: an output may have a log's path (`stdout.txt`), and the CLI
+        # asks with the File records Get gave it, sha256 included.
         by_path: dict[str, Any] = {}
+        by_content: dict[tuple[str, str], Any] = {}
         for f in stored:
             by_path.setdefault(f.desc.path, f)
+            by_content.setdefault((f.desc.path, f.sha256), f)
         chosen = []
         for i, wanted in enumerate(request.files):
-            found = by_path.get(wanted.desc.path)
+            found = by_content.get((wanted.desc.path, wanted.sha256)) or by_path.get(wanted.desc.path)
             if found is None or not found.key:
                 raise errors.not_found(
                     f"files[{i}]: job {job.name!r} has no stored file {wanted.desc.path!r}"
@@ -877,17 +881,18 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             raise errors.failed_precondition(
                 f"the data of job {job.name!r} {'was' if job.status.data_cleared else 'is being'} deleted"
             )
+        if not job.is_final:
+            # Files there now are an earlier attempt's (a retry), or being written.
+            raise errors.failed_precondition(
+                f"job {job.name!r} is {job.phase.value}: its stdout/stderr files are stored when it ends; "
+                "use ReadLogs meanwhile"
+            )
         keys = {
             name: logrecords.log_file_key(job.project_id, job.name, name)
             for name in ("stdout.txt", "stderr.txt")
         }
         present = await asyncio.gather(*(self.core.io(self.core.store.head, k) for k in keys.values()))
         if not any(present):
-            if not job.is_final:
-                raise errors.failed_precondition(
-                    f"job {job.name!r} is {job.phase.value}: its stdout/stderr files are stored when it ends; "
-                    "use ReadLogs meanwhile"
-                )
             raise errors.not_found(f"job {job.name!r} has no stored stdout/stderr")
         urls = await self.core.presign_get(
             (k, f"{job.name}-{n}", p.size)
