@@ -511,6 +511,7 @@ def read_records(
     max_bytes: int = 1024 * 1024,
     streams: Collection[Stream] | None = None,
     max_chunks: int = 16,
+    check_complete: bool = True,
 ) -> ReadResult:
     """Records from ``offset`` on, at most ``max_records`` / about ``max_bytes`` of content, from
     at most ``max_chunks`` chunks (a filter may skip whole chunks: the caller gets a turn, e.g.
@@ -519,7 +520,9 @@ def read_records(
     ``next_offset`` is where to continue; ``complete`` is True once the writer's final marker says
     nothing more will come and everything up to it was returned. A negative offset means "from
     now": no records, ``next_offset`` = the current end. ``streams`` filters (ReadStdLogs passes
-    OUT and ERR); skipped records still advance ``next_offset``.
+    OUT and ERR); skipped records still advance ``next_offset``. Without ``check_complete`` the
+    final marker is not read (``complete`` is False): a reader following a job that has not ended
+    saves a GET per poll.
     """
     if offset < 0:
         end = end_offset(store, project, job)
@@ -531,7 +534,7 @@ def read_records(
     for _ in range(max_chunks):
         chunk = read_chunk(store, project, job, seq)
         if chunk is None:
-            final = read_final(store, project, job)
+            final = read_final(store, project, job) if check_complete else None
             complete = final is not None and seq >= final.next_seq
             return ReadResult(out, make_offset(seq, index), complete)
         recs = chunk.records

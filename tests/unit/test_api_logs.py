@@ -128,6 +128,38 @@ def test_follows_a_running_job_until_it_ends() -> None:
     assert [c for batch, _ in got for c in batch] == [b"first\n", b"second\n"]
 
 
+def test_a_stream_reads_the_final_marker_only_once_the_job_has_ended() -> None:
+    # Every idle poll of a running job's stream read final.json too: two GETs instead of one.
+    core = FakeCore(snapshot("EXECUTING"))
+    gets: list[str] = []
+    read = core.store.get_bytes
+
+    def counting(key: str) -> bytes | None:
+        gets.append(key)
+        return read(key)
+
+    core.store.get_bytes = counting  # type: ignore[method-assign]
+    write(core, 0, "first\n")
+    final = logrecords.final_key(PROJECT, JOB)
+
+    async def scenario() -> list[tuple[list[bytes], int]]:
+        async def job_runs() -> None:
+            await asyncio.sleep(0.3)  # ~30 idle polls
+            assert final not in gets
+            logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(1))
+            core.job = snapshot("SUCCESS")
+            core.jobs.remember(job_object("SUCCESS", version=2))  # the watch tells: wakes the stream
+
+        runner = asyncio.create_task(job_runs())
+        got = await collect(core, snapshot("EXECUTING"))
+        await runner
+        return got
+
+    got = asyncio.run(scenario())
+    assert [c for batch, _ in got for c in batch] == [b"first\n"]
+    assert gets.count(final) >= 1
+
+
 def test_a_job_that_ended_without_a_final_marker_still_ends_the_stream() -> None:
     core = FakeCore(snapshot("ERROR"))
     write(core, 0, "partial\n")

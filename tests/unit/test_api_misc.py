@@ -96,6 +96,11 @@ def test_static_tokens_imply_static_auth() -> None:
         ({"DSJOBS_API_TLS_CERT": "c.pem"}, "both"),
         ({"DSJOBS_API_PAGE_TOKEN_KEY": "short"}, "16 bytes"),
         ({"DSJOBS_API_MAX_MESSAGE_BYTES": "ten"}, "not an integer"),
+        # The official CLI would ask for a response it cannot receive again and again.
+        (
+            {"DSJOBS_API_MAX_RESPONSE_BYTES": str(4 << 20)},
+            "DSJOBS_API_MAX_RESPONSE_BYTES: must be at most 2097152",
+        ),
         ({"DSJOBS_API_LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ],
 )

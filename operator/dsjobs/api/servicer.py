@@ -1010,6 +1010,7 @@ async def follow_logs(
                 offset,
                 max_bytes=settings.max_response_bytes,
                 streams=streams,
+                check_complete=job.is_final,  # it ends the stream only then
             )
         except logrecords.LogFormatError as exc:
             raise errors.internal(

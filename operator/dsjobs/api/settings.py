@@ -143,14 +143,23 @@ def _seconds(name: str, text: str) -> float:
     return value
 
 
-def _int(name: str, text: str, minimum: int) -> int:
+def _int(name: str, text: str, minimum: int, maximum: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError as exc:
         raise SettingsError(f"{name}: not an integer: {text!r}") from exc
     if value < minimum:
         raise SettingsError(f"{name}: must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}: must be at most {maximum}")
     return value
+
+
+# The official CLI receives at most 4 MiB per message, and a response it refuses is asked for
+# again from the same offset, for ever. A response holds up to a record (64 KiB) more than the
+# setting, and framing: up to 1000 records, each up to 32 messages when it is not all UTF-8
+# (logrecords.utf8_pieces), ~25 bytes per message: under 1 MiB.
+MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
 def build(raw: Mapping[str, str]) -> Settings:
@@ -201,7 +210,9 @@ def build(raw: Mapping[str, str]) -> Settings:
         page_token_key_is_random=random_key,
         url_ttl=url_ttl,
         max_message_bytes=_int(env["max_message_bytes"], value["max_message_bytes"], 64 * 1024),
-        max_response_bytes=_int(env["max_response_bytes"], value["max_response_bytes"], 16 * 1024),
+        max_response_bytes=_int(
+            env["max_response_bytes"], value["max_response_bytes"], 16 * 1024, MAX_RESPONSE_BYTES
+        ),
         log_poll_interval=max(0.05, _seconds(env["log_poll_interval"], value["log_poll_interval"])),
         drain_timeout=_seconds(env["drain_timeout"], value["drain_timeout"]),
         community_id=value["community_id"],
