@@ -12,14 +12,18 @@ import pytest
 
 from dsjobs import logrecords
 from dsjobs.api import errors, servicer
+from dsjobs.api.auth import Identity, Verb
 from dsjobs.api.cluster import JobIndex
 from dsjobs.api.core import Core
 from dsjobs.api.errors import ApiError
 from dsjobs.api.kube import Kube
 from dsjobs.api.operations import JobSnapshot
-from dsjobs.api.servicer import follow_logs
-from dsjobs.api.settings import Settings
+from dsjobs.api.servicer import ProjectJobService, follow_logs
+from dsjobs.api.settings import Settings, SettingsError
+from dsjobs.api.settings import from_args as settings_from_args
+from dsjobs.api.streams import StreamSlots
 from dsjobs.logrecords import FinalMarker, LogChunk, LogRecord, Stream
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.storage import ObjectInfo
 
 PROJECT, JOB = "p1", "j1"
@@ -289,3 +293,70 @@ def test_a_stream_ends_once_its_caller_may_no_longer_read_the_job(monkeypatch: p
         return got
 
     assert asyncio.run(scenario()) == 1
+
+
+# --- how many streams a replica follows -----------------------------------------------------------
+
+
+class StreamingCore(FakeCore):
+    """What ReadLogs needs besides follow_logs': the caller and the job."""
+
+    def __init__(self, job: JobSnapshot, slots: StreamSlots) -> None:
+        super().__init__(job)
+        self.streams = slots
+
+    async def authorized_job(self, context: Any, job_id: str, verb: Verb) -> tuple[Identity, JobSnapshot]:
+        assert self.job is not None
+        return Identity(context), self.job
+
+
+def test_log_streams_have_a_limit_of_their_own_and_per_caller() -> None:
+    """Open streams counted only against DSJOBS_API_MAX_CONCURRENT_RPCS could fill it, and then
+    every other call (Create, OperationService.Get, the readiness check) was refused."""
+    core = StreamingCore(snapshot("EXECUTING"), StreamSlots(total=3, per_caller=2))
+    service = ProjectJobService(cast(Core, core))
+    write(core, 0, "line\n")
+
+    async def scenario() -> list[str]:
+        async def follow(user: str) -> None:
+            request = svc.ReadProjectJobLogsRequest(job_id=JOB, offset=0)
+            async for _ in service.ReadLogs(request, cast(Any, user)):
+                pass
+
+        held = [asyncio.create_task(follow(u)) for u in ("alice", "alice", "bob")]
+        await asyncio.sleep(0.1)  # all three follow the running job
+        refused = []
+        for user in ("alice", "carol"):
+            try:
+                await follow(user)
+            except ApiError as exc:
+                assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                refused.append(exc.message)
+        assert core.streams.open == 3
+        held[0].cancel()  # one of alice's ends: its slot is free again
+        await asyncio.sleep(0.05)
+        assert core.streams.open == 2
+        late = asyncio.create_task(follow("carol"))
+        await asyncio.sleep(0.05)
+        assert core.streams.open == 3 and not late.done()
+        for task in [*held, late]:
+            task.cancel()
+        await asyncio.gather(*held, late, return_exceptions=True)
+        assert core.streams.open == 0
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert refused == [
+        "alice follows 2 log streams on this server, the most one caller may; reconnect later with offset 0",
+        "this server follows 3 log streams, its most; reconnect later with offset 0",
+    ]
+
+
+@pytest.mark.parametrize("streams", ["0", "5000", "6000"])
+def test_log_streams_leave_room_for_other_calls(streams: str) -> None:
+    with pytest.raises(SettingsError, match="DSJOBS_API_MAX_LOG_STREAMS: must be between 1 and"):
+        settings_from_args([], environ={"DSJOBS_API_MAX_LOG_STREAMS": streams})
+    unlimited = settings_from_args(
+        [], environ={"DSJOBS_API_MAX_LOG_STREAMS": streams, "DSJOBS_API_MAX_CONCURRENT_RPCS": "0"}
+    )
+    assert unlimited.max_log_streams == int(streams)

@@ -36,6 +36,7 @@ from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
 from dsjobs.api.metrics import KUBE_CALLS
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
+from dsjobs.api.streams import StreamSlots
 from dsjobs.models import File
 from dsjobs.models.limits import RESOURCE_ID_PATTERN
 
@@ -116,6 +117,7 @@ class Core:
         self.jobs = jobs
         self.catalog = catalog
         self.draining = asyncio.Event()
+        self.streams = StreamSlots(settings.max_log_streams, settings.max_log_streams_per_caller)
         # Storage calls are blocking (boto3): they get their own threads so that a slow object
         # store never starves the default executor.
         self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dsjobs-api-io")

@@ -151,6 +151,10 @@ def unavailable(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def resource_exhausted(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, expected=True)
+
+
 def internal(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.INTERNAL, message)
 

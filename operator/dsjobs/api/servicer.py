@@ -798,28 +798,34 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     async def ReadLogs(
         self, request: svc.ReadProjectJobLogsRequest, context: Context
     ) -> AsyncIterator[svc.ReadProjectJobLogsResponse]:
-        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         allowed = self._still_allowed(context, job)
-        async for records, offset in follow_logs(self.core, job, request.offset, None, allowed):
-            logs = [_log_message(r, piece) for r in records for piece in logrecords.utf8_pieces(r.content)]
-            yield svc.ReadProjectJobLogsResponse(logs=logs, offset=offset)
+        with self.core.streams.hold(identity.username, request.offset):
+            async for records, offset in follow_logs(self.core, job, request.offset, None, allowed):
+                logs = [
+                    _log_message(r, piece) for r in records for piece in logrecords.utf8_pieces(r.content)
+                ]
+                yield svc.ReadProjectJobLogsResponse(logs=logs, offset=offset)
 
     async def ReadStdLogs(
         self, request: svc.ReadProjectJobStdLogsRequest, context: Context
     ) -> AsyncIterator[svc.ReadProjectJobStdLogsResponse]:
-        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         streams = (logrecords.Stream.OUT, logrecords.Stream.ERR)
         allowed = self._still_allowed(context, job)
-        async for records, offset in follow_logs(self.core, job, request.offset, streams, allowed):
-            logs = [
-                svc.StdLog(
-                    content=piece,
-                    type=svc.StdLog.Type.OUT if r.stream == logrecords.Stream.OUT else svc.StdLog.Type.ERR,
-                )
-                for r in records
-                for piece in logrecords.utf8_pieces(r.content)
-            ]
-            yield svc.ReadProjectJobStdLogsResponse(logs=logs, offset=offset)
+        with self.core.streams.hold(identity.username, request.offset):
+            async for records, offset in follow_logs(self.core, job, request.offset, streams, allowed):
+                logs = [
+                    svc.StdLog(
+                        content=piece,
+                        type=svc.StdLog.Type.OUT
+                        if r.stream == logrecords.Stream.OUT
+                        else svc.StdLog.Type.ERR,
+                    )
+                    for r in records
+                    for piece in logrecords.utf8_pieces(r.content)
+                ]
+                yield svc.ReadProjectJobStdLogsResponse(logs=logs, offset=offset)
 
     def _still_allowed(self, context: Context, job: JobSnapshot) -> Callable[[], Awaitable[None]]:
         """A stream's check that its caller may still read the job: a stream may follow a job for

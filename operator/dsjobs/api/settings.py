@@ -90,6 +90,19 @@ SETTINGS: tuple[Setting, ...] = (
         "5000",
         "calls served at once, open log streams included (0: no limit); more are RESOURCE_EXHAUSTED",
     ),
+    Setting(
+        "max_log_streams",
+        "DSJOBS_API_MAX_LOG_STREAMS",
+        "4000",
+        "ReadLogs/ReadStdLogs streams followed at once (0: no limit), below DSJOBS_API_MAX_CONCURRENT_RPCS "
+        "so that other calls always find room; more are RESOURCE_EXHAUSTED (the CLI reconnects)",
+    ),
+    Setting(
+        "max_log_streams_per_caller",
+        "DSJOBS_API_MAX_LOG_STREAMS_PER_CALLER",
+        "200",
+        "of those, how many one caller (user) may follow at once (0: no limit)",
+    ),
     Setting("log_level", "DSJOBS_API_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_format", "DSJOBS_API_LOG_FORMAT", "json", "`json` (one object per line) or `text`"),
 )
@@ -129,6 +142,8 @@ class Settings:
     community_id: str = "dsjobs"
     kube_timeout: float = 20.0
     max_concurrent_rpcs: int = 5000
+    max_log_streams: int = 4000
+    max_log_streams_per_caller: int = 200
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -195,6 +210,13 @@ def build(raw: Mapping[str, str]) -> Settings:
     if value["log_format"] not in ("json", "text"):
         raise SettingsError(f"{env['log_format']}: must be json or text")
 
+    rpcs = _int(env["max_concurrent_rpcs"], value["max_concurrent_rpcs"], 0)
+    streams = _int(env["max_log_streams"], value["max_log_streams"], 0)
+    if rpcs and not 0 < streams < rpcs:
+        raise SettingsError(
+            f"{env['max_log_streams']}: must be between 1 and {env['max_concurrent_rpcs']} - 1 ({rpcs - 1}): "
+            "open log streams would otherwise leave no room for other calls"
+        )
     return Settings(
         listen=value["listen"],
         metrics_listen=value["metrics_listen"],
@@ -217,7 +239,11 @@ def build(raw: Mapping[str, str]) -> Settings:
         drain_timeout=_seconds(env["drain_timeout"], value["drain_timeout"]),
         community_id=value["community_id"],
         kube_timeout=max(1.0, _seconds(env["kube_timeout"], value["kube_timeout"])),
-        max_concurrent_rpcs=_int(env["max_concurrent_rpcs"], value["max_concurrent_rpcs"], 0),
+        max_concurrent_rpcs=rpcs,
+        max_log_streams=streams,
+        max_log_streams_per_caller=_int(
+            env["max_log_streams_per_caller"], value["max_log_streams_per_caller"], 0
+        ),
         log_level=level,
         log_format=value["log_format"],
     )
