@@ -1786,6 +1786,30 @@ def test_clear_data_request() -> None:
     assert not again.actions
 
 
+def test_data_goes_once_the_job_s_pod_is_gone() -> None:
+    # A kept pod's ship container (or one shutting down) may still upload its last logs: they
+    # would land under a prefix already deleted and stay, the job saying its data was cleared.
+    retention = OperatorSettings(finished_pod_retention_seconds=3600)
+    j = job(status=started("SUCCESS", finishedAt=ts(NOW), returnCode=0), clearData=True)
+    kept = step(j, [ended_pod(0)], settings=retention)
+    assert kept.actions == (DeleteSecrets(), DeletePod("job-1-a1", 1, "the job's data is deleted"))
+    assert not kept.status.data_cleared and kept.requeue_after == timedelta(seconds=30)
+    terminating = replace(ended_pod(0), deleting=True, deleted_at=NOW + timedelta(seconds=1))
+    waiting = step(j, [terminating], now=NOW + timedelta(seconds=2), settings=retention)
+    assert not waiting.actions and not waiting.status.data_cleared
+    assert waiting.requeue_after == timedelta(seconds=29)
+    gone = step(j, [replace(terminating, gone=True)], now=NOW + timedelta(seconds=3), settings=retention)
+    # (DeleteSecrets again: within the retention a gone pod's Secrets go with it; a no-op here.)
+    assert gone.actions == (DeleteSecrets(), ClearData()) and gone.status.data_cleared
+    # A pod stuck terminating (its node lost) is waited for 30 s past its deletion, no longer.
+    stuck = step(j, [terminating], now=NOW + timedelta(seconds=32), settings=retention)
+    assert stuck.actions == (ClearData(),) and stuck.status.data_cleared
+    # Expiry waits the same way; a pod that never reached a node is in nobody's way.
+    expired = job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(hours=2))), dataTtl="1h")
+    assert kinds(step(expired, [ended_pod(0)], settings=retention)) == ["DeleteSecrets", "DeletePod"]
+    assert step(expired, [pod(deleting=True)], settings=retention).actions == (ClearData(),)
+
+
 def test_clear_data_of_a_job_that_never_ran() -> None:
     # DeleteData / DeleteAllData mark jobs that were created (inputs uploaded) but never executed.
     j = job(execute=False, status={"phase": "CREATING", "createdAt": ts(CREATED)}, clearData=True)

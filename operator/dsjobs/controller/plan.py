@@ -662,7 +662,7 @@ def _plan_unexecuted(
     data would, counted from its creation, so a job abandoned during upload leaves nothing behind
     for ever. DeleteData / DeleteAllData clear them at once."""
     # DeleteData's operation is done when dataCleared says so.
-    status, requeue = _data_lifetime(
+    status, requeue, _ = _data_lifetime(
         spec, status, status.created_at, "data TTL expired before the job was executed", now, actions, events
     )
     return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
@@ -787,12 +787,40 @@ def _plan_final(
         status = set_condition(status, COND_FINALIZED, "True", "Finalized", "pod and secrets removed", now)
         events.append(JobEvent("Normal", "Finalized", "the job's pod and secrets were removed"))
 
-    status, expiry_wait = _data_lifetime(
-        spec, status, status.finished_at, "data TTL expired", now, actions, events
+    status, expiry_wait, held = _data_lifetime(
+        spec,
+        status,
+        status.finished_at,
+        "data TTL expired",
+        now,
+        actions,
+        events,
+        _pods_in_the_way(pods, now),
     )
+    if held and not any(isinstance(a, DeletePod) for a in actions):
+        # A pod kept after the end (DSJOBS_FINISHED_POD_RETENTION_SECONDS) goes now: the data is.
+        if alive:
+            actions.append(DeleteSecrets())
+        actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job's data is deleted") for p in alive)
     return Plan(
         status, tuple(actions), tuple(events), requeue_after=_min_delay(requeue, expiry_wait), spec=spec
     )
+
+
+def _pods_in_the_way(pods: Sequence[PodView], now: datetime) -> timedelta | None:
+    """How long the job's stored data must still wait before it is deleted, None: not at all.
+
+    A pod that reached a node and is not gone may still ship (a ship container shutting down
+    uploads its last logs, its result): they would land under a prefix already deleted, and stay
+    there with the job saying its data is cleared. A pod stuck terminating (its node lost) is
+    waited for at most DELETE_POD_WAIT past its deletion, as for a deleted job."""
+    waits = [
+        DELETE_POD_WAIT if p.deleted_at is None else p.deleted_at + DELETE_POD_WAIT - now
+        for p in pods
+        if p.scheduled and not p.gone
+    ]
+    longest = max(waits, default=None)
+    return longest if longest is not None and longest > timedelta(0) else None
 
 
 def _data_lifetime(
@@ -803,12 +831,14 @@ def _data_lifetime(
     now: datetime,
     actions: list[Action],
     events: list[JobEvent],
-) -> tuple[ProjectJobStatus, timedelta | None]:
+    hold: timedelta | None = None,
+) -> tuple[ProjectJobStatus, timedelta | None, bool]:
     """The stored data's expiry, re-derived from `since` (SetDataTtl may have changed the TTL),
     and its clearing when requested or expired (`expired` says why then); the wait until the
-    expiry. Data already cleared has nothing left to expire."""
+    expiry. Data already cleared has nothing left to expire. With `hold` (`_pods_in_the_way`), data
+    due to go waits that long, and the last item says so."""
     if status.data_cleared:
-        return status, None
+        return status, None, False
     problem = data_ttl_problem(spec.data_ttl)
     if problem is None:
         expires = data_expiry(spec, since)
@@ -831,9 +861,11 @@ def _data_lifetime(
     if expires != status.data_expires_at:
         status = status.model_copy(update={"data_expires_at": expires})
     if spec.clear_data or (expires is not None and now >= expires):
+        if hold is not None:
+            return status, hold, True
         why = "requested" if spec.clear_data else expired
-        return _clear_data(status, why, now, actions, events), None
-    return status, (expires - now if expires is not None else None)
+        return _clear_data(status, why, now, actions, events), None, False
+    return status, (expires - now if expires is not None else None), False
 
 
 def _clear_data(

@@ -99,6 +99,8 @@ class PodView:
     instance_type_index: int = 0
     created_at: datetime | None = None
     deleting: bool = False
+    # Its deletionTimestamp: when the deletion was asked for, plus the grace period.
+    deleted_at: datetime | None = None
     # True when the watch said DELETED: this is the pod's last state, the object is gone.
     gone: bool = False
     phase: str = "Pending"
@@ -147,6 +149,7 @@ class PodView:
             instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
             created_at=parse_time(meta.get("creationTimestamp")),
             deleting=bool(meta.get("deletionTimestamp")),
+            deleted_at=parse_time(meta.get("deletionTimestamp")),
             gone=gone,
             phase=str(status.get("phase") or "Pending"),
             reason=str(status.get("reason") or ""),
