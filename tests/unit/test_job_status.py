@@ -370,7 +370,42 @@ def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> 
     p = step(j, [pod(phase="Running", node="cpu-0")])
     assert p.status.phase == JobPhase.ERROR
     assert "spec.cancel.requestedAt: " in p.status.status_details and "\n" not in p.status.status_details
-    assert p.actions == (DeletePod("job-1-a1", 15, "the job's spec cannot be read"),)
+    assert p.actions == (
+        DeleteSecrets(),
+        DeletePod("job-1-a1", 15, "the job's spec cannot be read"),
+    )
+    # Its data expires as the raw dataTtl says (the default 14 days here).
+    assert p.status.data_expires_at == NOW + timedelta(days=14)
+
+
+def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:
+    # A final job with an unreadable spec got no step at all: a kept pod and its Secrets (storage
+    # credentials) stayed, the data never expired, clearData (DeleteData) never happened.
+    bad = {"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"}
+    retention = OperatorSettings(finished_pod_retention_seconds=600)
+    status = started("SUCCESS", finishedAt=ts(NOW), returnCode=0)
+    kept = step(job(status=status, cancel=bad), [ended_pod(0)], settings=retention)
+    assert not kept.actions and kept.requeue_after == timedelta(minutes=10)
+    assert kept.status.data_expires_at == NOW + timedelta(days=14)
+    later = step(
+        job(status=status, cancel=bad), [ended_pod(0)], now=NOW + timedelta(minutes=10), settings=retention
+    )
+    assert later.actions == (DeleteSecrets(), DeletePod("job-1-a1", 1, "the job has finished"))
+    finalized = step(job(status=status, cancel=bad, finalized=True), [ended_pod(0)], settings=retention)
+    assert kinds(finalized) == ["DeleteSecrets", "DeletePod"]
+    # clearData: once the pod is gone.
+    clear = job(status=status, cancel=bad, clearData=True)
+    assert kinds(step(clear, [ended_pod(0)], settings=retention)) == ["DeleteSecrets", "DeletePod"]
+    cleared = step(clear, [replace(ended_pod(0), gone=True)], settings=retention)
+    assert cleared.actions == (ClearData(),) and cleared.status.data_cleared
+    assert not step(job(status=cleared.status.to_cr(), cancel=bad, clearData=True)).actions
+    # The TTL: the raw one when valid, else the last expiry known.
+    short = job(status=status, cancel=bad, dataTtl="1h")
+    assert step(short, now=NOW + timedelta(hours=1)).actions == (ClearData(),)
+    known = {**status, "dataExpiresAt": ts(NOW + timedelta(days=2))}
+    typo = job(status=known, cancel=bad, dataTtl="1m")
+    assert not step(typo, now=NOW + timedelta(days=1)).actions
+    assert step(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
 
 
 def test_too_long_name_fails() -> None:

@@ -62,7 +62,8 @@ from dsjobs.models import (
     ProjectJobStatus,
     format_duration,
 )
-from dsjobs.models.limits import LABEL_VALUE_PATTERN, MAX_JOB_NAME
+from dsjobs.models.base import parse_duration
+from dsjobs.models.limits import DEFAULT_DATA_TTL, INFINITE_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
@@ -429,14 +430,20 @@ def _plan(
             spec, problems = None, [_unreadable(exc)]
     if spec is None:
         if phase.is_final:
-            return Plan(status, tuple(actions), tuple(events))
-        # A started job's pod would run on untracked: it goes, with the time to ship its logs.
+            return _plan_final_unreadable(job, status, pods, now, settings, actions, events)
+        # A started job's pod would run on untracked: it goes, with the time to ship its logs, and
+        # its Secrets with it (they were read when it started; no later step would know to).
+        alive = [p for p in pods if p.alive]
+        if alive:
+            actions.append(DeleteSecrets())
         actions.extend(
             DeletePod(p.name, settings.shutdown_grace_margin_seconds, "the job's spec cannot be read")
-            for p in pods
-            if p.alive and not p.deleting
+            for p in alive
         )
-        return _plan_of(_spec_problem_update(status, None, problems, now), actions, events, None)
+        update = _spec_problem_update(status, None, problems, now)
+        expires = _raw_data_expiry(job.spec, update.status.finished_at, update.status.data_expires_at)
+        update = replace(update, status=update.status.model_copy(update={"data_expires_at": expires}))
+        return _plan_of(update, actions, events, None)
 
     if phase.is_final:
         return _plan_final(spec, status, pods, now, settings, actions, events)
@@ -805,6 +812,69 @@ def _plan_final(
     return Plan(
         status, tuple(actions), tuple(events), requeue_after=_min_delay(requeue, expiry_wait), spec=spec
     )
+
+
+def _raw_data_expiry(
+    raw: Mapping[str, Any], since: datetime | None, previous: datetime | None
+) -> datetime | None:
+    """A job whose spec the models cannot read: when its data expires, from the raw dataTtl when
+    that is a valid TTL, else the last expiry known (none: the data is kept)."""
+    try:
+        ttl = parse_duration(raw.get("dataTtl", format_duration(DEFAULT_DATA_TTL)))
+    except (ValueError, TypeError):
+        return previous
+    if data_ttl_problem(ttl) is not None:
+        return previous
+    if since is None or ttl == INFINITE_TTL:
+        return None
+    try:
+        return since + ttl
+    except OverflowError:
+        return None
+
+
+def _plan_final_unreadable(
+    job: JobView,
+    status: ProjectJobStatus,
+    pods: Sequence[PodView],
+    now: datetime,
+    settings: OperatorSettings,
+    actions: list[Action],
+    events: list[JobEvent],
+) -> Plan:
+    """A finished job whose spec the models cannot read (an edit after the start): what
+    `_plan_final` does, from the raw fields it needs (finalized, clearData, dataTtl): its pod and
+    Secrets go after the retention, its data at its expiry or on clearData."""
+    raw = job.spec
+    requeue: timedelta | None = None
+    alive = [p for p in pods if p.alive]
+    if alive:
+        keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+        if raw.get("finalized") is True or now >= keep_until:
+            actions.append(DeleteSecrets())
+            actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job has finished") for p in alive)
+        else:
+            requeue = keep_until - now
+    if status.data_cleared:
+        return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
+    expires = _raw_data_expiry(raw, status.finished_at, status.data_expires_at)
+    if expires != status.data_expires_at:
+        status = status.model_copy(update={"data_expires_at": expires})
+    clear = raw.get("clearData") is True
+    if clear or (expires is not None and now >= expires):
+        hold = _pods_in_the_way(pods, now)
+        if hold is None:
+            status = _clear_data(status, "requested" if clear else "data TTL expired", now, actions, events)
+        else:
+            if alive and not any(isinstance(a, DeletePod) for a in actions):
+                actions.append(DeleteSecrets())
+                actions.extend(
+                    DeletePod(p.name, DELETION_GRACE_SECONDS, "the job's data is deleted") for p in alive
+                )
+            requeue = _min_delay(requeue, hold)
+    elif expires is not None:
+        requeue = _min_delay(requeue, expires - now)
+    return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
 
 
 def _pods_in_the_way(pods: Sequence[PodView], now: datetime) -> timedelta | None:
