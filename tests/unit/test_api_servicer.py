@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import grpc
@@ -189,6 +190,11 @@ class FakeCore:
         wanted = dict(files)
         self.put_totals.append(sum(wanted.values()))
         return {k: f"https://store/{k}" for k in wanted}
+
+    store = None  # io() answers for it
+
+    async def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return None  # the store holds no progress, no logs
 
     async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:
         return {key: f"https://store/{key}?name={name}" for key, name, _ in files}
@@ -944,3 +950,32 @@ def test_clone_refuses_oversized_overrides_by_the_requests_field() -> None:
     err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
     assert [v.field for v in err.violations] == ["job_parameters_overrides.env.vars"]
     assert "POST" not in core.kube.methods()
+
+
+def ts(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_execute_judges_the_expiry_by_the_spec_s_ttl_not_a_stale_status() -> None:
+    """After SetDataTtl the operator rewrites status.dataExpiresAt a moment later: an Execute
+    meanwhile was refused by the old expiry (or let through by it)."""
+    created = datetime.now(UTC) - timedelta(hours=2)
+    for ttl, stale, executes in (
+        ("1d", created + timedelta(hours=1), True),
+        ("1h", created + timedelta(days=1), False),
+    ):
+        kube = FakeKube()
+        stored_job(kube, "j1")
+        obj = kube.objects[jobs_path(NAMESPACE, "j1")]
+        obj["spec"]["dataTtl"] = ttl
+        obj["status"] = {"phase": "CREATING", "createdAt": ts(created), "dataExpiresAt": ts(stale)}
+        request = svc.ExecuteProjectJobRequest(job_id="j1")
+        if executes:
+            call(service(FakeCore(kube, stored=[SHA])).Execute(request, ctx()))
+            assert kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["execute"] is True
+        else:
+            err = failing(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                service(FakeCore(kube, stored=[SHA])).Execute(request, ctx()),
+            )
+            assert "was deleted before it was executed" in err.message

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, output_dataset_id
+from dsjobs.controller.names import (
+    EXECUTE_REQUESTED_AT,
+    FINALIZER,
+    JOB_LABEL,
+    PROJECT_LABEL,
+    output_dataset_id,
+)
 from dsjobs.controller.plan import (
     ClearData,
     CreatePod,
@@ -1904,6 +1910,23 @@ def test_a_job_executed_as_its_data_goes_does_not_run(
     assert p.actions == (ClearData(),)
     assert p.status.phase == JobPhase.ERROR and p.status.data_cleared
     assert why in p.status.status_details
+
+
+def test_an_execute_accepted_before_the_expiry_runs_though_the_operator_sees_it_after() -> None:
+    # The API accepted Execute at createdAt + 59 min (TTL 1h); the operator, restarted or behind,
+    # planned it at + 2h: the job failed DataCleared and lost inputs that were there when accepted.
+    created = NOW - timedelta(hours=2)
+    j = job(status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl="1h")
+    accepted = replace(j, execute_requested_at=created + timedelta(minutes=59))
+    p = step(accepted)
+    assert p.status.phase == JobPhase.PREPARING and not p.status.data_cleared
+    assert any(isinstance(a, CreatePod) for a in p.actions)
+    late = replace(j, execute_requested_at=created + timedelta(minutes=61))
+    assert step(late).status.phase == JobPhase.ERROR
+    # A time from the future counts as now.
+    assert step(replace(j, execute_requested_at=NOW + timedelta(days=1))).status.phase == JobPhase.ERROR
+    annotated = {"metadata": {"annotations": {EXECUTE_REQUESTED_AT: ts(created)}}}
+    assert JobView.from_body(annotated).execute_requested_at == created
 
 
 def test_finalize_removes_pod_and_secrets_once() -> None:

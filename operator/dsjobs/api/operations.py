@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
+from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.convert.common import file_to_proto
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
@@ -99,8 +100,6 @@ def decode_op_id(text: str) -> OpRef:
 
 
 # --- the job as the operations see it -----------------------------------------------------------
-
-EXECUTE_REQUESTED_AT = "dsjobs.dev/execute-requested-at"
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,10 @@ from dsjobs.api.core import Core, InputCheck, digest, job_labels, now, snapshot,
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
-from dsjobs.api.operations import EXECUTE_REQUESTED_AT, JobSnapshot, OpKind, OpRef
-from dsjobs.controller.names import FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
+from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
+from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
 from dsjobs.controller.secrets import registry_password_source_problem
+from dsjobs.controller.status import data_expiry
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
 from dsjobs.convert.listsizes import oversized_lists
@@ -61,6 +62,7 @@ from dsjobs.pb.yandex.cloud.operation import operation_pb2, operation_service_pb
 from dsjobs.validation import (
     Problem,
     cancel_reason_problems,
+    data_ttl_problem,
     problems_from_validation_error,
     validate_job_spec,
 )
@@ -594,6 +596,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if job.deleting:
             raise errors.failed_precondition(f"job {job.name!r} is being deleted")
         expires = job.status.data_expires_at
+        if data_ttl_problem(job.spec.data_ttl) is None:
+            # From the spec, not the status: the operator rewrites that a moment after SetDataTtl.
+            expires = data_expiry(job.spec, job.status.created_at or job.created_at)
         if job.status.data_cleared or job.spec.clear_data or (expires is not None and expires <= now()):
             raise errors.failed_precondition(
                 f"the data of job {job.name!r} was deleted before it was executed (DeleteData or its "

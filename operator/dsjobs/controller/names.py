@@ -37,6 +37,9 @@ DATASET_LABELS_ANNOTATION: Final = "dsjobs.dev/dataset-labels"
 
 # Our finalizer: stored data outlives the ProjectJob unless somebody deletes it first.
 FINALIZER: Final = "dsjobs.dev/cleanup"
+# When the API accepted the job's Execute (RFC 3339): its Execute operation is told apart from an
+# earlier one by it, and the operator judges the data's expiry at that time, not at its own.
+EXECUTE_REQUESTED_AT: Final = "dsjobs.dev/execute-requested-at"
 # Project secrets: one Secret per project namespace, one key per secret (env var name = key).
 PROJECT_SECRETS_NAME: Final = "dsjobs-project-secrets"
 # Project storage credentials (DSJOBS_STORAGE_CREDENTIALS=project): keys accessKey, secretKey, for

@@ -28,7 +28,14 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL, output_dataset_id, pod_name
+from dsjobs.controller.names import (
+    EXECUTE_REQUESTED_AT,
+    FINALIZER,
+    JOB_LABEL,
+    PROJECT_LABEL,
+    output_dataset_id,
+    pod_name,
+)
 from dsjobs.controller.podview import PodView, parse_time
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
@@ -91,6 +98,7 @@ class JobView:
     status_problem: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     deleted_at: datetime | None = None
+    execute_requested_at: datetime | None = None  # the API's annotation (EXECUTE_REQUESTED_AT)
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -114,6 +122,7 @@ class JobView:
             status_problem=problem,
             labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
             deleted_at=parse_time(meta.get("deletionTimestamp")),
+            execute_requested_at=parse_time((meta.get("annotations") or {}).get(EXECUTE_REQUESTED_AT)),
         )
 
 
@@ -604,7 +613,7 @@ def _plan_start(
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
         return _plan_unexecuted(spec, status, now, actions, events)
-    why = _data_gone_before_start(spec, status, now)
+    why = _data_gone_before_start(spec, status, min(job.execute_requested_at or now, now))
     if why is not None:
         # Also when the clearing and the execute request crossed (the API refuses an Execute of
         # such a job, kubectl does not): the job must not run without its inputs.
@@ -642,8 +651,12 @@ def _plan_start(
     return Plan(status, tuple(actions), tuple(events), spec=spec)
 
 
-def _data_gone_before_start(spec: ProjectJobSpec, status: ProjectJobStatus, now: datetime) -> str | None:
-    """Why a job about to start has (or is to have) no stored data, or None."""
+def _data_gone_before_start(
+    spec: ProjectJobSpec, status: ProjectJobStatus, executed_at: datetime
+) -> str | None:
+    """Why a job about to start has (or is to have) no stored data, or None. The expiry is judged
+    at `executed_at`: when the API accepted the Execute (the operator may see it later, after a
+    restart or a backlog, and the data is still there: only the operator deletes it)."""
     if status.data_cleared:
         return "DeleteData or its data TTL"
     if spec.clear_data:
@@ -653,7 +666,7 @@ def _data_gone_before_start(spec: ProjectJobSpec, status: ProjectJobStatus, now:
         # its name): an executed job's data expires from its end, not its creation.
         return None
     expires = data_expiry(spec, status.created_at)
-    if expires is not None and now >= expires:
+    if expires is not None and executed_at >= expires:
         return "data TTL expired before the job was executed"
     return None
 
