@@ -233,6 +233,30 @@ def test_the_inputs_to_delete_are_decided_once_the_job_s_prefix_is_gone() -> Non
     assert deleted == ["projects/p/jobs/me/", f"projects/p/inputs/{B}"]
 
 
+def test_each_input_is_asked_about_again_just_before_it_is_deleted() -> None:
+    # Deleting a hundred inputs from a slow store takes a while: a job seen meanwhile keeps its.
+    refs = InputRefs()
+    refs.update(("ns", "me"), _job("me", [A, B, C]))
+    deleted: list[str] = []
+
+    class Store:
+        def delete_prefix(self, prefix: str) -> int:
+            deleted.append(prefix)
+            return 0
+
+        def delete(self, key: str) -> None:
+            deleted.append(key)
+            refs.update(("ns", "new"), _job("new", [C]))  # created while A went
+
+    unused = lambda: refs.unused(("ns", "me"), "p", [A, B, C])  # noqa: E731
+    asyncio.run(delete_job_data(Store(), "p", "me", unused))  # type: ignore[arg-type]
+    assert deleted == ["projects/p/jobs/me/", f"projects/p/inputs/{A}", f"projects/p/inputs/{B}"]
+    # A job whose data was cleared before: only its prefix (its inputs were dealt with then).
+    deleted.clear()
+    asyncio.run(delete_job_data(Store(), "p", "me", unused, with_inputs=False))  # type: ignore[arg-type]
+    assert deleted == ["projects/p/jobs/me/"]
+
+
 def test_the_start_up_list_never_overrides_what_the_watch_told_since() -> None:
     # The LIST is one snapshot, its pages applied while the watch goes on: a job re-created
     # under its name (using A) or deleted meanwhile keeps what the watch said.

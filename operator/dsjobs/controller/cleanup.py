@@ -146,30 +146,33 @@ class InputRefs:
         return sorted(result)
 
 
-def _delete_inputs(storage: Storage, project: str, hashes: list[str]) -> int:
-    from dsjobs.storage import input_key
-
-    for sha in hashes:
-        storage.delete(input_key(project, sha))
-    return len(hashes)
-
-
 async def delete_job_data(
-    storage: Storage | None, project: str, job: str, unused: Callable[[], list[str]]
+    storage: Storage | None,
+    project: str,
+    job: str,
+    unused: Callable[[], list[str]],
+    *,
+    with_inputs: bool = True,
 ) -> None:
-    """Delete the job's prefix, then the inputs `unused()` names when the prefix is gone; a no-op
-    (logged) without storage settings.
+    """Delete the job's prefix, then the inputs `unused()` names when the prefix is gone (not
+    `with_inputs`: the prefix only); a no-op (logged) without storage settings.
 
     `unused` is asked on the event loop after the prefix (thousands of log chunks, a queue of
     clears before it, S3 slowing it down) is deleted: a job seen meanwhile that uses an input
     keeps it. Only a job not yet seen by the operator can miss (module docstring)."""
-    from dsjobs.storage import job_prefix
+    from dsjobs.storage import input_key, job_prefix
 
     if storage is None:
         log.warning("no object storage configured (DSJOBS_S3_*): not deleting data of %s/%s", project, job)
         return
     count = await asyncio.to_thread(storage.delete_prefix, job_prefix(project, job))
-    count += await asyncio.to_thread(_delete_inputs, storage, project, unused())
+    if with_inputs:
+        for sha in unused():
+            # Asked again before each: a slow store makes the loop long, and a job seen meanwhile
+            # that uses one of them keeps it.
+            if sha in unused():
+                await asyncio.to_thread(storage.delete, input_key(project, sha))
+                count += 1
     log.info(
         "deleted %d stored objects of job %s/%s", count, project, job, extra={"project": project, "job": job}
     )

@@ -1003,7 +1003,14 @@ class Operator:
         key = (job.namespace, job.name)
         self.input_refs.clearing(key, job.uid)
         await delete_job_data(
-            self.store.client(), project, job.name, lambda: self.input_refs.unused(key, project, wanted)
+            self.store.client(),
+            project,
+            job.name,
+            lambda: self.input_refs.unused(key, project, wanted),
+            # Cleared before (a deleted job whose data had expired): its inputs were dealt with
+            # then, and a job not seen yet may have uploaded one again since. The prefix still
+            # goes: a pod may have shipped into it after.
+            with_inputs=not job.status.data_cleared,
         )
 
     # --- writing -----------------------------------------------------------------------------
