@@ -22,6 +22,7 @@ renamed into place only after size and sha256 were verified.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import errno
@@ -98,6 +99,16 @@ def part_size_for(size: int, minimum: int = MIN_PART_SIZE) -> int:
     when that many parts would exceed S3's 10,000-part limit."""
     needed = -(-size // MAX_PARTS)
     return max(minimum, -(-needed // _MiB) * _MiB)
+
+
+def _with_content_md5(params: dict[str, Any], **_: Any) -> None:
+    """DeleteObjects with a Content-MD5 header: botocore >= 1.36 sends only a CRC32 checksum, which
+    several S3-compatible servers (older MinIO, Ceph RGW versions, OVH, cubefs) refuse with
+    `MissingContentMD5`, and every prefix deletion (TTL, Delete, orphans) would fail there."""
+    body = params.get("body")
+    headers = params.setdefault("headers", {})
+    if isinstance(body, bytes | bytearray) and "Content-MD5" not in headers:
+        headers["Content-MD5"] = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
 
 
 class StorageError(Exception):
@@ -654,6 +665,7 @@ class Storage:
             region_name=self.settings.region,
             config=cfg,
         )
+        client.meta.events.register("before-call.s3.DeleteObjects", _with_content_md5)
         return cast("S3Client", client)
 
     # -- presigned URLs -------------------------------------------------------------------------
@@ -664,12 +676,18 @@ class Storage:
             raise ValueError(f"presigned URL expiry must be in (0, {MAX_PRESIGN_EXPIRY}], got {expires}")
         return int(expires.total_seconds())
 
-    def presign_put(self, key: str, *, expires: timedelta = DEFAULT_PRESIGN_EXPIRY) -> str:
-        """A URL that accepts one plain ``PUT`` of the object body (no extra headers needed)."""
+    def presign_put(
+        self, key: str, *, expires: timedelta = DEFAULT_PRESIGN_EXPIRY, size: int | None = None
+    ) -> str:
+        """A URL that accepts a plain ``PUT`` of the object body (no extra headers needed). With
+        `size`, only a body of that many bytes: the Content-Length is signed (every HTTP client
+        sends it for a file or bytes body), so the URL of an input cannot store more, or other
+        bytes of another size, under its sha256 key."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if size is not None:
+            params["ContentLength"] = size
         return self._presign_client.generate_presigned_url(
-            "put_object",
-            Params={"Bucket": self.bucket, "Key": key},
-            ExpiresIn=self._expiry_seconds(expires),
+            "put_object", Params=params, ExpiresIn=self._expiry_seconds(expires)
         )
 
     def presign_get(
@@ -1070,7 +1088,10 @@ class Storage:
         times. ``dest`` appears only when the content is verified; nothing is left behind on failure.
         """
         dest_path = Path(dest)
-        tmp = dest_path.with_name(f".{dest_path.name}.dsjobs-partial")
+        # Of a fixed length: a name near NAME_MAX (255 bytes) that the job may have must not fail
+        # for its temporary one. Hashed, so that two downloads into one directory do not meet.
+        tag = hashlib.sha256(dest_path.name.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        tmp = dest_path.with_name(f".dsjobs-partial-{tag}")
         h = hashlib.sha256()
         written = 0
         etag = ""

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import urllib.error
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -91,6 +92,17 @@ def test_presigned_put_and_get_work_with_plain_http(runner_s3: S3Target) -> None
     assert st.exists(key, size=len(data))
     with urllib.request.urlopen(st.presign_get(key, expires=timedelta(minutes=1)), timeout=30) as resp:
         assert resp.read() == data
+    # With its size signed, the URL takes a body of that size only.
+    sized = st.presign_put(key, size=len(data))
+    for body, status in ((data + b" and more", 403), (data[:-1], 403), (data, 200)):
+        req = urllib.request.Request(sized, data=body, method="PUT")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                got = resp.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == status, body
+    assert st.exists(key, size=len(data))
 
 
 def test_conditional_writes_and_delete_prefix(runner_s3: S3Target) -> None:  # noqa: F811

@@ -190,6 +190,25 @@ def test_an_input_is_kept_when_only_the_read_was_damaged(tmp_path: Path) -> None
     assert store.objects[key] == GOOD
 
 
+def test_an_input_stored_with_another_size_is_deleted_without_being_read_again(tmp_path: Path) -> None:
+    # The check read the whole object onto the job's disk, of any size (the first read stops at
+    # the declared size): the size alone says it is not the input.
+    key = input_key("p", hashlib.sha256(GOOD).hexdigest())
+    store = CheckingStore()
+    store.objects[key] = GOOD * 1000
+    reads: list[Any] = []
+    download = store.download_file
+
+    def counted(k: str, dest: Any, **kw: Any) -> Any:
+        reads.append(kw.get("expected_size"))
+        return download(k, dest, **kw)
+
+    store.download_file = counted  # type: ignore[method-assign]
+    ok, term = _stage_one_input(tmp_path, store, "j1")
+    assert not ok and "uploads it again" in term
+    assert key not in store.objects and reads == [len(GOOD)]
+
+
 class ReplacedWhileChecked(CheckingStore):
     """A correct upload of the input lands between the check's two HEADs."""
 

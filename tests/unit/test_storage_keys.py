@@ -166,6 +166,9 @@ def test_presigned_urls_are_path_style_sigv4_with_default_expiry() -> None:
     assert q["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
     assert q["X-Amz-Expires"] == ["900"]
     assert q["X-Amz-SignedHeaders"] == ["host"]  # a plain PUT with no extra headers works
+    # An input's URL takes its declared size only (the client's Content-Length is signed).
+    sized = parse_qs(urlsplit(_storage().presign_put(input_key("p", SHA), size=12)).query)
+    assert sized["X-Amz-SignedHeaders"] == ["content-length;host"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import http.server
@@ -119,6 +120,33 @@ def test_a_throttling_server_gets_attempts_requests_per_call_not_attempts_square
     with pytest.raises(S3HttpError):
         store.head("projects/p/k")
     assert s3.count("HEAD") == 3
+
+
+LISTED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><KeyCount>1</KeyCount>'
+    b"<IsTruncated>false</IsTruncated><Contents><Key>projects/p/jobs/j/a</Key><Size>1</Size>"
+    b"<LastModified>2025-01-01T00:00:00.000Z</LastModified></Contents></ListBucketResult>"
+)
+
+
+def test_batch_deletes_carry_a_content_md5(s3: FakeS3) -> None:
+    # botocore sends a CRC32 only; servers such as older MinIO refuse that with MissingContentMD5.
+    seen: list[tuple[str | None, str]] = []
+
+    def answer(r: Request) -> None:
+        if r.command == "GET":
+            r.reply(200, LISTED)
+            return
+        if r.command == "POST":
+            md5 = base64.b64encode(hashlib.md5(r.body).digest()).decode()
+            seen.append((r.headers.get("Content-MD5"), md5))
+            r.reply(200, b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult></DeleteResult>')
+            return
+        r.reply(200, b"<ListMultipartUploadsResult></ListMultipartUploadsResult>")
+
+    s3.answer = answer
+    s3.store().delete_prefix("projects/p/jobs/j/")
+    assert len(seen) == 1 and seen[0][0] == seen[0][1]
 
 
 def test_clock_skew_is_not_retried(s3: FakeS3) -> None:
@@ -446,6 +474,14 @@ def test_a_download_stops_at_the_declared_size(s3: FakeS3, tmp_path: Path) -> No
     with pytest.raises(IntegrityError, match="more than the expected 1000 bytes"):
         s3.store().download_file("projects/p/inputs/x", tmp_path / "x", expected_size=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_name_near_name_max_downloads(s3: FakeS3, tmp_path: Path) -> None:
+    # The temporary name was the file's with 16 bytes added: past 255 bytes, ENAMETOOLONG.
+    s3.answer = lambda r: r.reply(200, b"data", {"ETag": '"e"'})
+    dest = tmp_path / ("a" * 250 + ".csv")
+    s3.store().download_file("projects/p/inputs/x", dest, expected_size=4)
+    assert dest.read_bytes() == b"data" and list(tmp_path.iterdir()) == [dest]
 
 
 def test_a_resumed_download_continues_where_it_stopped(s3: FakeS3, tmp_path: Path) -> None:

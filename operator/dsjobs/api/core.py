@@ -322,7 +322,9 @@ class Core:
         if not wanted:
             return {}
         ttl = transfer_ttl(self.settings.url_ttl, sum(wanted.values()))
-        urls = await self.io(lambda: [self.store.presign_put(k, expires=ttl) for k in wanted])
+        urls = await self.io(
+            lambda: [self.store.presign_put(k, expires=ttl, size=size) for k, size in wanted.items()]
+        )
         return dict(zip(wanted, urls, strict=True))
 
     async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:

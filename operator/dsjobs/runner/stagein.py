@@ -147,16 +147,20 @@ def _discard_mismatched(config: RunnerConfig, store: Storage, key: str, f: Input
         before = store.head(key)
         if before is None:
             return False
-        stored = store.download_file(key, tmp)
-        if stored.sha256 == f.sha256:
-            log.warning("stored input is intact on a second read key=%s", key)
-            return False
+        if before.size == f.size_bytes:
+            stored_sha256 = store.download_file(key, tmp, expected_size=f.size_bytes).sha256
+            if stored_sha256 == f.sha256:
+                log.warning("stored input is intact on a second read key=%s", key)
+                return False
+        else:
+            # Wrong by its size alone: not read again (it may be any size, on the job's disk).
+            stored_sha256 = f"(not read: {before.size} bytes)"
         after = store.head(key)
         if after is None or after.etag != before.etag:
             return False  # replaced meanwhile: not the object we found wrong
         store.delete(key)
         log.warning(
-            "deleted stored input whose content does not match its key key=%s sha256=%s", key, stored.sha256
+            "deleted stored input whose content does not match its key key=%s sha256=%s", key, stored_sha256
         )
         return True
     except Exception as exc:
