@@ -14,13 +14,15 @@ import ipaddress
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_ENDPOINT = "DSJOBS_ENDPOINT"
 ENV_TOKEN = "DSJOBS_TOKEN"
 ENV_CA = "DSJOBS_CA"
 ENV_FILE = "DSJOBS_ENV_FILE"
+ENV_TOKEN_FILE = "DSJOBS_TOKEN_FILE"
+ENV_INSECURE = "DSJOBS_INSECURE"
 
 
 class CliError(Exception):
@@ -30,8 +32,37 @@ class CliError(Exception):
 @dataclass(frozen=True)
 class Target:
     endpoint: str
-    token: str
+    token: str = field(repr=False)
     ca_file: str | None
+    # Read again for every call: a long job outlives a short-lived token (OIDC, `kubectl create
+    # token`), and whatever renews the file keeps the CLI's polls and log stream going.
+    token_file: str | None = None
+    insecure: bool = False  # plaintext to an endpoint that is not this machine, asked for
+
+    @property
+    def plaintext(self) -> bool:
+        """No TLS: asked for, or a local stack's loopback endpoint without a CA."""
+        return self.ca_file is None and (self.insecure or _is_loopback(self.endpoint))
+
+    def current_token(self) -> str:
+        """The token to send now: the token file's content when there is one (the last good
+        token while the file cannot be read, as a renewal rewrites it)."""
+        if self.token_file is None:
+            return self.token
+        try:
+            return read_token_file(self.token_file)
+        except CliError:
+            return self.token
+
+
+def read_token_file(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read the token file {path}: {exc}") from exc
+    if not token:
+        raise CliError(f"the token file {path} is empty")
+    return token
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -60,6 +91,8 @@ def resolve_target(
     ca_file: str | None,
     environ: dict[str, str],
     env_file_text: str | None,
+    token_file: str | None = None,
+    insecure: bool = False,
 ) -> Target:
     """The endpoint: the flag, else the environment variable, else the `.dev/env` file of a local stack.
 
@@ -82,15 +115,20 @@ def resolve_target(
     def pick(flag: str | None, name: str) -> str | None:
         return flag or environ.get(name) or source.get(name) or None
 
+    resolved_token_file = (
+        None if token or environ.get(ENV_TOKEN) else token_file or environ.get(ENV_TOKEN_FILE)
+    )
     resolved_token = pick(token, ENV_TOKEN)
-    explicit_token = token or environ.get(ENV_TOKEN)
+    if resolved_token_file:
+        resolved_token = read_token_file(resolved_token_file)
+    explicit_token = token or environ.get(ENV_TOKEN) or resolved_token_file
     if not explicit and explicit_token and not _is_loopback(resolved):
         # The file is read from the current directory: one in a checkout of someone else's must
         # not send the user's own token to a host it names.
         raise CliError(
-            f"the token from --token or {ENV_TOKEN} is not sent to {resolved}, which only the env "
-            f"file names ({environ.get(ENV_FILE, '.dev/env')}): pass --endpoint HOST:PORT or set "
-            f"{ENV_ENDPOINT} too"
+            f"the token from --token, {ENV_TOKEN} or a token file is not sent to {resolved}, which "
+            f"only the env file names ({environ.get(ENV_FILE, '.dev/env')}): pass --endpoint "
+            f"HOST:PORT or set {ENV_ENDPOINT} too"
         )
     if not resolved_token:
         hint = ""
@@ -100,10 +138,18 @@ def resolve_target(
                 f" ({file_values.get(ENV_ENDPOINT) or 'none'})"
             )
         raise CliError(
-            f"no dsjobs token for {resolved}: pass --token TOKEN or set {ENV_TOKEN}{hint} "
-            "(the official CLI's own Yandex Cloud credentials are never sent to dsjobs)"
+            f"no dsjobs token for {resolved}: pass --token TOKEN or set {ENV_TOKEN} (or "
+            f"--token-file / {ENV_TOKEN_FILE}){hint} (the official CLI's own Yandex Cloud "
+            "credentials are never sent to dsjobs)"
         )
-    return Target(endpoint=resolved, token=resolved_token, ca_file=pick(ca_file, ENV_CA))
+    asked_insecure = insecure or environ.get(ENV_INSECURE, "").lower() in ("1", "true", "yes")
+    return Target(
+        endpoint=resolved,
+        token=resolved_token,
+        ca_file=pick(ca_file, ENV_CA),
+        token_file=resolved_token_file or None,
+        insecure=asked_insecure,
+    )
 
 
 def _is_loopback(endpoint: str) -> bool:
@@ -151,6 +197,14 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     creds: grpc.ChannelCredentials | None = None
     if target.ca_file:
         creds = grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
+    elif not target.plaintext:
+        creds = grpc.ssl_channel_credentials()  # the system's trusted CAs
+    if target.plaintext and not _is_loopback(target.endpoint):
+        print(
+            f"dsjobs: WARNING: {target.endpoint} without TLS: the token and everything sent can be "
+            "read on the way",
+            file=sys.stderr,
+        )
 
     def _get_channel(endpoint: str, user_agent: str | None) -> grpc.Channel:
         # The official options carry the retry policy for UNAVAILABLE/CANCELLED; keep them as they are.
@@ -159,16 +213,24 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
             options.append(("grpc.primary_user_agent", user_agent))
         if creds is not None:
             return grpc.secure_channel(target.endpoint, creds, options=options)
+        if _is_loopback(target.endpoint):
+            # Never through an HTTP proxy (http_proxy set for the outside world): the token would
+            # pass through it in the clear.
+            options.append(("grpc.enable_http_proxy", 0))
         return grpc.insecure_channel(target.endpoint, options=options)
 
     def _create_iam_token(oauth_token: str | None, yc_profile: str | None = None) -> object:
         # The one source of the `authorization` header (auth.get_md): our token, whatever `-t`,
         # `--profile` or the environment say. 0 s: asked again on every call, nothing cached.
-        return ds_auth.IssuedIamToken(value=target.token, expires_after_seconds=0)
+        return ds_auth.IssuedIamToken(value=target.current_token(), expires_after_seconds=0)
 
     ds_channel._get_channel = _get_channel
     ds_auth.create_iam_token = _create_iam_token
     ds_auth.iam_token_expires_at = None
+    if hasattr(ds_main, "check_package_version"):
+        # It asks pypi.org for a newer CLI after every command, without a timeout: on a cluster
+        # without internet access a job that succeeded exited 1 (or hung). Not ours to ask.
+        ds_main.check_package_version = lambda *args, **kwargs: None
     sys.argv = ["datasphere", *argv]
     try:
         ds_main.main()
@@ -178,16 +240,28 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     return 0
 
 
-OUR_OPTIONS = {"--endpoint": "endpoint", "--token": "token", "--ca": "ca_file"}
-USAGE = f"""usage: dsjobs datasphere [--endpoint HOST:PORT] [--token TOKEN] [--ca FILE] ARGS...
+OUR_OPTIONS = {
+    "--endpoint": "endpoint",
+    "--token": "token",
+    "--token-file": "token_file",
+    "--ca": "ca_file",
+}
+OUR_FLAGS = {"--insecure": "insecure"}
+USAGE = f"""usage: dsjobs datasphere [--endpoint HOST:PORT] [--token TOKEN | --token-file FILE] [--ca FILE]
+                         [--insecure] ARGS...
 
 Runs the official `datasphere` CLI with its transport pointed at dsjobs. Our options come first;
 everything after them, including the official CLI's own global options (-t, -l, --log-dir, ...),
 is passed to it unchanged.
 
-  --endpoint   host:port of the dsjobs gRPC API (default ${ENV_ENDPOINT}, then .dev/env)
-  --token      bearer token (default ${ENV_TOKEN}; required)
-  --ca         CA bundle for TLS (default ${ENV_CA}; none = plaintext)
+  --endpoint    host:port of the dsjobs gRPC API (default ${ENV_ENDPOINT}, then .dev/env)
+  --token       bearer token (default ${ENV_TOKEN}; this or a token file is required)
+  --token-file  file holding the token, read again for every call (default ${ENV_TOKEN_FILE}):
+                for jobs that outlive a short-lived token, renewed in the file meanwhile
+  --ca          CA bundle for TLS with a private CA (default ${ENV_CA})
+  --insecure    plaintext (default ${ENV_INSECURE}=1); without it an endpoint that is not this
+                machine is reached with TLS and the system's trusted CAs. A loopback endpoint
+                without a CA (a local stack's) is plaintext.
 
 The token and CA of .dev/env are used only with the endpoint of .dev/env. The official CLI's own
 credentials (YC_IAM_TOKEN, YC_TOKEN, -t, --profile, yc, the metadata server) are never used.
@@ -204,6 +278,10 @@ def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     rest = list(argv)
     while rest:
         head = rest[0]
+        if head in OUR_FLAGS:
+            ours[OUR_FLAGS[head]] = "1"
+            rest = rest[1:]
+            continue
         name, eq, value = head.partition("=")
         if name not in OUR_OPTIONS:
             break
@@ -237,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ca_file=ours.get("ca_file"),
             environ=environ,
             env_file_text=_read_env_file(environ),
+            token_file=ours.get("token_file"),
+            insecure="insecure" in ours,
         )
     except CliError as exc:
         print(f"dsjobs: {exc}", file=sys.stderr)

@@ -304,3 +304,71 @@ def test_s3_settings_become_private_even_when_they_existed_world_readable(tmp_pa
     assert S3Config.read(json_path) == config
     assert f"DSJOBS_S3_SECRET_KEY={config.secret_key}\n" in env_path.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s3.env", "s3.json"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "ca", "insecure", "plaintext"),
+    [
+        ("127.0.0.1:17090", None, False, True),  # a local stack
+        ("localhost:9090", None, False, True),
+        ("dsjobs.example.com:443", None, False, False),  # TLS with the system's CAs
+        ("dsjobs.example.com:443", "/ca.pem", False, False),
+        ("dsjobs.example.com:9090", None, True, True),  # asked for
+        ("127.0.0.1:17090", "/ca.pem", False, False),
+    ],
+)
+def test_a_remote_endpoint_gets_tls_unless_plaintext_is_asked_for(
+    endpoint: str, ca: str | None, insecure: bool, plaintext: bool
+) -> None:
+    # Without a CA it was plaintext to any host: the token (a cluster credential) in the clear.
+    target = resolve_target(
+        endpoint=endpoint, token="t", ca_file=ca, environ={}, env_file_text=None, insecure=insecure
+    )
+    assert target.plaintext == plaintext
+    by_env = resolve_target(
+        endpoint=endpoint, token="t", ca_file=ca, environ={"DSJOBS_INSECURE": "1"}, env_file_text=None
+    )
+    assert by_env.plaintext == (ca is None)
+
+
+def test_our_flags_and_options_are_taken_from_the_front() -> None:
+    ours, rest = split_args(["--insecure", "--token-file", "/t", "-l", "DEBUG", "--insecure"])
+    assert ours == {"insecure": "1", "token_file": "/t"} and rest == ["-l", "DEBUG", "--insecure"]
+
+
+def test_a_token_file_is_read_and_read_again(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("tok-one\n")
+    target = resolve_target(
+        endpoint="h:1", token=None, ca_file=None, environ={"DSJOBS_TOKEN_FILE": str(path)}, env_file_text=None
+    )
+    assert (target.token, target.current_token()) == ("tok-one", "tok-one")
+    path.write_text("tok-two\n")
+    assert target.current_token() == "tok-two"
+    path.unlink()  # being renewed: the last good one meanwhile
+    assert target.current_token() == "tok-one"
+    assert "tok-" not in repr(target)
+    # A token given as such wins; a missing or empty file is a clear error.
+    given = resolve_target(
+        endpoint="h:1", token="t", ca_file=None, environ={"DSJOBS_TOKEN_FILE": str(path)}, env_file_text=None
+    )
+    assert (given.token, given.token_file) == ("t", None)
+    with pytest.raises(CliError, match="cannot read the token file"):
+        resolve_target(
+            endpoint="h:1", token=None, ca_file=None, environ={}, env_file_text=None, token_file=str(path)
+        )
+    path.write_text("\n")
+    with pytest.raises(CliError, match="is empty"):
+        resolve_target(
+            endpoint="h:1", token=None, ca_file=None, environ={}, env_file_text=None, token_file=str(path)
+        )
+    # Like a token given as such, it is not sent to a remote endpoint only the env file names.
+    path.write_text("mine\n")
+    with pytest.raises(CliError, match=r"not sent to evil\.example:443"):
+        resolve_target(
+            endpoint=None,
+            token=None,
+            ca_file=None,
+            environ={"DSJOBS_TOKEN_FILE": str(path)},
+            env_file_text="DSJOBS_ENDPOINT=evil.example:443\n",
+        )

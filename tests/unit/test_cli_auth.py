@@ -139,3 +139,73 @@ def test_env_file_token_goes_only_to_the_env_file_endpoint(spy: Spy, tmp_path: P
     env_file.write_text(f"export DSJOBS_ENDPOINT={spy.endpoint}\nexport DSJOBS_TOKEN=local-stack-token\n")
     run_cli(tmp_path, "--log-dir", str(tmp_path / "logs"), *LIST, env={"DSJOBS_ENV_FILE": str(env_file)})
     assert {auth for _, auth in spy.calls} == {"Bearer local-stack-token"}
+
+
+class _Paging(grpc.GenericRpcHandler):
+    """List answers one job and a next page, then an empty page; the token file is renewed
+    between the two calls."""
+
+    def __init__(self, spy: Spy, token_file: Path) -> None:
+        self.spy, self.token_file = spy, token_file
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
+        from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
+
+        auth = dict(details.invocation_metadata).get("authorization")
+        self.spy.calls.append((details.method, auth if isinstance(auth, str) else None))
+        first = len(self.spy.calls) == 1
+
+        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+            if first:
+                self.token_file.write_text("renewed-token\n")
+                page = svc.ListProjectJobResponse(
+                    jobs=[jobs_pb2.Job(id="j1", name="a")], next_page_token="p2"
+                )
+                return page.SerializeToString()
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+
+def test_a_token_file_is_read_again_for_every_call(tmp_path: Path) -> None:
+    # A job outliving its token (OIDC, `kubectl create token`): whatever renews the file keeps the
+    # CLI's polls and log stream going; a token given once could never change.
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    spy = Spy(endpoint=f"127.0.0.1:{port}")
+    server.add_generic_rpc_handlers((_Paging(spy, token_file),))
+    server.start()
+    try:
+        proc = run_cli(
+            tmp_path,
+            "--endpoint",
+            spy.endpoint,
+            "--log-dir",
+            str(tmp_path / "logs"),
+            *LIST,
+            env={"DSJOBS_TOKEN_FILE": str(token_file)},
+        )
+    finally:
+        server.stop(None)
+    assert proc.returncode == 0, proc.stderr
+    assert [auth for _, auth in spy.calls] == ["Bearer first-token", "Bearer renewed-token"]
+
+
+def test_the_official_cli_does_not_ask_pypi_after_a_command(spy: Spy, tmp_path: Path) -> None:
+    # It checks for a newer CLI after every command, with no timeout: without internet access (a
+    # private cluster, here a dead proxy) a command that succeeded exited 1, or hung.
+    dead = "http://127.0.0.1:9"
+    proc = run_cli(
+        tmp_path,
+        "--endpoint",
+        spy.endpoint,
+        "--token",
+        "t",
+        "version",
+        env={"https_proxy": dead, "HTTPS_PROXY": dead, "http_proxy": dead, "HTTP_PROXY": dead},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0.10.0" in proc.stdout + proc.stderr and "pypi" not in proc.stderr.lower()
