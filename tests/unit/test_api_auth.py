@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import grpc
 import pytest
 
-from dsjobs.api import auth
+from dsjobs.api import auth, errors
+from dsjobs.api.core import Core
 from dsjobs.api.errors import ApiError, KubeError
 
 ALICE = auth.Identity("alice", uid="u1", groups=("devs",))
@@ -268,3 +270,51 @@ def test_static_tokens() -> None:
 def test_bad_static_token_files(text: str) -> None:
     with pytest.raises(ValueError, match="static token file"):
         auth.parse_static_tokens(text)
+
+
+def test_an_answer_for_other_audiences_is_not_an_identity() -> None:
+    # An authenticator that ignores spec.audiences answers with others: a token issued for another
+    # service (the API server, say) would do here.
+    status = {
+        "authenticated": True,
+        "user": {"username": "u"},
+        "audiences": ["https://kubernetes.default.svc"],
+    }
+    assert auth.identity_from_review(status) is not None  # none asked for
+    assert auth.identity_from_review(status, ["dsjobs"]) is None
+    assert auth.identity_from_review({**status, "audiences": ["x", "dsjobs"]}, ["dsjobs"]) is not None
+    assert auth.identity_from_review({"authenticated": True, "user": {"username": "u"}}, ["dsjobs"]) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("tokens: [{token: 0123, user: a}]", "must be a string"),  # YAML: 83
+        ("tokens: [{token: on, user: a}]", "must be a string"),  # YAML: True
+        ("tokens: [{token: t, user: a, projects: [p1]}, {token: t, user: admin}]", "repeats the token"),
+    ],
+)
+def test_static_tokens_that_would_not_be_what_is_written(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        auth.parse_static_tokens(text)
+
+
+def test_a_job_of_a_project_the_caller_may_not_use_is_not_named_by_its_project() -> None:
+    # The caller named a job id only; the project (its name may say much) is not theirs to learn.
+    class Stub:
+        def __init__(self) -> None:
+            self.auth = self
+
+        async def identity(self, context: Any) -> auth.Identity:
+            return auth.Identity("mallory")
+
+        async def locate(self, job_id: str, field: str) -> list[tuple[str, str]]:
+            return [("ns-secret", "acme-merger-2025")]
+
+        async def authorize(self, identity: Any, verb: auth.Verb, namespace: str, project_id: str) -> None:
+            raise errors.permission_denied(f"mallory may not get jobs of project {project_id!r}")
+
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(Core.authorized_job(cast(Core, Stub()), None, "j1", auth.Verb.GET))
+    assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert exc.value.message == "mallory may not get job 'j1'"

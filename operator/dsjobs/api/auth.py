@@ -215,7 +215,7 @@ def kubernetes_reviewers(kube: Kube, audiences: Sequence[str] = ()) -> tuple[Tok
             result = await kube.request("POST", TOKEN_REVIEWS, body=body)
         except errors.KubeError as exc:
             raise review_failed(exc, "verify the token (TokenReview)") from exc
-        return identity_from_review(result.get("status") or {})
+        return identity_from_review(result.get("status") or {}, audiences)
 
     async def review_access(identity: Identity, verb: Verb, namespace: str, project_id: str) -> Decision:
         body = {
@@ -260,9 +260,13 @@ def review_failed(error: errors.KubeError, doing: str) -> errors.ApiError:
     )
 
 
-def identity_from_review(status: Mapping[str, Any]) -> Identity | None:
-    """The identity of a TokenReview status, or None when not authenticated."""
+def identity_from_review(status: Mapping[str, Any], audiences: Sequence[str] = ()) -> Identity | None:
+    """The identity of a TokenReview status, or None when not authenticated. With `audiences`
+    asked for, one of them must come back in `status.audiences` (an authenticator that ignores
+    audiences answers others, and a token issued for another service would do here)."""
     if not status.get("authenticated"):
+        return None
+    if audiences and not set(audiences) & {str(a) for a in status.get("audiences") or ()}:
         return None
     user = status.get("user") or {}
     username = str(user.get("username") or "")
@@ -294,9 +298,17 @@ def parse_static_tokens(text: str) -> list[StaticToken]:
         raise ValueError("static token file: expected a top-level `tokens:` list")
     result: list[StaticToken] = []
     all_verbs = {v.value for v in Verb}
+    seen: set[str] = set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("token") or not entry.get("user"):
             raise ValueError(f"static token file: tokens[{i}] needs `token` and `user`")
+        if not isinstance(entry["token"], str):
+            # YAML reads `0123` as 83 and `on` as True: the token that works would not be the one
+            # written down.
+            raise ValueError(f"static token file: tokens[{i}].token must be a string (quote it)")
+        if entry["token"] in seen:
+            raise ValueError(f"static token file: tokens[{i}] repeats the token of an earlier entry")
+        seen.add(entry["token"])
         projects = entry.get("projects", ["*"])
         verbs = entry.get("verbs", ["*"])
         if not isinstance(projects, list) or not isinstance(verbs, list):

@@ -249,7 +249,9 @@ class Core:
             if job is not None and job.project_id == project_id:
                 return identity, job
         if denied is not None:
-            raise denied
+            # Not naming the project: the caller named a job id only, and may not know whose it is.
+            log.debug("job %s: %s", job_id, denied.message)
+            raise errors.permission_denied(f"{identity.username} may not {verb.value} job {job_id!r}")
         raise errors.not_found(f"job {job_id!r} not found")
 
     async def patch_job(
