@@ -238,6 +238,28 @@ def test_the_program_is_signalled_once(shell: list[str], own_group: bool, tmp_pa
     assert line.startswith("kill -s USR1") and line.endswith(f" {form}"), line
 
 
+def test_a_program_under_a_shell_gets_its_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
+    # `bash run.sh`, `python a.py; echo done`: the signal reaches the group, the shell dies of it
+    # at once, and the script took that for the program's end and SIGKILLed the group: the
+    # program saving its checkpoint was killed with zero of its timeout.
+    child = "trap 'echo saving; sleep 1; echo saved; exit 0' USR1; echo ready; while :; do sleep 0.1; done"
+    cmd = f"sh -c {shlex.quote(child)}; echo not-reached"
+    cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.out_file == b"ready\nsaving\nsaved\n", r.syslog
+    assert r.rc == 128 + signal.SIGUSR1  # the shell's
+    assert r.elapsed < 8 and "timeout (10s) expired" not in r.syslog
+    # The timeout still holds for a group that does not end.
+    stubborn = "trap 'echo ignoring' USR1; echo ready; while :; do sleep 0.1; done"
+    cfg = make_config(
+        tmp_path / "2",
+        f"sh -c {shlex.quote(stubborn)}; echo x",
+        graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 2},
+    )
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert b"ignoring" in r.out_file and "timeout (2s) expired" in r.syslog and r.elapsed < 8
+
+
 def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
     # The 10 s of the DataSphere example once (dash); 2 s for the other shells to keep the suite fast.
     timeout = 10 if shell[0] == "dash" else 2

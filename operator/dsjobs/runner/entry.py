@@ -570,6 +570,14 @@ dsjobs_deliver_pending
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
 dsjobs_wait
 DSJOBS_PROG_RC=$DSJOBS_RC
+# A graceful cancel went to the whole process group: a shell running the program (`bash run.sh`,
+# `python a.py; echo done`) dies of it at once, while the program it started saves its work. The
+# group has until the graceful-shutdown timeout, whose timer SIGKILLs what is left of it then.
+if [ "$DSJOBS_SETSID" = 1 ] && [ -n "$DSJOBS_KILLER" ]; then
+  while dsjobs_kill 0 "$DSJOBS_PID" && kill -0 "$DSJOBS_KILLER" 2>/dev/null; do
+    sleep 0.1 2>/dev/null || sleep 1
+  done
+fi
 # Leftovers of the program's session die with it, as they would with the container.
 if [ "$DSJOBS_SETSID" = 1 ]; then dsjobs_kill KILL "$DSJOBS_PID"; fi
 DSJOBS_PID=''
