@@ -811,6 +811,36 @@ def test_graceful_cancel_delivers_the_signal_then_cancels(h: H, storage: Storage
     assert h.wait_phase("cancel-me", "CANCELLED")["finishedAt"] == status["finishedAt"]
 
 
+_IGNORES_SIGUSR1 = (
+    "import json, os, signal, time\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: print('ignoring SIGUSR1', flush=True))\n"
+    "open(os.environ['JOB_PROGRESS_FILENAME'], 'a').write(json.dumps({'progress': 1, 'message': 'ready'}) + chr(10))\n"
+    "[time.sleep(0.2) for _ in range(3000)]\n"
+)
+
+
+def test_a_forceful_cancel_cuts_a_graceful_one_short(h: H, storage: Storage) -> None:
+    # The CLI's second Ctrl-C: the pod deleted with the job's 120 s timeout went on for all of it.
+    h.create_job(
+        "escalate",
+        {
+            "cmd": "python ${PROG}",
+            "gracefulShutdownParameters": {"signal": 10, "timeout": "120s"},
+            **_program_input(storage, "PROG", _IGNORES_SIGUSR1),
+        },
+    )
+    h.wait_phase("escalate", "EXECUTING", timeout=120)
+    poll("the program to be ready", lambda: read_progress(storage, PROJECT_ID, "escalate"), 60)
+    h.patch_spec("escalate", {"cancel": {"reason": "e2e", "graceful": True}})
+    h.wait_phase("escalate", "CANCELLING", timeout=30)
+    time.sleep(2)  # the program ignores the signal; the pod would wait out its 120 s
+    started = time.monotonic()
+    h.patch_spec("escalate", {"cancel": {"reason": "e2e", "graceful": False}})
+    status = h.wait_phase("escalate", "CANCELLED", "SUCCESS", "ERROR", timeout=60)
+    assert status["phase"] == "CANCELLED", status
+    assert time.monotonic() - started < 60
+
+
 def test_job_cancelled_before_it_started_never_starts(h: H) -> None:
     h.create_job("never", {"cmd": "echo never"}, execute=False)
     h.wait_phase("never", "CREATING")

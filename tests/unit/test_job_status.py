@@ -1518,6 +1518,30 @@ def test_graceful_cancel_deletes_the_pod_with_the_job_timeout() -> None:
     assert p3.status.phase == JobPhase.CANCELLED and p3.status.finished_at == NOW
 
 
+def test_a_forceful_cancel_after_a_graceful_one_shortens_the_pod_s_grace() -> None:
+    # The CLI's second Ctrl-C: spec.cancel.graceful became false, and the pod, deleted with the
+    # job's timeout already, went on for all of it.
+    params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "40s"}}
+    graceful = job(params=params, status=started("CANCELLING"), cancel={"reason": "stop", "graceful": True})
+    forceful = job(params=params, status=started("CANCELLING"), cancel={"reason": "stop", "graceful": False})
+    shutting = replace(
+        pod(phase="Running", node="cpu-0", deleting=True, containers=[running("job"), running("ship")]),
+        deletion_grace_seconds=55,
+    )
+    assert not step(graceful, [shutting]).actions
+    p = step(forceful, [shutting])
+    assert p.actions == (DeletePod("job-1-a1", 1, "cancelled again, not gracefully"),)
+    assert p.status.phase == JobPhase.CANCELLING
+    assert not step(forceful, [replace(shutting, deletion_grace_seconds=1)]).actions
+    view = PodView.from_pod(
+        {"metadata": {"name": "x", "deletionTimestamp": ts(NOW), "deletionGracePeriodSeconds": 55}}
+    )
+    assert (
+        view.deletion_grace_seconds == 55
+        and PodView.from_pod({"metadata": {}}).deletion_grace_seconds is None
+    )
+
+
 def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:
     j = job(status=started("CANCELLING"), cancel={"graceful": False})
     res = result(143, cancelled=True)

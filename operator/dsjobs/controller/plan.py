@@ -502,6 +502,12 @@ def _plan(
     ):
         # The delete was decided but may not have happened (a crash in between): issue it again.
         actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
+    elif status.phase == JobPhase.CANCELLING and current.deleting and not current.terminal:
+        # A graceful cancel, then a forceful one (the CLI's second Ctrl-C): the pod's deletion is
+        # asked again with the shorter grace period, which the API server and the kubelet take.
+        grace = cancel_grace_seconds(spec, settings)
+        if current.deletion_grace_seconds is not None and current.deletion_grace_seconds > grace:
+            actions.append(DeletePod(current.name, grace, "cancelled again, not gracefully"))
 
     index = min(status.instance_type_index, len(names) - 1)
     phase_before = status.phase

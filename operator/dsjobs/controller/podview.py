@@ -101,6 +101,8 @@ class PodView:
     deleting: bool = False
     # Its deletionTimestamp: when the deletion was asked for, plus the grace period.
     deleted_at: datetime | None = None
+    # The grace period of its deletion (deletionGracePeriodSeconds): a later DELETE may shorten it.
+    deletion_grace_seconds: int | None = None
     # True when the watch said DELETED: this is the pod's last state, the object is gone.
     gone: bool = False
     phase: str = "Pending"
@@ -150,6 +152,11 @@ class PodView:
             created_at=parse_time(meta.get("creationTimestamp")),
             deleting=bool(meta.get("deletionTimestamp")),
             deleted_at=parse_time(meta.get("deletionTimestamp")),
+            deletion_grace_seconds=(
+                None
+                if meta.get("deletionGracePeriodSeconds") is None
+                else _int(meta["deletionGracePeriodSeconds"], 0)
+            ),
             gone=gone,
             phase=str(status.get("phase") or "Pending"),
             reason=str(status.get("reason") or ""),
