@@ -479,9 +479,12 @@ def with_config_hash(objects: Sequence[Obj], namespace: str, digest: str) -> lis
     return out
 
 
-def env_file_text(values: Mapping[str, str]) -> str:
+def env_file_text(values: Mapping[str, str], path_first: str | None = None) -> str:
+    """The `.dev/env` file; `path_first`: a directory put before $PATH (the cluster's kubectl)."""
     lines = ["# written by `make up` (python -m dsjobs.localstack up); source it: . .dev/env"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+    if path_first:
+        lines.append(f'export PATH={shlex.quote(path_first)}:"$PATH"')
     return "\n".join(lines) + "\n"
 
 
@@ -640,7 +643,11 @@ def up(
         "DSJOBS_PROJECT_ID": facts.project_id,
     }
     stack = Stack(paths.root, kubectl, facts, env)
-    write_private(stack.env_file, env_file_text(env))
+    # The kubectl built with the cluster, when that is the one used: a machine may have none.
+    built = Path(kubectl.binary)
+    on_path = shutil.which("kubectl")
+    path_first = str(built.parent) if on_path is None or Path(on_path).resolve() != built.resolve() else None
+    write_private(stack.env_file, env_file_text(env, path_first if built.is_absolute() else None))
     return stack
 
 
@@ -658,7 +665,8 @@ def print_summary(stack: Stack, progress: Progress) -> None:
   API            {stack.facts.api_endpoint} (plaintext gRPC; bearer token of ServiceAccount
                  {stack.facts.project_namespace}/{stack.facts.user_service_account}, valid {TOKEN_DURATION})
   project        {stack.facts.project_id} (namespace {stack.facts.project_namespace})
-  settings       {rel}  (KUBECONFIG, DSJOBS_ENDPOINT, DSJOBS_TOKEN, DSJOBS_PROJECT_ID)
+  settings       {rel}  (KUBECONFIG, DSJOBS_ENDPOINT, DSJOBS_TOKEN, DSJOBS_PROJECT_ID; the
+                 cluster's kubectl first on PATH)
 
   try:  . {rel}
         dsjobs datasphere project job list -p $DSJOBS_PROJECT_ID

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -372,3 +373,19 @@ def test_a_token_file_is_read_and_read_again(tmp_path: Path) -> None:
             environ={"DSJOBS_TOKEN_FILE": str(path)},
             env_file_text="DSJOBS_ENDPOINT=evil.example:443\n",
         )
+
+
+def test_the_env_file_puts_the_cluster_s_kubectl_first_on_path(tmp_path: Path) -> None:
+    # A machine without kubectl of its own: the README's `kubectl get pj` after `. .dev/env`.
+    env_file = tmp_path / "env"
+    bin_dir = tmp_path / "k8s bin"
+    write_private(env_file, env_file_text({"DSJOBS_TOKEN": "t"}, str(bin_dir)))
+    out = subprocess.run(
+        ["sh", "-c", f'. {shlex.quote(str(env_file))}; printf "%s" "$PATH"'],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert out == f"{bin_dir}:/usr/bin:/bin"
+    assert parse_env_file(env_file.read_text())["DSJOBS_TOKEN"] == "t"
