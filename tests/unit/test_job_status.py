@@ -1949,6 +1949,11 @@ def test_an_execute_accepted_before_the_expiry_runs_though_the_operator_sees_it_
     assert step(late).status.phase == JobPhase.ERROR
     # A time from the future counts as now.
     assert step(replace(j, execute_requested_at=NOW + timedelta(days=1))).status.phase == JobPhase.ERROR
+    # Unless the operator began to delete the data already (its dataCleared lost to a conflict
+    # with the very Execute): then the job must not start without its inputs.
+    crossed = step(replace(accepted, clearing=True))
+    assert crossed.status.phase == JobPhase.ERROR and crossed.status.data_cleared
+    assert crossed.actions == (ClearData(),)
     annotated = {"metadata": {"annotations": {EXECUTE_REQUESTED_AT: ts(created)}}}
     assert JobView.from_body(annotated).execute_requested_at == created
 

@@ -198,6 +198,7 @@ def test_jobs_whose_ttls_run_out_together_do_not_keep_a_shared_input_for_each_ot
         refs.update(("ns", name), body)
     refs.clearing(("ns", "x"), "uid-x")
     refs.clearing(("ns", "y"), "uid-y")
+    assert refs.is_clearing(("ns", "x"), "uid-x") and not refs.is_clearing(("ns", "x"), "uid-x2")
     refs.update(("ns", "x"), bodies["x"])  # a watch event from before the clear is not a user
     assert refs.unused(("ns", "x"), "p", [A]) == [A]
     assert refs.unused(("ns", "y"), "p", [A]) == [A]

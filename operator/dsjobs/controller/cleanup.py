@@ -121,6 +121,10 @@ class InputRefs:
         self._clearing[key] = uid
         self._drop(key)
 
+    def is_clearing(self, key: tuple[str, str], uid: str) -> bool:
+        """Whether the data of this job (this uid) has begun to be deleted in this process."""
+        return bool(uid) and self._clearing.get(key) == uid
+
     def discard(self, key: tuple[str, str]) -> None:
         if self._watched is not None:
             self._watched.add(key)

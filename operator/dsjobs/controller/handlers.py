@@ -421,6 +421,10 @@ class Operator:
                 self._forget(key)
                 return None
             job = JobView.from_body(body)
+            if self.input_refs.is_clearing(key, job.uid) and not job.status.data_cleared:
+                # Its data is being (or was) deleted, its dataCleared not written yet (a conflict
+                # with an Execute that crossed the clear): it must not start without its inputs.
+                job = dataclasses.replace(job, clearing=True)
             now = _now()
             # The deletions this step plans with: only these are done with once it is written (a
             # pod deleted meanwhile is the next step's, its last state is nowhere else).

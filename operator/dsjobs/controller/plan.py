@@ -99,6 +99,8 @@ class JobView:
     labels: Mapping[str, str] = field(default_factory=dict)
     deleted_at: datetime | None = None
     execute_requested_at: datetime | None = None  # the API's annotation (EXECUTE_REQUESTED_AT)
+    # The glue began to delete its data (dataCleared may not be written yet): see _plan_start.
+    clearing: bool = False
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -619,7 +621,11 @@ def _plan_start(
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
         return _plan_unexecuted(spec, status, now, actions, events)
-    why = _data_gone_before_start(spec, status, min(job.execute_requested_at or now, now))
+    why = (
+        "DeleteData or its data TTL"
+        if job.clearing
+        else _data_gone_before_start(spec, status, min(job.execute_requested_at or now, now))
+    )
     if why is not None:
         # Also when the clearing and the execute request crossed (the API refuses an Execute of
         # such a job, kubectl does not): the job must not run without its inputs.
