@@ -302,3 +302,51 @@ def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(
     assert (requests("CANCELLED") - before[0], requests("INTERNAL") - before[1]) == (3, 0)
     assert closed == ["closed"] * 3
     assert not [r for r in caplog.records if r.name.startswith("dsjobs") and r.levelno >= logging.WARNING]
+
+
+def test_calls_beyond_the_limit_are_refused_but_health_checks_never_are() -> None:
+    """grpc's maximum_concurrent_rpcs counted the kubelet's health checks too: a replica holding
+    that many log streams failed its probes and was restarted, cutting every stream."""
+    hold = asyncio.Event()
+
+    async def follow(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+        yield b"first"
+        await hold.wait()
+
+    async def answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return b"ok"
+
+    async def run() -> tuple[grpc.StatusCode, str, bytes, bytes]:
+        interceptor = CallInterceptor(max_calls=1)
+        server = grpc.aio.server(interceptors=[interceptor])
+        methods = {
+            "t.T": {
+                "Follow": grpc.unary_stream_rpc_method_handler(follow),
+                "Get": grpc.unary_unary_rpc_method_handler(answer),
+            },
+            "grpc.health.v1.Health": {"Check": grpc.unary_unary_rpc_method_handler(answer)},
+        }
+        server.add_generic_rpc_handlers(
+            tuple(grpc.method_handlers_generic_handler(s, m) for s, m in methods.items())
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stream = channel.unary_stream("/t.T/Follow")(cast(Any, b""))
+                await stream.read()  # holds the one slot
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary("/t.T/Get")(cast(Any, b""))
+                health = await channel.unary_unary("/grpc.health.v1.Health/Check")(cast(Any, b""))
+                hold.set()
+                while await stream.read() != grpc.aio.EOF:
+                    pass
+                again = await channel.unary_unary("/t.T/Get")(cast(Any, b""))  # the slot is free
+                assert interceptor.inflight == 0
+                return refused.value.code(), refused.value.details() or "", health, again
+        finally:
+            await server.stop(None)
+
+    code, details, health, again = asyncio.run(run())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serves 1 calls at once, its most" in details
+    assert health == b"ok" and again == b"ok"

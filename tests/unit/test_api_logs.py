@@ -352,11 +352,22 @@ def test_log_streams_have_a_limit_of_their_own_and_per_caller() -> None:
     ]
 
 
-@pytest.mark.parametrize("streams", ["0", "5000", "6000"])
-def test_log_streams_leave_room_for_other_calls(streams: str) -> None:
-    with pytest.raises(SettingsError, match="DSJOBS_API_MAX_LOG_STREAMS: must be between 1 and"):
+@pytest.mark.parametrize(
+    ("rpcs", "streams", "expected"),
+    [("", "", 4000), ("1000", "", 800), ("0", "", 0), ("1000", "0", 0), ("1000", "999", 999)],
+)
+def test_log_streams_leave_room_for_other_calls(rpcs: str, streams: str, expected: int) -> None:
+    env = {
+        k: v
+        for k, v in (("DSJOBS_API_MAX_CONCURRENT_RPCS", rpcs), ("DSJOBS_API_MAX_LOG_STREAMS", streams))
+        if v
+    }
+    assert settings_from_args([], environ=env).max_log_streams == expected
+
+
+@pytest.mark.parametrize("streams", ["5000", "6000"])
+def test_log_streams_may_not_take_all_calls(streams: str) -> None:
+    with pytest.raises(
+        SettingsError, match="DSJOBS_API_MAX_LOG_STREAMS: must be below DSJOBS_API_MAX_CONCURRENT_RPCS"
+    ):
         settings_from_args([], environ={"DSJOBS_API_MAX_LOG_STREAMS": streams})
-    unlimited = settings_from_args(
-        [], environ={"DSJOBS_API_MAX_LOG_STREAMS": streams, "DSJOBS_API_MAX_CONCURRENT_RPCS": "0"}
-    )
-    assert unlimited.max_log_streams == int(streams)

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,11 +96,37 @@ def _check_decoded(request: Any, method: str) -> None:
         raise errors.invalid_argument(f"the request is not a valid {kind} request: {request.why}")
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ApiError (and anything unexpected) into statuses; records metrics; logs failures."""
+# Served whatever the load: the kubelet's probes, and tools asking what the server offers.
+UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self) -> None:
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Turns ApiError (and anything unexpected) into statuses; records metrics; logs failures;
+    refuses calls beyond `max_calls` at once (0: no limit) with RESOURCE_EXHAUSTED.
+
+    The limit is here rather than grpc's `maximum_concurrent_rpcs`, which counts the health checks
+    too: a replica holding that many log streams failed its probes and was restarted, cutting them.
+    """
+
+    def __init__(self, max_calls: int = 0) -> None:
         self._wrapped: dict[str, Handler] = {}
+        self.max_calls = max_calls
+        self.inflight = 0
+
+    @contextlib.contextmanager
+    def _slot(self, method: str) -> Iterator[None]:
+        if not self.max_calls or method.startswith(UNLIMITED_PREFIXES):
+            yield
+            return
+        if self.inflight >= self.max_calls:
+            raise errors.resource_exhausted(
+                f"the server serves {self.inflight} calls at once, its most; retry later"
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     async def intercept_service(
         self,
@@ -128,8 +154,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 metrics.INFLIGHT_UNARY.inc()
                 try:
-                    _check_decoded(request, method)
-                    return await inner_unary(request, context)
+                    with self._slot(method):
+                        _check_decoded(request, method)
+                        return await inner_unary(request, context)
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
                     raise
@@ -159,11 +186,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 gauge = metrics.INFLIGHT_STREAMS.labels(method)
                 gauge.inc()
                 try:
-                    _check_decoded(request, method)
-                    # Closed as soon as this one is (not when it is collected): its waits and reads end.
-                    async with contextlib.aclosing(inner_stream(request, context)) as responses:
-                        async for response in responses:
-                            yield response
+                    with self._slot(method):
+                        _check_decoded(request, method)
+                        # Closed as soon as this one is (not when it is collected): its waits and
+                        # reads end.
+                        async with contextlib.aclosing(inner_stream(request, context)) as responses:
+                            async for response in responses:
+                                yield response
                 except (asyncio.CancelledError, GeneratorExit):
                     # GeneratorExit: the client went away while a response was being sent, and the
                     # call is closed; nothing can be sent on it any more.
@@ -326,11 +355,7 @@ class ApiServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(
-            interceptors=[CallInterceptor()],
-            options=options,
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
-        )
+        server = grpc.aio.server(interceptors=[CallInterceptor(s.max_concurrent_rpcs)], options=options)
         jobs_service = ProjectJobService(core)
         project_job_service_pb2_grpc.add_ProjectJobServiceServicer_to_server(jobs_service, server)
         operation_service_pb2_grpc.add_OperationServiceServicer_to_server(

@@ -88,14 +88,16 @@ SETTINGS: tuple[Setting, ...] = (
         "max_concurrent_rpcs",
         "DSJOBS_API_MAX_CONCURRENT_RPCS",
         "5000",
-        "calls served at once, open log streams included (0: no limit); more are RESOURCE_EXHAUSTED",
+        "calls served at once, open log streams included, health checks not (0: no limit); more are "
+        "RESOURCE_EXHAUSTED",
     ),
     Setting(
         "max_log_streams",
         "DSJOBS_API_MAX_LOG_STREAMS",
-        "4000",
-        "ReadLogs/ReadStdLogs streams followed at once (0: no limit), below DSJOBS_API_MAX_CONCURRENT_RPCS "
-        "so that other calls always find room; more are RESOURCE_EXHAUSTED (the CLI reconnects)",
+        "",
+        "ReadLogs/ReadStdLogs streams followed at once, below DSJOBS_API_MAX_CONCURRENT_RPCS so that other "
+        "calls always find room (default: 80% of it; 0: no limit of their own); more are RESOURCE_EXHAUSTED "
+        "(the CLI reconnects)",
     ),
     Setting(
         "max_log_streams_per_caller",
@@ -211,12 +213,15 @@ def build(raw: Mapping[str, str]) -> Settings:
         raise SettingsError(f"{env['log_format']}: must be json or text")
 
     rpcs = _int(env["max_concurrent_rpcs"], value["max_concurrent_rpcs"], 0)
-    streams = _int(env["max_log_streams"], value["max_log_streams"], 0)
-    if rpcs and not 0 < streams < rpcs:
-        raise SettingsError(
-            f"{env['max_log_streams']}: must be between 1 and {env['max_concurrent_rpcs']} - 1 ({rpcs - 1}): "
-            "open log streams would otherwise leave no room for other calls"
-        )
+    if value["max_log_streams"].strip():
+        streams = _int(env["max_log_streams"], value["max_log_streams"], 0)
+        if rpcs and streams >= rpcs:
+            raise SettingsError(
+                f"{env['max_log_streams']}: must be below {env['max_concurrent_rpcs']} ({rpcs}): open log "
+                "streams would otherwise leave no room for other calls"
+            )
+    else:
+        streams = rpcs - max(1, rpcs // 5) if rpcs > 1 else 0
     return Settings(
         listen=value["listen"],
         metrics_listen=value["metrics_listen"],
