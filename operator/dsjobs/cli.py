@@ -10,8 +10,10 @@ This module must never import `dsjobs.pb`: the official client registers the sam
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +40,8 @@ class Target:
     # token`), and whatever renews the file keeps the CLI's polls and log stream going.
     token_file: str | None = None
     insecure: bool = False  # plaintext to an endpoint that is not this machine, asked for
+    # The last token read from the file (one item; the dataclass is frozen, the token is not).
+    _last_read: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def plaintext(self) -> bool:
@@ -50,9 +54,11 @@ class Target:
         if self.token_file is None:
             return self.token
         try:
-            return read_token_file(self.token_file)
+            token = read_token_file(self.token_file)
         except CliError:
-            return self.token
+            return self._last_read[0] if self._last_read else self.token
+        self._last_read[:] = [token]
+        return token
 
 
 def read_token_file(path: str) -> str:
@@ -115,9 +121,10 @@ def resolve_target(
     def pick(flag: str | None, name: str) -> str | None:
         return flag or environ.get(name) or source.get(name) or None
 
-    resolved_token_file = (
-        None if token or environ.get(ENV_TOKEN) else token_file or environ.get(ENV_TOKEN_FILE)
-    )
+    # A flag beats an environment variable, a token beats a token file of the same rank.
+    resolved_token_file = None if token else token_file
+    if not token and not token_file and not environ.get(ENV_TOKEN):
+        resolved_token_file = environ.get(ENV_TOKEN_FILE)
     resolved_token = pick(token, ENV_TOKEN)
     if resolved_token_file:
         resolved_token = read_token_file(resolved_token_file)
@@ -178,6 +185,25 @@ def _read_env_file(environ: dict[str, str]) -> str | None:
 NEUTRALIZED_ENV = ("YC_TOKEN", "YC_OAUTH_TOKEN", "YC_AUTH", "SERVER_ENV")
 
 
+def system_roots() -> bytes | None:
+    """The operating system's trusted CAs (PEM), as OpenSSL finds them (SSL_CERT_FILE too); None:
+    grpc's own bundle. grpc does not read the system's store by itself, so a company CA installed
+    there would not be trusted."""
+    paths = ssl.get_default_verify_paths()
+    candidates = [
+        os.environ.get("SSL_CERT_FILE"),
+        paths.cafile,
+        paths.openssl_cafile,
+        "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine
+        "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            with contextlib.suppress(OSError):
+                return Path(candidate).read_bytes()
+    return None
+
+
 def _pin_credentials(token: str) -> None:
     """Makes the official CLI send `token` and nothing else: never a Yandex Cloud credential."""
     for name in NEUTRALIZED_ENV:
@@ -198,7 +224,7 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     if target.ca_file:
         creds = grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
     elif not target.plaintext:
-        creds = grpc.ssl_channel_credentials()  # the system's trusted CAs
+        creds = grpc.ssl_channel_credentials(system_roots())
     if target.plaintext and not _is_loopback(target.endpoint):
         print(
             f"dsjobs: WARNING: {target.endpoint} without TLS: the token and everything sent can be "
@@ -260,8 +286,10 @@ is passed to it unchanged.
                 for jobs that outlive a short-lived token, renewed in the file meanwhile
   --ca          CA bundle for TLS with a private CA (default ${ENV_CA})
   --insecure    plaintext (default ${ENV_INSECURE}=1); without it an endpoint that is not this
-                machine is reached with TLS and the system's trusted CAs. A loopback endpoint
-                without a CA (a local stack's) is plaintext.
+                machine is reached with TLS and the system's trusted CAs (SSL_CERT_FILE too).
+                A loopback endpoint without a CA (a local stack's) is plaintext.
+
+A flag beats its environment variable; a token beats a token file given the same way.
 
 The token and CA of .dev/env are used only with the endpoint of .dev/env. The official CLI's own
 credentials (YC_IAM_TOKEN, YC_TOKEN, -t, --profile, yc, the metadata server) are never used.

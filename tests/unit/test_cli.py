@@ -347,7 +347,7 @@ def test_a_token_file_is_read_and_read_again(tmp_path: Path) -> None:
     path.write_text("tok-two\n")
     assert target.current_token() == "tok-two"
     path.unlink()  # being renewed: the last good one meanwhile
-    assert target.current_token() == "tok-one"
+    assert target.current_token() == "tok-two"
     assert "tok-" not in repr(target)
     # A token given as such wins; a missing or empty file is a clear error.
     given = resolve_target(
@@ -389,3 +389,37 @@ def test_the_env_file_puts_the_cluster_s_kubectl_first_on_path(tmp_path: Path) -
     ).stdout
     assert out == f"{bin_dir}:/usr/bin:/bin"
     assert parse_env_file(env_file.read_text())["DSJOBS_TOKEN"] == "t"
+
+
+def test_a_flag_beats_an_environment_variable_and_a_token_beats_a_token_file(tmp_path: Path) -> None:
+    # `. .dev/env` sets DSJOBS_TOKEN; `--token-file` given after it must not be ignored for it (the
+    # local stack's token went to the endpoint named).
+    path = tmp_path / "token"
+    path.write_text("from-file\n")
+    local = {"DSJOBS_TOKEN": "local-stack-token"}
+
+    def resolved(token: str | None, token_file: str | None, environ: dict[str, str]) -> str:
+        return resolve_target(
+            endpoint="remote.example:443",
+            token=token,
+            ca_file=None,
+            environ=environ,
+            env_file_text=None,
+            token_file=token_file,
+        ).token
+
+    assert resolved(None, str(path), local) == "from-file"
+    assert resolved("flag", str(path), local) == "flag"
+    assert resolved(None, None, {**local, "DSJOBS_TOKEN_FILE": str(path)}) == "local-stack-token"
+    assert resolved(None, None, {"DSJOBS_TOKEN_FILE": str(path)}) == "from-file"
+
+
+def test_tls_trusts_the_system_s_cas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # grpc reads its own bundle, not the system's: a company CA installed there was not trusted.
+    bundle = tmp_path / "company.pem"
+    bundle.write_bytes(b"-----BEGIN CERTIFICATE-----\n...\n")
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert cli.system_roots() == bundle.read_bytes()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    roots = cli.system_roots()
+    assert roots is None or b"BEGIN CERTIFICATE" in roots
