@@ -215,8 +215,10 @@ def test_every_rendered_job_pod_passes_and_host_access_does_not(admission: Admis
     assert token in refused(lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}))
     projected = {"sources": [{"serviceAccountToken": {"path": "t"}}]}
     assert token in refused(lambda s: s["volumes"].append({"name": "t", "projected": projected}))
-    host = "must not use the host's network, PID or IPC namespace, privileged containers"
+    host = "must not use the host's network, PID or IPC namespace or ports, privileged containers"
     assert host in refused(lambda s: s.update(hostPID=True))
+    assert host in refused(lambda s: s["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]))
+    assert host in refused(lambda s: s.update(securityContext={"seLinuxOptions": {"type": "spc_t"}}))
     assert host in refused(lambda s: s.update(hostNetwork=True))
     assert host in refused(lambda s: s["containers"][0].update(securityContext={"privileged": True}))
     add = {"capabilities": {"add": ["SYS_ADMIN"]}}
@@ -233,6 +235,14 @@ def test_dsjobs_accounts_delete_only_in_project_namespaces(admission: Admission)
     assert proc.returncode != 0 and "only in project namespaces" in proc.stderr, proc.stderr
     proc = admission.as_sa(
         "dsjobs-operator", "-n", admission.project, "delete", "--dry-run=server", "secret", "s1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    # What a job made stays deletable in a namespace no longer a project (retired before its jobs).
+    labelled = _secret(admission.plain)
+    labelled["metadata"].update(name="s2", labels={"dsjobs.dev/job-id": "j1"})
+    admission.kubectl.apply([labelled])
+    proc = admission.as_sa(
+        "dsjobs-operator", "-n", admission.plain, "delete", "--dry-run=server", "secret", "s2"
     )
     assert proc.returncode == 0, proc.stderr
 
