@@ -1958,6 +1958,16 @@ def test_an_execute_accepted_before_the_expiry_runs_though_the_operator_sees_it_
     assert JobView.from_body(annotated).execute_requested_at == created
 
 
+@pytest.mark.parametrize("ttl", ["1m", "0s", "-1d"])
+def test_a_ttl_out_of_range_deletes_nothing_when_the_job_is_executed(ttl: str) -> None:
+    # Before Execute the job said "not used: the data does not expire"; the Execute then judged
+    # the expiry by that very TTL, deleted the data and failed the job DataCleared.
+    created = NOW - timedelta(minutes=2)
+    p = step(job(status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl=ttl))
+    assert ClearData() not in p.actions and not p.status.data_cleared
+    assert p.status.phase == JobPhase.ERROR and "[data-ttl]" in p.status.status_details
+
+
 def test_finalize_removes_pod_and_secrets_once() -> None:
     status = started("SUCCESS", finishedAt=ts(NOW))
     p = step(

@@ -677,7 +677,13 @@ def _data_gone_before_start(
         # Executed while its data was there, and waiting for its pod (a quota, an earlier pod of
         # its name): an executed job's data expires from its end, not its creation.
         return None
-    expires = data_expiry(spec, status.created_at)
+    # A TTL out of range is not used (the job fails InvalidSpec [data-ttl] for it): the last
+    # valid expiry stands, as for a job not executed (_data_lifetime).
+    expires = (
+        data_expiry(spec, status.created_at)
+        if data_ttl_problem(spec.data_ttl) is None
+        else status.data_expires_at
+    )
     if expires is not None and executed_at >= expires:
         return "data TTL expired before the job was executed"
     return None
