@@ -427,6 +427,18 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "dsjobs-operator", "namespace": namespace}
     ]
+    # Users of a project read their jobs' Events (`kubectl describe pj`), and everybody the catalog.
+    for role in ("dsjobs-project-user", "dsjobs-project-viewer"):
+        assert verbs(role, "events") == {"get", "list", "watch"}
+    assert verbs("dsjobs-instancetype-reader", "instancetypes") == {"get", "list", "watch"}
+    (catalog,) = [
+        o
+        for o in of_kind(objects, "ClusterRoleBinding")
+        if o["roleRef"]["name"] == "dsjobs-instancetype-reader"
+    ]
+    assert catalog["subjects"] == [
+        {"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "system:authenticated"}
+    ]
 
 
 def test_kind_overlay_runs_the_loaded_image() -> None:

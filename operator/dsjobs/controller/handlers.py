@@ -459,10 +459,17 @@ class Operator:
                 continue  # conflict: somebody else changed the job, plan again on the fresh object
             self._after_write(key, job, written, events)
             self._done_with_gone(key, seen_gone)
-            if step.actions:
+            ended = (
+                status.phase is not None
+                and status.phase.is_final
+                and not (job.status.phase is not None and job.status.phase.is_final)
+            )
+            if step.actions and not ended:
                 self._evict(key, written, pods)
                 return requeue
-            # A status-only step (e.g. a new attempt decided): plan again to act on it.
+            # A status-only step (e.g. a new attempt decided), or the step that ended the job (its
+            # actions, such as publishing its datasets, bring no event that would come back here):
+            # plan again to act on it - a finished job's pod and Secrets go now.
         jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
         return timedelta(seconds=5)
 
