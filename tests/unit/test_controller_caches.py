@@ -48,3 +48,31 @@ def test_what_an_event_changed_during_the_list_is_the_event_s() -> None:
     assert cache.vanished(before, set()) == []
     assert cache.get((NS, "job-1"))[0].phase == "Succeeded"
     assert [p.name for p in cache.get((NS, "job-3"))] == ["job-3-a1"]
+
+
+def test_an_invalid_instance_type_is_left_out_saying_why(caplog: Any) -> None:
+    # Only pydantic read them: a catalog edit the CRD lets through (requests above limits, a bad
+    # label key) made every job of the type fail on a wall of pod fields naming no InstanceType.
+    from dsjobs.controller.caches import InstanceTypeCache
+
+    def it(name: str, rev: int, **spec: Any) -> dict[str, Any]:
+        base = {"vcpu": 8, "memory": "32Gi", "resources": {"requests": {"cpu": "8"}, "limits": {"cpu": "8"}}}
+        return {"metadata": {"name": name, "resourceVersion": str(rev)}, "spec": {**base, **spec}}
+
+    cache = InstanceTypeCache()
+    cache.seed([it("c1.4", 1)])
+    cache.apply(
+        it(
+            "c1.8",
+            2,
+            resources={"requests": {"cpu": "16"}, "limits": {"cpu": "8"}},
+            nodeSelector={"bad key!": "x"},
+        ),
+        deleted=False,
+    )
+    assert set(cache.catalog()) == {"c1.4"}
+    (why,) = cache.invalid().values()
+    assert "spec.resources" in why and "spec.nodeSelector" in why and "\n" not in why
+    assert [r.getMessage() for r in caplog.records if "InstanceType c1.8 is invalid" in r.getMessage()]
+    cache.apply(it("c1.8", 3), deleted=False)  # fixed
+    assert set(cache.catalog()) == {"c1.4", "c1.8"} and cache.invalid() == {}

@@ -414,6 +414,19 @@ def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:
     assert step(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
 
 
+def test_a_job_on_an_invalid_instance_type_says_which_and_why() -> None:
+    params = {"cmd": "x", "cloudInstanceTypes": [{"name": "c1.8"}]}
+    catalog = {k: v for k, v in TYPES.items() if k != "c1.8"}
+    why = "spec.requests.cpu: 16 is above the limit 8 [request-above-limit]"
+    p = plan(job(params=params), [], catalog, None, NOW, SETTINGS, invalid_types={"c1.8": why})
+    assert p.status.phase == JobPhase.ERROR
+    assert "InstanceType c1.8 is invalid" in p.status.status_details and why in p.status.status_details
+    assert (
+        "[instance-type-invalid]" in p.status.status_details
+        and "not an instance type" not in p.status.status_details
+    )
+
+
 def test_too_long_name_fails() -> None:
     p = step(job(name="j" * 64))
     assert p.status.phase == JobPhase.ERROR and "63" in p.status.status_details

@@ -14,14 +14,17 @@ while the LIST was in flight are remembered (tombstones) so that the LIST does n
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
-
-from pydantic import ValidationError
 
 from dsjobs.controller.names import JOB_LABEL
 from dsjobs.controller.podview import PodView
 from dsjobs.models import InstanceTypeSpec
+from dsjobs.validation import format_problems
+from dsjobs.validation.instancetype import parse_instance_type as validate_instance_type_body
+
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, job name)
 
@@ -116,10 +119,10 @@ class PodCache:
 
 
 class InstanceTypeCache:
-    """The InstanceType catalog by name (invalid ones are left out)."""
+    """The InstanceType catalog by name; invalid ones are left out of it, with what is wrong."""
 
     def __init__(self) -> None:
-        self._types: dict[str, tuple[int, InstanceTypeSpec | None]] = {}
+        self._types: dict[str, tuple[int, InstanceTypeSpec | None, str]] = {}
 
     def apply(self, body: Mapping[str, Any], *, deleted: bool) -> None:
         name = str((body.get("metadata") or {}).get("name", ""))
@@ -129,20 +132,35 @@ class InstanceTypeCache:
         rev = revision(body)
         old = self._types.get(name)
         if old is None or rev < 0 or rev >= old[0]:
-            self._types[name] = (rev, parse_instance_type(body))
+            self._store(name, rev, body)
 
     def seed(self, items: Iterable[Mapping[str, Any]]) -> None:
         for body in items:
             name = str((body.get("metadata") or {}).get("name", ""))
             if name not in self._types:
-                self._types[name] = (revision(body), parse_instance_type(body))
+                self._store(name, revision(body), body)
+
+    def _store(self, name: str, rev: int, body: Mapping[str, Any]) -> None:
+        spec, problem = parse_instance_type(body)
+        old = self._types.get(name)
+        if problem and (old is None or old[2] != problem):
+            log.warning("InstanceType %s is invalid, no job gets it: %s", name, problem)
+        self._types[name] = (rev, spec, problem)
 
     def catalog(self) -> dict[str, InstanceTypeSpec]:
-        return {name: spec for name, (_, spec) in self._types.items() if spec is not None}
+        return {name: spec for name, (_, spec, _) in self._types.items() if spec is not None}
+
+    def invalid(self) -> dict[str, str]:
+        """What is wrong with each InstanceType left out of the catalog."""
+        return {name: problem for name, (_, spec, problem) in self._types.items() if spec is None}
 
 
-def parse_instance_type(body: Mapping[str, Any]) -> InstanceTypeSpec | None:
-    try:
-        return InstanceTypeSpec.model_validate(body.get("spec") or {})
-    except ValidationError:
-        return None
+def parse_instance_type(body: Mapping[str, Any]) -> tuple[InstanceTypeSpec | None, str]:
+    """(spec, "") of a valid InstanceType, else (None, its problems with their fields): the rules
+    the CRD cannot check (label keys, requests above limits, GPU resources...) included; a pod
+    rendered from an invalid type would be refused by the API server with a wall of pod fields."""
+    name = str((body.get("metadata") or {}).get("name", ""))
+    spec, problems = validate_instance_type_body(name, body.get("spec") or {})
+    if problems:
+        return None, format_problems(problems, cr=True).replace("\n", "; ")
+    return spec, ""

@@ -434,7 +434,16 @@ class Operator:
             result = await self._result_of(job, current)
             problem = await self.store.problem(current, now)
             catalog = await self._catalog_for(job)
-            step = plan(job, pods, catalog, result, now, self.settings, storage_problem=problem)
+            step = plan(
+                job,
+                pods,
+                catalog,
+                result,
+                now,
+                self.settings,
+                storage_problem=problem,
+                invalid_types=self.instance_types.invalid(),
+            )
             body, status, events, requeue = await self._act(job, body, step, now)
             if body is None:  # the finalizer was removed: the job is gone
                 self._forget(key)
@@ -557,10 +566,10 @@ class Operator:
             if isinstance(name, str) and name and name not in catalog and "/" not in name:
                 raw = await self.kube.get(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}/{name}")
                 if raw is not None:
-                    try:
-                        catalog[name] = InstanceTypeSpec.model_validate(raw.get("spec") or {})
-                    except ValueError:
-                        continue
+                    self.instance_types.apply(raw, deleted=False)
+                    found = self.instance_types.catalog().get(name)
+                    if found is not None:
+                        catalog[name] = found
         return catalog
 
     async def _pods_of(self, key: Key, job: JobView) -> list[PodView]:

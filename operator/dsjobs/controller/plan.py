@@ -348,6 +348,7 @@ def plan(
     settings: OperatorSettings,
     *,
     storage_problem: str | None = None,
+    invalid_types: Mapping[str, str] | None = None,
 ) -> Plan:
     """The next step for one job.
 
@@ -357,7 +358,7 @@ def plan(
     `storage_problem`: what the operator's own check of the object store said (see
     `status.storage_bound_since`), for the status details.
     """
-    step = _plan(job, pods, catalog, result, now, settings, storage_problem)
+    step = _plan(job, pods, catalog, result, now, settings, storage_problem, invalid_types or {})
     step = _settle_output_datasets(job, _secrets_of_an_ended_job(job, pods, step))
     if step.spec is None:
         return step
@@ -414,6 +415,7 @@ def _plan(
     now: datetime,
     settings: OperatorSettings,
     storage_problem: str | None,
+    invalid_types: Mapping[str, str],
 ) -> Plan:
     if job.deleting:
         return _plan_delete(job, pods, now)
@@ -434,6 +436,7 @@ def _plan(
         # The whole validation, with the cluster's catalog, before the first pod only: the catalog
         # may change under a running job without making it invalid.
         spec, problems = parse_job_spec(job.spec, known_instance_types=set(catalog))
+        problems = [_invalid_type(p, invalid_types) for p in problems]
     else:
         try:
             spec = ProjectJobSpec.model_validate(job.spec)
@@ -979,6 +982,23 @@ def _clear_data(
     )
     events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
     return status
+
+
+def _invalid_type(problem: Problem, invalid_types: Mapping[str, str]) -> Problem:
+    """An unknown instance type that is an InstanceType of the cluster, only an invalid one: said
+    so, with what is wrong with it (an admin's to fix), not as a type the cluster lacks."""
+    if problem.rule != "instance-type-unknown":
+        return problem
+    name = problem.message.split(" ", 1)[0]
+    why = invalid_types.get(name)
+    if why is None:
+        return problem
+    return Problem(
+        problem.path,
+        "instance-type-invalid",
+        f"InstanceType {name} is invalid, so no job runs on it (an admin fixes it: kubectl get dsit "
+        f"{name} -o yaml): {why}",
+    )
 
 
 def _unreadable(exc: ValidationError) -> Problem:
