@@ -588,9 +588,12 @@ def test_a_job_whose_data_was_deleted_before_execution_cannot_be_executed(api_en
     obj = api_env.job_object(api_env.project_a, resp.job_id)
     assert obj is not None and not obj["spec"].get("execute")
     # Expired (createdAt + dataTtl passed) but not yet cleared by the operator: refused as well.
+    # (By the spec's TTL: the status's expiry lags a SetDataTtl until the operator rewrites it.)
     _, late = c.create(api_env.project_a.project_id, params(inputs))
     api_env.patch_status(
-        api_env.project_a, late.job_id, {"phase": "CREATING", "dataExpiresAt": "2000-01-01T00:00:00Z"}
+        api_env.project_a,
+        late.job_id,
+        {"phase": "CREATING", "createdAt": "2000-01-01T00:00:00Z", "dataExpiresAt": "2099-01-01T00:00:00Z"},
     )
     e = rpc_error(lambda: c.execute(late.job_id))
     assert e.code == Code.FAILED_PRECONDITION and "deleted before it was executed" in e.details

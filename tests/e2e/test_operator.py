@@ -180,12 +180,12 @@ def test_a_job_on_an_invalid_instance_type_names_it_and_what_is_wrong(h: H) -> N
     # failed on the API server's wall of pod fields, naming no InstanceType.
     bad = {**_gpu_type(1), "resources": {"requests": {"cpu": "16"}, "limits": {"cpu": "8"}}}
     with _instance_type(h, "b1", bad) as name:
-        h.create_job("bad-type", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": name}]})
-        status = h.wait_phase("bad-type", "ERROR", "SUCCESS", timeout=60)
+        h.create_job("invalid-type", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": name}]})
+        status = h.wait_phase("invalid-type", "ERROR", "SUCCESS", timeout=60)
         assert status["phase"] == "ERROR", status
         details = status["statusDetails"]
         assert f"InstanceType {name} is invalid" in details and "spec.resources" in details, details
-        assert not h.pods("bad-type")
+        assert not h.pods("invalid-type")
 
 
 def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
