@@ -134,7 +134,7 @@ class UnsafePathError(ValueError):
 def _check_http_url(v: str) -> str | None:
     if v == "":
         return None
-    if not re.match(r"^https?://[^/\s]+/?$", v):
+    if not re.fullmatch(r"https?://[^/\s]+/?", v):
         raise ValueError(f"expected http(s)://host[:port], got {v!r}")
     return v.rstrip("/")
 
@@ -158,6 +158,10 @@ class StorageSettings(Record):
         folder = env.get(ENV_FILES_DIR)
         if folder:
             env = {**_files_env(Path(folder)), **env}
+        # A Secret made from files (`kubectl create secret --from-file`, an editor) ends its values
+        # with a newline: no key, bucket or URL does, and kept it made an unclear error at the first
+        # request ("Invalid header value").
+        env = {k: v.rstrip("\r\n") if k in STORAGE_ENV_VARS else v for k, v in env.items()}
         missing = [k for k in (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY) if not env.get(k)]
         if missing:
             raise StorageConfigError(f"storage settings missing: {', '.join(missing)}")

@@ -128,3 +128,45 @@ def test_a_job_id_in_two_namespaces_is_the_one_the_caller_may_use() -> None:
     assert code_of(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("eve")))) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+
+
+def test_a_project_list_does_not_drop_projects_the_cluster_did_not_answer_for() -> None:
+    # Any ApiError left the project out, an outage of the access review too: the CLI got a
+    # shorter list and no error.
+    from dsjobs.api import errors
+    from dsjobs.api.servicer import ProjectService
+    from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2
+
+    async def review_token(token: str) -> auth.Identity:
+        return auth.Identity(token)
+
+    async def review_access(
+        who: auth.Identity, verb: auth.Verb, namespace: str, project: str
+    ) -> auth.Decision:
+        if namespace == "team-b" and who.username == "carol":
+            raise errors.unavailable("cannot check permissions now; retry")
+        return auth.Decision((who.username, namespace) in RIGHTS, "no RBAC rule")
+
+    kube = cast(Kube, FakeKube([]))
+    core = Core(
+        Settings(),
+        kube,
+        MemoryStore(),
+        auth.Authenticator(review_token, review_access),
+        ProjectIndex(kube),
+        JobIndex(kube),
+        InstanceTypeCatalog(kube),
+    )
+    request = project_service_pb2.ListProjectsRequest(community_id="dsjobs")
+    listed = asyncio.run(ProjectService(core).List(request, cast(Any, Ctx("mallory"))))
+    assert [p.id for p in listed.projects] == ["pa"]  # denied ones are left out
+    assert code_of(ProjectService(core).List(request, cast(Any, Ctx("carol")))) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_operation_id_names_ids_of_ours_only() -> None:
+    from dsjobs.api.operations import OperationIdError, decode_op_id
+
+    assert decode_op_id(OpRef(OpKind.CREATE, "pa", JOB, "u").encode()).job_id == JOB
+    for project, job_id in (("pa", "."), ("pa", "a/b"), ("..", JOB), ("Pa", JOB)):
+        with pytest.raises(OperationIdError):
+            decode_op_id(OpRef(OpKind.CREATE, project, job_id, "u").encode())

@@ -134,6 +134,24 @@ def test_settings_from_files_of_a_mounted_secret(tmp_path: Path) -> None:
 def test_settings_reject_non_http_endpoints() -> None:
     with pytest.raises(ValueError):
         StorageSettings(endpoint="127.0.0.1:9000", bucket="b", access_key="a", secret_key="s")
+    with pytest.raises(ValueError):  # re.match's $ let a trailing newline through
+        StorageSettings(endpoint="http://s3:9000\n", bucket="b", access_key="a", secret_key="s")
+
+
+def test_values_of_a_secret_made_from_files_lose_their_trailing_newline(tmp_path: Path) -> None:
+    # `kubectl create secret generic --from-file` of files an editor ended with a newline: the
+    # first request failed with "Invalid header value".
+    for key, value in {
+        "DSJOBS_S3_ENDPOINT": "http://s3.local:9000\n",
+        "DSJOBS_S3_BUCKET": "b\n",
+        "DSJOBS_S3_ACCESS_KEY": "ak\r\n",
+        "DSJOBS_S3_SECRET_KEY": "sk\n",
+    }.items():
+        (tmp_path / key).write_text(value)
+    s = StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path)})
+    assert (s.endpoint, s.bucket, s.access_key, s.secret_key) == ("http://s3.local:9000", "b", "ak", "sk")
+    env = StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path), "DSJOBS_S3_SECRET_KEY": "sk2\n"})
+    assert env.secret_key == "sk2"
 
 
 def _storage(public: str | None = None) -> Storage:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.convert.common import file_to_proto
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models.limits import RESOURCE_ID_PATTERN
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_pb2
@@ -78,6 +80,9 @@ class OpRef:
         return _PREFIX + base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
 
 
+_RESOURCE_ID = re.compile(RESOURCE_ID_PATTERN)
+
+
 def decode_op_id(text: str) -> OpRef:
     if not text.startswith(_PREFIX) or len(text) > MAX_OPERATION_ID_LENGTH:
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
@@ -95,6 +100,9 @@ def decode_op_id(text: str) -> OpRef:
     except ValueError as exc:
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service") from exc
     if not project_id or (kind != OpKind.DELETE_ALL_DATA and not job_id):
+        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
+    # Ids of ours only (they become parts of API paths): `.` or `a/b` would name something else.
+    if not _RESOURCE_ID.fullmatch(project_id) or (job_id and not _RESOURCE_ID.fullmatch(job_id)):
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
     return OpRef(kind, project_id, job_id, job_uid)
 

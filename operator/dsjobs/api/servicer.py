@@ -1204,7 +1204,9 @@ class ProjectService(project_service_pb2_grpc.ProjectServiceServicer):
                 continue
             try:
                 await self.core.auth.authorize(identity, Verb.GET, info.namespace, info.project_id)
-            except ApiError:
+            except ApiError as exc:
+                if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                    raise  # a review the cluster did not answer: not a project to leave out silently
                 continue  # only the projects the caller may see
             out.append(proto)
         return project_service_pb2.ListProjectsResponse(projects=out)
