@@ -76,18 +76,19 @@ class Ctx:
         return [("authorization", f"Bearer {self.user}")]
 
 
-def services(jobs: list[dict[str, Any]]) -> tuple[ProjectJobService, OperationService]:
+async def by_rights(who: auth.Identity, verb: auth.Verb, namespace: str, project: str) -> auth.Decision:
+    allowed = (who.username, namespace) in RIGHTS
+    return auth.Decision(allowed, "" if allowed else "no RBAC rule")
+
+
+def core_of(jobs: list[dict[str, Any]], review_access: Any = by_rights) -> Core:
+    """A real Core over the fake cluster; callers are who their token says."""
+
     async def review_token(token: str) -> auth.Identity:
         return auth.Identity(token)
 
-    async def review_access(
-        who: auth.Identity, verb: auth.Verb, namespace: str, project: str
-    ) -> auth.Decision:
-        allowed = (who.username, namespace) in RIGHTS
-        return auth.Decision(allowed, "" if allowed else "no RBAC rule")
-
     kube = cast(Kube, FakeKube(jobs))
-    core = Core(
+    return Core(
         Settings(),
         kube,
         MemoryStore(),
@@ -96,6 +97,10 @@ def services(jobs: list[dict[str, Any]]) -> tuple[ProjectJobService, OperationSe
         JobIndex(kube),
         InstanceTypeCatalog(kube),
     )
+
+
+def services(jobs: list[dict[str, Any]]) -> tuple[ProjectJobService, OperationService]:
+    core = core_of(jobs)
     jobs_service = ProjectJobService(core)
     return jobs_service, OperationService(core, jobs_service)
 
@@ -137,26 +142,14 @@ def test_a_project_list_does_not_drop_projects_the_cluster_did_not_answer_for() 
     from dsjobs.api.servicer import ProjectService
     from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2
 
-    async def review_token(token: str) -> auth.Identity:
-        return auth.Identity(token)
-
     async def review_access(
         who: auth.Identity, verb: auth.Verb, namespace: str, project: str
     ) -> auth.Decision:
         if namespace == "team-b" and who.username == "carol":
             raise errors.unavailable("cannot check permissions now; retry")
-        return auth.Decision((who.username, namespace) in RIGHTS, "no RBAC rule")
+        return await by_rights(who, verb, namespace, project)
 
-    kube = cast(Kube, FakeKube([]))
-    core = Core(
-        Settings(),
-        kube,
-        MemoryStore(),
-        auth.Authenticator(review_token, review_access),
-        ProjectIndex(kube),
-        JobIndex(kube),
-        InstanceTypeCatalog(kube),
-    )
+    core = core_of([], review_access)
     request = project_service_pb2.ListProjectsRequest(community_id="dsjobs")
     listed = asyncio.run(ProjectService(core).List(request, cast(Any, Ctx("mallory"))))
     assert [p.id for p in listed.projects] == ["pa"]  # denied ones are left out

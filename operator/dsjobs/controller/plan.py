@@ -803,19 +803,11 @@ def _plan_final(
     events: list[JobEvent],
 ) -> Plan:
     """A finished job: remove its pod (after the retention), finalize, clear data at its TTL."""
-    requeue: timedelta | None = None
     alive = [p for p in pods if p.alive]
-    if alive:
-        keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
-        if spec.finalized or now >= keep_until:
-            # The Secrets first: the status is final already, so once the pod is gone no later
-            # plan would delete them, and an operator killed between the two would leave them.
-            actions.append(DeleteSecrets())
-            actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job has finished") for p in alive)
-        else:
-            requeue = keep_until - now
-    elif (
-        not spec.finalized
+    requeue = _retire_pods(status, alive, spec.finalized, now, settings, actions)
+    if (
+        not alive
+        and not spec.finalized
         and any(p.gone for p in pods)
         and now < (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
     ):
@@ -838,11 +830,8 @@ def _plan_final(
         events,
         _pods_in_the_way(pods, now),
     )
-    if held and not any(isinstance(a, DeletePod) for a in actions):
-        # A pod kept after the end (DSJOBS_FINISHED_POD_RETENTION_SECONDS) goes now: the data is.
-        if alive:
-            actions.append(DeleteSecrets())
-        actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job's data is deleted") for p in alive)
+    if held:
+        _delete_kept_pods(alive, actions)
     return Plan(
         status, tuple(actions), tuple(events), requeue_after=_min_delay(requeue, expiry_wait), spec=spec
     )
@@ -880,15 +869,8 @@ def _plan_final_unreadable(
     `_plan_final` does, from the raw fields it needs (finalized, clearData, dataTtl): its pod and
     Secrets go after the retention, its data at its expiry or on clearData."""
     raw = job.spec
-    requeue: timedelta | None = None
     alive = [p for p in pods if p.alive]
-    if alive:
-        keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
-        if raw.get("finalized") is True or now >= keep_until:
-            actions.append(DeleteSecrets())
-            actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job has finished") for p in alive)
-        else:
-            requeue = keep_until - now
+    requeue = _retire_pods(status, alive, raw.get("finalized") is True, now, settings, actions)
     if status.data_cleared:
         return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
     expires = _raw_data_expiry(raw, status.finished_at, status.data_expires_at)
@@ -900,15 +882,40 @@ def _plan_final_unreadable(
         if hold is None:
             status = _clear_data(status, "requested" if clear else "data TTL expired", now, actions, events)
         else:
-            if alive and not any(isinstance(a, DeletePod) for a in actions):
-                actions.append(DeleteSecrets())
-                actions.extend(
-                    DeletePod(p.name, DELETION_GRACE_SECONDS, "the job's data is deleted") for p in alive
-                )
+            _delete_kept_pods(alive, actions)
             requeue = _min_delay(requeue, hold)
     elif expires is not None:
         requeue = _min_delay(requeue, expires - now)
     return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
+
+
+def _retire_pods(
+    status: ProjectJobStatus,
+    alive: Sequence[PodView],
+    finalized: bool,
+    now: datetime,
+    settings: OperatorSettings,
+    actions: list[Action],
+) -> timedelta | None:
+    """A finished job's live pods (and Secrets) go once it is finalized or the retention is over;
+    the wait until then."""
+    if not alive:
+        return None
+    keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+    if not finalized and now < keep_until:
+        return keep_until - now
+    # The Secrets first: the status is final already, so once the pod is gone no later plan would
+    # delete them, and an operator killed between the two would leave them.
+    actions.append(DeleteSecrets())
+    actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job has finished") for p in alive)
+    return None
+
+
+def _delete_kept_pods(alive: Sequence[PodView], actions: list[Action]) -> None:
+    """The job's data is to be deleted: pods kept after its end go now (unless they go already)."""
+    if alive and not any(isinstance(a, DeletePod) for a in actions):
+        actions.append(DeleteSecrets())
+        actions.extend(DeletePod(p.name, DELETION_GRACE_SECONDS, "the job's data is deleted") for p in alive)
 
 
 def _pods_in_the_way(pods: Sequence[PodView], now: datetime) -> timedelta | None:
