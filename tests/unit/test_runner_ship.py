@@ -8,6 +8,7 @@ import os
 import tracemalloc
 import zipfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -882,3 +883,28 @@ def test_a_storage_outage_at_the_ships_start_only_delays_the_logs(tmp_path: Path
     records = all_records(store)
     assert records[0] == (Stream.FILE, SYSTEM_LOG_PATH, b"staged\n")
     assert (Stream.OUT, None, b"hello\n") in records
+
+
+def test_system_log_lines_keep_the_time_they_were_written(tmp_path: Path) -> None:
+    # The official CLI prints each system-log line with its record's time: every line of a job
+    # was shown at the one time the ship read them all.
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    clock = Clock()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    lines = (
+        b"2026-11-30T15:29:20Z entry: program started\n"
+        b"2026-11-30T15:29:20Z entry: cancel: sending SIGTERM\n"
+        b"  a continuation without a time\n"
+        b"2026-11-30T15:29:24Z entry: program exited with code 143\n"
+    )
+    append(cfg.layout.system_log, lines)
+    assert s.pump(final=True)
+    records = [r for r in read_records(store, "p", "j", 0).records if r.file_path == ".system.log"]
+    assert b"".join(r.content for r in records) == lines
+    t20 = int(datetime(2026, 11, 30, 15, 29, 20, tzinfo=UTC).timestamp()) * 10**9
+    t24 = t20 + 4 * 10**9
+    shipped = records[1].created_ns
+    assert [(r.content.count(b"\n"), r.created_ns) for r in records] == [(2, t20), (1, shipped), (1, t24)]
+    assert shipped not in (t20, t24)

@@ -105,6 +105,31 @@ LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
 REWRITE_CHECK_BYTES = 4096
 
 
+_STAMP_LEN = len("2025-06-01T11:00:12Z")
+
+
+def stamped_lines(content: bytes, default_ns: int) -> list[tuple[bytes, int]]:
+    """System log content (lines that begin with their UTC time, `2025-06-01T11:00:12Z entry: ...`)
+    as runs of consecutive lines of one time, with that time in ns (`default_ns` for lines without
+    one). The pieces join back to `content`."""
+    out: list[tuple[bytes, int]] = []
+    for line in content.splitlines(keepends=True):
+        stamp = default_ns
+        head = line[:_STAMP_LEN]
+        if len(head) == _STAMP_LEN and head.endswith(b"Z"):
+            try:
+                when = datetime.strptime(head.decode("ascii"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            except (UnicodeDecodeError, ValueError):
+                pass
+            else:
+                stamp = int(when.timestamp()) * 1_000_000_000
+        if out and out[-1][1] == stamp:
+            out[-1] = (out[-1][0] + line, stamp)
+        else:
+            out.append((line, stamp))
+    return out
+
+
 @dataclass
 class _Source:
     key: str
@@ -354,6 +379,12 @@ class LogShipper:
             if read.tail is not None:
                 pending.tails[src.key] = (read.tail + data[:consumed])[-REWRITE_CHECK_BYTES:]
             for c in contents:
+                if src.key == "sys":
+                    # Each line carries the time it was written: the official CLI shows a system
+                    # log record's time on each of its lines (all of a job's were one time).
+                    for piece, stamp in stamped_lines(c, created):
+                        pending.records.append(LogRecord(src.stream, piece, stamp, src.file_path))
+                    continue
                 pending.records.append(LogRecord(src.stream, c, created, src.file_path))
                 if src.key == "progress":
                     for line in c.splitlines():
