@@ -802,17 +802,23 @@ _SIGNALLED = (
 )
 
 
-def test_graceful_cancel_delivers_the_signal_then_cancels(h: H, storage: Storage) -> None:
+def _ready_for_sigusr1(h: H, storage: Storage, name: str, program: str, timeout: str) -> None:
+    """A job running `program` with SIGUSR1 and `timeout` as its graceful shutdown, once the program
+    said it is ready (its handler is set)."""
     h.create_job(
-        "cancel-me",
+        name,
         {
             "cmd": "python ${PROG}",
-            "gracefulShutdownParameters": {"signal": 10, "timeout": "20s"},
-            **_program_input(storage, "PROG", _SIGNALLED),
+            "gracefulShutdownParameters": {"signal": 10, "timeout": timeout},
+            **_program_input(storage, "PROG", program),
         },
     )
-    h.wait_phase("cancel-me", "EXECUTING", timeout=120)
-    poll("the program to be ready", lambda: read_progress(storage, PROJECT_ID, "cancel-me"), 60)
+    h.wait_phase(name, "EXECUTING", timeout=120)
+    poll("the program to be ready", lambda: read_progress(storage, PROJECT_ID, name), 60)
+
+
+def test_graceful_cancel_delivers_the_signal_then_cancels(h: H, storage: Storage) -> None:
+    _ready_for_sigusr1(h, storage, "cancel-me", _SIGNALLED, "20s")
     h.patch_spec("cancel-me", {"cancel": {"reason": "e2e", "graceful": True}})
     status = h.wait_phase("cancel-me", "CANCELLED", "SUCCESS", "ERROR", timeout=20 + 10 + 60)
     assert status["phase"] == "CANCELLED", status
@@ -834,16 +840,7 @@ _IGNORES_SIGUSR1 = (
 
 def test_a_forceful_cancel_cuts_a_graceful_one_short(h: H, storage: Storage) -> None:
     # The CLI's second Ctrl-C: the pod deleted with the job's 120 s timeout went on for all of it.
-    h.create_job(
-        "escalate",
-        {
-            "cmd": "python ${PROG}",
-            "gracefulShutdownParameters": {"signal": 10, "timeout": "120s"},
-            **_program_input(storage, "PROG", _IGNORES_SIGUSR1),
-        },
-    )
-    h.wait_phase("escalate", "EXECUTING", timeout=120)
-    poll("the program to be ready", lambda: read_progress(storage, PROJECT_ID, "escalate"), 60)
+    _ready_for_sigusr1(h, storage, "escalate", _IGNORES_SIGUSR1, "120s")
     h.patch_spec("escalate", {"cancel": {"reason": "e2e", "graceful": True}})
     h.wait_phase("escalate", "CANCELLING", timeout=30)
     time.sleep(2)  # the program ignores the signal; the pod would wait out its 120 s

@@ -62,7 +62,6 @@ from dsjobs.pb.yandex.cloud.operation import operation_pb2, operation_service_pb
 from dsjobs.validation import (
     Problem,
     cancel_reason_problems,
-    data_ttl_problem,
     problems_from_validation_error,
     validate_job_spec,
 )
@@ -595,10 +594,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         deleted (or expiring: createdAt + dataTtl), or an input not uploaded."""
         if job.deleting:
             raise errors.failed_precondition(f"job {job.name!r} is being deleted")
-        expires = job.status.data_expires_at
-        if data_ttl_problem(job.spec.data_ttl) is None:
-            # From the spec, not the status: the operator rewrites that a moment after SetDataTtl.
-            expires = data_expiry(job.spec, job.status.created_at or job.created_at)
+        # From the spec, not the status: the operator rewrites that a moment after SetDataTtl.
+        expires = data_expiry(job.spec, job.status.created_at or job.created_at, job.status.data_expires_at)
         if job.status.data_cleared or job.spec.clear_data or (expires is not None and expires <= now()):
             raise errors.failed_precondition(
                 f"the data of job {job.name!r} was deleted before it was executed (DeleteData or its "

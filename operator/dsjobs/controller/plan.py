@@ -59,6 +59,7 @@ from dsjobs.controller.status import (
     graceful_timeout,
     set_condition,
     stored_data_size,
+    ttl_expiry,
     with_phase,
 )
 from dsjobs.models import (
@@ -70,7 +71,7 @@ from dsjobs.models import (
     format_duration,
 )
 from dsjobs.models.base import parse_duration
-from dsjobs.models.limits import DEFAULT_DATA_TTL, INFINITE_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME
+from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
@@ -682,11 +683,7 @@ def _data_gone_before_start(
         return None
     # A TTL out of range is not used (the job fails InvalidSpec [data-ttl] for it): the last
     # valid expiry stands, as for a job not executed (_data_lifetime).
-    expires = (
-        data_expiry(spec, status.created_at)
-        if data_ttl_problem(spec.data_ttl) is None
-        else status.data_expires_at
-    )
+    expires = data_expiry(spec, status.created_at, status.data_expires_at)
     if expires is not None and executed_at >= expires:
         return "data TTL expired before the job was executed"
     return None
@@ -846,14 +843,7 @@ def _raw_data_expiry(
         ttl = parse_duration(raw.get("dataTtl", format_duration(DEFAULT_DATA_TTL)))
     except (ValueError, TypeError):
         return previous
-    if data_ttl_problem(ttl) is not None:
-        return previous
-    if since is None or ttl == INFINITE_TTL:
-        return None
-    try:
-        return since + ttl
-    except OverflowError:
-        return None
+    return ttl_expiry(ttl, since, previous)
 
 
 def _plan_final_unreadable(
@@ -951,15 +941,14 @@ def _data_lifetime(
     if status.data_cleared:
         return status, None, False
     problem = data_ttl_problem(spec.data_ttl)
+    expires = data_expiry(spec, since, status.data_expires_at)
     if problem is None:
-        expires = data_expiry(spec, since)
         status = drop_conditions(status, COND_DATA_TTL_VALID)
     else:
         # Only kubectl gets such a TTL here (the API refuses it, and so does the first plan of an
-        # execution): an edit after the start, or a job not executed yet. It is not used, so that
-        # a typo ("-1d", "1m") deletes no data: the expiry stays the last valid TTL's (unset while
-        # none was derived yet), and the job says why.
-        expires = status.data_expires_at
+        # execution): an edit after the start, or a job not executed yet. Not used (ttl_expiry):
+        # the expiry stays the last valid TTL's (unset while none was derived yet), and the job
+        # says why.
         message = f"spec.dataTtl {format_duration(spec.data_ttl)} is not used: it {problem} [data-ttl]; " + (
             f"the data expires at {format_datetime(expires)} as before"
             if expires

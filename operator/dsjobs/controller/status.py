@@ -204,15 +204,26 @@ def drop_conditions(status: ProjectJobStatus, *types: str) -> ProjectJobStatus:
     return status.model_copy(update={"conditions": kept})
 
 
-def data_expiry(spec: ProjectJobSpec, since: datetime | None) -> datetime | None:
-    """`since` + dataTtl, `since` being finishedAt (or createdAt for a job never executed); None
-    without it (a running job) or when the TTL is infinite."""
-    if since is None or data_ttl_is_infinite(spec.data_ttl):
+def ttl_expiry(ttl: timedelta, since: datetime | None, previous: datetime | None = None) -> datetime | None:
+    """`since` + the data TTL, `since` being finishedAt (or createdAt for a job never executed);
+    None without it (a running job) or when the TTL is infinite. A TTL out of range (a kubectl
+    edit) is not used, so that a typo ("-1d", "1m") deletes no data: `previous`, the last valid
+    TTL's expiry, stands."""
+    if data_ttl_problem(ttl) is not None:
+        return previous
+    if since is None or data_ttl_is_infinite(ttl):
         return None
     try:
-        return since + spec.data_ttl
+        return since + ttl
     except OverflowError:  # a TTL too long for a datetime is as good as infinite
         return None
+
+
+def data_expiry(
+    spec: ProjectJobSpec, since: datetime | None, previous: datetime | None = None
+) -> datetime | None:
+    """`ttl_expiry` of the spec's dataTtl."""
+    return ttl_expiry(spec.data_ttl, since, previous)
 
 
 _PHASE_REASONS: Final[dict[JobPhase, str]] = {
@@ -319,12 +330,11 @@ def finish(
     status = with_phase(status, outcome.phase, outcome.message, events)
     finished_at = status.finished_at or now
     update: dict[str, object] = {"finished_at": finished_at}
-    if spec is None:
-        update["data_expires_at"] = None
-    elif data_ttl_problem(spec.data_ttl) is None:
-        update["data_expires_at"] = data_expiry(spec, finished_at)
-    # else a TTL out of range (a kubectl edit after the start) is not used: the expiry stays the
-    # last valid one (none for a job that ran), and the final plan says why (_data_lifetime).
+    # A TTL out of range (a kubectl edit after the start) is not used: the expiry stays the last
+    # valid one (none for a job that ran), and the final plan says why (_data_lifetime).
+    update["data_expires_at"] = (
+        None if spec is None else data_expiry(spec, finished_at, status.data_expires_at)
+    )
     if outcome.return_code is not None or not outcome.program_ran:
         update["return_code"] = outcome.return_code
     status = drop_conditions(status.model_copy(update=update), COND_RETRYING)
