@@ -13,9 +13,10 @@ kubeconfig that may list ProjectJobs cluster-wide. It lists by default; `--delet
 What counts as orphaned (decided by `find_orphans`, pure):
 - `projects/<p>/jobs/<job>/...`: no ProjectJob of project <p> named <job> exists;
 - `projects/<p>/inputs/<sha256>`: no ProjectJob of project <p> whose data is not cleared uses it;
-- and nothing under it was written within the grace period (default 1 day), so that data of a job
+- and nothing under it was written (or begun as a multipart upload) within the grace period (default 1 day), so that data of a job
   being created or written by a pod this cluster does not know of is left alone.
-Keys of any other shape are never touched. Right before deleting, the ProjectJobs are listed
+Unfinished multipart uploads count as data (invisible, but their parts take space) and are
+aborted with it. Keys of any other shape are never touched. Right before deleting, the ProjectJobs are listed
 again and whatever a job now owns is kept.
 """
 
@@ -47,7 +48,8 @@ _PAGE: Final = 500
 class StoredObject:
     key: str
     size: int
-    modified: datetime
+    modified: datetime  # an unfinished upload's: when it was begun
+    upload: bool = False  # an unfinished multipart upload (its size unknown: 0)
 
 
 Kind = Literal["job", "input"]
@@ -72,6 +74,7 @@ class Orphan:
     objects: int
     size: int
     newest: datetime
+    uploads: int = 0  # unfinished multipart uploads among `objects`
 
     @property
     def name(self) -> str:
@@ -135,13 +138,14 @@ def find_orphans(
             continue
         seen = groups.get(key)
         groups[key] = (
-            Orphan(kind, project, key, 1, obj.size, obj.modified)
+            Orphan(kind, project, key, 1, obj.size, obj.modified, int(obj.upload))
             if seen is None
             else replace(
                 seen,
                 objects=seen.objects + 1,
                 size=seen.size + obj.size,
                 newest=max(seen.newest, obj.modified),
+                uploads=seen.uploads + obj.upload,
             )
         )
     cutoff = now - grace
@@ -166,7 +170,10 @@ def describe(orphan: Orphan, projects_with_namespace: frozenset[str] | None) -> 
     what = "no ProjectJob" if orphan.kind == "job" else "no ProjectJob uses it"
     if projects_with_namespace is not None and orphan.project not in projects_with_namespace:
         what += f"; no namespace is labelled {PROJECT_LABEL}={orphan.project}"
-    objects = f"{orphan.objects} object{'s' if orphan.objects != 1 else ''}"
+    stored = orphan.objects - orphan.uploads
+    objects = f"{stored} object{'s' if stored != 1 else ''}"
+    if orphan.uploads:
+        objects += f" and {orphan.uploads} unfinished upload{'s' if orphan.uploads != 1 else ''}"
     newest = orphan.newest.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{orphan.kind:5}  {orphan.key}  {objects}, {_size(orphan.size)}, last written {newest} ({what})"
 
@@ -225,6 +232,10 @@ def stored_objects(storage: Storage, projects: frozenset[str] | None) -> Iterato
             if info.modified is None:
                 raise RuntimeError(f"the object store listed {info.key} without its LastModified")
             yield StoredObject(info.key, info.size, info.modified)
+        for upload in storage.iter_uploads(prefix):
+            if upload.initiated is None:
+                raise RuntimeError(f"the object store listed an upload of {upload.key} without its Initiated")
+            yield StoredObject(upload.key, 0, upload.initiated, upload=True)
 
 
 def _short(exc: Exception) -> str:
@@ -233,12 +244,17 @@ def _short(exc: Exception) -> str:
 
 
 def delete(storage: Storage, orphan: Orphan) -> int:
-    """Delete what was judged: a job prefix's objects written by the newest one listed (a job of
-    that name created since writes newer ones), an input's key."""
+    """Delete what was judged: a job prefix's objects written (uploads begun) by the newest one
+    listed (a job of that name created since writes newer ones), an input's key (and its uploads);
+    the number of objects deleted and uploads aborted."""
     if orphan.kind == "job":
-        return storage.delete_prefix(orphan.key, written_until=orphan.newest)
+        aborted = storage.abort_uploads(orphan.key, started_until=orphan.newest)
+        return aborted + storage.delete_prefix(orphan.key, written_until=orphan.newest)
+    aborted = storage.abort_uploads(orphan.key, key=orphan.key, started_until=orphan.newest)
+    if orphan.objects == orphan.uploads:
+        return aborted
     storage.delete(orphan.key)
-    return 1
+    return aborted + 1
 
 
 #: How old the owners' listing may be when an orphan is deleted: the API may have created a job
@@ -338,7 +354,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     # A job created since the first listing may own some of them now, or while they go.
     deleted, count = delete_all(storage, orphans, lambda: owners_of(list_projectjobs(api)))
-    print(f"deleted {deleted} objects of {count} orphaned")
+    print(f"deleted {deleted} objects and unfinished uploads of {count} orphaned")
     return 0
 
 

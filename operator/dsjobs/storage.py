@@ -87,6 +87,9 @@ MAX_PRESIGN_EXPIRY = timedelta(days=7)  # S3's own limit for X-Amz-Expires
 _MiB = 1024 * 1024
 #: Streaming reads/writes move this much at a time: memory use does not grow with object size.
 IO_CHUNK = _MiB
+#: Unfinished multipart uploads asked for per listing (S3's most).
+UPLOADS_PAGE = 1000
+
 #: Uploads above this size go multipart.
 MULTIPART_THRESHOLD = 16 * _MiB
 #: S3 allows 10,000 parts per upload and at least 5 MiB per part (but the last).
@@ -460,6 +463,15 @@ class ObjectInfo:
     size: int
     etag: str
     modified: datetime | None = None  # LastModified, where a listing tells it
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """An unfinished multipart upload: invisible as an object, but its parts take space."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None
 
 
 @dataclass(frozen=True)
@@ -860,28 +872,55 @@ class Storage:
             if len(batch) >= 1000:
                 flush()
         flush()
-        self._abort_uploads(prefix, started_until=written_until)
+        self.abort_uploads(prefix, started_until=written_until)
         return deleted
 
-    def _abort_uploads(self, prefix: str, *, started_until: datetime | None = None) -> None:
-        try:
-            r = self._retry(
-                lambda: self._client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix),
+    def iter_uploads(self, prefix: str) -> Iterator[UploadInfo]:
+        """Every unfinished multipart upload of a key under ``prefix``, in key order (paged: a
+        store lists at most 1000 at a time)."""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxUploads": UPLOADS_PAGE}
+        while True:
+            page = self._retry(
+                lambda kw=dict(kwargs): self._client.list_multipart_uploads(**kw),  # type: ignore[misc]
                 what=f"list uploads {prefix}",
             )
+            for u in page.get("Uploads", []):
+                key, started = str(u.get("Key", "")), u.get("Initiated")
+                if key.startswith(prefix):
+                    yield UploadInfo(
+                        key, str(u["UploadId"]), started if isinstance(started, datetime) else None
+                    )
+            asked = (kwargs.get("KeyMarker"), kwargs.get("UploadIdMarker"))
+            key_marker, id_marker = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
+            # A store that says "truncated" without moving its marker would be asked for ever.
+            if not page.get("IsTruncated") or not key_marker or (key_marker, id_marker) == asked:
+                return
+            kwargs["KeyMarker"] = key_marker
+            kwargs.pop("UploadIdMarker", None)
+            if id_marker:
+                kwargs["UploadIdMarker"] = id_marker
+
+    def abort_uploads(
+        self, prefix: str, *, started_until: datetime | None = None, key: str | None = None
+    ) -> int:
+        """Abort the unfinished multipart uploads under ``prefix`` (of ``key`` only, with it),
+        with ``started_until`` only those started by then; best effort (a listing or abort that
+        fails is logged): the number aborted."""
+        aborted = 0
+        try:
+            for u in self.iter_uploads(prefix):
+                if key is not None and u.key != key:
+                    continue
+                if started_until is not None and (u.initiated is None or u.initiated > started_until):
+                    continue
+                try:
+                    self._abort_upload(u.key, u.upload_id)
+                    aborted += 1
+                except (ClientError, BotoCoreError) as exc:
+                    log.info("storage abort upload failed key=%s error=%s", u.key, _short(exc))
         except (ClientError, BotoCoreError) as exc:
             log.info("storage list multipart uploads failed prefix=%s error=%s", prefix, _short(exc))
-            return
-        for u in r.get("Uploads", []):
-            if not u.get("Key", "").startswith(prefix):
-                continue
-            started = u.get("Initiated")
-            if started_until is not None and (not isinstance(started, datetime) or started > started_until):
-                continue
-            try:
-                self._abort_upload(u["Key"], u["UploadId"])
-            except (ClientError, BotoCoreError) as exc:
-                log.info("storage abort upload failed key=%s error=%s", u.get("Key"), _short(exc))
+        return aborted
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
         self._retry(

@@ -1666,6 +1666,10 @@ def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_
     finally:
         h.start()
     assert _objects(storage, job_prefix(PROJECT_ID, "orphaned"))  # left behind
+    # Unfinished multipart uploads (a runner killed mid-upload): invisible, but they take space.
+    ghost = job_prefix(PROJECT_ID, f"ghost-{uuid.uuid4().hex[:8]}")
+    for prefix in (ghost, job_prefix(PROJECT_ID, "orphaned")):
+        storage._client.create_multipart_upload(Bucket=storage.bucket, Key=prefix + "outputs/big.bin")
 
     def orphans(*args: str) -> str:
         command = [sys.executable, "-m", "dsjobs.orphans", "--project", PROJECT_ID, *args]
@@ -1677,7 +1681,7 @@ def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_
         return {line.split()[1] for line in out.splitlines() if line.startswith(("job ", "input "))}
 
     # (Other runs on this bucket may have left orphans of this project id: only ours are checked.)
-    ours = {input_key(PROJECT_ID, sha), job_prefix(PROJECT_ID, "orphaned")}
+    ours = {input_key(PROJECT_ID, sha), job_prefix(PROJECT_ID, "orphaned"), ghost}
     assert not listed(orphans()) & ours  # all written within the default grace (1d)
     out = orphans("--grace", "0s")
     assert (
@@ -1685,10 +1689,13 @@ def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_
     ), out
     assert f"{job_prefix(PROJECT_ID, 'orphaned')}  " in out and "(no ProjectJob)" in out, out
     assert "(no ProjectJob uses it)" in out, out
+    assert f"{ghost}  0 objects and 1 unfinished upload, 0 B," in out, out
     assert _objects(storage, job_prefix(PROJECT_ID, "orphaned"))  # listing deletes nothing
 
     assert "deleted" in orphans("--grace", "0s", "--delete")
     assert not _objects(storage, job_prefix(PROJECT_ID, "orphaned"))
+    for prefix in (ghost, job_prefix(PROJECT_ID, "orphaned")):
+        assert list(storage.iter_uploads(prefix)) == []
     assert storage.get_bytes(input_key(PROJECT_ID, sha)) is None
     assert storage.get_bytes(input_key(PROJECT_ID, shared_sha)) == shared  # "kept" uses it
     assert _objects(storage, job_prefix(PROJECT_ID, "kept"))

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from runner_s3 import S3Target, put_input, runner_s3, zip_like_cli  # noqa: F401
 
+from dsjobs import storage as storage_module
 from dsjobs.logrecords import SYSTEM_LOG_PATH, Stream, read_final, read_records
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.result import RunnerStatus, load_result, parse_termination_message
@@ -119,6 +120,26 @@ def test_conditional_writes_and_delete_prefix(runner_s3: S3Target) -> None:  # n
     assert st.get_bytes(p + "a") is None and st.get_bytes(other) == b"3"
     with pytest.raises(ValueError):
         st.delete_prefix(f"projects/{runner_s3.project}")
+
+
+def test_unfinished_uploads_are_aborted_page_by_page(
+    runner_s3: S3Target,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st = runner_s3.storage
+    p = f"projects/{runner_s3.project}/jobs/{runner_s3.job}/"
+    other = f"projects/{runner_s3.project}/jobs/{runner_s3.job}x/keep"
+    for key in (p + "a", p + "a", p + "b", p + "c/d", p + "e", other):
+        st._client.create_multipart_upload(Bucket=st.bucket, Key=key)
+    monkeypatch.setattr(storage_module, "UPLOADS_PAGE", 2)
+    listed = [u.key for u in st.iter_uploads(p)]
+    assert listed == [p + "a", p + "a", p + "b", p + "c/d", p + "e"]
+    # Of one key only: what an orphaned input's deletion aborts.
+    assert st.abort_uploads(p, key=p + "b") == 1
+    assert st.delete_prefix(p) == 0
+    assert list(st.iter_uploads(p)) == []
+    assert [u.key for u in st.iter_uploads(other)] == [other]
+    assert st.abort_uploads(other) == 1
 
 
 def _config(t: S3Target, tmp: Path, **kw: object) -> RunnerConfig:

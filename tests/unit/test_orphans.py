@@ -136,6 +136,23 @@ def test_the_listing_says_why() -> None:
     assert describe(lone, None).endswith("(no ProjectJob uses it)")  # namespaces not listable
 
 
+def test_unfinished_uploads_are_data_too() -> None:
+    # A runner killed mid-upload leaves an invisible multipart upload whose parts take space.
+    objects = [
+        StoredObject("projects/p/jobs/ghost/outputs/big.bin", 0, OLD, upload=True),
+        obj("projects/p/jobs/dead/outputs/out.txt", 5),
+        StoredObject("projects/p/jobs/dead/outputs/big.bin", 0, OLD + timedelta(hours=1), upload=True),
+        StoredObject("projects/p/jobs/busy/outputs/big.bin", 0, NOW - timedelta(minutes=1), upload=True),
+    ]
+    found = find_orphans(objects, Owners(), now=NOW, grace=timedelta(days=1))
+    assert found == [
+        Orphan("job", "p", "projects/p/jobs/dead/", 2, 5, OLD + timedelta(hours=1), uploads=1),
+        Orphan("job", "p", "projects/p/jobs/ghost/", 1, 0, OLD, uploads=1),
+    ]
+    assert "  1 object and 1 unfinished upload, 5 B, " in describe(found[0], None)
+    assert "  0 objects and 1 unfinished upload, 0 B, " in describe(found[1], None)
+
+
 class _Store:
     """What `delete_all` asks of the object store, recorded; each call takes 40 s."""
 
@@ -152,6 +169,12 @@ class _Store:
         self.calls.append(("key", key, None))
         self.now += 40
 
+    def abort_uploads(
+        self, prefix: str, *, started_until: datetime | None = None, key: str | None = None
+    ) -> int:
+        self.calls.append(("uploads", key or prefix, started_until))
+        return 1 if "with-upload" in prefix else 0
+
 
 def test_deleting_re_lists_the_owners_as_it_goes_and_keeps_what_was_written_since() -> None:
     found = find_orphans(
@@ -166,7 +189,17 @@ def test_deleting_re_lists_the_owners_as_it_goes_and_keeps_what_was_written_sinc
     deleted = delete_all(store, found, lambda: listings.pop(0), clock=lambda: store.now)  # type: ignore[arg-type]
     # The job prefix only up to what was judged: a job of that name created since writes newer.
     assert store.calls == [
+        ("uploads", f"projects/p/inputs/{SHA_A}", OLD),
         ("key", f"projects/p/inputs/{SHA_A}", None),
+        ("uploads", "projects/p/jobs/dead/", OLD),
         ("prefix", "projects/p/jobs/dead/", OLD),
     ]
     assert deleted == (3, 2)
+
+
+def test_an_orphan_of_unfinished_uploads_only_is_aborted_not_deleted() -> None:
+    store = _Store()
+    key = f"projects/with-upload/inputs/{SHA_A}"
+    found = find_orphans([StoredObject(key, 0, OLD, upload=True)], Owners(), now=NOW, grace=timedelta(0))
+    assert delete_all(store, found, Owners, clock=lambda: store.now) == (1, 1)  # type: ignore[arg-type]
+    assert store.calls == [("uploads", key, OLD)]
