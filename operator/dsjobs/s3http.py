@@ -7,11 +7,13 @@ Multipart transfers, listings, batch deletes and presigned URLs stay with botoco
 (`dsjobs.storage` decides which path a call takes).
 
 `sign_v4` is pure (tested against botocore's signer); `S3Http` is the thin client around it:
-path-style addressing, one keep-alive connection per thread, errors as `S3HttpError`.
+path-style addressing, one keep-alive connection per thread, errors as `S3HttpError`, through
+the HTTP proxy the environment names (HTTP_PROXY / HTTPS_PROXY / NO_PROXY), as botocore's calls go.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import http.client
@@ -21,6 +23,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -109,6 +112,37 @@ def connect(
     return sock
 
 
+@dataclass(frozen=True)
+class Proxy:
+    host: str
+    port: int
+    headers: Mapping[str, str] = field(repr=False)  # Proxy-Authorization, if the URL has a user
+
+
+def proxy_for(scheme: str, hostname: str) -> Proxy | None:
+    """The proxy the environment names for `scheme` requests to `hostname` (none if NO_PROXY
+    covers it): the variables and rules botocore's calls follow (urllib's), so that both kinds
+    of call take one way to the store. A proxy without a scheme is http://; an https:// proxy
+    (TLS to the proxy itself) is refused, by name, rather than bypassed."""
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(scheme)
+    if not url or urllib.request.proxy_bypass(hostname):
+        return None
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parsed.scheme != "http" or not parsed.hostname:
+        shown = f"{parsed.scheme}://{parsed.hostname or ''}" + (f":{parsed.port}" if parsed.port else "")
+        raise ValueError(
+            f"{scheme}_proxy {shown!r}: the storage client reaches a store through an http:// proxy only"
+        )
+    headers: dict[str, str] = {}
+    if parsed.username is not None:
+        user = urllib.parse.unquote(parsed.username)
+        secret = urllib.parse.unquote(parsed.password or "")
+        token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+        headers["Proxy-Authorization"] = f"Basic {token}"
+    return Proxy(parsed.hostname, parsed.port or 80, headers)
+
+
 class S3HttpError(Exception):
     """An S3 error response: HTTP status plus the error code from its XML body (or the status)."""
 
@@ -155,6 +189,7 @@ class S3Http:
         self.timeout = timeout
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
+        self._proxy = proxy_for(url.scheme, self.hostname)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -166,12 +201,14 @@ class S3Http:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn, True
+        proxy = self._proxy
+        host, port = (proxy.host, proxy.port) if proxy else (self.hostname, self.port)
         if self.https:
-            conn = http.client.HTTPSConnection(
-                self.hostname, self.port, timeout=self.timeout, context=self._ssl_context()
-            )
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl_context())
+            if proxy:  # CONNECT, then TLS with the store (its name checked) inside the tunnel
+                conn.set_tunnel(self.hostname, self.port, headers=dict(proxy.headers))
         else:
-            conn = http.client.HTTPConnection(self.hostname, self.port, timeout=self.timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         conn._create_connection = connect  # type: ignore[attr-defined]  # http.client's own hook
         self._local.conn = conn
         return conn, False
@@ -231,6 +268,9 @@ class S3Http:
             datetime.now(UTC),
         )
         target = canonical_uri(path) + (f"?{canonical_query(query)}" if query else "")
+        if self._proxy and not self.https:  # a plain-HTTP proxy is asked for the absolute URL
+            target = f"http://{self.host}{target}"
+            signed = {**signed, **self._proxy.headers}
         while True:
             conn, reused = self._connection()
             try:

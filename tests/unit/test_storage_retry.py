@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import http.server
 import socket
+import ssl
 import threading
 import time
 import types
@@ -22,7 +24,7 @@ from runner_fakes import config
 
 from dsjobs import storage
 from dsjobs.runner.ship import LogShipper
-from dsjobs.s3http import S3HttpError
+from dsjobs.s3http import Proxy, S3HttpError, proxy_for
 from dsjobs.storage import IntegrityError, Storage, StorageSettings
 
 MiB = 1024 * 1024
@@ -573,3 +575,151 @@ def test_an_object_that_keeps_changing_fails_the_download_in_bounded_time(s3: Fa
     with pytest.raises(http.client.IncompleteRead):  # every start over needs a dropped read first
         s3.store(attempts=3).download_file("k", tmp_path / "out")
     assert s3.count("GET") == 5 and not (tmp_path / "out").exists()
+
+
+# -- proxies -----------------------------------------------------------------------------------
+
+
+def _unproxied(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_both_kinds_of_call_go_through_the_environments_http_proxy(
+    s3: FakeS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fake is the proxy: the store's name does not resolve, so only a proxied call arrives.
+    _unproxied(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", s3.url.replace("http://", "http://us%40r:p%3Ass@"))
+    auth: list[str | None] = []
+
+    def answer(r: Request) -> None:
+        auth.append(r.headers.get("Proxy-Authorization"))
+        if r.command == "GET" and "list-type" in r.path:
+            r.reply(200, LISTED)
+        elif r.command == "GET" and "uploads" in r.path:
+            r.reply(200, b"<ListMultipartUploadsResult></ListMultipartUploadsResult>")
+        elif r.command == "POST":
+            r.reply(200, b"<DeleteResult></DeleteResult>")
+        else:
+            r.reply(200, b"{}", {"ETag": '"e"'})
+
+    s3.answer = answer
+    store = Storage(
+        StorageSettings(endpoint="http://s3.invalid:9000", bucket="b", access_key="AK", secret_key="SK")
+    )
+    store.put_bytes("projects/p/jobs/j/result.json", b"{}")  # dsjobs.s3http
+    assert store.get_bytes("projects/p/jobs/j/result.json") == b"{}"
+    assert store.delete_prefix("projects/p/jobs/j/") == 1  # botocore: list, batch delete, uploads
+    paths = [p for _, p, _, _ in s3.seen]
+    assert len(paths) == 5 and all(p.startswith("http://s3.invalid:9000/b") for p in paths), paths
+    assert auth == ["Basic " + base64.b64encode(b"us@r:p:ss").decode()] * 5  # the URL's user
+
+
+def test_no_proxy_and_unsupported_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    _unproxied(monkeypatch)
+    assert proxy_for("https", "storage.example") is None
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", ".svc,.cluster.local")
+    assert proxy_for("https", "storage.example") == Proxy("proxy.corp", 3128, {})
+    assert proxy_for("http", "storage.example") is None  # HTTP_PROXY is another variable
+    assert proxy_for("https", "minio.dsjobs.svc") is None
+    monkeypatch.setenv("HTTPS_PROXY", "https://u:secret@proxy.corp:3129")
+    with pytest.raises(
+        ValueError, match=r"https_proxy 'https://proxy.corp:3129': .* http:// proxy only"
+    ) as e:
+        proxy_for("https", "storage.example")
+    assert "secret" not in str(e.value)
+
+
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def _connect_proxy(target: tuple[str, int], asked: list[bytes]) -> tuple[socket.socket, threading.Thread]:
+    """A CONNECT proxy that records what it was asked and tunnels every connection to `target`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += client.recv(4096)
+                asked.append(head)
+                upstream = socket.create_connection(target)
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_an_https_store_is_reached_through_a_connect_tunnel_with_its_name_checked(
+    s3: FakeS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _unproxied(monkeypatch)
+    cert, key = _self_signed(tmp_path, "s3.invalid")
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Request)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    tls.fake = s3  # type: ignore[attr-defined]
+    threading.Thread(target=tls.serve_forever, daemon=True).start()
+    asked: list[bytes] = []
+    proxy, _ = _connect_proxy(("127.0.0.1", tls.server_address[1]), asked)
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://u:pw@127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        s3.answer = lambda r: r.reply(200, b"through the tunnel", {"ETag": '"e"'})
+        store = Storage(
+            StorageSettings(endpoint="https://s3.invalid", bucket="b", access_key="AK", secret_key="SK")
+        )
+        assert store.get_bytes("projects/p/k") == b"through the tunnel"
+        assert asked[0].startswith(b"CONNECT s3.invalid:443 HTTP/1.")
+        assert b"Proxy-Authorization: Basic " + base64.b64encode(b"u:pw") in asked[0]
+        assert [p for _, p, _, _ in s3.seen] == ["/b/projects/p/k"]
+    finally:
+        tls.shutdown()
+        tls.server_close()
+        proxy.close()
