@@ -35,7 +35,7 @@ test-unit: install
 	$(PY) -m pytest -q tests/unit
 
 k8s-bins:
-	bash hack/k8s-bins.sh
+	bash $${DSJOBS_K8S_BINS_SCRIPT:-hack/k8s-bins.sh}
 
 cluster-up: install k8s-bins
 	$(PY) -m dsjobs.devcluster up

@@ -15,5 +15,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${BENCH_PYTHON:-${VENV_PYTHON:-.venv/bin/python}}" # VENV_PYTHON: what `make bench` passes
 # The control-plane binaries are built once (minutes when cold); that is no part of any figure.
-bash hack/k8s-bins.sh >&2
+bash "${DSJOBS_K8S_BINS_SCRIPT:-hack/k8s-bins.sh}" >&2
 exec "$PY" bench/run.py "$@"

@@ -17,6 +17,8 @@
 #   --dir-only   print the bin dir that would be used; build nothing
 #   --check      exit 0 when every binary is present, 1 otherwise; build nothing
 #
+# DSJOBS_K8S_BIN_DIR: a directory holding the binaries a cluster runs: used as it is, nothing built.
+#
 # KUBEBUILDER_ASSETS: when it names a directory holding kube-apiserver and etcd,
 # those are used (symlinked into a separate bin dir) and only the binaries it
 # lacks are built.
@@ -42,12 +44,28 @@ case "${1:-}" in
   --print-dir) mode=print ;;
   --dir-only) mode=dironly ;;
   --check) mode=check ;;
-  -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "k8s-bins: unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
 
 log() { printf 'k8s-bins: %s\n' "$*" >&2; }
 die() { printf 'k8s-bins: error: %s\n' "$*" >&2; exit 1; }
+
+# Binaries someone built or downloaded (DSJOBS_K8S_BIN_DIR, as dsjobs.devcluster reads it): used
+# as they are, nothing built. The set a cluster runs (kubectl is optional there).
+if [[ -n "${DSJOBS_K8S_BIN_DIR:-}" ]]; then
+  missing=()
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler dsjobs-s3server; do
+    [[ -x "$DSJOBS_K8S_BIN_DIR/$b" ]] || missing+=("$b")
+  done
+  if ((${#missing[@]})); then
+    [[ $mode == check ]] && exit 1
+    die "DSJOBS_K8S_BIN_DIR=$DSJOBS_K8S_BIN_DIR lacks ${missing[*]}"
+  fi
+  [[ $mode == build || $mode == check ]] && log "using DSJOBS_K8S_BIN_DIR=$DSJOBS_K8S_BIN_DIR; nothing built"
+  [[ $mode == print || $mode == dironly ]] && echo "$DSJOBS_K8S_BIN_DIR"
+  exit 0
+fi
 
 # The Go that builds: the one on PATH if new enough, else a pinned one fetched once from the Go
 # module proxy. Found before the cache key, which names it. Modes that build nothing fetch nothing.

@@ -165,3 +165,23 @@ def test_no_fetch_takes_only_a_go_already_here(tmp_path: Path) -> None:
     # k8s-bins.sh --dir-only/--check build nothing, so they must fetch nothing either.
     out = go_toolchain(tmp_path, "go1.19.8", "--no-fetch")
     assert out.returncode == 1 and out.stdout == "" and not (tmp_path / "cache").exists()
+
+
+def test_binaries_given_in_dsjobs_k8s_bin_dir_are_used_and_nothing_is_built(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    hack = checkout(tmp_path, "main")
+    given = tmp_path / "given"
+    given.mkdir()
+    with_dir = {**env, "DSJOBS_K8S_BIN_DIR": str(given)}
+    lacking = bins(hack, with_dir)
+    assert lacking.returncode == 1 and "lacks etcd kube-apiserver" in lacking.stderr
+    assert bins(hack, with_dir, "--check").returncode == 1
+    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "dsjobs-s3server"):
+        (given / name).write_text("#!/bin/sh\n")
+        (given / name).chmod(0o755)
+    for args in ((), ("--print-dir",), ("--dir-only",), ("--check",)):
+        done = bins(hack, with_dir, *args)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == ("" if args in ((), ("--check",)) else str(given))
+    assert not Path(env["GO_BUILDS"]).exists()  # the fake go was never asked to build

@@ -264,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
             "--" + s.name.replace("_", "-"),
             dest=s.name,
             default=None,
-            help=f"{s.help} (${s.env}, default {s.default!r})",
+            help=f"{s.help} (${s.env}, default {s.default!r})".replace("%", "%%"),  # argparse formats it
         )
     return p
 
