@@ -140,8 +140,10 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     ),
     "DSJOBS_IMAGE_PULL_TIMEOUT": (
         "image_pull_timeout_seconds",
-        "Seconds a job may keep failing to pull an image (ErrImagePull/ImagePullBackOff) before it "
-        "fails; InvalidImageName fails at once.",
+        "Seconds a container of a job may keep failing to start for a reason the kubelet retries "
+        "(ErrImagePull, ImagePullBackOff, RegistryUnavailable, CreateContainerConfigError, "
+        "CreateContainerError, RunContainerError, PreCreateHookError, PreStartHookError) before the job "
+        "fails; InvalidImageName and ErrImageNeverPull fail it at once.",
     ),
     "DSJOBS_SHUTDOWN_GRACE_MARGIN": (
         "shutdown_grace_margin_seconds",
