@@ -178,8 +178,10 @@ def test_cel_rules_are_where_they_belong() -> None:
     assert any("dockerImageResourceId" in r for r in rules[".spec.jobParameters.env"])
     assert any("passwordSecretRef" in r for r in rules[".spec.jobParameters.env.dockerImageSpec"])
     relative = f"matches(r'{ESCAPING_PATH_PATTERN}')"
-    assert any(relative in r for r in rules[".spec.jobParameters.inputFiles"])
-    assert any(relative in r for r in rules[".spec.jobParameters.outputFiles"])
+    # On each entry: the API server's error then names it (outputFiles[2]).
+    assert any(relative in r for r in rules[".spec.jobParameters.inputFiles[]"])
+    assert any(relative in r for r in rules[".spec.jobParameters.outputFiles[]"])
+    assert ".spec.jobParameters.outputFiles" not in rules
     # On the spec, not the field: a rule on the field is not checked when the field is removed.
     assert ".spec.execute" not in rules
     for name in ("execute", "clearData", "finalized"):

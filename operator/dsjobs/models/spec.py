@@ -55,10 +55,10 @@ LabelValue = Annotated[str, Field(json_schema_extra={"maxLength": 63})]
 # must stay inside the working directory. `dsjobs.validation` says the same with field paths.
 # (A CEL raw string: the RE2 pattern's backslashes stay as they are.)
 _RELATIVE = "!{p}.matches(r'" + ESCAPING_PATH_PATTERN + "')"
-_INPUT_PATHS_RULE = (
-    "self.all(f, (has(f.desc.var) && f.desc.var != '') || " + _RELATIVE.format(p="f.desc.path") + ")"
-)
-_OUTPUT_PATHS_RULE = "self.all(d, (has(d.var) && d.var != '') || " + _RELATIVE.format(p="d.path") + ")"
+# On each entry rather than the list, so that the API server's error names the entry
+# (`spec.jobParameters.outputFiles[2]`).
+_INPUT_PATH_RULE = "(has(self.desc.var) && self.desc.var != '') || " + _RELATIVE.format(p="self.desc.path")
+_OUTPUT_PATH_RULE = "(has(self.var) && self.var != '') || " + _RELATIVE.format(p="self.path")
 _PATHS_MESSAGE = (
     "a path without var must be relative to the working directory: no leading '/' or '\\', no drive "
     "like 'C:', no '..' segment ('/' and '\\' both separate segments)"
@@ -247,18 +247,20 @@ class SparkParameters(CRModel):
 class JobParameters(CRModel):
     """What to run and with what (proto JobParameters, field for field)."""
 
-    input_files: list[File] = field(
-        "Files uploaded by the client before the job runs, placed at `desc.path` (or at a server-chosen "
-        "location named by `${desc.var}`).",
-        [],
-        maxItems=MAX_LIST_ITEMS,
-        **cel(_INPUT_PATHS_RULE, _PATHS_MESSAGE),
+    input_files: list[Annotated[File, Field(json_schema_extra=cel(_INPUT_PATH_RULE, _PATHS_MESSAGE))]] = (
+        field(
+            "Files uploaded by the client before the job runs, placed at `desc.path` (or at a server-chosen "
+            "location named by `${desc.var}`).",
+            [],
+            maxItems=MAX_LIST_ITEMS,
+        )
     )
-    output_files: list[FileDesc] = field(
+    output_files: list[
+        Annotated[FileDesc, Field(json_schema_extra=cel(_OUTPUT_PATH_RULE, _PATHS_MESSAGE))]
+    ] = field(
         "Files the job writes; they are uploaded after it ends.",
         [],
         maxItems=MAX_LIST_ITEMS,
-        **cel(_OUTPUT_PATHS_RULE, _PATHS_MESSAGE),
     )
     s3_mount_ids: list[ResourceId] = field(
         "S3 mounts (PVCs labelled `dsjobs.dev/s3-mount-id`) mounted at /job/s3/<id>; `cmd` refers to them "
