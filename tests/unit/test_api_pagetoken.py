@@ -33,7 +33,8 @@ def test_token_is_opaque_and_urlsafe() -> None:
 
 def test_filter_whitespace_is_normalized() -> None:
     token = _token(flt='status = "SUCCESS"')
-    pt.decode(token, KEY, project_id="p1", filter_expr='status  =  "SUCCESS" ')
+    state = pt.decode(token, KEY, project_id="p1", filter_expr='status  =  "SUCCESS" ')
+    assert state.continue_token == "abc"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,10 @@ import pytest
 from dsjobs.condaenv import CondaEnv, read_conda_env
 from dsjobs.controller.render import JobRef, runner_config, user_image
 from dsjobs.controller.settings import OperatorSettings
+from dsjobs.controller.status import graceful_timeout
 from dsjobs.models import ProjectJobSpec
+from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT
+from dsjobs.runner.config import GracefulShutdown, PipOptions
 from dsjobs.validation import parse_job_spec
 
 # What older DataSphere clients built from the local environment.
@@ -138,3 +141,40 @@ def test_a_no_deps_line_of_the_cli_s_requirements_file_becomes_pip_s_option(pip_
     assert without is not None
     no_flag = runner_config(JobRef("job-1", "ns", "uid", "p1"), without, 1).python_env
     assert no_flag is not None and not no_flag.pip.no_deps
+
+
+def test_every_pip_option_reaches_the_runner() -> None:
+    options = {
+        "indexUrl": "https://pypi.example.com/simple",
+        "extraIndexUrls": ["https://a.example.com/simple", "https://b.example.com/simple"],
+        "trustedHosts": ["a.example.com"],
+        "noDeps": True,
+    }
+    spec, problems = _spec(requirements=["six==1.16.0"], pipOptions=options)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
+    assert config.python_env is not None
+    assert config.python_env.pip == PipOptions(
+        index_url="https://pypi.example.com/simple",
+        extra_index_urls=["https://a.example.com/simple", "https://b.example.com/simple"],
+        trusted_hosts=["a.example.com"],
+        no_deps=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("timeout", "seconds"), [(None, DEFAULT_GRACEFUL_TIMEOUT.total_seconds()), ("5s", 5.0)]
+)
+def test_the_runner_waits_the_timeout_the_pod_is_given(timeout: str | None, seconds: float) -> None:
+    # The runner's wait and the pod's grace period come from one default: a runner killing the
+    # program before the operator's deadline (or after the kubelet's) would lose the shutdown.
+    graceful = {"signal": 2, **({"timeout": timeout} if timeout else {})}
+    doc = {
+        "projectId": "p1",
+        "jobParameters": {"cmd": "python main.py", "gracefulShutdownParameters": graceful},
+    }
+    spec, problems = parse_job_spec(doc)
+    assert problems == [] and spec is not None
+    config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
+    assert config.graceful_shutdown == GracefulShutdown(signal=2, timeout_seconds=seconds)
+    assert graceful_timeout(spec).total_seconds() == seconds

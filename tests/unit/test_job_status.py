@@ -950,7 +950,24 @@ ENDINGS = [
     Ending(
         "non-zero exit", ended_pod(3, res=result(3)), result(3), "NonZeroExit", 3, "Program returned code 3"
     ),
-    Ending("killed by signal", ended_pod(137, res=result(137)), result(137), "NonZeroExit", 137, "signal 9"),
+    Ending(
+        "killed by signal",
+        ended_pod(137, res=result(137)),
+        result(137),
+        "NonZeroExit",
+        137,
+        "Program returned code 137 (killed by signal 9)",
+        extra={"exact": True},
+    ),
+    Ending(  # 128 itself is no signal's code
+        "exit 128",
+        ended_pod(128, res=result(128)),
+        result(128),
+        "NonZeroExit",
+        128,
+        "Program returned code 128",
+        extra={"exact": True},
+    ),
     Ending(
         "oom killed",
         ended_pod(137, job_reason="OOMKilled", res=result(None, RunnerStatus.LOST)),
@@ -1001,7 +1018,7 @@ ENDINGS = [
         None,
         "Evicted",
         None,
-        "eviction API",
+        "the pod was evicted (eviction API): drain",  # the condition's message said why
     ),
     Ending(
         "node shutdown",
@@ -1656,6 +1673,23 @@ def test_cancelling_reissues_a_lost_delete() -> None:
 
 
 # --- retry ----------------------------------------------------------------------------------------
+
+
+def test_a_cancelled_job_is_not_retried_whatever_its_exit_code() -> None:
+    # The runner's SIGTERM may make the program exit with a code the policy retries on.
+    policy = {"maxAttempts": 3, "retryOnExitCodes": [143]}
+    cancelling = job(status=started("CANCELLING"), retryPolicy=policy, cancel={"reason": "stop"})
+    stopped = result(143, cancelled=True)
+    p = step(cancelling, [ended_pod(143, res=stopped)], res=stopped)
+    assert p.status.phase == JobPhase.CANCELLED and p.status.attempt == 1
+    # Nor when the runner did not get to say it was stopped.
+    q = step(cancelling, [ended_pod(143, res=result(143))], res=result(143))
+    assert q.status.phase.is_final and q.status.attempt == 1
+    assert not any(isinstance(a, CreatePod) for a in p.actions)
+    # Without the cancel the same ending is retried.
+    running = job(status=started("EXECUTING"), retryPolicy=policy)
+    retried = step(running, [ended_pod(143, res=result(143))], res=result(143))
+    assert (retried.status.phase, retried.status.attempt) == (JobPhase.PREPARING, 2)
 
 
 def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:

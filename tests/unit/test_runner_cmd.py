@@ -16,7 +16,7 @@ def config(cmd: str, **kw: object) -> RunnerConfig:
 
 def test_every_variable_kind() -> None:
     cfg = config(
-        "run ${IN} ${OUT} ${conn1} ${S3V} ${ds1} ${DSV} ${EPOCHS} ${DS_PROJECT_HOME}",
+        "run ${IN} ${OUT} ${conn1} ${S3V} ${ds1} ${DSV} ${NEWDS} ${EPOCHS} ${DS_PROJECT_HOME}",
         inputs=[{"path": "data/train.csv", "var": "IN", "sha256": SHA, "size_bytes": 1}],
         outputs=[{"path": "out/model.pt", "var": "OUT"}],
         s3_mounts=[
@@ -27,15 +27,17 @@ def test_every_variable_kind() -> None:
             {"id": "ds1", "mount_path": "/job/datasets/ds1"},
             {"id": "ds2", "var": "DSV", "mount_path": "/job/datasets/ds2"},
         ],
+        output_datasets=[{"id": "new", "var": "NEWDS", "mount_path": "/job/output-datasets/new"}],
         arguments={"EPOCHS": "10"},
         project_disk_path="/job/project",
     )
     assert render_config_cmd(cfg) == (
         "run /job/work/data/train.csv /job/work/out/model.pt /job/s3/conn1 /job/s3/conn2 "
-        "/job/datasets/ds1 /job/datasets/ds2 10 /job/project"
+        "/job/datasets/ds1 /job/datasets/ds2 /job/output-datasets/new 10 /job/project"
     )
     # Mounts answer to their id as well as their var (the CLI rewrites vars to ids).
     assert cmd_variables(cfg)["conn2"] == "/job/s3/conn2"
+    assert "new" not in cmd_variables(cfg)  # an output dataset's id is the operator's, not the job's
 
 
 def test_unknown_names_and_plain_dollars_are_left_to_the_shell() -> None:

@@ -166,8 +166,10 @@ def test_config_secret_manifest() -> None:
 
 
 def test_pure() -> None:
-    c = cfg()
+    c = cfg(env={"A": "1"}, python_env={"requirements": ["numpy"]})
+    before = c.to_json()
     assert parts(c) == parts(c)
+    assert c.to_json() == before  # the config it was given is left as it was
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from dsjobs.controller.secrets import SPARK_CONFIG_KEY, owned_secret
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import API_VERSION, PROJECTJOB_KIND, InstanceTypeSpec, ProjectJobSpec, job_relative_path
 from dsjobs.models import PythonEnv as PythonEnvSpec
+from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT
 from dsjobs.runner.config import (
     Compression,
     GracefulShutdown,
@@ -240,7 +241,8 @@ def runner_config(job: JobRef, spec: ProjectJobSpec, attempt: int) -> RunnerConf
     graceful: GracefulShutdown | None = None
     gsp = params.graceful_shutdown_parameters
     if gsp is not None:
-        timeout = gsp.timeout.total_seconds() if gsp.timeout is not None else 30.0
+        # The pod's grace period is computed from the same default (status.graceful_timeout).
+        timeout = (gsp.timeout if gsp.timeout is not None else DEFAULT_GRACEFUL_TIMEOUT).total_seconds()
         graceful = GracefulShutdown(signal=gsp.signal or 15, timeout_seconds=timeout)
     return RunnerConfig(
         project_id=spec.project_id,
