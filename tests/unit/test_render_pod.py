@@ -1,4 +1,9 @@
-"""render_pod: one golden pod per feature, plus the properties every pod must have.
+"""render_pod: one golden set of objects per feature, plus the properties every pod must have.
+
+A feature's golden is what the operator renders for the job: its Pod in golden/pods/<feature>.yaml
+(one Pod a file, as tests/e2e/test_deploy.py submits them to the API server) and its Secrets in
+golden/secrets/<feature>.yaml: the runner Secret (runner.json, entry.sh, the storage settings) and
+the registry Secret when the job's image has credentials, their data decoded for the reader.
 
 Regenerate the golden files after an intended change:
 
@@ -8,9 +13,11 @@ Regenerate the golden files after an intended change:
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +32,13 @@ from dsjobs.controller.names import (
     PROJECT_LABEL,
     output_dataset_id,
     pod_name,
+    registry_secret_name,
 )
 from dsjobs.controller.render import (
     JobRef,
     PvcView,
     Volumes,
+    needs_registry_secret,
     output_dataset_claims,
     published_dataset_patch,
     pvc_selectors,
@@ -55,7 +64,9 @@ from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
 from dsjobs.models.limits import RESOURCE_ID_PATTERN
 
-GOLDEN = Path(__file__).parent / "golden" / "pods"
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_PODS = GOLDEN / "pods"
+GOLDEN_SECRETS = GOLDEN / "secrets"
 UPDATE = os.environ.get("DSJOBS_UPDATE_GOLDEN") == "1"
 SHA = "a" * 64
 SHA2 = "b" * 64
@@ -64,6 +75,16 @@ JOB = JobRef(
     name="job-1", namespace="project-a", uid="6f1c2b1e-0000-4000-8000-000000000001", project_id="proj-a"
 )
 TYPES = {e.name: instance_type_spec(e, "base") for e in CATALOG}
+# What the operator puts next to the runner config in the runner Secret (fixture values).
+STORAGE_ENV = {
+    "DSJOBS_S3_ENDPOINT": "http://s3.example.com:9000",
+    "DSJOBS_S3_BUCKET": "dsjobs",
+    "DSJOBS_S3_ACCESS_KEY": "FIXTURE-ACCESS-KEY",
+    "DSJOBS_S3_SECRET_KEY": "fixture-secret-key",
+    "DSJOBS_S3_REGION": "us-east-1",
+}
+# The value the operator reads from the job's passwordSecretRef (a fixture, shown in the golden).
+REGISTRY_PASSWORD = "fixture-registry-password"
 
 
 def spec(**params: Any) -> ProjectJobSpec:
@@ -98,9 +119,57 @@ def pod_for(
     )
 
 
-def _features() -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class RenderedJob:
+    """What the operator creates for one attempt of a job: its Pod and Secrets (as handlers.py)."""
+
+    pod: dict[str, Any]
+    runner_secret: dict[str, Any]
+    registry_secret: dict[str, Any] | None = None
+
+    @property
+    def secrets(self) -> list[dict[str, Any]]:
+        return [self.runner_secret, *([self.registry_secret] if self.registry_secret else [])]
+
+
+def render_job(
+    job_spec: ProjectJobSpec,
+    *,
+    type_name: str = "c1.4",
+    attempt: int = 1,
+    index: int = 0,
+    volumes: Volumes | None = None,
+    spark: str | None = None,
+) -> RenderedJob:
+    registry: dict[str, Any] | None = None
+    if needs_registry_secret(job_spec):
+        env = job_spec.job_parameters.env
+        assert env is not None and env.docker_image_spec is not None
+        registry = registry_secret(
+            name=registry_secret_name(JOB.name),
+            namespace=JOB.namespace,
+            labels=JOB.labels(),
+            owner=JOB.owner(),
+            image_url=env.docker_image_spec.image_url,
+            username=env.docker_image_spec.username,
+            password=REGISTRY_PASSWORD,
+        )
+    config = runner_config(JOB, job_spec, attempt)
+    pod = pod_for(
+        job_spec,
+        type_name=type_name,
+        attempt=attempt,
+        index=index,
+        volumes=volumes,
+        registry=registry["metadata"]["name"] if registry else None,
+        spark=spark,
+    )
+    return RenderedJob(pod, runner_secret(JOB, config, STORAGE_ENV, attempt=attempt), registry)
+
+
+def _features() -> dict[str, RenderedJob]:
     return {
-        "basic_cpu": pod_for(
+        "basic_cpu": render_job(
             spec(
                 inputFiles=[{"desc": {"path": "main.py"}, "sha256": SHA, "sizeBytes": 10}],
                 outputFiles=[{"path": "out/result.txt"}],
@@ -108,36 +177,36 @@ def _features() -> dict[str, dict[str, Any]]:
                 arguments=[{"name": "EPOCHS", "value": "3"}],
             )
         ),
-        "gpu_type": pod_for(
+        "gpu_type": render_job(
             spec(cloudInstanceTypes=[{"name": "g1.1"}]),
             type_name="g1.1",
         ),
-        "fallback_second_type": pod_for(
+        "fallback_second_type": render_job(
             spec(cloudInstanceTypes=[{"name": "g2.8"}, {"name": "g1.1"}]),
             type_name="g1.1",
             attempt=2,
             index=1,
         ),
-        "project_disk": pod_for(
+        "project_disk": render_job(
             spec(attachProjectDisk=True, cmd="ls ${DS_PROJECT_HOME}"),
             volumes=Volumes(project_disk_claim="project-disk"),
         ),
-        "s3_mount": pod_for(
+        "s3_mount": render_job(
             spec(s3MountIds=["bucket-1"], cmd="ls ${bucket-1}"),
             volumes=Volumes(mount_claims={"bucket-1": "s3-bucket-1"}),
         ),
-        "dataset": pod_for(
+        "dataset": render_job(
             spec(datasetIds=["ds-1"], cmd="ls ${ds-1}"),
             volumes=Volumes(mount_claims={"ds-1": "dataset-ds-1"}),
         ),
-        "working_storage": pod_for(spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})),
-        "output_dataset": pod_for(
+        "working_storage": render_job(spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})),
+        "output_dataset": render_job(
             spec(
                 cmd="python main.py --save ${MODELS}",
                 outputDatasets=[{"name": "models", "var": "MODELS", "sizeGb": 20}],
             )
         ),
-        "docker_creds": pod_for(
+        "docker_creds": render_job(
             spec(
                 env={
                     "dockerImageSpec": {
@@ -146,56 +215,144 @@ def _features() -> dict[str, dict[str, Any]]:
                         "passwordSecretRef": {"name": "job-1-registry-password", "key": "password"},
                     }
                 }
-            ),
-            registry="job-1-registry",
+            )
         ),
-        "python_env": pod_for(
+        "python_env": render_job(
             spec(
                 env={
                     "pythonEnv": {
                         "pythonVersion": "3.12",
-                        "requirements": ["numpy==2.1.0"],
+                        "requirements": ["numpy==2.1.0", "mylib==0.3"],
                         "localModules": [
                             {
                                 "desc": {"path": "/tmp/mod.zip", "var": "_LOCAL_MODULE_0"},
                                 "sha256": SHA2,
+                                "sizeBytes": 2048,
                                 "compressionType": "ZIP",
                             }
                         ],
-                        "pipOptions": {"indexUrl": "https://pypi.example.com/simple", "noDeps": True},
+                        "pipOptions": {
+                            "indexUrl": "https://pypi.example.com/simple",
+                            "extraIndexUrls": [
+                                "https://extra.example.com/simple",
+                                "http://mirror.local/simple",
+                            ],
+                            "trustedHosts": ["mirror.local", "pypi.internal:8080"],
+                            "noDeps": True,
+                        },
                     }
                 }
             )
         ),
-        "spark_connector": pod_for(
+        "spark_connector": render_job(
             spec(sparkParameters={"connectorId": "bt1spark"}), spark="dsjobs-spark-bt1spark"
         ),
-        "graceful_shutdown": pod_for(spec(gracefulShutdownParameters={"signal": 10, "timeout": "20s"})),
+        "graceful_shutdown": render_job(spec(gracefulShutdownParameters={"signal": 10, "timeout": "20s"})),
     }
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings (scripts read as scripts); no anchors for the dicts the
+    runner contract shares between containers."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def analyze_scalar(self, scalar: str) -> Any:
+        # PyYAML keeps a text with a tab out of block style, which YAML allows (the entry script's
+        # TSV headers); golden_texts checks the text loads back as the objects.
+        analysis = super().analyze_scalar(scalar)
+        if "\n" in scalar and "\t" in scalar:
+            analysis.allow_block = super().analyze_scalar(scalar.replace("\t", "x")).allow_block
+        return analysis
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def _dump(obj: Any) -> str:
-    # Through JSON: no YAML anchors for the dicts the runner contract shares between containers.
-    return yaml.safe_dump(json.loads(json.dumps(obj)), sort_keys=False, width=120)
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=120)
 
 
-FEATURES = _features()
+def _decoded(key: str, text: str) -> Any:
+    if not key.endswith("json"):  # entry.sh, the storage settings
+        return text
+    doc = json.loads(text)
+    if key == ".dockerconfigjson":
+        # Each login's `auth` is base64("username:password"): decoded too, named so.
+        doc["auths"] = {
+            registry: dict(
+                ("auth (decoded)", base64.b64decode(v, validate=True).decode()) if k == "auth" else (k, v)
+                for k, v in entry.items()
+            )
+            for registry, entry in doc["auths"].items()
+        }
+    return doc
 
 
-@pytest.mark.parametrize("feature", sorted(FEATURES))
+def readable_secret(secret: dict[str, Any]) -> dict[str, Any]:
+    """The Secret with `data` replaced by `data (decoded)`: each value as text (JSON parsed), in place."""
+    out: dict[str, Any] = {}
+    for field, value in secret.items():
+        if field != "data":
+            out[field] = value
+            continue
+        decoded: dict[str, Any] = {}
+        for key, raw in value.items():
+            text = base64.b64decode(raw, validate=True).decode()
+            assert base64.b64encode(text.encode()).decode() == raw, key  # nothing lost on the way
+            decoded[key] = _decoded(key, text)
+        out["data (decoded)"] = decoded
+    return out
+
+
+def golden_texts(feature: str, job: RenderedJob) -> dict[Path, str]:
+    secrets_header = (
+        f"# The Secrets made with the Pod of ../pods/{feature}.yaml. `data (decoded)` is the test's\n"
+        "# view of `data`: each value decoded from base64, the JSON ones parsed.\n"
+    )
+    readable = [readable_secret(s) for s in job.secrets]
+    texts = {
+        GOLDEN_PODS / f"{feature}.yaml": _dump(job.pod),
+        GOLDEN_SECRETS / f"{feature}.yaml": secrets_header + "".join(f"---\n{_dump(s)}" for s in readable),
+    }
+    # What the files show is what was rendered (no lossy YAML styling).
+    assert yaml.safe_load(texts[GOLDEN_PODS / f"{feature}.yaml"]) == job.pod
+    assert list(yaml.safe_load_all(texts[GOLDEN_SECRETS / f"{feature}.yaml"])) == readable
+    return texts
+
+
+JOBS = _features()
+FEATURES = {name: job.pod for name, job in JOBS.items()}
+
+
+@pytest.mark.parametrize("feature", sorted(JOBS))
 def test_golden(feature: str) -> None:
-    path = GOLDEN / f"{feature}.yaml"
-    text = _dump(FEATURES[feature])
-    if UPDATE or not path.exists():
-        if not UPDATE:
-            pytest.fail(f"{path} is missing: run with DSJOBS_UPDATE_GOLDEN=1")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert text == path.read_text(), f"{feature}: pod differs from {path} (DSJOBS_UPDATE_GOLDEN=1 to accept)"
+    problems: list[str] = []
+    for path, text in golden_texts(feature, JOBS[feature]).items():
+        if UPDATE:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        elif not path.exists():
+            problems.append(f"{path} is missing: run with DSJOBS_UPDATE_GOLDEN=1")
+        elif text != (old := path.read_text()):
+            diff = difflib.unified_diff(
+                old.splitlines(), text.splitlines(), str(path), "rendered", lineterm=""
+            )
+            problems.append("\n".join(diff))
+    assert not problems, (
+        f"{feature}: the rendered objects differ from the golden files (DSJOBS_UPDATE_GOLDEN=1 to accept)\n"
+        + "\n".join(problems)
+    )
 
 
 def test_no_stale_golden_files() -> None:
-    assert sorted(p.stem for p in GOLDEN.glob("*.yaml")) == sorted(FEATURES)
+    for directory in (GOLDEN_PODS, GOLDEN_SECRETS):
+        assert sorted(p.stem for p in directory.glob("*.yaml")) == sorted(JOBS), directory
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
@@ -227,7 +384,24 @@ def test_every_pod_has_identity_and_safety(feature: str) -> None:
 
 
 def test_render_is_deterministic() -> None:
-    assert _dump(_features()) == _dump(FEATURES)
+    again = _features()
+    assert [golden_texts(f, again[f]) for f in sorted(again)] == [
+        golden_texts(f, JOBS[f]) for f in sorted(JOBS)
+    ]
+
+
+@pytest.mark.parametrize("feature", sorted(JOBS))
+def test_the_pod_uses_the_job_s_secrets(feature: str) -> None:
+    job = JOBS[feature]
+    pod_spec = job.pod["spec"]
+    (config_volume,) = [v for v in pod_spec["volumes"] if v["name"] == "dsjobs-config"]
+    assert config_volume["secret"]["secretName"] == job.runner_secret["metadata"]["name"]
+    pulls = [s["name"] for s in pod_spec.get("imagePullSecrets", [])]
+    assert pulls == ([job.registry_secret["metadata"]["name"]] if job.registry_secret else [])
+    for secret in job.secrets:
+        assert secret["metadata"]["namespace"] == job.pod["metadata"]["namespace"]
+        assert secret["metadata"]["ownerReferences"] == job.pod["metadata"]["ownerReferences"]
+        assert secret["immutable"] is True
 
 
 def test_gpu_pod_gets_the_catalog_placement() -> None:

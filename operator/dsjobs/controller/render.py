@@ -6,7 +6,7 @@ The runner's containers and volumes come from `dsjobs.runner.contract.runner_pod
 module adds what is the operator's: identity (deterministic name, labels, owner reference), the
 instance type (nodeSelector, tolerations, resources, priority class), the user's image and
 registry credentials, the PVCs of the project disk / S3 mounts / datasets, and the working
-storage. Golden files in tests/unit/golden/pods/ pin the output per feature.
+storage. Golden files in tests/unit/golden/{pods,secrets}/ pin the output per feature.
 """
 
 from __future__ import annotations
