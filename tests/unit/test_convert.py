@@ -231,18 +231,19 @@ def test_proto_model_proto_is_identity(params: m.JobParameters) -> None:
     assert c.job_parameters_to_proto(c.job_parameters_from_proto(again)) == again
 
 
+def _ours(field: Any) -> bool:
+    """A field whose own fields count: a message of the yandex protos, not a map entry."""
+    nested = field.message_type
+    return nested is not None and nested.full_name.startswith("yandex.") and not nested.GetOptions().map_entry
+
+
 def _proto_paths(desc: Any, prefix: str = "") -> set[str]:
-    """Every field path of a message type, through its nested yandex messages (not map entries)."""
+    """Every field path of a message type, through its nested yandex messages."""
     out: set[str] = set()
     for f in desc.fields:
         out.add(prefix + f.name)
-        nested = f.message_type
-        if (
-            nested is not None
-            and nested.full_name.startswith("yandex.")
-            and not nested.GetOptions().map_entry
-        ):
-            out |= _proto_paths(nested, f"{prefix}{f.name}.")
+        if _ours(f):
+            out |= _proto_paths(f.message_type, f"{prefix}{f.name}.")
     return out
 
 
@@ -250,12 +251,7 @@ def _set_paths(msg: Any, prefix: str = "") -> set[str]:
     out: set[str] = set()
     for f, value in msg.ListFields():
         out.add(prefix + f.name)
-        nested = f.message_type
-        if (
-            nested is not None
-            and nested.full_name.startswith("yandex.")
-            and not nested.GetOptions().map_entry
-        ):
+        if _ours(f):
             for item in value if f.is_repeated else [value]:
                 out |= _set_paths(item, f"{prefix}{f.name}.")
     return out

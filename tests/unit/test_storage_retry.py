@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from runner_fakes import config
 
 from dsjobs import storage
+from dsjobs.devcluster.pki import CertificateAuthority
 from dsjobs.runner.ship import LogShipper
 from dsjobs.s3http import Proxy, S3HttpError, proxy_for
 from dsjobs.storage import IntegrityError, Storage, StorageSettings
@@ -633,39 +634,6 @@ def test_no_proxy_and_unsupported_proxies(monkeypatch: pytest.MonkeyPatch) -> No
     assert "secret" not in str(e.value)
 
 
-def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    from datetime import UTC, datetime, timedelta
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file
-
-
 def _connect_proxy(target: tuple[str, int], asked: list[bytes]) -> tuple[socket.socket, threading.Thread]:
     """A CONNECT proxy that records what it was asked and tunnels every connection to `target`."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -699,10 +667,11 @@ def test_an_https_store_is_reached_through_a_connect_tunnel_with_its_name_checke
     s3: FakeS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _unproxied(monkeypatch)
-    cert, key = _self_signed(tmp_path, "s3.invalid")
+    ca = CertificateAuthority.create(tmp_path)
+    pair = ca.issue("s3", "s3.invalid", server=True, dns_names=("s3.invalid",))
     tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Request)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(pair.cert, pair.key)
     tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
     tls.fake = s3  # type: ignore[attr-defined]
     threading.Thread(target=tls.serve_forever, daemon=True).start()
@@ -710,7 +679,7 @@ def test_an_https_store_is_reached_through_a_connect_tunnel_with_its_name_checke
     proxy, _ = _connect_proxy(("127.0.0.1", tls.server_address[1]), asked)
     try:
         monkeypatch.setenv("HTTPS_PROXY", f"http://u:pw@127.0.0.1:{proxy.getsockname()[1]}")
-        monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(ca.cert_path))
         s3.answer = lambda r: r.reply(200, b"through the tunnel", {"ETag": '"e"'})
         store = Storage(
             StorageSettings(endpoint="https://s3.invalid", bucket="b", access_key="AK", secret_key="SK")
