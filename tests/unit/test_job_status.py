@@ -1675,6 +1675,43 @@ def test_cancelling_reissues_a_lost_delete() -> None:
 # --- retry ----------------------------------------------------------------------------------------
 
 
+EVICTED_DURING_STAGE_IN = pod(
+    phase="Failed",
+    node="cpu-0",
+    conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+    init=[terminated("stage-in", 143, "Error")],
+    containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+)
+
+
+def test_a_stage_in_stopped_from_outside_is_the_disruption_and_is_retried() -> None:
+    # The stage-in's SIGTERM exit is no fault of the inputs: evicted, not StageInFailed.
+    policy = {"maxAttempts": 3}
+    p = step(job(status=started("PREPARING"), retryPolicy=policy), [EVICTED_DURING_STAGE_IN])
+    assert (p.status.phase, p.status.attempt) == (JobPhase.PREPARING, 2)
+    assert "evicted" in p.status.status_details
+    final = step(job(status=started("PREPARING")), [EVICTED_DURING_STAGE_IN])
+    assert final.status.phase == JobPhase.ERROR
+    finished = get_condition(final.status, "Finished")
+    assert finished is not None and finished.reason == "Evicted"
+    # `kubectl delete pod` while the inputs came in: the pod was deleted.
+    deleted = pod(phase="Failed", node="cpu-0", deleting=True, init=[terminated("stage-in", 143, "Error")])
+    gone = step(job(status=started("PREPARING")), [deleted])
+    assert gone.status.phase == JobPhase.ERROR and "was deleted" in gone.status.status_details
+    # The stage-in's own failures stay its own, in a pod being deleted too.
+    for init in (
+        terminated("stage-in", 1, "Error", "input x.csv: sha256 mismatch"),
+        terminated("stage-in", 137, "OOMKilled"),
+    ):
+        failed = step(
+            job(status=started("PREPARING"), retryPolicy=policy),
+            [pod(phase="Failed", node="cpu-0", deleting=True, init=[init])],
+        )
+        assert failed.status.phase == JobPhase.ERROR and failed.status.attempt == 1
+        cond = get_condition(failed.status, "Finished")
+        assert cond is not None and cond.reason == "StageInFailed"
+
+
 def test_a_cancelled_job_is_not_retried_whatever_its_exit_code() -> None:
     # The runner's SIGTERM may make the program exit with a code the policy retries on.
     policy = {"maxAttempts": 3, "retryOnExitCodes": [143]}

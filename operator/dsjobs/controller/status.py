@@ -469,14 +469,29 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             return_code=code if code is not None else 137,
             failure=FailureKind.PROGRAM,
         )
-    if result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
+    disruption = disruption_of(pod)
+    # A stage-in stopped from outside (an eviction, a preemption, a drain, the pod deleted) failed
+    # for no fault of the inputs: that is the disruption's outcome, which a retry policy retries.
+    stage_in_stopped = disruption is not None or (
+        pod.deleted_at is not None
+        and stage_in is not None
+        and stage_in.state == "terminated"
+        and stage_in.reason != "OOMKilled"
+        and (stage_in.exit_code or 0) > 128
+    )
+    if not stage_in_stopped and result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
         return Outcome(
             JobPhase.ERROR,
             "StageInFailed",
             f"staging inputs failed: {result.reason}",
             failure=FailureKind.PERMANENT,
         )
-    if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
+    if (
+        not stage_in_stopped
+        and stage_in is not None
+        and stage_in.state == "terminated"
+        and stage_in.exit_code
+    ):
         return Outcome(
             JobPhase.ERROR,
             "StageInFailed",
@@ -504,12 +519,11 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             return_code=code,
             failure=FailureKind.PERMANENT,
         )
-    disruption = disruption_of(pod)
     if disruption is not None:
         return Outcome(
             JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=FailureKind.INFRASTRUCTURE
         )
-    if pod.gone and (exit_code is None or stopped):
+    if (pod.gone and (exit_code is None or stopped)) or stage_in_stopped:
         return Outcome(
             JobPhase.ERROR,
             "PodDeleted",
