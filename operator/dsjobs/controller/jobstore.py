@@ -29,6 +29,10 @@ RESULT_PATIENCE: Final = timedelta(minutes=10)
 LEFTOVER_CHECK_TIMEOUT: Final = 3.0
 #: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
 STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
+#: Seconds the operator's own reads (a result.json, the store check) wait to connect and then for
+#: each read, tried once: they are on a job's reconcile, which a store that hangs must not hold
+#: for minutes (a cancel waits behind it); a failed read is the reconcile's to retry.
+STORE_CALL_TIMEOUT: Final = 5.0
 
 
 class ResultUnavailable(Exception):
@@ -42,6 +46,7 @@ class JobStore:
         self.env = dict(storage_env)
         self._storage: Any = None
         self._quick_storage: Any = None  # the store with short waits, for the leftover check
+        self._call_storage: Any = None  # the store with STORE_CALL_TIMEOUT, one try
         # The last check of the object store (loop time, problem or None) and its lock: one check
         # at a time, shared by every job that waits on it.
         self._check: tuple[float, str | None] | None = None
@@ -56,13 +61,20 @@ class JobStore:
             self._storage = Storage.from_env(self.env)
         return self._storage
 
+    def _calls(self) -> Any:
+        """The client for reads on a job's reconcile: STORE_CALL_TIMEOUT, one try; None without one."""
+        full = self.client()
+        if full is not None and self._call_storage is None:
+            self._call_storage = full.with_timeout(STORE_CALL_TIMEOUT).with_attempts(1)
+        return self._call_storage
+
     async def stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
         """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
 
         Without it the job's outputs and logs go unrecorded for good (the final status is not
         planned again), so an outage of the object store is waited out for a while after the
         ship container `ended`: ResultUnavailable, and the reconcile is retried with backoff."""
-        storage = self.client()
+        storage = self._calls()
         if storage is None:
             return None
         from dsjobs.runner.result import load_result
@@ -85,7 +97,7 @@ class JobStore:
         since = storage_bound_since(pod) if pod is not None else None
         if since is None or now - since < STORAGE_CHECK_AFTER:
             return None
-        storage = self.client()
+        storage = self._calls()
         if storage is None:
             return None
         from dsjobs.storage import is_transient
@@ -99,7 +111,7 @@ class JobStore:
                 return last[1]
             problem = None
             try:
-                await asyncio.to_thread(storage.with_attempts(1).head, STORAGE_CHECK_KEY)
+                await asyncio.to_thread(storage.head, STORAGE_CHECK_KEY)
             except Exception as exc:
                 # Only "does not answer" (connection trouble, timeouts, 5xx) is the runner's
                 # trouble too; a refusal of the operator's own request says nothing of the job's.

@@ -1,0 +1,114 @@
+"""The operator's own reads of the object store (dsjobs.controller.jobstore) against a store that
+accepts connections and never answers: they give up after STORE_CALL_TIMEOUT, tried once, so a
+job's reconcile (and a cancel queued behind it) is not held for the client's minute per try."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+
+from dsjobs.controller import jobstore
+from dsjobs.controller.jobstore import JobStore, ResultUnavailable
+from dsjobs.controller.plan import JobView
+from dsjobs.controller.podview import PodView
+
+NOW = datetime.now(UTC)
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro`, failing after 30 s rather than hanging: a regression to the client's minute per
+    try must fail the test, not wait for the store's reads (asyncio.run would join their threads)."""
+    loop = asyncio.new_event_loop()
+    executor = ThreadPoolExecutor(2)
+    loop.set_default_executor(executor)
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, 30))
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.close()
+
+
+@pytest.fixture
+def silent_store() -> Iterator[tuple[str, list[socket.socket]]]:
+    """An endpoint that accepts connections and never answers (a hung store)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", accepted
+    listener.close()
+    for conn in accepted:
+        conn.close()
+
+
+def _store(endpoint: str) -> JobStore:
+    return JobStore(
+        {
+            "DSJOBS_S3_ENDPOINT": endpoint,
+            "DSJOBS_S3_BUCKET": "b",
+            "DSJOBS_S3_ACCESS_KEY": "AK",
+            "DSJOBS_S3_SECRET_KEY": "SK",
+        }
+    )
+
+
+def _staging_pod() -> PodView:
+    started = (NOW - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return PodView.from_pod(
+        {
+            "metadata": {"name": "job-1-a1", "labels": {"dsjobs.dev/attempt": "1"}},
+            "status": {
+                "phase": "Pending",
+                "initContainerStatuses": [{"name": "stage-in", "state": {"running": {"startedAt": started}}}],
+            },
+        }
+    )
+
+
+JOB = JobView.from_body(
+    {
+        "metadata": {"name": "job-1", "namespace": "ns", "uid": "u", "resourceVersion": "1"},
+        "spec": {"projectId": "p1", "jobParameters": {"cmd": "true"}},
+    }
+)
+
+
+def test_the_store_check_reports_a_hung_store_after_one_short_try(
+    silent_store: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobstore, "STORE_CALL_TIMEOUT", 0.5)
+    endpoint, accepted = silent_store
+    problem = _run(_store(endpoint).problem(_staging_pod(), NOW))
+    assert problem is not None and "timed out" in problem.lower(), problem
+    assert len(accepted) == 1  # one try
+
+
+def test_a_result_json_read_from_a_hung_store_gives_up_after_one_short_try(
+    silent_store: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobstore, "STORE_CALL_TIMEOUT", 0.5)
+    endpoint, accepted = silent_store
+    store = _store(endpoint)
+    # The ship ended a moment ago: the reconcile is retried (with backoff) for RESULT_PATIENCE.
+    with pytest.raises(ResultUnavailable):
+        _run(store.stored_result(JOB, 1, NOW))
+    assert len(accepted) == 1
+    # A pod gone without a known end: nothing to wait for.
+    assert _run(store.stored_result(JOB, 1, None)) is None
+    assert len(accepted) == 2
