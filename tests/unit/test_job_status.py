@@ -601,6 +601,17 @@ def test_last_type_keeps_waiting_and_says_so() -> None:
     assert p.status.status_details.startswith(
         "no capacity for any of the instance types g2.8, g1.1; still waiting for capacity for instance type g1.1: "
     )
+    told = [e for e in p.events if e.reason == "InstanceTypesExhausted"]
+    assert [(e.type, e.message) for e in told] == [
+        ("Warning", "no capacity for any of the instance types g2.8, g1.1; waiting for g1.1")
+    ]
+    # Told once: planned again with that status stored, no second Event.
+    again = step(
+        job(params=types, status=p.status.to_cr()),
+        [unschedulable(NOW - timedelta(hours=1), attempt=2, type_name="g1.1", index=1)],
+    )
+    assert again.status.status_details == p.status.status_details
+    assert "InstanceTypesExhausted" not in [e.reason for e in again.events]
 
 
 @pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff"])

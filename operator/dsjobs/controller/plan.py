@@ -598,11 +598,17 @@ def _plan(
             # Every type was tried: keep waiting on the last one, and say so. The details already
             # name the last type ("waiting for capacity for instance type g1.1: <scheduler>").
             waiting = status.status_details
-            details = f"no capacity for any of the instance types {', '.join(names)}; " + (
+            exhausted = f"no capacity for any of the instance types {', '.join(names)}"
+            details = f"{exhausted}; " + (
                 f"still {waiting}"
                 if waiting.startswith("waiting ")
                 else f"still waiting for {names[index]}: {waiting}"
             )
+            if not job.status.status_details.startswith(exhausted):
+                # Once, when it is first so (as FallingBack is told once per type).
+                events.append(
+                    JobEvent("Warning", "InstanceTypesExhausted", f"{exhausted}; waiting for {names[index]}")
+                )
             status = status.model_copy(update={"status_details": details})
     return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
 
