@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 import pytest
 from cluster_fixtures import dev_cluster, dev_s3  # noqa: F401
 from stack_fixtures import dsjobs_stack  # noqa: F401
+
+# tests/shared: test helpers the unit and e2e suites share (kube_fake).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
 
 
 def unwind_on_sigterm() -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+# tests/shared: test helpers the unit and e2e suites share (kube_fake).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))
 
 #: The shells the job's entry script must run under (Debian packages `dash` and `busybox`; bash).
 SHELLS = {"dash": ["dash"], "busybox": ["busybox", "sh"], "bash": ["bash"]}

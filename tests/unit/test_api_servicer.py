@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import grpc
+import kube_fake
 import pytest
+from kube_fake import Failure
 
 from dsjobs import storage as st
 from dsjobs.api import errors
@@ -33,80 +35,14 @@ from dsjobs.validation import RULES
 PROJECT, NAMESPACE = "p1", "ns-p1"
 SHA = "ab" * 32
 INFO = ProjectInfo(PROJECT, NAMESPACE, {})
-Failure = Callable[[str, str], BaseException | None]
 
 
-def merged(target: Any, patch: Any) -> Any:
-    """A JSON merge patch (RFC 7386) applied to a copy of `target`."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = merged(out.get(k), v)
-    return out
-
-
-class FakeKube:
-    """Jobs and Secrets by path; `fail(method, path)` may return an exception to raise instead.
-    PATCH (merge) and DELETE honour a resourceVersion (and DELETE a uid) as the API server does."""
-
-    def __init__(self, fail: Failure | None = None) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, str, Any]] = []
-        self.fail = fail
-
-    async def request(self, method: str, path: str, body: Any = None, **_: Any) -> dict[str, Any]:
-        self.calls.append((method, path, body))
-        error = self.fail(method, path) if self.fail else None
-        if error is not None:
-            raise error
-        if method == "POST":
-            meta = body["metadata"]
-            key = f"{path}/{meta['name']}"
-            if key in self.objects:
-                raise KubeError(409, "AlreadyExists", f"{meta['name']} already exists")
-            obj = {
-                **body,
-                "metadata": {
-                    **meta,
-                    "uid": f"uid-{len(self.calls)}",
-                    "resourceVersion": "1",
-                    "creationTimestamp": "2025-06-01T00:00:00Z",
-                },
-            }
-            self.objects[key] = obj
-            return obj
-        if method == "GET" and path in self.objects:
-            return self.objects[path]
-        if method == "PATCH" and path in self.objects:
-            wanted = (body.get("metadata") or {}).get("resourceVersion")
-            if wanted is not None and wanted != self.objects[path]["metadata"]["resourceVersion"]:
-                raise KubeError(409, "Conflict", "the object has been modified")
-            return self.write(path, body)
-        if method == "DELETE" and path in self.objects:
-            meta = self.objects[path]["metadata"]
-            for key, wanted in body["preconditions"].items():
-                if wanted is not None and wanted != meta[key]:
-                    raise KubeError(409, "Conflict", f"{key} precondition failed")
-            return self.objects.pop(path)
-        raise KubeError(404, "NotFound", f"{path} not found")
-
-    def write(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """Merge `patch` into a stored object as a new resourceVersion (also another writer's)."""
-        obj: dict[str, Any] = merged(self.objects[path], patch)
-        obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]) + 1)
-        self.objects[path] = obj
-        return obj
+class FakeKube(kube_fake.FakeKube):
+    """The shared in-memory API server (tests/shared/kube_fake.py), with this module's namespace."""
 
     def jobs(self) -> list[str]:
-        prefix = jobs_path(NAMESPACE) + "/"
-        return [k[len(prefix) :] for k in self.objects if k.startswith(prefix)]
-
-    def methods(self) -> list[str]:
-        return [m for m, _, _ in self.calls]
+        """The jobs not being deleted (one with a finalizer stays until the operator removes it)."""
+        return self.names(jobs_path(NAMESPACE))
 
 
 class FakeJobIndex:
