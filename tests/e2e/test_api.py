@@ -1016,15 +1016,16 @@ def test_drain_ends_log_streams_with_unavailable(api_env: ApiEnv) -> None:
         while gauge not in requests.get(f"http://{extra.metrics}/metrics", timeout=10).text:
             assert time.monotonic() < deadline, "the log stream never opened"
             time.sleep(0.1)
-        started = time.monotonic()
-        assert extra.stop() == 0
-        t.join(30)
+        assert extra.stop() == 0  # it exited by itself on SIGTERM, not killed after the wait
+        t.join(30)  # a hang guard: the stream has ended by now or the test fails below
+        # The stream was ended by the drain itself (UNAVAILABLE, telling where to go on), not cut
+        # when the server's grace for in-flight calls ran out.
+        assert not t.is_alive()
         assert (
             errors
             and errors[0].code() == Code.UNAVAILABLE
             and "reconnect with offset" in (errors[0].details() or "")
-        )
-        assert time.monotonic() - started < 30
+        ), errors
 
 
 # --- the official CLI against the API (the test plays the operator) -------------------------------

@@ -6,8 +6,9 @@ collection, NotReady when the agent stops, `kubectl logs -f`. Tests that stop or
 an agent start their own extra node (a fresh agent with a certificate from the dev
 cluster's CA) so the shared nodes stay up.
 
-Every wait is a poll with a timeout; timing is asserted only as lower bounds (a grace
-period was honoured), never as "fast enough".
+Every wait is a poll with a timeout, a hang guard; timing is never asserted (a grace period
+honoured shows in what the program could still do within it). Latency figures are in
+bench/cluster.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import threading
 import time
@@ -649,7 +649,6 @@ def test_empty_dir_over_its_size_limit_evicts_the_pod(dev_cluster: ClusterHandle
 
 
 TRAPS_TERM = "trap 'echo got TERM; exit 0' TERM; echo ready; while true; do sleep 0.1; done"
-IGNORES_TERM = "trap '' TERM; echo ready; while true; do sleep 0.1; done"
 
 
 def _shell_pod(name: str, script: str, grace: int) -> Obj:
@@ -682,22 +681,44 @@ def test_delete_trapping_pod_ends_promptly(dev_cluster: ClusterHandle, ns: str) 
         watch.stop()
 
 
-def test_delete_ignoring_pod_is_killed_after_grace(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
+# Takes its time on SIGTERM, and does not end by itself: the gate (a file the test makes) lets it
+# answer once the test has seen the signal arrive.
+SLOW_ON_TERM = (
+    "trap 'echo got TERM; until [ -e /gate/go ]; do sleep 0.1; done; echo running after TERM' TERM; "
+    "echo ready; while true; do sleep 0.1; done"
+)
+
+
+def test_delete_ignoring_pod_is_killed_after_grace(
+    dev_cluster: ClusterHandle,  # noqa: F811
+    ns: str,
+    tmp_path: Path,
+) -> None:
     core = dev_cluster.core()
     watch = PodWatch(core, ns).start()
-    grace = 3
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    grace = 10  # time enough for the exchange below on a loaded machine
     try:
-        core.create_namespaced_pod(ns, _shell_pod("ignores", IGNORES_TERM, grace=grace))
+        body = _shell_pod("ignores", SLOW_ON_TERM, grace=grace)
+        body["spec"]["containers"][0]["volumeMounts"] = [{"name": "gate", "mountPath": "/gate"}]
+        body["spec"]["volumes"] = [{"name": "gate", "hostPath": {"path": str(gate), "type": "Directory"}}]
+        core.create_namespaced_pod(ns, body)
         wait_phase(core, ns, "ignores", ("Running",))
         _wait_log(core, ns, "ignores", "ready")
-        t0 = time.monotonic()
         core.delete_namespaced_pod("ignores", ns)
+        # The grace period is honoured, seen by what happened rather than timed: SIGTERM first,
+        # then the program still runs when the test answers it...
+        _wait_log(core, ns, "ignores", "got TERM")
+        deleting = read_pod(core, ns, "ignores")
+        assert deleting is not None and deleting["metadata"]["deletionGracePeriodSeconds"] == grace
+        (gate / "go").touch()
+        _wait_log(core, ns, "ignores", "running after TERM")
+        # ... and, as it does not end by itself, it is SIGKILLed (at the end of the grace period).
         wait_gone(core, ns, "ignores", timeout=60)
-        elapsed = time.monotonic() - t0
         poll("DELETED event", lambda: any(t == "DELETED" for _, t, _ in watch.of("ignores")), 10)
         term = main_state(watch.last_status_before_delete("ignores"))["state"]["terminated"]
         assert (term["exitCode"], term.get("signal")) == (137, 9), term  # SIGKILLed
-        assert elapsed >= grace - 0.5, f"killed before its grace period: {elapsed:.1f}s"
     finally:
         watch.stop()
 
@@ -774,46 +795,6 @@ def test_kubectl_logs_follow_streams_until_exit(dev_cluster: ClusterHandle, ns: 
     ).stdout.strip()
     ts, _, text = stamped.partition(" ")
     assert text == "bye" and ts.endswith("Z") and "T" in ts, stamped
-
-
-# ------------------------------------------------------------------ latency
-
-
-def test_bound_pod_to_running_latency(dev_cluster: ClusterHandle, ns: str) -> None:  # noqa: F811
-    """Measures (prints) create-with-nodeName -> Running-seen latency; asserts only that all ran."""
-    core = dev_cluster.core()
-    node = next(
-        n.metadata.name
-        for n in core.list_node().items
-        if not n.spec.taints and any(c.type == "Ready" and c.status == "True" for c in n.status.conditions)
-    )
-    watch = PodWatch(core, ns).start()
-    samples = []
-    try:
-        for i in range(15):
-            name = f"lat-{i}"
-            body = pod_manifest(name, "import time; time.sleep(30)", grace=1, nodeName=node)
-            body["spec"]["containers"][0]["command"] = ["sleep", "30"]
-            t0 = time.monotonic()
-            core.create_namespaced_pod(ns, body)
-
-            def running(n: str = name) -> float | None:
-                for t, _, obj in watch.of(n):
-                    if obj.get("status", {}).get("phase") == "Running":
-                        return t
-                return None
-
-            t1 = poll(f"{name} Running", running, 60, 0.01)
-            samples.append(t1 - t0)
-            core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
-    finally:
-        watch.stop()
-    samples.sort()
-    p50 = statistics.median(samples)
-    p90 = samples[int(len(samples) * 0.9) - 1]
-    print(
-        f"\nbound-pod -> Running (n={len(samples)}): p50={p50 * 1000:.0f}ms p90={p90 * 1000:.0f}ms max={samples[-1] * 1000:.0f}ms"
-    )
 
 
 # ------------------------------------------------------------------ an agent of our own

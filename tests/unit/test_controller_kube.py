@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import aiohttp.web
 import kopf
+import pytest
 from kopf._cogs.clients import auth
 from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.structs import credentials
@@ -40,6 +41,40 @@ def test_a_400_is_an_invalid_for_the_operator_as_a_422_is() -> None:
 Answer = tuple[int, dict[str, Any] | None]
 
 
+_real_sleep = asyncio.sleep
+
+
+class _Clock:
+    """The time of dsjobs.controller.kube, faked: `perf_counter()` reads `now`, which moves only by
+    the backoff sleeps (recorded in `slept`, at once) and by each answer of the server (`per_answer`
+    seconds). What the tests show is the sequence of delays, never how long a run took."""
+
+    def __init__(self, per_answer: float = 0.0) -> None:
+        self.now = 0.0
+        self.per_answer = per_answer
+        self.slept: list[float] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.slept.append(delay)
+        self.now += delay
+        await _real_sleep(0)
+
+
+class _Patched:
+    """A module with some of its attributes replaced (for `kube_module.time` and `.asyncio` only:
+    the asyncio module itself stays as it is for aiohttp and the server)."""
+
+    def __init__(self, module: object, **replaced: object) -> None:
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def _status(code: int, message: str) -> dict[str, Any]:
     return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "message": message}
 
@@ -55,9 +90,13 @@ def _observed(verb: str, resource: str) -> Counter[str]:
     return counts
 
 
-async def _serving(answers: list[Answer], hits: list[str]) -> tuple[aiohttp.web.AppRunner, str]:
+async def _serving(
+    answers: list[Answer], hits: list[str], clock: _Clock | None = None
+) -> tuple[aiohttp.web.AppRunner, str]:
     async def answer(request: aiohttp.web.Request) -> aiohttp.web.Response:
         hits.append(request.method)
+        if clock is not None:
+            clock.now += clock.per_answer
         code, body = answers.pop(0) if len(answers) > 1 else answers[0]
         return aiohttp.web.json_response(body, status=code)
 
@@ -78,28 +117,33 @@ async def _kube(server: str) -> kube_module.Kube:
     return kube_module.Kube(kopf.OperatorSettings())
 
 
-def _create_pod(answers: list[Answer]) -> tuple[object, list[str], Counter[str], float]:
-    """POST a pod against `answers` (the last one repeats): what create gave (or raised), the
-    requests made, the observations by code and the seconds taken."""
+def _create_pod(
+    answers: list[Answer], clock: _Clock | None = None
+) -> tuple[object, list[str], Counter[str], list[float]]:
+    """POST a pod against `answers` (the last one repeats) on `clock` (a fresh one if not given):
+    what create gave (or raised), the requests made, the observations by code and the backoff
+    sleeps, in order."""
+    clock = clock or _Clock()
 
-    async def scenario() -> tuple[object, list[str], Counter[str], float]:
+    async def scenario() -> tuple[object, list[str], Counter[str], list[float]]:
         hits: list[str] = []
-        runner, server = await _serving(list(answers), hits)
+        runner, server = await _serving(list(answers), hits, clock)
         try:
             kube = await _kube(server)
             before = _observed("post", "pods")
-            started = time.perf_counter()
             outcome: object
             try:
                 outcome = await kube.create("pods", "/api/v1/namespaces/p/pods", {"metadata": {"name": "a"}})
             except kube_module.APIError as exc:
                 outcome = exc
-            took = time.perf_counter() - started
-            return outcome, hits, _observed("post", "pods") - before, took
+            return outcome, hits, _observed("post", "pods") - before, clock.slept
         finally:
             await runner.cleanup()
 
-    return asyncio.run(scenario())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kube_module, "time", _Patched(time, perf_counter=clock.perf_counter))
+        mp.setattr(kube_module, "asyncio", _Patched(asyncio, sleep=clock.sleep))
+        return asyncio.run(scenario())
 
 
 QUOTA = 'pods "a" is forbidden: exceeded quota: q, requested: cpu=4, used: cpu=8, limited: cpu=8'
@@ -107,35 +151,43 @@ QUOTA = 'pods "a" is forbidden: exceeded quota: q, requested: cpu=4, used: cpu=8
 
 def test_a_refusal_is_one_request_and_one_observation() -> None:
     # Kopf's loop retried a 403 three times (1.7 s) before the caller, which has its own backoff
-    # for refusals, heard of it; a quota's answer does not change in a second.
-    refused, hits, seen, took = _create_pod([(403, _status(403, QUOTA))])
+    # for refusals, heard of it; a quota's answer does not change in a second. One request and no
+    # backoff: the caller hears of it at once.
+    refused, hits, seen, slept = _create_pod([(403, _status(403, QUOTA))])
     assert isinstance(refused, kube_module.Forbidden) and kube_module.message_of(refused) == QUOTA
-    assert hits == ["POST"] and seen == Counter({"403": 1}) and took < 0.5
-    invalid, hits, seen, _ = _create_pod([(422, _status(422, "Pod is invalid"))])
+    assert hits == ["POST"] and seen == Counter({"403": 1}) and slept == []
+    invalid, hits, seen, slept = _create_pod([(422, _status(422, "Pod is invalid"))])
     assert isinstance(invalid, kube_module.Invalid) and hits == ["POST"] and seen == Counter({"422": 1})
-    denied, hits, seen, _ = _create_pod([(400, _status(400, "denied by webhook"))])
+    assert slept == []
+    denied, hits, seen, slept = _create_pod([(400, _status(400, "denied by webhook"))])
     assert isinstance(denied, kube_module.BadRequest) and hits == ["POST"] and seen == Counter({"400": 1})
-    exists, hits, seen, _ = _create_pod([(409, _status(409, "already exists"))])
-    assert exists is None and hits == ["POST"] and seen == Counter({"409": 1})
+    assert slept == []
+    exists, hits, seen, slept = _create_pod([(409, _status(409, "already exists"))])
+    assert exists is None and hits == ["POST"] and seen == Counter({"409": 1}) and slept == []
 
 
 def test_a_transient_failure_is_retried_and_each_attempt_observed() -> None:
-    created, hits, seen, took = _create_pod(
+    created, hits, seen, slept = _create_pod(
         [(503, _status(503, "etcd leader changed")), (500, None), (201, {"metadata": {"name": "a"}})]
     )
     assert created == {"metadata": {"name": "a"}}
     assert hits == ["POST"] * 3 and seen == Counter({"503": 1, "500": 1, "ok": 1})
-    assert 0.7 <= took < 1.5  # the backoffs 0.2 s and 0.5 s
+    assert slept == [0.2, 0.5]  # the backoffs, before the 2nd and the 3rd attempt
 
-    failed, hits, seen, _ = _create_pod([(503, None)])
+    failed, hits, seen, slept = _create_pod([(503, None)])
     assert isinstance(failed, kube_module.APIError) and failed.status == 503
     assert hits == ["POST"] * 4 and seen == Counter({"503": 4})
+    assert slept == [0.2, 0.5, 1.0]  # and none after the last attempt
 
 
 def test_an_observation_is_one_attempt_not_its_backoff() -> None:
+    # Each answer takes 0.25 s on the fake clock, the backoff between the two attempts 0.2 s: two
+    # observations of 0.25 s; a backoff counted in either would make the sum 0.7.
+    clock = _Clock(per_answer=0.25)
     total = _latency_sum("post", "pods")
-    _create_pod([(500, None), (201, {})])
-    assert _latency_sum("post", "pods") - total < 0.15  # the 0.2 s backoff is in none
+    _, hits, seen, slept = _create_pod([(500, None), (201, {})], clock)
+    assert hits == ["POST"] * 2 and seen == Counter({"500": 1, "ok": 1}) and slept == [0.2]
+    assert _latency_sum("post", "pods") - total == pytest.approx(0.5)
 
 
 def _latency_sum(verb: str, resource: str) -> float:

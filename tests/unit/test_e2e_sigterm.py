@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 E2E_DIR = Path(__file__).resolve().parents[1] / "e2e"
@@ -27,6 +26,7 @@ def cluster():
 def test_killed(cluster):
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
+    Path(os.environ["MARK"] + ".slept").write_text("the signal did not stop the test")
 
 def test_after(cluster):
     Path(os.environ["MARK"] + ".after").write_text("ran")
@@ -41,7 +41,6 @@ def test_sigterm_tears_the_session_down_and_stops_it(tmp_path: Path) -> None:
         "MARK": str(mark),
         "PYTHONPATH": os.pathsep.join(p for p in (str(E2E_DIR), os.environ.get("PYTHONPATH")) if p),
     }
-    t0 = time.monotonic()
     # tests/e2e/conftest.py as a plugin: its hooks, without its fixtures ever being requested.
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "test_session.py"],
@@ -55,5 +54,7 @@ def test_sigterm_tears_the_session_down_and_stops_it(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode != -signal.SIGTERM, out
     assert mark.read_text() == "torn down", out
-    assert not Path(f"{mark}.after").exists(), out  # the session stopped: no test after the signal
-    assert time.monotonic() - t0 < 25, out
+    # The signal stopped the session at once: the test it came in never got past its sleep, and
+    # no test ran after it. (The 120 s timeout above is a hang guard only.)
+    assert not Path(f"{mark}.slept").exists(), out
+    assert not Path(f"{mark}.after").exists(), out

@@ -6,7 +6,6 @@ import base64
 import json
 import tempfile
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +15,7 @@ import kopf
 import pytest
 
 from dsjobs.controller.leader import (
+    Clock,
     Connection,
     LeaderElector,
     LeaseClient,
@@ -139,8 +139,55 @@ def test_a_connection_from_inline_kubeconfig_data_leaves_no_files(tmp_path: Path
     assert proxied.prefix == "/k8s/clusters/c-x"
 
 
+class _FakeClock(Clock):
+    """Time that moves only when the test says so (`advance_to`); a wait ends once that time
+    reaches its end, or once its event is set."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self._cond = threading.Condition()
+        self._seen: dict[int, float] = {}  # thread -> the time it waits at, for a wait in progress
+
+    def monotonic(self) -> float:
+        with self._cond:
+            return self.now
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            end = self.now + seconds
+            try:
+                while not event.is_set() and self.now < end:
+                    self._seen[me] = self.now
+                    self._cond.notify_all()
+                    self._cond.wait(0.01)  # (Event has no callback: polled, in real time)
+            finally:
+                self._seen.pop(me, None)
+                self._cond.notify_all()
+            return event.is_set()
+
+    def advance_to(self, now: float, *, waiting: int, unless: threading.Event | None = None) -> None:
+        """Set the time; return once `waiting` threads wait again having seen it (or a later one),
+        or `unless` is set: a thread whose wait ended is then on to what it does next, a request
+        or a verdict."""
+
+        def settled() -> bool:
+            return sum(t >= now for t in self._seen.values()) >= waiting or bool(unless and unless.is_set())
+
+        with self._cond:
+            self.now = now
+            self._cond.notify_all()
+            assert self._cond.wait_for(settled, 20), f"{waiting} waits at {now} expected, {self._seen} seen"
+
+    def advance_by(self, seconds: float) -> None:
+        with self._cond:
+            self.now += seconds
+            self._cond.notify_all()
+
+
 class _StallingApiServer(BaseHTTPRequestHandler):
-    """A Lease API whose GET answers slowly and whose PUT hangs once `stall` is set."""
+    """A Lease API on a fake clock: a PUT takes half a second to commit, and hangs (no answer)
+    while `stall` is set."""
 
     state: ClassVar[dict[str, Any]] = {}
 
@@ -152,7 +199,7 @@ class _StallingApiServer(BaseHTTPRequestHandler):
         return json.dumps(
             {
                 "metadata": {"name": "l", "namespace": "ns", "resourceVersion": str(rv)},
-                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 9, "renewTime": f"t{rv}"},
+                "spec": {"holderIdentity": "me", "leaseDurationSeconds": 15, "renewTime": f"t{rv}"},
             }
         ).encode()
 
@@ -163,44 +210,67 @@ class _StallingApiServer(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self) -> None:
-        if self.state["stall"].is_set():
-            time.sleep(1.7)  # just within the client's timeout
         self._send(self._lease())
 
     def do_PUT(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         if self.state["stall"].is_set():
-            time.sleep(30)
+            self.state["hanging"].set()
+            self.state["unstall"].wait(60)
             return
+        self.state["clock"].advance_by(0.5)
         self.state["rv"] += 1
-        self.state["committed"] = time.monotonic()
+        self.state["commits"].append(self.state["clock"].monotonic())
         self._send(self._lease())
 
 
 def test_a_leader_stops_before_a_standby_may_take_over_even_while_a_renewal_hangs() -> None:
-    # A renewal that started just before the deadline and hangs (no answer, the client's timeout
-    # applies per socket step) must not keep the leader running past the Lease: a watchdog ends
-    # it at the renew deadline, counted from the start of the last attempt that was committed.
-    stall = threading.Event()
-    _StallingApiServer.state = {"rv": 1, "stall": stall, "committed": time.monotonic()}
+    # A renewal that hangs (no answer: the client's timeout applies per socket step, so a request
+    # may hang past any deadline) must not keep the leader running past the Lease: a watchdog ends
+    # it at the renew deadline, counted from the start of the last attempt that was committed. On
+    # a fake clock, so the loss is seen at that very time, not measured.
+    clock = _FakeClock(100.0)
+    stall, unstall, hanging = threading.Event(), threading.Event(), threading.Event()
+    commits: list[float] = []
+    _StallingApiServer.state = {
+        "rv": 1,
+        "stall": stall,
+        "unstall": unstall,
+        "hanging": hanging,
+        "clock": clock,
+        "commits": commits,
+    }
     server = ThreadingHTTPServer(("127.0.0.1", 0), _StallingApiServer)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    conn = Connection("127.0.0.1", server.server_address[1], None, {"Content-Type": "application/json"})
+    elector = LeaderElector(LeaseClient(lambda: conn, "ns", "l", timeout=60), "me", 15, clock)
+    assert (elector.retry_seconds, elector.renew_deadline) == (2.0, 10.0)
     try:
-        conn = Connection("127.0.0.1", server.server_address[1], None, {"Content-Type": "application/json"})
-        elector = LeaderElector(LeaseClient(lambda: conn, "ns", "l", timeout=1.8), "me", 9)
-        assert elector.try_once() == 0.0
+        elector.acquire()  # from 100: committed at 100.5
         lost: list[tuple[float, str]] = []
         done = threading.Event()
-        elector.keep(lambda why: (lost.append((time.monotonic(), why)), done.set()))
-        time.sleep(1.5)  # a renewal or two
+        elector.keep(lambda why: (lost.append((clock.monotonic(), why)), done.set()))
+        clock.advance_to(100.5, waiting=2)  # the renewal thread and the watchdog wait
+        clock.advance_to(102.5, waiting=2)  # a renewal from 102.5, committed at 103; both wait again
+        assert commits == [100.5, 103.0]
         stall.set()
+        clock.advance_to(105.0, waiting=1)  # the next renewal hangs; the watchdog waits on
+        assert hanging.wait(20)
+        # Past the deadline of the first renewal (110): the one from 102.5 counts now.
+        clock.advance_to(112.0, waiting=1, unless=done)
+        assert not done.is_set(), lost
+        clock.advance_to(112.5, waiting=0)
         assert done.wait(20)
-        at, why = lost[0]
-        # A standby that saw the last committed renewal may take over 9 s later.
-        assert at - _StallingApiServer.state["committed"] < 9, why
-        assert why.startswith("could not renew the lease for 6s")
+        # The renew deadline after the start of the last committed renewal (not its answer, 103:
+        # it may have been committed from its start on). A standby that saw that renewal may take
+        # over 15 s after it; the renewal that hung counts for nothing.
+        assert lost == [(102.5 + 10.0, "could not renew the lease for 10s (no answer in time)")]
+        assert lost[0][0] < commits[-1] + 15
     finally:
+        stall.clear()
+        unstall.set()
+        elector.release()
         server.shutdown()
 
 

@@ -46,7 +46,6 @@ class Run:
     rc: int
     stdout: bytes  # the container log's stdout
     stderr: bytes
-    elapsed: float
     config: RunnerConfig
 
     @property
@@ -87,7 +86,6 @@ def run_entry(
     """Run the script; with ``term_when``, send SIGTERM once the program printed that."""
     out_path = cfg.layout.root.parent / "container.out"
     err_path = cfg.layout.root.parent / "container.err"
-    start = time.monotonic()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
             [*shell, str(cfg.layout.entry_script)],
@@ -110,7 +108,32 @@ def run_entry(
         finally:
             if proc.poll() is None:
                 proc.kill()
-    return Run(rc, out_path.read_bytes(), err_path.read_bytes(), time.monotonic() - start, cfg)
+    return Run(rc, out_path.read_bytes(), err_path.read_bytes(), cfg)
+
+
+def _recording_sleep(tmp: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose `sleep` is the real one, which appends "ARGS STATUS" to the returned
+    file once it has ended (a wrapper killed itself appends nothing)."""
+    real = shutil.which("sleep")
+    assert real is not None
+    bindir = tmp / "recording-bin"
+    bindir.mkdir()
+    record = tmp / "sleeps"
+    wrapper = bindir / "sleep"
+    wrapper.write_text(
+        f'#!/bin/sh\n{shlex.quote(real)} "$@"\ns=$?\necho "$* $s" >>{shlex.quote(str(record))}\nexit $s\n'
+    )
+    wrapper.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, record
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not: it holds no files any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_path: Path) -> None:
@@ -205,10 +228,11 @@ def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) 
     r = run_entry(shell, cfg, term_when=b"ready")
     assert r.rc == 5
     assert r.out_file == b"ready\ngot-usr1\n"
-    assert r.elapsed < 8
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.return_code == 5 and status.cancelled
     assert "sending SIGUSR1" in r.syslog
+    # The program's own exit ended the job: the SIGKILL timer was stopped, it never ran out.
+    assert "timeout (10s) expired" not in r.syslog
 
 
 @pytest.mark.parametrize("own_group", [True, False], ids=["setsid", "no-setsid"])
@@ -248,7 +272,8 @@ def test_a_program_under_a_shell_gets_its_graceful_timeout(shell: list[str], tmp
     r = run_entry(shell, cfg, term_when=b"ready")
     assert r.out_file == b"ready\nsaving\nsaved\n", r.syslog
     assert r.rc == 128 + signal.SIGUSR1  # the shell's
-    assert r.elapsed < 8 and "timeout (10s) expired" not in r.syslog
+    # The script waited for the group to end, not for the timer: it never ran out.
+    assert "timeout (10s) expired" not in r.syslog
     # The timeout still holds for a group that does not end.
     stubborn = "trap 'echo ignoring' USR1; echo ready; while :; do sleep 0.1; done"
     cfg = make_config(
@@ -257,24 +282,32 @@ def test_a_program_under_a_shell_gets_its_graceful_timeout(shell: list[str], tmp
         graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 2},
     )
     r = run_entry(shell, cfg, term_when=b"ready")
-    assert b"ignoring" in r.out_file and "timeout (2s) expired" in r.syslog and r.elapsed < 8
+    assert b"ignoring" in r.out_file and "timeout (2s) expired" in r.syslog
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.cancelled and status.return_code == r.rc
 
 
 def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
-    # The 10 s of the DataSphere example once (dash); 2 s for the other shells to keep the suite fast.
-    timeout = 10 if shell[0] == "dash" else 2
+    # The 10 s of the DataSphere example once (dash); 3 s for the other shells to keep the suite
+    # fast (not 2: the heartbeat's own `sleep 2` would pass for the timer's below).
+    timeout = 10 if shell[0] == "dash" else 3
     cmd = "trap 'echo ignoring-usr1' USR1; echo ready; while :; do sleep 0.1; done"
     cfg = make_config(
         tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": timeout}
     )
-    start = time.monotonic()
-    r = run_entry(shell, cfg, term_when=b"ready")
+    # No cgroup to sample, so no sampler's `sleep 10` either: the only `sleep {timeout}` is the timer's.
+    cfg.layout.entry_script.write_text(render_entry_script(cfg, cgroup_fs=str(tmp_path / "no-cgroup")))
+    env, sleeps = _recording_sleep(tmp_path)
+    r = run_entry(shell, cfg, env=env, term_when=b"ready")
     assert r.rc == 128 + signal.SIGKILL
     assert b"ignoring-usr1" in r.out_file
-    assert timeout - 0.5 <= time.monotonic() - start < timeout + 6
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.return_code == 137 and status.cancelled
-    assert f"timeout ({timeout}s) expired" in r.syslog
+    # The program got its whole timeout (not a measured time: the timer's `sleep {timeout}` ran to
+    # its end), and the SIGKILL came from the timer after it, once the signal had been sent.
+    assert f"{timeout} 0" in sleeps.read_text().splitlines()
+    sent = r.syslog.index(f"cancel: sending SIGUSR1 to the program, SIGKILL in {timeout}s")
+    assert r.syslog.index(f"timeout ({timeout}s) expired: sending SIGKILL") > sent
 
 
 def test_without_graceful_parameters_cancel_is_sigkill(shell: list[str], tmp_path: Path) -> None:
@@ -283,7 +316,11 @@ def test_without_graceful_parameters_cancel_is_sigkill(shell: list[str], tmp_pat
     r = run_entry(shell, cfg, term_when=b"ready")
     assert r.rc == 137
     assert b"term-trapped" not in r.out_file
-    assert r.elapsed < 8
+    # At once: no signal for the program to act on first, no timer started.
+    assert "cancel: no graceful shutdown configured: sending SIGKILL to the program" in r.syslog
+    assert "SIGKILL in" not in r.syslog
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 137 and status.cancelled
 
 
 def test_sigint_as_graceful_signal_reaches_a_python_program(shell: list[str], tmp_path: Path) -> None:
@@ -309,10 +346,19 @@ def test_sigint_as_graceful_signal_reaches_a_python_program(shell: list[str], tm
 
 
 def test_leftover_background_processes_do_not_hold_the_job(shell: list[str], tmp_path: Path) -> None:
-    r = run_entry(shell, make_config(tmp_path, "sleep 60 & echo started-bg; exit 4"))
+    r = run_entry(shell, make_config(tmp_path, 'sleep 60 & echo "started-bg $!"; exit 4'))
     assert r.rc == 4
-    assert r.out_file == b"started-bg\n"
-    assert r.elapsed < 8
+    label, pid = r.out_file.decode().split()
+    try:
+        assert label == "started-bg" and r.out_file.endswith(b"\n")
+        # Killed with the program's session when the program exited, so it no longer held the
+        # output pipes when the script waited for its tees (it would have until the drain
+        # deadline, then been left running).
+        assert not _alive(int(pid)), r.syslog
+        assert "program exited with code 4" in r.syslog
+    finally:
+        if _alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _busybox_bin(tmp: Path, applets: list[str]) -> Path:
@@ -572,13 +618,57 @@ def test_a_cancel_while_the_program_starts_reaches_it_once(
     assert r.syslog.count("cancel: ") == 1
 
 
+def _holders(fd: int) -> list[str]:
+    """The other processes with the pipe `fd` (this process's end of it) open, as "PID COMM"."""
+    target = f"pipe:[{os.fstat(fd).st_ino}]"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(link) == target for link in (proc / "fd").iterdir()):
+                found.append(f"{proc.name} {(proc / 'comm').read_text().strip()}")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def _output_at_exit(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """Once the script has exited (a generous wait: a hang guard, no more), its stdout and stderr as
+    they are at that moment: EOF must be there already. A pipe some leftover still holds open
+    would give no EOF (it would only come when that process ends): this fails, naming it."""
+    proc.wait(timeout=60)
+    got = []
+    for pipe in (proc.stdout, proc.stderr):
+        assert pipe is not None
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        data = b""
+        while True:
+            try:
+                chunk: bytes | None = os.read(fd, 65536)
+            except BlockingIOError:
+                chunk = None
+            if chunk is None:
+                pytest.fail(f"the container output is still open after the script's exit: {_holders(fd)}")
+            if not chunk:
+                break
+            data += chunk
+        got.append(data)
+    return got[0], got[1]
+
+
 def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tmp_path: Path) -> None:
     """With pipes as the container log (as a runtime has), EOF must come when the script exits."""
     cfg = make_config(tmp_path / "a", "echo hi; echo err >&2; exit 3")
-    start = time.monotonic()
-    done = subprocess.run([*shell, str(cfg.layout.entry_script)], capture_output=True, timeout=30)
-    assert done.returncode == 3 and done.stdout == b"hi\n" and done.stderr == b"err\n"
-    assert time.monotonic() - start < 9
+    proc = subprocess.Popen(
+        [*shell, str(cfg.layout.entry_script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert _output_at_exit(proc) == (b"hi\n", b"err\n") and proc.returncode == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     # The cancel path starts a killer subshell: it must not hold the pipes either.
     cmd = "trap 'exit 0' USR1; echo ready; while :; do sleep 0.1; done"
     cfg2 = make_config(
@@ -587,15 +677,17 @@ def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tm
     proc = subprocess.Popen(
         [*shell, str(cfg2.layout.entry_script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 20
-    while b"ready" not in (cfg2.layout.stdout.read_bytes() if cfg2.layout.stdout.exists() else b""):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    start = time.monotonic()
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0 and out == b"ready\n"
-    assert time.monotonic() - start < 9
+    try:
+        deadline = time.monotonic() + 20
+        while b"ready" not in (cfg2.layout.stdout.read_bytes() if cfg2.layout.stdout.exists() else b""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = _output_at_exit(proc)
+        assert proc.returncode == 0 and out == b"ready\n"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def _fake_python(tmp: Path) -> dict[str, str]:

@@ -297,9 +297,23 @@ def identity() -> str:
     return f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
+class Clock:
+    """The elector's monotonic time and its waits on it (tests give it a fake one)."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        """`event.wait(seconds)`: whether the event is set."""
+        return event.wait(seconds)
+
+
 class LeaderElector:
-    def __init__(self, client: LeaseClient, me: str, duration_seconds: int) -> None:
+    def __init__(
+        self, client: LeaseClient, me: str, duration_seconds: int, clock: Clock | None = None
+    ) -> None:
         self.client, self.me = client, me
+        self.clock = clock or Clock()
         self.duration = duration_seconds
         self.renew_deadline = duration_seconds * 2 / 3
         self.retry_seconds = max(duration_seconds / 7.5, 0.2)  # 2 s of client-go's 15 s
@@ -320,7 +334,7 @@ class LeaderElector:
             self._observed,
             me=self.me,
             now=datetime.now(UTC),
-            mono=time.monotonic(),
+            mono=self.clock.monotonic(),
             duration_seconds=self.duration,
         )
         self._observed = step.observed
@@ -333,7 +347,7 @@ class LeaderElector:
         """Block until this replica holds the Lease."""
         waiting_for, failing = "", ""
         while not self._stop.is_set():
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 wait = self.try_once()
                 failing = ""
@@ -360,7 +374,7 @@ class LeaderElector:
                     "standing by: lease %s/%s is held by %s", self.client.namespace, self.client.name, holder
                 )
                 waiting_for = holder
-            self._stop.wait(wait)
+            self.clock.wait(self._stop, wait)
 
     def keep(self, on_lost: Callable[[str], None]) -> None:
         """Renew the Lease in a thread; `on_lost(why)` once it cannot (it must stop this replica).
@@ -375,8 +389,8 @@ class LeaderElector:
                 on_lost(why)
 
         def renew() -> None:
-            while not self._stop.wait(self.retry_seconds):
-                started = time.monotonic()
+            while not self.clock.wait(self._stop, self.retry_seconds):
+                started = self.clock.monotonic()
                 try:
                     if self.try_once() == 0.0:
                         self._renewed_at = max(self._renewed_at, started)
@@ -391,16 +405,16 @@ class LeaderElector:
 
         def watchdog() -> None:
             while True:
-                left = self._renewed_at + self.renew_deadline - time.monotonic()
+                left = self._renewed_at + self.renew_deadline - self.clock.monotonic()
                 if left <= 0:
                     why = self._renew_error or "no answer in time"
                     lose(f"could not renew the lease for {self.renew_deadline:.0f}s ({why})")
                     return
-                if self._stop.wait(left):
+                if self.clock.wait(self._stop, left):
                     return
 
         if not self._renewed_at:
-            self._renewed_at = time.monotonic()  # held without acquire() (tests)
+            self._renewed_at = self.clock.monotonic()  # held without acquire() (tests)
         self._thread = threading.Thread(target=renew, name="lease renewal", daemon=True)
         self._thread.start()
         threading.Thread(target=watchdog, name="lease deadline", daemon=True).start()
