@@ -238,6 +238,21 @@ def test_cancelled_job_ends_with_cancelled_error() -> None:
     assert ops.output_keys(j) == []
 
 
+@pytest.mark.parametrize(
+    ("details", "message"),
+    [
+        ("the job was cancelled: stop", "the job was cancelled: stop"),
+        ("the job was cancelled before it started: stop", "the job was cancelled before it started: stop"),
+        ("the job was cancelled before it started", "the job was cancelled before it started: stop"),
+        ("", "the job was cancelled: stop"),
+        ("node lost", "the job was cancelled: stop (node lost)"),
+    ],
+)
+def test_a_cancel_s_message_tells_its_reason_once(details: str, message: str) -> None:
+    j = job({"phase": "CANCELLED", "statusDetails": details}, execute=True, cancel={"reason": "stop"})
+    assert execute_op(j).error.message == message
+
+
 def test_cleared_data_reports_outputs_as_errors() -> None:
     status = {
         "phase": "SUCCESS",

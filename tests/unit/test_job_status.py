@@ -1669,9 +1669,12 @@ def test_a_cancelled_job_whose_pod_is_gone_tells_each_phase_and_drops_its_secret
     p = step(j, [pod(gone=True, node="cpu-0")])
     assert p.status.phase == JobPhase.CANCELLED
     assert [e.message for e in coalesce_transitions(p.events)] == [
-        "EXECUTING -> CANCELLING -> CANCELLED: the job was cancelled"
+        "EXECUTING -> CANCELLING -> CANCELLED: the job was cancelled: stop"
     ]
     assert DeleteSecrets() in p.actions
+    assert p.status.status_details == "the job was cancelled: stop"  # the reason stays told
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.message == "the job was cancelled: stop"
     # A job that ends while its pod is still there deletes the Secrets with the pod (later).
     ended = step(job(status=started("EXECUTING")), [ended_pod(0)], res=result(0))
     assert ended.status.phase == JobPhase.SUCCESS and not ended.actions

@@ -21,6 +21,7 @@ Phase mapping (docs/operator.md has the full table):
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -327,6 +328,14 @@ def finish(
     events: list[JobEvent],
 ) -> ProjectJobStatus:
     """Move to a final phase: finishedAt, data expiry, return code, the Finished condition."""
+    if (
+        outcome.phase == JobPhase.CANCELLED
+        and spec is not None
+        and spec.cancel is not None
+        and spec.cancel.reason
+    ):
+        # The reason stays told once the job is final (CANCELLING said it while it lasted).
+        outcome = dataclasses.replace(outcome, message=f"{outcome.message}: {spec.cancel.reason}")
     status = with_phase(status, outcome.phase, outcome.message, events)
     finished_at = status.finished_at or now
     update: dict[str, object] = {"finished_at": finished_at}
