@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
+
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.storage import (
     IntegrityError,
@@ -160,3 +162,40 @@ def config(tmp: Path, cmd: str = "x", **kw: object) -> RunnerConfig:
     cfg.layout.create()
     cfg.work_dir.mkdir(exist_ok=True)
     return cfg
+
+
+def _where(path: Any, dir_fd: int | None = None) -> str:
+    """The real path a scandir/open call names (a directory fd, or a name relative to one)."""
+    if isinstance(path, int):
+        return os.readlink(f"/proc/self/fd/{path}")
+    name = os.fspath(path)
+    if dir_fd is not None and not os.path.isabs(name):
+        return os.path.normpath(os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name))
+    return os.path.realpath(name)
+
+
+def deny(monkeypatch: pytest.MonkeyPatch, *paths: Path, prefix: Path | None = None) -> None:
+    """Listing or opening these paths (and, with `prefix`, any path starting with it) fails as
+    for a uid without permission: root, running the tests, is not stopped by modes. Calls by a
+    directory fd or relative to one count by the path they reach."""
+    denied = {os.path.realpath(p) for p in paths}
+    start = os.path.realpath(prefix) if prefix is not None else None
+    real_scandir, real_open = os.scandir, os.open
+
+    def refused(where: str) -> bool:
+        return where in denied or (start is not None and where.startswith(start))
+
+    def scandir(path: Any = ".") -> Any:
+        where = _where(path)
+        if refused(where):
+            raise PermissionError(13, "Permission denied", where)
+        return real_scandir(path)
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        where = _where(path, dir_fd)
+        if refused(where):
+            raise PermissionError(13, "Permission denied", where)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)

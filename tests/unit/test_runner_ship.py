@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_fakes import FileStore, MemoryStore, config
+from runner_fakes import FileStore, MemoryStore, config, deny
 
 from dsjobs.logrecords import (
     SYSTEM_LOG_PATH,
@@ -460,14 +462,7 @@ def test_entries_a_directory_output_lacks_are_file_errors_of_that_output(
     (res / "locked").mkdir(parents=True)
     (res / "a.txt").write_text("a")
     (res / "locked" / "b.txt").write_text("b")
-    real_scandir = os.scandir
-
-    def scandir(path: Any = ".") -> Any:  # as for ship's uid on a directory the job made 0700
-        if os.fspath(path) == str(res / "locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny(monkeypatch, res / "locked")  # as for ship's uid on a directory the job made 0700
     store = FileStore()
     lines: list[str] = []
     outputs, errors = upload_outputs(cfg, store, lines.append)  # type: ignore[arg-type]
@@ -490,14 +485,7 @@ def test_an_unreadable_output_directory_fails_instead_of_uploading_an_empty_zip(
     cfg = config(tmp_path, outputs=[{"path": "ckpt"}])
     (cfg.work_dir / "ckpt").mkdir()
     (cfg.work_dir / "ckpt" / "c.txt").write_text("c")
-    real_scandir = os.scandir
-
-    def scandir(path: Any = ".") -> Any:
-        if os.fspath(path) == str(cfg.work_dir / "ckpt"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny(monkeypatch, cfg.work_dir / "ckpt")
     store = FileStore()
     outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
     assert outputs == []
@@ -518,14 +506,7 @@ def test_many_lost_entries_are_named_up_to_a_cap_then_counted(
     res.mkdir()
     for i in range(MAX_ENTRY_ERRORS + 5):
         (res / f"f{i:02}.txt").write_text("x")
-    real_open = os.open
-
-    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
-        if os.fspath(path).startswith(str(res) + "/f"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_open(path, flags, mode, **kw)
-
-    monkeypatch.setattr(os, "open", open_)
+    deny(monkeypatch, prefix=res / "f")
     outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
     assert len(outputs) == 1
     assert len(errors) == MAX_ENTRY_ERRORS + 1
@@ -908,3 +889,78 @@ def test_system_log_lines_keep_the_time_they_were_written(tmp_path: Path) -> Non
     shipped = records[1].created_ns
     assert [(r.content.count(b"\n"), r.created_ns) for r in records] == [(2, t20), (1, shipped), (1, t24)]
     assert shipped not in (t20, t24)
+
+
+_SWAP = """
+import os, sys
+real, link_to = sys.argv[1], sys.argv[2]
+parked, link = real + ".parked", real + ".link"
+while True:
+    try:
+        os.symlink(link_to, link)
+        os.rename(real, parked)
+        os.rename(link, real)  # now a symlink
+        os.rename(real, link)
+        os.rename(parked, real)  # a directory again
+        os.unlink(link)
+    except OSError:
+        pass
+"""
+
+
+def _swapper(real_dir: Path, link_to: Path) -> subprocess.Popen[bytes]:
+    """A job's leftover process swapping `real_dir` between a directory and a symlink to
+    `link_to` (the runner's Secret, say) as fast as it can: a process of its own, as in a pod."""
+    return subprocess.Popen([sys.executable, "-c", _SWAP, str(real_dir), str(link_to)])
+
+
+@pytest.mark.parametrize("swapped", ["out", "out/sub"])
+def test_a_directory_output_swapped_for_a_symlink_never_uploads_what_it_points_to(
+    tmp_path: Path, swapped: str
+) -> None:
+    # The ship container mounts the storage credentials: a job racing the check of its output
+    # against the zip (a symlink put in place in between) must not get them into its outputs.
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "credentials").write_text("DSJOBS_S3_SECRET_KEY=stolen\n")
+    cfg = config(tmp_path, outputs=[{"path": "out"}])
+    (cfg.work_dir / "out" / "sub").mkdir(parents=True)
+    (cfg.work_dir / "out" / "sub" / "result.txt").write_text("ok")
+    swapper = _swapper(cfg.work_dir / swapped, secret)
+    store = FileStore()
+    zipped = 0
+    try:
+        for _ in range(1000):
+            outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
+            assert len(outputs) + len(errors) >= 1  # uploaded, or a file error saying why not
+            for out in outputs:
+                with zipfile.ZipFile(io.BytesIO(store.objects[out.key])) as zf:
+                    for name in zf.namelist():
+                        assert b"stolen" not in zf.read(name), name
+                zipped += 1
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert zipped  # the race was run against real uploads
+
+
+def test_an_output_whose_resolution_fails_is_its_own_file_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # realpath raises when a symlink changes while it is resolved (a job rotating `latest`).
+    cfg = config(tmp_path, outputs=[{"path": "latest"}, {"path": "b.txt"}])
+    (cfg.work_dir / "latest").write_text("a")
+    (cfg.work_dir / "b.txt").write_text("b")
+    real = os.path.realpath
+
+    def realpath(path: Any, **kw: Any) -> str:
+        if os.fspath(path).endswith("/latest"):
+            raise OSError(22, "Invalid argument", os.fspath(path))
+        return real(path, **kw)
+
+    monkeypatch.setattr(os.path, "realpath", realpath)
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["b.txt"]
+    [err] = errors
+    assert err.path == "latest" and err.type == FileErrorType.UPLOAD_FAILED
+    assert "Invalid argument" in err.description

@@ -9,13 +9,13 @@ import threading
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any
 
 import pytest
-from runner_fakes import Unseekable, umask
+from runner_fakes import Unseekable, deny, umask
 
 from dsjobs.runner.zipsafe import (
     COMPRESS_SAMPLE_BYTES,
+    MAX_ZIP_DEPTH,
     UnsafeZipError,
     declared_size,
     extract_zip,
@@ -215,26 +215,6 @@ def test_data_deflate_cannot_shrink_is_stored_the_rest_deflated_fast(tmp_path: P
     assert (tmp_path / "cli" / "outdir" / "metrics.log").read_bytes() == text
 
 
-def deny(monkeypatch: pytest.MonkeyPatch, *paths: Path) -> None:
-    """Reading these paths fails as for a uid without permission (root, running the tests,
-    is not stopped by modes)."""
-    denied = {os.fspath(p) for p in paths}
-    real_scandir, real_open = os.scandir, os.open
-
-    def scandir(path: Any = ".") -> Any:
-        if os.fspath(path) in denied:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_scandir(path)
-
-    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
-        if os.fspath(path) in denied:
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real_open(path, flags, mode, **kw)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(os, "open", open_)
-
-
 def directory(root: Path) -> Path:
     src = root / "outdir"
     (src / "sub").mkdir(parents=True)
@@ -351,3 +331,45 @@ def test_directories_made_by_extraction_are_writable_by_any_uid(tmp_path: Path) 
     for d in (root, root / "data", root / "data" / "sub", root / "e"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o777, d
     assert stat.S_IMODE((root / "data" / "train.csv").stat().st_mode) == 0o666
+
+
+def test_nesting_deeper_than_the_bound_is_reported_and_the_rest_zipped(tmp_path: Path) -> None:
+    # Walked without recursion: 1000 levels once failed the whole output (RecursionError).
+    src = tmp_path / "deep"
+    level = src
+    for _ in range(MAX_ZIP_DEPTH + 10):
+        level = level / "d"
+    level.mkdir(parents=True)
+    (src / "top.txt").write_text("top")
+    (src / "d" / "d" / "mid.txt").write_text("mid")
+    errors: list[tuple[str, str]] = []
+    dest = tmp_path / "out.zip"
+    assert zip_directory(src, dest, on_error=lambda p, why: errors.append((p, why))) == 2
+    too_deep = "deep/" + "/".join(["d"] * MAX_ZIP_DEPTH)
+    assert errors == [(too_deep, f"nested deeper than {MAX_ZIP_DEPTH} directories")]
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.read("deep/top.txt") == b"top" and zf.read("deep/d/d/mid.txt") == b"mid"
+
+
+def test_a_file_growing_while_it_is_zipped_is_stored_as_it_was_when_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "out"
+    src.mkdir()
+    log = src / "train.log"
+    log.write_bytes(b"x" * 1000)
+    real_fstat = os.fstat
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        with open(log, "ab") as f:  # the job's leftover writes on after the runner looked
+            f.write(b"y" * 500)
+        return st
+
+    dest = tmp_path / "out.zip"
+    monkeypatch.setattr(os, "fstat", fstat_then_grow)
+    assert zip_directory(src, dest) == 1
+    monkeypatch.undo()
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.read("out/train.log") == b"x" * 1000
+        assert zf.testzip() is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 
 
 class RefusedFile(OSError):
@@ -47,6 +48,31 @@ def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     except BaseException:
         os.close(fd)
         raise
+    return fd
+
+
+def open_dir_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
+    """A read-only fd of the directory `path` below `root` (or of `root` itself), opened as
+    `open_beneath` opens a file: no symlink below `root` is followed."""
+    rel = os.path.relpath(os.fspath(path), root) if os.path.isabs(os.fspath(path)) else os.fspath(path)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if rel == ".":
+        return fd
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        os.close(fd)
+        raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
+    return open_below(fd, parts, close=True)
+
+
+def open_below(dir_fd: int, parts: Sequence[str], *, close: bool = False) -> int:
+    """A read-only fd of the directory `parts` names below the open directory `dir_fd` (its own
+    fd when `parts` is empty), no symlink followed; `dir_fd` is closed with `close` only."""
+    fd = os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
+    if close:
+        os.close(dir_fd)
+    for part in parts:
+        fd = _step(fd, part, _DIR_FLAGS)
     return fd
 
 

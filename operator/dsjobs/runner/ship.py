@@ -77,7 +77,7 @@ from dsjobs.runner.result import (
     store_result,
     termination_message,
 )
-from dsjobs.runner.safeio import RefusedFile, open_beneath, read_beneath
+from dsjobs.runner.safeio import RefusedFile, open_beneath, open_dir_beneath, read_beneath
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.runner.zipsafe import zip_directory
 from dsjobs.storage import (
@@ -613,16 +613,25 @@ def _inside(root: str, path: str) -> bool:
 
 def _zip_bound(directory: str) -> int:
     """More than a zip of ``directory`` can take (its files' sizes plus headers; deflate grows
-    nothing by more than a little): the streamed upload's part size comes from it."""
+    nothing by more than a little): the streamed upload's part size comes from it. Only sizes are
+    read (lstat; symlinks not followed), without recursion: nesting of any depth is counted."""
     total = 0
-    for root, dirs, files in os.walk(directory):
-        for name in (*dirs, *files):
+    pending = [directory]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                st = os.lstat(os.path.join(root, name))
+                st = entry.stat(follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
             except OSError:
                 continue
             # Headers: local, data descriptor and central directory entries with zip64 extras.
-            total += st.st_size + st.st_size // 1024 + 2 * len(os.path.join(root, name)) + 200
+            total += st.st_size + st.st_size // 1024 + 2 * len(entry.path) + 200
     return total + 1024
 
 
@@ -642,15 +651,23 @@ def _upload_output(
 
     local = config.work_dir / out.path
     key = output_key(config.project_id, config.job_id, out.path)
-    if not os.path.lexists(local):
-        return fail(FileErrorType.NOT_FOUND, f"output file {declared} was not created by the job")
-    real = os.path.realpath(local)
-    work = os.path.realpath(config.work_dir)
-    if not _inside(work, real):
-        # A symlink out of the working dir could expose the runner's own files.
-        return fail(FileErrorType.UPLOAD_FAILED, "refused: it resolves outside the working directory")
+    # Inside the try: the job's leftovers may change a symlink while it is resolved (realpath
+    # then raises), which is this output's failure, not the runner's.
     try:
+        if not os.path.lexists(local):
+            return fail(FileErrorType.NOT_FOUND, f"output file {declared} was not created by the job")
+        real = os.path.realpath(local)
+        work = os.path.realpath(config.work_dir)
+        if not _inside(work, real):
+            # A symlink out of the working dir could expose the runner's own files.
+            return fail(FileErrorType.UPLOAD_FAILED, "refused: it resolves outside the working directory")
         if os.path.isdir(real):
+            # Opened below the working dir without following links, and zipped from that fd: a
+            # directory swapped for a symlink (to the runner's Secret) since the check is refused.
+            try:
+                dir_fd = open_dir_beneath(work, real)
+            except RefusedFile as exc:
+                return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror or exc}")
             zipped: list[int] = []
 
             def produce(dest: BinaryIO) -> None:
@@ -658,7 +675,7 @@ def _upload_output(
                 # the client extracts them where it expects <basename>/.
                 zipped.append(
                     zip_directory(
-                        real,
+                        dir_fd,
                         dest,
                         arcname=PurePosixPath(out.path).name,
                         on_skip=_skip_reporter(syslog, declared),
@@ -666,11 +683,14 @@ def _upload_output(
                     )
                 )
 
-            # Zipped straight into the upload: a directory as big as the working dir's limit
-            # needs no second copy on the node's disk.
-            res = store.upload_stream(
-                key, produce, content_type="application/zip", size_hint=_zip_bound(real)
-            )
+            try:
+                # Zipped straight into the upload: a directory as big as the working dir's limit
+                # needs no second copy on the node's disk.
+                res = store.upload_stream(
+                    key, produce, content_type="application/zip", size_hint=_zip_bound(real)
+                )
+            finally:
+                os.close(dir_fd)
             n = zipped[0]
             compression = Compression.ZIP
             left_out = f"; left out: {lost.count}" if lost.count else ""

@@ -13,9 +13,9 @@ Layout convention (the DataSphere CLI's): an archive of directory ``a/b/data`` h
 
 from __future__ import annotations
 
+import errno
 import os
 import re
-import shutil
 import stat
 import time
 import zipfile
@@ -23,6 +23,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from dsjobs.runner.safeio import RefusedFile, open_below
 
 _COPY_CHUNK = 1024 * 1024
 #: A file is deflated only when deflating its head (this many bytes) saves at least
@@ -198,37 +200,95 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+#: Directories nested deeper than this below a zipped output are left out (told to `on_error`):
+#: each is opened from the output's root one level at a time, and a bound keeps that cheap.
+MAX_ZIP_DEPTH = 256
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 class _DirectoryZipper:
-    """One `zip_directory` call: walks ``src``, stores what it can, reports what it leaves out."""
+    """One `zip_directory` call: walks the directory open as ``root_fd``, stores what it can,
+    reports what it leaves out.
+
+    Every directory and file is opened relative to an open directory without following a symlink
+    (never by a path a job could swap for a symlink between a check and the open: the ship
+    container reading a job's outputs also holds the storage credentials), depth first, without
+    recursion."""
 
     def __init__(
         self,
         zf: zipfile.ZipFile,
-        src: str,
+        root_fd: int,
         base: str,
         on_skip: EntryCallback | None,
         on_error: EntryCallback | None,
     ) -> None:
         self.zf = zf
-        self.src = src
+        self.root_fd = root_fd
         self.base = base
         self.on_skip = on_skip
         self.on_error = on_error
         self.count = 0
 
     def run(self) -> int:
-        for dirpath, dirnames, filenames in os.walk(self.src, onerror=self._walk_error):
-            arc_dir = self._arc(dirpath)
-            self._prune(dirpath, arc_dir, dirnames)
-            if not filenames and not dirnames:
-                self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
-            for name in sorted(filenames):
-                self._add_file(os.path.join(dirpath, name), f"{arc_dir}/{name}")
+        pending: list[tuple[str, ...]] = [()]
+        while pending:
+            parts = pending.pop()
+            arc_dir = "/".join((self.base, *parts))
+            try:
+                fd = open_below(self.root_fd, parts)
+            except RefusedFile:
+                self._skip(arc_dir, "symlink")  # replaced by one since it was listed
+                continue
+            except OSError as exc:
+                if not parts:
+                    raise  # the directory itself: nothing to zip, the whole output fails
+                self._fail(arc_dir, f"unreadable directory: {exc.strerror}", exc)
+                continue
+            try:
+                subdirs = self._zip_dir(fd, parts, arc_dir)
+            finally:
+                os.close(fd)
+            pending.extend((*parts, d) for d in reversed(subdirs))
         return self.count
 
-    def _arc(self, path: str) -> str:
-        rel = os.path.relpath(path, self.src)
-        return self.base if rel == "." else f"{self.base}/{rel.replace(os.sep, '/')}"
+    def _zip_dir(self, fd: int, parts: tuple[str, ...], arc_dir: str) -> list[str]:
+        """Store the directory's files; its subdirectories to zip next, in name order."""
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not parts:
+                raise
+            self._fail(arc_dir, f"unreadable directory: {exc.strerror}", exc)
+            return []
+        files: list[str] = []
+        subdirs: list[str] = []
+        for entry in entries:
+            arc = f"{arc_dir}/{entry.name}"
+            try:
+                if entry.is_symlink():
+                    self._skip(arc, "symlink")
+                elif not _is_utf8(entry.name):
+                    self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
+                elif entry.is_dir(follow_symlinks=False):
+                    if len(parts) + 1 >= MAX_ZIP_DEPTH:
+                        error = ValueError(f"entry {_display(arc)!r} is nested too deep")
+                        self._fail(arc, f"nested deeper than {MAX_ZIP_DEPTH} directories", error)
+                    else:
+                        subdirs.append(entry.name)
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(entry.name)
+                else:
+                    # Not even opened: opening a device can do things.
+                    self._skip(arc, "not a regular file")
+            except OSError as exc:
+                self._fail(arc, f"unreadable: {exc.strerror}", exc)
+        if not files and not subdirs:
+            self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
+        for name in files:
+            self._add_file(fd, name, f"{arc_dir}/{name}")
+        return subdirs
 
     def _skip(self, arc: str, why: str) -> None:
         if self.on_skip:
@@ -240,30 +300,12 @@ class _DirectoryZipper:
             raise exc
         self.on_error(_display(arc), why)
 
-    def _walk_error(self, exc: OSError) -> None:
-        if exc.filename is None or exc.filename == self.src:
-            raise exc  # the directory itself: nothing to zip, the whole output fails
-        self._fail(self._arc(os.fsdecode(exc.filename)), f"unreadable directory: {exc.strerror}", exc)
-
-    def _prune(self, dirpath: str, arc_dir: str, dirnames: list[str]) -> None:
-        for d in list(dirnames):
-            arc = f"{arc_dir}/{d}"
-            if os.path.islink(os.path.join(dirpath, d)):
-                dirnames.remove(d)
-                self._skip(arc, "symlink")
-            elif not _is_utf8(d):
-                dirnames.remove(d)
-                self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
-
-    def _add_file(self, full: str, arc: str) -> None:
-        if not _is_utf8(arc):
-            self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
-            return
+    def _add_file(self, dir_fd: int, name: str, arc: str) -> None:
         try:
-            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            # O_NONBLOCK: opening a FIFO put there since the listing would wait for a writer.
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
-            if os.path.islink(full):
+            if exc.errno == errno.ELOOP:
                 self._skip(arc, "symlink")
             else:
                 self._fail(arc, f"unreadable: {exc.strerror}", exc)
@@ -277,12 +319,14 @@ class _DirectoryZipper:
         self.count += 1
 
     def _store(self, f: BinaryIO, st: os.stat_result, arc: str) -> None:
-        # Built from fstat of the opened fd, not from the path (which could change).
+        # Built from fstat of the opened fd, not from the path (which could change); the bytes
+        # stored are those it had then (a file still growing is cut there, not followed: its
+        # entry's size, and zip64 or not, are decided by it).
         mtime = time.localtime(max(st.st_mtime, 315532800))[:6]  # zip dates start in 1980
         info = zipfile.ZipInfo(arc, date_time=mtime)
         info.external_attr = (st.st_mode & 0xFFFF) << 16
         info.file_size = st.st_size
-        head = f.read(COMPRESS_SAMPLE_BYTES)
+        head = f.read(min(COMPRESS_SAMPLE_BYTES, st.st_size))
         if _deflate_saves(head):
             info.compress_type = zipfile.ZIP_DEFLATED
             # ZipFile.open takes the level from the ZipInfo it is given, not from the archive
@@ -294,7 +338,13 @@ class _DirectoryZipper:
             info.compress_type = zipfile.ZIP_STORED
         with self.zf.open(info, "w", force_zip64=st.st_size > 2**31) as out:
             out.write(head)
-            shutil.copyfileobj(f, out, _COPY_CHUNK)
+            left = st.st_size - len(head)
+            while left > 0:
+                chunk = f.read(min(_COPY_CHUNK, left))
+                if not chunk:
+                    break  # it shrank: the entry holds what there was
+                out.write(chunk)
+                left -= len(chunk)
 
 
 def _deflate_saves(head: bytes) -> bool:
@@ -310,25 +360,36 @@ def _bad_name(arc: str) -> ValueError:
 
 
 def zip_directory(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | int,
     dest: str | os.PathLike[str] | BinaryIO,
     *,
     arcname: str | None = None,
     on_skip: EntryCallback | None = None,
     on_error: EntryCallback | None = None,
 ) -> int:
-    """Zip directory ``src`` into ``dest`` (a path, or a file that need not be seekable: a pipe)
-    with entries ``<arcname>/...``; returns the files stored.
+    """Zip directory ``src`` (a path, or an open directory fd, left open) into ``dest`` (a path,
+    or a file that need not be seekable: a pipe) with entries ``<arcname>/...``; returns the files
+    stored.
 
-    ``arcname`` defaults to the basename of ``src``; give the declared name when ``src`` is what a
-    symlink resolved to. Symlinks and special files are skipped, never followed (``on_skip`` is
-    told): a job must not be able to make the runner package files from outside its working
-    directory. Entries that cannot be stored (unreadable files or subdirectories, names that are
-    not UTF-8) are left out and told to ``on_error``, the rest is zipped; without ``on_error``
-    they raise. An unreadable ``src`` raises OSError. Callbacks get entry names as printable text.
+    ``arcname`` defaults to the basename of ``src`` (required with an fd); give the declared name
+    when ``src`` is what a symlink resolved to. Symlinks and special files are skipped, never
+    followed or opened (``on_skip`` is told): a job must not be able to make the runner package
+    files from outside its working directory. Entries that cannot be stored (unreadable files or
+    subdirectories, names that are not UTF-8, directories nested deeper than MAX_ZIP_DEPTH) are
+    left out and told to ``on_error``, the rest is zipped; without ``on_error`` they raise. An
+    unreadable ``src`` raises OSError. Callbacks get entry names as printable text.
     """
-    src_path = os.fspath(src)
-    base = arcname or os.path.basename(src_path)
-    # No archive-wide compression: each entry's ZipInfo carries its own (`_DirectoryZipper._store`).
-    with zipfile.ZipFile(dest, "w", allowZip64=True) as zf:
-        return _DirectoryZipper(zf, src_path, base, on_skip, on_error).run()
+    if isinstance(src, int):
+        if not arcname:
+            raise ValueError("zip_directory of a directory fd needs its arcname")
+        root_fd, base = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=src), arcname
+    else:
+        src_path = os.fspath(src)
+        base = arcname or os.path.basename(src_path)
+        root_fd = os.open(src_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # No archive-wide compression: each entry's ZipInfo carries its own (`_DirectoryZipper._store`).
+        with zipfile.ZipFile(dest, "w", allowZip64=True) as zf:
+            return _DirectoryZipper(zf, root_fd, base, on_skip, on_error).run()
+    finally:
+        os.close(root_fd)
