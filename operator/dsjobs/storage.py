@@ -940,8 +940,9 @@ class Storage:
         """Stream a local file to ``key`` (multipart above 16 MiB), hashing it on the way.
 
         ``path`` may be a file opened for reading at its start (the runner opens what the job could
-        have replaced by a symlink itself); it is not closed. The file is read once, in order, and
-        the sha256 is of exactly the bytes sent. Memory is bounded by ``upload_concurrency + 1``
+        have replaced by a symlink itself); it is not closed. The file is read once, in order, up
+        to the size it has when this begins (a file a leftover process keeps appending to is not
+        followed), and the sha256 is of exactly the bytes sent. Memory is bounded by ``upload_concurrency + 1``
         parts whatever the file size. Each request is retried by itself (a part that fails is sent
         again, not the whole file); an upload that still fails is aborted (nothing half-written
         becomes visible).
@@ -952,14 +953,8 @@ class Storage:
         with opened as f:
             size = os.fstat(f.fileno()).st_size
             if size <= MULTIPART_THRESHOLD:
-                # Bounded even if the file grew since fstat: then it goes multipart after all.
-                data = f.read(MULTIPART_THRESHOLD + 1)
-                if len(data) <= MULTIPART_THRESHOLD:
-                    return self._put_whole(key, data, content_type)
-                del data
-                f.seek(0)
-                size = os.fstat(f.fileno()).st_size
-            return self._multipart_upload(f, key, content_type, size)
+                return self._put_whole(key, f.read(size), content_type)
+            return self._multipart_upload(_Bounded(f, size), key, content_type, size)
 
     def _put_whole(self, key: str, data: bytes, content_type: str) -> TransferResult:
         """One PUT of a small upload (`upload_file`, `upload_stream`), hashed as sent."""
@@ -1233,6 +1228,24 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", re.IGNORECASE)
 
 class _Readable(Protocol):
     def readinto(self, buf: bytearray, /) -> int: ...
+
+
+class _Bounded:
+    """The first `limit` bytes of a file, read with `readinto`."""
+
+    def __init__(self, f: _Readable, limit: int) -> None:
+        self._f, self._left = f, limit
+
+    def readinto(self, buf: bytearray, /) -> int:
+        if self._left <= 0:
+            return 0
+        if len(buf) <= self._left:
+            n = self._f.readinto(buf)
+        else:
+            view = memoryview(buf)[: self._left]
+            n = self._f.readinto(view)  # type: ignore[arg-type]  # a writable buffer is all it needs
+        self._left -= n
+        return n
 
 
 class _Produced:

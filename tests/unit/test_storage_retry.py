@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import os
 import socket
 import ssl
 import threading
@@ -692,3 +693,30 @@ def test_an_https_store_is_reached_through_a_connect_tunnel_with_its_name_checke
         tls.shutdown()
         tls.server_close()
         proxy.close()
+
+
+@pytest.mark.parametrize("size", [1000, 16 * MiB + 1])
+def test_a_file_growing_while_it_is_uploaded_is_sent_as_it_was_when_the_upload_began(
+    s3: FakeS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    # An output a leftover process keeps appending to: followed, it kept the job uploading for as
+    # long as the process wrote (up to 10000 parts).
+    s3.answer = _multipart(fail_part=0, failures=0) if size > 1000 else lambda r: r.reply(200)
+    path = tmp_path / "train.log"
+    path.write_bytes(b"x" * size)
+    real_fstat = os.fstat
+
+    grown: list[int] = []
+
+    def fstat_then_grow(fd: int) -> os.stat_result:
+        st = real_fstat(fd)
+        if not grown:  # once, right after the upload looked at the file
+            grown.append(fd)
+            with open(path, "ab") as f:
+                f.write(b"y" * (6 * MiB))
+        return st
+
+    monkeypatch.setattr(storage.os, "fstat", fstat_then_grow)
+    res = s3.store(part_size=5 * MiB).upload_file(path, "projects/p/jobs/j/outputs/train.log")
+    assert (res.size, res.sha256) == (size, hashlib.sha256(b"x" * size).hexdigest())
+    assert sum(n for m, _, _, n in s3.seen if m == "PUT") == size
