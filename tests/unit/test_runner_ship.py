@@ -964,3 +964,37 @@ def test_an_output_whose_resolution_fails_is_its_own_file_error(
     [err] = errors
     assert err.path == "latest" and err.type == FileErrorType.UPLOAD_FAILED
     assert "Invalid argument" in err.description
+
+
+def test_outputs_the_runner_may_not_read_say_so_rather_than_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for ship's uid: a file the job made 0600, a file in a directory the job made 0700.
+    cfg = config(tmp_path, outputs=[{"path": "private.txt"}, {"path": "locked/in.txt"}])
+    (cfg.work_dir / "private.txt").write_text("p")
+    (cfg.work_dir / "locked").mkdir()
+    (cfg.work_dir / "locked" / "in.txt").write_text("i")
+    deny(monkeypatch, cfg.work_dir / "private.txt")
+    real_lstat = os.lstat
+
+    def lstat(path: Any, **kw: Any) -> os.stat_result:
+        if os.fspath(path).startswith(str(cfg.work_dir / "locked") + "/"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_lstat(path, **kw)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert outputs == []
+    assert [(e.path, e.type, e.description) for e in errors] == [
+        (
+            "private.txt",
+            FileErrorType.UPLOAD_FAILED,
+            "upload failed: Permission denied (it is read by another user than the job's: it must be "
+            "readable by all)",
+        ),
+        (
+            "locked/in.txt",
+            FileErrorType.UPLOAD_FAILED,
+            "refused: Permission denied (it is read by another user than the job's: it must be readable by all)",
+        ),
+    ]

@@ -340,7 +340,7 @@ class LogShipper:
         if self.syslog is not None:
             why = exc.strerror or str(exc)
             if isinstance(exc, PermissionError):
-                why += " (it is read by another user than the job's: it must be readable by all)"
+                why += _READABLE_BY_ALL
             name = os.path.relpath(src.path, self.config.paths.shared_dir)
             self.syslog(f"{name} is not shipped: {why}")
 
@@ -635,6 +635,10 @@ def _zip_bound(directory: str) -> int:
     return total + 1024
 
 
+#: Why a file the job wrote may be unreadable to the runner, told with such a refusal.
+_READABLE_BY_ALL = " (it is read by another user than the job's: it must be readable by all)"
+
+
 def _upload_output(
     config: RunnerConfig,
     store: Storage,
@@ -654,8 +658,12 @@ def _upload_output(
     # Inside the try: the job's leftovers may change a symlink while it is resolved (realpath
     # then raises), which is this output's failure, not the runner's.
     try:
-        if not os.path.lexists(local):
+        try:
+            os.lstat(local)
+        except (FileNotFoundError, NotADirectoryError):
             return fail(FileErrorType.NOT_FOUND, f"output file {declared} was not created by the job")
+        except PermissionError as exc:  # a directory on its way the job made 0700
+            return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror}{_READABLE_BY_ALL}")
         real = os.path.realpath(local)
         work = os.path.realpath(config.work_dir)
         if not _inside(work, real):
@@ -710,6 +718,8 @@ def _upload_output(
             syslog(f"output {declared}: uploaded ({human_size(res.size)})")
         else:
             return fail(FileErrorType.UPLOAD_FAILED, "not a regular file or directory")
+    except PermissionError as exc:
+        return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {exc.strerror}{_READABLE_BY_ALL}")
     except Exception as exc:
         return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {type(exc).__name__}: {exc}"[:1000])
     return OutputResult(
