@@ -119,18 +119,25 @@ class Proxy:
     headers: Mapping[str, str] = field(repr=False)  # Proxy-Authorization, if the URL has a user
 
 
-def proxy_for(scheme: str, hostname: str) -> Proxy | None:
+def proxy_for(scheme: str, host: str) -> Proxy | None:
     """The proxy the environment names for `scheme` requests to `hostname` (none if NO_PROXY
     covers it): the variables and rules botocore's calls follow (urllib's), so that both kinds
     of call take one way to the store. A proxy without a scheme is http://; an https:// proxy
     (TLS to the proxy itself) is refused, by name, rather than bypassed."""
     proxies = urllib.request.getproxies_environment()
     url = proxies.get(scheme)
-    if not url or urllib.request.proxy_bypass(hostname):
+    # `host` as the URL has it (host:port when the port is given): NO_PROXY entries may name one.
+    if not url or urllib.request.proxy_bypass(host):
         return None
     parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        port = parsed.port
+    except ValueError:  # the message would quote the URL's password
+        raise ValueError(
+            f"{scheme}_proxy: not a URL of the form http://[user:password@]host[:port]"
+        ) from None
     if parsed.scheme != "http" or not parsed.hostname:
-        shown = f"{parsed.scheme}://{parsed.hostname or ''}" + (f":{parsed.port}" if parsed.port else "")
+        shown = f"{parsed.scheme}://{parsed.hostname or ''}" + (f":{port}" if port else "")
         raise ValueError(
             f"{scheme}_proxy {shown!r}: the storage client reaches a store through an http:// proxy only"
         )
@@ -140,7 +147,7 @@ def proxy_for(scheme: str, hostname: str) -> Proxy | None:
         secret = urllib.parse.unquote(parsed.password or "")
         token = base64.b64encode(f"{user}:{secret}".encode()).decode()
         headers["Proxy-Authorization"] = f"Basic {token}"
-    return Proxy(parsed.hostname, parsed.port or 80, headers)
+    return Proxy(parsed.hostname, port or 80, headers)
 
 
 class S3HttpError(Exception):
@@ -189,7 +196,7 @@ class S3Http:
         self.timeout = timeout
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None
-        self._proxy = proxy_for(url.scheme, self.hostname)
+        self._proxy = proxy_for(url.scheme, self.host)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:

@@ -253,6 +253,16 @@ def test_a_cancel_s_message_tells_its_reason_once(details: str, message: str) ->
     assert execute_op(j).error.message == message
 
 
+def test_a_cancel_reason_that_is_a_word_of_the_details_is_still_told() -> None:
+    # Details of a job that ended before the reason was kept in them.
+    j = job(
+        {"phase": "CANCELLED", "statusDetails": "the job was cancelled before it started"},
+        execute=True,
+        cancel={"reason": "started"},
+    )
+    assert execute_op(j).error.message == "the job was cancelled before it started: started"
+
+
 def test_cleared_data_reports_outputs_as_errors() -> None:
     status = {
         "phase": "SUCCESS",

@@ -1712,14 +1712,16 @@ def test_a_stage_in_stopped_from_outside_is_the_disruption_and_is_retried() -> N
     deleted = pod(phase="Failed", node="cpu-0", deleting=True, init=[terminated("stage-in", 143, "Error")])
     gone = step(job(status=started("PREPARING")), [deleted])
     assert gone.status.phase == JobPhase.ERROR and "was deleted" in gone.status.status_details
-    # The stage-in's own failures stay its own, in a pod being deleted too.
+    # The stage-in's own failures stay its own, in a pod being deleted or evicted since too.
     for init in (
         terminated("stage-in", 1, "Error", "input x.csv: sha256 mismatch"),
         terminated("stage-in", 137, "OOMKilled"),
+        terminated("stage-in", 139, "Error"),  # its own crash, not the stop's signal
     ):
+        evicted_since = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
         failed = step(
             job(status=started("PREPARING"), retryPolicy=policy),
-            [pod(phase="Failed", node="cpu-0", deleting=True, init=[init])],
+            [pod(phase="Failed", node="cpu-0", deleting=True, conditions=[evicted_since], init=[init])],
         )
         assert failed.status.phase == JobPhase.ERROR and failed.status.attempt == 1
         cond = get_condition(failed.status, "Finished")
@@ -1736,6 +1738,7 @@ def test_a_cancelled_job_is_not_retried_whatever_its_exit_code() -> None:
     # Nor when the runner did not get to say it was stopped.
     q = step(cancelling, [ended_pod(143, res=result(143))], res=result(143))
     assert q.status.phase.is_final and q.status.attempt == 1
+    assert not any(isinstance(a, CreatePod) for a in q.actions)
     assert not any(isinstance(a, CreatePod) for a in p.actions)
     # Without the cancel the same ending is retried.
     running = job(status=started("EXECUTING"), retryPolicy=policy)

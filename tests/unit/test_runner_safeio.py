@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runner_fakes import FileStore, config
@@ -11,7 +12,7 @@ from test_runner_ship import all_records, append
 
 from dsjobs.logrecords import log_file_key
 from dsjobs.runner.config import OutputFile
-from dsjobs.runner.safeio import RefusedFile, open_beneath
+from dsjobs.runner.safeio import RefusedFile, open_beneath, open_dir_beneath
 from dsjobs.runner.ship import LogShipper, read_status_file, upload_log_files, upload_outputs
 from dsjobs.runner.syslog import SystemLog
 
@@ -111,3 +112,30 @@ def test_the_program_status_is_not_read_through_a_symlink(tmp_path: Path) -> Non
     cfg.layout.status.write_text("end=1\nphase=run\nrc=3\n")
     status = read_status_file(cfg.layout.status, cfg.paths.shared_dir)
     assert status is not None and status.return_code == 3
+
+
+def test_directories_passed_through_need_search_permission_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A parent the job made 0711: ship's uid may pass through it, not read it (root, running the
+    # tests, is not stopped by modes: the kernel's rule is played by the patched open).
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f.txt").write_text("f")
+    parent = os.path.realpath(tmp_path / "a")
+    real_open = os.open
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        if not flags & os.O_PATH and os.readlink(f"/proc/self/fd/{fd}") == parent:
+            os.close(fd)
+            raise PermissionError(13, "Permission denied", parent)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_)
+    fd = open_dir_beneath(tmp_path, "a/b")
+    assert sorted(os.listdir(fd)) == ["f.txt"]
+    os.close(fd)
+    with os.fdopen(open_beneath(tmp_path, "a/b/f.txt"), "rb") as f:
+        assert f.read() == b"f"
+    with pytest.raises(PermissionError):
+        os.close(open_dir_beneath(tmp_path, "a"))  # reading it is another matter

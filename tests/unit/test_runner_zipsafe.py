@@ -334,18 +334,19 @@ def test_directories_made_by_extraction_are_writable_by_any_uid(tmp_path: Path) 
 
 
 def test_nesting_deeper_than_the_bound_is_reported_and_the_rest_zipped(tmp_path: Path) -> None:
-    # Walked without recursion: 1000 levels once failed the whole output (RecursionError).
+    # Walked without recursion; what is nested more than MAX_ZIP_DEPTH deep is left out.
     src = tmp_path / "deep"
     level = src
     for _ in range(MAX_ZIP_DEPTH + 10):
         level = level / "d"
     level.mkdir(parents=True)
+    (src.joinpath(*["d"] * MAX_ZIP_DEPTH) / "deepest.txt").write_text("kept")
     (src / "top.txt").write_text("top")
     (src / "d" / "d" / "mid.txt").write_text("mid")
     errors: list[tuple[str, str]] = []
     dest = tmp_path / "out.zip"
-    assert zip_directory(src, dest, on_error=lambda p, why: errors.append((p, why))) == 2
-    too_deep = "deep/" + "/".join(["d"] * MAX_ZIP_DEPTH)
+    assert zip_directory(src, dest, on_error=lambda p, why: errors.append((p, why))) == 3
+    too_deep = "deep/" + "/".join(["d"] * (MAX_ZIP_DEPTH + 1))
     assert errors == [(too_deep, f"nested deeper than {MAX_ZIP_DEPTH} directories")]
     with zipfile.ZipFile(dest) as zf:
         assert zf.read("deep/top.txt") == b"top" and zf.read("deep/d/d/mid.txt") == b"mid"

@@ -627,6 +627,13 @@ def test_no_proxy_and_unsupported_proxies(monkeypatch: pytest.MonkeyPatch) -> No
     assert proxy_for("https", "storage.example") == Proxy("proxy.corp", 3128, {})
     assert proxy_for("http", "storage.example") is None  # HTTP_PROXY is another variable
     assert proxy_for("https", "minio.dsjobs.svc") is None
+    monkeypatch.setenv("NO_PROXY", "minio.dsjobs:9000")  # urllib's (botocore's) rule: host:port too
+    assert proxy_for("https", "minio.dsjobs:9000") is None
+    assert proxy_for("https", "minio.dsjobs:9001") == Proxy("proxy.corp", 3128, {})
+    monkeypatch.setenv("HTTPS_PROXY", "http://u:pa/ss@proxy.corp:3128")  # an unquoted '/'
+    with pytest.raises(ValueError, match="https_proxy: not a URL of the form") as bad:
+        proxy_for("https", "storage.example")
+    assert "pa" not in str(bad.value).replace("password", "")
     monkeypatch.setenv("HTTPS_PROXY", "https://u:secret@proxy.corp:3129")
     with pytest.raises(
         ValueError, match=r"https_proxy 'https://proxy.corp:3129': .* http:// proxy only"

@@ -345,7 +345,7 @@ def execution_outcome(job: JobSnapshot) -> Outcome:
         reason = job.spec.cancel.reason if job.spec.cancel and job.spec.cancel.reason else ""
         message = "the job was cancelled" + (f": {reason}" if reason else "")
         if details.startswith("the job was cancelled"):  # the operator's own words, with the reason
-            message = details if not reason or reason in details else f"{details}: {reason}"
+            message = details if not reason or details.endswith(f": {reason}") else f"{details}: {reason}"
         elif details and details not in message:
             message += f" ({details})"
         return Outcome(done=True, error=_status(grpc.StatusCode.CANCELLED, message))

@@ -29,10 +29,14 @@ RESULT_PATIENCE: Final = timedelta(minutes=10)
 LEFTOVER_CHECK_TIMEOUT: Final = 3.0
 #: What the operator's check of the object store asks for: a HEAD of an object that need not exist.
 STORAGE_CHECK_KEY: Final = "projects/.dsjobs-check"
-#: Seconds the operator's own reads (a result.json, the store check) wait to connect and then for
-#: each read, tried once: they are on a job's reconcile, which a store that hangs must not hold
-#: for minutes (a cancel waits behind it); a failed read is the reconcile's to retry.
+#: Seconds the operator's check of the object store waits to connect and then for each read,
+#: tried once: it is on a job's reconcile, which a store that hangs must not hold for minutes (a
+#: cancel waits behind it).
 STORE_CALL_TIMEOUT: Final = 5.0
+#: The same for reading a runner's result.json, with a few tries: a pod gone before the operator
+#: saw it end has nothing else to tell its outputs, logs and return code, and no patience applies.
+RESULT_READ_TIMEOUT: Final = 10.0
+RESULT_READ_ATTEMPTS: Final = 3
 
 
 class ResultUnavailable(Exception):
@@ -47,6 +51,7 @@ class JobStore:
         self._storage: Any = None
         self._quick_storage: Any = None  # the store with short waits, for the leftover check
         self._call_storage: Any = None  # the store with STORE_CALL_TIMEOUT, one try
+        self._result_storage: Any = None  # the store with RESULT_READ_TIMEOUT and _ATTEMPTS
         # The last check of the object store (loop time, problem or None) and its lock: one check
         # at a time, shared by every job that waits on it.
         self._check: tuple[float, str | None] | None = None
@@ -68,13 +73,20 @@ class JobStore:
             self._call_storage = full.with_timeout(STORE_CALL_TIMEOUT).with_attempts(1)
         return self._call_storage
 
+    def _results(self) -> Any:
+        """The client for result.json reads; None without one."""
+        full = self.client()
+        if full is not None and self._result_storage is None:
+            self._result_storage = full.with_timeout(RESULT_READ_TIMEOUT).with_attempts(RESULT_READ_ATTEMPTS)
+        return self._result_storage
+
     async def stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
         """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
 
         Without it the job's outputs and logs go unrecorded for good (the final status is not
         planned again), so an outage of the object store is waited out for a while after the
         ship container `ended`: ResultUnavailable, and the reconcile is retried with backoff."""
-        storage = self._calls()
+        storage = self._results()
         if storage is None:
             return None
         from dsjobs.runner.result import load_result

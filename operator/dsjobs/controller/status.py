@@ -481,12 +481,14 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     disruption = disruption_of(pod)
     # A stage-in stopped from outside (an eviction, a preemption, a drain, the pod deleted) failed
     # for no fault of the inputs: that is the disruption's outcome, which a retry policy retries.
-    stage_in_stopped = disruption is not None or (
-        pod.deleted_at is not None
-        and stage_in is not None
+    # Only a stage-in ended by the stop's signal (TERM, or KILL after the grace): one that
+    # failed by itself before a drain evicted its pod stays its own failure.
+    stage_in_stopped = (
+        stage_in is not None
         and stage_in.state == "terminated"
         and stage_in.reason != "OOMKilled"
-        and (stage_in.exit_code or 0) > 128
+        and stage_in.exit_code in _STOP_EXIT_CODES
+        and (disruption is not None or pod.deleted_at is not None)
     )
     if not stage_in_stopped and result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
         return Outcome(
@@ -570,6 +572,10 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     return Outcome(
         JobPhase.ERROR, "PodFailed", f"pod {pod.name} failed: {message}", failure=FailureKind.INFRASTRUCTURE
     )
+
+
+#: A container's exit codes when it was stopped: SIGTERM, or SIGKILL once its grace was over.
+_STOP_EXIT_CODES: Final = frozenset({128 + 15, 128 + 9})
 
 
 def _stage_in_failure(container: ContainerView) -> str:

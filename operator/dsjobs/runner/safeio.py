@@ -21,6 +21,8 @@ class RefusedFile(OSError):
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Directories only passed through: search permission is all they need (a 0711 parent).
+_PASS_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -37,10 +39,10 @@ def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     # Each step closes the directory it opened from, whatever happens.
     for part in parts[:-1]:
-        fd = _step(fd, part, _DIR_FLAGS)
+        fd = _step(fd, part, _PASS_FLAGS)
     fd = _step(fd, parts[-1], _FILE_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -55,24 +57,25 @@ def open_dir_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str])
     """A read-only fd of the directory `path` below `root` (or of `root` itself), opened as
     `open_beneath` opens a file: no symlink below `root` is followed."""
     rel = os.path.relpath(os.fspath(path), root) if os.path.isabs(os.fspath(path)) else os.fspath(path)
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     if rel == ".":
-        return fd
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        os.close(fd)
         raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     return open_below(fd, parts, close=True)
 
 
 def open_below(dir_fd: int, parts: Sequence[str], *, close: bool = False) -> int:
     """A read-only fd of the directory `parts` names below the open directory `dir_fd` (its own
     fd when `parts` is empty), no symlink followed; `dir_fd` is closed with `close` only."""
-    fd = os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
-    if close:
-        os.close(dir_fd)
-    for part in parts:
-        fd = _step(fd, part, _DIR_FLAGS)
+    try:
+        fd = os.open(".", _DIR_FLAGS if not parts else _PASS_FLAGS, dir_fd=dir_fd)
+    finally:
+        if close:
+            os.close(dir_fd)
+    for i, part in enumerate(parts):
+        fd = _step(fd, part, _DIR_FLAGS if i == len(parts) - 1 else _PASS_FLAGS)
     return fd
 
 

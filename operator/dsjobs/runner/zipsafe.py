@@ -272,7 +272,7 @@ class _DirectoryZipper:
                 elif not _is_utf8(entry.name):
                     self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
                 elif entry.is_dir(follow_symlinks=False):
-                    if len(parts) + 1 >= MAX_ZIP_DEPTH:
+                    if len(parts) + 1 > MAX_ZIP_DEPTH:
                         error = ValueError(f"entry {_display(arc)!r} is nested too deep")
                         self._fail(arc, f"nested deeper than {MAX_ZIP_DEPTH} directories", error)
                     else:
