@@ -199,3 +199,12 @@ def deny(monkeypatch: pytest.MonkeyPatch, *paths: Path, prefix: Path | None = No
 
     monkeypatch.setattr(os, "scandir", scandir)
     monkeypatch.setattr(os, "open", open_)
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs: not gone, not a zombie (which holds no files any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

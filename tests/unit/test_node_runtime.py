@@ -10,6 +10,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner_fakes import alive
+
 from dsjobs.devcluster.node.logs import read_entries
 from dsjobs.devcluster.node.runtime import ContainerProcess, Notifier, exit_status, proc_start_ticks
 
@@ -102,16 +104,7 @@ def test_straggler_holding_the_pipe_does_not_block(tmp_path: Path) -> None:
         assert [e.content for e in read_entries(str(log))] == [b"started"]
         # wait() returned while the straggler still held the pipe (no EOF yet): it did not wait
         # for the straggler's end, only (a bounded while) for the pipe to drain.
-        assert _alive(straggler)
+        assert alive(straggler)
     finally:
-        if _alive(straggler):
+        if alive(straggler):
             os.kill(straggler, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (not gone, not a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_fakes import umask
+from runner_fakes import alive, umask
 
 from dsjobs.runner.config import SHELL_SPECIAL_ENV, RunnerConfig
 from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
@@ -125,15 +125,6 @@ def _recording_sleep(tmp: Path) -> tuple[dict[str, str], Path]:
     )
     wrapper.chmod(0o755)
     return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, record
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie does not: it holds no files any more)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_path: Path) -> None:
@@ -354,10 +345,10 @@ def test_leftover_background_processes_do_not_hold_the_job(shell: list[str], tmp
         # Killed with the program's session when the program exited, so it no longer held the
         # output pipes when the script waited for its tees (it would have until the drain
         # deadline, then been left running).
-        assert not _alive(int(pid)), r.syslog
+        assert not alive(int(pid)), r.syslog
         assert "program exited with code 4" in r.syslog
     finally:
-        if _alive(int(pid)):
+        if alive(int(pid)):
             os.kill(int(pid), signal.SIGKILL)
 
 
