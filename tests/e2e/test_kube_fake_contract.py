@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -420,3 +421,55 @@ def test_fake_kube_answers_as_the_api_server(cluster: Cluster, kind: Kind, steps
                 f"#{i} {step.method} {step.body}\n  table: {want}\n  real:  {got_real}\n  fake:  {got_fake}"
             )
     assert not rows, f"{kind.name}: {len(rows)} step(s) differ:\n" + "\n".join(rows)
+
+
+def test_the_cluster_wide_lists_the_project_fakes_stand_for(cluster: Cluster) -> None:
+    # tests/unit/test_api_projects.py's FakeKube answers the API's two cluster-wide lists
+    # (api/cluster.py) as if the API server applied their selectors: a job found by id in any
+    # namespace (fieldSelector metadata.name), project namespaces by their label.
+    if not cluster.has_projectjobs:
+        pytest.skip("the ProjectJob CRD is not installed (`make up` deploys it)")
+    other = f"{cluster.namespace}-b"
+    plain = f"{cluster.namespace}-plain"
+    name, decoy = f"c-{secrets.token_hex(3)}", f"c-{secrets.token_hex(3)}"
+
+    def job(ns: str, job_name: str) -> dict[str, Any]:
+        body = JOB.body(ns, job_name)
+        body["metadata"]["finalizers"] = []
+        return body
+
+    async def check() -> tuple[list[tuple[str, str]], dict[str, str]]:
+        kube = await cluster.client()
+        try:
+            await kube.request(
+                "POST",
+                namespaces_path(),
+                body={"metadata": {"name": other, "labels": {PROJECT_LABEL: other}}},
+            )
+            await kube.request("POST", namespaces_path(), body={"metadata": {"name": plain}})
+            for ns, job_name in ((cluster.namespace, name), (other, name), (other, decoy)):
+                await kube.request("POST", jobs_path(ns), body=job(ns, job_name))
+            found = await kube.request(
+                "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
+            )
+            projects = await kube.request("GET", namespaces_path(), params={"labelSelector": PROJECT_LABEL})
+            return (
+                sorted((o["metadata"]["namespace"], o["metadata"]["name"]) for o in found["items"]),
+                {
+                    o["metadata"]["name"]: o["metadata"]["labels"][PROJECT_LABEL]
+                    for o in projects["items"]
+                    if o["metadata"]["name"] in (cluster.namespace, other, plain)
+                },
+            )
+        finally:
+            for ns, job_name in ((cluster.namespace, name), (other, name), (other, decoy)):
+                with contextlib.suppress(KubeError):
+                    await kube.request("DELETE", jobs_path(ns, job_name))
+            for ns in (other, plain):
+                with contextlib.suppress(KubeError):
+                    await kube.request("DELETE", namespaces_path(ns))
+            await kube.close()
+
+    jobs, labelled = asyncio.run(check())
+    assert jobs == sorted([(cluster.namespace, name), (other, name)])
+    assert labelled == {cluster.namespace: cluster.namespace, other: other}
