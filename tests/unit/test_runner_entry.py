@@ -111,20 +111,30 @@ def run_entry(
     return Run(rc, out_path.read_bytes(), err_path.read_bytes(), cfg)
 
 
+def _on_path(tmp: Path, name: str, script: str) -> dict[str, str]:
+    """The environment with an executable `name` (a /bin/sh `script`) first on PATH."""
+    bindir = tmp / f"{name}-bin"
+    bindir.mkdir(exist_ok=True)
+    exe = bindir / name
+    exe.write_text(f"#!/bin/sh\n{script}")
+    exe.chmod(0o755)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+
+
+def _fake_python(tmp: Path, pip: str = "echo pip-ran; exit 0", before_version: str = "") -> dict[str, str]:
+    """PATH with a python3 that reports 3.11.0 (after `before_version`) and runs the shell
+    commands `pip` for any pip command."""
+    return _on_path(tmp, "python3", f'case "$*" in *pip*) {pip} ;; esac\n{before_version}echo 3.11.0\n')
+
+
 def _recording_sleep(tmp: Path) -> tuple[dict[str, str], Path]:
     """An environment whose `sleep` is the real one, which appends "ARGS STATUS" to the returned
     file once it has ended (a wrapper killed itself appends nothing)."""
     real = shutil.which("sleep")
     assert real is not None
-    bindir = tmp / "recording-bin"
-    bindir.mkdir()
     record = tmp / "sleeps"
-    wrapper = bindir / "sleep"
-    wrapper.write_text(
-        f'#!/bin/sh\n{shlex.quote(real)} "$@"\ns=$?\necho "$* $s" >>{shlex.quote(str(record))}\nexit $s\n'
-    )
-    wrapper.chmod(0o755)
-    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, record
+    script = f'{shlex.quote(real)} "$@"\ns=$?\necho "$* $s" >>{shlex.quote(str(record))}\nexit $s\n'
+    return _on_path(tmp, "sleep", script), record
 
 
 def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_path: Path) -> None:
@@ -480,15 +490,10 @@ def test_the_system_log_hides_the_passwords_of_index_urls(tmp_path: Path, url: s
 
 def test_cancel_before_the_program_starts(tmp_path: Path) -> None:
     # pip "installs" for a while (a fake interpreter that sleeps), SIGTERM arrives meanwhile.
-    bindir = tmp_path / "fakebin"
-    bindir.mkdir()
-    fake = bindir / "python3"
-    fake.write_text('#!/bin/sh\ncase "$*" in *pip*) echo pip-running; exec sleep 30 ;; esac\necho 3.11.0\n')
-    fake.chmod(0o755)
+    env = _fake_python(tmp_path, "echo pip-running; exec sleep 30")
     cfg = make_config(
         tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
     )
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
     proc = subprocess.Popen([*_dash(), str(cfg.layout.entry_script)], env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while b"pip-running" not in (
@@ -506,19 +511,14 @@ def test_cancel_before_the_program_starts(tmp_path: Path) -> None:
 def test_a_cancel_during_the_python_check_starts_no_pip(shell: list[str], tmp_path: Path) -> None:
     # The version probe signals the script (its parent) itself: the cancel lands before pip, in
     # a window where no process is there to stop. pip (a long install, maybe) must not start.
-    bindir = tmp_path / "fakepy"
-    bindir.mkdir()
     pip_ran = tmp_path / "pip-ran"
-    fake = bindir / "python3"
-    fake.write_text(
-        f'#!/bin/sh\ncase "$*" in *pip*) : >{shlex.quote(str(pip_ran))}; exit 0 ;; esac\n'
-        'kill -s TERM "$PPID"\necho 3.11.0\n'
+    env = _fake_python(
+        tmp_path, f": >{shlex.quote(str(pip_ran))}; exit 0", before_version='kill -s TERM "$PPID"\n'
     )
-    fake.chmod(0o755)
     cfg = make_config(
         tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
     )
-    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    r = run_entry(shell, cfg, env=env)
     assert r.rc == CANCELLED_EXIT, r.syslog
     assert not pip_ran.exists(), r.syslog
     status = read_status_file(cfg.layout.status)
@@ -560,18 +560,14 @@ def test_a_cancel_while_pip_starts_stops_it_once(shell: list[str], where: str, t
     # "after": the trap stopped pip itself, and the pending check must not send it again.
     # A TERM sent while the script's subshell still had the script's trap was once dropped there
     # (dash, busybox): pip then ran to its end.
-    bindir = tmp_path / "fakepy"
-    bindir.mkdir()
     finished = tmp_path / "pip-finished"
     pip = f"trap 'kill $! 2>/dev/null; exit 143' TERM; sleep 30 & wait $!; : >{shlex.quote(str(finished))}"
-    fake = bindir / "python3"
-    fake.write_text(f'#!/bin/sh\ncase "$*" in *pip*) {pip} ;; esac\necho 3.11.0\n')
-    fake.chmod(0o755)
+    env = _fake_python(tmp_path, pip)
     cfg = make_config(
         tmp_path, "echo program-ran", python_env={"python_version": "3.11", "requirements": ["x"]}
     )
     kills = _cancel_around_start(cfg, _PIP_LAUNCH, where)
-    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    r = run_entry(shell, cfg, env=env)
     assert r.rc == CANCELLED_EXIT, r.syslog
     assert not finished.exists(), r.syslog
     [line] = kills.read_text().splitlines() if kills.exists() else [""]
@@ -681,34 +677,20 @@ def test_nothing_holds_the_container_output_open_after_exit(shell: list[str], tm
             proc.kill()
 
 
-def _fake_python(tmp: Path) -> dict[str, str]:
-    """PATH with a python3 that reports 3.11.0 and "installs" requirements at once."""
-    bindir = tmp / "fakepy"
-    bindir.mkdir()
-    fake = bindir / "python3"
-    fake.write_text('#!/bin/sh\ncase "$*" in *pip*) echo pip-ran; exit 0 ;; esac\necho 3.11.0\n')
-    fake.chmod(0o755)
-    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
-
-
 def test_a_failed_pip_install_tells_pip_s_first_error_line(shell: list[str], tmp_path: Path) -> None:
-    bindir = tmp_path / "fakepy"
-    bindir.mkdir()
-    fake = bindir / "python3"
     pip = (
         "echo 'Looking in indexes: https://pypi.org/simple'; "
         "echo 'ERROR: Could not find a version that satisfies the requirement nope==1 (from versions: none)' >&2; "
         "echo 'ERROR: No matching distribution found for nope==1' >&2; exit 1"
     )
-    fake.write_text(f'#!/bin/sh\ncase "$*" in *pip*) {pip} ;; esac\necho 3.11.0\n')
-    fake.chmod(0o755)
+    env = _fake_python(tmp_path, pip)
     cfg = make_config(
         tmp_path, "echo ran", python_env={"python_version": "3.11", "requirements": ["nope==1"]}
     )
     # An ERROR line written before pip ran is not pip's.
     cfg.layout.system_log.parent.mkdir(parents=True, exist_ok=True)
     cfg.layout.system_log.write_text("ERROR: something before pip\n")
-    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    r = run_entry(shell, cfg, env=env)
     assert r.rc == SETUP_FAILED_EXIT, r.syslog
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.status == RunnerStatus.SETUP_FAILED
@@ -759,7 +741,7 @@ def test_a_job_running_as_another_uid_appends_to_the_stage_in_s_system_log() -> 
             prepare(cfg)
             SystemLog(cfg.layout.system_log, "stage-in")("staged")
         env = _fake_python(root)
-        os.chmod(root / "fakepy", 0o755)
+        os.chmod(root / "python3-bin", 0o755)
         done = subprocess.run(
             [
                 "setpriv",
