@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,19 +30,17 @@ from dsjobs.api.cluster import (
     ProjectInfo,
 )
 from dsjobs.api.errors import ApiError, KubeError
-from dsjobs.api.ids import is_job_id
+from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
 from dsjobs.api.metrics import KUBE_CALLS
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
 from dsjobs.api.streams import StreamSlots
 from dsjobs.models import File
-from dsjobs.models.limits import RESOURCE_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_PROJECT_ID = re.compile(RESOURCE_ID_PATTERN)
 # Concurrent object-store calls of one request (HEADs of a job's inputs).
 _STORAGE_FANOUT = 16
 
@@ -156,7 +153,7 @@ class Core:
     async def project(self, project_id: str, field: str = "project_id") -> ProjectInfo:
         if not project_id:
             raise errors.invalid_argument("is required", field)
-        if len(project_id) > 63 or not _PROJECT_ID.fullmatch(project_id):
+        if not is_resource_id(project_id):
             raise errors.invalid_argument(f"{project_id[:80]!r} is not a project id", field)
         try:
             info = await self.projects.get(project_id)
@@ -182,7 +179,7 @@ class Core:
         """(namespace, project id) of each project namespace with a job of this id, or NOT_FOUND."""
         if not job_id:
             raise errors.invalid_argument("is required", field)
-        if len(job_id) > 63 or not is_job_id(job_id):
+        if not is_job_id(job_id):
             raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id", field)
         found: list[tuple[str, str]] = []
         try:

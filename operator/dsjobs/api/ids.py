@@ -17,11 +17,13 @@ import re
 import secrets
 import time
 
+from dsjobs.models.limits import RESOURCE_ID_PATTERN
+
 _ALPHABET = "0123456789abcdefghijklmnopqrstuv"  # base32hex, lowercase: sorts like its numbers
 _TIME_DIGITS = 9
 _TIME_SPAN = 32**_TIME_DIGITS  # ~1100 years of milliseconds
 JOB_ID_LENGTH = 20
-JOB_ID_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label: any ProjectJob name
+_RESOURCE_ID = re.compile(RESOURCE_ID_PATTERN)  # a DNS label: any ProjectJob or project name
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 
 
@@ -44,6 +46,10 @@ def idempotent_job_id(project_id: str, caller: str, method: str, key: str) -> st
     return "z" + _base32(int.from_bytes(digest[:15], "big"), JOB_ID_LENGTH - 1)
 
 
-def is_job_id(value: str) -> bool:
-    """Whether `value` can name a ProjectJob (ids of hand-applied jobs are any DNS label)."""
-    return bool(JOB_ID_PATTERN.fullmatch(value))
+def is_resource_id(value: str) -> bool:
+    """Whether `value` can be a project id or name a ProjectJob (ids of hand-applied jobs are any
+    DNS label)."""
+    return bool(_RESOURCE_ID.fullmatch(value))
+
+
+is_job_id = is_resource_id

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,11 +27,11 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
+from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.convert.common import file_to_proto
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
-from dsjobs.models.limits import RESOURCE_ID_PATTERN
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_pb2
@@ -80,9 +79,6 @@ class OpRef:
         return _PREFIX + base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode()
 
 
-_RESOURCE_ID = re.compile(RESOURCE_ID_PATTERN)
-
-
 def decode_op_id(text: str) -> OpRef:
     if not text.startswith(_PREFIX) or len(text) > MAX_OPERATION_ID_LENGTH:
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
@@ -102,7 +98,7 @@ def decode_op_id(text: str) -> OpRef:
     if not project_id or (kind != OpKind.DELETE_ALL_DATA and not job_id):
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
     # Ids of ours only (they become parts of API paths): `.` or `a/b` would name something else.
-    if not _RESOURCE_ID.fullmatch(project_id) or (job_id and not _RESOURCE_ID.fullmatch(job_id)):
+    if not is_resource_id(project_id) or (job_id and not is_job_id(job_id)):
         raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
     return OpRef(kind, project_id, job_id, job_uid)
 
