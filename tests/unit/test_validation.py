@@ -85,10 +85,16 @@ def base_doc() -> dict[str, Any]:
     return full_spec().to_cr()
 
 
+#: An InstanceType of the cluster left out of the operator's catalog, and why.
+INVALID_TYPES = {"c1.8": "spec.requests.cpu: 16 is above the limit 8 [request-above-limit]"}
+
+
 def problems_after(mutation: Mutation) -> list[Problem]:
     doc = base_doc()
     mutation(doc)
-    _, problems = parse_job_spec(doc, known_instance_types={"c1.4", "g1.1", "g2.1"})
+    _, problems = parse_job_spec(
+        doc, known_instance_types={"c1.4", "g1.1", "g2.1"}, invalid_instance_types=INVALID_TYPES
+    )
     return problems
 
 
@@ -647,6 +653,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "instance-type-unknown",
         "job_parameters.cloud_instance_types[0].name",
         set_at("jobParameters.cloudInstanceTypes", [{"name": "c9.9"}]),
+        set_at("jobParameters.cloudInstanceTypes", [{"name": "g2.1"}]),
+    ),
+    (
+        "instance-type-invalid",
+        "job_parameters.cloud_instance_types[0].name",
+        set_at("jobParameters.cloudInstanceTypes", [{"name": "c1.8"}]),
         set_at("jobParameters.cloudInstanceTypes", [{"name": "g2.1"}]),
     ),
     # storage, shutdown, datasets

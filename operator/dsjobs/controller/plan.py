@@ -436,8 +436,9 @@ def _plan(
     if not started and not phase.is_final:
         # The whole validation, with the cluster's catalog, before the first pod only: the catalog
         # may change under a running job without making it invalid.
-        spec, problems = parse_job_spec(job.spec, known_instance_types=set(catalog))
-        problems = [_invalid_type(p, invalid_types) for p in problems]
+        spec, problems = parse_job_spec(
+            job.spec, known_instance_types=set(catalog), invalid_instance_types=invalid_types
+        )
     else:
         try:
             spec = ProjectJobSpec.model_validate(job.spec)
@@ -984,23 +985,6 @@ def _clear_data(
     )
     events.append(JobEvent("Normal", "DataCleared", f"the job's stored data was deleted ({why})"))
     return status
-
-
-def _invalid_type(problem: Problem, invalid_types: Mapping[str, str]) -> Problem:
-    """An unknown instance type that is an InstanceType of the cluster, only an invalid one: said
-    so, with what is wrong with it (an admin's to fix), not as a type the cluster lacks."""
-    if problem.rule != "instance-type-unknown":
-        return problem
-    name = problem.message.split(" ", 1)[0]
-    why = invalid_types.get(name)
-    if why is None:
-        return problem
-    return Problem(
-        problem.path,
-        "instance-type-invalid",
-        f"InstanceType {name} is invalid, so no job runs on it (an admin fixes it: kubectl get dsit "
-        f"{name} -o yaml): {why}",
-    )
 
 
 def _unreadable(exc: ValidationError) -> Problem:

@@ -488,7 +488,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         and stage_in.state == "terminated"
         and stage_in.reason != "OOMKilled"
         and stage_in.exit_code in _STOP_EXIT_CODES
-        and (disruption is not None or pod.deleted_at is not None)
+        and (disruption is not None or pod.deleting)
     )
     if not stage_in_stopped and result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
         return Outcome(

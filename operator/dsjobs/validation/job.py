@@ -50,7 +50,10 @@ _NOT_CMD_VARS = {
 
 
 def parse_job_spec(
-    data: Mapping[str, Any], *, known_instance_types: Collection[str] | None = None
+    data: Mapping[str, Any],
+    *,
+    known_instance_types: Collection[str] | None = None,
+    invalid_instance_types: Mapping[str, str] | None = None,
 ) -> tuple[ProjectJobSpec | None, list[Problem]]:
     """Read a CR's `spec` (camelCase or snake_case keys) and check it: (spec or None, all problems).
 
@@ -60,7 +63,9 @@ def parse_job_spec(
         spec = ProjectJobSpec.model_validate(data)
     except ValidationError as exc:
         return None, problems_from_validation_error(exc)
-    return spec, validate_job_spec(spec, known_instance_types=known_instance_types)
+    return spec, validate_job_spec(
+        spec, known_instance_types=known_instance_types, invalid_instance_types=invalid_instance_types
+    )
 
 
 def data_ttl_problem(ttl: timedelta) -> str | None:
@@ -79,12 +84,17 @@ def cancel_reason_problems(reason: str) -> list[Problem]:
 
 
 def validate_job_spec(
-    spec: ProjectJobSpec, *, known_instance_types: Collection[str] | None = None
+    spec: ProjectJobSpec,
+    *,
+    known_instance_types: Collection[str] | None = None,
+    invalid_instance_types: Mapping[str, str] | None = None,
 ) -> list[Problem]:
     """Every problem of a job spec (empty when valid).
 
     `known_instance_types`, when given, are the InstanceType names of the cluster: a job naming
     another one is rejected. The API and the operator pass the catalog they see.
+    `invalid_instance_types`: InstanceTypes of the cluster left out of that catalog, with what is
+    wrong with each (the operator's): a job naming one is told so, not that the cluster lacks it.
     """
     c = Collector()
     c.pattern("project_id", spec.project_id, _RESOURCE_ID, "project-id", "a project id")
@@ -112,7 +122,11 @@ def validate_job_spec(
         for i, code in enumerate(rp.retry_on_exit_codes):
             if not 1 <= code <= 255:
                 c.add(index("retry_policy.retry_on_exit_codes", i), "exit-code", "must be between 1 and 255")
-    c.problems += validate_job_parameters(spec.job_parameters, known_instance_types=known_instance_types)
+    c.problems += validate_job_parameters(
+        spec.job_parameters,
+        known_instance_types=known_instance_types,
+        invalid_instance_types=invalid_instance_types,
+    )
     size = len(json.dumps(spec.to_cr(), ensure_ascii=False).encode())  # what etcd stores: UTF-8
     if size > L.MAX_SPEC_JSON_BYTES:
         c.add("", "spec-size", f"the job is {size} bytes, at most {L.MAX_SPEC_JSON_BYTES} fit in a resource")
@@ -124,6 +138,7 @@ def validate_job_parameters(
     *,
     path: str = "job_parameters",
     known_instance_types: Collection[str] | None = None,
+    invalid_instance_types: Mapping[str, str] | None = None,
 ) -> list[Problem]:
     """Every problem of JobParameters (also used for CloneProjectJob overrides after merging)."""
     c = Collector()
@@ -136,7 +151,7 @@ def validate_job_parameters(
     _cmd(c, params, path)
     if params.env is not None:
         _environment(c, at(path, "env"), params.env)
-    _instance_types(c, params, path, known_instance_types)
+    _instance_types(c, params, path, known_instance_types, invalid_instance_types or {})
     ws = params.extended_working_storage
     if ws is not None and not L.MIN_WORKING_STORAGE_GB <= ws.size_gb <= L.MAX_WORKING_STORAGE_GB:
         c.add(
@@ -547,12 +562,33 @@ def _known_types(known: Collection[str], most: int = 20) -> str:
     return f"it has {', '.join(names[:most])}{more}"
 
 
-def _instance_types(c: Collector, params: JobParameters, path: str, known: Collection[str] | None) -> None:
+def _invalid_type(c: Collector, path: str, name: str, invalid: Mapping[str, str]) -> bool:
+    """An InstanceType of the cluster that breaks its own rules: said so, with what is wrong (an
+    admin's to fix), rather than as a type the cluster lacks."""
+    why = invalid.get(name)
+    if why is None:
+        return False
+    c.add(
+        path,
+        "instance-type-invalid",
+        f"InstanceType {name} is invalid, so no job runs on it (an admin fixes it: kubectl get dsit "
+        f"{name} -o yaml): {why}",
+    )
+    return True
+
+
+def _instance_types(
+    c: Collector,
+    params: JobParameters,
+    path: str,
+    known: Collection[str] | None,
+    invalid: Mapping[str, str],
+) -> None:
     tpath = at(path, "cloud_instance_types")
     c.max_items(tpath, params.cloud_instance_types, L.MAX_LIST_ITEMS)
     if known is not None and not params.cloud_instance_types:
         (default,) = params.instance_type_names()
-        if default not in known:
+        if default not in known and not _invalid_type(c, tpath, default, invalid):
             message = (
                 f"{default} is not an instance type of this cluster (an empty list means {default}); "
                 f"{_known_types(known)}"
@@ -571,7 +607,7 @@ def _instance_types(c: Collector, params: JobParameters, path: str, known: Colle
         if it.name in seen:
             c.add(npath, "instance-type-duplicate", f"{it.name} is listed twice")
         seen.add(it.name)
-        if known is not None and it.name not in known:
+        if known is not None and it.name not in known and not _invalid_type(c, npath, it.name, invalid):
             c.add(
                 npath,
                 "instance-type-unknown",

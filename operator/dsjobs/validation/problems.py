@@ -201,6 +201,7 @@ RULES: dict[str, str] = {
     "instance-type-name": "instance type name syntax (<family>.<size>)",
     "instance-type-duplicate": "an instance type listed twice",
     "instance-type-unknown": "an instance type the cluster does not have",
+    "instance-type-invalid": "an InstanceType of the cluster that breaks its own rules (the operator's)",
     "working-storage-size": "working storage 100..10240 GB",
     "signal": "graceful shutdown signal 1, 2, 10, 12 or 15",
     "graceful-timeout": "graceful shutdown timeout 1s..1h",
