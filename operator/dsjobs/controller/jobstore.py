@@ -49,9 +49,8 @@ class JobStore:
     def __init__(self, storage_env: Mapping[str, str]) -> None:
         self.env = dict(storage_env)
         self._storage: Any = None
-        self._quick_storage: Any = None  # the store with short waits, for the leftover check
-        self._call_storage: Any = None  # the store with STORE_CALL_TIMEOUT, one try
-        self._result_storage: Any = None  # the store with RESULT_READ_TIMEOUT and _ATTEMPTS
+        # The store with shorter waits than the client's, by (timeout, attempts).
+        self._variants: dict[tuple[float, int], Any] = {}
         # The last check of the object store (loop time, problem or None) and its lock: one check
         # at a time, shared by every job that waits on it.
         self._check: tuple[float, str | None] | None = None
@@ -66,19 +65,16 @@ class JobStore:
             self._storage = Storage.from_env(self.env)
         return self._storage
 
-    def _calls(self) -> Any:
-        """The client for reads on a job's reconcile: STORE_CALL_TIMEOUT, one try; None without one."""
+    def _client_with(self, timeout: float, attempts: int) -> Any:
+        """The store's client waiting `timeout` per request, `attempts` tries (made once each);
+        None without a store."""
         full = self.client()
-        if full is not None and self._call_storage is None:
-            self._call_storage = full.with_timeout(STORE_CALL_TIMEOUT).with_attempts(1)
-        return self._call_storage
-
-    def _results(self) -> Any:
-        """The client for result.json reads; None without one."""
-        full = self.client()
-        if full is not None and self._result_storage is None:
-            self._result_storage = full.with_timeout(RESULT_READ_TIMEOUT).with_attempts(RESULT_READ_ATTEMPTS)
-        return self._result_storage
+        if full is None:
+            return None
+        made = self._variants.get((timeout, attempts))
+        if made is None:
+            made = self._variants[(timeout, attempts)] = full.with_timeout(timeout).with_attempts(attempts)
+        return made
 
     async def stored_result(self, job: JobView, attempt: int, ended: datetime | None) -> RunnerResult | None:
         """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
@@ -86,7 +82,7 @@ class JobStore:
         Without it the job's outputs and logs go unrecorded for good (the final status is not
         planned again), so an outage of the object store is waited out for a while after the
         ship container `ended`: ResultUnavailable, and the reconcile is retried with backoff."""
-        storage = self._results()
+        storage = self._client_with(RESULT_READ_TIMEOUT, RESULT_READ_ATTEMPTS)
         if storage is None:
             return None
         from dsjobs.runner.result import load_result
@@ -109,7 +105,7 @@ class JobStore:
         since = storage_bound_since(pod) if pod is not None else None
         if since is None or now - since < STORAGE_CHECK_AFTER:
             return None
-        storage = self._calls()
+        storage = self._client_with(STORE_CALL_TIMEOUT, 1)
         if storage is None:
             return None
         from dsjobs.storage import is_transient
@@ -144,11 +140,9 @@ class JobStore:
         own (continue the log stream after them, read that result.json), so they go first.
         Best effort: a store that does not answer now is the stage-in's to wait out."""
         full = self.client()
-        if full is None:
+        storage = self._client_with(LEFTOVER_CHECK_TIMEOUT, 1)
+        if full is None or storage is None:
             return
-        if self._quick_storage is None:
-            self._quick_storage = full.with_timeout(LEFTOVER_CHECK_TIMEOUT).with_attempts(1)
-        storage = self._quick_storage
         from dsjobs.storage import job_prefix
 
         key = (job.namespace, job.name)

@@ -490,25 +490,21 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         and stage_in.exit_code in _STOP_EXIT_CODES
         and (disruption is not None or pod.deleting)
     )
-    if not stage_in_stopped and result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
-        return Outcome(
-            JobPhase.ERROR,
-            "StageInFailed",
-            f"staging inputs failed: {result.reason}",
-            failure=FailureKind.PERMANENT,
-        )
-    if (
-        not stage_in_stopped
-        and stage_in is not None
-        and stage_in.state == "terminated"
-        and stage_in.exit_code
-    ):
-        return Outcome(
-            JobPhase.ERROR,
-            "StageInFailed",
-            f"staging inputs failed: {_stage_in_failure(stage_in)}",
-            failure=FailureKind.PERMANENT,
-        )
+    if not stage_in_stopped:
+        if result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
+            return Outcome(
+                JobPhase.ERROR,
+                "StageInFailed",
+                f"staging inputs failed: {result.reason}",
+                failure=FailureKind.PERMANENT,
+            )
+        if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
+            return Outcome(
+                JobPhase.ERROR,
+                "StageInFailed",
+                f"staging inputs failed: {_stage_in_failure(stage_in)}",
+                failure=FailureKind.PERMANENT,
+            )
     if result is not None and result.status == RunnerStatus.SETUP_FAILED:
         return Outcome(
             JobPhase.ERROR,
