@@ -13,11 +13,12 @@ kubeconfig that may list ProjectJobs cluster-wide. It lists by default; `--delet
 What counts as orphaned (decided by `find_orphans`, pure):
 - `projects/<p>/jobs/<job>/...`: no ProjectJob of project <p> named <job> exists;
 - `projects/<p>/inputs/<sha256>`: no ProjectJob of project <p> whose data is not cleared uses it;
-- and nothing under it was written (or begun as a multipart upload) within the grace period (default 1 day), so that data of a job
-  being created or written by a pod this cluster does not know of is left alone.
+- and nothing under it was written (or begun as a multipart upload) within the grace period
+  (default 1 day), so that data of a job being created or written by a pod this cluster does not
+  know of is left alone.
 Unfinished multipart uploads count as data (invisible, but their parts take space) and are
-aborted with it. Keys of any other shape are never touched. Right before deleting, the ProjectJobs are listed
-again and whatever a job now owns is kept.
+aborted with it. Keys of any other shape are never touched. Right before deleting, the
+ProjectJobs are listed again and whatever a job now owns is kept.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def delete(storage: Storage, orphan: Orphan) -> int:
     the number of objects deleted and uploads aborted."""
     if orphan.kind == "job":
         aborted = storage.abort_uploads(orphan.key, started_until=orphan.newest)
-        return aborted + storage.delete_prefix(orphan.key, written_until=orphan.newest)
+        return aborted + storage.delete_prefix(orphan.key, written_until=orphan.newest, uploads=False)
     aborted = storage.abort_uploads(orphan.key, key=orphan.key, started_until=orphan.newest)
     if orphan.objects == orphan.uploads:
         return aborted

@@ -120,8 +120,8 @@ class Proxy:
 
 
 def proxy_for(scheme: str, host: str) -> Proxy | None:
-    """The proxy the environment names for `scheme` requests to `hostname` (none if NO_PROXY
-    covers it): the variables and rules botocore's calls follow (urllib's), so that both kinds
+    """The proxy the environment names for `scheme` requests to `host` (none if NO_PROXY covers
+    it): the variables and rules botocore's calls follow (urllib's), so that both kinds
     of call take one way to the store. A proxy without a scheme is http://; an https:// proxy
     (TLS to the proxy itself) is refused, by name, rather than bypassed."""
     proxies = urllib.request.getproxies_environment()

@@ -836,9 +836,12 @@ class Storage:
             if not page.get("IsTruncated") or not token:
                 return
 
-    def delete_prefix(self, prefix: str, *, written_until: datetime | None = None) -> int:
-        """Delete every object under ``prefix`` (and abort its unfinished multipart uploads);
-        with ``written_until``, only those last written (uploads started) by then.
+    def delete_prefix(
+        self, prefix: str, *, written_until: datetime | None = None, uploads: bool = True
+    ) -> int:
+        """Delete every object under ``prefix`` (and, with ``uploads``, abort its unfinished
+        multipart uploads); with ``written_until``, only those last written (uploads started) by
+        then.
 
         Returns the number of objects deleted.
         """
@@ -872,7 +875,8 @@ class Storage:
             if len(batch) >= 1000:
                 flush()
         flush()
-        self.abort_uploads(prefix, started_until=written_until)
+        if uploads:
+            self.abort_uploads(prefix, started_until=written_until)
         return deleted
 
     def iter_uploads(self, prefix: str) -> Iterator[UploadInfo]:

@@ -160,7 +160,9 @@ class _Store:
         self.calls: list[tuple[str, str, datetime | None]] = []
         self.now = 0.0
 
-    def delete_prefix(self, prefix: str, *, written_until: datetime | None = None) -> int:
+    def delete_prefix(
+        self, prefix: str, *, written_until: datetime | None = None, uploads: bool = True
+    ) -> int:
         self.calls.append(("prefix", prefix, written_until))
         self.now += 40
         return 2
