@@ -33,20 +33,11 @@ def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     FileNotFoundError when something on the way is missing; RefusedFile when a component is a
     symlink, the file is not a regular file, or `path` is not plainly below `root`.
     """
-    rel = os.fspath(path)
-    if os.path.isabs(rel):
-        rel = os.path.relpath(rel, root)
-    parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # Each step closes the directory it opened from, whatever happens.
-    for part in parts[:-1]:
-        fd = _step(fd, part, _PASS_FLAGS)
-    fd = _step(fd, parts[-1], _FILE_FLAGS)
+    parts = _plain_parts(root, path)
+    fd = _step(_through(_pass_root(root), parts[:-1]), parts[-1], _FILE_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RefusedFile(errno.EINVAL, f"{rel} is not a regular file")
+            raise RefusedFile(errno.EINVAL, f"{'/'.join(parts)} is not a regular file")
     except BaseException:
         os.close(fd)
         raise
@@ -56,26 +47,46 @@ def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
 def open_dir_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
     """A read-only fd of the directory `path` below `root` (or of `root` itself), opened as
     `open_beneath` opens a file: no symlink below `root` is followed."""
-    rel = os.path.relpath(os.fspath(path), root) if os.path.isabs(os.fspath(path)) else os.fspath(path)
-    if rel == ".":
+    parts = _plain_parts(root, path, root_too=True)
+    if not parts:
         return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _step(_through(_pass_root(root), parts[:-1]), parts[-1], _DIR_FLAGS)
+
+
+def open_below(dir_fd: int, parts: Sequence[str]) -> int:
+    """A read-only fd of the directory `parts` names below the open directory `dir_fd` (its own
+    when `parts` is empty; `dir_fd` stays open), no symlink followed."""
+    if not parts:
+        return os.open(".", _DIR_FLAGS, dir_fd=dir_fd)
+    fd = _through(os.open(".", _PASS_FLAGS, dir_fd=dir_fd), parts[:-1])
+    return _step(fd, parts[-1], _DIR_FLAGS)
+
+
+def _plain_parts(
+    root: str | os.PathLike[str], path: str | os.PathLike[str], *, root_too: bool = False
+) -> list[str]:
+    """The components of `path` below `root` (absolute, or relative to `root`); none for `root`
+    itself with `root_too`. RefusedFile for anything but a plain path below it."""
+    rel = os.fspath(path)
+    if os.path.isabs(rel):
+        rel = os.path.relpath(rel, root)
+    if root_too and rel == ".":
+        return []
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise RefusedFile(errno.EINVAL, f"not a plain path below {os.fspath(root)}: {os.fspath(path)!r}")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return open_below(fd, parts, close=True)
+    return parts
 
 
-def open_below(dir_fd: int, parts: Sequence[str], *, close: bool = False) -> int:
-    """A read-only fd of the directory `parts` names below the open directory `dir_fd` (its own
-    fd when `parts` is empty), no symlink followed; `dir_fd` is closed with `close` only."""
-    try:
-        fd = os.open(".", _DIR_FLAGS if not parts else _PASS_FLAGS, dir_fd=dir_fd)
-    finally:
-        if close:
-            os.close(dir_fd)
-    for i, part in enumerate(parts):
-        fd = _step(fd, part, _DIR_FLAGS if i == len(parts) - 1 else _PASS_FLAGS)
+def _pass_root(root: str | os.PathLike[str]) -> int:
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _through(fd: int, parts: Sequence[str]) -> int:
+    """From the open directory `fd` through the directories `parts` (search permission is all they
+    need): the last one's fd. Each step closes the directory it opened from, whatever happens."""
+    for part in parts:
+        fd = _step(fd, part, _PASS_FLAGS)
     return fd
 
 
