@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from runner_fakes import FileStore, config
 from test_runner_ship import all_records, append
 
 from dsjobs.logrecords import log_file_key
+from dsjobs.runner import safeio
 from dsjobs.runner.config import OutputFile
 from dsjobs.runner.safeio import RefusedFile, open_beneath, open_dir_beneath
 from dsjobs.runner.ship import LogShipper, read_status_file, upload_log_files, upload_outputs
@@ -139,3 +141,20 @@ def test_directories_passed_through_need_search_permission_only(
         assert f.read() == b"f"
     with pytest.raises(PermissionError):
         os.close(open_dir_beneath(tmp_path, "a"))  # reading it is another matter
+
+
+def test_without_openat2_a_link_is_refused_not_followed_some_other_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older kernel, or a seccomp profile that forbids openat2: links are then not followed at
+    all (no userspace resolution a job could race)."""
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / "link").symlink_to("a.txt")
+    monkeypatch.setattr(safeio, "_SYS_OPENAT2", 1_000_000)  # no such system call: ENOSYS
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(RefusedFile, match="cannot follow a symlink safely") as info:
+            safeio.open_file_resolved_beneath(root, "link")
+        assert info.value.errno == errno.ENOSYS
+    finally:
+        os.close(root)

@@ -525,6 +525,29 @@ def test_a_symlinked_output_directory_is_zipped_under_its_declared_name(tmp_path
     assert zip_names(store, outputs[0].key) == ["results/metrics.json"]
 
 
+def test_links_in_a_directory_output_ship_their_files_from_the_working_dir_only(tmp_path: Path) -> None:
+    """A Hugging Face cache as an output: its snapshot links arrive as the blobs they point to, as
+    the output itself would be followed; a link out of the working dir is skipped and told in the
+    system log, its target's bytes nowhere in storage."""
+    cfg = config(tmp_path, outputs=[{"path": "cache"}])
+    snap = cfg.work_dir / "cache" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (cfg.work_dir / "cache" / "blobs").mkdir()
+    (cfg.work_dir / "cache" / "blobs" / "9f").write_bytes(b"weights" * 1000)
+    (snap / "model.bin").symlink_to("../../blobs/9f")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the job's")
+    (snap / "leak").symlink_to(os.path.relpath(outside, snap))
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, SystemLog(cfg.layout.system_log, "ship"))  # type: ignore[arg-type]
+    assert errors == []
+    assert zip_names(store, outputs[0].key) == ["cache/blobs/9f", "cache/snapshots/abc/model.bin"]
+    assert all(b"not the job's" not in data for data in store.objects.values())
+    log = cfg.layout.system_log.read_text()
+    assert "skipped cache/snapshots/abc/leak (symlink resolving outside the working directory)" in log
+    assert "directory of 2 files uploaded as zip" in log
+
+
 def test_a_file_named_in_another_encoding_does_not_fail_its_directory(tmp_path: Path) -> None:
     cfg = config(tmp_path, outputs=[{"path": "results"}])
     res = cfg.work_dir / "results"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -16,6 +17,7 @@ from runner_fakes import Unseekable, deny, umask
 from dsjobs.runner.zipsafe import (
     COMPRESS_SAMPLE_BYTES,
     MAX_ZIP_DEPTH,
+    LinkRoot,
     UnsafeZipError,
     declared_size,
     extract_zip,
@@ -175,6 +177,99 @@ def test_directory_zip_round_trips_and_skips_symlinks(tmp_path: Path) -> None:
     assert (back / "outdir" / "a.txt").read_text() == "A"
     assert os.access(back / "outdir" / "sub" / "b.sh", os.X_OK)
     assert (back / "outdir" / "empty").is_dir()
+
+
+def test_links_inside_the_working_dir_are_stored_as_their_files(tmp_path: Path) -> None:
+    """A model cache's snapshot links to its blobs (`huggingface_hub`'s layout) arrive with their
+    bytes; a link leading out of the working dir, dangling, to a directory or to a FIFO is
+    skipped, never opened, and told."""
+    work = tmp_path / "work"
+    cache = work / "hf"
+    snap = cache / "models--m" / "snapshots" / "abc"
+    blobs = cache / "models--m" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "1f2e").write_text('{"dim": 8}')
+    (work / "elsewhere.txt").write_text("also the job's")
+    (snap / "config.json").symlink_to("../../blobs/1f2e")
+    (snap / "notes.txt").symlink_to("../../../../elsewhere.txt")  # out of hf/, still in work/
+    (snap / "hop").symlink_to("config.json")  # a link to a link
+    secret = tmp_path / "secret"
+    secret.write_text("do not ship")
+    (snap / "leak").symlink_to("../../../../../secret")
+    (snap / "abs").symlink_to(blobs / "1f2e")  # absolute: not resolvable below the work dir
+    (snap / "proc").symlink_to("/proc/self/environ")
+    (snap / "gone").symlink_to("../../blobs/missing")
+    (snap / "dirlink").symlink_to("../../blobs")
+    os.mkfifo(blobs / "pipe")
+    (snap / "fifo").symlink_to("../../blobs/pipe")
+    skipped: list[tuple[str, str]] = []
+    dest = tmp_path / "out.zip"
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        n = zip_directory(
+            cache,
+            dest,
+            links=LinkRoot(work_fd, "hf"),
+            on_skip=lambda p, why: skipped.append((p, why)),
+        )
+    finally:
+        os.close(work_fd)
+    assert n == 4  # the blob, and three links stored as their files
+    with zipfile.ZipFile(dest) as zf:
+        got = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+        assert all(not stat.S_ISLNK(i.external_attr >> 16) for i in zf.infolist())
+    assert got == {
+        "hf/models--m/blobs/1f2e": b'{"dim": 8}',
+        "hf/models--m/snapshots/abc/config.json": b'{"dim": 8}',
+        "hf/models--m/snapshots/abc/hop": b'{"dim": 8}',
+        "hf/models--m/snapshots/abc/notes.txt": b"also the job's",
+    }
+    assert dict(skipped) == {
+        "hf/models--m/blobs/pipe": "not a regular file",
+        "hf/models--m/snapshots/abc/abs": "symlink resolving outside the working directory",
+        "hf/models--m/snapshots/abc/dirlink": "symlink to a directory or special file",
+        "hf/models--m/snapshots/abc/fifo": "symlink to a directory or special file",
+        "hf/models--m/snapshots/abc/gone": "dangling symlink",
+        "hf/models--m/snapshots/abc/leak": "symlink resolving outside the working directory",
+        "hf/models--m/snapshots/abc/proc": "symlink resolving outside the working directory",
+    }
+
+
+def test_a_link_followed_is_opened_once_so_a_swap_cannot_leak(tmp_path: Path) -> None:
+    """The link's target is found and read through one lookup below the working dir: a job
+    re-pointing a link between a check and the read cannot get a file from outside in."""
+    work = tmp_path / "work"
+    out = work / "out"
+    out.mkdir(parents=True)
+    (work / "mine.txt").write_text("mine")
+    secret = tmp_path / "secret"
+    secret.write_text("do not ship")
+    stop = threading.Event()
+
+    def swap() -> None:
+        link, tmp = out / "data", out / ".data.tmp"
+        while not stop.is_set():
+            for target in ("../mine.txt", "../../secret"):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                tmp.symlink_to(target)
+                os.replace(tmp, link)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    stored = 0
+    try:
+        for _ in range(300):
+            sink = Unseekable()
+            stored += zip_directory(out, sink, links=LinkRoot(work_fd, "out"), on_skip=lambda p, w: None)
+            assert b"do not ship" not in sink.data
+    finally:
+        stop.set()
+        swapper.join()
+        os.close(work_fd)
+    assert stored > 0  # the race was run: some zips held the link's file
 
 
 def test_data_deflate_cannot_shrink_is_stored_the_rest_deflated_fast(tmp_path: Path) -> None:

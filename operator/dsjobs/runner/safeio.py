@@ -10,9 +10,11 @@ the job), and only a regular file is read (O_NONBLOCK: a FIFO would otherwise bl
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
+import sys
 from collections.abc import Sequence
 
 
@@ -102,6 +104,62 @@ def _step(dir_fd: int, name: str, flags: int) -> int:
         raise
     finally:
         os.close(dir_fd)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to (5.6)
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_BENEATH = 0x08
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def open_file_resolved_beneath(root_fd: int, path: str) -> int:
+    """A read-only fd of the regular file `path` (relative) names below the open directory
+    `root_fd`, following the symlinks on its way, its last component's too, as long as each
+    resolves below `root_fd` (the kernel's RESOLVE_BENEATH: no absolute link, no `..` above it, no
+    /proc magic link), so the file is one the job could have written anyway.
+
+    FileNotFoundError for a dangling path; RefusedFile when it leaves `root_fd`, is not a regular
+    file, or the kernel cannot resolve it that way (openat2 missing or forbidden by seccomp).
+    """
+    if _libc is None:
+        raise RefusedFile(errno.ENOSYS, "symlinks are followed on Linux only")
+    how = _OpenHow(flags=os.O_PATH | os.O_CLOEXEC, mode=0, resolve=_RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    for _ in range(8):
+        fd = int(
+            _libc.syscall(
+                ctypes.c_long(_SYS_OPENAT2),
+                ctypes.c_int(root_fd),
+                ctypes.c_char_p(os.fsencode(path)),
+                ctypes.byref(how),
+                ctypes.c_size_t(ctypes.sizeof(how)),
+            )
+        )
+        if fd >= 0:
+            break
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:  # a rename raced the lookup: the kernel asks to try again
+            continue
+        if err == errno.ENOENT:
+            raise FileNotFoundError(err, f"{path}: dangling symlink or missing file")
+        if err in (errno.EXDEV, errno.ELOOP):
+            raise RefusedFile(err, f"{path} resolves outside the directory it is looked up in")
+        if err in (errno.ENOSYS, errno.EPERM):
+            raise RefusedFile(err, "this kernel cannot follow a symlink safely (no openat2)")
+        raise OSError(err, os.strerror(err), path)
+    else:
+        raise RefusedFile(errno.EAGAIN, f"{path} kept being renamed while it was resolved")
+    try:
+        # O_PATH opens nothing (a device or FIFO is not touched); the regular file it found is
+        # then opened through that very fd, not by its path again.
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RefusedFile(errno.EINVAL, f"{path} is not a regular file")
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(fd)
 
 
 def read_beneath(

@@ -79,7 +79,7 @@ from dsjobs.runner.result import (
 )
 from dsjobs.runner.safeio import RefusedFile, open_beneath, open_dir_beneath, read_beneath
 from dsjobs.runner.syslog import SystemLog
-from dsjobs.runner.zipsafe import zip_directory
+from dsjobs.runner.zipsafe import LinkRoot, zip_directory
 from dsjobs.storage import (
     ObjectStore,
     PreconditionFailedError,
@@ -612,9 +612,10 @@ def _inside(root: str, path: str) -> bool:
 
 
 def _zip_bound(directory: str) -> int:
-    """More than a zip of ``directory`` can take (its files' sizes plus headers; deflate grows
-    nothing by more than a little): the streamed upload's part size comes from it. Only sizes are
-    read (lstat; symlinks not followed), without recursion: nesting of any depth is counted."""
+    """More than a zip of ``directory`` can take (its files' sizes, the files its symlinks lead to
+    included, plus headers; deflate grows nothing by more than a little): the streamed upload's
+    part size comes from it. Only sizes are read, without recursion: nesting of any depth is
+    counted."""
     total = 0
     pending = [directory]
     while pending:
@@ -628,6 +629,8 @@ def _zip_bound(directory: str) -> int:
                 st = entry.stat(follow_symlinks=False)
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
+                elif entry.is_symlink() and entry.is_file():
+                    st = entry.stat()  # stored as its file when that is in the working dir
             except OSError:
                 continue
             # Headers: local, data descriptor and central directory entries with zip64 extras.
@@ -676,6 +679,7 @@ def _upload_output(
                 dir_fd = open_dir_beneath(work, real)
             except RefusedFile as exc:
                 return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror or exc}")
+            work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             zipped: list[int] = []
 
             def produce(dest: BinaryIO) -> None:
@@ -688,6 +692,9 @@ def _upload_output(
                         arcname=PurePosixPath(out.path).name,
                         on_skip=_skip_reporter(syslog, declared),
                         on_error=lost,
+                        # Links inside it are followed as the output itself is: when they
+                        # resolve inside the working dir.
+                        links=LinkRoot(work_fd, os.path.relpath(real, work)),
                     )
                 )
 
@@ -699,6 +706,7 @@ def _upload_output(
                 )
             finally:
                 os.close(dir_fd)
+                os.close(work_fd)
             n = zipped[0]
             compression = Compression.ZIP
             left_out = f"; left out: {lost.count}" if lost.count else ""

@@ -22,9 +22,9 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
-from dsjobs.runner.safeio import RefusedFile, open_below
+from dsjobs.runner.safeio import RefusedFile, open_below, open_file_resolved_beneath
 
 _COPY_CHUNK = 1024 * 1024
 #: A file is deflated only when deflating its head (this many bytes) saves at least
@@ -206,6 +206,14 @@ MAX_ZIP_DEPTH = 256
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+class LinkRoot(NamedTuple):
+    """Where symlinks inside a zipped directory may point: the job's working directory, open as
+    ``fd``, and the zipped directory's path below it (``src``)."""
+
+    fd: int
+    src: str
+
+
 class _DirectoryZipper:
     """One `zip_directory` call: walks the directory open as ``root_fd``, stores what it can,
     reports what it leaves out.
@@ -222,12 +230,14 @@ class _DirectoryZipper:
         base: str,
         on_skip: EntryCallback | None,
         on_error: EntryCallback | None,
+        links: LinkRoot | None,
     ) -> None:
         self.zf = zf
         self.root_fd = root_fd
         self.base = base
         self.on_skip = on_skip
         self.on_error = on_error
+        self.links = links
         self.count = 0
 
     def run(self) -> int:
@@ -263,14 +273,17 @@ class _DirectoryZipper:
             self._fail(arc_dir, f"unreadable directory: {exc.strerror}", exc)
             return []
         files: list[str] = []
+        links: list[str] = []
         subdirs: list[str] = []
         for entry in entries:
             arc = f"{arc_dir}/{entry.name}"
             try:
-                if entry.is_symlink():
+                if entry.is_symlink() and self.links is None:
                     self._skip(arc, "symlink")
                 elif not _is_utf8(entry.name):
                     self._fail(arc, "name is not valid UTF-8", _bad_name(arc))
+                elif entry.is_symlink():
+                    links.append(entry.name)
                 elif entry.is_dir(follow_symlinks=False):
                     if len(parts) + 1 > MAX_ZIP_DEPTH:
                         error = ValueError(f"entry {_display(arc)!r} is nested too deep")
@@ -284,10 +297,12 @@ class _DirectoryZipper:
                     self._skip(arc, "not a regular file")
             except OSError as exc:
                 self._fail(arc, f"unreadable: {exc.strerror}", exc)
-        if not files and not subdirs:
+        if not files and not subdirs and not links:
             self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
         for name in files:
             self._add_file(fd, name, f"{arc_dir}/{name}")
+        for name in links:
+            self._add_link(parts, name, f"{arc_dir}/{name}")
         return subdirs
 
     def _skip(self, arc: str, why: str) -> None:
@@ -316,6 +331,33 @@ class _DirectoryZipper:
                 self._skip(arc, "not a regular file")
                 return
             self._store(f, st, arc)
+        self.count += 1
+
+    def _add_link(self, parts: tuple[str, ...], name: str, arc: str) -> None:
+        """A symlink stored as the regular file it points to, when that resolves inside the
+        working directory (as the output itself may be such a link): a model cache's snapshot
+        links to its blobs arrive with their bytes. Anything else it could lead to (the runner's
+        own files, the node's) is never opened; a link to a directory is not walked (no cycles)."""
+        assert self.links is not None
+        path = "/".join(p for p in (self.links.src, *parts, name) if p not in ("", "."))
+        try:
+            fd = open_file_resolved_beneath(self.links.fd, path)
+        except FileNotFoundError:
+            self._skip(arc, "dangling symlink")
+            return
+        except RefusedFile as exc:
+            if exc.errno in (errno.EXDEV, errno.ELOOP):
+                self._skip(arc, "symlink resolving outside the working directory")
+            elif exc.errno == errno.EINVAL:
+                self._skip(arc, "symlink to a directory or special file")
+            else:
+                self._skip(arc, f"symlink not followed: {exc.strerror}")
+            return
+        except OSError as exc:
+            self._fail(arc, f"unreadable: {exc.strerror}", exc)
+            return
+        with os.fdopen(fd, "rb") as f:
+            self._store(f, os.fstat(f.fileno()), arc)
         self.count += 1
 
     def _store(self, f: BinaryIO, st: os.stat_result, arc: str) -> None:
@@ -366,15 +408,18 @@ def zip_directory(
     arcname: str | None = None,
     on_skip: EntryCallback | None = None,
     on_error: EntryCallback | None = None,
+    links: LinkRoot | None = None,
 ) -> int:
     """Zip directory ``src`` (a path, or an open directory fd, left open) into ``dest`` (a path,
     or a file that need not be seekable: a pipe) with entries ``<arcname>/...``; returns the files
     stored.
 
     ``arcname`` defaults to the basename of ``src`` (required with an fd); give the declared name
-    when ``src`` is what a symlink resolved to. Symlinks and special files are skipped, never
-    followed or opened (``on_skip`` is told): a job must not be able to make the runner package
-    files from outside its working directory. Entries that cannot be stored (unreadable files or
+    when ``src`` is what a symlink resolved to. Special files are skipped, never opened
+    (``on_skip`` is told); so are symlinks, never followed, unless ``links`` names the working
+    directory: then a symlink to a regular file that resolves inside it (every step: no absolute
+    link, no ``..`` above it) is stored as that file, and other links are skipped. A job must not
+    be able to make the runner package files from outside its working directory. Entries that cannot be stored (unreadable files or
     subdirectories, names that are not UTF-8, directories nested deeper than MAX_ZIP_DEPTH) are
     left out and told to ``on_error``, the rest is zipped; without ``on_error`` they raise. An
     unreadable ``src`` raises OSError. Callbacks get entry names as printable text.
@@ -390,6 +435,6 @@ def zip_directory(
     try:
         # No archive-wide compression: each entry's ZipInfo carries its own (`_DirectoryZipper._store`).
         with zipfile.ZipFile(dest, "w", allowZip64=True) as zf:
-            return _DirectoryZipper(zf, root_fd, base, on_skip, on_error).run()
+            return _DirectoryZipper(zf, root_fd, base, on_skip, on_error, links).run()
     finally:
         os.close(root_fd)
