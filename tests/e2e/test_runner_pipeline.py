@@ -59,6 +59,8 @@ with open(os.path.join(out_dir, "sum.txt"), "w") as f:
 os.makedirs(os.path.join(out_dir, "nested"))
 with open(os.path.join(out_dir, "nested", "deep.txt"), "w") as f:
     f.write("deep")
+os.symlink("../sum.txt", os.path.join(out_dir, "nested", "latest"))  # followed: in the work dir
+os.symlink("/etc/hostname", os.path.join(out_dir, "host"))  # skipped: outside it
 sys.stdout.write("no newline at the end")
 sys.exit(3)
 """
@@ -159,6 +161,8 @@ def test_full_job(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
     with zipfile.ZipFile(io.BytesIO(zip_bytes)) as zf:
         assert zf.read("results/sum.txt") == b"10"
         assert zf.read("results/nested/deep.txt") == b"deep"
+        assert zf.read("results/nested/latest") == b"10"
+        assert "results/host" not in zf.namelist()
 
     # Logs: each stream complete and in order, stdout also in the container log.
     expected_out = b"start 42 hello\nout 0\nout 1\nout 2\nno newline at the end"
