@@ -642,7 +642,8 @@ def test_a_job_over_its_instance_types_memory_is_oom_killed(h: H) -> None:
         status = h.wait_phase("oom", "ERROR", "SUCCESS")
     assert status["phase"] == "ERROR", status
     assert status["returnCode"] == 137, status
-    assert "ran out of memory (OOMKilled)" in status["statusDetails"], status
+    told = f"ran out of memory (OOMKilled; the job container's memory limit of instance type {small} is 64Mi)"
+    assert told in status["statusDetails"], status
     finished = next(c for c in status["conditions"] if c["type"] == "Finished")
     assert finished["reason"] == "OOMKilled"
     # What it used before the kill is kept (docs/runner.md#resource-usage).

@@ -193,8 +193,8 @@ def pod(
             "nodeName": node,
             "initContainers": [{"name": "stage-in", "image": "runner:1"}],
             "containers": [
-                {"name": "job", "image": "python:3.11-slim"},
-                {"name": "ship", "image": "runner:1"},
+                {"name": "job", "image": "python:3.11-slim", "resources": {"limits": {"memory": "16Gi"}}},
+                {"name": "ship", "image": "runner:1", "resources": {"limits": {"memory": "256Mi"}}},
             ],
             "tolerations": tolerations or [],
         },
@@ -985,7 +985,7 @@ ENDINGS = [
         result(None, RunnerStatus.LOST),
         "OOMKilled",
         137,
-        "out of memory",
+        "ran out of memory (OOMKilled; the job container's memory limit of instance type c1.4 is 16Gi)",
     ),
     Ending(
         "evicted",

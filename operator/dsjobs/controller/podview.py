@@ -114,6 +114,8 @@ class PodView:
     containers: tuple[ContainerView, ...] = ()
     # (container name, image) of every container, to name the image that cannot be pulled.
     images: tuple[tuple[str, str], ...] = ()
+    # (container name, memory limit) of every container with one, to tell an OOM kill's limit.
+    memory_limits: tuple[tuple[str, str], ...] = ()
     # How long the pod stays bound to a node that stopped reporting (its NoExecute toleration of
     # node.kubernetes.io/unreachable; the API server adds 300 s by default). None: no such
     # toleration (evicted at once); TOLERATED_FOREVER: a toleration without seconds.
@@ -170,6 +172,11 @@ class PodView:
             images=tuple(
                 (str(c.get("name", "")), str(c.get("image", "")))
                 for c in (*(spec.get("initContainers") or ()), *(spec.get("containers") or ()))
+            ),
+            memory_limits=tuple(
+                (str(c.get("name", "")), str(limit))
+                for c in spec.get("containers") or ()
+                if (limit := ((c.get("resources") or {}).get("limits") or {}).get("memory"))
             ),
             unreachable_toleration_seconds=_unreachable_toleration(spec.get("tolerations") or ()),
         )

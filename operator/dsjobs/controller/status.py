@@ -447,6 +447,14 @@ def _exit_text(code: int) -> str:
     return f"Program returned code {code}"
 
 
+def _memory_limit_text(pod: PodView) -> str:
+    limit = dict(pod.memory_limits).get(JOB_CONTAINER)
+    if not limit:
+        return ""
+    of_type = f" of instance type {pod.instance_type}" if pod.instance_type else ""
+    return f"; the job container's memory limit{of_type} is {limit}"
+
+
 def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, cancelling: bool) -> Outcome:
     """How an attempt whose pod ended (or vanished) came out. Checked in order of precedence.
 
@@ -474,7 +482,8 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         return Outcome(
             JobPhase.ERROR,
             "OOMKilled",
-            "the job ran out of memory (OOMKilled); choose an instance type with more RAM",
+            f"the job ran out of memory (OOMKilled{_memory_limit_text(pod)}); "
+            "choose an instance type with more RAM",
             return_code=code if code is not None else 137,
             failure=FailureKind.PROGRAM,
         )
