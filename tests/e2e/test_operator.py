@@ -6,6 +6,7 @@ subprocess for this module's own project namespace (operator_fixtures.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -766,6 +767,26 @@ def _image_with_api_password(h: H, job: str) -> dict[str, Any]:
         "username": "bot",
         "passwordSecretRef": {"name": password, "key": "password"},
     }
+
+
+def test_a_retry_reads_the_registry_password_again(h: H) -> None:
+    # Registry tokens are short-lived: one rotated while attempt 1 failed is the one attempt 2's
+    # pod pulls with (each attempt has its own registry Secret, as its own runner Secret).
+    job = "rotated-pw"
+    image = _image_with_api_password(h, job)
+    password = image["passwordSecretRef"]["name"]
+    cmd = "sh -c 'case $HOSTNAME in *-a1) exit 3;; esac'"
+    policy = {"maxAttempts": 2, "backoffSeconds": 10, "retryOnExitCodes": [3]}
+    h.create_job(job, {"cmd": cmd, "env": {"dockerImageSpec": image}}, retryPolicy=policy)
+    poll("attempt 1 to fail", lambda: any(e.reason == "AttemptFailed" for e in h.events(job)), 120)
+    h.core.patch_namespaced_secret(password, h.namespace, {"stringData": {"password": "rotated"}})
+    status = h.wait_phase(job, "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
+    [pod] = h.pods(job)
+    assert [s.name for s in pod.spec.image_pull_secrets] == [f"{job}-a2-registry"]
+    secret = h.core.read_namespaced_secret(f"{job}-a2-registry", h.namespace)
+    config = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))
+    assert config["auths"]["registry.example.com"]["password"] == "rotated", config
 
 
 def test_a_job_that_cannot_run_leaves_no_registry_secret(h: H) -> None:
@@ -1583,7 +1604,7 @@ def test_finalize_keeps_the_api_password_secret_and_clear_data_works_unexecuted(
         items = h.core.list_namespaced_secret(h.namespace, label_selector=f"dsjobs.dev/job-id={job}").items
         return {s.metadata.name for s in items}
 
-    assert secrets() == {password, f"{job}-a1-runner", f"{job}-registry"}
+    assert secrets() == {password, f"{job}-a1-runner", f"{job}-a1-registry"}
     h.patch_spec(job, {"finalized": True})
     poll("the operator's Secrets to go", lambda: secrets() == {password}, 60)
 

@@ -146,7 +146,7 @@ def render_job(
         env = job_spec.job_parameters.env
         assert env is not None and env.docker_image_spec is not None
         registry = registry_secret(
-            name=registry_secret_name(JOB.name),
+            name=registry_secret_name(pod_name(JOB.name, attempt)),
             namespace=JOB.namespace,
             labels=JOB.labels(),
             owner=JOB.owner(),
@@ -651,7 +651,7 @@ def test_images() -> None:
     assert FEATURES["python_env"]["spec"]["containers"][0]["image"] == "python:3.12-slim"
     assert FEATURES["basic_cpu"]["spec"]["containers"][0]["image"] == "python:3.11-slim"
     assert FEATURES["docker_creds"]["spec"]["containers"][0]["image"] == "cr.example.com/team/trainer:1.2"
-    assert FEATURES["docker_creds"]["spec"]["imagePullSecrets"] == [{"name": "job-1-registry"}]
+    assert FEATURES["docker_creds"]["spec"]["imagePullSecrets"] == [{"name": "job-1-a1-registry"}]
     by_resource = spec(env={"dockerImageResourceId": "img-1"})
     assert user_image(by_resource, SETTINGS, {"img-1": "cr.example.com/x:1"}) == "cr.example.com/x:1"
     assert user_image(by_resource, SETTINGS, {}) is None

@@ -63,6 +63,7 @@ from dsjobs.controller.names import (
     operator_secrets_selector,
     output_dataset_claim_name,
     pending_output_datasets_selector,
+    pod_name,
     registry_secret_name,
     spark_connector_secret_name,
 )
@@ -854,7 +855,9 @@ class Operator:
             password, problem = await self._registry_password(ns, spec, job.uid)
             if password is None:
                 return fail(spec, status, "RegistryCredentials", problem, now)
-            registry = registry_secret_name(job.name)
+            # Per attempt, as the runner's: a retry reads the password again (a rotated registry
+            # token), and create-if-absent would keep the first attempt's.
+            registry = registry_secret_name(pod_name(job.name, action.attempt))
             registry_body = registry_secret(
                 name=registry,
                 namespace=ns,
