@@ -2095,6 +2095,13 @@ def test_deletion_cleans_up_then_lets_go() -> None:
     rest = (DeleteSecrets(), ClearData(), RemoveFinalizer())
     assert step(deleted, [pod(gone=True, node="cpu-0")]).actions == rest
     assert step(deleted, [shutting], now=NOW + timedelta(seconds=30)).actions == rest
+    # Terminating already with a long grace (a graceful cancel, `kubectl delete pod`, the namespace
+    # going): asked again with the short one, else it would upload into the deleted prefix.
+    graceful = replace(shutting, deletion_grace_seconds=615)
+    p = step(deleted, [graceful], now=NOW + timedelta(seconds=1))
+    assert p.actions == (DeletePod("job-1-a1", 1, "the job is deleted"),)
+    assert p.requeue_after == timedelta(seconds=29)
+    assert not step(deleted, [replace(shutting, deletion_grace_seconds=1)], now=NOW).actions
     # A pod that never reached a node ran nothing: no wait.
     assert step(deleted, [unschedulable(NOW)]).actions == (
         DeletePod("job-1-a1", 1, "the job is deleted"),

@@ -1004,12 +1004,22 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
     The stored data goes once the pods that ran on a node are gone: a ship container shutting
     down uploads its last logs, which would otherwise land under a prefix already deleted (and
     nobody would delete them). A pod stuck terminating (its node lost) is waited for at most
-    DELETE_POD_WAIT.
+    DELETE_POD_WAIT. A pod already terminating with a longer grace period (a graceful cancel, a
+    namespace being deleted, `kubectl delete pod`) is asked again with the short one: within its
+    own grace it would still be uploading when the data is deleted.
     """
     if FINALIZER not in job.finalizers:
         return Plan(job.status)
     actions: list[Action] = [
-        DeletePod(p.name, DELETION_GRACE_SECONDS, "the job is deleted") for p in pods if p.alive
+        DeletePod(p.name, DELETION_GRACE_SECONDS, "the job is deleted")
+        for p in pods
+        if p.alive
+        or (
+            p.deleting
+            and not p.gone
+            and p.deletion_grace_seconds is not None
+            and p.deletion_grace_seconds > DELETION_GRACE_SECONDS
+        )
     ]
     waited = now - (job.deleted_at or now)
     if any(not p.gone and p.scheduled for p in pods) and waited < DELETE_POD_WAIT:
