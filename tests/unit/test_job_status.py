@@ -382,6 +382,14 @@ def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> 
     )
     # Its data expires as the raw dataTtl says (the default 14 days here).
     assert p.status.data_expires_at == NOW + timedelta(days=14)
+    # Output datasets' claims (found by label) go with it, as for any job not ending in SUCCESS.
+    with_datasets = job(
+        params={"cmd": "x", "outputDatasets": [{"name": "d", "var": "D", "sizeGb": 1}]},
+        status=started("EXECUTING"),
+        cancel={"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"},
+    )
+    p = step(with_datasets, [pod(phase="Running", node="cpu-0")])
+    assert p.status.phase == JobPhase.ERROR and DeleteDatasetClaims() in p.actions
 
 
 def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:

@@ -388,11 +388,18 @@ def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
     claims. The action comes before the final status is written, so a crash in between repeats it
     (both are idempotent) and a job never says SUCCESS with datasets that do not exist."""
     spec, phase = step.spec, step.status.phase
-    if spec is None or not spec.job_parameters.output_datasets or job.deleting:
+    if spec is None:
+        # Made unreadable by an edit after the start: it ends in ERROR, and its claims are found
+        # by label, so the raw field says enough.
+        params = job.spec.get("jobParameters")
+        declared = isinstance(params, dict) and bool(params.get("outputDatasets"))
+    else:
+        declared = bool(spec.job_parameters.output_datasets)
+    if not declared or job.deleting:
         return step
     if phase is None or not phase.is_final or (job.status.phase is not None and job.status.phase.is_final):
         return step
-    if phase != JobPhase.SUCCESS:
+    if spec is None or phase != JobPhase.SUCCESS:
         # Also for a job that never had a pod: its claims may exist (a pod the API server refused).
         return replace(step, actions=(*step.actions, DeleteDatasetClaims()))
     created = [
