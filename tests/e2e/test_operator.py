@@ -977,6 +977,66 @@ def test_who_created_a_job_and_its_parent_cannot_change_once_set(h: H) -> None:
     assert job is not None and (job["spec"]["createdById"], job["spec"]["parentJobId"]) == ("alice", "origin")
 
 
+def test_a_project_member_cannot_name_someone_else_as_a_job_s_creator(h: H) -> None:
+    # The API gives output paths back as written to the job's creator only: a member applying a
+    # job with kubectl names themselves or nobody (crds/projectjobs-created-by-their-creator.yaml).
+    rbac = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "e2e-jobs-editor"},
+            "rules": [
+                {
+                    "apiGroups": ["dsjobs.dev"],
+                    "resources": ["projectjobs"],
+                    "verbs": ["get", "create", "patch", "update"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "e2e-jobs-editor-mallory"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "e2e-jobs-editor"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}],
+        },
+    ]
+    h.kubectl(
+        "apply",
+        "-n",
+        h.namespace,
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}),
+    )
+
+    def as_mallory(*args: str, stdin: str | None = None) -> str:
+        return h.kubectl("--as=mallory", *args, "-n", h.namespace, stdin=stdin, check=False)
+
+    def job(name: str, created_by: str | None) -> str:
+        spec: dict[str, Any] = {"projectId": PROJECT_ID, "jobParameters": {"cmd": "true"}}
+        if created_by is not None:
+            spec["createdById"] = created_by
+        body = {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "ProjectJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        return json.dumps(body)
+
+    out = as_mallory("create", "-f", "-", stdin=job("posing", "alice"))
+    assert "spec.createdById: alice is not you (mallory)" in out, out
+    assert h.job("posing") is None
+    assert "created" in as_mallory("create", "-f", "-", stdin=job("own", "mallory"))
+    assert "created" in as_mallory("create", "-f", "-", stdin=job("nobodys", None))
+    # Naming a creator later is held to the same rule; an edit that leaves it alone is not refused.
+    out = as_mallory("patch", "pj", "nobodys", "--type=merge", "-p", '{"spec":{"createdById":"alice"}}')
+    assert "spec.createdById: alice is not you (mallory)" in out, out
+    h.create_job("alices", {"cmd": "true"}, execute=False, createdById="alice")  # an admin: exempt
+    assert "patched" in as_mallory("patch", "pj", "alices", "--type=merge", "-p", '{"spec":{"desc":"x"}}')
+
+
 def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     def patch(spec: dict[str, Any]) -> str:
         body = json.dumps({"spec": spec})

@@ -915,3 +915,68 @@ def test_execute_judges_the_expiry_by_the_spec_s_ttl_not_a_stale_status() -> Non
                 service(FakeCore(kube, stored=[SHA])).Execute(request, ctx()),
             )
             assert "was deleted before it was executed" in err.message
+
+
+# --- output paths as another user gets them (dsjobs.api.clientpaths) ------------------------------
+
+PLANTED = [
+    {"path": "../../../.bashrc", "var": "RC"},
+    {"path": "/home/alice/.ssh/authorized_keys", "var": "KEYS"},
+    {"path": "C:\\Users\\alice\\run.bat", "var": "BAT"},
+    {"path": "results/metrics.csv", "var": "METRICS"},
+]
+# Where each file lived in the job (models.paths.job_relative_path): where another user gets it.
+SEEN = [".dsjobs-vars/RC/.bashrc", ".dsjobs-vars/KEYS/authorized_keys", ".dsjobs-vars/BAT/run.bat"]
+
+
+def planted_job(created_by: str) -> JobSnapshot:
+    prefix = f"projects/{PROJECT}/jobs/src1/outputs"
+    stored = [
+        {"desc": d, "sha256": f"{i:02x}" * 32, "sizeBytes": 1, "key": f"{prefix}/{i}"}
+        for i, d in enumerate(PLANTED)
+    ]
+    job = source_job({**SOURCE_PARAMS, "outputFiles": PLANTED}, {"phase": "SUCCESS", "outputFiles": stored})
+    spec = job.spec.model_copy(update={"created_by_id": created_by})
+    return JobSnapshot(**{**job.__dict__, "spec": spec})
+
+
+def test_another_user_never_gets_output_paths_that_leave_their_directory() -> None:
+    # mallory's job, alice's CLI: Get, the Execute operation and DownloadJobFiles all give the
+    # paths the job itself used, so alice's download-files/attach/fork write below her cwd.
+    core = FakeCore(job=planted_job("mallory"))
+    expected = [*SEEN, "results/metrics.csv"]
+    got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
+    assert [d.path for d in got.job_parameters.output_files] == expected
+    assert [f.desc.path for f in got.output_files] == expected  # the stored ones
+    op_id = OpRef(OpKind.EXECUTE, PROJECT, "src1", "u-src").encode()
+    ops = OperationService(cast(Core, core), service(core))
+    op = call(ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op_id), ctx()))
+    response = svc.ExecuteProjectJobResponse()
+    op.response.Unpack(response)
+    assert [f.file.desc.path for f in response.output_files] == expected
+    wanted = [jobs_pb2.File(desc=f.desc, sha256=f.sha256) for f in got.output_files]
+    req = svc.DownloadProjectJobFilesRequest(job_id="src1", files=wanted)
+    resp = call(service(core).DownloadJobFiles(req, ctx()))
+    assert [f.file.desc.path for f in resp.download_files] == expected
+    assert [f.url.split("?")[0].rsplit("/", 1)[-1] for f in resp.download_files] == ["0", "1", "2", "3"]
+
+
+def test_the_job_s_creator_gets_the_paths_as_written() -> None:
+    core = FakeCore(job=planted_job("alice"))
+    got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
+    assert [d.path for d in got.job_parameters.output_files] == [d["path"] for d in PLANTED]
+    # A job without createdById (applied with kubectl, leaving it out) is nobody's: rewritten.
+    core = FakeCore(job=planted_job(""))
+    got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
+    assert [d.path for d in got.job_parameters.output_files] == [*SEEN, "results/metrics.csv"]
+
+
+def test_a_clone_of_another_user_s_job_inherits_the_outputs_where_the_job_had_them() -> None:
+    # The CLI's fork executes the clone and downloads its outputs: alice's clone of mallory's job
+    # is alice's, so its paths must already be safe ones.
+    core = FakeCore(job=planted_job("mallory"), stored=[SHA])
+    call(service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()))
+    [clone] = [o for o in core.kube.objects.values() if o["metadata"]["name"] != "src1"]
+    assert clone["spec"]["createdById"] == "alice"
+    paths = [d["path"] for d in clone["spec"]["jobParameters"]["outputFiles"]]
+    assert paths == [*SEEN, "results/metrics.csv"]

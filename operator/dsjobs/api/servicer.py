@@ -25,6 +25,7 @@ from dsjobs import convert, logrecords
 from dsjobs import storage as st
 from dsjobs.api import errors, ids, listfilter, operations, pagetoken
 from dsjobs.api.auth import Identity, Verb
+from dsjobs.api.clientpaths import as_seen_by, spec_as_seen_by
 from dsjobs.api.cluster import (
     COMMUNITY_ANNOTATION,
     PROJECT_DESCRIPTION_ANNOTATION,
@@ -252,8 +253,13 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         _check_list_sizes(request.job_parameters_overrides, "job_parameters_overrides")
         secret_name = params_conv.docker_password_secret_name(job_id)
         try:
+            # Outputs inherited from another user's job get the paths that user's Get shows: the
+            # clone's Execute has the cloner's CLI write them.
             spec = params_conv.spec_from_clone_request(
-                source.spec, request, created_by_id=identity.username, docker_password_secret_name=secret_name
+                spec_as_seen_by(source.spec, identity.username),
+                request,
+                created_by_id=identity.username,
+                docker_password_secret_name=secret_name,
             )
         except (ConversionError, ValidationError) as exc:
             raise _conversion_error(exc, prefix="job_parameters_overrides") from exc
@@ -587,7 +593,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 # Changed meanwhile (another Execute, the operator's status): look again.
                 job = await self.core.get_job(job.namespace, job.name, fresh=True)
         # Already requested, running or finished: that execution's operation (the CLI's `attach`).
-        return await execute_operation(self.core, job)
+        return await execute_operation(self.core, job, identity.username)
 
     async def _check_executable(self, job: JobSnapshot) -> None:
         """FAILED_PRECONDITION when a job not yet executed cannot be: being deleted, its data
@@ -749,11 +755,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     # Get, List ----------------------------------------------------------------------------------
 
     async def Get(self, request: svc.GetProjectJobRequest, context: Context) -> jobs_pb2.Job:
-        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
-        return job_proto(job)
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        return job_proto(as_seen_by(job, identity.username))
 
     async def List(self, request: svc.ListProjectJobRequest, context: Context) -> svc.ListProjectJobResponse:
-        _, info = await self.core.authorized_project(context, request.project_id, Verb.LIST)
+        identity, info = await self.core.authorized_project(context, request.project_id, Verb.LIST)
         if request.page_size < 0 or request.page_size > MAX_PAGE_SIZE:
             raise errors.invalid_argument(
                 f"must be between 0 and {MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE})", "page_size"
@@ -784,7 +790,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             for item in items:
                 job = try_snapshot(item)
                 if job is not None and flt.matches(_filter_fields(job)):
-                    out.append(job_proto(job))
+                    out.append(job_proto(as_seen_by(job, identity.username)))
             if not cont or len(out) >= size or rounds >= MAX_FILTER_ROUNDS:
                 break
         token = ""
@@ -844,7 +850,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     async def DownloadJobFiles(
         self, request: svc.DownloadProjectJobFilesRequest, context: Context
     ) -> svc.DownloadProjectJobFilesResponse:
-        _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        # Paths as this caller got them from Get, and as its CLI will write them.
+        job = as_seen_by(job, identity.username)
         if not request.files:
             # The CLI's download-files asks for the job's output_files, none for a job without outputs.
             return svc.DownloadProjectJobFilesResponse()
@@ -925,7 +933,9 @@ def _filter_fields(job: JobSnapshot) -> Mapping[str, str]:
 # --- shared by ProjectJobService and OperationService ---------------------------------------------
 
 
-async def execute_operation(core: Core, job: JobSnapshot) -> operation_pb2.Operation:
+async def execute_operation(core: Core, job: JobSnapshot, username: str) -> operation_pb2.Operation:
+    """The job's Execute operation as `username` may see it (clientpaths)."""
+    job = as_seen_by(job, username)
     by_key = {f.key: f for f in job.status.output_files}
     urls = await core.presign_get(
         (k, by_key[k].desc.path.rsplit("/", 1)[-1], by_key[k].size_bytes) for k in operations.output_keys(job)
@@ -1116,7 +1126,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         if job is None:
             raise errors.not_found(f"operation {operation_id[:80]!r} not found (its job was deleted)")
         if ref.kind == OpKind.EXECUTE:
-            return await execute_operation(self.core, job)
+            return await execute_operation(self.core, job, identity.username)
         # Upload URLs write into the project's input store: for those who may create jobs, not
         # for a viewer reading the operation.
         try:

@@ -369,7 +369,11 @@ class ProjectJobSpec(CRModel):
         DEFAULT_DATA_TTL,
     )
     created_by_id: str = field(
-        "Id of the subject that created the job. Cannot change once set.", "", maxLength=MAX_NAME_LENGTH
+        "Id of the subject that created the job: the API sets it to its caller; anyone else may name "
+        "only themselves (the admission policy projectjobs-created-by-their-creator checks it). Only "
+        "this user gets the job's output paths back as written. Cannot change once set.",
+        "",
+        maxLength=MAX_NAME_LENGTH,
     )
     parent_job_id: str = field(
         "Job this one was cloned from (CloneProjectJob). Cannot change once set.", "", maxLength=253
