@@ -755,13 +755,15 @@ def test_jobs_that_cannot_run_fail_naming_the_cause(
 
 def _image_with_api_password(h: H, job: str) -> dict[str, Any]:
     """A dockerImageSpec whose password is in a Secret as the API leaves it (`<job>-docker-password`,
-    role registry-password)."""
+    role registry-password), but owned by no job: so it names the registry it may go to."""
     password = f"{job}-docker-password"
     labels = {"dsjobs.dev/job-id": job, "dsjobs.dev/secret-role": "registry-password"}
-    h.core.create_namespaced_secret(
-        h.namespace,
-        {"metadata": {"name": password, "labels": labels}, "stringData": {"password": "hunter2"}},
-    )
+    meta = {
+        "name": password,
+        "labels": labels,
+        "annotations": {"dsjobs.dev/registry-hosts": "registry.example.com"},
+    }
+    h.core.create_namespaced_secret(h.namespace, {"metadata": meta, "stringData": {"password": "hunter2"}})
     return {
         "imageUrl": "registry.example.com/team/img:1",
         "username": "bot",
@@ -1678,7 +1680,16 @@ def test_finalize_keeps_the_api_password_secret_and_clear_data_works_unexecuted(
     h.create_job("steal", {"cmd": "true", "env": {"dockerImageSpec": stolen}})
     status = h.wait_phase("steal", "ERROR", "SUCCESS")
     assert status["phase"] == "ERROR", status
-    assert "is not labelled dsjobs.dev/secret-role=registry-password" in status["statusDetails"], status
+    told = "no Secret 'not-a-password' labelled dsjobs.dev/secret-role=registry-password in namespace"
+    assert told in status["statusDetails"], status
+    # A shared one (owned by no job) goes only to the registries its annotation names.
+    elsewhere = {**image, "imageUrl": "attacker.example.net:5000/x:latest"}
+    h.create_job("exfiltrate", {"cmd": "true", "env": {"dockerImageSpec": elsewhere}})
+    status = h.wait_phase("exfiltrate", "ERROR", "SUCCESS")
+    assert status["phase"] == "ERROR", status
+    told = "may be sent only to registry.example.com (dsjobs.dev/registry-hosts), not to attacker.example.net:5000"
+    assert told in status["statusDetails"], status
+    assert not h.core.list_namespaced_secret(h.namespace, label_selector="dsjobs.dev/job-id=exfiltrate").items
 
     # DeleteData of a job that was never executed: its input goes, dataCleared says so.
     data = f"never used {uuid.uuid4()}\n".encode()

@@ -468,6 +468,7 @@ def password_secret(owner_uid: str | None, *, labelled: bool = True) -> dict[str
     [
         (password_secret(None, labelled=False), "is not labelled dsjobs.dev/secret-role=registry-password"),
         (password_secret("u-other"), "holds the registry password of ProjectJob 'someone'"),
+        (password_secret(None), "is owned by no ProjectJob and has no annotation dsjobs.dev/registry-hosts"),
     ],
 )
 def test_clone_copies_no_secret_the_operator_would_not_send_to_the_source_job_s_registry(

@@ -421,27 +421,43 @@ def test_bind_address_of_metrics_and_liveness(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
+    from functools import partial
+
     from dsjobs.controller.secrets import registry_password_source_problem
 
+    problem = partial(registry_password_source_problem, by_ref=True, image_url="cr.example.com/t/img:1")
     labels = {"dsjobs.dev/secret-role": "registry-password"}
-    labelled = {"metadata": {"labels": labels}}
+    hosts = {"dsjobs.dev/registry-hosts": "mirror.example.com, cr.example.com"}
+    shared = {"metadata": {"labels": labels, "annotations": hosts}}
     runner = {"metadata": {"labels": {"dsjobs.dev/secret-role": "runner"}}}
-    assert registry_password_source_problem(labelled, by_ref=True, job_uid="u1") == ""
-    assert "not labelled dsjobs.dev/secret-role=registry-password" in registry_password_source_problem(
-        runner, by_ref=True, job_uid="u1"
+    assert problem(shared, job_uid="u1") == ""
+    assert "not labelled dsjobs.dev/secret-role=registry-password" in problem(runner, job_uid="u1")
+    assert problem({}, job_uid="u1")
+    # One no job owns (an admin's, for the project's registry) goes only to the registries it
+    # names: with the label alone any member could send it to a registry of theirs.
+    unlisted = {"metadata": {"labels": labels}}
+    assert problem(unlisted, job_uid="u1") == (
+        "is owned by no ProjectJob and has no annotation dsjobs.dev/registry-hosts naming the "
+        "registries it may be sent to"
     )
-    assert registry_password_source_problem({}, by_ref=True, job_uid="u1")
+    assert problem(shared, job_uid="u1", image_url="attacker.example.net:5000/x:latest") == (
+        "may be sent only to mirror.example.com, cr.example.com (dsjobs.dev/registry-hosts), "
+        "not to attacker.example.net:5000"
+    )
+    assert problem(shared, job_uid="u1", image_url="python:3.11") == (
+        "may be sent only to mirror.example.com, cr.example.com (dsjobs.dev/registry-hosts), not to docker.io"
+    )
     # The API stores a job's password in a Secret the job owns: it serves that job only (another
-    # member of the project could send it to a registry of theirs).
+    # member of the project could send it to a registry of theirs), to the registry it chose.
     owned = {
         "metadata": {"labels": labels, "ownerReferences": [{"kind": "ProjectJob", "name": "b", "uid": "u2"}]}
     }
-    assert registry_password_source_problem(owned, by_ref=True, job_uid="u2") == ""
-    assert registry_password_source_problem(owned, by_ref=True, job_uid="u1") == (
+    assert problem(owned, job_uid="u2") == ""
+    assert problem(owned, job_uid="u1") == (
         "holds the registry password of ProjectJob 'b' (such a Secret serves its own job only)"
     )
     # passwordDsSecretName: a key of the project secrets, which the job's environment gets anyway.
-    assert registry_password_source_problem({}, by_ref=False, job_uid="u1") == ""
+    assert registry_password_source_problem({}, by_ref=False, job_uid="u1", image_url="x/y") == ""
 
 
 def test_tls_connections_get_the_smaller_read_buffer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -319,7 +319,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     f"the registry password Secret {ref.name!r} of the source job is gone; {fix}"
                 ) from exc
             raise errors.from_kube(exc, f"secret {ref.name!r}") from exc
-        problem = registry_password_source_problem(secret, by_ref=True, job_uid=source.uid)
+        env = source.spec.job_parameters.env
+        image = env.docker_image_spec if env is not None else None
+        problem = registry_password_source_problem(
+            secret, by_ref=True, job_uid=source.uid, image_url=image.image_url if image else ""
+        )
         if problem:
             raise errors.failed_precondition(
                 f"the registry password Secret {ref.name!r} of the source job {problem}; {fix}"

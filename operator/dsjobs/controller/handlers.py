@@ -60,6 +60,8 @@ from dsjobs.controller.names import (
     JOB_LABEL,
     PROJECT_SECRETS_NAME,
     PROJECT_STORAGE_SECRET_NAME,
+    REGISTRY_PASSWORD_ROLE,
+    SECRET_ROLE_LABEL,
     operator_secrets_selector,
     output_dataset_claim_name,
     pending_output_datasets_selector,
@@ -102,6 +104,7 @@ from dsjobs.controller.render import (
     working_storage_class_problem,
 )
 from dsjobs.controller.secrets import (
+    is_registry_password,
     project_storage_env,
     registry_password_source_problem,
     registry_secret,
@@ -1001,10 +1004,18 @@ class Operator:
         else:
             name, key = PROJECT_SECRETS_NAME, str(image.password_ds_secret_name)
         secret = await self.kube.get("secrets", core_path(namespace, "secrets", name))
+        by_ref = image.password_secret_ref is not None
+        if by_ref and (secret is None or not is_registry_password(secret)):
+            # One answer for both: the job's user may not read the namespace's Secrets, and two
+            # would tell them which Secret names exist.
+            return None, (
+                f"registry password: no Secret {name!r} labelled {SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} "
+                f"in namespace {namespace} (only such Secrets are used as passwords)"
+            )
         if secret is None:
             return None, f"registry password: Secret {name!r} not found in namespace {namespace}"
         problem = registry_password_source_problem(
-            secret, by_ref=image.password_secret_ref is not None, job_uid=job_uid
+            secret, by_ref=by_ref, job_uid=job_uid, image_url=image.image_url
         )
         if problem:
             return None, f"registry password: Secret {name!r} {problem}"

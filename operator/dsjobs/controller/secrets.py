@@ -159,7 +159,19 @@ def project_storage_env(
     }, ""
 
 
-def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool, job_uid: str) -> str:
+def is_registry_password(secret: Mapping[str, Any]) -> bool:
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(SECRET_ROLE_LABEL) == REGISTRY_PASSWORD_ROLE)
+
+
+#: On a registry password Secret no ProjectJob owns (an admin's, shared by a project's jobs): the
+#: registries, comma-separated, it may be sent to.
+REGISTRY_HOSTS_ANNOTATION = "dsjobs.dev/registry-hosts"
+
+
+def registry_password_source_problem(
+    secret: Mapping[str, Any], *, by_ref: bool, job_uid: str, image_url: str
+) -> str:
     """Why this Secret's value must not go to the registry of job `job_uid`'s image, or "".
 
     The operator and the API read Secrets that project users may not: a passwordSecretRef to any
@@ -168,14 +180,15 @@ def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool,
     passwordSecretRef must name a Secret labelled as a registry password (the API labels the ones
     it makes; a kubectl user labels their own), and one a ProjectJob owns (the API's, holding that
     job's user's password) serves that job only: another member of the project could otherwise
-    send it to a registry of theirs. passwordDsSecretName reads the project secrets, which the
-    job's environment gets anyway.
+    send it to a registry of theirs. One no job owns (an admin's, for the project's registry)
+    names the registries it may go to (REGISTRY_HOSTS_ANNOTATION): any member could otherwise
+    send it to a registry of theirs with an image URL of their choice. passwordDsSecretName reads
+    the project secrets, which the job's environment gets anyway.
     """
     if not by_ref:
         return ""
     meta = secret.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    if labels.get(SECRET_ROLE_LABEL) != REGISTRY_PASSWORD_ROLE:
+    if not is_registry_password(secret):
         return f"is not labelled {SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} (only such Secrets are used as passwords)"
     jobs = [
         o
@@ -185,4 +198,21 @@ def registry_password_source_problem(secret: Mapping[str, Any], *, by_ref: bool,
     if jobs and all(o.get("uid") != job_uid for o in jobs):
         names = ", ".join(repr(str(o.get("name", ""))) for o in jobs)
         return f"holds the registry password of ProjectJob {names} (such a Secret serves its own job only)"
+    if jobs:
+        return ""
+    listed = str((meta.get("annotations") or {}).get(REGISTRY_HOSTS_ANNOTATION) or "")
+    hosts = [h.strip() for h in listed.split(",") if h.strip()]
+    registry = registry_of(image_url)
+    if registry == DOCKER_HUB:  # the config file's key for Docker Hub; people write docker.io
+        registry = "docker.io"
+        hosts = [
+            "docker.io" if h in ("index.docker.io", "registry-1.docker.io", DOCKER_HUB) else h for h in hosts
+        ]
+    if not hosts:
+        return (
+            f"is owned by no ProjectJob and has no annotation {REGISTRY_HOSTS_ANNOTATION} naming the "
+            "registries it may be sent to"
+        )
+    if registry not in hosts:
+        return f"may be sent only to {', '.join(hosts)} ({REGISTRY_HOSTS_ANNOTATION}), not to {registry}"
     return ""

@@ -108,7 +108,8 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "runner_image_pull_secret",
         "Name of a `kubernetes.io/dockerconfigjson` Secret that pulls the runner image from a private "
         "registry; it must exist in every project namespace (job pods list it in imagePullSecrets). "
-        "Empty: none.",
+        "Kubernetes uses a pod's pull Secrets for all its containers, so the job's image (the user's "
+        "choice) can be pulled with it too: scope it to the runner's repository, read-only. Empty: none.",
     ),
     "DSJOBS_RUNNER_IMAGE_PULL_POLICY": (
         "runner_image_pull_policy",
