@@ -1833,6 +1833,22 @@ def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     # Any other emptyDir of the pod is not the job's system disk: a disruption as before.
     other = dataclasses.replace(full, message='Usage of EmptyDir volume "x" exceeds the limit "4Mi". ')
     assert step(j, [other]).status.attempt == 2
+    # An ephemeral-storage limit of the instance type (the job's writes outside its volumes): its
+    # own doing too, not retried. The kubelet's two messages, for the container and the pod.
+    for message in (
+        'Container job exceeded its local ephemeral storage limit "10Gi". ',
+        "Pod ephemeral local storage usage exceeds the total limit of containers 10Gi. ",
+    ):
+        p = step(j, [dataclasses.replace(full, message=message)])
+        assert p.status.phase == JobPhase.ERROR, message
+        assert (
+            "files outside its working directory (/tmp, $HOME: the image's writable layer) outgrew the 10Gi"
+            in (p.status.status_details)
+        )
+    ship = dataclasses.replace(
+        full, message='Container ship exceeded its local ephemeral storage limit "1Gi". '
+    )
+    assert step(j, [ship]).status.attempt == 2  # the runner's: not the job's doing
 
 
 def test_a_new_attempt_does_not_show_the_last_ones_progress_and_files() -> None:

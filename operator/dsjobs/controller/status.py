@@ -408,6 +408,19 @@ def evicted_from_lost_node(pod: PodView) -> bool:
 
 # The kubelet's message when an emptyDir outgrows its sizeLimit (pkg/kubelet/eviction).
 _EMPTY_DIR_EVICTION = re.compile(r'Usage of EmptyDir volume "([^"]*)" exceeds the limit "([^"]*)"')
+# ... and when a container, or the pod as a whole, outgrows an ephemeral-storage limit (the
+# InstanceType's resources may set one): the files the job writes outside its volumes.
+_CONTAINER_STORAGE_EVICTION = re.compile(
+    r'Container (\S+) exceeded its local ephemeral storage limit "([^"]*)"'
+)
+_POD_STORAGE_EVICTION = re.compile(
+    r"Pod ephemeral local storage usage exceeds the total limit of containers (\S+?)\.?\s*$"
+)
+_WRITABLE_LAYER = (
+    "files outside its working directory (/tmp, $HOME: the image's writable layer)",
+    "write big files into the working directory, or choose an instance type with a larger "
+    "ephemeral-storage limit",
+)
 
 
 #: What each volume on the system disk holds, and what gives a job more room.
@@ -426,11 +439,17 @@ def system_disk_exceeded(pod: PodView) -> tuple[str, str, str] | None:
     doing, not a disruption."""
     if pod.reason != "Evicted":
         return None
+    container = _CONTAINER_STORAGE_EVICTION.search(pod.message or "")
+    if container is not None and container.group(1) == JOB_CONTAINER:
+        return _WRITABLE_LAYER[0], f"{container.group(2)} ephemeral-storage limit", _WRITABLE_LAYER[1]
+    whole = _POD_STORAGE_EVICTION.search(pod.message or "")
+    if whole is not None:
+        return _WRITABLE_LAYER[0], f"{whole.group(1)} ephemeral-storage limit", _WRITABLE_LAYER[1]
     match = _EMPTY_DIR_EVICTION.search(pod.message or "")
     if match is None or match.group(1) not in _SYSTEM_DISK_VOLUMES:
         return None
     what, advice = _SYSTEM_DISK_VOLUMES[match.group(1)]
-    return what, match.group(2), advice
+    return what, f"{match.group(2)} limit (the instance type's system disk)", advice
 
 
 def _stuck_container(pod: PodView) -> ContainerView | None:
@@ -530,8 +549,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         return Outcome(
             JobPhase.ERROR,
             "WorkingDirFull",
-            f"the job's {what} outgrew the {limit} limit (the instance type's system disk) and the "
-            f"pod was evicted; {advice}",
+            f"the job's {what} outgrew the {limit} and the pod was evicted; {advice}",
             return_code=code,
             failure=FailureKind.PERMANENT,
         )
