@@ -580,6 +580,26 @@ def test_fallback_to_the_second_type_after_the_budget() -> None:
     assert p3.status.pod_name == "job-1-a2" and p3.status.actual_cloud_instance_type == "g1.1"
 
 
+def test_a_pod_waiting_on_a_type_deleted_meanwhile_ends_when_no_type_is_left() -> None:
+    # Nothing will make room for a type an admin took away: the job ends instead of waiting for
+    # ever (with a next type listed, the budget's fallback moves on as for any lack of capacity).
+    # Its own budget is gone with it: the field's default (300 s) applies.
+    j = job(status=started(type_name="c1.4"))
+    old = unschedulable(NOW - timedelta(seconds=301))
+    without = {k: v for k, v in TYPES.items() if k != "c1.4"}
+    p = plan(j, [old], without, None, NOW, SETTINGS)
+    assert p.status.phase == JobPhase.ERROR
+    assert p.status.status_details.startswith(
+        "unknown instance type c1.4 (no longer in the catalog), and pod job-1-a1 could not be scheduled within 300s"
+    )
+    assert DeletePod("job-1-a1", 1, "its instance type is gone") in p.actions
+    # Still in the catalog: it waits, as before.
+    assert step(j, [old]).status.phase == JobPhase.PREPARING
+    # Deleted, but its pod is still within the budget: it may yet be scheduled.
+    young = unschedulable(NOW - timedelta(seconds=100))
+    assert plan(j, [young], without, None, NOW, SETTINGS).status.phase == JobPhase.PREPARING
+
+
 def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:
     # The scheduler is down (or still working through a backlog): the pod has waited past the
     # budget, but nobody found that the type has no capacity.
@@ -1774,6 +1794,36 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     j3 = JobView(**{**j.__dict__, "status": p4.status})
     p5 = step(j3, [pod(attempt=2, phase="Failed", node="cpu-0", reason="Evicted")])
     assert p5.status.phase == JobPhase.ERROR
+
+
+def test_a_retry_onto_a_type_deleted_meanwhile_falls_back_to_the_next_one_listed() -> None:
+    # g1.1 evicted, then deleted (or broken) by an admin during the backoff: c1.4 still runs it.
+    policy = {"maxAttempts": 2, "backoffSeconds": 0}
+    params = {"cmd": "x", "cloudInstanceTypes": [{"name": "g1.1"}, {"name": "c1.4"}]}
+    j = job(params=params, status=started("EXECUTING", type_name="g1.1"), retryPolicy=policy)
+    evicted = pod(phase="Failed", node="gpu-0", reason="Evicted", message="disk pressure", type_name="g1.1")
+    retrying = step(j, [evicted]).status
+    assert (retrying.attempt, retrying.pod_name) == (2, "")
+    without = {k: v for k, v in TYPES.items() if k != "g1.1"}
+    j2 = JobView(**{**j.__dict__, "status": retrying})
+    p = plan(j2, [pod(gone=True)], without, None, NOW, SETTINGS)
+    assert p.actions == (CreatePod(2, 1, "c1.4"),)
+    assert p.status.actual_cloud_instance_type == "c1.4" and p.status.instance_type_index == 1
+    [told] = [e for e in p.events if e.reason == "FallingBack"]
+    assert told.message == "unknown instance type g1.1 (no longer in the catalog); falling back to c1.4"
+    # Made invalid instead: the reason is told, as it is before a job starts.
+    why = "spec.requests.cpu: 16 is above the limit 8 [request-above-limit]"
+    p = plan(j2, [pod(gone=True)], without, None, NOW, SETTINGS, invalid_types={"g1.1": why})
+    assert p.actions == (CreatePod(2, 1, "c1.4"),)
+    assert [e.message for e in p.events if e.reason == "FallingBack"] == [
+        f"InstanceType g1.1 is invalid, so no job runs on it: {why}; falling back to c1.4"
+    ]
+    # None left: ERROR naming it.
+    only = job(status=started("EXECUTING", type_name="c1.4"), retryPolicy=policy)
+    again = JobView(**{**only.__dict__, "status": step(only, [evicted]).status})
+    p = plan(again, [pod(gone=True)], {}, None, NOW, SETTINGS)
+    assert p.status.phase == JobPhase.ERROR
+    assert "unknown instance type c1.4 (no longer in the catalog)" in p.status.status_details
 
 
 def test_a_retry_waits_for_a_pod_left_on_a_lost_node_and_says_why() -> None:

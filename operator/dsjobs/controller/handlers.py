@@ -81,6 +81,7 @@ from dsjobs.controller.plan import (
     PublishDatasets,
     RemoveFinalizer,
     current_pod_name,
+    gone_type_problem,
     plan,
     schedule_budget,
     waiting_to_create,
@@ -785,9 +786,8 @@ class Operator:
             return Refused(_earlier_pod(earlier))
         instance_type = (await self._catalog_for(job)).get(action.instance_type)
         if instance_type is None:
-            return fail(
-                spec, status, "UnknownInstanceType", f"unknown instance type: {action.instance_type}", now
-            )
+            gone = gone_type_problem(action.instance_type, self.instance_types.invalid())
+            return fail(spec, status, "UnknownInstanceType", gone, now)
 
         pvcs: list[PvcView] = []
         for selector in pvc_selectors(spec):

@@ -487,7 +487,17 @@ def _plan(
 
     if status.pod_name != current_name:
         return _plan_next_attempt(
-            spec, status, current_name, superseded, names, catalog, now, actions, events, settings
+            spec,
+            status,
+            current_name,
+            superseded,
+            names,
+            catalog,
+            invalid_types,
+            now,
+            actions,
+            events,
+            settings,
         )
 
     current = next((p for p in pods if p.name == current_name), None)
@@ -581,6 +591,15 @@ def _plan(
                     "through a backlog?)"
                 )
                 status = status.model_copy(update={"status_details": details})
+        elif index + 1 >= len(names) and names[index] not in catalog:
+            # Its type left the catalog (or broke) while its pod waited, and no other type is
+            # listed: nothing will ever make room for a type the admin took away.
+            problem = (
+                f"{gone_type_problem(names[index], invalid_types)}, and pod {current.name} could not "
+                f"be scheduled within {int(budget.total_seconds())}s; no other instance type is listed"
+            )
+            actions.append(DeletePod(current.name, DELETION_GRACE_SECONDS, "its instance type is gone"))
+            return _plan_of(fail(spec, status, "UnknownInstanceType", problem, now), actions, events, spec)
         elif index + 1 < len(names):
             following = names[index + 1]
             message = (
@@ -741,6 +760,7 @@ def _plan_next_attempt(
     superseded: Sequence[PodView],
     names: list[str],
     catalog: Mapping[str, InstanceTypeSpec],
+    invalid_types: Mapping[str, str],
     now: datetime,
     actions: list[Action],
     events: list[JobEvent],
@@ -764,8 +784,21 @@ def _plan_next_attempt(
         return Plan(status, tuple(actions), tuple(events), spec=spec)
     index = min(status.instance_type_index, len(names) - 1)
     if names[index] not in catalog:
-        update = fail(spec, status, "UnknownInstanceType", f"unknown instance type {names[index]}", now)
-        return _plan_of(update, actions, events, spec)
+        # Deleted from the catalog (or made invalid) since the job started: its later types may
+        # still run it, as they would for a lack of capacity.
+        usable = next((i for i in range(index + 1, len(names)) if names[i] in catalog), None)
+        if usable is None:
+            update = fail(
+                spec, status, "UnknownInstanceType", gone_type_problem(names[index], invalid_types), now
+            )
+            return _plan_of(update, actions, events, spec)
+        message = (
+            f"{'; '.join(gone_type_problem(n, invalid_types) for n in names[index:usable])}; "
+            f"falling back to {names[usable]}"
+        )
+        events.append(JobEvent("Warning", "FallingBack", message))
+        index = usable
+        status = status.model_copy(update={"instance_type_index": usable})
     status = drop_conditions(status, COND_RETRYING, *ATTEMPT_CONDITIONS).model_copy(
         update={
             "pod_name": current_name,
@@ -791,6 +824,12 @@ def _plan_next_attempt(
     )
     status = _as_created(spec, status, fresh, now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def gone_type_problem(name: str, invalid_types: Mapping[str, str]) -> str:
+    if name in invalid_types:
+        return f"InstanceType {name} is invalid, so no job runs on it: {invalid_types[name]}"
+    return f"unknown instance type {name} (no longer in the catalog)"
 
 
 def _as_created(
@@ -1054,7 +1093,8 @@ def schedule_budget(type_spec: InstanceTypeSpec | None) -> timedelta:
     """How long a pod of this type may wait before the job falls back to its next type.
 
     A type deleted from the catalog while its pod waits keeps the field's default, so the job
-    still moves on rather than waiting for a type that no longer exists.
+    still moves on (to its next type, or, on its last, to ERROR) rather than waiting for a type
+    that no longer exists.
     """
     if type_spec is None:
         default = InstanceTypeSpec.model_fields["schedule_timeout_seconds"].default
