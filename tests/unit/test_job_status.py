@@ -600,6 +600,35 @@ def test_a_pod_waiting_on_a_type_deleted_meanwhile_ends_when_no_type_is_left() -
     assert plan(j, [young], without, None, NOW, SETTINGS).status.phase == JobPhase.PREPARING
 
 
+def test_a_claim_deleted_while_the_pod_waits_ends_the_job_as_a_missing_volume() -> None:
+    # PVC protection holds only claims of scheduled pods: an S3 mount's claim deleted meanwhile
+    # leaves the scheduler saying so for ever. Not a lack of capacity: no fallback, no waiting.
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(type_name="g2.8"))
+
+    def waiting(message: str) -> PodView:
+        cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        return pod(created=NOW - timedelta(seconds=5), type_name="g2.8", conditions=[cond])
+
+    gone = waiting(
+        '0/3 nodes are available: persistentvolumeclaim "raw-data-bucket" not found. preemption: ...'
+    )
+    p = step(j, [gone])
+    assert p.status.phase == JobPhase.ERROR
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == "MissingVolume"
+    assert (
+        "volume claim 'raw-data-bucket' of the job was deleted while its pod waited"
+        in p.status.status_details
+    )
+    assert DeletePod("job-1-a1", 1, "its volume claim is gone") in p.actions
+    going = waiting('0/3 nodes are available: persistentvolumeclaim "raw-data-bucket" is being deleted.')
+    assert step(j, [going]).status.phase == JobPhase.ERROR
+    # The pod's own ephemeral claim (working storage), made after it: just not there yet.
+    own = waiting('0/3 nodes are available: persistentvolumeclaim "job-1-a1-dsjobs-work" not found.')
+    assert step(j, [own]).status.phase == JobPhase.PREPARING
+
+
 def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:
     # The scheduler is down (or still working through a backlog): the pod has waited past the
     # budget, but nobody found that the type has no capacity.

@@ -48,6 +48,7 @@ from dsjobs.controller.status import (
     JobEvent,
     Outcome,
     StatusUpdate,
+    claim_gone,
     clip,
     compute_status,
     data_expiry,
@@ -578,6 +579,17 @@ def _plan(
     ):
         budget = schedule_budget(catalog.get(names[index]))
         waited = now - (current.created_at or now)
+        gone = claim_gone(current)
+        if gone is not None:
+            # Deleted after the pod was made (PVC protection holds only claims of scheduled
+            # pods): as if it had been missing when the job started, and no type can help.
+            cond = current.condition("PodScheduled")
+            problem = (
+                f"volume claim {gone!r} of the job was deleted while its pod waited to be scheduled "
+                f"(the scheduler: {cond.message if cond is not None else ''})"
+            )
+            actions.append(DeletePod(current.name, DELETION_GRACE_SECONDS, "its volume claim is gone"))
+            return _plan_of(fail(spec, status, "MissingVolume", problem, now), actions, events, spec)
         if waited < budget:
             requeue = _min_delay(requeue, budget - waited)
         elif not current.unschedulable:

@@ -452,6 +452,26 @@ def system_disk_exceeded(pod: PodView) -> tuple[str, str, str] | None:
     return what, f"{match.group(2)} limit (the instance type's system disk)", advice
 
 
+# The scheduler's verdict on a pod whose claim is gone (its VolumeBinding plugin).
+_CLAIM_GONE = re.compile(r'persistentvolumeclaim "([^"]+)" (?:not found|is being deleted)')
+
+
+def claim_gone(pod: PodView) -> str | None:
+    """The claim (a project disk, S3 mount, dataset) the scheduler says the unscheduled pod's
+    volume names but is deleted or being deleted, or None. The operator checked every claim before
+    it made the pod, so it went since: nothing will schedule the pod. The pod's own ephemeral
+    claims (`<pod>-<volume>`, made after it) are not such a verdict."""
+    if pod.scheduled or pod.gone:
+        return None
+    cond = pod.condition("PodScheduled")
+    if cond is None or cond.status != "False":
+        return None
+    match = _CLAIM_GONE.search(cond.message)
+    if match is None or match.group(1).startswith(f"{pod.name}-"):
+        return None
+    return match.group(1)
+
+
 def _stuck_container(pod: PodView) -> ContainerView | None:
     """The first container that cannot start (image pull, container config errors)."""
     for c in (*pod.init_containers, *pod.containers):
