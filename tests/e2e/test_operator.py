@@ -314,6 +314,51 @@ def test_working_storage_of_a_class_that_does_not_exist_is_an_error(h: H) -> Non
     assert "Failed" in _reasons(h, "no-class")
 
 
+def test_a_mount_s_claim_deleted_while_the_pod_waits_ends_the_job(h: H) -> None:
+    # PVC protection holds only the claims of scheduled pods: deleted meanwhile, the scheduler says
+    # so for ever. The job ends as for a mount missing at its start, instead of waiting.
+    if h.cluster.root is None:
+        pytest.skip(LOCAL_CLASS_ONLY)
+    local_claim(h.core, h.namespace, "mount-going", {"dsjobs.dev/s3-mount-id": "gonebucket"}, "ReadWriteMany")
+    label = f"e2e-room-{uuid.uuid4().hex[:6]}"
+    nowhere = {
+        "vcpu": 1,
+        "memory": "64Mi",
+        "nodeSelector": {label: "yes"},  # no node has it (yet)
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+    }
+    node = next(n.metadata.name for n in h.core.list_node().items if not n.spec.taints)
+    with _instance_type(h, "n1", nowhere) as name:
+        params = {
+            "cmd": "ls ${gonebucket}",
+            "s3MountIds": ["gonebucket"],
+            "cloudInstanceTypes": [{"name": name}],
+        }
+        h.create_job("claim-gone", params)
+        poll(
+            "the pod to be unschedulable",
+            lambda: "waiting" in h.status("claim-gone").get("statusDetails", ""),
+            60,
+        )
+        h.core.delete_namespaced_persistent_volume_claim("mount-going", h.namespace)
+        # The scheduler looks again at a pod its node selector kept out after up to 5 min, or when
+        # a node comes to match it: then its verdict is the claim's.
+        h.core.patch_node(node, {"metadata": {"labels": {label: "yes"}}})
+        try:
+            status = h.wait_phase("claim-gone", "ERROR", "SUCCESS", timeout=120)
+        finally:
+            h.core.patch_node(node, {"metadata": {"labels": {label: None}}})
+    assert status["phase"] == "ERROR", status
+    told = "volume claim 'mount-going' of the job was deleted while its pod waited to be scheduled"
+    assert told in status["statusDetails"], status
+    assert 'persistentvolumeclaim "mount-going" ' in status["statusDetails"], (
+        status
+    )  # not found, or being deleted
+    finished = next(c for c in status["conditions"] if c["type"] == "Finished")
+    assert finished["reason"] == "MissingVolume", status
+    assert not h.pods("claim-gone") or all(p.metadata.deletion_timestamp for p in h.pods("claim-gone"))
+
+
 def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)
