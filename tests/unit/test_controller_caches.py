@@ -76,3 +76,22 @@ def test_an_invalid_instance_type_is_left_out_saying_why(caplog: Any) -> None:
     assert [r.getMessage() for r in caplog.records if "InstanceType c1.8 is invalid" in r.getMessage()]
     cache.apply(it("c1.8", 3), deleted=False)  # fixed
     assert set(cache.catalog()) == {"c1.4", "c1.8"} and cache.invalid() == {}
+
+
+def test_an_instance_type_deleted_while_the_watch_was_away_leaves_the_catalog_after_a_list() -> None:
+    from dsjobs.controller.caches import InstanceTypeCache
+
+    def it(name: str, rev: int) -> dict[str, Any]:
+        spec = {"vcpu": 4, "memory": "16Gi", "resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "4"}}}
+        return {"metadata": {"name": name, "resourceVersion": str(rev)}, "spec": spec}
+
+    cache = InstanceTypeCache()
+    cache.seed([it("c1.4", 1), it("c1.8", 2), it("g1.1", 3)])
+    before = cache.snapshot()
+    # While the LIST ran: g1.1 was edited (its event is newer than anything the LIST missed), and
+    # a type created after the LIST was served arrived by its event.
+    cache.apply(it("g1.1", 5), deleted=False)
+    cache.apply(it("g2.1", 6), deleted=False)
+    assert cache.drop_vanished(before, ["c1.4"]) == ["c1.8"]
+    assert set(cache.catalog()) == {"c1.4", "g1.1", "g2.1"}
+    assert cache.drop_vanished(cache.snapshot(), ["c1.4", "g1.1", "g2.1"]) == []

@@ -140,6 +140,24 @@ class InstanceTypeCache:
             if name not in self._types:
                 self._store(name, revision(body), body)
 
+    def snapshot(self) -> dict[str, int]:
+        """Name -> revision of every type known now (before a LIST, for `vanished`)."""
+        return {name: rev for name, (rev, _, _) in self._types.items()}
+
+    def drop_vanished(self, before: Mapping[str, int], listed: Iterable[str]) -> list[str]:
+        """Forget the types known at `before` that a LIST begun after it did not return and that
+        no event changed since: deleted while the watch was away (a resume with 410 Gone lists
+        again, which tells no deletion). Returns their names."""
+        names = set(listed)
+        gone = [
+            name
+            for name, rev in before.items()
+            if name not in names and name in self._types and self._types[name][0] == rev
+        ]
+        for name in gone:
+            del self._types[name]
+        return gone
+
     def _store(self, name: str, rev: int, body: Mapping[str, Any]) -> None:
         spec, problem = parse_instance_type(body)
         old = self._types.get(name)

@@ -316,11 +316,26 @@ class Operator:
             await self.reconcile(key)
         return len(vanished)
 
+    async def resync_instance_types(self) -> list[str]:
+        """One LIST of the InstanceTypes against the catalog, as `resync_pods` for pods: a type
+        deleted while the watch was away would otherwise stay in the catalog until a restart."""
+        assert self.kube is not None
+        await self.warm_up()
+        before = self.instance_types.snapshot()
+        items = await self.kube.list(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}")
+        gone = self.instance_types.drop_vanished(
+            before, (str((i.get("metadata") or {}).get("name", "")) for i in items)
+        )
+        for name in gone:
+            log.info("InstanceType %s was deleted while the watch was away", name)
+        return gone
+
     async def resync_pods_forever(self, interval: float = POD_RESYNC_SECONDS) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.resync_pods()
+                await self.resync_instance_types()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the next period tries again; the watch is the main source
