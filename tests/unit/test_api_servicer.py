@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -453,6 +454,8 @@ def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
     assert kube.jobs() == []
     [(_, _, secret)] = [c for c in kube.calls if c[0] == "POST" and c[1] == secrets_path(NAMESPACE)]
     assert secret["stringData"] == {"password": "s3cret"}
+    # Named for the registry it was given for (the operator sends it nowhere else).
+    assert secret["metadata"]["annotations"] == {"dsjobs.dev/registry-hosts": "cr.example.com"}
 
 
 def password_secret(owner_uid: str | None, *, labelled: bool = True) -> dict[str, Any]:
@@ -928,6 +931,7 @@ PLANTED = [
 ]
 # Where each file lived in the job (models.paths.job_relative_path): where another user gets it.
 SEEN = [".dsjobs-vars/RC/.bashrc", ".dsjobs-vars/KEYS/authorized_keys", ".dsjobs-vars/BAT/run.bat"]
+PROFILE_SEEN = ".dsjobs-vars/PROFILE/.profile"  # an output the job did not create (a file error)
 
 
 def planted_job(created_by: str) -> JobSnapshot:
@@ -936,7 +940,14 @@ def planted_job(created_by: str) -> JobSnapshot:
         {"desc": d, "sha256": f"{i:02x}" * 32, "sizeBytes": 1, "key": f"{prefix}/{i}"}
         for i, d in enumerate(PLANTED)
     ]
-    job = source_job({**SOURCE_PARAMS, "outputFiles": PLANTED}, {"phase": "SUCCESS", "outputFiles": stored})
+    missing = {
+        "type": "NOT_FOUND",
+        "description": "not created",
+        "outputFileDesc": {"path": "/home/alice/.profile", "var": "PROFILE"},
+    }
+    params = {**SOURCE_PARAMS, "outputFiles": [*PLANTED, {"path": "/home/alice/.profile", "var": "PROFILE"}]}
+    status = {"phase": "SUCCESS", "outputFiles": stored, "fileErrors": [missing]}
+    job = source_job(params, status)
     spec = job.spec.model_copy(update={"created_by_id": created_by})
     return JobSnapshot(**{**job.__dict__, "spec": spec})
 
@@ -947,7 +958,7 @@ def test_another_user_never_gets_output_paths_that_leave_their_directory() -> No
     core = FakeCore(job=planted_job("mallory"))
     expected = [*SEEN, "results/metrics.csv"]
     got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
-    assert [d.path for d in got.job_parameters.output_files] == expected
+    assert [d.path for d in got.job_parameters.output_files] == [*expected, PROFILE_SEEN]
     assert [f.desc.path for f in got.output_files] == expected  # the stored ones
     op_id = OpRef(OpKind.EXECUTE, PROJECT, "src1", "u-src").encode()
     ops = OperationService(cast(Core, core), service(core))
@@ -955,6 +966,10 @@ def test_another_user_never_gets_output_paths_that_leave_their_directory() -> No
     response = svc.ExecuteProjectJobResponse()
     op.response.Unpack(response)
     assert [f.file.desc.path for f in response.output_files] == expected
+    assert [e.output_file_desc.path for e in response.output_files_errors] == [
+        ".dsjobs-vars/PROFILE/.profile"
+    ]
+    assert [e.output_file_desc.path for e in got.file_errors] == [PROFILE_SEEN]
     wanted = [jobs_pb2.File(desc=f.desc, sha256=f.sha256) for f in got.output_files]
     req = svc.DownloadProjectJobFilesRequest(job_id="src1", files=wanted)
     resp = call(service(core).DownloadJobFiles(req, ctx()))
@@ -965,11 +980,13 @@ def test_another_user_never_gets_output_paths_that_leave_their_directory() -> No
 def test_the_job_s_creator_gets_the_paths_as_written() -> None:
     core = FakeCore(job=planted_job("alice"))
     got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
-    assert [d.path for d in got.job_parameters.output_files] == [d["path"] for d in PLANTED]
+    assert [d.path for d in got.job_parameters.output_files] == [d["path"] for d in PLANTED] + [
+        "/home/alice/.profile"
+    ]
     # A job without createdById (applied with kubectl, leaving it out) is nobody's: rewritten.
     core = FakeCore(job=planted_job(""))
     got = call(service(core).Get(svc.GetProjectJobRequest(job_id="src1"), ctx()))
-    assert [d.path for d in got.job_parameters.output_files] == [*SEEN, "results/metrics.csv"]
+    assert [d.path for d in got.job_parameters.output_files] == [*SEEN, "results/metrics.csv", PROFILE_SEEN]
 
 
 def test_a_clone_of_another_user_s_job_inherits_the_outputs_where_the_job_had_them() -> None:
@@ -980,4 +997,28 @@ def test_a_clone_of_another_user_s_job_inherits_the_outputs_where_the_job_had_th
     [clone] = [o for o in core.kube.objects.values() if o["metadata"]["name"] != "src1"]
     assert clone["spec"]["createdById"] == "alice"
     paths = [d["path"] for d in clone["spec"]["jobParameters"]["outputFiles"]]
-    assert paths == [*SEEN, "results/metrics.csv"]
+    assert paths == [*SEEN, "results/metrics.csv", PROFILE_SEEN]
+
+
+@pytest.mark.parametrize(
+    ("path", "var", "seen"),
+    [
+        (".", "", ".dsjobs-vars/unnamed"),  # the CRD lets these through without a var
+        (".dsjobs-vars/x", "", ".dsjobs-vars/unnamed"),
+        ("..", "..", ".dsjobs-vars/__"),  # a var the validator refuses: never a path part
+        ("/etc/passwd", "P", ".dsjobs-vars/P/passwd"),
+    ],
+)
+def test_any_output_path_a_kubectl_user_may_write_is_given_back_safely(
+    path: str, var: str, seen: str
+) -> None:
+    # One job's odd path must not fail another user's Get or List (as_seen_by raised for `.`).
+    from dsjobs.api.clientpaths import client_desc
+    from dsjobs.models.files import FileDesc
+    from dsjobs.models.paths import is_safe_relative_path
+
+    got = client_desc(FileDesc(path=path, var=var)).path
+    assert got == seen
+    assert (
+        not os.path.isabs(got) and ".." not in got.split("/") and is_safe_relative_path(got.split("/", 1)[1])
+    )

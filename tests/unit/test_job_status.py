@@ -1912,18 +1912,22 @@ def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     # Any other emptyDir of the pod is not the job's system disk: a disruption as before.
     other = dataclasses.replace(full, message='Usage of EmptyDir volume "x" exceeds the limit "4Mi". ')
     assert step(j, [other]).status.attempt == 2
-    # An ephemeral-storage limit of the instance type (the job's writes outside its volumes): its
-    # own doing too, not retried. The kubelet's two messages, for the container and the pod.
-    for message in (
-        'Container job exceeded its local ephemeral storage limit "10Gi". ',
-        "Pod ephemeral local storage usage exceeds the total limit of containers 10Gi. ",
+    # An ephemeral-storage limit of the instance type: its own doing too, not retried. The kubelet
+    # tells the job container's (its writable layer) or the pod's total (volumes included).
+    for message, told in (
+        (
+            'Container job exceeded its local ephemeral storage limit "10Gi". ',
+            "files outside its working directory (/tmp, $HOME: the image's writable layer) outgrew "
+            "the 10Gi ephemeral-storage limit",
+        ),
+        (
+            "Pod ephemeral local storage usage exceeds the total limit of containers 10Gi. ",
+            "local files (working directory, logs and Python packages, and files outside them such as "
+            "/tmp) outgrew the 10Gi ephemeral-storage limit of the pod",
+        ),
     ):
         p = step(j, [dataclasses.replace(full, message=message)])
-        assert p.status.phase == JobPhase.ERROR, message
-        assert (
-            "files outside its working directory (/tmp, $HOME: the image's writable layer) outgrew the 10Gi"
-            in (p.status.status_details)
-        )
+        assert p.status.phase == JobPhase.ERROR and told in p.status.status_details, message
     ship = dataclasses.replace(
         full, message='Container ship exceeded its local ephemeral storage limit "1Gi". '
     )

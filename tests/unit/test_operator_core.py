@@ -453,6 +453,13 @@ def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
         "metadata": {"labels": labels, "ownerReferences": [{"kind": "ProjectJob", "name": "b", "uid": "u2"}]}
     }
     assert problem(owned, job_uid="u2") == ""
+    # The API names the registry the user gave the password for: an edit of the job's image (by a
+    # member who may update jobs, before it runs) does not take it elsewhere.
+    named = {
+        "metadata": {**owned["metadata"], "annotations": {"dsjobs.dev/registry-hosts": "cr.example.com"}}
+    }
+    assert problem(named, job_uid="u2") == ""
+    assert problem(named, job_uid="u2", image_url="evil.example/x").endswith("not to evil.example")
     assert problem(owned, job_uid="u1") == (
         "holds the registry password of ProjectJob 'b' (such a Secret serves its own job only)"
     )

@@ -16,18 +16,28 @@ projectjobs-created-by-their-creator (crds/).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.models import ProjectJobSpec, ProjectJobStatus
 from dsjobs.models.files import FileDesc
-from dsjobs.models.paths import is_safe_relative_path, job_relative_path
+from dsjobs.models.paths import VAR_FILES_DIR, is_safe_relative_path, job_relative_path
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def client_desc(desc: FileDesc) -> FileDesc:
-    """`desc` with a path that stays inside the client's directory."""
+    """`desc` with a path that stays inside the client's directory; never raises (a job applied
+    with kubectl may hold a path the validator would refuse: `.`, `.dsjobs-vars/x` without a var)."""
     if is_safe_relative_path(desc.path):
         return desc
-    return desc.model_copy(update={"path": job_relative_path(desc)})
+    try:
+        path = job_relative_path(desc)
+    except ValueError:
+        # No place the job could have had it (no var, or one the validator refuses): a plain
+        # name below the client's directory.
+        path = f"{VAR_FILES_DIR}/{_SAFE_NAME.sub('_', desc.var) or 'unnamed'}"
+    return desc.model_copy(update={"path": path})
 
 
 def spec_as_seen_by(spec: ProjectJobSpec, username: str) -> ProjectJobSpec:
@@ -40,10 +50,20 @@ def spec_as_seen_by(spec: ProjectJobSpec, username: str) -> ProjectJobSpec:
 
 
 def status_as_seen_by(spec: ProjectJobSpec, status: ProjectJobStatus, username: str) -> ProjectJobStatus:
-    if _is_creator(spec, username) or all(is_safe_relative_path(f.desc.path) for f in status.output_files):
+    """Its stored outputs and their errors named as the spec's outputs are for `username`."""
+    error_descs = [e.output_file_desc for e in status.file_errors if e.output_file_desc is not None]
+    if _is_creator(spec, username) or all(
+        is_safe_relative_path(d.path) for d in (*(f.desc for f in status.output_files), *error_descs)
+    ):
         return status
     files = [f.model_copy(update={"desc": client_desc(f.desc)}) for f in status.output_files]
-    return status.model_copy(update={"output_files": files})
+    errors = [
+        e
+        if e.output_file_desc is None
+        else e.model_copy(update={"output_file_desc": client_desc(e.output_file_desc)})
+        for e in status.file_errors
+    ]
+    return status.model_copy(update={"output_files": files, "file_errors": errors})
 
 
 def as_seen_by(job: JobSnapshot, username: str) -> JobSnapshot:

@@ -38,7 +38,7 @@ from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
-from dsjobs.controller.secrets import registry_password_source_problem
+from dsjobs.controller.secrets import REGISTRY_HOSTS_ANNOTATION, registry_of, registry_password_source_problem
 from dsjobs.controller.status import data_expiry
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
@@ -488,12 +488,17 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
 
     async def _store_password(self, job: JobSnapshot, password: str, *, created: bool) -> None:
         name = params_conv.docker_password_secret_name(job.name)
+        env = job.spec.job_parameters.env
+        image = env.docker_image_spec if env is not None else None
         secret = {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
                 "name": name,
                 "namespace": job.namespace,
+                # The registry the user gave it for: a project member editing the job's image
+                # before it runs must not have the operator send it elsewhere.
+                "annotations": {REGISTRY_HOSTS_ANNOTATION: registry_of(image.image_url) if image else ""},
                 "labels": {
                     **job_labels(job.project_id, job.name),
                     SECRET_ROLE_LABEL: REGISTRY_PASSWORD_ROLE,

@@ -182,7 +182,9 @@ def registry_password_source_problem(
     job's user's password) serves that job only: another member of the project could otherwise
     send it to a registry of theirs. One no job owns (an admin's, for the project's registry)
     names the registries it may go to (REGISTRY_HOSTS_ANNOTATION): any member could otherwise
-    send it to a registry of theirs with an image URL of their choice. passwordDsSecretName reads
+    send it to a registry of theirs with an image URL of their choice. The API names the
+    registry on the job's own ones too: a member may edit a colleague's job's image before it
+    runs. passwordDsSecretName reads
     the project secrets, which the job's environment gets anyway.
     """
     if not by_ref:
@@ -198,9 +200,10 @@ def registry_password_source_problem(
     if jobs and all(o.get("uid") != job_uid for o in jobs):
         names = ", ".join(repr(str(o.get("name", ""))) for o in jobs)
         return f"holds the registry password of ProjectJob {names} (such a Secret serves its own job only)"
-    if jobs:
-        return ""
-    listed = str((meta.get("annotations") or {}).get(REGISTRY_HOSTS_ANNOTATION) or "")
+    annotations = meta.get("annotations") or {}
+    if jobs and REGISTRY_HOSTS_ANNOTATION not in annotations:
+        return ""  # the job's own, stored by an API that did not yet name its registry
+    listed = str(annotations.get(REGISTRY_HOSTS_ANNOTATION) or "")
     hosts = [h.strip() for h in listed.split(",") if h.strip()]
     registry = registry_of(image_url)
     if registry == DOCKER_HUB:  # the config file's key for Docker Hub; people write docker.io

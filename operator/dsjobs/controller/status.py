@@ -421,6 +421,13 @@ _WRITABLE_LAYER = (
     "write big files into the working directory, or choose an instance type with a larger "
     "ephemeral-storage limit",
 )
+# The pod's total counts its emptyDirs (the working directory, logs and packages) with the
+# containers' writable layers: anything of it may be what grew.
+_POD_STORAGE = (
+    "local files (working directory, logs and Python packages, and files outside them such as /tmp)",
+    "declare working-storage for a big working directory, or choose an instance type with a larger "
+    "ephemeral-storage limit",
+)
 
 
 #: What each volume on the system disk holds, and what gives a job more room.
@@ -444,7 +451,7 @@ def system_disk_exceeded(pod: PodView) -> tuple[str, str, str] | None:
         return _WRITABLE_LAYER[0], f"{container.group(2)} ephemeral-storage limit", _WRITABLE_LAYER[1]
     whole = _POD_STORAGE_EVICTION.search(pod.message or "")
     if whole is not None:
-        return _WRITABLE_LAYER[0], f"{whole.group(1)} ephemeral-storage limit", _WRITABLE_LAYER[1]
+        return _POD_STORAGE[0], f"{whole.group(1)} ephemeral-storage limit of the pod", _POD_STORAGE[1]
     match = _EMPTY_DIR_EVICTION.search(pod.message or "")
     if match is None or match.group(1) not in _SYSTEM_DISK_VOLUMES:
         return None
