@@ -95,3 +95,21 @@ def test_an_instance_type_deleted_while_the_watch_was_away_leaves_the_catalog_af
     assert cache.drop_vanished(before, ["c1.4"]) == ["c1.8"]
     assert set(cache.catalog()) == {"c1.4", "g1.1", "g2.1"}
     assert cache.drop_vanished(cache.snapshot(), ["c1.4", "g1.1", "g2.1"]) == []
+
+
+def test_the_jobs_waiting_on_a_type_are_those_whose_pod_no_node_took() -> None:
+    # Told when the type goes: a job waiting past its budget on its last type has no timer.
+    cache = PodCache()
+    cache.seeded()
+    waiting = body("job-1-a1", "u1", 10, phase="Pending")
+    waiting["metadata"]["labels"]["dsjobs.dev/instance-type"] = "g1.1"
+    running = body("job-2-a1", "u2", 11, job="job-2")
+    running["metadata"]["labels"]["dsjobs.dev/instance-type"] = "g1.1"
+    running["spec"] = {"nodeName": "gpu-0"}
+    other = body("job-3-a1", "u3", 12, job="job-3", phase="Pending")
+    other["metadata"]["labels"]["dsjobs.dev/instance-type"] = "c1.4"
+    for b in (waiting, running, other):
+        cache.apply(b, deleted=False)
+    assert cache.waiting_on("g1.1") == [(NS, "job-1")]
+    assert cache.waiting_on("c1.4") == [(NS, "job-3")]
+    assert cache.waiting_on("g2.8") == []

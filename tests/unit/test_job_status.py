@@ -606,13 +606,16 @@ def test_a_claim_deleted_while_the_pod_waits_ends_the_job_as_a_missing_volume() 
     types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
     j = job(params=types, status=started(type_name="g2.8"))
 
-    def waiting(message: str) -> PodView:
+    def waiting(message: str, age: int = 31) -> PodView:
         cond = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
-        return pod(created=NOW - timedelta(seconds=5), type_name="g2.8", conditions=[cond])
+        return pod(created=NOW - timedelta(seconds=age), type_name="g2.8", conditions=[cond])
 
-    gone = waiting(
-        '0/3 nodes are available: persistentvolumeclaim "raw-data-bucket" not found. preemption: ...'
-    )
+    verdict = '0/3 nodes are available: persistentvolumeclaim "raw-data-bucket" not found. preemption: ...'
+    # Not at once: an output dataset's claim, made just before the pod, may be unknown to a
+    # scheduler whose informer lags.
+    young = step(j, [waiting(verdict, age=5)])
+    assert young.status.phase == JobPhase.PREPARING and young.requeue_after == timedelta(seconds=25)
+    gone = waiting(verdict)
     p = step(j, [gone])
     assert p.status.phase == JobPhase.ERROR
     finished = get_condition(p.status, "Finished")

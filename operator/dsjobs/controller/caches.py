@@ -111,6 +111,14 @@ class PodCache:
             out.append((key, dataclasses.replace(entry[1], gone=True)))
         return out
 
+    def waiting_on(self, instance_type: str) -> list[Key]:
+        """The jobs with a pod of this instance type that no node took yet."""
+        return [
+            key
+            for key, pods in self._by_job.items()
+            if any(v.instance_type == instance_type and v.alive and not v.scheduled for _, v in pods.values())
+        ]
+
     def get(self, key: Key) -> list[PodView]:
         return [view for _, view in (self._by_job.get(key) or {}).values()]
 

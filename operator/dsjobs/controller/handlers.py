@@ -273,8 +273,17 @@ class Operator:
             self._gone[key][view.name] = view
         await self.reconcile(key)
 
-    def on_instance_type_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+    async def on_instance_type_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.instance_types.apply(body, deleted=event_type == "DELETED")
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if name not in self.instance_types.catalog():
+            await self._type_gone(name)
+
+    async def _type_gone(self, name: str) -> None:
+        """A type deleted or made invalid: the jobs whose pods wait for it plan again (one that
+        waited past its budget on its last type sets no timer, and nothing else would wake it)."""
+        for key in self.pods.waiting_on(name):
+            await self.reconcile(key)
 
     async def warm_up(self) -> None:
         """Fill the caches with what existed before the watches started (once, before any plan).
@@ -328,6 +337,7 @@ class Operator:
         )
         for name in gone:
             log.info("InstanceType %s was deleted while the watch was away", name)
+            await self._type_gone(name)
         return gone
 
     async def resync_pods_forever(self, interval: float = POD_RESYNC_SECONDS) -> None:
@@ -1276,7 +1286,7 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
 
     @kopf.on.event(GROUP, VERSION, INSTANCETYPE_PLURAL, registry=registry)
     async def instance_type_event(event: kopf.RawEvent, **_: Any) -> None:
-        op.on_instance_type_event(event.get("type"), event["object"])
+        await op.on_instance_type_event(event.get("type"), event["object"])
 
     @kopf.on.event(GROUP, VERSION, PROJECTJOB_PLURAL, registry=registry)
     async def job_event(event: kopf.RawEvent, **_: Any) -> None:

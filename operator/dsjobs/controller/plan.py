@@ -80,6 +80,8 @@ from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_
 # The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
 # How long a deleted job waits for its pods to be gone before its stored data is deleted.
 DELETE_POD_WAIT: Final = timedelta(seconds=30)
+#: How old a pod must be before the scheduler's "persistentvolumeclaim not found" ends its job.
+CLAIM_GONE_PATIENCE: Final = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -580,7 +582,11 @@ def _plan(
         budget = schedule_budget(catalog.get(names[index]))
         waited = now - (current.created_at or now)
         gone = claim_gone(current)
-        if gone is not None:
+        if gone is not None and waited < CLAIM_GONE_PATIENCE:
+            # An output dataset's claim is made just before the pod: a scheduler whose claim
+            # informer lags may not know it yet. Its verdict must hold a while first.
+            requeue = _min_delay(requeue, CLAIM_GONE_PATIENCE - waited)
+        elif gone is not None:
             # Deleted after the pod was made (PVC protection holds only claims of scheduled
             # pods): as if it had been missing when the job started, and no type can help.
             cond = current.condition("PodScheduled")
