@@ -548,6 +548,25 @@ def test_links_in_a_directory_output_ship_their_files_from_the_working_dir_only(
     assert "directory of 2 files uploaded as zip" in log
 
 
+def test_a_zipped_output_s_size_bound_counts_only_links_it_will_store(tmp_path: Path) -> None:
+    # The bound sizes the upload's parts (and their buffers): links out of the working dir, which
+    # are skipped, must not count (three links to a 2 TB file outside made 630 MiB parts).
+    from dsjobs.runner.ship import _zip_bound
+
+    work = tmp_path / "work"
+    out = work / "out"
+    out.mkdir(parents=True)
+    (work / "big-inside").write_bytes(b"x" * 100_000)
+    huge = tmp_path / "huge-outside"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 10**12)  # sparse
+    (out / "in").symlink_to("../big-inside")
+    for i in range(3):
+        (out / f"away{i}").symlink_to(huge)
+    bound = _zip_bound(str(out), str(work))
+    assert 100_000 < bound < 200_000
+
+
 def test_a_file_named_in_another_encoding_does_not_fail_its_directory(tmp_path: Path) -> None:
     cfg = config(tmp_path, outputs=[{"path": "results"}])
     res = cfg.work_dir / "results"

@@ -236,6 +236,43 @@ def test_links_inside_the_working_dir_are_stored_as_their_files(tmp_path: Path) 
     }
 
 
+def test_link_loops_and_links_through_files_are_told_as_such_and_a_dir_of_skipped_links_stays(
+    tmp_path: Path,
+) -> None:
+    work = tmp_path / "work"
+    out = work / "out"
+    (out / "only-links").mkdir(parents=True)
+    (out / "f").write_text("x")
+    (out / "loop1").symlink_to("loop2")
+    (out / "loop2").symlink_to("loop1")
+    (out / "through-file").symlink_to("f/sub")
+    (out / "only-links" / "away").symlink_to("/etc/hostname")
+    skipped: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dest = tmp_path / "out.zip"
+        zip_directory(
+            out,
+            dest,
+            links=LinkRoot(work_fd, "out"),
+            on_skip=lambda p, why: skipped.append((p, why)),
+            on_error=lambda p, why: errors.append((p, why)),
+        )
+    finally:
+        os.close(work_fd)
+    assert errors == []
+    assert dict(skipped) == {
+        "out/loop1": "symlink loop or /proc link",
+        "out/loop2": "symlink loop or /proc link",
+        "out/through-file": "dangling symlink",
+        "out/only-links/away": "symlink resolving outside the working directory",
+    }
+    with zipfile.ZipFile(dest) as zf:
+        # A directory whose links were all left out is kept, as an empty one is.
+        assert sorted(zf.namelist()) == ["out/f", "out/only-links/"]
+
+
 def test_a_link_followed_is_opened_once_so_a_swap_cannot_leak(tmp_path: Path) -> None:
     """The link's target is found and read through one lookup below the working dir: a job
     re-pointing a link between a check and the read cannot get a file from outside in."""

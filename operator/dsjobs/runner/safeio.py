@@ -110,7 +110,9 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_SYS_OPENAT2 = 437  # the same number on every architecture Linux added it to (5.6)
+# x86_64, arm64 and the other architectures of the generic table (alpha, ia64 and mips number it
+# otherwise: there the call fails with ENOSYS and no link is followed).
+_SYS_OPENAT2 = 437
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_BENEATH = 0x08
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
@@ -143,10 +145,12 @@ def open_file_resolved_beneath(root_fd: int, path: str) -> int:
         err = ctypes.get_errno()
         if err == errno.EAGAIN:  # a rename raced the lookup: the kernel asks to try again
             continue
-        if err == errno.ENOENT:
+        if err in (errno.ENOENT, errno.ENOTDIR):  # ENOTDIR: a link through a file (`f/sub`)
             raise FileNotFoundError(err, f"{path}: dangling symlink or missing file")
-        if err in (errno.EXDEV, errno.ELOOP):
+        if err == errno.EXDEV:
             raise RefusedFile(err, f"{path} resolves outside the directory it is looked up in")
+        if err == errno.ELOOP:
+            raise RefusedFile(err, f"{path}: a symlink loop, or a /proc magic link")
         if err in (errno.ENOSYS, errno.EPERM):
             raise RefusedFile(err, "this kernel cannot follow a symlink safely (no openat2)")
         raise OSError(err, os.strerror(err), path)

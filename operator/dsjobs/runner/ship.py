@@ -611,11 +611,11 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
-def _zip_bound(directory: str) -> int:
+def _zip_bound(directory: str, work: str) -> int:
     """More than a zip of ``directory`` can take (its files' sizes, the files its symlinks lead to
-    included, plus headers; deflate grows nothing by more than a little): the streamed upload's
-    part size comes from it. Only sizes are read, without recursion: nesting of any depth is
-    counted."""
+    inside the working dir ``work`` included, plus headers; deflate grows nothing by more than a
+    little): the streamed upload's part size comes from it. Only sizes are read, without
+    recursion: nesting of any depth is counted."""
     total = 0
     pending = [directory]
     while pending:
@@ -629,8 +629,8 @@ def _zip_bound(directory: str) -> int:
                 st = entry.stat(follow_symlinks=False)
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
-                elif entry.is_symlink() and entry.is_file():
-                    st = entry.stat()  # stored as its file when that is in the working dir
+                elif entry.is_symlink() and entry.is_file() and _inside(work, os.path.realpath(entry.path)):
+                    st = entry.stat()  # stored as its file (a link elsewhere is skipped)
             except OSError:
                 continue
             # Headers: local, data descriptor and central directory entries with zip64 extras.
@@ -679,7 +679,11 @@ def _upload_output(
                 dir_fd = open_dir_beneath(work, real)
             except RefusedFile as exc:
                 return fail(FileErrorType.UPLOAD_FAILED, f"refused: {exc.strerror or exc}")
-            work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except BaseException:
+                os.close(dir_fd)
+                raise
             zipped: list[int] = []
 
             def produce(dest: BinaryIO) -> None:
@@ -702,7 +706,7 @@ def _upload_output(
                 # Zipped straight into the upload: a directory as big as the working dir's limit
                 # needs no second copy on the node's disk.
                 res = store.upload_stream(
-                    key, produce, content_type="application/zip", size_hint=_zip_bound(real)
+                    key, produce, content_type="application/zip", size_hint=_zip_bound(real, work)
                 )
             finally:
                 os.close(dir_fd)

@@ -297,12 +297,11 @@ class _DirectoryZipper:
                     self._skip(arc, "not a regular file")
             except OSError as exc:
                 self._fail(arc, f"unreadable: {exc.strerror}", exc)
-        if not files and not subdirs and not links:
+        stored_links = sum(self._add_link(parts, name, f"{arc_dir}/{name}") for name in links)
+        if not files and not subdirs and not stored_links:
             self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
         for name in files:
             self._add_file(fd, name, f"{arc_dir}/{name}")
-        for name in links:
-            self._add_link(parts, name, f"{arc_dir}/{name}")
         return subdirs
 
     def _skip(self, arc: str, why: str) -> None:
@@ -333,7 +332,7 @@ class _DirectoryZipper:
             self._store(f, st, arc)
         self.count += 1
 
-    def _add_link(self, parts: tuple[str, ...], name: str, arc: str) -> None:
+    def _add_link(self, parts: tuple[str, ...], name: str, arc: str) -> bool:
         """A symlink stored as the regular file it points to, when that resolves inside the
         working directory (as the output itself may be such a link): a model cache's snapshot
         links to its blobs arrive with their bytes. Anything else it could lead to (the runner's
@@ -344,21 +343,24 @@ class _DirectoryZipper:
             fd = open_file_resolved_beneath(self.links.fd, path)
         except FileNotFoundError:
             self._skip(arc, "dangling symlink")
-            return
+            return False
         except RefusedFile as exc:
-            if exc.errno in (errno.EXDEV, errno.ELOOP):
+            if exc.errno == errno.EXDEV:
                 self._skip(arc, "symlink resolving outside the working directory")
+            elif exc.errno == errno.ELOOP:
+                self._skip(arc, "symlink loop or /proc link")
             elif exc.errno == errno.EINVAL:
                 self._skip(arc, "symlink to a directory or special file")
             else:
                 self._skip(arc, f"symlink not followed: {exc.strerror}")
-            return
+            return False
         except OSError as exc:
             self._fail(arc, f"unreadable: {exc.strerror}", exc)
-            return
+            return False
         with os.fdopen(fd, "rb") as f:
             self._store(f, os.fstat(f.fileno()), arc)
         self.count += 1
+        return True
 
     def _store(self, f: BinaryIO, st: os.stat_result, arc: str) -> None:
         # Built from fstat of the opened fd, not from the path (which could change); the bytes
