@@ -1081,6 +1081,10 @@ def test_a_project_member_cannot_name_someone_else_as_a_job_s_creator(h: H) -> N
     out = as_mallory("patch", "pj", "nobodys", "--type=merge", "-p", '{"spec":{"createdById":"alice"}}')
     assert "spec.createdById: alice is not you (mallory)" in out, out
     h.create_job("alices", {"cmd": "true"}, execute=False, createdById="alice")  # an admin: exempt
+    # The API is exempt by its ServiceAccount's name: that name is kept out of project namespaces.
+    sa = json.dumps({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dsjobs-api"}})
+    out = h.kubectl("create", "-n", h.namespace, "-f", "-", stdin=sa, check=False)
+    assert "metadata.name: dsjobs-api is the name of a dsjobs identity" in out, out
     assert "patched" in as_mallory("patch", "pj", "alices", "--type=merge", "-p", '{"spec":{"desc":"x"}}')
 
 
