@@ -836,6 +836,33 @@ def test_a_retry_reads_the_registry_password_again(h: H) -> None:
     assert config["auths"]["registry.example.com"]["password"] == "rotated", config
 
 
+def test_a_retry_runs_the_image_the_first_attempt_resolved(h: H) -> None:
+    # The project's docker image resource is re-pointed while attempt 1 fails: attempt 2 runs what
+    # attempt 1 ran (status.image), not the new image.
+    cm = {"metadata": {"name": "dsjobs-docker-images"}, "data": {"trainer": "registry.example.com/trainer:1"}}
+    h.core.create_namespaced_config_map(h.namespace, cm)
+    try:
+        cmd = "sh -c 'case $HOSTNAME in *-a1) exit 3;; esac'"
+        policy = {"maxAttempts": 2, "backoffSeconds": 10, "retryOnExitCodes": [3]}
+        h.create_job(
+            "same-image", {"cmd": cmd, "env": {"dockerImageResourceId": "trainer"}}, retryPolicy=policy
+        )
+        poll(
+            "attempt 1 to fail", lambda: any(e.reason == "AttemptFailed" for e in h.events("same-image")), 120
+        )
+        h.core.patch_namespaced_config_map(
+            "dsjobs-docker-images", h.namespace, {"data": {"trainer": "registry.example.com/trainer:2"}}
+        )
+        status = h.wait_phase("same-image", "SUCCESS", "ERROR", timeout=120)
+    finally:
+        h.core.delete_namespaced_config_map("dsjobs-docker-images", h.namespace)
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
+    assert status["image"] == "registry.example.com/trainer:1", status
+    [pod] = h.pods("same-image")
+    [job] = [c for c in pod.spec.containers if c.name == "job"]
+    assert job.image == "registry.example.com/trainer:1"
+
+
 def test_a_job_that_cannot_run_leaves_no_registry_secret(h: H) -> None:
     # The registry Secret is made after the checks: a failed job without a pod has nothing that
     # would delete it later.

@@ -348,6 +348,7 @@ def full_status() -> m.ProjectJobStatus:
         data_cleared=False,
         return_code=0,
         actual_cloud_instance_type="g1.1",
+        image="cr.example.com/team/trainer:1",
         output_files=[stored],
         log_files=[stored.model_copy(update={"desc": m.FileDesc(path="stdout.txt"), "key": "k"})],
         diagnostic_files=[stored.model_copy(update={"desc": m.FileDesc(path=".system.log")})],

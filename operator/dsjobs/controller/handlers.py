@@ -745,7 +745,10 @@ class Operator:
                     )
                     return body, waiting.status, list(waiting.events), delay
                 self._refused.pop(key, None)
-                if failure is not None:
+                if isinstance(failure, str):
+                    if status.image != failure:
+                        status = status.model_copy(update={"image": failure})
+                else:
                     if failure.status.phase is not None and failure.status.phase.is_final:
                         # An attempt after the first may fail before its pod (a mount gone, the
                         # registry Secret deleted): the earlier attempt's Secrets and claims stay
@@ -797,11 +800,12 @@ class Operator:
 
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
-    ) -> StatusUpdate | Refused | None:
-        """Fetch what the pod needs, render it (pure) and create it. A StatusUpdate (ERROR naming
-        the cause) when the job cannot run: missing volume, unknown image, registry credentials.
-        Refused when the API server forbids the pod or a claim for now (quota, admission, RBAC):
-        the Secrets made for it are deleted again, the job waits and tries again."""
+    ) -> StatusUpdate | Refused | str:
+        """Fetch what the pod needs, render it (pure) and create it; the job container's image
+        when it exists. A StatusUpdate (ERROR naming the cause) when the job cannot run: missing
+        volume, unknown image, registry credentials. Refused when the API server forbids the pod
+        or a claim for now (quota, admission, RBAC): the Secrets made for it are deleted again,
+        the job waits and tries again."""
         assert self.kube is not None
         ns = job.namespace
         # Any pod an earlier ProjectJob of this name left: it holds this job's pod names and
@@ -826,10 +830,12 @@ class Operator:
 
         docker_images: dict[str, str] = {}
         env = spec.job_parameters.env
-        if env is not None and env.docker_image_resource_id:
+        if not status.image and env is not None and env.docker_image_resource_id:
             cm = await self.kube.get("configmaps", core_path(ns, "configmaps", DOCKER_IMAGES_CONFIGMAP))
             docker_images = dict((cm or {}).get("data") or {})
-        image = user_image(spec, self.settings, docker_images)
+        # A retry or fallback runs what the first attempt ran (the settings or the project's
+        # images may have changed since).
+        image = status.image or user_image(spec, self.settings, docker_images)
         if image is None:
             rid = env.docker_image_resource_id if env is not None else ""
             return fail(
@@ -981,7 +987,7 @@ class Operator:
                 if seen is not None and action.attempt == 1:
                     metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
                 jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
-            return None
+            return image
         finally:
             if clearing is not None:
                 await clearing

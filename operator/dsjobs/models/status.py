@@ -140,6 +140,13 @@ class ProjectJobStatus(CRModel):
     actual_cloud_instance_type: str | None = field(
         "The instance type the job runs (ran) on.", None, maxLength=63, pattern=INSTANCE_TYPE_NAME_PATTERN
     )
+    image: str | None = field(
+        "The job container's image as its first attempt resolved it (the default runtime image of its "
+        "Python version, a docker image resource): retries and fallbacks run this one, whatever the "
+        "operator's settings or the project's images say later.",
+        None,
+        maxLength=4096,
+    )
     output_files: list[StoredFile] = field("Stored output files.", [], maxItems=MAX_STATUS_FILES)
     log_files: list[StoredFile] = field("Stored log files.", [], maxItems=MAX_STATUS_FILES)
     diagnostic_files: list[StoredFile] = field("Stored diagnostic files.", [], maxItems=MAX_STATUS_FILES)
