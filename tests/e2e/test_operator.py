@@ -359,6 +359,32 @@ def test_a_mount_s_claim_deleted_while_the_pod_waits_ends_the_job(h: H) -> None:
     assert not h.pods("claim-gone") or all(p.metadata.deletion_timestamp for p in h.pods("claim-gone"))
 
 
+def test_a_job_waiting_on_a_broken_instance_type_runs_once_an_admin_fixes_it(h: H) -> None:
+    # The type's nodeSelector names no node; the admin fixes it while the job waits: its pod is
+    # made again from the fixed type and runs (it would otherwise ask for the old one for ever).
+    cpu_node = next(n for n in h.core.list_node().items if not n.spec.taints)
+    spec = {
+        "vcpu": 1,
+        "memory": "64Mi",
+        "nodeSelector": {"kubernetes.io/hostname": "no-such-node"},
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+    }
+    with _instance_type(h, "f1", spec) as name:
+        h.create_job("type-fixed", {"cmd": "true", "cloudInstanceTypes": [{"name": name}]})
+        poll(
+            "the pod to be unschedulable",
+            lambda: "waiting" in h.status("type-fixed").get("statusDetails", ""),
+            60,
+        )
+        fixed = {
+            "nodeSelector": {"kubernetes.io/hostname": cpu_node.metadata.labels["kubernetes.io/hostname"]}
+        }
+        h.custom.patch_cluster_custom_object("dsjobs.dev", "v1alpha1", "instancetypes", name, {"spec": fixed})
+        status = h.wait_phase("type-fixed", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 2, status
+    assert any(e.reason == "InstanceTypeChanged" for e in h.events("type-fixed"))
+
+
 def test_s3_mounts_datasets_and_the_project_disk_are_the_labelled_claims(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)

@@ -632,6 +632,35 @@ def test_a_claim_deleted_while_the_pod_waits_ends_the_job_as_a_missing_volume() 
     assert step(j, [own]).status.phase == JobPhase.PREPARING
 
 
+def test_a_pod_waiting_on_a_type_an_admin_changed_is_made_again() -> None:
+    # Its nodeSelector was wrong and is fixed: the waiting pod still asks for the old one.
+    from dsjobs.controller.render import instance_type_digest
+
+    j = job(status=started(type_name="c1.4"))
+    old_type = TYPES["c1.4"]
+    waiting = replace(
+        unschedulable(NOW - timedelta(seconds=10)), instance_type_digest=instance_type_digest(old_type)
+    )
+    same = step(j, [waiting])
+    assert same.status.attempt == 1 and "InstanceTypeChanged" not in [e.reason for e in same.events]
+    fixed = {**TYPES, "c1.4": old_type.model_copy(update={"node_selector": {"pool": "cpu-fixed"}})}
+    p = plan(j, [waiting], fixed, None, NOW, SETTINGS)
+    assert (p.status.attempt, p.status.pod_name, p.status.instance_type_index) == (2, "", 0)
+    assert p.status.retried_failures == 0  # no failure: not counted against maxAttempts
+    [told] = [e for e in p.events if e.reason == "InstanceTypeChanged"]
+    assert "instance type c1.4 changed while pod job-1-a1 waited for a node" in told.message
+    # Then as for a fallback: the old pod goes, and the new one is rendered from the new spec.
+    j2 = JobView(**{**j.__dict__, "status": p.status})
+    assert plan(j2, [waiting], fixed, None, NOW, SETTINGS).actions == (
+        DeletePod("job-1-a1", 1, "superseded by a newer attempt"),
+    )
+    assert plan(j2, [pod(gone=True)], fixed, None, NOW, SETTINGS).actions == (CreatePod(2, 0, "c1.4"),)
+    # A pod of an older operator (no digest): left alone.
+    assert (
+        plan(j, [unschedulable(NOW - timedelta(seconds=10))], fixed, None, NOW, SETTINGS).status.attempt == 1
+    )
+
+
 def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:
     # The scheduler is down (or still working through a backlog): the pod has waited past the
     # budget, but nobody found that the type has no capacity.

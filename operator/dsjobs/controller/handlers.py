@@ -275,13 +275,12 @@ class Operator:
 
     async def on_instance_type_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         self.instance_types.apply(body, deleted=event_type == "DELETED")
-        name = str((body.get("metadata") or {}).get("name", ""))
-        if name not in self.instance_types.catalog():
-            await self._type_gone(name)
+        await self._type_changed(str((body.get("metadata") or {}).get("name", "")))
 
-    async def _type_gone(self, name: str) -> None:
-        """A type deleted or made invalid: the jobs whose pods wait for it plan again (one that
-        waited past its budget on its last type sets no timer, and nothing else would wake it)."""
+    async def _type_changed(self, name: str) -> None:
+        """A type changed, was deleted or made invalid: the jobs whose pods wait for it plan again
+        (a waiting pod of a changed type is made again; one that waited past its budget on a
+        deleted last type ends; neither sets a timer, and nothing else would wake them)."""
         for key in self.pods.waiting_on(name):
             await self.reconcile(key)
 
@@ -337,7 +336,7 @@ class Operator:
         )
         for name in gone:
             log.info("InstanceType %s was deleted while the watch was away", name)
-            await self._type_gone(name)
+            await self._type_changed(name)
         return gone
 
     async def resync_pods_forever(self, interval: float = POD_RESYNC_SECONDS) -> None:

@@ -10,6 +10,9 @@ JOB_LABEL: Final = "dsjobs.dev/job-id"
 ATTEMPT_LABEL: Final = "dsjobs.dev/attempt"
 INSTANCE_TYPE_LABEL: Final = "dsjobs.dev/instance-type"
 INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
+# A digest of the InstanceType spec the pod was rendered from: a waiting pod of a type an admin
+# changed since is made again.
+INSTANCE_TYPE_DIGEST_ANNOTATION: Final = "dsjobs.dev/instance-type-digest"
 #: kubectl's choice of container for `logs` and `exec` when none is named.
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"

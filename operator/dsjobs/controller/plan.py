@@ -37,6 +37,7 @@ from dsjobs.controller.names import (
     pod_name,
 )
 from dsjobs.controller.podview import PodView, parse_time
+from dsjobs.controller.render import instance_type_digest
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     ATTEMPT_CONDITIONS,
@@ -596,6 +597,28 @@ def _plan(
             )
             actions.append(DeletePod(current.name, DELETION_GRACE_SECONDS, "its volume claim is gone"))
             return _plan_of(fail(spec, status, "MissingVolume", problem, now), actions, events, spec)
+        type_now = catalog.get(names[index])
+        if (
+            current.unschedulable
+            and type_now is not None
+            and current.instance_type_digest
+            and current.instance_type_digest != instance_type_digest(type_now)
+        ):
+            # An admin changed the type (its nodeSelector, tolerations, resources) while the pod
+            # waited: the pod still asks what the old one said. A fresh pod asks the new (no
+            # failure, as a fallback is none; it waits the type's budget anew).
+            message = (
+                f"instance type {names[index]} changed while pod {current.name} waited for a node; "
+                "making its pod again"
+            )
+            events.append(JobEvent("Normal", "InstanceTypeChanged", message))
+            status = status.model_copy(update={"attempt": status.attempt + 1, "pod_name": ""})
+            return Plan(
+                with_phase(status, JobPhase.PREPARING, message, events),
+                tuple(actions),
+                tuple(events),
+                spec=spec,
+            )
         if waited < budget:
             requeue = _min_delay(requeue, budget - waited)
         elif not current.unschedulable:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
-from dsjobs.controller.names import ATTEMPT_LABEL, INSTANCE_TYPE_INDEX_ANNOTATION, INSTANCE_TYPE_LABEL
+from dsjobs.controller.names import (
+    ATTEMPT_LABEL,
+    INSTANCE_TYPE_DIGEST_ANNOTATION,
+    INSTANCE_TYPE_INDEX_ANNOTATION,
+    INSTANCE_TYPE_LABEL,
+)
 from dsjobs.runner.contract import JOB_CONTAINER
 
 ContainerState = Literal["waiting", "running", "terminated"]
@@ -97,6 +102,8 @@ class PodView:
     attempt: int = 1
     instance_type: str = ""
     instance_type_index: int = 0
+    # instance_type_digest() of the InstanceType spec it was rendered from ("": an older operator's).
+    instance_type_digest: str = ""
     created_at: datetime | None = None
     deleting: bool = False
     # Its deletionTimestamp: when the deletion was asked for, plus the grace period.
@@ -151,6 +158,7 @@ class PodView:
             attempt=_int(labels.get(ATTEMPT_LABEL), 1),
             instance_type=str(labels.get(INSTANCE_TYPE_LABEL, "")),
             instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
+            instance_type_digest=str(annotations.get(INSTANCE_TYPE_DIGEST_ANNOTATION) or ""),
             created_at=parse_time(meta.get("creationTimestamp")),
             deleting=bool(meta.get("deletionTimestamp")),
             deleted_at=parse_time(meta.get("deletionTimestamp")),

@@ -11,6 +11,7 @@ storage. Golden files in tests/unit/golden/{pods,secrets}/ pin the output per fe
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dsjobs.controller.names import (
     DATASET_LABELS_ANNOTATION,
     DATASET_NAME_ANNOTATION,
     DEFAULT_CONTAINER_ANNOTATION,
+    INSTANCE_TYPE_DIGEST_ANNOTATION,
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
     OUTPUT_DATASET_LABEL,
@@ -412,6 +414,12 @@ def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
     return resources
 
 
+def instance_type_digest(instance_type: InstanceTypeSpec) -> str:
+    """Short digest of what an InstanceType says (its spec as the CR holds it)."""
+    canonical = json.dumps(instance_type.to_cr(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def render_pod(
     job: JobRef,
     spec: ProjectJobSpec,
@@ -519,6 +527,7 @@ def render_pod(
             "labels": labels,
             "annotations": {
                 INSTANCE_TYPE_INDEX_ANNOTATION: str(instance_type_index),
+                INSTANCE_TYPE_DIGEST_ANNOTATION: instance_type_digest(instance_type),
                 # `kubectl logs` / `exec` on the pod mean the user's program, not the runner's
                 # containers (and say nothing about having picked it).
                 DEFAULT_CONTAINER_ANNOTATION: JOB_CONTAINER,
@@ -533,6 +542,7 @@ __all__ = [
     "JobRef",
     "PvcView",
     "Volumes",
+    "instance_type_digest",
     "needs_registry_secret",
     "output_dataset_claims",
     "published_dataset_patch",
