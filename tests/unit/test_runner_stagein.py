@@ -180,14 +180,33 @@ def test_an_input_stored_with_other_bytes_than_its_hash_is_deleted_so_it_is_uplo
     assert (tmp_path / "j2" / "work" / "data" / "table.csv").read_bytes() == GOOD
 
 
-def test_an_input_is_kept_when_only_the_read_was_damaged(tmp_path: Path) -> None:
+def test_an_input_is_kept_and_staged_when_only_the_read_was_damaged(tmp_path: Path) -> None:
+    # The check's read finds the object right: it is read once more and the job runs (failing
+    # it was permanent: no retry policy retries a stage-in failure).
     key = input_key("p", hashlib.sha256(GOOD).hexdigest())
     store = CheckingStore()
     store.objects[key] = GOOD
     store.damaged = 1  # stage-in's read is damaged on the way; the check's read is fine
     ok, term = _stage_one_input(tmp_path, store, "j1")
-    assert not ok and "corrupt" in term and "uploads it again" not in term
+    assert ok, term
     assert store.objects[key] == GOOD
+    assert (tmp_path / "j1" / "work" / "data" / "table.csv").read_bytes() == GOOD
+    # Damaged again on the read after the check: it fails, keeping the object (the check found
+    # it right).
+
+    class TwiceDamaged(CheckingStore):
+        reads = 0
+
+        def _read(self, key: str) -> bytes | None:
+            self.reads += 1
+            self.damaged = 1 if self.reads in (1, 3) else 0
+            return super()._read(key)
+
+    twice = TwiceDamaged()
+    twice.objects[key] = GOOD
+    ok, term = _stage_one_input(tmp_path, twice, "j2")
+    assert not ok and "read twice, damaged twice" in term and "uploads it again" not in term
+    assert twice.objects[key] == GOOD
 
 
 def test_an_input_stored_with_another_size_is_deleted_without_being_read_again(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from dsjobs.runner.config import Compression, InputFile, LocalModule, RunnerConfig
 from dsjobs.runner.entry import render_entry_script
@@ -101,7 +102,8 @@ def _stage_file(
             pass
         os.chmod(dest, 0o666)
         return 1
-    try:
+
+    def fetch() -> int:
         if f.compression == Compression.ZIP:
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
             try:
@@ -115,15 +117,26 @@ def _stage_file(
         store.download_file(key, dest, expected_size=f.size_bytes, expected_sha256=f.sha256)
         os.chmod(dest, 0o666)
         return 1
+
+    try:
+        try:
+            return fetch()
+        except IntegrityError as exc:
+            verdict = _discard_mismatched(config, store, key, f)
+            if verdict == "deleted":
+                raise StageInError(
+                    f"{what}: stored content is corrupt: {exc}; removed it from storage, "
+                    "so the next job created with this file uploads it again"
+                ) from exc
+            if verdict == "unknown":
+                raise StageInError(f"{what}: stored content is corrupt: {exc}") from exc
+            # Intact on a second read: only the first read was damaged on the way.
+            log.warning("input read again after a damaged read key=%s", key)
+            return fetch()
     except ObjectNotFoundError as exc:
         raise StageInError(f"{what}: not in storage (sha256 {f.sha256}); was it uploaded?") from exc
     except IntegrityError as exc:
-        if _discard_mismatched(config, store, key, f):
-            raise StageInError(
-                f"{what}: stored content is corrupt: {exc}; removed it from storage, "
-                "so the next job created with this file uploads it again"
-            ) from exc
-        raise StageInError(f"{what}: stored content is corrupt: {exc}") from exc
+        raise StageInError(f"{what}: stored content is corrupt: {exc} (read twice, damaged twice)") from exc
     except UnsafeZipError as exc:
         raise StageInError(f"{what}: archive refused: {exc}") from exc
     except OSError as exc:
@@ -132,9 +145,12 @@ def _stage_file(
         raise
 
 
-def _discard_mismatched(config: RunnerConfig, store: Storage, key: str, f: InputFile | LocalModule) -> bool:
+def _discard_mismatched(
+    config: RunnerConfig, store: Storage, key: str, f: InputFile | LocalModule
+) -> Literal["deleted", "intact", "unknown"]:
     """After a failed integrity check: delete the stored input if its bytes really do not hash to
-    its key. True if it was deleted.
+    its key ("deleted"); "intact" when a second read finds them right (the first was damaged on
+    the way: reading it again stages it), "unknown" otherwise.
 
     A client may upload other bytes than it hashed (a file edited in place, same size, between
     hashing and upload). Create trusts the cache by key and size, so it would never ask for that
@@ -146,26 +162,26 @@ def _discard_mismatched(config: RunnerConfig, store: Storage, key: str, f: Input
     try:
         before = store.head(key)
         if before is None:
-            return False
+            return "unknown"
         if before.size == f.size_bytes:
             stored_sha256 = store.download_file(key, tmp, expected_size=f.size_bytes).sha256
             if stored_sha256 == f.sha256:
                 log.warning("stored input is intact on a second read key=%s", key)
-                return False
+                return "intact"
         else:
             # Wrong by its size alone: not read again (it may be any size, on the job's disk).
             stored_sha256 = f"(not read: {before.size} bytes)"
         after = store.head(key)
         if after is None or after.etag != before.etag:
-            return False  # replaced meanwhile: not the object we found wrong
+            return "unknown"  # replaced meanwhile: not the object we found wrong
         store.delete(key)
         log.warning(
             "deleted stored input whose content does not match its key key=%s sha256=%s", key, stored_sha256
         )
-        return True
+        return "deleted"
     except Exception as exc:
         log.warning("cannot check the stored input key=%s error=%s", key, exc)
-        return False
+        return "unknown"
     finally:
         tmp.unlink(missing_ok=True)
 
