@@ -1287,6 +1287,34 @@ ENDINGS = [
 ]
 
 
+def test_a_stage_in_the_object_store_failed_is_retried_as_infrastructure() -> None:
+    policy = {"maxAttempts": 2, "backoffSeconds": 0}
+    down = result(
+        None,
+        RunnerStatus.STAGE_IN_FAILED,
+        reason="the object store kept failing while the inputs were staged: ConnectionRefusedError",
+        storage_unavailable=True,
+    )
+    failed = pod(
+        phase="Failed",
+        node="cpu-0",
+        init=[terminated("stage-in", 1, "Error", down.to_json())],
+        containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+    )
+    p = step(job(status=started("PREPARING"), retryPolicy=policy), [failed], res=down)
+    assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2  # retried
+    p = step(job(status=started("PREPARING")), [failed], res=down)
+    finished = get_condition(p.status, "Finished")
+    assert (
+        p.status.phase == JobPhase.ERROR and finished is not None and finished.reason == "StorageUnavailable"
+    )
+    assert "the object store kept failing" in p.status.status_details
+    # The inputs' own fault stays permanent: not retried.
+    bad = result(None, RunnerStatus.STAGE_IN_FAILED, reason="input a.csv: not in storage")
+    p = step(job(status=started("PREPARING"), retryPolicy=policy), [failed], res=bad)
+    assert p.status.phase == JobPhase.ERROR
+
+
 @pytest.mark.parametrize("ending", ENDINGS, ids=lambda e: e.name)
 def test_endings(ending: Ending) -> None:
     p = step(job(status=started("EXECUTING")), [ending.pod], res=ending.res)

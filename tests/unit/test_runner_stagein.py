@@ -340,3 +340,24 @@ def test_a_zip_input_holding_more_than_it_declares_stops_there_and_is_named(tmp_
 def test_the_free_space_is_the_file_system_s(tmp_path: Path) -> None:
     st = os.statvfs(tmp_path)
     assert stagein.free_bytes(tmp_path) == st.f_bavail * st.f_frsize
+
+
+def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fault(tmp_path: Path) -> None:
+    # Past the retries' patience the store still refuses connections: the job's inputs are not to
+    # blame, and the operator retries it as an infrastructure failure (StorageUnavailable).
+    class DownStore(CheckingStore):
+        def _read(self, key: str) -> bytes | None:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    key = input_key("p", hashlib.sha256(GOOD).hexdigest())
+    store = DownStore()
+    store.objects[key] = GOOD
+    ok, term = _stage_one_input(tmp_path, store, "j1")
+    assert not ok
+    result = parse_termination_message(term)
+    assert result.status == RunnerStatus.STAGE_IN_FAILED and result.storage_unavailable
+    assert "the object store kept failing while the inputs were staged" in result.reason
+    # An input that is not stored is the inputs' fault: no such flag.
+    ok, term = _stage_one_input(tmp_path, CheckingStore(), "j2")
+    result = parse_termination_message(term)
+    assert not ok and not result.storage_unavailable and "not in storage" in result.reason

@@ -263,6 +263,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "ErrImagePull": grpc.StatusCode.FAILED_PRECONDITION,
     "ImagePullBackOff": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryUnavailable": grpc.StatusCode.UNAVAILABLE,
+    "StorageUnavailable": grpc.StatusCode.UNAVAILABLE,
     "CreateContainerConfigError": grpc.StatusCode.FAILED_PRECONDITION,
     # The image's or the job's (an entrypoint the runtime cannot start, a hook of the image).
     "CreateContainerError": grpc.StatusCode.FAILED_PRECONDITION,

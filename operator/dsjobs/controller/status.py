@@ -546,6 +546,18 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         and (disruption is not None or pod.deleting)
     )
     if not stage_in_stopped:
+        if (
+            result is not None
+            and result.status == RunnerStatus.STAGE_IN_FAILED
+            and result.storage_unavailable
+        ):
+            # Not the inputs: the object store; another attempt may well find it back.
+            return Outcome(
+                JobPhase.ERROR,
+                "StorageUnavailable",
+                f"staging inputs failed: {result.reason}",
+                failure=FailureKind.INFRASTRUCTURE,
+            )
         if result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
             return Outcome(
                 JobPhase.ERROR,

@@ -106,6 +106,10 @@ class RunnerResult(_Model):
     return_code: int | None = None
     cancelled: bool = False
     reason: str = ""
+    #: STAGE_IN_FAILED because the object store kept failing (connection trouble, 5xx, timeouts
+    #: past the runner's patience), not because of the inputs: an infrastructure failure. None
+    #: (left out of the JSON, which an older operator reads as ever) otherwise.
+    storage_unavailable: bool | None = None
     outputs: list[OutputResult] = field(default_factory=list)
     file_errors: list[FileError] = field(default_factory=list)
     log_files: list[LogFileResult] = field(default_factory=list)
@@ -135,6 +139,7 @@ class ResultPointer(_Model):
     return_code: int | None = None
     cancelled: bool = False
     reason: str = ""
+    storage_unavailable: bool | None = None
     outputs_count: int = 0
     file_errors_count: int = 0
 
@@ -153,6 +158,7 @@ def termination_message(result: RunnerResult, *, limit: int = TERMINATION_MESSAG
         return_code=result.return_code,
         cancelled=result.cancelled,
         reason=result.reason[:1024],
+        storage_unavailable=result.storage_unavailable,
         outputs_count=len(result.outputs),
         file_errors_count=len(result.file_errors),
     )

@@ -38,7 +38,14 @@ from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termi
 from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
 from dsjobs.runner.syslog import SystemLog, create_shared
 from dsjobs.runner.zipsafe import UnsafeZipError, declared_size, extract_zip, make_dirs
-from dsjobs.storage import IntegrityError, ObjectNotFoundError, Storage, input_key, is_stored_input
+from dsjobs.storage import (
+    IntegrityError,
+    ObjectNotFoundError,
+    Storage,
+    input_key,
+    is_stored_input,
+    is_transient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +272,17 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
         shipper.pump(final=True, deadline=time.monotonic() + 60)
         return True
     except Exception as exc:
-        reason = (
-            str(exc) if isinstance(exc, StageInError) else f"stage-in failed: {type(exc).__name__}: {exc}"
-        )
+        # The store's own trouble after the retries' patience: not the inputs' fault.
+        storage_unavailable = not isinstance(exc, StageInError) and is_transient(exc)
+        if isinstance(exc, StageInError):
+            reason = str(exc)
+        elif storage_unavailable:
+            reason = (
+                "the object store kept failing while the inputs were staged (past the runner's "
+                f"retries): {type(exc).__name__}: {exc}"
+            )
+        else:
+            reason = f"stage-in failed: {type(exc).__name__}: {exc}"
         log.exception("stage-in failed")
         syslog(reason)
         if not resumed:
@@ -283,6 +298,7 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
             attempt=config.attempt,
             status=RunnerStatus.STAGE_IN_FAILED,
             reason=reason[:2000],
+            storage_unavailable=storage_unavailable or None,
             log_end_offset=shipper.end_offset,
             logs_complete=complete,
             finished_at=datetime.now(UTC),
