@@ -361,3 +361,34 @@ def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fa
     ok, term = _stage_one_input(tmp_path, CheckingStore(), "j2")
     result = parse_termination_message(term)
     assert not ok and not result.storage_unavailable and "not in storage" in result.reason
+
+
+def test_a_directory_input_zipped_empty_is_an_empty_directory(tmp_path: Path) -> None:
+    # The CLI zips an empty directory to an archive without entries; `${DATA}` must name a directory.
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w"):
+        pass
+    empty_zip = buf.getvalue()
+    store = CheckingStore()
+    store.objects[input_key("p", hashlib.sha256(empty_zip).hexdigest())] = empty_zip
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="ls ${DATA}",
+        inputs=[
+            {
+                "path": "in/data",
+                "var": "DATA",
+                "sha256": hashlib.sha256(empty_zip).hexdigest(),
+                "size_bytes": len(empty_zip),
+                "compression": "ZIP",
+            }
+        ],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    assert run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
+    data = cfg.work_dir / "in" / "data"
+    assert data.is_dir() and list(data.iterdir()) == []

@@ -228,6 +228,11 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
             ) from first_error
         if first_error is not None:
             raise first_error
+    for inp in config.inputs:
+        # A directory input is there even when the CLI zipped it empty (an archive without
+        # entries): the job's `${VAR}` names it.
+        if inp.compression == Compression.ZIP and not os.path.lexists(work / inp.path):
+            make_dirs(work / inp.path)
     if jobs:
         syslog(
             f"staged {len(config.inputs)} inputs and {len(config.local_modules)} local modules "
