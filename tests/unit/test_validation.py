@@ -224,7 +224,13 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "path-length",
         "job_parameters.input_files[1].desc.path",
         set_at(f"{IN1}.desc.path", "a" * (L.MAX_PATH_LENGTH + 1)),
-        set_at(f"{IN1}.desc.path", "a" * L.MAX_PATH_LENGTH),
+        set_at(f"{IN1}.desc.path", "ab/" * (L.MAX_PATH_LENGTH // 3) + "a"),
+    ),
+    (
+        "path-name-length",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", "data/" + "я" * 127 + ".c"),  # 256 bytes: NTFS takes it, Linux not
+        set_at(f"{IN1}.desc.path", "data/" + "я" * 126 + ".c"),
     ),
     (
         "path-absolute",

@@ -18,6 +18,7 @@ MAX_LIST_ITEMS: Final = 100  # CLI: inputs, outputs, s3 mounts, datasets
 MAX_FILE_SIZE_BYTES: Final = 5 * (1 << 30)  # CLI: one upload
 MAX_TOTAL_UPLOAD_BYTES: Final = 10 * (1 << 30)  # CLI: inputs + local modules
 MAX_PATH_LENGTH: Final = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES: Final = 255  # NAME_MAX: one segment of a path, in bytes (UTF-8)
 MAX_CMD_LENGTH: Final = 64 * 1024
 # The CR lives in etcd (1.5 MiB per object): the user's config text and env must leave room.
 MAX_CONFIG_LENGTH: Final = 256 * 1024

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Final, Protocol
 
-from dsjobs.models.limits import MAX_PATH_LENGTH, VAR_PATTERN
+from dsjobs.models.limits import MAX_NAME_BYTES, MAX_PATH_LENGTH, VAR_PATTERN
 from dsjobs.syntax import escape_problem, join_segments, named_segments, strip_drive
 
 # Files whose path cannot be used are placed under this directory of the working directory, one
@@ -42,6 +42,9 @@ def path_problem(path: str) -> tuple[str, str] | None:
         return "path-length", f"must be at most {MAX_PATH_LENGTH} characters"
     if _CONTROL.search(path):
         return "path-control-chars", "must not contain control characters"
+    if any(len(segment.encode()) > MAX_NAME_BYTES for segment in named_segments(path)):
+        # A Windows name of 128..255 Cyrillic letters fits NTFS, not a Linux file system.
+        return "path-name-length", f"must not have a name longer than {MAX_NAME_BYTES} bytes (UTF-8)"
     escape = escape_problem(path)
     if escape is not None:
         return escape[0], f"{escape[1]}, or the file needs a var"
