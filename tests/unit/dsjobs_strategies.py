@@ -65,6 +65,12 @@ utc_times = st.datetimes(
 durations_ms = st.integers(min_value=1000, max_value=3600 * 1000).map(lambda ms: timedelta(milliseconds=ms))
 
 
+def _none_inside_another(paths: list[str]) -> bool:
+    """No input placed inside another (`input-path-nested`)."""
+    places = [m.normalize_relative_path(p) for p in paths]
+    return not any(q.startswith(p + "/") for p in places for q in places)
+
+
 @st.composite
 def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobParameters:
     """Valid JobParameters: unique vars, safe paths, declared `${...}` references only."""
@@ -78,7 +84,11 @@ def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobPar
     )
     pool = iter(names)
     n_in = draw(st.integers(0, 3))
-    in_paths = draw(st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_in, max_size=n_in))
+    in_paths = draw(
+        st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_in, max_size=n_in).filter(
+            _none_inside_another
+        )
+    )
     inputs = [
         m.File(desc=m.FileDesc(path=p, var=next(pool) if draw(st.booleans()) else ""), **draw(contents))
         for p in in_paths

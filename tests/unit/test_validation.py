@@ -252,6 +252,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{IN1}.desc.path", "main2.py"),
     ),
     (
+        "input-path-nested",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", "main.py/inner.csv"),  # the CLI refuses it as well
+        set_at(f"{IN1}.desc.path", "main.pyx/inner.csv"),
+    ),
+    (
         "input-path-duplicate",
         "job_parameters.input_files[1].desc.path",
         set_at(f"{IN1}.desc.path", ".\\main.py"),

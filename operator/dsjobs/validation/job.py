@@ -220,6 +220,7 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             _desc(c, at(mpath, "desc"), f.desc, location=False)
             uploads.append((mpath, f))
     _duplicates(c, input_places, "input-path-duplicate", "another input file already lives at {place!r}")
+    _nested(c, input_places)
     _duplicates(c, output_places, "output-path-duplicate", "another output file is already at {place!r}")
     total = 0
     # One content has one size: the store holds one object per sha256, checked against the size
@@ -299,6 +300,25 @@ def _duplicates(c: Collector, places: dict[str, list[str]], rule: str, message: 
     for place, paths in places.items():
         for p in paths[1:]:
             c.add(p, rule, message.format(place=place))
+
+
+def _nested(c: Collector, places: dict[str, list[str]]) -> None:
+    """An input placed inside another (`a` and `a/b`, a directory input `data` and `data/x.csv`):
+    one would overwrite the other or fail to be written, in an order no one chose. The official
+    CLI refuses such inputs too."""
+    names = sorted(places)
+    for place in names:
+        parent = place.rsplit("/", 1)[0] if "/" in place else ""
+        while parent:
+            if parent in places:
+                for p in places[place][:1]:
+                    c.add(
+                        p,
+                        "input-path-nested",
+                        f"{place!r} is inside input {parent!r}: an input cannot hold another",
+                    )
+                break
+            parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
 
 
 # --- names and references ---------------------------------------------------------------------

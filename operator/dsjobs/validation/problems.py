@@ -160,6 +160,7 @@ RULES: dict[str, str] = {
     "path-empty": "empty file path",
     "path-length": "file path longer than 4096",
     "path-control-chars": "control characters in a file path",
+    "input-path-nested": "an input placed inside another input (a directory input holding a file input)",
     "path-name-length": "a name in the path of a file without a var longer than 255 bytes (UTF-8)",
     "path-absolute": "absolute path (leading '/' or '\\', or a drive like C:) of a file without a var",
     "path-parent": "'..' segment ('/' and '\\' separate) in the path of a file without a var",
