@@ -87,11 +87,12 @@ def test_an_instance_type_deleted_while_the_watch_was_away_leaves_the_catalog_af
 
     cache = InstanceTypeCache()
     cache.seed([it("c1.4", 1), it("c1.8", 2), it("g1.1", 3)])
+    assert not cache.apply(it("c1.4", 1), deleted=False)  # the watch's first event: nothing new
     before = cache.snapshot()
     # While the LIST ran: g1.1 was edited (its event is newer than anything the LIST missed), and
     # a type created after the LIST was served arrived by its event.
-    cache.apply(it("g1.1", 5), deleted=False)
-    cache.apply(it("g2.1", 6), deleted=False)
+    assert cache.apply(it("g1.1", 5), deleted=False)
+    assert cache.apply(it("g2.1", 6), deleted=False)
     assert cache.drop_vanished(before, ["c1.4"]) == ["c1.8"]
     assert set(cache.catalog()) == {"c1.4", "g1.1", "g2.1"}
     assert cache.drop_vanished(cache.snapshot(), ["c1.4", "g1.1", "g2.1"]) == []

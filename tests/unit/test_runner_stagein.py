@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runner_fakes import FileStore, MemoryStore, umask
+from runner_fakes import FileStore, MemoryStore, config, umask
 from test_runner_zipsafe import understated_zip
 
 from dsjobs.runner import stagein
@@ -374,21 +374,15 @@ def test_a_directory_input_zipped_empty_is_an_empty_directory(tmp_path: Path) ->
     empty_zip = buf.getvalue()
     store = CheckingStore()
     store.objects[input_key("p", hashlib.sha256(empty_zip).hexdigest())] = empty_zip
-    cfg = RunnerConfig(
-        project_id="p",
-        job_id="j",
-        cmd="ls ${DATA}",
-        inputs=[
-            {
-                "path": "in/data",
-                "var": "DATA",
-                "sha256": hashlib.sha256(empty_zip).hexdigest(),
-                "size_bytes": len(empty_zip),
-                "compression": "ZIP",
-            }
-        ],
-        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
-    )
+    sha = hashlib.sha256(empty_zip).hexdigest()
+    zipped = {
+        "path": "in/data",
+        "var": "DATA",
+        "sha256": sha,
+        "size_bytes": len(empty_zip),
+        "compression": "ZIP",
+    }
+    cfg = config(tmp_path, "ls ${DATA}", inputs=[zipped])
     assert run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
     data = cfg.work_dir / "in" / "data"
     assert data.is_dir() and list(data.iterdir()) == []

@@ -163,8 +163,7 @@ def _adopt_password_ref(spec: ProjectJobSpec, secret_name: str) -> SecretKeyRef 
 
     The source's Secret belongs to the source job (and goes with it), so the clone stores a copy.
     """
-    env = spec.job_parameters.env
-    docker = env.docker_image_spec if env is not None else None
+    docker = spec.job_parameters.docker_image()
     ref = docker.password_secret_ref if docker is not None else None
     if docker is None or ref is None or ref.name == secret_name:
         return None  # no password in a Secret, or the overrides' own plain-text one
@@ -319,8 +318,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     f"the registry password Secret {ref.name!r} of the source job is gone; {fix}"
                 ) from exc
             raise errors.from_kube(exc, f"secret {ref.name!r}") from exc
-        env = source.spec.job_parameters.env
-        image = env.docker_image_spec if env is not None else None
+        image = source.spec.job_parameters.docker_image()
         problem = registry_password_source_problem(
             secret, by_ref=True, job_uid=source.uid, image_url=image.image_url if image else ""
         )
@@ -488,8 +486,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
 
     async def _store_password(self, job: JobSnapshot, password: str, *, created: bool) -> None:
         name = params_conv.docker_password_secret_name(job.name)
-        env = job.spec.job_parameters.env
-        image = env.docker_image_spec if env is not None else None
+        image = job.spec.job_parameters.docker_image()
         secret = {
             "apiVersion": "v1",
             "kind": "Secret",

@@ -132,15 +132,18 @@ class InstanceTypeCache:
     def __init__(self) -> None:
         self._types: dict[str, tuple[int, InstanceTypeSpec | None, str]] = {}
 
-    def apply(self, body: Mapping[str, Any], *, deleted: bool) -> None:
+    def apply(self, body: Mapping[str, Any], *, deleted: bool) -> bool:
+        """Take a watch event; True when it changed the type (not the echo of what a LIST or an
+        earlier event already gave)."""
         name = str((body.get("metadata") or {}).get("name", ""))
         if deleted:
-            self._types.pop(name, None)
-            return
+            return self._types.pop(name, None) is not None
         rev = revision(body)
         old = self._types.get(name)
         if old is None or rev < 0 or rev >= old[0]:
             self._store(name, rev, body)
+            return old is None or rev != old[0]
+        return False
 
     def seed(self, items: Iterable[Mapping[str, Any]]) -> None:
         for body in items:

@@ -274,8 +274,8 @@ class Operator:
         await self.reconcile(key)
 
     async def on_instance_type_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        self.instance_types.apply(body, deleted=event_type == "DELETED")
-        await self._type_changed(str((body.get("metadata") or {}).get("name", "")))
+        if self.instance_types.apply(body, deleted=event_type == "DELETED"):
+            await self._type_changed(str((body.get("metadata") or {}).get("name", "")))
 
     async def _type_changed(self, name: str) -> None:
         """A type changed, was deleted or made invalid: the jobs whose pods wait for it plan again
@@ -1026,8 +1026,7 @@ class Operator:
         self, namespace: str, spec: ProjectJobSpec, job_uid: str
     ) -> tuple[str | None, str]:
         assert self.kube is not None
-        env = spec.job_parameters.env
-        image = env.docker_image_spec if env is not None else None
+        image = spec.job_parameters.docker_image()
         assert image is not None
         if image.password_secret_ref is not None:
             name, key = image.password_secret_ref.name, image.password_secret_ref.key

@@ -196,8 +196,7 @@ def python_wanted(pe: PythonEnvSpec) -> tuple[str, list[str]]:
 
 
 def needs_registry_secret(spec: ProjectJobSpec) -> bool:
-    env = spec.job_parameters.env
-    image = env.docker_image_spec if env is not None else None
+    image = spec.job_parameters.docker_image()
     return image is not None and (
         image.password_secret_ref is not None or bool(image.password_ds_secret_name)
     )

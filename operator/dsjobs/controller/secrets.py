@@ -184,8 +184,7 @@ def registry_password_source_problem(
     names the registries it may go to (REGISTRY_HOSTS_ANNOTATION): any member could otherwise
     send it to a registry of theirs with an image URL of their choice. The API names the
     registry on the job's own ones too: a member may edit a colleague's job's image before it
-    runs. passwordDsSecretName reads
-    the project secrets, which the job's environment gets anyway.
+    runs. passwordDsSecretName reads the project secrets, which the job's environment gets anyway.
     """
     if not by_ref:
         return ""

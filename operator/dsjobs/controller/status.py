@@ -546,24 +546,14 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         and (disruption is not None or pod.deleting)
     )
     if not stage_in_stopped:
-        if (
-            result is not None
-            and result.status == RunnerStatus.STAGE_IN_FAILED
-            and result.storage_unavailable
-        ):
-            # Not the inputs: the object store; another attempt may well find it back.
-            return Outcome(
-                JobPhase.ERROR,
-                "StorageUnavailable",
-                f"staging inputs failed: {result.reason}",
-                failure=FailureKind.INFRASTRUCTURE,
-            )
         if result is not None and result.status == RunnerStatus.STAGE_IN_FAILED:
+            # The object store's trouble is not the inputs': another attempt may well find it back.
+            store_down = bool(result.storage_unavailable)
             return Outcome(
                 JobPhase.ERROR,
-                "StageInFailed",
+                "StorageUnavailable" if store_down else "StageInFailed",
                 f"staging inputs failed: {result.reason}",
-                failure=FailureKind.PERMANENT,
+                failure=FailureKind.INFRASTRUCTURE if store_down else FailureKind.PERMANENT,
             )
         if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
             return Outcome(

@@ -302,6 +302,10 @@ class JobParameters(CRModel):
     )
     spark_parameters: SparkParameters | None = field("Spark connector.", None)
 
+    def docker_image(self) -> DockerImageSpec | None:
+        """The docker image the job names by URL (with its registry credentials), if any."""
+        return self.env.docker_image_spec if self.env is not None else None
+
     def instance_type_names(self) -> list[str]:
         """The instance types by priority; an empty list means the default type (c1.4)."""
         return [t.name for t in self.cloud_instance_types] or [DEFAULT_INSTANCE_TYPE]
