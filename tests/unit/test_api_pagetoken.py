@@ -18,11 +18,16 @@ def _token(project: str = "p1", flt: str = "", cont: str = "abc") -> str:
     return pt.encode(pt.PageState(project, pt.filter_digest(flt), cont), KEY)
 
 
-@given(st.text(min_size=1, max_size=40), st.text(max_size=60), st.text(max_size=300))
-def test_round_trip(project: str, flt: str, cont: str) -> None:
-    token = pt.encode(pt.PageState(project, pt.filter_digest(flt), cont), KEY)
+@given(
+    st.text(min_size=1, max_size=40),
+    st.text(max_size=60),
+    st.text(max_size=300),
+    st.integers(min_value=0, max_value=100),
+)
+def test_round_trip(project: str, flt: str, cont: str, skip: int) -> None:
+    token = pt.encode(pt.PageState(project, pt.filter_digest(flt), cont, skip), KEY)
     state = pt.decode(token, KEY, project_id=project, filter_expr=flt)
-    assert state.continue_token == cont
+    assert (state.continue_token, state.skip) == (cont, skip)
 
 
 def test_token_is_opaque_and_urlsafe() -> None:

@@ -18,6 +18,7 @@ from kube_fake import Failure
 
 from dsjobs import storage as st
 from dsjobs.api import errors
+from dsjobs.api import servicer as servicer_module
 from dsjobs.api.auth import Identity, Verb
 from dsjobs.api.cluster import ProjectInfo
 from dsjobs.api.core import Core, InputCheck
@@ -154,6 +155,18 @@ class FakeCore:
     async def all_jobs(self, info: ProjectInfo) -> list[JobSnapshot]:
         prefix = jobs_path(info.namespace) + "/"
         return [JobSnapshot.from_cr(o) for k, o in self.kube.objects.items() if k.startswith(prefix)]
+
+    async def list_jobs(
+        self, info: ProjectInfo, *, limit: int, continue_token: str = ""
+    ) -> tuple[list[Mapping[str, Any]], str]:
+        """Kubernetes' paging: by name, `limit` at a time, the continue token names where the next
+        page starts."""
+        prefix = jobs_path(info.namespace) + "/"
+        names = sorted(k for k in self.kube.objects if k.startswith(prefix))
+        start = names.index(continue_token) if continue_token else 0
+        page = names[start : start + limit]
+        rest = names[start + limit : start + limit + 1]
+        return [self.kube.objects[k] for k in page], (rest[0] if rest else "")
 
 
 class FakeContext:
@@ -618,6 +631,56 @@ def stored_job(kube: FakeKube, name: str, *, execute: bool = False, phase: str =
         "spec": {"projectId": PROJECT, "execute": execute, "jobParameters": SOURCE_PARAMS},
         "status": {"phase": phase},
     }
+
+
+def test_list_pages_end_before_a_client_s_receive_limit_and_resume_inside_a_kubernetes_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Big jobs (env vars of tens of KiB) must not make a page of 50 that the official CLI, at
+    grpc's 4 MiB receive default, cannot take: listing the project would fail for everyone."""
+    core = FakeCore()
+    names = [f"job-{i:02}" for i in range(23)]
+    for name in names:
+        stored_job(core.kube, name)
+    one = job_proto_size(core, names[0])
+    monkeypatch.setattr(servicer_module, "MAX_LIST_RESPONSE_BYTES", 4 * one + one // 2)
+    seen: list[str] = []
+    pages: list[int] = []
+    token = ""
+    while True:
+        page = call(
+            service(core).List(
+                svc.ListProjectJobRequest(project_id=PROJECT, page_size=10, page_token=token), ctx()
+            )
+        )
+        pages.append(len(page.jobs))
+        seen += [j.id for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == names  # each once, in order
+    assert pages == [4, 4, 4, 4, 4, 3]
+
+
+def test_a_list_page_holds_one_job_bigger_than_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    core = FakeCore()
+    for name in ("a", "b"):
+        stored_job(core.kube, name)
+    monkeypatch.setattr(servicer_module, "MAX_LIST_RESPONSE_BYTES", 10)
+    first = call(service(core).List(svc.ListProjectJobRequest(project_id=PROJECT), ctx()))
+    assert [j.id for j in first.jobs] == ["a"] and first.next_page_token
+    second = call(
+        service(core).List(
+            svc.ListProjectJobRequest(project_id=PROJECT, page_token=first.next_page_token), ctx()
+        )
+    )
+    assert [j.id for j in second.jobs] == ["b"] and not second.next_page_token
+
+
+def job_proto_size(core: FakeCore, name: str) -> int:
+    page = call(service(core).List(svc.ListProjectJobRequest(project_id=PROJECT, page_size=1), ctx()))
+    assert page.jobs[0].id == name
+    return page.jobs[0].ByteSize()
 
 
 class RacingKube(FakeKube):

@@ -42,6 +42,8 @@ from dsjobs.controller.plan import (
 from dsjobs.controller.podview import PodView, latest_event_message
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
+    MAX_FILE_ERRORS_BYTES,
+    MAX_FILE_ERRORS_LISTED,
     STORAGE_CHECK_AFTER,
     coalesce_transitions,
     get_condition,
@@ -962,6 +964,41 @@ def test_a_failed_setup_leaves_no_return_code_though_the_container_exited() -> N
     assert p.status.status_details == (
         "the job's environment could not be set up: pip install failed with exit code 1"
     )
+
+
+@pytest.mark.parametrize(("count", "text"), [(2100, "x"), (300, "y" * 4000)])
+def test_file_errors_a_status_lists_are_bounded_and_the_rest_counted(count: int, text: str) -> None:
+    """A result naming thousands of file errors (or long ones) must not make a status etcd refuses:
+    the job would never be written finished."""
+    outs = [{"path": f"out{k}"} for k in range(100)]
+    res = result(
+        0,
+        file_errors=[
+            FileError(type=FileErrorType.UPLOAD_FAILED, description=f"{text} {i}", path=f"out{i % 100}")
+            for i in range(count)
+        ],
+    )
+    p = step(job(params={"outputFiles": outs}, status=started("EXECUTING")), [ended_pod(0, res=res)], res=res)
+    errors = p.status.file_errors
+    assert p.status.phase == JobPhase.SUCCESS
+    assert len(errors) < count and len(errors) <= MAX_FILE_ERRORS_LISTED
+    assert sum(len(e.description) for e in errors) <= MAX_FILE_ERRORS_BYTES
+    assert (
+        errors[-1].description == f"{count - len(errors) + 1} more file errors are not listed here "
+        "(the job's .system.log names them)"
+    )
+    assert errors[-1].output_file_desc is not None
+    assert [e.description for e in errors[:3]] == [f"{text} {i}" for i in range(3)]
+
+
+def test_file_errors_within_the_bound_are_all_listed() -> None:
+    errors = [
+        FileError(type=FileErrorType.NOT_FOUND, description="missing", path=f"o{i}") for i in range(250)
+    ]
+    res = result(0, file_errors=errors)
+    outs = [{"path": f"o{i}"} for i in range(100)]
+    p = step(job(params={"outputFiles": outs}, status=started("EXECUTING")), [ended_pod(0, res=res)], res=res)
+    assert [e.description for e in p.status.file_errors] == ["missing"] * 250
 
 
 def test_success_records_outputs_logs_and_expiry() -> None:

@@ -37,6 +37,7 @@ from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus
 from dsjobs.runner.ship import (
     FINAL_FLUSH_SECONDS,
     MAX_ENTRY_ERRORS,
+    MAX_NAMED_ENTRIES,
     PERMANENT_ERROR_TRIES,
     LogShipper,
     Ship,
@@ -511,6 +512,33 @@ def test_many_lost_entries_are_named_up_to_a_cap_then_counted(
     assert len(outputs) == 1
     assert len(errors) == MAX_ENTRY_ERRORS + 1
     assert errors[-1].description.startswith("5 more entries")
+
+
+def test_lost_entries_are_named_up_to_a_cap_over_all_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many directory outputs each losing many entries (0600 files of atomic writes) must not name
+    them all: each named one is a file error in the job's status, which etcd bounds."""
+    n_outputs = MAX_NAMED_ENTRIES // MAX_ENTRY_ERRORS + 3
+    cfg = config(tmp_path, outputs=[{"path": f"out{k}"} for k in range(n_outputs)])
+    unreadable = []
+    for k in range(n_outputs):
+        d = cfg.work_dir / f"out{k}"
+        d.mkdir()
+        for i in range(MAX_ENTRY_ERRORS + 2):
+            (d / f"f{i:02}.txt").write_text("x")
+            unreadable.append(d / f"f{i:02}.txt")
+    deny(monkeypatch, *unreadable)
+    told: list[str] = []
+    outputs, errors = upload_outputs(cfg, FileStore(), told.append)  # type: ignore[arg-type]
+    assert len(outputs) == n_outputs
+    named = [e for e in errors if "is not in the uploaded zip" in e.description]
+    counted = [e for e in errors if "more entries are not in the uploaded zip" in e.description]
+    assert len(named) == MAX_NAMED_ENTRIES
+    assert len(counted) == n_outputs  # every output still says how many it lost
+    lost = sum(int(e.description.split()[0]) for e in counted) + len(named)
+    assert lost == n_outputs * (MAX_ENTRY_ERRORS + 2)
+    assert sum("not uploaded" in m for m in told) == lost  # the system log names every one
 
 
 def test_a_symlinked_output_directory_is_zipped_under_its_declared_name(tmp_path: Path) -> None:

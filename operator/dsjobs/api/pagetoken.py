@@ -30,6 +30,9 @@ class PageState:
     project_id: str
     filter_digest: str
     continue_token: str
+    #: Items of the Kubernetes page `continue_token` starts that an earlier page took (a page its
+    #: byte budget cut short); 0 when the page starts there.
+    skip: int = 0
 
 
 def filter_digest(filter_expr: str) -> str:
@@ -52,7 +55,13 @@ def _mac(key: bytes, payload: bytes) -> bytes:
 
 def encode(state: PageState, key: bytes) -> str:
     payload = json.dumps(
-        {"v": _VERSION, "p": state.project_id, "f": state.filter_digest, "c": state.continue_token},
+        {
+            "v": _VERSION,
+            "p": state.project_id,
+            "f": state.filter_digest,
+            "c": state.continue_token,
+            **({"s": state.skip} if state.skip else {}),
+        },
         separators=(",", ":"),
     ).encode()
     return f"{_b64(payload)}.{_b64(_mac(key, payload))}"
@@ -73,7 +82,10 @@ def decode(token: str, key: bytes, *, project_id: str, filter_expr: str) -> Page
     try:
         data = json.loads(payload)
         state = PageState(
-            project_id=str(data["p"]), filter_digest=str(data["f"]), continue_token=str(data["c"])
+            project_id=str(data["p"]),
+            filter_digest=str(data["f"]),
+            continue_token=str(data["c"]),
+            skip=int(data.get("s", 0)),
         )
         version = data["v"]
     except (ValueError, KeyError, TypeError) as exc:  # pragma: no cover - signed payloads are ours

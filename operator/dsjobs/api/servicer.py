@@ -79,6 +79,10 @@ MAX_PAGE_SIZE = 100
 MAX_DOWNLOAD_FILES = 1000
 # A filtered List looks at this many Kubernetes pages at most before answering a short page.
 MAX_FILTER_ROUNDS = 10
+# A List page ends before its jobs pass this many bytes (a job may be ~1 MB): clients receive at
+# most 4 MiB by default (grpc's and the official CLI's channel), and a page they cannot receive
+# would break listing the project for everyone.
+MAX_LIST_RESPONSE_BYTES = 3 * 1024 * 1024
 # How often a following log stream re-reads the job to notice that it ended.
 JOB_RECHECK_SECONDS = 1.0
 
@@ -775,37 +779,59 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             flt = listfilter.parse(request.filter)
         except listfilter.FilterError as exc:
             raise errors.invalid_argument(str(exc), "filter") from exc
-        cont = ""
+        cont, skip = "", 0
         if request.page_token:
             try:
-                cont = pagetoken.decode(
+                state = pagetoken.decode(
                     request.page_token,
                     self.core.settings.page_token_key,
                     project_id=info.project_id,
                     filter_expr=request.filter,
-                ).continue_token
+                )
             except pagetoken.PageTokenError as exc:
                 raise errors.invalid_argument(str(exc), "page_token") from exc
+            cont, skip = state.continue_token, state.skip
+        if skip:
+            # The earlier page was cut inside a Kubernetes page: listing what it took again yields
+            # the continue token of where this page starts.
+            _, cont = await self.core.list_jobs(info, limit=skip, continue_token=cont)
+            if not cont:
+                return svc.ListProjectJobResponse()
         out: list[jobs_pb2.Job] = []
+        size_bytes = 0
         rounds = 0
         while True:
             rounds += 1
-            # Asking for exactly what is still missing consumes every Kubernetes page whole, so the
-            # continue token alone says where the next page starts.
-            items, cont = await self.core.list_jobs(info, limit=size - len(out), continue_token=cont)
-            for item in items:
+            # Asking for exactly what is still missing consumes every Kubernetes page whole, so its
+            # continue token says where the next page starts; only a page its byte budget cuts
+            # short ends inside one (its token: that page's start and how many it took).
+            items, next_cont = await self.core.list_jobs(info, limit=size - len(out), continue_token=cont)
+            for index, item in enumerate(items):
                 job = try_snapshot(item)
-                if job is not None and flt.matches(_filter_fields(job)):
-                    out.append(job_proto(as_seen_by(job, identity.username)))
+                if job is None or not flt.matches(_filter_fields(job)):
+                    continue
+                proto = job_proto(as_seen_by(job, identity.username))
+                size_bytes += proto.ByteSize()
+                if out and size_bytes > MAX_LIST_RESPONSE_BYTES:
+                    return self._list_page(info, request.filter, out, cont, index)
+                out.append(proto)
+            cont = next_cont
             if not cont or len(out) >= size or rounds >= MAX_FILTER_ROUNDS:
                 break
+        return self._list_page(info, request.filter, out, cont, 0)
+
+    def _list_page(
+        self, info: ProjectInfo, filter_expr: str, jobs: list[jobs_pb2.Job], cont: str, skip: int
+    ) -> svc.ListProjectJobResponse:
+        """A page of `jobs`, whose next page starts `skip` items into the Kubernetes page `cont`
+        starts (the first page when `cont` is empty and `skip` > 0)."""
         token = ""
-        if cont:
+        if cont or skip:
             token = pagetoken.encode(
-                pagetoken.PageState(info.project_id, pagetoken.filter_digest(request.filter), cont),
+                pagetoken.PageState(info.project_id, pagetoken.filter_digest(filter_expr), cont, skip),
                 self.core.settings.page_token_key,
             )
-        return svc.ListProjectJobResponse(jobs=out, next_page_token=token)
+        return svc.ListProjectJobResponse(jobs=jobs, next_page_token=token)
 
     # Logs ---------------------------------------------------------------------------------------
 

@@ -721,7 +721,7 @@ def apply_result(
         "output_files": outputs,
         "log_files": logs,
         "diagnostic_files": diagnostics,
-        "file_errors": errors,
+        "file_errors": bounded_file_errors(errors),
     }
     if result.progress is not None:
         update["progress"] = Progress(
@@ -730,6 +730,42 @@ def apply_result(
             create_time=result.progress.create_time,
         )
     return status.model_copy(update=update)
+
+
+#: File errors a job's status lists, and the bytes of their text: the status shares etcd's
+#: ~1.5 MiB object with a spec of up to 1 MiB, and a refused status write would leave the job
+#: unfinished for ever. The runner names at most ~200 (one per output, or per output's lost
+#: entries, plus 100 lost entries by name); a result beyond that is not one it wrote.
+MAX_FILE_ERRORS_LISTED: Final = 250
+MAX_FILE_ERRORS_BYTES: Final = 256 * 1024
+
+
+def bounded_file_errors(errors: Sequence[FileError]) -> list[FileError]:
+    """`errors` in order while they fit MAX_FILE_ERRORS_LISTED and MAX_FILE_ERRORS_BYTES; the rest
+    are counted by one more error of the first left out's file."""
+    kept: list[FileError] = []
+    used = 0
+    for i, e in enumerate(errors):
+        size = len(e.description.encode()) + len(
+            (e.output_file_desc.path if e.output_file_desc else e.log_file_name or "").encode()
+        )
+        if len(kept) + 1 >= MAX_FILE_ERRORS_LISTED or used + size > MAX_FILE_ERRORS_BYTES:
+            if len(errors) - i == 1 and used + size <= MAX_FILE_ERRORS_BYTES:
+                kept.append(e)  # the last one fits where the count would go
+                break
+            left = len(errors) - i
+            kept.append(
+                e.model_copy(
+                    update={
+                        "description": f"{left} more file errors are not listed here "
+                        "(the job's .system.log names them)"
+                    }
+                )
+            )
+            break
+        kept.append(e)
+        used += size
+    return kept
 
 
 def stored_data_size(spec: ProjectJobSpec, status: ProjectJobStatus) -> int:

@@ -566,6 +566,14 @@ def _skip_reporter(syslog: Callable[[str], None], path: str) -> Callable[[str, s
 #: Entries of one directory output that the result names one by one; beyond them it counts (the
 #: system log names them all): a termination message is 4 KiB.
 MAX_ENTRY_ERRORS = 20
+#: Entries named over all of a job's directory outputs: each named one becomes a file error in the
+#: job's status, which must stay far below etcd's object size (100 outputs x 20 would not).
+MAX_NAMED_ENTRIES = 100
+
+
+@dataclass
+class _NamingBudget:
+    left: int = MAX_NAMED_ENTRIES
 
 
 @dataclass
@@ -577,12 +585,14 @@ class _LostEntries:
     var: str | None
     index: int
     syslog: Callable[[str], None]
+    budget: _NamingBudget
     named: list[str] = field(default_factory=list)
     more: int = 0
 
     def __call__(self, entry: str, why: str) -> None:
         self.syslog(f"output {self.declared}: {entry} not uploaded ({why})")
-        if len(self.named) < MAX_ENTRY_ERRORS:
+        if len(self.named) < MAX_ENTRY_ERRORS and self.budget.left > 0:
+            self.budget.left -= 1
             self.named.append(f"{entry} is not in the uploaded zip ({why})")
         else:
             self.more += 1
@@ -752,8 +762,9 @@ def upload_outputs(
     entries a directory's zip lacks (the rest of the directory is uploaded)."""
     outputs: list[OutputResult] = []
     errors: list[FileError] = []
+    budget = _NamingBudget()
     for i, out in enumerate(config.outputs):
-        lost = _LostEntries(out.desc_path or out.path, out.var, i, syslog)
+        lost = _LostEntries(out.desc_path or out.path, out.var, i, syslog, budget)
         r = _upload_output(config, store, i, out, syslog, lost)
         if isinstance(r, OutputResult):
             outputs.append(r)
