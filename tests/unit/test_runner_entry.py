@@ -155,6 +155,32 @@ def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_pa
     assert "program exited with code 7" in r.syslog
 
 
+def test_the_entry_script_alone_holds_the_liveness_fifo(shell: list[str], tmp_path: Path) -> None:
+    """Ship tells a stalled job container from a dead one by the FIFO's writer: the script must
+    hold it open, and nothing it starts (the program may daemonize and outlive it) may."""
+    cfg = make_config(
+        tmp_path,
+        # What the program's own fds lead to, and whether the script's FIFO has a writer meanwhile.
+        "for f in /proc/self/fd/*; do readlink $f; done > fds.txt; sleep 0.5",
+    )
+    os.mkfifo(cfg.layout.alive, 0o666)
+    reader = os.open(cfg.layout.alive, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        r = run_entry(shell, cfg)
+        assert r.rc == 0
+        assert str(cfg.layout.alive) not in (cfg.work_dir / "fds.txt").read_text()
+        assert os.read(reader, 10) == b""  # the script ended: no writer is left
+    finally:
+        os.close(reader)
+
+
+def test_the_entry_script_runs_without_a_liveness_fifo(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "echo ok")
+    cfg.layout.alive.write_text("a job's file, not a FIFO")
+    r = run_entry(_dash(), cfg)
+    assert r.rc == 0 and r.out_file == b"ok\n"
+
+
 @pytest.mark.parametrize("code", [0, 1, 255])
 def test_exit_codes_propagate(code: int, tmp_path: Path) -> None:
     r = run_entry(_dash(), make_config(tmp_path, f"exit {code}"))

@@ -398,6 +398,59 @@ def test_a_silent_heartbeat_means_the_job_container_was_lost(tmp_path: Path) -> 
     assert 10 <= sum(clock.slept) <= 12
 
 
+def test_a_stalled_heartbeat_of_a_living_entry_script_is_waited_for(tmp_path: Path) -> None:
+    """A job container can stall (thrashing near its memory limit) for longer than the heartbeat
+    timeout: while its entry script holds the liveness FIFO, ship must not take its outputs, end
+    the logs and let a later exit 0 pass for SUCCESS with what it had at the stall."""
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    cfg.layout.create()
+    os.mkfifo(cfg.layout.alive, 0o666)
+    writer = os.open(cfg.layout.alive, os.O_RDWR)  # the entry script's end
+    clock = Clock()
+    told: list[str] = []
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    ship.syslog = told.append  # type: ignore[assignment]
+    cfg.layout.started.write_text("1")
+    cfg.layout.heartbeat.write_text("7")
+    beats = iter(range(10**6))
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if clock.t - 1000 > 120:
+            cfg.layout.heartbeat.write_text(str(next(beats)))  # back after two minutes
+        if clock.t - 1000 > 150:
+            cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+
+    ship.sleep = sleep
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.EXITED and st.return_code == 0
+    assert sum(clock.slept) > 150
+    assert any("heartbeat has not moved" in m for m in told)
+    assert "the job container's heartbeat is back" in told
+    os.close(writer)
+
+
+def test_an_entry_script_gone_is_lost_at_once_without_waiting_for_the_heartbeat(tmp_path: Path) -> None:
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    cfg.layout.create()
+    os.mkfifo(cfg.layout.alive, 0o666)
+    writer = os.open(cfg.layout.alive, os.O_RDWR)
+    clock = Clock()
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    cfg.layout.started.write_text("1")
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        cfg.layout.heartbeat.write_text(str(clock.t))  # its last beat was just now
+        if clock.t - 1000 > 4:
+            os.close(writer)  # then SIGKILLed with its container
+
+    ship.sleep = sleep
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.LOST
+    assert sum(clock.slept) < 10
+
+
 def test_status_and_heartbeat_the_job_made_unreadable_end_lost_instead_of_crashing_the_ship(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

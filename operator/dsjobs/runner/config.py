@@ -350,6 +350,12 @@ class SharedLayout:
         return self.run_dir / "started"
 
     @property
+    def alive(self) -> Path:
+        """A FIFO the entry script holds open for writing while it lives (stage-in makes it 0666):
+        its reader sees EOF once that process is gone, however stalled it was before."""
+        return self.run_dir / "alive"
+
+    @property
     def stats_prev(self) -> Path:
         """The entry script's previous CPU sample (usage, time), for the next one's percentage."""
         return self.run_dir / "stats.prev"

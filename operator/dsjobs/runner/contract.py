@@ -123,6 +123,8 @@ def shell_stage_in(config: RunnerConfig) -> str:
         f"chmod 0777 {layout_dirs}\n"
         # umask 0: a file created here is 0666, one that exists keeps its mode (as in Python).
         f'for f in {shared_files}; do : >>"$f"; done\n'
+        # Without FIFOs (some file system) ship judges by the heartbeat alone, as in Python.
+        f"[ -p {q(str(config.layout.alive))} ] || mkfifo {q(str(config.layout.alive))} 2>/dev/null || :\n"
         f"install -m 0755 {entry} {q(str(config.layout.entry_script))}\n"
     )
 

@@ -292,7 +292,7 @@ dsjobs_stop_sampler() {
   wait "$DSJOBS_STATS_PID" 2>/dev/null
   DSJOBS_STATS_PID=''
   if [ -s "$DSJOBS_DOCKER_STATS" ]; then
-    ( exec </dev/null >/dev/null 2>&1; dsjobs_cgroups; dsjobs_now; dsjobs_docker_stats )
+    ( exec </dev/null >/dev/null 2>&1 9>&-; dsjobs_cgroups; dsjobs_now; dsjobs_docker_stats )
   fi
 }
 
@@ -370,7 +370,7 @@ dsjobs_stop_killer() {
 
 dsjobs_start_killer() {
   (
-    exec </dev/null >/dev/null 2>&1
+    exec </dev/null >/dev/null 2>&1 9>&-
     dsjobs_s=''
     trap 'kill "$dsjobs_s" 2>/dev/null; exit 0' TERM
     sleep "$DSJOBS_GRACE_TIMEOUT" &
@@ -461,13 +461,17 @@ mkdir -p "$DSJOBS_RUN" "$(dirname "$DSJOBS_SYSLOG")" 2>/dev/null
 if ! ( umask 0; : >>"$DSJOBS_SYSLOG" ) 2>/dev/null; then DSJOBS_SYSLOG_TO=/dev/null; fi
 # Room for the status file, taken now (see dsjobs_status): lines without '=' are not read.
 printf '%4095s\n' '' >"$DSJOBS_STATUS.tmp" 2>/dev/null
+# Held open while this shell lives (never by what it starts): ship's read of the FIFO sees EOF
+# only once this process is gone, not when it merely stalls (a heartbeat can stop for minutes
+# while the container thrashes near its memory limit).
+if [ -p "$DSJOBS_ALIVE" ]; then { command exec 9<>"$DSJOBS_ALIVE"; } 2>/dev/null || :; fi
 echo "$$" >"$DSJOBS_STARTED"
 # Helpers run as subshells that drop our stdout/stderr first: a shell running a *function* with
 # redirections keeps a saved copy of the original descriptors, which would hold the container's
 # output pipes open after this script has exited.
-( exec </dev/null >/dev/null 2>&1; dsjobs_heartbeat "$$" ) &
+( exec </dev/null >/dev/null 2>&1 9>&-; dsjobs_heartbeat "$$" ) &
 DSJOBS_HB_PID=$!
-( exec </dev/null >/dev/null 2>&1; dsjobs_sampler "$$" ) &
+( exec </dev/null >/dev/null 2>&1 9>&-; dsjobs_sampler "$$" ) &
 DSJOBS_STATS_PID=$!
 dsjobs_log "started"
 cd "$DSJOBS_WORK" || dsjobs_setup_failed "cannot enter the working directory $DSJOBS_WORK"
@@ -495,7 +499,7 @@ DSJOBS_PHASE=pip
 DSJOBS_FORKED=$DSJOBS_RUN/pip.forked
 rm -f "$DSJOBS_FORKED" 2>/dev/null
 # (`true`, not `:`: a failed redirection of a special builtin ends a dash subshell.)
-( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 &
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 9>&- &
 DSJOBS_PID=$!
 dsjobs_deliver_pending
 dsjobs_wait
@@ -525,9 +529,9 @@ DSJOBS_ERR_TO=$DSJOBS_ERR
 if command -v mkfifo >/dev/null 2>&1 && command -v tee >/dev/null 2>&1; then
   rm -f "$DSJOBS_RUN/out.fifo" "$DSJOBS_RUN/err.fifo"
   if mkfifo "$DSJOBS_RUN/out.fifo" "$DSJOBS_RUN/err.fifo"; then
-    ( trap '' TERM INT HUP; exec tee -a "$DSJOBS_OUT" ) <"$DSJOBS_RUN/out.fifo" &
+    ( trap '' TERM INT HUP; exec tee -a "$DSJOBS_OUT" ) <"$DSJOBS_RUN/out.fifo" 9>&- &
     DSJOBS_TEES=$!
-    ( trap '' TERM INT HUP; exec tee -a "$DSJOBS_ERR" >&2 ) <"$DSJOBS_RUN/err.fifo" &
+    ( trap '' TERM INT HUP; exec tee -a "$DSJOBS_ERR" >&2 ) <"$DSJOBS_RUN/err.fifo" 9>&- &
     DSJOBS_TEES="$DSJOBS_TEES $!"
     DSJOBS_OUT_TO=$DSJOBS_RUN/out.fifo
     DSJOBS_ERR_TO=$DSJOBS_RUN/err.fifo
@@ -564,7 +568,7 @@ fi
 DSJOBS_PHASE=run
 DSJOBS_FORKED=$DSJOBS_RUN/program.forked
 rm -f "$DSJOBS_FORKED" 2>/dev/null
-( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" &
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" 9>&- &
 DSJOBS_PID=$!
 dsjobs_deliver_pending
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
@@ -585,7 +589,7 @@ dsjobs_stop_killer
 
 if [ -n "$DSJOBS_TEES" ]; then
   # The tees ignore cancel signals, so the deadline is enforced with SIGKILL.
-  ( exec </dev/null >/dev/null 2>&1; sleep "$DSJOBS_TEE_DRAIN"; kill -s KILL $DSJOBS_TEES ) &
+  ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; kill -s KILL $DSJOBS_TEES ) &
   dsjobs_tw=$!
   for dsjobs_t in $DSJOBS_TEES; do
     while kill -0 "$dsjobs_t" 2>/dev/null; do wait "$dsjobs_t"; done
@@ -671,6 +675,7 @@ def render_entry_script(
         _assign("DSJOBS_STATUS", str(layout.status)),
         _assign("DSJOBS_HB", str(layout.heartbeat)),
         _assign("DSJOBS_STARTED", str(layout.started)),
+        _assign("DSJOBS_ALIVE", str(layout.alive)),
         _assign("DSJOBS_HB_SECONDS", HEARTBEAT_SECONDS),
         _assign("DSJOBS_DOCKER_STATS", str(layout.docker_stats)),
         _assign("DSJOBS_GPU_STATS", str(layout.gpu_stats)),

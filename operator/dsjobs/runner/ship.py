@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -863,6 +864,8 @@ class Ship:
         self.stop_requested = False
         #: The kind of the last unexpected error of the log shipping (told once per kind).
         self._ship_error: str | None = None
+        #: Read end of the entry script's liveness FIFO, once opened.
+        self._alive_fd: int | None = None
 
     def request_stop(self) -> None:
         # Pod deletion: if the job runs, its entry script got SIGTERM too and will finish (within
@@ -889,34 +892,87 @@ class Ship:
             self._ship_error = type(exc).__name__
             return False
 
+    def _entry_alive(self) -> bool | None:
+        """Whether the entry script still holds its liveness FIFO open (`SharedLayout.alive`):
+        False once it is gone, None when there is no FIFO to tell (then the heartbeat judges)."""
+        if self._alive_fd is None:
+            try:
+                run = open_dir_beneath(self.config.paths.shared_dir, self.layout.run_dir)
+            except (OSError, RefusedFile):
+                return None
+            try:
+                fd = os.open(
+                    self.layout.alive.name,
+                    os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=run,
+                )
+            except OSError:
+                return None
+            finally:
+                os.close(run)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)
+                return None
+            self._alive_fd = fd
+        try:
+            # Nothing is written to it (what a job writes is dropped): EOF means no writer is left.
+            while os.read(self._alive_fd, 65536):
+                pass
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        return False
+
     def wait_for_program(self) -> ProgramStatus:
         settings = self.config.ship
         beat: str | None = None
         beat_changed: float | None = None
-        while True:
-            # Only the writes due now: while storage fails, the program's end must still be seen.
-            self.ship_logs(final=False, deadline=self.clock())
-            status = read_status_file(self.layout.status, self.config.paths.shared_dir)
-            if status is not None:
-                return status
-            now = self.clock()
-            if self.layout.started.exists():
-                current = read_beneath(self.config.paths.shared_dir, self.layout.heartbeat)
-                if current != beat or beat_changed is None:
-                    beat, beat_changed = current, now
-                elif now - beat_changed > settings.heartbeat_timeout_seconds:
-                    # One last look: the status may have landed just now.
-                    status = read_status_file(self.layout.status, self.config.paths.shared_dir)
-                    return status or ProgramStatus(
-                        RunnerStatus.LOST,
-                        None,
-                        self.stop_requested,
-                        "the job container stopped without recording an exit status "
-                        "(killed, e.g. out of memory?)",
+        stalled_told = False
+        try:
+            while True:
+                # Only the writes due now: while storage fails, the program's end must still be seen.
+                self.ship_logs(final=False, deadline=self.clock())
+                status = read_status_file(self.layout.status, self.config.paths.shared_dir)
+                if status is not None:
+                    return status
+                now = self.clock()
+                if self.layout.started.exists():
+                    alive = self._entry_alive()
+                    current = read_beneath(self.config.paths.shared_dir, self.layout.heartbeat)
+                    if current != beat or beat_changed is None:
+                        if stalled_told and current != beat:
+                            self.syslog("the job container's heartbeat is back")
+                            stalled_told = False
+                        beat, beat_changed = current, now
+                    stalled = now - beat_changed > settings.heartbeat_timeout_seconds
+                    if alive is False or (alive is None and stalled):
+                        # One last look: the status may have landed just now.
+                        status = read_status_file(self.layout.status, self.config.paths.shared_dir)
+                        return status or ProgramStatus(
+                            RunnerStatus.LOST,
+                            None,
+                            self.stop_requested,
+                            "the job container stopped without recording an exit status "
+                            "(killed, e.g. out of memory?)",
+                        )
+                    if stalled and not stalled_told:
+                        # Alive but stalled (thrashing, a hung disk): its outputs are not final,
+                        # so nothing is uploaded until it ends.
+                        self.syslog(
+                            f"the job container's heartbeat has not moved for {now - beat_changed:.0f}s; "
+                            "its entry script still runs: waiting for it"
+                        )
+                        stalled_told = True
+                elif self.stop_requested:
+                    return ProgramStatus(
+                        RunnerStatus.NOT_STARTED, None, True, "stopped before the job started"
                     )
-            elif self.stop_requested:
-                return ProgramStatus(RunnerStatus.NOT_STARTED, None, True, "stopped before the job started")
-            self.sleep(settings.flush_interval_seconds)
+                self.sleep(settings.flush_interval_seconds)
+        finally:
+            if self._alive_fd is not None:
+                os.close(self._alive_fd)
+                self._alive_fd = None
 
     def run(self) -> RunnerResult:
         cfg = self.config

@@ -240,12 +240,25 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
         )
 
 
+def make_alive_fifo(path: Path) -> None:
+    """The entry script's liveness FIFO (`SharedLayout.alive`), 0666 for any job uid; without it
+    (a file system without FIFOs) ship judges by the heartbeat alone."""
+    try:
+        os.mkfifo(path, 0o666)
+        os.chmod(path, 0o666)  # past the umask
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.warning("cannot make the liveness FIFO path=%s error=%s", path, exc)
+
+
 def prepare(config: RunnerConfig) -> None:
     """Directories, shared log files, requirements file and entry script (no storage access)."""
     layout = config.layout
     layout.create()
     for f in layout.shared_files:
         create_shared(f)
+    make_alive_fifo(layout.alive)
     for d in config.work_dirs():
         make_dirs(d)
     if config.python_env is not None and config.python_env.requirements:
