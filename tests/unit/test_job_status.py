@@ -1001,6 +1001,30 @@ def test_file_errors_within_the_bound_are_all_listed() -> None:
     assert [e.description for e in p.status.file_errors] == ["missing"] * 250
 
 
+def test_outputs_only_a_result_pointer_tells_of_are_each_a_file_error() -> None:
+    """The result.json the termination message points to was never stored (the store was down at
+    the very end): the job's outputs must not go missing without a word."""
+    pointer = ResultPointer(
+        result_key="k",
+        project_id="proj-a",
+        job_id="job-1",
+        attempt=1,
+        status=RunnerStatus.EXITED,
+        return_code=0,
+        outputs_count=2,
+    )
+    j = job(
+        params={"outputFiles": [{"path": "a.txt"}, {"path": "b", "var": "B"}]}, status=started("EXECUTING")
+    )
+    s = step(j, [ended_pod(0)], res=pointer).status
+    assert s.phase == JobPhase.SUCCESS and s.output_files == []
+    assert [(e.output_file_desc.path if e.output_file_desc else None, e.type) for e in s.file_errors] == [
+        ("a.txt", FileErrorType.UPLOAD_FAILED),
+        ("b", FileErrorType.UPLOAD_FAILED),
+    ]
+    assert "result.json" in s.file_errors[0].description
+
+
 def test_success_records_outputs_logs_and_expiry() -> None:
     res = result(
         0,
@@ -1237,6 +1261,31 @@ ENDINGS = [
         "Succeeded",
         0,
         "",
+        phase=JobPhase.SUCCESS,
+    ),
+    Ending(
+        "succeeded while the object store failed its uploads",
+        ended_pod(0, res=result(0, storage_unavailable=True)),
+        result(0, storage_unavailable=True),
+        "Succeeded",
+        0,
+        "the object store kept failing while its outputs and logs were stored",
+        phase=JobPhase.SUCCESS,
+    ),
+    Ending(
+        "succeeded, the result lost but for its pointer",
+        ended_pod(0),
+        ResultPointer(
+            result_key="k",
+            project_id="proj-a",
+            job_id="job-1",
+            status=RunnerStatus.EXITED,
+            return_code=0,
+            outputs_count=3,
+        ),
+        "Succeeded",
+        0,
+        "result.json) could not be read",
         phase=JobPhase.SUCCESS,
     ),
     Ending("no runner result", ended_pod(0), None, "Succeeded", 0, "", phase=JobPhase.SUCCESS),

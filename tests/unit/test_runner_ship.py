@@ -759,6 +759,49 @@ def finish_after(cfg: RunnerConfig, clock: Clock, ticks: int) -> Callable[[float
     return sleep
 
 
+class OutageStore(FileStore):
+    """The object store goes down once the program has ended: every file upload fails as it does
+    past the storage client's retries (connection refused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried: list[str] = []
+
+    def upload_file(self, path: Any, key: str, **kw: Any) -> Any:
+        self.tried.append(key)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def upload_stream(self, key: str, produce: Any, **kw: Any) -> Any:
+        self.tried.append(key)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def test_an_object_store_down_at_stage_out_fails_the_rest_fast_and_says_so(tmp_path: Path) -> None:
+    """Each upload would wait out the store's patience (minutes; 100 outputs: hours) and the
+    result would not say that the store, not the job, lost the files."""
+    cfg = config(tmp_path, outputs=[{"path": "a.txt"}, {"path": "b.txt"}, {"path": "dir"}])
+    (cfg.work_dir / "a.txt").write_text("a")
+    (cfg.work_dir / "b.txt").write_text("b")
+    (cfg.work_dir / "dir").mkdir()
+    cfg.layout.stdout.write_bytes(b"out\n")
+    store = OutageStore()
+    clock = Clock()
+    term = tmp_path / "term"
+    ship = Ship(cfg, store, termination_log=str(term), clock=clock, sleep=finish_after(cfg, clock, 2))  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.status == RunnerStatus.EXITED and result.return_code == 0
+    assert result.storage_unavailable is True
+    assert len(store.tried) == 1  # the first output; nothing after it
+    by_path = {e.path or e.log_file_name: e for e in result.file_errors}
+    assert by_path["a.txt"].description.startswith("upload failed: ConnectionRefusedError")
+    for later in ("b.txt", "dir", "stdout.txt"):
+        assert by_path[later].description == (
+            "not uploaded: the object store kept failing (on output a.txt: ConnectionRefusedError: "
+            "[Errno 111] Connection refused)"
+        )
+    assert "the object store kept failing past the retries" in cfg.layout.system_log.read_text()
+
+
 def test_a_log_file_ship_may_not_read_is_skipped_and_told_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

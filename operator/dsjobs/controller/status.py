@@ -571,6 +571,24 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             failure=FailureKind.PERMANENT,
         )
     if code is not None and result is not None and result.status == RunnerStatus.EXITED and not stopped:
+        unrecorded = isinstance(result, ResultPointer) and bool(
+            result.outputs_count or result.file_errors_count
+        )
+        if code == 0 and (result.storage_unavailable or unrecorded):
+            # As DataSphere does, a program that succeeded makes a successful job; what the store
+            # lost is told by the file errors (`apply_result`), and here why.
+            return Outcome(
+                JobPhase.SUCCESS,
+                "Succeeded",
+                "the program succeeded, but "
+                + (
+                    "the object store kept failing while its outputs and logs were stored: see the "
+                    "file errors"
+                    if result.storage_unavailable
+                    else "the runner's record of its outputs (result.json) could not be read"
+                ),
+                return_code=0,
+            )
         return _exit_outcome(code)
     full = system_disk_exceeded(pod)
     if full is not None:
@@ -683,6 +701,21 @@ def apply_result(
     Outputs are recorded under the desc the job declared (path as the client wrote it), which is
     what the API hands back to the CLI to place downloaded files.
     """
+    if isinstance(result, ResultPointer):
+        if not (result.outputs_count or result.file_errors_count):
+            return status
+        # Only the termination message's pointer is left of the report: the outputs may be in
+        # the store, but nothing says which, with what content; each is told, never silently
+        # missing.
+        lost = "the runner's record of the job's outputs (result.json) could not be stored or read"
+        return status.model_copy(
+            update={
+                "file_errors": [
+                    FileError(output_file_desc=desc, description=lost, type=FileErrorType.UPLOAD_FAILED)
+                    for desc in spec.job_parameters.output_files
+                ]
+            }
+        )
     if not isinstance(result, RunnerResult):
         return status
     declared = _declared(spec)

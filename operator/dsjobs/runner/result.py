@@ -106,9 +106,10 @@ class RunnerResult(_Model):
     return_code: int | None = None
     cancelled: bool = False
     reason: str = ""
-    #: STAGE_IN_FAILED because the object store kept failing (connection trouble, 5xx, timeouts
-    #: past the runner's patience), not because of the inputs: an infrastructure failure. None
-    #: (left out of the JSON, which an older operator reads as ever) otherwise.
+    #: The object store kept failing (connection trouble, 5xx, timeouts past the runner's
+    #: patience): a STAGE_IN_FAILED not because of the inputs, or an attempt whose outputs, logs
+    #: or this result could not (all) be stored: an infrastructure failure. None (left out of the
+    #: JSON, which an older operator reads as ever) otherwise.
     storage_unavailable: bool | None = None
     outputs: list[OutputResult] = field(default_factory=list)
     file_errors: list[FileError] = field(default_factory=list)

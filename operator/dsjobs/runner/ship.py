@@ -36,7 +36,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -653,6 +653,25 @@ def _zip_bound(directory: str, work: str) -> int:
 _READABLE_BY_ALL = " (it is read by another user than the job's: it must be readable by all)"
 
 
+@dataclass
+class StoreTrouble:
+    """The first upload the object store failed past the storage client's retries (connection
+    trouble, 5xx, timeouts): the uploads after it are not tried (each would wait out the same
+    patience), and the job's result says the store, not the job, lost its files."""
+
+    first: str | None = None
+
+    def note(self, what: str, exc: BaseException) -> None:
+        if self.first is None and is_transient(exc):
+            self.first = f"{what}: {type(exc).__name__}: {exc}"[:500]
+
+    def skipped(self) -> str | None:
+        """Why an upload is not tried, or None when it should be."""
+        if self.first is None:
+            return None
+        return f"not uploaded: the object store kept failing (on {self.first})"
+
+
 def _upload_output(
     config: RunnerConfig,
     store: Storage,
@@ -660,12 +679,17 @@ def _upload_output(
     out: OutputFile,
     syslog: Callable[[str], None],
     lost: _LostEntries,
+    trouble: StoreTrouble,
 ) -> OutputResult | FileError:
     declared = lost.declared
 
     def fail(kind: FileErrorType, description: str) -> FileError:
         syslog(f"output {declared}: {description}")
         return FileError(type=kind, description=description, path=declared, var=out.var, index=index)
+
+    skipped = trouble.skipped()
+    if skipped is not None:
+        return fail(FileErrorType.UPLOAD_FAILED, skipped)
 
     local = config.work_dir / out.path
     key = output_key(config.project_id, config.job_id, out.path)
@@ -744,6 +768,7 @@ def _upload_output(
     except PermissionError as exc:
         return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {exc.strerror}{_READABLE_BY_ALL}")
     except Exception as exc:
+        trouble.note(f"output {declared}", exc)
         return fail(FileErrorType.UPLOAD_FAILED, f"upload failed: {type(exc).__name__}: {exc}"[:1000])
     return OutputResult(
         path=declared,
@@ -757,16 +782,20 @@ def _upload_output(
 
 
 def upload_outputs(
-    config: RunnerConfig, store: Storage, syslog: Callable[[str], None]
+    config: RunnerConfig,
+    store: Storage,
+    syslog: Callable[[str], None],
+    trouble: StoreTrouble | None = None,
 ) -> tuple[list[OutputResult], list[FileError]]:
     """Upload each declared output; missing ones are NOT_FOUND, failures UPLOAD_FAILED, as are the
     entries a directory's zip lacks (the rest of the directory is uploaded)."""
     outputs: list[OutputResult] = []
     errors: list[FileError] = []
     budget = _NamingBudget()
+    trouble = trouble if trouble is not None else StoreTrouble()
     for i, out in enumerate(config.outputs):
         lost = _LostEntries(out.desc_path or out.path, out.var, i, syslog, budget)
-        r = _upload_output(config, store, i, out, syslog, lost)
+        r = _upload_output(config, store, i, out, syslog, lost, trouble)
         if isinstance(r, OutputResult):
             outputs.append(r)
             errors.extend(lost.file_errors())
@@ -775,30 +804,39 @@ def upload_outputs(
     return outputs, errors
 
 
-def upload_log_files(config: RunnerConfig, store: Storage) -> tuple[list[LogFileResult], list[FileError]]:
+def upload_log_files(
+    config: RunnerConfig, store: Storage, trouble: StoreTrouble | None = None
+) -> tuple[list[LogFileResult], list[FileError]]:
     """Upload the non-empty raw log files. An empty one gets no object (DownloadStdLogs leaves its
     URL out; NOT_FOUND when both are empty); an earlier attempt's is gone (`LogShipper.resume`)."""
     layout = config.layout
     return _upload_raw_files(
-        config, store, zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True)
+        config,
+        store,
+        zip(LOG_FILE_NAMES, (layout.stdout, layout.stderr, layout.system_log), strict=True),
+        trouble,
     )
 
 
 def upload_diagnostic_files(
-    config: RunnerConfig, store: Storage
+    config: RunnerConfig, store: Storage, trouble: StoreTrouble | None = None
 ) -> tuple[list[LogFileResult], list[FileError]]:
     """Upload the resource-usage samples the entry script wrote (docker_stats.tsv, gpu_stats.tsv)."""
-    return _upload_raw_files(config, store, ((f.name, f) for f in config.layout.diagnostic_files))
+    return _upload_raw_files(config, store, ((f.name, f) for f in config.layout.diagnostic_files), trouble)
 
 
 def _upload_raw_files(
-    config: RunnerConfig, store: Storage, files: Iterable[tuple[str, Path]]
+    config: RunnerConfig,
+    store: Storage,
+    files: Iterable[tuple[str, Path]],
+    trouble: StoreTrouble | None = None,
 ) -> tuple[list[LogFileResult], list[FileError]]:
     """Each non-empty file under the job's `logs/files/<name>`; the job may have replaced one by
     a symlink or a special file, which is not read (an UPLOAD_FAILED error)."""
     stored: list[LogFileResult] = []
     errors: list[FileError] = []
     shared = config.paths.shared_dir
+    trouble = trouble if trouble is not None else StoreTrouble()
     for name, path in files:
         key = log_file_key(config.project_id, config.job_id, name)
         try:
@@ -818,8 +856,15 @@ def _upload_raw_files(
             with os.fdopen(fd, "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     continue
+                skipped = trouble.skipped()
+                if skipped is not None:
+                    errors.append(
+                        FileError(type=FileErrorType.UPLOAD_FAILED, log_file_name=name, description=skipped)
+                    )
+                    continue
                 res = store.upload_file(f, key, content_type="text/plain")
         except Exception as exc:
+            trouble.note(f"log file {name}", exc)
             errors.append(
                 FileError(
                     type=FileErrorType.UPLOAD_FAILED,
@@ -990,13 +1035,16 @@ class Ship:
 
         outputs: list[OutputResult] = []
         errors: list[FileError] = []
+        trouble = StoreTrouble()
         if status.status in (RunnerStatus.EXITED, RunnerStatus.LOST):
-            outputs, errors = upload_outputs(cfg, self.store, self.syslog)
-        log_files, log_errors = upload_log_files(cfg, self.store)
+            outputs, errors = upload_outputs(cfg, self.store, self.syslog, trouble)
+        log_files, log_errors = upload_log_files(cfg, self.store, trouble)
         errors.extend(log_errors)
-        diagnostic_files, diagnostic_errors = upload_diagnostic_files(cfg, self.store)
+        diagnostic_files, diagnostic_errors = upload_diagnostic_files(cfg, self.store, trouble)
         errors.extend(diagnostic_errors)
         self.syslog(f"{len(outputs)} outputs uploaded, {len(errors)} file errors")
+        if trouble.first is not None:
+            self.syslog(f"the object store kept failing past the retries, first on {trouble.first}")
 
         # The uploads' own time (a checkpoint of many GiB takes longer than the whole window, with
         # storage working all along) is no time waited for the logs: the last flush and the final
@@ -1028,12 +1076,16 @@ class Ship:
             progress=ProgressResult.of(self.shipper.latest_progress),
             log_end_offset=self.shipper.end_offset,
             logs_complete=finalized,
+            storage_unavailable=trouble.first is not None or None,
             finished_at=datetime.now(UTC),
         )
         try:
             store_result(self.store, result)
         except Exception as exc:
             log.warning("cannot store result.json error=%s", exc)
+            if is_transient(exc):
+                # The operator may get only the termination message's pointer to it.
+                result = replace(result, storage_unavailable=True)
         write_termination_message(termination_message(result), self.termination_log)
         log.info(
             "ship done status=%s rc=%s outputs=%d file_errors=%d log_end=%d",
