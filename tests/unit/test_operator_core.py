@@ -58,6 +58,26 @@ def test_settings_defaults_and_env() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DSJOBS_FINISHED_POD_RETENTION", "inf", "from 0 to 31536000"),
+        ("DSJOBS_FINISHED_POD_RETENTION", "1e12", "from 0 to 31536000"),
+        ("DSJOBS_IMAGE_PULL_TIMEOUT", "nan", "from 0 to 31536000"),
+        ("DSJOBS_STATUS_WRITE_INTERVAL", "inf", "from 0 to 31536000"),
+        ("DSJOBS_MAX_REQUEUE", "0", "must be 1 or more"),
+        ("DSJOBS_SHUTDOWN_GRACE_MARGIN", "-5", "from 0 to 3600"),
+    ],
+)
+def test_duration_settings_that_would_break_every_reconcile_are_refused(
+    name: str, value: str, message: str
+) -> None:
+    """An admin's `inf` (keep finished pods for ever) overflowed the datetime arithmetic of
+    every finished job's plan, which then never finalized; 0 requeue woke timers in a loop."""
+    with pytest.raises(SettingsError, match=f"{name}=.*{message}"):
+        settings_from_env({name: value})
+
+
+@pytest.mark.parametrize(
     ("env", "message"),
     [
         ({"DSJOBS_RUNNER_CPU_LIMIT": "half"}, "DSJOBS_RUNNER_CPU_LIMIT='half': not a Kubernetes quantity"),

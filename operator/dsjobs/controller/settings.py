@@ -7,6 +7,7 @@ test compares, so they cannot drift apart).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -225,6 +226,10 @@ RUNNER_RESOURCES: Final = (
 )
 
 
+#: Upper bound of every duration setting.
+MAX_SECONDS: Final = 365 * 24 * 3600.0
+
+
 def _convert(name: str, raw: str, default: object) -> object:
     try:
         if isinstance(default, bool):
@@ -233,8 +238,10 @@ def _convert(name: str, raw: str, default: object) -> object:
             return int(raw)
         if isinstance(default, float):
             value = float(raw)
-            if value < 0:
-                raise ValueError("must not be negative")
+            # Durations, in seconds: `inf` or a year and more overflowed the datetime arithmetic
+            # of every reconcile (the jobs then never finished).
+            if not math.isfinite(value) or value < 0 or value > MAX_SECONDS:
+                raise ValueError(f"must be a number of seconds from 0 to {MAX_SECONDS:.0f} (a year)")
             return value
         if isinstance(default, tuple):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
@@ -266,6 +273,13 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             parse_lease_ref(settings.leader_lease)
         except ValueError as exc:
             raise SettingsError(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}") from exc
+    if settings.max_requeue_seconds < 1:
+        # 0 would wake every job with a timer (its data TTL) in a loop.
+        raise SettingsError(f"DSJOBS_MAX_REQUEUE={settings.max_requeue_seconds}: must be 1 or more")
+    if not 0 <= settings.shutdown_grace_margin_seconds <= 3600:
+        raise SettingsError(
+            f"DSJOBS_SHUTDOWN_GRACE_MARGIN={settings.shutdown_grace_margin_seconds}: must be from 0 to 3600"
+        )
     if settings.leader_lease_seconds < 3:
         raise SettingsError(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
     if settings.runner_image_pull_policy not in RUNNER_PULL_POLICIES:
