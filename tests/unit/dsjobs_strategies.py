@@ -66,7 +66,7 @@ durations_ms = st.integers(min_value=1000, max_value=3600 * 1000).map(lambda ms:
 
 
 def _none_inside_another(paths: list[str]) -> bool:
-    """No input placed inside another (`input-path-nested`)."""
+    """No input (output) placed inside another (`input-path-nested`, `output-path-nested`)."""
     places = [m.normalize_relative_path(p) for p in paths]
     return not any(q.startswith(p + "/") for p in places for q in places)
 
@@ -95,7 +95,9 @@ def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobPar
     ]
     n_out = draw(st.integers(0, 3))
     out_paths = draw(
-        st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_out, max_size=n_out)
+        st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_out, max_size=n_out).filter(
+            _none_inside_another
+        )
     )
     outputs = [m.FileDesc(path=p, var=next(pool) if draw(st.booleans()) else "") for p in out_paths]
     ids = [i for i in draw(st.lists(resource_ids, unique=True, max_size=4)) if i not in names]

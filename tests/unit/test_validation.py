@@ -269,6 +269,28 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at("jobParameters.outputFiles[1]", {"path": "out//result.txt"}),
         set_at("jobParameters.outputFiles[1]", {"path": "out/result2.txt"}),
     ),
+    (
+        "output-path-nested",
+        "job_parameters.output_files[2].path",
+        steps(
+            set_at("jobParameters.outputFiles[1]", {"path": "res"}),
+            set_at("jobParameters.outputFiles[2]", {"path": "res/x.txt"}),
+        ),
+        steps(
+            set_at("jobParameters.outputFiles[1]", {"path": "res"}),
+            set_at("jobParameters.outputFiles[2]", {"path": "resx/x.txt"}),
+        ),
+    ),
+    (
+        "output-key-length",
+        "job_parameters.output_files[1].path",
+        set_at(
+            "jobParameters.outputFiles[1]", {"path": "/".join(["a" * 255, "b" * 255, "c" * 255, "d" * 107])}
+        ),
+        set_at(
+            "jobParameters.outputFiles[1]", {"path": "/".join(["a" * 255, "b" * 255, "c" * 255, "d" * 106])}
+        ),
+    ),
     # variables
     (
         "var-syntax",
@@ -332,6 +354,13 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
     ),
     # cmd
     ("cmd-empty", "job_parameters.cmd", set_at(CMD, "  "), set_at(CMD, "true")),
+    (
+        "cmd-rendered-length",
+        "job_parameters.cmd",
+        # Each ${LR} is the argument's value: twice 64 KiB is more than one argv string may be.
+        steps(set_at(CMD, "python ${LR} ${LR}"), set_at("jobParameters.arguments[0].value", "x" * 65536)),
+        steps(set_at(CMD, "python ${LR} ${LR}"), set_at("jobParameters.arguments[0].value", "x" * 65000)),
+    ),
     (
         "cmd-length",
         "job_parameters.cmd",

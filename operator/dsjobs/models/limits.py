@@ -19,7 +19,13 @@ MAX_FILE_SIZE_BYTES: Final = 5 * (1 << 30)  # CLI: one upload
 MAX_TOTAL_UPLOAD_BYTES: Final = 10 * (1 << 30)  # CLI: inputs + local modules
 MAX_PATH_LENGTH: Final = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES: Final = 255  # NAME_MAX: one segment of a path, in bytes (UTF-8)
+#: An output's place below `projects/<project>/jobs/<job>/outputs/` (ids of 63 at most): an S3 key
+#: is at most 1024 bytes.
+MAX_OUTPUT_PLACE_BYTES: Final = 1024 - len("projects//jobs//outputs/") - 2 * 63
 MAX_CMD_LENGTH: Final = 64 * 1024
+# cmd with its `${...}` values is one argument of the program's shell: Linux's MAX_ARG_STRLEN
+# (32 pages of 4 KiB) with its NUL.
+MAX_RENDERED_CMD_BYTES: Final = 128 * 1024 - 1
 # The CR lives in etcd (1.5 MiB per object): the user's config text and env must leave room.
 MAX_CONFIG_LENGTH: Final = 256 * 1024
 MAX_ENV_VARS: Final = 256

@@ -220,8 +220,19 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             _desc(c, at(mpath, "desc"), f.desc, location=False)
             uploads.append((mpath, f))
     _duplicates(c, input_places, "input-path-duplicate", "another input file already lives at {place!r}")
-    _nested(c, input_places)
+    _nested(c, input_places, "input")
     _duplicates(c, output_places, "output-path-duplicate", "another output file is already at {place!r}")
+    _nested(c, output_places, "output")
+    for place, paths in output_places.items():
+        size = len(place.encode())
+        if size > L.MAX_OUTPUT_PLACE_BYTES:
+            c.add(
+                paths[0],
+                "output-key-length",
+                f"is {size} bytes as stored (UTF-8, below the job's outputs/): the object store's "
+                f"keys take at most {L.MAX_OUTPUT_PLACE_BYTES} there (S3: 1024 bytes in all); give "
+                "the output a var to store it under that name",
+            )
     total = 0
     # One content has one size: the store holds one object per sha256, checked against the size
     # of whichever declaration came first.
@@ -302,10 +313,11 @@ def _duplicates(c: Collector, places: dict[str, list[str]], rule: str, message: 
             c.add(p, rule, message.format(place=place))
 
 
-def _nested(c: Collector, places: dict[str, list[str]]) -> None:
-    """An input placed inside another (`a` and `a/b`, a directory input `data` and `data/x.csv`):
-    one would overwrite the other or fail to be written, in an order no one chose. The official
-    CLI refuses such inputs too."""
+def _nested(c: Collector, places: dict[str, list[str]], what: str) -> None:
+    """An input (output) placed inside another (`a` and `a/b`, a directory `data` and
+    `data/x.csv`): inputs would overwrite each other or fail to be written, in an order no one
+    chose; outputs would be stored twice, as keys a store keeping them as files cannot hold. The
+    official CLI refuses both."""
     names = sorted(places)
     for place in names:
         parent = place.rsplit("/", 1)[0] if "/" in place else ""
@@ -314,8 +326,8 @@ def _nested(c: Collector, places: dict[str, list[str]]) -> None:
                 for p in places[place][:1]:
                     c.add(
                         p,
-                        "input-path-nested",
-                        f"{place!r} is inside input {parent!r}: an input cannot hold another",
+                        f"{what}-path-nested",
+                        f"{place!r} is inside {what} {parent!r}: an {what} cannot hold another",
                     )
                 break
             parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
@@ -428,6 +440,44 @@ def _cmd(c: Collector, params: JobParameters, path: str) -> None:
         elif all(_no_cmd_value(where) for where in places):
             why = _no_cmd_value(places[0])
             c.add(cpath, "cmd-var-unsupported", f"refers to {ref}, the var of {at(path, places[0])}: {why}")
+    size = rendered_cmd_bytes(params)
+    if size > L.MAX_RENDERED_CMD_BYTES:
+        c.add(
+            cpath,
+            "cmd-rendered-length",
+            f"with its ${{...}} values (arguments verbatim, paths under the job's directories) is up "
+            f"to {size} bytes: the program's shell takes it as one argument, which Linux limits to "
+            f"{L.MAX_RENDERED_CMD_BYTES} bytes",
+        )
+
+
+#: What a `${var}` of a file, a mount or DS_PROJECT_HOME adds at most besides its own path: the
+#: operator's working dir or mount root (settings, unknown here; a few dozen bytes in practice).
+_PLACE_ALLOWANCE = 256
+
+
+def rendered_cmd_bytes(params: JobParameters) -> int:
+    """An upper bound of `cmd`'s size in bytes once the runner has put in its `${...}` values
+    (dsjobs.runner.cmd): arguments as they are, file vars as their path below a directory."""
+    values: dict[str, int] = {L.DS_PROJECT_HOME: _PLACE_ALLOWANCE}
+    for rid in (*params.s3_mount_ids, *params.dataset_ids):
+        values[rid] = _PLACE_ALLOWANCE
+    for ds in params.output_datasets:
+        if ds.var:
+            values[ds.var] = _PLACE_ALLOWANCE
+    for f in params.input_files:
+        if f.desc.var:
+            values[f.desc.var] = _PLACE_ALLOWANCE + len(f.desc.path.encode())
+    for d in params.output_files:
+        if d.var:
+            values[d.var] = _PLACE_ALLOWANCE + len(d.path.encode())
+    for arg in params.arguments:
+        values[arg.name] = len(arg.value.encode())
+    size = len(params.cmd.encode())
+    for m in CMD_VAR_REFERENCE.finditer(params.cmd):
+        if not m.group(1) and m.group(2) in values:
+            size += values[m.group(2)] - len(m.group(0).encode())
+    return size
 
 
 def _no_cmd_value(where: str) -> str | None:
