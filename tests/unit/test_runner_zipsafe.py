@@ -152,6 +152,24 @@ def test_a_file_that_is_not_a_zip_is_refused_as_such(tmp_path: Path) -> None:
         extract_zip(z, tmp_path / "root")
 
 
+def test_files_dated_outside_what_a_zip_holds_are_zipped_with_the_nearest_date(tmp_path: Path) -> None:
+    """A file the job dated after 2107 (a zip date's last year) failed the whole directory output
+    with a struct error naming neither the file nor why."""
+    src = tmp_path / "outdir"
+    src.mkdir()
+    for name, mtime in (("future.txt", 7_000_000_000), ("old.txt", 0), ("now.txt", 1_700_000_000)):
+        (src / name).write_text(name)
+        os.utime(src / name, (mtime, mtime))
+    dest = tmp_path / "out.zip"
+    assert zip_directory(src, dest) == 3
+    with zipfile.ZipFile(dest) as zf:
+        dates = {i.filename: i.date_time for i in zf.infolist()}
+        assert zf.read("outdir/future.txt") == b"future.txt"
+    assert dates["outdir/future.txt"] == (2107, 12, 31, 23, 59, 58)
+    assert dates["outdir/old.txt"] == (1980, 1, 1, 0, 0, 0)
+    assert dates["outdir/now.txt"][0] == 2023
+
+
 def test_directory_zip_round_trips_and_skips_symlinks(tmp_path: Path) -> None:
     src = tmp_path / "work" / "outdir"
     (src / "sub").mkdir(parents=True)

@@ -32,6 +32,8 @@ MAX_ENV_VARS: Final = 256
 MAX_ENV_VALUE_LENGTH: Final = 32 * 1024
 MAX_SPEC_JSON_BYTES: Final = 1024 * 1024
 MAX_NAME_LENGTH: Final = 256  # job name, argument names, dataset names
+# A Kubernetes username: a ServiceAccount's is `system:serviceaccount:<ns>:<name>`, up to 339.
+MAX_USER_ID_LENGTH: Final = 512
 MAX_DESC_LENGTH: Final = 4096
 MAX_SHORT_STRING: Final = 1024  # URLs, hostnames, requirement lines, messages
 MAX_STRING: Final = 64 * 1024  # free text the server writes (status details, error descriptions)

@@ -29,6 +29,7 @@ from dsjobs.models.limits import (
     MAX_NAME_LENGTH,
     MAX_REQUIREMENTS,
     MAX_SHORT_STRING,
+    MAX_USER_ID_LENGTH,
     MAX_WORKING_STORAGE_GB,
     MIN_WORKING_STORAGE_GB,
     NO_CONTROL_CHARS_PATTERN,
@@ -377,7 +378,7 @@ class ProjectJobSpec(CRModel):
         "only themselves (the admission policy projectjobs-created-by-their-creator checks it). Only "
         "this user gets the job's output paths back as written. Cannot change once set.",
         "",
-        maxLength=MAX_NAME_LENGTH,
+        maxLength=MAX_USER_ID_LENGTH,
     )
     parent_job_id: str = field(
         "Job this one was cloned from (CloneProjectJob). Cannot change once set.", "", maxLength=253

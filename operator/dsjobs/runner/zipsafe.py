@@ -22,7 +22,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, Final, NamedTuple
 
 from dsjobs.runner.safeio import RefusedFile, open_below, open_file_resolved_beneath
 
@@ -34,6 +34,21 @@ _MIN_SAVING = 0.1
 #: Deflate level of output directories: they are read once, right after; level 1 is several times
 #: faster than zlib's default 6 on text for a few percent more bytes.
 _LEVEL = 1
+
+
+#: A zip entry's date holds 1980..2107 (the DOS date's 7 bits of years).
+_ZIP_FIRST: Final = (1980, 1, 1, 0, 0, 0)
+_ZIP_LAST: Final = (2107, 12, 31, 23, 59, 58)
+
+
+def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
+    """`mtime` as a zip entry's local date, held to what one can say: a file the job dated after
+    2107 (or absurdly) failed the whole directory output with a struct error naming nothing."""
+    try:
+        local = time.localtime(mtime)[:6]
+    except (OverflowError, OSError, ValueError):
+        return _ZIP_LAST if mtime > 0 else _ZIP_FIRST
+    return min(max(local, _ZIP_FIRST), _ZIP_LAST)
 
 
 class UnsafeZipError(ValueError):
@@ -366,7 +381,7 @@ class _DirectoryZipper:
         # Built from fstat of the opened fd, not from the path (which could change); the bytes
         # stored are those it had then (a file still growing is cut there, not followed: its
         # entry's size, and zip64 or not, are decided by it).
-        mtime = time.localtime(max(st.st_mtime, 315532800))[:6]  # zip dates start in 1980
+        mtime = _zip_time(st.st_mtime)
         info = zipfile.ZipInfo(arc, date_time=mtime)
         info.external_attr = (st.st_mode & 0xFFFF) << 16
         info.file_size = st.st_size

@@ -101,7 +101,7 @@ def validate_job_spec(
     _text(c, "name", spec.name, L.MAX_NAME_LENGTH)
     _text(c, "desc", spec.desc, L.MAX_DESC_LENGTH, allow_newlines=True)
     c.max_length("config", spec.config, L.MAX_CONFIG_LENGTH)
-    c.max_length("created_by_id", spec.created_by_id, L.MAX_NAME_LENGTH)
+    c.max_length("created_by_id", spec.created_by_id, L.MAX_USER_ID_LENGTH)
     c.max_length("parent_job_id", spec.parent_job_id, 253)
     ttl_problem = data_ttl_problem(spec.data_ttl)
     if ttl_problem is not None:
