@@ -63,6 +63,7 @@ from dsjobs.controller.settings import OperatorSettings, SettingsError, settings
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
 from dsjobs.models.limits import RESOURCE_ID_PATTERN
+from dsjobs.runner.contract import stages_in_python
 
 GOLDEN = Path(__file__).parent / "golden"
 GOLDEN_PODS = GOLDEN / "pods"
@@ -708,16 +709,34 @@ def test_runner_secret_holds_config_and_storage_only_for_the_runner() -> None:
 
 
 def test_a_runner_secret_over_1_mib_is_refused_naming_the_env() -> None:
-    # The API accepts specs up to 1 MiB; the entry script's shell quoting of env values can make
-    # more of them (each ' becomes '\''), and the API server would refuse the Secret.
-    job = spec(cmd="true", env={"vars": {f"V{i}": "'" * 32768 for i in range(31)}})
+    # The API accepts specs up to 1 MiB; the config's JSON escaping of env values can make more of
+    # them (a control character takes six bytes), and the API server would refuse the Secret.
+    job = spec(cmd="true", env={"vars": {f"V{i}": "\x01" * 32768 for i in range(31)}})
     config = runner_config(JOB, job, attempt=1)
     problem = secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config)
     assert problem is not None and "more than the 1048576 a Secret may hold" in problem
-    assert "environment variables (with the project's secrets) take 1015891 bytes" in problem
+    assert "environment variables take 1015891 bytes" in problem
     fits = spec(cmd="true", env={"vars": {f"V{i}": "x" * 32768 for i in range(31)}})
     config = runner_config(JOB, fits, attempt=1)
     assert secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config) is None
+
+
+def test_a_job_too_big_for_the_shell_stage_in_stages_in_python() -> None:
+    """The shell stage-in quotes env values into its entry script (a ' takes five bytes) and names
+    the output directories in its `sh -c` argument (one argument: 128 KiB at most): a job the API
+    accepted failed ConfigTooLarge, or its stage-in could not start (E2BIG), without inputs."""
+    quotes = spec(cmd="true", env={"vars": {f"V{i}": "'" * 32768 for i in range(31)}})
+    config = runner_config(JOB, quotes, attempt=1)
+    assert stages_in_python(config)
+    assert secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config) is None
+    deep = "/".join(["d" * 200] * 6)
+    outputs = spec(cmd="true", outputFiles=[{"path": f"{deep}/o{i}/r.txt"} for i in range(100)])
+    config = runner_config(JOB, outputs, attempt=1)
+    assert stages_in_python(config)
+    stage_in = pod_for(outputs)["spec"]["initContainers"][0]
+    assert len(" ".join(stage_in["command"]).encode()) < 128 * 1024
+    plain = spec(cmd="true", outputFiles=[{"path": "out/r.txt"}])
+    assert not stages_in_python(runner_config(JOB, plain, attempt=1))
 
 
 def test_registry_secret_is_a_dockerconfigjson_owned_by_the_job() -> None:

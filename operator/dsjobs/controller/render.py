@@ -309,7 +309,7 @@ def secret_size_problem(secret: Mapping[str, Any], config: RunnerConfig) -> str 
     env = sum(len(k.encode()) + len(v.encode()) for k, v in config.env.items())
     return (
         f"the job's runner config needs {size} bytes, more than the {MAX_SECRET_DATA_BYTES} a Secret "
-        f"may hold; its environment variables (with the project's secrets) take {env} bytes"
+        f"may hold; its environment variables take {env} bytes"
     )
 
 

@@ -22,7 +22,7 @@ import math
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from dsjobs.runner.config import ENV_CONFIG, ENV_CONFIG_FILE, RunnerConfig
 from dsjobs.runner.entry import render_entry_script
@@ -99,12 +99,32 @@ def _storage_env(secret: str) -> list[Json]:
     return env
 
 
+#: Bytes the shell stage-in's script may take: it is one argument of `sh -c`, which Linux limits
+#: to 128 KiB (MAX_ARG_STRLEN); a job's output directories, up to 100 of up to 4 KiB, go in it.
+MAX_SHELL_STAGE_IN_BYTES: Final = 96 * 1024
+#: Bytes the shell stage-in's config Secret may take (a Secret holds 1 MiB): its entry script quotes
+#: the job's env values for sh, which makes a value of quotes five times its size.
+MAX_SHELL_SECRET_BYTES: Final = 960 * 1024
+
+
 def stages_in_python(config: RunnerConfig) -> bool:
     """Whether stage-in needs the Python runner: inputs or local modules to fetch, requirements to
-    write. Without them it is a POSIX sh script (`shell_stage_in`): one Python start with its
-    imports (~0.15 s of CPU) less per job, for what is a few directories and a file copy."""
+    write, or a job too big for the shell's way (its script past one argument's limit, its entry
+    script with the env past a Secret's). Otherwise it is a POSIX sh script (`shell_stage_in`): one
+    Python start with its imports (~0.15 s of CPU) less per job, for what is a few directories and
+    a file copy."""
     python_env = config.python_env
-    return bool(config.inputs or config.local_modules or (python_env is not None and python_env.requirements))
+    if config.inputs or config.local_modules or (python_env is not None and python_env.requirements):
+        return True
+    if len(shell_stage_in(config).encode()) > MAX_SHELL_STAGE_IN_BYTES:
+        return True
+    return sum(len(v.encode()) for v in _shell_secret_data(config).values()) > MAX_SHELL_SECRET_BYTES
+
+
+def _shell_secret_data(config: RunnerConfig) -> dict[str, str]:
+    # The entry script carries the env values; in the config too they would take their room in
+    # the Secret (1 MiB in all) twice. Nothing but the entry script's rendering reads them.
+    return {CONFIG_KEY: replace(config, env={}).to_json(), ENTRY_KEY: render_entry_script(config)}
 
 
 def shell_stage_in(config: RunnerConfig) -> str:
@@ -113,7 +133,8 @@ def shell_stage_in(config: RunnerConfig) -> str:
     into the config Secret."""
     q = shlex.quote
     layout_dirs = " ".join(q(str(d)) for d in config.layout.dirs)
-    work_dirs = " ".join(q(str(d)) for d in config.work_dirs())
+    # Sorted and once each: 100 outputs in one deep directory would name it 100 times.
+    work_dirs = " ".join(q(str(d)) for d in sorted(set(config.work_dirs())))
     shared_files = " ".join(q(str(f)) for f in config.layout.shared_files)
     entry = q(f"{CONFIG_MOUNT_PATH}/{ENTRY_KEY}")
     return (
@@ -134,9 +155,7 @@ def config_secret_data(config: RunnerConfig) -> dict[str, str]:
     shell script (it holds the job's env values, which may be secrets: a Secret, not the pod spec)."""
     if stages_in_python(config):
         return {CONFIG_KEY: config.to_json()}
-    # The entry script carries the env values; in the config too they would take their room in
-    # the Secret (1 MiB in all) twice. Nothing but the entry script's rendering reads them.
-    return {CONFIG_KEY: replace(config, env={}).to_json(), ENTRY_KEY: render_entry_script(config)}
+    return _shell_secret_data(config)
 
 
 def runner_config_secret(
