@@ -235,6 +235,27 @@ def test_a_read_cut_off_by_the_chunk_budget_ships_no_cut_line(tmp_path: Path, fi
         c.decode()
 
 
+def test_a_flood_on_stdout_does_not_hold_back_stderr_and_progress(tmp_path: Path) -> None:
+    """Each chunk took the sources in one order until its budget was used: a program flooding
+    stdout held a traceback on stderr (and its progress) back until the flood was shipped."""
+    cfg = config(tmp_path, ship={"chunk_bytes": 64 * 1024})
+    clock = Clock()
+    s = LogShipper(MemoryStore(), cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    # A progress bar redrawn with \r (tqdm): no newline, every read's bytes all go into records.
+    append(cfg.layout.stdout, b"\r 42%|####      | 420/1000 [00:10<00:14, 41.3it/s]" * 40_000)  # 2 MB
+    append(cfg.layout.stderr, b"Traceback (most recent call last):\n")
+    append(cfg.layout.progress, b'{"progress": 40}\n')
+    assert s.pump()
+    records = all_records(s.store)
+    first_err = next(i for i, r in enumerate(records) if r[0] == Stream.ERR)
+    first_progress = next(i for i, r in enumerate(records) if r[1] == "job_progress.jsonl")
+    shipped_before = sum(len(c) for k, _, c in records[: max(first_err, first_progress)] if k == Stream.OUT)
+    assert shipped_before <= 2 * 64 * 1024  # within the next chunk or so, not after 2 MB
+    # All shipped but the bar's last redraw, a partial line that waits for its end.
+    assert {src.key: src.pos for src in s.sources}["out"] > cfg.layout.stdout.stat().st_size - 64 * 1024
+
+
 def test_a_partial_line_ending_inside_a_character_waits_for_the_rest(tmp_path: Path) -> None:
     cfg = config(tmp_path, ship={"partial_line_seconds": 1.0})
     clock = Clock()

@@ -163,6 +163,8 @@ class _Pending:
     partial: dict[str, float | None] = field(default_factory=dict)
     inodes: dict[str, int | None] = field(default_factory=dict)
     tails: dict[str, bytes | None] = field(default_factory=dict)
+    #: Index (in `LogShipper.sources`) of the source the next chunk reads first.
+    next_first: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,8 @@ class LogShipper:
             _Source("docker_stats", layout.docker_stats, Stream.FILE, DOCKER_STATS_LOG_PATH, False),
             _Source("gpu_stats", layout.gpu_stats, Stream.FILE, GPU_STATS_LOG_PATH, False),
         ]
+        #: The source the next chunk reads first (`_Pending.next_first`).
+        self._first = 0
         self.next_seq = 0
         #: `resume` succeeded: chunks may be written from `next_seq` on.
         self.resumed = False
@@ -351,7 +355,12 @@ class LogShipper:
         now = self.clock()
         created = self.wall_ns()
         pending = _Pending()
-        for src in self.sources:
+        n = len(self.sources)
+        for i in range(n):
+            # From the source after the one that used up the last chunk's budget: a flood on
+            # stdout must not hold back a traceback on stderr or the progress until it ends.
+            at = (self._first + i) % n
+            src = self.sources[at]
             pending.positions[src.key] = src.pos
             pending.partial[src.key] = src.partial_since
             pending.inodes[src.key] = src.ino
@@ -394,9 +403,12 @@ class LogShipper:
                             pending.progress = p
             pending.positions[src.key] = read.start + consumed
             budget -= consumed
+            if budget <= 0:
+                pending.next_first = (at + 1) % n
         return pending
 
     def _commit(self, pending: _Pending) -> None:
+        self._first = pending.next_first
         for src in self.sources:
             src.pos = pending.positions[src.key]
             src.partial_since = pending.partial[src.key]
