@@ -33,7 +33,7 @@ from dsjobs.logrecords import (
 )
 from dsjobs.runner import safeio
 from dsjobs.runner.config import RunnerConfig
-from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus
+from dsjobs.runner.result import FileErrorType, RunnerResult, RunnerStatus, parse_termination_message
 from dsjobs.runner.ship import (
     FINAL_FLUSH_SECONDS,
     MAX_ENTRY_ERRORS,
@@ -821,6 +821,30 @@ def test_an_object_store_down_at_stage_out_fails_the_rest_fast_and_says_so(tmp_p
             "[Errno 111] Connection refused)"
         )
     assert "the object store kept failing past the retries" in cfg.layout.system_log.read_text()
+
+
+def test_outputs_are_told_before_the_raw_logs_are_uploaded(tmp_path: Path) -> None:
+    """The raw log files of a long chatty job may take longer than the pod's grace (a cancel
+    gives 15 s): killed while uploading them, ship must already have told the outputs it stored."""
+    cfg = config(tmp_path, outputs=[{"path": "model.pt"}])
+    (cfg.work_dir / "model.pt").write_bytes(b"weights")
+    cfg.layout.stdout.write_bytes(b"epoch 1\n")
+    term = tmp_path / "term"
+    seen: list[str] = []
+
+    class Store(FileStore):
+        def upload_file(self, path: Any, key: str, **kw: Any) -> Any:
+            if "/logs/files/" in key:
+                seen.append(term.read_text())  # what the kubelet would report if killed now
+            return super().upload_file(path, key, **kw)
+
+    clock = Clock()
+    ship = Ship(cfg, Store(), termination_log=str(term), clock=clock, sleep=finish_after(cfg, clock, 2))  # type: ignore[arg-type]
+    final = ship.run()
+    told = parse_termination_message(seen[0])
+    assert isinstance(told, RunnerResult) and told.status == RunnerStatus.EXITED and told.return_code == 0
+    assert [o.path for o in told.outputs] == ["model.pt"] and not told.logs_complete
+    assert final.logs_complete and parse_termination_message(term.read_text()) == final
 
 
 def test_a_log_file_ship_may_not_read_is_skipped_and_told_once(

@@ -1050,6 +1050,30 @@ class Ship:
         trouble = StoreTrouble()
         if status.status in (RunnerStatus.EXITED, RunnerStatus.LOST):
             outputs, errors = upload_outputs(cfg, self.store, self.syslog, trouble)
+            # Told now, rewritten at the end: the raw log files (gigabytes after days of chatty
+            # output) may outlast the pod's grace (a cancel gives 15 s), and a SIGKILL then must
+            # not cost the outputs already stored their record.
+            so_far = RunnerResult(
+                project_id=cfg.project_id,
+                job_id=cfg.job_id,
+                attempt=cfg.attempt,
+                status=status.status,
+                return_code=status.return_code,
+                cancelled=status.cancelled,
+                reason=status.reason,
+                outputs=outputs,
+                file_errors=errors,
+                storage_unavailable=trouble.first is not None or None,
+                log_end_offset=self.shipper.end_offset,
+                finished_at=datetime.now(UTC),
+            )
+            message = termination_message(so_far)
+            if message != so_far.to_json() and trouble.first is None:
+                try:  # a pointer: to this result, not an earlier attempt's
+                    store_result(self.store, so_far)
+                except Exception as exc:
+                    log.warning("cannot store result.json error=%s", exc)
+            write_termination_message(message, self.termination_log)
         log_files, log_errors = upload_log_files(cfg, self.store, trouble)
         errors.extend(log_errors)
         diagnostic_files, diagnostic_errors = upload_diagnostic_files(cfg, self.store, trouble)
