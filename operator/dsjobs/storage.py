@@ -46,7 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, TypeVar, cast
 
 from botocore.exceptions import (
     BotoCoreError,
@@ -95,6 +95,11 @@ MULTIPART_THRESHOLD = 16 * _MiB
 #: S3 allows 10,000 parts per upload and at least 5 MiB per part (but the last).
 MAX_PARTS = 10_000
 MIN_PART_SIZE = 8 * _MiB
+
+
+#: Memory the part buffers of one multipart upload may take, when parts are bigger than usual
+#: (the runner's containers have 512 MiB by default).
+PART_BUFFERS_BYTES: Final = 256 * _MiB
 
 
 def part_size_for(size: int, minimum: int = MIN_PART_SIZE) -> int:
@@ -1033,14 +1038,20 @@ class Storage:
         total = 0
         etags: list[CompletedPartTypeDef] = []
         # A fixed set of part buffers, refilled in place: memory stays at (concurrency + 1) parts
-        # and no 8 MiB block is allocated (and page-faulted in) per part.
+        # and no 8 MiB block is allocated (and page-faulted in) per part. Parts grow past 8 MiB
+        # for objects over 78 GiB (10,000 parts): then fewer buffers, down to one part read and
+        # sent at a time, so that a 1.5 TiB checkpoint (158 MiB parts) fits the runner's memory.
+        buffers = max(1, min(self.upload_concurrency + 1, PART_BUFFERS_BYTES // part_size))
+        workers = max(1, min(self.upload_concurrency, buffers - 1))
         free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(self.upload_concurrency + 1):
+        for _ in range(buffers):
             free.put(bytearray(part_size))
 
         def put(number: int, buf: bytearray, n: int) -> CompletedPartTypeDef:
             try:
-                body = buf if n == len(buf) else bytes(memoryview(buf)[:n])
+                if n < len(buf):
+                    del buf[n:]  # the last part: shrunk in place, not copied
+                body = buf
                 r = self._retry(
                     lambda: self._client.upload_part(
                         Bucket=self.bucket,
@@ -1056,7 +1067,7 @@ class Storage:
                 free.put(buf)
 
         try:
-            with ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="upload") as pool:
+            with ThreadPoolExecutor(workers, thread_name_prefix="upload") as pool:
                 inflight: deque[Future[CompletedPartTypeDef]] = deque()
                 try:
                     number = 0

@@ -418,6 +418,21 @@ def test_a_big_stream_goes_multipart_in_full_parts(s3: FakeS3, hinted: bool) -> 
     assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
 
 
+def test_parts_beyond_the_buffer_budget_are_sent_one_at_a_time(
+    s3: FakeS3, big_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object over 78 GiB has parts over 8 MiB (10,000 parts at most): (concurrency + 1) of
+    them, 158 MiB each for a 1.5 TiB checkpoint, did not fit the runner's 512 MiB."""
+    monkeypatch.setattr(storage, "PART_BUFFERS_BYTES", 5 * MiB)  # one 5 MiB part at a time
+    got: dict[str, Any] = {}
+    s3.answer = _stream_answer(got)
+    data = big_file.read_bytes()
+    res = s3.store(part_size=5 * MiB).upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
+    assert got["multipart"] == data
+    assert got["part_sizes"] == [5 * MiB, 5 * MiB, 5 * MiB, 1 * MiB + 1]
+    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
 @pytest.mark.parametrize("size", [1000, 20 * MiB])
 def test_a_failing_producer_stores_nothing(s3: FakeS3, size: int) -> None:
     # A zip that failed halfway must not become an output that looks whole.
