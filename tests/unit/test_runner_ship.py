@@ -665,8 +665,36 @@ def test_a_zipped_output_s_size_bound_counts_only_links_it_will_store(tmp_path: 
     (out / "in").symlink_to("../big-inside")
     for i in range(3):
         (out / f"away{i}").symlink_to(huge)
-    bound = _zip_bound(str(out), str(work))
-    assert 100_000 < bound < 200_000
+    bound, entries = _zip_bound(str(out), str(work))
+    assert 100_000 < bound < 200_000 and entries == 4
+
+
+def test_a_directory_output_with_more_entries_than_the_runner_can_zip_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The central directory of a zip is kept until its end (~420 bytes an entry): 700k files
+    made the ship container run out of its 512 MiB, losing every output's record with it."""
+    from dsjobs.runner import ship as ship_module
+
+    cfg = config(tmp_path, outputs=[{"path": "frames"}, {"path": "model.pt"}])
+    frames = cfg.work_dir / "frames"
+    frames.mkdir()
+    for i in range(30):
+        (frames / f"{i}.png").write_bytes(b"p")
+    (cfg.work_dir / "model.pt").write_bytes(b"w")
+    limit = ship_module.ZIP_BASE_BYTES + 20 * ship_module.ZIP_BYTES_PER_ENTRY  # room for 20
+    monkeypatch.setattr(ship_module, "memory_limit", lambda: limit)
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["model.pt"]
+    [err] = errors
+    assert err.path == "frames" and err.type == FileErrorType.UPLOAD_FAILED
+    assert err.description.startswith(
+        "not uploaded: the directory has 30 entries, more than the runner can zip"
+    )
+    monkeypatch.setattr(ship_module, "memory_limit", lambda: None)  # none known: zipped
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["frames", "model.pt"] and errors == []
 
 
 def test_a_file_named_in_another_encoding_does_not_fail_its_directory(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ from dsjobs.logrecords import (
     write_progress,
 )
 from dsjobs.runner.config import Compression, OutputFile, RunnerConfig
+from dsjobs.runner.memlimit import memory_limit
 from dsjobs.runner.result import (
     FileError,
     FileErrorType,
@@ -634,31 +635,50 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
-def _zip_bound(directory: str, work: str) -> int:
+def _zip_bound(directory: str, work: str) -> tuple[int, int]:
     """More than a zip of ``directory`` can take (its files' sizes, the files its symlinks lead to
     inside the working dir ``work`` included, plus headers; deflate grows nothing by more than a
-    little): the streamed upload's part size comes from it. Only sizes are read, without
-    recursion: nesting of any depth is counted."""
-    total = 0
+    little): the streamed upload's part size comes from it; and how many entries it has at most.
+    Only sizes are read, without recursion (nesting of any depth is counted), and without holding
+    a listing (a directory may have millions of files)."""
+    total = entries = 0
     pending = [directory]
     while pending:
         try:
-            with os.scandir(pending.pop()) as it:
-                entries = list(it)
+            it = os.scandir(pending.pop())
         except OSError:
             continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-                elif entry.is_symlink() and entry.is_file() and _inside(work, os.path.realpath(entry.path)):
-                    st = entry.stat()  # stored as its file (a link elsewhere is skipped)
-            except OSError:
-                continue
-            # Headers: local, data descriptor and central directory entries with zip64 extras.
-            total += st.st_size + st.st_size // 1024 + 2 * len(entry.path) + 200
-    return total + 1024
+        with it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif (
+                        entry.is_symlink() and entry.is_file() and _inside(work, os.path.realpath(entry.path))
+                    ):
+                        st = entry.stat()  # stored as its file (a link elsewhere is skipped)
+                except OSError:
+                    continue
+                # Headers: local, data descriptor and central directory entries with zip64 extras.
+                total += st.st_size + st.st_size // 1024 + 2 * len(entry.path) + 200
+                entries += 1
+    return total + 1024, entries
+
+
+#: What zipping takes per entry (its central directory record, kept until the end: Python's
+#: ZipInfo, ~420 bytes measured with short names; long names take more), and besides the entries
+#: (the interpreter, the storage client, the upload's part buffers).
+ZIP_BYTES_PER_ENTRY = 600
+ZIP_BASE_BYTES = 160 * 1024 * 1024
+
+
+def zip_entries_limit(memory_limit: int | None) -> int | None:
+    """The most entries a directory output may have to be zipped within the ship container's
+    memory limit (None: no limit known)."""
+    if memory_limit is None:
+        return None
+    return max(0, memory_limit - ZIP_BASE_BYTES) // ZIP_BYTES_PER_ENTRY
 
 
 #: Why a file the job wrote may be unreadable to the runner, told with such a refusal.
@@ -750,11 +770,19 @@ def _upload_output(
                 )
 
             try:
+                size_hint, entries = _zip_bound(real, work)
+                most = zip_entries_limit(memory_limit())
+                if most is not None and entries > most:
+                    # Told, instead of the ship container's OOM kill losing every output's record.
+                    return fail(
+                        FileErrorType.UPLOAD_FAILED,
+                        f"not uploaded: the directory has {entries} entries, more than the runner can "
+                        f"zip within its memory limit ({most}); archive them into fewer files "
+                        "(e.g. tar), or ask the admin for a larger DSJOBS_RUNNER_MEMORY_LIMIT",
+                    )
                 # Zipped straight into the upload: a directory as big as the working dir's limit
                 # needs no second copy on the node's disk.
-                res = store.upload_stream(
-                    key, produce, content_type="application/zip", size_hint=_zip_bound(real, work)
-                )
+                res = store.upload_stream(key, produce, content_type="application/zip", size_hint=size_hint)
             finally:
                 os.close(dir_fd)
                 os.close(work_fd)

@@ -254,6 +254,7 @@ class _DirectoryZipper:
         self.on_error = on_error
         self.links = links
         self.count = 0
+        self._last_time: tuple[int, int, int, int, int, int] | None = None
 
     def run(self) -> int:
         pending: list[tuple[str, ...]] = [()]
@@ -312,6 +313,9 @@ class _DirectoryZipper:
                     self._skip(arc, "not a regular file")
             except OSError as exc:
                 self._fail(arc, f"unreadable: {exc.strerror}", exc)
+        # Names only from here: a directory of a million files held a DirEntry for each while its
+        # files were zipped (their ZipInfos, which the central directory needs, growing beside).
+        del entries
         stored_links = sum(self._add_link(parts, name, f"{arc_dir}/{name}") for name in links)
         if not files and not subdirs and not stored_links:
             self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
@@ -382,6 +386,9 @@ class _DirectoryZipper:
         # stored are those it had then (a file still growing is cut there, not followed: its
         # entry's size, and zip64 or not, are decided by it).
         mtime = _zip_time(st.st_mtime)
+        if mtime == self._last_time:
+            mtime = self._last_time  # one tuple for the files of one second: ~100 bytes each
+        self._last_time = mtime
         info = zipfile.ZipInfo(arc, date_time=mtime)
         info.external_attr = (st.st_mode & 0xFFFF) << 16
         info.file_size = st.st_size
@@ -404,6 +411,9 @@ class _DirectoryZipper:
                     break  # it shrank: the entry holds what there was
                 out.write(chunk)
                 left -= len(chunk)
+        # Only the central directory (`filelist`) needs the entry from now; the index by name
+        # is for readers and for warning of duplicates, which a walk of one tree never makes.
+        self.zf.NameToInfo.pop(info.filename, None)
 
 
 def _deflate_saves(head: bytes) -> bool:
