@@ -145,7 +145,9 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Seconds a container of a job may keep failing to start for a reason the kubelet retries "
         "(ErrImagePull, ImagePullBackOff, RegistryUnavailable, CreateContainerConfigError, "
         "CreateContainerError, RunContainerError, PreCreateHookError, PreStartHookError) before the job "
-        "fails; InvalidImageName and ErrImageNeverPull fail it at once.",
+        "fails; InvalidImageName and ErrImageNeverPull fail it at once. It counts from the first failure "
+        "and the kubelet shows the back-off reason while it pulls again, so give it more than one whole "
+        "pull of the biggest image takes.",
     ),
     "DSJOBS_SHUTDOWN_GRACE_MARGIN": (
         "shutdown_grace_margin_seconds",
