@@ -18,6 +18,7 @@ import pytest
 from runner_fakes import FileStore, MemoryStore, config, deny
 
 from dsjobs.logrecords import (
+    DOCKER_STATS_LOG_PATH,
     SYSTEM_LOG_PATH,
     LogChunk,
     LogRecord,
@@ -254,6 +255,34 @@ def test_a_flood_on_stdout_does_not_hold_back_stderr_and_progress(tmp_path: Path
     assert shipped_before <= 2 * 64 * 1024  # within the next chunk or so, not after 2 MB
     # All shipped but the bar's last redraw, a partial line that waits for its end.
     assert {src.key: src.pos for src in s.sources}["out"] > cfg.layout.stdout.stat().st_size - 64 * 1024
+
+
+def test_samples_alone_wait_for_other_output_or_a_minute(tmp_path: Path) -> None:
+    """A silent program's job wrote a chunk per resource sample (every 10 s: 360 objects an hour,
+    each a GET for whoever reads the logs from the start later)."""
+    cfg = config(tmp_path)
+    clock = Clock()
+    store = MemoryStore()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    append(cfg.layout.stdout, b"started\n")
+    assert s.pump() and s.next_seq == 1
+    for i in range(5):  # 50 s of samples and nothing else
+        clock.t += 10
+        append(cfg.layout.docker_stats, f"sample {i}\n".encode())
+        assert s.pump()
+    assert s.next_seq == 1  # waiting
+    clock.t += 11  # a minute since the last chunk
+    assert s.pump() and s.next_seq == 2
+    clock.t += 10
+    append(cfg.layout.docker_stats, b"sample 5\n")
+    append(cfg.layout.stderr, b"warning\n")  # other output takes the samples along
+    assert s.pump() and s.next_seq == 3
+    clock.t += 10
+    append(cfg.layout.docker_stats, b"sample 6\n")
+    assert s.pump(final=True) and s.next_seq == 4  # the final flush ships everything
+    stats = b"".join(c for _, p, c in all_records(store) if p == DOCKER_STATS_LOG_PATH)
+    assert stats == b"".join(f"sample {i}\n".encode() for i in range(7))
 
 
 def test_a_partial_line_ending_inside_a_character_waits_for_the_rest(tmp_path: Path) -> None:

@@ -95,6 +95,8 @@ log = logging.getLogger(__name__)
 
 ENV_TERMINATION_LOG = "DSJOBS_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+#: Longest a chunk of nothing but resource-usage samples waits for other output (`_Source.lazy`).
+SAMPLES_FLUSH_SECONDS = 60.0
 #: How long the final flush keeps retrying storage before reporting the logs incomplete.
 FINAL_FLUSH_SECONDS = 300.0
 #: Tries of a log write that storage refuses (not a transient error: access denied, no such
@@ -154,6 +156,9 @@ class _Source:
     refused: bool = False
     #: A rewrite was told (ship's own log, once: a snapshot writer rewrites on every update).
     rewrite_told: bool = False
+    #: Resource-usage samples: alone, they wait up to SAMPLES_FLUSH_SECONDS for a chunk (a silent
+    #: program's job otherwise wrote one per sample, 360 an hour, each a GET for a reader later).
+    lazy: bool = False
 
 
 @dataclass
@@ -216,11 +221,15 @@ class LogShipper:
             _Source("out", layout.stdout, Stream.OUT, None, True),
             _Source("err", layout.stderr, Stream.ERR, None, True),
             _Source("progress", layout.progress, Stream.FILE, PROGRESS_LOG_PATH, False, rewritable=True),
-            _Source("docker_stats", layout.docker_stats, Stream.FILE, DOCKER_STATS_LOG_PATH, False),
-            _Source("gpu_stats", layout.gpu_stats, Stream.FILE, GPU_STATS_LOG_PATH, False),
+            _Source(
+                "docker_stats", layout.docker_stats, Stream.FILE, DOCKER_STATS_LOG_PATH, False, lazy=True
+            ),
+            _Source("gpu_stats", layout.gpu_stats, Stream.FILE, GPU_STATS_LOG_PATH, False, lazy=True),
         ]
         #: The source the next chunk reads first (`_Pending.next_first`).
         self._first = 0
+        #: When the last chunk was stored (`clock`).
+        self._last_chunk_at = -math.inf
         self.next_seq = 0
         #: `resume` succeeded: chunks may be written from `next_seq` on.
         self.resumed = False
@@ -477,7 +486,7 @@ class LogShipper:
         while True:
             if self._unsent is None:
                 pending = self.collect(final=final)
-                if not pending.records:
+                if not pending.records or (not final and self._samples_wait(pending)):
                     # Partial-line clocks still need to start even when nothing is shipped.
                     for src in self.sources:
                         src.partial_since = pending.partial[src.key]
@@ -494,9 +503,18 @@ class LogShipper:
                 return False
             self._unsent = None
             self.next_seq += 1
+            self._last_chunk_at = self.clock()
             self._commit(pending)
         self._save_progress(final=final, deadline=deadline)
         return True
+
+    def _samples_wait(self, pending: _Pending) -> bool:
+        """Whether a chunk of nothing but resource-usage samples waits for more (read again then)."""
+        lazy = {src.file_path for src in self.sources if src.lazy}
+        return (
+            all(r.file_path in lazy for r in pending.records)
+            and self.clock() - self._last_chunk_at < SAMPLES_FLUSH_SECONDS
+        )
 
     def _save_progress(self, *, final: bool, deadline: float | None) -> None:
         """The latest progress; one try while more pumps follow, else retried until ``deadline``
