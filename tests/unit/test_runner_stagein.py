@@ -363,6 +363,29 @@ def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fa
     assert not ok and not result.storage_unavailable and "not in storage" in result.reason
 
 
+def test_every_missing_input_is_named_at_once(tmp_path: Path) -> None:
+    """A kubectl-applied job's inputs are checked by nobody before its stage-in: naming only the
+    first missing one made the user fix them one failed run at a time."""
+    files = {f"f{i}.csv": f"content {i}\n".encode() for i in range(14)}
+    store = CheckingStore()
+    store.objects[input_key("p", hashlib.sha256(files["f0.csv"]).hexdigest())] = files["f0.csv"]
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="true",
+        inputs=[
+            {"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+            for name, data in files.items()
+        ],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    assert not run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
+    reason = parse_termination_message((tmp_path / "term").read_text()).reason
+    assert reason.startswith("13 inputs are not in storage: input f")
+    assert reason.endswith(" and 3 more; were they uploaded?")
+    assert "input f0.csv" not in reason  # that one is stored
+
+
 def test_a_directory_input_zipped_empty_is_an_empty_directory(tmp_path: Path) -> None:
     # The CLI zips an empty directory to an archive without entries; `${DATA}` must name a directory.
     import io

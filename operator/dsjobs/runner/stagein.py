@@ -57,6 +57,14 @@ class StageInError(Exception):
     """A user-facing reason why the job cannot start."""
 
 
+class MissingInputError(StageInError):
+    """An input (or local module) the store does not hold."""
+
+    def __init__(self, what: str, sha256: str) -> None:
+        super().__init__(f"{what}: not in storage (sha256 {sha256}); was it uploaded?")
+        self.what = what
+
+
 class NoSpaceError(StageInError):
     """The job's disk filled up while this input was staged, or (an archive) lacks the room for what
     it unpacks to. ``str()`` names the input; ``detail``, when set, says why it does not fit."""
@@ -141,7 +149,7 @@ def _stage_file(
             log.warning("input read again after a damaged read key=%s", key)
             return fetch()
     except ObjectNotFoundError as exc:
-        raise StageInError(f"{what}: not in storage (sha256 {f.sha256}); was it uploaded?") from exc
+        raise MissingInputError(what, f.sha256) from exc
     except IntegrityError as exc:
         raise StageInError(f"{what}: stored content is corrupt: {exc} (read twice, damaged twice)") from exc
     except UnsafeZipError as exc:
@@ -215,6 +223,8 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
         ]
         first_error: BaseException | None = None
         for fut in futures:
+            if fut.cancelled():
+                continue  # after a failure: exception() would raise CancelledError
             exc = fut.exception()
             if exc is not None and first_error is None:
                 first_error = exc
@@ -226,6 +236,8 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
                 f"no space left on the job's disk for its inputs ({human_size(total)} in all; {where}): "
                 "declare working-storage, or a larger one, for more room"
             ) from first_error
+        if isinstance(first_error, MissingInputError):
+            raise _all_missing(config, store, jobs, first_error) from first_error
         if first_error is not None:
             raise first_error
     for inp in config.inputs:
@@ -250,6 +262,37 @@ def make_alive_fifo(path: Path) -> None:
         pass
     except OSError as exc:
         log.warning("cannot make the liveness FIFO path=%s error=%s", path, exc)
+
+
+#: Missing inputs a stage-in failure names one by one; the rest are counted.
+MAX_MISSING_NAMED = 10
+
+
+def _all_missing(
+    config: RunnerConfig,
+    store: Storage,
+    jobs: list[tuple[InputFile | LocalModule, Path, str, str]],
+    first: MissingInputError,
+) -> StageInError:
+    """Every input the store lacks, told at once (a kubectl-applied job's inputs are checked by
+    nobody before): asked of the store only once one was found missing."""
+    missing = [first.what]
+    asked: set[str] = set()
+    for f, _, _, kind in jobs:
+        what = _describe(kind, f)
+        if what == first.what or f.sha256 in asked or not is_stored_input(f.sha256, f.size_bytes):
+            continue
+        asked.add(f.sha256)
+        try:
+            if store.head(input_key(config.project_id, f.sha256)) is None:
+                missing.append(what)
+        except Exception as exc:  # the first one is still worth telling
+            log.warning("cannot check a stored input key=%s error=%s", f.sha256, exc)
+    if len(missing) == 1:
+        return first
+    named = ", ".join(missing[:MAX_MISSING_NAMED])
+    more = f" and {len(missing) - MAX_MISSING_NAMED} more" if len(missing) > MAX_MISSING_NAMED else ""
+    return StageInError(f"{len(missing)} inputs are not in storage: {named}{more}; were they uploaded?")
 
 
 def prepare(config: RunnerConfig) -> None:
