@@ -22,12 +22,12 @@ def _token(project: str = "p1", flt: str = "", cont: str = "abc") -> str:
     st.text(min_size=1, max_size=40),
     st.text(max_size=60),
     st.text(max_size=300),
-    st.integers(min_value=0, max_value=100),
+    st.text(max_size=63),
 )
-def test_round_trip(project: str, flt: str, cont: str, skip: int) -> None:
-    token = pt.encode(pt.PageState(project, pt.filter_digest(flt), cont, skip), KEY)
+def test_round_trip(project: str, flt: str, cont: str, after: str) -> None:
+    token = pt.encode(pt.PageState(project, pt.filter_digest(flt), cont, after), KEY)
     state = pt.decode(token, KEY, project_id=project, filter_expr=flt)
-    assert (state.continue_token, state.skip) == (cont, skip)
+    assert (state.continue_token, state.after) == (cont, after)
 
 
 def test_token_is_opaque_and_urlsafe() -> None:

@@ -662,6 +662,29 @@ def test_list_pages_end_before_a_client_s_receive_limit_and_resume_inside_a_kube
     assert pages == [4, 4, 4, 4, 4, 3]
 
 
+def test_a_list_page_cut_by_its_size_resumes_after_its_last_job_whatever_came_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The next page of a cut one must start after the last job given, not so many items into a
+    listing that a job created (API ids sort newest first) or deleted meanwhile has shifted."""
+    core = FakeCore()
+    for i in range(10, 20):
+        stored_job(core.kube, f"job-{i}")
+    one = job_proto_size(core, "job-10")
+    monkeypatch.setattr(servicer_module, "MAX_LIST_RESPONSE_BYTES", 3 * one + one // 2)
+    first = call(service(core).List(svc.ListProjectJobRequest(project_id=PROJECT, page_size=10), ctx()))
+    assert [j.id for j in first.jobs] == ["job-10", "job-11", "job-12"]
+    stored_job(core.kube, "job-01")  # a newer job, sorting first
+    del core.kube.objects[jobs_path(NAMESPACE, "job-11")]  # one of the first page, deleted
+    second = call(
+        service(core).List(
+            svc.ListProjectJobRequest(project_id=PROJECT, page_size=10, page_token=first.next_page_token),
+            ctx(),
+        )
+    )
+    assert [j.id for j in second.jobs] == ["job-13", "job-14", "job-15"]
+
+
 def test_a_list_page_holds_one_job_bigger_than_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     core = FakeCore()
     for name in ("a", "b"):

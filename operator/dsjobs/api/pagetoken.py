@@ -30,9 +30,10 @@ class PageState:
     project_id: str
     filter_digest: str
     continue_token: str
-    #: Items of the Kubernetes page `continue_token` starts that an earlier page took (a page its
-    #: byte budget cut short); 0 when the page starts there.
-    skip: int = 0
+    #: The name of the last job an earlier page gave when its byte budget cut it short inside the
+    #: Kubernetes page `continue_token` starts: this page gives only the jobs after it (names are
+    #: the listing's order). Empty when the page starts where `continue_token` does.
+    after: str = ""
 
 
 def filter_digest(filter_expr: str) -> str:
@@ -60,7 +61,7 @@ def encode(state: PageState, key: bytes) -> str:
             "p": state.project_id,
             "f": state.filter_digest,
             "c": state.continue_token,
-            **({"s": state.skip} if state.skip else {}),
+            **({"a": state.after} if state.after else {}),
         },
         separators=(",", ":"),
     ).encode()
@@ -85,7 +86,7 @@ def decode(token: str, key: bytes, *, project_id: str, filter_expr: str) -> Page
             project_id=str(data["p"]),
             filter_digest=str(data["f"]),
             continue_token=str(data["c"]),
-            skip=int(data.get("s", 0)),
+            after=str(data.get("a", "")),
         )
         version = data["v"]
     except (ValueError, KeyError, TypeError) as exc:  # pragma: no cover - signed payloads are ours

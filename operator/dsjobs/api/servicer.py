@@ -779,7 +779,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             flt = listfilter.parse(request.filter)
         except listfilter.FilterError as exc:
             raise errors.invalid_argument(str(exc), "filter") from exc
-        cont, skip = "", 0
+        cont, after = "", ""
         if request.page_token:
             try:
                 state = pagetoken.decode(
@@ -790,13 +790,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 )
             except pagetoken.PageTokenError as exc:
                 raise errors.invalid_argument(str(exc), "page_token") from exc
-            cont, skip = state.continue_token, state.skip
-        if skip:
-            # The earlier page was cut inside a Kubernetes page: listing what it took again yields
-            # the continue token of where this page starts.
-            _, cont = await self.core.list_jobs(info, limit=skip, continue_token=cont)
-            if not cont:
-                return svc.ListProjectJobResponse()
+            cont, after = state.continue_token, state.after
         out: list[jobs_pb2.Job] = []
         size_bytes = 0
         rounds = 0
@@ -804,31 +798,33 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             rounds += 1
             # Asking for exactly what is still missing consumes every Kubernetes page whole, so its
             # continue token says where the next page starts; only a page its byte budget cuts
-            # short ends inside one (its token: that page's start and how many it took).
+            # short ends inside one: its token names that page's start and the last job it gave,
+            # and the next page skips the jobs up to that name (the listing's order), so that a job
+            # created or deleted meanwhile neither repeats nor hides one.
             items, next_cont = await self.core.list_jobs(info, limit=size - len(out), continue_token=cont)
-            for index, item in enumerate(items):
+            for item in items:
                 job = try_snapshot(item)
-                if job is None or not flt.matches(_filter_fields(job)):
+                if job is None or (after and job.name <= after) or not flt.matches(_filter_fields(job)):
                     continue
                 proto = job_proto(as_seen_by(job, identity.username))
                 size_bytes += proto.ByteSize()
                 if out and size_bytes > MAX_LIST_RESPONSE_BYTES:
-                    return self._list_page(info, request.filter, out, cont, index)
+                    return self._list_page(info, request.filter, out, cont, out[-1].id)
                 out.append(proto)
             cont = next_cont
             if not cont or len(out) >= size or rounds >= MAX_FILTER_ROUNDS:
                 break
-        return self._list_page(info, request.filter, out, cont, 0)
+        return self._list_page(info, request.filter, out, cont, "")
 
     def _list_page(
-        self, info: ProjectInfo, filter_expr: str, jobs: list[jobs_pb2.Job], cont: str, skip: int
+        self, info: ProjectInfo, filter_expr: str, jobs: list[jobs_pb2.Job], cont: str, after: str
     ) -> svc.ListProjectJobResponse:
-        """A page of `jobs`, whose next page starts `skip` items into the Kubernetes page `cont`
-        starts (the first page when `cont` is empty and `skip` > 0)."""
+        """A page of `jobs`; the next starts at the Kubernetes page `cont` starts (the first page
+        when empty), after the job named `after` when that is set."""
         token = ""
-        if cont or skip:
+        if cont or after:
             token = pagetoken.encode(
-                pagetoken.PageState(info.project_id, pagetoken.filter_digest(filter_expr), cont, skip),
+                pagetoken.PageState(info.project_id, pagetoken.filter_digest(filter_expr), cont, after),
                 self.core.settings.page_token_key,
             )
         return svc.ListProjectJobResponse(jobs=jobs, next_page_token=token)
