@@ -157,17 +157,28 @@ def test_exit_code_and_both_streams_captured_separately(shell: list[str], tmp_pa
 
 def test_the_entry_script_alone_holds_the_liveness_fifo(shell: list[str], tmp_path: Path) -> None:
     """Ship tells a stalled job container from a dead one by the FIFO's writer: the script must
-    hold it open, and nothing it starts (the program may daemonize and outlive it) may."""
+    hold it open while it runs, and nothing it starts (the program may daemonize and outlive it)
+    may."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK)\n"
+        "try:\n"
+        "    print('no writer' if os.read(fd, 1) == b'' else 'data')\n"
+        "except BlockingIOError:\n"
+        "    print('a writer')\n"
+    )
+    alive = make_config(tmp_path, "true").layout.alive
     cfg = make_config(
         tmp_path,
-        # What the program's own fds lead to, and whether the script's FIFO has a writer meanwhile.
-        "for f in /proc/self/fd/*; do readlink $f; done > fds.txt; sleep 0.5",
+        # What the program's own fds lead to, and whether the script holds the FIFO meanwhile.
+        f"for f in /proc/self/fd/*; do readlink $f; done > fds.txt; {sys.executable} {probe} {alive}",
     )
     os.mkfifo(cfg.layout.alive, 0o666)
     reader = os.open(cfg.layout.alive, os.O_RDONLY | os.O_NONBLOCK)
     try:
         r = run_entry(shell, cfg)
-        assert r.rc == 0
+        assert r.rc == 0 and r.out_file == b"a writer\n"
         assert str(cfg.layout.alive) not in (cfg.work_dir / "fds.txt").read_text()
         assert os.read(reader, 10) == b""  # the script ended: no writer is left
     finally:

@@ -501,6 +501,27 @@ def test_an_entry_script_gone_is_lost_at_once_without_waiting_for_the_heartbeat(
     assert sum(clock.slept) < 10
 
 
+def test_a_liveness_fifo_never_held_leaves_the_heartbeat_to_judge(tmp_path: Path) -> None:
+    """An entry script that could not open the FIFO (or a runtime whose containers do not share
+    FIFOs) must not make a running job LOST at ship's first look."""
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    cfg.layout.create()
+    os.mkfifo(cfg.layout.alive, 0o666)  # no writer ever
+    clock = Clock()
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    cfg.layout.started.write_text("1")
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        cfg.layout.heartbeat.write_text(str(clock.t))
+        if clock.t - 1000 > 20:
+            cfg.layout.status.write_text("rc=0\nphase=run\ncancelled=0\nreason=\nend=1\n")
+
+    ship.sleep = sleep
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.EXITED and sum(clock.slept) > 20
+
+
 def test_status_and_heartbeat_the_job_made_unreadable_end_lost_instead_of_crashing_the_ship(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -969,6 +969,8 @@ class Ship:
         self._ship_error: str | None = None
         #: Read end of the entry script's liveness FIFO, once opened.
         self._alive_fd: int | None = None
+        #: The FIFO has had a writer (the entry script) at some read.
+        self._alive_seen = False
 
     def request_stop(self) -> None:
         # Pod deletion: if the job runs, its entry script got SIGTERM too and will finish (within
@@ -1022,10 +1024,13 @@ class Ship:
             while os.read(self._alive_fd, 65536):
                 pass
         except BlockingIOError:
+            self._alive_seen = True
             return True
         except OSError:
             return None
-        return False
+        # EOF tells only once a writer was seen: a script that could not open it (its `|| :`), or
+        # a runtime that does not share FIFOs between containers, leaves the heartbeat to judge.
+        return False if self._alive_seen else None
 
     def wait_for_program(self) -> ProgramStatus:
         settings = self.config.ship
