@@ -16,6 +16,7 @@ from dsjobs.runner.result import (
     RunnerStatus,
     load_result,
     parse_termination_message,
+    settled,
     store_result,
     termination_message,
 )
@@ -92,3 +93,34 @@ def test_stored_result_round_trips() -> None:
     store_result(store, r)  # type: ignore[arg-type]
     assert load_result(store, "proj", "job") == r  # type: ignore[arg-type]
     assert load_result(store, "proj", "other") is None  # type: ignore[arg-type]
+
+
+def _pointer(r: RunnerResult) -> ResultPointer:
+    p = parse_termination_message(termination_message(r))
+    assert isinstance(p, ResultPointer)
+    return p
+
+
+def test_a_final_pointer_over_a_provisional_result_tells_what_the_final_one_lost() -> None:
+    """Ship stored its provisional result (outputs recorded, before the raw logs), then the store
+    failed at the very end: the final pointer's storage failure and the raw logs' fate must not
+    be lost to the provisional result.json found in its place."""
+    early = result(200).replace(provisional=True)
+    final = result(200).replace(storage_unavailable=True)
+    got = settled(_pointer(final), early)
+    assert isinstance(got, RunnerResult) and not got.provisional and got.storage_unavailable
+    assert got.outputs == early.outputs
+    assert [e.log_file_name for e in got.file_errors[-3:]] == ["stdout.txt", "stderr.txt", "system.log"]
+    assert "result.json) could not be stored" in got.file_errors[-1].description
+    # No message at all (ship died writing it) over a provisional result: the same.
+    lost = settled(None, early)
+    assert isinstance(lost, RunnerResult) and len(lost.file_errors) == len(early.file_errors) + 3
+
+
+def test_a_stored_result_that_is_final_or_matches_is_taken_as_is() -> None:
+    final = result(200)
+    assert settled(_pointer(final), final) == final
+    early = result(200).replace(provisional=True)
+    assert settled(_pointer(early), early) == early  # killed after the provisional message
+    assert settled(_pointer(final), None) == _pointer(final)
+    assert settled(None, None) is None

@@ -921,8 +921,9 @@ def test_outputs_are_told_before_the_raw_logs_are_uploaded(tmp_path: Path) -> No
     final = ship.run()
     told = parse_termination_message(seen[0])
     assert isinstance(told, RunnerResult) and told.status == RunnerStatus.EXITED and told.return_code == 0
-    assert [o.path for o in told.outputs] == ["model.pt"] and not told.logs_complete
-    assert final.logs_complete and parse_termination_message(term.read_text()) == final
+    assert [o.path for o in told.outputs] == ["model.pt"] and not told.logs_complete and told.provisional
+    assert final.logs_complete and not final.provisional
+    assert parse_termination_message(term.read_text()) == final
 
 
 def test_a_log_file_ship_may_not_read_is_skipped_and_told_once(

@@ -130,7 +130,7 @@ from dsjobs.models import (
     ProjectJobStatus,
 )
 from dsjobs.runner.contract import SHIP_CONTAINER
-from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message
+from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
 
 Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
@@ -676,23 +676,23 @@ class Operator:
             # The pod went before the operator saw it end (a drain evicted it with the operator,
             # someone deleted it): its runner, told to stop, stored result.json on its way out,
             # with the job's logs and outputs. Not waited for: nothing says when it ended.
-            return await self.store.stored_result(job, pod.attempt, None)
+            return settled(None, await self.store.stored_result(job, pod.attempt, None))
         if ship is None or ship.state != "terminated":
             return None
         if not ship.message:
             # The ship stores result.json before it writes its termination message, which a full
             # disk on the node (the job filled it, most likely) can swallow: the outputs and logs
             # need not be lost with it. Asked once the pod has ended: its outcome is then decided.
-            return (
-                await self.store.stored_result(job, pod.attempt, ship.finished_at) if pod.terminal else None
-            )
+            if not pod.terminal:
+                return None
+            return settled(None, await self.store.stored_result(job, pod.attempt, ship.finished_at))
         try:
             result = parse_termination_message(ship.message)
         except ValueError:
             jlog(logging.WARNING, (job.namespace, job.name), "unreadable runner result in pod %s", ship.name)
             return None
         if isinstance(result, ResultPointer):
-            return await self.store.stored_result(job, result.attempt, ship.finished_at) or result
+            return settled(result, await self.store.stored_result(job, result.attempt, ship.finished_at))
         return result
 
     # --- actions -----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ from dsjobs.records import Record
 from dsjobs.runner.config import Compression
 from dsjobs.storage import ObjectStore, result_key
 
+#: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
+LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
+
 #: Kubernetes truncates termination messages beyond this.
 TERMINATION_MESSAGE_LIMIT = 4096
 
@@ -121,6 +124,9 @@ class RunnerResult(_Model):
     log_end_offset: int | None = None
     logs_complete: bool = False
     finished_at: datetime | None = None
+    #: Told before the raw log files were uploaded (the outputs' record, should ship be killed
+    #: then); the final result follows. None (left out) for the final one.
+    provisional: bool | None = None
 
     def to_json(self, *, exclude_defaults: bool = False, exclude_none: bool = True) -> str:
         return super().to_json(exclude_defaults=exclude_defaults, exclude_none=exclude_none)
@@ -143,6 +149,7 @@ class ResultPointer(_Model):
     storage_unavailable: bool | None = None
     outputs_count: int = 0
     file_errors_count: int = 0
+    provisional: bool | None = None
 
 
 def termination_message(result: RunnerResult, *, limit: int = TERMINATION_MESSAGE_LIMIT) -> str:
@@ -162,6 +169,7 @@ def termination_message(result: RunnerResult, *, limit: int = TERMINATION_MESSAG
         storage_unavailable=result.storage_unavailable,
         outputs_count=len(result.outputs),
         file_errors_count=len(result.file_errors),
+        provisional=result.provisional,
     )
     text = pointer.to_json(exclude_none=True)
     if len(text.encode()) > limit:  # only a pathological reason gets here: drop it
@@ -181,6 +189,34 @@ def parse_termination_message(text: str) -> RunnerResult | ResultPointer:
         return RunnerResult.from_dict(data)
     except ValueError as exc:
         raise ValueError(f"not a runner termination message: {exc}") from exc
+
+
+def settled(
+    pointer: ResultPointer | None, stored: RunnerResult | None
+) -> RunnerResult | ResultPointer | None:
+    """The result a termination message's pointer (None: no message) stands for, given the stored
+    result.json: the stored one, unless only the provisional result was stored and the final one
+    could not be (the store failed at the very end, or ship died writing its message): then that,
+    with what a final pointer adds (the store's failure) and the raw log files told as not
+    recorded. The pointer alone when nothing was stored."""
+    if stored is None:
+        return pointer
+    if not stored.provisional or (pointer is not None and pointer.provisional):
+        return stored
+    lost = [
+        FileError(
+            type=FileErrorType.UPLOAD_FAILED,
+            log_file_name=name,
+            description="not recorded: the runner's final report (result.json) could not be stored",
+        )
+        for name in LOG_FILE_NAMES
+    ]
+    return stored.replace(
+        provisional=None,
+        storage_unavailable=(pointer is not None and pointer.storage_unavailable)
+        or stored.storage_unavailable,
+        file_errors=[*stored.file_errors, *lost],
+    )
 
 
 def store_result(store: ObjectStore, result: RunnerResult) -> str:

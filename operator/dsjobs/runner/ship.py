@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dsjobs.logrecords import (
     DOCKER_STATS_LOG_PATH,
@@ -69,6 +69,7 @@ from dsjobs.logrecords import (
 from dsjobs.runner.config import Compression, OutputFile, RunnerConfig
 from dsjobs.runner.memlimit import memory_limit
 from dsjobs.runner.result import (
+    LOG_FILE_NAMES,
     FileError,
     FileErrorType,
     LogFileResult,
@@ -102,8 +103,6 @@ FINAL_FLUSH_SECONDS = 300.0
 #: Tries of a log write that storage refuses (not a transient error: access denied, no such
 #: bucket) before the logs are reported incomplete instead of retried forever.
 PERMANENT_ERROR_TRIES = 3
-#: Raw log files uploaded at the end (name in storage / result -> shared-volume file).
-LOG_FILE_NAMES = ("stdout.txt", "stderr.txt", "system.log")
 #: How many of the last bytes shipped from the progress file are compared with the file before
 #: each read (`_Source.rewritable`): a one-line snapshot rewritten in place is all in it.
 REWRITE_CHECK_BYTES = 4096
@@ -1082,6 +1081,31 @@ class Ship:
                 os.close(self._alive_fd)
                 self._alive_fd = None
 
+    def _result(
+        self,
+        status: ProgramStatus,
+        outputs: list[OutputResult],
+        errors: list[FileError],
+        trouble: StoreTrouble,
+        **more: Any,
+    ) -> RunnerResult:
+        cfg = self.config
+        return RunnerResult(
+            project_id=cfg.project_id,
+            job_id=cfg.job_id,
+            attempt=cfg.attempt,
+            status=status.status,
+            return_code=status.return_code,
+            cancelled=status.cancelled,
+            reason=status.reason,
+            outputs=outputs,
+            file_errors=errors,
+            storage_unavailable=trouble.first is not None or None,
+            log_end_offset=self.shipper.end_offset,
+            finished_at=datetime.now(UTC),
+            **more,
+        )
+
     def run(self) -> RunnerResult:
         cfg = self.config
         # The shipper resumes (after stage-in's chunks) on its first call, in the wait below.
@@ -1104,20 +1128,7 @@ class Ship:
             # Told now, rewritten at the end: the raw log files (gigabytes after days of chatty
             # output) may outlast the pod's grace (a cancel gives 15 s), and a SIGKILL then must
             # not cost the outputs already stored their record.
-            so_far = RunnerResult(
-                project_id=cfg.project_id,
-                job_id=cfg.job_id,
-                attempt=cfg.attempt,
-                status=status.status,
-                return_code=status.return_code,
-                cancelled=status.cancelled,
-                reason=status.reason,
-                outputs=outputs,
-                file_errors=errors,
-                storage_unavailable=trouble.first is not None or None,
-                log_end_offset=self.shipper.end_offset,
-                finished_at=datetime.now(UTC),
-            )
+            so_far = self._result(status, outputs, errors, trouble, provisional=True)
             message = termination_message(so_far)
             if message != so_far.to_json() and trouble.first is None:
                 try:  # a pointer: to this result, not an earlier attempt's
@@ -1148,23 +1159,15 @@ class Ship:
                     description=f"job logs could not be stored completely: {self.shipper.last_error}"[:1000],
                 )
             )
-        result = RunnerResult(
-            project_id=cfg.project_id,
-            job_id=cfg.job_id,
-            attempt=cfg.attempt,
-            status=status.status,
-            return_code=status.return_code,
-            cancelled=status.cancelled,
-            reason=status.reason,
-            outputs=outputs,
-            file_errors=errors,
+        result = self._result(
+            status,
+            outputs,
+            errors,
+            trouble,
             log_files=log_files,
             diagnostic_files=diagnostic_files,
             progress=ProgressResult.of(self.shipper.latest_progress),
-            log_end_offset=self.shipper.end_offset,
             logs_complete=finalized,
-            storage_unavailable=trouble.first is not None or None,
-            finished_at=datetime.now(UTC),
         )
         try:
             store_result(self.store, result)
