@@ -97,9 +97,22 @@ MAX_PARTS = 10_000
 MIN_PART_SIZE = 8 * _MiB
 
 
+#: Parts of one multipart upload sent at once.
+DEFAULT_UPLOAD_CONCURRENCY: Final = 2
 #: Memory the part buffers of one multipart upload may take, when parts are bigger than usual
 #: (the runner's containers have 512 MiB by default).
 PART_BUFFERS_BYTES: Final = 256 * _MiB
+
+
+def part_buffers(part_size: int, concurrency: int = DEFAULT_UPLOAD_CONCURRENCY) -> int:
+    """How many part buffers a multipart upload with parts of `part_size` holds."""
+    return max(1, min(concurrency + 1, PART_BUFFERS_BYTES // part_size))
+
+
+def part_buffers_bytes(size: int) -> int:
+    """The memory of the part buffers of an upload of `size` bytes (the default concurrency)."""
+    part = part_size_for(size)
+    return part * part_buffers(part)
 
 
 def part_size_for(size: int, minimum: int = MIN_PART_SIZE) -> int:
@@ -585,7 +598,7 @@ class Storage:
         *,
         attempts: int = 5,
         patience: float = 0.0,
-        upload_concurrency: int = 2,
+        upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
         part_size: int = MIN_PART_SIZE,
     ) -> None:
         self.settings = settings
@@ -1041,7 +1054,7 @@ class Storage:
         # and no 8 MiB block is allocated (and page-faulted in) per part. Parts grow past 8 MiB
         # for objects over 78 GiB (10,000 parts): then fewer buffers, down to one part read and
         # sent at a time, so that a 1.5 TiB checkpoint (158 MiB parts) fits the runner's memory.
-        buffers = max(1, min(self.upload_concurrency + 1, PART_BUFFERS_BYTES // part_size))
+        buffers = part_buffers(part_size, self.upload_concurrency)
         workers = max(1, min(self.upload_concurrency, buffers - 1))
         free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(buffers):

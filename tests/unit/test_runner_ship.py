@@ -715,14 +715,14 @@ def test_a_zipped_output_s_size_bound_counts_only_links_it_will_store(tmp_path: 
     (out / "in").symlink_to("../big-inside")
     for i in range(3):
         (out / f"away{i}").symlink_to(huge)
-    bound, entries = _zip_bound(str(out), str(work))
-    assert 100_000 < bound < 200_000 and entries == 4
+    bound = _zip_bound(str(out), str(work))
+    assert 100_000 < bound.size < 200_000 and bound.entries == 4
 
 
 def test_a_directory_output_with_more_entries_than_the_runner_can_zip_is_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The central directory of a zip is kept until its end (~420 bytes an entry): 700k files
+    """The central directory of a zip is kept until its end (~600 bytes an entry): 700k files
     made the ship container run out of its 512 MiB, losing every output's record with it."""
     from dsjobs.runner import ship as ship_module
 
@@ -732,7 +732,10 @@ def test_a_directory_output_with_more_entries_than_the_runner_can_zip_is_told(
     for i in range(30):
         (frames / f"{i}.png").write_bytes(b"p")
     (cfg.work_dir / "model.pt").write_bytes(b"w")
-    limit = ship_module.ZIP_BASE_BYTES + 20 * ship_module.ZIP_BYTES_PER_ENTRY  # room for 20
+    monkeypatch.setattr(ship_module, "MIN_ZIP_ENTRIES", 10)  # as if the 30 were 300,000
+    bound = ship_module._zip_bound(str(frames), str(cfg.work_dir))
+    assert bound.memory > 30 * (ship_module.ZIP_BYTES_PER_ENTRY + 2 * len(str(frames)))  # names count
+    limit = ship_module.SHIP_BASE_BYTES + ship_module.part_buffers_bytes(bound.size) + bound.memory - 1
     monkeypatch.setattr(ship_module, "memory_limit", lambda: limit)
     store = FileStore()
     outputs, errors = upload_outputs(cfg, store, lambda m: None)  # type: ignore[arg-type]
@@ -743,6 +746,10 @@ def test_a_directory_output_with_more_entries_than_the_runner_can_zip_is_told(
         "not uploaded: the directory has 30 entries, more than the runner can zip"
     )
     monkeypatch.setattr(ship_module, "memory_limit", lambda: None)  # none known: zipped
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["frames", "model.pt"] and errors == []
+    monkeypatch.setattr(ship_module, "memory_limit", lambda: limit)
+    monkeypatch.setattr(ship_module, "MIN_ZIP_ENTRIES", 10_000)  # a few files always fit
     outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
     assert [o.path for o in outputs] == ["frames", "model.pt"] and errors == []
 

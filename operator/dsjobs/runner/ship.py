@@ -89,6 +89,7 @@ from dsjobs.storage import (
     Storage,
     is_transient,
     output_key,
+    part_buffers_bytes,
     single_try,
 )
 
@@ -652,13 +653,35 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
-def _zip_bound(directory: str, work: str) -> tuple[int, int]:
-    """More than a zip of ``directory`` can take (its files' sizes, the files its symlinks lead to
+@dataclass(frozen=True)
+class ZipBound:
+    """What `_zip_bound` finds of a directory before it is zipped."""
+
+    #: More than the zip can take: the streamed upload's part size comes from it.
+    size: int
+    entries: int
+    #: What zipping it holds in memory to the end: a central directory record per entry.
+    memory: int
+
+
+#: Memory an entry of a zip holds until the end (Python's ZipInfo and its name: ~580 bytes
+#: measured with short names), plus twice its name's length (~1 KB with 350-byte paths).
+ZIP_BYTES_PER_ENTRY = 600
+#: The ship container's memory besides the zip's entries and the part buffers: the interpreter,
+#: the storage client, the log shipper.
+SHIP_BASE_BYTES = 128 * 1024 * 1024
+#: Entries any directory output may have whatever the memory limit says (a tight limit must not
+#: refuse a directory of a few files).
+MIN_ZIP_ENTRIES = 10_000
+
+
+def _zip_bound(directory: str, work: str) -> ZipBound:
+    """How big a zip of ``directory`` can get (its files' sizes, the files its symlinks lead to
     inside the working dir ``work`` included, plus headers; deflate grows nothing by more than a
-    little): the streamed upload's part size comes from it; and how many entries it has at most.
-    Only sizes are read, without recursion (nesting of any depth is counted), and without holding
-    a listing (a directory may have millions of files)."""
-    total = entries = 0
+    little), its entries, and the memory they take. Only sizes are read, without recursion
+    (nesting of any depth is counted), and without holding a listing (a directory may have
+    millions of files)."""
+    total = entries = memory = 0
     pending = [directory]
     while pending:
         try:
@@ -680,22 +703,16 @@ def _zip_bound(directory: str, work: str) -> tuple[int, int]:
                 # Headers: local, data descriptor and central directory entries with zip64 extras.
                 total += st.st_size + st.st_size // 1024 + 2 * len(entry.path) + 200
                 entries += 1
-    return total + 1024, entries
+                memory += ZIP_BYTES_PER_ENTRY + 2 * len(entry.path)
+    return ZipBound(total + 1024, entries, memory)
 
 
-#: What zipping takes per entry (its central directory record, kept until the end: Python's
-#: ZipInfo, ~420 bytes measured with short names; long names take more), and besides the entries
-#: (the interpreter, the storage client, the upload's part buffers).
-ZIP_BYTES_PER_ENTRY = 600
-ZIP_BASE_BYTES = 160 * 1024 * 1024
-
-
-def zip_entries_limit(memory_limit: int | None) -> int | None:
-    """The most entries a directory output may have to be zipped within the ship container's
-    memory limit (None: no limit known)."""
-    if memory_limit is None:
-        return None
-    return max(0, memory_limit - ZIP_BASE_BYTES) // ZIP_BYTES_PER_ENTRY
+def zip_fits(bound: ZipBound, memory_limit: int | None) -> bool:
+    """Whether zipping a directory of `bound` stays within the ship container's memory limit
+    (None: no limit known), its upload's part buffers counted."""
+    if memory_limit is None or bound.entries <= MIN_ZIP_ENTRIES:
+        return True
+    return SHIP_BASE_BYTES + part_buffers_bytes(bound.size) + bound.memory <= memory_limit
 
 
 #: Why a file the job wrote may be unreadable to the runner, told with such a refusal.
@@ -787,19 +804,18 @@ def _upload_output(
                 )
 
             try:
-                size_hint, entries = _zip_bound(real, work)
-                most = zip_entries_limit(memory_limit())
-                if most is not None and entries > most:
+                bound = _zip_bound(real, work)
+                if not zip_fits(bound, memory_limit()):
                     # Told, instead of the ship container's OOM kill losing every output's record.
                     return fail(
                         FileErrorType.UPLOAD_FAILED,
-                        f"not uploaded: the directory has {entries} entries, more than the runner can "
-                        f"zip within its memory limit ({most}); archive them into fewer files "
-                        "(e.g. tar), or ask the admin for a larger DSJOBS_RUNNER_MEMORY_LIMIT",
+                        f"not uploaded: the directory has {bound.entries} entries, more than the runner "
+                        "can zip within its memory limit; archive them into fewer files (e.g. tar), or "
+                        "ask the admin for a larger DSJOBS_RUNNER_MEMORY_LIMIT",
                     )
                 # Zipped straight into the upload: a directory as big as the working dir's limit
                 # needs no second copy on the node's disk.
-                res = store.upload_stream(key, produce, content_type="application/zip", size_hint=size_hint)
+                res = store.upload_stream(key, produce, content_type="application/zip", size_hint=bound.size)
             finally:
                 os.close(dir_fd)
                 os.close(work_fd)
