@@ -42,6 +42,7 @@ from dsjobs.runner.ship import (
     PERMANENT_ERROR_TRIES,
     LogShipper,
     Ship,
+    StoreTrouble,
     read_status_file,
     upload_diagnostic_files,
     upload_log_files,
@@ -881,6 +882,9 @@ class OutageStore(FileStore):
         self.tried.append(key)
         raise ConnectionRefusedError(111, "Connection refused")
 
+    def head(self, key: str) -> Any:
+        raise ConnectionRefusedError(111, "Connection refused")
+
 
 def test_an_object_store_down_at_stage_out_fails_the_rest_fast_and_says_so(tmp_path: Path) -> None:
     """Each upload would wait out the store's patience (minutes; 100 outputs: hours) and the
@@ -906,6 +910,27 @@ def test_an_object_store_down_at_stage_out_fails_the_rest_fast_and_says_so(tmp_p
             "[Errno 111] Connection refused)"
         )
     assert "the object store kept failing past the retries" in cfg.layout.system_log.read_text()
+
+
+def test_one_upload_s_transient_failure_with_the_store_answering_fails_only_that_output(
+    tmp_path: Path,
+) -> None:
+    """A timeout reading the job's own file (a network file system) or one object's throttling is
+    no outage: the outputs after it are still uploaded."""
+    cfg = config(tmp_path, outputs=[{"path": "a.txt"}, {"path": "b.txt"}])
+    for name in ("a.txt", "b.txt"):
+        (cfg.work_dir / name).write_text(name)
+
+    class OneBad(FileStore):
+        def upload_file(self, path: Any, key: str, **kw: Any) -> Any:
+            if key.endswith("/a.txt"):
+                raise TimeoutError("timed out reading a.txt")
+            return super().upload_file(path, key, **kw)
+
+    trouble = StoreTrouble.of(OneBad(), cfg)  # type: ignore[arg-type]
+    outputs, errors = upload_outputs(cfg, OneBad(), lambda m: None, trouble)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["b.txt"] and [e.path for e in errors] == ["a.txt"]
+    assert trouble.first is None
 
 
 def test_outputs_are_told_before_the_raw_logs_are_uploaded(tmp_path: Path) -> None:

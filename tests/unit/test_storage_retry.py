@@ -423,10 +423,33 @@ def test_parts_beyond_the_buffer_budget_are_sent_one_at_a_time(
 ) -> None:
     """An object over 78 GiB has parts over 8 MiB (10,000 parts at most): (concurrency + 1) of
     them, 158 MiB each for a 1.5 TiB checkpoint, did not fit the runner's 512 MiB."""
-    monkeypatch.setattr(storage, "PART_BUFFERS_BYTES", 5 * MiB)  # one 5 MiB part at a time
     got: dict[str, Any] = {}
     s3.answer = _stream_answer(got)
     data = big_file.read_bytes()
+
+    def most_at_once(store: Storage) -> int:
+        """Runs the upload; how many parts were in flight at once at most."""
+        client = store._client
+        real, lock, now, most = client.upload_part, threading.Lock(), [0], [0]
+
+        def upload_part(**kw: Any) -> Any:
+            with lock:
+                now[0] += 1
+                most[0] = max(most[0], now[0])
+            try:
+                time.sleep(0.05)
+                return real(**kw)
+            finally:
+                with lock:
+                    now[0] -= 1
+
+        client.upload_part = upload_part  # type: ignore[method-assign]
+        store.upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
+        return most[0]
+
+    assert most_at_once(s3.store(part_size=5 * MiB)) == 2  # the usual concurrency
+    monkeypatch.setattr(storage, "PART_BUFFERS_BYTES", 5 * MiB)  # one 5 MiB part at a time
+    assert most_at_once(s3.store(part_size=5 * MiB)) == 1
     res = s3.store(part_size=5 * MiB).upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
     assert got["multipart"] == data
     assert got["part_sizes"] == [5 * MiB, 5 * MiB, 5 * MiB, 1 * MiB + 1]

@@ -787,14 +787,7 @@ def bounded_file_errors(errors: Sequence[FileError]) -> list[FileError]:
                 kept.append(e)  # the last one fits where the count would go
                 break
             left = len(errors) - i
-            kept.append(
-                e.model_copy(
-                    update={
-                        "description": f"{left} more file errors are not listed here "
-                        "(the job's .system.log names them)"
-                    }
-                )
-            )
+            kept.append(e.model_copy(update={"description": f"{left} more file errors are not listed here"}))
             break
         kept.append(e)
         used += size

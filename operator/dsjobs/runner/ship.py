@@ -90,6 +90,7 @@ from dsjobs.storage import (
     is_transient,
     output_key,
     part_buffers_bytes,
+    result_key,
     single_try,
 )
 
@@ -725,11 +726,28 @@ class StoreTrouble:
     trouble, 5xx, timeouts): the uploads after it are not tried (each would wait out the same
     patience), and the job's result says the store, not the job, lost its files."""
 
+    #: One request to the store, tried once (None: none asked): the failure may have been the
+    #: job's own file (a network file system's timeout) or one object's, not the store's.
+    probe: Callable[[], object] | None = None
     first: str | None = None
 
+    @classmethod
+    def of(cls, store: ObjectStore, config: RunnerConfig) -> StoreTrouble:
+        once = single_try(store)
+        return cls(lambda: once.head(result_key(config.project_id, config.job_id)))
+
     def note(self, what: str, exc: BaseException) -> None:
-        if self.first is None and is_transient(exc):
-            self.first = f"{what}: {type(exc).__name__}: {exc}"[:500]
+        if self.first is not None or not is_transient(exc):
+            return
+        if self.probe is not None:
+            try:
+                self.probe()
+            except Exception as probe_exc:
+                if not is_transient(probe_exc):
+                    return
+            else:
+                return  # the store answers: this upload's own trouble
+        self.first = f"{what}: {type(exc).__name__}: {exc}"[:500]
 
     def skipped(self) -> str | None:
         """Why an upload is not tried, or None when it should be."""
@@ -865,7 +883,7 @@ def upload_outputs(
     outputs: list[OutputResult] = []
     errors: list[FileError] = []
     budget = _NamingBudget()
-    trouble = trouble if trouble is not None else StoreTrouble()
+    trouble = trouble if trouble is not None else StoreTrouble.of(store, config)
     for i, out in enumerate(config.outputs):
         lost = _LostEntries(out.desc_path or out.path, out.var, i, syslog, budget)
         r = _upload_output(config, store, i, out, syslog, lost, trouble)
@@ -909,7 +927,7 @@ def _upload_raw_files(
     stored: list[LogFileResult] = []
     errors: list[FileError] = []
     shared = config.paths.shared_dir
-    trouble = trouble if trouble is not None else StoreTrouble()
+    trouble = trouble if trouble is not None else StoreTrouble.of(store, config)
     for name, path in files:
         key = log_file_key(config.project_id, config.job_id, name)
         try:
@@ -1138,7 +1156,7 @@ class Ship:
 
         outputs: list[OutputResult] = []
         errors: list[FileError] = []
-        trouble = StoreTrouble()
+        trouble = StoreTrouble.of(self.store, cfg)
         if status.status in (RunnerStatus.EXITED, RunnerStatus.LOST):
             outputs, errors = upload_outputs(cfg, self.store, self.syslog, trouble)
             # Told now, rewritten at the end: the raw log files (gigabytes after days of chatty

@@ -230,8 +230,8 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
                 paths[0],
                 "output-key-length",
                 f"is {size} bytes as stored (UTF-8, below the job's outputs/): the object store's "
-                f"keys take at most {L.MAX_OUTPUT_PLACE_BYTES} there (S3: 1024 bytes in all); give "
-                "the output a var to store it under that name",
+                f"keys take at most {L.MAX_OUTPUT_PLACE_BYTES} there (S3: 1024 bytes in all); "
+                "shorten the path",
             )
     total = 0
     # One content has one size: the store holds one object per sha256, checked against the size

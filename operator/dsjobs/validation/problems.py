@@ -162,7 +162,7 @@ RULES: dict[str, str] = {
     "path-control-chars": "control characters in a file path",
     "input-path-nested": "an input placed inside another input (a directory input holding a file input)",
     "output-path-nested": "an output placed inside another output (a directory output and a file in it)",
-    "output-key-length": "an output without a var whose path is longer than the object store's keys allow (874 bytes)",
+    "output-key-length": "an output path longer than the object store's keys allow (874 bytes)",
     "path-name-length": "a name in the path of a file without a var longer than 255 bytes (UTF-8)",
     "path-absolute": "absolute path (leading '/' or '\\', or a drive like C:) of a file without a var",
     "path-parent": "'..' segment ('/' and '\\' separate) in the path of a file without a var",
