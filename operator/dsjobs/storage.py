@@ -906,7 +906,8 @@ class Storage:
                 lambda kw=dict(kwargs): self._client.list_multipart_uploads(**kw),  # type: ignore[misc]
                 what=f"list uploads {prefix}",
             )
-            for u in page.get("Uploads", []):
+            listed = page.get("Uploads", [])
+            for u in listed:
                 key, started = str(u.get("Key", "")), u.get("Initiated")
                 if key.startswith(prefix):
                     yield UploadInfo(
@@ -914,6 +915,10 @@ class Storage:
                     )
             asked = (kwargs.get("KeyMarker"), kwargs.get("UploadIdMarker"))
             key_marker, id_marker = page.get("NextKeyMarker"), page.get("NextUploadIdMarker")
+            if page.get("IsTruncated") and not key_marker and listed:
+                # A store that leaves the markers out of a truncated page (as S3 may for the
+                # objects' listing): the next one starts after the last upload listed.
+                key_marker, id_marker = str(listed[-1].get("Key", "")), str(listed[-1].get("UploadId", ""))
             # A store that says "truncated" without moving its marker would be asked for ever.
             if not page.get("IsTruncated") or not key_marker or (key_marker, id_marker) == asked:
                 return

@@ -153,6 +153,33 @@ def test_batch_deletes_carry_a_content_md5(s3: FakeS3) -> None:
     assert len(seen) == 1 and seen[0][0] == seen[0][1]
 
 
+def test_unfinished_uploads_are_listed_past_a_page_without_markers(s3: FakeS3) -> None:
+    """A store that leaves NextKeyMarker out of a truncated page: listing stopped at its end, and
+    the uploads after it were never aborted."""
+
+    def upload(key: str, uid: str) -> bytes:
+        return f"<Upload><Key>{key}</Key><UploadId>{uid}</UploadId></Upload>".encode()
+
+    def answer(r: Request) -> None:
+        if "key-marker=projects%2Fp%2Fjobs%2Fj%2Fb" in r.path:
+            body = b"<IsTruncated>false</IsTruncated>" + upload("projects/p/jobs/j/c", "u3")
+        else:
+            body = (
+                b"<IsTruncated>true</IsTruncated>"
+                + upload("projects/p/jobs/j/a", "u1")
+                + upload("projects/p/jobs/j/b", "u2")
+            )
+        r.reply(200, b"<ListMultipartUploadsResult>" + body + b"</ListMultipartUploadsResult>")
+
+    s3.answer = answer
+    listed = [(u.key, u.upload_id) for u in s3.store().iter_uploads("projects/p/jobs/j/")]
+    assert listed == [
+        ("projects/p/jobs/j/a", "u1"),
+        ("projects/p/jobs/j/b", "u2"),
+        ("projects/p/jobs/j/c", "u3"),
+    ]
+
+
 def test_clock_skew_is_not_retried(s3: FakeS3) -> None:
     # A retry is signed with the same wrong clock: refused the same way.
     s3.answer = lambda r: r.error(403, "RequestTimeTooSkewed")
