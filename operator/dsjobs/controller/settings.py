@@ -57,8 +57,10 @@ class OperatorSettings:
     # A job whose image cannot be pulled for this long fails (InvalidImageName fails at once).
     image_pull_timeout_seconds: float = 120.0
     # Extra grace on top of the job's graceful-shutdown timeout so that the ship sidecar can upload
-    # the last logs and outputs after the runner has stopped the program.
-    shutdown_grace_margin_seconds: int = 15
+    # the last logs and outputs after the runner has stopped the program: the checkpoint a graceful
+    # cancel let the program save (gigabytes) included. As long as an eviction's (the pod's own
+    # terminationGracePeriodSeconds margin); a bound only, the pod goes once ship is done.
+    shutdown_grace_margin_seconds: int = 300
     # How long a finished job's pod is kept (for `kubectl logs`) before it is deleted. 0 = at once.
     finished_pod_retention_seconds: float = 0.0
     # Requests of the runner's own containers (stage-in, ship); the job's container gets the
@@ -151,7 +153,9 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     ),
     "DSJOBS_SHUTDOWN_GRACE_MARGIN": (
         "shutdown_grace_margin_seconds",
-        "Seconds added to a graceful cancel's timeout for the final log/output upload.",
+        "Seconds added to a cancel's graceful-shutdown timeout for the final upload of outputs and "
+        "logs (a checkpoint the program saved on the signal included): a bound, the pod goes as soon "
+        "as they are stored.",
     ),
     "DSJOBS_FINISHED_POD_RETENTION": (
         "finished_pod_retention_seconds",
