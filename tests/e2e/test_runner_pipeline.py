@@ -251,6 +251,51 @@ def test_job_container_killed_outright_is_reported_lost(runner_s3: S3Target, tmp
     assert result.logs_complete
 
 
+def test_a_stalled_job_container_is_waited_for_not_taken_for_lost(
+    runner_s3: S3Target,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A container frozen past the heartbeat timeout (thrashing near its memory limit, a hung
+    disk) still holds the liveness FIFO: ship waits, and takes the outputs the program writes
+    after the stall, its logs to the end, and its exit code."""
+    dash = _dash()
+    cfg = RunnerConfig(
+        project_id=runner_s3.project,
+        job_id=runner_s3.job,
+        cmd="echo before; sleep 2; echo after > out.txt; echo done",
+        outputs=[{"path": "out.txt"}],
+        ship={"heartbeat_timeout_seconds": 3},
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    assert run_stage_in(cfg, runner_s3.storage)
+    with shipping(cfg, runner_s3, tmp_path / "term") as box:
+        proc = subprocess.Popen(
+            [dash, str(cfg.layout.entry_script)], stdout=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 30
+        while b"before" not in (cfg.layout.stdout.read_bytes() if cfg.layout.stdout.exists() else b""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        match = re.search(r"program started \(pid (\d+)", cfg.layout.system_log.read_text())
+        assert match is not None
+        # The whole "container" frozen for twice the heartbeat timeout, then thawed.
+        groups = (proc.pid, int(match.group(1)))
+        for group in groups:
+            os.killpg(group, signal.SIGSTOP)
+        time.sleep(7)
+        for group in groups:
+            os.killpg(group, signal.SIGCONT)
+        assert proc.wait(timeout=30) == 0
+    result: RunnerResult = box["result"]
+    assert result.status == RunnerStatus.EXITED and result.return_code == 0
+    assert [o.path for o in result.outputs] == ["out.txt"]
+    stored = runner_s3.storage.get_bytes(output_key(runner_s3.project, runner_s3.job, "out.txt"))
+    assert stored == b"after\n"  # written after the stall
+    assert _stream(runner_s3, Stream.OUT) == b"before\ndone\n"
+    assert "heartbeat has not moved" in cfg.layout.system_log.read_text()
+    assert result.logs_complete
+
+
 def test_as_processes_like_the_pod_runs_them(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
     """`python -m dsjobs.runner stage-in|ship` with the config file and storage env the pod gives."""
     dash = _dash()
