@@ -217,6 +217,24 @@ def test_cancel_with_graceful_shutdown(runner_s3: S3Target, tmp_path: Path) -> N
     assert _stream(runner_s3, Stream.OUT) == b"running\nsaving\n"
 
 
+def _container_running(
+    shell: str, cfg: RunnerConfig, printed: bytes
+) -> tuple[subprocess.Popen[bytes], tuple[int, int]]:
+    """The entry script started as a whole "container" (its own process group) once the program
+    printed `printed`, and the process groups that make it: the entry script's and the program's
+    own session (setsid), whose leader's pid the entry script logged."""
+    proc = subprocess.Popen(
+        [shell, str(cfg.layout.entry_script)], stdout=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 30
+    while printed not in (cfg.layout.stdout.read_bytes() if cfg.layout.stdout.exists() else b""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    match = re.search(r"program started \(pid (\d+)", cfg.layout.system_log.read_text())
+    assert match is not None
+    return proc, (proc.pid, int(match.group(1)))
+
+
 def test_job_container_killed_outright_is_reported_lost(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
     dash = _dash()
     cfg = RunnerConfig(
@@ -229,20 +247,10 @@ def test_job_container_killed_outright_is_reported_lost(runner_s3: S3Target, tmp
     )
     assert run_stage_in(cfg, runner_s3.storage)
     with shipping(cfg, runner_s3, tmp_path / "term") as box:
-        # Own process group, so the whole "container" can be SIGKILLed like an OOM kill.
-        proc = subprocess.Popen(
-            [dash, str(cfg.layout.entry_script)], stdout=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 30
-        while b"before-oom" not in (cfg.layout.stdout.read_bytes() if cfg.layout.stdout.exists() else b""):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        # Everything of the "container" dies at once: the entry script's group and the program's
-        # own session (setsid), whose leader's pid the entry script logged.
-        match = re.search(r"program started \(pid (\d+)", cfg.layout.system_log.read_text())
-        assert match is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        os.killpg(int(match.group(1)), signal.SIGKILL)
+        proc, groups = _container_running(dash, cfg, b"before-oom")
+        # Everything of the "container" dies at once, like an OOM kill.
+        for group in groups:
+            os.killpg(group, signal.SIGKILL)
         proc.wait(timeout=10)
     result: RunnerResult = box["result"]
     assert result.status == RunnerStatus.LOST and result.return_code is None
@@ -269,17 +277,8 @@ def test_a_stalled_job_container_is_waited_for_not_taken_for_lost(
     )
     assert run_stage_in(cfg, runner_s3.storage)
     with shipping(cfg, runner_s3, tmp_path / "term") as box:
-        proc = subprocess.Popen(
-            [dash, str(cfg.layout.entry_script)], stdout=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 30
-        while b"before" not in (cfg.layout.stdout.read_bytes() if cfg.layout.stdout.exists() else b""):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        match = re.search(r"program started \(pid (\d+)", cfg.layout.system_log.read_text())
-        assert match is not None
+        proc, groups = _container_running(dash, cfg, b"before")
         # The whole "container" frozen for twice the heartbeat timeout, then thawed.
-        groups = (proc.pid, int(match.group(1)))
         for group in groups:
             os.killpg(group, signal.SIGSTOP)
         time.sleep(7)

@@ -774,24 +774,27 @@ MAX_FILE_ERRORS_BYTES: Final = 256 * 1024
 
 
 def bounded_file_errors(errors: Sequence[FileError]) -> list[FileError]:
-    """`errors` in order while they fit MAX_FILE_ERRORS_LISTED and MAX_FILE_ERRORS_BYTES; the rest
-    are counted by one more error of the first left out's file."""
+    """`errors` when they fit MAX_FILE_ERRORS_LISTED and MAX_FILE_ERRORS_BYTES; else the first
+    that fit, and one more error, of the first left out's file, counting the rest."""
+
+    def size(e: FileError) -> int:
+        where = e.output_file_desc.path if e.output_file_desc else e.log_file_name or ""
+        return len(e.description.encode()) + len(where.encode())
+
+    if len(errors) <= MAX_FILE_ERRORS_LISTED and sum(map(size, errors)) <= MAX_FILE_ERRORS_BYTES:
+        return list(errors)
     kept: list[FileError] = []
     used = 0
-    for i, e in enumerate(errors):
-        size = len(e.description.encode()) + len(
-            (e.output_file_desc.path if e.output_file_desc else e.log_file_name or "").encode()
-        )
-        if len(kept) + 1 >= MAX_FILE_ERRORS_LISTED or used + size > MAX_FILE_ERRORS_BYTES:
-            if len(errors) - i == 1 and used + size <= MAX_FILE_ERRORS_BYTES:
-                kept.append(e)  # the last one fits where the count would go
-                break
-            left = len(errors) - i
-            kept.append(e.model_copy(update={"description": f"{left} more file errors are not listed here"}))
+    for e in errors:
+        used += size(e)
+        if len(kept) == MAX_FILE_ERRORS_LISTED - 1 or used > MAX_FILE_ERRORS_BYTES:
             break
         kept.append(e)
-        used += size
-    return kept
+    left = len(errors) - len(kept)
+    more = errors[len(kept)].model_copy(
+        update={"description": f"{left} more file errors are not listed here"}
+    )
+    return [*kept, more]
 
 
 def stored_data_size(spec: ProjectJobSpec, status: ProjectJobStatus) -> int:

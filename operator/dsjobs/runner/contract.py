@@ -113,18 +113,20 @@ def stages_in_python(config: RunnerConfig) -> bool:
     script with the env past a Secret's). Otherwise it is a POSIX sh script (`shell_stage_in`): one
     Python start with its imports (~0.15 s of CPU) less per job, for what is a few directories and
     a file copy."""
+    return _shell_secret_data(config) is None
+
+
+def _shell_secret_data(config: RunnerConfig) -> dict[str, str] | None:
+    """The config Secret's data for a shell stage-in, or None when the job stages in Python."""
     python_env = config.python_env
     if config.inputs or config.local_modules or (python_env is not None and python_env.requirements):
-        return True
+        return None
     if len(shell_stage_in(config).encode()) > MAX_SHELL_STAGE_IN_BYTES:
-        return True
-    return sum(len(v.encode()) for v in _shell_secret_data(config).values()) > MAX_SHELL_SECRET_BYTES
-
-
-def _shell_secret_data(config: RunnerConfig) -> dict[str, str]:
+        return None
     # The entry script carries the env values; in the config too they would take their room in
     # the Secret (1 MiB in all) twice. Nothing but the entry script's rendering reads them.
-    return {CONFIG_KEY: replace(config, env={}).to_json(), ENTRY_KEY: render_entry_script(config)}
+    data = {CONFIG_KEY: replace(config, env={}).to_json(), ENTRY_KEY: render_entry_script(config)}
+    return data if sum(len(v.encode()) for v in data.values()) <= MAX_SHELL_SECRET_BYTES else None
 
 
 def shell_stage_in(config: RunnerConfig) -> str:
@@ -153,9 +155,7 @@ def shell_stage_in(config: RunnerConfig) -> str:
 def config_secret_data(config: RunnerConfig) -> dict[str, str]:
     """The runner's keys of its config Secret: the config, and the entry script when stage-in is a
     shell script (it holds the job's env values, which may be secrets: a Secret, not the pod spec)."""
-    if stages_in_python(config):
-        return {CONFIG_KEY: config.to_json()}
-    return _shell_secret_data(config)
+    return _shell_secret_data(config) or {CONFIG_KEY: config.to_json()}
 
 
 def runner_config_secret(

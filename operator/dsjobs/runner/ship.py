@@ -231,6 +231,7 @@ class LogShipper:
         self._first = 0
         #: When the last chunk was stored (`clock`).
         self._last_chunk_at = -math.inf
+        self._lazy_paths = {src.file_path for src in self.sources if src.lazy}
         self.next_seq = 0
         #: `resume` succeeded: chunks may be written from `next_seq` on.
         self.resumed = False
@@ -511,9 +512,8 @@ class LogShipper:
 
     def _samples_wait(self, pending: _Pending) -> bool:
         """Whether a chunk of nothing but resource-usage samples waits for more (read again then)."""
-        lazy = {src.file_path for src in self.sources if src.lazy}
         return (
-            all(r.file_path in lazy for r in pending.records)
+            all(r.file_path in self._lazy_paths for r in pending.records)
             and self.clock() - self._last_chunk_at < SAMPLES_FLUSH_SECONDS
         )
 
