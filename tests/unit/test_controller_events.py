@@ -228,3 +228,90 @@ def test_a_quota_refusal_is_one_failedcreate_event_whatever_the_usage_does() -> 
         update = waiting_to_create(job(status=status), why, NOW)
         assert [e.message for e in update.events if e.reason == "FailedCreate"] == [why]
         status = update.status.to_cr()
+
+
+def _throttled(headers: dict[str, str] | None = None, retry_after: int | None = None) -> kopf_errors.APIError:
+    payload: Any = {
+        "kind": "Status",
+        "code": 429,
+        "reason": "TooManyRequests",
+        "message": "too many requests",
+    }
+    if retry_after is not None:
+        payload["details"] = {"retryAfterSeconds": retry_after}
+    return kopf_errors.APITooManyRequestsError(payload, status=429, headers=headers or {})
+
+
+def test_a_throttled_event_is_retried_after_the_server_s_retry_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A 429 (API priority and fairness shedding load, e.g. while 1000 jobs start) is a "later",
+    # not a refusal: the Event was dropped after one try. It is tried again, no sooner than the
+    # server asks (header or Status detail) and no later than the poster's own backoff.
+    kube = RecordingKube(
+        {
+            "Header": [_throttled({"Retry-After": "3"})],
+            "Detail": [_throttled(retry_after=7)],
+            "Plain": [_throttled()],
+            "Huge": [_throttled({"retry-after": "86400"})],
+            "Always": [_throttled({"Retry-After": "1"})] * 3,
+        }
+    )
+    slept: list[float] = []
+
+    async def record_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def run() -> None:
+        poster = EventPoster(kube, "ops", sleep=record_sleep, retry_delays=(0.5, 2.0))  # type: ignore[arg-type]
+        for reason in ("Header", "Detail", "Plain", "Huge", "Always"):
+            poster.post(JOB, JobEvent("Warning", reason, "m"))
+        await poster.drain(timeout=5)
+
+    with caplog.at_level("DEBUG", logger="dsjobs.controller.events"):
+        asyncio.run(run())
+    assert kube.posted == ["Header", "Detail", "Plain", "Huge"]
+    assert kube.attempts.count("Always") == 3  # then dropped, as a 5xx would be
+    assert slept == [3.0, 7.0, 0.5, 60.0, 1.0, 2.0]  # a Retry-After of a day waits at most a minute
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "Always" in warned[0] and "429" in warned[0]
+
+
+def test_queued_events_are_posted_from_another_thread_within_a_bound() -> None:
+    # The lease watchdog (a thread) ends the process on a lost leadership: the Events queued on
+    # Kopf's loop get a bounded moment first, whatever that loop does.
+    import threading
+    import time
+
+    kube = RecordingKube({})
+    release = threading.Event()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        async def queue(poster: EventPoster, *reasons: str) -> None:
+            for reason in reasons:
+                poster.post(JOB, JobEvent("Normal", reason, "m"))
+
+        poster = EventPoster(kube, "ops")  # type: ignore[arg-type]
+        asyncio.run_coroutine_threadsafe(queue(poster, "Cancelled", "Finalized"), loop).result(5)
+        assert poster.drain_from_thread(1.0)
+        assert kube.posted == ["Cancelled", "Finalized"]
+
+        # A loop that is stuck (a handler blocking it) cannot post: the wait still ends.
+        other = EventPoster(kube, "ops")  # type: ignore[arg-type]
+        asyncio.run_coroutine_threadsafe(queue(other, "Lost"), loop).result(5)
+        loop.call_soon_threadsafe(release.wait, 10)
+        started = time.monotonic()
+        assert not other.drain_from_thread(0.3)
+        assert time.monotonic() - started < 2
+        release.set()
+        assert other.drain_from_thread(1.0) and kube.posted[-1] == "Lost"
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+    # Nothing ever queued: nothing to wait for.
+    assert EventPoster(kube, "ops").drain_from_thread(0.1)  # type: ignore[arg-type]

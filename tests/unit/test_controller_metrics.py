@@ -3,11 +3,12 @@ tell (dsjobs.controller.handlers, metrics, events)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from datetime import timedelta
 from typing import Any
 
-from test_job_status import CREATED, NOW, SETTINGS, job, pod, started, step, ts
+from test_job_status import CREATED, NOW, SETTINGS, job, pod, started, step, terminated, ts
 
 from dsjobs.controller import metrics
 from dsjobs.controller.handlers import Operator
@@ -46,6 +47,20 @@ def _queue_time() -> tuple[float, float]:
     return samples["dsjobs_job_queue_seconds_count"], samples["dsjobs_job_queue_seconds_sum"]
 
 
+def _run_time(outcome: str) -> tuple[float, float]:
+    samples = {
+        s.name: s.value
+        for m in metrics.RUN_TIME.collect()
+        for s in m.samples
+        if "le" not in s.labels and s.labels.get("outcome") == outcome
+    }
+    return samples["dsjobs_job_run_seconds_count"], samples["dsjobs_job_run_seconds_sum"]
+
+
+def _run_times() -> dict[str, tuple[float, float]]:
+    return {outcome: _run_time(outcome) for outcome in metrics.RUN_OUTCOMES}
+
+
 def _transitions() -> Counter[tuple[str, str]]:
     return Counter(
         {
@@ -60,7 +75,8 @@ def _transitions() -> Counter[tuple[str, str]]:
 def test_queue_time_is_observed_once_per_job_at_its_first_start() -> None:
     op, _ = _operator()
     count, total = _queue_time()
-    first, second = NOW, NOW + timedelta(minutes=30)
+    runs = _run_times()
+    first, second = NOW - timedelta(seconds=30), NOW + timedelta(minutes=30)
     policy = {"maxAttempts": 2, "backoffSeconds": 30}
 
     # Attempt 1's container starts 60 s after the job's creation.
@@ -78,10 +94,91 @@ def test_queue_time_is_observed_once_per_job_at_its_first_start() -> None:
     attempt_2 = job(status=created.status.to_cr(), retryPolicy=policy)
     again = {**created.status.to_cr(), "phase": "EXECUTING", "startedAt": ts(second)}
     op._after_write(KEY, attempt_2, _written(again), [])
+    done = {**again, "phase": "SUCCESS", "finishedAt": ts(second + timedelta(minutes=5)), "returnCode": 0}
+    op._after_write(KEY, job(status=again, retryPolicy=policy), _written(done), [])
 
     after_count, after_total = _queue_time()
     assert after_count - count == 1  # one job, one wait: attempt 1's run and backoff are no queue
     assert after_total - total == (first - CREATED).total_seconds()
+    # Each attempt's run, by how it ended: attempt 1 from its start until the retry was decided
+    # (the plan's NOW), attempt 2 until the job's end.
+    ran = {o: (c - runs[o][0], t - runs[o][1]) for o, (c, t) in _run_times().items()}
+    assert ran == {"RETRIED": (1, 30.0), "SUCCESS": (1, 300.0), "ERROR": (0, 0), "CANCELLED": (0, 0)}
+
+
+def test_a_job_that_started_and_failed_between_two_writes_counts_its_wait_and_its_run() -> None:
+    # The pod started and was evicted within one write interval: the write that decides the
+    # retry is the first to hold startedAt.
+    op, _ = _operator()
+    count, total = _queue_time()
+    runs = _run_times()
+    policy = {"maxAttempts": 2, "backoffSeconds": 30}
+    preparing = job(status=started("PREPARING"), retryPolicy=policy)
+    retried = step(
+        preparing,
+        [pod(phase="Failed", node="cpu-0", reason="Evicted", containers=[terminated("job", 137)])],
+    )
+    assert retried.status.retried_failures == 1 and retried.status.started_at is not None
+    op._after_write(KEY, preparing, _written(retried.status.to_cr()), list(retried.events))
+    after_count, after_total = _queue_time()
+    assert after_count - count == 1
+    assert after_total - total == (retried.status.started_at - CREATED).total_seconds()
+    assert _run_time("RETRIED")[0] - runs["RETRIED"][0] == 1
+
+
+def test_a_final_phase_is_the_outcome_of_the_run() -> None:
+    op, _ = _operator()
+    runs = _run_times()
+    running = started("EXECUTING", startedAt=ts(NOW))
+    for phase in ("ERROR", "CANCELLED"):
+        ended = {**running, "phase": phase, "finishedAt": ts(NOW + timedelta(seconds=10))}
+        op._after_write(KEY, job(status=running), _written(ended), [])
+        op._after_write(KEY, job(status=ended), _written(ended), [])  # no second observation
+    ran = {o: (c - runs[o][0], t - runs[o][1]) for o, (c, t) in _run_times().items()}
+    assert ran == {"ERROR": (1, 10.0), "CANCELLED": (1, 10.0), "SUCCESS": (0, 0), "RETRIED": (0, 0)}
+    # The label's values are a fixed set, exported from the start.
+    exported = {s.labels["outcome"] for m in metrics.RUN_TIME.collect() for s in m.samples}
+    assert exported == set(metrics.RUN_OUTCOMES)
+
+
+def test_queue_time_counts_from_the_execute_request() -> None:
+    # The API creates a job not executed, uploads its inputs, then Execute: the wait for a pod
+    # begins at the request (the annotation dsjobs.dev/execute-requested-at), not the creation.
+    op, _ = _operator()
+    count, total = _queue_time()
+    requested = CREATED + timedelta(hours=3)
+    preparing = dataclasses.replace(job(status=started("PREPARING")), execute_requested_at=requested)
+    start = requested + timedelta(seconds=45)
+    op._after_write(KEY, preparing, _written(started("EXECUTING", startedAt=ts(start))), [])
+    # A request time before the job existed (an annotation copied with a manifest) is no wait.
+    early = dataclasses.replace(
+        job(status=started("PREPARING")), execute_requested_at=CREATED - timedelta(days=1)
+    )
+    op._after_write(
+        KEY, early, _written(started("EXECUTING", startedAt=ts(CREATED + timedelta(seconds=5)))), []
+    )
+    after_count, after_total = _queue_time()
+    assert (after_count - count, after_total - total) == (2, 45.0 + 5.0)
+
+
+def test_queue_time_buckets_reach_days() -> None:
+    # A cluster short of GPUs queues jobs for hours or days; beyond the last bucket is only +Inf.
+    bounds = {b for b in metrics.QUEUE_TIME._upper_bounds}  # type: ignore[attr-defined]
+    assert {4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600} <= bounds
+
+
+def test_a_standby_exports_no_job_counts() -> None:
+    # A standby sees no jobs: its zeros beside the leader's counts made sum(dsjobs_jobs) wrong.
+    metrics.JOBS.clear()
+    book = metrics.PhaseBook()
+    assert not [s for m in metrics.JOBS.collect() for s in m.samples]
+    book.publish()  # leading: every phase, 0 where no job is
+    counts = {s.labels["phase"]: s.value for m in metrics.JOBS.collect() for s in m.samples}
+    assert counts == dict.fromkeys(counts, 0.0) and len(counts) == 8
+    other = metrics.PhaseBook()
+    other.set(("ns", "a"), "PREPARING")  # its first job publishes the rest too
+    counts = {s.labels["phase"]: s.value for m in metrics.JOBS.collect() for s in m.samples}
+    assert counts["PREPARING"] == 1 and counts["SUCCESS"] == 0
 
 
 def test_the_transitions_counter_counts_every_hop_the_events_tell() -> None:

@@ -14,11 +14,15 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 LEADER_LOG = logging.getLogger("dsjobs.controller.leader")
+#: Seconds a replica that lost the leadership gives its queued Events before it exits: it must be
+#: gone well before a standby may take over (a third of the Lease's 15 s after the renew deadline).
+LOST_LEADERSHIP_DRAIN: Final = 1.5
 
 if TYPE_CHECKING:
+    from dsjobs.controller.handlers import Operator
     from dsjobs.controller.leader import LeaderElector
     from dsjobs.controller.settings import OperatorSettings
 
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         # One line per liveness probe otherwise.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
-    register(registry, Operator(settings))
+    operator = Operator(settings)
+    register(registry, operator)
     if settings.leader_lease:
         # Until Kopf installs its own handler, SIGTERM (a rollout) must still end in the release
         # below, not in the default instant death that leaves the Lease to expire.
@@ -90,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     elector = _elector(settings) if settings.leader_lease else None
     try:
         if elector is not None:
-            _lead(elector, settings)
+            _lead(elector, settings, operator)
+        # Only now: a standby's zeros would read as an empty cluster.
+        operator.phases.publish()
         kopf.run(
             registry=registry,
             standalone=True,  # our own Lease elects the one replica that runs Kopf: no peering
@@ -130,9 +137,9 @@ def _elector(settings: OperatorSettings) -> LeaderElector:
     return LeaderElector(client, identity(), settings.leader_lease_seconds)
 
 
-def _lead(elector: LeaderElector, settings: OperatorSettings) -> None:
+def _lead(elector: LeaderElector, settings: OperatorSettings, operator: Operator | None = None) -> None:
     """Wait until this replica holds the Lease (serving /healthz meanwhile), then keep it in a
-    thread that ends the process the moment it cannot."""
+    thread that ends the process the moment it cannot (`stand_down`)."""
     from dsjobs.controller import metrics
     from dsjobs.controller.leader import StandbyLiveness
 
@@ -148,13 +155,25 @@ def _lead(elector: LeaderElector, settings: OperatorSettings) -> None:
         if standby is not None:
             standby.close()
 
-    def lost(why: str) -> None:
-        # Another replica may take the Lease soon: stop acting now, not after a graceful shutdown.
-        LEADER_LOG.error("lost the leadership: %s; exiting", why)
+    elector.keep(lambda why: stand_down(why, operator))
+
+
+def stand_down(why: str, operator: Operator | None, drain_seconds: float = LOST_LEADERSHIP_DRAIN) -> None:
+    """End the process on a lost leadership (from the lease's watchdog thread).
+
+    Another replica may take the Lease soon: no reconcile starts any more and the process exits
+    without a graceful shutdown. The Events already queued (a phase change just written, a
+    failure) get a bounded moment to be posted first: they are the users' story of the job, and
+    the next leader does not tell them again."""
+    LEADER_LOG.error("lost the leadership: %s; exiting", why)
+    try:
+        if operator is not None:
+            operator.standing_down = True
+            if operator.events is not None and not operator.events.drain_from_thread(drain_seconds):
+                LEADER_LOG.warning("events still queued at the exit are not posted")
+    finally:
         logging.shutdown()
         os._exit(1)
-
-    elector.keep(lost)
 
 
 if __name__ == "__main__":

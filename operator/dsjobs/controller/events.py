@@ -4,8 +4,9 @@ background.
 Why not `kopf.event`: Kopf retries a refused Event for about a minute and logs an ERROR for every
 attempt. A namespace being deleted refuses every new object (403, "being terminated"), so deleting
 a project with running jobs filled the operator's log with errors about Events nobody could ever
-read. Here that refusal is expected and dropped quietly; other failures are retried for about 30 s
-and then dropped with one warning (Events are helpful, never needed).
+read. Here that refusal is expected and dropped quietly; other failures (a 5xx, a 429 throttle, no
+answer) are retried for about 30 s and then dropped with one warning (Events are helpful, never
+needed).
 
 Names follow client-go's `<object>.<unix nanoseconds, hex>`: a job's Events list in the order they
 happened. `kubectl describe` sorts them by lastTimestamp, which has whole seconds, and keeps the
@@ -42,6 +43,8 @@ log = logging.getLogger("dsjobs.controller.events")
 #: Seconds between attempts at an Event the API server failed to take (5xx, timeout, no connection):
 #: about 30 s in all, an API server's restart. The Events queued meanwhile wait their turn.
 RETRY_DELAYS: Final = (1.0, 2.0, 4.0, 8.0, 16.0)
+#: The longest Retry-After of a 429 obeyed: the poster is serial, every Event waits behind it.
+MAX_RETRY_AFTER: Final = 60.0
 #: Events waiting to be posted; beyond it new ones are dropped (an API server down for long).
 MAX_PENDING: Final = 10_000
 MAX_MESSAGE_LENGTH: Final = 1024
@@ -93,6 +96,28 @@ def event_body(
 def namespace_terminating(exc: APIError) -> bool:
     """The API server's refusal of any new object in a namespace being deleted."""
     return isinstance(exc, Forbidden) and "being terminated" in message_of(exc)
+
+
+def throttled(exc: APIError) -> bool:
+    """A 429: the API server (its priority and fairness) asks to come back later, not a refusal."""
+    return exc.status == 429
+
+
+def retry_after(exc: APIError) -> float:
+    """Seconds a 429 asks to wait (its Retry-After header, or the Status's retryAfterSeconds), at
+    most MAX_RETRY_AFTER; 0 when it says none (or an HTTP date: not worth parsing here)."""
+    headers = {str(k).lower(): v for k, v in (exc.headers or {}).items()}
+    details = exc.details
+    wanted: object = headers.get("retry-after") or (
+        details.get("retryAfterSeconds") if details is not None else None
+    )
+    try:
+        seconds = float(str(wanted)) if wanted is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+    if seconds != seconds:  # NaN
+        return 0.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 @dataclass(frozen=True)
@@ -152,6 +177,26 @@ class EventPoster:
             log.info("%d events not posted at shutdown", self._queue.qsize())
         task.cancel()
 
+    def drain_from_thread(self, timeout: float) -> bool:
+        """`drain` for another thread than the poster's loop (the lease watchdog's, which ends the
+        process on a lost leadership): waits at most about `timeout` seconds, whatever the loop
+        does (it may be stuck). True when every queued Event was posted (or none was queued)."""
+        task = self._task
+        if task is None or task.done():
+            return True
+        draining = self.drain(timeout)
+        try:
+            future = asyncio.run_coroutine_threadsafe(draining, task.get_loop())
+        except RuntimeError:  # the loop is closed: nothing will post them
+            draining.close()
+            return False
+        try:
+            future.result(timeout + 0.25)
+        except Exception:  # a stuck loop (concurrent.futures.TimeoutError), a cancelled drain
+            future.cancel()
+            return False
+        return self._queue.empty()
+
     async def _run(self) -> None:
         while True:
             pending = await self._queue.get()
@@ -177,10 +222,12 @@ class EventPoster:
                     log.debug("event dropped, namespace going: %s %s", pending.job, body["reason"])
                     return
                 why = f"{exc.status} {exc.message or exc!r}"
-                if isinstance(exc, ClientError) or delay is None:
+                final = isinstance(exc, ClientError) and not throttled(exc)
+                if final or delay is None:
                     log.warning("event not posted: %s %s: %s", pending.job, body["reason"], why)
                     return
                 failure = why
+                delay = max(delay, retry_after(exc))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if delay is None:
                     log.warning("event not posted: %s %s: %r", pending.job, body["reason"], exc)

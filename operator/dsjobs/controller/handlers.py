@@ -37,7 +37,7 @@ import kopf
 from dsjobs.controller import fastjson, metrics
 from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, stored_data_of
-from dsjobs.controller.events import EventPoster
+from dsjobs.controller.events import EventPoster, clip_message
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.jobstore import JobStore
 from dsjobs.controller.kube import (
@@ -114,9 +114,11 @@ from dsjobs.controller.secrets import (
 )
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
 from dsjobs.controller.status import (
+    COND_RETRYING,
     JobEvent,
     StatusUpdate,
     fail,
+    get_condition,
     phase_hops,
     with_passed_phases,
 )
@@ -136,6 +138,9 @@ Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
 MAX_ERROR_BACKOFF: Final = 60.0
+#: Failed reconciles of a job in a row before its users are told (a Warning Event ReconcileFailed):
+#: one or two are an API server's hiccup, retried within seconds.
+FAILURES_BEFORE_EVENT: Final = 3
 #: How often the job pods are listed against the cache (Operator.resync_pods): one paginated LIST
 #: of the pods that exist (those of running jobs), for the rare deletion no watch event told.
 POD_RESYNC_SECONDS: Final = 600.0
@@ -158,6 +163,29 @@ class Refused:
     why: str
     # The pod itself was refused (not a Secret or claim of it): maybe by its instance type.
     pod: bool = False
+
+
+@dataclasses.dataclass
+class _FailureStreak:
+    """A job's reconciles failing in a row (forgotten at the first that succeeds)."""
+
+    count: int = 0
+    said: str = ""  # the error last logged at WARNING
+    told: str = ""  # the exception class of the last ReconcileFailed Event
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unconfirmed:
+    """A status write answered 409 Conflict, which may be our own write's: a PATCH whose answer
+    was lost (a timeout, a 5xx) is sent again by the client with the resourceVersion its own
+    landing made stale. The next body newer than `base` tells which: it holds `status` or not."""
+
+    status: dict[str, Any]  # what was written (the whole status, as `to_cr` gives it)
+    job: JobView  # what the write was planned with
+    events: tuple[JobEvent, ...]
+    passed: tuple[str, ...]  # the phases passed unwritten before it
+    base: int  # the resourceVersion the write was guarded by
+    at: float  # loop time of the write
 
 
 def error_backoff(failures: int) -> float:
@@ -186,6 +214,17 @@ def _earlier_pod(pod: PodView) -> str:
         f"pod {pod.name}{where}, left by an earlier ProjectJob of the same name, still exists "
         f"({state}); this job's pod starts once it is gone (they would share names and stored data)"
     )
+
+
+def _queued_since(job: JobView, status: ProjectJobStatus) -> datetime | None:
+    """When the job's wait for its pod began: its execute request (the API creates jobs not
+    executed, and Execute comes after the client's uploads, or hours later), else its creation
+    (a job applied with `execute: true`); never before its creation (a copied annotation)."""
+    created = status.created_at or job.created_at
+    requested = job.execute_requested_at
+    if requested is None or created is None:
+        return requested or created
+    return max(requested, created)
 
 
 def _key(body: Mapping[str, Any]) -> Key:
@@ -224,7 +263,15 @@ class Operator:
         self._lock_users: dict[Key, int] = defaultdict(int)
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
         self._operator_context: contextvars.Context | None = None
-        self._errors: dict[Key, int] = {}
+        self._errors: dict[Key, _FailureStreak] = {}
+        # Reconciles in a row that did not settle within MAX_STEPS, per job (logged once).
+        self._unsettled: dict[Key, int] = {}
+        # A status write per job that got a 409 and may have landed all the same (_Unconfirmed),
+        # until a later body tells: its Events and metrics are told then, exactly once.
+        self._unconfirmed: dict[Key, _Unconfirmed] = {}
+        # Set (from the lease watchdog's thread) when the leadership is lost: no more reconciles
+        # while the process posts its last Events and exits.
+        self.standing_down = False
         #: Pod creations the API server forbade in a row, per job (their retry backoff).
         self._refused: dict[Key, int] = {}
         # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
@@ -419,6 +466,9 @@ class Operator:
                 self._waiting.discard(key)
 
     async def _reconcile_locked(self, key: Key) -> None:
+        if self.standing_down:
+            return  # another replica may act on the job already
+        unsettled = self._unsettled.get(key, 0)
         try:
             requeue = await self._reconcile(key)
         except asyncio.CancelledError:
@@ -429,15 +479,54 @@ class Operator:
                 # nothing to retry, and nothing of it to keep.
                 self._forget(key)
                 return
-            count = self._errors.get(key, 0) + 1
-            self._errors[key] = count
-            delay = error_backoff(count)
-            metrics.RECONCILE_ERRORS.labels(kind=type(exc).__name__).inc()
-            jlog(logging.WARNING, key, "reconcile failed, retrying in %.1fs: %r", delay, exc)
-            self._schedule(key, timedelta(seconds=delay))
+            self._schedule(key, timedelta(seconds=self._failed(key, exc)))
             return
-        self._errors.pop(key, None)
+        streak = self._errors.pop(key, None)
+        if streak is not None and streak.count > 1:  # its repeats may not have been logged
+            jlog(logging.INFO, key, "reconcile succeeded after %d failures in a row", streak.count)
+        if unsettled and self._unsettled.get(key) == unsettled:  # this one settled
+            del self._unsettled[key]
+            jlog(logging.INFO, key, "settled after %d reconciles that did not", unsettled)
         self._schedule(key, requeue)
+
+    def _failed(self, key: Key, exc: Exception) -> float:
+        """Count a failed reconcile and tell it; the seconds until it is tried again.
+
+        A job can fail for as long as its cause lasts (an admission webhook down, an object the
+        plan chokes on), retried every minute: with a thousand such jobs a WARNING per retry was a
+        thousand lines a minute. The log gets a job's first failure and each change of error; the
+        job's users, who cannot read the operator's log, one Warning Event once it failed
+        FAILURES_BEFORE_EVENT times in a row, and another only for another kind of error."""
+        streak = self._errors.setdefault(key, _FailureStreak())
+        streak.count += 1
+        delay = error_backoff(streak.count)
+        kind = type(exc).__name__
+        metrics.RECONCILE_ERRORS.labels(kind=kind).inc()
+        said = repr(exc)
+        level = logging.WARNING if said != streak.said else logging.DEBUG
+        streak.said = said
+        jlog(level, key, "reconcile failed (%d in a row), retrying in %.1fs: %s", streak.count, delay, said)
+        body = self._jobs.get(key)
+        if streak.count >= FAILURES_BEFORE_EVENT and kind != streak.told and body is not None:
+            streak.told = kind
+            why = f"{exc.status} {message_of(exc)}" if isinstance(exc, APIError) else str(exc)
+            message = (
+                f"the operator failed to handle the job {streak.count} times in a row ({kind}: "
+                f"{clip_message(why, 300)}); it keeps trying, at least once a minute"
+            )
+            self._post(body, [JobEvent("Warning", "ReconcileFailed", message)])
+        return delay
+
+    def _not_settled(self, key: Key) -> timedelta:
+        """A reconcile whose plan kept changing the status it had just written (a bug): counted
+        every time, logged at ERROR once until the job settles (not every 5 s for as long as it
+        lasts)."""
+        count = self._unsettled.get(key, 0) + 1
+        self._unsettled[key] = count
+        metrics.RECONCILE_ERRORS.labels(kind="NotSettled").inc()
+        level = logging.ERROR if count == 1 else logging.DEBUG
+        jlog(level, key, "did not settle after %d steps (%d reconciles in a row)", MAX_STEPS, count)
+        return timedelta(seconds=5)
 
     async def _reconcile(self, key: Key) -> timedelta | None:
         assert self.kube is not None
@@ -492,7 +581,7 @@ class Operator:
                     if status.phase.value not in passed:
                         passed.append(status.phase.value)
                 return wait if requeue is None else min(requeue, wait)
-            written = await self._write_status(key, job, body, status)
+            written = await self._write_status(key, job, body, status, events)
             if written is None:
                 continue  # conflict: somebody else changed the job, plan again on the fresh object
             self._after_write(key, job, written, events)
@@ -508,8 +597,7 @@ class Operator:
             # A status-only step (e.g. a new attempt decided), or the step that ended the job (its
             # actions, such as publishing its datasets, bring no event that would come back here):
             # plan again to act on it - a finished job's pod and Secrets go now.
-        jlog(logging.ERROR, key, "did not settle after %d steps", MAX_STEPS)
-        return timedelta(seconds=5)
+        return self._not_settled(key)
 
     def _done_with_gone(self, key: Key, used: Mapping[str, PodView]) -> None:
         """Forget the pod deletions a written step planned with, not those that came since."""
@@ -576,6 +664,8 @@ class Operator:
         self._fresh.pop(key, None)
         self._gone.pop(key, None)
         self._errors.pop(key, None)
+        self._unsettled.pop(key, None)
+        self._unconfirmed.pop(key, None)
         self._refused.pop(key, None)
         self.phases.forget(key)
         timer = self._timers.pop(key, None)
@@ -1079,11 +1169,14 @@ class Operator:
     # --- writing -----------------------------------------------------------------------------
 
     async def _write_status(
-        self, key: Key, job: JobView, body: dict[str, Any], status: Any
+        self, key: Key, job: JobView, body: dict[str, Any], status: Any, events: Sequence[JobEvent] = ()
     ) -> dict[str, Any] | None:
         """Patch the status (merge patch of the difference) guarded by resourceVersion.
-        None on a conflict (the cached body is dropped so that the next step reads afresh)."""
+        None on a conflict (the cached body is dropped so that the next step reads afresh); the
+        write is then remembered with the step's `events` until a later body tells whether it
+        landed (`_settle_unconfirmed`)."""
         assert self.kube is not None
+        self._settle_unconfirmed(key, body)
         new = status.to_cr()
         patch = merge_diff(body.get("status") or {}, new)
         meta = body.get("metadata") or {}
@@ -1098,6 +1191,17 @@ class Operator:
         except Conflict:
             metrics.STATUS_CONFLICTS.inc()
             self._jobs.pop(key, None)
+            if key not in self._unconfirmed:
+                # One still undecided was guarded by a newer resourceVersion than this one (this
+                # step planned on an older body): this write cannot have landed, that one may.
+                self._unconfirmed[key] = _Unconfirmed(
+                    new,
+                    job,
+                    tuple(events),
+                    tuple(self._passed.pop(key, ())),
+                    revision(payload),
+                    asyncio.get_running_loop().time(),
+                )
             return None
         metrics.STATUS_WRITES.inc()
         self._written_at[key] = asyncio.get_running_loop().time()
@@ -1105,9 +1209,42 @@ class Operator:
         self._own[key] = revision(written)
         return written
 
+    def _settle_unconfirmed(self, key: Key, body: Mapping[str, Any]) -> None:
+        """Decide a write that got a 409 (`_Unconfirmed`) by `body`, the job as stored now: holding
+        exactly that status, it landed, and what follows a write happens now (the next step plans
+        nothing to write, so nothing else would); otherwise it was refused and forgotten. A body
+        not newer than the write's guard tells nothing yet (a watch event behind our GET)."""
+        pending = self._unconfirmed.get(key)
+        if pending is None:
+            return
+        version = revision(body)
+        if 0 <= version <= pending.base:
+            return
+        del self._unconfirmed[key]
+        try:
+            stored = ProjectJobStatus.model_validate(body.get("status") or {}).to_cr()
+        except ValueError:
+            stored = None
+        if stored != pending.status:
+            if pending.passed:  # still unwritten: told by the next write
+                later = [p for p in self._passed.get(key, ()) if p not in pending.passed]
+                self._passed[key] = [*pending.passed, *later]
+            return
+        metrics.STATUS_WRITES.inc()
+        self._written_at[key] = max(self._written_at.get(key, pending.at), pending.at)
+        self._after_write(key, pending.job, body, list(pending.events), passed=pending.passed)
+
     def _after_write(
-        self, key: Key, job: JobView, written: Mapping[str, Any], events: list[JobEvent]
+        self,
+        key: Key,
+        job: JobView,
+        written: Mapping[str, Any],
+        events: list[JobEvent],
+        passed: Sequence[str] | None = None,
     ) -> None:
+        """The work of a written status (`job` the write was planned with): log the phase change,
+        observe the metrics, post the step's Events (with the phases passed unwritten before it:
+        `passed`, by default those held back since the last write)."""
         old = job.status
         new_status = written.get("status") or {}
         new_phase = str(new_status.get("phase") or "")
@@ -1122,18 +1259,38 @@ class Operator:
         if fresh is not None:
             # Once per job: a retry's attempt starts afresh (startedAt reset), and its wait would
             # count the failed attempt's run and the backoff. Before any retried failure no earlier
-            # attempt can have started (a fallback to another type comes before any start).
-            first_start = old.started_at is None and fresh.retried_failures == 0
-            if fresh.started_at and first_start and fresh.created_at:
-                metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - fresh.created_at).total_seconds()))
-            if fresh.finished_at and not old.finished_at and fresh.started_at:
-                metrics.RUN_TIME.observe(max(0.0, (fresh.finished_at - fresh.started_at).total_seconds()))
-        self._post(written, events, self._passed.pop(key, ()))
+            # attempt can have started (a fallback to another type comes before any start); the
+            # write that decides the first retry still holds the first attempt's startedAt.
+            first_start = old.started_at is None and old.retried_failures == 0
+            since = _queued_since(job, fresh)
+            if fresh.started_at and first_start and since is not None:
+                metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - since).total_seconds()))
+            phase = fresh.phase
+            if (
+                phase is not None
+                and phase.is_final
+                and fresh.finished_at
+                and not old.finished_at
+                and fresh.started_at
+            ):
+                metrics.RUN_TIME.labels(outcome=phase.value).observe(
+                    max(0.0, (fresh.finished_at - fresh.started_at).total_seconds())
+                )
+            elif fresh.retried_failures > old.retried_failures and fresh.started_at:
+                # The failed attempt's run: its startedAt is reset only with the next attempt's pod.
+                retrying = get_condition(fresh, COND_RETRYING)
+                failed_at = (retrying.last_transition_time if retrying is not None else None) or _now()
+                metrics.RUN_TIME.labels(outcome="RETRIED").observe(
+                    max(0.0, (failed_at - fresh.started_at).total_seconds())
+                )
+        self._post(written, events, self._passed.pop(key, ()) if passed is None else passed)
 
     def _post(self, body: Mapping[str, Any], events: Sequence[JobEvent], passed: Sequence[str] = ()) -> None:
         """Post the step's Events: phase changes as one chain, with the phases passed unwritten.
         The transitions counter counts the hops of these very Events: it and `kubectl describe`
-        tell the same."""
+        tell the same. `body` is the job as stored: it may tell that an earlier write landed,
+        whose Events come first."""
+        self._settle_unconfirmed(_key(body), body)
         told = with_passed_phases(events, passed)
         for before, after in phase_hops(told):
             metrics.TRANSITIONS.labels(from_phase=before, to_phase=after).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Iterable
+from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -32,22 +33,37 @@ TRANSITIONS = Counter(
 )
 QUEUE_TIME = Histogram(
     "dsjobs_job_queue_seconds",
-    "From the ProjectJob's creation to the first start of its job container, once per job: a retried "
-    "job's later attempts are not counted, nor is a job whose first attempt failed before starting.",
-    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600),
+    "From the job's execute request (the API's Execute; the ProjectJob's creation when no request "
+    "time is recorded) to the first start of its job container, once per job: a retried job's later "
+    "attempts are not counted, nor is a job whose first attempt failed before starting.",
+    # Up to days: a cluster short of GPUs queues jobs for that long, and a wait past the last
+    # bucket only shows as +Inf.
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600),
 )
+#: The `outcome` of a run: how the attempt ended. RETRIED is an attempt that failed and was given
+#: another by the retry policy; the others are the job's final phase. A fixed set: the label's
+#: cardinality must not follow the data.
+RUN_OUTCOMES: Final = ("SUCCESS", "ERROR", "CANCELLED", "RETRIED")
 RUN_TIME = Histogram(
     "dsjobs_job_run_seconds",
-    "From the program starting to the job's final phase.",
+    "From the program starting to the end of its attempt, by outcome: the job's final phase (SUCCESS, "
+    "ERROR, CANCELLED), or RETRIED for an attempt that failed and was retried (observed when the retry "
+    "is decided).",
+    ["outcome"],
     buckets=(1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600),
 )
+for _outcome in RUN_OUTCOMES:  # every series from the start: a rate() over none is no 0
+    RUN_TIME.labels(outcome=_outcome)
 POD_CREATE_LATENCY = Histogram(
     "dsjobs_pod_create_seconds",
     "From the operator seeing a job's execute request to the job's first pod being created.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 RECONCILE_ERRORS = Counter(
-    "dsjobs_reconcile_errors_total", "Reconciles that failed and were retried.", ["kind"]
+    "dsjobs_reconcile_errors_total",
+    "Reconciles that failed and were retried, by exception class; NotSettled: a reconcile whose plan "
+    "did not settle within its steps (tried again in 5 s).",
+    ["kind"],
 )
 RECONCILES = Counter("dsjobs_reconciles_total", "Reconcile steps run.")
 API_LATENCY = Histogram(
@@ -70,15 +86,27 @@ STATUS_CONFLICTS = Counter(
 
 
 class PhaseBook:
-    """The phase of every job the operator has seen, for the `dsjobs_jobs` gauge (O(1) updates)."""
+    """The phase of every job the operator has seen, for the `dsjobs_jobs` gauge (O(1) updates).
+
+    The gauge's series appear only once this replica leads (`publish`, or its first job): a standby
+    sees no jobs, and its zeros read as an empty cluster on any panel that picks a replica or
+    averages them."""
 
     def __init__(self) -> None:
         self._phases: dict[tuple[str, str], str] = {}
         self._counts: Tally[str] = Tally()
+        self._published = False
+
+    def publish(self) -> None:
+        """Export every phase's series (0 where no job is in it): called when this replica leads."""
+        if self._published:
+            return
+        self._published = True
         for phase in _PHASES:
-            JOBS.labels(phase=phase).set(0)
+            JOBS.labels(phase=phase).set(self._counts[phase])
 
     def set(self, key: tuple[str, str], phase: str) -> None:
+        self.publish()
         old = self._phases.get(key)
         if old == phase:
             return
@@ -90,6 +118,7 @@ class PhaseBook:
         JOBS.labels(phase=phase).set(self._counts[phase])
 
     def forget(self, key: tuple[str, str]) -> None:
+        self.publish()
         old = self._phases.pop(key, None)
         if old is not None:
             self._counts[old] -= 1

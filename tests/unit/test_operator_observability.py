@@ -1,0 +1,311 @@
+"""What the operator tells about jobs when its API calls go wrong: a status write whose answer was
+lost, reconciles that keep failing or never settle, a lost leadership (dsjobs.controller.handlers,
+dsjobs.controller.__main__).
+
+The API server is a small in-memory stand-in for the calls a reconcile of a job without pods makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any
+
+import pytest
+from kopf._cogs.clients import errors as kopf_errors
+from kube_fake import merged
+from test_job_status import CREATED, SETTINGS, ts
+
+from dsjobs.controller import handlers, metrics
+from dsjobs.controller.handlers import MAX_STEPS, Operator
+from dsjobs.controller.kube import Conflict
+from dsjobs.controller.plan import JobView, Plan
+from dsjobs.controller.status import JobEvent
+from dsjobs.models import JobPhase
+
+KEY = ("project-a", "job-1")
+
+
+def _body(status: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "dsjobs.dev/v1alpha1",
+        "kind": "ProjectJob",
+        "metadata": {
+            "name": "job-1",
+            "namespace": "project-a",
+            "uid": "uid-1",
+            "resourceVersion": "100",
+            "generation": 1,
+            "creationTimestamp": ts(CREATED),
+            "finalizers": ["dsjobs.dev/cleanup"],
+            "labels": {"dsjobs.dev/project-id": "proj-a", "dsjobs.dev/job-id": "job-1"},
+        },
+        "spec": {"projectId": "proj-a", "execute": True, "jobParameters": {"cmd": "python main.py"}, **spec},
+        "status": status,
+    }
+
+
+class FakeKube:
+    """The job's object as the API server keeps it: merge patches guarded by resourceVersion.
+
+    `lose_answers`: status writes that are stored but whose answer is lost, the client's retry
+    (same resourceVersion) then answered 409, as Kube._timed does after a timeout or a 5xx.
+    `interfere`: status writes refused because another writer changed the job just before."""
+
+    def __init__(self, body: dict[str, Any], *, lose_answers: int = 0, interfere: int = 0) -> None:
+        self.body = copy.deepcopy(body)
+        self.lose_answers = lose_answers
+        self.interfere = interfere
+        self.status_writes = 0
+
+    async def pages(self, *_: Any, **__: Any) -> Any:
+        for page in ():
+            yield page
+
+    async def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
+        return []
+
+    async def get(self, resource: str, path: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.body) if resource == "projectjobs" else None
+
+    def _store(self, patch: dict[str, Any]) -> None:
+        self.body = merged(self.body, {k: v for k, v in patch.items() if k != "metadata"})
+        self.body["metadata"]["resourceVersion"] = str(int(self.body["metadata"]["resourceVersion"]) + 1)
+
+    async def merge_patch(self, resource: str, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if path.endswith("/status"):
+            self.status_writes += 1
+            if self.interfere:
+                self.interfere -= 1
+                self._store({"metadata": {}, "spec": {"dataTtl": "14d"}})  # e.g. SetDataTtl
+        if patch["metadata"]["resourceVersion"] != self.body["metadata"]["resourceVersion"]:
+            raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
+        self._store(patch)
+        if path.endswith("/status") and self.lose_answers:
+            self.lose_answers -= 1
+            raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
+        return copy.deepcopy(self.body)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.posted: list[JobEvent] = []
+
+    def post(self, body: Any, event: JobEvent) -> str:
+        self.posted.append(event)
+        return "x"
+
+
+def _operator(kube: FakeKube, settings: Any = SETTINGS) -> tuple[Operator, Events]:
+    op = Operator(settings, environ={})
+    op.kube = kube  # type: ignore[assignment]
+    events = Events()
+    op.events = events  # type: ignore[assignment]
+    return op, events
+
+
+def _transitions() -> Counter[tuple[str, str]]:
+    return Counter(
+        {
+            (s.labels["from_phase"], s.labels["to_phase"]): int(s.value)
+            for m in metrics.TRANSITIONS.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+    )
+
+
+def _status_writes() -> float:
+    return sum(
+        s.value for m in metrics.STATUS_WRITES.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+def _reconcile_errors(kind: str) -> float:
+    return sum(
+        s.value
+        for m in metrics.RECONCILE_ERRORS.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels["kind"] == kind
+    )
+
+
+async def _reconciled(op: Operator, times: int = 1) -> None:
+    for _ in range(times):
+        await op._reconcile_locked(KEY)
+    for _, handle in op._timers.values():
+        handle.cancel()
+
+
+# A job cancelled before its pod was made: one step takes it from CREATING to CANCELLED.
+CANCELLED_EARLY = _body({"phase": "CREATING", "createdAt": ts(CREATED)}, cancel={"reason": "not needed"})
+
+
+@pytest.mark.parametrize("lost", [0, 1], ids=["answered", "answer-lost"])
+def test_a_status_write_whose_answer_was_lost_is_told_once(
+    lost: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The PATCH landed, its answer did not; the client's retry carried the old resourceVersion and
+    # got 409. The next step finds the status it wrote and has nothing to write: the phase Event,
+    # the transition, the written-status count and the "a -> b" line were lost with the answer.
+    kube = FakeKube(CANCELLED_EARLY, lose_answers=lost)
+    op, events = _operator(kube)
+    op._remember(copy.deepcopy(kube.body))
+    transitions, writes = _transitions(), _status_writes()
+    with caplog.at_level(logging.INFO, logger="dsjobs.controller"):
+        asyncio.run(_reconciled(op, times=2))  # twice: as a later event of the job would
+    assert kube.body["status"]["phase"] == "CANCELLED" and kube.status_writes == 1
+    assert [(e.reason, e.message.partition(":")[0]) for e in events.posted] == [
+        ("Cancelled", "CREATING -> CANCELLED")
+    ]
+    assert _transitions() - transitions == Counter({("CREATING", "CANCELLED"): 1})
+    assert _status_writes() - writes == 1
+    assert [r.getMessage() for r in caplog.records if "->" in r.getMessage()] == [
+        "project-a/job-1: CREATING -> CANCELLED"
+    ]
+    assert op.phases._phases[KEY] == "CANCELLED"
+    assert not op._unconfirmed  # nothing kept once told
+
+
+def test_a_refused_status_write_is_told_by_the_write_that_follows_it_only() -> None:
+    # A real conflict (another writer came first): the write did not land, the step plans again on
+    # the fresh object and writes; its Event tells the phases held back before, once.
+    kube = FakeKube(CANCELLED_EARLY, interfere=1)
+    op, events = _operator(kube)
+    op._remember(copy.deepcopy(kube.body))
+    op._passed[KEY] = ["PREPARING"]  # seen by a paced step, never written
+    asyncio.run(_reconciled(op))
+    assert kube.body["status"]["phase"] == "CANCELLED" and kube.status_writes == 2
+    assert [e.message.partition(":")[0] for e in events.posted] == ["CREATING -> PREPARING -> CANCELLED"]
+    assert not op._unconfirmed and KEY not in op._passed
+
+
+def test_a_body_older_than_an_unconfirmed_write_decides_nothing() -> None:
+    # A watch event that lags behind the operator's own GET neither shows nor refutes the write.
+    kube = FakeKube(CANCELLED_EARLY, lose_answers=1)
+    op, events = _operator(kube)
+    before = copy.deepcopy(kube.body)
+    view = JobView.from_body(before)
+    told = [JobEvent("Normal", "Cancelled", "CREATING -> CANCELLED: not needed")]
+    cancelled = view.status.model_copy(update={"phase": JobPhase.CANCELLED})
+    assert asyncio.run(op._write_status(KEY, view, before, cancelled, told)) is None
+    assert KEY in op._unconfirmed
+    op._post(before, [])
+    assert KEY in op._unconfirmed and not events.posted
+    op._post(kube.body, [])  # the job as stored now: the write landed
+    assert KEY not in op._unconfirmed
+    assert events.posted == told and op.phases._phases[KEY] == "CANCELLED"
+
+
+def test_a_failing_job_is_logged_once_per_error_and_told_to_its_users_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A thousand jobs failing every minute were a thousand WARNING lines a minute, and nothing in
+    # `kubectl describe`.
+    down = RuntimeError("admission webhook dsjobs.example.com: connection refused")
+    server = kopf_errors.APIServerError({"message": "etcdserver: request timed out"}, status=500, headers={})  # type: ignore[arg-type]
+    outcomes: list[BaseException | None] = [down, down, down, down, server, server, None, down]
+    op, events = _operator(FakeKube(CANCELLED_EARLY))
+    op._remember(copy.deepcopy(CANCELLED_EARLY))
+
+    async def reconcile(key: Any) -> None:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    op._reconcile = reconcile  # type: ignore[method-assign]
+    counted = _reconcile_errors("RuntimeError"), _reconcile_errors("APIServerError")
+    with caplog.at_level(logging.DEBUG, logger="dsjobs.controller"):
+        asyncio.run(_reconciled(op, times=8))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "reconcile" in r.getMessage()]
+    assert [level for level, _ in lines] == [
+        "WARNING",  # the first failure
+        "DEBUG",
+        "DEBUG",
+        "DEBUG",
+        "WARNING",  # another error
+        "DEBUG",
+        "INFO",  # succeeded after 6 failures: the streak is over
+        "WARNING",  # a new streak
+    ]
+    assert "(1 in a row)" in lines[0][1] and "connection refused" in lines[0][1]
+    assert "succeeded after 6 failures" in lines[6][1]
+    told = [(e.type, e.reason, e.message) for e in events.posted]
+    assert [t[:2] for t in told] == [("Warning", "ReconcileFailed")] * 2
+    assert "3 times in a row (RuntimeError: admission webhook" in told[0][2]
+    assert "5 times in a row (APIServerError: 500 etcdserver: request timed out)" in told[1][2]
+    assert (_reconcile_errors("RuntimeError"), _reconcile_errors("APIServerError")) == (
+        counted[0] + 5,
+        counted[1] + 2,
+    )
+    assert op._errors[KEY].count == 1
+    op._forget(KEY)
+    assert KEY not in op._errors
+
+
+def test_a_plan_that_never_settles_is_an_error_once_and_counted_every_time(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kube = FakeKube(_body({"phase": "CREATING", "createdAt": ts(CREATED)}, execute=False))
+    op, _ = _operator(kube, dataclasses.replace(SETTINGS, status_write_interval_seconds=0))
+    real_plan = handlers.plan
+    steps = iter(range(10**6))
+
+    def restless(job: Any, *_: Any, **__: Any) -> Plan:
+        # A bug: every step changes what the previous one wrote.
+        return Plan(job.status.model_copy(update={"status_details": f"step {next(steps)}"}))
+
+    monkeypatch.setattr(handlers, "plan", restless)
+    counted = _reconcile_errors("NotSettled")
+    with caplog.at_level(logging.DEBUG, logger="dsjobs.controller"):
+        asyncio.run(_reconciled(op, times=3))
+        assert kube.status_writes == 3 * MAX_STEPS
+        monkeypatch.setattr(handlers, "plan", real_plan)
+        asyncio.run(_reconciled(op))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if "settle" in r.getMessage()]
+    assert [level for level, _ in lines] == ["ERROR", "DEBUG", "DEBUG", "INFO"]
+    assert lines[0][1] == f"project-a/job-1: did not settle after {MAX_STEPS} steps (1 reconciles in a row)"
+    assert lines[3][1] == "project-a/job-1: settled after 3 reconciles that did not"
+    assert _reconcile_errors("NotSettled") - counted == 3
+    assert KEY not in op._unsettled
+
+
+def test_a_lost_leadership_posts_the_queued_events_before_the_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsjobs.controller import __main__ as main
+
+    done: list[str] = []
+
+    class Poster:
+        def drain_from_thread(self, timeout: float) -> bool:
+            done.append(f"drained within {timeout}s")
+            return True
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:
+        done.append(f"exit {code}")
+        raise Exited
+
+    monkeypatch.setattr(main.os, "_exit", exit_now)
+    monkeypatch.setattr(main.logging, "shutdown", lambda: None)
+    op = Operator(SETTINGS, environ={})
+    op.events = Poster()  # type: ignore[assignment]
+    with pytest.raises(Exited):
+        main.stand_down("the lease is held by other", op)
+    assert done == [f"drained within {main.LOST_LEADERSHIP_DRAIN}s", "exit 1"]
+    assert main.LOST_LEADERSHIP_DRAIN <= 2
+    # No reconcile starts any more: another replica may be acting on the jobs.
+    assert op.standing_down
+    asyncio.run(op._reconcile_locked(KEY))  # no kube: it would fail if it tried
+    assert not op._errors
+
+    # Kopf not started yet (no poster): straight out.
+    done.clear()
+    with pytest.raises(Exited):
+        main.stand_down("could not renew", Operator(SETTINGS, environ={}))
+    assert done == ["exit 1"]
+
