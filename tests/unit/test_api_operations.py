@@ -328,3 +328,15 @@ def test_an_execute_time_utc_cannot_hold_is_ignored_not_an_internal_error() -> N
     with pytest.raises(ValueError, match="out of range"):
         ops.parse_time("9999-12-31T23:59:59-00:01")
     assert ops.parse_time("2025-06-01T12:00:00+01:00") == datetime(2025, 6, 1, 11, 0, tzinfo=UTC)
+
+
+def test_a_job_a_newer_version_wrote_keys_into_is_served() -> None:
+    # Mid-rollout a newer operator or API replica wrote fields this replica does not know: Get,
+    # Cancel, Delete and the CLI's operation polling must not answer "cannot be read".
+    j = job(
+        {"phase": "SUCCESS", "returnCode": 0, "fieldOfANewerVersion": {"x": 1}},
+        newerSpecField=True,
+        jobParameters={"cmd": "python x.py", "newerParameter": "y"},
+    )
+    assert j.status.phase == JobPhase.SUCCESS and j.status.return_code == 0
+    assert j.spec.job_parameters.cmd == "python x.py"

@@ -195,3 +195,44 @@ def test_job_relative_path_refuses_unsafe_files(path: str, var: str) -> None:
 def test_data_ttl_infinity() -> None:
     assert m.data_ttl_is_infinite(m.parse_duration("infinity"))
     assert not m.data_ttl_is_infinite(timedelta(days=14))
+
+
+_MAPS = frozenset({"vars", "labels"})  # user maps, not objects of fields
+
+
+def _with_unknown_keys(doc: object, depth: int = 0) -> object:
+    """`doc` with a key no version of dsjobs knows added to every object in it."""
+    if isinstance(doc, dict):
+        out = {k: v if k in _MAPS else _with_unknown_keys(v, depth + 1) for k, v in doc.items()}
+        out[f"fieldOfANewerVersion{depth}"] = {"any": ["value"]}
+        return out
+    if isinstance(doc, list):
+        return [_with_unknown_keys(v, depth + 1) for v in doc]
+    return doc
+
+
+def test_what_the_cluster_stores_is_read_past_a_newer_versions_keys() -> None:
+    # A newer operator (a rollback, a newer replica mid-rollout, the CRD applied first) wrote keys
+    # this version does not know: they are skipped at every depth, the rest reads as ever.
+    from dsjobs.models.base import read_stored
+
+    spec, status = full_spec(), full_status()
+    stored_spec, stored_status = _with_unknown_keys(spec.to_cr()), _with_unknown_keys(status.to_cr())
+    assert read_stored(m.ProjectJobSpec, stored_spec) == spec
+    assert read_stored(m.ProjectJobStatus, stored_status) == status
+    # What a user or the API writes is still held to the known fields.
+    with pytest.raises(ValidationError, match="fieldOfANewerVersion0"):
+        m.ProjectJobSpec.model_validate(stored_spec)
+    # Known keys keep their rules.
+    with pytest.raises(ValidationError, match="phase"):
+        read_stored(m.ProjectJobStatus, {**status.to_cr(), "phase": "NOT_A_PHASE"})
+
+
+def test_a_status_patch_leaves_a_newer_versions_keys_alone() -> None:
+    from dsjobs.controller.kube import merge_diff
+    from dsjobs.models.base import known_part
+
+    stored = {**full_status().to_cr(), "newerField": {"a": 1}, "phase": "EXECUTING"}
+    new = {**full_status().to_cr(), "phase": "SUCCESS"}
+    assert merge_diff(stored, new) == {"phase": "SUCCESS", "newerField": None}  # what it was
+    assert merge_diff(known_part(m.ProjectJobStatus, stored), new) == {"phase": "SUCCESS"}

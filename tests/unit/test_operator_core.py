@@ -506,3 +506,31 @@ def test_tls_connections_get_the_smaller_read_buffer(monkeypatch: pytest.MonkeyP
         assert buffer() == TLS_READ_BUFFER == 64 * 1024
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("image", "skewed"),
+    [
+        ("ghcr.io/dsjobs/dsjobs:0.1.0", False),
+        ("ghcr.io/dsjobs/dsjobs:v0.1.0", False),
+        ("ghcr.io/dsjobs/dsjobs:0.0.9", True),
+        ("registry.local:5000/dsjobs:0.2.0", True),
+        ("registry.local:5000/dsjobs", False),  # the colon is the registry's port
+        ("dsjobs:dev", False),
+        ("ghcr.io/dsjobs/dsjobs:0.0.9@sha256:" + "0" * 64, False),  # a digest: cannot tell
+    ],
+)
+def test_a_runner_image_of_another_version_is_told(image: str, skewed: bool) -> None:
+    from dsjobs import __version__
+    from dsjobs.controller.settings import DEFAULT_RUNNER_IMAGE, runner_image_skew
+
+    # The default and the base deployment's runner image go with the release.
+    settings_yaml = (Path(__file__).parents[2] / "deploy/base/settings.yaml").read_text()
+    deployed = re.search(r'DSJOBS_RUNNER_IMAGE: "([^"]+)"', settings_yaml)
+    assert deployed is not None
+    for release_image in (DEFAULT_RUNNER_IMAGE, deployed.group(1)):
+        assert runner_image_skew(release_image, __version__) is None
+    why = runner_image_skew(image, "0.1.0")
+    assert (why is not None) == skewed
+    if why is not None:
+        assert image in why and "DSJOBS_RUNNER_IMAGE" in why

@@ -309,3 +309,25 @@ def test_a_lost_leadership_posts_the_queued_events_before_the_exit(monkeypatch: 
         main.stand_down("could not renew", Operator(SETTINGS, environ={}))
     assert done == ["exit 1"]
 
+
+FINISHED = {
+    "phase": "SUCCESS",
+    "createdAt": ts(CREATED),
+    "startedAt": ts(CREATED),
+    "finishedAt": ts(CREATED),
+    "returnCode": 0,
+    "attempt": 1,
+    "podName": "job-1-a1",
+}
+
+
+def test_a_newer_versions_status_keys_are_read_past_and_kept() -> None:
+    # A rollback, or a newer replica's write mid-rollout: the finished job is neither run again
+    # nor stripped of what the newer version recorded.
+    kube = FakeKube(_body({**FINISHED, "newerField": {"kept": True}}))
+    op, _ = _operator(kube)
+    asyncio.run(_reconciled(op, times=2))
+    status = kube.body["status"]
+    assert status["phase"] == "SUCCESS" and status["attempt"] == 1
+    assert status["newerField"] == {"kept": True}
+

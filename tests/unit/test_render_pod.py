@@ -802,3 +802,27 @@ def test_catalog_types_render() -> None:
         assert isinstance(it, InstanceTypeSpec)
         pod = pod_for(spec(cloudInstanceTypes=[{"name": name}]), type_name=name)
         assert pod["spec"]["containers"][0]["resources"]["limits"]["cpu"] == str(it.vcpu)
+
+
+def test_the_instance_type_digest_covers_what_goes_into_the_pod_only() -> None:
+    # A pod waiting for a node is made again when its type's digest changes: an edit of the
+    # type's description, or a field a newer version adds, must not do that.
+    import hashlib
+
+    from dsjobs.controller.render import _POD_FIELDS, instance_type_digest, made_from
+    from dsjobs.models.base import known_keys
+
+    assert set(_POD_FIELDS) <= known_keys(InstanceTypeSpec)
+    base = instance_type_spec(next(e for e in CATALOG if e.gpus))
+    digest = instance_type_digest(base)
+    for same in ({"description": "edited"}, {"vcpu": base.vcpu + 1}, {"schedule_timeout_seconds": 999}):
+        assert instance_type_digest(base.model_copy(update=same)) == digest
+    changed = base.model_copy(update={"node_selector": {**base.node_selector, "zone": "b"}})
+    assert instance_type_digest(changed) != digest
+    assert not made_from(digest, changed) and made_from(digest, base)
+    # A pod an older operator made carries the digest of the whole spec: not made again for the
+    # upgrade alone, made again when the type did change.
+    old_style = hashlib.sha256(
+        json.dumps(base.to_cr(), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:16]
+    assert made_from(old_style, base) and not made_from(old_style, changed)

@@ -103,3 +103,29 @@ def test_the_runner_refuses_the_env_names_the_api_refuses() -> None:
     assert config.RESERVED_ENV == limits.RESERVED_ENV_VARS
     assert config.RESERVED_ENV_PREFIX == limits.RESERVED_ENV_PREFIX
     assert config.SHELL_SPECIAL_ENV == limits.SHELL_SPECIAL_ENV_VARS
+
+
+@pytest.mark.parametrize(("command", "status"), [("stage-in", "STAGE_IN_FAILED"), ("ship", "SETUP_FAILED")])
+def test_a_config_the_runner_cannot_read_is_told_as_a_version_skew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, status: str
+) -> None:
+    # A runner image older than its operator meets a field it does not know: the job's status
+    # says that, not "staging inputs failed: Error" (the init container's bare exit).
+    import json
+
+    from dsjobs.controller.podview import ContainerView
+    from dsjobs.controller.status import _stage_in_failure
+    from dsjobs.runner import __main__ as runner_main
+    from dsjobs.runner.result import parse_termination_message
+
+    message = tmp_path / "termination-log"
+    monkeypatch.setenv("DSJOBS_TERMINATION_LOG", str(message))
+    monkeypatch.delenv("DSJOBS_RUNNER_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("DSJOBS_RUNNER_CONFIG", json.dumps(base(attempt=2, a_newer_feature=[1])))
+    assert runner_main.main([command]) == 2
+    result = parse_termination_message(message.read_text())
+    assert (result.status, result.project_id, result.job_id, result.attempt) == (status, "p", "j", 2)
+    assert "a_newer_feature" in result.reason and "DSJOBS_RUNNER_IMAGE" in result.reason
+    if command == "stage-in":
+        view = ContainerView(name="stage-in", state="terminated", exit_code=2, message=message.read_text())
+        assert _stage_in_failure(view) == result.reason

@@ -32,6 +32,7 @@ from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.convert.common import file_to_proto
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models.base import read_stored
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.pb.yandex.cloud.operation import operation_pb2
@@ -131,8 +132,8 @@ class JobSnapshot:
             uid=str(meta.get("uid", "")),
             resource_version=str(meta.get("resourceVersion", "")),
             created_at=parse_time(created) if created else datetime.now(UTC),
-            spec=ProjectJobSpec.model_validate(obj.get("spec") or {}),
-            status=ProjectJobStatus.model_validate(obj.get("status") or {}),
+            spec=read_stored(ProjectJobSpec, obj.get("spec") or {}),
+            status=read_stored(ProjectJobStatus, obj.get("status") or {}),
             labels=dict(meta.get("labels") or {}),
             annotations=dict(meta.get("annotations") or {}),
             deleting=bool(meta.get("deletionTimestamp")),

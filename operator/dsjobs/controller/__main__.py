@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     _keep_kubernetes_client_out()
     import kopf
 
+    from dsjobs import __version__
     from dsjobs.controller.handlers import Operator, register
-    from dsjobs.controller.settings import settings_from_env
+    from dsjobs.controller.settings import runner_image_skew, settings_from_env
 
     settings = settings_from_env()
     namespaces = tuple(args.namespace) or settings.namespaces
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
         # One line per liveness probe otherwise.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    skew = runner_image_skew(settings.runner_image, __version__)
+    if skew is not None:
+        logging.getLogger("dsjobs.controller").warning("%s", skew)
     registry = kopf.OperatorRegistry()
     operator = Operator(settings)
     register(registry, operator)

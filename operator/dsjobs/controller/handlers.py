@@ -131,6 +131,7 @@ from dsjobs.models import (
     ProjectJobSpec,
     ProjectJobStatus,
 )
+from dsjobs.models.base import known_part, read_stored
 from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
 
@@ -1178,7 +1179,8 @@ class Operator:
         assert self.kube is not None
         self._settle_unconfirmed(key, body)
         new = status.to_cr()
-        patch = merge_diff(body.get("status") or {}, new)
+        # A newer version's keys (a rollback, a newer replica's write) are left as they are.
+        patch = merge_diff(known_part(ProjectJobStatus, body.get("status") or {}), new)
         meta = body.get("metadata") or {}
         payload = {
             "metadata": {"resourceVersion": meta.get("resourceVersion", job.resource_version)},
@@ -1222,7 +1224,7 @@ class Operator:
             return
         del self._unconfirmed[key]
         try:
-            stored = ProjectJobStatus.model_validate(body.get("status") or {}).to_cr()
+            stored = read_stored(ProjectJobStatus, body.get("status") or {}).to_cr()
         except ValueError:
             stored = None
         if stored != pending.status:
@@ -1253,7 +1255,7 @@ class Operator:
             self.phases.set(key, new_phase)
             jlog(logging.INFO, key, "%s -> %s", old_phase or "new", new_phase)
         try:
-            fresh = ProjectJobStatus.model_validate(new_status)
+            fresh = read_stored(ProjectJobStatus, new_status)
         except ValueError:
             fresh = None
         if fresh is not None:

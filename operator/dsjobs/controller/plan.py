@@ -37,7 +37,7 @@ from dsjobs.controller.names import (
     pod_name,
 )
 from dsjobs.controller.podview import PodView, parse_time
-from dsjobs.controller.render import instance_type_digest
+from dsjobs.controller.render import made_from
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     ATTEMPT_CONDITIONS,
@@ -72,7 +72,7 @@ from dsjobs.models import (
     ProjectJobStatus,
     format_duration,
 )
-from dsjobs.models.base import parse_duration
+from dsjobs.models.base import parse_duration, read_stored
 from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
@@ -112,7 +112,7 @@ class JobView:
         meta = body.get("metadata") or {}
         problem = ""
         try:
-            status = ProjectJobStatus.model_validate(body.get("status") or {})
+            status = read_stored(ProjectJobStatus, body.get("status") or {})
         except ValidationError as exc:
             status, problem = ProjectJobStatus(), f"unreadable status ({exc.error_count()} problems)"
         return cls(
@@ -452,7 +452,8 @@ def _plan(
         )
     else:
         try:
-            spec = ProjectJobSpec.model_validate(job.spec)
+            # A running job's spec with a newer version's key reads: refusing it would delete its pod.
+            spec = read_stored(ProjectJobSpec, job.spec)
         except ValidationError as exc:
             spec, problems = None, [_unreadable(exc)]
     if spec is None:
@@ -602,7 +603,7 @@ def _plan(
             current.unschedulable
             and type_now is not None
             and current.instance_type_digest
-            and current.instance_type_digest != instance_type_digest(type_now)
+            and not made_from(current.instance_type_digest, type_now)
         ):
             # An admin changed the type (its nodeSelector, tolerations, resources) while the pod
             # waited: the pod still asks what the old one said. A fresh pod asks the new (no

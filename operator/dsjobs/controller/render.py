@@ -413,10 +413,32 @@ def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
     return resources
 
 
-def instance_type_digest(instance_type: InstanceTypeSpec) -> str:
-    """Short digest of what an InstanceType says (its spec as the CR holds it)."""
-    canonical = json.dumps(instance_type.to_cr(), sort_keys=True, separators=(",", ":"))
+#: The InstanceType's fields that its pods are made of (render_pod): a change of any other (its
+#: description, the vCPUs it advertises, a field a newer version adds with a default) leaves the
+#: pods waiting for a node as they are.
+_POD_FIELDS: Final = ("nodeSelector", "tolerations", "resources", "priorityClassName", "workingDirSizeLimit")
+#: Marks a digest of those fields; a digest without it (of the whole spec) is an older operator's.
+_POD_DIGEST_PREFIX: Final = "p-"
+
+
+def _digest(doc: Mapping[str, Any]) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def instance_type_digest(instance_type: InstanceTypeSpec) -> str:
+    """Short digest of what of an InstanceType goes into its pods."""
+    doc = instance_type.to_cr()
+    return _POD_DIGEST_PREFIX + _digest({k: doc[k] for k in _POD_FIELDS if k in doc})
+
+
+def made_from(digest: str, instance_type: InstanceTypeSpec) -> bool:
+    """Whether a pod whose annotation holds `digest` asks what `instance_type` says now."""
+    if digest.startswith(_POD_DIGEST_PREFIX):
+        return digest == instance_type_digest(instance_type)
+    # An older operator digested the whole spec: a pod it made before this upgrade is not made
+    # again for the upgrade alone.
+    return digest == _digest(instance_type.to_cr())
 
 
 def render_pod(
@@ -542,6 +564,7 @@ __all__ = [
     "PvcView",
     "Volumes",
     "instance_type_digest",
+    "made_from",
     "needs_registry_secret",
     "output_dataset_claims",
     "published_dataset_patch",

@@ -32,6 +32,29 @@ RUNNER_PULL_POLICIES: Final = ("", "Always", "IfNotPresent", "Never")
 _DNS_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+_VERSION_TAG: Final = re.compile(r"v?([0-9]+\.[0-9]+\.[0-9]+)")
+
+
+def runner_image_skew(image: str, version: str) -> str | None:
+    """Why `image` (DSJOBS_RUNNER_IMAGE) looks like another dsjobs version than `version`, the
+    operator's own, or None. Only a tag that is a version tells (`dsjobs:0.1.0`); a digest or a
+    tag such as `dev` does not. The runner's config and result change with dsjobs: kustomize's
+    `images:` rewrites the Deployments' images, not this setting, so an upgrade may leave it behind."""
+    if "@" in image:
+        return None
+    _name, sep, tag = image.rpartition(":")
+    if not sep or "/" in tag:  # no tag, or the colon was a registry's port
+        return None
+    m = _VERSION_TAG.fullmatch(tag)
+    if m is None or m.group(1) == version:
+        return None
+    return (
+        f"the runner image {image} is tagged {tag} but this operator is dsjobs {version}: the "
+        "runner reads the operator's config and the operator the runner's result, which change "
+        "between versions; set DSJOBS_RUNNER_IMAGE to the operator's version"
+    )
+
+
 class SettingsError(ValueError):
     """An environment variable holds a value the operator cannot use."""
 

@@ -9,6 +9,7 @@ from typing import Any
 from dsjobs.convert.common import file_desc_to_proto, file_to_proto, phase_to_proto, timestamp
 from dsjobs.convert.params import job_parameters_to_proto, output_dataset_desc_to_proto
 from dsjobs.models import FileError, FileErrorType, Progress, ProjectJobSpec, ProjectJobStatus
+from dsjobs.models.base import read_stored
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 
 _ERROR_TYPE = {
@@ -114,8 +115,8 @@ def parse_resource(
     status = obj.get("status")
     return (
         str(metadata.get("name", "")),
-        ProjectJobSpec.model_validate(obj["spec"]),
-        ProjectJobStatus.model_validate(status) if status else None,
+        read_stored(ProjectJobSpec, obj["spec"]),
+        read_stored(ProjectJobStatus, status) if status else None,
         created_at,
     )
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from dsjobs.models.limits import DURATION_PARTS, DURATION_PATTERN, INFINITE_TTL
@@ -19,9 +29,13 @@ class CRModel(BaseModel):
 
     Python attributes are snake_case, the CR carries Kubernetes camelCase (the alias); both are
     accepted on input. Unknown keys are rejected: the CRD is generated from these models, so an
-    unknown key is a bug (or a typo in a hand-written CR) rather than a newer field.
+    unknown key in what a user or the API writes is a bug (or a typo in a hand-written CR).
     Values are only type-checked here; `dsjobs.validation` checks the rules and reports all
     problems with their field paths.
+
+    What is read back from the cluster is read with `read_stored`, which skips unknown keys: there
+    they are fields of a newer dsjobs (a CRD applied before its operator, a rollback, a newer
+    replica during a rollout), and refusing them made a finished job's status unreadable.
     """
 
     model_config = ConfigDict(
@@ -31,9 +45,50 @@ class CRModel(BaseModel):
         extra="forbid",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_unknown_when_stored(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and info.context is STORED:
+            known = known_keys(cls)
+            if any(k not in known for k in data):
+                return {k: v for k, v in data.items() if k in known}
+        return data
+
     def to_cr(self) -> dict[str, Any]:
         """The JSON-ready dict that goes into the custom resource."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+#: The validation context of `read_stored` (compared by identity).
+STORED: Final[dict[str, bool]] = {"stored": True}
+
+_KNOWN_KEYS: dict[type[BaseModel], frozenset[str]] = {}
+
+M = TypeVar("M", bound=CRModel)
+
+
+def known_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The keys `model` reads: its fields' names and aliases."""
+    keys = _KNOWN_KEYS.get(model)
+    if keys is None:
+        keys = frozenset(
+            name for f_name, f in model.model_fields.items() for name in (f_name, f.alias) if name
+        )
+        _KNOWN_KEYS[model] = keys
+    return keys
+
+
+def read_stored(model: type[M], data: Any) -> M:
+    """`model` read from what the cluster stores, skipping keys this version does not know (at
+    every depth); the values of known keys are checked as ever."""
+    return model.model_validate(data, context=STORED)
+
+
+def known_part(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys of a stored object that `model` knows: all that a merge patch computed
+    from a `model` may set or remove; the rest, a newer version's, is left as it is."""
+    known = known_keys(model)
+    return {k: v for k, v in data.items() if k in known}
 
 
 def field(description: str, default: Any = ..., **schema: Any) -> Any:

@@ -8,12 +8,17 @@ the result), 1 the job cannot start (stage-in) or a runner failure, 2 usage/conf
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
-from dsjobs.runner.config import RunnerConfig
+from dsjobs import __version__
+from dsjobs.runner.config import ENV_CONFIG, ENV_CONFIG_FILE, RunnerConfig
 from dsjobs.runner.contract import STORAGE_PATIENCE_SECONDS
 from dsjobs.runner.entry import render_entry_script
 from dsjobs.storage import Storage, StorageSettings
@@ -30,6 +35,43 @@ def _setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _tell_config_refused(command: str, exc: Exception) -> None:
+    """The job's result when this runner cannot read the config its operator wrote: most likely
+    the runner image (DSJOBS_RUNNER_IMAGE) is of another dsjobs version than the operator, which
+    the job's status should say rather than "staging inputs failed: Error"."""
+    from dsjobs.runner.result import RunnerResult, RunnerStatus, termination_message
+    from dsjobs.runner.ship import write_termination_message
+
+    reason = (
+        f"the job's runner (dsjobs {__version__}) cannot read the config the operator gave it "
+        f"({str(exc)[:500]}): the operator's runner image (DSJOBS_RUNNER_IMAGE) must be of the "
+        "operator's own dsjobs version"
+    )
+    raw: dict[str, object] = {}
+    with contextlib.suppress(Exception):  # the ids are a courtesy: the operator knows the pod's job
+        loaded = json.loads(_raw_config())
+        raw = loaded if isinstance(loaded, dict) else {}
+    attempt = raw.get("attempt")
+    result = RunnerResult(
+        project_id=str(raw.get("project_id") or ""),
+        job_id=str(raw.get("job_id") or ""),
+        attempt=attempt if isinstance(attempt, int) and attempt >= 0 else 0,
+        status=RunnerStatus.STAGE_IN_FAILED if command == "stage-in" else RunnerStatus.SETUP_FAILED,
+        reason=reason,
+    )
+    try:
+        write_termination_message(termination_message(result))
+    except OSError as write_exc:
+        logging.getLogger("dsjobs.runner").error("termination message not written error=%s", write_exc)
+
+
+def _raw_config() -> bytes:
+    path = os.environ.get(ENV_CONFIG_FILE)
+    if path:
+        return Path(path).read_bytes()
+    return os.environ.get(ENV_CONFIG, "").encode()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsjobs.runner")
     parser.add_argument("command", choices=["stage-in", "ship", "entry-script"])
@@ -40,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         config = RunnerConfig.load()
     except Exception as exc:
         log.error("invalid runner config error=%s", exc)
+        if args.command != "entry-script":
+            _tell_config_refused(args.command, exc)
         return 2
     if args.command == "entry-script":
         sys.stdout.write(render_entry_script(config))

@@ -137,7 +137,7 @@ def _message(err: Any) -> str:
     if err["type"] == "missing":
         return "is required"
     if err["type"] == "extra_forbidden":
-        return "is not a known field"
+        return "is not a field this version of dsjobs knows (a typo, or a newer version's field)"
     return str(err["msg"])
 
 
