@@ -1198,11 +1198,15 @@ def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> Non
     assert h.job("stays-inside") is not None
 
 
-def test_kubectl_apply_refuses_a_job_name_longer_than_a_label_value(h: H) -> None:
+@pytest.mark.parametrize("name", ["j" * 64, "train.v2"])
+def test_kubectl_apply_refuses_a_job_name_that_is_no_job_id(h: H, name: str) -> None:
+    # Kubernetes takes dotted names of custom resources; the API and the CLI could never name such
+    # a job to fetch its outputs. The rule is create-only (optionalOldSelf), which the API server
+    # of `make up` must take.
     body = {
         "apiVersion": "dsjobs.dev/v1alpha1",
         "kind": "ProjectJob",
-        "metadata": {"name": "j" * 64},
+        "metadata": {"name": name},
         "spec": {
             "projectId": PROJECT_ID,
             "jobParameters": {"cmd": "true"},
@@ -1210,8 +1214,27 @@ def test_kubectl_apply_refuses_a_job_name_longer_than_a_label_value(h: H) -> Non
         },
     }
     out = h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=json.dumps(body), check=False)
-    assert "metadata.name: Invalid value" in out and "at most 63 characters" in out, out
+    assert "metadata.name: Invalid value" in out and "must be a DNS label [job-name]" in out, out
     assert "spec.retryPolicy.retryOnExitCodes[0]: Invalid value: 0" in out, out
+
+
+def test_kubectl_cannot_take_a_cancel_back(h: H) -> None:
+    h.create_job("take-back", {"cmd": "true"}, execute=False)
+    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", '{"spec":{"cancel":{}}}')
+    out = h.kubectl(
+        "patch",
+        "pj",
+        "take-back",
+        "-n",
+        h.namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"cancel":null}}',
+        check=False,
+    )
+    assert "spec.cancel: Invalid value" in out and "cannot be removed once set" in out, out
+    forced = '{"spec":{"cancel":{"graceful":false}}}'
+    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", forced)
 
 
 def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:

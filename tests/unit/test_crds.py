@@ -190,14 +190,45 @@ def test_cel_rules_are_where_they_belong() -> None:
         )
     assert any("logFileName" in r for r in rules[".status.fileErrors[]"])
     assert crdgen.INSTANCETYPE_NAME_RULE in [r["rule"] for r in root_schema(IT)["x-kubernetes-validations"]]
-    # A job name is a label value of its pods: refused at apply, not only by the operator.
-    assert [r["rule"] for r in root_schema(PJ)["x-kubernetes-validations"]] == [
-        "size(self.metadata.name) <= 63"
-    ]
+    # A cancel is one-way (removing it during a graceful shutdown made the plan kill the pod).
+    assert "!has(oldSelf.cancel) || has(self.cancel)" in rules[".spec"]
+    (name_rule,) = root_schema(PJ)["x-kubernetes-validations"]
+    assert name_rule["rule"] == crdgen.JOB_NAME_RULE and name_rule["fieldPath"] == ".metadata.name"
     codes = root_schema(PJ)["properties"]["spec"]["properties"]["retryPolicy"]["properties"][
         "retryOnExitCodes"
     ]
     assert (codes["items"]["minimum"], codes["items"]["maximum"]) == (1, 255)
+
+
+def test_the_fixed_parameters_refusal_tells_kubectl_users_what_they_can_do() -> None:
+    # "clone this one" is the API's way only: kubectl users apply the job under a new name (or
+    # with generateName), or delete it first.
+    (message,) = [
+        r["message"]
+        for r in root_schema(PJ)["properties"]["spec"]["x-kubernetes-validations"]
+        if "self.jobParameters == oldSelf.jobParameters" in r["rule"]
+    ]
+    for needle in ("apply it under a new name", "metadata.generateName", "clone", "delete this job first"):
+        assert needle in message, message
+
+
+def test_the_job_name_rule_wants_a_dns_label_on_create_only() -> None:
+    # The API's job ids are DNS labels (dsjobs.api.ids): a dotted name ran, but its outputs could
+    # never be fetched; a long one is no label value of its pods.
+    (rule,) = root_schema(PJ)["x-kubernetes-validations"]
+    # Create-only: a root rule without oldSelf is evaluated on every update and status write of a
+    # job stored before it existed (ratcheting skips it only for an unchanged object), so such a
+    # job could never end nor be let go by its finalizer.
+    assert rule["optionalOldSelf"] is True
+    guard, _, check = rule["rule"].partition(" || ")
+    assert guard == "oldSelf.hasValue()"
+    pattern = re.fullmatch(r"self\.metadata\.name\.matches\('(.*)'\)", check)
+    assert pattern is not None
+    for name in ("job-0001", "a", "0", "a" * 63, "00u7f1sq2lf8gmfdbbaz"):
+        assert re.search(pattern[1], name), name
+    for name in ("train.v2", "a" * 64, "Train", "-a", "a-", "a_b", ""):
+        assert not re.search(pattern[1], name), name
+    assert "DNS label" in rule["message"] and "[job-name]" in rule["message"]
 
 
 def _object(kind: str, spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:

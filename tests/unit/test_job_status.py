@@ -23,10 +23,12 @@ from dsjobs.controller.names import (
     output_dataset_id,
 )
 from dsjobs.controller.plan import (
+    UNEXECUTED_DETAILS,
     ClearData,
     CreatePod,
     DeleteDatasetClaims,
     DeletePod,
+    DeleteRegistryPasswords,
     DeleteSecrets,
     EnsureMetadata,
     JobView,
@@ -275,6 +277,17 @@ def test_new_job_without_execute_waits_in_creating() -> None:
     assert [e.reason for e in p.events] == ["Created"]
 
 
+def test_a_job_not_executed_says_what_it_waits_for() -> None:
+    # Applied by hand without `execute: true`, it sat in CREATING without a word.
+    p = step(job(execute=False))
+    assert p.status.phase == JobPhase.CREATING and p.status.status_details == UNEXECUTED_DETAILS
+    assert "spec.execute: true" in UNEXECUTED_DETAILS
+    assert step(job(execute=False, status=p.status.to_cr())).status == p.status  # nothing more to write
+    executed = step(job(status=p.status.to_cr()))
+    assert executed.status.phase == JobPhase.PREPARING
+    assert executed.status.status_details == "waiting for a node for instance type c1.4"
+
+
 def test_a_job_applied_without_labels_gets_them_with_the_finalizer() -> None:
     p = step(job(execute=False, finalizers=(), labels={"team": "x"}))
     assert p.actions == (
@@ -440,6 +453,24 @@ def test_a_job_on_an_invalid_instance_type_says_which_and_why() -> None:
 def test_too_long_name_fails() -> None:
     p = step(job(name="j" * 64))
     assert p.status.phase == JobPhase.ERROR and "63" in p.status.status_details
+
+
+def test_a_name_that_is_no_dns_label_is_refused_before_its_first_pod() -> None:
+    # Kubernetes takes `train.v2`, and so did the CRD before its rule: the job ran, but the API's
+    # job ids are DNS labels, so neither it nor the CLI could ever fetch its outputs.
+    for name in ("train.v2", "j" * 64):
+        p = step(job(name=name))
+        assert p.status.phase == JobPhase.ERROR
+        assert not any(isinstance(a, CreatePod) for a in p.actions)
+        finished = get_condition(p.status, "Finished")
+        assert finished is not None and finished.reason == "InvalidSpec"
+        assert p.status.status_details.startswith(f"invalid job: metadata.name: {name!r} must be a DNS label")
+        assert "[job-name]" in p.status.status_details
+    # One that started before the rule existed is not stopped for it.
+    status = {**started("EXECUTING"), "podName": "train.v2-a1"}
+    running_pod = replace(executing_pod(), name="train.v2-a1")
+    p = step(job(name="train.v2", status=status), [running_pod])
+    assert p.status.phase == JobPhase.EXECUTING and not p.actions
 
 
 def test_cancel_before_start_never_starts() -> None:
@@ -1499,8 +1530,21 @@ def test_a_cancel_during_a_retry_s_backoff_deletes_the_secrets_of_the_failed_att
     ).actions
 
 
-CLEANUP = (DeletePod, DeleteSecrets, DeleteDatasetClaims, ClearData, RemoveFinalizer)
+CLEANUP = (DeletePod, DeleteSecrets, DeleteDatasetClaims, DeleteRegistryPasswords, ClearData, RemoveFinalizer)
 NO_RETENTION = OperatorSettings(finished_pod_retention_seconds=0)
+
+
+# What the garbage collector would delete with the job, but not after `--cascade=orphan`.
+ORPHANABLE = {
+    "outputDatasets": [{"name": "models", "var": "MODELS", "sizeGb": 1}],
+    "env": {
+        "dockerImageSpec": {
+            "imageUrl": "cr.example.com/team/train:1",
+            "username": "robot",
+            "passwordSecretRef": {"name": "job-1-docker-password", "key": "password"},
+        }
+    },
+}
 
 
 def _crash_scenarios() -> dict[str, tuple[JobView, list[PodView], OperatorSettings]]:
@@ -1520,6 +1564,11 @@ def _crash_scenarios() -> dict[str, tuple[JobView, list[PodView], OperatorSettin
         ),
         "deleted, pod gone": (deleted, [pod(gone=True, node="cpu-0")], SETTINGS),
         "deleted, pod never ran": (deleted, [unschedulable(NOW)], SETTINGS),
+        "deleted with claims and a registry password": (
+            job(params=ORPHANABLE, status=started("EXECUTING"), deleting=True),
+            [pod(gone=True, node="cpu-0")],
+            SETTINGS,
+        ),
     }
 
 
@@ -1781,6 +1830,34 @@ def test_a_forceful_cancel_after_a_graceful_one_shortens_the_pod_s_grace() -> No
         view.deletion_grace_seconds == 55
         and PodView.from_pod({"metadata": {}}).deletion_grace_seconds is None
     )
+
+
+def test_a_cancel_removed_while_cancelling_does_not_kill_a_graceful_shutdown() -> None:
+    # `kubectl apply` of a manifest without spec.cancel (before the CRD refused it): the pod, deleted
+    # with the job's timeout, was deleted again with 1 s, killing the program saving its checkpoint.
+    params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "40s"}}
+    uncancelled = job(params=params, status=started("CANCELLING"))
+    shutting = replace(
+        pod(phase="Running", node="cpu-0", deleting=True, containers=[running("job"), running("ship")]),
+        deletion_grace_seconds=55,
+    )
+    p = step(uncancelled, [shutting])
+    assert p.status.phase == JobPhase.CANCELLING and not p.actions
+    # A delete decided but lost (a crash): issued again with the graceful grace, not the kill's.
+    assert step(uncancelled, [executing_pod()]).actions == (DeletePod("job-1-a1", 55, "cancelled"),)
+    # It still ends CANCELLED when the pod is gone.
+    assert step(uncancelled, [pod(gone=True, node="cpu-0")]).status.phase == JobPhase.CANCELLED
+
+
+def test_a_cancel_requested_at_a_time_without_a_zone_is_read_as_utc() -> None:
+    # The CRD's date-time format may let `kubectl patch` write one: the spec became unreadable and
+    # a running job ended ERROR instead of being cancelled.
+    naive = {"reason": "stop", "requestedAt": "2024-01-01T10:00:00"}
+    p = step(job(status=started("EXECUTING"), cancel=naive), [executing_pod()])
+    assert p.status.phase == JobPhase.CANCELLING
+    assert p.actions == (DeletePod("job-1-a1", 15, "cancelled"),)
+    spec = ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": {"cmd": "x"}, "cancel": naive})
+    assert spec.cancel is not None and spec.cancel.requested_at == datetime(2024, 1, 1, 10, tzinfo=UTC)
 
 
 def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:
@@ -2360,6 +2437,25 @@ def test_deletion_cleans_up_then_lets_go() -> None:
     assert not step(job(deleting=True, finalizers=())).actions
 
 
+def test_a_deleted_job_deletes_what_its_owner_reference_would_have() -> None:
+    # `kubectl delete pj --cascade=orphan` strips the owner references: the unpublished claims of
+    # its output datasets and the API's Secret of its registry password would stay for ever.
+    deleted = job(params=ORPHANABLE, status=started("EXECUTING"), deleting=True)
+    assert step(deleted, [pod(gone=True, node="cpu-0")]).actions == (
+        DeleteSecrets(),
+        DeleteDatasetClaims(),
+        DeleteRegistryPasswords(),
+        ClearData(),
+        RemoveFinalizer(),
+    )
+    # Only after the pods: a claim in use is held by its pod.
+    assert step(deleted, [executing_pod()]).actions == (DeletePod("job-1-a1", 1, "the job is deleted"),)
+    # From the raw spec: one the models cannot read is no reason to leave them.
+    unreadable = job(params={**ORPHANABLE, "cmd": 5}, status=started("ERROR"), deleting=True)
+    assert DeleteRegistryPasswords() in step(unreadable).actions
+    assert DeleteDatasetClaims() in step(unreadable).actions
+
+
 def test_phase_changes_of_one_step_become_one_event() -> None:
     from dsjobs.controller.status import JobEvent, coalesce_transitions
 
@@ -2389,3 +2485,135 @@ def test_phase_changes_of_one_step_become_one_event() -> None:
     ]
     assert coalesce_transitions(other) == other
     assert coalesce_transitions([]) == []
+
+
+# --- conditions a kubectl user waits for -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pods", "res", "extra", "phase", "finished", "reason"),
+    [
+        ([ended_pod(0)], result(0), {}, "SUCCESS", "True", "Succeeded"),
+        ([ended_pod(3)], result(3), {}, "ERROR", "False", "Failed"),
+        (
+            [pod(gone=True, node="cpu-0")],
+            None,
+            {"cancel": {"reason": "stop"}},
+            "CANCELLED",
+            "False",
+            "Cancelled",
+        ),
+    ],
+)
+def test_every_end_sets_ended_true(
+    pods: list[PodView],
+    res: RunnerResult | None,
+    extra: dict[str, Any],
+    phase: str,
+    finished: str,
+    reason: str,
+) -> None:
+    # `kubectl wait --for=condition=Finished` hangs on a job that fails (Finished=False): Ended is
+    # True on every final phase, its reason the phase's.
+    p = step(job(status=started("EXECUTING"), **extra), pods, res=res)
+    assert p.status.phase == JobPhase(phase)
+    ended, done = get_condition(p.status, "Ended"), get_condition(p.status, "Finished")
+    assert ended is not None and done is not None
+    assert (ended.status, ended.reason, done.status) == ("True", reason, finished)
+    assert ended.message == done.message
+
+
+def test_a_job_that_ends_before_its_pod_is_ended_too() -> None:
+    for p in (step(job(params={"cmd": "python main.py ${NOPE}"})), step(job(cancel={"reason": "no"}))):
+        ended = get_condition(p.status, "Ended")
+        assert p.status.phase is not None and p.status.phase.is_final
+        assert ended is not None and ended.status == "True"
+
+
+# --- a status the models cannot read -----------------------------------------------------------
+
+
+NAIVE = "2025-06-01T12:00:00"  # no zone: the CRD's date-time format lets it through
+
+
+def test_an_unreadable_status_of_a_finished_job_does_not_run_it_again() -> None:
+    # The plan started from scratch: a SUCCESS job whose pod was gone got a new attempt 1.
+    finished = {
+        "type": "Finished",
+        "status": "True",
+        "reason": "Succeeded",
+        "message": "done",
+        "lastTransitionTime": ts(NOW - timedelta(hours=1)),
+    }
+    bad = started("SUCCESS", finishedAt=NAIVE, returnCode=0, conditions=[finished])
+    j = job(status=bad)
+    assert "status.finishedAt: Input should have timezone info" in j.status_problem
+    p = step(j, [pod(gone=True, node="cpu-0")])
+    assert not p.actions
+    assert p.status.phase == JobPhase.SUCCESS and (p.status.attempt, p.status.return_code) == (1, 0)
+    cond = get_condition(p.status, "StatusReadable")
+    assert cond is not None and (cond.status, cond.reason) == ("False", "UnreadableStatus")
+    assert f"status.finishedAt: Input should have timezone info (stored: '{NAIVE}')" in cond.message
+    assert p.status.status_details.startswith("the stored status cannot be read: status.finishedAt")
+    assert [e.reason for e in p.events] == ["UnreadableStatus"]
+    # Nor a pod kept after its end deleted, nor its data cleared.
+    assert not step(job(status=bad, clearData=True), [ended_pod(0)], now=NOW + timedelta(days=30)).actions
+    # The glue writes the readable rest (the unreadable field goes): the job goes on from there,
+    # without the report.
+    again = step(job(status=p.status.to_cr()), [pod(gone=True, node="cpu-0")])
+    assert again.status.phase == JobPhase.SUCCESS and not any(isinstance(a, CreatePod) for a in again.actions)
+    assert get_condition(again.status, "StatusReadable") is None
+    assert again.status.status_details == "done"
+    # Its data still expires: counted from when it finished, as the Finished condition says.
+    assert again.status.finished_at == NOW - timedelta(hours=1)
+    assert again.status.data_expires_at == NOW - timedelta(hours=1) + timedelta(days=14)
+
+
+def test_an_unreadable_status_of_a_running_job_leaves_its_pod_alone() -> None:
+    j = job(status=started("EXECUTING", startedAt=NAIVE))
+    p = step(j, [executing_pod()])
+    assert not p.actions and p.status.phase == JobPhase.EXECUTING
+    assert "status.startedAt" in p.status.status_details
+    # A condition (an entry of a list) that cannot be read is named by its index.
+    cond = {"type": "Scheduled", "status": "True", "reason": "Scheduled", "lastTransitionTime": NAIVE}
+    listed = job(status=started("EXECUTING", conditions=[cond]))
+    assert "status.conditions[0].lastTransitionTime" in listed.status_problem
+    assert not step(listed, [executing_pod()]).actions
+    # Written without it, the job goes on.
+    resumed = step(job(status=p.status.to_cr()), [executing_pod()])
+    assert resumed.status.phase == JobPhase.EXECUTING
+    assert resumed.status.status_details.startswith("running on node cpu-0")
+
+
+def test_a_status_without_a_readable_phase_waits_for_one() -> None:
+    # A phase this version does not know (a newer one's): the job may have ended before its pod, so
+    # a job with no phase left is not taken for a new one.
+    j = job(status={"phase": "QUEUED", "createdAt": ts(CREATED)})
+    p = step(j)
+    assert not p.actions and p.status.phase is None
+    assert "status.phase: " in p.status.status_details and "'QUEUED'" in p.status.status_details
+    written = step(job(status=p.status.to_cr()))
+    assert not written.actions and written.status == p.status
+    # Once somebody sets the phase, the job goes on from it.
+    fixed = {**p.status.to_cr(), "phase": "CANCELLED"}
+    done = step(job(status=fixed))
+    assert not done.actions and done.status.phase == JobPhase.CANCELLED
+    assert get_condition(done.status, "StatusReadable") is None
+
+
+def test_a_hand_edited_status_of_a_job_not_started_yet_waits_then_goes_on() -> None:
+    j = job(status={"phase": "CREATING", "createdAt": NAIVE})
+    p = step(j)
+    assert not p.actions and p.status.phase == JobPhase.CREATING
+    # The rest written, it starts as any executed job (its creation time from its metadata).
+    resumed = step(job(status=p.status.to_cr()))
+    assert resumed.actions == (CreatePod(1, 0, "c1.4"),) and resumed.status.created_at == CREATED
+
+
+def test_fields_of_a_newer_version_in_the_status_are_skipped_silently() -> None:
+    cond = {"type": "Started", "status": "True", "reason": "Started", "since": "later"}
+    j = job(status=started("EXECUTING", newerField={"x": 1}, conditions=[cond]))
+    assert j.status_problem == "" and j.status.phase == JobPhase.EXECUTING
+    assert [c.type for c in j.status.conditions] == ["Started"]
+    p = step(j, [executing_pod()])
+    assert p.status.phase == JobPhase.EXECUTING and get_condition(p.status, "StatusReadable") is None

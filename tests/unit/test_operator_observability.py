@@ -331,3 +331,22 @@ def test_a_newer_versions_status_keys_are_read_past_and_kept() -> None:
     assert status["phase"] == "SUCCESS" and status["attempt"] == 1
     assert status["newerField"] == {"kept": True}
 
+
+def test_a_status_value_this_version_cannot_read_is_left_for_someone_to_mend() -> None:
+    # A phase of a newer version: the job waits, saying why, and its writes do not remove what
+    # they cannot read (the newer version, or a person, finds it as it was).
+    kube = FakeKube(_body({**FINISHED, "phase": "PAUSED"}))
+    op, events = _operator(kube)
+    asyncio.run(_reconciled(op, times=3))
+    status = kube.body["status"]
+    assert status["phase"] == "PAUSED" and status["attempt"] == 1 and status["returnCode"] == 0
+    readable = [c for c in status["conditions"] if c["type"] == "StatusReadable"]
+    assert readable and readable[0]["status"] == "False" and "PAUSED" in readable[0]["message"]
+    assert kube.status_writes == 1  # told once, then left alone
+    assert [e.reason for e in events.posted] == ["UnreadableStatus"]
+    # Mended: the job goes on from its status, without the report.
+    kube._store({"status": {"phase": "SUCCESS"}})
+    op._remember(copy.deepcopy(kube.body))  # its watch event
+    asyncio.run(_reconciled(op))
+    assert kube.body["status"]["phase"] == "SUCCESS"
+    assert not [c for c in kube.body["status"]["conditions"] if c["type"] == "StatusReadable"]

@@ -36,6 +36,7 @@ from dsjobs.api.metrics import KUBE_CALLS
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
 from dsjobs.api.streams import StreamSlots
+from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL
 from dsjobs.models import File
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ def try_snapshot(obj: Mapping[str, Any]) -> JobSnapshot | None:
 
 
 def job_labels(project_id: str, job_id: str) -> dict[str, str]:
-    return {PROJECT_LABEL: project_id, JOB_LABEL: job_id, "app.kubernetes.io/created-by": "dsjobs-api"}
+    return {PROJECT_LABEL: project_id, JOB_LABEL: job_id, API_CREATED_BY_LABEL: API_CREATED_BY}
 
 
 def now() -> datetime:

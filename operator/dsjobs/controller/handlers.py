@@ -62,6 +62,7 @@ from dsjobs.controller.names import (
     PROJECT_STORAGE_SECRET_NAME,
     REGISTRY_PASSWORD_ROLE,
     SECRET_ROLE_LABEL,
+    api_registry_password_selector,
     operator_secrets_selector,
     output_dataset_claim_name,
     pending_output_datasets_selector,
@@ -74,6 +75,7 @@ from dsjobs.controller.plan import (
     CreatePod,
     DeleteDatasetClaims,
     DeletePod,
+    DeleteRegistryPasswords,
     DeleteSecrets,
     EnsureMetadata,
     JobView,
@@ -567,7 +569,7 @@ class Operator:
             if body is None:  # the finalizer was removed: the job is gone
                 self._forget(key)
                 return None
-            if status.to_cr() == job.status.to_cr() and not job.status_problem:
+            if status.to_cr() == job.status.to_cr():
                 self._done_with_gone(key, seen_gone)
                 self._post(body, events)
                 self._evict(key, body, pods)
@@ -862,6 +864,10 @@ class Operator:
                 await self._publish_datasets(job, action.dataset_ids)
             elif isinstance(action, DeleteDatasetClaims):
                 await self._delete_dataset_claims(job)
+            elif isinstance(action, DeleteRegistryPasswords):
+                await self.kube.delete_collection(
+                    "secrets", core_path(job.namespace, "secrets"), api_registry_password_selector(job.name)
+                )
             elif isinstance(action, ClearData):
                 await self._clear_data(job)
             elif isinstance(action, RemoveFinalizer):
@@ -1179,8 +1185,15 @@ class Operator:
         assert self.kube is not None
         self._settle_unconfirmed(key, body)
         new = status.to_cr()
-        # A newer version's keys (a rollback, a newer replica's write) are left as they are.
-        patch = merge_diff(known_part(ProjectJobStatus, body.get("status") or {}), new)
+        # What this version cannot read is left as it is: a newer version's keys (a rollback, a
+        # newer replica's write) and, in a status that does not read, the values that do not (for
+        # a person, or that version, to mend: the plan waits for it).
+        stored = (
+            job.status.to_cr()
+            if job.status_problem
+            else known_part(ProjectJobStatus, body.get("status") or {})
+        )
+        patch = merge_diff(stored, new)
         meta = body.get("metadata") or {}
         payload = {
             "metadata": {"resourceVersion": meta.get("resourceVersion", job.resource_version)},

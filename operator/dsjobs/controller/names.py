@@ -102,6 +102,17 @@ def job_labels(project_id: str, job: str) -> dict[str, str]:
     return {PROJECT_LABEL: project_id, JOB_LABEL: job, MANAGED_BY_LABEL: MANAGED_BY}
 
 
+#: The label the API puts on what it creates (api.core.job_labels).
+API_CREATED_BY_LABEL: Final = "app.kubernetes.io/created-by"
+API_CREATED_BY: Final = "dsjobs-api"
+
+
+def api_registry_password_selector(job: str) -> str:
+    """The label selector of the API's Secrets of a job's plain-text registry password (never a
+    user's own Secret: only the API labels its Secrets so)."""
+    return f"{JOB_LABEL}={job},{SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE},{API_CREATED_BY_LABEL}={API_CREATED_BY}"
+
+
 def operator_secrets_selector(job: str) -> str:
     """The label selector of the Secrets the operator made for a job (its cleanup deletes them)."""
     return f"{JOB_LABEL}={job},{SECRET_ROLE_LABEL} in ({RUNNER_SECRET_ROLE},{REGISTRY_SECRET_ROLE})"

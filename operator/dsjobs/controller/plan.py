@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -44,8 +45,10 @@ from dsjobs.controller.status import (
     COND_DATA_CLEARED,
     COND_DATA_TTL_VALID,
     COND_FINALIZED,
+    COND_FINISHED,
     COND_RETRYING,
     COND_SCHEDULED,
+    COND_STATUS_READABLE,
     JobEvent,
     Outcome,
     StatusUpdate,
@@ -73,12 +76,16 @@ from dsjobs.models import (
     format_duration,
 )
 from dsjobs.models.base import parse_duration, read_stored
-from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME
+from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME, RESOURCE_ID_PATTERN
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
 
-# The job's name is the value of the dsjobs.dev/job-id label of its pods: at most 63 characters.
+#: The details of a job waiting for its execute request.
+UNEXECUTED_DETAILS: Final = (
+    "waiting for spec.execute: true (the API sets it after the client's uploads; set it yourself "
+    "when applying the job by hand)"
+)
 # How long a deleted job waits for its pods to be gone before its stored data is deleted.
 DELETE_POD_WAIT: Final = timedelta(seconds=30)
 #: How old a pod must be before the scheduler's "persistentvolumeclaim not found" ends its job.
@@ -99,7 +106,8 @@ class JobView:
     finalizers: tuple[str, ...]
     spec: Mapping[str, Any]
     status: ProjectJobStatus
-    # Set when the stored status could not be read (hand-edited): the plan starts from scratch.
+    # What of the stored status could not be read ("": all of it was), each part naming its field:
+    # `status` holds the rest, and the plan leaves the job alone (_plan_unreadable_status).
     status_problem: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     deleted_at: datetime | None = None
@@ -110,11 +118,7 @@ class JobView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
         meta = body.get("metadata") or {}
-        problem = ""
-        try:
-            status = read_stored(ProjectJobStatus, body.get("status") or {})
-        except ValidationError as exc:
-            status, problem = ProjectJobStatus(), f"unreadable status ({exc.error_count()} problems)"
+        status, problem = read_status(body.get("status") or {})
         return cls(
             name=str(meta.get("name", "")),
             namespace=str(meta.get("namespace", "")),
@@ -133,7 +137,57 @@ class JobView:
         )
 
 
+def read_status(raw: Any) -> tuple[ProjectJobStatus, str]:
+    """A stored status as far as it can be read, and what could not be ("": nothing).
+
+    Keys this version does not know are skipped without a word: fields of a newer dsjobs (a CRD
+    applied before its operator, a rollback), as `models.base.read_stored` reads them. A value of a
+    known field that does not read (a time without a zone, a phase of a newer version) leaves out
+    that field (or that list entry), and the problem names it with what is stored.
+    """
+    try:
+        return read_stored(ProjectJobStatus, raw), ""
+    except ValidationError:
+        if not isinstance(raw, Mapping):
+            return ProjectJobStatus(), f"status: not an object: {_stored_value(raw)}"
+    data: Any = deepcopy(dict(raw))
+    problems: list[str] = []
+    # Leaving a part out cannot make another one unreadable; a few rounds are a bound, not a need.
+    for _ in range(4):
+        try:
+            return read_stored(ProjectJobStatus, data), "; ".join(problems)
+        except ValidationError as exc:
+            cuts: set[tuple[str | int, ...]] = set()
+            for error in exc.errors(include_url=False):
+                loc = tuple(error["loc"])
+                if error["type"] == "extra_forbidden":
+                    cuts.add(loc)
+                    continue
+                cuts.add(loc[:2] if len(loc) > 1 and isinstance(loc[1], int) else loc[:1])
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+                problems.append(f"status{where}: {error['msg']} (stored: {_stored_value(error['input'])})")
+            if () in cuts:
+                break
+            # Deepest and last first: the indices of the entries still to go do not move.
+            for cut in sorted(cuts, key=lambda c: [(isinstance(p, int), p) for p in c], reverse=True):
+                parent = data
+                try:
+                    for key in cut[:-1]:
+                        parent = parent[key]
+                    del parent[cut[-1]]
+                except (KeyError, IndexError, TypeError):
+                    pass  # inside a part left out already
+    return ProjectJobStatus(), "; ".join(problems) or "status: cannot be read"
+
+
+def _stored_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+# A job's name is its id (dsjobs.api.ids) and a label value of its pods: a DNS label.
+_JOB_NAME = re.compile(RESOURCE_ID_PATTERN)
 
 
 def missing_labels(job: JobView) -> tuple[tuple[str, str], ...]:
@@ -202,7 +256,17 @@ class PublishDatasets:
 
 @dataclass(frozen=True)
 class DeleteDatasetClaims:
-    """The job ended without success: the claims of its output datasets go (unpublished ones only)."""
+    """The job ended without success (or is deleted): the claims of its output datasets go
+    (unpublished ones only)."""
+
+
+@dataclass(frozen=True)
+class DeleteRegistryPasswords:
+    """The job is deleted: the API's Secrets of its plain-text registry password go too
+    (`<job>-docker-password`: labelled `dsjobs.dev/job-id=<job>`,
+    `dsjobs.dev/secret-role=registry-password` and `app.kubernetes.io/created-by=dsjobs-api`, so a
+    user's own password Secret is never one; none: nothing to do). Kept until then, as Clone copies
+    them from finished jobs; their owner reference does not outlive `kubectl delete --cascade=orphan`."""
 
 
 Action = (
@@ -214,6 +278,7 @@ Action = (
     | RemoveFinalizer
     | PublishDatasets
     | DeleteDatasetClaims
+    | DeleteRegistryPasswords
 )
 
 
@@ -250,9 +315,13 @@ def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> in
     upload. A non-graceful cancel of a job that has graceful-shutdown parameters gets 1 s: the
     kubelet then kills everything almost at once (SIGKILL semantics). Never 0: that would make the
     API server drop the pod object before the kubelet has stopped anything (a force delete).
+
+    A job CANCELLING without `spec.cancel` (removed by hand, on a cluster whose CRD did not refuse
+    it yet) gets the graceful grace: a cancel is one-way, and a shorter one would kill a program
+    saving its checkpoint, and its upload.
     """
     has_params = spec.job_parameters.graceful_shutdown_parameters is not None
-    graceful = spec.cancel is not None and spec.cancel.graceful
+    graceful = spec.cancel is None or spec.cancel.graceful
     if has_params and not graceful:
         return 1
     seconds = int(-(-graceful_timeout(spec).total_seconds() // 1)) if has_params else 0
@@ -437,7 +506,9 @@ def _plan(
     if FINALIZER not in job.finalizers or labels:
         actions.append(EnsureMetadata(finalizer=FINALIZER not in job.finalizers, labels=labels))
     events: list[JobEvent] = []
-    status = _observed(job, now, events)
+    if job.status_problem or _phase_unknown(job.status):
+        return _plan_unreadable_status(job, now, actions, events)
+    status = _readable_again(_observed(job, now, events), job, now)
     phase = status.phase
     assert phase is not None
     started = status.attempt > 0 or any(not p.gone for p in pods)
@@ -682,6 +753,55 @@ def _plan(
     return Plan(status, tuple(actions), tuple(events), requeue_after=requeue, spec=spec)
 
 
+def _phase_unknown(status: ProjectJobStatus) -> bool:
+    """The status was unreadable and its phase is gone with the unreadable part (the glue wrote
+    the readable rest): where the job is cannot be told, and a job without a phase looks new."""
+    readable = get_condition(status, COND_STATUS_READABLE)
+    return readable is not None and readable.status == "False" and status.phase is None
+
+
+def _plan_unreadable_status(
+    job: JobView, now: datetime, actions: list[Action], events: list[JobEvent]
+) -> Plan:
+    """A job whose stored status cannot be read (edited by hand, or by a newer version): it might
+    have finished, or be running on a pod the status names. No step may start it again, delete its
+    pod or its data from what is left: it stays as it is, saying why, until the status reads."""
+    status = job.status
+    condition = get_condition(status, COND_STATUS_READABLE)
+    if job.status_problem:
+        message = clip(
+            f"the stored status cannot be read: {job.status_problem}; the operator leaves the job as it "
+            "is (no pod created or deleted, no data deleted) until it can: fix the status with "
+            f"`kubectl edit projectjob {job.name} --subresource=status`",
+            8192,
+        )
+        if condition is None or condition.message != message:
+            events.append(JobEvent("Warning", "UnreadableStatus", clip(message, 1024)))
+        status = set_condition(status, COND_STATUS_READABLE, "False", "UnreadableStatus", message, now)
+        status = status.model_copy(update={"status_details": clip(message)})
+    return Plan(status, tuple(actions), tuple(events))
+
+
+def _readable_again(status: ProjectJobStatus, job: JobView, now: datetime) -> ProjectJobStatus:
+    """The status reads again (fixed, or its unreadable part dropped by the write that reported
+    it) and has its phase: the job goes on from it, without the report. The times its data's
+    expiry counts from come back when they went: without them its data would never expire."""
+    if get_condition(status, COND_STATUS_READABLE) is None:
+        return status
+    status = drop_conditions(status, COND_STATUS_READABLE)
+    final = status.phase is not None and status.phase.is_final
+    finished = get_condition(status, COND_FINISHED)
+    update: dict[str, Any] = {"status_details": finished.message if finished is not None and final else ""}
+    if status.created_at is None:
+        update["created_at"] = job.created_at or now
+    if final and status.finished_at is None:
+        # When the Finished condition was set, which finish() sets with finishedAt; else from now
+        # on, which is later, never earlier.
+        when = finished.last_transition_time if finished is not None else None
+        update["finished_at"] = when or now
+    return status.model_copy(update=update)
+
+
 def _plan_start(
     job: JobView,
     spec: ProjectJobSpec,
@@ -720,8 +840,15 @@ def _plan_start(
         return _plan_of(StatusUpdate(cleared, update.events), actions, events, spec)
     if problems:
         return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
-    if len(job.name) > MAX_JOB_NAME:
-        message = f"the job's name is longer than {MAX_JOB_NAME} characters (it is a label value of its pods)"
+    if not _JOB_NAME.fullmatch(job.name):
+        # Only objects stored before the CRD's rule get here: such a job would run, but neither the
+        # API nor the CLI could ever name it to fetch its outputs, and a long name is no label value.
+        message = (
+            f"invalid job: metadata.name: {job.name!r} must be a DNS label: at most {MAX_JOB_NAME} "
+            "lowercase letters, digits and '-', starting and ending with a letter or digit (it is the "
+            "job id the API and the CLI take, and a label value of its pods) [job-name]; apply the job "
+            "again under such a name"
+        )
         return _plan_of(fail(spec, status, "InvalidSpec", message, now), actions, events, spec)
     name = pod_name(job.name, 1)
     status = status.model_copy(
@@ -778,6 +905,14 @@ def _plan_unexecuted(
     status, requeue, _ = _data_lifetime(
         spec, status, status.created_at, "data TTL expired before the job was executed", now, actions, events
     )
+    if status.phase == JobPhase.CREATING:
+        # A job applied by hand without `execute` would otherwise wait without a word.
+        details = (
+            "not executed, and its stored data was deleted: it cannot run any more (create it again)"
+            if status.data_cleared
+            else UNEXECUTED_DETAILS
+        )
+        status = status.model_copy(update={"status_details": details})
     return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
 
 
@@ -1112,8 +1247,27 @@ def _plan_delete(job: JobView, pods: Sequence[PodView], now: datetime) -> Plan:
     waited = now - (job.deleted_at or now)
     if any(not p.gone and p.scheduled for p in pods) and waited < DELETE_POD_WAIT:
         return Plan(job.status, tuple(actions), requeue_after=DELETE_POD_WAIT - waited)
-    actions += [DeleteSecrets(), ClearData(), RemoveFinalizer()]
+    actions += [DeleteSecrets(), *_owned_by_reference(job.spec), ClearData(), RemoveFinalizer()]
     return Plan(job.status, tuple(actions))
+
+
+def _owned_by_reference(raw: Mapping[str, Any]) -> list[Action]:
+    """What else of a deleted job must go: the unpublished claims of its output datasets and the
+    API's Secret of its registry password. Their owner reference would have the garbage collector
+    delete them, but `kubectl delete --cascade=orphan` strips it first: they would stay for ever.
+    From the raw spec (it may be unreadable); only for jobs that may have them, as each is one
+    more request per deletion."""
+    params = raw.get("jobParameters")
+    if not isinstance(params, Mapping):
+        return []
+    found: list[Action] = []
+    if params.get("outputDatasets"):
+        found.append(DeleteDatasetClaims())
+    env = params.get("env")
+    image = env.get("dockerImageSpec") if isinstance(env, Mapping) else None
+    if isinstance(image, Mapping) and image.get("passwordSecretRef"):
+        found.append(DeleteRegistryPasswords())
+    return found
 
 
 # The Scheduled condition's reason while the API server refuses the attempt's pod.

@@ -70,12 +70,18 @@ COND_SCHEDULED: Final = "Scheduled"
 COND_CONTAINERS_CREATED: Final = "ContainersCreated"
 COND_STARTED: Final = "Started"
 COND_FINISHED: Final = "Finished"
+#: True on every final phase (reason Succeeded, Failed or Cancelled): what `kubectl wait` can wait
+#: for whatever the outcome, as Finished is False for a job that did not succeed.
+COND_ENDED: Final = "Ended"
 COND_RETRYING: Final = "Retrying"
 COND_FINALIZED: Final = "Finalized"
 COND_DATA_CLEARED: Final = "DataCleared"
 COND_NODE_REACHABLE: Final = "NodeReachable"
 #: False while spec.dataTtl holds a TTL out of its range (set with kubectl after the job started).
 COND_DATA_TTL_VALID: Final = "DataTtlValid"
+#: False while the stored status cannot be read (edited by hand, or by another version): the
+#: operator leaves the job alone meanwhile (plan.py).
+COND_STATUS_READABLE: Final = "StatusReadable"
 # Conditions describing one attempt: dropped when the next attempt starts.
 ATTEMPT_CONDITIONS: Final = (COND_SCHEDULED, COND_CONTAINERS_CREATED, COND_STARTED, COND_NODE_REACHABLE)
 
@@ -327,7 +333,8 @@ def finish(
     now: datetime,
     events: list[JobEvent],
 ) -> ProjectJobStatus:
-    """Move to a final phase: finishedAt, data expiry, return code, the Finished condition."""
+    """Move to a final phase: finishedAt, data expiry, return code, the Finished and Ended
+    conditions."""
     if (
         outcome.phase == JobPhase.CANCELLED
         and spec is not None
@@ -348,7 +355,9 @@ def finish(
         update["return_code"] = outcome.return_code
     status = drop_conditions(status.model_copy(update=update), COND_RETRYING)
     value: Literal["True", "False"] = "True" if outcome.phase == JobPhase.SUCCESS else "False"
-    return set_condition(status, COND_FINISHED, value, outcome.reason, outcome.message or outcome.reason, now)
+    message = outcome.message or outcome.reason
+    status = set_condition(status, COND_FINISHED, value, outcome.reason, message, now)
+    return set_condition(status, COND_ENDED, "True", _PHASE_REASONS[outcome.phase], message, now)
 
 
 def fail(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AwareDatetime, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 
 from dsjobs.models.base import CRModel, Duration, cel, field, kept_once_set, never_reset, optional_pattern
 from dsjobs.models.files import File, FileDesc
@@ -312,6 +312,15 @@ class JobParameters(CRModel):
         return [t.name for t in self.cloud_instance_types] or [DEFAULT_INSTANCE_TYPE]
 
 
+def _utc_if_naive(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# A time written by hand (`kubectl patch`) without a zone, which the CRD's date-time format may let
+# through: read as UTC rather than making the whole spec unreadable, which ends a running job.
+LenientDatetime = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 class CancelRequest(CRModel):
     """A request to cancel the job (CancelProjectJob, or set by hand)."""
 
@@ -320,7 +329,9 @@ class CancelRequest(CRModel):
         "Send the graceful-shutdown signal and wait its timeout before killing; otherwise kill at once.",
         False,
     )
-    requested_at: AwareDatetime | None = field("When the cancellation was requested.", None)
+    requested_at: LenientDatetime | None = field(
+        "When the cancellation was requested (a time without a zone is read as UTC).", None
+    )
 
 
 class RetryPolicy(CRModel):
@@ -348,13 +359,25 @@ class ProjectJobSpec(CRModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
             "!has(oldSelf.execute) || !oldSelf.execute || self.jobParameters == oldSelf.jobParameters",
-            "jobParameters cannot change once execute is true (create a new job or clone this one)",
+            "jobParameters cannot change once execute is true: to run something else, create a new job "
+            "(with kubectl: apply it under a new name, or kubectl create it with metadata.generateName; "
+            "with the API: clone this one), or delete this job first",
             # Who created the job and what it was cloned from are facts, not settings.
             kept_once_set("createdById"),
             kept_once_set("parentJobId"),
             never_reset("execute"),
             never_reset("clearData"),
             never_reset("finalized"),
+            # A cancel is one-way: the pod is being deleted whatever the spec says next (a cancel
+            # removed during a graceful shutdown once made the operator kill it with 1 s, losing the
+            # checkpoint's upload). Its fields may change: `graceful: false` is the API's second
+            # Cancel, which turns a graceful cancel into a forced one.
+            {
+                "rule": "!has(oldSelf.cancel) || has(self.cancel)",
+                "message": "cancel cannot be removed once set (a cancel is one-way; to force a graceful "
+                "cancel, set cancel.graceful to false)",
+                "fieldPath": ".cancel",
+            },
         )
     )
 
