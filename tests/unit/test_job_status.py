@@ -2617,3 +2617,25 @@ def test_fields_of_a_newer_version_in_the_status_are_skipped_silently() -> None:
     assert [c.type for c in j.status.conditions] == ["Started"]
     p = step(j, [executing_pod()])
     assert p.status.phase == JobPhase.EXECUTING and get_condition(p.status, "StatusReadable") is None
+
+
+@pytest.mark.parametrize(
+    "changed", [None, {"maxAttempts": 1, "backoffSeconds": 600}], ids=["policy-removed", "attempts-lowered"]
+)
+def test_a_retry_policy_changed_during_the_backoff_stops_the_retry(changed: dict[str, Any] | None) -> None:
+    # retryPolicy is no job parameter: a kubectl user removes or lowers it to stop retrying. The
+    # decided attempt must not start (without a policy it started at once, skipping the backoff).
+    policy = {"maxAttempts": 3, "backoffSeconds": 600, "retryOnExitCodes": [3]}
+    failed = step(job(status=started("EXECUTING"), retryPolicy=policy), [ended_pod(3)], res=result(3))
+    assert (failed.status.phase, failed.status.attempt) == (JobPhase.PREPARING, 2)
+    edited = job(status=failed.status.to_cr(), **({"retryPolicy": changed} if changed else {}))
+    ended = step(edited, [pod(gone=True)], now=NOW + timedelta(seconds=10))
+    assert not [a for a in ended.actions if isinstance(a, CreatePod)]
+    assert ended.status.phase == JobPhase.ERROR and ended.status.return_code == 3
+    assert (ended.status.attempt, ended.status.pod_name, ended.status.retried_failures) == (1, "job-1-a1", 0)
+    assert "not retried: spec.retryPolicy" in ended.status.status_details
+    # Raised instead, it goes on after the backoff.
+    raised = job(status=failed.status.to_cr(), retryPolicy={**policy, "maxAttempts": 5})
+    assert not step(raised, [pod(gone=True)], now=NOW + timedelta(seconds=10)).actions
+    later = step(raised, [pod(gone=True)], now=NOW + timedelta(seconds=601))
+    assert [a for a in later.actions if isinstance(a, CreatePod)]

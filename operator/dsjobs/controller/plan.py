@@ -948,6 +948,25 @@ def _plan_next_attempt(
         outcome = Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled")
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     retrying = get_condition(status, COND_RETRYING)
+    if retrying is not None and not _retry_still_allowed(spec, status):
+        # The retry policy was removed or lowered during the backoff: the user wants no more
+        # attempts, and the decided one would have started at once (no backoff without a policy).
+        # The job ends with the failure that was to be retried, as if it had not been.
+        outcome = Outcome(
+            JobPhase.ERROR,
+            retrying.reason,
+            f"{retrying.message} (not retried: spec.retryPolicy allows no further attempt since it was changed)",
+            return_code=status.return_code,
+        )
+        last = status.attempt - 1
+        undone = status.model_copy(
+            update={
+                "attempt": last,
+                "pod_name": pod_name(current_name.rsplit("-a", 1)[0], last),
+                "retried_failures": max(0, status.retried_failures - 1),
+            }
+        )
+        return Plan(finish(spec, undone, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if retrying is not None and retrying.last_transition_time is not None and spec.retry_policy is not None:
         due = retrying.last_transition_time + timedelta(seconds=spec.retry_policy.backoff_seconds)
         if now < due:
@@ -1001,6 +1020,13 @@ def _plan_next_attempt(
     )
     status = _as_created(spec, status, fresh, now, settings)
     return Plan(status, tuple(actions), tuple(events), spec=spec)
+
+
+def _retry_still_allowed(spec: ProjectJobSpec, status: ProjectJobStatus) -> bool:
+    """Whether the retry decided (status.retried_failures counts it) is still in the job's policy,
+    which a kubectl user may have changed since: `retryPolicy` is no job parameter."""
+    policy = spec.retry_policy
+    return policy is not None and status.retried_failures < policy.max_attempts
 
 
 def gone_type_problem(name: str, invalid_types: Mapping[str, str]) -> str:
