@@ -97,6 +97,10 @@ def test_the_store_check_reports_a_hung_store_after_one_short_try(
     problem = _run(_store(endpoint).problem(_staging_pod(), NOW))
     assert problem is not None and "timed out" in problem.lower(), problem
     assert len(accepted) == 1  # one try
+    # The platform team sees it too, not only the waiting job's details.
+    from dsjobs.controller import metrics
+
+    assert metrics.OBJECT_STORE_UP._value.get() == 0  # type: ignore[attr-defined]
 
 
 def test_a_result_json_read_from_a_hung_store_gives_up_after_a_few_short_tries(

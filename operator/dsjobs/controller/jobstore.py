@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from dsjobs.controller import metrics
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.plan import JobView
 from dsjobs.controller.podview import PodView
@@ -131,6 +132,7 @@ class JobStore:
                 else:
                     log.warning("the object store does not answer: %s", problem)
             self._check = (loop.time(), problem)
+            metrics.OBJECT_STORE_UP.set(0 if problem is not None else 1)
             return problem
 
     async def clear_leftovers(self, job: JobView, project_id: str) -> None:

@@ -79,6 +79,12 @@ STATUS_WRITES_PACED = Counter(
     "dsjobs_status_writes_paced_total",
     "Status changes held back because the job's status was written less than the pacing interval ago.",
 )
+OBJECT_STORE_UP = Gauge(
+    "dsjobs_object_store_up",
+    "1 when the operator's last check of the object store got an answer, 0 when it did not "
+    "(connection trouble, a timeout, a 5xx). Checked only while a job's runner has been moving files "
+    "for 10 s, at most every 10 s: absent until the first check.",
+)
 STATUS_CONFLICTS = Counter(
     "dsjobs_status_conflicts_total",
     "Status patches refused because the job changed meanwhile (then re-planned).",
