@@ -402,6 +402,8 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
     # Cluster-scoped: checked for a job with working storage before its pod.
     assert verbs("dsjobs-operator", "storageclasses") == {"list"}
+    # A job's namespace: its project label, checked before the job's first pod.
+    assert verbs("dsjobs-operator", "namespaces") == {"get"}
     # Events: posted about jobs; a waiting pod's Warning ones listed (claims, mounts).
     assert verbs("dsjobs-operator", "events") == {"create", "list"}
     # Claims: found by label (mounts), made and published (output datasets), unpublished ones

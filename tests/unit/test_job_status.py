@@ -2639,3 +2639,20 @@ def test_a_retry_policy_changed_during_the_backoff_stops_the_retry(changed: dict
     assert not step(raised, [pod(gone=True)], now=NOW + timedelta(seconds=10)).actions
     later = step(raised, [pod(gone=True)], now=NOW + timedelta(seconds=601))
     assert [a for a in later.actions if isinstance(a, CreatePod)]
+
+
+@pytest.mark.parametrize("label", ["proj-b", ""], ids=["another-project", "unlabelled"])
+def test_a_job_naming_another_project_than_its_namespaces_never_gets_a_pod(label: str) -> None:
+    # The admission policy refuses such a job; on a cluster without it the job would run in the
+    # other project's storage prefix (its cached inputs, and its data cleared on delete).
+    view = dataclasses.replace(job(), namespace_project=label)
+    s = step(view)
+    assert not [a for a in s.actions if isinstance(a, CreatePod)]
+    assert s.status.phase == JobPhase.ERROR
+    finished = get_condition(s.status, "Finished")
+    assert finished is not None and finished.reason == "ProjectMismatch"
+    assert "spec.projectId" in s.status.status_details and "[project-namespace]" in s.status.status_details
+    # Its own project, or a namespace the operator could not read (None): it starts.
+    for known in (view.spec["projectId"], None):
+        ok = step(dataclasses.replace(job(), namespace_project=known))
+        assert [a for a in ok.actions if isinstance(a, CreatePod)]

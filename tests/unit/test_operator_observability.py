@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from test_job_status import CREATED, SETTINGS, ts
 
 from dsjobs.controller import handlers, metrics
 from dsjobs.controller.handlers import MAX_STEPS, Operator
-from dsjobs.controller.kube import Conflict
+from dsjobs.controller.kube import Conflict, Forbidden
 from dsjobs.controller.plan import JobView, Plan
 from dsjobs.controller.status import JobEvent
 from dsjobs.models import JobPhase
@@ -350,3 +351,58 @@ def test_a_status_value_this_version_cannot_read_is_left_for_someone_to_mend() -
     asyncio.run(_reconciled(op))
     assert kube.body["status"]["phase"] == "SUCCESS"
     assert not [c for c in kube.body["status"]["conditions"] if c["type"] == "StatusReadable"]
+
+
+class NamespaceKube(FakeKube):
+    """The job's namespace too: labelled with `project`, or unreadable (403) with `forbid`."""
+
+    def __init__(self, body: dict[str, Any], project: str, *, forbid: bool = False) -> None:
+        super().__init__(body)
+        self.project, self.forbid, self.namespace_gets = project, forbid, 0
+
+    async def get(self, resource: str, path: str) -> dict[str, Any] | None:
+        if resource != "namespaces":
+            return await super().get(resource, path)
+        self.namespace_gets += 1
+        if self.forbid:
+            raise Forbidden({"message": "namespaces is forbidden"}, status=403, headers={})  # type: ignore[arg-type]
+        return {
+            "metadata": {"name": path.rsplit("/", 1)[-1], "labels": {"dsjobs.dev/project-id": self.project}}
+        }
+
+
+def test_a_job_is_checked_against_its_namespaces_project_before_its_first_pod(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    just_now = ts(datetime.now(UTC))  # a job of 2025 would find its data expired
+    new_job = _body({"phase": "CREATING", "createdAt": just_now})
+    new_job["metadata"]["creationTimestamp"] = just_now
+    # Another project's namespace: the job ends without a pod (the fake makes no pods).
+    kube = NamespaceKube(new_job, "proj-b")
+    op, _ = _operator(kube)
+    asyncio.run(_reconciled(op))
+    assert kube.body["status"]["phase"] == "ERROR" and "ProjectMismatch" in str(kube.body["status"])
+    # Looked up once a minute per namespace, not per job or step.
+    assert asyncio.run(op._namespace_project("project-a")) == "proj-b" and kube.namespace_gets == 1
+    # An operator that may not read namespaces (scoped with RoleBindings) leaves it to the
+    # admission policy, and says so once.
+    forbidden = NamespaceKube(new_job, "", forbid=True)
+    op, _ = _operator(forbidden)
+    with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
+        assert asyncio.run(op._namespace_project("project-a")) is None
+        assert asyncio.run(op._namespace_project("project-a")) is None
+    assert [r.getMessage() for r in caplog.records].count(
+        "namespace project-a cannot be read (403 namespaces is forbidden): its jobs' projectId is not "
+        "checked against its project label here, only by the admission policy"
+    ) == 1
+
+
+def test_the_data_of_a_job_naming_another_project_is_not_deleted(caplog: pytest.LogCaptureFixture) -> None:
+    # Its data prefix is the other project's: the same name there is that project's job.
+    kube = NamespaceKube(_body(FINISHED), "proj-b")
+    op, _ = _operator(kube)
+    view = JobView.from_body(kube.body)
+    with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
+        asyncio.run(op._clear_data(view))  # returns before any store is needed
+    assert any("no stored data deleted" in r.getMessage() for r in caplog.records)
+    assert not op.input_refs.is_clearing(KEY, view.uid)

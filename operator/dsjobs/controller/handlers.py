@@ -58,6 +58,7 @@ from dsjobs.controller.kube import (
 from dsjobs.controller.names import (
     FINALIZER,
     JOB_LABEL,
+    PROJECT_LABEL,
     PROJECT_SECRETS_NAME,
     PROJECT_STORAGE_SECRET_NAME,
     REGISTRY_PASSWORD_ROLE,
@@ -147,6 +148,9 @@ FAILURES_BEFORE_EVENT: Final = 3
 #: How often the job pods are listed against the cache (Operator.resync_pods): one paginated LIST
 #: of the pods that exist (those of running jobs), for the rare deletion no watch event told.
 POD_RESYNC_SECONDS: Final = 600.0
+#: How long a namespace's project label is taken as known: it matters before a job's first pod
+#: only, and is relabelled by admins alone (rarely); a burst of a namespace's jobs costs one GET.
+NAMESPACE_PROJECT_SECONDS: Final = 60.0
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
@@ -230,6 +234,18 @@ def _queued_since(job: JobView, status: ProjectJobStatus) -> datetime | None:
     return max(requested, created)
 
 
+def _may_start(job: JobView) -> bool:
+    """Whether the job's first pod may be planned in this step: its namespace's project is then
+    looked up (once per NAMESPACE_PROJECT_SECONDS and namespace) for the plan to check."""
+    phase = job.status.phase
+    return (
+        not job.deleting
+        and job.spec.get("execute") is True
+        and job.status.attempt == 0
+        and (phase is None or not phase.is_final)
+    )
+
+
 def _key(body: Mapping[str, Any]) -> Key:
     meta = body.get("metadata") or {}
     return str(meta.get("namespace", "")), str(meta.get("name", ""))
@@ -275,6 +291,9 @@ class Operator:
         # Set (from the lease watchdog's thread) when the leadership is lost: no more reconciles
         # while the process posts its last Events and exits.
         self.standing_down = False
+        # Namespace -> (loop time, its project label): the check of a job's projectId at its start.
+        self._namespace_projects: dict[str, tuple[float, str]] = {}
+        self._namespace_unreadable: set[str] = set()
         #: Pod creations the API server forbade in a row, per job (their retry backoff).
         self._refused: dict[Key, int] = {}
         # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
@@ -546,6 +565,8 @@ class Operator:
                 # Its data is being (or was) deleted, its dataCleared not written yet (a conflict
                 # with an Execute that crossed the clear): it must not start without its inputs.
                 job = dataclasses.replace(job, clearing=True)
+            if _may_start(job):
+                job = dataclasses.replace(job, namespace_project=await self._namespace_project(job.namespace))
             now = _now()
             # The deletions this step plans with: only these are done with once it is written (a
             # pod deleted meanwhile is the next step's, its last state is nowhere else).
@@ -612,6 +633,33 @@ class Operator:
                 del gone[name]
         if not gone:
             self._gone.pop(key, None)
+
+    async def _namespace_project(self, namespace: str) -> str | None:
+        """The `dsjobs.dev/project-id` label of `namespace` ("" when it has none), remembered for
+        NAMESPACE_PROJECT_SECONDS; None when it cannot be read (RBAC without namespaces, e.g. an
+        operator scoped with RoleBindings: the admission policy is the check then)."""
+        assert self.kube is not None
+        now = asyncio.get_running_loop().time()
+        known = self._namespace_projects.get(namespace)
+        if known is not None and now - known[0] < NAMESPACE_PROJECT_SECONDS:
+            return known[1]
+        try:
+            obj = await self.kube.get("namespaces", f"/api/v1/namespaces/{namespace}")
+        except APIError as exc:
+            if namespace not in self._namespace_unreadable:
+                self._namespace_unreadable.add(namespace)
+                log.warning(
+                    "namespace %s cannot be read (%s %s): its jobs' projectId is not checked against "
+                    "its project label here, only by the admission policy",
+                    namespace,
+                    exc.status,
+                    message_of(exc),
+                )
+            return None
+        labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+        project = str(labels.get(PROJECT_LABEL) or "")
+        self._namespace_projects[namespace] = (now, project)
+        return project
 
     async def _job_gone(self, key: Key) -> bool:
         """True when the API server says the job does not exist (any doubt: False)."""
@@ -1159,6 +1207,18 @@ class Operator:
             jlog(logging.WARNING, (job.namespace, job.name), "no valid projectId: no stored data deleted")
             return
         project, wanted = found
+        own = await self._namespace_project(job.namespace)
+        if own is not None and own != project:
+            # Another project's prefix (a job the admission policy would have refused): deleting
+            # there would delete that project's job of the same name.
+            jlog(
+                logging.WARNING,
+                (job.namespace, job.name),
+                "projectId %r is not the namespace's project %r: no stored data deleted",
+                project,
+                own,
+            )
+            return
         await self._warm_input_refs()
         key = (job.namespace, job.name)
         self.input_refs.clearing(key, job.uid)

@@ -114,6 +114,9 @@ class JobView:
     execute_requested_at: datetime | None = None  # the API's annotation (EXECUTE_REQUESTED_AT)
     # The glue began to delete its data (dataCleared may not be written yet): see _plan_start.
     clearing: bool = False
+    # The project of the job's namespace (its dsjobs.dev/project-id label; "" unlabelled), looked
+    # up by the glue before a job's first pod; None: not known (not looked up, or not readable).
+    namespace_project: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -838,6 +841,19 @@ def _plan_start(
         # The data is gone already: no expiry to show.
         cleared = update.status.model_copy(update={"data_expires_at": status.data_expires_at})
         return _plan_of(StatusUpdate(cleared, update.events), actions, events, spec)
+    if job.namespace_project is not None and job.namespace_project != spec.project_id:
+        # The admission policy projectjobs-in-their-project refuses such a job; a cluster without
+        # it (the CRD applied alone) would have it run in another project's storage prefix.
+        label = (
+            f"labelled {PROJECT_LABEL}={job.namespace_project}"
+            if job.namespace_project
+            else f"not labelled {PROJECT_LABEL}"
+        )
+        message = (
+            f"invalid job: spec.projectId: {spec.project_id!r} is not the project of namespace "
+            f"{job.namespace} ({label}): a job runs in its own project's namespace [project-namespace]"
+        )
+        return _plan_of(fail(spec, status, "ProjectMismatch", message, now), actions, events, spec)
     if problems:
         return _plan_of(_spec_problem_update(status, spec, problems, now), actions, events, spec)
     if not _JOB_NAME.fullmatch(job.name):
