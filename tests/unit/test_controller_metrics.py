@@ -223,3 +223,20 @@ def test_phase_hops_reads_only_phase_chains() -> None:
             JobEvent("Normal", "Preparing", "EXECUTING -> PREPARING"),
         ]
     ) == [("NONE", "CREATING"), ("EXECUTING", "ERROR"), ("EXECUTING", "PREPARING")]
+
+
+def test_a_retry_taken_back_is_not_observed_twice() -> None:
+    # The failed attempt was observed as RETRIED when the retry was decided; its policy then
+    # changed during the backoff and the job ended with that failure: no second observation.
+    op, _ = _operator()
+    runs = _run_times()
+    waiting = started("PREPARING", startedAt=ts(NOW), retriedFailures=1, attempt=2)
+    ended = {
+        **waiting,
+        "phase": "ERROR",
+        "finishedAt": ts(NOW + timedelta(seconds=10)),
+        "retriedFailures": 0,
+        "attempt": 1,
+    }
+    op._after_write(KEY, job(status=waiting), _written(ended), [])
+    assert _run_times() == runs

@@ -2558,8 +2558,8 @@ def test_an_unreadable_status_of_a_finished_job_does_not_run_it_again() -> None:
     assert [e.reason for e in p.events] == ["UnreadableStatus"]
     # Nor a pod kept after its end deleted, nor its data cleared.
     assert not step(job(status=bad, clearData=True), [ended_pod(0)], now=NOW + timedelta(days=30)).actions
-    # The glue writes the readable rest (the unreadable field goes): the job goes on from there,
-    # without the report.
+    # The glue leaves the unreadable value in place; mended by removing it (what the readable
+    # rest is), the job goes on from there, without the report.
     again = step(job(status=p.status.to_cr()), [pod(gone=True, node="cpu-0")])
     assert again.status.phase == JobPhase.SUCCESS and not any(isinstance(a, CreatePod) for a in again.actions)
     assert get_condition(again.status, "StatusReadable") is None
@@ -2634,6 +2634,8 @@ def test_a_retry_policy_changed_during_the_backoff_stops_the_retry(changed: dict
     assert ended.status.phase == JobPhase.ERROR and ended.status.return_code == 3
     assert (ended.status.attempt, ended.status.pod_name, ended.status.retried_failures) == (1, "job-1-a1", 0)
     assert "not retried: spec.retryPolicy" in ended.status.status_details
+    retrying = get_condition(failed.status, "Retrying")
+    assert retrying is not None and ended.status.finished_at == retrying.last_transition_time
     # Raised instead, it goes on after the backoff.
     raised = job(status=failed.status.to_cr(), retryPolicy={**policy, "maxAttempts": 5})
     assert not step(raised, [pod(gone=True)], now=NOW + timedelta(seconds=10)).actions

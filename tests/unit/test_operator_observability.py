@@ -382,8 +382,13 @@ def test_a_job_is_checked_against_its_namespaces_project_before_its_first_pod(
     op, _ = _operator(kube)
     asyncio.run(_reconciled(op))
     assert kube.body["status"]["phase"] == "ERROR" and "ProjectMismatch" in str(kube.body["status"])
-    # Looked up once a minute per namespace, not per job or step.
+    # Looked up once a minute per namespace, not per job or step, also by jobs asking at once.
     assert asyncio.run(op._namespace_project("project-a")) == "proj-b" and kube.namespace_gets == 1
+
+    async def burst(op: Operator) -> list[str | None]:
+        return list(await asyncio.gather(*(op._namespace_project("project-b") for _ in range(20))))
+
+    assert asyncio.run(burst(op)) == ["proj-b"] * 20 and kube.namespace_gets == 2
     # An operator that may not read namespaces (scoped with RoleBindings) leaves it to the
     # admission policy, and says so once.
     forbidden = NamespaceKube(new_job, "", forbid=True)
@@ -391,6 +396,7 @@ def test_a_job_is_checked_against_its_namespaces_project_before_its_first_pod(
     with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
         assert asyncio.run(op._namespace_project("project-a")) is None
         assert asyncio.run(op._namespace_project("project-a")) is None
+    assert forbidden.namespace_gets == 1  # a refusal is remembered too
     assert [r.getMessage() for r in caplog.records].count(
         "namespace project-a cannot be read (403 namespaces is forbidden): its jobs' projectId is not "
         "checked against its project label here, only by the admission policy"
@@ -406,3 +412,40 @@ def test_the_data_of_a_job_naming_another_project_is_not_deleted(caplog: pytest.
         asyncio.run(op._clear_data(view))  # returns before any store is needed
     assert any("no stored data deleted" in r.getMessage() for r in caplog.records)
     assert not op.input_refs.is_clearing(KEY, view.uid)
+
+
+def test_a_newer_versions_keys_deeper_in_the_status_are_kept_too() -> None:
+    # The finished job's data expires: the write that records it leaves a newer version's keys in
+    # the objects it does not change (a list it changes, conditions here, is written whole).
+    stored = {**FINISHED, "progress": {"progress": 50, "message": "half", "newerNested": 1}}
+    kube = NamespaceKube(_body(stored), "proj-a")
+    op, _ = _operator(kube)
+    asyncio.run(_reconciled(op))
+    status = kube.body["status"]
+    assert status["dataCleared"] is True  # a write happened
+    assert status["progress"]["newerNested"] == 1
+
+
+def test_an_unreadable_condition_is_left_in_place() -> None:
+    # A merge patch writes a list whole: adding StatusReadable would delete the entry that did not
+    # read. The details and a Warning Event tell it; nothing else is done.
+    naive = {
+        "type": "Finished",
+        "status": "True",
+        "reason": "Succeeded",
+        "message": "",
+        "lastTransitionTime": "2025-06-01T12:00:00",
+    }
+    kube = NamespaceKube(_body({**FINISHED, "conditions": [naive]}), "proj-a")
+    op, events = _operator(kube)
+    asyncio.run(_reconciled(op, times=3))
+    status = kube.body["status"]
+    assert status["conditions"] == [naive] and status["phase"] == "SUCCESS"
+    assert "status.conditions[0].lastTransitionTime" in status["statusDetails"]
+    assert "dataCleared" not in status or status["dataCleared"] is False
+    assert kube.status_writes == 1 and [e.reason for e in events.posted] == ["UnreadableStatus"]
+    # Mended: the details go.
+    kube._store({"status": {"conditions": [{**naive, "lastTransitionTime": "2025-06-01T12:00:00Z"}]}})
+    op._remember(copy.deepcopy(kube.body))
+    asyncio.run(_reconciled(op))
+    assert not kube.body["status"]["statusDetails"].startswith("the stored status cannot be read")

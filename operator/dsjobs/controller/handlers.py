@@ -86,6 +86,7 @@ from dsjobs.controller.plan import (
     current_pod_name,
     gone_type_problem,
     plan,
+    read_status,
     schedule_budget,
     waiting_to_create,
     write_delay,
@@ -134,7 +135,7 @@ from dsjobs.models import (
     ProjectJobSpec,
     ProjectJobStatus,
 )
-from dsjobs.models.base import known_part, read_stored
+from dsjobs.models.base import known_of, read_stored
 from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
 
@@ -151,6 +152,8 @@ POD_RESYNC_SECONDS: Final = 600.0
 #: How long a namespace's project label is taken as known: it matters before a job's first pod
 #: only, and is relabelled by admins alone (rarely); a burst of a namespace's jobs costs one GET.
 NAMESPACE_PROJECT_SECONDS: Final = 60.0
+#: Namespaces whose project is remembered before the stale ones are dropped.
+NAMESPACE_PROJECTS_KEPT: Final = 1024
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 STORAGE_ENV: Final = (
@@ -292,7 +295,8 @@ class Operator:
         # while the process posts its last Events and exits.
         self.standing_down = False
         # Namespace -> (loop time, its project label): the check of a job's projectId at its start.
-        self._namespace_projects: dict[str, tuple[float, str]] = {}
+        self._namespace_projects: dict[str, tuple[float, str | None]] = {}
+        self._namespace_lookups: dict[str, asyncio.Future[str | None]] = {}
         self._namespace_unreadable: set[str] = set()
         #: Pod creations the API server forbade in a row, per job (their retry backoff).
         self._refused: dict[Key, int] = {}
@@ -555,6 +559,8 @@ class Operator:
         await self.warm_up()
         requeue: timedelta | None = None
         for _step in range(MAX_STEPS):
+            if self.standing_down:  # the leadership was lost: another replica may act already
+                return None
             metrics.RECONCILES.inc()
             body = self._jobs.get(key) or await self._fetch_job(key)
             if body is None:
@@ -636,16 +642,28 @@ class Operator:
 
     async def _namespace_project(self, namespace: str) -> str | None:
         """The `dsjobs.dev/project-id` label of `namespace` ("" when it has none), remembered for
-        NAMESPACE_PROJECT_SECONDS; None when it cannot be read (RBAC without namespaces, e.g. an
-        operator scoped with RoleBindings: the admission policy is the check then)."""
+        NAMESPACE_PROJECT_SECONDS and looked up once for all the jobs asking meanwhile; None when
+        it cannot be read: RBAC without namespaces (an operator scoped with RoleBindings: the
+        admission policy is the check then) or no such namespace. Other failures raise: the
+        reconcile is retried."""
         assert self.kube is not None
         now = asyncio.get_running_loop().time()
         known = self._namespace_projects.get(namespace)
         if known is not None and now - known[0] < NAMESPACE_PROJECT_SECONDS:
             return known[1]
+        pending = self._namespace_lookups.get(namespace)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up_namespace(namespace))
+            self._namespace_lookups[namespace] = pending
+            pending.add_done_callback(lambda _: self._namespace_lookups.pop(namespace, None))
+        return await asyncio.shield(pending)
+
+    async def _look_up_namespace(self, namespace: str) -> str | None:
+        assert self.kube is not None
+        project: str | None = None  # unreadable (403): remembered as unknown
         try:
             obj = await self.kube.get("namespaces", f"/api/v1/namespaces/{namespace}")
-        except APIError as exc:
+        except Forbidden as exc:
             if namespace not in self._namespace_unreadable:
                 self._namespace_unreadable.add(namespace)
                 log.warning(
@@ -655,9 +673,18 @@ class Operator:
                     exc.status,
                     message_of(exc),
                 )
-            return None
-        labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-        project = str(labels.get(PROJECT_LABEL) or "")
+        else:
+            if obj is None:  # no such namespace (being deleted): nothing known, asked again
+                return None
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            project = str(labels.get(PROJECT_LABEL) or "")
+        now = asyncio.get_running_loop().time()
+        if len(self._namespace_projects) >= NAMESPACE_PROJECTS_KEPT:  # namespaces come and go
+            self._namespace_projects = {
+                ns: seen
+                for ns, seen in self._namespace_projects.items()
+                if now - seen[0] < NAMESPACE_PROJECT_SECONDS
+            }
         self._namespace_projects[namespace] = (now, project)
         return project
 
@@ -1246,13 +1273,10 @@ class Operator:
         self._settle_unconfirmed(key, body)
         new = status.to_cr()
         # What this version cannot read is left as it is: a newer version's keys (a rollback, a
-        # newer replica's write) and, in a status that does not read, the values that do not (for
-        # a person, or that version, to mend: the plan waits for it).
-        stored = (
-            job.status.to_cr()
-            if job.status_problem
-            else known_part(ProjectJobStatus, body.get("status") or {})
-        )
+        # newer replica's write), at any depth, and in a status that does not read, the values that
+        # do not (for a person, or that version, to mend: the plan waits for it). A list the
+        # new status changes is written whole, as a merge patch does.
+        stored = known_of(body.get("status") or {}, job.status.to_cr())
         patch = merge_diff(stored, new)
         meta = body.get("metadata") or {}
         payload = {
@@ -1297,7 +1321,7 @@ class Operator:
             return
         del self._unconfirmed[key]
         try:
-            stored = read_stored(ProjectJobStatus, body.get("status") or {}).to_cr()
+            stored = read_status(body.get("status") or {})[0].to_cr()
         except ValueError:
             stored = None
         if stored != pending.status:
@@ -1347,6 +1371,9 @@ class Operator:
                 and fresh.finished_at
                 and not old.finished_at
                 and fresh.started_at
+                # A retry taken back (its policy changed during the backoff): that attempt's run
+                # was observed as RETRIED when the retry was decided.
+                and fresh.retried_failures >= old.retried_failures
             ):
                 metrics.RUN_TIME.labels(outcome=phase.value).observe(
                     max(0.0, (fresh.finished_at - fresh.started_at).total_seconds())

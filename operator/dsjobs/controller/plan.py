@@ -770,26 +770,35 @@ def _plan_unreadable_status(
     have finished, or be running on a pod the status names. No step may start it again, delete its
     pod or its data from what is left: it stays as it is, saying why, until the status reads."""
     status = job.status
-    condition = get_condition(status, COND_STATUS_READABLE)
     if job.status_problem:
         message = clip(
-            f"the stored status cannot be read: {job.status_problem}; the operator leaves the job as it "
+            f"{_UNREADABLE}: {job.status_problem}; the operator leaves the job as it "
             "is (no pod created or deleted, no data deleted) until it can: fix the status with "
             f"`kubectl edit projectjob {job.name} --subresource=status`",
             8192,
         )
-        if condition is None or condition.message != message:
+        if status.status_details != clip(message):
             events.append(JobEvent("Warning", "UnreadableStatus", clip(message, 1024)))
-        status = set_condition(status, COND_STATUS_READABLE, "False", "UnreadableStatus", message, now)
+        if _CUT_CONDITION not in job.status_problem:
+            # Not when a condition was what did not read: a merge patch writes a list whole, and
+            # adding this one would delete that entry (details and the Event tell it then).
+            status = set_condition(status, COND_STATUS_READABLE, "False", "UnreadableStatus", message, now)
         status = status.model_copy(update={"status_details": clip(message)})
     return Plan(status, tuple(actions), tuple(events))
+
+
+_UNREADABLE: Final = "the stored status cannot be read"
+#: How read_status names a problem inside the conditions list.
+_CUT_CONDITION: Final = "status.conditions["
 
 
 def _readable_again(status: ProjectJobStatus, job: JobView, now: datetime) -> ProjectJobStatus:
     """The status reads again (fixed, or its unreadable part dropped by the write that reported
     it) and has its phase: the job goes on from it, without the report. The times its data's
     expiry counts from come back when they went: without them its data would never expire."""
-    if get_condition(status, COND_STATUS_READABLE) is None:
+    if get_condition(status, COND_STATUS_READABLE) is None and not status.status_details.startswith(
+        _UNREADABLE
+    ):
         return status
     status = drop_conditions(status, COND_STATUS_READABLE)
     final = status.phase is not None and status.phase.is_final
@@ -982,7 +991,11 @@ def _plan_next_attempt(
                 "retried_failures": max(0, status.retried_failures - 1),
             }
         )
-        return Plan(finish(spec, undone, outcome, now, events), tuple(actions), tuple(events), spec=spec)
+        # It ended when it failed, not when the backoff was cut short (its data expires from then).
+        failed_at = retrying.last_transition_time or now
+        return Plan(
+            finish(spec, undone, outcome, failed_at, events), tuple(actions), tuple(events), spec=spec
+        )
     if retrying is not None and retrying.last_transition_time is not None and spec.retry_policy is not None:
         due = retrying.last_transition_time + timedelta(seconds=spec.retry_policy.backoff_seconds)
         if now < due:

@@ -84,11 +84,20 @@ def read_stored(model: type[M], data: Any) -> M:
     return model.model_validate(data, context=STORED)
 
 
-def known_part(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
-    """The top-level keys of a stored object that `model` knows: all that a merge patch computed
-    from a `model` may set or remove; the rest, a newer version's, is left as it is."""
-    known = known_keys(model)
-    return {k: v for k, v in data.items() if k in known}
+def known_of(stored: Any, read: Any) -> Any:
+    """`stored` (an object as the cluster holds it) without what is not in `read` (what a model
+    read of it and gave back with `to_cr`): keys of a newer version, at every depth, and values
+    the reader could not read. A merge patch computed from it and a new `to_cr` leaves those as
+    they are. A list is compared entry by entry; one the reader left entries out of is taken as
+    read (a patch leaves it alone unless it changes it, and then writes it whole, as a merge patch
+    writes every list)."""
+    if isinstance(stored, Mapping) and isinstance(read, Mapping):
+        return {k: known_of(v, read[k]) for k, v in stored.items() if k in read}
+    if isinstance(stored, list) and isinstance(read, list):
+        if len(stored) != len(read):
+            return read
+        return [known_of(s, r) for s, r in zip(stored, read, strict=True)]
+    return stored
 
 
 def field(description: str, default: Any = ..., **schema: Any) -> Any:
