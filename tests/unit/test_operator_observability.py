@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from kopf._cogs.clients import errors as kopf_errors
 from kube_fake import merged
+from test_controller_metrics import _transitions
 from test_job_status import CREATED, SETTINGS, ts
 
 from dsjobs.controller import handlers, metrics
@@ -106,17 +107,6 @@ def _operator(kube: FakeKube, settings: Any = SETTINGS) -> tuple[Operator, Event
     events = Events()
     op.events = events  # type: ignore[assignment]
     return op, events
-
-
-def _transitions() -> Counter[tuple[str, str]]:
-    return Counter(
-        {
-            (s.labels["from_phase"], s.labels["to_phase"]): int(s.value)
-            for m in metrics.TRANSITIONS.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
-    )
 
 
 def _status_writes() -> float:
