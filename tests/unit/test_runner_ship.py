@@ -1320,3 +1320,37 @@ def test_outputs_the_runner_may_not_read_say_so_rather_than_missing(
             "refused: Permission denied (it is read by another user than the job's: it must be readable by all)",
         ),
     ]
+
+
+def test_a_chatty_program_s_chunks_are_batched_the_longer_it_prints(tmp_path: Path) -> None:
+    """A line every 0.2 s (a progress bar, a line per training step) made a chunk per flush: 7,200
+    objects an hour. Every flush ships for the first minute (users watch a job start), then at
+    most one chunk per 2 s until 10 minutes, then one per 5 s; a flood still ships at once."""
+    cfg = config(tmp_path, ship={"chunk_bytes": 4096})
+    clock = Clock()
+    store = MemoryStore()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    seqs: list[int] = []
+    lines = 0
+    for _ in range(int(15 * 60 / 0.5)):  # 15 minutes of flushes every 0.5 s
+        for _ in range(2):
+            append(cfg.layout.stdout, f"step {lines}\n".encode())
+            lines += 1
+        clock.t += 0.5
+        assert s.pump()
+        seqs.append(s.next_seq)
+    first_minute, to_ten, after = seqs[119], seqs[1199] - seqs[119], seqs[-1] - seqs[1199]
+    assert first_minute == 120  # every flush
+    assert 250 <= to_ten <= 271  # 540 s at most one per 2 s
+    assert 55 <= after <= 61  # 300 s at most one per 5 s
+    # Nothing is lost, nothing repeated, in order.
+    assert s.pump(final=True)
+    res = read_records(store, "p", "j", 0, max_records=10**6, max_chunks=10**6)
+    out = b"".join(r.content for r in res.records if r.stream == Stream.OUT)
+    assert out == b"".join(f"step {i}\n".encode() for i in range(lines))
+    # A flood (half a chunk or more) is not held back.
+    before = s.next_seq
+    append(cfg.layout.stdout, b"x" * 3000 + b"\n")
+    clock.t += 0.5
+    assert s.pump() and s.next_seq == before + 1

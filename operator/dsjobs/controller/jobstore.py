@@ -132,7 +132,7 @@ class JobStore:
                 else:
                     log.warning("the object store does not answer: %s", problem)
             self._check = (loop.time(), problem)
-            metrics.OBJECT_STORE_UP.set(0 if problem is not None else 1)
+            metrics.object_store_checked(problem is None)
             return problem
 
     async def clear_leftovers(self, job: JobView, project_id: str) -> None:

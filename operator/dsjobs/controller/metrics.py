@@ -7,7 +7,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable
 from typing import Final
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 _PHASES = (
     "CREATING",
@@ -84,7 +84,20 @@ OBJECT_STORE_UP = Gauge(
     "1 when the operator's last check of the object store got an answer, 0 when it did not "
     "(connection trouble, a timeout, a 5xx). Checked only while a job's runner has been moving files "
     "for 10 s, at most every 10 s: absent until the first check.",
+    registry=None,  # registered at the first check (`object_store_checked`): a 0 before it is no answer
 )
+
+
+_store_checked = False
+
+
+def object_store_checked(answered: bool) -> None:
+    """Record a check of the object store (the series appears with the first)."""
+    global _store_checked
+    if not _store_checked:
+        REGISTRY.register(OBJECT_STORE_UP)
+        _store_checked = True
+    OBJECT_STORE_UP.set(1 if answered else 0)
 STATUS_CONFLICTS = Counter(
     "dsjobs_status_conflicts_total",
     "Status patches refused because the job changed meanwhile (then re-planned).",

@@ -1,7 +1,8 @@
 """The ship sidecar: logs to storage while the job runs, then outputs, result and final marker.
 
-While the job container runs, every ``flush_interval`` (<= 1 s) the shipper appends what is new in
-the shared volume's files as log records (chunk objects, see dsjobs.logrecords):
+While the job container runs, every ``flush_interval`` (<= 1 s; small chunks less often once the
+job has printed for a minute, `CHUNK_PACE`) the shipper appends what is new in the shared volume's
+files as log records (chunk objects, see dsjobs.logrecords):
 
     logs/stdout.log  -> OUT            logs/system.log        -> FILE ".system.log"
     logs/stderr.log  -> ERR            logs/job_progress.jsonl -> FILE "job_progress.jsonl"
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Final
 
 from dsjobs.logrecords import (
     DOCKER_STATS_LOG_PATH,
@@ -100,6 +101,11 @@ ENV_TERMINATION_LOG = "DSJOBS_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 #: Longest a chunk of nothing but resource-usage samples waits for other output (`_Source.lazy`).
 SAMPLES_FLUSH_SECONDS = 60.0
+#: The least time between two chunks that are not half full, by how long the shipper has been
+#: storing chunks: every flush while users watch a job start, then batched, as a chatty program (a
+#: progress bar, a line per step) made a chunk per flush: 7,200 objects an hour, each a PUT to pay
+#: for and a GET for whoever reads the logs from the start.
+CHUNK_PACE: Final = ((60.0, 0.0), (600.0, 2.0), (math.inf, 5.0))
 #: How long the final flush keeps retrying storage before reporting the logs incomplete.
 FINAL_FLUSH_SECONDS = 300.0
 #: Tries of a log write that storage refuses (not a transient error: access denied, no such
@@ -229,8 +235,9 @@ class LogShipper:
         ]
         #: The source the next chunk reads first (`_Pending.next_first`).
         self._first = 0
-        #: When the last chunk was stored (`clock`).
+        #: When the last chunk was stored (`clock`), and the first (None: none yet).
         self._last_chunk_at = -math.inf
+        self._first_chunk_at: float | None = None
         self._lazy_paths = {src.file_path for src in self.sources if src.lazy}
         self.next_seq = 0
         #: `resume` succeeded: chunks may be written from `next_seq` on.
@@ -488,7 +495,9 @@ class LogShipper:
         while True:
             if self._unsent is None:
                 pending = self.collect(final=final)
-                if not pending.records or (not final and self._samples_wait(pending)):
+                if not pending.records or (
+                    not final and (self._samples_wait(pending) or self._paced(pending))
+                ):
                     # Partial-line clocks still need to start even when nothing is shipped.
                     for src in self.sources:
                         src.partial_since = pending.partial[src.key]
@@ -506,9 +515,22 @@ class LogShipper:
             self._unsent = None
             self.next_seq += 1
             self._last_chunk_at = self.clock()
+            if self._first_chunk_at is None:
+                self._first_chunk_at = self._last_chunk_at
             self._commit(pending)
         self._save_progress(final=final, deadline=deadline)
         return True
+
+    def _paced(self, pending: _Pending) -> bool:
+        """Whether a chunk that is not half full waits for more (`CHUNK_PACE`; read again then)."""
+        if self._first_chunk_at is None:
+            return False
+        now = self.clock()
+        shipping = now - self._first_chunk_at
+        interval = next(gap for until, gap in CHUNK_PACE if shipping < until)
+        if interval <= 0 or now - self._last_chunk_at >= interval:
+            return False
+        return sum(len(r.content) for r in pending.records) < self.config.ship.chunk_bytes // 2
 
     def _samples_wait(self, pending: _Pending) -> bool:
         """Whether a chunk of nothing but resource-usage samples waits for more (read again then)."""
