@@ -98,6 +98,8 @@ def object_store_checked(answered: bool) -> None:
         REGISTRY.register(OBJECT_STORE_UP)
         _store_checked = True
     OBJECT_STORE_UP.set(1 if answered else 0)
+
+
 STATUS_CONFLICTS = Counter(
     "dsjobs_status_conflicts_total",
     "Status patches refused because the job changed meanwhile (then re-planned).",
