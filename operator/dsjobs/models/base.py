@@ -50,20 +50,7 @@ class CRModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-_KNOWN_KEYS: dict[type[BaseModel], frozenset[str]] = {}
-
 M = TypeVar("M", bound=CRModel)
-
-
-def known_keys(model: type[BaseModel]) -> frozenset[str]:
-    """The keys `model` reads: its fields' names and aliases."""
-    keys = _KNOWN_KEYS.get(model)
-    if keys is None:
-        keys = frozenset(
-            name for f_name, f in model.model_fields.items() for name in (f_name, f.alias) if name
-        )
-        _KNOWN_KEYS[model] = keys
-    return keys
 
 
 def read_stored(model: type[M], data: Any) -> M:
