@@ -2658,3 +2658,22 @@ def test_a_job_naming_another_project_than_its_namespaces_never_gets_a_pod(label
     for known in (view.spec["projectId"], None):
         ok = step(dataclasses.replace(job(), namespace_project=known))
         assert [a for a in ok.actions if isinstance(a, CreatePod)]
+
+
+def test_a_job_naming_another_project_deletes_none_of_that_projects_data() -> None:
+    # Its data prefix is the other project's: the same name there is that project's job. Its
+    # expiry and its deletion go on without deleting it, and its status says so.
+    done = started("SUCCESS", finishedAt=ts(NOW - timedelta(days=30)), returnCode=0)
+    expired = step(dataclasses.replace(job(status=done), namespace_project="proj-b"), [pod(gone=True)])
+    assert not [a for a in expired.actions if isinstance(a, ClearData)]
+    cleared = get_condition(expired.status, "DataCleared")
+    assert expired.status.data_cleared and cleared is not None and "nothing was deleted" in cleared.message
+    assert [e.message for e in expired.events if e.reason == "DataCleared"] == [
+        f"the job's stored data is cleared: {cleared.message}"
+    ]
+    deleting = dataclasses.replace(job(status=done), namespace_project="", deleting=True)
+    assert not [a for a in step(deleting, [pod(gone=True)]).actions if isinstance(a, ClearData)]
+    # Its own project's, or not known: deleted as ever.
+    for own in ("proj-a", None):
+        mine = dataclasses.replace(job(status=done), namespace_project=own)
+        assert [a for a in step(mine, [pod(gone=True)]).actions if isinstance(a, ClearData)]

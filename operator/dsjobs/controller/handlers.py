@@ -249,6 +249,12 @@ def _may_start(job: JobView) -> bool:
     )
 
 
+def _may_clear(job: JobView) -> bool:
+    """Whether this step may delete the job's stored data: the plan deletes none under another
+    project's prefix, which the namespace's project tells."""
+    return job.deleting or not job.status.data_cleared
+
+
 def _key(body: Mapping[str, Any]) -> Key:
     meta = body.get("metadata") or {}
     return str(meta.get("namespace", "")), str(meta.get("name", ""))
@@ -571,7 +577,7 @@ class Operator:
                 # Its data is being (or was) deleted, its dataCleared not written yet (a conflict
                 # with an Execute that crossed the clear): it must not start without its inputs.
                 job = dataclasses.replace(job, clearing=True)
-            if _may_start(job):
+            if _may_start(job) or _may_clear(job):
                 job = dataclasses.replace(job, namespace_project=await self._namespace_project(job.namespace))
             now = _now()
             # The deletions this step plans with: only these are done with once it is written (a

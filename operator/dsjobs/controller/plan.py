@@ -437,12 +437,44 @@ def plan(
     """
     step = _plan(job, pods, catalog, result, now, settings, storage_problem, invalid_types or {})
     step = _settle_output_datasets(job, _secrets_of_an_ended_job(job, pods, step))
+    step = _keep_other_projects_data(job, step)
     if step.spec is None:
         return step
     size = stored_data_size(step.spec, step.status)
     if size == step.status.data_size_bytes:
         return step
     return replace(step, status=step.status.model_copy(update={"data_size_bytes": size}))
+
+
+def _foreign_project(job: JobView) -> str:
+    """Why the job's stored-data prefix is another project's ("" when it is its own, or unknown):
+    its projectId is not its namespace's project (a job the admission policy would refuse)."""
+    project = job.spec.get("projectId")
+    if job.namespace_project is None or not isinstance(project, str) or project == job.namespace_project:
+        return ""
+    label = repr(job.namespace_project) if job.namespace_project else "none"
+    return f"its projectId {project!r} is not the project of namespace {job.namespace} ({label})"
+
+
+def _keep_other_projects_data(job: JobView, step: Plan) -> Plan:
+    """A step that would delete a job's stored data under another project's prefix (the same name
+    there is that project's job) deletes nothing, and its status and Event say so."""
+    foreign = _foreign_project(job)
+    if not foreign or not any(isinstance(a, ClearData) for a in step.actions):
+        return step
+    actions = tuple(a for a in step.actions if not isinstance(a, ClearData))
+    told = f"nothing was deleted: {foreign}, so that prefix is another project's"
+    events = tuple(
+        replace(e, message=f"the job's stored data is cleared: {told}") if e.reason == "DataCleared" else e
+        for e in step.events
+    )
+    status = step.status
+    cleared = get_condition(status, COND_DATA_CLEARED)
+    if cleared is not None and cleared.last_transition_time is not None:
+        status = set_condition(
+            status, COND_DATA_CLEARED, "True", "DataCleared", told, cleared.last_transition_time
+        )
+    return replace(step, status=status, actions=actions, events=events)
 
 
 def _secrets_of_an_ended_job(job: JobView, pods: Sequence[PodView], step: Plan) -> Plan:
