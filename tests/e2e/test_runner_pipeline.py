@@ -235,17 +235,23 @@ def _container_running(
     return proc, (proc.pid, int(match.group(1)))
 
 
-def test_job_container_killed_outright_is_reported_lost(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
-    dash = _dash()
+def _container_config(runner_s3: S3Target, tmp_path: Path, cmd: str) -> RunnerConfig:  # noqa: F811
+    """A job writing out.txt with a 3 s heartbeat timeout, its inputs staged."""
     cfg = RunnerConfig(
         project_id=runner_s3.project,
         job_id=runner_s3.job,
-        cmd="echo before-oom; echo data > out.txt; sleep 60",
+        cmd=cmd,
         outputs=[{"path": "out.txt"}],
         ship={"heartbeat_timeout_seconds": 3},
         paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
     )
     assert run_stage_in(cfg, runner_s3.storage)
+    return cfg
+
+
+def test_job_container_killed_outright_is_reported_lost(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
+    dash = _dash()
+    cfg = _container_config(runner_s3, tmp_path, "echo before-oom; echo data > out.txt; sleep 60")
     with shipping(cfg, runner_s3, tmp_path / "term") as box:
         proc, groups = _container_running(dash, cfg, b"before-oom")
         # Everything of the "container" dies at once, like an OOM kill.
@@ -267,15 +273,7 @@ def test_a_stalled_job_container_is_waited_for_not_taken_for_lost(
     disk) still holds the liveness FIFO: ship waits, and takes the outputs the program writes
     after the stall, its logs to the end, and its exit code."""
     dash = _dash()
-    cfg = RunnerConfig(
-        project_id=runner_s3.project,
-        job_id=runner_s3.job,
-        cmd="echo before; sleep 2; echo after > out.txt; echo done",
-        outputs=[{"path": "out.txt"}],
-        ship={"heartbeat_timeout_seconds": 3},
-        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
-    )
-    assert run_stage_in(cfg, runner_s3.storage)
+    cfg = _container_config(runner_s3, tmp_path, "echo before; sleep 2; echo after > out.txt; echo done")
     with shipping(cfg, runner_s3, tmp_path / "term") as box:
         proc, groups = _container_running(dash, cfg, b"before")
         # The whole "container" frozen for twice the heartbeat timeout, then thawed.

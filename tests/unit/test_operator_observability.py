@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from kopf._cogs.clients import errors as kopf_errors
 from kube_fake import merged
-from test_controller_metrics import _transitions
+from test_controller_metrics import Events, _transitions
 from test_job_status import CREATED, SETTINGS, ts
 
 from dsjobs.controller import handlers, metrics
@@ -90,15 +90,6 @@ class FakeKube:
             self.lose_answers -= 1
             raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
         return copy.deepcopy(self.body)
-
-
-class Events:
-    def __init__(self) -> None:
-        self.posted: list[JobEvent] = []
-
-    def post(self, body: Any, event: JobEvent) -> str:
-        self.posted.append(event)
-        return "x"
 
 
 def _operator(kube: FakeKube, settings: Any = SETTINGS) -> tuple[Operator, Events]:

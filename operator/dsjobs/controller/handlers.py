@@ -237,21 +237,10 @@ def _queued_since(job: JobView, status: ProjectJobStatus) -> datetime | None:
     return max(requested, created)
 
 
-def _may_start(job: JobView) -> bool:
-    """Whether the job's first pod may be planned in this step: its namespace's project is then
-    looked up (once per NAMESPACE_PROJECT_SECONDS and namespace) for the plan to check."""
-    phase = job.status.phase
-    return (
-        not job.deleting
-        and job.spec.get("execute") is True
-        and job.status.attempt == 0
-        and (phase is None or not phase.is_final)
-    )
-
-
-def _may_clear(job: JobView) -> bool:
-    """Whether this step may delete the job's stored data: the plan deletes none under another
-    project's prefix, which the namespace's project tells."""
+def _may_start_or_clear(job: JobView) -> bool:
+    """Whether this step may create the job's first pod or delete its stored data: both wait on
+    its namespace's project (looked up once per NAMESPACE_PROJECT_SECONDS and namespace), which
+    the plan checks. A job whose data is cleared can neither: it never starts without its data."""
     return job.deleting or not job.status.data_cleared
 
 
@@ -577,7 +566,7 @@ class Operator:
                 # Its data is being (or was) deleted, its dataCleared not written yet (a conflict
                 # with an Execute that crossed the clear): it must not start without its inputs.
                 job = dataclasses.replace(job, clearing=True)
-            if _may_start(job) or _may_clear(job):
+            if _may_start_or_clear(job):
                 job = dataclasses.replace(job, namespace_project=await self._namespace_project(job.namespace))
             now = _now()
             # The deletions this step plans with: only these are done with once it is written (a

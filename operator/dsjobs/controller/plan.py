@@ -75,7 +75,7 @@ from dsjobs.models import (
     ProjectJobStatus,
     format_duration,
 )
-from dsjobs.models.base import parse_duration, read_stored
+from dsjobs.models.base import drop_paths, parse_duration, read_stored
 from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME, RESOURCE_ID_PATTERN
 from dsjobs.records import format_datetime
 from dsjobs.runner.result import ResultPointer, RunnerResult
@@ -161,25 +161,14 @@ def read_status(raw: Any) -> tuple[ProjectJobStatus, str]:
             return read_stored(ProjectJobStatus, data), "; ".join(problems)
         except ValidationError as exc:
             cuts: set[tuple[str | int, ...]] = set()
-            for error in exc.errors(include_url=False):
+            for error in exc.errors(include_url=False):  # unknown keys: read_stored skips them
                 loc = tuple(error["loc"])
-                if error["type"] == "extra_forbidden":
-                    cuts.add(loc)
-                    continue
                 cuts.add(loc[:2] if len(loc) > 1 and isinstance(loc[1], int) else loc[:1])
                 where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
                 problems.append(f"status{where}: {error['msg']} (stored: {_stored_value(error['input'])})")
             if () in cuts:
                 break
-            # Deepest and last first: the indices of the entries still to go do not move.
-            for cut in sorted(cuts, key=lambda c: [(isinstance(p, int), p) for p in c], reverse=True):
-                parent = data
-                try:
-                    for key in cut[:-1]:
-                        parent = parent[key]
-                    del parent[cut[-1]]
-                except (KeyError, IndexError, TypeError):
-                    pass  # inside a part left out already
+            drop_paths(data, cuts)
     return ProjectJobStatus(), "; ".join(problems) or "status: cannot be read"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from decimal import Decimal
 from typing import Annotated, Any, TypeVar
@@ -66,15 +66,22 @@ def read_stored(model: type[M], data: Any) -> M:
         if not unknown:
             raise
     data = copy.deepcopy(data)
-    for loc in unknown:
+    drop_paths(data, unknown)
+    return model.model_validate(data)
+
+
+def drop_paths(data: Any, paths: Iterable[tuple[str | int, ...]]) -> None:
+    """Delete each of `paths` (keys and list indices, as pydantic's error locations) from `data`,
+    in place: the deepest and last first, so that the indices of entries still to go do not move.
+    A path inside a part already deleted is skipped."""
+    for path in sorted(set(paths), key=lambda p: [(isinstance(k, int), k) for k in p], reverse=True):
         parent = data
         try:
-            for part in loc[:-1]:
-                parent = parent[part]
-            del parent[loc[-1]]
+            for key in path[:-1]:
+                parent = parent[key]
+            del parent[path[-1]]
         except (KeyError, IndexError, TypeError):
             continue
-    return model.model_validate(data)
 
 
 def known_of(stored: Any, read: Any) -> Any:
