@@ -316,6 +316,17 @@ def test_delete_all_data_operation() -> None:
     assert not ops.delete_all_data_operation(ref, 2, T0).done
     op = ops.delete_all_data_operation(ref, 0, T0)
     assert op.done and op.metadata.Is(svc.DeleteAllProjectJobDataMetadata.DESCRIPTOR)
+    assert op.response.Is(svc.DeleteAllProjectJobDataResponse.DESCRIPTOR)
+
+
+def test_delete_all_data_operation_names_jobs_left_out() -> None:
+    ref = ops.OpRef(ops.OpKind.DELETE_ALL_DATA, "p1")
+    assert not ops.delete_all_data_operation(ref, 1, T0, ["j0"]).done
+    op = ops.delete_all_data_operation(ref, 0, T0, [f"j{i:02}" for i in range(12)])
+    assert op.done and not op.HasField("response")
+    assert op.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "the data of 12 jobs was not deleted" in op.error.message
+    assert "'j09' and 2 more" in op.error.message and "'j10'" not in op.error.message
 
 
 def test_an_execute_time_utc_cannot_hold_is_ignored_not_an_internal_error() -> None:

@@ -21,7 +21,7 @@ from dsjobs.api import errors
 from dsjobs.api import servicer as servicer_module
 from dsjobs.api.auth import Identity, Verb
 from dsjobs.api.cluster import ProjectInfo
-from dsjobs.api.core import Core, InputCheck
+from dsjobs.api.core import Core, InputCheck, ProjectJobs
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
@@ -152,9 +152,8 @@ class FakeCore:
     ) -> JobSnapshot:
         return await Core.patch_job(cast(Core, self), job, patch, guard=guard)
 
-    async def all_jobs(self, info: ProjectInfo) -> list[JobSnapshot]:
-        prefix = jobs_path(info.namespace) + "/"
-        return [JobSnapshot.from_cr(o) for k, o in self.kube.objects.items() if k.startswith(prefix)]
+    async def all_jobs(self, info: ProjectInfo) -> ProjectJobs:
+        return await Core.all_jobs(cast(Core, self), info)
 
     async def list_jobs(
         self, info: ProjectInfo, *, limit: int, continue_token: str = ""
@@ -773,6 +772,26 @@ def test_delete_all_data_leaves_a_job_executed_meanwhile_alone() -> None:
     assert [n for n, s in spec.items() if s.get("clearData")] == ["j2"]
     metadata = svc.DeleteAllProjectJobDataMetadata()
     assert op.metadata.Unpack(metadata) and not op.done
+
+
+def test_delete_all_data_fails_naming_the_jobs_whose_resource_does_not_read() -> None:
+    # Nothing can mark their data for deletion: the operation must not say it was all deleted.
+    kube = FakeKube()
+    stored_job(kube, "j1", phase="SUCCESS")
+    stored_job(kube, "bad", phase="NOT-A-PHASE")
+    stored_job(kube, "bad-cleared", phase="NOT-A-PHASE")
+    kube.objects[jobs_path(NAMESPACE, "bad-cleared")]["status"]["dataCleared"] = True
+    core = FakeCore(kube)
+    op = call(service(core).DeleteAllData(svc.DeleteAllProjectJobDataRequest(project_id=PROJECT), ctx()))
+    assert not op.done
+    assert kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["clearData"] is True
+    assert "clearData" not in kube.objects[jobs_path(NAMESPACE, "bad")]["spec"]
+    kube.objects[jobs_path(NAMESPACE, "j1")]["status"]["dataCleared"] = True
+    ops = OperationService(cast(Core, core), service(core))
+    got = call(ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op.id), ctx()))
+    assert got.done and got.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "the data of 1 jobs was not deleted" in got.error.message
+    assert "'bad'" in got.error.message and "bad-cleared" not in got.error.message
 
 
 # --- Duration overflow -------------------------------------------------------------------------

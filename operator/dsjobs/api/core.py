@@ -285,15 +285,17 @@ class Core:
         cont = str((result.get("metadata") or {}).get("continue") or "")
         return list(result.get("items") or []), cont
 
-    async def all_jobs(self, info: ProjectInfo) -> list[JobSnapshot]:
-        out: list[JobSnapshot] = []
+    async def all_jobs(self, info: ProjectInfo) -> ProjectJobs:
+        out = ProjectJobs([], [])
         cont = ""
         while True:
             items, cont = await self.list_jobs(info, limit=500, continue_token=cont)
             for item in items:
                 job = try_snapshot(item)
                 if job is not None:
-                    out.append(job)
+                    out.jobs.append(job)
+                elif not (item.get("status") or {}).get("dataCleared"):
+                    out.unreadable.append(str((item.get("metadata") or {}).get("name", "?")))
             if not cont:
                 return out
 
@@ -340,6 +342,15 @@ class Core:
             ]
         )
         return dict(zip(wanted, urls, strict=True))
+
+
+@dataclass(frozen=True)
+class ProjectJobs:
+    """A project's jobs: those that read, and the names of those whose resource does not (a value
+    its schema refuses, written by hand) and whose data is not known to be cleared."""
+
+    jobs: list[JobSnapshot]
+    unreadable: list[str]
 
 
 def snapshot(obj: Mapping[str, Any]) -> JobSnapshot:

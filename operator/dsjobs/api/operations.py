@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf import empty_pb2
@@ -501,8 +501,25 @@ def delete_data_operation(ref: OpRef, job: JobSnapshot | None, now: datetime) ->
     )
 
 
-def delete_all_data_operation(ref: OpRef, pending_jobs: int, now: datetime) -> operation_pb2.Operation:
-    """Done when no job of the project has a data deletion pending."""
+#: How many jobs left out a DeleteAllData operation's error names.
+_UNREADABLE_NAMED: Final = 10
+
+
+def delete_all_data_operation(
+    ref: OpRef, pending_jobs: int, now: datetime, unreadable: Sequence[str] = ()
+) -> operation_pb2.Operation:
+    """Done when no job of the project has a data deletion pending; failed when jobs whose resource
+    does not read (so nothing can mark their data for deletion) still hold data."""
+    error = None
+    if unreadable:
+        names = ", ".join(repr(n) for n in sorted(unreadable)[:_UNREADABLE_NAMED])
+        more = len(unreadable) - _UNREADABLE_NAMED
+        error = _status(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the data of {len(unreadable)} jobs was not deleted: their ProjectJob resources do not "
+            f"match the schema (mend or delete them with kubectl): {names}"
+            + (f" and {more} more" if more > 0 else ""),
+        )
     return _operation(
         ref,
         created_at=now,
@@ -511,6 +528,7 @@ def delete_all_data_operation(ref: OpRef, pending_jobs: int, now: datetime) -> o
         metadata=svc.DeleteAllProjectJobDataMetadata(project_id=ref.project_id),
         done=pending_jobs == 0,
         response=svc.DeleteAllProjectJobDataResponse(),
+        error=error,
     )
 
 

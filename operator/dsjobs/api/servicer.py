@@ -732,7 +732,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DeleteAllProjectJobDataRequest, context: Context
     ) -> operation_pb2.Operation:
         identity, info = await self.core.authorized_project(context, request.project_id, Verb.UPDATE)
-        jobs = await self.core.all_jobs(info)
+        found = await self.core.all_jobs(info)
+        jobs = found.jobs
         # Running jobs keep their data (it is being written); everything else is marked for deletion.
         todo = [j for j in jobs if not j.spec.clear_data and (j.is_final or not j.spec.execute)]
         gate = asyncio.Semaphore(16)
@@ -752,14 +753,19 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         results = await asyncio.gather(*(mark(j) for j in todo))
         log.info(
             "project data deletion requested",
-            extra={"project": info.project_id, "jobs": len(todo), "user": identity.username},
+            extra={
+                "project": info.project_id,
+                "jobs": len(todo),
+                "unreadable": len(found.unreadable),
+                "user": identity.username,
+            },
         )
         listed = {j.name for j in todo}
         pending = sum(results) + sum(
             1 for j in jobs if j.name not in listed and operations.data_deletion_pending(j)
         )
         return operations.delete_all_data_operation(
-            OpRef(OpKind.DELETE_ALL_DATA, info.project_id), pending, now()
+            OpRef(OpKind.DELETE_ALL_DATA, info.project_id), pending, now(), found.unreadable
         )
 
     # Get, List ----------------------------------------------------------------------------------
@@ -1143,9 +1149,9 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         self, ref: OpRef, info: ProjectInfo, operation_id: str, identity: Identity
     ) -> operation_pb2.Operation:
         if ref.kind == OpKind.DELETE_ALL_DATA:
-            jobs = await self.core.all_jobs(info)
-            pending = sum(1 for j in jobs if operations.data_deletion_pending(j))
-            return operations.delete_all_data_operation(ref, pending, now())
+            found = await self.core.all_jobs(info)
+            pending = sum(1 for j in found.jobs if operations.data_deletion_pending(j))
+            return operations.delete_all_data_operation(ref, pending, now(), found.unreadable)
         job = _of_operation(await self.core.read_job(info.namespace, ref.job_id), ref, info)
         if ref.kind == OpKind.DELETE:
             return operations.delete_operation(ref, job, now())
