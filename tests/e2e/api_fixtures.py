@@ -365,7 +365,7 @@ def _api_env(
             core.create_namespace(
                 {"metadata": {"name": p.namespace, "labels": {"dsjobs.dev/project-id": p.project_id}}}
             )
-        core.create_namespace({"metadata": {"name": system}})
+        core.create_namespace({"metadata": {"name": system, "labels": {"dsjobs.dev/system": "true"}}})
         for ns in namespaces:
 
             def has_default_sa(n: str = ns) -> Any:

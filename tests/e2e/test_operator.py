@@ -1102,7 +1102,10 @@ def test_a_project_member_cannot_name_someone_else_as_a_job_s_creator(h: H) -> N
             "kind": "RoleBinding",
             "metadata": {"name": "e2e-jobs-editor-mallory"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "e2e-jobs-editor"},
-            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}],
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}
+                for user in ("mallory", "alice")
+            ],
         },
     ]
     h.kubectl(
@@ -1138,11 +1141,25 @@ def test_a_project_member_cannot_name_someone_else_as_a_job_s_creator(h: H) -> N
     out = as_mallory("patch", "pj", "nobodys", "--type=merge", "-p", '{"spec":{"createdById":"alice"}}')
     assert "spec.createdById: alice is not you (mallory)" in out, out
     h.create_job("alices", {"cmd": "true"}, execute=False, createdById="alice")  # an admin: exempt
-    # The API is exempt by its ServiceAccount's name: that name is kept out of project namespaces.
+    # The API is exempt by its ServiceAccount's name: that name is kept out of every namespace but
+    # dsjobs' own (labelled dsjobs.dev/system=true), project namespaces or not.
     sa = json.dumps({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dsjobs-api"}})
-    out = h.kubectl("create", "-n", h.namespace, "-f", "-", stdin=sa, check=False)
-    assert "metadata.name: dsjobs-api is the name of a dsjobs identity" in out, out
+    other = f"{h.namespace}-other"
+    h.kubectl("create", "namespace", other)
+    try:
+        for ns in (h.namespace, other):
+            out = h.kubectl("create", "-n", ns, "-f", "-", stdin=sa, check=False)
+            assert "metadata.name: dsjobs-api is the name of a dsjobs identity" in out, out
+    finally:
+        h.kubectl("delete", "namespace", other, "--wait=false", check=False)
     assert "patched" in as_mallory("patch", "pj", "alices", "--type=merge", "-p", '{"spec":{"desc":"x"}}')
+    # Nor may a member rewrite what a colleague's job runs and writes before it is executed: the
+    # colleague's CLI would place its outputs where the member says.
+    planted = '{"spec":{"jobParameters":{"cmd":"true","outputFiles":[{"path":"../../.bashrc","var":"K"}]}}}'
+    out = as_mallory("patch", "pj", "alices", "--type=merge", "-p", planted)
+    assert "spec.jobParameters: only the job's creator (alice) may change them, not mallory" in out, out
+    assert h.kubectl("--as=alice", "patch", "pj", "alices", "-n", h.namespace, "--type=merge", "-p", planted)
+    assert "patched" in as_mallory("patch", "pj", "own", "--type=merge", "-p", planted)
 
 
 def test_job_parameters_are_fixed_once_executed(h: H) -> None:

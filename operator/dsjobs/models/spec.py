@@ -407,7 +407,9 @@ class ProjectJobSpec(CRModel):
         "Job this one was cloned from (CloneProjectJob). Cannot change once set.", "", maxLength=253
     )
     job_parameters: JobParameters = field(
-        "What to run and with what. Fixed once execute is true (a new job or a clone runs something else)."
+        "What to run and with what. Fixed once execute is true (a new job or a clone runs something else); "
+        "before, only the job's creator (createdById) may change them (the admission policy "
+        "projectjobs-created-by-their-creator checks it)."
     )
     execute: bool = field(
         "Run the job. The API creates jobs with false until the client has uploaded the inputs "
