@@ -13,6 +13,7 @@ Regenerate the golden files after an intended change:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import difflib
 import json
 import os
@@ -462,6 +463,38 @@ def test_a_private_runner_image_gets_its_pull_secret_and_policy_on_the_runner_co
     assert all(
         "imagePullPolicy" not in c for c in [*plain["spec"]["initContainers"], *plain["spec"]["containers"]]
     )
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, "Always"), ("IfNotPresent", "IfNotPresent")])
+def test_a_job_that_names_its_image_has_it_pulled_with_its_own_credentials(
+    setting: str | None, expected: str | None
+) -> None:
+    # With IfNotPresent a node would run another project's private image that an earlier job
+    # pulled there with that project's credentials.
+    settings = (
+        settings_from_env({})
+        if setting is None
+        else dataclasses.replace(SETTINGS, job_image_pull_policy=setting)
+    )
+
+    def policy(job_spec: ProjectJobSpec, image: str) -> str | None:
+        pod = render_pod(
+            JOB, job_spec, attempt=1, instance_type_name="c1.4", instance_type_index=0,
+            instance_type=TYPES["c1.4"], settings=settings, volumes=Volumes(), image=image,
+        )  # fmt: skip
+        (job,) = [c for c in pod["spec"]["containers"] if c["name"] == "job"]
+        return job.get("imagePullPolicy")
+
+    by_url = spec(env={"dockerImageSpec": {"imageUrl": "cr.example.com/b/model:3"}})
+    assert policy(by_url, "cr.example.com/b/model:3") == expected
+    assert policy(spec(env={"dockerImageResourceId": "img-1"}), "cr.example.com/b/model:3") == expected
+    # The operator's own runtime image: Kubernetes' default, no registry round trip per job.
+    assert policy(spec(), "python:3.11-slim") is None
+
+
+def test_job_image_pull_policy_setting_is_checked() -> None:
+    with pytest.raises(SettingsError, match="DSJOBS_JOB_IMAGE_PULL_POLICY='always': must be one of Always"):
+        settings_from_env({"DSJOBS_JOB_IMAGE_PULL_POLICY": "always"})
 
 
 def test_working_storage_is_an_ephemeral_ssd_claim() -> None:

@@ -484,6 +484,13 @@ def render_pod(
     )
     main = dict(parts.main)
     main["resources"] = _resources(instance_type)
+    env = spec.job_parameters.env
+    if (
+        settings.job_image_pull_policy
+        and env is not None
+        and (env.docker_image_spec is not None or env.docker_image_resource_id)
+    ):
+        main["imagePullPolicy"] = settings.job_image_pull_policy
     # Project secrets become environment variables of the job (as on DataSphere); optional, so a
     # project without secrets needs no Secret. The runner's containers never see them.
     main["envFrom"] = [{"secretRef": {"name": PROJECT_SECRETS_NAME, "optional": True}}]

@@ -68,6 +68,10 @@ class OperatorSettings:
     # runner's containers; empty: none, and Kubernetes' default policy.
     runner_image_pull_secret: str = ""
     runner_image_pull_policy: str = ""
+    # imagePullPolicy of a job container whose image the job chose (not the Python runtime image):
+    # Always, so that a node checks the job's own credentials against the registry, where with
+    # IfNotPresent it would run another project's private image cached by an earlier job.
+    job_image_pull_policy: str = "Always"
     python_image: str = DEFAULT_PYTHON_IMAGE
     default_python_version: str = DEFAULT_PYTHON_VERSION
     # Empty: the whole cluster (ClusterRole). Otherwise only these namespaces are served.
@@ -141,6 +145,16 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "runner_image_pull_policy",
         "imagePullPolicy of the runner's containers: `Always`, `IfNotPresent` or `Never`; empty: "
         "Kubernetes' default (`Always` for a `:latest` or untagged image, else `IfNotPresent`).",
+    ),
+    "DSJOBS_JOB_IMAGE_PULL_POLICY": (
+        "job_image_pull_policy",
+        "imagePullPolicy of the job's container when the job names its image (a docker image or a "
+        "project's docker image resource): `Always` (the default) makes the node ask the registry, with "
+        "the job's own pull credentials, before every start (layers stay cached); with `IfNotPresent` "
+        "a job of one project could run another project's private image that a node pulled before "
+        "with that project's credentials (the AlwaysPullImages admission plugin is the cluster-wide "
+        "way; `IfNotPresent` is then enough). The Python runtime image (DSJOBS_PYTHON_IMAGE) keeps "
+        "Kubernetes' default.",
     ),
     "DSJOBS_PYTHON_IMAGE": (
         "python_image",
@@ -314,6 +328,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
     if settings.runner_image_pull_policy not in RUNNER_PULL_POLICIES:
         raise SettingsError(
             f"DSJOBS_RUNNER_IMAGE_PULL_POLICY={settings.runner_image_pull_policy!r}: must be one of "
+            + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
+        )
+    if settings.job_image_pull_policy not in RUNNER_PULL_POLICIES:
+        raise SettingsError(
+            f"DSJOBS_JOB_IMAGE_PULL_POLICY={settings.job_image_pull_policy!r}: must be one of "
             + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
         )
     secret = settings.runner_image_pull_secret
