@@ -119,3 +119,27 @@ def test_a_result_json_read_from_a_hung_store_gives_up_after_a_few_short_tries(
     # A pod gone without a known end: nothing to wait for.
     assert _run(store.stored_result(JOB, 1, None)) is None
     assert len(accepted) == 2 * jobstore.RESULT_READ_ATTEMPTS
+
+
+def test_result_json_patience_counts_on_the_operator_s_clock_not_the_node_s(
+    silent_store: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ship's end is the node's clock: a node 20 minutes behind once left no patience at all,
+    # and a blip of the store lost every output the result.json recorded.
+    monkeypatch.setattr(jobstore, "RESULT_READ_TIMEOUT", 0.2)
+    monkeypatch.setattr(jobstore, "RESULT_READ_ATTEMPTS", 1)
+    endpoint, _accepted = silent_store
+    store = _store(endpoint)
+    clock = [1000.0]
+    store.clock = lambda: clock[0]
+    node_behind = NOW - timedelta(minutes=20)
+    with pytest.raises(ResultUnavailable):
+        _run(store.stored_result(JOB, 1, node_behind))
+    clock[0] += jobstore.RESULT_PATIENCE.total_seconds() - 1
+    with pytest.raises(ResultUnavailable):
+        _run(store.stored_result(JOB, 1, node_behind))
+    clock[0] += 1
+    assert _run(store.stored_result(JOB, 1, node_behind)) is None
+    # Another attempt waits from its own first failure.
+    with pytest.raises(ResultUnavailable):
+        _run(store.stored_result(JOB, 2, node_behind))

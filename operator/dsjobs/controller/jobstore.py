@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from dsjobs.controller import metrics
@@ -22,9 +22,12 @@ from dsjobs.controller.podview import PodView
 from dsjobs.controller.status import STORAGE_CHECK_AFTER, storage_bound_since
 from dsjobs.runner.result import RunnerResult
 
-#: How long after the ship ended an unreadable result.json (object store down) holds the job's
-#: end back; then the job ends without the outputs and logs that only result.json records.
+#: How long an unreadable result.json (object store down) holds the job's end back, from the
+#: operator's first failed read; then the job ends without the outputs and logs that only
+#: result.json records.
 RESULT_PATIENCE: Final = timedelta(minutes=10)
+#: Attempts whose result.json the operator waits for, remembered at most (the oldest go first).
+_RESULT_WAITS_KEPT: Final = 1024
 #: Seconds the check for what an earlier job of the same name left may take: it is on every
 #: job's way to its first pod, and a store that hangs must not hold them all back.
 LEFTOVER_CHECK_TIMEOUT: Final = 3.0
@@ -57,6 +60,11 @@ class JobStore:
         self._check: tuple[float, str | None] | None = None
         self._check_lock: asyncio.Lock | None = None
         self._leftover_checks_off_until = 0.0
+        # When a read of an attempt's result.json first failed (monotonic), by (job uid, attempt):
+        # the patience counts on the operator's own clock, not from the ship's end, which the
+        # node's clock tells (one minutes behind would leave no patience at all).
+        self._result_waits: dict[tuple[str, int], float] = {}
+        self.clock = time.monotonic
 
     def client(self) -> Any:
         """The store's client (dsjobs.storage.Storage), made on first use; None without one."""
@@ -81,23 +89,36 @@ class JobStore:
         """The attempt's result.json, or None (no storage configured, not stored, or unreadable).
 
         Without it the job's outputs and logs go unrecorded for good (the final status is not
-        planned again), so an outage of the object store is waited out for a while after the
-        ship container `ended`: ResultUnavailable, and the reconcile is retried with backoff."""
+        planned again), so when the ship container has `ended` an outage of the object store is
+        waited out for RESULT_PATIENCE from the first failed read: ResultUnavailable, and the
+        reconcile is retried with backoff. A pod gone without a known end is not waited for."""
         storage = self._client_with(RESULT_READ_TIMEOUT, RESULT_READ_ATTEMPTS)
         if storage is None:
             return None
         from dsjobs.runner.result import load_result
         from dsjobs.storage import is_transient
 
+        key = (job.uid, attempt)
         try:
             spec_project = str(job.spec.get("projectId", ""))
             full = await asyncio.to_thread(load_result, storage, spec_project, job.name)
         except Exception as exc:
-            if is_transient(exc) and ended is not None and datetime.now(UTC) - ended < RESULT_PATIENCE:
+            if is_transient(exc) and ended is not None and self._still_waiting(key):
                 raise ResultUnavailable(f"the runner's result.json cannot be read now: {exc!r}") from exc
+            self._result_waits.pop(key, None)
             jlog(logging.WARNING, (job.namespace, job.name), "could not load result.json: %r", exc)
             return None
+        self._result_waits.pop(key, None)
         return full if full is not None and full.attempt == attempt else None
+
+    def _still_waiting(self, key: tuple[str, int]) -> bool:
+        """Whether a failed read of `key`'s result.json is within its patience (its first failure
+        starts it)."""
+        now = self.clock()
+        first = self._result_waits.setdefault(key, now)
+        while len(self._result_waits) > _RESULT_WAITS_KEPT:
+            del self._result_waits[next(iter(self._result_waits))]
+        return now - first < RESULT_PATIENCE.total_seconds()
 
     async def problem(self, pod: PodView | None, now: datetime) -> str | None:
         """What is wrong with the object store, checked by the operator itself, once the current
