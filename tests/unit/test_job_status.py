@@ -938,6 +938,17 @@ def test_a_pod_not_ready_for_its_own_reasons_is_no_silent_node() -> None:
     assert get_condition(step(job(status=started()), [starting]).status, "NodeReachable") is None
 
 
+def test_a_job_never_ends_before_it_started_when_its_node_s_clock_is_ahead() -> None:
+    # startedAt comes from the node (the container started 20 s before NOW by its clock),
+    # finishedAt from the operator, whose clock says 30 s before NOW.
+    behind = NOW - timedelta(seconds=30)
+    done = step(job(status=started("EXECUTING")), [ended_pod(0)], now=behind)
+    assert done.status.phase == JobPhase.SUCCESS
+    assert done.status.started_at == done.status.finished_at == behind
+    in_step = step(job(status=started("EXECUTING")), [ended_pod(0)])
+    assert in_step.status.started_at == NOW - timedelta(seconds=20)
+
+
 def test_observations_of_the_pod_are_paced_outcomes_and_requests_are_not() -> None:
     j = job(status=started())
     running = step(j, [executing_pod()])

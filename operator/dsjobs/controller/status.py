@@ -346,6 +346,10 @@ def finish(
     status = with_phase(status, outcome.phase, outcome.message, events)
     finished_at = status.finished_at or now
     update: dict[str, object] = {"finished_at": finished_at}
+    if status.started_at is not None and status.started_at > finished_at:
+        # startedAt is the node's clock (the job container's start), finishedAt the operator's: a
+        # node ahead would show a job that ended before it started.
+        update["started_at"] = finished_at
     # A TTL out of range (a kubectl edit after the start) is not used: the expiry stays the last
     # valid one (none for a job that ran), and the final plan says why (_data_lifetime).
     update["data_expires_at"] = (
