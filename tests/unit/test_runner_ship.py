@@ -1141,6 +1141,31 @@ def test_a_log_file_cut_short_or_replaced_is_shipped_again_from_its_start(
     assert outs == [b"first\nsecond\n", cfg.layout.stdout.read_bytes()]
 
 
+def test_a_log_file_cut_and_written_again_is_not_shipped_past_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each cut ships the file anew: without a bound a job could fill the store all projects share.
+    from dsjobs.runner import ship as ship_module
+
+    monkeypatch.setattr(ship_module, "MAX_SHIPPED_BYTES", 100)
+    cfg = config(tmp_path)
+    s = LogShipper(MemoryStore(), cfg)
+    told: list[str] = []
+    s.syslog = told.append
+    s.resume()
+    lines = [b"x" * (n - 1) + b"\n" for n in (50, 40, 30, 20, 10)]
+    for line in lines:
+        cfg.layout.stdout.write_bytes(line)  # cut, and written again: shorter than shipped
+        append(cfg.layout.stderr, b"err\n")
+        assert s.pump()
+    assert s.pump(final=True)
+    outs = [c for k, _, c in all_records(s.store) if k == Stream.OUT]
+    assert outs == lines[:3]  # 120 bytes: the third passed the bound, the rest went unshipped
+    assert [c for k, _, c in all_records(s.store) if k == Stream.ERR] == [b"err\n"] * 5
+    (message,) = told
+    assert message.startswith("logs/stdout.log is not shipped any further: 120 bytes of it were"), message
+
+
 class DownAtStart(FileStore):
     """Storage whose HEADs fail (the ship's resume) ``failures`` times, with ``exc``."""
 

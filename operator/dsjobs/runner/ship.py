@@ -114,6 +114,11 @@ PERMANENT_ERROR_TRIES = 3
 #: How many of the last bytes shipped from the progress file are compared with the file before
 #: each read (`_Source.rewritable`): a one-line snapshot rewritten in place is all in it.
 REWRITE_CHECK_BYTES = 4096
+#: Bytes of one log file shipped in one attempt at most; past it the file is not shipped (told
+#: once in the system log). An append-only file is bounded by the shared volume's size, but the
+#: job may cut its files (they are writable by all) and write them again, each time shipped anew:
+#: without a bound, one job could fill the object store all projects share.
+MAX_SHIPPED_BYTES: Final = 10 << 30
 
 
 _STAMP_LEN = len("2025-06-01T11:00:12Z")
@@ -158,6 +163,10 @@ class _Source:
     ino: int | None = None
     #: The last bytes shipped before `pos` (up to REWRITE_CHECK_BYTES; rewritable sources only).
     tail: bytes | None = None
+    #: Bytes shipped by this writer (MAX_SHIPPED_BYTES bounds it).
+    shipped: int = 0
+    #: MAX_SHIPPED_BYTES was reached (told once).
+    capped: bool = False
     #: The file cannot be read (a symlink or special file the job put there, or a mode that
     #: keeps ship's uid out): it is not shipped, and that is told once.
     refused: bool = False
@@ -176,6 +185,8 @@ class _Pending:
     partial: dict[str, float | None] = field(default_factory=dict)
     inodes: dict[str, int | None] = field(default_factory=dict)
     tails: dict[str, bytes | None] = field(default_factory=dict)
+    #: Bytes each source adds to the chunk.
+    shipped: dict[str, int] = field(default_factory=dict)
     #: Index (in `LogShipper.sources`) of the source the next chunk reads first.
     next_first: int = 0
 
@@ -356,6 +367,22 @@ class LogShipper:
         f.seek(src.pos - len(src.tail))
         return f.read(len(src.tail)) != src.tail
 
+    def _capped(self, src: _Source) -> bool:
+        """Whether `src` has shipped MAX_SHIPPED_BYTES (told once)."""
+        if src.shipped < MAX_SHIPPED_BYTES:
+            return False
+        if not src.capped:
+            src.capped = True
+            log.warning("log file not shipped any further path=%s shipped=%d", src.path, src.shipped)
+            if self.syslog is not None and src.key != "sys":
+                name = os.path.relpath(src.path, self.config.paths.shared_dir)
+                self.syslog(
+                    f"{name} is not shipped any further: {src.shipped} bytes of it were, the most "
+                    f"one log file ships in an attempt ({MAX_SHIPPED_BYTES >> 30} GiB; a file cut and "
+                    "written again counts each time)"
+                )
+        return True
+
     def _unreadable(self, src: _Source, exc: OSError) -> None:
         if src.refused:
             return
@@ -384,7 +411,7 @@ class LogShipper:
             pending.partial[src.key] = src.partial_since
             pending.inodes[src.key] = src.ino
             pending.tails[src.key] = src.tail
-            if budget <= 0:
+            if budget <= 0 or self._capped(src):
                 continue
             read = self._read(src, max(budget, MAX_RECORD_CONTENT))
             data = read.data
@@ -421,6 +448,7 @@ class LogShipper:
                         if p is not None:
                             pending.progress = p
             pending.positions[src.key] = read.start + consumed
+            pending.shipped[src.key] = consumed
             budget -= consumed
             if budget <= 0:
                 pending.next_first = (at + 1) % n
@@ -433,6 +461,7 @@ class LogShipper:
             src.partial_since = pending.partial[src.key]
             src.ino = pending.inodes[src.key]
             src.tail = pending.tails[src.key]
+            src.shipped += pending.shipped.get(src.key, 0)
         if pending.progress is not None:
             self.latest_progress = pending.progress
             self._progress_unsaved = True
