@@ -1237,7 +1237,8 @@ def test_kubectl_apply_refuses_a_job_name_that_is_no_job_id(h: H, name: str) -> 
 
 def test_kubectl_cannot_take_a_cancel_back(h: H) -> None:
     h.create_job("take-back", {"cmd": "true"}, execute=False)
-    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", '{"spec":{"cancel":{}}}')
+    graceful = '{"spec":{"cancel":{"graceful":true}}}'
+    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", graceful)
     out = h.kubectl(
         "patch",
         "pj",
@@ -1252,6 +1253,11 @@ def test_kubectl_cannot_take_a_cancel_back(h: H) -> None:
     assert "spec.cancel: Invalid value" in out and "cannot be removed once set" in out, out
     forced = '{"spec":{"cancel":{"graceful":false}}}'
     h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", forced)
+    # A forced cancel stays forced: its pod may already be going with 1 s.
+    out = h.kubectl(
+        "patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", graceful, check=False
+    )
+    assert "spec.cancel.graceful: Invalid value" in out and "a forced cancel stays forced" in out, out
 
 
 def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:

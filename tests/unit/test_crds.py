@@ -192,6 +192,7 @@ def test_cel_rules_are_where_they_belong() -> None:
     assert crdgen.INSTANCETYPE_NAME_RULE in [r["rule"] for r in root_schema(IT)["x-kubernetes-validations"]]
     # A cancel is one-way (removing it during a graceful shutdown made the plan kill the pod).
     assert "!has(oldSelf.cancel) || has(self.cancel)" in rules[".spec"]
+    assert any("!self.cancel.graceful" in r for r in rules[".spec"])  # and a forced one stays forced
     (name_rule,) = root_schema(PJ)["x-kubernetes-validations"]
     assert name_rule["rule"] == crdgen.JOB_NAME_RULE and name_rule["fieldPath"] == ".metadata.name"
     codes = root_schema(PJ)["properties"]["spec"]["properties"]["retryPolicy"]["properties"][

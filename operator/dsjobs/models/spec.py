@@ -378,6 +378,13 @@ class ProjectJobSpec(CRModel):
                 "cancel, set cancel.graceful to false)",
                 "fieldPath": ".cancel",
             },
+            # Nor may a forced cancel become graceful again: the pod may already be going with 1 s.
+            {
+                "rule": "!has(oldSelf.cancel) || (has(oldSelf.cancel.graceful) && oldSelf.cancel.graceful) "
+                "|| !has(self.cancel) || !has(self.cancel.graceful) || !self.cancel.graceful",
+                "message": "cancel.graceful cannot go from false to true: a forced cancel stays forced",
+                "fieldPath": ".cancel.graceful",
+            },
         )
     )
 
