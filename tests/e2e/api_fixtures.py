@@ -299,6 +299,7 @@ def start_api(
             "DSJOBS_API_LOG_LEVEL": "DEBUG",
             "DSJOBS_API_LOG_POLL": "100ms",
             "DSJOBS_API_DRAIN_TIMEOUT": "5s",
+            "DSJOBS_API_DRAIN_DELAY": "1s",
             **(extra_env or {}),
         }
     )

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -56,7 +56,7 @@ class FakeJobIndex:
 
 
 class FakeCatalog:
-    async def names(self) -> frozenset[str]:
+    async def names(self, wanted: Collection[str] = ()) -> frozenset[str]:
         return frozenset({"c1.4"})
 
 

@@ -8,8 +8,10 @@ same as any other.
   every 30 s and on a miss (at most once a second).
 - `JobIndex`: job id -> namespace, plus a cache of the jobs. Requests name a job by id only
   (GetProjectJobRequest has no project), so the index follows a watch of all ProjectJobs; a miss
-  asks the cluster with a `metadata.name` field selector.
-- `InstanceTypeCatalog`: names of the cluster's InstanceTypes for validation, refreshed every 30 s.
+  asks the cluster with a `metadata.name` field selector (one LIST per id at a time, a few at once
+  in all, and a miss remembered for a second).
+- `InstanceTypeCatalog`: names of the cluster's InstanceTypes for validation, refreshed every 30 s
+  and when asked about a name it does not hold (at most once a second).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import random
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,6 +40,19 @@ PROJECT_DESCRIPTION_ANNOTATION = "dsjobs.dev/project-description"
 COMMUNITY_ANNOTATION = "dsjobs.dev/community-id"
 # Deleted jobs remembered to keep late reads from bringing them back (a few MiB at most).
 MAX_TOMBSTONES = 10_000
+# A job id the watch does not know is looked up with a cluster-wide LIST, before the caller can be
+# authorized (its project is unknown until then), so any authenticated caller can ask for ids that
+# do not exist. Such a LIST (the API server goes through every ProjectJob for it) runs once per id at
+# a time, MAX_LOCATE_LISTS at once in all, and what it did not find is believed for LOCATE_MISS_TTL.
+#
+# The LIST stays because a job just created through another replica may not have reached this
+# one's watch. Its miss is believed for a second from when the LIST began, so a job created after
+# that is found by calls a second later; the official CLI asks about a job after its Create (or
+# Execute) was answered and then polls every 5 s, so at worst one of its polls reads the cluster
+# again.
+LOCATE_MISS_TTL = 1.0
+MAX_LOCATE_LISTS = 4
+MAX_LOCATE_MISSES = 10_000
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,11 @@ class JobIndex:
         self._changes: weakref.WeakValueDictionary[tuple[str, str], asyncio.Event] = (
             weakref.WeakValueDictionary()
         )
+        # Lookups of ids the watch does not know (see LOCATE_MISS_TTL): the one running per id, and
+        # when the last LIST of each id found nowhere began (oldest first).
+        self._lookups: dict[str, asyncio.Task[list[str]]] = {}
+        self._misses: OrderedDict[str, float] = OrderedDict()
+        self._lists = asyncio.Semaphore(MAX_LOCATE_LISTS)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="job-index")
@@ -231,12 +251,44 @@ class JobIndex:
         spaces = self._where.get(name)
         if spaces:
             return sorted(spaces)
-        result = await self._kube.request(
-            "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
-        )
+        if self._missed_lately(name):
+            return []
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = self._lookups[name] = asyncio.create_task(self._look_up(name), name=f"locate {name}")
+            lookup.add_done_callback(lambda task: self._lookup_done(name, task))
+        # Shielded: one caller giving up must not cancel the LIST the others wait for.
+        return list(await asyncio.shield(lookup))
+
+    def _missed_lately(self, name: str) -> bool:
+        now = time.monotonic()
+        while self._misses and next(iter(self._misses.values())) <= now - LOCATE_MISS_TTL:
+            self._misses.popitem(last=False)
+        return name in self._misses
+
+    def _lookup_done(self, name: str, task: asyncio.Task[list[str]]) -> None:
+        if self._lookups.get(name) is task:
+            del self._lookups[name]
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers (if any still wait) were told
+
+    async def _look_up(self, name: str) -> list[str]:
+        async with self._lists:
+            spaces = self._where.get(name)
+            if spaces:  # the watch brought it while this waited for its turn
+                return sorted(spaces)
+            began = time.monotonic()
+            result = await self._kube.request(
+                "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
+            )
         items = result.get("items") or []
         for item in items:
             self.remember(item)
+        if not items:
+            self._misses[name] = began
+            self._misses.move_to_end(name)
+            while len(self._misses) > MAX_LOCATE_MISSES:
+                self._misses.popitem(last=False)
         return sorted({str((i.get("metadata") or {}).get("namespace", "")) for i in items})
 
     async def _run(self) -> None:
@@ -316,21 +368,51 @@ def _version(meta: Mapping[str, Any]) -> int:
 
 
 class InstanceTypeCatalog:
-    def __init__(self, kube: Kube, *, max_age: float = 30.0) -> None:
+    """Names of the cluster's InstanceTypes, for validating the jobs of Create and Clone.
+
+    Refreshed when older than `max_age`, and when asked about a name it does not hold (an admin may
+    have just added that InstanceType: every replica must then take it, not only those whose copy
+    happens to be newer), at most once per `min_refresh_interval`; askers meanwhile share that LIST.
+    """
+
+    def __init__(self, kube: Kube, *, max_age: float = 30.0, min_refresh_interval: float = 1.0) -> None:
         self._kube = kube
         self._names: frozenset[str] | None = None
         self._loaded_at = float("-inf")
+        self._tried_at = float("-inf")
+        self._failed = False
         self._max_age = max_age
+        self._min_interval = min_refresh_interval
+        self._lock = asyncio.Lock()
 
-    async def names(self) -> frozenset[str] | None:
-        """The InstanceType names, or None when they cannot be read (then validation skips the check)."""
-        if time.monotonic() - self._loaded_at < self._max_age:
-            return self._names
+    async def names(self, wanted: Collection[str] = ()) -> frozenset[str] | None:
+        """The InstanceType names, or None when they cannot be read (then validation skips the
+        check, and the operator checks the job's types itself).
+
+        `wanted`: the names the caller is about to check; one not held makes this read the cluster
+        again (unless it did within `min_refresh_interval`)."""
+        names = self._names
+        fresh = time.monotonic() - self._loaded_at < self._max_age
+        if fresh and names is not None and names.issuperset(wanted):
+            return names
+        async with self._lock:
+            if time.monotonic() - self._tried_at >= self._min_interval:
+                await self._refresh()
+            return self._answer(wanted)
+
+    async def _refresh(self) -> None:
         try:
             result = await self._kube.request("GET", f"/apis/{GROUP}/{VERSION}/{INSTANCETYPE_PLURAL}")
         except KubeError as exc:
             log.warning("cannot list instance types: %s", exc)
-            return self._names
+            self._tried_at, self._failed = time.monotonic(), True
+            return
         self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in result.get("items") or [])
-        self._loaded_at = time.monotonic()
-        return self._names
+        self._loaded_at = self._tried_at = time.monotonic()
+        self._failed = False
+
+    def _answer(self, wanted: Collection[str]) -> frozenset[str] | None:
+        names = self._names
+        if names is not None and self._failed and not names.issuperset(wanted):
+            return None  # the cluster cannot say whether the name is new: let the operator judge
+        return names

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,6 +292,30 @@ async def _freeze_after(synced: asyncio.Event) -> None:
     gc.freeze()
 
 
+#: How long shutdown waits for the cleanups of failed Creates that outlived their calls (deleting a
+#: job whose POST got no answer) before it closes the cluster client under them: each is a GET and a
+#: DELETE, or a few on conflicts. One still running then is cancelled, and its job may stay CREATING.
+CLEANUP_GRACE_SECONDS = 10.0
+
+
+async def _finish_cleanups(cleanups: Collection[asyncio.Task[None]], grace: float) -> None:
+    """Wait up to `grace` for `cleanups`, then cancel those still running (and say so)."""
+    pending = set(cleanups)
+    if not pending:
+        return
+    log.info("waiting for cleanups", extra={"cleanups": len(pending), "grace": grace})
+    _, unfinished = await asyncio.wait(pending, timeout=grace)
+    if unfinished:
+        log.warning(
+            "cleanups unfinished at shutdown, cancelled: a job whose creation got no answer may stay "
+            "CREATING until deleted",
+            extra={"cleanups": sorted(t.get_name() for t in unfinished)},
+        )
+        for task in unfinished:
+            task.cancel()
+        await asyncio.wait(unfinished)
+
+
 class ApiServer:
     """Owns the gRPC server and the process-wide clients."""
 
@@ -303,7 +327,9 @@ class ApiServer:
         self.health = health.aio.HealthServicer()
         self._kube: Kube | None = None
         self._jobs: JobIndex | None = None
+        self._jobs_service: ProjectJobService | None = None
         self._freezer: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
@@ -356,7 +382,7 @@ class ApiServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(interceptors=[CallInterceptor(s.max_concurrent_rpcs)], options=options)
-        jobs_service = ProjectJobService(core)
+        jobs_service = self._jobs_service = ProjectJobService(core)
         project_job_service_pb2_grpc.add_ProjectJobServiceServicer_to_server(jobs_service, server)
         operation_service_pb2_grpc.add_OperationServiceServicer_to_server(
             OperationService(core, jobs_service), server
@@ -392,19 +418,36 @@ class ApiServer:
             },
         )
 
+    def hurry(self) -> None:
+        """Cut the drain delay short (a second SIGTERM/SIGINT: a developer pressing Ctrl-C again)."""
+        self._hurry.set()
+
     async def drain(self) -> None:
-        """Stop taking calls, end log streams (clients reconnect elsewhere), finish in-flight calls."""
+        """Say NOT_SERVING and end log streams (clients reconnect elsewhere), keep serving new calls
+        for the drain delay, then stop listening and give in-flight calls the drain timeout.
+
+        grpc's stop() closes the listening socket at once, and for a few seconds after SIGTERM the
+        Service's endpoints, kube-proxy and load balancers still send new connections here: each
+        would be refused (UNAVAILABLE), and the official CLI gives up after a few quick retries.
+        """
         if self.server is None:
             return
-        log.info("draining", extra={"grace": self.settings.drain_timeout})
+        s = self.settings
+        log.info("draining", extra={"delay": s.drain_delay, "grace": s.drain_timeout})
         await self.health.enter_graceful_shutdown()
         if self.core is not None:
             self.core.draining.set()
-        await self.server.stop(self.settings.drain_timeout)
+        if s.drain_delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), s.drain_delay)
+        await self.server.stop(s.drain_timeout)
         self.server = None
 
     async def close(self) -> None:
         await self.drain()
+        if self._jobs_service is not None:
+            # Before the cluster client closes: they delete jobs their calls may have left behind.
+            await _finish_cleanups(self._jobs_service.cleanups, CLEANUP_GRACE_SECONDS)
         if self._freezer is not None:
             self._freezer.cancel()
         if self._jobs is not None:
@@ -419,9 +462,15 @@ async def serve(settings: Settings) -> None:
     api = ApiServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            api.hurry()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     await api.start()
     try:
         await stop.wait()

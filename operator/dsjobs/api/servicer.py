@@ -175,6 +175,12 @@ def _adopt_password_ref(spec: ProjectJobSpec, secret_name: str) -> SecretKeyRef 
     return ref
 
 
+def _log_cleanup_failure(task: asyncio.Task[None]) -> None:
+    """Log how a cleanup whose call ended meanwhile failed (its own KubeErrors it logs itself)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a cleanup failed after its call ended", exc_info=task.exception())
+
+
 def _outcome_unknown(exc: KubeError) -> bool:
     """Whether a write that failed so may have been stored all the same: no answer at all (a
     timeout, a reset connection: status 0) or a server-side failure that can come after the
@@ -217,7 +223,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
         # Cleanups that outlive a cancelled call (see _shielded): referenced until they end.
-        self._cleanups: set[asyncio.Task[None]] = set()
+        self.cleanups: set[asyncio.Task[None]] = set()
 
     # Create / Clone ----------------------------------------------------------------------------
 
@@ -305,7 +311,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         return "", ids.new_job_id()
 
     async def _validate(self, spec: ProjectJobSpec, kind: OpKind) -> None:
-        problems = validate_job_spec(spec, known_instance_types=await self.core.catalog.names())
+        known = await self.core.catalog.names(spec.job_parameters.instance_type_names())
+        problems = validate_job_spec(spec, known_instance_types=known)
         if problems:
             raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")
 
@@ -421,9 +428,14 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         """Run `cleanup` to its end even if this call is cancelled meanwhile (the client gave up,
         the server drains): the call then stops waiting for it, the cleanup goes on."""
         task = asyncio.ensure_future(cleanup)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(task)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The call is gone, and shield() drops what the cleanup raises from now on: say it here.
+            task.add_done_callback(_log_cleanup_failure)
+            raise
 
     async def _remove_unanswered(self, namespace: str, new: _NewJob) -> None:
         """Delete the job a POST without an answer may have stored (best effort; see _outcome_unknown).

@@ -79,7 +79,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "log_poll_interval", "DSJOBS_API_LOG_POLL", "300ms", "how often a following ReadLogs stream polls"
     ),
-    Setting("drain_timeout", "DSJOBS_API_DRAIN_TIMEOUT", "20s", "grace for in-flight calls on SIGTERM"),
+    Setting(
+        "drain_delay",
+        "DSJOBS_API_DRAIN_DELAY",
+        "5s",
+        "on SIGTERM, how long new calls are still served (health NOT_SERVING, log streams ended) "
+        "before the server stops listening: the time load balancers take to stop sending new "
+        "connections (0: stop at once)",
+    ),
+    Setting("drain_timeout", "DSJOBS_API_DRAIN_TIMEOUT", "20s", "then, grace for in-flight calls to finish"),
     Setting(
         "community_id", "DSJOBS_API_COMMUNITY_ID", "dsjobs", "community id reported by ProjectService.Get"
     ),
@@ -140,6 +148,7 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_response_bytes: int = 1024 * 1024
     log_poll_interval: float = 0.3
+    drain_delay: float = 5.0
     drain_timeout: float = 20.0
     community_id: str = "dsjobs"
     kube_timeout: float = 20.0
@@ -241,6 +250,7 @@ def build(raw: Mapping[str, str]) -> Settings:
             env["max_response_bytes"], value["max_response_bytes"], 16 * 1024, MAX_RESPONSE_BYTES
         ),
         log_poll_interval=max(0.05, _seconds(env["log_poll_interval"], value["log_poll_interval"])),
+        drain_delay=_seconds(env["drain_delay"], value["drain_delay"]),
         drain_timeout=_seconds(env["drain_timeout"], value["drain_timeout"]),
         community_id=value["community_id"],
         kube_timeout=max(1.0, _seconds(env["kube_timeout"], value["kube_timeout"])),

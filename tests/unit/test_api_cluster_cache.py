@@ -1,0 +1,303 @@
+"""The API's caches of the cluster on a miss: InstanceType names are read again when a job names one
+they lack (an admin may have just added it), and a job id the watch does not know costs one LIST per
+burst, however many callers ask for it (a fake cluster that answers LISTs by name, no watch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+import grpc
+import pytest
+from test_api_logs import MemoryStore
+
+from dsjobs.api import auth
+from dsjobs.api import cluster as cluster_module
+from dsjobs.api.cluster import MAX_LOCATE_LISTS, InstanceTypeCatalog, JobIndex, ProjectIndex
+from dsjobs.api.core import Core
+from dsjobs.api.errors import ApiError, KubeError
+from dsjobs.api.kube import Kube, jobs_path, namespaces_path
+from dsjobs.api.settings import Settings
+from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
+
+T = TypeVar("T")
+INSTANCE_TYPES = f"/apis/{GROUP}/{VERSION}/{INSTANCETYPE_PLURAL}"
+JOB = "0abcdefghijklmnopqrs"
+OTHER = "1abcdefghijklmnopqrs"
+
+
+def job(name: str, namespace: str = "team-a", project: str = "pa") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{name}",
+            "resourceVersion": "5",
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"dsjobs.dev/project-id": project},
+        },
+        "spec": {"projectId": project, "jobParameters": {"cmd": "python train.py"}},
+        "status": {"phase": "CREATING"},
+    }
+
+
+class FakeKube:
+    """The LISTs the caches make: InstanceTypes, project namespaces, ProjectJobs by name (a
+    `metadata.name` field selector) and GETs of one job. Every call is counted; while `gate` is
+    clear, calls wait for it (to have several callers at once)."""
+
+    def __init__(self) -> None:
+        self.instance_types = {"c1.4"}
+        self.jobs: list[dict[str, Any]] = []
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0
+        self.error: KubeError | None = None
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        params = dict(kwargs.get("params") or {})
+        self.calls.append((path, params))
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        if self.error is not None:
+            raise self.error
+        if path == INSTANCE_TYPES:
+            return {"items": [{"metadata": {"name": n}} for n in sorted(self.instance_types)]}
+        if path == namespaces_path():
+            return {"items": [{"metadata": {"name": "team-a", "labels": {"dsjobs.dev/project-id": "pa"}}}]}
+        if path == jobs_path() and "fieldSelector" in params:
+            name = str(params["fieldSelector"]).removeprefix("metadata.name=")
+            return {"items": [j for j in self.jobs if j["metadata"]["name"] == name]}
+        for j in self.jobs:
+            if path == jobs_path(j["metadata"]["namespace"], j["metadata"]["name"]):
+                return j
+        raise KubeError(404, "NotFound", path)
+
+    def lists(self, path: str) -> int:
+        return sum(1 for p, _ in self.calls if p == path)
+
+    def job_lists(self) -> list[str]:
+        return [str(params["fieldSelector"]) for p, params in self.calls if "fieldSelector" in params]
+
+
+async def settle() -> None:
+    """Let every task that can run do so until all of them wait."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def all_waiting(kube: FakeKube, *calls: Coroutine[Any, Any, T], expect: int) -> list[asyncio.Task[T]]:
+    """Start `calls` with the cluster's answers held back; return once `expect` requests wait."""
+    kube.gate.clear()
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    await settle()
+    assert kube.waiting == expect
+    return tasks
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(scenario())
+
+
+# --- InstanceType names -------------------------------------------------------------------------
+
+
+def test_a_name_not_held_is_read_again_so_a_new_instance_type_is_taken_at_once() -> None:
+    async def scenario() -> tuple[frozenset[str] | None, frozenset[str] | None, int]:
+        kube = FakeKube()
+        catalog = InstanceTypeCatalog(cast(Kube, kube), min_refresh_interval=0)
+        before = await catalog.names(["c1.4"])
+        kube.instance_types.add("g1.1")  # an admin applies a new InstanceType
+        after = await catalog.names(["g1.1"])
+        await catalog.names(["c1.4", "g1.1"])  # held: no LIST
+        await catalog.names()
+        return before, after, kube.lists(INSTANCE_TYPES)
+
+    before, after, lists = run(scenario)
+    assert before == frozenset({"c1.4"})
+    assert after == frozenset({"c1.4", "g1.1"})
+    assert lists == 2
+
+
+def test_names_not_held_are_read_again_at_most_once_per_interval() -> None:
+    async def scenario() -> tuple[frozenset[str] | None, int]:
+        kube = FakeKube()
+        catalog = InstanceTypeCatalog(cast(Kube, kube), min_refresh_interval=3600)
+        await catalog.names()
+        kube.instance_types.add("g1.1")
+        for name in ("g1.1", "nope.1", "nope.2"):
+            await catalog.names([name])
+        return await catalog.names(["g1.1"]), kube.lists(INSTANCE_TYPES)
+
+    names, lists = run(scenario)
+    assert names == frozenset({"c1.4"})  # the rate limit: a name not held answered from the copy
+    assert lists == 1
+
+
+def test_askers_of_a_name_not_held_share_one_list() -> None:
+    async def scenario() -> tuple[list[frozenset[str] | None], int]:
+        kube = FakeKube()
+        kube.instance_types.add("g1.1")
+        catalog = InstanceTypeCatalog(cast(Kube, kube), min_refresh_interval=3600)
+        tasks = await all_waiting(kube, *(catalog.names(["g1.1"]) for _ in range(5)), expect=1)
+        kube.gate.set()
+        return list(await asyncio.gather(*tasks)), kube.lists(INSTANCE_TYPES)
+
+    answers, lists = run(scenario)
+    assert answers == [frozenset({"c1.4", "g1.1"})] * 5
+    assert lists == 1
+
+
+def test_a_name_not_held_is_not_refused_while_the_cluster_cannot_be_read() -> None:
+    """The copy cannot tell whether the name was added since: validation skips the check, and the
+    operator checks the job's instance types itself. Names the copy holds are still checked."""
+
+    async def scenario() -> tuple[frozenset[str] | None, frozenset[str] | None]:
+        kube = FakeKube()
+        catalog = InstanceTypeCatalog(cast(Kube, kube), min_refresh_interval=0)
+        await catalog.names()
+        kube.error = KubeError(503, "ServiceUnavailable", "etcd")
+        return await catalog.names(["g1.1"]), await catalog.names(["c1.4"])
+
+    unknown, known = run(scenario)
+    assert unknown is None
+    assert known == frozenset({"c1.4"})
+
+
+# --- locating a job the watch does not know -----------------------------------------------------
+
+
+def test_a_burst_of_calls_for_an_unknown_job_id_costs_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cluster_module, "LOCATE_MISS_TTL", 3600.0)
+
+    async def scenario() -> tuple[list[list[str]], list[str]]:
+        kube = FakeKube()
+        index = JobIndex(cast(Kube, kube))
+        tasks = await all_waiting(kube, *(index.locate(JOB) for _ in range(20)), expect=1)
+        kube.gate.set()
+        found = list(await asyncio.gather(*tasks))
+        found += [await index.locate(JOB) for _ in range(20)]  # the miss is remembered
+        return found, kube.job_lists()
+
+    found, lists = run(scenario)
+    assert found == [[]] * 40
+    assert lists == [f"metadata.name={JOB}"]
+
+
+def test_a_job_created_through_another_replica_is_found_once_the_miss_is_old(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cluster_module, "LOCATE_MISS_TTL", 0.0)
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        kube = FakeKube()
+        index = JobIndex(cast(Kube, kube))
+        before = await index.locate(JOB)
+        kube.jobs.append(job(JOB))  # created through another replica, not in this one's watch yet
+        after = await index.locate(JOB)
+        await index.locate(JOB)  # found: known from now on, no LIST
+        return before, after, len(kube.job_lists())
+
+    before, after, lists = run(scenario)
+    assert before == []
+    assert after == ["team-a"]
+    assert lists == 2
+
+
+def test_callers_of_one_job_id_share_its_list_and_one_giving_up_does_not_end_it() -> None:
+    async def scenario() -> tuple[list[str], bool, list[str]]:
+        kube = FakeKube()
+        kube.jobs.append(job(JOB))
+        index = JobIndex(cast(Kube, kube))
+        quitter, stayer = await all_waiting(kube, index.locate(JOB), index.locate(JOB), expect=1)
+        quitter.cancel()
+        await settle()
+        kube.gate.set()
+        found = await stayer
+        return found, quitter.cancelled(), kube.job_lists()
+
+    found, cancelled, lists = run(scenario)
+    assert found == ["team-a"]
+    assert cancelled
+    assert lists == [f"metadata.name={JOB}"]
+
+
+def test_lists_for_unknown_job_ids_run_a_few_at_once() -> None:
+    ids = [f"{i}bcdefghijklmnopqrs" for i in range(10)]
+
+    async def scenario() -> tuple[int, list[list[str]], int]:
+        kube = FakeKube()
+        index = JobIndex(cast(Kube, kube))
+        tasks = await all_waiting(kube, *(index.locate(i) for i in ids), expect=MAX_LOCATE_LISTS)
+        at_once = kube.waiting
+        kube.gate.set()
+        return at_once, list(await asyncio.gather(*tasks)), len(kube.job_lists())
+
+    at_once, found, lists = run(scenario)
+    assert at_once == MAX_LOCATE_LISTS
+    assert found == [[]] * len(ids)
+    assert lists == len(ids)  # the others waited their turn, none was refused
+
+
+def test_a_failed_list_is_told_to_every_caller_and_not_remembered() -> None:
+    async def scenario() -> tuple[list[BaseException | list[str]], list[str], int]:
+        kube = FakeKube()
+        kube.error = KubeError(503, "ServiceUnavailable", "etcd")
+        index = JobIndex(cast(Kube, kube))
+        tasks = await all_waiting(kube, index.locate(JOB), index.locate(JOB), expect=1)
+        kube.gate.set()
+        failed = list(await asyncio.gather(*tasks, return_exceptions=True))
+        kube.error = None
+        kube.jobs.append(job(JOB))
+        return failed, await index.locate(JOB), len(kube.job_lists())
+
+    failed, found, lists = run(scenario)
+    assert [type(f) for f in failed] == [KubeError, KubeError]
+    assert found == ["team-a"]
+    assert lists == 2
+
+
+def test_gets_of_random_job_ids_by_a_caller_without_rights_cost_one_list_each_per_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through Core: the lookup comes before any authorization (the project is unknown until the
+    job is found), so this is what any authenticated caller can make the API do."""
+    monkeypatch.setattr(cluster_module, "LOCATE_MISS_TTL", 3600.0)
+
+    async def review_token(token: str) -> auth.Identity:
+        return auth.Identity(token)
+
+    async def nobody(who: auth.Identity, verb: auth.Verb, namespace: str, project: str) -> auth.Decision:
+        return auth.Decision(False, "no RBAC rule")
+
+    class Ctx:
+        def invocation_metadata(self) -> list[tuple[str, str]]:
+            return [("authorization", "Bearer eve")]
+
+    async def scenario() -> tuple[set[grpc.StatusCode], list[str]]:
+        kube = FakeKube()
+        k = cast(Kube, kube)
+        core = Core(
+            Settings(),
+            k,
+            cast(Any, MemoryStore()),
+            auth.Authenticator(review_token, nobody),
+            ProjectIndex(k),
+            JobIndex(k),
+            InstanceTypeCatalog(k),
+        )
+        codes: set[grpc.StatusCode] = set()
+        for job_id in [JOB, OTHER] * 25:
+            with pytest.raises(ApiError) as info:
+                await core.authorized_job(cast(Any, Ctx()), job_id, auth.Verb.GET)
+            codes.add(info.value.code)
+        return codes, kube.job_lists()
+
+    codes, lists = run(scenario)
+    assert codes == {grpc.StatusCode.NOT_FOUND}
+    assert lists == [f"metadata.name={JOB}", f"metadata.name={OTHER}"]
