@@ -7,6 +7,7 @@ import asyncio
 import base64
 import logging
 import os
+import threading
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -986,6 +987,37 @@ def test_create_refuses_an_oversized_list_by_its_count_alone() -> None:
         "job_parameters.cloud_instance_types: must have at most 100 entries, has 200001 [max-items]",
     ]
     assert "POST" not in core.kube.methods() and core.kube.jobs() == []
+
+
+def test_a_conda_yaml_of_a_hundred_thousand_problems_is_refused_with_a_bounded_listing() -> None:
+    # 256 KiB of `[a,a,...]`: 131,001 conda packages, each a problem.
+    conda = "dependencies: [" + "a," * 131_000 + "a]"
+    core = FakeCore()
+    req = create_request(python_env=jobs_pb2.PythonEnv(conda_yaml=conda))
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Create(req, ctx()))
+    head, *lines = err.message.splitlines()
+    assert head == "invalid request: 51 problems:"
+    assert lines[0] == (
+        "job_parameters.env.python_env.conda_yaml: dependencies[0] 'a' is a conda package: this server "
+        "installs with pip only; list it under pip: (or in requirements) [conda-yaml]"
+    )
+    assert lines[-1].startswith("... and ") and len(lines) <= 51
+    assert 0 < len(err.violations) <= 50 and err.wire_bytes() <= errors.MAX_STATUS_BYTES
+    assert "POST" not in core.kube.methods()
+
+
+def test_create_validates_the_spec_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hundreds of ms for a spec at its limits, which every other call of the replica would wait.
+    threads: list[threading.Thread] = []
+    validate = servicer_module.validate_job_spec
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(servicer_module, "validate_job_spec", recording)
+    call(service(FakeCore()).Create(create_request(), ctx()))
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
 
 
 def test_clone_refuses_oversized_overrides_by_the_requests_field() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from dsjobs.condaenv import CondaEnv, read_conda_env
+from dsjobs.condaenv import MAX_PIP_REQUIREMENTS, MAX_PROBLEMS, CondaEnv, read_conda_env
 from dsjobs.controller.render import JobRef, runner_config, user_image
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import graceful_timeout
 from dsjobs.models import ProjectJobSpec
-from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT
+from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT, MAX_CONFIG_LENGTH
 from dsjobs.runner.config import GracefulShutdown, PipOptions
 from dsjobs.validation import parse_job_spec
 
@@ -76,6 +76,60 @@ def test_one_python_version_in_conda_spellings(spec: str, version: str) -> None:
 def test_what_pip_cannot_install_is_named(text: str, problem: str) -> None:
     problems = read_conda_env(text).problems
     assert len(problems) == 1 and problem in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("dependencies:\n  - pip\n  - a: b: c\n", "line 3, column 9: mapping values are not allowed"),
+        ("dependencies:\n  - python=3.11\n  - {pip: [x}\n", "line 3, column 13: "),
+        ("name: x\ndependencies: [*nope]\n", "line 2, column 16: found undefined alias"),
+    ],
+)
+def test_text_that_is_not_yaml_is_refused_naming_where(text: str, where: str) -> None:
+    [problem] = read_conda_env(text).problems
+    assert problem.startswith(f"is not YAML ({where}"), problem
+
+
+@pytest.mark.parametrize(
+    ("text", "first", "count"),
+    [
+        ("dependencies: [" + "a," * 131_000 + "a]", "dependencies[0] 'a' is a conda package", 131_001),
+        ("dependencies:\n" + "- a\n" * 65_000, "dependencies[0] 'a' is a conda package", 65_000),
+        ("{" + ", ".join(f"k{i}: 1" for i in range(24_000)) + "}", "'k0' is not supported", 24_000),
+    ],
+    ids=["flow", "block", "keys"],
+)
+def test_a_file_at_its_size_limit_lists_its_first_problems_and_counts_the_rest(
+    text: str, first: str, count: int
+) -> None:
+    # Some 130,000 problems: the API would spend seconds wording them and answer only 50.
+    assert len(text) <= MAX_CONFIG_LENGTH
+    problems = read_conda_env(text).problems
+    assert len(problems) == MAX_PROBLEMS + 1 and problems[0].startswith(first)
+    assert problems[-1] == f"... and {count - MAX_PROBLEMS} more problems (the first 50 are listed)"
+
+
+def test_a_handful_of_problems_gets_no_count() -> None:
+    problems = read_conda_env("dependencies: [gdal, proj, 'python>=3.9']").problems
+    assert len(problems) == 3 and not any(p.startswith("...") for p in problems)
+
+
+def test_aliases_cannot_make_a_small_file_name_millions_of_pip_requirements() -> None:
+    # 48 million requirements from 240 KiB, every one of which the validator and the runner
+    # would go through.
+    many = "dependencies: [{pip: &a [" + ",".join(["p"] * 2000) + "]}" + ", {pip: *a}" * 20_000 + "]"
+    assert len(many) <= MAX_CONFIG_LENGTH
+    env = read_conda_env(many)
+    assert env.pip == [] and env.problems == [
+        f"dependencies[0].pip takes the pip: lists past {MAX_PIP_REQUIREMENTS} requirements "
+        f"(at most {MAX_PIP_REQUIREMENTS} in all)"
+    ]
+    half = MAX_PIP_REQUIREMENTS // 2
+    text = "dependencies: [{pip: &a [" + ",".join(["p"] * half) + "]}, {pip: *a}, {pip: *a}]"
+    env = read_conda_env(text)
+    assert len(env.pip) == MAX_PIP_REQUIREMENTS
+    assert [p.split(" takes ")[0] for p in env.problems] == ["dependencies[2].pip"]
 
 
 def _spec(**python_env: object) -> tuple[ProjectJobSpec | None, list[str]]:
