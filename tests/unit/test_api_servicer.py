@@ -795,6 +795,52 @@ def test_delete_all_data_fails_naming_the_jobs_whose_resource_does_not_read() ->
     assert "'bad'" in got.error.message and "bad-cleared" not in got.error.message
 
 
+def cancel_request(graceful: bool, reason: str) -> dict[str, Any]:
+    return {
+        "spec": {"cancel": {"reason": reason, "graceful": graceful, "requestedAt": "2025-06-01T00:00:01Z"}}
+    }
+
+
+def cancel_racing(change: Mapping[str, Any], *, graceful: bool) -> RacingKube:
+    """Cancel j1 (running) while another replica writes `change` between this call's read and its write."""
+    kube = RacingKube("PATCH", change, ["j1"])
+    stored_job(kube, "j1", execute=True, phase="EXECUTING")
+    req = svc.CancelProjectJobRequest(job_id="j1", reason="mine", graceful=graceful)
+    call(service(FakeCore(kube)).Cancel(req, ctx()))
+    return kube
+
+
+def test_a_graceful_cancel_landing_after_a_forceful_one_does_not_undo_it() -> None:
+    # The CLI's graceful Ctrl-C and someone's forceful cancel at once, on two replicas: both read
+    # no cancel; the graceful one, written second, must not turn the kill into a graceful wait.
+    kube = cancel_racing(cancel_request(False, "forceful"), graceful=True)
+    assert kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["cancel"]["graceful"] is False
+    assert kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["cancel"]["reason"] == "forceful"
+    patches = [body for method, _, body in kube.calls if method == "PATCH"]
+    assert [b["metadata"]["resourceVersion"] for b in patches] == ["5"]  # refused; nothing left to do
+
+
+def test_a_forceful_cancel_landing_after_a_graceful_one_escalates_it() -> None:
+    kube = cancel_racing(cancel_request(True, "graceful"), graceful=False)
+    cancel = kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["cancel"]
+    assert cancel["graceful"] is False and cancel["reason"] == "graceful"
+    patches = [body for method, _, body in kube.calls if method == "PATCH"]
+    assert [b["metadata"]["resourceVersion"] for b in patches] == ["5", "6"]
+    assert patches[1]["spec"] == {"cancel": {"graceful": False}}
+
+
+@pytest.mark.parametrize("graceful", [True, False])
+def test_a_cancel_of_a_job_that_ended_meanwhile_writes_nothing(graceful: bool) -> None:
+    kube = cancel_racing({"status": {"phase": "SUCCESS"}}, graceful=graceful)
+    assert "cancel" not in kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]
+
+
+def test_a_cancel_of_a_job_changed_otherwise_meanwhile_is_written() -> None:
+    kube = cancel_racing({"status": {"statusDetails": "running"}}, graceful=True)
+    cancel = kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["cancel"]
+    assert cancel["graceful"] is True and cancel["reason"] == "mine"
+
+
 # --- Duration overflow -------------------------------------------------------------------------
 
 

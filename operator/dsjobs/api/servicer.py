@@ -1010,20 +1010,51 @@ async def execute_operation(core: Core, job: JobSnapshot, username: str) -> oper
 async def cancel_job(
     core: Core, job: JobSnapshot, reason: str, graceful: bool, identity: Identity
 ) -> JobSnapshot:
-    """Request cancellation. Finished jobs are left alone; a second, forceful request escalates."""
-    if job.is_final:
+    """Request cancellation. Finished jobs are left alone; a second, forceful request escalates.
+
+    Guarded by the resourceVersion: two requests on different replicas (the CLI's graceful Ctrl-C,
+    someone's forceful cancel) both find no cancel, and a graceful one landing second would undo
+    the forceful one's (the operator would wait out the shutdown timeout instead of killing the
+    job). On a conflict the job is read and judged again. NOT_FOUND for a job that is gone.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        patch = _cancel_patch(job, reason, graceful)
+        if patch is None:
+            return job
+        escalation = job.spec.cancel is not None
+        try:
+            job = await core.patch_job(job, patch, guard=True)
+        except ApiError as exc:
+            if exc.code != grpc.StatusCode.ABORTED or attempt == 3:
+                raise
+            # Changed meanwhile (another cancel, the operator's status): look again.
+            fresh = await core.get_job(job.namespace, job.name, fresh=True)
+            if fresh.uid != job.uid:
+                raise errors.not_found(f"job {job.name!r} was deleted") from exc
+            job = fresh
+            continue
+        log.info(
+            "job cancel escalated" if escalation else "job cancel requested",
+            extra={"job": job.name, "user": identity.username, "graceful": graceful},
+        )
         return job
+
+
+def _cancel_patch(job: JobSnapshot, reason: str, graceful: bool) -> dict[str, Any] | None:
+    """The write a cancel request makes to the job as read; None when it changes nothing: the job
+    has finished, or is being cancelled as forcefully already (a forceful request escalates a
+    graceful one, never the reverse)."""
+    if job.is_final:
+        return None
     current = job.spec.cancel
     if current is None:
         request = CancelRequest(reason=reason, graceful=graceful, requested_at=now())
-        job = await core.patch_job(job, {"spec": {"cancel": request.to_cr()}})
-        log.info(
-            "job cancel requested", extra={"job": job.name, "user": identity.username, "graceful": graceful}
-        )
-    elif current.graceful and not graceful:
-        job = await core.patch_job(job, {"spec": {"cancel": {"graceful": False}}})
-        log.info("job cancel escalated", extra={"job": job.name, "user": identity.username})
-    return job
+        return {"spec": {"cancel": request.to_cr()}}
+    if current.graceful and not graceful:
+        return {"spec": {"cancel": {"graceful": False}}}
+    return None
 
 
 async def follow_logs(
