@@ -410,7 +410,9 @@ def test_failed_removal_of_an_unanswered_job_is_logged_with_the_job(caplog: pyte
     assert job_id in record.getMessage() and getattr(record, "job", None) == job_id
 
 
-def source_job(params: dict[str, Any], status: dict[str, Any] | None = None) -> JobSnapshot:
+def source_job(
+    params: dict[str, Any], status: dict[str, Any] | None = None, *, created_by: str = ""
+) -> JobSnapshot:
     return JobSnapshot.from_cr(
         {
             "metadata": {
@@ -420,7 +422,12 @@ def source_job(params: dict[str, Any], status: dict[str, Any] | None = None) -> 
                 "resourceVersion": "3",
                 "creationTimestamp": "2025-06-01T00:00:00Z",
             },
-            "spec": {"projectId": PROJECT, "execute": True, "jobParameters": params},
+            "spec": {
+                "projectId": PROJECT,
+                "execute": True,
+                "jobParameters": params,
+                **({"createdById": created_by} if created_by else {}),
+            },
             "status": status or {"phase": "SUCCESS"},
         }
     )
@@ -449,17 +456,22 @@ def test_clone_signs_upload_urls_before_writing_the_job() -> None:
     assert "POST" not in core.kube.methods()
 
 
-def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
-    docker = {
-        "dockerImageSpec": {
-            "imageUrl": "cr.example.com/t/img:1",
-            "username": "u",
-            "passwordSecretRef": {"name": "src1-docker-password", "key": "password"},
-        }
+# The source job's image, its registry password in the source's own Secret (as Create stores it).
+SOURCE_DOCKER = {
+    "dockerImageSpec": {
+        "imageUrl": "cr.example.com/t/img:1",
+        "username": "u",
+        "passwordSecretRef": {"name": "src1-docker-password", "key": "password"},
     }
+}
+
+
+def test_clone_removes_its_job_when_copying_the_password_fails() -> None:
     kube = FakeKube(secret_fails(KubeError(500, "InternalError", "etcd")))
     kube.objects[secrets_path(NAMESPACE, "src1-docker-password")] = password_secret("u-src")
-    core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}))
+    core = FakeCore(
+        kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": SOURCE_DOCKER}, created_by="alice")
+    )
     failing(
         grpc.StatusCode.UNAVAILABLE,
         service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()),
@@ -502,13 +514,80 @@ def test_clone_copies_no_secret_the_operator_would_not_send_to_the_source_job_s_
     }
     kube = FakeKube()
     kube.objects[secrets_path(NAMESPACE, "db-credentials")] = secret
-    core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}))
+    core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}, created_by="alice"))
     err = failing(
         grpc.StatusCode.FAILED_PRECONDITION,
         service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()),
     )
     assert problem in err.message and "pass the docker image with its password" in err.message
     assert kube.jobs() == [] and not [c for c in kube.calls if c[0] == "POST"]
+
+
+def clone_with_the_source_s_password(created_by: str, request: svc.CloneProjectJobRequest) -> FakeKube:
+    """Clone `request` (by alice) of a job of `created_by` whose registry password is in its Secret."""
+    kube = FakeKube()
+    kube.objects[secrets_path(NAMESPACE, "src1-docker-password")] = password_secret("u-src")
+    core = FakeCore(
+        kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": SOURCE_DOCKER}, created_by=created_by)
+    )
+    call(service(core).Clone(request, ctx()))
+    return kube
+
+
+def clone_password(kube: FakeKube) -> str:
+    """The registry password in the Secret of the one job in `kube` (the clone)."""
+    [job_id] = kube.jobs()
+    secret = kube.objects[secrets_path(NAMESPACE, f"{job_id}-docker-password")]
+    return base64.b64decode(secret["data"]["password"]).decode()
+
+
+def test_the_creator_s_clone_gets_a_copy_of_the_source_s_registry_password() -> None:
+    kube = clone_with_the_source_s_password("alice", svc.CloneProjectJobRequest(source_job_id="src1"))
+    assert clone_password(kube) == "s3cret"
+
+
+@pytest.mark.parametrize("created_by", ["bob", ""], ids=["colleague", "nobody (kubectl)"])
+def test_a_clone_by_someone_else_never_gets_the_creator_s_registry_password(created_by: str) -> None:
+    # The clone and its Secret are the caller's: they may edit its image before executing it and
+    # pull anything of that registry with bob's credential.
+    kube = FakeKube()
+    kube.objects[secrets_path(NAMESPACE, "src1-docker-password")] = password_secret("u-src")
+    core = FakeCore(
+        kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": SOURCE_DOCKER}, created_by=created_by)
+    )
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()),
+    )
+    assert err.message.startswith(
+        "job_parameters_overrides.env.docker_image_spec.password_plain_text: the registry password "
+        "of the source job 'src1' is its creator's"
+    )
+    assert (repr(created_by) if created_by else "not named in the job") in err.message
+    assert "give your own" in err.message
+    # Nothing created, and the source's Secret not even read.
+    assert kube.methods() == []
+
+
+def test_a_clone_by_someone_else_with_their_own_password_works() -> None:
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    req.job_parameters_overrides.env.docker_image_spec.CopyFrom(
+        jobs_pb2.DockerImageSpec(
+            image_url="cr.example.com/t/img:1", username="alice", password_plain_text="mine"
+        )
+    )
+    kube = clone_with_the_source_s_password("bob", req)
+    assert clone_password(kube) == "mine"
+    assert [m for m, path, _ in kube.calls if path.startswith(secrets_path(NAMESPACE))] == ["POST"]
+
+
+def test_a_job_whose_image_needs_no_password_is_clonable_by_anyone() -> None:
+    docker = {"dockerImageSpec": {"imageUrl": "cr.example.com/t/public:1"}}
+    core = FakeCore(stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}, created_by="bob"))
+    call(service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()))
+    [job_id] = core.kube.jobs()
+    assert core.kube.objects[jobs_path(NAMESPACE, job_id)]["spec"]["createdById"] == "alice"
+    assert not [path for _, path, _ in core.kube.calls if path.startswith(secrets_path(NAMESPACE))]
 
 
 def test_clone_problems_name_the_merged_jobs_fields() -> None:

@@ -43,7 +43,7 @@ def client_desc(desc: FileDesc) -> FileDesc:
 def spec_as_seen_by(spec: ProjectJobSpec, username: str) -> ProjectJobSpec:
     """The spec as `username` may get it back: unchanged for the job's creator."""
     params = spec.job_parameters
-    if _is_creator(spec, username) or all(is_safe_relative_path(d.path) for d in params.output_files):
+    if is_creator(spec, username) or all(is_safe_relative_path(d.path) for d in params.output_files):
         return spec
     outputs = [client_desc(d) for d in params.output_files]
     return spec.model_copy(update={"job_parameters": params.model_copy(update={"output_files": outputs})})
@@ -52,7 +52,7 @@ def spec_as_seen_by(spec: ProjectJobSpec, username: str) -> ProjectJobSpec:
 def status_as_seen_by(spec: ProjectJobSpec, status: ProjectJobStatus, username: str) -> ProjectJobStatus:
     """Its stored outputs and their errors named as the spec's outputs are for `username`."""
     error_descs = [e.output_file_desc for e in status.file_errors if e.output_file_desc is not None]
-    if _is_creator(spec, username) or all(
+    if is_creator(spec, username) or all(
         is_safe_relative_path(d.path) for d in (*(f.desc for f in status.output_files), *error_descs)
     ):
         return status
@@ -75,5 +75,7 @@ def as_seen_by(job: JobSnapshot, username: str) -> JobSnapshot:
     return dataclasses.replace(job, spec=spec, status=status)
 
 
-def _is_creator(spec: ProjectJobSpec, username: str) -> bool:
+def is_creator(spec: ProjectJobSpec, username: str) -> bool:
+    """Whether `username` created the job (a job without spec.createdById, applied with kubectl,
+    is nobody's)."""
     return bool(spec.created_by_id) and spec.created_by_id == username

@@ -25,7 +25,7 @@ from dsjobs import convert, logrecords
 from dsjobs import storage as st
 from dsjobs.api import errors, ids, listfilter, operations, pagetoken
 from dsjobs.api.auth import Identity, Verb
-from dsjobs.api.clientpaths import as_seen_by, spec_as_seen_by
+from dsjobs.api.clientpaths import as_seen_by, is_creator, spec_as_seen_by
 from dsjobs.api.cluster import (
     COMMUNITY_ANNOTATION,
     PROJECT_DESCRIPTION_ANNOTATION,
@@ -85,6 +85,8 @@ MAX_FILTER_ROUNDS = 10
 MAX_LIST_RESPONSE_BYTES = 3 * 1024 * 1024
 # How often a following log stream re-reads the job to notice that it ended.
 JOB_RECHECK_SECONDS = 1.0
+# Where a Clone that may not inherit the source's registry password gives its own.
+CLONE_PASSWORD_FIELD = "job_parameters_overrides.env.docker_image_spec.password_plain_text"
 
 
 # --- conversions --------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         await self._validate(spec, OpKind.CLONE)
         password = params_conv.docker_password_from_proto(request.job_parameters_overrides)
         if inherited is not None:
-            password = await self._read_password(source, inherited)
+            password = await self._read_password(source, inherited, identity.username)
         checks = await self.core.check_inputs(info.project_id, _inputs(spec.job_parameters))
         # Inputs the clone inherits must still be stored: the client only has files for its overrides.
         new_shas = {f.sha256 for f in request.job_parameters_overrides.input_files}
@@ -318,11 +320,23 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if problems:
             raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")
 
-    async def _read_password(self, source: JobSnapshot, ref: SecretKeyRef) -> str:
-        """The source job's registry password, for the clone's own Secret: only from a Secret the
-        operator would send to that job's registry itself (the API reads Secrets its callers may
-        not: a source job applied with kubectl may name any Secret of the namespace)."""
+    async def _read_password(self, source: JobSnapshot, ref: SecretKeyRef, username: str) -> str:
+        """The source job's registry password, for the clone's own Secret: only for the source
+        job's creator, and only from a Secret the operator would send to that job's registry
+        itself (the API reads Secrets its callers may not: a source job applied with kubectl may
+        name any Secret of the namespace)."""
         fix = "pass the docker image with its password in the overrides"
+        if not is_creator(source.spec, username):
+            # The clone, and so its Secret, would be the caller's: editing the clone's image
+            # before executing it, they would pull anything of that registry with the creator's
+            # credential.
+            creator = repr(source.spec.created_by_id) if source.spec.created_by_id else "not named in the job"
+            raise errors.failed_precondition(
+                f"{CLONE_PASSWORD_FIELD}: the registry password of the source job {source.name!r} is "
+                f"its creator's ({creator}) and goes only into their own clones; give your own: pass "
+                "the docker image in the overrides with your password (password_plain_text, or "
+                "password_ds_secret_name for a project secret)"
+            )
         try:
             secret = await self.core.kube.request("GET", secrets_path(source.namespace, ref.name))
         except KubeError as exc:
