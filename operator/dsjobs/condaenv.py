@@ -13,6 +13,7 @@ MAX_PIP_REQUIREMENTS in all.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -84,6 +85,18 @@ def _not_yaml(exc: Exception) -> str:
 
 
 def read_conda_env(text: str) -> CondaEnv:
+    """What an environment.yml asks for, and what this server cannot install from it.
+
+    The same text is read again and again: the operator plans a job not yet started at every
+    change of it (a hostile one at the size limit takes some 0.4 s), and renders its pod from it
+    several times; so the latest readings are kept (copies are handed out: the lists are mutable).
+    """
+    env = _read_conda_env(text)
+    return CondaEnv(env.python_version, list(env.pip), list(env.problems))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_conda_env(text: str) -> CondaEnv:
     if not text.strip():
         return CondaEnv()
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from dsjobs import condaenv
 from dsjobs.condaenv import MAX_PIP_REQUIREMENTS, MAX_PROBLEMS, CondaEnv, read_conda_env
 from dsjobs.controller.render import JobRef, runner_config, user_image
 from dsjobs.controller.settings import OperatorSettings
@@ -232,3 +235,27 @@ def test_the_runner_waits_the_timeout_the_pod_is_given(timeout: str | None, seco
     config = runner_config(JobRef("job-1", "ns", "uid", "p1"), spec, 1)
     assert config.graceful_shutdown == GracefulShutdown(signal=2, timeout_seconds=seconds)
     assert graceful_timeout(spec).total_seconds() == seconds
+
+
+def test_the_same_text_is_read_once_and_each_reader_gets_its_own_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The operator plans a job not yet started at every change of it and renders its pod from it
+    # several times: a hostile file at the size limit would cost 0.4 s each time.
+    condaenv._read_conda_env.cache_clear()
+    loads: list[str] = []
+    load = condaenv.yaml.load
+
+    def counting(text: str, Loader: Any) -> Any:
+        loads.append(text)
+        return load(text, Loader=Loader)
+
+    monkeypatch.setattr(condaenv.yaml, "load", counting)
+    text = "dependencies: [python=3.11, {pip: [requests]}, gdal]"
+    first = read_conda_env(text)
+    first.pip.append("mutated")
+    first.problems.clear()
+    second = read_conda_env(text)
+    assert loads == [text]
+    assert second.pip == ["requests"] and second.python_version == "3.11"
+    assert len(second.problems) == 1 and "gdal" in second.problems[0]
