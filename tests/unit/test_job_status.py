@@ -559,6 +559,13 @@ def test_a_claim_the_ephemeral_volume_controller_cannot_make_is_told_why() -> No
     # A trouble last seen long ago (the kubelet repeats one that lasts) tells nothing now.
     assert latest_event_message(events, NOW + timedelta(minutes=4)) == QUOTA_ON_CLAIMS
     assert latest_event_message(events, NOW + timedelta(minutes=6)) == ""
+    # Seen by the API server's clock when it says: a kubelet 10 minutes behind is not old news.
+    behind = {
+        "message": "node behind",
+        "lastTimestamp": "2025-06-01T11:49:50Z",
+        "metadata": {"managedFields": [{"manager": "kubelet", "time": "2025-06-01T11:59:55Z"}]},
+    }
+    assert latest_event_message([*events, behind], NOW) == "node behind"
     assert p.requeue_after is not None and p.requeue_after <= timedelta(seconds=20)  # asked again
 
 

@@ -331,12 +331,23 @@ EVENT_FRESHNESS: Final = timedelta(minutes=5)
 
 
 def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime) -> str:
-    """The message of the most recent of some core/v1 Events (by last, then first, time), or ""
-    when there is none, or it was last seen more than EVENT_FRESHNESS before `now`."""
+    """The message of the most recent of some core/v1 Events, or "" when there is none, or it was
+    last seen more than EVENT_FRESHNESS before `now`.
+
+    When is when the API server last wrote the Event (its managedFields' times): lastTimestamp is
+    the kubelet's clock, and a node minutes behind would hide every trouble it reports; else by
+    last, then first, time."""
 
     def when(e: Mapping[str, Any]) -> str:
         # RFC 3339 in UTC: the strings sort as the times do.
         meta = e.get("metadata") or {}
+        written = [
+            str(f["time"])
+            for f in meta.get("managedFields") or ()
+            if isinstance(f, Mapping) and f.get("time")
+        ]
+        if written:
+            return max(written)
         return str(e.get("lastTimestamp") or e.get("eventTime") or meta.get("creationTimestamp") or "")
 
     latest = max(events, key=when, default=None)
