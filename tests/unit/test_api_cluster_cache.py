@@ -244,6 +244,44 @@ def test_lists_for_unknown_job_ids_run_a_few_at_once() -> None:
     assert lists == len(ids)  # the others waited their turn, none was refused
 
 
+def test_a_lookup_whose_callers_all_gave_up_before_its_list_makes_none() -> None:
+    # Callers with a tiny deadline once queued LISTs without end: a job just created elsewhere
+    # then waited behind thousands of them.
+    busy = [f"{i}bcdefghijklmnopqrs" for i in range(MAX_LOCATE_LISTS)]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        kube = FakeKube()
+        index = JobIndex(cast(Kube, kube))
+        slots = await all_waiting(kube, *(index.locate(i) for i in busy), expect=MAX_LOCATE_LISTS)
+        quitters = [asyncio.ensure_future(index.locate(JOB)) for _ in range(3)]
+        await settle()
+        for q in quitters:
+            q.cancel()
+        await settle()
+        kube.jobs.append(job(OTHER))
+        wanted = asyncio.ensure_future(index.locate(OTHER))
+        kube.gate.set()
+        await asyncio.gather(*slots)
+        return await wanted, kube.job_lists()
+
+    found, lists = run(scenario)
+    assert found == ["team-a"]
+    assert f"metadata.name={JOB}" not in lists
+    assert lists == [f"metadata.name={i}" for i in [*busy, OTHER]]
+
+
+def test_a_miss_is_believed_for_its_time_from_when_its_list_began(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The misses are kept in the order their LISTs ended: a slow one behind a fast one.
+    clock = [100.0]
+    monkeypatch.setattr(cluster_module.time, "monotonic", lambda: clock[0])
+    index = JobIndex(cast(Kube, FakeKube()))
+    index._misses[JOB] = 97.0  # began at 97, ended last
+    index._misses[OTHER] = 99.5
+    index._misses.move_to_end(JOB)
+    assert index._missed_lately(OTHER)
+    assert not index._missed_lately(JOB)
+
+
 def test_a_failed_list_is_told_to_every_caller_and_not_remembered() -> None:
     async def scenario() -> tuple[list[BaseException | list[str]], list[str], int]:
         kube = FakeKube()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import weakref
@@ -175,6 +176,9 @@ class JobIndex:
         self._lookups: dict[str, asyncio.Task[list[str]]] = {}
         self._misses: OrderedDict[str, float] = OrderedDict()
         self._lists = asyncio.Semaphore(MAX_LOCATE_LISTS)
+        # Callers waiting for each lookup, and the ids whose LIST is under way.
+        self._waiting: dict[str, int] = {}
+        self._listing: set[str] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="job-index")
@@ -257,14 +261,26 @@ class JobIndex:
         if lookup is None:
             lookup = self._lookups[name] = asyncio.create_task(self._look_up(name), name=f"locate {name}")
             lookup.add_done_callback(lambda task: self._lookup_done(name, task))
-        # Shielded: one caller giving up must not cancel the LIST the others wait for.
-        return list(await asyncio.shield(lookup))
+        self._waiting[name] = self._waiting.get(name, 0) + 1
+        try:
+            # Shielded: one caller giving up must not cancel the LIST the others wait for.
+            return list(await asyncio.shield(lookup))
+        finally:
+            left = self._waiting.pop(name) - 1
+            if left:
+                self._waiting[name] = left
+            elif not lookup.done() and name not in self._listing:
+                # Nobody waits for it any more and its LIST has not begun: callers that give up at
+                # once (a short deadline) would otherwise queue LISTs without end, and the lookup
+                # of a job just created elsewhere would wait behind them.
+                lookup.cancel()
 
     def _missed_lately(self, name: str) -> bool:
         now = time.monotonic()
         while self._misses and next(iter(self._misses.values())) <= now - LOCATE_MISS_TTL:
             self._misses.popitem(last=False)
-        return name in self._misses
+        # By the LIST's own start: the entries are in the order the LISTs ended.
+        return self._misses.get(name, -math.inf) > now - LOCATE_MISS_TTL
 
     def _lookup_done(self, name: str, task: asyncio.Task[list[str]]) -> None:
         if self._lookups.get(name) is task:
@@ -278,9 +294,13 @@ class JobIndex:
             if spaces:  # the watch brought it while this waited for its turn
                 return sorted(spaces)
             began = time.monotonic()
-            result = await self._kube.request(
-                "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
-            )
+            self._listing.add(name)
+            try:
+                result = await self._kube.request(
+                    "GET", jobs_path(), params={"fieldSelector": f"metadata.name={name}", "limit": 10}
+                )
+            finally:
+                self._listing.discard(name)
         items = result.get("items") or []
         for item in items:
             self.remember(item)
