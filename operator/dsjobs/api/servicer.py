@@ -335,7 +335,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 f"{CLONE_PASSWORD_FIELD}: the registry password of the source job {source.name!r} is "
                 f"its creator's ({creator}) and goes only into their own clones; give your own: pass "
                 "the docker image in the overrides with your password (password_plain_text, or "
-                "password_ds_secret_name for a project secret)"
+                "password_ds_secret_name for a project secret: the CLI's fork takes --docker-image-url "
+                "with --docker-image-password-secret-id)"
             )
         try:
             secret = await self.core.kube.request("GET", secrets_path(source.namespace, ref.name))

@@ -26,8 +26,9 @@ from dsjobs.runner.result import RunnerResult
 #: operator's first failed read; then the job ends without the outputs and logs that only
 #: result.json records.
 RESULT_PATIENCE: Final = timedelta(minutes=10)
-#: Attempts whose result.json the operator waits for, remembered at most (the oldest go first).
-_RESULT_WAITS_KEPT: Final = 1024
+#: Attempts whose result.json the operator waits for, remembered at most (the oldest go first, and
+#: their wait starts again): a whole cluster's jobs ending during a store outage fit (~10 MiB).
+_RESULT_WAITS_KEPT: Final = 100_000
 #: Seconds the check for what an earlier job of the same name left may take: it is on every
 #: job's way to its first pod, and a store that hangs must not hold them all back.
 LEFTOVER_CHECK_TIMEOUT: Final = 3.0

@@ -114,7 +114,7 @@ PERMANENT_ERROR_TRIES = 3
 #: How many of the last bytes shipped from the progress file are compared with the file before
 #: each read (`_Source.rewritable`): a one-line snapshot rewritten in place is all in it.
 REWRITE_CHECK_BYTES = 4096
-#: Bytes of one log file shipped in one attempt at most; past it the file is not shipped (told
+#: Bytes of one log file one runner container ships at most; past it the file is not shipped (told
 #: once in the system log). An append-only file is bounded by the shared volume's size, but the
 #: job may cut its files (they are writable by all) and write them again, each time shipped anew:
 #: without a bound, one job could fill the object store all projects share.
@@ -376,10 +376,11 @@ class LogShipper:
             log.warning("log file not shipped any further path=%s shipped=%d", src.path, src.shipped)
             if self.syslog is not None and src.key != "sys":
                 name = os.path.relpath(src.path, self.config.paths.shared_dir)
+                whole = "; the whole file is still uploaded at the end" if src.key in ("out", "err") else ""
                 self.syslog(
                     f"{name} is not shipped any further: {src.shipped} bytes of it were, the most "
-                    f"one log file ships in an attempt ({MAX_SHIPPED_BYTES >> 30} GiB; a file cut and "
-                    "written again counts each time)"
+                    f"one log file ships ({MAX_SHIPPED_BYTES >> 30} GiB; a file cut and written again "
+                    f"counts each time){whole}"
                 )
         return True
 
