@@ -1162,6 +1162,54 @@ def test_a_project_member_cannot_name_someone_else_as_a_job_s_creator(h: H) -> N
     assert "patched" in as_mallory("patch", "pj", "own", "--type=merge", "-p", planted)
 
 
+def test_only_those_who_may_edit_the_policies_label_a_namespace_as_dsjobs_own(h: H) -> None:
+    # The label lets a namespace hold ServiceAccounts the policies trust: someone who may only
+    # create namespaces (self-service) must not set it, on a new namespace or an old one.
+    role, who = f"{h.namespace}-ns-maker", f"{h.namespace}-maker"
+    rbac = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": role},
+            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["create", "get", "patch"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who}],
+        },
+    ]
+    h.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}))
+    labelled, plain = f"{h.namespace}-sys", f"{h.namespace}-plain"
+
+    def namespace(name: str, labels: dict[str, str]) -> str:
+        return json.dumps(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+        )
+
+    try:
+        out = h.kubectl(
+            f"--as={who}",
+            "create",
+            "-f",
+            "-",
+            stdin=namespace(labelled, {"dsjobs.dev/system": "true"}),
+            check=False,
+        )
+        assert "metadata.labels[dsjobs.dev/system]: only those who may update" in out, out
+        assert "created" in h.kubectl(
+            f"--as={who}", "create", "-f", "-", stdin=namespace(plain, {}), check=False
+        )
+        out = h.kubectl(f"--as={who}", "label", "namespace", plain, "dsjobs.dev/system=true", check=False)
+        assert "only those who may update the admission policy" in out, out
+        assert "labeled" in h.kubectl("label", "namespace", plain, "dsjobs.dev/system=true")  # an admin
+    finally:
+        h.kubectl("delete", "namespace", labelled, plain, "--wait=false", "--ignore-not-found", check=False)
+        h.kubectl("delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False)
+
+
 def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     def patch(spec: dict[str, Any]) -> str:
         body = json.dumps({"spec": spec})
