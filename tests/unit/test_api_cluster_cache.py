@@ -11,6 +11,7 @@ from typing import Any, TypeVar, cast
 import grpc
 import pytest
 from test_api_logs import MemoryStore
+from test_api_projects import job as projects_job
 
 from dsjobs.api import auth
 from dsjobs.api import cluster as cluster_module
@@ -28,18 +29,7 @@ OTHER = "1abcdefghijklmnopqrs"
 
 
 def job(name: str, namespace: str = "team-a", project: str = "pa") -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "uid": f"uid-{name}",
-            "resourceVersion": "5",
-            "creationTimestamp": "2025-01-01T00:00:00Z",
-            "labels": {"dsjobs.dev/project-id": project},
-        },
-        "spec": {"projectId": project, "jobParameters": {"cmd": "python train.py"}},
-        "status": {"phase": "CREATING"},
-    }
+    return projects_job(namespace, project, f"uid-{name}", name)
 
 
 class FakeKube:

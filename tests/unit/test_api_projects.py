@@ -33,10 +33,10 @@ NAMESPACES = {"team-a": "pa", "team-b": "pb"}
 RIGHTS = {("mallory", "team-a"), ("bob", "team-b"), ("carol", "team-a"), ("carol", "team-b")}
 
 
-def job(namespace: str, project: str, uid: str) -> dict[str, Any]:
+def job(namespace: str, project: str, uid: str, name: str = JOB) -> dict[str, Any]:
     return {
         "metadata": {
-            "name": JOB,
+            "name": name,
             "namespace": namespace,
             "uid": uid,
             "resourceVersion": "5",
