@@ -30,6 +30,7 @@ from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import Kube, load_config
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
 from dsjobs.api.settings import Settings, derived_page_token_key
+from dsjobs.api.tlsfiles import ReloadingCertificate
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.operation import operation_service_pb2, operation_service_pb2_grpc
@@ -394,9 +395,7 @@ class ApiServer:
         )
 
         if s.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())]
-            )
+            creds = ReloadingCertificate(Path(s.tls_cert), Path(s.tls_key)).credentials()
             self.port = server.add_secure_port(s.listen, creds)
         else:
             self.port = server.add_insecure_port(s.listen)

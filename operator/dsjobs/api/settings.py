@@ -37,7 +37,12 @@ SETTINGS: tuple[Setting, ...] = (
         "0.0.0.0:9091",
         "Prometheus /metrics address; empty disables",
     ),
-    Setting("tls_cert", "DSJOBS_API_TLS_CERT", "", "PEM certificate chain; with the key enables TLS"),
+    Setting(
+        "tls_cert",
+        "DSJOBS_API_TLS_CERT",
+        "",
+        "PEM certificate chain; with the key enables TLS (both read again when they change)",
+    ),
     Setting("tls_key", "DSJOBS_API_TLS_KEY", "", "PEM private key"),
     Setting(
         "kubeconfig", "DSJOBS_API_KUBECONFIG", "", "kubeconfig path; default: in-cluster, then $KUBECONFIG"
