@@ -15,6 +15,9 @@ INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
 INSTANCE_TYPE_DIGEST_ANNOTATION: Final = "dsjobs.dev/instance-type-digest"
 #: kubectl's choice of container for `logs` and `exec` when none is named.
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
+#: Service meshes' opt-outs of sidecar injection (Istio reads the label, Linkerd the annotation).
+ISTIO_INJECT_LABEL: Final = "sidecar.istio.io/inject"
+LINKERD_INJECT_ANNOTATION: Final = "linkerd.io/inject"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dsjobs-operator"
 # Marks the Secrets made for a job, so that cleanup never touches the user's own.

@@ -28,6 +28,8 @@ from dsjobs.controller.names import (
     INSTANCE_TYPE_DIGEST_ANNOTATION,
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
+    ISTIO_INJECT_LABEL,
+    LINKERD_INJECT_ANNOTATION,
     OUTPUT_DATASET_LABEL,
     PROJECT_DISK_LABEL,
     PROJECT_SECRETS_NAME,
@@ -545,6 +547,9 @@ def render_pod(
         **job.labels(),
         ATTEMPT_LABEL: str(attempt),
         INSTANCE_TYPE_LABEL: instance_type_name,
+        # A mesh's injected proxy would never exit (the pod would never end), and its token volume
+        # is what the dsjobs-service-accounts policy refuses in job pods: no injection.
+        ISTIO_INJECT_LABEL: "false",
     }
     return {
         "apiVersion": "v1",
@@ -559,6 +564,7 @@ def render_pod(
                 # `kubectl logs` / `exec` on the pod mean the user's program, not the runner's
                 # containers (and say nothing about having picked it).
                 DEFAULT_CONTAINER_ANNOTATION: JOB_CONTAINER,
+                LINKERD_INJECT_ANNOTATION: "disabled",
             },
             "ownerReferences": [job.owner()],
         },
