@@ -13,9 +13,11 @@ The kind path (`make e2e-kind`) is what builds the image and runs these manifest
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -385,6 +387,25 @@ def test_base_uses_one_image_reference() -> None:
     }
     (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
     assert images == {settings["data"]["DSJOBS_RUNNER_IMAGE"]} == {DEFAULT_RUNNER_IMAGE}, images
+
+
+def test_the_admin_guide_s_overlay_runs_the_operator_s_image_as_the_runner(tmp_path: Path) -> None:
+    """docs/admin.md's overlay: one image for the operator, the API and the job runner, the
+    runner's following the operator's (kustomize's `images` does not rewrite settings)."""
+    guide = (REPO_ROOT / "docs" / "admin.md").read_text()
+    block = re.search(r"```yaml\n(\s*# my-dsjobs/kustomization.yaml\n.*?)```", guide, re.S)
+    assert block is not None, "docs/admin.md lost its overlay example"
+    overlay = yaml.safe_load(textwrap.dedent(block.group(1)))
+    overlay["resources"] = [os.path.relpath(REPO_ROOT / "deploy" / "base", tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    objects = render(tmp_path)
+    images = {
+        c["image"]
+        for d in of_kind(objects, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    (settings,) = [o for o in of_kind(objects, "ConfigMap") if o["metadata"]["name"] == "dsjobs-settings"]
+    assert images == {settings["data"]["DSJOBS_RUNNER_IMAGE"]} == {"registry.example.com/dsjobs:0.1.0"}
 
 
 def test_base_rbac_grants_what_the_code_needs() -> None:
