@@ -15,6 +15,7 @@ from typing import Any, cast
 import grpc
 import kube_fake
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from kube_fake import Failure
 
 from dsjobs import storage as st
@@ -945,6 +946,13 @@ def test_out_of_range_data_ttl_is_invalid_argument() -> None:
     req.data_ttl.seconds = 10**14
     err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(FakeCore()).Create(req, ctx()))
     assert "data_ttl: is not a valid Duration" in err.message
+    # The CLI's set-data-ttl --days 400: told what the CLI calls forever.
+    ttl = svc.SetProjectJobDataTtlRequest(job_id="src1", ttl=Duration(seconds=400 * 86400))
+    core = FakeCore(job=source_job(SOURCE_PARAMS))
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).SetDataTtl(ttl, ctx()))
+    assert err.message == (
+        "ttl: must be between 1h and 365d (unset: keep the data forever, the CLI's --days infinity)"
+    )
 
 
 # --- downloads ---------------------------------------------------------------------------------

@@ -871,6 +871,15 @@ def test_without_a_catalog_any_well_formed_type_is_accepted() -> None:
     assert parse_job_spec(doc)[1] == []
 
 
+def test_an_image_given_as_a_resource_id_is_told_where_an_image_goes() -> None:
+    # The CLI's config `docker: python:3.12-slim` (a string) is a resource id on DataSphere.
+    wrong = steps(set_at(f"{ENV}.dockerImageResourceId", "python:3.12-slim"), set_at(DOCKER, DELETE))
+    (problem,) = problems_after(wrong)
+    assert problem.message == '"python:3.12-slim" is not an id (an image by its URL: docker: {image: ...})'
+    plain = steps(set_at(f"{ENV}.dockerImageResourceId", "Image 1"), set_at(DOCKER, DELETE))
+    assert [p.message for p in problems_after(plain)] == ['"Image 1" is not an id']
+
+
 @pytest.mark.parametrize(
     "image",
     [

@@ -30,6 +30,8 @@ from dsjobs.validation.problems import Collector, Problem, at, index, key, probl
 _SHA256 = re.compile(L.SHA256_PATTERN)
 _VAR = re.compile(L.VAR_PATTERN)
 _RESOURCE_ID = re.compile(L.RESOURCE_ID_PATTERN)
+# What an image reference has and a resource id never does: a tag, a registry path or host.
+_IMAGE_LIKE = re.compile(r"[:/.]")
 _INSTANCE_TYPE = re.compile(L.INSTANCE_TYPE_NAME_PATTERN)
 _ENV_NAME = re.compile(L.ENV_VAR_NAME_PATTERN)
 _PYTHON_VERSION = re.compile(L.PYTHON_VERSION_PATTERN)
@@ -509,13 +511,10 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
     if env.docker_image_resource_id is not None and env.docker_image_spec is not None:
         c.add(path, "docker-oneof", "docker_image_resource_id and docker_image_spec are mutually exclusive")
     if env.docker_image_resource_id is not None:
-        c.pattern(
-            at(path, "docker_image_resource_id"),
-            env.docker_image_resource_id,
-            _RESOURCE_ID,
-            "resource-id",
-            "an id",
-        )
+        rid = env.docker_image_resource_id
+        # The CLI's `docker: python:3.12` (a string) names a resource; users mean the image.
+        what = "an id" if not _IMAGE_LIKE.search(rid) else "an id (an image by its URL: docker: {image: ...})"
+        c.pattern(at(path, "docker_image_resource_id"), rid, _RESOURCE_ID, "resource-id", what)
     if env.docker_image_spec is not None:
         _docker(c, at(path, "docker_image_spec"), env.docker_image_spec)
     if env.python_env is not None:
