@@ -1218,4 +1218,7 @@ def test_full_flow_with_the_operator(dsjobs_stack: Any) -> None:
     assert job.data_size_bytes == len(inputs["main.py"]) + sum(f.size_bytes for f in files), job
     _, again = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}-2")
     assert not again.upload_files
+    # Not left in the stack's project (`make up` keeps it between runs, and `make demo` shows it).
+    for job_id in (resp.job_id, again.job_id):
+        c.jobs.Delete(svc.DeleteProjectJobRequest(job_id=job_id), metadata=c.md)
     channel.close()
