@@ -285,6 +285,12 @@ def result_key(project: str, job: str) -> str:
     return f"{job_prefix(project, job)}result.json"
 
 
+def forced_cancel_key(project: str, job: str) -> str:
+    """Where the operator tells a job's runner that its cancel is forced (`{"attempt": N}`): the
+    pod's deletion alone cannot say it, its grace period must leave the runner time to store the logs."""
+    return f"{job_prefix(project, job)}forced-cancel.json"
+
+
 # ---------------------------------------------------------------------------------------------
 # Retry
 # ---------------------------------------------------------------------------------------------

@@ -980,8 +980,28 @@ def test_a_forceful_cancel_cuts_a_graceful_one_short(h: H, storage: Storage) -> 
     h.patch_spec("escalate", {"cancel": {"reason": "e2e", "graceful": False}})
     status = h.wait_phase("escalate", "CANCELLED", "SUCCESS", "ERROR", timeout=60)  # a hang guard
     assert status["phase"] == "CANCELLED", status
-    # What cut it short: the pod's deletion, asked again with the 1 s of a forceful cancel.
-    assert f"deleted pod {pod.metadata.name} (cancelled again, not gracefully)" in h.log()[log_before:]
+    # What cut it short: the runner told to kill the program now, the pod keeping its grace for
+    # the logs (deleting it again with 1 s once killed the ship too: no log files).
+    assert f"told the runner of pod {pod.metadata.name} that the cancel is forced" in h.log()[log_before:]
+    _has_stdout(storage, status, b"ignoring SIGUSR1")
+
+
+def _has_stdout(storage: Storage, status: dict[str, Any], text: bytes) -> None:
+    stdout = next((f for f in status.get("logFiles") or () if f["desc"]["path"] == "stdout.txt"), None)
+    assert stdout is not None, status
+    assert text in (storage.get_bytes(stdout["key"]) or b"")
+
+
+def test_a_forced_cancel_of_a_job_with_graceful_shutdown_keeps_its_logs(h: H, storage: Storage) -> None:
+    # The CLI's `cancel` without --graceful: the program is killed at once (its 120 s timeout not
+    # waited out), and the job's log files are stored all the same.
+    _ready_for_sigusr1(h, storage, "forced", _IGNORES_SIGUSR1, "120s")
+    h.patch_spec("forced", {"cancel": {"reason": "e2e", "graceful": False}})
+    status = h.wait_phase("forced", "CANCELLED", "SUCCESS", "ERROR", timeout=60)  # a hang guard
+    assert status["phase"] == "CANCELLED" and status["returnCode"] == 137, status
+    _has_stdout(storage, status, b"")
+    system = next(f for f in status["logFiles"] if f["desc"]["path"] == "system.log")
+    assert b"the cancel is forced" in (storage.get_bytes(system["key"]) or b"")
 
 
 def test_job_cancelled_before_it_started_never_starts(h: H) -> None:

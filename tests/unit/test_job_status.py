@@ -31,6 +31,7 @@ from dsjobs.controller.plan import (
     DeleteRegistryPasswords,
     DeleteSecrets,
     EnsureMetadata,
+    ForceCancel,
     JobView,
     Plan,
     PublishDatasets,
@@ -1826,9 +1827,21 @@ def test_graceful_cancel_deletes_the_pod_with_the_job_timeout() -> None:
     assert p3.status.phase == JobPhase.CANCELLED and p3.status.finished_at == NOW
 
 
-def test_a_forceful_cancel_after_a_graceful_one_shortens_the_pod_s_grace() -> None:
+def test_a_forced_cancel_tells_the_runner_before_the_pod_goes_with_the_grace_for_its_logs() -> None:
+    params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "40s"}}
+    forceful = job(params=params, status=started("EXECUTING"), cancel={"reason": "now", "graceful": False})
+    p = step(forceful, [executing_pod()])
+    # The word first: the pod's SIGTERM must find it (ship looks for it from then on).
+    assert p.actions == (ForceCancel("job-1-a1", 1), DeletePod("job-1-a1", 55, "cancelled"))
+    # Without graceful-shutdown parameters the runner kills at once anyway: no word.
+    plain = job(status=started("EXECUTING"), cancel={"reason": "now", "graceful": False})
+    assert step(plain, [executing_pod()]).actions == (DeletePod("job-1-a1", 15, "cancelled"),)
+
+
+def test_a_forceful_cancel_after_a_graceful_one_tells_the_runner_to_kill_now() -> None:
     # The CLI's second Ctrl-C: spec.cancel.graceful became false, and the pod, deleted with the
-    # job's timeout already, went on for all of it.
+    # job's timeout already, went on for all of it. Deleting it again with 1 s killed the ship too
+    # (no log files); the runner is told instead, and the pod keeps its grace for the logs.
     params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "40s"}}
     graceful = job(params=params, status=started("CANCELLING"), cancel={"reason": "stop", "graceful": True})
     forceful = job(params=params, status=started("CANCELLING"), cancel={"reason": "stop", "graceful": False})
@@ -1838,9 +1851,17 @@ def test_a_forceful_cancel_after_a_graceful_one_shortens_the_pod_s_grace() -> No
     )
     assert not step(graceful, [shutting]).actions
     p = step(forceful, [shutting])
-    assert p.actions == (DeletePod("job-1-a1", 1, "cancelled again, not gracefully"),)
+    assert p.actions == (ForceCancel("job-1-a1", 1),)
     assert p.status.phase == JobPhase.CANCELLING
     assert not step(forceful, [replace(shutting, deletion_grace_seconds=1)]).actions
+    # The program ended meanwhile (the ship uploads): nothing to kill.
+    uploading = replace(
+        pod(
+            phase="Running", node="cpu-0", deleting=True, containers=[terminated("job", 143), running("ship")]
+        ),
+        deletion_grace_seconds=55,
+    )
+    assert uploading.program_ended and not step(forceful, [uploading]).actions
     view = PodView.from_pod(
         {"metadata": {"name": "x", "deletionTimestamp": ts(NOW), "deletionGracePeriodSeconds": 55}}
     )
@@ -1892,7 +1913,8 @@ def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:
         ({}, True, 15),
         ({"gracefulShutdownParameters": {"timeout": "10s"}}, True, 25),
         ({"gracefulShutdownParameters": {}}, True, 45),  # default timeout 30 s
-        ({"gracefulShutdownParameters": {"timeout": "10s"}}, False, 1),  # SIGKILL semantics
+        # A forced cancel: the same grace, for the logs; the runner is told to kill at once.
+        ({"gracefulShutdownParameters": {"timeout": "10s"}}, False, 25),
     ],
 )
 def test_cancel_grace(params: dict[str, Any], graceful: bool, grace: int) -> None:

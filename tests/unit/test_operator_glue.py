@@ -12,6 +12,7 @@ import contextlib
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, started, step, terminated
 
 from dsjobs.controller.handlers import Operator, _current_pod
+from dsjobs.controller.plan import ForceCancel
 from dsjobs.models import JobPhase
 from dsjobs.runner.result import OutputResult
 
@@ -125,3 +126,38 @@ def test_a_written_step_forgets_only_the_pod_deletions_it_planned_with() -> None
     assert op._gone[KEY] == {"job-1-a1": again}
     op._done_with_gone(KEY, {"job-1-a1": again})
     assert KEY not in op._gone
+
+
+class DeletingKube:
+    """Records the pod deletions the glue asks for."""
+
+    def __init__(self) -> None:
+        self.deleted: list[tuple[str, int]] = []
+
+    async def delete(self, resource: str, path: str, *, grace_seconds: int, uid: str = "") -> bool:
+        self.deleted.append((path.rsplit("/", 1)[-1], grace_seconds))
+        return True
+
+
+def test_a_forced_cancel_is_told_to_the_runner_once_or_else_the_pod_goes_with_1s() -> None:
+    j = job(status=started("CANCELLING"), cancel={"graceful": False})
+    action = ForceCancel("job-1-a1", 1)
+
+    async def told_by(store_answers: bool) -> tuple[int, list[tuple[str, int]]]:
+        op = Operator(SETTINGS, environ={})
+        kube = DeletingKube()
+        op.kube = kube  # type: ignore[assignment]
+        words: list[int] = []
+
+        async def tell(job: object, attempt: int) -> bool:
+            words.append(attempt)
+            return store_answers
+
+        op.store.tell_forced_cancel = tell  # type: ignore[method-assign]
+        for _ in range(2):  # planned again at the next step: told once
+            await op._force_cancel(j, action)
+        return len(words), kube.deleted
+
+    assert asyncio.run(told_by(True)) == (1, [])
+    # The store did not take the word: the program must stop all the same (its logs may be lost).
+    assert asyncio.run(told_by(False)) == (1, [("job-1-a1", 1)])

@@ -348,6 +348,28 @@ def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) ->
     assert r.syslog.index(f"timeout ({timeout}s) expired: sending SIGKILL") > sent
 
 
+def test_a_forced_cancel_cuts_the_graceful_timeout_short(shell: list[str], tmp_path: Path) -> None:
+    # The pod's deletion gives a forced cancel the graceful grace too (the runner must store the
+    # logs in it): ship's kill-now file, made when the operator says the cancel is forced, is what
+    # makes the timer SIGKILL the program without waiting out its timeout.
+    cmd = "trap 'echo ignoring-usr1' USR1; echo ready; while :; do sleep 0.1; done"
+    cfg = make_config(
+        tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 300}
+    )
+    cfg.layout.entry_script.write_text(render_entry_script(cfg, cgroup_fs=str(tmp_path / "no-cgroup")))
+    cfg.layout.kill_now.touch()
+    env, sleeps = _recording_sleep(tmp_path)
+    r = run_entry(shell, cfg, env=env, term_when=b"ready")
+    assert r.rc == 128 + signal.SIGKILL
+    sent = r.syslog.index("cancel: sending SIGUSR1 to the program, SIGKILL in 300s")
+    assert r.syslog.index("cancel forced: sending SIGKILL to the program") > sent
+    assert "timeout (300s) expired" not in r.syslog
+    # The timer's sleep was cut short (a killed one records nothing).
+    assert not sleeps.exists() or "300 0" not in sleeps.read_text().splitlines()
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 137 and status.cancelled
+
+
 def test_without_graceful_parameters_cancel_is_sigkill(shell: list[str], tmp_path: Path) -> None:
     cmd = "trap 'echo term-trapped; exit 3' TERM; echo ready; while :; do sleep 0.1; done"
     cfg = make_config(tmp_path, cmd)

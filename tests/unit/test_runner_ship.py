@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -50,7 +51,7 @@ from dsjobs.runner.ship import (
 )
 from dsjobs.runner.syslog import SystemLog
 from dsjobs.s3http import S3HttpError
-from dsjobs.storage import ObjectInfo, PreconditionFailedError
+from dsjobs.storage import ObjectInfo, PreconditionFailedError, forced_cancel_key
 
 
 class Clock:
@@ -479,6 +480,48 @@ def test_a_stalled_heartbeat_of_a_living_entry_script_is_waited_for(tmp_path: Pa
     assert any("heartbeat has not moved" in m for m in told)
     assert "the job container's heartbeat is back" in told
     os.close(writer)
+
+
+@pytest.mark.parametrize(
+    ("graceful", "word", "told"),
+    [
+        (True, {"attempt": 1}, True),
+        (True, {"attempt": 2}, False),  # another attempt's: not this one's cancel
+        (True, None, False),  # a graceful cancel: the timer's timeout stands
+        (False, {"attempt": 1}, False),  # no timeout to cut short: not even asked
+    ],
+)
+def test_ship_tells_the_entry_script_that_a_cancel_is_forced(
+    tmp_path: Path, graceful: bool, word: dict[str, int] | None, told: bool
+) -> None:
+    # The pod's deletion gives a forced cancel the graceful grace (time to store the logs); the
+    # operator's word in the store is what makes the program's SIGKILL come at once.
+    grace = {"signal": int(signal.SIGUSR1), "timeout_seconds": 300} if graceful else None
+    cfg = config(tmp_path, graceful_shutdown=grace, attempt=1)
+    store = MemoryStore()
+    if word is not None:
+        store.objects[forced_cancel_key("p", "j")] = json.dumps(word).encode()
+    clock = Clock()
+    ship = Ship(cfg, store, clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    messages: list[str] = []
+    ship.syslog = messages.append  # type: ignore[assignment]
+    cfg.layout.started.write_text("1")
+    cfg.layout.heartbeat.write_text("7")
+    seen: list[bool] = []
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        cfg.layout.heartbeat.write_text(str(clock.t))
+        seen.append(cfg.layout.kill_now.exists())
+        if len(seen) == 1:
+            ship.request_stop()  # SIGTERM: the pod is being deleted
+        if len(seen) == 3:  # the program is gone
+            cfg.layout.status.write_text("rc=137\nphase=run\ncancelled=1\nreason=\nend=1\n")
+
+    ship.sleep = sleep
+    assert ship.wait_for_program().cancelled
+    assert seen == [False, told, told]  # nothing asked before the pod's deletion
+    assert any("the cancel is forced" in m for m in messages) == told
 
 
 def test_an_entry_script_gone_is_lost_at_once_without_waiting_for_the_heartbeat(tmp_path: Path) -> None:

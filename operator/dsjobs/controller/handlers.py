@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -72,6 +72,7 @@ from dsjobs.controller.names import (
     spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
+    DELETION_GRACE_SECONDS,
     ClearData,
     CreatePod,
     DeleteDatasetClaims,
@@ -79,6 +80,7 @@ from dsjobs.controller.plan import (
     DeleteRegistryPasswords,
     DeleteSecrets,
     EnsureMetadata,
+    ForceCancel,
     JobView,
     Plan,
     PublishDatasets,
@@ -142,6 +144,8 @@ from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_
 Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
+#: Forced cancels told to runners remembered (so each is told once; an older one told again costs a PUT).
+FORCED_TOLD_KEPT: Final = 10_000
 MAX_ERROR_BACKOFF: Final = 60.0
 #: Failed reconciles of a job in a row before its users are told (a Warning Event ReconcileFailed):
 #: one or two are an API server's hiccup, retried within seconds.
@@ -275,6 +279,8 @@ class Operator:
         self._deleted: dict[Key, set[str]] = defaultdict(set)
         # Last states of pods whose deletion we saw, until a reconcile consumed them.
         self._gone: dict[Key, dict[str, PodView]] = defaultdict(dict)
+        # Forced cancels told to the runners (job uid, attempt), the latest FORCED_TOLD_KEPT: once each.
+        self._forced_told: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.resync: asyncio.Future[None] | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
         self._lock_users: dict[Key, int] = defaultdict(int)
@@ -829,6 +835,32 @@ class Operator:
         warning = latest_event_message((found or {}).get("items") or (), now)
         return [dataclasses.replace(p, warning=warning) if p is pod else p for p in pods]
 
+    async def _force_cancel(self, job: JobView, action: ForceCancel) -> None:
+        """Tell the runner of `action.pod` that the cancel is forced, once; should the store not take
+        the word, delete the pod with 1 s instead (its program dies, its log files may be lost)."""
+        told = (job.uid, action.attempt)
+        if told in self._forced_told:
+            return
+        key = (job.namespace, job.name)
+        if await self.store.tell_forced_cancel(job, action.attempt):
+            jlog(logging.INFO, key, "told the runner of pod %s that the cancel is forced", action.pod)
+        else:
+            assert self.kube is not None
+            uid = next((p.uid for p in self.pods.get(key) if p.name == action.pod), "")
+            path = core_path(job.namespace, "pods", action.pod)
+            await self.kube.delete("pods", path, grace_seconds=DELETION_GRACE_SECONDS, uid=uid)
+            jlog(
+                logging.WARNING,
+                key,
+                "deleted pod %s with %ss: the forced cancel could not be told to its runner through "
+                "the object store (its log files may be lost)",
+                action.pod,
+                DELETION_GRACE_SECONDS,
+            )
+        self._forced_told[told] = None
+        while len(self._forced_told) > FORCED_TOLD_KEPT:
+            self._forced_told.popitem(last=False)
+
     async def _result_of(self, job: JobView, pod: PodView | None) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
         or if the message was lost)."""
@@ -928,6 +960,8 @@ class Operator:
                 if await self.kube.delete("pods", path, grace_seconds=action.grace_seconds, uid=uid):
                     self._deleted[key].add(action.name)
                     jlog(logging.INFO, key, "deleted pod %s (%s)", action.name, action.why)
+            elif isinstance(action, ForceCancel):
+                await self._force_cancel(job, action)
             elif isinstance(action, DeleteSecrets):
                 await self._delete_secrets(job)
             elif isinstance(action, PublishDatasets):

@@ -9,6 +9,7 @@ a job's prefix. Every call runs in a worker thread: the store's client blocks.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -120,6 +121,26 @@ class JobStore:
         while len(self._result_waits) > _RESULT_WAITS_KEPT:
             del self._result_waits[next(iter(self._result_waits))]
         return now - first < RESULT_PATIENCE.total_seconds()
+
+    async def tell_forced_cancel(self, job: JobView, attempt: int) -> bool:
+        """Store the word that the cancel of the job's `attempt` is forced (`forced_cancel_key`),
+        which its runner's ship looks for while the pod is being deleted. False when it could not
+        be stored (no store configured, or it did not answer)."""
+        storage = self._client_with(STORE_CALL_TIMEOUT, 2)
+        if storage is None:
+            return False
+        from dsjobs.storage import forced_cancel_key
+
+        key = forced_cancel_key(str(job.spec.get("projectId", "")), job.name)
+        body = json.dumps({"attempt": attempt}).encode()
+        try:
+            await asyncio.to_thread(storage.put_bytes, key, body, content_type="application/json")
+        except Exception as exc:
+            jlog(
+                logging.WARNING, (job.namespace, job.name), "could not store the forced-cancel word: %r", exc
+            )
+            return False
+        return True
 
     async def problem(self, pod: PodView | None, now: datetime) -> str | None:
         """What is wrong with the object store, checked by the operator itself, once the current

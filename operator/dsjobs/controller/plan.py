@@ -216,6 +216,17 @@ class DeletePod:
 
 
 @dataclass(frozen=True)
+class ForceCancel:
+    """Tell the pod's runner that its cancel is forced (the object store's forced-cancel word): its
+    program is SIGKILLed at once instead of after its graceful-shutdown timeout, while the pod's
+    grace leaves the runner the time to store the logs. Should the word not reach the store, the
+    pod is deleted with 1 s (the logs may then be lost)."""
+
+    pod: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class DeleteSecrets:
     """Delete the Secrets the operator made for the job (registry credentials, runner configs)."""
 
@@ -264,6 +275,7 @@ class DeleteRegistryPasswords:
 Action = (
     CreatePod
     | DeletePod
+    | ForceCancel
     | DeleteSecrets
     | ClearData
     | EnsureMetadata
@@ -304,20 +316,27 @@ def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> in
     The runner's entry script handles SIGTERM itself: with graceful-shutdown parameters it sends
     the configured signal and SIGKILLs the program after the timeout; without them it SIGKILLs the
     program at once. So the grace is the job's timeout plus a margin for the ship container's last
-    upload. A non-graceful cancel of a job that has graceful-shutdown parameters gets 1 s: the
-    kubelet then kills everything almost at once (SIGKILL semantics). Never 0: that would make the
-    API server drop the pod object before the kubelet has stopped anything (a force delete).
+    upload. A non-graceful cancel of a job that has graceful-shutdown parameters gets the same grace
+    and a ForceCancel, which has the runner SIGKILL the program at once: a grace of 1 s killed the
+    ship container too, and the job lost its log files. Never 0: that would make the API server
+    drop the pod object before the kubelet has stopped anything (a force delete).
 
     A job CANCELLING without `spec.cancel` (removed by hand, on a cluster whose CRD did not refuse
     it yet) gets the graceful grace: a cancel is one-way, and a shorter one would kill a program
     saving its checkpoint, and its upload.
     """
     has_params = spec.job_parameters.graceful_shutdown_parameters is not None
-    graceful = spec.cancel is None or spec.cancel.graceful
-    if has_params and not graceful:
-        return 1
     seconds = int(-(-graceful_timeout(spec).total_seconds() // 1)) if has_params else 0
     return seconds + settings.shutdown_grace_margin_seconds
+
+
+def forced_cancel(spec: ProjectJobSpec, pod: PodView) -> list[ForceCancel]:
+    """The ForceCancel a cancel of `pod` needs: a forced one of a job whose program would otherwise
+    get its graceful-shutdown timeout."""
+    forced = spec.cancel is not None and not spec.cancel.graceful
+    if not forced or spec.job_parameters.graceful_shutdown_parameters is None:
+        return []
+    return [ForceCancel(pod.name, pod.attempt)]
 
 
 #: Grace for deleting a pod whose program needs no time. Never 0, a force delete: the API server
@@ -612,6 +631,7 @@ def _plan(
             # Cancelled and the pod is gone: whatever removed it, the user wanted it stopped.
             status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
         elif not current.terminal and not current.program_ended:
+            actions.extend(forced_cancel(spec, current))
             if not current.deleting:
                 actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
             status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
@@ -625,13 +645,19 @@ def _plan(
         and not current.program_ended
     ):
         # The delete was decided but may not have happened (a crash in between): issue it again.
+        actions.extend(forced_cancel(spec, current))
         actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
-    elif status.phase == JobPhase.CANCELLING and current.deleting and not current.terminal:
-        # A graceful cancel, then a forceful one (the CLI's second Ctrl-C): the pod's deletion is
-        # asked again with the shorter grace period, which the API server and the kubelet take.
-        grace = cancel_grace_seconds(spec, settings)
-        if current.deletion_grace_seconds is not None and current.deletion_grace_seconds > grace:
-            actions.append(DeletePod(current.name, grace, "cancelled again, not gracefully"))
+    elif (
+        status.phase == JobPhase.CANCELLING
+        and current.deleting
+        and not current.terminal
+        and not current.program_ended
+        and (current.deletion_grace_seconds or 0) != DELETION_GRACE_SECONDS
+    ):
+        # A graceful cancel, then a forceful one (the CLI's second Ctrl-C): the runner is told to
+        # kill the program now (the glue tells it once; the pod's grace stays, for the logs). A pod
+        # going with 1 s already (an older operator's forced cancel) needs no word.
+        actions.extend(forced_cancel(spec, current))
 
     index = min(status.instance_type_index, len(names) - 1)
     phase_before = status.phase

@@ -350,6 +350,12 @@ class SharedLayout:
         return self.run_dir / "started"
 
     @property
+    def kill_now(self) -> Path:
+        """Made by ship when the operator asked for a forced cancel: the entry script's graceful
+        timer SIGKILLs the program at once instead of waiting out the graceful-shutdown timeout."""
+        return self.run_dir / "kill-now"
+
+    @property
     def alive(self) -> Path:
         """A FIFO the entry script holds open for writing while it lives (stage-in makes it 0666):
         its reader sees EOF once that process is gone, however stalled it was before."""

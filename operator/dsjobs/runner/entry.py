@@ -372,11 +372,21 @@ dsjobs_start_killer() {
   (
     exec </dev/null >/dev/null 2>&1 9>&-
     dsjobs_s=''
-    trap 'kill "$dsjobs_s" 2>/dev/null; exit 0' TERM
+    dsjobs_w=''
+    trap 'kill "$dsjobs_s" "$dsjobs_w" 2>/dev/null; exit 0' TERM
     sleep "$DSJOBS_GRACE_TIMEOUT" &
     dsjobs_s=$!
+    # A forced cancel cuts the timeout short: the pod's deletion gives the same grace either way (the
+    # runner needs it to store the logs), so ship makes $DSJOBS_KILL_NOW when the operator says so.
+    ( while [ ! -e "$DSJOBS_KILL_NOW" ]; do sleep 1; done; kill "$dsjobs_s" 2>/dev/null ) &
+    dsjobs_w=$!
     wait "$dsjobs_s"
-    dsjobs_log "graceful shutdown timeout (${DSJOBS_GRACE_TIMEOUT}s) expired: sending SIGKILL"
+    kill "$dsjobs_w" 2>/dev/null
+    if [ -e "$DSJOBS_KILL_NOW" ]; then
+      dsjobs_log "cancel forced: sending SIGKILL to the program"
+    else
+      dsjobs_log "graceful shutdown timeout (${DSJOBS_GRACE_TIMEOUT}s) expired: sending SIGKILL"
+    fi
     dsjobs_kill KILL "$DSJOBS_PID"
   ) &
   DSJOBS_KILLER=$!
@@ -669,6 +679,7 @@ def render_entry_script(
         _assign("DSJOBS_SHARED", str(layout.root)),
         _assign("DSJOBS_WORK", str(config.work_dir)),
         _assign("DSJOBS_RUN", str(layout.run_dir)),
+        _assign("DSJOBS_KILL_NOW", str(layout.kill_now)),
         _assign("DSJOBS_OUT", str(layout.stdout)),
         _assign("DSJOBS_ERR", str(layout.stderr)),
         _assign("DSJOBS_SYSLOG", str(layout.system_log)),

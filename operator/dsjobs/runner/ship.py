@@ -31,6 +31,7 @@ parsable termination message and must report the job failed with a log error (do
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -88,6 +89,7 @@ from dsjobs.storage import (
     ObjectStore,
     PreconditionFailedError,
     Storage,
+    forced_cancel_key,
     is_transient,
     output_key,
     part_buffers_bytes,
@@ -114,6 +116,8 @@ PERMANENT_ERROR_TRIES = 3
 #: How many of the last bytes shipped from the progress file are compared with the file before
 #: each read (`_Source.rewritable`): a one-line snapshot rewritten in place is all in it.
 REWRITE_CHECK_BYTES = 4096
+#: How often, once the pod is being deleted, ship asks the store whether the cancel is forced.
+FORCED_CANCEL_POLL_SECONDS: Final = 1.0
 #: Bytes of one log file one runner container ships at most; past it the file is not shipped (told
 #: once in the system log). An append-only file is bounded by the shared volume's size, but the
 #: job may cut its files (they are writable by all) and write them again, each time shipped anew:
@@ -1056,6 +1060,11 @@ class Ship:
         self._alive_fd: int | None = None
         #: The FIFO has had a writer (the entry script) at some read.
         self._alive_seen = False
+        #: When to look for the operator's word that the cancel is forced next, and whether it came.
+        self._forced_check_at = -math.inf
+        self._forced = False
+        #: One try per look: a store that is down must not hold up the wait for the program.
+        self._store_once = single_try(store)
 
     def request_stop(self) -> None:
         # Pod deletion: if the job runs, its entry script got SIGTERM too and will finish (within
@@ -1081,6 +1090,46 @@ class Ship:
                 self.syslog(f"log shipping failed: {error}"[:1000])
             self._ship_error = type(exc).__name__
             return False
+
+    def _watch_for_forced_cancel(self) -> None:
+        """Once the pod is being deleted, look every FORCED_CANCEL_POLL_SECONDS for the operator's
+        word that the cancel is forced (`forced_cancel_key`), and pass it on to the entry script's
+        graceful timer (`SharedLayout.kill_now`): the pod's grace is the graceful one either way,
+        for this container to store the logs after the program. Only a job with graceful-shutdown
+        parameters waits for anything: without them its program is SIGKILLed at the first signal."""
+        if not self.stop_requested or self._forced or self.config.graceful_shutdown is None:
+            return
+        now = self.clock()
+        if now < self._forced_check_at:
+            return
+        self._forced_check_at = now + FORCED_CANCEL_POLL_SECONDS
+        try:
+            data = self._store_once.get_bytes(forced_cancel_key(self.config.project_id, self.config.job_id))
+            told = data is not None and json.loads(data).get("attempt") == self.config.attempt
+        except Exception as exc:  # the store down: the timer's timeout still ends the program
+            log.warning("cannot read the forced-cancel word: %s", exc)
+            return
+        if not told:
+            return
+        self._forced = True
+        try:
+            run = open_dir_beneath(self.config.paths.shared_dir, self.layout.run_dir)
+            try:
+                fd = os.open(
+                    self.layout.kill_now.name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=run,
+                )
+                os.close(fd)
+            finally:
+                os.close(run)
+        except FileExistsError:
+            pass
+        except (OSError, RefusedFile) as exc:
+            log.warning("cannot tell the entry script the cancel is forced: %s", exc)
+            return
+        self.syslog("the cancel is forced: the program is killed now, without its graceful-shutdown timeout")
 
     def _entry_alive(self) -> bool | None:
         """Whether the entry script still holds its liveness FIFO open (`SharedLayout.alive`):
@@ -1126,6 +1175,7 @@ class Ship:
             while True:
                 # Only the writes due now: while storage fails, the program's end must still be seen.
                 self.ship_logs(final=False, deadline=self.clock())
+                self._watch_for_forced_cancel()
                 status = read_status_file(self.layout.status, self.config.paths.shared_dir)
                 if status is not None:
                     return status
