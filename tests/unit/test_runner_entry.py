@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,30 @@ def test_sigterm_forwards_the_graceful_signal(shell: list[str], tmp_path: Path) 
     assert "sending SIGUSR1" in r.syslog
     # The program's own exit ended the job: the SIGKILL timer was stopped, it never ran out.
     assert "timeout (10s) expired" not in r.syslog
+    # Nor is any of the timer's helpers left behind (a stop landing just after the forced-cancel
+    # watcher was forked, before its pid was recorded, once left it looping for good).
+    poll_until(lambda: not processes_running(cfg.layout.entry_script), 15)
+
+
+def processes_running(script: Path) -> list[int]:
+    """Pids of processes whose command line names `script` (the entry script and its subshells)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if str(script).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def poll_until(check: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "still not so after the deadline"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("own_group", [True, False], ids=["setsid", "no-setsid"])

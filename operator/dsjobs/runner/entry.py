@@ -378,7 +378,11 @@ dsjobs_start_killer() {
     dsjobs_s=$!
     # A forced cancel cuts the timeout short: the pod's deletion gives the same grace either way (the
     # runner needs it to store the logs), so ship makes $DSJOBS_KILL_NOW when the operator says so.
-    ( while [ ! -e "$DSJOBS_KILL_NOW" ]; do sleep 1; done; kill "$dsjobs_s" 2>/dev/null ) &
+    # It ends with the timer's sleep too, should this subshell be killed outright (no trap).
+    (
+      while [ ! -e "$DSJOBS_KILL_NOW" ] && kill -0 "$dsjobs_s" 2>/dev/null; do sleep 1; done
+      if [ -e "$DSJOBS_KILL_NOW" ]; then kill "$dsjobs_s" 2>/dev/null; fi
+    ) &
     dsjobs_w=$!
     wait "$dsjobs_s"
     kill "$dsjobs_w" 2>/dev/null
