@@ -400,7 +400,6 @@ class InstanceTypeCatalog:
         self._names: frozenset[str] | None = None
         self._loaded_at = float("-inf")
         self._tried_at = float("-inf")
-        self._failed = False
         self._max_age = max_age
         self._min_interval = min_refresh_interval
         self._lock = asyncio.Lock()
@@ -425,14 +424,14 @@ class InstanceTypeCatalog:
             result = await self._kube.request("GET", f"/apis/{GROUP}/{VERSION}/{INSTANCETYPE_PLURAL}")
         except KubeError as exc:
             log.warning("cannot list instance types: %s", exc)
-            self._tried_at, self._failed = time.monotonic(), True
+            self._tried_at = time.monotonic()
             return
         self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in result.get("items") or [])
         self._loaded_at = self._tried_at = time.monotonic()
-        self._failed = False
 
     def _answer(self, wanted: Collection[str]) -> frozenset[str] | None:
         names = self._names
-        if names is not None and self._failed and not names.issuperset(wanted):
+        failed = self._tried_at > self._loaded_at  # the last LIST did not answer
+        if names is not None and failed and not names.issuperset(wanted):
             return None  # the cluster cannot say whether the name is new: let the operator judge
         return names

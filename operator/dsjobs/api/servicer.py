@@ -739,25 +739,15 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         On a conflict the job is read and checked again. FAILED_PRECONDITION for a job asked to
         run; NOT_FOUND for one that is gone.
         """
-        attempt = 0
-        while True:
-            attempt += 1
-            if job.spec.execute and not job.is_final:
+
+        def clear_data(j: JobSnapshot) -> dict[str, Any] | None:
+            if j.spec.execute and not j.is_final:
                 raise errors.failed_precondition(
-                    f"job {job.name!r} is {job.phase.value}; its data can be deleted once it has finished"
+                    f"job {j.name!r} is {j.phase.value}; its data can be deleted once it has finished"
                 )
-            if job.spec.clear_data:
-                return job, False
-            try:
-                return await self.core.patch_job(job, {"spec": {"clearData": True}}, guard=True), True
-            except ApiError as exc:
-                if exc.code != grpc.StatusCode.ABORTED or attempt == 3:
-                    raise
-            # Changed meanwhile (an Execute, the operator's status): look again.
-            fresh = await self.core.get_job(job.namespace, job.name, fresh=True)
-            if fresh.uid != job.uid:
-                raise errors.not_found(f"job {job.name!r} was deleted")
-            job = fresh
+            return None if j.spec.clear_data else {"spec": {"clearData": True}}
+
+        return await patch_guarded(self.core, job, clear_data)
 
     async def DeleteAllData(
         self, request: svc.DeleteAllProjectJobDataRequest, context: Context
@@ -1034,29 +1024,44 @@ async def cancel_job(
     the forceful one's (the operator would wait out the shutdown timeout instead of killing the
     job). On a conflict the job is read and judged again. NOT_FOUND for a job that is gone.
     """
-    attempt = 0
-    while True:
-        attempt += 1
-        patch = _cancel_patch(job, reason, graceful)
-        if patch is None:
-            return job
-        escalation = job.spec.cancel is not None
-        try:
-            job = await core.patch_job(job, patch, guard=True)
-        except ApiError as exc:
-            if exc.code != grpc.StatusCode.ABORTED or attempt == 3:
-                raise
-            # Changed meanwhile (another cancel, the operator's status): look again.
-            fresh = await core.get_job(job.namespace, job.name, fresh=True)
-            if fresh.uid != job.uid:
-                raise errors.not_found(f"job {job.name!r} was deleted") from exc
-            job = fresh
-            continue
+    escalation = False
+
+    def decide(j: JobSnapshot) -> dict[str, Any] | None:
+        nonlocal escalation
+        escalation = j.spec.cancel is not None
+        return _cancel_patch(j, reason, graceful)
+
+    job, written = await patch_guarded(core, job, decide)
+    if written:
         log.info(
             "job cancel escalated" if escalation else "job cancel requested",
             extra={"job": job.name, "user": identity.username, "graceful": graceful},
         )
-        return job
+    return job
+
+
+async def patch_guarded(
+    core: Core, job: JobSnapshot, decide: Callable[[JobSnapshot], dict[str, Any] | None], *, tries: int = 3
+) -> tuple[JobSnapshot, bool]:
+    """Write `decide(job)` guarded by the job's resourceVersion: (the job, whether written). On a
+    conflict (another replica's write, the operator's status) the job is read and decided again, up
+    to `tries` times, then ABORTED; NOT_FOUND once it is another job of the name. `decide` returns
+    None when there is nothing to write, or raises when the job may not be changed so."""
+    attempt = 0
+    while True:
+        attempt += 1
+        patch = decide(job)
+        if patch is None:
+            return job, False
+        try:
+            return await core.patch_job(job, patch, guard=True), True
+        except ApiError as exc:
+            if exc.code != grpc.StatusCode.ABORTED or attempt == tries:
+                raise
+        fresh = await core.get_job(job.namespace, job.name, fresh=True)
+        if fresh.uid != job.uid:
+            raise errors.not_found(f"job {job.name!r} was deleted")
+        job = fresh
 
 
 def _cancel_patch(job: JobSnapshot, reason: str, graceful: bool) -> dict[str, Any] | None:

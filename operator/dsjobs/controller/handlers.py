@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -144,8 +144,6 @@ from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_
 Key = tuple[str, str]  # (namespace, job name)
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
-#: Forced cancels told to runners remembered (so each is told once; an older one told again costs a PUT).
-FORCED_TOLD_KEPT: Final = 10_000
 MAX_ERROR_BACKOFF: Final = 60.0
 #: Failed reconciles of a job in a row before its users are told (a Warning Event ReconcileFailed):
 #: one or two are an API server's hiccup, retried within seconds.
@@ -279,8 +277,8 @@ class Operator:
         self._deleted: dict[Key, set[str]] = defaultdict(set)
         # Last states of pods whose deletion we saw, until a reconcile consumed them.
         self._gone: dict[Key, dict[str, PodView]] = defaultdict(dict)
-        # Forced cancels told to the runners (job uid, attempt), the latest FORCED_TOLD_KEPT: once each.
-        self._forced_told: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # The forced cancel told to each job's runner (job uid, attempt): once each.
+        self._forced_told: dict[Key, tuple[str, int]] = {}
         self.resync: asyncio.Future[None] | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
         self._lock_users: dict[Key, int] = defaultdict(int)
@@ -746,6 +744,7 @@ class Operator:
         self._unsettled.pop(key, None)
         self._unconfirmed.pop(key, None)
         self._refused.pop(key, None)
+        self._forced_told.pop(key, None)
         self.phases.forget(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -839,16 +838,13 @@ class Operator:
         """Tell the runner of `action.pod` that the cancel is forced, once; should the store not take
         the word, delete the pod with 1 s instead (its program dies, its log files may be lost)."""
         told = (job.uid, action.attempt)
-        if told in self._forced_told:
-            return
         key = (job.namespace, job.name)
+        if self._forced_told.get(key) == told:
+            return
         if await self.store.tell_forced_cancel(job, action.attempt):
             jlog(logging.INFO, key, "told the runner of pod %s that the cancel is forced", action.pod)
         else:
-            assert self.kube is not None
-            uid = next((p.uid for p in self.pods.get(key) if p.name == action.pod), "")
-            path = core_path(job.namespace, "pods", action.pod)
-            await self.kube.delete("pods", path, grace_seconds=DELETION_GRACE_SECONDS, uid=uid)
+            await self._delete_pod(job, action.pod, DELETION_GRACE_SECONDS)
             jlog(
                 logging.WARNING,
                 key,
@@ -857,9 +853,14 @@ class Operator:
                 action.pod,
                 DELETION_GRACE_SECONDS,
             )
-        self._forced_told[told] = None
-        while len(self._forced_told) > FORCED_TOLD_KEPT:
-            self._forced_told.popitem(last=False)
+        self._forced_told[key] = told
+
+    async def _delete_pod(self, job: JobView, name: str, grace_seconds: int) -> bool:
+        """Delete the job's pod `name` (the one the cache knows, by its uid) with that grace."""
+        assert self.kube is not None
+        uid = next((p.uid for p in self.pods.get((job.namespace, job.name)) if p.name == name), "")
+        path = core_path(job.namespace, "pods", name)
+        return await self.kube.delete("pods", path, grace_seconds=grace_seconds, uid=uid)
 
     async def _result_of(self, job: JobView, pod: PodView | None) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
@@ -955,9 +956,7 @@ class Operator:
                 key = (job.namespace, job.name)
                 if action.name in self._deleted.get(key, ()):
                     continue  # asked already; the watch has not shown it yet
-                uid = next((p.uid for p in self.pods.get(key) if p.name == action.name), "")
-                path = core_path(job.namespace, "pods", action.name)
-                if await self.kube.delete("pods", path, grace_seconds=action.grace_seconds, uid=uid):
+                if await self._delete_pod(job, action.name, action.grace_seconds):
                     self._deleted[key].add(action.name)
                     jlog(logging.INFO, key, "deleted pod %s (%s)", action.name, action.why)
             elif isinstance(action, ForceCancel):

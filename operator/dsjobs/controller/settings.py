@@ -325,16 +325,14 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         )
     if settings.leader_lease_seconds < 3:
         raise SettingsError(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
-    if settings.runner_image_pull_policy not in RUNNER_PULL_POLICIES:
-        raise SettingsError(
-            f"DSJOBS_RUNNER_IMAGE_PULL_POLICY={settings.runner_image_pull_policy!r}: must be one of "
-            + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
-        )
-    if settings.job_image_pull_policy not in RUNNER_PULL_POLICIES:
-        raise SettingsError(
-            f"DSJOBS_JOB_IMAGE_PULL_POLICY={settings.job_image_pull_policy!r}: must be one of "
-            + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
-        )
+    for env_name, policy in (
+        ("DSJOBS_RUNNER_IMAGE_PULL_POLICY", settings.runner_image_pull_policy),
+        ("DSJOBS_JOB_IMAGE_PULL_POLICY", settings.job_image_pull_policy),
+    ):
+        if policy not in RUNNER_PULL_POLICIES:
+            raise SettingsError(
+                f"{env_name}={policy!r}: must be one of " + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
+            )
     secret = settings.runner_image_pull_secret
     if secret and not _DNS_SUBDOMAIN.fullmatch(secret):
         raise SettingsError(
