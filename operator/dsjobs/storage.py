@@ -58,7 +58,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from dsjobs.records import Record, rule
+from dsjobs.records import Record, RecordError, rule
 from dsjobs.s3http import EMPTY_SHA256, Credentials, S3Http, S3HttpError, listed_keys
 from dsjobs.s3http import TIMEOUT_SECONDS as S3HTTP_TIMEOUT
 from dsjobs.syntax import escape_problem, join_segments
@@ -80,6 +80,9 @@ STORAGE_ENV_VARS = (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY, EN
 #: A directory with one file per `STORAGE_ENV_VARS` name (a mounted Secret): read for the
 #: variables the environment does not set.
 ENV_FILES_DIR = "DSJOBS_S3_FILES_DIR"
+#: The keys of the storage Secret's template (deploy/base/storage-credentials.yaml): applied as
+#: they are, they would sign every request with a key no store knows.
+TEMPLATE_PLACEHOLDER = "REPLACE-ME"
 
 DEFAULT_PRESIGN_EXPIRY = timedelta(minutes=15)
 MAX_PRESIGN_EXPIRY = timedelta(days=7)  # S3's own limit for X-Amz-Expires
@@ -186,14 +189,26 @@ class StorageSettings(Record):
         missing = [k for k in (ENV_ENDPOINT, ENV_BUCKET, ENV_ACCESS_KEY, ENV_SECRET_KEY) if not env.get(k)]
         if missing:
             raise StorageConfigError(f"storage settings missing: {', '.join(missing)}")
-        return cls(
-            endpoint=env[ENV_ENDPOINT],
-            bucket=env[ENV_BUCKET],
-            access_key=env[ENV_ACCESS_KEY],
-            secret_key=env[ENV_SECRET_KEY],
-            region=env.get(ENV_REGION) or "us-east-1",
-            public_endpoint=env.get(ENV_PUBLIC_ENDPOINT) or None,
-        )
+        template = [k for k in (ENV_ACCESS_KEY, ENV_SECRET_KEY) if env[k] == TEMPLATE_PLACEHOLDER]
+        if template:
+            raise StorageConfigError(
+                f"storage settings {', '.join(template)} still hold the template's placeholder "
+                f"{TEMPLATE_PLACEHOLDER!r}: put the object store's keys in the dsjobs-storage Secret"
+            )
+        try:
+            return cls(
+                endpoint=env[ENV_ENDPOINT],
+                bucket=env[ENV_BUCKET],
+                access_key=env[ENV_ACCESS_KEY],
+                secret_key=env[ENV_SECRET_KEY],
+                region=env.get(ENV_REGION) or "us-east-1",
+                public_endpoint=env.get(ENV_PUBLIC_ENDPOINT) or None,
+            )
+        except RecordError as exc:
+            names = {"endpoint": ENV_ENDPOINT, "public_endpoint": ENV_PUBLIC_ENDPOINT}
+            raise StorageConfigError(
+                f"storage setting {names.get(exc.path, exc.path)}: {exc.message}"
+            ) from None
 
 
 def _files_env(folder: Path) -> dict[str, str]:
@@ -837,6 +852,26 @@ class Storage:
             lambda: listed_keys(self._http.request("GET", "", query=query).body)[:limit],
             what=f"list {prefix}",
         )
+
+    def access_problem(self) -> str | None:
+        """What keeps these settings from using the bucket, found by one LIST of one key; None
+        when it answered. A server's start-up check: a wrong endpoint, bucket or key is named in
+        its log at once, not at the first upload or stage-in."""
+        s = self.settings
+        try:
+            self.first_keys("projects/", 1)
+        except Exception as exc:
+            if isinstance(exc, S3HttpError):
+                cause = f"{exc.code} (HTTP {exc.status})"
+                if exc.status in (401, 403):
+                    cause += f": check {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}"
+                elif exc.code == "NoSuchBucket":
+                    cause += f": check {ENV_BUCKET}"
+            else:
+                cause = f"{type(exc).__name__}: {exc}"
+            how = "does not answer" if is_transient(exc) else "refuses the bucket's listing"
+            return f"the object store {s.endpoint} (bucket {s.bucket}) {how}: {cause}"[:600]
+        return None
 
     def iter_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order."""

@@ -53,6 +53,38 @@ def test_streaming_upload_and_verified_download(runner_s3: S3Target, tmp_path: P
         st.download_file(key + "-nope", tmp_path / "nope")
 
 
+def test_access_problem_names_what_keeps_the_bucket_out_of_reach(runner_s3: S3Target) -> None:  # noqa: F811
+    # The API's and the operator's start-up check: one LIST, its refusal or silence named.
+    def problem(**changes: str) -> str | None:
+        env = {**runner_s3.env, **changes}
+        store = storage_module.Storage.from_env(env).with_timeout(3).with_attempts(1)
+        return store.access_problem()
+
+    endpoint, bucket = runner_s3.env["DSJOBS_S3_ENDPOINT"], runner_s3.env["DSJOBS_S3_BUCKET"]
+    assert problem() is None
+    assert problem(DSJOBS_S3_SECRET_KEY="not-the-key") == (
+        f"the object store {endpoint.rstrip('/')} (bucket {bucket}) refuses the bucket's listing: "
+        "SignatureDoesNotMatch (HTTP 403): check DSJOBS_S3_ACCESS_KEY and DSJOBS_S3_SECRET_KEY"
+    )
+    assert problem(DSJOBS_S3_BUCKET="no-such-bucket") == (
+        f"the object store {endpoint.rstrip('/')} (bucket no-such-bucket) refuses the bucket's "
+        "listing: NoSuchBucket (HTTP 404): check DSJOBS_S3_BUCKET"
+    )
+    closed = _closed_port()
+    silent = problem(DSJOBS_S3_ENDPOINT=f"http://127.0.0.1:{closed}")
+    assert silent is not None and silent.startswith(
+        f"the object store http://127.0.0.1:{closed} (bucket {bucket}) does not answer: ConnectionRefusedError"
+    )
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class _FailingRaw(io.RawIOBase):
     """A file whose read fails after `limit` bytes, as a disk error would."""
 

@@ -12,11 +12,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError, SSLError
 from urllib3.exceptions import SSLError as URLLib3SSLError
 
 from dsjobs.s3http import S3HttpError
 from dsjobs.storage import (
+    TEMPLATE_PLACEHOLDER,
     Storage,
     StorageConfigError,
     StorageSettings,
@@ -34,6 +36,8 @@ from dsjobs.storage import (
 )
 
 SHA = "a" * 64
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_layout_matches_contract() -> None:
@@ -129,6 +133,45 @@ def test_settings_from_files_of_a_mounted_secret(tmp_path: Path) -> None:
     (tmp_path / "DSJOBS_S3_SECRET_KEY").unlink()
     with pytest.raises(StorageConfigError, match="DSJOBS_S3_SECRET_KEY"):
         StorageSettings.from_env({"DSJOBS_S3_FILES_DIR": str(tmp_path)})
+
+
+def test_settings_from_env_refuse_the_templates_placeholder_keys() -> None:
+    # deploy/base/storage-credentials.yaml applied as it is: every request would be refused later,
+    # far from the cause.
+    env = {
+        "DSJOBS_S3_ENDPOINT": "https://s3.example.com",
+        "DSJOBS_S3_BUCKET": "dsjobs",
+        "DSJOBS_S3_ACCESS_KEY": "REPLACE-ME",
+        "DSJOBS_S3_SECRET_KEY": "REPLACE-ME",
+    }
+    with pytest.raises(StorageConfigError) as e:
+        StorageSettings.from_env(env)
+    assert str(e.value) == (
+        "storage settings DSJOBS_S3_ACCESS_KEY, DSJOBS_S3_SECRET_KEY still hold the template's "
+        "placeholder 'REPLACE-ME': put the object store's keys in the dsjobs-storage Secret"
+    )
+    with pytest.raises(StorageConfigError, match=r"^storage settings DSJOBS_S3_SECRET_KEY still"):
+        StorageSettings.from_env({**env, "DSJOBS_S3_ACCESS_KEY": "AKIA1"})
+    assert StorageSettings.from_env({**env, "DSJOBS_S3_ACCESS_KEY": "a", "DSJOBS_S3_SECRET_KEY": "s"})
+    # The template's keys are what is refused.
+    template = yaml.safe_load((ROOT / "deploy/base/storage-credentials.yaml").read_text())["stringData"]
+    assert {k: template[k] for k in ("DSJOBS_S3_ACCESS_KEY", "DSJOBS_S3_SECRET_KEY")} == {
+        "DSJOBS_S3_ACCESS_KEY": TEMPLATE_PLACEHOLDER,
+        "DSJOBS_S3_SECRET_KEY": TEMPLATE_PLACEHOLDER,
+    }
+
+
+def test_settings_from_env_name_the_variable_of_a_bad_endpoint() -> None:
+    env = {"DSJOBS_S3_BUCKET": "b", "DSJOBS_S3_ACCESS_KEY": "a", "DSJOBS_S3_SECRET_KEY": "s"}
+    with pytest.raises(StorageConfigError) as e:
+        StorageSettings.from_env({**env, "DSJOBS_S3_ENDPOINT": "s3.local:9000"})
+    assert str(e.value) == (
+        "storage setting DSJOBS_S3_ENDPOINT: expected http(s)://host[:port], got 's3.local:9000'"
+    )
+    with pytest.raises(StorageConfigError, match=r"^storage setting DSJOBS_S3_PUBLIC_ENDPOINT: expected"):
+        StorageSettings.from_env(
+            {**env, "DSJOBS_S3_ENDPOINT": "http://s3:1", "DSJOBS_S3_PUBLIC_ENDPOINT": "x"}
+        )
 
 
 def test_settings_reject_non_http_endpoints() -> None:

@@ -15,9 +15,14 @@ def main() -> int:
         print(f"dsjobs.api: {exc}", file=sys.stderr)
         return 2
     from dsjobs.api.server import serve, setup_logging
+    from dsjobs.storage import StorageConfigError
 
     setup_logging(settings)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StorageConfigError as exc:
+        print(f"dsjobs.api: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

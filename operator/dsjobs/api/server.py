@@ -283,6 +283,16 @@ def setup_logging(settings: Settings) -> None:
 # --- the server ---------------------------------------------------------------------------------
 
 
+async def _check_store(store: st.Storage) -> None:
+    """Log at once when the object store refuses or does not answer the API's settings: every
+    Create (its upload URLs, deduplication) and download needs it."""
+    problem = await asyncio.to_thread(
+        store.with_timeout(STORAGE_TIMEOUT_SECONDS).with_attempts(1).access_problem
+    )
+    if problem is not None:
+        log.error("%s; Creates and downloads fail until it does (the dsjobs-storage Secret)", problem)
+
+
 async def _freeze_after(synced: asyncio.Event) -> None:
     """Exempt what start-up made (modules, the first LIST of every job) from garbage collection.
 
@@ -330,14 +340,12 @@ class ApiServer:
         self._jobs: JobIndex | None = None
         self._jobs_service: ProjectJobService | None = None
         self._freezer: asyncio.Task[None] | None = None
+        self._store_check: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()
 
     async def start(self) -> None:
         s = self.settings
-        kube_config, refresh = await asyncio.to_thread(load_config, s.kubeconfig or None)
-        kube = Kube(kube_config, refresh, timeout=s.kube_timeout)
-        await kube.start()
-        self._kube = kube
+        # First: settings that cannot work (StorageConfigError) end the start before anything opens.
         store = await asyncio.to_thread(
             lambda: (
                 st.Storage.from_env()
@@ -346,6 +354,10 @@ class ApiServer:
                 .connect()
             )
         )
+        kube_config, refresh = await asyncio.to_thread(load_config, s.kubeconfig or None)
+        kube = Kube(kube_config, refresh, timeout=s.kube_timeout)
+        await kube.start()
+        self._kube = kube
         if s.page_token_key_is_random:
             s = self.settings = replace(
                 s,
@@ -372,6 +384,7 @@ class ApiServer:
         except KubeError as exc:
             log.warning("cannot list projects yet (the first calls will retry): %s", exc)
         self._freezer = asyncio.create_task(_freeze_after(jobs.synced), name="gc-freeze")
+        self._store_check = asyncio.create_task(_check_store(store), name="store-check")
         gc.freeze()
 
         options = [
@@ -447,8 +460,9 @@ class ApiServer:
         if self._jobs_service is not None:
             # Before the cluster client closes: they delete jobs their calls may have left behind.
             await _finish_cleanups(self._jobs_service.cleanups, CLEANUP_GRACE_SECONDS)
-        if self._freezer is not None:
-            self._freezer.cancel()
+        for task in (self._freezer, self._store_check):
+            if task is not None:
+                task.cancel()
         if self._jobs is not None:
             await self._jobs.stop()
         if self.core is not None:

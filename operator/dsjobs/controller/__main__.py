@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dsjobs.controller").warning("%s", skew)
     registry = kopf.OperatorRegistry()
     operator = Operator(settings)
+    problem = operator.store.settings_problem()
+    if problem is not None:
+        logging.getLogger("dsjobs.controller").error("%s", problem)
+        return 2
     register(registry, operator)
     if settings.leader_lease:
         # Until Kopf installs its own handler, SIGTERM (a rollout) must still end in the release

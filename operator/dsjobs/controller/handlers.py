@@ -280,6 +280,7 @@ class Operator:
         # The forced cancel told to each job's runner (job uid, attempt): once each.
         self._forced_told: dict[Key, tuple[str, int]] = {}
         self.resync: asyncio.Future[None] | None = None
+        self.store_check: asyncio.Future[None] | None = None
         self._locks: dict[Key, asyncio.Lock] = {}
         self._lock_users: dict[Key, int] = defaultdict(int)
         self._timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
@@ -1563,11 +1564,13 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         op.kube = Kube(settings, concurrency=op.settings.kube_concurrency)
         op.events = EventPoster(op.kube, op.settings.event_component)
         op.resync = asyncio.ensure_future(op.resync_pods_forever())
+        op.store_check = asyncio.ensure_future(op.store.check_access())
 
     @kopf.on.cleanup(registry=registry)
     async def flush_events(**_: Any) -> None:
-        if op.resync is not None:
-            op.resync.cancel()
+        for task in (op.resync, op.store_check):
+            if task is not None:
+                task.cancel()
         if op.events is not None:
             await op.events.drain(timeout=5)
 

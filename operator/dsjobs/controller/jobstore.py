@@ -76,6 +76,27 @@ class JobStore:
             self._storage = Storage.from_env(self.env)
         return self._storage
 
+    def settings_problem(self) -> str | None:
+        """Why the storage settings cannot work (placeholders, a missing key, a bad URL); None
+        when they may, or when no store is configured."""
+        from dsjobs.storage import StorageConfigError
+
+        try:
+            self.client()
+        except (StorageConfigError, ValueError) as exc:
+            return str(exc)
+        return None
+
+    async def check_access(self) -> None:
+        """Log at once when the object store refuses or does not answer the operator's settings
+        (a start-up check: the runner Secrets the operator writes carry them)."""
+        storage = self._client_with(STORE_CALL_TIMEOUT, 1)
+        if storage is None:
+            return
+        problem = await asyncio.to_thread(storage.access_problem)
+        if problem is not None:
+            log.error("%s; jobs cannot stage files until it does (the dsjobs-storage Secret)", problem)
+
     def _client_with(self, timeout: float, attempts: int) -> Any:
         """The store's client waiting `timeout` per request, `attempts` tries (made once each);
         None without a store."""

@@ -1,0 +1,81 @@
+"""The API and the operator refuse to start with storage settings that cannot work (the template's
+placeholder keys, an endpoint that is no URL), naming the variable, before they touch a cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+TEMPLATE = {
+    "DSJOBS_S3_ENDPOINT": "https://s3.example.com",
+    "DSJOBS_S3_BUCKET": "dsjobs",
+    "DSJOBS_S3_ACCESS_KEY": "REPLACE-ME",
+    "DSJOBS_S3_SECRET_KEY": "REPLACE-ME",
+}
+PLACEHOLDER = (
+    "storage settings DSJOBS_S3_ACCESS_KEY, DSJOBS_S3_SECRET_KEY still hold the template's "
+    "placeholder 'REPLACE-ME': put the object store's keys in the dsjobs-storage Secret"
+)
+BAD_ENDPOINT = "storage setting DSJOBS_S3_ENDPOINT: expected http(s)://host[:port], got 's3:9000'"
+
+
+def _run(module: str, storage: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DSJOBS_", "KUBECONFIG"))}
+    # No cluster anywhere: the refusal must come before any attempt to reach one.
+    env.update(
+        storage, KUBECONFIG="/nonexistent/kubeconfig", DSJOBS_METRICS_PORT="0", DSJOBS_LIVENESS_PORT="0"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        (TEMPLATE, PLACEHOLDER),
+        (
+            {
+                **TEMPLATE,
+                "DSJOBS_S3_ACCESS_KEY": "a",
+                "DSJOBS_S3_SECRET_KEY": "s",
+                "DSJOBS_S3_ENDPOINT": "s3:9000",
+            },
+            BAD_ENDPOINT,
+        ),
+    ],
+)
+def test_the_operator_exits_naming_storage_settings_that_cannot_work(
+    storage: dict[str, str], message: str
+) -> None:
+    done = _run("dsjobs.controller", storage)
+    assert done.returncode == 2, done.stderr
+    assert f'"message": "{message}"' in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        (TEMPLATE, PLACEHOLDER),
+        (
+            {
+                **TEMPLATE,
+                "DSJOBS_S3_ACCESS_KEY": "a",
+                "DSJOBS_S3_SECRET_KEY": "s",
+                "DSJOBS_S3_ENDPOINT": "s3:9000",
+            },
+            BAD_ENDPOINT,
+        ),
+    ],
+)
+def test_the_api_exits_naming_storage_settings_that_cannot_work(
+    storage: dict[str, str], message: str
+) -> None:
+    done = _run("dsjobs.api", storage, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"dsjobs.api: {message}"
+    assert "Traceback" not in done.stderr
