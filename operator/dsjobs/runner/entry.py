@@ -373,7 +373,9 @@ dsjobs_start_killer() {
     exec </dev/null >/dev/null 2>&1 9>&-
     dsjobs_s=''
     dsjobs_w=''
-    trap 'kill "$dsjobs_s" "$dsjobs_w" 2>/dev/null; exit 0' TERM
+    # SIGKILL for the sleep: a SIGTERM that reaches it just after its fork, while it still has this
+    # subshell's trap, is dropped when dash or busybox resets the traps (the timer then ran out).
+    trap 'kill -s KILL "$dsjobs_s" "$dsjobs_w" 2>/dev/null; exit 0' TERM
     sleep "$DSJOBS_GRACE_TIMEOUT" &
     dsjobs_s=$!
     # A forced cancel cuts the timeout short: the pod's deletion gives the same grace either way (the
@@ -381,7 +383,7 @@ dsjobs_start_killer() {
     # It ends with the timer's sleep too, should this subshell be killed outright (no trap).
     (
       while [ ! -e "$DSJOBS_KILL_NOW" ] && kill -0 "$dsjobs_s" 2>/dev/null; do sleep 1; done
-      if [ -e "$DSJOBS_KILL_NOW" ]; then kill "$dsjobs_s" 2>/dev/null; fi
+      if [ -e "$DSJOBS_KILL_NOW" ]; then kill -s KILL "$dsjobs_s" 2>/dev/null; fi
     ) &
     dsjobs_w=$!
     wait "$dsjobs_s"
