@@ -1191,6 +1191,100 @@ def test_execute_judges_the_expiry_by_the_spec_s_ttl_not_a_stale_status() -> Non
             assert "was deleted before it was executed" in err.message
 
 
+DELETING = {
+    "type": "DataCleared",
+    "status": "False",
+    "reason": "Deleting",
+    "message": "stored data being deleted (data TTL expired)",
+}
+
+
+def test_set_data_ttl_is_refused_once_the_data_goes() -> None:
+    """A TTL written while (or after) the operator deletes the data would say the data stays: the
+    deletion ends whatever the TTL becomes once the operator has marked it."""
+    finished = datetime.now(UTC) - timedelta(days=2)
+    forever = svc.SetProjectJobDataTtlRequest(job_id="j1")  # no ttl: the CLI's --days infinity
+    cases = {
+        # Marked by the operator (a clock ahead of this replica's), not expired by this one's.
+        "is being deleted": {
+            "phase": "SUCCESS",
+            "finishedAt": ts(datetime.now(UTC)),
+            "conditions": [DELETING],
+        },
+        "was deleted": {"phase": "SUCCESS", "finishedAt": ts(finished), "dataCleared": True},
+        # Expired by this replica's clock, the operator's mark not seen yet.
+        "is being deleted ": {"phase": "SUCCESS", "finishedAt": ts(finished)},
+    }
+    for said, status in cases.items():
+        kube = FakeKube()
+        stored_job(kube, "j1", execute=True, phase="SUCCESS")
+        obj = kube.objects[jobs_path(NAMESPACE, "j1")]
+        obj["spec"]["dataTtl"] = "1d"
+        obj["status"] = status
+        err = failing(grpc.StatusCode.FAILED_PRECONDITION, service(FakeCore(kube)).SetDataTtl(forever, ctx()))
+        assert err.message == (
+            f"the data of job 'j1' {said.strip()} (DeleteData or its data TTL): its TTL can no longer change"
+        )
+        assert obj["spec"]["dataTtl"] == "1d" and "PATCH" not in kube.methods()
+    # Not expired yet: set.
+    kube = FakeKube()
+    stored_job(kube, "j1", execute=True, phase="SUCCESS")
+    kube.objects[jobs_path(NAMESPACE, "j1")]["status"] = {"phase": "SUCCESS", "finishedAt": ts(finished)}
+    call(service(FakeCore(kube)).SetDataTtl(forever, ctx()))
+    assert kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]["dataTtl"] == "infinity"
+    # The operator's mark landed between the read and the write: read again, refused.
+    kube = RacingKube("PATCH", {"status": {"conditions": [DELETING]}}, ["j1"])
+    stored_job(kube, "j1", execute=True, phase="SUCCESS")
+    kube.objects[jobs_path(NAMESPACE, "j1")]["status"] = {"phase": "SUCCESS", "finishedAt": ts(finished)}
+    err = failing(grpc.StatusCode.FAILED_PRECONDITION, service(FakeCore(kube)).SetDataTtl(forever, ctx()))
+    assert "is being deleted" in err.message
+    assert "dataTtl" not in kube.objects[jobs_path(NAMESPACE, "j1")]["spec"]
+
+
+def test_execute_is_refused_once_the_operator_began_to_delete_the_data() -> None:
+    kube = FakeKube()
+    stored_job(kube, "j1")
+    obj = kube.objects[jobs_path(NAMESPACE, "j1")]
+    obj["status"] = {"phase": "CREATING", "createdAt": ts(datetime.now(UTC)), "conditions": [DELETING]}
+    request = svc.ExecuteProjectJobRequest(job_id="j1")
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION, service(FakeCore(kube, stored=[SHA])).Execute(request, ctx())
+    )
+    assert "was deleted before it was executed" in err.message
+    assert obj["spec"]["execute"] is False
+
+
+def test_files_of_a_job_whose_data_ttl_ran_out_are_not_handed_out() -> None:
+    # Its deletion is due (the operator's mark may come a moment later): URLs would break midway.
+    long_ago = datetime.now(UTC) - timedelta(days=15)
+    prefix = f"projects/{PROJECT}/jobs/src1"
+    out = {"desc": {"path": "r.txt"}, "sha256": SHA, "sizeBytes": 5, "key": f"{prefix}/outputs/r.txt"}
+    for status in (
+        {"phase": "SUCCESS", "finishedAt": ts(long_ago), "outputFiles": [out]},  # the default 14d TTL
+        {
+            "phase": "SUCCESS",
+            "finishedAt": ts(datetime.now(UTC)),
+            "outputFiles": [out],
+            "conditions": [DELETING],
+        },
+    ):
+        job = source_job(SOURCE_PARAMS, status)
+        req = svc.DownloadProjectJobFilesRequest(
+            job_id="src1", files=[jobs_pb2.File(desc=jobs_pb2.FileDesc(path="r.txt"))]
+        )
+        err = failing(
+            grpc.StatusCode.FAILED_PRECONDITION, service(FakeCore(job=job)).DownloadJobFiles(req, ctx())
+        )
+        assert err.message == "the data of job 'src1' is being deleted"
+    fresh = source_job(
+        SOURCE_PARAMS, {"phase": "SUCCESS", "finishedAt": ts(datetime.now(UTC)), "outputFiles": [out]}
+    )
+    req = svc.DownloadProjectJobFilesRequest(
+        job_id="src1", files=[jobs_pb2.File(desc=jobs_pb2.FileDesc(path="r.txt"))]
+    )
+    assert len(call(service(FakeCore(job=fresh)).DownloadJobFiles(req, ctx())).download_files) == 1
+
+
 # --- output paths as another user gets them (dsjobs.api.clientpaths) ------------------------------
 
 PLANTED = [

@@ -49,6 +49,7 @@ from dsjobs.controller.status import (
     MAX_FILE_ERRORS_LISTED,
     STORAGE_CHECK_AFTER,
     coalesce_transitions,
+    data_deletion_begun,
     get_condition,
     storage_bound_since,
     with_passed_phases,
@@ -263,6 +264,22 @@ def step(
     return plan(j, pods or [], TYPES, res, now, settings)
 
 
+def marked_then(
+    j: JobView,
+    pods: list[PodView] | None = None,
+    res: RunnerResult | ResultPointer | None = None,
+    now: datetime = NOW,
+    settings: OperatorSettings = SETTINGS,
+) -> Plan:
+    """The step after the one that marks the job's stored data as being deleted (DataCleared
+    False, Deleting: written before any object goes), planned from the marked status."""
+    marked = step(j, pods, res, now, settings)
+    assert ClearData() not in marked.actions and not marked.status.data_cleared
+    assert data_deletion_begun(marked.status) is not None
+    assert "DataCleared" not in [e.reason for e in marked.events]
+    return step(replace(j, status=marked.status), pods, res, now, settings)
+
+
 def kinds(p: Plan) -> list[str]:
     return [type(a).__name__ for a in p.actions]
 
@@ -426,16 +443,16 @@ def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:
     # clearData: once the pod is gone.
     clear = job(status=status, cancel=bad, clearData=True)
     assert kinds(step(clear, [ended_pod(0)], settings=retention)) == ["DeleteSecrets", "DeletePod"]
-    cleared = step(clear, [replace(ended_pod(0), gone=True)], settings=retention)
+    cleared = marked_then(clear, [replace(ended_pod(0), gone=True)], settings=retention)
     assert cleared.actions == (ClearData(),) and cleared.status.data_cleared
     assert not step(job(status=cleared.status.to_cr(), cancel=bad, clearData=True)).actions
     # The TTL: the raw one when valid, else the last expiry known.
     short = job(status=status, cancel=bad, dataTtl="1h")
-    assert step(short, now=NOW + timedelta(hours=1)).actions == (ClearData(),)
+    assert marked_then(short, now=NOW + timedelta(hours=1)).actions == (ClearData(),)
     known = {**status, "dataExpiresAt": ts(NOW + timedelta(days=2))}
     typo = job(status=known, cancel=bad, dataTtl="1m")
     assert not step(typo, now=NOW + timedelta(days=1)).actions
-    assert step(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
+    assert marked_then(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
 
 
 def test_a_job_on_an_invalid_instance_type_says_which_and_why() -> None:
@@ -1130,7 +1147,7 @@ def test_the_stored_data_size_counts_inputs_outputs_and_logs_until_cleared() -> 
     )
     done = step(job(params=inputs, status=started("EXECUTING")), [ended_pod(0, res=res)], res=res)
     assert done.status.phase == JobPhase.SUCCESS and done.status.data_size_bytes == 134
-    cleared = step(job(params=inputs, status=done.status.to_cr(), clearData=True))
+    cleared = marked_then(job(params=inputs, status=done.status.to_cr(), clearData=True))
     assert cleared.status.data_cleared and cleared.status.data_size_bytes == 0
 
 
@@ -1703,7 +1720,7 @@ def test_a_job_waiting_for_its_pod_longer_than_its_data_ttl_keeps_its_data() -> 
     later = step(job(status=waiting.status.to_cr(), dataTtl="1h"), now=CREATED + timedelta(hours=5))
     assert later.actions == (CreatePod(1, 0, "c1.4"),) and not later.status.data_cleared
     # DeleteData while it waits still stops it: the data is gone then.
-    cleared = step(job(status=waiting.status.to_cr(), dataTtl="1h", clearData=True))
+    cleared = marked_then(job(status=waiting.status.to_cr(), dataTtl="1h", clearData=True))
     assert cleared.status.phase == JobPhase.ERROR and ClearData() in cleared.actions
     # Not executed before its TTL ran out: the inputs are gone, it does not start.
     late = step(job(status=created, dataTtl="1h"), now=CREATED + timedelta(hours=1))
@@ -2260,9 +2277,29 @@ def test_max_attempts_counts_program_runs_also_after_a_fallback_from_a_refused_p
 
 def test_data_ttl_expiry_clears_data() -> None:
     j = job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(hours=2))), dataTtl="1h")
-    p = step(j)
-    assert p.actions == (ClearData(),)
-    assert p.status.data_cleared and "DataCleared" in [e.reason for e in p.events]
+    # First the mark alone, written before any object goes: once begun, the deletion ends (an
+    # operator restarted meanwhile, a SetDataTtl or an Execute that crossed it), and the API
+    # refuses what would need the data.
+    marked = step(j)
+    assert not marked.actions and not marked.events and not marked.status.data_cleared
+    cond = get_condition(marked.status, "DataCleared")
+    assert cond is not None and (cond.status, cond.reason, cond.message) == (
+        "False",
+        "Deleting",
+        "stored data being deleted (data TTL expired)",
+    )
+    assert data_deletion_begun(marked.status) == "data TTL expired"
+    # Then the deletion, whatever the TTL has become meanwhile.
+    for ttl in ("1h", "infinity", "30d"):
+        p = step(replace(j, status=marked.status, spec={**j.spec, "dataTtl": ttl}))
+        assert p.actions == (ClearData(),)
+        assert p.status.data_cleared and "DataCleared" in [e.reason for e in p.events]
+        cond = get_condition(p.status, "DataCleared")
+        assert cond is not None and (cond.status, cond.message) == (
+            "True",
+            "stored data deleted (data TTL expired)",
+        )
+        assert data_deletion_begun(p.status) is None
     early = step(job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(minutes=20))), dataTtl="1h"))
     assert not early.actions and early.requeue_after == timedelta(minutes=40)
     assert early.status.data_expires_at == NOW + timedelta(minutes=40)
@@ -2313,7 +2350,7 @@ def test_a_ttl_out_of_range_set_while_the_job_runs_deletes_nothing_when_it_ends(
 
 
 def test_clear_data_request() -> None:
-    p = step(job(status=started("ERROR", finishedAt=ts(NOW)), clearData=True))
+    p = marked_then(job(status=started("ERROR", finishedAt=ts(NOW)), clearData=True))
     assert p.actions == (ClearData(),) and p.status.data_cleared
     again = step(job(status=p.status.to_cr(), clearData=True))
     assert not again.actions
@@ -2331,22 +2368,24 @@ def test_data_goes_once_the_job_s_pod_is_gone() -> None:
     waiting = step(j, [terminating], now=NOW + timedelta(seconds=2), settings=retention)
     assert not waiting.actions and not waiting.status.data_cleared
     assert waiting.requeue_after == timedelta(seconds=29)
-    gone = step(j, [replace(terminating, gone=True)], now=NOW + timedelta(seconds=3), settings=retention)
+    gone = marked_then(
+        j, [replace(terminating, gone=True)], now=NOW + timedelta(seconds=3), settings=retention
+    )
     # (DeleteSecrets again: within the retention a gone pod's Secrets go with it; a no-op here.)
     assert gone.actions == (DeleteSecrets(), ClearData()) and gone.status.data_cleared
     # A pod stuck terminating (its node lost) is waited for 30 s past its deletion, no longer.
-    stuck = step(j, [terminating], now=NOW + timedelta(seconds=32), settings=retention)
+    stuck = marked_then(j, [terminating], now=NOW + timedelta(seconds=32), settings=retention)
     assert stuck.actions == (ClearData(),) and stuck.status.data_cleared
     # Expiry waits the same way; a pod that never reached a node is in nobody's way.
     expired = job(status=started("SUCCESS", finishedAt=ts(NOW - timedelta(hours=2))), dataTtl="1h")
     assert kinds(step(expired, [ended_pod(0)], settings=retention)) == ["DeleteSecrets", "DeletePod"]
-    assert step(expired, [pod(deleting=True)], settings=retention).actions == (ClearData(),)
+    assert marked_then(expired, [pod(deleting=True)], settings=retention).actions == (ClearData(),)
 
 
 def test_clear_data_of_a_job_that_never_ran() -> None:
     # DeleteData / DeleteAllData mark jobs that were created (inputs uploaded) but never executed.
     j = job(execute=False, status={"phase": "CREATING", "createdAt": ts(CREATED)}, clearData=True)
-    p = step(j)
+    p = marked_then(j)
     assert p.actions == (ClearData(),) and p.status.data_cleared and p.status.phase == JobPhase.CREATING
     assert not step(job(execute=False, status=p.status.to_cr(), clearData=True)).actions
 
@@ -2358,7 +2397,7 @@ def test_the_inputs_of_a_job_never_executed_expire_with_its_data_ttl() -> None:
     waiting = step(job(execute=False, status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl="1h"))
     assert not waiting.actions and waiting.requeue_after == timedelta(minutes=40)
     assert waiting.status.data_expires_at == created + timedelta(hours=1)
-    expired = step(
+    expired = marked_then(
         job(execute=False, status=waiting.status.to_cr(), dataTtl="1h"), now=created + timedelta(hours=1)
     )
     assert expired.actions == (ClearData(),) and expired.status.data_cleared
@@ -2398,7 +2437,11 @@ def test_a_job_whose_data_was_deleted_before_it_ran_does_not_run() -> None:
 def test_a_job_executed_as_its_data_goes_does_not_run(
     extra: dict[str, Any], created: datetime, why: str
 ) -> None:
-    p = step(job(status={"phase": "CREATING", "createdAt": ts(created)}, **extra))
+    j = job(status={"phase": "CREATING", "createdAt": ts(created)}, **extra)
+    failed = step(j)
+    assert not failed.actions and data_deletion_begun(failed.status) == why
+    assert failed.status.phase == JobPhase.ERROR and why in failed.status.status_details
+    p = step(replace(j, status=failed.status))
     assert p.actions == (ClearData(),)
     assert p.status.phase == JobPhase.ERROR and p.status.data_cleared
     assert why in p.status.status_details
@@ -2417,11 +2460,14 @@ def test_an_execute_accepted_before_the_expiry_runs_though_the_operator_sees_it_
     assert step(late).status.phase == JobPhase.ERROR
     # A time from the future counts as now.
     assert step(replace(j, execute_requested_at=NOW + timedelta(days=1))).status.phase == JobPhase.ERROR
-    # Unless the operator began to delete the data already (its dataCleared lost to a conflict
-    # with the very Execute): then the job must not start without its inputs.
-    crossed = step(replace(accepted, clearing=True))
+    # Unless the operator had begun to delete the data (its mark written before the Execute
+    # landed: kubectl, as the API refuses it then): the job must not start without its inputs.
+    begun = step(replace(j, spec={**j.spec, "execute": False}), now=created + timedelta(hours=1)).status
+    assert data_deletion_begun(begun) == "data TTL expired before the job was executed"
+    crossed = step(replace(accepted, status=begun))
     assert crossed.status.phase == JobPhase.ERROR and crossed.status.data_cleared
     assert crossed.actions == (ClearData(),)
+    assert "data TTL expired before the job was executed" in crossed.status.status_details
     annotated = {"metadata": {"annotations": {EXECUTE_REQUESTED_AT: ts(created)}}}
     assert JobView.from_body(annotated).execute_requested_at == created
 
@@ -2704,7 +2750,7 @@ def test_a_job_naming_another_project_deletes_none_of_that_projects_data() -> No
     # Its data prefix is the other project's: the same name there is that project's job. Its
     # expiry and its deletion go on without deleting it, and its status says so.
     done = started("SUCCESS", finishedAt=ts(NOW - timedelta(days=30)), returnCode=0)
-    expired = step(dataclasses.replace(job(status=done), namespace_project="proj-b"), [pod(gone=True)])
+    expired = marked_then(dataclasses.replace(job(status=done), namespace_project="proj-b"), [pod(gone=True)])
     assert not [a for a in expired.actions if isinstance(a, ClearData)]
     cleared = get_condition(expired.status, "DataCleared")
     assert expired.status.data_cleared and cleared is not None and "nothing was deleted" in cleared.message
@@ -2716,4 +2762,4 @@ def test_a_job_naming_another_project_deletes_none_of_that_projects_data() -> No
     # Its own project's, or not known: deleted as ever.
     for own in ("proj-a", None):
         mine = dataclasses.replace(job(status=done), namespace_project=own)
-        assert [a for a in step(mine, [pod(gone=True)]).actions if isinstance(a, ClearData)]
+        assert [a for a in marked_then(mine, [pod(gone=True)]).actions if isinstance(a, ClearData)]

@@ -207,6 +207,32 @@ def test_jobs_cleared_together_do_not_keep_a_shared_input_for_each_other() -> No
     assert refs.unused(("ns", "x"), "p", [A]) == [A]
 
 
+def test_a_job_whose_data_deletion_began_uses_nothing_but_a_job_still_to_run_keeps_its_inputs() -> None:
+    refs = InputRefs()
+    marked = _job("x", [A])
+    marked["status"]["conditions"] = [
+        {
+            "type": "DataCleared",
+            "status": "False",
+            "reason": "Deleting",
+            "message": "stored data being deleted",
+        }
+    ]
+    refs.update(("ns", "x"), marked)
+    assert refs.unused(("ns", "me"), "p", [A]) == [A]
+    # clearData set with kubectl on a job executed and not ended yet (the API refuses it): the
+    # clear waits for its end, and its stage-in needs A meanwhile.
+    running = _job("y", [A])
+    running["spec"].update(execute=True, clearData=True)
+    for status in ({}, {"phase": "PREPARING"}, {"phase": "EXECUTING"}):
+        running["status"] = status
+        refs.update(("ns", "y"), running)
+        assert refs.unused(("ns", "me"), "p", [A]) == []
+    running["status"] = {"phase": "SUCCESS"}
+    refs.update(("ns", "y"), running)
+    assert refs.unused(("ns", "me"), "p", [A]) == [A]
+
+
 def test_jobs_whose_ttls_run_out_together_do_not_keep_a_shared_input_for_each_other() -> None:
     # Both clears started (after an operator restart, all expired jobs at once) before either's
     # dataCleared came back through the watch: each saw the other as a user of A, and once both

@@ -395,6 +395,67 @@ def test_the_data_of_a_job_naming_another_project_is_not_deleted(caplog: pytest.
     assert not op.input_refs.is_clearing(KEY, view.uid)
 
 
+class TtlSetAt(NamespaceKube):
+    """SetDataTtl (or a kubectl edit) to infinity just before the operator's status write `at`."""
+
+    def __init__(self, body: dict[str, Any], at: int) -> None:
+        super().__init__(body, "proj-a")
+        self.at = at
+
+    async def merge_patch(self, resource: str, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if path.endswith("/status") and self.status_writes + 1 == self.at:
+            self._store({"metadata": {}, "spec": {"dataTtl": "infinity"}})
+        return await super().merge_patch(resource, path, patch)
+
+
+@pytest.mark.parametrize("at", [1, 2], ids=["before-the-mark", "after-the-mark"])
+def test_a_data_ttl_set_as_the_data_expires_deletes_all_of_it_or_nothing(
+    monkeypatch: pytest.MonkeyPatch, at: int
+) -> None:
+    # The deletion was done, then its dataCleared write conflicted with a SetDataTtl: planned
+    # again from the new TTL, the job said its data stays (DownloadJobFiles handing out URLs of
+    # deleted objects, an unexecuted job's Execute failing on its inputs).
+    deleted: list[str] = []
+
+    async def recorded(
+        storage: Any, project: str, job: str, unused: Any, *, with_inputs: bool = True
+    ) -> None:
+        deleted.append(job)
+
+    monkeypatch.setattr(handlers, "delete_job_data", recorded)
+    kube = TtlSetAt(_body(FINISHED, dataTtl="1h"), at)
+    op, _ = _operator(kube)
+    op._remember(copy.deepcopy(kube.body))
+    asyncio.run(_reconciled(op, times=2))
+    status = kube.body["status"]
+    cleared = [c for c in status.get("conditions", []) if c["type"] == "DataCleared"]
+    if at == 1:  # the TTL came first: nothing is deleted, nothing marked
+        assert deleted == [] and not status.get("dataCleared") and cleared == []
+        assert status.get("dataExpiresAt") is None  # infinity
+    else:  # the mark came first: the deletion ends, whatever the TTL says since (done again
+        # after the conflict: deleting what is gone deletes nothing)
+        assert deleted == ["job-1", "job-1"] and status["dataCleared"] is True
+        assert [(c["status"], c["reason"]) for c in cleared] == [("True", "DataCleared")]
+    # An operator restarted between the mark and the deletion ends it too.
+    marked = {
+        **FINISHED,
+        "conditions": [
+            {
+                "type": "DataCleared",
+                "status": "False",
+                "reason": "Deleting",
+                "message": "stored data being deleted (data TTL expired)",
+                "lastTransitionTime": ts(CREATED),
+            }
+        ],
+    }
+    deleted.clear()
+    kube = NamespaceKube(_body(marked, dataTtl="infinity"), "proj-a")
+    op, _ = _operator(kube)
+    asyncio.run(_reconciled(op))
+    assert deleted == ["job-1"] and kube.body["status"]["dataCleared"] is True
+
+
 def test_a_newer_versions_keys_deeper_in_the_status_are_kept_too() -> None:
     # The finished job's data expires: the write that records it leaves a newer version's keys in
     # the objects it does not change (a list it changes, conditions here, is written whole).

@@ -29,6 +29,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
+from dsjobs.controller.status import data_deletion_begun, data_expiry
 from dsjobs.convert.common import file_to_proto
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
@@ -536,7 +537,27 @@ def data_deletion_pending(job: JobSnapshot) -> bool:
     return job.spec.clear_data and not job.status.data_cleared
 
 
+def data_expired(job: JobSnapshot, at: datetime | None = None) -> bool:
+    """Whether the job's data TTL has run out by `at` (this replica's clock, by default): its
+    deletion is due, begun or not. Counted as the operator counts it, from the spec (SetDataTtl
+    changes that first): from finishedAt, or createdAt for a job not executed; a running job's
+    data does not expire."""
+    if job.is_final:
+        since = job.status.finished_at
+    elif not job.spec.execute:
+        since = job.status.created_at or job.created_at
+    else:
+        return False
+    expires = data_expiry(job.spec, since, job.status.data_expires_at)
+    return expires is not None and expires <= (at or datetime.now(UTC))
+
+
 def data_unavailable(job: JobSnapshot) -> bool:
-    """The job's stored data is deleted, or being deleted (DeleteData, its TTL): no URL for it
-    would still work by the time it is used."""
-    return job.status.data_cleared or job.spec.clear_data
+    """The job's stored data is deleted, or being deleted (DeleteData, its TTL run out): no URL
+    for it would still work by the time it is used."""
+    return (
+        job.status.data_cleared
+        or job.spec.clear_data
+        or data_deletion_begun(job.status) is not None
+        or data_expired(job)
+    )

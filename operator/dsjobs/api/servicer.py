@@ -39,7 +39,6 @@ from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
 from dsjobs.controller.secrets import REGISTRY_HOSTS_ANNOTATION, registry_of, registry_password_source_problem
-from dsjobs.controller.status import data_expiry
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
 from dsjobs.convert.listsizes import oversized_lists
@@ -124,9 +123,9 @@ def _missing_message(missing: Sequence[InputCheck]) -> str:
         )
     more = f"\n... and {len(missing) - 20} more" if len(missing) > 20 else ""
     return (
-        "inputs are missing from storage; upload them to the URLs Create returned:\n"
-        + "\n".join(lines)
-        + more
+        "inputs are missing from storage; upload them to the URLs Create returned (an input Create "
+        "found stored, and so gave no URL for, was deleted since with the last job that used it: "
+        "create the job again):\n" + "\n".join(lines) + more
     )
 
 
@@ -641,9 +640,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         deleted (or expiring: createdAt + dataTtl), or an input not uploaded."""
         if job.deleting:
             raise errors.failed_precondition(f"job {job.name!r} is being deleted")
-        # From the spec, not the status: the operator rewrites that a moment after SetDataTtl.
-        expires = data_expiry(job.spec, job.status.created_at or job.created_at, job.status.data_expires_at)
-        if job.status.data_cleared or job.spec.clear_data or (expires is not None and expires <= now()):
+        if operations.data_unavailable(job):
             raise errors.failed_precondition(
                 f"the data of job {job.name!r} was deleted before it was executed (DeleteData or its "
                 "data TTL, counted from its creation); create the job again (or clone it with new inputs)"
@@ -682,8 +679,19 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         _check_data_ttl(request.ttl if request.HasField("ttl") else None, "ttl")
         # No ttl: keep forever (the CLI's `set-data-ttl --days infinity`).
         ttl = params_conv.data_ttl_from_set_request(request)
-        if job.spec.data_ttl != ttl:
-            await self.core.patch_job(job, {"spec": {"dataTtl": format_duration(ttl)}})
+
+        def set_ttl(j: JobSnapshot) -> dict[str, Any] | None:
+            if operations.data_unavailable(j):
+                # Too late: the deletion ends whatever the TTL becomes (the operator's mark).
+                raise errors.failed_precondition(
+                    f"the data of job {j.name!r} {'was' if j.status.data_cleared else 'is being'} deleted "
+                    "(DeleteData or its data TTL): its TTL can no longer change"
+                )
+            return None if j.spec.data_ttl == ttl else {"spec": {"dataTtl": format_duration(ttl)}}
+
+        # Guarded: a TTL written after the operator marked the data's deletion would say the data
+        # stays while it goes.
+        await patch_guarded(self.core, job, set_ttl)
         return svc.SetProjectJobDataTtlResponse()
 
     # Delete, DeleteData, DeleteAllData ----------------------------------------------------------

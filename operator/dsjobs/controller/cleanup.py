@@ -17,10 +17,13 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-from dsjobs.models import ProjectJobSpec
+from dsjobs.controller.status import COND_DATA_CLEARED, DATA_DELETING
+from dsjobs.models import JobPhase, ProjectJobSpec
 from dsjobs.models.limits import RESOURCE_ID_PATTERN, SHA256_PATTERN
+
+FINAL_PHASES: Final = frozenset(p.value for p in JobPhase if p.is_final)
 
 if TYPE_CHECKING:  # boto3 is imported only when data is actually deleted (memory, start-up time)
     from dsjobs.storage import Storage
@@ -53,6 +56,17 @@ def stored_data_of(spec: Mapping[str, Any]) -> tuple[str, set[str]] | None:
     if not re.fullmatch(RESOURCE_ID_PATTERN, project):
         return None
     return project, {sha for sha in raw_input_hashes({"spec": spec}) if re.fullmatch(SHA256_PATTERN, sha)}
+
+
+def deletion_marked(status: Mapping[str, Any]) -> bool:
+    """Whether a job's raw status says its stored data is being deleted (DATA_DELETING)."""
+    return any(
+        isinstance(c, Mapping)
+        and c.get("type") == COND_DATA_CLEARED
+        and c.get("status") == "False"
+        and c.get("reason") == DATA_DELETING
+        for c in status.get("conditions") or ()
+    )
 
 
 class InputRefs:
@@ -94,15 +108,19 @@ class InputRefs:
 
     def _apply(self, key: tuple[str, str], body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
+        spec, status = body.get("spec") or {}, body.get("status") or {}
         # A job being deleted, with its data cleared, asked to clear it or clearing it (its TTL
         # ran out) uses nothing: it can never run again (Execute is refused, the operator fails
         # it DataCleared), and jobs that share an input and are cleared together must not keep
-        # it for each other.
+        # it for each other. But clearData on a job still to run or running (kubectl: the API
+        # refuses it) waits for its end: its stage-in still needs its inputs.
+        settled = status.get("phase") in FINAL_PHASES or not spec.get("execute")
         live = (
             not meta.get("deletionTimestamp")
             and not (key in self._clearing and self._clearing[key] == meta.get("uid", ""))
-            and not (body.get("status") or {}).get("dataCleared")
-            and not (body.get("spec") or {}).get("clearData")
+            and not status.get("dataCleared")
+            and not deletion_marked(status)
+            and not (spec.get("clearData") and settled)
         )
         project = str((body.get("spec") or {}).get("projectId", ""))
         tokens = tuple(sorted({self._token(project, sha) for sha in raw_input_hashes(body)})) if live else ()

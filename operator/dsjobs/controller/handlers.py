@@ -567,10 +567,6 @@ class Operator:
                 self._forget(key)
                 return None
             job = JobView.from_body(body)
-            if self.input_refs.is_clearing(key, job.uid) and not job.status.data_cleared:
-                # Its data is being (or was) deleted, its dataCleared not written yet (a conflict
-                # with an Execute that crossed the clear): it must not start without its inputs.
-                job = dataclasses.replace(job, clearing=True)
             if _may_start_or_clear(job):
                 job = dataclasses.replace(job, namespace_project=await self._namespace_project(job.namespace))
             now = _now()

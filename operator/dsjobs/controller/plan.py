@@ -49,12 +49,14 @@ from dsjobs.controller.status import (
     COND_RETRYING,
     COND_SCHEDULED,
     COND_STATUS_READABLE,
+    DATA_DELETING,
     JobEvent,
     Outcome,
     StatusUpdate,
     claim_gone,
     clip,
     compute_status,
+    data_deletion_begun,
     data_expiry,
     drop_conditions,
     evicted_from_lost_node,
@@ -112,8 +114,6 @@ class JobView:
     labels: Mapping[str, str] = field(default_factory=dict)
     deleted_at: datetime | None = None
     execute_requested_at: datetime | None = None  # the API's annotation (EXECUTE_REQUESTED_AT)
-    # The glue began to delete its data (dataCleared may not be written yet): see _plan_start.
-    clearing: bool = False
     # The project of the job's namespace (its dsjobs.dev/project-id label; "" unlabelled), looked
     # up by the glue before a job's first pod; None: not known (not looked up, or not readable).
     namespace_project: str | None = None
@@ -879,14 +879,12 @@ def _plan_start(
         return Plan(finish(spec, status, outcome, now, events), tuple(actions), tuple(events), spec=spec)
     if not spec.execute:
         return _plan_unexecuted(spec, status, now, actions, events)
-    why = (
-        "DeleteData or its data TTL"
-        if job.clearing
-        else _data_gone_before_start(spec, status, min(job.execute_requested_at or now, now))
+    why = data_deletion_begun(status) or _data_gone_before_start(
+        spec, status, min(job.execute_requested_at or now, now)
     )
     if why is not None:
-        # Also when the clearing and the execute request crossed (the API refuses an Execute of
-        # such a job, kubectl does not): the job must not run without its inputs.
+        # Also when the deletion had begun as the execute request came (the API refuses an Execute
+        # of such a job, kubectl does not): the job must not run without its inputs.
         if not status.data_cleared:
             status = _clear_data(status, why, now, actions, events)
         message = (
@@ -1195,6 +1193,10 @@ def _plan_final_unreadable(
     requeue = _retire_pods(status, alive, raw.get("finalized") is True, now, settings, actions)
     if status.data_cleared:
         return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
+    begun = data_deletion_begun(status)
+    if begun is not None:
+        status = _clear_data(status, begun, now, actions, events)
+        return Plan(status, tuple(actions), tuple(events), requeue_after=requeue)
     expires = _raw_data_expiry(raw, status.finished_at, status.data_expires_at)
     if expires != status.data_expires_at:
         status = status.model_copy(update={"data_expires_at": expires})
@@ -1272,6 +1274,9 @@ def _data_lifetime(
     due to go waits that long, and the last item says so."""
     if status.data_cleared:
         return status, None, False
+    begun = data_deletion_begun(status)
+    if begun is not None:
+        return _clear_data(status, begun, now, actions, events), None, False
     problem = data_ttl_problem(spec.data_ttl)
     expires = data_expiry(spec, since, status.data_expires_at)
     if problem is None:
@@ -1303,6 +1308,13 @@ def _data_lifetime(
 def _clear_data(
     status: ProjectJobStatus, why: str, now: datetime, actions: list[Action], events: list[JobEvent]
 ) -> ProjectJobStatus:
+    """The step towards the deletion of the job's stored data: first the DATA_DELETING mark alone
+    (written before any object goes, so that the deletion, once begun, ends whatever the spec says
+    next), then the deletion and dataCleared."""
+    if data_deletion_begun(status) is None:
+        return set_condition(
+            status, COND_DATA_CLEARED, "False", DATA_DELETING, f"stored data being deleted ({why})", now
+        )
     actions.append(ClearData())
     status = status.model_copy(update={"data_cleared": True})
     status = set_condition(

@@ -76,6 +76,11 @@ COND_ENDED: Final = "Ended"
 COND_RETRYING: Final = "Retrying"
 COND_FINALIZED: Final = "Finalized"
 COND_DATA_CLEARED: Final = "DataCleared"
+#: The DataCleared condition's reason (status False) while the job's stored data is being deleted:
+#: written, guarded by the job's resourceVersion, before the first object goes. The deletion then
+#: always ends, whatever comes next (a SetDataTtl or an Execute that crossed it, the operator
+#: restarted meanwhile), and the API refuses what would need the data.
+DATA_DELETING: Final = "Deleting"
 COND_NODE_REACHABLE: Final = "NodeReachable"
 #: False while spec.dataTtl holds a TTL out of its range (set with kubectl after the job started).
 COND_DATA_TTL_VALID: Final = "DataTtlValid"
@@ -224,6 +229,15 @@ def ttl_expiry(ttl: timedelta, since: datetime | None, previous: datetime | None
         return since + ttl
     except OverflowError:  # a TTL too long for a datetime is as good as infinite
         return None
+
+
+def data_deletion_begun(status: ProjectJobStatus) -> str | None:
+    """Why the job's stored data is being deleted when that has begun (DATA_DELETING), else None."""
+    cond = get_condition(status, COND_DATA_CLEARED)
+    if status.data_cleared or cond is None or cond.status != "False" or cond.reason != DATA_DELETING:
+        return None
+    found = re.fullmatch(r"stored data being deleted \((.+)\)", cond.message or "")
+    return found.group(1) if found else "requested"
 
 
 def data_expiry(
