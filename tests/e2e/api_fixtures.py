@@ -153,7 +153,7 @@ class ApiEnv:
         return proc
 
 
-def _apply_crds(api_client: Any) -> None:
+def apply_crds(api_client: Any) -> None:
     ext = k8s.ApiextensionsV1Api(api_client)
     for path in sorted((REPO_ROOT / "crds").glob("*.dsjobs.dev.yaml")):
         body = yaml.safe_load(path.read_text())
@@ -346,7 +346,7 @@ def _api_env(
 ) -> Iterator[ApiEnv]:
     api_client = dev_cluster.api_client
     core = k8s.CoreV1Api(api_client)
-    _apply_crds(api_client)
+    apply_crds(api_client)
     _apply_instance_types(api_client)
     docs = _apply_rbac(api_client)
     # The API's ServiceAccount is held to what deploy/base/admission.yaml lets it do, as deployed.

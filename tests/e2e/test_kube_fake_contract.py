@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from api_fixtures import apply_crds
 from cluster_fixtures import ClusterHandle
 from kube_fake import FakeKube
 
@@ -335,7 +336,6 @@ async def _operator_ready(kube: Kube) -> bool:
 class Cluster:
     kubeconfig: str
     namespace: str
-    has_projectjobs: bool
 
     async def client(self) -> Kube:
         cfg, refresh = load_config(self.kubeconfig)
@@ -348,39 +348,33 @@ class Cluster:
 def cluster(dev_cluster: ClusterHandle) -> Iterator[Cluster]:
     """A project namespace of its own (the admission policy wants spec.projectId to name it)."""
     namespace = f"kube-contract-{secrets.token_hex(3)}"
-    here = Cluster(str(dev_cluster.kubeconfig), namespace, has_projectjobs=False)
+    here = Cluster(str(dev_cluster.kubeconfig), namespace)
+    # The CRDs as the repository has them (idempotent): without them the ProjectJob sequences
+    # would have nothing to compare, whichever modules ran before.
+    apply_crds(dev_cluster.api_client)
 
-    async def setup() -> bool:
+    async def setup() -> None:
         kube = await here.client()
         try:
             ns = {"metadata": {"name": namespace, "labels": {PROJECT_LABEL: namespace}}}
             await kube.request("POST", namespaces_path(), body=ns)
-            try:
-                await kube.request(
-                    "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/projectjobs.dsjobs.dev"
-                )
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-                return False
-            return True
         finally:
             await kube.close()
 
     async def teardown() -> None:
         kube = await here.client()
         try:
-            if here.has_projectjobs:  # a failed sequence may leave a job held by our finalizer
-                listed = await kube.request("GET", jobs_path(namespace))
-                for obj in listed.get("items") or []:
-                    path = jobs_path(namespace, obj["metadata"]["name"])
-                    patch = {"metadata": {"finalizers": None}}
-                    await kube.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+            # A failed sequence may leave a job held by our finalizer.
+            listed = await kube.request("GET", jobs_path(namespace))
+            for obj in listed.get("items") or []:
+                path = jobs_path(namespace, obj["metadata"]["name"])
+                patch = {"metadata": {"finalizers": None}}
+                await kube.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
             await kube.request("DELETE", namespaces_path(namespace))
         finally:
             await kube.close()
 
-    here.has_projectjobs = asyncio.run(setup())
+    asyncio.run(setup())
     try:
         yield here
     finally:
@@ -398,8 +392,6 @@ def expected(step: Step, namespace: str) -> Any:
 
 @pytest.mark.parametrize(("kind", "steps"), SEQUENCES, ids=[k.name for k, _ in SEQUENCES])
 def test_fake_kube_answers_as_the_api_server(cluster: Cluster, kind: Kind, steps: list[Step]) -> None:
-    if kind is JOB and not cluster.has_projectjobs:
-        pytest.skip("the ProjectJob CRD is not installed (`make up` deploys it)")
     name = f"c-{secrets.token_hex(3)}"
 
     async def real() -> list[Any]:
@@ -427,8 +419,6 @@ def test_the_cluster_wide_lists_the_project_fakes_stand_for(cluster: Cluster) ->
     # tests/unit/test_api_projects.py's FakeKube answers the API's two cluster-wide lists
     # (api/cluster.py) as if the API server applied their selectors: a job found by id in any
     # namespace (fieldSelector metadata.name), project namespaces by their label.
-    if not cluster.has_projectjobs:
-        pytest.skip("the ProjectJob CRD is not installed (`make up` deploys it)")
     other = f"{cluster.namespace}-b"
     plain = f"{cluster.namespace}-plain"
     name, decoy = f"c-{secrets.token_hex(3)}", f"c-{secrets.token_hex(3)}"

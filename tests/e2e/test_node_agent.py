@@ -164,18 +164,29 @@ class PodWatch:
     _thread: threading.Thread | None = None
 
     def start(self) -> PodWatch:
-        ready = threading.Event()
+        # A list, then a watch from its resourceVersion, resumed from the last event's: no event
+        # falls between two watch requests, and the caller may act as soon as the list is done.
+        version = self._list()
 
         def run() -> None:
+            nonlocal version
             while not self._stop.is_set():
                 w = k8s_watch.Watch()
                 try:
-                    ready.set()
-                    for ev in w.stream(self.core.list_namespaced_pod, self.ns, timeout_seconds=5):
+                    stream = w.stream(
+                        self.core.list_namespaced_pod, self.ns, timeout_seconds=5, resource_version=version
+                    )
+                    for ev in stream:
                         obj = self.core.api_client.sanitize_for_serialization(ev["object"])
+                        version = obj["metadata"].get("resourceVersion") or version
                         self.events.append((time.monotonic(), ev["type"], obj))
                         if self._stop.is_set():
                             break
+                except ApiException as exc:
+                    if exc.status == 410:  # too old: list again
+                        version = self._list()
+                    else:
+                        time.sleep(0.2)
                 except Exception:
                     time.sleep(0.2)
                 finally:
@@ -183,9 +194,16 @@ class PodWatch:
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
-        ready.wait(10)
-        time.sleep(0.3)  # let the watch connect before the caller acts
         return self
+
+    def _list(self) -> str:
+        """Record the namespace's pods as they are now (as ADDED); the list's resourceVersion."""
+        listed = self.core.list_namespaced_pod(self.ns)
+        for pod in listed.items:
+            self.events.append(
+                (time.monotonic(), "ADDED", self.core.api_client.sanitize_for_serialization(pod))
+            )
+        return str(listed.metadata.resource_version)
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# No per-example deadline: a timing bound would be a timed assertion, and a CI machine that is
+# busy for a moment must not fail a property that holds.
+settings.register_profile("dsjobs", deadline=None)
+settings.load_profile("dsjobs")
 
 # tests/shared: test helpers the unit and e2e suites share (kube_fake).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "shared"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from dsjobs_strategies import SHA, full_spec, full_spec_alternatives, full_status, job_parameters
 from google.protobuf.duration_pb2 import Duration
 from hypothesis import HealthCheck, given, settings
+from pydantic import BaseModel
 
 from dsjobs import convert as c
 from dsjobs import models as m
@@ -270,6 +272,51 @@ def test_the_converter_fills_every_field_of_the_proto() -> None:
     plain.env.docker_image_spec.image_url = "cr.example.com/i:1"
     plain.env.docker_image_spec.password_plain_text = "pw"
     assert c.docker_password_from_proto(plain) == "pw"
+
+
+def _models_in(tp: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (through Optional, list, dict)."""
+    if typing.get_origin(tp) is None:
+        return [tp] if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+    return [found for arg in typing.get_args(tp) for found in _models_in(arg)]
+
+
+def _model_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for name, field in model.model_fields.items():
+        out.add(prefix + name)
+        for nested in _models_in(field.annotation):
+            out |= _model_paths(nested, f"{prefix}{name}.")
+    return out
+
+
+def test_the_model_and_the_proto_have_the_same_fields() -> None:
+    # A field the model gains without the proto (or the reverse) is one the round trips never see:
+    # the strategies do not draw it, and the converter drops it without a word.
+    secret_ref = "env.docker_image_spec.password_secret_ref"
+    assert _model_paths(m.JobParameters) - _proto_paths(jobs_pb2.JobParameters.DESCRIPTOR) == {
+        secret_ref,  # the API's Secret of a plain-text password, or a project secret's name
+        f"{secret_ref}.name",
+        f"{secret_ref}.key",
+    }
+    assert _proto_paths(jobs_pb2.JobParameters.DESCRIPTOR) - _model_paths(m.JobParameters) == {
+        "env.docker_image_spec.password_plain_text",  # moved into a Secret, never in the model
+    }
+
+
+def test_the_full_specs_round_trip_through_the_proto() -> None:
+    # Every field the strategies' hand-made specs fill, where the drawn ones may leave a new one at
+    # its default on both sides.
+    for spec in [full_spec(), *full_spec_alternatives()]:
+        params = spec.job_parameters
+        docker = params.env.docker_image_spec if params.env is not None else None
+        if docker is not None and docker.password_secret_ref is not None:
+            # The password stays in its Secret: the wire carries no reference to it.
+            env = params.env.model_copy(
+                update={"docker_image_spec": docker.model_copy(update={"password_secret_ref": None})}
+            )
+            params = params.model_copy(update={"env": env})
+        assert c.job_parameters_from_proto(c.job_parameters_to_proto(params)) == params
 
 
 _OFFICIAL_BUILD = """

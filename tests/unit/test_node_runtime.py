@@ -54,16 +54,23 @@ def test_sigterm_reaches_the_whole_group(tmp_path: Path) -> None:
     async def main() -> tuple[int, int | None]:
         # The shell ignores nothing; its child sleep is in the same group and dies too.
         proc = ContainerProcess.spawn(
-            ["/bin/sh", "-c", "trap 'echo term; exit 0' TERM; sleep 100 & wait"], {}, str(log), Notifier()
+            ["/bin/sh", "-c", "trap 'echo term; exit 0' TERM; echo ready; sleep 100 & wait"],
+            {},
+            str(log),
+            Notifier(),
         )
-        await asyncio.sleep(0.3)
+        # The trap is set once "ready" is logged (a TERM before it would end the shell with 143).
+        deadline = asyncio.get_running_loop().time() + 30
+        while not log.exists() or b"ready" not in [e.content for e in read_entries(str(log))]:
+            assert asyncio.get_running_loop().time() < deadline, "the shell never got ready"
+            await asyncio.sleep(0.02)
         proc.signal(signal.SIGTERM)
         st = await proc.wait()
         return st.exit_code, st.signal
 
     code, sig = run(main())
     assert (code, sig) == (0, None)
-    assert [e.content for e in read_entries(str(log))] == [b"term"]
+    assert [e.content for e in read_entries(str(log))] == [b"ready", b"term"]
 
 
 def test_sigkill_reported_as_137(tmp_path: Path) -> None:

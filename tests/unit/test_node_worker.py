@@ -248,11 +248,12 @@ def test_final_delete_refused_for_good_is_not_retried_until_the_next_update(tmp_
 def test_force_deletion_still_gives_sigterm_a_second(tmp_path: Path) -> None:
     async def main() -> None:
         ctx = Ctx(tmp_path)
-        script = "trap 'sleep 0.3; exit 0' TERM; while :; do sleep 0.05; done"
+        ready = tmp_path / "trap-set"
+        script = f"trap 'sleep 0.3; exit 0' TERM; touch {ready}; while :; do sleep 0.05; done"
         pod = make_pod(containers=[container("main", script)], grace=30)
         async with started(ctx, pod) as w:
             await wait_for(lambda: "main" in w.procs)
-            await asyncio.sleep(0.2)
+            await wait_for(ready.exists, 30)  # a TERM before the trap would end it with 143
             # The DELETED event of `kubectl delete --force --grace-period=0`.
             w.api_deleted(deleted(pod, 0))
             await asyncio.wait_for(w.finished.wait(), 10)

@@ -454,29 +454,33 @@ def test_parts_beyond_the_buffer_budget_are_sent_one_at_a_time(
     s3.answer = _stream_answer(got)
     data = big_file.read_bytes()
 
-    def most_at_once(store: Storage) -> int:
-        """Runs the upload; how many parts were in flight at once at most."""
+    def most_at_once(store: Storage, hold: float) -> int:
+        """Runs the upload; how many parts were in flight at once at most. Until two have been,
+        each part waits up to `hold` seconds for another to be in flight with it."""
         client = store._client
-        real, lock, now, most = client.upload_part, threading.Lock(), [0], [0]
+        real, cond, now, most = client.upload_part, threading.Condition(), [0], [0]
 
         def upload_part(**kw: Any) -> Any:
-            with lock:
+            with cond:
                 now[0] += 1
                 most[0] = max(most[0], now[0])
+                cond.notify_all()
+                cond.wait_for(lambda: most[0] >= 2, hold)  # once two were, none waits
             try:
-                time.sleep(0.05)
                 return real(**kw)
             finally:
-                with lock:
+                with cond:
                     now[0] -= 1
 
         client.upload_part = upload_part  # type: ignore[method-assign]
         store.upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
         return most[0]
 
-    assert most_at_once(s3.store(part_size=5 * MiB)) == 2  # the usual concurrency
+    # The usual concurrency: the second part is sent while the first is (`hold` a hang guard).
+    assert most_at_once(s3.store(part_size=5 * MiB), hold=30) == 2
     monkeypatch.setattr(storage, "PART_BUFFERS_BYTES", 5 * MiB)  # one 5 MiB part at a time
-    assert most_at_once(s3.store(part_size=5 * MiB)) == 1
+    # Each part gives another a moment to join it: none does.
+    assert most_at_once(s3.store(part_size=5 * MiB), hold=0.2) == 1
     res = s3.store(part_size=5 * MiB).upload_file(big_file, "projects/p/jobs/j/outputs/big.bin")
     assert got["multipart"] == data
     assert got["part_sizes"] == [5 * MiB, 5 * MiB, 5 * MiB, 1 * MiB + 1]
