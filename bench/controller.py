@@ -230,7 +230,7 @@ class OperatorProcess:
             ("secrets", {"verb": "post", "resource": "secrets"}),
             ("pods", {"verb": "post", "resource": "pods"}),
         ):
-            metric = "dsjobs_pod_create_seconds" if name == "seen" else "dsjobs_api_request_seconds"
+            metric = "dsjobs_pod_create_seconds" if name == "seen" else "dsjobs_kube_request_duration_seconds"
             total = [v for labels, v in parse_prom(text, metric + "_sum") if want.items() <= labels.items()]
             count = [v for labels, v in parse_prom(text, metric + "_count") if want.items() <= labels.items()]
             out[name] = (sum(total), sum(count))

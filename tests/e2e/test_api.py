@@ -221,6 +221,15 @@ def test_metrics_endpoint_counts_requests(api_env: ApiEnv) -> None:
     )
     assert "dsjobs_api_request_duration_seconds_bucket" in text
     assert "dsjobs_api_inflight_streams" in text
+    # Every Kubernetes request, the authentication's among them (a Get of an unknown id: a token
+    # review at most once per cache period, and the LIST that looks for the id).
+    kube = [
+        line for line in text.splitlines() if line.startswith("dsjobs_kube_request_duration_seconds_count{")
+    ]
+    assert any(
+        'resource="projectjobs"' in line and 'code="ok"' in line and 'verb="get"' in line for line in kube
+    )
+    assert any('resource="tokenreviews"' in line and 'verb="post"' in line for line in kube), kube
 
 
 # --- auth ------------------------------------------------------------------------------------------

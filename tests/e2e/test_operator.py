@@ -2035,7 +2035,7 @@ def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_
 def test_metrics_count_jobs_by_phase(h: H) -> None:
     text = h.metrics()
     assert 'dsjobs_jobs{phase="SUCCESS"}' in text
-    assert "dsjobs_job_transitions_total" in text and "dsjobs_api_request_seconds" in text
+    assert "dsjobs_job_transitions_total" in text and "dsjobs_kube_request_duration_seconds" in text
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -77,3 +77,32 @@ def test_broken_kubeconfigs(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"current-context": "nope", "contexts": []}))
     with pytest.raises(kube.KubeConfigError, match="no context named 'nope'"):
         kube.load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind"),
+    [
+        ("GET", "/apis/dsjobs.dev/v1alpha1/namespaces/p/projectjobs/j1", ("get", "projectjobs")),
+        (
+            "GET",
+            "/apis/dsjobs.dev/v1alpha1/projectjobs?fieldSelector=metadata.name%3Dj1",
+            ("get", "projectjobs"),
+        ),
+        (
+            "PATCH",
+            "/apis/dsjobs.dev/v1alpha1/namespaces/p/projectjobs/j1/status",
+            ("patch", "projectjobs/status"),
+        ),
+        ("POST", "/api/v1/namespaces/p/secrets", ("post", "secrets")),
+        ("DELETE", "/api/v1/namespaces/p/secrets/j1-docker-password", ("delete", "secrets")),
+        ("GET", "/api/v1/namespaces", ("get", "namespaces")),
+        ("GET", "/api/v1/namespaces/p", ("get", "namespaces")),
+        ("POST", "/apis/authentication.k8s.io/v1/tokenreviews", ("post", "tokenreviews")),
+        ("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", ("post", "subjectaccessreviews")),
+        ("GET", "/version", ("get", "version")),
+    ],
+)
+def test_a_requests_metric_labels_name_its_resource_never_an_object(
+    method: str, path: str, kind: tuple[str, str]
+) -> None:
+    assert kube.call_kind(method, path) == kind

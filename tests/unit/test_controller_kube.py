@@ -80,9 +80,9 @@ def _status(code: int, message: str) -> dict[str, Any]:
 
 
 def _observed(verb: str, resource: str) -> Counter[str]:
-    """Observations of dsjobs_api_request_seconds so far, by code."""
+    """Observations of dsjobs_kube_request_duration_seconds so far, by code."""
     counts: Counter[str] = Counter()
-    for family in metrics.API_LATENCY.collect():
+    for family in metrics.KUBE_REQUESTS.collect():
         for sample in family.samples:
             labels = sample.labels
             if sample.name.endswith("_count") and (labels["verb"], labels["resource"]) == (verb, resource):
@@ -193,7 +193,7 @@ def test_an_observation_is_one_attempt_not_its_backoff() -> None:
 def _latency_sum(verb: str, resource: str) -> float:
     return sum(
         sample.value
-        for family in metrics.API_LATENCY.collect()
+        for family in metrics.KUBE_REQUESTS.collect()
         for sample in family.samples
         if sample.name.endswith("_sum")
         and (sample.labels["verb"], sample.labels["resource"]) == (verb, resource)

@@ -32,7 +32,6 @@ from dsjobs.api.cluster import (
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
-from dsjobs.api.metrics import KUBE_CALLS
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
 from dsjobs.api.streams import StreamSlots
@@ -136,15 +135,15 @@ class Core:
     # --- kubernetes ------------------------------------------------------------------------------
 
     async def k8s(self, verb: str, what: str, call: Awaitable[JSON]) -> JSON:
-        """Run a Kubernetes call, timing it and turning failures into gRPC errors about `what`."""
-        with KUBE_CALLS.labels(verb).time():
-            try:
-                return await call
-            except KubeError as exc:
-                err = errors.from_kube(exc, what)
-                if err.code == grpc.StatusCode.INTERNAL:
-                    log.error("cluster call failed: %s %s: %s", verb, what, exc)
-                raise err from exc
+        """Run a Kubernetes call (timed by Kube.request), turning failures into gRPC errors about
+        `what`."""
+        try:
+            return await call
+        except KubeError as exc:
+            err = errors.from_kube(exc, what)
+            if err.code == grpc.StatusCode.INTERNAL:
+                log.error("cluster call failed: %s %s: %s", verb, what, exc)
+            raise err from exc
 
     # --- who and where ---------------------------------------------------------------------------
 
@@ -201,8 +200,7 @@ class Core:
             if cached is not None:
                 return snapshot(cached)
         try:
-            with KUBE_CALLS.labels("get").time():
-                obj = await self.kube.request("GET", jobs_path(namespace, job_id))
+            obj = await self.kube.request("GET", jobs_path(namespace, job_id))
         except KubeError as exc:
             if exc.status == 404:
                 self.jobs.forget(job_id, namespace)

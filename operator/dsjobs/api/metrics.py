@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from dsjobs.kubemetrics import KUBE_REQUESTS as KUBE_REQUESTS
+
 REQUESTS = Counter(
     "dsjobs_api_requests_total",
     "gRPC calls finished, by full method name and status code.",
@@ -22,12 +24,6 @@ INFLIGHT_STREAMS = Gauge(
     ["method"],
 )
 INFLIGHT_UNARY = Gauge("dsjobs_api_inflight_requests", "Unary calls being served.")
-KUBE_CALLS = Histogram(
-    "dsjobs_api_kube_request_duration_seconds",
-    "Kubernetes API calls made by the API server, by verb.",
-    ["verb"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
 LOG_RECORDS_SENT = Counter("dsjobs_api_log_records_sent_total", "Log records streamed to clients.")
 
 

@@ -4,7 +4,7 @@ Why Kopf's client and not the `kubernetes` package: Kopf already holds an authen
 re-authenticating session for its watches; a second client would mean a second connection pool,
 a second credential loader and ~40 MB more RSS (the generated models). The functions below are
 the only place that touches Kopf's (internal, version-pinned) client API, so a Kopf upgrade that
-moves it changes this file only. Every HTTP attempt is timed into `dsjobs_api_request_seconds`
+moves it changes this file only. Every HTTP attempt is timed into `dsjobs_kube_request_duration_seconds`
 (the retries are ours: `Kube._timed`).
 """
 
@@ -200,7 +200,7 @@ class Kube:
 
         The retries are ours, not Kopf's: Kopf's loop retries a 403 too (a quota's refusal of a pod
         was four POSTs and 1.7 s before the caller heard of it), and timed as one call its sleeps
-        made `dsjobs_api_request_seconds` a measure of the backoffs. Each attempt is one observation
+        made `dsjobs_kube_request_duration_seconds` a measure of the backoffs. Each attempt is one observation
         with its own code."""
         attempts = len(backoffs) + 1
         for attempt, backoff in enumerate((*backoffs, None), start=1):
@@ -242,7 +242,7 @@ class Kube:
                     code = "ok"
                     return None if not body or body.isspace() else fastjson.loads(body)
             finally:
-                metrics.API_LATENCY.labels(verb=verb, resource=resource, code=code).observe(
+                metrics.KUBE_REQUESTS.labels(verb=verb, resource=resource, code=code).observe(
                     time.perf_counter() - started
                 )
             logger.warning(

@@ -9,6 +9,8 @@ from typing import Final
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from dsjobs.kubemetrics import KUBE_REQUESTS as KUBE_REQUESTS
+
 _PHASES = (
     "CREATING",
     "PREPARING",
@@ -46,11 +48,28 @@ QUEUE_TIME = Histogram(
 RUN_OUTCOMES: Final = ("SUCCESS", "ERROR", "CANCELLED", "RETRIED")
 RUN_TIME = Histogram(
     "dsjobs_job_run_seconds",
-    "From the program starting to the end of its attempt, by outcome: the job's final phase (SUCCESS, "
+    "From the job container's start (the environment's setup, then the program) to the end of its "
+    "attempt, by outcome: the job's final phase (SUCCESS, "
     "ERROR, CANCELLED), or RETRIED for an attempt that failed and was retried (observed when the retry "
     "is decided).",
     ["outcome"],
-    buckets=(1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600),
+    buckets=(
+        1,
+        5,
+        10,
+        30,
+        60,
+        300,
+        900,
+        1800,
+        3600,
+        2 * 3600,
+        4 * 3600,
+        6 * 3600,
+        12 * 3600,
+        24 * 3600,
+        72 * 3600,
+    ),
 )
 for _outcome in RUN_OUTCOMES:  # every series from the start: a rate() over none is no 0
     RUN_TIME.labels(outcome=_outcome)
@@ -66,12 +85,6 @@ RECONCILE_ERRORS = Counter(
     ["kind"],
 )
 RECONCILES = Counter("dsjobs_reconciles_total", "Reconcile steps run.")
-API_LATENCY = Histogram(
-    "dsjobs_api_request_seconds",
-    "Kubernetes API calls made by the operator (excluding Kopf's own watches).",
-    ["verb", "resource", "code"],
-    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
 STATUS_WRITES = Counter(
     "dsjobs_status_writes_total", "Status patches written (only when the status changed)."
 )
