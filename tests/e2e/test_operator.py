@@ -1527,7 +1527,7 @@ def test_watches_recover_from_an_api_server_restart(h: H) -> None:
     restart(ClusterPaths.at(h.cluster.root), "kube-apiserver")
     status = h.wait_phase("outage", "SUCCESS", "ERROR", timeout=120)
     # What healed itself is no ERROR: Kopf's retried requests are WARNINGs.
-    loud = [line for line in h.log()[log_before:].splitlines() if re.search(r"\[ERROR *\]", line)]
+    loud = [line for line in h.log()[log_before:].splitlines() if re.search(r"^\S+ \S+ ERROR ", line)]
     assert not loud, loud[:3]
     assert status["phase"] == "SUCCESS" and status["returnCode"] == 0, status
     assert status["attempt"] == 1

@@ -3,6 +3,7 @@ placeholder keys, an endpoint that is no URL), naming the variable, before they 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def test_the_operator_exits_naming_storage_settings_that_cannot_work(
 ) -> None:
     done = _run("dsjobs.controller", storage)
     assert done.returncode == 2, done.stderr
-    assert f'"message": "{message}"' in done.stdout + done.stderr
+    # A line as the API server writes them (dsjobs.logformat): one parser for both.
+    (line,) = [json.loads(text) for text in (done.stdout + done.stderr).splitlines() if text.startswith("{")]
+    assert (line["level"], line["logger"], line["msg"]) == ("error", "dsjobs.controller", message)
+    assert line["ts"].endswith("Z")
     assert "Traceback" not in done.stderr
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import signal
 import sys
@@ -31,6 +30,7 @@ from dsjobs.api.kube import Kube, load_config
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
 from dsjobs.api.settings import Settings, derived_page_token_key
 from dsjobs.api.tlsfiles import ReloadingCertificate
+from dsjobs.logformat import JsonFormatter, TextFormatter
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.operation import operation_service_pb2, operation_service_pb2_grpc
@@ -240,37 +240,11 @@ def _record(method: str, code: grpc.StatusCode, start: float) -> None:
 
 # --- logging ------------------------------------------------------------------------------------
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    """Human-readable lines for local development, with the structured fields appended."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
-        return f"{line} {fields}" if fields else line
-
 
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = time.gmtime
     else:
         formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)

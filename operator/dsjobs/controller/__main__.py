@@ -78,9 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
     from dsjobs.controller.kube import RetriedAttemptsAreWarnings
+    from dsjobs.logformat import JsonFormatter, TextFormatter
 
+    # The API server's line format, not Kopf's: one parser for both in a log pipeline.
+    formatter = (
+        JsonFormatter()
+        if args.log_format == "json"
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RetriedAttemptsAreWarnings())
+        handler.setFormatter(formatter)
     if not args.verbose:
         # Kopf logs every handler call at INFO ("Handler ... succeeded"): per event, per job.
         logging.getLogger("kopf").setLevel(logging.WARNING)

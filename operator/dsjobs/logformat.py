@@ -1,0 +1,41 @@
+"""The log line formats of the dsjobs processes (the API server and the operator alike): one JSON
+object per line, `ts`, `level`, `logger`, `msg`, then the record's structured fields (`extra=`),
+or, for local development, readable text with those fields appended."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+# Not fields of a line: the record's own attributes, and Kopf's flag for its Event poster (its
+# object reference, `k8s_ref`, is one: the object a line of Kopf's is about).
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "k8s_skip"}
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.converter = time.gmtime  # the `Z` in `ts`
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for local development, with the structured fields appended."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        return f"{line} {fields}" if fields else line
