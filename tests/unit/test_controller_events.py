@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from kopf._cogs.clients import errors as kopf_errors
 
-from dsjobs.controller.events import EventPoster, clip_message, event_body, namespace_terminating
+from dsjobs.controller import metrics
+from dsjobs.controller.events import MAX_PENDING, EventPoster, clip_message, event_body, namespace_terminating
 from dsjobs.controller.status import JobEvent
 
 JOB = {
@@ -107,6 +108,10 @@ def _server_error() -> kopf_errors.APIServerError:
     return kopf_errors.APIServerError({"message": "etcd leader changed"}, status=500, headers={})  # type: ignore[typeddict-item]
 
 
+def _dropped(why: str) -> float:
+    return metrics.EVENTS_DROPPED.labels(why=why)._value.get()
+
+
 def test_poster_keeps_order_retries_server_errors_and_drops_refusals_quietly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -142,10 +147,18 @@ def test_poster_keeps_order_retries_server_errors_and_drops_refusals_quietly(
         await poster.drain(timeout=5)
         return names
 
+    before = {why: _dropped(why) for why in metrics.EVENT_DROPS}
     with caplog.at_level("DEBUG", logger="dsjobs.controller.events"):
         names = asyncio.run(run())
     assert names == sorted(names) and len(set(names)) == len(names)
     assert kube.posted == ["First", "Retried", "Last"]  # Twice: the 409 means an earlier try landed
+    # Dropped as counted (the namespace going away is no loss); none left pending.
+    assert {why: _dropped(why) - before[why] for why in metrics.EVENT_DROPS} == {
+        "queue_full": 0,
+        "refused": 1,
+        "failed": 1,
+    }
+    assert metrics.EVENTS_PENDING._value.get() == 0
     assert kube.attempts.count("Retried") == 3 and kube.attempts.count("Lost") == 3
     assert kube.attempts.count("Terminating") == 1 and kube.attempts.count("Refused") == 1
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -316,3 +329,21 @@ def test_queued_events_are_posted_from_another_thread_within_a_bound() -> None:
         loop.close()
     # Nothing ever queued: nothing to wait for.
     assert EventPoster(kube, "ops").drain_from_thread(0.1)  # type: ignore[arg-type]
+
+
+def test_events_beyond_the_queue_are_counted_as_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    kube = RecordingKube({})
+    before = _dropped("queue_full")
+
+    async def run() -> None:
+        poster = EventPoster(kube, "ops")  # type: ignore[arg-type]
+        # Queued without a pause: the poster runs only once this coroutine waits.
+        for i in range(MAX_PENDING + 2):
+            poster.post(JOB, JobEvent("Normal", f"R{i}", "m"))
+        assert metrics.EVENTS_PENDING._value.get() == MAX_PENDING
+        await poster.drain(timeout=30)
+
+    with caplog.at_level("WARNING", logger="dsjobs.controller.events"):
+        asyncio.run(run())
+    assert _dropped("queue_full") - before == 2
+    assert len(kube.posted) == MAX_PENDING and metrics.EVENTS_PENDING._value.get() == 0

@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from dsjobs.controller import metrics
 from dsjobs.controller.kube import (
     APIError,
     ClientError,
@@ -160,8 +161,10 @@ class EventPoster:
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
+            metrics.EVENTS_DROPPED.labels(why="queue_full").inc()
             log.warning("event dropped, %d waiting: %s %s", MAX_PENDING, pending.job, event.reason)
             return str(meta["name"])
+        metrics.EVENTS_PENDING.inc()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="dsjobs-events")
         return str(meta["name"])
@@ -206,6 +209,7 @@ class EventPoster:
                 log.exception("event not posted: %s", pending.job)
             finally:
                 self._queue.task_done()
+                metrics.EVENTS_PENDING.dec()
 
     async def _post_one(self, pending: _Pending) -> None:
         body = pending.body
@@ -224,12 +228,14 @@ class EventPoster:
                 why = f"{exc.status} {exc.message or exc!r}"
                 final = isinstance(exc, ClientError) and not throttled(exc)
                 if final or delay is None:
+                    metrics.EVENTS_DROPPED.labels(why="refused" if final else "failed").inc()
                     log.warning("event not posted: %s %s: %s", pending.job, body["reason"], why)
                     return
                 failure = why
                 delay = max(delay, retry_after(exc))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if delay is None:
+                    metrics.EVENTS_DROPPED.labels(why="failed").inc()
                     log.warning("event not posted: %s %s: %r", pending.job, body["reason"], exc)
                     return
                 failure = repr(exc)

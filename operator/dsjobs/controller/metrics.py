@@ -85,6 +85,19 @@ RECONCILE_ERRORS = Counter(
     ["kind"],
 )
 RECONCILES = Counter("dsjobs_reconciles_total", "Reconcile steps run.")
+EVENTS_PENDING = Gauge("dsjobs_events_pending", "Kubernetes Events queued and not posted yet.")
+#: Why an Event was not posted: the queue was full, the API server refused it for good, or it kept
+#: failing (no answer, 5xx, throttled) through the retries. A fixed set.
+EVENT_DROPS: Final = ("queue_full", "refused", "failed")
+EVENTS_DROPPED = Counter(
+    "dsjobs_events_dropped_total",
+    "Kubernetes Events given up (they are an aid: the job's status holds the facts), by why: "
+    "queue_full, refused (a 4xx other than throttling), failed (no answer, 5xx or throttled through "
+    "about 30 s of retries).",
+    ["why"],
+)
+for _why in EVENT_DROPS:
+    EVENTS_DROPPED.labels(why=_why)
 STATUS_WRITES = Counter(
     "dsjobs_status_writes_total", "Status patches written (only when the status changed)."
 )
