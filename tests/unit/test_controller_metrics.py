@@ -40,9 +40,12 @@ def _written(status: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "dsjobs.dev/v1alpha1", "kind": "ProjectJob", "metadata": meta, "status": status}
 
 
-def _queue_time() -> tuple[float, float]:
+def _queue_time(outcome: str = "started") -> tuple[float, float]:
     samples = {
-        s.name: s.value for m in metrics.QUEUE_TIME.collect() for s in m.samples if "le" not in s.labels
+        s.name: s.value
+        for m in metrics.QUEUE_TIME.collect()
+        for s in m.samples
+        if "le" not in s.labels and s.labels.get("outcome") == outcome
     }
     return samples["dsjobs_job_queue_seconds_count"], samples["dsjobs_job_queue_seconds_sum"]
 
@@ -159,6 +162,29 @@ def test_queue_time_counts_from_the_execute_request() -> None:
     )
     after_count, after_total = _queue_time()
     assert (after_count - count, after_total - total) == (2, 45.0 + 5.0)
+
+
+def test_the_wait_of_a_job_that_never_started_is_observed_at_its_end() -> None:
+    # Cancelled while queued, or failed before its start (no capacity, an image never pulled): left
+    # out, the queue time looked best exactly when the queue was worst.
+    op, _ = _operator()
+    before = {o: _queue_time(o) for o in metrics.QUEUE_OUTCOMES}
+    preparing = started("PREPARING")
+    for phase, after in (("CANCELLED", 600), ("ERROR", 7200)):
+        ended = {**preparing, "phase": phase, "finishedAt": ts(CREATED + timedelta(seconds=after))}
+        op._after_write(KEY, job(status=preparing), _written(ended), [])
+        op._after_write(KEY, job(status=ended), _written(ended), [])  # once
+    # Never executed (no request, no creation-time execute): no wait to tell.
+    creating = {"phase": "CREATING", "createdAt": ts(CREATED)}
+    never = {**creating, "phase": "CANCELLED", "finishedAt": ts(NOW)}
+    op._after_write(KEY, job(status=creating, execute=False), _written(never), [])
+    seen = {
+        o: tuple(a - b for a, b in zip(_queue_time(o), before[o], strict=True))
+        for o in metrics.QUEUE_OUTCOMES
+    }
+    assert seen == {"started": (0, 0), "cancelled": (1, 600.0), "failed": (1, 7200.0)}
+    exported = {s.labels["outcome"] for m in metrics.QUEUE_TIME.collect() for s in m.samples}
+    assert exported == set(metrics.QUEUE_OUTCOMES)
 
 
 def test_queue_time_buckets_reach_days() -> None:

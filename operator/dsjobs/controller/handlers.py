@@ -134,6 +134,7 @@ from dsjobs.models import (
     PROJECTJOB_PLURAL,
     VERSION,
     InstanceTypeSpec,
+    JobPhase,
     ProjectJobSpec,
     ProjectJobStatus,
 )
@@ -1387,9 +1388,28 @@ class Operator:
             # write that decides the first retry still holds the first attempt's startedAt.
             first_start = old.started_at is None and old.retried_failures == 0
             since = _queued_since(job, fresh)
-            if fresh.started_at and first_start and since is not None:
-                metrics.QUEUE_TIME.observe(max(0.0, (fresh.started_at - since).total_seconds()))
             phase = fresh.phase
+            if fresh.started_at and first_start and since is not None:
+                metrics.QUEUE_TIME.labels(outcome="started").observe(
+                    max(0.0, (fresh.started_at - since).total_seconds())
+                )
+            elif (
+                since is not None
+                and job.spec.get("execute") is True  # a job never executed was never queued
+                and phase is not None
+                and phase.is_final
+                and not (old.phase is not None and old.phase.is_final)
+                and fresh.finished_at
+                and fresh.started_at is None
+                and first_start
+                and fresh.retried_failures == 0
+            ):
+                # It never started: a wait that only the end told (no capacity, an image never
+                # pulled, a cancel while queued) counts too, or the queue looks best when it is worst.
+                outcome = "cancelled" if phase == JobPhase.CANCELLED else "failed"
+                metrics.QUEUE_TIME.labels(outcome=outcome).observe(
+                    max(0.0, (fresh.finished_at - since).total_seconds())
+                )
             if (
                 phase is not None
                 and phase.is_final

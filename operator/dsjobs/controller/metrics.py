@@ -33,11 +33,16 @@ TRANSITIONS = Counter(
     "passed between two paced status writes included.",
     ["from_phase", "to_phase"],
 )
+#: How a job's wait for its first start ended: it started, or the job ended before it did
+#: (cancelled, or failed: never scheduled, image never pulled...). A fixed set.
+QUEUE_OUTCOMES: Final = ("started", "cancelled", "failed")
 QUEUE_TIME = Histogram(
     "dsjobs_job_queue_seconds",
     "From the job's execute request (the API's Execute; the ProjectJob's creation when no request "
-    "time is recorded) to the first start of its job container, once per job: a retried job's later "
-    "attempts are not counted, nor is a job whose first attempt failed before starting.",
+    "time is recorded) to the first start of its job container (outcome started), or to the job's "
+    "end when it never started (cancelled, failed), once per job: a retried job's later attempts are "
+    "not counted, nor is a job whose first attempt failed before starting and was retried.",
+    ["outcome"],
     # Up to days: a cluster short of GPUs queues jobs for that long, and a wait past the last
     # bucket only shows as +Inf.
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 72 * 3600),
@@ -73,6 +78,8 @@ RUN_TIME = Histogram(
 )
 for _outcome in RUN_OUTCOMES:  # every series from the start: a rate() over none is no 0
     RUN_TIME.labels(outcome=_outcome)
+for _outcome in QUEUE_OUTCOMES:
+    QUEUE_TIME.labels(outcome=_outcome)
 POD_CREATE_LATENCY = Histogram(
     "dsjobs_pod_create_seconds",
     "From the operator seeing a job's execute request to the job's first pod being created.",
