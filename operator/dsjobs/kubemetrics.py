@@ -13,3 +13,18 @@ KUBE_REQUESTS = Histogram(
     # Up to the clients' 30 s request timeout.
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+
+def call_kind(method: str, path: str) -> tuple[str, str]:
+    """(verb, resource) of a Kubernetes API call, the labels of its timing in both processes: the
+    HTTP method in lower case, and the resource the path names (`projectjobs`, `projectjobs/status`,
+    `tokenreviews`), never a name or a namespace."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    # /api/v1/... or /apis/<group>/<version>/...
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:] if parts[:1] == ["apis"] else parts
+    if len(rest) >= 2 and rest[0] == "namespaces" and len(rest) > 2:
+        rest = rest[2:]  # a namespaced resource
+    resource = rest[0] if rest else "unknown"
+    if len(rest) >= 3:
+        resource += "/" + rest[2]  # a subresource: projectjobs/status
+    return method.lower(), resource

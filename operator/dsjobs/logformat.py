@@ -9,9 +9,10 @@ import logging
 import time
 from typing import Any
 
-# Not fields of a line: the record's own attributes, and Kopf's flag for its Event poster (its
-# object reference, `k8s_ref`, is one: the object a line of Kopf's is about).
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "k8s_skip"}
+# Not fields of a line: the record's own attributes, and what Kopf's object loggers add for their
+# own use (all its settings, ~2 KB; a flag for its Event poster). Their object reference, `k8s_ref`,
+# is one: the object a line of Kopf's is about.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "k8s_skip", "settings"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -1837,7 +1837,7 @@ def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
     log = h.log()[log_before:]
     assert f"stored objects of job {PROJECT_ID}/doomed" in log, log[-3000:]
     assert f"deleted 0 stored objects of job {PROJECT_ID}/doomed" not in log  # it had logs to delete
-    loud = [line for line in log.splitlines() if re.search(r"\[(ERROR|WARNING) *\]", line)]
+    loud = [line for line in log.splitlines() if re.search(r"^\S+ \S+ (ERROR|WARNING) ", line)]
     assert not loud, loud[:3]
 
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dsjobs.api import kube
+from dsjobs.kubemetrics import call_kind
 
 
 def _write(tmp_path: Path, user: Mapping[str, object], cluster: Mapping[str, object] | None = None) -> Path:
@@ -105,4 +106,4 @@ def test_broken_kubeconfigs(tmp_path: Path) -> None:
 def test_a_requests_metric_labels_name_its_resource_never_an_object(
     method: str, path: str, kind: tuple[str, str]
 ) -> None:
-    assert kube.call_kind(method, path) == kind
+    assert call_kind(method, path) == kind

@@ -1226,6 +1226,10 @@ def test_set_data_ttl_is_refused_once_the_data_goes() -> None:
             f"the data of job 'j1' {said.strip()} (DeleteData or its data TTL): its TTL can no longer change"
         )
         assert obj["spec"]["dataTtl"] == "1d" and "PATCH" not in kube.methods()
+        # The TTL it has already (a retry of a call that took effect): nothing changes, no error.
+        same = svc.SetProjectJobDataTtlRequest(job_id="j1", ttl=Duration(seconds=86400))
+        call(service(FakeCore(kube)).SetDataTtl(same, ctx()))
+        assert "PATCH" not in kube.methods()
     # Not expired yet: set.
     kube = FakeKube()
     stored_job(kube, "j1", execute=True, phase="SUCCESS")

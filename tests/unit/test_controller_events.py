@@ -319,7 +319,7 @@ def test_queued_events_are_posted_from_another_thread_within_a_bound() -> None:
         waiter = threading.Thread(target=lambda: drained.append(other.drain_from_thread(0.3)))
         waiter.start()
         waiter.join(30)  # a hang guard only: the loop stays blocked until `release`
-        assert drained == [False] and not release.is_set()
+        assert drained == [False]  # it gave up while the loop was blocked
         release.set()
         assert other.drain_from_thread(1.0) and kube.posted[-1] == "Lost"
     finally:

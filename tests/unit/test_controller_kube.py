@@ -206,12 +206,13 @@ def test_a_connection_refused_is_retried_with_the_given_backoffs() -> None:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         kube = await _kube(f"http://127.0.0.1:{port}")
-        before = _observed("get", "gone")
+        # Labelled with the resource its path names (as the API server's requests are).
+        before = _observed("get", "pods")
         try:
-            await kube._timed("get", "gone", "/api/v1/pods", None, None, backoffs=(0.01, 0.01))
+            await kube._timed("get", "pods", "/api/v1/namespaces/p/pods", None, None, backoffs=(0.01, 0.01))
         except Exception as exc:
-            return exc, _observed("get", "gone") - before
-        return None, _observed("get", "gone") - before
+            return exc, _observed("get", "pods") - before
+        return None, _observed("get", "pods") - before
 
     failure, seen = asyncio.run(scenario())
     assert isinstance(failure, aiohttp.ClientConnectionError) and seen == Counter({"error": 3})

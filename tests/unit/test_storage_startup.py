@@ -21,6 +21,23 @@ PLACEHOLDER = (
     "placeholder 'REPLACE-ME': put the object store's keys in the dsjobs-storage Secret"
 )
 BAD_ENDPOINT = "storage setting DSJOBS_S3_ENDPOINT: expected http(s)://host[:port], got 's3:9000'"
+CASES = [
+    (TEMPLATE, PLACEHOLDER),
+    (
+        {
+            **TEMPLATE,
+            "DSJOBS_S3_ACCESS_KEY": "a",
+            "DSJOBS_S3_SECRET_KEY": "s",
+            "DSJOBS_S3_ENDPOINT": "s3:9000",
+        },
+        BAD_ENDPOINT,
+    ),
+    # Some settings but not all (a Secret missing keys): not taken for "no store".
+    (
+        {"DSJOBS_S3_BUCKET": "dsjobs"},
+        "storage settings missing: DSJOBS_S3_ENDPOINT, DSJOBS_S3_ACCESS_KEY, DSJOBS_S3_SECRET_KEY",
+    ),
+]
 
 
 def _run(module: str, storage: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,21 +51,7 @@ def _run(module: str, storage: dict[str, str], *args: str) -> subprocess.Complet
     )
 
 
-@pytest.mark.parametrize(
-    ("storage", "message"),
-    [
-        (TEMPLATE, PLACEHOLDER),
-        (
-            {
-                **TEMPLATE,
-                "DSJOBS_S3_ACCESS_KEY": "a",
-                "DSJOBS_S3_SECRET_KEY": "s",
-                "DSJOBS_S3_ENDPOINT": "s3:9000",
-            },
-            BAD_ENDPOINT,
-        ),
-    ],
-)
+@pytest.mark.parametrize(("storage", "message"), CASES)
 def test_the_operator_exits_naming_storage_settings_that_cannot_work(
     storage: dict[str, str], message: str
 ) -> None:
@@ -61,21 +64,7 @@ def test_the_operator_exits_naming_storage_settings_that_cannot_work(
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize(
-    ("storage", "message"),
-    [
-        (TEMPLATE, PLACEHOLDER),
-        (
-            {
-                **TEMPLATE,
-                "DSJOBS_S3_ACCESS_KEY": "a",
-                "DSJOBS_S3_SECRET_KEY": "s",
-                "DSJOBS_S3_ENDPOINT": "s3:9000",
-            },
-            BAD_ENDPOINT,
-        ),
-    ],
-)
+@pytest.mark.parametrize(("storage", "message"), CASES)
 def test_the_api_exits_naming_storage_settings_that_cannot_work(
     storage: dict[str, str], message: str
 ) -> None:

@@ -29,7 +29,7 @@ import aiohttp
 import yaml
 
 from dsjobs.api.errors import KubeError
-from dsjobs.api.metrics import KUBE_REQUESTS
+from dsjobs.kubemetrics import KUBE_REQUESTS, call_kind
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -281,21 +281,6 @@ class Kube:
                         yield cast(JSON, json.loads(line))
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _no_answer(exc) from exc
-
-
-def call_kind(method: str, path: str) -> tuple[str, str]:
-    """(verb, resource) of a Kubernetes API call, the labels of its timing as the operator's are:
-    the HTTP method in lower case, and the resource the path names (`projectjobs`,
-    `projectjobs/status`, `tokenreviews`), never a name or a namespace."""
-    parts = [p for p in path.split("?", 1)[0].split("/") if p]
-    # /api/v1/... or /apis/<group>/<version>/...
-    rest = parts[2:] if parts[:1] == ["api"] else parts[3:] if parts[:1] == ["apis"] else parts
-    if len(rest) >= 2 and rest[0] == "namespaces" and len(rest) > 2:
-        rest = rest[2:]  # a namespaced resource
-    resource = rest[0] if rest else "unknown"
-    if len(rest) >= 3:
-        resource += "/" + rest[2]  # a subresource: projectjobs/status
-    return method.lower(), resource
 
 
 def _no_answer(exc: BaseException) -> KubeError:

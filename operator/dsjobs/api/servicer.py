@@ -124,8 +124,8 @@ def _missing_message(missing: Sequence[InputCheck]) -> str:
     more = f"\n... and {len(missing) - 20} more" if len(missing) > 20 else ""
     return (
         "inputs are missing from storage; upload them to the URLs Create returned (an input Create "
-        "found stored, and so gave no URL for, was deleted since with the last job that used it: "
-        "create the job again):\n" + "\n".join(lines) + more
+        "gave no URL for was stored then, and deleted since with the last job that used it: create "
+        "the job again):\n" + "\n".join(lines) + more
     )
 
 
@@ -681,13 +681,15 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         ttl = params_conv.data_ttl_from_set_request(request)
 
         def set_ttl(j: JobSnapshot) -> dict[str, Any] | None:
+            if j.spec.data_ttl == ttl:
+                return None  # already so (a retry of a call that took effect): nothing changes
             if operations.data_unavailable(j):
                 # Too late: the deletion ends whatever the TTL becomes (the operator's mark).
                 raise errors.failed_precondition(
                     f"the data of job {j.name!r} {'was' if j.status.data_cleared else 'is being'} deleted "
                     "(DeleteData or its data TTL): its TTL can no longer change"
                 )
-            return None if j.spec.data_ttl == ttl else {"spec": {"dataTtl": format_duration(ttl)}}
+            return {"spec": {"dataTtl": format_duration(ttl)}}
 
         # Guarded: a TTL written after the operator marked the data's deletion would say the data
         # stays while it goes.

@@ -17,13 +17,11 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from dsjobs.controller.status import COND_DATA_CLEARED, DATA_DELETING
-from dsjobs.models import JobPhase, ProjectJobSpec
+from dsjobs.controller.status import deletion_marked
+from dsjobs.models import FINAL_PHASES, ProjectJobSpec
 from dsjobs.models.limits import RESOURCE_ID_PATTERN, SHA256_PATTERN
-
-FINAL_PHASES: Final = frozenset(p.value for p in JobPhase if p.is_final)
 
 if TYPE_CHECKING:  # boto3 is imported only when data is actually deleted (memory, start-up time)
     from dsjobs.storage import Storage
@@ -56,17 +54,6 @@ def stored_data_of(spec: Mapping[str, Any]) -> tuple[str, set[str]] | None:
     if not re.fullmatch(RESOURCE_ID_PATTERN, project):
         return None
     return project, {sha for sha in raw_input_hashes({"spec": spec}) if re.fullmatch(SHA256_PATTERN, sha)}
-
-
-def deletion_marked(status: Mapping[str, Any]) -> bool:
-    """Whether a job's raw status says its stored data is being deleted (DATA_DELETING)."""
-    return any(
-        isinstance(c, Mapping)
-        and c.get("type") == COND_DATA_CLEARED
-        and c.get("status") == "False"
-        and c.get("reason") == DATA_DELETING
-        for c in status.get("conditions") or ()
-    )
 
 
 class InputRefs:

@@ -70,7 +70,9 @@ class JobStore:
 
     def client(self) -> Any:
         """The store's client (dsjobs.storage.Storage), made on first use; None without one."""
-        if self._storage is None and self.env.get("DSJOBS_S3_ENDPOINT"):
+        # Any storage setting given means a store is meant: one missing then is named, not taken
+        # for "no store" (whose runners would get empty settings).
+        if self._storage is None and any(self.env.values()):
             from dsjobs.storage import Storage
 
             self._storage = Storage.from_env(self.env)

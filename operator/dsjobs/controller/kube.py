@@ -24,6 +24,7 @@ from kopf._cogs.clients import errors as kopf_errors
 from kopf._cogs.configs.configuration import OperatorSettings as KopfSettings
 
 from dsjobs.controller import fastjson, metrics
+from dsjobs.kubemetrics import call_kind
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
 
 log = logging.getLogger("dsjobs.controller.kube")
@@ -242,7 +243,7 @@ class Kube:
                     code = "ok"
                     return None if not body or body.isspace() else fastjson.loads(body)
             finally:
-                metrics.KUBE_REQUESTS.labels(verb=verb, resource=resource, code=code).observe(
+                metrics.KUBE_REQUESTS.labels(verb=verb, resource=call_kind(verb, path)[1], code=code).observe(
                     time.perf_counter() - started
                 )
             logger.warning(

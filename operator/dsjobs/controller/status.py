@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from dsjobs.controller.names import PROJECT_SECRETS_NAME
 from dsjobs.controller.podview import SETUP_PATIENCE, TOLERATED_FOREVER, ContainerView, PodView
@@ -234,10 +234,25 @@ def ttl_expiry(ttl: timedelta, since: datetime | None, previous: datetime | None
 def data_deletion_begun(status: ProjectJobStatus) -> str | None:
     """Why the job's stored data is being deleted when that has begun (DATA_DELETING), else None."""
     cond = get_condition(status, COND_DATA_CLEARED)
-    if status.data_cleared or cond is None or cond.status != "False" or cond.reason != DATA_DELETING:
+    if status.data_cleared or cond is None or not _deleting(cond.status, cond.reason):
         return None
     found = re.fullmatch(r"stored data being deleted \((.+)\)", cond.message or "")
     return found.group(1) if found else "requested"
+
+
+def deletion_marked(status: Mapping[str, Any]) -> bool:
+    """`data_deletion_begun` of a raw stored status (what InputRefs keeps of every watch event,
+    without reading it whole)."""
+    return any(
+        isinstance(c, Mapping)
+        and c.get("type") == COND_DATA_CLEARED
+        and _deleting(c.get("status"), c.get("reason"))
+        for c in status.get("conditions") or ()
+    )
+
+
+def _deleting(status: object, reason: object) -> bool:
+    return status == "False" and reason == DATA_DELETING
 
 
 def data_expiry(
