@@ -353,3 +353,36 @@ def test_calls_beyond_the_limit_are_refused_but_health_checks_never_are() -> Non
     code, details, health, again = asyncio.run(run())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serves 1 calls at once, its most" in details
     assert health == b"ok" and again == b"ok"
+
+
+def test_a_failure_every_call_shares_is_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    # An outage of the cluster fails every call: one line per call was hundreds a second.
+    from dsjobs.api import server
+
+    class Context:
+        async def abort(self, code: grpc.StatusCode, message: str, trailing_metadata: Any = ()) -> None:
+            return None
+
+    now = [1000.0]
+    throttle = server.LogThrottle(server.FAILURE_LOG_INTERVAL, clock=lambda: now[0])
+    original, server._FAILURES = server._FAILURES, throttle
+    try:
+        down = errors.unavailable("the cluster does not answer: no answer in time")
+        with caplog.at_level(logging.DEBUG, logger="dsjobs.api"):
+            for at in (0.0, 1.0, 2.0, 9.0, 10.5, 11.0):
+                now[0] = 1000.0 + at
+                asyncio.run(server._abort(Context(), "/M/Get", down))  # type: ignore[arg-type]
+            asyncio.run(server._abort(Context(), "/M/List", down))  # type: ignore[arg-type]
+    finally:
+        server._FAILURES = original
+    told = [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert told == [
+        ("WARNING", "/M/Get unavailable: the cluster does not answer: no answer in time"),
+        (
+            "WARNING",
+            "/M/Get unavailable: the cluster does not answer: no answer in time (3 more like it in the last 10s)",
+        ),
+        ("WARNING", "/M/List unavailable: the cluster does not answer: no answer in time"),
+    ]
+    # The ones held back are still there at DEBUG.
+    assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 4

@@ -140,10 +140,9 @@ class Core:
         try:
             return await call
         except KubeError as exc:
-            err = errors.from_kube(exc, what)
-            if err.code == grpc.StatusCode.INTERNAL:
-                log.error("cluster call failed: %s %s: %s", verb, what, exc)
-            raise err from exc
+            # The call's failure is logged where it is answered (server._abort), once.
+            log.debug("cluster call failed: %s %s: %s", verb, what, exc)
+            raise errors.from_kube(exc, what) from exc
 
     # --- who and where ---------------------------------------------------------------------------
 

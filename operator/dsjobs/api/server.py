@@ -30,7 +30,7 @@ from dsjobs.api.kube import Kube, load_config
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
 from dsjobs.api.settings import Settings, derived_page_token_key
 from dsjobs.api.tlsfiles import ReloadingCertificate
-from dsjobs.logformat import JsonFormatter, TextFormatter
+from dsjobs.logformat import JsonFormatter, LogThrottle, TextFormatter
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.operation import operation_service_pb2, operation_service_pb2_grpc
@@ -223,11 +223,23 @@ def _code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     return actual if isinstance(actual, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
+#: Failed calls of one method and code are logged once per this many seconds (with a count of
+#: those held back): an outage fails every call, and the metrics count each of them.
+FAILURE_LOG_INTERVAL = 10.0
+_FAILURES = LogThrottle(FAILURE_LOG_INTERVAL)
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, err: ApiError) -> None:
-    if err.code == grpc.StatusCode.INTERNAL:
-        log.error("%s failed: %s", method, err.message)
-    elif err.code == grpc.StatusCode.UNAVAILABLE and not err.expected:
-        log.warning("%s unavailable: %s", method, err.message)
+    loud = err.code == grpc.StatusCode.INTERNAL or (
+        err.code == grpc.StatusCode.UNAVAILABLE and not err.expected
+    )
+    held = _FAILURES.admit((method, err.code)) if loud else None
+    if held is not None:
+        more = f" ({held} more like it in the last {FAILURE_LOG_INTERVAL:.0f}s)" if held else ""
+        if err.code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s%s", method, err.message, more)
+        else:
+            log.warning("%s unavailable: %s%s", method, err.message, more)
     else:
         log.debug("%s: %s %s", method, err.code.name, err.message)
     await context.abort(err.code, err.message, trailing_metadata=_trailers(err))
