@@ -510,6 +510,8 @@ def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Sto
         time.sleep(2)  # the garbage collector would act on an owner reference at once
         kept = h.core.read_namespaced_persistent_volume_claim(claim_name, h.namespace)
         assert kept.metadata.uid == claim.metadata.uid and not kept.metadata.deletion_timestamp
+        # The reason it stays, whatever the garbage collector's pace: nothing owns it.
+        assert not kept.metadata.owner_references, kept.metadata.owner_references
 
         # A job that does not succeed leaves no claim behind, and no dataset in its status.
         failing = {"cmd": "echo half > ${MODELS}/w.txt; exit 3", "outputDatasets": [ods]}
