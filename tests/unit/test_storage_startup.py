@@ -32,7 +32,11 @@ CASES = [
         },
         BAD_ENDPOINT,
     ),
-    # Some settings but not all (a Secret missing keys): not taken for "no store".
+    # None at all (the Secret not mounted), or some but not all (a Secret missing keys).
+    (
+        {},
+        "storage settings missing: DSJOBS_S3_ENDPOINT, DSJOBS_S3_BUCKET, DSJOBS_S3_ACCESS_KEY, DSJOBS_S3_SECRET_KEY",
+    ),
     (
         {"DSJOBS_S3_BUCKET": "dsjobs"},
         "storage settings missing: DSJOBS_S3_ENDPOINT, DSJOBS_S3_ACCESS_KEY, DSJOBS_S3_SECRET_KEY",

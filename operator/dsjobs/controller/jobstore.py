@@ -79,13 +79,14 @@ class JobStore:
         return self._storage
 
     def settings_problem(self) -> str | None:
-        """Why the storage settings cannot work (placeholders, a missing key, a bad URL); None
-        when they may, or when no store is configured."""
-        from dsjobs.storage import StorageConfigError
+        """Why the storage settings cannot work (none given, a missing key, placeholders, a bad
+        URL); None when they may. The operator's start refuses them: without a store its runners
+        could stage nothing and its data deletions would delete nothing."""
+        from dsjobs.storage import StorageConfigError, StorageSettings
 
         try:
-            self.client()
-        except (StorageConfigError, ValueError) as exc:
+            StorageSettings.from_env(self.env)
+        except StorageConfigError as exc:
             return str(exc)
         return None
 
