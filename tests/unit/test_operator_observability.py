@@ -85,7 +85,12 @@ class FakeKube:
                 self._store({"metadata": {}, "spec": {"dataTtl": "14d"}})  # e.g. SetDataTtl
         if patch["metadata"]["resourceVersion"] != self.body["metadata"]["resourceVersion"]:
             raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
-        self._store(patch)
+        # As the status subresource does: a write of /status changes the status only, any other
+        # write all but the status.
+        if path.endswith("/status"):
+            self._store({"status": patch.get("status") or {}})
+        else:
+            self._store({k: v for k, v in patch.items() if k != "status"})
         if path.endswith("/status") and self.lose_answers:
             self.lose_answers -= 1
             raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
