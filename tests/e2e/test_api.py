@@ -230,6 +230,15 @@ def test_metrics_endpoint_counts_requests(api_env: ApiEnv) -> None:
         'resource="projectjobs"' in line and 'code="ok"' in line and 'verb="get"' in line for line in kube
     )
     assert any('resource="tokenreviews"' in line and 'verb="post"' in line for line in kube), kube
+    # The job index lists the jobs, then watches: in sync, reads come from its cache.
+    poll(
+        "the job index in sync",
+        lambda: (
+            "dsjobs_api_job_index_synced 1.0"
+            in requests.get(f"http://{api_env.api.metrics}/metrics", timeout=10).text
+        ),
+        30,
+    )
 
 
 # --- auth ------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from dsjobs.api import metrics
 from dsjobs.api.errors import KubeError
 from dsjobs.api.kube import Kube, jobs_path, namespaces_path
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
@@ -317,18 +318,21 @@ class JobIndex:
             try:
                 version = await self._list()
                 self.synced.set()
+                metrics.JOB_INDEX_SYNCED.set(1)
                 delay = 1.0
                 await self._watch(version)
             except asyncio.CancelledError:
                 raise
             except KubeError as exc:
                 self.synced.clear()
+                metrics.JOB_INDEX_SYNCED.set(0)
                 if exc.status != 410:  # 410: our resourceVersion is too old; relist at once
                     log.warning("job index: %s; retrying in %.0fs", exc, delay)
                     await asyncio.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 30.0)
             except Exception:
                 self.synced.clear()
+                metrics.JOB_INDEX_SYNCED.set(0)
                 log.exception("job index failed; retrying in %.0fs", delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

@@ -24,6 +24,11 @@ INFLIGHT_STREAMS = Gauge(
     ["method"],
 )
 INFLIGHT_UNARY = Gauge("dsjobs_api_inflight_requests", "Unary calls being served.")
+JOB_INDEX_SYNCED = Gauge(
+    "dsjobs_api_job_index_synced",
+    "1 while this replica's watch of the ProjectJobs is in sync (Get and operations read its cache), "
+    "0 while it lists them again or retries (every read goes to the API server then).",
+)
 LOG_RECORDS_SENT = Counter("dsjobs_api_log_records_sent_total", "Log records streamed to clients.")
 
 
