@@ -332,7 +332,10 @@ class Progress:
             return None
         raw = d.get("create_time")
         when = _utc_time(raw) if isinstance(raw, str) else None
-        return cls(progress=int(p), message=msg[:1024], create_time=when or default_time)
+        # A lone surrogate (Python's json.dumps of a file name that is not UTF-8 writes "\udcff")
+        # cannot be encoded anywhere later: result.json, the termination message, the API.
+        text = msg[:1024].encode("utf-8", "backslashreplace").decode("utf-8")
+        return cls(progress=int(p), message=text, create_time=when or default_time)
 
 
 def _utc_time(text: str) -> datetime | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -325,6 +326,14 @@ def test_progress_lines() -> None:
     assert parse_progress_line(b"not json") is None
     assert parse_progress_line(b"[1]") is None
     assert Progress.from_json({"progress": 5}) == Progress(5, "", None)
+
+
+def test_a_progress_message_with_a_lone_surrogate_is_kept_escaped() -> None:
+    # Python's json.dumps of a file name that is not UTF-8: "\udcff" reads back as a lone
+    # surrogate, which no UTF-8 encoder takes (result.json, the termination message, the API).
+    p = parse_progress_line(b'{"progress": 5, "message": "processing \\udcffile"}')
+    assert p is not None and p.message == "processing \\udcffile"
+    assert json.dumps(p.to_json(), ensure_ascii=False).encode("utf-8")
 
 
 def test_a_progress_line_nested_too_deep_for_the_parser_is_no_progress() -> None:

@@ -881,3 +881,18 @@ def test_a_program_that_fills_the_disk_still_gets_its_exit_status_recorded(
     assert status.return_code == 3
     assert os.statvfs(small_disk).f_bavail == 0  # still full: nothing was freed for the status
     assert r.config.layout.heartbeat.read_text().strip().isdigit()
+
+
+def test_runner_files_the_program_replaced_by_fifos_are_not_waited_on(
+    shell: list[str], tmp_path: Path
+) -> None:
+    # A FIFO opened for writing waits for a reader for good: the script hung after the program
+    # (its end never told, the pod kept until deleted, no outputs).
+    cfg = make_config(tmp_path, "true")  # for its layout's paths
+    status_tmp = f"{cfg.layout.status}.tmp"
+    cmd = f"rm -f {cfg.layout.system_log} {status_tmp}; mkfifo -m 666 {cfg.layout.system_log} {status_tmp}; exit 3"
+    cfg = make_config(tmp_path, cmd)
+    r = run_entry(shell, cfg)  # its 60 s timeout is the hang guard
+    assert r.rc == 3
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 3 and not status.cancelled

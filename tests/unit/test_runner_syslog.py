@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 
+import pytest
 from runner_fakes import umask
 
-from dsjobs.runner.syslog import SystemLog
+from dsjobs.runner.syslog import SystemLog, open_shared
 
 
 def test_a_system_log_it_creates_is_appendable_by_any_uid(tmp_path: Path) -> None:
@@ -32,3 +34,26 @@ def test_a_message_naming_a_non_utf8_file_is_still_written(tmp_path: Path) -> No
     name = os.fsdecode(b"caf\xe9.txt")  # surrogate-escaped, as os.walk returns it
     SystemLog(path, "ship")(f"output results: skipped {name}")
     assert "skipped caf" in path.read_text()
+
+
+def test_a_system_log_replaced_by_a_fifo_or_a_directory_is_refused_not_waited_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The job can replace the file: opening a FIFO for writing waited for a reader for good, and
+    # ship hung with it (no result, no outputs).
+    fifo = tmp_path / "system.log"
+    os.mkfifo(fifo, 0o666)
+    done = threading.Event()
+    thread = threading.Thread(
+        target=lambda: (SystemLog(fifo, "ship")("job finished"), done.set()), daemon=True
+    )
+    thread.start()
+    thread.join(30)  # a hang guard only
+    assert done.is_set()
+    assert "cannot write system log" in caplog.text
+    with pytest.raises(OSError):
+        open_shared(fifo)
+    os.unlink(fifo)
+    fifo.mkdir()
+    with pytest.raises(OSError):
+        open_shared(fifo)

@@ -198,8 +198,10 @@ dsjobs_docker_stats() {
     case $dsjobs_ms in ?) dsjobs_ms=00$dsjobs_ms ;; ??) dsjobs_ms=0$dsjobs_ms ;; esac
     dsjobs_cpu_s="$((dsjobs_us / 1000000)).$dsjobs_ms"
     # The previous sample's usage and time, kept in a file: the last sample is taken by the
-    # script itself, after the sampler is gone.
-    dsjobs_read "$DSJOBS_STATS_PREV"
+    # script itself, after the sampler is gone. A regular file only: the job can put a FIFO
+    # there, whose open would wait for a writer for good.
+    dsjobs_v=''
+    if [ -f "$DSJOBS_STATS_PREV" ]; then dsjobs_read "$DSJOBS_STATS_PREV"; fi
     dsjobs_pu=${dsjobs_v% *}
     dsjobs_pc=${dsjobs_v#* }
     if dsjobs_isnum "$dsjobs_pu" && dsjobs_isnum "$dsjobs_pc" && dsjobs_isnum "$dsjobs_cs" \
@@ -208,6 +210,7 @@ dsjobs_docker_stats() {
       dsjobs_cpu_pct=$dsjobs_v
     fi
     if dsjobs_isnum "$dsjobs_cs"; then
+      [ -f "$DSJOBS_STATS_PREV" ] || rm -f "$DSJOBS_STATS_PREV" 2>/dev/null
       { printf '%s %s\n' "$dsjobs_us" "$dsjobs_cs" >"$DSJOBS_STATS_PREV"; } 2>/dev/null || :
     fi
   fi
@@ -328,6 +331,9 @@ DSJOBS_SYSLOG_TO=$DSJOBS_SYSLOG
 
 dsjobs_log() {
   # The group's 2>/dev/null applies first: a log that cannot be opened costs the line, silently.
+  # Only a regular file (or /dev/null): the job can replace the log by a FIFO, whose open would
+  # wait for a reader for good.
+  [ -f "$DSJOBS_SYSLOG_TO" ] || [ "$DSJOBS_SYSLOG_TO" = /dev/null ] || return 0
   { printf '%s entry: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)" "$*" >>"$DSJOBS_SYSLOG_TO"; } 2>/dev/null
 }
 
@@ -342,10 +348,12 @@ dsjobs_status() {
   # Written only when all output is in the log files; `end=1` marks a complete file. First over
   # the room taken at the start (1<> neither truncates nor needs new blocks: a program that filled
   # the disk does not cost the job its exit status), else afresh.
+  # Anything but a regular file there (a FIFO the job made: its open would wait for good) goes.
+  { [ -f "$DSJOBS_STATUS.tmp" ] || rm -f "$DSJOBS_STATUS.tmp"; } 2>/dev/null
   { [ -s "$DSJOBS_STATUS.tmp" ] && dsjobs_status_text "$@" 1<>"$DSJOBS_STATUS.tmp" \
     && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS"; } 2>/dev/null \
     || { dsjobs_status_text "$@" >"$DSJOBS_STATUS.tmp" && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS"; } 2>/dev/null \
-    || dsjobs_status_text "$@" >"$DSJOBS_STATUS"
+    || { { [ -f "$DSJOBS_STATUS" ] || rm -f "$DSJOBS_STATUS"; } 2>/dev/null; dsjobs_status_text "$@" >"$DSJOBS_STATUS"; }
 }
 
 # dsjobs_exit RC PHASE REASON EXIT_CODE

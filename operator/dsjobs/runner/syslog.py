@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,18 +22,31 @@ def open_shared(path: Path) -> int:
     someone else made is never chmod'ed (it is not ours to change, and fchmod would fail).
     """
     # O_NOFOLLOW: the job can replace the file by a symlink; the runner's containers must not
-    # append to whatever it points to in theirs.
-    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW
+    # append to whatever it points to in theirs. O_NONBLOCK: nor by a FIFO, whose open would wait
+    # for a reader for good (ENXIO instead); only a regular file is written to.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, flags)
+        return _regular(os.open(path, flags), path)
     except FileNotFoundError:
         pass
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, SHARED_FILE_MODE)
     except FileExistsError:
-        return os.open(path, flags)  # another writer created it meanwhile
+        return _regular(os.open(path, flags), path)  # another writer created it meanwhile
     try:
         os.fchmod(fd, SHARED_FILE_MODE)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _regular(fd: int, path: Path) -> int:
+    """`fd`, in blocking mode again, when it is a regular file's; else closed and OSError."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        os.set_blocking(fd, True)
     except OSError:
         os.close(fd)
         raise
