@@ -40,6 +40,7 @@ from dsjobs.runner.ship import (
     FINAL_FLUSH_SECONDS,
     MAX_ENTRY_ERRORS,
     MAX_NAMED_ENTRIES,
+    MAX_SHIPPED_BYTES,
     PERMANENT_ERROR_TRIES,
     LogShipper,
     Ship,
@@ -385,6 +386,22 @@ def test_a_new_attempt_starts_without_the_last_attempts_log_files_and_progress(
     files, errors = upload_log_files(cfg2, store)  # type: ignore[arg-type]
     assert errors == [] and [f.name for f in files] == ["stdout.txt"]
     assert attempt_files(store) == {"stdout.txt": b"attempt2 out\n"}
+
+
+def test_a_raw_log_file_bigger_than_a_log_may_be_is_not_uploaded(tmp_path: Path) -> None:
+    # `truncate -s 4T logs/stdout.log` costs the job no disk (a sparse file), and its upload would
+    # take hours of the pod and terabytes of the store.
+    store = FileStore()
+    cfg = config(tmp_path)
+    cfg.layout.logs_dir.mkdir(parents=True, exist_ok=True)
+    append(cfg.layout.stderr, b"real\n")
+    with open(cfg.layout.stdout, "wb") as f:
+        f.truncate(MAX_SHIPPED_BYTES + 1)
+    files, errors = upload_log_files(cfg, store)  # type: ignore[arg-type]
+    assert [f.name for f in files] == ["stderr.txt"]
+    assert [(e.log_file_name, e.description) for e in errors] == [
+        ("stdout.txt", f"not uploaded: {MAX_SHIPPED_BYTES + 1} bytes, over the 10 GiB a log file may have")
+    ]
 
 
 class CountingStore(MemoryStore):

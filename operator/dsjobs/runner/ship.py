@@ -1001,7 +1001,20 @@ def _upload_raw_files(
             continue
         try:
             with os.fdopen(fd, "rb") as f:
-                if os.fstat(f.fileno()).st_size == 0:
+                size = os.fstat(f.fileno()).st_size
+                if size == 0:
+                    continue
+                if size > MAX_SHIPPED_BYTES:
+                    # As much as its records ship: a bigger one (a sparse file costs the job no
+                    # disk) would take hours of the pod and that much of the store.
+                    errors.append(
+                        FileError(
+                            type=FileErrorType.UPLOAD_FAILED,
+                            log_file_name=name,
+                            description=f"not uploaded: {size} bytes, over the {MAX_SHIPPED_BYTES >> 30} GiB "
+                            "a log file may have",
+                        )
+                    )
                     continue
                 skipped = trouble.skipped()
                 if skipped is not None:
