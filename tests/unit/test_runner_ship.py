@@ -607,6 +607,28 @@ def test_status_and_heartbeat_the_job_made_unreadable_end_lost_instead_of_crashi
     assert st.status == RunnerStatus.LOST and st.return_code is None
 
 
+def test_a_start_once_seen_stays_seen_whatever_the_job_does_to_the_file(tmp_path: Path) -> None:
+    # `rm -rf run/` by the job: ship waited for a start for good, and on the pod's deletion said
+    # "stopped before the job started" with no outputs, though the program ran.
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    cfg.layout.create()
+    clock = Clock()
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    cfg.layout.started.write_text("1")
+    cfg.layout.heartbeat.write_text("1")
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if cfg.layout.started.exists():
+            cfg.layout.started.unlink()  # seen once, then gone; the heartbeat stops with it
+        assert clock.t - 1000 < 600, "it waited for a start for good"
+
+    ship.sleep = sleep
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.LOST  # judged by the silent heartbeat, as a started job
+    assert 10 < sum(clock.slept) < 60
+
+
 def test_stop_before_the_job_started(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     clock = Clock()

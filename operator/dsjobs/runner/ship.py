@@ -1037,6 +1037,18 @@ def _upload_raw_files(
     return stored, errors
 
 
+def _present(path: Path) -> bool:
+    """Whether something is at `path`, whatever it is; a path the job made unreadable (`chmod 0`
+    on its directory: EACCES) counts as there, where Path.exists raised."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def write_termination_message(text: str, path: str | None = None) -> None:
     target = path or os.environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
     try:
@@ -1184,6 +1196,9 @@ class Ship:
         beat: str | None = None
         beat_changed: float | None = None
         stalled_told = False
+        # Remembered: the job may delete the file afterwards (or the run dir), and the program's
+        # end must still be judged by the liveness FIFO and the heartbeat.
+        started = False
         try:
             while True:
                 # Only the writes due now: while storage fails, the program's end must still be seen.
@@ -1193,7 +1208,8 @@ class Ship:
                 if status is not None:
                     return status
                 now = self.clock()
-                if self.layout.started.exists():
+                started = started or _present(self.layout.started)
+                if started:
                     alive = self._entry_alive()
                     current = read_beneath(self.config.paths.shared_dir, self.layout.heartbeat)
                     if current != beat or beat_changed is None:
