@@ -837,6 +837,33 @@ def test_a_directory_output_with_more_entries_than_the_runner_can_zip_is_told(
     assert [o.path for o in outputs] == ["frames", "model.pt"] and errors == []
 
 
+def test_a_directory_output_with_paths_longer_than_path_max_is_refused_not_mismeasured(
+    tmp_path: Path,
+) -> None:
+    # The bound walked by name and skipped what it could not list, while the zipper walks by
+    # descriptor: millions of files below such a path passed the memory check, and ship was
+    # OOM-killed with every output's record.
+    cfg = config(tmp_path, outputs=[{"path": "deep"}, {"path": "model.pt"}])
+    (cfg.work_dir / "model.pt").write_bytes(b"w")
+    fd = os.open(cfg.work_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ["deep", *(["d" * 240] * 18)]:  # past PATH_MAX (4096 bytes)
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        for i in range(3):
+            os.close(os.open(f"{i}.bin", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    outputs, errors = upload_outputs(cfg, FileStore(), lambda m: None)  # type: ignore[arg-type]
+    assert [o.path for o in outputs] == ["model.pt"]
+    [err] = errors
+    assert err.path == "deep" and err.type == FileErrorType.UPLOAD_FAILED
+    assert "longer than the system lets the runner measure" in err.description
+    assert "shorten its names or its nesting" in err.description
+
+
 def test_a_file_named_in_another_encoding_does_not_fail_its_directory(tmp_path: Path) -> None:
     cfg = config(tmp_path, outputs=[{"path": "results"}])
     res = cfg.work_dir / "results"

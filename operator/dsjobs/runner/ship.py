@@ -31,6 +31,7 @@ parsable termination message and must report the job failed with a log error (do
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -719,6 +720,9 @@ class ZipBound:
     entries: int
     #: What zipping it holds in memory to the end: a central directory record per entry.
     memory: int
+    #: A directory below it whose path is too long to list by name (ENAMETOOLONG): what lies
+    #: below is not counted, so the bound holds only without it.
+    too_long: str = ""
 
 
 #: Memory an entry of a zip holds until the end (Python's ZipInfo and its name: ~580 bytes
@@ -739,11 +743,16 @@ def _zip_bound(directory: str, work: str) -> ZipBound:
     (nesting of any depth is counted), and without holding a listing (a directory may have
     millions of files)."""
     total = entries = memory = 0
+    too_long = ""
     pending = [directory]
     while pending:
+        path = pending.pop()
         try:
-            it = os.scandir(pending.pop())
-        except OSError:
+            it = os.scandir(path)
+        except OSError as exc:
+            # The zipper walks by descriptor and would store what this walk cannot see.
+            if exc.errno == errno.ENAMETOOLONG and not too_long:
+                too_long = path
             continue
         with it:
             for entry in it:
@@ -755,13 +764,15 @@ def _zip_bound(directory: str, work: str) -> ZipBound:
                         entry.is_symlink() and entry.is_file() and _inside(work, os.path.realpath(entry.path))
                     ):
                         st = entry.stat()  # stored as its file (a link elsewhere is skipped)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno == errno.ENAMETOOLONG and not too_long:
+                        too_long = entry.path
                     continue
                 # Headers: local, data descriptor and central directory entries with zip64 extras.
                 total += st.st_size + st.st_size // 1024 + 2 * len(entry.path) + 200
                 entries += 1
                 memory += ZIP_BYTES_PER_ENTRY + 2 * len(entry.path)
-    return ZipBound(total + 1024, entries, memory)
+    return ZipBound(total + 1024, entries, memory, too_long)
 
 
 def zip_fits(bound: ZipBound, memory_limit: int | None) -> bool:
@@ -879,6 +890,13 @@ def _upload_output(
 
             try:
                 bound = _zip_bound(real, work)
+                if bound.too_long:
+                    return fail(
+                        FileErrorType.UPLOAD_FAILED,
+                        f"not uploaded: it holds paths longer than the system lets the runner measure "
+                        f"({len(bound.too_long.encode(errors='surrogateescape'))} bytes and more, "
+                        "over PATH_MAX): shorten its names or its nesting",
+                    )
                 if not zip_fits(bound, memory_limit()):
                     # Told, instead of the ship container's OOM kill losing every output's record.
                     return fail(
