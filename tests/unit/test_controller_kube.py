@@ -209,7 +209,7 @@ def test_a_connection_refused_is_retried_with_the_given_backoffs() -> None:
         # Labelled with the resource its path names (as the API server's requests are).
         before = _observed("get", "pods")
         try:
-            await kube._timed("get", "pods", "/api/v1/namespaces/p/pods", None, None, backoffs=(0.01, 0.01))
+            await kube._timed("get", "/api/v1/namespaces/p/pods", None, None, backoffs=(0.01, 0.01))
         except Exception as exc:
             return exc, _observed("get", "pods") - before
         return None, _observed("get", "pods") - before

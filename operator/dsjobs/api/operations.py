@@ -383,7 +383,7 @@ def execute_response(
                     jobs_pb2.FileUploadError(
                         output_file_desc=jobs_pb2.FileDesc(path=stored.desc.path, var=stored.desc.var),
                         description=(
-                            f"the job's data {'was' if status.data_cleared else 'is being'} deleted; "
+                            f"the job's data {data_deletion_words(status)}; "
                             "this output can no longer be downloaded"
                         ),
                         type=jobs_pb2.FileUploadError.ErrorType.NOT_FOUND,
@@ -535,6 +535,11 @@ def delete_all_data_operation(
 
 def data_deletion_pending(job: JobSnapshot) -> bool:
     return job.spec.clear_data and not job.status.data_cleared
+
+
+def data_deletion_words(status: ProjectJobStatus) -> str:
+    """How the job's data went, for messages: deleted already, or being deleted."""
+    return "was deleted" if status.data_cleared else "is being deleted"
 
 
 def data_expired(job: JobSnapshot, at: datetime | None = None) -> bool:

@@ -114,6 +114,14 @@ def _inputs(params: JobParameters, prefix: str = "job_parameters") -> list[tuple
     return files
 
 
+def _refuse_unavailable_data(job: JobSnapshot, more: str = "") -> None:
+    """FAILED_PRECONDITION when the job's stored data is deleted or going (operations.data_unavailable)."""
+    if operations.data_unavailable(job):
+        raise errors.failed_precondition(
+            f"the data of job {job.name!r} {operations.data_deletion_words(job.status)}{more}"
+        )
+
+
 def _missing_message(missing: Sequence[InputCheck]) -> str:
     lines = []
     for c in missing[:20]:
@@ -683,12 +691,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         def set_ttl(j: JobSnapshot) -> dict[str, Any] | None:
             if j.spec.data_ttl == ttl:
                 return None  # already so (a retry of a call that took effect): nothing changes
-            if operations.data_unavailable(j):
-                # Too late: the deletion ends whatever the TTL becomes (the operator's mark).
-                raise errors.failed_precondition(
-                    f"the data of job {j.name!r} {'was' if j.status.data_cleared else 'is being'} deleted "
-                    "(DeleteData or its data TTL): its TTL can no longer change"
-                )
+            # Too late once it goes: the deletion ends whatever the TTL becomes (the operator's mark).
+            _refuse_unavailable_data(j, " (DeleteData or its data TTL): its TTL can no longer change")
             return {"spec": {"dataTtl": format_duration(ttl)}}
 
         # Guarded: a TTL written after the operator marked the data's deletion would say the data
@@ -923,10 +927,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             return svc.DownloadProjectJobFilesResponse()
         if len(request.files) > MAX_DOWNLOAD_FILES:
             raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
-        if operations.data_unavailable(job):
-            raise errors.failed_precondition(
-                f"the data of job {job.name!r} {'was' if job.status.data_cleared else 'is being'} deleted"
-            )
+        _refuse_unavailable_data(job)
         stored = [
             f
             for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
@@ -958,10 +959,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DownloadProjectJobStdLogsRequest, context: Context
     ) -> svc.DownloadProjectJobStdLogsResponse:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
-        if operations.data_unavailable(job):
-            raise errors.failed_precondition(
-                f"the data of job {job.name!r} {'was' if job.status.data_cleared else 'is being'} deleted"
-            )
+        _refuse_unavailable_data(job)
         if not job.is_final:
             # Files there now are an earlier attempt's (a retry), or being written.
             raise errors.failed_precondition(

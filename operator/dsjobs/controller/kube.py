@@ -163,7 +163,10 @@ class RetriedAttemptsAreWarnings(logging.Filter):
 
 
 class Kube:
-    """Thin async verbs over Kopf's session; needs Kopf's settings (timeouts, auth vault)."""
+    """Thin async verbs over Kopf's session; needs Kopf's settings (timeouts, auth vault).
+
+    The verbs' `resource` argument says what the call is about to the tests' stand-ins of this
+    class; a request's metric labels come from its path (`call_kind`), as the API server's do."""
 
     def __init__(self, settings: KopfSettings, concurrency: int = 64) -> None:
         self.settings = settings
@@ -177,19 +180,17 @@ class Kube:
     async def _call(
         self,
         verb: str,
-        resource: str,
         path: str,
         payload: object | None = None,
         headers: Mapping[str, str] | None = None,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
     ) -> Any:
         async with self._create_slots if verb == "post" else self._slots:
-            return await self._timed(verb, resource, path, payload, headers, logger=logger)
+            return await self._timed(verb, path, payload, headers, logger=logger)
 
     async def _timed(
         self,
         verb: str,
-        resource: str,
         path: str,
         payload: object | None,
         headers: Mapping[str, str] | None,
@@ -261,7 +262,7 @@ class Kube:
     async def get(self, resource: str, path: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            result: dict[str, Any] = await self._call("get", resource, path)
+            result: dict[str, Any] = await self._call("get", path)
         except NotFound:
             return None
         return result
@@ -275,7 +276,7 @@ class Kube:
             query = with_query(
                 path, labelSelector=label_selector, limit=str(page_size), **{"continue": token}
             )
-            page = await self._call("get", resource, query)
+            page = await self._call("get", query)
             yield list(page.get("items") or ())
             token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
@@ -293,9 +294,7 @@ class Kube:
         The per-attempt lines are debug lines here: a refusal (a quota's 403) is the caller's to
         tell, once, and a failure after the retries comes back as the reconcile's own warning."""
         try:
-            result: dict[str, Any] = await self._call(
-                "post", resource, path, payload=body, logger=_DEBUG_ONLY
-            )
+            result: dict[str, Any] = await self._call("post", path, payload=body, logger=_DEBUG_ONLY)
         except Conflict:
             return None
         return result
@@ -319,7 +318,7 @@ class Kube:
         if uid:
             options["preconditions"] = {"uid": uid}
         try:
-            await self._call("delete", resource, path, payload=options)
+            await self._call("delete", path, payload=options)
         except NotFound:
             return False
         except Conflict:  # uid precondition failed: a different object now has that name
@@ -327,17 +326,17 @@ class Kube:
         return True
 
     async def delete_collection(self, resource: str, path: str, label_selector: str) -> None:
-        await self._call("delete", resource, with_query(path, labelSelector=label_selector))
+        await self._call("delete", with_query(path, labelSelector=label_selector))
 
     async def create_event(self, path: str, body: Mapping[str, Any]) -> None:
         """POST an Event once: the caller (events.EventPoster) decides about retries and logging,
         so the attempt's lines are debug lines here."""
         async with self._slots:
-            await self._timed("post", "events", path, body, None, backoffs=(), logger=_DEBUG_ONLY)
+            await self._timed("post", path, body, None, backoffs=(), logger=_DEBUG_ONLY)
 
     async def merge_patch(self, resource: str, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """RFC 7386 merge patch; include metadata.resourceVersion for optimistic concurrency."""
-        result: dict[str, Any] = await self._call("patch", resource, path, payload=patch, headers=MERGE_PATCH)
+        result: dict[str, Any] = await self._call("patch", path, payload=patch, headers=MERGE_PATCH)
         return result
 
 
