@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import dataclasses
+import logging
 import re
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,37 @@ def test_runner_resources_are_quantities_a_pod_accepts(env: dict[str, str], mess
     # Checked at start-up: a bad one would make every job's pod Invalid.
     with pytest.raises(SettingsError, match=message):
         settings_from_env(env)
+
+
+def test_the_operator_log_level_is_a_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dsjobs.controller import __main__ as main
+
+    assert settings_from_env({}).log_level == "INFO"
+    assert settings_from_env({"DSJOBS_OPERATOR_LOG_LEVEL": "warning"}).log_level == "WARNING"
+    names = ("dsjobs", "kopf", "aiohttp.access")
+    before = {n: logging.getLogger(n).level for n in names}
+    try:
+        main.set_log_levels("WARNING", verbose=False)
+        assert {n: logging.getLevelName(logging.getLogger(n).level) for n in names} == dict.fromkeys(
+            names, "WARNING"
+        )
+        main.set_log_levels("DEBUG", verbose=False)
+        assert logging.getLogger("dsjobs").level == logging.DEBUG
+        assert logging.getLogger("kopf").level == logging.WARNING  # one line per handler call otherwise
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
+    # A bad setting: one line naming the variable and the rule, exit 2 (was a traceback, exit 1),
+    # before anything else (Kopf, the kubernetes client kept out of sys.modules).
+    monkeypatch.setenv("DSJOBS_OPERATOR_LOG_LEVEL", "loud")
+    modules = set(sys.modules)
+    assert main.main([]) == 2
+    assert set(sys.modules) - modules <= {"dsjobs.controller.settings", "dsjobs.quantity"}
+    assert capsys.readouterr().err == (
+        "dsjobs.controller: DSJOBS_OPERATOR_LOG_LEVEL='loud': must be one of DEBUG, INFO, WARNING, ERROR\n"
+    )
 
 
 def test_every_documented_setting_is_a_field() -> None:

@@ -50,6 +50,18 @@ def liveness_endpoint(settings: OperatorSettings) -> str | None:
     return f"http://{host}:{settings.liveness_port}/healthz"
 
 
+def set_log_levels(level: str, *, verbose: bool) -> None:
+    """The operator's own loggers at `level` (DSJOBS_OPERATOR_LOG_LEVEL); Kopf's and aiohttp's
+    at WARNING. `--verbose` leaves them all at Kopf's DEBUG."""
+    if verbose:
+        return
+    logging.getLogger("dsjobs").setLevel(level)
+    # Kopf logs every handler call at INFO ("Handler ... succeeded"): per event, per job.
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    # One line per liveness probe otherwise.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsjobs.controller", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -62,14 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", choices=("text", "json"), default="json")
     args = parser.parse_args(argv)
 
+    from dsjobs.controller.settings import SettingsError, runner_image_skew, settings_from_env
+
+    try:
+        settings = settings_from_env()
+    except SettingsError as exc:
+        # One line naming the variable, as the API says it, not a traceback.
+        print(f"dsjobs.controller: {exc}", file=sys.stderr)
+        return 2
     _keep_kubernetes_client_out()
     import kopf
 
     from dsjobs import __version__
     from dsjobs.controller.handlers import Operator, register
-    from dsjobs.controller.settings import runner_image_skew, settings_from_env
 
-    settings = settings_from_env()
     namespaces = tuple(args.namespace) or settings.namespaces
     # The operator's own LISTs (start-up caches, input references) follow the same scope as Kopf.
     settings = dataclasses.replace(settings, namespaces=namespaces)
@@ -89,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RetriedAttemptsAreWarnings())
         handler.setFormatter(formatter)
-    if not args.verbose:
-        # Kopf logs every handler call at INFO ("Handler ... succeeded"): per event, per job.
-        logging.getLogger("kopf").setLevel(logging.WARNING)
-        # One line per liveness probe otherwise.
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    set_log_levels(settings.log_level, verbose=args.verbose)
     skew = runner_image_skew(settings.runner_image, __version__)
     if skew is not None:
         logging.getLogger("dsjobs.controller").warning("%s", skew)

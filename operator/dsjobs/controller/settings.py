@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Final
 
@@ -125,6 +125,8 @@ class OperatorSettings:
     # replica, or a process run by hand or by the tests).
     leader_lease: str = ""
     leader_lease_seconds: int = 15
+    # Level of the operator's own loggers (`dsjobs.*`); Kopf's stay at WARNING unless --verbose.
+    log_level: str = "INFO"
 
     def python_image_for(self, version: str) -> str:
         """The default runtime image of a job with a Python env (and of jobs without any image)."""
@@ -258,7 +260,14 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "worker_idle_seconds",
         "Seconds an idle per-object worker (and the object it last saw) is kept; lower saves memory.",
     ),
+    "DSJOBS_OPERATOR_LOG_LEVEL": (
+        "log_level",
+        "Level of the operator's own log lines: `DEBUG`, `INFO`, `WARNING` or `ERROR` (`--verbose` "
+        "logs everything, Kopf's per-handler lines included, at DEBUG).",
+    ),
 }
+
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 # The runner containers' resources (SETTINGS_DOC names their fields): Kubernetes quantities, a
@@ -304,6 +313,11 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             continue
         values[attr] = _convert(name, raw, getattr(defaults, attr))
     settings = OperatorSettings(**values)  # type: ignore[arg-type]
+    if settings.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(
+            f"DSJOBS_OPERATOR_LOG_LEVEL={settings.log_level!r}: must be one of " + ", ".join(LOG_LEVELS)
+        )
+    settings = replace(settings, log_level=settings.log_level.upper())
     if settings.storage_credentials not in STORAGE_CREDENTIAL_SOURCES:
         raise SettingsError(
             f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
