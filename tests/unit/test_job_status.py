@@ -179,6 +179,7 @@ def pod(
     type_name: str = "c1.4",
     index: int = 0,
     tolerations: list[dict[str, Any]] | None = None,
+    attempt_label: int | None = None,
 ) -> PodView:
     meta: dict[str, Any] = {
         "name": f"job-1-a{attempt}",
@@ -186,7 +187,7 @@ def pod(
         "creationTimestamp": ts(created),
         "labels": {
             "dsjobs.dev/job-id": "job-1",
-            "dsjobs.dev/attempt": str(attempt),
+            "dsjobs.dev/attempt": str(attempt if attempt_label is None else attempt_label),
             "dsjobs.dev/instance-type": type_name,
         },
         "annotations": {"dsjobs.dev/instance-type-index": str(index)},
@@ -503,6 +504,42 @@ def test_crash_after_pod_creation_adopts_the_pod() -> None:
     p = step(job(status={"phase": "CREATING", "createdAt": ts(CREATED)}), [pod()])
     assert not any(isinstance(a, CreatePod) for a in p.actions)
     assert (p.status.attempt, p.status.pod_name) == (1, "job-1-a1")
+
+
+def test_a_running_pod_relabelled_as_a_later_attempt_keeps_running() -> None:
+    # `kubectl label --overwrite pod job-1-a1 dsjobs.dev/attempt=5`: the pod is still attempt 1
+    # (its name); believing the label, the plan deleted it as superseded and ran attempt 5.
+    relabelled = pod(
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[running("job"), running("ship")],
+        attempt_label=5,
+    )
+    p = step(job(status=started("EXECUTING")), [relabelled])
+    assert (p.status.phase, p.status.attempt, p.status.pod_name) == (JobPhase.EXECUTING, 1, "job-1-a1")
+    assert not p.actions
+
+
+def test_a_final_phase_written_by_hand_gets_its_finish_time() -> None:
+    # `kubectl edit --subresource=status` to SUCCESS without finishedAt (or a backup restored so):
+    # the data never expired and a kept pod was never retired.
+    p = step(job(status=started("SUCCESS")), [executing_pod()])
+    assert p.status.finished_at == NOW
+    assert p.status.data_expires_at == NOW + timedelta(days=14)
+    finished = {
+        **started("SUCCESS"),
+        "conditions": [
+            {
+                "type": "Finished",
+                "status": "True",
+                "reason": "Succeeded",
+                "message": "",
+                "lastTransitionTime": ts(CREATED),
+            }
+        ],
+    }
+    assert step(job(status=finished), []).status.finished_at == CREATED
 
 
 def test_plan_is_idempotent() -> None:

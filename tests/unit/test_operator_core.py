@@ -9,6 +9,7 @@ import logging
 import re
 import ssl
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +402,35 @@ def test_a_pod_belongs_to_the_project_job_that_controls_it() -> None:
     # No controller: nobody's but the job's whose labels it carries (orphaned by kubectl).
     assert pod().owned_by("now") and pod({"kind": "ProjectJob", "uid": "before"}).owned_by("now")
     assert earlier.owned_by("")  # a job whose uid is not known takes what it finds
+
+
+def test_an_orphaned_pod_older_than_the_job_is_not_taken() -> None:
+    """`kubectl delete pj --cascade=orphan` strips the pods' owner references; such a pod stuck
+    on a lost node outlived its job, and a ProjectJob made again under the name took it as its
+    own (even one not executed), then ended ERROR when it went."""
+    job_created = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+    def orphan(created: str) -> PodView:
+        return PodView.from_pod({"metadata": {"name": "j-a1", "creationTimestamp": created}})
+
+    assert not orphan("2026-01-01T11:59:59Z").owned_by("now", job_created)
+    # Made after the job: its own pod, whose reference somebody stripped (adopted, as Kubernetes'
+    # controllers adopt their orphans).
+    assert orphan("2026-01-01T12:00:00Z").owned_by("now", job_created)
+    assert orphan("2026-01-01T11:59:59Z").owned_by("now")  # the job's creation not known
+
+
+def test_a_pods_attempt_is_its_names_not_its_label() -> None:
+    """A `kubectl label --overwrite dsjobs.dev/attempt=5` on the running pod made it look like a
+    newer attempt than the status: the plan adopted "attempt 5", deleted the pod as superseded and
+    ran the job again, without a retry policy."""
+
+    def pod(name: str, attempt: str) -> PodView:
+        return PodView.from_pod({"metadata": {"name": name, "labels": {"dsjobs.dev/attempt": attempt}}})
+
+    assert pod("job-1-a1", "5").attempt == 1
+    assert pod("job-1-a12", "1").attempt == 12
+    assert pod("not-ours", "3").attempt == 3  # no attempt in the name: the label's
 
 
 def test_phase_book_counts() -> None:

@@ -773,8 +773,10 @@ class Operator:
         # Pods left by an earlier ProjectJob of the same name (deleted while its pod was stuck
         # on a lost node) are not this job's: never adopted, never its outcome (_create_pod
         # waits for them to go when they hold the name of the pod to create).
-        pods: dict[str, PodView] = {p.name: p for p in self.pods.get(key) if p.owned_by(job.uid)}
-        gone = {n: v for n, v in self._gone.get(key, {}).items() if v.owned_by(job.uid)}
+        pods: dict[str, PodView] = {
+            p.name: p for p in self.pods.get(key) if p.owned_by(job.uid, job.created_at)
+        }
+        gone = {n: v for n, v in self._gone.get(key, {}).items() if v.owned_by(job.uid, job.created_at)}
         fresh = self._fresh.get(key)
         if fresh is not None:
             if fresh.name in pods or fresh.name in gone:
@@ -801,7 +803,7 @@ class Operator:
             assert self.kube is not None
             raw = await self.kube.get("pods", core_path(job.namespace, "pods", wanted))
             found = PodView.from_pod(raw) if raw is not None else None
-            if found is not None and found.owned_by(job.uid):
+            if found is not None and found.owned_by(job.uid, job.created_at):
                 pods[wanted] = found
             else:
                 pods[wanted] = PodView(name=wanted, attempt=job.status.attempt, gone=True)
@@ -1007,7 +1009,9 @@ class Operator:
         ns = job.namespace
         # Any pod an earlier ProjectJob of this name left: it holds this job's pod names and
         # writes under this job's prefix in the object store.
-        earlier = next((p for p in self.pods.get((ns, job.name)) if not p.owned_by(job.uid)), None)
+        earlier = next(
+            (p for p in self.pods.get((ns, job.name)) if not p.owned_by(job.uid, job.created_at)), None
+        )
         if earlier is not None:
             return Refused(_earlier_pod(earlier))
         instance_type = (await self._catalog_for(job)).get(action.instance_type)
@@ -1175,7 +1179,7 @@ class Operator:
                 name = pod["metadata"]["name"]
                 raw = await self.kube.get("pods", core_path(ns, "pods", name))
                 holder = PodView.from_pod(raw) if raw is not None else None
-                if holder is not None and not holder.owned_by(job.uid):
+                if holder is not None and not holder.owned_by(job.uid, job.created_at):
                     await self._delete_secrets(job)
                     return Refused(_earlier_pod(holder))
             else:

@@ -1130,6 +1130,13 @@ def _plan_final(
     events: list[JobEvent],
 ) -> Plan:
     """A finished job: remove its pod (after the retention), finalize, clear data at its TTL."""
+    if status.finished_at is None:
+        # A final phase the operator did not write (a status edited by hand, restored by a backup
+        # tool): its data would never expire, and a kept pod never be retired. When the Finished
+        # condition says, else from now on, which is later, never earlier.
+        finished = get_condition(status, COND_FINISHED)
+        when = finished.last_transition_time if finished is not None else None
+        status = status.model_copy(update={"finished_at": when or now})
     alive = [p for p in pods if p.alive]
     requeue = _retire_pods(status, alive, spec.finalized, now, settings, actions)
     if (

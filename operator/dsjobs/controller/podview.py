@@ -7,6 +7,7 @@ about a pod is here, so the status function can be tested with hand-made pods.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -155,7 +156,7 @@ class PodView:
             name=str(meta.get("name", "")),
             uid=str(meta.get("uid", "")),
             owner_uid=_controller_uid(meta.get("ownerReferences") or ()),
-            attempt=_int(labels.get(ATTEMPT_LABEL), 1),
+            attempt=_attempt(str(meta.get("name", "")), labels),
             instance_type=str(labels.get(INSTANCE_TYPE_LABEL, "")),
             instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
             instance_type_digest=str(annotations.get(INSTANCE_TYPE_DIGEST_ANNOTATION) or ""),
@@ -189,11 +190,16 @@ class PodView:
             unreachable_toleration_seconds=_unreachable_toleration(spec.get("tolerations") or ()),
         )
 
-    def owned_by(self, job_uid: str) -> bool:
-        """A pod of the ProjectJob with this uid, not one left by an earlier ProjectJob of the
-        same name: those carry the same labels and pod names until they are gone. A pod without
-        an owner (or a job whose uid is not known) is taken as the job's."""
-        return not self.owner_uid or not job_uid or self.owner_uid == job_uid
+    def owned_by(self, job_uid: str, job_created: datetime | None = None) -> bool:
+        """A pod of the ProjectJob with this uid (created then), not one left by an earlier
+        ProjectJob of the same name: those carry the same labels and pod names until they are
+        gone. A pod without an owner (its reference stripped by hand), or any pod of a job whose uid
+        is not known, is taken as the job's, as Kubernetes' controllers adopt their orphans; but not
+        one older than the job: `kubectl delete --cascade=orphan` strips an earlier job's pods'
+        references, and such a pod stuck on a lost node outlives that job."""
+        if self.owner_uid:
+            return not job_uid or self.owner_uid == job_uid
+        return job_created is None or self.created_at is None or self.created_at >= job_created
 
     def condition(self, type_: str) -> PodCondition | None:
         for name, cond in self.conditions:
@@ -315,6 +321,17 @@ def _int(value: object, default: int) -> int:
         return int(str(value))
     except (TypeError, ValueError):
         return default
+
+
+_POD_NAME_ATTEMPT: Final = re.compile(r"-a([1-9][0-9]{0,8})$")
+
+
+def _attempt(name: str, labels: Mapping[str, Any]) -> int:
+    """The attempt a pod is of: its name's (`names.pod_name`), which cannot change, not its label
+    (which selects it), which a `kubectl label --overwrite` can: believed, it made the running
+    pod look like a newer attempt than the status and the plan delete it as superseded."""
+    m = _POD_NAME_ATTEMPT.search(name)
+    return int(m.group(1)) if m else _int(labels.get(ATTEMPT_LABEL), 1)
 
 
 def _controller_uid(refs: Any) -> str:
