@@ -1347,6 +1347,26 @@ def test_system_log_lines_keep_the_time_they_were_written(tmp_path: Path) -> Non
     assert shipped not in (t20, t24)
 
 
+def test_a_system_log_line_with_a_time_no_record_can_hold_does_not_stop_the_logs(tmp_path: Path) -> None:
+    # The job may write to the system log (pip's output goes there): a line beginning with a time
+    # before 1970 or after 2554 made the chunk's records fail to build, and no stream was shipped
+    # again for the rest of the job.
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    clock = Clock()
+    s = LogShipper(store, cfg, clock=clock, sleep=clock.sleep)
+    s.resume()
+    append(cfg.layout.stdout, b"o1\n")
+    assert s.pump()
+    odd = b"1960-01-01T00:00:00Z notAfter\n9999-12-31T23:59:59Z notAfter\n"
+    append(cfg.layout.system_log, odd)
+    append(cfg.layout.stdout, b"o2\n")
+    assert s.pump(final=True)
+    records = all_records(store)
+    assert (Stream.OUT, None, b"o2\n") in records
+    assert b"".join(c for stream, path, c in records if path == SYSTEM_LOG_PATH) == odd
+
+
 _SWAP = """
 import os, sys
 real, link_to = sys.argv[1], sys.argv[2]

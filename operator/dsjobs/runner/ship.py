@@ -143,7 +143,12 @@ def stamped_lines(content: bytes, default_ns: int) -> list[tuple[bytes, int]]:
             except (UnicodeDecodeError, ValueError):
                 pass
             else:
-                stamp = int(when.timestamp()) * 1_000_000_000
+                ns = int(when.timestamp()) * 1_000_000_000
+                # A record's time is unsigned ns since 1970 (< year 2554): a line the job wrote
+                # there (system.log is the job's to write to, pip's output goes there) saying
+                # 1960 or 9999 made every record of the chunk unbuildable, stalling all its logs.
+                if 0 <= ns < 1 << 64:
+                    stamp = ns
         if out and out[-1][1] == stamp:
             out[-1] = (out[-1][0] + line, stamp)
         else:
