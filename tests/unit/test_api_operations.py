@@ -341,6 +341,24 @@ def test_an_execute_time_utc_cannot_hold_is_ignored_not_an_internal_error() -> N
     assert ops.parse_time("2025-06-01T12:00:00+01:00") == datetime(2025, 6, 1, 11, 0, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    "status",
+    [
+        {"phase": "EXECUTING", "startedAt": "9999-12-31T23:59:59-00:01"},
+        {"phase": "SUCCESS", "finishedAt": "9999-12-31T23:59:59-00:01"},
+    ],
+)
+def test_a_status_time_utc_cannot_hold_makes_no_internal_error_of_an_operation(
+    status: dict[str, Any],
+) -> None:
+    # The CRD's date-time format lets offsets through that put a time past year 9999 in UTC. The
+    # job's Get answered (its times saturate); its Execute operation's Get failed (INTERNAL), and
+    # with it the CLI's polling.
+    j = job(status)
+    assert execute_op(j).modified_at.ToDatetime(tzinfo=UTC).year == 9999
+    ops.delete_data_operation(j.ref(ops.OpKind.DELETE_DATA), j, T0)
+
+
 def test_a_job_a_newer_version_wrote_keys_into_is_served() -> None:
     # Mid-rollout a newer operator or API replica wrote fields this replica does not know: Get,
     # Cancel, Delete and the CLI's operation polling must not answer "cannot be read".

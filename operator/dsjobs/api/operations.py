@@ -24,13 +24,15 @@ from typing import Any, Final
 import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.controller.status import data_deletion_begun, data_expiry
-from dsjobs.convert.common import file_to_proto
+
+# timestamp saturates: a status time near year 1 or 9999 (the CRD lets +-23:59 offsets through)
+# must not fail an operation's Get when the job's Get answers.
+from dsjobs.convert.common import file_to_proto, timestamp
 from dsjobs.convert.job import progress_to_proto
 from dsjobs.models import FINAL_PHASES, JobPhase, ProjectJobSpec, ProjectJobStatus
 from dsjobs.models.base import read_stored
@@ -174,12 +176,6 @@ def parse_time(text: str) -> datetime:
         return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
     except OverflowError as exc:
         raise ValueError(f"{text!r} is out of range") from exc
-
-
-def timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
 
 
 def _latest(*values: datetime | None) -> datetime | None:

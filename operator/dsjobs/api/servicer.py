@@ -40,7 +40,7 @@ from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
 from dsjobs.controller.secrets import REGISTRY_HOSTS_ANNOTATION, registry_of, registry_password_source_problem
 from dsjobs.convert import params as params_conv
-from dsjobs.convert.common import ConversionError, file_to_proto, from_duration
+from dsjobs.convert.common import ConversionError, file_to_proto, from_duration, timestamp
 from dsjobs.convert.listsizes import oversized_lists
 from dsjobs.models import (
     API_VERSION,
@@ -1287,7 +1287,7 @@ def project_proto(info: ProjectInfo, community_id: str) -> project_pb2.Project:
     )
     created = meta.get("creationTimestamp")
     if created:
-        project.created_at.CopyFrom(operations.timestamp(operations.parse_time(created)))
+        project.created_at.CopyFrom(timestamp(operations.parse_time(created)))
     return project
 
 
