@@ -2139,6 +2139,40 @@ def test_retry_after_eviction_uses_a_fresh_pod_after_the_backoff() -> None:
     assert p5.status.phase == JobPhase.ERROR
 
 
+def test_status_times_near_the_end_of_time_make_no_failing_reconcile() -> None:
+    # A status is anyone's to write who may write it, and the CRD lets 9999-12-31T23:59:30Z in:
+    # its time plus the pod retention, a retry's backoff or the image-pull limit overflowed, and
+    # every reconcile of the job failed (its kept pod never retired, its data TTL never reached).
+    end = "9999-12-31T23:59:30Z"
+    keep = replace(SETTINGS, finished_pod_retention_seconds=3600)
+    for pods in ([ended_pod()], [replace(ended_pod(), gone=True)]):
+        p = step(job(status={**started("SUCCESS"), "finishedAt": end}), pods, settings=keep)
+        assert not any(isinstance(a, DeletePod) for a in p.actions)
+    policy = {"maxAttempts": 2, "backoffSeconds": 7200}
+    retrying = started("PREPARING") | {
+        "attempt": 2,
+        "podName": "",
+        "conditions": [
+            {"type": "Retrying", "status": "True", "reason": "Evicted", "lastTransitionTime": end}
+        ],
+    }
+    p = step(job(status=retrying, retryPolicy=policy), [pod(gone=True)])
+    assert not p.actions and p.requeue_after is not None
+    pulling = started("PREPARING") | {
+        "conditions": [
+            {
+                "type": "ContainersCreated",
+                "status": "False",
+                "reason": "ImagePullBackOff",
+                "lastTransitionTime": end,
+            }
+        ]
+    }
+    backoff = pod(node="cpu-0", containers=[waiting("job", "ImagePullBackOff", "pull failed")])
+    p = step(job(status=pulling), [backoff])
+    assert p.status.phase == JobPhase.PREPARING and p.requeue_after is not None
+
+
 def test_a_retry_onto_a_type_deleted_meanwhile_falls_back_to_the_next_one_listed() -> None:
     # g1.1 evicted, then deleted (or broken) by an admin during the backoff: c1.4 still runs it.
     policy = {"maxAttempts": 2, "backoffSeconds": 0}

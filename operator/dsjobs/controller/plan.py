@@ -64,6 +64,7 @@ from dsjobs.controller.status import (
     finish,
     get_condition,
     graceful_timeout,
+    later,
     set_condition,
     stored_data_size,
     ttl_expiry,
@@ -1042,7 +1043,7 @@ def _plan_next_attempt(
             finish(spec, undone, outcome, failed_at, events), tuple(actions), tuple(events), spec=spec
         )
     if retrying is not None and retrying.last_transition_time is not None and spec.retry_policy is not None:
-        due = retrying.last_transition_time + timedelta(seconds=spec.retry_policy.backoff_seconds)
+        due = later(retrying.last_transition_time, timedelta(seconds=spec.retry_policy.backoff_seconds))
         if now < due:
             return Plan(status, tuple(actions), tuple(events), requeue_after=due - now, spec=spec)
     if superseded:
@@ -1143,7 +1144,7 @@ def _plan_final(
         not alive
         and not spec.finalized
         and any(p.gone for p in pods)
-        and now < (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+        and now < later(status.finished_at or now, timedelta(seconds=settings.finished_pod_retention_seconds))
     ):
         # The kept pod was removed by someone else (kubectl, the pod GC, a node removed): its
         # Secrets go as they would have with it. Seen while the operator remembers the deletion.
@@ -1232,7 +1233,7 @@ def _retire_pods(
     the wait until then."""
     if not alive:
         return None
-    keep_until = (status.finished_at or now) + timedelta(seconds=settings.finished_pod_retention_seconds)
+    keep_until = later(status.finished_at or now, timedelta(seconds=settings.finished_pod_retention_seconds))
     if not finalized and now < keep_until:
         return keep_until - now
     # The Secrets first: the status is final already, so once the pod is gone no later plan would

@@ -216,6 +216,19 @@ def drop_conditions(status: ProjectJobStatus, *types: str) -> ProjectJobStatus:
     return status.model_copy(update={"conditions": kept})
 
 
+#: The latest time a datetime holds, where sums of status times saturate.
+END_OF_TIME: Final = datetime.max.replace(tzinfo=UTC)
+
+
+def later(when: datetime, by: timedelta) -> datetime:
+    """`when + by`, or END_OF_TIME past it: a status time is anyone's to write who may write the
+    status (9999-12-31T23:30:00Z passes the CRD), and an OverflowError failed every reconcile."""
+    try:
+        return when + by
+    except OverflowError:
+        return END_OF_TIME
+
+
 def ttl_expiry(ttl: timedelta, since: datetime | None, previous: datetime | None = None) -> datetime | None:
     """`since` + the data TTL, `since` being finishedAt (or createdAt for a job never executed);
     None without it (a running job) or when the TTL is infinite. A TTL out of range (a kubectl
@@ -1050,7 +1063,7 @@ def compute_status(
                 spec, status, stuck.reason, f"{kind} for {int(limit.total_seconds())}s: {message}", now
             )
         new = with_phase(status, JobPhase.PREPARING, message, events)
-        return StatusUpdate(new, tuple(events), requeue_after=since.last_transition_time + limit - now)
+        return StatusUpdate(new, tuple(events), requeue_after=later(since.last_transition_time, limit) - now)
     if any(c.state != "waiting" for c in (*pod.init_containers, *pod.containers)):
         status = set_condition(status, COND_CONTAINERS_CREATED, "True", "Created", "", now)
 
