@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from dsjobs.controller.cleanup import raw_input_hashes
 from dsjobs.controller.names import PROJECT_LABEL
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION, format_duration, parse_duration
-from dsjobs.models.limits import INFINITE_TTL
 
 if TYPE_CHECKING:
     from dsjobs.storage import Storage
@@ -43,6 +42,10 @@ if TYPE_CHECKING:
 DEFAULT_GRACE: Final = timedelta(days=1)
 PROJECTS_PREFIX: Final = "projects/"
 _PAGE: Final = 500
+
+#: The longest --grace: data older than a century is not waited for.
+MAX_GRACE: Final = timedelta(days=36500)
+
 
 
 @dataclass(frozen=True)
@@ -303,8 +306,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         grace = parse_duration(args.grace)
     except ValueError as exc:
         parser.error(f"--grace: {exc}")
-    if not timedelta(0) <= grace < INFINITE_TTL:
-        parser.error("--grace: must be a duration of 0s or more (not infinity)")
+    if not timedelta(0) <= grace <= MAX_GRACE:
+        # More would reach before year 1 from now: the whole listing, then an OverflowError.
+        parser.error(f"--grace: must be a duration from 0s to {format_duration(MAX_GRACE)}")
     args.grace = grace
     from dsjobs.storage import project_prefix
 

@@ -71,7 +71,15 @@ def test_unknown_enum_numbers_are_conversion_errors() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "nanos"),
-    [(10**14, 0), (-(10**14), 0), (315_576_000_001, 0), (1, 1_000_000_000), (2**63 - 1, 0)],
+    [
+        (10**14, 0),
+        (-(10**14), 0),
+        (315_576_000_001, 0),
+        (1, 1_000_000_000),
+        (2**63 - 1, 0),
+        (3601, -999_999_999),
+        (-1, 1),
+    ],
 )
 def test_durations_beyond_protobufs_range_are_conversion_errors(seconds: int, nanos: int) -> None:
     """timedelta overflows past ~2.7 million years: an error naming the field, never OverflowError."""
@@ -81,7 +89,7 @@ def test_durations_beyond_protobufs_range_are_conversion_errors(seconds: int, na
     with pytest.raises(c.ConversionError) as err:
         c.job_parameters_from_proto(pb, path="job_parameters_overrides")
     assert err.value.path == "job_parameters_overrides.graceful_shutdown_parameters.timeout"
-    assert "315576000000" in str(err.value)
+    assert "315576000000" in str(err.value) or "nanos must have the sign of seconds" in str(err.value)
     req = svc.CreateProjectJobRequest(job_parameters=jobs_pb2.JobParameters(cmd="x"))
     req.data_ttl.seconds = seconds
     req.data_ttl.nanos = nanos

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from dsjobs.orphans import (
+    MAX_GRACE,
     Orphan,
     Owners,
     StoredObject,
+    _parse_args,
     delete_all,
     describe,
     find_orphans,
@@ -205,3 +207,13 @@ def test_an_orphan_of_unfinished_uploads_only_is_aborted_not_deleted() -> None:
     found = find_orphans([StoredObject(key, 0, OLD, upload=True)], Owners(), now=NOW, grace=timedelta(0))
     assert delete_all(store, found, Owners, clock=lambda: store.now) == (1, 1)  # type: ignore[arg-type]
     assert store.calls == [("uploads", key, OLD)]
+
+
+@pytest.mark.parametrize("grace", ["99999999999d", "36501d", "-1s", "infinity"])
+def test_a_grace_out_of_range_is_an_argument_error(grace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1000000d was taken, and after listing the whole bucket `now - grace` raised OverflowError.
+    with pytest.raises(SystemExit) as exit_:
+        _parse_args([f"--grace={grace}"])
+    assert exit_.value.code == 2
+    assert "--grace: must be a duration from 0s to 36500d" in capsys.readouterr().err
+    assert _parse_args(["--grace", "36500d"]).grace == MAX_GRACE

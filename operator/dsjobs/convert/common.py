@@ -60,6 +60,9 @@ def from_duration(d: Duration, path: str = "duration") -> timedelta:
             f"is not a valid Duration: seconds must be within ±{MAX_DURATION_SECONDS} (10000 years) "
             f"and nanos within ±{MAX_DURATION_NANOS}",
         )
+    if (d.seconds < 0 < d.nanos) or (d.nanos < 0 < d.seconds):
+        # google.protobuf.Duration's rule: (3601s, -999999999ns) was read as 1h plus a microsecond.
+        raise ConversionError(path, "is not a valid Duration: nanos must have the sign of seconds")
     return d.ToTimedelta()
 
 
