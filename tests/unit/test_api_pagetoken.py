@@ -71,6 +71,33 @@ def test_other_key_is_rejected() -> None:
         pt.decode(_token(), b"other" * 8, project_id="p1", filter_expr="")
 
 
+def _signed(payload: dict[str, object]) -> str:
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return f"{pt._b64(raw)}.{pt._b64(pt._mac(KEY, raw))}"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # Version 1 as an earlier build of the same version wrote it: a skip count under "s".
+        {"v": 1, "p": "p1", "f": pt.filter_digest(""), "c": "abc", "s": 4},
+        # A newer build's key this one would not understand.
+        {"v": 2, "p": "p1", "f": pt.filter_digest(""), "c": "abc", "z": 1},
+    ],
+)
+def test_a_token_of_another_version_is_refused_not_misread(payload: dict[str, object]) -> None:
+    # Misread, a replica of the other version gave the listing's same page again and again.
+    with pytest.raises(pt.PageTokenError, match="incompatible server version"):
+        pt.decode(_signed(payload), KEY, project_id="p1", filter_expr="")
+
+
+def test_what_a_token_carries_is_pinned_to_its_version() -> None:
+    # Changing the keys a token carries means a new _VERSION (and this pin with it).
+    assert (pt._VERSION, sorted(pt._KEYS)) == (2, ["a", "c", "f", "p", "v"])
+    payload = json.loads(pt._unb64(pt.encode(pt.PageState("p1", "d", "c", "after"), KEY).partition(".")[0]))
+    assert set(payload) == pt._KEYS
+
+
 def test_token_of_another_project_or_filter_is_rejected() -> None:
     with pytest.raises(pt.PageTokenError, match="another project"):
         pt.decode(_token(project="p1"), KEY, project_id="p2", filter_expr="")

@@ -14,7 +14,11 @@ import hmac
 import json
 from dataclasses import dataclass
 
-_VERSION = 1
+# What a token of this version carries. A change of either means a new version: replicas of two
+# versions meet during a rollout, and one that misread the other's token (v1 carried a skip count
+# under "s", then "a" without a new version) gave the same page again and again.
+_VERSION = 2
+_KEYS = frozenset({"v", "p", "f", "c", "a"})
 _MAC_BYTES = 16  # 128-bit tags: forging one is out of reach, and tokens stay short
 MAX_TOKEN_LENGTH = 8192
 
@@ -89,9 +93,10 @@ def decode(token: str, key: bytes, *, project_id: str, filter_expr: str) -> Page
             after=str(data.get("a", "")),
         )
         version = data["v"]
+        unknown = set(data) - _KEYS
     except (ValueError, KeyError, TypeError) as exc:  # pragma: no cover - signed payloads are ours
         raise PageTokenError("malformed") from exc
-    if version != _VERSION:
+    if version != _VERSION or unknown:
         raise PageTokenError("from an incompatible server version; start the listing again")
     if state.project_id != project_id:
         raise PageTokenError("belongs to a listing of another project")
