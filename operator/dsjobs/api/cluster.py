@@ -339,7 +339,6 @@ class JobIndex:
 
     async def _list(self) -> str:
         objects: dict[tuple[str, str], tuple[int, bytes]] = {}
-        where: dict[str, set[str]] = {}
         cont = ""
         while True:
             params: dict[str, str | int] = {"limit": 500}
@@ -350,10 +349,13 @@ class JobIndex:
                 meta = item.get("metadata") or {}
                 key = (str(meta.get("namespace")), str(meta.get("name")))
                 objects[key] = (_version(meta), json.dumps(item, separators=(",", ":")).encode())
-                where.setdefault(key[1], set()).add(key[0])
             cont = str((result.get("metadata") or {}).get("continue") or "")
             if not cont:
-                self._objects, self._where = objects, where
+                listed_at = _version(result.get("metadata") or {})
+                self._objects = relisted(objects, listed_at, self._objects, self._deleted)
+                self._where = {}
+                for namespace, name in self._objects:
+                    self._where.setdefault(name, set()).add(namespace)
                 # What changed while the watch was down is unknown: every waiter looks again.
                 changes, self._changes = self._changes, weakref.WeakValueDictionary()
                 for event in list(changes.values()):
@@ -380,6 +382,29 @@ class JobIndex:
                     self.remember(obj)
                 elif kind == "DELETED":
                     self.forget(str(meta.get("name")), str(meta.get("namespace")), _version(meta))
+
+
+Cached = dict[tuple[str, str], tuple[int, bytes]]
+
+
+def relisted(
+    listed: Cached, listed_at: int, current: Cached, deleted: Mapping[tuple[str, str], int]
+) -> Cached:
+    """The index after a relist: the LIST's snapshot (at resourceVersion `listed_at`, 0 if not
+    known), but not older than what this replica wrote or read meanwhile, which its readers have
+    seen (a replica reads its own writes): a job `current` holds newer than the snapshot's, or
+    written after the snapshot and so not in it, stays; one deleted since the snapshot's version
+    of it (a tombstone) goes. The rest of `current` goes: deleted while the watch was away."""
+    out = dict(listed)
+    for key, (version, body) in current.items():
+        seen = listed.get(key)
+        if (seen is not None and version > seen[0]) or (seen is None and listed_at and version > listed_at):
+            out[key] = (version, body)
+    for key, version in deleted.items():
+        item = out.get(key)
+        if item is not None and item[0] <= version:
+            del out[key]
+    return out
 
 
 def _version(meta: Mapping[str, Any]) -> int:
