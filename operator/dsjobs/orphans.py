@@ -47,7 +47,6 @@ _PAGE: Final = 500
 MAX_GRACE: Final = timedelta(days=36500)
 
 
-
 @dataclass(frozen=True)
 class StoredObject:
     key: str
