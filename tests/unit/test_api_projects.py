@@ -163,3 +163,18 @@ def test_an_operation_id_names_ids_of_ours_only() -> None:
     for project, job_id in (("pa", "."), ("pa", "a/b"), ("..", JOB), ("Pa", JOB)):
         with pytest.raises(OperationIdError):
             decode_op_id(OpRef(OpKind.CREATE, project, job_id, "u").encode())
+
+
+def test_a_malformed_id_is_refused_with_the_rule() -> None:
+    # "'UPPER' is not a job id" named the field but not what an id may be.
+    jobs, _ = services([])
+    ctx = cast(Any, Ctx("alice"))
+    for call, field in (
+        (jobs.Get(svc.GetProjectJobRequest(job_id="UPPER"), ctx), "job_id"),
+        (jobs.List(svc.ListProjectJobRequest(project_id="Team_A"), ctx), "project_id"),
+    ):
+        with pytest.raises(ApiError) as info:
+            asyncio.run(call)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith(f"{field}: ")
+        assert "lowercase letters, digits and '-', 1 to 63 characters" in info.value.message

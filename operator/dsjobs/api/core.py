@@ -30,7 +30,7 @@ from dsjobs.api.cluster import (
     ProjectInfo,
 )
 from dsjobs.api.errors import ApiError, KubeError
-from dsjobs.api.ids import is_job_id, is_resource_id
+from dsjobs.api.ids import RESOURCE_ID_RULE, is_job_id, is_resource_id
 from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
@@ -153,7 +153,9 @@ class Core:
         if not project_id:
             raise errors.invalid_argument("is required", field)
         if not is_resource_id(project_id):
-            raise errors.invalid_argument(f"{project_id[:80]!r} is not a project id", field)
+            raise errors.invalid_argument(
+                f"{project_id[:80]!r} is not a project id ({RESOURCE_ID_RULE})", field
+            )
         try:
             info = await self.projects.get(project_id)
         except KubeError as exc:
@@ -179,7 +181,7 @@ class Core:
         if not job_id:
             raise errors.invalid_argument("is required", field)
         if not is_job_id(job_id):
-            raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id", field)
+            raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id ({RESOURCE_ID_RULE})", field)
         found: list[tuple[str, str]] = []
         try:
             for namespace in await self.jobs.locate(job_id):

@@ -53,3 +53,8 @@ def is_resource_id(value: str) -> bool:
 
 
 is_job_id = is_resource_id
+
+#: The rule is_resource_id checks, as an error message says it.
+RESOURCE_ID_RULE = (
+    "lowercase letters, digits and '-', 1 to 63 characters, beginning and ending with a letter or digit"
+)
