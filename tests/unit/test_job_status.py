@@ -403,13 +403,17 @@ def test_unreadable_spec_fails() -> None:
     assert p.status.phase == JobPhase.ERROR and "invalid job" in p.status.status_details
 
 
+#: A spec value the models cannot read (a CRD of another version, or none, let it through).
+UNREADABLE_POLICY = {"maxAttempts": "many"}
+
+
 def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> None:
-    # An edit after the start past what the CRD checks (a cancel.requestedAt the CRD's date-time
-    # format lets through): the job ends naming the field, and its pod does not run on untracked.
-    j = job(status=started("EXECUTING"), cancel={"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"})
+    # An edit after the start past what the CRD checks (a CRD of another version's): the job
+    # ends naming the field, and its pod does not run on untracked.
+    j = job(status=started("EXECUTING"), retryPolicy=UNREADABLE_POLICY)
     p = step(j, [pod(phase="Running", node="cpu-0")])
     assert p.status.phase == JobPhase.ERROR
-    assert "spec.cancel.requestedAt: " in p.status.status_details and "\n" not in p.status.status_details
+    assert "spec.retryPolicy.maxAttempts: " in p.status.status_details and "\n" not in p.status.status_details
     assert p.actions == (
         DeleteSecrets(),
         DeletePod("job-1-a1", 15, "the job's spec cannot be read"),
@@ -420,7 +424,7 @@ def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> 
     with_datasets = job(
         params={"cmd": "x", "outputDatasets": [{"name": "d", "var": "D", "sizeGb": 1}]},
         status=started("EXECUTING"),
-        cancel={"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"},
+        retryPolicy=UNREADABLE_POLICY,
     )
     p = step(with_datasets, [pod(phase="Running", node="cpu-0")])
     assert p.status.phase == JobPhase.ERROR and DeleteDatasetClaims() in p.actions
@@ -429,29 +433,33 @@ def test_a_started_job_whose_spec_became_unreadable_ends_and_stops_its_pod() -> 
 def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:
     # A final job with an unreadable spec got no step at all: a kept pod and its Secrets (storage
     # credentials) stayed, the data never expired, clearData (DeleteData) never happened.
-    bad = {"reason": "x", "requestedAt": "2024-01-01T10:00:00x5Z"}
     retention = OperatorSettings(finished_pod_retention_seconds=600)
     status = started("SUCCESS", finishedAt=ts(NOW), returnCode=0)
-    kept = step(job(status=status, cancel=bad), [ended_pod(0)], settings=retention)
+    kept = step(job(status=status, retryPolicy=UNREADABLE_POLICY), [ended_pod(0)], settings=retention)
     assert not kept.actions and kept.requeue_after == timedelta(minutes=10)
     assert kept.status.data_expires_at == NOW + timedelta(days=14)
     later = step(
-        job(status=status, cancel=bad), [ended_pod(0)], now=NOW + timedelta(minutes=10), settings=retention
+        job(status=status, retryPolicy=UNREADABLE_POLICY),
+        [ended_pod(0)],
+        now=NOW + timedelta(minutes=10),
+        settings=retention,
     )
     assert later.actions == (DeleteSecrets(), DeletePod("job-1-a1", 1, "the job has finished"))
-    finalized = step(job(status=status, cancel=bad, finalized=True), [ended_pod(0)], settings=retention)
+    finalized = step(
+        job(status=status, retryPolicy=UNREADABLE_POLICY, finalized=True), [ended_pod(0)], settings=retention
+    )
     assert kinds(finalized) == ["DeleteSecrets", "DeletePod"]
     # clearData: once the pod is gone.
-    clear = job(status=status, cancel=bad, clearData=True)
+    clear = job(status=status, retryPolicy=UNREADABLE_POLICY, clearData=True)
     assert kinds(step(clear, [ended_pod(0)], settings=retention)) == ["DeleteSecrets", "DeletePod"]
     cleared = marked_then(clear, [replace(ended_pod(0), gone=True)], settings=retention)
     assert cleared.actions == (ClearData(),) and cleared.status.data_cleared
-    assert not step(job(status=cleared.status.to_cr(), cancel=bad, clearData=True)).actions
+    assert not step(job(status=cleared.status.to_cr(), retryPolicy=UNREADABLE_POLICY, clearData=True)).actions
     # The TTL: the raw one when valid, else the last expiry known.
-    short = job(status=status, cancel=bad, dataTtl="1h")
+    short = job(status=status, retryPolicy=UNREADABLE_POLICY, dataTtl="1h")
     assert marked_then(short, now=NOW + timedelta(hours=1)).actions == (ClearData(),)
     known = {**status, "dataExpiresAt": ts(NOW + timedelta(days=2))}
-    typo = job(status=known, cancel=bad, dataTtl="1m")
+    typo = job(status=known, retryPolicy=UNREADABLE_POLICY, dataTtl="1m")
     assert not step(typo, now=NOW + timedelta(days=1)).actions
     assert marked_then(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
 
@@ -1951,6 +1959,19 @@ def test_a_cancel_requested_at_a_time_without_a_zone_is_read_as_utc() -> None:
     assert p.actions == (DeletePod("job-1-a1", 15, "cancelled"),)
     spec = ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": {"cmd": "x"}, "cancel": naive})
     assert spec.cancel is not None and spec.cancel.requested_at == datetime(2024, 1, 1, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "when", ["0000-01-01T00:00:00Z", "2024-01-01T10:00:00x5Z", "2024-01-01T12:00:00+99:99"]
+)
+def test_a_cancel_requested_at_no_time_still_cancels_gracefully(when: str) -> None:
+    # The CRD's date-time format lets these through; the field only informs. The spec became
+    # unreadable: a graceful cancel written by hand ended the job ERROR, its program killed.
+    graceful = {"reason": "stop", "graceful": True, "requestedAt": when}
+    params = {"cmd": "x", "gracefulShutdownParameters": {"timeout": "60s"}}
+    p = step(job(params=params, status=started("EXECUTING"), cancel=graceful), [executing_pod()])
+    assert p.status.phase == JobPhase.CANCELLING
+    assert p.actions == (DeletePod("job-1-a1", 75, "cancelled"),)
 
 
 def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:

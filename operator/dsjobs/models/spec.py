@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any, cast
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from dsjobs.models.base import CRModel, Duration, cel, field, kept_once_set, never_reset, optional_pattern
 from dsjobs.models.files import File, FileDesc
@@ -321,6 +328,19 @@ def _utc_if_naive(value: datetime) -> datetime:
 LenientDatetime = Annotated[datetime, AfterValidator(_utc_if_naive)]
 
 
+def _none_if_unreadable(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime | None:
+    try:
+        return cast(datetime | None, handler(value))
+    except ValidationError:
+        return None
+
+
+# A time the CRD's date-time format lets through that is no time (year 0, `+99:99`, trailing
+# text): read as unknown. The field only informs; unreadable, it made the whole spec unreadable,
+# and a graceful cancel written by hand ended the job ERROR with its program killed.
+InformativeDatetime = Annotated[LenientDatetime | None, WrapValidator(_none_if_unreadable)]
+
+
 class CancelRequest(CRModel):
     """A request to cancel the job (CancelProjectJob, or set by hand)."""
 
@@ -329,8 +349,10 @@ class CancelRequest(CRModel):
         "Send the graceful-shutdown signal and wait its timeout before killing; otherwise kill at once.",
         False,
     )
-    requested_at: LenientDatetime | None = field(
-        "When the cancellation was requested (a time without a zone is read as UTC).", None
+    requested_at: InformativeDatetime = field(
+        "When the cancellation was requested (a time without a zone is read as UTC, one that is no "
+        "time as unknown).",
+        None,
     )
 
 
