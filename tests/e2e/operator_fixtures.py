@@ -294,6 +294,8 @@ def operator_harness(
         "DSJOBS_IMAGE_PULL_TIMEOUT": "15",
         "DSJOBS_RUNNER_IMAGE": "dsjobs:e2e",
         "DSJOBS_SHUTDOWN_GRACE_MARGIN": "10",
+        # Pods that lost their job label are followed by the resync: seconds, not the default 10 min.
+        "DSJOBS_POD_RESYNC_INTERVAL": "3",
         # The local cluster's provisioner; an external cluster's default class otherwise.
         "DSJOBS_WORKING_STORAGE_CLASS": LOCAL_STORAGE_CLASS if dev_cluster.root is not None else "",
     }

@@ -1038,6 +1038,30 @@ def test_a_pod_deleted_by_someone_else_fails_the_attempt_it_is_no_cancel(h: H) -
     assert h.wait_phase("deleted-retry", "CANCELLED", "ERROR", timeout=120)["phase"] == "CANCELLED"
 
 
+def test_a_pod_whose_job_label_is_removed_stays_the_job_s(h: H) -> None:
+    # `kubectl label pod ... dsjobs.dev/job-id-` (the idiom that takes a pod out of a ReplicaSet)
+    # made the pod vanish from the resync's LIST by label: taken for deleted, the job ended ERROR
+    # with its program running, or (a retry policy) ran attempt 2 beside it.
+    h.create_job("unlabelled", {"cmd": "sleep 20; echo done"}, retryPolicy={"maxAttempts": 2})
+    h.wait_phase("unlabelled", "EXECUTING", timeout=120)
+    h.kubectl("label", "pod", "-n", h.namespace, "unlabelled-a1", "dsjobs.dev/job-id-")
+    told = poll(
+        "the PodUnlabelled Event",
+        lambda: next((e for e in h.events("unlabelled") if e.reason == "PodUnlabelled"), None),
+        60,
+    )
+    assert (
+        "kubectl -n " in told.message
+        and "label pod unlabelled-a1 dsjobs.dev/job-id=unlabelled" in told.message
+    )
+    status = h.wait_phase("unlabelled", "SUCCESS", "ERROR", "CANCELLED", timeout=120)
+    assert (status["phase"], status["attempt"], status["returnCode"]) == ("SUCCESS", 1, 0), status
+    names = [p.metadata.name for p in h.core.list_namespaced_pod(h.namespace).items]
+    assert "unlabelled-a2" not in names and "unlabelled-a1" in names, names
+    # Told once, not at every resync that finds it again.
+    assert [e.reason for e in h.events("unlabelled")].count("PodUnlabelled") == 1
+
+
 def test_a_pod_deleted_while_the_operator_is_away_keeps_the_job_s_logs(h: H) -> None:
     # A drain evicts the operator with the job's pod; the new operator finds the pod gone. The
     # runner stored its result on its way out: the job's logs and return code are recorded.

@@ -68,6 +68,7 @@ def test_settings_defaults_and_env() -> None:
         ("DSJOBS_IMAGE_PULL_TIMEOUT", "nan", "from 0 to 31536000"),
         ("DSJOBS_STATUS_WRITE_INTERVAL", "inf", "from 0 to 31536000"),
         ("DSJOBS_MAX_REQUEUE", "0", "must be 1 or more"),
+        ("DSJOBS_POD_RESYNC_INTERVAL", "0.5", "must be 1 or more"),
         ("DSJOBS_SHUTDOWN_GRACE_MARGIN", "-5", "from 0 to 3600"),
     ],
 )

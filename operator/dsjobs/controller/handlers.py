@@ -35,7 +35,7 @@ from typing import Any, Final
 import kopf
 
 from dsjobs.controller import fastjson, metrics
-from dsjobs.controller.caches import InstanceTypeCache, PodCache, revision
+from dsjobs.controller.caches import InstanceTypeCache, PodCache, job_key_of_pod, revision
 from dsjobs.controller.cleanup import InputRefs, delete_job_data, stored_data_of
 from dsjobs.controller.events import EventPoster, clip_message
 from dsjobs.controller.joblog import jlog, log
@@ -149,9 +149,6 @@ MAX_ERROR_BACKOFF: Final = 60.0
 #: Failed reconciles of a job in a row before its users are told (a Warning Event ReconcileFailed):
 #: one or two are an API server's hiccup, retried within seconds.
 FAILURES_BEFORE_EVENT: Final = 3
-#: How often the job pods are listed against the cache (Operator.resync_pods): one paginated LIST
-#: of the pods that exist (those of running jobs), for the rare deletion no watch event told.
-POD_RESYNC_SECONDS: Final = 600.0
 #: How long a namespace's project label is taken as known: it matters before a job's first pod
 #: only, and is relabelled by admins alone (rarely); a burst of a namespace's jobs costs one GET.
 NAMESPACE_PROJECT_SECONDS: Final = 60.0
@@ -278,6 +275,8 @@ class Operator:
         self._deleted: dict[Key, set[str]] = defaultdict(set)
         # Last states of pods whose deletion we saw, until a reconcile consumed them.
         self._gone: dict[Key, dict[str, PodView]] = defaultdict(dict)
+        # Pods (uids) whose lost job label was told (once each: a resync finds them every time).
+        self._told_unlabelled: set[str] = set()
         # The forced cancel told to each job's runner (job uid, attempt): once each.
         self._forced_told: dict[Key, tuple[str, int]] = {}
         self.resync: asyncio.Future[None] | None = None
@@ -339,6 +338,15 @@ class Operator:
         await self.reconcile(key)
 
     async def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        if event_type == "DELETED" and not meta.get("deletionTimestamp"):
+            # A pod that leaves the watch's label selector (its job label removed) comes as
+            # DELETED with its last labelled state; a deletion has marked it first (its graceful
+            # deletion), but for a pod deleted at once (never scheduled), so one GET tells.
+            key = job_key_of_pod(body)
+            if key is not None and await self._still_there(key, body):
+                await self.reconcile(key)
+                return
         seen = self.pods.apply(body, deleted=event_type == "DELETED")
         if seen is None:
             return
@@ -391,12 +399,58 @@ class Operator:
         async for page in self._job_pod_pages():
             listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
         vanished = self.pods.vanished(before, listed)
+        gone = 0
         for key, view in vanished:
+            if await self._still_there(key, {"metadata": {"name": view.name, "uid": view.uid}}):
+                continue
             jlog(logging.INFO, key, "pod %s was deleted while the pod watch was away", view.name)
             self._gone[key][view.name] = view
+            gone += 1
         for key in {key for key, _ in vanished}:
             await self.reconcile(key)
-        return len(vanished)
+        return gone
+
+    async def _still_there(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """Whether a pod of the job that the watch or a LIST by label lost still exists (the same
+        pod, by uid); then it is kept as `_unlabelled` says."""
+        assert self.kube is not None
+        meta = body.get("metadata") or {}
+        raw = await self.kube.get("pods", core_path(key[0], "pods", str(meta.get("name", ""))))
+        if raw is None or str((raw.get("metadata") or {}).get("uid", "")) != str(meta.get("uid", "")):
+            self._told_unlabelled.discard(str(meta.get("uid", "")))
+            return False
+        self._unlabelled(key, raw)
+        return True
+
+    def _unlabelled(self, key: Key, raw: Mapping[str, Any]) -> None:
+        """A job's pod that the LIST by label missed but that exists: its job label was removed
+        (`kubectl label pod ... dsjobs.dev/job-id-`, the idiom that takes a pod out of a
+        ReplicaSet). Taken for deleted, it ended the job ERROR with its program still running, or
+        with a retry policy made the next attempt beside it. It stays the job's, seen as this GET
+        saw it: the watch (by label) no longer tells, so each resync looks again; its users are
+        told to put the label back."""
+        labels = (raw.get("metadata") or {}).get("labels") or {}
+        self.pods.keep(key, raw)
+        view = PodView.from_pod(raw)
+        if labels.get(JOB_LABEL) == key[1]:
+            self._told_unlabelled.discard(view.uid)
+            return  # labelled again since the LIST: the watch has it
+        if view.uid in self._told_unlabelled:
+            return
+        self._told_unlabelled.add(view.uid)
+        name = view.name
+        message = (
+            f"pod {name} no longer carries the label {JOB_LABEL}={key[1]} by which the operator "
+            f"follows it: seen only every {self.settings.pod_resync_seconds:.0f}s until it is back "
+            f"(kubectl -n {key[0]} label pod {name} {JOB_LABEL}={key[1]})"
+        )
+        jlog(logging.WARNING, key, "%s", message)
+        job = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ProjectJob",
+            "metadata": {"namespace": key[0], "name": key[1], "uid": view.owner_uid},
+        }
+        self._post(job, [JobEvent("Warning", "PodUnlabelled", message)])
 
     async def resync_instance_types(self) -> list[str]:
         """One LIST of the InstanceTypes against the catalog, as `resync_pods` for pods: a type
@@ -413,7 +467,8 @@ class Operator:
             await self._type_changed(name)
         return gone
 
-    async def resync_pods_forever(self, interval: float = POD_RESYNC_SECONDS) -> None:
+    async def resync_pods_forever(self) -> None:
+        interval = self.settings.pod_resync_seconds
         while True:
             await asyncio.sleep(interval)
             try:

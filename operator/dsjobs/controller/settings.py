@@ -125,6 +125,9 @@ class OperatorSettings:
     # replica, or a process run by hand or by the tests).
     leader_lease: str = ""
     leader_lease_seconds: int = 15
+    # How often the job pods are listed against the cache (Operator.resync_pods), for the rare
+    # deletion no watch event told and pods that lost their job label.
+    pod_resync_seconds: float = 600.0
     # Level of the operator's own loggers (`dsjobs.*`); Kopf's stay at WARNING unless --verbose.
     log_level: str = "INFO"
 
@@ -260,6 +263,12 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "worker_idle_seconds",
         "Seconds an idle per-object worker (and the object it last saw) is kept; lower saves memory.",
     ),
+    "DSJOBS_POD_RESYNC_INTERVAL": (
+        "pod_resync_seconds",
+        "Seconds between two LISTs of the job pods against the operator's cache: they find a pod deleted "
+        "while the pod watch was away, and a pod whose `dsjobs.dev/job-id` label was removed (then "
+        "followed by a GET each time, and a Warning Event PodUnlabelled asks for the label back).",
+    ),
     "DSJOBS_OPERATOR_LOG_LEVEL": (
         "log_level",
         "Level of the operator's own log lines: `DEBUG`, `INFO`, `WARNING` or `ERROR` (`--verbose` "
@@ -330,6 +339,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             parse_lease_ref(settings.leader_lease)
         except ValueError as exc:
             raise SettingsError(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}") from exc
+    if settings.pod_resync_seconds < 1:
+        raise SettingsError(f"DSJOBS_POD_RESYNC_INTERVAL={settings.pod_resync_seconds}: must be 1 or more")
     if settings.max_requeue_seconds < 1:
         # 0 would wake every job with a timer (its data TTL) in a loop.
         raise SettingsError(f"DSJOBS_MAX_REQUEUE={settings.max_requeue_seconds}: must be 1 or more")
