@@ -342,9 +342,17 @@ class Operator:
         if event_type == "DELETED" and not meta.get("deletionTimestamp"):
             # A pod that leaves the watch's label selector (its job label removed) comes as
             # DELETED with its last labelled state; a deletion has marked it first (its graceful
-            # deletion), but for a pod deleted at once (never scheduled), so one GET tells.
+            # deletion), but for a pod deleted at once (never scheduled, or ended), so one GET
+            # tells. Not for those: an ended pod's last state is its outcome either way, and the
+            # operator's own deletions are known.
             key = job_key_of_pod(body)
-            if key is not None and await self._still_there(key, body):
+            phase = (body.get("status") or {}).get("phase")
+            if (
+                key is not None
+                and phase not in ("Succeeded", "Failed")
+                and str(meta.get("name", "")) not in self._deleted.get(key, ())
+                and await self._still_there(key, body)
+            ):
                 await self.reconcile(key)
                 return
         seen = self.pods.apply(body, deleted=event_type == "DELETED")
