@@ -212,3 +212,48 @@ def test_the_deployments_grace_covers_the_drain_delay_timeout_and_cleanups() -> 
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     defaults = Settings()
     assert grace > defaults.drain_delay + defaults.drain_timeout + server_module.CLEANUP_GRACE_SECONDS
+
+
+async def service_status(address: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int((await health_pb2_grpc.HealthStub(channel).Check(request, timeout=10)).status)
+
+
+def test_a_replica_is_ready_once_its_job_index_is_in_sync(caplog: pytest.LogCaptureFixture) -> None:
+    """Before, each job id asked for was a cluster-wide LIST: a new replica took its share of a
+    rollout's traffic at once. The readiness probe asks ProjectJobService's health, the liveness
+    probe the overall health."""
+    job_service = server_module.SERVICE_NAMES[0]
+    docs = yaml.safe_load_all((REPO / "deploy/base/api-deployment.yaml").read_text())
+    deployment = next(d for d in docs if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["grpc"]["service"] == job_service
+    assert "service" not in container["livenessProbe"]["grpc"]
+
+    async def run() -> None:
+        api = ApiServer(Settings(drain_delay=0, drain_timeout=1))
+        async with serving(api) as address:
+            synced = asyncio.Event()
+            ready = asyncio.create_task(api.ready_when_indexed(synced, wait=3600))
+            for _ in range(1000):  # a hang guard
+                with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND until the task set it
+                    if await service_status(address, job_service) == NOT_SERVING:
+                        break
+                await asyncio.sleep(0.01)
+            assert await health_status(address) == SERVING  # the liveness probe's
+            synced.set()
+            await ready
+            for name in server_module.SERVICE_NAMES:
+                assert await service_status(address, name) == SERVING
+            # The index never in sync: ready anyway after the wait, said at WARNING.
+            with caplog.at_level(logging.WARNING, logger="dsjobs.api"):
+                await api.ready_when_indexed(asyncio.Event(), wait=0)
+            assert await service_status(address, job_service) == SERVING
+            assert "not in sync after 0s; serving anyway" in caplog.text
+            # A drain wins over a readiness that comes after it.
+            await api.health.enter_graceful_shutdown()
+            await api.ready_when_indexed(synced, wait=1)
+            assert await service_status(address, job_service) == NOT_SERVING
+
+    asyncio.run(run())

@@ -293,6 +293,9 @@ async def _freeze_after(synced: asyncio.Event) -> None:
 #: job whose POST got no answer) before it closes the cluster client under them: each is a GET and a
 #: DELETE, or a few on conflicts. One still running then is cancelled, and its job may stay CREATING.
 CLEANUP_GRACE_SECONDS = 10.0
+#: Longest wait for the job index before a new replica says it is ready anyway (its LIST of every
+#: job takes seconds for ten thousand).
+READY_WAIT_SECONDS = 60.0
 
 
 async def _finish_cleanups(cleanups: Collection[asyncio.Task[None]], grace: float) -> None:
@@ -327,6 +330,7 @@ class ApiServer:
         self._jobs_service: ProjectJobService | None = None
         self._freezer: asyncio.Task[None] | None = None
         self._store_check: asyncio.Task[None] | None = None
+        self._ready: asyncio.Task[None] | None = None
         self._hurry = asyncio.Event()
 
     async def start(self) -> None:
@@ -402,8 +406,8 @@ class ApiServer:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await server.start()
         self.server = server
-        for name in (*SERVICE_NAMES, health.OVERALL_HEALTH):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = asyncio.create_task(self.ready_when_indexed(jobs.synced), name="readiness")
         metrics.serve(s.metrics_listen)
         log.info(
             "serving",
@@ -415,6 +419,21 @@ class ApiServer:
                 "metrics": s.metrics_listen,
             },
         )
+
+    async def ready_when_indexed(self, synced: asyncio.Event, wait: float = READY_WAIT_SECONDS) -> None:
+        """Say the services are SERVING (what the readiness probe asks) once the job index has
+        listed every job, or after `wait`. Before, each job id asked for is one cluster-wide LIST
+        (`JobIndex.locate`): a new replica taking its share of a rollout's traffic at once would
+        send the API server many of them. The overall health (the liveness probe's) says SERVING
+        from the start; a drain (graceful shutdown) wins over this."""
+        for name in SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await asyncio.wait_for(synced.wait(), wait)
+        except TimeoutError:
+            log.warning("the job index is not in sync after %.0fs; serving anyway", wait)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def hurry(self) -> None:
         """Cut the drain delay short (a second SIGTERM/SIGINT: a developer pressing Ctrl-C again)."""
@@ -446,7 +465,7 @@ class ApiServer:
         if self._jobs_service is not None:
             # Before the cluster client closes: they delete jobs their calls may have left behind.
             await _finish_cleanups(self._jobs_service.cleanups, CLEANUP_GRACE_SECONDS)
-        for task in (self._freezer, self._store_check):
+        for task in (self._freezer, self._store_check, self._ready):
             if task is not None:
                 task.cancel()
         if self._jobs is not None:
