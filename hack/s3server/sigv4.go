@@ -112,6 +112,14 @@ func checkAuth(creds Credentials, scoped scopedKeyLookup, r *http.Request, now t
 	if err != nil {
 		return err
 	}
+	if presign {
+		// As S3 does: a presigned URL's holder may not add x-amz-* headers it did not sign. An
+		// unsigned x-amz-copy-source turned an input's upload URL into a copy of any object the
+		// signing key can read (another project's outputs), the bucket-wide key's at that.
+		if name := unsignedAmzHeader(r, p.signedHeaders); name != "" {
+			return denied("AccessDenied", "There were headers present in the request which were not signed: %s", name)
+		}
+	}
 	// The main key is looked at first, so it keeps full access whatever the
 	// scoped keys file says.
 	secret := creds.SecretKey
@@ -137,6 +145,29 @@ func checkAuth(creds Credentials, scoped scopedKeyLookup, r *http.Request, now t
 		return authorizeScoped(*limited, r)
 	}
 	return nil
+}
+
+// unsignedAmzHeader is the first x-amz-* header of r that is not among signed
+// (lowercase names), or "". x-amz-content-sha256 only declares the payload's
+// hash, which clients may send with a presigned URL.
+func unsignedAmzHeader(r *http.Request, signed []string) string {
+	for name := range r.Header {
+		lower := strings.ToLower(name)
+		if !strings.HasPrefix(lower, "x-amz-") || lower == "x-amz-content-sha256" {
+			continue
+		}
+		found := false
+		for _, s := range signed {
+			if s == lower {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return lower
+		}
+	}
+	return ""
 }
 
 // authorizeScoped decides whether a request signed with a scoped key stays

@@ -43,6 +43,24 @@ func TestPresignedGetVector(t *testing.T) {
 	}
 }
 
+func TestPresignedURLRefusesUnsignedAmzHeaders(t *testing.T) {
+	target := "/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256" +
+		"&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request" +
+		"&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host" +
+		"&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+	r := httptest.NewRequest(http.MethodGet, target, nil)
+	r.Host = "examplebucket.s3.amazonaws.com"
+	r.Header.Set("X-Amz-Content-Sha256", "UNSIGNED-PAYLOAD")
+	if err := checkSigV4(docCreds, r, docTime.Add(time.Hour)); err != nil {
+		t.Fatalf("a declared payload hash refused: %s %s", err.Code, err.Message)
+	}
+	r.Header.Set("X-Amz-Copy-Source", "/bucket/projects/other/secret")
+	err := checkSigV4(docCreds, r, docTime.Add(time.Hour))
+	if err == nil || err.Code != "AccessDenied" || !strings.Contains(err.Message, "x-amz-copy-source") {
+		t.Fatalf("unsigned x-amz-copy-source accepted: %+v", err)
+	}
+}
+
 func TestHeaderGetVector(t *testing.T) {
 	r := httptest.NewRequest(http.MethodGet, "/test.txt", nil)
 	r.Host = "examplebucket.s3.amazonaws.com"

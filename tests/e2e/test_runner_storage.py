@@ -138,6 +138,26 @@ def test_presigned_put_and_get_work_with_plain_http(runner_s3: S3Target) -> None
     assert st.exists(key, size=len(data))
 
 
+def test_an_upload_url_cannot_be_turned_into_a_copy_of_another_object(runner_s3: S3Target) -> None:  # noqa: F811
+    # An unsigned x-amz-copy-source on an input's upload URL made a CopyObject, with the signing
+    # key's rights: another project's outputs copied into the caller's inputs, then run as its
+    # job's input. A store dsjobs runs on must refuse it, as S3 does (docs/admin.md, Storage).
+    st = runner_s3.storage
+    secret = output_key(f"{runner_s3.project}-other", runner_s3.job, "model.bin")
+    st.put_bytes(secret, b"another project's weights")
+    data = b"x" * 25
+    key = input_key(runner_s3.project, hashlib.sha256(data).hexdigest())
+    url = st.presign_put(key, size=len(data))
+    req = urllib.request.Request(url, data=data, method="PUT")
+    req.add_header("x-amz-copy-source", f"/{st.bucket}/{secret}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 403
+    assert "not signed: x-amz-copy-source" in refused.value.read().decode()
+    assert not st.exists(key)
+    st.delete(secret)
+
+
 def test_conditional_writes_and_delete_prefix(runner_s3: S3Target) -> None:  # noqa: F811
     st = runner_s3.storage
     p = f"projects/{runner_s3.project}/jobs/{runner_s3.job}/"
