@@ -102,6 +102,9 @@ def test_static_tokens_imply_static_auth() -> None:
             "DSJOBS_API_MAX_RESPONSE_BYTES: must be at most 2097152",
         ),
         ({"DSJOBS_API_LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        # A poll interval or a timeout that never comes round.
+        ({"DSJOBS_API_LOG_POLL": "infinity"}, "DSJOBS_API_LOG_POLL: must be at most 365d"),
+        ({"DSJOBS_API_DRAIN_TIMEOUT": "400d"}, "DSJOBS_API_DRAIN_TIMEOUT: must be at most 365d"),
     ],
 )
 def test_bad_settings(env: dict[str, str], message: str) -> None:

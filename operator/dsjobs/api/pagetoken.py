@@ -2,8 +2,9 @@
 
 A token wraps the Kubernetes `continue` value together with what it is valid for (the project and
 the filter), signed with an HMAC key that all replicas share. A client can neither forge a token
-nor replay one against another project or filter; the Kubernetes continue token itself stays
-hidden (it names etcd keys). A token that does not verify is the client's fault: INVALID_ARGUMENT.
+nor replay one against another project or filter. The token is signed, not encrypted: its holder
+can read the Kubernetes continue token inside (base64 JSON naming the last job listed, which the
+page showed anyway). A token that does not verify is the client's fault: INVALID_ARGUMENT.
 """
 
 from __future__ import annotations

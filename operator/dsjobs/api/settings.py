@@ -164,6 +164,10 @@ class Settings:
     log_format: str = "json"
 
 
+#: Upper bound of every duration setting (as the operator's).
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
 def _seconds(name: str, text: str) -> float:
     try:
         value = parse_duration(text).total_seconds()
@@ -171,6 +175,9 @@ def _seconds(name: str, text: str) -> float:
         raise SettingsError(f"{name}: {exc}") from exc
     if value < 0:
         raise SettingsError(f"{name}: must not be negative")
+    if value > MAX_SECONDS:
+        # `infinity` parses: a poll interval or timeout of it would never come round.
+        raise SettingsError(f"{name}: must be at most 365d")
     return value
 
 
