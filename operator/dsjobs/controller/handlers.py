@@ -404,7 +404,7 @@ class Operator:
         await self.warm_up()
         before = self.pods.snapshot()
         listed: set[str] = set()
-        async for page in self._job_pod_pages():
+        async for page in self._job_pod_pages(background=True):
             listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
         vanished = self.pods.vanished(before, listed)
         gone = 0
@@ -466,7 +466,9 @@ class Operator:
         assert self.kube is not None
         await self.warm_up()
         before = self.instance_types.snapshot()
-        items = await self.kube.list(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}")
+        items = await self.kube.list(
+            INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}", background=True
+        )
         gone = self.instance_types.drop_vanished(
             before, (str((i.get("metadata") or {}).get("name", "")) for i in items)
         )
@@ -487,11 +489,11 @@ class Operator:
             except Exception:  # the next period tries again; the watch is the main source
                 log.warning("pod resync failed", exc_info=True)
 
-    async def _job_pod_pages(self) -> AsyncIterator[list[dict[str, Any]]]:
-        """Every job pod the operator serves, a LIST page at a time."""
+    async def _job_pod_pages(self, *, background: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every job pod the operator serves, a LIST page at a time (`Kube.pages`' background)."""
         assert self.kube is not None
         for path in self._scoped_paths("/api/v1/pods", lambda ns: core_path(ns, "pods")):
-            async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL):
+            async for page in self.kube.pages("pods", path, label_selector=JOB_LABEL, background=background):
                 yield page
 
     def _scoped_paths(self, cluster_wide: str, in_namespace: Callable[[str], str]) -> list[str]:

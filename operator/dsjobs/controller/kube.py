@@ -268,23 +268,33 @@ class Kube:
         return result
 
     async def pages(
-        self, resource: str, path: str, label_selector: str = "", page_size: int = 500
+        self,
+        resource: str,
+        path: str,
+        label_selector: str = "",
+        page_size: int = 500,
+        *,
+        background: bool = False,
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """A LIST page by page (constant memory for big lists)."""
+        """A LIST page by page (constant memory for big lists). `background`: a periodic LIST
+        whose caller tells its failure itself (the pod resync, at WARNING, and tries again next
+        period): the attempts are debug lines, not an ERROR per API server outage."""
         token = ""
         while True:
             query = with_query(
                 path, labelSelector=label_selector, limit=str(page_size), **{"continue": token}
             )
-            page = await self._call("get", query)
+            page = await self._call("get", query, logger=_DEBUG_ONLY if background else log)
             yield list(page.get("items") or ())
             token = (page.get("metadata") or {}).get("continue") or ""
             if not token:
                 return
 
-    async def list(self, resource: str, path: str, label_selector: str = "") -> list[dict[str, Any]]:
+    async def list(
+        self, resource: str, path: str, label_selector: str = "", *, background: bool = False
+    ) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
-        async for page in self.pages(resource, path, label_selector):
+        async for page in self.pages(resource, path, label_selector, background=background):
             items.extend(page)
         return items
 
