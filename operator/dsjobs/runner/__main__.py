@@ -72,10 +72,37 @@ def _raw_config() -> bytes:
     return os.environ.get(ENV_CONFIG, "").encode()
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    # The exit status of a process the signal killed (128 + N), as the operator reads a stop.
+    os._exit(128 + signum)
+
+
+def stop_on_signals(command: str) -> list[int]:
+    """Handlers for SIGTERM and SIGINT from the start. In a container the runner is PID 1, and the
+    kernel drops a signal PID 1 has no handler for: a stage-in told to stop (its pod deleted, a
+    cancel) went on downloading until the SIGKILL at the grace's end (the graceful timeout plus
+    the ship margin), and ship, told before its own handler was set, waited the same. Stage-in
+    exits at once; ship's signals are recorded (the list returned) until its handler takes over."""
+    if command == "stage-in":
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGINT, _exit_on_signal)
+        return []
+    early: list[int] = []
+    if command == "ship":
+
+        def remember(signum: int, frame: FrameType | None) -> None:
+            early.append(signum)
+
+        signal.signal(signal.SIGTERM, remember)
+        signal.signal(signal.SIGINT, remember)
+    return early
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsjobs.runner")
     parser.add_argument("command", choices=["stage-in", "ship", "entry-script"])
     args = parser.parse_args(argv)
+    early_signals = stop_on_signals(args.command)
     _setup_logging()
     log = logging.getLogger("dsjobs.runner")
     try:
@@ -114,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    if early_signals:
+        ship.request_stop()
     ship.run()
     return 0
 
