@@ -234,6 +234,20 @@ def unschedulable(created: datetime, attempt: int = 1, type_name: str = "c1.4", 
     )
 
 
+def never_located(name: str) -> dict[str, Any]:
+    """A kubelet's status of a container it could not find when the pod ended (it never started)."""
+    return {
+        "name": name,
+        "state": {
+            "terminated": {
+                "exitCode": 137,
+                "reason": "ContainerStatusUnknown",
+                "message": "The container could not be located when the pod was terminated",
+            }
+        },
+    }
+
+
 def executing_pod() -> PodView:
     return pod(
         phase="Running",
@@ -1341,6 +1355,23 @@ ENDINGS = [
         "active deadline",
     ),
     Ending("pod deleted", pod(gone=True), None, "PodDeleted", None, "was deleted"),
+    # What a kubelet reports for containers that never started when the pod was deleted after
+    # stage-in (its image still pulling): read as the program's exit 137, it was "killed by signal
+    # 9", a failure of the program, which never ran.
+    Ending(
+        "pod deleted before the job started (kubelet)",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            gone=True,
+            init=[terminated("stage-in")],
+            containers=[never_located("job"), never_located("ship")],
+        ),
+        None,
+        "PodDeleted",
+        None,
+        "was deleted before the job finished",
+    ),
     Ending(
         "stage-in failed",
         pod(

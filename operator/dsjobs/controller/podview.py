@@ -54,13 +54,19 @@ class ContainerView:
         state = status.get("state") or {}
         if "terminated" in state:
             term = state["terminated"] or {}
+            reason = str(term.get("reason") or "")
+            # The kubelet's word for a container it could not find when the pod ended (one that
+            # never started: the pod deleted after stage-in, during the image pull): its exit
+            # code 137 and message are the kubelet's, not the container's. Read as an exit, the
+            # job was "killed by signal 9", the program's failure, where it never ran.
+            unknown = reason == CONTAINER_STATUS_UNKNOWN
             return cls(
                 name=name,
                 state="terminated",
-                reason=str(term.get("reason") or ""),
+                reason=reason,
                 # The termination message carries the runner's result: keep it whole (<= 4 KiB).
-                message=str(term.get("message") or ""),
-                exit_code=int(term.get("exitCode", 0)),
+                message="" if unknown else str(term.get("message") or ""),
+                exit_code=None if unknown else int(term.get("exitCode", 0)),
                 signal=term.get("signal"),
                 started_at=parse_time(term.get("startedAt")),
                 finished_at=parse_time(term.get("finishedAt")),
@@ -323,6 +329,8 @@ def _int(value: object, default: int) -> int:
         return default
 
 
+#: terminated.reason of a container the kubelet could not locate when the pod ended.
+CONTAINER_STATUS_UNKNOWN: Final = "ContainerStatusUnknown"
 _POD_NAME_ATTEMPT: Final = re.compile(r"-a([1-9][0-9]{0,8})$")
 
 

@@ -1082,7 +1082,7 @@ def compute_status(
     check = STORAGE_CHECK_AFTER if storage_bound_since(pod) is not None else None
     if pod.waits_on_events:
         check = SETUP_PATIENCE
-    if job is not None and job.state == "terminated":
+    if job is not None and job.state == "terminated" and job.exit_code is not None:
         status = status.model_copy(update={"return_code": job.exit_code})
         details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
         details += _storage_hint(storage_problem)
