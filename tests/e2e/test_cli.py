@@ -385,6 +385,10 @@ GRACEFUL_MAIN = """
 """
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_execute_cancels_gracefully(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
     # The official CLI on Ctrl-C asks "cancel job?"; yes -> Cancel(graceful=True) for a job with
     # graceful-shutdown parameters, then it follows the job until it ends.
@@ -401,7 +405,16 @@ def test_ctrl_c_during_execute_cancels_gracefully(dsjobs_stack: StackEnv, tmp_pa
     )
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=d, env=dsjobs_stack.env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE
+            argv,
+            cwd=d,
+            env=dsjobs_stack.env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE,
+            # As a terminal's Ctrl-C finds it: a suite started in the background of a
+            # non-interactive shell (`make test &`, a CI runner's) has SIGINT ignored, which the CLI
+            # inherited, so it never asked and this test timed out.
+            preexec_fn=_sigint_default,
         )
     try:
         poll("the job's output in the CLI", lambda: "tick 2" in log.read_text(errors="replace"), 180, 0.3)
