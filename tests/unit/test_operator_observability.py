@@ -496,3 +496,19 @@ def test_an_unreadable_condition_is_left_in_place() -> None:
     op._remember(copy.deepcopy(kube.body))
     asyncio.run(_reconciled(op))
     assert not kube.body["status"]["statusDetails"].startswith("the stored status cannot be read")
+
+
+def test_a_pod_that_left_the_watch_and_cannot_be_looked_up_is_taken_as_deleted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The GET that tells a pod whose job label was removed from a deleted one failed: the
+    # exception lost the DELETED event until the next resync (10 min) and logged an ERROR.
+    class Down(FakeKube):
+        async def get(self, resource: str, path: str) -> dict[str, Any] | None:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    op, _ = _operator(Down(_body({})))
+    body = {"metadata": {"name": "job-1-a1", "uid": "pod-uid", "namespace": "project-a"}}
+    with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
+        assert asyncio.run(op._still_there_or_gone(KEY, body)) is False
+    assert "pod job-1-a1 left the pod watch and cannot be looked up: [Errno 111]" in caplog.text

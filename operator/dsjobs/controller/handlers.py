@@ -351,7 +351,7 @@ class Operator:
                 key is not None
                 and phase not in ("Succeeded", "Failed")
                 and str(meta.get("name", "")) not in self._deleted.get(key, ())
-                and await self._still_there(key, body)
+                and await self._still_there_or_gone(key, body)
             ):
                 await self.reconcile(key)
                 return
@@ -417,6 +417,16 @@ class Operator:
         for key in {key for key, _ in vanished}:
             await self.reconcile(key)
         return gone
+
+    async def _still_there_or_gone(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """`_still_there`, and False when the API server cannot tell now: the event is then taken
+        as the deletion it says (an exception would lose it until the next resync)."""
+        try:
+            return await self._still_there(key, body)
+        except Exception as exc:  # any failure of the one GET
+            name = str((body.get("metadata") or {}).get("name", ""))
+            jlog(logging.WARNING, key, "pod %s left the pod watch and cannot be looked up: %s", name, exc)
+            return False
 
     async def _still_there(self, key: Key, body: Mapping[str, Any]) -> bool:
         """Whether a pod of the job that the watch or a LIST by label lost still exists (the same
