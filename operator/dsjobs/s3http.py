@@ -100,6 +100,49 @@ def sign_v4(
     return out
 
 
+def presign_v4(
+    method: str,
+    host: str,
+    path: str,
+    creds: Credentials,
+    now: datetime,
+    expires: int,
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """The query string of a presigned URL (AWS Signature Version 4, query form, service ``s3``,
+    an unsigned payload). `host` and every header given are signed: whoever holds the URL must
+    send those values. Pure, as `sign_v4`."""
+    amz_date = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    day = amz_date[:8]
+    scope = f"{day}/{creds.region}/s3/aws4_request"
+    signed_headers = {k.lower(): " ".join(str(v).split()) for k, v in (headers or {}).items()}
+    signed_headers["host"] = host
+    names = sorted(signed_headers)
+    query = {
+        "X-Amz-Algorithm": ALGORITHM,
+        "X-Amz-Credential": f"{creds.access_key}/{scope}",
+        "X-Amz-Date": amz_date,
+        "X-Amz-Expires": str(expires),
+        "X-Amz-SignedHeaders": ";".join(names),
+    }
+    canonical = "\n".join(
+        [
+            method,
+            canonical_uri(path),
+            canonical_query(query),
+            "".join(f"{k}:{signed_headers[k]}\n" for k in names),
+            ";".join(names),
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{creds.secret_key}".encode(), day), creds.region), "s3"), "aws4_request"
+    )
+    query["X-Amz-Signature"] = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return canonical_query(query)
+
+
 def connect(
     address: tuple[str, int], timeout: float | None, source_address: tuple[str, int] | None = None
 ) -> socket.socket:

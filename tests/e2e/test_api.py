@@ -8,6 +8,7 @@ fixture exists.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 import time
@@ -1211,6 +1212,12 @@ def test_full_flow_with_the_operator(dsjobs_stack: Any) -> None:
     )
     _, resp = c.create(stack.project_id, job_params, name=f"api-e2e-{tag}")
     assert [f.file.desc.path for f in resp.upload_files] == ["main.py"]
+    if stack.local:
+        # The local overlay runs with DSJOBS_STORAGE_CREDENTIALS=project: the upload URL is signed
+        # with the project's own key pair (limited to its prefix), not the bucket-wide one.
+        secret = stack.kubectl_json("get", "secret", "dsjobs-project-storage", "-n", stack.project_namespace)
+        access = base64.b64decode(secret["data"]["accessKey"]).decode()
+        assert f"X-Amz-Credential={access}%2F" in resp.upload_files[0].url
     c.upload(resp, inputs)
     op = c.execute(resp.job_id)
     received: list[svc.LogMessage] = []

@@ -178,3 +178,57 @@ def test_a_malformed_id_is_refused_with_the_rule() -> None:
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.message.startswith(f"{field}: ")
         assert "lowercase letters, digits and '-', 1 to 63 characters" in info.value.message
+
+
+def test_upload_urls_are_signed_with_the_project_s_own_key_pair_when_runners_use_it() -> None:
+    # DSJOBS_STORAGE_CREDENTIALS=project: a store that took an unsigned x-amz-copy-source on an
+    # upload URL made it a copy of any object its signing key could read; signed with the project's
+    # pair (limited to its prefix), of the project's own objects only.
+    import base64
+
+    import kube_fake
+
+    from dsjobs.api.kube import secrets_path
+    from dsjobs.storage import Storage, StorageSettings
+
+    async def review_token(token: str) -> auth.Identity:
+        return auth.Identity(token)
+
+    fake = kube_fake.FakeKube()
+    kube = cast(Kube, fake)
+    store = Storage(
+        StorageSettings(
+            endpoint="http://127.0.0.1:9",
+            bucket="b",
+            access_key="BUCKETWIDE",
+            secret_key="s",
+            region="us-east-1",
+        )
+    )
+    core = Core(
+        Settings(storage_credentials="project"),
+        kube,
+        store,
+        auth.Authenticator(review_token, by_rights),
+        ProjectIndex(kube),
+        JobIndex(kube),
+        InstanceTypeCatalog(kube),
+    )
+    key = "projects/pa/inputs/" + "a" * 64
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(core.presign_put("team-a", [(key, 3)]))
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Secret 'dsjobs-project-storage' in namespace team-a not found" in refused.value.message
+    secret = {
+        "metadata": {"name": "dsjobs-project-storage", "namespace": "team-a"},
+        "data": {
+            k: base64.b64encode(v.encode()).decode()
+            for k, v in {"accessKey": "PROJ", "secretKey": "x"}.items()
+        },
+    }
+    asyncio.run(fake.request("POST", secrets_path("team-a"), secret))
+    url = asyncio.run(core.presign_put("team-a", [(key, 3)]))[key]
+    assert "X-Amz-Credential=PROJ%2F" in url and "X-Amz-SignedHeaders=content-length%3Bhost" in url
+    # The default: the bucket-wide pair, and no Secret read.
+    core.settings = Settings()
+    assert "X-Amz-Credential=BUCKETWIDE%2F" in asyncio.run(core.presign_put("team-b", [(key, 3)]))[key]

@@ -124,7 +124,7 @@ class FakeCore:
             InputCheck(p, f, f.size_bytes if f.sha256 in self.stored else None) for p, f in first.values()
         ]
 
-    async def presign_put(self, files: Iterable[tuple[str, int]]) -> dict[str, str]:
+    async def presign_put(self, namespace: str, files: Iterable[tuple[str, int]]) -> dict[str, str]:
         if self.presign_error is not None:
             raise self.presign_error
         wanted = dict(files)

@@ -29,6 +29,7 @@ from dsjobs.s3http import (
     canonical_uri,
     connect,
     listed_keys,
+    presign_v4,
     sign_v4,
 )
 from dsjobs.storage import Storage, StorageSettings
@@ -54,6 +55,54 @@ def test_get_object_example_from_the_s3_documentation() -> None:
         "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
     )
     assert h["x-amz-date"] == "20130524T000000Z"
+
+
+def test_presigned_url_example_from_the_s3_documentation() -> None:
+    # "Authenticating Requests: Using Query Parameters (AWS Signature Version 4)".
+    query = presign_v4("GET", "examplebucket.s3.amazonaws.com", "/test.txt", AWS_EXAMPLE, EXAMPLE_TIME, 86400)
+    assert query == (
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400"
+        "&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+        "&X-Amz-SignedHeaders=host"
+    )
+
+
+@pytest.mark.parametrize("public", ["", "https://s3.example.com:8443"])
+def test_an_upload_url_signed_with_another_key_pair_is_botocores(
+    public: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A project's own key pair signs its inputs' upload URLs (DSJOBS_STORAGE_CREDENTIALS=project):
+    # the same URL as botocore's client of that key pair would make.
+    import urllib.parse
+
+    now = datetime(2026, 11, 29, 3, 4, 5, tzinfo=UTC)
+    settings = StorageSettings(
+        endpoint="http://127.0.0.1:9000",
+        public_endpoint=public,
+        bucket="dsjobs",
+        access_key="BUCKETWIDE",
+        secret_key="bucket-wide-secret",
+        region="ru-central1",
+    )
+    key = "projects/p/inputs/" + "a" * 64
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now.replace(tzinfo=None))
+    monkeypatch.setattr(storage, "datetime", type("Fixed", (), {"now": staticmethod(lambda tz=None: now)}))
+    ours = Storage(settings).presign_put(key, size=123, credentials=("PROJECTKEY", "project/secret+key"))
+    theirs = Storage(
+        StorageSettings(
+            **{**settings.__dict__, "access_key": "PROJECTKEY", "secret_key": "project/secret+key"}
+        )
+    ).presign_put(key, size=123)
+
+    def parts(url: str) -> tuple[str, dict[str, list[str]]]:
+        split = urllib.parse.urlsplit(url)
+        return f"{split.scheme}://{split.netloc}{split.path}", urllib.parse.parse_qs(split.query)
+
+    assert parts(ours) == parts(theirs)
+    assert parts(ours)[1]["X-Amz-SignedHeaders"] == ["content-length;host"]
+    assert parts(ours)[1]["X-Amz-Credential"][0].startswith("PROJECTKEY/")
 
 
 def test_put_object_example_from_the_s3_documentation() -> None:

@@ -31,11 +31,13 @@ from dsjobs.api.cluster import (
 )
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.ids import RESOURCE_ID_RULE, is_job_id, is_resource_id
-from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path
+from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path, secrets_path
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
 from dsjobs.api.streams import StreamSlots
-from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL
+from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL, PROJECT_STORAGE_SECRET_NAME
+from dsjobs.controller.secrets import project_storage_env
+from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.models import File
 
 log = logging.getLogger(__name__)
@@ -317,16 +319,46 @@ class Core:
 
         return list(await asyncio.gather(*(head(p, f) for p, f in first.values())))
 
-    async def presign_put(self, files: Iterable[tuple[str, int]]) -> dict[str, str]:
-        """`(key, size)` -> presigned PUT URL, valid long enough for all of them (`transfer_ttl`)."""
+    async def presign_put(self, namespace: str, files: Iterable[tuple[str, int]]) -> dict[str, str]:
+        """`(key, size)` -> presigned PUT URL, valid long enough for all of them (`transfer_ttl`);
+        signed with the project's own key pair when runners get it (DSJOBS_STORAGE_CREDENTIALS=
+        project): a store that took a header the URL did not sign (x-amz-copy-source: a copy of
+        any object the key may read) then reaches the project's own objects only."""
         wanted = dict(files)
         if not wanted:
             return {}
+        credentials = await self.project_storage_keys(namespace)
         ttl = transfer_ttl(self.settings.url_ttl, sum(wanted.values()))
         urls = await self.io(
-            lambda: [self.store.presign_put(k, expires=ttl, size=size) for k, size in wanted.items()]
+            lambda: [
+                self.store.presign_put(k, expires=ttl, size=size, credentials=credentials)
+                for k, size in wanted.items()
+            ]
         )
         return dict(zip(wanted, urls, strict=True))
+
+    async def project_storage_keys(self, namespace: str) -> tuple[str, str] | None:
+        """The project's own storage key pair (its `dsjobs-project-storage` Secret) when the
+        settings say runners use it, else None (the bucket-wide keys); FAILED_PRECONDITION naming
+        the Secret when it cannot be used, as the operator would fail the job."""
+        if self.settings.storage_credentials != PROJECT_CREDENTIALS:
+            return None
+        what = f"Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {namespace}"
+        try:
+            secret: JSON | None = await self.k8s(
+                "get", what, self.kube.request("GET", secrets_path(namespace, PROJECT_STORAGE_SECRET_NAME))
+            )
+        except ApiError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            secret = None
+        env, problem = project_storage_env({}, secret)
+        if env is None:
+            raise errors.failed_precondition(
+                f"project storage credentials: {what} {problem} (the API runs with "
+                f"{STORAGE_CREDENTIALS_ENV}={PROJECT_CREDENTIALS}; runners and upload URLs use it)"
+            )
+        return env["DSJOBS_S3_ACCESS_KEY"], env["DSJOBS_S3_SECRET_KEY"]
 
     async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:
         """`(key, download file name, size)` -> presigned GET URL, valid long enough for all of

@@ -370,7 +370,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
 
     async def _create(self, identity: Identity, info: ProjectInfo, new: _NewJob) -> operation_pb2.Operation:
         # What can fail without leaving anything behind goes first.
-        uploads = await self._upload_files(info.project_id, new.checks)
+        uploads = await self._upload_files(info.namespace, info.project_id, new.checks)
         obj, created = await self._post_job(info, new)
         try:
             job = snapshot(obj)
@@ -593,12 +593,14 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         return any(isinstance(o, Mapping) and o.get("uid") == job.uid for o in owners)
 
     async def _upload_files(
-        self, project_id: str, checks: Sequence[InputCheck]
+        self, namespace: str, project_id: str, checks: Sequence[InputCheck]
     ) -> list[jobs_pb2.StorageFile]:
         """A presigned PUT URL for every input the store does not hold with its declared size."""
         missing = [c for c in checks if not c.present]
         keys = {c.file.sha256: st.input_key(project_id, c.file.sha256) for c in missing}
-        urls = await self.core.presign_put((keys[c.file.sha256], c.file.size_bytes) for c in missing)
+        urls = await self.core.presign_put(
+            namespace, ((keys[c.file.sha256], c.file.size_bytes) for c in missing)
+        )
         return [_storage_file(c.file, urls[keys[c.file.sha256]]) for c in missing]
 
     async def create_operation(
@@ -609,7 +611,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         uploads: list[jobs_pb2.StorageFile] = []
         if with_uploads:
             checks = await self.core.check_inputs(job.project_id, _inputs(job.spec.job_parameters))
-            uploads = await self._upload_files(job.project_id, checks)
+            uploads = await self._upload_files(job.namespace, job.project_id, checks)
         return operations.create_operation(job.ref(kind), job, uploads)
 
     # Execute ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from dsjobs.controller.settings import STORAGE_CREDENTIAL_SOURCES
 from dsjobs.models import parse_duration
 
 MAX_URL_TTL = timedelta(hours=1)
@@ -118,6 +119,14 @@ SETTINGS: tuple[Setting, ...] = (
         "200",
         "of those, how many one caller (user) may follow at once (0: no limit)",
     ),
+    Setting(
+        "storage_credentials",
+        "DSJOBS_STORAGE_CREDENTIALS",
+        "operator",
+        "the operator's setting of that name (the same ConfigMap): with `project`, input upload URLs "
+        "are signed with the project namespace's `dsjobs-project-storage` key pair, as its runners "
+        "use it; `operator`: with the bucket-wide DSJOBS_S3_* keys",
+    ),
     Setting("log_level", "DSJOBS_API_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     Setting("log_format", "DSJOBS_API_LOG_FORMAT", "json", "`json` (one object per line) or `text`"),
 )
@@ -162,6 +171,7 @@ class Settings:
     max_log_streams_per_caller: int = 200
     log_level: str = "INFO"
     log_format: str = "json"
+    storage_credentials: str = "operator"
 
 
 #: Upper bound of every duration setting (as the operator's).
@@ -227,6 +237,10 @@ def build(raw: Mapping[str, str]) -> Settings:
     url_ttl = timedelta(seconds=_seconds(env["url_ttl"], value["url_ttl"]))
     if not timedelta(seconds=60) <= url_ttl <= MAX_URL_TTL:
         raise SettingsError(f"{env['url_ttl']}: must be between 1m and 1h")
+    if value["storage_credentials"] not in STORAGE_CREDENTIAL_SOURCES:
+        raise SettingsError(
+            f"{env['storage_credentials']}: must be one of {', '.join(STORAGE_CREDENTIAL_SOURCES)}"
+        )
     level = value["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"{env['log_level']}: must be DEBUG, INFO, WARNING or ERROR")
@@ -273,6 +287,7 @@ def build(raw: Mapping[str, str]) -> Settings:
         ),
         log_level=level,
         log_format=value["log_format"],
+        storage_credentials=value["storage_credentials"],
     )
 
 
