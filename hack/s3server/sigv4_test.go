@@ -20,11 +20,14 @@ var docCreds = Credentials{
 
 var docTime = time.Date(2013, 5, 24, 0, 0, 0, 0, time.UTC)
 
+// The documentation's presigned GET of examplebucket's test.txt.
+const docPresignedGet = "/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256" +
+	"&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request" +
+	"&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host" +
+	"&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+
 func TestPresignedGetVector(t *testing.T) {
-	target := "/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256" +
-		"&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request" +
-		"&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host" +
-		"&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+	target := docPresignedGet
 	r := httptest.NewRequest(http.MethodGet, target, nil)
 	r.Host = "examplebucket.s3.amazonaws.com"
 	if err := checkSigV4(docCreds, r, docTime.Add(time.Hour)); err != nil {
@@ -44,10 +47,7 @@ func TestPresignedGetVector(t *testing.T) {
 }
 
 func TestPresignedURLRefusesUnsignedAmzHeaders(t *testing.T) {
-	target := "/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256" +
-		"&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request" +
-		"&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host" +
-		"&X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+	target := docPresignedGet
 	r := httptest.NewRequest(http.MethodGet, target, nil)
 	r.Host = "examplebucket.s3.amazonaws.com"
 	r.Header.Set("X-Amz-Content-Sha256", "UNSIGNED-PAYLOAD")

@@ -58,6 +58,37 @@ def canonical_query(query: Mapping[str, str]) -> str:
     return "&".join(f"{k}={v}" for k, v in pairs)
 
 
+def _signature(
+    method: str,
+    path: str,
+    query: Mapping[str, str],
+    headers: Mapping[str, str],
+    payload_sha256: str,
+    creds: Credentials,
+    amz_date: str,
+    scope: str,
+) -> str:
+    """The SigV4 signature of a canonical request whose signed headers are all of `headers`
+    (lowercase names, trimmed values)."""
+    names = sorted(headers)
+    canonical = "\n".join(
+        [
+            method,
+            canonical_uri(path),
+            canonical_query(query),
+            "".join(f"{k}:{headers[k]}\n" for k in names),
+            ";".join(names),
+            payload_sha256,
+        ]
+    )
+    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{creds.secret_key}".encode(), amz_date[:8]), creds.region), "s3"),
+        "aws4_request",
+    )
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
 def sign_v4(
     method: str,
     path: str,
@@ -78,22 +109,8 @@ def sign_v4(
     out["x-amz-date"] = amz_date
     out["x-amz-content-sha256"] = payload_sha256
     signed = sorted(out)
-    canonical = "\n".join(
-        [
-            method,
-            canonical_uri(path),
-            canonical_query(query),
-            "".join(f"{k}:{out[k]}\n" for k in signed),
-            ";".join(signed),
-            payload_sha256,
-        ]
-    )
     scope = f"{day}/{creds.region}/s3/aws4_request"
-    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(
-        _hmac(_hmac(_hmac(f"AWS4{creds.secret_key}".encode(), day), creds.region), "s3"), "aws4_request"
-    )
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signature = _signature(method, path, query, out, payload_sha256, creds, amz_date, scope)
     out["authorization"] = (
         f"{ALGORITHM} Credential={creds.access_key}/{scope}, SignedHeaders={';'.join(signed)}, Signature={signature}"
     )
@@ -125,21 +142,9 @@ def presign_v4(
         "X-Amz-Expires": str(expires),
         "X-Amz-SignedHeaders": ";".join(names),
     }
-    canonical = "\n".join(
-        [
-            method,
-            canonical_uri(path),
-            canonical_query(query),
-            "".join(f"{k}:{signed_headers[k]}\n" for k in names),
-            ";".join(names),
-            "UNSIGNED-PAYLOAD",
-        ]
+    query["X-Amz-Signature"] = _signature(
+        method, path, query, signed_headers, "UNSIGNED-PAYLOAD", creds, amz_date, scope
     )
-    to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = _hmac(
-        _hmac(_hmac(_hmac(f"AWS4{creds.secret_key}".encode(), day), creds.region), "s3"), "aws4_request"
-    )
-    query["X-Amz-Signature"] = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
     return canonical_query(query)
 
 
