@@ -512,3 +512,33 @@ def test_a_pod_that_left_the_watch_and_cannot_be_looked_up_is_taken_as_deleted(
     with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
         assert asyncio.run(op._still_there_or_gone(KEY, body)) is False
     assert "pod job-1-a1 left the pod watch and cannot be looked up: [Errno 111]" in caplog.text
+
+
+def test_a_pod_that_lost_its_job_label_is_told_once_and_decides_no_pending_write() -> None:
+    # The Warning went through the step Events' path, which takes its body for the job as stored:
+    # the stand-in made from the pod (no resourceVersion, no status) took a status write awaiting
+    # its confirmation for refused, and forgot it.
+    op, events = _operator(FakeKube(_body({})))
+    pending = handlers._Unconfirmed(
+        status={"phase": "EXECUTING"},
+        job=None,
+        events=(),
+        passed=(),
+        base=100,
+        at=0.0,  # type: ignore[arg-type]
+    )
+    op._unconfirmed[KEY] = pending
+    pod = {
+        "metadata": {
+            "name": "job-1-a1",
+            "uid": "pod-uid",
+            "namespace": "project-a",
+            "ownerReferences": [{"kind": "ProjectJob", "uid": "uid-1", "controller": True}],
+        }
+    }
+    for _ in range(2):  # a resync finds it each time
+        op._unlabelled(KEY, pod)
+    assert [e.reason for e in events.posted] == ["PodUnlabelled"]
+    assert "kubectl -n project-a label pod job-1-a1 dsjobs.dev/job-id=job-1" in events.posted[0].message
+    assert op._unconfirmed[KEY] is pending
+    assert [p.name for p in op.pods.get(KEY)] == ["job-1-a1"]  # kept as the job's

@@ -71,10 +71,11 @@ class PodCache:
             pods[view.name] = (rev, view)
         return key, view
 
-    def keep(self, key: Key, body: Mapping[str, Any]) -> None:
+    def keep(self, key: Key, body: Mapping[str, Any]) -> PodView:
         """Hold a job's pod as read by name, whatever its labels say now (`Operator._unlabelled`)."""
         view = PodView.from_pod(body)
         self._by_job.setdefault(key, {})[view.name] = (revision(body), view)
+        return view
 
     def seed(self, items: Iterable[Mapping[str, Any]]) -> None:
         """Add what a LIST returned, unless the watch already knows better."""

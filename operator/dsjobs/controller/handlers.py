@@ -448,8 +448,7 @@ class Operator:
         saw it: the watch (by label) no longer tells, so each resync looks again; its users are
         told to put the label back."""
         labels = (raw.get("metadata") or {}).get("labels") or {}
-        self.pods.keep(key, raw)
-        view = PodView.from_pod(raw)
+        view = self.pods.keep(key, raw)
         if labels.get(JOB_LABEL) == key[1]:
             self._told_unlabelled.discard(view.uid)
             return  # labelled again since the LIST: the watch has it
@@ -463,12 +462,16 @@ class Operator:
             f"(kubectl -n {key[0]} label pod {name} {JOB_LABEL}={key[1]})"
         )
         jlog(logging.WARNING, key, "%s", message)
-        job = {
+        if self.events is None:  # not started by Kopf (tests): nothing to post to
+            return
+        # Straight to the poster, not `_post`: that takes its body for the job as stored, and this
+        # stand-in (the job's name and uid, from the pod) would decide a pending status write.
+        job = self._jobs.get(key) or {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "ProjectJob",
             "metadata": {"namespace": key[0], "name": key[1], "uid": view.owner_uid},
         }
-        self._post(job, [JobEvent("Warning", "PodUnlabelled", message)])
+        self.events.post(job, JobEvent("Warning", "PodUnlabelled", message))
 
     async def resync_instance_types(self) -> list[str]:
         """One LIST of the InstanceTypes against the catalog, as `resync_pods` for pods: a type
