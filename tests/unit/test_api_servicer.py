@@ -955,6 +955,15 @@ def test_out_of_range_data_ttl_is_invalid_argument() -> None:
     )
 
 
+def test_a_create_s_data_ttl_out_of_range_is_not_offered_infinity() -> None:
+    # A protobuf Duration cannot say `infinity`: the rule a Create can follow is the range.
+    req = create_request()
+    req.data_ttl.seconds = 1800
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(FakeCore()).Create(req, ctx()))
+    assert "data_ttl: must be between 1h and 365d [data-ttl]" in err.message
+    assert "infinity" not in err.message
+
+
 # --- downloads ---------------------------------------------------------------------------------
 
 

@@ -325,7 +325,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         known = await self.core.catalog.names(spec.job_parameters.instance_type_names())
         # In a thread: a spec at its limits takes hundreds of ms (a 256 KiB conda_yaml to load),
         # which every other call of this replica would otherwise wait out.
-        problems = await asyncio.to_thread(validate_job_spec, spec, known_instance_types=known)
+        problems = await asyncio.to_thread(
+            validate_job_spec, spec, known_instance_types=known, infinity_writable=False
+        )
         if problems:
             raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")
 

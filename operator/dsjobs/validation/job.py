@@ -70,11 +70,14 @@ def parse_job_spec(
     )
 
 
-def data_ttl_problem(ttl: timedelta) -> str | None:
+def data_ttl_problem(ttl: timedelta, *, infinity_writable: bool = True) -> str | None:
     """What is wrong with a data TTL (None: nothing). The operator checks a TTL changed after
-    the job started with it too: a kubectl edit is not validated otherwise."""
+    the job started with it too: a kubectl edit is not validated otherwise.
+
+    `infinity_writable`: whether the writer could have written `infinity` (a CR can; a protobuf
+    Duration cannot, so the API's message does not offer it)."""
     if ttl != L.INFINITE_TTL and not (L.MIN_DATA_TTL <= ttl <= L.MAX_DATA_TTL):
-        return "must be between 1h and 365d, or infinity"
+        return "must be between 1h and 365d" + (", or infinity" if infinity_writable else "")
     return None
 
 
@@ -90,6 +93,7 @@ def validate_job_spec(
     *,
     known_instance_types: Collection[str] | None = None,
     invalid_instance_types: Mapping[str, str] | None = None,
+    infinity_writable: bool = True,
 ) -> list[Problem]:
     """Every problem of a job spec (empty when valid).
 
@@ -97,6 +101,7 @@ def validate_job_spec(
     another one is rejected. The API and the operator pass the catalog they see.
     `invalid_instance_types`: InstanceTypes of the cluster left out of that catalog, with what is
     wrong with each (the operator's): a job naming one is told so, not that the cluster lacks it.
+    `infinity_writable`: see `data_ttl_problem` (False for the API's requests).
     """
     c = Collector()
     c.pattern("project_id", spec.project_id, _RESOURCE_ID, "project-id", "a project id")
@@ -105,7 +110,7 @@ def validate_job_spec(
     c.max_length("config", spec.config, L.MAX_CONFIG_LENGTH)
     c.max_length("created_by_id", spec.created_by_id, L.MAX_USER_ID_LENGTH)
     c.max_length("parent_job_id", spec.parent_job_id, 253)
-    ttl_problem = data_ttl_problem(spec.data_ttl)
+    ttl_problem = data_ttl_problem(spec.data_ttl, infinity_writable=infinity_writable)
     if ttl_problem is not None:
         c.add("data_ttl", "data-ttl", ttl_problem)
     if spec.cancel is not None:
