@@ -696,6 +696,45 @@ def test_concurrent_keyed_creates_with_a_password_both_get_the_job() -> None:
     assert "DELETE" not in kube.methods()
 
 
+class UnansweredSecretKube(SlowSecretKube):
+    """The first Secret POST waits until `go`, then gets no answer."""
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if method == "POST" and path == secrets_path(NAMESPACE) and not self.waiting.is_set():
+            self.waiting.set()
+            await self.go.wait()
+            raise KubeError(0, "Unavailable", "no answer in time")
+        return await super().request(method, path, body, **kw)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "unanswered"])
+def test_a_keyed_create_given_up_keeps_the_job_its_retry_was_answered_with(how: str) -> None:
+    """The client's deadline passed while the first call stored the Secret; its retry found the job
+    and was answered. The first call then ends (cancelled, or its Secret POST unanswered): the job
+    answered to the retry stays."""
+
+    async def scenario() -> tuple[Any, SlowSecretKube]:
+        kube = SlowSecretKube() if how == "cancelled" else UnansweredSecretKube()
+        jobs = service(FakeCore(kube))
+        first = asyncio.ensure_future(jobs.Create(with_password("pw"), ctx(idempotency_key="k1")))
+        await kube.waiting.wait()
+        second = await jobs.Create(with_password("pw"), ctx(idempotency_key="k1"))
+        if how == "cancelled":
+            first.cancel()
+        else:
+            kube.go.set()
+        with pytest.raises((asyncio.CancelledError, grpc.RpcError, ApiError)):
+            await first
+        await settled()
+        return second, kube
+
+    second, kube = asyncio.run(scenario())
+    assert not second.HasField("error")
+    [job_id] = kube.jobs()
+    assert "deletionTimestamp" not in kube.objects[jobs_path(NAMESPACE, job_id)]["metadata"]
+    assert "DELETE" not in kube.methods()
+
+
 # --- writes guarded against a concurrent Execute --------------------------------------------
 
 

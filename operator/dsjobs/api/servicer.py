@@ -199,6 +199,19 @@ def _outcome_unknown(exc: KubeError) -> bool:
     return exc.status == 0 or exc.status >= 500 or exc.reason == "Timeout"
 
 
+def _retried_with_the_key(exc: BaseException) -> bool:
+    """Whether a keyed Create that failed so leaves its job to the key's retry: the call was given
+    up (cancelled: its client's deadline passed) or a write of it got no answer (UNAVAILABLE),
+    which the client retries with the key. Such a retry may already have found the job and been
+    answered with it while this call was still storing the password Secret: removing the job
+    would take it from under that answer. Refusals (and a leftover Secret of an earlier attempt,
+    which the retry must not take) remove it."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    cause = exc.__cause__
+    return isinstance(exc, ApiError) and isinstance(cause, KubeError) and _outcome_unknown(cause)
+
+
 def _conversion_error(exc: Exception, prefix: str = "") -> ApiError:
     if isinstance(exc, ConversionError):
         return errors.from_problems([Problem(exc.path, "type", str(exc).split(": ", 1)[-1])])
@@ -380,8 +393,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             if new.password is not None:
                 await self._store_password(job, new.password, created=created)
             operation = operations.create_operation(job.ref(new.kind), job, uploads)
-        except BaseException:
-            if created:
+        except BaseException as exc:
+            if created and not (new.key and _retried_with_the_key(exc)):
                 # Nothing half-created: the caller learns no job id, and the official CLI retries
                 # UNAVAILABLE without an Idempotency-Key, which would leave one job per attempt.
                 await self._shielded(self._discard(obj))
