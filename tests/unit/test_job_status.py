@@ -2595,6 +2595,24 @@ def test_an_execute_accepted_before_the_expiry_runs_though_the_operator_sees_it_
     assert JobView.from_body(annotated).execute_requested_at == created
 
 
+def test_a_ttl_shortened_after_the_execute_does_not_fail_the_job_before_it_starts() -> None:
+    # Created 3 h ago with the CLI's 14d; the operator recorded its expiry. Executed now, and a
+    # SetDataTtl of 1h (the API takes an executed job's TTL as counted from its end) landed before
+    # the operator's step: counted from createdAt, the job failed DataCleared, its inputs deleted.
+    created = NOW - timedelta(hours=3)
+    j = job(status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl="14d")
+    unexecuted = step(replace(j, spec={**j.spec, "execute": False}), now=created + timedelta(minutes=1))
+    assert unexecuted.status.data_expires_at == created + timedelta(days=14)
+    executed = replace(j, status=unexecuted.status, execute_requested_at=NOW - timedelta(seconds=1))
+    shortened = replace(executed, spec={**executed.spec, "dataTtl": "1h"})
+    p = step(shortened)
+    assert p.status.phase == JobPhase.PREPARING and not p.status.data_cleared
+    assert any(isinstance(a, CreatePod) for a in p.actions)
+    # Without an expiry recorded (a job applied executed), the spec's TTL judges, as before.
+    fresh = job(status={"phase": "CREATING", "createdAt": ts(created)}, dataTtl="1h")
+    assert step(replace(fresh, execute_requested_at=NOW)).status.phase == JobPhase.ERROR
+
+
 @pytest.mark.parametrize("ttl", ["1m", "0s", "-1d"])
 def test_a_ttl_out_of_range_deletes_nothing_when_the_job_is_executed(ttl: str) -> None:
     # Before Execute the job said "not used: the data does not expire"; the Execute then judged

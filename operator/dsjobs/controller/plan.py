@@ -957,6 +957,13 @@ def _data_gone_before_start(
     # A TTL out of range is not used (the job fails InvalidSpec [data-ttl] for it): the last
     # valid expiry stands, as for a job not executed (_data_lifetime).
     expires = data_expiry(spec, status.created_at, status.data_expires_at)
+    recorded = status.data_expires_at
+    if expires is not None and recorded is not None and recorded > expires:
+        # The expiry this operator last set for the job not executed: a SetDataTtl accepted after
+        # the Execute (an executed job's TTL counts from its end) may shorten the spec's before
+        # this step sees the job; its data was there all the same (only the operator deletes it,
+        # and the API refuses an Execute of expired data by the spec as it was then).
+        expires = recorded
     if expires is not None and executed_at >= expires:
         return "data TTL expired before the job was executed"
     return None
