@@ -495,13 +495,17 @@ def password_secret(owner_uid: str | None, *, labelled: bool = True) -> dict[str
 @pytest.mark.parametrize(
     ("secret", "problem"),
     [
-        (password_secret(None, labelled=False), "is not labelled dsjobs.dev/secret-role=registry-password"),
+        (
+            password_secret(None, labelled=False),
+            "no Secret 'db-credentials' labelled dsjobs.dev/secret-role=",
+        ),
+        (None, "no Secret 'db-credentials' labelled dsjobs.dev/secret-role=registry-password in its"),
         (password_secret("u-other"), "holds the registry password of ProjectJob 'someone'"),
         (password_secret(None), "is owned by no ProjectJob and has no annotation dsjobs.dev/registry-hosts"),
     ],
 )
 def test_clone_copies_no_secret_the_operator_would_not_send_to_the_source_job_s_registry(
-    secret: dict[str, Any], problem: str
+    secret: dict[str, Any] | None, problem: str
 ) -> None:
     # A source job applied with kubectl may name any Secret of the namespace (the storage keys,
     # another member's registry password) with an image URL of its author's: the API, which may
@@ -514,7 +518,8 @@ def test_clone_copies_no_secret_the_operator_would_not_send_to_the_source_job_s_
         }
     }
     kube = FakeKube()
-    kube.objects[secrets_path(NAMESPACE, "db-credentials")] = secret
+    if secret is not None:  # a missing one is told as one not labelled: which names exist is no one's
+        kube.objects[secrets_path(NAMESPACE, "db-credentials")] = secret
     core = FakeCore(kube, stored=[SHA], job=source_job({**SOURCE_PARAMS, "env": docker}, created_by="alice"))
     err = failing(
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -38,7 +38,12 @@ from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
-from dsjobs.controller.secrets import REGISTRY_HOSTS_ANNOTATION, registry_of, registry_password_source_problem
+from dsjobs.controller.secrets import (
+    REGISTRY_HOSTS_ANNOTATION,
+    is_registry_password,
+    registry_of,
+    registry_password_source_problem,
+)
 from dsjobs.convert import params as params_conv
 from dsjobs.convert.common import ConversionError, file_to_proto, from_duration, timestamp
 from dsjobs.convert.listsizes import oversized_lists
@@ -362,14 +367,22 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 "password_ds_secret_name for a project secret: the CLI's fork takes --docker-image-url "
                 "with --docker-image-password-secret-id)"
             )
+        # One answer for a missing Secret and one not labelled as a registry password (as the
+        # operator's): a member who may not read the namespace's Secrets would otherwise learn
+        # which names exist, by cloning jobs of theirs naming them.
+        unusable = errors.failed_precondition(
+            f"the source job's registry password: no Secret {ref.name!r} labelled "
+            f"{SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} in its namespace (only such Secrets are "
+            f"used as passwords); {fix}"
+        )
         try:
             secret = await self.core.kube.request("GET", secrets_path(source.namespace, ref.name))
         except KubeError as exc:
             if exc.status == 404:
-                raise errors.failed_precondition(
-                    f"the registry password Secret {ref.name!r} of the source job is gone; {fix}"
-                ) from exc
+                raise unusable from exc
             raise errors.from_kube(exc, f"secret {ref.name!r}") from exc
+        if not is_registry_password(secret):
+            raise unusable
         image = source.spec.job_parameters.docker_image()
         problem = registry_password_source_problem(
             secret, by_ref=True, job_uid=source.uid, image_url=image.image_url if image else ""
