@@ -144,10 +144,16 @@ def test_only_keys_below_the_job_s_own_prefix_are_presigned() -> None:
         {"desc": {"path": "theirs.txt"}, "key": "projects/p2/jobs/j9/outputs/theirs.txt"},
         {"desc": {"path": "sibling.txt"}, "key": "projects/p1/jobs/j10/outputs/sibling.txt"},
         {"desc": {"path": "nothing.txt"}, "key": ""},
+        # Below the prefix as text, out of it for a store or proxy resolving dot segments.
+        {"desc": {"path": "climb.txt"}, "key": f"{OWN}../../../p2/jobs/j9/outputs/theirs.txt"},
+        {"desc": {"path": "dot.txt"}, "key": f"{OWN}./mine.txt"},
+        {"desc": {"path": "empty.txt"}, "key": f"{OWN}a//mine.txt"},
+        {"desc": {"path": "prefix.txt"}, "key": OWN},
     ]
     j = job({"phase": "SUCCESS", "returnCode": 0, "outputFiles": files}, execute=True)
     assert ops.output_keys(j) == [f"{OWN}mine.txt"]
-    assert [ops.is_own_key(j, f["key"]) for f in files] == [True, False, False, False]
+    assert [ops.is_own_key(j, f["key"]) for f in files] == [True] + [False] * 7
+    assert ops.is_own_key(j, f"{OWN}out dir/report (1).v2..txt")  # dots inside a name are fine
 
 
 def test_failed_program_is_a_successful_operation_with_its_return_code() -> None:

@@ -458,11 +458,17 @@ def output_keys(job: JobSnapshot) -> list[str]:
 def is_own_key(job: JobSnapshot, key: str) -> bool:
     """Whether `key` is below the job's own prefix. The API presigns no other: the status is the
     operator's to write, but a key there naming another job's or project's object (a status
-    edited by someone allowed to) would hand out data its caller may not read."""
+    edited by someone allowed to, or a result.json rewritten with the runner's credentials) would
+    hand out data its caller may not read. Nor one with `.`, `..` or empty segments: the runner
+    writes none, and a store or proxy resolving them after the signature check would reach out
+    of the prefix (`.../jobs/j1/../../pb/...`)."""
     try:
-        return bool(key) and key.startswith(job_prefix(job.project_id, job.name))
+        prefix = job_prefix(job.project_id, job.name)
     except ValueError:  # a project or job id no key can have
         return False
+    if not key.startswith(prefix) or len(key) == len(prefix):
+        return False
+    return all(part not in ("", ".", "..") for part in key[len(prefix) :].split("/"))
 
 
 # --- Delete, DeleteData, DeleteAllData ---------------------------------------------------------
