@@ -215,7 +215,12 @@ _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 
 def error_from(status: int, body: bytes, key: str) -> S3HttpError:
     fields = dict(_XML_FIELD.findall(body[:4096].decode("utf-8", "replace")))
-    return S3HttpError(status, fields.get("Code") or str(status), fields.get("Message", ""), key)
+    message = fields.get("Message", "")
+    if status == 403 and "Code" not in fields:
+        # A HEAD's refusal has no body to say why (a job's first store request is one): the
+        # usual causes, where a bare "403 (403)" told nothing.
+        message = "access denied, reason not given (wrong storage keys, or this machine's clock off)"
+    return S3HttpError(status, fields.get("Code") or str(status), message, key)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,14 @@ class S3Http:
         while True:
             conn, reused = self._connection()
             try:
-                conn.request(method, target, body=body or None, headers=signed)
+                try:
+                    conn.request(method, target, body=body or None, headers=signed)
+                except (BrokenPipeError, ConnectionResetError):
+                    early = _early_answer(conn)
+                    if early is None:
+                        raise
+                    self._drop_connection()
+                    raise error_from(early[0], early[1], key) from None
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._drop_connection()
@@ -356,6 +368,19 @@ class S3Http:
     def _finish(self, resp: http.client.HTTPResponse) -> None:
         if resp.will_close:
             self._drop_connection()
+
+
+def _early_answer(conn: http.client.HTTPConnection) -> tuple[int, bytes] | None:
+    """The refusal a store sent before reading a request's body, found after sending the body
+    failed (status and body), or None. Stores refuse a PUT from its headers (a quota, a clock
+    skew, access denied) and close the connection with the body unread, so the sender gets EPIPE
+    or ECONNRESET: taken for a lost connection and retried for minutes, the refusal's own words
+    never read. An answer of success is none: the body did not get there."""
+    try:
+        resp = conn.getresponse()
+        return (resp.status, resp.read()) if resp.status >= 300 else None
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 _XML_KEY = re.compile(r"<Key>([^<]*)</Key>")

@@ -28,6 +28,7 @@ from dsjobs.s3http import (
     canonical_query,
     canonical_uri,
     connect,
+    error_from,
     listed_keys,
     presign_v4,
     sign_v4,
@@ -312,6 +313,13 @@ def test_conditional_put_and_errors_without_a_body(server: str) -> None:
     with pytest.raises(S3HttpError) as err:
         s3.request("HEAD", "missing")
     assert (err.value.status, err.value.code) == (404, "404")
+    # A refused HEAD says nothing of why: the usual causes are named.
+    refused = error_from(403, b"", "projects/p/jobs/j/logs/chunks/000000000000")
+    assert str(refused) == (
+        "403 (403) for projects/p/jobs/j/logs/chunks/000000000000: access denied, reason not given "
+        "(wrong storage keys, or this machine's clock off)"
+    )
+    assert "reason not given" not in str(error_from(403, b"<Code>AccessDenied</Code>", "k"))
     # The connection is still good after errors.
     assert s3.request("GET", "k").body == b"1"
     assert len({r["port"] for r in _Handler.seen}) == 1
@@ -325,6 +333,56 @@ def test_a_connection_closed_by_the_server_is_replaced(server: str) -> None:
     conn.sock.close()  # as if the server had dropped the idle keep-alive connection
     conn.sock = None
     assert s3.request("GET", "k").body == b"1"
+
+
+@pytest.fixture
+def refusing_server() -> Iterator[tuple[str, list[str]]]:
+    """Answers every request from its headers alone, then closes with the body unread (as stores
+    refuse a PUT for a quota or a clock skew): `answer` is what it sends ("" for nothing)."""
+    answer: list[str] = [""]
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = b"<Error><Code>XMinioStorageFull</Code><Message>Storage backend is full.</Message></Error>"
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                if answer[0]:
+                    head = f"HTTP/1.1 {answer[0]}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+                    conn.sendall(head.encode() + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", answer
+    finally:
+        listener.close()
+
+
+def test_a_refusal_sent_before_the_body_was_read_is_the_error(refusing_server: tuple[str, list[str]]) -> None:
+    # The sender of a large body gets EPIPE or ECONNRESET: taken for a lost connection, the upload
+    # was retried for minutes and its file error read "Broken pipe" instead of the store's words.
+    endpoint, answer = refusing_server
+    answer[0] = "507 Insufficient Storage"
+    s3 = S3Http(endpoint, "bkt", Credentials("AK", "SK", "us-east-1"))
+    for size in (1000, 8 << 20):
+        with pytest.raises(S3HttpError) as err:
+            s3.request("PUT", "k", body=b"x" * size)
+        assert (err.value.status, err.value.code) == (507, "XMinioStorageFull")
+        assert not storage.is_transient(err.value)
+    # A connection cut without an answer stays a lost connection (retried).
+    answer[0] = ""
+    with pytest.raises((BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)) as lost:
+        s3.request("PUT", "k", body=b"x" * (8 << 20))
+    assert storage.is_transient(lost.value)
 
 
 def test_a_client_can_wait_less_than_a_minute(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
