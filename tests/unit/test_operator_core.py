@@ -9,6 +9,7 @@ import logging
 import re
 import ssl
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,32 @@ def test_the_inputs_to_delete_are_decided_once_the_job_s_prefix_is_gone() -> Non
     unused = lambda: refs.unused(("ns", "me"), "p", [A, B])  # noqa: E731
     asyncio.run(delete_job_data(Store(), "p", "me", unused))  # type: ignore[arg-type]
     assert deleted == ["projects/p/jobs/me/", f"projects/p/inputs/{B}"]
+
+
+def test_deletions_that_hang_leave_the_short_store_calls_their_threads() -> None:
+    # A store that stops answering holds each deletion for minutes: a batch of them (more than
+    # the loop's default executor has threads) made a forced cancel's word to the runner, a
+    # result's read and the storage check wait behind them.
+    release = threading.Event()
+
+    class Store:
+        def delete_prefix(self, prefix: str) -> int:
+            release.wait(30)
+            return 0
+
+    async def scenario() -> bool:
+        clears = [
+            asyncio.ensure_future(delete_job_data(Store(), "p", f"j{i}", list, with_inputs=False))  # type: ignore[arg-type]
+            for i in range(40)
+        ]
+        await asyncio.sleep(0.1)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(lambda: True), timeout=5)
+        finally:
+            release.set()
+            await asyncio.gather(*clears)
+
+    assert asyncio.run(scenario())
 
 
 def test_each_input_is_asked_about_again_just_before_it_is_deleted() -> None:

@@ -14,10 +14,13 @@ stage-in then fails with a clear "input missing" error.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from dsjobs.controller.status import deletion_marked
 from dsjobs.models import FINAL_PHASES, ProjectJobSpec
@@ -155,6 +158,21 @@ class InputRefs:
         return sorted(result)
 
 
+_T = TypeVar("_T")
+
+#: Deletions of stored data run in threads of their own: one may take minutes (a store slowing
+#: down or not answering, 100k log chunks), and a batch of them (DeleteAllData, TTL expiries) in
+#: the loop's default executor (6 threads on 2 CPUs) made the short store calls queue behind
+#: them: a forced cancel's word to the runner, a job's result, the storage check.
+_DELETIONS: Final = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dsjobs-deletion")
+
+
+async def in_deletion_thread(func: Callable[..., _T], *args: Any) -> _T:
+    """`func(*args)` in a deletion thread (as asyncio.to_thread, context variables with it)."""
+    call = functools.partial(contextvars.copy_context().run, func, *args)
+    return await asyncio.get_running_loop().run_in_executor(_DELETIONS, call)
+
+
 async def delete_job_data(
     storage: Storage | None,
     project: str,
@@ -174,13 +192,13 @@ async def delete_job_data(
     if storage is None:
         log.warning("no object storage configured (DSJOBS_S3_*): not deleting data of %s/%s", project, job)
         return
-    count = await asyncio.to_thread(storage.delete_prefix, job_prefix(project, job))
+    count = await in_deletion_thread(storage.delete_prefix, job_prefix(project, job))
     if with_inputs:
         for sha in unused():
             # Asked again before each: a slow store makes the loop long, and a job seen meanwhile
             # that uses one of them keeps it.
             if sha in unused():
-                await asyncio.to_thread(storage.delete, input_key(project, sha))
+                await in_deletion_thread(storage.delete, input_key(project, sha))
                 count += 1
     log.info(
         "deleted %d stored objects of job %s/%s", count, project, job, extra={"project": project, "job": job}

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from dsjobs.controller import metrics
+from dsjobs.controller.cleanup import in_deletion_thread
 from dsjobs.controller.joblog import jlog, log
 from dsjobs.controller.plan import JobView
 from dsjobs.controller.podview import PodView
@@ -233,7 +234,7 @@ class JobStore:
         try:
             if not await asyncio.to_thread(check):
                 return
-            deleted = await asyncio.to_thread(full.delete_prefix, prefix)
+            deleted = await in_deletion_thread(full.delete_prefix, prefix)
         except Exception as exc:
             jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
             return
