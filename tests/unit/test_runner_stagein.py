@@ -15,12 +15,13 @@ import pytest
 from runner_fakes import FileStore, MemoryStore, config, umask
 from test_runner_zipsafe import understated_zip
 
+from dsjobs.logrecords import LogChunk, LogRecord, Stream, read_chunk, write_chunk
 from dsjobs.runner import stagein
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.result import RunnerStatus, parse_termination_message
 from dsjobs.runner.ship import human_size, upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
-from dsjobs.s3http import EMPTY_SHA256
+from dsjobs.s3http import EMPTY_SHA256, S3HttpError
 from dsjobs.storage import ObjectInfo, input_key
 
 
@@ -361,6 +362,42 @@ def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fa
     ok, term = _stage_one_input(tmp_path, CheckingStore(), "j2")
     result = parse_termination_message(term)
     assert not ok and not result.storage_unavailable and "not in storage" in result.reason
+
+
+def test_a_stage_in_whose_log_could_not_be_resumed_still_reports(tmp_path: Path) -> None:
+    # The store failed the reads that find where the job's log goes on (twice) and its input:
+    # the failure path wrote chunk 0 without a resume, met attempt 1's chunk 0 there (412, other
+    # bytes) and raised: no result, no termination message, "staging inputs failed: Error".
+    class Flaky(CheckingStore):
+        heads_failing = 2
+
+        def head(self, key: str) -> ObjectInfo | None:
+            if self.heads_failing:
+                self.heads_failing -= 1
+                raise S3HttpError(503, "ServiceUnavailable", "injected", key)
+            return super().head(key)
+
+    store = Flaky()
+    write_chunk(
+        store,  # type: ignore[arg-type]
+        "p",
+        "j1",
+        LogChunk(seq=0, records=(LogRecord(Stream.OUT, b"attempt 1\n", 1, None),), attempt=1, resume={}),
+    )
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j1",
+        cmd="python main.py",
+        attempt=2,
+        inputs=[{"path": "t.csv", "sha256": hashlib.sha256(GOOD).hexdigest(), "size_bytes": len(GOOD)}],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    term = tmp_path / "term"
+    assert not run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED
+    assert read_chunk(store, "p", "j1", 0).attempt == 1  # type: ignore[arg-type, union-attr]
+    assert read_chunk(store, "p", "j1", 1).attempt == 2  # type: ignore[arg-type, union-attr]
 
 
 def test_every_missing_input_is_named_at_once(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from dsjobs.runner.zipsafe import UnsafeZipError, declared_size, extract_zip, ma
 from dsjobs.storage import (
     IntegrityError,
     ObjectNotFoundError,
+    PreconditionFailedError,
     Storage,
     input_key,
     is_stored_input,
@@ -319,7 +320,6 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
     layout.create()
     syslog = SystemLog(layout.system_log, "stage-in")
     shipper = LogShipper(store, config)
-    resumed = False
     try:
         if not (config.inputs or config.local_modules):
             # Nothing to fetch and nothing said: no storage request at all (the ship sidecar
@@ -327,7 +327,6 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
             prepare(config)
             return True
         shipper.resume()
-        resumed = True
         prepare(config)
         stage_inputs(config, store, syslog)
         shipper.pump(final=True, deadline=time.monotonic() + 60)
@@ -346,13 +345,17 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
             reason = f"stage-in failed: {type(exc).__name__}: {exc}"
         log.exception("stage-in failed")
         syslog(reason)
-        if not resumed:
-            try:
-                shipper.resume()
-            except Exception as resume_exc:
-                log.warning("cannot read the job's stored logs error=%s", resume_exc)
         deadline = time.monotonic() + 60
-        complete = shipper.pump(final=True, deadline=deadline) and shipper.finalize(reason, deadline=deadline)
+        try:
+            # ship, not pump: it retries the resume that failed above and writes nothing before
+            # it succeeds (chunk 0 of a retried attempt would meet the earlier attempt's).
+            complete = shipper.ship(final=True, deadline=deadline) and shipper.finalize(
+                reason, deadline=deadline
+            )
+        except PreconditionFailedError as race:
+            # Another writer's chunk where ours goes: the result below must still be written.
+            log.warning("cannot ship the stage-in's log error=%s", race)
+            complete = False
         result = RunnerResult(
             project_id=config.project_id,
             job_id=config.job_id,
