@@ -846,8 +846,15 @@ class Storage:
                     self._http.request("PUT", key, body=data, headers={"content-type": content_type})
                     return
                 if exc.status == 412 or exc.code == "PreconditionFailed":
-                    if self.get_bytes(key) == data:
+                    stored = self.get_bytes(key)
+                    if stored == data:
                         return
+                    if stored is None:
+                        # There, yet not readable (a store whose reads lag its writes): no other
+                        # content seen, so no other writer; asked again after the backoff.
+                        raise S3HttpError(
+                            503, "SlowDown", "refused as existing, read as missing", key
+                        ) from exc
                     raise PreconditionFailedError(f"{key} already exists with other content") from exc
                 raise
 

@@ -188,6 +188,31 @@ def test_clock_skew_is_not_retried(s3: FakeS3) -> None:
     assert s3.count("PUT") == 1
 
 
+def test_a_conditional_put_refused_as_existing_but_read_as_missing_is_tried_again(s3: FakeS3) -> None:
+    # The PUT landed, its answer was lost; the retry got 412, the read of it 404 (a store whose
+    # reads lag its writes): taken for another writer's content, the ship ended RunnerFailed
+    # before uploading any output.
+    answers = iter([(412, "PreconditionFailed"), (404, "NoSuchKey"), (412, "PreconditionFailed")])
+
+    def answer(r: Request) -> None:
+        step = next(answers, None)
+        if step is not None:
+            r.error(*step)
+        else:
+            r.reply(200, b"chunk")
+
+    s3.answer = answer
+    s3.store(attempts=3).put_bytes("projects/p/jobs/j/logs/chunks/0", b"chunk", if_none_match=True)
+    assert [m for m, *_ in s3.seen] == ["PUT", "GET", "PUT", "GET"]
+    # Other bytes there: another writer's, not tried again.
+    s3.seen.clear()
+    answers = iter([(412, "PreconditionFailed")])
+    s3.answer = lambda r: answer(r) if r.command == "PUT" else r.reply(200, b"theirs")
+    with pytest.raises(storage.PreconditionFailedError):
+        s3.store(attempts=3).put_bytes("projects/p/jobs/j/logs/chunks/0", b"chunk", if_none_match=True)
+    assert [m for m, *_ in s3.seen] == ["PUT", "GET"]
+
+
 def test_the_log_shipper_is_the_one_retry_layer_of_its_writes(s3: FakeS3, tmp_path: Path) -> None:
     # The shipper backs off between its own tries; were each try also Storage's 5 attempts, a
     # "due now" pump while the program runs would block for seconds on a storage outage, and the
