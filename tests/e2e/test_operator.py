@@ -40,7 +40,7 @@ from operator_fixtures import (  # noqa: F401
 )
 
 from dsjobs.controller.leader import micro_time
-from dsjobs.controller.names import JOB_LABEL
+from dsjobs.controller.names import JOB_LABEL, PROJECT_LABEL
 from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
@@ -1253,6 +1253,79 @@ def test_only_those_who_may_edit_the_policies_label_a_namespace_as_dsjobs_own(h:
         assert "labeled" in h.kubectl("label", "namespace", plain, "dsjobs.dev/system=true")  # an admin
     finally:
         h.kubectl("delete", "namespace", labelled, plain, "--wait=false", "--ignore-not-found", check=False)
+        h.kubectl("delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False)
+
+
+def test_only_project_binders_label_a_namespace_as_a_project(h: H) -> None:
+    # The label says which namespace is a project (its jobs, its storage prefix): someone who may
+    # make or patch namespaces must not claim another team's project with it, nor take it away.
+    role, who = f"{h.namespace}-ns-owner", f"{h.namespace}-owner"
+    mine, theirs = f"{h.namespace}-mine", PROJECT_ID
+
+    def rbac(bind: list[str]) -> str:
+        rules: list[dict[str, Any]] = [
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["create", "get", "patch"]}
+        ]
+        if bind:
+            rules.append(
+                {
+                    "apiGroups": ["dsjobs.dev"],
+                    "resources": ["projects"],
+                    "verbs": ["bind"],
+                    "resourceNames": bind,
+                }
+            )
+        items = [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": {"name": role},
+                "rules": rules,
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": role},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who}],
+            },
+        ]
+        return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+    def namespace(name: str, labels: dict[str, str]) -> str:
+        return json.dumps(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+        )
+
+    def as_owner(*args: str, stdin: str | None = None) -> str:
+        return h.kubectl(f"--as={who}", *args, stdin=stdin, check=False)
+
+    grabbed = f"{h.namespace}-grab"
+    h.kubectl("apply", "-f", "-", stdin=rbac([]))
+    try:
+        out = as_owner("create", "-f", "-", stdin=namespace(grabbed, {PROJECT_LABEL: theirs}))
+        rule = "metadata.labels[dsjobs.dev/project-id]: setting, changing or removing it needs the verb bind"
+        assert f"{rule} on projects.dsjobs.dev named {theirs}" in out, out
+        assert f"which {who} lacks" in out, out
+        assert "created" in as_owner("create", "-f", "-", stdin=namespace(mine, {"team": "a"}))
+        out = as_owner("label", "namespace", mine, f"{PROJECT_LABEL}={theirs}")
+        assert "needs the verb bind" in out, out
+        assert "labeled" in as_owner("label", "namespace", mine, "other=label")  # other labels: as before
+        # Granted for one project by name: that one, and not another.
+        h.kubectl("apply", "-f", "-", stdin=rbac([f"{h.namespace}-own"]))
+        assert "labeled" in as_owner("label", "namespace", mine, f"{PROJECT_LABEL}={h.namespace}-own")
+        out = as_owner("label", "--overwrite", "namespace", mine, f"{PROJECT_LABEL}={theirs}")
+        assert f"named {h.namespace}-own and {theirs} (the ClusterRole" in out, out
+        # Nor may it be taken off a project's namespace by whoever may patch namespaces.
+        out = as_owner("label", "namespace", h.namespace, f"{PROJECT_LABEL}-")
+        assert f"named {theirs} (the ClusterRole" in out, out
+        label = h.kubectl(
+            "get", "namespace", h.namespace, "-o", "jsonpath={.metadata.labels.dsjobs\\.dev/project-id}"
+        )
+        assert label == theirs
+        assert "unlabeled" in as_owner("label", "namespace", mine, f"{PROJECT_LABEL}-")
+    finally:
+        h.kubectl("delete", "namespace", mine, grabbed, "--wait=false", "--ignore-not-found", check=False)
         h.kubectl("delete", "clusterrolebinding,clusterrole", role, "--ignore-not-found", check=False)
 
 
