@@ -184,7 +184,9 @@ def ctx(**metadata: str) -> Any:
 
 
 def service(core: FakeCore) -> ProjectJobService:
-    return ProjectJobService(cast(Core, core))
+    jobs = ProjectJobService(cast(Core, core))
+    jobs.unanswered_rechecks = (0.0, 0.0)  # looked for twice more, without waiting
+    return jobs
 
 
 def call(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -372,6 +374,57 @@ def test_removal_of_an_unanswered_job_outlives_a_second_cancellation() -> None:
         return kube
 
     assert asyncio.run(scenario()).jobs() == []
+
+
+class LateCommitKube(FakeKube):
+    """The job POST gets no answer, and the API server stores it after the cleanup's `misses`
+    GETs found nothing."""
+
+    def __init__(self, misses: int) -> None:
+        super().__init__()
+        self.misses = misses
+        self.pending: Any = None
+
+    async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+        if method == "POST" and path == jobs_path(NAMESPACE):
+            self.pending = body
+            raise KubeError(0, "Unavailable", "no answer in time")
+        try:
+            return await super().request(method, path, body, **kw)
+        finally:
+            if method == "GET" and self.pending is not None:
+                self.misses -= 1
+                if self.misses == 0:
+                    await super().request("POST", jobs_path(NAMESPACE), self.pending)
+
+
+@pytest.mark.parametrize("misses", [1, 2])
+def test_a_job_stored_after_its_unanswered_post_was_looked_for_is_removed(misses: int) -> None:
+    # The cleanup's GET came before the API server stored the job: "never stored", and the job
+    # stayed CREATING for ever beside the one the CLI's retry made. It is looked for again.
+    async def scenario() -> LateCommitKube:
+        kube = LateCommitKube(misses)
+        with pytest.raises(ApiError) as err:
+            await service(FakeCore(kube)).Create(create_request(), ctx())
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        await settled()
+        return kube
+
+    kube = asyncio.run(scenario())
+    assert kube.jobs() == []
+    assert kube.methods().count("DELETE") == 1
+
+
+def test_a_job_never_stored_is_looked_for_a_few_times_then_let_be() -> None:
+    async def scenario() -> FakeKube:
+        kube = LateCommitKube(misses=-1)  # never stored
+        with pytest.raises(ApiError):
+            await service(FakeCore(kube)).Create(create_request(), ctx())
+        await settled()
+        return kube
+
+    kube = asyncio.run(scenario())
+    assert kube.methods() == ["GET", "GET", "GET"]  # once at once, then after each recheck
 
 
 def test_keyed_create_whose_post_answer_is_lost_leaves_the_job_to_its_retry() -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf import empty_pb2
@@ -248,11 +249,18 @@ class _NewJob:
 # --- ProjectJobService --------------------------------------------------------------------------
 
 
+#: When a job POST without an answer found no job, the pauses before looking again: the API
+#: server may store it still (its request timeout is 60 s, ours gave up at 20), and a job stored
+#: then stayed CREATING for ever, beside the one the CLI's retry made.
+UNANSWERED_RECHECKS: Final = (2.0, 8.0, 20.0, 40.0)
+
+
 class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
     def __init__(self, core: Core) -> None:
         self.core = core
         # Cleanups that outlive a cancelled call (see _shielded): referenced until they end.
         self.cleanups: set[asyncio.Task[None]] = set()
+        self.unanswered_rechecks: tuple[float, ...] = UNANSWERED_RECHECKS
 
     # Create / Clone ----------------------------------------------------------------------------
 
@@ -491,8 +499,12 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             task.add_done_callback(_log_cleanup_failure)
             raise
 
-    async def _remove_unanswered(self, namespace: str, new: _NewJob) -> None:
+    async def _remove_unanswered(
+        self, namespace: str, new: _NewJob, rechecks: tuple[float, ...] | None = None
+    ) -> None:
         """Delete the job a POST without an answer may have stored (best effort; see _outcome_unknown).
+        Not found, it is looked for again after each of `rechecks` (UNANSWERED_RECHECKS), in the
+        background: the call's answer does not wait for them.
 
         Only for calls without an Idempotency-Key: their retries get new random ids, so the job
         would stay CREATING for ever (listed, counted against the project's quota), while a keyed
@@ -516,7 +528,12 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                 )
             except KubeError as exc:
                 if exc.status == 404:
-                    return  # never stored, or gone already
+                    # Not stored (yet), or gone already.
+                    later = self.unanswered_rechecks if rechecks is None else rechecks
+                    if later:
+                        again = functools.partial(self._remove_unanswered, namespace, new, later[1:])
+                        self._in_background(later[0], again)
+                    return
                 if exc.status == 409:
                     continue  # changed since it was read (the operator's first status): look again
                 log.error(
@@ -534,6 +551,18 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             what,
             extra={"job": new.job_id},
         )
+
+    def _in_background(self, delay: float, cleanup: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `cleanup()` after `delay` seconds as one of the cleanups (see _shielded)."""
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await cleanup()
+
+        task = asyncio.ensure_future(later())
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+        task.add_done_callback(_log_cleanup_failure)
 
     async def _delete_job(self, namespace: str, name: str, preconditions: Mapping[str, Any]) -> None:
         """DELETE one ProjectJob only as the caller saw it (uid, and resourceVersion when given)."""
