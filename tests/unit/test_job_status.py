@@ -56,6 +56,7 @@ from dsjobs.controller.status import (
 )
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, JobPhase, ProjectJobSpec
+from dsjobs.runner.contract import FORCED_CANCEL_WORD_CONTRACT, RUNNER_CONTRACT
 from dsjobs.runner.entry import SETUP_FAILED_EXIT
 from dsjobs.runner.result import (
     FileError,
@@ -190,7 +191,10 @@ def pod(
             "dsjobs.dev/attempt": str(attempt if attempt_label is None else attempt_label),
             "dsjobs.dev/instance-type": type_name,
         },
-        "annotations": {"dsjobs.dev/instance-type-index": str(index)},
+        "annotations": {
+            "dsjobs.dev/instance-type-index": str(index),
+            "dsjobs.dev/runner-contract": str(RUNNER_CONTRACT),
+        },
     }
     if deleting:
         meta["deletionTimestamp"] = ts(NOW)
@@ -1962,6 +1966,28 @@ def test_a_forceful_cancel_after_a_graceful_one_tells_the_runner_to_kill_now() -
         view.deletion_grace_seconds == 55
         and PodView.from_pod({"metadata": {}}).deletion_grace_seconds is None
     )
+
+
+def test_a_forced_cancel_of_a_pod_whose_runner_reads_no_word_deletes_it_with_1_s() -> None:
+    # A pod rendered before an upgrade runs the runner of its day, whose ship never reads the
+    # forced-cancel word: told it, the program got its whole graceful timeout (up to an hour).
+    params = {"gracefulShutdownParameters": {"signal": 10, "timeout": "40s"}}
+    forceful = job(params=params, status=started("EXECUTING"), cancel={"reason": "now", "graceful": False})
+    older = replace(executing_pod(), runner_contract=1)
+    assert step(forceful, [older]).actions == (
+        DeletePod("job-1-a1", 1, "cancelled (forced; its runner reads no word)"),
+    )
+    # The CLI's second Ctrl-C, after a graceful cancel: the pod's grace is shortened.
+    cancelling = job(params=params, status=started("CANCELLING"), cancel={"reason": "now", "graceful": False})
+    shutting = replace(older, deleting=True, deletion_grace_seconds=55)
+    assert step(cancelling, [shutting]).actions == (
+        DeletePod("job-1-a1", 1, "cancelled (forced; its runner reads no word)"),
+    )
+    assert not step(cancelling, [replace(shutting, deletion_grace_seconds=1)]).actions
+    # The contract is the pod's annotation; a pod without one is an older operator's.
+    assert PodView.from_pod({"metadata": {}}).runner_contract == 1
+    rendered = {"metadata": {"annotations": {"dsjobs.dev/runner-contract": str(RUNNER_CONTRACT)}}}
+    assert PodView.from_pod(rendered).runner_contract == RUNNER_CONTRACT >= FORCED_CANCEL_WORD_CONTRACT
 
 
 def test_a_cancel_removed_while_cancelling_does_not_kill_a_graceful_shutdown() -> None:

@@ -13,6 +13,9 @@ INSTANCE_TYPE_INDEX_ANNOTATION: Final = "dsjobs.dev/instance-type-index"
 # A digest of the InstanceType spec the pod was rendered from: a waiting pod of a type an admin
 # changed since is made again.
 INSTANCE_TYPE_DIGEST_ANNOTATION: Final = "dsjobs.dev/instance-type-digest"
+#: The runner contract the pod was rendered for (runner.contract.RUNNER_CONTRACT; none: 1): a pod
+#: made before an upgrade runs the runner of its day, and is dealt with as that one understands.
+RUNNER_CONTRACT_ANNOTATION: Final = "dsjobs.dev/runner-contract"
 #: kubectl's choice of container for `logs` and `exec` when none is named.
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 #: Service meshes' opt-outs of sidecar injection (Istio reads the label, Linkerd the annotation).

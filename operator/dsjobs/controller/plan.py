@@ -81,6 +81,7 @@ from dsjobs.models import (
 from dsjobs.models.base import drop_paths, parse_duration, read_stored
 from dsjobs.models.limits import DEFAULT_DATA_TTL, LABEL_VALUE_PATTERN, MAX_JOB_NAME, RESOURCE_ID_PATTERN
 from dsjobs.records import format_datetime
+from dsjobs.runner.contract import FORCED_CANCEL_WORD_CONTRACT
 from dsjobs.runner.result import ResultPointer, RunnerResult
 from dsjobs.validation import Problem, data_ttl_problem, format_problems, parse_job_spec
 
@@ -331,12 +332,16 @@ def cancel_grace_seconds(spec: ProjectJobSpec, settings: OperatorSettings) -> in
     return seconds + settings.shutdown_grace_margin_seconds
 
 
-def forced_cancel(spec: ProjectJobSpec, pod: PodView) -> list[ForceCancel]:
-    """The ForceCancel a cancel of `pod` needs: a forced one of a job whose program would otherwise
-    get its graceful-shutdown timeout."""
+def forced_cancel(spec: ProjectJobSpec, pod: PodView) -> list[ForceCancel | DeletePod]:
+    """What a forced cancel of `pod` needs when its program would otherwise get its graceful-shutdown
+    timeout: a ForceCancel; for a pod whose runner reads no forced-cancel word (rendered by an
+    operator of before it, an upgrade ago), its deletion with 1 s, which kills the program (its
+    log files may be lost), where the word would wait out the whole timeout."""
     forced = spec.cancel is not None and not spec.cancel.graceful
     if not forced or spec.job_parameters.graceful_shutdown_parameters is None:
         return []
+    if pod.runner_contract < FORCED_CANCEL_WORD_CONTRACT:
+        return [DeletePod(pod.name, DELETION_GRACE_SECONDS, "cancelled (forced; its runner reads no word)")]
     return [ForceCancel(pod.name, pod.attempt)]
 
 
@@ -632,8 +637,9 @@ def _plan(
             # Cancelled and the pod is gone: whatever removed it, the user wanted it stopped.
             status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
         elif not current.terminal and not current.program_ended:
-            actions.extend(forced_cancel(spec, current))
-            if not current.deleting:
+            forced = forced_cancel(spec, current)
+            actions.extend(forced)
+            if not current.deleting and not any(isinstance(a, DeletePod) for a in forced):
                 actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
             status = with_phase(status, JobPhase.CANCELLING, f"cancelling{reason}", events)
             return Plan(status, tuple(actions), tuple(events), spec=spec)
@@ -646,8 +652,10 @@ def _plan(
         and not current.program_ended
     ):
         # The delete was decided but may not have happened (a crash in between): issue it again.
-        actions.extend(forced_cancel(spec, current))
-        actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
+        forced = forced_cancel(spec, current)
+        actions.extend(forced)
+        if not any(isinstance(a, DeletePod) for a in forced):
+            actions.append(DeletePod(current.name, cancel_grace_seconds(spec, settings), "cancelled"))
     elif (
         status.phase == JobPhase.CANCELLING
         and current.deleting

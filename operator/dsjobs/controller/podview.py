@@ -18,8 +18,9 @@ from dsjobs.controller.names import (
     INSTANCE_TYPE_DIGEST_ANNOTATION,
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
+    RUNNER_CONTRACT_ANNOTATION,
 )
-from dsjobs.runner.contract import JOB_CONTAINER
+from dsjobs.runner.contract import JOB_CONTAINER, RUNNER_CONTRACT
 
 ContainerState = Literal["waiting", "running", "terminated"]
 
@@ -111,6 +112,8 @@ class PodView:
     instance_type_index: int = 0
     # instance_type_digest() of the InstanceType spec it was rendered from ("": an older operator's).
     instance_type_digest: str = ""
+    # The runner contract it was rendered for (RUNNER_CONTRACT_ANNOTATION; 1: an older operator's).
+    runner_contract: int = RUNNER_CONTRACT
     created_at: datetime | None = None
     deleting: bool = False
     # Its deletionTimestamp: when the deletion was asked for, plus the grace period.
@@ -166,6 +169,7 @@ class PodView:
             instance_type=str(labels.get(INSTANCE_TYPE_LABEL, "")),
             instance_type_index=_int(annotations.get(INSTANCE_TYPE_INDEX_ANNOTATION), 0),
             instance_type_digest=str(annotations.get(INSTANCE_TYPE_DIGEST_ANNOTATION) or ""),
+            runner_contract=_int(annotations.get(RUNNER_CONTRACT_ANNOTATION), 1),
             created_at=parse_time(meta.get("creationTimestamp")),
             deleting=bool(meta.get("deletionTimestamp")),
             deleted_at=parse_time(meta.get("deletionTimestamp")),

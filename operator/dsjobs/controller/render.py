@@ -33,6 +33,7 @@ from dsjobs.controller.names import (
     OUTPUT_DATASET_LABEL,
     PROJECT_DISK_LABEL,
     PROJECT_SECRETS_NAME,
+    RUNNER_CONTRACT_ANNOTATION,
     RUNNER_SECRET_ROLE,
     S3_MOUNT_LABEL,
     job_labels,
@@ -58,7 +59,7 @@ from dsjobs.runner.config import (
     PythonEnv,
     RunnerConfig,
 )
-from dsjobs.runner.contract import JOB_CONTAINER, config_secret_data, runner_pod_parts
+from dsjobs.runner.contract import JOB_CONTAINER, RUNNER_CONTRACT, config_secret_data, runner_pod_parts
 
 # Where the job sees its mounts (DataSphere mounts S3 connectors at /job/s3/<id>).
 S3_MOUNT_ROOT: Final = "/job/s3"
@@ -565,6 +566,7 @@ def render_pod(
                 # containers (and say nothing about having picked it).
                 DEFAULT_CONTAINER_ANNOTATION: JOB_CONTAINER,
                 LINKERD_INJECT_ANNOTATION: "disabled",
+                RUNNER_CONTRACT_ANNOTATION: str(RUNNER_CONTRACT),
             },
             "ownerReferences": [job.owner()],
         },

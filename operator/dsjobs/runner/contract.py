@@ -40,6 +40,13 @@ SHARED_VOLUME = "dsjobs-shared"
 WORK_VOLUME = "dsjobs-work"
 CONFIG_VOLUME = "dsjobs-config"
 CONFIG_MOUNT_PATH = "/job/.dsjobs-config"
+#: What the operator may count on from the runner of a pod it renders, one more for each thing a
+#: runner of an earlier build does not do (the pod's dsjobs.dev/runner-contract annotation):
+#: 1 (pods without the annotation) the runner config, result and log formats of docs/contracts.md;
+#: 2 the ship reads the operator's forced-cancel word and has the program killed at once.
+RUNNER_CONTRACT: Final = 2
+#: The first contract whose ship reads the forced-cancel word (forced-cancel.json).
+FORCED_CANCEL_WORD_CONTRACT: Final = 2
 #: Key of the runner config in its Secret.
 CONFIG_KEY = "runner.json"
 #: Key of the rendered entry script in the same Secret, for a stage-in without Python.
