@@ -224,7 +224,23 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "path-length",
         "job_parameters.input_files[1].desc.path",
         set_at(f"{IN1}.desc.path", "a" * (L.MAX_PATH_LENGTH + 1)),
-        set_at(f"{IN1}.desc.path", "ab/" * (L.MAX_PATH_LENGTH // 3) + "a"),
+        # A var file's declared path may be that long: it is placed by its var and last name.
+        steps(
+            set_at(f"{IN1}.desc.var", "DATA"),
+            set_at(f"{IN1}.desc.path", "/ab" * (L.MAX_PATH_LENGTH // 3) + "a"),
+        ),
+    ),
+    (  # 2086 characters, 4086 bytes: /job/work/ and it make 4096, over PATH_MAX with its NUL
+        "path-placed-length",
+        "job_parameters.input_files[1].desc.path",
+        set_at(f"{IN1}.desc.path", ("я" * 100 + "/") * 20 + "x" * 66),
+        set_at(f"{IN1}.desc.path", ("я" * 100 + "/") * 20 + "x" * 65),
+    ),
+    (  # the temporary name of a download (40 bytes) beside a file of a shorter name counts
+        "path-placed-length",
+        "job_parameters.input_files[0].desc.path",
+        set_at(f"{IN0}.desc.path", ("я" * 100 + "/") * 20 + "x" * 39 + "/m.py"),
+        set_at(f"{IN0}.desc.path", ("я" * 100 + "/") * 20 + "x" * 24 + "/m.py"),
     ),
     (
         "path-name-length",
@@ -280,6 +296,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
             set_at("jobParameters.outputFiles[1]", {"path": "res"}),
             set_at("jobParameters.outputFiles[2]", {"path": "resx/x.txt"}),
         ),
+    ),
+    (  # stage-in made the output's directory `main.py`, then could not write the input there
+        "output-in-input-file",
+        "job_parameters.output_files[0].path",
+        set_at(f"{OUT0}.path", "main.py/metrics.json"),
+        set_at(f"{OUT0}.path", "data/metrics.json"),  # `data` is a ZIP input: a directory
     ),
     (
         "output-key-length",
@@ -395,6 +417,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(CMD, "ls ${DS_PROJECT_HOME}"),
     ),
     ("control-chars", "job_parameters.cmd", set_at(CMD, "echo \x00"), set_at(CMD, "echo 1\necho 2\t")),
+    (  # the shell drops a NUL: the job would get another value than the one given
+        "control-chars",
+        "job_parameters.arguments[0].value",
+        set_at("jobParameters.arguments[0].value", "0.\x001"),
+        set_at("jobParameters.arguments[0].value", "0.1\n0.2\t"),
+    ),
     # files
     (
         "sha256",
@@ -445,6 +473,18 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "job_parameters.input_files[1].desc.path",
         steps(set_at(f"{IN1}.desc", {"path": ".", "var": "ROOT"}), set_at(CMD, "ls ${ROOT}")),
         steps(set_at(f"{IN1}.desc", {"path": "../myproject", "var": "ROOT"}), set_at(CMD, "ls ${ROOT}")),
+    ),
+    (  # 128 Cyrillic letters: NTFS takes the name, Linux does not; unpacked under it, not the var
+        "zip-dir-name",
+        "job_parameters.input_files[1].desc.path",
+        steps(set_at(f"{IN1}.desc", {"path": "C:\\me\\" + "я" * 128, "var": "D"}), set_at(CMD, "ls ${D}")),
+        steps(set_at(f"{IN1}.desc", {"path": "C:\\me\\" + "я" * 127, "var": "D"}), set_at(CMD, "ls ${D}")),
+    ),
+    (
+        "zip-dir-name",
+        "job_parameters.input_files[1].desc.path",
+        steps(set_at(f"{IN1}.desc", {"path": "/x/.dsjobs-vars", "var": "D"}), set_at(CMD, "ls ${D}")),
+        steps(set_at(f"{IN1}.desc", {"path": "/x/dsjobs-vars", "var": "D"}), set_at(CMD, "ls ${D}")),
     ),
     (
         "sha256-sizes",
@@ -653,6 +693,18 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{PY}.requirements", ["x"] * (L.MAX_REQUIREMENTS + 1)),
         set_at(f"{PY}.requirements", ["x"] * L.MAX_REQUIREMENTS),
     ),
+    (  # the URL pattern's \\S matches NUL
+        "control-chars",
+        "job_parameters.env.python_env.pip_options.index_url",
+        set_at(f"{PY}.pipOptions.indexUrl", "https://pypi.example.com/\x00simple"),
+        set_at(f"{PY}.pipOptions.indexUrl", "https://pypi.example.com/simple"),
+    ),
+    (
+        "control-chars",
+        "job_parameters.env.python_env.pip_options.extra_index_urls[0]",
+        set_at(f"{PY}.pipOptions.extraIndexUrls", ["https://a.b/\x01"]),
+        set_at(f"{PY}.pipOptions.extraIndexUrls", ["https://a.b/x"]),
+    ),
     (
         "url",
         "job_parameters.env.python_env.pip_options.index_url",
@@ -769,6 +821,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "",
         set_at(f"{ENV}.vars", {f"V{i}": "ж" * 15000 for i in range(40)}),
         set_at(f"{ENV}.vars", {f"V{i}": "ж" * 15000 for i in range(30)}),
+    ),
+    (  # measured as the API server writes it: Go's JSON escapes & (and <, >) to 6 bytes
+        "spec-size",
+        "",
+        set_at(f"{ENV}.vars", {f"V{i}": "&" * 30000 for i in range(6)}),
+        set_at(f"{ENV}.vars", {f"V{i}": "&" * 30000 for i in range(4)}),
     ),
     ("required", "job_parameters.cmd", set_at(CMD, DELETE), set_at(CMD, "x")),
     (

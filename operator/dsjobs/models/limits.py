@@ -17,8 +17,14 @@ from dsjobs.syntax import SHELL_SPECIAL_ENV
 MAX_LIST_ITEMS: Final = 100  # CLI: inputs, outputs, s3 mounts, datasets
 MAX_FILE_SIZE_BYTES: Final = 5 * (1 << 30)  # CLI: one upload
 MAX_TOTAL_UPLOAD_BYTES: Final = 10 * (1 << 30)  # CLI: inputs + local modules
-MAX_PATH_LENGTH: Final = 4096  # PATH_MAX on Linux
+MAX_PATH_LENGTH: Final = 4096  # a declared path, in characters (a var file's may be any path)
 MAX_NAME_BYTES: Final = 255  # NAME_MAX: one segment of a path, in bytes (UTF-8)
+#: A path the runner opens in the job's pod, in bytes (UTF-8) from its leading `/`: Linux's
+#: PATH_MAX is 4096 with the terminating NUL.
+MAX_PLACED_PATH_BYTES: Final = 4096 - 1
+#: The name a download is written to before it is renamed into place, `.dsjobs-partial-<24 hex>`
+#: (dsjobs.storage, which the runner imports without the models).
+PARTIAL_NAME_BYTES: Final = len(".dsjobs-partial-") + 24
 #: An output's place below `projects/<project>/jobs/<job>/outputs/` (ids of 63 at most): an S3 key
 #: is at most 1024 bytes.
 MAX_OUTPUT_PLACE_BYTES: Final = 1024 - len("projects//jobs//outputs/") - 2 * 63
@@ -30,7 +36,21 @@ MAX_RENDERED_CMD_BYTES: Final = 128 * 1024 - 1
 MAX_CONFIG_LENGTH: Final = 256 * 1024
 MAX_ENV_VARS: Final = 256
 MAX_ENV_VALUE_LENGTH: Final = 32 * 1024
-MAX_SPEC_JSON_BYTES: Final = 1024 * 1024
+#: What a job may take (`spec-size`): its spec as the API server writes it (JSON in UTF-8, with Go's
+#: escapes: `<`, `>`, `&` take 6 bytes), plus what its finished status repeats of it (each output's
+#: desc and object key, each output dataset's desc) and what its runner config repeats that the spec
+#: holds once (conda_yaml's pip packages, joined to the requirements). Of etcd's 1.5 MiB per object
+#: (ETCD_MAX_REQUEST_BYTES) this leaves 640 KiB to the status's own text (file errors 256 KiB of it,
+#: details 64 KiB, conditions, logs) and the metadata; and the runner config, at most this plus
+#: RUNNER_CONFIG_MARGIN, fits its Secret's 1 MiB.
+MAX_SPEC_JSON_BYTES: Final = 896 * 1024
+ETCD_MAX_REQUEST_BYTES: Final = 1536 * 1024
+#: What the runner config (dsjobs.controller.render.runner_config) holds beyond the spec's own bytes
+#: and its conda pip packages: per input, output, local module, s3 mount and dataset at most 128
+#: bytes (a var file's place `.dsjobs-vars/<var>/<var>` for a path as short as `/`, a mount's path
+#: `/job/datasets/<id>`), per output dataset 256 (its dataset id and mount path), 2 KiB of job id,
+#: attempt and snake_case keys, and 8 KiB for the storage settings beside it in the Secret.
+RUNNER_CONFIG_MARGIN: Final = MAX_LIST_ITEMS * (5 * 128 + 256) + 2 * 1024 + 8 * 1024
 MAX_NAME_LENGTH: Final = 256  # job name, argument names, dataset names
 # A Kubernetes username: a ServiceAccount's is `system:serviceaccount:<ns>:<name>`, up to 339.
 MAX_USER_ID_LENGTH: Final = 512

@@ -16,12 +16,15 @@ from __future__ import annotations
 import re
 from typing import Final, Protocol
 
-from dsjobs.models.limits import MAX_NAME_BYTES, MAX_PATH_LENGTH, VAR_PATTERN
+from dsjobs.models.limits import MAX_NAME_BYTES, MAX_PATH_LENGTH, PARTIAL_NAME_BYTES, VAR_PATTERN
 from dsjobs.syntax import escape_problem, join_segments, named_segments, strip_drive
 
 # Files whose path cannot be used are placed under this directory of the working directory, one
 # sub-directory per var. Paths without a var may not point into it.
 VAR_FILES_DIR: Final = ".dsjobs-vars"
+#: The job's working directory in its pod (dsjobs.runner.config.RunnerPaths.work_dir, which cannot
+#: import this module: a test keeps the two equal). The kernel limits whole paths, this prefix too.
+JOB_WORK_DIR: Final = "/job/work"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _VAR = re.compile(VAR_PATTERN)
@@ -85,9 +88,33 @@ def job_relative_path(desc: HasPathAndVar) -> str:
         return normalize_relative_path(desc.path)
     if not _VAR.fullmatch(desc.var):  # the var becomes a directory name: never trust it unchecked
         raise ValueError(f"invalid var {desc.var!r}")
-    segments = named_segments(desc.path)
-    if segments:
-        segments[0] = strip_drive(segments[0])
-    last = segments[-1] if segments else ""
+    last = last_name(desc.path)
     name = last if is_safe_relative_path(last) else desc.var
     return f"{VAR_FILES_DIR}/{desc.var}/{name}"
+
+
+def last_name(path: str) -> str:
+    """The last name of a path as the client wrote it (`C:` stripped from a first one); "" for none."""
+    segments = named_segments(path)
+    if segments:
+        segments[0] = strip_drive(segments[0])
+    return segments[-1] if segments else ""
+
+
+def named_by_var(desc: HasPathAndVar) -> bool:
+    """Whether `job_relative_path` names the file after its var: its path is unusable and so is its
+    last name (over 255 bytes, `.dsjobs-vars`, none at all)."""
+    return (
+        bool(desc.var)
+        and not is_safe_relative_path(desc.path)
+        and not is_safe_relative_path(last_name(desc.path))
+    )
+
+
+def placed_path_bytes(place: str) -> int:
+    """The UTF-8 bytes of the longest absolute path the runner uses for a file at `place` (as
+    `job_relative_path` gives it): the file's own, or the temporary name beside it that a download
+    is written to first (dsjobs.storage's `.dsjobs-partial-<hash>`) when that name is longer."""
+    parent, _, name = place.rpartition("/")
+    longest = max(len(name.encode()), PARTIAL_NAME_BYTES)
+    return len(JOB_WORK_DIR.encode()) + 1 + (len(parent.encode()) + 1 if parent else 0) + longest

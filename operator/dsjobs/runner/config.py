@@ -200,8 +200,10 @@ def _check_env(v: dict[str, str]) -> dict[str, str]:
 
 
 def _check_arguments(v: dict[str, str]) -> dict[str, str]:
-    for name in v:
+    for name, value in v.items():
         _check_var(name)
+        if "\x00" in value:  # the shell would drop it and run the job with another value
+            raise ValueError(f"argument {name!r} contains NUL")
     return v
 
 

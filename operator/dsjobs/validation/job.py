@@ -14,7 +14,14 @@ from pydantic import ValidationError
 from dsjobs.condaenv import read_conda_env
 from dsjobs.models import limits as L
 from dsjobs.models.files import CompressionType, File, FileDesc
-from dsjobs.models.paths import job_relative_path, path_problem
+from dsjobs.models.paths import (
+    JOB_WORK_DIR,
+    job_relative_path,
+    last_name,
+    named_by_var,
+    path_problem,
+    placed_path_bytes,
+)
 from dsjobs.models.spec import (
     DockerImageSpec,
     Environment,
@@ -23,6 +30,7 @@ from dsjobs.models.spec import (
     ProjectJobSpec,
     PythonEnv,
 )
+from dsjobs.models.status import OutputDataset, StoredFile
 from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.syntax import CMD_REFERENCE_PATTERN, named_segments
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
@@ -134,10 +142,68 @@ def validate_job_spec(
         known_instance_types=known_instance_types,
         invalid_instance_types=invalid_instance_types,
     )
-    size = len(json.dumps(spec.to_cr(), ensure_ascii=False).encode())  # what etcd stores: UTF-8
-    if size > L.MAX_SPEC_JSON_BYTES:
-        c.add("", "spec-size", f"the job is {size} bytes, at most {L.MAX_SPEC_JSON_BYTES} fit in a resource")
+    own, repeated = job_size_bytes(spec)
+    if own + repeated > L.MAX_SPEC_JSON_BYTES:
+        repeats = (
+            f", and {repeated} that its status repeats of its outputs (each one's path and object key) "
+            "and output datasets, and its runner config of conda_yaml's pip packages"
+            if repeated
+            else ""
+        )
+        c.add(
+            "",
+            "spec-size",
+            f"the job takes {own + repeated} bytes, at most {L.MAX_SPEC_JSON_BYTES} are allowed (etcd "
+            f"holds it with its status in {L.ETCD_MAX_REQUEST_BYTES} bytes, a Secret its runner config "
+            f"in 1 MiB): {own} as the API server stores its spec (JSON in UTF-8, where <, > and & take 6 "
+            f"bytes){repeats}",
+        )
     return c.problems
+
+
+def stored_json_bytes(doc: Any) -> int:
+    """The bytes of `doc` as the API server writes it to etcd: Go's encoding/json, compact, UTF-8.
+
+    Go escapes `<`, `>` and `&` (6 bytes for 1) and U+2028, U+2029 (6 for 3); Python does not. A
+    lone surrogate (JSON may carry one) becomes U+FFFD there: 3 bytes, as surrogatepass counts it."""
+    text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    size = len(text.encode("utf-8", "surrogatepass"))
+    html = text.count("<") + text.count(">") + text.count("&")
+    return size + 5 * html + 3 * (text.count("\u2028") + text.count("\u2029"))
+
+
+#: Stand-ins for what the finished status adds to each output: the largest object size, the
+#: longest job id (a DNS label), a dataset id (20 characters, dsjobs.controller.names; 63 here).
+_ANY_SIZE = 2**63 - 1
+_ANY_JOB_ID = "j" * L.MAX_JOB_NAME
+_ANY_DATASET_ID = "d" * 63
+
+
+def job_size_bytes(spec: ProjectJobSpec) -> tuple[int, int]:
+    """(the spec's bytes as stored, what the status and the runner config repeat of it): see
+    L.MAX_SPEC_JSON_BYTES, which their sum must not exceed."""
+    params = spec.job_parameters
+    repeated = 0
+    for d in params.output_files:
+        try:
+            place = job_relative_path(d)
+        except ValueError:  # refused anyway; its path stands in
+            place = d.path
+        stored = StoredFile.model_construct(
+            desc=d,
+            sha256="0" * 64,
+            size_bytes=_ANY_SIZE,
+            compression_type=CompressionType.NONE,
+            key=f"projects/{spec.project_id}/jobs/{_ANY_JOB_ID}/outputs/{place}",  # storage.output_key
+        )
+        repeated += stored_json_bytes(stored.to_cr()) + 1  # and a comma
+    for ds in params.output_datasets:
+        repeated += stored_json_bytes(OutputDataset.model_construct(desc=ds, id=_ANY_DATASET_ID).to_cr()) + 1
+    python_env = params.env.python_env if params.env is not None else None
+    if python_env is not None and len(python_env.conda_yaml) <= L.MAX_CONFIG_LENGTH:
+        pip = read_conda_env(python_env.conda_yaml).pip
+        repeated += sum(len(json.dumps(line, ensure_ascii=False).encode()) + 1 for line in pip)
+    return stored_json_bytes(spec.to_cr()), repeated
 
 
 def validate_job_parameters(
@@ -200,24 +266,43 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
     c.max_items(outputs_path, params.output_files, L.MAX_LIST_ITEMS)
     uploads: list[tuple[str, File]] = []
     input_places: dict[str, list[str]] = {}
+    # Inputs that are files (not ZIP): their place is no directory to hold anything.
+    file_places: dict[str, str] = {}
     for i, f in enumerate(params.input_files):
         fpath = index(inputs_path, i)
+        ppath = at(fpath, "desc.path")
+        zipped = f.compression_type == CompressionType.ZIP
         if _desc(c, at(fpath, "desc"), f.desc):
-            input_places.setdefault(job_relative_path(f.desc), []).append(at(fpath, "desc.path"))
-        if f.compression_type == CompressionType.ZIP and f.desc.var and _unnamed_directory(f.desc.path):
+            place = job_relative_path(f.desc)
+            input_places.setdefault(place, []).append(ppath)
+            if not zipped:
+                file_places.setdefault(place, ppath)
+            _placed_length(c, ppath, place)
+        if zipped and f.desc.var and _unnamed_directory(f.desc.path):
             c.add(
-                at(fpath, "desc.path"),
+                ppath,
                 "zip-unnamed-dir",
                 f"directory {f.desc.path!r} has no name of its own: the CLI zips its files relative to "
                 "it (or outside it, for '..'), so they would not be where the var points; give the "
                 "directory by a path ending in its name, e.g. '../myproject'",
+            )
+        elif zipped and _VAR.fullmatch(f.desc.var) and named_by_var(f.desc):
+            # Its entries are unpacked as the CLI named them (`<directory>/...`), beside a place
+            # named after the var: `${VAR}` would name an empty directory.
+            c.add(
+                ppath,
+                "zip-dir-name",
+                f"a directory (ZIP) input is unpacked under its own name, and {_name_problem(f.desc.path)}: "
+                f"${{{f.desc.var}}} would name an empty directory; rename the directory",
             )
         uploads.append((fpath, f))
     output_places: dict[str, list[str]] = {}
     for i, d in enumerate(params.output_files):
         dpath = index(outputs_path, i)
         if _desc(c, dpath, d):
-            output_places.setdefault(job_relative_path(d), []).append(at(dpath, "path"))
+            place = job_relative_path(d)
+            output_places.setdefault(place, []).append(at(dpath, "path"))
+            _placed_length(c, at(dpath, "path"), place)
     env = params.env
     if env is not None and env.python_env is not None:
         modules_path = at(path, "env.python_env.local_modules")
@@ -230,6 +315,7 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
     _nested(c, input_places, "input")
     _duplicates(c, output_places, "output-path-duplicate", "another output file is already at {place!r}")
     _nested(c, output_places, "output")
+    _outputs_in_input_files(c, output_places, file_places)
     for place, paths in output_places.items():
         size = len(place.encode())
         if size > L.MAX_OUTPUT_PLACE_BYTES:
@@ -278,6 +364,30 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             inputs_path,
             "size-total",
             f"input files and local modules total {total} bytes, at most {L.MAX_TOTAL_UPLOAD_BYTES} are allowed",
+        )
+
+
+def _name_problem(path: str) -> str:
+    """Why the last name of `path` cannot name a directory in the working directory."""
+    name = last_name(path)
+    if not name:
+        return f"{json.dumps(path, ensure_ascii=False)[:100]} names none"
+    size = len(name.encode())
+    if size > L.MAX_NAME_BYTES:
+        return f"its name is {size} bytes (UTF-8), over Linux's {L.MAX_NAME_BYTES}"
+    return f"its name {json.dumps(name, ensure_ascii=False)} cannot be used in the job's working directory"
+
+
+def _placed_length(c: Collector, path: str, place: str) -> None:
+    size = placed_path_bytes(place)
+    if size > L.MAX_PLACED_PATH_BYTES:
+        c.add(
+            path,
+            "path-placed-length",
+            f"is placed at a path of {size} bytes in the job (UTF-8, below {JOB_WORK_DIR}/, counting "
+            f"the temporary name a download takes beside it): Linux takes at most "
+            f"{L.MAX_PLACED_PATH_BYTES} bytes (PATH_MAX, {L.MAX_PLACED_PATH_BYTES + 1} with its NUL); "
+            "shorten it",
         )
 
 
@@ -340,6 +450,26 @@ def _nested(c: Collector, places: dict[str, list[str]], what: str) -> None:
             parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
 
 
+def _outputs_in_input_files(
+    c: Collector, output_places: dict[str, list[str]], file_places: dict[str, str]
+) -> None:
+    """An output below an input that is a file (input `model`, output `model/metrics.json`): stage-in
+    makes the output's directory first and then cannot write the input there, and no job could
+    write below a file. A ZIP input is a directory: outputs inside it are fine."""
+    for place, paths in output_places.items():
+        parent = place
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in file_places:
+                c.add(
+                    paths[0],
+                    "output-in-input-file",
+                    f"{place!r} is inside {parent!r}, the input file of {file_places[parent]}: "
+                    "nothing can be placed below a file (a directory input is a ZIP)",
+                )
+                break
+
+
 # --- names and references ---------------------------------------------------------------------
 
 
@@ -362,6 +492,8 @@ def _arguments(c: Collector, params: JobParameters, path: str) -> None:
         if valid and arg.name in L.RESERVED_CMD_VARS:
             c.add(at(ipath, "name"), "var-reserved", f"{arg.name} is reserved")
         c.max_length(at(ipath, "value"), arg.value, L.MAX_CMD_LENGTH)
+        if "\x00" in arg.value:  # the shell drops it: the job would get another value
+            c.add(at(ipath, "value"), "control-chars", "must not contain NUL")
 
 
 def _output_datasets(c: Collector, path: str, datasets: list[OutputDatasetDesc]) -> None:
@@ -623,6 +755,8 @@ def _same_python(a: str, b: str) -> bool:
 def _url(c: Collector, path: str, url: str) -> None:
     if len(url) > L.MAX_SHORT_STRING:
         c.add(path, "url", f"must be at most {L.MAX_SHORT_STRING} characters")
+    elif _CONTROL.search(url):  # the pattern's \S (RE2's too, in the CRD) lets NUL and others by
+        c.add(path, "control-chars", "must not contain control characters")
     else:
         c.pattern(path, url, _URL, "url", "an http(s) URL")
 
