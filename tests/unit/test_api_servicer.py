@@ -1052,6 +1052,25 @@ def test_out_of_range_data_ttl_is_invalid_argument() -> None:
     )
 
 
+def test_a_registry_password_too_long_for_its_secret_is_invalid_argument() -> None:
+    # The operator's registry Secret holds it twice: 500 KiB took it past a Secret's 1 MiB, and
+    # the job failed every reconcile after its uploads.
+    err = failing(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        service(FakeCore()).Create(with_password("x" * (64 * 1024 + 1)), ctx()),
+    )
+    assert err.message == (
+        "job_parameters.env.docker_image_spec.password_plain_text: must be at most 65536 bytes (UTF-8), "
+        "not 65537"
+    )
+    call(service(FakeCore()).Create(with_password("x" * 64 * 1024), ctx()))
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    req.job_parameters_overrides.env.docker_image_spec.password_plain_text = "ж" * 40000
+    core = FakeCore(stored=[SHA], job=source_job(SOURCE_PARAMS))
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
+    assert "job_parameters_overrides.env.docker_image_spec.password_plain_text" in err.message
+
+
 def test_a_create_s_data_ttl_out_of_range_is_not_offered_infinity() -> None:
     # A protobuf Duration cannot say `infinity`: the rule a Create can follow is the range.
     req = create_request()

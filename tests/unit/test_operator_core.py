@@ -602,6 +602,13 @@ def test_only_registry_password_secrets_are_sent_to_a_registry() -> None:
     )
     # passwordDsSecretName: a key of the project secrets, which the job's environment gets anyway.
     assert registry_password_source_problem({}, by_ref=False, job_uid="u1", image_url="x/y") == ""
+    # One too long for the imagePullSecret (it holds it twice) is refused, not retried for ever.
+    from dsjobs.controller.secrets import registry_password_length_problem
+
+    assert registry_password_length_problem("x" * 65536) == ""
+    assert registry_password_length_problem("ж" * 40000) == (
+        "holds 80000 bytes, more than the 65536 a registry password may have"
+    )
 
 
 def test_tls_connections_get_the_smaller_read_buffer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,7 @@ from dsjobs.models import (
     StoredFile,
     format_duration,
 )
-from dsjobs.models.limits import MAX_DATA_TTL, MIN_DATA_TTL
+from dsjobs.models.limits import MAX_DATA_TTL, MAX_REGISTRY_PASSWORD_BYTES, MIN_DATA_TTL
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_pb2, project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
@@ -231,6 +231,16 @@ def _check_list_sizes(params: jobs_pb2.JobParameters, path: str) -> None:
     problems = oversized_lists(params, path)
     if problems:
         raise errors.from_problems(problems)
+    docker = params.env.docker_image_spec
+    size = len(docker.password_plain_text.encode())
+    if size > MAX_REGISTRY_PASSWORD_BYTES:
+        # Never in the spec, so no rule of the validator sees it: the operator's registry Secret
+        # holds it twice (plain and in base64), and one past a Secret's 1 MiB failed the job's
+        # every reconcile after its uploads.
+        raise errors.invalid_argument(
+            f"must be at most {MAX_REGISTRY_PASSWORD_BYTES} bytes (UTF-8), not {size}",
+            f"{path}.env.docker_image_spec.password_plain_text",
+        )
 
 
 @dataclass(frozen=True)

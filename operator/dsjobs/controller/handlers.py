@@ -113,6 +113,7 @@ from dsjobs.controller.render import (
 from dsjobs.controller.secrets import (
     is_registry_password,
     project_storage_env,
+    registry_password_length_problem,
     registry_password_source_problem,
     registry_secret,
     secret_value,
@@ -1331,6 +1332,9 @@ class Operator:
         value = secret_value(secret, key)
         if value is None:
             return None, f"registry password: Secret {name!r} has no key {key!r}"
+        too_long = registry_password_length_problem(value)
+        if too_long:
+            return None, f"registry password: key {key!r} of Secret {name!r} {too_long}"
         return value, ""
 
     async def _clear_data(self, job: JobView) -> None:

@@ -21,6 +21,7 @@ from dsjobs.controller.names import (
     SECRET_ROLE_LABEL,
 )
 from dsjobs.models import PROJECTJOB_KIND
+from dsjobs.models.limits import MAX_REGISTRY_PASSWORD_BYTES
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -87,6 +88,16 @@ def registry_secret(
         secret_type="kubernetes.io/dockerconfigjson",
         string_data={".dockerconfigjson": dockerconfigjson(image_url, username, password)},
     )
+
+
+def registry_password_length_problem(password: str) -> str:
+    """What is wrong with a registry password's length, or "". The imagePullSecret holds it twice
+    (plain and in base64): one past a Secret's 1 MiB was refused at every reconcile. The API
+    refuses such a password in plain text likewise."""
+    size = len(password.encode())
+    if size > MAX_REGISTRY_PASSWORD_BYTES:
+        return f"holds {size} bytes, more than the {MAX_REGISTRY_PASSWORD_BYTES} a registry password may have"
+    return ""
 
 
 def secret_value(secret: Mapping[str, Any], key: str) -> str | None:

@@ -51,6 +51,8 @@ ETCD_MAX_REQUEST_BYTES: Final = 1536 * 1024
 #: `/job/datasets/<id>`), per output dataset 256 (its dataset id and mount path), 2 KiB of job id,
 #: attempt and snake_case keys, and 8 KiB for the storage settings beside it in the Secret.
 RUNNER_CONFIG_MARGIN: Final = MAX_LIST_ITEMS * (5 * 128 + 256) + 2 * 1024 + 8 * 1024
+#: A registry password given in plain text (registry tokens and key files are a few KiB).
+MAX_REGISTRY_PASSWORD_BYTES: Final = 64 * 1024
 MAX_NAME_LENGTH: Final = 256  # job name, argument names, dataset names
 # A Kubernetes username: a ServiceAccount's is `system:serviceaccount:<ns>:<name>`, up to 339.
 MAX_USER_ID_LENGTH: Final = 512
