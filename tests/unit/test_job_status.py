@@ -68,6 +68,7 @@ from dsjobs.runner.result import (
     RunnerResult,
     RunnerStatus,
 )
+from dsjobs.validation.job import stored_json_bytes
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 CREATED = NOW - timedelta(minutes=1)
@@ -1096,7 +1097,9 @@ def test_a_failed_setup_leaves_no_return_code_though_the_container_exited() -> N
     )
 
 
-@pytest.mark.parametrize(("count", "text"), [(2100, "x"), (300, "y" * 4000)])
+@pytest.mark.parametrize(
+    ("count", "text"), [(2100, "x"), (300, "y" * 4000), (300, "<&>" * 1000)], ids=["many", "long", "escaped"]
+)
 def test_file_errors_a_status_lists_are_bounded_and_the_rest_counted(count: int, text: str) -> None:
     """A result naming thousands of file errors (or long ones) must not make a status etcd refuses:
     the job would never be written finished."""
@@ -1112,7 +1115,8 @@ def test_file_errors_a_status_lists_are_bounded_and_the_rest_counted(count: int,
     errors = p.status.file_errors
     assert p.status.phase == JobPhase.SUCCESS
     assert len(errors) < count and len(errors) <= MAX_FILE_ERRORS_LISTED
-    assert sum(len(e.description) for e in errors) <= MAX_FILE_ERRORS_BYTES
+    # As stored: Go's JSON takes 6 bytes for each of <, & and > (raw bytes let them grow 6 times).
+    assert sum(stored_json_bytes(e.description) for e in errors) <= MAX_FILE_ERRORS_BYTES
     assert errors[-1].description == f"{count - len(errors) + 1} more file errors are not listed here"
     assert errors[-1].output_file_desc is not None
     assert [e.description for e in errors[:3]] == [f"{text} {i}" for i in range(3)]

@@ -64,6 +64,7 @@ from dsjobs.runner.result import (
     parse_termination_message,
 )
 from dsjobs.validation import data_ttl_problem
+from dsjobs.validation.job import stored_json_bytes
 
 # Condition types the operator maintains (docs/operator.md).
 COND_SCHEDULED: Final = "Scheduled"
@@ -833,8 +834,10 @@ def bounded_file_errors(errors: Sequence[FileError]) -> list[FileError]:
     that fit, and one more error, of the first left out's file, counting the rest."""
 
     def size(e: FileError) -> int:
+        # As the API server stores them (Go escapes <, > and & in 6 bytes, control characters
+        # too): a budget of raw bytes could grow 6 times in etcd.
         where = e.output_file_desc.path if e.output_file_desc else e.log_file_name or ""
-        return len(e.description.encode()) + len(where.encode())
+        return stored_json_bytes(e.description) + stored_json_bytes(where)
 
     if len(errors) <= MAX_FILE_ERRORS_LISTED and sum(map(size, errors)) <= MAX_FILE_ERRORS_BYTES:
         return list(errors)
