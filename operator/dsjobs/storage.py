@@ -1023,9 +1023,19 @@ class Storage:
                     self._abort_upload(u.key, u.upload_id)
                     aborted += 1
                 except (ClientError, BotoCoreError) as exc:
-                    log.info("storage abort upload failed key=%s error=%s", u.key, _short(exc))
+                    log.warning(
+                        "storage abort upload failed: its parts stay until a lifecycle rule or a later "
+                        "clear aborts it key=%s error=%s",
+                        u.key,
+                        _short(exc),
+                    )
         except (ClientError, BotoCoreError) as exc:
-            log.info("storage list multipart uploads failed prefix=%s error=%s", prefix, _short(exc))
+            log.warning(
+                "storage list multipart uploads failed: unfinished uploads under it stay until a "
+                "lifecycle rule or a later clear aborts them prefix=%s error=%s",
+                prefix,
+                _short(exc),
+            )
         return aborted
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
