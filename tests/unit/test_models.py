@@ -241,3 +241,45 @@ def test_a_status_patch_leaves_a_newer_versions_keys_alone() -> None:
     # A list the new status changes is written whole (a merge patch cannot do otherwise).
     more = {**new, "fileErrors": [*new["fileErrors"], new["fileErrors"][0]]}
     assert merge_diff(known_of(stored, read), more)["fileErrors"] == more["fileErrors"]
+
+
+def _paths(doc: object, prefix: str = "") -> set[str]:
+    """The dotted paths of the leaves of `doc` (an empty list or map is a leaf: it is written too)."""
+    if isinstance(doc, list) and doc:
+        return {p for v in doc for p in _paths(v, prefix + "[]")}
+    if not isinstance(doc, dict) or not doc:
+        return {prefix}
+    return {p for k, v in doc.items() for p in _paths(v, f"{prefix}.{k}" if prefix else k)}
+
+
+def test_a_new_spec_field_defaults_to_none() -> None:
+    # The API writes a job's spec whole (to_cr leaves out only None): a new field with another
+    # default would be in every job a newer API creates, and an operator rolled back to the build
+    # before it ends every such job not yet started InvalidSpec ("is not a field this version of
+    # dsjobs knows"). A field added after these must default to None (absent), or come with a
+    # note in docs/admin.md's Upgrade on how to roll back.
+    params = {
+        "cmd": "x",
+        "inputFiles": [{"desc": {"path": "a"}, "sha256": "0" * 64, "sizeBytes": 1}],
+        "outputFiles": [{"path": "o"}],
+        "arguments": [{"name": "A", "value": "v"}],
+        "outputDatasets": [{"name": "d", "var": "D", "sizeGb": 1}],
+        "env": {"vars": {}, "pythonEnv": {"condaYaml": "name: x"}},
+    }
+    written = m.ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": params}).to_cr()
+    assert _paths(written) == {
+        "clearData", "config", "createdById", "dataTtl", "desc", "execute", "finalized", "name",
+        "parentJobId", "projectId",
+        "jobParameters.arguments[].name", "jobParameters.arguments[].value",
+        "jobParameters.attachProjectDisk", "jobParameters.cloudInstanceTypes", "jobParameters.cmd",
+        "jobParameters.datasetIds", "jobParameters.s3MountIds", "jobParameters.env.vars",
+        "jobParameters.env.pythonEnv.condaYaml", "jobParameters.env.pythonEnv.localModules",
+        "jobParameters.env.pythonEnv.pythonVersion", "jobParameters.env.pythonEnv.requirements",
+        "jobParameters.inputFiles[].compressionType", "jobParameters.inputFiles[].desc.path",
+        "jobParameters.inputFiles[].desc.var", "jobParameters.inputFiles[].sha256",
+        "jobParameters.inputFiles[].sizeBytes",
+        "jobParameters.outputDatasets[].description", "jobParameters.outputDatasets[].labels",
+        "jobParameters.outputDatasets[].name", "jobParameters.outputDatasets[].sizeGb",
+        "jobParameters.outputDatasets[].var",
+        "jobParameters.outputFiles[].path", "jobParameters.outputFiles[].var",
+    }  # fmt: skip
