@@ -1260,6 +1260,15 @@ ENDINGS = [
         "Program returned code 128",
         extra={"exact": True},
     ),
+    Ending(  # nor are codes above 128 + SIGRTMAX (64): exit(255) is no "signal 127"
+        "exit 255",
+        ended_pod(255, res=result(255)),
+        result(255),
+        "NonZeroExit",
+        255,
+        "Program returned code 255",
+        extra={"exact": True},
+    ),
     Ending(
         "oom killed",
         ended_pod(137, job_reason="OOMKilled", res=result(None, RunnerStatus.LOST)),
@@ -1379,6 +1388,36 @@ ENDINGS = [
         "PodDeleted",
         None,
         "was deleted before the job finished",
+    ),
+    # A node rebooted (or its container runtime restarted without its shims): CRI's recovery ends
+    # every running container "Unknown" with exit code 255. A stage-in so ended was "staging
+    # inputs failed: Unknown" (never retried), a program "returned code 255 (killed by signal 127)".
+    Ending(
+        "node restarted during stage-in",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in", 255, "Unknown")],
+            containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+        ),
+        None,
+        "NodeRestarted",
+        None,
+        "the node cpu-0 or its container runtime restarted while the job ran: the state of its "
+        "containers (stage-in) was lost",
+    ),
+    Ending(
+        "node restarted during the program",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in")],
+            containers=[terminated("job", 255, "Unknown"), terminated("ship", 255, "Unknown")],
+        ),
+        None,
+        "NodeRestarted",
+        None,
+        "containers (job, ship) was lost",
     ),
     Ending(
         "stage-in failed",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from test_job_status import NOW, SETTINGS, SHA, job, pod, result, started, step, terminated
+from test_job_status import NOW, SETTINGS, SHA, job, pod, result, running, started, step, terminated
 
 from dsjobs.controller.handlers import Operator, _current_pod
 from dsjobs.controller.plan import ForceCancel
@@ -46,6 +46,49 @@ def test_an_adopted_pod_gives_its_runner_result() -> None:
     assert got == res
     s = step(j, [ended], res=got).status
     assert s.phase == JobPhase.SUCCESS and [o.desc.path for o in s.output_files] == ["out.txt"]
+
+
+def test_the_stored_result_of_a_pod_whose_node_went_silent_is_read() -> None:
+    # The kubelet stopped reporting; the containers ran on and the ship stored result.json. The
+    # pod, evicted (DeletionByTaintManager) or marked Failed by the pod GC, never shows its ship's
+    # end: without the stored result the job ended NodeLost (a retry ran the program again).
+    res = result(0, outputs=[OutputResult(path="out.txt", key="k/out.txt", sha256=SHA, size_bytes=1)])
+    evicted = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+    silent = pod(
+        phase="Running",
+        node="gpu-0",
+        deleting=True,
+        conditions=[evicted],
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 0), running("ship")],
+    )
+    collected = pod(
+        phase="Failed",
+        node="gpu-0",
+        conditions=[{**evicted, "reason": "DeletionByPodGC"}],
+        init=[terminated("stage-in")],
+        containers=[running("job"), running("ship")],
+    )
+    j = job(params={"outputFiles": [{"path": "out.txt"}]}, status=started("EXECUTING"))
+    op = Operator(SETTINGS, environ={})
+    asked: list[int] = []
+
+    async def stored_result(job: object, attempt: int, ended: object) -> object:
+        asked.append(attempt)
+        return res
+
+    op.store.stored_result = stored_result  # type: ignore[method-assign]
+    for p in (silent, collected):
+        got = asyncio.run(op._result_of(j, _current_pod(j, [p])))
+        assert got == res
+        assert step(j, [p], res=got).status.phase == JobPhase.SUCCESS
+    assert asked == [1, 1]
+    # A running pod's result is not asked for.
+    assert (
+        asyncio.run(op._result_of(j, _current_pod(j, [pod(phase="Running", containers=[running("ship")])])))
+        is None
+    )
+    assert asked == [1, 1]
 
 
 def test_the_error_backoff_doubles_up_to_a_minute_and_never_overflows() -> None:

@@ -124,6 +124,7 @@ from dsjobs.controller.status import (
     COND_RETRYING,
     JobEvent,
     StatusUpdate,
+    evicted_from_lost_node,
     fail,
     get_condition,
     phase_hops,
@@ -947,10 +948,13 @@ class Operator:
         if pod is None:
             return None
         ship = pod.container(SHIP_CONTAINER)
-        if pod.gone and (ship is None or ship.state != "terminated"):
-            # The pod went before the operator saw it end (a drain evicted it with the operator,
-            # someone deleted it): its runner, told to stop, stored result.json on its way out,
-            # with the job's logs and outputs. Not waited for: nothing says when it ended.
+        unseen_end = ship is None or ship.state != "terminated"
+        if unseen_end and (pod.gone or pod.terminal or evicted_from_lost_node(pod)):
+            # The pod went, or ended, without the operator seeing its ship end: a drain evicted it
+            # with the operator, someone deleted it, its node went silent (the kubelet reports
+            # nothing more, while the containers may well have finished and stored their work)
+            # or was deleted (the pod GC marks it Failed). The runner stored result.json on its
+            # way out, with the job's logs and outputs. Not waited for: nothing says when it ended.
             return settled(None, await self.store.stored_result(job, pod.attempt, None))
         if ship is None or ship.state != "terminated":
             return None

@@ -60,7 +60,10 @@ class ContainerView:
             # never started: the pod deleted after stage-in, during the image pull): its exit
             # code 137 and message are the kubelet's, not the container's. Read as an exit, the
             # job was "killed by signal 9", the program's failure, where it never ran.
-            unknown = reason == CONTAINER_STATUS_UNKNOWN
+            # Likewise a container's state the node lost: a reboot, or a container runtime
+            # restarted without its shims, reports every container that was running as ended
+            # "Unknown" with exit code 255 (containerd's placeholder), whatever it was doing.
+            unknown = reason in (CONTAINER_STATUS_UNKNOWN, STATE_LOST)
             return cls(
                 name=name,
                 state="terminated",
@@ -335,6 +338,9 @@ def _int(value: object, default: int) -> int:
 
 #: terminated.reason of a container the kubelet could not locate when the pod ended.
 CONTAINER_STATUS_UNKNOWN: Final = "ContainerStatusUnknown"
+#: terminated.reason of a container whose state its node's container runtime lost (a reboot, a
+#: runtime restart that took the shims with it): CRI's recovery of a container without a task.
+STATE_LOST: Final = "Unknown"
 _POD_NAME_ATTEMPT: Final = re.compile(r"-a([1-9][0-9]{0,8})$")
 
 

@@ -31,7 +31,13 @@ from itertools import pairwise
 from typing import Any, Final, Literal
 
 from dsjobs.controller.names import PROJECT_SECRETS_NAME
-from dsjobs.controller.podview import SETUP_PATIENCE, TOLERATED_FOREVER, ContainerView, PodView
+from dsjobs.controller.podview import (
+    SETUP_PATIENCE,
+    STATE_LOST,
+    TOLERATED_FOREVER,
+    ContainerView,
+    PodView,
+)
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import (
     CompressionType,
@@ -544,9 +550,13 @@ def _stuck_container(pod: PodView) -> ContainerView | None:
 
 
 def _exit_text(code: int) -> str:
-    if code > 128:
+    if 128 < code <= 128 + MAX_SIGNAL:
         return f"Program returned code {code} (killed by signal {code - 128})"
     return f"Program returned code {code}"
+
+
+#: Linux's highest signal number (SIGRTMAX): 255 is no "signal 127", it is an exit code.
+MAX_SIGNAL: Final = 64
 
 
 def _memory_limit_text(pod: PodView) -> str:
@@ -659,6 +669,18 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     if disruption is not None:
         return Outcome(
             JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=FailureKind.INFRASTRUCTURE
+        )
+    lost = [c.name for c in (*pod.init_containers, *pod.containers) if c.reason == STATE_LOST]
+    if lost:
+        # Its 255 is the runtime's placeholder: read as the program's exit code, or a stage-in's
+        # failure (never retried), the inputs or the program took the blame of a reboot.
+        return Outcome(
+            JobPhase.ERROR,
+            "NodeRestarted",
+            f"the node {pod.node_name or 'of the pod'} or its container runtime restarted while the "
+            f"job ran: the state of its containers ({', '.join(lost)}) was lost",
+            return_code=code,
+            failure=FailureKind.INFRASTRUCTURE,
         )
     if (pod.gone and (exit_code is None or stopped)) or stage_in_stopped:
         return Outcome(
