@@ -143,3 +143,39 @@ def test_result_json_patience_counts_on_the_operator_s_clock_not_the_node_s(
     # Another attempt waits from its own first failure.
     with pytest.raises(ResultUnavailable):
         _run(store.stored_result(JOB, 2, node_behind))
+
+
+class _Prefixes:
+    """Stands in for the store's client: a prefix holding keys, and the deletions asked for."""
+
+    def __init__(self) -> None:
+        self.deleted: list[str] = []
+
+    def first_keys(self, prefix: str) -> list[str]:
+        return [f"{prefix}logs/chunks/000000000000"]
+
+    def delete_prefix(self, prefix: str) -> int:
+        self.deleted.append(prefix)
+        return 1
+
+
+@pytest.mark.parametrize("made_here", [True, False])
+def test_leftovers_are_deleted_only_by_the_maker_of_the_attempt_s_runner_secret(made_here: bool) -> None:
+    # A replica stalled past its lease resumed its first pod's creation after another had made the
+    # pod: its runner's logs under the prefix were taken for an earlier job's leftovers and deleted.
+    # The Secret was there before (409): someone else got this far first; nothing is deleted.
+    store = _store("http://127.0.0.1:9")
+    stub = _Prefixes()
+    store.client = lambda: stub  # type: ignore[method-assign,assignment,return-value]
+    store._client_with = lambda timeout, attempts: stub  # type: ignore[method-assign,assignment,return-value]
+
+    async def scenario() -> None:
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        clearing = asyncio.ensure_future(store.clear_leftovers(JOB, "p1", first))
+        await asyncio.sleep(0.05)
+        assert stub.deleted == []  # the check ran; the deletion waits for the Secret's answer
+        first.set_result(made_here)
+        await clearing
+
+    _run(scenario())
+    assert stub.deleted == (["projects/p1/jobs/job-1/"] if made_here else [])

@@ -1207,8 +1207,9 @@ class Operator:
             spark_secret=spark,
         )
         # Meanwhile, not before: it is a request to the object store on every job's way to its pod.
+        secret_made: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         clearing = (
-            asyncio.ensure_future(self.store.clear_leftovers(job, spec.project_id))
+            asyncio.ensure_future(self.store.clear_leftovers(job, spec.project_id, secret_made))
             if action.attempt == 1
             else None
         )
@@ -1242,7 +1243,8 @@ class Operator:
             # for it for ever, and deleting it again would reuse its name for the next try.
             creating_pod = False
             try:
-                await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+                made = await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+                secret_made.set_result(made is not None)
                 if clearing is not None:
                     await clearing
                 creating_pod = True
@@ -1273,6 +1275,8 @@ class Operator:
                 jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
             return image
         finally:
+            if not secret_made.done():  # no Secret made here: nothing is cleared
+                secret_made.set_result(False)
             if clearing is not None:
                 await clearing
 

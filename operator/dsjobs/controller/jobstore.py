@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -203,12 +203,16 @@ class JobStore:
             metrics.object_store_checked(problem is None)
             return problem
 
-    async def clear_leftovers(self, job: JobView, project_id: str) -> None:
+    async def clear_leftovers(self, job: JobView, project_id: str, first: Awaitable[bool]) -> None:
         """Objects under a job's prefix before its first pod exists were left by an earlier
         ProjectJob of the same name: its pod, stuck on a lost node when that job was deleted,
         wrote them after that job's data was deleted. This job's runner would take them for its
         own (continue the log stream after them, read that result.json), so they go first.
-        Best effort: a store that does not answer now is the stage-in's to wait out."""
+        Best effort: a store that does not answer now is the stage-in's to wait out.
+
+        Deleted only once `first` says this call made the attempt's runner Secret (not there
+        before): else another actor got there first, a replica that took over while this one
+        was stalled, whose pod's runner may already be writing under the prefix."""
         full = self.client()
         storage = self._client_with(LEFTOVER_CHECK_TIMEOUT, 1)
         if full is None or storage is None:
@@ -232,7 +236,7 @@ class JobStore:
                 raise
 
         try:
-            if not await asyncio.to_thread(check):
+            if not await asyncio.to_thread(check) or not await first:
                 return
             deleted = await in_deletion_thread(full.delete_prefix, prefix)
         except Exception as exc:
