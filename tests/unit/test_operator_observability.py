@@ -21,6 +21,7 @@ from kube_fake import merged
 from test_controller_metrics import Events, _transitions
 from test_job_status import CREATED, SETTINGS, ts
 
+from dsjobs.controller import __main__ as main
 from dsjobs.controller import handlers, metrics
 from dsjobs.controller.handlers import MAX_STEPS, Operator
 from dsjobs.controller.kube import Conflict, Forbidden
@@ -261,7 +262,6 @@ def test_a_plan_that_never_settles_is_an_error_once_and_counted_every_time(
 
 
 def test_a_lost_leadership_posts_the_queued_events_before_the_exit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsjobs.controller import __main__ as main
 
     done: list[str] = []
 
@@ -295,6 +295,48 @@ def test_a_lost_leadership_posts_the_queued_events_before_the_exit(monkeypatch: 
     with pytest.raises(Exited):
         main.stand_down("could not renew", Operator(SETTINGS, environ={}))
     assert done == ["exit 1"]
+
+
+@pytest.mark.parametrize("lease", [3, 4, 5, 6, 10, 15, 60])
+def test_a_replica_that_lost_the_lease_is_gone_before_a_standby_may_take_it(lease: int) -> None:
+    # Gone by the renew deadline (2/3 of the Lease) plus the drain and the poster's stop; a
+    # standby takes the Lease once a whole Lease passed unrenewed. With a fixed 1.5 s drain a
+    # Lease of 3 to 5 s had both acting at once for up to 0.74 s.
+    drain = main.lost_leadership_drain(lease)
+    assert 0 <= drain <= main.LOST_LEADERSHIP_DRAIN
+    assert lease * 2 / 3 + drain + main.EVENTS_STOP_SECONDS <= lease - 0.5
+    assert main.lost_leadership_drain(15) == main.LOST_LEADERSHIP_DRAIN
+
+
+def test_the_rest_of_a_plan_is_not_acted_on_once_the_lease_is_lost() -> None:
+    # The watchdog stood the replica down while the plan's first action was under way: the
+    # Secrets' and claims' deletions went on regardless, while another replica may lead already.
+    from dsjobs.controller.handlers import StoodDown
+    from dsjobs.controller.plan import DeleteDatasetClaims, DeletePod, DeleteSecrets
+
+    op = Operator(SETTINGS, environ={})
+    calls: list[str] = []
+
+    class Kube:
+        async def delete(self, resource: str, path: str, **kw: Any) -> bool:
+            calls.append(f"DELETE {path}")
+            op.standing_down = True  # the lease is lost while this request is in flight
+            return True
+
+        async def delete_collection(self, resource: str, path: str, selector: str) -> None:
+            calls.append(f"DELETE collection {path}")
+
+    op.kube = Kube()  # type: ignore[assignment]
+    body = {
+        "metadata": {"name": "job-1", "namespace": "ns", "uid": "u", "resourceVersion": "1"},
+        "spec": {"projectId": "p"},
+        "status": {},
+    }
+    job = JobView.from_body(body)
+    plan = Plan(job.status, (DeletePod("job-1-a1", 1, "x"), DeleteSecrets(), DeleteDatasetClaims()))
+    with pytest.raises(StoodDown):
+        asyncio.run(op._act(job, body, plan, datetime.now(UTC)))
+    assert calls == ["DELETE /api/v1/namespaces/ns/pods/job-1-a1"]
 
 
 FINISHED = {

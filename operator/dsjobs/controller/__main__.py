@@ -20,6 +20,16 @@ LEADER_LOG = logging.getLogger("dsjobs.controller.leader")
 #: Seconds a replica that lost the leadership gives its queued Events before it exits: it must be
 #: gone well before a standby may take over (a third of the Lease's 15 s after the renew deadline).
 LOST_LEADERSHIP_DRAIN: Final = 1.5
+#: What the Event poster takes beyond the drain to stop (dsjobs.controller.events).
+EVENTS_STOP_SECONDS: Final = 0.25
+
+
+def lost_leadership_drain(lease_seconds: float) -> float:
+    """The drain for a Lease of `lease_seconds`: the process gone (the renew deadline, 2/3 of the
+    Lease, plus the drain and the poster's stop) half a second before a standby may take over,
+    so a short Lease does not have two replicas acting at once."""
+    return max(0.0, min(LOST_LEADERSHIP_DRAIN, lease_seconds / 3 - EVENTS_STOP_SECONDS - 0.5))
+
 
 if TYPE_CHECKING:
     from dsjobs.controller.handlers import Operator
@@ -185,7 +195,8 @@ def _lead(elector: LeaderElector, settings: OperatorSettings, operator: Operator
         if standby is not None:
             standby.close()
 
-    elector.keep(lambda why: stand_down(why, operator))
+    drain = lost_leadership_drain(settings.leader_lease_seconds)
+    elector.keep(lambda why: stand_down(why, operator, drain))
 
 
 def stand_down(why: str, operator: Operator | None, drain_seconds: float = LOST_LEADERSHIP_DRAIN) -> None:
@@ -195,12 +206,13 @@ def stand_down(why: str, operator: Operator | None, drain_seconds: float = LOST_
     without a graceful shutdown. The Events already queued (a phase change just written, a
     failure) get a bounded moment to be posted first: they are the users' story of the job, and
     the next leader does not tell them again."""
+    if operator is not None:
+        operator.standing_down = True  # first: the log line below may block on its stream
     LEADER_LOG.error("lost the leadership: %s; exiting", why)
     try:
-        if operator is not None:
-            operator.standing_down = True
-            if operator.events is not None and not operator.events.drain_from_thread(drain_seconds):
-                LEADER_LOG.warning("events still queued at the exit are not posted")
+        events = operator.events if operator is not None else None
+        if events is not None and not events.drain_from_thread(drain_seconds):
+            LEADER_LOG.warning("events still queued at the exit are not posted")
     finally:
         logging.shutdown()
         os._exit(1)

@@ -145,6 +145,12 @@ from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
 
 Key = tuple[str, str]  # (namespace, job name)
+
+
+class StoodDown(Exception):
+    """The replica lost the leadership in the middle of a reconcile: it stops there."""
+
+
 # A reconcile plans again after a status-only step; this bounds a (buggy) plan that never settles.
 MAX_STEPS: Final = 8
 MAX_ERROR_BACKOFF: Final = 60.0
@@ -580,6 +586,8 @@ class Operator:
             requeue = await self._reconcile(key)
         except asyncio.CancelledError:
             raise
+        except StoodDown:
+            return
         except Exception as exc:
             if isinstance(exc, NotFound) and await self._job_gone(key):
                 # The job was deleted meanwhile (without our finalizer, or it was already let go):
@@ -986,6 +994,10 @@ class Operator:
         status = step.status
         events = list(step.events)
         for action in step.actions:
+            if self.standing_down:
+                # The leadership was lost while an action of the plan was under way: another
+                # replica may act on the job already, and the rest of the plan is its to decide.
+                raise StoodDown
             if isinstance(action, EnsureMetadata):
                 meta: dict[str, Any] = {"resourceVersion": job.resource_version}
                 if action.finalizer:
