@@ -2358,6 +2358,24 @@ def test_a_retry_waits_for_a_pod_left_on_a_lost_node_and_says_why() -> None:
     assert p3.actions == (CreatePod(2, 0, "c1.4"),)
 
 
+def test_an_active_deadline_is_not_retried_and_a_shutting_down_node_s_refusal_is() -> None:
+    # A deadline (a cluster policy's activeDeadlineSeconds) ends every attempt alike: retried, each
+    # burnt the whole deadline. A kubelet >= 1.22 refusing pods while its node shuts down says
+    # NodeShutdown (1.21 said Shutdown): it was "pod failed", now the node's shutdown.
+    j = job(status=started("EXECUTING"), retryPolicy={"maxAttempts": 3})
+    late = pod(phase="Failed", node="cpu-0", reason="DeadlineExceeded", message="Pod was active too long")
+    p = step(j, [late])
+    assert p.status.phase == JobPhase.ERROR and p.status.attempt == 1
+    refused = pod(
+        phase="Failed",
+        node="cpu-0",
+        reason="NodeShutdown",
+        message="Pod was rejected as the node is shutting down.",
+    )
+    p = step(j, [refused])
+    assert p.status.attempt == 2 and "the pod's node was shutting down" in p.status.status_details
+
+
 def test_a_job_that_filled_its_working_dir_is_not_retried() -> None:
     # Evicted for its own writes, not for a disruption: another attempt would do the same.
     j = job(status=started("EXECUTING"), retryPolicy={"maxAttempts": 3})

@@ -126,6 +126,8 @@ _POD_REASONS: Final[dict[str, tuple[str, str]]] = {
     "DeadlineExceeded": ("DeadlineExceeded", "the pod ran past its active deadline"),
     "NodeLost": ("NodeLost", "the pod's node was lost"),
     "Shutdown": ("NodeShutdown", "the pod's node shut down"),
+    # Kubernetes >= 1.22: the kubelet of a node shutting down refuses the pods it is given.
+    "NodeShutdown": ("NodeShutdown", "the pod's node was shutting down"),
     "Terminated": ("NodeShutdown", "the pod was terminated by its node"),
     "UnexpectedAdmissionError": ("AdmissionFailed", "the node refused the pod"),
     "Preempting": ("Preempted", "the pod was preempted"),
@@ -667,9 +669,9 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             failure=FailureKind.PERMANENT,
         )
     if disruption is not None:
-        return Outcome(
-            JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=FailureKind.INFRASTRUCTURE
-        )
+        # An active deadline (set by a policy of the cluster, not dsjobs) ends every attempt alike.
+        again = FailureKind.PERMANENT if disruption[0] == "DeadlineExceeded" else FailureKind.INFRASTRUCTURE
+        return Outcome(JobPhase.ERROR, disruption[0], disruption[1], return_code=code, failure=again)
     lost = [c.name for c in (*pod.init_containers, *pod.containers) if c.reason == STATE_LOST]
     if lost:
         # Its 255 is the runtime's placeholder: read as the program's exit code, or a stage-in's
