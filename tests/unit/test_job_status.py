@@ -42,7 +42,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodView, latest_event_message
+from dsjobs.controller.podview import PodCondition, PodView, latest_event_message
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     MAX_FILE_ERRORS_BYTES,
@@ -2322,6 +2322,47 @@ def test_a_retry_onto_a_type_deleted_meanwhile_falls_back_to_the_next_one_listed
     p = plan(again, [pod(gone=True)], {}, None, NOW, SETTINGS)
     assert p.status.phase == JobPhase.ERROR
     assert "unknown instance type c1.4 (no longer in the catalog)" in p.status.status_details
+
+
+def test_a_taint_eviction_from_a_node_that_reports_is_not_a_lost_node() -> None:
+    # The taint manager evicts for any NoExecute taint (not-ready with the kubelet alive, an
+    # admin's): the kubelet stops the pod within its grace. Taken at once for a silent node, the
+    # job ended NodeLost with its pod running on, and its stored result never read.
+    evicted = {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+    reporting = dataclasses.replace(
+        pod(
+            phase="Running",
+            node="gpu-0",
+            deleting=True,
+            containers=[running("job"), running("ship")],
+            conditions=[
+                evicted,
+                {"type": "Ready", "status": "True"},
+                {"type": "ContainersReady", "status": "True"},
+            ],
+        ),
+        deleted_at=NOW + timedelta(seconds=330),  # the eviction's request plus the pod's grace
+    )
+    j = job(status=started("EXECUTING"))
+    p = step(j, [reporting])
+    assert p.status.phase == JobPhase.EXECUTING
+    assert "evicted by a NoExecute taint of its node" in p.status.status_details
+    assert p.requeue_after == timedelta(seconds=331)  # its grace's end: a silent node says nothing
+    # The grace passed and the pod is still there: no kubelet ends it, the node is silent.
+    late = step(j, [reporting], now=NOW + timedelta(seconds=331))
+    assert late.status.phase == JobPhase.ERROR
+    finished = get_condition(late.status, "Finished")
+    assert finished is not None and finished.reason == "NodeLost"
+    # The node lifecycle controller's mark (Ready False, ContainersReady True) says so at once.
+    marked = dataclasses.replace(
+        reporting,
+        conditions=(
+            ("DisruptionTarget", PodCondition(status="True", reason="DeletionByTaintManager")),
+            ("Ready", PodCondition(status="False")),
+            ("ContainersReady", PodCondition(status="True")),
+        ),
+    )
+    assert step(j, [marked]).status.phase == JobPhase.ERROR
 
 
 def test_a_retry_waits_for_a_pod_left_on_a_lost_node_and_says_why() -> None:

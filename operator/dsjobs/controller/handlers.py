@@ -957,7 +957,7 @@ class Operator:
             return None
         ship = pod.container(SHIP_CONTAINER)
         unseen_end = ship is None or ship.state != "terminated"
-        if unseen_end and (pod.gone or pod.terminal or evicted_from_lost_node(pod)):
+        if unseen_end and (pod.gone or pod.terminal or evicted_from_lost_node(pod, datetime.now(UTC))):
             # The pod went, or ended, without the operator seeing its ship end: a drain evicted it
             # with the operator, someone deleted it, its node went silent (the kubelet reports
             # nothing more, while the containers may well have finished and stored their work)

@@ -1002,11 +1002,11 @@ def _plan_unexecuted(
     return Plan(status, tuple(actions), tuple(events), requeue, spec=spec)
 
 
-def _waiting_for_lost_node(attempt: int, superseded: Sequence[PodView]) -> str | None:
+def _waiting_for_lost_node(attempt: int, superseded: Sequence[PodView], now: datetime) -> str | None:
     """Why attempt `attempt` has not started, when a previous attempt's pod lingers on a node that
     stopped reporting: Kubernetes cannot end it there, and it may still run (or come back)."""
     for previous in sorted(superseded, key=lambda p: p.attempt):
-        if evicted_from_lost_node(previous):
+        if evicted_from_lost_node(previous, now):
             return (
                 f"attempt {attempt} starts once pod {previous.name} of attempt {previous.attempt} is "
                 f"gone (never two attempts at once); its node {previous.node_name} stopped reporting "
@@ -1063,7 +1063,7 @@ def _plan_next_attempt(
             return Plan(status, tuple(actions), tuple(events), requeue_after=due - now, spec=spec)
     if superseded:
         # Never two attempts at once: the previous pod's deletion (an event) brings us back.
-        details = _waiting_for_lost_node(status.attempt, superseded)
+        details = _waiting_for_lost_node(status.attempt, superseded, now)
         if details is not None and details != status.status_details:
             events.append(JobEvent("Warning", "WaitingForLostNode", clip(details, 1024)))
             status = with_phase(status, JobPhase.PREPARING, details, events)

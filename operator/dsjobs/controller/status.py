@@ -136,7 +136,7 @@ _POD_REASONS: Final[dict[str, tuple[str, str]]] = {
 _DISRUPTION_REASONS: Final[dict[str, tuple[str, str]]] = {
     "DeletionByTaintManager": (
         "NodeLost",
-        "the pod's node became unreachable and the pod was evicted from it",
+        "the pod was evicted by a NoExecute taint of its node (unreachable or not ready, or an admin's)",
     ),
     "DeletionByPodGC": ("NodeLost", "the pod's node is gone"),
     "EvictionByEvictionAPI": ("Evicted", "the pod was evicted (eviction API)"),
@@ -463,11 +463,31 @@ def _never_ran_text(job: ContainerView) -> str:
     return text
 
 
-def evicted_from_lost_node(pod: PodView) -> bool:
+def evicted_from_lost_node(pod: PodView, now: datetime) -> bool:
     """Kubernetes evicted the pod from a node that stopped reporting: no end will ever be reported
-    (the node is gone), and the pod stays until the node reports again or leaves the cluster."""
+    (the node is gone), and the pod stays until the node reports again or leaves the cluster.
+
+    The taint manager evicts for any NoExecute taint the pod does not tolerate, a node that still
+    reports among them (not-ready with its kubelet alive, an admin's taint): its kubelet stops the
+    pod within its grace, and the pod ends as any evicted one. So the node is taken as silent only
+    when the node lifecycle controller marked the pod (`node_not_ready`), or the deletion's grace
+    has passed with no kubelet ending it (see `lost_node_check`)."""
+    if not _taint_evicted(pod):
+        return False
+    return pod.node_not_ready or pod.deleted_at is None or now >= pod.deleted_at
+
+
+def _taint_evicted(pod: PodView) -> bool:
     disruption = disruption_of(pod)
     return pod.deleting and disruption is not None and disruption[0] == "NodeLost"
+
+
+def lost_node_check(pod: PodView, now: datetime) -> timedelta | None:
+    """When to look again at a pod evicted by a taint that is not (yet) known to be on a silent
+    node: at its deletion's deadline, which a reporting kubelet meets."""
+    if not _taint_evicted(pod) or evicted_from_lost_node(pod, now) or pod.deleted_at is None:
+        return None
+    return pod.deleted_at - now + timedelta(seconds=1)
 
 
 # The kubelet's message when an emptyDir outgrows its sizeLimit (pkg/kubelet/eviction).
@@ -1018,6 +1038,27 @@ def compute_status(
     `storage_problem`: what the operator's own check of the object store said, while the pod's
     runner moves the job's files (`storage_bound_since`); the details pass it on.
     """
+    update = _compute_status(
+        spec, status, pod, result, now, settings, instance_type=instance_type, storage_problem=storage_problem
+    )
+    # A silent node sends no event when the eviction's grace passes: the timer is the only news.
+    check = lost_node_check(pod, now)
+    if check is not None and (update.requeue_after is None or check < update.requeue_after):
+        update = dataclasses.replace(update, requeue_after=check)
+    return update
+
+
+def _compute_status(
+    spec: ProjectJobSpec,
+    status: ProjectJobStatus,
+    pod: PodView,
+    result: RunnerResult | ResultPointer | None,
+    now: datetime,
+    settings: OperatorSettings,
+    *,
+    instance_type: str,
+    storage_problem: str | None,
+) -> StatusUpdate:
     events: list[JobEvent] = []
     if status.phase is not None and status.phase.is_final:
         return StatusUpdate(status)
@@ -1038,7 +1079,7 @@ def compute_status(
         )
 
     disruption = disruption_of(pod)
-    if pod.terminal or evicted_from_lost_node(pod):
+    if pod.terminal or evicted_from_lost_node(pod, now):
         # A cancel the operator had no time to write down still makes a stopped program CANCELLED.
         outcome = outcome_of(pod, result, cancelling=cancelling or spec.cancel is not None)
         status = apply_result(spec, status, result)
