@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
 
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, running, started, step, terminated
 
@@ -89,6 +91,38 @@ def test_the_stored_result_of_a_pod_whose_node_went_silent_is_read() -> None:
         is None
     )
     assert asked == [1, 1]
+
+
+def test_a_created_pod_no_watch_event_showed_and_the_resync_misses_is_gone() -> None:
+    # The pod watch was away (410, Kopf lists again) while the pod was created and deleted: its
+    # ADDED and DELETED never came, and the job waited for a pod event for ever (a cancel too).
+    op = Operator(SETTINGS, environ={})
+    op._fresh[KEY] = dataclasses.replace(pod(created=NOW), uid="u-made")
+    reconciled: list[tuple[str, str]] = []
+    looked_up: list[str] = []
+
+    class Kube:
+        async def pages(self, *args: object, **kw: object) -> AsyncIterator[list[dict[str, object]]]:
+            yield []  # the LIST has no such pod
+
+        async def get(self, resource: str, path: str) -> None:
+            looked_up.append(path)
+            return None  # nor does a GET: it is gone
+
+    async def reconcile(key: tuple[str, str]) -> None:
+        reconciled.append(key)
+
+    async def warm_up() -> None:
+        return None
+
+    op.kube = Kube()  # type: ignore[assignment]
+    op.reconcile = reconcile  # type: ignore[method-assign]
+    op.warm_up = warm_up  # type: ignore[method-assign]
+    assert asyncio.run(op.resync_pods()) == 1
+    assert KEY not in op._fresh and op._gone[KEY]["job-1-a1"].gone
+    assert looked_up == ["/api/v1/namespaces/project-a/pods/job-1-a1"] and reconciled == [KEY]
+    j = job(status=started("PREPARING"))
+    assert step(j, asyncio.run(op._pods_of(KEY, j))).status.phase == JobPhase.ERROR
 
 
 def test_the_error_backoff_doubles_up_to_a_minute_and_never_overflows() -> None:

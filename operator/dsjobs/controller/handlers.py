@@ -411,10 +411,17 @@ class Operator:
         assert self.kube is not None
         await self.warm_up()
         before = self.pods.snapshot()
+        # Pods this operator made that no watch event has shown yet: a gap of the watch may have
+        # taken their ADDED and DELETED both, and such a job waited for a pod event for ever.
+        fresh_before = dict(self._fresh)
         listed: set[str] = set()
         async for page in self._job_pod_pages(background=True):
             listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
         vanished = self.pods.vanished(before, listed)
+        for key, view in fresh_before.items():
+            if view.uid and view.uid not in listed and self._fresh.get(key) is view:
+                self._fresh.pop(key, None)
+                vanished.append((key, dataclasses.replace(view, gone=True)))
         gone = 0
         for key, view in vanished:
             if await self._still_there(key, {"metadata": {"name": view.name, "uid": view.uid}}):
