@@ -23,6 +23,7 @@ from dsjobs.controller.names import (
     output_dataset_id,
 )
 from dsjobs.controller.plan import (
+    NOMINATED_PATIENCE,
     UNEXECUTED_DETAILS,
     ClearData,
     CreatePod,
@@ -781,6 +782,23 @@ def test_a_pod_waiting_on_a_type_an_admin_changed_is_made_again() -> None:
     assert (
         plan(j, [unschedulable(NOW - timedelta(seconds=10))], fixed, None, NOW, SETTINGS).status.attempt == 1
     )
+
+
+def test_no_fallback_while_the_scheduler_preempts_pods_for_the_job_s_pod() -> None:
+    # Unschedulable, but nominated to a node whose lower-priority pods are being preempted for it
+    # (their grace runs, minutes for a job's pod): falling back at the budget killed them for
+    # nothing. It waits NOMINATED_PATIENCE more, then falls back as any.
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(type_name="g2.8"))
+    nominated = dataclasses.replace(
+        unschedulable(NOW - timedelta(seconds=61), type_name="g2.8"), nominated_node="gpu-0"
+    )
+    p = step(j, [nominated])
+    assert p.status.attempt == 1 and not p.actions and "FallingBack" not in [e.reason for e in p.events]
+    assert p.requeue_after == NOMINATED_PATIENCE - timedelta(seconds=1)
+    late = step(j, [nominated], now=NOW + NOMINATED_PATIENCE)
+    assert (late.status.attempt, late.status.instance_type_index) == (2, 1)
+    assert PodView.from_pod({"status": {"nominatedNodeName": "gpu-0"}}).nominated_node == "gpu-0"
 
 
 def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:

@@ -345,6 +345,10 @@ def forced_cancel(spec: ProjectJobSpec, pod: PodView) -> list[ForceCancel | Dele
     return [ForceCancel(pod.name, pod.attempt)]
 
 
+#: How much longer than its type's budget a pod waits while the scheduler preempts pods of a
+#: node for it (status.nominatedNodeName) before the job falls back to its next type.
+NOMINATED_PATIENCE: Final = timedelta(minutes=15)
+
 #: Grace for deleting a pod whose program needs no time. Never 0, a force delete: the API server
 #: deletes a pod not bound to a node at once anyway, while one the scheduler bound since the
 #: operator's cache saw it would vanish with its program still running (two attempts at once).
@@ -752,6 +756,11 @@ def _plan(
             )
         if waited < budget:
             requeue = _min_delay(requeue, budget - waited)
+        elif current.nominated_node and waited < budget + NOMINATED_PATIENCE:
+            # The scheduler preempts lower-priority pods of a node for this one, and their grace
+            # (a job's pod: its graceful timeout and more) runs: falling back now would have
+            # killed them for nothing.
+            requeue = _min_delay(requeue, budget + NOMINATED_PATIENCE - waited)
         elif not current.unschedulable:
             # The scheduler has not found the pod unschedulable (it is down, or still working
             # through a backlog): a lack of capacity is not known, so no fallback. Its verdict

@@ -129,6 +129,8 @@ class PodView:
     reason: str = ""
     message: str = ""
     node_name: str = ""
+    # status.nominatedNodeName: the scheduler preempts pods of that node for this one.
+    nominated_node: str = ""
     conditions: tuple[tuple[str, PodCondition], ...] = ()
     init_containers: tuple[ContainerView, ...] = ()
     containers: tuple[ContainerView, ...] = ()
@@ -186,6 +188,7 @@ class PodView:
             reason=str(status.get("reason") or ""),
             message=str(status.get("message") or "")[:1024],
             node_name=str(spec.get("nodeName") or ""),
+            nominated_node=str(status.get("nominatedNodeName") or ""),
             conditions=conditions,
             init_containers=tuple(
                 ContainerView.from_status(c) for c in status.get("initContainerStatuses") or ()
