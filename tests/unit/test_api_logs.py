@@ -21,7 +21,7 @@ from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.servicer import ProjectJobService, follow_logs
 from dsjobs.api.settings import Settings, SettingsError
 from dsjobs.api.settings import from_args as settings_from_args
-from dsjobs.api.streams import StreamSlots
+from dsjobs.api.streams import LogBudget, StreamSlots
 from dsjobs.logrecords import FinalMarker, LogChunk, LogRecord, Stream
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
 from dsjobs.storage import ObjectInfo
@@ -75,9 +75,12 @@ class FakeCore:
         self.job = job
         # The real index (its watch is not started: tests feed it what a watch would deliver).
         self.jobs = JobIndex(cast(Kube, None))
+        self.log_budget = LogBudget(8)
 
     async def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
+
+    log_io = io
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
         return self.job
@@ -371,3 +374,48 @@ def test_log_streams_may_not_take_all_calls(streams: str) -> None:
         SettingsError, match="DSJOBS_API_MAX_LOG_STREAMS: must be below DSJOBS_API_MAX_CONCURRENT_RPCS"
     ):
         settings_from_args([], environ={"DSJOBS_API_MAX_LOG_STREAMS": streams})
+
+
+def test_the_log_budget_bounds_what_streams_hold_in_all_and_per_caller() -> None:
+    # 200 streams of one user that never read held ~5 MB each (records, message, bytes, gRPC's
+    # copy) past a replica's memory limit: a batch holds a permit until its client takes it.
+    async def scenario() -> None:
+        budget = LogBudget(8)
+        assert (budget.permits, budget.per_caller) == (8, 2)
+        held: list[str] = []
+        release = asyncio.Event()
+
+        async def stream(caller: str) -> None:
+            async with budget.hold(caller):
+                held.append(caller)
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(stream("mallory")) for _ in range(5)]
+        tasks += [asyncio.ensure_future(stream(f"user{i}")) for i in range(7)]
+        await asyncio.sleep(0.05)
+        # One caller's stalled streams take a quarter; the others get theirs, up to the total.
+        assert held.count("mallory") == 2 and len(held) == 8
+        release.set()
+        await asyncio.gather(*tasks)
+        assert len(held) == 12 and not budget._callers
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_holds_its_permit_until_its_batch_is_taken() -> None:
+    async def scenario() -> None:
+        core = FakeCore(snapshot("EXECUTING"))
+        core.log_budget = LogBudget(1)
+        write(core, 0, "a", "b")
+        job = snapshot("EXECUTING")
+        first = follow_logs(cast(Core, core), job, 0, None, caller="u")
+        second = follow_logs(cast(Core, core), job, 0, None, caller="u")
+        assert [r.content for r in (await anext(first))[0]] == [b"a", b"b"]  # not yet taken on
+        waiting = asyncio.ensure_future(anext(second))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the one permit is the first stream's while its batch is out
+        await first.aclose()  # its client went: the permit is free
+        assert [r.content for r in (await asyncio.wait_for(waiting, 5))[0]] == [b"a", b"b"]
+        await second.aclose()
+
+    asyncio.run(scenario())

@@ -34,7 +34,7 @@ from dsjobs.api.ids import RESOURCE_ID_RULE, is_job_id, is_resource_id
 from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path, secrets_path
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
-from dsjobs.api.streams import StreamSlots
+from dsjobs.api.streams import LogBudget, StreamSlots
 from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL, PROJECT_STORAGE_SECRET_NAME
 from dsjobs.controller.secrets import project_storage_env
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
@@ -117,17 +117,28 @@ class Core:
         self.catalog = catalog
         self.draining = asyncio.Event()
         self.streams = StreamSlots(settings.max_log_streams, settings.max_log_streams_per_caller)
+        self.log_budget = LogBudget(settings.log_bytes_in_flight // settings.max_response_bytes)
         # Storage calls are blocking (boto3): they get their own threads so that a slow object
-        # store never starves the default executor.
+        # store never starves the default executor; the log streams' polls theirs, so that
+        # thousands of followers (each asks about once a second) do not queue the calls'.
         self._io = ThreadPoolExecutor(max_workers=32, thread_name_prefix="dsjobs-api-io")
+        self._log_io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsjobs-api-logs")
 
     def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
+        self._log_io.shutdown(wait=False, cancel_futures=True)
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self._in(self._io, fn, *args, **kwargs)
+
+    async def log_io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`io` in the log streams' own threads."""
+        return await self._in(self._log_io, fn, *args, **kwargs)
+
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._io, lambda: fn(*args, **kwargs))
+            return await loop.run_in_executor(pool, lambda: fn(*args, **kwargs))
         except Exception as exc:
             err = storage_error(exc)
             if err is None:

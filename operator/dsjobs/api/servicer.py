@@ -947,7 +947,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
         allowed = self._still_allowed(context, job)
         with self.core.streams.hold(identity.username, request.offset):
-            async for records, offset in follow_logs(self.core, job, request.offset, None, allowed):
+            async for records, offset in follow_logs(
+                self.core, job, request.offset, None, allowed, identity.username
+            ):
                 logs = [
                     _log_message(r, piece) for r in records for piece in logrecords.utf8_pieces(r.content)
                 ]
@@ -960,7 +962,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         streams = (logrecords.Stream.OUT, logrecords.Stream.ERR)
         allowed = self._still_allowed(context, job)
         with self.core.streams.hold(identity.username, request.offset):
-            async for records, offset in follow_logs(self.core, job, request.offset, streams, allowed):
+            async for records, offset in follow_logs(
+                self.core, job, request.offset, streams, allowed, identity.username
+            ):
                 logs = [
                     svc.StdLog(
                         content=piece,
@@ -1162,10 +1166,12 @@ async def follow_logs(
     offset: int,
     streams: Sequence[logrecords.Stream] | None,
     still_allowed: Callable[[], Awaitable[None]] | None = None,
+    caller: str = "",
 ) -> AsyncIterator[tuple[list[logrecords.LogRecord], int]]:
     """Batches of records from `offset` (-1: from now) until the job has ended and all were sent.
     `still_allowed` is asked every JOB_RECHECK_SECONDS, records flowing or not (it raises when the
-    caller may no longer read the job)."""
+    caller may no longer read the job). Each batch holds a permit of the log budget (`caller`'s)
+    from its read until the consumer asks for the next."""
     if offset < -1:
         raise errors.invalid_argument(
             "must be -1 (from now) or a non-negative offset from a previous response", "offset"
@@ -1173,7 +1179,7 @@ async def follow_logs(
     settings = core.settings
     if offset == -1:
         offset = (
-            await core.io(logrecords.read_records, core.store, job.project_id, job.name, -1)
+            await core.log_io(logrecords.read_records, core.store, job.project_id, job.name, -1)
         ).next_offset
         # Say at once where "now" is: a client that reconnects before any record arrives resumes
         # from there instead of from a later "now" (which would skip what came in between).
@@ -1197,26 +1203,29 @@ async def follow_logs(
                 f"the server is restarting; reconnect with offset {offset}",
                 expected=True,
             )
-        try:
-            result = await core.io(
-                logrecords.read_records,
-                core.store,
-                job.project_id,
-                job.name,
-                offset,
-                max_bytes=settings.max_response_bytes,
-                streams=streams,
-                check_complete=job.is_final,  # it ends the stream only then
-            )
-        except logrecords.LogFormatError as exc:
-            raise errors.internal(
-                f"the stored logs of job {job.name!r} are damaged at offset {offset}"
-            ) from exc
-        advanced = result.next_offset != offset
-        offset = result.next_offset
-        if result.records:
-            LOG_RECORDS_SENT.inc(len(result.records))
-            yield result.records, offset
+        async with core.log_budget.hold(caller):
+            try:
+                result = await core.log_io(
+                    logrecords.read_records,
+                    core.store,
+                    job.project_id,
+                    job.name,
+                    offset,
+                    max_bytes=settings.max_response_bytes,
+                    streams=streams,
+                    check_complete=job.is_final,  # it ends the stream only then
+                )
+            except logrecords.LogFormatError as exc:
+                raise errors.internal(
+                    f"the stored logs of job {job.name!r} are damaged at offset {offset}"
+                ) from exc
+            advanced = result.next_offset != offset
+            offset = result.next_offset
+            if result.records:
+                LOG_RECORDS_SENT.inc(len(result.records))
+                # Held across the yield: the batch, its message and gRPC's copies live until the
+                # client takes it (one that does not read keeps them).
+                yield result.records, offset
         if advanced:
             interval = settings.log_poll_interval
             continue

@@ -80,7 +80,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_message_bytes", "DSJOBS_API_MAX_MESSAGE_BYTES", "4194304", "largest accepted request"),
     Setting(
-        "max_response_bytes", "DSJOBS_API_MAX_RESPONSE_BYTES", "1048576", "log bytes per ReadLogs response"
+        "max_response_bytes", "DSJOBS_API_MAX_RESPONSE_BYTES", "262144", "log bytes per ReadLogs response"
+    ),
+    Setting(
+        "log_bytes_in_flight",
+        "DSJOBS_API_LOG_BYTES_IN_FLIGHT",
+        "33554432",
+        "log bytes the replica's log streams hold at once, read and not yet taken by their clients "
+        "(memory: about 5 times as much); a quarter of it for one caller's streams; streams wait "
+        "their turn",
     ),
     Setting(
         "log_poll_interval", "DSJOBS_API_LOG_POLL", "300ms", "how often a following ReadLogs stream polls"
@@ -160,7 +168,8 @@ class Settings:
     page_token_key_is_random: bool = False
     url_ttl: timedelta = timedelta(minutes=15)
     max_message_bytes: int = 4 * 1024 * 1024
-    max_response_bytes: int = 1024 * 1024
+    max_response_bytes: int = 256 * 1024
+    log_bytes_in_flight: int = 32 * 1024 * 1024
     log_poll_interval: float = 0.3
     drain_delay: float = 5.0
     drain_timeout: float = 20.0
@@ -274,6 +283,9 @@ def build(raw: Mapping[str, str]) -> Settings:
         max_message_bytes=_int(env["max_message_bytes"], value["max_message_bytes"], 64 * 1024),
         max_response_bytes=_int(
             env["max_response_bytes"], value["max_response_bytes"], 16 * 1024, MAX_RESPONSE_BYTES
+        ),
+        log_bytes_in_flight=_int(
+            env["log_bytes_in_flight"], value["log_bytes_in_flight"], MAX_RESPONSE_BYTES, 1 << 30
         ),
         log_poll_interval=max(0.05, _seconds(env["log_poll_interval"], value["log_poll_interval"])),
         drain_delay=_seconds(env["drain_delay"], value["drain_delay"]),

@@ -1,4 +1,5 @@
-"""How many log streams a replica follows at once, in all and per caller.
+"""How many log streams a replica follows at once, in all and per caller, and the log bytes they
+hold (LogBudget).
 
 Open streams count against the server's DSJOBS_API_MAX_CONCURRENT_RPCS like every call; left
 alone they could fill it, and then every other call (Create, OperationService.Get, the readiness
@@ -8,8 +9,9 @@ of it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from dsjobs.api import errors
 
@@ -44,3 +46,33 @@ class StreamSlots:
                 self._by_caller[caller] = left
             else:
                 del self._by_caller[caller]
+
+
+class LogBudget:
+    """The log bytes a replica's streams hold at once: read from the store and not yet taken by
+    their clients. gRPC's flow control stops a stream whose client does not read, but the response
+    it was sending stays (its records, the message, the bytes, gRPC's own copy: about 5 times its
+    size) for as long as the client keeps the stream open: 200 such streams of one user took a
+    replica past its memory limit. A stream holds one permit (`max_response_bytes`) from its read
+    until its client asked for more; one caller's streams at most a quarter of them, so that one
+    user's stalled streams leave the others theirs. Streams wait their turn."""
+
+    def __init__(self, permits: int) -> None:
+        self.permits = max(1, permits)
+        self.per_caller = max(1, self.permits // 4)
+        self._all = asyncio.Semaphore(self.permits)
+        self._callers: dict[str, tuple[int, asyncio.Semaphore]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, caller: str) -> AsyncIterator[None]:
+        users, mine = self._callers.get(caller) or (0, asyncio.Semaphore(self.per_caller))
+        self._callers[caller] = (users + 1, mine)
+        try:
+            async with mine, self._all:
+                yield
+        finally:
+            users, mine = self._callers[caller]
+            if users > 1:
+                self._callers[caller] = (users - 1, mine)
+            else:
+                del self._callers[caller]
