@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 ENV_ENDPOINT = "DSJOBS_ENDPOINT"
 ENV_TOKEN = "DSJOBS_TOKEN"
@@ -212,6 +213,30 @@ def _pin_credentials(token: str) -> None:
     os.environ["YC_IAM_TOKEN"] = token
 
 
+#: Keepalive pings on the CLI's channel while a call is open (the official options leave them
+#: out): a server that vanishes without a FIN (its node lost, a partition) ends the log stream and
+#: the operation polls with UNAVAILABLE after a minute or so, which the CLI retries from its offset,
+#: instead of hanging until the kernel's TCP timeout (about 15 minutes). Not under 10 s: the API
+#: answers more frequent pings with GOAWAY (too many pings); and as many as needed without data (an
+#: idle log stream sends none).
+KEEPALIVE_OPTIONS: Final = (("grpc.keepalive_time_ms", 30_000), ("grpc.http2.max_pings_without_data", 0))
+
+
+def channel_options(
+    official: Sequence[tuple[str, Any]], user_agent: str | None, *, direct: bool
+) -> list[tuple[str, Any]]:
+    """The channel options for the official CLI: its own (they carry the retry policy for
+    UNAVAILABLE/CANCELLED; kept as they are), keepalive, the user agent; `direct`: never through
+    an HTTP proxy (a plaintext loopback endpoint: http_proxy set for the outside world would see
+    the token in the clear)."""
+    options = [*official, *KEEPALIVE_OPTIONS]
+    if user_agent:
+        options.append(("grpc.primary_user_agent", user_agent))
+    if direct:
+        options.append(("grpc.enable_http_proxy", 0))
+    return options
+
+
 def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     """Runs the official CLI in this process against `target`. Returns its exit status."""
     _pin_credentials(target.token)  # before the import: datasphere.api reads SERVER_ENV
@@ -233,16 +258,10 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         )
 
     def _get_channel(endpoint: str, user_agent: str | None) -> grpc.Channel:
-        # The official options carry the retry policy for UNAVAILABLE/CANCELLED; keep them as they are.
-        options = list(ds_channel.CHANNEL_OPTIONS)
-        if user_agent:
-            options.append(("grpc.primary_user_agent", user_agent))
+        direct = creds is None and _is_loopback(target.endpoint)
+        options = channel_options(ds_channel.CHANNEL_OPTIONS, user_agent, direct=direct)
         if creds is not None:
             return grpc.secure_channel(target.endpoint, creds, options=options)
-        if _is_loopback(target.endpoint):
-            # Never through an HTTP proxy (http_proxy set for the outside world): the token would
-            # pass through it in the clear.
-            options.append(("grpc.enable_http_proxy", 0))
         return grpc.insecure_channel(target.endpoint, options=options)
 
     def _create_iam_token(oauth_token: str | None, yc_profile: str | None = None) -> object:

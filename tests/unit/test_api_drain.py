@@ -257,3 +257,36 @@ def test_a_replica_is_ready_once_its_job_index_is_in_sync(caplog: pytest.LogCapt
             assert await service_status(address, job_service) == NOT_SERVING
 
     asyncio.run(run())
+
+
+def test_a_token_as_long_as_auth_takes_reaches_it() -> None:
+    # gRPC's default soft limit on request headers (8 KiB) refused calls carrying an OIDC token
+    # of 9..16 KiB at random (RESOURCE_EXHAUSTED, which the CLI does not retry): auth takes 16 KiB.
+    from dsjobs.api.auth import MAX_TOKEN_LENGTH
+    from dsjobs.api.server import SERVER_OPTIONS
+
+    async def run() -> list[bytes]:
+        server = grpc.aio.server(options=list(SERVER_OPTIONS))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "t.T", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        token = "Bearer " + "t" * (MAX_TOKEN_LENGTH - len("Bearer "))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary("/t.T/Echo")
+                return [
+                    cast(
+                        bytes, await call(cast(Any, b"hi"), metadata=(("authorization", token),), timeout=10)
+                    )
+                    for _ in range(20)
+                ]
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(run()) == [b"hi"] * 20

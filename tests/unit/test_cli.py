@@ -423,3 +423,23 @@ def test_tls_trusts_the_system_s_cas(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("SSL_CERT_FILE")
     roots = cli.system_roots()
     assert roots is None or b"BEGIN CERTIFICATE" in roots
+
+
+def test_the_cli_s_channel_pings_a_server_that_may_vanish() -> None:
+    # The official options send no keepalive: a replica gone without a FIN (a lost node) left the
+    # CLI's log stream and operation polls hanging for the kernel's ~15 minutes.
+    # (datasphere's own options are not imported here: its protos clash with dsjobs.pb's.)
+    from dsjobs.api.server import SERVER_OPTIONS
+    from dsjobs.cli import channel_options
+
+    official = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": []}')]
+    options = dict(channel_options(official, "dsjobs/1", direct=False))
+    assert all(options[k] == v for k, v in official)  # its retry policy untouched
+    # Not more often than the server lets a client ping (else GOAWAY "too many pings").
+    assert (
+        options["grpc.keepalive_time_ms"]
+        >= dict(SERVER_OPTIONS)["grpc.http2.min_ping_interval_without_data_ms"]
+    )
+    assert options["grpc.http2.max_pings_without_data"] == 0  # an idle log stream sends no data
+    assert options["grpc.primary_user_agent"] == "dsjobs/1" and "grpc.enable_http_proxy" not in options
+    assert dict(channel_options(official, None, direct=True))["grpc.enable_http_proxy"] == 0

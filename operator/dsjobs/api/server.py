@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -316,6 +316,22 @@ async def _finish_cleanups(cleanups: Collection[asyncio.Task[None]], grace: floa
         await asyncio.wait(unfinished)
 
 
+#: Request headers a call may carry: a bearer token at its longest, with room for the rest.
+METADATA_BYTES: Final = authmod.MAX_TOKEN_LENGTH + 8 * 1024
+#: The gRPC server's options besides the request size.
+SERVER_OPTIONS: Final = (
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Request headers: bearer tokens up to auth.MAX_TOKEN_LENGTH (16 KiB), OIDC ones among them.
+    # gRPC's default soft limit (8 KiB) refused some calls with larger ones at random.
+    ("grpc.max_metadata_size", METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", METADATA_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
 class ApiServer:
     """Owns the gRPC server and the process-wide clients."""
 
@@ -377,14 +393,7 @@ class ApiServer:
         self._store_check = asyncio.create_task(_check_store(store), name="store-check")
         gc.freeze()
 
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.so_reuseport", 0),
-        ]
+        options = [("grpc.max_receive_message_length", s.max_message_bytes), *SERVER_OPTIONS]
         server = grpc.aio.server(interceptors=[CallInterceptor(s.max_concurrent_rpcs)], options=options)
         jobs_service = self._jobs_service = ProjectJobService(core)
         project_job_service_pb2_grpc.add_ProjectJobServiceServicer_to_server(jobs_service, server)
