@@ -386,7 +386,7 @@ def test_the_log_budget_bounds_what_streams_hold_in_all_and_per_caller() -> None
         release = asyncio.Event()
 
         async def stream(caller: str) -> None:
-            async with budget.hold(caller):
+            async with budget.hold(caller, 0, asyncio.Event()):
                 held.append(caller)
                 await release.wait()
 
@@ -419,3 +419,32 @@ def test_a_stream_holds_its_permit_until_its_batch_is_taken() -> None:
         await second.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_stream_waiting_for_a_permit_is_told_to_come_back_and_ends_at_a_drain() -> None:
+    # Streams whose clients do not read keep their permits: one waiting must neither hang
+    # silently (RESOURCE_EXHAUSTED after its patience: the CLI reconnects with its offset) nor
+    # outlast a drain (UNAVAILABLE at once, as a stream that reads is told).
+    async def scenario() -> list[tuple[grpc.StatusCode, str]]:
+        budget = LogBudget(1, patience=0.05)
+        stop = asyncio.Event()
+        told: list[tuple[grpc.StatusCode, str]] = []
+        async with budget.hold("stalled", 7, stop):
+            for drain in (False, True):
+                if drain:
+                    budget.patience = 3600.0  # the drain ends it, not the patience
+                    asyncio.get_running_loop().call_soon(stop.set)
+                try:
+                    async with budget.hold("other", 42, stop):
+                        raise AssertionError("the one permit is the stalled stream's")
+                except ApiError as exc:
+                    told.append((exc.code, exc.message))
+        assert not budget._callers  # nothing is left of the streams that went
+        # The permits are all back: a new stream gets one at once.
+        async with budget.hold("later", 0, asyncio.Event()):
+            pass
+        return told
+
+    told = asyncio.run(scenario())
+    assert told[0][0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "reconnect later with offset 42" in told[0][1]
+    assert told[1] == (grpc.StatusCode.UNAVAILABLE, "the server is restarting; reconnect with offset 42")

@@ -1203,7 +1203,10 @@ async def follow_logs(
                 f"the server is restarting; reconnect with offset {offset}",
                 expected=True,
             )
-        async with core.log_budget.hold(caller):
+        async with core.log_budget.hold(caller, offset, core.draining):
+            if still_allowed is not None and time.monotonic() - allowed_at >= JOB_RECHECK_SECONDS:
+                await still_allowed()  # the permit may have been long in coming
+                allowed_at = time.monotonic()
             try:
                 result = await core.log_io(
                     logrecords.read_records,

@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import Final
+
+import grpc
 
 from dsjobs.api import errors
+from dsjobs.api.errors import ApiError
 
 
 class StreamSlots:
@@ -48,6 +52,11 @@ class StreamSlots:
                 del self._by_caller[caller]
 
 
+#: How long a stream waits for a permit before it is told to come back: streams whose clients do
+#: not read keep theirs, and a waiting one must neither hang silently nor miss a drain.
+PERMIT_PATIENCE: Final = 30.0
+
+
 class LogBudget:
     """The log bytes a replica's streams hold at once: read from the store and not yet taken by
     their clients. gRPC's flow control stops a stream whose client does not read, but the response
@@ -55,24 +64,77 @@ class LogBudget:
     size) for as long as the client keeps the stream open: 200 such streams of one user took a
     replica past its memory limit. A stream holds one permit (`max_response_bytes`) from its read
     until its client asked for more; one caller's streams at most a quarter of them, so that one
-    user's stalled streams leave the others theirs. Streams wait their turn."""
+    user's stalled streams leave the others theirs. Streams wait their turn, at most `patience`
+    seconds (RESOURCE_EXHAUSTED: the official CLI reconnects with its offset after 5 s), and a
+    drain (`stop`) ends the wait at once (UNAVAILABLE, as for the streams that read)."""
 
-    def __init__(self, permits: int) -> None:
+    def __init__(self, permits: int, patience: float = PERMIT_PATIENCE) -> None:
         self.permits = max(1, permits)
         self.per_caller = max(1, self.permits // 4)
+        self.patience = patience
         self._all = asyncio.Semaphore(self.permits)
         self._callers: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     @contextlib.asynccontextmanager
-    async def hold(self, caller: str) -> AsyncIterator[None]:
+    async def hold(self, caller: str, offset: int, stop: asyncio.Event) -> AsyncIterator[None]:
         users, mine = self._callers.get(caller) or (0, asyncio.Semaphore(self.per_caller))
         self._callers[caller] = (users + 1, mine)
         try:
-            async with mine, self._all:
+            await self._acquire(mine, offset, stop)
+            try:
                 yield
+            finally:
+                self._all.release()
+                mine.release()
         finally:
             users, mine = self._callers[caller]
             if users > 1:
                 self._callers[caller] = (users - 1, mine)
             else:
                 del self._callers[caller]
+
+    async def _acquire(self, mine: asyncio.Semaphore, offset: int, stop: asyncio.Event) -> None:
+        """Both permits (the caller's, then one of all), or an ApiError (and neither)."""
+
+        async def both() -> None:
+            await mine.acquire()
+            try:
+                await self._all.acquire()
+            except BaseException:
+                mine.release()
+                raise
+
+        if not mine.locked() and not self._all.locked():
+            await both()  # free now: no task, no timer
+            return
+        acquiring = asyncio.ensure_future(both())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait(
+                {acquiring, stopping}, timeout=self.patience, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopping.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquiring
+        if acquiring.cancelled() or acquiring.exception() is not None:
+            if stop.is_set():
+                raise ApiError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the server is restarting; reconnect with offset {offset}",
+                    expected=True,
+                )
+            raise errors.resource_exhausted(
+                f"this server's log streams hold all the log bytes they may ({self.permits} responses) "
+                f"for clients that have not taken them; reconnect later with offset {offset}"
+            )
+        if stop.is_set():  # got them, but the server is restarting: as for a stream that read
+            self._all.release()
+            mine.release()
+            raise ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the server is restarting; reconnect with offset {offset}",
+                expected=True,
+            )
