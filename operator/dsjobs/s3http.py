@@ -336,7 +336,11 @@ class S3Http:
             try:
                 try:
                     conn.request(method, target, body=body or None, headers=signed)
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError as exc:
+                    # A pipe broken or reset under plain HTTP, an SSLEOFError under TLS; a timeout
+                    # is no answer to look for.
+                    if isinstance(exc, TimeoutError):
+                        raise
                     early = _early_answer(conn)
                     if early is None:
                         raise
