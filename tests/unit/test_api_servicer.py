@@ -265,6 +265,39 @@ def test_create_does_not_take_over_a_leftover_password_secret() -> None:
     assert kube.jobs() == []
 
 
+def test_a_keyed_retry_does_not_take_a_leftover_password_secret_either() -> None:
+    # The attempt that met the leftover could not check its owner (no answer): it kept its job
+    # for the key's retry, which took the Secret of the earlier, deleted job as its own.
+    class FlakySecretGet(FakeKube):
+        flaky = False
+
+        async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            if self.flaky and method == "GET" and path.startswith(secrets_path(NAMESPACE) + "/"):
+                self.flaky = False
+                raise KubeError(0, "Unavailable", "no answer in time")
+            return await super().request(method, path, body, **kw)
+
+    kube = FlakySecretGet()
+    core = FakeCore(kube)
+    call(service(core).Create(with_password("old"), ctx(idempotency_key="k1")))
+    [job_id] = kube.jobs()
+    del kube.objects[jobs_path(NAMESPACE, job_id)]  # the Secret stays until the GC comes
+    kube.flaky = True
+    failing(
+        grpc.StatusCode.UNAVAILABLE, service(core).Create(with_password("new"), ctx(idempotency_key="k1"))
+    )
+    err = failing(
+        grpc.StatusCode.UNAVAILABLE, service(core).Create(with_password("new"), ctx(idempotency_key="k1"))
+    )
+    assert "from an earlier attempt is still being removed" in err.message
+    # Once the garbage collector took it, the retry stores the job's own.
+    del kube.objects[secrets_path(NAMESPACE, f"{job_id}-docker-password")]
+    call(service(core).Create(with_password("new"), ctx(idempotency_key="k1")))
+    secret = kube.objects[secrets_path(NAMESPACE, f"{job_id}-docker-password")]
+    owner = secret["metadata"]["ownerReferences"][0]["uid"]
+    assert owner == kube.objects[jobs_path(NAMESPACE, job_id)]["metadata"]["uid"]
+
+
 def test_retry_while_the_failed_attempts_job_is_being_removed_is_unavailable() -> None:
     kube = FakeKube()
     core = FakeCore(kube)

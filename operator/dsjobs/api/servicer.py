@@ -628,7 +628,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             await self.core.kube.request("POST", secrets_path(job.namespace), body=secret)
         except KubeError as exc:
             if exc.status == 409 and exc.reason == "AlreadyExists":
-                if not created or await self._owns_secret(job, name):
+                # Also when this call found the job made before (a retry of its key): the Secret
+                # may be an earlier job's of the name (kept by a call that could not tell), which
+                # the garbage collector is removing, not the one its answer may point at.
+                if await self._owns_secret(job, name):
                     return  # a call with this Idempotency-Key that found the job stored it
                 # Left by an earlier attempt whose job was removed; Kubernetes' garbage collector
                 # deletes it (its owner is gone). Taking it over could keep an older password.
