@@ -448,6 +448,46 @@ def test_a_job_stored_after_its_unanswered_post_was_looked_for_is_removed(misses
     assert kube.methods().count("DELETE") == 1
 
 
+def test_a_job_whose_cleanup_get_got_no_answer_either_is_looked_for_again() -> None:
+    # The API server that lost the POST's answer is slow: the cleanup's GET got none either, and
+    # the job it stored meanwhile stayed CREATING for ever.
+    class SlowServer(LateCommitKube):
+        async def request(self, method: str, path: str, body: Any = None, **kw: Any) -> dict[str, Any]:
+            if method == "GET" and self.pending is not None:
+                stored, self.pending = self.pending, None
+                await FakeKube.request(self, "POST", jobs_path(NAMESPACE), stored)
+                raise KubeError(0, "Unavailable", "no answer in time")
+            return await super().request(method, path, body, **kw)
+
+    async def scenario() -> LateCommitKube:
+        kube = SlowServer(misses=-1)
+        with pytest.raises(ApiError):
+            await service(FakeCore(kube)).Create(create_request(), ctx())
+        await settled()
+        return kube
+
+    kube = asyncio.run(scenario())
+    assert kube.jobs() == [] and kube.methods().count("DELETE") == 1
+
+
+def test_a_shutdown_has_the_cleanups_waiting_to_look_again_look_at_once() -> None:
+    # A recheck asleep for seconds made the shutdown wait out its whole grace and warn that a
+    # job may stay CREATING, usually for one never stored.
+    async def scenario() -> LateCommitKube:
+        kube = LateCommitKube(misses=-1)
+        jobs = service(FakeCore(kube))
+        jobs.unanswered_rechecks = (3600.0, 3600.0)
+        with pytest.raises(ApiError):
+            await jobs.Create(create_request(), ctx())
+        assert len(jobs.cleanups) == 1
+        jobs.hurrying.set()
+        await asyncio.wait_for(asyncio.gather(*jobs.cleanups), 10)  # a hang guard
+        assert not jobs.cleanups  # one last look, and no more scheduled
+        return kube
+
+    assert asyncio.run(scenario()).methods() == ["GET", "GET"]
+
+
 def test_a_job_never_stored_is_looked_for_a_few_times_then_let_be() -> None:
     async def scenario() -> FakeKube:
         kube = LateCommitKube(misses=-1)  # never stored
@@ -490,9 +530,16 @@ def test_failed_removal_of_an_unanswered_job_is_logged_with_the_job(caplog: pyte
         KubeError(0, "Unavailable", "no answer in time"),
         lambda m, p: unavailable if m == "DELETE" else None,
     )
+
+    async def scenario() -> None:
+        with pytest.raises(ApiError):
+            await service(FakeCore(kube)).Create(create_request(), ctx())
+        await settled()  # the deletion is tried again after each recheck: it fails every time
+
     with caplog.at_level(logging.ERROR, logger="dsjobs.api.servicer"):
-        failing(grpc.StatusCode.UNAVAILABLE, service(FakeCore(kube)).Create(create_request(), ctx()))
+        asyncio.run(scenario())
     [job_id] = kube.jobs()
+    assert kube.methods().count("DELETE") == 3
     [record] = caplog.records
     assert job_id in record.getMessage() and getattr(record, "job", None) == job_id
 

@@ -473,6 +473,7 @@ class ApiServer:
         await self.drain()
         if self._jobs_service is not None:
             # Before the cluster client closes: they delete jobs their calls may have left behind.
+            self._jobs_service.hurrying.set()
             await _finish_cleanups(self._jobs_service.cleanups, CLEANUP_GRACE_SECONDS)
         for task in (self._freezer, self._store_check, self._ready):
             if task is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import time
@@ -271,6 +272,8 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         # Cleanups that outlive a cancelled call (see _shielded): referenced until they end.
         self.cleanups: set[asyncio.Task[None]] = set()
         self.unanswered_rechecks: tuple[float, ...] = UNANSWERED_RECHECKS
+        # Set at a shutdown: cleanups waiting to look again look now, and schedule no more.
+        self.hurrying = asyncio.Event()
 
     # Create / Clone ----------------------------------------------------------------------------
 
@@ -537,12 +540,14 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
                 )
             except KubeError as exc:
+                later = self.unanswered_rechecks if rechecks is None else rechecks
+                if (exc.status == 404 or _outcome_unknown(exc)) and later and not self.hurrying.is_set():
+                    # Not stored (yet), or no answer now (the API server that lost the POST's
+                    # answer is slow): looked for again. (A 404 may also be a job gone already.)
+                    again = functools.partial(self._remove_unanswered, namespace, new, later[1:])
+                    self._in_background(later[0], again)
+                    return
                 if exc.status == 404:
-                    # Not stored (yet), or gone already.
-                    later = self.unanswered_rechecks if rechecks is None else rechecks
-                    if later:
-                        again = functools.partial(self._remove_unanswered, namespace, new, later[1:])
-                        self._in_background(later[0], again)
                     return
                 if exc.status == 409:
                     continue  # changed since it was read (the operator's first status): look again
@@ -566,7 +571,10 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         """Run `cleanup()` after `delay` seconds as one of the cleanups (see _shielded)."""
 
         async def later() -> None:
-            await asyncio.sleep(delay)
+            # At a shutdown (`hurry`) at once: a last look within its grace, not a wait that
+            # outlasts it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hurrying.wait(), delay)
             await cleanup()
 
         task = asyncio.ensure_future(later())
