@@ -43,7 +43,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodCondition, PodView, latest_event_message
+from dsjobs.controller.podview import ContainerView, PodCondition, PodView, latest_event_message
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     MAX_FILE_ERRORS_BYTES,
@@ -1594,6 +1594,28 @@ def test_a_stage_in_the_object_store_failed_is_retried_as_infrastructure() -> No
     )
     p = step(job(status=started("PREPARING"), retryPolicy=policy), [failed], res=down)
     assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2  # retried
+    # What the glue has then: no result.json (the store was down), no ship: the stage-in's own
+    # termination message tells it (it was taken for the inputs' fault, never retried).
+    p = step(job(status=started("PREPARING"), retryPolicy=policy), [failed], res=None)
+    assert p.status.phase == JobPhase.PREPARING and p.status.attempt == 2
+    missing = dataclasses.replace(
+        failed,
+        init_containers=(
+            ContainerView.from_status(
+                terminated(
+                    "stage-in",
+                    1,
+                    "Error",
+                    result(
+                        None, RunnerStatus.STAGE_IN_FAILED, reason="input a.csv: not in storage"
+                    ).to_json(),
+                )
+            ),
+        ),
+    )
+    assert (
+        step(job(status=started("PREPARING"), retryPolicy=policy), [missing]).status.phase == JobPhase.ERROR
+    )
     p = step(job(status=started("PREPARING")), [failed], res=down)
     finished = get_condition(p.status, "Finished")
     assert (

@@ -644,11 +644,15 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
                 failure=FailureKind.INFRASTRUCTURE if store_down else FailureKind.PERMANENT,
             )
         if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
+            # Its own termination message is the result then: with the store down, result.json
+            # could not be stored, and the ship never ran.
+            staged = _stage_in_result(stage_in)
+            store_down = staged is not None and bool(staged.storage_unavailable)
             return Outcome(
                 JobPhase.ERROR,
-                "StageInFailed",
+                "StorageUnavailable" if store_down else "StageInFailed",
                 f"staging inputs failed: {_stage_in_failure(stage_in)}",
-                failure=FailureKind.PERMANENT,
+                failure=FailureKind.INFRASTRUCTURE if store_down else FailureKind.PERMANENT,
             )
     if result is not None and result.status == RunnerStatus.SETUP_FAILED:
         return Outcome(
@@ -748,17 +752,24 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
 _STOP_EXIT_CODES: Final = frozenset({128 + 15, 128 + 9})
 
 
+def _stage_in_result(container: ContainerView) -> RunnerResult | ResultPointer | None:
+    """The runner result in a stage-in's termination message (the Python stage-in writes one)."""
+    text = container.message or ""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return parse_termination_message(text)
+    except ValueError:
+        return None
+
+
 def _stage_in_failure(container: ContainerView) -> str:
     """What a failed stage-in said: the reason of its runner result (the Python stage-in), else its
     termination message as is (the shell stage-in's stderr), else how it ended."""
+    parsed = _stage_in_result(container)
+    if parsed is not None and parsed.reason:
+        return parsed.reason
     text = container.message or ""
-    if text.lstrip().startswith("{"):
-        try:
-            parsed = parse_termination_message(text)
-        except ValueError:
-            parsed = None
-        if parsed is not None and parsed.reason:
-            return parsed.reason
     return text.strip() or container.reason or f"exit code {container.exit_code}"
 
 
