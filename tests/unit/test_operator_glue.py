@@ -1,7 +1,7 @@
 """The operator glue's own bookkeeping (handlers.Operator) between watch events and the plan.
 
-No Kubernetes calls happen on these paths: the operator's caches are filled by hand as its watch
-handlers would fill them.
+No Kubernetes API is involved: the operator's caches are filled by hand as its watch handlers
+would fill them, and the few calls a path makes are answered by stand-ins in the test.
 """
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+import pytest
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, running, started, step, terminated
 
 from dsjobs.controller.handlers import Operator, _current_pod
@@ -19,6 +23,7 @@ from dsjobs.models import JobPhase
 from dsjobs.runner.result import OutputResult
 
 KEY = ("project-a", "job-1")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_pod_deleted_before_the_cache_saw_it_is_seen_gone() -> None:
@@ -107,6 +112,8 @@ def test_a_created_pod_no_watch_event_showed_and_the_resync_misses_is_gone() -> 
 
         async def get(self, resource: str, path: str) -> None:
             looked_up.append(path)
+            if len(looked_up) == 1:
+                raise ConnectionResetError("the API server's answer was lost")
             return None  # nor does a GET: it is gone
 
     async def reconcile(key: tuple[str, str]) -> None:
@@ -118,9 +125,11 @@ def test_a_created_pod_no_watch_event_showed_and_the_resync_misses_is_gone() -> 
     op.kube = Kube()  # type: ignore[assignment]
     op.reconcile = reconcile  # type: ignore[method-assign]
     op.warm_up = warm_up  # type: ignore[method-assign]
+    # A GET that fails tells nothing: the pod stays to be looked up by the next resync.
+    assert asyncio.run(op.resync_pods()) == 0 and KEY in op._fresh
     assert asyncio.run(op.resync_pods()) == 1
     assert KEY not in op._fresh and op._gone[KEY]["job-1-a1"].gone
-    assert looked_up == ["/api/v1/namespaces/project-a/pods/job-1-a1"] and reconciled == [KEY]
+    assert looked_up == ["/api/v1/namespaces/project-a/pods/job-1-a1"] * 2 and reconciled == [KEY, KEY]
     j = job(status=started("PREPARING"))
     assert step(j, asyncio.run(op._pods_of(KEY, j))).status.phase == JobPhase.ERROR
 
@@ -238,3 +247,77 @@ def test_a_forced_cancel_is_told_to_the_runner_once_or_else_the_pod_goes_with_1s
     assert asyncio.run(told_by(True)) == (1, [])
     # The store did not take the word: the program must stop all the same (its logs may be lost).
     assert asyncio.run(told_by(False)) == (1, [("job-1-a1", 1)])
+
+
+@pytest.mark.parametrize("pod_there", [True, False])
+def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_there: bool) -> None:
+    # The runner Secret was there already (409): a replica that took over made it and its pod,
+    # whose runner may be writing under the prefix (not cleared); or this operator made it before
+    # a restart, and no pod exists yet (cleared, as a first try would).
+    import yaml
+
+    from dsjobs.controller.jobstore import JobStore
+    from dsjobs.controller.plan import CreatePod, JobView, plan
+    from dsjobs.controller.settings import OperatorSettings
+
+    docs = yaml.safe_load_all((REPO / "deploy" / "base" / "instancetypes.yaml").read_text())
+    instance_type = next(d for d in docs if d and d.get("kind") == "InstanceType")
+    instance_type.setdefault("metadata", {})["resourceVersion"] = "5"
+    body = {
+        "metadata": {
+            "name": "job-1",
+            "namespace": "project-a",
+            "uid": "uid-1",
+            "resourceVersion": "100",
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "finalizers": ["dsjobs.dev/cleanup"],
+            "labels": {"dsjobs.dev/project-id": "proj-a", "dsjobs.dev/job-id": "job-1"},
+        },
+        "spec": {
+            "projectId": "proj-a",
+            "execute": True,
+            "jobParameters": {
+                "cmd": "true",
+                "cloudInstanceTypes": [{"name": instance_type["metadata"]["name"]}],
+            },
+        },
+        "status": {"phase": "CREATING", "createdAt": "2026-01-01T00:00:00Z"},
+    }
+
+    class Kube:
+        async def create(self, resource: str, path: str, obj: dict[str, Any]) -> None:
+            return None  # every object is there already
+
+        async def get(self, resource: str, path: str) -> dict[str, Any] | None:
+            if resource != "pods" or not pod_there:
+                return None
+            meta = {
+                "name": path.rsplit("/", 1)[1],
+                "uid": "pod-uid",
+                "labels": {"dsjobs.dev/job-id": "job-1", "dsjobs.dev/attempt": "1"},
+                "ownerReferences": [
+                    {"uid": "uid-1", "kind": "ProjectJob", "name": "job-1", "controller": True}
+                ],
+                "creationTimestamp": "2026-01-01T00:00:20Z",
+            }
+            return {"metadata": meta, "spec": {}, "status": {"phase": "Running"}}
+
+        async def list(self, *args: object, **kw: object) -> list[dict[str, Any]]:
+            return []
+
+    decided: list[bool] = []
+
+    class Store(JobStore):
+        async def clear_leftovers(self, job: JobView, project_id: str, first: Any) -> None:
+            decided.append(await first)
+
+    op = Operator(OperatorSettings(), environ={})
+    op.kube = Kube()  # type: ignore[assignment]
+    op.store = Store({})
+    op.instance_types.apply(instance_type, deleted=False)
+    job = JobView.from_body(body)
+    now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+    planned = plan(job, [], op.instance_types.catalog(), None, now, op.settings)
+    action = next(a for a in planned.actions if isinstance(a, CreatePod))
+    asyncio.run(op._create_pod(job, planned.spec, action, planned.status, now))
+    assert decided == [not pod_there]

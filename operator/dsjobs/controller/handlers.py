@@ -418,18 +418,32 @@ class Operator:
         async for page in self._job_pod_pages(background=True):
             listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
         vanished = self.pods.vanished(before, listed)
-        for key, view in fresh_before.items():
-            if view.uid and view.uid not in listed and self._fresh.get(key) is view:
-                self._fresh.pop(key, None)
-                vanished.append((key, dataclasses.replace(view, gone=True)))
+        unseen = [
+            (key, dataclasses.replace(view, gone=True))
+            for key, view in fresh_before.items()
+            if view.uid and view.uid not in listed and self._fresh.get(key) is view
+        ]
         gone = 0
-        for key, view in vanished:
-            if await self._still_there(key, {"metadata": {"name": view.name, "uid": view.uid}}):
+        for key, view in [*vanished, *unseen]:
+            body = {"metadata": {"name": view.name, "uid": view.uid}}
+            if (key, view) in unseen:
+                # Still `_fresh` until known gone: a GET that fails leaves it for the next resync.
+                try:
+                    there = await self._still_there(key, body)
+                except Exception as exc:
+                    jlog(logging.WARNING, key, "pod %s could not be looked up: %r", view.name, exc)
+                    continue
+                if self._fresh.get(key) is fresh_before[key]:
+                    self._fresh.pop(key, None)
+            else:
+                # Out of the cache already: a failed GET is taken as the deletion it looks like.
+                there = await self._still_there_or_gone(key, body)
+            if there:
                 continue
             jlog(logging.INFO, key, "pod %s was deleted while the pod watch was away", view.name)
             self._gone[key][view.name] = view
             gone += 1
-        for key in {key for key, _ in vanished}:
+        for key in {key for key, _ in [*vanished, *unseen]}:
             await self.reconcile(key)
         return gone
 
@@ -1263,6 +1277,13 @@ class Operator:
             creating_pod = False
             try:
                 made = await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+                if made is None and clearing is not None:
+                    # There already: this operator's before a restart, or a POST retried after
+                    # its answer was lost, as well as a replica's that took over. Only the last
+                    # may have a runner writing: its pod exists.
+                    name = pod["metadata"]["name"]
+                    there = await self.kube.get("pods", core_path(ns, "pods", name))
+                    made = None if there is not None or self.standing_down else secret
                 secret_made.set_result(made is not None)
                 if clearing is not None:
                     await clearing

@@ -210,9 +210,10 @@ class JobStore:
         own (continue the log stream after them, read that result.json), so they go first.
         Best effort: a store that does not answer now is the stage-in's to wait out.
 
-        Deleted only once `first` says this call made the attempt's runner Secret (not there
-        before): else another actor got there first, a replica that took over while this one
-        was stalled, whose pod's runner may already be writing under the prefix."""
+        Deleted only once `first` says so: this call made the attempt's runner Secret, or found
+        it without the attempt's pod (its own of before a restart); else another actor got there
+        first, a replica that took over while this one was stalled, whose pod's runner may
+        already be writing under the prefix."""
         full = self.client()
         storage = self._client_with(LEFTOVER_CHECK_TIMEOUT, 1)
         if full is None or storage is None:
