@@ -150,8 +150,10 @@ class _Prefixes:
 
     def __init__(self) -> None:
         self.deleted: list[str] = []
+        self.checked = threading.Event()
 
     def first_keys(self, prefix: str) -> list[str]:
+        self.checked.set()
         return [f"{prefix}logs/chunks/000000000000"]
 
     def delete_prefix(self, prefix: str) -> int:
@@ -172,7 +174,8 @@ def test_leftovers_are_deleted_only_by_the_maker_of_the_attempt_s_runner_secret(
     async def scenario() -> None:
         first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         clearing = asyncio.ensure_future(store.clear_leftovers(JOB, "p1", first))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(stub.checked.wait, 10)  # a hang guard
+        await asyncio.sleep(0)
         assert stub.deleted == []  # the check ran; the deletion waits for the Secret's answer
         first.set_result(made_here)
         await clearing

@@ -258,23 +258,42 @@ def test_a_new_spec_field_defaults_to_none() -> None:
     # before it ends every such job not yet started InvalidSpec ("is not a field this version of
     # dsjobs knows"). A field added after these must default to None (absent), or come with a
     # note in docs/admin.md's Upgrade on how to roll back.
+    # Every optional object present, with only what it must have: the rest is what is written.
     params = {
         "cmd": "x",
         "inputFiles": [{"desc": {"path": "a"}, "sha256": "0" * 64, "sizeBytes": 1}],
         "outputFiles": [{"path": "o"}],
         "arguments": [{"name": "A", "value": "v"}],
         "outputDatasets": [{"name": "d", "var": "D", "sizeGb": 1}],
-        "env": {"vars": {}, "pythonEnv": {"condaYaml": "name: x"}},
+        "env": {
+            "vars": {},
+            "dockerImageSpec": {"imageUrl": "x"},
+            "pythonEnv": {"condaYaml": "name: x", "pipOptions": {}},
+        },
+        "extendedWorkingStorage": {"sizeGb": 100},
+        "gracefulShutdownParameters": {},
+        "sparkParameters": {"connectorId": "c"},
     }
-    written = m.ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": params}).to_cr()
+    spec = {"projectId": "p", "jobParameters": params, "retryPolicy": {}, "cancel": {}}
+    written = m.ProjectJobSpec.model_validate(spec).to_cr()
     assert _paths(written) == {
         "clearData", "config", "createdById", "dataTtl", "desc", "execute", "finalized", "name",
         "parentJobId", "projectId",
+        "cancel.graceful", "cancel.reason",
+        "retryPolicy.backoffSeconds", "retryPolicy.maxAttempts", "retryPolicy.retryOnExitCodes",
         "jobParameters.arguments[].name", "jobParameters.arguments[].value",
         "jobParameters.attachProjectDisk", "jobParameters.cloudInstanceTypes", "jobParameters.cmd",
         "jobParameters.datasetIds", "jobParameters.s3MountIds", "jobParameters.env.vars",
+        "jobParameters.env.dockerImageSpec.imageUrl", "jobParameters.env.dockerImageSpec.username",
         "jobParameters.env.pythonEnv.condaYaml", "jobParameters.env.pythonEnv.localModules",
         "jobParameters.env.pythonEnv.pythonVersion", "jobParameters.env.pythonEnv.requirements",
+        "jobParameters.env.pythonEnv.pipOptions.extraIndexUrls",
+        "jobParameters.env.pythonEnv.pipOptions.indexUrl",
+        "jobParameters.env.pythonEnv.pipOptions.noDeps",
+        "jobParameters.env.pythonEnv.pipOptions.trustedHosts",
+        "jobParameters.extendedWorkingStorage.sizeGb", "jobParameters.extendedWorkingStorage.type",
+        "jobParameters.gracefulShutdownParameters.signal",
+        "jobParameters.sparkParameters.connectorId",
         "jobParameters.inputFiles[].compressionType", "jobParameters.inputFiles[].desc.path",
         "jobParameters.inputFiles[].desc.var", "jobParameters.inputFiles[].sha256",
         "jobParameters.inputFiles[].sizeBytes",

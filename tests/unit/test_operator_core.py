@@ -316,30 +316,25 @@ def test_the_inputs_to_delete_are_decided_once_the_job_s_prefix_is_gone() -> Non
     assert deleted == ["projects/p/jobs/me/", f"projects/p/inputs/{B}"]
 
 
-def test_deletions_that_hang_leave_the_short_store_calls_their_threads() -> None:
-    # A store that stops answering holds each deletion for minutes: a batch of them (more than
-    # the loop's default executor has threads) made a forced cancel's word to the runner, a
-    # result's read and the storage check wait behind them.
-    release = threading.Event()
+def test_deletions_run_in_threads_of_their_own() -> None:
+    # A store that stops answering holds each deletion for minutes: in the loop's default
+    # executor a batch of them made a forced cancel's word to the runner, a result's read and the
+    # storage check wait behind them.
+    threads: list[str] = []
 
     class Store:
         def delete_prefix(self, prefix: str) -> int:
-            release.wait(30)
+            threads.append(threading.current_thread().name)
             return 0
 
-    async def scenario() -> bool:
-        clears = [
-            asyncio.ensure_future(delete_job_data(Store(), "p", f"j{i}", list, with_inputs=False))  # type: ignore[arg-type]
-            for i in range(40)
-        ]
-        await asyncio.sleep(0.1)
-        try:
-            return await asyncio.wait_for(asyncio.to_thread(lambda: True), timeout=5)
-        finally:
-            release.set()
-            await asyncio.gather(*clears)
+        def delete(self, key: str) -> None:
+            threads.append(threading.current_thread().name)
 
-    assert asyncio.run(scenario())
+    refs = InputRefs()
+    refs.update(("ns", "me"), _job("me", [A]))
+    unused = lambda: refs.unused(("ns", "me"), "p", [A])  # noqa: E731
+    asyncio.run(delete_job_data(Store(), "p", "me", unused))  # type: ignore[arg-type]
+    assert len(threads) == 2 and all(t.startswith("dsjobs-deletion") for t in threads), threads
 
 
 def test_each_input_is_asked_about_again_just_before_it_is_deleted() -> None:
