@@ -337,9 +337,10 @@ class S3Http:
                 try:
                     conn.request(method, target, body=body or None, headers=signed)
                 except OSError as exc:
-                    # A pipe broken or reset under plain HTTP, an SSLEOFError under TLS; a timeout
-                    # is no answer to look for.
-                    if isinstance(exc, TimeoutError):
+                    # A pipe broken or reset under plain HTTP, an SSLEOFError under TLS; a timeout,
+                    # or a connection never made (a name that did not resolve), is no answer to
+                    # look for.
+                    if isinstance(exc, TimeoutError) or conn.sock is None:
                         raise
                     early = _early_answer(conn)
                     if early is None:
