@@ -366,3 +366,34 @@ def test_the_crd_path_rule_refuses_what_the_validator_refuses(path: str) -> None
 def test_the_crd_path_rule_and_the_validator_agree(path: str) -> None:
     # The CEL rule (RE2) is the validator's rule for kubectl users: the same paths, both ways.
     assert (re.search(ESCAPING_PATH_PATTERN, path) is not None) == (escape_problem(path) is not None)
+
+
+#: CEL's reserved words: a field of one of these names is `__name__` in a rule. Kubernetes takes
+#: the plain name only from 1.32 (compatibility version 1.31); before, the CRD or policy is refused
+#: ("undefined field 'var'"), and dsjobs claims 1.30.
+CEL_RESERVED: tuple[str, ...] = (
+    "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function",
+    "if", "import", "let", "loop", "package", "namespace", "return", "var", "void", "while",
+)  # fmt: skip
+_SELECTS_RESERVED = re.compile(r"\.(" + "|".join(CEL_RESERVED) + r")\b")
+
+
+def _cel_expressions(doc: object) -> list[str]:
+    """Every CEL expression of a CRD or admission policy document (rules, messages, conditions)."""
+    if isinstance(doc, list):
+        return [e for item in doc for e in _cel_expressions(item)]
+    if not isinstance(doc, dict):
+        return []
+    found = [str(v) for k, v in doc.items() if k in ("rule", "messageExpression", "expression")]
+    return found + [e for v in doc.values() for e in _cel_expressions(v)]
+
+
+def test_no_cel_expression_selects_a_reserved_word_unescaped() -> None:
+    files = [*(REPO / "crds").glob("*.yaml"), REPO / "deploy" / "base" / "admission.yaml"]
+    expressions = [
+        e for f in files for d in yaml.safe_load_all(f.read_text()) if d for e in _cel_expressions(d)
+    ]
+    assert len(expressions) > 20  # the files' rules were found
+    # String literals may say anything: only what is outside quotes selects fields.
+    unquoted = [(e, re.sub(r"'(?:[^'\\]|\\.)*'", "''", e)) for e in expressions]
+    assert [e for e, code in unquoted if _SELECTS_RESERVED.search(code)] == []

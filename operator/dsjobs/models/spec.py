@@ -65,8 +65,12 @@ LabelValue = Annotated[str, Field(json_schema_extra={"maxLength": 63})]
 _RELATIVE = "!{p}.matches(r'" + ESCAPING_PATH_PATTERN + "')"
 # On each entry rather than the list, so that the API server's error names the entry
 # (`spec.jobParameters.outputFiles[2]`).
-_INPUT_PATH_RULE = "(has(self.desc.var) && self.desc.var != '') || " + _RELATIVE.format(p="self.desc.path")
-_OUTPUT_PATH_RULE = "(has(self.var) && self.var != '') || " + _RELATIVE.format(p="self.path")
+# `var` is a CEL reserved word: its field is `__var__` in a rule. The plain name compiles only
+# from Kubernetes 1.32 (compatibility version 1.31); before that the whole CRD was refused.
+_INPUT_PATH_RULE = "(has(self.desc.__var__) && self.desc.__var__ != '') || " + _RELATIVE.format(
+    p="self.desc.path"
+)
+_OUTPUT_PATH_RULE = "(has(self.__var__) && self.__var__ != '') || " + _RELATIVE.format(p="self.path")
 _PATHS_MESSAGE = (
     "a path without var must be relative to the working directory: no leading '/' or '\\', no drive "
     "like 'C:', no '..' segment ('/' and '\\' both separate segments)"
