@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -448,3 +449,28 @@ def test_a_stream_waiting_for_a_permit_is_told_to_come_back_and_ends_at_a_drain(
     told = asyncio.run(scenario())
     assert told[0][0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "reconnect later with offset 42" in told[0][1]
     assert told[1] == (grpc.StatusCode.UNAVAILABLE, "the server is restarting; reconnect with offset 42")
+
+
+def test_a_stream_cancelled_while_it_waits_for_a_permit_keeps_none() -> None:
+    async def scenario() -> None:
+        budget = LogBudget(2)  # 2 in all, 1 per caller
+        stop = asyncio.Event()
+        entered = asyncio.Event()
+
+        async def waiter() -> None:
+            async with budget.hold("u", 0, stop):
+                entered.set()
+
+        async with budget.hold("u", 0, stop):
+            waiting = asyncio.ensure_future(waiter())
+            await asyncio.sleep(0)
+            waiting.cancel()  # its client went while it waited
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+        assert not entered.is_set() and not budget._callers
+        # Both permits are free: two callers get one each at once, with no wait to be cut short.
+        budget.patience = 0.0
+        async with budget.hold("u", 0, stop), budget.hold("v", 0, stop):
+            pass
+
+    asyncio.run(scenario())

@@ -109,17 +109,26 @@ class LogBudget:
             return
         acquiring = asyncio.ensure_future(both())
         stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait(
-                {acquiring, stopping}, timeout=self.patience, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
+
+        async def settled() -> bool:
+            """Whether the permits were got; the waits are over either way."""
             stopping.cancel()
             if not acquiring.done():
                 acquiring.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await acquiring
-        if acquiring.cancelled() or acquiring.exception() is not None:
+            return not acquiring.cancelled() and acquiring.exception() is None
+
+        try:
+            await asyncio.wait(
+                {acquiring, stopping}, timeout=self.patience, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # the stream was cancelled meanwhile: nothing may stay held
+            if await settled():
+                self._all.release()
+                mine.release()
+            raise
+        if not await settled():
             if stop.is_set():
                 raise ApiError(
                     grpc.StatusCode.UNAVAILABLE,
