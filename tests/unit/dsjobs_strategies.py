@@ -71,6 +71,12 @@ def _none_inside_another(paths: list[str]) -> bool:
     return not any(q.startswith(p + "/") for p in places for q in places)
 
 
+def _none_inside(outputs: list[str], inputs: list[str]) -> bool:
+    """No output placed inside an input (`output-in-input-file`, for a file input)."""
+    places = [m.normalize_relative_path(p) for p in inputs]
+    return not any(m.normalize_relative_path(o).startswith(p + "/") for o in outputs for p in places)
+
+
 @st.composite
 def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobParameters:
     """Valid JobParameters: unique vars, safe paths, declared `${...}` references only."""
@@ -95,9 +101,9 @@ def job_parameters(draw: st.DrawFn, *, with_secret_ref: bool = True) -> m.JobPar
     ]
     n_out = draw(st.integers(0, 3))
     out_paths = draw(
-        st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_out, max_size=n_out).filter(
-            _none_inside_another
-        )
+        st.lists(safe_paths, unique_by=m.normalize_relative_path, min_size=n_out, max_size=n_out)
+        .filter(_none_inside_another)
+        .filter(lambda outs: _none_inside(outs, in_paths))
     )
     outputs = [m.FileDesc(path=p, var=next(pool) if draw(st.booleans()) else "") for p in out_paths]
     ids = [i for i in draw(st.lists(resource_ids, unique=True, max_size=4)) if i not in names]
