@@ -328,8 +328,15 @@ DSJOBS_TEES=''
 DSJOBS_PY=''
 DSJOBS_SETSID=0
 DSJOBS_SYSLOG_TO=$DSJOBS_SYSLOG
+DSJOBS_SYSLOG_FD=''
 
 dsjobs_log() {
+  # Once the program runs, through the log as it was when it started (fd 8): the program may
+  # replace it by a FIFO between a check of the path and its open, which would wait for good.
+  if [ "$DSJOBS_SYSLOG_FD" = 8 ]; then
+    { printf '%s entry: %s\n' "$(date -u '+%Y-%m-%dT%H:%M:%SZ' 2>/dev/null)" "$*" >&8; } 2>/dev/null
+    return 0
+  fi
   # The group's 2>/dev/null applies first: a log that cannot be opened costs the line, silently.
   # Only a regular file (or /dev/null): the job can replace the log by a FIFO, whose open would
   # wait for a reader for good.
@@ -592,7 +599,10 @@ fi
 DSJOBS_PHASE=run
 DSJOBS_FORKED=$DSJOBS_RUN/program.forked
 rm -f "$DSJOBS_FORKED" 2>/dev/null
-( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" 9>&- &
+if [ -f "$DSJOBS_SYSLOG_TO" ] && { command exec 8>>"$DSJOBS_SYSLOG_TO"; } 2>/dev/null; then
+  DSJOBS_SYSLOG_FD=8
+fi
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" 8>&- 9>&- &
 DSJOBS_PID=$!
 dsjobs_deliver_pending
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
