@@ -151,6 +151,15 @@ def unavailable(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def server_restarting(offset: int) -> ApiError:
+    """What a log stream ended by a drain is told: the official CLI reconnects from `offset`."""
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the server is restarting; reconnect with offset {offset}",
+        expected=True,
+    )
+
+
 def resource_exhausted(message: str) -> ApiError:
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, expected=True)
 

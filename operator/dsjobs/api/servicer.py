@@ -1205,18 +1205,12 @@ async def follow_logs(
     interval = settings.log_poll_interval
     allowed_at = time.monotonic()
     while True:
-        if still_allowed is not None and time.monotonic() - allowed_at >= JOB_RECHECK_SECONDS:
-            await still_allowed()
-            allowed_at = time.monotonic()
         if core.draining.is_set():
-            raise ApiError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the server is restarting; reconnect with offset {offset}",
-                expected=True,
-            )
+            raise errors.server_restarting(offset)
         async with core.log_budget.hold(caller, offset, core.draining):
+            # Asked once the permit is here, just before a read: it may have been long in coming.
             if still_allowed is not None and time.monotonic() - allowed_at >= JOB_RECHECK_SECONDS:
-                await still_allowed()  # the permit may have been long in coming
+                await still_allowed()
                 allowed_at = time.monotonic()
             try:
                 result = await core.log_io(

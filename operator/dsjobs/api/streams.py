@@ -14,10 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Final
 
-import grpc
-
 from dsjobs.api import errors
-from dsjobs.api.errors import ApiError
 
 
 class StreamSlots:
@@ -130,11 +127,7 @@ class LogBudget:
             raise
         if not await settled():
             if stop.is_set():
-                raise ApiError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the server is restarting; reconnect with offset {offset}",
-                    expected=True,
-                )
+                raise errors.server_restarting(offset)
             raise errors.resource_exhausted(
                 f"this server's log streams hold all the log bytes they may ({self.permits} responses) "
                 f"for clients that have not taken them; reconnect later with offset {offset}"
@@ -142,8 +135,4 @@ class LogBudget:
         if stop.is_set():  # got them, but the server is restarting: as for a stream that read
             self._all.release()
             mine.release()
-            raise ApiError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the server is restarting; reconnect with offset {offset}",
-                expected=True,
-            )
+            raise errors.server_restarting(offset)

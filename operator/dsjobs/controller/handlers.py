@@ -417,16 +417,16 @@ class Operator:
         listed: set[str] = set()
         async for page in self._job_pod_pages(background=True):
             listed.update(str((p.get("metadata") or {}).get("uid", "")) for p in page)
-        vanished = self.pods.vanished(before, listed)
-        unseen = [
-            (key, dataclasses.replace(view, gone=True))
+        # (key, pod, whether it is a `_fresh` one)
+        candidates = [(key, view, False) for key, view in self.pods.vanished(before, listed)] + [
+            (key, dataclasses.replace(view, gone=True), True)
             for key, view in fresh_before.items()
             if view.uid and view.uid not in listed and self._fresh.get(key) is view
         ]
         gone = 0
-        for key, view in [*vanished, *unseen]:
+        for key, view, fresh in candidates:
             body = {"metadata": {"name": view.name, "uid": view.uid}}
-            if (key, view) in unseen:
+            if fresh:
                 # Still `_fresh` until known gone: a GET that fails leaves it for the next resync.
                 try:
                     there = await self._still_there(key, body)
@@ -443,7 +443,7 @@ class Operator:
             jlog(logging.INFO, key, "pod %s was deleted while the pod watch was away", view.name)
             self._gone[key][view.name] = view
             gone += 1
-        for key in {key for key, _ in [*vanished, *unseen]}:
+        for key in {key for key, _, _ in candidates}:
             await self.reconcile(key)
         return gone
 
@@ -1276,15 +1276,15 @@ class Operator:
             # for it for ever, and deleting it again would reuse its name for the next try.
             creating_pod = False
             try:
-                made = await self.kube.create("secrets", core_path(ns, "secrets"), secret)
-                if made is None and clearing is not None:
+                made_here = await self.kube.create("secrets", core_path(ns, "secrets"), secret) is not None
+                if not made_here and clearing is not None:
                     # There already: this operator's before a restart, or a POST retried after
                     # its answer was lost, as well as a replica's that took over. Only the last
                     # may have a runner writing: its pod exists.
                     name = pod["metadata"]["name"]
                     there = await self.kube.get("pods", core_path(ns, "pods", name))
-                    made = None if there is not None or self.standing_down else secret
-                secret_made.set_result(made is not None)
+                    made_here = there is None and not self.standing_down
+                secret_made.set_result(made_here)
                 if clearing is not None:
                     await clearing
                 creating_pod = True
