@@ -249,16 +249,12 @@ def test_a_forced_cancel_is_told_to_the_runner_once_or_else_the_pod_goes_with_1s
     assert asyncio.run(told_by(False)) == (1, [("job-1-a1", 1)])
 
 
-@pytest.mark.parametrize("pod_there", [True, False])
-def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_there: bool) -> None:
-    # The runner Secret was there already (409): a replica that took over made it and its pod,
-    # whose runner may be writing under the prefix (not cleared); or this operator made it before
-    # a restart, and no pod exists yet (cleared, as a first try would).
+def _pod_step(op: Operator, attempt: int = 1) -> tuple[Any, Any, Any, Any, datetime]:
+    """A job of the catalog's first InstanceType, planned to its pod: (job, spec, CreatePod,
+    status, now) for `op._create_pod`."""
     import yaml
 
-    from dsjobs.controller.jobstore import JobStore
     from dsjobs.controller.plan import CreatePod, JobView, plan
-    from dsjobs.controller.settings import OperatorSettings
 
     docs = yaml.safe_load_all((REPO / "deploy" / "base" / "instancetypes.yaml").read_text())
     instance_type = next(d for d in docs if d and d.get("kind") == "InstanceType")
@@ -283,6 +279,21 @@ def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_the
         },
         "status": {"phase": "CREATING", "createdAt": "2026-01-01T00:00:00Z"},
     }
+    op.instance_types.apply(instance_type, deleted=False)
+    job = JobView.from_body(body)
+    now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
+    planned = plan(job, [], op.instance_types.catalog(), None, now, op.settings)
+    action = next(a for a in planned.actions if isinstance(a, CreatePod))
+    return job, planned.spec, dataclasses.replace(action, attempt=attempt), planned.status, now
+
+
+@pytest.mark.parametrize("pod_there", [True, False])
+def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_there: bool) -> None:
+    # The runner Secret was there already (409): a replica that took over made it and its pod,
+    # whose runner may be writing under the prefix (not cleared); or this operator made it before
+    # a restart, and no pod exists yet (cleared, as a first try would).
+    from dsjobs.controller.jobstore import JobStore
+    from dsjobs.controller.settings import OperatorSettings
 
     class Kube:
         async def create(self, resource: str, path: str, obj: dict[str, Any]) -> None:
@@ -308,16 +319,52 @@ def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_the
     decided: list[bool] = []
 
     class Store(JobStore):
-        async def clear_leftovers(self, job: JobView, project_id: str, first: Any) -> None:
+        async def clear_leftovers(self, job: Any, project_id: str, first: Any) -> None:
             decided.append(await first)
 
     op = Operator(OperatorSettings(), environ={})
     op.kube = Kube()  # type: ignore[assignment]
     op.store = Store({})
-    op.instance_types.apply(instance_type, deleted=False)
-    job = JobView.from_body(body)
-    now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
-    planned = plan(job, [], op.instance_types.catalog(), None, now, op.settings)
-    action = next(a for a in planned.actions if isinstance(a, CreatePod))
-    asyncio.run(op._create_pod(job, planned.spec, action, planned.status, now))
+    asyncio.run(op._create_pod(*_pod_step(op)))
     assert decided == [not pod_there]
+
+
+def test_a_refused_pod_takes_only_its_own_attempt_s_secrets_with_it() -> None:
+    # A quota refuses attempt 2's pod: the Secrets made for it go (nothing else would delete them),
+    # those of other attempts stay (a replica acting on another attempt may hold them).
+    from dsjobs.controller.handlers import Refused
+    from dsjobs.controller.kube import Forbidden
+    from dsjobs.controller.settings import OperatorSettings
+
+    calls: list[str] = []
+
+    class Kube:
+        async def create(self, resource: str, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+            calls.append(f"POST {resource} {obj['metadata']['name']}")
+            if resource == "pods":
+                raise Forbidden({"message": "exceeded quota: pods"}, status=403, headers={})  # type: ignore[arg-type]
+            return obj
+
+        async def delete(self, resource: str, path: str, **kw: Any) -> bool:
+            calls.append(f"DELETE {path}")
+            return True
+
+        async def delete_collection(self, resource: str, path: str, selector: str) -> None:
+            calls.append(f"DELETE collection {path}?{selector}")
+
+        async def get(self, resource: str, path: str) -> None:
+            return None
+
+        async def list(self, *args: object, **kw: object) -> list[dict[str, Any]]:
+            return []
+
+    op = Operator(OperatorSettings(), environ={})
+    op.kube = Kube()  # type: ignore[assignment]
+    refused = asyncio.run(op._create_pod(*_pod_step(op, attempt=2)))
+    assert isinstance(refused, Refused) and "exceeded quota" in refused.why
+    assert calls == [
+        "POST secrets job-1-a2-runner",
+        "POST pods job-1-a2",
+        "DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-runner",
+        "DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-registry",
+    ]

@@ -69,6 +69,7 @@ from dsjobs.controller.names import (
     pending_output_datasets_selector,
     pod_name,
     registry_secret_name,
+    runner_secret_name,
     spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
@@ -1263,10 +1264,10 @@ class Operator:
             except Forbidden as exc:
                 # The registry Secret may exist already; the claims made stay for the next try (a
                 # job that ends without its pod deletes them).
-                await self._delete_secrets(job)
+                await self._delete_attempt_secrets(job, action.attempt)
                 return Refused(message_of(exc))
             except Invalid as exc:
-                await self._delete_secrets(job)
+                await self._delete_attempt_secrets(job, action.attempt)
                 await self._delete_dataset_claims(job)
                 why = message_of(exc)
                 return fail(
@@ -1291,7 +1292,7 @@ class Operator:
                 created = await self.kube.create("pods", core_path(ns, "pods"), pod)
             except (Forbidden, Invalid) as exc:
                 # Without the pod nothing would ever delete the Secrets made for it.
-                await self._delete_secrets(job)
+                await self._delete_attempt_secrets(job, action.attempt)
                 why = message_of(exc)
                 if isinstance(exc, Forbidden):
                     return Refused(refusal_hint(why), pod=creating_pod)
@@ -1305,7 +1306,7 @@ class Operator:
                 raw = await self.kube.get("pods", core_path(ns, "pods", name))
                 holder = PodView.from_pod(raw) if raw is not None else None
                 if holder is not None and not holder.owned_by(job.uid, job.created_at):
-                    await self._delete_secrets(job)
+                    await self._delete_attempt_secrets(job, action.attempt)
                     return Refused(_earlier_pod(holder))
             else:
                 self._fresh[(ns, job.name)] = PodView.from_pod(created)
@@ -1319,6 +1320,14 @@ class Operator:
                 secret_made.set_result(False)
             if clearing is not None:
                 await clearing
+
+    async def _delete_attempt_secrets(self, job: JobView, attempt: int) -> None:
+        """The Secrets the operator makes for one attempt's pod (runner config, registry): a pod
+        refused keeps those of other attempts, which a replica acting on a newer one may hold."""
+        assert self.kube is not None
+        pod = pod_name(job.name, attempt)
+        for name in (runner_secret_name(pod), registry_secret_name(pod)):
+            await self.kube.delete("secrets", core_path(job.namespace, "secrets", name))
 
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""
