@@ -45,6 +45,7 @@ from dsjobs.devcluster import ClusterPaths, S3Config, restart
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.procs import Record
 from dsjobs.logrecords import DOCKER_STATS_LOG_PATH, Stream, decode_chunk, read_progress, read_records
+from dsjobs.quantity import parse_quantity
 from dsjobs.runner.contract import WORK_VOLUME
 from dsjobs.runner.entry import DOCKER_STATS_HEADER
 from dsjobs.storage import Storage, input_key, job_prefix
@@ -753,6 +754,34 @@ def test_the_job_s_memory_use_is_told_in_docker_stats(h: H, storage: Storage) ->
     (kept,) = status["diagnosticFiles"]
     assert kept["desc"]["path"] == "docker_stats.tsv"
     assert storage.get_bytes(kept["key"]) == text.encode()
+
+
+def test_the_job_has_a_dev_shm_of_its_own_as_big_as_half_its_memory(h: H) -> None:
+    # PyTorch DataLoader workers and NCCL pass tensors through /dev/shm; a container runtime's
+    # is 64 MiB. The local node binds the pod's volume there, in the container's mount namespace.
+    marker = f"dsjobs-e2e-{uuid.uuid4().hex[:8]}"
+    use = (
+        "python -c 'from multiprocessing import shared_memory as s\n"
+        f'm = s.SharedMemory(create=True, size=100 * 2**20, name="{marker}"); m.buf[-1] = 7\n'
+        f'open("/dev/shm/{marker}.kept", "w").write("x")\n'
+        'import os; print(sorted(os.listdir("/dev/shm")))\n'
+        "m.close(); m.unlink()'"
+    )
+    try:
+        h.create_job("shm", {"cmd": use})
+        status = h.wait_phase("shm", "SUCCESS", "ERROR")
+        assert status["phase"] == "SUCCESS", status
+        (pod,) = h.pods("shm")
+        shm = next(v for v in pod.spec.volumes if v.name == "dsjobs-shm")
+        job = pod.spec.containers[0]
+        assert shm.empty_dir.medium == "Memory"
+        assert parse_quantity(shm.empty_dir.size_limit) * 2 == parse_quantity(job.resources.limits["memory"])
+        assert any(m.name == "dsjobs-shm" and m.mount_path == "/dev/shm" for m in job.volume_mounts)
+        # What the job put there stayed in the pod's volume.
+        assert not os.path.exists(f"/dev/shm/{marker}.kept")
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{marker}.kept")
 
 
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:

@@ -477,11 +477,13 @@ def test_termination_grace() -> None:
     assert podspec.termination_grace_seconds(make_pod([])) == 30
 
 
-def test_empty_dir_limits_are_the_positive_size_limits() -> None:
+def test_empty_dir_limits_are_the_positive_size_limits_of_disk_backed_ones() -> None:
+    # A memory-backed one is a tmpfs of its size under a kubelet: writes past it fail, no eviction.
     pod = {
         "spec": {
             "volumes": [
                 {"name": "work", "emptyDir": {"sizeLimit": "20Gi"}},
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
                 {"name": "shared", "emptyDir": {}},
                 {"name": "zero", "emptyDir": {"sizeLimit": "0"}},
                 {"name": "conf", "configMap": {"name": "c"}},

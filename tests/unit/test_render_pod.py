@@ -48,6 +48,7 @@ from dsjobs.controller.render import (
     runner_config,
     runner_secret,
     secret_size_problem,
+    shm_size_limit,
     user_image,
     working_storage_class_problem,
     working_storage_source,
@@ -63,6 +64,7 @@ from dsjobs.controller.secrets import (
 from dsjobs.controller.settings import OperatorSettings, SettingsError, settings_from_env
 from dsjobs.instancetypes import CATALOG, instance_type_spec
 from dsjobs.models import InstanceTypeSpec, ProjectJobSpec
+from dsjobs.models.instancetype import ResourceRequirements
 from dsjobs.models.limits import RESOURCE_ID_PATTERN
 from dsjobs.runner.contract import stages_in_python
 
@@ -514,6 +516,41 @@ def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     assert working_storage_source(spec(), JOB, SETTINGS, unlimited) == {"emptyDir": {}}
 
 
+def test_the_job_gets_half_its_memory_as_dev_shm() -> None:
+    # Container runtimes give 64 MiB, which PyTorch DataLoader workers and NCCL outgrow.
+    pod = FEATURES["basic_cpu"]
+    shm = next(v for v in pod["spec"]["volumes"] if v["name"] == "dsjobs-shm")
+    assert shm == {"name": "dsjobs-shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}
+    main = next(c for c in pod["spec"]["containers"] if c["name"] == "job")
+    assert {"name": "dsjobs-shm", "mountPath": "/dev/shm"} in main["volumeMounts"]
+    # Only the job's container: the runner's have no use for it.
+    others = [c for c in (*pod["spec"]["containers"], *pod["spec"]["initContainers"]) if c is not main]
+    assert others and all(m["name"] != "dsjobs-shm" for c in others for m in c.get("volumeMounts", []))
+    c14 = TYPES["c1.4"]
+    assert c14.resources.limits["memory"] == "32Gi"
+    assert shm_size_limit(c14) == "16Gi"
+    # The limit, else the request, else what the type advertises; halves in the largest unit.
+    odd = c14.model_copy(update={"resources": ResourceRequirements(requests={"memory": "3G"})})
+    assert shm_size_limit(odd) == "1500000000"
+    bare = c14.model_copy(update={"resources": ResourceRequirements(), "memory": "3Gi"})
+    assert shm_size_limit(bare) == "1536Mi"
+    # Set: as written; 0: the container runtime's own /dev/shm, no volume.
+    assert shm_size_limit(c14.model_copy(update={"shm_size": "2Gi"})) == "2Gi"
+    assert shm_size_limit(c14.model_copy(update={"shm_size": "0"})) is None
+    off = render_pod(
+        JOB,
+        spec(),
+        attempt=1,
+        instance_type_name="c1.4",
+        instance_type_index=0,
+        instance_type=c14.model_copy(update={"shm_size": "0"}),
+        settings=SETTINGS,
+        volumes=Volumes(),
+        image="python:3.11-slim",
+    )
+    assert all(v["name"] != "dsjobs-shm" for v in off["spec"]["volumes"])
+
+
 def _storage_class(name: str, default: str | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if default is not None:
@@ -738,7 +775,8 @@ def test_runner_secret_holds_config_and_storage_only_for_the_runner() -> None:
     assert secret_value(secret, "DSJOBS_S3_ENDPOINT") == "http://s3:9000"
     assert json.loads(secret_value(secret, "runner.json") or "")["attempt"] == 2
     pod = pod_for(spec(), attempt=2)
-    assert pod["spec"]["volumes"][-1]["secret"]["secretName"] == "job-1-a2-runner"
+    secrets = [v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v]
+    assert secrets == ["job-1-a2-runner"]
 
 
 def test_a_runner_secret_over_1_mib_is_refused_naming_the_env() -> None:

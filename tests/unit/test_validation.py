@@ -1003,6 +1003,8 @@ IT_RULES: list[tuple[str, str, str, Mutation, Mutation]] = [
         set_at("workingDirSizeLimit", "0"),
         set_at("workingDirSizeLimit", "20Gi"),
     ),
+    ("shm-size", "shm_size", "g1.1", set_at("shmSize", "-1Gi"), set_at("shmSize", "0")),
+    ("quantity", "shm_size", "g1.1", set_at("shmSize", "big"), set_at("shmSize", "8Gi")),
     (
         "label-key",
         'node_selector["bad key"]',

@@ -48,6 +48,7 @@ from dsjobs.controller.settings import OperatorSettings
 from dsjobs.models import API_VERSION, PROJECTJOB_KIND, InstanceTypeSpec, ProjectJobSpec, job_relative_path
 from dsjobs.models import PythonEnv as PythonEnvSpec
 from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT
+from dsjobs.quantity import parse_quantity
 from dsjobs.runner.config import (
     Compression,
     GracefulShutdown,
@@ -71,6 +72,8 @@ PROJECT_DISK_PATH: Final = "/job/project"
 SPARK_CONFIG_DIR: Final = "/job/.spark"
 SPARK_CONFIG_ENV: Final = "JOB_DATAPROC_CONNECTION_CONFIG"
 SPARK_VOLUME: Final = "dsjobs-spark"
+SHM_VOLUME: Final = "dsjobs-shm"
+SHM_PATH: Final = "/dev/shm"
 WORK_VOLUME_SOURCE_EMPTY: Final[Mapping[str, Any]] = {"emptyDir": {}}
 
 
@@ -407,6 +410,22 @@ def working_storage_class_problem(configured: str, classes: Sequence[Mapping[str
     )
 
 
+def shm_size_limit(instance_type: InstanceTypeSpec) -> str | None:
+    """The sizeLimit of the job container's /dev/shm, or None to leave it to the container runtime
+    (64 MiB there: PyTorch's DataLoader workers die of it with a "Bus error")."""
+    if instance_type.shm_size is not None:
+        return None if parse_quantity(instance_type.shm_size) <= 0 else instance_type.shm_size
+    resources = instance_type.resources
+    memory = resources.limits.get("memory") or resources.requests.get("memory") or instance_type.memory
+    half = int(parse_quantity(memory) / 2)
+    if half <= 0:
+        return None
+    for suffix, unit in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if half % unit == 0:
+            return f"{half // unit}{suffix}"
+    return str(half)
+
+
 def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
     resources: dict[str, Any] = {}
     if instance_type.resources.requests:
@@ -419,7 +438,14 @@ def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
 #: The InstanceType's fields that its pods are made of (render_pod): a change of any other (its
 #: description, the vCPUs it advertises, a field a newer version adds with a default) leaves the
 #: pods waiting for a node as they are.
-_POD_FIELDS: Final = ("nodeSelector", "tolerations", "resources", "priorityClassName", "workingDirSizeLimit")
+_POD_FIELDS: Final = (
+    "nodeSelector",
+    "tolerations",
+    "resources",
+    "priorityClassName",
+    "workingDirSizeLimit",
+    "shmSize",
+)
 #: Marks a digest of those fields; a digest without it (of the whole spec) is an older operator's.
 _POD_DIGEST_PREFIX: Final = "p-"
 
@@ -516,6 +542,11 @@ def render_pod(
             *main["env"],
             {"name": SPARK_CONFIG_ENV, "value": f"{SPARK_CONFIG_DIR}/{SPARK_CONFIG_KEY}"},
         ]
+    shm = shm_size_limit(instance_type)
+    if shm is not None:
+        # Memory-backed, so it counts in the pod's memory as on a machine whose /dev/shm is RAM.
+        pod_volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        main["volumeMounts"] = [*main["volumeMounts"], {"name": SHM_VOLUME, "mountPath": SHM_PATH}]
     pod_spec: dict[str, Any] = {
         "restartPolicy": parts.restart_policy,
         "automountServiceAccountToken": False,
@@ -589,6 +620,7 @@ __all__ = [
     "resolve_volumes",
     "runner_config",
     "runner_secret",
+    "shm_size_limit",
     "user_image",
     "working_storage_source",
 ]

@@ -75,3 +75,10 @@ class InstanceTypeSpec(CRModel):
         "job ends ERROR (WorkingDirFull). Unset: no limit.",
         None,
     )
+    shm_size: Quantity | None = field(
+        "Size of the job container's /dev/shm, a memory-backed emptyDir counted in the pod's memory "
+        "(PyTorch DataLoader workers, NCCL and multiprocessing pass data through it; a container "
+        "runtime's own is 64 MiB). Unset: half the container's memory limit, as a Linux machine's "
+        "/dev/shm; `0`: the container runtime's own.",
+        None,
+    )

@@ -92,6 +92,10 @@ def validate_instance_type(name: str, spec: InstanceTypeSpec) -> list[Problem]:
             c.add(
                 "working_dir_size_limit", "working-dir-size", "must be positive (leave it unset for no limit)"
             )
+    if spec.shm_size is not None:
+        shm = _quantity(c, "shm_size", spec.shm_size)
+        if shm is not None and shm < 0:
+            c.add("shm_size", "shm-size", "must not be negative (0 leaves /dev/shm to the container runtime)")
     return c.problems
 
 

@@ -207,6 +207,7 @@ RULES: dict[str, str] = {
     "url": "pip index URL syntax",
     "host": "pip trusted host syntax",
     "working-dir-size": "instance type working dir size limit not positive",
+    "shm-size": "instance type /dev/shm size negative",
     "instance-type-name": "instance type name syntax (<family>.<size>)",
     "instance-type-duplicate": "an instance type listed twice",
     "instance-type-unknown": "an instance type the cluster does not have",

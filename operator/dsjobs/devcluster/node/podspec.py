@@ -621,11 +621,14 @@ EMPTY_DIR_EVICTION_MESSAGE = 'Usage of EmptyDir volume "{name}" exceeds the limi
 
 
 def empty_dir_limits(pod: Obj) -> dict[str, tuple[Fraction, str]]:
-    """The emptyDir volumes with a positive sizeLimit: name -> (bytes, the limit as written)."""
+    """The disk-backed emptyDir volumes with a positive sizeLimit: name -> (bytes, the limit as
+    written). A memory-backed one is a tmpfs of that size under a kubelet, which a write past it
+    fails (ENOSPC) and no eviction looks at; here it is a directory, left unbounded."""
     limits: dict[str, tuple[Fraction, str]] = {}
     for vol in pod.get("spec", {}).get("volumes") or []:
-        size = (vol.get("emptyDir") or {}).get("sizeLimit")
-        if size is None:
+        empty_dir = vol.get("emptyDir") or {}
+        size = empty_dir.get("sizeLimit")
+        if size is None or empty_dir.get("medium") == "Memory":
             continue
         try:
             value = parse_quantity(size)
