@@ -13,6 +13,7 @@ The operator can be SIGKILLed and restarted (`kill()`, `start()`); its log is ke
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused, poll
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
@@ -111,6 +113,8 @@ class OperatorHarness:
     kubectl_bin: str
     env: dict[str, str]
     log_path: Path
+    #: Where the operator's ServiceAccount and its leader Lease live (as dsjobs-system does).
+    system_namespace: str = ""
     proc: subprocess.Popen[bytes] | None = None
     liveness_port: int = 0
     metrics_port: int = 0
@@ -278,6 +282,70 @@ def _apply_setup(kubectl: Callable[..., str]) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=render_catalog_yaml("local"))
 
 
+OPERATOR_RBAC = REPO_ROOT / "deploy" / "base" / "operator-rbac.yaml"
+ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
+#: The operator's token outlives any run of the module.
+TOKEN_SECONDS = 3 * 3600
+
+
+def _operator_identity(cluster: ClusterHandle, system: str, workdir: Path) -> tuple[Path, str]:
+    """The operator's identity as deployed: a ServiceAccount dsjobs-operator in `system` (labelled
+    dsjobs.dev/system=true, as dsjobs-system) bound to exactly deploy/base/operator-rbac.yaml's
+    ClusterRole and leader Role, and held to deploy/base/admission.yaml. A call the deployment does
+    not grant fails here as in a cluster (run as the admin, the operator once needed a verb its
+    ClusterRole lacked and every test passed). Returns its kubeconfig and ClusterRoleBinding."""
+    api = cluster.api_client
+    core = k8s_client.CoreV1Api(api)
+    rbac = k8s_client.RbacAuthorizationV1Api(api)
+    kubectl = localstack.Kubectl(localstack.find_kubectl(), cluster.kubeconfig)
+    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])
+    core.create_namespace({"metadata": {"name": system, "labels": {"dsjobs.dev/system": "true"}}})
+    core.create_namespaced_service_account(system, {"metadata": {"name": "dsjobs-operator"}})
+    subject = {"kind": "ServiceAccount", "name": "dsjobs-operator", "namespace": system}
+    binding = f"dsjobs-operator-{system}"
+    for doc in yaml.safe_load_all(OPERATOR_RBAC.read_text()):
+        kind = (doc or {}).get("kind")
+        if kind == "ClusterRole":
+            try:
+                rbac.create_cluster_role(doc)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                rbac.replace_cluster_role(doc["metadata"]["name"], doc)
+        elif kind == "ClusterRoleBinding":
+            doc = {**doc, "metadata": {"name": binding}, "subjects": [subject]}
+            rbac.create_cluster_role_binding(doc)
+        elif kind == "Role":
+            rbac.create_namespaced_role(system, {**doc, "metadata": {**doc["metadata"], "namespace": system}})
+        elif kind == "RoleBinding":
+            doc = {**doc, "metadata": {**doc["metadata"], "namespace": system}, "subjects": [subject]}
+            rbac.create_namespaced_role_binding(system, doc)
+    request = k8s_client.AuthenticationV1TokenRequest(
+        spec=k8s_client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
+    )
+    token = core.create_namespaced_service_account_token("dsjobs-operator", system, request).status.token
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    server = dict(admin["clusters"][0]["cluster"])
+    if "certificate-authority" in server:
+        ca = Path(server.pop("certificate-authority")).read_bytes()
+        server["certificate-authority-data"] = base64.b64encode(ca).decode()
+    path = workdir / "operator.kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": server}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
+                "current-context": "operator",
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path, binding
+
+
 @pytest.fixture(scope="module")
 def operator_harness(
     dev_cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory
@@ -285,10 +353,12 @@ def operator_harness(
     if dev_cluster.s3 is None:
         pytest.skip("the operator tests need the cluster's S3 endpoint")
     namespace = f"dsjobs-e2e-op-{uuid.uuid4().hex[:6]}"
+    system = f"{namespace}-system"
+    workdir = tmp_path_factory.mktemp("operator")
     env = {
         **os.environ,
         **dev_cluster.s3.env(),
-        "KUBECONFIG": str(dev_cluster.kubeconfig),
+        "KUBECONFIG": "",  # set once its identity exists (below)
         # Pods stay for inspection after their job ended (Finalize and deletion remove them).
         "DSJOBS_FINISHED_POD_RETENTION": "600",
         "DSJOBS_IMAGE_PULL_TIMEOUT": "15",
@@ -304,11 +374,23 @@ def operator_harness(
         namespace=namespace,
         kubectl_bin=localstack.find_kubectl(),
         env=env,
-        log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+        log_path=workdir / "operator.log",
+        system_namespace=system,
     )
     _apply_setup(harness.kubectl)
-    with deployed_operator_paused(dev_cluster):
-        yield from _run_harness(harness, namespace)
+    rbac = k8s_client.RbacAuthorizationV1Api(dev_cluster.api_client)
+    binding = ""
+    try:
+        kubeconfig, binding = _operator_identity(dev_cluster, system, workdir)
+        env["KUBECONFIG"] = str(kubeconfig)
+        with deployed_operator_paused(dev_cluster):
+            yield from _run_harness(harness, namespace)
+    finally:
+        if binding:
+            with contextlib.suppress(ApiException):
+                rbac.delete_cluster_role_binding(binding)
+        with contextlib.suppress(ApiException):
+            harness.core.delete_namespace(system)
 
 
 def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorHarness]:

@@ -423,6 +423,8 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
     # Cluster-scoped: checked for a job with working storage before its pod.
     assert verbs("dsjobs-operator", "storageclasses") == {"list"}
+    # delete: one attempt's Secrets when its pod is refused; deletecollection: all, once it ended.
+    assert verbs("dsjobs-operator", "secrets") == {"get", "create", "delete", "deletecollection"}
     # A job's namespace: its project label, checked before the job's first pod.
     assert verbs("dsjobs-operator", "namespaces") == {"get"}
     # Events: posted about jobs; a waiting pod's Warning ones listed (claims, mounts).

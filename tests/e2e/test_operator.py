@@ -1593,14 +1593,13 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
     # Two operators elect a leader on a Lease: the standby does nothing until the leader is
     # SIGKILLed, takes over once the Lease has gone unrenewed for its duration, and on SIGTERM
     # hands it back.
-    lease = "e2e-leader"
-    env = {**h.env, "DSJOBS_LEADER_LEASE": f"{h.namespace}/{lease}", "DSJOBS_LEADER_LEASE_SECONDS": "4"}
+    # The Lease the deployment's leader Role grants, in the operator's own namespace.
+    lease, system = "dsjobs-operator", h.system_namespace
+    env = {**h.env, "DSJOBS_LEADER_LEASE": f"{system}/{lease}", "DSJOBS_LEADER_LEASE_SECONDS": "4"}
     replicas = [dataclasses.replace(h, env=env, log_path=tmp_path / f"{n}.log", proc=None) for n in "ab"]
 
     def holder() -> dict[str, Any]:
-        spec = (
-            k8s_client.CoordinationV1Api(h.cluster.api_client).read_namespaced_lease(lease, h.namespace).spec
-        )
+        spec = k8s_client.CoordinationV1Api(h.cluster.api_client).read_namespaced_lease(lease, system).spec
         return {"holderIdentity": spec.holder_identity or "", "leaseTransitions": spec.lease_transitions}
 
     h.kill()
@@ -1630,7 +1629,7 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
         # the leader stops acting at once, by exiting.
         coordination = k8s_client.CoordinationV1Api(h.cluster.api_client)
         stolen = {"spec": {"holderIdentity": "thief", "renewTime": micro_time(datetime.now(UTC))}}
-        coordination.patch_namespaced_lease(lease, h.namespace, stolen)
+        coordination.patch_namespaced_lease(lease, system, stolen)
         assert b.proc is not None and b.proc.wait(timeout=30) == 1
         assert "lost the leadership: the lease is held by thief; exiting" in b.log()
 
