@@ -818,7 +818,7 @@ def test_delete_data_and_delete(api_env: ApiEnv) -> None:
     project = api_env.project_a
     job_id, _ = created_job(api_env)
     c, other = client(api_env), client(api_env, replica=1)
-    c.execute(job_id)
+    eop = c.execute(job_id)
     e = rpc_error(lambda: c.jobs.DeleteData(svc.DeleteProjectJobDataRequest(job_id=job_id), metadata=c.md))
     assert e.code == Code.FAILED_PRECONDITION
     fake_success(api_env, project, job_id, {"o.txt": b"x"})
@@ -845,6 +845,10 @@ def test_delete_data_and_delete(api_env: ApiEnv) -> None:
     assert other.wait_op(dop.id).done
     assert api_env.job_object(project, job_id) is None
     assert rpc_error(lambda: c.get(job_id)).code == Code.NOT_FOUND
+    # Its Execute operation is over (the CLI polls until `done`).
+    gone = other.op(eop.id)
+    assert gone.done and gone.error.code == Code.NOT_FOUND.value[0], gone
+    assert gone.error.message == f"job {job_id} was deleted"
     assert (
         rpc_error(lambda: c.jobs.Delete(svc.DeleteProjectJobRequest(job_id=job_id), metadata=c.md)).code
         == Code.NOT_FOUND

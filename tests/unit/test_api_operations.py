@@ -236,6 +236,19 @@ def test_program_failures_are_results(reason: str) -> None:
     assert op.done and op.response.Unpack(resp) and resp.result.return_code == 137
 
 
+@pytest.mark.parametrize("reason", ["NonZeroExit", "OOMKilled", ""])
+def test_a_failed_job_never_reads_as_a_success(reason: str) -> None:
+    # A status of an older operator (an OOM kill of a child, the program exiting 0) said ERROR with
+    # code 0: the operation said "done, code 0" and the CLI printed a success.
+    conditions = [{"type": "Finished", "status": "False", "reason": reason}] if reason else []
+    status = {"phase": "ERROR", "returnCode": 0, "statusDetails": "it failed", "conditions": conditions}
+    op = execute_op(job(status, execute=True))
+    assert op.done and op.HasField("error") and not op.HasField("response")
+    assert op.error.message == "it failed"
+    if reason == "OOMKilled":
+        assert op.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
 def test_cancelled_job_ends_with_cancelled_error() -> None:
     j = job({"phase": "CANCELLED"}, execute=True, cancel={"reason": "user pressed ctrl-c", "graceful": True})
     op = execute_op(j)

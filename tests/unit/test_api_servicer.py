@@ -1252,6 +1252,28 @@ def test_a_create_operation_s_upload_urls_go_only_to_those_who_may_create_jobs(v
         assert core.auth.verbs == [Verb.GET, Verb.CREATE]
 
 
+@pytest.mark.parametrize("kind", [OpKind.CREATE, OpKind.CLONE, OpKind.EXECUTE])
+def test_an_operation_of_a_deleted_job_is_done_with_not_found(kind: OpKind) -> None:
+    # The official CLI retries every failed poll and stops only at `done`: a NOT_FOUND answer to
+    # the Get itself kept it polling a deleted job's operation for good.
+    core = FakeCore(job=None)
+    op_id = OpRef(kind, PROJECT, "gone1", "u-gone").encode()
+    ops = OperationService(cast(Core, core), service(core))
+    op = call(ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op_id), ctx()))
+    assert op.done and op.id == op_id
+    assert op.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert op.error.message == "job gone1 was deleted"
+    if kind == OpKind.EXECUTE:
+        meta = svc.ExecuteProjectJobMetadata()
+        assert op.metadata.Unpack(meta)
+        # What the CLI reads for its job link and Ctrl-C cancel.
+        assert (meta.job.id, meta.job.project_id) == ("gone1", PROJECT)
+    else:
+        meta_type = svc.CloneProjectJobMetadata if kind == OpKind.CLONE else svc.CreateProjectJobMetadata
+        meta = meta_type()
+        assert op.metadata.Unpack(meta) and meta.job_id == "gone1"
+
+
 def test_operation_of_an_unreachable_project_stays_unavailable() -> None:
     core = FakeCore(
         project_error=errors.unavailable("the cluster is unavailable"), job=source_job(SOURCE_PARAMS)

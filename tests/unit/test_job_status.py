@@ -1295,6 +1295,17 @@ ENDINGS = [
         137,
         "ran out of memory (OOMKilled; the job container's memory limit of instance type c1.4 is 16Gi)",
     ),
+    Ending(  # The kernel killed a process of the job (its cgroup's OOM), the program went on and
+        # exited 0: a successful job, as a program that succeeded is on DataSphere (the operation
+        # said "success, code 0" while the job said ERROR).
+        "a child oom killed, the program succeeded",
+        ended_pod(0, job_reason="OOMKilled", res=result(0)),
+        result(0),
+        "Succeeded",
+        0,
+        "",
+        phase=JobPhase.SUCCESS,
+    ),
     Ending(
         "evicted",
         pod(phase="Failed", node="cpu-0", reason="Evicted", message="The node was low on resource: memory."),

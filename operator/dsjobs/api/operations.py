@@ -276,6 +276,7 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "ContainerCannotRun": grpc.StatusCode.FAILED_PRECONDITION,
     "Unschedulable": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "WorkingDirFull": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "OOMKilled": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "DeadlineExceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "Evicted": grpc.StatusCode.ABORTED,
     "Preempted": grpc.StatusCode.ABORTED,
@@ -348,8 +349,10 @@ def execution_outcome(job: JobSnapshot) -> Outcome:
         return Outcome(done=True, return_code=status.return_code or 0)
     # ERROR: the program ran and failed (a result), or the job never got to run it (an error).
     reason = finished_reason(status)
-    if reason in PROGRAM_REASONS or (not reason and status.return_code is not None):
-        return Outcome(done=True, return_code=status.return_code if status.return_code is not None else 1)
+    code = status.return_code
+    # Never a code 0: the CLI would tell a success of a job that failed.
+    if (reason in PROGRAM_REASONS or (not reason and code is not None)) and code != 0:
+        return Outcome(done=True, return_code=code if code is not None else 1)
     message = details or "the job failed before its command ran"
     return Outcome(done=True, error=_status(failure_code(reason), message))
 
@@ -472,6 +475,28 @@ def is_own_key(job: JobSnapshot, key: str) -> bool:
 
 
 # --- Delete, DeleteData, DeleteAllData ---------------------------------------------------------
+
+
+def gone_job_operation(ref: OpRef, now: datetime) -> operation_pb2.Operation:
+    """A Create, Clone or Execute operation whose job was deleted: done, with NOT_FOUND. An
+    operation outlives its job; answering the Get itself NOT_FOUND left the official CLI polling
+    it for good (it retries every failed poll, and stops only at `done`)."""
+    metadata: Message
+    if ref.kind == OpKind.EXECUTE:
+        metadata = svc.ExecuteProjectJobMetadata(job=jobs_pb2.Job(id=ref.job_id, project_id=ref.project_id))
+    elif ref.kind == OpKind.CLONE:
+        metadata = svc.CloneProjectJobMetadata(project_id=ref.project_id, job_id=ref.job_id)
+    else:
+        metadata = svc.CreateProjectJobMetadata(project_id=ref.project_id, job_id=ref.job_id)
+    return _operation(
+        ref,
+        created_at=now,
+        modified_at=now,
+        created_by="",
+        metadata=metadata,
+        done=True,
+        error=_status(grpc.StatusCode.NOT_FOUND, f"job {ref.job_id} was deleted"),
+    )
 
 
 def delete_operation(ref: OpRef, job: JobSnapshot | None, now: datetime) -> operation_pb2.Operation:

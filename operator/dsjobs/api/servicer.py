@@ -1319,7 +1319,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         if ref.kind == OpKind.DELETE_DATA:
             return operations.delete_data_operation(ref, job, now())
         if job is None:
-            raise errors.not_found(f"operation {operation_id[:80]!r} not found (its job was deleted)")
+            return operations.gone_job_operation(ref, now())
         if ref.kind == OpKind.EXECUTE:
             return await execute_operation(self.core, job, identity.username)
         # Upload URLs write into the project's input store: for those who may create jobs, not

@@ -612,7 +612,8 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
 
     if cancelling and not ended_first:
         return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=code)
-    if job is not None and job.state == "terminated" and job.reason == "OOMKilled":
+    # A program whose child the kernel killed for memory, and which then exited 0, succeeded.
+    if job is not None and job.state == "terminated" and job.reason == "OOMKilled" and code != 0:
         return Outcome(
             JobPhase.ERROR,
             "OOMKilled",
