@@ -221,6 +221,17 @@ def test_every_rendered_job_pod_passes_and_host_access_does_not(admission: Admis
     assert host in refused(lambda s: s.update(hostPID=True))
     assert host in refused(lambda s: s["containers"][0].update(ports=[{"containerPort": 80, "hostPort": 80}]))
     assert host in refused(lambda s: s.update(securityContext={"seLinuxOptions": {"type": "spc_t"}}))
+    assert host in refused(lambda s: s.update(securityContext={"seLinuxOptions": {"user": "system_u"}}))
+    spc = {"seLinuxOptions": {"type": "spc_t"}}
+    assert host in refused(lambda s: s["initContainers"][0].update(securityContext=spc))
+    # What the baseline Pod Security Standard allows, and OpenShift's admission sets on every pod.
+    selinux = {"seLinuxOptions": {"level": "s0:c26,c5", "type": "container_t"}}
+    for where in ("pod", "container"):
+        pod = _golden_pod("basic_cpu.yaml", admission.project)
+        target = pod["spec"] if where == "pod" else pod["spec"]["containers"][0]
+        target["securityContext"] = {**target.get("securityContext", {}), **selinux}
+        proc = admission.create("dsjobs-operator", pod)
+        assert proc.returncode == 0, f"{where}: {proc.stderr}"
     assert host in refused(lambda s: s.update(hostNetwork=True))
     assert host in refused(lambda s: s["containers"][0].update(securityContext={"privileged": True}))
     add = {"capabilities": {"add": ["SYS_ADMIN"]}}
