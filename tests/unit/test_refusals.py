@@ -41,3 +41,18 @@ def test_only_a_refusal_another_type_could_change_falls_back() -> None:
     assert not refused_by_type(rbac)
     assert refused_by_type('pods "x" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
                            "used: requests.nvidia.com/gpu=2, limited: requests.nvidia.com/gpu=2")  # fmt: skip
+
+
+def test_pod_security_and_the_runner_s_limits_are_no_matter_of_the_type() -> None:
+    # Both walked the job through every instance type, each after its schedule timeout, with a
+    # FallingBack Event saying the type could not be used.
+    restricted = (
+        'pods "x-a1" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != '
+        'false (container "job" must set securityContext.allowPrivilegeEscalation=false)'
+    )
+    assert not refused_by_type(restricted)
+    runner_only = 'pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: ship,stage-in'
+    assert not refused_by_type(runner_only)
+    # The job container's limits are its InstanceType's: another type may set them.
+    assert refused_by_type(runner_only + "; limits.memory for: job")
+    assert refused_by_type('pods "x-a1" is forbidden: failed quota: q: must specify limits.cpu for: job')

@@ -49,11 +49,18 @@ _POD_COUNTS: Final = frozenset({"pods", "count/pods"})
 
 def refused_by_type(why: str) -> bool:
     """Whether another instance type could change the API server's refusal of a pod: not when a
-    quota counts the project's pods (every type's pod is one) or the operator may not create pods;
-    else maybe (a quota on GPUs or CPUs, a PriorityClass, a LimitRange, an admission policy on the
-    type's node pool)."""
+    quota counts the project's pods (every type's pod is one), the operator may not create pods,
+    Pod Security refuses it (it checks nothing a type sets) or a quota wants limits of the runner's
+    containers only (the operator's settings give those); else maybe (a quota on GPUs or CPUs, a
+    PriorityClass, a LimitRange, an admission policy on the type's node pool)."""
     if "cannot create resource" in why:
         return False  # the operator's RBAC: no pod of any type
+    if "violates PodSecurity" in why:
+        return False
+    if "must specify" in why:
+        named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+        if named and JOB_CONTAINER not in named:
+            return False
     match = _EXCEEDED.search(why)
     if match is None:
         return True
