@@ -120,7 +120,9 @@ def test_a_job_naming_another_project_is_no_job_of_its_namespace() -> None:
         grpc.StatusCode.NOT_FOUND
     )
     op_id = OpRef(OpKind.CREATE, "pa", JOB, "uid-mallory").encode()
-    assert code_of(ops.Get(opsvc.GetOperationRequest(operation_id=op_id), ctx)) == grpc.StatusCode.NOT_FOUND
+    # As a deleted job's operation: done, NOT_FOUND, nothing of the job.
+    op = asyncio.run(ops.Get(opsvc.GetOperationRequest(operation_id=op_id), ctx))
+    assert op.done and op.error.code == grpc.StatusCode.NOT_FOUND.value[0] and not op.HasField("response")
 
 
 def test_a_job_id_in_two_namespaces_is_the_one_the_caller_may_use() -> None:
