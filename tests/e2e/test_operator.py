@@ -784,6 +784,17 @@ def test_the_job_has_a_dev_shm_of_its_own_as_big_as_half_its_memory(h: H) -> Non
             os.unlink(f"/dev/shm/{marker}.kept")
 
 
+def test_the_program_s_thread_pools_are_as_wide_as_its_instance_type(h: H) -> None:
+    # The container sees all of its node's CPUs; c1.4's limit is 4 (the downward API tells the
+    # entry script). A CPU type's job sees no GPU, whatever its image's NVIDIA_VISIBLE_DEVICES.
+    check = (
+        'test "$OMP_NUM_THREADS $PYTHON_CPU_COUNT $PYTHONUNBUFFERED $NVIDIA_VISIBLE_DEVICES" = "4 4 1 void"'
+    )
+    h.create_job("cpus", {"cmd": check, "cloudInstanceTypes": [{"name": "c1.4"}]})
+    status = h.wait_phase("cpus", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+
+
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     h.create_job("exit-3", {"cmd": 'python -c "import sys; print(42); sys.exit(3)"'})
     status = h.wait_phase("exit-3", "SUCCESS", "ERROR")

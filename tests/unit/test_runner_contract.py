@@ -45,7 +45,11 @@ def parts(config: RunnerConfig, **kw: Any) -> Any:
 
 
 def _secret_refs(container: dict[str, Any]) -> set[str]:
-    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container.get("env", []) if "valueFrom" in e}
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     refs |= {f["secretRef"]["name"] for f in container.get("envFrom", []) if "secretRef" in f}
     return refs
 
@@ -62,7 +66,9 @@ def test_shape_and_credentials_only_in_runner_containers() -> None:
     assert job["image"] == "python:3.11" and job["command"] == ["/bin/sh", "/job/.dsjobs/entry.sh"]
     assert job["resources"] == {"limits": {"cpu": "4"}}
     assert job["workingDir"] == "/job/work"
-    assert _secret_refs(job) == set() and job["env"] == []
+    # Nothing but its CPU limit (the downward API): no Secret, no config.
+    cpus = {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}
+    assert _secret_refs(job) == set() and job["env"] == [{"name": "DSJOBS_CPUS", "valueFrom": cpus}]
     assert {m["name"] for m in job["volumeMounts"]} == {SHARED_VOLUME, WORK_VOLUME}
     for c in (stage_in, ship):
         assert c["image"] == "dsjobs-runner:1"

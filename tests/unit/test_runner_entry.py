@@ -634,7 +634,9 @@ def _cancel_around_start(cfg: RunnerConfig, launch: str, where: str) -> Path:
 
 
 _PIP_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY"'
-_PROGRAM_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec'
+_PROGRAM_LAUNCH = (
+    '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_machine_env; dsjobs_job_env; dsjobs_program_env; exec'
+)
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
@@ -896,3 +898,53 @@ def test_runner_files_the_program_replaced_by_fifos_are_not_waited_on(
     assert r.rc == 3
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.return_code == 3 and not status.cancelled
+
+
+def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Path) -> None:
+    # Unbuffered Python output, thread pools as wide as the container's CPU limit (it sees all of
+    # its node's CPUs), a home it may write; what the image or the job sets wins.
+    show = 'echo "$PYTHONUNBUFFERED $OMP_NUM_THREADS $MKL_NUM_THREADS $PYTHON_CPU_COUNT $HOME"'
+    env = {**os.environ, "DSJOBS_CPUS": "4", "HOME": str(tmp_path / "no-such-home")}
+    env.pop("PYTHONUNBUFFERED", None)
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("MKL_NUM_THREADS", None)
+    env.pop("PYTHON_CPU_COUNT", None)
+    cfg = make_config(tmp_path, show, env={"MKL_NUM_THREADS": "2"})
+    r = run_entry(shell, cfg, env=env)
+    assert r.rc == 0, r.syslog
+    home = cfg.layout.root / "home"
+    assert r.out_file.decode().split() == ["1", "4", "2", "4", str(home)]
+    assert home.is_dir()
+    # The image's own settings, a home that is writable, no CPU limit told: left as they are.
+    env = {**env, "PYTHONUNBUFFERED": "", "OMP_NUM_THREADS": "8", "HOME": str(tmp_path)}
+    env.pop("DSJOBS_CPUS")
+    cfg = make_config(
+        tmp_path / "again", 'echo "[$PYTHONUNBUFFERED] $OMP_NUM_THREADS ${PYTHON_CPU_COUNT-unset} $HOME"'
+    )
+    r = run_entry(shell, cfg, env=env)
+    assert r.out_file.decode().split() == ["[]", "8", "unset", str(tmp_path)]
+
+
+def test_what_a_python_program_printed_before_it_was_killed_is_kept(tmp_path: Path) -> None:
+    # Its stdout is a pipe: Python would hold up to 8 KiB of prints until exit, and an OOM kill or
+    # a cancel's SIGKILL lost them all.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    die = f"{shlex.quote(sys.executable)} -c 'import os, signal; print(\"epoch 1\"); os.kill(os.getpid(), signal.SIGKILL)'"
+    r = run_entry(_dash(), make_config(tmp_path, die), env=env)
+    assert r.rc == 137, r.syslog
+    assert r.out_file == b"epoch 1\n"
+
+
+def test_outputs_are_made_readable_for_the_uploader(shell: list[str], tmp_path: Path) -> None:
+    # The ship sidecar runs as a user of its own: a file saved through a temporary one (0600) or a
+    # directory made by mkdtemp (0700) would fail its upload.
+    make = "umask 077; mkdir -p out/d; echo x > out/d/f; echo y > model.bin; echo z > other.txt"
+    cfg = make_config(tmp_path, make, outputs=[{"path": "out"}, {"path": "model.bin"}, {"path": "gone"}])
+    r = run_entry(shell, cfg)
+    assert r.rc == 0, r.syslog
+    work = cfg.work_dir
+    assert (work / "out").stat().st_mode & 0o777 == 0o755
+    assert (work / "out" / "d").stat().st_mode & 0o777 == 0o755
+    assert (work / "out" / "d" / "f").stat().st_mode & 0o777 == 0o644
+    assert (work / "model.bin").stat().st_mode & 0o777 == 0o644
+    assert (work / "other.txt").stat().st_mode & 0o777 == 0o600  # not an output: left alone

@@ -410,6 +410,14 @@ def working_storage_class_problem(configured: str, classes: Sequence[Mapping[str
     )
 
 
+def _gpu_type(instance_type: InstanceTypeSpec) -> bool:
+    """Whether the type asks for GPUs (any nvidia.com/* resource: whole GPUs or MIG slices)."""
+    resources = instance_type.resources
+    return instance_type.gpus > 0 or any(
+        name.startswith("nvidia.com/") for name in (*resources.requests, *resources.limits)
+    )
+
+
 def shm_size_limit(instance_type: InstanceTypeSpec) -> str | None:
     """The sizeLimit of the job container's /dev/shm, or None to leave it to the container runtime
     (64 MiB there: PyTorch's DataLoader workers die of it with a "Bus error")."""
@@ -542,6 +550,11 @@ def render_pod(
             *main["env"],
             {"name": SPARK_CONFIG_ENV, "value": f"{SPARK_CONFIG_DIR}/{SPARK_CONFIG_KEY}"},
         ]
+    if not _gpu_type(instance_type):
+        # NVIDIA's images set NVIDIA_VISIBLE_DEVICES=all: on a node whose runtime is NVIDIA's, a
+        # pod asking no GPU would get every one of them (the device plugin sets it only for pods
+        # it gave GPUs).
+        main["env"] = [*main["env"], {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}]
     shm = shm_size_limit(instance_type)
     if shm is not None:
         # Memory-backed, so it counts in the pod's memory as on a machine whose /dev/shm is RAM.

@@ -36,6 +36,8 @@ from dsjobs.storage import (
     ENV_SECRET_KEY,
 )
 
+#: The job container's CPU limit, whole CPUs (the entry script's dsjobs_machine_env reads it).
+CPUS_ENV = "DSJOBS_CPUS"
 SHARED_VOLUME = "dsjobs-shared"
 WORK_VOLUME = "dsjobs-work"
 CONFIG_VOLUME = "dsjobs-config"
@@ -310,7 +312,14 @@ def runner_pod_parts(
         "image": user_image,
         "command": ["/bin/sh", str(layout.entry_script)],
         "args": [],
-        "env": [],
+        # Its CPU limit in whole CPUs (the downward API rounds up; without a limit, the node's):
+        # the entry script sizes the program's thread pools by it.
+        "env": [
+            {
+                "name": CPUS_ENV,
+                "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}},
+            }
+        ],
         "workingDir": work_dir,
         "volumeMounts": main_mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",

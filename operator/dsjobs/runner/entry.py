@@ -363,6 +363,30 @@ dsjobs_status() {
     || { { [ -f "$DSJOBS_STATUS" ] || rm -f "$DSJOBS_STATUS"; } 2>/dev/null; dsjobs_status_text "$@" >"$DSJOBS_STATUS"; }
 }
 
+# What the program finds on a machine of its instance type's size, unless the image or the job says
+# otherwise: Python output unbuffered (its prints reach the logs as they are made, and a kill does
+# not lose them); thread pools as wide as its CPUs (a container sees all of its node's, and
+# OpenMP/BLAS would start that many threads against its CPU limit); a home it may write (a user id
+# without one gets /) and a user name; open files up to the hard limit.
+dsjobs_machine_env() {
+  [ -n "${PYTHONUNBUFFERED+x}" ] || export PYTHONUNBUFFERED=1
+  case "${DSJOBS_CPUS:-}" in
+    ''|*[!0-9]*|0) ;;
+    *)
+      for dsjobs_v in OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS PYTHON_CPU_COUNT; do
+        eval "[ -n \"\${$dsjobs_v+x}\" ] || export $dsjobs_v=\$DSJOBS_CPUS"
+      done
+      ;;
+  esac
+  if [ ! -w "${HOME:-/}" ] && mkdir -p "$DSJOBS_SHARED/home" 2>/dev/null; then
+    export HOME="$DSJOBS_SHARED/home"
+  fi
+  if [ -z "${USER:-}${LOGNAME:-}" ] && command -v id >/dev/null 2>&1 && ! id -un >/dev/null 2>&1; then
+    export USER=job LOGNAME=job
+  fi
+  ulimit -S -n "$(ulimit -H -n 2>/dev/null)" 2>/dev/null || :
+}
+
 # dsjobs_exit RC PHASE REASON EXIT_CODE
 dsjobs_exit() {
   # Before the status: the ship sidecar reads the logs to their end once it sees the status.
@@ -602,7 +626,7 @@ rm -f "$DSJOBS_FORKED" 2>/dev/null
 if [ -f "$DSJOBS_SYSLOG_TO" ] && { command exec 8>>"$DSJOBS_SYSLOG_TO"; } 2>/dev/null; then
   DSJOBS_SYSLOG_FD=8
 fi
-( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" 8>&- 9>&- &
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_machine_env; dsjobs_job_env; dsjobs_program_env; exec "$@" ) </dev/null >>"$DSJOBS_OUT_TO" 2>>"$DSJOBS_ERR_TO" 8>&- 9>&- &
 DSJOBS_PID=$!
 dsjobs_deliver_pending
 dsjobs_log "program started (pid $DSJOBS_PID, $DSJOBS_SHELL): $DSJOBS_CMD"
@@ -631,6 +655,7 @@ if [ -n "$DSJOBS_TEES" ]; then
   kill "$dsjobs_tw" 2>/dev/null
   rm -f "$DSJOBS_RUN/out.fifo" "$DSJOBS_RUN/err.fifo"
 fi
+dsjobs_outputs_readable
 dsjobs_log "program exited with code $DSJOBS_PROG_RC"
 dsjobs_exit "$DSJOBS_PROG_RC" run '' "$DSJOBS_PROG_RC"
 """
@@ -765,6 +790,15 @@ def render_entry_script(
             f'PATH={_q(str(layout.site_dir / "bin"))}:"${{PATH:-/usr/local/bin:/usr/bin:/bin}}"'
         )
         program_env.append("export PATH")
+    lines.append(
+        "\n# The outputs readable by the ship sidecar, which runs as a user of its own: a program that"
+        "\n# saved a file through a temporary one (0600) or a directory made by mkdtemp (0700) would"
+        "\n# have it fail to upload. The program's own user, so nothing it could not do itself."
+    )
+    lines.append("dsjobs_outputs_readable() {")
+    lines.extend(f'  chmod -R a+rX -- "$DSJOBS_WORK"/{_q(o.path)} 2>/dev/null' for o in config.outputs)
+    lines.append("  return 0")
+    lines.append("}")
     lines.append("\n# What the job's Python environment adds for the program, over the job's environment.")
     lines.append("dsjobs_program_env() {")
     lines.extend(f"  {line}" for line in program_env or [":"])
