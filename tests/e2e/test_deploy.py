@@ -434,6 +434,9 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert verbs("dsjobs-operator", "instancetypes") == {"get", "list", "watch"}
     # Cluster-scoped: checked for a job with working storage before its pod.
     assert verbs("dsjobs-operator", "storageclasses") == {"list"}
+    # Only the project's docker image resources.
+    (cm,) = [r for r in roles["dsjobs-operator"] if "configmaps" in r["resources"]]
+    assert cm["resourceNames"] == ["dsjobs-docker-images"] and cm["verbs"] == ["get"]
     # delete: one attempt's Secrets when its pod is refused; deletecollection: all, once it ended.
     assert verbs("dsjobs-operator", "secrets") == {"get", "create", "delete", "deletecollection"}
     # A job's namespace: its project label, checked before the job's first pod.
