@@ -21,12 +21,12 @@ from dsjobs.controller import metrics
 
 
 def test_a_400_is_an_invalid_for_the_operator_as_a_422_is() -> None:
-    # Some admission webhooks deny with 400; Kopf has no class of its own for it.
-    body = {"message": 'admission webhook "policy" denied the request: no', "code": 400}
-    denied = kopf_errors.APIClientError(body, status=400, headers={})
-    better = kube_module.translated(denied)
+    # Kopf has no class of its own for a 400.
+    body = {"message": "the body of the request was in an unknown format", "code": 400}
+    bad = kopf_errors.APIClientError(body, status=400, headers={})
+    better = kube_module.translated(bad)
     assert isinstance(better, kube_module.Invalid) and better.status == 400
-    assert better.message == 'admission webhook "policy" denied the request: no'
+    assert better.message == "the body of the request was in an unknown format"
     as_text = kube_module.translated(kopf_errors.APIClientError("plain text", status=400, headers={}))
     assert isinstance(as_text, kube_module.Invalid) and str(as_text) == "plain text"
     for other in (
@@ -34,6 +34,16 @@ def test_a_400_is_an_invalid_for_the_operator_as_a_422_is() -> None:
         kopf_errors.APIClientError(body, status=418, headers={}),
     ):
         assert kube_module.translated(other) is other
+
+
+def test_a_webhook_s_denial_is_a_refusal_whatever_its_code() -> None:
+    # The API server answers 400 for a webhook that sets no code (Kyverno), 403 for one that does
+    # (Gatekeeper): the job ended PodRejected under one engine and waited under the other.
+    message = 'admission webhook "validate.kyverno.svc-fail" denied the request: require-limits'
+    denied = kopf_errors.APIClientError({"message": message, "code": 400}, status=400, headers={})
+    better = kube_module.translated(denied)
+    assert isinstance(better, kube_module.Forbidden) and not isinstance(better, kube_module.Invalid)
+    assert better.status == 400 and kube_module.message_of(better) == message
 
 
 # --- retries and timing, against a local HTTP server playing the API server --------------------

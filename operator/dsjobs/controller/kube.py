@@ -41,11 +41,23 @@ class BadRequest(kopf_errors.APIUnprocessableEntityError):
     sent will never be accepted (a 422 says the same)."""
 
 
+class WebhookDenied(kopf_errors.APIForbiddenError):
+    """A 400 that is an admission webhook's denial: the API server answers 400 for a webhook that
+    sets no code (Kyverno), 403 for one that does (Gatekeeper). A policy's refusal either way, for
+    now, as a quota's: the callers wait and try again, whichever engine the cluster runs."""
+
+
+#: The API server's words for a webhook's denial (admission/plugin/webhook/errors).
+_WEBHOOK_DENIAL = re.compile(r'^admission webhook "[^"]*" denied the request')
+
+
 def translated(exc: APIError) -> APIError:
     """The error the callers catch: Kopf raises a plain APIClientError for a 400."""
     if type(exc) is kopf_errors.APIClientError and exc.status == 400:
         # APIError keeps a Status body as (message, body) in args, a text as (text,).
         payload = exc.args[-1] if exc.args else None
+        if _WEBHOOK_DENIAL.match(exc.message or ""):
+            return WebhookDenied(payload, status=400, headers=exc.headers)
         return BadRequest(payload, status=400, headers=exc.headers)
     return exc
 
