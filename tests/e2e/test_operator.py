@@ -795,6 +795,40 @@ def test_the_program_s_thread_pools_are_as_wide_as_its_instance_type(h: H) -> No
     assert status["phase"] == "SUCCESS", status
 
 
+def test_a_namespace_enforcing_restricted_runs_jobs_once_the_operator_is_set_to_it(
+    h: H, tmp_path: Path
+) -> None:
+    # The API server's own PodSecurity admission judges the pods: refused under `restricted` at
+    # first (the job waits saying what to do), admitted and run with DSJOBS_JOB_POD_SECURITY.
+    label = "pod-security.kubernetes.io/enforce"
+    h.core.patch_namespace(h.namespace, {"metadata": {"labels": {label: "restricted"}}})
+    try:
+        h.create_job("psa", {"cmd": "true"})
+
+        def told() -> bool:
+            return "DSJOBS_JOB_POD_SECURITY=restricted" in h.status("psa").get("statusDetails", "")
+
+        poll("the job told why it waits", told, 60)
+        assert h.status("psa")["phase"] in ("CREATING", "PREPARING")
+        assert not h.pods("psa")
+        h.kill()
+        restricted = {**h.env, "DSJOBS_JOB_POD_SECURITY": "restricted"}
+        replica = dataclasses.replace(h, env=restricted, log_path=tmp_path / "restricted.log", proc=None)
+        replica.start()
+        try:
+            status = h.wait_phase("psa", "SUCCESS", "ERROR")
+        finally:
+            replica.stop()
+            h.start()
+        assert status["phase"] == "SUCCESS", status
+        (pod,) = h.pods("psa")
+        context = pod.spec.containers[0].security_context
+        assert context.run_as_non_root and context.run_as_user == 1000
+        assert context.allow_privilege_escalation is False and context.capabilities.drop == ["ALL"]
+    finally:
+        h.core.patch_namespace(h.namespace, {"metadata": {"labels": {label: "baseline"}}})
+
+
 def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     h.create_job("exit-3", {"cmd": 'python -c "import sys; print(42); sys.exit(3)"'})
     status = h.wait_phase("exit-3", "SUCCESS", "ERROR")

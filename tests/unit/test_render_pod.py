@@ -107,6 +107,7 @@ def pod_for(
     image: str | None = None,
     registry: str | None = None,
     spark: str | None = None,
+    settings: OperatorSettings = SETTINGS,
 ) -> dict[str, Any]:
     return render_pod(
         JOB,
@@ -115,9 +116,9 @@ def pod_for(
         instance_type_name=type_name,
         instance_type_index=index,
         instance_type=TYPES[type_name],
-        settings=SETTINGS,
+        settings=settings,
         volumes=volumes or Volumes(),
-        image=image or user_image(job_spec, SETTINGS, {}) or "",
+        image=image or user_image(job_spec, settings, {}) or "",
         registry_secret=registry,
         spark_secret=spark,
     )
@@ -144,6 +145,7 @@ def render_job(
     index: int = 0,
     volumes: Volumes | None = None,
     spark: str | None = None,
+    settings: OperatorSettings = SETTINGS,
 ) -> RenderedJob:
     registry: dict[str, Any] | None = None
     if needs_registry_secret(job_spec):
@@ -167,6 +169,7 @@ def render_job(
         volumes=volumes,
         registry=registry["metadata"]["name"] if registry else None,
         spark=spark,
+        settings=settings,
     )
     return RenderedJob(pod, runner_secret(JOB, config, STORAGE_ENV, attempt=attempt), registry)
 
@@ -252,6 +255,10 @@ def _features() -> dict[str, RenderedJob]:
             spec(sparkParameters={"connectorId": "bt1spark"}), spark="dsjobs-spark-bt1spark"
         ),
         "graceful_shutdown": render_job(spec(gracefulShutdownParameters={"signal": 10, "timeout": "20s"})),
+        "restricted": render_job(
+            spec(),
+            settings=dataclasses.replace(SETTINGS, job_pod_security="restricted", job_run_as_user=1000),
+        ),
     }
 
 
@@ -516,6 +523,37 @@ def test_working_storage_is_an_ephemeral_ssd_claim() -> None:
     assert working_storage_source(spec(), JOB, SETTINGS, unlimited) == {"emptyDir": {}}
 
 
+def test_job_pods_meet_the_restricted_pod_security_standard_when_asked() -> None:
+    # For project namespaces enforcing `restricted`; the runner's containers meet it either way.
+    pod = FEATURES["restricted"]
+    assert pod["spec"]["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    containers = [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]
+    for c in containers:
+        context = c["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False, c["name"]
+        assert context["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert context["runAsNonRoot"] is True, c["name"]
+    job = next(c for c in containers if c["name"] == "job")
+    assert job["securityContext"]["runAsUser"] == 1000
+    # baseline (the default): the job runs as its image's user; the docker default seccomp profile.
+    basic = FEATURES["basic_cpu"]
+    assert "securityContext" not in next(c for c in basic["spec"]["containers"] if c["name"] == "job")
+    assert basic["spec"]["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+    # 0: the image's own (non-root) user.
+    image_user = dataclasses.replace(SETTINGS, job_pod_security="restricted", job_run_as_user=0)
+    job = next(c for c in pod_for(spec(), settings=image_user)["spec"]["containers"] if c["name"] == "job")
+    assert "runAsUser" not in job["securityContext"] and job["securityContext"]["runAsNonRoot"] is True
+
+
+def test_pod_security_settings_are_checked() -> None:
+    with pytest.raises(
+        SettingsError, match="DSJOBS_JOB_POD_SECURITY='strict': must be one of baseline, restricted"
+    ):
+        settings_from_env({"DSJOBS_JOB_POD_SECURITY": "strict"})
+    with pytest.raises(SettingsError, match="DSJOBS_JOB_RUN_AS_USER=-1: must not be negative"):
+        settings_from_env({"DSJOBS_JOB_RUN_AS_USER": "-1"})
+
+
 def test_the_job_gets_half_its_memory_as_dev_shm() -> None:
     # Container runtimes give 64 MiB, which PyTorch DataLoader workers and NCCL outgrow.
     pod = FEATURES["basic_cpu"]
@@ -655,15 +693,15 @@ def test_volume_fs_group_is_set_only_for_pods_with_volumes_dsjobs_provisions() -
             volumes=Volumes(),
             image="python:3.11-slim",
         )
-        return pod["spec"].get("securityContext")
+        return {k: v for k, v in pod["spec"]["securityContext"].items() if k != "seccompProfile"}
 
     wanted = {"fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}
     storage = spec(extendedWorkingStorage={"type": "SSD", "sizeGb": 200})
     datasets = spec(cmd="ls ${D}", outputDatasets=[{"name": "d", "var": "D", "sizeGb": 1}])
     assert context(storage, settings) == wanted
     assert context(datasets, settings) == wanted
-    assert context(spec(), settings) is None  # an emptyDir is 0777 already
-    assert context(storage, SETTINGS) is None  # off by default
+    assert context(spec(), settings) == {}  # an emptyDir is 0777 already
+    assert context(storage, SETTINGS) == {}  # off by default
     with pytest.raises(SettingsError, match="DSJOBS_VOLUME_FS_GROUP"):
         settings_from_env({"DSJOBS_VOLUME_FS_GROUP": "-1"})
     assert settings_from_env({"DSJOBS_VOLUME_FS_GROUP": "10001"}).volume_fs_group == 10001

@@ -21,9 +21,9 @@ def refusal_hint(why: str) -> str:
     LimitRange bounds) come from: the user cannot change them; the admin can, and should know where."""
     if "violates PodSecurity" in why:
         return (
-            f"{why} (job pods meet the baseline Pod Security Standard, not restricted: the job's "
-            "container runs as its image's user; label the project namespace "
-            "pod-security.kubernetes.io/enforce=baseline)"
+            f"{why} (job pods meet the baseline Pod Security Standard unless the operator runs with "
+            "DSJOBS_JOB_POD_SECURITY=restricted: the job's container runs as its image's user; set "
+            "that, or label the project namespace pod-security.kubernetes.io/enforce=baseline)"
         )
     if "per Container" in why:
         # A LimitRange's bounds ("minimum cpu usage per Container is 100m, but request is 50m"):

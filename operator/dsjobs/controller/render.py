@@ -410,6 +410,18 @@ def working_storage_class_problem(configured: str, classes: Sequence[Mapping[str
     )
 
 
+def _restricted_job_container(run_as_user: int) -> dict[str, Any]:
+    """The job container's securityContext under the restricted Pod Security Standard."""
+    context: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+    }
+    if run_as_user:
+        context["runAsUser"] = run_as_user
+    return context
+
+
 def _gpu_type(instance_type: InstanceTypeSpec) -> bool:
     """Whether the type asks for GPUs (any nvidia.com/* resource: whole GPUs or MIG slices)."""
     resources = instance_type.resources
@@ -571,12 +583,15 @@ def render_pod(
         "volumes": pod_volumes,
     }
     params = spec.job_parameters
+    # The profile `docker run` applies (DataSphere runs jobs in docker); a kubelet's default is none.
+    pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
     if settings.volume_fs_group and (params.extended_working_storage is not None or params.output_datasets):
         # The volumes dsjobs provisions start empty, their root as the StorageClass made it.
-        pod_spec["securityContext"] = {
-            "fsGroup": settings.volume_fs_group,
-            "fsGroupChangePolicy": "OnRootMismatch",
-        }
+        pod_security["fsGroup"] = settings.volume_fs_group
+        pod_security["fsGroupChangePolicy"] = "OnRootMismatch"
+    pod_spec["securityContext"] = pod_security
+    if settings.job_pod_security == "restricted":
+        main["securityContext"] = _restricted_job_container(settings.job_run_as_user)
     if instance_type.node_selector:
         pod_spec["nodeSelector"] = dict(instance_type.node_selector)
     if instance_type.tolerations:

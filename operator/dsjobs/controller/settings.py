@@ -29,6 +29,7 @@ STORAGE_CREDENTIAL_SOURCES: Final = ("operator", PROJECT_CREDENTIALS)
 
 
 RUNNER_PULL_POLICIES: Final = ("", "Always", "IfNotPresent", "Never")
+JOB_POD_SECURITY_LEVELS: Final = ("baseline", "restricted")
 _DNS_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
@@ -81,6 +82,10 @@ class OperatorSettings:
     # The pod's fsGroup for jobs with working storage or output datasets (0: none): the GID that
     # lets the runner (uid/gid 10001) and the job write to a new volume whose root is root's.
     volume_fs_group: int = 0
+    # The Pod Security Standard job pods meet: baseline (the job runs as its image's user) or
+    # restricted (as job_run_as_user, or the image's non-root user when that is 0).
+    job_pod_security: str = "baseline"
+    job_run_as_user: int = 1000
     # A job whose image cannot be pulled for this long fails (InvalidImageName fails at once).
     image_pull_timeout_seconds: float = 120.0
     # Extra grace on top of the job's graceful-shutdown timeout so that the ship sidecar can upload
@@ -176,6 +181,20 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_WORKING_STORAGE_CLASS": (
         "working_storage_class",
         "StorageClass of extended working storage volumes; empty uses the cluster default.",
+    ),
+    "DSJOBS_JOB_POD_SECURITY": (
+        "job_pod_security",
+        "The Pod Security Standard job pods meet: `baseline` (the default: the job's container runs as "
+        "its image's user, root in most data-science images) or `restricted`, for project namespaces "
+        "that enforce it: the job's container then runs as `DSJOBS_JOB_RUN_AS_USER`, without privilege "
+        "escalation or capabilities (no `sudo`, no `apt-get`). The runner's containers meet "
+        "`restricted` either way.",
+    ),
+    "DSJOBS_JOB_RUN_AS_USER": (
+        "job_run_as_user",
+        "With `DSJOBS_JOB_POD_SECURITY=restricted`: the uid the job's container runs as (its `HOME` is "
+        "made writable if the image has none for it); 0 leaves it to the image, which must then name "
+        "a non-root numeric USER or the container does not start.",
     ),
     "DSJOBS_VOLUME_FS_GROUP": (
         "volume_fs_group",
@@ -363,6 +382,13 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         raise SettingsError(
             f"DSJOBS_RUNNER_IMAGE_PULL_SECRET={secret!r}: not a Secret name (DNS-1123 subdomain)"
         )
+    if settings.job_pod_security not in JOB_POD_SECURITY_LEVELS:
+        raise SettingsError(
+            f"DSJOBS_JOB_POD_SECURITY={settings.job_pod_security!r}: must be one of "
+            + ", ".join(JOB_POD_SECURITY_LEVELS)
+        )
+    if settings.job_run_as_user < 0:
+        raise SettingsError(f"DSJOBS_JOB_RUN_AS_USER={settings.job_run_as_user}: must not be negative")
     if settings.volume_fs_group < 0:
         raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
     for request, limit in RUNNER_RESOURCES:
