@@ -1274,6 +1274,27 @@ def test_an_operation_of_a_deleted_job_is_done_with_not_found(kind: OpKind) -> N
         assert op.metadata.Unpack(meta) and meta.job_id == "gone1"
 
 
+def test_a_stale_cache_is_no_reason_to_end_an_operation() -> None:
+    # The watch cache still holds an earlier job of the name (another uid): the job is read
+    # afresh before the operation is told done and gone, which ends the CLI's polling.
+    core = FakeCore(job=source_job(SOURCE_PARAMS))
+    assert core.job is not None
+    current = core.job
+    stale = JobSnapshot(**{**current.__dict__, "uid": "u-earlier"})
+    reads: list[bool] = []
+
+    async def read_job(namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
+        reads.append(fresh)
+        return current if fresh else stale
+
+    core.read_job = read_job  # type: ignore[method-assign]
+    op_id = OpRef(OpKind.CREATE, PROJECT, current.name, current.uid).encode()
+    ops = OperationService(cast(Core, core), service(core))
+    op = call(ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op_id), ctx()))
+    assert op.done and not op.HasField("error") and op.HasField("response")
+    assert reads == [False, True]
+
+
 def test_operation_of_an_unreachable_project_stays_unavailable() -> None:
     core = FakeCore(
         project_error=errors.unavailable("the cluster is unavailable"), job=source_job(SOURCE_PARAMS)

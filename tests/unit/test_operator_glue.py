@@ -329,9 +329,11 @@ def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_the
     assert decided == [not pod_there]
 
 
-def test_a_refused_pod_takes_only_its_own_attempt_s_secrets_with_it() -> None:
-    # A quota refuses attempt 2's pod: the Secrets made for it go (nothing else would delete them),
-    # those of other attempts stay (a replica acting on another attempt may hold them).
+@pytest.mark.parametrize("there_already", [False, True])
+def test_a_refused_pod_takes_only_the_secrets_made_for_it_with_it(there_already: bool) -> None:
+    # A quota refuses attempt 2's pod: the Secret made for it goes (nothing else would delete it),
+    # as made (uid precondition); those of other attempts stay, and so does one that was there
+    # already (a replica's, whose pod may run: quota admission answers before "already exists").
     from dsjobs.controller.handlers import Refused
     from dsjobs.controller.kube import Forbidden
     from dsjobs.controller.settings import OperatorSettings
@@ -339,14 +341,16 @@ def test_a_refused_pod_takes_only_its_own_attempt_s_secrets_with_it() -> None:
     calls: list[str] = []
 
     class Kube:
-        async def create(self, resource: str, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+        async def create(self, resource: str, path: str, obj: dict[str, Any]) -> dict[str, Any] | None:
             calls.append(f"POST {resource} {obj['metadata']['name']}")
             if resource == "pods":
                 raise Forbidden({"message": "exceeded quota: pods"}, status=403, headers={})  # type: ignore[arg-type]
-            return obj
+            if there_already:
+                return None
+            return {**obj, "metadata": {**obj["metadata"], "uid": "secret-uid"}}
 
-        async def delete(self, resource: str, path: str, **kw: Any) -> bool:
-            calls.append(f"DELETE {path}")
+        async def delete(self, resource: str, path: str, *, uid: str = "", **kw: Any) -> bool:
+            calls.append(f"DELETE {path} uid={uid}")
             return True
 
         async def delete_collection(self, resource: str, path: str, selector: str) -> None:
@@ -362,9 +366,9 @@ def test_a_refused_pod_takes_only_its_own_attempt_s_secrets_with_it() -> None:
     op.kube = Kube()  # type: ignore[assignment]
     refused = asyncio.run(op._create_pod(*_pod_step(op, attempt=2)))
     assert isinstance(refused, Refused) and "exceeded quota" in refused.why
-    assert calls == [
-        "POST secrets job-1-a2-runner",
-        "POST pods job-1-a2",
-        "DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-runner",
-        "DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-registry",
-    ]
+    made = (
+        []
+        if there_already
+        else ["DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-runner uid=secret-uid"]
+    )
+    assert calls == ["POST secrets job-1-a2-runner", "POST pods job-1-a2", *made]

@@ -24,7 +24,9 @@ def test_a_quota_that_wants_limits_set_is_told_where_they_come_from() -> None:
         '(pod or container "job" must set securityContext.runAsNonRoot=true)'
     )
     assert refusal_hint(restricted).endswith("pod-security.kubernetes.io/enforce=baseline)")
-    assert "DSJOBS_JOB_POD_SECURITY=restricted" in refusal_hint(restricted)
+    assert "set that, or label" in refusal_hint(restricted)
+    # Set already: no advice to set it.
+    assert "set that" not in refusal_hint(restricted, "restricted")
     limit_range = 'pods "x-a1" is forbidden: minimum cpu usage per Container is 100m, but request is 50m'
     told = refusal_hint(limit_range)
     assert "DSJOBS_RUNNER_CPU_REQUEST" in told and "InstanceType's spec.resources" in told

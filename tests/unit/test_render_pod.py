@@ -39,6 +39,7 @@ from dsjobs.controller.render import (
     JobRef,
     PvcView,
     Volumes,
+    job_cpus,
     needs_registry_secret,
     output_dataset_claims,
     published_dataset_patch,
@@ -543,6 +544,21 @@ def test_job_pods_meet_the_restricted_pod_security_standard_when_asked() -> None
     image_user = dataclasses.replace(SETTINGS, job_pod_security="restricted", job_run_as_user=0)
     job = next(c for c in pod_for(spec(), settings=image_user)["spec"]["containers"] if c["name"] == "job")
     assert "runAsUser" not in job["securityContext"] and job["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_program_is_told_its_instance_type_s_cpus() -> None:
+    # DSJOBS_CPUS sizes its thread pools (OMP_NUM_THREADS...): the CPU limit in whole CPUs, else the
+    # type's vCPUs; the downward API would give the node's CPUs to a type without a limit.
+    c14 = TYPES["c1.4"]
+    job = next(c for c in FEATURES["basic_cpu"]["spec"]["containers"] if c["name"] == "job")
+    assert {"name": "DSJOBS_CPUS", "value": "4"} in job["env"]
+    limits = dict(c14.resources.limits)
+    for limit, told in (("500m", 1), ("2.5", 3), ("16", 16)):
+        typed = c14.model_copy(update={"resources": ResourceRequirements(limits={**limits, "cpu": limit})})
+        assert job_cpus(typed) == told
+    unlimited = {k: v for k, v in limits.items() if k != "cpu"}
+    bare = c14.model_copy(update={"resources": ResourceRequirements(limits=unlimited), "vcpu": 6})
+    assert job_cpus(bare) == 6
 
 
 def test_pod_security_settings_are_checked() -> None:

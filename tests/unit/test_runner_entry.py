@@ -904,7 +904,13 @@ def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Pat
     # Unbuffered Python output, thread pools as wide as the container's CPU limit (it sees all of
     # its node's CPUs), a home it may write; what the image or the job sets wins.
     show = 'echo "$PYTHONUNBUFFERED $OMP_NUM_THREADS $MKL_NUM_THREADS $PYTHON_CPU_COUNT $HOME"'
-    env = {**os.environ, "DSJOBS_CPUS": "4", "HOME": str(tmp_path / "no-such-home")}
+    (tmp_path / "tmp").mkdir()
+    env = {
+        **os.environ,
+        "DSJOBS_CPUS": "4",
+        "HOME": str(tmp_path / "no-such-home"),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
     env.pop("PYTHONUNBUFFERED", None)
     env.pop("OMP_NUM_THREADS", None)
     env.pop("MKL_NUM_THREADS", None)
@@ -912,9 +918,17 @@ def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Pat
     cfg = make_config(tmp_path, show, env={"MKL_NUM_THREADS": "2"})
     r = run_entry(shell, cfg, env=env)
     assert r.rc == 0, r.syslog
-    home = cfg.layout.root / "home"
+    # On the node's disk (the image's /tmp), not in the shared volume caches would fill.
+    home = tmp_path / "tmp" / "dsjobs-home"
     assert r.out_file.decode().split() == ["1", "4", "2", "4", str(home)]
     assert home.is_dir()
+    # No writable TMPDIR: the shared volume.
+    env_no_tmp = {**env, "TMPDIR": str(tmp_path / "no-such-tmp" / "x")}
+    (tmp_path / "no-such-tmp").write_text("a file, not a directory")
+    cfg = make_config(tmp_path / "shared-home", show)
+    r = run_entry(shell, cfg, env=env_no_tmp)
+    assert r.rc == 0, r.syslog
+    assert r.out_file.decode().split()[-1] == str(cfg.layout.root / "home")
     # The image's own settings, a home that is writable, no CPU limit told: left as they are.
     env = {**env, "PYTHONUNBUFFERED": "", "OMP_NUM_THREADS": "8", "HOME": str(tmp_path)}
     env.pop("DSJOBS_CPUS")
@@ -922,6 +936,7 @@ def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Pat
         tmp_path / "again", 'echo "[$PYTHONUNBUFFERED] $OMP_NUM_THREADS ${PYTHON_CPU_COUNT-unset} $HOME"'
     )
     r = run_entry(shell, cfg, env=env)
+    assert r.rc == 0, r.syslog
     assert r.out_file.decode().split() == ["[]", "8", "unset", str(tmp_path)]
 
 
@@ -938,10 +953,21 @@ def test_what_a_python_program_printed_before_it_was_killed_is_kept(tmp_path: Pa
 def test_outputs_are_made_readable_for_the_uploader(shell: list[str], tmp_path: Path) -> None:
     # The ship sidecar runs as a user of its own: a file saved through a temporary one (0600) or a
     # directory made by mkdtemp (0700) would fail its upload.
-    make = "umask 077; mkdir -p out/d; echo x > out/d/f; echo y > model.bin; echo z > other.txt"
-    cfg = make_config(tmp_path, make, outputs=[{"path": "out"}, {"path": "model.bin"}, {"path": "gone"}])
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "secret").write_text("s")
+    (outside / "secret").chmod(0o600)
+    make = (
+        "umask 077; mkdir -p out/d; echo x > out/d/f; echo y > model.bin; echo z > other.txt; "
+        f"ln -s {shlex.quote(str(outside))} link; ln -s {shlex.quote(str(outside))} via"
+    )
+    outputs = [{"path": p} for p in ("out", "model.bin", "gone", "link", "via/secret")]
+    cfg = make_config(tmp_path, make, outputs=outputs)
     r = run_entry(shell, cfg)
     assert r.rc == 0, r.syslog
+    # Links out of the working directory (a mount, /): nothing there is the job's to change.
+    assert outside.stat().st_mode & 0o777 == 0o700
+    assert (outside / "secret").stat().st_mode & 0o777 == 0o600
     work = cfg.work_dir
     assert (work / "out").stat().st_mode & 0o777 == 0o755
     assert (work / "out" / "d").stat().st_mode & 0o777 == 0o755

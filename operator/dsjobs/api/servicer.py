@@ -1319,6 +1319,10 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         if ref.kind == OpKind.DELETE_DATA:
             return operations.delete_data_operation(ref, job, now())
         if job is None:
+            # A final answer ends the CLI's polling: not from a watch cache that may still hold an
+            # earlier job of that name (or lag behind a new one).
+            job = _of_operation(await self.core.read_job(info.namespace, ref.job_id, fresh=True), ref, info)
+        if job is None:
             return operations.gone_job_operation(ref, now())
         if ref.kind == OpKind.EXECUTE:
             return await execute_operation(self.core, job, identity.username)

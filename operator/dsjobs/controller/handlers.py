@@ -69,7 +69,6 @@ from dsjobs.controller.names import (
     pending_output_datasets_selector,
     pod_name,
     registry_secret_name,
-    runner_secret_name,
     spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
@@ -1250,9 +1249,14 @@ class Operator:
         try:
             # Made only now: a job that fails one of the checks above leaves no Secret behind (a
             # failed job without a pod has nothing that would delete it).
+            # The Secrets this call made (name, uid): all a refusal deletes. One there already is
+            # this attempt's from before a restart, or a replica's whose pod may be running.
+            made: list[tuple[str, str]] = []
             if registry_body is not None:
                 try:
-                    await self.kube.create("secrets", core_path(ns, "secrets"), registry_body)
+                    _remember(
+                        made, await self.kube.create("secrets", core_path(ns, "secrets"), registry_body)
+                    )
                 except Forbidden as exc:
                     return Refused(message_of(exc))
             try:
@@ -1264,10 +1268,10 @@ class Operator:
             except Forbidden as exc:
                 # The registry Secret may exist already; the claims made stay for the next try (a
                 # job that ends without its pod deletes them).
-                await self._delete_attempt_secrets(job, action.attempt)
+                await self._delete_made_secrets(ns, made)
                 return Refused(message_of(exc))
             except Invalid as exc:
-                await self._delete_attempt_secrets(job, action.attempt)
+                await self._delete_made_secrets(ns, made)
                 await self._delete_dataset_claims(job)
                 why = message_of(exc)
                 return fail(
@@ -1277,7 +1281,9 @@ class Operator:
             # for it for ever, and deleting it again would reuse its name for the next try.
             creating_pod = False
             try:
-                made_here = await self.kube.create("secrets", core_path(ns, "secrets"), secret) is not None
+                runner_made = await self.kube.create("secrets", core_path(ns, "secrets"), secret)
+                _remember(made, runner_made)
+                made_here = runner_made is not None
                 if not made_here and clearing is not None:
                     # There already: this operator's before a restart, or a POST retried after
                     # its answer was lost, as well as a replica's that took over. Only the last
@@ -1292,10 +1298,10 @@ class Operator:
                 created = await self.kube.create("pods", core_path(ns, "pods"), pod)
             except (Forbidden, Invalid) as exc:
                 # Without the pod nothing would ever delete the Secrets made for it.
-                await self._delete_attempt_secrets(job, action.attempt)
+                await self._delete_made_secrets(ns, made)
                 why = message_of(exc)
                 if isinstance(exc, Forbidden):
-                    return Refused(refusal_hint(why), pod=creating_pod)
+                    return Refused(refusal_hint(why, self.settings.job_pod_security), pod=creating_pod)
                 if spec.job_parameters.output_datasets:
                     await self._delete_dataset_claims(job)
                 return fail(spec, status, "PodRejected", f"the job's pod was rejected: {why}", now)
@@ -1306,7 +1312,7 @@ class Operator:
                 raw = await self.kube.get("pods", core_path(ns, "pods", name))
                 holder = PodView.from_pod(raw) if raw is not None else None
                 if holder is not None and not holder.owned_by(job.uid, job.created_at):
-                    await self._delete_attempt_secrets(job, action.attempt)
+                    await self._delete_made_secrets(ns, made)
                     return Refused(_earlier_pod(holder))
             else:
                 self._fresh[(ns, job.name)] = PodView.from_pod(created)
@@ -1321,13 +1327,12 @@ class Operator:
             if clearing is not None:
                 await clearing
 
-    async def _delete_attempt_secrets(self, job: JobView, attempt: int) -> None:
-        """The Secrets the operator makes for one attempt's pod (runner config, registry): a pod
-        refused keeps those of other attempts, which a replica acting on a newer one may hold."""
+    async def _delete_made_secrets(self, namespace: str, made: Sequence[tuple[str, str]]) -> None:
+        """The Secrets one pod's creation made, each only as made (uid precondition): a refused pod
+        leaves those of other attempts, and those of its own attempt that a replica made."""
         assert self.kube is not None
-        pod = pod_name(job.name, attempt)
-        for name in (runner_secret_name(pod), registry_secret_name(pod)):
-            await self.kube.delete("secrets", core_path(job.namespace, "secrets", name))
+        for name, uid in made:
+            await self.kube.delete("secrets", core_path(namespace, "secrets", name), uid=uid)
 
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""
@@ -1671,6 +1676,13 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None
+
+
+def _remember(made: list[tuple[str, str]], created: Mapping[str, Any] | None) -> None:
+    """Note a Secret `kube.create` made (None: it was there already)."""
+    if created is not None:
+        meta = created.get("metadata") or {}
+        made.append((str(meta.get("name", "")), str(meta.get("uid", ""))))
 
 
 def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:

@@ -16,10 +16,17 @@ from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTA
 _MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
 
 
-def refusal_hint(why: str) -> str:
+def refusal_hint(why: str, pod_security: str = "baseline") -> str:
     """The API server's refusal of a pod, with where the resources a ResourceQuota wants set (or a
-    LimitRange bounds) come from: the user cannot change them; the admin can, and should know where."""
+    LimitRange bounds) come from: the user cannot change them; the admin can, and should know where.
+    `pod_security`: the operator's DSJOBS_JOB_POD_SECURITY."""
     if "violates PodSecurity" in why:
+        if pod_security == "restricted":
+            return (
+                f"{why} (job pods meet the restricted Pod Security Standard (DSJOBS_JOB_POD_SECURITY="
+                "restricted): a policy or webhook of the cluster changed the pod, or the job's image "
+                "is refused as it is)"
+            )
         return (
             f"{why} (job pods meet the baseline Pod Security Standard unless the operator runs with "
             "DSJOBS_JOB_POD_SECURITY=restricted: the job's container runs as its image's user; set "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -422,6 +423,15 @@ def _restricted_job_container(run_as_user: int) -> dict[str, Any]:
     return context
 
 
+def job_cpus(instance_type: InstanceTypeSpec) -> int:
+    """The CPUs the program is told it has: its CPU limit in whole CPUs, else the vCPUs the type
+    advertises (a DataSphere VM has that many; the downward API would give the node's)."""
+    limit = instance_type.resources.limits.get("cpu")
+    if limit is not None and parse_quantity(limit) > 0:
+        return max(1, math.ceil(parse_quantity(limit)))
+    return instance_type.vcpu
+
+
 def _gpu_type(instance_type: InstanceTypeSpec) -> bool:
     """Whether the type asks for GPUs (any nvidia.com/* resource: whole GPUs or MIG slices)."""
     resources = instance_type.resources
@@ -457,7 +467,9 @@ def _resources(instance_type: InstanceTypeSpec) -> dict[str, Any]:
 
 #: The InstanceType's fields that its pods are made of (render_pod): a change of any other (its
 #: description, the vCPUs it advertises, a field a newer version adds with a default) leaves the
-#: pods waiting for a node as they are.
+#: pods waiting for a node as they are. `gpus`, `memory` and `vcpu` are read too, only where the
+#: resources say nothing (GPU visibility, /dev/shm, DSJOBS_CPUS): left out, as adding them would
+#: remake every waiting pod at an upgrade.
 _POD_FIELDS: Final = (
     "nodeSelector",
     "tolerations",
@@ -523,6 +535,7 @@ def render_pod(
             **{m.id: output_dataset_claim_name(m.id) for m in config.output_datasets},
         },
         project_disk_claim=volumes.project_disk_claim,
+        job_cpus=job_cpus(instance_type),
         runner_resources={
             "requests": {"cpu": settings.runner_cpu_request, "memory": settings.runner_memory_request},
             "limits": {
@@ -638,6 +651,7 @@ __all__ = [
     "PvcView",
     "Volumes",
     "instance_type_digest",
+    "job_cpus",
     "made_from",
     "needs_registry_secret",
     "output_dataset_claims",

@@ -196,8 +196,12 @@ def runner_pod_parts(
     config_delivery: Literal["volume", "env"] = "volume",
     storage_delivery: Literal["env", "files"] = "env",
     ship_margin_seconds: int = DEFAULT_SHIP_MARGIN_SECONDS,
+    job_cpus: int | None = None,
 ) -> RunnerPodParts:
     """Containers and volumes of a job pod for ``config``.
+
+    ``job_cpus``: the CPUs the program is told it has (``DSJOBS_CPUS``); None: the job container's
+    CPU limit, from the downward API (the node's CPUs when it has none).
 
     ``mount_claims`` maps each S3 mount / dataset / output dataset id to its PVC name (the
     operator finds the first two by label and makes the last); ``project_disk_claim`` is the project disk PVC (needed iff ``project_disk_path``).
@@ -312,10 +316,12 @@ def runner_pod_parts(
         "image": user_image,
         "command": ["/bin/sh", str(layout.entry_script)],
         "args": [],
-        # Its CPU limit in whole CPUs (the downward API rounds up; without a limit, the node's):
-        # the entry script sizes the program's thread pools by it.
+        # The entry script sizes the program's thread pools by it.
         "env": [
-            {
+            {"name": CPUS_ENV, "value": str(job_cpus)}
+            if job_cpus is not None
+            # Its CPU limit in whole CPUs (the downward API rounds up; without a limit, the node's).
+            else {
                 "name": CPUS_ENV,
                 "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}},
             }

@@ -378,13 +378,39 @@ dsjobs_machine_env() {
       done
       ;;
   esac
-  if [ ! -w "${HOME:-/}" ] && mkdir -p "$DSJOBS_SHARED/home" 2>/dev/null; then
-    export HOME="$DSJOBS_SHARED/home"
+  if [ ! -w "${HOME:-/}" ]; then
+    # The node's disk (as the image's /tmp) first: caches (models) would fill the shared volume.
+    for dsjobs_h in "${TMPDIR:-/tmp}/dsjobs-home" "$DSJOBS_SHARED/home"; do
+      if mkdir -p "$dsjobs_h" 2>/dev/null && [ -w "$dsjobs_h" ]; then
+        export HOME="$dsjobs_h"
+        break
+      fi
+    done
   fi
   if [ -z "${USER:-}${LOGNAME:-}" ] && command -v id >/dev/null 2>&1 && ! id -un >/dev/null 2>&1; then
     export USER=job LOGNAME=job
   fi
-  ulimit -S -n "$(ulimit -H -n 2>/dev/null)" 2>/dev/null || :
+  # Up to 1048576: some nodes' hard limit is ~2^30, and programs that close every possible
+  # descriptor (subprocess without close_fds support, rpm) crawl with that.
+  dsjobs_n=$(ulimit -H -n 2>/dev/null) || dsjobs_n=''
+  case "$dsjobs_n" in ''|*[!0-9]*) dsjobs_n=1048576 ;; esac
+  [ "$dsjobs_n" -le 1048576 ] || dsjobs_n=1048576
+  ulimit -S -n "$dsjobs_n" 2>/dev/null || :
+}
+
+# dsjobs_readable PATH: PATH (relative to the working directory) and what is below it readable by
+# all, unless it is, or is under, a link leading out of the working directory (the ship uploads
+# nothing from out there, and a mount's tree is not the job's to change). Links below it are left
+# as they are (chmod -R does not follow them).
+dsjobs_readable() {
+  dsjobs_root=$(cd -P "$DSJOBS_WORK" 2>/dev/null && pwd -P) || return 0
+  dsjobs_p="$DSJOBS_WORK/$1"
+  [ -e "$dsjobs_p" ] && [ ! -L "$dsjobs_p" ] || return 0
+  dsjobs_d=$(cd -P "${dsjobs_p%/*}" 2>/dev/null && pwd -P) || return 0
+  case "$dsjobs_d/" in
+    "$dsjobs_root"/*) chmod -R a+rX -- "$dsjobs_p" 2>/dev/null ;;
+  esac
+  return 0
 }
 
 # dsjobs_exit RC PHASE REASON EXIT_CODE
@@ -796,7 +822,7 @@ def render_entry_script(
         "\n# have it fail to upload. The program's own user, so nothing it could not do itself."
     )
     lines.append("dsjobs_outputs_readable() {")
-    lines.extend(f'  chmod -R a+rX -- "$DSJOBS_WORK"/{_q(o.path)} 2>/dev/null' for o in config.outputs)
+    lines.extend(f"  dsjobs_readable {_q(o.path)}" for o in config.outputs)
     lines.append("  return 0")
     lines.append("}")
     lines.append("\n# What the job's Python environment adds for the program, over the job's environment.")
