@@ -20,7 +20,6 @@ deleted at the end; the cluster itself belongs to `cluster_fixtures.dev_cluster`
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import secrets
@@ -37,16 +36,22 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused
+from cluster_fixtures import (
+    REPO_ROOT,
+    ClusterHandle,
+    apply_admission,
+    apply_cluster_role,
+    deployed_operator_paused,
+    service_account_token,
+    token_kubeconfig,
+)
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
-from dsjobs import localstack
 from dsjobs.devcluster import S3Config
 
 API_STARTUP_TIMEOUT_S = 60
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
-TOKEN_SECONDS = 3 * 3600
 
 
 def free_port() -> int:
@@ -188,27 +193,16 @@ def _apply_instance_types(api_client: Any) -> None:
                 raise
 
 
-ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
-
-
 def _apply_rbac(api_client: Any) -> dict[str, Any]:
     """The ClusterRoles of api-rbac.yaml (created or replaced); returns the docs by kind/name."""
-    rbac = k8s.RbacAuthorizationV1Api(api_client)
     docs = {
         f"{d['kind']}/{d['metadata']['name']}": d
         for d in yaml.safe_load_all((REPO_ROOT / "deploy" / "base" / "api-rbac.yaml").read_text())
         if d
     }
     for doc in docs.values():
-        if doc["kind"] != "ClusterRole":
-            continue
-        name = doc["metadata"]["name"]
-        try:
-            rbac.create_cluster_role(doc)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            rbac.replace_cluster_role(name, doc)
+        if doc["kind"] == "ClusterRole":
+            apply_cluster_role(api_client, doc)
     return docs
 
 
@@ -224,15 +218,6 @@ def _wait(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
             last = exc
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what} (last error: {last})")
-
-
-def _token(api_client: Any, namespace: str, sa: str) -> str:
-    core = k8s.CoreV1Api(api_client)
-    req = k8s.AuthenticationV1TokenRequest(
-        spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
-    )
-    result = core.create_namespaced_service_account_token(sa, namespace, req)
-    return str(result.status.token)
 
 
 def _service_account(api_client: Any, namespace: str, name: str) -> None:
@@ -254,34 +239,6 @@ def _bind(api_client: Any, namespace: str, role: str, sa_namespace: str, sa: str
             "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_namespace}],
         },
     )
-
-
-def _api_kubeconfig(handle: ClusterHandle, token: str, path: Path) -> Path:
-    """A kubeconfig for the API's own ServiceAccount: the admin kubeconfig's server and CA + a token."""
-    admin = yaml.safe_load(handle.kubeconfig.read_text())
-    cluster = admin["clusters"][0]["cluster"]
-    if "certificate-authority" in cluster:
-        ca_data = base64.b64encode(Path(cluster["certificate-authority"]).read_bytes()).decode()
-    else:
-        ca_data = cluster["certificate-authority-data"]
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "c",
-                        "cluster": {"server": cluster["server"], "certificate-authority-data": ca_data},
-                    }
-                ],
-                "users": [{"name": "api", "user": {"token": token}}],
-                "contexts": [{"name": "api", "context": {"cluster": "c", "user": "api"}}],
-                "current-context": "api",
-            }
-        )
-    )
-    return path
 
 
 def start_api(
@@ -350,8 +307,7 @@ def _api_env(
     _apply_instance_types(api_client)
     docs = _apply_rbac(api_client)
     # The API's ServiceAccount is held to what deploy/base/admission.yaml lets it do, as deployed.
-    kubectl = localstack.Kubectl(localstack.find_kubectl(), dev_cluster.kubeconfig)
-    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])
+    apply_admission(dev_cluster)
     suffix = secrets.token_hex(3)
     a = Project(f"apitest-{suffix}-a", f"apitest-{suffix}-a")
     b = Project(f"apitest-{suffix}-b", f"apitest-{suffix}-b")
@@ -383,8 +339,8 @@ def _api_env(
                 "subjects": [{"kind": "ServiceAccount", "name": "dsjobs-api", "namespace": system}],
             }
         )
-        api_kubeconfig = _api_kubeconfig(
-            dev_cluster, _token(api_client, system, "dsjobs-api"), workdir / "api.kubeconfig"
+        api_kubeconfig = token_kubeconfig(
+            dev_cluster, service_account_token(api_client, system, "dsjobs-api"), workdir / "api.kubeconfig"
         )
         users = ("alice", "viewer", "outsider", "editor", "nsviewer")
         for user in users:
@@ -394,7 +350,7 @@ def _api_env(
         _bind(api_client, a.namespace, "dsjobs-project-viewer", system, "viewer")
         _bind(api_client, a.namespace, "edit", system, "editor")
         _bind(api_client, a.namespace, "view", system, "nsviewer")
-        tokens = {user: _token(api_client, system, user) for user in users}
+        tokens = {user: service_account_token(api_client, system, user) for user in users}
         env = ApiEnv(
             cluster=dev_cluster,
             s3=dev_s3,

@@ -15,6 +15,7 @@ Modes:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import subprocess
@@ -26,15 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from dsjobs import localstack
 from dsjobs.devcluster import ClusterPaths, S3Config, node_agent_available, status
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.node.cgroup import MemoryCgroups
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The admission policies that hold dsjobs' own identities (the API and operator fixtures apply it).
+ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
 UP_TIMEOUT_S = 3600  # a cold binary build alone can take most of this
 CLI_STOP_TIMEOUT_S = 120  # an interrupted `up` stops its processes in waves of up to 15 s each
 HEALTHY_TIMEOUT_S = 60
@@ -273,3 +278,62 @@ def deployed_operator_paused(cluster: ClusterHandle) -> Iterator[None]:
             apps.patch_namespaced_deployment_scale(
                 DEPLOYED_OPERATOR, SYSTEM_NAMESPACE, {"spec": {"replicas": replicas}}
             )
+
+
+#: Tokens of the test identities outlive any run of a module or session.
+TOKEN_SECONDS = 3 * 3600
+
+
+def service_account_token(api_client: Any, namespace: str, sa: str) -> str:
+    """A TokenRequest token of ServiceAccount `sa`, valid TOKEN_SECONDS."""
+    request = k8s_client.AuthenticationV1TokenRequest(
+        spec=k8s_client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
+    )
+    result = k8s_client.CoreV1Api(api_client).create_namespaced_service_account_token(sa, namespace, request)
+    return str(result.status.token)
+
+
+def token_kubeconfig(handle: ClusterHandle, token: str, path: Path) -> Path:
+    """A kubeconfig of `token`: the admin kubeconfig's server and CA (inlined), mode 0600."""
+    admin = yaml.safe_load(handle.kubeconfig.read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        ca_data = base64.b64encode(Path(cluster["certificate-authority"]).read_bytes()).decode()
+    else:
+        ca_data = cluster["certificate-authority-data"]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {"server": cluster["server"], "certificate-authority-data": ca_data},
+                    }
+                ],
+                "users": [{"name": "u", "user": {"token": token}}],
+                "contexts": [{"name": "u", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "u",
+            }
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def apply_cluster_role(api_client: Any, doc: dict[str, Any]) -> None:
+    """Create the ClusterRole `doc`, or replace the one of its name."""
+    rbac = k8s_client.RbacAuthorizationV1Api(api_client)
+    try:
+        rbac.create_cluster_role(doc)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        rbac.replace_cluster_role(doc["metadata"]["name"], doc)
+
+
+def apply_admission(handle: ClusterHandle) -> None:
+    """deploy/base/admission.yaml, as deployed: dsjobs' identities are held to it."""
+    kubectl = localstack.Kubectl(localstack.find_kubectl(), handle.kubeconfig)
+    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])

@@ -13,7 +13,6 @@ The operator can be SIGKILLed and restarted (`kill()`, `start()`); its log is ke
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -32,7 +31,16 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster_fixtures import REPO_ROOT, ClusterHandle, deployed_operator_paused, poll
+from cluster_fixtures import (
+    REPO_ROOT,
+    ClusterHandle,
+    apply_admission,
+    apply_cluster_role,
+    deployed_operator_paused,
+    poll,
+    service_account_token,
+    token_kubeconfig,
+)
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
@@ -283,9 +291,6 @@ def _apply_setup(kubectl: Callable[..., str]) -> None:
 
 
 OPERATOR_RBAC = REPO_ROOT / "deploy" / "base" / "operator-rbac.yaml"
-ADMISSION = REPO_ROOT / "deploy" / "base" / "admission.yaml"
-#: The operator's token outlives any run of the module.
-TOKEN_SECONDS = 3 * 3600
 
 
 def _operator_identity(cluster: ClusterHandle, system: str, workdir: Path) -> tuple[Path, str]:
@@ -297,8 +302,7 @@ def _operator_identity(cluster: ClusterHandle, system: str, workdir: Path) -> tu
     api = cluster.api_client
     core = k8s_client.CoreV1Api(api)
     rbac = k8s_client.RbacAuthorizationV1Api(api)
-    kubectl = localstack.Kubectl(localstack.find_kubectl(), cluster.kubeconfig)
-    kubectl.apply([d for d in yaml.safe_load_all(ADMISSION.read_text()) if d])
+    apply_admission(cluster)
     core.create_namespace({"metadata": {"name": system, "labels": {"dsjobs.dev/system": "true"}}})
     core.create_namespaced_service_account(system, {"metadata": {"name": "dsjobs-operator"}})
     subject = {"kind": "ServiceAccount", "name": "dsjobs-operator", "namespace": system}
@@ -306,12 +310,7 @@ def _operator_identity(cluster: ClusterHandle, system: str, workdir: Path) -> tu
     for doc in yaml.safe_load_all(OPERATOR_RBAC.read_text()):
         kind = (doc or {}).get("kind")
         if kind == "ClusterRole":
-            try:
-                rbac.create_cluster_role(doc)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                rbac.replace_cluster_role(doc["metadata"]["name"], doc)
+            apply_cluster_role(api, doc)
         elif kind == "ClusterRoleBinding":
             doc = {**doc, "metadata": {"name": binding}, "subjects": [subject]}
             rbac.create_cluster_role_binding(doc)
@@ -320,30 +319,8 @@ def _operator_identity(cluster: ClusterHandle, system: str, workdir: Path) -> tu
         elif kind == "RoleBinding":
             doc = {**doc, "metadata": {**doc["metadata"], "namespace": system}, "subjects": [subject]}
             rbac.create_namespaced_role_binding(system, doc)
-    request = k8s_client.AuthenticationV1TokenRequest(
-        spec=k8s_client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
-    )
-    token = core.create_namespaced_service_account_token("dsjobs-operator", system, request).status.token
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = dict(admin["clusters"][0]["cluster"])
-    if "certificate-authority" in server:
-        ca = Path(server.pop("certificate-authority")).read_bytes()
-        server["certificate-authority-data"] = base64.b64encode(ca).decode()
-    path = workdir / "operator.kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": server}],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
-                "current-context": "operator",
-            }
-        )
-    )
-    path.chmod(0o600)
-    return path, binding
+    token = service_account_token(api, system, "dsjobs-operator")
+    return token_kubeconfig(cluster, token, workdir / "operator.kubeconfig"), binding
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,11 @@ from dsjobs.runner.contract import JOB_CONTAINER, SHIP_CONTAINER, STAGE_IN_CONTA
 _MUST_SPECIFY: Final = re.compile(r"([\w./-]+) for: ([\w,.-]+)")
 
 
+def _named_containers(why: str) -> set[str]:
+    """The containers a ResourceQuota's "must specify ... for: a,b" names."""
+    return {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+
+
 def refusal_hint(why: str, pod_security: str = "baseline") -> str:
     """The API server's refusal of a pod, with where the resources a ResourceQuota wants set (or a
     LimitRange bounds) come from: the user cannot change them; the admin can, and should know where.
@@ -37,7 +42,7 @@ def refusal_hint(why: str, pod_security: str = "baseline") -> str:
         # the message names no container.
         named = {STAGE_IN_CONTAINER, SHIP_CONTAINER, JOB_CONTAINER}
     elif "must specify" in why:
-        named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+        named = _named_containers(why)
     else:
         return why
     hints = []
@@ -65,7 +70,7 @@ def refused_by_type(why: str) -> bool:
     if "violates PodSecurity" in why:
         return False
     if "must specify" in why:
-        named = {c for m in _MUST_SPECIFY.finditer(why) for c in m.group(2).split(",")}
+        named = _named_containers(why)
         if named and JOB_CONTAINER not in named:
             return False
     match = _EXCEEDED.search(why)

@@ -426,10 +426,8 @@ def _restricted_job_container(run_as_user: int) -> dict[str, Any]:
 def job_cpus(instance_type: InstanceTypeSpec) -> int:
     """The CPUs the program is told it has: its CPU limit in whole CPUs, else the vCPUs the type
     advertises (a DataSphere VM has that many; the downward API would give the node's)."""
-    limit = instance_type.resources.limits.get("cpu")
-    if limit is not None and parse_quantity(limit) > 0:
-        return max(1, math.ceil(parse_quantity(limit)))
-    return instance_type.vcpu
+    limit = parse_quantity(instance_type.resources.limits.get("cpu", 0))
+    return math.ceil(limit) if limit > 0 else instance_type.vcpu
 
 
 def _gpu_type(instance_type: InstanceTypeSpec) -> bool:

@@ -403,7 +403,8 @@ dsjobs_machine_env() {
 # nothing from out there, and a mount's tree is not the job's to change). Links below it are left
 # as they are (chmod -R does not follow them).
 dsjobs_readable() {
-  dsjobs_root=$(cd -P "$DSJOBS_WORK" 2>/dev/null && pwd -P) || return 0
+  # The working directory's own path, resolved once for all the outputs.
+  [ -n "${dsjobs_root:-}" ] || dsjobs_root=$(cd -P "$DSJOBS_WORK" 2>/dev/null && pwd -P) || return 0
   dsjobs_p="$DSJOBS_WORK/$1"
   [ -e "$dsjobs_p" ] && [ ! -L "$dsjobs_p" ] || return 0
   dsjobs_d=$(cd -P "${dsjobs_p%/*}" 2>/dev/null && pwd -P) || return 0
