@@ -122,9 +122,13 @@ def _on_path(tmp: Path, name: str, script: str) -> dict[str, str]:
 
 
 def _fake_python(tmp: Path, pip: str = "echo pip-ran; exit 0", before_version: str = "") -> dict[str, str]:
-    """PATH with a python3 that reports 3.11.0 (after `before_version`) and runs the shell
-    commands `pip` for any pip command."""
-    return _on_path(tmp, "python3", f'case "$*" in *pip*) {pip} ;; esac\n{before_version}echo 3.11.0\n')
+    """PATH with a python3 that reports 3.11.0 (after `before_version`), runs the shell commands
+    `pip` for any pip command and has no venv module (pip then installs with --target)."""
+    return _on_path(
+        tmp,
+        "python3",
+        f'case "$*" in "-m pip "*) {pip} ;; "-m venv "*) exit 1 ;; esac\n{before_version}echo 3.11.0\n',
+    )
 
 
 def _recording_sleep(tmp: Path) -> tuple[dict[str, str], Path]:
@@ -514,13 +518,103 @@ def _write_wheel(dest_dir: Path, name: str, version: str, module_source: str) ->
     return wheel
 
 
-def make_local_index(tmp: Path) -> str:
-    """A PEP 503 index on disk serving one tiny wheel; returns its file:// URL."""
+def make_local_index(tmp: Path, versions: dict[str, int] | None = None) -> str:
+    """A PEP 503 index on disk serving tiny wheels of `tinypkg` (version -> its VALUE; one 0.1
+    of VALUE 42 by default); returns its file:// URL."""
     pkg = tmp / "simple" / "tinypkg"
     pkg.mkdir(parents=True)
-    wheel = _write_wheel(pkg, "tinypkg", "0.1", "VALUE = 42\n")
-    (pkg / "index.html").write_text(f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>\n')
+    links = []
+    for version, value in (versions or {"0.1": 42}).items():
+        wheel = _write_wheel(pkg, "tinypkg", version, f"VALUE = {value}\n")
+        links.append(f'<a href="{wheel.name}">{wheel.name}</a>')
+    (pkg / "index.html").write_text(f"<html><body>{''.join(links)}</body></html>\n")
     return (tmp / "simple").as_uri()
+
+
+def _venv_site(venv: Path) -> Path:
+    [site] = (venv / "lib").glob("python*/site-packages")
+    return site
+
+
+def _image_python(tmp: Path, index: str, installed: str | None) -> Path:
+    """An image whose Python is a venv of its own (as /opt/venv images have), with pip (the test
+    interpreter's, through a .pth) and `installed` (a requirement) pip-installed in it; its bin."""
+    img = tmp / "image"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(img)], check=True)
+    pip_home = Path(__import__("pip").__file__).parent.parent
+    (_venv_site(img) / "test-pip.pth").write_text(f"{pip_home}\n")
+    if installed:
+        subprocess.run(
+            [img / "bin" / "python", "-m", "pip", "install", "-q", "--index-url", index, installed],
+            check=True,
+            capture_output=True,
+        )
+    return img / "bin"
+
+
+def _prints_tinypkg(interpreter: str = "python3") -> str:
+    return f"{interpreter} -c 'import sys, tinypkg; print(tinypkg.VALUE, tinypkg.__file__, sys.prefix)'"
+
+
+def test_requirements_the_image_has_are_not_installed_again(shell: list[str], tmp_path: Path) -> None:
+    # A pytorch image's torch was downloaded again by each job (pip --target ignores what the
+    # interpreter has).
+    index = make_local_index(tmp_path, {"0.1": 1, "0.2": 2})
+    bindir = _image_python(tmp_path, index, "tinypkg==0.1")
+    cfg = make_config(
+        tmp_path,
+        _prints_tinypkg(),
+        python_env={"requirements": ["tinypkg==0.1"], "pip": {"index_url": index}},
+    )
+    cfg.layout.requirements.write_text("tinypkg==0.1\n")
+    r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=120)
+    assert r.rc == 0, r.syslog
+    assert "Requirement already satisfied: tinypkg==0.1" in r.syslog
+    value, where, prefix = r.out_file.decode().split()
+    assert value == "1" and where.startswith(str(tmp_path / "image"))
+    # The program's python3 is the job's venv (first on PATH), which nothing was installed into.
+    assert prefix == str(cfg.layout.venv_dir)
+    assert not list(_venv_site(cfg.layout.venv_dir).glob("tinypkg*"))
+
+
+@pytest.mark.parametrize("interpreter", ["python3", "image"])
+def test_a_requirement_in_another_version_than_the_image_s_leaves_the_image_s_alone(
+    tmp_path: Path, interpreter: str
+) -> None:
+    index = make_local_index(tmp_path, {"0.1": 1, "0.2": 2})
+    bindir = _image_python(tmp_path, index, "tinypkg==0.1")
+    # "image": the program names the image's interpreter by its path (not the venv's on PATH).
+    cfg = make_config(
+        tmp_path,
+        _prints_tinypkg("python3" if interpreter == "python3" else str(bindir / "python3")),
+        python_env={"requirements": ["tinypkg==0.2"], "pip": {"index_url": index}},
+    )
+    cfg.layout.requirements.write_text("tinypkg==0.2\n")
+    r = run_entry(_dash(), cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=120)
+    assert r.rc == 0, r.syslog
+    value, where, _ = r.out_file.decode().split()
+    assert value == "2" and where.startswith(str(cfg.layout.venv_dir))
+    # The image's copy is still there (pip did not uninstall it: it is outside the venv).
+    assert (_venv_site(tmp_path / "image") / "tinypkg" / "__init__.py").read_text() == "VALUE = 1\n"
+
+
+def test_without_the_venv_module_pip_installs_into_a_target_dir(tmp_path: Path) -> None:
+    # An interpreter that cannot make a venv (a stripped image): pip installs every requirement
+    # into the site dir, which is on PYTHONPATH, as it did before venvs.
+    index = make_local_index(tmp_path)
+    real = shlex.quote(sys.executable)
+    env = _on_path(tmp_path, "python3", f'case "$*" in "-m venv "*) exit 1 ;; esac\nexec {real} "$@"\n')
+    cfg = make_config(
+        tmp_path,
+        "python3 -c 'import tinypkg; print(tinypkg.VALUE)'",
+        python_env={"requirements": ["tinypkg==0.1"], "pip": {"index_url": index}},
+    )
+    cfg.layout.requirements.write_text("tinypkg==0.1\n")
+    r = run_entry(_dash(), cfg, env=env, timeout=120)
+    assert r.rc == 0, r.syslog
+    assert r.out_file == b"42\n"
+    assert "made no virtual environment" in r.syslog
+    assert (cfg.layout.site_dir / "tinypkg" / "__init__.py").exists()
 
 
 def test_python_env_installs_requirements_and_puts_local_modules_on_pythonpath(tmp_path: Path) -> None:
@@ -546,7 +640,7 @@ def test_python_env_installs_requirements_and_puts_local_modules_on_pythonpath(t
     assert r.rc == 0, r.syslog
     assert r.out_file == b"42 local\n"
     assert "requirements installed" in r.syslog
-    assert (cfg.layout.site_dir / "tinypkg" / "__init__.py").exists()
+    assert (_venv_site(cfg.layout.venv_dir) / "tinypkg" / "__init__.py").exists()
 
 
 @pytest.mark.parametrize(
@@ -633,7 +727,7 @@ def _cancel_around_start(cfg: RunnerConfig, launch: str, where: str) -> Path:
     return kills
 
 
-_PIP_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY"'
+_PIP_LAUNCH = '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PIP_PY"'
 _PROGRAM_LAUNCH = (
     '( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_machine_env; dsjobs_job_env; dsjobs_program_env; exec'
 )

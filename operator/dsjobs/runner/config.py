@@ -373,7 +373,13 @@ class SharedLayout:
         return self.root / "python"
 
     @property
+    def venv_dir(self) -> Path:
+        """The virtual environment the job's requirements go into (the entry script makes it)."""
+        return self.python_dir / "venv"
+
+    @property
     def site_dir(self) -> Path:
+        """Where pip installs the requirements when the image's Python cannot make a venv."""
         return self.python_dir / "site"
 
     @property

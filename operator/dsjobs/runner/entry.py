@@ -9,7 +9,8 @@ The script (written by stage-in to ``<shared>/entry.sh``, run as ``/bin/sh <shar
    and pip, so a job's own PATH or IFS cannot take the script's tools away (the launcher, tee,
    the graceful-shutdown timer are found on the image's PATH);
 3. only when the job has a Python environment: checks the image interpreter's version, pip-installs
-   the requirements into a job-local target dir, and puts local modules + that dir on PYTHONPATH;
+   the requirements into a job-local virtual environment over the image's packages (pip installs
+   only what the image lacks), and puts local modules + its site dir on PYTHONPATH, its bin on PATH;
 4. runs ``cmd`` under ``bash -c`` (``sh -c`` when the image has no bash) in its own session
    (``setsid``) with SIGINT/SIGQUIT reset to default, stdout and stderr each through a FIFO into
    a ``tee`` that appends to a file in the shared volume and copies to the container log - two
@@ -568,20 +569,55 @@ DSJOBS_PYVER=$(dsjobs_job_env; exec "$DSJOBS_PY" -c 'import sys; print("%d.%d.%d
   || dsjobs_setup_failed "cannot run $DSJOBS_PY"
 """
 
+# The image interpreter's site dirs as a .pth line for the job's venv: `site.addsitedir` keeps
+# their order and runs their own .pth files (editable installs, namespace packages), and an image
+# whose Python is itself a venv (/opt/venv) keeps its packages, which --system-site-packages (the
+# base interpreter's) would lose. The user site too: a venv turns it off. (No comprehension: a
+# .pth line runs in exec, whose locals a comprehension's scope does not see.)
+_IMAGE_SITES_PY = """import os, site
+d = list(getattr(site, "getsitepackages", lambda: [])())
+d.append(site.getusersitepackages() if site.ENABLE_USER_SITE else "")
+d = [p for p in d if p and os.path.isdir(p)]
+print("import site; list(map(site.addsitedir, %r))" % (d,))"""
+
+# The requirements go into a virtual environment that sees the image's packages: pip skips what
+# the image has (a pytorch image's torch is not downloaded again) and installs what it lacks or has
+# in another version into the venv, never over the image's. An interpreter without the venv module:
+# pip installs every requirement into a target dir, as before (it cannot tell what the image has).
+_VENV = r"""
+DSJOBS_PIP_PY=$DSJOBS_PY
+DSJOBS_PYBIN=$DSJOBS_SITE/bin
+dsjobs_venv_site=''
+if ( dsjobs_job_env; exec "$DSJOBS_PY" -m venv --without-pip "$DSJOBS_VENV" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 \
+  && dsjobs_venv_site=$(dsjobs_job_env; exec "$DSJOBS_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' </dev/null 2>>"$DSJOBS_SYSLOG_TO") \
+  && [ -d "$dsjobs_venv_site" ] \
+  && ( dsjobs_job_env; exec "$DSJOBS_PY" -c "$DSJOBS_IMAGE_SITES" </dev/null 2>>"$DSJOBS_SYSLOG_TO" ) >"$dsjobs_venv_site/dsjobs-image.pth"
+then
+  DSJOBS_PIP_PY=$DSJOBS_VENV/bin/python
+  DSJOBS_SITE=$dsjobs_venv_site
+  DSJOBS_PYBIN=$DSJOBS_VENV/bin
+  dsjobs_log "requirements go into a virtual environment over the image's packages: $DSJOBS_VENV"
+else
+  dsjobs_log "$DSJOBS_PY made no virtual environment: pip installs every requirement into $DSJOBS_SITE"
+  set -- "$@" --target "$DSJOBS_SITE"
+  DSJOBS_PIP_ARGS="$DSJOBS_PIP_ARGS --target $DSJOBS_SITE"
+fi
+"""
+
 _PIP_RUN = r"""
 # A cancel during the python checks (a trap runs once the probe's output is read): no pip at all.
 if [ "$DSJOBS_CANCEL" = 1 ]; then
   dsjobs_log "cancelled before pip started"
   dsjobs_exit '' cancelled "cancelled during setup" "$DSJOBS_CANCELLED_EXIT"
 fi
-dsjobs_log "installing requirements: $DSJOBS_PY $DSJOBS_PIP_ARGS"
+dsjobs_log "installing requirements: $DSJOBS_PIP_PY $DSJOBS_PIP_ARGS"
 # Where pip's lines start in the system log: its first error line is told in the job's status.
 dsjobs_pip_from=$( { wc -c <"$DSJOBS_SYSLOG_TO"; } 2>/dev/null) || dsjobs_pip_from=''
 DSJOBS_PHASE=pip
 DSJOBS_FORKED=$DSJOBS_RUN/pip.forked
 rm -f "$DSJOBS_FORKED" 2>/dev/null
 # (`true`, not `:`: a failed redirection of a special builtin ends a dash subshell.)
-( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 9>&- &
+( { true >"$DSJOBS_FORKED"; } 2>/dev/null; dsjobs_job_env; exec "$DSJOBS_PIP_PY" "$@" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 9>&- &
 DSJOBS_PID=$!
 dsjobs_deliver_pending
 dsjobs_wait
@@ -719,11 +755,12 @@ def redact_url_credentials(text: str) -> str:
 
 
 def pip_arguments(config: RunnerConfig) -> list[str]:
-    """The argv after the interpreter for installing the job's requirements."""
+    """The argv after the interpreter for installing the job's requirements (into the interpreter's
+    environment: the entry script adds `--target` when it could not make the job's venv)."""
     env = config.python_env
     assert env is not None
     layout = config.layout
-    args = [*_PIP_BASE.split(), "--target", str(layout.site_dir)]
+    args = _PIP_BASE.split()
     if env.pip.index_url:
         args += ["--index-url", env.pip.index_url]
     for url in env.pip.extra_index_urls:
@@ -803,19 +840,23 @@ def render_entry_script(
             lines.append('dsjobs_log "python $DSJOBS_PYVER ($DSJOBS_PY)"')
         if env.requirements:
             args = pip_arguments(config)
+            lines.append(_assign("DSJOBS_VENV", str(layout.venv_dir)))
+            lines.append(_assign("DSJOBS_SITE", str(layout.site_dir)))
+            lines.append(_assign("DSJOBS_IMAGE_SITES", _IMAGE_SITES_PY))
             lines.append("set -- " + " ".join(_q(a) for a in args))
             lines.append(_assign("DSJOBS_PIP_ARGS", redact_url_credentials(" ".join(args))))
+            lines.append(_VENV.strip("\n"))
             lines.append(_PIP_RUN.strip("\n"))
-    pypath = [str(layout.module_dir(i)) for i in range(len(config.local_modules))]
-    if env is not None and env.requirements:
-        pypath.append(str(layout.site_dir))
+    requirements = env is not None and bool(env.requirements)
+    pypath = [_q(str(layout.module_dir(i))) for i in range(len(config.local_modules))]
+    if requirements:
+        # Also for an interpreter the program names by its path (the venv's python is first on PATH).
+        pypath.append('"$DSJOBS_SITE"')
     if pypath:
-        program_env.append("PYTHONPATH=" + ":".join(_q(p) for p in pypath) + "${PYTHONPATH:+:$PYTHONPATH}")
+        program_env.append("PYTHONPATH=" + ":".join(pypath) + "${PYTHONPATH:+:$PYTHONPATH}")
         program_env.append("export PYTHONPATH")
-    if env is not None and env.requirements:
-        program_env.append(
-            f'PATH={_q(str(layout.site_dir / "bin"))}:"${{PATH:-/usr/local/bin:/usr/bin:/bin}}"'
-        )
+    if requirements:
+        program_env.append('PATH="$DSJOBS_PYBIN":"${PATH:-/usr/local/bin:/usr/bin:/bin}"')
         program_env.append("export PATH")
     lines.append(
         "\n# The outputs readable by the ship sidecar, which runs as a user of its own: a program that"
