@@ -51,6 +51,8 @@ from dsjobs.instancetypes import render_catalog_yaml
 
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
 PROJECT_ID = "e2e-op"
+#: DSJOBS_PYTHON_GPU_IMAGE of the operator under test.
+GPU_PYTHON_IMAGE = "registry.example.com/ml/python-cuda:{version}"
 START_TIMEOUT_S = 60
 
 
@@ -340,6 +342,8 @@ def operator_harness(
         "DSJOBS_FINISHED_POD_RETENTION": "600",
         "DSJOBS_IMAGE_PULL_TIMEOUT": "15",
         "DSJOBS_RUNNER_IMAGE": "dsjobs:e2e",
+        # The local nodes run any image (the host is the image): shown in the pods' spec only.
+        "DSJOBS_PYTHON_GPU_IMAGE": GPU_PYTHON_IMAGE,
         "DSJOBS_SHUTDOWN_GRACE_MARGIN": "10",
         # Pods that lost their job label are followed by the resync: seconds, not the default 10 min.
         "DSJOBS_POD_RESYNC_INTERVAL": "3",

@@ -30,6 +30,7 @@ from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node, small_disk_node  # noqa: F401
 from operator_fixtures import (  # noqa: F401
+    GPU_PYTHON_IMAGE,
     GROUP,
     PLURAL,
     PROJECT_ID,
@@ -130,6 +131,7 @@ def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) ->
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
     assert pod.metadata.owner_references[0].kind == "ProjectJob"
     assert pod.metadata.labels["dsjobs.dev/attempt"] == "1"
+    assert pod.spec.containers[0].image == "python:3.11-slim"  # a CPU type: DSJOBS_PYTHON_IMAGE
 
 
 def test_gpu_job_gets_the_catalog_placement_and_runs_on_the_gpu_node(h: H) -> None:
@@ -142,6 +144,8 @@ def test_gpu_job_gets_the_catalog_placement_and_runs_on_the_gpu_node(h: H) -> No
     assert any(t.key == "nvidia.com/gpu" and t.effect == "NoSchedule" for t in pod.spec.tolerations)
     job = pod.spec.containers[0]
     assert job.resources.limits["nvidia.com/gpu"] == "1"
+    # No image of its own: DSJOBS_PYTHON_GPU_IMAGE (a CPU type's job runs DSJOBS_PYTHON_IMAGE).
+    assert job.image == GPU_PYTHON_IMAGE.replace("{version}", "3.11")
 
 
 @contextlib.contextmanager

@@ -50,6 +50,12 @@ def test_settings_defaults_and_env() -> None:
         0,
     )
     assert s.python_image_for("3.12") == "reg/py:3.12" and s.python_image_for("") == "reg/py:3.11"
+    assert s.python_image_for("3.12", gpu=True) == "reg/py:3.12"
+    gpu = settings_from_env({"DSJOBS_PYTHON_GPU_IMAGE": "reg/cuda-py:1.0"})
+    assert gpu.python_image_for("3.12", gpu=True) == "reg/cuda-py:1.0"
+    assert gpu.python_image_for("3.12") == "python:3.12-slim"
+    with pytest.raises(SettingsError, match="DSJOBS_PYTHON_GPU_IMAGE='reg/cuda-py': must contain"):
+        settings_from_env({"DSJOBS_PYTHON_GPU_IMAGE": "reg/cuda-py"})
     with pytest.raises(SettingsError):
         settings_from_env({"DSJOBS_METRICS_PORT": "many"})
     with pytest.raises(SettingsError):

@@ -782,6 +782,32 @@ def test_images() -> None:
     assert user_image(by_resource, SETTINGS, {}) is None
 
 
+def test_gpu_types_run_the_gpu_python_image_when_there_is_one() -> None:
+    gpu, cpu = TYPES["g1.1"], TYPES["c1.4"]
+    python = spec(env={"pythonEnv": {"pythonVersion": "3.10"}})
+    cuda = dataclasses.replace(SETTINGS, python_gpu_image="reg.example.com/ml/py-cuda:{version}")
+    assert user_image(python, cuda, {}, gpu) == "reg.example.com/ml/py-cuda:3.10"
+    assert user_image(python, cuda, {}, cpu) == "python:3.10-slim"
+    assert user_image(spec(), cuda, {}, gpu) == "reg.example.com/ml/py-cuda:3.11"
+    # Unset: GPU types run DSJOBS_PYTHON_IMAGE; a job's own image wins on any type.
+    assert user_image(python, SETTINGS, {}, gpu) == "python:3.10-slim"
+    own = spec(env={"dockerImageSpec": {"imageUrl": "cr.example.com/x:2"}})
+    assert user_image(own, cuda, {}, gpu) == "cr.example.com/x:2"
+    # MIG slices are GPUs too.
+    mig = gpu.model_copy(
+        update={
+            "gpus": 0,
+            "resources": gpu.resources.model_copy(
+                update={
+                    "limits": {"nvidia.com/mig-1g.10gb": "1"},
+                    "requests": {"nvidia.com/mig-1g.10gb": "1"},
+                }
+            ),
+        }
+    )
+    assert user_image(python, cuda, {}, mig) == "reg.example.com/ml/py-cuda:3.10"
+
+
 def test_resolve_volumes_by_label() -> None:
     job_spec = spec(s3MountIds=["b1"], datasetIds=["d1", "d2"], attachProjectDisk=True, cmd="true")
     assert pvc_selectors(job_spec) == [

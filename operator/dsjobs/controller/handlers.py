@@ -1152,7 +1152,7 @@ class Operator:
             docker_images = dict((cm or {}).get("data") or {})
         # A retry or fallback runs what the first attempt ran (the settings or the project's
         # images may have changed since).
-        image = status.image or user_image(spec, self.settings, docker_images)
+        image = status.image or user_image(spec, self.settings, docker_images, instance_type)
         if image is None:
             rid = env.docker_image_resource_id if env is not None else ""
             return fail(

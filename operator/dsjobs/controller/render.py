@@ -173,12 +173,16 @@ def resolve_volumes(spec: ProjectJobSpec, pvcs: Sequence[PvcView]) -> tuple[Volu
 
 
 def user_image(
-    spec: ProjectJobSpec, settings: OperatorSettings, docker_images: Mapping[str, str]
+    spec: ProjectJobSpec,
+    settings: OperatorSettings,
+    docker_images: Mapping[str, str],
+    instance_type: InstanceTypeSpec | None = None,
 ) -> str | None:
     """The job container's image; None when a docker image resource id is unknown.
 
     Order: docker image by URL, project docker image resource (ConfigMap `dsjobs-docker-images`,
-    key = resource id), the default Python image for the job's python_version.
+    key = resource id), the default Python image for the job's python_version (the GPU one on a
+    GPU `instance_type`).
     """
     env = spec.job_parameters.env
     if env is not None and env.docker_image_spec is not None:
@@ -186,7 +190,7 @@ def user_image(
     if env is not None and env.docker_image_resource_id:
         return docker_images.get(env.docker_image_resource_id)
     version = python_wanted(env.python_env)[0] if env is not None and env.python_env is not None else ""
-    return settings.python_image_for(version)
+    return settings.python_image_for(version, gpu=instance_type is not None and _gpu_type(instance_type))
 
 
 #: A requirements-file line the official CLI sends as a requirement (see runner_config).

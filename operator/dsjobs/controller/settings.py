@@ -74,6 +74,8 @@ class OperatorSettings:
     # IfNotPresent it would run another project's private image cached by an earlier job.
     job_image_pull_policy: str = "Always"
     python_image: str = DEFAULT_PYTHON_IMAGE
+    # Empty: GPU types run python_image too.
+    python_gpu_image: str = ""
     default_python_version: str = DEFAULT_PYTHON_VERSION
     # Empty: the whole cluster (ClusterRole). Otherwise only these namespaces are served.
     namespaces: tuple[str, ...] = ()
@@ -136,9 +138,11 @@ class OperatorSettings:
     # Level of the operator's own loggers (`dsjobs.*`); Kopf's stay at WARNING unless --verbose.
     log_level: str = "INFO"
 
-    def python_image_for(self, version: str) -> str:
-        """The default runtime image of a job with a Python env (and of jobs without any image)."""
-        return self.python_image.replace("{version}", version or self.default_python_version)
+    def python_image_for(self, version: str, *, gpu: bool = False) -> str:
+        """The default runtime image of a job with a Python env (and of jobs without any image), on
+        a GPU instance type when `gpu`."""
+        template = (self.python_gpu_image if gpu else "") or self.python_image
+        return template.replace("{version}", version or self.default_python_version)
 
 
 # env name -> (attribute, documentation). Order = order in docs/operator.md and docs/configuration.md.
@@ -169,6 +173,13 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     "DSJOBS_PYTHON_IMAGE": (
         "python_image",
         "Image of jobs without a docker image; `{version}` becomes the job's python_version.",
+    ),
+    "DSJOBS_PYTHON_GPU_IMAGE": (
+        "python_gpu_image",
+        "Image of jobs without a docker image on a GPU instance type (DataSphere's default image has "
+        "CUDA and cuDNN; python-slim has neither: TensorFlow falls back to the CPU), `{version}` as "
+        "in DSJOBS_PYTHON_IMAGE; a tag without `{version}` runs every job in that image's Python (a "
+        "job asking for another version fails its setup, naming both). Empty: DSJOBS_PYTHON_IMAGE.",
     ),
     "DSJOBS_DEFAULT_PYTHON_VERSION": (
         "default_python_version",
@@ -406,8 +417,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
                 f"{limit}={getattr(settings, SETTINGS_DOC[limit][0])!r}: must not be "
                 f"less than {request} ({getattr(settings, SETTINGS_DOC[request][0])})"
             )
-    if "{version}" not in settings.python_image and ":" not in settings.python_image.rsplit("/", 1)[-1]:
-        raise SettingsError("DSJOBS_PYTHON_IMAGE must contain {version} or a tag")
+    for name in ("DSJOBS_PYTHON_IMAGE", "DSJOBS_PYTHON_GPU_IMAGE"):
+        image = getattr(settings, SETTINGS_DOC[name][0])
+        if image and "{version}" not in image and ":" not in image.rsplit("/", 1)[-1]:
+            raise SettingsError(f"{name}={image!r}: must contain {{version}} or a tag")
     return settings
 
 
