@@ -56,6 +56,9 @@ def test_settings_defaults_and_env() -> None:
     assert gpu.python_image_for("3.12") == "python:3.12-slim"
     with pytest.raises(SettingsError, match="DSJOBS_PYTHON_GPU_IMAGE='reg/cuda-py': must contain"):
         settings_from_env({"DSJOBS_PYTHON_GPU_IMAGE": "reg/cuda-py"})
+    assert settings_from_env({"DSJOBS_OPERATOR_LOG_FORMAT": "text"}).log_format == "text"
+    with pytest.raises(SettingsError, match="DSJOBS_OPERATOR_LOG_FORMAT='yaml': must be one of json, text"):
+        settings_from_env({"DSJOBS_OPERATOR_LOG_FORMAT": "yaml"})
     with pytest.raises(SettingsError):
         settings_from_env({"DSJOBS_METRICS_PORT": "many"})
     with pytest.raises(SettingsError):

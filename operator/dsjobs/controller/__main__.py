@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         help="serve only this namespace (repeatable); default: DSJOBS_NAMESPACES or the whole cluster",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--log-format", choices=("text", "json"), default="json")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default=None, help="default: DSJOBS_OPERATOR_LOG_FORMAT or json"
+    )
     args = parser.parse_args(argv)
 
     from dsjobs.controller.settings import SettingsError, runner_image_skew, settings_from_env
@@ -99,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     from dsjobs.controller.handlers import Operator, register
 
     namespaces = tuple(args.namespace) or settings.namespaces
+    log_format = args.log_format or settings.log_format
     # The operator's own LISTs (start-up caches, input references) follow the same scope as Kopf.
     settings = dataclasses.replace(settings, namespaces=namespaces)
     kopf.configure(
         verbose=args.verbose,
-        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+        log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL,
     )
     from dsjobs.controller.kube import RetriedAttemptsAreWarnings
     from dsjobs.logformat import JsonFormatter, TextFormatter
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # The API server's line format, not Kopf's: one parser for both in a log pipeline.
     formatter = (
         JsonFormatter()
-        if args.log_format == "json"
+        if log_format == "json"
         else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     for handler in logging.getLogger().handlers:

@@ -137,6 +137,8 @@ class OperatorSettings:
     pod_resync_seconds: float = 600.0
     # Level of the operator's own loggers (`dsjobs.*`); Kopf's stay at WARNING unless --verbose.
     log_level: str = "INFO"
+    # `json` or `text`, as the API's DSJOBS_API_LOG_FORMAT (--log-format wins).
+    log_format: str = "json"
 
     def python_image_for(self, version: str, *, gpu: bool = False) -> str:
         """The default runtime image of a job with a Python env (and of jobs without any image), on
@@ -304,7 +306,13 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "Level of the operator's own log lines: `DEBUG`, `INFO`, `WARNING` or `ERROR` (`--verbose` "
         "logs everything, Kopf's per-handler lines included, at DEBUG).",
     ),
+    "DSJOBS_OPERATOR_LOG_FORMAT": (
+        "log_format",
+        "`json` (one object per line, as the API's) or `text`; `--log-format` overrides it.",
+    ),
 }
+
+LOG_FORMATS: Final = ("json", "text")
 
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -357,6 +365,10 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             f"DSJOBS_OPERATOR_LOG_LEVEL={settings.log_level!r}: must be one of " + ", ".join(LOG_LEVELS)
         )
     settings = replace(settings, log_level=settings.log_level.upper())
+    if settings.log_format not in LOG_FORMATS:
+        raise SettingsError(
+            f"DSJOBS_OPERATOR_LOG_FORMAT={settings.log_format!r}: must be one of " + ", ".join(LOG_FORMATS)
+        )
     if settings.storage_credentials not in STORAGE_CREDENTIAL_SOURCES:
         raise SettingsError(
             f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
