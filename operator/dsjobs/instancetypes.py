@@ -5,9 +5,13 @@
     python -m dsjobs.instancetypes --profile local  # print the dev-cluster catalog (kubectl apply -f -)
 
 Two profiles from one table:
-- `base` (deploy/base/instancetypes.yaml): requests equal limits, so a job's container gets the whole
-  machine shape it asked for, as on DataSphere. (The pod's QoS class is Burstable all the same: the
-  runner's containers have a small request and no CPU limit, DSJOBS_RUNNER_*.)
+- `base` (deploy/base/instancetypes.yaml): limits are the machine shape, so a job's container may use
+  all of it, as on DataSphere; cpu/memory *requests* are the shape less what a node of exactly that
+  shape keeps for itself (`node_reserve`), so the cloud VM of the type's size hosts its job. With
+  requests equal to limits no pod fitted such a node (allocatable is capacity less the kubelet's
+  reserves, DaemonSets take their part, the runner's containers request more): a g1.1 waited for
+  ever on the one-V100 8-vCPU machines, or an autoscaler bought a 4-GPU one. (The pod's QoS class
+  is Burstable either way: the runner's containers have no CPU limit, DSJOBS_RUNNER_*.)
 - `local`: the same shapes with cpu and memory *requests* divided by 16 (limits unchanged, GPUs
   unchanged since extended resources need requests == limits), so the dev cluster's CPU node
   (16 CPU / 64Gi) runs several c1.4 jobs and its GPU node (32 CPU / 128Gi / 8 GPU) runs g1.1 and g2.1
@@ -18,6 +22,7 @@ Two profiles from one table:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,10 +90,42 @@ def _describe(entry: CatalogEntry) -> str:
     return text
 
 
+#: What a node's DaemonSets (network, proxy, device plugin, log and metric agents) and the job's
+#: runner containers are given room for, over the kubelet's reserves: millicores, MiB.
+DAEMONS_CPU_M: Final = 400
+DAEMONS_MEMORY_MI: Final = 1024
+#: The kubelet's default hard eviction threshold (memory.available<100Mi).
+EVICTION_MEMORY_MI: Final = 100
+
+
+def _tiered(amount: float, tiers: tuple[tuple[float, float], ...], rest: float) -> float:
+    """Sum of `share * part` over consecutive parts of `amount` (each tier: size, share)."""
+    total, left = 0.0, amount
+    for size, share in tiers:
+        part = min(left, size)
+        total, left = total + part * share, left - part
+    return total + max(left, 0) * rest
+
+
+def node_reserve(vcpu: int, memory_gib: int) -> tuple[int, int]:
+    """What a node of `vcpu` CPUs and `memory_gib` GiB keeps from its pods' requests, in millicores
+    and MiB: the kubelet's reserves as GKE sets them (the largest of the big clouds': CPU 6% of the
+    first core, 1% of the second, 0.5% of the next two, 0.25% above; memory 25% of the first 4 GiB,
+    20% of the next 4, 10% of the next 8, 6% of the next 112, 2% above), the eviction threshold,
+    and DAEMONS_*."""
+    cpu = _tiered(vcpu * 1000, ((1000, 0.06), (1000, 0.01), (2000, 0.005)), 0.0025)
+    memory = _tiered(memory_gib * 1024, ((4096, 0.25), (4096, 0.2), (8192, 0.1), (114688, 0.06)), 0.02)
+    return math.ceil(cpu) + DAEMONS_CPU_M, math.ceil(memory) + EVICTION_MEMORY_MI + DAEMONS_MEMORY_MI
+
+
 def instance_type_spec(entry: CatalogEntry, profile: Profile = "base") -> InstanceTypeSpec:
     """The InstanceType spec of one catalog entry in a profile."""
     limits: dict[str, str] = {"cpu": str(entry.vcpu), "memory": f"{entry.memory_gib}Gi"}
-    requests = dict(limits)
+    cpu_reserve, memory_reserve = node_reserve(entry.vcpu, entry.memory_gib)
+    requests = {
+        "cpu": f"{entry.vcpu * 1000 - cpu_reserve}m",
+        "memory": f"{entry.memory_gib * 1024 - memory_reserve}Mi",
+    }
     if profile == "local":
         requests["cpu"] = f"{entry.vcpu * 1000 // LOCAL_REQUEST_DIVISOR}m"
         requests["memory"] = f"{entry.memory_gib * 1024 // LOCAL_REQUEST_DIVISOR}Mi"
@@ -135,8 +172,10 @@ _HEADER = """\
 # strategy, override it to request nvidia.com/gpu on the MIG-partitioned nodes.
 """
 _PROFILE_TEXT: Final[dict[Profile, str]] = {
-    "base": "requests equal limits (the job's container gets the whole shape; the pod is Burstable, "
-    "as the runner's containers request less than their limits).",
+    "base": "limits are the shape (the job's container may use all of it); cpu/memory requests\n"
+    "# are the shape less what a node of exactly that shape keeps: the kubelet's reserves as GKE sets them,\n"
+    "# the eviction threshold, 400m / 1Gi for DaemonSets and the runner (dsjobs.instancetypes.node_reserve),\n"
+    "# so the cloud machine of the type's size hosts its job. Requests equal to limits never fit such a node.",
     "local": f"cpu/memory requests are limits / {LOCAL_REQUEST_DIVISOR} so the dev cluster can pack jobs.",
 }
 

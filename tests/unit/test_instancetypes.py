@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from dsjobs import instancetypes as it
+from dsjobs.controller.settings import OperatorSettings
 from dsjobs.devcluster.topology import default_topology
 from dsjobs.models import InstanceTypeSpec, parse_quantity
 from dsjobs.validation import validate_instance_type
@@ -78,10 +80,57 @@ def test_placement(profile: it.Profile) -> None:
         assert whole in mig.resources.requests and slice_ not in mig.resources.requests
 
 
-def test_base_profile_gives_the_job_container_the_whole_shape() -> None:
+def _gke_allocatable(cpus: int, gib: int) -> tuple[Fraction, Fraction]:
+    """A GKE node's allocatable CPUs and bytes (cloud.google.com/kubernetes-engine/docs/concepts/
+    plan-node-sizes), eviction threshold included."""
+    cores = [Fraction(6, 100), Fraction(1, 100), Fraction(5, 1000), Fraction(5, 1000)]
+    cpu = sum(cores[:cpus], Fraction(0)) + Fraction(25, 10000) * max(cpus - 4, 0)
+    mem, left = Fraction(0), Fraction(gib)
+    for size, share in ((4, "0.25"), (4, "0.2"), (8, "0.1"), (112, "0.06"), (10**9, "0.02")):
+        part = min(left, size)
+        mem, left = mem + part * Fraction(share), left - part
+    return cpus - cpu, (gib - mem) * 2**30 - 100 * 2**20
+
+
+def _eks_allocatable(cpus: int, gib: int) -> tuple[Fraction, Fraction]:
+    """An EKS AL2023 node's: the same CPU reserve; memory 255Mi + 11Mi per pod (110), eviction."""
+    cpu, _ = _gke_allocatable(cpus, gib)
+    return cpu, Fraction(gib * 2**30) - (255 + 11 * 110 + 100) * 2**20
+
+
+# What a node's DaemonSets usually request (CNI, kube-proxy, CSI node plugin, log agent; the NVIDIA
+# device plugin and DCGM exporter on GPU nodes).
+DAEMONSETS_CPU, DAEMONSETS_MEMORY = Fraction(3, 10), Fraction(700 * 2**20)
+
+
+@pytest.mark.parametrize("allocatable", [_gke_allocatable, _eks_allocatable], ids=["gke", "eks"])
+def test_a_node_of_the_type_s_own_shape_hosts_its_job(
+    allocatable: Callable[..., tuple[Fraction, Fraction]],
+) -> None:
+    # Requests equal to limits never fitted: a g1.1 waited for ever on the one-V100 8-vCPU machines
+    # (p3.2xlarge, n1-standard-8 + V100), or an autoscaler bought a bigger, 4-GPU one.
+    settings = OperatorSettings()
+    runner_cpu, runner_memory = (
+        parse_quantity(settings.runner_cpu_request),
+        parse_quantity(settings.runner_memory_request),
+    )
     for entry in it.CATALOG:
         spec = it.instance_type_spec(entry)
-        assert spec.resources.requests == spec.resources.limits
+        # The job may use the whole shape; GPUs are asked for whole.
+        assert (spec.resources.limits["cpu"], spec.resources.limits["memory"]) == (
+            str(entry.vcpu),
+            f"{entry.memory_gib}Gi",
+        )
+        cpu, memory = allocatable(entry.vcpu, entry.memory_gib)
+        # The pod: the job's container and the ship sidecar (stage-in, an init container, asks for
+        # as much as ship: the pod's requests are the larger of the two sums).
+        pod_cpu = parse_quantity(spec.resources.requests["cpu"]) + runner_cpu
+        pod_memory = parse_quantity(spec.resources.requests["memory"]) + runner_memory
+        assert pod_cpu <= cpu - DAEMONSETS_CPU, entry.name
+        assert pod_memory <= memory - DAEMONSETS_MEMORY, entry.name
+        # ... and is guaranteed most of its shape.
+        assert pod_cpu >= Fraction(entry.vcpu) * Fraction(85, 100), entry.name
+        assert pod_memory >= Fraction(entry.memory_gib * 2**30) * Fraction(85, 100), entry.name
 
 
 def _fits(spec: InstanceTypeSpec, node: dict[str, Fraction]) -> bool:

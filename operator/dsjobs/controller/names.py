@@ -21,6 +21,9 @@ DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 #: Service meshes' opt-outs of sidecar injection (Istio reads the label, Linkerd the annotation).
 ISTIO_INJECT_LABEL: Final = "sidecar.istio.io/inject"
 LINKERD_INJECT_ANNOTATION: Final = "linkerd.io/inject"
+#: Node autoscalers' "do not take this node away while the pod runs" (terminal pods do not count).
+KARPENTER_DO_NOT_DISRUPT_ANNOTATION: Final = "karpenter.sh/do-not-disrupt"
+CLUSTER_AUTOSCALER_SAFE_TO_EVICT_ANNOTATION: Final = "cluster-autoscaler.kubernetes.io/safe-to-evict"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "dsjobs-operator"
 # Marks the Secrets made for a job, so that cleanup never touches the user's own.

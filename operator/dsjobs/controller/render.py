@@ -21,6 +21,7 @@ from typing import Any, Final
 from dsjobs.condaenv import read_conda_env
 from dsjobs.controller.names import (
     ATTEMPT_LABEL,
+    CLUSTER_AUTOSCALER_SAFE_TO_EVICT_ANNOTATION,
     DATASET_DESCRIPTION_ANNOTATION,
     DATASET_LABEL,
     DATASET_LABELS_ANNOTATION,
@@ -30,6 +31,7 @@ from dsjobs.controller.names import (
     INSTANCE_TYPE_INDEX_ANNOTATION,
     INSTANCE_TYPE_LABEL,
     ISTIO_INJECT_LABEL,
+    KARPENTER_DO_NOT_DISRUPT_ANNOTATION,
     LINKERD_INJECT_ANNOTATION,
     OUTPUT_DATASET_LABEL,
     PROJECT_DISK_LABEL,
@@ -641,6 +643,10 @@ def render_pod(
                 DEFAULT_CONTAINER_ANNOTATION: JOB_CONTAINER,
                 LINKERD_INJECT_ANNOTATION: "disabled",
                 RUNNER_CONTRACT_ANNOTATION: str(RUNNER_CONTRACT),
+                # A running job is hours of work a restart would lose: Karpenter's consolidation
+                # and the cluster autoscaler's scale-down evicted it to save an idle-ish node.
+                KARPENTER_DO_NOT_DISRUPT_ANNOTATION: "true",
+                CLUSTER_AUTOSCALER_SAFE_TO_EVICT_ANNOTATION: "false",
             },
             "ownerReferences": [job.owner()],
         },
