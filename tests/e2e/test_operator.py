@@ -206,6 +206,51 @@ def test_falls_back_to_the_second_type_when_the_first_cannot_fit(h: H) -> None:
         assert list(pods) == ["fallback-a2"] and pods["fallback-a2"].spec.node_name == "gpu-0"
 
 
+def test_no_fallback_while_an_autoscaler_adds_a_node_for_the_pod(h: H) -> None:
+    # What cluster-autoscaler posts about a pending pod it bought a node for: the job waits for
+    # that node past its type's budget (a GPU node takes minutes) instead of falling back.
+    with _instance_type(h, "x8", {**_gpu_type(64), "scheduleTimeoutSeconds": 8}) as huge:
+        h.create_job("scale-up", {"cmd": "echo ok", "cloudInstanceTypes": [{"name": huge}, {"name": "g1.1"}]})
+        first = poll("pod scale-up-a1", lambda: next(iter(h.pods("scale-up")), None), 30, 0.2)
+        now = datetime.now(UTC)
+        h.core.create_namespaced_event(
+            h.namespace,
+            k8s_client.CoreV1Event(
+                metadata=k8s_client.V1ObjectMeta(generate_name="scale-up-a1."),
+                involved_object=k8s_client.V1ObjectReference(
+                    api_version="v1",
+                    kind="Pod",
+                    name=first.metadata.name,
+                    namespace=h.namespace,
+                    uid=first.metadata.uid,
+                ),
+                reason="TriggeredScaleUp",
+                message="pod triggered scale-up: [{gpu-pool 0->1 (max: 4)}]",
+                type="Normal",
+                source=k8s_client.V1EventSource(component="cluster-autoscaler"),
+                first_timestamp=now,
+                last_timestamp=now,
+                count=1,
+            ),
+        )
+        poll(
+            "the scale-up in the details",
+            lambda: (
+                "a node is being added for it: pod triggered scale-up"
+                in h.status("scale-up")["statusDetails"]
+            ),
+            30,
+            0.5,
+        )
+        # Past its budget (8 s from the pod's creation, when the job is planned again), and still
+        # on its first type.
+        past = (first.metadata.creation_timestamp - datetime.now(UTC)).total_seconds() + 14
+        time.sleep(max(past, 0))
+        status = h.status("scale-up")
+        assert (status["attempt"], status["instanceTypeIndex"]) == (1, 0), status
+        assert "FallingBack" not in _reasons(h, "scale-up")
+
+
 def test_falls_back_when_the_project_s_quota_refuses_the_first_type(h: H) -> None:
     # A project out of GPUs by its ResourceQuota: the GPU type's pod is refused (403), not
     # unschedulable. Past the type's budget the job goes on to the next type, as DataSphere runs a

@@ -24,6 +24,7 @@ from dsjobs.controller.names import (
 )
 from dsjobs.controller.plan import (
     NOMINATED_PATIENCE,
+    SCALE_UP_PATIENCE,
     UNEXECUTED_DETAILS,
     ClearData,
     CreatePod,
@@ -43,7 +44,13 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import ContainerView, PodCondition, PodView, latest_event_message
+from dsjobs.controller.podview import (
+    ContainerView,
+    PodCondition,
+    PodView,
+    latest_event_message,
+    scale_up_message,
+)
 from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     MAX_FILE_ERRORS_BYTES,
@@ -799,6 +806,55 @@ def test_no_fallback_while_the_scheduler_preempts_pods_for_the_job_s_pod() -> No
     late = step(j, [nominated], now=NOW + NOMINATED_PATIENCE)
     assert (late.status.attempt, late.status.instance_type_index) == (2, 1)
     assert PodView.from_pod({"status": {"nominatedNodeName": "gpu-0"}}).nominated_node == "gpu-0"
+
+
+SCALE_UP = "pod triggered scale-up: [{gpu-v100-pool 0->1 (max: 4)}]"
+
+
+def test_no_fallback_while_a_node_autoscaler_adds_a_node_for_the_job_s_pod() -> None:
+    # A GPU node with its drivers takes minutes, more than the type's budget: falling back left
+    # the node the autoscaler bought idle, and the next type started a scale-up of its own.
+    types = {"cloudInstanceTypes": [{"name": "g2.8"}, {"name": "g1.1"}]}
+    j = job(params=types, status=started(type_name="g2.8"))
+    waiting = unschedulable(NOW - timedelta(seconds=61), type_name="g2.8")
+    assert waiting.events_to_ask(NOW) == "type=Normal"
+    events = [
+        {"reason": "TriggeredScaleUp", "message": "old", "lastTimestamp": "2025-06-01T11:30:00Z"},
+        {"reason": "TriggeredScaleUp", "message": SCALE_UP, "lastTimestamp": "2025-06-01T11:45:00Z"},
+        {"reason": "Scheduled", "message": "not a scale-up", "lastTimestamp": "2025-06-01T11:59:00Z"},
+    ]
+    # Said once per scale-up, minutes ago: still the word.
+    assert scale_up_message(events) == SCALE_UP and scale_up_message(events[2:]) == ""
+    karpenter = {"reason": "Nominated", "message": "Pod should schedule on: nodeclaim/default-x4k2p"}
+    assert scale_up_message([karpenter]) == karpenter["message"]
+    coming = dataclasses.replace(waiting, scale_up=SCALE_UP)
+    p = step(j, [coming])
+    assert p.status.attempt == 1 and not p.actions and "FallingBack" not in [e.reason for e in p.events]
+    assert p.status.status_details == (
+        "waiting for capacity for instance type g2.8: 0/2 nodes are available: 2 Insufficient "
+        f"nvidia.com/gpu.; a node is being added for it: {SCALE_UP}"
+    )
+    assert p.requeue_after == SCALE_UP_PATIENCE - timedelta(seconds=1)
+    # Bounded: a scale-up that never brings a node (quota, stockout) falls back then.
+    late = step(j, [coming], now=NOW + SCALE_UP_PATIENCE)
+    assert (late.status.attempt, late.status.instance_type_index) == (2, 1)
+    # Without the word, the budget as before.
+    assert step(j, [waiting]).status.attempt == 2
+    # A claim the controller cannot make is still asked about (FailedBinding), not scale-ups.
+    assert (
+        pod(
+            conditions=[
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "waiting for ephemeral volume controller to create the persistentvolumeclaim",
+                }
+            ]
+        ).events_to_ask(NOW)
+        == "reason=FailedBinding"
+    )
+    assert pod(gone=True).events_to_ask(NOW) is None
 
 
 def test_no_fallback_before_the_scheduler_finds_the_pod_unschedulable() -> None:

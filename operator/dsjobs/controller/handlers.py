@@ -93,7 +93,7 @@ from dsjobs.controller.plan import (
     waiting_to_create,
     write_delay,
 )
-from dsjobs.controller.podview import PodView, latest_event_message
+from dsjobs.controller.podview import SCALE_UP_SELECTOR, PodView, latest_event_message, scale_up_message
 from dsjobs.controller.refusals import refusal_hint, refused_by_type
 from dsjobs.controller.render import (
     JobRef,
@@ -920,7 +920,8 @@ class Operator:
 
     async def _with_warning(self, job: JobView, pods: list[PodView], now: datetime) -> list[PodView]:
         """The pods, the current one with its newest Warning Event while it waits on what only
-        Events tell (PodView.events_to_ask): one LIST of its Events, in those states only."""
+        Events tell, or an autoscaler's scale-up for it while it is unschedulable
+        (PodView.events_to_ask): one LIST of its Events, in those states only."""
         pod = _current_pod(job, pods)
         selector = pod.events_to_ask(now) if pod is not None and pod.uid else None
         if pod is None or selector is None:
@@ -940,8 +941,12 @@ class Operator:
                 exc,
             )
             return pods
-        warning = latest_event_message((found or {}).get("items") or (), now)
-        return [dataclasses.replace(p, warning=warning) if p is pod else p for p in pods]
+        items = (found or {}).get("items") or ()
+        if selector == SCALE_UP_SELECTOR:
+            told = dataclasses.replace(pod, scale_up=scale_up_message(items))
+        else:
+            told = dataclasses.replace(pod, warning=latest_event_message(items, now))
+        return [told if p is pod else p for p in pods]
 
     async def _force_cancel(self, job: JobView, action: ForceCancel) -> None:
         """Tell the runner of `action.pod` that the cancel is forced, once; should the store not take

@@ -348,6 +348,8 @@ def forced_cancel(spec: ProjectJobSpec, pod: PodView) -> list[ForceCancel | Dele
 #: How much longer than its type's budget a pod waits while the scheduler preempts pods of a
 #: node for it (status.nominatedNodeName) before the job falls back to its next type.
 NOMINATED_PATIENCE: Final = timedelta(minutes=15)
+#: ... and while a node autoscaler adds a node for it (PodView.scale_up).
+SCALE_UP_PATIENCE: Final = timedelta(minutes=15)
 
 #: Grace for deleting a pod whose program needs no time. Never 0, a force delete: the API server
 #: deletes a pod not bound to a node at once anyway, while one the scheduler bound since the
@@ -761,6 +763,10 @@ def _plan(
             # (a job's pod: its graceful timeout and more) runs: falling back now would have
             # killed them for nothing.
             requeue = _min_delay(requeue, budget + NOMINATED_PATIENCE - waited)
+        elif current.scale_up and waited < budget + SCALE_UP_PATIENCE:
+            # A node autoscaler is adding a node for this pod (a GPU node with its drivers takes
+            # minutes): falling back now would leave that node idle and start another scale-up.
+            requeue = _min_delay(requeue, budget + SCALE_UP_PATIENCE - waited)
         elif not current.unschedulable:
             # The scheduler has not found the pod unschedulable (it is down, or still working
             # through a backlog): a lack of capacity is not known, so no fallback. Its verdict

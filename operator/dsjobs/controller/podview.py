@@ -146,6 +146,9 @@ class PodView:
     # only Events tell (events_to_ask): the ephemeral volume controller's FailedBinding (a quota
     # on claims), the kubelet's FailedMount (a volume it cannot mount).
     warning: str = ""
+    # The newest node autoscaler's word that a node is being added for the pod (cluster-autoscaler's
+    # TriggeredScaleUp, Karpenter's Nominated), looked up by the glue while the pod is unschedulable.
+    scale_up: str = ""
 
     @classmethod
     def from_pod(cls, pod: Mapping[str, Any], *, gone: bool = False) -> PodView:
@@ -264,11 +267,17 @@ class PodView:
     def events_to_ask(self, now: datetime) -> str | None:
         """The field selector of the Events that tell why the pod waits, when only they can: it
         waits for its ephemeral claim, or it was scheduled SETUP_PATIENCE ago and no container
-        has started (a kubelet puts no reason on its containers while it mounts volumes)."""
-        if not self.waits_on_events or self.deleting or self.terminal:
+        has started (a kubelet puts no reason on its containers while it mounts volumes); or it is
+        unschedulable, and a node autoscaler may be adding a node for it (SCALE_UP_REASONS, both
+        Normal, as the scheduler's FailedScheduling is not)."""
+        if self.deleting or self.gone or self.terminal:
             return None
         if self.waits_for_ephemeral_claim:
             return "reason=FailedBinding"
+        if self.unschedulable:
+            return SCALE_UP_SELECTOR
+        if not self.waits_on_events:
+            return None
         scheduled = self.condition("PodScheduled")
         since = scheduled.last_transition_time if scheduled is not None else None
         if since is not None and now - since >= SETUP_PATIENCE:
@@ -368,9 +377,25 @@ def _controller_uid(refs: Any) -> str:
 EVENT_FRESHNESS: Final = timedelta(minutes=5)
 
 
-def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime) -> str:
+#: The Event reasons with which node autoscalers say they add a node for a pod:
+#: cluster-autoscaler's "pod triggered scale-up: [{group 0->1 (max: 4)}]", Karpenter's
+#: "Pod should schedule on: nodeclaim/default-x4k2p".
+SCALE_UP_REASONS: Final = ("TriggeredScaleUp", "Nominated")
+#: The Events of an unschedulable pod that may hold them.
+SCALE_UP_SELECTOR: Final = "type=Normal"
+
+
+def scale_up_message(events: Sequence[Mapping[str, Any]]) -> str:
+    """The newest autoscaler's scale-up word of some Events of one pod, or "". No freshness bound:
+    an autoscaler says it once per scale-up and the node takes minutes; how long the job waits on
+    it is the plan's to bound."""
+    found = [e for e in events if e.get("reason") in SCALE_UP_REASONS]
+    return latest_event_message(found, None) if found else ""
+
+
+def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime | None) -> str:
     """The message of the most recent of some core/v1 Events, or "" when there is none, or it was
-    last seen more than EVENT_FRESHNESS before `now`.
+    last seen more than EVENT_FRESHNESS before `now` (None: however long ago).
 
     When is when the API server last wrote the Event (its managedFields' times): lastTimestamp is
     the kubelet's clock, and a node minutes behind would hide every trouble it reports; else by
@@ -392,6 +417,6 @@ def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime) -> 
     if latest is None:
         return ""
     seen = parse_time(when(latest))
-    if seen is not None and now - seen > EVENT_FRESHNESS:
+    if seen is not None and now is not None and now - seen > EVENT_FRESHNESS:
         return ""
     return str(latest.get("message") or "")

@@ -965,7 +965,8 @@ def _waiting_details(pod: PodView, instance_type: str, storage_problem: str | No
                     # The scheduler only says it waits for the claim; this is why it never comes.
                     message = f"its claim cannot be made: {pod.warning}"
                 return f"waiting for the job's volumes (instance type {instance_type}): {message}"
-            return f"waiting for capacity for instance type {instance_type}: {message}"
+            coming = f"; a node is being added for it: {pod.scale_up}" if pod.scale_up else ""
+            return f"waiting for capacity for instance type {instance_type}: {message}{coming}"
         return f"waiting for a node for instance type {instance_type}"
     stage_in = pod.container(STAGE_IN_CONTAINER)
     if stage_in is not None and stage_in.state == "running":
