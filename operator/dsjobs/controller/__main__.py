@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.add_argument(
-        "--log-format", choices=("text", "json"), default=None, help="default: DSJOBS_OPERATOR_LOG_FORMAT or json"
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="default: DSJOBS_OPERATOR_LOG_FORMAT or json",
     )
     args = parser.parse_args(argv)
 
