@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import shlex
 import shutil
@@ -15,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -536,12 +538,19 @@ def _venv_site(venv: Path) -> Path:
     return site
 
 
-def _image_python(tmp: Path, index: str, installed: str | None) -> Path:
+def _base_pip_home() -> Path | None:
+    """The site dir of the base interpreter's own pip (pyenv's, here), if it has one."""
+    found = list(Path(sys.base_prefix).glob("lib/python*/site-packages/pip/__init__.py"))
+    return found[0].parent.parent if found else None
+
+
+def _image_python(tmp: Path, index: str, installed: str | None, pip_home: Path | None = None) -> Path:
     """An image whose Python is a venv of its own (as /opt/venv images have), with pip (the test
-    interpreter's, through a .pth) and `installed` (a requirement) pip-installed in it; its bin."""
+    interpreter's unless `pip_home`, through a .pth) and `installed` (a requirement)
+    pip-installed in it; its bin."""
     img = tmp / "image"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(img)], check=True)
-    pip_home = Path(__import__("pip").__file__).parent.parent
+    pip_home = pip_home or Path(__import__("pip").__file__).parent.parent
     (_venv_site(img) / "test-pip.pth").write_text(f"{pip_home}\n")
     if installed:
         subprocess.run(
@@ -572,9 +581,11 @@ def test_requirements_the_image_has_are_not_installed_again(shell: list[str], tm
     assert "Requirement already satisfied: tinypkg==0.1" in r.syslog
     value, where, prefix = r.out_file.decode().split()
     assert value == "1" and where.startswith(str(tmp_path / "image"))
-    # The program's python3 is the job's venv (first on PATH), which nothing was installed into.
-    assert prefix == str(cfg.layout.venv_dir)
     assert not list(_venv_site(cfg.layout.venv_dir).glob("tinypkg*"))
+    # The program runs the image's interpreter (its sys.prefix: kernelspecs, conda data), not the
+    # venv's; the venv's activate scripts are not on PATH (`source activate env` is conda's).
+    assert prefix == str(tmp_path / "image")
+    assert not (cfg.layout.venv_dir / "bin" / "activate").exists()
 
 
 @pytest.mark.parametrize("interpreter", ["python3", "image"])
@@ -583,7 +594,7 @@ def test_a_requirement_in_another_version_than_the_image_s_leaves_the_image_s_al
 ) -> None:
     index = make_local_index(tmp_path, {"0.1": 1, "0.2": 2})
     bindir = _image_python(tmp_path, index, "tinypkg==0.1")
-    # "image": the program names the image's interpreter by its path (not the venv's on PATH).
+    # "image": the program names the image's interpreter by its path.
     cfg = make_config(
         tmp_path,
         _prints_tinypkg("python3" if interpreter == "python3" else str(bindir / "python3")),
@@ -596,6 +607,79 @@ def test_a_requirement_in_another_version_than_the_image_s_leaves_the_image_s_al
     assert value == "2" and where.startswith(str(cfg.layout.venv_dir))
     # The image's copy is still there (pip did not uninstall it: it is outside the venv).
     assert (_venv_site(tmp_path / "image") / "tinypkg" / "__init__.py").read_text() == "VALUE = 1\n"
+
+
+_BACKEND = """
+import base64, hashlib, os, zipfile
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    name, dist = "sdpkg", "sdpkg-1.0.dist-info"
+    files = {
+        name + "/__init__.py": open(os.path.join(name, "__init__.py"), "rb").read(),
+        dist + "/METADATA": b"Metadata-Version: 2.1\\nName: sdpkg\\nVersion: 1.0\\n",
+        dist + "/WHEEL": b"Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n",
+    }
+    record = [
+        "%s,sha256=%s,%d" % (k, base64.urlsafe_b64encode(hashlib.sha256(v).digest()).rstrip(b"=").decode(), len(v))
+        for k, v in files.items()
+    ]
+    files[dist + "/RECORD"] = ("\\n".join(record + [dist + "/RECORD,,"]) + "\\n").encode()
+    wheel = "sdpkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, wheel), "w") as zf:
+        for k, v in files.items():
+            zf.writestr(k, v)
+    return wheel
+"""
+
+
+def _write_sdist(dest_dir: Path) -> None:
+    """sdpkg 1.0 as an sdist whose build needs buildhelper 2.0 (its PEP 517 backend)."""
+    members = {
+        "sdpkg-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: sdpkg\nVersion: 1.0\n",
+        "sdpkg-1.0/pyproject.toml": '[build-system]\nrequires = ["buildhelper==2.0"]\nbuild-backend = "buildhelper"\n',
+        "sdpkg-1.0/sdpkg/__init__.py": "VALUE = 'built'\n",
+    }
+    with tarfile.open(dest_dir / "sdpkg-1.0.tar.gz", "w:gz") as tf:
+        for name, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("pip", ["newest", "base"])
+def test_an_sdist_is_built_with_its_build_requirements_not_the_image_s(tmp_path: Path, pip: str) -> None:
+    # The image's old setuptools (python:3.11 has 65.5) shadowed the newer one an sdist asks for
+    # in pip's isolated build environment: the build failed where --target's had not. Older pips
+    # (the images' own; "base" is this machine's pyenv one) keep in the build environment what the
+    # venv's site dir's .pth files do not append anew; newer ones clear sys.path first.
+    pip_home = None
+    if pip == "base":
+        pip_home = _base_pip_home()
+        if pip_home is None:
+            pytest.skip(f"the base interpreter {sys.base_prefix} has no pip of its own")
+    root = tmp_path / "simple"
+    for name in ("buildhelper", "sdpkg"):
+        (root / name).mkdir(parents=True)
+    old = _write_wheel(
+        root / "buildhelper", "buildhelper", "1.0", "raise RuntimeError('the image buildhelper')\n"
+    )
+    new = _write_wheel(root / "buildhelper", "buildhelper", "2.0", _BACKEND)
+    _write_sdist(root / "sdpkg")
+    for name, files in (("buildhelper", [old.name, new.name]), ("sdpkg", ["sdpkg-1.0.tar.gz"])):
+        links = "".join(f'<a href="{f}">{f}</a>' for f in files)
+        (root / name / "index.html").write_text(f"<html><body>{links}</body></html>\n")
+    index = root.as_uri()
+    bindir = _image_python(tmp_path, index, "buildhelper==1.0", pip_home)
+    cfg = make_config(
+        tmp_path,
+        "python3 -c 'import sdpkg; print(sdpkg.VALUE)'",
+        python_env={"requirements": ["sdpkg==1.0"], "pip": {"index_url": index}},
+    )
+    cfg.layout.requirements.write_text("sdpkg==1.0\n")
+    r = run_entry(_dash(), cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=180)
+    assert r.rc == 0, r.syslog
+    assert r.out_file == b"built\n"
 
 
 def test_without_the_venv_module_pip_installs_into_a_target_dir(tmp_path: Path) -> None:
@@ -613,7 +697,7 @@ def test_without_the_venv_module_pip_installs_into_a_target_dir(tmp_path: Path) 
     r = run_entry(_dash(), cfg, env=env, timeout=120)
     assert r.rc == 0, r.syslog
     assert r.out_file == b"42\n"
-    assert "made no virtual environment" in r.syslog
+    assert "no virtual environment over the image's packages" in r.syslog
     assert (cfg.layout.site_dir / "tinypkg" / "__init__.py").exists()
 
 

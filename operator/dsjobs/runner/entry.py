@@ -10,7 +10,8 @@ The script (written by stage-in to ``<shared>/entry.sh``, run as ``/bin/sh <shar
    the graceful-shutdown timer are found on the image's PATH);
 3. only when the job has a Python environment: checks the image interpreter's version, pip-installs
    the requirements into a job-local virtual environment over the image's packages (pip installs
-   only what the image lacks), and puts local modules + its site dir on PYTHONPATH, its bin on PATH;
+   only what the image lacks), and puts local modules + its site dir on PYTHONPATH, its bin last on
+   PATH (the program runs the image's interpreter);
 4. runs ``cmd`` under ``bash -c`` (``sh -c`` when the image has no bash) in its own session
    (``setsid``) with SIGINT/SIGQUIT reset to default, stdout and stderr each through a FIFO into
    a ``tee`` that appends to a file in the shared volume and copies to the container log - two
@@ -569,21 +570,30 @@ DSJOBS_PYVER=$(dsjobs_job_env; exec "$DSJOBS_PY" -c 'import sys; print("%d.%d.%d
   || dsjobs_setup_failed "cannot run $DSJOBS_PY"
 """
 
-# The image interpreter's site dirs as a .pth line for the job's venv: `site.addsitedir` keeps
-# their order and runs their own .pth files (editable installs, namespace packages), and an image
-# whose Python is itself a venv (/opt/venv) keeps its packages, which --system-site-packages (the
-# base interpreter's) would lose. The user site too: a venv turns it off. (No comprehension: a
-# .pth line runs in exec, whose locals a comprehension's scope does not see.)
-_IMAGE_SITES_PY = """import os, site
-d = list(getattr(site, "getsitepackages", lambda: [])())
-d.append(site.getusersitepackages() if site.ENABLE_USER_SITE else "")
-d = [p for p in d if p and os.path.isdir(p)]
-print("import site; list(map(site.addsitedir, %r))" % (d,))"""
+# The image interpreter's site dirs as a .pth line for the job's venv, where pip decides what to
+# install: `site.addsitedir` runs their own .pth files (editable installs, namespace packages), and
+# an image whose Python is itself a venv (/opt/venv) keeps its packages, which
+# --system-site-packages (the base interpreter's) would lose. Each start appends them anew (a
+# known-paths set of its own): pip's isolated build environment re-reads the venv's site dir to
+# learn which paths are the environment's and drops them, so an sdist is built with its declared
+# build requirements, not the image's setuptools. The user site (first, as Python puts it) is
+# worked out at each start (HOME, PYTHONUSERBASE, `-s`), as the image's interpreter would.
+# (No comprehension or lambda: a .pth line runs in exec, whose locals those do not see.)
+_IMAGE_SITES_PY = """import os, site, sys
+d = [p for p in getattr(site, "getsitepackages", lambda: [])() if os.path.isdir(p)]
+d = d or [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+line = "import site, sys; k = set(); "
+if site.ENABLE_USER_SITE:
+    line += "sys.flags.no_user_site or site.addsitedir(site.getusersitepackages(), k); "
+print(line + "list(map(site.addsitedir, %r, [k] * %d))" % (d, len(d)))"""
 
-# The requirements go into a virtual environment that sees the image's packages: pip skips what
-# the image has (a pytorch image's torch is not downloaded again) and installs what it lacks or has
-# in another version into the venv, never over the image's. An interpreter without the venv module:
-# pip installs every requirement into a target dir, as before (it cannot tell what the image has).
+# pip installs the requirements with what the image has in view: it runs in a virtual environment
+# that sees the image's packages, skips what the image has in a matching version (a pytorch
+# image's torch is not downloaded again) and installs what it lacks or has in another version into
+# the venv, never over the image's. The program still runs the image's interpreter (its sys.prefix,
+# wrappers and data paths as they were), with the venv's site dir first on PYTHONPATH. Anything
+# short of a venv whose interpreter imports the image's pip: pip installs every requirement with
+# --target, as before (it cannot tell what the image has).
 _VENV = r"""
 DSJOBS_PIP_PY=$DSJOBS_PY
 DSJOBS_PYBIN=$DSJOBS_SITE/bin
@@ -591,14 +601,18 @@ dsjobs_venv_site=''
 if ( dsjobs_job_env; exec "$DSJOBS_PY" -m venv --without-pip "$DSJOBS_VENV" ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1 \
   && dsjobs_venv_site=$(dsjobs_job_env; exec "$DSJOBS_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' </dev/null 2>>"$DSJOBS_SYSLOG_TO") \
   && [ -d "$dsjobs_venv_site" ] \
-  && ( dsjobs_job_env; exec "$DSJOBS_PY" -c "$DSJOBS_IMAGE_SITES" </dev/null 2>>"$DSJOBS_SYSLOG_TO" ) >"$dsjobs_venv_site/dsjobs-image.pth"
+  && ( dsjobs_job_env; exec "$DSJOBS_PY" -c "$DSJOBS_IMAGE_SITES" </dev/null 2>>"$DSJOBS_SYSLOG_TO" ) >"$dsjobs_venv_site/00-dsjobs-image.pth" \
+  && ( dsjobs_job_env; exec "$DSJOBS_VENV/bin/python" -c 'import pip' ) </dev/null >>"$DSJOBS_SYSLOG_TO" 2>&1
 then
+  # Its activate scripts are no one's: `source activate env` (conda's) must not find them.
+  rm -f "$DSJOBS_VENV/bin/activate" "$DSJOBS_VENV/bin/activate.csh" "$DSJOBS_VENV/bin/activate.fish" \
+    "$DSJOBS_VENV/bin/Activate.ps1" 2>/dev/null
   DSJOBS_PIP_PY=$DSJOBS_VENV/bin/python
   DSJOBS_SITE=$dsjobs_venv_site
   DSJOBS_PYBIN=$DSJOBS_VENV/bin
-  dsjobs_log "requirements go into a virtual environment over the image's packages: $DSJOBS_VENV"
+  dsjobs_log "pip installs what the image lacks, into $DSJOBS_VENV"
 else
-  dsjobs_log "$DSJOBS_PY made no virtual environment: pip installs every requirement into $DSJOBS_SITE"
+  dsjobs_log "no virtual environment over the image's packages: pip installs every requirement into $DSJOBS_SITE"
   set -- "$@" --target "$DSJOBS_SITE"
   DSJOBS_PIP_ARGS="$DSJOBS_PIP_ARGS --target $DSJOBS_SITE"
 fi
@@ -850,13 +864,13 @@ def render_entry_script(
     requirements = env is not None and bool(env.requirements)
     pypath = [_q(str(layout.module_dir(i))) for i in range(len(config.local_modules))]
     if requirements:
-        # Also for an interpreter the program names by its path (the venv's python is first on PATH).
         pypath.append('"$DSJOBS_SITE"')
     if pypath:
         program_env.append("PYTHONPATH=" + ":".join(pypath) + "${PYTHONPATH:+:$PYTHONPATH}")
         program_env.append("export PYTHONPATH")
     if requirements:
-        program_env.append('PATH="$DSJOBS_PYBIN":"${PATH:-/usr/local/bin:/usr/bin:/bin}"')
+        # Last: the requirements' scripts the image lacks, not the venv's python over the image's.
+        program_env.append('PATH="${PATH:-/usr/local/bin:/usr/bin:/bin}":"$DSJOBS_PYBIN"')
         program_env.append("export PATH")
     lines.append(
         "\n# The outputs readable by the ship sidecar, which runs as a user of its own: a program that"
