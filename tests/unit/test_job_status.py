@@ -1747,6 +1747,28 @@ def test_a_job_container_that_could_not_run_fails_the_job() -> None:
     assert any(isinstance(a, DeletePod) for a in step(j, [stuck], settings=OperatorSettings()).actions)
 
 
+def test_a_runner_container_that_could_not_run_is_the_node_s_trouble_not_the_inputs() -> None:
+    # An arm64 node for the amd64-only runner image: stage-in never ran, and was told as "staging
+    # inputs failed", never retried.
+    message = "failed to create containerd task: exec /usr/local/bin/python: exec format error"
+    stuck = pod(
+        phase="Failed",
+        node="arm-0",
+        init=[terminated("stage-in", 128, "StartError", message)],
+        containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+    )
+    p = step(job(status=started("PREPARING")), [stuck])
+    assert p.status.phase == JobPhase.ERROR
+    assert p.status.status_details.startswith("container stage-in (the runner's image ")
+    assert p.status.status_details.endswith(f"could not run on node arm-0: {message}")
+    finished = get_condition(p.status, "Finished")
+    assert finished is not None and finished.reason == "StartError"
+    # A retry policy retries it, as it does a node's other troubles.
+    policy = {"maxAttempts": 2}
+    retried = step(job(status=started("PREPARING"), retryPolicy=policy), [stuck])
+    assert (retried.status.phase, retried.status.attempt) == (JobPhase.PREPARING, 2)
+
+
 def test_a_job_container_with_an_oversized_environment_names_the_project_secrets() -> None:
     # A project secret over 128 KiB (the job's own variables are capped at 32 KiB): exec fails
     # with E2BIG, which says nothing of which variable.

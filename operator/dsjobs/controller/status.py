@@ -644,6 +644,18 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
                 f"staging inputs failed: {result.reason}",
                 failure=FailureKind.INFRASTRUCTURE if store_down else FailureKind.PERMANENT,
             )
+        if stage_in is not None and stage_in.state == "terminated" and stage_in.reason in NEVER_RAN:
+            # The runner's image could not start on the node ("exec format error": an arm64 node
+            # for an amd64-only image): nothing of the job's, and another node may take it.
+            image = dict(pod.images).get(stage_in.name, "")
+            what = f"container {stage_in.name}" + (f" (the runner's image {image})" if image else "")
+            return Outcome(
+                JobPhase.ERROR,
+                stage_in.reason,
+                f"{what} could not run on node {pod.node_name}: {_never_ran_text(stage_in)}",
+                program_ran=False,
+                failure=FailureKind.INFRASTRUCTURE,
+            )
         if stage_in is not None and stage_in.state == "terminated" and stage_in.exit_code:
             # Its own termination message is the result then: with the store down, result.json
             # could not be stored, and the ship never ran.
