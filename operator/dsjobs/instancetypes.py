@@ -45,7 +45,8 @@ GPU_RESOURCE: Final = "nvidia.com/gpu"
 # advertises each 1g.10gb slice as this extended resource. Clusters using the `single` strategy
 # (slices advertised as nvidia.com/gpu) should override g2.mig's resources and nodeSelector.
 MIG_RESOURCE: Final = "nvidia.com/mig-1g.10gb"
-GPU_TAINT: Final = Toleration(key="nvidia.com/gpu", operator="Equal", value="present", effect="NoSchedule")
+# Any value: GKE taints its GPU nodes nvidia.com/gpu=present, EKS setups often =true or none.
+GPU_TAINT: Final = Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASE_CATALOG_PATH = REPO_ROOT / "deploy" / "base" / "instancetypes.yaml"
@@ -167,7 +168,7 @@ _HEADER = """\
 # is not in that table, so these are the figures of its public pricing page (GB read as GiB).
 # Profile `{profile}`: {profile_text}
 # CPU types (c1.*) need no node label, so they run on any plain node. GPU types select nodes labelled
-# dsjobs.dev/node-pool=gpu and tolerate the taint nvidia.com/gpu=present:NoSchedule. g2.mig asks for
+# dsjobs.dev/node-pool=gpu and tolerate the taint nvidia.com/gpu (any value):NoSchedule. g2.mig asks for
 # one `nvidia.com/mig-1g.10gb` (NVIDIA GPU operator, `mixed` MIG strategy); with the `single`
 # strategy, override it to request nvidia.com/gpu on the MIG-partitioned nodes.
 """

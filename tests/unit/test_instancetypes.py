@@ -67,7 +67,7 @@ def test_placement(profile: it.Profile) -> None:
         else:
             assert spec.node_selector == {"dsjobs.dev/node-pool": "gpu"}
             assert [t.to_cr() for t in spec.tolerations] == [
-                {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
             ]
             resource = "nvidia.com/gpu" if profile == "local" else entry.gpu_resource
             gpu = spec.resources.limits[resource]

@@ -420,7 +420,7 @@ def test_gpu_pod_gets_the_catalog_placement() -> None:
     pod = FEATURES["gpu_type"]
     assert pod["spec"]["nodeSelector"] == {"dsjobs.dev/node-pool": "gpu"}
     assert pod["spec"]["tolerations"] == [
-        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     job = pod["spec"]["containers"][0]
     assert job["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from dsjobs.models.base import CRModel, Quantity, field
 from dsjobs.models.limits import (
@@ -28,6 +28,15 @@ class Toleration(CRModel):
     toleration_seconds: int | None = field(
         "For NoExecute: how long the pod stays bound after the taint appears.", None
     )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_value(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An empty value is no value to Kubernetes: `operator: Exists` tolerations (the catalog's,
+        # the pods') read cleaner without `value: ''`.
+        found: dict[str, Any] = handler(self)
+        if found.get("value") == "":
+            del found["value"]
+        return found
 
 
 class ResourceRequirements(CRModel):
