@@ -237,6 +237,50 @@ def test_a_change_of_the_job_wakes_an_idle_stream_at_once() -> None:
     assert [c for batch, _ in got for c in batch] == [b"first\n", b"last\n"]
 
 
+def test_a_stream_of_a_job_waiting_for_a_node_reads_the_store_only_now_and_then() -> None:
+    # 300 queued jobs with the CLI following each: ~1 GET a second per stream while no record
+    # could come (only the pod's ship stores them). The job's change (its pod placed) wakes it.
+    core = FakeCore(snapshot("PREPARING"))
+    gets: list[str] = []
+    real_get = core.store.get_bytes
+
+    def counting_get(key: str) -> bytes | None:
+        gets.append(key)
+        return real_get(key)
+
+    core.store.get_bytes = counting_get  # type: ignore[method-assign]
+    placed = job_object("PREPARING", version=2)
+    placed["status"]["conditions"] = [
+        {"type": "Scheduled", "status": "True", "reason": "Scheduled", "message": "on node gpu-0"}
+    ]
+    assert not snapshot("PREPARING").logs_may_flow and JobSnapshot.from_cr(placed).logs_may_flow
+    assert snapshot("EXECUTING").logs_may_flow and snapshot("CANCELLING").logs_may_flow
+
+    async def scenario() -> tuple[list[tuple[list[bytes], int]], int]:
+        seen_waiting = 0
+
+        async def job_runs() -> None:
+            nonlocal seen_waiting
+            await asyncio.sleep(0.5)  # 50 poll intervals of 10 ms
+            seen_waiting = len(gets)
+            core.job = JobSnapshot.from_cr(placed)
+            core.jobs.remember(placed)
+            write(core, 0, "staged\n")
+            await asyncio.sleep(0.2)
+            logrecords.write_final(core.store, PROJECT, JOB, FinalMarker(1))
+            core.job = snapshot("SUCCESS")
+            core.jobs.remember(job_object("SUCCESS", version=3))
+
+        runner = asyncio.create_task(job_runs())
+        got = await collect(core, snapshot("PREPARING"), limit=5)
+        await runner
+        return got, seen_waiting
+
+    got, seen_waiting = asyncio.run(scenario())
+    assert [c for batch, _ in got for c in batch] == [b"staged\n"]
+    assert seen_waiting <= 2, seen_waiting
+
+
 def test_job_index_change_events() -> None:
     async def scenario() -> None:
         index = JobIndex(cast(Kube, None))

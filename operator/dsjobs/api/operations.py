@@ -28,7 +28,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
-from dsjobs.controller.status import data_deletion_begun, data_expiry
+from dsjobs.controller.status import COND_SCHEDULED, data_deletion_begun, data_expiry
 
 # timestamp saturates: a status time near year 1 or 9999 (the CRD lets +-23:59 offsets through)
 # must not fail an operation's Get when the job's Get answers.
@@ -153,6 +153,14 @@ class JobSnapshot:
     @property
     def is_final(self) -> bool:
         return self.phase in FINAL_PHASES
+
+    @property
+    def logs_may_flow(self) -> bool:
+        """Whether a runner of the job may be storing log records now: its pod was placed on a
+        node (only the pod's ship sidecar writes them), or the job is past waiting for one."""
+        if self.phase not in (JobPhase.CREATING, JobPhase.PREPARING):
+            return True
+        return any(c.type == COND_SCHEDULED and c.status == "True" for c in self.status.conditions)
 
     @property
     def execute_requested_at(self) -> datetime | None:

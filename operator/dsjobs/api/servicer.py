@@ -91,6 +91,10 @@ MAX_FILTER_ROUNDS = 10
 MAX_LIST_RESPONSE_BYTES = 3 * 1024 * 1024
 # How often a following log stream re-reads the job to notice that it ended.
 JOB_RECHECK_SECONDS = 1.0
+#: How often a log stream reads the store while its job's pod has no node (status said so): it
+#: cannot hold records then; the job's change wakes the stream. Not never: a status that lags (the
+#: operator down) must not hold back what a running pod stores.
+UNPLACED_POLL_SECONDS = 15.0
 # Where a Clone that may not inherit the source's registry password gives its own.
 CLONE_PASSWORD_FIELD = "job_parameters_overrides.env.docker_image_spec.password_plain_text"
 
@@ -1249,7 +1253,9 @@ async def follow_logs(
             if job.is_final:
                 ended = True
                 continue  # read once more: the last records may have landed with the final status
-        await _first_of(interval, core.draining, changed)
+        # A job waiting for a node (queued behind others for hours) stores no record: its
+        # followers look now and then, not every second, and its change (scheduled) wakes them.
+        await _first_of(interval if job.logs_may_flow else UNPLACED_POLL_SECONDS, core.draining, changed)
         interval = min(interval * 1.5, settings.log_poll_interval * 3)
 
 
