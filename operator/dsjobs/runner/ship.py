@@ -386,7 +386,14 @@ class LogShipper:
             log.warning("log file not shipped any further path=%s shipped=%d", src.path, src.shipped)
             if self.syslog is not None and src.key != "sys":
                 name = os.path.relpath(src.path, self.config.paths.shared_dir)
-                whole = "; the whole file is still uploaded at the end" if src.key in ("out", "err") else ""
+                # Cut and written again, the file may still be small enough to upload at the end;
+                # one that grew past the cap will not be (upload_log_files refuses it).
+                whole = (
+                    f"; the whole file is uploaded at the end if it is {MAX_SHIPPED_BYTES >> 30} GiB or "
+                    "less by then"
+                    if src.key in ("out", "err")
+                    else ""
+                )
                 self.syslog(
                     f"{name} is not shipped any further: {src.shipped} bytes of it were, the most "
                     f"one log file ships ({MAX_SHIPPED_BYTES >> 30} GiB; a file cut and written again "
