@@ -237,6 +237,26 @@ def channel_options(
     return options
 
 
+def secure_credentials(target: Target) -> Any:
+    """The channel credentials for `target` (grpc.ChannelCredentials), None for plaintext."""
+    import grpc
+
+    if target.ca_file:
+        return grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
+    if not target.plaintext:
+        return grpc.ssl_channel_credentials(system_roots())
+    return None
+
+
+def warn_plaintext(target: Target) -> None:
+    if target.plaintext and not _is_loopback(target.endpoint):
+        print(
+            f"dsjobs: WARNING: {target.endpoint} without TLS: the token and everything sent can be "
+            "read on the way",
+            file=sys.stderr,
+        )
+
+
 def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     """Runs the official CLI in this process against `target`. Returns its exit status."""
     _pin_credentials(target.token)  # before the import: datasphere.api reads SERVER_ENV
@@ -245,17 +265,8 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     from datasphere import channel as ds_channel
     from datasphere import main as ds_main
 
-    creds: grpc.ChannelCredentials | None = None
-    if target.ca_file:
-        creds = grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
-    elif not target.plaintext:
-        creds = grpc.ssl_channel_credentials(system_roots())
-    if target.plaintext and not _is_loopback(target.endpoint):
-        print(
-            f"dsjobs: WARNING: {target.endpoint} without TLS: the token and everything sent can be "
-            "read on the way",
-            file=sys.stderr,
-        )
+    creds = secure_credentials(target)
+    warn_plaintext(target)
 
     def _get_channel(endpoint: str, user_agent: str | None) -> grpc.Channel:
         direct = creds is None and _is_loopback(target.endpoint)
@@ -342,15 +353,25 @@ def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return ours, rest
 
 
+COMMANDS: Final = ("datasphere", "download-files")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print("usage: dsjobs datasphere ...   (run `dsjobs datasphere --help`)")
+        print(
+            "usage: dsjobs datasphere ...       (run `dsjobs datasphere --help`)\n"
+            "       dsjobs download-files ...   (run `dsjobs download-files --help`)"
+        )
         return 0 if args else 2
-    if args[0] != "datasphere":
-        print(f"dsjobs: unknown command {args[0]!r}; the command is `datasphere`", file=sys.stderr)
+    if args[0] not in COMMANDS:
+        print(f"dsjobs: unknown command {args[0]!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if args[1:2] in (["-h"], ["--help"]) or len(args) == 1:
+    if args[0] == "download-files" and args[1:2] in (["-h"], ["--help"]):
+        from dsjobs.download import parse_args
+
+        parse_args(["--help"])  # prints the usage and exits
+    if args[0] == "datasphere" and (args[1:2] in (["-h"], ["--help"]) or len(args) == 1):
         print(USAGE)
         return 0 if len(args) > 1 else 2
     environ = dict(os.environ)
@@ -368,6 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"dsjobs: {exc}", file=sys.stderr)
         return 2
+    if args[0] == "download-files":
+        # Its own process's protobuf stubs: never in one process with the official CLI's.
+        from dsjobs.download import run_download
+
+        return run_download(target, rest)
     return run_datasphere(target, rest)
 
 

@@ -115,10 +115,10 @@ class StackEnv:
 
     # ---- the official CLI
 
-    def _argv(self, args: Sequence[str]) -> list[str]:
+    def _argv(self, args: Sequence[str], command: str = "datasphere") -> list[str]:
         script = Path(sys.executable).with_name("dsjobs")
         prefix = [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "dsjobs.cli"]
-        return [*prefix, "datasphere", *args]
+        return [*prefix, command, *args]
 
     def datasphere(
         self,
@@ -126,9 +126,10 @@ class StackEnv:
         cwd: Path,
         timeout: float = CLI_TIMEOUT_S,
         env: Mapping[str, str] | None = None,
+        command: str = "datasphere",
     ) -> CliRun:
-        """Runs `dsjobs datasphere <args>` in `cwd` and waits for it."""
-        argv = self._argv(args)
+        """Runs `dsjobs datasphere <args>` (or another `command` of dsjobs) in `cwd` and waits for it."""
+        argv = self._argv(args, command)
         try:
             proc = subprocess.run(
                 argv,

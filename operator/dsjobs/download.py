@@ -1,0 +1,163 @@
+"""`dsjobs download-files`: a finished job's files, whatever their size.
+
+The official CLI's `download-files` skips files past a total of 1 GiB (DataSphere sends users to
+its web UI for the rest, and dsjobs has none) and holds each file in memory while it downloads.
+This command asks the same RPCs (Get, then DownloadJobFiles for presigned URLs) and streams each
+file to disk, checking its size and SHA-256, then puts it where the official CLI would: at its
+path relative to the current directory, or by its name in `--output-dir`; a directory output (a
+ZIP) is extracted there, safely.
+
+It imports dsjobs' own protobuf stubs, so it never shares a process with the official CLI
+(`dsjobs.cli` imports this module only for this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from dsjobs.cli import Target, channel_options, secure_credentials, warn_plaintext
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs.project_job_service_pb2_grpc import ProjectJobServiceStub
+from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
+
+CHUNK_BYTES: Final = 8 << 20
+RPC_TIMEOUT_SECONDS: Final = 60.0
+READ_TIMEOUT_SECONDS: Final = 60.0
+# The official CLI's answer for a job without files yet: it says so and downloads nothing.
+_RUNNING: Final = frozenset(
+    {jobs_pb2.JOB_STATUS_UNSPECIFIED, jobs_pb2.CREATING, jobs_pb2.EXECUTING, jobs_pb2.UPLOADING_OUTPUT}
+)
+
+USAGE_EXTRA = """
+Downloads a finished job's outputs (and with the flags its logs and diagnostics) as the official
+`datasphere project job download-files` does, without its 1 GiB total limit: each file is streamed
+to disk and checked against its size and SHA-256. Our options (--endpoint, --token, --token-file,
+--ca, --insecure) come first, as for `dsjobs datasphere`.
+"""
+
+
+class DownloadError(Exception):
+    """A file that could not be downloaded; the message names it."""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dsjobs download-files", description=USAGE_EXTRA)
+    parser.add_argument("--id", required=True, help="ID of the job")
+    parser.add_argument("--with-logs", action="store_true", help="download its log files too")
+    parser.add_argument("--with-diagnostics", action="store_true", help="download its diagnostic files too")
+    parser.add_argument("--output-dir", help="put every file in this directory (by its name)")
+    return parser.parse_args(list(argv))
+
+
+def destination(desc_path: str, output_dir: str | None) -> Path:
+    """Where a file goes: as the official CLI puts it."""
+    path = Path(desc_path)
+    return Path(output_dir) / path.name if output_dir else path
+
+
+def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
+    """Streams `url` into `dest` (through `dest`.download), checking its size and SHA-256."""
+    partial = dest.with_name(dest.name + ".download")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with urllib.request.urlopen(url, timeout=READ_TIMEOUT_SECONDS) as resp, partial.open("wb") as out:
+            while chunk := resp.read(CHUNK_BYTES):
+                out.write(chunk)
+                digest.update(chunk)
+                got += len(chunk)
+    except (OSError, urllib.error.URLError) as exc:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"{dest}: {exc}") from exc
+    if got != size or (sha256 and digest.hexdigest() != sha256):
+        partial.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{dest}: got {got} bytes (sha256 {digest.hexdigest()}), the job's record says {size} bytes"
+            + (f" (sha256 {sha256})" if sha256 else "")
+        )
+    partial.replace(dest)
+
+
+def place(storage_file: jobs_pb2.StorageFile, output_dir: str | None) -> str:
+    """Downloads one file and puts it in place; what was done, for the user."""
+    f = storage_file.file
+    dest = destination(f.desc.path, output_dir)
+    if f.compression_type == jobs_pb2.ZIP:
+        archive = dest.with_name(dest.name + ".zip")
+        fetch(storage_file.url, archive, f.size_bytes, f.sha256)
+        try:
+            count = extract_zip(archive, dest.parent)
+        except UnsafeZipError as exc:
+            raise DownloadError(f"{dest}: {exc}") from exc
+        finally:
+            archive.unlink(missing_ok=True)
+        return f"{dest}/ ({count} files, {f.size_bytes} bytes zipped)"
+    fetch(storage_file.url, dest, f.size_bytes, f.sha256)
+    return f"{dest} ({f.size_bytes} bytes)"
+
+
+def run_download(target: Target, argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    warn_plaintext(target)
+    creds = secure_credentials(target)
+    options = channel_options((), "dsjobs-download", direct=creds is None)
+    channel = (
+        grpc.secure_channel(target.endpoint, creds, options=options)
+        if creds is not None
+        else grpc.insecure_channel(target.endpoint, options=options)
+    )
+    with channel:
+        stub = ProjectJobServiceStub(channel)
+
+        def md() -> tuple[tuple[str, str], ...]:
+            return (("authorization", f"Bearer {target.current_token()}"),)
+
+        try:
+            job = stub.Get(
+                project_job_service_pb2.GetProjectJobRequest(job_id=args.id),
+                metadata=md(),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+            if job.status in _RUNNING:
+                print(f"dsjobs: job {args.id} has not finished yet: nothing to download", file=sys.stderr)
+                return 1
+            files = list(job.output_files)
+            if args.with_logs:
+                files += job.log_files
+            if args.with_diagnostics:
+                files += job.diagnostic_files
+            if not files:
+                print(f"job {args.id} has no files to download")
+                return 0
+            resp = stub.DownloadJobFiles(
+                project_job_service_pb2.DownloadProjectJobFilesRequest(job_id=args.id, files=files),
+                metadata=md(),
+                timeout=RPC_TIMEOUT_SECONDS,
+            )
+        except grpc.RpcError as exc:
+            print(f"dsjobs: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    failed = 0
+    for storage_file in resp.download_files:
+        try:
+            print(f"downloaded {place(storage_file, args.output_dir)}", flush=True)
+        except DownloadError as exc:
+            failed += 1
+            print(f"dsjobs: cannot download {exc}", file=sys.stderr)
+    if failed:
+        print(f"dsjobs: {failed} of {len(resp.download_files)} files were not downloaded", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["destination", "fetch", "place", "run_download"]

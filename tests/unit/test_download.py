@@ -1,0 +1,61 @@
+"""`dsjobs download-files`'s transfer: streamed, checked against the job's record, never half-placed."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dsjobs.download import DownloadError, destination, fetch
+
+BODY = b"weights " * 100_000  # 800 KB: several reads
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(BODY)))
+            self.end_headers()
+            self.wfile.write(BODY)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/model.bin"
+    server.shutdown()
+
+
+def test_a_file_is_streamed_into_place_and_checked(url: str, tmp_path: Path) -> None:
+    dest = tmp_path / "a" / "model.bin"
+    fetch(url, dest, len(BODY), hashlib.sha256(BODY).hexdigest())
+    assert dest.read_bytes() == BODY
+    assert [p.name for p in dest.parent.iterdir()] == ["model.bin"]
+
+
+@pytest.mark.parametrize("wrong", ["size", "sha256"])
+def test_a_file_that_is_not_what_the_job_recorded_is_not_placed(url: str, tmp_path: Path, wrong: str) -> None:
+    dest = tmp_path / "model.bin"
+    size, sha = len(BODY), hashlib.sha256(BODY).hexdigest()
+    with pytest.raises(DownloadError, match="the job's record says"):
+        fetch(url, dest, size + 1 if wrong == "size" else size, "0" * 64 if wrong == "sha256" else sha)
+    assert not list(tmp_path.iterdir())  # neither the file nor its .download
+
+
+def test_an_unreachable_url_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"model\.bin"):
+        fetch("http://127.0.0.1:9/model.bin", tmp_path / "model.bin", 1, "")
+    assert not list(tmp_path.iterdir())
+
+
+def test_files_go_where_the_official_cli_puts_them() -> None:
+    assert destination("results/model.bin", None) == Path("results/model.bin")
+    assert destination("results/model.bin", "dl") == Path("dl/model.bin")
