@@ -325,6 +325,38 @@ def test_a_zip_input_that_unpacks_beyond_the_free_space_is_refused_before_it_is_
     assert not (cfg.work_dir / "data").exists()
 
 
+def test_a_zip_input_of_more_files_than_the_runner_s_memory_can_unpack_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 500k small files (7.6 GiB, within the CLI's 10 GiB) had the stage-in container OOM-killed:
+    # "staging inputs failed: OOMKilled", naming neither the input nor the limit.
+    entries = stagein.MANY_ENTRIES + 1
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(entries):
+            zf.writestr(f"data/{i}.txt", b"")
+    cfg, store = _zip_input(tmp_path, buf.getvalue())
+    assert stagein.entry_count(tmp_path / "none.zip") is None
+    limit = stagein.STAGE_IN_BASE_BYTES + entries * stagein.ZIP_ENTRY_BYTES - 1
+    monkeypatch.setattr(stagein, "memory_limit", lambda: limit)
+    term = tmp_path / "term"
+    assert not run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED
+    assert result.reason.startswith(
+        f"input data.zip: {entries} files in its archive: unpacking them takes about "
+    )
+    assert f"about {entries - 1} files fit; the admin's DSJOBS_RUNNER_MEMORY_LIMIT" in result.reason
+    assert not (cfg.work_dir / "data").exists()
+    # One more byte of memory: it fits, and is unpacked (one such archive at a time).
+    monkeypatch.setattr(stagein, "memory_limit", lambda: limit + 1)
+    assert run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    assert len(list((cfg.work_dir / "data").iterdir())) == entries
+    # Few entries, or no limit known: never asked.
+    assert stagein.entries_problem(stagein.MANY_ENTRIES, 1) is None
+    assert stagein.entries_problem(10**9, None) is None
+
+
 def test_a_zip_input_holding_more_than_it_declares_stops_there_and_is_named(tmp_path: Path) -> None:
     bomb = understated_zip(tmp_path / "bomb.zip", "data/zeros.bin", b"\x00" * 3_000_000, 1000)
     cfg, store = _zip_input(tmp_path, bomb.read_bytes())

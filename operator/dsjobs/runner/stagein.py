@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -34,10 +35,11 @@ from typing import Literal
 
 from dsjobs.runner.config import Compression, InputFile, LocalModule, RunnerConfig
 from dsjobs.runner.entry import render_entry_script
+from dsjobs.runner.memlimit import memory_limit
 from dsjobs.runner.result import RunnerResult, RunnerStatus, store_result, termination_message
 from dsjobs.runner.ship import LogShipper, human_size, write_termination_message
 from dsjobs.runner.syslog import SystemLog, create_shared
-from dsjobs.runner.zipsafe import UnsafeZipError, declared_size, extract_zip, make_dirs
+from dsjobs.runner.zipsafe import UnsafeZipError, declared_size, entry_count, extract_zip, make_dirs
 from dsjobs.storage import (
     IntegrityError,
     ObjectNotFoundError,
@@ -81,12 +83,49 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+#: What reading and extracting an archive holds per entry (its central directory's records, the
+#: checked paths), measured ~1.1 KiB, and what the stage-in process holds besides.
+ZIP_ENTRY_BYTES = 1536
+STAGE_IN_BASE_BYTES = 96 << 20
+#: Archives with more entries than this are extracted one at a time (their memory would add up
+#: across the parallel downloads) and checked against the container's memory limit first.
+MANY_ENTRIES = 10_000
+_MANY_ENTRIES_LOCK = threading.Lock()
+
+
+def entries_problem(entries: int, limit: int | None) -> str | None:
+    """Why an archive of `entries` cannot be unpacked within the memory `limit` (None: no limit
+    known), or None when it can."""
+    need = STAGE_IN_BASE_BYTES + entries * ZIP_ENTRY_BYTES
+    if limit is None or entries <= MANY_ENTRIES or need <= limit:
+        return None
+    most = max((limit - STAGE_IN_BASE_BYTES) // ZIP_ENTRY_BYTES, 0)
+    return (
+        f"{entries} files in its archive: unpacking them takes about {human_size(need)} of the runner's "
+        f"memory, over its limit of {human_size(limit)} (about {most} files fit; the admin's "
+        "DSJOBS_RUNNER_MEMORY_LIMIT): zip fewer, larger files (a tar of the many small ones) or ask "
+        "for a higher limit"
+    )
+
+
 def _extract_archive(archive: Path, dest_root: Path, what: str) -> int:
     """Extract a downloaded ZIP input into ``dest_root``; returns the files written.
 
-    Refused before anything is written when its entries declare more than the free space, and
-    capped at what they declare: an archive whose data holds more stops there."""
+    Refused before anything is written when its entries declare more than the free space, or are
+    more than the container's memory can unpack (it was OOM-killed, naming nothing); capped at
+    what they declare: an archive whose data holds more stops there."""
     make_dirs(dest_root)
+    entries = entry_count(archive) or 0
+    problem = entries_problem(entries, memory_limit())
+    if problem is not None:
+        raise StageInError(f"{what}: {problem}")
+    if entries <= MANY_ENTRIES:
+        return _extract_checked(archive, dest_root, what)
+    with _MANY_ENTRIES_LOCK:
+        return _extract_checked(archive, dest_root, what)
+
+
+def _extract_checked(archive: Path, dest_root: Path, what: str) -> int:
     declared = declared_size(archive)
     free = free_bytes(dest_root)
     if declared > free:

@@ -122,6 +122,19 @@ def _declared(entries: list[zipfile.ZipInfo]) -> int:
     return sum(info.file_size for info in entries if not info.is_dir())
 
 
+def entry_count(archive: str | os.PathLike[str]) -> int | None:
+    """How many entries ``archive``'s end record says it has (ZIP64's too), read without loading
+    its central directory; None when that record cannot be read (the full read will say why)."""
+    try:
+        with open(archive, "rb") as fp:
+            end = zipfile._EndRecData(fp)  # type: ignore[attr-defined]
+    except (OSError, AttributeError, zipfile.BadZipFile):
+        return None
+    if not end:
+        return None
+    return int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
 def declared_size(archive: str | os.PathLike[str]) -> int:
     """The bytes ``archive`` says it unpacks to: its entries' sizes in the central directory.
     UnsafeZipError if it is not a zip archive."""
