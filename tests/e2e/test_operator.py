@@ -980,6 +980,12 @@ def test_a_retry_reads_the_registry_password_again(h: H) -> None:
     secret = h.core.read_namespaced_secret(f"{job}-a2-registry", h.namespace)
     config = json.loads(base64.b64decode(secret.data[".dockerconfigjson"]))
     assert config["auths"]["registry.example.com"]["password"] == "rotated", config
+    # Attempt 1's Secrets went once attempt 2's pod was made (they stayed until the job ended:
+    # one more pair per retry, fallback or InstanceType change).
+    left = h.core.list_namespaced_secret(h.namespace, label_selector=f"{JOB_LABEL}={job}").items
+    names = {s.metadata.name for s in left}
+    assert {f"{job}-a2-registry", f"{job}-a2-runner"} <= names, names
+    assert not {f"{job}-a1-registry", f"{job}-a1-runner"} & names, names
 
 
 def test_a_retry_runs_the_image_the_first_attempt_resolved(h: H) -> None:

@@ -69,6 +69,7 @@ from dsjobs.controller.names import (
     pending_output_datasets_selector,
     pod_name,
     registry_secret_name,
+    runner_secret_name,
     spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
@@ -1325,6 +1326,8 @@ class Operator:
                 if seen is not None and action.attempt == 1:
                     metrics.POD_CREATE_LATENCY.observe(time.monotonic() - seen)
                 jlog(logging.INFO, (ns, job.name), "created pod %s", pod["metadata"]["name"])
+                if action.attempt > 1:
+                    await self._delete_superseded_secrets(job, action.attempt - 1)
             return image
         finally:
             if not secret_made.done():  # no Secret made here: nothing is cleared
@@ -1338,6 +1341,21 @@ class Operator:
         assert self.kube is not None
         for name, uid in made:
             await self.kube.delete("secrets", core_path(namespace, "secrets", name), uid=uid)
+
+    async def _delete_superseded_secrets(self, job: JobView, attempt: int) -> None:
+        """The Secrets of the attempt before, once its successor's pod exists (its own pod is gone
+        by then: never two attempts at once). They stayed until the job ended: one more per
+        fallback, retry, or InstanceType change while pods waited. By name and role label (a
+        user's Secret of that name stays)."""
+        assert self.kube is not None
+        old = pod_name(job.name, attempt)
+        for name in (runner_secret_name(old), registry_secret_name(old)):
+            await self.kube.delete_collection(
+                "secrets",
+                core_path(job.namespace, "secrets"),
+                operator_secrets_selector(job.name),
+                field_selector=f"metadata.name={name}",
+            )
 
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""

@@ -347,8 +347,13 @@ class Kube:
             return False
         return True
 
-    async def delete_collection(self, resource: str, path: str, label_selector: str) -> None:
-        await self._call("delete", with_query(path, labelSelector=label_selector))
+    async def delete_collection(
+        self, resource: str, path: str, label_selector: str, field_selector: str = ""
+    ) -> None:
+        query = {"labelSelector": label_selector}
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        await self._call("delete", with_query(path, **query))
 
     async def create_event(self, path: str, body: Mapping[str, Any]) -> None:
         """POST an Event once: the caller (events.EventPoster) decides about retries and logging,
