@@ -928,8 +928,13 @@ class Operator:
         if pod is None or selector is None:
             return pods
         assert self.kube is not None
+        # From the API server's watch cache (resourceVersion=0), not a quorum read of etcd: an aid
+        # to the details, asked on each reconcile of such a pod, many pods at once after a change
+        # of the cluster rewrote their scheduler messages.
         query = with_query(
-            core_path(job.namespace, "events"), fieldSelector=f"involvedObject.uid={pod.uid},{selector}"
+            core_path(job.namespace, "events"),
+            fieldSelector=f"involvedObject.uid={pod.uid},{selector}",
+            resourceVersion="0",
         )
         try:
             found = await self.kube.get("events", query)
