@@ -59,9 +59,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def destination(desc_path: str, output_dir: str | None) -> Path:
-    """Where a file goes: as the official CLI puts it."""
+    """Where a file goes: as the official CLI puts it (its path under the current directory, or its
+    name in `output_dir`), never outside them: a path the server gives that is absolute or climbs
+    out with `..` is refused (DownloadError naming it)."""
     path = Path(desc_path)
-    return Path(output_dir) / path.name if output_dir else path
+    if output_dir:
+        if path.name in ("", ".", ".."):
+            raise DownloadError(f"{desc_path!r}: not a file name")
+        return Path(output_dir) / path.name
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise DownloadError(f"{desc_path!r}: outside the current directory (use --output-dir)")
+    return path
 
 
 def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
@@ -91,7 +99,7 @@ def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
 def place(storage_file: jobs_pb2.StorageFile, output_dir: str | None) -> str:
     """Downloads one file and puts it in place; what was done, for the user."""
     f = storage_file.file
-    dest = destination(f.desc.path, output_dir)
+    dest = destination(f.desc.path, output_dir)  # before anything is fetched
     if f.compression_type == jobs_pb2.ZIP:
         archive = dest.with_name(dest.name + ".zip")
         fetch(storage_file.url, archive, f.size_bytes, f.sha256)

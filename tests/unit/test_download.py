@@ -59,3 +59,14 @@ def test_an_unreachable_url_names_the_file(tmp_path: Path) -> None:
 def test_files_go_where_the_official_cli_puts_them() -> None:
     assert destination("results/model.bin", None) == Path("results/model.bin")
     assert destination("results/model.bin", "dl") == Path("dl/model.bin")
+    assert destination("/abs/model.bin", "dl") == Path("dl/model.bin")
+
+
+@pytest.mark.parametrize(
+    ("path", "output_dir"),
+    [("/etc/cron.d/x", None), ("../x", None), ("a/../../x", None), ("", None), ("a/..", "dl")],
+)
+def test_a_path_out_of_the_current_or_output_directory_is_refused(path: str, output_dir: str | None) -> None:
+    # The server names the paths: whatever it says, nothing is written outside.
+    with pytest.raises(DownloadError):
+        destination(path, output_dir)
