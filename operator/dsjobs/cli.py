@@ -47,7 +47,7 @@ class Target:
     @property
     def plaintext(self) -> bool:
         """No TLS: asked for, or a local stack's loopback endpoint without a CA."""
-        return self.ca_file is None and (self.insecure or _is_loopback(self.endpoint))
+        return self.ca_file is None and (self.insecure or is_loopback(self.endpoint))
 
     def current_token(self) -> str:
         """The token to send now: the token file's content when there is one (the last good
@@ -130,7 +130,7 @@ def resolve_target(
     if resolved_token_file:
         resolved_token = read_token_file(resolved_token_file)
     explicit_token = token or environ.get(ENV_TOKEN) or resolved_token_file
-    if not explicit and explicit_token and not _is_loopback(resolved):
+    if not explicit and explicit_token and not is_loopback(resolved):
         # The file is read from the current directory: one in a checkout of someone else's must
         # not send the user's own token to a host it names.
         raise CliError(
@@ -160,7 +160,7 @@ def resolve_target(
     )
 
 
-def _is_loopback(endpoint: str) -> bool:
+def is_loopback(endpoint: str) -> bool:
     """Whether HOST:PORT names this machine (a local stack's endpoint, as `make up` writes it)."""
     host = endpoint.rsplit(":", 1)[0].strip("[]") if ":" in endpoint else endpoint
     if host == "localhost":
@@ -249,7 +249,7 @@ def secure_credentials(target: Target) -> Any:
 
 
 def warn_plaintext(target: Target) -> None:
-    if target.plaintext and not _is_loopback(target.endpoint):
+    if target.plaintext and not is_loopback(target.endpoint):
         print(
             f"dsjobs: WARNING: {target.endpoint} without TLS: the token and everything sent can be "
             "read on the way",
@@ -269,7 +269,7 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     warn_plaintext(target)
 
     def _get_channel(endpoint: str, user_agent: str | None) -> grpc.Channel:
-        direct = creds is None and _is_loopback(target.endpoint)
+        direct = creds is None and is_loopback(target.endpoint)
         options = channel_options(ds_channel.CHANNEL_OPTIONS, user_agent, direct=direct)
         if creds is not None:
             return grpc.secure_channel(target.endpoint, creds, options=options)
@@ -367,10 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"dsjobs: unknown command {args[0]!r}; the commands are {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if args[0] == "download-files" and args[1:2] in (["-h"], ["--help"]):
+    if args[0] == "download-files" and (args[1:2] in (["-h"], ["--help"]) or len(args) == 1):
         from dsjobs.download import parse_args
 
-        parse_args(["--help"])  # prints the usage and exits
+        parse_args(args[1:])  # the usage: with --help, or naming what is missing (exit 2)
     if args[0] == "datasphere" and (args[1:2] in (["-h"], ["--help"]) or len(args) == 1):
         print(USAGE)
         return 0 if len(args) > 1 else 2

@@ -14,7 +14,11 @@ It imports dsjobs' own protobuf stubs, so it never shares a process with the off
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import http.client
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -24,7 +28,7 @@ from typing import Final
 
 import grpc
 
-from dsjobs.cli import Target, channel_options, secure_credentials, warn_plaintext
+from dsjobs.cli import Target, channel_options, is_loopback, secure_credentials, warn_plaintext
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs.project_job_service_pb2_grpc import ProjectJobServiceStub
 from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
@@ -60,57 +64,101 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def destination(desc_path: str, output_dir: str | None) -> Path:
     """Where a file goes: as the official CLI puts it (its path under the current directory, or its
-    name in `output_dir`), never outside them: a path the server gives that is absolute or climbs
-    out with `..` is refused (DownloadError naming it)."""
+    name in `output_dir`), never outside them: a path the server gives that is absolute (a drive or
+    root on Windows too) or climbs out with `..` is refused (DownloadError naming it)."""
     path = Path(desc_path)
     if output_dir:
         if path.name in ("", ".", ".."):
             raise DownloadError(f"{desc_path!r}: not a file name")
         return Path(output_dir) / path.name
-    if path.is_absolute() or ".." in path.parts or not path.parts:
+    if path.is_absolute() or path.anchor or path.drive or ".." in path.parts or not path.parts:
         raise DownloadError(f"{desc_path!r}: outside the current directory (use --output-dir)")
     return path
 
 
-def fetch(url: str, dest: Path, size: int, sha256: str) -> None:
-    """Streams `url` into `dest` (through `dest`.download), checking its size and SHA-256."""
-    partial = dest.with_name(dest.name + ".download")
-    partial.parent.mkdir(parents=True, exist_ok=True)
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but never from https to anything else."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+            raise urllib.error.HTTPError(
+                newurl, code, f"redirect from https to {newurl} refused", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def opener(ca_file: str | None = None) -> urllib.request.OpenerDirector:
+    """HTTP(S) only, trusting the system's CAs, certifi's where installed (as the official CLI's
+    requests does), REQUESTS_CA_BUNDLE and `ca_file` (the API's CA: a company's object store often
+    has the same)."""
+    context = ssl.create_default_context()
+    extra = [os.environ.get("REQUESTS_CA_BUNDLE"), ca_file]
+    with contextlib.suppress(ImportError):
+        import certifi
+
+        extra.append(certifi.where())
+    for cafile in extra:
+        if cafile and Path(cafile).is_file():
+            with contextlib.suppress(OSError, ssl.SSLError):
+                context.load_verify_locations(cafile)
+    return urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context), _NoDowngrade(), urllib.request.ProxyHandler()
+    )
+
+
+def fetch(
+    url: str, dest: Path, size: int, sha256: str, web: urllib.request.OpenerDirector | None = None
+) -> None:
+    """Streams `url` into `dest` (through a partial file beside it, removed whatever happens),
+    checking its size (never more is written) and SHA-256."""
+    if not url.startswith(("https://", "http://")):
+        raise DownloadError(f"{dest}: not an http(s) URL: {url[:40]!r}")
+    partial = dest.with_name(f".{dest.name}.{os.getpid()}.download")
     digest = hashlib.sha256()
     got = 0
     try:
-        with urllib.request.urlopen(url, timeout=READ_TIMEOUT_SECONDS) as resp, partial.open("wb") as out:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        with (web or opener()).open(url, timeout=READ_TIMEOUT_SECONDS) as resp, partial.open("wb") as out:
             while chunk := resp.read(CHUNK_BYTES):
+                got += len(chunk)
+                if got > size:
+                    raise DownloadError(f"{dest}: more than the {size} bytes the job's record says")
                 out.write(chunk)
                 digest.update(chunk)
-                got += len(chunk)
-    except (OSError, urllib.error.URLError) as exc:
-        partial.unlink(missing_ok=True)
+        if got != size or (sha256 and digest.hexdigest() != sha256):
+            raise DownloadError(
+                f"{dest}: got {got} bytes (sha256 {digest.hexdigest()}), the job's record says {size} bytes"
+                + (f" (sha256 {sha256})" if sha256 else "")
+            )
+        partial.replace(dest)
+    except DownloadError:
+        raise
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise DownloadError(f"{dest}: {exc}") from exc
-    if got != size or (sha256 and digest.hexdigest() != sha256):
+    finally:
         partial.unlink(missing_ok=True)
-        raise DownloadError(
-            f"{dest}: got {got} bytes (sha256 {digest.hexdigest()}), the job's record says {size} bytes"
-            + (f" (sha256 {sha256})" if sha256 else "")
-        )
-    partial.replace(dest)
 
 
-def place(storage_file: jobs_pb2.StorageFile, output_dir: str | None) -> str:
+def place(
+    storage_file: jobs_pb2.StorageFile,
+    output_dir: str | None,
+    web: urllib.request.OpenerDirector | None = None,
+) -> str:
     """Downloads one file and puts it in place; what was done, for the user."""
     f = storage_file.file
     dest = destination(f.desc.path, output_dir)  # before anything is fetched
     if f.compression_type == jobs_pb2.ZIP:
-        archive = dest.with_name(dest.name + ".zip")
-        fetch(storage_file.url, archive, f.size_bytes, f.sha256)
+        # A name of its own: the user's `results.zip` beside a `results` output stays as it is.
+        archive = dest.with_name(f".{dest.name}.{os.getpid()}.zip")
         try:
-            count = extract_zip(archive, dest.parent)
-        except UnsafeZipError as exc:
+            fetch(storage_file.url, archive, f.size_bytes, f.sha256, web)
+            count = extract_zip(archive, dest.parent, private=True)
+        except (UnsafeZipError, OSError) as exc:
             raise DownloadError(f"{dest}: {exc}") from exc
         finally:
             archive.unlink(missing_ok=True)
         return f"{dest}/ ({count} files, {f.size_bytes} bytes zipped)"
-    fetch(storage_file.url, dest, f.size_bytes, f.sha256)
+    fetch(storage_file.url, dest, f.size_bytes, f.sha256, web)
     return f"{dest} ({f.size_bytes} bytes)"
 
 
@@ -118,7 +166,7 @@ def run_download(target: Target, argv: Sequence[str]) -> int:
     args = parse_args(argv)
     warn_plaintext(target)
     creds = secure_credentials(target)
-    options = channel_options((), "dsjobs-download", direct=creds is None)
+    options = channel_options((), "dsjobs-download", direct=creds is None and is_loopback(target.endpoint))
     channel = (
         grpc.secure_channel(target.endpoint, creds, options=options)
         if creds is not None
@@ -156,9 +204,10 @@ def run_download(target: Target, argv: Sequence[str]) -> int:
             print(f"dsjobs: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     failed = 0
+    web = opener(target.ca_file)
     for storage_file in resp.download_files:
         try:
-            print(f"downloaded {place(storage_file, args.output_dir)}", flush=True)
+            print(f"downloaded {place(storage_file, args.output_dir, web)}", flush=True)
         except DownloadError as exc:
             failed += 1
             print(f"dsjobs: cannot download {exc}", file=sys.stderr)

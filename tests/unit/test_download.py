@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,3 +72,43 @@ def test_a_path_out_of_the_current_or_output_directory_is_refused(path: str, out
     # The server names the paths: whatever it says, nothing is written outside.
     with pytest.raises(DownloadError):
         destination(path, output_dir)
+
+
+def test_an_unfinished_body_a_directory_in_the_way_or_an_odd_url_leave_nothing_behind(
+    url: str, tmp_path: Path
+) -> None:
+    size, sha = len(BODY), hashlib.sha256(BODY).hexdigest()
+    (tmp_path / "model.bin").mkdir()  # a directory where the file goes
+    with pytest.raises(DownloadError):
+        fetch(url, tmp_path / "model.bin", size, sha)
+    with pytest.raises(DownloadError, match="not an http"):
+        fetch("file:///dev/zero", tmp_path / "zero", 10, "")
+    with pytest.raises(DownloadError, match="more than the 10 bytes"):
+        fetch(url, tmp_path / "short", 10, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]  # no partial file
+
+
+def test_a_directory_output_is_extracted_as_the_user_s_own_files(tmp_path: Path) -> None:
+    # The runner's extractor leaves the shared volume's files world-writable; a download must not.
+    import io
+    import zipfile
+
+    from dsjobs.runner.zipsafe import extract_zip
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("res/sub/f.txt", b"x")
+        run = zipfile.ZipInfo("res/run.sh")
+        run.create_system, run.external_attr = 3, 0o755 << 16
+        zf.writestr(run, b"#!/bin/sh\n")
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(buf.getvalue())
+    old = os.umask(0o022)
+    try:
+        extract_zip(archive, tmp_path / "dl", private=True)
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "dl" / "res", tmp_path / "dl" / "res" / "sub"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o755, p
+    assert stat.S_IMODE((tmp_path / "dl" / "res" / "sub" / "f.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "dl" / "res" / "run.sh").stat().st_mode) == 0o755

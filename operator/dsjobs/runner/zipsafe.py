@@ -82,9 +82,10 @@ def _inside(root_real: str, path: str) -> bool:
     return path == root_real or path.startswith(root_real + os.sep)
 
 
-def make_dirs(path: Path) -> None:
+def make_dirs(path: Path, *, private: bool = False) -> None:
     """mkdir -p, leaving the directories it creates world-writable: the job may run as any uid
-    and must be able to write into its inputs' directories, as into the other shared ones."""
+    and must be able to write into its inputs' directories, as into the other shared ones.
+    `private`: as the umask makes them (a user's own download)."""
     missing: list[Path] = []
     p = path
     while not p.exists():
@@ -92,7 +93,8 @@ def make_dirs(path: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         d.mkdir(exist_ok=True)
-        os.chmod(d, 0o777)
+        if not private:
+            os.chmod(d, 0o777)
 
 
 def check_zip(zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, list[str]]]:
@@ -150,14 +152,17 @@ def extract_zip(
     root: str | os.PathLike[str],
     *,
     max_total_bytes: int | None = None,
+    private: bool = False,
 ) -> int:
     """Extract ``archive`` under ``root`` (created if needed). Returns the number of files written.
+    The files and directories are the job's shared ones (0666/0777) unless ``private`` (then the
+    umask's, executables made executable for those who may read them).
 
     With ``max_total_bytes``: an archive whose entries declare more is refused before anything is
     written, and no more than that is ever written (UnsafeZipError naming the entry). A damaged
     archive raises UnsafeZipError naming the entry too."""
     root_path = Path(root)
-    make_dirs(root_path)
+    make_dirs(root_path, private=private)
     root_real = os.path.realpath(root_path)
     try:
         zf = zipfile.ZipFile(archive)
@@ -168,7 +173,7 @@ def extract_zip(
         declared = _declared([info for info, _ in entries])
         if max_total_bytes is not None and declared > max_total_bytes:
             raise UnsafeZipError(f"archive expands to {declared} bytes, beyond the cap of {max_total_bytes}")
-        return _extract_entries(zf, entries, root_real, max_total_bytes)
+        return _extract_entries(zf, entries, root_real, max_total_bytes, private)
 
 
 def _extract_entries(
@@ -176,6 +181,7 @@ def _extract_entries(
     entries: list[tuple[zipfile.ZipInfo, list[str]]],
     root_real: str,
     max_total_bytes: int | None,
+    private: bool = False,
 ) -> int:
     written = 0
     files = 0
@@ -186,10 +192,11 @@ def _extract_entries(
         if not _inside(root_real, parent_real):
             raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
         if info.is_dir():
-            make_dirs(target)
-            os.chmod(target, 0o777)
+            make_dirs(target, private=private)
+            if not private:
+                os.chmod(target, 0o777)
             continue
-        make_dirs(target.parent)
+        make_dirs(target.parent, private=private)
         if target.is_symlink():
             raise UnsafeZipError(f"entry {info.filename!r} would write through a symlink")
         try:
@@ -205,7 +212,11 @@ def _extract_entries(
         except _BAD_DATA as exc:
             raise UnsafeZipError(f"entry {info.filename!r}: damaged archive: {exc}") from exc
         mode = (info.external_attr >> 16) & 0o777 if info.create_system == 3 else 0
-        os.chmod(target, 0o777 if mode & 0o111 else 0o666)
+        if not private:
+            os.chmod(target, 0o777 if mode & 0o111 else 0o666)
+        elif mode & 0o111:
+            now = os.stat(target).st_mode & 0o777
+            os.chmod(target, now | (now & 0o444) >> 2)
         files += 1
     return files
 
