@@ -40,6 +40,7 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     cancel_grace_seconds,
     plan,
+    scale_up_matters,
     schedule_budget,
     waiting_to_create,
     write_delay,
@@ -827,6 +828,20 @@ def test_no_fallback_while_a_node_autoscaler_adds_a_node_for_the_job_s_pod() -> 
     assert scale_up_message(events) == SCALE_UP and scale_up_message(events[2:]) == ""
     karpenter = {"reason": "Nominated", "message": "Pod should schedule on: nodeclaim/default-x4k2p"}
     assert scale_up_message([karpenter]) == karpenter["message"]
+    # A scale-up that brought no node (a stockout): cluster-autoscaler says so after it.
+    failed = {
+        "reason": "NotTriggerScaleUp",
+        "message": "pod didn't trigger scale-up: 1 in backoff after failed scale-up",
+        "lastTimestamp": "2025-06-01T11:50:00Z",
+    }
+    assert scale_up_message([*events, failed]) == ""
+    assert scale_up_message([{**failed, "lastTimestamp": "2025-06-01T11:40:00Z"}, *events]) == SCALE_UP
+    # Asked only when it would hold a fallback back: another type listed, the budget spent.
+    g28 = TYPES["g2.8"]
+    assert scale_up_matters(["g2.8", "g1.1"], 0, g28, waiting, NOW)  # created 61 s ago, budget 60
+    assert not scale_up_matters(["g2.8"], 0, g28, waiting, NOW)
+    assert not scale_up_matters(["g2.8", "g1.1"], 1, g28, waiting, NOW)
+    assert not scale_up_matters(["g2.8", "g1.1"], 0, g28, waiting, NOW - timedelta(seconds=5))
     coming = dataclasses.replace(waiting, scale_up=SCALE_UP)
     p = step(j, [coming])
     assert p.status.attempt == 1 and not p.actions and "FallingBack" not in [e.reason for e in p.events]

@@ -353,7 +353,9 @@ def test_a_refused_pod_takes_only_the_secrets_made_for_it_with_it(there_already:
             calls.append(f"DELETE {path} uid={uid}")
             return True
 
-        async def delete_collection(self, resource: str, path: str, selector: str) -> None:
+        async def delete_collection(
+            self, resource: str, path: str, selector: str, field_selector: str = ""
+        ) -> None:
             calls.append(f"DELETE collection {path}?{selector}")
 
         async def get(self, resource: str, path: str) -> None:

@@ -323,7 +323,9 @@ def test_the_rest_of_a_plan_is_not_acted_on_once_the_lease_is_lost() -> None:
             op.standing_down = True  # the lease is lost while this request is in flight
             return True
 
-        async def delete_collection(self, resource: str, path: str, selector: str) -> None:
+        async def delete_collection(
+            self, resource: str, path: str, selector: str, field_selector: str = ""
+        ) -> None:
             calls.append(f"DELETE collection {path}")
 
     op.kube = Kube()  # type: ignore[assignment]

@@ -348,7 +348,7 @@ def test_a_zip_input_of_more_files_than_the_runner_s_memory_can_unpack_is_refuse
     )
     assert f"about {entries - 1} files fit; the admin's DSJOBS_RUNNER_MEMORY_LIMIT" in result.reason
     assert not (cfg.work_dir / "data").exists()
-    # One more byte of memory: it fits, and is unpacked (one such archive at a time).
+    # One more byte of memory: it fits, and is unpacked.
     monkeypatch.setattr(stagein, "memory_limit", lambda: limit + 1)
     assert run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
     assert len(list((cfg.work_dir / "data").iterdir())) == entries

@@ -90,6 +90,7 @@ from dsjobs.controller.plan import (
     gone_type_problem,
     plan,
     read_status,
+    scale_up_matters,
     schedule_budget,
     waiting_to_create,
     write_delay,
@@ -927,10 +928,18 @@ class Operator:
         selector = pod.events_to_ask(now) if pod is not None and pod.uid else None
         if pod is None or selector is None:
             return pods
+        if selector == SCALE_UP_SELECTOR:
+            params = job.spec.get("jobParameters") or {}
+            names = [
+                str(t.get("name")) for t in params.get("cloudInstanceTypes") or () if isinstance(t, dict)
+            ]
+            index = job.status.instance_type_index
+            current = self.instance_types.catalog().get(names[index]) if index < len(names) else None
+            if not scale_up_matters(names, index, current, pod, now):
+                return pods
         assert self.kube is not None
-        # From the API server's watch cache (resourceVersion=0), not a quorum read of etcd: an aid
-        # to the details, asked on each reconcile of such a pod, many pods at once after a change
-        # of the cluster rewrote their scheduler messages.
+        # resourceVersion=0: an API server with a cache of Events answers from it (none by default:
+        # then etcd). An aid to the details, asked on reconciles of such a pod.
         query = with_query(
             core_path(job.namespace, "events"),
             fieldSelector=f"involvedObject.uid={pod.uid},{selector}",
@@ -1355,12 +1364,15 @@ class Operator:
         assert self.kube is not None
         old = pod_name(job.name, attempt)
         for name in (runner_secret_name(old), registry_secret_name(old)):
-            await self.kube.delete_collection(
-                "secrets",
-                core_path(job.namespace, "secrets"),
-                operator_secrets_selector(job.name),
-                field_selector=f"metadata.name={name}",
-            )
+            try:
+                await self.kube.delete_collection(
+                    "secrets",
+                    core_path(job.namespace, "secrets"),
+                    operator_secrets_selector(job.name),
+                    field_selector=f"metadata.name={name}",
+                )
+            except APIError as exc:  # the pod is made: the job's end deletes them all anyway
+                jlog(logging.WARNING, (job.namespace, job.name), "could not delete Secret %s: %r", name, exc)
 
     async def _delete_secrets(self, job: JobView) -> None:
         """The Secrets the operator made for the job (runner config, registry), in one call."""

@@ -1437,6 +1437,18 @@ def same_refusal(old: str, new: str) -> bool:
     return old == new or _QUOTA_USAGE.sub(r"\1", old) == _QUOTA_USAGE.sub(r"\1", new)
 
 
+def scale_up_matters(
+    type_names: Sequence[str], index: int, type_spec: InstanceTypeSpec | None, pod: PodView, now: datetime
+) -> bool:
+    """Whether an autoscaler's scale-up for the unschedulable `pod` would change the plan: another
+    type is listed and the current one's budget is spent (the fallback it holds back). The glue
+    lists the pod's Events for it only then: the API server keeps no cache of Events by default,
+    and a change of the cluster rewrites many pending pods' scheduler messages at once."""
+    if index + 1 >= len(type_names):
+        return False
+    return now - (pod.created_at or now) >= schedule_budget(type_spec)
+
+
 def schedule_budget(type_spec: InstanceTypeSpec | None) -> timedelta:
     """How long a pod of this type may wait before the job falls back to its next type.
 

@@ -385,38 +385,45 @@ SCALE_UP_REASONS: Final = ("TriggeredScaleUp", "Nominated")
 SCALE_UP_SELECTOR: Final = "type=Normal"
 
 
+#: cluster-autoscaler's "pod didn't trigger scale-up: ... in backoff after failed scale-up": said
+#: after a scale-up that brought no node (a stockout), it ends what TriggeredScaleUp promised.
+NO_SCALE_UP_REASON: Final = "NotTriggerScaleUp"
+
+
 def scale_up_message(events: Sequence[Mapping[str, Any]]) -> str:
-    """The newest autoscaler's scale-up word of some Events of one pod, or "". No freshness bound:
-    an autoscaler says it once per scale-up and the node takes minutes; how long the job waits on
-    it is the plan's to bound."""
-    found = [e for e in events if e.get("reason") in SCALE_UP_REASONS]
-    return latest_event_message(found, None) if found else ""
+    """The newest autoscaler's scale-up word of some Events of one pod, or "" (none, or a newer
+    NotTriggerScaleUp). No freshness bound: an autoscaler says it once per scale-up and the node
+    takes minutes; how long the job waits on it is the plan's to bound."""
+    newest = max(
+        (e for e in events if e.get("reason") in (*SCALE_UP_REASONS, NO_SCALE_UP_REASON)),
+        key=_event_time,
+        default=None,
+    )
+    if newest is None or newest.get("reason") == NO_SCALE_UP_REASON:
+        return ""
+    return str(newest.get("message") or "")
 
 
-def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime | None) -> str:
-    """The message of the most recent of some core/v1 Events, or "" when there is none, or it was
-    last seen more than EVENT_FRESHNESS before `now` (None: however long ago).
+def _event_time(e: Mapping[str, Any]) -> str:
+    """When the API server last wrote the Event (its managedFields' times): lastTimestamp is the
+    kubelet's clock, and a node minutes behind would hide every trouble it reports; else its last,
+    then first, time. RFC 3339 in UTC: the strings sort as the times do."""
+    meta = e.get("metadata") or {}
+    written = [
+        str(f["time"]) for f in meta.get("managedFields") or () if isinstance(f, Mapping) and f.get("time")
+    ]
+    if written:
+        return max(written)
+    return str(e.get("lastTimestamp") or e.get("eventTime") or meta.get("creationTimestamp") or "")
 
-    When is when the API server last wrote the Event (its managedFields' times): lastTimestamp is
-    the kubelet's clock, and a node minutes behind would hide every trouble it reports; else by
-    last, then first, time."""
 
-    def when(e: Mapping[str, Any]) -> str:
-        # RFC 3339 in UTC: the strings sort as the times do.
-        meta = e.get("metadata") or {}
-        written = [
-            str(f["time"])
-            for f in meta.get("managedFields") or ()
-            if isinstance(f, Mapping) and f.get("time")
-        ]
-        if written:
-            return max(written)
-        return str(e.get("lastTimestamp") or e.get("eventTime") or meta.get("creationTimestamp") or "")
-
-    latest = max(events, key=when, default=None)
+def latest_event_message(events: Sequence[Mapping[str, Any]], now: datetime) -> str:
+    """The message of the most recent of some core/v1 Events (by _event_time), or "" when there is
+    none, or it was last seen more than EVENT_FRESHNESS before `now`."""
+    latest = max(events, key=_event_time, default=None)
     if latest is None:
         return ""
-    seen = parse_time(when(latest))
-    if seen is not None and now is not None and now - seen > EVENT_FRESHNESS:
+    seen = parse_time(_event_time(latest))
+    if seen is not None and now - seen > EVENT_FRESHNESS:
         return ""
     return str(latest.get("message") or "")
