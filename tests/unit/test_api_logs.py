@@ -87,6 +87,19 @@ class FakeCore:
         return self.job
 
 
+def count_gets(core: FakeCore) -> list[str]:
+    """The keys of the store's GETs from now on, as they happen."""
+    gets: list[str] = []
+    read = core.store.get_bytes
+
+    def counting(key: str) -> bytes | None:
+        gets.append(key)
+        return read(key)
+
+    core.store.get_bytes = counting  # type: ignore[method-assign]
+    return gets
+
+
 def write(core: FakeCore, seq: int, *texts: str) -> None:
     records = tuple(LogRecord(Stream.OUT, t.encode(), time.time_ns()) for t in texts)
     logrecords.write_chunk(core.store, PROJECT, JOB, LogChunk(seq, records))
@@ -139,14 +152,7 @@ def test_follows_a_running_job_until_it_ends() -> None:
 def test_a_stream_reads_the_final_marker_only_once_the_job_has_ended() -> None:
     # Every idle poll of a running job's stream read final.json too: two GETs instead of one.
     core = FakeCore(snapshot("EXECUTING"))
-    gets: list[str] = []
-    read = core.store.get_bytes
-
-    def counting(key: str) -> bytes | None:
-        gets.append(key)
-        return read(key)
-
-    core.store.get_bytes = counting  # type: ignore[method-assign]
+    gets = count_gets(core)
     write(core, 0, "first\n")
     final = logrecords.final_key(PROJECT, JOB)
 
@@ -241,14 +247,7 @@ def test_a_stream_of_a_job_waiting_for_a_node_reads_the_store_only_now_and_then(
     # 300 queued jobs with the CLI following each: ~1 GET a second per stream while no record
     # could come (only the pod's ship stores them). The job's change (its pod placed) wakes it.
     core = FakeCore(snapshot("PREPARING"))
-    gets: list[str] = []
-    real_get = core.store.get_bytes
-
-    def counting_get(key: str) -> bytes | None:
-        gets.append(key)
-        return real_get(key)
-
-    core.store.get_bytes = counting_get  # type: ignore[method-assign]
+    gets = count_gets(core)
     placed = job_object("PREPARING", version=2)
     placed["status"]["conditions"] = [
         {"type": "Scheduled", "status": "True", "reason": "Scheduled", "message": "on node gpu-0"}
