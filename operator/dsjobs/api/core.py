@@ -65,8 +65,9 @@ class InputCheck:
 #: UNAVAILABLE within about half a minute, not the minute per try of a background transfer.
 STORAGE_TIMEOUT_SECONDS: Final = 10.0
 STORAGE_ATTEMPTS: Final = 3
-#: The slowest link a transfer is planned for: 1 MiB/s (8 Mbit/s). See `transfer_ttl`.
-SLOW_LINK_BYTES_PER_SECOND: Final = 1 << 20
+#: The slowest link a transfer is planned for: 256 KiB/s (2 Mbit/s, an ADSL or mobile uplink: with
+#: 1 MiB/s the second of two 5 GiB inputs found its URL expired there). See `transfer_ttl`.
+SLOW_LINK_BYTES_PER_SECOND: Final = 256 << 10
 MAX_TRANSFER_TTL: Final = timedelta(hours=12)
 
 

@@ -76,7 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DSJOBS_API_URL_TTL",
         "15m",
         "validity of presigned download/upload URLs (at most 1h); each answer adds the time its files "
-        "take at 1 MiB/s (12h in all at most)",
+        "take at 256 KiB/s (12h in all at most)",
     ),
     Setting("max_message_bytes", "DSJOBS_API_MAX_MESSAGE_BYTES", "4194304", "largest accepted request"),
     Setting(
