@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import pytest
 from cluster_fixtures import REPO_ROOT, cpu_accounted, local_claim, memory_limits_enforced, poll
 from kubernetes import client as k8s_client
+from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 from node_fixtures import E2E_ONLY_TAINT, OwnNode, node_ready, own_node, small_disk_node  # noqa: F401
 from operator_fixtures import (  # noqa: F401
@@ -710,6 +711,21 @@ def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> Non
                 h.namespace, label_selector=f"dsjobs.dev/job-id={name}"
             ).items
             assert not secrets, [x.metadata.name for x in secrets]
+        # While it waits, its tries are dry runs: no Secret made and deleted again each time (the
+        # tries come 0.5, 1, 2, 4, 8 s apart at first).
+        listed = h.core.list_namespaced_secret(h.namespace, label_selector=f"dsjobs.dev/job-id={job}")
+        made = [
+            event["object"].metadata.name
+            for event in k8s_watch.Watch().stream(
+                h.core.list_namespaced_secret,
+                h.namespace,
+                label_selector=f"dsjobs.dev/job-id={job}",
+                resource_version=listed.metadata.resource_version,
+                timeout_seconds=10,
+            )
+            if event["type"] == "ADDED"
+        ]
+        assert not made, made
         h.patch_spec(cancelled, {"cancel": {"reason": "no room"}})
         status = h.wait_phase(cancelled, "CANCELLED", "SUCCESS", "ERROR")
         assert status["phase"] == "CANCELLED", status

@@ -1259,6 +1259,17 @@ class Operator:
             registry_secret=registry,
             spark_secret=spark,
         )
+        if self._refused.get((ns, job.name)):
+            # Waiting on a quota or an admission policy: ask with a dry run first, which makes
+            # nothing. Each try made and deleted the job's Secrets and listed its stored data, for
+            # as long as the refusal lasted (every minute, hours on end). A dry run that fails
+            # otherwise (a webhook without dry-run support) leaves the verdict to the real try.
+            try:
+                await self.kube.create("pods", with_query(core_path(ns, "pods"), dryRun="All"), pod)
+            except Forbidden as exc:
+                return Refused(refusal_hint(message_of(exc), self.settings.job_pod_security), pod=True)
+            except APIError as exc:
+                jlog(logging.DEBUG, (ns, job.name), "dry run of pod %s: %r", pod["metadata"]["name"], exc)
         # Meanwhile, not before: it is a request to the object store on every job's way to its pod.
         secret_made: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         clearing = (
