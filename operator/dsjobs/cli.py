@@ -15,7 +15,7 @@ import ipaddress
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -63,13 +63,32 @@ class Target:
 
 
 def read_token_file(path: str) -> str:
+    """The token in `path`: UTF-8 (with or without the BOM Windows PowerShell writes) or UTF-16
+    with its BOM (PowerShell's `>`); a token must be printable ASCII, as a gRPC header value
+    ("INTERNAL: Invalid metadata" said nothing of the file)."""
     try:
-        token = Path(path).read_text().strip()
+        data = Path(path).read_bytes()
+        encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        token = data.decode(encoding).strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read the token file {path}: {exc}") from exc
     if not token:
         raise CliError(f"the token file {path} is empty")
+    if not all(" " < c < "\x7f" for c in token):
+        raise CliError(f"the token file {path} holds spaces or characters other than printable ASCII: not a token")
     return token
+
+
+def grpc_proxy_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The lowercase proxy variables gRPC reads, from the uppercase ones when only those are set:
+    gRPC reads `https_proxy`/`http_proxy`/`no_proxy` only, while the official CLI's uploads
+    (requests) honour both; a user with only HTTPS_PROXY had its calls go direct and its files
+    through the proxy."""
+    return {
+        lower: environ[lower.upper()]
+        for lower in ("https_proxy", "http_proxy", "no_proxy")
+        if lower not in environ and environ.get(lower.upper())
+    }
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -375,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0 if len(args) > 1 else 2
     environ = dict(os.environ)
+    os.environ.update(grpc_proxy_env(environ))
     try:
         ours, rest = split_args(args[1:])
         target = resolve_target(

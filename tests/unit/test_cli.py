@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from dsjobs import cli
-from dsjobs.cli import CliError, Target, parse_env_file, resolve_target, split_args
+from dsjobs.cli import (
+    CliError,
+    Target,
+    grpc_proxy_env,
+    parse_env_file,
+    read_token_file,
+    resolve_target,
+    split_args,
+)
 from dsjobs.devcluster import S3Config
 from dsjobs.localstack import env_file_text, write_private
 
@@ -443,3 +451,30 @@ def test_the_cli_s_channel_pings_a_server_that_may_vanish() -> None:
     assert options["grpc.http2.max_pings_without_data"] == 0  # an idle log stream sends no data
     assert options["grpc.primary_user_agent"] == "dsjobs/1" and "grpc.enable_http_proxy" not in options
     assert dict(channel_options(official, None, direct=True))["grpc.enable_http_proxy"] == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"tok.en-1\n", b"\xef\xbb\xbftok.en-1\r\n", "tok.en-1\r\n".encode("utf-16")],
+    ids=["utf-8", "utf-8 with BOM (PowerShell)", "utf-16 (PowerShell's >)"],
+)
+def test_token_files_as_windows_writes_them(tmp_path: Path, data: bytes) -> None:
+    # A BOM went into the authorization header: "INTERNAL: Invalid metadata", naming no file.
+    path = tmp_path / "token"
+    path.write_bytes(data)
+    assert read_token_file(str(path)) == "tok.en-1"
+
+
+def test_a_token_file_that_holds_no_token_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("two words\n")
+    with pytest.raises(CliError, match=r"token file .* not a token"):
+        read_token_file(str(path))
+
+
+def test_grpc_gets_the_proxy_the_uppercase_variables_name() -> None:
+    # gRPC reads only https_proxy/no_proxy: with HTTPS_PROXY alone its calls went direct while
+    # the official CLI's uploads (requests) went through the proxy.
+    env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "localhost", "http_proxy": "http://other:1"}
+    assert grpc_proxy_env(env) == {"https_proxy": "http://proxy:3128", "no_proxy": "localhost"}
+    assert grpc_proxy_env({"https_proxy": "a", "HTTPS_PROXY": "b"}) == {}

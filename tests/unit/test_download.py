@@ -6,6 +6,8 @@ import hashlib
 import http.server
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,3 +114,16 @@ def test_a_directory_output_is_extracted_as_the_user_s_own_files(tmp_path: Path)
         assert stat.S_IMODE(p.stat().st_mode) == 0o755, p
     assert stat.S_IMODE((tmp_path / "dl" / "res" / "sub" / "f.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "dl" / "res" / "run.sh").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [("O_PATH",), ("O_PATH", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_NONBLOCK")],
+    ids=["macos", "windows"],
+)
+def test_the_command_imports_where_os_lacks_linux_s_open_flags(missing: tuple[str, ...]) -> None:
+    # The runner's safe-open module used O_PATH at import: `dsjobs download-files` died with an
+    # AttributeError on every Mac and Windows laptop.
+    code = f"import os\nfor n in {missing!r}:\n    delattr(os, n)\nimport dsjobs.download\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr

@@ -22,10 +22,15 @@ class RefusedFile(OSError):
     """The path is a symlink, a special file or leaves its root: not read."""
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Linux's flags (the runner's containers are Linux); 0 elsewhere, so that modules importing this one
+# (the ZIP extractor, which `dsjobs download-files` uses on a laptop) import on macOS and Windows.
+_O_DIRECTORY, _O_NOFOLLOW, _O_CLOEXEC, _O_NONBLOCK, _O_PATH = (
+    getattr(os, name, 0) for name in ("O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_NONBLOCK", "O_PATH")
+)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 # Directories only passed through: search permission is all they need (a 0711 parent).
-_PASS_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_PASS_FLAGS = _O_PATH | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
 
 
 def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:

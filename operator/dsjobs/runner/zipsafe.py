@@ -242,7 +242,10 @@ def _is_utf8(name: str) -> bool:
 #: Directories nested deeper than this below a zipped output are left out (told to `on_error`):
 #: each is opened from the output's root one level at a time, and a bound keeps that cheap.
 MAX_ZIP_DEPTH = 256
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# (0 where the system has no such flag: extraction, all a laptop's download uses, needs none.)
+_FILE_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+)
 
 
 class LinkRoot(NamedTuple):
