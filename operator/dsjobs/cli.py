@@ -75,7 +75,9 @@ def read_token_file(path: str) -> str:
     if not token:
         raise CliError(f"the token file {path} is empty")
     if not all(" " < c < "\x7f" for c in token):
-        raise CliError(f"the token file {path} holds spaces or characters other than printable ASCII: not a token")
+        raise CliError(
+            f"the token file {path} holds spaces or characters other than printable ASCII: not a token"
+        )
     return token
 
 
@@ -261,7 +263,10 @@ def secure_credentials(target: Target) -> Any:
     import grpc
 
     if target.ca_file:
-        return grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
+        try:
+            return grpc.ssl_channel_credentials(Path(target.ca_file).read_bytes())
+        except OSError as exc:
+            raise CliError(f"cannot read the CA bundle {target.ca_file} (--ca / {ENV_CA}): {exc}") from exc
     if not target.plaintext:
         return grpc.ssl_channel_credentials(system_roots())
     return None
@@ -312,7 +317,29 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except grpc.RpcError as exc:
+        # The official CLI lets a failed call end it with a 40-line traceback.
+        print(rpc_error_line(exc.code(), exc.details() or "", target), file=sys.stderr)
+        return 1
     return 0
+
+
+#: What a user can do about a call's failure, by its status code.
+_RPC_HINTS: Final = {
+    "UNAUTHENTICATED": "the token was refused: renew it ({token})",
+    "PERMISSION_DENIED": "the token's identity may not do this in the project: ask your admin",
+    "UNAVAILABLE": "is {endpoint} the dsjobs API and reachable from here (proxy, TLS: --ca/{ca}, --insecure)?",
+    "DEADLINE_EXCEEDED": "is {endpoint} the dsjobs API and reachable from here (proxy, TLS: --ca/{ca}, --insecure)?",
+}
+
+
+def rpc_error_line(code: Any, details: str, target: Target) -> str:
+    """One line for a failed call: its status, the server's words and what to do."""
+    name = getattr(code, "name", str(code))
+    hint = _RPC_HINTS.get(name, "").format(
+        token=ENV_TOKEN_FILE if target.token_file else ENV_TOKEN, endpoint=target.endpoint, ca=ENV_CA
+    )
+    return f"dsjobs: {name}: {details}" + (f" ({hint})" if hint else "")
 
 
 OUR_OPTIONS = {
@@ -413,8 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Its own process's protobuf stubs: never in one process with the official CLI's.
         from dsjobs.download import run_download
 
-        return run_download(target, rest)
-    return run_datasphere(target, rest)
+        try:
+            return run_download(target, rest)
+        except CliError as exc:
+            print(f"dsjobs: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return run_datasphere(target, rest)
+    except CliError as exc:
+        print(f"dsjobs: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

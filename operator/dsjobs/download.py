@@ -28,7 +28,14 @@ from typing import Final
 
 import grpc
 
-from dsjobs.cli import Target, channel_options, is_loopback, secure_credentials, warn_plaintext
+from dsjobs.cli import (
+    Target,
+    channel_options,
+    is_loopback,
+    rpc_error_line,
+    secure_credentials,
+    warn_plaintext,
+)
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs.project_job_service_pb2_grpc import ProjectJobServiceStub
 from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
@@ -201,7 +208,7 @@ def run_download(target: Target, argv: Sequence[str]) -> int:
                 timeout=RPC_TIMEOUT_SECONDS,
             )
         except grpc.RpcError as exc:
-            print(f"dsjobs: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(rpc_error_line(exc.code(), exc.details() or "", target), file=sys.stderr)
             return 1
     failed = 0
     web = opener(target.ca_file)

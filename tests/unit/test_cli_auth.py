@@ -209,3 +209,30 @@ def test_the_official_cli_does_not_ask_pypi_after_a_command(spy: Spy, tmp_path: 
     )
     assert proc.returncode == 0, proc.stderr
     assert "0.10.0" in proc.stdout + proc.stderr and "pypi" not in proc.stderr.lower()
+
+
+def test_a_refused_call_ends_in_one_line_that_says_what_to_do(spy: Spy, tmp_path: Path) -> None:
+    # The official CLI let a failed call end it with a 40-line traceback.
+    proc = run_cli(
+        tmp_path,
+        "--endpoint",
+        spy.endpoint,
+        "--token",
+        "t",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *LIST,
+        env={},
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "dsjobs: UNAUTHENTICATED: spy (the token was refused: renew it (DSJOBS_TOKEN))"
+    )
+
+
+def test_a_missing_ca_file_is_a_usage_error(spy: Spy, tmp_path: Path) -> None:
+    proc = run_cli(tmp_path, "--endpoint", spy.endpoint, "--token", "t", "--ca", "no-such.pem", *LIST, env={})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot read the CA bundle no-such.pem (--ca / DSJOBS_CA)" in proc.stderr
+    assert spy.calls == []
