@@ -11,10 +11,12 @@ This module must never import `dsjobs.pb`: the official client registers the sam
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
 import ssl
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +283,40 @@ def warn_plaintext(target: Target) -> None:
         )
 
 
+def requests_ca_bundle(ca_file: str | None, environ: Mapping[str, str], cache_dir: Path) -> str | None:
+    """A CA bundle for the official CLI's file transfers (requests): the public CAs (certifi's)
+    plus `ca_file`, where a private CA is given and the user has not chosen a bundle of their own.
+    With --ca alone its uploads to an object store behind the same company CA failed with an
+    SSLError; REQUESTS_CA_BUNDLE set to the CA alone would have lost the public ones (a cloud's
+    store). Written under `cache_dir` (the user's own, 0600), named by its content."""
+    if not ca_file or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE"):
+        return None
+    try:
+        import certifi
+
+        public = Path(certifi.where()).read_bytes()
+    except (ImportError, OSError):
+        public = b""
+    try:
+        private = Path(ca_file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the CA bundle {ca_file} (--ca / {ENV_CA}): {exc}") from exc
+    data = public.rstrip(b"\n") + b"\n" + private
+    bundle = cache_dir / f"ca-bundle-{hashlib.sha256(data).hexdigest()[:16]}.pem"
+    if not bundle.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".ca-bundle.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, bundle)
+    return str(bundle)
+
+
 def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     """Runs the official CLI in this process against `target`. Returns its exit status."""
+    bundle = requests_ca_bundle(target.ca_file, os.environ, Path.home() / ".cache" / "dsjobs")
+    if bundle is not None:
+        os.environ["REQUESTS_CA_BUNDLE"] = bundle
     _pin_credentials(target.token)  # before the import: datasphere.api reads SERVER_ENV
     import grpc
     from datasphere import auth as ds_auth

@@ -21,6 +21,7 @@ from dsjobs.cli import (
     grpc_proxy_env,
     parse_env_file,
     read_token_file,
+    requests_ca_bundle,
     resolve_target,
     split_args,
 )
@@ -478,3 +479,18 @@ def test_grpc_gets_the_proxy_the_uppercase_variables_name() -> None:
     env = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "localhost", "http_proxy": "http://other:1"}
     assert grpc_proxy_env(env) == {"https_proxy": "http://proxy:3128", "no_proxy": "localhost"}
     assert grpc_proxy_env({"https_proxy": "a", "HTTPS_PROXY": "b"}) == {}
+
+
+def test_the_official_cli_s_transfers_trust_the_private_ca_and_the_public_ones(tmp_path: Path) -> None:
+    ca = tmp_path / "company-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\ncompany\n-----END CERTIFICATE-----\n")
+    cache = tmp_path / "cache"
+    bundle = requests_ca_bundle(str(ca), {}, cache)
+    assert bundle is not None
+    text = Path(bundle).read_text()
+    assert text.endswith(ca.read_text()) and text.count("BEGIN CERTIFICATE") > 10  # certifi's too
+    assert stat.S_IMODE(Path(bundle).stat().st_mode) == 0o600
+    assert requests_ca_bundle(str(ca), {}, cache) == bundle  # the same content: the same file
+    # The user's own choice stands; no private CA, nothing to do.
+    assert requests_ca_bundle(str(ca), {"REQUESTS_CA_BUNDLE": "/mine.pem"}, cache) is None
+    assert requests_ca_bundle(None, {}, cache) is None
