@@ -24,7 +24,7 @@ RUN python -m venv /opt/dsjobs
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-RUN /opt/dsjobs/bin/pip install . \
+RUN /opt/dsjobs/bin/pip install '.[server]' \
  && /opt/dsjobs/bin/python -m compileall -q /opt/dsjobs/lib
 
 # ---- runtime: same base as the build stage (the venv points at its interpreter), non-root

@@ -127,3 +127,21 @@ def test_the_command_imports_where_os_lacks_linux_s_open_flags(missing: tuple[st
     code = f"import os\nfor n in {missing!r}:\n    delattr(os, n)\nimport dsjobs.download\nprint('ok')\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout == "ok\n", out.stderr
+
+
+def test_the_client_needs_none_of_the_server_extra() -> None:
+    # pyproject: the base install is the client (grpcio, protobuf, googleapis-common-protos); the
+    # operator's and API's libraries are the `server` extra.
+    server = [
+        "kopf", "kubernetes", "pydantic", "boto3", "botocore", "aiohttp", "cryptography",
+        "orjson", "yaml", "prometheus_client", "grpc_health", "grpc_reflection",
+    ]  # fmt: skip
+    code = (
+        "import sys\n"
+        f"for name in {server!r}:\n"
+        "    sys.modules[name] = None\n"
+        "import dsjobs.cli, dsjobs.download\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr
