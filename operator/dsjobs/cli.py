@@ -470,16 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"dsjobs: {exc}", file=sys.stderr)
         return 2
-    if args[0] == "download-files":
-        # Its own process's protobuf stubs: never in one process with the official CLI's.
-        from dsjobs.download import run_download
-
-        try:
-            return run_download(target, rest)
-        except CliError as exc:
-            print(f"dsjobs: {exc}", file=sys.stderr)
-            return 2
     try:
+        if args[0] == "download-files":
+            # Its own process's protobuf stubs: never in one process with the official CLI's.
+            from dsjobs.download import run_download
+
+            return run_download(target, rest)
         return run_datasphere(target, rest)
     except CliError as exc:
         print(f"dsjobs: {exc}", file=sys.stderr)

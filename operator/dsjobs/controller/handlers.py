@@ -176,6 +176,13 @@ STORAGE_ENV: Final = (
 )
 
 
+def _listed_types(job: JobView) -> list[str]:
+    """The instance type names the job's spec lists, as stored (the plan reads the parsed spec)."""
+    params = job.spec.get("jobParameters") or {}
+    types = params.get("cloudInstanceTypes") or ()
+    return [t["name"] for t in types if isinstance(t, dict) and isinstance(t.get("name"), str)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Refused:
     """The API server forbade creating the job's pod (or a claim of it) for now; its message."""
@@ -866,10 +873,8 @@ class Operator:
         catalog = self.instance_types.catalog()
         if job.status.attempt or (job.status.phase is not None and job.status.phase.is_final):
             return catalog
-        params = job.spec.get("jobParameters") or {}
-        wanted = [t.get("name") for t in params.get("cloudInstanceTypes") or () if isinstance(t, dict)]
-        for name in wanted:
-            if isinstance(name, str) and name and name not in catalog and "/" not in name:
+        for name in _listed_types(job):
+            if name and name not in catalog and "/" not in name:
                 raw = await self.kube.get(INSTANCETYPE_PLURAL, f"{JOBS_PATH}/{INSTANCETYPE_PLURAL}/{name}")
                 if raw is not None:
                     self.instance_types.apply(raw, deleted=False)
@@ -929,10 +934,7 @@ class Operator:
         if pod is None or selector is None:
             return pods
         if selector == SCALE_UP_SELECTOR:
-            params = job.spec.get("jobParameters") or {}
-            names = [
-                str(t.get("name")) for t in params.get("cloudInstanceTypes") or () if isinstance(t, dict)
-            ]
+            names = _listed_types(job)
             index = job.status.instance_type_index
             current = self.instance_types.catalog().get(names[index]) if index < len(names) else None
             if not scale_up_matters(names, index, current, pod, now):

@@ -30,7 +30,8 @@ _O_DIRECTORY, _O_NOFOLLOW, _O_CLOEXEC, _O_NONBLOCK, _O_PATH = (
 _DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 # Directories only passed through: search permission is all they need (a 0711 parent).
 _PASS_FLAGS = _O_PATH | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+#: A regular file's open: no symlink followed, no FIFO waited on.
+FILE_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
 
 
 def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> int:
@@ -41,7 +42,7 @@ def open_beneath(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     symlink, the file is not a regular file, or `path` is not plainly below `root`.
     """
     parts = _plain_parts(root, path)
-    fd = _step(_through(_pass_root(root), parts[:-1]), parts[-1], _FILE_FLAGS)
+    fd = _step(_through(_pass_root(root), parts[:-1]), parts[-1], FILE_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RefusedFile(errno.EINVAL, f"{'/'.join(parts)} is not a regular file")

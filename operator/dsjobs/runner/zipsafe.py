@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final, NamedTuple
 
-from dsjobs.runner.safeio import RefusedFile, open_below, open_file_resolved_beneath
+from dsjobs.runner.safeio import FILE_FLAGS, RefusedFile, open_below, open_file_resolved_beneath
 
 _COPY_CHUNK = 1024 * 1024
 #: A file is deflated only when deflating its head (this many bytes) saves at least
@@ -242,10 +242,6 @@ def _is_utf8(name: str) -> bool:
 #: Directories nested deeper than this below a zipped output are left out (told to `on_error`):
 #: each is opened from the output's root one level at a time, and a bound keeps that cheap.
 MAX_ZIP_DEPTH = 256
-# (0 where the system has no such flag: extraction, all a laptop's download uses, needs none.)
-_FILE_FLAGS = (
-    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-)
 
 
 class LinkRoot(NamedTuple):
@@ -363,7 +359,7 @@ class _DirectoryZipper:
     def _add_file(self, dir_fd: int, name: str, arc: str) -> None:
         try:
             # O_NONBLOCK: opening a FIFO put there since the listing would wait for a writer.
-            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 self._skip(arc, "symlink")
