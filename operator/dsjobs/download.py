@@ -2,10 +2,10 @@
 
 The official CLI's `download-files` skips files past a total of 1 GiB (DataSphere sends users to
 its web UI for the rest, and dsjobs has none) and holds each file in memory while it downloads.
-This command asks the same RPCs (Get, then DownloadJobFiles for presigned URLs) and streams each
-file to disk, checking its size and SHA-256, then puts it where the official CLI would: at its
-path relative to the current directory, or by its name in `--output-dir`; a directory output (a
-ZIP) is extracted there, safely.
+This command asks the same RPCs (Get, then DownloadJobFiles for each file's presigned URL just
+before its transfer) and streams each file to disk, checking its size and SHA-256, then puts it
+where the official CLI would: at its path relative to the current directory, or by its name in
+`--output-dir`; a directory output (a ZIP) is extracted there, safely.
 
 It imports dsjobs' own protobuf stubs, so it never shares a process with the official CLI
 (`dsjobs.cli` imports this module only for this command).
@@ -22,7 +22,7 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -58,6 +58,10 @@ to disk and checked against its size and SHA-256. Our options (--endpoint, --tok
 
 class DownloadError(Exception):
     """A file that could not be downloaded; the message names it."""
+
+
+class CallRefused(Exception):
+    """The API refused a call; the message is the line for the user."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -169,6 +173,35 @@ def place(
     return f"{dest} ({f.size_bytes} bytes)"
 
 
+def download_each(
+    files: Sequence[jobs_pb2.File],
+    ask_url: Callable[[jobs_pb2.File], jobs_pb2.StorageFile],
+    place_one: Callable[[jobs_pb2.StorageFile], str],
+) -> int:
+    """Downloads `files` one after another, each with a URL asked for just before its transfer
+    (`ask_url`: DownloadJobFiles for that file alone, CallRefused if refused); how many were not
+    downloaded.
+
+    One answer's URLs live at most 12 hours (the API's cap) and serve their files one after
+    another: past ~10 GiB the last ones were refused (403) when their turn came. A URL asked for
+    its own file is valid when its transfer starts, whatever came before. A refused call (no
+    access, the job's data cleared) would refuse every file alike: it ends the command.
+    """
+    failed = 0
+    for i, f in enumerate(files):
+        try:
+            storage_file = ask_url(f)
+        except CallRefused as exc:
+            print(f"{exc} (asking for {f.desc.path})", file=sys.stderr)
+            return failed + len(files) - i
+        try:
+            print(f"downloaded {place_one(storage_file)}", flush=True)
+        except DownloadError as exc:
+            failed += 1
+            print(f"dsjobs: cannot download {exc}", file=sys.stderr)
+    return failed
+
+
 def run_download(target: Target, argv: Sequence[str]) -> int:
     args = parse_args(argv)
     warn_plaintext(target)
@@ -191,37 +224,40 @@ def run_download(target: Target, argv: Sequence[str]) -> int:
                 metadata=md(),
                 timeout=RPC_TIMEOUT_SECONDS,
             )
-            if job.status in _RUNNING:
-                print(f"dsjobs: job {args.id} has not finished yet: nothing to download", file=sys.stderr)
-                return 1
-            files = list(job.output_files)
-            if args.with_logs:
-                files += job.log_files
-            if args.with_diagnostics:
-                files += job.diagnostic_files
-            if not files:
-                print(f"job {args.id} has no files to download")
-                return 0
-            resp = stub.DownloadJobFiles(
-                project_job_service_pb2.DownloadProjectJobFilesRequest(job_id=args.id, files=files),
-                metadata=md(),
-                timeout=RPC_TIMEOUT_SECONDS,
-            )
         except grpc.RpcError as exc:
             print(rpc_error_line(exc.code(), exc.details() or "", target), file=sys.stderr)
             return 1
-    failed = 0
-    web = opener(target.ca_file)
-    for storage_file in resp.download_files:
-        try:
-            print(f"downloaded {place(storage_file, args.output_dir, web)}", flush=True)
-        except DownloadError as exc:
-            failed += 1
-            print(f"dsjobs: cannot download {exc}", file=sys.stderr)
+        if job.status in _RUNNING:
+            print(f"dsjobs: job {args.id} has not finished yet: nothing to download", file=sys.stderr)
+            return 1
+        files = list(job.output_files)
+        if args.with_logs:
+            files += job.log_files
+        if args.with_diagnostics:
+            files += job.diagnostic_files
+        if not files:
+            print(f"job {args.id} has no files to download")
+            return 0
+
+        def ask_url(f: jobs_pb2.File) -> jobs_pb2.StorageFile:
+            try:
+                resp = stub.DownloadJobFiles(
+                    project_job_service_pb2.DownloadProjectJobFilesRequest(job_id=args.id, files=[f]),
+                    metadata=md(),
+                    timeout=RPC_TIMEOUT_SECONDS,
+                )
+            except grpc.RpcError as exc:
+                raise CallRefused(rpc_error_line(exc.code(), exc.details() or "", target)) from exc
+            if len(resp.download_files) != 1:
+                raise CallRefused(f"dsjobs: the API answered {len(resp.download_files)} URLs for one file")
+            return resp.download_files[0]
+
+        web = opener(target.ca_file)
+        failed = download_each(files, ask_url, lambda sf: place(sf, args.output_dir, web))
     if failed:
-        print(f"dsjobs: {failed} of {len(resp.download_files)} files were not downloaded", file=sys.stderr)
+        print(f"dsjobs: {failed} of {len(files)} files were not downloaded", file=sys.stderr)
         return 1
     return 0
 
 
-__all__ = ["destination", "fetch", "place", "run_download"]
+__all__ = ["destination", "download_each", "fetch", "place", "run_download"]

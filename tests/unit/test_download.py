@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dsjobs.download import DownloadError, destination, fetch
+from dsjobs.download import CallRefused, DownloadError, destination, download_each, fetch
+from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 
 BODY = b"weights " * 100_000  # 800 KB: several reads
 
@@ -58,6 +59,49 @@ def test_an_unreachable_url_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match=r"model\.bin"):
         fetch("http://127.0.0.1:9/model.bin", tmp_path / "model.bin", 1, "")
     assert not list(tmp_path.iterdir())
+
+
+def _file(path: str) -> jobs_pb2.File:
+    return jobs_pb2.File(desc=jobs_pb2.FileDesc(path=path), size_bytes=1)
+
+
+def test_each_file_s_url_is_asked_for_just_before_its_transfer(capsys: pytest.CaptureFixture[str]) -> None:
+    # One answer's URLs for all files live at most 12 hours and serve them one after another:
+    # past ~10 GiB the last files were refused (403) when their turn came.
+    calls: list[str] = []
+
+    def ask(f: jobs_pb2.File) -> jobs_pb2.StorageFile:
+        calls.append(f"ask {f.desc.path}")
+        return jobs_pb2.StorageFile(file=f, url=f"https://store/{f.desc.path}")
+
+    def place_one(sf: jobs_pb2.StorageFile) -> str:
+        calls.append(f"get {sf.url}")
+        if sf.file.desc.path == "b":
+            raise DownloadError("b: HTTP Error 500")
+        return sf.file.desc.path
+
+    assert download_each([_file("a"), _file("b"), _file("c")], ask, place_one) == 1
+    assert calls == [
+        "ask a", "get https://store/a", "ask b", "get https://store/b", "ask c", "get https://store/c",
+    ]  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out == "downloaded a\ndownloaded c\n"
+    assert out.err == "dsjobs: cannot download b: HTTP Error 500\n"
+
+
+def test_a_refused_call_for_a_url_ends_the_download(capsys: pytest.CaptureFixture[str]) -> None:
+    # No access or the job's data cleared: every next file would be refused alike.
+    def ask(f: jobs_pb2.File) -> jobs_pb2.StorageFile:
+        if f.desc.path == "b":
+            raise CallRefused("dsjobs: FAILED_PRECONDITION: job x's data was cleared")
+        return jobs_pb2.StorageFile(file=f, url="https://store/a")
+
+    placed: list[str] = []
+    failed = download_each(
+        [_file("a"), _file("b"), _file("c")], ask, lambda sf: placed.append(sf.url) or sf.file.desc.path
+    )
+    assert (failed, placed) == (2, ["https://store/a"])
+    assert capsys.readouterr().err == "dsjobs: FAILED_PRECONDITION: job x's data was cleared (asking for b)\n"
 
 
 def test_files_go_where_the_official_cli_puts_them() -> None:
