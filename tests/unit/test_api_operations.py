@@ -51,9 +51,13 @@ def job(status: dict[str, Any] | None = None, **spec: Any) -> ops.JobSnapshot:
     )
 
 
-def execute_op(j: ops.JobSnapshot, urls: dict[str, str] | None = None) -> Any:
+#: "Now" of the operations these tests ask for: after every time their jobs hold.
+NOW = datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
+
+
+def execute_op(j: ops.JobSnapshot, urls: dict[str, str] | None = None, now: datetime = NOW) -> Any:
     return ops.execute_operation(
-        j, jobs_pb2.Job(id=j.name, project_id="p1"), jobs_pb2.JobMetadata(id=j.name), urls or {}
+        j, jobs_pb2.Job(id=j.name, project_id="p1"), jobs_pb2.JobMetadata(id=j.name), urls or {}, now
     )
 
 
@@ -103,6 +107,35 @@ def test_execute_operation_is_pending_until_final(phase: JobPhase | None) -> Non
     assert meta.progress.progress == 21 and meta.progress.message == "epoch 2"
     assert op.created_at.ToDatetime(tzinfo=UTC) == datetime(2025, 6, 1, 11, 0, 5, tzinfo=UTC)
     assert op.modified_at.ToDatetime(tzinfo=UTC) == datetime(2025, 6, 1, 11, 0, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("phase", "written"),
+    [
+        ("EXECUTING", "9999-12-31T23:59:59Z"),
+        ("EXECUTING", "2025-06-02T12:00:00Z"),
+        ("SUCCESS", "2025-06-01T11:30:00Z"),
+    ],
+    ids=["far-future", "ahead-of-now", "after-the-end"],
+)
+def test_a_progress_time_past_the_job_s_end_or_now_dates_no_operation(phase: str, written: str) -> None:
+    # The progress line's create_time is the job's own: 9999-12-31, or a local time ahead of UTC.
+    status: dict[str, Any] = {
+        "phase": phase,
+        "startedAt": "2025-06-01T11:00:08Z",
+        "progress": {"progress": 21, "message": "epoch 2", "createTime": written},
+    }
+    if phase == "SUCCESS":
+        status |= {"finishedAt": "2025-06-01T11:20:00Z", "returnCode": 0}
+    op = execute_op(job(status, execute=True))
+    meta = svc.ExecuteProjectJobMetadata()
+    assert op.metadata.Unpack(meta) and meta.progress.progress == 21  # still shown
+    last = (
+        datetime(2025, 6, 1, 11, 20, tzinfo=UTC)
+        if phase == "SUCCESS"
+        else datetime(2025, 6, 1, 11, 0, 8, tzinfo=UTC)
+    )
+    assert op.modified_at.ToDatetime(tzinfo=UTC) == last
 
 
 def test_success_has_outputs_with_urls_and_errors() -> None:

@@ -433,16 +433,17 @@ def execute_operation(
     job_proto: jobs_pb2.Job,
     job_metadata: jobs_pb2.JobMetadata,
     output_urls: Mapping[str, str],
+    now: datetime,
 ) -> operation_pb2.Operation:
     outcome = execution_outcome(job)
     status = job.status
     created = job.execute_requested_at or job.created_at
-    modified = _latest(
-        created,
-        status.started_at,
-        status.finished_at,
-        status.progress.create_time if status.progress else None,
-    )
+    # The progress line's time is the job's own words: one later than the job's end (or than now)
+    # would date the operation in the future (a job's `9999-12-31`, or its local time read as UTC).
+    progress_time = status.progress.create_time if status.progress else None
+    if progress_time is not None and progress_time > (status.finished_at or now):
+        progress_time = None
+    modified = _latest(created, status.started_at, status.finished_at, progress_time)
     response: Message | None = None
     if outcome.done and outcome.error is None:
         response = execute_response(job, outcome.return_code or 0, output_urls)

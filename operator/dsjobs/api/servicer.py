@@ -1107,7 +1107,7 @@ async def execute_operation(core: Core, job: JobSnapshot, username: str) -> oper
                 }
             )
             job = JobSnapshot(**{**job.__dict__, "status": status})
-    return operations.execute_operation(job, job_proto(job), job_metadata_proto(job), urls)
+    return operations.execute_operation(job, job_proto(job), job_metadata_proto(job), urls, now())
 
 
 async def cancel_job(
