@@ -1257,6 +1257,20 @@ def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     assert "projectId is immutable" in out, out
 
 
+def test_a_job_applied_without_execute_is_told_created_once(h: H) -> None:
+    # The echo of the operator's finalizer patch came after it had dropped the job's body (idle in
+    # CREATING) and was taken for news: a second `new -> CREATING` write, refused (409), then
+    # counted, logged and posted as an Event twice for every job applied without execute.
+    h.create_job("told-once", {"cmd": "true"}, execute=False)
+    assert _told(h, "told-once", "Created")
+    # Watch events come in order: once the operator acted on the execute below, it had seen the
+    # echo before it.
+    h.patch_spec("told-once", {"execute": True})
+    assert h.wait_phase("told-once", "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+    created = [e.message for e in h.events("told-once") if "-> CREATING" in (e.message or "")]
+    assert len(created) == 1, created
+
+
 def test_who_created_a_job_and_its_parent_cannot_change_once_set(h: H) -> None:
     def patch(spec: dict[str, Any]) -> str:
         body = json.dumps({"spec": spec})

@@ -844,14 +844,18 @@ class Operator:
                 self._seen.pop(key, None)
 
     def _drop_body(self, key: Key) -> None:
-        """The job's body and what goes with our writes of it (echo revision, pacing)."""
+        """The job's body and the pacing of our writes of it. Not the revision of our last write:
+        the watch may still bring that write's echo (a job applied without execute is dropped
+        right after its first status write, before the echo of its finalizer patch), and taken
+        for news it was reconciled again on a body without status: a second `new -> CREATING`
+        write refused (409) and then counted, logged and posted as an Event twice."""
         self._jobs.pop(key, None)
-        self._own.pop(key, None)
         self._written_at.pop(key, None)
         self._passed.pop(key, None)
 
     def _forget(self, key: Key) -> None:
         self._drop_body(key)
+        self._own.pop(key, None)
         self._seen.pop(key, None)
         self._deleted.pop(key, None)
         self._fresh.pop(key, None)
