@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from botocore.exceptions import ClientError
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from dsjobs import storage as st
@@ -246,10 +247,34 @@ def test_an_object_store_outage_is_unavailable_not_internal(exc: Exception, told
 
 
 def test_other_failures_are_not_taken_for_storage_outages() -> None:
-    assert (
-        storage_error(S3HttpError(403, "AccessDenied", "denied", "projects/p/k")) is None
-    )  # misconfigured: INTERNAL
     assert storage_error(ValueError("a bug")) is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        S3HttpError(403, "403", "access denied, reason not given", "projects/p/inputs/x"),
+        ClientError(
+            {"Error": {"Code": "SignatureDoesNotMatch"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+            "HeadObject",
+        ),
+    ],
+    ids=["s3http", "botocore"],
+)
+def test_the_store_refusing_the_api_s_keys_is_internal_in_words(exc: Exception) -> None:
+    # Wrong keys after a rotation: every Create failed with "internal error (incident ...)" and a
+    # traceback in the log; the admin's problem, so INTERNAL, but saying which.
+    err = storage_error(exc)
+    assert err is not None and err.code == grpc.StatusCode.INTERNAL
+    assert err.message.startswith("object storage refused the API's request: ")
+    assert "(403): the API's storage keys are wrong" in err.message and "DSJOBS_S3_SECRET_KEY" in err.message
+    assert "incident" not in err.message
+
+
+def test_a_store_s_other_refusal_names_its_code() -> None:
+    err = storage_error(S3HttpError(400, "InvalidBucketName", "", "projects/p/k"))
+    assert err is not None and err.code == grpc.StatusCode.INTERNAL
+    assert err.message == "object storage refused the API's request: InvalidBucketName (400)"
 
 
 def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(

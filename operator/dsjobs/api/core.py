@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 import grpc
+from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
 from dsjobs import storage as st
@@ -39,6 +40,7 @@ from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL, PROJEC
 from dsjobs.controller.secrets import project_storage_env
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.models import File
+from dsjobs.s3http import S3HttpError
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +93,37 @@ def storage_error(exc: BaseException) -> ApiError | None:
     the internal endpoint, so only their type is told."""
     if isinstance(exc, st.StorageError):
         return errors.unavailable(f"object storage failed: {exc}")
+    refused = _store_refusal(exc)
+    if refused is not None:
+        status, code = refused
+        # The API's own keys or settings, as a cluster's 403 for its service account: INTERNAL
+        # (logged where answered), in words rather than an incident number and a traceback.
+        why = (
+            ": the API's storage keys are wrong or may not use the bucket, or its clock is off "
+            "(an admin: DSJOBS_S3_ACCESS_KEY/DSJOBS_S3_SECRET_KEY, the bucket's policy)"
+            if status in (401, 403)
+            else ""
+        )
+        return errors.internal(f"object storage refused the API's request: {code} ({status}){why}")
     if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
         return errors.unavailable(f"object storage is unavailable: {type(exc).__name__}")
     if st.is_transient(exc):
         return errors.unavailable(f"object storage is unavailable: {type(exc).__name__}: {exc}"[:300])
     return None
+
+
+def _store_refusal(exc: BaseException) -> tuple[int, str] | None:
+    """(HTTP status, S3 error code) of a store's 4xx answer that no retry changes, else None."""
+    if st.is_transient(exc):
+        return None
+    if isinstance(exc, S3HttpError):
+        status, code = exc.status, exc.code
+    elif isinstance(exc, ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = str(exc.response.get("Error", {}).get("Code") or status)
+    else:
+        return None
+    return (status, code) if 400 <= status < 500 else None
 
 
 class Core:
