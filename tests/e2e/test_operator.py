@@ -705,6 +705,7 @@ def test_a_job_over_a_namespace_quota_waits_and_says_why(h: H, kind: str) -> Non
             status = poll(f"{name} waiting for quota", lambda name=name: waiting(name), 60)
             assert status["phase"] == "PREPARING", status
             assert status["statusDetails"].startswith("waiting to create the job's pod: "), status
+            assert status["actualCloudInstanceType"] == "c1.4", status  # `kubectl get pj` shows it
             assert _told(h, name, "FailedCreate")
             poll(f"no pod of {name}", lambda name=name: not h.pods(name), 30)
             secrets = h.core.list_namespaced_secret(

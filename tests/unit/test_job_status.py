@@ -1974,6 +1974,18 @@ def test_a_refused_pod_leaves_the_attempt_as_it_was_and_says_why() -> None:
     assert cancelled.status.phase == JobPhase.CANCELLED and not cancelled.actions
 
 
+def test_a_job_waiting_on_a_refused_pod_names_its_planned_instance_type() -> None:
+    # `kubectl get pj` showed no INSTANCE TYPE for a first attempt waiting on a quota, where a pod
+    # waiting for a node shows its type.
+    waiting = waiting_to_create(job(), QUOTA, NOW, instance_type="c1.4")
+    assert waiting.status.actual_cloud_instance_type == "c1.4" and waiting.status.attempt == 0
+    first = CreatePod(1, 0, "g1.1")
+    w = waiting_to_create(
+        job(params=TWO_TYPES), PRIORITY, NOW, first, ["g1.1", "c1.4"], timedelta(seconds=60), "g1.1"
+    )
+    assert w.status.actual_cloud_instance_type == "g1.1"
+
+
 def test_a_job_waiting_for_its_pod_longer_than_its_data_ttl_keeps_its_data() -> None:
     # Executed at once (Create + Execute) while the project's pod quota is full: the wait is not
     # the abandoned-upload case, whose inputs expire from the creation.

@@ -1134,10 +1134,10 @@ class Operator:
     ) -> StatusUpdate:
         """The job's status while its pod is refused; past the type's budget, the next type."""
         if not refused.pod or not refused_by_type(refused.why):
-            return waiting_to_create(job, refused.why, now)
+            return waiting_to_create(job, refused.why, now, instance_type=action.instance_type)
         budget = schedule_budget((await self._catalog_for(job)).get(action.instance_type))
         names = spec.job_parameters.instance_type_names()
-        return waiting_to_create(job, refused.why, now, action, names, budget)
+        return waiting_to_create(job, refused.why, now, action, names, budget, action.instance_type)
 
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime

@@ -1469,6 +1469,7 @@ def waiting_to_create(
     refused: CreatePod | None = None,
     names: Sequence[str] = (),
     budget: timedelta | None = None,
+    instance_type: str = "",
 ) -> StatusUpdate:
     """The status of a job whose pod the API server refused for now (a ResourceQuota, an admission
     webhook's denial, missing RBAC): retried with backoff, as the Job controller does.
@@ -1483,10 +1484,14 @@ def waiting_to_create(
     GPUs, a missing PriorityClass, a policy on the node pool), so once the type's `budget` is
     spent the job falls back to the next of `names`, as it does when no node has room. The
     Scheduled condition (False, FailedCreate) keeps when the refusals began; `requeue_after` is
-    when the budget runs out.
+    when the budget runs out. `instance_type` is the type the pod is planned for: the status names
+    it (`kubectl get pj` showed none for a first attempt waiting on a quota, while a pod waiting
+    for a node shows its type).
     """
     events: list[JobEvent] = []
     status = _observed(job, now, events)
+    if instance_type:
+        status = status.model_copy(update={"actual_cloud_instance_type": instance_type})
     details = clip(f"waiting to create the job's pod: {why}")
     # The details show the latest message; the Event tells the refusal once.
     told = same_refusal(status.status_details, details)
