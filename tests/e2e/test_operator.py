@@ -128,6 +128,8 @@ def test_example_runs_to_success_and_kubectl_shows_it(h: H, storage: Storage) ->
     story = " | ".join(e.message or "" for e in h.events("hello"))
     assert all(f"-> {p}" in story for p in ("CREATING", "PREPARING", "EXECUTING", "SUCCESS")), story
     assert {"Preparing", "Succeeded"} <= set(_reasons(h, "hello"))
+    # The operator's log line for the end says why, for triage from the logs alone.
+    assert re.search(rf"{h.namespace}/hello: \w+ -> SUCCESS \(Succeeded, return code 0\)", h.log())
     (pod,) = h.pods("hello")
     assert pod.spec.restart_policy == "Never" and pod.spec.automount_service_account_token is False
     assert pod.metadata.owner_references[0].kind == "ProjectJob"
@@ -901,6 +903,7 @@ def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     assert status["phase"] == "ERROR" and status["returnCode"] == 3
     assert "Program returned code 3" in status["statusDetails"]
     assert any(f["desc"]["path"] == "stdout.txt" for f in status["logFiles"])
+    assert re.search(rf"{h.namespace}/exit-3: \w+ -> ERROR \(NonZeroExit, return code 3\)", h.log())
 
 
 def test_a_retried_exit_code_gets_a_fresh_attempt_after_the_backoff(h: H) -> None:

@@ -123,6 +123,7 @@ from dsjobs.controller.secrets import (
 )
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
 from dsjobs.controller.status import (
+    COND_FINISHED,
     COND_RETRYING,
     JobEvent,
     StatusUpdate,
@@ -1579,13 +1580,30 @@ class Operator:
         new_status = written.get("status") or {}
         new_phase = str(new_status.get("phase") or "")
         old_phase = old.phase.value if old.phase is not None else ""
-        if new_phase and new_phase != old_phase:
-            self.phases.set(key, new_phase)
-            jlog(logging.INFO, key, "%s -> %s", old_phase or "new", new_phase)
         try:
             fresh = read_stored(ProjectJobStatus, new_status)
         except ValueError:
             fresh = None
+        if new_phase and new_phase != old_phase:
+            self.phases.set(key, new_phase)
+            ended = fresh is not None and fresh.phase is not None and fresh.phase.is_final
+            if ended and fresh is not None:
+                # Why it ended, in the line itself: triage from the logs alone.
+                finished = get_condition(fresh, COND_FINISHED)
+                reason = finished.reason if finished is not None else ""
+                jlog(
+                    logging.INFO,
+                    key,
+                    "%s -> %s (%s, return code %s)",
+                    old_phase or "new",
+                    new_phase,
+                    reason or "no reason",
+                    fresh.return_code,
+                    reason=reason,
+                    return_code=fresh.return_code,
+                )
+            else:
+                jlog(logging.INFO, key, "%s -> %s", old_phase or "new", new_phase)
         if fresh is not None:
             # Once per job: a retry's attempt starts afresh (startedAt reset), and its wait would
             # count the failed attempt's run and the backoff. Before any retried failure no earlier
