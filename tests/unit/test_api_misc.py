@@ -112,6 +112,22 @@ def test_bad_settings(env: dict[str, str], message: str) -> None:
         settings.from_args([], environ=env)
 
 
+def test_every_bad_setting_is_named_at_once() -> None:
+    # Told one at a time, each mistake cost the admin a crash loop and a rollout.
+    env = {
+        "DSJOBS_API_URL_TTL": "5h",
+        "DSJOBS_API_MAX_MESSAGE_BYTES": "lots",
+        "DSJOBS_API_LOG_LEVEL": "loud",
+        "DSJOBS_API_DRAIN_TIMEOUT": "-1s",
+    }
+    env = {k: v for k, v in env.items() if any(s.env == k for s in settings.SETTINGS)}
+    assert len(env) == 4, "a variable's name changed"
+    with pytest.raises(settings.SettingsError) as caught:
+        settings.from_args([], environ=env)
+    named = sorted(line.split(":", 1)[0] for line in str(caught.value).splitlines())
+    assert named == sorted(env), str(caught.value)
+
+
 def test_every_setting_has_a_field_or_feeds_one() -> None:
     from dataclasses import fields
 

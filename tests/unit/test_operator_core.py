@@ -120,6 +120,28 @@ def test_runner_resources_are_quantities_a_pod_accepts(env: dict[str, str], mess
         settings_from_env(env)
 
 
+def test_every_wrong_setting_is_named_at_once() -> None:
+    # Told one at a time, each mistake cost the admin a crash loop and a rollout.
+    env = {
+        "DSJOBS_STATUS_WRITE_INTERVAL": "inf",
+        "DSJOBS_MAX_REQUEUE": "0.5",
+        "DSJOBS_METRICS_PORT": "many",
+        "DSJOBS_RUNNER_CPU_REQUEST": "lots",
+        "DSJOBS_RUNNER_CPU_LIMIT": "1",
+        "DSJOBS_OPERATOR_LOG_LEVEL": "loud",
+    }
+    with pytest.raises(SettingsError) as caught:
+        settings_from_env(env)
+    named = sorted(line.split("=", 1)[0] for line in str(caught.value).splitlines())
+    assert named == [
+        "DSJOBS_MAX_REQUEUE",
+        "DSJOBS_METRICS_PORT",
+        "DSJOBS_OPERATOR_LOG_LEVEL",
+        "DSJOBS_RUNNER_CPU_REQUEST",
+        "DSJOBS_STATUS_WRITE_INTERVAL",
+    ], str(caught.value)
+
+
 def test_the_operator_log_level_is_a_setting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,7 +12,8 @@ def main() -> int:
     try:
         settings = from_args()
     except (SettingsError, OSError) as exc:
-        print(f"dsjobs.api: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a line per wrong setting
+            print(f"dsjobs.api: {line}", file=sys.stderr)
         return 2
     from dsjobs.api.server import serve, setup_logging
     from dsjobs.storage import StorageConfigError

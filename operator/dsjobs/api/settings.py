@@ -220,19 +220,35 @@ MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
 def build(raw: Mapping[str, str]) -> Settings:
-    """Settings from raw string values (keyed by attribute name), checked."""
+    """Settings from raw string values (keyed by attribute name), checked. SettingsError names
+    every setting that is wrong, one a line (told one at a time, each mistake cost a rollout)."""
     env = {s.name: s.env for s in SETTINGS}
     value = {s.name: raw.get(s.name, s.default) for s in SETTINGS}
+    problems: list[str] = []
+
+    def seconds(name: str) -> float | None:
+        try:
+            return _seconds(env[name], value[name])
+        except SettingsError as exc:
+            problems.append(str(exc))
+            return None
+
+    def integer(name: str, minimum: int, maximum: int | None = None) -> int:
+        try:
+            return _int(env[name], value[name], minimum, maximum)
+        except SettingsError as exc:
+            problems.append(str(exc))
+            return minimum
 
     auth_mode = value["auth_mode"]
     if value["static_tokens"]:
         auth_mode = "static"
     if auth_mode not in ("kubernetes", "static"):
-        raise SettingsError(f"{env['auth_mode']}: must be `kubernetes` or `static`, not {auth_mode!r}")
+        problems.append(f"{env['auth_mode']}: must be `kubernetes` or `static`, not {auth_mode!r}")
     if auth_mode == "static" and not value["static_tokens"]:
-        raise SettingsError(f"static auth needs {env['static_tokens']} (a token file)")
+        problems.append(f"static auth needs {env['static_tokens']} (a token file)")
     if bool(value["tls_cert"]) != bool(value["tls_key"]):
-        raise SettingsError(f"TLS needs both {env['tls_cert']} and {env['tls_key']}")
+        problems.append(f"TLS needs both {env['tls_cert']} and {env['tls_key']}")
 
     key = value["page_token_key"].encode()
     if value["page_token_key_file"]:
@@ -241,31 +257,51 @@ def build(raw: Mapping[str, str]) -> Settings:
     if random_key:
         key = base64.b64encode(os.urandom(32))
     if len(key) < 16:
-        raise SettingsError(f"{env['page_token_key']}: use at least 16 bytes")
+        problems.append(f"{env['page_token_key']}: use at least 16 bytes")
 
-    url_ttl = timedelta(seconds=_seconds(env["url_ttl"], value["url_ttl"]))
-    if not timedelta(seconds=60) <= url_ttl <= MAX_URL_TTL:
-        raise SettingsError(f"{env['url_ttl']}: must be between 1m and 1h")
+    url_ttl_seconds = seconds("url_ttl")
+    url_ttl = timedelta(seconds=url_ttl_seconds or 0)
+    if url_ttl_seconds is not None and not timedelta(seconds=60) <= url_ttl <= MAX_URL_TTL:
+        problems.append(f"{env['url_ttl']}: must be between 1m and 1h")
     if value["storage_credentials"] not in STORAGE_CREDENTIAL_SOURCES:
-        raise SettingsError(
+        problems.append(
             f"{env['storage_credentials']}: must be one of {', '.join(STORAGE_CREDENTIAL_SOURCES)}"
         )
     level = value["log_level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SettingsError(f"{env['log_level']}: must be DEBUG, INFO, WARNING or ERROR")
+        problems.append(f"{env['log_level']}: must be DEBUG, INFO, WARNING or ERROR")
     if value["log_format"] not in ("json", "text"):
-        raise SettingsError(f"{env['log_format']}: must be json or text")
+        problems.append(f"{env['log_format']}: must be json or text")
 
-    rpcs = _int(env["max_concurrent_rpcs"], value["max_concurrent_rpcs"], 0)
+    rpcs = integer("max_concurrent_rpcs", 0)
     if value["max_log_streams"].strip():
-        streams = _int(env["max_log_streams"], value["max_log_streams"], 0)
+        streams = integer("max_log_streams", 0)
         if rpcs and streams >= rpcs:
-            raise SettingsError(
+            problems.append(
                 f"{env['max_log_streams']}: must be below {env['max_concurrent_rpcs']} ({rpcs}): open log "
                 "streams would otherwise leave no room for other calls"
             )
     else:
         streams = rpcs - max(1, rpcs // 5) if rpcs > 1 else 0
+    numbers = {
+        "max_message_bytes": integer("max_message_bytes", 64 * 1024),
+        "max_response_bytes": integer("max_response_bytes", 16 * 1024, MAX_RESPONSE_BYTES),
+        "log_bytes_in_flight": integer("log_bytes_in_flight", MAX_RESPONSE_BYTES, 1 << 30),
+        "max_log_streams_per_caller": integer("max_log_streams_per_caller", 0),
+    }
+    durations = {
+        name: seconds(name) or 0.0
+        for name in (
+            "auth_cache_ttl",
+            "auth_negative_ttl",
+            "log_poll_interval",
+            "drain_delay",
+            "drain_timeout",
+            "kube_timeout",
+        )
+    }
+    if problems:
+        raise SettingsError("\n".join(problems))
     return Settings(
         listen=value["listen"],
         metrics_listen=value["metrics_listen"],
@@ -275,28 +311,22 @@ def build(raw: Mapping[str, str]) -> Settings:
         auth_mode=auth_mode,
         static_tokens=value["static_tokens"],
         token_audiences=tuple(a.strip() for a in value["token_audiences"].split(",") if a.strip()),
-        auth_cache_ttl=_seconds(env["auth_cache_ttl"], value["auth_cache_ttl"]),
-        auth_negative_ttl=_seconds(env["auth_negative_ttl"], value["auth_negative_ttl"]),
+        auth_cache_ttl=durations["auth_cache_ttl"],
+        auth_negative_ttl=durations["auth_negative_ttl"],
         page_token_key=key,
         page_token_key_is_random=random_key,
         url_ttl=url_ttl,
-        max_message_bytes=_int(env["max_message_bytes"], value["max_message_bytes"], 64 * 1024),
-        max_response_bytes=_int(
-            env["max_response_bytes"], value["max_response_bytes"], 16 * 1024, MAX_RESPONSE_BYTES
-        ),
-        log_bytes_in_flight=_int(
-            env["log_bytes_in_flight"], value["log_bytes_in_flight"], MAX_RESPONSE_BYTES, 1 << 30
-        ),
-        log_poll_interval=max(0.05, _seconds(env["log_poll_interval"], value["log_poll_interval"])),
-        drain_delay=_seconds(env["drain_delay"], value["drain_delay"]),
-        drain_timeout=_seconds(env["drain_timeout"], value["drain_timeout"]),
+        max_message_bytes=numbers["max_message_bytes"],
+        max_response_bytes=numbers["max_response_bytes"],
+        log_bytes_in_flight=numbers["log_bytes_in_flight"],
+        log_poll_interval=max(0.05, durations["log_poll_interval"]),
+        drain_delay=durations["drain_delay"],
+        drain_timeout=durations["drain_timeout"],
         community_id=value["community_id"],
-        kube_timeout=max(1.0, _seconds(env["kube_timeout"], value["kube_timeout"])),
+        kube_timeout=max(1.0, durations["kube_timeout"]),
         max_concurrent_rpcs=rpcs,
         max_log_streams=streams,
-        max_log_streams_per_caller=_int(
-            env["max_log_streams_per_caller"], value["max_log_streams_per_caller"], 0
-        ),
+        max_log_streams_per_caller=numbers["max_log_streams_per_caller"],
         log_level=level,
         log_format=value["log_format"],
         storage_credentials=value["storage_credentials"],

@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_env()
     except SettingsError as exc:
-        # One line naming the variable, as the API says it, not a traceback.
-        print(f"dsjobs.controller: {exc}", file=sys.stderr)
+        # A line per wrong variable, as the API says it, not a traceback.
+        for line in str(exc).splitlines():
+            print(f"dsjobs.controller: {line}", file=sys.stderr)
         return 2
     _keep_kubernetes_client_out()
     import kopf

@@ -350,27 +350,35 @@ def _convert(name: str, raw: str, default: object) -> object:
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSettings:
-    """The settings, with every `DSJOBS_*` variable of SETTINGS_DOC that is set and non-empty."""
+    """The settings, with every `DSJOBS_*` variable of SETTINGS_DOC that is set and non-empty.
+
+    SettingsError names every setting that is wrong, one a line: an operator in a crash loop
+    that told one at a time took a rollout per mistake."""
     env = os.environ if environ is None else environ
     defaults = OperatorSettings()
     values: dict[str, object] = {}
+    problems: list[str] = []
     for name, (attr, _doc) in SETTINGS_DOC.items():
         raw = env.get(name)
         if raw is None or raw.strip() == "":
             continue
-        values[attr] = _convert(name, raw, getattr(defaults, attr))
+        try:
+            values[attr] = _convert(name, raw, getattr(defaults, attr))
+        except SettingsError as exc:
+            problems.append(str(exc))  # the default stands in while the others are checked
     settings = OperatorSettings(**values)  # type: ignore[arg-type]
     if settings.log_level.upper() not in LOG_LEVELS:
-        raise SettingsError(
+        problems.append(
             f"DSJOBS_OPERATOR_LOG_LEVEL={settings.log_level!r}: must be one of " + ", ".join(LOG_LEVELS)
         )
-    settings = replace(settings, log_level=settings.log_level.upper())
+    else:
+        settings = replace(settings, log_level=settings.log_level.upper())
     if settings.log_format not in LOG_FORMATS:
-        raise SettingsError(
+        problems.append(
             f"DSJOBS_OPERATOR_LOG_FORMAT={settings.log_format!r}: must be one of " + ", ".join(LOG_FORMATS)
         )
     if settings.storage_credentials not in STORAGE_CREDENTIAL_SOURCES:
-        raise SettingsError(
+        problems.append(
             f"{STORAGE_CREDENTIALS_ENV}={settings.storage_credentials!r}: must be one of "
             + ", ".join(STORAGE_CREDENTIAL_SOURCES)
         )
@@ -380,40 +388,38 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         try:
             parse_lease_ref(settings.leader_lease)
         except ValueError as exc:
-            raise SettingsError(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}") from exc
+            problems.append(f"DSJOBS_LEADER_LEASE={settings.leader_lease!r}: {exc}")
     if settings.pod_resync_seconds < 1:
-        raise SettingsError(f"DSJOBS_POD_RESYNC_INTERVAL={settings.pod_resync_seconds}: must be 1 or more")
+        problems.append(f"DSJOBS_POD_RESYNC_INTERVAL={settings.pod_resync_seconds}: must be 1 or more")
     if settings.max_requeue_seconds < 1:
         # 0 would wake every job with a timer (its data TTL) in a loop.
-        raise SettingsError(f"DSJOBS_MAX_REQUEUE={settings.max_requeue_seconds}: must be 1 or more")
+        problems.append(f"DSJOBS_MAX_REQUEUE={settings.max_requeue_seconds}: must be 1 or more")
     if not 0 <= settings.shutdown_grace_margin_seconds <= 3600:
-        raise SettingsError(
+        problems.append(
             f"DSJOBS_SHUTDOWN_GRACE_MARGIN={settings.shutdown_grace_margin_seconds}: must be from 0 to 3600"
         )
     if settings.leader_lease_seconds < 3:
-        raise SettingsError(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
+        problems.append(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
     for env_name, policy in (
         ("DSJOBS_RUNNER_IMAGE_PULL_POLICY", settings.runner_image_pull_policy),
         ("DSJOBS_JOB_IMAGE_PULL_POLICY", settings.job_image_pull_policy),
     ):
         if policy not in RUNNER_PULL_POLICIES:
-            raise SettingsError(
+            problems.append(
                 f"{env_name}={policy!r}: must be one of " + ", ".join(p for p in RUNNER_PULL_POLICIES if p)
             )
     secret = settings.runner_image_pull_secret
     if secret and not _DNS_SUBDOMAIN.fullmatch(secret):
-        raise SettingsError(
-            f"DSJOBS_RUNNER_IMAGE_PULL_SECRET={secret!r}: not a Secret name (DNS-1123 subdomain)"
-        )
+        problems.append(f"DSJOBS_RUNNER_IMAGE_PULL_SECRET={secret!r}: not a Secret name (DNS-1123 subdomain)")
     if settings.job_pod_security not in JOB_POD_SECURITY_LEVELS:
-        raise SettingsError(
+        problems.append(
             f"DSJOBS_JOB_POD_SECURITY={settings.job_pod_security!r}: must be one of "
             + ", ".join(JOB_POD_SECURITY_LEVELS)
         )
     if settings.job_run_as_user < 0:
-        raise SettingsError(f"DSJOBS_JOB_RUN_AS_USER={settings.job_run_as_user}: must not be negative")
+        problems.append(f"DSJOBS_JOB_RUN_AS_USER={settings.job_run_as_user}: must not be negative")
     if settings.volume_fs_group < 0:
-        raise SettingsError(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
+        problems.append(f"DSJOBS_VOLUME_FS_GROUP={settings.volume_fs_group}: must not be negative")
     for request, limit in RUNNER_RESOURCES:
         amounts: dict[str, Fraction] = {}
         for name in (request, limit):
@@ -423,16 +429,18 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
             try:
                 amounts[name] = parse_quantity(value)
             except ValueError as exc:
-                raise SettingsError(f"{name}={value!r}: {exc}") from exc
-        if limit in amounts and amounts[limit] < amounts[request]:
-            raise SettingsError(
+                problems.append(f"{name}={value!r}: {exc}")
+        if limit in amounts and request in amounts and amounts[limit] < amounts[request]:
+            problems.append(
                 f"{limit}={getattr(settings, SETTINGS_DOC[limit][0])!r}: must not be "
                 f"less than {request} ({getattr(settings, SETTINGS_DOC[request][0])})"
             )
     for name in ("DSJOBS_PYTHON_IMAGE", "DSJOBS_PYTHON_GPU_IMAGE"):
         image = getattr(settings, SETTINGS_DOC[name][0])
         if image and "{version}" not in image and ":" not in image.rsplit("/", 1)[-1]:
-            raise SettingsError(f"{name}={image!r}: must contain {{version}} or a tag")
+            problems.append(f"{name}={image!r}: must contain {{version}} or a tag")
+    if problems:
+        raise SettingsError("\n".join(problems))
     return settings
 
 
