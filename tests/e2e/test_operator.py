@@ -245,6 +245,10 @@ def test_no_fallback_while_an_autoscaler_adds_a_node_for_the_pod(h: H) -> None:
             30,
             0.5,
         )
+        # A platform team sees the queue behind the type, and how long it has waited.
+        metrics_text = h.metrics()
+        assert f'dsjobs_jobs_waiting{{instance_type="{huge}"}} 1.0' in metrics_text, metrics_text
+        assert f'dsjobs_job_oldest_wait_seconds{{instance_type="{huge}"}}' in metrics_text
         # Past its budget (8 s from the pod's creation, when the job is planned again), and still
         # on its first type.
         past = (first.metadata.creation_timestamp - datetime.now(UTC)).total_seconds() + 14

@@ -266,3 +266,63 @@ def test_a_retry_taken_back_is_not_observed_twice() -> None:
     }
     op._after_write(KEY, job(status=waiting), _written(ended), [])
     assert _run_times() == runs
+
+
+def _series(book: metrics.WaitBook) -> dict[tuple[str, str], float]:
+    return {(m.name, s.labels["instance_type"]): s.value for m in book.collect() for s in m.samples}
+
+
+def test_jobs_waiting_for_a_node_or_admission_are_told_by_instance_type_with_the_longest_wait() -> None:
+    # "Which jobs are queued behind GPUs, and for how long?": the queue histogram is observed only
+    # when a job starts or ends, and a queue where nothing starts shows nothing there.
+    from test_job_status import QUOTA, unschedulable
+
+    from dsjobs.controller.plan import waiting_to_create
+
+    book = metrics.WaitBook(clock=lambda: NOW.timestamp())
+    assert _series(book) == {}  # nothing before the first waiter (a standby has no series)
+    no_node = step(
+        job(status=started(type_name="g1.1"), params={"cloudInstanceTypes": [{"name": "g1.1"}]}),
+        [unschedulable(NOW - timedelta(seconds=10), type_name="g1.1")],
+    )
+    book.update(("p", "gpu-1"), no_node.status.to_cr())
+    gpu_quota = (
+        'pods "job-1-a1" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, '
+        "used: requests.nvidia.com/gpu=4, limited: requests.nvidia.com/gpu=4"
+    )
+    names, budget = ["g1.1", "c1.4"], timedelta(hours=1)
+
+    def refused(since: timedelta) -> dict[str, Any]:
+        pod_of_g1 = CreatePod(1, 0, "g1.1")
+        w = waiting_to_create(job(), gpu_quota, NOW - since, pod_of_g1, names, budget, "g1.1")
+        return w.status.to_cr()
+
+    book.update(("p", "gpu-2"), refused(timedelta(minutes=5)))
+    book.update(("p", "gpu-3"), refused(timedelta(0)))
+    # A quota on the project's pod count is no type's: its job waits, but in no type's queue.
+    book.update(("p", "cpu-1"), waiting_to_create(job(), QUOTA, NOW, instance_type="c1.4").status.to_cr())
+    book.update(("p", "running"), started("EXECUTING"))
+    assert _series(book) == {
+        ("dsjobs_jobs_waiting", "g1.1"): 3,
+        ("dsjobs_job_oldest_wait_seconds", "g1.1"): 300,
+    }
+    # Scheduled, deleted: the series stay, at 0.
+    book.update(("p", "gpu-1"), started("EXECUTING", type_name="g1.1"))
+    book.forget(("p", "gpu-2"))
+    book.forget(("p", "gpu-3"))
+    assert _series(book) == {
+        ("dsjobs_jobs_waiting", "g1.1"): 0,
+        ("dsjobs_job_oldest_wait_seconds", "g1.1"): 0,
+    }
+
+
+def test_the_registry_serves_the_operator_s_waits() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    op, _ = _operator()
+    assert metrics.WAITS.book is op.waits
+    op.waits.update(("p", "j"), {"phase": "PREPARING", "actualCloudInstanceType": "g2.8", "conditions": [
+        {"type": "Scheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": ts(NOW)}
+    ]})  # fmt: skip
+    text = generate_latest(REGISTRY).decode()
+    assert 'dsjobs_jobs_waiting{instance_type="g2.8"} 1.0' in text

@@ -332,6 +332,8 @@ class Operator:
         # latency metric; only for jobs without a pod yet.
         self._seen: dict[Key, float] = {}
         self.phases = metrics.PhaseBook()
+        self.waits = metrics.WaitBook()
+        metrics.WAITS.book = self.waits
         self.input_refs = InputRefs()
 
     # --- Kopf entry points -------------------------------------------------------------------
@@ -346,6 +348,7 @@ class Operator:
         status = body.get("status") or {}
         if status.get("phase"):
             self.phases.set(key, status["phase"])
+        self.waits.update(key, status)
         if not status.get("attempt") and (body.get("spec") or {}).get("execute") and key not in self._seen:
             self._seen[key] = time.monotonic()
         if 0 <= revision(body) <= self._own.get(key, -1):
@@ -867,6 +870,7 @@ class Operator:
         self._refused.pop(key, None)
         self._forced_told.pop(key, None)
         self.phases.forget(key)
+        self.waits.forget(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer[1].cancel()
