@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+from prometheus_client import REGISTRY
 
 from dsjobs.controller.caches import PodCache
 from dsjobs.controller.names import JOB_LABEL
@@ -74,8 +77,13 @@ def test_an_invalid_instance_type_is_left_out_saying_why(caplog: Any) -> None:
     (why,) = cache.invalid().values()
     assert "spec.resources" in why and "spec.nodeSelector" in why and "\n" not in why
     assert [r.getMessage() for r in caplog.records if "InstanceType c1.8 is invalid" in r.getMessage()]
+    # Not only in the log: a gauge an alert can watch.
+    assert REGISTRY.get_sample_value("dsjobs_instance_types_invalid") == 1
+    caplog.set_level(logging.INFO, logger="dsjobs.controller.caches")
     cache.apply(it("c1.8", 3), deleted=False)  # fixed
     assert set(cache.catalog()) == {"c1.4", "c1.8"} and cache.invalid() == {}
+    assert REGISTRY.get_sample_value("dsjobs_instance_types_invalid") == 0
+    assert "InstanceType c1.8 is valid again" in caplog.text
 
 
 def test_an_instance_type_deleted_while_the_watch_was_away_leaves_the_catalog_after_a_list() -> None:

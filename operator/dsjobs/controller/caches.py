@@ -18,6 +18,7 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from dsjobs.controller import metrics
 from dsjobs.controller.names import JOB_LABEL
 from dsjobs.controller.podview import PodView
 from dsjobs.models import InstanceTypeSpec
@@ -143,7 +144,9 @@ class InstanceTypeCache:
         earlier event already gave)."""
         name = str((body.get("metadata") or {}).get("name", ""))
         if deleted:
-            return self._types.pop(name, None) is not None
+            gone = self._types.pop(name, None) is not None
+            metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
+            return gone
         rev = revision(body)
         old = self._types.get(name)
         if old is None or rev < 0 or rev >= old[0]:
@@ -173,14 +176,19 @@ class InstanceTypeCache:
         ]
         for name in gone:
             del self._types[name]
+        metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
         return gone
 
     def _store(self, name: str, rev: int, body: Mapping[str, Any]) -> None:
         spec, problem = parse_instance_type(body)
         old = self._types.get(name)
+        fields = {"instance_type": name}
         if problem and (old is None or old[2] != problem):
-            log.warning("InstanceType %s is invalid, no job gets it: %s", name, problem)
+            log.warning("InstanceType %s is invalid, no job gets it: %s", name, problem, extra=fields)
+        elif not problem and old is not None and old[2]:
+            log.info("InstanceType %s is valid again", name, extra=fields)
         self._types[name] = (rev, spec, problem)
+        metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
 
     def catalog(self) -> dict[str, InstanceTypeSpec]:
         return {name: spec for name, (_, spec, _) in self._types.items() if spec is not None}

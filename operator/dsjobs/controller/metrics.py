@@ -219,6 +219,11 @@ WAITS: Final = _CurrentWaits()
 REGISTRY.register(WAITS)
 
 
+INSTANCE_TYPES_INVALID = Gauge(
+    "dsjobs_instance_types_invalid",
+    "InstanceTypes left out of the catalog because they are invalid (the operator's log names each "
+    "and what is wrong): no job gets them, jobs listing them fall back or fail naming them.",
+)
 STATUS_CONFLICTS = Counter(
     "dsjobs_status_conflicts_total",
     "Status patches refused because the job changed meanwhile (then re-planned).",
