@@ -1419,7 +1419,7 @@ ENDINGS = [
         None,
         "Evicted",
         None,
-        "the pod was evicted (eviction API): drain",  # the condition's message said why
+        "the pod was evicted (kubectl drain, a scale-down, a descheduler): drain",  # the condition's message said why
     ),
     Ending(
         "node shutdown",
@@ -1597,7 +1597,7 @@ ENDINGS = [
         _STOPPED,
         "Evicted",
         143,
-        "eviction API",
+        "the pod was evicted (kubectl drain",
     ),
     Ending(
         "pod deleted while running (the runner saw SIGTERM)",

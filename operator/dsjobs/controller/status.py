@@ -139,7 +139,7 @@ _DISRUPTION_REASONS: Final[dict[str, tuple[str, str]]] = {
         "the pod was evicted by a NoExecute taint of its node (unreachable or not ready, or an admin's)",
     ),
     "DeletionByPodGC": ("NodeLost", "the pod's node is gone"),
-    "EvictionByEvictionAPI": ("Evicted", "the pod was evicted (eviction API)"),
+    "EvictionByEvictionAPI": ("Evicted", "the pod was evicted (kubectl drain, a scale-down, a descheduler)"),
     "PreemptionByScheduler": ("Preempted", "the pod was preempted by a higher-priority pod"),
     "TerminationByKubelet": ("Evicted", "the node's kubelet evicted the pod (node pressure or shutdown)"),
 }
