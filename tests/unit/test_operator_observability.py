@@ -152,7 +152,7 @@ def test_a_status_write_whose_answer_was_lost_is_told_once(
     assert _transitions() - transitions == Counter({("CREATING", "CANCELLED"): 1})
     assert _status_writes() - writes == 1
     assert [r.getMessage() for r in caplog.records if "->" in r.getMessage()] == [
-        "project-a/job-1: CREATING -> CANCELLED"
+        "project-a/job-1: CREATING -> CANCELLED (Cancelled)"
     ]
     assert op.phases._phases[KEY] == "CANCELLED"
     assert not op._unconfirmed  # nothing kept once told

@@ -1595,14 +1595,15 @@ class Operator:
                 # Why it ended, in the line itself: triage from the logs alone.
                 finished = get_condition(fresh, COND_FINISHED)
                 reason = finished.reason if finished is not None else ""
+                code = "" if fresh.return_code is None else f", return code {fresh.return_code}"
                 jlog(
                     logging.INFO,
                     key,
-                    "%s -> %s (%s, return code %s)",
+                    "%s -> %s (%s%s)",
                     old_phase or "new",
                     new_phase,
                     reason or "no reason",
-                    fresh.return_code,
+                    code,
                     reason=reason,
                     return_code=fresh.return_code,
                 )
