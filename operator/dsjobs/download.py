@@ -169,8 +169,25 @@ def place(
         finally:
             archive.unlink(missing_ok=True)
         return f"{dest}/ ({count} files, {f.size_bytes} bytes zipped)"
+    if f.sha256 and _holds(dest, f.size_bytes, f.sha256):
+        # A run again after a failure (an expired token, the API restarting) fetches only the rest.
+        return f"{dest} ({f.size_bytes} bytes, already there)"
     fetch(storage_file.url, dest, f.size_bytes, f.sha256, web)
     return f"{dest} ({f.size_bytes} bytes)"
+
+
+def _holds(path: Path, size: int, sha256: str) -> bool:
+    """Whether `path` is a regular file of exactly this size and SHA-256."""
+    try:
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == sha256
 
 
 def download_each(

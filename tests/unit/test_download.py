@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dsjobs.download import CallRefused, DownloadError, destination, download_each, fetch
+from dsjobs.download import CallRefused, DownloadError, destination, download_each, fetch, place
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 
 BODY = b"weights " * 100_000  # 800 KB: several reads
@@ -102,6 +102,21 @@ def test_a_refused_call_for_a_url_ends_the_download(capsys: pytest.CaptureFixtur
     )
     assert (failed, placed) == (2, ["https://store/a"])
     assert capsys.readouterr().err == "dsjobs: FAILED_PRECONDITION: job x's data was cleared (asking for b)\n"
+
+
+def test_a_file_already_in_place_is_not_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run again after a failure half-way (an expired token, the API restarting): only the rest.
+    monkeypatch.chdir(tmp_path)
+    f = jobs_pb2.File(desc=jobs_pb2.FileDesc(path="model.bin"), size_bytes=len(BODY))
+    f.sha256 = hashlib.sha256(BODY).hexdigest()
+    unreachable = jobs_pb2.StorageFile(file=f, url="http://127.0.0.1:9/model.bin")
+    (tmp_path / "model.bin").write_bytes(BODY)
+    assert place(unreachable, None) == f"model.bin ({len(BODY)} bytes, already there)"
+    (tmp_path / "model.bin").write_bytes(BODY[:-1] + b"x")  # the same size, other bytes: fetched
+    with pytest.raises(DownloadError, match=r"model\.bin"):
+        place(unreachable, None)
 
 
 def test_files_go_where_the_official_cli_puts_them() -> None:
