@@ -610,6 +610,11 @@ def test_dsjobs_download_files_streams_every_file_and_extracts_directories(
     assert files.pop("model.bin") == "m\n"
     assert any("printed" in text for text in files.values()), sorted(files)  # the logs
     assert "downloaded " in run.output and not list(dl.rglob("*.download")) and not list(dl.rglob("*.zip"))
+    # Run again (after a failure half-way): the files there are not fetched again.
+    again = dsjobs_stack.datasphere(
+        "--id", job_id, "--output-dir", str(dl), cwd=tmp_path, command="download-files"
+    ).ok()  # fmt: skip
+    assert f"downloaded {dl / 'model.bin'} (2 bytes, already there)" in again.output, again.output
     # Not finished yet, unknown: said, exit 1.
     gone = dsjobs_stack.datasphere("--id", "bt1nosuchjob0000000", cwd=tmp_path, command="download-files")
     assert gone.returncode == 1 and "NOT_FOUND" in gone.output, gone.output
