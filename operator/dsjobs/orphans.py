@@ -11,7 +11,8 @@ this is a command the admin runs, with the operator's storage settings (`DSJOBS_
 kubeconfig that may list ProjectJobs cluster-wide. It lists by default; `--delete` deletes.
 
 What counts as orphaned (decided by `find_orphans`, pure):
-- `projects/<p>/jobs/<job>/...`: no ProjectJob of project <p> named <job> exists;
+- `projects/<p>/jobs/<job>/...`: no ProjectJob of project <p> named <job> exists, or its data is
+  cleared (what a pod on a node that stopped reporting wrote after the clear);
 - `projects/<p>/inputs/<sha256>`: no ProjectJob of project <p> whose data is not cleared uses it;
 - and nothing under it was written (or begun as a multipart upload) within the grace period
   (default 1 day), so that data of a job being created or written by a pod this cluster does not
@@ -86,19 +87,19 @@ class Orphan:
 
 
 def owners_of(bodies: Iterable[Mapping[str, Any]]) -> Owners:
-    """The Owners of these ProjectJob bodies. Every job owns its prefix (one being deleted cleans
-    up after itself); its inputs count while its data is not cleared, as for the operator's own
-    deletions."""
+    """The Owners of these ProjectJob bodies. A job owns its prefix (one being deleted cleans up
+    after itself) and its inputs while its data is not cleared, as for the operator's own
+    deletions. What lies under a cleared job's prefix was written after the clear, by a pod the
+    operator no longer waited for (on a node that stopped reporting, force-deleted): nobody's."""
     jobs: set[tuple[str, str]] = set()
     inputs: set[tuple[str, str]] = set()
     for body in bodies:
         project = str((body.get("spec") or {}).get("projectId") or "")
         name = str((body.get("metadata") or {}).get("name") or "")
-        if not project or not name:
+        if not project or not name or (body.get("status") or {}).get("dataCleared"):
             continue
         jobs.add((project, name))
-        if not (body.get("status") or {}).get("dataCleared"):
-            inputs |= {(project, sha) for sha in raw_input_hashes(body)}
+        inputs |= {(project, sha) for sha in raw_input_hashes(body)}
     return Owners(frozenset(jobs), frozenset(inputs))
 
 
@@ -170,7 +171,7 @@ def _size(n: int) -> str:
 
 
 def describe(orphan: Orphan, projects_with_namespace: frozenset[str] | None) -> str:
-    what = "no ProjectJob" if orphan.kind == "job" else "no ProjectJob uses it"
+    what = "no ProjectJob, or its data was cleared" if orphan.kind == "job" else "no ProjectJob uses it"
     if projects_with_namespace is not None and orphan.project not in projects_with_namespace:
         what += f"; no namespace is labelled {PROJECT_LABEL}={orphan.project}"
     stored = orphan.objects - orphan.uploads
