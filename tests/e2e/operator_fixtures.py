@@ -50,7 +50,9 @@ from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.instancetypes import render_catalog_yaml
 
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
-PROJECT_ID = "e2e-op"
+#: One per session: a project is held by the oldest namespace labelled with it, so a namespace an
+#: interrupted earlier run left behind on a cluster kept for the next would hold a fixed id.
+PROJECT_ID = f"e2e-op-{uuid.uuid4().hex[:6]}"
 #: DSJOBS_PYTHON_GPU_IMAGE of the operator under test.
 GPU_PYTHON_IMAGE = "registry.example.com/ml/python-cuda:{version}"
 START_TIMEOUT_S = 60
@@ -136,6 +138,13 @@ class OperatorHarness:
         """A second namespace the operator serves: a test creates (and deletes) it itself."""
         return f"{self.namespace}-spare"
 
+    @property
+    def twin_namespace(self) -> str:
+        """A third one, for a test that labels it with this namespace's project: the operator
+        remembers a namespace's label for a minute, so the spare one, labelled with a project of
+        its own by another test, cannot serve for both."""
+        return f"{self.namespace}-twin"
+
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "the operator is running"
         self.liveness_port, self.metrics_port = _free_port(), _free_port()
@@ -156,6 +165,8 @@ class OperatorHarness:
                     self.namespace,
                     "--namespace",
                     self.spare_namespace,
+                    "--namespace",
+                    self.twin_namespace,
                     "--log-format",
                     "text",
                 ],
@@ -391,7 +402,8 @@ def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorH
             # Delete the jobs while the operator runs, so that their finalizers are honoured.
             if harness.proc is None or harness.proc.poll() is not None:
                 harness.start()
-            served = (namespace, harness.spare_namespace)  # a failed test may leave the spare one
+            # A failed test may leave the spare or twin one.
+            served = (namespace, harness.spare_namespace, harness.twin_namespace)
             for ns in served:
                 harness.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)
             poll(
@@ -407,5 +419,6 @@ def _run_harness(harness: OperatorHarness, namespace: str) -> Iterator[OperatorH
         finally:
             harness.stop()
             harness.core.delete_namespace(namespace)
-            with contextlib.suppress(ApiException):
-                harness.core.delete_namespace(harness.spare_namespace)
+            for extra in (harness.spare_namespace, harness.twin_namespace):
+                with contextlib.suppress(ApiException):
+                    harness.core.delete_namespace(extra)

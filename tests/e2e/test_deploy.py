@@ -439,8 +439,9 @@ def test_base_rbac_grants_what_the_code_needs() -> None:
     assert cm["resourceNames"] == ["dsjobs-docker-images"] and cm["verbs"] == ["get"]
     # delete: one attempt's Secrets when its pod is refused; deletecollection: all, once it ended.
     assert verbs("dsjobs-operator", "secrets") == {"get", "create", "delete", "deletecollection"}
-    # A job's namespace: its project label, checked before the job's first pod.
-    assert verbs("dsjobs-operator", "namespaces") == {"get"}
+    # A job's namespace: its project label, checked before the job's first pod; the namespaces
+    # carrying that label (the oldest holds the project).
+    assert verbs("dsjobs-operator", "namespaces") == {"get", "list"}
     # Events: posted about jobs; a waiting pod's Warning ones listed (claims, mounts).
     assert verbs("dsjobs-operator", "events") == {"create", "list"}
     # Claims: found by label (mounts), made and published (output datasets), unpublished ones

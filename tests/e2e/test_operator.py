@@ -2065,20 +2065,69 @@ def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_an
             poll("the pod gone", lambda: not h.pods("node-disk-full"), 60)
 
 
+def test_a_second_namespace_labelled_with_the_project_runs_none_of_its_jobs(h: H, storage: Storage) -> None:
+    # A `staging` overlay copying the namespace with its project label: the same-named job there
+    # overwrote this namespace's job's outputs, and its deletion deleted them.
+    h.create_job("twin", {"cmd": "echo first > out.txt", "outputFiles": [{"path": "out.txt"}]})
+    assert h.wait_phase("twin", "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+    stored = _objects(storage, job_prefix(PROJECT_ID, "twin"))
+    assert stored
+    namespace = h.twin_namespace
+    h.core.create_namespace(
+        {"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": PROJECT_ID}}}
+    )
+    try:
+        body = {
+            "apiVersion": "dsjobs.dev/v1alpha1",
+            "kind": "ProjectJob",
+            "metadata": {"name": "twin"},
+            "spec": {
+                "projectId": PROJECT_ID,
+                "execute": True,
+                "jobParameters": {"cmd": "echo second > out.txt"},
+            },
+        }
+        h.custom.create_namespaced_custom_object(GROUP, "v1alpha1", namespace, PLURAL, body)
+
+        def ended() -> dict[str, Any] | None:
+            obj = h.custom.get_namespaced_custom_object(GROUP, "v1alpha1", namespace, PLURAL, "twin")
+            status = obj.get("status") or {}
+            return status if status.get("phase") in ("SUCCESS", "ERROR") else None
+
+        status = poll("the second namespace's job to end", ended, 60)
+        assert status["phase"] == "ERROR", status
+        assert f"but that project is namespace {h.namespace}'s" in status["statusDetails"], status
+        assert not h.core.list_namespaced_pod(namespace).items
+        h.custom.delete_namespaced_custom_object(GROUP, "v1alpha1", namespace, PLURAL, "twin")
+        poll("the second job gone", lambda: not h.custom.list_namespaced_custom_object(
+            GROUP, "v1alpha1", namespace, PLURAL)["items"], 60)  # fmt: skip
+        assert _objects(storage, job_prefix(PROJECT_ID, "twin")) == stored  # the first job's, intact
+    finally:
+        h.core.delete_namespace(namespace)
+
+        def gone() -> bool:
+            try:
+                h.core.read_namespace(namespace)
+            except ApiException as exc:
+                return exc.status == 404
+            return False
+
+        poll("the twin namespace gone", gone, 120)
+
+
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
     # The namespace controller kills the pod and deletes the job; the finalizer still cleans up.
     # Events about it are refused (403: the namespace is being terminated): dropped quietly,
     # not retried for a minute with an ERROR line per attempt (Kopf's poster did that).
     namespace = h.spare_namespace
-    h.core.create_namespace(
-        {"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": PROJECT_ID}}}
-    )
+    project = f"{PROJECT_ID}-spare"  # a project is one namespace's: the test's holds PROJECT_ID
+    h.core.create_namespace({"metadata": {"name": namespace, "labels": {"dsjobs.dev/project-id": project}}})
     poll("the default ServiceAccount", lambda: h.core.list_namespaced_service_account(namespace).items, 60)
     body = {
         "apiVersion": "dsjobs.dev/v1alpha1",
         "kind": "ProjectJob",
         "metadata": {"name": "doomed"},
-        "spec": {"projectId": PROJECT_ID, "execute": True, "jobParameters": {"cmd": "sleep 600"}},
+        "spec": {"projectId": project, "execute": True, "jobParameters": {"cmd": "sleep 600"}},
     }
     h.custom.create_namespaced_custom_object("dsjobs.dev", "v1alpha1", namespace, "projectjobs", body)
 
@@ -2101,8 +2150,8 @@ def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
 
     poll("the namespace gone", gone, 120)
     log = h.log()[log_before:]
-    assert f"stored objects of job {PROJECT_ID}/doomed" in log, log[-3000:]
-    assert f"deleted 0 stored objects of job {PROJECT_ID}/doomed" not in log  # it had logs to delete
+    assert f"stored objects of job {project}/doomed" in log, log[-3000:]
+    assert f"deleted 0 stored objects of job {project}/doomed" not in log  # it had logs to delete
     loud = [line for line in log.splitlines() if re.search(r"^\S+ \S+ (ERROR|WARNING) ", line)]
     assert not loud, loud[:3]
 

@@ -3171,6 +3171,38 @@ def test_a_job_naming_another_project_than_its_namespaces_never_gets_a_pod(label
         assert [a for a in ok.actions if isinstance(a, CreatePod)]
 
 
+def test_a_job_of_a_second_namespace_labelled_with_its_project_never_gets_a_pod() -> None:
+    # A `staging` overlay copying the namespace with its project label: the same-named job there
+    # overwrote the first namespace's job's outputs, and its deletion deleted them.
+    second = dataclasses.replace(job(), namespace_project="proj-a", project_namespace="proj-a-first")
+    s = step(second)
+    assert not [a for a in s.actions if isinstance(a, CreatePod)]
+    finished = get_condition(s.status, "Finished")
+    assert s.status.phase == JobPhase.ERROR and finished is not None and finished.reason == "ProjectMismatch"
+    assert "but that project is namespace proj-a-first's" in s.status.status_details
+    # Its data prefix is the first namespace's job's: its expiry and deletion delete nothing.
+    done = started("SUCCESS", finishedAt=ts(NOW - timedelta(days=30)), returnCode=0)
+    expired = dataclasses.replace(
+        job(status=done), namespace_project="proj-a", project_namespace="proj-a-first"
+    )
+    assert not [a for a in marked_then(expired, [pod(gone=True)]).actions if isinstance(a, ClearData)]
+    # The holder's own jobs, or a holder not known (namespaces not listable): as ever.
+    for holder in (second.namespace, None):
+        ok = step(dataclasses.replace(second, project_namespace=holder))
+        assert [a for a in ok.actions if isinstance(a, CreatePod)]
+
+
+def test_the_oldest_namespace_labelled_with_a_project_holds_it() -> None:
+    from dsjobs.controller.names import project_holder
+
+    def ns(name: str, created: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "creationTimestamp": created}}
+
+    assert project_holder([ns("b", "2026-01-02T00:00:00Z"), ns("a-later", "2026-03-01T00:00:00Z")]) == "b"
+    assert project_holder([ns("z", "2026-01-02T00:00:00Z"), ns("y", "2026-01-02T00:00:00Z")]) == "y"
+    assert project_holder([]) == ""
+
+
 def test_a_job_naming_another_project_deletes_none_of_that_projects_data() -> None:
     # Its data prefix is the other project's: the same name there is that project's job. Its
     # expiry and its deletion go on without deleting it, and its status says so.

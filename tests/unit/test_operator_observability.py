@@ -384,11 +384,34 @@ def test_a_status_value_this_version_cannot_read_is_left_for_someone_to_mend() -
 
 
 class NamespaceKube(FakeKube):
-    """The job's namespace too: labelled with `project`, or unreadable (403) with `forbid`."""
+    """The job's namespace too: labelled with `project`, or unreadable (403) with `forbid`;
+    `older` namespaces labelled with the same project (made before it), or not listable (403)
+    with `forbid_list`."""
 
-    def __init__(self, body: dict[str, Any], project: str, *, forbid: bool = False) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        project: str,
+        *,
+        forbid: bool = False,
+        older: tuple[str, ...] = (),
+        forbid_list: bool = False,
+    ) -> None:
         super().__init__(body)
         self.project, self.forbid, self.namespace_gets = project, forbid, 0
+        self.older, self.forbid_list, self.namespace_lists = older, forbid_list, 0
+
+    async def list(
+        self, resource: str, path: str, label_selector: str = "", *, background: bool = False
+    ) -> list[dict[str, Any]]:
+        if resource != "namespaces":
+            return await super().list(resource, path, label_selector, background=background)
+        self.namespace_lists += 1
+        if self.forbid_list:
+            raise Forbidden({"message": "namespaces is forbidden"}, status=403, headers={})  # type: ignore[arg-type]
+        assert label_selector == f"dsjobs.dev/project-id={self.project}", label_selector
+        made = [(name, "2026-01-01T00:00:00Z") for name in self.older] + [(KEY[0], "2026-06-01T00:00:00Z")]
+        return [{"metadata": {"name": n, "creationTimestamp": c}} for n, c in made]
 
     async def get(self, resource: str, path: str) -> dict[str, Any] | None:
         if resource != "namespaces":
@@ -413,10 +436,11 @@ def test_a_job_is_checked_against_its_namespaces_project_before_its_first_pod(
     asyncio.run(_reconciled(op))
     assert kube.body["status"]["phase"] == "ERROR" and "ProjectMismatch" in str(kube.body["status"])
     # Looked up once a minute per namespace, not per job or step, also by jobs asking at once.
-    assert asyncio.run(op._namespace_project("project-a")) == "proj-b" and kube.namespace_gets == 1
+    assert asyncio.run(op._namespace_project("project-a")).project == "proj-b" and kube.namespace_gets == 1
 
     async def burst(op: Operator) -> list[str | None]:
-        return list(await asyncio.gather(*(op._namespace_project("project-b") for _ in range(20))))
+        found = await asyncio.gather(*(op._namespace_project("project-b") for _ in range(20)))
+        return [f.project for f in found]
 
     assert asyncio.run(burst(op)) == ["proj-b"] * 20 and kube.namespace_gets == 2
     # An operator that may not read namespaces (scoped with RoleBindings) leaves it to the
@@ -424,13 +448,35 @@ def test_a_job_is_checked_against_its_namespaces_project_before_its_first_pod(
     forbidden = NamespaceKube(new_job, "", forbid=True)
     op, _ = _operator(forbidden)
     with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
-        assert asyncio.run(op._namespace_project("project-a")) is None
-        assert asyncio.run(op._namespace_project("project-a")) is None
+        assert asyncio.run(op._namespace_project("project-a")).project is None
+        assert asyncio.run(op._namespace_project("project-a")).project is None
     assert forbidden.namespace_gets == 1  # a refusal is remembered too
     assert [r.getMessage() for r in caplog.records].count(
         "namespace project-a cannot be read (403 namespaces is forbidden): its jobs' projectId is not "
         "checked against its project label here, only by the admission policy"
     ) == 1
+
+
+def test_a_job_of_a_second_namespace_labelled_with_its_project_is_refused_and_deletes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    just_now = ts(datetime.now(UTC))
+    new_job = _body({"phase": "CREATING", "createdAt": just_now})
+    new_job["metadata"]["creationTimestamp"] = just_now
+    project = new_job["spec"]["projectId"]
+    kube = NamespaceKube(new_job, project, older=("staging-copied-from",))
+    op, _ = _operator(kube)
+    asyncio.run(_reconciled(op))
+    assert kube.body["status"]["phase"] == "ERROR" and "ProjectMismatch" in str(kube.body["status"])
+    assert "project is namespace staging-copied-from's" in kube.body["status"]["statusDetails"]
+    assert kube.namespace_lists == 1
+    with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
+        asyncio.run(op._clear_data(JobView.from_body(kube.body)))  # returns before any store is needed
+    assert any("no stored data deleted" in r.getMessage() for r in caplog.records)
+    # The namespace holds the project (the oldest), or namespaces cannot be listed: as ever.
+    for holds in (NamespaceKube(new_job, project), NamespaceKube(new_job, project, forbid_list=True)):
+        found = asyncio.run(_operator(holds)[0]._namespace_project(KEY[0]))
+        assert found.project == project and found.holder in (KEY[0], None)
 
 
 def test_the_data_of_a_job_naming_another_project_is_not_deleted(caplog: pytest.LogCaptureFixture) -> None:

@@ -31,6 +31,7 @@ from typing import Any, cast
 from dsjobs.api import metrics
 from dsjobs.api.errors import KubeError
 from dsjobs.api.kube import Kube, jobs_path, namespaces_path
+from dsjobs.controller.names import project_holder
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ class ProjectIndex:
                 meta = ns.get("metadata") or {}
                 pid = (meta.get("labels") or {}).get(PROJECT_LABEL)
                 name = meta.get("name")
-                # Two namespaces claiming one project: the older one wins, deterministically.
-                if pid and name and (pid not in by_id or _older(ns, by_id[pid].obj)):
+                # Two namespaces claiming one project: the operator's rule decides (project_holder).
+                if pid and name and (pid not in by_id or project_holder([ns, by_id[pid].obj]) == name):
                     by_id[pid] = ProjectInfo(pid, name, ns)
             self._by_id = by_id
             self._by_namespace = {p.namespace: p.project_id for p in by_id.values()}
@@ -138,14 +139,6 @@ class ProjectIndex:
             await self._refresh(force=True)
             project_id = self._by_namespace.get(namespace)
         return project_id
-
-
-def _older(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
-    return (str(ma.get("creationTimestamp", "")), str(ma.get("name", ""))) < (
-        str(mb.get("creationTimestamp", "")),
-        str(mb.get("name", "")),
-    )
 
 
 class JobIndex:

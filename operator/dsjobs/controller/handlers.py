@@ -68,6 +68,7 @@ from dsjobs.controller.names import (
     output_dataset_claim_name,
     pending_output_datasets_selector,
     pod_name,
+    project_holder,
     registry_secret_name,
     runner_secret_name,
     spark_connector_secret_name,
@@ -255,6 +256,15 @@ def _queued_since(job: JobView, status: ProjectJobStatus) -> datetime | None:
     return max(requested, created)
 
 
+@dataclasses.dataclass(frozen=True)
+class NamespaceProject:
+    """A namespace's project label ("" none) and the namespace holding that project; None: not
+    known (not readable, not listable)."""
+
+    project: str | None = None
+    holder: str | None = None
+
+
 def _may_start_or_clear(job: JobView) -> bool:
     """Whether this step may create the job's first pod or delete its stored data: both wait on
     its namespace's project (looked up once per NAMESPACE_PROJECT_SECONDS and namespace), which
@@ -313,9 +323,10 @@ class Operator:
         # while the process posts its last Events and exits.
         self.standing_down = False
         # Namespace -> (loop time, its project label): the check of a job's projectId at its start.
-        self._namespace_projects: dict[str, tuple[float, str | None]] = {}
-        self._namespace_lookups: dict[str, asyncio.Future[str | None]] = {}
+        self._namespace_projects: dict[str, tuple[float, NamespaceProject]] = {}
+        self._namespace_lookups: dict[str, asyncio.Future[NamespaceProject]] = {}
         self._namespace_unreadable: set[str] = set()
+        self._namespaces_unlistable = False
         #: Pod creations the API server forbade in a row, per job (their retry backoff).
         self._refused: dict[Key, int] = {}
         # Jobs with a reconcile waiting for the lock: a further trigger adds nothing (the waiting
@@ -691,7 +702,8 @@ class Operator:
                 return None
             job = JobView.from_body(body)
             if _may_start_or_clear(job):
-                job = dataclasses.replace(job, namespace_project=await self._namespace_project(job.namespace))
+                own = await self._namespace_project(job.namespace)
+                job = dataclasses.replace(job, namespace_project=own.project, project_namespace=own.holder)
             now = _now()
             # The deletions this step plans with: only these are done with once it is written (a
             # pod deleted meanwhile is the next step's, its last state is nowhere else).
@@ -759,12 +771,12 @@ class Operator:
         if not gone:
             self._gone.pop(key, None)
 
-    async def _namespace_project(self, namespace: str) -> str | None:
-        """The `dsjobs.dev/project-id` label of `namespace` ("" when it has none), remembered for
-        NAMESPACE_PROJECT_SECONDS and looked up once for all the jobs asking meanwhile; None when
-        it cannot be read: RBAC without namespaces (an operator scoped with RoleBindings: the
-        admission policy is the check then) or no such namespace. Other failures raise: the
-        reconcile is retried."""
+    async def _namespace_project(self, namespace: str) -> NamespaceProject:
+        """The `dsjobs.dev/project-id` label of `namespace` ("" when it has none) and the
+        namespace holding that project, remembered for NAMESPACE_PROJECT_SECONDS and looked up
+        once for all the jobs asking meanwhile; None when it cannot be read: RBAC without
+        namespaces (an operator scoped with RoleBindings: the admission policy is the check then)
+        or no such namespace. Other failures raise: the reconcile is retried."""
         assert self.kube is not None
         now = asyncio.get_running_loop().time()
         known = self._namespace_projects.get(namespace)
@@ -777,9 +789,9 @@ class Operator:
             pending.add_done_callback(lambda _: self._namespace_lookups.pop(namespace, None))
         return await asyncio.shield(pending)
 
-    async def _look_up_namespace(self, namespace: str) -> str | None:
+    async def _look_up_namespace(self, namespace: str) -> NamespaceProject:
         assert self.kube is not None
-        project: str | None = None  # unreadable (403): remembered as unknown
+        found = NamespaceProject()  # unreadable (403): remembered as unknown
         try:
             obj = await self.kube.get("namespaces", f"/api/v1/namespaces/{namespace}")
         except Forbidden as exc:
@@ -794,9 +806,10 @@ class Operator:
                 )
         else:
             if obj is None:  # no such namespace (being deleted): nothing known, asked again
-                return None
+                return NamespaceProject()
             labels = (obj.get("metadata") or {}).get("labels") or {}
             project = str(labels.get(PROJECT_LABEL) or "")
+            found = NamespaceProject(project, await self._project_holder(project) if project else None)
         now = asyncio.get_running_loop().time()
         if len(self._namespace_projects) >= NAMESPACE_PROJECTS_KEPT:  # namespaces come and go
             self._namespace_projects = {
@@ -804,8 +817,26 @@ class Operator:
                 for ns, seen in self._namespace_projects.items()
                 if now - seen[0] < NAMESPACE_PROJECT_SECONDS
             }
-        self._namespace_projects[namespace] = (now, project)
-        return project
+        self._namespace_projects[namespace] = (now, found)
+        return found
+
+    async def _project_holder(self, project: str) -> str | None:
+        """The namespace holding `project` (names.project_holder), None when namespaces cannot
+        be listed (an operator without the `list` of the RBAC in deploy/: not checked then)."""
+        assert self.kube is not None
+        try:
+            labelled = await self.kube.list("namespaces", "/api/v1/namespaces", f"{PROJECT_LABEL}={project}")
+        except Forbidden as exc:
+            if not self._namespaces_unlistable:
+                self._namespaces_unlistable = True
+                log.warning(
+                    "namespaces cannot be listed (%s %s): a second namespace labelled with a "
+                    "project's id is not refused",
+                    exc.status,
+                    message_of(exc),
+                )
+            return None
+        return project_holder(labelled)
 
     async def _job_gone(self, key: Key) -> bool:
         """True when the API server says the job does not exist (any doubt: False)."""
@@ -1471,7 +1502,7 @@ class Operator:
             return
         project, wanted = found
         own = await self._namespace_project(job.namespace)
-        if own is not None and own != project:
+        if own.project is not None and own.project != project:
             # Another project's prefix (a job the admission policy would have refused): deleting
             # there would delete that project's job of the same name.
             jlog(
@@ -1479,7 +1510,16 @@ class Operator:
                 (job.namespace, job.name),
                 "projectId %r is not the namespace's project %r: no stored data deleted",
                 project,
-                own,
+                own.project,
+            )
+            return
+        if own.holder and own.holder != job.namespace:
+            jlog(
+                logging.WARNING,
+                (job.namespace, job.name),
+                "project %r is namespace %s's: no stored data deleted",
+                project,
+                own.holder,
             )
             return
         await self._warm_input_refs()

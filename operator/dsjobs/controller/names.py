@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
 PROJECT_LABEL: Final = "dsjobs.dev/project-id"
 JOB_LABEL: Final = "dsjobs.dev/job-id"
@@ -125,3 +126,19 @@ def api_registry_password_selector(job: str) -> str:
 def operator_secrets_selector(job: str) -> str:
     """The label selector of the Secrets the operator made for a job (its cleanup deletes them)."""
     return f"{JOB_LABEL}={job},{SECRET_ROLE_LABEL} in ({RUNNER_SECRET_ROLE},{REGISTRY_SECRET_ROLE})"
+
+
+def project_holder(namespaces: Iterable[Mapping[str, Any]]) -> str:
+    """Of the namespaces labelled with one project id, the name of the one that holds the project
+    ("" for none): the oldest, then by name. The API serves the project from it and the operator
+    runs only its jobs: a project's stored data is one prefix, which the jobs of a second
+    namespace carrying the label would share (and delete)."""
+    held = min(
+        (
+            (str(meta.get("creationTimestamp", "")), str(meta.get("name", "")))
+            for meta in ((ns.get("metadata") or {}) for ns in namespaces)
+            if meta.get("name")
+        ),
+        default=("", ""),
+    )
+    return held[1]

@@ -119,6 +119,9 @@ class JobView:
     # The project of the job's namespace (its dsjobs.dev/project-id label; "" unlabelled), looked
     # up by the glue before a job's first pod; None: not known (not looked up, or not readable).
     namespace_project: str | None = None
+    # The namespace that holds that project (names.project_holder: another one may carry the same
+    # label); None: not known (namespaces not listable).
+    project_namespace: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> JobView:
@@ -468,12 +471,25 @@ def plan(
 
 def _foreign_project(job: JobView) -> str:
     """Why the job's stored-data prefix is another project's ("" when it is its own, or unknown):
-    its projectId is not its namespace's project (a job the admission policy would refuse)."""
+    its projectId is not its namespace's project (a job the admission policy would refuse), or
+    the project is another namespace's (`_second_namespace`)."""
     project = job.spec.get("projectId")
     if job.namespace_project is None or not isinstance(project, str) or project == job.namespace_project:
-        return ""
+        return _second_namespace(job)
     label = repr(job.namespace_project) if job.namespace_project else "none"
     return f"its projectId {project!r} is not the project of namespace {job.namespace} ({label})"
+
+
+def _second_namespace(job: JobView) -> str:
+    """Why the job's namespace does not hold its project ("" when it does, or unknown): another
+    namespace, labelled with the same project id before it, holds it (names.project_holder)."""
+    holder = job.project_namespace
+    if not job.namespace_project or holder is None or holder in ("", job.namespace):
+        return ""
+    return (
+        f"namespace {job.namespace} is labelled {PROJECT_LABEL}={job.namespace_project}, but that "
+        f"project is namespace {holder}'s (labelled before it): one project, one namespace"
+    )
 
 
 def _keep_other_projects_data(job: JobView, step: Plan) -> Plan:
@@ -930,6 +946,15 @@ def _plan_start(
         message = (
             f"invalid job: spec.projectId: {spec.project_id!r} is not the project of namespace "
             f"{job.namespace} ({label}): a job runs in its own project's namespace [project-namespace]"
+        )
+        return _plan_of(fail(spec, status, "ProjectMismatch", message, now), actions, events, spec)
+    second = _second_namespace(job)
+    if second:
+        # The project's stored data is one prefix: a job here would overwrite (and its deletion
+        # delete) the data of that namespace's job of the same name.
+        message = (
+            f"invalid job: {second}; its jobs share one storage prefix: label this namespace with "
+            f"a project id of its own [project-namespace]"
         )
         return _plan_of(fail(spec, status, "ProjectMismatch", message, now), actions, events, spec)
     if problems:
