@@ -74,6 +74,9 @@ class FakeKube:
     async def get(self, resource: str, path: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.body) if resource == "projectjobs" else None
 
+    async def delete_collection(self, *_: Any, **__: Any) -> None:
+        return None  # the job's Secrets and claims: none here
+
     def _store(self, patch: dict[str, Any]) -> None:
         self.body = merged(self.body, {k: v for k, v in patch.items() if k != "metadata"})
         self.body["metadata"]["resourceVersion"] = str(int(self.body["metadata"]["resourceVersion"]) + 1)
@@ -632,3 +635,23 @@ def test_a_pod_that_lost_its_job_label_is_told_once_and_decides_no_pending_write
     assert "kubectl -n project-a label pod job-1-a1 dsjobs.dev/job-id=job-1" in events.posted[0].message
     assert op._unconfirmed[KEY] is pending
     assert [p.name for p in op.pods.get(KEY)] == ["job-1-a1"]  # kept as the job's
+
+
+def test_a_deleted_job_whose_data_the_store_will_not_delete_says_why_once() -> None:
+    # A prune while the object store hung: the job stayed Terminating for minutes, its Events and
+    # status telling nothing (the first ReconcileFailed came after three failures).
+    deleting = _body(FINISHED)
+    deleting["metadata"]["deletionTimestamp"] = ts(datetime.now(UTC))
+    kube = NamespaceKube(deleting, "proj-a")
+    op, events = _operator(kube)
+
+    async def store_hangs(job: JobView) -> None:
+        raise TimeoutError("the object store did not answer in 30 s")
+
+    op._clear_data = store_hangs  # type: ignore[method-assign]
+    asyncio.run(_reconciled(op, times=3))
+    told = [e for e in events.posted if e.reason == "DataNotDeleted"]
+    assert len(told) == 1 and told[0].type == "Warning", events.posted
+    assert "TimeoutError('the object store did not answer in 30 s')" in told[0].message
+    assert "the job is deleted once it is" in told[0].message
+    assert kube.body["metadata"]["finalizers"] == ["dsjobs.dev/cleanup"]  # still held

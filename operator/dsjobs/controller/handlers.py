@@ -265,6 +265,18 @@ class NamespaceProject:
     holder: str | None = None
 
 
+def data_not_deleted(deleting: bool, exc: BaseException) -> JobEvent:
+    """The Warning Event of a job whose stored data could not be deleted now: a deleted job stays
+    (Terminating) until it is, and a GitOps prune or `kubectl delete` showed nothing of why."""
+    then = "the job is deleted once it is" if deleting else "its data is marked cleared once it is"
+    return JobEvent(
+        "Warning",
+        "DataNotDeleted",
+        f"the job's stored data could not be deleted now ({clip_message(repr(exc), 300)}); the operator "
+        f"tries again, at least once a minute, and {then}",
+    )
+
+
 def _may_start_or_clear(job: JobView) -> bool:
     """Whether this step may create the job's first pod or delete its stored data: both wait on
     its namespace's project (looked up once per NAMESPACE_PROJECT_SECONDS and namespace), which
@@ -1150,7 +1162,12 @@ class Operator:
                     "secrets", core_path(job.namespace, "secrets"), api_registry_password_selector(job.name)
                 )
             elif isinstance(action, ClearData):
-                await self._clear_data(job)
+                try:
+                    await self._clear_data(job)
+                except Exception as exc:
+                    if (job.namespace, job.name) not in self._errors:  # a streak's first: told once
+                        self._post(body, [data_not_deleted(job.deleting, exc)])
+                    raise
             elif isinstance(action, RemoveFinalizer):
                 finalizers = [f for f in job.finalizers if f != FINALIZER]
                 try:
@@ -1526,7 +1543,7 @@ class Operator:
         key = (job.namespace, job.name)
         self.input_refs.clearing(key, job.uid)
         await delete_job_data(
-            self.store.client(),
+            self.store.deletion_client(),
             project,
             job.name,
             lambda: self.input_refs.unused(key, project, wanted),

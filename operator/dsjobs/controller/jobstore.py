@@ -44,6 +44,11 @@ STORE_CALL_TIMEOUT: Final = 5.0
 #: saw it end has nothing else to tell its outputs, logs and return code, and no patience applies.
 RESULT_READ_TIMEOUT: Final = 10.0
 RESULT_READ_ATTEMPTS: Final = 3
+#: The same for deleting a job's stored data (its deletion, TTL, DeleteData): a request of a batch
+#: deletion (1000 keys) is answered in seconds; with the client's 60 s and 5 tries a store that
+#: hangs held a deleted job (Terminating) 5 minutes before anything told why.
+DELETE_TIMEOUT: Final = 30.0
+DELETE_ATTEMPTS: Final = 3
 
 
 class ResultUnavailable(Exception):
@@ -100,6 +105,10 @@ class JobStore:
         problem = await asyncio.to_thread(storage.access_problem)
         if problem is not None:
             log.error("%s; jobs cannot stage files until it does (the dsjobs-storage Secret)", problem)
+
+    def deletion_client(self) -> Any:
+        """The store's client for deleting a job's data (DELETE_TIMEOUT); None without a store."""
+        return self._client_with(DELETE_TIMEOUT, DELETE_ATTEMPTS)
 
     def _client_with(self, timeout: float, attempts: int) -> Any:
         """The store's client waiting `timeout` per request, `attempts` tries (made once each);
