@@ -217,10 +217,12 @@ def optional_pattern(pattern: str) -> str:
     return f"^({pattern[1:-1]})?$"
 
 
-def cel(rule: str, message: str, *more: dict[str, str]) -> dict[str, Any]:
+def cel(rule: str, message: str, *more: dict[str, str], field_path: str = "") -> dict[str, Any]:
     """Schema keywords for CEL rules (`x-kubernetes-validations`) checked by the API server: one
-    rule and its message, then more rules as whole entries (e.g. `kept_once_set`)."""
-    return {"x-kubernetes-validations": [{"rule": rule, "message": message}, *more]}
+    rule and its message (and the field it is about, so that the refusal names it), then more
+    rules as whole entries (e.g. `kept_once_set`)."""
+    first = {"rule": rule, "message": message} | ({"fieldPath": field_path} if field_path else {})
+    return {"x-kubernetes-validations": [first, *more]}
 
 
 def never_reset(name: str) -> dict[str, str]:

@@ -411,6 +411,7 @@ class ProjectJobSpec(CRModel):
                 "message": "cancel.graceful cannot go from false to true: a forced cancel stays forced",
                 "fieldPath": ".cancel.graceful",
             },
+            field_path=".jobParameters",
         )
     )
 
@@ -449,16 +450,21 @@ class ProjectJobSpec(CRModel):
         "(ExecuteProjectJob sets it); set it to true when applying a ProjectJob by hand. It cannot be reset.",
         False,
     )
-    cancel: CancelRequest | None = field("Set to cancel the job.", None)
+    cancel: CancelRequest | None = field(
+        "Set to cancel the job (CancelProjectJob): one-way, it cannot be removed once set, and "
+        "cancel.graceful may only go from true to false (a forced cancel stays forced). A job that "
+        "already finished stays as it ended; one that never started never starts.",
+        None,
+    )
     clear_data: bool = field(
         "Delete the job's stored data now (DeleteProjectJobData); status.dataCleared tells when done.",
         False,
     )
     finalized: bool = field(
         "The client has fetched the finished job's results (FinalizeProjectJob, a dsjobs extension): the "
-        "operator may release what the job still holds in the cluster (pod, Secrets) now instead of at "
-        "data expiry. Stored data stays until the data TTL. Only meaningful once the job has finished; it "
-        "cannot be reset.",
+        "operator deletes its pod and Secrets at once instead of after the operator's finished-pod "
+        "retention (condition Finalized). Stored data stays until the data TTL. Acts once the job has "
+        "finished; it cannot be reset.",
         False,
     )
     retry_policy: RetryPolicy | None = field("Extension: retry after failures. One attempt when unset.", None)

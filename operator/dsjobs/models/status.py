@@ -45,7 +45,10 @@ class Condition(CRModel):
     """A Kubernetes-style condition."""
 
     type: str = field(
-        "Condition type, CamelCase (e.g. `Scheduled`, `InputsReady`).", maxLength=316, minLength=1
+        "Condition type, CamelCase (e.g. `Scheduled`, `Finished`; `Ended` is True once the job "
+        "ended, whatever the outcome: what `kubectl wait` waits for).",
+        maxLength=316,
+        minLength=1,
     )
     status: Literal["True", "False", "Unknown"] = field("True, False or Unknown.")
     reason: str = field("Machine-readable CamelCase reason of the last transition.", "", maxLength=1024)
