@@ -278,6 +278,18 @@ def serves(dep: dict[str, Any], objects: list[dict[str, Any]]) -> bool:
     return False
 
 
+def test_the_alerts_component_renders_with_the_base(tmp_path: Path) -> None:
+    # The PrometheusRule an overlay adds with `components:` (deploy/components/prometheus-rules).
+    deploy = REPO_ROOT / "deploy"
+    (tmp_path / "kustomization.yaml").write_text(
+        f"resources:\n  - {os.path.relpath(deploy / 'base', tmp_path)}\n"
+        f"components:\n  - {os.path.relpath(deploy / 'components' / 'prometheus-rules', tmp_path)}\n"
+    )
+    (rules,) = of_kind(render(tmp_path), "PrometheusRule")
+    assert rules["metadata"]["namespace"] == SYSTEM_NAMESPACE
+    assert {g["name"] for g in rules["spec"]["groups"]} == {"dsjobs-operator", "dsjobs-api"}
+
+
 def test_our_pods_have_probes_requests_and_restricted_security(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
