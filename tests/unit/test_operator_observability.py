@@ -637,7 +637,9 @@ def test_a_pod_that_lost_its_job_label_is_told_once_and_decides_no_pending_write
     assert [p.name for p in op.pods.get(KEY)] == ["job-1-a1"]  # kept as the job's
 
 
-def test_a_deleted_job_whose_data_the_store_will_not_delete_says_why_once() -> None:
+def test_a_deleted_job_whose_data_the_store_will_not_delete_says_why_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A prune while the object store hung: the job stayed Terminating for minutes, its Events and
     # status telling nothing (the first ReconcileFailed came after three failures).
     deleting = _body(FINISHED)
@@ -645,13 +647,58 @@ def test_a_deleted_job_whose_data_the_store_will_not_delete_says_why_once() -> N
     kube = NamespaceKube(deleting, "proj-a")
     op, events = _operator(kube)
 
-    async def store_hangs(job: JobView) -> None:
+    async def store_hangs(*_: Any, **__: Any) -> None:
         raise TimeoutError("the object store did not answer in 30 s")
 
-    op._clear_data = store_hangs  # type: ignore[method-assign]
+    monkeypatch.setattr(handlers, "delete_job_data", store_hangs)
     asyncio.run(_reconciled(op, times=3))
     told = [e for e in events.posted if e.reason == "DataNotDeleted"]
     assert len(told) == 1 and told[0].type == "Warning", events.posted
     assert "TimeoutError('the object store did not answer in 30 s')" in told[0].message
     assert "the job is deleted once it is" in told[0].message
     assert kube.body["metadata"]["finalizers"] == ["dsjobs.dev/cleanup"]  # still held
+
+
+class MetadataKube(NamespaceKube):
+    """Keeps what metadata patches write (finalizers, labels), and every revision's body: the
+    watch's echoes of the operator's own writes."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(body, "proj-a")
+        self.revisions: dict[str, dict[str, Any]] = {}
+
+    async def merge_patch(self, resource: str, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        if not path.endswith("/status"):
+            meta = {k: v for k, v in patch["metadata"].items() if k != "resourceVersion"}
+            if patch["metadata"]["resourceVersion"] != self.body["metadata"]["resourceVersion"]:
+                raise Conflict({"message": "the object has been modified"}, status=409, headers={})  # type: ignore[arg-type]
+            self.body["metadata"] = merged(self.body["metadata"], meta)
+            self._store({})
+        else:
+            await super().merge_patch(resource, path, patch)
+        rv = self.body["metadata"]["resourceVersion"]
+        self.revisions[rv] = copy.deepcopy(self.body)
+        return copy.deepcopy(self.body)
+
+
+def test_the_echo_of_the_operator_s_own_write_after_it_dropped_the_body_is_not_news() -> None:
+    # A job applied without execute: its finalizer patch's echo came after the operator had
+    # dropped the job's body (idle in CREATING) and was reconciled as news: `new -> CREATING`
+    # written again (409), then counted, logged and posted as an Event twice.
+    applied = _body({})
+    applied["metadata"]["creationTimestamp"] = ts(datetime.now(UTC))
+    applied["metadata"]["finalizers"] = []
+    applied["metadata"]["labels"] = {}
+    applied["spec"]["execute"] = False
+    kube = MetadataKube(applied)
+    op, events = _operator(kube)
+    writes = _status_writes()
+    asyncio.run(op.on_job_event("ADDED", copy.deepcopy(applied)))
+    assert kube.body["status"]["phase"] == "CREATING" and KEY not in op._jobs  # dropped: idle
+    # The watch now brings the operator's own writes, the finalizer patch's first.
+    for rv in sorted(kube.revisions, key=int):
+        asyncio.run(op.on_job_event("MODIFIED", copy.deepcopy(kube.revisions[rv])))
+    for _, handle in op._timers.values():
+        handle.cancel()
+    assert [e.reason for e in events.posted] == ["Created"]
+    assert _status_writes() - writes == 1 and kube.status_writes == 1

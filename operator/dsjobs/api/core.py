@@ -104,7 +104,8 @@ def storage_error(exc: BaseException) -> ApiError | None:
             if status in (401, 403)
             else ""
         )
-        return errors.internal(f"object storage refused the API's request: {code} ({status}){why}")
+        key = f" for {exc.key}" if isinstance(exc, S3HttpError) and exc.key else ""
+        return errors.internal(f"object storage refused the API's request{key}: {code} ({status}){why}")
     if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
         return errors.unavailable(f"object storage is unavailable: {type(exc).__name__}")
     if st.is_transient(exc):

@@ -201,6 +201,7 @@ class _FailureStreak:
     count: int = 0
     said: str = ""  # the error last logged at WARNING
     told: str = ""  # the exception class of the last ReconcileFailed Event
+    data_told: bool = False  # a DataNotDeleted Event was posted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1162,12 +1163,7 @@ class Operator:
                     "secrets", core_path(job.namespace, "secrets"), api_registry_password_selector(job.name)
                 )
             elif isinstance(action, ClearData):
-                try:
-                    await self._clear_data(job)
-                except Exception as exc:
-                    if (job.namespace, job.name) not in self._errors:  # a streak's first: told once
-                        self._post(body, [data_not_deleted(job.deleting, exc)])
-                    raise
+                await self._clear_data(job)
             elif isinstance(action, RemoveFinalizer):
                 finalizers = [f for f in job.finalizers if f != FINALIZER]
                 try:
@@ -1542,16 +1538,25 @@ class Operator:
         await self._warm_input_refs()
         key = (job.namespace, job.name)
         self.input_refs.clearing(key, job.uid)
-        await delete_job_data(
-            self.store.deletion_client(),
-            project,
-            job.name,
-            lambda: self.input_refs.unused(key, project, wanted),
-            # Cleared before (a deleted job whose data had expired): its inputs were dealt with
-            # then, and a job not seen yet may have uploaded one again since. The prefix still
-            # goes: a pod may have shipped into it after.
-            with_inputs=not job.status.data_cleared,
-        )
+        try:
+            await delete_job_data(
+                self.store.deletion_client(),
+                project,
+                job.name,
+                lambda: self.input_refs.unused(key, project, wanted),
+                # Cleared before (a deleted job whose data had expired): its inputs were dealt with
+                # then, and a job not seen yet may have uploaded one again since. The prefix still
+                # goes: a pod may have shipped into it after.
+                with_inputs=not job.status.data_cleared,
+            )
+        except Exception as exc:
+            # Told once per streak of failed reconciles (which this failure begins or goes on).
+            streak = self._errors.setdefault(key, _FailureStreak())
+            body = self._jobs.get(key)
+            if not streak.data_told and body is not None:
+                streak.data_told = True
+                self._post(body, [data_not_deleted(job.deleting, exc)])
+            raise
 
     # --- writing -----------------------------------------------------------------------------
 

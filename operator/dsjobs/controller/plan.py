@@ -482,13 +482,13 @@ def _foreign_project(job: JobView) -> str:
 
 def _second_namespace(job: JobView) -> str:
     """Why the job's namespace does not hold its project ("" when it does, or unknown): another
-    namespace, labelled with the same project id before it, holds it (names.project_holder)."""
+    namespace with the same project label, made before it, holds it (names.project_holder)."""
     holder = job.project_namespace
     if not job.namespace_project or holder is None or holder in ("", job.namespace):
         return ""
     return (
         f"namespace {job.namespace} is labelled {PROJECT_LABEL}={job.namespace_project}, but that "
-        f"project is namespace {holder}'s (labelled before it): one project, one namespace"
+        f"project is namespace {holder}'s (the oldest namespace with that label): one project, one namespace"
     )
 
 
