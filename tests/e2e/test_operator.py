@@ -105,6 +105,14 @@ def _details_starting(h: H, job: str, text: str, what: str, timeout: float) -> d
     return dict(found)
 
 
+def _namespace_gone(h: H, namespace: str) -> bool:
+    try:
+        h.core.read_namespace(namespace)
+    except ApiException as exc:
+        return exc.status == 404
+    return False
+
+
 def _told(h: H, job: str, reason: str) -> bool:
     """Whether the job got an Event of `reason`, waiting a little: the operator posts its Events
     one at a time in the background, after the status that they tell."""
@@ -2107,15 +2115,7 @@ def test_a_second_namespace_labelled_with_the_project_runs_none_of_its_jobs(h: H
         assert _objects(storage, job_prefix(PROJECT_ID, "twin")) == stored  # the first job's, intact
     finally:
         h.core.delete_namespace(namespace)
-
-        def gone() -> bool:
-            try:
-                h.core.read_namespace(namespace)
-            except ApiException as exc:
-                return exc.status == 404
-            return False
-
-        poll("the twin namespace gone", gone, 120)
+        poll("the twin namespace gone", lambda: _namespace_gone(h, namespace), 120)
 
 
 def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
@@ -2143,15 +2143,7 @@ def test_deleting_a_project_namespace_with_a_running_job(h: H) -> None:
     poll("the job running", lambda: phase() == "EXECUTING", 120)
     log_before = len(h.log())
     h.core.delete_namespace(namespace)
-
-    def gone() -> bool:
-        try:
-            h.core.read_namespace(namespace)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    poll("the namespace gone", gone, 120)
+    poll("the namespace gone", lambda: _namespace_gone(h, namespace), 120)
     log = h.log()[log_before:]
     assert f"stored objects of job {project}/doomed" in log, log[-3000:]
     assert f"deleted 0 stored objects of job {project}/doomed" not in log  # it had logs to delete
