@@ -6,6 +6,7 @@ by hack/k8s-bins.sh), an S3 server, and one process-based node agent
 (`dsjobs.devcluster.node`) per node of the topology.
 """
 
+from dsjobs import serverpython  # noqa: F401  (checks the Python at import)
 from dsjobs.devcluster.cluster import (
     ClusterError,
     ClusterState,

@@ -5,6 +5,7 @@ custom resource; `Model.model_validate(cr_dict)` reads one back. The CRDs in `cr
 from these classes (`python -m dsjobs.crdgen`), and `dsjobs.validation` checks their values.
 """
 
+from dsjobs import serverpython  # noqa: F401  (checks the Python at import)
 from dsjobs.models.base import CRModel, Duration, Quantity, format_duration, parse_duration
 from dsjobs.models.files import CompressionType, File, FileDesc
 from dsjobs.models.instancetype import InstanceTypeSpec, ResourceRequirements, Toleration
