@@ -138,15 +138,15 @@ class InstanceTypeCache:
 
     def __init__(self) -> None:
         self._types: dict[str, tuple[int, InstanceTypeSpec | None, str]] = {}
+        # Counted at each scrape from the cache itself (the operator makes one cache).
+        metrics.INSTANCE_TYPES_INVALID.set_function(lambda: len(self.invalid()))
 
     def apply(self, body: Mapping[str, Any], *, deleted: bool) -> bool:
         """Take a watch event; True when it changed the type (not the echo of what a LIST or an
         earlier event already gave)."""
         name = str((body.get("metadata") or {}).get("name", ""))
         if deleted:
-            gone = self._types.pop(name, None) is not None
-            metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
-            return gone
+            return self._types.pop(name, None) is not None
         rev = revision(body)
         old = self._types.get(name)
         if old is None or rev < 0 or rev >= old[0]:
@@ -176,7 +176,6 @@ class InstanceTypeCache:
         ]
         for name in gone:
             del self._types[name]
-        metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
         return gone
 
     def _store(self, name: str, rev: int, body: Mapping[str, Any]) -> None:
@@ -188,7 +187,6 @@ class InstanceTypeCache:
         elif not problem and old is not None and old[2]:
             log.info("InstanceType %s is valid again", name, extra=fields)
         self._types[name] = (rev, spec, problem)
-        metrics.INSTANCE_TYPES_INVALID.set(len(self.invalid()))
 
     def catalog(self) -> dict[str, InstanceTypeSpec]:
         return {name: spec for name, (_, spec, _) in self._types.items() if spec is not None}

@@ -88,6 +88,7 @@ from dsjobs.controller.plan import (
     PublishDatasets,
     RemoveFinalizer,
     current_pod_name,
+    foreign_project,
     gone_type_problem,
     plan,
     read_status,
@@ -1515,25 +1516,13 @@ class Operator:
             return
         project, wanted = found
         own = await self._namespace_project(job.namespace)
-        if own.project is not None and own.project != project:
-            # Another project's prefix (a job the admission policy would have refused): deleting
-            # there would delete that project's job of the same name.
-            jlog(
-                logging.WARNING,
-                (job.namespace, job.name),
-                "projectId %r is not the namespace's project %r: no stored data deleted",
-                project,
-                own.project,
-            )
-            return
-        if own.holder and own.holder != job.namespace:
-            jlog(
-                logging.WARNING,
-                (job.namespace, job.name),
-                "project %r is namespace %s's: no stored data deleted",
-                project,
-                own.holder,
-            )
+        foreign = foreign_project(
+            dataclasses.replace(job, namespace_project=own.project, project_namespace=own.holder)
+        )
+        if foreign:
+            # Another project's prefix, or another namespace's: deleting there would delete that
+            # project's (namespace's) job of the same name.
+            jlog(logging.WARNING, (job.namespace, job.name), "no stored data deleted: %s", foreign)
             return
         await self._warm_input_refs()
         key = (job.namespace, job.name)

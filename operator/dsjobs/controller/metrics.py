@@ -6,13 +6,13 @@ import logging
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime
 from typing import Any, Final
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dsjobs.controller.podview import parse_time
 from dsjobs.kubemetrics import KUBE_REQUESTS as KUBE_REQUESTS
 
 _PHASES = (
@@ -147,9 +147,8 @@ def waiting_since(status: Mapping[str, Any]) -> tuple[str, float] | None:
         if isinstance(cond, Mapping) and cond.get("type") == "Scheduled":
             if cond.get("status") != "False":
                 return None
-            try:
-                since = datetime.fromisoformat(str(cond.get("lastTransitionTime")).replace("Z", "+00:00"))
-            except ValueError:
+            since = parse_time(cond.get("lastTransitionTime"))
+            if since is None:
                 return None
             return str(status.get("actualCloudInstanceType") or ""), since.timestamp()
     return None

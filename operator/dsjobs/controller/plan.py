@@ -469,10 +469,10 @@ def plan(
     return replace(step, status=step.status.model_copy(update={"data_size_bytes": size}))
 
 
-def _foreign_project(job: JobView) -> str:
+def foreign_project(job: JobView) -> str:
     """Why the job's stored-data prefix is another project's ("" when it is its own, or unknown):
     its projectId is not its namespace's project (a job the admission policy would refuse), or
-    the project is another namespace's (`_second_namespace`)."""
+    the project is another namespace's (`_second_namespace`). The operator's deletions of stored data ask it too.."""
     project = job.spec.get("projectId")
     if job.namespace_project is None or not isinstance(project, str) or project == job.namespace_project:
         return _second_namespace(job)
@@ -495,7 +495,7 @@ def _second_namespace(job: JobView) -> str:
 def _keep_other_projects_data(job: JobView, step: Plan) -> Plan:
     """A step that would delete a job's stored data under another project's prefix (the same name
     there is that project's job) deletes nothing, and its status and Event say so."""
-    foreign = _foreign_project(job)
+    foreign = foreign_project(job)
     if not foreign or not any(isinstance(a, ClearData) for a in step.actions):
         return step
     actions = tuple(a for a in step.actions if not isinstance(a, ClearData))
