@@ -28,6 +28,7 @@ from google.rpc import status_pb2  # type: ignore[import-untyped]
 
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
+from dsjobs.controller.podview import parse_time
 from dsjobs.controller.status import COND_SCHEDULED, data_deletion_begun, data_expiry
 
 # timestamp saturates: a status time near year 1 or 9999 (the CRD lets +-23:59 offsets through)
@@ -128,13 +129,12 @@ class JobSnapshot:
     @classmethod
     def from_cr(cls, obj: Mapping[str, Any]) -> JobSnapshot:
         meta = obj.get("metadata") or {}
-        created = meta.get("creationTimestamp")
         return cls(
             name=str(meta.get("name", "")),
             namespace=str(meta.get("namespace", "")),
             uid=str(meta.get("uid", "")),
             resource_version=str(meta.get("resourceVersion", "")),
-            created_at=parse_time(created) if created else datetime.now(UTC),
+            created_at=parse_time(meta.get("creationTimestamp")) or datetime.now(UTC),
             spec=read_stored(ProjectJobSpec, obj.get("spec") or {}),
             status=read_stored(ProjectJobStatus, obj.get("status") or {}),
             labels=dict(meta.get("labels") or {}),
@@ -164,26 +164,10 @@ class JobSnapshot:
 
     @property
     def execute_requested_at(self) -> datetime | None:
-        text = self.annotations.get(EXECUTE_REQUESTED_AT)
-        if not text:
-            return None
-        try:
-            return parse_time(text)
-        except ValueError:
-            return None
+        return parse_time(self.annotations.get(EXECUTE_REQUESTED_AT))
 
     def ref(self, kind: OpKind) -> OpRef:
         return OpRef(kind, self.project_id, self.name, self.uid)
-
-
-def parse_time(text: str) -> datetime:
-    """A time of an annotation, in UTC. ValueError also when UTC cannot hold it
-    (0001-01-01T00:00:00+00:01: anyone who may annotate the job can write one)."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    try:
-        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-    except OverflowError as exc:
-        raise ValueError(f"{text!r} is out of range") from exc
 
 
 def _latest(*values: datetime | None) -> datetime | None:

@@ -40,6 +40,7 @@ from dsjobs.api.kube import jobs_path, secrets_path
 from dsjobs.api.metrics import LOG_RECORDS_SENT
 from dsjobs.api.operations import JobSnapshot, OpKind, OpRef
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT, FINALIZER, REGISTRY_PASSWORD_ROLE, SECRET_ROLE_LABEL
+from dsjobs.controller.podview import parse_time
 from dsjobs.controller.secrets import (
     REGISTRY_HOSTS_ANNOTATION,
     is_registry_password,
@@ -1381,9 +1382,9 @@ def project_proto(info: ProjectInfo, community_id: str) -> project_pb2.Project:
         description=annotations.get(PROJECT_DESCRIPTION_ANNOTATION, ""),
         community_id=annotations.get(COMMUNITY_ANNOTATION) or community_id,
     )
-    created = meta.get("creationTimestamp")
+    created = parse_time(meta.get("creationTimestamp"))
     if created:
-        project.created_at.CopyFrom(timestamp(operations.parse_time(created)))
+        project.created_at.CopyFrom(timestamp(created))
     return project
 
 

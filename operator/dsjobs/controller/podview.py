@@ -26,14 +26,15 @@ ContainerState = Literal["waiting", "running", "terminated"]
 
 
 def parse_time(value: object) -> datetime | None:
-    """An RFC 3339 timestamp from the API (`2025-06-01T11:00:12Z`), or None."""
+    """An RFC 3339 timestamp (`2025-06-01T11:00:12Z`, `t` and `z` too) in UTC, or None: also for
+    one UTC cannot hold (0001-01-01T00:00:00+00:01: anyone who may annotate a job can write one)."""
     if not isinstance(value, str) or not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
