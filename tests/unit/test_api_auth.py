@@ -299,22 +299,48 @@ def test_static_tokens_that_would_not_be_what_is_written(text: str, says: str) -
         auth.parse_static_tokens(text)
 
 
-def test_a_job_of_a_project_the_caller_may_not_use_is_not_named_by_its_project() -> None:
-    # The caller named a job id only; the project (its name may say much) is not theirs to learn.
-    class Stub:
-        def __init__(self) -> None:
-            self.auth = self
+class _JobStub:
+    """Core's collaborators for authorized_job: one job `j1` in project acme-merger-2025 (the caller
+    may use the verbs in `may`), none other."""
 
-        async def identity(self, context: Any) -> auth.Identity:
-            return auth.Identity("mallory")
+    def __init__(self, may: set[auth.Verb]) -> None:
+        self.auth = self
+        self.may = may
 
-        async def locate(self, job_id: str, field: str) -> list[tuple[str, str]]:
-            return [("ns-secret", "acme-merger-2025")]
+    async def identity(self, context: Any) -> auth.Identity:
+        return auth.Identity("mallory")
 
-        async def authorize(self, identity: Any, verb: auth.Verb, namespace: str, project_id: str) -> None:
-            raise errors.permission_denied(f"mallory may not get jobs of project {project_id!r}")
+    async def locate(self, job_id: str, field: str) -> list[tuple[str, str]]:
+        if job_id != "j1":
+            raise errors.not_found(f"job {job_id!r} not found")
+        return [("ns-secret", "acme-merger-2025")]
 
+    async def allows(self, identity: Any, verb: auth.Verb, namespace: str, project_id: str) -> bool:
+        return verb in self.may
+
+    async def authorize(self, identity: Any, verb: auth.Verb, namespace: str, project_id: str) -> None:
+        if verb not in self.may:
+            raise errors.permission_denied(f"mallory may not {verb.value} jobs of project {project_id!r}")
+
+
+def _refusal(may: set[auth.Verb], job_id: str, verb: auth.Verb) -> ApiError:
     with pytest.raises(ApiError) as exc:
-        asyncio.run(Core.authorized_job(cast(Core, Stub()), None, "j1", auth.Verb.GET))
-    assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED
-    assert exc.value.message == "mallory may not get job 'j1'"
+        asyncio.run(Core.authorized_job(cast(Core, _JobStub(may)), None, job_id, verb))
+    return exc.value
+
+
+def test_a_job_the_caller_may_not_read_is_answered_as_no_job_at_all() -> None:
+    # Else anyone could learn that another project ran a job of an id (an Idempotency-Key's id can
+    # be computed from the key), and the project's name (it may say much).
+    for verb in auth.Verb:
+        hidden = _refusal(set(), "j1", verb)
+        absent = _refusal(set(), "j2", verb)
+        assert (hidden.code, absent.code) == (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND)
+        assert hidden.message == "job 'j1' not found, or mallory may not get it"
+        assert absent.message == "job 'j2' not found, or mallory may not get it"
+
+
+def test_a_job_the_caller_may_read_but_not_change_is_permission_denied_without_its_project() -> None:
+    refused = _refusal({auth.Verb.GET}, "j1", auth.Verb.UPDATE)
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.message == "mallory may not update job 'j1'"

@@ -131,9 +131,9 @@ def test_a_job_id_in_two_namespaces_is_the_one_the_caller_may_use() -> None:
     assert got.project_id == "pb"  # not team-a's, which sorts first
     got = asyncio.run(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("mallory"))))
     assert got.project_id == "pa"
-    # Nobody's: the first refusal is the answer.
+    # Nobody's: as if no project had it.
     assert code_of(jobs.Get(svc.GetProjectJobRequest(job_id=JOB), cast(Any, Ctx("eve")))) == (
-        grpc.StatusCode.PERMISSION_DENIED
+        grpc.StatusCode.NOT_FOUND
     )
 
 

@@ -186,15 +186,21 @@ class Authenticator:
             raise errors.unauthenticated("the bearer token is invalid or expired")
         return identity
 
-    async def authorize(self, identity: Identity, verb: Verb, namespace: str, project_id: str) -> None:
+    async def decide(self, identity: Identity, verb: Verb, namespace: str, project_id: str) -> Decision:
         async def load() -> Decision:
             return await self.review_access(identity, verb, namespace, project_id)
 
-        decision = await self._access.load(
+        return await self._access.load(
             (identity, verb, namespace, project_id),
             load,
             lambda d: self.ttl if d.allowed else self.negative_ttl,
         )
+
+    async def allows(self, identity: Identity, verb: Verb, namespace: str, project_id: str) -> bool:
+        return (await self.decide(identity, verb, namespace, project_id)).allowed
+
+    async def authorize(self, identity: Identity, verb: Verb, namespace: str, project_id: str) -> None:
+        decision = await self.decide(identity, verb, namespace, project_id)
         if not decision.allowed:
             why = f": {decision.reason}" if decision.reason else ""
             raise errors.permission_denied(

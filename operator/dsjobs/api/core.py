@@ -276,23 +276,35 @@ class Core:
         namespaces have a job of this id, the first of a project the caller may use is the one.
         """
         identity = await self.identity(context)
-        denied: ApiError | None = None
-        for namespace, project_id in await self.locate(job_id, field):
+        # One answer for a job that is not there and one the caller may not even read: a
+        # PERMISSION_DENIED would tell anyone that another project ran a job of this id (an
+        # Idempotency-Key's id can be computed from the key).
+        hidden = errors.not_found(f"job {job_id!r} not found, or {identity.username} may not get it")
+        try:
+            located = await self.locate(job_id, field)
+        except ApiError as exc:
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                raise hidden from None
+            raise
+        denied: list[tuple[str, str]] = []
+        for namespace, project_id in located:
             try:
                 await self.auth.authorize(identity, verb, namespace, project_id)
             except ApiError as exc:
                 if exc.code != grpc.StatusCode.PERMISSION_DENIED:
                     raise
-                denied = denied or exc
+                denied.append((namespace, project_id))
                 continue
             job = await self.read_job(namespace, job_id, fresh=fresh)
             if job is not None and job.project_id == project_id:
                 return identity, job
-        if denied is not None:
-            # Not naming the project: the caller named a job id only, and may not know whose it is.
-            log.debug("job %s: %s", job_id, denied.message)
-            raise errors.permission_denied(f"{identity.username} may not {verb.value} job {job_id!r}")
-        raise errors.not_found(f"job {job_id!r} not found")
+        if verb != Verb.GET:
+            for namespace, project_id in denied:
+                if await self.auth.allows(identity, Verb.GET, namespace, project_id):
+                    # Not naming the project: the caller named a job id only.
+                    raise errors.permission_denied(f"{identity.username} may not {verb.value} job {job_id!r}")
+        raise hidden
+
 
     async def patch_job(
         self, job: JobSnapshot, patch: Mapping[str, Any], *, guard: bool = False
