@@ -974,6 +974,32 @@ def test_clone_reuses_stored_inputs(api_env: ApiEnv) -> None:
     assert not c.execute(clone.job_id).done
     e = rpc_error(lambda: c.jobs.Clone(svc.CloneProjectJobRequest(source_job_id="nosuchjob"), metadata=c.md))
     assert e.code == Code.NOT_FOUND
+    # An override a clone would not apply is refused, not dropped; nothing is created.
+    before = {
+        j.id
+        for j in c.jobs.List(
+            svc.ListProjectJobRequest(project_id=api_env.project_a.project_id), metadata=c.md
+        ).jobs
+    }
+    unapplied = jobs_pb2.JobParameters(
+        cmd="python other.py", arguments=[jobs_pb2.Argument(name="lr", value="1")]
+    )
+    e = rpc_error(
+        lambda: c.jobs.Clone(
+            svc.CloneProjectJobRequest(source_job_id=resp.job_id, job_parameters_overrides=unapplied),
+            metadata=c.md,
+        )
+    )
+    assert e.code == Code.INVALID_ARGUMENT
+    assert "job_parameters_overrides.cmd: a Clone keeps the source job's" in e.details, e.details
+    assert "job_parameters_overrides.arguments[0].name: 'lr' is no argument of the source job" in e.details
+    after = {
+        j.id
+        for j in c.jobs.List(
+            svc.ListProjectJobRequest(project_id=api_env.project_a.project_id), metadata=c.md
+        ).jobs
+    }
+    assert after == before
 
 
 def test_download_job_files_and_std_logs(api_env: ApiEnv) -> None:

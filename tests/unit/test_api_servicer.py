@@ -1110,12 +1110,74 @@ def test_out_of_range_graceful_timeout_is_invalid_argument(seconds: int) -> None
     assert "315576000000" in err.message
 
 
-def test_out_of_range_graceful_timeout_in_clone_overrides_is_invalid_argument() -> None:
+def test_an_unknown_enum_in_clone_overrides_is_invalid_argument() -> None:
     req = svc.CloneProjectJobRequest(source_job_id="src1")
-    req.job_parameters_overrides.graceful_shutdown_parameters.timeout.seconds = 10**14
+    req.job_parameters_overrides.extended_working_storage.type = 99
     core = FakeCore(stored=[SHA], job=source_job(SOURCE_PARAMS))
     err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
-    assert "job_parameters_overrides.graceful_shutdown_parameters.timeout: is not a valid" in err.message
+    assert "job_parameters_overrides.extended_working_storage.type: " in err.message
+
+
+def test_clone_overrides_it_would_not_apply_are_invalid_argument_and_create_nothing() -> None:
+    # They were dropped without a word: the clone ran the source's parameters (an unknown var, a
+    # cmd, a graceful shutdown: also invalid values in them got through).
+    params = {
+        **SOURCE_PARAMS,
+        "inputFiles": [{"desc": {"path": "d.csv", "var": "DATA"}, "sha256": SHA, "sizeBytes": 1}],
+        "outputFiles": [{"path": "out.txt", "var": "OUT"}],
+        "arguments": [{"name": "epochs", "value": "3"}],
+    }
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    o = req.job_parameters_overrides
+    o.input_files.add(desc=jobs_pb2.FileDesc(path="e.csv", var="NOPE"), sha256=SHA, size_bytes=1)
+    o.input_files.add(desc=jobs_pb2.FileDesc(path="f.csv"), sha256=SHA, size_bytes=1)
+    o.input_files.add(desc=jobs_pb2.FileDesc(path="g.csv", var="OUT"), sha256=SHA, size_bytes=1)
+    o.output_files.add(path="o2.txt", var="DATA")
+    o.arguments.add(name="epochs", value="5")
+    o.arguments.add(name="epochs", value="6")
+    o.arguments.add(name="lr", value="0.1")
+    kube = FakeKube()
+    core = FakeCore(kube, stored=[SHA], job=source_job(params))
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
+    p = "job_parameters_overrides"
+    for line in (
+        f"{p}.input_files[0].desc.var: 'NOPE' is no var of the source job's input files [clone-var]",
+        f"{p}.input_files[1].desc.var: is required: a Clone replaces the source job's input files of the same var",
+        f"{p}.input_files[2].desc.var: 'OUT' is no var of the source job's input files (it is one of its output "
+        "files) [clone-var]",
+        f"{p}.output_files[0].var: 'DATA' is no var of the source job's output files (it is one of its input files)",
+        f"{p}.arguments[1].name: 'epochs' is already overridden at {p}.arguments[0].name [var-unique]",
+        f"{p}.arguments[2].name: 'lr' is no argument of the source job [clone-arg]",
+    ):
+        assert line in err.message, (line, err.message)
+    assert err.message.startswith("invalid request: 6 problems:")
+    req = svc.CloneProjectJobRequest(source_job_id="src1")
+    o = req.job_parameters_overrides
+    o.cmd = "python other.py"
+    o.graceful_shutdown_parameters.signal = 9
+    o.env.python_env.python_version = "3.11"
+    o.attach_project_disk = True
+    o.s3_mount_ids.append("m1")
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Clone(req, ctx()))
+    for line in (
+        f"{p}.cmd: a Clone keeps the source job's; create a new job to change it [clone-keeps]",
+        f"{p}.env.python_env: a Clone keeps",
+        f"{p}.attach_project_disk: a Clone keeps",
+        f"{p}.s3_mount_ids: a Clone keeps",
+        f"{p}.graceful_shutdown_parameters: a Clone keeps",
+    ):
+        assert line in err.message, (line, err.message)
+    assert err.message.startswith("invalid request: 5 problems:")
+    assert kube.methods() == []
+    # What the CLI's fork sends (vars, arguments, env vars, docker, working storage, types) goes.
+    ok = svc.CloneProjectJobRequest(source_job_id="src1")
+    ok.job_parameters_overrides.input_files.add(
+        desc=jobs_pb2.FileDesc(path="e.csv", var="DATA"), sha256=SHA, size_bytes=1
+    )
+    ok.job_parameters_overrides.output_files.add(path="o2.txt", var="OUT")
+    ok.job_parameters_overrides.arguments.add(name="epochs", value="5")
+    ok.job_parameters_overrides.env.vars["A"] = "1"
+    assert asyncio.run(service(FakeCore(stored=[SHA], job=source_job(params))).Clone(ok, ctx())).id
 
 
 def test_out_of_range_data_ttl_is_invalid_argument() -> None:

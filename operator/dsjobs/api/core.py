@@ -305,7 +305,6 @@ class Core:
                     raise errors.permission_denied(f"{identity.username} may not {verb.value} job {job_id!r}")
         raise hidden
 
-
     async def patch_job(
         self, job: JobSnapshot, patch: Mapping[str, Any], *, guard: bool = False
     ) -> JobSnapshot:

@@ -315,6 +315,11 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         await self.core.auth.authorize(identity, Verb.CREATE, info.namespace, info.project_id)
         key, job_id = self._job_id(context, identity, info, "Clone")
         _check_list_sizes(request.job_parameters_overrides, "job_parameters_overrides")
+        unapplied = params_conv.clone_override_problems(
+            source.spec.job_parameters, request.job_parameters_overrides
+        )
+        if unapplied:
+            raise errors.from_problems(unapplied)
         secret_name = params_conv.docker_password_secret_name(job_id)
         try:
             # Outputs inherited from another user's job get the paths that user's Get shows: the

@@ -37,6 +37,7 @@ from dsjobs.models import (
 )
 from dsjobs.models import limits as L
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2
+from dsjobs.validation.problems import Problem
 
 DOCKER_PASSWORD_KEY = "password"
 
@@ -313,6 +314,88 @@ def spec_from_clone_request(
         execute=False,
         retry_policy=source.retry_policy,
     )
+
+
+# JobParameters fields a Clone keeps from its source (as the CLI's fork, which never sends them):
+# given in the overrides, they would be dropped without a word.
+_CLONE_KEEPS = (
+    "cmd",
+    "python_env",
+    "s3_mount_ids",
+    "dataset_ids",
+    "attach_project_disk",
+    "output_datasets",
+    "graceful_shutdown_parameters",
+    "spark_parameters",
+)
+
+
+def clone_override_problems(
+    source: JobParameters, overrides: jobs_pb2.JobParameters, path: str = "job_parameters_overrides"
+) -> list[Problem]:
+    """What of a Clone's overrides merge_clone_overrides could not apply: an input or output
+    without a var or with one the source does not have, an argument the source does not have, a
+    var or argument given twice, a field a Clone keeps from its source."""
+    problems: list[Problem] = []
+    in_vars = {f.desc.var for f in source.input_files if f.desc.var}
+    out_vars = {d.var for d in source.output_files if d.var}
+
+    def var_of(where: str, var: str, own: set[str], kind: str, other: set[str], seen: dict[str, str]) -> None:
+        if not var:
+            problems.append(
+                Problem(
+                    where,
+                    "clone-var",
+                    f"is required: a Clone replaces the source job's {kind} of the same var",
+                )
+            )
+        elif var in seen:
+            problems.append(Problem(where, "var-unique", f"{var!r} is already overridden at {seen[var]}"))
+        elif var not in own:
+            also = " (it is one of its " + ("output" if kind == "input files" else "input") + " files)"
+            problems.append(
+                Problem(
+                    where,
+                    "clone-var",
+                    f"{var!r} is no var of the source job's {kind}" + (also if var in other else ""),
+                )
+            )
+        seen.setdefault(var, where)
+
+    seen: dict[str, str] = {}
+    for i, f in enumerate(overrides.input_files):
+        var_of(f"{path}.input_files[{i}].desc.var", f.desc.var, in_vars, "input files", out_vars, seen)
+    for i, d in enumerate(overrides.output_files):
+        var_of(f"{path}.output_files[{i}].var", d.var, out_vars, "output files", in_vars, seen)
+    names = {a.name for a in source.arguments}
+    given: dict[str, str] = {}
+    for i, a in enumerate(overrides.arguments):
+        where = f"{path}.arguments[{i}].name"
+        if a.name in given:
+            problems.append(
+                Problem(where, "var-unique", f"{a.name!r} is already overridden at {given[a.name]}")
+            )
+        elif a.name not in names:
+            problems.append(Problem(where, "clone-arg", f"{a.name!r} is no argument of the source job"))
+        given.setdefault(a.name, where)
+    for name in _CLONE_KEEPS:
+        field = f"{path}.env.{name}" if name == "python_env" else f"{path}.{name}"
+        holder = overrides.env if name == "python_env" else overrides
+        if _given(holder, name):
+            problems.append(
+                Problem(field, "clone-keeps", "a Clone keeps the source job's; create a new job to change it")
+            )
+    return problems
+
+
+def _given(message: object, name: str) -> bool:
+    value = getattr(message, name)
+    if isinstance(value, bool | str):
+        return bool(value)
+    try:
+        return bool(message.HasField(name))  # type: ignore[attr-defined]
+    except ValueError:  # a repeated field
+        return len(value) > 0
 
 
 def merge_clone_overrides(source: JobParameters, overrides: JobParameters) -> JobParameters:
