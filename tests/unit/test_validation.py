@@ -607,6 +607,14 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{ENV}.vars", {"A": "x" * L.MAX_ENV_VALUE_LENGTH}),
     ),
     (
+        # In characters within the limit, but past Linux's 128 KiB for `A=value` and its NUL: the
+        # job ended "exec: /usr/bin/setsid: Argument list too long", code 126.
+        "env-value-length",
+        'job_parameters.env.vars["A"]',
+        set_at(f"{ENV}.vars", {"A": "\U0001f600" * L.MAX_ENV_VALUE_LENGTH}),
+        set_at(f"{ENV}.vars", {"A": "\U0001f600" * (L.MAX_ENV_VALUE_LENGTH - 1)}),
+    ),
+    (
         "max-items",
         "job_parameters.env.vars",
         set_at(f"{ENV}.vars", {f"V{i}": "" for i in range(L.MAX_ENV_VARS + 1)}),

@@ -455,7 +455,7 @@ def _never_ran_text(job: ContainerView) -> str:
     text = job.message or job.reason
     if "argument list too long" in text.lower():
         # E2BIG at exec: the container's environment holds a value over Linux's MAX_ARG_STRLEN. The
-        # job's own variables are capped well below it; the project secrets (envFrom) are not.
+        # job's own variables are capped below it (env-value-length); the project secrets (envFrom) are not.
         text += (
             f"; an environment variable is longer than Linux allows (128 KiB per variable): check the"
             f" values of the project secrets (Secret {PROJECT_SECRETS_NAME})"

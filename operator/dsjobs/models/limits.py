@@ -36,6 +36,9 @@ MAX_RENDERED_CMD_BYTES: Final = 128 * 1024 - 1
 MAX_CONFIG_LENGTH: Final = 256 * 1024
 MAX_ENV_VARS: Final = 256
 MAX_ENV_VALUE_LENGTH: Final = 32 * 1024
+# `NAME=value` with its NUL is one string of the program's environment: Linux's MAX_ARG_STRLEN
+# again (32 K characters of 4 bytes in UTF-8 are past it).
+MAX_ENV_STRING_BYTES: Final = 128 * 1024
 #: What a job may take (`spec-size`): its spec as the API server writes it (JSON in UTF-8, with Go's
 #: escapes: `<`, `>`, `&` take 6 bytes), plus what its finished status repeats of it (each output's
 #: desc and object key, each output dataset's desc) and what its runner config repeats that the spec

@@ -642,7 +642,15 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
                 "env-shell",
                 f"{name} is the job shell's own variable (readonly or numeric) and cannot be set",
             )
-        c.max_length(npath, value, L.MAX_ENV_VALUE_LENGTH, "env-value-length")
+        if len(value) > L.MAX_ENV_VALUE_LENGTH:
+            c.max_length(npath, value, L.MAX_ENV_VALUE_LENGTH, "env-value-length")
+        elif (size := len(f"{name}={value}".encode()) + 1) > L.MAX_ENV_STRING_BYTES:
+            c.add(
+                npath,
+                "env-value-length",
+                f"{name}=<value> is {size} bytes (UTF-8, with its NUL): Linux allows one environment "
+                f"variable at most {L.MAX_ENV_STRING_BYTES}",
+            )
         if "\x00" in value:
             c.add(npath, "control-chars", "must not contain NUL")
     if env.docker_image_resource_id is not None and env.docker_image_spec is not None:
