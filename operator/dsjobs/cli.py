@@ -321,6 +321,7 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
     import grpc
     from datasphere import auth as ds_auth
     from datasphere import channel as ds_channel
+    from datasphere import client as ds_client
     from datasphere import main as ds_main
 
     creds = secure_credentials(target)
@@ -355,7 +356,28 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         # The official CLI lets a failed call end it with a 40-line traceback.
         print(rpc_error_line(exc.code(), exc.details() or "", target), file=sys.stderr)
         return 1
+    except (ds_client.OperationError, ds_client.ProgramError) as exc:
+        # A job that failed, too: its error (or return code) in one line, not a traceback.
+        print(job_error_line(exc), file=sys.stderr)
+        return 1
     return 0
+
+
+def job_error_line(exc: Exception) -> str:
+    """One line for the official CLI's OperationError (the job's operation ended with an error)
+    or ProgramError (the job's program returned non-zero)."""
+    code = getattr(exc, "return_code", None)
+    if isinstance(code, int):
+        return f"dsjobs: the job failed: Program returned code {code}"
+    from google.rpc import code_pb2  # type: ignore[import-untyped]
+
+    error = getattr(getattr(exc, "op", None), "error", None)
+    number = getattr(error, "code", code_pb2.UNKNOWN)
+    try:
+        name = code_pb2.Code.Name(number)
+    except ValueError:
+        name = str(number)
+    return f"dsjobs: the job ended: {name}: {getattr(error, 'message', '') or str(exc)}"
 
 
 #: What a user can do about a call's failure, by its status code.

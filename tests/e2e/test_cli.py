@@ -317,6 +317,7 @@ def test_a_failed_pip_install_fails_the_job_in_pip_s_own_words(
         "ERROR: Could not find a version that satisfies the requirement nope-dsjobs==1"
     ) in run.output
     assert "the program ran" not in run.output
+    assert "dsjobs: the job ended: " in run.output and "Traceback" not in run.output
     job = dsjobs_stack.job_object(run.job_id)
     assert job["status"]["phase"] == "ERROR"
     # The program never ran: no return code of its own (the runner's exit code is not one).
@@ -333,7 +334,8 @@ def test_failing_program_propagates_return_code(dsjobs_stack: StackEnv, tmp_path
     d = job_dir(tmp_path, config, {"fail.py": main})
     run = execute(dsjobs_stack, d)
     assert run.returncode != 0, run.output
-    assert "Program returned code 3" in run.output
+    assert "dsjobs: the job failed: Program returned code 3" in run.output
+    assert "Traceback" not in run.output  # the official CLI's, on its ProgramError
     assert "about to fail" in run.output  # stderr streamed back
     assert status_of(dsjobs_stack, run.job_id, d) == "ERROR"
 
@@ -430,7 +432,7 @@ def test_ctrl_c_during_execute_cancels_gracefully(dsjobs_stack: StackEnv, tmp_pa
     output = log.read_text(errors="replace")
     assert "job is canceled" in output, output
     assert "got signal 10" in output, output  # the program's graceful signal, SIGUSR1
-    assert "status=CANCELLED" in output, output
+    assert "dsjobs: the job ended: CANCELLED: " in output and "Traceback" not in output, output
     job_id = CliRun(argv, proc.returncode, output).job_id
     assert status_of(dsjobs_stack, job_id, d) == "CANCELLED"
 

@@ -494,3 +494,22 @@ def test_the_official_cli_s_transfers_trust_the_private_ca_and_the_public_ones(t
     # The user's own choice stands; no private CA, nothing to do.
     assert requests_ca_bundle(str(ca), {"REQUESTS_CA_BUNDLE": "/mine.pem"}, cache) is None
     assert requests_ca_bundle(None, {}, cache) is None
+
+
+def test_a_failed_job_is_one_line_not_the_official_clis_traceback() -> None:
+    # A subprocess: the official client's descriptors must not share a process with ours.
+    script = """
+from datasphere.client import OperationError, ProgramError
+from datasphere.api import operation_pb2
+from google.rpc import code_pb2, status_pb2
+from dsjobs.cli import job_error_line
+print(job_error_line(ProgramError(3)))
+error = status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled by alice")
+print(job_error_line(OperationError(operation_pb2.Operation(id="op1", done=True, error=error), None)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "dsjobs: the job failed: Program returned code 3",
+        "dsjobs: the job ended: CANCELLED: cancelled by alice",
+    ]
