@@ -666,6 +666,18 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         ),
     ),
     (
+        # A key of the project's Secret of secrets: Execute was refused, always.
+        "secret-key",
+        "job_parameters.env.docker_image_spec.password_ds_secret_name",
+        steps(
+            set_at(f"{DOCKER}.passwordSecretRef", DELETE), set_at(f"{DOCKER}.passwordDsSecretName", "my pw/1")
+        ),
+        steps(
+            set_at(f"{DOCKER}.passwordSecretRef", DELETE),
+            set_at(f"{DOCKER}.passwordDsSecretName", "my-pw_1.x"),
+        ),
+    ),
+    (
         "conda-yaml",
         "job_parameters.env.python_env.conda_yaml",
         set_at(f"{PY}.condaYaml", "dependencies: [cudatoolkit=11.8]"),

@@ -108,11 +108,13 @@ class DockerImageSpec(CRModel):
         None,
     )
     password_ds_secret_name: str | None = field(
-        "Name of the project secret holding the registry password (proto `password_ds_secret_name`).",
+        "Name of the project secret holding the registry password (proto `password_ds_secret_name`): a "
+        "key of the Secret dsjobs-project-secrets in the job's namespace, so letters, digits, '-', '_' "
+        "and '.'.",
         None,
         maxLength=253,
         minLength=1,
-        pattern=NO_CONTROL_CHARS_PATTERN,
+        pattern=SECRET_KEY_PATTERN,
     )
 
 

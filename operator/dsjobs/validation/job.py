@@ -700,6 +700,15 @@ def _docker(c: Collector, path: str, spec: DockerImageSpec) -> None:
     if name is not None:
         if not name:
             c.add(at(path, "password_ds_secret_name"), "required", "must not be empty")
+        elif len(name) <= 253:
+            # A key of the project's Secret of secrets: any other name is never there.
+            c.pattern(
+                at(path, "password_ds_secret_name"),
+                name,
+                _SECRET_KEY,
+                "secret-key",
+                "a project secret's name (letters, digits, -, _ and .)",
+            )
         _text(c, at(path, "password_ds_secret_name"), name, 253)
 
 
