@@ -845,6 +845,15 @@ def test_delete_data_and_delete(api_env: ApiEnv) -> None:
         )
     )
     assert e.code == Code.FAILED_PRECONDITION
+    e = rpc_error(
+        lambda: list(
+            c.jobs.ReadStdLogs(svc.ReadProjectJobStdLogsRequest(job_id=job_id), metadata=c.md, timeout=10)
+        )
+    )
+    assert (e.code, e.details) == (
+        Code.FAILED_PRECONDITION,
+        f"the data of job {job_id!r} was deleted, its logs with it",
+    )
     dop = c.jobs.Delete(svc.DeleteProjectJobRequest(job_id=job_id), metadata=c.md)
     # The API made the job with the operator's finalizer: the deletion waits for its cleanup.
     held = api_env.job_object(project, job_id) or {}

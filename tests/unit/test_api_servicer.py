@@ -1700,3 +1700,21 @@ def test_any_output_path_a_kubectl_user_may_write_is_given_back_safely(
     assert (
         not os.path.isabs(got) and ".." not in got.split("/") and is_safe_relative_path(got.split("/", 1)[1])
     )
+
+
+def test_log_streams_of_a_job_whose_data_was_deleted_say_so() -> None:
+    # They answered nothing at all, as if the job had printed nothing (the downloads refused).
+    kube = FakeKube()
+    stored_job(kube, "j1", phase="SUCCESS")
+    kube.objects[jobs_path(NAMESPACE, "j1")]["status"]["dataCleared"] = True
+    jobs = service(FakeCore(kube))
+
+    async def drain(stream: Any) -> list[Any]:
+        return [item async for item in stream]
+
+    for stream in (
+        jobs.ReadStdLogs(svc.ReadProjectJobStdLogsRequest(job_id="j1"), ctx()),
+        jobs.ReadLogs(svc.ReadProjectJobLogsRequest(job_id="j1"), ctx()),
+    ):
+        err = failing(grpc.StatusCode.FAILED_PRECONDITION, drain(stream))
+        assert err.message == "the data of job 'j1' was deleted, its logs with it"

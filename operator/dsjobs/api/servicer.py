@@ -126,6 +126,10 @@ def _inputs(params: JobParameters, prefix: str = "job_parameters") -> list[tuple
     return files
 
 
+# A log stream of such a job answered nothing at all, as if the job had printed nothing.
+_LOGS_WENT: Final = ", its logs with it"
+
+
 def _refuse_unavailable_data(job: JobSnapshot, more: str = "") -> None:
     """FAILED_PRECONDITION when the job's stored data is deleted or going (operations.data_unavailable)."""
     if operations.data_unavailable(job):
@@ -966,6 +970,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.ReadProjectJobLogsRequest, context: Context
     ) -> AsyncIterator[svc.ReadProjectJobLogsResponse]:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        _refuse_unavailable_data(job, _LOGS_WENT)
         allowed = self._still_allowed(context, job)
         with self.core.streams.hold(identity.username, request.offset):
             async for records, offset in follow_logs(
@@ -980,6 +985,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.ReadProjectJobStdLogsRequest, context: Context
     ) -> AsyncIterator[svc.ReadProjectJobStdLogsResponse]:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        _refuse_unavailable_data(job, _LOGS_WENT)
         streams = (logrecords.Stream.OUT, logrecords.Stream.ERR)
         allowed = self._still_allowed(context, job)
         with self.core.streams.hold(identity.username, request.offset):
