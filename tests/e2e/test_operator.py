@@ -1604,6 +1604,30 @@ def test_kubectl_cannot_take_a_cancel_back(h: H) -> None:
         "patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", graceful, check=False
     )
     assert "spec.cancel.graceful: Invalid value" in out and "a forced cancel stays forced" in out, out
+    # A reason goes into the status and Events: lines and tabs, no other control character (the
+    # API's Cancel refuses them too).
+    out = h.kubectl(
+        "patch",
+        "pj",
+        "take-back",
+        "-n",
+        h.namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"cancel": {"reason": "a\u0001b"}}}),
+        check=False,
+    )
+    assert "spec.cancel.reason: Invalid value" in out, out
+    h.kubectl(
+        "patch",
+        "pj",
+        "take-back",
+        "-n",
+        h.namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"cancel": {"reason": "two\nlines\tand a tab"}}}),
+    )
 
 
 def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:

@@ -119,6 +119,8 @@ INSTANCE_TYPE_NAME_PATTERN: Final = r"^[a-z][a-z0-9]*\.[a-z0-9]+$"
 ENV_VAR_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,255}$"
 PYTHON_VERSION_PATTERN: Final = r"^3(\.[0-9]{1,3}){0,2}$"
 NO_CONTROL_CHARS_PATTERN: Final = r"^[^\x00-\x1f\x7f]*$"
+#: Text of several lines (descriptions, reasons): tabs and line breaks, no other control character.
+TEXT_PATTERN: Final = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
 SECRET_NAME_PATTERN: Final = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"  # DNS subdomain
 SECRET_KEY_PATTERN: Final = r"^[-._a-zA-Z0-9]{1,253}$"
 LABEL_VALUE_PATTERN: Final = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"  # may be empty

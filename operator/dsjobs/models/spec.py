@@ -45,6 +45,7 @@ from dsjobs.models.limits import (
     SECRET_KEY_PATTERN,
     SECRET_NAME_PATTERN,
     SHUTDOWN_SIGNALS,
+    TEXT_PATTERN,
     URL_PATTERN,
     VAR_PATTERN,
 )
@@ -223,7 +224,7 @@ class OutputDatasetDesc(CRModel):
     """A dataset the job creates from a directory it fills (proto OutputDatasetDesc)."""
 
     name: str = field("Dataset name, unique within the job.", maxLength=MAX_NAME_LENGTH, minLength=1)
-    description: str = field("Dataset description.", "", maxLength=MAX_DESC_LENGTH)
+    description: str = field("Dataset description.", "", maxLength=MAX_DESC_LENGTH, pattern=TEXT_PATTERN)
     labels: dict[str, LabelValue] = field("Dataset labels.", {}, maxProperties=64)
     size_gb: int = field(
         "Dataset size in GiB (the claim asks for at least 1).", 0, minimum=0, maximum=MAX_WORKING_STORAGE_GB
@@ -350,7 +351,7 @@ InformativeDatetime = Annotated[LenientDatetime | None, WrapValidator(_none_if_u
 class CancelRequest(CRModel):
     """A request to cancel the job (CancelProjectJob, or set by hand)."""
 
-    reason: str = field("Why the job is cancelled.", "", maxLength=MAX_DESC_LENGTH)
+    reason: str = field("Why the job is cancelled.", "", maxLength=MAX_DESC_LENGTH, pattern=TEXT_PATTERN)
     graceful: bool = field(
         "Send the graceful-shutdown signal and wait its timeout before killing; otherwise kill at once.",
         False,
@@ -425,7 +426,7 @@ class ProjectJobSpec(CRModel):
         **cel("self == oldSelf", "projectId is immutable"),
     )
     name: str = field("Job name.", "", maxLength=MAX_NAME_LENGTH)
-    desc: str = field("Job description.", "", maxLength=MAX_DESC_LENGTH)
+    desc: str = field("Job description.", "", maxLength=MAX_DESC_LENGTH, pattern=TEXT_PATTERN)
     config: str = field("The job's config YAML as the user wrote it.", "", maxLength=MAX_CONFIG_LENGTH)
     data_ttl: Duration = field(
         "How long the job's data (inputs, outputs, logs) is kept after it ends (a job never executed: "
