@@ -180,6 +180,10 @@ def test_a_malformed_id_is_refused_with_the_rule() -> None:
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.message.startswith(f"{field}: ")
         assert "lowercase letters, digits and '-', 1 to 63 characters" in info.value.message
+    # A long one is said to be cut: shown at 80 characters alone, it read as an id of 80.
+    with pytest.raises(ApiError) as info:
+        asyncio.run(jobs.Get(svc.GetProjectJobRequest(job_id="x" * 10000), ctx))
+    assert info.value.message.startswith(f"job_id: {'x' * 80!r}... (10000 characters) is not a job id")
 
 
 def test_upload_urls_are_signed_with_the_project_s_own_key_pair_when_runners_use_it() -> None:

@@ -590,6 +590,22 @@ def test_clone_signs_upload_urls_before_writing_the_job() -> None:
     assert "POST" not in core.kube.methods()
 
 
+def test_a_clone_of_a_source_whose_inputs_are_gone_is_told_to_create_a_new_job() -> None:
+    # It was told to create a new job, then to upload the inputs to the URLs Create returned.
+    core = FakeCore(stored=[], job=source_job(SOURCE_PARAMS))
+    err = failing(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        service(core).Clone(svc.CloneProjectJobRequest(source_job_id="src1"), ctx()),
+    )
+    assert err.message.startswith(
+        "source job 'src1' no longer has all its inputs stored (its data was deleted or expired); create a "
+        "new job instead.\ninputs of the source job missing from storage:\njob_parameters.input_files[0] "
+        "'main.py'"
+    ), err.message
+    assert "URLs Create returned" not in err.message
+    assert "POST" not in core.kube.methods()
+
+
 # The source job's image, its registry password in the source's own Secret (as Create stores it).
 SOURCE_DOCKER = {
     "dockerImageSpec": {

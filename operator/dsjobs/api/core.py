@@ -197,7 +197,7 @@ class Core:
             raise errors.invalid_argument("is required", field)
         if not is_resource_id(project_id):
             raise errors.invalid_argument(
-                f"{project_id[:80]!r} is not a project id ({RESOURCE_ID_RULE})", field
+                f"{errors.quoted(project_id)} is not a project id ({RESOURCE_ID_RULE})", field
             )
         try:
             info = await self.projects.get(project_id)
@@ -224,7 +224,9 @@ class Core:
         if not job_id:
             raise errors.invalid_argument("is required", field)
         if not is_job_id(job_id):
-            raise errors.invalid_argument(f"{job_id[:80]!r} is not a job id ({RESOURCE_ID_RULE})", field)
+            raise errors.invalid_argument(
+                f"{errors.quoted(job_id)} is not a job id ({RESOURCE_ID_RULE})", field
+            )
         found: list[tuple[str, str]] = []
         try:
             for namespace in await self.jobs.locate(job_id):

@@ -125,6 +125,14 @@ def _fit(
     return message, kept
 
 
+def quoted(text: str, limit: int = 80) -> str:
+    """A value the caller sent, quoted for a message: a long one cut, and said to be (cut at 80
+    characters without a word, a 10000-character id read as an 80-character one)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def invalid_argument(message: str, field_name: str = "") -> ApiError:
     violations = [FieldViolation(field_name, message)] if field_name else []
     text = f"{field_name}: {message}" if field_name else message

@@ -26,6 +26,7 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2  # type: ignore[import-untyped]
 
+from dsjobs.api.errors import quoted
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.controller.podview import parse_time
@@ -86,25 +87,25 @@ class OpRef:
 
 def decode_op_id(text: str) -> OpRef:
     if not text.startswith(_PREFIX) or len(text) > MAX_OPERATION_ID_LENGTH:
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service")
     body = text[len(_PREFIX) :]
     try:
         raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service") from exc
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service") from exc
     parts = raw.split(_SEP)
     if len(parts) != 4:
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service")
     kind_text, project_id, job_id, job_uid = parts
     try:
         kind = OpKind(kind_text)
     except ValueError as exc:
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service") from exc
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service") from exc
     if not project_id or (kind != OpKind.DELETE_ALL_DATA and not job_id):
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service")
     # Ids of ours only (they become parts of API paths): `.` or `a/b` would name something else.
     if not is_resource_id(project_id) or (job_id and not is_job_id(job_id)):
-        raise OperationIdError(f"{text[:80]!r} is not an operation id of this service")
+        raise OperationIdError(f"{quoted(text)} is not an operation id of this service")
     return OpRef(kind, project_id, job_id, job_uid)
 
 

@@ -138,7 +138,7 @@ def _refuse_unavailable_data(job: JobSnapshot, more: str = "") -> None:
         )
 
 
-def _missing_message(missing: Sequence[InputCheck]) -> str:
+def _missing_message(missing: Sequence[InputCheck], *, clone: bool = False) -> str:
     lines = []
     for c in missing[:20]:
         have = "not uploaded" if c.stored_size is None else f"stored with {c.stored_size} bytes"
@@ -146,6 +146,8 @@ def _missing_message(missing: Sequence[InputCheck]) -> str:
             f"{c.path} {c.file.desc.path!r} (sha256 {c.file.sha256[:12]}..., {c.file.size_bytes} bytes): {have}"
         )
     more = f"\n... and {len(missing) - 20} more" if len(missing) > 20 else ""
+    if clone:
+        return "inputs of the source job missing from storage:\n" + "\n".join(lines) + more
     return (
         "inputs are missing from storage; upload them to the URLs Create returned (an input Create "
         "gave no URL for was stored then, and deleted since with the last job that used it: create "
@@ -348,7 +350,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if gone:
             raise errors.failed_precondition(
                 f"source job {source.name!r} no longer has all its inputs stored (its data was deleted or "
-                "expired); create a new job instead.\n" + _missing_message(gone)
+                "expired); create a new job instead.\n" + _missing_message(gone, clone=True)
             )
         new = _NewJob(
             job_id=job_id,
@@ -502,7 +504,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         if (meta.get("annotations") or {}).get(REQUEST_DIGEST_ANNOTATION) != new.fingerprint:
             raise ApiError(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"Idempotency-Key {new.key[:80]!r} was already used for a different request "
+                f"Idempotency-Key {errors.quoted(new.key)} was already used for a different request "
                 f"(job {new.job_id!r}); use a new key for a new job",
             ) from conflict
         if meta.get("deletionTimestamp"):
@@ -1312,7 +1314,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
         try:
             ref = operations.decode_op_id(operation_id)
         except operations.OperationIdError as exc:
-            raise errors.not_found(f"operation {operation_id[:80]!r} not found") from exc
+            raise errors.not_found(f"operation {errors.quoted(operation_id)} not found") from exc
         try:
             info = await self.core.project(ref.project_id)
         except ApiError as exc:
@@ -1320,7 +1322,7 @@ class OperationService(operation_service_pb2_grpc.OperationServiceServicer):
             # unreachable cluster, keeps its code: the CLI retries UNAVAILABLE, not NOT_FOUND.
             if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 raise
-            raise errors.not_found(f"operation {operation_id[:80]!r} not found") from exc
+            raise errors.not_found(f"operation {errors.quoted(operation_id)} not found") from exc
         await self.core.auth.authorize(identity, verb, info.namespace, info.project_id)
         return identity, ref, info
 
