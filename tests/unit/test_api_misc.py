@@ -41,7 +41,12 @@ def test_filters(text: str, matches: bool) -> None:
         ("name = a OR name = b", "expected AND"),
         ("name IN (a, b", r"expected \)"),
         ('name IN ("a" "," "b")', r"expected \)"),  # a quoted comma is a value, not a separator
-        ("name ~ a", "unexpected character"),
+        ("name ~ a", "unexpected character '~' at position 5; a condition is field = value"),
+        ('name = "abc', 'unterminated string at position 7: no closing "'),
+        (
+            '(status = "X")',
+            r"expected a field \(id, name, .*\) at position 0, found '\('; conditions are not grouped",
+        ),
         ("x" * 1001, "at most 1000"),
     ],
 )

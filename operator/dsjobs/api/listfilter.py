@@ -62,8 +62,12 @@ def _tokens(text: str) -> list[tuple[str, str, int]]:
             break
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
+            at = pos + len(text[pos:]) - len(text[pos:].lstrip())
+            if text[at] in "\"'":
+                raise FilterError(f"unterminated string at position {at}: no closing {text[at]}")
             raise FilterError(
-                f"unexpected character at position {pos + len(text[pos:]) - len(text[pos:].lstrip())}"
+                f"unexpected character {text[at]!r} at position {at}; a condition is field = value, "
+                "field != value or field [NOT] IN (value, ...), joined by AND"
             )
         kind = m.lastgroup or ""
         value = m.group(kind)
@@ -104,6 +108,15 @@ def parse(text: str) -> Filter:
         return Filter()
     while True:
         pos = toks[i][2] if i < len(toks) else len(text)
+        if i < len(toks) and toks[i][0] != "word":
+            raise FilterError(
+                f"expected a field ({', '.join(FIELDS)}) at position {pos}, found {toks[i][1]!r}"
+                + (
+                    "; conditions are not grouped in parentheses, only joined by AND"
+                    if toks[i][1] == "("
+                    else ""
+                )
+            )
         name = expect("word").lower()
         if name not in FIELDS:
             raise FilterError(f"unknown field {name!r} at position {pos}; filterable: {', '.join(FIELDS)}")
