@@ -355,6 +355,32 @@ def test_a_program_under_a_shell_gets_its_graceful_timeout(shell: list[str], tmp
     assert status is not None and status.cancelled and status.return_code == r.rc
 
 
+def test_a_program_in_a_process_group_of_its_own_gets_the_graceful_signal(
+    shell: list[str], tmp_path: Path
+) -> None:
+    # `timeout 1000 python train.py`, `set -m`, setpgid: the program leaves the script's process
+    # group for one of its own in the same session. The signal went to the group only: the shell
+    # died of it, the program never heard it and was SIGKILLed with the container, its checkpoint
+    # never saved. The whole session is signalled and waited for now.
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import os, signal, sys, time\n"
+        "os.setpgid(0, 0)\n"
+        "def save(*_):\n"
+        "    print('saving', flush=True); time.sleep(1); print('saved', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGUSR1, save)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.1)\n"
+    )
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(child))}; echo not-reached"
+    cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})
+    started = time.monotonic()
+    r = run_entry(shell, cfg, term_when=b"ready")
+    assert r.out_file == b"ready\nsaving\nsaved\n", r.syslog
+    assert "timeout (10s) expired" not in r.syslog
+    assert time.monotonic() - started < 9  # not the tees' 10 s drain behind a program still holding them
+
+
 def test_sigkill_after_the_graceful_timeout(shell: list[str], tmp_path: Path) -> None:
     # The 10 s of the DataSphere example once (dash); 3 s for the other shells to keep the suite
     # fast (not 2: the heartbeat's own `sleep 2` would pass for the timer's below).

@@ -92,13 +92,37 @@ _PY_TRAMPOLINE = (
 KILL_HELPERS = r"""
 if kill -s 0 -- "$$" 2>/dev/null; then DSJOBS_KILL_END=--; else DSJOBS_KILL_END=''; fi
 
-# dsjobs_kill SIGNAL PID: the program's process group when it has its own (setsid), else the
-# process itself.
+# dsjobs_other_groups SID: the process groups of session SID besides its leader's, each once per
+# live (not zombie) member: what the program put in groups of their own (GNU timeout, a shell's
+# job control, setpgid), which a signal to its group misses. From /proc: fields
+# after the command's closing parenthesis are state, ppid, pgrp, session.
+dsjobs_other_groups() {
+  for dsjobs_f in "${DSJOBS_PROC:-/proc}"/[0-9]*/stat; do
+    dsjobs_l=''
+    { read -r dsjobs_l <"$dsjobs_f"; } 2>/dev/null || continue
+    # shellcheck disable=SC2086 # split into its fields
+    set -- ${dsjobs_l##*) }
+    [ "$#" -ge 4 ] && [ "$1" != Z ] && [ "$4" = "$dsjobs_sid" ] && [ "$3" != "$dsjobs_sid" ] && echo "$3"
+  done
+}
+
+# dsjobs_kill SIGNAL PID: the program's session when it has its own (setsid): its process group,
+# then each other group of the session; else the process itself. Signal 0: whether any is alive.
 dsjobs_kill() {
   [ -n "$2" ] || return 0
   if [ "$DSJOBS_SETSID" = 1 ]; then
+    dsjobs_k=1
     # shellcheck disable=SC2086 # DSJOBS_KILL_END is `--` or nothing
-    kill -s "$1" $DSJOBS_KILL_END "-$2" 2>/dev/null && return 0
+    kill -s "$1" $DSJOBS_KILL_END "-$2" 2>/dev/null && dsjobs_k=0
+    dsjobs_sid=$2
+    dsjobs_seen=' '
+    for dsjobs_g in $(dsjobs_other_groups); do
+      case $dsjobs_seen in *" $dsjobs_g "*) continue ;; esac
+      dsjobs_seen="$dsjobs_seen$dsjobs_g "
+      # shellcheck disable=SC2086
+      kill -s "$1" $DSJOBS_KILL_END "-$dsjobs_g" 2>/dev/null && dsjobs_k=0
+    done
+    [ "$dsjobs_k" = 1 ] || return 0
   fi
   kill -s "$1" "$2" 2>/dev/null
 }
