@@ -100,14 +100,19 @@ dsjobs_other_groups() {
   for dsjobs_f in "${DSJOBS_PROC:-/proc}"/[0-9]*/stat; do
     dsjobs_l=''
     { read -r dsjobs_l <"$dsjobs_f"; } 2>/dev/null || continue
-    # shellcheck disable=SC2086 # split into its fields
-    set -- ${dsjobs_l##*) }
-    [ "$#" -ge 4 ] && [ "$1" != Z ] && [ "$4" = "$dsjobs_sid" ] && [ "$3" != "$dsjobs_sid" ] && echo "$3"
+    dsjobs_l=${dsjobs_l##*) }
+    dsjobs_st=${dsjobs_l%% *}
+    dsjobs_l=${dsjobs_l#* }
+    dsjobs_l=${dsjobs_l#* }
+    dsjobs_pg=${dsjobs_l%% *}
+    dsjobs_l=${dsjobs_l#* }
+    [ "${dsjobs_l%% *}" = "$dsjobs_sid" ] && [ "$dsjobs_pg" != "$dsjobs_sid" ] && [ "$dsjobs_st" != Z ] && echo "$dsjobs_pg"
   done
 }
 
-# dsjobs_kill SIGNAL PID: the program's session when it has its own (setsid): its process group,
-# then each other group of the session; else the process itself. Signal 0: whether any is alive.
+# dsjobs_kill SIGNAL PID: the program's process group when it has its own session (setsid), and
+# after a cancel each other group of the session too (a walk of /proc: not at every job's end);
+# else the process itself. Signal 0: whether any of them is alive.
 dsjobs_kill() {
   [ -n "$2" ] || return 0
   if [ "$DSJOBS_SETSID" = 1 ]; then
@@ -116,7 +121,8 @@ dsjobs_kill() {
     kill -s "$1" $DSJOBS_KILL_END "-$2" 2>/dev/null && dsjobs_k=0
     dsjobs_sid=$2
     dsjobs_seen=' '
-    for dsjobs_g in $(dsjobs_other_groups); do
+    [ "${DSJOBS_CANCEL:-0}" = 1 ] || dsjobs_seen=''
+    for dsjobs_g in ${dsjobs_seen:+$(dsjobs_other_groups)}; do
       case $dsjobs_seen in *" $dsjobs_g "*) continue ;; esac
       dsjobs_seen="$dsjobs_seen$dsjobs_g "
       # shellcheck disable=SC2086
