@@ -1178,3 +1178,16 @@ def test_outputs_are_made_readable_for_the_uploader(shell: list[str], tmp_path: 
     assert (work / "out" / "d" / "f").stat().st_mode & 0o777 == 0o644
     assert (work / "model.bin").stat().st_mode & 0o777 == 0o644
     assert (work / "other.txt").stat().st_mode & 0o777 == 0o600  # not an output: left alone
+
+
+def test_a_program_that_deleted_the_run_dir_still_gets_its_status_written(
+    shell: list[str], tmp_path: Path
+) -> None:
+    # `rm -rf .dsjobs/run`: the status could not be written, ship waited for it for good and the job
+    # stayed UPLOADING_OUTPUT.
+    run_dir = make_config(tmp_path, "true").layout.run_dir
+    cfg = make_config(tmp_path, f"rm -rf {shlex.quote(str(run_dir))}; exit 3")
+    r = run_entry(shell, cfg)
+    assert r.rc == 3
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.return_code == 3

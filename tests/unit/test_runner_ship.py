@@ -629,6 +629,31 @@ def test_a_start_once_seen_stays_seen_whatever_the_job_does_to_the_file(tmp_path
     assert 10 < sum(clock.slept) < 60
 
 
+def test_a_start_never_seen_is_told_by_the_liveness_fifo(tmp_path: Path) -> None:
+    # The program deleted run/ (its `started` and heartbeat with it) before ship's first look:
+    # ship waited for a start for good, the job stayed UPLOADING_OUTPUT and a cancel did nothing.
+    cfg = config(tmp_path, ship={"heartbeat_timeout_seconds": 10})
+    cfg.layout.create()
+    os.mkfifo(cfg.layout.alive, 0o666)
+    clock = Clock()
+    ship = Ship(cfg, MemoryStore(), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    writer: list[int] = []
+
+    def sleep(s: float) -> None:
+        clock.sleep(s)
+        if not writer:
+            writer.append(os.open(cfg.layout.alive, os.O_RDWR))  # the entry script starts
+        if clock.t - 1000 > 5 and writer[-1] >= 0:
+            os.close(writer.pop())  # and is gone, no status written
+            writer.append(-1)
+        assert clock.t - 1000 < 600, "it waited for a start for good"
+
+    ship.sleep = sleep
+    st = ship.wait_for_program()
+    assert st.status == RunnerStatus.LOST
+    assert sum(clock.slept) < 10  # at once, by the FIFO, not after the heartbeat's timeout
+
+
 def test_stop_before_the_job_started(tmp_path: Path) -> None:
     cfg = config(tmp_path)
     clock = Clock()

@@ -388,6 +388,8 @@ dsjobs_status() {
   # the room taken at the start (1<> neither truncates nor needs new blocks: a program that filled
   # the disk does not cost the job its exit status), else afresh.
   # Anything but a regular file there (a FIFO the job made: its open would wait for good) goes.
+  # The run dir again, should the job have deleted it (ship waits for this file).
+  [ -d "$DSJOBS_RUN" ] || mkdir -p "$DSJOBS_RUN" 2>/dev/null
   { [ -f "$DSJOBS_STATUS.tmp" ] || rm -f "$DSJOBS_STATUS.tmp"; } 2>/dev/null
   { [ -s "$DSJOBS_STATUS.tmp" ] && dsjobs_status_text "$@" 1<>"$DSJOBS_STATUS.tmp" \
     && mv -f "$DSJOBS_STATUS.tmp" "$DSJOBS_STATUS"; } 2>/dev/null \

@@ -1238,9 +1238,11 @@ class Ship:
                 if status is not None:
                     return status
                 now = self.clock()
-                started = started or _present(self.layout.started)
+                alive = self._entry_alive()
+                # A writer seen on the FIFO is the entry script running, too: a job that deletes
+                # `started` (or the run dir) before this loop saw it, left nothing else to tell.
+                started = started or self._alive_seen or _present(self.layout.started)
                 if started:
-                    alive = self._entry_alive()
                     current = read_beneath(self.config.paths.shared_dir, self.layout.heartbeat)
                     if current != beat or beat_changed is None:
                         if stalled_told and current != beat:
