@@ -2237,6 +2237,14 @@ def test_cancel_ends_with_the_runner_result_when_the_pod_reports_it() -> None:
     assert p.status.phase == JobPhase.CANCELLED and p.status.return_code == 143
 
 
+def test_a_job_cancelled_during_its_setup_has_no_return_code() -> None:
+    # pip was running: the job container's 143 is the entry script's, not a program's.
+    j = job(status=started("CANCELLING"), cancel={"graceful": False})
+    res = result(None, status=RunnerStatus.CANCELLED, cancelled=True)
+    p = step(j, [ended_pod(143, res=res)], res=res)
+    assert p.status.phase == JobPhase.CANCELLED and p.status.return_code is None
+
+
 @pytest.mark.parametrize(
     ("params", "graceful", "grace"),
     [

@@ -611,7 +611,10 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     )
 
     if cancelling and not ended_first:
-        return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=code)
+        # The runner's word first: a job cancelled during its setup has no return code (the job
+        # container's exit code is then the entry script's, not a program's).
+        ran = result.return_code if result is not None else exit_code
+        return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=ran)
     # A program whose child the kernel killed for memory, and which then exited 0, succeeded.
     if job is not None and job.state == "terminated" and job.reason == "OOMKilled" and code != 0:
         return Outcome(
