@@ -918,6 +918,18 @@ def test_non_zero_exit_is_an_error_with_the_return_code(h: H) -> None:
     assert re.search(rf"{h.namespace}/exit-3: \w+ -> ERROR \(NonZeroExit, return code 3\)", h.log())
 
 
+def test_a_stop_signal_from_inside_the_job_is_the_program_s_failure_not_a_stopped_pod(h: H) -> None:
+    # It was PodStopped ("deleted or evicted, not cancelled"), an infrastructure failure that a
+    # retry policy ran again.
+    policy = {"maxAttempts": 2, "backoffSeconds": 1, "retryOnExitCodes": [3]}
+    h.create_job("kills-parent", {"cmd": "sh -c 'echo bye; kill $PPID; sleep 5'"}, retryPolicy=policy)
+    status = h.wait_phase("kills-parent", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "ERROR" and status["attempt"] == 1, status
+    assert "sent a stop signal from inside its container" in status["statusDetails"], status
+    finished = [c for c in status["conditions"] if c["type"] == "Finished"]
+    assert finished and finished[0]["reason"] == "NonZeroExit", status
+
+
 def test_a_retried_exit_code_gets_a_fresh_attempt_after_the_backoff(h: H) -> None:
     # The local node sets HOSTNAME to the pod's name, as a container runtime does: -a<attempt>.
     cmd = "sh -c 'case $HOSTNAME in *-a1) echo first; exit 3;; esac; echo again'"

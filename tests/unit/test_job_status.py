@@ -1615,11 +1615,36 @@ ENDINGS = [
     ),
     Ending(
         "pod stopped, not cancelled (the runner saw SIGTERM)",
-        ended_pod(143, res=_STOPPED),
+        pod(
+            deleting=True,
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in")],
+            containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
+        ),
         _STOPPED,
         "PodStopped",
         143,
         "not cancelled",
+    ),
+    Ending(
+        # `kill $PPID` in the job: nobody deleted or disrupted the pod. It was PodStopped, an
+        # infrastructure failure that a retry policy ran again.
+        "stop signal from inside the job container",
+        ended_pod(143, res=_STOPPED),
+        _STOPPED,
+        "NonZeroExit",
+        143,
+        "Program returned code 143 (killed by signal 15) (the job's entry script was sent a stop signal "
+        "from inside its container)",
+    ),
+    Ending(
+        "stop signal from inside the job container during setup",
+        ended_pod(143, res=result(None, status=RunnerStatus.CANCELLED, cancelled=True)),
+        result(None, status=RunnerStatus.CANCELLED, cancelled=True),
+        "StoppedFromInside",
+        None,
+        "the job's entry script was sent a stop signal from inside its container before the program ran",
     ),
     Ending(
         "ship container died (no runner result)",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from itertools import pairwise
@@ -732,6 +732,24 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
             return_code=code,
             failure=FailureKind.INFRASTRUCTURE,
         )
+    if stopped and pod.deleted_at is None:
+        # Neither deleted nor disrupted, yet stopped: the signal came from inside the job container
+        # (its program killed the entry script: `kill $PPID`, `pkill -f job`). The program's doing,
+        # not a pod stopped by someone, which is retried as a failure of the infrastructure.
+        inside = "the job's entry script was sent a stop signal from inside its container"
+        ran = result.return_code if result is not None else code
+        if ran is None:  # during setup: no program's code
+            return Outcome(
+                JobPhase.ERROR,
+                "StoppedFromInside",
+                f"{inside} before the program ran",
+                failure=FailureKind.PROGRAM,
+                program_ran=False,
+            )
+        exited = _exit_outcome(ran)
+        if exited.phase == JobPhase.SUCCESS:
+            return exited
+        return replace(exited, message=f"{exited.message} ({inside})")
     if stopped:
         return Outcome(
             JobPhase.ERROR,
