@@ -494,6 +494,26 @@ def test_a_stream_waiting_for_a_permit_is_told_to_come_back_and_ends_at_a_drain(
     assert told[1] == (grpc.StatusCode.UNAVAILABLE, "the server is restarting; reconnect with offset 42")
 
 
+def test_a_stream_refused_for_its_caller_s_share_is_told_so_not_that_the_server_is_full() -> None:
+    async def scenario() -> str:
+        budget = LogBudget(8, patience=0.05)  # 2 per caller
+        stop = asyncio.Event()
+        async with budget.hold("u", 0, stop), budget.hold("u", 0, stop):
+            try:
+                async with budget.hold("u", 5, stop):
+                    raise AssertionError("the caller's share is taken")
+            except ApiError as exc:
+                assert exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return exc.message
+        raise AssertionError("not refused")
+
+    message = asyncio.run(scenario())
+    assert message.startswith(
+        "your log streams on this server hold their share of the log bytes (2 responses of 8)"
+    )
+    assert "reconnect later with offset 5" in message
+
+
 def test_a_stream_cancelled_while_it_waits_for_a_permit_keeps_none() -> None:
     async def scenario() -> None:
         budget = LogBudget(2)  # 2 in all, 1 per caller

@@ -93,8 +93,12 @@ class LogBudget:
     async def _acquire(self, mine: asyncio.Semaphore, offset: int, stop: asyncio.Event) -> None:
         """Both permits (the caller's, then one of all), or an ApiError (and neither)."""
 
+        got_mine = False
+
         async def both() -> None:
+            nonlocal got_mine
             await mine.acquire()
+            got_mine = True
             try:
                 await self._all.acquire()
             except BaseException:
@@ -128,6 +132,12 @@ class LogBudget:
         if not await settled():
             if stop.is_set():
                 raise errors.server_restarting(offset)
+            if not got_mine:  # the caller's own share was what ran out
+                raise errors.resource_exhausted(
+                    f"your log streams on this server hold their share of the log bytes ({self.per_caller} "
+                    f"responses of {self.permits}) for clients that have not taken them (streams opened and "
+                    f"not read?); reconnect later with offset {offset}"
+                )
             raise errors.resource_exhausted(
                 f"this server's log streams hold all the log bytes they may ({self.permits} responses) "
                 f"for clients that have not taken them; reconnect later with offset {offset}"
