@@ -401,7 +401,14 @@ def test_log_streams_have_a_limit_of_their_own_and_per_caller() -> None:
 
 @pytest.mark.parametrize(
     ("rpcs", "streams", "expected"),
-    [("", "", 4000), ("1000", "", 800), ("0", "", 0), ("1000", "0", 0), ("1000", "999", 999)],
+    [
+        ("", "", 500),
+        ("1000", "", 500),
+        ("400", "", 320),
+        ("0", "", 500),
+        ("1000", "0", 0),
+        ("1000", "999", 999),
+    ],
 )
 def test_log_streams_leave_room_for_other_calls(rpcs: str, streams: str, expected: int) -> None:
     env = {

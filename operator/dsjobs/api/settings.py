@@ -118,8 +118,9 @@ SETTINGS: tuple[Setting, ...] = (
         "DSJOBS_API_MAX_LOG_STREAMS",
         "",
         "ReadLogs/ReadStdLogs streams followed at once, below DSJOBS_API_MAX_CONCURRENT_RPCS so that other "
-        "calls always find room (default: 80% of it; 0: no limit of their own); more are RESOURCE_EXHAUSTED "
-        "(the CLI reconnects)",
+        "calls always find room (default: 80% of it, at most 500: a stream whose client stops reading "
+        "holds about 1 MiB in gRPC's buffers, which no log budget bounds; 0: no limit of their own); more "
+        "are RESOURCE_EXHAUSTED (the CLI reconnects)",
     ),
     Setting(
         "max_log_streams_per_caller",
@@ -217,6 +218,10 @@ def _int(name: str, text: str, minimum: int, maximum: int | None = None) -> int:
 # setting, and framing: up to 1000 records, each up to 32 messages when it is not all UTF-8
 # (logrecords.utf8_pieces), ~25 bytes per message: under 1 MiB.
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
+# Log streams one replica follows unless told: each whose client stops reading (a suspended
+# laptop) holds about 1 MiB in gRPC's buffers, within the HTTP/2 window its client granted, out of
+# reach of the log budget: 500 of them and the budget fit the deployment's 1Gi.
+DEFAULT_MAX_LOG_STREAMS = 500
 
 
 def build(raw: Mapping[str, str]) -> Settings:
@@ -281,8 +286,10 @@ def build(raw: Mapping[str, str]) -> Settings:
                 f"{env['max_log_streams']}: must be below {env['max_concurrent_rpcs']} ({rpcs}): open log "
                 "streams would otherwise leave no room for other calls"
             )
+    elif rpcs > 1:
+        streams = min(rpcs - max(1, rpcs // 5), DEFAULT_MAX_LOG_STREAMS)
     else:
-        streams = rpcs - max(1, rpcs // 5) if rpcs > 1 else 0
+        streams = DEFAULT_MAX_LOG_STREAMS if rpcs == 0 else 0
     numbers = {
         "max_message_bytes": integer("max_message_bytes", 64 * 1024),
         "max_response_bytes": integer("max_response_bytes", 16 * 1024, MAX_RESPONSE_BYTES),
