@@ -17,6 +17,7 @@ import os
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +342,7 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
 
     ds_channel._get_channel = _get_channel
     ds_auth.create_iam_token = _create_iam_token
+    _drain_logs_before_the_end(ds_client)
     ds_auth.iam_token_expires_at = None
     if hasattr(ds_main, "check_package_version"):
         # It asks pypi.org for a newer CLI after every command, without a timeout: on a cluster
@@ -361,6 +363,45 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         print(job_error_line(exc), file=sys.stderr)
         return 1
     return 0
+
+
+#: How long `dsjobs datasphere` waits, once the job is over, for its log streams to end.
+LOG_DRAIN_SECONDS: Final = 60.0
+
+
+def _drain_logs_before_the_end(ds_client: Any) -> None:
+    """The official CLI prints a job's logs from a daemon thread and ends once the operation is
+    done: the last lines of a chatty job (a burst of 200000 short lines at the end, or any behind
+    the live view) went with the process, its FINAL line too. The server ends a log stream once the
+    job has ended and every record was sent: its threads are waited for, LOG_DRAIN_SECONDS at most,
+    before the outputs are fetched and the CLI ends (not after Ctrl-C, which ends it at once)."""
+    import threading
+
+    threads: list[threading.Thread] = []
+
+    def read_logs(self: Any, job_id: str, offset: int = 0) -> None:
+        thread = threading.Thread(target=self._print_logs, args=[job_id, offset], daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    def drain() -> None:
+        deadline = time.monotonic() + LOG_DRAIN_SECONDS
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    poll = ds_client.Client._poll_operation
+
+    def poll_operation(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            op = poll(self, *args, **kwargs)
+        except ds_client.OperationError:
+            drain()
+            raise
+        drain()
+        return op
+
+    ds_client.Client.read_logs = read_logs
+    ds_client.Client._poll_operation = poll_operation
 
 
 def job_error_line(exc: Exception) -> str:

@@ -340,6 +340,21 @@ def test_failing_program_propagates_return_code(dsjobs_stack: StackEnv, tmp_path
     assert status_of(dsjobs_stack, run.job_id, d) == "ERROR"
 
 
+def test_the_cli_prints_a_chatty_job_s_logs_to_the_end(dsjobs_stack: StackEnv, tmp_path: Path) -> None:
+    # The official CLI prints logs from a daemon thread and ended once the operation was done: the
+    # last tens of thousands of lines of a burst went with it, its FINAL line too.
+    config = {"name": "e2e-chatty", "cmd": "python chatty.py", "inputs": ["chatty.py"]}
+    main = """
+        import sys
+        sys.stdout.writelines(f"step {i:06d} loss 0.{i:06d}\\n" for i in range(150000))
+        print("FINAL accuracy 0.99", flush=True)
+    """
+    run = execute(dsjobs_stack, job_dir(tmp_path, config, {"chatty.py": main})).ok()
+    assert "FINAL accuracy 0.99" in run.output
+    assert run.output.count(" - step ") == 150000
+    assert run.output.index("FINAL accuracy") < run.output.index("job completed successfully")
+
+
 SLOW_MAIN = """
     import sys, time
     n = int(sys.argv[1])

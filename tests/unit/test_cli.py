@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -513,3 +514,33 @@ print(job_error_line(OperationError(operation_pb2.Operation(id="op1", done=True,
         "dsjobs: the job failed: Program returned code 3",
         "dsjobs: the job ended: CANCELLED: cancelled by alice",
     ]
+
+
+def test_the_official_cli_waits_for_its_log_threads_once_the_job_is_over() -> None:
+    # Its daemon thread printing the logs died with the process: a chatty job's last lines were lost.
+    import types
+
+    printed: list[str] = []
+
+    class OperationError(Exception):
+        pass
+
+    class Client:
+        def _print_logs(self, job_id: str, offset: int) -> None:
+            time.sleep(0.3)  # behind the job: the stream ends once every record was sent
+            printed.append(f"{job_id}: FINAL")
+
+        def _poll_operation(self, fail: bool) -> str:
+            if fail:
+                raise OperationError("CANCELLED")
+            return "done"
+
+    module = types.SimpleNamespace(Client=Client, OperationError=OperationError)
+    cli._drain_logs_before_the_end(module)
+    client = Client()
+    client.read_logs("j1")  # type: ignore[attr-defined]
+    assert client._poll_operation(False) == "done" and printed == ["j1: FINAL"]
+    client.read_logs("j2", -1)  # type: ignore[attr-defined]
+    with pytest.raises(OperationError):
+        client._poll_operation(True)
+    assert printed == ["j1: FINAL", "j2: FINAL"]
