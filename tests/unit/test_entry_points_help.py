@@ -40,4 +40,4 @@ def test_the_apis_help_names_every_variable_with_its_flag() -> None:
     for s in SETTINGS:
         flag = "--" + s.name.replace("_", "-")
         assert flag in text and f"${s.env}" in text, s.env
-    assert "(default: 80% of it;" in text
+    assert "(default: 80% of it, at most 500:" in text
