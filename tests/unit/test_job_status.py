@@ -1177,7 +1177,11 @@ def test_a_failed_setup_leaves_no_return_code_though_the_container_exited() -> N
         containers=[terminated("job", SETUP_FAILED_EXIT), running("ship")],
     )
     uploading = step(job(status=started("EXECUTING")), [up]).status
-    assert uploading.return_code == SETUP_FAILED_EXIT
+    # Not told as the program's exit meanwhile (it said "the program exited with code 120").
+    assert uploading.return_code is None
+    assert uploading.status_details.startswith(
+        "the job container exited with code 120 (its setup failed, or the program returned it)"
+    )
     res = result(None, RunnerStatus.SETUP_FAILED, reason="pip install failed with exit code 1")
     p = step(job(status=uploading), [ended_pod(SETUP_FAILED_EXIT, res=res)], res)
     assert p.status.phase == JobPhase.ERROR and p.status.return_code is None

@@ -62,6 +62,7 @@ from dsjobs.runner.contract import (
     STORAGE_PATIENCE_SECONDS,
     WORK_VOLUME,
 )
+from dsjobs.runner.entry import SETUP_FAILED_EXIT
 from dsjobs.runner.result import (
     LogFileResult,
     ResultPointer,
@@ -1197,8 +1198,16 @@ def _compute_status(
     if pod.waits_on_events:
         check = SETUP_PATIENCE
     if job is not None and job.state == "terminated" and job.exit_code is not None:
-        status = status.model_copy(update={"return_code": job.exit_code})
-        details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
+        if job.exit_code == SETUP_FAILED_EXIT:
+            # The entry script's code for a failed setup (pip): most likely no program ran; the
+            # runner's result says which.
+            details = (
+                f"the job container exited with code {job.exit_code} (its setup failed, or the program "
+                "returned it); uploading outputs and logs"
+            )
+        else:
+            status = status.model_copy(update={"return_code": job.exit_code})
+            details = f"the program exited with code {job.exit_code}; uploading outputs and logs"
         details += _storage_hint(storage_problem)
         new = with_phase(status, JobPhase.UPLOADING_OUTPUT, details, events)
         return StatusUpdate(new, tuple(events), requeue_after=check)

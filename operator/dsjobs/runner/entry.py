@@ -42,7 +42,8 @@ import shlex
 from dsjobs.runner.cmd import render_config_cmd
 from dsjobs.runner.config import ENV_PROGRESS_FILE, ENV_PROJECT_HOME, RunnerConfig
 
-#: Exit code of the job container when the job's setup (python check, pip) failed.
+#: Exit code of the job container when the job's setup (python check, pip) failed: the operator
+#: says so while the ship still uploads, instead of "the program exited with code 120".
 SETUP_FAILED_EXIT = 120
 #: Exit code when cancelled before the program started.
 CANCELLED_EXIT = 143
