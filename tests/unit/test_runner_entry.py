@@ -1191,3 +1191,20 @@ def test_a_program_that_deleted_the_run_dir_still_gets_its_status_written(
     assert r.rc == 3
     status = read_status_file(cfg.layout.status)
     assert status is not None and status.return_code == 3
+
+
+def test_output_held_open_past_the_drain_by_a_leftover_process_is_told(
+    shell: list[str], tmp_path: Path
+) -> None:
+    # The tees were SIGKILLed after the drain without a word: the job took 10 s longer and whatever
+    # the escaped process wrote later was missing from the logs, with nothing saying why.
+    cmd = "setsid sh -c 'sleep 5; echo late' & sleep 0.5; echo done"  # past its setsid
+    cfg = make_config(tmp_path, cmd)
+    script = cfg.layout.entry_script.read_text()
+    assert "DSJOBS_TEE_DRAIN=10\n" in script
+    cfg.layout.entry_script.write_text(script.replace("DSJOBS_TEE_DRAIN=10\n", "DSJOBS_TEE_DRAIN=1\n"))
+    r = run_entry(shell, cfg)
+    assert r.rc == 0 and r.out_file == b"done\n"
+    assert "the program's output was still held open 1s after it ended" in r.syslog, r.syslog
+    cfg = make_config(tmp_path / "2", "echo done")
+    assert "still held open" not in run_entry(shell, cfg).syslog

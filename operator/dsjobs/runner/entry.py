@@ -757,13 +757,17 @@ dsjobs_stop_killer
 
 if [ -n "$DSJOBS_TEES" ]; then
   # The tees ignore cancel signals, so the deadline is enforced with SIGKILL.
-  ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; kill -s KILL $DSJOBS_TEES ) &
+  rm -f "$DSJOBS_RUN/tees.cut" 2>/dev/null
+  ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; : >"$DSJOBS_RUN/tees.cut"; kill -s KILL $DSJOBS_TEES ) &
   dsjobs_tw=$!
   for dsjobs_t in $DSJOBS_TEES; do
     while kill -0 "$dsjobs_t" 2>/dev/null; do wait "$dsjobs_t"; done
   done
   kill "$dsjobs_tw" 2>/dev/null
-  rm -f "$DSJOBS_RUN/out.fifo" "$DSJOBS_RUN/err.fifo"
+  if [ -e "$DSJOBS_RUN/tees.cut" ]; then
+    dsjobs_log "the program's output was still held open ${DSJOBS_TEE_DRAIN}s after it ended, by a process it left running (a daemon, a setsid child): what that process writes from now on is not in the logs"
+  fi
+  rm -f "$DSJOBS_RUN/out.fifo" "$DSJOBS_RUN/err.fifo" "$DSJOBS_RUN/tees.cut"
 fi
 dsjobs_outputs_readable
 dsjobs_log "program exited with code $DSJOBS_PROG_RC"
