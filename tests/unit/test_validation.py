@@ -913,6 +913,17 @@ def test_all_problems_are_reported_at_once() -> None:
     }
 
 
+def test_a_job_too_large_is_told_which_parts_are_largest() -> None:
+    # The problem has no field of its own: it did not say what to make smaller.
+    big = steps(
+        set_at(f"{ENV}.vars", {f"V{i}": "x" * 30000 for i in range(40)}), set_at("config", "y" * 200000)
+    )
+    [problem] = [p for p in problems_after(big) if p.rule == "spec-size"]
+    parts = problem.message.split("; the largest parts: ")[1].split(", ")
+    assert [part.split(" ")[0] for part in parts][:2] == ["job_parameters.env", "config"], problem.message
+    assert parts[1] == "config 200002 bytes"  # as stored: the JSON string with its quotes
+
+
 def test_problem_paths_and_formatting() -> None:
     p = Problem("job_parameters.input_files[2].desc.path", "path-parent", "bad")
     assert p.cr_path == "jobParameters.inputFiles[2].desc.path"

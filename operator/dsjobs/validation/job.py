@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic.alias_generators import to_snake
 
 from dsjobs.condaenv import read_conda_env
 from dsjobs.models import limits as L
@@ -156,9 +157,20 @@ def validate_job_spec(
             f"the job takes {own + repeated} bytes, at most {L.MAX_SPEC_JSON_BYTES} are allowed (etcd "
             f"holds it with its status in {L.ETCD_MAX_REQUEST_BYTES} bytes, a Secret its runner config "
             f"in 1 MiB): {own} as the API server stores its spec (JSON in UTF-8, where <, > and & take 6 "
-            f"bytes){repeats}",
+            f"bytes){repeats}; the largest parts: {_largest_parts(spec)}",
         )
     return c.problems
+
+
+def _largest_parts(spec: ProjectJobSpec, count: int = 3) -> str:
+    """The spec's largest fields as stored (`config`, `job_parameters.env`, ...), for a job too
+    large: which one to make smaller."""
+    doc = spec.to_cr()
+    params = doc.get("jobParameters") or {}
+    sizes = {to_snake(k): stored_json_bytes(v) for k, v in doc.items() if k != "jobParameters"}
+    sizes.update({f"job_parameters.{to_snake(k)}": stored_json_bytes(v) for k, v in params.items()})
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:count]
+    return ", ".join(f"{name} {size} bytes" for name, size in largest)
 
 
 def stored_json_bytes(doc: Any) -> int:
