@@ -418,8 +418,7 @@ def _desc(c: Collector, path: str, desc: FileDesc, *, location: bool = True) -> 
     """
     ok = True
     if desc.var:
-        if not _VAR.fullmatch(desc.var):
-            c.add(at(path, "var"), "var-syntax", f"{desc.var!r} is not a variable name ({L.VAR_PATTERN})")
+        if not c.pattern(at(path, "var"), desc.var, _VAR, "var-syntax", f"a variable name ({L.VAR_PATTERN})"):
             ok = False
         elif desc.var in L.RESERVED_CMD_VARS:
             c.add(at(path, "var"), "var-reserved", f"{desc.var} is reserved")
