@@ -71,6 +71,17 @@ def test_missing_or_malformed_credentials_are_unauthenticated(metadata: list[tup
     assert r.token_calls == 0  # rejected before any review
 
 
+def test_two_different_authorization_values_are_refused_not_the_first_taken() -> None:
+    r = Reviewers()
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(_auth(r, Clock()).authenticate([*_md("Bearer good"), ("authorization", "Bearer other")]))
+    assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+    assert exc.value.message == "2 different `authorization` metadata values: send one, `Bearer <token>`"
+    assert r.token_calls == 0
+    # The same one twice is one.
+    assert asyncio.run(_auth(r, Clock()).authenticate([*_md("Bearer good"), *_md("Bearer good")])) == ALICE
+
+
 def test_valid_token_yields_identity_and_is_cached() -> None:
     r, clock = Reviewers(), Clock()
     a = _auth(r, clock)

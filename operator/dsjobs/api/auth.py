@@ -147,6 +147,11 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     if not values:
         raise errors.unauthenticated("no credentials: send the metadata `authorization: Bearer <token>`")
     value = values[0]
+    if any(other != value for other in values[1:]):
+        # Which one would be the caller's? A proxy that adds its own: not for this server to guess.
+        raise errors.unauthenticated(
+            f"{len(values)} different `authorization` metadata values: send one, `Bearer <token>`"
+        )
     text = value.decode(errors="replace") if isinstance(value, bytes) else value
     scheme, _, token = text.strip().partition(" ")
     token = token.strip()
