@@ -507,6 +507,7 @@ def test_a_project_over_its_job_quota_gets_resource_exhausted(api_env: ApiEnv) -
         )
         assert e.code == Code.RESOURCE_EXHAUSTED, e
         assert "refused by the project's quota" in e.details and "exceeded quota: job-count" in e.details
+        assert e.details.startswith("the new job (not created; its id would have been "), e.details
         assert len(api_env.job_objects(api_env.project_a)) == before
     finally:
         api_env.core().delete_namespaced_resource_quota("job-count", ns)

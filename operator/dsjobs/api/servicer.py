@@ -493,7 +493,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
             if not new.key and _outcome_unknown(exc):
                 await self._shielded(self._remove_unanswered(info.namespace, new))
             if exc.status != 409 or exc.reason != "AlreadyExists" or not new.key:
-                raise errors.from_kube(exc, f"job {new.job_id!r}") from exc
+                raise errors.from_kube(
+                    exc, f"the new job (not created; its id would have been {new.job_id!r})"
+                ) from exc
             conflict = exc
         obj = await self.core.k8s(
             "get",
