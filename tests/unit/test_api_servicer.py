@@ -1206,7 +1206,8 @@ def test_out_of_range_data_ttl_is_invalid_argument() -> None:
     core = FakeCore(job=source_job(SOURCE_PARAMS))
     err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).SetDataTtl(ttl, ctx()))
     assert err.message == (
-        "ttl: must be between 1h and 365d (unset: keep the data forever, the CLI's --days infinity)"
+        "invalid request: 1 problem:\n"
+        "ttl: must be between 1h and 365d (unset: keep the data forever, the CLI's --days infinity) [data-ttl]"
     )
 
 

@@ -170,8 +170,15 @@ def _check_data_ttl(d: Duration | None, field: str) -> None:
     except ConversionError as exc:
         raise _conversion_error(exc) from exc
     if not MIN_DATA_TTL <= ttl <= MAX_DATA_TTL:
-        raise errors.invalid_argument(
-            "must be between 1h and 365d (unset: keep the data forever, the CLI's --days infinity)", field
+        # One problem, as every other of a request is told (`field: message [rule]`).
+        raise errors.from_problems(
+            [
+                Problem(
+                    field,
+                    "data-ttl",
+                    "must be between 1h and 365d (unset: keep the data forever, the CLI's --days infinity)",
+                )
+            ]
         )
 
 
