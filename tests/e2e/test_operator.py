@@ -1595,51 +1595,25 @@ def test_kubectl_apply_refuses_a_job_name_that_is_no_job_id(h: H, name: str) -> 
 
 def test_kubectl_cannot_take_a_cancel_back(h: H) -> None:
     h.create_job("take-back", {"cmd": "true"}, execute=False)
-    graceful = '{"spec":{"cancel":{"graceful":true}}}'
-    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", graceful)
-    out = h.kubectl(
-        "patch",
-        "pj",
-        "take-back",
-        "-n",
-        h.namespace,
-        "--type=merge",
-        "-p",
-        '{"spec":{"cancel":null}}',
-        check=False,
-    )
+
+    def patch(cancel: object, check: bool = True) -> str:
+        body = json.dumps({"spec": {"cancel": cancel}})
+        return h.kubectl(
+            "patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", body, check=check
+        )
+
+    patch({"graceful": True})
+    out = patch(None, check=False)
     assert "spec.cancel: Invalid value" in out and "cannot be removed once set" in out, out
-    forced = '{"spec":{"cancel":{"graceful":false}}}'
-    h.kubectl("patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", forced)
+    patch({"graceful": False})
     # A forced cancel stays forced: its pod may already be going with 1 s.
-    out = h.kubectl(
-        "patch", "pj", "take-back", "-n", h.namespace, "--type=merge", "-p", graceful, check=False
-    )
+    out = patch({"graceful": True}, check=False)
     assert "spec.cancel.graceful: Invalid value" in out and "a forced cancel stays forced" in out, out
     # A reason goes into the status and Events: lines and tabs, no other control character (the
     # API's Cancel refuses them too).
-    out = h.kubectl(
-        "patch",
-        "pj",
-        "take-back",
-        "-n",
-        h.namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"cancel": {"reason": "a\u0001b"}}}),
-        check=False,
-    )
+    out = patch({"reason": "a\u0001b"}, check=False)
     assert "spec.cancel.reason: Invalid value" in out, out
-    h.kubectl(
-        "patch",
-        "pj",
-        "take-back",
-        "-n",
-        h.namespace,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"cancel": {"reason": "two\nlines\tand a tab"}}}),
-    )
+    patch({"reason": "two\nlines\tand a tab"})
 
 
 def test_kubectl_apply_refuses_an_instance_type_name_and_names_the_field(h: H) -> None:

@@ -1331,6 +1331,16 @@ class Ending:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _stopped_pod(**state: Any) -> PodView:
+    """A pod whose runner saw SIGTERM: the job container ended 143, ship reported the stop."""
+    return pod(
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
+        **state,
+    )
+
+
 ENDINGS = [
     Ending(
         "non-zero exit", ended_pod(3, res=result(3)), result(3), "NonZeroExit", 3, "Program returned code 3"
@@ -1605,13 +1615,7 @@ ENDINGS = [
     ),
     Ending(
         "pod deleted while running (the runner saw SIGTERM)",
-        pod(
-            gone=True,
-            phase="Running",
-            node="cpu-0",
-            init=[terminated("stage-in")],
-            containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
-        ),
+        _stopped_pod(gone=True, phase="Running"),
         _STOPPED,
         "PodDeleted",
         143,
@@ -1619,13 +1623,7 @@ ENDINGS = [
     ),
     Ending(
         "pod stopped, not cancelled (the runner saw SIGTERM)",
-        pod(
-            deleting=True,
-            phase="Failed",
-            node="cpu-0",
-            init=[terminated("stage-in")],
-            containers=[terminated("job", 143, "Error"), terminated("ship", 0, message=_STOPPED.to_json())],
-        ),
+        _stopped_pod(deleting=True, phase="Failed"),
         _STOPPED,
         "PodStopped",
         143,
