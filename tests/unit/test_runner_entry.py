@@ -1208,3 +1208,14 @@ def test_output_held_open_past_the_drain_by_a_leftover_process_is_told(
     assert "the program's output was still held open 1s after it ended" in r.syslog, r.syslog
     cfg = make_config(tmp_path / "2", "echo done")
     assert "still held open" not in run_entry(shell, cfg).syslog
+    # And with the run dir deleted by the program: the drain's mark could not be written, which
+    # ended the watcher before its kill under dash and busybox, and the job waited for the leftover.
+    run_dir = make_config(tmp_path / "3", "true").layout.run_dir
+    cmd = f"setsid sh -c 'sleep 8; echo late' & sleep 0.5; rm -rf {shlex.quote(str(run_dir))}; echo done"
+    cfg = make_config(tmp_path / "3", cmd)
+    cfg.layout.entry_script.write_text(
+        cfg.layout.entry_script.read_text().replace("DSJOBS_TEE_DRAIN=10\n", "DSJOBS_TEE_DRAIN=1\n")
+    )
+    started = time.monotonic()
+    r = run_entry(shell, cfg)
+    assert r.rc == 0 and time.monotonic() - started < 6

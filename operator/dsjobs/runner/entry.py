@@ -757,8 +757,10 @@ dsjobs_stop_killer
 
 if [ -n "$DSJOBS_TEES" ]; then
   # The tees ignore cancel signals, so the deadline is enforced with SIGKILL.
+  # (`true`, not `:`: a failed redirection of a special builtin ends a dash subshell, and the tees
+  # would then wait for good; the program may have deleted the run dir.)
   rm -f "$DSJOBS_RUN/tees.cut" 2>/dev/null
-  ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; : >"$DSJOBS_RUN/tees.cut"; kill -s KILL $DSJOBS_TEES ) &
+  ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; { true >"$DSJOBS_RUN/tees.cut"; } 2>/dev/null; kill -s KILL $DSJOBS_TEES ) &
   dsjobs_tw=$!
   for dsjobs_t in $DSJOBS_TEES; do
     while kill -0 "$dsjobs_t" 2>/dev/null; do wait "$dsjobs_t"; done
