@@ -369,25 +369,60 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
 LOG_DRAIN_SECONDS: Final = 60.0
 
 
+#: Log stream answers no retry can change: the official CLI retries them for good, so a thread
+#: waited for would hold the CLI LOG_DRAIN_SECONDS (a deleted job, or its deleted data).
+_FINAL_LOG_ERRORS: Final = frozenset(
+    {"NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT"}
+)
+
+
+class _LogStreamOver(BaseException):
+    """Ends the official CLI's log thread (its loop retries every grpc.RpcError, not this)."""
+
+
 def _drain_logs_before_the_end(ds_client: Any) -> None:
     """The official CLI prints a job's logs from a daemon thread and ends once the operation is
     done: the last lines of a chatty job (a burst of 200000 short lines at the end, or any behind
     the live view) went with the process, its FINAL line too. The server ends a log stream once the
     job has ended and every record was sent: its threads are waited for, LOG_DRAIN_SECONDS at most,
-    before the outputs are fetched and the CLI ends (not after Ctrl-C, which ends it at once)."""
+    before the outputs are fetched and the CLI ends. A stream refused for good ends its thread; a
+    Ctrl-C ends the wait (the job's own error, if any, is still told in one line)."""
     import threading
+
+    import grpc
 
     threads: list[threading.Thread] = []
 
+    def ending_on_final_errors(read: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from read(*args, **kwargs)
+            except grpc.RpcError as exc:
+                if exc.code().name in _FINAL_LOG_ERRORS:
+                    raise _LogStreamOver from exc
+                raise
+
+        call.dsjobs_wrapped = True  # type: ignore[attr-defined]
+        return call
+
+    def print_logs(client: Any, job_id: str, offset: int) -> None:
+        with contextlib.suppress(_LogStreamOver):
+            client._print_logs(job_id, offset)
+
     def read_logs(self: Any, job_id: str, offset: int = 0) -> None:
-        thread = threading.Thread(target=self._print_logs, args=[job_id, offset], daemon=True)
+        if not getattr(self.stub.ReadLogs, "dsjobs_wrapped", False):
+            self.stub.ReadLogs = ending_on_final_errors(self.stub.ReadLogs)
+        thread = threading.Thread(target=print_logs, args=[self, job_id, offset], daemon=True)
         thread.start()
         threads.append(thread)
 
     def drain() -> None:
         deadline = time.monotonic() + LOG_DRAIN_SECONDS
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        try:
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            return
 
     poll = ds_client.Client._poll_operation
 

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -520,15 +521,43 @@ def test_the_official_cli_waits_for_its_log_threads_once_the_job_is_over() -> No
     # Its daemon thread printing the logs died with the process: a chatty job's last lines were lost.
     import types
 
+    import grpc
+
     printed: list[str] = []
 
     class OperationError(Exception):
         pass
 
-    class Client:
-        def _print_logs(self, job_id: str, offset: int) -> None:
+    class Refused(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+    class Stub:
+        def ReadLogs(self, job_id: str) -> Iterator[str]:
+            if job_id == "gone":  # a deleted job: the official loop below would retry it for good
+                raise Refused(grpc.StatusCode.NOT_FOUND)
+            if job_id == "flaky" and "flaky: retried" not in printed:
+                printed.append("flaky: retried")
+                raise Refused(grpc.StatusCode.UNAVAILABLE)
             time.sleep(0.3)  # behind the job: the stream ends once every record was sent
-            printed.append(f"{job_id}: FINAL")
+            yield f"{job_id}: FINAL"
+
+    class Client:
+        """The official client's loop: every grpc.RpcError is retried."""
+
+        def __init__(self) -> None:
+            self.stub = Stub()
+
+        def _print_logs(self, job_id: str, offset: int) -> None:
+            while True:
+                try:
+                    printed.extend(self.stub.ReadLogs(job_id))
+                    return
+                except grpc.RpcError:
+                    time.sleep(0.05)
 
         def _poll_operation(self, fail: bool) -> str:
             if fail:
@@ -540,7 +569,11 @@ def test_the_official_cli_waits_for_its_log_threads_once_the_job_is_over() -> No
     client = Client()
     client.read_logs("j1")  # type: ignore[attr-defined]
     assert client._poll_operation(False) == "done" and printed == ["j1: FINAL"]
-    client.read_logs("j2", -1)  # type: ignore[attr-defined]
+    client.read_logs("flaky", -1)  # type: ignore[attr-defined]
     with pytest.raises(OperationError):
         client._poll_operation(True)
-    assert printed == ["j1: FINAL", "j2: FINAL"]
+    assert printed == ["j1: FINAL", "flaky: retried", "flaky: FINAL"]
+    started = time.monotonic()
+    client.read_logs("gone")  # type: ignore[attr-defined]
+    assert client._poll_operation(False) == "done"
+    assert time.monotonic() - started < 5  # not LOG_DRAIN_SECONDS
