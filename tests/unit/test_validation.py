@@ -38,6 +38,7 @@ from dsjobs.validation import (
     validate_job_parameters,
     validate_job_spec,
 )
+from dsjobs.validation.problems import REQUEST_RULES
 
 Mutation = Callable[[dict[str, Any]], None]
 _TOKEN = re.compile(r"\[(\d+)\]|\[\"([^\"]*)\"\]|([^.\[]+)")
@@ -1386,4 +1387,26 @@ def test_an_unknown_instance_type_is_told_what_the_cluster_has() -> None:
 
 def test_every_rule_is_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "projectjob.md").read_text()
-    assert [rule for rule in RULES if f"`{rule}`" not in doc] == []
+    assert [rule for rule in (*RULES, *REQUEST_RULES) if f"`{rule}`" not in doc] == []
+
+
+def test_every_rule_of_a_clone_s_overrides_is_listed() -> None:
+    from dsjobs.convert.params import clone_override_problems
+    from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
+
+    source = m.JobParameters.model_validate(
+        {
+            "cmd": "true",
+            "arguments": [{"name": "a", "value": "1"}],
+            "outputFiles": [{"path": "o", "var": "O"}],
+        }
+    )
+    o = jobs_pb2.JobParameters(
+        cmd="x", arguments=[jobs_pb2.Argument(name="b"), jobs_pb2.Argument(name="a")] * 2
+    )
+    o.output_files.add(path="p")
+    o.output_files.add(path="q", var="O")
+    o.output_files.add(path="r", var="O")
+    rules = {p.rule for p in clone_override_problems(source, o)}
+    assert rules == {"clone-var", "clone-arg", "clone-keeps", "var-unique"}
+    assert rules <= set(RULES) | set(REQUEST_RULES)

@@ -655,7 +655,7 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
             )
         if len(value) > L.MAX_ENV_VALUE_LENGTH:
             c.max_length(npath, value, L.MAX_ENV_VALUE_LENGTH, "env-value-length")
-        elif (size := len(f"{name}={value}".encode()) + 1) > L.MAX_ENV_STRING_BYTES:
+        elif (size := len(f"{name}={value}".encode("utf-8", "surrogatepass")) + 1) > L.MAX_ENV_STRING_BYTES:
             c.add(
                 npath,
                 "env-value-length",

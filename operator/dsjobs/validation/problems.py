@@ -231,3 +231,11 @@ RULES: dict[str, str] = {
     "priority-class": "priority class name syntax",
     "schedule-timeout": "schedule timeout 1 s .. 7 days",
 }
+
+# Rule ids of API requests beyond the job's spec (dsjobs.convert.params.clone_override_problems);
+# docs/projectjob.md lists them with the others.
+REQUEST_RULES: dict[str, str] = {
+    "clone-var": "a Clone override of an input or output without a var, or with one the source lacks",
+    "clone-arg": "a Clone override of an argument the source lacks",
+    "clone-keeps": "a Clone override of a field a clone keeps from its source (cmd, python_env, mounts...)",
+}
