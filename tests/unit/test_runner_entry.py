@@ -370,7 +370,7 @@ def test_a_program_in_a_process_group_of_its_own_gets_the_graceful_signal(
         "    print('saving', flush=True); time.sleep(1); print('saved', flush=True); sys.exit(0)\n"
         "signal.signal(signal.SIGUSR1, save)\n"
         "print('ready', flush=True)\n"
-        "while True: time.sleep(0.1)\n"
+        "for _ in range(600): time.sleep(0.1)  # a minute at most, should no signal ever come\n"
     )
     cmd = f"{shlex.quote(sys.executable)} {shlex.quote(str(child))}; echo not-reached"
     cfg = make_config(tmp_path, cmd, graceful_shutdown={"signal": int(signal.SIGUSR1), "timeout_seconds": 10})
