@@ -602,6 +602,9 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     ship = pod.container(SHIP_CONTAINER)
     exit_code = job.exit_code if job is not None and job.state == "terminated" else None
     code = result.return_code if result is not None and result.return_code is not None else exit_code
+    # The runner's word when there is one: None during a setup (the job container's exit code is
+    # then the entry script's, not a program's).
+    program_code = result.return_code if result is not None else exit_code
     stopped = result is not None and (result.cancelled or result.status == RunnerStatus.CANCELLED)
     # The program ended by itself before the cancel reached it: the cancel was a no-op.
     ended_first = (
@@ -612,10 +615,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
     )
 
     if cancelling and not ended_first:
-        # The runner's word first: a job cancelled during its setup has no return code (the job
-        # container's exit code is then the entry script's, not a program's).
-        ran = result.return_code if result is not None else exit_code
-        return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=ran)
+        return Outcome(JobPhase.CANCELLED, "Cancelled", "the job was cancelled", return_code=program_code)
     # A program whose child the kernel killed for memory, and which then exited 0, succeeded.
     if job is not None and job.state == "terminated" and job.reason == "OOMKilled" and code != 0:
         return Outcome(
@@ -738,8 +738,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
         # (its program killed the entry script: `kill $PPID`, `pkill -f job`). The program's doing,
         # not a pod stopped by someone, which is retried as a failure of the infrastructure.
         inside = "the job's entry script was sent a stop signal from inside its container"
-        ran = result.return_code if result is not None else code
-        if ran is None:  # during setup: no program's code
+        if program_code is None:  # during setup
             return Outcome(
                 JobPhase.ERROR,
                 "StoppedFromInside",
@@ -747,7 +746,7 @@ def outcome_of(pod: PodView, result: RunnerResult | ResultPointer | None, *, can
                 failure=FailureKind.PROGRAM,
                 program_ran=False,
             )
-        exited = _exit_outcome(ran)
+        exited = _exit_outcome(program_code)
         if exited.phase == JobPhase.SUCCESS:
             return exited
         return replace(exited, message=f"{exited.message} ({inside})")

@@ -320,7 +320,7 @@ def spec_from_clone_request(
 # given in the overrides, they would be dropped without a word.
 _CLONE_KEEPS = (
     "cmd",
-    "python_env",
+    "env.python_env",
     "s3_mount_ids",
     "dataset_ids",
     "attach_project_disk",
@@ -337,65 +337,55 @@ def clone_override_problems(
     without a var or with one the source does not have, an argument the source does not have, a
     var or argument given twice, a field a Clone keeps from its source."""
     problems: list[Problem] = []
+
+    def first(seen: dict[str, str], where: str, name: str) -> bool:
+        """Whether `name` is overridden here for the first time (else a var-unique problem)."""
+        if name in seen:
+            problems.append(Problem(where, "var-unique", f"{name!r} is already overridden at {seen[name]}"))
+            return False
+        seen[name] = where
+        return True
+
     in_vars = {f.desc.var for f in source.input_files if f.desc.var}
     out_vars = {d.var for d in source.output_files if d.var}
-
-    def var_of(where: str, var: str, own: set[str], kind: str, other: set[str], seen: dict[str, str]) -> None:
+    files = [
+        (f"{path}.input_files[{i}].desc.var", f.desc.var, "input", "output")
+        for i, f in enumerate(overrides.input_files)
+    ]
+    files += [
+        (f"{path}.output_files[{i}].var", d.var, "output", "input")
+        for i, d in enumerate(overrides.output_files)
+    ]
+    seen_vars: dict[str, str] = {}
+    for where, var, kind, other_kind in files:
+        own, other = (in_vars, out_vars) if kind == "input" else (out_vars, in_vars)
         if not var:
+            text = f"is required: a Clone replaces the source job's {kind} files of the same var"
+            problems.append(Problem(where, "clone-var", text))
+        elif first(seen_vars, where, var) and var not in own:
+            also = f" (it is one of its {other_kind} files)" if var in other else ""
             problems.append(
-                Problem(
-                    where,
-                    "clone-var",
-                    f"is required: a Clone replaces the source job's {kind} of the same var",
-                )
+                Problem(where, "clone-var", f"{var!r} is no var of the source job's {kind} files{also}")
             )
-        elif var in seen:
-            problems.append(Problem(where, "var-unique", f"{var!r} is already overridden at {seen[var]}"))
-        elif var not in own:
-            also = " (it is one of its " + ("output" if kind == "input files" else "input") + " files)"
-            problems.append(
-                Problem(
-                    where,
-                    "clone-var",
-                    f"{var!r} is no var of the source job's {kind}" + (also if var in other else ""),
-                )
-            )
-        seen.setdefault(var, where)
-
-    seen: dict[str, str] = {}
-    for i, f in enumerate(overrides.input_files):
-        var_of(f"{path}.input_files[{i}].desc.var", f.desc.var, in_vars, "input files", out_vars, seen)
-    for i, d in enumerate(overrides.output_files):
-        var_of(f"{path}.output_files[{i}].var", d.var, out_vars, "output files", in_vars, seen)
     names = {a.name for a in source.arguments}
-    given: dict[str, str] = {}
+    seen_args: dict[str, str] = {}
     for i, a in enumerate(overrides.arguments):
         where = f"{path}.arguments[{i}].name"
-        if a.name in given:
-            problems.append(
-                Problem(where, "var-unique", f"{a.name!r} is already overridden at {given[a.name]}")
-            )
-        elif a.name not in names:
+        if first(seen_args, where, a.name) and a.name not in names:
             problems.append(Problem(where, "clone-arg", f"{a.name!r} is no argument of the source job"))
-        given.setdefault(a.name, where)
+    # Set fields only (non-empty lists, true, messages present).
+    given = {f.name for f, _ in overrides.ListFields()}
+    given |= {f"env.{f.name}" for f, _ in overrides.env.ListFields()}
     for name in _CLONE_KEEPS:
-        field = f"{path}.env.{name}" if name == "python_env" else f"{path}.{name}"
-        holder = overrides.env if name == "python_env" else overrides
-        if _given(holder, name):
+        if name in given:
             problems.append(
-                Problem(field, "clone-keeps", "a Clone keeps the source job's; create a new job to change it")
+                Problem(
+                    f"{path}.{name}",
+                    "clone-keeps",
+                    "a Clone keeps the source job's; create a new job to change it",
+                )
             )
     return problems
-
-
-def _given(message: object, name: str) -> bool:
-    value = getattr(message, name)
-    if isinstance(value, bool | str):
-        return bool(value)
-    try:
-        return bool(message.HasField(name))  # type: ignore[attr-defined]
-    except ValueError:  # a repeated field
-        return len(value) > 0
 
 
 def merge_clone_overrides(source: JobParameters, overrides: JobParameters) -> JobParameters:

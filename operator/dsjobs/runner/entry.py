@@ -120,15 +120,16 @@ dsjobs_kill() {
     dsjobs_k=1
     # shellcheck disable=SC2086 # DSJOBS_KILL_END is `--` or nothing
     kill -s "$1" $DSJOBS_KILL_END "-$2" 2>/dev/null && dsjobs_k=0
-    dsjobs_sid=$2
-    dsjobs_seen=' '
-    [ "${DSJOBS_CANCEL:-0}" = 1 ] || dsjobs_seen=''
-    for dsjobs_g in ${dsjobs_seen:+$(dsjobs_other_groups)}; do
-      case $dsjobs_seen in *" $dsjobs_g "*) continue ;; esac
-      dsjobs_seen="$dsjobs_seen$dsjobs_g "
-      # shellcheck disable=SC2086
-      kill -s "$1" $DSJOBS_KILL_END "-$dsjobs_g" 2>/dev/null && dsjobs_k=0
-    done
+    if [ "${DSJOBS_CANCEL:-0}" = 1 ]; then
+      dsjobs_sid=$2
+      dsjobs_seen=' '
+      for dsjobs_g in $(dsjobs_other_groups); do
+        case $dsjobs_seen in *" $dsjobs_g "*) continue ;; esac
+        dsjobs_seen="$dsjobs_seen$dsjobs_g "
+        # shellcheck disable=SC2086
+        kill -s "$1" $DSJOBS_KILL_END "-$dsjobs_g" 2>/dev/null && dsjobs_k=0
+      done
+    fi
     [ "$dsjobs_k" = 1 ] || return 0
   fi
   kill -s "$1" "$2" 2>/dev/null
