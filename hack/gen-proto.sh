@@ -9,9 +9,15 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# Absolute before any cd: `make proto` passes .venv/bin/python, and protoc runs in proto/.
+case "$PY" in
+  /*) ;;
+  */*) PY="$PWD/$PY" ;;
+  *) PY="$(command -v "$PY")" || { echo "gen-proto: no $PY on PATH" >&2; exit 1; } ;;
+esac
 cd "$ROOT"
 
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 OUT="${1:-$ROOT/operator}"
 mkdir -p "$OUT"

@@ -52,7 +52,8 @@ def test_generated_code_is_up_to_date(regenerated: Path) -> None:
 
 
 def test_generation_is_deterministic(regenerated: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHON=sys.executable)
+    # Relative to the checkout, as `make proto` passes it (protoc runs in proto/).
+    env = dict(os.environ, PYTHON=os.path.relpath(sys.executable, REPO))
     subprocess.run(
         ["bash", str(REPO / "hack" / "gen-proto.sh"), str(tmp_path)],
         cwd=REPO,
