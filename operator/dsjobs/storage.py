@@ -219,6 +219,17 @@ class StorageSettings(Record):
             ) from None
 
 
+def settings_problem(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why the storage settings in `environ` (default: the process's) cannot work (none given, a
+    missing key, placeholders, a bad URL); None when they may. The operator and the API refuse to
+    start on one, told with their other wrong settings."""
+    try:
+        StorageSettings.from_env(environ)
+    except StorageConfigError as exc:
+        return str(exc)
+    return None
+
+
 def _files_env(folder: Path) -> dict[str, str]:
     """The storage variables stored as files in `folder` (a Secret volume: key = file name)."""
     found: dict[str, str] = {}

@@ -86,6 +86,18 @@ def test_flags_win_over_environment(tmp_path: pytest.TempPathFactory) -> None:
     assert s.page_token_key == b"x" * 20 and not s.page_token_key_is_random
 
 
+def test_an_empty_variable_is_an_unset_one_but_where_empty_means_off() -> None:
+    # The operator reads the same ConfigMap so: a key kept with "" crash-looped the API alone.
+    env = {s.env: "" for s in settings.SETTINGS}
+    s = settings.from_args([], environ=env)
+    assert (s.listen, s.storage_credentials, s.log_level) == ("0.0.0.0:9090", "operator", "INFO")
+    assert (
+        s.url_ttl == timedelta(minutes=15)
+        and s.max_concurrent_rpcs == settings.from_args([], {}).max_concurrent_rpcs
+    )
+    assert s.metrics_listen == ""  # documented: empty disables the metrics endpoint
+
+
 def test_static_tokens_imply_static_auth() -> None:
     s = settings.from_args([], environ={"DSJOBS_API_STATIC_TOKENS": "/tmp/tokens.yaml"})
     assert s.auth_mode == "static"

@@ -30,6 +30,13 @@ from dsjobs.controller.settings import (
 from dsjobs.models import ProjectJobSpec
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
+#: Storage settings that may work: the operator's start checks them with its own.
+STORE_ENV = {
+    "DSJOBS_S3_ENDPOINT": "http://s3:9000",
+    "DSJOBS_S3_BUCKET": "b",
+    "DSJOBS_S3_ACCESS_KEY": "a",
+    "DSJOBS_S3_SECRET_KEY": "s",
+}
 
 
 def test_settings_defaults_and_env() -> None:
@@ -80,13 +87,18 @@ def test_settings_defaults_and_env() -> None:
         ("DSJOBS_MAX_REQUEUE", "0", "must be 1 or more"),
         ("DSJOBS_POD_RESYNC_INTERVAL", "0.5", "must be 1 or more"),
         ("DSJOBS_SHUTDOWN_GRACE_MARGIN", "-5", "from 0 to 3600"),
+        ("DSJOBS_KUBE_CONCURRENCY", "0", "must be 1 or more"),
+        ("DSJOBS_KUBE_CONCURRENCY", "-5", "must be 1 or more"),
+        ("DSJOBS_WATCH_CHUNK_SIZE", "-1", "must be 0 or more"),
+        ("DSJOBS_METRICS_PORT", "70000", "a port from 0 .off. to 65535"),
+        ("DSJOBS_LIVENESS_PORT", "-1", "a port from 0 .off. to 65535"),
     ],
 )
-def test_duration_settings_that_would_break_every_reconcile_are_refused(
-    name: str, value: str, message: str
-) -> None:
+def test_settings_that_would_break_every_reconcile_are_refused(name: str, value: str, message: str) -> None:
     """An admin's `inf` (keep finished pods for ever) overflowed the datetime arithmetic of
-    every finished job's plan, which then never finalized; 0 requeue woke timers in a loop."""
+    every finished job's plan, which then never finalized; 0 requeue woke timers in a loop; a
+    Kubernetes concurrency of 0 had every call wait for ever; a port past 65535 failed in Kopf's
+    startup, retried each minute, instead of stopping the operator."""
     with pytest.raises(SettingsError, match=f"{name}=.*{message}"):
         settings_from_env({name: value})
 
@@ -165,9 +177,11 @@ def test_the_operator_log_level_is_a_setting(
     # A bad setting: one line naming the variable and the rule, exit 2 (was a traceback, exit 1),
     # before anything else (Kopf, the kubernetes client kept out of sys.modules).
     monkeypatch.setenv("DSJOBS_OPERATOR_LOG_LEVEL", "loud")
+    for name, value in STORE_ENV.items():
+        monkeypatch.setenv(name, value)
     modules = set(sys.modules)
     assert main.main([]) == 2
-    assert set(sys.modules) - modules <= {"dsjobs.controller.settings", "dsjobs.quantity"}
+    assert not {"kopf", "kubernetes"} & set(sys.modules) - modules
     assert capsys.readouterr().err == (
         "dsjobs.controller: DSJOBS_OPERATOR_LOG_LEVEL='loud': must be one of DEBUG, INFO, WARNING, ERROR\n"
     )
@@ -539,14 +553,7 @@ def test_configuration_reference_gives_the_codes_defaults() -> None:
     for env, (attr, _doc) in SETTINGS_DOC.items():
         value = getattr(defaults, attr)
         assert documented.get(env) == (",".join(value) if isinstance(value, tuple) else str(value)), env
-    storage = StorageSettings.from_env(
-        {
-            "DSJOBS_S3_ENDPOINT": "http://s3:9000",
-            "DSJOBS_S3_BUCKET": "b",
-            "DSJOBS_S3_ACCESS_KEY": "a",
-            "DSJOBS_S3_SECRET_KEY": "s",
-        }
-    )
+    storage = StorageSettings.from_env(STORE_ENV)
     assert documented[ENV_REGION] == storage.region
 
 

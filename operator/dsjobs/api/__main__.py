@@ -9,10 +9,17 @@ from dsjobs.api.settings import SettingsError, from_args
 
 
 def main() -> int:
+    from dsjobs.storage import settings_problem
+
+    problems: list[str] = []
     try:
         settings = from_args()
     except (SettingsError, OSError) as exc:
-        for line in str(exc).splitlines():  # a line per wrong setting
+        problems = str(exc).splitlines()
+    storage = settings_problem()
+    if problems or storage is not None:
+        # A line per wrong setting, the store's with the others: one rollout fixes them all.
+        for line in [*problems, *([storage] if storage is not None else [])]:
             print(f"dsjobs.api: {line}", file=sys.stderr)
         return 2
     from dsjobs.api.server import serve, setup_logging

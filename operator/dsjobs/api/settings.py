@@ -222,6 +222,8 @@ MAX_RESPONSE_BYTES = 2 * 1024 * 1024
 # laptop) holds about 1 MiB in gRPC's buffers, within the HTTP/2 window its client granted, out of
 # reach of the log budget: 500 of them and the budget fit the deployment's 1Gi.
 DEFAULT_MAX_LOG_STREAMS = 500
+#: Settings whose empty variable is a value of its own, not the default.
+EMPTY_MEANS_OFF = frozenset({"metrics_listen"})
 
 
 def build(raw: Mapping[str, str]) -> Settings:
@@ -358,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
 def from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     ns = parser().parse_args(argv)
-    raw = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    # An empty variable is an unset one, as the operator reads the same ConfigMap (a key kept
+    # with "" in an overlay was refused here and ignored there), except where empty means off.
+    raw = {
+        s.name: environ[s.env]
+        for s in SETTINGS
+        if s.env in environ and (environ[s.env].strip() or s.name in EMPTY_MEANS_OFF)
+    }
     raw.update({s.name: getattr(ns, s.name) for s in SETTINGS if getattr(ns, s.name) is not None})
     return build(raw)

@@ -90,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dsjobs.controller.settings import SettingsError, runner_image_skew, settings_from_env
+    from dsjobs.storage import settings_problem
 
+    problems: list[str] = []
     try:
         settings = settings_from_env()
     except SettingsError as exc:
-        # A line per wrong variable, as the API says it, not a traceback.
-        for line in str(exc).splitlines():
+        problems = str(exc).splitlines()
+    # Without a store its runners could stage nothing and its data deletions delete nothing.
+    storage = settings_problem()
+    if problems or storage is not None:
+        # A line per wrong variable, all at once, as the API says them, not a traceback.
+        for line in [*problems, *([storage] if storage is not None else [])]:
             print(f"dsjobs.controller: {line}", file=sys.stderr)
         return 2
     _keep_kubernetes_client_out()
@@ -130,10 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("dsjobs.controller").warning("%s", skew)
     registry = kopf.OperatorRegistry()
     operator = Operator(settings)
-    problem = operator.store.settings_problem()
-    if problem is not None:
-        logging.getLogger("dsjobs.controller").error("%s", problem)
-        return 2
     register(registry, operator)
     if settings.leader_lease:
         # Until Kopf installs its own handler, SIGTERM (a rollout) must still end in the release

@@ -84,18 +84,6 @@ class JobStore:
             self._storage = Storage.from_env(self.env)
         return self._storage
 
-    def settings_problem(self) -> str | None:
-        """Why the storage settings cannot work (none given, a missing key, placeholders, a bad
-        URL); None when they may. The operator's start refuses them: without a store its runners
-        could stage nothing and its data deletions would delete nothing."""
-        from dsjobs.storage import StorageConfigError, StorageSettings
-
-        try:
-            StorageSettings.from_env(self.env)
-        except StorageConfigError as exc:
-            return str(exc)
-        return None
-
     async def check_access(self) -> None:
         """Log at once when the object store refuses or does not answer the operator's settings
         (a start-up check: the runner Secrets the operator writes carry them)."""

@@ -398,6 +398,17 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
         problems.append(
             f"DSJOBS_SHUTDOWN_GRACE_MARGIN={settings.shutdown_grace_margin_seconds}: must be from 0 to 3600"
         )
+    if settings.kube_concurrency < 1:
+        # 0 made every Kubernetes call wait for ever (an operator up and doing nothing).
+        problems.append(f"DSJOBS_KUBE_CONCURRENCY={settings.kube_concurrency}: must be 1 or more")
+    if settings.watch_chunk_size < 0:
+        problems.append(f"DSJOBS_WATCH_CHUNK_SIZE={settings.watch_chunk_size}: must be 0 or more")
+    for env_name, port in (
+        ("DSJOBS_METRICS_PORT", settings.metrics_port),
+        ("DSJOBS_LIVENESS_PORT", settings.liveness_port),
+    ):
+        if not 0 <= port <= 65535:
+            problems.append(f"{env_name}={port}: must be a port from 0 (off) to 65535")
     if settings.leader_lease_seconds < 3:
         problems.append(f"DSJOBS_LEADER_LEASE_SECONDS={settings.leader_lease_seconds}: must be 3 or more")
     for env_name, policy in (
