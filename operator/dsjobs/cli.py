@@ -141,7 +141,9 @@ def resolve_target(
             f"no dsjobs endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} "
             "(`make up` writes it to .dev/env)"
         )
-    source = {} if explicit else file_values
+    # Given again by hand (`export DSJOBS_ENDPOINT=...` copied from it), the file's endpoint is
+    # still the one its token goes with.
+    source = file_values if resolved == file_values.get(ENV_ENDPOINT) else {}
 
     def pick(flag: str | None, name: str) -> str | None:
         return flag or environ.get(name) or source.get(name) or None
@@ -504,14 +506,16 @@ credentials (YC_IAM_TOKEN, YC_TOKEN, -t, --profile, yc, the metadata server) are
 """
 
 
-def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Takes our leading options; the rest belongs to the official CLI.
+def split_args(argv: Sequence[str], *, anywhere: bool = False) -> tuple[dict[str, str], list[str]]:
+    """Takes our leading options (`anywhere`: wherever they are); the rest belongs to the official
+    CLI (or to download-files, whose own options never take a value starting with `-`).
 
     argparse cannot do this: its REMAINDER refuses to start with an option such as `-l DEBUG`,
     which is how the official CLI's global options are written.
     """
     ours: dict[str, str] = {}
     rest = list(argv)
+    skipped: list[str] = []
     while rest:
         head = rest[0]
         if head in OUR_FLAGS:
@@ -520,7 +524,11 @@ def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
             continue
         name, eq, value = head.partition("=")
         if name not in OUR_OPTIONS:
-            break
+            if not anywhere:
+                break
+            skipped.append(head)
+            rest = rest[1:]
+            continue
         if eq:
             rest = rest[1:]
         elif len(rest) >= 2:
@@ -528,7 +536,7 @@ def split_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         else:
             raise CliError(f"option {name} needs a value")
         ours[OUR_OPTIONS[name]] = value
-    return ours, rest
+    return ours, skipped + rest
 
 
 COMMANDS: Final = ("datasphere", "download-files")
@@ -555,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     os.environ.update(grpc_proxy_env(environ))
     try:
-        ours, rest = split_args(args[1:])
+        # download-files is all ours: `--id J --endpoint H` said "no dsjobs endpoint".
+        ours, rest = split_args(args[1:], anywhere=args[0] == "download-files")
         target = resolve_target(
             endpoint=ours.get("endpoint"),
             token=ours.get("token"),

@@ -87,6 +87,19 @@ def test_env_file_token_never_goes_to_an_endpoint_named_elsewhere(
         )
 
 
+@pytest.mark.parametrize(
+    ("flag", "environ"), [("127.0.0.1:17090", {}), (None, {"DSJOBS_ENDPOINT": "127.0.0.1:17090"})]
+)
+def test_env_file_token_and_ca_go_with_its_endpoint_given_again_by_hand(
+    flag: str | None, environ: dict[str, str]
+) -> None:
+    # Was "no dsjobs token for 127.0.0.1:17090: ... goes only with the endpoint there (127.0.0.1:17090)".
+    target = resolve_target(
+        endpoint=flag, token=None, ca_file=None, environ=environ, env_file_text=LOCAL_STACK_FILE
+    )
+    assert target == Target(endpoint="127.0.0.1:17090", token="local", ca_file="/local-ca.pem")
+
+
 def test_env_file_ca_stays_with_the_env_file_endpoint() -> None:
     target = resolve_target(
         endpoint="elsewhere:443", token="t", ca_file=None, environ={}, env_file_text=LOCAL_STACK_FILE
@@ -202,6 +215,16 @@ def test_our_options_are_taken_only_from_the_front(
     argv: list[str], ours: dict[str, str], rest: list[str]
 ) -> None:
     assert split_args(argv) == (ours, rest)
+
+
+def test_download_files_takes_our_options_anywhere() -> None:
+    # Its options are all ours; taken from the front only, `--id J --endpoint H` was told
+    # "no dsjobs endpoint: pass --endpoint".
+    argv = ["--id", "j", "--endpoint", "h:1", "--with-logs", "--token=t", "--insecure"]
+    assert split_args(argv, anywhere=True) == (
+        {"endpoint": "h:1", "token": "t", "insecure": "1"},
+        ["--id", "j", "--with-logs"],
+    )
 
 
 def test_option_without_value_is_an_error() -> None:
