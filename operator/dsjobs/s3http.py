@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import http.client
 import os
 import re
@@ -213,8 +214,16 @@ class S3HttpError(Exception):
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 
 
+def _xml_text(escaped: str) -> str:
+    """The text of an XML element's content: Go's encoding/xml (the dev store, MinIO) writes
+    `&#34;` and `&#xA;` where AWS writes `&quot;`; html.unescape reads both."""
+    return html.unescape(escaped)
+
+
 def error_from(status: int, body: bytes, key: str) -> S3HttpError:
-    fields = dict(_XML_FIELD.findall(body[:4096].decode("utf-8", "replace")))
+    fields = {
+        name: _xml_text(text) for name, text in _XML_FIELD.findall(body[:4096].decode("utf-8", "replace"))
+    }
     message = fields.get("Message", "")
     if status == 403 and "Code" not in fields:
         # A HEAD's refusal has no body to say why (a job's first store request is one): the
@@ -393,11 +402,7 @@ _XML_KEY = re.compile(r"<Key>([^<]*)</Key>")
 
 def listed_keys(body: bytes) -> list[str]:
     """The object keys of a ListObjectsV2 answer (XML-escaped text unescaped)."""
-    from xml.sax.saxutils import unescape
-
-    return [
-        unescape(k, {"&quot;": '"', "&apos;": "'"}) for k in _XML_KEY.findall(body.decode("utf-8", "replace"))
-    ]
+    return [_xml_text(k) for k in _XML_KEY.findall(body.decode("utf-8", "replace"))]
 
 
 class StreamResponse:

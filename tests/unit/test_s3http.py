@@ -305,6 +305,18 @@ def test_listed_keys_reads_a_list_objects_v2_answer() -> None:
     )
     assert listed_keys(body) == ["projects/p/jobs/j/logs/a&b", "projects/p/jobs/j/result.json"]
     assert listed_keys(b"<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>") == []
+    # Go's encoding/xml (the dev store, MinIO) escapes by number: read as AWS's names are, or the
+    # key deleted next is not the one listed.
+    go = b"<Contents><Key>p/&#34;q&#34; &#39;r&#39;&#xA;&amp;copy;</Key></Contents>"
+    assert listed_keys(go) == ["p/\"q\" 'r'\n&copy;"]
+    assert listed_keys(b"<Key>p/&quot;q&quot; &apos;r&apos;</Key>") == ["p/\"q\" 'r'"]
+
+
+def test_an_error_message_is_read_unescaped() -> None:
+    body = b"<Error><Code>AccessDenied</Code><Message>not under the prefix &#34;projects/demo/&#34;</Message></Error>"
+    assert (
+        str(error_from(403, body, "k")) == 'AccessDenied (403) for k: not under the prefix "projects/demo/"'
+    )
 
 
 def test_conditional_put_and_errors_without_a_body(server: str) -> None:
