@@ -28,3 +28,12 @@ def call_kind(method: str, path: str) -> tuple[str, str]:
     if len(rest) >= 3:
         resource += "/" + rest[2]  # a subresource: projectjobs/status
     return method.lower(), resource
+
+
+#: A watch silent this long is a dead connection (a vanished API server instance, a dropped
+#: conntrack entry): asked with allowWatchBookmarks and a timeoutSeconds, the API server sends a
+#: BOOKMARK every minute however quiet the resource, and keeps ~75 s of events to watch again
+#: from. The API's job index then watches again from the last resourceVersion seen (waiting for
+#: the server's 300 s timeout, +30, served stale jobs 5.5 min); Kopf's watches in the operator do
+#: the same after its own `inactivity_timeout`, whose default is this.
+WATCH_IDLE_SECONDS = 70.0

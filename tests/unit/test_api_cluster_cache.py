@@ -5,6 +5,7 @@ burst, however many callers ask for it (a fake cluster that answers LISTs by nam
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -350,3 +351,69 @@ def test_a_relist_keeps_what_this_replica_wrote_meanwhile() -> None:
     assert after == {("ns", "executed"): entry(7), ("ns", "created"): entry(8), ("ns", "kept"): entry(3)}
     # The snapshot's version unknown: what it lacks cannot be told new from deleted; it goes.
     assert ("ns", "created") not in cluster_module.relisted(listed, 0, current, {})
+
+
+def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that goes dark (a vanished API server instance, a dropped conntrack entry) is
+    no longer trusted for the server's 300 s timeout: the API server sends a BOOKMARK every minute,
+    so silence past WATCH_IDLE_SECONDS means a new watch from the last version, no relist. A real
+    Kube client against an HTTP server that sends one event per connection and then holds it."""
+    from aiohttp import web
+
+    from dsjobs.api.kube import KubeConfig
+
+    monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.3)
+    watches: list[str] = []
+    lists: list[str] = []
+
+    def versioned(version: int, phase: str) -> dict[str, Any]:
+        body = job(JOB)
+        body["metadata"]["resourceVersion"] = str(version)
+        body["status"] = {"phase": phase}
+        return body
+
+    async def jobs(request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch") != "true":
+            lists.append(request.query_string)
+            return web.json_response(
+                {"items": [versioned(5, "CREATING")], "metadata": {"resourceVersion": "5"}}
+            )
+        watches.append(request.query["resourceVersion"])
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        phase = "EXECUTING" if len(watches) == 1 else "SUCCESS"
+        event = {"type": "MODIFIED", "object": versioned(5 + len(watches), phase)}
+        await resp.write(json.dumps(event).encode() + b"\n")
+        await done.wait()  # nothing more: the connection went dark
+        return resp
+
+    done = asyncio.Event()
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get(jobs_path(), jobs)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        kube = Kube(KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, None))
+        await kube.start()
+        index = JobIndex(kube)
+        index.start()
+        try:
+            for _ in range(100):
+                cached = index.cached("team-a", JOB)
+                if cached is not None and cached["status"]["phase"] == "SUCCESS":
+                    break
+                await asyncio.sleep(0.05)
+            assert cached is not None and cached["status"]["phase"] == "SUCCESS"
+            assert index.synced.is_set()
+        finally:
+            await index.stop()
+            await kube.close()
+            done.set()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+    assert watches[:2] == ["5", "6"] and len(lists) == 1

@@ -30,8 +30,9 @@ from typing import Any, cast
 
 from dsjobs.api import metrics
 from dsjobs.api.errors import KubeError
-from dsjobs.api.kube import Kube, jobs_path, namespaces_path
+from dsjobs.api.kube import Kube, WatchIdle, jobs_path, namespaces_path
 from dsjobs.controller.names import project_holder
+from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
 
 log = logging.getLogger(__name__)
@@ -362,19 +363,27 @@ class JobIndex:
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": 300,
             }
-            async for event in self._kube.watch(jobs_path(), params=params):
-                kind = event.get("type")
-                obj = event.get("object") or {}
-                meta = obj.get("metadata") or {}
-                if kind == "ERROR":
-                    raise KubeError(
-                        int(obj.get("code") or 500), str(obj.get("reason", "")), str(obj.get("message", ""))
-                    )
-                version = str(meta.get("resourceVersion") or version)
-                if kind in ("ADDED", "MODIFIED"):
-                    self.remember(obj)
-                elif kind == "DELETED":
-                    self.forget(str(meta.get("name")), str(meta.get("namespace")), _version(meta))
+            try:
+                async for event in self._kube.watch(
+                    jobs_path(), params=params, idle_seconds=WATCH_IDLE_SECONDS
+                ):
+                    kind = event.get("type")
+                    obj = event.get("object") or {}
+                    meta = obj.get("metadata") or {}
+                    if kind == "ERROR":
+                        raise KubeError(
+                            int(obj.get("code") or 500),
+                            str(obj.get("reason", "")),
+                            str(obj.get("message", "")),
+                        )
+                    version = str(meta.get("resourceVersion") or version)
+                    if kind in ("ADDED", "MODIFIED"):
+                        self.remember(obj)
+                    elif kind == "DELETED":
+                        self.forget(str(meta.get("name")), str(meta.get("namespace")), _version(meta))
+            except WatchIdle:
+                # A new connection from where this one went silent; a 410 then relists.
+                log.debug("job index: the watch was silent for %.0fs; watching again", WATCH_IDLE_SECONDS)
 
 
 Cached = dict[tuple[str, str], tuple[int, bytes]]

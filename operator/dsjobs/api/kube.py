@@ -258,9 +258,16 @@ class Kube:
             )
 
     async def watch(
-        self, path: str, *, params: Mapping[str, str | int], accept: str = "application/json"
+        self,
+        path: str,
+        *,
+        params: Mapping[str, str | int],
+        accept: str = "application/json",
+        idle_seconds: float | None = None,
     ) -> AsyncIterator[JSON]:
-        """Watch events (`{"type": ..., "object": ...}`) until the server ends the stream."""
+        """Watch events (`{"type": ..., "object": ...}`) until the server ends the stream.
+        `idle_seconds`: WatchIdle when nothing came for that long (default: the stream's
+        timeoutSeconds and 30 more)."""
         if self._session is None:
             raise RuntimeError("Kube.start() was not called")
         query = {k: str(v) for k, v in params.items()} | {"watch": "true"}
@@ -270,7 +277,7 @@ class Kube:
                 params=query,
                 headers=self._headers(accept, None),
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_read=int(params.get("timeoutSeconds", 300)) + 30
+                    total=None, sock_read=idle_seconds or int(params.get("timeoutSeconds", 300)) + 30
                 ),
                 server_hostname=self._config.server_name,
             ) as resp:
@@ -279,8 +286,14 @@ class Kube:
                 async for line in resp.content:
                     if line.strip():
                         yield cast(JSON, json.loads(line))
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except TimeoutError as exc:
+            raise WatchIdle(0, "Unavailable", "no answer in time: the watch was silent") from exc
+        except (aiohttp.ClientError, OSError) as exc:
             raise _no_answer(exc) from exc
+
+
+class WatchIdle(KubeError):
+    """A watch that brought nothing, not even a BOOKMARK, for longer than the server sends them."""
 
 
 def _no_answer(exc: BaseException) -> KubeError:
