@@ -276,7 +276,7 @@ def choose_ports(
 ) -> dict[str, int]:
     """This cluster's ports: those recorded by an earlier `up` of it, but for any that another live
     cluster holds (`held`); else each wanted port that is free and not held, and otherwise a port
-    the system hands out (never one wanted, held or chosen already)."""
+    reserve_ports gives (never one wanted, held or chosen already)."""
     chosen: dict[str, int] = {}
     if recorded is not None and set(recorded) == set(wanted):
         # Not probed: our own stack may be listening on them, which must not move them.

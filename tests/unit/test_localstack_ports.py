@@ -202,3 +202,15 @@ def test_with_ports_rewrites_settings_ports_probes_and_annotations() -> None:
 def test_a_port_setting_that_is_not_a_port_is_refused() -> None:
     with pytest.raises(StackError, match=re.escape("'127.0.0.1:http' is not a port or host:port")):
         overlay_ports({"DSJOBS_API_LISTEN": "127.0.0.1:http"})
+
+
+def test_reserved_ports_are_below_the_ephemeral_range() -> None:
+    # Where binding port 0 picks, an outgoing connection may hold the port as its own when a
+    # restarted process binds it again: the review's restarted API failed for half a minute.
+    from dsjobs.devcluster.procs import RESERVED_PORTS_FROM, ephemeral_ports
+
+    low = ephemeral_ports()[0]
+    with reserve_ports(8) as ports:
+        assert len(set(ports)) == 8
+        if low > RESERVED_PORTS_FROM + 1000:
+            assert all(RESERVED_PORTS_FROM <= p < low for p in ports), (ports, low)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -196,15 +197,30 @@ def stop(components: Sequence[Component], timeout: float = 15.0) -> list[str]:
 
 @contextlib.contextmanager
 def reserve_ports(count: int) -> Iterator[list[int]]:
-    """Pick `count` distinct free loopback ports.
+    """Pick `count` distinct free loopback ports, below the kernel's ephemeral range.
 
     The sockets stay bound while the caller builds its command lines, so the
     kernel cannot hand the same port out twice; they are closed on exit, just
     before the children bind them (a small, accepted race with strangers).
+    Not from the ephemeral range (what binding port 0 gives): there an outgoing
+    connection may hold the port as its own when a restarted process binds it
+    again (EADDRINUSE: a restarted API server failed for half a minute).
     """
-    socks = []
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        low, high = RESERVED_PORTS_FROM, ephemeral_ports()[0]
+        candidates = random.sample(range(low, high), min(PORT_TRIES, high - low)) if high > low else []
+        for port in candidates:
+            if len(socks) == count:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < count:  # a range too small or full: the kernel's choice
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
             socks.append(s)
@@ -212,6 +228,20 @@ def reserve_ports(count: int) -> Iterator[list[int]]:
     finally:
         for s in socks:
             s.close()
+
+
+#: Where reserve_ports looks first: above the usual fixed ports (the stack's own defaults, 17090
+#: and the like), below the ephemeral range.
+RESERVED_PORTS_FROM = 20000
+PORT_TRIES = 200
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if unknown)."""
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
