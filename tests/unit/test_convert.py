@@ -623,3 +623,24 @@ def test_the_entries_of_an_oversized_list_are_not_looked_at() -> None:
         params.output_datasets.add(name=f"d{i}", labels={f"k{j}": "v" for j in range(65)})
     problems = listsizes.oversized_lists(params, "job_parameters_overrides")
     assert [p.path for p in problems] == ["job_parameters_overrides.output_datasets"]
+
+
+def test_clone_keeps_the_source_s_config_and_retry_policy() -> None:
+    from dsjobs_strategies import full_spec
+
+    from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
+
+    source = full_spec()
+    clone = c.spec_from_clone_request(source, svc.CloneProjectJobRequest(source_job_id="s"))
+    assert clone.config == source.config and clone.retry_policy == source.retry_policy
+
+
+def test_job_metadata_carries_the_job_s_times() -> None:
+    # The Execute operation's metadata: the CLI shows them.
+    from dsjobs_strategies import full_spec, full_status
+
+    status = full_status()
+    meta = c.job_metadata_to_proto("job1", full_spec(), status)
+    assert c.from_timestamp(meta.created_at) == status.created_at
+    assert c.from_timestamp(meta.started_at) == status.started_at
+    assert c.from_timestamp(meta.finished_at) == status.finished_at

@@ -3255,3 +3255,76 @@ def test_a_job_naming_another_project_deletes_none_of_that_projects_data() -> No
     for own in ("proj-a", None):
         mine = dataclasses.replace(job(status=done), namespace_project=own)
         assert [a for a in marked_then(mine, [pod(gone=True)]).actions if isinstance(a, ClearData)]
+
+
+def test_a_container_that_cannot_be_created_fails_after_the_timeout() -> None:
+    # A restricted pod security level and an image that runs as root: waited on for ever if not
+    # counted among the failing waits.
+    bad = pod(
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[
+            waiting(
+                "job", "CreateContainerConfigError", "container has runAsNonRoot and image will run as root"
+            ),
+            running("ship"),
+        ],
+    )
+    p1 = step(job(status=started()), [bad])
+    assert p1.status.phase == JobPhase.PREPARING
+    p2 = step(job(status=p1.status.to_cr()), [bad], now=NOW + timedelta(seconds=61))
+    assert p2.status.phase == JobPhase.ERROR and "runAsNonRoot" in p2.status.status_details
+
+
+def test_an_image_never_to_be_pulled_fails_at_once() -> None:
+    bad = pod(node="cpu-0", init=[waiting("stage-in", "ErrImageNeverPull", "never pull")])
+    assert step(job(status=started()), [bad]).status.phase == JobPhase.ERROR
+
+
+def test_progress_is_kept_in_the_crd_s_range() -> None:
+    # The CRD says maximum 100: a runner's 150 made the whole status write Invalid.
+    from dsjobs.controller.status import apply_result
+    from dsjobs.models import ProjectJobStatus
+    from dsjobs.runner.result import ProgressResult, RunnerResult, RunnerStatus
+
+    s = ProjectJobSpec.model_validate({"projectId": "p", "jobParameters": {"cmd": "x"}})
+    r = RunnerResult(
+        project_id="p",
+        job_id="j",
+        attempt=1,
+        status=RunnerStatus.EXITED,
+        return_code=0,
+        progress=ProgressResult(progress=150, message="m"),
+    )
+    progress = apply_result(s, ProjectJobStatus(), r).progress
+    assert progress is not None and progress.progress == 100
+
+
+def test_a_pod_held_by_scheduling_gates_is_not_unschedulable() -> None:
+    # Kueue holds pods so: counted as "no capacity", the job fell back to its next type.
+    gated = pod(
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "SchedulingGated",
+                "message": "Scheduling is blocked due to non-empty scheduling gates",
+            }
+        ]
+    )
+    assert not gated.unschedulable
+
+
+def test_a_pod_of_the_decided_attempt_is_adopted_not_made_again() -> None:
+    # A crash between deciding the retry and writing its pod's name: the pod is this attempt's.
+    status = started(attempt=2, podName="", retriedFailures=1)
+    second = pod(
+        attempt=2,
+        phase="Running",
+        node="cpu-0",
+        init=[terminated("stage-in")],
+        containers=[running("job"), running("ship")],
+    )
+    p = step(job(status=status), [second])
+    assert p.status.pod_name == "job-1-a2"
+    assert "CreatePod" not in [type(a).__name__ for a in p.actions]

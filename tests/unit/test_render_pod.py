@@ -976,3 +976,45 @@ def test_the_instance_type_digest_covers_what_goes_into_the_pod_only() -> None:
         json.dumps(base.to_cr(), sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()[:16]
     assert made_from(old_style, base) and not made_from(old_style, changed)
+
+
+def test_runner_config_keeps_input_and_output_vars_and_zip() -> None:
+    # No golden job has an output var: lost, `${OUT}` reached the shell as an empty expansion and
+    # the program wrote where nothing is uploaded from.
+    from dsjobs.controller.render import runner_config
+    from dsjobs.runner.cmd import render_config_cmd
+    from dsjobs.runner.config import Compression
+
+    s = spec(
+        cmd="python main.py --data ${DATA} --out ${OUT}",
+        inputFiles=[
+            {
+                "desc": {"path": "data", "var": "DATA"},
+                "sha256": "a" * 64,
+                "sizeBytes": 10,
+                "compressionType": "ZIP",
+            }
+        ],
+        outputFiles=[{"path": "out/result.txt", "var": "OUT"}],
+    )
+    config = runner_config(JOB, s, attempt=1)
+    assert config.inputs[0].var == "DATA" and config.inputs[0].compression == Compression.ZIP
+    assert config.outputs[0].var == "OUT"
+    assert "${" not in render_config_cmd(config)
+
+
+def test_a_registry_password_in_a_project_secret_needs_the_pull_secret() -> None:
+    from dsjobs.controller.render import needs_registry_secret
+
+    image = {"imageUrl": "cr.example.com/a/b:1", "username": "u", "passwordDsSecretName": "REGISTRY_PW"}
+    assert needs_registry_secret(spec(env={"dockerImageSpec": image}))
+
+
+def test_a_runner_secret_just_over_1_mib_is_refused() -> None:
+    # At the edge, not only far past it: 1-2 MiB passed a doubled bound, and the API server then
+    # refused the Secret.
+    from dsjobs.controller.render import runner_config, runner_secret, secret_size_problem
+
+    s = spec(cmd="true", env={"vars": {f"V{i}": "x" * 36000 for i in range(31)}})  # ~1.07 MiB
+    config = runner_config(JOB, s, attempt=1)
+    assert secret_size_problem(runner_secret(JOB, config, {}, attempt=1), config) is not None

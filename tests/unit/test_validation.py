@@ -1410,3 +1410,31 @@ def test_every_rule_of_a_clone_s_overrides_is_listed() -> None:
     rules = {p.rule for p in clone_override_problems(source, o)}
     assert rules == {"clone-var", "clone-arg", "clone-keeps", "var-unique"}
     assert rules <= set(RULES) | set(REQUEST_RULES)
+
+
+def test_an_output_dataset_s_size_has_an_upper_bound() -> None:
+    # Else a claim of 10^9 GB that no provisioner ever makes.
+    _, problems = parse_job_spec(
+        {
+            "projectId": "proj-a",
+            "jobParameters": {
+                "cmd": "python x.py",
+                "outputDatasets": [{"name": "d", "var": "D", "sizeGb": 10**9}],
+            },
+        }
+    )
+    assert any(p.rule == "dataset-size" for p in problems), problems
+
+
+def test_ephemeral_storage_may_be_requested_below_its_limit() -> None:
+    from dsjobs.validation.instancetype import parse_instance_type
+
+    _, problems = parse_instance_type(
+        "c9.1",
+        {
+            "vcpu": 1,
+            "memory": "1Gi",
+            "resources": {"requests": {"ephemeral-storage": "1Gi"}, "limits": {"ephemeral-storage": "20Gi"}},
+        },
+    )
+    assert problems == []
