@@ -3277,8 +3277,13 @@ def test_a_container_that_cannot_be_created_fails_after_the_timeout() -> None:
 
 
 def test_an_image_never_to_be_pulled_fails_at_once() -> None:
+    from dsjobs.controller.status import _PHASE_REASONS
+
     bad = pod(node="cpu-0", init=[waiting("stage-in", "ErrImageNeverPull", "never pull")])
-    assert step(job(status=started()), [bad]).status.phase == JobPhase.ERROR
+    p = step(job(status=started()), [bad])
+    assert p.status.phase == JobPhase.ERROR
+    # `kubectl get events --field-selector type=Warning` shows the failure.
+    assert [e.type for e in p.events if e.reason == _PHASE_REASONS[JobPhase.ERROR]] == ["Warning"]
 
 
 def test_progress_is_kept_in_the_crd_s_range() -> None:
