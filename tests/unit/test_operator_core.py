@@ -691,3 +691,18 @@ def test_a_runner_image_of_another_version_is_told(image: str, skewed: bool) -> 
     assert (why is not None) == skewed
     if why is not None:
         assert image in why and "DSJOBS_RUNNER_IMAGE" in why
+
+
+def test_the_operator_stops_when_its_crds_are_not_served() -> None:
+    # Started without them (an uninstall whose CRD deletion ended after the reinstall's apply),
+    # it stayed up, healthy and idle for good: Kopf resolves its resources once.
+    from dsjobs.controller.handlers import served_problem
+
+    both = {"resources": [{"name": "projectjobs"}, {"name": "projectjobs/status"}, {"name": "instancetypes"}]}
+    assert served_problem(both) is None
+    assert served_problem(None) == (
+        "projectjobs.dsjobs.dev and instancetypes.dsjobs.dev: no such CustomResourceDefinition served by "
+        "the API server; apply the CRDs (kubectl apply -k crds): the operator exits until they are served"
+    )
+    problem = served_problem({"resources": [{"name": "instancetypes"}]})
+    assert problem is not None and problem.startswith("projectjobs.dsjobs.dev: no such")

@@ -153,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             clusterwide=not namespaces,
             namespaces=list(namespaces),
             liveness_endpoint=liveness_endpoint(settings),
+            stop_flag=operator.stop_flag,
         )
+        if operator.startup_problem is not None:
+            return 2
     finally:
         if elector is not None:
             elector.release()

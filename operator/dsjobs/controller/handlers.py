@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -336,6 +337,10 @@ class Operator:
         # Set (from the lease watchdog's thread) when the leadership is lost: no more reconciles
         # while the process posts its last Events and exits.
         self.standing_down = False
+        # Why check_served stopped the operator (its main says it and exits 2), and how.
+        self.startup_problem: str | None = None
+        self.stop_flag = threading.Event()
+        self.served_check: asyncio.Future[None] | None = None
         # Namespace -> (loop time, its project label): the check of a job's projectId at its start.
         self._namespace_projects: dict[str, tuple[float, NamespaceProject]] = {}
         self._namespace_lookups: dict[str, asyncio.Future[NamespaceProject]] = {}
@@ -556,6 +561,20 @@ class Operator:
             log.info("InstanceType %s was deleted while the watch was away", name)
             await self._type_changed(name)
         return gone
+
+    async def check_served(self) -> None:
+        """Stop the operator (CrashLoopBackOff, as the pod's restarts go) while its CRDs are not
+        served: Kopf resolved them once, at its start, and without them serves nothing."""
+        assert self.kube is not None
+        try:
+            problem = served_problem(await self.kube.get("discovery", f"/apis/{GROUP}/{VERSION}"))
+        except APIError as exc:  # not known: Kopf's watches tell their own failures
+            log.warning("cannot tell whether the CRDs are served: %s", exc)
+            return
+        if problem is not None:
+            log.error("%s", problem)
+            self.startup_problem = problem
+            self.stop_flag.set()
 
     async def resync_pods_forever(self) -> None:
         interval = self.settings.pod_resync_seconds
@@ -1836,6 +1855,23 @@ def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
     return info
 
 
+def served_problem(discovery: Mapping[str, Any] | None) -> str | None:
+    """Why the operator cannot serve anything, from the API server's discovery document of
+    dsjobs.dev/v1 (None: the group is not served at all); None when both CRDs are. Kopf
+    resolves its resources once (no CRD scanning: fewer rights), so an operator started without
+    them stayed up, healthy and idle for good, the CRDs applied again or not."""
+    names = {str(r.get("name")) for r in (discovery or {}).get("resources") or () if isinstance(r, Mapping)}
+    missing = [
+        f"{plural}.{GROUP}" for plural in (PROJECTJOB_PLURAL, INSTANCETYPE_PLURAL) if plural not in names
+    ]
+    if not missing:
+        return None
+    return (
+        f"{' and '.join(missing)}: no such CustomResourceDefinition served by the API server; "
+        "apply the CRDs (kubectl apply -k crds): the operator exits until they are served"
+    )
+
+
 def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
     """Register the operator's handlers on a Kopf registry."""
     fastjson.install()
@@ -1865,12 +1901,14 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         metrics.LEADER.set(1)
         op.kube = Kube(settings, concurrency=op.settings.kube_concurrency)
         op.events = EventPoster(op.kube, op.settings.event_component)
+        # Not awaited here: Kopf logs in only once its startup handlers are done.
+        op.served_check = asyncio.ensure_future(op.check_served())
         op.resync = asyncio.ensure_future(op.resync_pods_forever())
         op.store_check = asyncio.ensure_future(op.store.check_access())
 
     @kopf.on.cleanup(registry=registry)
     async def flush_events(**_: Any) -> None:
-        for task in (op.resync, op.store_check):
+        for task in (op.resync, op.store_check, op.served_check):
             if task is not None:
                 task.cancel()
         if op.events is not None:
