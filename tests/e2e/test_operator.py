@@ -1258,6 +1258,18 @@ def test_a_pod_deleted_while_the_operator_is_away_keeps_the_job_s_logs(h: H) -> 
     assert logs["stdout.txt"]["sizeBytes"] == len("before the end\n"), logs
 
 
+def test_a_pod_deleted_with_force_keeps_the_job_s_logs(h: H) -> None:
+    # Gone from the API at once, its runner stops a moment later and stores result.json then:
+    # read only at once, the job ended listing no log file while the store held them.
+    h.create_job("forced-away", {"cmd": "echo before the end; sleep 600"})
+    h.wait_phase("forced-away", "EXECUTING", timeout=120)
+    h.kubectl("delete", "pod", "-n", h.namespace, "forced-away-a1", "--grace-period=0", "--force")
+    status = h.wait_phase("forced-away", "ERROR", "CANCELLED", "SUCCESS", timeout=120)
+    assert status["phase"] == "ERROR", status
+    logs = {f["desc"]["path"]: f for f in status.get("logFiles") or ()}
+    assert logs["stdout.txt"]["sizeBytes"] == len("before the end\n"), status
+
+
 def test_a_job_must_name_its_namespaces_project(h: H) -> None:
     # Its data lives under projects/<projectId>/: naming another project would reach that
     # project's data. The admission policy refuses it, and projectId cannot change later.

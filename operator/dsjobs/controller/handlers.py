@@ -1079,7 +1079,17 @@ class Operator:
             # nothing more, while the containers may well have finished and stored their work)
             # or was deleted (the pod GC marks it Failed). The runner stored result.json on its
             # way out, with the job's logs and outputs. Not waited for: nothing says when it ended.
-            return settled(None, await self.store.stored_result(job, pod.attempt, None))
+            stored = await self.store.stored_result(job, pod.attempt, None)
+            if stored is None and pod.gone and ship is not None and ship.state == "running":
+                # Deleted with --force while its ship ran: the node stops the containers only
+                # now, and the runner stores result.json a moment later on its way out. Read at
+                # once only, the job ended listing no log file that the store then held.
+                for _ in range(FORCED_RESULT_WAIT_SECONDS):
+                    await asyncio.sleep(1)
+                    stored = await self.store.stored_result(job, pod.attempt, None)
+                    if stored is not None:
+                        break
+            return settled(None, stored)
         if ship is None or ship.state != "terminated":
             return None
         if not ship.message:
@@ -1853,6 +1863,11 @@ def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
     if info is None:
         info = kopf.login_with_kubeconfig(**kwargs)
     return info
+
+
+#: How long a reconcile waits for the result.json of a pod deleted with --force while its ship
+#: ran (the node gives the runner about 2 s on its way out; a slow store more).
+FORCED_RESULT_WAIT_SECONDS: Final = 15
 
 
 def served_problem(discovery: Mapping[str, Any] | None) -> str | None:
