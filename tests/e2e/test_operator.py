@@ -539,6 +539,25 @@ def test_a_mount_the_node_cannot_set_up_is_told_from_the_pods_events(h: H) -> No
             h.core.delete_persistent_volume(pv)
 
 
+def test_an_output_dataset_whose_claim_was_deleted_is_not_told_created(h: H) -> None:
+    if h.cluster.root is None:
+        pytest.skip(LOCAL_CLASS_ONLY)
+    # pvc-protection keeps a deleted claim only until the pod ends: the job said SUCCESS with
+    # a dataset id that nothing could ever mount.
+    ods = {"name": "lost", "var": "LOST", "sizeGb": 1}
+    h.create_job("ods-lost", {"cmd": "echo a > ${LOST}/a.txt; sleep 8", "outputDatasets": [ods]})
+    h.wait_phase("ods-lost", "EXECUTING", timeout=120)
+    (claim,) = h.core.list_namespaced_persistent_volume_claim(
+        h.namespace, label_selector="dsjobs.dev/job-id=ods-lost"
+    ).items
+    h.kubectl("delete", "pvc", "-n", h.namespace, claim.metadata.name, "--wait=false")
+    status = h.wait_phase("ods-lost", "SUCCESS", "ERROR", timeout=120)
+    assert status["phase"] == "SUCCESS" and not status.get("outputDatasets"), status
+    assert "not created: its volume claim was deleted while the job ran" in status["statusDetails"], status
+    assert _told(h, "ods-lost", "DatasetLost")
+    assert "DatasetsCreated" not in [e.reason for e in h.events("ods-lost")]
+
+
 def test_output_datasets_become_datasets_that_outlive_the_job(h: H, storage: Storage) -> None:
     if h.cluster.root is None:
         pytest.skip(LOCAL_CLASS_ONLY)

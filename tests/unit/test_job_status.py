@@ -3333,3 +3333,28 @@ def test_a_pod_of_the_decided_attempt_is_adopted_not_made_again() -> None:
     p = step(job(status=status), [second])
     assert p.status.pod_name == "job-1-a2"
     assert "CreatePod" not in [type(a).__name__ for a in p.actions]
+
+
+def test_datasets_whose_claims_were_deleted_are_not_told_created() -> None:
+    from dsjobs.controller.plan import without_lost_datasets
+    from dsjobs.controller.status import JobEvent
+    from dsjobs.models import OutputDataset, OutputDatasetDesc, ProjectJobStatus
+
+    def ds(name: str) -> OutputDataset:
+        return OutputDataset(desc=OutputDatasetDesc(name=name, var=name.upper(), size_gb=1), id=f"ds{name}")
+
+    final = ProjectJobStatus(phase=JobPhase.SUCCESS, output_datasets=[ds("a"), ds("b")])
+    events = [
+        JobEvent("Normal", "Succeeded", "x"),
+        JobEvent("Normal", "DatasetsCreated", "created datasets dsa (a), dsb (b)"),
+    ]
+    status, told = without_lost_datasets(final, events, ["dsb"])
+    assert [d.id for d in status.output_datasets] == ["dsa"]
+    assert (
+        status.status_details == "dataset dsb (b) not created: its volume claim was deleted while the job ran"
+    )
+    assert [(e.type, e.reason, e.message) for e in told[1:]] == [
+        ("Normal", "DatasetsCreated", "created datasets dsa (a)"),
+        ("Warning", "DatasetLost", status.status_details),
+    ]
+    assert without_lost_datasets(final, events, []) == (final, events)

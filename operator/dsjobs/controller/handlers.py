@@ -96,6 +96,7 @@ from dsjobs.controller.plan import (
     scale_up_matters,
     schedule_budget,
     waiting_to_create,
+    without_lost_datasets,
     write_delay,
 )
 from dsjobs.controller.podview import SCALE_UP_SELECTOR, PodView, latest_event_message, scale_up_message
@@ -1185,7 +1186,8 @@ class Operator:
             elif isinstance(action, DeleteSecrets):
                 await self._delete_secrets(job)
             elif isinstance(action, PublishDatasets):
-                await self._publish_datasets(job, action.dataset_ids)
+                lost = await self._publish_datasets(job, action.dataset_ids)
+                status, events = without_lost_datasets(status, events, lost)
             elif isinstance(action, DeleteDatasetClaims):
                 await self._delete_dataset_claims(job)
             elif isinstance(action, DeleteRegistryPasswords):
@@ -1477,21 +1479,26 @@ class Operator:
             "secrets", core_path(job.namespace, "secrets"), operator_secrets_selector(job.name)
         )
 
-    async def _publish_datasets(self, job: JobView, dataset_ids: Sequence[str]) -> None:
-        """Label each output dataset's claim with its id and drop the job's ownership (idempotent)."""
+    async def _publish_datasets(self, job: JobView, dataset_ids: Sequence[str]) -> list[str]:
+        """Label each output dataset's claim with its id and drop the job's ownership (idempotent).
+        The ids whose claim is gone or going: somebody deleted the operator's claim meanwhile."""
         assert self.kube is not None
         key = (job.namespace, job.name)
+        lost: list[str] = []
         for dataset_id in dataset_ids:
             path = core_path(job.namespace, "persistentvolumeclaims", output_dataset_claim_name(dataset_id))
             try:
-                await self.kube.merge_patch(
+                claim = await self.kube.merge_patch(
                     "persistentvolumeclaims", path, published_dataset_patch(dataset_id)
                 )
             except NotFound:
-                # Only somebody deleting the operator's claim gets here; the job still ran.
+                claim = None
+            if claim is None or (claim.get("metadata") or {}).get("deletionTimestamp"):
                 jlog(logging.WARNING, key, "the claim of dataset %s is gone: not published", dataset_id)
+                lost.append(dataset_id)
             else:
                 jlog(logging.INFO, key, "published dataset %s", dataset_id)
+        return lost
 
     async def _delete_dataset_claims(self, job: JobView) -> None:
         assert self.kube is not None

@@ -21,7 +21,7 @@ finishedAt, dataExpiresAt) and come back as `requeue_after`, so they survive res
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -557,6 +557,29 @@ def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
         actions=(*step.actions, PublishDatasets(tuple(d.id for d in created))),
         events=(*step.events, JobEvent("Normal", "DatasetsCreated", f"created datasets {names}")),
     )
+
+
+def without_lost_datasets(
+    status: ProjectJobStatus, events: Sequence[JobEvent], lost: Collection[str]
+) -> tuple[ProjectJobStatus, list[JobEvent]]:
+    """The final status and Events of a job whose output datasets `lost` (ids) could not be
+    published: their claims were deleted while it ran (pvc-protection kept them only until the
+    pod ended). Such a dataset is not created, and says so, instead of being listed as one."""
+    gone = [d for d in status.output_datasets if d.id in lost]
+    if not gone:
+        return status, list(events)
+    kept = [d for d in status.output_datasets if d.id not in lost]
+
+    def named(datasets: Sequence[OutputDataset]) -> str:
+        return ", ".join(f"{d.id} ({d.desc.name})" for d in datasets)
+
+    told = f"dataset {named(gone)} not created: its volume claim was deleted while the job ran"
+    out = [e for e in events if e.reason != "DatasetsCreated"]
+    if kept:
+        out.append(JobEvent("Normal", "DatasetsCreated", f"created datasets {named(kept)}"))
+    out.append(JobEvent("Warning", "DatasetLost", told))
+    details = f"{status.status_details}; {told}" if status.status_details else told
+    return status.model_copy(update={"output_datasets": kept, "status_details": clip(details)}), out
 
 
 def _plan(
