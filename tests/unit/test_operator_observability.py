@@ -702,3 +702,17 @@ def test_the_echo_of_the_operator_s_own_write_after_it_dropped_the_body_is_not_n
         handle.cancel()
     assert [e.reason for e in events.posted] == ["Created"]
     assert _status_writes() - writes == 1 and kube.status_writes == 1
+
+
+def test_a_deleted_job_whose_data_is_kept_says_so_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    # Its namespace no longer the project's (a label removed): the data stays for good, and the
+    # job with its Events goes with the finalizer: the log was the one place left to tell it.
+    body = _body(FINISHED)
+    body["metadata"]["deletionTimestamp"] = ts(CREATED)
+    body["metadata"]["finalizers"] = ["dsjobs.dev/cleanup"]
+    kube = NamespaceKube(body, "proj-b")
+    op, _ = _operator(kube)
+    with caplog.at_level(logging.WARNING, logger="dsjobs.controller"):
+        asyncio.run(_reconciled(op, times=3))
+    kept = [r.getMessage() for r in caplog.records if "deleted with its stored data kept" in r.getMessage()]
+    assert kept and "is not the project of namespace project-a" in kept[0], caplog.text

@@ -1197,6 +1197,15 @@ class Operator:
             elif isinstance(action, ClearData):
                 await self._clear_data(job)
             elif isinstance(action, RemoveFinalizer):
+                kept = foreign_project(job)
+                if kept and not job.status.data_cleared:
+                    # Said nowhere else: the job and its Events go with this write.
+                    jlog(
+                        logging.WARNING,
+                        (job.namespace, job.name),
+                        "deleted with its stored data kept: %s (python -m dsjobs.orphans lists it)",
+                        kept,
+                    )
                 finalizers = [f for f in job.finalizers if f != FINALIZER]
                 try:
                     await self.kube.merge_patch(
