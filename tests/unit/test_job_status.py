@@ -1280,8 +1280,21 @@ def test_success_records_outputs_logs_and_expiry() -> None:
     assert (
         s.file_errors[0].output_file_desc is not None and s.file_errors[0].output_file_desc.path == "gone.txt"
     )
-    assert s.finished_at == NOW and s.data_expires_at == NOW + timedelta(days=2)
+    # When its containers ended (2 s before the operator looked), the expiry counting from then.
+    ended = NOW - timedelta(seconds=2)
+    assert s.finished_at == ended and s.data_expires_at == ended + timedelta(days=2)
     assert "Succeeded" in [e.reason for e in p.events]
+
+
+def test_finished_at_is_when_the_pod_ended_not_when_the_operator_saw_it() -> None:
+    # An operator away for a minute (a crash, a rollout, a standby waiting on the Lease): its
+    # downtime went into finishedAt, the run time the CLI shows, the data expiry and the metrics.
+    j = job(status=started("EXECUTING"))
+    late = step(j, [ended_pod(0)], now=NOW + timedelta(minutes=1))
+    assert late.status.finished_at == NOW - timedelta(seconds=2)
+    # A node clock ahead of the operator's does not end a job in the future.
+    ahead = step(j, [ended_pod(0)], now=NOW - timedelta(seconds=10))
+    assert ahead.status.finished_at == NOW - timedelta(seconds=10)
 
 
 def test_the_stored_data_size_counts_inputs_outputs_and_logs_until_cleared() -> None:

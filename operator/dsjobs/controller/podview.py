@@ -227,6 +227,11 @@ class PodView:
                 return cond
         return None
 
+    @property
+    def ended_at(self) -> datetime | None:
+        """When its last container ended, by its node's clock (None: none ended, or no time)."""
+        return max((c.finished_at for c in self.containers if c.finished_at is not None), default=None)
+
     def container(self, name: str) -> ContainerView | None:
         for c in (*self.init_containers, *self.containers):
             if c.name == name:

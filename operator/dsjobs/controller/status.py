@@ -384,9 +384,13 @@ def finish(
     outcome: Outcome,
     now: datetime,
     events: list[JobEvent],
+    *,
+    ended_at: datetime | None = None,
 ) -> ProjectJobStatus:
     """Move to a final phase: finishedAt, data expiry, return code, the Finished and Ended
-    conditions."""
+    conditions. `ended_at`: when the pod's containers ended, which is finishedAt rather than
+    `now`: an operator away meanwhile (a crash, a rollout, a standby waiting on the Lease) saw the
+    end only later, and its downtime went into the run time, the data expiry and the metrics."""
     if (
         outcome.phase == JobPhase.CANCELLED
         and spec is not None
@@ -396,7 +400,7 @@ def finish(
         # The reason stays told once the job is final (CANCELLING said it while it lasted).
         outcome = dataclasses.replace(outcome, message=f"{outcome.message}: {spec.cancel.reason}")
     status = with_phase(status, outcome.phase, outcome.message, events)
-    finished_at = status.finished_at or now
+    finished_at = status.finished_at or (min(ended_at, now) if ended_at is not None else now)
     update: dict[str, object] = {"finished_at": finished_at}
     if status.started_at is not None and status.started_at > finished_at:
         # startedAt is the node's clock (the job container's start), finishedAt the operator's: a
@@ -1140,7 +1144,7 @@ def _compute_status(
                 )
             )
             return StatusUpdate(status, tuple(events), retry=True)
-        return StatusUpdate(finish(spec, status, outcome, now, events), tuple(events))
+        return StatusUpdate(finish(spec, status, outcome, now, events, ended_at=pod.ended_at), tuple(events))
 
     if cancelling:
         details = "cancelling" + (
