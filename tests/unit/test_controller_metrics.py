@@ -178,6 +178,9 @@ def test_the_wait_of_a_job_that_never_started_is_observed_at_its_end() -> None:
     creating = {"phase": "CREATING", "createdAt": ts(CREATED)}
     never = {**creating, "phase": "CANCELLED", "finishedAt": ts(NOW)}
     op._after_write(KEY, job(status=creating, execute=False), _written(never), [])
+    # Refused before it queued (an instance type that does not exist): it waited for no pod.
+    refused = {**creating, "phase": "ERROR", "finishedAt": ts(CREATED + timedelta(seconds=1))}
+    op._after_write(KEY, job(status=creating), _written(refused), [])
     seen = {
         o: tuple(a - b for a, b in zip(_queue_time(o), before[o], strict=True))
         for o in metrics.QUEUE_OUTCOMES

@@ -716,3 +716,27 @@ def test_a_deleted_job_whose_data_is_kept_says_so_in_the_log(caplog: pytest.LogC
         asyncio.run(_reconciled(op, times=3))
     kept = [r.getMessage() for r in caplog.records if "deleted with its stored data kept" in r.getMessage()]
     assert kept and "is not the project of namespace project-a" in kept[0], caplog.text
+
+
+def test_a_job_without_a_status_counts_as_creating() -> None:
+    # Its first step keeps failing (a webhook refusing pods with 500): the API answers CREATING,
+    # and the phase series summed to fewer jobs than there are.
+    body = _body({})
+    del body["status"]
+    op, _ = _operator(NamespaceKube(body, "proj-a"))
+    told: list[str] = []
+
+    class Book(metrics.PhaseBook):
+        def set(self, key: tuple[str, str], phase: str) -> None:
+            told.append(phase)
+            super().set(key, phase)
+
+    op.phases = Book()
+
+    async def seen() -> None:
+        await op.on_job_event("ADDED", body)
+        for _, handle in op._timers.values():
+            handle.cancel()
+
+    asyncio.run(seen())
+    assert told[:1] == ["CREATING"]  # before its first step (whose write then tells its phase)

@@ -129,6 +129,7 @@ from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_
 from dsjobs.controller.status import (
     COND_FINISHED,
     COND_RETRYING,
+    COND_SCHEDULED,
     JobEvent,
     StatusUpdate,
     evicted_from_lost_node,
@@ -377,8 +378,9 @@ class Operator:
             return
         self.input_refs.update(key, body)
         status = body.get("status") or {}
-        if status.get("phase"):
-            self.phases.set(key, status["phase"])
+        # No phase yet (no status written: a first step that keeps failing) is CREATING, as the
+        # API answers it: left out, the phase series summed to fewer jobs than there are.
+        self.phases.set(key, status.get("phase") or "CREATING")
         self.waits.update(key, status)
         if not status.get("attempt") and (body.get("spec") or {}).get("execute") and key not in self._seen:
             self._seen[key] = time.monotonic()
@@ -1730,10 +1732,13 @@ class Operator:
             ):
                 # It never started: a wait that only the end told (no capacity, an image never
                 # pulled, a cancel while queued) counts too, or the queue looks best when it is worst.
+                # Not a job refused before it queued (a type that does not exist, a missing mount):
+                # it waited for no pod, and its near-zero "wait" made the queue look better.
                 outcome = "cancelled" if phase == JobPhase.CANCELLED else "failed"
-                metrics.QUEUE_TIME.labels(outcome=outcome).observe(
-                    max(0.0, (fresh.finished_at - since).total_seconds())
-                )
+                if outcome == "cancelled" or fresh.pod_name or get_condition(fresh, COND_SCHEDULED):
+                    metrics.QUEUE_TIME.labels(outcome=outcome).observe(
+                        max(0.0, (fresh.finished_at - since).total_seconds())
+                    )
             if (
                 phase is not None
                 and phase.is_final
