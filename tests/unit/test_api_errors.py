@@ -413,3 +413,44 @@ def test_a_failure_every_call_shares_is_logged_once_per_interval(caplog: pytest.
     ]
     # The ones held back are still there at DEBUG.
     assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 4
+
+
+def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_cancelled() -> None:
+    # The client got DEADLINE_EXCEEDED; the metrics said CANCELLED (what the server saw), so a
+    # too short client timeout looked like users giving up.
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await asyncio.sleep(30)
+        return b""
+
+    def requests(code: str) -> float:
+        return sum(
+            s.value
+            for m in metrics.REQUESTS.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels == {"method": "/t.T/Slow", "code": code}
+        )
+
+    async def run() -> None:
+        server = grpc.aio.server(interceptors=[CallInterceptor()])
+        method = grpc.unary_unary_rpc_method_handler(handler)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"Slow": method}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await channel.unary_unary("/t.T/Slow")(cast(Any, b""), timeout=0.3)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                call = channel.unary_unary("/t.T/Slow")(cast(Any, b""))
+                await asyncio.sleep(0.3)
+                call.cancel()
+            deadline = asyncio.get_running_loop().time() + 30
+            while requests("DEADLINE_EXCEEDED") - before[0] < 1 or requests("CANCELLED") - before[1] < 1:
+                assert asyncio.get_running_loop().time() < deadline  # a hang guard only
+                await asyncio.sleep(0.05)
+        finally:
+            await server.stop(None)
+
+    before = requests("DEADLINE_EXCEEDED"), requests("CANCELLED")
+    asyncio.run(run())
+    assert (requests("DEADLINE_EXCEEDED") - before[0], requests("CANCELLED") - before[1]) == (1, 1)

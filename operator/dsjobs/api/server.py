@@ -91,6 +91,15 @@ def _decoding(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+def _ended_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """How a call the server saw cancelled ended for its client: its deadline passed
+    (DEADLINE_EXCEEDED, what the client got), or it went away (CANCELLED)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def _check_decoded(request: Any, method: str) -> None:
     if isinstance(request, _Undecodable):
         kind = method.rsplit("/", 1)[-1]
@@ -159,7 +168,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         _check_decoded(request, method)
                         return await inner_unary(request, context)
                 except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
+                    code = _ended_code(context)
                     raise
                 except grpc.aio.AbortError:  # the handler aborted by itself
                     code = _code_of(context)
@@ -197,7 +206,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 except (asyncio.CancelledError, GeneratorExit):
                     # GeneratorExit: the client went away while a response was being sent, and the
                     # call is closed; nothing can be sent on it any more.
-                    code = grpc.StatusCode.CANCELLED
+                    code = _ended_code(context)
                     raise
                 except grpc.aio.AbortError:
                     code = _code_of(context)
