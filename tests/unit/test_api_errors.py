@@ -279,6 +279,16 @@ def test_a_store_s_other_refusal_names_its_code() -> None:
     assert err.message == "object storage refused the API's request for projects/p/k: InvalidBucketName (400)"
 
 
+def _requests(method: str, code: str) -> float:
+    """dsjobs_api_requests_total of one method and code."""
+    return sum(
+        s.value
+        for m in metrics.REQUESTS.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels == {"method": method, "code": code}
+    )
+
+
 def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -297,12 +307,7 @@ def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(
             closed.append("closed")
 
     def requests(code: str) -> float:
-        return sum(
-            s.value
-            for m in metrics.REQUESTS.collect()
-            for s in m.samples
-            if s.name.endswith("_total") and s.labels == {"method": "/t.T/S", "code": code}
-        )
+        return _requests("/t.T/S", code)
 
     async def run() -> None:
         server = grpc.aio.server(interceptors=[CallInterceptor()])
@@ -423,12 +428,7 @@ def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_cancelled(
         return b""
 
     def requests(code: str) -> float:
-        return sum(
-            s.value
-            for m in metrics.REQUESTS.collect()
-            for s in m.samples
-            if s.name.endswith("_total") and s.labels == {"method": "/t.T/Slow", "code": code}
-        )
+        return _requests("/t.T/Slow", code)
 
     async def run() -> None:
         server = grpc.aio.server(interceptors=[CallInterceptor()])
