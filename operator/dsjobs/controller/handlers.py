@@ -26,7 +26,6 @@ import contextvars
 import dataclasses
 import logging
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -341,7 +340,10 @@ class Operator:
         self.standing_down = False
         # Why check_served stopped the operator (its main says it and exits 2), and how.
         self.startup_problem: str | None = None
-        self.stop_flag = threading.Event()
+        # An asyncio.Event (bound to Kopf's loop when Kopf first waits on it): Kopf waits on a
+        # threading.Event in an executor thread, which then held the loop's shutdown, and with it
+        # the Lease's release, for ever.
+        self.stop_flag = asyncio.Event()
         self.served_check: asyncio.Future[None] | None = None
         # Namespace -> (loop time, its project label): the check of a job's projectId at its start.
         self._namespace_projects: dict[str, tuple[float, NamespaceProject]] = {}
