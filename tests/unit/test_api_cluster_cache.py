@@ -353,41 +353,44 @@ def test_a_relist_keeps_what_this_replica_wrote_meanwhile() -> None:
     assert ("ns", "created") not in cluster_module.relisted(listed, 0, current, {})
 
 
-def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A connection that goes dark (a vanished API server instance, a dropped conntrack entry) is
-    no longer trusted for the server's 300 s timeout: the API server sends a BOOKMARK every minute,
-    so silence past WATCH_IDLE_SECONDS means a new watch from the last version, no relist. A real
-    Kube client against an HTTP server that sends one event per connection and then holds it."""
+def _versioned(version: int, phase: str) -> dict[str, Any]:
+    body = job(JOB)
+    body["metadata"]["resourceVersion"] = str(version)
+    body["status"] = {"phase": phase}
+    return body
+
+
+def _index_against(
+    answer_watch: str, check: Callable[[JobIndex, list[str]], bool]
+) -> tuple[list[str], list[str]]:
+    """A real JobIndex and Kube client against an HTTP server whose LIST holds the job at
+    version 5 and whose watches `answer_watch`: "one event" (then the connection goes dark),
+    "headers only" (then dark), "nothing" (not even headers). Runs until `check(index, lists)`
+    (a hang guard of 10 s); the watches' resourceVersions and the LISTs made."""
     from aiohttp import web
 
     from dsjobs.api.kube import KubeConfig
 
-    monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.3)
     watches: list[str] = []
     lists: list[str] = []
-
-    def versioned(version: int, phase: str) -> dict[str, Any]:
-        body = job(JOB)
-        body["metadata"]["resourceVersion"] = str(version)
-        body["status"] = {"phase": phase}
-        return body
+    done = asyncio.Event()
 
     async def jobs(request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") != "true":
             lists.append(request.query_string)
             return web.json_response(
-                {"items": [versioned(5, "CREATING")], "metadata": {"resourceVersion": "5"}}
+                {"items": [_versioned(5, "CREATING")], "metadata": {"resourceVersion": "5"}}
             )
         watches.append(request.query["resourceVersion"])
         resp = web.StreamResponse()
-        await resp.prepare(request)
-        phase = "EXECUTING" if len(watches) == 1 else "SUCCESS"
-        event = {"type": "MODIFIED", "object": versioned(5 + len(watches), phase)}
-        await resp.write(json.dumps(event).encode() + b"\n")
+        if answer_watch != "nothing":
+            await resp.prepare(request)
+        if answer_watch == "one event":
+            phase = "EXECUTING" if len(watches) == 1 else "SUCCESS"
+            event = {"type": "MODIFIED", "object": _versioned(5 + len(watches), phase)}
+            await resp.write(json.dumps(event).encode() + b"\n")
         await done.wait()  # nothing more: the connection went dark
         return resp
-
-    done = asyncio.Event()
 
     async def scenario() -> None:
         app = web.Application()
@@ -402,13 +405,11 @@ def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pyt
         index = JobIndex(kube)
         index.start()
         try:
-            for _ in range(100):
-                cached = index.cached("team-a", JOB)
-                if cached is not None and cached["status"]["phase"] == "SUCCESS":
+            for _ in range(200):
+                if check(index, lists):
                     break
                 await asyncio.sleep(0.05)
-            assert cached is not None and cached["status"]["phase"] == "SUCCESS"
-            assert index.synced.is_set()
+            assert check(index, lists), (watches, lists)
         finally:
             await index.stop()
             await kube.close()
@@ -416,4 +417,30 @@ def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pyt
             await runner.cleanup()
 
     asyncio.run(scenario())
+    return watches, lists
+
+
+def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that goes dark (a vanished API server instance, a dropped conntrack entry) is
+    no longer trusted for the server's 300 s timeout: the API server sends a BOOKMARK every minute,
+    so silence past WATCH_IDLE_SECONDS means a new watch from the last version, no relist."""
+    monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.3)
+
+    def succeeded(index: JobIndex, lists: list[str]) -> bool:
+        cached = index.cached("team-a", JOB)
+        return cached is not None and cached["status"]["phase"] == "SUCCESS" and index.synced.is_set()
+
+    watches, lists = _index_against("one event", succeeded)
     assert watches[:2] == ["5", "6"] and len(lists) == 1
+
+
+@pytest.mark.parametrize("answer", ["headers only", "nothing"])
+def test_a_watch_the_server_never_serves_puts_the_index_out_of_sync(
+    monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    # Watched again and again (no headers ever, or headers and then silence each time), the index
+    # said it was in sync for good while serving what it last saw: now it lists again, reads
+    # meanwhile going to the cluster.
+    monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(cluster_module.random, "random", lambda: 0.0)  # the shortest retry delay
+    _index_against(answer, lambda index, lists: len(lists) >= 2)

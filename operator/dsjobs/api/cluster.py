@@ -357,6 +357,7 @@ class JobIndex:
                 return str((result.get("metadata") or {}).get("resourceVersion") or "")
 
     async def _watch(self, version: str) -> None:
+        silent = False  # the last watch went silent before any event came
         while True:
             params: dict[str, str | int] = {
                 "resourceVersion": version,
@@ -377,11 +378,17 @@ class JobIndex:
                             str(obj.get("message", "")),
                         )
                     version = str(meta.get("resourceVersion") or version)
+                    silent = False
                     if kind in ("ADDED", "MODIFIED"):
                         self.remember(obj)
                     elif kind == "DELETED":
                         self.forget(str(meta.get("name")), str(meta.get("namespace")), _version(meta))
             except WatchIdle:
+                if silent:
+                    # Twice in a row, not one event between: the API server is not serving the
+                    # watch. Out of sync (reads go to the cluster) until a relist works.
+                    raise
+                silent = True
                 # A new connection from where this one went silent; a 410 then relists.
                 log.debug("job index: the watch was silent for %.0fs; watching again", WATCH_IDLE_SECONDS)
 

@@ -283,12 +283,14 @@ class Kube:
             ) as resp:
                 if resp.status >= 300:
                     raise KubeError.from_body(resp.status, await resp.read())
-                async for line in resp.content:
-                    if line.strip():
-                        yield cast(JSON, json.loads(line))
-        except TimeoutError as exc:
-            raise WatchIdle(0, "Unavailable", "no answer in time: the watch was silent") from exc
-        except (aiohttp.ClientError, OSError) as exc:
+                try:
+                    async for line in resp.content:
+                        if line.strip():
+                            yield cast(JSON, json.loads(line))
+                except TimeoutError as exc:
+                    # Silent once the stream began; a server that never answers is no answer.
+                    raise WatchIdle(0, "Unavailable", "no answer in time: the watch went silent") from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _no_answer(exc) from exc
 
 
