@@ -740,3 +740,54 @@ def test_a_job_without_a_status_counts_as_creating() -> None:
 
     asyncio.run(seen())
     assert told[:1] == ["CREATING"]  # before its first step (whose write then tells its phase)
+
+
+@pytest.mark.parametrize(
+    ("stored_on_read", "disruption", "reads", "found"),
+    [
+        (2, None, 2, True),  # stored a moment after the pod left the API: waited for
+        (None, None, None, False),  # never stored: the wait is bounded, however slow each read
+        (2, "DeletionByPodGC", 1, False),  # its node is gone: no runner will store it
+    ],
+)
+def test_the_result_of_a_pod_deleted_with_force_is_waited_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+    stored_on_read: int | None,
+    disruption: str | None,
+    reads: int | None,
+    found: bool,
+) -> None:
+    from dsjobs.controller.podview import PodView
+    from dsjobs.runner.result import RunnerResult, RunnerStatus
+
+    monkeypatch.setattr(handlers, "FORCED_RESULT_WAIT_SECONDS", 2.5)
+    op, _ = _operator(NamespaceKube(_body(FINISHED), "proj-a"))
+    result = RunnerResult(
+        project_id="proj-a", job_id="job-1", attempt=1, status=RunnerStatus.EXITED, return_code=0
+    )
+    read: list[int] = []
+
+    async def stored_result(job: Any, attempt: int, ended: Any) -> RunnerResult | None:
+        read.append(attempt)
+        await asyncio.sleep(0.3)  # a slow store
+        return result if stored_on_read is not None and len(read) >= stored_on_read else None
+
+    monkeypatch.setattr(op.store, "stored_result", stored_result)
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "containerStatuses": [{"name": "ship", "state": {"running": {"startedAt": ts(CREATED)}}}],
+    }
+    if disruption:
+        status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": disruption}]
+    pod = PodView.from_pod({"metadata": {"name": "job-1-a1"}, "status": status}, gone=True)
+
+    async def timed() -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        got = await op._result_of(JobView.from_body(_body(FINISHED)), pod)
+        return got, loop.time() - began
+
+    got, took = asyncio.run(timed())
+    assert (got == result) is found and took < 2.5 + 0.3 + 0.5, took
+    if reads is not None:
+        assert len(read) == reads

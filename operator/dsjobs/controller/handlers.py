@@ -131,6 +131,7 @@ from dsjobs.controller.status import (
     COND_SCHEDULED,
     JobEvent,
     StatusUpdate,
+    disruption_of,
     evicted_from_lost_node,
     fail,
     get_condition,
@@ -569,17 +570,28 @@ class Operator:
 
     async def check_served(self) -> None:
         """Stop the operator (CrashLoopBackOff, as the pod's restarts go) while its CRDs are not
-        served: Kopf resolved them once, at its start, and without them serves nothing."""
+        served: Kopf resolved them once, at its start, and without them serves nothing; asked
+        again each SERVED_CHECK_SECONDS, as a CRD deleted later leaves Kopf's watcher of it
+        ended and the process up."""
         assert self.kube is not None
-        try:
-            problem = served_problem(await self.kube.get("discovery", f"/apis/{GROUP}/{VERSION}"))
-        except APIError as exc:  # not known: Kopf's watches tell their own failures
-            log.warning("cannot tell whether the CRDs are served: %s", exc)
-            return
-        if problem is not None:
-            log.error("%s", problem)
-            self.startup_problem = problem
-            self.stop_flag.set()
+        first = True
+        while True:
+            try:
+                problem = served_problem(await self.kube.get("discovery", f"/apis/{GROUP}/{VERSION}"))
+            except APIError as exc:  # not known: Kopf's watches tell their own failures
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "cannot tell whether the CRDs are served: %s",
+                    exc,
+                )
+                problem = None
+            if problem is not None:
+                log.error("%s", problem)
+                self.startup_problem = problem
+                self.stop_flag.set()
+                return
+            first = False
+            await asyncio.sleep(SERVED_CHECK_SECONDS)
 
     async def resync_pods_forever(self) -> None:
         interval = self.settings.pod_resync_seconds
@@ -1071,6 +1083,15 @@ class Operator:
         path = core_path(job.namespace, "pods", name)
         return await self.kube.delete("pods", path, grace_seconds=grace_seconds, uid=uid)
 
+    async def _forced_result(self, job: JobView, attempt: int) -> RunnerResult | None:
+        """The attempt's result.json once stored (asked each second; the caller bounds the wait)."""
+        while not self.standing_down:
+            await asyncio.sleep(1)
+            stored = await self.store.stored_result(job, attempt, None)
+            if stored is not None:
+                return stored
+        return None
+
     async def _result_of(self, job: JobView, pod: PodView | None) -> RunnerResult | ResultPointer | None:
         """The runner's result from the current pod's ship container (or result.json if it overflowed,
         or if the message was lost)."""
@@ -1085,15 +1106,20 @@ class Operator:
             # or was deleted (the pod GC marks it Failed). The runner stored result.json on its
             # way out, with the job's logs and outputs. Not waited for: nothing says when it ended.
             stored = await self.store.stored_result(job, pod.attempt, None)
-            if stored is None and pod.gone and ship is not None and ship.state == "running":
+            if (
+                stored is None
+                and pod.gone
+                and ship is not None
+                and ship.state == "running"
+                and not _node_gone(pod)
+            ):
                 # Deleted with --force while its ship ran: the node stops the containers only
                 # now, and the runner stores result.json a moment later on its way out. Read at
                 # once only, the job ended listing no log file that the store then held.
-                for _ in range(FORCED_RESULT_WAIT_SECONDS):
-                    await asyncio.sleep(1)
-                    stored = await self.store.stored_result(job, pod.attempt, None)
-                    if stored is not None:
-                        break
+                with contextlib.suppress(TimeoutError):
+                    stored = await asyncio.wait_for(
+                        self._forced_result(job, pod.attempt), FORCED_RESULT_WAIT_SECONDS
+                    )
             return settled(None, stored)
         if ship is None or ship.state != "terminated":
             return None
@@ -1886,6 +1912,17 @@ def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
     if info is None:
         info = kopf.login_with_kubeconfig(**kwargs)
     return info
+
+
+#: How often the operator asks whether its CRDs are still served (one discovery GET).
+SERVED_CHECK_SECONDS: Final = 60.0
+
+
+def _node_gone(pod: PodView) -> bool:
+    """The pod was deleted for its node's loss (the pod GC, the taint manager): no runner of it
+    stores anything any more."""
+    disruption = disruption_of(pod)
+    return disruption is not None and disruption[0] == "NodeLost"
 
 
 #: How long a reconcile waits for the result.json of a pod deleted with --force while its ship

@@ -917,8 +917,8 @@ def _readable_again(status: ProjectJobStatus, job: JobView, now: datetime) -> Pr
     if status.created_at is None:
         update["created_at"] = job.created_at or now
     if final and status.finished_at is None:
-        # When the Finished condition was set, which finish() sets with finishedAt; else from now
-        # on, which is later, never earlier.
+        # When the Finished condition was set (when the operator saw the end, the same as
+        # finishedAt or a little later); else from now on, which is later, never earlier.
         when = finished.last_transition_time if finished is not None else None
         update["finished_at"] = when or now
     return status.model_copy(update=update)
