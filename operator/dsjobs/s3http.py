@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import html
 import http.client
 import os
 import re
@@ -214,10 +213,23 @@ class S3HttpError(Exception):
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</\1>")
 
 
+_XML_REFERENCE = re.compile(r"&(#[0-9]+|#x[0-9a-fA-F]+|amp|lt|gt|quot|apos);")
+_XML_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
+
+
 def _xml_text(escaped: str) -> str:
     """The text of an XML element's content: Go's encoding/xml (the dev store, MinIO) writes
-    `&#34;` and `&#xA;` where AWS writes `&quot;`; html.unescape reads both."""
-    return html.unescape(escaped)
+    `&#34;` and `&#xA;` where AWS writes `&quot;`. XML's references only (html.unescape would
+    read `&#128;` as cp1252's euro sign)."""
+
+    def one(ref: re.Match[str]) -> str:
+        name = ref.group(1)
+        if not name.startswith("#"):
+            return _XML_ENTITIES[name]
+        code = int(name[2:], 16) if name[1] == "x" else int(name[1:])
+        return chr(code) if 0 < code <= 0x10FFFF else ref.group(0)
+
+    return _XML_REFERENCE.sub(one, escaped)
 
 
 def error_from(status: int, body: bytes, key: str) -> S3HttpError:

@@ -310,6 +310,7 @@ def test_listed_keys_reads_a_list_objects_v2_answer() -> None:
     go = b"<Contents><Key>p/&#34;q&#34; &#39;r&#39;&#xA;&amp;copy;</Key></Contents>"
     assert listed_keys(go) == ["p/\"q\" 'r'\n&copy;"]
     assert listed_keys(b"<Key>p/&quot;q&quot; &apos;r&apos;</Key>") == ["p/\"q\" 'r'"]
+    assert listed_keys("<Key>€&#128;&#x1F600;&copy;</Key>".encode()) == ["€\x80😀&copy;"]  # XML's, not HTML's
 
 
 def test_an_error_message_is_read_unescaped() -> None:
