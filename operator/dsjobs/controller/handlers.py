@@ -570,9 +570,9 @@ class Operator:
 
     async def check_served(self) -> None:
         """Stop the operator (CrashLoopBackOff, as the pod's restarts go) while its CRDs are not
-        served: Kopf resolved them once, at its start, and without them serves nothing; asked
-        again each SERVED_CHECK_SECONDS, as a CRD deleted later leaves Kopf's watcher of it
-        ended and the process up."""
+        served: Kopf resolved them once, at its start, and without them serves nothing. Asked
+        again each SERVED_CHECK_SECONDS: a CRD deleted later fails Kopf's watch of it, which has
+        ended the process, but a watcher task may also end alone and leave the process up."""
         assert self.kube is not None
         first = True
         while True:
