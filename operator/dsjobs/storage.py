@@ -219,15 +219,15 @@ class StorageSettings(Record):
             ) from None
 
 
-def settings_problem(environ: Mapping[str, str] | None = None) -> str | None:
+def settings_problems(environ: Mapping[str, str] | None = None) -> list[str]:
     """Why the storage settings in `environ` (default: the process's) cannot work (none given, a
-    missing key, placeholders, a bad URL); None when they may. The operator and the API refuse to
-    start on one, told with their other wrong settings."""
+    missing key, placeholders, a bad URL), as lines; none when they may. The operator and the API
+    refuse to start on them, told with their other wrong settings."""
     try:
         StorageSettings.from_env(environ)
     except StorageConfigError as exc:
-        return str(exc)
-    return None
+        return [str(exc)]
+    return []
 
 
 def _files_env(folder: Path) -> dict[str, str]:

@@ -166,6 +166,15 @@ def test_every_status_is_bounded(err: errors.ApiError) -> None:
     assert err.message.endswith("(truncated)") or err.violations
 
 
+async def _serving(name: str, method: grpc.RpcMethodHandler) -> tuple[grpc.aio.Server, int]:
+    """A started server of one method `/t.T/<name>` behind the API's CallInterceptor; its port."""
+    server = grpc.aio.server(interceptors=[CallInterceptor()])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {name: method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 def test_a_client_gets_the_listing_not_resource_exhausted() -> None:
     """Through a real server and channel: clients refuse trailers over 8 KiB."""
     problems = long_problems(100, "ü" * 40)
@@ -174,13 +183,7 @@ def test_a_client_gets_the_listing_not_resource_exhausted() -> None:
         raise errors.from_problems(problems)
 
     async def run() -> grpc.aio.AioRpcError:
-        server = grpc.aio.server(interceptors=[CallInterceptor()])
-        generic = grpc.method_handlers_generic_handler(
-            "t.T", {"M": grpc.unary_unary_rpc_method_handler(handler)}
-        )
-        server.add_generic_rpc_handlers((generic,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _serving("M", grpc.unary_unary_rpc_method_handler(handler))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -206,13 +209,10 @@ def test_a_request_that_is_no_message_of_its_type_is_invalid_argument() -> None:
         return b""
 
     async def run() -> grpc.aio.AioRpcError:
-        server = grpc.aio.server(interceptors=[CallInterceptor()])
         method = grpc.unary_unary_rpc_method_handler(
             handler, request_deserializer=svc.GetProjectJobRequest.FromString, response_serializer=bytes
         )
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"Get": method}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _serving("Get", method)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -310,11 +310,7 @@ def test_a_client_gone_while_a_stream_writes_is_cancelled_not_internal(
         return _requests("/t.T/S", code)
 
     async def run() -> None:
-        server = grpc.aio.server(interceptors=[CallInterceptor()])
-        method = grpc.unary_stream_rpc_method_handler(handler)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"S": method}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _serving("S", grpc.unary_stream_rpc_method_handler(handler))
         try:
             for _ in range(3):
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -431,11 +427,7 @@ def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_cancelled(
         return _requests("/t.T/Slow", code)
 
     async def run() -> None:
-        server = grpc.aio.server(interceptors=[CallInterceptor()])
-        method = grpc.unary_unary_rpc_method_handler(handler)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"Slow": method}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _serving("Slow", grpc.unary_unary_rpc_method_handler(handler))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -9,17 +9,17 @@ from dsjobs.api.settings import SettingsError, from_args
 
 
 def main() -> int:
-    from dsjobs.storage import settings_problem
+    from dsjobs.storage import settings_problems
 
     problems: list[str] = []
     try:
         settings = from_args()
     except (SettingsError, OSError) as exc:
         problems = str(exc).splitlines()
-    storage = settings_problem()
-    if problems or storage is not None:
-        # A line per wrong setting, the store's with the others: one rollout fixes them all.
-        for line in [*problems, *([storage] if storage is not None else [])]:
+    # A line per wrong setting, the store's with the others: one rollout fixes them all.
+    problems += settings_problems()
+    if problems:
+        for line in problems:
             print(f"dsjobs.api: {line}", file=sys.stderr)
         return 2
     from dsjobs.api.server import serve, setup_logging

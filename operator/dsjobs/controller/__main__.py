@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dsjobs.controller.settings import SettingsError, runner_image_skew, settings_from_env
-    from dsjobs.storage import STORAGE_ENV_VARS, settings_problem
+    from dsjobs.storage import STORAGE_ENV_VARS, settings_problems
 
     problems: list[str] = []
     try:
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         problems = str(exc).splitlines()
     # Without a store its runners could stage nothing and its data deletions delete nothing. The
     # variables the operator uses (Operator.storage_env), not a DSJOBS_S3_FILES_DIR it never reads.
-    storage = settings_problem({k: v for k in STORAGE_ENV_VARS if (v := os.environ.get(k, ""))})
-    if problems or storage is not None:
+    problems += settings_problems({k: v for k in STORAGE_ENV_VARS if (v := os.environ.get(k, ""))})
+    if problems:
         # A line per wrong variable, all at once, as the API says them, not a traceback.
-        for line in [*problems, *([storage] if storage is not None else [])]:
+        for line in problems:
             print(f"dsjobs.controller: {line}", file=sys.stderr)
         return 2
     _keep_kubernetes_client_out()

@@ -151,6 +151,7 @@ from dsjobs.models import (
 from dsjobs.models.base import known_of, read_stored
 from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
+from dsjobs.storage import STORAGE_ENV_VARS
 
 Key = tuple[str, str]  # (namespace, job name)
 
@@ -172,14 +173,6 @@ NAMESPACE_PROJECT_SECONDS: Final = 60.0
 NAMESPACE_PROJECTS_KEPT: Final = 1024
 DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
-STORAGE_ENV: Final = (
-    "DSJOBS_S3_ENDPOINT",
-    "DSJOBS_S3_BUCKET",
-    "DSJOBS_S3_ACCESS_KEY",
-    "DSJOBS_S3_SECRET_KEY",
-    "DSJOBS_S3_REGION",
-    "DSJOBS_S3_PUBLIC_ENDPOINT",
-)
 
 
 def _listed_types(job: JobView) -> list[str]:
@@ -302,7 +295,7 @@ class Operator:
         self.settings = settings
         self.kube: Kube | None = None
         self.events: EventPoster | None = None
-        self.storage_env = {k: env[k] for k in STORAGE_ENV if env.get(k)}
+        self.storage_env = {k: env[k] for k in STORAGE_ENV_VARS if env.get(k)}
         self.store = JobStore(self.storage_env)
         self.pods = PodCache()
         self.instance_types = InstanceTypeCache()

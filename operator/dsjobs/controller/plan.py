@@ -550,13 +550,17 @@ def _settle_output_datasets(job: JobView, step: Plan) -> Plan:
         OutputDataset(desc=d, id=output_dataset_id(job.uid, d.var))
         for d in spec.job_parameters.output_datasets
     ]
-    names = ", ".join(f"{d.id} ({d.desc.name})" for d in created)
     return replace(
         step,
         status=step.status.model_copy(update={"output_datasets": created}),
         actions=(*step.actions, PublishDatasets(tuple(d.id for d in created))),
-        events=(*step.events, JobEvent("Normal", "DatasetsCreated", f"created datasets {names}")),
+        events=(*step.events, JobEvent("Normal", "DatasetsCreated", f"created datasets {_named(created)}")),
     )
+
+
+def _named(datasets: Sequence[OutputDataset]) -> str:
+    """Datasets as their Events name them: `<id> (<name>), ...`."""
+    return ", ".join(f"{d.id} ({d.desc.name})" for d in datasets)
 
 
 def without_lost_datasets(
@@ -569,14 +573,10 @@ def without_lost_datasets(
     if not gone:
         return status, list(events)
     kept = [d for d in status.output_datasets if d.id not in lost]
-
-    def named(datasets: Sequence[OutputDataset]) -> str:
-        return ", ".join(f"{d.id} ({d.desc.name})" for d in datasets)
-
-    told = f"dataset {named(gone)} not created: its volume claim was deleted while the job ran"
+    told = f"dataset {_named(gone)} not created: its volume claim was deleted while the job ran"
     out = [e for e in events if e.reason != "DatasetsCreated"]
     if kept:
-        out.append(JobEvent("Normal", "DatasetsCreated", f"created datasets {named(kept)}"))
+        out.append(JobEvent("Normal", "DatasetsCreated", f"created datasets {_named(kept)}"))
     out.append(JobEvent("Warning", "DatasetLost", told))
     details = f"{status.status_details}; {told}" if status.status_details else told
     return status.model_copy(update={"output_datasets": kept, "status_details": clip(details)}), out
