@@ -16,12 +16,13 @@ case "$PY" in
   */*) PY="$PWD/$PY" ;;
   *) PY="$(command -v "$PY")" || { echo "gen-proto: no $PY on PATH" >&2; exit 1; } ;;
 esac
-cd "$ROOT"
-
-BIN="$(dirname "$PY")"
+# OUT_DIR too is the caller's: made absolute before the cd below.
 OUT="${1:-$ROOT/operator}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+cd "$ROOT"
+
+BIN="$(dirname "$PY")"
 
 # Include paths: the well-known types bundled with grpc_tools, and the site-packages directory that
 # holds googleapis-common-protos' google/rpc/status.proto.

@@ -52,17 +52,18 @@ def test_generated_code_is_up_to_date(regenerated: Path) -> None:
 
 
 def test_generation_is_deterministic(regenerated: Path, tmp_path: Path) -> None:
-    # Relative to the checkout, as `make proto` passes it (protoc runs in proto/).
-    env = dict(os.environ, PYTHON=os.path.relpath(sys.executable, REPO))
+    # PYTHON and OUT_DIR relative to the caller's directory, as `make proto` passes PYTHON (the
+    # script then changes to the checkout, and protoc runs in proto/).
+    env = dict(os.environ, PYTHON=os.path.relpath(sys.executable, tmp_path))
     subprocess.run(
-        ["bash", str(REPO / "hack" / "gen-proto.sh"), str(tmp_path)],
-        cwd=REPO,
+        ["bash", str(REPO / "hack" / "gen-proto.sh"), "out"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         check=True,
         timeout=120,
     )
-    assert _files(tmp_path / "dsjobs" / "pb") == _files(regenerated)
+    assert _files(tmp_path / "out" / "dsjobs" / "pb") == _files(regenerated)
 
 
 def test_generated_code_never_imports_a_top_level_yandex_package() -> None:
