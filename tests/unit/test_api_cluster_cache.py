@@ -362,22 +362,26 @@ def _versioned(version: int, phase: str) -> dict[str, Any]:
 
 def _index_against(
     answer_watch: str, check: Callable[[JobIndex, list[str]], bool]
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[bool]]:
     """A real JobIndex and Kube client against an HTTP server whose LIST holds the job at
     version 5 and whose watches `answer_watch`: "one event" (then the connection goes dark),
     "headers only" (then dark), "nothing" (not even headers). Runs until `check(index, lists)`
-    (a hang guard of 10 s); the watches' resourceVersions and the LISTs made."""
+    (a hang guard of 10 s); the watches' resourceVersions, the LISTs made, and whether the index
+    said it was in sync as each LIST came."""
     from aiohttp import web
 
     from dsjobs.api.kube import KubeConfig
 
     watches: list[str] = []
     lists: list[str] = []
+    synced_at_list: list[bool] = []
+    indexes: list[JobIndex] = []
     done = asyncio.Event()
 
     async def jobs(request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") != "true":
             lists.append(request.query_string)
+            synced_at_list.append(indexes[0].synced.is_set())
             return web.json_response(
                 {"items": [_versioned(5, "CREATING")], "metadata": {"resourceVersion": "5"}}
             )
@@ -403,6 +407,7 @@ def _index_against(
         kube = Kube(KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, None))
         await kube.start()
         index = JobIndex(kube)
+        indexes.append(index)
         index.start()
         try:
             for _ in range(200):
@@ -417,7 +422,7 @@ def _index_against(
             await runner.cleanup()
 
     asyncio.run(scenario())
-    return watches, lists
+    return watches, lists, synced_at_list
 
 
 def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,7 +435,7 @@ def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pyt
         cached = index.cached("team-a", JOB)
         return cached is not None and cached["status"]["phase"] == "SUCCESS" and index.synced.is_set()
 
-    watches, lists = _index_against("one event", succeeded)
+    watches, lists, _ = _index_against("one event", succeeded)
     assert watches[:2] == ["5", "6"] and len(lists) == 1
 
 
@@ -443,4 +448,5 @@ def test_a_watch_the_server_never_serves_puts_the_index_out_of_sync(
     # meanwhile going to the cluster.
     monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.2)
     monkeypatch.setattr(cluster_module.random, "random", lambda: 0.0)  # the shortest retry delay
-    _index_against(answer, lambda index, lists: len(lists) >= 2)
+    _, _, synced_at_list = _index_against(answer, lambda index, lists: len(lists) >= 2)
+    assert synced_at_list[:2] == [False, False]  # the second LIST: no longer in sync, not in sync yet

@@ -241,6 +241,8 @@ def test_a_replica_is_ready_once_its_job_index_is_in_sync(caplog: pytest.LogCapt
                     if await service_status(address, job_service) == NOT_SERVING:
                         break
                 await asyncio.sleep(0.01)
+            else:
+                pytest.fail(f"{job_service} was never NOT_SERVING while the job index was not in sync")
             assert await health_status(address) == SERVING  # the liveness probe's
             synced.set()
             await ready

@@ -491,3 +491,35 @@ def test_empty_dir_limits_are_the_positive_size_limits_of_disk_backed_ones() -> 
         }
     }
     assert podspec.empty_dir_limits(pod) == {"work": (Fraction(20 << 30), "20Gi")}
+
+
+@pytest.mark.parametrize(
+    ("image", "failure"),
+    [
+        ("python:3.11", None),
+        ("library/python", None),
+        ("cr.yandex/org/img:1", None),
+        ("localhost:5000/img", None),
+        ("invalid/img:1", None),  # a Docker Hub user named "invalid"
+        (
+            "registry.invalid/nope/img:1",
+            'failed to pull and unpack image "registry.invalid/nope/img:1": failed to resolve reference '
+            '"registry.invalid/nope/img:1": failed to do request: Head '
+            '"https://registry.invalid/v2/nope/img/manifests/1": dial tcp: lookup registry.invalid: no such host',
+        ),
+        (
+            "Reg.INVALID:5000/img",
+            'failed to pull and unpack image "Reg.INVALID:5000/img:latest": failed to resolve reference '
+            '"Reg.INVALID:5000/img:latest": failed to do request: Head '
+            '"https://Reg.INVALID:5000/v2/img/manifests/latest": dial tcp: lookup reg.invalid: no such host',
+        ),
+        (
+            "x.invalid/img@sha256:ab",
+            'failed to pull and unpack image "x.invalid/img@sha256:ab": failed to resolve reference '
+            '"x.invalid/img@sha256:ab": failed to do request: Head '
+            '"https://x.invalid/v2/img/manifests/sha256:ab": dial tcp: lookup x.invalid: no such host',
+        ),
+    ],
+)
+def test_only_images_of_registries_that_never_resolve_fail_to_pull(image: str, failure: str | None) -> None:
+    assert podspec.pull_failure(image) == failure

@@ -81,11 +81,12 @@ class Ctx:
         self.state_dir = str(state_dir)
         self.restart_backoff = 0.2
         self.max_restart_backoff = 1.0
+        self.events: list[tuple[str, str]] = []
 
     def record_event(
         self, pod: Obj, etype: str, reason: str, message: str, container: str | None = None
     ) -> None:
-        pass
+        self.events.append((reason, message))
 
 
 def make_pod(init: list[Obj] | None = None, containers: list[Obj] | None = None, grace: int = 2) -> Obj:
@@ -397,3 +398,29 @@ def test_ready_overwritten_by_another_writer_is_reported_again(
             await wait_for(lambda: api.count("PATCH") == patches + 2, 3)
 
     run(main())
+
+
+def test_an_image_that_cannot_be_pulled_waits_in_back_off_until_the_pod_stops(tmp_path: Path) -> None:
+    ctx = Ctx(tmp_path)
+
+    async def main() -> None:
+        pod = make_pod(containers=[container("main", "true", image="registry.invalid/nope/img:1")])
+        async with started(ctx, pod) as w:
+
+            def reason() -> str | None:
+                snap = w.snap.get("main")
+                return snap.waiting_reason if snap is not None else None
+
+            await wait_for(lambda: reason() == "ErrImagePull")
+            snap = w.snap.get("main")
+            assert snap is not None and snap.state == "waiting"
+            assert "lookup registry.invalid: no such host" in (snap.waiting_message or "")
+            await wait_for(lambda: reason() == "ImagePullBackOff")
+            assert snap.waiting_message == 'Back-off pulling image "registry.invalid/nope/img:1"'
+            assert not w.procs and not w.finished.is_set()
+        assert snap.state != "running" and not w.procs
+
+    run(main())
+    assert ("Pulling", 'Pulling image "registry.invalid/nope/img:1"') in ctx.events
+    assert ("Failed", "Error: ErrImagePull") in ctx.events
+    assert ("Failed", "Error: ImagePullBackOff") in ctx.events

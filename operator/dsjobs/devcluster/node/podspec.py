@@ -59,6 +59,29 @@ class ConfigError(SetupError):
         super().__init__("CreateContainerConfigError", message)
 
 
+def pull_failure(image: str) -> str | None:
+    """What containerd says when pulling `image` fails, for the images this node cannot pull.
+
+    Nothing is ever pulled here (the host filesystem is the image), but a registry under the
+    reserved `.invalid` top-level domain (RFC 6761: it never resolves) fails as it would on any
+    kubelet: so a job's image that cannot be pulled can be seen on the local cluster too."""
+    registry, sep, path = image.partition("/")
+    if not sep or not ("." in registry or ":" in registry or registry == "localhost"):
+        return None  # Docker Hub: "python:3.11", "library/python"
+    host = registry.rsplit(":", 1)[0].lower() if not registry.startswith("[") else registry
+    if host != "invalid" and not host.endswith(".invalid"):
+        return None
+    name, at, digest = path.partition("@")
+    repo, colon, tag = name.rpartition(":") if ":" in name else (name, "", "")
+    reference = digest if at else (tag if colon else "latest")
+    full = image if at or colon else f"{image}:latest"
+    return (
+        f'failed to pull and unpack image "{full}": failed to resolve reference "{full}": '
+        f'failed to do request: Head "https://{registry}/v2/{repo}/manifests/{reference}": '
+        f"dial tcp: lookup {host}: no such host"
+    )
+
+
 @dataclass(frozen=True)
 class NodeContext:
     """What the pure functions need to know about the node they run on."""

@@ -881,7 +881,13 @@ class PodWorker:
         return term
 
     async def _plan(self, c: Obj, snap: ContainerSnapshot) -> ContainerPlan | None:
-        """The container's plan; CreateContainerConfigError waits (refetching) like the kubelet."""
+        """The container's plan; CreateContainerConfigError waits (refetching) like the kubelet,
+        and so does an image that cannot be pulled (ErrImagePull, then ImagePullBackOff)."""
+        image = str(c.get("image", ""))
+        failure = podspec.pull_failure(image)
+        if failure is not None:
+            await self._fail_pulls(c["name"], snap, image, failure)
+            return None
         delay = 1.0
         while self.stop is None:
             try:
@@ -900,6 +906,31 @@ class PodWorker:
             with contextlib.suppress(SetupError, ApiError, aiohttp.ClientError, OSError, TimeoutError):
                 self.fetched = await self._fetch()
         return None
+
+    async def _fail_pulls(self, name: str, snap: ContainerSnapshot, image: str, failure: str) -> None:
+        """Try to pull `image` until the pod stops, as the kubelet does: each try fails
+        (ErrImagePull), and the container waits in ImagePullBackOff between tries."""
+        delay = 1.0
+        while self.stop is None:
+            self.ctx.record_event(self.pod, "Normal", "Pulling", f'Pulling image "{image}"', name)
+            self.ctx.record_event(
+                self.pod, "Warning", "Failed", f'Failed to pull image "{image}": {failure}', name
+            )
+            self.ctx.record_event(self.pod, "Warning", "Failed", "Error: ErrImagePull", name)
+            snap.state = "waiting"
+            snap.waiting_reason = "ErrImagePull"
+            snap.waiting_message = failure
+            self._changed()
+            if await self._wait_stop(1.0):
+                return
+            snap.waiting_reason = "ImagePullBackOff"
+            snap.waiting_message = f'Back-off pulling image "{image}"'
+            self._changed()
+            self.ctx.record_event(self.pod, "Normal", "BackOff", f'Back-off pulling image "{image}"', name)
+            self.ctx.record_event(self.pod, "Warning", "Failed", "Error: ImagePullBackOff", name)
+            if await self._wait_stop(delay):
+                return
+            delay = min(delay * 2, 8.0)
 
     async def _allocate_gpus(self, snap: ContainerSnapshot, n: int) -> tuple[int, ...] | None:
         owner = f"{self.uid}/{snap.name}"
