@@ -221,7 +221,6 @@ def test_metrics_endpoint_counts_requests(api_env: ApiEnv) -> None:
         in text
     )
     assert "dsjobs_api_request_duration_seconds_bucket" in text
-    assert "dsjobs_api_inflight_streams" in text
     # Every Kubernetes request, the authentication's among them (a Get of an unknown id: a token
     # review at most once per cache period, and the LIST that looks for the id).
     kube = [

@@ -40,6 +40,7 @@ from operator_fixtures import (  # noqa: F401
     PodWatch,
     operator_harness,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsjobs.controller.leader import micro_time
 from dsjobs.controller.names import JOB_LABEL, PROJECT_LABEL
@@ -2391,10 +2392,35 @@ def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_
     assert "0 orphaned" in orphans("--grace", "0s")
 
 
+def _samples(text: str, name: str, **labels: str) -> float:
+    """The sum of metric `name`'s samples whose labels include `labels` (every phase is exported
+    from the start, at 0: only values tell)."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
 def test_metrics_count_jobs_by_phase(h: H) -> None:
-    text = h.metrics()
-    assert 'dsjobs_jobs{phase="SUCCESS"}' in text
-    assert "dsjobs_job_transitions_total" in text and "dsjobs_kube_request_duration_seconds" in text
+    before = h.metrics()
+    h.create_job("metrics-hello", {"cmd": "true"})
+    assert h.wait_phase("metrics-hello", "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+
+    def counted() -> str | None:
+        text = h.metrics()
+        return text if _samples(text, "dsjobs_jobs", phase="SUCCESS") >= 1 else None
+
+    after = poll("the SUCCESS job counted", counted, timeout=30)
+    successes = "dsjobs_job_transitions_total"
+    assert (
+        _samples(after, successes, to_phase="SUCCESS") >= _samples(before, successes, to_phase="SUCCESS") + 1
+    )
+    assert _samples(after, successes, from_phase="NONE") >= _samples(before, successes, from_phase="NONE") + 1
+    pods = {"verb": "post", "resource": "pods", "code": "ok"}
+    created = "dsjobs_kube_request_duration_seconds_count"
+    assert _samples(after, created, **pods) >= _samples(before, created, **pods) + 1
 
 
 # --- helpers --------------------------------------------------------------------------------------

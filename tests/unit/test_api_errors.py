@@ -12,6 +12,7 @@ import grpc
 import pytest
 from botocore.exceptions import ClientError
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from prometheus_client import REGISTRY
 
 from dsjobs import storage as st
 from dsjobs.api import errors, metrics
@@ -347,6 +348,12 @@ def test_calls_beyond_the_limit_are_refused_but_health_checks_never_are() -> Non
     async def answer(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"ok"
 
+    def streams() -> float | None:
+        return REGISTRY.get_sample_value("dsjobs_api_inflight_streams", {"method": "/t.T/Follow"})
+
+    def unary() -> float | None:
+        return REGISTRY.get_sample_value("dsjobs_api_inflight_requests")
+
     async def run() -> tuple[grpc.StatusCode, str, bytes, bytes]:
         interceptor = CallInterceptor(max_calls=1)
         server = grpc.aio.server(interceptors=[interceptor])
@@ -366,6 +373,7 @@ def test_calls_beyond_the_limit_are_refused_but_health_checks_never_are() -> Non
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stream = channel.unary_stream("/t.T/Follow")(cast(Any, b""))
                 await stream.read()  # holds the one slot
+                assert (streams(), unary()) == (1, 0)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await channel.unary_unary("/t.T/Get")(cast(Any, b""))
                 health = await channel.unary_unary("/grpc.health.v1.Health/Check")(cast(Any, b""))
@@ -374,6 +382,7 @@ def test_calls_beyond_the_limit_are_refused_but_health_checks_never_are() -> Non
                     pass
                 again = await channel.unary_unary("/t.T/Get")(cast(Any, b""))  # the slot is free
                 assert interceptor.inflight == 0
+                assert (streams(), unary()) == (0, 0)  # the refused call too gave its count back
                 return refused.value.code(), refused.value.details() or "", health, again
         finally:
             await server.stop(None)
