@@ -365,7 +365,8 @@ def _index_against(
 ) -> tuple[list[str], list[str], list[bool]]:
     """A real JobIndex and Kube client against an HTTP server whose LIST holds the job at
     version 5 and whose watches `answer_watch`: "one event" (then the connection goes dark),
-    "headers only" (then dark), "nothing" (not even headers). Runs until `check(index, lists)`
+    "one big event" (a job of 1.4 MiB, then dark), "headers only" (then dark), "nothing" (not
+    even headers). Runs until `check(index, lists)`
     (a hang guard of 10 s); the watches' resourceVersions, the LISTs made, and whether the index
     said it was in sync as each LIST came."""
     from aiohttp import web
@@ -389,10 +390,14 @@ def _index_against(
         resp = web.StreamResponse()
         if answer_watch != "nothing":
             await resp.prepare(request)
-        if answer_watch == "one event":
+        if answer_watch in ("one event", "one big event"):
             phase = "EXECUTING" if len(watches) == 1 else "SUCCESS"
             event = {"type": "MODIFIED", "object": _versioned(5 + len(watches), phase)}
-            await resp.write(json.dumps(event).encode() + b"\n")
+            if answer_watch == "one big event":
+                event["object"]["spec"]["config"] = "x" * (1400 * 1024)
+            data = json.dumps(event).encode() + b"\n"
+            for at in range(0, len(data), 100_000):  # as a TCP stream: in pieces
+                await resp.write(data[at : at + 100_000])
         await done.wait()  # nothing more: the connection went dark
         return resp
 
@@ -436,6 +441,19 @@ def test_a_watch_gone_silent_is_watched_again_from_where_it_was(monkeypatch: pyt
         return cached is not None and cached["status"]["phase"] == "SUCCESS" and index.synced.is_set()
 
     watches, lists, _ = _index_against("one event", succeeded)
+    assert watches[:2] == ["5", "6"] and len(lists) == 1
+
+
+def test_a_watch_event_of_a_job_past_half_a_mebibyte_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiohttp's line reader refuses lines past 512 KiB: each event of such a job (valid: the spec
+    may be 896 KiB) failed the watch, and the index listed every job again."""
+    monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.3)
+
+    def succeeded(index: JobIndex, lists: list[str]) -> bool:
+        cached = index.cached("team-a", JOB)
+        return cached is not None and cached["status"]["phase"] == "SUCCESS"
+
+    watches, lists, _ = _index_against("one big event", succeeded)
     assert watches[:2] == ["5", "6"] and len(lists) == 1
 
 

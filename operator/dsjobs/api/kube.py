@@ -28,6 +28,7 @@ from urllib.parse import quote
 import aiohttp
 import yaml
 
+from dsjobs import ndjson
 from dsjobs.api.errors import KubeError
 from dsjobs.kubemetrics import KUBE_REQUESTS, call_kind
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
@@ -284,9 +285,8 @@ class Kube:
                 if resp.status >= 300:
                     raise KubeError.from_body(resp.status, await resp.read())
                 try:
-                    async for line in resp.content:
-                        if line.strip():
-                            yield cast(JSON, json.loads(line))
+                    async for line in ndjson.lines(resp.content.iter_any()):
+                        yield cast(JSON, json.loads(line))
                 except TimeoutError as exc:
                     # Silent once the stream began; a server that never answers is no answer.
                     raise WatchIdle(0, "Unavailable", "no answer in time: the watch went silent") from exc

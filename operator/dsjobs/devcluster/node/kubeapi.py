@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import yaml
 
+from dsjobs import ndjson
 from dsjobs.devcluster.files import write_private
 
 Obj = dict[str, Any]
@@ -206,21 +207,11 @@ class KubeClient:
                 except ValueError:
                     parsed = text
                 raise ApiError(resp.status, parsed, "WATCH", path)
-            buf = b""
-            # Events are newline-delimited JSON; objects can exceed aiohttp's readline limit.
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while True:
-                    nl = buf.find(b"\n")
-                    if nl == -1:
-                        break
-                    line, buf = buf[:nl], buf[nl + 1 :]
-                    if not line.strip():
-                        continue
-                    event: Obj = json.loads(line)
-                    if event.get("type") == "ERROR":
-                        status = event.get("object") or {}
-                        if status.get("code") == 410:
-                            raise WatchExpired()
-                        raise ApiError(int(status.get("code") or 500), status, "WATCH", path)
-                    yield event
+            async for line in ndjson.lines(resp.content.iter_any()):
+                event: Obj = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    if status.get("code") == 410:
+                        raise WatchExpired()
+                    raise ApiError(int(status.get("code") or 500), status, "WATCH", path)
+                yield event
