@@ -5,6 +5,7 @@ burst, however many callers ask for it (a fake cluster that answers LISTs by nam
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
@@ -21,6 +22,7 @@ from dsjobs.api.core import Core
 from dsjobs.api.errors import ApiError, KubeError
 from dsjobs.api.kube import Kube, jobs_path, namespaces_path
 from dsjobs.api.settings import Settings
+from dsjobs.instancetypes import catalog_objects
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
 
 T = TypeVar("T")
@@ -33,6 +35,17 @@ def job(name: str, namespace: str = "team-a", project: str = "pa") -> dict[str, 
     return projects_job(namespace, project, f"uid-{name}", name)
 
 
+_C14 = next(o for o in catalog_objects() if o["metadata"]["name"] == "c1.4")
+
+
+def _instance_type(name: str, invalid: bool = False) -> dict[str, Any]:
+    body = copy.deepcopy(_C14)
+    body["metadata"]["name"] = name
+    if invalid:
+        body["spec"]["resources"]["requests"]["cpu"] = "8"
+    return body
+
+
 class FakeKube:
     """The LISTs the caches make: InstanceTypes, project namespaces, ProjectJobs by name (a
     `metadata.name` field selector) and GETs of one job. Every call is counted; while `gate` is
@@ -40,6 +53,7 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.instance_types = {"c1.4"}
+        self.invalid_types: set[str] = set()  # among instance_types: their cpu request above the limit
         self.jobs: list[dict[str, Any]] = []
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.gate = asyncio.Event()
@@ -58,7 +72,9 @@ class FakeKube:
         if self.error is not None:
             raise self.error
         if path == INSTANCE_TYPES:
-            return {"items": [{"metadata": {"name": n}} for n in sorted(self.instance_types)]}
+            return {
+                "items": [_instance_type(n, n in self.invalid_types) for n in sorted(self.instance_types)]
+            }
         if path == namespaces_path():
             return {"items": [{"metadata": {"name": "team-a", "labels": {"dsjobs.dev/project-id": "pa"}}}]}
         if path == jobs_path() and "fieldSelector" in params:
@@ -113,6 +129,24 @@ def test_a_name_not_held_is_read_again_so_a_new_instance_type_is_taken_at_once()
     assert before == frozenset({"c1.4"})
     assert after == frozenset({"c1.4", "g1.1"})
     assert lists == 2
+
+
+def test_invalid_instance_types_are_told_apart_from_valid_ones() -> None:
+    """The operator leaves an invalid InstanceType out of its catalog and fails a job naming it:
+    Create accepted that job, whose user then uploaded its inputs to see it fail."""
+
+    async def scenario() -> tuple[frozenset[str] | None, dict[str, str], frozenset[str] | None, int]:
+        kube = FakeKube()
+        kube.instance_types |= {"c1.bad"}
+        kube.invalid_types.add("c1.bad")
+        catalog = InstanceTypeCatalog(cast(Kube, kube), min_refresh_interval=0)
+        names = await catalog.names(["c1.bad"])
+        again = await catalog.names(["c1.bad"])  # held, if invalid: no LIST
+        return names, catalog.invalid(), again, kube.lists(INSTANCE_TYPES)
+
+    names, invalid, again, lists = run(scenario)
+    assert names == again == frozenset({"c1.4"}) and lists == 1
+    assert list(invalid) == ["c1.bad"] and "cpu request is above its limit" in invalid["c1.bad"]
 
 
 def test_names_not_held_are_read_again_at_most_once_per_interval() -> None:

@@ -61,6 +61,11 @@ class FakeCatalog:
     async def names(self, wanted: Collection[str] = ()) -> frozenset[str]:
         return frozenset({"c1.4"})
 
+    def invalid(self) -> dict[str, str]:
+        return {
+            "c1.bad": "spec.resources.requests.cpu: the cpu request is above its limit [request-above-limit]"
+        }
+
 
 class FakeAuth:
     async def authorize(self, *args: Any) -> None:
@@ -1435,6 +1440,18 @@ def test_a_proto_value_with_no_model_equivalent_is_refused_with_a_documented_rul
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "job_parameters.graceful_shutdown_parameters.timeout: out of range [type]" in err.message
     assert "type" in RULES
+
+
+def test_create_refuses_an_instance_type_the_operator_would_refuse() -> None:
+    """An InstanceType of the cluster that is invalid: the operator fails a job naming it, after
+    its user uploaded the inputs; Create tells it at once."""
+    core = FakeCore()
+    req = create_request()
+    req.job_parameters.cloud_instance_types[0].name = "c1.bad"
+    err = failing(grpc.StatusCode.INVALID_ARGUMENT, service(core).Create(req, ctx()))
+    assert [v.field for v in err.violations] == ["job_parameters.cloud_instance_types[0].name"]
+    assert "c1.bad is invalid" in err.message and "cpu request is above its limit" in err.message, err.message
+    assert "POST" not in core.kube.methods() and core.kube.jobs() == []
 
 
 def test_create_refuses_an_oversized_list_by_its_count_alone() -> None:

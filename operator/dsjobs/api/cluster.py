@@ -34,6 +34,7 @@ from dsjobs.api.kube import Kube, WatchIdle, jobs_path, namespaces_path
 from dsjobs.controller.names import project_holder
 from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
+from dsjobs.validation.instancetype import read_instance_type
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +427,9 @@ def _version(meta: Mapping[str, Any]) -> int:
 
 
 class InstanceTypeCatalog:
-    """Names of the cluster's InstanceTypes, for validating the jobs of Create and Clone.
+    """Names of the cluster's InstanceTypes, for validating the jobs of Create and Clone: the valid
+    ones, and what is wrong with each invalid one (the operator's check: it would fail a job
+    naming one, after its inputs were uploaded).
 
     Refreshed when older than `max_age`, and when asked about a name it does not hold (an admin may
     have just added that InstanceType: every replica must then take it, not only those whose copy
@@ -435,7 +438,8 @@ class InstanceTypeCatalog:
 
     def __init__(self, kube: Kube, *, max_age: float = 30.0, min_refresh_interval: float = 1.0) -> None:
         self._kube = kube
-        self._names: frozenset[str] | None = None
+        self._names: frozenset[str] | None = None  # every InstanceType's, valid or not
+        self._invalid: dict[str, str] = {}
         self._loaded_at = float("-inf")
         self._tried_at = float("-inf")
         self._max_age = max_age
@@ -443,15 +447,15 @@ class InstanceTypeCatalog:
         self._lock = asyncio.Lock()
 
     async def names(self, wanted: Collection[str] = ()) -> frozenset[str] | None:
-        """The InstanceType names, or None when they cannot be read (then validation skips the
-        check, and the operator checks the job's types itself).
+        """The valid InstanceTypes' names, or None when they cannot be read (then validation skips
+        the check, and the operator checks the job's types itself). `invalid()` tells the others.
 
         `wanted`: the names the caller is about to check; one not held makes this read the cluster
         again (unless it did within `min_refresh_interval`)."""
         names = self._names
         fresh = time.monotonic() - self._loaded_at < self._max_age
         if fresh and names is not None and names.issuperset(wanted):
-            return names
+            return names - self._invalid.keys()
         async with self._lock:
             if time.monotonic() - self._tried_at >= self._min_interval:
                 await self._refresh()
@@ -464,7 +468,10 @@ class InstanceTypeCatalog:
             log.warning("cannot list instance types: %s", exc)
             self._tried_at = time.monotonic()
             return
-        self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in result.get("items") or [])
+        items = result.get("items") or []
+        self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in items)
+        invalid = {str((i.get("metadata") or {}).get("name")): read_instance_type(i)[1] for i in items}
+        self._invalid = {name: problem for name, problem in invalid.items() if problem}
         self._loaded_at = self._tried_at = time.monotonic()
 
     def _answer(self, wanted: Collection[str]) -> frozenset[str] | None:
@@ -472,4 +479,8 @@ class InstanceTypeCatalog:
         failed = self._tried_at > self._loaded_at  # the last LIST did not answer
         if names is not None and failed and not names.issuperset(wanted):
             return None  # the cluster cannot say whether the name is new: let the operator judge
-        return names
+        return None if names is None else names - self._invalid.keys()
+
+    def invalid(self) -> dict[str, str]:
+        """What is wrong with each InstanceType of the last `names()` left out of it."""
+        return dict(self._invalid)

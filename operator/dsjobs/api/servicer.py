@@ -384,11 +384,17 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         return "", ids.new_job_id()
 
     async def _validate(self, spec: ProjectJobSpec, kind: OpKind) -> None:
-        known = await self.core.catalog.names(spec.job_parameters.instance_type_names())
+        catalog = self.core.catalog
+        known = await catalog.names(spec.job_parameters.instance_type_names())
+        invalid = catalog.invalid() if known is not None else {}
         # In a thread: a spec at its limits takes hundreds of ms (a 256 KiB conda_yaml to load),
         # which every other call of this replica would otherwise wait out.
         problems = await asyncio.to_thread(
-            validate_job_spec, spec, known_instance_types=known, infinity_writable=False
+            validate_job_spec,
+            spec,
+            known_instance_types=known,
+            invalid_instance_types=invalid,
+            infinity_writable=False,
         )
         if problems:
             raise errors.from_problems(problems, errors.CLONE_SUBJECT if kind == OpKind.CLONE else "")

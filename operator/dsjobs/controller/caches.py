@@ -22,8 +22,7 @@ from dsjobs.controller import metrics
 from dsjobs.controller.names import JOB_LABEL
 from dsjobs.controller.podview import PodView
 from dsjobs.models import InstanceTypeSpec
-from dsjobs.validation import format_problems
-from dsjobs.validation.instancetype import parse_instance_type as validate_instance_type_body
+from dsjobs.validation.instancetype import read_instance_type
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ class InstanceTypeCache:
         return gone
 
     def _store(self, name: str, rev: int, body: Mapping[str, Any]) -> None:
-        spec, problem = parse_instance_type(body)
+        spec, problem = read_instance_type(body)
         old = self._types.get(name)
         fields = {"instance_type": name}
         if problem and (old is None or old[2] != problem):
@@ -194,14 +193,3 @@ class InstanceTypeCache:
     def invalid(self) -> dict[str, str]:
         """What is wrong with each InstanceType left out of the catalog."""
         return {name: problem for name, (_, spec, problem) in self._types.items() if spec is None}
-
-
-def parse_instance_type(body: Mapping[str, Any]) -> tuple[InstanceTypeSpec | None, str]:
-    """(spec, "") of a valid InstanceType, else (None, its problems with their fields): the rules
-    the CRD cannot check (label keys, requests above limits, GPU resources...) included; a pod
-    rendered from an invalid type would be refused by the API server with a wall of pod fields."""
-    name = str((body.get("metadata") or {}).get("name", ""))
-    spec, problems = validate_instance_type_body(name, body.get("spec") or {})
-    if problems:
-        return None, format_problems(problems, cr=True).replace("\n", "; ")
-    return spec, ""

@@ -12,7 +12,15 @@ from pydantic import ValidationError
 from dsjobs.models import limits as L
 from dsjobs.models.instancetype import InstanceTypeSpec
 from dsjobs.quantity import parse_quantity
-from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
+from dsjobs.validation.problems import (
+    Collector,
+    Problem,
+    at,
+    format_problems,
+    index,
+    key,
+    problems_from_validation_error,
+)
 
 _NAME = re.compile(L.INSTANCE_TYPE_NAME_PATTERN)
 _DNS_SUBDOMAIN = re.compile(L.SECRET_NAME_PATTERN)
@@ -37,6 +45,18 @@ def parse_instance_type(name: str, data: Mapping[str, Any]) -> tuple[InstanceTyp
             problems.insert(0, _name_problem(name))
         return None, problems
     return spec, validate_instance_type(name, spec)
+
+
+def read_instance_type(body: Mapping[str, Any]) -> tuple[InstanceTypeSpec | None, str]:
+    """(spec, "") of a valid InstanceType object, else (None, its problems with their fields): the
+    rules the CRD cannot check (label keys, requests above limits, GPU resources...) included; a
+    pod rendered from an invalid type would be refused by the API server with a wall of pod fields.
+    The operator leaves such a type out of its catalog, and the API refuses jobs naming it."""
+    name = str((body.get("metadata") or {}).get("name", ""))
+    spec, problems = parse_instance_type(name, body.get("spec") or {})
+    if problems:
+        return None, format_problems(problems, cr=True).replace("\n", "; ")
+    return spec, ""
 
 
 def _name_problem(name: str) -> Problem:
