@@ -40,6 +40,14 @@ class QuantityError(ValueError):
     pass
 
 
+class QuantityRangeError(QuantityError):
+    """A quantity whose exponent is out of MAX_EXPONENT's range."""
+
+
+#: The largest exponent a quantity may have ("1e100"): far past any resource.
+MAX_EXPONENT = 100
+
+
 def parse_quantity(value: str | int | float) -> Fraction:
     """The exact value of a quantity (`500m` -> 1/2, `32Gi` -> 34359738368); YAML numbers too.
 
@@ -66,5 +74,11 @@ def parse_quantity(value: str | int | float) -> Fraction:
         exponent = suffix[1:]
         if not re.fullmatch(r"[+-]?[0-9]+", exponent):
             raise QuantityError(f"not a Kubernetes quantity: {value!r} (the exponent must be a whole number)")
+        # The exact power of 1e10000000 takes seconds (1e2000000000, gigabytes): no resource is
+        # that big or that small.
+        if len(exponent.lstrip("+-").lstrip("0")) > 3 or abs(int(exponent)) > MAX_EXPONENT:
+            raise QuantityRangeError(
+                f"not a usable Kubernetes quantity: {value!r} (the exponent must be within ±{MAX_EXPONENT})"
+            )
         return number * Fraction(10) ** int(exponent)
     return number * _DECIMAL[suffix]

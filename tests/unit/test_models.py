@@ -142,7 +142,7 @@ def test_duration_format_round_trips(value: timedelta) -> None:
     ("text", "value"),
     [("500m", Fraction(1, 2)), ("4", Fraction(4)), ("32Gi", Fraction(32 * 2**30)), ("1e3", Fraction(1000)),
      ("1.5k", Fraction(1500)), ("2048Mi", Fraction(2**31)), ("2E-1", Fraction(1, 5)), (".5", Fraction(1, 2)),
-     (8, Fraction(8))],
+     (8, Fraction(8)), ("1e100", Fraction(10**100)), ("1e-0100", Fraction(1, 10**100))],
 )  # fmt: skip
 def test_quantities(text: str | int, value: Fraction) -> None:
     assert m.parse_quantity(text) == value
@@ -151,6 +151,13 @@ def test_quantities(text: str | int, value: Fraction) -> None:
 @pytest.mark.parametrize("text", ["", "1 Gi", " 1", "Gi", "1GB", "1.2.3", "1e1.5", "--1", ".", "1Zi", True])
 def test_bad_quantities(text: str) -> None:
     with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        m.parse_quantity(text)
+
+
+@pytest.mark.parametrize("text", ["1e101", "1e-101", "1e10000000", "1e2000000000", "1e" + "9" * 5000])
+def test_quantities_of_huge_exponents_are_refused_without_computing_them(text: str) -> None:
+    """1e10000000 took 7 s of CPU and 1e2000000000 all memory, in the operator's watch handler."""
+    with pytest.raises(ValueError, match="the exponent must be within ±100"):
         m.parse_quantity(text)
 
 

@@ -1161,6 +1161,13 @@ def test_instance_type_rule(rule: str, path: str, name: str, bad: Mutation, good
     assert _it_problems(name, good) == []
 
 
+def test_an_instance_type_quantity_of_a_huge_exponent_is_told_as_such() -> None:
+    problems = _it_problems("c1.4", set_at("memory", "1e10000000"))
+    assert [(p.path, p.message) for p in problems] == [
+        ("memory", "'1e10000000': the exponent must be within ±100")
+    ], problems
+
+
 @pytest.mark.parametrize(
     ("name", "ok"), [("c1.4", True), ("g2.mig", True), ("C1.4", False), ("c1", False), ("1c.4", False)]
 )

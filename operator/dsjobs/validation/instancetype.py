@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from dsjobs.models import limits as L
 from dsjobs.models.instancetype import InstanceTypeSpec
-from dsjobs.quantity import parse_quantity
+from dsjobs.quantity import MAX_EXPONENT, QuantityRangeError, parse_quantity
 from dsjobs.validation.problems import (
     Collector,
     Problem,
@@ -122,6 +122,9 @@ def validate_instance_type(name: str, spec: InstanceTypeSpec) -> list[Problem]:
 def _quantity(c: Collector, path: str, value: str) -> Fraction | None:
     try:
         return parse_quantity(value)
+    except QuantityRangeError:
+        c.add(path, "quantity", f"{value[:100]!r}: the exponent must be within ±{MAX_EXPONENT}")
+        return None
     except ValueError:
         c.add(path, "quantity", f"{value[:100]!r} is not a Kubernetes quantity like 4, 500m or 32Gi")
         return None
