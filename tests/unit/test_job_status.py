@@ -2837,6 +2837,14 @@ def test_data_goes_once_the_job_s_pod_is_gone() -> None:
     assert marked_then(expired, [pod(deleting=True)], settings=retention).actions == (ClearData(),)
 
 
+def test_a_pod_deleted_at_the_end_of_time_fails_no_reconcile() -> None:
+    # Anyone's pod object may say so (found by property testing): an OverflowError failed every step.
+    far = replace(pod(node="cpu-0", deleting=True), deleted_at=datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+    first = step(job(status=started("CREATING")), [pod(gone=True), far])
+    again = step(job(status=first.status.to_cr()), [pod(gone=True), far])
+    assert again.status.phase == first.status.phase and again.requeue_after is not None
+
+
 def test_clear_data_of_a_job_that_never_ran() -> None:
     # DeleteData / DeleteAllData mark jobs that were created (inputs uploaded) but never executed.
     j = job(execute=False, status={"phase": "CREATING", "createdAt": ts(CREATED)}, clearData=True)

@@ -254,3 +254,12 @@ def test_a_failing_shell_stage_in_says_why_on_stderr(tmp_path: Path) -> None:
     script = shell_stage_in(config).replace(CONFIG_MOUNT_PATH, str(tmp_path / "missing"))
     done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True)
     assert done.returncode != 0 and "entry.sh" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "line", ["six\n-e .", "six\r", "six\x00", "six\x85-e .", "six\u2028-e .", "six\u2029"]
+)
+def test_the_runner_refuses_a_requirement_that_is_not_one_line(line: str) -> None:
+    with pytest.raises(ValueError, match="invalid requirement"):
+        cfg(python_env={"requirements": [line]})
+    assert cfg(python_env={"requirements": ["six ; python_version>'3'"]}).python_env is not None

@@ -708,6 +708,18 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{PY}.requirements", [" "]),
         set_at(f"{PY}.requirements", ["torch>=2; python_version>'3'"]),
     ),
+    (  # pip reads requirements files with str.splitlines: the rest would be an option line
+        "requirement",
+        "job_parameters.env.python_env.requirements[0]",
+        set_at(f"{PY}.requirements", ["six\u2028--index-url http://127.0.0.1:9/simple"]),
+        set_at(f"{PY}.requirements", ["six --index-url http://127.0.0.1:9/simple"]),
+    ),
+    (
+        "requirement",
+        "job_parameters.env.python_env.conda_yaml",
+        set_at(f"{PY}.condaYaml", 'dependencies:\n- pip:\n  - "six\\x85-e ."'),
+        set_at(f"{PY}.condaYaml", "dependencies:\n- pip:\n  - six"),
+    ),
     (
         "max-items",
         "job_parameters.env.python_env.requirements",

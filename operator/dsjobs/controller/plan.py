@@ -1336,7 +1336,7 @@ def _pods_in_the_way(pods: Sequence[PodView], now: datetime) -> timedelta | None
     there with the job saying its data is cleared. A pod stuck terminating (its node lost) is
     waited for at most DELETE_POD_WAIT past its deletion, as for a deleted job."""
     waits = [
-        DELETE_POD_WAIT if p.deleted_at is None else p.deleted_at + DELETE_POD_WAIT - now
+        DELETE_POD_WAIT if p.deleted_at is None else later(p.deleted_at, DELETE_POD_WAIT) - now
         for p in pods
         if p.scheduled and not p.gone
     ]

@@ -138,8 +138,9 @@ def _check_python_version(v: str) -> str | None:
 
 def _check_requirements(v: list[str]) -> list[str]:
     for r in v:
-        # One requirement per line of requirements.txt: a newline would smuggle in options.
-        if "\n" in r or "\r" in r or "\x00" in r:
+        # One requirement per line of requirements.txt: a line break (pip splits lines as
+        # str.splitlines does) would smuggle in options.
+        if "\x00" in r or len(f"{r}.".splitlines()) > 1:
             raise ValueError(f"invalid requirement {r!r}")
     return [r.strip() for r in v if r.strip()]
 

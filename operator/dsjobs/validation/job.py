@@ -51,6 +51,8 @@ _SECRET_KEY = re.compile(L.SECRET_KEY_PATTERN)
 _URL = re.compile(L.URL_PATTERN)
 _HOST_PORT = re.compile(L.HOST_PORT_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Where pip's requirements files break lines (str.splitlines) beyond the control characters.
+_UNICODE_LINE_BREAK = re.compile("[\x85\u2028\u2029]")
 # `${NAME}` in cmd; `$${...}` is the escape the runner passes to the shell (see cmd_references).
 CMD_VAR_REFERENCE = re.compile(CMD_REFERENCE_PATTERN)
 # Declarations whose var the runner has no value for: local modules are put on PYTHONPATH (the
@@ -749,13 +751,13 @@ def _python(c: Collector, path: str, env: PythonEnv) -> None:
                 f"python={conda.python_version} contradicts python_version {env.python_version}",
             )
         for line in conda.pip:
-            _text(c, cpath, line, L.MAX_SHORT_STRING)
+            _requirement(c, cpath, line)
     rpath = at(path, "requirements")
     c.max_items(rpath, env.requirements, L.MAX_REQUIREMENTS)
     for i, line in enumerate(env.requirements):
         if not line.strip():
             c.add(index(rpath, i), "requirement", "must not be empty")
-        _text(c, index(rpath, i), line, L.MAX_SHORT_STRING)
+        _requirement(c, index(rpath, i), line)
     pip = env.pip_options
     if pip is None:
         return
@@ -772,6 +774,14 @@ def _python(c: Collector, path: str, env: PythonEnv) -> None:
             c.add(hpath, "host", "is too long")
         else:
             c.pattern(hpath, host, _HOST_PORT, "host", "a host or host:port")
+
+
+def _requirement(c: Collector, path: str, line: str) -> None:
+    """One line of the requirements.txt the runner writes: a line break (pip's include U+2028)
+    would make the rest a line of its own, such as an option (`--index-url ...`)."""
+    _text(c, path, line, L.MAX_SHORT_STRING)
+    if _UNICODE_LINE_BREAK.search(line):
+        c.add(path, "requirement", "must be one line (no U+0085, U+2028 or U+2029 line break)")
 
 
 def _same_python(a: str, b: str) -> bool:

@@ -180,7 +180,7 @@ RULES: dict[str, str] = {
     "cmd-length": "cmd longer than 64 KiB",
     "cmd-rendered-length": "cmd with its ${...} values longer than one argument may be (128 KiB)",
     "cmd-undeclared-var": "${NAME} in cmd that nothing declares (write $${NAME} for the shell)",
-    "cmd-var-unsupported": "${NAME} in cmd naming an output dataset's or a local module's var (no value)",
+    "cmd-var-unsupported": "${NAME} in cmd naming a local module's var (no value)",
     "cmd-project-home": "${DS_PROJECT_HOME} without attach_project_disk",
     "sha256": "sha256 of 64 lowercase hex digits",
     "sha256-size": "the empty file's sha256 with a size other than 0, or size 0 with another sha256",
