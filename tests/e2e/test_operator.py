@@ -1569,6 +1569,10 @@ def test_job_parameters_are_fixed_once_executed(h: H) -> None:
     # `kubectl apply` of a manifest without it would do that.
     out = patch({"execute": None})
     assert "spec.execute: Invalid value" in out and "cannot be reset or removed once true" in out, out
+    # Nor its config: 256 Ki characters of `<` (6 bytes each once stored) made the job too large
+    # for etcd, and every status write failed.
+    out = patch({"config": "<" * 10})
+    assert "spec.config: Invalid value" in out and "config cannot change once execute is true" in out, out
     assert "patched" in patch({"dataTtl": "2d"})  # the rest of the spec is not the job's program
     out = patch({"dataTtl": "-1d"})
     assert 'spec.dataTtl: Invalid value: "-1d"' in out, out

@@ -391,6 +391,16 @@ class ProjectJobSpec(CRModel):
             "jobParameters cannot change once execute is true: to run something else, create a new job "
             "(with kubectl: apply it under a new name, or kubectl create it with metadata.generateName; "
             "with the API: clone this one), or delete this job first",
+            # Nor its config text: up to 256 Ki characters each up to 6 bytes once stored (`<` is
+            # \u003c), an edit could make the job too large for etcd, and every status write of
+            # the running job then failed with it.
+            {
+                "rule": "!has(oldSelf.execute) || !oldSelf.execute || "
+                "(has(self.config) ? self.config : '') == (has(oldSelf.config) ? oldSelf.config : '')",
+                "message": "config cannot change once execute is true (it is the job's own config, as "
+                "it was run)",
+                "fieldPath": ".config",
+            },
             # Who created the job and what it was cloned from are facts, not settings.
             kept_once_set("createdById"),
             kept_once_set("parentJobId"),
