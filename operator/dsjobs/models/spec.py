@@ -105,7 +105,8 @@ class DockerImageSpec(CRModel):
     password_secret_ref: SecretKeyRef | None = field(
         "Secret key holding the registry password. The API never stores proto `password_plain_text` in "
         "the resource: it moves the password into a Secret owned by the job and puts the reference here. "
-        "Users applying a ProjectJob directly create the Secret themselves.",
+        "Users applying a ProjectJob directly create the Secret themselves, in the job's namespace and "
+        "labelled `dsjobs.dev/secret-role=registry-password` (the operator reads no other Secret).",
         None,
     )
     password_ds_secret_name: str | None = field(
@@ -207,7 +208,7 @@ class ExtendedWorkingStorage(CRModel):
 
     type: StorageType = field("Storage kind; only SSD.", StorageType.SSD)
     size_gb: int = field(
-        f"Size in GB, {MIN_WORKING_STORAGE_GB} to {MAX_WORKING_STORAGE_GB}.",
+        f"Size in GB, {MIN_WORKING_STORAGE_GB} to {MAX_WORKING_STORAGE_GB}; the volume claims as many GiB.",
         minimum=MIN_WORKING_STORAGE_GB,
         maximum=MAX_WORKING_STORAGE_GB,
     )
