@@ -247,6 +247,23 @@ def test_fully_populated_objects_validate() -> None:
     assert schema_errors(it, _object("InstanceType", full_instance_type().to_cr())) == []
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "deploy" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_a_valid_job_of_the_catalog(path: Path) -> None:
+    """Each deploy/examples file is what its comments tell users to `kubectl apply`: the schema
+    takes it and the operator's validation, against the default catalog, finds nothing."""
+    from dsjobs.instancetypes import CATALOG
+    from dsjobs.validation import parse_job_spec
+
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    jobs = [d for d in docs if d["kind"] == "ProjectJob"]
+    assert jobs, f"{path.name} holds no ProjectJob"
+    pj = root_schema(PJ)
+    for doc in jobs:
+        assert schema_errors(pj, doc) == [], doc["metadata"]
+        spec, problems = parse_job_spec(doc["spec"], known_instance_types={e.name for e in CATALOG})
+        assert spec is not None and problems == [], (doc["metadata"], problems)
+
+
 def test_the_schema_rejects_what_it_should() -> None:
     pj = root_schema(PJ)
     doc = full_spec().to_cr()
