@@ -107,3 +107,56 @@ def test_a_requests_metric_labels_name_its_resource_never_an_object(
     method: str, path: str, kind: tuple[str, str]
 ) -> None:
     assert call_kind(method, path) == kind
+
+
+def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A projected service account token is rotated (and expires) under a long-running replica:
+    it is read again at most every minute; a read that fails keeps the last token."""
+    import asyncio
+    import dataclasses
+    import logging
+
+    from aiohttp import web
+
+    seen: list[str] = []
+    tokens = iter(["second", RuntimeError("the token file is being replaced")])
+
+    def refresh(config: kube.KubeConfig) -> kube.KubeConfig:
+        token = next(tokens)
+        if isinstance(token, Exception):
+            raise token
+        return dataclasses.replace(config, token=token)
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({})
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/api", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = kube.Kube(
+            kube.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "first"), refresh
+        )
+        await client.start()
+        try:
+            await client.request("GET", "/api")  # fresh: not read again
+            client._refreshed -= kube._CREDENTIAL_REFRESH_SECONDS + 1
+            await client.request("GET", "/api")  # the rotated token
+            await client.request("GET", "/api")  # read a minute ago: not again
+            client._refreshed -= kube._CREDENTIAL_REFRESH_SECONDS + 1
+            await client.request("GET", "/api")  # the read fails: the last token still
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    with caplog.at_level(logging.WARNING, logger="dsjobs"):
+        asyncio.run(scenario())
+    assert seen == ["Bearer first", "Bearer second", "Bearer second", "Bearer second"]
+    assert "could not refresh cluster credentials" in caplog.text

@@ -209,7 +209,7 @@ class Kube:
             self._refreshed = time.monotonic()
             try:
                 self._config = self._refresh(self._config)
-            except Exception:  # pragma: no cover - keep the old credentials
+            except Exception:  # keep the old credentials
                 log.warning("could not refresh cluster credentials", exc_info=True)
         headers = {"Accept": accept}
         if self._config.token:
