@@ -232,12 +232,14 @@ def _node_cgroups(cluster: ClusterHandle) -> MemoryCgroups | None:
 
 
 def memory_limits_enforced(cluster: ClusterHandle) -> bool:
-    """The local nodes put containers in memory cgroups where this host allows."""
-    return _node_cgroups(cluster) is not None
+    """Containers get their memory limits: always from a real kubelet (an external cluster); the
+    local nodes put containers in memory cgroups where this host allows."""
+    return cluster.root is None or _node_cgroups(cluster) is not None
 
 
 def cpu_accounted(cluster: ClusterHandle) -> bool:
-    """The local nodes also give each container a cpuacct cgroup where this host allows."""
+    """The local nodes also give each container a cpuacct cgroup where this host allows (not
+    claimed of an external cluster: its cgroup layout is its runtime's)."""
     probe = _node_cgroups(cluster)
     return probe is not None and probe.cpu_root is not None
 
