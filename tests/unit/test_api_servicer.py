@@ -1254,6 +1254,25 @@ def test_download_of_no_files_is_an_empty_answer() -> None:
     assert resp == svc.DownloadProjectJobFilesResponse()
 
 
+def test_a_download_is_named_for_the_file_s_last_name_from_a_windows_path_too() -> None:
+    # The name a browser or curl saves the file as (the official CLI picks its own).
+    path = "C:\\Users\\me\\result.csv"
+    params = {**SOURCE_PARAMS, "outputFiles": [{"path": path, "var": "RES"}]}
+    key = f"projects/{PROJECT}/jobs/src1/outputs/.dsjobs-vars/RES/result.csv"
+    stored = {
+        "phase": "SUCCESS",
+        "outputFiles": [
+            {"desc": {"path": path, "var": "RES"}, "sha256": "0a" * 32, "sizeBytes": 3, "key": key}
+        ],
+    }
+    job = source_job(params, stored, created_by="alice")
+    req = svc.DownloadProjectJobFilesRequest(
+        job_id="src1", files=[jobs_pb2.File(desc=jobs_pb2.FileDesc(path=path, var="RES"))]
+    )
+    resp = call(service(FakeCore(job=job)).DownloadJobFiles(req, ctx()))
+    assert [f.url for f in resp.download_files] == [f"https://store/{key}?name=result.csv"]
+
+
 def test_an_output_with_a_log_s_path_does_not_hide_the_log() -> None:
     prefix = f"projects/{PROJECT}/jobs/src1"
     out_sha, log_sha = "0a" * 32, "0b" * 32

@@ -63,6 +63,7 @@ from dsjobs.models import (
     format_duration,
 )
 from dsjobs.models.limits import MAX_DATA_TTL, MAX_REGISTRY_PASSWORD_BYTES, MIN_DATA_TTL
+from dsjobs.models.paths import last_name
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_pb2, project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2, project_job_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2 as svc
@@ -1065,9 +1066,7 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
                     f"files[{i}]: job {job.name!r} has no stored file {wanted.desc.path!r}"
                 )
             chosen.append(found)
-        urls = await self.core.presign_get(
-            (f.key, f.desc.path.rsplit("/", 1)[-1], f.size_bytes) for f in chosen
-        )
+        urls = await self.core.presign_get((f.key, last_name(f.desc.path), f.size_bytes) for f in chosen)
         return svc.DownloadProjectJobFilesResponse(
             download_files=[_storage_file(f, urls[f.key]) for f in chosen]
         )
@@ -1118,7 +1117,9 @@ async def execute_operation(core: Core, job: JobSnapshot, username: str) -> oper
     job = as_seen_by(job, username)
     by_key = {f.key: f for f in job.status.output_files}
     urls = await core.presign_get(
-        (k, by_key[k].desc.path.rsplit("/", 1)[-1], by_key[k].size_bytes) for k in operations.output_keys(job)
+        # The name a browser or curl saves it as: `C:\Users\me\result.csv` is result.csv too.
+        (k, last_name(by_key[k].desc.path), by_key[k].size_bytes)
+        for k in operations.output_keys(job)
     )
     if job.status.progress is None and not job.is_final and job.spec.execute:
         # The runner keeps the latest progress in storage; the operator copies it to the status
