@@ -2425,6 +2425,8 @@ def test_metrics_count_jobs_by_phase(h: H) -> None:
     pods = {"verb": "post", "resource": "pods", "code": "ok"}
     created = "dsjobs_kube_request_duration_seconds_count"
     assert _samples(after, created, **pods) >= _samples(before, created, **pods) + 1
+    for name in ("dsjobs_pod_create_seconds_count", "dsjobs_reconciles_total", "dsjobs_status_writes_total"):
+        assert _samples(after, name) >= _samples(before, name) + 1, name
 
 
 # --- helpers --------------------------------------------------------------------------------------
