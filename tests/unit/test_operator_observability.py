@@ -168,8 +168,10 @@ def test_a_refused_status_write_is_told_by_the_write_that_follows_it_only() -> N
     op, events = _operator(kube)
     op._remember(copy.deepcopy(kube.body))
     op._passed[KEY] = ["PREPARING"]  # seen by a paced step, never written
+    conflicts = metrics.STATUS_CONFLICTS._value.get()  # type: ignore[attr-defined]
     asyncio.run(_reconciled(op))
     assert kube.body["status"]["phase"] == "CANCELLED" and kube.status_writes == 2
+    assert metrics.STATUS_CONFLICTS._value.get() - conflicts == 1  # type: ignore[attr-defined]
     assert [e.message.partition(":")[0] for e in events.posted] == ["CREATING -> PREPARING -> CANCELLED"]
     assert not op._unconfirmed and KEY not in op._passed
 
