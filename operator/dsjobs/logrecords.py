@@ -46,8 +46,6 @@ CHUNK_SLOT_BITS = 20
 CHUNK_SLOT = 1 << CHUNK_SLOT_BITS
 #: Largest content of one record; longer lines are cut (at a UTF-8 character boundary).
 MAX_RECORD_CONTENT = 64 * 1024
-#: Writers keep chunks around this size (records are never split across chunks).
-DEFAULT_CHUNK_BYTES = 1024 * 1024
 #: File paths of the system files DataSphere clients know.
 SYSTEM_LOG_PATH = ".system.log"
 PROGRESS_LOG_PATH = "job_progress.jsonl"

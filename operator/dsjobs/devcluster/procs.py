@@ -244,12 +244,6 @@ def ephemeral_ports() -> tuple[int, int]:
     return 32768, 60999
 
 
-def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-        return True
-    return False
-
-
 def tail(path: Path | str, lines: int = 30) -> str:
     try:
         with open(path, "rb") as f:

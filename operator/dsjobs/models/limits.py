@@ -105,9 +105,6 @@ RESERVED_ENV_VARS: Final = frozenset({DS_PROJECT_HOME, JOB_PROGRESS_FILENAME})
 RESERVED_ENV_PREFIX: Final = "DSJOBS_"
 # The shell's own variables (readonly in bash, or arithmetic in dash/bash): a job cannot set them.
 SHELL_SPECIAL_ENV_VARS: Final = SHELL_SPECIAL_ENV
-# The CLI names zipped Python local modules `_LOCAL_MODULE_<i>`; their paths are temporary
-# file names on the client and carry no meaning.
-LOCAL_MODULE_VAR_PREFIX: Final = "_LOCAL_MODULE_"
 
 # --- syntax (RE2-compatible: the same strings go into the CRD) ---------------------------------
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
@@ -139,7 +136,6 @@ _HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])"
 _DOMAIN = rf"{_HOST}(?::[0-9]+)?"
 _TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-DOCKER_NAME_PATTERN: Final = rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$"
 DOCKER_REFERENCE_PATTERN: Final = (
     rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
 )
