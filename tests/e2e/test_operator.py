@@ -1798,7 +1798,9 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
     # hands it back.
     # The Lease the deployment's leader Role grants, in the operator's own namespace.
     lease, system = "dsjobs-operator", h.system_namespace
-    env = {**h.env, "DSJOBS_LEADER_LEASE": f"{system}/{lease}", "DSJOBS_LEADER_LEASE_SECONDS": "4"}
+    # 10 s: with 4 s a renewal slower than 2.7 s on a loaded machine let the leader give the Lease
+    # up on its own, and the standby led before the test killed anyone.
+    env = {**h.env, "DSJOBS_LEADER_LEASE": f"{system}/{lease}", "DSJOBS_LEADER_LEASE_SECONDS": "10"}
     replicas = [dataclasses.replace(h, env=env, log_path=tmp_path / f"{n}.log", proc=None) for n in "ab"]
 
     def holder() -> dict[str, Any]:
@@ -1837,7 +1839,7 @@ def test_a_standby_replica_takes_over_the_lease_from_a_killed_leader(h: H, tmp_p
         assert "lost the leadership: the lease is held by thief; exiting" in b.log()
 
         a.start()  # the thief never renews: a takes over once its Lease has stood still
-        poll("replica a to lead again", lambda: "(transition 2)" in a.log(), 30)
+        poll("replica a to lead again", lambda: "(transition 2)" in a.log(), 60)
         a.stop()  # graceful: the Lease is released for the next replica
         assert holder()["holderIdentity"] == "", holder()
         assert "released lease" in a.log()
