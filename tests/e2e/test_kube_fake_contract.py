@@ -308,7 +308,9 @@ async def settle_real(kube: Kube, path: str, state: State) -> None:
             and status.get("observedGeneration") == meta.get("generation")
         )
         if observed:
-            await asyncio.sleep(0.5)
+            # Still for 1.5 s: on a loaded machine the operator's writes can be farther apart than
+            # 0.5 s, and a later one made the next PATCH of the version seen here a real 409.
+            await asyncio.sleep(1.5)
             again = await kube.request("GET", path)
             if again["metadata"]["resourceVersion"] == meta["resourceVersion"]:
                 if meta["resourceVersion"] != state.rv:

@@ -546,7 +546,7 @@ def test_an_output_dataset_whose_claim_was_deleted_is_not_told_created(h: H) -> 
     # pvc-protection keeps a deleted claim only until the pod ends: the job said SUCCESS with
     # a dataset id that nothing could ever mount.
     ods = {"name": "lost", "var": "LOST", "sizeGb": 1}
-    h.create_job("ods-lost", {"cmd": "echo a > ${LOST}/a.txt; sleep 8", "outputDatasets": [ods]})
+    h.create_job("ods-lost", {"cmd": "echo a > ${LOST}/a.txt; sleep 20", "outputDatasets": [ods]})
     h.wait_phase("ods-lost", "EXECUTING", timeout=120)
     (claim,) = h.core.list_namespaced_persistent_volume_claim(
         h.namespace, label_selector="dsjobs.dev/job-id=ods-lost"
