@@ -37,7 +37,10 @@ def test_sigterm_tears_the_session_down_and_stops_it(tmp_path: Path) -> None:
     (tmp_path / "test_session.py").write_text(SESSION)
     mark = tmp_path / "mark"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"},
+        # Only the plugins named below: the inner session runs its tests in file order (a
+        # random-order plugin in the venv ran test_after first).
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         "MARK": str(mark),
         "PYTHONPATH": os.pathsep.join(p for p in (str(E2E_DIR), os.environ.get("PYTHONPATH")) if p),
     }
