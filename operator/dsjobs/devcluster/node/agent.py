@@ -536,10 +536,7 @@ class Agent:
             for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            try:
-                await asyncio.wait_for(self.patch_node_status(ready=False, message="node agent stopped"), 3.0)
-            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                log.warning("could not mark the node NotReady", extra={"kv": {"error": str(exc)}})
+            await self._mark_not_ready()
             return 0
         finally:
             for w in list(self.workers.values()):
@@ -550,6 +547,25 @@ class Agent:
                 self.memory.close()
             await runner.cleanup()
             await self.api.close()
+
+    async def _mark_not_ready(self, within: float = 6.0) -> None:
+        """Say the node is NotReady on the way out, retrying for `within` seconds: a loaded API
+        server may take longer than one try, and the node then went Unknown through the node
+        controller instead (5 s grace + this stays below the 15 s of the stack's stop)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                left = max(0.5, deadline - loop.time())
+                await asyncio.wait_for(
+                    self.patch_node_status(ready=False, message="node agent stopped"), left
+                )
+                return
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if loop.time() + 0.5 >= deadline:
+                    log.warning("could not mark the node NotReady", extra={"kv": {"error": str(exc)}})
+                    return
+                await asyncio.sleep(0.5)
 
     async def shutdown_pods(self) -> None:
         """Stop every pod's processes within the shutdown grace period and report them."""
