@@ -24,7 +24,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from cluster_fixtures import (
     apply_admission,
     apply_cluster_role,
     deployed_operator_paused,
+    free_ports,
     service_account_token,
     token_kubeconfig,
 )
@@ -52,12 +52,6 @@ from dsjobs.devcluster import S3Config
 
 API_STARTUP_TIMEOUT_S = 60
 GROUP, VERSION, PLURAL = "dsjobs.dev", "v1alpha1", "projectjobs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -244,7 +238,7 @@ def _bind(api_client: Any, namespace: str, role: str, sa_namespace: str, sa: str
 def start_api(
     env: ApiEnv, name: str, extra_env: dict[str, str] | None = None, ca: bytes | None = None
 ) -> ApiProcess:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     log = env.workdir / f"api-{name}.log"
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith(("DSJOBS_API_", "DSJOBS_S3_"))}
     proc_env.update(env.s3.env())

@@ -36,6 +36,7 @@ from dsjobs import localstack
 from dsjobs.devcluster import ClusterPaths, S3Config, node_agent_available, status
 from dsjobs.devcluster.cluster import LOCAL_STORAGE_CLASS
 from dsjobs.devcluster.node.cgroup import MemoryCgroups
+from dsjobs.devcluster.procs import reserve_ports
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The admission policies that hold dsjobs' own identities (the API and operator fixtures apply it).
@@ -176,6 +177,14 @@ def daemon_script(pid_file: str, *, then_sleep: bool) -> str:
         f"open({pid_file!r}, 'w').write(str(p.pid))"
     )
     return script + ("\ntime.sleep(600)" if then_sleep else "")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports for a child to bind: below the ephemeral range (as
+    the local stack takes its own), where no outgoing connection can be holding one when a
+    restarted child binds it again minutes later."""
+    with reserve_ports(count) as ports:
+        return ports
 
 
 def poll(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,7 +22,7 @@ from typing import Any, cast
 
 import pytest
 import yaml
-from cluster_fixtures import REPO_ROOT, ClusterHandle, poll
+from cluster_fixtures import REPO_ROOT, ClusterHandle, free_ports, poll
 from kubernetes.client.rest import ApiException
 
 from dsjobs.devcluster import ClusterPaths
@@ -56,12 +55,6 @@ class OwnNode:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +124,7 @@ def running_node(dev_cluster: ClusterHandle, work: Path, state_dir: Path) -> Ite
             "--state-dir",
             str(state_dir),
             "--port",
-            str(free_port()),
+            str(free_ports(1)[0]),
             "--tls-cert",
             str(serving.cert),
             "--tls-key",

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from cluster_fixtures import (
     apply_admission,
     apply_cluster_role,
     deployed_operator_paused,
+    free_ports,
     poll,
     service_account_token,
     token_kubeconfig,
@@ -56,12 +56,6 @@ PROJECT_ID = f"e2e-op-{uuid.uuid4().hex[:6]}"
 #: DSJOBS_PYTHON_GPU_IMAGE of the operator under test.
 GPU_PYTHON_IMAGE = "registry.example.com/ml/python-cuda:{version}"
 START_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -147,7 +141,7 @@ class OperatorHarness:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "the operator is running"
-        self.liveness_port, self.metrics_port = _free_port(), _free_port()
+        self.liveness_port, self.metrics_port = free_ports(2)
         env = {
             **self.env,
             "DSJOBS_LIVENESS_PORT": str(self.liveness_port),
