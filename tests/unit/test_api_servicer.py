@@ -10,6 +10,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import grpc
@@ -87,6 +88,7 @@ class FakeCore:
         self.kube = kube or FakeKube()
         self.jobs = FakeJobIndex()
         self.catalog = FakeCatalog()
+        self.stored_job: JobSnapshot | None = None
         self.auth = FakeAuth()
         self.stored = set(stored)
         self.storage_error = storage_error
@@ -145,7 +147,10 @@ class FakeCore:
         return {key: f"https://store/{key}?name={name}" for key, name, _ in files}
 
     async def read_job(self, namespace: str, job_id: str, *, fresh: bool = False) -> JobSnapshot | None:
-        """`job` if given, else the FakeKube's."""
+        """`job` if given (`stored_job` instead when fresh and given: the watch's copy lags), else
+        the FakeKube's."""
+        if fresh and self.stored_job is not None:
+            return self.stored_job
         if self.job is not None:
             return self.job
         obj = self.kube.objects.get(jobs_path(namespace, job_id))
@@ -1271,6 +1276,31 @@ def test_a_download_is_named_for_the_file_s_last_name_from_a_windows_path_too() 
     )
     resp = call(service(FakeCore(job=job)).DownloadJobFiles(req, ctx()))
     assert [f.url for f in resp.download_files] == [f"https://store/{key}?name=result.csv"]
+
+
+def test_downloads_of_a_job_this_replica_has_not_seen_end_yet_read_the_stored_job() -> None:
+    # Another replica told the CLI the job ended; this one's watch copy lags a moment behind.
+    key = f"projects/{PROJECT}/jobs/src1/outputs/report.txt"
+    ended = {
+        "phase": "SUCCESS",
+        "outputFiles": [{"desc": {"path": "report.txt"}, "sha256": "0a" * 32, "sizeBytes": 2, "key": key}],
+    }
+    core = FakeCore(job=source_job(SOURCE_PARAMS, {"phase": "EXECUTING"}))
+    core.stored_job = source_job(SOURCE_PARAMS, ended)
+    req = svc.DownloadProjectJobFilesRequest(
+        job_id="src1", files=[jobs_pb2.File(desc=jobs_pb2.FileDesc(path="report.txt"))]
+    )
+    resp = call(service(core).DownloadJobFiles(req, ctx()))
+    assert [f.url for f in resp.download_files] == [f"https://store/{key}?name=report.txt"]
+    # DownloadStdLogs too: the stored job has ended (its files: none in this store).
+    core.store = SimpleNamespace(head=lambda key: None)
+    std = svc.DownloadProjectJobStdLogsRequest(job_id="src1")
+    err = failing(grpc.StatusCode.NOT_FOUND, service(core).DownloadStdLogs(std, ctx()))
+    assert "has no stored stdout/stderr" in err.message
+    # A file the stored job lacks too is not found.
+    req.files[0].desc.path = "nope.txt"
+    err = failing(grpc.StatusCode.NOT_FOUND, service(core).DownloadJobFiles(req, ctx()))
+    assert err.message == "files[0]: job 'src1' has no stored file 'nope.txt'"
 
 
 def test_an_output_with_a_log_s_path_does_not_hide_the_log() -> None:

@@ -1038,34 +1038,21 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DownloadProjectJobFilesRequest, context: Context
     ) -> svc.DownloadProjectJobFilesResponse:
         identity, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
-        # Paths as this caller got them from Get, and as its CLI will write them.
-        job = as_seen_by(job, identity.username)
         if not request.files:
             # The CLI's download-files asks for the job's output_files, none for a job without outputs.
             return svc.DownloadProjectJobFilesResponse()
         if len(request.files) > MAX_DOWNLOAD_FILES:
             raise errors.invalid_argument(f"at most {MAX_DOWNLOAD_FILES} files per call", "files")
-        _refuse_unavailable_data(job)
-        stored = [
-            f
-            for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
-            if operations.is_own_key(job, f.key)
-        ]
-        # By path and content first: an output may have a log's path (`stdout.txt`), and the CLI
-        # asks with the File records Get gave it, sha256 included.
-        by_path: dict[str, Any] = {}
-        by_content: dict[tuple[str, str], Any] = {}
-        for f in stored:
-            by_path.setdefault(f.desc.path, f)
-            by_content.setdefault((f.desc.path, f.sha256), f)
-        chosen = []
-        for i, wanted in enumerate(request.files):
-            found = by_content.get((wanted.desc.path, wanted.sha256)) or by_path.get(wanted.desc.path)
-            if found is None or not found.key:
-                raise errors.not_found(
-                    f"files[{i}]: job {job.name!r} has no stored file {wanted.desc.path!r}"
-                )
-            chosen.append(found)
+        try:
+            # Paths as this caller got them from Get, and as its CLI will write them.
+            chosen = _chosen_files(as_seen_by(job, identity.username), request.files)
+        except ApiError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            # This replica's copy of the job may lag a moment behind the one that told the caller
+            # the job ended (its watch): a file not found is looked for in the stored job again.
+            job = await self.core.get_job(job.namespace, job.name, fresh=True)
+            chosen = _chosen_files(as_seen_by(job, identity.username), request.files)
         urls = await self.core.presign_get((f.key, last_name(f.desc.path), f.size_bytes) for f in chosen)
         return svc.DownloadProjectJobFilesResponse(
             download_files=[_storage_file(f, urls[f.key]) for f in chosen]
@@ -1075,6 +1062,9 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         self, request: svc.DownloadProjectJobStdLogsRequest, context: Context
     ) -> svc.DownloadProjectJobStdLogsResponse:
         _, job = await self.core.authorized_job(context, request.job_id, Verb.GET)
+        if not job.is_final:
+            # Maybe only in this replica's copy, lagging the one that told the caller it ended.
+            job = await self.core.get_job(job.namespace, job.name, fresh=True)
         _refuse_unavailable_data(job)
         if not job.is_final:
             # Files there now are an earlier attempt's (a retry), or being written.
@@ -1097,6 +1087,30 @@ class ProjectJobService(project_job_service_pb2_grpc.ProjectJobServiceServicer):
         return svc.DownloadProjectJobStdLogsResponse(
             stdout_url=urls.get(keys["stdout.txt"], ""), stderr_url=urls.get(keys["stderr.txt"], "")
         )
+
+
+def _chosen_files(job: JobSnapshot, wanted_files: Sequence[jobs_pb2.File]) -> list[StoredFile]:
+    """The job's stored files that `wanted_files` name; NOT_FOUND naming the first it lacks."""
+    _refuse_unavailable_data(job)
+    stored = [
+        f
+        for f in (*job.status.output_files, *job.status.log_files, *job.status.diagnostic_files)
+        if operations.is_own_key(job, f.key)
+    ]
+    # By path and content first: an output may have a log's path (`stdout.txt`), and the CLI
+    # asks with the File records Get gave it, sha256 included.
+    by_path: dict[str, StoredFile] = {}
+    by_content: dict[tuple[str, str], StoredFile] = {}
+    for f in stored:
+        by_path.setdefault(f.desc.path, f)
+        by_content.setdefault((f.desc.path, f.sha256), f)
+    chosen = []
+    for i, wanted in enumerate(wanted_files):
+        found = by_content.get((wanted.desc.path, wanted.sha256)) or by_path.get(wanted.desc.path)
+        if found is None or not found.key:
+            raise errors.not_found(f"files[{i}]: job {job.name!r} has no stored file {wanted.desc.path!r}")
+        chosen.append(found)
+    return chosen
 
 
 def _filter_fields(job: JobSnapshot) -> Mapping[str, str]:
