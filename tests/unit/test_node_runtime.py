@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -115,3 +116,26 @@ def test_straggler_holding_the_pipe_does_not_block(tmp_path: Path) -> None:
     finally:
         if alive(straggler):
             os.kill(straggler, signal.SIGKILL)
+
+
+def test_a_cancelled_wait_leaves_no_task_pending() -> None:
+    """A worker closed while it waited left its Event.wait() task pending for good: asyncio logged
+    "Task was destroyed but it is pending!" at ERROR once it was collected."""
+    from dsjobs.devcluster.node.runtime import wait_any
+
+    async def main() -> tuple[int, bool]:
+        never, soon = asyncio.Event(), asyncio.Event()
+        waiting = asyncio.create_task(wait_any(never.wait(), soon.wait()))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0)  # the inner tasks' cancellation runs
+        left = len(asyncio.all_tasks()) - 1  # this one
+        soon.set()
+        await wait_any(never.wait(), soon.wait(), timeout=5)  # the first done ends it
+        await wait_any(soon.wait(), asyncio.sleep(0), every=True)
+        await asyncio.sleep(0)
+        return left, len(asyncio.all_tasks()) == 1
+
+    assert asyncio.run(main()) == (0, True)

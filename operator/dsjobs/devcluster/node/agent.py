@@ -48,7 +48,7 @@ from .nodeobj import (
 )
 from .podspec import NodeContext, Obj, termination_grace_seconds
 from .quantity import parse_quantity
-from .runtime import Notifier
+from .runtime import Notifier, wait_any
 from .worker import PodWorker, api_shows_started, pod_ref, state_shows_started
 
 log = logging.getLogger("dsjobs.node")
@@ -574,6 +574,4 @@ class Agent:
         for w in active:
             w.request_stop("NodeShutdown", min(grace, termination_grace_seconds(w.pod)))
         if active:
-            await asyncio.wait(
-                [asyncio.ensure_future(w.finished.wait()) for w in active], timeout=grace + 8.0
-            )
+            await wait_any(*(w.finished.wait() for w in active), timeout=grace + 8.0, every=True)

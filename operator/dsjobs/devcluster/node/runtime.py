@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -24,6 +24,19 @@ from .logs import LineSplitter, encode_entry, now_ns
 
 # How long to wait for the log pipes to drain after the process group is gone.
 DRAIN_TIMEOUT = 2.0
+
+
+async def wait_any(*waits: Awaitable[object], timeout: float | None = None, every: bool = False) -> None:
+    """Until the first of `waits` is done (`every`: all of them), or `timeout`. The ones left are
+    cancelled, also when this wait is itself cancelled: a task left pending (an Event.wait of a
+    worker closed meanwhile) is logged at ERROR by asyncio once collected."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        when = asyncio.ALL_COMPLETED if every else asyncio.FIRST_COMPLETED
+        await asyncio.wait(tasks, timeout=timeout, return_when=when)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class Notifier:

@@ -34,7 +34,7 @@ from .leftovers import kill_cgroup
 from .logs import last_lines_text
 from .mounts import Tools, launch_argv, materialize_volume, resolve_executable
 from .podspec import ContainerPlan, Fetched, NodeContext, Obj, SetupError, VolumePlan
-from .runtime import ContainerProcess, Notifier, proc_start_ticks
+from .runtime import ContainerProcess, Notifier, proc_start_ticks, wait_any
 from .status import (
     FALLBACK_LOG_LINES,
     NODE_SHUTDOWN_REASON,
@@ -588,12 +588,10 @@ class PodWorker:
 
     async def _wait_stop(self, timeout: float, sidecar: bool = False) -> bool:
         """Sleep up to timeout; True if a stop was requested meanwhile (for sidecars: or theirs)."""
-        waits = [asyncio.ensure_future(self._stop_event.wait())]
+        waits = [self._stop_event.wait()]
         if sidecar:
-            waits.append(asyncio.ensure_future(self._sidecars_stop_event.wait()))
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        for w in waits:
-            w.cancel()
+            waits.append(self._sidecars_stop_event.wait())
+        await wait_any(*waits, timeout=timeout)
         return self._stopped(sidecar)
 
     def _stopped(self, sidecar: bool) -> bool:
@@ -744,11 +742,7 @@ class PodWorker:
                 return
             if podspec.is_sidecar(c):
                 self._spawn(self._supervise(c, "Always"))
-                started = asyncio.ensure_future(self._started[c["name"]].wait())
-                stopping = asyncio.ensure_future(self._stop_event.wait())
-                await asyncio.wait([started, stopping], return_when=asyncio.FIRST_COMPLETED)
-                started.cancel()
-                stopping.cancel()
+                await wait_any(self._started[c["name"]].wait(), self._stop_event.wait())
                 continue
             term = await self._supervise(c, init_policy)
             if self.stop is not None:
@@ -798,11 +792,9 @@ class PodWorker:
             remaining = deadline() - loop.time()
             if remaining <= 0:
                 return
-            waiter = asyncio.ensure_future(self._proc_exit.wait(min(remaining, 1.0)))
-            poke = asyncio.ensure_future(self._kill_poke.wait(min(remaining, 1.0)))
-            await asyncio.wait([waiter, poke], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            poke.cancel()
+            await wait_any(
+                self._proc_exit.wait(min(remaining, 1.0)), self._kill_poke.wait(min(remaining, 1.0))
+            )
 
     async def _kill_all(self) -> None:
         """SIGTERM regular containers, then sidecars (reverse order); SIGKILL at the grace deadline."""
@@ -941,11 +933,7 @@ class PodWorker:
             snap.waiting_reason = "ContainerCreating"
             snap.waiting_message = f"waiting for {n} free {podspec.GPU_RESOURCE} (held by other containers)"
             self._changed()
-            waiter = asyncio.ensure_future(self.ctx.gpu_released.wait(5.0))
-            stopper = asyncio.ensure_future(self._stop_event.wait())
-            await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            await wait_any(self.ctx.gpu_released.wait(5.0), self._stop_event.wait())
         return None
 
     async def _run_once(self, c: Obj, snap: ContainerSnapshot) -> Terminated | None:
