@@ -8,6 +8,7 @@ The API server is a small in-memory stand-in for the calls a reconcile of a job 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -793,3 +794,36 @@ def test_the_result_of_a_pod_deleted_with_force_is_waited_for_a_bounded_time(
     assert (got == result) is found and took < 2.5 + 0.3 + 0.5, took
     if reads is not None:
         assert len(read) == reads
+
+
+def test_a_pod_resync_the_api_server_does_not_answer_is_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    # During an API server's restart each resync logged 20 lines of aiohttp traceback at WARNING.
+    import aiohttp
+
+    op, _ = _operator(FakeKube(CANCELLED_EARLY), dataclasses.replace(SETTINGS, pod_resync_seconds=0.01))
+    refused = aiohttp.ClientConnectionError("Cannot connect to host 127.0.0.1:6443")
+    tries: list[str] = []
+
+    async def resync() -> None:
+        tries.append("resync")
+        raise refused if len(tries) == 1 else RuntimeError("a bug")
+
+    op.resync_pods = resync  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.create_task(op.resync_pods_forever())
+        while len(tries) < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.WARNING, logger="dsjobs"):
+        asyncio.run(run())
+    told = [r for r in caplog.records if "pod resync failed" in r.getMessage()]
+    assert told[0].getMessage() == (
+        "pod resync failed (tried again in 0.01s): ClientConnectionError: Cannot connect to host 127.0.0.1:6443"
+    )
+    assert told[0].exc_info is None
+    assert told[1].exc_info is not None  # anything else is a bug: its traceback is kept

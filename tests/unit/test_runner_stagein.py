@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
 import stat
 import zipfile
@@ -394,6 +395,18 @@ def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fa
     ok, term = _stage_one_input(tmp_path, CheckingStore(), "j2")
     result = parse_termination_message(term)
     assert not ok and not result.storage_unavailable and "not in storage" in result.reason
+
+
+def test_a_stage_in_failure_of_the_inputs_is_logged_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A missing, corrupt or refused input is the job's to fix, told in its result and system log:
+    # 30 lines of chained traceback at ERROR said nothing more.
+    with caplog.at_level(logging.ERROR, logger="dsjobs.runner"):
+        ok, _ = _stage_one_input(tmp_path, CheckingStore(), "j1")
+    assert not ok
+    [record] = [r for r in caplog.records if r.name.startswith("dsjobs.runner")]
+    assert "not in storage" in record.getMessage() and record.exc_info is None
 
 
 def test_a_stage_in_whose_log_could_not_be_resumed_still_reports(tmp_path: Path) -> None:

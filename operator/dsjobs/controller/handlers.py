@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import aiohttp
 import kopf
 
 from dsjobs.controller import fastjson, metrics
@@ -595,7 +596,12 @@ class Operator:
                 await self.resync_instance_types()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the next period tries again; the watch is the main source
+            except (APIError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # The API server away or refusing: healed by the next period (the watch is the
+                # main source); its traceback tells nothing.
+                what = message_of(exc) if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
+                log.warning("pod resync failed (tried again in %ss): %s", interval, what)
+            except Exception:
                 log.warning("pod resync failed", exc_info=True)
 
     async def _job_pod_pages(self, *, background: bool = False) -> AsyncIterator[list[dict[str, Any]]]:

@@ -382,7 +382,11 @@ def run_stage_in(config: RunnerConfig, store: Storage, *, termination_log: str |
             )
         else:
             reason = f"stage-in failed: {type(exc).__name__}: {exc}"
-        log.exception("stage-in failed")
+        if isinstance(exc, StageInError) or storage_unavailable:
+            # An input missing, corrupt or refused, or the store away: told, not a bug to trace.
+            log.error("%s", reason)
+        else:
+            log.exception("stage-in failed")
         syslog(reason)
         deadline = time.monotonic() + 60
         try:
