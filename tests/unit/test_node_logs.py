@@ -94,3 +94,14 @@ def test_cursor_reads_only_complete_new_lines(tmp_path: Path) -> None:
     assert [e.content for e in cur.read_entries()] == [b"hello", b"world"]
     assert cur.read_entries() == []
     cur.close()
+
+
+def test_the_agent_s_log_lines_name_the_node_once() -> None:
+    import logging
+
+    from dsjobs.devcluster.node.logfmt import LogfmtFormatter
+
+    record = logging.LogRecord("dsjobs.node", logging.INFO, __file__, 1, "node registered", None, None)
+    record.kv = {"node": "cpu-0", "pods": 2}
+    line = LogfmtFormatter("cpu-0").format(record)
+    assert line.endswith('level=INFO node=cpu-0 msg="node registered" pods=2'), line

@@ -195,7 +195,8 @@ class JobStore:
                 if problem is None:
                     log.info("the object store answers again")
                 else:
-                    log.warning("the object store does not answer: %s", problem)
+                    where = f"{storage.settings.endpoint} (bucket {storage.settings.bucket})"
+                    log.warning("the object store %s does not answer: %s", where, problem)
             self._check = (loop.time(), problem)
             metrics.object_store_checked(problem is None)
             return problem

@@ -30,7 +30,8 @@ class LogfmtFormatter(logging.Formatter):
         ]
         kv = getattr(record, "kv", None)
         if isinstance(kv, dict):
-            parts.extend(f"{k}={_value(v)}" for k, v in kv.items())
+            # node= is written once, first (callers name the node in their fields too).
+            parts.extend(f"{k}={_value(v)}" for k, v in kv.items() if (k, v) != ("node", self.node))
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
