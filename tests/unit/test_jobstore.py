@@ -5,6 +5,7 @@ job's reconcile (and a cancel queued behind it) is not held for the client's min
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from collections.abc import Coroutine, Iterator
@@ -90,13 +91,17 @@ JOB = JobView.from_body(
 
 
 def test_the_store_check_reports_a_hung_store_after_one_short_try(
-    silent_store: tuple[str, list[socket.socket]], monkeypatch: pytest.MonkeyPatch
+    silent_store: tuple[str, list[socket.socket]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(jobstore, "STORE_CALL_TIMEOUT", 0.5)
     endpoint, accepted = silent_store
-    problem = _run(_store(endpoint).problem(_staging_pod(), NOW))
+    with caplog.at_level(logging.WARNING, logger="dsjobs"):
+        problem = _run(_store(endpoint).problem(_staging_pod(), NOW))
     assert problem is not None and "timed out" in problem.lower(), problem
     assert len(accepted) == 1  # one try
+    assert f"the object store {endpoint} (bucket " in caplog.text  # which store, as at start-up
     # The platform team sees it too, not only the waiting job's details.
 
     from prometheus_client import REGISTRY
