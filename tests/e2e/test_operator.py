@@ -2119,7 +2119,7 @@ def test_a_job_that_fills_its_node_s_disk_ends_with_its_own_exit_code_outputs_an
             status = h.wait_phase("node-disk-full", "SUCCESS", "ERROR", timeout=180)
             assert status["phase"] == "ERROR" and status["returnCode"] == 3, status
             assert status["statusDetails"] == "Program returned code 3", status
-            assert "cannot save its state on the node" in small_disk_node.log()  # the disk was full
+            assert "cannot save the pod's state on the node" in small_disk_node.log()  # the disk was full
             (output,) = status["outputFiles"]
             size = int(output.get("sizeBytes") or 0)
             assert 16 * 2**20 < size < 48 * 2**20, output  # as much as fitted

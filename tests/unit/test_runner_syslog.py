@@ -57,3 +57,20 @@ def test_a_system_log_replaced_by_a_fifo_or_a_directory_is_refused_not_waited_on
     fifo.mkdir()
     with pytest.raises(OSError):
         open_shared(fifo)
+
+
+def test_a_system_log_that_cannot_be_written_is_warned_about_once_until_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "system.log"
+    path.mkdir()  # the program made it something else
+    syslog = SystemLog(path, "ship")
+    for message in ("one", "two", "three"):
+        syslog(message)
+    assert caplog.text.count("cannot write system log") == 1
+    path.rmdir()
+    syslog("works again")
+    path.unlink()
+    path.mkdir()
+    syslog("fails again")
+    assert caplog.text.count("cannot write system log") == 2

@@ -69,6 +69,7 @@ class SystemLog:
         self.path = path
         self.component = component
         self._log = logging.getLogger(f"dsjobs.runner.{component}")
+        self._failing = False
 
     def __call__(self, message: str) -> None:
         self._log.info("%s", message)
@@ -83,4 +84,10 @@ class SystemLog:
             finally:
                 os.close(fd)
         except OSError as exc:
-            self._log.warning("cannot write system log path=%s error=%s", self.path, exc)
+            # Once until it works again: a program that made the file a symlink or filled the disk
+            # would have each of this writer's messages warn again (the message itself is logged).
+            if not self._failing:
+                self._log.warning("cannot write system log path=%s error=%s", self.path, exc)
+            self._failing = True
+        else:
+            self._failing = False

@@ -495,7 +495,8 @@ class PodWorker:
                 os.unlink(tmp)
             if not self._persist_failing:
                 log.warning(
-                    "pod %s/%s: cannot save its state on the node: %s", self.namespace, self.name, exc
+                    "cannot save the pod's state on the node",
+                    extra={"kv": {"pod": pod_ref(self.pod), "error": str(exc)}},
                 )
             self._persist_failing = True
             return
