@@ -424,3 +424,23 @@ def test_an_image_that_cannot_be_pulled_waits_in_back_off_until_the_pod_stops(tm
     assert ("Pulling", 'Pulling image "registry.invalid/nope/img:1"') in ctx.events
     assert ("Failed", "Error: ErrImagePull") in ctx.events
     assert ("Failed", "Error: ImagePullBackOff") in ctx.events
+
+
+def test_close_lets_a_request_whose_answer_is_on_its_way_finish_a_moment(tmp_path: Path) -> None:
+    # The pod's DELETED event can come before the DELETE's own answer: cancelled at once, the
+    # request was aborted, and the API server logged it as an error.
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        w = PodWorker(Ctx(tmp_path), make_pod(containers=[container("main", "true")]))
+        w._deleting = True
+        loop.call_later(0.1, setattr, w, "_deleting", False)
+        began = loop.time()
+        await w.close(patience=2.0)
+        answered = loop.time() - began
+        w._writing = True  # never answered: given up after the patience
+        began = loop.time()
+        await w.close(patience=0.2)
+        return answered, loop.time() - began
+
+    answered, gave_up = run(main())
+    assert 0.1 <= answered < 1.0 and 0.2 <= gave_up < 1.0

@@ -408,7 +408,7 @@ class Agent:
 
         async def cleanup() -> None:
             await worker.finished.wait()
-            await worker.close()
+            await worker.close(patience=2.0)
             self.workers.pop(uid, None)
             key = (worker.namespace, worker.name)
             if self.by_name.get(key) == uid:

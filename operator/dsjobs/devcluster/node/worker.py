@@ -185,6 +185,7 @@ class PodWorker:
         self._reconcile_timer: asyncio.TimerHandle | None = None
         self._rejected: Obj | None = None
         self._writing = False
+        self._deleting = False  # the final DELETE in flight
         self._tasks: list[asyncio.Task[Any]] = []
         self._kill_task: asyncio.Task[None] | None = None
         self._delete_requested = False
@@ -322,10 +323,18 @@ class PodWorker:
                 extra={"kv": {"pod": pod_ref(self.pod)}},
             )
 
-    async def close(self) -> None:
+    async def close(self, patience: float = 0.0) -> None:
+        """Stop the worker's tasks. `patience`: how long a status write or the final DELETE whose
+        answer is on its way may still finish (the pod's DELETED event can come before the
+        DELETE's own answer): cancelled, the request is aborted, which the API server logs as an
+        error ("Timeout or abort while handling")."""
         if self._reconcile_timer is not None:
             self._reconcile_timer.cancel()
             self._reconcile_timer = None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + patience
+        while (self._writing or self._deleting) and loop.time() < until:
+            await asyncio.sleep(0.02)
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -1138,9 +1147,13 @@ class PodWorker:
         delay = 0.5
         while not self.gone:
             try:
-                await self.ctx.api.request(
-                    "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
-                )
+                self._deleting = True
+                try:
+                    await self.ctx.api.request(
+                        "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
+                    )
+                finally:
+                    self._deleting = False
                 return
             except ApiError as exc:
                 if exc.status in (404, 409):
