@@ -452,10 +452,11 @@ class InstanceTypeCatalog:
 
         `wanted`: the names the caller is about to check; one not held makes this read the cluster
         again (unless it did within `min_refresh_interval`)."""
-        names = self._names
+        names = self._valid()
         fresh = time.monotonic() - self._loaded_at < self._max_age
+        # An invalid type asked for is read again too: an admin may have just fixed it.
         if fresh and names is not None and names.issuperset(wanted):
-            return names - self._invalid.keys()
+            return names
         async with self._lock:
             if time.monotonic() - self._tried_at >= self._min_interval:
                 await self._refresh()
@@ -474,12 +475,15 @@ class InstanceTypeCatalog:
         self._invalid = {name: problem for name, problem in invalid.items() if problem}
         self._loaded_at = self._tried_at = time.monotonic()
 
+    def _valid(self) -> frozenset[str] | None:
+        return None if self._names is None else self._names - self._invalid.keys()
+
     def _answer(self, wanted: Collection[str]) -> frozenset[str] | None:
-        names = self._names
+        names = self._valid()
         failed = self._tried_at > self._loaded_at  # the last LIST did not answer
         if names is not None and failed and not names.issuperset(wanted):
-            return None  # the cluster cannot say whether the name is new: let the operator judge
-        return None if names is None else names - self._invalid.keys()
+            return None  # the cluster cannot say whether the name is new (or fixed): the operator judges
+        return names
 
     def invalid(self) -> dict[str, str]:
         """What is wrong with each InstanceType of the last `names()` left out of it."""

@@ -22,7 +22,8 @@ class FileDesc(CRModel):
         "Path as written in the job config. Without `var` it is where the file lives, relative to the "
         "job's working directory (relative, no `..` segment). With `var` it may be any path (absolute, "
         "with `..`, Windows-style): a safe relative one is still where the file lives, another places it "
-        "at `.dsjobs-vars/<var>/<its last segment>`; the job refers to it as `${var}`.",
+        "at `.dsjobs-vars/<var>/<its last segment>` (`<var>` for a last segment it cannot use, as `..`); "
+        "the job refers to it as `${var}`.",
         maxLength=MAX_PATH_LENGTH,
         minLength=1,
         pattern=NO_CONTROL_CHARS_PATTERN,

@@ -438,7 +438,11 @@ class ProjectJobSpec(CRModel):
     )
     name: str = field("Job name.", "", maxLength=MAX_NAME_LENGTH)
     desc: str = field("Job description.", "", maxLength=MAX_DESC_LENGTH, pattern=TEXT_PATTERN)
-    config: str = field("The job's config YAML as the user wrote it.", "", maxLength=MAX_CONFIG_LENGTH)
+    config: str = field(
+        "The job's config YAML as the user wrote it. Fixed once execute is true, as jobParameters.",
+        "",
+        maxLength=MAX_CONFIG_LENGTH,
+    )
     data_ttl: Duration = field(
         "How long the job's data (inputs, outputs, logs) is kept after it ends (a job never executed: "
         "after its creation), e.g. `14d` (default), `36h`; `infinity` keeps it forever. 1h to 365d.",
