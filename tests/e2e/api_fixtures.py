@@ -386,5 +386,5 @@ def _api_env(
             rbac.delete_cluster_role_binding(binding)
         # No test provokes an API traceback: one is a bug the calls' answers may not show (every
         # replica once failed its job watch on each event of a large job, all tests passing).
-        if traced:
+        if traced and sys.exc_info()[1] is None:  # not in place of the setup's own failure
             pytest.fail(f"the API replicas {traced} logged tracebacks (above)", pytrace=False)

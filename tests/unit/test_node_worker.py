@@ -437,7 +437,7 @@ def test_close_lets_a_request_whose_answer_is_on_its_way_finish_a_moment(tmp_pat
         began = loop.time()
         await w.close(patience=2.0)
         answered = loop.time() - began
-        w._writing = True  # never answered: given up after the patience
+        w._patching = True  # never answered: given up after the patience
         began = loop.time()
         await w.close(patience=0.2)
         return answered, loop.time() - began

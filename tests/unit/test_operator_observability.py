@@ -821,9 +821,10 @@ def test_a_pod_resync_the_api_server_does_not_answer_is_one_line(caplog: pytest.
 
     with caplog.at_level(logging.WARNING, logger="dsjobs"):
         asyncio.run(run())
-    told = [r for r in caplog.records if "pod resync failed" in r.getMessage()]
+    told = [r for r in caplog.records if "resync of pods and InstanceTypes failed" in r.getMessage()]
     assert told[0].getMessage() == (
-        "pod resync failed (tried again in 0.01s): ClientConnectionError: Cannot connect to host 127.0.0.1:6443"
+        "resync of pods and InstanceTypes failed (tried again in 0.01s): "
+        "ClientConnectionError: Cannot connect to host 127.0.0.1:6443"
     )
     assert told[0].exc_info is None
     assert told[1].exc_info is not None  # anything else is a bug: its traceback is kept

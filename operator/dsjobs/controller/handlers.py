@@ -599,10 +599,16 @@ class Operator:
             except (APIError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # The API server away or refusing: healed by the next period (the watch is the
                 # main source); its traceback tells nothing.
-                what = message_of(exc) if isinstance(exc, APIError) else f"{type(exc).__name__}: {exc}"
-                log.warning("pod resync failed (tried again in %ss): %s", interval, what)
+                what = (
+                    f"{exc.status} {message_of(exc)}"
+                    if isinstance(exc, APIError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
+                log.warning(
+                    "resync of pods and InstanceTypes failed (tried again in %ss): %s", interval, what
+                )
             except Exception:
-                log.warning("pod resync failed", exc_info=True)
+                log.warning("resync of pods and InstanceTypes failed", exc_info=True)
 
     async def _job_pod_pages(self, *, background: bool = False) -> AsyncIterator[list[dict[str, Any]]]:
         """Every job pod the operator serves, a LIST page at a time (`Kube.pages`' background)."""

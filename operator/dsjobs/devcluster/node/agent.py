@@ -551,7 +551,8 @@ class Agent:
     async def _mark_not_ready(self, within: float = 6.0) -> None:
         """Say the node is NotReady on the way out, retrying for `within` seconds: a loaded API
         server may take longer than one try, and the node then went Unknown through the node
-        controller instead (5 s grace + this stays below the 15 s of the stack's stop)."""
+        controller instead. (The stack's stop waits 15 s before SIGKILL: the pods' stop, usually
+        far less than its bound, then this.) A refusal (4xx) is not tried again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while True:
@@ -562,7 +563,10 @@ class Agent:
                 )
                 return
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                if loop.time() + 0.5 >= deadline:
+                refused = (
+                    isinstance(exc, ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
+                )
+                if refused or loop.time() + 0.5 >= deadline:
                     log.warning("could not mark the node NotReady", extra={"kv": {"error": str(exc)}})
                     return
                 await asyncio.sleep(0.5)

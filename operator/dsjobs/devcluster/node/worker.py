@@ -186,6 +186,7 @@ class PodWorker:
         self._rejected: Obj | None = None
         self._writing = False
         self._deleting = False  # the final DELETE in flight
+        self._patching = False  # a status PATCH in flight (not its retry's wait, as _writing)
         self._tasks: list[asyncio.Task[Any]] = []
         self._kill_task: asyncio.Task[None] | None = None
         self._delete_requested = False
@@ -333,7 +334,7 @@ class PodWorker:
             self._reconcile_timer = None
         loop = asyncio.get_running_loop()
         until = loop.time() + patience
-        while (self._writing or self._deleting) and loop.time() < until:
+        while (self._patching or self._deleting) and loop.time() < until:
             await asyncio.sleep(0.02)
         for t in list(self._tasks):
             t.cancel()
@@ -371,12 +372,16 @@ class PodWorker:
                 continue
             self._writing = True
             try:
-                await self.ctx.api.request(
-                    "PATCH",
-                    f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status",
-                    body=status_patch(status, self.uid),
-                    content_type=STRATEGIC_PATCH,
-                )
+                self._patching = True
+                try:
+                    await self.ctx.api.request(
+                        "PATCH",
+                        f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status",
+                        body=status_patch(status, self.uid),
+                        content_type=STRATEGIC_PATCH,
+                    )
+                finally:
+                    self._patching = False
                 self._last_written = status
                 self._reported.append(reported_view(status))
                 if reconcile:
@@ -911,9 +916,11 @@ class PodWorker:
 
     async def _fail_pulls(self, name: str, snap: ContainerSnapshot, image: str, failure: str) -> None:
         """Try to pull `image` until the pod stops, as the kubelet does: each try fails
-        (ErrImagePull), and the container waits in ImagePullBackOff between tries."""
-        delay = 1.0
-        while self.stop is None:
+        (ErrImagePull), and the container waits in ImagePullBackOff between tries (10 s, doubled
+        up to 300 s, as the kubelet's back-off)."""
+        sidecar = snap.kind == "sidecar"
+        delay = 10.0
+        while not self._stopped(sidecar):
             self.ctx.record_event(self.pod, "Normal", "Pulling", f'Pulling image "{image}"', name)
             self.ctx.record_event(
                 self.pod, "Warning", "Failed", f'Failed to pull image "{image}": {failure}', name
@@ -923,16 +930,16 @@ class PodWorker:
             snap.waiting_reason = "ErrImagePull"
             snap.waiting_message = failure
             self._changed()
-            if await self._wait_stop(1.0):
+            if await self._wait_stop(1.0, sidecar):
                 return
             snap.waiting_reason = "ImagePullBackOff"
             snap.waiting_message = f'Back-off pulling image "{image}"'
             self._changed()
             self.ctx.record_event(self.pod, "Normal", "BackOff", f'Back-off pulling image "{image}"', name)
             self.ctx.record_event(self.pod, "Warning", "Failed", "Error: ImagePullBackOff", name)
-            if await self._wait_stop(delay):
+            if await self._wait_stop(delay, sidecar):
                 return
-            delay = min(delay * 2, 8.0)
+            delay = min(delay * 2, 300.0)
 
     async def _allocate_gpus(self, snap: ContainerSnapshot, n: int) -> tuple[int, ...] | None:
         owner = f"{self.uid}/{snap.name}"
