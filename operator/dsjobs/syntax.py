@@ -6,6 +6,9 @@ the runner's processes use it without importing the models (~20 ms of CPU each).
   the validator accepts) and dsjobs.storage.normalize_relpath (where the runner puts files).
 - Environment names the job's shell keeps to itself (SHELL_SPECIAL_ENV): refused by
   dsjobs.validation and by the runner config.
+- Lines as pip reads a requirements file (str.splitlines: beyond \n and \r, \v, \f, \x1c-\x1e,
+  U+0085, U+2028, U+2029): a requirement must be one, or the rest is a line (an option) of its own.
+  Refused by dsjobs.validation and by the runner config.
 - References in `cmd`: `${NAME}` (NAME without braces) refers to a job variable; `$${...}` is the
   escape that reaches the shell as `${...}` (group 1 is the extra `$`, group 2 the name). Checked
   by dsjobs.validation, substituted by dsjobs.runner.cmd.
@@ -76,3 +79,8 @@ def join_segments(path: str) -> str:
 def strip_drive(segment: str) -> str:
     """`C:x.csv` -> `x.csv` (a drive-relative first segment)."""
     return _DRIVE.sub("", segment)
+
+
+def breaks_lines(text: str) -> bool:
+    """Whether `text` holds a line break as pip reads requirements files (a trailing one too)."""
+    return len(f"{text}.".splitlines()) > 1

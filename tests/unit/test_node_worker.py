@@ -432,12 +432,12 @@ def test_close_lets_a_request_whose_answer_is_on_its_way_finish_a_moment(tmp_pat
     async def main() -> tuple[float, float]:
         loop = asyncio.get_running_loop()
         w = PodWorker(Ctx(tmp_path), make_pod(containers=[container("main", "true")]))
-        w._deleting = True
-        loop.call_later(0.1, setattr, w, "_deleting", False)
+        w._in_flight = 1  # the final DELETE
+        loop.call_later(0.1, setattr, w, "_in_flight", 0)
         began = loop.time()
         await w.close(patience=2.0)
         answered = loop.time() - began
-        w._patching = True  # never answered: given up after the patience
+        w._in_flight = 1  # a PATCH never answered: given up after the patience
         began = loop.time()
         await w.close(patience=0.2)
         return answered, loop.time() - began

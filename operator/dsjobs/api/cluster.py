@@ -469,10 +469,12 @@ class InstanceTypeCatalog:
             log.warning("cannot list instance types: %s", exc)
             self._tried_at = time.monotonic()
             return
-        items = result.get("items") or []
-        self._names = frozenset(str((i.get("metadata") or {}).get("name")) for i in items)
-        invalid = {str((i.get("metadata") or {}).get("name")): read_instance_type(i)[1] for i in items}
-        self._invalid = {name: problem for name, problem in invalid.items() if problem}
+        problems = {
+            str((i.get("metadata") or {}).get("name")): read_instance_type(i)[1]
+            for i in result.get("items") or []
+        }
+        self._names = frozenset(problems)
+        self._invalid = {name: problem for name, problem in problems.items() if problem}
         self._loaded_at = self._tried_at = time.monotonic()
 
     def _valid(self) -> frozenset[str] | None:

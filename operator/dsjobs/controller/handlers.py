@@ -132,7 +132,7 @@ from dsjobs.controller.status import (
     COND_SCHEDULED,
     JobEvent,
     StatusUpdate,
-    disruption_of,
+    deleted_for_its_node,
     evicted_from_lost_node,
     fail,
     get_condition,
@@ -1116,7 +1116,7 @@ class Operator:
                 and pod.gone
                 and ship is not None
                 and ship.state == "running"
-                and not _node_gone(pod)
+                and not deleted_for_its_node(pod)  # no runner of it stores anything any more
             ):
                 # Deleted with --force while its ship ran: the node stops the containers only
                 # now, and the runner stores result.json a moment later on its way out. Read at
@@ -1921,13 +1921,6 @@ def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
 
 #: How often the operator asks whether its CRDs are still served (one discovery GET).
 SERVED_CHECK_SECONDS: Final = 60.0
-
-
-def _node_gone(pod: PodView) -> bool:
-    """The pod was deleted for its node's loss (the pod GC, the taint manager): no runner of it
-    stores anything any more."""
-    disruption = disruption_of(pod)
-    return disruption is not None and disruption[0] == "NodeLost"
 
 
 #: How long a reconcile waits for the result.json of a pod deleted with --force while its ship

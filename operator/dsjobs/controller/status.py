@@ -483,8 +483,13 @@ def evicted_from_lost_node(pod: PodView, now: datetime) -> bool:
 
 
 def _taint_evicted(pod: PodView) -> bool:
+    return pod.deleting and deleted_for_its_node(pod)
+
+
+def deleted_for_its_node(pod: PodView) -> bool:
+    """The pod is being (or was) deleted for its node's loss (the taint manager, the pod GC)."""
     disruption = disruption_of(pod)
-    return pod.deleting and disruption is not None and disruption[0] == "NodeLost"
+    return disruption is not None and disruption[0] == "NodeLost"
 
 
 def lost_node_check(pod: PodView, now: datetime) -> timedelta | None:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from dsjobs.records import Record, rule
 from dsjobs.storage import check_id, check_sha256, normalize_relpath
-from dsjobs.syntax import SHELL_SPECIAL_ENV
+from dsjobs.syntax import SHELL_SPECIAL_ENV, breaks_lines
 
 ENV_CONFIG = "DSJOBS_RUNNER_CONFIG"
 ENV_CONFIG_FILE = "DSJOBS_RUNNER_CONFIG_FILE"
@@ -140,7 +140,7 @@ def _check_requirements(v: list[str]) -> list[str]:
     for r in v:
         # One requirement per line of requirements.txt: a line break (pip splits lines as
         # str.splitlines does) would smuggle in options.
-        if "\x00" in r or len(f"{r}.".splitlines()) > 1:
+        if "\x00" in r or breaks_lines(r):
             raise ValueError(f"invalid requirement {r!r}")
     return [r.strip() for r in v if r.strip()]
 

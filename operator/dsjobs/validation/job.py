@@ -33,7 +33,7 @@ from dsjobs.models.spec import (
 )
 from dsjobs.models.status import OutputDataset, StoredFile
 from dsjobs.s3http import EMPTY_SHA256
-from dsjobs.syntax import CMD_REFERENCE_PATTERN, named_segments
+from dsjobs.syntax import CMD_REFERENCE_PATTERN, breaks_lines, named_segments
 from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
 
 _SHA256 = re.compile(L.SHA256_PATTERN)
@@ -51,8 +51,6 @@ _SECRET_KEY = re.compile(L.SECRET_KEY_PATTERN)
 _URL = re.compile(L.URL_PATTERN)
 _HOST_PORT = re.compile(L.HOST_PORT_PATTERN)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-#: Where pip's requirements files break lines (str.splitlines) beyond the control characters.
-_UNICODE_LINE_BREAK = re.compile("[\x85\u2028\u2029]")
 # `${NAME}` in cmd; `$${...}` is the escape the runner passes to the shell (see cmd_references).
 CMD_VAR_REFERENCE = re.compile(CMD_REFERENCE_PATTERN)
 # Declarations whose var the runner has no value for: local modules are put on PYTHONPATH (the
@@ -780,7 +778,7 @@ def _requirement(c: Collector, path: str, line: str) -> None:
     """One line of the requirements.txt the runner writes: a line break (pip's include U+2028)
     would make the rest a line of its own, such as an option (`--index-url ...`)."""
     _text(c, path, line, L.MAX_SHORT_STRING)
-    if _UNICODE_LINE_BREAK.search(line):
+    if not _CONTROL.search(line) and breaks_lines(line):  # the control characters: told above
         c.add(path, "requirement", "must be one line (no U+0085, U+2028 or U+2029 line break)")
 
 

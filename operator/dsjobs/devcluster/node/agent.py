@@ -563,10 +563,7 @@ class Agent:
                 )
                 return
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                refused = (
-                    isinstance(exc, ApiError) and 400 <= exc.status < 500 and exc.status not in (408, 429)
-                )
-                if refused or loop.time() + 0.5 >= deadline:
+                if (isinstance(exc, ApiError) and exc.refused) or loop.time() + 0.5 >= deadline:
                     log.warning("could not mark the node NotReady", extra={"kv": {"error": str(exc)}})
                     return
                 await asyncio.sleep(0.5)

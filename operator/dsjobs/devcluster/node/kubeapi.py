@@ -41,6 +41,12 @@ class ApiError(Exception):
             self.message = str(body)[:500]
         super().__init__(f"{method} {path}: {status} {self.reason} {self.message}")
 
+    @property
+    def refused(self) -> bool:
+        """An answer, not an outage (RBAC, admission, a bad request): the same request again
+        changes nothing. A timeout (408) or throttling (429) is worth another try."""
+        return 400 <= self.status < 500 and self.status not in (408, 429)
+
 
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): list again."""

@@ -185,8 +185,7 @@ class PodWorker:
         self._reconcile_timer: asyncio.TimerHandle | None = None
         self._rejected: Obj | None = None
         self._writing = False
-        self._deleting = False  # the final DELETE in flight
-        self._patching = False  # a status PATCH in flight (not its retry's wait, as _writing)
+        self._in_flight = 0  # status PATCHes and the final DELETE awaiting their answer
         self._tasks: list[asyncio.Task[Any]] = []
         self._kill_task: asyncio.Task[None] | None = None
         self._delete_requested = False
@@ -334,13 +333,21 @@ class PodWorker:
             self._reconcile_timer = None
         loop = asyncio.get_running_loop()
         until = loop.time() + patience
-        while (self._patching or self._deleting) and loop.time() < until:
+        while self._in_flight and loop.time() < until:
             await asyncio.sleep(0.02)
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Obj:
+        """A write whose answer `close` waits for a moment (counted while in flight)."""
+        self._in_flight += 1
+        try:
+            return await self.ctx.api.request(method, path, **kwargs)
+        finally:
+            self._in_flight -= 1
 
     # ------------------------------------------------------------------ status
 
@@ -372,16 +379,12 @@ class PodWorker:
                 continue
             self._writing = True
             try:
-                self._patching = True
-                try:
-                    await self.ctx.api.request(
-                        "PATCH",
-                        f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status",
-                        body=status_patch(status, self.uid),
-                        content_type=STRATEGIC_PATCH,
-                    )
-                finally:
-                    self._patching = False
+                await self._request(
+                    "PATCH",
+                    f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status",
+                    body=status_patch(status, self.uid),
+                    content_type=STRATEGIC_PATCH,
+                )
                 self._last_written = status
                 self._reported.append(reported_view(status))
                 if reconcile:
@@ -1154,18 +1157,14 @@ class PodWorker:
         delay = 0.5
         while not self.gone:
             try:
-                self._deleting = True
-                try:
-                    await self.ctx.api.request(
-                        "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
-                    )
-                finally:
-                    self._deleting = False
+                await self._request(
+                    "DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{self.name}", body=body
+                )
                 return
             except ApiError as exc:
                 if exc.status in (404, 409):
                     return
-                if 400 <= exc.status < 500 and exc.status not in (408, 429):
+                if exc.refused:
                     # An answer, not an outage (RBAC, admission): trying again changes nothing. The
                     # pod's next update tries again, as before.
                     log.error(
