@@ -953,6 +953,80 @@ def test_problem_paths_and_formatting() -> None:
     )
 
 
+# (rule, failing mutation, what the API's message says, what the resource's status says): a
+# message naming another field spells it as its reader does (kubectl users read camelCase).
+OTHER_FIELDS: list[tuple[str, Mutation, str, str]] = [
+    (
+        "var-unique",
+        steps(NO_VAR_CMD, set_at(f"{OUT0}.var", "MAIN")),
+        "'MAIN' is already declared at job_parameters.input_files[0].desc.var",
+        "'MAIN' is already declared at spec.jobParameters.inputFiles[0].desc.var",
+    ),
+    (
+        "cmd-var-unsupported",
+        set_at(CMD, "ls ${_LOCAL_MODULE_0}"),
+        "the var of job_parameters.env.python_env.local_modules[0].desc.var: ",
+        "the var of spec.jobParameters.env.pythonEnv.localModules[0].desc.var: ",
+    ),
+    (
+        "cmd-project-home",
+        steps(set_at("jobParameters.attachProjectDisk", False), set_at(CMD, "ls ${DS_PROJECT_HOME}")),
+        "but attach_project_disk is false",
+        "but attachProjectDisk is false",
+    ),
+    (
+        "output-in-input-file",
+        set_at(f"{OUT0}.path", "main.py/metrics.json"),
+        "the input file of job_parameters.input_files[0].desc.path: ",
+        "the input file of spec.jobParameters.inputFiles[0].desc.path: ",
+    ),
+    (
+        "sha256-size",
+        set_at(f"{IN0}.sizeBytes", 0),
+        "and only of it; size_bytes 0 disagrees",
+        "and only of it; sizeBytes 0 disagrees",
+    ),
+    (
+        "sha256-sizes",
+        set_at(f"{IN1}.sha256", SHA),
+        "disagrees with job_parameters.input_files[0].size_bytes (10)",
+        "disagrees with spec.jobParameters.inputFiles[0].sizeBytes (10)",
+    ),
+    (
+        "docker-password-oneof",
+        steps(
+            set_at(f"{DOCKER}.passwordSecretRef", {"name": "regcred", "key": "password"}),
+            set_at(f"{DOCKER}.passwordDsSecretName", "regpass"),
+        ),
+        "password_secret_ref and password_ds_secret_name are mutually exclusive",
+        "passwordSecretRef and passwordDsSecretName are mutually exclusive",
+    ),
+    (
+        "spec-size",
+        set_at("config", "y" * 1_000_000),
+        "; the largest parts: config 1000002 bytes, job_parameters.",
+        "; the largest parts: spec.config 1000002 bytes, spec.jobParameters.",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "mutation", "api_text", "cr_text"), OTHER_FIELDS, ids=[row[0] for row in OTHER_FIELDS]
+)
+def test_a_message_names_other_fields_as_its_reader_spells_them(
+    rule: str, mutation: Mutation, api_text: str, cr_text: str
+) -> None:
+    [problem] = [p for p in problems_after(mutation) if p.rule == rule]
+    assert api_text in format_problems([problem]), problem
+    assert cr_text in format_problems([problem], cr=True), problem
+    assert api_text not in format_problems([problem], cr=True) or api_text == cr_text
+
+
+def test_a_message_naming_no_other_field_reads_the_same_to_both() -> None:
+    [problem] = [p for p in problems_after(set_at(f"{IN0}.sizeBytes", -1)) if p.rule == "size-negative"]
+    assert problem.cr_message is None and problem.cr_description == problem.description
+
+
 def test_var_paths_may_be_absolute_like_the_cli_allows() -> None:
     doc = base_doc()
     doc["jobParameters"]["inputFiles"][0]["desc"]["path"] = "/home/user/../data/train.csv"

@@ -34,7 +34,15 @@ from dsjobs.models.spec import (
 from dsjobs.models.status import OutputDataset, StoredFile
 from dsjobs.s3http import EMPTY_SHA256
 from dsjobs.syntax import CMD_REFERENCE_PATTERN, breaks_lines, named_segments
-from dsjobs.validation.problems import Collector, Problem, at, index, key, problems_from_validation_error
+from dsjobs.validation.problems import (
+    Collector,
+    Field,
+    Problem,
+    at,
+    index,
+    key,
+    problems_from_validation_error,
+)
 
 _SHA256 = re.compile(L.SHA256_PATTERN)
 _VAR = re.compile(L.VAR_PATTERN)
@@ -145,24 +153,32 @@ def validate_job_spec(
     )
     own, repeated = job_size_bytes(spec)
     if own + repeated > L.MAX_SPEC_JSON_BYTES:
-        repeats = (
-            f", and {repeated} that its status repeats of its outputs (each one's path and object key) "
-            "and output datasets, and its runner config of conda_yaml's pip packages"
+        repeats: tuple[str | Field, ...] = (
+            (
+                f", and {repeated} that its status repeats of its outputs (each one's path and object "
+                "key) and output datasets, and its runner config of the pip packages of ",
+                Field("job_parameters.env.python_env.conda_yaml"),
+            )
             if repeated
-            else ""
+            else ()
         )
         c.add(
             "",
             "spec-size",
-            f"the job takes {own + repeated} bytes, at most {L.MAX_SPEC_JSON_BYTES} are allowed (etcd "
-            f"holds it with its status in {L.ETCD_MAX_REQUEST_BYTES} bytes, a Secret its runner config "
-            f"in 1 MiB): {own} as the API server stores its spec (JSON in UTF-8, where <, > and & take 6 "
-            f"bytes){repeats}; the largest parts: {_largest_parts(spec)}",
+            (
+                f"the job takes {own + repeated} bytes, at most {L.MAX_SPEC_JSON_BYTES} are allowed "
+                f"(etcd holds it with its status in {L.ETCD_MAX_REQUEST_BYTES} bytes, a Secret its "
+                f"runner config in 1 MiB): {own} as the API server stores its spec (JSON in UTF-8, "
+                "where <, > and & take 6 bytes)",
+                *repeats,
+                "; the largest parts: ",
+                *_largest_parts(spec),
+            ),
         )
     return c.problems
 
 
-def _largest_parts(spec: ProjectJobSpec, count: int = 3) -> str:
+def _largest_parts(spec: ProjectJobSpec, count: int = 3) -> tuple[str | Field, ...]:
     """The spec's largest fields as stored (`config`, `job_parameters.env`, ...), for a job too
     large: which one to make smaller."""
     doc = spec.to_cr()
@@ -170,7 +186,10 @@ def _largest_parts(spec: ProjectJobSpec, count: int = 3) -> str:
     sizes = {to_snake(k): stored_json_bytes(v) for k, v in doc.items() if k != "jobParameters"}
     sizes.update({f"job_parameters.{to_snake(k)}": stored_json_bytes(v) for k, v in params.items()})
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:count]
-    return ", ".join(f"{name} {size} bytes" for name, size in largest)
+    parts: list[str | Field] = []
+    for name, size in largest:
+        parts += [", " if parts else "", Field(name), f" {size} bytes"]
+    return tuple(parts)
 
 
 def stored_json_bytes(doc: Any) -> int:
@@ -349,8 +368,11 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             c.add(
                 at(fpath, "size_bytes"),
                 "sha256-sizes",
-                f"{f.size_bytes} disagrees with {at(first[0], 'size_bytes')} ({first[1]}) for the same "
-                f"sha256 {f.sha256}: one content has one size",
+                (
+                    f"{f.size_bytes} disagrees with ",
+                    Field(at(first[0], "size_bytes")),
+                    f" ({first[1]}) for the same sha256 {f.sha256}: one content has one size",
+                ),
             )
         if not _SHA256.fullmatch(f.sha256):
             c.add(at(fpath, "sha256"), "sha256", "must be 64 lowercase hex digits")
@@ -360,8 +382,11 @@ def _files(c: Collector, params: JobParameters, path: str) -> None:
             c.add(
                 at(fpath, "sha256"),
                 "sha256-size",
-                f"{EMPTY_SHA256} is the sha256 of the empty file, and only of it; "
-                f"size_bytes {f.size_bytes} disagrees",
+                (
+                    f"{EMPTY_SHA256} is the sha256 of the empty file, and only of it; ",
+                    Field("size_bytes", leaf=True),
+                    f" {f.size_bytes} disagrees",
+                ),
             )
         elif f.size_bytes == 0 and f.compression_type == CompressionType.ZIP:
             c.add(at(fpath, "compression_type"), "zip-empty", "an empty file is not a ZIP archive")
@@ -475,8 +500,11 @@ def _outputs_in_input_files(
                 c.add(
                     paths[0],
                     "output-in-input-file",
-                    f"{place!r} is inside {parent!r}, the input file of {file_places[parent]}: "
-                    "nothing can be placed below a file (a directory input is a ZIP)",
+                    (
+                        f"{place!r} is inside {parent!r}, the input file of ",
+                        Field(file_places[parent]),
+                        ": nothing can be placed below a file (a directory input is a ZIP)",
+                    ),
                 )
                 break
 
@@ -558,7 +586,11 @@ def declared_vars(params: JobParameters) -> dict[str, list[str]]:
 def _vars_unique(c: Collector, params: JobParameters, path: str) -> None:
     for name, places in declared_vars(params).items():
         for where in places[1:]:
-            c.add(at(path, where), "var-unique", f"{name!r} is already declared at {places[0]}")
+            c.add(
+                at(path, where),
+                "var-unique",
+                (f"{name!r} is already declared at ", Field(at(path, places[0]))),
+            )
 
 
 def cmd_references(cmd: str) -> list[str]:
@@ -579,7 +611,11 @@ def _cmd(c: Collector, params: JobParameters, path: str) -> None:
         places = declared.get(name, [])
         if name == L.DS_PROJECT_HOME:
             if not params.attach_project_disk:
-                c.add(cpath, "cmd-project-home", "uses ${DS_PROJECT_HOME} but attach_project_disk is false")
+                c.add(
+                    cpath,
+                    "cmd-project-home",
+                    ("uses ${DS_PROJECT_HOME} but ", Field("attach_project_disk", leaf=True), " is false"),
+                )
         elif not places:
             c.add(
                 cpath,
@@ -589,7 +625,11 @@ def _cmd(c: Collector, params: JobParameters, path: str) -> None:
             )
         elif all(_no_cmd_value(where) for where in places):
             why = _no_cmd_value(places[0])
-            c.add(cpath, "cmd-var-unsupported", f"refers to {ref}, the var of {at(path, places[0])}: {why}")
+            c.add(
+                cpath,
+                "cmd-var-unsupported",
+                (f"refers to {ref}, the var of ", Field(at(path, places[0])), f": {why}"),
+            )
     size = rendered_cmd_bytes(params)
     if size > L.MAX_RENDERED_CMD_BYTES:
         c.add(
@@ -665,7 +705,16 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
         if "\x00" in value:
             c.add(npath, "control-chars", "must not contain NUL")
     if env.docker_image_resource_id is not None and env.docker_image_spec is not None:
-        c.add(path, "docker-oneof", "docker_image_resource_id and docker_image_spec are mutually exclusive")
+        c.add(
+            path,
+            "docker-oneof",
+            (
+                Field("docker_image_resource_id", leaf=True),
+                " and ",
+                Field("docker_image_spec", leaf=True),
+                " are mutually exclusive",
+            ),
+        )
     if env.docker_image_resource_id is not None:
         rid = env.docker_image_resource_id
         # The CLI's `docker: python:3.12` (a string) names a resource; users mean the image.
@@ -699,7 +748,12 @@ def _docker(c: Collector, path: str, spec: DockerImageSpec) -> None:
         c.add(
             path,
             "docker-password-oneof",
-            "password_secret_ref and password_ds_secret_name are mutually exclusive",
+            (
+                Field("password_secret_ref", leaf=True),
+                " and ",
+                Field("password_ds_secret_name", leaf=True),
+                " are mutually exclusive",
+            ),
         )
     ref = spec.password_secret_ref
     if ref is not None:
@@ -746,7 +800,11 @@ def _python(c: Collector, path: str, env: PythonEnv) -> None:
             c.add(
                 cpath,
                 "conda-yaml",
-                f"python={conda.python_version} contradicts python_version {env.python_version}",
+                (
+                    f"python={conda.python_version} contradicts ",
+                    Field("python_version", leaf=True),
+                    f" {env.python_version}",
+                ),
             )
         for line in conda.pip:
             _requirement(c, cpath, line)

@@ -18,6 +18,41 @@ from dsjobs.syntax import SHELL_SPECIAL_ENV
 _SEGMENT = re.compile(r"\[[^\]]*\]|[^.\[]+")
 
 
+def cr_field(path: str) -> str:
+    """A field path as the custom resource spells it: `job_parameters.input_files[2]` ->
+    `jobParameters.inputFiles[2]` (map keys in brackets stay as they are)."""
+    return "".join(
+        seg if seg.startswith("[") else ("." if i else "") + to_camel(seg)
+        for i, seg in enumerate(_SEGMENT.findall(path))
+    )
+
+
+@dataclass(frozen=True)
+class Field:
+    """A field a message names, spelled for whoever reads it: `job_parameters.output_files[0].var`
+    to the API's clients, `spec.jobParameters.outputFiles[0].var` to kubectl users. With
+    `leaf=True` it is the name of a field beside the problem's own (`attach_project_disk`, or
+    `attachProjectDisk`)."""
+
+    path: str
+    leaf: bool = False
+
+    def spelled(self, *, cr: bool) -> str:
+        if not cr:
+            return self.path
+        return cr_field(self.path) if self.leaf else "spec." + cr_field(self.path)
+
+
+#: A message as text, or as text and the fields it names (spelled when it is read).
+Message = str | tuple[str | Field, ...]
+
+
+def render(message: Message, *, cr: bool) -> str:
+    if isinstance(message, str):
+        return message
+    return "".join(part if isinstance(part, str) else part.spelled(cr=cr) for part in message)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One broken rule.
@@ -32,18 +67,22 @@ class Problem:
     path: str
     rule: str
     message: str
+    #: The message as a kubectl user reads it, when it names other fields (see `Field`).
+    cr_message: str | None = field(default=None, compare=False)
 
     @property
     def cr_path(self) -> str:
-        return "".join(
-            seg if seg.startswith("[") else ("." if i else "") + to_camel(seg)
-            for i, seg in enumerate(_SEGMENT.findall(self.path))
-        )
+        return cr_field(self.path)
 
     @property
     def description(self) -> str:
-        """`message [rule]`: what a client is told about the field (API and operator alike)."""
+        """`message [rule]`: what an API client is told about the field."""
         return f"{self.message} [{self.rule}]"
+
+    @property
+    def cr_description(self) -> str:
+        """`message [rule]` in the custom resource's spelling: what the operator's status says."""
+        return f"{self.cr_message or self.message} [{self.rule}]"
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
@@ -59,7 +98,8 @@ def format_problems(problems: Iterable[Problem], *, cr: bool = False) -> str:
     lines = []
     for p in problems:
         field_name = ("spec." + p.cr_path if cr else p.path) if p.path else ""
-        lines.append(f"{field_name}: {p.description}" if field_name else p.description)
+        description = p.cr_description if cr else p.description
+        lines.append(f"{field_name}: {description}" if field_name else description)
     return "\n".join(lines)
 
 
@@ -69,8 +109,12 @@ class Collector:
 
     problems: list[Problem] = field(default_factory=list)
 
-    def add(self, path: str, rule: str, message: str) -> None:
-        self.problems.append(Problem(path, rule, message))
+    def add(self, path: str, rule: str, message: Message) -> None:
+        """A problem of the field at `path`; a message naming other fields gives them as `Field`s."""
+        if isinstance(message, str):
+            self.problems.append(Problem(path, rule, message))
+        else:
+            self.problems.append(Problem(path, rule, render(message, cr=False), render(message, cr=True)))
 
     def max_items(self, path: str, items: Sequence[object] | Mapping[str, object], limit: int) -> None:
         if len(items) > limit:
