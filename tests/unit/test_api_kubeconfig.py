@@ -113,17 +113,25 @@ def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A projected service account token is rotated (and expires) under a long-running replica:
-    it is read again at most every minute; a read that fails keeps the last token."""
+    it is read again at most every minute, in a thread (an exec plugin may run for seconds: the
+    replica's other calls go on meanwhile with the token they have); a read that fails keeps the
+    last token."""
     import asyncio
     import dataclasses
     import logging
+    import threading
 
     from aiohttp import web
 
     seen: list[str] = []
     tokens = iter(["second", RuntimeError("the token file is being replaced")])
+    released = threading.Event()
+    waited: list[bool] = []
 
     def refresh(config: kube.KubeConfig) -> kube.KubeConfig:
+        # Blocks until the test lets it go: on the event loop, the request made meanwhile could
+        # not be answered (and this would give up after 10 s, unreleased).
+        waited.append(released.wait(10))
         token = next(tokens)
         if isinstance(token, Exception):
             raise token
@@ -145,18 +153,35 @@ def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
             kube.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "first"), refresh
         )
         await client.start()
+
+        async def read_again() -> None:
+            client._refreshed -= kube._CREDENTIAL_REFRESH_SECONDS + 1
+            await client.request("GET", "/api")  # starts the read; answered with the token it has
+            released.set()
+            while client._refreshing is not None:
+                await asyncio.sleep(0.01)
+            released.clear()
+
         try:
             await client.request("GET", "/api")  # fresh: not read again
-            client._refreshed -= kube._CREDENTIAL_REFRESH_SECONDS + 1
+            await read_again()
             await client.request("GET", "/api")  # the rotated token
             await client.request("GET", "/api")  # read a minute ago: not again
-            client._refreshed -= kube._CREDENTIAL_REFRESH_SECONDS + 1
-            await client.request("GET", "/api")  # the read fails: the last token still
+            await read_again()  # the read fails
+            await client.request("GET", "/api")  # the last token still
         finally:
             await client.close()
             await runner.cleanup()
 
     with caplog.at_level(logging.WARNING, logger="dsjobs"):
         asyncio.run(scenario())
-    assert seen == ["Bearer first", "Bearer second", "Bearer second", "Bearer second"]
+    assert waited == [True, True]
+    assert seen == [
+        "Bearer first",
+        "Bearer first",
+        "Bearer second",
+        "Bearer second",
+        "Bearer second",
+        "Bearer second",
+    ]
     assert "could not refresh cluster credentials" in caplog.text

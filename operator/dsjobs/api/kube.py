@@ -10,6 +10,7 @@ certificates or tokens); kubeconfig users with `exec` or `auth-provider` plugins
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import json
@@ -181,6 +182,7 @@ class Kube:
         self._pool = pool
         self._session: aiohttp.ClientSession | None = None
         self._refreshed = time.monotonic()
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         ctx: ssl.SSLContext | bool
@@ -199,24 +201,42 @@ class Kube:
         )
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def _headers(self, accept: str, content_type: str | None) -> dict[str, str]:
-        # Rotated credentials (projected service account tokens, exec plugins) are re-read now and then.
-        if self._refresh is not None and time.monotonic() - self._refreshed > _CREDENTIAL_REFRESH_SECONDS:
-            self._refreshed = time.monotonic()
-            try:
-                self._config = self._refresh(self._config)
-            except Exception:  # keep the old credentials
-                log.warning("could not refresh cluster credentials", exc_info=True)
+        self._refresh_credentials()
         headers = {"Accept": accept}
         if self._config.token:
             headers["Authorization"] = f"Bearer {self._config.token}"
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _refresh_credentials(self) -> None:
+        """Rotated credentials (projected service account tokens, exec plugins) are re-read now
+        and then, in a thread: an exec plugin may run for seconds, and every call of the replica
+        would wait for it on the event loop. One read at a time; calls meanwhile use the
+        credentials read before (a token is refreshed well before it expires)."""
+        if self._refresh is None or self._refreshing is not None:
+            return
+        if time.monotonic() - self._refreshed <= _CREDENTIAL_REFRESH_SECONDS:
+            return
+        self._refreshed = time.monotonic()
+        refresh, config = self._refresh, self._config
+
+        async def read() -> None:
+            try:
+                self._config = await asyncio.to_thread(refresh, config)
+            except Exception:  # keep the old credentials
+                log.warning("could not refresh cluster credentials", exc_info=True)
+            finally:
+                self._refreshing = None
+
+        self._refreshing = asyncio.get_running_loop().create_task(read(), name="dsjobs-kube-credentials")
 
     async def request(
         self,
