@@ -1078,6 +1078,31 @@ def test_delete_all_data_fails_naming_the_jobs_whose_resource_does_not_read() ->
     assert "'bad'" in got.error.message and "bad-cleared" not in got.error.message
 
 
+def test_the_jobs_of_a_project_are_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DeleteAllData's operation reads every job of the project at each poll (tens of ms of CPU per
+    # page of 500): on the event loop, every other call of the replica waited meanwhile.
+    import threading
+
+    import dsjobs.api.core as core_module
+
+    kube = FakeKube()
+    stored_job(kube, "j1", phase="SUCCESS")
+    stored_job(kube, "j2", phase="SUCCESS")
+    core = FakeCore(kube)
+    op = call(service(core).DeleteAllData(svc.DeleteAllProjectJobDataRequest(project_id=PROJECT), ctx()))
+    threads: set[str] = set()
+    read = core_module.try_snapshot
+
+    def recording(obj: Mapping[str, Any]) -> Any:
+        threads.add(threading.current_thread().name)
+        return read(obj)
+
+    monkeypatch.setattr(core_module, "try_snapshot", recording)
+    ops = OperationService(cast(Core, core), service(core))
+    got = call(ops.Get(operation_service_pb2.GetOperationRequest(operation_id=op.id), ctx()))
+    assert not got.done and threads and threading.main_thread().name not in threads
+
+
 def cancel_request(graceful: bool, reason: str) -> dict[str, Any]:
     return {
         "spec": {"cancel": {"reason": reason, "graceful": graceful, "requestedAt": "2025-06-01T00:00:01Z"}}
