@@ -275,6 +275,29 @@ def _series(book: metrics.WaitBook) -> dict[tuple[str, str], float]:
     return {(m.name, s.labels["instance_type"]): s.value for m in book.collect() for s in m.samples}
 
 
+def test_a_scrape_reads_the_wait_book_while_the_event_loop_changes_it() -> None:
+    """prometheus_client scrapes in its own thread while reconciles update the book: a change in
+    the middle of a scrape (here made deterministic: while the scrape works out a wait) must not
+    fail the whole scrape ("dictionary changed size during iteration")."""
+    book = metrics.WaitBook(clock=lambda: 100.0)
+
+    class ChangesTheBook(float):
+        def __rsub__(self, other: float) -> float:
+            book._waits[("p", f"new-{len(book._waits)}")] = ("g2.1", 99.0)
+            book._types.add("g2.1")
+            return other - float(self)
+
+    book._types.add("g1.1")
+    book._waits[("p", "a")] = ("g1.1", ChangesTheBook(40.0))
+    book._waits[("p", "b")] = ("g1.1", 70.0)
+    assert _series(book) == {
+        ("dsjobs_jobs_waiting", "g1.1"): 2,
+        ("dsjobs_job_oldest_wait_seconds", "g1.1"): 60,
+    }
+    # A type whose first waiter came in between the two copies is told at the next scrape.
+    assert _series(book)[("dsjobs_jobs_waiting", "g2.1")] >= 1
+
+
 def test_jobs_waiting_for_a_node_or_admission_are_told_by_instance_type_with_the_longest_wait() -> None:
     # "Which jobs are queued behind GPUs, and for how long?": the queue histogram is observed only
     # when a job starts or ends, and a queue where nothing starts shows nothing there.

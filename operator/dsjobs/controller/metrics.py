@@ -170,19 +170,23 @@ class WaitBook(Collector):
         if wait is None:
             self._waits.pop(key, None)
             return
-        self._waits[key] = wait
         self._types.add(wait[0])
+        self._waits[key] = wait
 
     def forget(self, key: tuple[str, str]) -> None:
         self._waits.pop(key, None)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        # A scrape runs in prometheus_client's thread while the event loop updates the book: copy
+        # first (one C-level step each under the GIL), then read the copies.
+        waits = list(self._waits.values())
+        types = tuple(self._types)
         now = self.clock()
         count: Tally[str] = Tally()
-        oldest = dict.fromkeys(self._types, 0.0)
-        for instance_type, since in self._waits.values():
+        oldest = dict.fromkeys(types, 0.0)
+        for instance_type, since in waits:
             count[instance_type] += 1
-            oldest[instance_type] = max(oldest[instance_type], now - since)
+            oldest[instance_type] = max(oldest.get(instance_type, 0.0), now - since)
         waiting = GaugeMetricFamily(
             "dsjobs_jobs_waiting",
             "Jobs whose pod waits for a node or for admission (PREPARING, Scheduled condition False: "
@@ -195,7 +199,7 @@ class WaitBook(Collector):
             "condition became False (0 when none waits).",
             labels=["instance_type"],
         )
-        for instance_type in sorted(self._types):
+        for instance_type in sorted(oldest):
             waiting.add_metric([instance_type], count[instance_type])
             longest.add_metric([instance_type], max(0.0, oldest[instance_type]))
         yield waiting
