@@ -27,6 +27,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsjobs import logrecords
 from dsjobs.logrecords import FinalMarker, LogChunk, LogRecord, Stream
@@ -628,6 +629,16 @@ def test_a_job_whose_data_was_deleted_before_execution_cannot_be_executed(api_en
     assert e.code == Code.FAILED_PRECONDITION and "deleted before it was executed" in e.details
 
 
+def _log_records_sent(env: ApiEnv, replica: int) -> float:
+    text = requests.get(f"http://{env.replicas[replica].metrics}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "dsjobs_api_log_records_sent_total"
+    )
+
+
 def test_full_flow_with_our_client(api_env: ApiEnv) -> None:
     """Create -> PUT -> Execute -> ReadLogs -> operation done -> GET outputs; polled on the other replica."""
     project = api_env.project_a
@@ -653,6 +664,7 @@ def test_full_flow_with_our_client(api_env: ApiEnv) -> None:
             offsets.append(r.offset)
         done.set()
 
+    sent_before = _log_records_sent(api_env, 0)
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     # The job runs: the "operator" moves it on, the "runner" ships logs while it runs.
@@ -691,6 +703,7 @@ def test_full_flow_with_our_client(api_env: ApiEnv) -> None:
     assert [m.standard_stream for m in received[:3]] == [svc.OUT, svc.ERR, svc.OUT]
     assert received[3].file_path == ".system.log" and all(m.HasField("created_at") for m in received)
     assert offsets == sorted(offsets)
+    assert _log_records_sent(api_env, 0) >= sent_before + 4  # the replica that streamed them counts them
 
     final = other.wait_op(op.id)
     assert not final.HasField("error")
