@@ -458,7 +458,9 @@ class Agent:
                     if first:
                         # Killing leftovers and removing their files may take a while: the node's
                         # lease and status loops go on meanwhile.
-                        await asyncio.to_thread(self._cleanup_orphan_dirs, {p["metadata"]["uid"] for p in items})
+                        await asyncio.to_thread(
+                            self._cleanup_orphan_dirs, {p["metadata"]["uid"] for p in items}
+                        )
                         first = False
                     self._sync(items)
                     self.ready_event.set()
