@@ -86,6 +86,26 @@ def test_an_invalid_instance_type_is_left_out_saying_why(caplog: Any) -> None:
     assert "InstanceType c1.8 is valid again" in caplog.text
 
 
+def test_a_scrape_counts_invalid_instance_types_while_the_event_loop_changes_the_cache() -> None:
+    # The gauge is worked out in prometheus_client's thread; the watch adds and removes types on
+    # the event loop. A type added in the middle of a scrape (made deterministic here: while the
+    # scrape reads an entry) failed the whole scrape (HTTP 500, every series missing).
+    from dsjobs.controller.caches import InstanceTypeCache
+
+    spec = {"vcpu": 4, "memory": "16Gi", "resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "4"}}}
+    cache = InstanceTypeCache()
+    cache.seed([{"metadata": {"name": "c1.4", "resourceVersion": "1"}, "spec": spec}])
+
+    class AddsAType(tuple):  # type: ignore[type-arg]
+        def __iter__(self) -> Any:
+            cache.apply({"metadata": {"name": "g1.1", "resourceVersion": "2"}, "spec": spec}, deleted=False)
+            return super().__iter__()
+
+    cache._types["c1.4"] = AddsAType(cache._types["c1.4"])
+    assert REGISTRY.get_sample_value("dsjobs_instance_types_invalid") == 0
+    assert set(cache.catalog()) == {"c1.4", "g1.1"}
+
+
 def test_an_instance_type_deleted_while_the_watch_was_away_leaves_the_catalog_after_a_list() -> None:
     from dsjobs.controller.caches import InstanceTypeCache
 

@@ -137,8 +137,12 @@ class InstanceTypeCache:
 
     def __init__(self) -> None:
         self._types: dict[str, tuple[int, InstanceTypeSpec | None, str]] = {}
-        # Counted at each scrape from the cache itself (the operator makes one cache).
-        metrics.INSTANCE_TYPES_INVALID.set_function(lambda: len(self.invalid()))
+        # Counted at each scrape from the cache itself (the operator makes one cache), in
+        # prometheus_client's thread while the event loop changes the dict: from a copy of its
+        # values (one C-level step under the GIL), never by iterating the dict itself.
+        metrics.INSTANCE_TYPES_INVALID.set_function(
+            lambda: sum(1 for _, spec, _ in list(self._types.values()) if spec is None)
+        )
 
     def apply(self, body: Mapping[str, Any], *, deleted: bool) -> bool:
         """Take a watch event; True when it changed the type (not the echo of what a LIST or an
