@@ -6,6 +6,7 @@ import base64
 import json
 import tempfile
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -304,3 +305,70 @@ def test_a_release_crossed_by_a_renewal_reads_again_and_releases() -> None:
     elector._held = client.record
     elector.release()
     assert len(client.writes) == 2 and client.record.holder == ""
+
+
+class _LeaseApi:
+    """A Lease API with resourceVersion checks; the renewal thread's next read can be held back
+    until this replica's release has been written (`hold_next_renewal`)."""
+
+    namespace, name, timeout = "ns", "dsjobs-operator", 0.1
+
+    def __init__(self, record: LeaseRecord | None = None) -> None:
+        self.lock = threading.Lock()
+        self.record = record
+        self.writes: list[tuple[str, str]] = []  # (thread, holder)
+        self.hold_next_renewal = threading.Event()
+        self.renewal_held = threading.Event()
+        self.released = threading.Event()
+
+    def get(self) -> LeaseRecord | None:
+        if threading.current_thread().name == "lease renewal" and self.hold_next_renewal.is_set():
+            self.hold_next_renewal.clear()
+            self.renewal_held.set()
+            assert self.released.wait(10)  # a slow API server: answered after the release
+        with self.lock:
+            return self.record
+
+    def write(self, record: LeaseRecord, *, create: bool) -> LeaseRecord:
+        with self.lock:
+            version = self.record.resource_version if self.record is not None else "0"
+            if not create and record.resource_version != version:
+                raise LeaseConflict("the object has been modified")
+            self.record = replace(record, resource_version=str(int(version) + 1))
+            self.writes.append((threading.current_thread().name, record.holder))
+            if not record.holder:
+                self.released.set()
+            return self.record
+
+
+def test_a_renewal_only_renews() -> None:
+    free = LeaseRecord("", 1, STAMP, STAMP, 3, "5")  # released by its holder, or by hand
+    api = _LeaseApi(free)
+    elector = LeaderElector(api, "a", 15)  # type: ignore[arg-type]
+    assert elector.try_once(renewing=True) > 0 and api.writes == []  # not taken back by a renewal
+    assert elector.try_once() == 0.0 and api.record is not None and api.record.holder == "a"  # acquired
+    assert elector.try_once(renewing=True) == 0.0 and len(api.writes) == 2  # renewed
+    elector._stop.set()
+    assert elector.try_once(renewing=True) > 0 and len(api.writes) == 2  # stopping: nothing written
+    gone = _LeaseApi(None)
+    renewer = LeaderElector(gone, "a", 15)  # type: ignore[arg-type]
+    assert renewer.try_once(renewing=True) == 0.0 and gone.record is not None and gone.record.holder == "a"
+
+
+def test_a_renewal_in_flight_during_the_release_does_not_take_the_lease_back() -> None:
+    # release() joins the renewal thread for a bounded time, then writes the released record; a
+    # renewal whose read was answered after that found a free Lease and took it: the stopping
+    # replica exited holding it, and a standby waited out its duration instead of a retry period.
+    api = _LeaseApi()
+    elector = LeaderElector(api, "a", 2)  # type: ignore[arg-type]
+    lost: list[str] = []
+    elector.acquire()
+    elector.keep(lost.append)
+    api.hold_next_renewal.set()
+    assert api.renewal_held.wait(10)
+    elector.release()
+    assert elector._thread is not None
+    elector._thread.join(10)
+    assert not elector._thread.is_alive()
+    assert api.record is not None and api.record.holder == "" and api.writes[-1] == ("MainThread", "")
+    assert lost == []  # a release is no lost lease

@@ -326,9 +326,18 @@ class LeaderElector:
         self._renewed_at = 0.0
         self._renew_error = ""
 
-    def try_once(self) -> float:
-        """One attempt to hold (or keep) the Lease: 0 when held, else seconds to wait."""
+    def try_once(self, *, renewing: bool = False) -> float:
+        """One attempt to hold (or keep) the Lease: 0 when held, else seconds to wait.
+
+        A renewal (`renewing`) only renews (or makes a deleted Lease again): one that is no longer
+        this replica's is not taken back, even a free one (released by this replica's `release()`
+        while the renewal's read was in flight: the stopping replica would exit holding it, and a
+        standby wait out its duration); once stopping, nothing is written."""
         current = self.client.get()
+        if renewing and (self._stop.is_set() or (current is not None and current.holder != self.me)):
+            if current is not None and not (self._observed and self._observed.record.same_record(current)):
+                self._observed = Observed(current, self.clock.monotonic())
+            return self.retry_seconds
         step = plan_lease(
             current,
             self._observed,
@@ -392,9 +401,11 @@ class LeaderElector:
             while not self.clock.wait(self._stop, self.retry_seconds):
                 started = self.clock.monotonic()
                 try:
-                    if self.try_once() == 0.0:
+                    if self.try_once(renewing=True) == 0.0:
                         self._renewed_at = max(self._renewed_at, started)
                         continue
+                    if self._stop.is_set():
+                        return  # released meanwhile: nothing was lost
                     holder = self._observed.record.holder if self._observed is not None else "?"
                     lose(f"the lease is held by {holder}")
                     return
