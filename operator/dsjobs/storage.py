@@ -159,6 +159,10 @@ class StorageConfigError(StorageError):
     """Storage settings are missing or invalid."""
 
 
+class TransferStopped(Exception):
+    """A transfer its caller stopped (its `stop` event was set): nothing is left of it."""
+
+
 class UnsafePathError(ValueError):
     """A user-supplied relative path is absolute, escapes its root or is otherwise unusable."""
 
@@ -1250,8 +1254,12 @@ class Storage:
         *,
         expected_size: int | None = None,
         expected_sha256: str | None = None,
+        stop: threading.Event | None = None,
     ) -> TransferResult:
         """Stream ``key`` into ``dest`` with constant memory, verifying size and sha256.
+
+        Setting ``stop`` (another download of the same job failed) ends it at the next chunk or
+        retry wait with TransferStopped.
 
         Interrupted reads resume with a Range request, and the answer is used only if it continues
         the same object where we stopped (206, Content-Range from the bytes we have, same ETag);
@@ -1314,6 +1322,9 @@ class Storage:
                         if not written:
                             etag = r.headers.get("etag", "")
                         for chunk in r.iter_chunks(IO_CHUNK):
+                            if stop is not None and stop.is_set():
+                                r.close()
+                                raise TransferStopped(f"{key}: stopped at {written} bytes")
                             if expected_size is not None and written + len(chunk) > expected_size:
                                 # Replaced by a larger object: not a byte more onto the job's disk.
                                 r.close()
@@ -1322,7 +1333,7 @@ class Storage:
                             h.update(chunk)
                             written += len(chunk)
                         break
-                    except ObjectNotFoundError:
+                    except (ObjectNotFoundError, TransferStopped):
                         raise
                     except Exception as exc:
                         delay = backoff.failed() if is_transient(exc) else None
@@ -1335,7 +1346,10 @@ class Storage:
                             backoff.failures,
                             _short(exc),
                         )
-                        time.sleep(delay)
+                        if stop is None:
+                            time.sleep(delay)
+                        elif stop.wait(delay):
+                            raise TransferStopped(f"{key}: stopped at {written} bytes") from exc
                 sink.flush()
             digest = h.hexdigest()
             if expected_size is not None and written != expected_size:

@@ -20,6 +20,7 @@ from dsjobs.storage import (
     ObjectNotFoundError,
     PreconditionFailedError,
     TransferResult,
+    TransferStopped,
 )
 
 
@@ -129,9 +130,13 @@ class FileStore(MemoryStore):
         *,
         expected_size: int | None = None,
         expected_sha256: str | None = None,
+        stop: threading.Event | None = None,
     ) -> TransferResult:
-        """As Storage.download_file: ObjectNotFoundError, size and sha256 verified before `dest`."""
+        """As Storage.download_file: ObjectNotFoundError, size and sha256 verified before `dest`;
+        TransferStopped once `stop` is set."""
         data = self._read(key)
+        if stop is not None and stop.is_set():
+            raise TransferStopped(f"{key}: stopped")
         if data is None:
             raise ObjectNotFoundError(key)
         digest = hashlib.sha256(data).hexdigest()

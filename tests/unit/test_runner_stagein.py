@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import stat
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from dsjobs.runner.result import RunnerStatus, parse_termination_message
 from dsjobs.runner.ship import human_size, upload_outputs
 from dsjobs.runner.stagein import prepare, run_stage_in
 from dsjobs.s3http import EMPTY_SHA256, S3HttpError
-from dsjobs.storage import ObjectInfo, input_key
+from dsjobs.storage import ObjectInfo, ObjectNotFoundError, TransferResult, TransferStopped, input_key
 
 
 def test_prepare_lays_out_the_shared_volume(tmp_path: Path) -> None:
@@ -466,6 +467,49 @@ def test_every_missing_input_is_named_at_once(tmp_path: Path) -> None:
     assert reason.startswith("13 inputs are not in storage: input f")
     assert reason.endswith(" and 3 more; were they uploaded?")
     assert "input f0.csv" not in reason  # that one is stored
+
+
+class BigThenMissing(FileStore):
+    """The first input is a big download, on its way until told to stop; the second is missing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big_download: list[str] = []
+
+    def download_file(
+        self, key: str, dest: str | os.PathLike[str], *, stop: threading.Event | None = None, **kw: Any
+    ) -> Any:
+        if key.endswith("a" * 64):
+            assert stop is not None
+            if stop.wait(30):  # a chunk at a time, each time asking whether to go on
+                self.big_download.append("stopped")
+                raise TransferStopped(f"{key}: stopped")
+            self.big_download.append("finished")
+            Path(dest).write_bytes(b"x" * 10)
+            return TransferResult(key, 10, "a" * 64)
+        raise ObjectNotFoundError(key)
+
+
+def test_a_failed_input_stops_the_downloads_on_their_way(tmp_path: Path) -> None:
+    # A missing input after a big one was told only once the big one had arrived (a checkpoint
+    # of many GiB: minutes of stage-in and a full disk for a job that could not run).
+    store = BigThenMissing()
+    store.objects[input_key("p", "a" * 64)] = b"x" * 10
+    cfg = RunnerConfig(
+        project_id="p",
+        job_id="j",
+        cmd="true",
+        inputs=[
+            {"path": "big.bin", "sha256": "a" * 64, "size_bytes": 10},
+            {"path": "small.txt", "sha256": "b" * 64, "size_bytes": 10},
+        ],
+        paths={"work_dir": str(tmp_path / "work"), "shared_dir": str(tmp_path / "shared")},
+    )
+    assert not run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
+    reason = parse_termination_message((tmp_path / "term").read_text()).reason
+    assert "small.txt" in reason and "big.bin" not in reason, reason
+    assert store.big_download == ["stopped"]
+    assert not (tmp_path / "work" / "big.bin").exists()
 
 
 def test_a_directory_input_zipped_empty_is_an_empty_directory(tmp_path: Path) -> None:

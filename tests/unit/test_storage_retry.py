@@ -574,6 +574,22 @@ def test_a_download_stops_at_the_declared_size(s3: FakeS3, tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stopped_download_ends_at_its_next_chunk_and_leaves_nothing(s3: FakeS3, tmp_path: Path) -> None:
+    # Stage-in stops the downloads on their way once another input failed.
+    stop = threading.Event()
+    body = b"y" * (8 * MiB)
+    s3.answer = lambda r: r.reply(200, body, {"ETag": '"e"'})
+    stop.set()
+    with pytest.raises(storage.TransferStopped, match="stopped at 0 bytes"):
+        s3.store().download_file("projects/p/inputs/x", tmp_path / "x", expected_size=len(body), stop=stop)
+    assert list(tmp_path.iterdir()) == []
+    # And in a wait between tries: the outage is not waited out.
+    s3.answer = lambda r: r.error(503, "SlowDown")
+    with pytest.raises(storage.TransferStopped):
+        s3.store().download_file("projects/p/inputs/x", tmp_path / "x", stop=stop)
+    assert s3.count("GET") == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_a_file_name_near_name_max_downloads(s3: FakeS3, tmp_path: Path) -> None:
     # The temporary name was the file's with 16 bytes added: past 255 bytes, ENAMETOOLONG.
     s3.answer = lambda r: r.reply(200, b"data", {"ETag": '"e"'})

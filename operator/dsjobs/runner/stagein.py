@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,7 @@ from dsjobs.storage import (
     ObjectNotFoundError,
     PreconditionFailedError,
     Storage,
+    TransferStopped,
     input_key,
     is_stored_input,
     is_transient,
@@ -144,6 +145,7 @@ def _stage_file(
     dest_root: Path,
     target_name: str,
     kind: str,
+    stop: threading.Event | None = None,
 ) -> int:
     key = input_key(config.project_id, f.sha256)
     what = _describe(kind, f)
@@ -162,14 +164,14 @@ def _stage_file(
         if f.compression == Compression.ZIP:
             tmp = config.layout.tmp_dir / f"stage-{f.sha256}-{os.getpid()}-{id(f)}.zip"
             try:
-                store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256)
+                store.download_file(key, tmp, expected_size=f.size_bytes, expected_sha256=f.sha256, stop=stop)
                 return _extract_archive(tmp, dest_root, what)
             finally:
                 if tmp.exists():
                     tmp.unlink()
         dest = dest_root / target_name
         make_dirs(dest.parent)
-        store.download_file(key, dest, expected_size=f.size_bytes, expected_sha256=f.sha256)
+        store.download_file(key, dest, expected_size=f.size_bytes, expected_sha256=f.sha256, stop=stop)
         os.chmod(dest, 0o666)
         return 1
 
@@ -257,19 +259,30 @@ def stage_inputs(config: RunnerConfig, store: Storage, syslog: SystemLog) -> Non
 
     started = time.monotonic()
     total = sum(f.size_bytes for f, *_ in jobs)
+    # The first failure stops the rest: queued files are not fetched, and those on their way stop
+    # at their next chunk (a missing input no longer waited for a big one before it to arrive).
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=DOWNLOAD_WORKERS) as pool:
         futures = [
-            pool.submit(_stage_file, config, store, f, root, name, kind) for f, root, name, kind in jobs
+            pool.submit(_stage_file, config, store, f, root, name, kind, stop) for f, root, name, kind in jobs
         ]
-        first_error: BaseException | None = None
-        for fut in futures:
-            if fut.cancelled():
-                continue  # after a failure: exception() would raise CancelledError
-            exc = fut.exception()
-            if exc is not None and first_error is None:
-                first_error = exc
-                for other in futures:
-                    other.cancel()
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if any(not fut.cancelled() and fut.done() and fut.exception() is not None for fut in futures):
+            stop.set()
+            for fut in futures:
+                fut.cancel()
+        wait(futures)
+        # Of the failures, the first declared (not a transfer stopped for it) is told.
+        first_error = next(
+            (
+                exc
+                for fut in futures
+                if not fut.cancelled()
+                and (exc := fut.exception()) is not None
+                and not isinstance(exc, TransferStopped)
+            ),
+            None,
+        )
         if isinstance(first_error, NoSpaceError):
             where = first_error.detail or f"full while staging {first_error}"
             raise StageInError(
