@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
@@ -15,6 +17,7 @@ import pytest
 from test_api_logs import MemoryStore
 from test_api_projects import job as projects_job
 
+from dsjobs import backoff as backoff_module
 from dsjobs.api import auth
 from dsjobs.api import cluster as cluster_module
 from dsjobs.api.cluster import MAX_LOCATE_LISTS, InstanceTypeCatalog, JobIndex, ProjectIndex
@@ -397,7 +400,7 @@ def _versioned(version: int, phase: str) -> dict[str, Any]:
 
 
 def _index_against(
-    answer_watch: str, check: Callable[[JobIndex, list[str]], bool]
+    answer_watch: str, check: Callable[[JobIndex, list[str]], bool], answered: list[float] | None = None
 ) -> tuple[list[str], list[str], list[bool]]:
     """A real JobIndex and Kube client against an HTTP server whose LIST holds the job at
     version 5 and whose watches `answer_watch`: "one event" (then the connection goes dark),
@@ -411,6 +414,7 @@ def _index_against(
 
     watches: list[str] = []
     lists: list[str] = []
+    list_times: list[float] = []
     synced_at_list: list[bool] = []
     indexes: list[JobIndex] = []
     done = asyncio.Event()
@@ -418,14 +422,23 @@ def _index_against(
     async def jobs(request: web.Request) -> web.StreamResponse:
         if request.query.get("watch") != "true":
             lists.append(request.query_string)
+            list_times.append(time.monotonic())
             synced_at_list.append(indexes[0].synced.is_set())
             return web.json_response(
                 {"items": [_versioned(5, "CREATING")], "metadata": {"resourceVersion": "5"}}
             )
         watches.append(request.query["resourceVersion"])
+        if answer_watch == "forbidden":
+            return web.json_response({"kind": "Status", "code": 403, "reason": "Forbidden"}, status=403)
         resp = web.StreamResponse()
         if answer_watch != "nothing":
             await resp.prepare(request)
+        if answer_watch == "ends at once":
+            return resp
+        if answer_watch == "gone":
+            gone = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+            await resp.write(json.dumps(gone).encode() + b"\n")
+            return resp
         if answer_watch in ("one event", "one big event"):
             phase = "EXECUTING" if len(watches) == 1 else "SUCCESS"
             event = {"type": "MODIFIED", "object": _versioned(5 + len(watches), phase)}
@@ -463,6 +476,8 @@ def _index_against(
             await runner.cleanup()
 
     asyncio.run(scenario())
+    if answered is not None:
+        answered.extend(list_times)
     return watches, lists, synced_at_list
 
 
@@ -501,6 +516,29 @@ def test_a_watch_the_server_never_serves_puts_the_index_out_of_sync(
     # said it was in sync for good while serving what it last saw: now it lists again, reads
     # meanwhile going to the cluster.
     monkeypatch.setattr(cluster_module, "WATCH_IDLE_SECONDS", 0.2)
-    monkeypatch.setattr(cluster_module.random, "random", lambda: 0.0)  # the shortest retry delay
+    monkeypatch.setattr(backoff_module.random, "random", lambda: 0.0)  # the shortest retry delay
     _, _, synced_at_list = _index_against(answer, lambda index, lists: len(lists) >= 2)
     assert synced_at_list[:2] == [False, False]  # the second LIST: no longer in sync, not in sync yet
+
+
+def test_a_watch_that_ends_at_once_is_not_watched_again_and_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Something between the API and the API server (a proxy) answered each watch and ended it at
+    # once: the index watched again at once, some 3,000 watches a second at a full core, logging
+    # nothing and saying it was in sync. Twice in a row: out of sync, relisted with back-off.
+    monkeypatch.setattr(backoff_module.random, "random", lambda: 0.0)  # the shortest retry delay
+    watches, lists, synced_at_list = _index_against("ends at once", lambda index, lists: len(lists) >= 3)
+    assert len(watches) <= 2 * len(lists)
+    assert synced_at_list[1:3] == [False, False]
+
+
+@pytest.mark.parametrize("answer", ["gone", "forbidden"])
+def test_a_watch_failing_each_time_relists_with_back_off(
+    monkeypatch: pytest.MonkeyPatch, answer: str
+) -> None:
+    # Each watch answered 410 (relisted at once, every time) or refused while LISTs worked (the
+    # back-off was reset by each LIST): every replica listed all the cluster's jobs in a loop.
+    monkeypatch.setattr(backoff_module.random, "random", lambda: 0.0)  # waits of 0.5, 1, 2 s
+    times: list[float] = []
+    _index_against(answer, lambda index, lists: len(lists) >= 4, times)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[1] >= 0.9 and gaps[2] >= 1.9, gaps  # doubling (a sleep never ends early)

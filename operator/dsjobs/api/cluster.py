@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 import weakref
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import Any, cast
 from dsjobs.api import metrics
 from dsjobs.api.errors import KubeError
 from dsjobs.api.kube import Kube, WatchIdle, jobs_path, namespaces_path
+from dsjobs.backoff import Backoff
 from dsjobs.controller.names import project_holder
 from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
@@ -58,6 +58,11 @@ MAX_TOMBSTONES = 10_000
 LOCATE_MISS_TTL = 1.0
 MAX_LOCATE_LISTS = 4
 MAX_LOCATE_MISSES = 10_000
+#: A watch that lasted this long proves the way to the API server works: the relists' back-off
+#: starts anew at the next failure.
+HEALTHY_WATCH_SECONDS = 60.0
+#: A watch that ends before this without any event (not even a BOOKMARK) ended at once.
+MIN_WATCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -308,29 +313,35 @@ class JobIndex:
         return sorted({str((i.get("metadata") or {}).get("namespace", "")) for i in items})
 
     async def _run(self) -> None:
-        delay = 1.0
+        # Reset only by a watch that lasted (a LIST that works proves nothing of the watch: one
+        # refused or throttled each time made a full relist of the cluster's jobs every second).
+        relists = Backoff(first=1.0, cap=30.0)
         while True:
+            watching_since: float | None = None
             try:
                 version = await self._list()
                 self.synced.set()
                 metrics.JOB_INDEX_SYNCED.set(1)
-                delay = 1.0
+                watching_since = time.monotonic()
                 await self._watch(version)
             except asyncio.CancelledError:
                 raise
-            except KubeError as exc:
+            except Exception as exc:
                 self.synced.clear()
                 metrics.JOB_INDEX_SYNCED.set(0)
-                if exc.status != 410:  # 410: our resourceVersion is too old; relist at once
+                if watching_since is not None and time.monotonic() - watching_since >= HEALTHY_WATCH_SECONDS:
+                    relists.reset()
+                if isinstance(exc, KubeError) and exc.status == 410 and relists.failures == 0:
+                    # Our resourceVersion is too old (compacted): relist at once; a 410 again
+                    # right after that waits like any failure.
+                    relists.next_wait()
+                    continue
+                delay = relists.next_wait()
+                if isinstance(exc, KubeError):
                     log.warning("job index: %s; retrying in %.0fs", exc, delay)
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 30.0)
-            except Exception:
-                self.synced.clear()
-                metrics.JOB_INDEX_SYNCED.set(0)
-                log.exception("job index failed; retrying in %.0fs", delay)
+                else:
+                    log.exception("job index failed; retrying in %.0fs", delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _list(self) -> str:
         objects: dict[tuple[str, str], tuple[int, bytes]] = {}
@@ -359,16 +370,19 @@ class JobIndex:
 
     async def _watch(self, version: str) -> None:
         silent = False  # the last watch went silent before any event came
+        empty = False  # the last watch ended at once without any event
         while True:
             params: dict[str, str | int] = {
                 "resourceVersion": version,
                 "allowWatchBookmarks": "true",
                 "timeoutSeconds": 300,
             }
+            started, events = time.monotonic(), 0
             try:
                 async for event in self._kube.watch(
                     jobs_path(), params=params, idle_seconds=WATCH_IDLE_SECONDS
                 ):
+                    events += 1
                     kind = event.get("type")
                     obj = event.get("object") or {}
                     meta = obj.get("metadata") or {}
@@ -392,6 +406,15 @@ class JobIndex:
                 silent = True
                 # A new connection from where this one went silent; a 410 then relists.
                 log.debug("job index: the watch was silent for %.0fs; watching again", WATCH_IDLE_SECONDS)
+                continue
+            if events or time.monotonic() - started >= MIN_WATCH_SECONDS:
+                empty = False
+                continue
+            if empty:
+                # Twice in a row (something between us and the API server ends each watch at once,
+                # e.g. a proxy): watching again at once would spin; out of sync, relisted with back-off.
+                raise KubeError(0, "Unavailable", "the watch ended at once without an event, twice in a row")
+            empty = True
 
 
 Cached = dict[tuple[str, str], tuple[int, bytes]]

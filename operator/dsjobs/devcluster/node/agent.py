@@ -26,6 +26,8 @@ from typing import Any
 
 import aiohttp
 
+from dsjobs.backoff import Backoff
+
 from .cgroup import MemoryCgroups
 from .gpu import GpuAllocator
 from .kubeapi import STRATEGIC_PATCH, ApiError, KubeClient, WatchExpired, load_kubeconfig
@@ -445,8 +447,11 @@ class Agent:
         selector = {"fieldSelector": f"spec.nodeName={self.cfg.name}"}
         rv: str | None = None
         first = True
-        delay = 0.5
+        # Failures in a row, and watches that ended at once without an event (a proxy in the way)
+        # or with 410 right after a list: each waits, so that none of them spins the loop.
+        backoff = Backoff(first=0.5, cap=10.0)
         while not self.stopping.is_set():
+            wait = 0.0
             try:
                 if rv is None:
                     listing = await self.api.get("/api/v1/pods", params=selector)
@@ -470,7 +475,9 @@ class Agent:
                     "allowWatchBookmarks": "true",
                     "timeoutSeconds": "300",
                 }
+                started, events = time.monotonic(), 0
                 async for event in self.api.watch("/api/v1/pods", params):
+                    events += 1
                     obj = event.get("object") or {}
                     new_rv = obj.get("metadata", {}).get("resourceVersion")
                     if new_rv:
@@ -480,16 +487,24 @@ class Agent:
                         self.on_pod(obj)
                     elif etype == "DELETED":
                         self.on_pod_deleted(obj)
-                delay = 0.5
+                if events or time.monotonic() - started >= 1.0:
+                    backoff.reset()
+                else:
+                    wait = backoff.next_wait()
             except WatchExpired:
                 rv = None
+                if backoff.failures:  # right after a list, or after other trouble: not at once
+                    wait = backoff.next_wait()
+                else:
+                    backoff.next_wait()
             except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
                 if self.stopping.is_set():
                     return
+                wait = backoff.next_wait()
                 log.warning("pod watch failed, retrying", extra={"kv": {"error": str(exc)}})
+            if wait:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), delay)
-                delay = min(delay * 2, 10.0)
+                    await asyncio.wait_for(self.stopping.wait(), wait)
 
     # ------------------------------------------------------------------ run
 
