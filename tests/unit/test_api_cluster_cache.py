@@ -199,6 +199,48 @@ def test_a_name_not_held_is_not_refused_while_the_cluster_cannot_be_read() -> No
     assert known == frozenset({"c1.4"})
 
 
+# --- projects ------------------------------------------------------------------------------------
+
+
+def test_while_namespaces_cannot_be_listed_requests_do_not_each_list_them(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The API server answered 503 (or RBAC refused the LIST): every request then made one more
+    # LIST of the namespaces and logged one more WARNING (an API server in trouble got more load
+    # with each call the API served: up to 500 a second).
+    import logging
+
+    monkeypatch.setattr(backoff_module.random, "random", lambda: 0.0)  # retry after 0.5 s
+
+    async def scenario() -> tuple[int, list[ApiError | KubeError | None], int]:
+        kube = FakeKube()
+        index = ProjectIndex(cast(Kube, kube), max_age=0.0, min_refresh_interval=1.0)
+        assert (await index.get("pa")) is not None
+        index._loaded_at -= 2  # stale, past the interval
+        kube.error = KubeError(503, "ServiceUnavailable", "etcd")
+        told: list[ApiError | KubeError | None] = []
+        for _ in range(50):  # known and unknown projects, at once
+            await index.get("pa")
+            try:
+                await index.get("pb")
+                told.append(None)
+            except KubeError as exc:
+                told.append(exc)
+            await settle()
+        during = kube.lists(namespaces_path())
+        kube.error = None
+        await asyncio.sleep(0.6)  # the retry is due
+        assert (await index.get("pb")) is None  # listed again: none has it
+        return during, told, kube.lists(namespaces_path())
+
+    with caplog.at_level(logging.WARNING, logger="dsjobs"):
+        during, told, after = run(scenario)
+    assert during == 2  # the first load, and one failed try for all 100 requests
+    assert all(isinstance(t, KubeError) and t.status == 503 for t in told)  # not "no such project"
+    assert after == 3
+    assert caplog.text.count("cannot refresh projects") <= 1
+
+
 # --- locating a job the watch does not know -----------------------------------------------------
 
 

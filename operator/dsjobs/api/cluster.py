@@ -90,15 +90,34 @@ class ProjectIndex:
         self._min_interval = min_refresh_interval
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        # While LISTs fail: when the last was tried, how long until the next, and its error (what
+        # a request that needs a LIST meanwhile is told: an API server in trouble got one more
+        # LIST, and the log one more line, for every request).
+        self._tried_at = float("-inf")
+        self._retry_after = 0.0
+        self._failure: KubeError | None = None
+        self._retries = Backoff(first=min_refresh_interval, cap=30.0)
 
     async def _refresh(self, *, force: bool) -> None:
         async with self._lock:
-            age = time.monotonic() - self._loaded_at
+            now = time.monotonic()
+            age = now - self._loaded_at
             if age < self._min_interval or (not force and age < self._max_age):
                 return
-            result = await self._kube.request(
-                "GET", namespaces_path(), params={"labelSelector": PROJECT_LABEL}
-            )
+            if self._failure is not None and now - self._tried_at < self._retry_after:
+                if force or self._loaded_at == float("-inf"):
+                    raise self._failure.with_traceback(None)  # (re-raised, it kept every raise's frames)
+                return
+            self._tried_at = now
+            try:
+                result = await self._kube.request(
+                    "GET", namespaces_path(), params={"labelSelector": PROJECT_LABEL}
+                )
+            except KubeError as exc:
+                self._failure, self._retry_after = exc, self._retries.next_wait()
+                raise
+            self._failure = None
+            self._retries.reset()
             by_id: dict[str, ProjectInfo] = {}
             for ns in result.get("items") or []:
                 meta = ns.get("metadata") or {}
@@ -125,7 +144,11 @@ class ProjectIndex:
         try:
             await self._refresh(force=False)
         except KubeError as exc:
-            log.warning("cannot refresh projects (serving the ones known): %s", exc)
+            log.warning(
+                "cannot refresh projects (serving the ones known; tried again in %.0fs): %s",
+                self._retry_after,
+                exc,
+            )
 
     async def get(self, project_id: str) -> ProjectInfo | None:
         await self._fresh_enough()
