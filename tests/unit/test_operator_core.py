@@ -711,3 +711,32 @@ def test_the_operator_stops_when_its_crds_are_not_served() -> None:
     )
     problem = served_problem({"resources": [{"name": "instancetypes"}]})
     assert problem is not None and problem.startswith("projectjobs.dsjobs.dev: no such")
+
+
+def test_the_served_check_outlives_an_api_server_it_cannot_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A refused connection (the API server restarting when the minutely check came) is no
+    # APIError: it ended the check for good, silently, and a CRD deleted later left the operator up.
+    import asyncio
+    import types
+
+    import aiohttp
+
+    from dsjobs.controller import handlers
+
+    calls = 0
+
+    class DownOnce:
+        async def get(self, resource: str, path: str) -> dict[str, Any]:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise aiohttp.ClientConnectionError("Connection refused")
+            if calls == 4:
+                return {"resources": []}  # the CRDs deleted since
+            return {"resources": [{"name": "projectjobs"}, {"name": "instancetypes"}]}
+
+    monkeypatch.setattr(handlers, "SERVED_CHECK_SECONDS", 0.0)
+    operator: Any = types.SimpleNamespace(kube=DownOnce(), startup_problem=None, stop_flag=asyncio.Event())
+    asyncio.run(asyncio.wait_for(handlers.Operator.check_served(operator), 10))
+    assert calls == 4 and operator.stop_flag.is_set()
+    assert operator.startup_problem.startswith("projectjobs.dsjobs.dev and instancetypes.dsjobs.dev")

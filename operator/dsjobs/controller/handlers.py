@@ -572,7 +572,10 @@ class Operator:
         while True:
             try:
                 problem = served_problem(await self.kube.get("discovery", f"/apis/{GROUP}/{VERSION}"))
-            except APIError as exc:  # not known: Kopf's watches tell their own failures
+            except (APIError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # Not known (an API server restarting, refusing): asked again at the next period;
+                # Kopf's watches tell their own failures. (Only APIError was caught: a refused
+                # connection ended the check for good, silently.)
                 log.log(
                     logging.WARNING if first else logging.DEBUG,
                     "cannot tell whether the CRDs are served: %s",
