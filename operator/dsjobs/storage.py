@@ -1346,6 +1346,7 @@ class Storage:
                             backoff.failures,
                             _short(exc),
                         )
+                        delay *= 0.5 + random.random() / 2  # jitter, as `retry`
                         if stop is None:
                             time.sleep(delay)
                         elif stop.wait(delay):
