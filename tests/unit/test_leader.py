@@ -372,3 +372,45 @@ def test_a_renewal_in_flight_during_the_release_does_not_take_the_lease_back() -
     assert not elector._thread.is_alive()
     assert api.record is not None and api.record.holder == "" and api.writes[-1] == ("MainThread", "")
     assert lost == []  # a release is no lost lease
+
+
+def test_the_lease_client_trusts_the_cluster_s_ca_only(tmp_path: Path) -> None:
+    # It loaded the system's public CAs too: an API server impersonated with a publicly trusted
+    # certificate got the operator's token (Kopf, the API and client-go trust the cluster CA only).
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    for info in (
+        kopf.ConnectionInfo(server="https://10.0.0.1:6443", ca_path=str(ca.cert_path)),
+        kopf.ConnectionInfo(
+            server="https://10.0.0.1:6443", ca_data=base64.b64encode(ca.cert_path.read_bytes()).decode()
+        ),
+    ):
+        context = connection_from(info).context
+        assert context is not None and len(context.get_ca_certs()) == 1
+
+
+class _ProxyErrorPage(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_proxy_s_error_page_is_told_with_its_status() -> None:
+    # Told as "Expecting value: line 1 column 1 (char 0)": no status, no hint of the proxy.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyErrorPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        client = LeaseClient(
+            lambda: connection_from(kopf.ConnectionInfo(server=url, token="t")), "ns", "lease", timeout=5
+        )
+        with pytest.raises(RuntimeError, match=r"GET lease ns/lease: 502 <html><body><h1>502 Bad Gateway"):
+            client.get()
+    finally:
+        server.shutdown()

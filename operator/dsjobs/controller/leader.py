@@ -185,14 +185,18 @@ def connection_from(info: Any) -> Connection:
     secure = url.scheme == "https"
     context: ssl.SSLContext | None = None
     if secure:
-        context = ssl.create_default_context()
+        # Only the cluster's CA when it names one (as Kopf and client-go): the system's public CAs
+        # are no authority on an API server, and the token goes to whoever they vouch for.
         if info.insecure:
+            context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         elif info.ca_path:
-            context.load_verify_locations(cafile=str(info.ca_path))
+            context = ssl.create_default_context(cafile=str(info.ca_path))
         elif info.ca_data:
-            context.load_verify_locations(cadata=_pem(info.ca_data).decode())
+            context = ssl.create_default_context(cadata=_pem(info.ca_data).decode())
+        else:
+            context = ssl.create_default_context()
         # The ssl module loads a client certificate and key from files only: inline ones go
         # through files read at once and removed (a login every minute would pile them up).
         made: list[str] = []
@@ -251,7 +255,14 @@ class LeaseClient:
             http_conn.close()
         if response.status == 401:
             self._conn = None  # a rotated token: log in again next time
-        return response.status, (json.loads(data) if data else None)
+        try:
+            return response.status, (json.loads(data) if data else None)
+        except ValueError:
+            # Not the API server's JSON (a proxy's HTML error page): its status and its start.
+            text = data[:200].decode("utf-8", "replace").strip()
+            raise RuntimeError(
+                f"{method} lease {self.namespace}/{self.name}: {response.status} {text}"
+            ) from None
 
     def _path(self, name: str | None = None) -> str:
         base = f"{LEASE_API}/namespaces/{quote(self.namespace)}/leases"
