@@ -33,8 +33,9 @@ from cluster_fixtures import ClusterHandle
 from kube_fake import FakeKube
 
 from dsjobs.api.errors import KubeError
-from dsjobs.api.kube import MERGE_PATCH, Kube, jobs_path, load_config, namespaces_path, secrets_path
+from dsjobs.api.kube import MERGE_PATCH, Kube, jobs_path, namespaces_path, secrets_path
 from dsjobs.controller.names import FINALIZER, JOB_LABEL, PROJECT_LABEL
+from dsjobs.kubeconfig import load_config
 
 HOLD = "contract.dsjobs.dev/hold"  # ours: the job stays while being deleted until a patch drops it
 OPERATOR = "/apis/apps/v1/namespaces/dsjobs-system/deployments/dsjobs-operator"

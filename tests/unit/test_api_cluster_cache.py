@@ -452,7 +452,7 @@ def _index_against(
     said it was in sync as each LIST came."""
     from aiohttp import web
 
-    from dsjobs.api.kube import KubeConfig
+    from dsjobs.kubeconfig import KubeConfig
 
     watches: list[str] = []
     lists: list[str] = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dsjobs import kubeconfig
 from dsjobs.api import kube
 from dsjobs.kubemetrics import call_kind
 
@@ -33,24 +35,27 @@ def test_inline_certificates_become_private_files(tmp_path: Path) -> None:
         "client-key-data": base64.b64encode(b"KEY").decode(),
     }
     cluster = {"server": "https://h:1", "certificate-authority-data": base64.b64encode(b"CA").decode()}
-    cfg, refresh = kube.load_config(str(_write(tmp_path, data, cluster)))
+    cfg, refresh = kubeconfig.load_config(str(_write(tmp_path, data, cluster)))
     assert cfg.host == "https://h:1" and cfg.token is None and refresh is None
     assert cfg.ca_file and Path(cfg.ca_file).read_bytes() == b"CA"
     assert cfg.cert_file and Path(cfg.cert_file).read_bytes() == b"CERT"
     assert cfg.key_file and Path(cfg.key_file).read_bytes() == b"KEY"
+    # In this process's memory, never on a disk: nothing is left of a key when the process is
+    # killed (a private temporary directory per process piled up in /tmp).
+    assert all(f.startswith("/proc/self/fd/") for f in (cfg.ca_file, cfg.cert_file, cfg.key_file))
 
 
 def test_token_and_relative_files(tmp_path: Path) -> None:
     (tmp_path / "ca.crt").write_bytes(b"CA")
     cluster = {"server": "https://h:1", "certificate-authority": "ca.crt", "tls-server-name": "kubernetes"}
-    cfg, _ = kube.load_config(str(_write(tmp_path, {"token": "abc"}, cluster)))
+    cfg, _ = kubeconfig.load_config(str(_write(tmp_path, {"token": "abc"}, cluster)))
     assert cfg.token == "abc" and cfg.ca_file == str((tmp_path / "ca.crt").resolve())
     assert cfg.server_name == "kubernetes" and cfg.verify
 
 
 def test_token_file_is_reread(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("one\n")
-    cfg, refresh = kube.load_config(str(_write(tmp_path, {"tokenFile": "token"})))
+    cfg, refresh = kubeconfig.load_config(str(_write(tmp_path, {"tokenFile": "token"})))
     assert cfg.token == "one" and refresh is not None
     (tmp_path / "token").write_text("two\n")
     assert refresh(cfg).token == "two"
@@ -59,10 +64,11 @@ def test_token_file_is_reread(tmp_path: Path) -> None:
 def test_in_cluster_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "token").write_text("sa-token")
     (tmp_path / "ca.crt").write_bytes(b"CA")
-    monkeypatch.setattr(kube, "SERVICE_ACCOUNT_DIR", tmp_path)
+    monkeypatch.setattr(kubeconfig, "SERVICE_ACCOUNT_DIR", tmp_path)
+    monkeypatch.delenv("KUBECONFIG", raising=False)  # it comes first, as in client-go
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    cfg, refresh = kube.load_config(None)
+    cfg, refresh = kubeconfig.load_config(None)
     assert cfg.host == "https://[fd00::1]:443" and cfg.token == "sa-token"
     assert cfg.ca_file == str(tmp_path / "ca.crt")
     (tmp_path / "token").write_text("rotated")
@@ -70,14 +76,14 @@ def test_in_cluster_service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_broken_kubeconfigs(tmp_path: Path) -> None:
-    with pytest.raises(kube.KubeConfigError, match="cannot read"):
-        kube.load_config(str(tmp_path / "missing"))
+    with pytest.raises(kubeconfig.KubeConfigError, match="cannot read"):
+        kubeconfig.load_config(str(tmp_path / "missing"))
     path = _write(tmp_path, {"token": "x"}, {"certificate-authority-data": ""})
-    with pytest.raises(kube.KubeConfigError, match="no server"):
-        kube.load_config(str(path))
+    with pytest.raises(kubeconfig.KubeConfigError, match="no server"):
+        kubeconfig.load_config(str(path))
     path.write_text(yaml.safe_dump({"current-context": "nope", "contexts": []}))
-    with pytest.raises(kube.KubeConfigError, match="no context named 'nope'"):
-        kube.load_config(str(path))
+    with pytest.raises(kubeconfig.KubeConfigError, match="no context named 'nope'"):
+        kubeconfig.load_config(str(path))
 
 
 @pytest.mark.parametrize(
@@ -128,7 +134,7 @@ def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
     released = threading.Event()
     waited: list[bool] = []
 
-    def refresh(config: kube.KubeConfig) -> kube.KubeConfig:
+    def refresh(config: kubeconfig.KubeConfig) -> kubeconfig.KubeConfig:
         # Blocks until the test lets it go: on the event loop, the request made meanwhile could
         # not be answered (and this would give up after 10 s, unreleased).
         waited.append(released.wait(10))
@@ -150,7 +156,7 @@ def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         client = kube.Kube(
-            kube.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "first"), refresh
+            kubeconfig.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "first"), refresh
         )
         await client.start()
 
@@ -185,3 +191,43 @@ def test_rotated_credentials_are_read_again_and_a_failed_read_keeps_the_old(
         "Bearer second",
     ]
     assert "could not refresh cluster credentials" in caplog.text
+
+
+def test_kubeconfig_env_comes_before_the_service_account(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As client-go (and the operator): the API took the pod's service account over $KUBECONFIG,
+    # so both set meant the API on one cluster and the operator on another.
+    (tmp_path / "token").write_text("sa-token")
+    monkeypatch.setattr(kubeconfig, "SERVICE_ACCOUNT_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(_write(tmp_path, {"token": "from-file"})))
+    cfg, _ = kubeconfig.load_config(None)
+    assert cfg.host == "https://10.0.0.1:6443" and cfg.token == "from-file"
+
+
+def test_a_kubeconfig_of_several_files_is_merged_skipping_missing_ones(tmp_path: Path) -> None:
+    # Contexts in one file, clusters and users in another (what KUBECONFIG=a:b is for); a file of
+    # the list that is not there is skipped, as kubectl does. Relative paths: from each one's file.
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "ca.crt").write_bytes(b"CA")
+    (tmp_path / "two" / "token").write_text("tok\n")
+    contexts = {"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}]}
+    rest = {
+        "current-context": "ignored",
+        "clusters": [{"name": "c", "cluster": {"server": "https://h:1", "certificate-authority": "ca.crt"}}],
+        "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "other", "user": "other"}}],  # the first wins
+    }
+    (tmp_path / "one" / "config").write_text(yaml.safe_dump(contexts))
+    (tmp_path / "two" / "config").write_text(yaml.safe_dump(rest))
+    paths = os.pathsep.join(
+        str(p) for p in (tmp_path / "missing", tmp_path / "one" / "config", tmp_path / "two" / "config")
+    )
+    cfg, refresh = kubeconfig.load_config(paths)
+    assert cfg.host == "https://h:1" and cfg.token == "tok" and refresh is not None
+    assert cfg.ca_file == str((tmp_path / "two" / "ca.crt").resolve())
+    with pytest.raises(kubeconfig.KubeConfigError, match="cannot read kubeconfig"):
+        kubeconfig.load_config(os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "gone")]))

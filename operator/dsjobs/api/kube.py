@@ -3,34 +3,25 @@
 Why not the `kubernetes` package: its client is synchronous, and running every call through
 `asyncio.to_thread` costs a thread hop plus model (de)serialization per call, which is most of
 the latency budget of Get (p99 <= 10 ms at 500 rps); importing it also costs ~40 MB of RSS.
-Credentials are read here for the common cases (in-cluster service account, kubeconfig with
-certificates or tokens); kubeconfig users with `exec` or `auth-provider` plugins fall back to the
-`kubernetes` package's loader. Objects are plain JSON dicts.
+Credentials come from dsjobs.kubeconfig. Objects are plain JSON dicts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
-import base64
 import json
 import logging
-import os
-import shutil
 import ssl
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 from urllib.parse import quote
 
 import aiohttp
-import yaml
 
 from dsjobs import ndjson
 from dsjobs.api.errors import KubeError
+from dsjobs.kubeconfig import KubeConfig, Refresh
 from dsjobs.kubemetrics import KUBE_REQUESTS, call_kind
 from dsjobs.models import GROUP, PROJECTJOB_PLURAL, VERSION
 
@@ -39,135 +30,6 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 _CREDENTIAL_REFRESH_SECONDS = 60.0
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
-class KubeConfigError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class KubeConfig:
-    host: str
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-    verify: bool
-    token: str | None
-    server_name: str | None = None
-
-
-# Re-reads rotating credentials (projected service account tokens, exec plugins); None if static.
-Refresh = Callable[[KubeConfig], KubeConfig] | None
-
-
-def load_config(kubeconfig: str | None) -> tuple[KubeConfig, Refresh]:
-    """Credentials from `kubeconfig` (a path), else the pod's service account, else $KUBECONFIG or
-    ~/.kube/config. Returns the config and how to refresh it."""
-    if kubeconfig:
-        return _from_kubeconfig(Path(kubeconfig))
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
-    token_file = SERVICE_ACCOUNT_DIR / "token"
-    if host and port and token_file.exists():
-        netloc = f"[{host}]" if ":" in host else host
-        cfg = KubeConfig(
-            host=f"https://{netloc}:{port}",
-            ca_file=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
-            cert_file=None,
-            key_file=None,
-            verify=True,
-            token=token_file.read_text().strip(),
-        )
-        # Projected tokens rotate: re-read the file now and then.
-        return cfg, lambda c: replace(c, token=token_file.read_text().strip())
-    path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
-    return _from_kubeconfig(Path(path))
-
-
-def _from_kubeconfig(path: Path) -> tuple[KubeConfig, Refresh]:
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise KubeConfigError(f"cannot read kubeconfig {path}: {exc}") from exc
-    base = path.parent
-
-    def named(kind: str, name: str) -> dict[str, Any]:
-        for entry in doc.get(kind) or []:
-            if entry.get("name") == name:
-                return dict(entry.get(kind[:-1]) or {})
-        raise KubeConfigError(f"kubeconfig {path}: no {kind[:-1]} named {name!r}")
-
-    context = named("contexts", str(doc.get("current-context") or ""))
-    cluster = named("clusters", str(context.get("cluster") or ""))
-    user = named("users", str(context.get("user") or "")) if context.get("user") else {}
-    if "exec" in user or "auth-provider" in user:
-        return _from_kubernetes_package(path)
-
-    def file_of(key: str, data_key: str, source: dict[str, Any]) -> str | None:
-        if source.get(data_key):
-            return _temp_file(base64.b64decode(source[data_key]))
-        if source.get(key):
-            return str((base / str(source[key])).resolve())
-        return None
-
-    token = user.get("token")
-    token_file = user.get("tokenFile")
-    if not token and token_file:
-        token = (base / str(token_file)).read_text().strip()
-    cfg = KubeConfig(
-        host=str(cluster.get("server", "")).rstrip("/"),
-        ca_file=file_of("certificate-authority", "certificate-authority-data", cluster),
-        cert_file=file_of("client-certificate", "client-certificate-data", user),
-        key_file=file_of("client-key", "client-key-data", user),
-        verify=not cluster.get("insecure-skip-tls-verify", False),
-        token=str(token) if token else None,
-        server_name=cluster.get("tls-server-name"),
-    )
-    if not cfg.host:
-        raise KubeConfigError(f"kubeconfig {path}: the cluster has no server")
-    if token_file:
-        return cfg, lambda c: replace(c, token=(base / str(token_file)).read_text().strip())
-    return cfg, None
-
-
-def _from_kubernetes_package(path: Path) -> tuple[KubeConfig, Refresh]:
-    """Exec and auth-provider plugins: let the `kubernetes` package run them (imported only here)."""
-    from kubernetes import config as kconfig
-    from kubernetes.client import Configuration
-
-    source = Configuration()
-    kconfig.load_kube_config(config_file=str(path), client_configuration=source)
-
-    def convert(_: KubeConfig | None = None) -> KubeConfig:
-        if source.refresh_api_key_hook is not None:
-            source.refresh_api_key_hook(source)
-        auth = source.api_key.get("authorization") or source.api_key.get("BearerToken") or ""
-        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
-        return KubeConfig(
-            host=str(source.host).rstrip("/"),
-            ca_file=source.ssl_ca_cert,
-            cert_file=source.cert_file,
-            key_file=source.key_file,
-            verify=bool(source.verify_ssl),
-            token=token or None,
-        )
-
-    return convert(), convert
-
-
-_temp_dir: str | None = None
-
-
-def _temp_file(data: bytes) -> str:
-    """Inline kubeconfig certificates and keys as files (what ssl wants), private to this process."""
-    global _temp_dir
-    if _temp_dir is None:
-        _temp_dir = tempfile.mkdtemp(prefix="dsjobs-api-")
-        atexit.register(shutil.rmtree, _temp_dir, True)
-    fd, name = tempfile.mkstemp(dir=_temp_dir)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return name
 
 
 class Kube:

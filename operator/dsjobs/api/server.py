@@ -26,10 +26,11 @@ from dsjobs.api import errors, metrics
 from dsjobs.api.cluster import InstanceTypeCatalog, JobIndex, ProjectIndex
 from dsjobs.api.core import STORAGE_ATTEMPTS, STORAGE_TIMEOUT_SECONDS, Core
 from dsjobs.api.errors import ApiError, KubeError
-from dsjobs.api.kube import Kube, load_config
+from dsjobs.api.kube import Kube
 from dsjobs.api.servicer import OperationService, ProjectJobService, ProjectService
 from dsjobs.api.settings import Settings, derived_page_token_key
 from dsjobs.api.tlsfiles import ReloadingCertificate
+from dsjobs.kubeconfig import load_config
 from dsjobs.logformat import JsonFormatter, LogThrottle, TextFormatter
 from dsjobs.pb.yandex.cloud.datasphere.v2 import project_service_pb2, project_service_pb2_grpc
 from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import project_job_service_pb2, project_job_service_pb2_grpc

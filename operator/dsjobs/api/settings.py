@@ -46,7 +46,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("tls_key", "DSJOBS_API_TLS_KEY", "", "PEM private key"),
     Setting(
-        "kubeconfig", "DSJOBS_API_KUBECONFIG", "", "kubeconfig path; default: in-cluster, then $KUBECONFIG"
+        "kubeconfig", "DSJOBS_API_KUBECONFIG", "", "kubeconfig path(s); default: $KUBECONFIG, then in-cluster"
     ),
     Setting(
         "auth_mode",

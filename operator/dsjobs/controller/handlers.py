@@ -30,6 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -139,6 +140,7 @@ from dsjobs.controller.status import (
     phase_hops,
     with_passed_phases,
 )
+from dsjobs.kubeconfig import KubeConfig, Refresh, from_kubeconfig
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -1902,24 +1904,62 @@ def _remember(made: list[tuple[str, str]], created: Mapping[str, Any] | None) ->
         made.append((str(meta.get("name", "")), str(meta.get("uid", ""))))
 
 
-def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
-    """$KUBECONFIG when set (development, tests), else the pod's service account, else ~/.kube/config.
+#: Credentials read from a kubeconfig, by its paths: a login again (Kopf's, when they expire or
+#: meet a 401; the leader election's each minute) refreshes their token instead of reading the
+#: files again (inline certificates would become new files each time).
+_KUBECONFIG_LOGINS: dict[str, tuple[KubeConfig, Refresh]] = {}
 
-    Kopf's own service-account login assumes `https://kubernetes.default.svc`; we use
+#: How long credentials that rotate (a token file, an exec plugin's token) are used before Kopf
+#: logs in again.
+CREDENTIALS_EXPIRE_SECONDS: Final = 60
+
+
+def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
+    """$KUBECONFIG when set (development, tests, an operator outside its cluster), else the pod's
+    service account, else ~/.kube/config.
+
+    Kubeconfigs are read by dsjobs.kubeconfig, as the API reads them (token files, exec and
+    auth-provider plugins, relative paths, several files): Kopf's own reader takes only a
+    static token, so an operator run with an EKS or GKE kubeconfig was anonymous. Kopf's
+    service-account login assumes `https://kubernetes.default.svc`; we use
     KUBERNETES_SERVICE_HOST/PORT like every in-cluster client (they also work where cluster DNS or
     Service routing does not, e.g. on the local process nodes).
     """
-    if os.environ.get("KUBECONFIG"):
-        info: kopf.ConnectionInfo | None = kopf.login_with_kubeconfig(**kwargs)
-        return info
-    info = kopf.login_with_service_account(**kwargs)
+    paths = os.environ.get("KUBECONFIG")
+    if paths:
+        return _kubeconfig_login(paths)
+    info: kopf.ConnectionInfo | None = kopf.login_with_service_account(**kwargs)
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     if info is not None and host:
         host = f"[{host}]" if ":" in host else host
         info = dataclasses.replace(info, server=f"https://{host}:{port}")
-    if info is None:
-        info = kopf.login_with_kubeconfig(**kwargs)
+    default = Path.home() / ".kube" / "config"
+    if info is None and default.exists():
+        info = _kubeconfig_login(str(default))
     return info
+
+
+def _kubeconfig_login(paths: str) -> kopf.ConnectionInfo:
+    known = _KUBECONFIG_LOGINS.get(paths)
+    if known is None:
+        cfg, refresh = from_kubeconfig(paths)
+    else:
+        cfg, refresh = known
+        if refresh is not None:
+            cfg = refresh(cfg)
+    _KUBECONFIG_LOGINS[paths] = (cfg, refresh)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ca_file,
+        insecure=not cfg.verify,
+        token=cfg.token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        proxy_url=cfg.proxy_url,
+        expiration=(
+            datetime.now(UTC) + timedelta(seconds=CREDENTIALS_EXPIRE_SECONDS) if refresh is not None else None
+        ),
+    )
 
 
 #: How often the operator asks whether its CRDs are still served (one discovery GET).

@@ -1,0 +1,82 @@
+"""The operator's login (Kopf's credentials and its leader election's) from a kubeconfig: read as
+the API reads it. Kopf's own reader took only a static token: with a token file or an exec plugin
+(EKS, GKE) the operator was anonymous, and a relative CA path was read from the working directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dsjobs.controller import handlers
+
+
+def _kubeconfig(path: Path, user: dict[str, Any]) -> None:
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "c", "cluster": {"server": "https://10.0.0.1:6443", "certificate-authority": "ca.crt"}}
+        ],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    path.write_text(yaml.safe_dump(doc))
+
+
+@pytest.fixture(autouse=True)
+def _no_logins_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handlers, "_KUBECONFIG_LOGINS", {})
+
+
+def test_a_token_file_is_read_and_read_again_at_each_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    (tmp_path / "token").write_text("one\n")
+    _kubeconfig(tmp_path / "config", {"tokenFile": "token"})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    monkeypatch.chdir("/")  # relative paths are the kubeconfig's, not the working directory's
+    info = handlers.login_info({})
+    assert info is not None and info.token == "one" and info.server == "https://10.0.0.1:6443"
+    assert info.ca_path == str((tmp_path / "ca.crt").resolve())
+    assert info.expiration is not None  # Kopf logs in again before the token rotates
+    (tmp_path / "token").write_text("two\n")
+    again = handlers.login_info({})
+    assert again is not None and again.token == "two" and again.ca_path == info.ca_path
+
+
+def test_an_exec_plugin_gives_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1beta1",
+        "kind": "ExecCredential",
+        "status": {"token": "from-the-plugin"},
+    }
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
+    exec_user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin)],
+            "interactiveMode": "Never",
+        }
+    }
+    _kubeconfig(tmp_path / "config", exec_user)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    info = handlers.login_info({})
+    assert info is not None and info.token == "from-the-plugin" and info.server == "https://10.0.0.1:6443"
+    assert info.expiration is not None
+
+
+def test_a_static_token_never_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    _kubeconfig(tmp_path / "config", {"token": "static"})
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    info = handlers.login_info({})
+    assert info is not None and info.token == "static" and info.expiration is None
