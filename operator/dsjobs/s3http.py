@@ -264,7 +264,9 @@ class S3Http:
         self.hostname = url.hostname
         self.port = url.port or (443 if self.https else 80)
         default_port = 443 if self.https else 80
-        self.host = url.netloc if url.port not in (None, default_port) else url.hostname
+        # The Host header (signed): an IPv6 literal keeps its brackets, as in the URL.
+        bracketed = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        self.host = url.netloc if url.port not in (None, default_port) else bracketed
         self.bucket = bucket
         self.creds = creds
         self.timeout = timeout

@@ -520,3 +520,17 @@ def test_a_temporary_dns_failure_is_retried_as_botocore_would(
 def test_endpoint_must_be_http_url() -> None:
     with pytest.raises(ValueError, match="http"):
         S3Http("ftp://x", "b", Credentials("a", "b", "r"))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "host"),
+    [
+        ("http://[::1]", "[::1]"),
+        ("https://[fd00::5]:443", "[fd00::5]"),
+        ("http://[::1]:9000", "[::1]:9000"),
+        ("http://store.example:80", "store.example"),
+    ],
+)
+def test_the_host_header_of_an_ipv6_store_keeps_its_brackets(endpoint: str, host: str) -> None:
+    # `Host: ::1` (signed too) for an IPv6 literal on the default port; botocore sends `[::1]`.
+    assert S3Http(endpoint, "bkt", Credentials("AK", "SK", "us-east-1")).host == host
