@@ -160,7 +160,11 @@ class Kube:
                 params=query,
                 headers=self._headers(accept, None),
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_read=idle_seconds or int(params.get("timeoutSeconds", 300)) + 30
+                    total=None,
+                    # An address that answers nothing (a vanished API server instance) is given up
+                    # as a request is, not after the kernel's SYN retries (~2 min of a stale cache).
+                    sock_connect=self._timeout,
+                    sock_read=idle_seconds or int(params.get("timeoutSeconds", 300)) + 30,
                 ),
                 server_hostname=self._config.server_name,
             ) as resp:
