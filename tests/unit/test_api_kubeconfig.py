@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 
 from dsjobs import kubeconfig
 from dsjobs.api import kube
+from dsjobs.api.errors import KubeError
 from dsjobs.kubemetrics import call_kind
 
 
@@ -231,3 +233,40 @@ def test_a_kubeconfig_of_several_files_is_merged_skipping_missing_ones(tmp_path:
     assert cfg.ca_file == str((tmp_path / "two" / "ca.crt").resolve())
     with pytest.raises(kubeconfig.KubeConfigError, match="cannot read kubeconfig"):
         kubeconfig.load_config(os.pathsep.join([str(tmp_path / "missing"), str(tmp_path / "gone")]))
+
+
+def test_a_watch_of_an_address_that_answers_nothing_gives_up_as_a_request_does() -> None:
+    # Connecting had no limit: a watch reconnecting to a vanished API server instance waited out
+    # the kernel's SYN retries (~2 min) while the job index still said it was in sync.
+    import asyncio
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    for _ in range(5):  # the backlog full: further SYNs go unanswered
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        held.append(s)
+
+    async def scenario() -> None:
+        client = kube.Kube(
+            kubeconfig.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "t"), timeout=1.0
+        )
+        await client.start()
+        try:
+            with pytest.raises(KubeError):
+                async for _ in client.watch("/api/v1/pods", params={"timeoutSeconds": 300}, idle_seconds=300):
+                    pass
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 20))  # a hang guard, far below the ~2 min
+    finally:
+        for s in [*held, listener]:
+            s.close()
