@@ -270,3 +270,70 @@ def test_a_watch_of_an_address_that_answers_nothing_gives_up_as_a_request_does()
     finally:
         for s in [*held, listener]:
             s.close()
+
+
+def test_a_review_on_a_pooled_connection_the_server_closed_is_asked_again() -> None:
+    # The server dropped an idle pooled connection as the request went out (an API server
+    # restart, a load balancer's idle timeout): aiohttp retries a GET itself, not a POST, and the
+    # caller of the API was told UNAVAILABLE for a TokenReview. Other POSTs are not repeated.
+    import asyncio
+    import json
+    import socket
+    import threading
+
+    requests: list[str] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            for n in (1, 2):
+                line = f.readline()
+                if not line:
+                    return
+                headers = {}
+                while (h := f.readline()) not in (b"\r\n", b""):
+                    k, v = h.decode().split(":", 1)
+                    headers[k.strip().lower()] = v.strip()
+                f.read(int(headers.get("content-length", 0)))
+                requests.append(line.decode().split()[1])
+                if n == 2:
+                    return  # dropped, unanswered
+                body = json.dumps({"status": {"authenticated": True}}).encode()
+                head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                conn.sendall(head.encode() + body)
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+    async def scenario() -> KubeError | None:
+        client = kube.Kube(kubeconfig.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "t"))
+        await client.start()
+        try:
+            for _ in range(3):
+                await client.request("POST", kube.TOKEN_REVIEWS, body={"spec": {"token": "x"}})
+            try:  # on the pooled connection again: dropped, and a create is not repeated
+                await client.request("POST", "/api/v1/namespaces/p/secrets", body={})
+            except KubeError as exc:
+                return exc
+            return None
+        finally:
+            await client.close()
+
+    try:
+        refused = asyncio.run(asyncio.wait_for(scenario(), 20))
+    finally:
+        listener.close()
+    # Each connection answers one request and drops the next: 5 sent for the 3 answered.
+    assert requests.count(kube.TOKEN_REVIEWS) == 5
+    assert refused is not None and refused.reason == "Unavailable"

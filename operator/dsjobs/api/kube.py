@@ -116,6 +116,28 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         if data is not None and content_type is None:
             content_type = "application/json"
+        if method == "POST" and path in _REVIEWS:
+            try:
+                return await self._request_once(method, path, params, data, content_type, accept, timeout)
+            except KubeError as exc:
+                # A pooled connection the server had closed (an API server restarted, a load
+                # balancer's idle timeout): aiohttp retries GETs itself, not POSTs. A review
+                # changes nothing: asked once more, the caller is not told UNAVAILABLE for it.
+                if not isinstance(exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+                    raise
+        return await self._request_once(method, path, params, data, content_type, accept, timeout)
+
+    async def _request_once(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str | int] | None,
+        data: bytes | None,
+        content_type: str | None,
+        accept: str,
+        timeout: float | None,
+    ) -> JSON:
+        assert self._session is not None
         verb, resource = call_kind(method, path)
         started, code = time.perf_counter(), "error"
         try:
@@ -219,3 +241,4 @@ def namespaces_path(name: str | None = None) -> str:
 
 TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
 SUBJECT_ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+_REVIEWS = frozenset({TOKEN_REVIEWS, SUBJECT_ACCESS_REVIEWS})
