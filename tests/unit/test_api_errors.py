@@ -120,7 +120,17 @@ def test_kube_error_from_status_body() -> None:
     assert e.reason == "Invalid" and "is invalid" in e.message
     api = errors.from_kube(e, "job x")
     assert api.violations == [errors.FieldViolation("spec.jobParameters.cmd", "Required value")]
-    assert KubeError.from_body(502, b"<html>bad gateway</html>").message.startswith("<html>")
+    # A proxy's page reached the user whole (an nginx page in an UNAVAILABLE message); an empty
+    # 503 ended in "unavailable (job 'x'): " and nothing.
+    page = KubeError.from_body(502, b"<html><head><title>502 Bad Gateway</title></head>" + b"x" * 5000)
+    assert page.message == "HTTP 502 with an HTML page (a proxy's or load balancer's answer)"
+    assert errors.from_kube(page, "job 'x'").message == (
+        "the cluster is unavailable (job 'x'): HTTP 502 with an HTML page (a proxy's or load balancer's answer)"
+    )
+    assert errors.from_kube(KubeError.from_body(503, b""), "job 'x'").message.endswith(
+        ": HTTP 503 without a body"
+    )
+    assert KubeError.from_body(503, b"upstream connect error").message == "upstream connect error"
 
 
 # --- the status fits in the trailers -------------------------------------------------------------

@@ -240,8 +240,14 @@ class KubeError(Exception):
         try:
             data = json.loads(body)
         except (ValueError, TypeError):
-            text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-            return cls(status, "", text[:1000])
+            # Not the API server's Status: a proxy or load balancer answered. Its HTML page is no
+            # message for a user (it reached them whole); its status is what tells.
+            text = (body.decode(errors="replace") if isinstance(body, bytes) else str(body)).strip()
+            if not text:
+                text = f"HTTP {status} without a body"
+            elif text.startswith("<"):
+                text = f"HTTP {status} with an HTML page (a proxy's or load balancer's answer)"
+            return cls(status, "", text[:300])
         if not isinstance(data, dict):
             return cls(status, "", str(data)[:1000])
         details = data.get("details") or {}
