@@ -15,6 +15,7 @@ import atexit
 import base64
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -157,6 +158,10 @@ def from_kubeconfig(paths: str) -> tuple[KubeConfig, Refresh]:
 
 def _from_kubernetes_package(paths: str) -> tuple[KubeConfig, Refresh]:
     """Exec and auth-provider plugins: let the `kubernetes` package run them (imported only here)."""
+    # The operator keeps the package out of its memory (`sys.modules` entries of None, set before
+    # Kopf is imported); a kubeconfig that needs it lets it in.
+    for name in [n for n, m in sys.modules.items() if m is None and n.split(".")[0] == "kubernetes"]:
+        del sys.modules[name]
     from kubernetes import config as kconfig
     from kubernetes.client import Configuration
 

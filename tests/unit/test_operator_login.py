@@ -4,6 +4,7 @@ the API reads it. Kopf's own reader took only a static token: with a token file 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,34 @@ def test_a_static_token_never_expires(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     info = handlers.login_info({})
     assert info is not None and info.token == "static" and info.expiration is None
+
+
+def test_an_exec_plugin_works_in_the_operator_s_process_too(tmp_path: Path) -> None:
+    # The operator keeps the kubernetes package out of its memory (before Kopf is imported); a
+    # kubeconfig that needs it for its plugin lets it in rather than failing the login.
+    import subprocess
+
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    credential = {"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential"}
+    credential["status"] = {"token": "from-the-plugin"}  # type: ignore[assignment]
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
+    exec_user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin)],
+            "interactiveMode": "Never",
+        }
+    }
+    _kubeconfig(tmp_path / "config", exec_user)
+    script = (
+        "from dsjobs.controller.__main__ import _keep_kubernetes_client_out\n"
+        "_keep_kubernetes_client_out()\n"
+        "import kopf\n"
+        "from dsjobs.controller.handlers import login_info\n"
+        "print(login_info({}).token)\n"
+    )
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "config")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "from-the-plugin", out.stderr
