@@ -828,3 +828,21 @@ def test_a_pod_resync_the_api_server_does_not_answer_is_one_line(caplog: pytest.
     )
     assert told[0].exc_info is None
     assert told[1].exc_info is not None  # anything else is a bug: its traceback is kept
+
+
+def test_the_first_data_deletion_lists_jobs_in_pages_of_the_watch_chunk_size() -> None:
+    # Its LIST took 500 whole jobs a page (up to ~900 KiB each): a page of big ones passed the
+    # operator's memory limit at its first deletion, after each restart again.
+    sizes: list[int] = []
+
+    class Paged(FakeKube):
+        async def pages(
+            self, resource: str, path: str, label_selector: str = "", page_size: int = 500, **_: Any
+        ) -> Any:
+            sizes.append(page_size)
+            yield [copy.deepcopy(self.body)]
+
+    kube = Paged(_body({}))
+    op, _ = _operator(kube, dataclasses.replace(SETTINGS, watch_chunk_size=10))
+    asyncio.run(op._warm_input_refs())
+    assert sizes and set(sizes) == {10}

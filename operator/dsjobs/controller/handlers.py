@@ -645,8 +645,11 @@ class Operator:
         async with self._refs_warming:  # one LIST, however many deletions are waiting for it
             if self._refs_warm:
                 return
+            # Pages as Kopf's start-up listing takes them (DSJOBS_WATCH_CHUNK_SIZE): a page holds
+            # whole jobs, up to ~900 KiB each, and 500 of them passed the operator's memory limit.
+            size = self.settings.watch_chunk_size or 500
             for path in self._scoped_paths(f"{JOBS_PATH}/{PROJECTJOB_PLURAL}", job_path):
-                async for page in self.kube.pages(PROJECTJOB_PLURAL, path):
+                async for page in self.kube.pages(PROJECTJOB_PLURAL, path, page_size=size):
                     for body in page:
                         self.input_refs.seed(_key(body), body)
             self.input_refs.seeded()

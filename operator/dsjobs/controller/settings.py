@@ -269,8 +269,9 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
     ),
     "DSJOBS_WATCH_CHUNK_SIZE": (
         "watch_chunk_size",
-        "Page size of the initial listing of ProjectJobs and pods; 0 lists everything in one response "
-        "(more memory at start-up).",
+        "Page size of the initial listing of ProjectJobs and pods, and of the operator's listing of "
+        "every job before its first data deletion; 0 lists everything in one response (more memory at "
+        "start-up; that listing then takes pages of 500).",
     ),
     STORAGE_CREDENTIALS_ENV: (
         "storage_credentials",
