@@ -35,5 +35,5 @@ def call_kind(method: str, path: str) -> tuple[str, str]:
 #: BOOKMARK every minute however quiet the resource, and keeps ~75 s of events to watch again
 #: from. The API's job index then watches again from the last resourceVersion seen (waiting for
 #: the server's 300 s timeout, +30, served stale jobs 5.5 min); Kopf's watches in the operator do
-#: the same after its own `inactivity_timeout`, whose default is this.
+#: the same: it is their `inactivity_timeout`.
 WATCH_IDLE_SECONDS = 70.0

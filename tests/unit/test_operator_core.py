@@ -91,6 +91,10 @@ def test_settings_defaults_and_env() -> None:
         ("DSJOBS_KUBE_CONCURRENCY", "0", "must be 1 or more"),
         ("DSJOBS_KUBE_CONCURRENCY", "-5", "must be 1 or more"),
         ("DSJOBS_WATCH_CHUNK_SIZE", "-1", "must be 0 or more"),
+        # A pattern served nothing, silently (Kopf drops it with namespace observation off).
+        ("DSJOBS_NAMESPACES", "dsjobs-*", r"'dsjobs-\*': not a namespace name"),
+        ("DSJOBS_NAMESPACES", "team-a,!kube-system", "'!kube-system': not a namespace name"),
+        ("DSJOBS_NAMESPACES", "Team-A", "'Team-A': not a namespace name"),
         ("DSJOBS_METRICS_PORT", "70000", "a port from 0 .off. to 65535"),
         ("DSJOBS_LIVENESS_PORT", "-1", "a port from 0 .off. to 65535"),
     ],

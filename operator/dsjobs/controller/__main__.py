@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from dsjobs.controller.settings import SettingsError, runner_image_skew, settings_from_env
+    from dsjobs.controller.settings import (
+        SettingsError,
+        namespace_problems,
+        runner_image_skew,
+        settings_from_env,
+    )
     from dsjobs.storage import STORAGE_ENV_VARS, settings_problems
 
     problems: list[str] = []
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # Without a store its runners could stage nothing and its data deletions delete nothing. The
     # variables the operator uses (Operator.storage_env), not a DSJOBS_S3_FILES_DIR it never reads.
     problems += settings_problems({k: v for k in STORAGE_ENV_VARS if (v := os.environ.get(k, ""))})
+    problems += namespace_problems(tuple(args.namespace), "--namespace")
     if problems:
         # A line per wrong variable, all at once, as the API says them, not a traceback.
         for line in problems:

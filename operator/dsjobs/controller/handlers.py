@@ -141,6 +141,7 @@ from dsjobs.controller.status import (
     with_passed_phases,
 )
 from dsjobs.kubeconfig import KubeConfig, Refresh, from_kubeconfig
+from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import (
     GROUP,
     INSTANCETYPE_PLURAL,
@@ -2002,9 +2003,11 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
         settings.posting.enabled = False
         # Server-side filtering: only our pods come over the wire (and into memory).
         settings.watching.label_selectors["pods"] = JOB_LABEL
-        # Reconnect watches regularly and detect dead connections (API server restarts).
+        # Reconnect watches regularly; one silent past the API server's minutely BOOKMARK (a dead
+        # connection: a vanished API server instance) is reconnected after WATCH_IDLE_SECONDS.
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        settings.watching.inactivity_timeout = WATCH_IDLE_SECONDS
         settings.watching.connect_timeout = 10
         settings.networking.request_timeout = 30
         settings.networking.connect_timeout = 10
@@ -2032,6 +2035,9 @@ def register(registry: kopf.OperatorRegistry, op: Operator) -> None:
                 task.cancel()
         if op.events is not None:
             await op.events.drain(timeout=5)
+        # Stopped by a signal, Kopf still waits for its task watching our stop flag, for its 5 s
+        # of leftover tasks: the Lease was released (and a standby took over) 5 s late.
+        op.stop_flag.set()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

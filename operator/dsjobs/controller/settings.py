@@ -34,6 +34,17 @@ _DNS_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-
 
 
 _VERSION_TAG: Final = re.compile(r"v?([0-9]+\.[0-9]+\.[0-9]+)")
+_DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def namespace_problems(namespaces: tuple[str, ...], where: str = "DSJOBS_NAMESPACES") -> list[str]:
+    """Names that are no namespace's: Kopf, its namespace observation off, drops a pattern
+    (`dsjobs-*`, `!kube-system`) without a word, and the operator then served nothing."""
+    return [
+        f"{where}={ns!r}: not a namespace name (lowercase letters, digits and '-'; no patterns)"
+        for ns in namespaces
+        if not _DNS_LABEL.fullmatch(ns)
+    ]
 
 
 def runner_image_skew(image: str, version: str) -> str | None:
@@ -447,6 +458,7 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> OperatorSetti
                 f"{limit}={getattr(settings, SETTINGS_DOC[limit][0])!r}: must not be "
                 f"less than {request} ({getattr(settings, SETTINGS_DOC[request][0])})"
             )
+    problems += namespace_problems(settings.namespaces)
     for name in ("DSJOBS_PYTHON_IMAGE", "DSJOBS_PYTHON_GPU_IMAGE"):
         image = getattr(settings, SETTINGS_DOC[name][0])
         if image and "{version}" not in image and ":" not in image.rsplit("/", 1)[-1]:
