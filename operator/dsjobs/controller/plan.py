@@ -518,8 +518,14 @@ def _secrets_of_an_ended_job(job: JobView, pods: Sequence[PodView], step: Plan) 
     node lost, a cancel during a retry's backoff): delete its Secrets now, as they would go with
     the pod (_plan_final); no later step would, as a final job with no pod deletes nothing."""
     phase = step.status.phase
-    if job.deleting or phase is None or not phase.is_final or step.status.attempt == 0:
-        return step  # (before attempt 1 no Secret is left: a refused pod's are deleted with it)
+    if job.deleting or phase is None or not phase.is_final:
+        return step
+    if step.status.attempt == 0 and not (job.spec.get("execute") and job.spec.get("cancel")):
+        # Nothing was made for it: never asked to run, or refused before its first pod (a
+        # refused pod's Secrets are deleted with it).
+        return step
+    # A cancel at attempt 0 too: the first pod's Secrets are made before the step writes attempt
+    # 1, and an operator killed in between left them for a job then cancelled before its pod.
     if (job.status.phase is not None and job.status.phase.is_final) or any(p.alive for p in pods):
         return step
     if DeleteSecrets() in step.actions:
