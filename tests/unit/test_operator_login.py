@@ -29,6 +29,27 @@ def _kubeconfig(path: Path, user: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(doc))
 
 
+def _exec_kubeconfig(tmp_path: Path) -> None:
+    """A kubeconfig whose user runs an exec plugin answering the token `from-the-plugin`."""
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    credential = {
+        "apiVersion": "client.authentication.k8s.io/v1beta1",
+        "kind": "ExecCredential",
+        "status": {"token": "from-the-plugin"},
+    }
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
+    exec_user = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin)],
+            "interactiveMode": "Never",
+        }
+    }
+    _kubeconfig(tmp_path / "config", exec_user)
+
+
 @pytest.fixture(autouse=True)
 def _no_logins_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handlers, "_KUBECONFIG_LOGINS", {})
@@ -52,23 +73,7 @@ def test_a_token_file_is_read_and_read_again_at_each_login(
 
 
 def test_an_exec_plugin_gives_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "ca.crt").write_bytes(b"CA")
-    credential = {
-        "apiVersion": "client.authentication.k8s.io/v1beta1",
-        "kind": "ExecCredential",
-        "status": {"token": "from-the-plugin"},
-    }
-    plugin = tmp_path / "plugin.py"
-    plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
-    exec_user = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": sys.executable,
-            "args": [str(plugin)],
-            "interactiveMode": "Never",
-        }
-    }
-    _kubeconfig(tmp_path / "config", exec_user)
+    _exec_kubeconfig(tmp_path)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     info = handlers.login_info({})
     assert info is not None and info.token == "from-the-plugin" and info.server == "https://10.0.0.1:6443"
@@ -88,20 +93,7 @@ def test_an_exec_plugin_works_in_the_operator_s_process_too(tmp_path: Path) -> N
     # kubeconfig that needs it for its plugin lets it in rather than failing the login.
     import subprocess
 
-    (tmp_path / "ca.crt").write_bytes(b"CA")
-    credential = {"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential"}
-    credential["status"] = {"token": "from-the-plugin"}  # type: ignore[assignment]
-    plugin = tmp_path / "plugin.py"
-    plugin.write_text(f"import json\nprint(json.dumps({credential!r}))\n")
-    exec_user = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": sys.executable,
-            "args": [str(plugin)],
-            "interactiveMode": "Never",
-        }
-    }
-    _kubeconfig(tmp_path / "config", exec_user)
+    _exec_kubeconfig(tmp_path)
     script = (
         "from dsjobs.controller.__main__ import _keep_kubernetes_client_out\n"
         "_keep_kubernetes_client_out()\n"

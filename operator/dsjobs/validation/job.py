@@ -705,16 +705,7 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
         if "\x00" in value:
             c.add(npath, "control-chars", "must not contain NUL")
     if env.docker_image_resource_id is not None and env.docker_image_spec is not None:
-        c.add(
-            path,
-            "docker-oneof",
-            (
-                Field("docker_image_resource_id", leaf=True),
-                " and ",
-                Field("docker_image_spec", leaf=True),
-                " are mutually exclusive",
-            ),
-        )
+        _mutually_exclusive(c, path, "docker-oneof", "docker_image_resource_id", "docker_image_spec")
     if env.docker_image_resource_id is not None:
         rid = env.docker_image_resource_id
         # The CLI's `docker: python:3.12` (a string) names a resource; users mean the image.
@@ -724,6 +715,11 @@ def _environment(c: Collector, path: str, env: Environment) -> None:
         _docker(c, at(path, "docker_image_spec"), env.docker_image_spec)
     if env.python_env is not None:
         _python(c, at(path, "python_env"), env.python_env)
+
+
+def _mutually_exclusive(c: Collector, path: str, rule: str, first: str, second: str) -> None:
+    """Two fields of `path` (a oneof) both set."""
+    c.add(path, rule, (Field(first, leaf=True), " and ", Field(second, leaf=True), " are mutually exclusive"))
 
 
 def docker_reference_problem(reference: str) -> str | None:
@@ -745,15 +741,8 @@ def _docker(c: Collector, path: str, spec: DockerImageSpec) -> None:
         c.add(at(path, "image_url"), "docker-image", f"{json.dumps(spec.image_url)[:200]} {problem}")
     _text(c, at(path, "username"), spec.username, L.MAX_SHORT_STRING)
     if spec.password_secret_ref is not None and spec.password_ds_secret_name is not None:
-        c.add(
-            path,
-            "docker-password-oneof",
-            (
-                Field("password_secret_ref", leaf=True),
-                " and ",
-                Field("password_ds_secret_name", leaf=True),
-                " are mutually exclusive",
-            ),
+        _mutually_exclusive(
+            c, path, "docker-password-oneof", "password_secret_ref", "password_ds_secret_name"
         )
     ref = spec.password_secret_ref
     if ref is not None:
