@@ -337,3 +337,51 @@ def test_a_review_on_a_pooled_connection_the_server_closed_is_asked_again() -> N
     # Each connection answers one request and drops the next: 5 sent for the 3 answered.
     assert requests.count(kube.TOKEN_REVIEWS) == 5
     assert refused is not None and refused.reason == "Unavailable"
+
+
+@pytest.mark.parametrize("where", ["header", "status"])
+def test_a_throttled_call_is_asked_again_after_the_wait_it_names(where: str) -> None:
+    # API Priority and Fairness answers 429 with Retry-After (the request was not processed): the
+    # API told its caller UNAVAILABLE at once, where client-go waits and asks again. Once only.
+    import asyncio
+
+    from aiohttp import web
+
+    answers = iter([429, 200, 429, 429])
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        if next(answers) == 200:
+            return web.json_response({"metadata": {"name": "s"}})
+        status = {"kind": "Status", "code": 429, "reason": "TooManyRequests", "message": "throttled"}
+        if where == "status":
+            status["details"] = {"retryAfterSeconds": 1}
+            return web.json_response(status, status=429)
+        return web.json_response(status, status=429, headers={"Retry-After": "1"})
+
+    async def scenario() -> KubeError | None:
+        app = web.Application()
+        app.router.add_route("*", "/api/v1/namespaces/p/secrets", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = kube.Kube(kubeconfig.KubeConfig(f"http://127.0.0.1:{port}", None, None, None, False, "t"))
+        await client.start()
+        try:
+            created = await client.request("POST", "/api/v1/namespaces/p/secrets", body={})
+            assert created["metadata"]["name"] == "s"
+            try:
+                await client.request("GET", "/api/v1/namespaces/p/secrets")
+            except KubeError as exc:
+                return exc
+            return None
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    refused = asyncio.run(asyncio.wait_for(scenario(), 20))
+    assert seen == ["POST", "POST", "GET", "GET"]
+    assert refused is not None and refused.status == 429 and refused.retry_after == 1.0

@@ -9,6 +9,7 @@ misconfiguration; nothing a client sends can produce it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,6 +230,8 @@ class KubeError(Exception):
     reason: str = ""
     message: str = ""
     causes: list[Mapping[str, Any]] = field(default_factory=list)
+    #: Seconds a 429 asks to wait before asking again (its Retry-After), 0 when none.
+    retry_after: float = 0.0
 
     def __post_init__(self) -> None:
         # Status 0 is no HTTP answer at all (a connection or timeout error): no number to show.
@@ -236,7 +239,17 @@ class KubeError(Exception):
         super().__init__(f"{head}: {self.message}")
 
     @classmethod
-    def from_body(cls, status: int, body: bytes | str) -> KubeError:
+    def from_body(cls, status: int, body: bytes | str, retry_after: str | None = None) -> KubeError:
+        """The error of an answer: its status, its body (a Status), and a 429's Retry-After
+        header (else the Status's retryAfterSeconds)."""
+        error = cls._from_body(status, body)
+        if status == 429 and retry_after:
+            with contextlib.suppress(ValueError):  # an HTTP date: not worth parsing for a short wait
+                error.retry_after = max(float(retry_after), 0.0)
+        return error
+
+    @classmethod
+    def _from_body(cls, status: int, body: bytes | str) -> KubeError:
         try:
             data = json.loads(body)
         except (ValueError, TypeError):
@@ -252,7 +265,14 @@ class KubeError(Exception):
             return cls(status, "", str(data)[:1000])
         details = data.get("details") or {}
         causes = details.get("causes") if isinstance(details, dict) else None
-        return cls(status, str(data.get("reason", "")), str(data.get("message", "")), list(causes or []))
+        wait = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+        return cls(
+            status,
+            str(data.get("reason", "")),
+            str(data.get("message", "")),
+            list(causes or []),
+            float(wait) if isinstance(wait, int | float) and wait > 0 else 0.0,
+        )
 
 
 def from_kube(error: KubeError, what: str) -> ApiError:

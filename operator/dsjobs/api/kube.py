@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 _CREDENTIAL_REFRESH_SECONDS = 60.0
+#: The longest Retry-After of a 429 waited for before asking once more (the caller waits meanwhile).
+MAX_RETRY_AFTER = 2.0
 
 
 class Kube:
@@ -116,15 +118,22 @@ class Kube:
         data = None if body is None else json.dumps(body).encode()
         if data is not None and content_type is None:
             content_type = "application/json"
-        if method == "POST" and path in _REVIEWS:
-            try:
-                return await self._request_once(method, path, params, data, content_type, accept, timeout)
-            except KubeError as exc:
-                # A pooled connection the server had closed (an API server restarted, a load
-                # balancer's idle timeout): aiohttp retries GETs itself, not POSTs. A review
-                # changes nothing: asked once more, the caller is not told UNAVAILABLE for it.
-                if not isinstance(exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-                    raise
+        try:
+            return await self._request_once(method, path, params, data, content_type, accept, timeout)
+        except KubeError as exc:
+            if exc.status == 429 and exc.retry_after:
+                # Throttled (API Priority and Fairness): not processed, so any call may be asked
+                # again, after the wait it names (as client-go does), if that is short.
+                await asyncio.sleep(min(exc.retry_after, MAX_RETRY_AFTER))
+            elif not (
+                method == "POST"
+                and path in _REVIEWS
+                and isinstance(exc.__cause__, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+            ):
+                # (A pooled connection the server had closed, an API server restarted or a load
+                # balancer's idle timeout: aiohttp retries GETs itself, not POSTs. A review changes
+                # nothing: asked once more, the caller is not told UNAVAILABLE for it.)
+                raise
         return await self._request_once(method, path, params, data, content_type, accept, timeout)
 
     async def _request_once(
@@ -153,7 +162,7 @@ class Kube:
                 raw = await resp.read()
                 code = "ok" if resp.status < 300 else str(resp.status)
                 if resp.status >= 300:
-                    raise KubeError.from_body(resp.status, raw)
+                    raise KubeError.from_body(resp.status, raw, resp.headers.get("Retry-After"))
                 return cast(JSON, json.loads(raw)) if raw else {}
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _no_answer(exc) from exc
