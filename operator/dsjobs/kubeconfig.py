@@ -1,11 +1,11 @@
 """Cluster credentials for the project's own Kubernetes clients (the API's, the operator's Kopf
 login and its leader election): a kubeconfig, or the pod's service account.
 
-In client-go's order: a path given, else $KUBECONFIG, else the pod's service account, else
-~/.kube/config. A kubeconfig may be several files (os.pathsep-separated, as $KUBECONFIG): they
-are merged, the first file to name a context, cluster or user (or the current context) wins,
-missing ones are skipped, and relative paths are read from the directory of the file that holds
-them. Users with `exec` or `auth-provider` plugins (EKS, GKE, OIDC) go to the `kubernetes`
+In controller-runtime's order: a path given, else $KUBECONFIG, else the pod's service account,
+else ~/.kube/config. A kubeconfig may be several files (os.pathsep-separated, as $KUBECONFIG):
+they are merged, the first file to name a context, cluster or user (or the current context) wins,
+missing ones are skipped (all missing is an error), and relative paths are read from the
+directory of the file that holds them. Users with `exec` or `auth-provider` plugins (EKS, GKE, OIDC) go to the `kubernetes`
 package's loader, imported only then (it costs ~40 MB of RSS).
 """
 

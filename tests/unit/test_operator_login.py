@@ -66,10 +66,14 @@ def test_a_token_file_is_read_and_read_again_at_each_login(
     info = handlers.login_info({})
     assert info is not None and info.token == "one" and info.server == "https://10.0.0.1:6443"
     assert info.ca_path == str((tmp_path / "ca.crt").resolve())
-    assert info.expiration is not None  # Kopf logs in again before the token rotates
+    # No expiration: Kopf logs in again after a 401 (each expiry would cut every watch).
+    assert info.expiration is None
     (tmp_path / "token").write_text("two\n")
     again = handlers.login_info({})
     assert again is not None and again.token == "two" and again.ca_path == info.ca_path
+    # A token the API server refused, read again unchanged, is the same credentials to Kopf: it
+    # then gives up instead of logging in again and again (it compares them whole).
+    assert handlers.login_info({}) == again
 
 
 def test_an_exec_plugin_gives_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,7 +81,7 @@ def test_an_exec_plugin_gives_the_token(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
     info = handlers.login_info({})
     assert info is not None and info.token == "from-the-plugin" and info.server == "https://10.0.0.1:6443"
-    assert info.expiration is not None
+    assert handlers.login_info({}) == info  # (the token has not expired: the plugin's is reused)
 
 
 def test_a_static_token_never_expires(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,7 +43,8 @@ def _keep_kubernetes_client_out() -> None:
     Kopf imports the `kubernetes` package at import time when it is installed (it is, for the API
     and tests) only to recognise its model classes and to borrow its credentials. The operator uses
     neither, and the package's generated models cost ~40 MB of RSS, a quarter of the memory budget
-    at 10k jobs. Kopf then logs in with its built-in kubeconfig / service-account loaders.
+    at 10k jobs. Logins go through dsjobs.kubeconfig (handlers.login_info), which lets the package
+    in only for a kubeconfig whose user runs an exec or auth-provider plugin.
     """
     for name in ("kubernetes", "kubernetes_asyncio", "pykube"):
         if name not in sys.modules:

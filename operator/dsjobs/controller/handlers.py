@@ -1908,14 +1908,12 @@ def _remember(made: list[tuple[str, str]], created: Mapping[str, Any] | None) ->
         made.append((str(meta.get("name", "")), str(meta.get("uid", ""))))
 
 
-#: Credentials read from a kubeconfig, by its paths: a login again (Kopf's, when they expire or
-#: meet a 401; the leader election's each minute) refreshes their token instead of reading the
-#: files again (inline certificates would become new files each time).
+#: Credentials read from a kubeconfig, by its paths: a login again (Kopf's, after a 401; the
+#: leader election's each minute) refreshes their token instead of reading the files again.
+#: No expiration is given to Kopf: each expiry closes its session (every watch cut), and an
+#: expiration that differs at each login would defeat Kopf's refusal of credentials a 401 refused
+#: (it compares them whole): a revoked token would be retried in a loop.
 _KUBECONFIG_LOGINS: dict[str, tuple[KubeConfig, Refresh]] = {}
-
-#: How long credentials that rotate (a token file, an exec plugin's token) are used before Kopf
-#: logs in again.
-CREDENTIALS_EXPIRE_SECONDS: Final = 60
 
 
 def login_info(kwargs: Mapping[str, Any]) -> kopf.ConnectionInfo | None:
@@ -1960,9 +1958,6 @@ def _kubeconfig_login(paths: str) -> kopf.ConnectionInfo:
         certificate_path=cfg.cert_file,
         private_key_path=cfg.key_file,
         proxy_url=cfg.proxy_url,
-        expiration=(
-            datetime.now(UTC) + timedelta(seconds=CREDENTIALS_EXPIRE_SECONDS) if refresh is not None else None
-        ),
     )
 
 
