@@ -131,6 +131,16 @@ def test_kube_error_from_status_body() -> None:
         ": HTTP 503 without a body"
     )
     assert KubeError.from_body(503, b"upstream connect error").message == "upstream connect error"
+    # JSON, but not a Status (a proxy's own error document): its status and a bit of it.
+    assert KubeError.from_body(502, b'{"error":"upstream timeout"}').message == (
+        'HTTP 502: {"error": "upstream timeout"}'
+    )
+    # A 429's wait: its header, else the Status's retryAfterSeconds; nothing unusable.
+    throttled = b'{"kind":"Status","reason":"TooManyRequests","details":{"retryAfterSeconds":3}}'
+    assert KubeError.from_body(429, throttled).retry_after == 3.0
+    assert KubeError.from_body(429, throttled, "1").retry_after == 1.0
+    for header in ("nan", "inf", "-1", "Wed, 21 Oct 2015 07:28:00 GMT"):
+        assert KubeError.from_body(429, b"", header).retry_after == 0.0
 
 
 # --- the status fits in the trailers -------------------------------------------------------------

@@ -347,7 +347,7 @@ def test_a_throttled_call_is_asked_again_after_the_wait_it_names(where: str) -> 
 
     from aiohttp import web
 
-    answers = iter([429, 200, 429, 429])
+    answers = iter([429, 200, 429, 429, 429])
     seen: list[str] = []
 
     async def handler(request: web.Request) -> web.Response:
@@ -355,10 +355,11 @@ def test_a_throttled_call_is_asked_again_after_the_wait_it_names(where: str) -> 
         if next(answers) == 200:
             return web.json_response({"metadata": {"name": "s"}})
         status = {"kind": "Status", "code": 429, "reason": "TooManyRequests", "message": "throttled"}
+        wait = 30 if request.method == "DELETE" else 1  # a long wait is the caller's
         if where == "status":
-            status["details"] = {"retryAfterSeconds": 1}
+            status["details"] = {"retryAfterSeconds": wait}
             return web.json_response(status, status=429)
-        return web.json_response(status, status=429, headers={"Retry-After": "1"})
+        return web.json_response(status, status=429, headers={"Retry-After": str(wait)})
 
     async def scenario() -> KubeError | None:
         app = web.Application()
@@ -373,15 +374,18 @@ def test_a_throttled_call_is_asked_again_after_the_wait_it_names(where: str) -> 
         try:
             created = await client.request("POST", "/api/v1/namespaces/p/secrets", body={})
             assert created["metadata"]["name"] == "s"
+            refused = None
             try:
                 await client.request("GET", "/api/v1/namespaces/p/secrets")
             except KubeError as exc:
-                return exc
-            return None
+                refused = exc
+            with pytest.raises(KubeError, match="429"):
+                await client.request("DELETE", "/api/v1/namespaces/p/secrets")
+            return refused
         finally:
             await client.close()
             await runner.cleanup()
 
     refused = asyncio.run(asyncio.wait_for(scenario(), 20))
-    assert seen == ["POST", "POST", "GET", "GET"]
+    assert seen == ["POST", "POST", "GET", "GET", "DELETE"]
     assert refused is not None and refused.status == 429 and refused.retry_after == 1.0

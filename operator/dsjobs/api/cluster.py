@@ -17,6 +17,7 @@ same as any other.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ class ProjectIndex:
                 return
             if self._failure is not None and now - self._tried_at < self._retry_after:
                 if force or self._loaded_at == float("-inf"):
-                    raise self._failure.with_traceback(None)  # (re-raised, it kept every raise's frames)
+                    raise dataclasses.replace(self._failure)  # a copy: awaited by many at once
                 return
             self._tried_at = now
             try:

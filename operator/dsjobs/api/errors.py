@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +246,8 @@ class KubeError(Exception):
         error = cls._from_body(status, body)
         if status == 429 and retry_after:
             with contextlib.suppress(ValueError):  # an HTTP date: not worth parsing for a short wait
-                error.retry_after = max(float(retry_after), 0.0)
+                seconds = float(retry_after)
+                error.retry_after = seconds if math.isfinite(seconds) and seconds > 0 else 0.0
         return error
 
     @classmethod
@@ -266,12 +268,15 @@ class KubeError(Exception):
         details = data.get("details") or {}
         causes = details.get("causes") if isinstance(details, dict) else None
         wait = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+        reason, message = str(data.get("reason", "")), str(data.get("message", ""))
+        if not reason and not message:  # JSON, but no Status (a proxy's own error document)
+            message = f"HTTP {status}: {json.dumps(data)[:200]}"
         return cls(
             status,
-            str(data.get("reason", "")),
-            str(data.get("message", "")),
+            reason,
+            message,
             list(causes or []),
-            float(wait) if isinstance(wait, int | float) and wait > 0 else 0.0,
+            float(wait) if isinstance(wait, int | float) and math.isfinite(wait) and wait > 0 else 0.0,
         )
 
 

@@ -121,10 +121,11 @@ class Kube:
         try:
             return await self._request_once(method, path, params, data, content_type, accept, timeout)
         except KubeError as exc:
-            if exc.status == 429 and exc.retry_after:
+            if exc.status == 429 and 0 < exc.retry_after <= MAX_RETRY_AFTER:
                 # Throttled (API Priority and Fairness): not processed, so any call may be asked
-                # again, after the wait it names (as client-go does), if that is short.
-                await asyncio.sleep(min(exc.retry_after, MAX_RETRY_AFTER))
+                # again after the wait it names (as client-go does), when that wait is short; a
+                # longer one is the caller's (UNAVAILABLE: the official CLI retries).
+                await asyncio.sleep(exc.retry_after)
             elif not (
                 method == "POST"
                 and path in _REVIEWS
