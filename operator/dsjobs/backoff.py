@@ -31,3 +31,9 @@ class Backoff:
     def reset(self) -> None:
         """A success: the next failure waits `first` again."""
         self.failures = 0
+
+
+def jittered(delay: float) -> float:
+    """`delay` shortened by up to half, at random: retriers that failed together (every runner
+    that met one storage outage) do not retry in step."""
+    return delay * (0.5 + random.random() / 2)

@@ -33,7 +33,6 @@ import io
 import logging
 import os
 import queue
-import random
 import re
 import socket
 import ssl
@@ -58,6 +57,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from dsjobs.backoff import jittered
 from dsjobs.records import Record, RecordError, rule
 from dsjobs.s3http import (
     EMPTY_SHA256,
@@ -463,7 +463,7 @@ def retry(
             delay = backoff.failed() if transient(exc) else None
             if delay is None:
                 raise
-            delay *= 0.5 + random.random() / 2  # jitter: many runners must not retry in lockstep
+            delay = jittered(delay)
             log.info(
                 "storage retry what=%s attempt=%d delay=%.2fs error=%s",
                 what,
@@ -1346,7 +1346,7 @@ class Storage:
                             backoff.failures,
                             _short(exc),
                         )
-                        delay *= 0.5 + random.random() / 2  # jitter, as `retry`
+                        delay = jittered(delay)
                         if stop is None:
                             time.sleep(delay)
                         elif stop.wait(delay):

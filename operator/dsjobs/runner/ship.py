@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import random
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Final
 
+from dsjobs.backoff import jittered
 from dsjobs.logrecords import (
     DOCKER_STATS_LOG_PATH,
     GPU_STATS_LOG_PATH,
@@ -531,8 +531,7 @@ class LogShipper:
                 self.gave_up = True
                 log.error("storage refuses the job's logs, giving up what=%s error=%s", what, exc)
                 return
-        # Jittered: the runners of every job that met one storage outage must not retry in step.
-        delay = min(30.0, 0.5 * 2 ** min(self._failures, 6)) * (0.5 + random.random() / 2)
+        delay = jittered(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
         self._retry_at = self.clock() + delay
         log.warning(
             "log write failed what=%s attempt=%d retry_in=%.1fs error=%s", what, self._failures, delay, exc
