@@ -22,9 +22,9 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/dsjobs
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY operator/ operator/
-RUN /opt/dsjobs/bin/pip install '.[server]' \
+RUN /opt/dsjobs/bin/pip install -c constraints.txt '.[server]' \
  && /opt/dsjobs/bin/python -m compileall -q /opt/dsjobs/lib
 
 # ---- runtime: same base as the build stage (the venv points at its interpreter), non-root

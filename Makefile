@@ -11,15 +11,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install proto lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
-        up down demo bench e2e-kind clean
+        up down demo bench e2e-kind lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every distribution to the versions CI tested (`make lock` moves them).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "the operator, API, tests and demo need Python 3.11 or newer: make ... PYTHON=python3.11 (rm -rf $(VENV) first)")'
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 
 proto: install
@@ -63,6 +64,9 @@ bench: install k8s-bins
 
 e2e-kind: install
 	VENV_PYTHON=$(PY) bash hack/e2e-kind.sh
+
+lock:
+	PYTHON_FOR_LOCK=$(PYTHON) bash hack/lock.sh
 
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache

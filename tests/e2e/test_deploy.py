@@ -5,7 +5,8 @@
 - our own pods have probes, resource requests and a restricted securityContext;
 - the development overlays' InstanceTypes are the catalog's `local` profile;
 - the settings ConfigMaps only hold variables the operator or the API read;
-- the Dockerfile is multi-stage, pins its base images, downloads nothing by hand, runs as non-root.
+- the Dockerfile is multi-stage, pins its base images and Python distributions, downloads nothing by
+  hand, runs as non-root.
 
 The kind path (`make e2e-kind`) is what builds the image and runs these manifests in real containers.
 """
@@ -561,6 +562,9 @@ def test_dockerfile_pins_bases_downloads_nothing_and_runs_as_non_root() -> None:
 
 
 def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
+    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore, ".dockerignore should start from nothing and allow what the build needs"
+    allowed = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
     for instr, rest in dockerfile_instructions():
         if instr != "COPY" or rest.startswith("--from"):
             continue
@@ -568,8 +572,17 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
         for src in sources:
             matches = list(REPO_ROOT.glob(src.rstrip("/")))
             assert matches, f"COPY {src}: nothing in the repository matches"
-    ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
-    assert "*" in ignore, ".dockerignore should start from nothing and allow what the build needs"
+            for match in matches:
+                path = match.relative_to(REPO_ROOT).as_posix()
+                let_in = any(path == a or path.startswith(a + "/") for a in allowed)
+                assert let_in, f"COPY {src}: .dockerignore leaves {path} out of the build context"
+
+
+def test_dockerfile_installs_the_locked_versions() -> None:
+    installs = [rest for instr, rest in dockerfile_instructions() if instr == "RUN" and "pip install" in rest]
+    assert installs, "the Dockerfile installs nothing with pip"
+    for rest in installs:
+        assert "-c constraints.txt" in rest, f"RUN {rest}: install with -c constraints.txt (make lock)"
 
 
 def test_configuration_reference_lists_every_variable() -> None:
