@@ -352,6 +352,8 @@ def operator_harness(
         "DSJOBS_SHUTDOWN_GRACE_MARGIN": "10",
         # Pods that lost their job label are followed by the resync: seconds, not the default 10 min.
         "DSJOBS_POD_RESYNC_INTERVAL": "3",
+        # A job restored without its status runs again after this: seconds, not the default 2 min.
+        "DSJOBS_RESTORE_GRACE": "15",
         # The local cluster's provisioner; an external cluster's default class otherwise.
         "DSJOBS_WORKING_STORAGE_CLASS": LOCAL_STORAGE_CLASS if dev_cluster.root is not None else "",
     }

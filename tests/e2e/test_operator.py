@@ -2327,6 +2327,71 @@ def test_data_ttl_expiry_clears_the_data(h: H, storage: Storage) -> None:
     assert not h.core.list_namespaced_pod(h.namespace, label_selector="dsjobs.dev/job-id=left").items
 
 
+def test_a_job_restored_from_a_backup_keeps_its_run_and_one_without_its_status_runs_again(
+    h: H, storage: Storage
+) -> None:
+    """docs/admin.md#backup-and-restore with the operator running: the cluster lost two finished
+    ProjectJobs, the bucket kept their data; both are created again from their saved copies, one
+    has its status written back a moment later (as Velero or `kubectl replace --subresource=status`
+    do). That one is the finished job it was, its outputs and logs untouched, no pod started; the
+    other, whose status never comes, runs again after DSJOBS_RESTORE_GRACE over its old run."""
+    params = {"cmd": "date +%s%N > out.txt", "outputFiles": [{"path": "out.txt"}]}
+    names = ("restored", "statusless")
+    for name in names:
+        h.create_job(name, params)
+    for name in names:
+        assert h.wait_phase(name, "SUCCESS", "ERROR")["phase"] == "SUCCESS"
+    saved = {name: h.job(name) for name in names}
+    stored = {name: _objects(storage, job_prefix(PROJECT_ID, name)) for name in names}
+    first_output = storage.get_bytes(job_prefix(PROJECT_ID, "statusless") + "outputs/out.txt")
+    assert first_output, stored
+    assert all(job_prefix(PROJECT_ID, name) + "result.json" in stored[name] for name in names), stored
+    h.kill()
+    try:
+        for name in names:  # lost without the operator's finalizer: the data stays
+            h.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, h.namespace, PLURAL, name, {"metadata": {"finalizers": None}}
+            )
+            h.kubectl("delete", "pj", "-n", h.namespace, name, "--wait=true", "--timeout=60s")
+    finally:
+        h.start()
+    # The old pods go with their owners (the garbage collector); a pod left would hold the names.
+    poll("the lost jobs' pods gone", lambda: not any(h.pods(name) for name in names), 90)
+
+    for name in names:
+        old = saved[name]
+        assert old is not None
+        meta = old["metadata"]
+        keep = {k: meta[k] for k in ("name", "labels", "annotations", "finalizers") if meta.get(k)}
+        body = {"apiVersion": old["apiVersion"], "kind": old["kind"], "metadata": keep, "spec": old["spec"]}
+        h.custom.create_namespaced_custom_object(GROUP, VERSION, h.namespace, PLURAL, body)
+    time.sleep(2)  # the operator has seen both (it answers in milliseconds); a tool may be slower
+    made = h.job("restored")
+    assert made is not None and not made.get("status"), made  # nothing written meanwhile
+    old_status = saved["restored"]["status"]  # type: ignore[index]
+    h.custom.replace_namespaced_custom_object_status(
+        GROUP, VERSION, h.namespace, PLURAL, "restored", {**made, "status": old_status}
+    )
+
+    rerun = h.wait_phase("statusless", "SUCCESS", "ERROR", timeout=120)
+    assert rerun["phase"] == "SUCCESS" and rerun["attempt"] == 1, rerun
+    assert _told(h, "statusless", "StoredRunFound")
+    (pod,) = h.pods("statusless")
+    assert pod.metadata.owner_references[0].uid == h.job("statusless")["metadata"]["uid"]  # type: ignore[index]
+    (output,) = (o["key"] for o in rerun["outputFiles"] if o["desc"]["path"] == "out.txt")
+    assert output == job_prefix(PROJECT_ID, "statusless") + "outputs/out.txt"
+    assert storage.get_bytes(output) not in (None, first_output)  # the new run's
+
+    # By now the restored job has had every chance to start (the other ran meanwhile): it did not.
+    status = h.status("restored")
+    kept = ("phase", "finishedAt", "returnCode", "outputFiles", "logFiles")
+    assert {k: status.get(k) for k in kept} == {k: old_status.get(k) for k in kept}, status
+    assert h.pods("restored") == []
+    assert _objects(storage, job_prefix(PROJECT_ID, "restored")) == stored["restored"]
+    assert _told(h, "restored", "StoredRunFound")
+    assert "created pod restored-a1" not in h.log().rsplit("===== start", 1)[-1]
+
+
 def test_data_whose_job_was_removed_by_hand_is_found_and_deleted_by_the_orphans_command(
     h: H, storage: Storage
 ) -> None:

@@ -153,13 +153,17 @@ def test_result_json_patience_counts_on_the_operator_s_clock_not_the_node_s(
 class _Prefixes:
     """Stands in for the store's client: a prefix holding keys, and the deletions asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: tuple[str, ...] = ("logs/chunks/000000000000",)) -> None:
+        self.keys = keys
         self.deleted: list[str] = []
         self.checked = threading.Event()
 
     def first_keys(self, prefix: str) -> list[str]:
         self.checked.set()
-        return [f"{prefix}logs/chunks/000000000000"]
+        return [f"{prefix}{k}" for k in self.keys][:1]
+
+    def exists(self, key: str) -> bool:
+        return any(key.endswith("/" + k) for k in self.keys)
 
     def delete_prefix(self, prefix: str) -> int:
         self.deleted.append(prefix)
@@ -187,3 +191,32 @@ def test_leftovers_are_deleted_only_by_the_maker_of_the_attempt_s_runner_secret(
 
     _run(scenario())
     assert stub.deleted == (["projects/p1/jobs/job-1/"] if made_here else [])
+
+
+@pytest.mark.parametrize(
+    ("keys", "hold", "held"),
+    [
+        (("logs/chunks/000000000000", "result.json"), True, True),  # a run's result: kept
+        (("logs/chunks/000000000000",), True, False),  # logs of a pod that never ended: cleared
+        (("logs/chunks/000000000000", "result.json"), False, False),  # not a new job: cleared
+        ((), True, False),  # nothing there
+    ],
+)
+def test_a_stored_run_is_kept_for_a_job_that_may_be_its_restored_projectjob(
+    keys: tuple[str, ...], hold: bool, held: bool
+) -> None:
+    # A ProjectJob restored from a backup is created without its status: the run its status
+    # names is under its prefix, with the result.json every run ends with.
+    store = _store("http://127.0.0.1:9")
+    stub = _Prefixes(keys)
+    store.client = lambda: stub  # type: ignore[method-assign,assignment,return-value]
+    store._client_with = lambda timeout, attempts: stub  # type: ignore[method-assign,assignment,return-value]
+
+    async def scenario() -> bool:
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        first.set_result(True)
+        return await store.clear_leftovers(JOB, "p1", first, hold_for_restore=hold)
+
+    assert _run(scenario()) is held
+    cleared = bool(keys) and not held
+    assert stub.deleted == (["projects/p1/jobs/job-1/"] if cleared else [])

@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from test_job_status import NOW, SETTINGS, SHA, job, pod, result, running, started, step, terminated
@@ -249,9 +249,18 @@ def test_a_forced_cancel_is_told_to_the_runner_once_or_else_the_pod_goes_with_1s
     assert asyncio.run(told_by(False)) == (1, [("job-1-a1", 1)])
 
 
-def _pod_step(op: Operator, attempt: int = 1) -> tuple[Any, Any, Any, Any, datetime]:
+CREATING: Final = {"phase": "CREATING", "createdAt": "2026-01-01T00:00:00Z"}
+
+
+def _pod_step(
+    op: Operator,
+    attempt: int = 1,
+    *,
+    created: str = "2026-01-01T00:00:00Z",
+    status: dict[str, Any] | None = None,
+) -> tuple[Any, Any, Any, Any, datetime]:
     """A job of the catalog's first InstanceType, planned to its pod: (job, spec, CreatePod,
-    status, now) for `op._create_pod`."""
+    status, now) for `op._create_pod`; `status` None: a job the operator has written none for."""
     import yaml
 
     from dsjobs.controller.plan import CreatePod, JobView, plan
@@ -265,7 +274,7 @@ def _pod_step(op: Operator, attempt: int = 1) -> tuple[Any, Any, Any, Any, datet
             "namespace": "project-a",
             "uid": "uid-1",
             "resourceVersion": "100",
-            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "creationTimestamp": created,
             "finalizers": ["dsjobs.dev/cleanup"],
             "labels": {"dsjobs.dev/project-id": "proj-a", "dsjobs.dev/job-id": "job-1"},
         },
@@ -277,8 +286,9 @@ def _pod_step(op: Operator, attempt: int = 1) -> tuple[Any, Any, Any, Any, datet
                 "cloudInstanceTypes": [{"name": instance_type["metadata"]["name"]}],
             },
         },
-        "status": {"phase": "CREATING", "createdAt": "2026-01-01T00:00:00Z"},
     }
+    if status is not None:
+        body["status"] = status
     op.instance_types.apply(instance_type, deleted=False)
     job = JobView.from_body(body)
     now = datetime(2026, 1, 1, 0, 1, tzinfo=UTC)
@@ -319,13 +329,16 @@ def test_a_first_pod_s_leftovers_are_cleared_only_when_no_pod_of_it_runs(pod_the
     decided: list[bool] = []
 
     class Store(JobStore):
-        async def clear_leftovers(self, job: Any, project_id: str, first: Any) -> None:
+        async def clear_leftovers(
+            self, job: Any, project_id: str, first: Any, *, hold_for_restore: bool = False
+        ) -> bool:
             decided.append(await first)
+            return False
 
     op = Operator(OperatorSettings(), environ={})
     op.kube = Kube()  # type: ignore[assignment]
     op.store = Store({})
-    asyncio.run(op._create_pod(*_pod_step(op)))
+    asyncio.run(op._create_pod(*_pod_step(op, status=CREATING)))
     assert decided == [not pod_there]
 
 
@@ -366,7 +379,7 @@ def test_a_refused_pod_takes_only_the_secrets_made_for_it_with_it(there_already:
 
     op = Operator(OperatorSettings(), environ={})
     op.kube = Kube()  # type: ignore[assignment]
-    refused = asyncio.run(op._create_pod(*_pod_step(op, attempt=2)))
+    refused = asyncio.run(op._create_pod(*_pod_step(op, attempt=2, status=CREATING)))
     assert isinstance(refused, Refused) and "exceeded quota" in refused.why
     made = (
         []
@@ -374,3 +387,74 @@ def test_a_refused_pod_takes_only_the_secrets_made_for_it_with_it(there_already:
         else ["DELETE /api/v1/namespaces/project-a/secrets/job-1-a2-runner uid=secret-uid"]
     )
     assert calls == ["POST secrets job-1-a2-runner", "POST pods job-1-a2", *made]
+
+
+@pytest.mark.parametrize(
+    ("created", "status", "held"),
+    [
+        ("2026-01-01T00:00:00Z", None, True),  # no status, created a minute ago: maybe restored
+        ("2025-12-31T23:00:00Z", None, False),  # no status for an hour: none is coming back
+        ("2026-01-01T00:00:00Z", CREATING, False),  # the operator wrote its status: not restored
+    ],
+)
+def test_a_new_job_whose_name_holds_a_stored_run_waits_for_a_restored_status(
+    created: str, status: dict[str, Any] | None, held: bool
+) -> None:
+    # A restore (Velero, kubectl create + replace --subresource=status) makes the object, then
+    # writes its status: a pod started in between cleared the restored run's outputs and logs as
+    # "an earlier job's leftovers" (the job then read SUCCESS with its data gone).
+    from dsjobs.controller.handlers import Held
+    from dsjobs.controller.jobstore import JobStore
+    from dsjobs.controller.plan import JobEvent
+    from dsjobs.controller.settings import OperatorSettings
+
+    calls: list[str] = []
+    asked: list[bool] = []
+
+    class Kube:
+        async def create(self, resource: str, path: str, obj: dict[str, Any]) -> dict[str, Any]:
+            calls.append(f"POST {resource} {obj['metadata']['name']}")
+            return {**obj, "metadata": {**obj["metadata"], "uid": f"{resource}-uid"}}
+
+        async def delete(self, resource: str, path: str, *, uid: str = "", **kw: Any) -> bool:
+            calls.append(f"DELETE {path} uid={uid}")
+            return True
+
+        async def get(self, resource: str, path: str) -> None:
+            return None
+
+        async def list(self, *args: object, **kw: object) -> list[dict[str, Any]]:
+            return []
+
+    class Store(JobStore):
+        async def clear_leftovers(
+            self, job: Any, project_id: str, first: Any, *, hold_for_restore: bool = False
+        ) -> bool:
+            asked.append(hold_for_restore)
+            return hold_for_restore  # the prefix holds a run's result.json
+
+    op = Operator(OperatorSettings(), environ={})
+    op.kube = Kube()  # type: ignore[assignment]
+    op.store = Store({})
+    job, spec, action, planned, now = _pod_step(op, created=created, status=status)
+    outcome = asyncio.run(op._create_pod(job, spec, action, planned, now))
+    assert asked == [held]
+    if not held:
+        assert calls == ["POST secrets job-1-a1-runner", "POST pods job-1-a1"]
+        return
+    assert outcome == Held(datetime(2026, 1, 1, 0, 2, tzinfo=UTC), "projects/proj-a/jobs/job-1/")
+    # No pod; the Secret made for it goes again (nothing else would delete it).
+    assert calls == [
+        "POST secrets job-1-a1-runner",
+        "DELETE /api/v1/namespaces/project-a/secrets/job-1-a1-runner uid=secrets-uid",
+    ]
+
+    # The reconcile writes nothing (a status write would make Velero's own conflict) and tells why.
+    from dsjobs.controller.plan import Plan
+
+    step = Plan(planned, (action,), (), spec=spec)
+    _, kept, events, requeue = asyncio.run(op._act(job, {"metadata": {}}, step, now))
+    assert kept.to_cr() == job.status.to_cr()
+    assert requeue == timedelta(minutes=1)
+    assert [(e.type, e.reason) for e in events] == [("Warning", "StoredRunFound")]
+    assert isinstance(events[0], JobEvent) and "projects/proj-a/jobs/job-1/result.json" in events[0].message

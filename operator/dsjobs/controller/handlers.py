@@ -155,7 +155,7 @@ from dsjobs.models import (
 from dsjobs.models.base import known_of, read_stored
 from dsjobs.runner.contract import SHIP_CONTAINER
 from dsjobs.runner.result import ResultPointer, RunnerResult, parse_termination_message, settled
-from dsjobs.storage import STORAGE_ENV_VARS
+from dsjobs.storage import STORAGE_ENV_VARS, job_prefix
 
 Key = tuple[str, str]  # (namespace, job name)
 
@@ -193,6 +193,15 @@ class Refused:
     why: str
     # The pod itself was refused (not a Secret or claim of it): maybe by its instance type.
     pod: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """The job was not started: it has no status yet and the object store holds a run under its
+    name, so it may be that run's ProjectJob being restored; it waits until `until` for its status."""
+
+    until: datetime
+    prefix: str
 
 
 @dataclasses.dataclass
@@ -1185,6 +1194,24 @@ class Operator:
                 assert step.spec is not None
                 failure = await self._create_pod(job, step.spec, action, status, now)
                 key = (job.namespace, job.name)
+                if isinstance(failure, Held):
+                    # Nothing written: the restore's status write must find the object as it made it.
+                    jlog(
+                        logging.INFO,
+                        key,
+                        "not started: the object store holds a run under %s; waiting until %s for a restored status",
+                        failure.prefix,
+                        failure.until.isoformat(timespec="seconds"),
+                    )
+                    told = (
+                        f"not started yet: the object store holds a run of a job of this name "
+                        f"({failure.prefix}result.json) and this job has no status, as a restored one "
+                        f"before its status is written back; it runs at "
+                        f"{failure.until.isoformat(timespec='seconds')} unless a status arrives, "
+                        f"deleting that run's outputs and logs"
+                    )
+                    held = [JobEvent("Warning", "StoredRunFound", told)]
+                    return body, job.status, held, failure.until - now
                 if isinstance(failure, Refused):
                     waiting = await self._refused_pod(job, step.spec, action, failure, now)
                     if waiting.status.instance_type_index != action.type_index:
@@ -1275,12 +1302,13 @@ class Operator:
 
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
-    ) -> StatusUpdate | Refused | str:
+    ) -> StatusUpdate | Refused | Held | str:
         """Fetch what the pod needs, render it (pure) and create it; the job container's image
         when it exists. A StatusUpdate (ERROR naming the cause) when the job cannot run: missing
         volume, unknown image, registry credentials. Refused when the API server forbids the pod
         or a claim for now (quota, admission, RBAC): the Secrets made for it are deleted again,
-        the job waits and tries again."""
+        the job waits and tries again. Held (its Secrets deleted too) when it may be a restored
+        job whose status is yet to be written back."""
         assert self.kube is not None
         ns = job.namespace
         # Any pod an earlier ProjectJob of this name left: it holds this job's pod names and
@@ -1412,8 +1440,17 @@ class Operator:
                 jlog(logging.DEBUG, (ns, job.name), "dry run of pod %s: %r", pod["metadata"]["name"], exc)
         # Meanwhile, not before: it is a request to the object store on every job's way to its pod.
         secret_made: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        # A job the operator has not written a status for yet, created moments ago: a restore
+        # creates the object and writes its status back right after (a write in between would
+        # also make Velero's status update conflict).
+        hold_until = (job.created_at or now) + timedelta(seconds=self.settings.restore_grace_seconds)
+        may_be_restored = action.attempt == 1 and job.status.phase is None and now < hold_until
         clearing = (
-            asyncio.ensure_future(self.store.clear_leftovers(job, spec.project_id, secret_made))
+            asyncio.ensure_future(
+                self.store.clear_leftovers(
+                    job, spec.project_id, secret_made, hold_for_restore=may_be_restored
+                )
+            )
             if action.attempt == 1
             else None
         )
@@ -1463,8 +1500,9 @@ class Operator:
                     there = await self.kube.get("pods", core_path(ns, "pods", name))
                     made_here = there is None and not self.standing_down
                 secret_made.set_result(made_here)
-                if clearing is not None:
-                    await clearing
+                if clearing is not None and await clearing:
+                    await self._delete_made_secrets(ns, made)
+                    return Held(hold_until, job_prefix(spec.project_id, job.name))
                 creating_pod = True
                 created = await self.kube.create("pods", core_path(ns, "pods"), pod)
             except (Forbidden, Invalid) as exc:

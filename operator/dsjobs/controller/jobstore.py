@@ -201,7 +201,9 @@ class JobStore:
             metrics.object_store_checked(problem is None)
             return problem
 
-    async def clear_leftovers(self, job: JobView, project_id: str, first: Awaitable[bool]) -> None:
+    async def clear_leftovers(
+        self, job: JobView, project_id: str, first: Awaitable[bool], *, hold_for_restore: bool = False
+    ) -> bool:
         """Objects under a job's prefix before its first pod exists were left by an earlier
         ProjectJob of the same name: its pod, stuck on a lost node when that job was deleted,
         wrote them after that job's data was deleted. This job's runner would take them for its
@@ -211,23 +213,30 @@ class JobStore:
         Deleted only once `first` says so: this call made the attempt's runner Secret, or found
         it without the attempt's pod (its own of before a restart); else another actor got there
         first, a replica that took over while this one was stalled, whose pod's runner may
-        already be writing under the prefix."""
+        already be writing under the prefix.
+
+        With `hold_for_restore` (a job without status, created moments ago), a prefix holding a
+        run's result.json is kept and True returned: the job is likely that run's ProjectJob
+        restored from a backup, whose status is written back right after its creation."""
         full = self.client()
         storage = self._client_with(LEFTOVER_CHECK_TIMEOUT, 1)
         if full is None or storage is None:
-            return
-        from dsjobs.storage import job_prefix
+            return False
+        from dsjobs.storage import job_prefix, result_key
 
         key = (job.namespace, job.name)
         prefix = job_prefix(project_id, job.name)
 
-        def check() -> list[str]:
+        def check() -> tuple[bool, bool]:
+            """(anything under the prefix, a run's result among it)."""
             # Decided when the thread gets to it: checks queued behind one that found the store
             # not answering are skipped, not each waited out.
             if time.monotonic() < self._leftover_checks_off_until:
-                return []
+                return False, False
             try:
-                return list(storage.first_keys(prefix))
+                if not storage.first_keys(prefix):
+                    return False, False
+                return True, hold_for_restore and storage.exists(result_key(project_id, job.name))
             except Exception:
                 # A store that does not answer now would make every job wait out the timeout:
                 # the checks pause for a while (the jobs' runners wait for the store anyway).
@@ -235,12 +244,15 @@ class JobStore:
                 raise
 
         try:
-            if not await asyncio.to_thread(check) or not await first:
-                return
+            found, a_run = await asyncio.to_thread(check)
+            if a_run:
+                return True
+            if not found or not await first:
+                return False
             deleted = await in_deletion_thread(full.delete_prefix, prefix)
         except Exception as exc:
             jlog(logging.DEBUG, key, "could not clear what an earlier job left under %s: %r", prefix, exc)
-            return
+            return False
         jlog(
             logging.INFO,
             key,
@@ -248,3 +260,4 @@ class JobStore:
             deleted,
             prefix,
         )
+        return False

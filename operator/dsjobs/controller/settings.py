@@ -108,6 +108,10 @@ class OperatorSettings:
     shutdown_grace_margin_seconds: int = 300
     # How long a finished job's pod is kept (for `kubectl logs`) before it is deleted. 0 = at once.
     finished_pod_retention_seconds: float = 0.0
+    # How long a job new to the operator (no status) whose name holds a stored run waits for its
+    # status to be written back before running again over that run: a restore (Velero, kubectl)
+    # creates the object first and writes its status a moment later.
+    restore_grace_seconds: float = 120.0
     # Requests of the runner's own containers (stage-in, ship); the job's container gets the
     # instance type's resources.
     runner_cpu_request: str = "50m"
@@ -246,6 +250,13 @@ SETTINGS_DOC: Final[dict[str, tuple[str, str]]] = {
         "finished_pod_retention_seconds",
         "Seconds a finished job's pod is kept for inspection (Finalize removes it at once); 0 deletes it "
         "as soon as the result is recorded.",
+    ),
+    "DSJOBS_RESTORE_GRACE": (
+        "restore_grace_seconds",
+        "Seconds from its creation a job without a status waits, when the object store holds a run "
+        "(`result.json`) under its name, for that status to be written back before it runs: a restore "
+        "(Velero, `kubectl create` + `kubectl replace --subresource=status`) creates the object first. "
+        "Running deletes the stored run's outputs and logs; 0 runs such a job at once.",
     ),
     "DSJOBS_RUNNER_CPU_REQUEST": ("runner_cpu_request", "CPU request of each runner container."),
     "DSJOBS_RUNNER_MEMORY_REQUEST": ("runner_memory_request", "Memory request of each runner container."),
