@@ -351,7 +351,9 @@ _TRANSIENT_CODES = frozenset(
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 #: Network trouble as an OSError without a class of its own (EHOSTUNREACH, ENETUNREACH, ...).
 #: botocore retries any OSError of a connection (urllib3 wraps them); among ours an OSError can also
-#: be local (no such file, disk full), so only these errnos count.
+#: be local (no such file, disk full), so only these errnos count. Out of file descriptors or socket
+#: buffers (a connection's socket not made) passes as the process's streams and connections close:
+#: the API answered it INTERNAL with an incident number, which the CLI does not retry.
 _NETWORK_ERRNOS = frozenset(
     getattr(errno, name)
     for name in (
@@ -366,6 +368,9 @@ _NETWORK_ERRNOS = frozenset(
         "ETIMEDOUT",
         "EPIPE",
         "EADDRNOTAVAIL",
+        "EMFILE",
+        "ENFILE",
+        "ENOBUFS",
     )
     if hasattr(errno, name)
 )

@@ -256,6 +256,8 @@ def test_a_request_that_is_no_message_of_its_type_is_invalid_argument() -> None:
             "ConnectionRefusedError: [Errno 111] Connection refused",
         ),
         (TimeoutError("timed out"), "TimeoutError: timed out"),
+        # The API out of file descriptors for a connection: passes as streams close.
+        (OSError(24, "Too many open files"), "OSError: [Errno 24] Too many open files"),
         (S3HttpError(503, "SlowDown", "reduce your request rate", "projects/p/k"), "S3HttpError"),
         (st.StorageError("download started over 5 times"), "object storage failed: download started over"),
     ],

@@ -291,6 +291,9 @@ def _cert_failure() -> ssl.SSLCertVerificationError:
         OSError(errno.ENETUNREACH, "Network is unreachable"),
         OSError(errno.ETIMEDOUT, "Connection timed out"),
         ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+        OSError(errno.EMFILE, "Too many open files"),  # a connection's socket: fds free up again
+        OSError(errno.ENFILE, "Too many open files in system"),
+        OSError(errno.ENOBUFS, "No buffer space available"),
         ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),
         ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac"),
         SSLError(endpoint_url="https://x", error=URLLib3SSLError(ssl.SSLEOFError(8, "EOF"))),
