@@ -237,6 +237,13 @@ def test_identity_from_token_review_status() -> None:
             "cannot verify the token (TokenReview): the cluster refused the API's request "
             '(403 Forbidden: cannot create resource "tokenreviews"); check the API\'s RBAC',
         ),
+        (
+            KubeError(401, "Unauthorized", "Unauthorized"),
+            grpc.StatusCode.INTERNAL,
+            "cannot verify the token (TokenReview): the cluster does not accept the API's own credentials "
+            "(401 Unauthorized: Unauthorized): its ServiceAccount deleted or made again since its token "
+            "was issued (restart the API's pods), or its kubeconfig's credentials expired",
+        ),
     ],
 )
 def test_a_review_the_cluster_does_not_answer_says_so(

@@ -265,6 +265,13 @@ def review_failed(error: errors.KubeError, doing: str) -> errors.ApiError:
     detail = error.message or error.reason or f"HTTP {error.status}"
     if error.status in (0, 429, 500, 502, 503, 504) or error.reason == "Timeout":
         return errors.unavailable(f"cannot {doing} now: the cluster does not answer ({detail}); retry")
+    if error.status == 401:
+        # Not a permission: the API's own credentials are not taken at all, which RBAC cannot mend.
+        return errors.internal(
+            f"cannot {doing}: the cluster does not accept the API's own credentials ({error.status} "
+            f"{error.reason}: {detail}): its ServiceAccount deleted or made again since its token was "
+            "issued (restart the API's pods), or its kubeconfig's credentials expired"
+        )
     return errors.internal(
         f"cannot {doing}: the cluster refused the API's request ({error.status} {error.reason}: {detail}); "
         "check the API's RBAC"
