@@ -31,7 +31,7 @@ from runner_fakes import alive, umask
 from dsjobs.runner.config import SHELL_SPECIAL_ENV, RunnerConfig
 from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
 from dsjobs.runner.result import RunnerStatus
-from dsjobs.runner.ship import read_status_file
+from dsjobs.runner.ship import cut_log_errors, read_status_file
 from dsjobs.runner.stagein import prepare
 from dsjobs.runner.syslog import SystemLog
 
@@ -1219,3 +1219,25 @@ def test_output_held_open_past_the_drain_by_a_leftover_process_is_told(
     started = time.monotonic()
     r = run_entry(shell, cfg)
     assert r.rc == 0 and time.monotonic() - started < 6
+
+
+def test_output_the_log_file_could_not_hold_is_told_as_a_file_error(shell: list[str], tmp_path: Path) -> None:
+    # The job's disk full: the tee went on copying to the container log, the file ended early, and
+    # the shipped logs said nothing of what was missing (the program's own "No space left" included).
+    cfg = make_config(tmp_path, "echo out; echo err >&2; exit 4")
+    cfg.layout.stdout.unlink(missing_ok=True)
+    cfg.layout.stdout.symlink_to("/dev/full")  # every write: ENOSPC
+    r = run_entry(shell, cfg)
+    assert r.rc == 4 and r.stdout == b"out\n"  # the container log has it
+    assert r.err_file == b"err\n"
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and (status.return_code, status.logs_cut) == (4, ("out",)), status
+    assert "the program's stdout could not all be written to its log file" in r.syslog, r.syslog
+    (error,) = cut_log_errors(status)
+    assert (error.log_file_name, error.type.value) == ("stdout.txt", "UPLOAD_FAILED")
+    assert error.description.startswith("stdout.txt is incomplete: the program's stdout could not all be")
+
+    cfg = make_config(tmp_path / "whole", "echo out; echo err >&2")
+    r = run_entry(shell, cfg)
+    status = read_status_file(cfg.layout.status)
+    assert status is not None and status.logs_cut == () and "could not all be written" not in r.syslog

@@ -1535,3 +1535,18 @@ def test_a_chatty_program_s_chunks_are_batched_the_longer_it_prints(tmp_path: Pa
     append(cfg.layout.stdout, b"x" * 3000 + b"\n")
     clock.t += 0.5
     assert s.pump() and s.next_seq == before + 1
+
+
+def test_a_log_file_the_entry_script_could_not_write_to_the_end_is_a_file_error(tmp_path: Path) -> None:
+    # The job's disk filled up: stdout.txt ends early, and the job's result says so.
+    cfg = config(tmp_path)
+    cfg.layout.started.write_text("1")
+    cfg.layout.stdout.write_bytes(b"epoch 1\n")
+    cfg.layout.status.write_text("rc=1\nphase=run\ncancelled=0\nreason=\ncut=out\nend=1\n")
+    clock = Clock()
+    store = FileStore()
+    ship = Ship(cfg, store, termination_log=str(tmp_path / "term"), clock=clock, sleep=clock.sleep)  # type: ignore[arg-type]
+    result = ship.run()
+    assert result.return_code == 1 and result.logs_complete
+    assert [(e.log_file_name, e.type.value) for e in result.file_errors] == [("stdout.txt", "UPLOAD_FAILED")]
+    assert [f.name for f in result.log_files] == ["stdout.txt", "system.log"]  # what there is

@@ -359,6 +359,8 @@ DSJOBS_KILLER=''
 DSJOBS_HB_PID=''
 DSJOBS_STATS_PID=''
 DSJOBS_TEES=''
+# The log files a tee could not write all of (`out`, `err`): the job's disk full, say.
+DSJOBS_LOGS_CUT=''
 DSJOBS_PY=''
 DSJOBS_SETSID=0
 DSJOBS_SYSLOG_TO=$DSJOBS_SYSLOG
@@ -382,7 +384,7 @@ dsjobs_log() {
     + KILL_HELPERS
     + r"""
 dsjobs_status_text() {
-  printf 'rc=%s\nphase=%s\ncancelled=%s\nreason=%s\nend=1\n' "$1" "$2" "$DSJOBS_CANCEL" "$3"
+  printf 'rc=%s\nphase=%s\ncancelled=%s\nreason=%s\ncut=%s\nend=1\n' "$1" "$2" "$DSJOBS_CANCEL" "$3" "$DSJOBS_LOGS_CUT"
 }
 
 dsjobs_status() {
@@ -763,8 +765,20 @@ if [ -n "$DSJOBS_TEES" ]; then
   rm -f "$DSJOBS_RUN/tees.cut" 2>/dev/null
   ( exec </dev/null >/dev/null 2>&1 9>&-; sleep "$DSJOBS_TEE_DRAIN"; { true >"$DSJOBS_RUN/tees.cut"; } 2>/dev/null; kill -s KILL $DSJOBS_TEES ) &
   dsjobs_tw=$!
+  # A tee that could not write (its log file's disk full) goes on copying to the container log
+  # and exits 1 at the end: what it could not write is missing from the file, which the shipped
+  # logs would not say. Over 125: a signal (the drain deadline's, told below), a wait cut short by
+  # one of ours, or 127 from a shell that had reaped the tee before (bash) and forgot it.
+  dsjobs_stream=out
   for dsjobs_t in $DSJOBS_TEES; do
-    while kill -0 "$dsjobs_t" 2>/dev/null; do wait "$dsjobs_t"; done
+    dsjobs_st=''
+    while kill -0 "$dsjobs_t" 2>/dev/null; do wait "$dsjobs_t"; dsjobs_st=$?; done
+    if [ -z "$dsjobs_st" ]; then wait "$dsjobs_t" 2>/dev/null; dsjobs_st=$?; fi
+    if [ "$dsjobs_st" -gt 0 ] && [ "$dsjobs_st" -le 125 ]; then
+      DSJOBS_LOGS_CUT="$DSJOBS_LOGS_CUT${DSJOBS_LOGS_CUT:+,}$dsjobs_stream"
+      dsjobs_log "the program's std$dsjobs_stream could not all be written to its log file (tee exited with $dsjobs_st: the job's disk full?); what it printed from then on is only in the container log"
+    fi
+    dsjobs_stream=err
   done
   kill "$dsjobs_tw" 2>/dev/null
   if [ -e "$DSJOBS_RUN/tees.cut" ]; then

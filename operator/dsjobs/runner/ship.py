@@ -621,6 +621,12 @@ class ProgramStatus:
     return_code: int | None = None
     cancelled: bool = False
     reason: str = ""
+    #: The program's streams (`out`, `err`) whose log file could not be written to the end.
+    logs_cut: tuple[str, ...] = ()
+
+
+#: The entry script's names of the program's streams, and their log files' names.
+_STREAM_LOG_FILES: Final = {"out": LOG_FILE_NAMES[0], "err": LOG_FILE_NAMES[1]}
 
 
 def read_status_file(path: Path, root: str | None = None) -> ProgramStatus | None:
@@ -639,12 +645,13 @@ def read_status_file(path: Path, root: str | None = None) -> ProgramStatus | Non
     phase = fields.get("phase", "")
     cancelled = fields.get("cancelled") == "1"
     reason = fields.get("reason", "")
+    cut = tuple(s for s in fields.get("cut", "").split(",") if s in _STREAM_LOG_FILES)
     if phase == "run":
         try:
             rc: int | None = int(fields.get("rc", ""))
         except ValueError:
             rc = None
-        return ProgramStatus(RunnerStatus.EXITED, rc, cancelled, reason)
+        return ProgramStatus(RunnerStatus.EXITED, rc, cancelled, reason, cut)
     if phase == "cancelled":
         return ProgramStatus(RunnerStatus.CANCELLED, None, True, reason or "cancelled")
     return ProgramStatus(RunnerStatus.SETUP_FAILED, None, cancelled, reason or "setup failed")
@@ -996,6 +1003,22 @@ def upload_log_files(
     )
 
 
+def cut_log_errors(status: ProgramStatus) -> list[FileError]:
+    """A file error for each log file the entry script could not write all of the program's
+    output to: what is stored of it ends early, which nothing else would tell."""
+    return [
+        FileError(
+            type=FileErrorType.UPLOAD_FAILED,
+            log_file_name=_STREAM_LOG_FILES[stream],
+            description=(
+                f"{_STREAM_LOG_FILES[stream]} is incomplete: the program's std{stream} could not all be "
+                "written to it on the job's disk (full?); the pod's container log has the rest"
+            ),
+        )
+        for stream in status.logs_cut
+    ]
+
+
 def upload_diagnostic_files(
     config: RunnerConfig, store: Storage, trouble: StoreTrouble | None = None
 ) -> tuple[list[LogFileResult], list[FileError]]:
@@ -1336,6 +1359,7 @@ class Ship:
             write_termination_message(message, self.termination_log)
         log_files, log_errors = upload_log_files(cfg, self.store, trouble)
         errors.extend(log_errors)
+        errors.extend(cut_log_errors(status))
         diagnostic_files, diagnostic_errors = upload_diagnostic_files(cfg, self.store, trouble)
         errors.extend(diagnostic_errors)
         self.syslog(f"{len(outputs)} outputs uploaded, {len(errors)} file errors")
