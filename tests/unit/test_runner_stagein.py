@@ -535,3 +535,23 @@ def test_a_directory_input_zipped_empty_is_an_empty_directory(tmp_path: Path) ->
     assert run_stage_in(cfg, store, termination_log=str(tmp_path / "term"))  # type: ignore[arg-type]
     data = cfg.work_dir / "in" / "data"
     assert data.is_dir() and list(data.iterdir()) == []
+
+
+def test_a_node_disk_full_before_the_job_is_told_as_such_not_as_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only inputs that did not fit were told in words; the few files of the job's own layout on a
+    # disk already full ended as "stage-in failed: OSError: [Errno 28]" with a traceback.
+    cfg = config(tmp_path)
+    cfg.layout.create()
+    cfg.layout.entry_script.with_suffix(".tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    with pytest.raises(stagein.StageInError, match="no space left on the node's disk for the job's working"):
+        prepare(cfg)
+    store = MemoryStore()
+    term = tmp_path / "term"
+    with caplog.at_level(logging.ERROR):
+        assert not run_stage_in(cfg, store, termination_log=str(term))  # type: ignore[arg-type]
+    result = parse_termination_message(term.read_text())
+    assert result.status == RunnerStatus.STAGE_IN_FAILED and not result.storage_unavailable
+    assert result.reason.startswith("no space left on the node's disk for the job's working files")
+    assert not any(r.exc_info for r in caplog.records)  # told, not a bug to trace

@@ -349,7 +349,21 @@ def _all_missing(
 
 
 def prepare(config: RunnerConfig) -> None:
-    """Directories, shared log files, requirements file and entry script (no storage access)."""
+    """Directories, shared log files, requirements file and entry script (no storage access).
+    A disk with no room for these few files was full before the job wrote anything: said so."""
+    try:
+        _prepare(config)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StageInError(
+            f"no space left on the node's disk for the job's working files{where}: it was full "
+            "before the job wrote anything (an admin: free the node's disk)"
+        ) from exc
+
+
+def _prepare(config: RunnerConfig) -> None:
     layout = config.layout
     layout.create()
     for f in layout.shared_files:
