@@ -166,6 +166,7 @@ func (b *backend) PutObject(bucket, object string, meta map[string]string, input
 	defer f.Close()
 	n, err := io.Copy(f, input)
 	if err != nil {
+		log.Printf("dsjobs-s3server: PUT %s/%s: spooling the body failed after %d bytes: %v", bucket, object, n, err)
 		return gofakes3.PutObjectResult{}, err
 	}
 	if size >= 0 && n != size {
@@ -174,7 +175,13 @@ func (b *backend) PutObject(bucket, object string, meta map[string]string, input
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return gofakes3.PutObjectResult{}, err
 	}
-	return b.Backend.PutObject(bucket, object, meta, f, n, conditions)
+	res, err := b.Backend.PutObject(bucket, object, meta, f, n, conditions)
+	if err != nil {
+		// The client gets a bare 500; the cause (a full disk, say) is for whoever runs the server.
+		// s3afero writes in place: the object may now be cut short (a known limit of the stand-in).
+		log.Printf("dsjobs-s3server: PUT %s/%s (%d bytes) failed: %v", bucket, object, n, err)
+	}
+	return res, err
 }
 
 func (b *backend) CreateMultipartUpload(bucket, object string, meta map[string]string) (gofakes3.UploadID, error) {
