@@ -458,3 +458,26 @@ def test_a_new_job_whose_name_holds_a_stored_run_waits_for_a_restored_status(
     assert requeue == timedelta(minutes=1)
     assert [(e.type, e.reason) for e in events] == [("Warning", "StoredRunFound")]
     assert isinstance(events[0], JobEvent) and "projects/proj-a/jobs/job-1/result.json" in events[0].message
+
+
+def test_the_jobs_waiting_on_a_changed_type_are_planned_again_several_at_once() -> None:
+    # One after another, the last of 200 waiting jobs got its new pod 36 s after the change.
+    from dsjobs.controller.handlers import RECONCILE_ALL_CONCURRENCY
+    from dsjobs.controller.settings import OperatorSettings
+
+    op = Operator(OperatorSettings(), environ={})
+    keys = [("project-a", f"job-{i}") for i in range(40)]
+    op.pods.waiting_on = lambda name: keys if name == "g1.1" else []  # type: ignore[method-assign]
+    running, peak, done = 0, 0, []
+
+    async def reconcile(key: tuple[str, str]) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        done.append(key)
+
+    op.reconcile = reconcile  # type: ignore[method-assign]
+    asyncio.run(op._type_changed("g1.1"))
+    assert sorted(done) == sorted(keys) and peak == RECONCILE_ALL_CONCURRENCY
