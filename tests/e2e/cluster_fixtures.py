@@ -144,7 +144,7 @@ def _require_healthy(paths: ClusterPaths) -> None:
             pytest.fail(
                 f"the dev cluster in {paths.root} is not healthy after {HEALTHY_TIMEOUT_S}s (complete: "
                 f"{st.complete}, not running: {dead}, apiserver ready: {st.apiserver_ready}, nodes not "
-                f"Ready: {waiting}); see `python -m dsjobs.devcluster status --dir {paths.root}`, "
+                f"Ready: {waiting}); see `python -m dsjobs.devcluster --dir {paths.root} status`, "
                 "and `down` it to let the next run start a fresh one",
                 pytrace=False,
             )

@@ -180,3 +180,56 @@ def test_sigterm_to_up_stops_what_it_started(tmp_path: Path) -> None:
         for c in seen:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(c.pgid, signal.SIGKILL)
+
+
+def test_a_cluster_whose_processes_all_died_is_torn_down_and_started_again(
+    tmp_path: Path, spawned: list[Component], fake_start: list[str]
+) -> None:
+    # After a reboot or `kill -9` of the whole stack, `up` (and so every e2e run) refused, naming a
+    # command that did not parse; only `make down` by hand let the next run start.
+    paths = ClusterPaths.at(tmp_path / "dev")
+    old = recorded(paths, FULL, spawned)
+    for c in old.components:
+        os.killpg(c.pgid, signal.SIGKILL)
+    for c in old.components:
+        poll_gone(c)
+    record, started = up(paths, with_nodes=False)
+    assert started and fake_start and [c.name for c in record.components] == ["etcd"]
+
+
+def test_a_cluster_with_some_processes_dead_names_the_way_out(
+    tmp_path: Path, spawned: list[Component], fake_start: list[str]
+) -> None:
+    paths = ClusterPaths.at(tmp_path / "dev")
+    old = recorded(paths, FULL, spawned)
+    apiserver = old.find("kube-apiserver")
+    assert apiserver is not None
+    os.killpg(apiserver.pgid, signal.SIGKILL)
+    poll_gone(apiserver)
+    with pytest.raises(cluster.ClusterError) as err:
+        up(paths, with_nodes=False)
+    assert "kube-apiserver not running" in str(err.value) and not fake_start
+    assert f"run `make down` (python -m dsjobs.devcluster --dir {paths.root} down) first" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", '{"format": 1, "comp'], ids=["empty", "cut-short"])
+def test_an_unreadable_record_is_no_record_to_down_and_up(
+    tmp_path: Path, fake_start: list[str], text: str
+) -> None:
+    # A traceback from `status`, `up` and `down` alike: the documented way out failed too.
+    paths = ClusterPaths.at(tmp_path / "dev")
+    paths.cluster.mkdir(parents=True)
+    paths.pids.write_text(text)
+    assert Record.load(paths.pids) is None
+    assert cluster.down(paths) is None and not paths.cluster.exists()
+    paths.cluster.mkdir(parents=True)
+    paths.pids.write_text(text)
+    _record, started = up(paths, with_nodes=False)
+    assert started
+
+
+def poll_gone(c: Component) -> None:
+    deadline = time.monotonic() + 10
+    while procs.is_running(c):
+        assert time.monotonic() < deadline, f"{c.name} still runs"
+        time.sleep(0.05)

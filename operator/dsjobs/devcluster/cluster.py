@@ -360,10 +360,17 @@ def _up_locked(
         dead = [c.name for c in existing.components if not procs.is_running(c)]
         if not dead:
             return existing, False
-        raise ClusterError(
-            f"a cluster is recorded in {paths.root} but {', '.join(dead)} not running; "
-            f"run `python -m dsjobs.devcluster down --dir {paths.root}` first"
-        )
+        if len(dead) == len(existing.components):
+            # Nothing of it runs (a reboot, `kill -9` of the whole stack): nothing to keep, and
+            # refusing made every `make up` and e2e run fail until someone ran `down` by hand.
+            log.warning("no process of the cluster recorded in %s runs; starting a new one", paths.root)
+            _teardown(paths, existing)
+            existing = None
+        else:
+            raise ClusterError(
+                f"a cluster is recorded in {paths.root} but {', '.join(dead)} not running; "
+                f"run `make down` (python -m dsjobs.devcluster --dir {paths.root} down) first"
+            )
     topology = list(nodes) if nodes is not None else default_topology()
     if with_nodes and topology and not node_agent_available():
         raise ClusterError(

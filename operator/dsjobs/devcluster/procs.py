@@ -75,6 +75,16 @@ class Record:
             return cls.from_json(path.read_text())
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError) as exc:
+            # Empty or cut short (a crash during its write): a traceback here made `down`, the
+            # way out of a broken cluster, fail too.
+            log.warning(
+                "%s cannot be read (%s): taken as no record; the processes it listed are not stopped "
+                "through it (kill them by hand if they run)",
+                path,
+                exc,
+            )
+            return None
 
     def find(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
