@@ -233,3 +233,20 @@ def poll_gone(c: Component) -> None:
     while procs.is_running(c):
         assert time.monotonic() < deadline, f"{c.name} still runs"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("script", "told"), [("exit 3", "exit code 3"), ("kill -SEGV $$", "killed by SIGSEGV")]
+)
+def test_a_component_that_ends_at_once_is_told_how(
+    tmp_path: Path, spawned: list[Component], script: str, told: str
+) -> None:
+    # A truncated cached etcd segfaulted at once: "etcd /health: the process exited" and an empty
+    # log tail were all the user got.
+    paths = ClusterPaths.at(tmp_path / "dev")
+    comp = procs.spawn("etcd", ["sh", "-c", script], paths.log("etcd"))
+    spawned.append(comp)
+    launch = cluster._Launch(paths, Record())
+    with pytest.raises(cluster.ClusterError) as err:
+        launch.wait(comp, "etcd /health", lambda: False, 10)
+    assert str(err.value).startswith(f"etcd /health: the process exited ({told}); last lines of "), err.value

@@ -328,7 +328,9 @@ class _Launch:
         try:
             health.wait_until(what, check, timeout, alive=lambda: procs.is_running(comp))
         except health.ProbeTimeout as e:
-            raise ClusterError(f"{e}; last lines of {comp.log}:\n{procs.tail(comp.log)}") from e
+            ended = procs.exit_status(comp)
+            how = f" ({ended})" if ended else ""
+            raise ClusterError(f"{e}{how}; last lines of {comp.log}:\n{procs.tail(comp.log)}") from e
         log.info("%s ready in %.1fs", what, time.monotonic() - t0)
 
 

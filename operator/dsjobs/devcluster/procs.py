@@ -105,11 +105,27 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+#: The children spawned here, kept: a Popen collected while its child has just exited reaps it,
+#: and how it ended (exit_status) would be lost.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+#: Return codes (negative: the signal) of children reaped here, by pid.
+_ENDED: dict[int, int] = {}
+
+
 def _reap(pid: int) -> None:
     # When the caller of `up` is still alive (e.g. a test in the same
     # process), exited children stay zombies until their parent reaps them.
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        code = child.poll()
+        if code is not None:
+            del _CHILDREN[pid]
+            _ENDED[pid] = code
+        return
     with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped:
+            _ENDED[reaped] = os.waitstatus_to_exitcode(status)
 
 
 def is_running(c: Component) -> bool:
@@ -132,6 +148,22 @@ def group_members(pgid: int) -> list[int]:
         if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(pid)
     return members
+
+
+def exit_status(comp: Component) -> str | None:
+    """How a child of this process that ended did (`exit code 1`, `killed by SIGSEGV`), or None:
+    still running, or not ours to reap. A binary that crashes at once (a truncated cached one)
+    leaves an empty log, and this is all there is to tell."""
+    _reap(comp.pid)
+    code = _ENDED.pop(comp.pid, None)
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def spawn(
@@ -157,6 +189,7 @@ def spawn(
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )
+    _CHILDREN[proc.pid] = proc
     st = start_time(proc.pid)
     if st is None:  # exited within microseconds; keep a record anyway
         st = -1
