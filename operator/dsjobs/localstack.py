@@ -372,6 +372,19 @@ def stack_ports(
     clusters that are alive; one that is down or gone is dropped from the list.
     """
     registry = registry or port_registry_dir()
+    try:
+        return _stack_ports_locked(paths, settings, registry)
+    except OSError as exc:
+        if exc.filename is None or not str(exc.filename).startswith(str(registry)):
+            raise
+        raise StackError(
+            f"cannot use the stacks' port registry in {registry} ({exc.strerror}: {exc.filename}): every "
+            "checkout's stack notes its ports there so that two never take the same; make it writable, "
+            "or point XDG_CACHE_HOME at a writable directory"
+        ) from exc
+
+
+def _stack_ports_locked(paths: ClusterPaths, settings: Mapping[str, str], registry: Path) -> dict[str, int]:
     me = os.path.realpath(paths.root)
     wanted = overlay_ports(settings)
     with _exclusive(registry / PORTS_LOCK):

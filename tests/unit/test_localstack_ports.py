@@ -214,3 +214,14 @@ def test_reserved_ports_are_below_the_ephemeral_range() -> None:
         assert len(set(ports)) == 8
         if low > RESERVED_PORTS_FROM + 1000:
             assert all(RESERVED_PORTS_FROM <= p < low for p in ports), (ports, low)
+
+
+def test_a_registry_that_cannot_be_written_is_told_not_a_traceback(
+    tmp_path: Path, settings: dict[str, str]
+) -> None:
+    # A read-only ~/.cache: `make up` ended in "OSError: [Errno 30] Read-only file system" with a
+    # traceback, its cluster left running.
+    (tmp_path / "not-a-dir").write_text("")
+    registry = tmp_path / "not-a-dir" / "dsjobs"
+    with pytest.raises(StackError, match=r"cannot use the stacks' port registry in .*XDG_CACHE_HOME"):
+        stack_ports(cluster(tmp_path / "a"), settings, registry)
