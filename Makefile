@@ -13,11 +13,18 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: install proto lint typecheck test-unit test-e2e test k8s-bins cluster-up cluster-down \
         up down demo bench e2e-kind lock clean
 
+# A venv whose Python is gone (an upgrade removed it) or that an interrupted install left broken
+# is made again: the stamp alone would call it installed for good.
 install: $(STAMP)
+	@$(PY) -c 'import dsjobs' 2>/dev/null || { echo "$(VENV) does not run dsjobs: installing again"; \
+	  rm -f $(STAMP); $(MAKE) --no-print-directory $(STAMP); }
 
 # constraints.txt pins every distribution to the versions CI tested (`make lock` moves them).
 $(STAMP): pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! $(PY) -m pip --version >/dev/null 2>&1; then \
+	  if [ -e $(VENV)/pyvenv.cfg ]; then echo "$(VENV) lacks pip or its Python: making it again"; rm -rf $(VENV); fi; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "the operator, API, tests and demo need Python 3.11 or newer: make ... PYTHON=python3.11 (rm -rf $(VENV) first)")'
 	$(PY) -m pip install -q -c constraints.txt --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
