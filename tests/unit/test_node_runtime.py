@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -95,13 +94,14 @@ def test_straggler_holding_the_pipe_does_not_block(tmp_path: Path) -> None:
         # A grandchild in its own session escapes the group kill and keeps stdout open. The shell
         # ends only once it has escaped (its pid written after setsid), not while it could still
         # be caught in the group.
+        # The path by the environment (any path quotes inside the inner sh's single quotes), and
+        # a bound on the wait: a pid file never written spun this shell past the test for good.
         script = (
-            f"setsid sh -c 'echo $$ >{shlex.quote(str(escaped))}; exec sleep 30' & "
-            f"until [ -s {shlex.quote(str(escaped))} ]; do sleep 0.05; done; echo started"
+            """setsid sh -c 'echo $$ >"$ESCAPED"; exec sleep 30' & """
+            """n=0; until [ -s "$ESCAPED" ] || [ $n -ge 200 ]; do sleep 0.05; n=$((n+1)); done; echo started"""
         )
-        proc = ContainerProcess.spawn(
-            ["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, str(log), Notifier()
-        )
+        env = {"PATH": "/usr/bin:/bin", "ESCAPED": str(escaped)}
+        proc = ContainerProcess.spawn(["/bin/sh", "-c", script], env, str(log), Notifier())
         st = await proc.wait()
         return st.exit_code, proc.running
 

@@ -178,7 +178,8 @@ def test_the_entry_script_alone_holds_the_liveness_fifo(shell: list[str], tmp_pa
     cfg = make_config(
         tmp_path,
         # What the program's own fds lead to, and whether the script holds the FIFO meanwhile.
-        f"for f in /proc/self/fd/*; do readlink $f; done > fds.txt; {sys.executable} {probe} {alive}",
+        f"for f in /proc/self/fd/*; do readlink $f; done > fds.txt; "
+        f"{shlex.join([sys.executable, str(probe), str(alive)])}",
     )
     os.mkfifo(cfg.layout.alive, 0o666)
     reader = os.open(cfg.layout.alive, os.O_RDONLY | os.O_NONBLOCK)
@@ -453,7 +454,7 @@ def test_sigint_as_graceful_signal_reaches_a_python_program(shell: list[str], tm
     )
     cfg = make_config(
         tmp_path,
-        f"{sys.executable} prog.py",
+        f"{shlex.quote(sys.executable)} prog.py",
         graceful_shutdown={"signal": int(signal.SIGINT), "timeout_seconds": 10},
     )
     r = run_entry(shell, cfg, term_when=b"ready")

@@ -372,9 +372,16 @@ def test_a_zip_input_holding_more_than_it_declares_stops_there_and_is_named(tmp_
     assert (cfg.work_dir / "data" / "zeros.bin").stat().st_size <= 1000
 
 
-def test_the_free_space_is_the_file_system_s(tmp_path: Path) -> None:
-    st = os.statvfs(tmp_path)
-    assert stagein.free_bytes(tmp_path) == st.f_bavail * st.f_frsize
+def test_the_free_space_is_what_an_unprivileged_writer_may_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fixed answer: two readings of a shared disk differ by whatever others wrote between them.
+    # (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, flag, namemax)
+    answer = os.statvfs_result((4096, 1024, 1000, 300, 200, 0, 0, 0, 0, 255))
+    asked: list[Path] = []
+    monkeypatch.setattr(stagein.os, "statvfs", lambda path: asked.append(path) or answer)
+    assert stagein.free_bytes(tmp_path) == 200 * 1024  # f_bavail in fragments, not root's f_bfree
+    assert asked == [tmp_path]
 
 
 def test_an_object_store_that_keeps_failing_is_told_as_such_not_as_the_inputs_fault(tmp_path: Path) -> None:
