@@ -10,6 +10,7 @@ gpu_stats.tsv.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def test_cgroup_v2_usage_as_docker_stats_tells_it(shell: list[str], tmp_path: Pa
     fakes.file(f"{own}/pids.current", "7\n")
     # The program burns 2 CPU seconds in 2 seconds (the counters move under it): 100%.
     cmd = (
-        f"sleep 1.2; printf 'usage_usec 2500000\\n' > {cpu}; printf '102.00 1\\n' > {fakes.proc}/uptime; "
+        f"sleep 1.2; printf 'usage_usec 2500000\\n' > {shlex.quote(str(cpu))}; "
+        f"printf '102.00 1\\n' > {shlex.quote(str(fakes.proc / 'uptime'))}; "
         "sleep 1.2"
     )
     cfg = _config(tmp_path, cmd, fakes)
