@@ -150,7 +150,8 @@ if [[ "$go_minor" =~ ^[0-9]+$ ]] && ((go_minor < 26)); then
 fi
 command -v flock >/dev/null 2>&1 || die "flock is missing (apt-get install util-linux)"
 
-mkdir -p "$CACHE_ROOT" "$BUILD_BIN" "$BIN_DIR"
+mkdir -p "$CACHE_ROOT" "$BUILD_BIN" "$BIN_DIR" 2>/dev/null && [[ -w "$CACHE_ROOT" ]] \
+  || die "cannot build ${missing[*]} into $CACHE_ROOT: it is not writable (set XDG_CACHE_HOME to a writable directory)"
 # One build at a time per cache: two concurrent `make cluster-up`s must not
 # both spend 30 minutes compiling the same thing.
 exec 9>"$CACHE_ROOT/.build.lock"
@@ -158,6 +159,8 @@ if ! flock -n 9; then
   log "another build holds $CACHE_ROOT/.build.lock; waiting for it"
   flock 9
 fi
+# Work directories of builds killed before their EXIT trap ran: no build runs now but ours.
+rm -rf "$CACHE_ROOT"/.tmp-build.*
 # Re-evaluate after the wait: the other build may have made everything.
 missing=()
 for b in "${BINARIES[@]}"; do present "$b" || missing+=("$b"); done

@@ -185,3 +185,22 @@ def test_binaries_given_in_dsjobs_k8s_bin_dir_are_used_and_nothing_is_built(
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == ("" if args in ((), ("--check",)) else str(given))
     assert not Path(env["GO_BUILDS"]).exists()  # the fake go was never asked to build
+
+
+def test_a_killed_build_s_work_dir_goes_with_the_next_build(tmp_path: Path, env: dict[str, str]) -> None:
+    # kill -9 before the EXIT trap: its .tmp-build.* stayed in the cache for good.
+    hack = checkout(tmp_path, "main")
+    left = Path(env["XDG_CACHE_HOME"]) / "dsjobs" / "k8s" / ".tmp-build.abc123"
+    left.mkdir(parents=True)
+    (left / "etcd").write_text("half a binary")
+    built = bins(hack, env, "--print-dir")
+    assert built.returncode == 0, built.stderr
+    assert not left.exists()
+
+
+def test_a_cache_that_cannot_be_written_is_named(tmp_path: Path, env: dict[str, str]) -> None:
+    hack = checkout(tmp_path, "main")
+    (tmp_path / "file").write_text("")
+    built = bins(hack, {**env, "XDG_CACHE_HOME": str(tmp_path / "file")})
+    assert built.returncode == 1
+    assert "k8s-bins: error: cannot build" in built.stderr and "is not writable" in built.stderr, built.stderr
