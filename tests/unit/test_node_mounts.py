@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -176,8 +177,10 @@ def test_launch_really_mounts_privately(tmp_path: Path) -> None:
     target = tmp_path / "target" / "deep"  # created by the script
     msg_target = tmp_path / "msgdir" / "termination-log"
     mounts = (Mount(str(src), str(target), True), Mount(str(term), str(msg_target), False))
+    q = shlex.quote
     script_cmd = (
-        f"cat {target}/hello; echo written > {msg_target}; touch {target}/nope 2>/dev/null || echo read-only"
+        f"cat {q(str(target / 'hello'))}; echo written > {q(str(msg_target))}; "
+        f"touch {q(str(target / 'nope'))} 2>/dev/null || echo read-only"
     )
     argv = launch_argv(plan(mounts, ("sh", "-c", script_cmd)), Tools.discover())
     out = subprocess.run(argv, capture_output=True, text=True, check=True)
@@ -199,7 +202,7 @@ def test_a_target_covering_a_later_source_does_not_hide_it(tmp_path: Path) -> No
     covering = Mount(str(state / "empty"), str(tmp_path), False)
     msg_target = tmp_path.parent / f"{tmp_path.name}-termination-log"
     msg = Mount(str(term), str(msg_target), False)
-    script_cmd = f"echo done > {msg_target}"
+    script_cmd = f"echo done > {shlex.quote(str(msg_target))}"
     argv = launch_argv(plan((covering, msg), ("sh", "-c", script_cmd)), Tools.discover())
     subprocess.run(argv, capture_output=True, text=True, check=True)
     assert term.read_text() == "done\n"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import os
+import shlex
 import signal
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -250,7 +251,9 @@ def test_force_deletion_still_gives_sigterm_a_second(tmp_path: Path) -> None:
     async def main() -> None:
         ctx = Ctx(tmp_path)
         ready = tmp_path / "trap-set"
-        script = f"trap 'sleep 0.3; exit 0' TERM; touch {ready}; while :; do sleep 0.05; done"
+        script = (
+            f"trap 'sleep 0.3; exit 0' TERM; touch {shlex.quote(str(ready))}; while :; do sleep 0.05; done"
+        )
         pod = make_pod(containers=[container("main", script)], grace=30)
         async with started(ctx, pod) as w:
             await wait_for(lambda: "main" in w.procs)

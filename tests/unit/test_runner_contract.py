@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from runner_fakes import umask
 
+from dsjobs.runner import contract
 from dsjobs.runner.config import RunnerConfig
 from dsjobs.runner.contract import (
     CONFIG_KEY,
@@ -217,7 +218,9 @@ def test_without_anything_to_fetch_the_entry_script_travels_in_the_config_secret
     assert parts(config, config_delivery="env").init_containers[0]["command"][-1] == "stage-in"
 
 
-def test_shell_stage_in_makes_what_the_python_stage_in_makes(tmp_path: Path) -> None:
+def test_shell_stage_in_makes_what_the_python_stage_in_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def config_in(root: Path) -> RunnerConfig:
         return cfg(
             paths={"work_dir": str(root / "work"), "shared_dir": str(root / "shared")},
@@ -231,7 +234,9 @@ def test_shell_stage_in_makes_what_the_python_stage_in_makes(tmp_path: Path) -> 
     secret_dir = tmp_path / "secret"
     secret_dir.mkdir()
     (secret_dir / ENTRY_KEY).write_text(config_secret_data(config)[ENTRY_KEY])
-    script = shell_stage_in(config).replace(CONFIG_MOUNT_PATH, str(secret_dir))
+    # Where the Secret is mounted, before rendering: the script quotes it as it quotes the rest.
+    monkeypatch.setattr(contract, "CONFIG_MOUNT_PATH", str(secret_dir))
+    script = shell_stage_in(config)
     subprocess.run(["/bin/sh", "-c", script], check=True, capture_output=True)
 
     def tree(root: Path) -> dict[str, tuple[str, int]]:

@@ -589,7 +589,11 @@ def _image_python(tmp: Path, index: str, installed: str | None, pip_home: Path |
 
 
 def _prints_tinypkg(interpreter: str = "python3") -> str:
-    return f"{interpreter} -c 'import sys, tinypkg; print(tinypkg.VALUE, tinypkg.__file__, sys.prefix)'"
+    # One a line: the paths may hold spaces (TMPDIR).
+    return (
+        f"{shlex.quote(interpreter)} -c "
+        "'import sys, tinypkg; print(tinypkg.VALUE, tinypkg.__file__, sys.prefix, sep=chr(10))'"
+    )
 
 
 def test_requirements_the_image_has_are_not_installed_again(shell: list[str], tmp_path: Path) -> None:
@@ -606,7 +610,7 @@ def test_requirements_the_image_has_are_not_installed_again(shell: list[str], tm
     r = run_entry(shell, cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=120)
     assert r.rc == 0, r.syslog
     assert "Requirement already satisfied: tinypkg==0.1" in r.syslog
-    value, where, prefix = r.out_file.decode().split()
+    value, where, prefix = r.out_file.decode().splitlines()
     assert value == "1" and where.startswith(str(tmp_path / "image"))
     assert not list(_venv_site(cfg.layout.venv_dir).glob("tinypkg*"))
     # The program runs the image's interpreter (its sys.prefix: kernelspecs, conda data), not the
@@ -630,7 +634,7 @@ def test_a_requirement_in_another_version_than_the_image_s_leaves_the_image_s_al
     cfg.layout.requirements.write_text("tinypkg==0.2\n")
     r = run_entry(_dash(), cfg, env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}, timeout=120)
     assert r.rc == 0, r.syslog
-    value, where, _ = r.out_file.decode().split()
+    value, where, _ = r.out_file.decode().splitlines()
     assert value == "2" and where.startswith(str(cfg.layout.venv_dir))
     # The image's copy is still there (pip did not uninstall it: it is outside the venv).
     assert (_venv_site(tmp_path / "image") / "tinypkg" / "__init__.py").read_text() == "VALUE = 1\n"
@@ -1078,7 +1082,7 @@ def test_a_program_that_fills_the_disk_still_gets_its_exit_status_recorded(
     # The tee appends "before" to the log file on its own time: the fill waits for it, or the
     # line could find the disk full already.
     out = make_config(small_disk, "true").layout.stdout
-    cmd = f"echo before; until [ -s {out} ]; do sleep 0.05; done; head -c 4194304 /dev/zero > fill; exit 3"
+    cmd = f"echo before; until [ -s {shlex.quote(str(out))} ]; do sleep 0.05; done; head -c 4194304 /dev/zero > fill; exit 3"
     cfg = make_config(small_disk, cmd)
     r = run_entry(shell, cfg)
     assert r.rc == 3
@@ -1097,7 +1101,8 @@ def test_runner_files_the_program_replaced_by_fifos_are_not_waited_on(
     # (its end never told, the pod kept until deleted, no outputs).
     cfg = make_config(tmp_path, "true")  # for its layout's paths
     status_tmp = f"{cfg.layout.status}.tmp"
-    cmd = f"rm -f {cfg.layout.system_log} {status_tmp}; mkfifo -m 666 {cfg.layout.system_log} {status_tmp}; exit 3"
+    both = shlex.join([str(cfg.layout.system_log), status_tmp])
+    cmd = f"rm -f {both}; mkfifo -m 666 {both}; exit 3"
     cfg = make_config(tmp_path, cmd)
     r = run_entry(shell, cfg)  # its 60 s timeout is the hang guard
     assert r.rc == 3
@@ -1108,7 +1113,9 @@ def test_runner_files_the_program_replaced_by_fifos_are_not_waited_on(
 def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Path) -> None:
     # Unbuffered Python output, thread pools as wide as the container's CPU limit (it sees all of
     # its node's CPUs), a home it may write; what the image or the job sets wins.
-    show = 'echo "$PYTHONUNBUFFERED $OMP_NUM_THREADS $MKL_NUM_THREADS $PYTHON_CPU_COUNT $HOME"'
+    show = (
+        'printf "%s\\n" "$PYTHONUNBUFFERED" "$OMP_NUM_THREADS" "$MKL_NUM_THREADS" "$PYTHON_CPU_COUNT" "$HOME"'
+    )
     (tmp_path / "tmp").mkdir()
     env = {
         **os.environ,
@@ -1125,7 +1132,7 @@ def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Pat
     assert r.rc == 0, r.syslog
     # On the node's disk (the image's /tmp), not in the shared volume caches would fill.
     home = tmp_path / "tmp" / "dsjobs-home"
-    assert r.out_file.decode().split() == ["1", "4", "2", "4", str(home)]
+    assert r.out_file.decode().splitlines() == ["1", "4", "2", "4", str(home)]
     assert home.is_dir()
     # No writable TMPDIR: the shared volume.
     env_no_tmp = {**env, "TMPDIR": str(tmp_path / "no-such-tmp" / "x")}
@@ -1133,16 +1140,17 @@ def test_the_program_finds_a_machine_of_its_size(shell: list[str], tmp_path: Pat
     cfg = make_config(tmp_path / "shared-home", show)
     r = run_entry(shell, cfg, env=env_no_tmp)
     assert r.rc == 0, r.syslog
-    assert r.out_file.decode().split()[-1] == str(cfg.layout.root / "home")
+    assert r.out_file.decode().splitlines()[-1] == str(cfg.layout.root / "home")
     # The image's own settings, a home that is writable, no CPU limit told: left as they are.
     env = {**env, "PYTHONUNBUFFERED": "", "OMP_NUM_THREADS": "8", "HOME": str(tmp_path)}
     env.pop("DSJOBS_CPUS")
     cfg = make_config(
-        tmp_path / "again", 'echo "[$PYTHONUNBUFFERED] $OMP_NUM_THREADS ${PYTHON_CPU_COUNT-unset} $HOME"'
+        tmp_path / "again",
+        'printf "%s\\n" "[$PYTHONUNBUFFERED]" "$OMP_NUM_THREADS" "${PYTHON_CPU_COUNT-unset}" "$HOME"',
     )
     r = run_entry(shell, cfg, env=env)
     assert r.rc == 0, r.syslog
-    assert r.out_file.decode().split() == ["[]", "8", "unset", str(tmp_path)]
+    assert r.out_file.decode().splitlines() == ["[]", "8", "unset", str(tmp_path)]
 
 
 def test_what_a_python_program_printed_before_it_was_killed_is_kept(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def test_gpus_through_the_image_s_nvidia_smi(shell: list[str], tmp_path: Path) -
     args = tmp_path / "smi-args"
     smi.write_text(
         "#!/bin/sh\n"
-        f'echo "$@" > {args}\n'
+        f'echo "$@" > {shlex.quote(str(args))}\n'
         "echo '0, NVIDIA A100-SXM4-80GB, 97, 40, 30000, 81920, 55, 250.12'\n"
         "echo '1, NVIDIA A100-SXM4-80GB, 0, 0, 0, 81920, 31, 50.00'\n"
     )
