@@ -30,7 +30,7 @@ from dsjobs.api.errors import quoted
 from dsjobs.api.ids import is_job_id, is_resource_id
 from dsjobs.controller.names import EXECUTE_REQUESTED_AT
 from dsjobs.controller.podview import parse_time
-from dsjobs.controller.status import COND_SCHEDULED, data_deletion_begun, data_expiry
+from dsjobs.controller.status import COND_FINISHED, COND_SCHEDULED, data_deletion_begun, data_expiry
 
 # timestamp saturates: a status time near year 1 or 9999 (the CRD lets +-23:59 offsets through)
 # must not fail an operation's Get when the job's Get answers.
@@ -235,13 +235,17 @@ def create_operation(
 # The operator records how a job ended in its `Finished` condition. These reasons mean the program
 # ran and exited (a *result* for the client, whatever the code); any other reason means the job
 # never got to run its program to the end (an operation *error*).
-FINISHED_CONDITION = "Finished"
+FINISHED_CONDITION = COND_FINISHED
 PROGRAM_REASONS = frozenset({"Succeeded", "NonZeroExit", "OOMKilled"})
 
 # Error codes of the other reasons, by what the user can do about them.
 _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "InvalidSpec": grpc.StatusCode.INVALID_ARGUMENT,
     "UnknownInstanceType": grpc.StatusCode.FAILED_PRECONDITION,
+    "UnknownDockerImage": grpc.StatusCode.FAILED_PRECONDITION,
+    # The job's projectId is not its namespace's project: the cluster's setup (or the job's).
+    "ProjectMismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "ConfigTooLarge": grpc.StatusCode.FAILED_PRECONDITION,
     "MissingVolume": grpc.StatusCode.FAILED_PRECONDITION,
     "SparkConnector": grpc.StatusCode.FAILED_PRECONDITION,
     "RegistryCredentials": grpc.StatusCode.FAILED_PRECONDITION,
@@ -249,6 +253,8 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "StorageCredentials": grpc.StatusCode.FAILED_PRECONDITION,
     "StageInFailed": grpc.StatusCode.FAILED_PRECONDITION,
     "SetupFailed": grpc.StatusCode.FAILED_PRECONDITION,
+    # The job's own program stopped its entry script before the program ran (during setup).
+    "StoppedFromInside": grpc.StatusCode.FAILED_PRECONDITION,
     "InvalidImageName": grpc.StatusCode.FAILED_PRECONDITION,
     "ErrImageNeverPull": grpc.StatusCode.FAILED_PRECONDITION,
     "ErrImagePull": grpc.StatusCode.FAILED_PRECONDITION,
@@ -274,11 +280,16 @@ _FAILURE_CODES: dict[str, grpc.StatusCode] = {
     "Evicted": grpc.StatusCode.ABORTED,
     "Preempted": grpc.StatusCode.ABORTED,
     "NodeLost": grpc.StatusCode.ABORTED,
+    # The node or its container runtime restarted under the job: as a lost node.
+    "NodeRestarted": grpc.StatusCode.ABORTED,
     "NodeShutdown": grpc.StatusCode.ABORTED,
     "Disrupted": grpc.StatusCode.ABORTED,
     "PodDeleted": grpc.StatusCode.ABORTED,
     "PodStopped": grpc.StatusCode.ABORTED,
 }
+#: dsjobs' own failures, the only reasons of the operator's that are INTERNAL (by design, not by
+#: falling through the table): the runner's sidecar failed, the pod failed for no reason given.
+INTERNAL_REASONS: Final = frozenset({"RunnerFailed", "PodFailed"})
 # Reasons not in the table (container waiting reasons, future ones): by what they mention.
 _FAILURE_HINTS: tuple[tuple[str, grpc.StatusCode], ...] = (
     ("Invalid", grpc.StatusCode.FAILED_PRECONDITION),
