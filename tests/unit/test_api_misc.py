@@ -8,6 +8,7 @@ import pytest
 
 from dsjobs.api import listfilter, settings
 from dsjobs.api.core import transfer_ttl
+from dsjobs.models import JobPhase
 
 # --- filters ------------------------------------------------------------------------------------
 
@@ -30,6 +31,12 @@ FIELDS = {"id": "j1", "name": "train", "status": "SUCCESS", "created_by_id": "al
 )
 def test_filters(text: str, matches: bool) -> None:
     assert listfilter.parse(text).matches(FIELDS) is matches
+
+
+@pytest.mark.parametrize("phase", list(JobPhase))
+def test_every_phase_is_a_status_the_filter_knows(phase: JobPhase) -> None:
+    # The proto's JobStatus names are the model's phases (test_convert); the filter takes each.
+    assert listfilter.parse(f"status = {phase.value}").matches({**FIELDS, "status": phase.value})
 
 
 @pytest.mark.parametrize(

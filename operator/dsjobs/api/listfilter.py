@@ -17,11 +17,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from dsjobs.models import JobPhase
+
 MAX_FILTER_LENGTH = 1000
 FIELDS = ("id", "name", "status", "created_by_id", "parent_job_id")
-STATUSES = frozenset(
-    {"CREATING", "PREPARING", "EXECUTING", "UPLOADING_OUTPUT", "SUCCESS", "ERROR", "CANCELLING", "CANCELLED"}
-)
+STATUSES = frozenset(phase.value for phase in JobPhase)
 
 _TOKEN = re.compile(
     r"""\s*(?:(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?P<op>!=|=|\(|\)|,)|(?P<word>[A-Za-z0-9_.:@-]+))"""

@@ -143,6 +143,7 @@ from dsjobs.controller.status import (
 from dsjobs.kubeconfig import KubeConfig, Refresh, from_kubeconfig
 from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import (
+    FINAL_PHASES,
     GROUP,
     INSTANCETYPE_PLURAL,
     PROJECTJOB_PLURAL,
@@ -394,7 +395,7 @@ class Operator:
         status = body.get("status") or {}
         # No phase yet (no status written: a first step that keeps failing) is CREATING, as the
         # API answers it: left out, the phase series summed to fewer jobs than there are.
-        self.phases.set(key, status.get("phase") or "CREATING")
+        self.phases.set(key, status.get("phase") or JobPhase.CREATING.value)
         self.waits.update(key, status)
         if not status.get("attempt") and (body.get("spec") or {}).get("execute") and key not in self._seen:
             self._seen[key] = time.monotonic()
@@ -959,10 +960,11 @@ class Operator:
         keeps the operator's memory flat in the number of jobs (10k jobs, ~10 KiB each).
         """
         status = body.get("status") or {}
-        idle = status.get("phase") in (None, "CREATING", "SUCCESS", "ERROR", "CANCELLED")
+        phase = status.get("phase")
+        idle = phase is None or phase == JobPhase.CREATING or phase in FINAL_PHASES
         if idle and not any(not p.gone for p in pods) and key not in self._fresh:
             self._drop_body(key)
-            if status.get("phase") != "CREATING":
+            if phase != JobPhase.CREATING:
                 self._seen.pop(key, None)
 
     def _drop_body(self, key: Key) -> None:

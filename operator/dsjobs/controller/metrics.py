@@ -13,18 +13,12 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dsjobs.controller.podview import parse_time
+from dsjobs.controller.status import COND_SCHEDULED
 from dsjobs.kubemetrics import KUBE_REQUESTS as KUBE_REQUESTS
+from dsjobs.models import JobPhase
 
-_PHASES = (
-    "CREATING",
-    "PREPARING",
-    "EXECUTING",
-    "UPLOADING_OUTPUT",
-    "SUCCESS",
-    "ERROR",
-    "CANCELLING",
-    "CANCELLED",
-)
+#: Every phase's series is exported (0 where no job is in it): a fixed set, the model's.
+_PHASES: Final = tuple(phase.value for phase in JobPhase)
 
 JOBS = Gauge("dsjobs_jobs", "ProjectJobs the operator sees, by phase.", ["phase"])
 LEADER = Gauge(
@@ -54,7 +48,7 @@ QUEUE_TIME = Histogram(
 #: The `outcome` of a run: how the attempt ended. RETRIED is an attempt that failed and was given
 #: another by the retry policy; the others are the job's final phase. A fixed set: the label's
 #: cardinality must not follow the data.
-RUN_OUTCOMES: Final = ("SUCCESS", "ERROR", "CANCELLED", "RETRIED")
+RUN_OUTCOMES: Final = (JobPhase.SUCCESS.value, JobPhase.ERROR.value, JobPhase.CANCELLED.value, "RETRIED")
 RUN_TIME = Histogram(
     "dsjobs_job_run_seconds",
     "From the job container's start (the environment's setup, then the program) to the end of its "
@@ -141,10 +135,10 @@ def waiting_since(status: Mapping[str, Any]) -> tuple[str, float] | None:
     """(instance type, since when as a POSIX time) of a job whose pod waits for a node or for
     admission: PREPARING with its Scheduled condition False (no node has room, a quota or a
     policy refuses the pod), since that condition's last transition; None otherwise."""
-    if status.get("phase") != "PREPARING":
+    if status.get("phase") != JobPhase.PREPARING:
         return None
     for cond in status.get("conditions") or ():
-        if isinstance(cond, Mapping) and cond.get("type") == "Scheduled":
+        if isinstance(cond, Mapping) and cond.get("type") == COND_SCHEDULED:
             if cond.get("status") != "False":
                 return None
             since = parse_time(cond.get("lastTransitionTime"))
