@@ -1182,7 +1182,7 @@ class Operator:
 
     async def _act(
         self, job: JobView, body: dict[str, Any], step: Plan, now: datetime
-    ) -> tuple[dict[str, Any] | None, Any, list[JobEvent], timedelta | None]:
+    ) -> tuple[dict[str, Any] | None, ProjectJobStatus, list[JobEvent], timedelta | None]:
         """Perform the plan's actions in order. Returns the (possibly updated) body, the status to
         write (the plan's, an ERROR when a pod could not be made, or PREPARING while the API server
         refuses it for now), the events to post and when to plan again."""
@@ -1317,7 +1317,7 @@ class Operator:
         return waiting_to_create(job, refused.why, now, action, names, budget, action.instance_type)
 
     async def _create_pod(
-        self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: Any, now: datetime
+        self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: ProjectJobStatus, now: datetime
     ) -> StatusUpdate | Refused | Held | str:
         """Fetch what the pod needs, render it (pure) and create it; the job container's image
         when it exists. A StatusUpdate (ERROR naming the cause) when the job cannot run: missing
@@ -1693,7 +1693,12 @@ class Operator:
     # --- writing -----------------------------------------------------------------------------
 
     async def _write_status(
-        self, key: Key, job: JobView, body: dict[str, Any], status: Any, events: Sequence[JobEvent] = ()
+        self,
+        key: Key,
+        job: JobView,
+        body: dict[str, Any],
+        status: ProjectJobStatus,
+        events: Sequence[JobEvent] = (),
     ) -> dict[str, Any] | None:
         """Patch the status (merge patch of the difference) guarded by resourceVersion.
         None on a conflict (the cached body is dropped so that the next step reads afresh); the
