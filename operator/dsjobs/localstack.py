@@ -49,6 +49,7 @@ import yaml
 
 from dsjobs.api.settings import derived_page_token_key
 from dsjobs.controller.names import (
+    PROJECT_LABEL,
     PROJECT_STORAGE_ACCESS_KEY,
     PROJECT_STORAGE_SECRET_KEY,
     PROJECT_STORAGE_SECRET_NAME,
@@ -69,7 +70,6 @@ STORAGE_SECRET = "dsjobs-storage"
 API_SECRET = "dsjobs-api"
 PAGE_TOKEN_KEY_ENV = "DSJOBS_API_PAGE_TOKEN_KEY"
 SETTINGS_CONFIGMAP = "dsjobs-settings"
-PROJECT_LABEL = "dsjobs.dev/project-id"
 #: Marks the ServiceAccount of the overlay's demo project that `up` makes a token for.
 LOCAL_USER_LABEL = "dsjobs.dev/local-user"
 #: Pod template annotation: a digest of settings, storage credentials and the dsjobs sources, so a

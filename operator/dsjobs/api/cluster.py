@@ -32,15 +32,13 @@ from dsjobs.api import metrics
 from dsjobs.api.errors import KubeError
 from dsjobs.api.kube import Kube, WatchIdle, jobs_path, namespaces_path
 from dsjobs.backoff import Backoff
-from dsjobs.controller.names import project_holder
+from dsjobs.controller.names import PROJECT_LABEL, project_holder
 from dsjobs.kubemetrics import WATCH_IDLE_SECONDS
 from dsjobs.models import GROUP, INSTANCETYPE_PLURAL, VERSION
 from dsjobs.validation.instancetype import read_instance_type
 
 log = logging.getLogger(__name__)
 
-PROJECT_LABEL = "dsjobs.dev/project-id"
-JOB_LABEL = "dsjobs.dev/job-id"
 PROJECT_NAME_ANNOTATION = "dsjobs.dev/project-name"
 PROJECT_DESCRIPTION_ANNOTATION = "dsjobs.dev/project-description"
 COMMUNITY_ANNOTATION = "dsjobs.dev/community-id"

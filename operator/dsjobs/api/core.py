@@ -23,8 +23,6 @@ from dsjobs import storage as st
 from dsjobs.api import errors
 from dsjobs.api.auth import Authenticator, Identity, Verb
 from dsjobs.api.cluster import (
-    JOB_LABEL,
-    PROJECT_LABEL,
     InstanceTypeCatalog,
     JobIndex,
     ProjectIndex,
@@ -36,7 +34,13 @@ from dsjobs.api.kube import JSON, MERGE_PATCH, Kube, jobs_path, secrets_path
 from dsjobs.api.operations import JobSnapshot
 from dsjobs.api.settings import Settings
 from dsjobs.api.streams import LogBudget, StreamSlots
-from dsjobs.controller.names import API_CREATED_BY, API_CREATED_BY_LABEL, PROJECT_STORAGE_SECRET_NAME
+from dsjobs.controller.names import (
+    API_CREATED_BY,
+    API_CREATED_BY_LABEL,
+    JOB_LABEL,
+    PROJECT_LABEL,
+    PROJECT_STORAGE_SECRET_NAME,
+)
 from dsjobs.controller.secrets import project_storage_env
 from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV
 from dsjobs.models import File
@@ -409,7 +413,7 @@ class Core:
                 f"project storage credentials: {what} {problem} (the API runs with "
                 f"{STORAGE_CREDENTIALS_ENV}={PROJECT_CREDENTIALS}; runners and upload URLs use it)"
             )
-        return env["DSJOBS_S3_ACCESS_KEY"], env["DSJOBS_S3_SECRET_KEY"]
+        return env[st.ENV_ACCESS_KEY], env[st.ENV_SECRET_KEY]
 
     async def presign_get(self, files: Iterable[tuple[str, str, int]]) -> dict[str, str]:
         """`(key, download file name, size)` -> presigned GET URL, valid long enough for all of

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from dsjobs.controller.settings import STORAGE_CREDENTIAL_SOURCES
+from dsjobs.controller.settings import STORAGE_CREDENTIAL_SOURCES, STORAGE_CREDENTIALS_ENV
 from dsjobs.models import parse_duration
 
 MAX_URL_TTL = timedelta(hours=1)
@@ -130,7 +130,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "storage_credentials",
-        "DSJOBS_STORAGE_CREDENTIALS",
+        STORAGE_CREDENTIALS_ENV,
         "operator",
         "the operator's setting of that name (the same ConfigMap): with `project`, input upload URLs "
         "are signed with the project namespace's `dsjobs-project-storage` key pair, as its runners "

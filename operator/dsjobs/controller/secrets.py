@@ -22,6 +22,7 @@ from dsjobs.controller.names import (
 )
 from dsjobs.models import PROJECTJOB_KIND
 from dsjobs.models.limits import MAX_REGISTRY_PASSWORD_BYTES
+from dsjobs.storage import ENV_ACCESS_KEY, ENV_SECRET_KEY
 
 DOCKER_HUB: Final = "https://index.docker.io/v1/"
 
@@ -165,8 +166,8 @@ def project_storage_env(
         return None, "has no " + " and no ".join(missing)
     return {
         **storage_env,
-        "DSJOBS_S3_ACCESS_KEY": values[PROJECT_STORAGE_ACCESS_KEY],
-        "DSJOBS_S3_SECRET_KEY": values[PROJECT_STORAGE_SECRET_KEY],
+        ENV_ACCESS_KEY: values[PROJECT_STORAGE_ACCESS_KEY],
+        ENV_SECRET_KEY: values[PROJECT_STORAGE_SECRET_KEY],
     }, ""
 
 
