@@ -11,7 +11,9 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
+from dsjobs.api import listfilter
 from dsjobs.api import operations as ops
+from dsjobs.api.servicer import _filter_fields
 from dsjobs.controller.status import (
     _DISRUPTION_REASONS,
     _POD_REASONS,
@@ -465,3 +467,9 @@ def test_a_job_a_newer_version_wrote_keys_into_is_served() -> None:
     )
     assert j.status.phase == JobPhase.SUCCESS and j.status.return_code == 0
     assert j.spec.job_parameters.cmd == "python x.py"
+
+
+def test_list_filters_every_field_the_filter_grammar_names() -> None:
+    # A field listfilter accepts but List does not supply would fail the call with a KeyError
+    # (INTERNAL) instead of filtering.
+    assert set(_filter_fields(job())) == set(listfilter.FIELDS)
