@@ -159,6 +159,18 @@ def test_every_setting_has_a_field_or_feeds_one() -> None:
     assert {s.name for s in settings.SETTINGS} - names == {"page_token_key_file"}
 
 
+def test_the_settings_class_defaults_are_the_servers() -> None:
+    # Settings() (what tests and embedders build) holds the defaults a server started with no
+    # variable gets: a second copy of them had drifted (max_log_streams 4000, the server's 500).
+    from dataclasses import fields
+
+    served = settings.from_args([], environ={})
+    bare = settings.Settings()
+    own_key = {"page_token_key", "page_token_key_is_random"}  # random per process unless given
+    differ = {f.name for f in fields(bare) if getattr(bare, f.name) != getattr(served, f.name)}
+    assert differ - own_key == set()
+
+
 def test_transfer_ttl_covers_all_files_on_a_slow_link() -> None:
     base = timedelta(minutes=15)
     assert transfer_ttl(base, 0) == base

@@ -152,6 +152,12 @@ class SettingsError(ValueError):
     pass
 
 
+# Log streams one replica follows unless told: each whose client stops reading (a suspended
+# laptop) holds about 1 MiB in gRPC's buffers, within the HTTP/2 window its client granted, out of
+# reach of the log budget: 500 of them and the budget fit the deployment's 1Gi.
+DEFAULT_MAX_LOG_STREAMS = 500
+
+
 @dataclass(frozen=True)
 class Settings:
     listen: str = "0.0.0.0:9090"
@@ -177,7 +183,7 @@ class Settings:
     community_id: str = "dsjobs"
     kube_timeout: float = 20.0
     max_concurrent_rpcs: int = 5000
-    max_log_streams: int = 4000
+    max_log_streams: int = DEFAULT_MAX_LOG_STREAMS
     max_log_streams_per_caller: int = 200
     log_level: str = "INFO"
     log_format: str = "json"
@@ -218,10 +224,6 @@ def _int(name: str, text: str, minimum: int, maximum: int | None = None) -> int:
 # setting, and framing: up to 1000 records, each up to 32 messages when it is not all UTF-8
 # (logrecords.utf8_pieces), ~25 bytes per message: under 1 MiB.
 MAX_RESPONSE_BYTES = 2 * 1024 * 1024
-# Log streams one replica follows unless told: each whose client stops reading (a suspended
-# laptop) holds about 1 MiB in gRPC's buffers, within the HTTP/2 window its client granted, out of
-# reach of the log budget: 500 of them and the budget fit the deployment's 1Gi.
-DEFAULT_MAX_LOG_STREAMS = 500
 #: Settings whose empty variable is a value of its own, not the default.
 EMPTY_MEANS_OFF = frozenset({"metrics_listen"})
 
