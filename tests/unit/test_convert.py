@@ -505,6 +505,18 @@ def test_job_to_proto() -> None:
     assert job.job_parameters == c.job_parameters_to_proto(spec.job_parameters)
 
 
+def test_the_converter_fills_every_field_of_job_and_job_metadata() -> None:
+    # Driven by the proto, as for JobParameters: a Job field the converter ignores (one a proto
+    # upgrade brings, or one dropped from job_to_proto) fails here; test_job_to_proto lists fields.
+    spec, status = full_spec(), full_status().model_copy(update={"data_cleared": True})
+    for message, built in (
+        (jobs_pb2.Job, c.job_to_proto("job1", spec, status)),
+        (jobs_pb2.JobMetadata, c.job_metadata_to_proto("job1", spec, status)),
+    ):
+        unset = {f.name for f in message.DESCRIPTOR.fields} - {f.name for f, _ in built.ListFields()}
+        assert unset == set(), f"{message.DESCRIPTOR.name}: {sorted(unset)}"
+
+
 def test_a_job_without_status_is_creating() -> None:
     job = c.job_to_proto("job1", full_spec(), None, created_at=T0)
     assert job.status == jobs_pb2.CREATING and c.from_timestamp(job.created_at) == T0
