@@ -58,13 +58,11 @@ from dsjobs.controller.kube import (
     with_query,
 )
 from dsjobs.controller.names import (
+    DOCKER_IMAGES_CONFIGMAP,
     FINALIZER,
     JOB_LABEL,
     PROJECT_LABEL,
-    PROJECT_SECRETS_NAME,
     PROJECT_STORAGE_SECRET_NAME,
-    REGISTRY_PASSWORD_ROLE,
-    SECRET_ROLE_LABEL,
     api_registry_password_selector,
     operator_secrets_selector,
     output_dataset_claim_name,
@@ -73,7 +71,6 @@ from dsjobs.controller.names import (
     project_holder,
     registry_secret_name,
     runner_secret_name,
-    spark_connector_secret_name,
 )
 from dsjobs.controller.plan import (
     DELETION_GRACE_SECONDS,
@@ -91,7 +88,6 @@ from dsjobs.controller.plan import (
     RemoveFinalizer,
     current_pod_name,
     foreign_project,
-    gone_type_problem,
     plan,
     read_status,
     scale_up_matters,
@@ -101,32 +97,24 @@ from dsjobs.controller.plan import (
     write_delay,
 )
 from dsjobs.controller.podview import SCALE_UP_SELECTOR, PodView, latest_event_message, scale_up_message
+from dsjobs.controller.prepare import (
+    PodInputs,
+    needs_docker_images,
+    needs_project_storage,
+    needs_storage_classes,
+    prepare_pod,
+    registry_password_source,
+    spark_secret_name,
+)
 from dsjobs.controller.refusals import refusal_hint, refused_by_type
 from dsjobs.controller.render import (
     JobRef,
     PvcView,
-    needs_registry_secret,
     output_dataset_claims,
     published_dataset_patch,
     pvc_selectors,
-    render_pod,
-    resolve_volumes,
-    runner_config,
-    runner_secret,
-    secret_size_problem,
-    user_image,
-    working_storage_class_problem,
 )
-from dsjobs.controller.secrets import (
-    is_registry_password,
-    project_storage_env,
-    registry_password_length_problem,
-    registry_password_source_problem,
-    registry_secret,
-    secret_value,
-    spark_connector_problem,
-)
-from dsjobs.controller.settings import PROJECT_CREDENTIALS, STORAGE_CREDENTIALS_ENV, OperatorSettings
+from dsjobs.controller.settings import OperatorSettings
 from dsjobs.controller.status import (
     COND_FINISHED,
     COND_RETRYING,
@@ -176,7 +164,6 @@ FAILURES_BEFORE_EVENT: Final = 3
 NAMESPACE_PROJECT_SECONDS: Final = 60.0
 #: Namespaces whose project is remembered before the stale ones are dropped.
 NAMESPACE_PROJECTS_KEPT: Final = 1024
-DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 STORAGE_CLASSES_PATH: Final = "/apis/storage.k8s.io/v1/storageclasses"
 
 
@@ -1319,8 +1306,8 @@ class Operator:
     async def _create_pod(
         self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: ProjectJobStatus, now: datetime
     ) -> StatusUpdate | Refused | Held | str:
-        """Fetch what the pod needs, render it (pure) and create it; the job container's image
-        when it exists. A StatusUpdate (ERROR naming the cause) when the job cannot run: missing
+        """Fetch what the pod needs, have prepare_pod (pure) check it and render the objects, and
+        create them; the job container's image when it exists. A StatusUpdate (ERROR naming the cause) when the job cannot run: missing
         volume, unknown image, registry credentials. Refused when the API server forbids the pod
         or a claim for now (quota, admission, RBAC): the Secrets made for it are deleted again,
         the job waits and tries again. Held (its Secrets deleted too) when it may be a restored
@@ -1334,114 +1321,16 @@ class Operator:
         )
         if earlier is not None:
             return Refused(_earlier_pod(earlier))
-        instance_type = (await self._catalog_for(job)).get(action.instance_type)
-        if instance_type is None:
-            gone = gone_type_problem(action.instance_type, self.instance_types.invalid())
-            return fail(spec, status, "UnknownInstanceType", gone, now)
-
-        pvcs: list[PvcView] = []
-        for selector in pvc_selectors(spec):
-            items = await self.kube.list(
-                "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), selector
-            )
-            pvcs.extend(PvcView.from_pvc(p) for p in items)
-        volumes, missing = resolve_volumes(spec, pvcs)
-        if missing:
-            return fail(spec, status, "MissingVolume", "missing " + "; ".join(missing), now)
-
-        docker_images: dict[str, str] = {}
-        env = spec.job_parameters.env
-        if not status.image and env is not None and env.docker_image_resource_id:
-            cm = await self.kube.get("configmaps", core_path(ns, "configmaps", DOCKER_IMAGES_CONFIGMAP))
-            docker_images = dict((cm or {}).get("data") or {})
-        # A retry or fallback runs what the first attempt ran (the settings or the project's
-        # images may have changed since).
-        image = status.image or user_image(spec, self.settings, docker_images, instance_type)
-        if image is None:
-            rid = env.docker_image_resource_id if env is not None else ""
-            return fail(
-                spec,
-                status,
-                "UnknownDockerImage",
-                f"docker image resource {rid!r} is not defined (ConfigMap {DOCKER_IMAGES_CONFIGMAP}, key {rid})",
-                now,
-            )
-
-        spark: str | None = None
-        sp = spec.job_parameters.spark_parameters
-        if sp is not None and sp.connector_id:
-            spark = spark_connector_secret_name(sp.connector_id)
-            problem = spark_connector_problem(await self.kube.get("secrets", core_path(ns, "secrets", spark)))
-            if problem is not None:
-                return fail(
-                    spec,
-                    status,
-                    "SparkConnector",
-                    f"Spark connector {sp.connector_id!r}: Secret {spark!r} {problem}",
-                    now,
-                )
-
-        if spec.job_parameters.extended_working_storage is not None or spec.job_parameters.output_datasets:
-            classes = await self.kube.list("storageclasses", STORAGE_CLASSES_PATH)
-            problem = working_storage_class_problem(self.settings.working_storage_class, classes)
-            if problem is not None:
-                return fail(spec, status, "WorkingStorageClass", problem, now)
-
-        # Before any Secret is made: a failure here leaves nothing behind.
-        storage_env: Mapping[str, str] = self.storage_env
-        if self.settings.storage_credentials == PROJECT_CREDENTIALS:
-            found = await self.kube.get("secrets", core_path(ns, "secrets", PROJECT_STORAGE_SECRET_NAME))
-            scoped, problem = project_storage_env(self.storage_env, found)
-            if scoped is None:
-                return fail(
-                    spec,
-                    status,
-                    "StorageCredentials",
-                    f"project storage credentials: Secret {PROJECT_STORAGE_SECRET_NAME!r} in namespace {ns} "
-                    f"{problem} (the operator runs with {STORAGE_CREDENTIALS_ENV}={PROJECT_CREDENTIALS})",
-                    now,
-                )
-            storage_env = scoped
         ref = JobRef(job.name, ns, job.uid, spec.project_id)
-        registry: str | None = None
-        registry_body: dict[str, Any] | None = None
-        if needs_registry_secret(spec):
-            assert env is not None and env.docker_image_spec is not None
-            password, problem = await self._registry_password(ns, spec, job.uid)
-            if password is None:
-                return fail(spec, status, "RegistryCredentials", problem, now)
-            # Per attempt, as the runner's: a retry reads the password again (a rotated registry
-            # token), and create-if-absent would keep the first attempt's.
-            registry = registry_secret_name(pod_name(job.name, action.attempt))
-            registry_body = registry_secret(
-                name=registry,
-                namespace=ns,
-                labels=ref.labels(),
-                owner=ref.owner(),
-                image_url=env.docker_image_spec.image_url,
-                username=env.docker_image_spec.username,
-                password=password,
-            )
-        try:
-            config = runner_config(ref, spec, action.attempt)
-        except ValueError as exc:
-            return fail(spec, status, "InvalidSpec", f"the job cannot be run: {exc}", now)
-        secret = runner_secret(ref, config, storage_env, attempt=action.attempt)
-        too_large = secret_size_problem(secret, config)
-        if too_large is not None:
-            return fail(spec, status, "ConfigTooLarge", too_large, now)
-        pod = render_pod(
-            ref,
-            spec,
-            attempt=action.attempt,
-            instance_type_name=action.instance_type,
-            instance_type_index=action.type_index,
-            instance_type=instance_type,
-            settings=self.settings,
-            volumes=volumes,
-            image=image,
-            registry_secret=registry,
-            spark_secret=spark,
+        inputs = await self._pod_inputs(job, spec, action, status)
+        prepared = prepare_pod(ref, spec, action, status, inputs, self.settings, self.storage_env, now)
+        if isinstance(prepared, StatusUpdate):
+            return prepared
+        pod, secret, registry_body, image = (
+            prepared.pod,
+            prepared.runner_secret,
+            prepared.registry_secret,
+            prepared.image,
         )
         if self._refused.get((ns, job.name)):
             # Waiting on a quota or an admission policy: ask with a dry run first, which makes
@@ -1615,39 +1504,48 @@ class Operator:
             pending_output_datasets_selector(job.name),
         )
 
-    async def _registry_password(
-        self, namespace: str, spec: ProjectJobSpec, job_uid: str
-    ) -> tuple[str | None, str]:
+    async def _pod_inputs(
+        self, job: JobView, spec: ProjectJobSpec, action: CreatePod, status: ProjectJobStatus
+    ) -> PodInputs:
+        """Read what prepare_pod needs for this job's pod: only what the job needs (the
+        prepare.needs_* functions), nothing past an unknown instance type."""
         assert self.kube is not None
-        image = spec.job_parameters.docker_image()
-        assert image is not None
-        if image.password_secret_ref is not None:
-            name, key = image.password_secret_ref.name, image.password_secret_ref.key
-        else:
-            name, key = PROJECT_SECRETS_NAME, str(image.password_ds_secret_name)
-        secret = await self.kube.get("secrets", core_path(namespace, "secrets", name))
-        by_ref = image.password_secret_ref is not None
-        if by_ref and (secret is None or not is_registry_password(secret)):
-            # One answer for both: the job's user may not read the namespace's Secrets, and two
-            # would tell them which Secret names exist.
-            return None, (
-                f"registry password: no Secret {name!r} labelled {SECRET_ROLE_LABEL}={REGISTRY_PASSWORD_ROLE} "
-                f"in namespace {namespace} (only such Secrets are used as passwords)"
+        ns = job.namespace
+        instance_type = (await self._catalog_for(job)).get(action.instance_type)
+        if instance_type is None:
+            return PodInputs(None, self.instance_types.invalid())
+
+        async def secret(name: str) -> dict[str, Any] | None:
+            assert self.kube is not None
+            return await self.kube.get("secrets", core_path(ns, "secrets", name))
+
+        pvcs: list[PvcView] = []
+        for selector in pvc_selectors(spec):
+            items = await self.kube.list(
+                "persistentvolumeclaims", core_path(ns, "persistentvolumeclaims"), selector
             )
-        if secret is None:
-            return None, f"registry password: Secret {name!r} not found in namespace {namespace}"
-        problem = registry_password_source_problem(
-            secret, by_ref=by_ref, job_uid=job_uid, image_url=image.image_url
+            pvcs.extend(PvcView.from_pvc(p) for p in items)
+        docker_images: dict[str, str] = {}
+        if needs_docker_images(spec, status):
+            cm = await self.kube.get("configmaps", core_path(ns, "configmaps", DOCKER_IMAGES_CONFIGMAP))
+            docker_images = dict((cm or {}).get("data") or {})
+        spark = spark_secret_name(spec)
+        source = registry_password_source(spec)
+        return PodInputs(
+            instance_type,
+            pvcs=pvcs,
+            docker_images=docker_images,
+            spark_secret=await secret(spark) if spark is not None else None,
+            storage_classes=(
+                await self.kube.list("storageclasses", STORAGE_CLASSES_PATH)
+                if needs_storage_classes(spec)
+                else ()
+            ),
+            project_storage_secret=(
+                await secret(PROJECT_STORAGE_SECRET_NAME) if needs_project_storage(self.settings) else None
+            ),
+            registry_password_secret=await secret(source[0]) if source is not None else None,
         )
-        if problem:
-            return None, f"registry password: Secret {name!r} {problem}"
-        value = secret_value(secret, key)
-        if value is None:
-            return None, f"registry password: Secret {name!r} has no key {key!r}"
-        too_long = registry_password_length_problem(value)
-        if too_long:
-            return None, f"registry password: key {key!r} of Secret {name!r} {too_long}"
-        return value, ""
 
     async def _clear_data(self, job: JobView) -> None:
         assert self.kube is not None

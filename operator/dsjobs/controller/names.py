@@ -55,6 +55,9 @@ FINALIZER: Final = "dsjobs.dev/cleanup"
 EXECUTE_REQUESTED_AT: Final = "dsjobs.dev/execute-requested-at"
 # Project secrets: one Secret per project namespace, one key per secret (env var name = key).
 PROJECT_SECRETS_NAME: Final = "dsjobs-project-secrets"
+# The project's docker images: ConfigMap in its namespace, key = docker image resource id, value =
+# the image.
+DOCKER_IMAGES_CONFIGMAP: Final = "dsjobs-docker-images"
 # Project storage credentials (DSJOBS_STORAGE_CREDENTIALS=project): keys accessKey, secretKey, for
 # an object store user the admin limited to the project's prefix projects/<project-id>/.
 PROJECT_STORAGE_SECRET_NAME: Final = "dsjobs-project-storage"
