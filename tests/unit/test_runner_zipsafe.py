@@ -254,6 +254,46 @@ def test_links_inside_the_working_dir_are_stored_as_their_files(tmp_path: Path) 
     }
 
 
+def test_absolute_links_into_the_working_dir_are_stored_as_their_files(tmp_path: Path) -> None:
+    """`ln -s "$PWD/ckpt/best.pt" outputs/` names a file of the working dir by its absolute path
+    (the job's `/job/work`): its bytes arrive, as for the relative link and for a declared output
+    that is such a link. An absolute link elsewhere, or one climbing out of the working dir after
+    its prefix, is still skipped, never opened."""
+    work = tmp_path / "work"
+    out = work / "outputs"
+    (work / "ckpt").mkdir(parents=True)
+    out.mkdir()
+    (work / "ckpt" / "best.pt").write_text("weights")
+    secret = tmp_path / "secret"
+    secret.write_text("do not ship")
+    (out / "best.pt").symlink_to(work / "ckpt" / "best.pt")
+    (out / "rel.pt").symlink_to("../ckpt/best.pt")
+    (out / "climb").symlink_to(f"{work}/../secret")
+    (out / "away").symlink_to(secret)
+    (out / "root").symlink_to(f"{work}/")
+    skipped: list[tuple[str, str]] = []
+    dest = tmp_path / "out.zip"
+    work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        n = zip_directory(
+            out,
+            dest,
+            links=LinkRoot(work_fd, "outputs", (str(work),)),
+            on_skip=lambda p, why: skipped.append((p, why)),
+        )
+    finally:
+        os.close(work_fd)
+    assert n == 2
+    with zipfile.ZipFile(dest) as zf:
+        got = {i.filename: zf.read(i) for i in zf.infolist() if not i.is_dir()}
+    assert got == {"outputs/best.pt": b"weights", "outputs/rel.pt": b"weights"}
+    assert dict(skipped) == {
+        "outputs/away": "symlink resolving outside the working directory",
+        "outputs/climb": "symlink resolving outside the working directory",
+        "outputs/root": "symlink resolving outside the working directory",
+    }
+
+
 def test_link_loops_and_links_through_files_are_told_as_such_and_a_dir_of_skipped_links_stays(
     tmp_path: Path,
 ) -> None:

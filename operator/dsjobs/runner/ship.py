@@ -904,7 +904,12 @@ def _upload_output(
                         on_error=lost,
                         # Links inside it are followed as the output itself is: when they
                         # resolve inside the working dir.
-                        links=LinkRoot(work_fd, os.path.relpath(real, work)),
+                        links=LinkRoot(
+                            work_fd,
+                            os.path.relpath(real, work),
+                            # Absolute links name it as the job sees it.
+                            tuple(dict.fromkeys((os.path.abspath(config.work_dir), work))),
+                        ),
                     )
                 )
 

@@ -246,10 +246,13 @@ MAX_ZIP_DEPTH = 256
 
 class LinkRoot(NamedTuple):
     """Where symlinks inside a zipped directory may point: the job's working directory, open as
-    ``fd``, and the zipped directory's path below it (``src``)."""
+    ``fd``, and the zipped directory's path below it (``src``). ``paths``: the working
+    directory's absolute paths as the job sees it (`/job/work`): an absolute link into it
+    (``ln -s "$PWD/ckpt/best.pt" out/``) is followed as the relative link it stands for."""
 
     fd: int
     src: str
+    paths: tuple[str, ...] = ()
 
 
 class _DirectoryZipper:
@@ -339,7 +342,7 @@ class _DirectoryZipper:
         # Names only from here: a directory of a million files held a DirEntry for each while its
         # files were zipped (their ZipInfos, which the central directory needs, growing beside).
         del entries
-        stored_links = sum(self._add_link(parts, name, f"{arc_dir}/{name}") for name in links)
+        stored_links = sum(self._add_link(fd, parts, name, f"{arc_dir}/{name}") for name in links)
         if not files and not subdirs and not stored_links:
             self.zf.writestr(zipfile.ZipInfo(arc_dir + "/"), b"")
         for name in files:
@@ -374,14 +377,17 @@ class _DirectoryZipper:
             self._store(f, st, arc)
         self.count += 1
 
-    def _add_link(self, parts: tuple[str, ...], name: str, arc: str) -> bool:
+    def _add_link(self, dir_fd: int, parts: tuple[str, ...], name: str, arc: str) -> bool:
         """A symlink stored as the regular file it points to, when that resolves inside the
         working directory (as the output itself may be such a link): a model cache's snapshot
         links to its blobs arrive with their bytes. Anything else it could lead to (the runner's
-        own files, the node's) is never opened; a link to a directory is not walked (no cycles)."""
+        own files, the node's) is never opened; a link to a directory is not walked (no cycles).
+        An absolute link to a path in the working directory (`LinkRoot.paths`) is looked up as
+        that path below it, with the same confinement."""
         assert self.links is not None
         path = "/".join(p for p in (self.links.src, *parts, name) if p not in ("", "."))
         try:
+            path = self._absolute_inside(dir_fd, name) or path
             fd = open_file_resolved_beneath(self.links.fd, path)
         except FileNotFoundError:
             self._skip(arc, "dangling symlink")
@@ -403,6 +409,25 @@ class _DirectoryZipper:
             self._store(f, os.fstat(f.fileno()), arc)
         self.count += 1
         return True
+
+    def _absolute_inside(self, dir_fd: int, name: str) -> str | None:
+        """The path below the working directory that the link `name` (in the open directory
+        `dir_fd`) names absolutely, or None (a relative link, or one naming another place).
+        Only the link's own text is read: what it leads to is still looked up by the kernel below
+        the working directory (a `..` in it, or an absolute link further on, is refused there)."""
+        assert self.links is not None
+        if not self.links.paths:
+            return None
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            return None  # changed since it was listed: the lookup below tells what it is now
+        for root in self.links.paths:
+            prefix = root.rstrip("/") + "/"
+            if root.startswith("/") and target.startswith(prefix):
+                rest = target[len(prefix) :].lstrip("/")
+                return rest or None
+        return None
 
     def _store(self, f: BinaryIO, st: os.stat_result, arc: str) -> None:
         # Built from fstat of the opened fd, not from the path (which could change); the bytes
