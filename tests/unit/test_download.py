@@ -176,6 +176,39 @@ def test_a_directory_output_is_extracted_as_the_user_s_own_files(tmp_path: Path)
     assert stat.S_IMODE((tmp_path / "dl" / "res" / "run.sh").stat().st_mode) == 0o755
 
 
+def test_a_directory_output_goes_through_the_user_s_own_link_to_another_disk(tmp_path: Path) -> None:
+    """`outputs -> /mnt/big/outputs` in the user's directory: the official CLI extracts a
+    directory output through it, as a plain file output is written through it; it was refused
+    ("entry ... resolves outside the root"). A file's own link is still not written through."""
+    import io
+    import zipfile
+
+    from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("res/sub/f.txt", b"x")
+        zf.writestr("res/g.txt", b"y")
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(buf.getvalue())
+    big, here = tmp_path / "big" / "res", tmp_path / "here"
+    big.mkdir(parents=True)
+    here.mkdir()
+    (here / "res").symlink_to(big)
+    assert extract_zip(archive, here, private=True) == 2
+    assert (big / "sub" / "f.txt").read_bytes() == b"x"
+    assert (big / "g.txt").read_bytes() == b"y"
+    # A file's own link: not written through, on a download either.
+    (big / "g.txt").unlink()
+    (big / "g.txt").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafeZipError, match="through a symlink"):
+        extract_zip(archive, here, private=True)
+    assert not (tmp_path / "elsewhere").exists()
+    # The job's shared volume (stage-in): a link out of the root is refused as before.
+    with pytest.raises(UnsafeZipError, match="resolves outside the root"):
+        extract_zip(archive, here)
+
+
 @pytest.mark.parametrize(
     "missing",
     [("O_PATH",), ("O_PATH", "O_DIRECTORY", "O_NOFOLLOW", "O_CLOEXEC", "O_NONBLOCK")],

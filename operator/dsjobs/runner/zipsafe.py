@@ -156,7 +156,8 @@ def extract_zip(
 ) -> int:
     """Extract ``archive`` under ``root`` (created if needed). Returns the number of files written.
     The files and directories are the job's shared ones (0666/0777) unless ``private`` (then the
-    umask's, executables made executable for those who may read them).
+    umask's, executables made executable for those who may read them, and the user's own
+    directory links below ``root`` followed: a user's download).
 
     With ``max_total_bytes``: an archive whose entries declare more is refused before anything is
     written, and no more than that is ever written (UnsafeZipError naming the entry). A damaged
@@ -187,9 +188,12 @@ def _extract_entries(
     files = 0
     for info, parts in entries:
         target = Path(root_real, *parts)
-        # Parents may already exist (other inputs): they must not lead out of the root.
+        # Parents may already exist (other inputs): they must not lead out of the root. Not so for
+        # a user's own download (`private`): the archive cannot make a link (its names are plain,
+        # link entries refused), so a link on the way is the user's (`outputs -> /mnt/big`), which
+        # the official CLI writes through too (a file's own link is still not written through).
         parent_real = os.path.realpath(target.parent if not info.is_dir() else target)
-        if not _inside(root_real, parent_real):
+        if not private and not _inside(root_real, parent_real):
             raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
         if info.is_dir():
             make_dirs(target, private=private)
