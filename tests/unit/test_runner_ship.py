@@ -808,6 +808,26 @@ def test_links_in_a_directory_output_ship_their_files_from_the_working_dir_only(
     assert "directory of 2 files uploaded as zip" in log
 
 
+def test_an_absolute_link_into_the_working_dir_ships_its_file(tmp_path: Path) -> None:
+    """`ln -s "$PWD/ckpt/best.pt" outputs/best.pt`: the job names its working dir by its absolute
+    path; the file arrives in the zip (it was skipped as "resolving outside the working
+    directory", and the job said SUCCESS without it), while an absolute link elsewhere is not."""
+    cfg = config(tmp_path, outputs=[{"path": "outputs"}])
+    (cfg.work_dir / "ckpt").mkdir(parents=True)
+    (cfg.work_dir / "outputs").mkdir()
+    (cfg.work_dir / "ckpt" / "best.pt").write_bytes(b"weights")
+    (cfg.work_dir / "outputs" / "best.pt").symlink_to(f"{cfg.work_dir}/ckpt/best.pt")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the job's")
+    (cfg.work_dir / "outputs" / "leak").symlink_to(outside)
+    store = FileStore()
+    outputs, errors = upload_outputs(cfg, store, SystemLog(cfg.layout.system_log, "ship"))  # type: ignore[arg-type]
+    assert errors == []
+    assert zip_names(store, outputs[0].key) == ["outputs/best.pt"]
+    assert all(b"not the job's" not in data for data in store.objects.values())
+    assert "skipped outputs/leak (symlink resolving outside" in cfg.layout.system_log.read_text()
+
+
 def test_a_zipped_output_s_size_bound_counts_only_links_it_will_store(tmp_path: Path) -> None:
     # The bound sizes the upload's parts (and their buffers): links out of the working dir, which
     # are skipped, must not count (three links to a 2 TB file outside made 630 MiB parts).
