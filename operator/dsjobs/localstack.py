@@ -156,13 +156,19 @@ class Kubectl:
         return self.run("apply", "-f", "-", stdin=dump_yaml(objects))
 
 
+def _established(kubectl: Kubectl, name: str) -> bool:
+    """Whether the CRD `name` is Established. Read as JSON: a jsonpath filter on its conditions
+    (as `kubectl wait` uses) fails outright, exit 1, while a just-created CRD has none yet."""
+    crd = json.loads(kubectl.run("get", name, "-o", "json"))
+    conditions = (crd.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+
 def _wait_established(kubectl: Kubectl, names: Sequence[str], timeout: float = 60) -> None:
-    """Poll until every CRD is Established. (`kubectl wait` fails outright, not waits, while a
-    just-created CRD has no status conditions yet.)"""
-    query = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+    """Poll until every CRD is Established."""
     deadline = time.monotonic() + timeout
     while True:
-        if all(kubectl.run("get", name, "-o", query).strip() == "True" for name in names):
+        if all(_established(kubectl, name) for name in names):
             return
         if time.monotonic() > deadline:
             raise StackError(f"CRDs not Established after {timeout:.0f}s: {', '.join(names)}")
