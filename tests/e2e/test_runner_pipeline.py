@@ -154,7 +154,15 @@ def test_full_job(runner_s3: S3Target, tmp_path: Path) -> None:  # noqa: F811
     # Exit code, outputs, the NOT_FOUND error.
     assert result.status == RunnerStatus.EXITED and result.return_code == 3 and not result.cancelled
     assert [(o.path, o.var, o.compression.value) for o in result.outputs] == [("results", "RESULTS", "ZIP")]
-    [err] = result.file_errors
+    [link, err] = result.file_errors
+    # The link out of the working dir is not followed, and the user is told.
+    assert (link.type, link.path, link.var, link.index) == (
+        FileErrorType.UPLOAD_FAILED,
+        "results",
+        "RESULTS",
+        0,
+    )
+    assert link.description.startswith("1 symlink leading outside the working directory not followed, e.g. ")
     assert (err.type, err.path, err.var, err.index) == (FileErrorType.NOT_FOUND, "missing.bin", "MISSING", 1)
     zip_bytes = runner_s3.storage.get_bytes(output_key(runner_s3.project, runner_s3.job, "results"))
     assert zip_bytes is not None and len(zip_bytes) == result.outputs[0].size_bytes

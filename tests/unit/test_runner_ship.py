@@ -787,8 +787,8 @@ def test_a_symlinked_output_directory_is_zipped_under_its_declared_name(tmp_path
 
 def test_links_in_a_directory_output_ship_their_files_from_the_working_dir_only(tmp_path: Path) -> None:
     """A Hugging Face cache as an output: its snapshot links arrive as the blobs they point to, as
-    the output itself would be followed; a link out of the working dir is skipped and told in the
-    system log, its target's bytes nowhere in storage."""
+    the output itself would be followed; a link out of the working dir is skipped, told in the
+    system log and counted in a file error, its target's bytes nowhere in storage."""
     cfg = config(tmp_path, outputs=[{"path": "cache"}])
     snap = cfg.work_dir / "cache" / "snapshots" / "abc"
     snap.mkdir(parents=True)
@@ -799,8 +799,19 @@ def test_links_in_a_directory_output_ship_their_files_from_the_working_dir_only(
     outside.write_text("not the job's")
     (snap / "leak").symlink_to(os.path.relpath(outside, snap))
     store = FileStore()
+    (snap / "dangling").symlink_to("../../blobs/gone")
+    (snap / "also-out").symlink_to("/etc/hostname")
     outputs, errors = upload_outputs(cfg, store, SystemLog(cfg.layout.system_log, "ship"))  # type: ignore[arg-type]
-    assert errors == []
+    # The user is told, once for the output, that files it links to outside are not in it (a
+    # dangling link is nothing lost); the system log names each.
+    assert [(e.type, e.path, e.description) for e in errors] == [
+        (
+            FileErrorType.UPLOAD_FAILED,
+            "cache",
+            "2 symlinks leading outside the working directory not followed, e.g. "
+            "cache/snapshots/abc/also-out (copy the files into the output to ship them; see .system.log)",
+        )
+    ]
     assert zip_names(store, outputs[0].key) == ["cache/blobs/9f", "cache/snapshots/abc/model.bin"]
     assert all(b"not the job's" not in data for data in store.objects.values())
     log = cfg.layout.system_log.read_text()
@@ -822,7 +833,9 @@ def test_an_absolute_link_into_the_working_dir_ships_its_file(tmp_path: Path) ->
     (cfg.work_dir / "outputs" / "leak").symlink_to(outside)
     store = FileStore()
     outputs, errors = upload_outputs(cfg, store, SystemLog(cfg.layout.system_log, "ship"))  # type: ignore[arg-type]
-    assert errors == []
+    assert [e.description.split(" not followed")[0] for e in errors] == [
+        "1 symlink leading outside the working directory"
+    ]
     assert zip_names(store, outputs[0].key) == ["outputs/best.pt"]
     assert all(b"not the job's" not in data for data in store.objects.values())
     assert "skipped outputs/leak (symlink resolving outside" in cfg.layout.system_log.read_text()

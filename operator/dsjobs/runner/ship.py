@@ -20,7 +20,8 @@ given up after `PERMANENT_ERROR_TRIES`, and the result then records the logs as 
 The job is over when the entry script's status file appears (written after its output is fully
 in the files), or when its heartbeat stops for ``heartbeat_timeout`` (the container was killed
 outright: status LOST). Then: drain the logs, upload outputs (missing -> NOT_FOUND, failing
-after retries -> UPLOAD_FAILED, directories zipped, each entry a zip lacks -> UPLOAD_FAILED),
+after retries -> UPLOAD_FAILED, directories zipped, each entry a zip lacks -> UPLOAD_FAILED, as one count of the symlinks
+in it leading outside the working dir),
 upload the raw log files, ship the last records, write the final marker, store ``result.json``
 and write the termination message.
 
@@ -86,7 +87,7 @@ from dsjobs.runner.result import (
 )
 from dsjobs.runner.safeio import RefusedFile, open_beneath, open_dir_beneath, read_beneath
 from dsjobs.runner.syslog import SystemLog
-from dsjobs.runner.zipsafe import LinkRoot, zip_directory
+from dsjobs.runner.zipsafe import LINK_OUTSIDE, LinkRoot, zip_directory
 from dsjobs.storage import (
     ObjectStore,
     PreconditionFailedError,
@@ -666,13 +667,6 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def _skip_reporter(syslog: Callable[[str], None], path: str) -> Callable[[str, str], None]:
-    def report(entry: str, why: str) -> None:
-        syslog(f"output {path}: skipped {entry} ({why})")
-
-    return report
-
-
 #: Entries of one directory output that the result names one by one; beyond them it counts (the
 #: system log names them all): a termination message is 4 KiB.
 MAX_ENTRY_ERRORS = 20
@@ -689,7 +683,8 @@ class _NamingBudget:
 @dataclass
 class _LostEntries:
     """Entries of a directory output that its zip lacks (unreadable, name not UTF-8): data the
-    job wrote and the user does not get, so each is a file error of that output."""
+    job wrote and the user does not get, so each is a file error of that output. Entries left out
+    on purpose (`skipped`) go to the system log; the links leading outside are counted in one."""
 
     declared: str
     var: str | None
@@ -698,6 +693,18 @@ class _LostEntries:
     budget: _NamingBudget
     named: list[str] = field(default_factory=list)
     more: int = 0
+    #: Symlinks leading out of the working directory, not followed: one file error counts them
+    #: (a dataset file linked into the output is missing from it; a virtualenv's links are many).
+    links_outside: int = 0
+    first_link_outside: str = ""
+
+    def skipped(self, entry: str, why: str) -> None:
+        """An entry deliberately left out (dangling or directory links, sockets): the system log
+        tells it; links leading outside are also counted for the user."""
+        self.syslog(f"output {self.declared}: skipped {entry} ({why})")
+        if why == LINK_OUTSIDE:
+            self.links_outside += 1
+            self.first_link_outside = self.first_link_outside or entry
 
     def __call__(self, entry: str, why: str) -> None:
         self.syslog(f"output {self.declared}: {entry} not uploaded ({why})")
@@ -715,6 +722,12 @@ class _LostEntries:
         texts = list(self.named)
         if self.more:
             texts.append(f"{self.more} more entries are not in the uploaded zip (see .system.log)")
+        if self.links_outside:
+            n = self.links_outside
+            texts.append(
+                f"{n} symlink{'s' if n > 1 else ''} leading outside the working directory not followed, "
+                f"e.g. {self.first_link_outside} (copy the files into the output to ship them; see .system.log)"
+            )
         return [
             FileError(
                 type=FileErrorType.UPLOAD_FAILED,
@@ -900,7 +913,7 @@ def _upload_output(
                         dir_fd,
                         dest,
                         arcname=PurePosixPath(out.path).name,
-                        on_skip=_skip_reporter(syslog, declared),
+                        on_skip=lost.skipped,
                         on_error=lost,
                         # Links inside it are followed as the output itself is: when they
                         # resolve inside the working dir.

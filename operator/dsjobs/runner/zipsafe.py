@@ -248,6 +248,11 @@ def _is_utf8(name: str) -> bool:
 MAX_ZIP_DEPTH = 256
 
 
+#: Why a symlink inside a zipped directory was not followed: it leads out of the working directory
+#: (a dataset's file, a virtualenv's interpreter). The ship tells the user how many (a file error).
+LINK_OUTSIDE: Final = "symlink resolving outside the working directory"
+
+
 class LinkRoot(NamedTuple):
     """Where symlinks inside a zipped directory may point: the job's working directory, open as
     ``fd``, and the zipped directory's path below it (``src``). ``paths``: the working
@@ -398,7 +403,7 @@ class _DirectoryZipper:
             return False
         except RefusedFile as exc:
             if exc.errno == errno.EXDEV:
-                self._skip(arc, "symlink resolving outside the working directory")
+                self._skip(arc, LINK_OUTSIDE)
             elif exc.errno == errno.ELOOP:
                 self._skip(arc, "symlink loop or /proc link")
             elif exc.errno == errno.EINVAL:
