@@ -124,7 +124,10 @@ def fetch(
     checking its size (never more is written) and SHA-256."""
     if not url.startswith(("https://", "http://")):
         raise DownloadError(f"{dest}: not an http(s) URL: {url[:40]!r}")
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.download")
+    # Of a fixed length: an output named near NAME_MAX (255 bytes) must not fail for its partial
+    # file's name. Hashed with the pid: two downloads into one directory do not meet.
+    tag = hashlib.sha256(f"{dest.name}\0{os.getpid()}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    partial = dest.with_name(f".{tag}.download")
     digest = hashlib.sha256()
     got = 0
     try:

@@ -47,6 +47,13 @@ def test_a_file_is_streamed_into_place_and_checked(url: str, tmp_path: Path) -> 
     assert [p.name for p in dest.parent.iterdir()] == ["model.bin"]
 
 
+def test_a_file_named_near_the_name_limit_is_downloaded(url: str, tmp_path: Path) -> None:
+    # Its partial file's name must fit too (it was ".<name>.<pid>.download": 255 + 15 bytes).
+    dest = tmp_path / ("m" * 251 + ".bin")
+    fetch(url, dest, len(BODY), hashlib.sha256(BODY).hexdigest())
+    assert dest.read_bytes() == BODY and [p.name for p in tmp_path.iterdir()] == [dest.name]
+
+
 @pytest.mark.parametrize("wrong", ["size", "sha256"])
 def test_a_file_that_is_not_what_the_job_recorded_is_not_placed(url: str, tmp_path: Path, wrong: str) -> None:
     dest = tmp_path / "model.bin"
