@@ -668,6 +668,30 @@ def test_a_spark_connector_is_the_config_datasphere_spark_reads(h: H, storage: S
         h.core.delete_namespaced_secret("dsjobs-spark-bt1spark", h.namespace)
 
 
+def test_project_secrets_reach_the_job_as_environment_variables_whatever_their_names(
+    h: H, storage: Storage
+) -> None:
+    # As on DataSphere, whose secret names may have hyphens: `os.environ["hf-token"]` in the job.
+    # The shells on the way drop such names from the environment; they come from the files.
+    secret = k8s_client.V1Secret(
+        metadata=k8s_client.V1ObjectMeta(name="dsjobs-project-secrets"),
+        string_data={"API_TOKEN": "t0k3n", "hf-token": "hf_abc\n", "my.key": "a b=c"},
+    )
+    h.core.create_namespaced_secret(h.namespace, secret)
+    try:
+        read = (
+            "python3 -c 'import os, json; "
+            'print(json.dumps([os.environ.get(k) for k in ("API_TOKEN", "hf-token", "my.key")]))\''
+        )
+        h.create_job("secrets", {"cmd": read})
+        status = h.wait_phase("secrets", "SUCCESS", "ERROR")
+        assert status["phase"] == "SUCCESS", status
+        stdout = next(f["key"] for f in status["logFiles"] if f["desc"]["path"] == "stdout.txt")
+        assert json.loads(storage.get_bytes(stdout)) == ["t0k3n", "hf_abc\n", "a b=c"]
+    finally:
+        h.core.delete_namespaced_secret("dsjobs-project-secrets", h.namespace)
+
+
 def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: Storage) -> None:
     # The ship container mounts the runner's Secret (the storage key). A job that replaces its log
     # files by symlinks to that Secret's files must get none of it into its logs or outputs.

@@ -855,8 +855,14 @@ def test_runner_secret_holds_config_and_storage_only_for_the_runner() -> None:
     assert secret_value(secret, "DSJOBS_S3_ENDPOINT") == "http://s3:9000"
     assert json.loads(secret_value(secret, "runner.json") or "")["attempt"] == 2
     pod = pod_for(spec(), attempt=2)
-    secrets = [v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v]
-    assert secrets == ["job-1-a2-runner"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    assert sorted(secrets.values()) == ["dsjobs-project-secrets", "job-1-a2-runner"]
+    # The runner's containers mount the runner Secret, the job's container the project secrets only.
+    for c in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+        mounted = {secrets[m["name"]] for m in c.get("volumeMounts", ()) if m["name"] in secrets}
+        assert mounted == ({"dsjobs-project-secrets"} if c["name"] == "job" else {"job-1-a2-runner"}), c[
+            "name"
+        ]
 
 
 def test_a_runner_secret_over_1_mib_is_refused_naming_the_env() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 from runner_fakes import alive, umask
 
-from dsjobs.runner.config import SHELL_SPECIAL_ENV, RunnerConfig
+from dsjobs.runner.config import ENV_PROJECT_SECRETS, SHELL_SPECIAL_ENV, RunnerConfig
 from dsjobs.runner.entry import CANCELLED_EXIT, KILL_HELPERS, SETUP_FAILED_EXIT, render_entry_script
 from dsjobs.runner.result import RunnerStatus
 from dsjobs.runner.ship import cut_log_errors, read_status_file
@@ -247,6 +248,33 @@ def test_the_job_s_environment_is_the_program_s_not_the_script_s(shell: list[str
     assert r.out_file == expected
     assert r.stdout == expected  # the tee ran: the container log has it too
     assert "tee or mkfifo missing" not in r.syslog
+
+
+def test_project_secrets_that_are_no_shell_names_reach_the_program(shell: list[str], tmp_path: Path) -> None:
+    """DataSphere secret names may have hyphens (`hf-token`); the pod's environment has them, but
+    the shell running this script drops them (dash, busybox): they come from the Secret's files."""
+    secrets = tmp_path / "project-secrets"
+    secrets.mkdir()
+    values = {"hf-token": "hf_abc\n", "my.key": "a b=c", "9lives": "cat", ".hidden": "h", "API_TOKEN": "file"}
+    for key, value in values.items():
+        (secrets / key).write_text(value)
+    (secrets / "..data").mkdir()  # the kubelet's own entries are no keys
+    cmd = (
+        "python3 -c 'import os, json; print(json.dumps({k: os.environ.get(k) for k in "
+        '["hf-token", "my.key", "9lives", ".hidden", "API_TOKEN", "..data"]}))\''
+    )
+    env = {**os.environ, ENV_PROJECT_SECRETS: str(secrets), "API_TOKEN": "from-env", "hf-token": "from-env"}
+    r = run_entry(shell, make_config(tmp_path, cmd), env=env)
+    assert r.rc == 0, (r.stderr, r.syslog)
+    # Shell names come from the pod's environment (envFrom), the others from the files, as stored.
+    assert json.loads(r.out_file) == {
+        "hf-token": "hf_abc\n",
+        "my.key": "a b=c",
+        "9lives": "cat",
+        ".hidden": "h",
+        "API_TOKEN": "from-env",
+        "..data": None,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(SHELL_SPECIAL_ENV))

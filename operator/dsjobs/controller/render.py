@@ -53,6 +53,7 @@ from dsjobs.models import PythonEnv as PythonEnvSpec
 from dsjobs.models.limits import DEFAULT_GRACEFUL_TIMEOUT
 from dsjobs.quantity import parse_quantity
 from dsjobs.runner.config import (
+    ENV_PROJECT_SECRETS,
     Compression,
     GracefulShutdown,
     InputFile,
@@ -75,6 +76,9 @@ PROJECT_DISK_PATH: Final = "/job/project"
 SPARK_CONFIG_DIR: Final = "/job/.spark"
 SPARK_CONFIG_ENV: Final = "JOB_DATAPROC_CONNECTION_CONFIG"
 SPARK_VOLUME: Final = "dsjobs-spark"
+#: The project secrets as files (see ENV_PROJECT_SECRETS).
+PROJECT_SECRETS_VOLUME: Final = "dsjobs-project-secrets"
+PROJECT_SECRETS_DIR: Final = "/job/.dsjobs-project-secrets"
 SHM_VOLUME: Final = "dsjobs-shm"
 SHM_PATH: Final = "/dev/shm"
 WORK_VOLUME_SOURCE_EMPTY: Final[Mapping[str, Any]] = {"emptyDir": {}}
@@ -560,7 +564,21 @@ def render_pod(
     # Project secrets become environment variables of the job (as on DataSphere); optional, so a
     # project without secrets needs no Secret. The runner's containers never see them.
     main["envFrom"] = [{"secretRef": {"name": PROJECT_SECRETS_NAME, "optional": True}}]
-    pod_volumes = list(parts.volumes)
+    # And as files, for the keys that are no shell names (`hf-token`): the entry script passes
+    # those on (ENV_PROJECT_SECRETS), which the shells on the way would drop.
+    main["volumeMounts"] = [
+        *main["volumeMounts"],
+        {"name": PROJECT_SECRETS_VOLUME, "mountPath": PROJECT_SECRETS_DIR, "readOnly": True},
+    ]
+    main["env"] = [*main["env"], {"name": ENV_PROJECT_SECRETS, "value": PROJECT_SECRETS_DIR}]
+    pod_volumes = [
+        *parts.volumes,
+        {
+            "name": PROJECT_SECRETS_VOLUME,
+            # Readable by the job's user whoever it is: the job's environment holds these anyway.
+            "secret": {"secretName": PROJECT_SECRETS_NAME, "optional": True, "defaultMode": 0o444},
+        },
+    ]
     if spark_secret:
         pod_volumes.append(
             {

@@ -27,6 +27,10 @@ ENV_CONFIG_FILE = "DSJOBS_RUNNER_CONFIG_FILE"
 #: Set by the entry script for the program, as on DataSphere.
 ENV_PROGRESS_FILE = "JOB_PROGRESS_FILENAME"
 ENV_PROJECT_HOME = "DS_PROJECT_HOME"
+#: Set on the job container: the directory holding the project secrets as files (one per key).
+#: Keys that are no shell names (`hf-token`, as DataSphere allows) reach the program from there:
+#: every POSIX shell on the way drops them from the environment the pod gave it.
+ENV_PROJECT_SECRETS = "DSJOBS_PROJECT_SECRETS"
 RESERVED_VARS = frozenset({ENV_PROJECT_HOME})
 #: Environment names the job may not set: ours, or the entry script's own namespace.
 RESERVED_ENV = frozenset({ENV_PROGRESS_FILE, ENV_PROJECT_HOME})

@@ -711,16 +711,44 @@ fi
 # The launcher's tools are found on the image's PATH, before the job's own PATH applies.
 DSJOBS_SHELL=$(command -v bash || command -v sh) 2>/dev/null || DSJOBS_SHELL=/bin/sh
 set -- "$DSJOBS_SHELL" -c "$DSJOBS_CMD"
+# Project secrets whose names are no shell names (hf-token): this script's shell dropped them
+# from its environment (dash does, as any POSIX shell may), so `env` passes them on, read from
+# the Secret's files (their values as stored, trailing newlines kept). bash keeps them for the
+# program; an image without bash runs it under sh, which drops them again.
+DSJOBS_ODD_SECRETS=0
+if [ -n "${DSJOBS_PROJECT_SECRETS:-}" ] && [ -d "$DSJOBS_PROJECT_SECRETS" ]; then
+  for dsjobs_f in "$DSJOBS_PROJECT_SECRETS"/* "$DSJOBS_PROJECT_SECRETS"/.[!.]*; do
+    dsjobs_k=${dsjobs_f##*/}
+    case $dsjobs_k in
+      *=*) continue ;;
+      [0-9]*|*[!A-Za-z0-9_]*) ;;
+      *) continue ;;  # a shell name: the pod's environment has it
+    esac
+    [ -f "$dsjobs_f" ] && dsjobs_v=$(cat "$dsjobs_f" && echo x) 2>/dev/null || continue
+    set -- "$dsjobs_k=${dsjobs_v%x}" "$@"
+    DSJOBS_ODD_SECRETS=$((DSJOBS_ODD_SECRETS + 1))
+  done
+fi
 DSJOBS_ENV_BIN=$(command -v env) 2>/dev/null || DSJOBS_ENV_BIN=''
 if [ -n "$DSJOBS_ENV_BIN" ] && "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT true >/dev/null 2>&1; then
   set -- "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT "$@"
-elif [ "$DSJOBS_GRACE_SIG" = INT ]; then
-  # The trampoline runs with the job's environment (PYTHONHOME...): found with it too.
-  if [ -z "$DSJOBS_PY" ]; then DSJOBS_PY=$(dsjobs_job_env; command -v python3) 2>/dev/null || DSJOBS_PY=''; fi
-  if [ -n "$DSJOBS_PY" ]; then
-    set -- "$DSJOBS_PY" -c "$DSJOBS_TRAMPOLINE" "$@"
-  else
-    dsjobs_log "warning: cannot reset SIGINT for the program (no env --default-signal, no python3)"
+else
+  if [ "$DSJOBS_ODD_SECRETS" -gt 0 ]; then
+    if [ -n "$DSJOBS_ENV_BIN" ]; then
+      set -- "$DSJOBS_ENV_BIN" "$@"
+    else
+      dsjobs_log "warning: $DSJOBS_ODD_SECRETS project secrets whose names are no shell names not passed (no env in the image)"
+      shift "$DSJOBS_ODD_SECRETS"
+    fi
+  fi
+  if [ "$DSJOBS_GRACE_SIG" = INT ]; then
+    # The trampoline runs with the job's environment (PYTHONHOME...): found with it too.
+    if [ -z "$DSJOBS_PY" ]; then DSJOBS_PY=$(dsjobs_job_env; command -v python3) 2>/dev/null || DSJOBS_PY=''; fi
+    if [ -n "$DSJOBS_PY" ]; then
+      set -- "$DSJOBS_PY" -c "$DSJOBS_TRAMPOLINE" "$@"
+    else
+      dsjobs_log "warning: cannot reset SIGINT for the program (no env --default-signal, no python3)"
+    fi
   fi
 fi
 if DSJOBS_SETSID_BIN=$(command -v setsid) 2>/dev/null; then
