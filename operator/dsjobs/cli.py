@@ -364,7 +364,22 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         # A job that failed, too: its error (or return code) in one line, not a traceback.
         print(job_error_line(exc), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the official CLI, once it has cancelled the job as asked ("cancel job? y" on a
+        # job without graceful-shutdown, or the second time), or at its question, ends with a
+        # traceback (it catches Exception only).
+        print(INTERRUPTED_LINE, file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0
+
+
+#: What `dsjobs datasphere` says and exits with when Ctrl-C ends the official CLI (128 + SIGINT,
+#: as a shell reports a command Ctrl-C ended).
+INTERRUPTED_LINE: Final = (
+    "dsjobs: interrupted (a job already started goes on unless the CLI said 'job is canceled': "
+    "project job cancel --id <job id>)"
+)
+INTERRUPTED_EXIT: Final = 130
 
 
 #: How long `dsjobs datasphere` waits, once the job is over, for its log streams to end.

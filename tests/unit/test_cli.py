@@ -540,6 +540,27 @@ print(job_error_line(OperationError(operation_pb2.Operation(id="op1", done=True,
     ]
 
 
+def test_ctrl_c_ends_the_official_cli_in_one_line_not_its_traceback() -> None:
+    # "cancel job? y" on a job without graceful-shutdown: the official CLI cancels it, then lets
+    # KeyboardInterrupt end it with a traceback (it catches Exception only). A subprocess: the
+    # official client's descriptors must not share a process with ours.
+    script = """
+import sys
+import datasphere.main
+from dsjobs import cli
+
+def interrupted():
+    print("job is canceled", file=sys.stderr)
+    raise KeyboardInterrupt
+
+datasphere.main.main = interrupted
+sys.exit(cli.run_datasphere(cli.Target(endpoint="127.0.0.1:1", token="t", ca_file=None), ["version"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == cli.INTERRUPTED_EXIT, proc.stderr
+    assert proc.stderr.splitlines() == ["job is canceled", cli.INTERRUPTED_LINE]
+
+
 def test_the_official_cli_waits_for_its_log_threads_once_the_job_is_over() -> None:
     # Its daemon thread printing the logs died with the process: a chatty job's last lines were lost.
     import types
