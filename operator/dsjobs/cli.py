@@ -364,6 +364,12 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         # A job that failed, too: its error (or return code) in one line, not a traceback.
         print(job_error_line(exc), file=sys.stderr)
         return 1
+    except ValueError as exc:
+        # What the official CLI refuses in a config.yaml or its arguments (an invalid resource id,
+        # a plain-text password): it logged the traceback to its log file (named above), then
+        # lets it end it with the same traceback on the terminal.
+        print(f"dsjobs datasphere: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C: the official CLI, once it has cancelled the job as asked ("cancel job? y" on a
         # job without graceful-shutdown, or the second time), or at its question, ends with a

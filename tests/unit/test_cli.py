@@ -561,6 +561,38 @@ sys.exit(cli.run_datasphere(cli.Target(endpoint="127.0.0.1:1", token="t", ca_fil
     assert proc.stderr.splitlines() == ["job is canceled", cli.INTERRUPTED_LINE]
 
 
+def test_a_config_the_official_cli_refuses_ends_in_one_line(tmp_path: Path) -> None:
+    # Its own check, before any call: it raised ValueError with a 30-line traceback.
+    (tmp_path / "config.yaml").write_text("name: x\ncmd: echo hi\ns3-mounts:\n  - bt1rawdata: RAW\n")
+    env = {**os.environ, "DSJOBS_ENDPOINT": "127.0.0.1:1", "DSJOBS_TOKEN": "t", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsjobs.cli",
+            "datasphere",
+            "project",
+            "job",
+            "execute",
+            "-p",
+            "p",
+            "-c",
+            "config.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "dsjobs datasphere: invalid `s3-mounts` entry: `{'bt1rawdata': 'RAW'}`: value is incorrect: "
+        "invalid resource ID: bt1rawdata"
+    )
+
+
 def test_the_official_cli_waits_for_its_log_threads_once_the_job_is_over() -> None:
     # Its daemon thread printing the logs died with the process: a chatty job's last lines were lost.
     import types
