@@ -487,6 +487,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         steps(set_at(f"{IN1}.desc", {"path": "/x/.dsjobs-vars", "var": "D"}), set_at(CMD, "ls ${D}")),
         steps(set_at(f"{IN1}.desc", {"path": "/x/dsjobs-vars", "var": "D"}), set_at(CMD, "ls ${D}")),
     ),
+    (  # a Windows drive alone names no directory of its own either
+        "zip-dir-name",
+        "job_parameters.input_files[1].desc.path",
+        steps(set_at(f"{IN1}.desc", {"path": "C:", "var": "D"}), set_at(CMD, "ls ${D}")),
+        steps(set_at(f"{IN1}.desc", {"path": "C:\\data", "var": "D"}), set_at(CMD, "ls ${D}")),
+    ),
     (
         "sha256-sizes",
         "job_parameters.input_files[1].size_bytes",
@@ -615,6 +621,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{ENV}.vars", {"A": "\U0001f600" * L.MAX_ENV_VALUE_LENGTH}),
         set_at(f"{ENV}.vars", {"A": "\U0001f600" * (L.MAX_ENV_VALUE_LENGTH - 1)}),
     ),
+    (  # execve takes C strings: the value would end at the NUL, the job seeing another value
+        "control-chars",
+        'job_parameters.env.vars["A"]',
+        set_at(f"{ENV}.vars", {"A": "a\x00b"}),
+        set_at(f"{ENV}.vars", {"A": "a\tb\nc"}),
+    ),
     (
         "max-items",
         "job_parameters.env.vars",
@@ -678,11 +690,27 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
             set_at(f"{DOCKER}.passwordDsSecretName", "my-pw_1.x"),
         ),
     ),
+    (  # too long for a Secret's key: told by its length alone, not also by the key pattern
+        "max-length",
+        "job_parameters.env.docker_image_spec.password_ds_secret_name",
+        steps(
+            set_at(f"{DOCKER}.passwordSecretRef", DELETE), set_at(f"{DOCKER}.passwordDsSecretName", "a" * 254)
+        ),
+        steps(
+            set_at(f"{DOCKER}.passwordSecretRef", DELETE), set_at(f"{DOCKER}.passwordDsSecretName", "a" * 253)
+        ),
+    ),
     (
         "conda-yaml",
         "job_parameters.env.python_env.conda_yaml",
         set_at(f"{PY}.condaYaml", "dependencies: [cudatoolkit=11.8]"),
         set_at(f"{PY}.condaYaml", "dependencies: [pip, {pip: [numpy]}]"),
+    ),
+    (  # too long to be read: told by its length, not parsed
+        "max-length",
+        "job_parameters.env.python_env.conda_yaml",
+        set_at(f"{PY}.condaYaml", "dependencies: [pip]\n" + "#" * (L.MAX_CONFIG_LENGTH - 19)),
+        set_at(f"{PY}.condaYaml", "dependencies: [pip]\n" + "#" * (L.MAX_CONFIG_LENGTH - 20)),
     ),
     (
         "python-version",
@@ -751,10 +779,22 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         set_at(f"{PY}.pipOptions.extraIndexUrls", ["https://user:pw@a.b/x"]),
     ),
     (
+        "url",
+        "job_parameters.env.python_env.pip_options.index_url",
+        set_at(f"{PY}.pipOptions.indexUrl", "https://a.b/" + "x" * (L.MAX_SHORT_STRING - 11)),
+        set_at(f"{PY}.pipOptions.indexUrl", "https://a.b/" + "x" * (L.MAX_SHORT_STRING - 12)),
+    ),
+    (
         "host",
         "job_parameters.env.python_env.pip_options.trusted_hosts[0]",
         set_at(f"{PY}.pipOptions.trustedHosts", ["a b"]),
         set_at(f"{PY}.pipOptions.trustedHosts", ["a.b:443"]),
+    ),
+    (  # a DNS name's 253 characters and a port: the longest a host can be
+        "host",
+        "job_parameters.env.python_env.pip_options.trusted_hosts[0]",
+        set_at(f"{PY}.pipOptions.trustedHosts", ["a" * 253 + ":655350"]),
+        set_at(f"{PY}.pipOptions.trustedHosts", ["a" * 253 + ":65535"]),
     ),
     # instance types
     (
@@ -841,6 +881,12 @@ JOB_RULES: list[tuple[str, str, Mutation, Mutation]] = [
         "job_parameters.output_datasets[0].size_gb",
         set_at("jobParameters.outputDatasets[0].sizeGb", -1),
         set_at("jobParameters.outputDatasets[0].sizeGb", 0),
+    ),
+    (
+        "var-reserved",
+        "job_parameters.output_datasets[0].var",
+        set_at("jobParameters.outputDatasets[0].var", "DS_PROJECT_HOME"),
+        set_at("jobParameters.outputDatasets[0].var", "DS_PROJECT_HOME_2"),
     ),
     # whole spec and types
     (
