@@ -490,6 +490,18 @@ def test_a_finished_job_whose_spec_became_unreadable_still_cleans_up() -> None:
     typo = job(status=known, retryPolicy=UNREADABLE_POLICY, dataTtl="1m")
     assert not step(typo, now=NOW + timedelta(days=1)).actions
     assert marked_then(typo, now=NOW + timedelta(days=2)).actions == (ClearData(),)
+    # A raw dataTtl that is no duration at all: the last expiry known still holds ...
+    garbled = job(status=known, retryPolicy=UNREADABLE_POLICY, dataTtl="fortnight")
+    waiting_p = step(garbled, now=NOW + timedelta(days=1))
+    assert not waiting_p.actions and waiting_p.status.data_expires_at == NOW + timedelta(days=2)
+    assert waiting_p.requeue_after == timedelta(days=1)
+    assert marked_then(garbled, now=NOW + timedelta(days=2)).actions == (ClearData(),)
+    # ... and with none known the data is kept (never deleted on a guess), with no timer set.
+    never = step(
+        job(status=status, retryPolicy=UNREADABLE_POLICY, dataTtl="fortnight"), now=NOW + timedelta(days=400)
+    )
+    assert never.status.data_expires_at is None and data_deletion_begun(never.status) is None
+    assert not never.actions and never.requeue_after is None
 
 
 def test_a_job_on_an_invalid_instance_type_says_which_and_why() -> None:
@@ -1667,6 +1679,46 @@ ENDINGS = [
         "the job's entry script was sent a stop signal from inside its container before the program ran",
     ),
     Ending(
+        # The program had exited 0 when the entry script got the signal: its success stands.
+        "stop signal from inside the job container after the program succeeded",
+        ended_pod(143, res=result(0, cancelled=True)),
+        result(0, cancelled=True),
+        "Succeeded",
+        0,
+        "",
+        phase=JobPhase.SUCCESS,
+    ),
+    Ending(
+        # Failed before any container ran, with no word of the kubelet's: the pod is named.
+        "pod failed with no exit code and no message",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[waiting("stage-in", "PodInitializing")],
+            containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+        ),
+        None,
+        "PodFailed",
+        None,
+        "pod job-1-a1 failed: the pod ended before the job's program ran",
+        extra={"exact": True},
+    ),
+    Ending(
+        # A stage-in's stderr that merely looks like JSON is told as it is, not dropped.
+        "stage-in failed with a message that is not a runner result",
+        pod(
+            phase="Failed",
+            node="cpu-0",
+            init=[terminated("stage-in", 1, "Error", "{not json: input data.csv: sha256 mismatch")],
+            containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+        ),
+        None,
+        "StageInFailed",
+        None,
+        "staging inputs failed: {not json: input data.csv: sha256 mismatch",
+        extra={"exact": True},
+    ),
+    Ending(
         "ship container died (no runner result)",
         pod(
             phase="Failed",
@@ -1766,6 +1818,44 @@ def test_endings(ending: Ending) -> None:
     finished = get_condition(p.status, "Finished")
     assert finished is not None and finished.reason == ending.reason
     assert finished.status == ("True" if ending.phase == JobPhase.SUCCESS else "False")
+
+
+_SCHEDULED = [{"type": "PodScheduled", "status": "True"}]
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "details"),
+    [
+        (
+            pod(phase="Unknown", node="cpu-0", conditions=_SCHEDULED),
+            "the node cpu-0 of pod job-1-a1 is not responding",
+        ),
+        (
+            pod(
+                node="cpu-0",
+                conditions=_SCHEDULED,
+                init=[waiting("stage-in", "PodInitializing")],
+                containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+            ),
+            "starting on node cpu-0",
+        ),
+        (  # a reason of the runtime's that is no known failure: told as it is, without a message
+            pod(
+                node="cpu-0",
+                conditions=_SCHEDULED,
+                init=[waiting("stage-in", "SandboxCreating")],
+                containers=[waiting("job", "PodInitializing"), waiting("ship", "PodInitializing")],
+            ),
+            "container stage-in: SandboxCreating",
+        ),
+    ],
+    ids=["node-silent", "starting", "waiting-reason"],
+)
+def test_what_a_pod_that_has_not_started_the_job_waits_for(the_pod: PodView, details: str) -> None:
+    p = step(job(status=started()), [the_pod])
+    assert p.status.phase == JobPhase.PREPARING
+    assert p.status.status_details == details
+    assert get_condition(p.status, "Finished") is None
 
 
 def test_a_pod_known_only_to_be_gone_keeps_where_it_ran() -> None:
@@ -2981,6 +3071,13 @@ def test_finalize_removes_pod_and_secrets_once() -> None:
     assert get_condition(p.status, "Finalized") is not None
     again = step(job(status=p.status.to_cr(), finalized=True))
     assert not again.actions
+    # No pod left (retired, or removed by someone while the operator was away): the Secrets are
+    # still deleted, as the condition then says they are.
+    podless = step(job(status=status, finalized=True))
+    assert podless.actions == (DeleteSecrets(),)
+    done = get_condition(podless.status, "Finalized")
+    assert done is not None and (done.status, done.message) == ("True", "pod and secrets removed")
+    assert [e.reason for e in podless.events] == ["Finalized"]
 
 
 def test_deletion_cleans_up_then_lets_go() -> None:
@@ -3386,3 +3483,13 @@ def test_datasets_whose_claims_were_deleted_are_not_told_created() -> None:
         ("Warning", "DatasetLost", status.status_details),
     ]
     assert without_lost_datasets(final, events, []) == (final, events)
+    # Every claim gone: no "created datasets" at all (an empty list told as created), only the loss.
+    status, told = without_lost_datasets(final, events, ["dsa", "dsb"])
+    assert status.output_datasets == []
+    assert [(e.reason, e.message) for e in told] == [
+        ("Succeeded", "x"),
+        (
+            "DatasetLost",
+            "dataset dsa (a), dsb (b) not created: its volume claim was deleted while the job ran",
+        ),
+    ]
