@@ -79,6 +79,42 @@ def test_symlink_entries_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "root" / "data" / "link").exists()
 
 
+def unix_entry(name: str, mode: int) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = mode << 16
+    return info
+
+
+@pytest.mark.parametrize(
+    "mode", [stat.S_IFIFO | 0o644, stat.S_IFCHR | 0o666, stat.S_IFBLK | 0o660, stat.S_IFSOCK | 0o755]
+)
+def test_special_file_entries_are_refused_before_anything_is_written(tmp_path: Path, mode: int) -> None:
+    z = make_zip(tmp_path / "special.zip", [("first.txt", b"1"), unix_entry("dev/thing", mode)])
+    root = tmp_path / "root"
+    with pytest.raises(UnsafeZipError, match="special file entry 'dev/thing' refused"):
+        extract_zip(z, root)
+    assert list(root.iterdir()) == []
+
+
+def test_file_types_are_read_only_from_archives_made_on_unix(tmp_path: Path) -> None:
+    # Other systems put their own attributes there (MS-DOS bits): those are plain files.
+    info = unix_entry("w.txt", stat.S_IFIFO | 0o644)
+    info.create_system = 0
+    root = tmp_path / "root"
+    assert extract_zip(make_zip(tmp_path / "w.zip", [info]), root) == 1
+    assert (root / "w.txt").read_bytes() == b"/etc/passwd" and (root / "w.txt").is_file()
+
+
+def test_an_entry_naming_no_file_is_refused_and_one_naming_the_root_dir_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    with pytest.raises(UnsafeZipError, match=r"entry '\.' names no file"):
+        extract_zip(make_zip(tmp_path / "dot.zip", [("a.txt", b"1"), (".", b"x")]), root)
+    assert list(root.iterdir()) == []
+    assert extract_zip(make_zip(tmp_path / "dotdir.zip", [("./", b""), ("a.txt", b"1")]), root) == 1
+    assert [p.name for p in root.iterdir()] == ["a.txt"]
+
+
 def test_existing_symlinks_under_the_root_cannot_be_used_to_escape(tmp_path: Path) -> None:
     root = tmp_path / "root"
     outside = tmp_path / "outside"
