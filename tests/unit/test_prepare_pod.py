@@ -270,6 +270,21 @@ def test_registry_password_problems_name_the_secret_and_key() -> None:
         None,
         "registry password: Secret 'job-1-registry-password' has no key 'password'",
     )
+    # The key is there but its value is no text (a latin-1 file, `kubectl create secret --from-file`):
+    # "has no key 'password'" sent its owner looking for a key the Secret shows.
+    latin1 = {**OWN_PASSWORD, "data": {"password": base64.b64encode("pässwort".encode("latin-1")).decode()}}
+    assert registry_password("project-a", creds, JOB.uid, latin1) == (
+        None,
+        "registry password: key 'password' of Secret 'job-1-registry-password' is not UTF-8 text",
+    )
+    too_long = {**OWN_PASSWORD, "data": {"password": base64.b64encode(b"p" * 65537).decode()}}
+    assert registry_password("project-a", creds, JOB.uid, too_long) == (
+        None,
+        "registry password: key 'password' of Secret 'job-1-registry-password' holds 65537 bytes, more "
+        "than the 65536 a registry password may have",
+    )
+    longest = {**OWN_PASSWORD, "data": {"password": base64.b64encode(b"p" * 65536).decode()}}
+    assert registry_password("project-a", creds, JOB.uid, longest) == ("p" * 65536, "")
     # passwordDsSecretName: a key of the project secrets, no label needed.
     ds = spec(env={"dockerImageSpec": {"imageUrl": "cr.example.com/t:1", "passwordDsSecretName": "REG"}})
     assert registry_password_source(ds) == ("dsjobs-project-secrets", "REG")
@@ -278,6 +293,27 @@ def test_registry_password_problems_name_the_secret_and_key() -> None:
         "registry password: Secret 'dsjobs-project-secrets' not found in namespace project-a",
     )
     assert registry_password("project-a", ds, JOB.uid, _secret({"REG": "pw"})) == ("pw", "")
+
+
+def test_a_runner_config_over_a_secret_s_size_fails_the_job_naming_the_env() -> None:
+    # JSON escapes a control character in six bytes: a spec the API took can make a config over
+    # the 1 MiB a Secret holds; the API server's refusal would repeat at every reconcile.
+    big = spec(cmd="true", env={"vars": {f"V{i}": "\x01" * 32768 for i in range(31)}})
+    reason, message = failure(prepare(big))
+    assert reason == "ConfigTooLarge"
+    assert message.endswith(
+        "more than the 1048576 a Secret may hold; its environment variables take 1015891 bytes"
+    )
+
+
+def test_a_spec_the_runner_would_refuse_fails_the_job_before_any_pod() -> None:
+    # The validator refuses it first (control-chars); should one get past it, the runner's own
+    # config check fails the job naming the cause, not a pod that cannot start.
+    reason, message = failure(prepare(spec(cmd="true", env={"vars": {"A": "a\x00b"}})))
+    assert (reason, message) == (
+        "InvalidSpec",
+        "the job cannot be run: env: environment variable 'A' contains NUL",
+    )
 
 
 def test_a_job_needs_only_what_it_uses() -> None:

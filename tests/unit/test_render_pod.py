@@ -754,6 +754,11 @@ GOOD_SPARK = {"master_node_host": "h:15002", "connection_mode": "SPARK_CONNECT",
         (_spark_secret({**GOOD_SPARK, "session_params": {}}), None),
         (None, "does not exist"),
         ({"data": {}}, "has no key 'config.json'"),
+        # There, but not text: told as such, not as missing (its owner would look for the key).
+        (
+            {"data": {"config.json": base64.b64encode(b"{\xff}").decode()}},
+            "key 'config.json' is not UTF-8 text",
+        ),
         (_spark_secret("{nope"), "key 'config.json' is not JSON"),
         (_spark_secret([1]), "key 'config.json' must be a JSON object"),
         (_spark_secret({**GOOD_SPARK, "master_node_host": 1}), "master_node_host must be a string"),
@@ -945,6 +950,8 @@ def test_project_storage_credentials_replace_only_the_key_pair() -> None:
         None,
         "has a 'accessKey' with whitespace or control characters",
     )
+    latin1 = {"data": {"accessKey": base64.b64encode("clé".encode("latin-1")).decode(), "secretKey": "cw=="}}
+    assert project_storage_env(operator_env, latin1) == (None, "has a 'accessKey' that is not UTF-8 text")
 
 
 def test_long_names_still_give_valid_object_names() -> None:

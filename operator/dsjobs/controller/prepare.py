@@ -41,6 +41,7 @@ from dsjobs.controller.render import (
     working_storage_class_problem,
 )
 from dsjobs.controller.secrets import (
+    holds_key,
     is_registry_password,
     project_storage_env,
     registry_password_length_problem,
@@ -145,6 +146,8 @@ def registry_password(
         return None, f"registry password: Secret {name!r} {problem}"
     value = secret_value(secret, key)
     if value is None:
+        if holds_key(secret, key):
+            return None, f"registry password: key {key!r} of Secret {name!r} is not UTF-8 text"
         return None, f"registry password: Secret {name!r} has no key {key!r}"
     too_long = registry_password_length_problem(value)
     if too_long:

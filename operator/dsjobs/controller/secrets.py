@@ -101,6 +101,12 @@ def registry_password_length_problem(password: str) -> str:
     return ""
 
 
+def holds_key(secret: Mapping[str, Any], key: str) -> bool:
+    """Whether a Secret object has `key` at all: `secret_value` is None for a value that is not
+    UTF-8 too, which told as "has no key" sent its owner looking for a key that is there."""
+    return key in (secret.get("data") or {}) or key in (secret.get("stringData") or {})
+
+
 def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
     """A key of a Secret object as text (None when absent or not UTF-8)."""
     raw = (secret.get("data") or {}).get(key)
@@ -126,6 +132,8 @@ def spark_connector_problem(secret: Mapping[str, Any] | None) -> str | None:
         return "does not exist"
     text = secret_value(secret, SPARK_CONFIG_KEY)
     if text is None:
+        if holds_key(secret, SPARK_CONFIG_KEY):
+            return f"key {SPARK_CONFIG_KEY!r} is not UTF-8 text"
         return f"has no key {SPARK_CONFIG_KEY!r}"
     try:
         config = json.loads(text)
@@ -156,7 +164,10 @@ def project_storage_env(
     missing: list[str] = []
     for key in (PROJECT_STORAGE_ACCESS_KEY, PROJECT_STORAGE_SECRET_KEY):
         # `kubectl create secret --from-file` keeps the file's last newline: not part of a key.
-        value = (secret_value(secret, key) or "").strip()
+        text = secret_value(secret, key)
+        if text is None and holds_key(secret, key):
+            return None, f"has a {key!r} that is not UTF-8 text"
+        value = (text or "").strip()
         if not value:
             missing.append(repr(key))
         elif any(c.isspace() or not c.isprintable() for c in value):
