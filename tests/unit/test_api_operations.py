@@ -191,6 +191,17 @@ def test_only_keys_below_the_job_s_own_prefix_are_presigned() -> None:
     assert ops.output_keys(j) == [f"{OWN}mine.txt"]
     assert [ops.is_own_key(j, f["key"]) for f in files] == [True] + [False] * 7
     assert ops.is_own_key(j, f"{OWN}out dir/report (1).v2..txt")  # dots inside a name are fine
+    # The response lists only the outputs it has URLs for: the foreign ones are left out, silently
+    # (no URL, no file error naming another job's object either).
+    op = execute_op(j, {f"{OWN}mine.txt": "http://m"})
+    resp = svc.ExecuteProjectJobResponse()
+    assert op.response.Unpack(resp)
+    assert [(f.file.desc.path, f.url) for f in resp.output_files] == [("mine.txt", "http://m")]
+    assert not resp.output_files_errors
+    # A project id no key can hold (a status and spec edited past the CRD): nothing is its own,
+    # not even a key spelled with that id as a path segment.
+    dots = job({"phase": "SUCCESS", "returnCode": 0}, execute=True, projectId="..")
+    assert not ops.is_own_key(dots, "projects/../jobs/j1/outputs/x.txt")
 
 
 def test_failed_program_is_a_successful_operation_with_its_return_code() -> None:

@@ -157,6 +157,24 @@ PROJECT_STORAGE = dataclasses.replace(SETTINGS, storage_credentials="project")
             id="missing-dataset",
         ),
         pytest.param(
+            {"attachProjectDisk": True},
+            None,
+            SETTINGS,
+            "MissingVolume",
+            "missing project disk (no PersistentVolumeClaim labelled dsjobs.dev/project-disk=true)",
+            id="missing-project-disk",
+        ),
+        pytest.param(  # one being deleted is no disk to mount
+            {"attachProjectDisk": True},
+            PodInputs(
+                TYPES["c1.4"], pvcs=[PvcView("pd", {"dsjobs.dev/project-disk": "true"}, deleting=True)]
+            ),
+            SETTINGS,
+            "MissingVolume",
+            "missing project disk (no PersistentVolumeClaim labelled dsjobs.dev/project-disk=true)",
+            id="project-disk-deleting",
+        ),
+        pytest.param(
             {"env": {"dockerImageResourceId": "trainer"}},
             PodInputs(TYPES["c1.4"], docker_images={"other": "img:1"}),
             SETTINGS,
