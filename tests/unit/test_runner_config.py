@@ -71,6 +71,32 @@ def test_invalid_configs_are_refused(bad: dict[str, object]) -> None:
         RunnerConfig.from_dict(base(**bad))
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # execve takes C strings; the shell drops a NUL: the job would run with another value.
+        ({"env": {"A": "a\x00b"}}, "env: environment variable 'A' contains NUL"),
+        ({"env": {"UID": "1"}}, "env: environment variable 'UID' is the shell's own (readonly or numeric)"),
+        ({"arguments": {"A": "a\x00b"}}, "arguments: argument 'A' contains NUL"),
+        ({"arguments": {"a b": "1"}}, "arguments: invalid variable name 'a b'"),
+        ({"arguments": {"DS_PROJECT_HOME": "x"}}, "reserved variable names: DS_PROJECT_HOME"),
+        (
+            {"arguments": {"A": "1"}, "inputs": [{"path": "x", "var": "A", "sha256": SHA, "size_bytes": 1}]},
+            "variables must be unique: A",
+        ),
+        # Its id is the operator's: the job would have no name to find its mount by.
+        (
+            {"output_datasets": [{"id": "ds1", "mount_path": "/job/datasets/ds1"}]},
+            "output dataset ds1 has no var",
+        ),
+    ],
+)
+def test_invalid_configs_are_refused_naming_the_cause(bad: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        RunnerConfig.from_dict(base(**bad))
+    assert str(refused.value) == message
+
+
 def test_an_output_may_be_written_where_an_input_was_placed() -> None:
     # A job that reads model.pt and writes it back (resume training) is legitimate.
     cfg = RunnerConfig.from_dict(
