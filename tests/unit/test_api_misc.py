@@ -27,10 +27,16 @@ FIELDS = {"id": "j1", "name": "train", "status": "SUCCESS", "created_by_id": "al
         ('status = "SUCCESS" AND created_by_id = "bob"', False),
         ("name = 'train' and id = j1", True),
         ('parent_job_id = ""', True),
+        ('status = "SUCCESS"  \t\n', True),  # trailing blanks end the filter
+        ("   ", True),
     ],
 )
 def test_filters(text: str, matches: bool) -> None:
     assert listfilter.parse(text).matches(FIELDS) is matches
+
+
+def test_a_blank_filter_is_no_filter() -> None:
+    assert not listfilter.parse(" \t ") and listfilter.parse("id = j1")
 
 
 @pytest.mark.parametrize("phase", list(JobPhase))
@@ -46,6 +52,7 @@ def test_every_phase_is_a_status_the_filter_knows(phase: JobPhase) -> None:
         ("status = RUNNING", "unknown status"),
         ("name =", "expected a value"),
         ("name = a OR name = b", "expected AND"),
+        ("status = SUCCESS AND  ", "unexpected end, expected word"),
         ("name IN (a, b", r"expected \)"),
         ('name IN ("a" "," "b")', r"expected \)"),  # a quoted comma is a value, not a separator
         ("name ~ a", "unexpected character '~' at position 5; a condition is field = value"),
