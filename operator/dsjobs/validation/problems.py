@@ -47,9 +47,8 @@ class Field:
 Message = str | tuple[str | Field, ...]
 
 
-def render(message: Message, *, cr: bool) -> str:
-    if isinstance(message, str):
-        return message
+def render(message: tuple[str | Field, ...], *, cr: bool) -> str:
+    """A message naming fields, spelled for the API's clients or (`cr`) for kubectl users."""
     return "".join(part if isinstance(part, str) else part.spelled(cr=cr) for part in message)
 
 
