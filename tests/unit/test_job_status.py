@@ -1109,6 +1109,15 @@ def test_a_cancel_waiting_for_a_silent_node_says_so() -> None:
             ],
             "Kubernetes evicts the pod 60s after that unless the node comes back;",
         ),
+        (  # a NoSchedule toleration keeps no pod on a node: the NoExecute one after it decides
+            [
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoSchedule"},
+                {"operator": "Exists", "effect": "NoSchedule"},
+                {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "tolerationSeconds": 30},
+            ],
+            "Kubernetes evicts the pod 30s after that unless the node comes back;",
+        ),
+        ([{"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}], "Kubernetes evicts the pod;"),
     ],
 )
 def test_a_silent_node_is_told_with_the_pods_own_toleration(
