@@ -171,7 +171,8 @@ PROJECT_STORAGE = dataclasses.replace(SETTINGS, storage_credentials="project")
             ),
             SETTINGS,
             "MissingVolume",
-            "missing project disk (no PersistentVolumeClaim labelled dsjobs.dev/project-disk=true)",
+            "missing project disk (its PersistentVolumeClaim 'pd' labelled dsjobs.dev/project-disk=true "
+            "is being deleted)",
             id="project-disk-deleting",
         ),
         pytest.param(

@@ -830,7 +830,7 @@ def test_resolve_volumes_by_label() -> None:
     assert volumes.mount_claims == {"b1": "a-s3"}  # first by name, deleting ones skipped
     assert volumes.project_disk_claim == "disk"
     assert missing == [
-        "dataset 'd1' (no PersistentVolumeClaim labelled dsjobs.dev/dataset-id=d1)",
+        "dataset 'd1' (its PersistentVolumeClaim 'old-d1' labelled dsjobs.dev/dataset-id=d1 is being deleted)",
         "dataset 'd2' (no PersistentVolumeClaim labelled dsjobs.dev/dataset-id=d2)",
     ]
 

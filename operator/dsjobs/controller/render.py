@@ -159,6 +159,14 @@ def resolve_volumes(spec: ProjectJobSpec, pvcs: Sequence[PvcView]) -> tuple[Volu
     def find(label: str, value: str) -> str | None:
         return next((p.name for p in usable if p.labels.get(label) == value), None)
 
+    def none_found(label: str, value: str) -> str:
+        # A claim there but being deleted is told as such: "no claim" sent its owner looking for a
+        # label that `kubectl get pvc` shows.
+        going = sorted(p.name for p in pvcs if p.deleting and p.labels.get(label) == value)
+        if going:
+            return f"its PersistentVolumeClaim {going[0]!r} labelled {label}={value} is being deleted"
+        return f"no PersistentVolumeClaim labelled {label}={value}"
+
     params = spec.job_parameters
     for kind, label, ids in (
         ("S3 mount", S3_MOUNT_LABEL, params.s3_mount_ids),
@@ -167,14 +175,14 @@ def resolve_volumes(spec: ProjectJobSpec, pvcs: Sequence[PvcView]) -> tuple[Volu
         for id_ in ids:
             claim = find(label, id_)
             if claim is None:
-                missing.append(f"{kind} {id_!r} (no PersistentVolumeClaim labelled {label}={id_})")
+                missing.append(f"{kind} {id_!r} ({none_found(label, id_)})")
             else:
                 claims[id_] = claim
     disk: str | None = None
     if params.attach_project_disk:
         disk = find(PROJECT_DISK_LABEL, "true")
         if disk is None:
-            missing.append(f"project disk (no PersistentVolumeClaim labelled {PROJECT_DISK_LABEL}=true)")
+            missing.append(f"project disk ({none_found(PROJECT_DISK_LABEL, 'true')})")
     return Volumes(claims, disk), missing
 
 
