@@ -277,6 +277,23 @@ def test_project_secrets_that_are_no_shell_names_reach_the_program(shell: list[s
     }
 
 
+@pytest.mark.parametrize("key", ["-i", "-u", "-S", "--", "-0", "-C", "--chdir"])
+def test_a_project_secret_named_like_an_option_of_env_is_passed_not_obeyed(
+    shell: list[str], tmp_path: Path, key: str
+) -> None:
+    """Secret keys may start with '-' (a Kubernetes key is [-._a-zA-Z0-9]+). Given to `env` before
+    its `--`, `-i=v` was read as its options: env exited 125 (invalid option '='), `-S=...` split the
+    value into a command, and the program never ran."""
+    secrets = tmp_path / "project-secrets"
+    secrets.mkdir()
+    (secrets / key).write_text("x /bin/false")
+    cmd = f"python3 -c 'import os, json; print(json.dumps(os.environ.get(\"{key}\")))'"
+    env = {**os.environ, ENV_PROJECT_SECRETS: str(secrets)}
+    r = run_entry(shell, make_config(tmp_path, cmd), env=env)
+    assert r.rc == 0, (r.stderr, r.syslog)
+    assert json.loads(r.out_file) == "x /bin/false"
+
+
 @pytest.mark.parametrize("name", sorted(SHELL_SPECIAL_ENV))
 def test_the_shell_s_own_variables_are_refused(name: str, tmp_path: Path) -> None:
     # bash (also as /bin/sh) keeps some readonly; others are numeric (`OPTIND=abc` fails in dash,
@@ -488,6 +505,64 @@ def test_sigint_as_graceful_signal_reaches_a_python_program(shell: list[str], tm
     r = run_entry(shell, cfg, term_when=b"ready")
     assert r.rc == 9, r.syslog
     assert r.out_file == b"ready\ninterrupted\n"
+
+
+def test_odd_project_secrets_and_sigint_without_gnu_env(shell: list[str], tmp_path: Path) -> None:
+    """An `env` without --default-signal (busybox's): the odd keys go through it, behind the python
+    trampoline that resets SIGINT, and a key like `-S` is still a name, not env's option."""
+    secrets = tmp_path / "project-secrets"
+    secrets.mkdir()
+    # Alone: before the first NAME=VALUE (a key the glob gives later goes first), env took it for
+    # its -S option and ran /bin/false.
+    (secrets / "-S").write_text("x /bin/false")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "prog.py").write_text(
+        "import os, sys, time\n"
+        "try:\n"
+        "    print(os.environ.get('-S'), flush=True)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    sys.exit(9)\n"
+    )
+    real_env = shutil.which("env")
+    assert real_env is not None
+    env = _on_path(
+        tmp_path, "env", f'case "$1" in --default-signal*) exit 125 ;; esac\nexec {real_env} "$@"\n'
+    )
+    env[ENV_PROJECT_SECRETS] = str(secrets)
+    cfg = make_config(
+        tmp_path,
+        f"{shlex.quote(sys.executable)} prog.py",
+        graceful_shutdown={"signal": int(signal.SIGINT), "timeout_seconds": 10},
+    )
+    r = run_entry(shell, cfg, env=env, term_when=b"ready")
+    assert r.rc == 9, r.syslog
+    assert r.out_file == b"x /bin/false\nready\ninterrupted\n"
+
+
+def test_odd_project_secrets_without_env_in_the_image(shell: list[str], tmp_path: Path) -> None:
+    """No `env` at all: the odd keys are not passed (the system log says how many), the program
+    runs as it would without them."""
+    secrets = tmp_path / "project-secrets"
+    secrets.mkdir()
+    (secrets / "hf-token").write_text("hf_abc")
+    (secrets / "my.key").write_text("v")
+    bindir = tmp_path / "no-env-bin"
+    bindir.mkdir()
+    for d in os.environ["PATH"].split(":"):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if name != "env" and not (bindir / name).exists():
+                (bindir / name).symlink_to(os.path.join(d, name))
+    env = {**os.environ, "PATH": str(bindir), ENV_PROJECT_SECRETS: str(secrets)}
+    cmd = f'{shlex.quote(sys.executable)} -c \'import os; print(os.environ.get("hf-token"))\'; echo "$#" done'
+    r = run_entry(shell, make_config(tmp_path, cmd), env=env)
+    assert r.rc == 0, (r.stderr, r.syslog)
+    assert r.out_file == b"None\n0 done\n"
+    assert "2 project secrets whose names are no shell names not passed (no env in the image)" in r.syslog
 
 
 def test_leftover_background_processes_do_not_hold_the_job(shell: list[str], tmp_path: Path) -> None:

@@ -728,6 +728,8 @@ if [ -n "${DSJOBS_PROJECT_SECRETS:-}" ] && [ -d "$DSJOBS_PROJECT_SECRETS" ]; the
     set -- "$dsjobs_k=${dsjobs_v%x}" "$@"
     DSJOBS_ODD_SECRETS=$((DSJOBS_ODD_SECRETS + 1))
   done
+  # After env's options: a key may start with '-' (`-S=...` would be read as env's option).
+  if [ "$DSJOBS_ODD_SECRETS" -gt 0 ]; then set -- -- "$@"; fi
 fi
 DSJOBS_ENV_BIN=$(command -v env) 2>/dev/null || DSJOBS_ENV_BIN=''
 if [ -n "$DSJOBS_ENV_BIN" ] && "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT true >/dev/null 2>&1; then
@@ -738,7 +740,7 @@ else
       set -- "$DSJOBS_ENV_BIN" "$@"
     else
       dsjobs_log "warning: $DSJOBS_ODD_SECRETS project secrets whose names are no shell names not passed (no env in the image)"
-      shift "$DSJOBS_ODD_SECRETS"
+      shift "$((DSJOBS_ODD_SECRETS + 1))"
     fi
   fi
   if [ "$DSJOBS_GRACE_SIG" = INT ]; then
