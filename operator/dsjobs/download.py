@@ -117,6 +117,14 @@ def opener(ca_file: str | None = None) -> urllib.request.OpenerDirector:
     )
 
 
+def _beside(dest: Path, suffix: str) -> Path:
+    """A file of this process beside `dest` (`.<tag>.<suffix>`): of a fixed length, so that an
+    output named near NAME_MAX (255 bytes) does not fail for its helper file's name; hashed with
+    the pid, so that two downloads into one directory do not meet."""
+    tag = hashlib.sha256(f"{dest.name}\0{os.getpid()}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return dest.with_name(f".{tag}.{suffix}")
+
+
 def fetch(
     url: str, dest: Path, size: int, sha256: str, web: urllib.request.OpenerDirector | None = None
 ) -> None:
@@ -124,10 +132,7 @@ def fetch(
     checking its size (never more is written) and SHA-256."""
     if not url.startswith(("https://", "http://")):
         raise DownloadError(f"{dest}: not an http(s) URL: {url[:40]!r}")
-    # Of a fixed length: an output named near NAME_MAX (255 bytes) must not fail for its partial
-    # file's name. Hashed with the pid: two downloads into one directory do not meet.
-    tag = hashlib.sha256(f"{dest.name}\0{os.getpid()}".encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    partial = dest.with_name(f".{tag}.download")
+    partial = _beside(dest, "download")
     digest = hashlib.sha256()
     got = 0
     try:
@@ -163,7 +168,7 @@ def place(
     dest = destination(f.desc.path, output_dir)  # before anything is fetched
     if f.compression_type == jobs_pb2.ZIP:
         # A name of its own: the user's `results.zip` beside a `results` output stays as it is.
-        archive = dest.with_name(f".{dest.name}.{os.getpid()}.zip")
+        archive = _beside(dest, "zip")
         try:
             fetch(storage_file.url, archive, f.size_bytes, f.sha256, web)
             count = extract_zip(archive, dest.parent, private=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -21,14 +22,16 @@ from dsjobs.pb.yandex.cloud.datasphere.v2.jobs import jobs_pb2
 BODY = b"weights " * 100_000  # 800 KB: several reads
 
 
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(body: bytes, name: str) -> Iterator[str]:
+    """The URL of `body` on a local HTTP server, while in the block."""
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200)
-            self.send_header("Content-Length", str(len(BODY)))
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(BODY)
+            self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -36,8 +39,16 @@ def url() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/model.bin"
-    server.shutdown()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{name}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with _serving(BODY, "model.bin") as u:
+        yield u
 
 
 def test_a_file_is_streamed_into_place_and_checked(url: str, tmp_path: Path) -> None:
@@ -214,6 +225,28 @@ def test_a_directory_output_goes_through_the_user_s_own_link_to_another_disk(tmp
     # The job's shared volume (stage-in): a link out of the root is refused as before.
     with pytest.raises(UnsafeZipError, match="resolves outside the root"):
         extract_zip(archive, here)
+
+
+def test_a_directory_output_named_near_the_name_limit_is_downloaded(tmp_path: Path) -> None:
+    # Its archive's name beside it must fit too (it was ".<name>.<pid>.zip": 255 + 11 bytes).
+    import io
+    import zipfile
+
+    name = "r" * 255
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(f"{name}/f.txt", b"x")
+    body = buf.getvalue()
+    f = jobs_pb2.File(
+        desc=jobs_pb2.FileDesc(path=f"out/{name}"),
+        size_bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        compression_type=jobs_pb2.ZIP,
+    )
+    with _serving(body, "a.zip") as url:
+        place(jobs_pb2.StorageFile(file=f, url=url), str(tmp_path))
+    assert (tmp_path / name / "f.txt").read_bytes() == b"x"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 @pytest.mark.parametrize(
