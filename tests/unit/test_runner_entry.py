@@ -542,6 +542,38 @@ def test_odd_project_secrets_and_sigint_without_gnu_env(shell: list[str], tmp_pa
     assert r.out_file == b"x /bin/false\nready\ninterrupted\n"
 
 
+def _path_without(tmp: Path, tool: str) -> str:
+    """A PATH of everything on ours but `tool` (an image without it)."""
+    bindir = tmp / f"no-{tool}-bin"
+    bindir.mkdir()
+    for d in os.environ["PATH"].split(":"):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if name != tool and not (bindir / name).exists():
+                (bindir / name).symlink_to(os.path.join(d, name))
+    return str(bindir)
+
+
+def test_odd_project_secrets_in_an_image_without_bash_are_told_lost(shell: list[str], tmp_path: Path) -> None:
+    """No bash (an Alpine image): the program's sh (busybox, dash) drops the names env gave it, so
+    the program does not get them, which the system log says rather than nothing."""
+    secrets = tmp_path / "project-secrets"
+    secrets.mkdir()
+    (secrets / "hf-token").write_text("hf_abc")
+    (secrets / "API_TOKEN").write_text("t")
+    env = {**os.environ, "PATH": _path_without(tmp_path, "bash"), ENV_PROJECT_SECRETS: str(secrets)}
+    runs = shutil.which(shell[0])  # the script's own shell may be bash: not the program's
+    assert runs is not None
+    r = run_entry([runs, *shell[1:]], make_config(tmp_path, "echo ran"), env=env)
+    assert r.rc == 0, (r.stderr, r.syslog)
+    assert r.out_file == b"ran\n"
+    assert (
+        "warning: 1 project secrets whose names are no shell names do not reach the program: "
+        "the image has no bash"
+    ) in r.syslog
+
+
 def test_odd_project_secrets_without_env_in_the_image(shell: list[str], tmp_path: Path) -> None:
     """No `env` at all: the odd keys are not passed (the system log says how many), the program
     runs as it would without them."""
@@ -549,15 +581,7 @@ def test_odd_project_secrets_without_env_in_the_image(shell: list[str], tmp_path
     secrets.mkdir()
     (secrets / "hf-token").write_text("hf_abc")
     (secrets / "my.key").write_text("v")
-    bindir = tmp_path / "no-env-bin"
-    bindir.mkdir()
-    for d in os.environ["PATH"].split(":"):
-        if not os.path.isdir(d):
-            continue
-        for name in os.listdir(d):
-            if name != "env" and not (bindir / name).exists():
-                (bindir / name).symlink_to(os.path.join(d, name))
-    env = {**os.environ, "PATH": str(bindir), ENV_PROJECT_SECRETS: str(secrets)}
+    env = {**os.environ, "PATH": _path_without(tmp_path, "env"), ENV_PROJECT_SECRETS: str(secrets)}
     cmd = f'{shlex.quote(sys.executable)} -c \'import os; print(os.environ.get("hf-token"))\'; echo "$#" done'
     r = run_entry(shell, make_config(tmp_path, cmd), env=env)
     assert r.rc == 0, (r.stderr, r.syslog)

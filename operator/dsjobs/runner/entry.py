@@ -730,6 +730,9 @@ if [ -n "${DSJOBS_PROJECT_SECRETS:-}" ] && [ -d "$DSJOBS_PROJECT_SECRETS" ]; the
   done
   # After env's options: a key may start with '-' (`-S=...` would be read as env's option).
   if [ "$DSJOBS_ODD_SECRETS" -gt 0 ]; then set -- -- "$@"; fi
+  if [ "$DSJOBS_ODD_SECRETS" -gt 0 ] && [ "${DSJOBS_SHELL##*/}" != bash ]; then
+    dsjobs_log "warning: $DSJOBS_ODD_SECRETS project secrets whose names are no shell names do not reach the program: the image has no bash, and its $DSJOBS_SHELL drops such names from the environment (dash and busybox do)"
+  fi
 fi
 DSJOBS_ENV_BIN=$(command -v env) 2>/dev/null || DSJOBS_ENV_BIN=''
 if [ -n "$DSJOBS_ENV_BIN" ] && "$DSJOBS_ENV_BIN" --default-signal=INT,QUIT true >/dev/null 2>&1; then
