@@ -227,6 +227,39 @@ def test_a_directory_output_goes_through_the_user_s_own_link_to_another_disk(tmp
         extract_zip(archive, here)
 
 
+def test_a_directory_output_is_not_extracted_through_a_link_inside_it(tmp_path: Path) -> None:
+    """The names below the output's directory are the job's (another project member's job,
+    maybe): a directory link the user keeps inside it (`res/cache -> ~/.cache`) is not written
+    through, also when the output's directory itself is the user's link."""
+    import io
+    import zipfile
+
+    from dsjobs.runner.zipsafe import UnsafeZipError, extract_zip
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("res/ok.txt", b"fine")
+        zf.writestr("res/cache/.bashrc", b"evil")
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(buf.getvalue())
+    home = tmp_path / "home"
+    home.mkdir()
+    for linked in (False, True):
+        here = tmp_path / f"here-{linked}"
+        here.mkdir()
+        res = here / "res"
+        if linked:
+            big = tmp_path / "big" / "res"
+            big.mkdir(parents=True)
+            res.symlink_to(big)
+        else:
+            res.mkdir()
+        (res / "cache").symlink_to(home)
+        with pytest.raises(UnsafeZipError, match=r"'res/cache/\.bashrc' resolves outside the root"):
+            extract_zip(archive, here, private=True)
+        assert list(home.iterdir()) == []
+
+
 def test_a_directory_output_named_near_the_name_limit_is_downloaded(tmp_path: Path) -> None:
     # Its archive's name beside it must fit too (it was ".<name>.<pid>.zip": 255 + 11 bytes).
     import io

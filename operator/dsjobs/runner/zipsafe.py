@@ -188,12 +188,16 @@ def _extract_entries(
     files = 0
     for info, parts in entries:
         target = Path(root_real, *parts)
-        # Parents may already exist (other inputs): they must not lead out of the root. Not so for
-        # a user's own download (`private`): the archive cannot make a link (its names are plain,
-        # link entries refused), so a link on the way is the user's (`outputs -> /mnt/big`), which
-        # the official CLI writes through too (a file's own link is still not written through).
+        # Parents may already exist (other inputs): they must not lead out of the root. On a
+        # user's own download (`private`) the output's own directory may be the user's link
+        # (`outputs -> /mnt/big/outputs`), which the official CLI writes through too: the archive
+        # cannot make a link (plain names, link entries refused), so that one is the user's. Below
+        # it the names are the job's (another project member's), so a link there is not followed:
+        # `outputs/cache/x` must not land in the user's `outputs/cache -> ~/.cache`. A file's own
+        # link is never written through.
+        within = os.path.realpath(Path(root_real, parts[0])) if private and len(parts) > 1 else root_real
         parent_real = os.path.realpath(target.parent if not info.is_dir() else target)
-        if not private and not _inside(root_real, parent_real):
+        if not (private and len(parts) == 1) and not _inside(within, parent_real):
             raise UnsafeZipError(f"entry {info.filename!r} resolves outside the root")
         if info.is_dir():
             make_dirs(target, private=private)
