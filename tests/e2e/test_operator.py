@@ -10,6 +10,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -719,6 +721,31 @@ def test_a_job_cannot_ship_the_runners_credentials_as_its_logs(h: H, storage: St
     assert not status.get("outputFiles"), status
     errors = {e.get("outputFileDesc", {}).get("path") or e.get("logFileName") for e in status["fileErrors"]}
     assert {"out.txt", "stderr.txt"} <= errors, status["fileErrors"]
+
+
+def test_absolute_links_in_a_directory_output_ship_the_work_dir_s_files_only(h: H, storage: Storage) -> None:
+    # In the pod: `ln -s "$PWD/ckpt/best.pt" outputs/` ships the file; absolute links that name
+    # the working dir but climb out of it (to the runner's Secret, which the ship container
+    # mounts) or lead there through another link are not followed, and are counted for the user.
+    secret = h.env["DSJOBS_S3_SECRET_KEY"].encode()
+    config = "/job/.dsjobs-config"
+    cmd = (
+        "mkdir -p ckpt outputs && printf weights > ckpt/best.pt"
+        ' && ln -s "$PWD/ckpt/best.pt" outputs/best.pt'
+        ' && ln -s "$PWD/../.dsjobs-config/DSJOBS_S3_SECRET_KEY" outputs/climb'
+        f' && ln -s {config}/DSJOBS_S3_SECRET_KEY key && ln -s "$PWD/key" outputs/via'
+        ' && ln -s "$PWD//outputs/../../.dsjobs-config/runner.json" outputs/dots'
+    )
+    h.create_job("abs-links", {"cmd": cmd, "outputFiles": [{"path": "outputs"}]})
+    status = h.wait_phase("abs-links", "SUCCESS", "ERROR")
+    assert status["phase"] == "SUCCESS", status
+    [out] = status["outputFiles"]
+    with zipfile.ZipFile(io.BytesIO(storage.get_bytes(out["key"]) or b"")) as zf:
+        assert {i.filename: zf.read(i) for i in zf.infolist()} == {"outputs/best.pt": b"weights"}
+    for key in _objects(storage, job_prefix(PROJECT_ID, "abs-links")):
+        assert secret not in (storage.get_bytes(key) or b""), key
+    [err] = status["fileErrors"]
+    assert err["description"].startswith("3 symlinks leading outside the working directory not followed"), err
 
 
 @pytest.mark.parametrize("kind", ["pods", "secrets"])
