@@ -366,9 +366,9 @@ def run_datasphere(target: Target, argv: Sequence[str]) -> int:
         return 1
     except ValueError as exc:
         # What the official CLI refuses in a config.yaml or its arguments (an invalid resource id,
-        # a plain-text password): it logged the traceback to its log file (named above), then
-        # lets it end it with the same traceback on the terminal.
-        print(f"dsjobs datasphere: {exc}", file=sys.stderr)
+        # a plain-text password): it logs the traceback to its log file (named above, once it got
+        # that far), then lets it end it with the same traceback on the terminal.
+        print(f"dsjobs datasphere: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C: the official CLI, once it has cancelled the job as asked ("cancel job? y" on a

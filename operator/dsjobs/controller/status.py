@@ -921,9 +921,10 @@ def apply_result(
 
 #: File errors a job's status lists, and the bytes of their text: the status shares etcd's
 #: ~1.5 MiB object with a spec of up to 1 MiB, and a refused status write would leave the job
-#: unfinished for ever. The runner names at most ~200 (one per output, or per output's lost
-#: entries, plus 100 lost entries by name); a result beyond that is not one it wrote.
-MAX_FILE_ERRORS_LISTED: Final = 250
+#: unfinished for ever. The runner names at most ~300 (100 outputs: one per output, or per
+#: output one counting its lost entries and one counting its links leading outside, plus 100 lost
+#: entries by name; a few of the log files); a result beyond that is not one it wrote.
+MAX_FILE_ERRORS_LISTED: Final = 320
 MAX_FILE_ERRORS_BYTES: Final = 256 * 1024
 
 
