@@ -1635,7 +1635,7 @@ def test_job_parameters_are_fixed_once_executed(h: H) -> None:
 
 def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> None:
     # The CRD's rule is the validator's: '\\' separates segments too, and a drive is absolute.
-    # The error names the entry.
+    # The error names the entry's path and the rules.
     inside = {"path": "ok.txt"}
     for i, path in enumerate(["..\\x", "C:\\data.csv", "../x"]):
         name = f"escapes-{i}"
@@ -1656,8 +1656,11 @@ def test_kubectl_apply_refuses_a_path_leaving_the_working_directory(h: H) -> Non
             "spec": {"projectId": PROJECT_ID, "jobParameters": {"cmd": "true", **params}},
         }
         out = h.kubectl("apply", "-n", h.namespace, "-f", "-", stdin=json.dumps(body), check=False)
-        assert "must be relative to the working directory" in out, out
-        assert f"spec.jobParameters.{next(iter(params))}[1]: Invalid value" in out, out
+        assert "must be relative to the working directory" in out and "[path-absolute, path-parent]" in out, (
+            out
+        )
+        field = "desc.path" if i == 1 else "path"
+        assert f"spec.jobParameters.{next(iter(params))}[1].{field}: Invalid value" in out, out
         assert h.job(name) is None
     h.create_job("stays-inside", {"cmd": "true", "outputFiles": [{"path": "out\\..x"}]}, execute=False)
     assert h.job("stays-inside") is not None

@@ -178,7 +178,7 @@ def test_cel_rules_are_where_they_belong() -> None:
     assert any("dockerImageResourceId" in r for r in rules[".spec.jobParameters.env"])
     assert any("passwordSecretRef" in r for r in rules[".spec.jobParameters.env.dockerImageSpec"])
     relative = f"matches(r'{ESCAPING_PATH_PATTERN}')"
-    # On each entry: the API server's error then names it (outputFiles[2]).
+    # On each entry: the API server's error then names it (outputFiles[2].path).
     assert any(relative in r for r in rules[".spec.jobParameters.inputFiles[]"])
     assert any(relative in r for r in rules[".spec.jobParameters.outputFiles[]"])
     assert ".spec.jobParameters.outputFiles" not in rules
@@ -199,6 +199,25 @@ def test_cel_rules_are_where_they_belong() -> None:
         "retryOnExitCodes"
     ]
     assert (codes["items"]["minimum"], codes["items"]["maximum"]) == (1, 255)
+
+
+def test_the_path_and_oneof_refusals_name_the_field_and_the_rule() -> None:
+    # `kubectl apply` of `outputFiles: [{path: ../x}]` said `spec.jobParameters.outputFiles[0]:
+    # Invalid value: ...` without the field or the rule the validator and the docs name.
+    nodes = dict(walk(root_schema(PJ)))
+    for path, field_path in (
+        (".spec.jobParameters.inputFiles[]", ".desc.path"),
+        (".spec.jobParameters.outputFiles[]", ".path"),
+    ):
+        (rule,) = nodes[path]["x-kubernetes-validations"]
+        assert rule["fieldPath"] == field_path
+        assert rule["message"].endswith("[path-absolute, path-parent]")
+    for path, rule_id in (
+        (".spec.jobParameters.env", "docker-oneof"),
+        (".spec.jobParameters.env.dockerImageSpec", "docker-password-oneof"),
+    ):
+        (rule,) = nodes[path]["x-kubernetes-validations"]
+        assert rule["message"].endswith(f"[{rule_id}]")
 
 
 def test_the_fixed_parameters_refusal_tells_kubectl_users_what_they_can_do() -> None:

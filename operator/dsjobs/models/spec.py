@@ -64,8 +64,8 @@ LabelValue = Annotated[str, Field(json_schema_extra={"maxLength": 63})]
 # must stay inside the working directory. `dsjobs.validation` says the same with field paths.
 # (A CEL raw string: the RE2 pattern's backslashes stay as they are.)
 _RELATIVE = "!{p}.matches(r'" + ESCAPING_PATH_PATTERN + "')"
-# On each entry rather than the list, so that the API server's error names the entry
-# (`spec.jobParameters.outputFiles[2]`).
+# On each entry rather than the list, with the entry's path as fieldPath, so that the API
+# server's error names the field (`spec.jobParameters.outputFiles[2].path`).
 # `var` is a CEL reserved word: its field is `__var__` in a rule. The plain name compiles only
 # from Kubernetes 1.32 (compatibility version 1.31); before that the whole CRD was refused.
 _INPUT_PATH_RULE = "(has(self.desc.__var__) && self.desc.__var__ != '') || " + _RELATIVE.format(
@@ -74,7 +74,7 @@ _INPUT_PATH_RULE = "(has(self.desc.__var__) && self.desc.__var__ != '') || " + _
 _OUTPUT_PATH_RULE = "(has(self.__var__) && self.__var__ != '') || " + _RELATIVE.format(p="self.path")
 _PATHS_MESSAGE = (
     "a path without var must be relative to the working directory: no leading '/' or '\\', no drive "
-    "like 'C:', no '..' segment ('/' and '\\' both separate segments)"
+    "like 'C:', no '..' segment ('/' and '\\' both separate segments) [path-absolute, path-parent]"
 )
 
 
@@ -91,7 +91,7 @@ class DockerImageSpec(CRModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
             "!(has(self.passwordSecretRef) && has(self.passwordDsSecretName))",
-            "passwordSecretRef and passwordDsSecretName are mutually exclusive",
+            "passwordSecretRef and passwordDsSecretName are mutually exclusive [docker-password-oneof]",
         )
     )
 
@@ -164,7 +164,7 @@ class Environment(CRModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
             "!(has(self.dockerImageResourceId) && has(self.dockerImageSpec))",
-            "dockerImageResourceId and dockerImageSpec are mutually exclusive",
+            "dockerImageResourceId and dockerImageSpec are mutually exclusive [docker-oneof]",
         )
     )
 
@@ -263,16 +263,20 @@ class SparkParameters(CRModel):
 class JobParameters(CRModel):
     """What to run and with what (proto JobParameters, field for field)."""
 
-    input_files: list[Annotated[File, Field(json_schema_extra=cel(_INPUT_PATH_RULE, _PATHS_MESSAGE))]] = (
-        field(
-            "Files uploaded by the client before the job runs, placed at `desc.path` (or at a server-chosen "
-            "location named by `${desc.var}`).",
-            [],
-            maxItems=MAX_LIST_ITEMS,
-        )
+    input_files: list[
+        Annotated[
+            File, Field(json_schema_extra=cel(_INPUT_PATH_RULE, _PATHS_MESSAGE, field_path=".desc.path"))
+        ]
+    ] = field(
+        "Files uploaded by the client before the job runs, placed at `desc.path` (or at a server-chosen "
+        "location named by `${desc.var}`).",
+        [],
+        maxItems=MAX_LIST_ITEMS,
     )
     output_files: list[
-        Annotated[FileDesc, Field(json_schema_extra=cel(_OUTPUT_PATH_RULE, _PATHS_MESSAGE))]
+        Annotated[
+            FileDesc, Field(json_schema_extra=cel(_OUTPUT_PATH_RULE, _PATHS_MESSAGE, field_path=".path"))
+        ]
     ] = field(
         "Files the job writes; they are uploaded after it ends.",
         [],
