@@ -220,6 +220,34 @@ def test_the_path_and_oneof_refusals_name_the_field_and_the_rule() -> None:
         assert rule["message"].endswith(f"[{rule_id}]")
 
 
+def _spec_models(model: type[BaseModel], seen: set[type[BaseModel]]) -> typing.Iterator[type[BaseModel]]:
+    if model in seen:
+        return
+    seen.add(model)
+    yield model
+    for f in model.model_fields.values():
+        for arg in typing.get_args(f.annotation) or (f.annotation,):
+            for inner in (*typing.get_args(arg), arg):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from _spec_models(inner, seen)
+
+
+def test_kubectl_explain_states_the_default_of_every_spec_field_that_has_one() -> None:
+    # The CRD carries no `default` (the operator applies the models'), so `kubectl explain` shows
+    # only the description: `retryPolicy.backoffSeconds` said "Wait before the next attempt." while
+    # a policy without it waited 10 s, and `passwordSecretRef.key` did not say it reads `password`.
+    missing = []
+    for model in _spec_models(m.ProjectJobSpec, set()):
+        for name, f in model.model_fields.items():
+            default = f.default
+            if isinstance(default, bool) or not isinstance(default, int | str) or default in (0, ""):
+                continue
+            shown = default.value if hasattr(default, "value") else default
+            if str(shown) not in (f.description or ""):
+                missing.append(f"{model.__name__}.{name} (default {shown!r})")
+    assert not missing
+
+
 def test_the_fixed_parameters_refusal_tells_kubectl_users_what_they_can_do() -> None:
     # "clone this one" is the API's way only: kubectl users apply the job under a new name (or
     # with generateName), or delete it first.

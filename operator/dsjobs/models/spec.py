@@ -82,7 +82,12 @@ class SecretKeyRef(CRModel):
     """A key of a Secret in the job's namespace."""
 
     name: str = field("Name of the Secret.", maxLength=253, pattern=SECRET_NAME_PATTERN)
-    key: str = field("Key in the Secret's data.", "password", maxLength=253, pattern=SECRET_KEY_PATTERN)
+    key: str = field(
+        "Key in the Secret's data; `password` when unset.",
+        "password",
+        maxLength=253,
+        pattern=SECRET_KEY_PATTERN,
+    )
 
 
 class DockerImageSpec(CRModel):
@@ -239,7 +244,9 @@ class GracefulShutdownParameters(CRModel):
     """How a cancelled job is stopped (proto GracefulShutdownParameters)."""
 
     timeout: Duration | None = field(
-        "Time between the signal and SIGKILL (e.g. `30s`); the server's default (30s) when unset.", None
+        "Time between the signal and SIGKILL (e.g. `30s`), 1s to 1h (`infinity` is refused); the "
+        "server's default (30s) when unset.",
+        None,
     )
     signal: int = field(
         "Signal number sent first: 15 SIGTERM (default), 2 SIGINT, 1 SIGHUP, 10 SIGUSR1, 12 SIGUSR2 "
@@ -372,9 +379,17 @@ class RetryPolicy(CRModel):
     """Extension (not in DataSphere): run the job again after a failure."""
 
     max_attempts: int = field(
-        f"Attempts in total, including the first (1 to {MAX_ATTEMPTS}).", 1, minimum=1, maximum=MAX_ATTEMPTS
+        f"Attempts in total, including the first (1 to {MAX_ATTEMPTS}); 1 when unset.",
+        1,
+        minimum=1,
+        maximum=MAX_ATTEMPTS,
     )
-    backoff_seconds: int = field("Wait before the next attempt.", 10, minimum=0, maximum=MAX_BACKOFF_SECONDS)
+    backoff_seconds: int = field(
+        f"Seconds to wait before the next attempt (0 to {MAX_BACKOFF_SECONDS}); 10 when unset.",
+        10,
+        minimum=0,
+        maximum=MAX_BACKOFF_SECONDS,
+    )
     retry_on_exit_codes: list[int] = field(
         "Non-zero exit codes of the job that are worth another attempt. Failures of the infrastructure "
         "(pod evicted, node lost) are always retried while attempts remain.",
@@ -449,7 +464,9 @@ class ProjectJobSpec(CRModel):
     )
     data_ttl: Duration = field(
         "How long the job's data (inputs, outputs, logs) is kept after it ends (a job never executed: "
-        "after its creation), e.g. `14d` (default), `36h`; `infinity` keeps it forever. 1h to 365d.",
+        "after its creation), e.g. `14d` (default), `36h`; `infinity` keeps it forever. 1h to 365d: a job "
+        "with one out of range does not start (InvalidSpec); one set out of range after the start is not "
+        "used (condition DataTtlValid=False).",
         DEFAULT_DATA_TTL,
     )
     created_by_id: str = field(
@@ -479,7 +496,8 @@ class ProjectJobSpec(CRModel):
         None,
     )
     clear_data: bool = field(
-        "Delete the job's stored data now (DeleteProjectJobData); status.dataCleared tells when done.",
+        "Delete the job's stored data now (DeleteProjectJobData); status.dataCleared tells when done "
+        "(condition DataCleared). It cannot be reset or removed.",
         False,
     )
     finalized: bool = field(

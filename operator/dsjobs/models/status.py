@@ -141,7 +141,10 @@ class ProjectJobStatus(CRModel):
     data_cleared: bool = field("The job's stored data has been deleted.", False)
     return_code: int | None = field("Exit code of the job's process.", None)
     actual_cloud_instance_type: str | None = field(
-        "The instance type the job runs (ran) on.", None, maxLength=63, pattern=INSTANCE_TYPE_NAME_PATTERN
+        "The instance type the job runs (ran) on; while it waits for a node, the type it waits for.",
+        None,
+        maxLength=63,
+        pattern=INSTANCE_TYPE_NAME_PATTERN,
     )
     image: str | None = field(
         "The job container's image as its first attempt resolved it (the default runtime image of its "
